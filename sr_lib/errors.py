@@ -1,0 +1,58 @@
+"""One error type per exit code, and the wrapper that turns them into one-line messages.
+
+Exit codes (documented in the README; batch pipelines and SLURM scripts rely on them):
+  0 success, 2 usage (bad flag or flag value), 3 data (missing/unreadable/unsuitable images),
+  4 out of memory, 5 non-finite abort (training), 6 checkpoint or weights file problem,
+  75 preempted (SIGTERM/SIGUSR1 handled, last.pt written; requeue and resume).
+"""
+
+import contextlib
+import sys
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_DATA = 3
+EXIT_OOM = 4
+EXIT_NONFINITE = 5
+EXIT_CHECKPOINT = 6
+EXIT_PREEMPTED = 75
+
+
+class SRSpaceError(Exception):
+    """Base class: an expected failure with a one-line, actionable message."""
+
+    exit_code = 1
+
+
+class UsageError(SRSpaceError):
+    exit_code = EXIT_USAGE
+
+
+class DataError(SRSpaceError):
+    """An image, folder or dataset that cannot be used (the message names the file)."""
+
+    exit_code = EXIT_DATA
+
+
+class CheckpointError(SRSpaceError):
+    """A checkpoint or weights file that is missing, corrupt, mismatched or unsafe."""
+
+    exit_code = EXIT_CHECKPOINT
+
+
+class NonFiniteError(SRSpaceError):
+    exit_code = EXIT_NONFINITE
+
+
+@contextlib.contextmanager
+def exit_on_error(prog: str):
+    """Print expected errors as one line `prog: error: message` and exit with their code."""
+    try:
+        yield
+    except SRSpaceError as e:
+        msg = " ".join(str(e).split("\n"))
+        print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
+        raise SystemExit(e.exit_code) from None
+    except MemoryError:
+        print(f"{prog}: error: out of memory; use a smaller --batch or --tile", file=sys.stderr)
+        raise SystemExit(EXIT_OOM) from None

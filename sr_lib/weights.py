@@ -1,0 +1,280 @@
+"""Pretrained weights: the weights.txt manifest, offline-friendly lookup, and safe loading.
+
+Compute nodes often have no internet, so a file is found, in order, at an explicit path, in
+$SRSPACE_WEIGHTS, or in the torch hub cache (where torchvision keeps the same files), and is only
+downloaded as a last resort (never with SRSPACE_OFFLINE=1). Every file is checked against the
+manifest's sha256 before use, and loading refuses pickles that could run code.
+"""
+
+import hashlib
+import os
+import pickle
+import re
+import sys
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sr_lib.errors import CheckpointError, UsageError
+
+MANIFEST = Path(__file__).resolve().parent.parent / "weights.txt"
+CHUNK = 1 << 20  # hash and download in 1 MiB pieces so big files never sit in memory
+_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / torch.compile wrappers add these
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One manifest line; sha256 and url are None where the manifest says `-`."""
+
+    name: str
+    sha256: str | None
+    url: str | None
+
+    @property
+    def filename(self) -> str:
+        return self.url.rsplit("/", 1)[-1] if self.url else f"{self.name}.pth"
+
+
+def load_manifest(path: str | os.PathLike | None = None) -> dict[str, Entry]:
+    """Parse `name sha256 url` lines; `#` starts a comment."""
+    path = Path(path) if path is not None else MANIFEST
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise CheckpointError(f"cannot read weights manifest {path}: {e.strerror}") from None
+    entries: dict[str, Entry] = {}
+    for i, line in enumerate(lines, 1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        where = f"{path}:{i}"
+        if len(fields) != 3:
+            raise CheckpointError(f"{where}: expected 'name sha256 url', got {line.strip()!r}")
+        name, sha, url = fields
+        sha = sha.lower()
+        if sha != "-" and not re.fullmatch(r"[0-9a-f]{8}|[0-9a-f]{64}", sha):
+            raise CheckpointError(
+                f"{where}: sha256 must be 64 hex digits, an 8-hex prefix or '-', got {sha!r}"
+            )
+        if url != "-" and "://" not in url:
+            raise CheckpointError(f"{where}: url must be a full URL or '-', got {url!r}")
+        if name in entries:
+            raise CheckpointError(f"{where}: duplicate name {name!r}")
+        entries[name] = Entry(name, None if sha == "-" else sha, None if url == "-" else url)
+    return entries
+
+
+def _entry(name: str, manifest) -> Entry:
+    entries = manifest if isinstance(manifest, dict) else load_manifest(manifest)
+    if name not in entries:
+        where = "the given manifest" if isinstance(manifest, dict) else (manifest or MANIFEST)
+        known = ", ".join(sorted(entries)) or "none"
+        raise CheckpointError(
+            f"no weights named {name!r} in {where} (known: {known}); add a 'name sha256 url' line"
+        )
+    return entries[name]
+
+
+def _hub_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_digests: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    # VGG19 is 548 MB: hash each file once per process unless it changes on disk.
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _digests:
+        _digests[key] = _hash_file(path)
+    return _digests[key]
+
+
+def _matches(digest: str, expected: str | None) -> bool:
+    return expected is None or digest.startswith(expected)
+
+
+def _check(path: Path, entry: Entry, how: str) -> Path:
+    digest = _file_sha256(path)
+    if not _matches(digest, entry.sha256):
+        raise CheckpointError(
+            f"{path} ({how}) has sha256 {digest[:16]}..., expected {entry.sha256} for "
+            f"{entry.name!r}; the file is corrupt or a different one: delete it and "
+            f"{_how_to_stage(entry, path)}"
+        )
+    return path
+
+
+def _how_to_stage(entry: Entry, path: Path) -> str:
+    sha = f"sha256 {entry.sha256}" if entry.sha256 else "sha256 not checked"
+    if entry.url is None:
+        where = f"copy the {entry.name} weights file (no public URL; {sha}) to {path}"
+    else:
+        where = f"download {entry.url} ({sha}) on a machine with internet and copy it to {path}"
+    return where + ", or set SRSPACE_WEIGHTS to the folder holding it"
+
+
+def _is_offline(offline: bool | None) -> bool:
+    if offline is not None:
+        return offline
+    return os.environ.get("SRSPACE_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def resolve(
+    name: str,
+    path: str | os.PathLike | None = None,
+    offline: bool | None = None,
+    manifest: str | os.PathLike | dict[str, Entry] | None = None,
+) -> Path:
+    """Return a verified local file for manifest entry `name`, downloading it if allowed.
+
+    Order: `path` (a file, or a folder holding the file), $SRSPACE_WEIGHTS, the torch hub cache,
+    then a download into $SRSPACE_WEIGHTS (or the hub cache). `offline=None` reads SRSPACE_OFFLINE.
+    """
+    entry = _entry(name, manifest)
+    if path:
+        p = Path(path).expanduser()
+        if p.is_dir():
+            p = p / entry.filename
+        if not p.is_file():
+            raise CheckpointError(
+                f"weights file {p} for {name!r} does not exist; fix the path or "
+                f"{_how_to_stage(entry, p)}"
+            )
+        return _check(p, entry, "given path")
+
+    env = os.environ.get("SRSPACE_WEIGHTS")
+    folders = {"$SRSPACE_WEIGHTS": Path(env).expanduser()} if env else {}
+    folders["torch hub cache"] = _hub_dir()
+    for how, folder in folders.items():
+        if (folder / entry.filename).is_file():
+            return _check(folder / entry.filename, entry, how)
+
+    target = next(iter(folders.values())) / entry.filename
+    searched = " or ".join(str(f / entry.filename) for f in folders.values())
+    if entry.url is None:
+        raise CheckpointError(
+            f"weights {name!r} not found at {searched} and have no download URL; "
+            f"{_how_to_stage(entry, target)}"
+        )
+    if _is_offline(offline):
+        raise CheckpointError(
+            f"weights {name!r} not found at {searched} and downloads are off (offline); "
+            f"{_how_to_stage(entry, target)}"
+        )
+    return _download(entry, target)
+
+
+def _download(entry: Entry, target: Path) -> Path:
+    # Write to a temp file next to the target and rename it, so an interrupted or corrupt
+    # download never leaves a file that a later run would pick up.
+    stage = _how_to_stage(entry, target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    except OSError as e:
+        raise CheckpointError(f"cannot write to {target.parent} ({e.strerror}); {stage}") from None
+    tmp = Path(tmp)
+    try:
+        print(f"srspace: downloading {entry.url} to {target}", file=sys.stderr, flush=True)
+        h = hashlib.sha256()
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(entry.url, timeout=60) as r:
+            while chunk := r.read(CHUNK):
+                h.update(chunk)
+                f.write(chunk)
+        digest = h.hexdigest()
+        if not _matches(digest, entry.sha256):
+            raise CheckpointError(
+                f"download of {entry.url} has sha256 {digest[:16]}..., expected {entry.sha256} "
+                f"for {entry.name!r}; nothing was saved; {stage}"
+            )
+        os.replace(tmp, target)
+        st = target.stat()  # so the next resolve() does not hash it again
+        _digests[(str(target.resolve()), st.st_size, st.st_mtime_ns)] = digest
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+        raise CheckpointError(f"could not download {entry.url} ({reason}); {stage}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a plain tensor state_dict on CPU, refusing anything that needs pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise CheckpointError(f"{path} is not a valid torch file (unpickling failed)") from None
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"{path} refused: contains pickled Python objects{what} that could run code; "
+            "only plain tensor state_dicts are loaded"
+        ) from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, KeyError... for broken files
+        first = str(e).split("\n", 1)[0][:120]
+        raise CheckpointError(
+            f"{path} is not a valid torch file or is truncated ({type(e).__name__}: {first}); "
+            "download or copy it again"
+        ) from None
+    if not isinstance(sd, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
+    ):
+        got = f"dict with keys {list(sd)[:5]}" if isinstance(sd, dict) else type(sd).__name__
+        raise CheckpointError(f"{path} is not a state_dict of name -> tensor (got {got})")
+    while sd and (pre := next((p for p in _PREFIXES if all(k.startswith(p) for k in sd)), None)):
+        sd = {k[len(pre) :]: v for k, v in sd.items()}
+    return sd
+
+
+_TORCHVISION = ("alexnet", "vgg16", "vgg19")
+
+
+def torchvision_model(
+    name: str,
+    path: str | os.PathLike | None = None,
+    offline: bool | None = None,
+    pretrained: bool = True,
+    manifest: str | os.PathLike | dict[str, Entry] | None = None,
+) -> torch.nn.Module:
+    """Build torchvision `name` and, if `pretrained`, load its resolved weights strictly."""
+    import torchvision  # imported here: most callers of this module never need it
+
+    if name not in _TORCHVISION:
+        raise UsageError(
+            f"unknown torchvision model {name!r}; choose from {', '.join(_TORCHVISION)}"
+        )
+    model = getattr(torchvision.models, name)(weights=None)
+    if not pretrained:
+        return model
+    file = resolve(name, path, offline, manifest)
+    sd = load_state_dict(file)
+    # Compare first: load_state_dict's own error is many lines long.
+    want = {k: v.shape for k, v in model.state_dict().items()}
+    missing = [k for k in want if k not in sd]
+    extra = [k for k in sd if k not in want]
+    shape = [k for k in want if k in sd and sd[k].shape != want[k]]
+    if missing or extra or shape:
+        raise CheckpointError(
+            f"{file} does not fit torchvision {name}: {len(missing)} missing keys {missing[:3]}, "
+            f"{len(extra)} unexpected keys {extra[:3]}, {len(shape)} shape mismatches "
+            f"{shape[:3]}; pass the {name} weights file"
+        )
+    model.load_state_dict(sd, strict=True)
+    return model

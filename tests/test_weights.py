@@ -1,0 +1,301 @@
+"""sr_lib.weights: manifest parsing, lookup order, verified file:// downloads, safe loading."""
+
+import hashlib
+import os
+
+import pytest
+import torch
+import torchvision
+
+from sr_lib import weights
+from sr_lib.errors import CheckpointError, UsageError
+from sr_lib.weights import Entry, load_manifest, load_state_dict, resolve, torchvision_model
+
+
+@pytest.fixture(autouse=True)
+def clean_env(tmp_path, monkeypatch):
+    """No user settings leak in, and the hub cache is a fresh temp folder."""
+    monkeypatch.delenv("SRSPACE_WEIGHTS", raising=False)
+    monkeypatch.delenv("SRSPACE_OFFLINE", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+
+def save_sd(path, value=1.0):
+    """Write a tiny state_dict and return its sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"w": torch.full((2, 3), value)}, path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_manifest(tmp_path, text):
+    path = tmp_path / "weights.txt"
+    path.write_text(text)
+    return path
+
+
+def one_line(e):
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_parse_manifest(tmp_path):
+    full = "AB" * 32
+    path = write_manifest(
+        tmp_path,
+        "# header comment\n\n"
+        f"full   {full}  https://example.org/models/full-0123abcd.pth\n"
+        "prefix 0123abcd  https://example.org/models/prefix.pth   # trailing comment\n"
+        "nourl  0123abcd  -\n"
+        "nohash -         https://example.org/x/nohash.pt\n",
+    )
+    m = load_manifest(path)
+    assert list(m) == ["full", "prefix", "nourl", "nohash"]
+    assert m["full"].sha256 == full.lower()
+    assert m["full"].filename == "full-0123abcd.pth"
+    assert m["prefix"] == Entry("prefix", "0123abcd", "https://example.org/models/prefix.pth")
+    assert m["nourl"].url is None and m["nourl"].filename == "nourl.pth"
+    assert m["nohash"].sha256 is None and m["nohash"].filename == "nohash.pt"
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("a 0123abcd", "expected 'name sha256 url'"),
+        ("a 0123abc https://x/a.pth", "sha256 must be"),
+        ("a 0123abcz https://x/a.pth", "sha256 must be"),
+        ("a 0123abcd a.pth", "url must be"),
+        ("ok 0123abcd https://x/ok.pth", "duplicate name 'ok'"),
+    ],
+)
+def test_malformed_line_names_line_number(tmp_path, bad, match):
+    path = write_manifest(tmp_path, f"# comment\nok 0123abcd https://x/ok.pth\n{bad}\n")
+    with pytest.raises(CheckpointError, match=match) as e:
+        load_manifest(path)
+    assert f"{path}:3:" in one_line(e)
+
+
+def test_missing_manifest(tmp_path):
+    with pytest.raises(CheckpointError, match="cannot read weights manifest"):
+        load_manifest(tmp_path / "nope.txt")
+
+
+def test_real_manifest_has_torchvision_weights():
+    m = load_manifest()
+    for name in ("alexnet", "vgg16", "vgg19"):
+        e = m[name]
+        assert e.url.startswith("https://download.pytorch.org/models/")
+        # torchvision names its files after the hash prefix, so the two columns must agree
+        assert e.sha256 and e.sha256[:8] in e.filename
+    assert m["alexnet"].filename == "alexnet-owt-7be5be79.pth"
+
+
+def test_unknown_name_lists_known(tmp_path):
+    m = {"a": Entry("a", None, None), "b": Entry("b", None, None)}
+    with pytest.raises(CheckpointError, match=r"'zzz'.*known: a, b") as e:
+        resolve("zzz", manifest=m)
+    one_line(e)
+
+
+def test_resolution_order(tmp_path, monkeypatch):
+    sha = save_sd(tmp_path / "src.pth")
+    m = {"net": Entry("net", sha[:8], "https://example.org/m/net-x.pth")}
+    data = (tmp_path / "src.pth").read_bytes()
+    explicit, env, hub = tmp_path / "given.pth", tmp_path / "env", tmp_path / "hub" / "checkpoints"
+    for p in (explicit, env / "net-x.pth", hub / "net-x.pth"):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    monkeypatch.setenv("SRSPACE_WEIGHTS", str(env))
+    monkeypatch.setenv("SRSPACE_OFFLINE", "1")
+
+    assert resolve("net", explicit, manifest=m) == explicit
+    assert resolve("net", env, manifest=m) == env / "net-x.pth"  # a folder works as the path too
+    assert resolve("net", manifest=m) == env / "net-x.pth"
+    (env / "net-x.pth").unlink()
+    assert resolve("net", manifest=m) == hub / "net-x.pth"
+    monkeypatch.delenv("SRSPACE_WEIGHTS")
+    assert resolve("net", manifest=m) == hub / "net-x.pth"
+
+
+def test_manifest_path_argument(tmp_path):
+    sha = save_sd(tmp_path / "hub" / "checkpoints" / "net.pth")
+    path = write_manifest(tmp_path, f"net {sha} https://example.org/net.pth\n")
+    assert resolve("net", manifest=path, offline=True).name == "net.pth"
+
+
+def test_explicit_path_missing_or_mismatching(tmp_path):
+    sha = save_sd(tmp_path / "good.pth")
+    save_sd(tmp_path / "bad.pth", value=2.0)
+    m = {"net": Entry("net", sha, "https://example.org/net.pth")}
+    with pytest.raises(CheckpointError, match="does not exist") as e:
+        resolve("net", tmp_path / "nope.pth", manifest=m)
+    msg = one_line(e)
+    assert str(tmp_path / "nope.pth") in msg and "https://example.org/net.pth" in msg and sha in msg
+    with pytest.raises(CheckpointError, match=f"expected {sha}") as e:
+        resolve("net", tmp_path / "bad.pth", manifest=m)
+    assert "bad.pth" in one_line(e)
+
+
+def test_mismatch_in_folder_is_an_error(tmp_path, monkeypatch):
+    save_sd(tmp_path / "env" / "net.pth", value=2.0)
+    monkeypatch.setenv("SRSPACE_WEIGHTS", str(tmp_path / "env"))
+    m = {"net": Entry("net", "0123abcd", "https://example.org/net.pth")}
+    with pytest.raises(CheckpointError, match=r"SRSPACE_WEIGHTS.*expected 0123abcd") as e:
+        resolve("net", manifest=m)
+    one_line(e)
+
+
+def test_dash_entries_are_checked_for_existence_only(tmp_path, monkeypatch):
+    m = {"flow": Entry("flow", None, None)}
+    with pytest.raises(CheckpointError, match="no download URL") as e:
+        resolve("flow", manifest=m, offline=False)
+    assert str(tmp_path / "hub" / "checkpoints" / "flow.pth") in one_line(e)
+    save_sd(tmp_path / "env" / "flow.pth")
+    monkeypatch.setenv("SRSPACE_WEIGHTS", str(tmp_path / "env"))
+    assert resolve("flow", manifest=m) == tmp_path / "env" / "flow.pth"
+
+
+@pytest.mark.parametrize("use_env", [True, False])
+def test_download_file_url(tmp_path, monkeypatch, use_env):
+    sha = save_sd(tmp_path / "remote" / "net-abc.pth", value=3.0)
+    m = {"net": Entry("net", sha[:8], (tmp_path / "remote" / "net-abc.pth").as_uri())}
+    folder = tmp_path / "env" if use_env else tmp_path / "hub" / "checkpoints"
+    if use_env:
+        monkeypatch.setenv("SRSPACE_WEIGHTS", str(folder))
+    got = resolve("net", manifest=m)
+    assert got == folder / "net-abc.pth"
+    assert os.listdir(folder) == ["net-abc.pth"]  # no temp file left over
+    assert torch.equal(load_state_dict(got)["w"], torch.full((2, 3), 3.0))
+
+
+def test_download_mismatch_leaves_nothing(tmp_path, monkeypatch):
+    save_sd(tmp_path / "remote" / "net.pth")
+    m = {"net": Entry("net", "0123abcd", (tmp_path / "remote" / "net.pth").as_uri())}
+    monkeypatch.setenv("SRSPACE_WEIGHTS", str(tmp_path / "env"))
+    with pytest.raises(CheckpointError, match="expected 0123abcd") as e:
+        resolve("net", manifest=m)
+    assert "nothing was saved" in one_line(e)
+    assert os.listdir(tmp_path / "env") == []
+
+
+def test_download_missing_source(tmp_path):
+    url = (tmp_path / "remote" / "gone.pth").as_uri()
+    with pytest.raises(CheckpointError, match="could not download") as e:
+        resolve("net", manifest={"net": Entry("net", "0123abcd", url)})
+    msg = one_line(e)
+    assert url in msg and str(tmp_path / "hub" / "checkpoints" / "gone.pth") in msg
+    assert "sha256 0123abcd" in msg
+    assert os.listdir(tmp_path / "hub" / "checkpoints") == []
+
+
+@pytest.mark.parametrize("how", ["argument", "env"])
+def test_offline_refuses_download(tmp_path, monkeypatch, how):
+    sha = save_sd(tmp_path / "remote" / "net.pth")
+    url = (tmp_path / "remote" / "net.pth").as_uri()
+    if how == "env":
+        monkeypatch.setenv("SRSPACE_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="offline") as e:
+        resolve(
+            "net",
+            manifest={"net": Entry("net", sha, url)},
+            offline=True if how == "argument" else None,
+        )
+    msg = one_line(e)
+    assert url in msg and f"sha256 {sha}" in msg and "SRSPACE_WEIGHTS" in msg
+    assert f"copy it to {tmp_path / 'hub' / 'checkpoints' / 'net.pth'}" in msg
+    assert not (tmp_path / "hub" / "checkpoints" / "net.pth").exists()
+
+
+def test_hash_is_cached_per_file_state(tmp_path, monkeypatch):
+    path = tmp_path / "net.pth"
+    sha = save_sd(path)
+    calls = []
+    real = weights._hash_file
+    monkeypatch.setattr(weights, "_hash_file", lambda p: calls.append(p) or real(p))
+    m = {"net": Entry("net", sha, "-")}
+    resolve("net", path, manifest=m)
+    resolve("net", path, manifest=m)
+    assert len(calls) == 1
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    resolve("net", path, manifest=m)
+    assert len(calls) == 2
+
+
+def test_load_state_dict_round_trip_and_prefixes(tmp_path):
+    sd = {"a.weight": torch.randn(2, 2), "b.bias": torch.zeros(3)}
+    for prefix, saved in [
+        ("", sd),
+        ("module.", {"module." + k: v for k, v in sd.items()}),
+        ("_orig_mod.", {"_orig_mod." + k: v for k, v in sd.items()}),
+        ("both", {"module._orig_mod." + k: v for k, v in sd.items()}),
+    ]:
+        torch.save(saved, tmp_path / "x.pth")
+        got = load_state_dict(tmp_path / "x.pth")
+        assert got.keys() == sd.keys(), prefix
+        assert all(torch.equal(got[k], sd[k]) for k in sd)
+    # only stripped when every key has it
+    torch.save({"module.a": torch.ones(1), "b": torch.ones(1)}, tmp_path / "mixed.pth")
+    assert set(load_state_dict(tmp_path / "mixed.pth")) == {"module.a", "b"}
+
+
+class Payload:
+    """Stands in for arbitrary pickled code inside a downloaded file."""
+
+
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("pickle", r"refused: contains pickled Python objects.*Payload"),
+        ("truncated", "not a valid torch file or is truncated"),
+        ("garbage", "not a valid torch file"),
+        ("empty", "not a valid torch file"),
+        ("not_a_dict", "is not a state_dict"),
+        ("missing", "does not exist"),
+    ],
+)
+def test_load_state_dict_refuses(tmp_path, kind, match):
+    path = tmp_path / f"{kind}.pth"
+    if kind == "pickle":
+        torch.save({"w": torch.ones(2), "extra": Payload()}, path)
+    elif kind == "truncated":
+        torch.save({"w": torch.ones(1000)}, tmp_path / "full.pth")
+        data = (tmp_path / "full.pth").read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "garbage":
+        path.write_bytes(b"this is an HTML error page, not weights")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "not_a_dict":
+        torch.save([torch.ones(1)], path)
+    with pytest.raises(CheckpointError, match=match) as e:
+        load_state_dict(path)
+    assert str(path) in one_line(e)
+
+
+@pytest.fixture(scope="module")
+def alexnet_file(tmp_path_factory):
+    torch.manual_seed(0)
+    model = torchvision.models.alexnet(weights=None)
+    path = tmp_path_factory.mktemp("alex") / "alexnet-random.pth"
+    torch.save(model.state_dict(), path)
+    return path, model.state_dict()
+
+
+def test_torchvision_model_loads_strictly(alexnet_file, tmp_path):
+    path, sd = alexnet_file
+    m = {"alexnet": Entry("alexnet", None, "https://example.org/alexnet.pth")}
+    model = torchvision_model("alexnet", path=path, manifest=m)
+    assert isinstance(model, torchvision.models.AlexNet)
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+    torch.save(torch.nn.Linear(3, 4).state_dict(), tmp_path / "wrong.pth")
+    with pytest.raises(CheckpointError, match=r"does not fit torchvision alexnet.*missing") as e:
+        torchvision_model("alexnet", path=tmp_path / "wrong.pth", manifest=m)
+    assert "wrong.pth" in one_line(e)
+
+
+def test_torchvision_model_no_weights_and_unknown_name():
+    model = torchvision_model("alexnet", pretrained=False, manifest={})
+    assert isinstance(model, torchvision.models.AlexNet)
+    with pytest.raises(UsageError, match="choose from alexnet, vgg16, vgg19"):
+        torchvision_model("resnet50")
