@@ -1,0 +1,513 @@
+"""Images in, images out, and training pairs.
+
+`read_image` is the one entry point for every image the toolkit reads: it always returns uint8 HWC
+RGB and raises `ImageError` (a `DataError`, exit code 3) naming the file and the reason otherwise.
+
+Training batches come from `PatchPairs`, a map-style dataset whose item `step` is the whole batch
+of training step `step`, drawn from `np.random.default_rng([seed, rank, step])`. The batch stream is
+therefore the same for any number of loader workers, and resuming at step t continues it exactly.
+"""
+
+import contextlib
+import hashlib
+import importlib.util
+import os
+import uuid
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+from typing import NoReturn
+
+import imageio.v3 as iio
+import numpy as np
+import png  # pypng: Pillow truncates 16-bit RGB(A) PNGs to 8 bits (x >> 8) before we can round
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from sr_lib.errors import DataError, UsageError
+from sr_lib.resize import imresize
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+# Refuse images above this many pixels before decoding them (a PNG header can claim 100000x100000).
+# 2^28 = 268 Mpx (16384 x 16384): a uint8 RGB copy is 805 MB. Override with $SRSPACE_MAX_PIXELS.
+MAX_PIXELS = int(os.environ.get("SRSPACE_MAX_PIXELS", 2**28))
+# Pillow has its own bomb limit (89 Mpx by default); ours is the documented one: use it there too.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+class ImageError(DataError):
+    """An image file that cannot be read (missing, empty, truncated, not an image, too large)."""
+
+
+def _fail(path, reason: str) -> NoReturn:
+    raise ImageError(f"{path}: {' '.join(reason.split())}")  # always one line
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read any supported image as uint8 (H, W, 3) RGB.
+
+    Conversions: gray -> 3 channels; RGBA/LA (and palette transparency) -> alpha dropped with a
+    warning naming the file; 16-bit -> 8-bit by round(x / 257); palette and CMYK -> RGB; EXIF
+    orientation applied. Float images (rare TIFFs) are assumed to be in [0, 1].
+    """
+    path = Path(path)
+    if not path.is_file():
+        _fail(path, "not a file" if path.exists() else "no such file")
+    if path.stat().st_size == 0:
+        _fail(path, "empty file (0 bytes)")
+    too_big = f"exceeds the limit of {MAX_PIXELS} pixels (raise it with SRSPACE_MAX_PIXELS)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:  # reads the header only, allocates nothing
+                (w, h), mode, transparent = im.size, im.mode, "transparency" in im.info
+    except Image.DecompressionBombError:
+        _fail(path, f"image size {too_big}")
+    except UnidentifiedImageError:
+        _fail(path, "not an image file (unknown format)")
+    except Exception as e:  # Pillow raises many types for broken headers
+        _fail(path, f"not a readable image ({type(e).__name__}: {e})")
+    if w * h > MAX_PIXELS:
+        _fail(path, f"{w}x{h} {too_big}")
+    try:
+        if _png_bit_depth(path) == 16 and mode != "I;16":  # 16-bit gray (I;16) is exact in Pillow
+            arr = _read_png16(path)
+        else:
+            to = {"P": "RGBA" if transparent else "RGB", "PA": "RGBA", "CMYK": "RGB"}.get(mode)
+            # index=0: the first frame of animated files; rotate=True applies EXIF orientation.
+            # Truncated data raises unless PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set (we never do).
+            arr = iio.imread(path, plugin="pillow", index=0, mode=to, rotate=True)
+    except MemoryError:
+        raise
+    except Exception as e:  # Pillow: OSError("image file is truncated"); pypng: FormatError
+        _fail(path, f"cannot decode, the file may be truncated or corrupt ({e})")
+    return _to_rgb8(arr, path)
+
+
+def _png_bit_depth(path: Path) -> int | None:
+    with open(path, "rb") as f:
+        head = f.read(25)  # signature (8), IHDR length + type (8), width, height (8), bit depth
+    if len(head) < 25 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return head[24]
+
+
+def _read_png16(path: Path) -> np.ndarray:
+    """Any 16-bit PNG as uint16 (H, W, planes), raw samples (tRNS and sBIT are not applied)."""
+    w, h, rows, info = png.Reader(filename=str(path)).read()  # raises on truncated data
+    flat = np.concatenate([np.frombuffer(row, dtype=np.uint16) for row in rows])  # array('H')
+    return flat.reshape(h, w, info["planes"])
+
+
+def _to_rgb8(arr: np.ndarray, path) -> np.ndarray:
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    elif arr.dtype.kind in "iu" and arr.dtype.itemsize > 1:  # 16-bit (Pillow gives I;16 or I)
+        # round(x / 257) in integers (x/257 is never exactly .5): 65535 -> 255, 128 -> 0, 129 -> 1
+        arr = ((np.clip(arr, 0, 65535).astype(np.uint32) + 128) // 257).astype(np.uint8)
+    elif arr.dtype.kind == "f":
+        arr = np.round(np.clip(np.nan_to_num(arr), 0, 1) * 255).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        _fail(path, f"unsupported pixel type {arr.dtype}")
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
+        _fail(path, f"unsupported image shape {arr.shape}")
+    if arr.shape[2] in (2, 4):
+        warnings.warn(f"{path}: alpha channel dropped (the image is read as RGB)", stacklevel=3)
+        arr = arr[:, :, :-1]
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    return np.ascontiguousarray(arr)
+
+
+@contextlib.contextmanager
+def _atomic_open(path: Path):
+    """A binary file that replaces `path` only once fully written: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_png(path: str | os.PathLike, img: np.ndarray) -> None:
+    """Write a uint8 or uint16 (H, W) / (H, W, C<=4) array as an 8- or 16-bit PNG, atomically."""
+    path = Path(path)
+    if img.dtype not in (np.uint8, np.uint16):
+        raise TypeError(f"write_png expects uint8 or uint16, got {img.dtype}")
+    if not (img.ndim == 2 or (img.ndim == 3 and 1 <= img.shape[2] <= 4)):
+        raise ValueError(f"write_png expects (H, W) or (H, W, C<=4), got shape {img.shape}")
+    h, w = img.shape[:2]
+    c = 1 if img.ndim == 2 else img.shape[2]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _atomic_open(path) as f:
+            if img.dtype == np.uint8:
+                iio.imwrite(f, img.reshape(h, w) if c == 1 else img, extension=".png")
+            else:  # pypng writes every colour type at 16 bits; rows as big-endian bytes
+                writer = png.Writer(w, h, greyscale=c <= 2, alpha=c in (2, 4), bitdepth=16)
+                writer.write_packed(f, img.astype(">u2").reshape(h, w * c).view(np.uint8))
+    except OSError as e:
+        raise DataError(f"{path}: cannot write ({e.strerror or e}); check the output folder") from e
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Sorted image files in `folder` (by extension, any case); hidden files and folders skipped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder; give a folder of images")
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    files = sorted(
+        p
+        for p in found
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)  # ._0001.png
+        and p.is_file()
+    )
+    if not files:
+        exts = "/".join(e[1:] for e in IMAGE_EXTENSIONS)
+        raise DataError(f"{folder}: no images found ({exts}{', recursively' if recursive else ''})")
+    return files
+
+
+def mod_crop(img: np.ndarray, m: int) -> np.ndarray:
+    """Crop (H, W, ...) at the bottom/right to a multiple of m (a view)."""
+    h, w = img.shape[:2]
+    return img[: h - h % m, : w - w % m]
+
+
+def to_tensor(img: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float32 (3, H, W) in [0, 1]."""
+    if img.dtype != np.uint8 or img.ndim != 3:
+        raise TypeError(f"to_tensor expects uint8 (H, W, C), got {img.dtype} {img.shape}")
+    return _as_float(torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))))
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Float (C, H, W) -> uint8 (H, W, C), (N, C, H, W) -> (N, H, W, C); clamped, rounded."""
+    if x.ndim not in (3, 4):
+        raise ValueError(f"to_uint8 expects (C, H, W) or (N, C, H, W), got shape {tuple(x.shape)}")
+    x = torch.nan_to_num(x.detach().float(), nan=0.0).clamp_(0, 1).mul_(255).round_()
+    return x.to(torch.uint8).movedim(-3, -1).cpu().numpy()
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 in [0, 1], bit-identical on any device (IEEE division by 255)."""
+    if x.device.type == "cpu":  # numpy: one thread; torch's pool would fight the loader workers
+        return torch.from_numpy(np.divide(x.numpy(), np.float32(255), dtype=np.float32))
+    return x.float().div_(255)
+
+
+def cycle(iterable: Iterable) -> Iterator:
+    """Repeat an iterable forever, re-iterating it each pass (unlike itertools.cycle, no copies)."""
+    while True:
+        yield from iterable
+
+
+def dihedral(img: np.ndarray, t: int) -> np.ndarray:
+    """Symmetry t in 0..7 of the square on (H, W, ...), as a view: t % 4 quarter turns
+    counter-clockwise, then a left-right flip if t >= 4."""
+    img = np.rot90(img, t % 4)
+    return img[:, ::-1] if t >= 4 else img
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in demo data: the colour photographs that ship inside scikit-image (no download needed).
+# A demo to try the toolkit end to end in minutes, NOT a benchmark: never report numbers on it.
+# Validation: three unrelated scenes (a cat's fur, a cup indoors, an outdoor launch pad); the
+# stereo pair motorcycle_left/right stays together in training so no view leaks into validation.
+DEMO_TRAIN = ("astronaut.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png")
+DEMO_TRAIN += ("motorcycle_right.png", "retina.jpg")
+DEMO_VAL = ("chelsea.png", "coffee.png", "rocket.jpg")
+
+
+def demo_files(split: str) -> list[Path]:
+    """The files of the demo (not a benchmark) images of `split` ("train" or "val")."""
+    if split not in ("train", "val"):
+        raise ValueError(f"demo split must be 'train' or 'val', got {split!r}")
+    spec = importlib.util.find_spec("skimage")  # its data folder, without importing skimage
+    if spec is None or spec.origin is None:
+        raise DataError("demo images need scikit-image (pip install scikit-image)")
+    folder = Path(spec.origin).parent / "data"
+    # Images skimage would have to download are not in the folder: those are skipped.
+    files = [folder / f for f in (DEMO_TRAIN if split == "train" else DEMO_VAL)]
+    found = [f for f in files if f.is_file()]
+    if not found:
+        raise DataError(f"demo: no bundled images in {folder}; reinstall scikit-image")
+    return found
+
+
+def demo_images(split: str) -> list[tuple[str, np.ndarray]]:
+    """The demo (not a benchmark) images of `split` ("train" or "val"): [(stem, uint8 HR)]."""
+    return [(f.stem, read_image(f)) for f in demo_files(split)]
+
+
+def default_mod(scale: int) -> int:
+    """NTIRE rule: crop HR to a multiple of 8 when the scale divides 8, else of the scale."""
+    return 8 if 8 % scale == 0 else scale
+
+
+def load_pairs(
+    source: str | os.PathLike, scale: int, max_images: int | None = None, mod: int | None = None
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Validation pairs [(stem, HR, LR)] (uint8 HWC) from an HR folder or "demo" (its val split).
+
+    HR is cropped to a multiple of `mod` (default `default_mod(scale)`), LR = imresize(HR, 1/scale).
+    Stems of images in subfolders keep their relative path ("sub/img"). Images are held in RAM.
+    """
+    mod = mod or default_mod(scale)
+    if mod % scale:
+        raise ValueError(f"mod {mod} must be a multiple of the scale {scale}")
+    if str(source) == "demo":
+        named = [(stem, stem, img) for stem, img in demo_images("val")[:max_images]]
+    else:
+        files = list_images(source)[:max_images]
+        named = [(f.relative_to(source).with_suffix("").as_posix(), f, None) for f in files]
+    pairs = []
+    for stem, name, img in named:
+        hr = mod_crop(read_image(name) if img is None else img, mod)
+        if hr.size == 0:
+            raise DataError(f"{name}: smaller than {mod}x{mod} pixels, too small to validate on")
+        pairs.append((stem, hr, imresize(hr, 1 / scale)))
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# Training pairs
+
+CACHE_VERSION = 1  # bump when decoding or LR generation changes, so old cache files are not used
+
+
+def default_patch(scale: int) -> int:
+    """LR patch side of the papers: 48 (x2, x3, x4), 32 for x8."""
+    return 32 if scale >= 8 else 48
+
+
+@lru_cache(maxsize=256)  # bounded: each open memmap holds a file descriptor (ulimit is often 1024)
+def _open_npy(path: str) -> np.ndarray:
+    return np.load(path, mmap_mode="r")
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _atomic_open(path) as f:  # two processes building the same cache cannot corrupt it
+            np.save(f, arr)
+    except OSError as e:
+        raise DataError(f"{path}: cannot write the cache ({e.strerror or e}); check --cache") from e
+
+
+def _pair_files(hr_dir: Path, lr_dir: Path | None, scale: int) -> list[tuple[Path, Path | None]]:
+    """HR files of a folder with their LR partner: same relative path and stem, or DIV2K's 'x4'."""
+    hr_files = list_images(hr_dir)
+    if lr_dir is None:
+        return [(f, None) for f in hr_files]
+    lr_by_key = {f.relative_to(lr_dir).with_suffix("").as_posix(): f for f in list_images(lr_dir)}
+    pairs = []
+    for f in hr_files:
+        key = f.relative_to(hr_dir).with_suffix("").as_posix()
+        lr = lr_by_key.get(f"{key}x{scale}") or lr_by_key.get(key)
+        if lr is None:
+            raise DataError(f"{f}: no LR image {f.stem}x{scale}.* or {f.stem}.* in {lr_dir}")
+        pairs.append((f, lr))
+    return pairs
+
+
+def _thread_map(fn, items: list) -> list:
+    """[fn(*x) for x in items] on threads: Pillow decoding and numpy resizing release the GIL.
+    The first error cancels the images not yet started instead of decoding all of them first."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        futures = [pool.submit(fn, *x) for x in items]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+class PatchPairs(Dataset):
+    """Random aligned (LR, HR) patch batches; item `step` is the batch of training step `step`.
+
+    sources: HR folders (searched recursively) or "demo". lr_dirs: optional LR folder per HR folder;
+    without them LR = MATLAB-bicubic imresize of each whole HR image cropped to a multiple of the
+    scale (how DIV2K's LR was made), computed once per image. Images are sampled uniformly, then a
+    uniform crop position and (augment) one of the 8 flips/rotations. Images smaller than one HR
+    patch are skipped with one warning. Decoded images are held in RAM (about 7 GB for DIV2K's
+    800); with `cache` (a folder) they are stored once as .npy files and memory-mapped instead.
+    """
+
+    def __init__(
+        self,
+        sources: str | os.PathLike | Sequence[str | os.PathLike],
+        scale: int,
+        patch: int | None = None,
+        batch: int = 16,
+        seed: int = 0,
+        rank: int = 0,
+        lr_dirs: Sequence[str | os.PathLike] | None = None,
+        cache: str | os.PathLike | None = None,
+        augment: bool = True,
+    ):
+        sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+        if seed < 0 or rank < 0:
+            raise ValueError(f"seed and rank must be >= 0, got {seed}, {rank}")
+        self.scale, self.patch, self.batch = scale, patch or default_patch(scale), batch
+        self.seed, self.rank, self.augment = seed, rank, augment
+        self.cache = Path(cache) if cache is not None else None
+        if [str(s) for s in sources] == ["demo"]:  # built-in; small, so no cache and no lr_dirs
+            demo = demo_images("train")
+            names, loaded = [n for n, _ in demo], [self._pair(hr, None, n, None) for n, hr in demo]
+        else:
+            if lr_dirs is not None and len(lr_dirs) != len(sources):
+                raise UsageError(f"got {len(lr_dirs)} LR folders for {len(sources)} HR folders")
+            files = []
+            for i, src in enumerate(sources):
+                files += _pair_files(Path(src), Path(lr_dirs[i]) if lr_dirs else None, scale)
+            names, loaded = [str(f) for f, _ in files], _thread_map(self._load, files)
+        skipped = [name for name, x in zip(names, loaded) if x is None]
+        hp = self.scale * self.patch
+        if len(skipped) == len(loaded):
+            raise DataError(
+                f"{', '.join(map(str, sources))}: no training images; all {len(loaded)} are "
+                f"smaller than one {hp}x{hp} HR patch (LR patch {self.patch} x scale {scale})"
+            )
+        if skipped:
+            warnings.warn(
+                f"skipped {len(skipped)} of {len(loaded)} training images smaller than one "
+                f"{hp}x{hp} HR patch (e.g. {skipped[0]})",
+                stacklevel=2,
+            )
+        kept = [(name, x) for name, x in zip(names, loaded) if x is not None]
+        self.names = [name for name, _ in kept]
+        self._hr = [x[0] for _, x in kept]  # uint8 (H, W, 3) arrays, or .npy paths (cache)
+        self._lr = [x[1] for _, x in kept]
+        self.lr_hw = np.array([self._array(x).shape[:2] for x in self._lr], np.int64)  # (N, 2)
+
+    def _pair(self, hr, lr, hr_name, lr_name):
+        """(HR cropped to a multiple of the scale, LR), or None when smaller than one HR patch."""
+        s, (h, w) = self.scale, hr.shape[:2]
+        if min(h // s, w // s) < self.patch:
+            return None
+        hr = np.ascontiguousarray(mod_crop(hr, s))
+        if lr is None:
+            lr = imresize(hr, 1 / s)
+        elif lr.shape[:2] != (h // s, w // s):
+            raise DataError(
+                f"{lr_name}: LR size {lr.shape[1]}x{lr.shape[0]} is not HR size {w}x{h} / {s} "
+                f"({hr_name}); pair LR images made with this scale"
+            )
+        return hr, lr
+
+    def _load(self, hr_path: Path, lr_path: Path | None):
+        """Decoded (HR, LR) arrays, or with a cache the paths of their .npy files."""
+        if self.cache is not None:
+            # The name hashes what the arrays depend on, so an edited image is decoded again.
+            key = [f"v{CACHE_VERSION}", f"x{self.scale}"]
+            for p in (hr_path, lr_path):
+                if p is not None:
+                    st = p.stat()
+                    key += [str(p.resolve()), str(st.st_size), str(st.st_mtime_ns)]
+            digest = hashlib.sha256("|".join(key).encode()).hexdigest()[:16]
+            hr_npy, lr_npy = (self.cache / f"{hr_path.stem}-{digest}.{k}.npy" for k in ("hr", "lr"))
+            if hr_npy.is_file() and lr_npy.is_file():
+                small = min(np.load(lr_npy, mmap_mode="r").shape[:2]) < self.patch
+                return None if small else (str(hr_npy), str(lr_npy))
+        lr = read_image(lr_path) if lr_path is not None else None
+        pair = self._pair(read_image(hr_path), lr, hr_path, lr_path)
+        if self.cache is None or pair is None:  # too small: not cached, decoded again next time
+            return pair
+        _save_npy(hr_npy, pair[0])
+        _save_npy(lr_npy, pair[1])
+        return str(hr_npy), str(lr_npy)
+
+    @staticmethod
+    def _array(x) -> np.ndarray:
+        # Opened lazily in each process: a loader worker receives paths, not copies of arrays.
+        return _open_npy(x) if isinstance(x, str) else x
+
+    def plan(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Image indices, LR crop rows and columns, and dihedral transforms of a step: (B,) each."""
+        rng = np.random.default_rng([self.seed, self.rank, step])
+        idx = rng.integers(len(self.lr_hw), size=self.batch)
+        hw = self.lr_hw[idx]  # (B, 2)
+        ys = rng.integers(0, hw[:, 0] - self.patch + 1)
+        xs = rng.integers(0, hw[:, 1] - self.patch + 1)
+        ts = rng.integers(0, 8, size=self.batch)
+        return idx, ys, xs, ts if self.augment else np.zeros_like(ts)
+
+    def crops(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The uint8 patches of a step: lr (B, 3, p, p), hr (B, 3, s*p, s*p)."""
+        p, s = self.patch, self.scale
+        lr = np.empty((self.batch, 3, p, p), np.uint8)
+        hr = np.empty((self.batch, 3, s * p, s * p), np.uint8)
+        for b, (i, y, x, t) in enumerate(zip(*self.plan(step))):
+            # one copy per patch: crop, flip/rotate and HWC -> CHW are views until this assignment
+            lr[b] = dihedral(self._array(self._lr[i])[y : y + p, x : x + p], t).transpose(2, 0, 1)
+            hr_crop = self._array(self._hr[i])[s * y : s * (y + p), s * x : s * (x + p)]
+            hr[b] = dihedral(hr_crop, t).transpose(2, 0, 1)
+        return lr, hr
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lr (B, 3, p, p), hr (B, 3, s*p, s*p)), float32 in [0, 1]."""
+        lr, hr = self.crops(step)
+        return _as_float(torch.from_numpy(lr)), _as_float(torch.from_numpy(hr))
+
+
+class _Uint8Steps(Dataset):
+    """What loader workers compute: uint8 batches. Filling fresh shared memory to hand a batch to
+    the main process costs more than cropping it, and uint8 is 4x less to fill than float32."""
+
+    def __init__(self, pairs: PatchPairs):
+        self.pairs = pairs
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(torch.from_numpy(a) for a in self.pairs.crops(step))
+
+
+class _FloatLoader(DataLoader):
+    """A DataLoader of uint8 batches that yields float32 in [0, 1], converted on `device`."""
+
+    def __init__(self, *args, device=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.device = device
+
+    def __iter__(self):
+        return self._floats(super().__iter__())  # not a generator: workers start now
+
+    def _floats(self, batches):
+        for lr, hr in batches:
+            if self.device is not None:  # copy uint8 (4x less), convert on the device
+                lr = lr.to(self.device, non_blocking=self.pin_memory)
+                hr = hr.to(self.device, non_blocking=self.pin_memory)
+            yield _as_float(lr), _as_float(hr)
+
+
+def train_loader(
+    dataset: PatchPairs,
+    start_step: int,
+    total_steps: int,
+    workers: int = 2,
+    pin_memory: bool = False,
+    device: str | torch.device | None = None,
+) -> DataLoader:
+    """Yields `dataset[step]` for step = start_step .. total_steps - 1, in order, identical for any
+    number of `workers`; on `device` if given, else CPU. It leaves the global torch RNG alone."""
+    more = dict(persistent_workers=True, prefetch_factor=4) if workers > 0 else {}
+    return _FloatLoader(
+        _Uint8Steps(dataset),
+        batch_size=None,  # each item is already a batch
+        sampler=range(start_step, total_steps),
+        num_workers=workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(0),  # the workers' base seed (unused by us)
+        device=device,
+        **more,
+    )

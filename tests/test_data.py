@@ -1,0 +1,403 @@
+"""sr_lib.data: image reading edge cases, writing, folders, and the training-pair dataset.
+
+Every image is generated here and written to tmp_path; nothing is downloaded.
+"""
+
+import os
+import struct
+import time
+import warnings
+import zlib
+
+import numpy as np
+import png
+import pytest
+import torch
+from PIL import Image
+
+from sr_lib import data
+from sr_lib.data import (
+    ImageError,
+    PatchPairs,
+    cycle,
+    demo_images,
+    dihedral,
+    list_images,
+    load_pairs,
+    mod_crop,
+    read_image,
+    to_tensor,
+    to_uint8,
+    train_loader,
+    write_png,
+)
+from sr_lib.errors import DataError, UsageError
+from sr_lib.resize import imresize
+
+
+def rand_img(h, w, c=3, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, c), dtype=np.uint8).squeeze()
+
+
+def smooth_img(h, w, seed=0):
+    """Smooth random content: bicubic-upsampled noise, like a photo at low frequencies."""
+    coarse = rand_img(h // 8 + 2, w // 8 + 2, seed=seed)
+    return np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC))
+
+
+def write_png16(path, arr):
+    """uint16 (H, W) or (H, W, C) -> 16-bit PNG with pypng (Pillow cannot write 16-bit RGB)."""
+    h, w = arr.shape[:2]
+    c = 1 if arr.ndim == 2 else arr.shape[2]
+    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[c] + ";16"
+    png.from_array(arr.reshape(h, w * c), mode).save(str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# read_image
+
+
+def test_read_rgb_and_gray(tmp_path):
+    rgb, gray = rand_img(20, 30), rand_img(20, 30, c=1)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    Image.fromarray(rgb).save(tmp_path / "rgb.bmp")
+    out = read_image(tmp_path / "rgb.png")
+    assert out.dtype == np.uint8 and out.shape == (20, 30, 3) and np.array_equal(out, rgb)
+    assert np.array_equal(read_image(tmp_path / "rgb.bmp"), rgb)
+    g = read_image(str(tmp_path / "gray.png"))
+    assert g.shape == (20, 30, 3) and all(np.array_equal(g[..., k], gray) for k in range(3))
+
+
+def test_alpha_dropped_with_warning_naming_file(tmp_path):
+    rgba, la = rand_img(8, 9, c=4), rand_img(8, 9, c=2)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    with pytest.warns(UserWarning, match="rgba.png: alpha channel dropped"):
+        out = read_image(tmp_path / "rgba.png")
+    assert np.array_equal(out, rgba[..., :3])
+    with pytest.warns(UserWarning, match="la.png: alpha"):
+        out = read_image(tmp_path / "la.png")
+    assert np.array_equal(out, np.repeat(la[..., :1], 3, axis=2))
+
+
+def test_palette_with_and_without_transparency(tmp_path):
+    pal = Image.fromarray(rand_img(12, 16)).quantize(8)
+    expected = np.asarray(pal.convert("RGB"))
+    pal.save(tmp_path / "p.png")
+    pal.save(tmp_path / "pt.png", transparency=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an opaque palette image reads without warnings
+        assert np.array_equal(read_image(tmp_path / "p.png"), expected)
+    with pytest.warns(UserWarning, match="pt.png: alpha"):
+        assert np.array_equal(read_image(tmp_path / "pt.png"), expected)
+
+
+def test_16bit_rgb_and_gray_round_to_8bit(tmp_path):
+    # every 16-bit value once, including the rounding edges 128 -> 0, 129 -> 1, 65535 -> 255
+    ramp = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    expected = np.round(ramp / 257).astype(np.uint8)
+    assert np.array_equal(expected, (ramp.astype(np.int64) + 128) // 257)
+    write_png16(tmp_path / "g16.png", ramp)
+    assert np.array_equal(read_image(tmp_path / "g16.png"), np.repeat(expected[..., None], 3, 2))
+    rgb = np.stack([ramp, ramp[::-1], ramp.T], axis=-1)
+    write_png16(tmp_path / "rgb16.png", rgb)
+    out = read_image(tmp_path / "rgb16.png")
+    assert np.array_equal(out, np.round(rgb / 257).astype(np.uint8))  # not rgb >> 8
+    with pytest.warns(UserWarning, match="rgba16.png: alpha"):
+        write_png16(tmp_path / "rgba16.png", np.concatenate([rgb, ramp[..., None]], axis=-1))
+        assert np.array_equal(read_image(tmp_path / "rgba16.png"), out)
+
+
+def test_cmyk_jpeg(tmp_path):
+    rgb = smooth_img(32, 40)
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
+    out = read_image(tmp_path / "cmyk.jpg")
+    assert out.shape == (32, 40, 3) and np.abs(out.astype(int) - rgb).mean() < 3
+
+
+def test_exif_orientation_applied(tmp_path):
+    img = np.zeros((32, 48, 3), np.uint8)
+    img[:16, :16] = 255  # a white block top-left; orientation 6 means "rotate 90 deg clockwise"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(img).save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    out = read_image(tmp_path / "rot.jpg")
+    assert out.shape == (48, 32, 3)
+    assert out[2:14, 18:30].min() > 200 and out[18:, :].max() < 60  # block now top-right
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [(b"", "empty file"), (b"just some text\n", "not an image"), (b"\x89PNG\r\n\x1a\n", "image")],
+)
+def test_unreadable_files(tmp_path, content, reason):
+    (tmp_path / "bad.png").write_bytes(content)
+    with pytest.raises(ImageError, match=f"bad.png: .*{reason}") as e:
+        read_image(tmp_path / "bad.png")
+    assert "\n" not in str(e.value) and e.value.exit_code == 3
+    with pytest.raises(DataError, match="missing.png: no such file"):
+        read_image(tmp_path / "missing.png")
+
+
+@pytest.mark.parametrize("kind", ["png", "jpg", "png16"])
+def test_truncated_files_raise(tmp_path, kind):
+    img = rand_img(64, 64)  # noise: the compressed data is spread over the whole file
+    path = tmp_path / f"full.{kind[:3]}"
+    if kind == "png16":
+        write_png16(path, img.astype(np.uint16) * 257)
+    else:
+        Image.fromarray(img).save(path, quality=90)
+    raw = path.read_bytes()
+    for frac in (0.5, 0.9, 0.98):
+        cut = tmp_path / f"cut.{kind[:3]}"
+        cut.write_bytes(raw[: int(len(raw) * frac)])
+        with pytest.raises(ImageError, match="cut.*(truncated|corrupt|readable)"):
+            read_image(cut)
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return (
+        struct.pack(">I", len(payload))
+        + kind
+        + payload
+        + struct.pack(">I", zlib.crc32(kind + payload))
+    )
+
+
+def test_pixel_limit_refuses_before_allocating(tmp_path, monkeypatch):
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)  # claims 100000 x 100000 RGB
+    bomb = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
+    bomb += png_chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + png_chunk(b"IEND", b"")
+    (tmp_path / "bomb.png").write_bytes(bomb)
+    t0 = time.perf_counter()
+    with pytest.raises(ImageError, match="bomb.png: .*exceeds the limit"):
+        read_image(tmp_path / "bomb.png")
+    assert time.perf_counter() - t0 < 1.0
+    Image.fromarray(rand_img(20, 20)).save(tmp_path / "small.png")
+    monkeypatch.setattr(data, "MAX_PIXELS", 100)
+    with pytest.raises(ImageError, match="small.png: 20x20 exceeds the limit of 100 pixels"):
+        read_image(tmp_path / "small.png")
+
+
+def test_unicode_and_spaces_in_names(tmp_path):
+    img = rand_img(10, 12)
+    path = tmp_path / "dir with space" / "bild ü 猫.png"
+    write_png(path, img)
+    assert np.array_equal(read_image(path), img)
+    assert list_images(tmp_path) == [path]
+
+
+# ---------------------------------------------------------------------------------------------
+# write_png and small helpers
+
+
+def test_write_png_round_trips(tmp_path):
+    rgb, gray = rand_img(9, 11), rand_img(9, 11, c=1)
+    write_png(tmp_path / "rgb.png", rgb)
+    write_png(tmp_path / "gray.png", gray)
+    assert np.array_equal(read_image(tmp_path / "rgb.png"), rgb)
+    assert np.array_equal(read_image(tmp_path / "gray.png")[..., 1], gray)
+    depth = np.random.default_rng(0).integers(0, 65536, (9, 11), dtype=np.uint16)
+    write_png(tmp_path / "depth.png", depth)
+    w, h, rows, info = png.Reader(filename=str(tmp_path / "depth.png")).read()
+    assert info["bitdepth"] == 16 and np.array_equal(np.array(list(rows), np.uint16), depth)
+    rgb16 = np.random.default_rng(1).integers(0, 65536, (9, 11, 3), dtype=np.uint16)
+    write_png(tmp_path / "rgb16.png", rgb16)
+    assert np.array_equal(
+        read_image(tmp_path / "rgb16.png"), np.round(rgb16 / 257).astype(np.uint8)
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "depth.png",
+        "gray.png",
+        "rgb.png",
+        "rgb16.png",
+    ]  # fmt: skip  (no temporary files left behind)
+    with pytest.raises(TypeError):
+        write_png(tmp_path / "f.png", rgb.astype(np.float32))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="cannot write"):
+        write_png(tmp_path / "file" / "x.png", rgb)
+
+
+def test_list_images(tmp_path):
+    with pytest.raises(DataError, match="nope: no such folder"):
+        list_images(tmp_path / "nope")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="no images found"):
+        list_images(tmp_path)
+    for name in ["b.PNG", "a.JpG", "sub/c.webp", ".hidden.png", "._a.png", "d.gif"]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    names = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)]
+    assert names == ["a.JpG", "b.PNG", "sub/c.webp"]
+    assert [p.name for p in list_images(tmp_path, recursive=False)] == ["a.JpG", "b.PNG"]
+
+
+def test_mod_crop_tensor_conversions_cycle():
+    img = rand_img(37, 50)
+    assert mod_crop(img, 8).shape == (32, 48, 3) and np.array_equal(mod_crop(img, 8), img[:32, :48])
+    t = to_tensor(img)
+    assert t.dtype == torch.float32 and t.shape == (3, 37, 50) and 0 <= t.min() <= t.max() <= 1
+    assert np.array_equal(to_uint8(t), img)
+    x = torch.tensor([-0.5, 0.0, 0.4 / 255, 0.6 / 255, 1.0, 3.0, float("nan")]).view(1, 1, 1, 7)
+    assert to_uint8(x).ravel().tolist() == [0, 0, 0, 1, 255, 255, 0]
+    assert to_uint8(torch.rand(2, 3, 4, 5)).shape == (2, 4, 5, 3)
+    assert [v for v, _ in zip(cycle([1, 2]), range(5))] == [1, 2, 1, 2, 1]
+
+
+def test_dihedral_is_the_group_of_8():
+    img = rand_img(4, 4)
+    outs = {dihedral(img, t).tobytes() for t in range(8)}
+    assert len(outs) == 8 and np.array_equal(dihedral(img, 0), img)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training pairs
+
+
+@pytest.fixture
+def hr_dir(tmp_path):
+    """Five smooth HR images of different sizes, none a multiple of 4 in both directions."""
+    folder = tmp_path / "hr"
+    folder.mkdir()
+    for i, (h, w) in enumerate([(70, 90), (64, 64), (99, 50), (45, 130), (80, 81)]):
+        write_png(folder / f"{i + 1:04d}.png", smooth_img(h, w, seed=i))
+    return folder
+
+
+def test_patch_pairs_shapes_and_alignment(hr_dir):
+    ds = PatchPairs([hr_dir], scale=4, patch=8, batch=12, seed=3)
+    lr, hr = ds[7]
+    assert lr.shape == (12, 3, 8, 8) and hr.shape == (12, 3, 32, 32)
+    assert lr.dtype == hr.dtype == torch.float32 and 0 <= lr.min() and hr.max() <= 1
+    files = list_images(hr_dir)
+    idx, ys, xs, ts = ds.plan(7)
+    assert len(set(ts.tolist())) > 1  # flips/rotations are drawn
+    for b, (i, y, x, t) in enumerate(zip(idx, ys, xs, ts)):
+        whole_hr = mod_crop(read_image(files[i]), 4)
+        whole_lr = imresize(whole_hr, 1 / 4)  # LR from the whole image, not from the patch
+        assert np.array_equal(to_uint8(lr[b]), dihedral(whole_lr[y : y + 8, x : x + 8], t))
+        hr_crop = whole_hr[4 * y : 4 * y + 32, 4 * x : 4 * x + 32]
+        assert np.array_equal(to_uint8(hr[b]), dihedral(hr_crop, t))
+
+
+def test_patch_pairs_is_a_function_of_seed_rank_step(hr_dir):
+    ds = PatchPairs([hr_dir], scale=4, patch=8, batch=4, seed=0)
+    again = PatchPairs([hr_dir], scale=4, patch=8, batch=4, seed=0)
+    for step in (0, 5, 10**6):
+        assert all(torch.equal(a, b) for a, b in zip(ds[step], again[step]))
+    assert not torch.equal(ds[1][1], ds[2][1])
+    assert not torch.equal(ds[1][1], PatchPairs([hr_dir], 4, 8, 4, rank=1)[1][1])
+    assert not torch.equal(ds[1][1], PatchPairs([hr_dir], 4, 8, 4, seed=1)[1][1])
+    plain = PatchPairs([hr_dir], 4, 8, 4, augment=False)
+    assert (plain.plan(3)[3] == 0).all()
+
+
+def test_train_loader_independent_of_workers_and_resumable(hr_dir):
+    ds = PatchPairs([hr_dir], scale=4, patch=8, batch=3, seed=5)
+    serial = list(train_loader(ds, 2, 8, workers=0))
+    parallel = list(train_loader(ds, 2, 8, workers=2))
+    resumed = list(train_loader(ds, 5, 8, workers=0))
+    assert len(serial) == len(parallel) == 6
+    for (a_lr, a_hr), (b_lr, b_hr), step in zip(serial, parallel, range(2, 8)):
+        assert torch.equal(a_lr, b_lr) and torch.equal(a_hr, b_hr)
+        assert torch.equal(a_hr, ds[step][1])
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(serial[3:], resumed))
+    on_cpu = list(train_loader(ds, 2, 4, workers=0, device="cpu"))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(serial, on_cpu))
+    # the loader leaves the global torch RNG alone, so resuming restores the model's stream
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    next(iter(train_loader(ds, 0, 2, workers=0)))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_small_images_skipped_with_one_warning(hr_dir):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = PatchPairs([hr_dir], scale=4, patch=16, batch=2)  # HR patch 64: 2 of 5 too small
+    msgs = [str(w.message) for w in caught]
+    assert len(msgs) == 1 and "skipped 2 of 5 training images smaller than one 64x64" in msgs[0]
+    assert len(ds.names) == 3 and ds[0][1].shape == (2, 3, 64, 64)
+    with pytest.raises(DataError, match="no training images; all 5 are smaller"):
+        PatchPairs([hr_dir], scale=4, patch=40)
+    (hr_dir.parent / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: no images found"):
+        PatchPairs([hr_dir.parent / "empty"], scale=4)
+
+
+def test_paired_lr_folder_with_div2k_names(hr_dir, tmp_path):
+    lr_dir = tmp_path / "X4"
+    lr_given = {}
+    for f in list_images(hr_dir):
+        h, w = read_image(f).shape[:2]
+        lr_given[f.stem] = rand_img(h // 4, w // 4, seed=int(f.stem))  # not bicubic: must be used
+        write_png(lr_dir / f"{f.stem}x4.png", lr_given[f.stem])
+    ds = PatchPairs([hr_dir], scale=4, patch=8, batch=6, lr_dirs=[lr_dir])
+    lr, _ = ds[0]
+    for b, (i, y, x, t) in enumerate(zip(*ds.plan(0))):
+        expected = lr_given[list_images(hr_dir)[i].stem][y : y + 8, x : x + 8]
+        assert np.array_equal(to_uint8(lr[b]), dihedral(expected, t))
+    # identical stems work too; a wrong LR size names both files
+    (lr_dir / "0002x4.png").unlink()
+    write_png(lr_dir / "0002.png", rand_img(15, 16))
+    with pytest.raises(
+        DataError, match=r"0002.png: LR size 16x15 is not HR size 64x64 / 4 \(.*0002"
+    ):
+        PatchPairs([hr_dir], scale=4, patch=8, lr_dirs=[lr_dir])
+    (lr_dir / "0002.png").unlink()
+    with pytest.raises(DataError, match="0002.png: no LR image 0002x4"):
+        PatchPairs([hr_dir], scale=4, patch=8, lr_dirs=[lr_dir])
+    with pytest.raises(UsageError, match="got 2 LR folders for 1 HR folders"):
+        PatchPairs([hr_dir], scale=4, patch=8, lr_dirs=[lr_dir, lr_dir])
+
+
+def test_cache_reads_memmaps_without_decoding(hr_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    first = PatchPairs([hr_dir], scale=4, patch=8, batch=5, cache=cache)
+    assert len(list(cache.glob("*.npy"))) == 10 and not list(cache.glob(".*"))
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded although cached")
+
+    monkeypatch.setattr(data, "read_image", no_decoding)
+    monkeypatch.setattr(data, "imresize", no_decoding)
+    second = PatchPairs([hr_dir], scale=4, patch=8, batch=5, cache=cache)
+    assert isinstance(second._array(second._hr[0]), np.memmap)
+    for step in (0, 1, 99):
+        assert all(torch.equal(a, b) for a, b in zip(first[step], second[step]))
+    # an edited image is decoded again (its cache name hashes size and mtime)
+    monkeypatch.undo()
+    target = hr_dir / "0001.png"
+    write_png(target, smooth_img(72, 92, seed=9))
+    os.utime(target, ns=(0, 10**18))
+    PatchPairs([hr_dir], scale=4, patch=8, batch=5, cache=cache)
+    assert len(list(cache.glob("*.npy"))) == 12
+
+
+def test_demo_images_split_and_dataset():
+    train, val = demo_images("train"), demo_images("val")
+    train_names, val_names = [n for n, _ in train], [n for n, _ in val]
+    assert len(val) == 3 and len(train) >= 4 and not set(train_names) & set(val_names)
+    assert {"motorcycle_left", "motorcycle_right"} <= set(train_names)
+    assert all(img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 for _, img in train)
+    again = demo_images("val")
+    assert [n for n, _ in again] == val_names
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(val, again))
+    lr, hr = PatchPairs("demo", scale=8, batch=2)[0]
+    assert lr.shape == (2, 3, 32, 32) and hr.shape == (2, 3, 256, 256)
+
+
+def test_load_pairs(hr_dir):
+    pairs = load_pairs(hr_dir, scale=4, max_images=2)
+    assert [s for s, _, _ in pairs] == ["0001", "0002"]
+    stem, hr, lr = pairs[0]
+    assert hr.shape == (64, 88, 3) and lr.shape == (16, 22, 3)  # NTIRE: HR to a multiple of 8
+    assert np.array_equal(lr, imresize(hr, 1 / 4))
+    _, hr3, lr3 = load_pairs(hr_dir, scale=3)[0]
+    assert hr3.shape == (69, 90, 3) and lr3.shape == (23, 30, 3)
+    demo = load_pairs("demo", scale=4)
+    assert [s for s, _, _ in demo] == [n for n, _ in demo_images("val")]
+    assert all(h.shape[0] % 8 == 0 and l.shape[0] * 4 == h.shape[0] for _, h, l in demo)
