@@ -53,6 +53,13 @@ def exit_on_error(prog: str):
         msg = " ".join(str(e).split("\n"))
         print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
         raise SystemExit(e.exit_code) from None
-    except MemoryError:
+    except (MemoryError, RuntimeError) as e:
+        # torch reports CPU allocation failures as RuntimeError("... can't allocate memory") and
+        # CUDA ones as torch.OutOfMemoryError (a RuntimeError); anything else is a real bug.
+        text = str(e)
+        if not isinstance(e, MemoryError) and "out of memory" not in text.lower() and (
+            "can't allocate memory" not in text
+        ):
+            raise
         print(f"{prog}: error: out of memory; use a smaller --batch or --tile", file=sys.stderr)
         raise SystemExit(EXIT_OOM) from None

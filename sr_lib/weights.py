@@ -211,28 +211,37 @@ def _download(entry: Entry, target: Path) -> Path:
     return target
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a plain tensor state_dict on CPU, refusing anything that needs pickled code."""
+def torch_load(path: str | os.PathLike):
+    """torch.load(weights_only=True) on CPU; every failure is a one-line CheckpointError."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"weights file {path} does not exist")
+        raise CheckpointError(f"{path}: no such file")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise CheckpointError(f"{path} is not a valid torch file (unpickling failed)") from None
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        what = f" ({found.group(1)})" if found else ""
-        raise CheckpointError(
-            f"{path} refused: contains pickled Python objects{what} that could run code; "
-            "only plain tensor state_dicts are loaded"
-        ) from None
+        with open(path, "rb") as f:
+            head = f.read(4)
+        # A zip (torch.save) or pickle stream whose content the weights-only unpickler refused.
+        if "Weights only load failed" in str(e) and (head[:2] == b"PK" or head[:1] == b"\x80"):
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            what = f" ({found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"{path}: refused: it contains pickled Python objects{what} that could run code; "
+                "only tensors and plain Python values are loaded"
+            ) from None
+        raise CheckpointError(f"{path}: not a torch file (unpickling failed)") from None
     except Exception as e:  # torch raises RuntimeError, EOFError, KeyError... for broken files
         first = str(e).split("\n", 1)[0][:120]
         raise CheckpointError(
-            f"{path} is not a valid torch file or is truncated ({type(e).__name__}: {first}); "
-            "download or copy it again"
+            f"{path}: not a valid torch file or truncated ({type(e).__name__}: {first}); "
+            "copy it again"
         ) from None
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a plain tensor state_dict on CPU, refusing anything that needs pickled code."""
+    path = Path(path)
+    sd = torch_load(path)
     if not isinstance(sd, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
     ):

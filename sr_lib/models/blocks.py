@@ -1,0 +1,202 @@
+"""Building blocks shared by several models, and the ℓ_E loss with its σ branch.
+
+- `conv3x3`, `ResBlock`, `Upsampler`: the EDSR design (Lim et al., "Enhanced Deep Residual Networks
+  for Single Image Super-Resolution", CVPRW 2017, arXiv:1707.02921).
+- `le_loss`, `SigmaBranch`: ℓ_E (He & Cheng, "Revisiting ℓ1 Loss in Super-Resolution: A
+  Probabilistic View and Beyond", arXiv:2201.10084), Eq. 8 + Eq. 10 with the §4.3 hard-sample mask.
+  No official code exists; written from the paper and methods_spec.md §4.
+- `RegressionConfig`, `RegressionSR`: the common base of deterministic regression models (EDSR,
+  RRDB) trained with `--loss l1` or `--loss le`.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sr_lib.errors import UsageError
+from sr_lib.models.base import ModelConfig, SRModel
+
+LOSSES = ("l1", "le")
+MASK_SCOPES = ("batch", "image")
+AUX_TARGETS = ("signed", "abs")
+
+
+def conv3x3(in_ch: int, out_ch: int, bias: bool = True) -> nn.Conv2d:
+    """3x3 convolution, stride 1, 'same' padding."""
+    return nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=bias)
+
+
+class ResBlock(nn.Module):
+    """EDSR residual block: conv-ReLU-conv, scaled, plus the identity (no batch norm)."""
+
+    def __init__(self, n_feats: int, res_scale: float = 1.0):
+        super().__init__()
+        self.body = nn.Sequential(
+            conv3x3(n_feats, n_feats), nn.ReLU(True), conv3x3(n_feats, n_feats)
+        )
+        self.res_scale = res_scale  # 0.1 in the full EDSR keeps 32 wide blocks trainable
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x) * self.res_scale
+
+
+class Upsampler(nn.Sequential):
+    """Sub-pixel upsampling: conv + PixelShuffle(s) once for ×2/×3, ×2 stages for ×4 and ×8."""
+
+    def __init__(self, n_feats: int, scale: int):
+        if scale in (2, 3):
+            factors = [scale]
+        elif scale in (4, 8):
+            factors = [2] * (scale.bit_length() - 1)
+        else:
+            raise UsageError(f"upsampler: scale {scale} not supported; use 2, 3, 4 or 8")
+        layers: list[nn.Module] = []
+        for f in factors:
+            layers += [conv3x3(n_feats, n_feats * f * f), nn.PixelShuffle(f)]  # (B, C, fH, fW)
+        super().__init__(*layers)
+
+
+class SigmaBranch(nn.Module):
+    """ℓ_E σ branch (paper Fig. 3): 4 × (conv3x3 + PReLU), then "PixelShuffle coupled with 3×3
+    convolution": one conv3x3 to out_ch·s² channels + PixelShuffle(s) (ESPCN-style), sigmoid.
+
+    The sub-pixel conv keeps the branch cheap at HR resolution (the paper reports +38 % training
+    cost for ℓ_E, Table 1; a 160-channel EDSR-style upsampler would cost ~3× EDSR-baseline).
+    """
+
+    def __init__(self, in_ch: int, scale: int, width: int = 160, out_ch: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = [conv3x3(in_ch, width), nn.PReLU(width)]
+        for _ in range(3):
+            layers += [conv3x3(width, width), nn.PReLU(width)]
+        self.mapping = nn.Sequential(*layers)  # FSRCNN-style Conv+PReLU mapping (paper §4.3)
+        self.upsample = nn.Sequential(conv3x3(width, out_ch * scale**2), nn.PixelShuffle(scale))
+
+    def forward(self, fea: torch.Tensor) -> torch.Tensor:
+        # The sigmoid bounds σ to (0, 1), the range of images here (methods_spec §4.4.4).
+        return torch.sigmoid(self.upsample(self.mapping(fea)))
+
+
+def hard_sample_mask(a: torch.Tensor, scope: str = "batch") -> torch.Tensor:
+    """Zero the entries of a = |ŷ − μ| below their mean (paper §4.3), batch-wide or per image."""
+    if scope == "batch":
+        mean = a.mean()
+    elif scope == "image":
+        mean = a.mean(dim=tuple(range(1, a.dim())), keepdim=True)  # (B, 1, 1, 1)
+    else:
+        raise UsageError(f"le_mask_scope {scope!r}: choose one of {', '.join(MASK_SCOPES)}")
+    return a * (a >= mean)  # the comparison carries no gradient; a keeps its own
+
+
+def le_loss(
+    mu: torch.Tensor,
+    hr: torch.Tensor,
+    sigma: torch.Tensor,
+    beta: float = 0.01,
+    mask_scope: str = "batch",
+    aux_target: str = "signed",
+    z: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """ℓ_E = Eq. 8 (masked, one z sample, mean reduction) + β · Eq. 10 (μ detached).
+
+    Args:
+        mu: the SR image (B, 3, H, W); hr: the target; sigma: the σ branch output, same shape.
+        z: the N(0, 1) draw of Eq. 8; None draws a fresh one from the global generator.
+    Returns:
+        {"loss", "le" (Eq. 8), "sigma_aux" (β · Eq. 10), "l1" (plain mean |ŷ − μ|, detached)}.
+    """
+    if aux_target not in AUX_TARGETS:
+        raise UsageError(f"le_aux_target {aux_target!r}: choose one of {', '.join(AUX_TARGETS)}")
+    r = hr - mu
+    # Eq. 8: σ := |ŷ − μ| stays in the graph, so sign(∂ℓ_E/∂μ) == sign(∂|ŷ − μ|/∂μ) for every z
+    # (Eq. 9); detaching it would be Noise2Noise with gradient flips (paper §3.3).
+    a = hard_sample_mask(r.abs(), mask_scope)
+    if z is None:
+        z = torch.randn_like(r)
+    le = (r - a * z).abs().mean()
+    # Eq. 10 on the unmasked residual with μ detached: σ learns the error, μ is not pulled to σ.
+    target = hr - mu.detach()
+    if aux_target == "abs":
+        target = target.abs()  # the form σ is evaluated against (paper §4.6); methods_spec §4.4.2
+    aux = beta * (target - sigma).abs().mean()
+    return {"loss": le + aux, "le": le, "sigma_aux": aux, "l1": r.detach().abs().mean()}
+
+
+@dataclass
+class RegressionConfig(ModelConfig):
+    loss: str = field(
+        default="l1",
+        metadata=dict(
+            choices=LOSSES,
+            help="l1: mean |ŷ − μ|; le: expected-ℓ1 ℓ_E (Eq. 8) + σ branch (Eq. 10)",
+        ),
+    )
+    le_beta: float = field(default=0.01, metadata=dict(help="β of the σ auxiliary loss (Eq. 10)"))
+    le_mask_scope: str = field(
+        default="batch",
+        metadata=dict(
+            choices=MASK_SCOPES,
+            help="hard-sample mask threshold: mean over the whole batch or per image",
+        ),
+    )
+    le_aux_target: str = field(
+        default="signed",
+        metadata=dict(
+            choices=AUX_TARGETS,
+            help="σ target: signed ŷ − μ (Eq. 10 as printed) or abs |ŷ − μ| (methods_spec §4.4.2)",
+        ),
+    )
+    le_sigma_feats: int = field(default=160, metadata=dict(help="channels of the σ branch"))
+
+
+class RegressionSR(SRModel):
+    """A deterministic μ = f(lr) trained with ℓ1 or ℓ_E; the σ branch exists only with ℓ_E.
+
+    Subclasses build their network, call `_add_sigma_branch(feature_channels)` last and implement
+    `predict(lr) -> (mu, fea)`, fea being the last LR-resolution body features (the σ input).
+    """
+
+    Config = RegressionConfig
+    sigma: SigmaBranch | None
+
+    def __init__(self, cfg: RegressionConfig):
+        super().__init__(cfg)
+        for name, value, choices in (
+            ("loss", cfg.loss, LOSSES),
+            ("le_mask_scope", cfg.le_mask_scope, MASK_SCOPES),
+            ("le_aux_target", cfg.le_aux_target, AUX_TARGETS),
+        ):
+            if value not in choices:
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
+        self.sigma = None
+
+    def _add_sigma_branch(self, in_ch: int) -> None:
+        if self.cfg.loss == "le":
+            self.sigma = SigmaBranch(in_ch, self.scale, self.cfg.le_sigma_feats)
+
+    def predict(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
+        mu, fea = self.predict(lr)
+        if self.sigma is None:
+            l1 = F.l1_loss(mu, hr)
+            return {"loss": l1, "l1": l1.detach(), "sr": mu}
+        c = self.cfg
+        out = le_loss(mu, hr, self.sigma(fea), c.le_beta, c.le_mask_scope, c.le_aux_target)
+        return {**out, "sr": mu}
+
+    def generate(self, lr: torch.Tensor, n: int, temperature: float, noise=None) -> torch.Tensor:
+        mu, _ = self.predict(lr)
+        return mu.unsqueeze(1).expand(-1, n, -1, -1, -1)  # (B, n, 3, sH, sW), temperature unused
+
+    @torch.no_grad()
+    def uncertainty(self, lr: torch.Tensor) -> torch.Tensor | None:
+        """σ of the ℓ_E branch (B, 3, s·H, s·W) in (0, 1); None when trained with plain ℓ1."""
+        if self.sigma is None:
+            return None
+        _, fea = self.predict(lr)
+        return self.sigma(fea)

@@ -1,0 +1,63 @@
+"""EDSR: "Enhanced Deep Residual Networks for Single Image Super-Resolution" (Lim et al., CVPRW
+2017, arXiv:1707.02921). Follows the paper's design; the reference implementation is EDSR-PyTorch
+(sanghyun-son/EDSR-PyTorch, MIT). Written from the paper, nothing copied.
+
+Defaults are EDSR-baseline (16 blocks, 64 features, no residual scaling); the full EDSR is
+`--n-blocks 32 --n-feats 256 --res-scale 0.1`. Images stay in [0, 1] (EDSR-PyTorch works in
+[0, 255]; the mean shift is scaled accordingly), so released EDSR weights do not load as-is.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from sr_lib.errors import UsageError
+from sr_lib.models.base import SRModel
+from sr_lib.models.blocks import RegressionConfig, RegressionSR, ResBlock, Upsampler, conv3x3
+
+DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
+
+
+@dataclass
+class EDSRConfig(RegressionConfig):
+    n_blocks: int = field(default=16, metadata=dict(help="residual blocks (full EDSR: 32)"))
+    n_feats: int = field(default=64, metadata=dict(help="feature channels (full EDSR: 256)"))
+    res_scale: float = field(
+        default=1.0, metadata=dict(help="residual scaling in each block (full EDSR: 0.1)")
+    )
+
+
+class EDSR(RegressionSR):
+    """EDSR: head conv, residual body with a global skip, sub-pixel tail."""
+
+    Config = EDSRConfig
+
+    def __init__(self, cfg: EDSRConfig):
+        super().__init__(cfg)
+        if cfg.scale not in (2, 3, 4, 8):
+            raise UsageError(f"edsr: scale {cfg.scale} not supported; use 2, 3, 4 or 8")
+        nf = cfg.n_feats
+        # MeanShift: a constant, so a buffer (not a frozen conv) and not saved in checkpoints.
+        mean = torch.tensor(DIV2K_RGB_MEAN).view(1, 3, 1, 1)
+        self.register_buffer("rgb_mean", mean, persistent=False)
+        self.head = conv3x3(3, nf)
+        blocks = [ResBlock(nf, cfg.res_scale) for _ in range(cfg.n_blocks)]
+        self.body = nn.Sequential(*blocks, conv3x3(nf, nf))
+        self.tail = nn.Sequential(Upsampler(nf, cfg.scale), conv3x3(nf, 3))
+        self._add_sigma_branch(nf)
+
+    @staticmethod
+    def train_defaults(scale: int) -> dict:
+        # EDSR recipe: LR patches 48 (the base default), batch 16, Adam 1e-4 halved at 2e5 updates.
+        return {
+            **SRModel.train_defaults(scale),
+            "schedule": "multistep",
+            "steps": 300_000,
+            "milestones": (2 / 3,),  # fractions of --steps: halved at 200k of 300k
+        }
+
+    def predict(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.head(lr - self.rgb_mean)
+        fea = x + self.body(x)  # global skip around the body; also the σ branch input
+        return self.tail(fea) + self.rgb_mean, fea

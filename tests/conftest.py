@@ -1,0 +1,46 @@
+"""Shared test fixtures: fixed seeds, tiny model configs, a tiny LR/HR batch."""
+
+import pytest
+import torch
+
+from sr_lib.resize import imresize_torch
+
+# One tiny config per registered model (test_models.py checks set(TINY) == set(MODELS)), so every
+# model is exercised by the contract tests in well under a second.
+TINY: dict[str, dict] = {
+    "bicubic": {},
+    "edsr": dict(n_feats=8, n_blocks=1),
+    "rrdb": dict(nb=2, nf=8, gc=4),
+    "srflow": dict(nb=2, nf=8, gc=4, rrdb_blocks="0,1", flow_steps=2, hidden_channels=8),
+    "srflow_da": dict(nb=2, nf=8, gc=4, rrdb_blocks="0,1", flow_steps=2, hidden_channels=8),
+    "ncsr": dict(nb=2, nf=8, gc=4, rrdb_blocks="0,1", flow_steps=2, hidden_channels=8),
+    "vspsr": dict(n_basis=8, basis_channels=4, coef_channels=4, d_channels=4, lambda_per=0.0),
+}
+
+# Tiny variants that switch on optional parts (the ℓ_E loss adds a σ branch and parameters).
+TINY_VARIANTS: dict[str, tuple[str, dict]] = {
+    "edsr_le": ("edsr", dict(TINY["edsr"], loss="le", le_sigma_feats=8)),
+    "rrdb_le": ("rrdb", dict(TINY["rrdb"], loss="le", le_sigma_feats=8)),
+}
+
+# Contract-test cases: case id -> (registry name, tiny config).
+CASES: dict[str, tuple[str, dict]] = {**{k: (k, v) for k, v in TINY.items()}, **TINY_VARIANTS}
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same global RNG state (model init, z draws)."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def make_batch():
+    """make_batch(scale, b=2, h=8, w=8) -> (lr, hr): seeded HR in [0, 1], LR = bicubic(HR, 1/s)."""
+
+    def make(scale: int, b: int = 2, h: int = 8, w: int = 8):
+        g = torch.Generator().manual_seed(1234)
+        hr = torch.rand(b, 3, h * scale, w * scale, generator=g)
+        lr = imresize_torch(hr, 1 / scale).clamp(0, 1)
+        return lr, hr
+
+    return make

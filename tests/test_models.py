@@ -1,0 +1,391 @@
+"""The model contract (style.md §3.7) for every registered model; EDSR, RRDB and ℓ_E specifics."""
+
+import math
+from dataclasses import fields
+from typing import Literal, get_origin
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import CASES, TINY
+
+from sr_lib.errors import CheckpointError, UsageError
+from sr_lib.models import MODELS, build_model
+from sr_lib.models.base import NoiseSource, SRModel
+from sr_lib.models.blocks import hard_sample_mask, le_loss
+from sr_lib.models.rrdb import RRDBNet, load_official_rrdb
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only spin-wait, several times slower on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_every_model_has_a_tiny_config():
+    assert set(TINY) == set(MODELS)
+
+
+def build(case: str, scale: int) -> SRModel:
+    """The tiny model of a case at `scale`; scales other than 4 are skipped where unsupported."""
+    name, cfg = CASES[case]
+    try:
+        return build_model(name, {**cfg, "scale": scale})
+    except UsageError:
+        if scale == 4:
+            raise
+        pytest.skip(f"{name} does not support ×{scale}")
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+contract = pytest.mark.parametrize("scale", [4, 2, 8])
+cases = pytest.mark.parametrize("case", list(CASES))
+
+
+@cases
+@contract
+def test_forward_gives_finite_scalar_loss_and_grads(case, scale, make_batch):
+    model = build(case, scale).train()
+    lr, hr = make_batch(scale)
+    out = model(lr, hr)
+    loss = out["loss"]
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    params = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    params = [(k, p) for k, p in params if id(p) in set(map(id, model.generator_parameters()))]
+    if not params:
+        pytest.skip("no trainable parameters")
+    loss.backward()
+    for k, p in params:
+        assert p.grad is not None, f"{k} gets no gradient"
+        assert torch.isfinite(p.grad).all(), f"{k} has a non-finite gradient"
+
+
+@cases
+@contract
+def test_sample_shape_range_and_odd_sizes(case, scale, make_batch):
+    model = build(case, scale).eval()
+    lr, _ = make_batch(scale, b=2, h=7, w=9)
+    sr = model.sample(lr, n=3)
+    assert sr.shape == (2, 3, 3, 7 * scale, 9 * scale)
+    assert sr.dtype == torch.float32
+    assert sr.min() >= 0 and sr.max() <= 1
+
+
+@cases
+def test_same_seeds_same_samples_and_copies(case, make_batch):
+    model = build(case, 4).eval()
+    lr, _ = make_batch(4, b=2, h=5, w=6)
+    seeds = [11, 12, 13, 14]
+    a = model.sample(lr, n=2, temperature=0.8, noise=NoiseSource(seeds))
+    b = model.sample(lr, n=2, temperature=0.8, noise=NoiseSource(seeds))
+    assert torch.equal(a, b)
+    # Stochastic models collapse to copies at temperature 0; deterministic ones ignore it.
+    for t in (0.0,) if model.stochastic else (0.0, 1.3):
+        s = model.sample(lr, n=3, temperature=t)
+        assert torch.equal(s, s[:, :1].expand_as(s))
+    if not model.stochastic:
+        assert torch.equal(s, model.sample(lr, n=3, temperature=0.0))
+
+
+@cases
+def test_uncertainty_is_none_or_a_nonnegative_map(case, make_batch):
+    model = build(case, 4).eval()
+    lr, _ = make_batch(4, b=2, h=5, w=6)
+    u = model.uncertainty(lr)
+    if u is not None:
+        assert u.shape == (2, 3, 20, 24) and (u >= 0).all()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_config_is_flat_and_defaults_complete(name):
+    cls = MODELS[name]
+    for f in fields(cls.Config):
+        ok = f.type in (int, float, str, bool) or get_origin(f.type) is Literal
+        assert ok, f"{name}.{f.name}: {f.type} is not a flat CLI type"
+    for scale in (4, 8):
+        assert set(SRModel.train_defaults(scale)) <= set(cls.train_defaults(scale))
+
+
+@pytest.mark.parametrize(
+    "cfg", [dict(loss="l2"), dict(loss="le", le_mask_scope="pixel"), dict(le_aux_target="sq")]
+)
+@pytest.mark.parametrize("name", ["edsr", "rrdb"])
+def test_bad_loss_options_fail_in_one_line(name, cfg):
+    with pytest.raises(UsageError) as e:
+        build_model(name, {**TINY[name], **cfg})
+    assert "\n" not in str(e.value) and "choose one of" in str(e.value)
+
+
+# EDSR
+
+
+def edsr_params(nf: int, nb: int, scale: int) -> int:
+    """Counted from the layer list: head, nb × 2 convs, body-end conv, upsampler, tail conv."""
+    conv = lambda i, o: i * o * 9 + o  # noqa: E731
+    stages = [scale] if scale in (2, 3) else [2] * int(math.log2(scale))
+    up = sum(conv(nf, nf * f * f) for f in stages)
+    return conv(3, nf) + nb * 2 * conv(nf, nf) + conv(nf, nf) + up + conv(nf, 3)
+
+
+@pytest.mark.parametrize("scale, paper_k", [(2, 1370), (3, 1555), (4, 1518)])
+def test_edsr_baseline_parameter_count(scale, paper_k):
+    model = build_model("edsr", {"scale": scale})
+    assert n_params(model) == edsr_params(64, 16, scale)
+    assert abs(n_params(model) / 1000 - paper_k) < 1  # He & Cheng Table 3, in thousands
+    assert scale != 4 or n_params(model) == 1_517_571
+
+
+def test_full_edsr_builds():
+    model = build_model("edsr", dict(n_blocks=32, n_feats=256, res_scale=0.1))  # never run: 43 M
+    assert n_params(model) == edsr_params(256, 32, 4)
+    assert abs(n_params(model) / 1e6 - 43.10) < 0.015  # 43.10 M in He & Cheng Table 6
+    assert model.body[0].res_scale == 0.1
+
+
+def test_edsr_mean_shift_is_added_back():
+    model = build_model("edsr", TINY["edsr"])
+    for p in model.parameters():
+        torch.nn.init.zeros_(p)
+    sr = model.sample(torch.rand(1, 3, 4, 4))[:, 0]
+    mean = torch.tensor([0.4488, 0.4371, 0.4040]).view(1, 3, 1, 1)
+    assert torch.allclose(sr, mean.expand_as(sr))
+
+
+# RRDB (srflow_spec.md §1.2, §1.8, §4)
+
+
+def official_rrdb_layout(scale: int, nb: int = 23, nf: int = 64, gc: int = 32) -> dict:
+    """Key -> shape of an official RRDB_*.pth, written out from srflow_spec.md §4."""
+    keys = {"conv_first.weight": (nf, 3, 3, 3), "conv_first.bias": (nf,)}
+    for b in range(nb):
+        for r in (1, 2, 3):
+            for j in range(1, 6):
+                out = nf if j == 5 else gc
+                key = f"RRDB_trunk.{b}.RDB{r}.conv{j}"
+                keys[f"{key}.weight"] = (out, nf + (j - 1) * gc, 3, 3)
+                keys[f"{key}.bias"] = (out,)
+    ups = [f"upconv{i}" for i in range(1, int(math.log2(scale)) + 1)]
+    for name in ["trunk_conv", *ups, "HRconv"]:
+        keys[f"{name}.weight"], keys[f"{name}.bias"] = (nf, nf, 3, 3), (nf,)
+    keys["conv_last.weight"], keys["conv_last.bias"] = (3, nf, 3, 3), (3,)
+    return keys
+
+
+@pytest.mark.parametrize("scale, count", [(4, 16_697_987), (8, 16_734_915), (2, None)])
+def test_rrdb_official_layout_and_count(scale, count):
+    net = RRDBNet(scale)
+    got = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    assert got == official_rrdb_layout(scale)
+    assert list(got)[:3] == [
+        "conv_first.weight",
+        "conv_first.bias",
+        "RRDB_trunk.0.RDB1.conv1.weight",
+    ]
+    model = build_model("rrdb", {**TINY["rrdb"], "scale": scale})  # the registry model wraps it
+    assert {k.removeprefix("net.") for k in model.state_dict()} == set(
+        official_rrdb_layout(scale, 2, 8, 4)
+    )
+    if count is not None:
+        assert n_params(net) == count
+
+
+def test_rrdb_rejects_x3_in_one_line():
+    for make in (lambda: RRDBNet(3), lambda: build_model("rrdb", {"scale": 3})):
+        with pytest.raises(UsageError) as e:
+            make()
+        assert "\n" not in str(e.value) and "scale 3" in str(e.value)
+
+
+def test_rrdb_dense_block_init():
+    net = RRDBNet(4, nb=1)
+    conv = net.RRDB_trunk[0].RDB2.conv5  # 192 -> 64: 110,592 weights, fan_in 1728
+    assert conv.bias.abs().max() == 0
+    expected = 0.1 * math.sqrt(2 / (192 * 9))  # Kaiming normal (fan_in, a=0) × 0.1
+    assert abs(conv.weight.std().item() / expected - 1) < 0.03
+
+
+@pytest.mark.parametrize("scale", [4, 8])
+def test_rrdb_features(scale):
+    net = RRDBNet(scale, nf=8, nb=4, gc=4)
+    lr = torch.rand(2, 3, 6, 10)
+    f = net.features(lr, blocks=(1, 3))
+    names = {"block_1", "block_3", "last_lr_fea", "fea_up0", "fea_up1", "out"}
+    ups = [2**i for i in range(1, int(math.log2(scale)) + 1)]
+    assert set(f) == names | {f"fea_up{u}" for u in ups}
+    assert f["block_1"].shape == f["last_lr_fea"].shape == (2, 8, 6, 10)
+    assert f["fea_up0"].shape == (2, 8, 3, 5)
+    for u in ups:
+        assert f[f"fea_up{u}"].shape == (2, 8, 6 * u, 10 * u)
+    assert f["out"].shape == (2, 3, 6 * scale, 10 * scale)
+    # SRFlow's global skip around trunk_conv, and fea_up1 is the same map.
+    t = net.RRDB_trunk(net.conv_first(lr))
+    assert torch.allclose(f["last_lr_fea"], t + net.trunk_conv(t), atol=1e-6)
+    assert torch.equal(f["fea_up1"], f["last_lr_fea"])
+    assert torch.allclose(f["block_3"], t)
+    # Pre-activation upconv outputs: each stage upsamples the activated previous map.
+    up = lambda x: F.interpolate(F.leaky_relu(x, 0.2), scale_factor=2, mode="nearest")  # noqa: E731
+    assert torch.allclose(f["fea_up4"], net.upconv2(up(f["fea_up2"])), atol=1e-6)
+    last = F.leaky_relu(f[f"fea_up{scale}"], 0.2)
+    assert torch.allclose(f["out"], net.conv_last(F.leaky_relu(net.HRconv(last), 0.2)), atol=1e-6)
+    assert torch.allclose(net(lr), f["out"])
+    # For even sizes the bilinear ×0.5 is exactly a 2x2 average.
+    assert torch.allclose(f["fea_up0"], F.avg_pool2d(f["last_lr_fea"], 2), atol=1e-6)
+    # Early stops: no HR-resolution map and no output branch; maps=False stops at the trunk.
+    g = net.features(lr, blocks=(1,), up_to=scale // 2)
+    assert f"fea_up{scale}" not in g and "out" not in g
+    assert torch.allclose(g[f"fea_up{scale // 2}"], f[f"fea_up{scale // 2}"])
+    assert set(net.features(lr, (0,), maps=False)) == {"block_0", "last_lr_fea"}
+    with pytest.raises(UsageError):
+        net.features(lr, blocks=(4,))
+
+
+def test_load_official_rrdb(tmp_path):
+    src = RRDBNet(4, nf=8, nb=2, gc=4)
+    path = tmp_path / "RRDB_tiny.pth"
+    torch.save(src.state_dict(), path)
+    for target in (RRDBNet(4, nf=8, nb=2, gc=4), build_model("rrdb", TINY["rrdb"])):
+        load_official_rrdb(target, path)
+        net = target if isinstance(target, RRDBNet) else target.net
+        assert all(
+            torch.equal(a, b) for a, b in zip(src.state_dict().values(), net.state_dict().values())
+        )
+    # DataParallel prefixes are stripped.
+    torch.save({f"module.{k}": v for k, v in src.state_dict().items()}, path)
+    load_official_rrdb(RRDBNet(4, nf=8, nb=2, gc=4), path)
+    for wrong, what in [
+        (RRDBNet(4, nf=8, nb=3, gc=4), "missing"),
+        (RRDBNet(8, nf=8, nb=2, gc=4), "missing"),
+        (RRDBNet(4, nf=16, nb=2, gc=4), "shape"),
+    ]:
+        torch.save(src.state_dict(), path)
+        with pytest.raises(CheckpointError) as e:
+            load_official_rrdb(wrong, path)
+        assert "\n" not in str(e.value) and what in str(e.value)
+    torch.save(RRDBNet(4, nf=8, nb=3, gc=4).state_dict(), path)
+    with pytest.raises(CheckpointError, match="unexpected"):
+        load_official_rrdb(src, path)
+
+
+# ℓ_E (He & Cheng; methods_spec.md §4)
+
+
+def le_numpy(mu, hr, sigma, z, beta, scope, target):
+    """Eq. 8 (hard-sample mask, mean) + β · Eq. 10, straight from the formulas."""
+    r = hr - mu
+    a = np.abs(r)
+    axes = None if scope == "batch" else (1, 2, 3)
+    a = np.where(a < a.mean(axis=axes, keepdims=True), 0.0, a)
+    aux_target = r if target == "signed" else np.abs(r)
+    return np.abs(r - a * z).mean() + beta * np.abs(aux_target - sigma).mean()
+
+
+def le_inputs(shape=(2, 3, 6, 5), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mu, hr, sigma = (torch.rand(shape, generator=g, dtype=torch.float64) for _ in range(3))
+    z = torch.randn(shape, generator=g, dtype=torch.float64)
+    return mu, hr, sigma, z
+
+
+@pytest.mark.parametrize("scope", ["batch", "image"])
+@pytest.mark.parametrize("target", ["signed", "abs"])
+def test_le_loss_matches_numpy(scope, target):
+    mu, hr, sigma, z = le_inputs()
+    out = le_loss(mu, hr, sigma, beta=0.01, mask_scope=scope, aux_target=target, z=z)
+    ref = le_numpy(*(t.numpy() for t in (mu, hr, sigma, z)), 0.01, scope, target)
+    assert out["loss"].item() == pytest.approx(ref, rel=1e-12)
+    assert out["loss"].item() == pytest.approx((out["le"] + out["sigma_aux"]).item(), rel=1e-12)
+    assert out["l1"].item() == pytest.approx(np.abs((hr - mu).numpy()).mean(), rel=1e-12)
+
+
+def test_le_with_zero_noise_is_l1():
+    mu, hr, sigma, _ = le_inputs()
+    out = le_loss(mu, hr, sigma, z=torch.zeros_like(mu))
+    assert out["le"].item() == pytest.approx(out["l1"].item(), rel=1e-12)
+
+
+def test_hard_sample_mask():
+    a = torch.tensor([0.125, 0.25, 0.5, 1.0, 0.0625, 0.0625, 0.0625, 0.125]).view(2, 1, 2, 2)
+    # Batch mean 0.2734375: only 0.5 and 1.0 survive, image 1 is zeroed entirely.
+    batch = torch.tensor([0, 0, 0.5, 1.0, 0, 0, 0, 0]).view(2, 1, 2, 2)
+    assert torch.equal(hard_sample_mask(a, "batch"), batch)
+    # Per-image means 0.46875 and 0.078125: each image keeps its own hard pixels.
+    image = torch.tensor([0, 0, 0.5, 1.0, 0, 0, 0, 0.125]).view(2, 1, 2, 2)
+    assert torch.equal(hard_sample_mask(a, "image"), image)
+    # Values equal to the mean are kept ("less than the average" is zeroed).
+    flat = torch.full((1, 3, 2, 2), 0.25)
+    assert torch.equal(hard_sample_mask(flat), flat)
+    with pytest.raises(UsageError):
+        hard_sample_mask(a, "channel")
+
+
+def test_le_gradient_sign_never_flips_but_detached_sigma_does():
+    mu, hr, sigma, _ = le_inputs(shape=(4, 3, 8, 8))
+    l1_sign = -torch.sign(hr - mu)  # sign of ∂|ŷ − μ|/∂μ
+    g = torch.Generator().manual_seed(1)
+    flips = 0
+    for _ in range(10):
+        z = torch.randn(mu.shape, generator=g, dtype=torch.float64)
+        m = mu.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(le_loss(m, hr, sigma, z=z)["le"], m)
+        assert torch.equal(torch.sign(grad), l1_sign)  # Eq. 9, every pixel, every z
+        # The same loss with σ = |ŷ − μ| treated as a constant (Noise2Noise, paper §3.3).
+        m = mu.clone().requires_grad_(True)
+        r = hr - m
+        a = hard_sample_mask(r.abs()).detach()
+        (grad_d,) = torch.autograd.grad((r - a * z).abs().mean(), m)
+        flipped = torch.sign(grad_d) != l1_sign
+        kept = a > 0
+        assert torch.equal(flipped, kept & (z * torch.sign(r.detach()) > 1))
+        flips += flipped.sum().item()
+    assert flips > 0
+
+
+def test_le_mean_gradient_weight():
+    """On kept pixels the μ-gradient is sign-preserving with mean weight E|1 − Z| ≈ 1.1666."""
+    n = 200_000
+    mu, hr = torch.zeros(n, dtype=torch.float64, requires_grad=True), torch.full((n,), 0.5)
+    z = torch.randn(n, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    le = le_loss(mu.view(1, 1, 1, n), hr.view(1, 1, 1, n).double(), torch.zeros(1, 1, 1, n), z=z)
+    le["le"].backward()
+    assert (-mu.grad * n).mean().item() == pytest.approx(1.16663, abs=0.01)
+
+
+def test_le_aux_sends_no_gradient_to_mu():
+    mu, hr, sigma, z = le_inputs()
+    mu.requires_grad_(True)
+    sigma.requires_grad_(True)
+    out = le_loss(mu, hr, sigma, beta=0.01, z=z)
+    out["sigma_aux"].backward()
+    assert mu.grad is None
+    target = hr - mu.detach()
+    assert torch.allclose(sigma.grad, -0.01 * torch.sign(target - sigma) / mu.numel())
+
+
+@pytest.mark.parametrize(
+    "name, mu_only", [("edsr", ("tail.",)), ("rrdb", ("net.upconv", "net.HRconv", "net.conv_last"))]
+)
+def test_le_model_parts(name, mu_only, make_batch):
+    model = build_model(name, CASES[f"{name}_le"][1])
+    assert any(k.startswith("sigma.") for k in model.state_dict())
+    assert not any(k.startswith("sigma.") for k in build_model(name, TINY[name]).state_dict())
+    lr, hr = make_batch(4)
+    out = model(lr, hr)
+    assert set(out) == {"loss", "le", "sigma_aux", "l1", "sr"}
+    assert out["l1"].item() == pytest.approx((out["sr"] - hr).abs().mean().item())
+    assert out["le"].item() != model(lr, hr)["le"].item()  # a fresh z every step
+    # The aux term trains σ and (multi-task) the shared body, never the μ-only layers.
+    out["sigma_aux"].backward()
+    for k, p in model.named_parameters():
+        if k.startswith(mu_only):
+            assert p.grad is None or not p.grad.any(), k
+        if k.startswith("sigma."):
+            assert p.grad is not None and p.grad.abs().sum() > 0, k
+    u = model.eval().uncertainty(lr)
+    assert u.shape == hr.shape and (u > 0).all() and (u < 1).all()
