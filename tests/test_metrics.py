@@ -1,0 +1,317 @@
+"""sr_lib.metrics against known values and independent, straightforward implementations.
+
+LPIPS tests use a seeded random-weight trunk (nothing is downloaded); such numbers only check that
+two implementations agree, they are not real LPIPS values.
+"""
+
+import math
+
+import lpips
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from sr_lib import metrics as M
+from sr_lib.errors import DataError
+from sr_lib.resize import imresize
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny images: threads only add overhead (and suffer badly on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def rand_img(h=48, w=64, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def noisy(img, sigma, seed):
+    noise = np.random.default_rng(seed).normal(0, sigma, img.shape)
+    return np.clip(np.round(img + noise), 0, 255).astype(np.uint8)
+
+
+def smooth_img(h=48, w=64, seed=0):
+    """A natural-ish image: upsampled random LR, so LPIPS/LR-PSNR values are in a sane range."""
+    return imresize(rand_img(-(-h // 4), -(-w // 4), seed), 4)[:h, :w]
+
+
+def random_lpips():
+    torch.manual_seed(0)
+    return lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, spatial=True, verbose=False)
+
+
+def to_lpips_input(img):  # as measure.py: uint8 -> [0, 1] -> [-1, 1], NCHW, batch 1
+    return torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255 * 2 - 1
+
+
+# ----------------------------------------------------------------------------- PSNR
+
+
+def test_psnr_identical_is_inf():
+    img = rand_img()
+    assert M.psnr(img, img) == math.inf
+
+
+def test_psnr_known_mse():
+    a = np.zeros((8, 8, 3), np.uint8)
+    b = a + 10  # MSE = 100 -> 10 log10(255^2 / 100)
+    assert M.psnr(a, b) == pytest.approx(10 * math.log10(255**2 / 100), abs=1e-12)
+    c = a.copy()
+    c[0, 0, 0] = 255  # MSE = 255^2 / 192 -> 10 log10(192)
+    assert M.psnr(a, c) == pytest.approx(10 * math.log10(192), abs=1e-12)
+
+
+def test_psnr_matches_skimage_and_rejects_shape_mismatch():
+    a, b = rand_img(seed=1), rand_img(seed=2)
+    assert M.psnr(a, b) == peak_signal_noise_ratio(a, b)
+    with pytest.raises(ValueError):
+        M.psnr(a, b[:40])
+
+
+def test_lr_psnr_uses_uint8_imresize_of_the_mod8_crop():
+    gt = smooth_img(53, 70, seed=3)  # not a multiple of 8: crop to 48 x 64
+    sr = noisy(np.pad(gt, ((0, 2), (0, 1), (0, 0)), mode="edge"), 3, seed=4)  # larger SR
+    row = M.evaluate_image(gt, [sr], 4, ntire=True, warn=pytest.fail)
+    gt8, sr8 = gt[:48, :64], sr[:48, :64]
+    d_gt, d_sr = imresize(gt8, 1 / 4), imresize(sr8, 1 / 4)
+    assert d_gt.dtype == np.uint8 and d_gt.shape == (12, 16, 3)
+    mse = np.mean((d_sr.astype(np.float64) - d_gt) ** 2)
+    assert row["LRPSNR_mean"] == row["LRPSNR_worst"] == 10 * np.log10(255**2 / mse)
+    assert row["LRPSNR_mean"] == peak_signal_noise_ratio(d_gt, d_sr)
+    # a float (unrounded) pipeline would differ: the uint8 rounding is part of the metric
+    f_gt, f_sr = imresize(gt8.astype(np.float64), 1 / 4), imresize(sr8.astype(np.float64), 1 / 4)
+    assert 10 * np.log10(255**2 / np.mean((f_sr - f_gt) ** 2)) != row["LRPSNR_mean"]
+
+
+def test_lr_psnr_inf_when_downscales_match():
+    gt = smooth_img(seed=5)
+    row = M.evaluate_image(gt, [gt, noisy(gt, 5, 6)], 4, ntire=True)
+    assert row["LRPSNR_worst"] < 60 and math.isinf(row["LRPSNR_mean"])
+
+
+# ----------------------------------------------------------------------------- crops
+
+
+def test_gt_mod8_crop_even_at_x4_and_larger_sr_is_cropped():
+    gt = smooth_img(52, 68, seed=7)  # multiple of 4 but not of 8: official crop is 48 x 64
+    sr = noisy(gt, 4, seed=8)
+    row = M.evaluate_image(gt, [sr], 4, ntire=True)
+    expect = M.psnr(imresize(sr[:48, :64], 1 / 4), imresize(gt[:48, :64], 1 / 4))
+    assert row["LRPSNR_mean"] == expect
+    assert M.mod_crop(gt, 8).shape == (48, 64, 3)
+    big = np.pad(sr, ((0, 20), (0, 0), (0, 0)))  # 20 px taller than the GT: warning, same value
+    warned = []
+    assert M.evaluate_image(gt, [big], 4, ntire=True, warn=warned.append) == row
+    assert len(warned) == 1 and "larger" in warned[0]
+
+
+def test_sr_smaller_than_crop_is_an_error_naming_the_file():
+    gt = smooth_img(seed=9)
+    with pytest.raises(DataError, match="x/000000_sample00001.png"):
+        M.evaluate_image(gt, [gt, gt[:40]], 4, names=["x/a.png", "x/000000_sample00001.png"])
+
+
+def test_generic_mode_extras_use_scale_crop_and_shave():
+    gt = smooth_img(50, 66, seed=10)
+    sr = noisy(gt, 6, seed=11)
+    row = M.evaluate_image(gt, [sr, gt], 2, shave=3)
+    g, s = gt[3:47, 3:63], sr[3:47, 3:63]  # 50x66 is a multiple of 2; shave 3 px per border
+    assert row["PSNR_best"] == math.inf
+    assert row["PSNR_mean"] == math.inf
+    assert row["SSIM_mean"] == pytest.approx((M.ssim(s, g) + 1) / 2, abs=1e-12)
+    row1 = M.evaluate_image(gt, [sr], 2, shave=3, color="y")
+    assert row1["PSNR_mean"] == pytest.approx(M.psnr(M.rgb2y(s), M.rgb2y(g)), abs=1e-12)
+
+
+def test_generic_mode_accepts_sr_of_the_ntire_crop_size():
+    gt = smooth_img(52, 68, seed=14)  # x4 "modcrop" is 52 x 68, the NTIRE crop 48 x 64
+    sr = noisy(gt[:48, :64], 5, seed=15)  # what a method given the mod-8 LR returns
+    row = M.evaluate_image(gt, [sr], 4)
+    assert row["PSNR_mean"] == M.psnr(sr[4:44, 4:60], gt[4:44, 4:60])  # common region, shave 4
+
+
+def test_x3_official_crop_is_a_multiple_of_24():
+    assert [M.official_mod(s) for s in (2, 3, 4, 8)] == [8, 24, 8, 8]
+    gt = smooth_img(51, 66, seed=16)
+    sr = noisy(gt, 4, seed=17)  # the usual x3 SR: 3 x the LR of the mod-3 crop
+    row = M.evaluate_image(gt, [sr], 3)
+    expect = M.psnr(imresize(sr[:48, :48], 1 / 3), imresize(gt[:48, :48], 1 / 3))
+    assert row["LRPSNR_mean"] == expect
+    assert row["PSNR_mean"] == M.psnr(sr[3:48, 3:63], gt[3:48, 3:63])
+
+
+# ----------------------------------------------------------------------------- SSIM, Y
+
+
+def test_rgb2y_known_values():
+    img = np.array([[[255, 255, 255], [0, 0, 0], [255, 0, 0]]], np.uint8)
+    y = M.rgb2y(img)
+    assert y[0, 0] == pytest.approx(235.0, abs=1e-12)
+    assert y[0, 1] == pytest.approx(16.0, abs=1e-12)
+    assert y[0, 2] == pytest.approx(16 + 65.481, abs=1e-12)
+
+
+def test_ssim_identical_is_one():
+    img = rand_img()
+    assert M.ssim(img, img) == pytest.approx(1.0, abs=1e-12)
+
+
+def ssim_loops(a, b):
+    """Straight from Wang et al. 2004: every valid 11x11 window, Gaussian-weighted statistics."""
+    x = np.arange(11) - 5
+    g = np.exp(-(x**2) / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    vals = []
+    for i in range(a.shape[0] - 10):
+        for j in range(a.shape[1] - 10):
+            pa, pb = a[i : i + 11, j : j + 11], b[i : i + 11, j : j + 11]
+            ma, mb = (w * pa).sum(), (w * pb).sum()
+            va, vb = (w * (pa - ma) ** 2).sum(), (w * (pb - mb) ** 2).sum()
+            cov = (w * (pa - ma) * (pb - mb)).sum()
+            vals.append(
+                (2 * ma * mb + c1) * (2 * cov + c2) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
+            )
+    return np.mean(vals)
+
+
+def test_ssim_matches_straightforward_and_skimage():
+    a = smooth_img(24, 28, seed=12)
+    b = noisy(a, 10, seed=13)
+    ours = M.ssim(a, b)
+    per_channel = np.mean([ssim_loops(a[..., c], b[..., c]) for c in range(3)])
+    assert ours == pytest.approx(per_channel, abs=1e-10)
+    sk = structural_similarity(
+        a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255,
+        channel_axis=2,
+    )  # fmt: skip
+    assert ours == pytest.approx(sk, abs=1e-10)
+    ya, yb = M.rgb2y(a), M.rgb2y(b)
+    assert M.ssim(ya, yb) == pytest.approx(ssim_loops(ya, yb), abs=1e-10)
+
+
+def test_ssim_hand_checkable_constant_images():
+    # constant images: mu = a, b; variances 0 -> SSIM = (2ab + C1) / (a^2 + b^2 + C1)
+    a, b = np.full((16, 16), 100.0), np.full((16, 16), 120.0)
+    c1 = (0.01 * 255) ** 2
+    assert M.ssim(a, b) == pytest.approx((2 * 100 * 120 + c1) / (100**2 + 120**2 + c1), abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- diversity score
+
+
+def test_diversity_score_hand_made_maps():
+    maps = np.array(
+        [[[1.0, 3.0], [2.0, 2.0]], [[3.0, 1.0], [2.0, 2.0]], [[2.0, 2.0], [4.0, 4.0]]], np.float32
+    )
+    # means 2, 2, 3 -> global best 2; per-pixel min [[1, 1], [2, 2]] -> local best 1.5
+    assert M.diversity_score(maps) == pytest.approx((2 - 1.5) / 2 * 100)
+    assert M.diversity_score(np.repeat(maps[:1], 4, axis=0)) == 0.0  # identical samples
+
+
+def test_diversity_streaming_equals_stacked():
+    maps = torch.rand(7, 9, 11)
+    acc = M.DiversityAccumulator()
+    for i in range(0, 7, 3):
+        acc.update(maps[i : i + 3])
+    g = maps.mean(dim=(1, 2)).min()
+    l = maps.min(dim=0).values.mean()
+    assert acc.score == pytest.approx(float((g - l) / g * 100), abs=1e-4)
+    assert acc.lpips_mean == pytest.approx(float(maps.mean(dim=(1, 2)).mean()), rel=1e-6)
+
+
+def test_dataset_score_is_mean_of_ratios():
+    img1 = np.array([[[1.0, 3.0]], [[3.0, 1.0]]])  # G = 2, L = 1 -> 50
+    img2 = np.array([[[10.0, 10.0]], [[10.0, 12.0]]])  # G = 10, L = 10 -> 0
+    s1, s2 = M.diversity_score(img1), M.diversity_score(img2)
+    assert (s1, s2) == (50.0, 0.0)
+    mean_of_ratios = M.dataset_mean([s1, s2])
+    ratio_of_means = ((2 + 10) / 2 - (1 + 10) / 2) / ((2 + 10) / 2) * 100
+    assert mean_of_ratios == 25.0 and ratio_of_means == pytest.approx(100 / 12)
+    assert mean_of_ratios != pytest.approx(ratio_of_means)
+
+
+def test_dataset_mean_keeps_inf_and_skips_missing():
+    assert M.dataset_mean([40.0, math.inf]) == math.inf
+    assert M.dataset_mean([40.0, math.nan, 42.0]) == 41.0  # pandas skipna, as the reference
+    assert M.dataset_mean([None, None]) is None
+
+
+# ----------------------------------------------------------------------------- LPIPS
+
+
+@pytest.fixture(scope="module")
+def lpips_pair():
+    ref = random_lpips()
+    ours = M.LpipsMetric(M.lpips_module())
+    ours.net.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_batched_lpips_equals_the_lpips_module(lpips_pair, batch):
+    ref, ours = lpips_pair
+    ours.batch = batch
+    gt = smooth_img(64, 96, seed=20)
+    # batch 1 runs the very same kernels as the module (equal in practice); batches > 1 differ
+    # at float-rounding level, amplified where the sample is very close to the GT
+    sigmas = (2, 5, 9, 14, 20) if batch == 1 else (5, 9, 14, 20, 30)
+    samples = [noisy(gt, s, seed=21 + s) for s in sigmas]  # 5 samples: an uneven last chunk
+    maps = ours.maps(samples, gt)
+    assert maps.shape == (5, 64, 96) and maps.dtype == torch.float32
+    with torch.no_grad():
+        expect = torch.cat([ref(to_lpips_input(s), to_lpips_input(gt))[0] for s in samples])
+    for m, e in zip(maps, expect):
+        assert float(m.mean()) == pytest.approx(float(e.mean()), rel=1e-6)
+        assert torch.allclose(m, e, rtol=1e-4, atol=1e-6 * float(e.abs().max()))
+    # through evaluate_image: LPIPS_mean and the score of the stacked reference maps
+    row = M.evaluate_image(gt, samples, 4, lpips_metric=ours, ntire=True)
+    g = [float(e.mean()) for e in expect]
+    local = float(expect.min(dim=0).values.mean())
+    assert row["LPIPS_mean"] == pytest.approx(np.mean(g), rel=1e-6)
+    assert row["score"] == pytest.approx((min(g) - local) / min(g) * 100, abs=1e-4)
+    assert list(row) == list(M.OFFICIAL_COLUMNS)
+
+
+def test_lpips_input_must_be_uint8_hwc(lpips_pair):
+    _, ours = lpips_pair
+    with pytest.raises(ValueError, match="uint8"):
+        ours.maps(np.zeros((1, 48, 64, 3), np.float32), rand_img())
+
+
+def test_alexnet_state_dict_maps_onto_the_lpips_trunk(lpips_pair, tmp_path, monkeypatch):
+    import torchvision
+
+    torch.manual_seed(3)
+    alex = torchvision.models.alexnet(weights=None)
+    f = tmp_path / "alexnet-owt-7be5be79.pth"
+    torch.save(alex.state_dict(), f)
+    import sr_lib.weights as W
+
+    monkeypatch.setattr(W, "resolve", lambda name, path=None, offline=None: f)
+    m = M.LpipsMetric.load()
+    x = to_lpips_input(smooth_img(seed=30))
+    with torch.no_grad():
+        want = alex.features[:12](m.net.scaling_layer(x))
+        got = m.net.net.slice5(
+            m.net.net.slice4(
+                m.net.net.slice3(m.net.net.slice2(m.net.net.slice1(m.net.scaling_layer(x))))
+            )
+        )
+    assert torch.equal(want, got)
+    assert m.info["backbone_sha256"] == M.sha256_file(f)
+    assert "lpips package" in m.info["heads"]
+    # the heads are the v0.1 ones shipped with lpips
+    assert torch.equal(m.net.lin0.model[1].weight, lpips_pair[0].lin0.model[1].weight)
+
+
+def test_tiny_image_too_small_for_lpips(lpips_pair):
+    gt = rand_img(24, 64)
+    with pytest.raises(DataError, match="too small for LPIPS"):
+        M.evaluate_image(gt, [gt], 4, lpips_metric=lpips_pair[1], gt_name="hr/a.png")
