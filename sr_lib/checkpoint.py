@@ -40,7 +40,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint dict; every failure is a one-line CheckpointError naming the file."""
     path = Path(path)
-    ck = torch_load(path)
+    ck = torch_load(path, "checkpoint")
     if not isinstance(ck, dict):
         raise CheckpointError(f"{path}: not a checkpoint (a {type(ck).__name__}, expected a dict)")
     if "format" in ck and int(ck["format"]) > FORMAT:

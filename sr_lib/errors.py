@@ -8,6 +8,7 @@ Exit codes (documented in the README; batch pipelines and SLURM scripts rely on 
 
 import contextlib
 import sys
+import warnings
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -46,7 +47,12 @@ class NonFiniteError(SRSpaceError):
 
 @contextlib.contextmanager
 def exit_on_error(prog: str):
-    """Print expected errors as one line `prog: error: message` and exit with their code."""
+    """Print expected errors as one line `prog: error: message` and exit with their code.
+
+    Warnings (e.g. an alpha channel dropped) are printed as one line `prog: warning: message`.
+    """
+    show = warnings.formatwarning
+    warnings.formatwarning = lambda message, *args, **kwargs: f"{prog}: warning: {message}\n"
     try:
         yield
     except SRSpaceError as e:
@@ -57,9 +63,13 @@ def exit_on_error(prog: str):
         # torch reports CPU allocation failures as RuntimeError("... can't allocate memory") and
         # CUDA ones as torch.OutOfMemoryError (a RuntimeError); anything else is a real bug.
         text = str(e)
-        if not isinstance(e, MemoryError) and "out of memory" not in text.lower() and (
-            "can't allocate memory" not in text
+        if (
+            not isinstance(e, MemoryError)
+            and "out of memory" not in text.lower()
+            and ("can't allocate memory" not in text)
         ):
             raise
         print(f"{prog}: error: out of memory; use a smaller --batch or --tile", file=sys.stderr)
         raise SystemExit(EXIT_OOM) from None
+    finally:
+        warnings.formatwarning = show

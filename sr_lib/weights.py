@@ -13,6 +13,7 @@ import re
 import sys
 import tempfile
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,30 +212,32 @@ def _download(entry: Entry, target: Path) -> Path:
     return target
 
 
-def torch_load(path: str | os.PathLike):
+def torch_load(path: str | os.PathLike, what: str = "weights"):
     """torch.load(weights_only=True) on CPU; every failure is a one-line CheckpointError."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+        raise CheckpointError(f"{path}: no such {what} file (it does not exist)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         with open(path, "rb") as f:
             head = f.read(4)
         # A zip (torch.save) or pickle stream whose content the weights-only unpickler refused.
         if "Weights only load failed" in str(e) and (head[:2] == b"PK" or head[:1] == b"\x80"):
             found = re.search(r"GLOBAL (\S+)", str(e))
-            what = f" ({found.group(1)})" if found else ""
+            obj = f" ({found.group(1)})" if found else ""
             raise CheckpointError(
-                f"{path}: refused: it contains pickled Python objects{what} that could run code; "
+                f"{path}: refused: contains pickled Python objects{obj} that could run code; "
                 "only tensors and plain Python values are loaded"
             ) from None
-        raise CheckpointError(f"{path}: not a torch file (unpickling failed)") from None
+        raise CheckpointError(f"{path}: not a torch {what} file (unpickling failed)") from None
     except Exception as e:  # torch raises RuntimeError, EOFError, KeyError... for broken files
         first = str(e).split("\n", 1)[0][:120]
         raise CheckpointError(
-            f"{path}: not a valid torch file or truncated ({type(e).__name__}: {first}); "
-            "copy it again"
+            f"{path}: not a valid torch file or is truncated (a {what} file was expected; "
+            f"{type(e).__name__}: {first}); copy it again"
         ) from None
 
 

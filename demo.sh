@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The quick-start job on the built-in demo images (scikit-image's photos; a demo, not a benchmark):
+# train a small EDSR for a few minutes, sample the demo validation images, compare with bicubic.
+set -euo pipefail
+cd "$(dirname "$0")"
+OUT=${OUT:-runs/demo}
+STEPS=${STEPS:-300}
+
+python sr_train.py --model bicubic --scale 4 --steps 0 --val-every 0 --out "$OUT/bicubic" --resume auto
+python sr_train.py --model edsr --scale 4 --data demo --steps "$STEPS" --batch 8 --patch 32 \
+  --learning-rate 5e-4 --val-every 100 --log-every 25 --out "$OUT/edsr" --resume auto
+for m in bicubic edsr; do
+  python sr_sample.py --ckpt "$OUT/$m/last.pt" --input demo --n 1 --out "$OUT/samples_$m"
+done
+# LPIPS needs the ImageNet AlexNet weights (see README "Pretrained weights"); skipped here.
+python sr_eval.py --hr demo --sr "$OUT/samples_bicubic" --sr "$OUT/samples_edsr" --scale 4 --n 1 \
+  --lr "$OUT/samples_edsr/lr" --no-lpips --out "$OUT/results.json"

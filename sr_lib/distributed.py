@@ -1,0 +1,128 @@
+"""torch.distributed for sr_train.py: torchrun or SLURM (srun) environments, no launcher of ours.
+
+torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT. Under `srun` (no torchrun) the
+same values come from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and the first host of
+SLURM_JOB_NODELIST. Backend: NCCL on GPUs, gloo on CPU. Rank 0 logs, validates and saves.
+"""
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM nodelist: 'gpu[003-006,9],cpu1' -> 'gpu003'."""
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        return nodelist
+    prefix, ranges = m.group(1), m.group(3)
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def setup(use_cuda: bool) -> Dist:
+    """Join the process group if the environment describes one; else a single process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", 0))
+    elif int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local = int(env.get("SLURM_LOCALID", 0))
+        env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
+        # A job-specific port, so two jobs sharing a node do not collide.
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
+        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world), str(local)
+    else:
+        return Dist()
+    if world == 1:
+        return Dist()
+    if use_cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+    return Dist(rank, world, local)
+
+
+def agree(flag: bool, d: Dist, all_ranks: bool = True) -> bool:
+    """all_ranks=True: True only if every rank says True; False: True if any rank does."""
+    if not d.on:
+        return flag
+    t = torch.tensor([int(flag)], device=_device(d))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN if all_ranks else dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def average_gradients(params, d: Dist) -> None:
+    """All-reduce the gradients of params not managed by DDP (e.g. a discriminator)."""
+    if not d.on:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= d.world
+        for g, v in zip(grads, torch.split(flat, [g.numel() for g in grads])):
+            g.copy_(v.view_as(g))
+
+
+def broadcast_state(module: torch.nn.Module, d: Dist) -> None:
+    """Copy rank 0's parameters and buffers to every rank (e.g. after ActNorm data init)."""
+    if d.on:
+        with torch.no_grad():
+            for t in list(module.parameters()) + list(module.buffers()):
+                dist.broadcast(t.data, 0)
+
+
+def replicas_differ(module: torch.nn.Module, d: Dist) -> float:
+    """Max over ranks of |checksum - rank 0's checksum| of all parameters (0.0 = in sync)."""
+    if not d.on:
+        return 0.0
+    with torch.no_grad():
+        s = sum((p.double() * (1 + i % 7)).sum() for i, p in enumerate(module.parameters()))
+        s = torch.as_tensor(s, dtype=torch.float64, device=_device(d)).reshape(1)
+    gathered = [torch.zeros_like(s) for _ in range(d.world)]
+    dist.all_gather(gathered, s)
+    return float(max((g - gathered[0]).abs().item() for g in gathered))
+
+
+def gather_objects(obj, d: Dist) -> list:
+    if not d.on:
+        return [obj]
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(d: Dist) -> None:
+    if d.on:
+        dist.barrier()
+
+
+def cleanup(d: Dist) -> None:
+    if d.on and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _device(d: Dist) -> torch.device:
+    return (
+        torch.device("cuda", d.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    )

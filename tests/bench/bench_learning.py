@@ -1,0 +1,98 @@
+"""Learning check for the baselines (issue: training pipeline). Run by hand; prints one JSON.
+
+    python tests/bench/bench_learning.py [--budget 600] [--scale 4]
+
+Trains `edsr` (EDSR-baseline architecture) on the built-in demo data twice for the same wall-clock
+budget, once with `--loss l1` and once with `--loss le` (expected-l1 + sigma branch), then on the
+demo validation images (a demo, not a benchmark) reports:
+  - PSNR (RGB, uint8, whole images) of mu vs MATLAB-bicubic upscaling (target: l1 >= +0.5 dB);
+  - le PSNR - l1 PSNR (target >= -0.1 dB);
+  - Pearson r between the sigma map and |y - mu| over all pixels (target >= 0.5).
+The training recipe is shortened for a CPU budget (batch/patch/learning rate below, constant
+learning rate); the architecture is the paper's baseline.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import sr_train  # noqa: E402
+from sr_lib.checkpoint import load_model  # noqa: E402
+from sr_lib.data import load_pairs, to_uint8  # noqa: E402
+from sr_lib.metrics import psnr  # noqa: E402
+from sr_lib.resize import imresize  # noqa: E402
+
+
+def train(out: Path, loss: str, a) -> dict:
+    t0 = time.time()
+    argv = ["--model", "edsr", "--scale", str(a.scale), "--data", "demo", "--loss", loss,
+            "--steps", "10000000", "--time-budget", str(a.budget), "--batch", str(a.batch),
+            "--patch", str(a.patch), "--learning-rate", str(a.learning_rate),
+            "--val-every", "0", "--log-every", "50", "--workers", "1", "--seed", str(a.seed),
+            "--out", str(out)]  # fmt: skip
+    assert sr_train.main(argv) == 0
+    model, ck = load_model(out / "last.pt")
+    return {"model": model, "steps": ck["step"], "train_s": round(time.time() - t0, 1)}
+
+
+@torch.no_grad()
+def evaluate(model, pairs, scale) -> dict:
+    psnrs, bic, sig, err = [], [], [], []
+    for _stem, hr, lr in pairs:
+        x = torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255
+        mu = model.sample(x, 1)[0, 0]
+        psnrs.append(psnr(to_uint8(mu), hr))
+        bic.append(psnr(imresize(lr, scale), hr))
+        s = model.uncertainty(x)
+        if s is not None:
+            y = torch.from_numpy(hr).permute(2, 0, 1).float() / 255
+            sig.append(s[0].flatten().numpy())
+            err.append((y - mu).abs().flatten().numpy())
+    res = {"psnr": float(np.mean(psnrs)), "bicubic_psnr": float(np.mean(bic))}
+    if sig:
+        res["pearson_r"] = float(np.corrcoef(np.concatenate(sig), np.concatenate(err))[0, 1])
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--budget", type=float, default=600, help="seconds of training per loss")
+    p.add_argument("--scale", type=int, default=4)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--patch", type=int, default=32)
+    p.add_argument("--learning-rate", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    pairs = load_pairs("demo", a.scale)
+    result = {"bench": "learning", "scale": a.scale, "budget_s": a.budget, "batch": a.batch,
+              "patch": a.patch, "learning_rate": a.learning_rate,
+              "threads": torch.get_num_threads(), "loadavg_start": os.getloadavg()}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        for loss in ("l1", "le"):
+            run = train(Path(tmp) / loss, loss, a)
+            result[loss] = {"steps": run["steps"], "train_s": run["train_s"]}
+            result[loss].update(evaluate(run["model"], pairs, a.scale))
+    result["bicubic_psnr"] = result["l1"].pop("bicubic_psnr")
+    result["le"].pop("bicubic_psnr")
+    result["l1_gain_over_bicubic_db"] = result["l1"]["psnr"] - result["bicubic_psnr"]
+    result["le_minus_l1_db"] = result["le"]["psnr"] - result["l1"]["psnr"]
+    result["targets_met"] = {
+        "l1_beats_bicubic_by_0.5dB": result["l1_gain_over_bicubic_db"] >= 0.5,
+        "le_within_0.1dB_of_l1": result["le_minus_l1_db"] >= -0.1,
+        "sigma_pearson_r_ge_0.5": result["le"].get("pearson_r", 0) >= 0.5,
+    }
+    result["loadavg_end"] = os.getloadavg()
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Multi-process training with torch.distributed (gloo on CPU), as torchrun/srun would run it."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+
+from sr_lib import distributed
+from sr_lib.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hr")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        img = np.kron(rng.random((12, 12, 3)), np.ones((8, 8, 1)))
+        iio.imwrite(d / f"im{i}.png", (img * 255).astype(np.uint8))
+    return d
+
+
+def train_cmd(out, images, *extra, nproc=2):
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                f"--master-port={free_port()}"] if nproc else [sys.executable]  # fmt: skip
+    return launcher + [str(REPO / "sr_train.py"), "--data", str(images), "--scale", "2",
+                       "--patch", "16", "--batch", "2", "--workers", "0", "--val-every", "0",
+                       "--log-every", "1", "--device", "cpu", "--out", str(out),
+                       *extra]  # fmt: skip
+
+
+def run(cmd, timeout=240):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=timeout, env=env)
+
+
+def sync_log(out):
+    return [r for r in map(json.loads, open(out / "log.jsonl")) if "replica_max_diff" in r]
+
+
+@pytest.mark.parametrize(
+    "model",
+    [["--model", "edsr", "--n-feats", "8", "--n-blocks", "1"],
+     ["--model", "vspsr", "--n-basis", "8", "--basis-channels", "8", "--coef-channels", "8",
+      "--d-channels", "8", "--lambda-per", "0"],  # a GAN: the discriminator is synced too
+     ["--model", "srflow", "--nb", "2", "--nf", "8", "--gc", "4", "--rrdb-blocks", "0,1",
+      "--flow-steps", "2", "--hidden-channels", "8", "--freeze-encoder", "0.5", "--scale", "4",
+      "--patch", "8"]],  # ActNorm data init broadcast from rank 0; encoder frozen, then not
+    ids=["edsr", "vspsr-gan", "srflow"],
+)  # fmt: skip
+def test_two_processes_stay_identical_and_resume_in_one(tmp_path, images, model):
+    out = tmp_path / "run"
+    done = run(train_cmd(out, images, *model, "--steps", "3", "--sync-check-every", "1"))
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert [(r["step"], r["replica_max_diff"]) for r in sync_log(out)] == [(1, 0), (2, 0), (3, 0)]
+    ck = load_checkpoint(out / "last.pt")
+    assert ck["step"] == 3 and ck["world_size"] == 2 and len(ck["rng_ranks"]) == 2
+    done = run(train_cmd(out, images, *model, "--steps", "4", "--resume", "auto", nproc=0))
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert load_checkpoint(out / "last.pt")["step"] == 4
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, images):
+    out = tmp_path / "run"
+    cmd = train_cmd(out, images, "--model", "edsr", "--n-feats", "8", "--n-blocks", "1",
+                    "--steps", "100000", "--sync-check-every", "1", "--no-requeue")  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "log.jsonl").exists() and len(sync_log(out)) >= 3):
+        time.sleep(0.1)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    pids = [int(p) for p in workers.stdout.split()]
+    assert len(pids) == 2
+    os.kill(pids[-1], signal.SIGUSR1)  # one rank only, as when a node gets SLURM's warning
+    stdout, stderr = proc.communicate(timeout=120)
+    # torchrun reports the ranks' exit code 75 as a failure with a traceback of its own; no
+    # frame of ours may appear in it
+    assert f'File "{REPO}'.encode() not in stderr, stderr.decode()[-2000:]
+    assert b"exitcode  : 75" in stderr
+    step = load_checkpoint(out / "last.pt")["step"]
+    assert b"stopped at step %d" % step in stdout
+    # every rank reached the same step: the last replica check is at that step, none after it
+    assert sync_log(out)[-1]["step"] == step
+
+
+def test_slurm_environment_is_understood(monkeypatch):
+    assert distributed.first_host("gpu[003-006,9],cpu1") == "gpu003"
+    assert distributed.first_host("node7") == "node7"
+    calls = {}
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: calls.update(k))
+    torchrun = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in torchrun}
+    env.update({"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1",
+                "SLURM_JOB_NODELIST": "gpu[12-13]", "SLURM_JOB_ID": "4242"})  # fmt: skip
+    # setup() writes RANK/WORLD_SIZE/... for torch: keep them out of the real environment, where
+    # they would make every later subprocess wait for a process group
+    monkeypatch.setattr(os, "environ", env)
+    d = distributed.setup(use_cuda=False)
+    assert (d.rank, d.world, d.local_rank) == (3, 4, 1)
+    assert os.environ["MASTER_ADDR"] == "gpu12" and os.environ["MASTER_PORT"] == "24242"
+    assert calls == {"rank": 3, "world_size": 4}

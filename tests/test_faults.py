@@ -1,0 +1,123 @@
+"""Faults: kill -9 at random moments (also while saving), and unusable or hostile checkpoints."""
+
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+
+import sr_sample
+import sr_train
+from sr_lib.checkpoint import load_checkpoint, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hr")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        img = np.kron(rng.random((12, 12, 3)), np.ones((8, 8, 1)))
+        iio.imwrite(d / f"im{i}.png", (img * 255).astype(np.uint8))
+    return d
+
+
+def cmd(out, images, steps):
+    return [sys.executable, str(REPO / "sr_train.py"), "--model", "edsr", "--n-feats", "8",
+            "--n-blocks", "1", "--data", str(images), "--scale", "2", "--patch", "8",
+            "--batch", "2", "--workers", "0", "--val-every", "0", "--log-every", "1",
+            "--save-every", "1", "--steps", str(steps), "--out", str(out)]  # fmt: skip
+
+
+def test_kill9_five_times_then_finish_equals_uninterrupted(tmp_path, images):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    steps = 40
+    ref = subprocess.run(cmd(tmp_path / "ref", images, steps), env=env, capture_output=True)
+    assert ref.returncode == 0, ref.stderr.decode()
+    out = tmp_path / "run"
+    rng = random.Random(1)
+    kills = 0
+    while kills < 5:
+        extra = ["--resume", "auto"] if (out / "last.pt").exists() else []
+        p = subprocess.Popen(cmd(out, images, steps) + extra, env=env, cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+        # wait until training runs (a log line from this process), then kill at a random moment
+        size0 = (out / "log.jsonl").stat().st_size if (out / "log.jsonl").exists() else 0
+        deadline = time.time() + 60
+        while time.time() < deadline and p.poll() is None:
+            if (out / "log.jsonl").exists() and (out / "log.jsonl").stat().st_size > size0:
+                break
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.3))
+        if p.poll() is not None:  # finished before we could kill it: start over from scratch
+            break
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        kills += 1
+        if (out / "last.pt").exists():  # never unreadable, whatever the moment of the kill
+            assert load_checkpoint(out / "last.pt")["step"] <= steps
+    assert kills == 5, "training finished before five kills; raise --steps"
+    done = subprocess.run(cmd(out, images, steps) + ["--resume", "auto"], env=env, cwd=REPO,
+                          capture_output=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    a, b = load_checkpoint(tmp_path / "ref" / "last.pt"), load_checkpoint(out / "last.pt")
+    assert b["step"] == steps
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert not list(out.glob(".*.tmp*")), "a stale temporary checkpoint was left behind"
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def bad_checkpoints(tmp_path):
+    good = tmp_path / "good.pt"
+    assert sr_train.main(["--model", "bicubic", "--steps", "0", "--out", str(tmp_path / "b")]) == 0
+    good.write_bytes((tmp_path / "b" / "last.pt").read_bytes())
+    cases = {}
+    trunc = tmp_path / "truncated.pt"
+    trunc.write_bytes(good.read_bytes()[:200])
+    cases["truncated"] = (trunc, "truncated")
+    hostile = tmp_path / "hostile.pt"
+    with open(hostile, "wb") as f:
+        pickle.dump({"model": Payload()}, f)
+    cases["hostile"] = (hostile, "refused")
+    newer = tmp_path / "newer.pt"
+    save_checkpoint(newer, {"model": "bicubic", "model_cfg": {"scale": 4}, "state_dict": {}})
+    ck = torch.load(newer, weights_only=True)
+    ck["format"] = 99
+    torch.save(ck, newer)
+    cases["newer"] = (newer, "newer")
+    text = tmp_path / "text.pt"
+    text.write_text("not a checkpoint")
+    cases["text"] = (text, "not a torch checkpoint file")
+    return cases
+
+
+@pytest.mark.parametrize("case", ["truncated", "hostile", "newer", "text"])
+def test_bad_checkpoints_one_line_each(tmp_path, capsys, case):
+    path, words = bad_checkpoints(tmp_path)[case]
+    img = tmp_path / "in.png"
+    iio.imwrite(img, np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(SystemExit) as e:
+        sr_sample.main(["--ckpt", str(path), "--input", str(img), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 6 and len(err.splitlines()) == 1, err
+    assert str(path) in err and words in err
+    run = tmp_path / "resume"
+    run.mkdir()
+    (run / "last.pt").write_bytes(path.read_bytes())
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(["--model", "bicubic", "--resume", "auto", "--out", str(run)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 6 and len(err.splitlines()) == 1 and "last.pt" in err

@@ -1,0 +1,332 @@
+"""sr_sample.py end to end: names, bicubic exactness, --from-hr, seeds, tiling, uncertainty, grid,
+odd inputs and one-line errors with their exit codes. CPU, tiny images, a few seconds."""
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY
+
+import sr_sample
+from sr_lib.checkpoint import save_checkpoint
+from sr_lib.data import write_png
+from sr_lib.models import MODELS, build_model
+from sr_lib.models.base import SRModel, pad_to_multiple
+from sr_lib.resize import imresize
+
+SCALE = 2
+
+
+class Toy(SRModel):
+    """Stochastic and pointwise in its noise: nearest upscale + temperature x three noise fields
+    (quarter-LR, LR and HR resolution), so tiled sampling must reproduce it exactly."""
+
+    stochastic = True
+    lr_multiple = 4
+    default_temperature = 0.5
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.register_buffer("_device_anchor", torch.zeros(0), persistent=False)
+
+    def forward(self, lr, hr):
+        return {"loss": torch.zeros(())}
+
+    def generate(self, lr, n, temperature, noise):
+        b, _, h, w = lr.shape
+        s = self.scale
+        z = sum(
+            F.interpolate(noise.randn((3, h // f, w // f)), scale_factor=s * f, mode="nearest")
+            for f in (4, 1)
+        )
+        z = z + noise.randn((3, h * s, w * s))
+        sr = F.interpolate(lr, scale_factor=s, mode="nearest").unsqueeze(1)
+        return sr + 0.1 * temperature * z.view(b, n, 3, h * s, w * s)
+
+    def uncertainty(self, lr):
+        h, w = lr.shape[-2:]
+        x = F.interpolate(
+            pad_to_multiple(lr, self.lr_multiple), scale_factor=self.scale, mode="nearest"
+        )
+        return (0.25 + 0.5 * x)[..., : h * self.scale, : w * self.scale]
+
+
+def run(*argv) -> int:
+    try:
+        return sr_sample.main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+
+
+def image(shape, seed=0, dtype=np.uint8) -> np.ndarray:
+    """A smooth random image (bilinear-enlarged noise), so networks see image-like input."""
+    rng = np.random.default_rng(seed)
+    small = torch.from_numpy(rng.random((1, 3, shape[0] // 4 + 2, shape[1] // 4 + 2)))
+    big = F.interpolate(small, size=shape[:2], mode="bilinear", align_corners=False)[0]
+    img = big.permute(1, 2, 0).numpy() * 0.8 + 0.2 * rng.random((*shape[:2], 3))
+    top = 65535 if dtype == np.uint16 else 255
+    return np.round(img * top).astype(dtype)
+
+
+def folder(path, **images):
+    path.mkdir(parents=True, exist_ok=True)
+    for stem, img in images.items():
+        iio.imwrite(path / f"{stem}.png", img)
+    return path
+
+
+def read(path) -> np.ndarray:
+    return iio.imread(path)
+
+
+def same(a, b) -> bool:
+    return bool((read(a) == read(b)).all())
+
+
+@pytest.fixture(scope="module")
+def bicubic_ckpt(tmp_path_factory):
+    import sr_train
+
+    d = tmp_path_factory.mktemp("bicubic") / "run"
+    args = ["--model", "bicubic", "--scale", SCALE, "--steps", 0, "--val-every", 0, "--out", d]
+    assert sr_train.main([str(a) for a in args]) == 0
+    return d / "last.pt"
+
+
+@pytest.fixture
+def toy_ckpt(tmp_path, monkeypatch):
+    monkeypatch.setitem(MODELS, "toy", Toy)
+    path = tmp_path / "toy.pt"
+    save_checkpoint(
+        path, {"model": "toy", "model_cfg": {"scale": SCALE}, "state_dict": {}, "step": 0}
+    )
+    return path
+
+
+def edsr_ckpt(path, **cfg):
+    """A tiny edsr with random weights (seeded by the conftest fixture)."""
+    model_cfg = {**TINY["edsr"], "scale": SCALE, **cfg}
+    net = build_model("edsr", model_cfg)
+    save_checkpoint(
+        path, {"model": "edsr", "model_cfg": model_cfg, "state_dict": net.state_dict(), "step": 0}
+    )
+    return path
+
+
+def test_names_and_bicubic_values(tmp_path, bicubic_ckpt):
+    lrs = {"b": image((12, 17), 1), "a": image((9, 10), 2)}
+    inp = folder(tmp_path / "in", **lrs)
+    assert run("--ckpt", bicubic_ckpt, "--input", inp, "--n", 3, "--out", tmp_path / "s") == 0
+    names = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert names == [f"{s}_sample{i:05d}.png" for s in "ab" for i in range(3)]
+    for stem, lr in lrs.items():
+        want = np.round(np.clip(imresize(lr.astype(float), SCALE), 0, 255))
+        for i in range(3):
+            got = read(tmp_path / "s" / f"{stem}_sample{i:05d}.png").astype(float)
+            assert got.shape == want.shape and np.abs(got - want).max() <= 1
+    assert run("--ckpt", bicubic_ckpt, "--input", inp, "--n", 1, "--out", tmp_path / "one") == 0
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["a.png", "b.png"]
+    argv = ["--ckpt", bicubic_ckpt, "--input", inp, "--layout", "ntire"]
+    assert run(*argv, "--n", 2, "--out", tmp_path / "nt") == 0
+    names = sorted(p.name for p in (tmp_path / "nt").iterdir())
+    assert names == [f"{k:06d}_sample{i:05d}.png" for k in range(2) for i in range(2)]
+    assert same(tmp_path / "nt" / "000000_sample00001.png", tmp_path / "s" / "a_sample00000.png")
+    assert run(*argv, "--n", 1, "--out", tmp_path / "nt1") == 0
+    assert sorted(p.name for p in (tmp_path / "nt1").iterdir()) == ["000000.png", "000001.png"]
+
+
+def test_from_hr(tmp_path, bicubic_ckpt):
+    hr = image((37, 45), 3)
+    inp = folder(tmp_path / "hr", photo=hr)
+    argv = ["--ckpt", bicubic_ckpt, "--input", inp, "--from-hr", "--n", 1]
+    assert run(*argv, "--out", tmp_path / "o") == 0
+    lr = read(tmp_path / "o" / "lr" / "photo.png")
+    assert (lr == imresize(hr[:32, :40], 1 / SCALE)).all()
+    assert read(tmp_path / "o" / "photo.png").shape == (32, 40, 3)
+
+
+def test_cem_makes_any_model_lr_consistent(tmp_path, bicubic_ckpt, toy_ckpt):
+    from sr_lib.metrics import psnr
+
+    hr = image((48, 64), 5)
+    inp = folder(tmp_path / "hr", photo=hr)
+    for ckpt in (bicubic_ckpt, toy_ckpt):
+        for flag in ([], ["--cem"]):
+            out = tmp_path / f"{ckpt.stem}{len(flag)}"
+            assert (
+                run("--ckpt", ckpt, "--input", inp, "--from-hr", "--n", 2, "--out", out, *flag) == 0
+            )
+            lr = read(out / "lr" / "photo.png")
+            sr = read(out / "photo_sample00001.png")
+            lrpsnr = psnr(imresize(sr, 1 / SCALE), lr)
+            # uint8 rounding of the saved PNG sets the ceiling; without CEM: ~bicubic level
+            assert lrpsnr >= 50 if flag else lrpsnr < 50, (ckpt, flag, lrpsnr)
+
+
+def test_seeds_do_not_depend_on_n_batch_or_other_files(tmp_path, toy_ckpt):
+    inp = folder(tmp_path / "in", a=image((12, 16), 1), b=image((8, 8), 2))
+    base = ["--ckpt", toy_ckpt, "--seed", 7]
+    assert run(*base, "--input", inp, "--n", 4, "--batch", 4, "--out", tmp_path / "r1") == 0
+    folder(inp, aa=image((8, 12), 3))  # sorts between a and b
+    assert run(*base, "--input", inp, "--n", 6, "--batch", 1, "--out", tmp_path / "r2") == 0
+    assert run(*base, "--input", inp / "a.png", "--n", 4, "--out", tmp_path / "r3") == 0
+    for i in range(4):
+        first = read(tmp_path / "r1" / f"a_sample{i:05d}.png")
+        assert (first == read(tmp_path / "r2" / f"a_sample{i:05d}.png")).all()
+        assert (first == read(tmp_path / "r3" / f"a_sample{i:05d}.png")).all()
+    assert same(tmp_path / "r1" / "b_sample00003.png", tmp_path / "r2" / "b_sample00003.png")
+    s0, s1 = (read(tmp_path / "r1" / f"a_sample{i:05d}.png") for i in range(2))
+    assert (s0 != s1).any()  # different samples differ
+    assert (
+        run("--ckpt", toy_ckpt, "--seed", 8, "--input", inp, "--n", 1, "--out", tmp_path / "r4")
+        == 0
+    )
+    assert (read(tmp_path / "r4" / "a_sample00000.png") != s0).any()
+    assert run(*base, "--input", inp, "--n", 1, "--temperature", 0, "--out", tmp_path / "t0") == 0
+    zero = read(tmp_path / "t0" / "a_sample00000.png")
+    near = np.repeat(np.repeat(read(inp / "a.png"), SCALE, 0), SCALE, 1)
+    assert (zero == near).all()
+
+
+def test_tiling_stochastic_is_exact(tmp_path, toy_ckpt):
+    inp = folder(tmp_path / "in", a=image((45, 38), 4))  # odd sizes: padded to lr_multiple 4
+    argv = ["--ckpt", toy_ckpt, "--input", inp, "--n", 3, "--batch", 2]
+    assert run(*argv, "--out", tmp_path / "full") == 0
+    assert run(*argv, "--tile", 16, "--tile-overlap", 6, "--out", tmp_path / "tiled") == 0
+    for i in range(3):
+        name = f"a_sample{i:05d}.png"
+        assert (read(tmp_path / "full" / name) == read(tmp_path / "tiled" / name)).all()
+    # the tensors themselves, not only after rounding
+    model = Toy(Toy.Config(scale=SCALE))
+    lr = torch.rand(1, 3, 45, 38)
+    full = sr_sample.draw(model, lr, [1, 2, 3], 1.0, 0, 0)
+    tiled = sr_sample.draw(model, lr, [1, 2, 3], 1.0, 20, 8)
+    assert full.shape == (3, 3, 90, 76) and (tiled - full).abs().max() <= 1e-6
+
+
+def test_tiling_deterministic_default_overlap(tmp_path):
+    ckpt = edsr_ckpt(tmp_path / "edsr.pt")
+    inp = folder(tmp_path / "in", a=image((48, 80), 5))
+    argv = ["--ckpt", ckpt, "--input", inp, "--n", 1, "--tile", 40]
+    assert run(*argv[:-2], "--out", tmp_path / "full") == 0
+    assert run(*argv, "--out", tmp_path / "tiled") == 0  # default overlap 32
+    assert run(*argv, "--tile-overlap", 0, "--out", tmp_path / "cut") == 0  # hard seam at x = 40
+    full, tiled, cut = (read(tmp_path / d / "a.png") / 255 for d in ("full", "tiled", "cut"))
+    assert full.shape == (96, 160, 3) and np.abs(full - tiled).mean() <= 1e-4
+    assert np.abs(full - cut).mean() > 1e-4  # the test can see a seam
+
+
+def test_cuda_oom_retries_in_tiles(tmp_path, toy_ckpt, monkeypatch, capsys):
+    monkeypatch.setattr(sr_sample, "MIN_TILE", 8)
+    generate = Toy.generate
+
+    def small_only(self, lr, n, temperature, noise):
+        if lr.shape[-1] > 16:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return generate(self, lr, n, temperature, noise)
+
+    inp = folder(tmp_path / "in", a=image((24, 40), 6))
+    argv = ["--ckpt", toy_ckpt, "--input", inp, "--n", 2]
+    assert run(*argv, "--out", tmp_path / "full") == 0
+    monkeypatch.setattr(Toy, "generate", small_only)
+    assert run(*argv, "--tile-overlap", 4, "--out", tmp_path / "oom") == 0
+    assert "a: CUDA out of memory; retrying with --tile 10" in capsys.readouterr().out
+    for i in range(2):
+        name = f"a_sample{i:05d}.png"
+        assert (read(tmp_path / "full" / name) == read(tmp_path / "oom" / name)).all()
+    monkeypatch.setattr(sr_sample, "MIN_TILE", 32)
+    assert run(*argv, "--out", tmp_path / "oom2") == 4
+    assert capsys.readouterr().err.strip().startswith("sr_sample.py: error: out of memory")
+
+
+def test_uncertainty_files(tmp_path):
+    ckpt = edsr_ckpt(tmp_path / "edsr_le.pt", loss="le", le_sigma_feats=8)
+    inp = folder(tmp_path / "in", a=image((10, 13), 7))
+    argv = ["--ckpt", ckpt, "--input", inp, "--n", 1, "--save-uncertainty"]
+    assert run(*argv, "--out", tmp_path / "u") == 0
+    png, npy = read(tmp_path / "u" / "a_sigma.png"), np.load(tmp_path / "u" / "a_sigma.npy")
+    assert png.dtype == np.uint16 and png.shape == (20, 26)
+    assert npy.dtype == np.float32 and npy.shape == (3, 20, 26)
+    want = np.round(np.clip(npy.mean(0), 0, 1) * 65535)
+    assert np.abs(png - want).max() <= 1
+    assert run(*argv, "--tile", 8, "--tile-overlap", 4, "--out", tmp_path / "ut") == 0
+    assert np.abs(np.load(tmp_path / "ut" / "a_sigma.npy") - npy).mean() < 1e-3
+
+
+def test_no_uncertainty_warns(tmp_path, bicubic_ckpt, capsys):
+    inp = folder(tmp_path / "in", a=image((8, 8), 1))
+    argv = ["--ckpt", bicubic_ckpt, "--input", inp, "--n", 1, "--save-uncertainty"]
+    assert run(*argv, "--out", tmp_path / "o") == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no uncertainty" in err[0]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a.png"]
+
+
+def test_grid(tmp_path, toy_ckpt):
+    inp = folder(tmp_path / "in", a=image((10, 13), 8))
+    argv = ["--ckpt", toy_ckpt, "--input", inp, "--n", 3, "--grid", "--layout", "ntire"]
+    assert run(*argv, "--out", tmp_path / "g") == 0
+    sheet = read(tmp_path / "g" / "000000_grid.png")
+    assert sheet.shape == (20, 26 * (1 + 3 + 1 + 1), 3)  # LR, 3 samples, std, sigma
+    assert (sheet[:, 26:52] == read(tmp_path / "g" / "000000_sample00000.png")).all()
+
+
+def test_odd_inputs(tmp_path, bicubic_ckpt):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    iio.imwrite(inp / "gray.png", image((9, 11), 1)[..., 0])
+    iio.imwrite(inp / "rgba.png", np.dstack([image((7, 5), 2), np.full((7, 5), 128, np.uint8)]))
+    write_png(inp / "deep.png", image((6, 13), 3, np.uint16))  # 16-bit RGB
+    write_png(inp / "deep_gray.png", image((5, 4), 3, np.uint16)[..., 0])
+    iio.imwrite(inp / "photo.jpg", image((11, 3), 4))
+    with pytest.warns(UserWarning, match="alpha"):
+        assert run("--ckpt", bicubic_ckpt, "--input", inp, "--n", 1, "--out", tmp_path / "o") == 0
+    for stem, (h, w) in dict(
+        gray=(9, 11), rgba=(7, 5), deep=(6, 13), deep_gray=(5, 4), photo=(11, 3)
+    ).items():
+        assert read(tmp_path / "o" / f"{stem}.png").shape == (h * SCALE, w * SCALE, 3)
+
+
+def test_unreadable_among_good(tmp_path, bicubic_ckpt, capsys):
+    inp = folder(tmp_path / "in", a=image((8, 8), 1), c=image((8, 8), 2))
+    (inp / "b.png").write_text("not an image")
+    with pytest.raises(SystemExit) as e:
+        argv = ["--ckpt", bicubic_ckpt, "--input", inp, "--n", 2, "--out", tmp_path / "o"]
+        sr_sample.main([str(a) for a in argv])
+    assert e.value.code == 3
+    names = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert names == [f"{stem}_sample{i:05d}.png" for stem in "ac" for i in range(2)]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("sr_sample.py: error: ") for line in err)
+    assert "b.png" in err[0] and "1 of 3" in err[1]
+
+
+@pytest.mark.parametrize(
+    "ckpt, flags, code, words",
+    [
+        ("missing", [], 6, "no such checkpoint"),
+        ("truncated", [], 6, "truncated"),
+        ("text", [], 6, "checkpoint"),
+        ("good", ["--input", "nowhere"], 3, "--input"),
+        ("good", ["--input", "empty"], 3, "no images"),
+        ("good", ["--n", "0"], 2, "--n"),
+        ("good", ["--temperature", "-0.5"], 2, "--temperature"),
+        ("good", ["--layout", "flat"], 2, "--layout"),
+        ("good", ["--tile", "32", "--tile-overlap", "32"], 2, "--tile-overlap"),
+    ],
+)
+def test_bad_input_one_line(tmp_path, bicubic_ckpt, capsys, ckpt, flags, code, words):
+    inp = folder(tmp_path / "in", a=image((8, 8), 1))
+    (tmp_path / "empty").mkdir()
+    data = bicubic_ckpt.read_bytes()
+    (tmp_path / "truncated").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text").write_text("hello\n")
+    path = bicubic_ckpt if ckpt == "good" else tmp_path / ckpt
+    flags = [str(tmp_path / f) if f in ("nowhere", "empty") else f for f in flags]
+    argv = ["--ckpt", str(path), "--input", str(inp), "--out", str(tmp_path / "o"), *flags]
+    with pytest.raises(SystemExit) as e:
+        sr_sample.main(argv)
+    assert e.value.code == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sr_sample.py: error: ") and words in err[0]

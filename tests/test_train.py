@@ -1,0 +1,211 @@
+"""sr_train.py: checkpoints, exact resume, the non-finite guard, signals, bad flags."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import sr_train
+from sr_lib import models
+from sr_lib.checkpoint import load_checkpoint, load_model
+from sr_lib.models.base import ModelConfig, SRModel
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class ToyConfig(ModelConfig):
+    nan_loss_steps: str = ""  # comma-separated steps whose loss is NaN
+    nan_grad_steps: str = ""  # steps whose gradient is NaN while the loss is finite
+    noisy: bool = False  # draw from the global torch RNG in forward (tests RNG restore)
+
+
+class Toy(SRModel):
+    """conv + pixel shuffle; can produce NaN losses/gradients on chosen steps."""
+
+    Config = ToyConfig
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.conv = nn.Conv2d(3, 3 * cfg.scale**2, 3, padding=1)
+        self.step = 0
+
+    def on_step(self, step, total):
+        self.step = step
+
+    def _steps(self, text):
+        return {int(s) for s in text.split(",") if s}
+
+    def forward(self, lr, hr):
+        sr = nn.functional.pixel_shuffle(self.conv(lr), self.scale)
+        if self.cfg.noisy:
+            sr = sr + 0.01 * torch.randn_like(sr)
+        if self.step in self._steps(self.cfg.nan_grad_steps):
+            sr.register_hook(lambda g: g * float("nan"))
+        loss = (sr - hr).abs().mean()
+        if self.step in self._steps(self.cfg.nan_loss_steps):
+            loss = loss * float("nan")
+        return {"loss": loss, "sr": sr}
+
+    def generate(self, lr, n, temperature, noise):
+        sr = nn.functional.pixel_shuffle(self.conv(lr), self.scale)
+        return sr.unsqueeze(1).expand(-1, n, -1, -1, -1)
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    monkeypatch.setitem(models.MODELS, "toy", Toy)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hr")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        base = rng.random((12, 12, 3))
+        img = np.kron(base, np.ones((8, 8, 1)))  # smooth-ish 96x96
+        iio.imwrite(d / f"img{i}.png", (img * 255).astype(np.uint8))
+    return d
+
+
+def run(out, images, *extra):
+    argv = ["--data", str(images), "--scale", "2", "--patch", "8", "--batch", "2",
+            "--workers", "0", "--val-every", "0", "--log-every", "1",
+            "--out", str(out), *extra]  # fmt: skip
+    return sr_train.main(argv)
+
+
+def params(path):
+    return load_checkpoint(path)["state_dict"]
+
+
+def test_bicubic_zero_steps_writes_a_valid_checkpoint(tmp_path):
+    assert sr_train.main(["--model", "bicubic", "--steps", "0", "--out", str(tmp_path)]) == 0
+    model, ck = load_model(tmp_path / "last.pt")
+    assert ck["model"] == "bicubic" and ck["step"] == 0
+    assert model.sample(torch.rand(1, 3, 5, 6), 2).shape == (1, 2, 3, 20, 24)
+
+
+def test_resume_is_exact(tmp_path, images, toy):
+    run(tmp_path / "a", images, "--model", "toy", "--steps", "4", "--noisy")
+    run(tmp_path / "b", images, "--model", "toy", "--steps", "2", "--noisy")
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["step"] == 2
+    run(tmp_path / "b", images, "--model", "toy", "--steps", "4", "--resume", "auto")
+    a, b = params(tmp_path / "a" / "last.pt"), params(tmp_path / "b" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(x) for x in open(tmp_path / "b" / "log.jsonl")]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_other_model_or_scale_and_never_restarts(tmp_path, images, toy, capsys):
+    run(tmp_path, images, "--model", "toy", "--steps", "1")
+    with pytest.raises(SystemExit) as e:  # an existing run is never overwritten silently
+        run(tmp_path, images, "--model", "toy", "--steps", "2")
+    assert e.value.code == 2 and "--resume auto" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, images, "--model", "bicubic", "--steps", "2", "--resume", "auto")
+    assert e.value.code == 6 and "'toy'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(
+            ["--model", "toy", "--scale", "4", "--resume", "auto", "--out", str(tmp_path)]
+        )
+    err = capsys.readouterr().err
+    assert e.value.code == 6 and "x2" in err and len(err.strip().splitlines()) == 1
+
+
+def test_isolated_nan_step_changes_nothing(tmp_path, images, toy):
+    run(tmp_path / "a", images, "--model", "toy", "--steps", "1")
+    run(tmp_path / "b", images, "--model", "toy", "--steps", "2", "--nan-loss-steps", "1")
+    run(tmp_path / "c", images, "--model", "toy", "--steps", "2", "--nan-grad-steps", "1")
+    a = load_checkpoint(tmp_path / "a" / "last.pt")
+    for run_dir in ("b", "c"):
+        ck = load_checkpoint(tmp_path / run_dir / "last.pt")
+        assert ck["skipped"] == 1
+        assert all(torch.equal(a["state_dict"][k], ck["state_dict"][k]) for k in a["state_dict"])
+        opt_a, opt_b = a["optimizers"]["g"]["state"], ck["optimizers"]["g"]["state"]
+        assert all(torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"]) for i in opt_a)
+        assert all(float(opt_a[i]["step"]) == float(opt_b[i]["step"]) == 1 for i in opt_a)
+
+
+def test_consecutive_nan_steps_abort_and_keep_the_last_checkpoint(tmp_path, images, toy, capsys):
+    saved = []
+    real_save = sr_train.save_checkpoint
+
+    def spy(path, payload):
+        real_save(path, payload)
+        saved.append((payload["step"], hashlib.sha256(Path(path).read_bytes()).hexdigest()))
+
+    sr_train.save_checkpoint = spy
+    try:
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, images, "--model", "toy", "--steps", "20", "--save-every", "2",
+                "--nan-loss-steps", "3,4,5,6,7,8,9", "--max-bad-steps", "3")  # fmt: skip
+    finally:
+        sr_train.save_checkpoint = real_save
+    assert e.value.code == 5
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "step 5" in err and "last.pt" in err
+    assert [s for s, _ in saved] == [2]  # nothing written after the bad steps began
+    assert hashlib.sha256((tmp_path / "last.pt").read_bytes()).hexdigest() == saved[-1][1]
+
+
+def test_a_good_step_resets_the_bad_step_counter(tmp_path, images, toy):
+    run(tmp_path, images, "--model", "toy", "--steps", "7", "--nan-loss-steps", "1,2,4,5",
+        "--max-bad-steps", "3")  # fmt: skip
+    ck = load_checkpoint(tmp_path / "last.pt")
+    assert ck["step"] == 7 and ck["skipped"] == 4
+
+
+def test_help_shows_run_and_model_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(["--model", "bicubic", "-h"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--learning-rate" in out and "bicubic model options" in out
+
+
+def test_bad_flags_are_usage_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(["--model", "nosuch", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "nosuch" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(["--model", "bicubic", "--scale", "5", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(["--model", "bicubic", "--steps", "3", "--data", str(tmp_path / "none")])
+    assert e.value.code == 3 and "none" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_signal_saves_and_exits_75_then_resumes(tmp_path, images, sig):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "sr_train.py"), "--model", "edsr", "--n-feats", "8",
+           "--n-blocks", "1", "--data", str(images), "--scale", "2", "--patch", "8", "--batch", "2",
+           "--workers", "0", "--val-every", "0", "--log-every", "1", "--steps", "100000",
+           "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (
+        (out / "log.jsonl").exists() and (out / "log.jsonl").read_text().count("\n") >= 3
+    ):
+        time.sleep(0.05)
+    os.kill(proc.pid, sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 75, stderr.decode()
+    assert "Traceback" not in stderr.decode()
+    step = load_checkpoint(out / "last.pt")["step"]
+    assert step >= 3
+    cmd[cmd.index("100000")] = str(step + 2)
+    done = subprocess.run(cmd + ["--resume", "auto"], cwd=REPO, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    assert load_checkpoint(out / "last.pt")["step"] == step + 2
