@@ -1,0 +1,309 @@
+"""VSpSR: "Explorable Super-Resolution via Variational Sparse Representation" (Zhou, Huang, Gao,
+Zhuang, NTIRE 2021 / CVPRW 2021, arXiv:2104.09838).
+
+Written from the paper and methods_spec.md §1 (which records the released code, zzhwfy/VSpSR
+c2250ca; that repository has no licence, so nothing is copied). The HR image is x = m + e: m a
+deterministic upsampling of the LR y, e a per-LR-pixel sparse combination e_i = z·ω_i of C learned
+s×s atoms z (one basis per image and colour channel) with coefficients ω_i ~ N(μ_i, σ_i²) under a
+Gamma-ARD sparsity prior (Eq. 1). ω is sampled at train and test time; `temperature` scales the
+standard normal ε of ω = μ + σ·ε (0 gives ω = μ; the paper samples at 1). Loss, Eq. 6:
+MSE + λ_ω·KL (Eq. 5, code form) + λ_adv·LSGAN + λ_per·VGG19-relu5_4 MSE. Test-time outputs pass
+through the exact MATLAB-bicubic CEM (`sr_lib.cem`); deviations are listed in docs/vspsr.md.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sr_lib.cem import cem
+from sr_lib.errors import UsageError
+from sr_lib.models.base import ModelConfig, SRModel
+from sr_lib.models.blocks import conv3x3
+from sr_lib.models.vgg_loss import VGG19_RELU, VGGLoss
+
+UPSAMPLING = ("bilinear", "bicubic", "none")
+SPARSITY_THRESHOLD = 0.05  # |ω| below this counts as "near zero" in the logged sparsity
+
+
+@dataclass
+class VSpSRConfig(ModelConfig):
+    n_basis: int = field(default=256, metadata=dict(help="atoms C (Table 1 #5: 64)"))
+    basis_channels: int = field(default=64, metadata=dict(help="basis blocks: c, 2c, 4c, 8c"))
+    coef_channels: int = field(default=64, metadata=dict(help="coefficient convs: c, 2c, 4c, 8c"))
+    upsample: str = field(
+        default="bilinear",
+        metadata=dict(choices=UPSAMPLING, help="m: interpolation (Table 1 #4: none = no m)"),
+    )
+    refine_m: bool = field(default=True, metadata=dict(help="small learned conv U on m (code)"))
+    stochastic_w: bool = field(default=True, metadata=dict(help="sample ω (Table 1 #1: off)"))
+    stochastic_basis: bool = field(
+        default=False, metadata=dict(help="sample the basis z too (Table 1 #3)")
+    )
+    alpha: float = field(default=3.0, metadata=dict(help="Gamma prior shape α (Eq. 1)"))
+    beta: float = field(default=0.5, metadata=dict(help="Gamma prior rate β (fine-tune: 1.0)"))
+    lambda_w: float = field(default=0.1, metadata=dict(help="λ_ω: weight of the KL (Eq. 6)"))
+    lambda_adv: float = field(
+        default=0.01, metadata=dict(help="λ_adv, LSGAN (fine-tune: 0.1; 0 = no discriminator)")
+    )
+    lambda_per: float = field(
+        default=0.01, metadata=dict(help="λ_per, VGG19 loss (needs the vgg19 weights; 0 = off)")
+    )
+    per_layer: str = field(
+        default="relu5_4", metadata=dict(choices=tuple(VGG19_RELU), help="VGG19 tap of L_per")
+    )
+    per_imagenet_norm: bool = field(
+        default=False, metadata=dict(help="ImageNet-normalise VGG inputs (the code does not)")
+    )
+    d_channels: int = field(default=64, metadata=dict(help="discriminator width (64..512)"))
+    cem_train: bool = field(default=False, metadata=dict(help="apply the CEM in training too"))
+    cem_test: bool = field(default=True, metadata=dict(help="apply the CEM to samples"))
+
+
+def sparse_prior_kl(mu: torch.Tensor, logvar: torch.Tensor, alpha: float, beta: float):
+    """Per-coefficient KL term of Eq. 5 in the code's form: E[ρ]·(μ² + σ²) − log σ².
+
+    That is 2× the Eq. 5 summand without its constant. E[ρ] = (α + ½)/(β + ½(μ² + σ²)) is the
+    mean of the variational Gamma posterior of ρ (Eq. 5's μ_ρ) and is detached, as in the code.
+    """
+    second_moment = mu.square() + logvar.exp()  # E_q[ω²]
+    rho = ((alpha + 0.5) / (beta + 0.5 * second_moment)).detach()
+    return rho * second_moment - logvar
+
+
+def coefficient_sparsity(
+    mu: torch.Tensor, sigma: torch.Tensor, threshold: float = SPARSITY_THRESHOLD
+) -> torch.Tensor:
+    """Expected fraction of sampled coefficients with |ω| < threshold, ω ~ N(μ, σ²) elementwise.
+
+    σ = 0 gives the plain fraction of |μ| < threshold. Returns a 0-dim tensor in [0, 1].
+    """
+    sigma = sigma.clamp_min(1e-12)
+    inside = torch.special.ndtr((threshold - mu) / sigma) - torch.special.ndtr(
+        (-threshold - mu) / sigma
+    )
+    return inside.mean()
+
+
+class BasisBranch(nn.Module):
+    """Eqs. 2–3: L = 4 conv-IN-ReLU-pool blocks, global pooling, deconvolutions to C s×s atoms."""
+
+    MIN_SIZE = 16  # four 2×2 max-pools
+
+    def __init__(self, n_basis: int, ch: int, scale: int, stochastic: bool):
+        super().__init__()
+        widths = [1, ch, 2 * ch, 4 * ch, 8 * ch]
+        blocks: list[nn.Module] = []
+        for i, o in zip(widths, widths[1:]):
+            blocks += [conv3x3(i, o), nn.InstanceNorm2d(o), nn.ReLU(True), nn.MaxPool2d(2)]
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(8 * ch, n_basis)
+        c = n_basis
+        up: list[nn.Module] = [nn.Conv2d(c, c, 2, padding=1)]  # 1×1 -> 2×2
+        if scale == 3:
+            up.append(nn.ConvTranspose2d(c, c, 2))  # -> 3×3 (not in the code: ×4 and ×8 only)
+        if scale >= 4:
+            up.append(nn.ConvTranspose2d(c, c, 3))  # -> 4×4
+        if scale == 8:
+            up.append(nn.ConvTranspose2d(c, c, 2, stride=2))  # -> 8×8
+        up.append(nn.Conv2d(c, 2 * c if stochastic else c, 1))  # (μ_z, log σ_z²) when stochastic
+        self.up = nn.Sequential(*up)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if h < self.MIN_SIZE or w < self.MIN_SIZE:
+            # Inputs under 16 px (tiny tests, tiles) would pool away: replicate-pad this branch
+            # only. Its output is a global summary, so the pad changes it slightly, never the size.
+            ph, pw = max(0, self.MIN_SIZE - h), max(0, self.MIN_SIZE - w)
+            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        f = self.blocks(x).mean(dim=(2, 3))  # global average pooling, (B·3, 8c)
+        z0 = self.fc(f)[:, :, None, None]  # (B·3, C, 1, 1)
+        return self.up(z0)  # (B·3, C or 2C, s, s)
+
+
+class CoefficientBranch(nn.Module):
+    """4 × (conv3x3, layer norm = GroupNorm(1, ·), ReLU) at LR size, then a 1×1 head: μ, log σ²."""
+
+    def __init__(self, n_basis: int, ch: int):
+        super().__init__()
+        widths = [1, ch, 2 * ch, 4 * ch, 8 * ch]
+        layers: list[nn.Module] = []
+        for i, o in zip(widths, widths[1:]):
+            layers += [conv3x3(i, o), nn.GroupNorm(1, o), nn.ReLU(True)]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Conv2d(8 * ch, 2 * n_basis, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.head(self.body(x)).chunk(2, dim=1)  # (B·3, C, h, w) each
+        return mu, logvar
+
+
+class Discriminator(nn.Module):
+    """LSGAN discriminator of the code (spec §1.3): one sigmoid score per image, (B,)."""
+
+    def __init__(self, ch: int = 64):
+        super().__init__()
+
+        def block(i, o, k, stride):
+            return [nn.Conv2d(i, o, k, stride), nn.BatchNorm2d(o), nn.LeakyReLU(0.01, True)]
+
+        self.net = nn.Sequential(
+            *block(3, ch, 4, 2), *block(ch, 2 * ch, 4, 2), *block(2 * ch, 4 * ch, 1, 1),
+            *block(4 * ch, 8 * ch, 1, 1), nn.Conv2d(8 * ch, 1, 1), nn.Sigmoid(),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).mean(dim=(1, 2, 3))
+
+
+class VSpSR(SRModel):
+    """m + final(e), e from the VSpM (basis × sampled coefficients), RGB channels in parallel."""
+
+    Config = VSpSRConfig
+    stochastic = True
+    default_temperature = 1.0
+
+    def __init__(self, cfg: VSpSRConfig):
+        super().__init__(cfg)
+        if cfg.scale not in (2, 3, 4, 8):
+            raise UsageError(f"vspsr: scale {cfg.scale} not supported; use 2, 3, 4 or 8")
+        if cfg.upsample not in UPSAMPLING:
+            raise UsageError(f"--upsample {cfg.upsample!r}: choose one of {', '.join(UPSAMPLING)}")
+        if cfg.per_layer not in VGG19_RELU:
+            raise UsageError(f"--per-layer {cfg.per_layer!r}: choose a VGG19 ReLU, e.g. relu5_4")
+        if min(cfg.n_basis, cfg.basis_channels, cfg.coef_channels, cfg.d_channels) < 1:
+            raise UsageError("vspsr: --n-basis and the channel widths must be >= 1")
+        self.refine = None
+        if cfg.upsample != "none" and cfg.refine_m:  # U: conv-ReLU-conv on the interpolation
+            self.refine = nn.Sequential(conv3x3(3, 16), nn.ReLU(True), conv3x3(16, 3))
+        self.basis = BasisBranch(cfg.n_basis, cfg.basis_channels, cfg.scale, cfg.stochastic_basis)
+        self.coef = CoefficientBranch(cfg.n_basis, cfg.coef_channels)
+        self.final = nn.Sequential(  # colour mixing, absent from the paper's x = m + e
+            conv3x3(3, 16), nn.ReLU(True), conv3x3(16, 16), nn.ReLU(True), conv3x3(16, 3)
+        )
+        if cfg.lambda_adv > 0:  # no discriminator (and no second optimizer) at λ_adv = 0
+            self.discriminator = Discriminator(cfg.d_channels)  # nn.Module registers it
+        self._perceptual: list[nn.Module] = []  # a list keeps the frozen VGG out of state_dict
+
+    @staticmethod
+    def train_defaults(scale: int) -> dict:
+        # Paper §4.2 + code: Adam(0.9, 0.999, 1e-8), weight decay 1e-4, lr 1e-4 ×0.1 every 100 of
+        # 300 epochs; 800 images / batch 4 = 200 steps per epoch -> 60k steps; clip 0.1 (G and D).
+        return {
+            **SRModel.train_defaults(scale),
+            "batch": 4, "patch": 32 if scale == 8 else 48, "steps": 60_000,
+            "learning_rate": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-4,
+            "milestones": (1 / 3, 2 / 3), "gamma": 0.1, "schedule": "multistep", "grad_clip": 0.1,
+            "d_learning_rate": 1e-4, "d_betas": (0.9, 0.999), "d_weight_decay": 1e-4,
+            "temperature": 1.0,
+        }  # fmt: skip
+
+    def set_perceptual_loss(self, loss: nn.Module) -> None:
+        """Use this (sr, hr) -> loss module for L_per instead of building the VGG19 one."""
+        self._perceptual[:] = [loss]
+
+    def perceptual_loss(self) -> nn.Module:
+        """The frozen VGG19 loss, built on first use (CheckpointError if the file is missing)."""
+        if not self._perceptual:
+            c = self.cfg
+            self._perceptual.append(VGGLoss((c.per_layer,), c.per_imagenet_norm, pretrained=True))
+        return self._perceptual[0]
+
+    def deterministic_part(self, lr: torch.Tensor) -> torch.Tensor | None:
+        """m = U(interp(y)), (B, 3, sH, sW); None for --upsample none (Table 1 #4)."""
+        if self.cfg.upsample == "none":
+            return None
+        m = F.interpolate(lr, scale_factor=self.scale, mode=self.cfg.upsample, align_corners=False)
+        return m if self.refine is None else self.refine(m)
+
+    def distributions(self, lr: torch.Tensor):
+        """Basis (B·3, C or 2C, s, s) and coefficient μ, log σ² (B·3, C, h, w) of an LR batch."""
+        b, c, h, w = lr.shape
+        x = lr.reshape(b * c, 1, h, w)  # §3.2: R, G, B as separate grey images, shared weights
+        mu, logvar = self.coef(x)
+        return self.basis(x), mu, logvar
+
+    def synthesize(self, basis: torch.Tensor, w: torch.Tensor, b: int) -> torch.Tensor:
+        """e_i = z·ω_i for every LR pixel i (§3.1), patches laid out by PixelShuffle."""
+        bc, n_basis, h, wd = w.shape
+        s = self.scale
+        z = basis.reshape(bc, n_basis, s * s).transpose(1, 2)  # (B·3, s², C), row-major atoms
+        e = torch.bmm(z, w.reshape(bc, n_basis, h * wd))  # (B·3, s², h·w)
+        e = F.pixel_shuffle(e.view(bc, s * s, h, wd), s)  # (B·3, 1, sh, sw): atom index = sub-pixel
+        return e.view(b, bc // b, h * s, wd * s)  # (B, 3, sh, sw)
+
+    def decode(self, e: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+        out = self.final(e)
+        return out if m is None else out + m  # out of place (the code's in-place add aliases)
+
+    def _d_score(self, sr: torch.Tensor) -> torch.Tensor:
+        # D with detached parameters: L_G trains the generator only, D learns from its own loss.
+        params = {k: p.detach() for k, p in self.discriminator.named_parameters()}
+        return torch.func.functional_call(self.discriminator, params, (sr,))
+
+    def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
+        c = self.cfg
+        basis, mu, logvar = self.distributions(lr)
+        std = torch.exp(0.5 * logvar)
+        w = mu + std * torch.randn_like(mu) if c.stochastic_w else mu  # sampled in training too
+        kl = sparse_prior_kl(mu, logvar, c.alpha, c.beta).mean()  # a mean where Eq. 5 sums
+        parts = {}
+        if c.stochastic_basis:
+            z_mu, z_logvar = basis.chunk(2, dim=1)
+            basis = z_mu + torch.exp(0.5 * z_logvar) * torch.randn_like(z_mu)
+            # [derived] N(0, I) prior on the atoms: the paper gives none for ablation #3.
+            kl_z = 0.5 * (z_mu.square() + z_logvar.exp() - z_logvar - 1).mean()
+            parts["kl_z"] = kl_z.detach()
+            kl = kl + kl_z
+        sr = self.decode(self.synthesize(basis, w, lr.shape[0]), self.deterministic_part(lr))
+        if c.cem_train:
+            sr = cem(sr, lr, self.scale)
+        mse = F.mse_loss(sr, hr)  # Eq. 4 with 1/(2σ₀²) absorbed into the λs
+        loss = mse + c.lambda_w * kl
+        if self.discriminator is not None:
+            adv = F.mse_loss(self._d_score(sr), torch.ones(sr.shape[0], device=sr.device))
+            loss = loss + c.lambda_adv * adv
+            parts["adv"] = adv.detach()
+        if c.lambda_per > 0:
+            per = self.perceptual_loss().to(sr.device)(sr, hr)
+            loss = loss + c.lambda_per * per
+            parts["per"] = per.detach()
+        sigma = std.detach() if c.stochastic_w else torch.zeros_like(mu)  # ω = μ: σ unused
+        sparsity = coefficient_sparsity(mu.detach(), sigma)
+        return {
+            "loss": loss, "mse": mse.detach(), "kl": kl.detach(), **parts,
+            "sparsity": sparsity, "sr": sr,
+        }  # fmt: skip
+
+    def discriminator_loss(self, lr: torch.Tensor, hr: torch.Tensor, out: dict) -> dict:
+        """LSGAN: ½·MSE(D(ŷ), 0) + ½·MSE(D(y), 1), ŷ detached (spec §1.3)."""
+        fake = self.discriminator(out["sr"].detach())
+        real = self.discriminator(hr)
+        loss = 0.5 * F.mse_loss(fake, torch.zeros_like(fake)) + 0.5 * F.mse_loss(
+            real, torch.ones_like(real)
+        )
+        return {"loss": loss, "real": real.mean().detach(), "fake": fake.mean().detach()}
+
+    def generate(self, lr: torch.Tensor, n: int, temperature: float, noise) -> torch.Tensor:
+        c = self.cfg
+        b, ch, h, w = lr.shape
+        basis, mu, logvar = self.distributions(lr)
+        m = self.deterministic_part(lr)
+        random_w = c.stochastic_w and temperature > 0  # temperature 0: ω = μ (and z = μ_z)
+        random_z = c.stochastic_basis and temperature > 0
+        if random_w:  # a spatial field: tiled sampling cuts it from the whole-image draw
+            std = torch.exp(0.5 * logvar) * temperature
+            eps = noise.randn((ch, c.n_basis, h, w)).reshape(b, n, ch * c.n_basis, h, w)
+        if c.stochastic_basis:
+            basis, z_logvar = basis.chunk(2, dim=1)  # μ_z, log σ_z²
+        if random_z:
+            z_std = torch.exp(0.5 * z_logvar) * temperature
+            eps_z = noise.randn((ch * c.n_basis, self.scale**2)).reshape(b, n, -1)  # not spatial
+        out = []
+        for i in range(n):  # one sample at a time: ω alone is C× the size of the LR
+            wi = mu + std * eps[:, i].reshape_as(mu) if random_w else mu
+            zi = basis + z_std * eps_z[:, i].reshape_as(basis) if random_z else basis
+            sr = self.decode(self.synthesize(zi, wi, b), m)
+            out.append(cem(sr, lr, self.scale) if c.cem_test else sr)
+        return torch.stack(out, dim=1)  # (B, n, 3, sH, sW); sample() clamps after the CEM
