@@ -1,0 +1,392 @@
+"""SRFlow: "SRFlow: Learning the Super-Resolution Space with Normalizing Flow" (Lugmayr et al.,
+ECCV 2020, arXiv:2006.14200). Follows the released code andreas128/SRFlow (CC BY-NC-SA 4.0) as
+recorded in srflow_spec.md §1; written from that spec, nothing copied. SRFlow-DA and NCSR are
+subclasses in srflow_variants.py.
+
+p(HR | LR) is a conditional flow HR -> z on the HR image, conditioned on RRDB encoder features
+(§1.2-1.3). Deliberate choices (docs/flows.md): the paper's Gaussian dequantisation by default
+(the released training code uses none), the encoder frozen for the first half of training (the
+paper; the released code never freezes it), and the unused conditioning conv `f` kept only so
+official checkpoints load strictly (never called, requires_grad False; `--no-unused-conv` drops it).
+"""
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sr_lib.errors import CheckpointError, UsageError
+from sr_lib.models.base import ModelConfig, SRModel
+from sr_lib.models.flow_layers import (
+    ActNorm,
+    CondAffine,
+    CouplingNet,
+    FlowStep,
+    Split,
+    gaussian_logp,
+    squeeze,
+    unsqueeze,
+)
+from sr_lib.models.rrdb import RRDBNet, load_official_rrdb
+
+OFFICIAL_F = "flowUpsamplerNet.f."  # the released code's unused conv: ignorable when loading
+
+
+@dataclass
+class SRFlowConfig(ModelConfig):
+    nb: int = field(default=23, metadata=dict(help="RRDB blocks of the encoder (CelebA x8: 8)"))
+    nf: int = field(default=64, metadata=dict(help="encoder feature channels"))
+    gc: int = field(default=32, metadata=dict(help="encoder growth channels"))
+    rrdb_blocks: str = field(
+        default="", metadata=dict(help="stacked RRDB blocks, e.g. 1,8,15,22 (default: the paper's)")
+    )
+    flow_levels: int = field(default=0, metadata=dict(help="L (0: 3 at x4, 4 at x8)"))
+    flow_steps: int = field(default=0, metadata=dict(help="K steps per level (0: 16)"))
+    transitions: int = field(default=2, metadata=dict(help="unconditional steps per level"))
+    hidden_channels: int = field(default=64, metadata=dict(help="coupling network width"))
+    affine_eps: float = field(default=1e-4, metadata=dict(help="scale = sigmoid(h + 2) + eps"))
+    lu: bool = field(default=False, metadata=dict(help="LU-parametrised 1x1 convs (not official)"))
+    dequant: Literal["gaussian", "uniform", "none"] = field(
+        default="gaussian",
+        metadata=dict(help="HR noise in training: paper N(0, std), released code none"),
+    )
+    gaussian_std: float = field(default=4 / 3**0.5, metadata=dict(help="on the 0-255 scale"))
+    quant: int = field(default=32, metadata=dict(help="uniform: U(-0.5, 0.5)/quant noise"))
+    freeze_encoder: float = field(
+        default=0.5,
+        metadata=dict(help="fraction of steps with the encoder frozen (released code: 0)"),
+    )
+    unused_conv: bool = field(
+        default=True,
+        metadata=dict(help="the never-called official conv f (276,576 params); --no-: drop it"),
+    )
+    rrdb_init: str = field(
+        default="", metadata=dict(help="official RRDB_*.pth loaded into the encoder at step 0")
+    )
+
+
+class FlowLevel(nn.Module):
+    """One level: a squeeze by `factor`, then transitions, conditional steps and splits in order."""
+
+    def __init__(self, factor: int, down: int, layers: list[nn.Module]):
+        super().__init__()
+        self.factor = factor
+        self.down = down  # the level lives at HR / down
+        self.layers = nn.ModuleList(layers)
+
+
+class SRFlow(SRModel):
+    """RRDB encoder + conditional flow on the HR image; NLL training, sampling by temperature."""
+
+    Config = SRFlowConfig
+    stochastic = True
+    default_temperature = 0.9  # the challenge submissions' heat
+    ddp_find_unused = True  # the encoder is frozen for part of training (on_step)
+
+    def __init__(self, cfg: SRFlowConfig):
+        super().__init__(cfg)
+        if cfg.scale not in (4, 8):
+            raise UsageError(
+                f"{type(self).__name__.lower()}: scale {cfg.scale} not supported; use 4 or 8"
+            )
+        if cfg.dequant not in ("gaussian", "uniform", "none"):
+            raise UsageError(f"--dequant {cfg.dequant!r}: choose one of gaussian, uniform, none")
+        paper = self.paper(cfg.scale)
+        self.levels = cfg.flow_levels or paper["levels"]
+        self.steps = cfg.flow_steps or paper["steps"]
+        blocks = cfg.rrdb_blocks or paper["blocks"]
+        self.blocks = tuple(int(b) for b in blocks.split(","))
+        if any(not 0 <= b < cfg.nb for b in self.blocks):
+            raise UsageError(f"--rrdb-blocks {blocks}: need blocks in 0..{cfg.nb - 1}")
+        self.cond_channels = cfg.nf * (1 + len(self.blocks))  # 64 + 4·64 = 320 (§1.3)
+        flow = self._build_flow()  # first: the encoder skips what the levels do not use
+        self._build_encoder(cfg.nb)
+        self.flow = nn.ModuleList(flow)
+        if cfg.unused_conv:  # never called; present so official checkpoints load (§1.4.7)
+            self.f = nn.Sequential(nn.Conv2d(self.cond_channels, 96, 3, padding=1))
+            self.f.requires_grad_(False)
+        self._rrdb_init_done = False
+
+    def paper(self, scale: int) -> dict:
+        """Per-scale defaults of the official configs (§1.7)."""
+        return dict(levels=3 if scale == 4 else 4, steps=16,
+                    blocks="1,8,15,22" if scale == 4 else "1,3,5,7")  # fmt: skip
+
+    @staticmethod
+    def train_defaults(scale: int) -> dict:
+        # SRFlow_DF2K_{4,8}X.yml (§1.7): Adam (effective betas 0.9, 0.999), lr halved at
+        # 50/75/90/95 % of 200k steps, HR patch 160, no clipping; validation at temperature 0.9.
+        return {
+            **SRModel.train_defaults(scale), "batch": 12 if scale == 4 else 16,
+            "patch": 160 // scale, "steps": 200_000,
+            "learning_rate": 2.5e-4 if scale == 4 else 5e-4, "betas": (0.9, 0.999), "eps": 1e-8,
+            "weight_decay": 0.0, "schedule": "multistep", "milestones": (0.5, 0.75, 0.9, 0.95),
+            "gamma": 0.5, "grad_clip": 0.0, "temperature": 0.9,
+        }  # fmt: skip
+
+    # Architecture: overridden by the variants.
+
+    def level_plan(self) -> list[tuple[int, str]]:
+        """(squeeze factor, ops) per level; ops: T transition, K conditional step, S split.
+        Released code: a split after level l only if l < L - 1 (`correct_splits: false`)."""
+        t, k = "T" * self.cfg.transitions, "K" * self.steps
+        return [
+            (2, t + k + ("S" if l < self.levels - 1 else "")) for l in range(1, self.levels + 1)
+        ]
+
+    def make_net(self, cin: int, cout: int) -> nn.Module:
+        return CouplingNet(cin, cout, self.cfg.hidden_channels)
+
+    def make_affine(self, channels: int, level: int, k: int) -> CondAffine:
+        return CondAffine(channels, self.cond_channels, self.make_net, eps=self.cfg.affine_eps)
+
+    def _build_flow(self) -> list[FlowLevel]:
+        levels, c, down = [], 3, 1
+        self.cond_keys = []
+        for level, (factor, ops) in enumerate(self.level_plan(), 1):
+            c, down, k, layers = c * factor**2, down * factor, 0, []
+            for op in ops:
+                if op == "S":
+                    layers.append(Split(c))
+                    c = layers[-1].keep
+                else:
+                    affine = self.make_affine(c, level, k) if op == "K" else None
+                    layers.append(FlowStep(c, affine, self.cfg.lu))
+                    k += op == "K"
+            levels.append(FlowLevel(factor, down, layers))
+            up = self.scale // down  # the level lives at HR/down = LR·up; up 0 means LR/2
+            self.cond_keys.append(f"fea_up{up}")
+        self.latent_channels, self.latent_down = c, down
+        self.lr_multiple = max(1, down // self.scale)  # the final latent needs whole pixels
+        return levels
+
+    def _build_encoder(self, nb: int) -> None:
+        cfg = self.cfg
+        self.RRDB = RRDBNet(cfg.scale, cfg.nf, nb, cfg.gc)
+        self.up_to = max(1, *(int(k.removeprefix("fea_up")) for k in self.cond_keys))
+        # The HR-resolution map and the image-output branch never reach the flow: skipped, and
+        # frozen so every trainable parameter gets a gradient.
+        n_up = self.scale.bit_length() - 1
+        unused = ["HRconv.", "conv_last."]
+        unused += [f"upconv{i}." for i in range(1, n_up + 1) if 2**i > self.up_to]
+        self._encoder_params = []
+        for name, p in self.RRDB.named_parameters():
+            if name.startswith(tuple(unused)):
+                p.requires_grad_(False)
+            else:
+                self._encoder_params.append(p)
+
+    # Encoder and conditioning.
+
+    def conditions(self, lr: torch.Tensor) -> list[torch.Tensor]:
+        """Per-level conditioning maps (B, nf·(1 + blocks), h_l, w_l) (§1.3)."""
+        feats = self.RRDB.features(lr, self.blocks, up_to=self.up_to)
+        stack = torch.cat([feats[f"block_{b}"] for b in self.blocks], 1)  # (B, 256, h, w)
+        out = []
+        for key in self.cond_keys:
+            m = feats[key]
+            s = F.interpolate(stack, size=m.shape[-2:], mode="nearest")  # released: default mode
+            out.append(torch.cat([m, s], 1))  # (B, 320, h_l, w_l)
+        return out
+
+    def level_noise(self, noise, x: torch.Tensor):
+        """The noise condition at a level's resolution (NCSR); SRFlow has none."""
+        return None
+
+    def perturb(self, lr: torch.Tensor, hr: torch.Tensor):
+        """Training-time input noise: (lr, hr, noise condition). Dequantisation of §1.1."""
+        if self.cfg.dequant == "gaussian":  # the paper: N(0, (4/√3)²) on the 0-255 scale
+            hr = hr + torch.randn_like(hr) * (self.cfg.gaussian_std / 255)
+        elif self.cfg.dequant == "uniform":
+            hr = hr + (torch.rand_like(hr) - 0.5) / self.cfg.quant
+        return lr, hr, None
+
+    # Flow in both directions.
+
+    def encode(self, lr: torch.Tensor, hr: torch.Tensor, noise=None, conds=None):
+        """HR -> ([split eps ..., z_L], log|det J| (B,)); latents ~ N(0, I) under the model."""
+        conds = self.conditions(lr) if conds is None else conds
+        x, logdet, latents = hr, hr.new_zeros(hr.shape[0]), []
+        for level, ft in zip(self.flow, conds):
+            x = squeeze(x, level.factor)  # (B, C·f², H/f, W/f)
+            nz = self.level_noise(noise, x)
+            for layer in level.layers:
+                if isinstance(layer, Split):
+                    x, eps, logdet = layer(x, logdet)
+                    latents.append(eps)
+                else:
+                    x, logdet = layer(x, logdet, ft, nz)
+        return latents + [x], logdet
+
+    def decode(self, conds: list[torch.Tensor], latents: list[torch.Tensor], noise=None,
+               logdet=None):  # fmt: skip
+        """[eps ..., z_L] of n samples of ONE LR image (conds: batch 1) -> (HR (n, ...), logdet).
+
+        Each step's LR-only part runs once (`prepare`); the per-sample part runs row by row, so a
+        sample is bit-identical however many are drawn together.
+        """
+        eps, xs = list(latents[:-1]), list(latents[-1].split(1))
+        lds = [None] * len(xs) if logdet is None else list(logdet.split(1))
+        for level, ft in zip(reversed(self.flow), reversed(conds)):
+            nz = self.level_noise(noise, xs[0])
+            for layer in reversed(level.layers):
+                if isinstance(layer, Split):
+                    e = eps.pop().split(1)
+                    for j, x in enumerate(xs):
+                        xs[j], lds[j] = layer.reverse(x, e[j], lds[j])
+                    continue
+                prep = None if layer.affine is None else layer.affine.prepare(ft, nz)
+                for j, x in enumerate(xs):
+                    xs[j], lds[j] = layer.reverse(x, lds[j], ft, nz, prep)
+            xs = [unsqueeze(x, level.factor) for x in xs]  # (1, C/f², H·f, W·f)
+        return torch.cat(xs), None if logdet is None else torch.cat(lds)
+
+    def reconstruct(self, lr: torch.Tensor, latents: list[torch.Tensor], noise=None):
+        """Decode explicit latents [eps ..., z_L] (as `encode` returns them): (HR, logdet)."""
+        out, lds = [], []
+        for b in range(lr.shape[0]):
+            one = [z[b : b + 1] for z in latents]
+            nz = None if noise is None else noise[b : b + 1]
+            x, ld = self.decode(self.conditions(lr[b : b + 1]), one, nz, one[-1].new_zeros(1))
+            out.append(x)
+            lds.append(ld)
+        return torch.cat(out), torch.cat(lds)
+
+    def log_likelihood(self, lr: torch.Tensor, hr: torch.Tensor, noise=None) -> torch.Tensor:
+        """log p(HR | LR) in nats (B,), Eq. 4-6 (+ the uniform dequantisation constant)."""
+        latents, logdet = self.encode(lr, hr, noise)
+        objective = logdet + sum(gaussian_logp(z) for z in latents)
+        if self.cfg.dequant == "uniform":  # released code: -ln(quant)·H·W (not 3·H·W)
+            objective = objective - math.log(self.cfg.quant) * hr.shape[2] * hr.shape[3]
+        return objective
+
+    def nll(self, lr: torch.Tensor, hr: torch.Tensor, noise=None) -> torch.Tensor:
+        """Negative log-likelihood in bits per HR pixel (summed over RGB; can be negative): (B,)."""
+        return -self.log_likelihood(lr, hr, noise) / (math.log(2) * hr.shape[2] * hr.shape[3])
+
+    def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
+        noise = None
+        if self.training:
+            lr, hr, noise = self.perturb(lr, hr)
+        nll = self.nll(lr, hr, noise)
+        return {"loss": nll.mean(), "nll": nll.detach().mean()}
+
+    def generate(self, lr: torch.Tensor, n: int, temperature: float, noise) -> torch.Tensor:
+        """temperature = std of every latent draw (final prior and splits); 0: all means."""
+        b, _, h, w = lr.shape
+        H, W = h * self.scale, w * self.scale
+
+        def draw(c, down):  # spatial fields (C, h, w), so tiles can cut them from the whole
+            if temperature == 0:
+                return lr.new_zeros(b * n, c, H // down, W // down)
+            return temperature * noise.randn((c, H // down, W // down)).to(lr.device, lr.dtype)
+
+        # Fixed order: z_L, then each split's eps from the last level back.
+        drawn = [draw(self.latent_channels, self.latent_down)]
+        for level in reversed(self.flow):
+            drawn += [
+                draw(m.consume, level.down) for m in reversed(level.layers) if isinstance(m, Split)
+            ]
+        latents = drawn[1:][::-1] + drawn[:1]  # encode's order: [eps (first split first) ..., z_L]
+        out = []
+        for i in range(b):  # the encoder per image: shared by its n samples
+            rows = [z[i * n : (i + 1) * n] for z in latents]
+            out.append(self.decode(self.conditions(lr[i : i + 1]), rows)[0])
+        return torch.stack(out)  # (B, n, 3, H, W)
+
+    # Training schedule and weights.
+
+    def on_step(self, step: int, total: int) -> None:
+        if self.cfg.rrdb_init and not self._rrdb_init_done:
+            load_official_rrdb(self.RRDB, self.cfg.rrdb_init)  # the official configs start here
+            self._rrdb_init_done = True
+        frozen = step < self.cfg.freeze_encoder * total  # the paper: frozen for the first half
+        for p in self._encoder_params:
+            p.requires_grad_(not frozen)
+
+    def mark_initialized(self) -> None:
+        """Weights were loaded: no ActNorm data init and no --rrdb-init load."""
+        for m in self.modules():
+            if isinstance(m, ActNorm):
+                m.initialized = True
+        self._rrdb_init_done = True
+
+    def official_keys(self) -> dict[str, str]:
+        """Our state_dict key -> the released code's key (spec §4)."""
+        keys, offset = {}, 0
+        prefix = {}
+        for l, level in enumerate(self.flow):
+            for j in range(len(level.layers)):  # the squeeze takes index `offset`
+                prefix[f"flow.{l}.layers.{j}."] = f"flowUpsamplerNet.layers.{offset + 1 + j}."
+            offset += 1 + len(level.layers)
+        for k in self.state_dict():
+            if k.startswith("flow."):
+                p = re.match(r"flow\.\d+\.layers\.\d+\.", k).group(0)
+                keys[k] = prefix[p] + k[len(p) :]
+            else:
+                keys[k] = "flowUpsamplerNet." + k if k.startswith("f.") else k
+        return keys
+
+    def export_official_state_dict(self) -> dict[str, torch.Tensor]:
+        """Our weights under the released code's key names (a loadable official .pth)."""
+        self._check_official_layout()
+        sd = self.state_dict()
+        return {o: sd[k] for k, o in self.official_keys().items()}
+
+    def _check_official_layout(self) -> None:
+        if self.cfg.lu:
+            raise UsageError("--lu models have no official key layout")
+
+    def load_raw_state_dict(self, sd: dict[str, torch.Tensor], path="state_dict") -> None:
+        """Load a released checkpoint (official keys, spec §4; or our own keys) strictly: only the
+        unused conv `flowUpsamplerNet.f.*` may be absent or extra. Marks ActNorms initialised."""
+        if any(k.startswith("conv_first.") for k in sd):
+            raise CheckpointError(
+                f"{path}: an RRDB encoder file, not a flow; train with --rrdb-init {path}"
+            )
+        hint = ""
+        if not any(k.startswith("flow.") for k in sd):  # the released layout
+            hint = f" (the file looks like {_looks_like(sd)})"
+            sd = self._from_official(sd)
+        own = self.state_dict()
+        ignorable = lambda k: k.startswith(("f.", OFFICIAL_F))  # noqa: E731
+        missing = [k for k in own if k not in sd and not ignorable(k)]
+        unexpected = [k for k in sd if k not in own and not ignorable(k)]
+        shape = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+        if missing or unexpected or shape:
+            parts = [
+                f"{len(v)} {what} (e.g. {', '.join(v[:2])})"
+                for what, v in (("missing", missing), ("unexpected", unexpected), ("shape", shape))
+                if v
+            ]
+            raise CheckpointError(
+                f"{path}: does not match {type(self).__name__} x{self.scale} "
+                f"(L={self.levels}, K={self.steps}): {'; '.join(parts)}{hint}"
+            )
+        self.load_state_dict({k: sd.get(k, v) for k, v in own.items()}, strict=True)
+        self.mark_initialized()
+
+    def _from_official(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self._check_official_layout()
+        trunk = {int(m[1]) for k in sd if (m := re.match(r"RRDB\.RRDB_trunk\.(\d+)\.", k))}
+        nb = max(trunk, default=-1) + 1
+        if nb and nb != len(self.RRDB.RRDB_trunk) and max(self.blocks) < nb:
+            self.cfg.nb = nb  # e.g. SRFlow_CelebA_8X.pth: an 8-block encoder
+            self._build_encoder(nb)
+        to_ours = {o: k for k, o in self.official_keys().items()}
+        return {to_ours.get(k, k): v for k, v in sd.items()}
+
+
+def _looks_like(sd: dict) -> str:
+    """Which model and scale an official state_dict seems to hold (for error messages)."""
+    if any(".fAffine_std." in k for k in sd):
+        model = "ncsr"
+    elif any(".fAffine.10." in k for k in sd):
+        model = "srflow_da"
+    else:
+        model = "srflow"
+    return f"--model {model} --scale {8 if 'RRDB.upconv3.weight' in sd else 4}"

@@ -1,0 +1,221 @@
+"""Flow layers (srflow_spec.md §6): exact inverses, log-dets against brute-force Jacobians,
+ActNorm data init, the 1x1 conv cache, and the once-per-LR-image conditioning path."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd.functional import jacobian
+
+from sr_lib.models.flow_layers import (
+    ActNorm,
+    CondAffine,
+    CouplingNet,
+    FlowStep,
+    InvConv1x1,
+    ResidualCouplingNet,
+    Split,
+    ZeroConv2d,
+    squeeze,
+    unsqueeze,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only spin-wait, several times slower on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def perturb(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial weights (spec §6): zero convs and ActNorms randomised, ActNorms initialised.
+    At construction every coupling outputs a constant and many bugs would be invisible."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, ZeroConv2d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.02)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                m.logs.copy_(torch.randn(m.logs.shape, generator=g) * 0.05)
+            elif isinstance(m, ActNorm):
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                m.logs.copy_(torch.randn(m.logs.shape, generator=g) * 0.1)
+                m.initialized = True
+    return module
+
+
+def nets():
+    return {
+        "srflow": lambda i, o: CouplingNet(i, o, 8),
+        "da": lambda i, o: CouplingNet(i, o, 8, deep=4),
+        "da_r": lambda i, o: ResidualCouplingNet(i, o, 8, blocks=1, per_block=4),
+        "da_d": lambda i, o: ResidualCouplingNet(i, o, 8, blocks=2, per_block=2),
+    }
+
+
+def layer_case(name: str):
+    """(module, forward(x, logdet) -> (y, logdet), reverse(y, logdet) -> (x, logdet)) on C = 4."""
+    g = torch.Generator().manual_seed(3)
+    ft = torch.randn(1, 5, 2, 2, generator=g, dtype=torch.float64)
+    noise = torch.randn(1, 3, 2, 2, generator=g, dtype=torch.float64)
+    if name == "actnorm":
+        m = ActNorm(4)
+    elif name in ("invconv", "invconv_lu"):
+        m = InvConv1x1(4, lu=name == "invconv_lu")
+        with torch.no_grad():  # away from a rotation, so |det| != 1
+            for p in m.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    elif name == "split":
+        m = Split(4)
+        fwd = lambda x, ld: (lambda z1, e, ld: (torch.cat([z1, e], 1), ld))(*m(x, ld))  # noqa: E731
+        rev = lambda y, ld: m.reverse(y[:, : m.keep], y[:, m.keep :], ld)  # noqa: E731
+        return perturb(m).double().eval(), fwd, rev
+    elif name == "affine_noise":
+        m = CondAffine(4, 5, nets()["srflow"], noise_channels=3)
+        m.noise_conditional = True
+    elif name.startswith("affine_"):
+        m = CondAffine(4, 5, nets()[name[7:]])
+    elif name == "step":
+        m = FlowStep(4, CondAffine(4, 5, nets()["srflow"]))
+    perturb(m).double().eval()
+    if isinstance(m, CondAffine):
+        kw = dict(noise=noise) if name == "affine_noise" else {}
+        return m, lambda x, ld: m(x, ft, ld, **kw), lambda y, ld: m.reverse(y, ft, ld, **kw)
+    if isinstance(m, FlowStep):
+        return m, lambda x, ld: m(x, ld, ft), lambda y, ld: m.reverse(y, ld, ft)
+    return m, m.forward, m.reverse
+
+
+LAYERS = ["actnorm", "invconv", "invconv_lu", "split", "step", "affine_noise"]
+LAYERS += [f"affine_{k}" for k in ("srflow", "da", "da_r", "da_d")]
+
+
+def test_squeeze_is_pixel_unshuffle():
+    x = torch.randn(2, 3, 6, 8)
+    y = squeeze(x)
+    assert torch.equal(y, F.pixel_unshuffle(x, 2))
+    assert y[1, 2 * 4 + 1 * 2 + 0, 2, 3] == x[1, 2, 2 * 2 + 1, 2 * 3 + 0]  # c·4 + dy·2 + dx
+    assert torch.equal(unsqueeze(y), x)
+    assert torch.equal(unsqueeze(squeeze(x[..., :6], 3), 3), x[..., :6])
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_layer_inverse_and_logdet(name):
+    m, fwd, rev = layer_case(name)
+    x = torch.randn(1, 4, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y, ld = fwd(x, x.new_zeros(1))
+    back, ld_back = rev(y, x.new_zeros(1))
+    assert (back - x).abs().max() < 1e-10
+    assert torch.allclose(ld_back, -ld, rtol=1e-12, atol=1e-12)  # reverse log-det = -forward
+    # log|det J| against the brute-force 16x16 Jacobian, in float64.
+    J = jacobian(lambda v: fwd(v.view_as(x), None)[0].flatten(), x.flatten())
+    brute = torch.linalg.slogdet(J)[1]
+    assert abs(ld.item()) > 1e-3  # non-trivial weights
+    assert ld.item() == pytest.approx(brute.item(), rel=1e-8)
+    # float32 round trip on a larger input (reverse of forward, spec §6.2).
+    m.float()
+    x32 = torch.randn(1, 4, 6, 6)
+    if name.startswith(("affine", "step")):  # the conditioning must match the input size
+        return
+    y32, _ = fwd(x32, None)
+    assert (rev(y32, None)[0] - x32).abs().max() < 1e-4
+
+
+def test_actnorm_data_init_once_and_not_after_loading():
+    x = torch.randn(4, 3, 5, 5) * 3 + 2
+    an = ActNorm(3).train()
+    y, _ = an(x)
+    assert torch.allclose(y.mean((0, 2, 3)), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(y.pow(2).mean((0, 2, 3)).sqrt(), torch.ones(3), atol=1e-5)
+    state = {k: v.clone() for k, v in an.state_dict().items()}
+    an(torch.randn(4, 3, 5, 5))  # a second batch does not re-initialise
+    assert all(torch.equal(v, an.state_dict()[k]) for k, v in state.items())
+    fresh = ActNorm(3).train()
+    fresh.load_state_dict(state)
+    fresh(torch.randn(4, 3, 5, 5) * 7)  # loaded weights are never data-initialised
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in state.items())
+    off = ActNorm(3).eval()
+    off(x)  # no init in eval mode
+    assert not off.initialized and off.bias.abs().sum() == 0
+
+
+def test_invconv_init_and_eval_cache():
+    ic = InvConv1x1(6)
+    w = ic.weight.detach()
+    assert torch.allclose(w @ w.T, torch.eye(6), atol=1e-5)  # a rotation: log|det| = 0
+    x = torch.randn(2, 6, 3, 3)
+    ic.train()
+    ic(x)
+    assert ic._cache is None  # never cached while training
+    ic.eval()
+    with torch.no_grad():
+        y, _ = ic(x)
+        assert ic.reverse(y)[0].sub(x).abs().max() < 1e-5
+        inv = ic._cache[3]
+        assert inv is not None and ic.reverse(y)[0] is not None and ic._cache[3] is inv  # reused
+        ic.weight.mul_(2.0)  # a parameter change invalidates the cache
+        y2, ld = ic(x, torch.zeros(2))
+        assert torch.allclose(y2, 2 * y, atol=1e-5)
+        assert ld[0].item() == pytest.approx(9 * 6 * math.log(2), rel=1e-5)
+        assert ic.reverse(y2)[0].sub(x).abs().max() < 1e-5
+    with torch.enable_grad():  # autograd on: computed fresh, gradients flow
+        ic(x, torch.zeros(2))[1].sum().backward()
+    assert ic.weight.grad is not None
+
+
+def test_lu_invconv_matches_its_matrix():
+    ic = InvConv1x1(5, lu=True)
+    assert torch.allclose(ic.matrix() @ ic.matrix().T, torch.eye(5), atol=1e-5)
+    ld = ic(torch.randn(1, 5, 2, 3), torch.zeros(1))[1]
+    assert ld.item() == pytest.approx(6 * torch.linalg.slogdet(ic.matrix())[1].item(), abs=1e-5)
+
+
+def test_fresh_step_log_det_is_the_init_contraction():
+    """Spec §6.7: at construction each coupling scales by s0 = sigmoid(2) + 1e-4 (C = 12, 5x7)."""
+    step = FlowStep(12, CondAffine(12, 5, nets()["srflow"])).eval()
+    _, ld = step(torch.randn(1, 12, 5, 7), torch.zeros(1), torch.randn(1, 5, 5, 7))
+    s0 = torch.sigmoid(torch.tensor(2.0, dtype=torch.float64)) + 1e-4
+    assert s0.item() == pytest.approx(0.880897, abs=1e-6)
+    assert ld.item() == pytest.approx((12 + 6) * 35 * math.log(s0), rel=1e-6)
+    assert ld.item() == pytest.approx(-79.8931, abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", list(nets()))
+def test_cond_part_equals_concat_input(kind):
+    """The LR-only half of a coupling net's first conv, computed once per image (batch B) and
+    broadcast over n samples, equals running the net on the concatenated input."""
+    net = perturb(nets()[kind](3 + 5, 6)).eval()
+    x, cond = torch.randn(2 * 3, 3, 4, 5), torch.randn(2, 5, 4, 5)
+    full = net(torch.cat([x, cond.repeat_interleave(3, 0)], 1))
+    assert (net.with_cond(x, net.cond_part(cond)) - full).abs().max() < 1e-6
+
+
+def test_affine_reverse_shares_lr_features_over_samples():
+    m = perturb(CondAffine(4, 5, nets()["srflow"])).eval()
+    ft, z = torch.randn(2, 5, 3, 3), torch.randn(2 * 4, 4, 3, 3)
+    a, lda = m.reverse(z, ft, torch.zeros(8))
+    b, ldb = m.reverse(z, ft.repeat_interleave(4, 0), torch.zeros(8))
+    assert (a - b).abs().max() < 1e-6 and torch.allclose(lda, ldb, rtol=1e-6)
+
+
+def test_coupling_networks_start_at_zero_and_split_is_standard_normal():
+    net = CouplingNet(7, 6, 8)
+    assert net(torch.randn(2, 7, 4, 4)).abs().max() == 0
+    split = Split(6)
+    x = torch.randn(2, 6, 4, 4)
+    z1, eps, ld = split(x, torch.zeros(2))
+    assert torch.equal(z1, x[:, :3]) and torch.equal(eps, x[:, 3:]) and ld.abs().max() == 0
+    assert split.conv.in_channels == 3  # the prior sees z1 only, never the LR
+
+
+def test_logdet_stays_float32_under_autocast():
+    m = perturb(FlowStep(4, CondAffine(4, 5, nets()["srflow"]))).eval()
+    x, ft = torch.randn(2, 4, 4, 4), torch.randn(2, 5, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, ld = m(x, torch.zeros(2), ft)
+    assert y.dtype == torch.float32 and ld.dtype == torch.float32
+    assert torch.allclose(ld, m(x, torch.zeros(2), ft)[1], rtol=1e-4)

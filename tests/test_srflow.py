@@ -1,0 +1,405 @@
+"""SRFlow, SRFlow-DA and NCSR (srflow_spec.md §6): parameter counts, the official key layout,
+whole-model invertibility and log-det, NLL units, temperature, training-step and sampling facts."""
+
+import math
+from unittest import mock
+
+import pytest
+import torch
+from conftest import TINY
+from test_flow_layers import perturb
+from test_models import official_rrdb_layout
+from torch.autograd.functional import jacobian
+
+import sr_lib.checkpoint
+from sr_lib.config import parse
+from sr_lib.errors import CheckpointError, UsageError
+from sr_lib.models import build_model
+from sr_lib.models.base import NoiseSource
+from sr_lib.models.flow_layers import ActNorm, gaussian_logp
+from sr_lib.models.rrdb import RRDBNet
+from sr_lib.resize import imresize_torch
+from sr_sample import draw
+
+FLOWS = ["srflow", "srflow_da", "ncsr"]
+UNUSED_CONV = 276_576  # the released code's never-called conv flowUpsamplerNet.f (320 -> 96, 3x3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(name: str, scale: int = 4, seed: int = 0, **cfg):
+    """A tiny model with non-trivial weights (perturbed zero convs and ActNorms), in eval mode."""
+    torch.manual_seed(seed)
+    return perturb(build_model(name, {**TINY[name], "scale": scale, **cfg}), seed).eval()
+
+
+def batch(scale: int, b: int = 2, h: int = 4, w: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    hr = torch.rand(b, 3, h * scale, w * scale, generator=g)
+    return imresize_torch(hr, 1 / scale), hr
+
+
+def meta_model(name: str, cfg: dict):
+    """The full-size model on the meta device (no memory, no init): for counting only."""
+    noop = lambda t, *a, **k: t  # noqa: E731
+    inits = ["kaiming_normal_", "kaiming_uniform_", "uniform_", "normal_", "zeros_"]
+    with mock.patch.multiple(torch.nn.init, **{n: noop for n in inits}), torch.device("meta"):
+        return build_model(name, cfg)
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# Official parameter counts (spec §1.8, §2, §3), all with the unused conv.
+COUNTS = [
+    ("srflow", 4, {}, 39_541_811, 1733),
+    ("srflow", 8, {}, 50_821_891, 2080),
+    ("srflow_da", 4, {}, 25_388_627, 1067),
+    ("srflow_da", 8, {}, 30_014_883, 1252),
+    ("ncsr", 4, {}, 41_662_643, 2165),
+    ("ncsr", 8, {}, 64_520_163, 3136),
+    ("srflow_da", 4, {"variant": "r"}, 25_388_627, None),
+    ("srflow_da", 8, {"variant": "r"}, 30_014_883, None),
+    ("srflow_da", 4, {"variant": "s"}, 25_479_299, None),
+    ("srflow_da", 8, {"variant": "s"}, 31_748_931, None),
+    ("srflow_da", 4, {"variant": "d"}, 23_105_571, None),
+    ("srflow_da", 8, {"variant": "d"}, 26_276_979, None),
+]
+
+
+@pytest.mark.parametrize("name, scale, cfg, count, keys", COUNTS)
+def test_parameter_counts_equal_the_official_models(name, scale, cfg, count, keys):
+    model = meta_model(name, {"scale": scale, **cfg})
+    assert n_params(model) == count
+    if keys is not None:
+        assert len(model.state_dict()) == keys
+    if not cfg:
+        lean = meta_model(name, {"scale": scale, "unused_conv": False})
+        assert n_params(lean) == count - UNUSED_CONV
+
+
+def official_flow_layout(scale: int, L: int, K: int) -> dict:
+    """Key -> shape of the official flowUpsamplerNet (spec §1.4 table and §4), written out."""
+    keys, i, c = {}, 0, 3
+
+    def net(prefix, cin, cout):
+        keys[f"{prefix}.0.weight"] = (64, cin, 3, 3)
+        keys[f"{prefix}.2.weight"] = (64, 64, 1, 1)
+        for j in (0, 2):
+            keys[f"{prefix}.{j}.actnorm.bias"] = keys[f"{prefix}.{j}.actnorm.logs"] = (1, 64, 1, 1)
+        keys[f"{prefix}.4.weight"], keys[f"{prefix}.4.bias"] = (cout, 64, 3, 3), (cout,)
+        keys[f"{prefix}.4.logs"] = (cout, 1, 1)
+
+    for level in range(1, L + 1):
+        c, i = c * 4, i + 1  # the squeeze takes index i - 1
+        for k in range(2 + K):
+            p = f"flowUpsamplerNet.layers.{i}"
+            keys[f"{p}.actnorm.bias"] = keys[f"{p}.actnorm.logs"] = (1, c, 1, 1)
+            keys[f"{p}.invconv.weight"] = (c, c)
+            if k >= 2:
+                net(f"{p}.affine.fFeatures", 320, 2 * c)
+                net(f"{p}.affine.fAffine", c // 2 + 320, c)
+            i += 1
+        if level < L - 1:
+            p = f"flowUpsamplerNet.layers.{i}.conv"
+            keys[f"{p}.weight"], keys[f"{p}.bias"] = (c, c // 2, 3, 3), (c,)
+            keys[f"{p}.logs"] = (c, 1, 1)
+            c, i = c // 2, i + 1
+    keys["flowUpsamplerNet.f.0.weight"], keys["flowUpsamplerNet.f.0.bias"] = (96, 320, 3, 3), (96,)
+    return keys
+
+
+@pytest.mark.parametrize("scale", [4, 8])
+def test_official_key_layout(scale):
+    model = meta_model("srflow", {"scale": scale})
+    got = {k: tuple(v.shape) for k, v in model.export_official_state_dict().items()}
+    want = {f"RRDB.{k}": v for k, v in official_rrdb_layout(scale).items()}
+    want.update(official_flow_layout(scale, 3 if scale == 4 else 4, 16))
+    assert got == want
+    assert len(got) == (1733 if scale == 4 else 2080)
+    split = "flowUpsamplerNet.layers.19.conv.weight"  # spec §1.4: x4 split at 19, x8 at 19 and 39
+    assert got[split] == (12, 6, 3, 3)
+    assert scale == 4 or got["flowUpsamplerNet.layers.39.conv.weight"] == (24, 12, 3, 3)
+    ncsr = meta_model("ncsr", {"scale": scale}).export_official_state_dict()
+    extra = sorted(set(ncsr) - set(got))
+    assert len(ncsr) == (2165 if scale == 4 else 3136)
+    assert scale == 8 or all(".affine.fAffine_std." in k for k in extra)
+    da = meta_model("srflow_da", {"scale": scale}).export_official_state_dict()
+    assert tuple(da["flowUpsamplerNet.layers.3.affine.fAffine.10.logs"].shape) == (12, 1, 1)
+    assert "flowUpsamplerNet.layers.3.affine.fAffine.8.bias" in da  # 3x3 convs with bias
+    assert not any("fAffine.0.actnorm" in k for k in da)  # and no ActNorm in F
+
+
+@pytest.mark.parametrize("name", FLOWS)
+def test_official_export_import_round_trip(name):
+    src = tiny(name, seed=1)
+    sd = src.export_official_state_dict()
+    assert set(sd) == set(src.official_keys().values())
+    dst = build_model(name, {**TINY[name], "scale": 4})
+    dst.load_raw_state_dict(sd, "official.pth")
+    assert all(torch.equal(v, dst.state_dict()[k]) for k, v in src.state_dict().items())
+    assert all(m.initialized for m in dst.modules() if isinstance(m, ActNorm))
+    lr, hr = batch(4)
+    dst.eval()
+    assert torch.equal(src.nll(lr, hr), dst.nll(lr, hr))
+    seeds = [5, 6, 7, 8]
+    a = src.sample(lr, 2, 0.9, NoiseSource(seeds))
+    assert torch.equal(a, dst.sample(lr, 2, 0.9, NoiseSource(seeds)))
+    # Only the unused conv may be missing or extra.
+    lean = build_model(name, {**TINY[name], "unused_conv": False})
+    lean.load_raw_state_dict(sd)
+    dst.load_raw_state_dict({k: v for k, v in sd.items() if ".f.0." not in k})
+
+
+def test_official_loading_is_strict_and_says_why(tmp_path):
+    sd = tiny("srflow").export_official_state_dict()
+    model = build_model("srflow", TINY["srflow"])
+    broken = dict(sd)
+    broken.pop("flowUpsamplerNet.layers.3.invconv.weight")
+    with pytest.raises(CheckpointError, match="1 missing") as e:
+        model.load_raw_state_dict(broken, "x.pth")
+    assert "\n" not in str(e.value)
+    with pytest.raises(CheckpointError, match="unexpected.*looks like --model ncsr --scale 4"):
+        model.load_raw_state_dict(tiny("ncsr").export_official_state_dict(), "ncsr.pth")
+    with pytest.raises(CheckpointError, match="shape"):
+        build_model("srflow", {**TINY["srflow"], "hidden_channels": 4}).load_raw_state_dict(sd)
+    with pytest.raises(CheckpointError, match="rrdb-init"):
+        model.load_raw_state_dict(RRDBNet(4, 8, 2, 4).state_dict(), "RRDB_DF2K_4X.pth")
+    # Through load_model (as sr_sample.py --ckpt F --model srflow --scale 4), tiny-sized here.
+    path = tmp_path / "SRFlow_tiny.pth"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError, match="pass --model and --scale"):
+        sr_lib.checkpoint.load_model(path)
+    real = sr_lib.checkpoint.build_model
+    small = lambda name, cfg: real(name, {**TINY[name], **cfg})  # noqa: E731
+    with mock.patch.object(sr_lib.checkpoint, "build_model", small):
+        net, _ = sr_lib.checkpoint.load_model(path, model="srflow", scale=4)
+    assert not net.training and all(m.initialized for m in net.modules() if isinstance(m, ActNorm))
+
+
+def test_encoder_size_follows_the_checkpoint():
+    """SRFlow_CelebA_8X has an 8-block encoder: the loader adapts `nb` (blocks 1,3,5,7 fit)."""
+    src = tiny("srflow", scale=8, nb=8, rrdb_blocks="1,3,5,7")
+    dst = build_model("srflow", {**TINY["srflow"], "scale": 8, "nb": 10, "rrdb_blocks": "1,3,5,7"})
+    dst.load_raw_state_dict(src.export_official_state_dict())
+    assert dst.cfg.nb == 8 and len(dst.RRDB.RRDB_trunk) == 8
+
+
+@pytest.mark.parametrize("name", FLOWS)
+@pytest.mark.parametrize("scale", [4, 8])
+def test_whole_model_round_trip_and_latent_shapes(name, scale):
+    model = tiny(name, scale)
+    lr, hr = batch(scale, h=4, w=6)
+    latents, logdet = model.encode(lr, hr)
+    back, logdet_back = model.reconstruct(lr, latents)
+    assert (back - hr).abs().max() < 1e-4  # fp32 (spec §6.2)
+    assert torch.allclose(logdet_back, -logdet, rtol=1e-4, atol=1e-2)
+    # Spec §6.6: final latent at LR/2 (SRFlow, NCSR) or at LR resolution (SRFlow-DA).
+    final = {"srflow_da": (24 if scale == 4 else 48, 4, 6)}.get(name, (96 * scale // 4, 2, 3))
+    assert tuple(latents[-1].shape[1:]) == final
+    assert len(latents) == (2 if scale == 4 else 3)  # splits + z_L
+
+
+@pytest.mark.parametrize("name", FLOWS)
+def test_log_likelihood_equals_brute_force_jacobian(name):
+    """log p = log|det J| + Σ log N(outputs) for HR (1x3x8x8 = 192 dims) -> all latents, float64."""
+    model = tiny(name).double()
+    lr, hr = (t.double() for t in batch(4, b=1, h=2, w=2))
+    noise = 0.05 * torch.randn_like(hr) if name == "ncsr" else None  # a non-zero condition
+    conds = model.conditions(lr)
+
+    def latents(x):
+        return torch.cat([z.flatten() for z in model.encode(lr, x.view_as(hr), noise, conds)[0]])
+
+    J = jacobian(latents, hr.flatten(), vectorize=True)
+    brute = torch.linalg.slogdet(J)[1] + gaussian_logp(latents(hr).view(1, -1, 1, 1))
+    assert model.log_likelihood(lr, hr, noise).item() == pytest.approx(brute.item(), rel=1e-8)
+
+
+def test_nll_units_and_sign():
+    model = tiny("srflow")
+    lr, hr = batch(4, b=3)
+    nll = model.nll(lr, hr)
+    objective = model.log_likelihood(lr, hr)
+    assert torch.allclose(nll, -objective / (math.log(2) * hr.shape[2] * hr.shape[3]))
+    assert torch.allclose(model.nll(lr[1:2], hr[1:2]), nll[1:2], rtol=1e-5)  # batch-independent
+    assert model(lr, hr)["nll"].item() == pytest.approx(nll.mean().item(), rel=1e-6)
+    uniform = build_model("srflow", {**TINY["srflow"], "dequant": "uniform"}).eval()
+    uniform.load_state_dict(model.state_dict())
+    assert (uniform.nll(lr, hr) - nll).sub(5.0).abs().max() < 1e-5  # exactly log2(32) bits
+
+
+def test_dequantisation_noise_only_in_training():
+    lr, hr = batch(4)
+    for dequant, noisy in (("gaussian", True), ("uniform", True), ("none", False)):
+        model = tiny("srflow", dequant=dequant).train()
+        a, b = model(lr, hr)["loss"], model(lr, hr)["loss"]
+        assert (a != b) == noisy
+        model.eval()
+        assert model(lr, hr)["loss"] == model(lr, hr)["loss"]
+
+
+def test_temperature():
+    model = tiny("srflow")
+    lr, _ = batch(4, b=1)
+    s0 = model.sample(lr, 3, 0.0)
+    assert torch.equal(s0, model.sample(lr, 3, 0.0)) and torch.equal(s0[:, 0], s0[:, 2])
+    zeros = [torch.zeros(1, 6, 8, 12), torch.zeros(1, 96, 2, 3)]  # split eps and z_L all 0
+    with torch.no_grad():
+        decoded = model.reconstruct(lr, zeros)[0].clamp(0, 1)
+    assert torch.equal(s0[:, 0], decoded)
+    assert not torch.equal(model.sample(lr, 1, 0.9), model.sample(lr, 1, 0.9))
+    spread = [
+        model.sample(lr, 16, t, NoiseSource(range(16)))[0].std(0).mean() for t in (0.3, 0.6, 1)
+    ]
+    assert 0 < spread[0] < spread[1] < spread[2]
+
+
+def test_conditioning_changes_the_output():
+    model = tiny("srflow")
+    lr, _ = batch(4, b=2)
+    s = model.sample(lr[:1], 1, 0.0)
+    assert (s - model.sample(lr[1:], 1, 0.0)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", FLOWS)
+def test_n_samples_at_once_equal_one_at_a_time(name):
+    model = tiny(name)
+    lr, _ = batch(4, b=2)
+    seeds = [11, 12, 13, 21, 22, 23]
+    together = model.sample(lr, 3, 0.9, NoiseSource(seeds))
+    for b in range(2):
+        for i in range(3):
+            one = model.sample(lr[b : b + 1], 1, 0.9, NoiseSource([seeds[3 * b + i]]))
+            assert torch.equal(one[0, 0], together[b, i])  # bit-identical
+
+
+@pytest.mark.parametrize("name", FLOWS)
+def test_one_training_step_gives_finite_gradients(name):
+    model = tiny(name).train()
+    lr, hr = batch(4)
+    model(lr, hr)["loss"].backward()
+    unused = {k for k, p in model.named_parameters() if not p.requires_grad}
+    for k, p in model.named_parameters():
+        if k not in unused:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), k
+    expected = {"f.", "RRDB.upconv2.", "RRDB.HRconv.", "RRDB.conv_last."}
+    if name == "ncsr":  # level 1 is not noise-conditional (S = 0, 16, 16)
+        expected |= {f"flow.0.layers.{j}.affine.fAffine_std." for j in (2, 3)}
+    assert {k for k in unused if not k.startswith(tuple(expected))} == set()
+    assert all(any(k.startswith(e) for k in unused) for e in expected)
+
+
+def test_encoder_frozen_for_the_first_half():
+    model = tiny("srflow").train()
+    lr, hr = batch(4)
+    model.on_step(0, 10)
+    model(lr, hr)["loss"].backward()
+    assert model.RRDB.conv_first.weight.grad is None
+    assert model.flow[0].layers[2].affine.fAffine[0].weight.grad is not None
+    model.on_step(5, 10)
+    assert model.RRDB.conv_first.weight.requires_grad
+    assert not model.RRDB.HRconv.weight.requires_grad  # unused parts stay frozen
+    released = tiny("srflow", freeze_encoder=0.0)
+    released.on_step(0, 10)
+    assert released.RRDB.conv_first.weight.requires_grad
+
+
+def test_actnorm_initialises_once_and_never_after_loading(tmp_path):
+    model = build_model("srflow", TINY["srflow"]).train()
+    lr, hr = batch(4)
+    model(lr, hr)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert state["flow.0.layers.0.actnorm.logs"].abs().sum() > 0
+    model(lr * 0.5, hr * 0.5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    for load in ("load_state_dict", "mark_initialized"):
+        other = build_model("srflow", TINY["srflow"]).train()
+        if load == "load_state_dict":
+            other.load_state_dict(state)
+        else:
+            other.mark_initialized()
+        before = {k: v.clone() for k, v in other.state_dict().items()}
+        other(lr, hr)
+        assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items()), load
+    path = tmp_path / "RRDB.pth"  # --rrdb-init loads at step 0 unless weights were loaded
+    enc = RRDBNet(4, 8, 2, 4)
+    torch.save(enc.state_dict(), path)
+    fresh = build_model("srflow", {**TINY["srflow"], "rrdb_init": str(path)})
+    fresh.on_step(0, 10)
+    assert torch.equal(fresh.RRDB.conv_first.weight, enc.conv_first.weight)
+    resumed = build_model("srflow", {**TINY["srflow"], "rrdb_init": str(path)})
+    resumed.mark_initialized()
+    resumed.on_step(0, 10)
+    assert not torch.equal(resumed.RRDB.conv_first.weight, enc.conv_first.weight)
+
+
+def test_ncsr_noise():
+    model = tiny("ncsr", noise_steps="0,1,2")
+    active = [[bool(getattr(m.affine, "noise_conditional", False)) for m in level.layers[2:4]]
+              for level in model.flow]  # fmt: skip
+    assert active == [[False, False], [False, True], [True, True]]  # the last S steps per level
+    lr, hr = batch(4)
+    torch.manual_seed(3)
+    lr_in, hr_in, eps = model.perturb(lr, hr)
+    assert torch.allclose(hr_in - hr, eps, atol=1e-6) and 0 < eps.std() < 0.05
+    assert torch.allclose(lr_in - lr, imresize_torch(eps, 0.25), atol=1e-6)
+    z_clean = model.encode(lr, hr)[0][-1]
+    z_noisy = model.encode(lr, hr, torch.randn_like(hr))[0][-1]
+    assert (z_noisy - z_clean).abs().max() > 1e-3  # the condition matters
+    zero = model.encode(lr, hr, torch.zeros_like(hr))[0][-1]
+    assert torch.allclose(zero, z_clean, atol=1e-6)  # inference uses the zero condition
+
+
+def test_sr_flow_da_variants():
+    lr, hr = batch(4)
+    for variant, n in (("r", 2), ("s", 2), ("d", 2)):
+        model = tiny("srflow_da", variant=variant)
+        latents, _ = model.encode(lr, hr)
+        back, _ = model.reconstruct(lr, latents)
+        assert (back - hr).abs().max() < 1e-4 and len(latents) == n
+    s = tiny("srflow_da", variant="s")
+    assert s.flow[0].factor == 4 and s.lr_multiple == 1
+    with pytest.raises(UsageError):
+        s.export_official_state_dict()
+    with pytest.raises(UsageError):
+        build_model("srflow", {"scale": 2})
+
+
+def test_tiled_sampling_uses_whole_image_noise_fields():
+    model = tiny("srflow")
+    lr, _ = batch(4, b=1, h=12, w=12)
+    shapes = []
+    real = NoiseSource.randn
+
+    def record(self, shape):
+        shapes.append(tuple(shape))
+        return real(self, shape)
+
+    with mock.patch.object(NoiseSource, "randn", record):
+        whole = draw(model, lr, [1, 2], 0.9, 0, 0)
+        tiled = draw(model, lr, [1, 2], 0.9, 8, 4)
+    assert shapes[:2] == [(96, 6, 6), (6, 24, 24)]  # z_L at LR/2, the split eps at HR/2
+    assert all(len(s) == 3 for s in shapes)  # spatial fields: tiles cut them from the whole
+    assert tiled.shape == whole.shape == (2, 3, 48, 48) and torch.isfinite(tiled).all()
+
+
+def test_config_flags():
+    cfg = parse(build_model("srflow", TINY["srflow"]).Config, ["--dequant", "uniform",
+                "--no-unused-conv", "--freeze-encoder", "0", "--lu"], "t")  # fmt: skip
+    assert (cfg.dequant, cfg.unused_conv, cfg.freeze_encoder, cfg.lu) == ("uniform", False, 0, True)
+    model = build_model("srflow", {**TINY["srflow"], "lu": True})
+    lr, hr = batch(4)
+    model.train()(lr, hr)["loss"].backward()
+    with pytest.raises(UsageError):
+        model.export_official_state_dict()
+    defaults = model.train_defaults(4)
+    assert defaults["milestones"] == (0.5, 0.75, 0.9, 0.95) and defaults["patch"] == 40
+    assert build_model("srflow_da", TINY["srflow_da"]).train_defaults(8)["learning_rate"] == 2e-4
