@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import Progress
@@ -40,13 +41,17 @@ from rich.table import Table
 import sr_lib
 from sr_lib import metrics
 from sr_lib.config import parse, pick_device
-from sr_lib.data import IMAGE_EXTENSIONS, read_image
+from sr_lib.data import IMAGE_EXTENSIONS, demo_files, read_image
 from sr_lib.errors import CheckpointError, DataError, UsageError, exit_on_error
 
 PROG = "sr_eval.py"
 HELP_LR = "folder of LR inputs ({stem}.png or {stem}x{scale}.png): adds LRPSNR_vs_input_mean"
 HELP_WEIGHTS = "complete lpips.LPIPS(net='alex') state_dict file (default: ImageNet AlexNet trunk)"
 HELP_BATCH = "samples per LPIPS pass (default: 1 on CPU, equal to the lpips module; 4 on CUDA)"
+HELP_SIGMA = (
+    "folder of {stem}_sigma.npy maps (sr_sample.py --save-uncertainty): adds PLL and PSNR_sigma"
+    " (Table 7 of 'Revisiting l1 loss'), with the first sample of the first --sr as mu"
+)
 HELP_SHAVE = "pixels removed from each border for PSNR/SSIM (default: the scale)"
 
 
@@ -66,6 +71,7 @@ class EvalArgs:
     csv: str | None = field(default=None, metadata=dict(type=str, help="write per-image CSV"))
     device: str = field(default="auto", metadata=dict(help="auto, cpu or cuda"))
     lpips_batch: int | None = field(default=None, metadata=dict(type=int, help=HELP_BATCH))
+    uncertainty: str | None = field(default=None, metadata=dict(type=str, help=HELP_SIGMA))
 
 
 def list_images(folder: Path) -> dict[str, Path]:
@@ -142,13 +148,18 @@ def run(args: EvalArgs) -> int:
 
     # ---- find the files: HR images, N samples per image and method, LR inputs
     hr_dir = Path(args.hr)
-    if not hr_dir.is_dir():
+    if args.hr == "demo":  # the demo validation photographs (sr_sample.py --input demo)
+        hr = {p.stem: p for p in demo_files("val")}
+    elif not hr_dir.is_dir():
         raise DataError(f"--hr {hr_dir}: no such folder")
-    hr = list_images(hr_dir)
-    if not hr:
-        raise DataError(f"--hr {hr_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})")
-    if len(hr) != len([p for p in hr_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]):
-        raise DataError(f"--hr {hr_dir}: two images share a file stem; SR names would be ambiguous")
+    else:
+        hr = list_images(hr_dir)
+        if not hr:
+            raise DataError(f"--hr {hr_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+        if len(hr) != len([p for p in hr_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]):
+            raise DataError(
+                f"--hr {hr_dir}: two images share a file stem; SR names would be ambiguous"
+            )
     stems = sorted(hr)
     methods: dict[str, list[list[Path]]] = {}
     for d in args.sr:
@@ -165,6 +176,15 @@ def run(args: EvalArgs) -> int:
             if f is None:
                 raise DataError(f"--lr {args.lr}: no LR image {s}.png or {s}x{args.scale}.png")
 
+    sigma_files = None
+    if args.uncertainty:
+        if args.ntire:
+            raise UsageError("--ntire reports only the official columns; drop --uncertainty")
+        sigma_files = [Path(args.uncertainty) / f"{s}_sigma.npy" for s in stems]
+        for f in sigma_files:
+            if not f.is_file():
+                raise DataError(f"--uncertainty: missing {f} (sr_sample.py --save-uncertainty)")
+
     # ---- LPIPS model (official: ImageNet AlexNet trunk + the v0.1 heads of the lpips package)
     lpips_metric = None
     if not args.no_lpips:
@@ -176,6 +196,7 @@ def run(args: EvalArgs) -> int:
     columns = list(metrics.OFFICIAL_COLUMNS)
     if not args.ntire:
         columns += list(metrics.EXTRA_COLUMNS) + ([metrics.LR_INPUT_COLUMN] if args.lr else [])
+    sigma_columns = ["PLL", "PSNR_sigma"] if sigma_files else []
 
     # ---- loop over images; the next image's files are read in a background thread
     opts = dict(scale=args.scale, lpips_metric=lpips_metric, ntire=args.ntire, color=args.color)
@@ -202,6 +223,11 @@ def run(args: EvalArgs) -> int:
                     gt, imgs, lr=lr, names=names, gt_name=str(hr[stem]), **opts
                 )
                 rows[m].append({"image": stem, **{c: row[c] for c in columns}})
+                if sigma_files and m == next(iter(methods)):
+                    sigma = np.load(sigma_files[k])
+                    gt_s = metrics.mod_crop(gt, args.scale)
+                    rows[m][-1]["PLL"] = metrics.pll(gt_s, imgs[0], sigma)
+                    rows[m][-1]["PSNR_sigma"] = metrics.sigma_psnr(gt_s, imgs[0], sigma)
                 if not tty:  # plain log lines for SLURM logs instead of a progress bar
                     vals = " ".join(f"{c} {fmt(row[c], c)}" for c in columns)
                     took = time.perf_counter() - start
@@ -209,8 +235,10 @@ def run(args: EvalArgs) -> int:
             bar.update(task, advance=1, description=stem)
 
     # ---- aggregate: mean over images of each column (inf propagates, as the reference)
+    columns += sigma_columns  # (computed for the first --sr folder only)
     means = {
-        m: {c: metrics.dataset_mean([r[c] for r in rs]) for c in columns} for m, rs in rows.items()
+        m: {c: metrics.dataset_mean([r.get(c) for r in rs]) for c in columns}
+        for m, rs in rows.items()
     }
     protocol = " (NTIRE 2021 protocol)" if args.ntire else ""
     table = Table(title=f"x{args.scale}, N={args.n}, {len(stems)} images{protocol}")
@@ -262,7 +290,9 @@ def run(args: EvalArgs) -> int:
             w.writerow(["method", "image", *columns])
             for m, rs in clean.items():
                 for r in rs:
-                    w.writerow([m, r["image"], *["" if r[c] is None else r[c] for c in columns]])
+                    w.writerow(
+                        [m, r["image"], *["" if r.get(c) is None else r[c] for c in columns]]
+                    )
     return 0
 
 

@@ -91,6 +91,9 @@ class TrainArgs:
         metadata=dict(choices=["none", "bf16", "fp16"], help="mixed precision (CUDA)"),
     )
     compile: bool = field(default=False, metadata=dict(help="torch.compile the training forward"))
+    channels_last: bool = field(
+        default=False, metadata=dict(help="NHWC memory format (~3x faster convs for EDSR on CPU)")
+    )
     deterministic: bool = field(
         default=False, metadata=dict(help="deterministic algorithms only (README: what it costs)")
     )
@@ -217,6 +220,8 @@ def train(argv) -> int:
 
     # Model and optimizers (a discriminator, if the model has one, gets its own).
     model = build_model(args.model, cfg).to(device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     if args.init_from and resumed is None:
         init = load_checkpoint(args.init_from)
         load_weights(model, init.get("state_dict", init), args.init_from)
@@ -315,7 +320,7 @@ def train(argv) -> int:
     )
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     autocast = torch.autocast(device.type, amp_dtype) if amp_dtype else contextlib.nullcontext()
-    bad, t0, step = 0, time.time(), start
+    bad, t0, step, logged = 0, time.time(), start, start
     progress = Progress(steps, start) if main_rank else None
     t_start = time.time()
     stopped = None
@@ -326,7 +331,9 @@ def train(argv) -> int:
             break
         model.train()
         model.on_step(step, steps)
-        lr_img, hr_img = (x.to(device, non_blocking=True) for x in next(batches))
+        lr_img, hr_img = (
+            x.to(device, non_blocking=True, memory_format=memory_format) for x in next(batches)
+        )
         for o, base in ((opt, base_lr), (optimizers.get("d"), d_lr)):
             if o is not None:
                 for g in o.param_groups:
@@ -360,8 +367,8 @@ def train(argv) -> int:
         if main_rank and ((step + 1) % args.log_every == 0 or step + 1 == steps):
             rec = {"step": step + 1, "learning_rate": get_lr(step, base_lr), "skipped": skipped}
             rec.update({k: float(v.detach()) for k, v in out_g.items() if v.ndim == 0})
-            rec["s_per_step"] = (time.time() - t0) / args.log_every
-            t0 = time.time()
+            rec["s_per_step"] = (time.time() - t0) / (step + 1 - logged)
+            t0, logged = time.time(), step + 1
             log(rec)
             progress.update(step + 1, rec)
         if val_pairs and ((step + 1) % args.val_every == 0 or step + 1 == steps):

@@ -548,3 +548,34 @@ def evaluate_image(
             vals.append(lr_psnr(img[:hl, :wl], lr, scale))
         row[LR_INPUT_COLUMN] = float(np.mean(vals))
     return row
+
+
+# ----------------------------------------------------------------------------- uncertainty
+
+
+def pll(gt: ARRAY, mu: ARRAY, sigma: ARRAY, floor: float = 1e-6) -> float:
+    """Predictive log-likelihood of "Revisiting l1 loss" (Eq. 11, Table 7), nats per value.
+
+    mean over pixels and RGB of log N(gt; mu, sigma^2) = -1/2 log(2 pi sigma^2) - (gt-mu)^2/(2
+    sigma^2), all on the [0, 1] scale (gt, mu: uint8 HWC; sigma: float (3, H, W) or HWC in
+    [0, 1]), sigma floored at `floor` (methods_spec §4.6 defaults: RGB, no shave).
+    """
+    y, m, s = _uncertainty_inputs(gt, mu, sigma, floor)
+    return float(np.mean(-0.5 * np.log(2 * np.pi * s**2) - (y - m) ** 2 / (2 * s**2)))
+
+
+def sigma_psnr(gt: ARRAY, mu: ARRAY, sigma: ARRAY) -> float:
+    """PSNR (peak 1) between the sigma map and the actual error |gt - mu| (Table 7, 2nd number)."""
+    y, m, s = _uncertainty_inputs(gt, mu, sigma, 0.0)
+    return psnr(s, np.abs(y - m), peak=1.0)
+
+
+def _uncertainty_inputs(gt, mu, sigma, floor):
+    s = np.asarray(sigma, dtype=np.float64)
+    if s.ndim == 3 and s.shape[0] == 3 and s.shape[-1] != 3:
+        s = s.transpose(1, 2, 0)  # (3, H, W) as saved by sr_sample.py -> HWC
+    h = min(gt.shape[0], mu.shape[0], s.shape[0])
+    w = min(gt.shape[1], mu.shape[1], s.shape[1])
+    y = gt[:h, :w].astype(np.float64) / 255
+    m = mu[:h, :w].astype(np.float64) / 255
+    return y, m, np.maximum(s[:h, :w], floor)

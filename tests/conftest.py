@@ -15,6 +15,17 @@ TINY: dict[str, dict] = {
     "srflow_da": dict(nb=2, nf=8, gc=4, rrdb_blocks="0,1", flow_steps=2, hidden_channels=8),
     "ncsr": dict(nb=2, nf=8, gc=4, rrdb_blocks="0,1", flow_steps=2, hidden_channels=8),
     "vspsr": dict(n_basis=8, basis_channels=4, coef_channels=4, d_channels=4, lambda_per=0.0),
+    "refvae": dict(
+        width=16,
+        cond_channels=4,
+        latent_grid=2,
+        z_dim=8,
+        mask_blocks=1,
+        ref_size=16,
+        d_channels=4,
+        pretrained=False,
+    ),
+    "varsr": dict(z_dim=8, n_feats=8, n_blocks=1, enc_feats=4, d_channels=4, pretrained=False),
 }
 
 # Tiny variants that switch on optional parts (the ℓ_E loss adds a σ branch and parameters).

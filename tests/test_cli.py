@@ -50,3 +50,34 @@ def test_train_sample_evaluate(tmp_path):
     expect = np.mean([psnr(sr, hr) for sr in srs])
     assert abs(res["per_image"][0]["PSNR_mean"] - expect) < 1e-9
     assert res["settings"]["scale"] == 4 and res["settings"]["n"] == 2
+
+
+def test_uncertainty_maps_are_evaluated(tmp_path):
+    """edsr --loss le -> sr_sample --save-uncertainty -> sr_eval --uncertainty (PLL, PSNR_sigma)."""
+    hr_dir = tmp_path / "hr"
+    hr_dir.mkdir()
+    img = np.kron(np.random.default_rng(1).random((6, 8, 3)), np.ones((8, 8, 1)))
+    iio.imwrite(hr_dir / "a.png", (img * 255).astype(np.uint8))
+    run = tmp_path / "run"
+    argv = ["--model", "edsr", "--loss", "le", "--n-feats", "8", "--n-blocks", "1",
+            "--le-sigma-feats", "8", "--scale", "2", "--data", str(hr_dir), "--patch", "8",
+            "--batch", "2", "--steps", "1", "--workers", "0", "--val-every", "0",
+            "--out", str(run)]  # fmt: skip
+    assert sr_train.main(argv) == 0
+    out = tmp_path / "s"
+    argv = ["--ckpt", str(run / "last.pt"), "--input", str(hr_dir), "--from-hr", "--n", "1",
+            "--save-uncertainty", "--out", str(out)]  # fmt: skip
+    assert sr_sample.main(argv) == 0
+    res = tmp_path / "r.json"
+    argv = ["--hr", str(hr_dir), "--sr", str(out), "--scale", "2", "--n", "1", "--no-lpips",
+            "--uncertainty", str(out), "--out", str(res)]  # fmt: skip
+    assert sr_eval.main(argv) == 0
+    row = json.loads(res.read_text())["per_image"][0]
+    # independently: Gaussian log-density of the ground truth under N(mu, sigma^2), [0, 1] scale
+    y = read_image(hr_dir / "a.png").astype(np.float64) / 255
+    mu = read_image(out / "a.png").astype(np.float64) / 255
+    s = np.maximum(np.load(out / "a_sigma.npy").transpose(1, 2, 0).astype(np.float64), 1e-6)
+    pll = np.mean(-0.5 * np.log(2 * np.pi * s**2) - (y - mu) ** 2 / (2 * s**2))
+    assert abs(row["PLL"] - pll) < 1e-9
+    mse = np.mean((s - np.abs(y - mu)) ** 2)
+    assert abs(row["PSNR_sigma"] - 10 * np.log10(1 / mse)) < 1e-9

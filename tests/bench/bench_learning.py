@@ -38,6 +38,7 @@ def train(out: Path, loss: str, a) -> dict:
             "--steps", "10000000", "--time-budget", str(a.budget), "--batch", str(a.batch),
             "--patch", str(a.patch), "--learning-rate", str(a.learning_rate),
             "--val-every", "0", "--log-every", "50", "--workers", "1", "--seed", str(a.seed),
+            "--channels-last",
             "--out", str(out)]  # fmt: skip
     assert sr_train.main(argv) == 0
     model, ck = load_model(out / "last.pt")

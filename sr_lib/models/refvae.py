@@ -1,0 +1,382 @@
+"""RefVAE: "Variational AutoEncoder for Reference based Image Super-Resolution" (Z.-S. Liu,
+W.-C. Siu, L.-W. Wang, NTIRE 2021 workshop, CVPRW 2021).
+
+Written from the paper and methods_spec.md §2, which records the released code (Holmes-Alan/RefVAE
+836b8f1, MIT); nothing is copied. A frozen VGG encoder maps the bicubic-upscaled LR and a reference
+R (resized to 256×256) to relu4_1 features; a CVAE (feature encoder -> z -> feature decoder) turns
+F_R into conditional features C_R that modulate the LR features, F = C_R·(1 + F_σ) + F_μ (§3.2);
+an image decoder predicts the residual over the bicubic image. Other references, or other z, give
+other SR images. `temperature` scales the ε of z = μ + σ·ε and of the noise references.
+
+Encoder: the code's LinearStyleTransfer "r41" encoder (vgg_r41.pth) cannot be had offline, so this
+is torchvision VGG19 `features` up to relu4_1 with ImageNet input normalisation (spec §2.4.5),
+weights from the manifest entry `vgg19`, loaded at the first step and kept in the state_dict (so
+sampling needs no weights file). Its features have another scale: the official checkpoints cannot
+be loaded. The same frozen network gives the content and style losses. Loss defaults: the paper's
+weights (Eq. 9) over the code's sum reductions; the code's other terms are options (docs/vae.md).
+"""
+
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sr_lib.data import list_images, read_image, to_tensor
+from sr_lib.errors import UsageError
+from sr_lib.models.base import ModelConfig, SRModel
+from sr_lib.models.blocks import conv3x3
+from sr_lib.models.vgg_loss import VGG19_RELU, VGGFeatures
+from sr_lib.resize import imresize_torch
+from sr_lib.weights import load_state_dict, resolve, torchvision_model
+
+VGG_CH = 512  # relu4_1 channels
+NOISE_MEAN, NOISE_STD = 0.249, 0.145  # moments of the code's uint8 U{0..127}/255 noise reference
+REF_SEED = 0x5EF  # training references of step t: default_rng([REF_SEED, t])
+CONTENT_DOWN = ("lr", "pyramid", "none")
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata=dict(help=help, **kw))
+
+
+def check_choices(cfg) -> None:
+    """The `choices` of the Config fields, for configs built without the CLI (build_model)."""
+    for f in fields(cfg):
+        choices = f.metadata.get("choices")
+        if choices is not None and getattr(cfg, f.name) not in choices:
+            flag = f"--{f.name.replace('_', '-')}"
+            raise UsageError(f"{flag} {getattr(cfg, f.name)!r}: choose one of {choices}")
+
+
+@dataclass
+class RefVAEConfig(ModelConfig):
+    width: int = _f(512, "LR-branch / fusion channels (512 = code); the decoder halves it 3×")
+    cond_channels: int = _f(64, "channels of the CVAE feature maps (code: 64)")
+    latent_grid: int = _f(16, "CVAE feature grid side (code: 16, i.e. 16·16·64 -> z)")
+    z_dim: int = _f(256, "latent size D (code: 256)")
+    mask_blocks: int = _f(3, "residual blocks of the LR branch (code: 3)")
+    ref_size: int = _f(256, "references are resized to this square (paper: 256)")
+    ref_data: str = _f("hr", "training references: hr (the HR patch, as the code) or a folder")
+    pretrained: bool = _f(True, "random frozen VGG19/AlexNet, no ImageNet weights (tests only)")
+    lambda_content: float = _f(1.0, "VGG relu4_1 L1 of Eq. 6 (code: 0.01)")
+    lambda_pixel: float = _f(1.0, "pixel + Down L1 of Eq. 6 (code: 1)")
+    content_down: str = _f("lr", "Down of Eq. 6: lr (×1/s), pyramid (×½, ×¼: code), none",
+                           choices=CONTENT_DOWN)  # fmt: skip
+    lambda_lr: float = _f(0.0, "L1(Down_s(SR), LR input), the code's LR consistency (code: 100)")
+    lambda_style: float = _f(10.0, "style loss, Eq. 7")
+    style_layers: str = _f(
+        "relu1_2,relu2_2,relu3_4,relu4_1", "VGG19 taps of Eq. 7 (code: relu1_1,relu2_1,...,relu4_1)"
+    )
+    style_target: str = _f("ref", "style statistics of: ref (paper text) or hr (Eq. 7 as printed)",
+                           choices=("ref", "hr"))  # fmt: skip
+    lambda_lpips: float = _f(1.0, "LPIPS-alex loss (code: 1e4 on the mean map)")
+    lambda_tv: float = _f(1.0, "TV loss, Eq. 8 (code: 0)")
+    tv_beta: float = _f(1.0, "TV exponent β of Eq. 8 (not given by the paper)")
+    lambda_kl: float = _f(1.0, "KL(q(z|R) ‖ N(0, I)), Eq. 4")
+    lambda_adv: float = _f(1.0, "adversarial loss (not in Eq. 9; code: 1; 0 = no D unless FM)")
+    adv_loss: str = _f("gan", "gan: −log D(SR) (Eq. 5); l1: |D(SR) − 1| (code)",
+                       choices=("gan", "l1"))  # fmt: skip
+    lambda_fm: float = _f(0.0, "discriminator feature matching L1 (code: 0.01)")
+    d_channels: int = _f(32, "discriminator width (code: 32)")
+    reduction: str = _f("sum", "reduce every term by sum (code) or mean", choices=("sum", "mean"))
+
+
+class ResBlock(nn.Module):
+    """conv-LReLU-conv + skip, then LReLU(0.01) (spec §2.1)."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.body = nn.Sequential(conv3x3(ch, ch), nn.LeakyReLU(0.01), conv3x3(ch, ch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(x + self.body(x), 0.01)
+
+
+class Generator(nn.Module):
+    """The code's VAE_v3 (spec §2.1 table): CVAE over F_R, LR branch, fusion, image decoder."""
+
+    def __init__(self, c: RefVAEConfig):
+        super().__init__()
+        w, k, self.grid = c.width, c.cond_channels, c.latent_grid
+        self.init_feat = nn.Sequential(
+            nn.Conv2d(VGG_CH, k, 1), nn.BatchNorm2d(k), nn.LeakyReLU(0.01),
+            conv3x3(k, k), nn.BatchNorm2d(k), nn.LeakyReLU(0.01),
+        )  # fmt: skip
+        self.feat_enc = nn.Linear(k * self.grid**2, 2 * c.z_dim)  # -> (μ, log σ²)
+        self.feat_dec = nn.Linear(c.z_dim, k * self.grid**2)
+        self.cond = nn.Sequential(nn.Conv2d(k, w, 1), ResBlock(w))
+        mask = [nn.Conv2d(VGG_CH, w, 1), *[ResBlock(w) for _ in range(c.mask_blocks)]]
+        self.mask = nn.Sequential(*mask, nn.Conv2d(w, 2 * w, 1))
+        dec: list[nn.Module] = []
+        for i, o in ((w, w // 2), (w // 2, w // 4), (w // 4, w // 8)):  # r41 is at 1/8: ×8 back
+            dec += [nn.Upsample(scale_factor=2, mode="bilinear"), conv3x3(i, o), nn.LeakyReLU(0.01)]
+        dec += [nn.Conv2d(w // 8, w // 8, 1), nn.LeakyReLU(0.01), conv3x3(w // 8, 3)]
+        self.decoder = nn.Sequential(*dec)
+        # [derived] zero residual at init: training starts from the bicubic image (the code
+        # initialises this conv randomly, which starts ~14 dB below bicubic)
+        nn.init.zeros_(self.decoder[-1].weight)
+        nn.init.zeros_(self.decoder[-1].bias)
+
+    def encode(self, f_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature encoder: F_R (N, 512, h, w) -> μ, log σ² (N, D) each."""
+        h = F.interpolate(self.init_feat(f_r), size=(self.grid, self.grid), mode="bilinear")
+        mu, logvar = self.feat_enc(h.flatten(1)).chunk(2, dim=1)
+        return mu, logvar
+
+    def decode(self, f_x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Residual (B, 3, 8h, 8w) from LR features F_X (B, 512, h, w) and z (B, D)."""
+        c_r = self.feat_dec(z).view(z.shape[0], -1, self.grid, self.grid)  # (B, k, g, g)
+        c_r = self.cond(F.interpolate(c_r, size=f_x.shape[-2:], mode="bilinear"))  # C_R
+        f_mu, f_sigma = self.mask(f_x).chunk(2, dim=1)  # the code's order: F_μ first
+        return self.decoder(c_r * (1 + f_sigma) + f_mu)  # §3.2 fusion
+
+
+class Discriminator(nn.Module):
+    """The code's discriminator_v2: one PatchGAN applied at 3 scales (weights shared, spec §2.1).
+
+    forward(x) -> (logits (B, N) of all scales, [flattened intermediate activations])."""
+
+    MIN_SIZE = 16  # three stride-2 convs, InstanceNorm needs >= 2x2 left: smaller scales skipped
+
+    def __init__(self, ch: int = 32):
+        super().__init__()
+
+        def down(i, o):
+            return nn.Sequential(nn.Conv2d(i, o, 4, 2, 1), nn.InstanceNorm2d(o), nn.LeakyReLU(0.2))
+
+        first = nn.Sequential(nn.Conv2d(3, ch, 3, 1, 1), nn.LeakyReLU(0.2))
+        last = nn.Conv2d(8 * ch, 1, 3, 1, 1)
+        self.layers = nn.ModuleList(
+            [first, down(ch, 2 * ch), down(2 * ch, 4 * ch), down(4 * ch, 8 * ch), last]
+        )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        logits, feats = [], []
+        for k in range(3):
+            x = F.max_pool2d(x, 3, 2, 1) if k else x
+            if min(x.shape[-2:]) < self.MIN_SIZE:
+                break
+            h = x
+            for layer in self.layers:
+                h = layer(h)
+                feats.append(h.flatten(1))
+            logits.append(feats.pop())
+        if not logits:
+            raise UsageError(f"refvae: the discriminator needs HR patches >= {self.MIN_SIZE} px")
+        return torch.cat(logits, dim=1), feats
+
+
+def resize_ref(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 3, h, w) -> (N, 3, size, size): antialiased bicubic, like the code's PIL resize."""
+    if x.shape[-2:] == (size, size):
+        return x
+    return F.interpolate(x, (size, size), mode="bicubic", antialias=True).clamp(0, 1)
+
+
+@lru_cache(maxsize=512)  # ~100 MB of 256² references: a folder is read once per reuse, not per step
+def _ref_image(path: str, size: int) -> torch.Tensor:
+    return resize_ref(to_tensor(read_image(path))[None], size)[0]
+
+
+def style_stats(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std = sqrt(var + 1e-5) over space (the code's calc_mean_std)."""
+    return f.mean(dim=(2, 3)), (f.var(dim=(2, 3), correction=0) + 1e-5).sqrt()
+
+
+def tv_map(x: torch.Tensor, beta: float) -> torch.Tensor:
+    """Eq. 8 summand ((Ŷ_{i,j−1} − Ŷ_{i,j})² + (Ŷ_{i−1,j} − Ŷ_{i,j})²)^β, (B, C, H−1, W−1)."""
+    s = (x[..., 1:, 1:] - x[..., 1:, :-1]).square() + (x[..., 1:, 1:] - x[..., :-1, 1:]).square()
+    return s if beta == 1 else (s + 1e-8) ** beta  # eps: finite gradient at 0 for β < 1
+
+
+class RefVAE(SRModel):
+    """bicubic(LR) + decoder(C_R(z)·(1 + F_σ) + F_μ), z ~ q(z | reference) (§3)."""
+
+    Config = RefVAEConfig
+    stochastic = True
+    default_temperature = 1.0
+    sample_controls = ("ref", "latent")  # sr_sample.py --ref, --latent/--latent-shift/--save-latent
+
+    def __init__(self, cfg: RefVAEConfig):
+        super().__init__(cfg)
+        if cfg.scale not in (2, 4, 8):
+            raise UsageError(f"refvae: scale {cfg.scale} not supported; use 2, 4 or 8")
+        self.style_layers = tuple(t for t in cfg.style_layers.split(",") if t)
+        if any(t not in VGG19_RELU for t in self.style_layers):
+            raise UsageError(f"--style-layers {cfg.style_layers!r}: VGG19 ReLU taps, e.g. relu4_1")
+        if cfg.width < 8 or cfg.width % 8 or min(cfg.cond_channels, cfg.latent_grid, cfg.z_dim) < 1:
+            raise UsageError("refvae: --width must be a multiple of 8; other sizes >= 1")
+        check_choices(cfg)
+        self.lr_multiple = 8 // cfg.scale  # bicubic(LR) must be a multiple of 8 (spec §2.1)
+        taps = tuple(dict.fromkeys(("relu4_1", *self.style_layers)))
+        self.vgg = VGGFeatures(taps, imagenet_norm=True, pretrained=False)  # see _load_weights
+        self.register_buffer("vgg_loaded", torch.tensor(False))  # True once ImageNet weights are in
+        self.gen = Generator(cfg)
+        if cfg.lambda_adv > 0 or cfg.lambda_fm > 0:
+            self.discriminator = Discriminator(cfg.d_channels)
+        self._lpips: list[nn.Module] = []  # a list keeps the frozen LPIPS out of state_dict
+        self._ref_files = None
+        self._step = 0
+
+    @staticmethod
+    def train_defaults(scale: int) -> dict:
+        # Paper §4.1: Adam lr 1e-4 (β1 0.9), weight decay 1e-4, batch 16, 5e4 iterations, LR 32²
+        # at ×8 (HR 256²); ×4: LR 64² (the code's default, HR 256² too). The code divides G's lr by
+        # 10 at epochs 250 and 500 of 500; the paper gives no decay.
+        return {
+            **SRModel.train_defaults(scale),
+            "batch": 16, "patch": 256 // scale, "steps": 50_000, "learning_rate": 1e-4,
+            "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-4, "milestones": (),
+            "gamma": 0.1, "schedule": "multistep", "grad_clip": 0.0, "d_learning_rate": 1e-4,
+            "d_betas": (0.9, 0.999), "d_weight_decay": 0.0, "temperature": 1.0,
+        }  # fmt: skip
+
+    def on_step(self, step: int, total: int) -> None:
+        self._step = step  # picks the training references of --ref-data DIR
+
+    def _load_weights(self) -> None:
+        """ImageNet VGG19 into the frozen encoder, once (CheckpointError with a staging hint)."""
+        if self.cfg.pretrained and not bool(self.vgg_loaded):
+            resolve("vgg19")  # fail before allocating the 548 MB model
+            features = torchvision_model("vgg19", pretrained=True).features
+            self.vgg.features.load_state_dict(features[: len(self.vgg.features)].state_dict())
+            self.vgg_loaded.fill_(True)
+
+    def lpips(self) -> nn.Module:
+        """Frozen LPIPS v0.1 alex, spatial; AlexNet trunk from the manifest (random if not
+        pretrained: tests)."""
+        if not self._lpips:
+            from sr_lib.metrics import alexnet_to_lpips, lpips_module
+
+            net = lpips_module()
+            if self.cfg.pretrained:
+                net.net.load_state_dict(alexnet_to_lpips(load_state_dict(resolve("alexnet"))))
+            self._lpips.append(net.eval().requires_grad_(False))
+        return self._lpips[0].to(self.vgg_loaded.device)
+
+    def training_refs(self, hr: torch.Tensor) -> torch.Tensor:
+        """(B, 3, r, r) references of this step: the HR patch, or images of --ref-data DIR drawn
+        from default_rng([REF_SEED, step]) (the same on every rank and after a resume)."""
+        c = self.cfg
+        if c.ref_data == "hr":
+            return resize_ref(hr, c.ref_size)
+        if self._ref_files is None:
+            self._ref_files = [str(p) for p in list_images(c.ref_data)]  # DataError if unusable
+        pick = np.random.default_rng([REF_SEED, self._step]).integers(
+            len(self._ref_files), size=len(hr)
+        )
+        return torch.stack([_ref_image(self._ref_files[i], c.ref_size) for i in pick]).to(hr)
+
+    def encode_refs(self, refs) -> tuple[torch.Tensor, torch.Tensor]:
+        """μ, log σ² (N, D) of N references ((N, 3, h, w) or a list of (3, h, w) in [0, 1]),
+        one at a time, so a reference's latent never depends on what it is batched with."""
+        out = [self.gen.encode(self.vgg(resize_ref(r[None], self.cfg.ref_size))["relu4_1"])
+               for r in refs]  # fmt: skip
+        return torch.cat([m for m, _ in out]), torch.cat([v for _, v in out])
+
+    @torch.no_grad()
+    def latents(
+        self, lr: torch.Tensor, n: int, temperature: float, noise, ref=None
+    ) -> torch.Tensor:
+        """z (B, n, D) of n samples. ref: None = one Gaussian-noise reference per sample, "lr" =
+        each LR image, "prior" = z ~ N(0, I) (§3.2), or references (k, 3, h, w) / a list, k in
+        {1, n}: sample i uses reference i."""
+        self._load_weights()
+        b, d, r = lr.shape[0], self.cfg.z_dim, self.cfg.ref_size
+        if isinstance(ref, str) and ref == "prior":
+            return temperature * noise.randn((d,)).view(b, n, d)
+        if ref is None:  # flat draw: a (3, r, r) shape would be cut to the tile when tiling
+            refs = NOISE_MEAN + temperature * NOISE_STD * noise.randn((3 * r * r,))
+            mu, logvar = (
+                t.view(b, n, d) for t in self.encode_refs(refs.view(-1, 3, r, r).clamp(0, 1))
+            )
+        elif isinstance(ref, str) and ref == "lr":
+            mu, logvar = (t[:, None] for t in self.encode_refs(lr))
+        else:
+            if len(ref) not in (1, n):
+                raise UsageError(f"refvae: {len(ref)} references for {n} samples (give 1 or n)")
+            mu, logvar = (t[None] for t in self.encode_refs([x.to(lr) for x in ref]))
+        eps = noise.randn((d,)).view(b, n, d)
+        return (mu + temperature * torch.exp(0.5 * logvar) * eps).expand(b, n, d)
+
+    def generate(self, lr, n, temperature, noise, ref=None, latent=None) -> torch.Tensor:
+        """latent: explicit z, (D,), (n, D) or (B, n, D); otherwise drawn by `latents`."""
+        self._load_weights()
+        b = lr.shape[0]
+        z = self.latents(lr, n, temperature, noise, ref) if latent is None else latent.to(lr)
+        z = z.expand(b, n, self.cfg.z_dim)
+        up = imresize_torch(lr, self.scale)  # MATLAB bicubic; the code uses torch bicubic
+        f_x = self.vgg(up)["relu4_1"]  # (B, 512, sH/8, sW/8)
+        return torch.stack([up + self.gen.decode(f_x, z[:, i]) for i in range(n)], dim=1)
+
+    def _d_out(self, sr: torch.Tensor):
+        # D with detached parameters: L_G trains the generator only, D learns from its own loss.
+        params = {k: p.detach() for k, p in self.discriminator.named_parameters()}
+        return torch.func.functional_call(self.discriminator, params, (sr,))
+
+    def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
+        c, s = self.cfg, self.scale
+        self._load_weights()
+        red = torch.sum if c.reduction == "sum" else torch.mean
+        l1 = lambda a, b: red((a - b).abs())  # noqa: E731
+        up = imresize_torch(lr, s)  # (B, 3, sH, sW); the code: torch bicubic
+        ref = self.training_refs(hr)
+        perceptual = c.lambda_content > 0 or c.lambda_style > 0
+        with torch.no_grad():  # frozen encoder, constant inputs
+            f_x, f_ref = self.vgg(up)["relu4_1"], self.vgg(ref)
+            f_hr = f_ref if ref is hr else self.vgg(hr) if perceptual else None
+        mu, logvar = self.gen.encode(f_ref["relu4_1"])
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)  # §3.2 reparameterisation
+        sr = up + self.gen.decode(f_x, z)
+        down = {"lr": (s,), "pyramid": (2, 4), "none": ()}[c.content_down]
+        pixel = l1(sr, hr) + sum(
+            l1(imresize_torch(sr, 1 / a), imresize_torch(hr, 1 / a)) for a in down
+        )
+        kl = red(-0.5 * (1 + logvar - mu.square() - logvar.exp()))  # Eq. 4, KL to N(0, I)
+        parts = {"pixel": pixel, "kl": kl}
+        weights = {"pixel": c.lambda_pixel, "kl": c.lambda_kl}
+        if perceptual:
+            f_sr = self.vgg(sr)
+            parts["content"] = l1(f_sr["relu4_1"], f_hr["relu4_1"])  # Eq. 6, W = relu4_1
+            target = f_ref if c.style_target == "ref" else f_hr
+            stats = [(style_stats(f_sr[t]), style_stats(target[t])) for t in self.style_layers]
+            parts["style"] = sum(l1(a, b) for x, y in stats for a, b in zip(x, y))  # Eq. 7
+            weights.update(content=c.lambda_content, style=c.lambda_style)
+        if c.lambda_lr > 0:
+            parts["lr"], weights["lr"] = l1(imresize_torch(sr, 1 / s), lr), c.lambda_lr
+        if c.lambda_lpips > 0:  # on [-1, 1]; patches under 32 px (tests) are padded for AlexNet
+            pad = [0, max(0, 32 - sr.shape[-1]), 0, max(0, 32 - sr.shape[-2])]
+            a, b = (F.pad(2 * x - 1, pad, mode="replicate") for x in (sr, hr))
+            parts["lpips"], weights["lpips"] = red(self.lpips()(a, b)), c.lambda_lpips
+        if c.lambda_tv > 0:
+            parts["tv"], weights["tv"] = red(tv_map(sr, c.tv_beta)), c.lambda_tv
+        if self.discriminator is not None:
+            logits, feats = self._d_out(sr)
+            # Eq. 5's log[1 − D(Ŷ)] in its non-saturating form −log D(Ŷ); the code: L1 to 1
+            gan = F.softplus(-logits) if c.adv_loss == "gan" else (logits - 1).abs()
+            parts["adv"], weights["adv"] = red(gan), c.lambda_adv
+            if c.lambda_fm > 0:
+                with torch.no_grad():
+                    real = self.discriminator(hr)[1]
+                parts["fm"], weights["fm"] = sum(l1(a, b) for a, b in zip(feats, real)), c.lambda_fm
+        loss = sum(weights[k] * v for k, v in parts.items())  # Eq. 9 (+ adversarial, code terms)
+        return {"loss": loss, **{k: v.detach() for k, v in parts.items()}, "sr": sr}
+
+    def discriminator_loss(self, lr: torch.Tensor, hr: torch.Tensor, out: dict) -> dict:
+        """gan: −log D(y) − log(1 − D(ŷ)); l1 (code): ½[|D(y) − U(0.7, 1.2)| + |D(ŷ) − U(0, 0.3)|]
+        with one random label per step. One D step per G step, as the code."""
+        red = torch.sum if self.cfg.reduction == "sum" else torch.mean
+        fake, real = self.discriminator(out["sr"].detach())[0], self.discriminator(hr)[0]
+        if self.cfg.adv_loss == "gan":
+            loss = red(F.softplus(-real)) + red(F.softplus(fake))
+        else:
+            hi, lo = 0.7 + 0.5 * torch.rand(()).item(), 0.3 * torch.rand(()).item()
+            loss = 0.5 * (red((real - hi).abs()) + red((fake - lo).abs()))
+        return {"loss": loss, "real": real.mean().detach(), "fake": fake.mean().detach()}

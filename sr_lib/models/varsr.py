@@ -1,0 +1,264 @@
+"""VarSR: "VarSR: Variational Super-Resolution Network for Very Low Resolution Images" (S. Hyun,
+J.-P. Heo, ECCV 2020).
+
+No official code is public and the architecture details are in a supplement that is not
+available: written from the paper and methods_spec.md §3 (§3.1: fixed by the paper; §3.2: design
+decisions, marked [derived] below). Two stochastic encoders give diagonal Gaussians over a
+D-dimensional latent, E_L(I_L) = p(z | LR) and E_H(I_H) = q(z | HR) (Eq. 3); the generator
+G(I_L, z) is SRGAN-like (8 residual blocks, the paper's face setting). Training (Eq. 9):
+λ_pixel·MSE(G(I_L, z), I_H) with z ~ q(z | HR) (Eq. 6) + λ_KL·KL(q ‖ p) (Eq. 7) + λ_adv·WGAN-GP
+(Eq. 8, switched on after `adv_start` of training, as SRGAN) + λ_per·VGG19 loss (§4.2).
+Sampling: z ~ p(z | LR) with σ scaled by `temperature` (Eq. 4; 1 = the paper, 0 = μ_L).
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sr_lib.errors import UsageError
+from sr_lib.models.base import ModelConfig, SRModel
+from sr_lib.models.blocks import conv3x3
+from sr_lib.models.refvae import check_choices
+from sr_lib.models.vgg_loss import VGG19_RELU, VGGLoss
+from sr_lib.resize import imresize_torch
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata=dict(help=help, **kw))
+
+
+@dataclass
+class VarSRConfig(ModelConfig):
+    z_dim: int = _f(256, "latent size D (paper: 256 faces, 64 digits)")
+    n_feats: int = _f(64, "generator channels")
+    n_blocks: int = _f(8, "generator residual blocks (paper: 8, as MR-GAN)")
+    enc_feats: int = _f(64, "encoder widths c, 2c, 4c, 4c (4 stride-2 convs)")
+    residual: bool = _f(True, "tanh output instead of bicubic(LR) + a learned residual")
+    lambda_pixel: float = _f(1.0, "λ_pixel, MSE on [-1, 1] (Eq. 6)")
+    lambda_kl: float = _f(0.01, "λ_KL (paper: 0.01 or 0.02 CelebA, 0.01 MNIST, 0.05 plates)")
+    lambda_adv: float = _f(0.001, "λ_adv, WGAN-GP (Eq. 8; 0 = no critic)")
+    adv_start: float = _f(0.5, "fraction of training before the adversarial loss is switched on")
+    gp_weight: float = _f(10.0, "gradient-penalty weight δ (Eq. 8)")
+    lambda_per: float = _f(0.006, "λ_per, VGG19 feature MSE (SRGAN's 1/12.75²; 0 = off)")
+    per_layer: str = _f("relu5_4", "VGG19 tap of the perceptual loss (SRGAN: relu5_4)",
+                        choices=tuple(VGG19_RELU))  # fmt: skip
+    pretrained: bool = _f(True, "random frozen VGG19 for the perceptual loss (tests only)")
+    d_channels: int = _f(64, "critic width (SRGAN: 64)")
+    d_layers: int = _f(8, "critic conv layers (SRGAN: 8; paper digits: 5)", choices=(5, 6, 7, 8))
+
+
+def gaussian_kl(mu_q, logvar_q, mu_p, logvar_p) -> torch.Tensor:
+    """KL(N(μ_q, σ_q²) ‖ N(μ_p, σ_p²)) of diagonal Gaussians, summed over the last dim:
+    Σ_d ½[log σ_p² − log σ_q² + (σ_q² + (μ_q − μ_p)²)/σ_p² − 1] (Eq. 7 with q = E_H, p = E_L)."""
+    ratio = (logvar_q.exp() + (mu_q - mu_p).square()) / logvar_p.exp()
+    return 0.5 * (logvar_p - logvar_q + ratio - 1).sum(dim=-1)
+
+
+class Encoder(nn.Module):
+    """4 stride-2 conv3x3 + LReLU(0.2), global average pool, FC -> μ, log σ² (spec §3.2)."""
+
+    def __init__(self, ch: int, z_dim: int):
+        super().__init__()
+        widths, layers = [3, ch, 2 * ch, 4 * ch, 4 * ch], []
+        for i, o in zip(widths, widths[1:]):
+            layers += [nn.Conv2d(i, o, 3, 2, 1), nn.LeakyReLU(0.2)]
+        self.body = nn.Sequential(*layers)
+        self.fc = nn.Linear(4 * ch, 2 * z_dim)  # log σ² rather than σ: a stability choice
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.fc(self.body(x).mean(dim=(2, 3))).chunk(2, dim=1)  # (B, D) each
+        return mu, logvar
+
+
+class ResBlock(nn.Module):
+    """SRGAN residual block: conv-BN-PReLU-conv-BN + skip."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.body = nn.Sequential(conv3x3(ch, ch), nn.BatchNorm2d(ch), nn.PReLU(),
+                                  conv3x3(ch, ch), nn.BatchNorm2d(ch))  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class Generator(nn.Module):
+    """G(I_L, z): SRGAN-like; z projected to n_feats channels, tiled over the LR grid and fused
+    with the LR features (works for any LR size) [derived]."""
+
+    def __init__(self, c: "VarSRConfig"):
+        super().__init__()
+        f = c.n_feats
+        self.head = nn.Sequential(conv3x3(3, f), nn.PReLU())
+        self.z_proj = nn.Linear(c.z_dim, f)
+        self.fuse = nn.Conv2d(2 * f, f, 1)
+        self.body = nn.Sequential(*[ResBlock(f) for _ in range(c.n_blocks)],
+                                  conv3x3(f, f), nn.BatchNorm2d(f))  # fmt: skip
+        stages = [3] if c.scale == 3 else [2] * (c.scale.bit_length() - 1)
+        up: list[nn.Module] = []
+        for r in stages:  # sub-pixel convolution stages (SRGAN)
+            up += [conv3x3(f, f * r * r), nn.PixelShuffle(r), nn.PReLU()]
+        self.tail = nn.Sequential(*up, conv3x3(f, 3))
+        if c.residual:  # zero residual at init: training starts from the bicubic image
+            nn.init.zeros_(self.tail[-1].weight)
+            nn.init.zeros_(self.tail[-1].bias)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        h = self.head(x)  # (B, f, h, w)
+        zt = self.z_proj(z)[:, :, None, None].expand_as(h)  # (B, f, h, w): z at every LR pixel
+        h = self.fuse(torch.cat([h, zt], dim=1))
+        return self.tail(h + self.body(h))  # (B, 3, sh, sw)
+
+
+class Critic(nn.Module):
+    """SRGAN's discriminator with Instance Norm and no sigmoid (WGAN-GP needs a raw score); global
+    pooling before the dense layers so any size works [derived]. One score per image, (B,)."""
+
+    def __init__(self, ch: int = 64, n_layers: int = 8):
+        super().__init__()
+        plan = [(ch, 1), (ch, 2), (2 * ch, 1), (2 * ch, 2), (4 * ch, 1), (4 * ch, 2),
+                (8 * ch, 1), (8 * ch, 2)][:n_layers]  # fmt: skip
+        layers: list[nn.Module] = [nn.Conv2d(3, ch, 3, 1, 1), nn.LeakyReLU(0.2)]
+        for (i, _), (o, stride) in zip(plan, plan[1:]):
+            layers += [nn.Conv2d(i, o, 3, stride, 1), nn.InstanceNorm2d(o), nn.LeakyReLU(0.2)]
+        last = plan[-1][0]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Conv2d(last, 16 * ch, 1), nn.LeakyReLU(0.2),
+                                  nn.Conv2d(16 * ch, 1, 1))  # SRGAN's dense 1024 and 1  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).mean(dim=(2, 3), keepdim=True)).flatten()
+
+
+class VarSR(SRModel):
+    """G(I_L, z) with z ~ q(z | HR) in training and z ~ p(z | LR) at test time (§3)."""
+
+    Config = VarSRConfig
+    stochastic = True
+    default_temperature = 1.0
+    sample_controls = ("latent", "latent_from")  # sr_sample.py --latent*, --save-latent
+
+    def __init__(self, cfg: VarSRConfig):
+        super().__init__(cfg)
+        if cfg.scale not in (2, 3, 4, 8):
+            raise UsageError(f"varsr: scale {cfg.scale} not supported; use 2, 3, 4 or 8")
+        check_choices(cfg)  # --per-layer, --d-layers
+        if min(cfg.z_dim, cfg.n_feats, cfg.enc_feats, cfg.d_channels, cfg.n_blocks + 1) < 1:
+            raise UsageError("varsr: --z-dim and the widths must be >= 1, --n-blocks >= 0")
+        self.enc_lr = Encoder(cfg.enc_feats, cfg.z_dim)  # E_L, on bicubic(LR) at HR size
+        self.enc_hr = Encoder(cfg.enc_feats, cfg.z_dim)  # E_H
+        self.gen = Generator(cfg)
+        if cfg.lambda_adv > 0:
+            self.discriminator = Critic(cfg.d_channels, cfg.d_layers)
+        self._perceptual: list[nn.Module] = []  # a list keeps the frozen VGG out of state_dict
+        self._adv_on = False  # set by on_step: phase 2
+
+    @staticmethod
+    def train_defaults(scale: int) -> dict:
+        # Paper §4.2: Adam(0.9, 0.99), lr 1e-4 decayed once (when and how much: not given; here
+        # ×0.1 for the last quarter), the critic with the same Adam. Batch, steps and patch are
+        # not given [derived]: batch 64, 100k steps, the paper's LR sizes (8² at ×8, 6² at ×4).
+        return {
+            **SRModel.train_defaults(scale),
+            "batch": 64, "patch": 8 if scale == 8 else 6 if scale == 4 else 16,
+            "steps": 100_000, "learning_rate": 1e-4, "betas": (0.9, 0.99), "eps": 1e-8,
+            "weight_decay": 0.0, "milestones": (0.75,), "gamma": 0.1, "schedule": "multistep",
+            "grad_clip": 0.0, "d_learning_rate": 1e-4, "d_betas": (0.9, 0.99),
+            "d_weight_decay": 0.0, "temperature": 1.0,
+        }  # fmt: skip
+
+    def on_step(self, step: int, total: int) -> None:
+        # SRGAN's two phases (§4.2): no adversarial loss (and no critic steps) before adv_start.
+        self._adv_on = self.discriminator is not None and step >= self.cfg.adv_start * total
+
+    def set_adversarial(self, on: bool) -> None:
+        """Switch the adversarial phase by hand (tests, fine-tuning scripts)."""
+        self._adv_on = on and self.discriminator is not None
+
+    def perceptual_loss(self) -> nn.Module:
+        """Frozen VGG19 feature MSE, built on first use (CheckpointError if weights are missing)."""
+        if not self._perceptual:
+            c = self.cfg
+            self._perceptual.append(VGGLoss((c.per_layer,), True, pretrained=c.pretrained))
+        return self._perceptual[0]
+
+    def prior(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """p(z | LR) = E_L(bicubic(LR)): μ, log σ² (B, D) each."""
+        return self.enc_lr(2 * imresize_torch(lr, self.scale) - 1)
+
+    def posterior(self, hr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z | HR) = E_H(HR): μ, log σ² (B, D) each."""
+        return self.enc_hr(2 * hr - 1)
+
+    def decode(self, lr: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """G(I_L, z) in [0, 1] units (B, 3, sH, sW); internally [-1, 1] (GAN convention)."""
+        out = self.gen(2 * lr - 1, z)
+        if self.cfg.residual:
+            return imresize_torch(lr, self.scale) + 0.5 * out
+        return 0.5 * (torch.tanh(out) + 1)
+
+    def _critic(self, sr: torch.Tensor) -> torch.Tensor:
+        # The critic with detached parameters: L_G trains G only; D learns from its own loss.
+        params = {k: p.detach() for k, p in self.discriminator.named_parameters()}
+        return torch.func.functional_call(self.discriminator, params, (2 * sr - 1,))
+
+    def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
+        c = self.cfg
+        mu_h, logvar_h = self.posterior(hr)
+        mu_l, logvar_l = self.prior(lr)
+        z = mu_h + torch.exp(0.5 * logvar_h) * torch.randn_like(mu_h)  # Eq. 6: z ~ q(z | HR)
+        sr = self.decode(lr, z)
+        pixel = F.mse_loss(2 * sr - 1, 2 * hr - 1)  # Eq. 6, on the [-1, 1] range
+        kl = gaussian_kl(mu_h, logvar_h, mu_l, logvar_l).mean()  # Eq. 7: sum over D, batch mean
+        loss = c.lambda_pixel * pixel + c.lambda_kl * kl
+        parts = {}
+        if c.lambda_per > 0:
+            per = self.perceptual_loss().to(sr.device)(sr, hr)
+            loss = loss + c.lambda_per * per
+            parts["per"] = per.detach()
+        if self._adv_on:
+            adv = -self._critic(sr).mean()  # generator side of Eq. 8
+            loss = loss + c.lambda_adv * adv
+            parts["adv"] = adv.detach()
+        return {"loss": loss, "pixel": pixel.detach(), "kl": kl.detach(), **parts, "sr": sr}
+
+    def discriminator_loss(self, lr: torch.Tensor, hr: torch.Tensor, out: dict) -> dict:
+        """WGAN-GP critic loss (Eq. 8): E[D(ŷ)] − E[D(y)] + δ·E[(‖∇D(x̂)‖₂ − 1)²], x̂ on lines
+        between real and generated images. Zero (no critic step) before the adversarial phase.
+        The training loop makes one critic step per generator step (WGAN-GP used 5)."""
+        if not self._adv_on:
+            return {"loss": hr.new_zeros(())}
+        real, fake = 2 * hr - 1, 2 * out["sr"].detach() - 1
+        d_real, d_fake = self.discriminator(real), self.discriminator(fake)
+        t = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
+        x = (t * real + (1 - t) * fake).requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.discriminator(x).sum(), x, create_graph=True)
+        gp = (grad.flatten(1).norm(dim=1) - 1).square().mean()
+        loss = d_fake.mean() - d_real.mean() + self.cfg.gp_weight * gp
+        return {"loss": loss, "wasserstein": (d_real.mean() - d_fake.mean()).detach(),
+                "gp": gp.detach()}  # fmt: skip
+
+    @torch.no_grad()
+    def latents(
+        self, lr: torch.Tensor, n: int, temperature: float, noise, latent_from=None
+    ) -> torch.Tensor:
+        """z (B, n, D): μ_L + temperature·σ_L·ε (Eq. 4), or with `latent_from` (HR images
+        (1 or B, 3, H, W) in [0, 1]) the HR encoder's mean μ_H (attribute transfer, Fig. 4b)."""
+        b, d = lr.shape[0], self.cfg.z_dim
+        if latent_from is not None:
+            return self.posterior(latent_from.to(lr))[0][:, None].expand(b, n, d)
+        mu, logvar = self.prior(lr)
+        eps = noise.randn((d,)).view(b, n, d)  # a global vector: the same for every tile
+        return mu[:, None] + temperature * torch.exp(0.5 * logvar)[:, None] * eps
+
+    def generate(self, lr, n, temperature, noise, latent=None, latent_from=None) -> torch.Tensor:
+        """latent: explicit z, (D,), (n, D) or (B, n, D); otherwise drawn by `latents`."""
+        b = lr.shape[0]
+        if latent is None:
+            z = self.latents(lr, n, temperature, noise, latent_from)
+        else:
+            z = latent.to(lr).expand(b, n, self.cfg.z_dim)
+        # One sample at a time: a sample never depends on what it is batched with.
+        return torch.stack([self.decode(lr, z[:, i]) for i in range(n)], dim=1)

@@ -1,0 +1,272 @@
+"""RefVAE (methods_spec.md §2) and the sampling controls of sr_sample.py (--ref, --latent-from,
+--latent, --latent-shift, --save-latent) for refvae and varsr. Tiny configs, CPU, seconds."""
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+
+import sr_sample
+import sr_train
+from sr_lib.checkpoint import save_checkpoint
+from sr_lib.errors import CheckpointError
+from sr_lib.models import build_model
+from sr_lib.models.base import NoiseSource
+from sr_lib.models.refvae import Discriminator, RefVAE
+from sr_lib.resize import imresize_torch
+
+CFG = {**TINY["refvae"], "scale": 4}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sensitise(net):
+    """Randomise the zero-initialised last conv(s), as training would: the output then depends
+    on z. Returns the model."""
+    last = net.gen.decoder[-1] if isinstance(net, RefVAE) else net.gen.tail[-1]
+    torch.nn.init.normal_(last.weight, std=0.2)
+    return net
+
+
+def model(**cfg) -> RefVAE:
+    return sensitise(build_model("refvae", {**CFG, **cfg}).eval())
+
+
+def images(folder, seed=0, sizes=((20, 30), (17, 25), (33, 21))):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, (h, w) in enumerate(sizes):  # noise of different brightness: clearly other latents
+        img = rng.random((h, w, 3)) * (1 + i) / len(sizes)
+        iio.imwrite(folder / f"r{i}.png", (img * 255).astype(np.uint8))
+    return folder
+
+
+def test_official_sizes():
+    with torch.device("meta"):  # parameter counts and shapes without allocating 34 M parameters
+        net = RefVAE(RefVAE.Config(scale=8))
+        logits, _ = Discriminator(32)(torch.zeros(1, 3, 256, 256))
+    # the code's VAE_v3 has 33,924,675: its unused BatchNorm1d(256) (512) is left out here
+    assert sum(p.numel() for p in net.gen.parameters()) == 33_924_675 - 512
+    assert sum(p.numel() for p in Discriminator(32).parameters()) == 691_777
+    assert logits.shape == (1, 1344)  # 1024 + 256 + 64 logits: the code's label count
+    assert sum(p.numel() for p in net.vgg.parameters()) == 3_505_728  # VGG19 up to relu4_1
+    assert not any(p.requires_grad for p in net.vgg.parameters())  # frozen
+
+
+def test_shapes_any_lr_size_and_bicubic_start():
+    net = model()
+    sr = net.sample(torch.rand(1, 3, 30, 44), n=2)  # spec §7.6: 30×44 at ×4 -> 120×176
+    assert sr.shape == (1, 2, 3, 120, 176)
+    assert net.lr_multiple == 2 and model(scale=8).lr_multiple == 1
+    lr = torch.rand(1, 3, 6, 8)
+    fresh = build_model("refvae", CFG).eval().sample(lr, 2)  # zero residual at init
+    assert torch.allclose(fresh, imresize_torch(lr, 4).clamp(0, 1)[:, None].expand_as(fresh))
+
+
+def test_output_changes_with_the_reference_and_is_deterministic():
+    net = model()
+    lr = torch.rand(1, 3, 8, 10)
+    r1, r2 = torch.rand(3, 40, 30), torch.rand(3, 20, 20)
+    a = net.sample(lr, 2, 1.0, NoiseSource([1, 2]), ref=[r1])
+    assert torch.equal(a, net.sample(lr, 2, 1.0, NoiseSource([1, 2]), ref=[r1]))
+    assert not torch.equal(a, net.sample(lr, 2, 1.0, NoiseSource([1, 2]), ref=[r2]))
+    t0 = net.sample(lr, 3, 0.0, NoiseSource([1, 2, 3]), ref=[r1])  # z = μ(R): one output
+    assert torch.equal(t0, t0[:, :1].expand_as(t0))
+    per_ref = net.sample(lr, 2, 0.0, NoiseSource([1, 2]), ref=[r1, r2])  # sample i: ref i
+    assert torch.equal(per_ref[:, 0], t0[:, 0]) and not torch.equal(per_ref[:, 0], per_ref[:, 1])
+    lr_ref = net.sample(lr, 2, 1.0, NoiseSource([1, 2]), ref="lr")
+    assert not torch.equal(lr_ref, a)
+    prior = net.latents(lr, 2, 0.0, NoiseSource([1, 2]), ref="prior")
+    assert torch.equal(prior, torch.zeros(1, 2, 8))  # z ~ N(0, I) at temperature 0
+
+
+def test_noise_references_are_per_sample_and_reproducible():
+    net = model()
+    lr = torch.rand(2, 3, 6, 6)
+    z = net.latents(lr, 3, 1.0, NoiseSource(range(6)))
+    assert z.shape == (2, 3, 8) and len({tuple(v.tolist()) for v in z.reshape(6, 8)}) == 6
+    z2 = net.latents(lr[1:], 2, 1.0, NoiseSource([3, 4]))  # the same seeds, another batch
+    assert torch.allclose(z[1, :2], z2[0], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {},  # paper defaults: content, style, LPIPS (random AlexNet), TV, KL, −log D
+        dict(reduction="mean", adv_loss="l1", lambda_fm=0.01, lambda_lr=100.0,
+             content_down="pyramid", style_target="hr", lambda_tv=0.0, tv_beta=0.5,
+             style_layers="relu1_1,relu2_1,relu3_1,relu4_1"),  # the code's terms
+        dict(lambda_adv=0.0, lambda_content=0.0, lambda_style=0.0, lambda_lpips=0.0),
+    ],
+)  # fmt: skip
+def test_loss_variants(cfg, make_batch):
+    net = model(**cfg).train()
+    lr, hr = make_batch(4)
+    out = net(lr, hr)
+    assert torch.isfinite(out["loss"]) and out["kl"] >= 0
+    out["loss"].backward()
+    assert all(p.grad is not None for p in net.gen.parameters())
+    if net.discriminator is not None:
+        d = net.discriminator_loss(lr, hr, out)
+        d["loss"].backward()
+        assert torch.isfinite(d["loss"])
+        assert all(p.grad is not None for p in net.discriminator.parameters())
+    parts = {"pixel", "kl"} | ({"adv"} if net.discriminator is not None else set())
+    assert parts <= set(out)
+
+
+def test_training_references_from_a_folder(tmp_path, make_batch):
+    net = model(ref_data=str(images(tmp_path / "art"))).train()
+    _, hr = make_batch(4, b=4)
+    net.on_step(5, 10)
+    a = net.training_refs(hr)
+    assert a.shape == (4, 3, 16, 16) and torch.equal(a, net.training_refs(hr))
+    net.on_step(6, 10)
+    assert not torch.equal(a, net.training_refs(hr))
+    assert torch.equal(model().training_refs(hr), torch.nn.functional.interpolate(
+        hr, (16, 16), mode="bicubic", antialias=True).clamp(0, 1))  # fmt: skip
+    # a tiny sr_train run with folder references and the discriminator step
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY["refvae"].items() if k != "pretrained"]
+    hr_dir = images(tmp_path / "hr", 1, ((40, 40),) * 2)
+    argv = ["--model", "refvae", "--data", hr_dir, "--patch", 4, "--batch", 2, "--steps", 2,
+            "--val-every", 0, "--workers", 0, "--no-pretrained", "--ref-data", tmp_path / "art",
+            "--out", tmp_path / "run", *flags]  # fmt: skip
+    assert sr_train.main([str(a) for a in argv]) == 0
+
+
+def test_missing_weights_stop_with_the_staging_message(tmp_path, monkeypatch, make_batch):
+    monkeypatch.setenv("SRSPACE_WEIGHTS", str(tmp_path))
+    monkeypatch.setenv("SRSPACE_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    net = model(pretrained=True).train()
+    with pytest.raises(CheckpointError, match="vgg19"):
+        net(*make_batch(4))
+
+
+# sr_sample.py controls
+
+
+def run(*argv) -> int:
+    try:
+        return sr_sample.main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpts")
+    torch.manual_seed(0)
+    paths = {}
+    for name in ("refvae", "varsr", "edsr"):
+        cfg = {**TINY[name], "scale": 4}
+        net = build_model(name, cfg)
+        if name != "edsr":
+            sensitise(net)
+        paths[name] = folder / f"{name}.pt"
+        save_checkpoint(paths[name], {"model": name, "model_cfg": cfg,
+                                      "state_dict": net.state_dict(), "step": 0})  # fmt: skip
+    return paths
+
+
+def read(path):
+    return iio.imread(path)
+
+
+@pytest.mark.parametrize("name", ["refvae", "varsr"])
+def test_save_latent_then_latent_reproduces_a_sample(tmp_path, ckpts, name):
+    inp = images(tmp_path / "in", 3, ((10, 12),))
+    base = ["--ckpt", ckpts[name], "--input", inp]
+    assert run(*base, "--n", 3, "--batch", 2, "--save-latent", "--out", tmp_path / "a") == 0
+    z = np.load(tmp_path / "a" / "r0_sample00002.latent.npy")
+    assert z.shape == (8,) and z.dtype == np.float32
+    assert run(*base, "--latent", tmp_path / "a" / "r0_sample00002.latent.npy", "--out",
+               tmp_path / "b") == 0  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["r0_sample00000.png"]
+    assert (
+        read(tmp_path / "b" / "r0_sample00000.png") == read(tmp_path / "a" / "r0_sample00002.png")
+    ).all()
+    assert not (
+        read(tmp_path / "a" / "r0_sample00000.png") == read(tmp_path / "a" / "r0_sample00002.png")
+    ).all()
+    # tiles are decoded with the whole-image latent: the same sample up to the tile blending
+    assert run(*base, "--n", 3, "--tile", 6, "--tile-overlap", 2, "--out", tmp_path / "t") == 0
+    diff = read(tmp_path / "t" / "r0_sample00002.png").astype(int) - read(
+        tmp_path / "a" / "r0_sample00002.png"
+    )
+    assert np.abs(diff).mean() < 20
+    # a walk along a direction: one output per step, step 0 = the temperature-0 latent
+    np.save(tmp_path / "dir.npy", np.linspace(-1, 1, 8).astype(np.float32))
+    walk = ["--latent-shift", tmp_path / "dir.npy", "--latent-steps", "-1,0,2"]
+    assert run(*base, *walk, "--out", tmp_path / "w") == 0
+    outs = [read(tmp_path / "w" / f"r0_sample{i:05d}.png") for i in range(3)]
+    assert len(list((tmp_path / "w").iterdir())) == 3 and not (outs[0] == outs[2]).all()
+    assert run(*base, "--n", 1, "--temperature", 0, "--out", tmp_path / "t0") == 0
+    assert (outs[1] == read(tmp_path / "t0" / "r0_sample00000.png")).all()
+
+
+def test_ref_modes_from_the_cli(tmp_path, ckpts):
+    inp = images(tmp_path / "in", 3, ((10, 12),))
+    refs = images(tmp_path / "refs")
+    base = ["--ckpt", ckpts["refvae"], "--input", inp, "--save-latent"]
+    assert run(*base, "--ref", refs, "--out", tmp_path / "dir") == 0  # n = 3 references
+    names = sorted(p.name for p in (tmp_path / "dir").glob("*.png"))
+    assert names == [f"r0_sample{i:05d}.png" for i in range(3)]
+    assert run(*base, "--ref", refs / "r1.png", "--n", 2, "--out", tmp_path / "file") == 0
+    assert run(*base, "--ref", refs / "r1.png", "--n", 2, "--out", tmp_path / "file2") == 0
+    png = lambda d, i: read(tmp_path / d / f"r0_sample{i:05d}.png")  # noqa: E731
+    z = lambda d, i: np.load(tmp_path / d / f"r0_sample{i:05d}.latent.npy")  # noqa: E731
+    assert (png("file", 1) == png("file2", 1)).all()  # a fixed reference: deterministic
+    # sample i of --ref DIR is sample i of --ref DIR/image_i (same reference, same seed); a
+    # random tiny network hardly reacts to z in 8 bits, so the latents show the difference
+    assert (png("file", 1) == png("dir", 1)).all() and (z("file", 1) == z("dir", 1)).all()
+    assert not (z("file", 0) == z("dir", 0)).all()  # another reference, another latent
+    for mode in ("noise", "lr", "prior"):
+        assert run(*base, "--ref", mode, "--n", 2, "--out", tmp_path / mode) == 0
+        assert not (z(mode, 0) == z("file", 0)).all()
+    assert run(*base, "--n", 2, "--out", tmp_path / "default") == 0  # noise is the default
+    for i in range(2):
+        assert (png("default", i) == png("noise", i)).all() and (
+            z("default", i) == z("noise", i)
+        ).all()
+
+
+def test_latent_from_cli(tmp_path, ckpts):
+    inp = images(tmp_path / "in", 3, ((6, 6),))
+    hrs = images(tmp_path / "hr", 4, ((24, 24), (24, 24)))
+    base = ["--ckpt", ckpts["varsr"], "--input", inp]
+    for tag, hr in (("a", "r0"), ("a2", "r0"), ("b", "r1")):
+        assert run(*base, "--latent-from", hrs / f"{hr}.png", "--out", tmp_path / tag) == 0
+    a, a2, b = (read(tmp_path / t / "r0_sample00000.png") for t in ("a", "a2", "b"))
+    assert (a == a2).all() and not (a == b).all()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["r0_sample00000.png"]
+
+
+@pytest.mark.parametrize(
+    "name, flags, code, words",
+    [
+        ("edsr", ["--ref", "noise"], 2, "--ref: the edsr model does not support it (only: refvae)"),
+        ("varsr", ["--ref", "lr"], 2, "(only: refvae)"),
+        ("refvae", ["--latent-from", "x.png"], 2, "(only: varsr)"),
+        ("edsr", ["--save-latent"], 2, "only: refvae, varsr"),
+        ("refvae", ["--ref", "nowhere"], 3, "--ref"),
+        ("varsr", ["--latent", "bad.npy"], 2, "expected (8,)"),
+        ("varsr", ["--latent-shift", "ok.npy", "--latent-steps", "a,b"], 2, "--latent-steps"),
+        ("refvae", ["--latent", "ok.npy", "--ref", "lr"], 2, "cannot be combined"),
+    ],
+)
+def test_unsupported_or_bad_controls_one_line(tmp_path, ckpts, capsys, name, flags, code, words):
+    inp = images(tmp_path / "in", 3, ((8, 8),))
+    np.save(tmp_path / "bad.npy", np.zeros((2, 5), np.float32))
+    np.save(tmp_path / "ok.npy", np.zeros(8, np.float32))
+    flags = [str(tmp_path / f) if f.endswith((".npy", "nowhere")) else f for f in flags]
+    assert run("--ckpt", ckpts[name], "--input", inp, "--out", tmp_path / "o", *flags) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sr_sample.py: error: ") and words in err[0]
