@@ -55,3 +55,13 @@ def make_batch():
         return lr, hr
 
     return make
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny tensors: intra-op threads only spin-wait, several times slower on a busy 2-core box.
+    (Scripts run as subprocesses by the tests keep their own thread settings.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

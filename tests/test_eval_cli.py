@@ -23,15 +23,6 @@ from sr_lib.resize import imresize
 SCALE, N = 4, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny images: threads only add overhead (and suffer badly on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def lpips_file(tmp_path_factory):
     torch.manual_seed(0)

@@ -22,15 +22,6 @@ from sr_lib.models.flow_layers import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only spin-wait, several times slower on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def perturb(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Non-trivial weights (spec §6): zero convs and ActNorms randomised, ActNorms initialised.
     At construction every coupling outputs a constant and many bugs would be invisible."""

@@ -17,15 +17,6 @@ from sr_lib.errors import DataError
 from sr_lib.resize import imresize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny images: threads only add overhead (and suffer badly on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def rand_img(h=48, w=64, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 

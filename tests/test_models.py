@@ -17,15 +17,6 @@ from sr_lib.models.blocks import hard_sample_mask, le_loss
 from sr_lib.models.rrdb import RRDBNet, load_official_rrdb
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only spin-wait, several times slower on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_every_model_has_a_tiny_config():
     assert set(TINY) == set(MODELS)
 

@@ -19,14 +19,6 @@ from sr_lib.resize import imresize_torch
 CFG = {**TINY["refvae"], "scale": 4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def sensitise(net):
     """Randomise the zero-initialised last conv(s), as training would: the output then depends
     on z. Returns the model."""

@@ -25,14 +25,6 @@ FLOWS = ["srflow", "srflow_da", "ncsr"]
 UNUSED_CONV = 276_576  # the released code's never-called conv flowUpsamplerNet.f (320 -> 96, 3x3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(name: str, scale: int = 4, seed: int = 0, **cfg):
     """A tiny model with non-trivial weights (perturbed zero convs and ActNorms), in eval mode."""
     torch.manual_seed(seed)

@@ -20,14 +20,6 @@ from sr_lib.models.varsr import gaussian_kl
 CFG = {**TINY["varsr"], "scale": 4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def model(**cfg):
     net = build_model("varsr", {**CFG, **cfg}).eval()
     torch.nn.init.normal_(net.gen.tail[-1].weight, std=0.2)  # zero at init: now z matters

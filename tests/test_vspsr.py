@@ -19,14 +19,6 @@ from sr_lib.models.vspsr import VSpSRConfig, coefficient_sparsity, sparse_prior_
 from sr_lib.resize import imresize_torch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**cfg):
     return build_model("vspsr", {**TINY["vspsr"], **cfg})
 
