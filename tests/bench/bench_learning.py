@@ -38,7 +38,7 @@ def train(out: Path, loss: str, a) -> dict:
             "--steps", "10000000", "--time-budget", str(a.budget), "--batch", str(a.batch),
             "--patch", str(a.patch), "--learning-rate", str(a.learning_rate),
             "--val-every", "0", "--log-every", "50", "--workers", "1", "--seed", str(a.seed),
-            "--channels-last",
+            "--channels-last", *(["--le-aux-target", a.le_aux_target] if loss == "le" else []),
             "--out", str(out)]  # fmt: skip
     assert sr_train.main(argv) == 0
     model, ck = load_model(out / "last.pt")
@@ -72,10 +72,11 @@ def main():
     p.add_argument("--patch", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--le-aux-target", default="signed", choices=["signed", "abs"])
     a = p.parse_args()
     pairs = load_pairs("demo", a.scale)
     result = {"bench": "learning", "scale": a.scale, "budget_s": a.budget, "batch": a.batch,
-              "patch": a.patch, "learning_rate": a.learning_rate,
+              "patch": a.patch, "learning_rate": a.learning_rate, "le_aux_target": a.le_aux_target,
               "threads": torch.get_num_threads(), "loadavg_start": os.getloadavg()}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for loss in ("l1", "le"):

@@ -43,7 +43,7 @@ SMALL = {
          "--mask-blocks", "1", "--ref-size", "64", "--d-channels", "16", "--no-pretrained",
          "--lambda-content", "0", "--lambda-style", "0", "--lambda-lpips", "0",
          "--lambda-adv", "0.25"],  # 64² patches have 4x the D logits per pixel of 256²
-        ["--batch", "8", "--patch", "16", "--learning-rate", "5e-4"],
+        ["--batch", "8", "--patch", "16", "--learning-rate", "2e-4"],
     ),
     "varsr": (
         ["--z-dim", "64", "--n-feats", "32", "--n-blocks", "4", "--enc-feats", "16",
