@@ -14,7 +14,7 @@ import torch
 from sr_lib import __version__
 from sr_lib.errors import CheckpointError
 from sr_lib.models import MODELS, build_model
-from sr_lib.weights import load_state_dict, torch_load
+from sr_lib.weights import load_state_dict, load_strict, torch_load
 
 FORMAT = 1
 
@@ -90,14 +90,4 @@ def load_model(path, device="cpu", model: str | None = None, scale: int | None =
 
 def load_weights(net: torch.nn.Module, state_dict: dict, path) -> None:
     """Strict load_state_dict with a one-line summary of what does not match."""
-    own = net.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shape = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
-    if missing or unexpected or shape:
-        parts = []
-        for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shape)):
-            if keys:
-                parts.append(f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})")
-        raise CheckpointError(f"{path}: weights do not match the model: {'; '.join(parts)}")
-    net.load_state_dict(state_dict, strict=True)
+    load_strict(net, state_dict, f"{path}: weights do not match the model")

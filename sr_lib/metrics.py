@@ -334,17 +334,7 @@ class LpipsMetric:
         net = lpips_module()
         if weights is not None:
             sd = W.load_state_dict(weights)
-            want = net.state_dict()
-            missing = [k for k in want if k not in sd]
-            extra = [k for k in sd if k not in want]
-            shape = [k for k in want if k in sd and sd[k].shape != want[k].shape]
-            if missing or extra or shape:
-                raise CheckpointError(
-                    f"{weights} is not an lpips.LPIPS(net='alex') state_dict: {len(missing)} "
-                    f"missing keys {missing[:2]}, {len(extra)} unexpected {extra[:2]}, "
-                    f"{len(shape)} shape mismatches {shape[:2]}"
-                )
-            net.load_state_dict(sd, strict=True)
+            W.load_strict(net, sd, f"{weights} is not an lpips.LPIPS(net='alex') state_dict")
             info = {"weights": str(weights), "sha256": sha256_file(weights)}
         else:
             path = W.resolve("alexnet", offline=offline)

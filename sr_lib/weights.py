@@ -212,6 +212,21 @@ def _download(entry: Entry, target: Path) -> Path:
     return target
 
 
+def load_strict(module: torch.nn.Module, sd: dict, what: str, hint: str = "") -> None:
+    """load_state_dict(strict=True), but a mismatch is one CheckpointError line (`what`: ...)
+    counting the missing, unexpected and wrongly shaped keys (torch's own error is many lines)."""
+    own = module.state_dict()
+    found = {
+        "missing keys": [k for k in own if k not in sd],
+        "unexpected keys": [k for k in sd if k not in own],
+        "shape mismatches": [k for k in own if k in sd and own[k].shape != sd[k].shape],
+    }
+    if any(found.values()):
+        parts = ", ".join(f"{len(v)} {k} {v[:3]}" for k, v in found.items() if v)
+        raise CheckpointError(f"{what}: {parts}" + (f"; {hint}" if hint else ""))
+    module.load_state_dict(sd, strict=True)
+
+
 def torch_load(path: str | os.PathLike, what: str = "weights"):
     """torch.load(weights_only=True) on CPU; every failure is a one-line CheckpointError."""
     path = Path(path)
@@ -277,16 +292,7 @@ def torchvision_model(
         return model
     file = resolve(name, path, offline, manifest)
     sd = load_state_dict(file)
-    # Compare first: load_state_dict's own error is many lines long.
-    want = {k: v.shape for k, v in model.state_dict().items()}
-    missing = [k for k in want if k not in sd]
-    extra = [k for k in sd if k not in want]
-    shape = [k for k in want if k in sd and sd[k].shape != want[k]]
-    if missing or extra or shape:
-        raise CheckpointError(
-            f"{file} does not fit torchvision {name}: {len(missing)} missing keys {missing[:3]}, "
-            f"{len(extra)} unexpected keys {extra[:3]}, {len(shape)} shape mismatches "
-            f"{shape[:3]}; pass the {name} weights file"
-        )
-    model.load_state_dict(sd, strict=True)
+    load_strict(
+        model, sd, f"{file} does not fit torchvision {name}", f"pass the {name} weights file"
+    )
     return model
