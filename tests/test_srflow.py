@@ -12,6 +12,7 @@ from test_models import official_rrdb_layout
 from torch.autograd.functional import jacobian
 
 import sr_lib.checkpoint
+import sr_train
 from sr_lib.config import parse
 from sr_lib.errors import CheckpointError, UsageError
 from sr_lib.models import build_model
@@ -395,3 +396,24 @@ def test_config_flags():
     defaults = model.train_defaults(4)
     assert defaults["milestones"] == (0.5, 0.75, 0.9, 0.95) and defaults["patch"] == 40
     assert build_model("srflow_da", TINY["srflow_da"]).train_defaults(8)["learning_rate"] == 2e-4
+
+
+def test_rrdb_init_from_own_rrdb_checkpoint(tmp_path):
+    """The paper's two stages in srspace: train `rrdb` (L1), then --rrdb-init its last.pt."""
+    assert sr_train.main(["--model", "rrdb", "--scale", "4", "--data", "demo", "--steps", "1",
+                          "--batch", "1", "--patch", "8", "--workers", "0", "--val-every", "0",
+                          "--loss", "le", "--le-sigma-feats", "8", "--nb", "2", "--nf", "8",
+                          "--gc", "4",
+                          "--out", str(tmp_path / "rrdb")]) == 0  # fmt: skip
+    ck = torch.load(tmp_path / "rrdb" / "last.pt", weights_only=True)
+    flow = build_model(
+        "srflow", {**TINY["srflow"], "rrdb_init": str(tmp_path / "rrdb" / "last.pt")}
+    )
+    flow.on_step(0, 10)
+    for k, v in flow.RRDB.state_dict().items():  # the σ branch of the `le` run is left out
+        assert torch.equal(v, ck["state_dict"][f"net.{k}"]), k
+    other = tmp_path / "bicubic"
+    assert sr_train.main(["--model", "bicubic", "--steps", "0", "--out", str(other)]) == 0
+    wrong = build_model("srflow", {**TINY["srflow"], "rrdb_init": str(other / "last.pt")})
+    with pytest.raises(CheckpointError, match="a bicubic checkpoint"):
+        wrong.on_step(0, 10)

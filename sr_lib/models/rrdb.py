@@ -136,16 +136,30 @@ class RRDBNet(nn.Module):
 
 
 def load_official_rrdb(model_or_net: nn.Module, path: str | os.PathLike) -> None:
-    """Load an official SRFlow `RRDB_*.pth` (a plain RRDBNet state_dict) strictly.
+    """Load an official SRFlow `RRDB_*.pth` (a plain RRDBNet state_dict), or the network of an
+    srspace `rrdb` checkpoint (our own L1 pre-training, the step the official configs start
+    from), strictly.
 
     `model_or_net` is an `RRDBNet` or a model holding one as `.net` (the `rrdb` model).
     Raises CheckpointError (one line) on missing, unexpected or wrongly shaped keys.
     """
+    from sr_lib.checkpoint import is_srspace_checkpoint, load_checkpoint  # no import cycle
+
     net = model_or_net if isinstance(model_or_net, RRDBNet) else getattr(model_or_net, "net", None)
     if not isinstance(net, RRDBNet):
         got = type(model_or_net).__name__
         raise TypeError(f"load_official_rrdb: need an RRDBNet or an rrdb model, got {got}")
-    sd = load_state_dict(path)
+    ck = load_checkpoint(path)
+    if is_srspace_checkpoint(ck):
+        if ck["model"] != "rrdb":
+            raise CheckpointError(
+                f"{path}: a {ck['model']} checkpoint; give an rrdb run's checkpoint or an "
+                "official RRDB_*.pth"
+            )
+        # the network only: an `le` run's σ branch is not part of the encoder
+        sd = {k[len("net.") :]: v for k, v in ck["state_dict"].items() if k.startswith("net.")}
+    else:
+        sd = load_state_dict(path)
     own = net.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]

@@ -65,7 +65,10 @@ class SRFlowConfig(ModelConfig):
         metadata=dict(help="the never-called official conv f (276,576 params); --no-: drop it"),
     )
     rrdb_init: str = field(
-        default="", metadata=dict(help="official RRDB_*.pth loaded into the encoder at step 0")
+        default="",
+        metadata=dict(
+            help="RRDB weights for the encoder at step 0: official RRDB_*.pth or an rrdb run's .pt"
+        ),
     )
 
 
