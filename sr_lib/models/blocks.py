@@ -21,6 +21,7 @@ from sr_lib.models.base import ModelConfig, SRModel
 LOSSES = ("l1", "le")
 MASK_SCOPES = ("batch", "image")
 AUX_TARGETS = ("signed", "abs")
+SIGMA_INIT_LOGIT = -3.0
 
 
 def conv3x3(in_ch: int, out_ch: int, bias: bool = True) -> nn.Conv2d:
@@ -73,6 +74,10 @@ class SigmaBranch(nn.Module):
             layers += [conv3x3(width, width), nn.PReLU(width)]
         self.mapping = nn.Sequential(*layers)  # FSRCNN-style Conv+PReLU mapping (paper §4.3)
         self.upsample = nn.Sequential(conv3x3(width, out_ch * scale**2), nn.PixelShuffle(scale))
+        # Start σ near a typical SR error (sigmoid(-3) ≈ 0.047 on the [0, 1] scale) instead of
+        # sigmoid(0) = 0.5, so σ does not spend its first steps shrinking everywhere before it
+        # can follow the error map. The paper does not describe the initialisation.
+        nn.init.constant_(self.upsample[0].bias, SIGMA_INIT_LOGIT)
 
     def forward(self, fea: torch.Tensor) -> torch.Tensor:
         # The sigmoid bounds σ to (0, 1), the range of images here (methods_spec §4.4.4).
