@@ -8,12 +8,13 @@ demo validation images (a demo, not a benchmark) reports:
   - PSNR (RGB, uint8, whole images) of mu vs MATLAB-bicubic upscaling (target: l1 >= +0.5 dB);
   - le PSNR - l1 PSNR (target >= -0.1 dB);
   - Pearson r between the sigma map and |y - mu| over all pixels (target >= 0.5).
-The training recipe is shortened for a CPU budget: batch/patch/learning rate below, and the
-l_E paper's schedule (halve the learning rate every 2e5 of 1e6 steps, i.e. at 20/40/60/80 %)
-stretched over the number of steps that fits the budget. That number is measured per loss by a
-short timing run (not counted in the budget); --time-budget still stops training if the machine
-slows down, and the output says how many of the planned steps were done. The architecture is the
-paper's baseline.
+The training recipe is shortened for a CPU budget: batch/patch/learning rate below, and a late
+step decay (halve the learning rate at 70/80/90 % of the steps) over the number of steps that fits
+the budget. Why late: a 10-minute run is far from converged, and the paper's halving at 20/40/60/80
+% of its 1e6 steps, stretched over this run, gave l1 28.16 dB where a constant rate gave 28.26.
+The number of steps is measured per loss by a short timing run (not counted in the budget), with a
+5 % margin; --time-budget still stops training if the machine slows down, and the output says how
+many of the planned steps were done. The architecture is the paper's baseline.
 """
 
 import argparse
@@ -40,7 +41,7 @@ def train_argv(out: Path, loss: str, steps: int, budget: float, a) -> list[str]:
     return ["--model", "edsr", "--scale", str(a.scale), "--data", "demo", "--loss", loss,
             "--steps", str(steps), "--time-budget", str(budget), "--batch", str(a.batch),
             "--patch", str(a.patch), "--learning-rate", str(a.learning_rate),
-            "--milestones", "0.2", "0.4", "0.6", "0.8", "--gamma", "0.5",
+            "--milestones", "0.7", "0.8", "0.9", "--gamma", "0.5",
             "--val-every", "0", "--log-every", "10", "--workers", "1", "--seed", str(a.seed),
             "--channels-last", *(["--le-aux-target", a.le_aux_target] if loss == "le" else []),
             "--out", str(out)]  # fmt: skip
@@ -55,7 +56,7 @@ def seconds_per_step(out: Path, loss: str, a) -> float:
 
 def train(out: Path, loss: str, a) -> dict:
     s_per_step = seconds_per_step(out.with_name(out.name + "_timing"), loss, a)
-    planned = int(a.budget / s_per_step)
+    planned = int(0.95 * a.budget / s_per_step)
     t0 = time.time()
     assert sr_train.main(train_argv(out, loss, planned, a.budget, a)) == 0
     model, ck = load_model(out / "last.pt")
