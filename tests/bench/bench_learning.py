@@ -68,31 +68,47 @@ def train(out: Path, loss: str, a) -> dict:
             "train_s": round(time.time() - t0, 1)}  # fmt: skip
 
 
+def shaves(scale: int) -> dict[str, int]:
+    """Result-key suffix -> border shave: whole images, and sr_eval's PSNR_mean (shave = scale)."""
+    return {"": 0, f"_shave{scale}": scale}
+
+
+def crop(img, k: int):
+    """Drop k px from each border of an (..., H, W) tensor."""
+    return img[..., k : img.shape[-2] - k, k : img.shape[-1] - k]
+
+
 @torch.no_grad()
 def evaluate(model, pairs, scale) -> dict:
-    """PSNR and Pearson r on whole images, and with `scale` px shaved off each border (the
-    definition of sr_eval.py's PSNR_mean, --shave default = scale)."""
+    """PSNR of mu and Pearson r(sigma, |y - mu|), for every shave; the model runs once per image."""
+    psnrs = {key: [] for key in shaves(scale)}
+    sig, err = [], []
+    for _stem, hr, lr in pairs:
+        x = torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255
+        mu = model.sample(x, 1)[0, 0]
+        for key, k in shaves(scale).items():
+            psnrs[key].append(psnr(shave_border(to_uint8(mu), k), shave_border(hr, k)))
+        s = model.uncertainty(x)
+        if s is not None:
+            y = torch.from_numpy(hr).permute(2, 0, 1).float() / 255
+            sig.append(s[0])
+            err.append((y - mu).abs())
     res = {}
-    for shave in (0, scale):
-        psnrs, bic, sig, err = [], [], [], []
-        for _stem, hr, lr in pairs:
-            x = torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255
-            mu = model.sample(x, 1)[0, 0]
-            psnrs.append(psnr(*(shave_border(i, shave) for i in (to_uint8(mu), hr))))
-            bic.append(psnr(*(shave_border(i, shave) for i in (imresize(lr, scale), hr))))
-            s = model.uncertainty(x)
-            if s is not None:
-                y = torch.from_numpy(hr).permute(2, 0, 1).float() / 255
-                crop = (..., slice(shave, s.shape[-2] - shave), slice(shave, s.shape[-1] - shave))
-                sig.append(s[0][crop].flatten().numpy())
-                err.append((y - mu).abs()[crop].flatten().numpy())
-        key = "" if shave == 0 else f"_shave{shave}"
-        res["psnr" + key] = float(np.mean(psnrs))
-        res["bicubic_psnr" + key] = float(np.mean(bic))
+    for key, k in shaves(scale).items():
+        res["psnr" + key] = float(np.mean(psnrs[key]))
         if sig:
-            r = np.corrcoef(np.concatenate(sig), np.concatenate(err))[0, 1]
-            res["pearson_r" + key] = float(r)
+            a, b = (np.concatenate([crop(t, k).flatten().numpy() for t in ts]) for ts in (sig, err))
+            res["pearson_r" + key] = float(np.corrcoef(a, b)[0, 1])
     return res
+
+
+def bicubic_psnr(pairs, scale) -> dict:
+    bic = {key: [] for key in shaves(scale)}
+    for _stem, hr, lr in pairs:
+        up = imresize(lr, scale)
+        for key, k in shaves(scale).items():
+            bic[key].append(psnr(shave_border(up, k), shave_border(hr, k)))
+    return {"bicubic_psnr" + key: float(np.mean(v)) for key, v in bic.items()}
 
 
 def main():
@@ -119,10 +135,9 @@ def main():
             result[loss] = {k: run[k] for k in ("steps", "planned_steps", "s_per_step_timing",
                                                 "train_s")}  # fmt: skip
             result[loss].update(evaluate(run["model"], pairs, a.scale))
+    result.update(bicubic_psnr(pairs, a.scale))
     result["targets_met"] = {}
-    for key in ("", f"_shave{a.scale}"):
-        result["bicubic_psnr" + key] = result["l1"].pop("bicubic_psnr" + key)
-        result["le"].pop("bicubic_psnr" + key)
+    for key in shaves(a.scale):
         gain = result["l1_gain_over_bicubic_db" + key] = (
             result["l1"]["psnr" + key] - result["bicubic_psnr" + key]
         )
