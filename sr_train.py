@@ -92,7 +92,7 @@ class TrainArgs:
     )
     compile: bool = field(default=False, metadata=dict(help="torch.compile the training forward"))
     channels_last: bool = field(
-        default=False, metadata=dict(help="NHWC memory format (~3x faster convs for EDSR on CPU)")
+        default=False, metadata=dict(help="NHWC memory format (README: what it buys)")
     )
     deterministic: bool = field(
         default=False, metadata=dict(help="deterministic algorithms only (README: what it costs)")
