@@ -6,8 +6,8 @@
 What `sr_train.py --channels-last` buys here: each (loss, format) runs forward + backward +
 Adam on fixed random patches; the configurations take turns (`--rounds` rounds of 3 steps each),
 so a machine that speeds up or slows down during the run affects all of them alike. Reports the
-median and the fastest round per configuration, and per layer kind where the time goes is left
-to a profiler: this only answers "which format, how much".
+median and the fastest round per configuration; it fails if a configuration's loss is not finite
+(a timing of a diverged step would mean nothing). Which layers take the time: use a profiler.
 """
 
 import argparse
@@ -41,6 +41,7 @@ def make_step(a, loss: str, channels_last: bool):
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
+        return out["loss"].detach()
 
     return step
 
@@ -79,6 +80,9 @@ def main():
     for loss in a.losses:
         nchw, nhwc = (result[f"{loss}_{f}"]["median_s"] for f in ("nchw", "channels_last"))
         result[f"{loss}_channels_last_speedup"] = round(nchw / nhwc, 3)
+    for c, step in steps.items():
+        loss = step()
+        assert torch.isfinite(loss), f"{c}: non-finite loss {loss.item()}"
     result["loadavg_end"] = os.getloadavg()
     print(json.dumps(result, indent=1))
 
