@@ -229,7 +229,7 @@ def train(argv) -> int:
     opt = None  # bicubic has nothing to optimise
     if gen_params:
         opt = torch.optim.Adam(
-            gen_params, lr=base_lr, betas=tuple(d["betas"]), eps=d["eps"],
+            model.generator_param_groups(), lr=base_lr, betas=tuple(d["betas"]), eps=d["eps"],
             weight_decay=d["weight_decay"],
         )  # fmt: skip
     optimizers = {"g": opt} if opt is not None else {}
@@ -337,7 +337,7 @@ def train(argv) -> int:
         for o, base in ((opt, base_lr), (optimizers.get("d"), d_lr)):
             if o is not None:
                 for g in o.param_groups:
-                    g["lr"] = get_lr(step, base)
+                    g["lr"] = base if g.get("constant_lr") else get_lr(step, base)
         with autocast:
             out_g = forward(lr_img, hr_img)
         ok = guarded_step(opt, out_g["loss"], model.generator_parameters(), grad_clip, dd, scaler)

@@ -380,3 +380,25 @@ def test_le_model_parts(name, mu_only, make_batch):
             assert p.grad is not None and p.grad.abs().sum() > 0, k
     u = model.eval().uncertainty(lr)
     assert u.shape == hr.shape and (u > 0).all() and (u < 1).all()
+
+
+def test_le_sigma_images_trains_sigma_on_the_first_images_only(make_batch):
+    cfg = CASES["edsr_le"][1]
+    full = build_model("edsr", cfg)
+    part = build_model("edsr", {**cfg, "le_sigma_images": 1})
+    part.load_state_dict(full.state_dict())
+    lr, hr = make_batch(4, b=3)
+    torch.manual_seed(1)
+    a = full(lr, hr)
+    torch.manual_seed(1)
+    b = part(lr, hr)
+    assert torch.equal(a["le"], b["le"])  # μ's loss (Eq. 8) does not involve σ
+    mu, fea = part.predict(lr)
+    want = 0.01 * ((hr[:1] - mu[:1]) - part.sigma(fea[:1])).abs().mean()  # Eq. 10, image 0
+    assert b["sigma_aux"].item() == pytest.approx(want.item(), rel=1e-6)
+    assert b["sigma_aux"].item() != pytest.approx(a["sigma_aux"].item(), rel=1e-3)
+    b["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.sigma.parameters())
+    with pytest.raises(UsageError) as e:
+        build_model("edsr", {**cfg, "le_sigma_images": -1})
+    assert "\n" not in str(e.value) and "--le-sigma-images -1" in str(e.value)

@@ -153,5 +153,10 @@ class SRModel(nn.Module):
         d = set(map(id, self.discriminator.parameters())) if self.discriminator else set()
         return [p for p in self.parameters() if id(p) not in d]
 
+    def generator_param_groups(self) -> list[dict]:
+        """Adam parameter groups of the main optimizer. A group with "constant_lr": True keeps the
+        base learning rate; the others follow the schedule."""
+        return [{"params": self.generator_parameters()}]
+
     # GAN-trained models set self.discriminator and define
     # discriminator_loss(lr, hr, out) -> dict with "loss", given forward()'s output (with "sr").
