@@ -64,12 +64,12 @@ def calibrate(root: Path, a) -> dict[str, float]:
     """Median s/step per loss from short timing runs that alternate between the losses, so that a
     change of the machine's load during calibration affects every loss alike."""
     times: dict[str, list[float]] = {loss: [] for loss in a.losses}
-    for r in range(a.calibration_rounds):
+    for i in range(a.calibration_rounds):
         for loss in a.losses:
-            out = root / f"{loss}_timing{r}"
+            out = root / f"{loss}_timing{i}"
             assert sr_train.main(train_argv(out, loss, a.calibration_steps, 0, a)) == 0
             rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-            times[loss] += [r["s_per_step"] for r in rows if r["step"] > 10]  # past warm-up
+            times[loss] += [row["s_per_step"] for row in rows if row["step"] > 10]  # past warm-up
     return {loss: float(np.median(t)) for loss, t in times.items()}
 
 
