@@ -240,11 +240,16 @@ def train(argv) -> int:
         )  # fmt: skip
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
 
-    def get_lr(step: int, base: float) -> float:
+    def get_lr(step: int, base: float, span: tuple[float, float] = (0.0, 1.0)) -> float:
+        # `span`: the fractions of the run a parameter group's schedule covers (a model phase,
+        # e.g. μ before a σ-only phase); milestones are fractions of that span.
+        t0, t1 = span[0] * steps, span[1] * steps
+        t = min(max(step - t0, 0.0), t1 - t0)  # steps into the span
+        n = max(t1 - t0, 1)
         if d.get("schedule", "multistep") == "cosine":
             eta_min = d.get("eta_min", 0.0)
-            return eta_min + 0.5 * (base - eta_min) * (1 + math.cos(math.pi * step / max(steps, 1)))
-        return base * gamma ** sum(step >= m * steps for m in milestones)
+            return eta_min + 0.5 * (base - eta_min) * (1 + math.cos(math.pi * t / n))
+        return base * gamma ** sum(t >= m * n for m in milestones)
 
     start, skipped, best = (
         (resumed["step"], resumed["skipped"], resumed["best"]) if resumed else (0, 0, -math.inf)
@@ -337,7 +342,8 @@ def train(argv) -> int:
         for o, base in ((opt, base_lr), (optimizers.get("d"), d_lr)):
             if o is not None:
                 for g in o.param_groups:
-                    g["lr"] = base if g.get("constant_lr") else get_lr(step, base)
+                    span = g.get("span", (0.0, 1.0))
+                    g["lr"] = base if g.get("constant_lr") else get_lr(step, base, span)
         with autocast:
             out_g = forward(lr_img, hr_img)
         ok = guarded_step(opt, out_g["loss"], model.generator_parameters(), grad_clip, dd, scaler)

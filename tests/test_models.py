@@ -402,3 +402,39 @@ def test_le_sigma_images_trains_sigma_on_the_first_images_only(make_batch):
     with pytest.raises(UsageError) as e:
         build_model("edsr", {**cfg, "le_sigma_images": -1})
     assert "\n" not in str(e.value) and "--le-sigma-images -1" in str(e.value)
+
+
+def test_le_sigma_final_fraction_trains_sigma_alone_on_the_whole_batch(make_batch):
+    cfg = {**CASES["edsr_le"][1], "le_sigma_images": 1, "le_sigma_final_fraction": 0.25}
+    model = build_model("edsr", cfg)
+    assert model.ddp_find_unused  # μ gets no gradient in the σ-only phase
+    sig = set(map(id, model.sigma.parameters()))
+    body = [p for p in model.parameters() if id(p) not in sig]
+    lr, hr = make_batch(4, b=3)
+
+    def step(i: int) -> dict:
+        model.zero_grad(set_to_none=True)
+        model.on_step(i, 8)
+        out = model(lr, hr)
+        out["loss"].backward()
+        return out
+
+    step(5)  # joint: μ learns, σ sees image 0 only
+    assert all(p.grad is not None for p in body)
+    mu, fea = model.predict(lr)
+    first = 0.01 * ((hr[:1] - mu[:1]).detach() - model.sigma(fea[:1])).abs().mean()
+    assert step(5)["sigma_aux"].item() == pytest.approx(first.item(), rel=1e-5)
+
+    out = step(6)  # 6 >= (1 - 0.25) * 8: σ only, on every image
+    assert all(not p.requires_grad and p.grad is None for p in body)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.sigma.parameters())
+    whole = 0.01 * ((hr - mu).detach() - model.sigma(fea)).abs().mean()
+    assert out["sigma_aux"].item() == pytest.approx(whole.item(), rel=1e-5)
+
+    step(0)  # e.g. a run resumed before the phase: μ trains again
+    assert all(p.requires_grad and p.grad is not None for p in body)
+    assert not build_model("edsr", CASES["edsr_le"][1]).ddp_find_unused
+    for bad in (-0.1, 1.5):
+        with pytest.raises(UsageError) as e:
+            build_model("edsr", {**cfg, "le_sigma_final_fraction": bad})
+        assert "\n" not in str(e.value) and f"--le-sigma-final-fraction {bad}" in str(e.value)

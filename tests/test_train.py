@@ -229,3 +229,29 @@ def test_le_sigma_constant_lr_keeps_sigma_off_the_schedule_and_resumes(tmp_path,
     resumed = load_checkpoint(tmp_path / "b" / "last.pt")["optimizers"]["g"]["param_groups"]
     got = [(g["lr"], g.get("constant_lr", False)) for g in resumed]
     assert got == [(5e-4, False), (1e-3, True)]
+
+
+def test_le_sigma_final_fraction_freezes_mu_in_the_last_steps(tmp_path, images):
+    tiny = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--loss", "le",
+            "--le-sigma-feats", "8", "--learning-rate", "1e-3"]  # fmt: skip
+    half = ["--le-sigma-final-fraction", "0.5", "--milestones", "0.75", "--gamma", "0.5"]
+    assert run(tmp_path / "a", images, *tiny, "--steps", "4", *half) == 0
+    ck = load_checkpoint(tmp_path / "a" / "last.pt")
+    # Each phase runs the schedule over its own steps: at step 3, μ (steps 0-1) is past its
+    # milestone, σ (steps 2-3) is one step into its phase, before 0.75 of it.
+    groups = ck["optimizers"]["g"]["param_groups"]
+    assert [(g["lr"], tuple(g["span"])) for g in groups] == [(5e-4, (0, 0.5)), (1e-3, (0.5, 1))]
+    model = load_model(tmp_path / "a" / "last.pt")[0]
+    names = [n for n, _ in model.named_parameters()]  # Adam's state is indexed in this order
+    state = ck["optimizers"]["g"]["state"]
+    steps = {n: int(state[i]["step"]) for i, n in enumerate(names) if i in state}
+    assert {n.startswith("sigma.") for n in steps} == {True, False}
+    assert all(v == (4 if n.startswith("sigma.") else 2) for n, v in steps.items()), steps
+
+    # 1 = σ only from the start: a trained model's μ is kept bit-exact, its σ is retrained
+    assert run(tmp_path / "b", images, *tiny, "--steps", "3", "--le-sigma-final-fraction", "1",
+               "--init-from", str(tmp_path / "a" / "last.pt")) == 0  # fmt: skip
+    before, after = ck["state_dict"], params(tmp_path / "b" / "last.pt")
+    for k in before:
+        same = torch.equal(before[k], after[k])
+        assert same != k.startswith("sigma."), k

@@ -155,7 +155,8 @@ class SRModel(nn.Module):
 
     def generator_param_groups(self) -> list[dict]:
         """Adam parameter groups of the main optimizer. A group with "constant_lr": True keeps the
-        base learning rate; the others follow the schedule."""
+        base learning rate; the others follow the schedule, over the whole run or over their
+        "span": (start, end) fractions of the run (the milestones are fractions of the span)."""
         return [{"params": self.generator_parameters()}]
 
     # GAN-trained models set self.discriminator and define

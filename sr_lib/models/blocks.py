@@ -73,6 +73,15 @@ class SigmaBranch(nn.Module):
         for _ in range(3):
             layers += [conv3x3(width, width), nn.PReLU(width)]
         self.mapping = nn.Sequential(*layers)  # FSRCNN-style Conv+PReLU mapping (paper §4.3)
+        # He init for PReLU (slope 0.25 at init) keeps the signal's variance through the mapping.
+        # PyTorch's default shrinks it ~√3× per conv, and the body features are small (std ~0.1),
+        # so a default-initialised branch outputs a near-constant map. Measured on a trained μ, a
+        # fresh branch then showed no structure (r ≈ 0) for 200 steps; with this init, r was ≈ 0.2
+        # after 50. The paper does not describe the initialisation.
+        for m in self.mapping:
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, a=0.25, nonlinearity="leaky_relu")
+                nn.init.zeros_(m.bias)
         self.upsample = nn.Sequential(conv3x3(width, out_ch * scale**2), nn.PixelShuffle(scale))
         # Start σ near a typical SR error (sigmoid(-3) ≈ 0.047 on the [0, 1] scale) instead of
         # sigmoid(0) = 0.5, so σ does not spend its first steps shrinking everywhere before it
@@ -172,6 +181,13 @@ class RegressionConfig(ModelConfig):
             "so σ can still follow μ's error map late in a short run"
         ),
     )
+    le_sigma_final_fraction: float = field(
+        default=0.0,
+        metadata=dict(
+            help="train only the σ branch, on the whole batch, for this final fraction of the "
+            "steps (μ frozen: no backward through the body); 0 = never (paper), 1 = σ only"
+        ),
+    )
 
 
 class RegressionSR(SRModel):
@@ -198,7 +214,14 @@ class RegressionSR(SRModel):
             raise UsageError(
                 f"--le-sigma-images {cfg.le_sigma_images}: use 0 (all images) or a positive count"
             )
+        if not 0.0 <= cfg.le_sigma_final_fraction <= 1.0:
+            raise UsageError(
+                f"--le-sigma-final-fraction {cfg.le_sigma_final_fraction}: use a fraction in [0, 1]"
+            )
+        # μ's parameters get no gradient in the σ-only phase: DDP must look for unused ones.
+        self.ddp_find_unused = cfg.loss == "le" and cfg.le_sigma_final_fraction > 0
         self.sigma = None
+        self._sigma_only = False  # set by on_step: the final σ-only phase
 
     def _add_sigma_branch(self, in_ch: int) -> None:
         if self.cfg.loss == "le":
@@ -213,20 +236,44 @@ class RegressionSR(SRModel):
             l1 = F.l1_loss(mu, hr)
             return {"loss": l1, "l1": l1.detach(), "sr": mu}
         c = self.cfg
-        sigma = self.sigma(fea[: c.le_sigma_images or None])  # (k, 3, sH, sW), k <= B
+        k = None if self._sigma_only else (c.le_sigma_images or None)  # σ-only steps: every image
+        sigma = self.sigma(fea[:k])  # (k, 3, sH, sW), k <= B
         out = le_loss(mu, hr, sigma, c.le_beta, c.le_mask_scope, c.le_aux_target)
         return {**out, "sr": mu}
 
+    def on_step(self, step: int, total: int) -> None:
+        """The last --le-sigma-final-fraction of the steps train σ alone: μ is frozen, so a step
+        costs the body's forward and σ's forward and backward. σ then fits the error map of the
+        final μ instead of chasing a moving one."""
+        f = self.cfg.le_sigma_final_fraction
+        only = self.sigma is not None and f > 0 and step >= (1 - f) * total
+        if only != self._sigma_only:
+            sig = set(map(id, self.sigma.parameters()))
+            for p in self.generator_parameters():
+                if id(p) not in sig:
+                    p.requires_grad_(not only)
+            self._sigma_only = only
+
     def generator_param_groups(self) -> list[dict]:
-        """With --le-sigma-constant-lr, the σ branch is its own group, exempt from the schedule."""
-        if self.sigma is None or not self.cfg.le_sigma_constant_lr:
+        """With --le-sigma-constant-lr or a σ-only phase, the σ branch is its own Adam group.
+
+        A σ-only phase (--le-sigma-final-fraction f) gives each group the schedule of its own
+        phase ("span", fractions of the run): μ runs its whole schedule (milestones included) in
+        the first 1 − f of the steps; σ keeps the base rate until the phase, then runs the schedule
+        over the last f (so it ends at the low rates, not oscillating at the base rate).
+        """
+        f = self.cfg.le_sigma_final_fraction if self.sigma is not None else 0.0
+        if self.sigma is None or not (self.cfg.le_sigma_constant_lr or f > 0):
             return super().generator_param_groups()
         sig = set(map(id, self.sigma.parameters()))
         params = self.generator_parameters()
-        return [
-            {"params": [p for p in params if id(p) not in sig]},
-            {"params": [p for p in params if id(p) in sig], "constant_lr": True},
-        ]
+        body = {"params": [p for p in params if id(p) not in sig]}
+        sigma = {"params": [p for p in params if id(p) in sig]}
+        if f > 0:
+            body["span"], sigma["span"] = (0.0, 1.0 - f), (1.0 - f, 1.0)
+        if self.cfg.le_sigma_constant_lr:
+            sigma["constant_lr"] = True
+        return [body, sigma]
 
     def generate(self, lr: torch.Tensor, n: int, temperature: float, noise=None) -> torch.Tensor:
         mu, _ = self.predict(lr)
