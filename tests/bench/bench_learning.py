@@ -169,7 +169,9 @@ def main():
     #   160 ch, σ on 1 of 4 images, joint only:        le - l1 -0.013 dB, r 0.365
     #   160 ch, 1 of 4, last 25 % σ alone (le only):   28.327 dB, r 0.469, but 690 s wall
     #   64 ch, whole batch, constant σ lr (le only):   28.336 dB, r 0.473
-    #   64 ch, whole batch, last 15 % σ alone:         le - l1 -0.020 dB, r 0.506 (these defaults)
+    #   64 ch, whole batch, last 15 % σ alone (these defaults):
+    #     old calibration, runs took 706/713 s wall:   le - l1 -0.020 dB, r 0.506
+    #     sustained-window calibration, 601/614 s:     le - l1 -0.036 dB, r 0.460
     p.add_argument("--le-sigma-images", type=int, default=0, help="0 = all (paper)")
     p.add_argument("--le-sigma-constant-lr", action="store_true")
     p.add_argument("--le-sigma-final-fraction", type=float, default=0.15)
