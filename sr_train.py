@@ -371,7 +371,9 @@ def train(argv) -> int:
             if diff != 0:
                 raise SRSpaceError(f"step {step + 1}: model replicas differ across ranks ({diff})")
         if main_rank and ((step + 1) % args.log_every == 0 or step + 1 == steps):
-            rec = {"step": step + 1, "learning_rate": get_lr(step, base_lr), "skipped": skipped}
+            # the rate the first (main) parameter group actually used; groups may have own spans
+            lr_now = opt.param_groups[0]["lr"] if opt is not None else get_lr(step, base_lr)
+            rec = {"step": step + 1, "learning_rate": lr_now, "skipped": skipped}
             rec.update({k: float(v.detach()) for k, v in out_g.items() if v.ndim == 0})
             rec["s_per_step"] = (time.time() - t0) / (step + 1 - logged)
             t0, logged = time.time(), step + 1

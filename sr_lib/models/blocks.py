@@ -241,6 +241,12 @@ class RegressionSR(SRModel):
         out = le_loss(mu, hr, sigma, c.le_beta, c.le_mask_scope, c.le_aux_target)
         return {**out, "sr": mu}
 
+    def _split_params(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(μ's parameters, the σ branch's), from the main optimizer's parameters."""
+        sig = set(map(id, self.sigma.parameters()))
+        params = self.generator_parameters()
+        return [p for p in params if id(p) not in sig], [p for p in params if id(p) in sig]
+
     def on_step(self, step: int, total: int) -> None:
         """The last --le-sigma-final-fraction of the steps train σ alone: μ is frozen, so a step
         costs the body's forward and σ's forward and backward. σ then fits the error map of the
@@ -248,10 +254,8 @@ class RegressionSR(SRModel):
         f = self.cfg.le_sigma_final_fraction
         only = self.sigma is not None and f > 0 and step >= (1 - f) * total
         if only != self._sigma_only:
-            sig = set(map(id, self.sigma.parameters()))
-            for p in self.generator_parameters():
-                if id(p) not in sig:
-                    p.requires_grad_(not only)
+            for p in self._split_params()[0]:
+                p.requires_grad_(not only)
             self._sigma_only = only
 
     def generator_param_groups(self) -> list[dict]:
@@ -262,16 +266,15 @@ class RegressionSR(SRModel):
         the first 1 − f of the steps; σ keeps the base rate until the phase, then runs the schedule
         over the last f (so it ends at the low rates, not oscillating at the base rate).
         """
-        f = self.cfg.le_sigma_final_fraction if self.sigma is not None else 0.0
-        if self.sigma is None or not (self.cfg.le_sigma_constant_lr or f > 0):
+        c = self.cfg
+        f = c.le_sigma_final_fraction
+        if self.sigma is None or not (c.le_sigma_constant_lr or f > 0):
             return super().generator_param_groups()
-        sig = set(map(id, self.sigma.parameters()))
-        params = self.generator_parameters()
-        body = {"params": [p for p in params if id(p) not in sig]}
-        sigma = {"params": [p for p in params if id(p) in sig]}
+        body_params, sigma_params = self._split_params()
+        body, sigma = {"params": body_params}, {"params": sigma_params}
         if f > 0:
             body["span"], sigma["span"] = (0.0, 1.0 - f), (1.0 - f, 1.0)
-        if self.cfg.le_sigma_constant_lr:
+        if c.le_sigma_constant_lr:
             sigma["constant_lr"] = True
         return [body, sigma]
 

@@ -22,7 +22,8 @@ the budget is only a safety net. (Until 2026-11-30 each loss was timed right bef
 stopped by the clock: load drift then gave l1 600 s and le 570 s of one "600 s" budget.)
 The le recipe for this budget (μ's Eq. 8 loss does not use σ, so these change σ's training and
 μ's step count, not what μ learns per step): the σ branch is 64 channels wide, not the paper's 160
-(--le-sigma-feats), so that it can train on the whole batch every step for ~+2 % step cost; and the
+(--le-sigma-feats), so that it can train on the whole batch every step (a joint le step cost
+1.02x and 1.07x an l1 step in two calibrations, 2026-12-01); and the
 last 15 % of the steps train σ alone on the final μ (--le-sigma-final-fraction), each phase with its
 own schedule. Measured, why: σ trained jointly chases a moving μ, and 160-channel σ steps cost too
 much to give it enough steps on the final μ (see the flag comments below). le's steps are planned
