@@ -214,7 +214,10 @@ def _download(entry: Entry, target: Path) -> Path:
 
 def load_strict(module: torch.nn.Module, sd: dict, what: str, hint: str = "") -> None:
     """load_state_dict(strict=True), but a mismatch is one CheckpointError line (`what`: ...)
-    counting the missing, unexpected and wrongly shaped keys (torch's own error is many lines)."""
+    counting the missing, unexpected and wrongly shaped keys (torch's own error is many lines).
+    A module's `complete_state_dict(sd)`, if it has one, first fills in what `sd` may lack."""
+    if hasattr(module, "complete_state_dict"):
+        sd = module.complete_state_dict(sd)
     own = module.state_dict()
     found = {
         "missing keys": [k for k in own if k not in sd],

@@ -1,5 +1,6 @@
 """The model contract (style.md §3.7) for every registered model; EDSR, RRDB and ℓ_E specifics."""
 
+import copy
 import math
 from dataclasses import fields
 from typing import Literal, get_origin
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import CASES, TINY
 
+from sr_lib.checkpoint import load_weights
 from sr_lib.errors import CheckpointError, UsageError
 from sr_lib.models import MODELS, build_model
 from sr_lib.models.base import NoiseSource, SRModel
@@ -438,3 +440,55 @@ def test_le_sigma_final_fraction_trains_sigma_alone_on_the_whole_batch(make_batc
         with pytest.raises(UsageError) as e:
             build_model("edsr", {**cfg, "le_sigma_final_fraction": bad})
         assert "\n" not in str(e.value) and f"--le-sigma-final-fraction {bad}" in str(e.value)
+
+
+def test_le_sigma_ema_averages_sigma_for_the_uncertainty_map(make_batch, tmp_path):
+    cfg = {**CASES["edsr_le"][1], "le_sigma_ema": 0.5}
+    model = build_model("edsr", cfg)
+    plain = build_model("edsr", CASES["edsr_le"][1])
+    assert list(model.sigma_ema.parameters()) == []  # buffers: not trained, not counted
+    assert n_params(model) == n_params(plain)
+    key = "sigma_ema.upsample__0__weight"
+    w0 = model.sigma.upsample[0].weight.detach().clone()
+    assert torch.equal(model.state_dict()[key], w0)  # starts at the initial weights
+
+    with torch.no_grad():
+        model.sigma.upsample[0].weight.add_(1.0)
+    w1 = model.sigma.upsample[0].weight.detach().clone()
+    model.on_step(0, 8)  # nothing learned before step 0
+    assert torch.equal(model.state_dict()[key], w0)
+    model.on_step(1, 8)  # warm-up decay min(0.5, 1/10)
+    want = 0.1 * w0 + 0.9 * w1
+    assert torch.allclose(model.state_dict()[key], want, atol=1e-6)
+    model.on_step(1, 8)  # the same step again (e.g. DDP's init pass) adds nothing
+    assert torch.allclose(model.state_dict()[key], want, atol=1e-6)
+    model.on_step(3, 8)  # decay min(0.5, 2/11)
+    want = (2 / 11) * want + (9 / 11) * w1
+    assert torch.allclose(model.state_dict()[key], want, atol=1e-6)
+
+    # uncertainty() runs σ with the averaged weights; sample() (μ) does not involve σ
+    lr, _ = make_batch(4, b=1)
+    averaged = copy.deepcopy(model.sigma)
+    averaged.load_state_dict(
+        {n: model.state_dict()["sigma_ema." + n.replace(".", "__")] for n in model.sigma_ema.names}
+    )
+    fea = model.predict(lr)[1]
+    u = model.uncertainty(lr)
+    assert torch.allclose(u, averaged(fea), atol=1e-6)
+    assert not torch.allclose(u, model.sigma(fea), atol=1e-3)
+
+    # saved and loaded with the model; a state without an average starts it at its σ; an
+    # average the config does not keep is dropped
+    torch.save(model.state_dict(), tmp_path / "ema.pt")
+    again = build_model("edsr", cfg)
+    load_weights(again, torch.load(tmp_path / "ema.pt", weights_only=True), "ema.pt")
+    assert torch.equal(again.uncertainty(lr), u)
+    load_weights(again, plain.state_dict(), "plain")
+    assert torch.equal(again.state_dict()[key], plain.sigma.upsample[0].weight)
+    assert int(again.sigma_ema.step) == 0
+    load_weights(plain, model.state_dict(), "ema")
+    assert torch.equal(plain.sigma.upsample[0].weight, w1)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(UsageError) as e:
+            build_model("edsr", {**cfg, "le_sigma_ema": bad})
+        assert "\n" not in str(e.value) and f"--le-sigma-ema {bad}" in str(e.value)

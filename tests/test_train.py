@@ -255,3 +255,24 @@ def test_le_sigma_final_fraction_freezes_mu_in_the_last_steps(tmp_path, images):
     for k in before:
         same = torch.equal(before[k], after[k])
         assert same != k.startswith("sigma."), k
+
+
+def test_le_sigma_ema_is_saved_resumed_and_started_from_init_weights(tmp_path, images):
+    tiny = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--loss", "le",
+            "--le-sigma-feats", "8", "--learning-rate", "1e-3", "--gamma", "1"]  # fmt: skip
+    ema = ["--le-sigma-ema", "0.9"]
+    assert run(tmp_path / "a", images, *tiny, *ema, "--steps", "4") == 0
+    assert run(tmp_path / "b", images, *tiny, *ema, "--steps", "2") == 0
+    assert run(tmp_path / "b", images, *tiny, *ema, "--steps", "4", "--resume", "auto") == 0
+    a, b = params(tmp_path / "a" / "last.pt"), params(tmp_path / "b" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the average too: 2 + 2 steps == 4 steps
+    assert int(a["sigma_ema.step"]) == 3  # averaged before steps 1-3 (after the last: not)
+    key = "sigma_ema.upsample__0__weight"
+    assert not torch.equal(a[key], a["sigma.upsample.0.weight"])
+
+    # --init-from weights trained without an average: it starts at their σ
+    assert run(tmp_path / "p", images, *tiny, "--steps", "2") == 0
+    assert run(tmp_path / "c", images, *tiny, *ema, "--steps", "1",
+               "--init-from", str(tmp_path / "p" / "last.pt")) == 0  # fmt: skip
+    plain, c = params(tmp_path / "p" / "last.pt"), params(tmp_path / "c" / "last.pt")
+    assert torch.equal(c[key], plain["sigma.upsample.0.weight"]) and int(c["sigma_ema.step"]) == 0

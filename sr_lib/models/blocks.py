@@ -93,6 +93,47 @@ class SigmaBranch(nn.Module):
         return torch.sigmoid(self.upsample(self.mapping(fea)))
 
 
+class WeightAverage(nn.Module):
+    """Exponential moving average of another module's parameters, held as buffers: saved and
+    resumed with the model, but neither trained nor counted as parameters. `forward(module, x)`
+    runs `module` with the averaged weights."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        super().__init__()
+        self.decay = decay
+        self.names = [name for name, _ in module.named_parameters()]
+        for name, p in module.named_parameters():
+            self.register_buffer(self._key(name), p.detach().clone())
+        # the last step averaged in, so that a repeated on_step(step) call adds nothing twice
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.replace(".", "__")  # buffer names cannot hold dots
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int) -> None:
+        """Average in `module`'s weights as they are before training step `step` (> 0)."""
+        if step <= int(self.step):
+            return
+        n = int(self.step)
+        # Warm-up, as TensorFlow's ExponentialMovingAverage(num_updates): early on the average
+        # follows the weights instead of being dominated by their initial values.
+        decay = min(self.decay, (1 + n) / (10 + n))
+        for name, p in module.named_parameters():
+            getattr(self, self._key(name)).lerp_(p.detach(), 1 - decay)
+        self.step.fill_(step)
+
+    def initial_state(self, module_state: dict, prefix: str) -> dict:
+        """This module's state_dict entries starting the average at the given weights."""
+        out = {prefix + self._key(n): module_state[n].detach().clone() for n in self.names}
+        return {**out, prefix + "step": torch.zeros((), dtype=torch.long)}
+
+    def forward(self, module: nn.Module, *args):
+        params = {name: getattr(self, self._key(name)) for name in self.names}
+        return torch.func.functional_call(module, params, args)
+
+
 def hard_sample_mask(a: torch.Tensor, scope: str = "batch") -> torch.Tensor:
     """Zero the entries of a = |ŷ − μ| below their mean (paper §4.3), batch-wide or per image."""
     if scope == "batch":
@@ -188,6 +229,13 @@ class RegressionConfig(ModelConfig):
             "steps (μ frozen: no backward through the body); 0 = never (paper), 1 = σ only"
         ),
     )
+    le_sigma_ema: float = field(
+        default=0.0,
+        metadata=dict(
+            help="keep an exponential moving average of the σ branch's weights with this decay "
+            "per step (e.g. 0.99) and use it for the uncertainty map; 0 = off (paper)"
+        ),
+    )
 
 
 class RegressionSR(SRModel):
@@ -218,14 +266,36 @@ class RegressionSR(SRModel):
             raise UsageError(
                 f"--le-sigma-final-fraction {cfg.le_sigma_final_fraction}: use a fraction in [0, 1]"
             )
+        if not 0.0 <= cfg.le_sigma_ema < 1.0:
+            raise UsageError(
+                f"--le-sigma-ema {cfg.le_sigma_ema}: use a decay in [0, 1), e.g. 0.99 (0 = off)"
+            )
         # μ's parameters get no gradient in the σ-only phase: DDP must look for unused ones.
         self.ddp_find_unused = cfg.loss == "le" and cfg.le_sigma_final_fraction > 0
         self.sigma = None
+        self.sigma_ema = None
         self._sigma_only = False  # set by on_step: the final σ-only phase
 
     def _add_sigma_branch(self, in_ch: int) -> None:
         if self.cfg.loss == "le":
             self.sigma = SigmaBranch(in_ch, self.scale, self.cfg.le_sigma_feats)
+            if self.cfg.le_sigma_ema > 0:
+                # A short run's σ map is noisy: its target |ŷ − μ| is one noisy draw per pixel,
+                # and on the demo data r(σ, |ŷ − μ|) of σ checkpoints 50 steps apart differed by up
+                # to ±0.04; their average did not (tests/bench/bench_learning.py).
+                self.sigma_ema = WeightAverage(self.sigma, self.cfg.le_sigma_ema)
+
+    def complete_state_dict(self, sd: dict) -> dict:
+        """Weights saved without this config's σ average (e.g. for --init-from) start it at their
+        σ; an average this config does not keep is dropped."""
+        has = any(k.startswith("sigma_ema.") for k in sd)
+        if self.sigma_ema is None and has:
+            return {k: v for k, v in sd.items() if not k.startswith("sigma_ema.")}
+        if self.sigma_ema is not None and not has and any(k.startswith("sigma.") for k in sd):
+            sigma = {k[len("sigma.") :]: v for k, v in sd.items() if k.startswith("sigma.")}
+            if set(self.sigma_ema.names) <= set(sigma):
+                return {**sd, **self.sigma_ema.initial_state(sigma, "sigma_ema.")}
+        return sd
 
     def predict(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -250,7 +320,10 @@ class RegressionSR(SRModel):
     def on_step(self, step: int, total: int) -> None:
         """The last --le-sigma-final-fraction of the steps train σ alone: μ is frozen, so a step
         costs the body's forward and σ's forward and backward. σ then fits the error map of the
-        final μ instead of chasing a moving one."""
+        final μ instead of chasing a moving one. With --le-sigma-ema, the σ weights as they are
+        before each step are averaged in (those after the last step are not)."""
+        if self.sigma_ema is not None:
+            self.sigma_ema.update(self.sigma, step)
         f = self.cfg.le_sigma_final_fraction
         only = self.sigma is not None and f > 0 and step >= (1 - f) * total
         if only != self._sigma_only:
@@ -284,8 +357,9 @@ class RegressionSR(SRModel):
 
     @torch.no_grad()
     def uncertainty(self, lr: torch.Tensor) -> torch.Tensor | None:
-        """σ of the ℓ_E branch (B, 3, s·H, s·W) in (0, 1); None when trained with plain ℓ1."""
+        """σ of the ℓ_E branch (B, 3, s·H, s·W) in (0, 1), from the averaged weights with
+        --le-sigma-ema; None when trained with plain ℓ1."""
         if self.sigma is None:
             return None
         _, fea = self.predict(lr)
-        return self.sigma(fea)
+        return self.sigma(fea) if self.sigma_ema is None else self.sigma_ema(self.sigma, fea)
