@@ -177,6 +177,7 @@ def main():
     #     sustained-window calibration, 601/614 s:     le - l1 -0.036 dB, r 0.460
     #   64 ch, whole batch, last 30 % σ alone, σ average 0.99 (these defaults), 614/532 s wall:
     #                                                  le - l1 -0.076 dB, r 0.485
+    #     the same with --budget 900 (950/987 s wall): l1 +0.732, le - l1 -0.048 dB, r 0.534
     # Where r levels off (ad hoc, 2026-12-01, σ alone on the μ of the 0.460 run): 1,000-3,000 more
     # σ steps reached r 0.48-0.52 on the validation images, also with an L2 target or a 16-channel
     # HR-resolution tail with or without μ as an input (a fresh 16-channel σ: 0.43); the same σ
