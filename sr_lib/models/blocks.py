@@ -114,9 +114,9 @@ class WeightAverage(nn.Module):
     @torch.no_grad()
     def update(self, module: nn.Module, step: int) -> None:
         """Average in `module`'s weights as they are before training step `step` (> 0)."""
-        if step <= int(self.step):
-            return
         n = int(self.step)
+        if step <= n:
+            return
         # Warm-up, as TensorFlow's ExponentialMovingAverage(num_updates): early on the average
         # follows the weights instead of being dominated by their initial values.
         decay = min(self.decay, (1 + n) / (10 + n))
@@ -291,11 +291,10 @@ class RegressionSR(SRModel):
         has = any(k.startswith("sigma_ema.") for k in sd)
         if self.sigma_ema is None and has:
             return {k: v for k, v in sd.items() if not k.startswith("sigma_ema.")}
-        if self.sigma_ema is not None and not has and any(k.startswith("sigma.") for k in sd):
-            sigma = {k[len("sigma.") :]: v for k, v in sd.items() if k.startswith("sigma.")}
-            if set(self.sigma_ema.names) <= set(sigma):
-                return {**sd, **self.sigma_ema.initial_state(sigma, "sigma_ema.")}
-        return sd
+        sigma = {k[len("sigma.") :]: v for k, v in sd.items() if k.startswith("sigma.")}
+        if self.sigma_ema is not None and not has and set(self.sigma_ema.names) <= set(sigma):
+            return {**sd, **self.sigma_ema.initial_state(sigma, "sigma_ema.")}
+        return sd  # anything else is left to the strict check
 
     def predict(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
