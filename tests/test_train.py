@@ -276,3 +276,33 @@ def test_le_sigma_ema_is_saved_resumed_and_started_from_init_weights(tmp_path, i
                "--init-from", str(tmp_path / "p" / "last.pt")) == 0  # fmt: skip
     plain, c = params(tmp_path / "p" / "last.pt"), params(tmp_path / "c" / "last.pt")
     assert torch.equal(c[key], plain["sigma.upsample.0.weight"]) and int(c["sigma_ema.step"]) == 0
+
+
+def test_amp_bf16_on_cpu_trains_le_and_resumes_exactly(tmp_path, images, monkeypatch, capsys):
+    # le with a σ average under bf16 autocast; --gamma 1: a 2-step run has the 4-step schedule
+    tiny = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--loss", "le",
+            "--le-sigma-feats", "8", "--le-sigma-ema", "0.9", "--gamma", "1",
+            "--device", "cpu"]  # fmt: skip
+    bf16 = [*tiny, "--amp", "bf16"]
+    assert run(tmp_path / "a", images, *bf16, "--steps", "4") == 0
+    assert run(tmp_path / "b", images, *bf16, "--steps", "2") == 0
+    assert run(tmp_path / "b", images, *bf16, "--steps", "4", "--resume", "auto") == 0
+    assert run(tmp_path / "f", images, *tiny, "--steps", "4") == 0
+    a, b, f = (params(tmp_path / d / "last.pt") for d in "abf")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # 2 + 2 steps == 4 steps under autocast too
+    assert all(torch.isfinite(v).all() for v in a.values() if v.is_floating_point())
+    assert all(v.dtype != torch.bfloat16 for v in a.values())  # weights stay float32
+    assert not all(torch.equal(a[k], f[k]) for k in a)  # autocast did run: float32 differs
+
+    # the σ-only phase (μ frozen) under autocast too
+    assert (
+        run(tmp_path / "s", images, *bf16, "--steps", "2", "--le-sigma-final-fraction", "0.5") == 0
+    )
+    s = params(tmp_path / "s" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in s.values() if v.is_floating_point())
+
+    # a CPU without native bf16: it still trains, with a one-line warning
+    monkeypatch.setattr(sr_train, "cpu_has_bf16", lambda: False)
+    capsys.readouterr()
+    assert run(tmp_path / "c", images, *bf16, "--steps", "1") == 0
+    assert "no native bfloat16" in capsys.readouterr().err

@@ -29,6 +29,14 @@ def conv3x3(in_ch: int, out_ch: int, bias: bool = True) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=bias)
 
 
+def float32_out(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The image-producing layer in float32 under autocast (a no-op without it). bfloat16 keeps 8
+    bits of mantissa, a step of 1/256 for outputs in [0.5, 1): about the size of a trained
+    model's residual |y − μ| in smooth regions, so ℓ1's gradient sign there was noise."""
+    with torch.autocast(x.device.type, enabled=False):
+        return conv(x.float())
+
+
 class ResBlock(nn.Module):
     """EDSR residual block: conv-ReLU-conv, scaled, plus the identity (no batch norm)."""
 

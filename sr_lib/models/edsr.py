@@ -14,7 +14,14 @@ from torch import nn
 
 from sr_lib.errors import UsageError
 from sr_lib.models.base import SRModel
-from sr_lib.models.blocks import RegressionConfig, RegressionSR, ResBlock, Upsampler, conv3x3
+from sr_lib.models.blocks import (
+    RegressionConfig,
+    RegressionSR,
+    ResBlock,
+    Upsampler,
+    conv3x3,
+    float32_out,
+)
 
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
@@ -60,4 +67,4 @@ class EDSR(RegressionSR):
     def predict(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.head(lr - self.rgb_mean)
         fea = x + self.body(x)  # global skip around the body; also the σ branch input
-        return self.tail(fea) + self.rgb_mean, fea
+        return float32_out(self.tail[1], self.tail[0](fea)) + self.rgb_mean, fea

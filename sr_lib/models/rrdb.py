@@ -15,7 +15,7 @@ from torch import nn
 
 from sr_lib.errors import CheckpointError, UsageError
 from sr_lib.models.base import SRModel
-from sr_lib.models.blocks import RegressionConfig, RegressionSR, conv3x3
+from sr_lib.models.blocks import RegressionConfig, RegressionSR, conv3x3, float32_out
 from sr_lib.weights import load_state_dict
 
 SCALES = (2, 4, 8)
@@ -131,7 +131,7 @@ class RRDBNet(nn.Module):
             out[f"fea_up{2**i}"] = x  # recorded before the activation, as SRFlow does
             x = F.leaky_relu(x, 0.2)
         if up_to is None:
-            out["out"] = self.conv_last(F.leaky_relu(self.HRconv(x), 0.2))
+            out["out"] = float32_out(self.conv_last, F.leaky_relu(self.HRconv(x), 0.2))
         return out
 
 
