@@ -191,6 +191,8 @@ def main():
     #                                                  l1 +0.611, le - l1 +0.193 dB, r 0.547
     #     these defaults (bf16, float32 output conv, planned for 90 %): l1 4,995 steps, 552 s;
     #     le 5,517 (3,862 joint + 1,655 σ alone), 576 s: l1 +0.807, le - l1 -0.065 dB, r 0.548
+    #     the same day with --amp none (l1 0.181 s/step; 2,976/3,371 steps, 552/542 s wall):
+    #                                                  l1 +0.722, le - l1 -0.054 dB, r 0.520
     # Where r levels off (ad hoc, 2026-12-01, σ alone on the μ of the 0.460 run): 1,000-3,000 more
     # σ steps reached r 0.48-0.52 on the validation images, also with an L2 target or a 16-channel
     # HR-resolution tail with or without μ as an input (a fresh 16-channel σ: 0.43); the same σ
