@@ -305,7 +305,9 @@ class RegressionSR(SRModel):
         return sd  # anything else is left to the strict check
 
     def predict(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """(μ (B, 3, sH, sW), the σ branch's input features) of `lr`: the network itself, which
+        each subclass (EDSR, RRDB) defines; this base class holds only the loss and σ logic."""
+        raise NotImplementedError(f"{type(self).__name__} must define predict()")
 
     def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
         mu, fea = self.predict(lr)
