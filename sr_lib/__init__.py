@@ -1,3 +1,3 @@
 """srspace: learn, sample and evaluate the super-resolution space."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,6 +1,6 @@
 """Checkpoints: one self-describing dict, written atomically, loaded with weights_only=True.
 
-{"format": 1, "model": name, "model_cfg": {...}, "state_dict": {...}, "step": int,
+{"format": 2, "model": name, "model_cfg": {...}, "state_dict": {...}, "step": int,
  "train_args": {...}, "version": str, ...training state (optimizers, RNG states, counters)}
 Only primitives and tensors go in, so `torch.load(weights_only=True)` reads it and a file that
 carries pickled code is refused. A raw state_dict (e.g. an official release) needs --model/--scale.
@@ -16,7 +16,9 @@ from sr_lib.errors import CheckpointError
 from sr_lib.models import MODELS, build_model
 from sr_lib.weights import load_state_dict, load_strict, torch_load
 
-FORMAT = 1
+# 2: the flows condition on the post-activation RRDB maps and NCSR x8 stacks blocks 1,8,15,22,
+#    as the released code does; a format-1 flow checkpoint computes another function.
+FORMAT = 2
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
@@ -48,6 +50,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             f"{path}: checkpoint format {ck['format']} is newer than this srspace "
             f"({__version__}, format {FORMAT}); upgrade srspace"
         )
+    if is_srspace_checkpoint(ck) and ck["model"] in MODELS:
+        oldest = MODELS[ck["model"]].oldest_checkpoint_format
+        if int(ck["format"]) < oldest:
+            raise CheckpointError(
+                f"{path}: a {ck['model']} checkpoint of format {ck['format']}, older than format "
+                f"{oldest}: that {ck['model']} computes another function than the released code "
+                "(docs/flows.md, checkpoint formats); it cannot be loaded, retrain it"
+            )
     return ck
 
 

@@ -4,15 +4,20 @@ whole-model invertibility and log-det, NLL units, temperature, training-step and
 import math
 from unittest import mock
 
+import imageio.v3 as iio
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY
 from test_flow_layers import perturb
 from test_models import official_rrdb_layout
 from torch.autograd.functional import jacobian
 
 import sr_lib.checkpoint
+import sr_sample
 import sr_train
+from sr_lib.checkpoint import save_checkpoint
 from sr_lib.config import parse
 from sr_lib.errors import CheckpointError, UsageError
 from sr_lib.models import build_model
@@ -417,3 +422,81 @@ def test_rrdb_init_from_own_rrdb_checkpoint(tmp_path):
     wrong = build_model("srflow", {**TINY["srflow"], "rrdb_init": str(other / "last.pt")})
     with pytest.raises(CheckpointError, match="a bicubic checkpoint"):
         wrong.on_step(0, 10)
+
+
+# Facts found by running the released code side by side (tests/bench/check_official_parity.py).
+
+
+@pytest.mark.parametrize("name", FLOWS)
+@pytest.mark.parametrize("scale", [4, 8])
+def test_conditioning_maps_are_the_post_activation_upconv_outputs(name, scale):
+    """The released RRDBNet's in-place LeakyReLU makes fea_up2/4/8 post-activation maps."""
+    model = tiny(name, scale)
+    lr, _ = batch(scale)
+    pre = {}
+    hooks = [
+        getattr(model.RRDB, f"upconv{i}").register_forward_hook(
+            lambda m, args, out, i=i: pre.__setitem__(2**i, out)
+        )
+        for i in range(1, scale.bit_length())
+    ]
+    conds = model.conditions(lr)
+    for h in hooks:
+        h.remove()
+    nf = TINY[name]["nf"]
+    checked = 0
+    for key, cond in zip(model.cond_keys, conds):
+        up = int(key.removeprefix("fea_up"))
+        if up >= 2:
+            assert torch.equal(cond[:, :nf], F.leaky_relu(pre[up], 0.2)), key
+            assert not torch.equal(cond[:, :nf], pre[up])  # the activation changed something
+            checked += 1
+    assert checked == (1 if scale == 4 else 2)  # x4: fea_up2; x8: fea_up4 and fea_up2
+
+
+def test_stacked_rrdb_blocks_per_model_and_scale():
+    """Released configs: SRFlow x8 stacks blocks 1,3,5,7; NCSR x8 and every x4 use 1,8,15,22."""
+    want = {("srflow", 4): (1, 8, 15, 22), ("srflow", 8): (1, 3, 5, 7),
+            ("srflow_da", 4): (1, 8, 15, 22), ("srflow_da", 8): (1, 8, 15, 22),
+            ("ncsr", 4): (1, 8, 15, 22), ("ncsr", 8): (1, 8, 15, 22)}  # fmt: skip
+    for (name, scale), blocks in want.items():
+        assert meta_model(name, {"scale": scale}).blocks == blocks, (name, scale)
+
+
+@pytest.mark.parametrize("name", FLOWS)
+def test_format_1_flow_checkpoints_are_refused(tmp_path, capsys, name):
+    """Format-1 flows were trained on pre-activation maps: another function, never loaded."""
+    model = tiny(name)
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, {"model": name, "model_cfg": {**TINY[name], "scale": 4},
+                           "state_dict": model.state_dict(), "step": 3})  # fmt: skip
+    sr_lib.checkpoint.load_model(path)  # the current format loads
+    ck = torch.load(path, weights_only=True)
+    ck["format"] = 1
+    torch.save(ck, path)
+    with pytest.raises(CheckpointError, match="retrain"):
+        sr_lib.checkpoint.load_model(path)
+    img = tmp_path / "in.png"
+    iio.imwrite(img, np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(SystemExit) as e:
+        sr_sample.main(["--ckpt", str(path), "--input", str(img), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 6 and len(err.splitlines()) == 1 and str(path) in err, err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(path.read_bytes())
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(["--model", name, "--resume", "auto", "--out", str(run)])
+    assert e.value.code == 6 and "retrain" in capsys.readouterr().err
+
+
+def test_format_1_checkpoints_of_other_models_still_load(tmp_path):
+    model = build_model("edsr", TINY["edsr"])
+    path = tmp_path / "edsr.pt"
+    save_checkpoint(path, {"model": "edsr", "model_cfg": {**TINY["edsr"], "scale": 4},
+                           "state_dict": model.state_dict(), "step": 0})  # fmt: skip
+    ck = torch.load(path, weights_only=True)
+    ck["format"] = 1
+    torch.save(ck, path)
+    net, _ = sr_lib.checkpoint.load_model(path)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in model.state_dict().items())

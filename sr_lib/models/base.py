@@ -92,6 +92,9 @@ class SRModel(nn.Module):
     # True if some parameters get no gradient in some steps (e.g. an encoder frozen by on_step):
     # DDP must then look for unused parameters every step.
     ddp_find_unused = False
+    # Checkpoints of an older format (sr_lib/checkpoint.py) hold weights of another function
+    # (a fixed bug changed the model) and are refused.
+    oldest_checkpoint_format = 1
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -96,8 +96,9 @@ class RRDBNet(nn.Module):
 
         Args:
             blocks: trunk positions (0-based) whose outputs are returned as "block_<i>".
-            maps: also return "fea_up0" (bilinear ×0.5), "fea_up1" and the pre-activation upconv
-                outputs "fea_up2", "fea_up4" (, "fea_up8"); False stops after "last_lr_fea".
+            maps: also return "fea_up0" (bilinear ×0.5), "fea_up1" and the upconv stages after
+                their LeakyReLU, "fea_up2", "fea_up4" (, "fea_up8"); False stops after
+                "last_lr_fea".
             up_to: the largest fea_up factor to compute, e.g. 2 at ×4 skips the HR-resolution
                 map and the output branch; None computes every map and "out" (the SR image).
         Returns:
@@ -128,8 +129,11 @@ class RRDBNet(nn.Module):
         last = self.n_up if up_to is None else up_to.bit_length() - 1
         for i in range(1, last + 1):
             x = getattr(self, f"upconv{i}")(F.interpolate(x, scale_factor=2, mode="nearest"))
-            out[f"fea_up{2**i}"] = x  # recorded before the activation, as SRFlow does
             x = F.leaky_relu(x, 0.2)
+            # After the activation: the released RRDBNet applies an in-place LeakyReLU to the
+            # upconv output it returns, so the maps the flow conditions on are post-activation
+            # (docs/flows.md, "Verified against the released code").
+            out[f"fea_up{2**i}"] = x
         if up_to is None:
             out["out"] = float32_out(self.conv_last, F.leaky_relu(self.HRconv(x), 0.2))
         return out

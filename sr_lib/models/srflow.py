@@ -89,6 +89,7 @@ class SRFlow(SRModel):
     stochastic = True
     default_temperature = 0.9  # the challenge submissions' heat
     ddp_find_unused = True  # the encoder is frozen for part of training (on_step)
+    oldest_checkpoint_format = 2  # format 1 conditioned on pre-activation maps (docs/flows.md)
 
     def __init__(self, cfg: SRFlowConfig):
         super().__init__(cfg)

@@ -113,6 +113,7 @@ class NCSR(SRFlow):
     def paper(self, scale: int) -> dict:
         return {
             **SRFlow.paper(self, scale), "steps": 16 if scale == 4 else 20,
+            "blocks": "1,8,15,22",  # both scales (released confs/8X.yml; SRFlow x8 uses 1,3,5,7)
             "noise_steps": "0,16,16" if scale == 4 else "0,0,16,16",
             "std_max": 0.05 if scale == 4 else 0.03,  # released configs (the paper: 0.1)
         }  # fmt: skip
