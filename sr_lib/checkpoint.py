@@ -88,13 +88,14 @@ def load_model(path, device="cpu", model: str | None = None, scale: int | None =
             )
         if model not in MODELS:
             raise CheckpointError(f"{path}: unknown --model {model!r}")
-        net = build_model(model, {"scale": int(scale)})
         sd = load_state_dict(path)
+        cfg = MODELS[model].raw_config(sd, int(scale))
+        net = build_model(model, cfg)
         if hasattr(net, "load_raw_state_dict"):
             net.load_raw_state_dict(sd, path)
         else:
             load_weights(net, sd, path)
-        ck = {"model": model, "model_cfg": {"scale": int(scale)}, "state_dict": sd, "step": 0}
+        ck = {"model": model, "model_cfg": cfg, "state_dict": sd, "step": 0}
     return net.to(device).eval(), ck
 
 

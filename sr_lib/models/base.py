@@ -135,6 +135,12 @@ class SRModel(nn.Module):
         s = self.scale
         return sr[..., : h * s, : w * s].clamp(0, 1)
 
+    @classmethod
+    def raw_config(cls, state_dict: dict, scale: int) -> dict:
+        """The config a raw state_dict implies (a released file without srspace metadata, loaded
+        by `load_raw_state_dict`), e.g. an encoder depth or a variant read off its keys."""
+        return {"scale": scale}
+
     @torch.no_grad()
     def uncertainty(self, lr: torch.Tensor) -> torch.Tensor | None:
         """Per-pixel uncertainty map (B, 3, s·H, s·W), or None if the model has none."""

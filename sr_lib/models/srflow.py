@@ -374,13 +374,17 @@ class SRFlow(SRModel):
         self.load_state_dict({k: sd.get(k, v) for k, v in own.items()}, strict=True)
         self.mark_initialized()
 
+    @classmethod
+    def raw_config(cls, state_dict: dict, scale: int) -> dict:
+        """The encoder depth of a released file (SRFlow_CelebA_8X.pth: 8 RRDB blocks)."""
+        cfg = super().raw_config(state_dict, scale)
+        trunk = {int(m[1]) for k in state_dict if (m := re.match(r"RRDB\.RRDB_trunk\.(\d+)\.", k))}
+        if trunk:
+            cfg["nb"] = max(trunk) + 1
+        return cfg
+
     def _from_official(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self._check_official_layout()
-        trunk = {int(m[1]) for k in sd if (m := re.match(r"RRDB\.RRDB_trunk\.(\d+)\.", k))}
-        nb = max(trunk, default=-1) + 1
-        if nb and nb != len(self.RRDB.RRDB_trunk) and max(self.blocks) < nb:
-            self.cfg.nb = nb  # e.g. SRFlow_CelebA_8X.pth: an 8-block encoder
-            self._build_encoder(nb)
         to_ours = {o: k for k, o in self.official_keys().items()}
         return {to_ours.get(k, k): v for k, v in sd.items()}
 
@@ -389,7 +393,7 @@ def _looks_like(sd: dict) -> str:
     """Which model and scale an official state_dict seems to hold (for error messages)."""
     if any(".fAffine_std." in k for k in sd):
         model = "ncsr"
-    elif any(".fAffine.10." in k for k in sd):
+    elif any(".fAffine.10." in k or ".fAffine1." in k for k in sd):
         model = "srflow_da"
     else:
         model = "srflow"

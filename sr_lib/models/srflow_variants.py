@@ -7,6 +7,7 @@
 Written from srflow_spec.md §2 and §3; nothing copied.
 """
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -70,10 +71,33 @@ class SRFlowDA(SRFlow):
             return ResidualCouplingNet(cin, cout, hidden, blocks=18, per_block=2)
         return CouplingNet(cin, cout, hidden, deep=4)
 
-    def _check_official_layout(self) -> None:
-        super()._check_official_layout()
-        if self.variant != "da":
-            raise UsageError(f"--variant {self.variant}: official key layout not supported")
+    @classmethod
+    def raw_config(cls, state_dict: dict, scale: int) -> dict:
+        """The variant of a released SRFlow-DA file, read off its keys: -R/-D name their coupling
+        networks fAffine1/2/3 (-D nests 18 blocks in fAffine2), -S squeezes by the whole scale."""
+        cfg = super().raw_config(state_dict, scale)
+        if any(".affine.fAffine1." in k for k in state_dict):
+            nested = any(re.search(r"\.fAffine2\.\d+\.\d+\.weight$", k) for k in state_dict)
+            cfg["variant"] = "d" if nested else "r"
+        else:
+            first = state_dict.get("flowUpsamplerNet.layers.1.invconv.weight")
+            if first is not None and first.shape[0] == 3 * scale**2:
+                cfg["variant"] = "s"
+        return cfg
+
+    def official_keys(self) -> dict[str, str]:
+        """-R/-D: the released modules are fAffine1 (first conv, ReLU), fAffine2 (the hidden
+        convs: one Sequential in -R, a list of 18 two-conv blocks in -D), fAffine3 (zero conv)."""
+        keys = super().official_keys()
+        if self.variant not in ("r", "d"):
+            return keys
+        rules = [(r"\.(fAffine|fFeatures)\.fX1\.", r".\g<1>1."),
+                 (r"\.(fAffine|fFeatures)\.fX2\.0\." if self.variant == "r"
+                  else r"\.(fAffine|fFeatures)\.fX2\.", r".\g<1>2."),
+                 (r"\.(fAffine|fFeatures)\.fX3\.", r".\g<1>3.0.")]  # fmt: skip
+        for pattern, repl in rules:
+            keys = {k: re.sub(pattern, repl, o) for k, o in keys.items()}
+        return keys
 
 
 @dataclass

@@ -12,7 +12,8 @@ Then, on centre crops of the demo validation images:
     from its first value;
   - the temperature-0 output must beat bicubic upsampling (MATLAB imresize) in PSNR;
   - 10 samples at temperature 0.9 must differ (NTIRE diversity score > 0) and keep NTIRE LR-PSNR
-    >= 40 dB (`sr_lib.metrics.evaluate_image(..., ntire=True)`).
+    >= 40 dB (`sr_lib.metrics.evaluate_image(..., ntire=True)`); the LR-PSNR of the
+    temperature-0 output is reported too.
 LPIPS (for the diversity score) uses the official AlexNet weights when they can be found offline.
 Otherwise it uses a RANDOM-weight AlexNet trunk (with lpips' own v0.1 linear heads), saved to a
 temp file and labelled so in the output: the score then only shows that samples differ; its value
@@ -80,6 +81,7 @@ def evaluate(ckpt: Path, pairs, n: int, lpips=None) -> dict:
         if lpips is not None:
             t0 = to_uint8(model.sample(x, 1, 0.0)[0, 0])
             row["psnr_t0"] = metrics.psnr(t0, hr)
+            row["lr_psnr_t0"] = metrics.lr_psnr(t0, lr, SCALE)
             row["psnr_bicubic"] = metrics.psnr(imresize(lr, SCALE), hr)
             noise = NoiseSource([sample_seed(0, stem, i) for i in range(n)])
             samples = list(to_uint8(model.sample(x, n, 0.9, noise)[0]))
@@ -163,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         "diversity_score": last["score"],
         "lpips_mean": last["LPIPS_mean"],
         "lr_psnr_mean": last["LRPSNR_mean"],
+        "lr_psnr_t0": last["lr_psnr_t0"],
         "lr_psnr_worst": last["LRPSNR_worst"],
         "lpips_weights": lpips_label,
         "val_images": [p[0] for p in pairs],
