@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from sr_lib import __version__
-from sr_lib.errors import CheckpointError
+from sr_lib.errors import CheckpointError, OutputError
 from sr_lib.models import MODELS, build_model
 from sr_lib.weights import load_state_dict, load_strict, torch_load
 
@@ -27,11 +27,22 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     payload = {"format": FORMAT, "version": __version__, **payload}
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # a full disk, a signal: the previous checkpoint stays intact
+        tmp.unlink(missing_ok=True)
+        # torch.save reports a failed write as a RuntimeError with the OSError as its context
+        cause = e if isinstance(e, OSError) else e.__context__
+        if isinstance(cause, OSError):
+            raise OutputError(
+                f"{path}: cannot write the checkpoint ({cause.strerror or cause}); the previous "
+                "one is intact: free space or use another --out, then --resume"
+            ) from None
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable

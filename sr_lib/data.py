@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import tempfile
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -27,7 +28,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from sr_lib.errors import DataError, UsageError
+from sr_lib.errors import DataError, OutputError, UsageError
 from sr_lib.resize import imresize
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -156,26 +157,101 @@ def write_png(path: str | os.PathLike, img: np.ndarray) -> None:
                 writer = png.Writer(w, h, greyscale=c <= 2, alpha=c in (2, 4), bitdepth=16)
                 writer.write_packed(f, img.astype(">u2").reshape(h, w * c).view(np.uint8))
     except OSError as e:
-        raise DataError(f"{path}: cannot write ({e.strerror or e}); check the output folder") from e
+        reason = e.strerror or e
+        raise OutputError(f"{path}: cannot write ({reason}); check the output folder") from e
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file (JSON, HTML) atomically: a failed write leaves no file behind."""
+    path = Path(path)
+    try:
+        with _atomic_open(path) as f:
+            f.write(text.encode())
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write ({e.strerror or e}); check the output path") from e
+
+
+def _probe(folder: Path, what: str) -> None:
+    """Write and remove a small file in `folder`: the only test of writability that holds for
+    every user, file system and mount (root ignores permission bits)."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".srspace-probe-"):
+            pass
+    except OSError as e:
+        raise OutputError(f"{what}: cannot write there ({e.strerror or e})") from None
+
+
+def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """The output folder, created if needed and proved writable before any long work starts."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{flag} {path}: is a file, not a folder; give a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{flag} {path}: cannot create it ({e.strerror or e})") from None
+    _probe(path, f"{flag} {path}")
+    return path
+
+
+def check_out_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """An output file path whose folder exists (created if needed) and is writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{flag} {path}: is a folder; give a file name, e.g. {path / 'out.json'}")
+    check_out_dir(path.parent, f"{flag} {path}: its folder")
+    return path
+
+
+def image_order(path: Path) -> tuple:
+    """The one order of image files (relative paths) in every script: folder by folder, then by
+    stem, then extension, so `cat.png` comes before `cat-2.png` and `photo.png` before
+    `photo (1).png`, as their stems sort. An image's position in this order is its NTIRE index
+    (`sr_sample.py --layout ntire`, `sr_eval.py`)."""
+    return (*path.parent.parts, path.stem, path.suffix.lower(), path.suffix)
+
+
+def _walk(folder: Path, recursive: bool):
+    """Files under `folder`, following symlinked folders once each (a link back up is skipped);
+    hidden entries (".x", "._x.png") are skipped."""
+    seen = set()
+    stack = [folder]
+    while stack:
+        here = stack.pop()
+        try:
+            st = here.stat()
+            entries = list(os.scandir(here))
+        except OSError as e:
+            raise DataError(f"{here}: cannot list ({e.strerror or e})") from None
+        if (st.st_dev, st.st_ino) in seen:
+            continue  # a symlink loop, or two links to one folder
+        seen.add((st.st_dev, st.st_ino))
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            try:
+                if entry.is_dir():  # follows symlinks; a dangling link is neither dir nor file
+                    if recursive:
+                        stack.append(path)
+                elif entry.is_file():
+                    yield path
+            except OSError:
+                continue
 
 
 def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
-    """Sorted image files in `folder` (by extension, any case); hidden files and folders skipped."""
+    """Image files in `folder` (by extension, any case) in `image_order`; symlinked files and
+    folders are followed, hidden files and folders, folders named like images and dangling
+    links are skipped."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder; give a folder of images")
-    found = folder.rglob("*") if recursive else folder.iterdir()
-    files = sorted(
-        p
-        for p in found
-        if p.suffix.lower() in IMAGE_EXTENSIONS
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)  # ._0001.png
-        and p.is_file()
-    )
+    files = [p for p in _walk(folder, recursive) if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not files:
         exts = "/".join(e[1:] for e in IMAGE_EXTENSIONS)
         raise DataError(f"{folder}: no images found ({exts}{', recursively' if recursive else ''})")
-    return files
+    return sorted(files, key=lambda p: image_order(p.relative_to(folder)))
 
 
 def mod_crop(img: np.ndarray, m: int) -> np.ndarray:

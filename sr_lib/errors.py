@@ -3,7 +3,9 @@
 Exit codes (documented in the README; batch pipelines and SLURM scripts rely on them):
   0 success, 2 usage (bad flag or flag value), 3 data (missing/unreadable/unsuitable images),
   4 out of memory, 5 non-finite abort (training), 6 checkpoint or weights file problem,
-  75 preempted (SIGTERM/SIGUSR1 handled, last.pt written; requeue and resume).
+  7 output cannot be written (read-only or missing folder, a file where a folder belongs, disk
+  full), 75 preempted (SIGTERM/SIGUSR1 handled, last.pt written; requeue and resume),
+  130 interrupted (Ctrl-C outside the training loop; nothing half-written is left).
 """
 
 import contextlib
@@ -16,7 +18,9 @@ EXIT_DATA = 3
 EXIT_OOM = 4
 EXIT_NONFINITE = 5
 EXIT_CHECKPOINT = 6
+EXIT_OUTPUT = 7
 EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 
 class SRSpaceError(Exception):
@@ -45,6 +49,12 @@ class NonFiniteError(SRSpaceError):
     exit_code = EXIT_NONFINITE
 
 
+class OutputError(SRSpaceError):
+    """An output file or folder that cannot be written (the message names it)."""
+
+    exit_code = EXIT_OUTPUT
+
+
 @contextlib.contextmanager
 def exit_on_error(prog: str):
     """Print expected errors as one line `prog: error: message` and exit with their code.
@@ -59,6 +69,9 @@ def exit_on_error(prog: str):
         msg = " ".join(str(e).split("\n"))
         print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
         raise SystemExit(e.exit_code) from None
+    except KeyboardInterrupt:  # files are written atomically: nothing half-written remains
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
     except (MemoryError, RuntimeError) as e:
         # torch reports CPU allocation failures as RuntimeError("... can't allocate memory") and
         # CUDA ones as torch.OutOfMemoryError (a RuntimeError); anything else is a real bug.

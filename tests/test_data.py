@@ -8,6 +8,7 @@ import struct
 import time
 import warnings
 import zlib
+from unittest import mock
 
 import numpy as np
 import png
@@ -19,6 +20,8 @@ from sr_lib import data
 from sr_lib.data import (
     ImageError,
     PatchPairs,
+    check_out_dir,
+    check_out_file,
     cycle,
     demo_images,
     dihedral,
@@ -30,8 +33,9 @@ from sr_lib.data import (
     to_uint8,
     train_loader,
     write_png,
+    write_text,
 )
-from sr_lib.errors import DataError, UsageError
+from sr_lib.errors import DataError, OutputError, UsageError
 from sr_lib.resize import imresize
 
 
@@ -216,7 +220,7 @@ def test_write_png_round_trips(tmp_path):
     with pytest.raises(TypeError):
         write_png(tmp_path / "f.png", rgb.astype(np.float32))
     (tmp_path / "file").write_text("x")
-    with pytest.raises(DataError, match="cannot write"):
+    with pytest.raises(OutputError, match="cannot write"):
         write_png(tmp_path / "file" / "x.png", rgb)
 
 
@@ -232,6 +236,36 @@ def test_list_images(tmp_path):
     names = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)]
     assert names == ["a.JpG", "b.PNG", "sub/c.webp"]
     assert [p.name for p in list_images(tmp_path, recursive=False)] == ["a.JpG", "b.PNG"]
+
+
+def test_list_images_orders_by_stem_everywhere(tmp_path):
+    """cat.png / cat-2.png and photo.png / photo (1).png sort by stem (the NTIRE index order)."""
+    for name in ["cat-2.png", "cat.png", "photo (1).png", "photo.png", "b.png"]:
+        (tmp_path / name).write_bytes(b"")
+    names = [p.name for p in list_images(tmp_path)]
+    assert names == ["b.png", "cat.png", "cat-2.png", "photo.png", "photo (1).png"]
+    assert sorted(names) != names  # a plain name sort would swap them
+
+
+def test_list_images_follows_symlinks_and_skips_non_images(tmp_path):
+    """Datasets are symlinked: linked folders and files are followed (a loop only once); folders
+    named like images, dangling links and macOS `._` files are not images."""
+    real = tmp_path / "real"
+    (real / "deep").mkdir(parents=True)
+    (real / "deep" / "x.png").write_bytes(b"")
+    (real / "y.png").write_bytes(b"")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.png").write_bytes(b"")
+    (data / "linked").symlink_to(real, target_is_directory=True)
+    (data / "linked_file.png").symlink_to(real / "y.png")
+    (real / "loop").symlink_to(data, target_is_directory=True)  # data/linked/loop -> data
+    (data / "dir.png").mkdir()
+    (data / "gone.png").symlink_to(tmp_path / "missing.png")
+    (data / "._a.png").write_bytes(b"")
+    names = [p.relative_to(data).as_posix() for p in list_images(data)]
+    assert names == ["a.png", "linked/deep/x.png", "linked/y.png", "linked_file.png"]
+    assert [p.name for p in list_images(data, recursive=False)] == ["a.png", "linked_file.png"]
 
 
 def test_mod_crop_tensor_conversions_cycle():
@@ -401,3 +435,52 @@ def test_load_pairs(hr_dir):
     demo = load_pairs("demo", scale=4)
     assert [s for s, _, _ in demo] == [n for n, _ in demo_images("val")]
     assert all(h.shape[0] % 8 == 0 and l.shape[0] * 4 == h.shape[0] for _, h, l in demo)
+
+
+def test_output_checks(tmp_path, monkeypatch):
+    """Output paths are checked before long work: one line (OutputError, exit 7) naming them."""
+    assert check_out_dir(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="is a file, not a folder"):
+        check_out_dir(tmp_path / "file")
+    with pytest.raises(OutputError, match="is a folder; give a file name"):
+        check_out_file(tmp_path / "new")
+    assert check_out_file(tmp_path / "sub" / "r.json") == tmp_path / "sub" / "r.json"
+    assert not any(p.name.startswith(".srspace-probe") for p in tmp_path.rglob("*"))
+    # A read-only folder (what open() raises there for a normal user; root ignores permissions).
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "ro")) and flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(OutputError, match="ro: cannot write there .Permission denied"):
+        check_out_dir(tmp_path / "ro")
+
+
+def test_write_text_is_atomic_on_a_full_disk(tmp_path):
+    """A failed write (here: a full disk) leaves neither a partial file nor a temp file."""
+    write_text(tmp_path / "a.json", "{}")
+    assert (tmp_path / "a.json").read_text() == "{}"
+    real_open = open
+
+    class FullDisk:  # the temp file is created, then writing to it fails
+        def __init__(self, *args, **kwargs):
+            self.f = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    with mock.patch("builtins.open", FullDisk):
+        with pytest.raises(OutputError, match="b.json: cannot write .No space left on device"):
+            write_text(tmp_path / "b.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]

@@ -131,3 +131,54 @@ def test_bad_checkpoints_one_line_each(tmp_path, capsys, case):
         sr_train.main(["--model", "bicubic", "--resume", "auto", "--out", str(run)])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 6 and len(err.splitlines()) == 1 and "last.pt" in err
+
+
+def test_full_disk_while_saving_leaves_the_last_checkpoint_and_no_temp_file(tmp_path, images):
+    """A write that fails mid-checkpoint (a file-size limit: the kernel's own write error, as on a
+    full disk) ends the run with one line and exit 7; last.pt from before stays loadable and no
+    temp file is left behind."""
+    out = tmp_path / "run"
+    assert subprocess.run(cmd(out, images, 2), capture_output=True).returncode == 0
+    good = (out / "last.pt").read_bytes()
+    limit = len(good) // 2  # the next checkpoint (same size) cannot be written completely
+
+    def small_files():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    p = subprocess.run([*cmd(out, images, 4), "--resume", "auto"], capture_output=True, text=True,
+                       preexec_fn=small_files)  # fmt: skip
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 7 and len(err) == 1, p.stderr
+    assert "last.pt: cannot write the checkpoint (File too large)" in err[0]
+    assert (out / "last.pt").read_bytes() == good
+    assert load_checkpoint(out / "last.pt")["step"] == 2
+    assert not [f.name for f in out.iterdir() if ".tmp" in f.name]
+
+
+def test_ctrl_c_in_sample_is_one_line_and_leaves_no_partial_file(tmp_path, images):
+    """Ctrl-C outside the training loop: `sr_sample.py: interrupted`, exit 130, no traceback, no
+    half-written PNG (outputs are written to a temp name and renamed)."""
+    run = tmp_path / "run"
+    subprocess.run(cmd(run, images, 1), check=True, capture_output=True)
+    lr = tmp_path / "lr"
+    lr.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(200):
+        iio.imwrite(lr / f"im{i:03d}.png", (rng.random((48, 48, 3)) * 255).astype(np.uint8))
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, str(REPO / "sr_sample.py"), "--ckpt",
+                          str(run / "last.pt"), "--input", str(lr), "--n", "2", "--out", str(out)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 120
+    while not (out.is_dir() and any(out.glob("*.png"))) and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1].strip()
+    assert p.returncode == 130 and err == "sr_sample.py: interrupted", err
+    written = list(out.iterdir())
+    assert 0 < len(written) < 400 and all(f.suffix == ".png" for f in written)
+    for f in written:
+        iio.imread(f)  # every file there is a whole PNG
