@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import signal
 import tempfile
 import uuid
 import warnings
@@ -566,6 +567,15 @@ class _FloatLoader(DataLoader):
             yield _as_float(lr), _as_float(hr)
 
 
+def _worker_init(worker_id: int) -> None:
+    """Loader workers leave SIGTERM, SIGINT and SIGUSR1 to the main process: SLURM and a terminal
+    signal the whole process group, and a worker killed by one would take the run down before the
+    main process could save. One thread each: workers run in parallel already."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
 def train_loader(
     dataset: PatchPairs,
     start_step: int,
@@ -584,6 +594,7 @@ def train_loader(
         num_workers=workers,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(0),  # the workers' base seed (unused by us)
+        worker_init_fn=_worker_init if workers > 0 else None,
         device=device,
         **more,
     )

@@ -211,6 +211,29 @@ def test_signal_saves_and_exits_75_then_resumes(tmp_path, images, sig):
     assert load_checkpoint(out / "last.pt")["step"] == step + 2
 
 
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT])
+def test_signal_to_the_process_group_with_loader_workers(tmp_path, images, sig):
+    """SLURM (and a terminal's Ctrl-C) signal every process of the job, the data-loader workers
+    too: with the default --workers 2 the run must still save and exit 75, without a traceback."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "sr_train.py"), "--model", "edsr", "--n-feats", "8",
+           "--n-blocks", "1", "--data", str(images), "--scale", "2", "--patch", "8", "--batch", "2",
+           "--workers", "2", "--val-every", "0", "--log-every", "1", "--steps", "100000",
+           "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not (
+        (out / "log.jsonl").exists() and (out / "log.jsonl").read_text().count("\n") >= 3
+    ):
+        time.sleep(0.05)
+    os.killpg(proc.pid, sig)  # the main process and both loader workers
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr.decode()
+    assert "Traceback" not in stderr.decode() and "killed by signal" not in stderr.decode()
+    assert load_checkpoint(out / "last.pt")["step"] >= 3
+
+
 def test_le_sigma_constant_lr_keeps_sigma_off_the_schedule_and_resumes(tmp_path, images):
     tiny = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--loss", "le",
             "--le-sigma-feats", "8", "--le-sigma-constant-lr", "--le-sigma-images", "1",
