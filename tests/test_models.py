@@ -251,10 +251,13 @@ def test_rrdb_features(scale):
     assert torch.allclose(f["last_lr_fea"], t + net.trunk_conv(t), atol=1e-6)
     assert torch.equal(f["fea_up1"], f["last_lr_fea"])
     assert torch.allclose(f["block_3"], t)
-    # Pre-activation upconv outputs: each stage upsamples the activated previous map.
-    up = lambda x: F.interpolate(F.leaky_relu(x, 0.2), scale_factor=2, mode="nearest")  # noqa: E731
-    assert torch.allclose(f["fea_up4"], net.upconv2(up(f["fea_up2"])), atol=1e-6)
-    last = F.leaky_relu(f[f"fea_up{scale}"], 0.2)
+    # Post-activation upconv outputs (the released RRDBNet's in-place LeakyReLU): each stage
+    # upsamples the previous map as it is returned.
+    up = lambda x: F.interpolate(x, scale_factor=2, mode="nearest")  # noqa: E731
+    pre = net.upconv2(up(f["fea_up2"]))
+    assert torch.allclose(f["fea_up4"], F.leaky_relu(pre, 0.2), atol=1e-6)
+    assert not torch.allclose(f["fea_up4"], pre, atol=1e-6)  # the activation changed something
+    last = f[f"fea_up{scale}"]
     assert torch.allclose(f["out"], net.conv_last(F.leaky_relu(net.HRconv(last), 0.2)), atol=1e-6)
     assert torch.allclose(net(lr), f["out"])
     # For even sizes the bilinear ×0.5 is exactly a 2x2 average.
