@@ -94,9 +94,6 @@ class TrainArgs:
         ),
     )
     compile: bool = field(default=False, metadata=dict(help="torch.compile the training forward"))
-    channels_last: bool = field(
-        default=False, metadata=dict(help="NHWC memory format (README: what it buys)")
-    )
     deterministic: bool = field(
         default=False, metadata=dict(help="deterministic algorithms only (README: what it costs)")
     )
@@ -227,8 +224,6 @@ def train(argv) -> int:
 
     # Model and optimizers (a discriminator, if the model has one, gets its own).
     model = build_model(args.model, cfg).to(device)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
     if args.init_from and resumed is None:
         init = load_checkpoint(args.init_from)
         load_weights(model, init.get("state_dict", init), args.init_from)
@@ -247,12 +242,8 @@ def train(argv) -> int:
         )  # fmt: skip
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
 
-    def get_lr(step: int, base: float, span: tuple[float, float] = (0.0, 1.0)) -> float:
-        # `span`: the fractions of the run a parameter group's schedule covers (a model phase,
-        # e.g. μ before a σ-only phase); milestones are fractions of that span.
-        t0, t1 = span[0] * steps, span[1] * steps
-        t = min(max(step - t0, 0.0), t1 - t0)  # steps into the span
-        n = max(t1 - t0, 1)
+    def get_lr(step: float, length: float, base: float) -> float:
+        t, n = step, max(length, 1)
         if d.get("schedule", "multistep") == "cosine":
             eta_min = d.get("eta_min", 0.0)
             return eta_min + 0.5 * (base - eta_min) * (1 + math.cos(math.pi * t / n))
@@ -343,14 +334,13 @@ def train(argv) -> int:
             break
         model.train()
         model.on_step(step, steps)
-        lr_img, hr_img = (
-            x.to(device, non_blocking=True, memory_format=memory_format) for x in next(batches)
-        )
-        for o, base in ((opt, base_lr), (optimizers.get("d"), d_lr)):
-            if o is not None:
-                for g in o.param_groups:
-                    span = g.get("span", (0.0, 1.0))
-                    g["lr"] = base if g.get("constant_lr") else get_lr(step, base, span)
+        lr_img, hr_img = (x.to(device, non_blocking=True) for x in next(batches))
+        if opt is not None:
+            for i, g in enumerate(opt.param_groups):
+                g["lr"] = get_lr(*model.schedule_position(i, step, steps), base_lr)
+        if "d" in optimizers:
+            for g in optimizers["d"].param_groups:
+                g["lr"] = get_lr(step, steps, d_lr)
         with autocast:
             out_g = forward(lr_img, hr_img)
         ok = guarded_step(opt, out_g["loss"], model.generator_parameters(), grad_clip, dd, scaler)
@@ -379,7 +369,7 @@ def train(argv) -> int:
                 raise SRSpaceError(f"step {step + 1}: model replicas differ across ranks ({diff})")
         if main_rank and ((step + 1) % args.log_every == 0 or step + 1 == steps):
             # the rate the first (main) parameter group actually used; groups may have own spans
-            lr_now = opt.param_groups[0]["lr"] if opt is not None else get_lr(step, base_lr)
+            lr_now = opt.param_groups[0]["lr"] if opt is not None else get_lr(step, steps, base_lr)
             rec = {"step": step + 1, "learning_rate": lr_now, "skipped": skipped}
             rec.update({k: float(v.detach()) for k, v in out_g.items() if v.ndim == 0})
             rec["s_per_step"] = (time.time() - t0) / (step + 1 - logged)

@@ -14,7 +14,7 @@ import importlib.util
 import os
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -204,12 +204,6 @@ def _as_float(x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu":  # numpy: one thread; torch's pool would fight the loader workers
         return torch.from_numpy(np.divide(x.numpy(), np.float32(255), dtype=np.float32))
     return x.float().div_(255)
-
-
-def cycle(iterable: Iterable) -> Iterator:
-    """Repeat an iterable forever, re-iterating it each pass (unlike itertools.cycle, no copies)."""
-    while True:
-        yield from iterable
 
 
 def dihedral(img: np.ndarray, t: int) -> np.ndarray:

@@ -277,10 +277,6 @@ def lpips_module():
         )
 
 
-# The earlier name, still used by tests/bench/bench_vspsr_learning.py.
-_new_lpips_module = lpips_module
-
-
 class LpipsMetric:
     """LPIPS v0.1 AlexNet spatial maps, batched, with the ground-truth features computed once.
 

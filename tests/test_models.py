@@ -416,30 +416,8 @@ def test_le_model_parts(name, mu_only, make_batch):
     assert u.shape == hr.shape and (u > 0).all() and (u < 1).all()
 
 
-def test_le_sigma_images_trains_sigma_on_the_first_images_only(make_batch):
-    cfg = CASES["edsr_le"][1]
-    full = build_model("edsr", cfg)
-    part = build_model("edsr", {**cfg, "le_sigma_images": 1})
-    part.load_state_dict(full.state_dict())
-    lr, hr = make_batch(4, b=3)
-    torch.manual_seed(1)
-    a = full(lr, hr)
-    torch.manual_seed(1)
-    b = part(lr, hr)
-    assert torch.equal(a["le"], b["le"])  # μ's loss (Eq. 8) does not involve σ
-    mu, fea = part.predict(lr)
-    want = 0.01 * ((hr[:1] - mu[:1]) - part.sigma(fea[:1])).abs().mean()  # Eq. 10, image 0
-    assert b["sigma_aux"].item() == pytest.approx(want.item(), rel=1e-6)
-    assert b["sigma_aux"].item() != pytest.approx(a["sigma_aux"].item(), rel=1e-3)
-    b["loss"].backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.sigma.parameters())
-    with pytest.raises(UsageError) as e:
-        build_model("edsr", {**cfg, "le_sigma_images": -1})
-    assert "\n" not in str(e.value) and "--le-sigma-images -1" in str(e.value)
-
-
 def test_le_sigma_final_fraction_trains_sigma_alone_on_the_whole_batch(make_batch):
-    cfg = {**CASES["edsr_le"][1], "le_sigma_images": 1, "le_sigma_final_fraction": 0.25}
+    cfg = {**CASES["edsr_le"][1], "le_sigma_final_fraction": 0.25}
     model = build_model("edsr", cfg)
     assert model.ddp_find_unused  # μ gets no gradient in the σ-only phase
     sig = set(map(id, model.sigma.parameters()))
@@ -453,11 +431,9 @@ def test_le_sigma_final_fraction_trains_sigma_alone_on_the_whole_batch(make_batc
         out["loss"].backward()
         return out
 
-    step(5)  # joint: μ learns, σ sees image 0 only
+    step(5)  # joint: μ and σ learn
     assert all(p.grad is not None for p in body)
     mu, fea = model.predict(lr)
-    first = 0.01 * ((hr[:1] - mu[:1]).detach() - model.sigma(fea[:1])).abs().mean()
-    assert step(5)["sigma_aux"].item() == pytest.approx(first.item(), rel=1e-5)
 
     out = step(6)  # 6 >= (1 - 0.25) * 8: σ only, on every image
     assert all(not p.requires_grad and p.grad is None for p in body)
@@ -467,6 +443,12 @@ def test_le_sigma_final_fraction_trains_sigma_alone_on_the_whole_batch(make_batc
 
     step(0)  # e.g. a run resumed before the phase: μ trains again
     assert all(p.requires_grad and p.grad is not None for p in body)
+    # each group runs the schedule over its own phase: μ over steps 0-5, σ over steps 6-7
+    assert len(model.generator_param_groups()) == 2
+    assert [model.schedule_position(0, t, 8) for t in (3, 7)] == [(3, 6.0), (6.0, 6.0)]
+    assert [model.schedule_position(1, t, 8) for t in (3, 7)] == [(0.0, 2.0), (1.0, 2.0)]
+    plain = build_model("edsr", CASES["edsr_le"][1])
+    assert len(plain.generator_param_groups()) == 1 and plain.schedule_position(0, 3, 8) == (3, 8)
     assert not build_model("edsr", CASES["edsr_le"][1]).ddp_find_unused
     for bad in (-0.1, 1.5):
         with pytest.raises(UsageError) as e:

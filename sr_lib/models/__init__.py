@@ -1,6 +1,6 @@
 """All models, by name. One dict: a name you can grep for beats a string registry."""
 
-from dataclasses import asdict, fields
+from dataclasses import fields
 
 from sr_lib.errors import UsageError
 from sr_lib.models.base import SRModel
@@ -36,7 +36,3 @@ def build_model(name: str, cfg: dict | None = None) -> SRModel:
     if unknown:
         raise UsageError(f"model {name}: unknown config keys {sorted(unknown)}")
     return cls(cls.Config(**(cfg or {})))
-
-
-def model_config(model: SRModel) -> dict:
-    return asdict(model.cfg)

@@ -163,10 +163,14 @@ class SRModel(nn.Module):
         return [p for p in self.parameters() if id(p) not in d]
 
     def generator_param_groups(self) -> list[dict]:
-        """Adam parameter groups of the main optimizer. A group with "constant_lr": True keeps the
-        base learning rate; the others follow the schedule, over the whole run or over their
-        "span": (start, end) fractions of the run (the milestones are fractions of the span)."""
+        """Adam parameter groups of the main optimizer (each with its own `schedule_position`)."""
         return [{"params": self.generator_parameters()}]
+
+    def schedule_position(self, group: int, step: int, total: int) -> tuple[float, float]:
+        """(step, length) of the learning-rate schedule that parameter group `group` of
+        `generator_param_groups()` is at in training step `step` of `total`: by default the run's
+        own; a model with phases gives a group the schedule of its phase."""
+        return step, total
 
     # GAN-trained models set self.discriminator and define
     # discriminator_loss(lr, hr, out) -> dict with "loss", given forward()'s output (with "sr").

@@ -213,23 +213,6 @@ class RegressionConfig(ModelConfig):
         ),
     )
     le_sigma_feats: int = field(default=160, metadata=dict(help="channels of the σ branch"))
-    # Two training-cost options for short runs; off by default (the paper trains σ on the whole
-    # batch with the host's schedule). μ's loss (Eq. 8) never uses the σ branch, so neither changes
-    # what μ learns per step: they only change σ's training.
-    le_sigma_images: int = field(
-        default=0,
-        metadata=dict(
-            help="train the σ branch on only the first N images of each batch (0 = all, paper); "
-            "the branch costs ~40 %% of an EDSR-baseline step at full batch"
-        ),
-    )
-    le_sigma_constant_lr: bool = field(
-        default=False,
-        metadata=dict(
-            help="keep the σ branch at the base learning rate instead of the schedule's decay, "
-            "so σ can still follow μ's error map late in a short run"
-        ),
-    )
     le_sigma_final_fraction: float = field(
         default=0.0,
         metadata=dict(
@@ -266,10 +249,6 @@ class RegressionSR(SRModel):
             if value not in choices:
                 flag = "--" + name.replace("_", "-")
                 raise UsageError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
-        if cfg.le_sigma_images < 0:
-            raise UsageError(
-                f"--le-sigma-images {cfg.le_sigma_images}: use 0 (all images) or a positive count"
-            )
         if not 0.0 <= cfg.le_sigma_final_fraction <= 1.0:
             raise UsageError(
                 f"--le-sigma-final-fraction {cfg.le_sigma_final_fraction}: use a fraction in [0, 1]"
@@ -315,9 +294,7 @@ class RegressionSR(SRModel):
             l1 = F.l1_loss(mu, hr)
             return {"loss": l1, "l1": l1.detach(), "sr": mu}
         c = self.cfg
-        k = None if self._sigma_only else (c.le_sigma_images or None)  # σ-only steps: every image
-        sigma = self.sigma(fea[:k])  # (k, 3, sH, sW), k <= B
-        out = le_loss(mu, hr, sigma, c.le_beta, c.le_mask_scope, c.le_aux_target)
+        out = le_loss(mu, hr, self.sigma(fea), c.le_beta, c.le_mask_scope, c.le_aux_target)
         return {**out, "sr": mu}
 
     def _split_params(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -340,25 +317,27 @@ class RegressionSR(SRModel):
                 p.requires_grad_(not only)
             self._sigma_only = only
 
-    def generator_param_groups(self) -> list[dict]:
-        """With --le-sigma-constant-lr or a σ-only phase, the σ branch is its own Adam group.
+    def _sigma_phase(self) -> bool:
+        return self.sigma is not None and self.cfg.le_sigma_final_fraction > 0
 
-        A σ-only phase (--le-sigma-final-fraction f) gives each group the schedule of its own
-        phase ("span", fractions of the run): μ runs its whole schedule (milestones included) in
-        the first 1 − f of the steps; σ keeps the base rate until the phase, then runs the schedule
-        over the last f (so it ends at the low rates, not oscillating at the base rate).
-        """
-        c = self.cfg
-        f = c.le_sigma_final_fraction
-        if self.sigma is None or not (c.le_sigma_constant_lr or f > 0):
+    def generator_param_groups(self) -> list[dict]:
+        """With a σ-only phase (--le-sigma-final-fraction), μ and σ are two Adam groups, each on
+        the schedule of its own phase (`schedule_position`)."""
+        if not self._sigma_phase():
             return super().generator_param_groups()
-        body_params, sigma_params = self._split_params()
-        body, sigma = {"params": body_params}, {"params": sigma_params}
-        if f > 0:
-            body["span"], sigma["span"] = (0.0, 1.0 - f), (1.0 - f, 1.0)
-        if c.le_sigma_constant_lr:
-            sigma["constant_lr"] = True
-        return [body, sigma]
+        body, sigma = self._split_params()
+        return [{"params": body}, {"params": sigma}]
+
+    def schedule_position(self, group: int, step: int, total: int) -> tuple[float, float]:
+        """μ (group 0) runs its whole schedule, milestones included, in the first 1 − f of the
+        steps; σ (group 1) keeps the base rate until its phase, then runs the schedule over the
+        last f, so it ends at the low rates instead of oscillating at the base rate."""
+        if not self._sigma_phase():
+            return super().schedule_position(group, step, total)
+        start = (1 - self.cfg.le_sigma_final_fraction) * total  # the σ-only phase begins
+        if group == 0:
+            return min(step, start), start
+        return min(max(step - start, 0.0), total - start), total - start
 
     def generate(self, lr: torch.Tensor, n: int, temperature: float, noise=None) -> torch.Tensor:
         mu, _ = self.predict(lr)

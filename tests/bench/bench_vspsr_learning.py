@@ -41,7 +41,7 @@ def random_lpips(folder: Path) -> metrics.LpipsMetric:
     """LpipsMetric from a saved random-trunk lpips state_dict: NOT the real LPIPS."""
     torch.manual_seed(0)
     path = folder / "lpips_random_alex.pth"
-    torch.save(metrics._new_lpips_module().state_dict(), path)  # pnet_rand: random AlexNet
+    torch.save(metrics.lpips_module().state_dict(), path)  # pnet_rand: random AlexNet
     return metrics.LpipsMetric.load(weights=path)
 
 
