@@ -41,7 +41,7 @@ from rich.table import Table
 import sr_lib
 from sr_lib import metrics
 from sr_lib.config import parse, pick_device
-from sr_lib.data import IMAGE_EXTENSIONS, demo_files, read_image
+from sr_lib.data import IMAGE_EXTENSIONS, demo_files, mod_crop, read_image
 from sr_lib.errors import CheckpointError, DataError, UsageError, exit_on_error
 
 PROG = "sr_eval.py"
@@ -225,7 +225,7 @@ def run(args: EvalArgs) -> int:
                 rows[m].append({"image": stem, **{c: row[c] for c in columns}})
                 if sigma_files and m == next(iter(methods)):
                     sigma = np.load(sigma_files[k])
-                    gt_s = metrics.mod_crop(gt, args.scale)
+                    gt_s = mod_crop(gt, args.scale)
                     rows[m][-1]["PLL"] = metrics.pll(gt_s, imgs[0], sigma)
                     rows[m][-1]["PSNR_sigma"] = metrics.sigma_psnr(gt_s, imgs[0], sigma)
                 if not tty:  # plain log lines for SLURM logs instead of a progress bar

@@ -11,11 +11,10 @@ import torch
 import torch.nn.functional as F
 from conftest import CASES, TINY
 
-from sr_lib.checkpoint import load_weights
 from sr_lib.errors import CheckpointError, UsageError
 from sr_lib.models import MODELS, build_model
-from sr_lib.models.base import NoiseSource, SRModel
-from sr_lib.models.blocks import hard_sample_mask, le_loss
+from sr_lib.models.base import LatentSRModel, NoiseSource, Recipe, SRModel
+from sr_lib.models.losses import hard_sample_mask, le_loss
 from sr_lib.models.rrdb import RRDBNet, load_official_rrdb
 
 
@@ -116,6 +115,22 @@ def test_same_seeds_same_samples_and_copies(case, make_batch):
         assert torch.equal(s, model.sample(lr, n=3, temperature=0.0))
 
 
+def test_noise_fields_are_cut_per_tile_and_vectors_never():
+    whole = NoiseSource([3, 4])
+    f_lr, f_hr, v = whole.field(2, 8, 12), whole.field(1, 32, 48), whole.vector(5)
+    assert f_lr.shape == (2, 2, 8, 12) and f_hr.shape == (2, 1, 32, 48) and v.shape == (2, 5)
+    # the tile at LR (y, x) = (4, 6), 4 x 6 px of an 8 x 12 image: the same draws, in order
+    tile = NoiseSource([3, 4], window=(4, 6, 4, 6, 8, 12))
+    assert torch.equal(tile.field(2, 4, 6), f_lr[..., 4:8, 6:12])
+    assert torch.equal(tile.field(1, 16, 24), f_hr[..., 16:32, 24:48])  # at HR resolution
+    assert torch.equal(tile.vector(5), v)
+    tile.restart()  # the next tile replays the same streams
+    tile.window = (0, 0, 4, 6, 8, 12)
+    assert torch.equal(tile.field(2, 4, 6), f_lr[..., :4, :6])
+    # one generator per sample: a stream does not depend on the others
+    assert torch.equal(NoiseSource([4]).field(2, 8, 12)[0], f_lr[1])
+
+
 @cases
 def test_uncertainty_is_none_or_a_nonnegative_map(case, make_batch):
     model = build(case, 4).eval()
@@ -132,7 +147,55 @@ def test_config_is_flat_and_defaults_complete(name):
         ok = f.type in (int, float, str, bool) or get_origin(f.type) is Literal
         assert ok, f"{name}.{f.name}: {f.type} is not a flat CLI type"
     for scale in (4, 8):
-        assert set(SRModel.train_defaults(scale)) <= set(cls.train_defaults(scale))
+        assert isinstance(cls.recipe(scale), Recipe)
+
+
+# What sr_train.py, sr_sample.py and the loaders call on a model: all declared by SRModel, so no
+# script probes a model for an attribute.
+HOOKS = ("forward", "generate", "sample", "uncertainty", "resolve_controls", "sample_latents",
+         "on_step", "generator_parameters", "generator_param_groups", "schedule_position",
+         "discriminator_loss", "mark_initialized", "complete_state_dict", "load_weights",
+         "load_raw_state_dict")  # fmt: skip
+ATTRIBUTES = {"stochastic": bool, "lr_multiple": int, "default_temperature": float,
+              "ddp_find_unused": bool, "oldest_checkpoint_format": int, "sample_controls": tuple,
+              "has_uncertainty": bool, "scale": int}  # fmt: skip
+
+
+@cases
+def test_every_model_implements_the_declared_interface(case, make_batch):
+    name, cfg = CASES[case]
+    cls, model = MODELS[name], build(case, 4)
+    for hook in HOOKS:
+        assert callable(getattr(SRModel, hook)) and callable(getattr(model, hook)), hook
+    for attr, kind in ATTRIBUTES.items():
+        assert isinstance(getattr(model, attr), kind), attr
+    assert cls.forward is not SRModel.forward and cls.generate is not SRModel.generate
+    assert cls.raw_config({}, 4)["scale"] == 4 and isinstance(cls.recipe(4), Recipe)
+    # latent controls: exactly the LatentSRModels, which define their latents and decoding
+    assert set(cls.sample_controls) <= {"latent", "ref", "latent_from"}
+    assert ("latent" in cls.sample_controls) == issubclass(cls, LatentSRModel)
+    if issubclass(cls, LatentSRModel):
+        assert cls.latents is not LatentSRModel.latents
+        assert cls.decode_latents is not LatentSRModel.decode_latents
+        assert model.z_dim == cfg["z_dim"]
+    else:
+        assert model.resolve_controls({}, 3, "cpu") is None
+    if model.discriminator is not None:
+        assert cls.discriminator_loss is not SRModel.discriminator_loss
+    lr, _ = make_batch(4, b=1, h=5, w=6)
+    assert model.has_uncertainty == (model.eval().uncertainty(lr) is not None)
+    # the parameter groups cover the generator, each with a place in the schedule
+    groups = model.generator_param_groups()
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(map(id, model.generator_parameters()))
+    for i in range(len(groups)):
+        t, length = model.schedule_position(i, 5, 8)
+        assert 0 <= t <= length <= 8
+    # strict loading of its own weights, and the hook called after loading them
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_weights(state, "own")
+    model.load_raw_state_dict(state, "own")
+    model.mark_initialized()
 
 
 @pytest.mark.parametrize(
@@ -495,12 +558,12 @@ def test_le_sigma_ema_averages_sigma_for_the_uncertainty_map(make_batch, tmp_pat
     # average the config does not keep is dropped
     torch.save(model.state_dict(), tmp_path / "ema.pt")
     again = build_model("edsr", cfg)
-    load_weights(again, torch.load(tmp_path / "ema.pt", weights_only=True), "ema.pt")
+    again.load_weights(torch.load(tmp_path / "ema.pt", weights_only=True), "ema.pt")
     assert torch.equal(again.uncertainty(lr), u)
-    load_weights(again, plain.state_dict(), "plain")
+    again.load_weights(plain.state_dict(), "plain")
     assert torch.equal(again.state_dict()[key], plain.sigma.upsample[0].weight)
     assert int(again.sigma_ema.step) == 0
-    load_weights(plain, model.state_dict(), "ema")
+    plain.load_weights(model.state_dict(), "ema")
     assert torch.equal(plain.sigma.upsample[0].weight, w1)
     for bad in (-0.1, 1.0):
         with pytest.raises(UsageError) as e:

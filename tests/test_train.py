@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -18,7 +18,8 @@ from torch import nn
 
 import sr_train
 from sr_lib import models
-from sr_lib.checkpoint import load_checkpoint, load_model
+from sr_lib.checkpoint import load_checkpoint
+from sr_lib.models import load_model
 from sr_lib.models.base import ModelConfig, SRModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,6 +166,38 @@ def test_a_good_step_resets_the_bad_step_counter(tmp_path, images, toy):
         "--max-bad-steps", "3")  # fmt: skip
     ck = load_checkpoint(tmp_path / "last.pt")
     assert ck["step"] == 7 and ck["skipped"] == 4
+
+
+def logged_rates(run_dir) -> list[float]:
+    rows = [json.loads(x) for x in open(run_dir / "log.jsonl")]
+    return [r["learning_rate"] for r in rows if "learning_rate" in r]
+
+
+def test_gamma_zero_and_no_milestones_are_expressible(tmp_path, images, toy):
+    # --gamma 0: the rate drops to exactly 0 at the milestone (0 is not "unset")
+    flags = ["--steps", "4", "--learning-rate", "1e-3", "--milestones", "0.5", "--gamma", "0"]
+    assert run(tmp_path / "g", images, "--model", "toy", *flags) == 0
+    assert logged_rates(tmp_path / "g") == [1e-3, 1e-3, 0.0, 0.0]
+    assert (
+        load_checkpoint(tmp_path / "g" / "last.pt")["optimizers"]["g"]["param_groups"][0]["lr"]
+        == 0.0
+    )
+    # --milestones alone: no decay, where EDSR's recipe halves the rate at 2/3 of the steps
+    edsr = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--steps", "3",
+            "--learning-rate", "1e-3"]  # fmt: skip
+    assert run(tmp_path / "paper", images, *edsr) == 0
+    assert logged_rates(tmp_path / "paper") == [1e-3, 1e-3, 5e-4]
+    assert run(tmp_path / "flat", images, *edsr, "--milestones") == 0
+    assert logged_rates(tmp_path / "flat") == [1e-3, 1e-3, 1e-3]
+    assert load_checkpoint(tmp_path / "flat" / "last.pt")["train_args"]["milestones"] == []
+
+
+def test_unset_run_flags_take_the_model_recipe_once():
+    args, rest = sr_train.parse_all(["--model", "edsr", "--batch", "3", "--n-feats", "8"])
+    recipe = sr_train.parse_recipe(args, models.MODELS["edsr"].recipe(args.scale))
+    paper = models.MODELS["edsr"].recipe(4)
+    assert recipe == replace(paper, batch=3) and rest == ["--n-feats", "8"]
+    assert (args.steps, args.milestones, args.gamma, args.val_temperature) == (None,) * 4
 
 
 def test_help_shows_run_and_model_flags(capsys):

@@ -50,9 +50,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import sr_train  # noqa: E402
-from sr_lib.checkpoint import load_model  # noqa: E402
 from sr_lib.data import load_pairs, to_uint8  # noqa: E402
 from sr_lib.metrics import psnr, shave_border  # noqa: E402
+from sr_lib.models import load_model  # noqa: E402
 from sr_lib.resize import imresize  # noqa: E402
 
 
