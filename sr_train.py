@@ -210,8 +210,8 @@ def train(args: TrainArgs, rest: list[str]) -> int:
             check_replicas(model, dd, step + 1, log_file)
         if dd.main and ((step + 1) % args.log_every == 0 or step + 1 == steps):
             scalars = {k: float(v.detach()) for k, v in out_g.items() if v.ndim == 0}
-            lr_now = current_lr(optimizers, step, recipe)
-            rec = {"step": step + 1, "learning_rate": lr_now, "skipped": skipped, **scalars}
+            rate = current_learning_rate(optimizers, step, recipe)
+            rec = {"step": step + 1, "learning_rate": rate, "skipped": skipped, **scalars}
             rec["s_per_step"] = (time.time() - t0) / (step + 1 - logged)
             t0, logged = time.time(), step + 1
             log(log_file, rec)
@@ -340,7 +340,9 @@ def build_optimizers(model, recipe: Recipe) -> dict[str, torch.optim.Optimizer]:
     return optimizers
 
 
-def lr_at(step: float, recipe: Recipe, length: float | None = None, base: float | None = None):
+def learning_rate_at(
+    step: float, recipe: Recipe, length: float | None = None, base: float | None = None
+) -> float:
     """The learning rate at `step` of a schedule over `length` steps (default: the run's), from
     `base` (default: recipe.learning_rate): multistep decay by gamma at each milestone (fractions
     of the length), or a cosine down to eta_min."""
@@ -355,16 +357,16 @@ def set_learning_rates(optimizers: dict, model, step: int, recipe: Recipe) -> No
     """Every parameter group at its own place in the schedule (a model's phases may differ)."""
     for i, g in enumerate(optimizers["g"].param_groups if "g" in optimizers else []):
         t, length = model.schedule_position(i, step, recipe.steps)
-        g["lr"] = lr_at(t, recipe, length)
+        g["lr"] = learning_rate_at(t, recipe, length)
     for g in optimizers["d"].param_groups if "d" in optimizers else []:
-        g["lr"] = lr_at(step, recipe, base=recipe.d_learning_rate)
+        g["lr"] = learning_rate_at(step, recipe, base=recipe.d_learning_rate)
 
 
-def current_lr(optimizers: dict, step: int, recipe: Recipe) -> float:
+def current_learning_rate(optimizers: dict, step: int, recipe: Recipe) -> float:
     """The rate the first (main) parameter group used at `step` (groups may have own phases)."""
     if "g" in optimizers:
         return optimizers["g"].param_groups[0]["lr"]
-    return lr_at(step, recipe)
+    return learning_rate_at(step, recipe)
 
 
 def restore(resumed: dict, path: Path, model, optimizers: dict, scaler, dd) -> None:

@@ -20,7 +20,7 @@ import sr_train
 from sr_lib import models
 from sr_lib.checkpoint import load_checkpoint
 from sr_lib.models import load_model
-from sr_lib.models.base import ModelConfig, SRModel
+from sr_lib.models.base import ModelConfig, Recipe, SRModel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -198,6 +198,17 @@ def test_unset_run_flags_take_the_model_recipe_once():
     paper = models.MODELS["edsr"].recipe(4)
     assert recipe == replace(paper, batch=3) and rest == ["--n-feats", "8"]
     assert (args.steps, args.milestones, args.gamma, args.val_temperature) == (None,) * 4
+
+
+def test_learning_rate_schedules():
+    at = sr_train.learning_rate_at
+    step = Recipe(steps=10, learning_rate=1.0, milestones=(0.5, 0.8), gamma=0.1)
+    assert [at(t, step) for t in (0, 4, 5, 7, 8, 9)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert at(2, step, length=4) == pytest.approx(0.1)  # a phase of 4 steps: milestone 0.5 at 2
+    assert at(9, step, base=2.0) == pytest.approx(0.02)  # the discriminator's base rate
+    cos = Recipe(steps=10, learning_rate=1.0, schedule="cosine", eta_min=0.1)
+    assert [at(t, cos) for t in (0, 5, 10)] == pytest.approx([1.0, 0.55, 0.1])
+    assert at(3, Recipe(steps=0, learning_rate=1.0, milestones=(0.5,))) == 0.5  # steps 0: length 1
 
 
 def test_help_shows_run_and_model_flags(capsys):

@@ -20,6 +20,8 @@ declares every member the scripts and the loaders use, with a default for all bu
                                      a released file without srspace metadata
   sample_controls, resolve_controls(controls, n, device), sample_latents(...)
                                      sr_sample.py's latent controls (`LatentSRModel`)
+and the class attributes stochastic, lr_multiple, default_temperature, ddp_find_unused and
+oldest_checkpoint_format (documented on SRModel).
 Images crossing the boundary are RGB float32 in [0, 1], NCHW. Any other range stays inside.
 """
 
@@ -182,7 +184,7 @@ class SRModel(nn.Module):
         by `load_raw_state_dict`), e.g. an encoder depth or a variant read off its keys."""
         return {"scale": scale}
 
-    # Sampling.
+    # The network and sampling.
 
     def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} must define forward(lr, hr)")
