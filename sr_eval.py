@@ -41,7 +41,7 @@ from rich.table import Table
 import sr_lib
 from sr_lib import metrics
 from sr_lib.config import parse, pick_device
-from sr_lib.data import IMAGE_EXTENSIONS, demo_files, read_image
+from sr_lib.data import IMAGE_EXTENSIONS, demo_files, mod_crop, read_image
 from sr_lib.errors import CheckpointError, DataError, UsageError, exit_on_error
 
 PROG = "sr_eval.py"
@@ -74,7 +74,7 @@ class EvalArgs:
     uncertainty: str | None = field(default=None, metadata=dict(type=str, help=HELP_SIGMA))
 
 
-def list_images(folder: Path) -> dict[str, Path]:
+def images_by_stem(folder: Path) -> dict[str, Path]:
     """stem -> image file (non-recursive; .png wins when two files share a stem)."""
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     out: dict[str, Path] = {}
@@ -87,7 +87,7 @@ def find_samples(sr_dir: Path, stems: list[str], n: int) -> list[list[Path]]:
     """Per HR image the N sample files, detecting the naming layout (see the module docstring)."""
     if not sr_dir.is_dir():
         raise DataError(f"--sr {sr_dir}: no such folder")
-    have = list_images(sr_dir)
+    have = images_by_stem(sr_dir)
     layouts = [lambda k, s, i: f"{k:06d}_sample{i:05d}", lambda k, s, i: f"{s}_sample{i:05d}"]
     if n == 1:
         layouts += [lambda k, s, i: f"{k:06d}", lambda k, s, i: s]
@@ -131,7 +131,62 @@ def warn(msg: str) -> None:
 
 
 def run(args: EvalArgs) -> int:
-    # ---- check the flags
+    shave, device, batch = check_flags(args)
+    hr = hr_images(args.hr)
+    stems = sorted(hr)
+    methods: dict[str, list[list[Path]]] = {}  # method name -> per image its n sample files
+    for d in args.sr:
+        name = Path(d).resolve().name or d
+        name = name if name not in methods else f"{name}_{len(methods)}"
+        methods[name] = find_samples(Path(d), stems, args.n)
+    lr_files = lr_inputs(args.lr, stems, args.scale) if args.lr else None
+    sigma_files = sigma_maps(args.uncertainty, stems, args.ntire) if args.uncertainty else None
+    lpips_metric = None if args.no_lpips else load_lpips(args.lpips_weights, device, batch)
+    columns = list(metrics.OFFICIAL_COLUMNS)
+    if not args.ntire:
+        columns += list(metrics.EXTRA_COLUMNS) + ([metrics.LR_INPUT_COLUMN] if args.lr else [])
+
+    opts = dict(scale=args.scale, lpips_metric=lpips_metric, ntire=args.ntire, color=args.color)
+    opts.update(shave=shave, warn=warn)
+    rows = score(hr, stems, methods, lr_files, sigma_files, columns, opts)
+
+    # Aggregate: mean over images of each column (inf propagates, as the reference).
+    columns += ["PLL", "PSNR_sigma"] if sigma_files else []  # (the first --sr folder only)
+    means = {
+        m: {c: metrics.dataset_mean([r.get(c) for r in rs]) for c in columns}
+        for m, rs in rows.items()
+    }
+    print_table(means, columns, args, len(stems))
+    if lpips_metric is None:
+        print("LPIPS_mean and score not computed (--no-lpips)")
+    crop = f"official: GT top-left to a multiple of {metrics.official_mod(args.scale)}, SR to it"
+    if not args.ntire:
+        crop += f"; PSNR/SSIM: GT to a multiple of {args.scale} and to the SR, {shave} px shave"
+    settings = {
+        "protocol": "ntire" if args.ntire else "generic",
+        "scale": args.scale,
+        "n": args.n,
+        "crop": crop,
+        "color": "rgb" if args.ntire else args.color,
+        "shave": 0 if args.ntire else shave,
+        "lpips": lpips_metric.info if lpips_metric else None,
+        "columns": columns,
+        "inf": 'written as the string "inf"',
+        "device": str(device),
+        "torch": torch.__version__,
+        "version": sr_lib.__version__,
+        "args": dataclasses.asdict(args),
+    }
+    clean = {m: [{k: jsonable(v) for k, v in r.items()} for r in rs] for m, rs in rows.items()}
+    if args.out:
+        write_json(args.out, settings, means, clean, dict(zip(methods, args.sr)))
+    if args.csv:
+        write_csv(args.csv, clean, columns)
+    return 0
+
+
+def check_flags(args: EvalArgs) -> tuple[int, torch.device, int]:
+    """(border shave, device, LPIPS batch); a one-line usage error for a bad combination."""
     if args.scale not in (2, 3, 4, 8):
         raise UsageError(f"--scale {args.scale}: choose 2, 3, 4 or 8")
     if args.n < 1:
@@ -142,65 +197,62 @@ def run(args: EvalArgs) -> int:
         raise UsageError("--ntire reports only the official columns; drop --lr/--shave/--color")
     if (args.shave is not None and args.shave < 0) or (args.lpips_batch or 1) < 1:
         raise UsageError("--shave must be >= 0 and --lpips-batch >= 1")
-    shave = args.scale if args.shave is None else args.shave
     device = pick_device(args.device)
-    batch = args.lpips_batch or (4 if device.type == "cuda" else 1)
+    shave = args.scale if args.shave is None else args.shave
+    return shave, device, args.lpips_batch or (4 if device.type == "cuda" else 1)
 
-    # ---- find the files: HR images, N samples per image and method, LR inputs
-    hr_dir = Path(args.hr)
-    if args.hr == "demo":  # the demo validation photographs (sr_sample.py --input demo)
-        hr = {p.stem: p for p in demo_files("val")}
-    elif not hr_dir.is_dir():
+
+def hr_images(hr: str) -> dict[str, Path]:
+    """stem -> ground-truth file of --hr (a folder, or 'demo': the demo validation photographs,
+    as sr_sample.py --input demo)."""
+    if hr == "demo":
+        return {p.stem: p for p in demo_files("val")}
+    hr_dir = Path(hr)
+    if not hr_dir.is_dir():
         raise DataError(f"--hr {hr_dir}: no such folder")
-    else:
-        hr = list_images(hr_dir)
-        if not hr:
-            raise DataError(f"--hr {hr_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})")
-        if len(hr) != len([p for p in hr_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]):
-            raise DataError(
-                f"--hr {hr_dir}: two images share a file stem; SR names would be ambiguous"
-            )
-    stems = sorted(hr)
-    methods: dict[str, list[list[Path]]] = {}
-    for d in args.sr:
-        name = Path(d).resolve().name or d
-        name = name if name not in methods else f"{name}_{len(methods)}"
-        methods[name] = find_samples(Path(d), stems, args.n)
-    lr_files = None
-    if args.lr:
-        if not Path(args.lr).is_dir():
-            raise DataError(f"--lr {args.lr}: no such folder")
-        lr_have = list_images(Path(args.lr))
-        lr_files = [lr_have.get(s) or lr_have.get(f"{s}x{args.scale}") for s in stems]
-        for s, f in zip(stems, lr_files):
-            if f is None:
-                raise DataError(f"--lr {args.lr}: no LR image {s}.png or {s}x{args.scale}.png")
+    found = images_by_stem(hr_dir)
+    if not found:
+        raise DataError(f"--hr {hr_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+    if len(found) != len([p for p in hr_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]):
+        raise DataError(f"--hr {hr_dir}: two images share a file stem; SR names would be ambiguous")
+    return found
 
-    sigma_files = None
-    if args.uncertainty:
-        if args.ntire:
-            raise UsageError("--ntire reports only the official columns; drop --uncertainty")
-        sigma_files = [Path(args.uncertainty) / f"{s}_sigma.npy" for s in stems]
-        for f in sigma_files:
-            if not f.is_file():
-                raise DataError(f"--uncertainty: missing {f} (sr_sample.py --save-uncertainty)")
 
-    # ---- LPIPS model (official: ImageNet AlexNet trunk + the v0.1 heads of the lpips package)
-    lpips_metric = None
-    if not args.no_lpips:
-        try:
-            lpips_metric = metrics.LpipsMetric.load(args.lpips_weights, device, batch)
-        except CheckpointError as e:
-            hint = "" if args.lpips_weights else "; or pass --no-lpips to skip LPIPS_mean and score"
-            raise CheckpointError(f"LPIPS: {e}{hint}") from None
-    columns = list(metrics.OFFICIAL_COLUMNS)
-    if not args.ntire:
-        columns += list(metrics.EXTRA_COLUMNS) + ([metrics.LR_INPUT_COLUMN] if args.lr else [])
-    sigma_columns = ["PLL", "PSNR_sigma"] if sigma_files else []
+def lr_inputs(lr: str, stems: list[str], scale: int) -> list[Path]:
+    """Per HR image its LR input in --lr: {stem}.png or {stem}x{scale}.png."""
+    if not Path(lr).is_dir():
+        raise DataError(f"--lr {lr}: no such folder")
+    have = images_by_stem(Path(lr))
+    files = [have.get(s) or have.get(f"{s}x{scale}") for s in stems]
+    for s, f in zip(stems, files):
+        if f is None:
+            raise DataError(f"--lr {lr}: no LR image {s}.png or {s}x{scale}.png")
+    return files
 
-    # ---- loop over images; the next image's files are read in a background thread
-    opts = dict(scale=args.scale, lpips_metric=lpips_metric, ntire=args.ntire, color=args.color)
-    opts.update(shave=shave, warn=warn)
+
+def sigma_maps(folder: str, stems: list[str], ntire: bool) -> list[Path]:
+    """Per HR image its {stem}_sigma.npy in --uncertainty (sr_sample.py --save-uncertainty)."""
+    if ntire:
+        raise UsageError("--ntire reports only the official columns; drop --uncertainty")
+    files = [Path(folder) / f"{s}_sigma.npy" for s in stems]
+    for f in files:
+        if not f.is_file():
+            raise DataError(f"--uncertainty: missing {f} (sr_sample.py --save-uncertainty)")
+    return files
+
+
+def load_lpips(weights: str | None, device, batch: int):
+    """The official LPIPS model (ImageNet AlexNet trunk + the v0.1 heads of the lpips package)."""
+    try:
+        return metrics.LpipsMetric.load(weights, device, batch)
+    except CheckpointError as e:
+        hint = "" if weights else "; or pass --no-lpips to skip LPIPS_mean and score"
+        raise CheckpointError(f"LPIPS: {e}{hint}") from None
+
+
+def score(hr, stems, methods, lr_files, sigma_files, columns, opts) -> dict[str, list[dict]]:
+    """Per method the rows of every image (`columns`, plus PLL and PSNR_sigma for the first
+    method with --uncertainty); the next image's files are read in a background thread."""
 
     def load(k: int):
         gt = read_image(hr[stems[k]])
@@ -225,7 +277,7 @@ def run(args: EvalArgs) -> int:
                 rows[m].append({"image": stem, **{c: row[c] for c in columns}})
                 if sigma_files and m == next(iter(methods)):
                     sigma = np.load(sigma_files[k])
-                    gt_s = metrics.mod_crop(gt, args.scale)
+                    gt_s = mod_crop(gt, opts["scale"])
                     rows[m][-1]["PLL"] = metrics.pll(gt_s, imgs[0], sigma)
                     rows[m][-1]["PSNR_sigma"] = metrics.sigma_psnr(gt_s, imgs[0], sigma)
                 if not tty:  # plain log lines for SLURM logs instead of a progress bar
@@ -233,67 +285,47 @@ def run(args: EvalArgs) -> int:
                     took = time.perf_counter() - start
                     print(f"[{k + 1}/{len(stems)}] {stem} {m}: {vals} ({took:.1f} s)", flush=True)
             bar.update(task, advance=1, description=stem)
+    return rows
 
-    # ---- aggregate: mean over images of each column (inf propagates, as the reference)
-    columns += sigma_columns  # (computed for the first --sr folder only)
-    means = {
-        m: {c: metrics.dataset_mean([r.get(c) for r in rs]) for c in columns}
-        for m, rs in rows.items()
-    }
+
+def print_table(means: dict, columns: list[str], args: EvalArgs, n_images: int) -> None:
     protocol = " (NTIRE 2021 protocol)" if args.ntire else ""
-    table = Table(title=f"x{args.scale}, N={args.n}, {len(stems)} images{protocol}")
+    table = Table(title=f"x{args.scale}, N={args.n}, {n_images} images{protocol}")
     for c in ["method", *columns]:
         table.add_column(c, justify="left" if c == "method" else "right")
     for m, mean in means.items():
         table.add_row(m, *[fmt(mean[c], c) for c in columns])
-    Console(width=None if tty else 160).print(table)
-    if lpips_metric is None:
-        print("LPIPS_mean and score not computed (--no-lpips)")
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
 
-    # ---- write JSON / CSV
-    crop = f"official: GT top-left to a multiple of {metrics.official_mod(args.scale)}, SR to it"
-    if not args.ntire:
-        crop += f"; PSNR/SSIM: GT to a multiple of {args.scale} and to the SR, {shave} px shave"
-    settings = {
-        "protocol": "ntire" if args.ntire else "generic",
-        "scale": args.scale,
-        "n": args.n,
-        "crop": crop,
-        "color": "rgb" if args.ntire else args.color,
-        "shave": 0 if args.ntire else shave,
-        "lpips": lpips_metric.info if lpips_metric else None,
-        "columns": columns,
-        "inf": 'written as the string "inf"',
-        "device": str(device),
-        "torch": torch.__version__,
-        "version": sr_lib.__version__,
-        "args": dataclasses.asdict(args),
-    }
-    clean = {m: [{k: jsonable(v) for k, v in r.items()} for r in rs] for m, rs in rows.items()}
-    mean_js = {m: {c: jsonable(v) for c, v in mean.items()} for m, mean in means.items()}
-    if args.out:
-        per = {
-            m: {"sr_dir": d, "mean": mean_js[m], "per_image": clean[m]}
-            for m, d in zip(methods, args.sr)
+
+def write_json(path: str, settings: dict, means: dict, rows: dict, sr_dirs: dict) -> None:
+    """--out: the layout of the module docstring (no "methods" level for one --sr folder)."""
+    per = {
+        m: {
+            "sr_dir": d,
+            "mean": {c: jsonable(v) for c, v in means[m].items()},
+            "per_image": rows[m],
         }
-        if len(per) == 1:  # the single-folder layout: no "methods" level
-            only = next(iter(per.values()))
-            result = {"settings": settings, "mean": only["mean"], "per_image": only["per_image"]}
-        else:
-            result = {"settings": settings, "methods": per}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
-    if args.csv:
-        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["method", "image", *columns])
-            for m, rs in clean.items():
-                for r in rs:
-                    w.writerow(
-                        [m, r["image"], *["" if r.get(c) is None else r[c] for c in columns]]
-                    )
-    return 0
+        for m, d in sr_dirs.items()
+    }
+    if len(per) == 1:
+        only = next(iter(per.values()))
+        result = {"settings": settings, "mean": only["mean"], "per_image": only["per_image"]}
+    else:
+        result = {"settings": settings, "methods": per}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+
+
+def write_csv(path: str, rows: dict, columns: list[str]) -> None:
+    """--csv: one row per method and image."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "image", *columns])
+        for m, rs in rows.items():
+            for r in rs:
+                w.writerow([m, r["image"], *["" if r.get(c) is None else r[c] for c in columns]])
 
 
 if __name__ == "__main__":

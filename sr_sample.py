@@ -54,8 +54,6 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from sr_lib.cem import cem
-from sr_lib.checkpoint import load_model
 from sr_lib.config import parse, pick_device
 from sr_lib.data import (
     default_mod,
@@ -68,9 +66,10 @@ from sr_lib.data import (
     write_png,
 )
 from sr_lib.errors import DataError, UsageError, exit_on_error
-from sr_lib.models import MODELS
-from sr_lib.models.base import NoiseSource, pad_to_multiple, sample_seed
+from sr_lib.models import MODELS, load_model
+from sr_lib.models.base import sample_seed
 from sr_lib.resize import imresize
+from sr_lib.tiling import draw, upscale
 
 PROG = "sr_sample.py"
 MIN_TILE = 64  # smallest tile (LR px) of the out-of-memory fallback
@@ -138,10 +137,10 @@ class SampleArgs:
 
 def main(argv=None) -> int:
     with exit_on_error(PROG):
-        return sample(argv)
+        return sample(parse_args(argv))
 
 
-def sample(argv) -> int:
+def parse_args(argv) -> SampleArgs:
     argv = list(sys.argv[1:] if argv is None else argv)
     for k, a in enumerate(argv[:-1]):  # argparse reads "-2,-1,0" as a flag: glue it to its flag
         if a == "--latent-steps":
@@ -162,42 +161,34 @@ def sample(argv) -> int:
             f"--tile {args.tile} --tile-overlap {args.tile_overlap}: both must be >= 0 and the "
             "overlap (default 32) smaller than the tile"
         )
+    return args
+
+
+def sample(args: SampleArgs) -> int:
     paths = input_paths(Path(args.input))
-    args.from_hr = args.from_hr or args.input == "demo"  # the demo images are HR photographs
+    from_hr = args.from_hr or args.input == "demo"  # the demo images are HR photographs
     device = pick_device(args.device)
     model, ck = load_model(args.ckpt, device, args.model or None, args.scale or None)
-    s, m = model.scale, model.lr_multiple
-    ctl = controls(args, model, ck["model"], device)  # may set args.n (one output per ref/step)
+    controls = resolve_controls(args, model, ck["model"], device)
+    n = controls.n if controls else args.n  # a control may fix it (one output per ref/step)
     temperature = model.default_temperature if args.temperature is None else args.temperature
-    draws = args.n if model.stochastic else 1  # a deterministic model runs once per image
-    single = not model.stochastic and args.n == 1  # written as NAME.png
-    probe = torch.zeros(1, 3, -(-16 // m) * m, -(-16 // m) * m, device=device)
-    has_sigma = (args.save_uncertainty or args.grid) and model.uncertainty(probe) is not None
-    if args.save_uncertainty and not has_sigma:
+    want_sigma = (args.save_uncertainty or args.grid) and model.has_uncertainty
+    if args.save_uncertainty and not model.has_uncertainty:
         print(f"{PROG}: warning: --save-uncertainty: this {type(model).__name__} model has no "
               "uncertainty output; no sigma maps written", file=sys.stderr, flush=True)  # fmt: skip
-    out = Path(args.out)
+    out, s = Path(args.out), model.scale
     out.mkdir(parents=True, exist_ok=True)
     tty = sys.stdout.isatty()  # a rich progress bar on a terminal, one line per image otherwise
-    failed, n_written, t0 = [], 0, time.time()
+    failed, t0 = [], time.time()
     with Progress(disable=not tty) as bar:
         task = bar.add_task("sampling", total=len(paths))
         say = bar.console.print if tty else lambda text: print(text, flush=True)
         for k, path in enumerate(paths):
-            t_img, stem = time.time(), path.stem
-            name = f"{k:06d}" if args.layout == "ntire" else stem
-            files = (
-                [f"{name}.png"] if single else [f"{name}_sample{i:05d}.png" for i in range(args.n)]
-            )
+            t_img = time.time()
+            name = f"{k:06d}" if args.layout == "ntire" else path.stem
             bar.update(task, description=path.name)
             try:
-                img = read_image(path)
-                if args.from_hr:
-                    img = mod_crop(img, default_mod(s))
-                    if img.size == 0:
-                        raise DataError(f"{path}: smaller than {default_mod(s)} px, no LR to make")
-                    img = imresize(img, 1 / s)
-                    write_png(out / "lr" / f"{stem}.png", img)
+                img = read_input(path, s, from_hr, out)
             except DataError as e:  # reported, skipped; exit 3 once the others are written
                 print(f"{PROG}: error: {e}; skipped", file=sys.stderr, flush=True)
                 failed.append(path.name)
@@ -206,26 +197,11 @@ def sample(argv) -> int:
             lr, tile = to_tensor(img)[None].to(device), args.tile
             while True:  # retried in smaller tiles after a CUDA out-of-memory error
                 try:
-                    sigma, kept = None, []
-                    if has_sigma:
-                        sigma = upscale(model, lr, model.uncertainty, tile, args.tile_overlap)
-                        sigma = sigma[0].float().cpu().numpy()  # (3, sH, sW)
-                    for c0 in range(0, draws, args.batch):  # one model.sample call per chunk
-                        idx = range(c0, min(c0 + args.batch, draws))
-                        seeds = [sample_seed(args.seed, stem, i) for i in idx]
-                        cond = {}
-                        if ctl is not None:  # whole-image latents, the same for every tile
-                            z = sample_latents(model, lr, seeds, idx, temperature, ctl)
-                            cond = {"latent": z[None]}  # (1, len(idx), D)
-                            if args.save_latent:  # NAME_sample00003.png -> ....latent.npy
-                                for i, zi in zip(idx, z.cpu().numpy().astype(np.float32)):
-                                    np.save(out / f"{files[i][:-4]}.latent.npy", zi)
-                        srs = to_uint8(draw(model, lr, seeds, temperature, tile,
-                                            args.tile_overlap, args.cem, cond))  # fmt: skip
-                        for i, sr in zip(idx, srs):
-                            for j in [i] if model.stochastic else range(args.n):
-                                write_png(out / files[j], sr)
-                                kept += [sr] if args.grid else []
+                    sigma = (
+                        uncertainty_map(model, lr, tile, args.tile_overlap) if want_sigma else None
+                    )
+                    srs = write_samples(model, lr, path.stem, name, n, temperature, tile,
+                                        controls, args)  # fmt: skip
                     break
                 except torch.cuda.OutOfMemoryError:
                     torch.cuda.empty_cache()
@@ -234,19 +210,16 @@ def sample(argv) -> int:
                         raise MemoryError from None
                     say(f"{name}: CUDA out of memory; retrying with --tile {tile}")
             if sigma is not None and args.save_uncertainty:
-                np.save(out / f"{name}_sigma.npy", sigma.astype(np.float32))
-                u16 = np.round(np.clip(sigma.mean(0), 0, 1) * 65535).astype(np.uint16)
-                write_png(out / f"{name}_sigma.png", u16)
+                write_sigma(out / f"{name}_sigma", sigma)
             if args.grid:
-                write_png(out / f"{name}_grid.png", contact_sheet(img, kept, sigma, s))
-            n_written += args.n
+                write_png(out / f"{name}_grid.png", contact_sheet(img, srs, sigma, s))
             bar.advance(task)
             if not tty:
                 h, w = img.shape[:2]
-                print(f"[{k + 1}/{len(paths)}] {path.name} {w}x{h} -> {args.n} x {w * s}x{h * s} "
+                print(f"[{k + 1}/{len(paths)}] {path.name} {w}x{h} -> {n} x {w * s}x{h * s} "
                       f"in {time.time() - t_img:.1f} s", flush=True)  # fmt: skip
     done = len(paths) - len(failed)
-    say(f"done: {done} images, {n_written} samples, {time.time() - t0:.1f} s -> {out}")
+    say(f"done: {done} images, {done * n} samples, {time.time() - t0:.1f} s -> {out}")
     if failed:
         raise DataError(
             f"{len(failed)} of {len(paths)} inputs unreadable ({', '.join(failed[:3])}"
@@ -271,159 +244,74 @@ def input_paths(path: Path) -> list[Path]:
     return paths
 
 
-def draw(model, lr, seeds, temperature, tile, overlap, consistent=False, cond=None):
-    """(len(seeds), 3, sH, sW): the samples with these seeds, one model.sample call (per tile).
-
-    consistent: apply the CEM to the whole (blended) sample, so its MATLAB-bicubic downscale equals
-    the LR (exact projection, sr_lib/cem.py), then clamp to [0, 1] again. cond: sampling controls
-    passed to model.sample (e.g. {"latent": z})."""
-    noise = NoiseSource(seeds, lr.device)
-    fn = lambda x: model.sample(x, len(seeds), temperature, noise, **(cond or {}))[0]  # noqa: E731
-    sr = upscale(model, lr, fn, tile, overlap, noise)
-    return cem(sr, lr, model.scale).clamp(0, 1) if consistent else sr
-
-
-@dataclass
-class Controls:
-    """What the sampling-control flags resolved to (see the module docstring)."""
-
-    cond: dict  # passed to model.latents: ref (list of (3, h, w) / "lr" / "prior"), latent_from
-    per_sample_refs: bool = False  # --ref DIR: sample i uses reference i
-    latent: torch.Tensor | None = None  # --latent: (k, D)
-    shift: tuple[torch.Tensor, torch.Tensor] | None = None  # (direction (D,), steps (k,))
+def read_input(path: Path, s: int, from_hr: bool, out: Path) -> np.ndarray:
+    """The uint8 LR image of an input file; --from-hr makes it (and writes OUT/lr/STEM.png)."""
+    img = read_image(path)
+    if from_hr:
+        img = mod_crop(img, default_mod(s))
+        if img.size == 0:
+            raise DataError(f"{path}: smaller than {default_mod(s)} px, no LR to make")
+        img = imresize(img, 1 / s)
+        write_png(out / "lr" / f"{path.stem}.png", img)
+    return img
 
 
-def controls(args, model, name: str, device) -> Controls | None:
-    """Check the control flags against the model, load their files; None: not a latent model."""
-    have = getattr(model, "sample_controls", ())
+def resolve_controls(args: SampleArgs, model, name: str, device):
+    """The sampling-control flags as the model's controls; a flag the model does not take is a
+    usage error naming the models that do. None: the model draws no explicit latents."""
     asked = {"--ref": ("ref", args.ref), "--latent-from": ("latent_from", args.latent_from),
              "--latent": ("latent", args.latent), "--latent-shift": ("latent", args.latent_shift),
              "--save-latent": ("latent", args.save_latent)}  # fmt: skip
     for flag, (key, value) in asked.items():
-        if value and key not in have:
-            able = [k for k, c in MODELS.items() if key in getattr(c, "sample_controls", ())]
+        if value and key not in model.sample_controls:
+            able = [k for k, c in MODELS.items() if key in c.sample_controls]
             raise UsageError(
                 f"{flag}: the {name} model does not support it (only: {', '.join(able)})"
             )
-    if "latent" not in have:
-        return None
-    if args.latent and (args.ref or args.latent_from):
-        raise UsageError(
-            "--latent decodes saved latents: it cannot be combined with --ref/--latent-from"
-        )
-    ctl, dim = Controls({}), model.cfg.z_dim
-    if args.ref in ("lr", "prior"):
-        ctl.cond["ref"] = args.ref
-    elif args.ref and args.ref != "noise":
-        path = Path(args.ref)
-        if not path.exists():
-            raise DataError(f"--ref {path}: no such file or folder (or noise, lr, prior)")
-        files = list_images(path, recursive=False) if path.is_dir() else [path]
-        ctl.cond["ref"] = [to_tensor(read_image(f)).to(device) for f in files]
-        ctl.per_sample_refs = path.is_dir()
-        args.n = len(files) if path.is_dir() else args.n
-    if args.latent_from:
-        ctl.cond["latent_from"] = to_tensor(read_image(args.latent_from))[None].to(device)
-        args.n = 1  # E_H's mean: one output
-    if args.latent:
-        ctl.latent = load_latent(args.latent, dim, "--latent").view(-1, dim).to(device)
-        args.n = len(ctl.latent)
+    given = dict(ref=args.ref, latent_from=args.latent_from, latent=args.latent,
+                 latent_shift=args.latent_shift)  # fmt: skip
+    given = {k: v for k, v in given.items() if v}
     if args.latent_shift:
-        direction = load_latent(args.latent_shift, dim, "--latent-shift").view(-1).to(device)
-        try:
-            steps = [float(v) for v in args.latent_steps.split(",") if v.strip()]
-        except ValueError:
-            steps = []
-        if (
-            not steps
-            or direction.numel() != dim
-            or (ctl.latent is not None and len(ctl.latent) > 1)
-        ):
-            raise UsageError(
-                f"--latent-shift {args.latent_shift} --latent-steps {args.latent_steps!r}: needs "
-                f"a ({dim},) direction, numbers like -2,-1,0,1,2 and at most one --latent row"
-            )
-        ctl.shift = (direction, torch.tensor(steps, device=device))
-        args.n = len(steps)
-    return ctl
+        given["latent_steps"] = args.latent_steps
+    return model.resolve_controls(given, args.n, device)
 
 
-def load_latent(path: str, dim: int, flag: str) -> torch.Tensor:
-    try:
-        z = torch.from_numpy(np.load(path).astype(np.float32))
-    except (OSError, ValueError) as e:
-        raise DataError(f"{flag} {path}: not a readable .npy array ({e})") from None
-    if z.ndim not in (1, 2) or z.shape[-1] != dim:
-        raise UsageError(f"{flag} {path}: shape {tuple(z.shape)}, expected ({dim},) or (k, {dim})")
-    return z
+def write_samples(model, lr, stem, name, n, temperature, tile, controls, args) -> list:
+    """Draw and write the n samples of one (1, 3, h, w) LR image (files named after `name`), in
+    chunks of --batch; returns the uint8 samples if --grid needs them. Latent models draw the
+    latents on the whole LR first and decode every tile with them (--save-latent writes them)."""
+    out = Path(args.out)
+    single = not model.stochastic and n == 1  # written as NAME.png
+    files = [f"{name}.png"] if single else [f"{name}_sample{i:05d}.png" for i in range(n)]
+    kept = []
+    for c0 in range(0, n if model.stochastic else 1, args.batch):  # a deterministic model: once
+        idx = range(c0, min(c0 + args.batch, n))
+        seeds = [sample_seed(args.seed, stem, i) for i in idx]
+        z = model.sample_latents(lr, seeds, idx, temperature, controls)  # (len(idx), D) or None
+        if z is not None and args.save_latent:  # NAME_sample00003.png -> ....latent.npy
+            for i, zi in zip(idx, z.cpu().numpy().astype(np.float32)):
+                np.save(out / f"{files[i][:-4]}.latent.npy", zi)
+        cond = {} if z is None else {"latent": z[None]}  # (1, len(idx), D)
+        srs = to_uint8(draw(model, lr, seeds, temperature, tile, args.tile_overlap, args.cem,
+                            cond))  # fmt: skip
+        for i, sr in zip(idx, srs):
+            for j in [i] if model.stochastic else range(n):
+                write_png(out / files[j], sr)
+                kept += [sr] if args.grid else []
+    return kept
 
 
-def sample_latents(model, lr, seeds, idx, temperature, ctl: Controls) -> torch.Tensor:
-    """(len(idx), D): the latents of samples idx of the whole (1, 3, h, w) LR image."""
-    cond = dict(ctl.cond)
-    if ctl.shift is not None:
-        if ctl.latent is not None:
-            base = ctl.latent[0]
-        else:  # the temperature-0 latent of the given controls (varsr: μ_L; --ref DIR: its first)
-            if ctl.per_sample_refs:
-                cond["ref"] = cond["ref"][:1]
-            base = model.latents(lr, 1, 0.0, NoiseSource(seeds[:1], lr.device), **cond)[0, 0]
-        direction, steps = ctl.shift
-        return base + steps[list(idx), None] * direction
-    if ctl.latent is not None:
-        return ctl.latent[list(idx)]
-    if ctl.per_sample_refs:
-        cond["ref"] = [cond["ref"][i] for i in idx]
-    return model.latents(lr, len(idx), temperature, NoiseSource(seeds, lr.device), **cond)[0]
+def uncertainty_map(model, lr, tile: int, overlap: int) -> np.ndarray:
+    """The model's float32 (3, sH, sW) uncertainty of one (1, 3, h, w) LR, tiled like samples."""
+    sigma = upscale(model, lr, model.uncertainty, tile, overlap)
+    return sigma[0].float().cpu().numpy()
 
 
-def upscale(model, lr, fn, tile: int, overlap: int, noise=None) -> torch.Tensor:
-    """fn(lr) -> (N, C, s·h, s·w) on the (1, 3, h, w) LR padded to lr_multiple, whole or in
-    overlapping tiles blended with feathered weights; `noise` is windowed to each tile, replayed."""
-    h, w, s, m = *lr.shape[-2:], model.scale, model.lr_multiple
-    x = pad_to_multiple(lr, m)
-    H, W = x.shape[-2:]
-    if not tile:
-        return fn(x)[..., : h * s, : w * s]
-    tile = max(m, tile // m * m)
-    overlap = min(-(-overlap // m) * m, tile - m)
-    th, tw = min(tile, H), min(tile, W)
-    ys, xs = tile_starts(H, th, overlap), tile_starts(W, tw, overlap)
-    out = weight = None
-    for a, y0 in enumerate(ys):
-        for b, x0 in enumerate(xs):
-            if noise is not None:
-                noise.window = (y0, x0, th, tw, H, W)  # the whole-image field, cut to this tile
-                noise.restart()
-            sr = fn(x[..., y0 : y0 + th, x0 : x0 + tw])  # (N, C, s·th, s·tw)
-            wgt = feather(ys, a, th, s, x.device)[:, None] * feather(xs, b, tw, s, x.device)
-            if out is None:
-                out = sr.new_zeros((*sr.shape[:2], H * s, W * s))
-                weight = sr.new_zeros((H * s, W * s))
-            out[..., y0 * s : (y0 + th) * s, x0 * s : (x0 + tw) * s] += sr * wgt
-            weight[y0 * s : (y0 + th) * s, x0 * s : (x0 + tw) * s] += wgt
-    return (out / weight.clamp_min(1e-12))[..., : h * s, : w * s]
-
-
-def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Tile positions along one axis: stride tile - overlap, the last one flush with the end."""
-    if size <= tile:
-        return [0]
-    return [*range(0, size - tile, tile - overlap), size - tile]
-
-
-def feather(starts: list[int], i: int, length: int, s: int, device) -> torch.Tensor:
-    """1-D weights of tile i (length LR px, s·length output px): towards each neighbour, 0 on the
-    outer quarter of the overlap, a linear ramp across its middle half, 1 elsewhere."""
-    d = torch.arange(length * s, device=device) + 0.5  # output pixel centres
-    w = torch.ones_like(d)
-    left = (starts[i - 1] + length - starts[i]) * s if i > 0 else 0
-    right = (starts[i] + length - starts[i + 1]) * s if i + 1 < len(starts) else 0
-    if left:
-        w = w * ((d - left / 4) / (left / 2)).clamp(0, 1)
-    if right:
-        w = w * ((length * s - d - right / 4) / (right / 2)).clamp(0, 1)
-    return w
+def write_sigma(base: Path, sigma: np.ndarray) -> None:
+    """BASE.npy (float32 (3, H, W)) and BASE.png (16-bit gray: the mean over RGB in [0, 1])."""
+    np.save(base.with_name(base.name + ".npy"), sigma.astype(np.float32))
+    u16 = np.round(np.clip(sigma.mean(0), 0, 1) * 65535).astype(np.uint16)
+    write_png(base.with_name(base.name + ".png"), u16)
 
 
 def heat(v: np.ndarray) -> np.ndarray:

@@ -3,8 +3,8 @@
     python sr_train.py --model edsr --scale 4 --data demo --steps 2000 --out runs/edsr_x4
     python sr_train.py --model edsr -h          # run flags and the model's own Config flags
 
-Every flag left unset takes the model's paper recipe (`train_defaults`). The loop is counted in
-steps; the batch of step t is a pure function of (seed, rank, t), so `--resume auto` continues
+Every flag left unset takes the model's paper recipe (`Model.recipe(scale)`). The loop is counted
+in steps; the batch of step t is a pure function of (seed, rank, t), so `--resume auto` continues
 exactly. Exit codes: README "Exit codes" (75 = stopped by a signal, resume with --resume auto).
 """
 
@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sr_lib import __version__, distributed, metrics
-from sr_lib.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from sr_lib.checkpoint import save_checkpoint
 from sr_lib.config import parse, pick_device
 from sr_lib.data import PatchPairs, load_pairs, to_uint8, train_loader, write_png
 from sr_lib.errors import (
@@ -36,9 +36,8 @@ from sr_lib.errors import (
     UsageError,
     exit_on_error,
 )
-from sr_lib.models import MODELS, build_model
-from sr_lib.models.base import NoiseSource, sample_seed
-from sr_lib.resize import imresize
+from sr_lib.models import MODELS, build_model, read_checkpoint
+from sr_lib.models.base import NoiseSource, Recipe, sample_seed
 
 PROG = "sr_train.py"
 
@@ -58,21 +57,40 @@ class TrainArgs:
     val_images: int = field(default=3, metadata=dict(help="validation images used (0 = all)"))
     val_crop: int = field(default=384, metadata=dict(help="centre-crop val HR to this (0 = off)"))
     val_n: int = field(default=3, metadata=dict(help="samples per validation image"))
-    val_temperature: float = field(default=-1.0, metadata=dict(help="default: the model's"))
+    val_temperature: float | None = field(
+        default=None, metadata=dict(type=float, help="default: the model's")
+    )
     cache: str = field(default="", metadata=dict(help="folder for decoded .npy arrays"))
-    steps: int = field(default=-1, metadata=dict(help="total steps (default: the paper's)"))
-    batch: int = field(default=0, metadata=dict(help="per-process batch (default: paper)"))
-    patch: int = field(default=0, metadata=dict(help="LR patch size (default: paper)"))
-    learning_rate: float = field(default=0.0, metadata=dict(help="default: the paper's"))
-    d_learning_rate: float = field(
-        default=0.0, metadata=dict(help="discriminator learning rate (default: the paper's)")
+    # Unset (None): the model's recipe.
+    steps: int | None = field(
+        default=None, metadata=dict(type=int, help="total steps (default: the paper's)")
     )
-    milestones: list[float] = field(
-        default_factory=list,
-        metadata=dict(nargs="+", help="multistep decay points as fractions of --steps"),
+    batch: int | None = field(
+        default=None, metadata=dict(type=int, help="per-process batch (default: paper)")
     )
-    gamma: float = field(default=0.0, metadata=dict(help="multistep decay factor"))
-    grad_clip: float = field(default=-1.0, metadata=dict(help="max grad norm (0 = off)"))
+    patch: int | None = field(
+        default=None, metadata=dict(type=int, help="LR patch size (default: paper)")
+    )
+    learning_rate: float | None = field(
+        default=None, metadata=dict(type=float, help="default: the paper's")
+    )
+    d_learning_rate: float | None = field(
+        default=None,
+        metadata=dict(type=float, help="discriminator learning rate (default: the paper's)"),
+    )
+    milestones: list[float] | None = field(
+        default=None,
+        metadata=dict(
+            nargs="*", type=float,
+            help="multistep decay points as fractions of --steps (the flag alone: no decay)",
+        ),
+    )  # fmt: skip
+    gamma: float | None = field(
+        default=None, metadata=dict(type=float, help="multistep decay factor")
+    )
+    grad_clip: float | None = field(
+        default=None, metadata=dict(type=float, help="max grad norm (0 = off)")
+    )
     init_from: str = field(default="", metadata=dict(help="start from these weights (fine-tune)"))
     out: str = field(default="", metadata=dict(help="run folder (default runs/MODEL_xSCALE)"))
     resume: str = field(default="", metadata=dict(help="'auto' (DIR/last.pt) or a checkpoint"))
@@ -94,9 +112,6 @@ class TrainArgs:
         ),
     )
     compile: bool = field(default=False, metadata=dict(help="torch.compile the training forward"))
-    channels_last: bool = field(
-        default=False, metadata=dict(help="NHWC memory format (README: what it buys)")
-    )
     deterministic: bool = field(
         default=False, metadata=dict(help="deterministic algorithms only (README: what it costs)")
     )
@@ -129,16 +144,101 @@ def parse_all(argv):
 
 def main(argv=None) -> int:
     with exit_on_error(PROG):
-        return train(argv)
+        return train(*parse_all(argv))
 
 
-def train(argv) -> int:
-    args, rest = parse_all(argv)
+def train(args: TrainArgs, rest: list[str]) -> int:
+    out, ckpt_path, resumed, cfg, recipe = resolve_run(args, rest)
+    dd, device = setup_process(args)
+    say = (lambda text: print(text, flush=True)) if dd.main else (lambda text: None)
+    log_file = open_run_folder(out) if dd.main else None  # rank 0 logs, validates and saves
+
+    # Data: batch t of rank r is drawn from rng(seed, r, t): workers and resume do not matter.
+    steps, dataset = recipe.steps, None
+    if steps > 0:
+        dataset = PatchPairs(
+            args.data, args.scale, recipe.patch, recipe.batch, seed=args.seed, rank=dd.rank,
+            lr_dirs=args.lr_data or None, cache=args.cache or None,
+        )  # fmt: skip
+    val_pairs = validation_pairs(args, dd)
+
+    # Model and optimizers; the state of a resumed run.
+    model = build_model(args.model, cfg).to(device)
+    if args.init_from and resumed is None:
+        init = read_checkpoint(args.init_from)
+        model.load_weights(init.get("state_dict", init), args.init_from)
+    optimizers = build_optimizers(model, recipe)
+    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
+    start, skipped, best = (
+        (resumed["step"], resumed["skipped"], resumed["best"]) if resumed else (0, 0, -math.inf)
+    )
+    # Created before the RNG state is restored: making the iterator draws from the torch RNG.
+    batches = iter(train_loader(dataset, start, steps, args.workers)) if steps > start else None
+    if dd.rank:  # model-internal noise (dequantisation, latents) differs per rank, like the data
+        torch.manual_seed(args.seed * 100_003 + dd.rank)
+    if resumed is not None:
+        restore(resumed, ckpt_path, model, optimizers, scaler, dd)
+        say(f"resumed {ckpt_path} at step {start}")
+    initialize(model, dataset, start, steps, bool(resumed or args.init_from), dd, device)
+    forward = wrap(model, dd, device, args.compile)
+    stop = catch_signals()
+    say(f"srspace {__version__} | {args.model} x{args.scale} | "
+        f"{sum(p.numel() for p in model.parameters()):,} params | steps {start}->{steps} | "
+        f"batch {recipe.batch} x {dd.world} process(es) | LR patch {recipe.patch} | device {device}"
+        f" | out {out}")  # fmt: skip
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    autocast = torch.autocast(device.type, amp_dtype) if amp_dtype else contextlib.nullcontext()
+    meta = dict(model=args.model, model_cfg=cfg, train_args=asdict(args))  # in every checkpoint
+    progress = Progress(steps, start) if dd.main else None
+    bad, stopped, t0, t_start, logged = 0, None, time.time(), time.time(), start
+
+    for step in range(start, steps):
+        over_budget = bool(args.time_budget) and time.time() - t_start > args.time_budget
+        if distributed.agree(bool(stop["signal"]) or over_budget, dd, all_ranks=False):
+            stopped = stop["signal"] or ("time budget" if over_budget else "signal (other rank)")
+            break
+        out_g, ok = train_step(model, forward, optimizers, batches, step, recipe, dd, scaler,
+                               autocast, device)  # fmt: skip
+        bad, skipped = (0, skipped) if ok else (bad + 1, skipped + 1)
+        if not ok and bad >= args.max_bad_steps:
+            raise NonFiniteError(
+                f"step {step}: {bad} consecutive non-finite losses/gradients; stopped without "
+                f"saving; the last good checkpoint is {out / 'last.pt'} (resume with a lower "
+                "--learning-rate)"
+            )
+        if args.sync_check_every and (step + 1) % args.sync_check_every == 0:
+            check_replicas(model, dd, step + 1, log_file)
+        if dd.main and ((step + 1) % args.log_every == 0 or step + 1 == steps):
+            scalars = {k: float(v.detach()) for k, v in out_g.items() if v.ndim == 0}
+            rate = current_learning_rate(optimizers, step, recipe)
+            rec = {"step": step + 1, "learning_rate": rate, "skipped": skipped, **scalars}
+            rec["s_per_step"] = (time.time() - t0) / (step + 1 - logged)
+            t0, logged = time.time(), step + 1
+            log(log_file, rec)
+            progress.update(step + 1, rec)
+        if val_pairs and ((step + 1) % args.val_every == 0 or step + 1 == steps):
+            val_psnr = validate(model, val_pairs, args, device, out, step + 1, log_file, progress)
+            if val_psnr > best:
+                best = val_psnr
+                save(out / "best.pt", step + 1, skipped, best, model, optimizers, scaler, dd, meta)
+        if (step + 1) % args.save_every == 0 and bad == 0:  # never save inside a NaN streak
+            save(out / "last.pt", step + 1, skipped, best, model, optimizers, scaler, dd, meta)
+    else:
+        step = steps
+    save(out / "last.pt", step, skipped, best, model, optimizers, scaler, dd, meta)
+    return finish(stopped, step, skipped, out, args, dd, (progress, log_file), say)
+
+
+def resolve_run(args: TrainArgs, rest: list[str]):
+    """(run folder, checkpoint path, resumed checkpoint or None, model config, recipe).
+
+    A resumed run takes its model from the checkpoint (`args.model` is set) and its config; model
+    flags repeated by a requeued job must agree with it. Unset run flags take the recipe."""
     out = Path(args.out or f"runs/{args.model or 'run'}_x{args.scale}")
     ckpt_path = {"": None, "auto": out / "last.pt"}.get(args.resume, Path(args.resume))
     resumed = None
     if ckpt_path is not None and ckpt_path.is_file():
-        resumed = load_checkpoint(ckpt_path)
+        resumed = read_checkpoint(ckpt_path)
         if "optimizers" not in resumed:
             raise CheckpointError(f"{ckpt_path}: holds weights only, no training state to resume")
         if args.model and args.model != resumed["model"]:
@@ -165,23 +265,23 @@ def train(argv) -> int:
         if changed:
             raise UsageError(f"model flags {changed} differ from {ckpt_path}; they cannot change")
         cfg = dict(resumed["model_cfg"])
+    return out, ckpt_path, resumed, cfg, parse_recipe(args, model_cls.recipe(args.scale))
 
-    # Unset flags take the paper's recipe.
-    d = model_cls.train_defaults(args.scale)
-    steps = args.steps if args.steps >= 0 else d["steps"]
-    batch, patch = args.batch or d["batch"], args.patch or d["patch"]
-    base_lr = args.learning_rate or d["learning_rate"]
-    d_lr = args.d_learning_rate or d["d_learning_rate"]
-    milestones = args.milestones or list(d["milestones"])
-    gamma = args.gamma or d["gamma"]
-    grad_clip = args.grad_clip if args.grad_clip >= 0 else d["grad_clip"]
-    val_temperature = (
-        args.val_temperature if args.val_temperature >= 0 else d.get("temperature", 1.0)
-    )
-    if steps < 0 or batch < 1 or patch < 1:
+
+def parse_recipe(args: TrainArgs, recipe: Recipe) -> Recipe:
+    """The model's recipe with every run flag that was given (not None) in its place."""
+    milestones = None if args.milestones is None else tuple(args.milestones)
+    given = dict(steps=args.steps, batch=args.batch, patch=args.patch,
+                 learning_rate=args.learning_rate, d_learning_rate=args.d_learning_rate,
+                 milestones=milestones, gamma=args.gamma, grad_clip=args.grad_clip)  # fmt: skip
+    recipe = replace(recipe, **{k: v for k, v in given.items() if v is not None})
+    if recipe.steps < 0 or recipe.batch < 1 or recipe.patch < 1:
         raise UsageError("--steps must be >= 0, --batch and --patch >= 1")
+    return recipe
 
-    # Processes: one, or one per GPU/CPU slot under torchrun/srun (rank 0 logs, validates, saves).
+
+def setup_process(args: TrainArgs) -> tuple[distributed.Dist, torch.device]:
+    """One process, or one per GPU/CPU slot under torchrun/srun; its device; seeded RNGs."""
     device = pick_device(args.device)
     dd = distributed.setup(use_cuda=device.type == "cuda")
     if dd.on and device.type == "cuda":
@@ -197,88 +297,97 @@ def train(argv) -> int:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
-    main_rank = dd.main
-    if main_rank:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".*.pt.tmp*"):  # left by a process killed while saving
-            stale.unlink(missing_ok=True)
-    log_file = open(out / "log.jsonl", "a") if main_rank else None
+    return dd, device
 
-    def log(record: dict) -> None:
-        if log_file:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
 
-    def say(text: str) -> None:
-        if main_rank:
-            print(text, flush=True)
+def open_run_folder(out: Path):
+    """Create the run folder, remove temp files of a process killed while saving; the log file."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.pt.tmp*"):
+        stale.unlink(missing_ok=True)
+    return open(out / "log.jsonl", "a")
 
-    # Data: batch t of rank r is drawn from rng(seed, r, t): workers and resume do not matter.
-    if steps > 0:
-        dataset = PatchPairs(
-            args.data, args.scale, patch, batch, seed=args.seed, rank=dd.rank,
-            lr_dirs=args.lr_data or None, cache=args.cache or None,
+
+def log(log_file, record: dict) -> None:
+    """One JSON line of OUT/log.jsonl (rank 0; the other ranks have no file)."""
+    if log_file:
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+
+
+def validation_pairs(args: TrainArgs, dd) -> list:
+    """Held-out (stem, HR, LR) pairs on rank 0 (--val-data, or the demo's when training on it)."""
+    source = args.val_data or ("demo" if args.data == ["demo"] else "")
+    if not (dd.main and source and args.val_every > 0):
+        return []
+    return load_pairs(source, args.scale, max_images=args.val_images or None, crop=args.val_crop)
+
+
+def build_optimizers(model, recipe: Recipe) -> dict[str, torch.optim.Optimizer]:
+    """Adam for the generator ("g", absent for a model with nothing to learn) and, if the model
+    has a discriminator, its own ("d")."""
+    optimizers = {}
+    if model.generator_parameters():
+        optimizers["g"] = torch.optim.Adam(
+            model.generator_param_groups(), lr=recipe.learning_rate, betas=recipe.betas,
+            eps=recipe.eps, weight_decay=recipe.weight_decay,
         )  # fmt: skip
-    val_source = args.val_data or ("demo" if args.data == ["demo"] else "")
-    val_pairs = []
-    if main_rank and val_source and args.val_every > 0:
-        val_pairs = load_pairs(val_source, args.scale, max_images=args.val_images or None)
-        val_pairs = [centre_crop(p, args.val_crop, args.scale) for p in val_pairs]
-
-    # Model and optimizers (a discriminator, if the model has one, gets its own).
-    model = build_model(args.model, cfg).to(device)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    if args.init_from and resumed is None:
-        init = load_checkpoint(args.init_from)
-        load_weights(model, init.get("state_dict", init), args.init_from)
-    gen_params = model.generator_parameters()
-    opt = None  # bicubic has nothing to optimise
-    if gen_params:
-        opt = torch.optim.Adam(
-            model.generator_param_groups(), lr=base_lr, betas=tuple(d["betas"]), eps=d["eps"],
-            weight_decay=d["weight_decay"],
-        )  # fmt: skip
-    optimizers = {"g": opt} if opt is not None else {}
     if model.discriminator is not None:
         optimizers["d"] = torch.optim.Adam(
-            model.discriminator.parameters(), lr=d_lr, betas=tuple(d["d_betas"]),
-            weight_decay=d["d_weight_decay"],
+            model.discriminator.parameters(), lr=recipe.d_learning_rate, betas=recipe.d_betas,
+            weight_decay=recipe.d_weight_decay,
         )  # fmt: skip
-    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
+    return optimizers
 
-    def get_lr(step: int, base: float, span: tuple[float, float] = (0.0, 1.0)) -> float:
-        # `span`: the fractions of the run a parameter group's schedule covers (a model phase,
-        # e.g. μ before a σ-only phase); milestones are fractions of that span.
-        t0, t1 = span[0] * steps, span[1] * steps
-        t = min(max(step - t0, 0.0), t1 - t0)  # steps into the span
-        n = max(t1 - t0, 1)
-        if d.get("schedule", "multistep") == "cosine":
-            eta_min = d.get("eta_min", 0.0)
-            return eta_min + 0.5 * (base - eta_min) * (1 + math.cos(math.pi * t / n))
-        return base * gamma ** sum(t >= m * n for m in milestones)
 
-    start, skipped, best = (
-        (resumed["step"], resumed["skipped"], resumed["best"]) if resumed else (0, 0, -math.inf)
-    )
-    # Created before the RNG state is restored: making the iterator draws from the torch RNG.
-    batches = iter(train_loader(dataset, start, steps, args.workers)) if steps > start else None
-    if dd.rank:  # model-internal noise (dequantisation, latents) differs per rank, like the data
-        torch.manual_seed(args.seed * 100_003 + dd.rank)
-    if resumed is not None:
-        load_weights(model, resumed["state_dict"], ckpt_path)
-        for k, o in optimizers.items():
-            o.load_state_dict(resumed["optimizers"][k])
-        if scaler is not None and "scaler" in resumed:
-            scaler.load_state_dict(resumed["scaler"])
-        rngs = resumed.get("rng_ranks", [resumed["rng"]])
-        set_rng_state(rngs[dd.rank] if len(rngs) == dd.world else resumed["rng"])
-        say(f"resumed {ckpt_path} at step {start}")
-    if hasattr(model, "mark_initialized") and (resumed is not None or args.init_from):
-        model.mark_initialized()  # e.g. flows: no data-dependent init after loading weights
+def learning_rate_at(
+    step: float, recipe: Recipe, length: float | None = None, base: float | None = None
+) -> float:
+    """The learning rate at `step` of a schedule over `length` steps (default: the run's), from
+    `base` (default: recipe.learning_rate): multistep decay by gamma at each milestone (fractions
+    of the length), or a cosine down to eta_min."""
+    n = max(recipe.steps if length is None else length, 1)
+    base = recipe.learning_rate if base is None else base
+    if recipe.schedule == "cosine":
+        return recipe.eta_min + 0.5 * (base - recipe.eta_min) * (1 + math.cos(math.pi * step / n))
+    return base * recipe.gamma ** sum(step >= m * n for m in recipe.milestones)
+
+
+def set_learning_rates(optimizers: dict, model, step: int, recipe: Recipe) -> None:
+    """Every parameter group at its own place in the schedule (a model's phases may differ)."""
+    for i, g in enumerate(optimizers["g"].param_groups if "g" in optimizers else []):
+        t, length = model.schedule_position(i, step, recipe.steps)
+        g["lr"] = learning_rate_at(t, recipe, length)
+    for g in optimizers["d"].param_groups if "d" in optimizers else []:
+        g["lr"] = learning_rate_at(step, recipe, base=recipe.d_learning_rate)
+
+
+def current_learning_rate(optimizers: dict, step: int, recipe: Recipe) -> float:
+    """The rate the first (main) parameter group used at `step` (groups may have own phases)."""
+    if "g" in optimizers:
+        return optimizers["g"].param_groups[0]["lr"]
+    return learning_rate_at(step, recipe)
+
+
+def restore(resumed: dict, path: Path, model, optimizers: dict, scaler, dd) -> None:
+    """Weights, optimizers, loss scaler and this rank's RNG states of a resumed run."""
+    model.load_weights(resumed["state_dict"], path)
+    for k, o in optimizers.items():
+        o.load_state_dict(resumed["optimizers"][k])
+    if scaler is not None and "scaler" in resumed:
+        scaler.load_state_dict(resumed["scaler"])
+    rngs = resumed.get("rng_ranks", [resumed["rng"]])
+    set_rng_state(rngs[dd.rank] if len(rngs) == dd.world else resumed["rng"])
+
+
+def initialize(model, dataset, start: int, steps: int, loaded: bool, dd, device) -> None:
+    """Loaded weights (resume, --init-from): the model skips its data-dependent initialisation.
+    Else, with several processes: that initialisation (ActNorm) runs on each rank's first batch,
+    then rank 0's statistics go everywhere; DDP only broadcasts the weights it is given at
+    construction."""
+    if loaded:
+        model.mark_initialized()
     elif dd.on and start < steps:
-        # Data-dependent initialisation (ActNorm) on each rank's first batch, then rank 0's
-        # statistics everywhere; DDP only broadcasts the weights it is given at construction.
         trainable = [p.requires_grad for p in model.parameters()]
         model.train()
         model.on_step(start, steps)  # e.g. loads a pretrained encoder before the statistics
@@ -288,35 +397,25 @@ def train(argv) -> int:
         for p, t in zip(model.parameters(), trainable):  # DDP must see what on_step may unfreeze
             p.requires_grad_(t)
 
-    # DDP for the generator; a discriminator is stepped outside it with averaged gradients.
+
+def wrap(model, dd, device, compile: bool):
+    """What the loop calls: the model, under DDP for the generator (a discriminator is stepped
+    outside it with averaged gradients), compiled with --compile; checkpoints save `model`."""
     forward = model
-    if dd.on and gen_params:
+    if dd.on and model.generator_parameters():
         if model.discriminator is not None:
             ignore = [f"discriminator.{n}" for n, _ in model.discriminator.named_parameters()]
             ignore += [f"discriminator.{n}" for n, _ in model.discriminator.named_buffers()]
             DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
         ids = [dd.local_rank] if device.type == "cuda" else None
         forward = DDP(model, device_ids=ids, find_unused_parameters=model.ddp_find_unused)
-    if args.compile:
-        forward = torch.compile(forward)  # checkpoints still save the uncompiled `model`
+    return torch.compile(forward) if compile else forward
 
-    def checkpoint(path: Path, step: int) -> None:
-        rngs = distributed.gather_objects(rng_state(), dd)  # every rank takes part
-        if not main_rank:
-            return
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            say(f"step {step}: non-finite parameters, {path.name} not written")
-            return
-        save_checkpoint(path, {
-            "model": args.model, "model_cfg": cfg, "step": step, "train_args": asdict(args),
-            "state_dict": model.state_dict(), "skipped": skipped, "best": best,
-            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-            "rng": rngs[0], "rng_ranks": rngs, "world_size": dd.world,
-            **({"scaler": scaler.state_dict()} if scaler is not None else {}),
-        })  # fmt: skip
 
-    # SIGTERM (SLURM end/preemption), SIGUSR1 (SLURM's warning), SIGINT: finish the step, save,
-    # exit 75. Ranks agree every step, so all stop at the same step.
+def catch_signals() -> dict:
+    """SIGTERM (SLURM end/preemption), SIGUSR1 (SLURM's warning), SIGINT: recorded in the dict;
+    the loop finishes the step, saves and exits 75. Ranks agree every step, so all stop at the
+    same step."""
     stop = {"signal": None}
 
     def request_stop(signum, frame):
@@ -324,92 +423,69 @@ def train(argv) -> int:
 
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(s, request_stop)
+    return stop
 
-    say(
-        f"srspace {__version__} | {args.model} x{args.scale} | "
-        f"{sum(p.numel() for p in model.parameters()):,} params | steps {start}->{steps} | "
-        f"batch {batch} x {dd.world} process(es) | LR patch {patch} | device {device} | out {out}"
-    )
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    autocast = torch.autocast(device.type, amp_dtype) if amp_dtype else contextlib.nullcontext()
-    bad, t0, step, logged = 0, time.time(), start, start
-    progress = Progress(steps, start) if main_rank else None
-    t_start = time.time()
-    stopped = None
-    for step in range(start, steps):
-        over_budget = bool(args.time_budget) and time.time() - t_start > args.time_budget
-        if distributed.agree(bool(stop["signal"]) or over_budget, dd, all_ranks=False):
-            stopped = stop["signal"] or ("time budget" if over_budget else "signal (other rank)")
-            break
-        model.train()
-        model.on_step(step, steps)
-        lr_img, hr_img = (
-            x.to(device, non_blocking=True, memory_format=memory_format) for x in next(batches)
-        )
-        for o, base in ((opt, base_lr), (optimizers.get("d"), d_lr)):
-            if o is not None:
-                for g in o.param_groups:
-                    span = g.get("span", (0.0, 1.0))
-                    g["lr"] = base if g.get("constant_lr") else get_lr(step, base, span)
+
+def train_step(model, forward, optimizers, batches, step, recipe, dd, scaler, autocast, device):
+    """Training step `step`: the generator, then the discriminator. Returns forward's output
+    (with the discriminator's parts as d_*) and False if the step was skipped as non-finite."""
+    model.train()
+    model.on_step(step, recipe.steps)
+    lr, hr = (x.to(device, non_blocking=True) for x in next(batches))
+    set_learning_rates(optimizers, model, step, recipe)
+    with autocast:
+        out = forward(lr, hr)
+    params = model.generator_parameters()
+    ok = guarded_step(optimizers.get("g"), out["loss"], params, recipe.grad_clip, dd, scaler)
+    if ok and "d" in optimizers:
         with autocast:
-            out_g = forward(lr_img, hr_img)
-        ok = guarded_step(opt, out_g["loss"], model.generator_parameters(), grad_clip, dd, scaler)
-        if ok and "d" in optimizers:
-            with autocast:
-                out_d = model.discriminator_loss(lr_img, hr_img, out_g)
-            ok = guarded_step(optimizers["d"], out_d["loss"], model.discriminator.parameters(),
-                              grad_clip, dd, scaler, sync=True)  # fmt: skip
-            out_g.update({f"d_{k}": v for k, v in out_d.items()})
-        if scaler is not None:
-            scaler.update()
-        if ok:
-            bad = 0
-        else:
-            bad, skipped = bad + 1, skipped + 1
-            if bad >= args.max_bad_steps:
-                raise NonFiniteError(
-                    f"step {step}: {bad} consecutive non-finite losses/gradients; stopped without "
-                    f"saving; the last good checkpoint is {out / 'last.pt'} (resume with a lower "
-                    "--learning-rate)"
-                )
-        if args.sync_check_every and (step + 1) % args.sync_check_every == 0:
-            diff = distributed.replicas_differ(model, dd)
-            log({"step": step + 1, "replica_max_diff": diff})
-            if diff != 0:
-                raise SRSpaceError(f"step {step + 1}: model replicas differ across ranks ({diff})")
-        if main_rank and ((step + 1) % args.log_every == 0 or step + 1 == steps):
-            # the rate the first (main) parameter group actually used; groups may have own spans
-            lr_now = opt.param_groups[0]["lr"] if opt is not None else get_lr(step, base_lr)
-            rec = {"step": step + 1, "learning_rate": lr_now, "skipped": skipped}
-            rec.update({k: float(v.detach()) for k, v in out_g.items() if v.ndim == 0})
-            rec["s_per_step"] = (time.time() - t0) / (step + 1 - logged)
-            t0, logged = time.time(), step + 1
-            log(rec)
-            progress.update(step + 1, rec)
-        if val_pairs and ((step + 1) % args.val_every == 0 or step + 1 == steps):
-            val = validate(model, val_pairs, args, val_temperature, device, out, step + 1)
-            log({"step": step + 1, **val})
-            progress.message(
-                f"step {step + 1} | " + " | ".join(f"{k} {v:.3f}" for k, v in val.items())
-            )
-            if val["val_psnr"] > best:
-                best = val["val_psnr"]
-                checkpoint(out / "best.pt", step + 1)
-        if (step + 1) % args.save_every == 0 and bad == 0:  # never save inside a NaN streak
-            checkpoint(out / "last.pt", step + 1)
-    else:
-        step = steps
-    checkpoint(out / "last.pt", step)
+            out_d = model.discriminator_loss(lr, hr, out)
+        ok = guarded_step(optimizers["d"], out_d["loss"], model.discriminator.parameters(),
+                          recipe.grad_clip, dd, scaler, sync=True)  # fmt: skip
+        out.update({f"d_{k}": v for k, v in out_d.items()})
+    if scaler is not None:
+        scaler.update()
+    return out, ok
+
+
+def check_replicas(model, dd, step: int, log_file) -> None:
+    """--sync-check-every: stop if the model replicas of the ranks differ."""
+    diff = distributed.replicas_differ(model, dd)
+    log(log_file, {"step": step, "replica_max_diff": diff})
+    if diff != 0:
+        raise SRSpaceError(f"step {step}: model replicas differ across ranks ({diff})")
+
+
+def save(path: Path, step, skipped, best, model, optimizers: dict, scaler, dd, meta) -> None:
+    """Write a checkpoint on rank 0 (every rank takes part: their RNG states are gathered): the
+    weights, optimizers, RNG states, counters and `meta` (model name and config, run flags)."""
+    rngs = distributed.gather_objects(rng_state(), dd)
+    if not dd.main:
+        return
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        print(f"step {step}: non-finite parameters, {path.name} not written", flush=True)
+        return
+    save_checkpoint(path, {
+        **meta, "step": step, "state_dict": model.state_dict(), "skipped": skipped, "best": best,
+        "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+        "rng": rngs[0], "rng_ranks": rngs, "world_size": dd.world,
+        **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+    })  # fmt: skip
+
+
+def finish(stopped: str | None, step: int, skipped: int, out: Path, args, dd, files, say) -> int:
+    """Close the progress bar and the log, leave the process group; the closing line and the exit
+    code: 75 after a signal (resume with --resume auto; under SLURM the job is requeued after
+    SIGUSR1/SIGTERM), else 0."""
     distributed.barrier(dd)
-    if progress:
-        progress.close()
-    if log_file:
-        log_file.close()
+    for f in files:
+        if f is not None:
+            f.close()
     distributed.cleanup(dd)
     if stopped and stopped != "time budget":
         say(f"{stopped}: stopped at step {step}, wrote {out / 'last.pt'}; continue with "
             "--resume auto")  # fmt: skip
-        if main_rank and stopped in ("SIGUSR1", "SIGTERM") and args.requeue:
+        if dd.main and stopped in ("SIGUSR1", "SIGTERM") and args.requeue:
             requeue(say)
         return EXIT_PREEMPTED
     say(f"done: {step} steps, {skipped} skipped, checkpoint {out / 'last.pt'}")
@@ -473,9 +549,13 @@ def requeue(say) -> None:
 
 
 @torch.no_grad()
-def validate(model, pairs, args, temperature, device, out: Path, step: int) -> dict:
-    """PSNR and NTIRE LR-PSNR of samples on held-out images, plus a PNG grid per image."""
+def validate(model, pairs, args, device, out: Path, step: int, log_file, progress) -> float:
+    """PSNR and NTIRE LR-PSNR of --val-n samples (at --val-temperature, default the model's) on
+    held-out images, logged, plus a PNG strip per image; returns the PSNR."""
     model.eval()
+    temperature = (
+        model.default_temperature if args.val_temperature is None else args.val_temperature
+    )
     psnrs, lrpsnrs = [], []
     for stem, hr, lr in pairs:
         noise = NoiseSource([sample_seed(args.seed, stem, i) for i in range(args.val_n)], device)
@@ -486,23 +566,13 @@ def validate(model, pairs, args, temperature, device, out: Path, step: int) -> d
         lr_big = np.repeat(np.repeat(lr, args.scale, 0), args.scale, 1)
         write_png(out / "val" / f"step{step:07d}_{stem}.png", np.concatenate([lr_big, *srs, hr], 1))
     finite = [p for p in lrpsnrs if math.isfinite(p)]
-    return {
+    val = {
         "val_psnr": float(np.mean(psnrs)),
         "val_lrpsnr": float(np.mean(finite)) if finite else math.inf,
     }
-
-
-def centre_crop(pair, size: int, scale: int):
-    """Centre-crop a validation HR (to a multiple of 8·scale, keeping the NTIRE mod-8 rule) and
-    remake its LR from the crop, so validation stays cheap on large images."""
-    stem, hr, lr = pair
-    m = 8 * scale
-    s = max(size // m * m, m)
-    if size <= 0 or (hr.shape[0] <= s and hr.shape[1] <= s):
-        return pair
-    y, x = (max(0, hr.shape[0] - s) // 2), (max(0, hr.shape[1] - s) // 2)
-    hr = hr[y : y + s, x : x + s]
-    return stem, hr, imresize(hr, 1 / scale)
+    log(log_file, {"step": step, **val})
+    progress.message(f"step {step} | " + " | ".join(f"{k} {v:.3f}" for k, v in val.items()))
+    return val["val_psnr"]
 
 
 def rng_state() -> dict:

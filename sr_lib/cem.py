@@ -27,7 +27,6 @@ import math
 from functools import lru_cache
 
 import torch
-from torch import nn
 
 from sr_lib.resize import imresize_torch, resize_matrix
 
@@ -75,17 +74,3 @@ def cem(x: torch.Tensor, lr: torch.Tensor, scale: int) -> torch.Tensor:
     p_h = _pinv_rows(n_h, want[0], scale, x.device, x.dtype)  # (sH, H)
     p_w = _pinv_rows(n_w, want[1], scale, x.device, x.dtype)  # (sW, W)
     return x + p_h @ residual @ p_w.T  # (..., C, sH, sW)
-
-
-class CEM(nn.Module):
-    """`cem` as a layer (no parameters): forward(x, lr) -> x̂ with imresize(x̂, 1/scale) = lr."""
-
-    def __init__(self, scale: int):
-        super().__init__()
-        self.scale = int(scale)
-
-    def forward(self, x: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
-        return cem(x, lr, self.scale)
-
-    def extra_repr(self) -> str:
-        return f"scale={self.scale}"

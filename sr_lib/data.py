@@ -16,7 +16,7 @@ import signal
 import tempfile
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -283,12 +283,6 @@ def _as_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255)
 
 
-def cycle(iterable: Iterable) -> Iterator:
-    """Repeat an iterable forever, re-iterating it each pass (unlike itertools.cycle, no copies)."""
-    while True:
-        yield from iterable
-
-
 def dihedral(img: np.ndarray, t: int) -> np.ndarray:
     """Symmetry t in 0..7 of the square on (H, W, ...), as a view: t % 4 quarter turns
     counter-clockwise, then a left-right flip if t >= 4."""
@@ -333,12 +327,18 @@ def default_mod(scale: int) -> int:
 
 
 def load_pairs(
-    source: str | os.PathLike, scale: int, max_images: int | None = None, mod: int | None = None
+    source: str | os.PathLike,
+    scale: int,
+    max_images: int | None = None,
+    mod: int | None = None,
+    crop: int = 0,
 ) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Validation pairs [(stem, HR, LR)] (uint8 HWC) from an HR folder or "demo" (its val split).
 
-    HR is cropped to a multiple of `mod` (default `default_mod(scale)`), LR = imresize(HR, 1/scale).
-    Stems of images in subfolders keep their relative path ("sub/img"). Images are held in RAM.
+    HR is cropped to a multiple of `mod` (default `default_mod(scale)`), and with `crop` > 0
+    centre-cropped to at most crop x crop pixels (a multiple of 8·scale, so validation stays cheap
+    on large images); LR = imresize(HR, 1/scale). Stems of images in subfolders keep their
+    relative path ("sub/img"). Images are held in RAM.
     """
     mod = mod or default_mod(scale)
     if mod % scale:
@@ -353,8 +353,16 @@ def load_pairs(
         hr = mod_crop(read_image(name) if img is None else img, mod)
         if hr.size == 0:
             raise DataError(f"{name}: smaller than {mod}x{mod} pixels, too small to validate on")
+        hr = _centre_crop(hr, crop, 8 * scale) if crop > 0 else hr
         pairs.append((stem, hr, imresize(hr, 1 / scale)))
     return pairs
+
+
+def _centre_crop(hr: np.ndarray, size: int, m: int) -> np.ndarray:
+    """The centre size x size of HR, size rounded down to a multiple of m (at least m)."""
+    s = max(size // m * m, m)
+    y, x = max(0, hr.shape[0] - s) // 2, max(0, hr.shape[1] - s) // 2
+    return hr[y : y + s, x : x + s]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import contextlib
 import sys
 import warnings
 
-EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_DATA = 3
 EXIT_OOM = 4

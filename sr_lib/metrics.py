@@ -17,7 +17,6 @@ Extra columns (never mixed up with the official ones, §8 "Reporting rule"): `PS
 Where a function departs from the naive version (and why) its docstring says so.
 """
 
-import hashlib
 import importlib.metadata
 import math
 import warnings
@@ -29,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage  # a dependency of scikit-image, which requirements.txt lists
 
-from sr_lib.errors import CheckpointError, DataError
+from sr_lib.errors import DataError
+from sr_lib.lpips_net import heads_file, load_alexnet_trunk, lpips_module
 from sr_lib.resize import imresize
+from sr_lib.weights import load_state_dict, load_strict, sha256_file
 
 OFFICIAL_COLUMNS = ("LPIPS_mean", "LRPSNR_worst", "LRPSNR_mean", "score")
 EXTRA_COLUMNS = ("PSNR_mean", "PSNR_best", "SSIM_mean")
@@ -41,12 +42,6 @@ ARRAY = np.ndarray
 
 
 # ----------------------------------------------------------------------------- crops and PSNR
-
-
-def mod_crop(img: ARRAY, mod: int) -> ARRAY:
-    """Top-left crop of an (H, W, ...) array to (H // mod * mod, W // mod * mod) (§1.2)."""
-    h, w = img.shape[0] // mod * mod, img.shape[1] // mod * mod
-    return img[:h, :w]
 
 
 def shave_border(img: ARRAY, k: int) -> ARRAY:
@@ -234,53 +229,6 @@ def dataset_mean(values: Sequence[float | None]) -> float | None:
 # ----------------------------------------------------------------------------- LPIPS
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# torchvision AlexNet `features.{i}` -> lpips `net.slice{s}.{i}` (slices end at the 5 ReLU taps).
-_ALEX_SLICES = {0: 1, 3: 2, 6: 3, 8: 4, 10: 5}
-
-
-def alexnet_to_lpips(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map a torchvision AlexNet state_dict onto lpips' trunk keys (`slice1.0.weight`, ...)."""
-    out = {}
-    for i, s in _ALEX_SLICES.items():
-        for p in ("weight", "bias"):
-            out[f"slice{s}.{i}.{p}"] = sd.get(f"features.{i}.{p}")
-    missing = [k for k, v in out.items() if v is None]
-    if missing:
-        raise CheckpointError(
-            f"not a torchvision AlexNet state_dict: {len(missing)} trunk tensors missing "
-            f"(e.g. features.{missing[0].split('.', 1)[1]})"
-        )
-    return out
-
-
-def lpips_module():
-    """A fresh `lpips.LPIPS(net="alex", version="0.1", spatial=True)` without any download.
-
-    Its trunk is randomly initialised until a state_dict is loaded (`LpipsMetric.load` does).
-    """
-    import lpips  # imported here: it pulls in torchvision
-
-    with warnings.catch_warnings():  # torchvision's `pretrained=` deprecation, inside lpips
-        warnings.simplefilter("ignore")
-        # pretrained=True loads the v0.1 linear heads shipped inside the lpips package;
-        # pnet_rand=True keeps torchvision from downloading the trunk (loaded afterwards).
-        return lpips.LPIPS(
-            net="alex", version="0.1", spatial=True, pretrained=True, pnet_rand=True, verbose=False
-        )
-
-
-# The earlier name, still used by tests/bench/bench_vspsr_learning.py.
-_new_lpips_module = lpips_module
-
-
 class LpipsMetric:
     """LPIPS v0.1 AlexNet spatial maps, batched, with the ground-truth features computed once.
 
@@ -329,30 +277,19 @@ class LpipsMetric:
         missing), the heads come from the lpips package. weights=FILE: a complete
         `lpips.LPIPS(net="alex")` state_dict (trunk + heads), loaded strictly.
         """
-        from sr_lib import weights as W
-
         net = lpips_module()
         if weights is not None:
-            sd = W.load_state_dict(weights)
-            W.load_strict(net, sd, f"{weights} is not an lpips.LPIPS(net='alex') state_dict")
+            sd = load_state_dict(weights)
+            load_strict(net, sd, f"{weights} is not an lpips.LPIPS(net='alex') state_dict")
             info = {"weights": str(weights), "sha256": sha256_file(weights)}
         else:
-            path = W.resolve("alexnet", offline=offline)
-            trunk = alexnet_to_lpips(W.load_state_dict(path))
-            try:
-                net.net.load_state_dict(trunk, strict=True)
-            except RuntimeError as e:
-                first = str(e).strip().splitlines()[-1].strip()[:160]
-                raise CheckpointError(f"{path} does not fit the AlexNet trunk ({first})") from None
-            import lpips
-
-            heads = Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth"
+            path = load_alexnet_trunk(net, offline)
             info = {
                 "backbone": str(path),
                 "backbone_sha256": sha256_file(path),
                 "heads": f"v0.1 alex.pth shipped with the lpips package "
                 f"{importlib.metadata.version('lpips')}",
-                "heads_sha256": sha256_file(heads),
+                "heads_sha256": sha256_file(heads_file()),
             }
         return cls(net, device, batch, {"net": "alex", "version": "0.1", **info})
 

@@ -83,7 +83,8 @@ def _hub_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def _hash_file(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 hex digest of a file, read in pieces."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
@@ -99,7 +100,7 @@ def _file_sha256(path: Path) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _digests:
-        _digests[key] = _hash_file(path)
+        _digests[key] = sha256_file(path)
     return _digests[key]
 
 
@@ -212,22 +213,22 @@ def _download(entry: Entry, target: Path) -> Path:
     return target
 
 
-def load_strict(module: torch.nn.Module, sd: dict, what: str, hint: str = "") -> None:
+def load_strict(
+    module: torch.nn.Module, sd: dict, what: str, hint: str = "", optional: tuple[str, ...] = ()
+) -> None:
     """load_state_dict(strict=True), but a mismatch is one CheckpointError line (`what`: ...)
     counting the missing, unexpected and wrongly shaped keys (torch's own error is many lines).
-    A module's `complete_state_dict(sd)`, if it has one, first fills in what `sd` may lack."""
-    if hasattr(module, "complete_state_dict"):
-        sd = module.complete_state_dict(sd)
+    Keys starting with an `optional` prefix may be missing (the module keeps its own) or extra."""
     own = module.state_dict()
     found = {
-        "missing keys": [k for k in own if k not in sd],
-        "unexpected keys": [k for k in sd if k not in own],
+        "missing keys": [k for k in own if k not in sd and not k.startswith(optional)],
+        "unexpected keys": [k for k in sd if k not in own and not k.startswith(optional)],
         "shape mismatches": [k for k in own if k in sd and own[k].shape != sd[k].shape],
     }
     if any(found.values()):
         parts = ", ".join(f"{len(v)} {k} {v[:3]}" for k, v in found.items() if v)
         raise CheckpointError(f"{what}: {parts}" + (f"; {hint}" if hint else ""))
-    module.load_state_dict(sd, strict=True)
+    module.load_state_dict({k: sd.get(k, v) for k, v in own.items()}, strict=True)
 
 
 def torch_load(path: str | os.PathLike, what: str = "weights"):

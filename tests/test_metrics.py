@@ -13,8 +13,11 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from sr_lib import metrics as M
+from sr_lib.data import mod_crop
 from sr_lib.errors import DataError
+from sr_lib.lpips_net import lpips_module
 from sr_lib.resize import imresize
+from sr_lib.weights import sha256_file
 
 
 def rand_img(h=48, w=64, seed=0):
@@ -94,7 +97,7 @@ def test_gt_mod8_crop_even_at_x4_and_larger_sr_is_cropped():
     row = M.evaluate_image(gt, [sr], 4, ntire=True)
     expect = M.psnr(imresize(sr[:48, :64], 1 / 4), imresize(gt[:48, :64], 1 / 4))
     assert row["LRPSNR_mean"] == expect
-    assert M.mod_crop(gt, 8).shape == (48, 64, 3)
+    assert mod_crop(gt, 8).shape == (48, 64, 3)
     big = np.pad(sr, ((0, 20), (0, 0), (0, 0)))  # 20 px taller than the GT: warning, same value
     warned = []
     assert M.evaluate_image(gt, [big], 4, ntire=True, warn=warned.append) == row
@@ -240,7 +243,7 @@ def test_dataset_mean_keeps_inf_and_skips_missing():
 @pytest.fixture(scope="module")
 def lpips_pair():
     ref = random_lpips()
-    ours = M.LpipsMetric(M.lpips_module())
+    ours = M.LpipsMetric(lpips_module())
     ours.net.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours
 
@@ -296,7 +299,7 @@ def test_alexnet_state_dict_maps_onto_the_lpips_trunk(lpips_pair, tmp_path, monk
             )
         )
     assert torch.equal(want, got)
-    assert m.info["backbone_sha256"] == M.sha256_file(f)
+    assert m.info["backbone_sha256"] == sha256_file(f)
     assert "lpips package" in m.info["heads"]
     # the heads are the v0.1 ones shipped with lpips
     assert torch.equal(m.net.lin0.model[1].weight, lpips_pair[0].lin0.model[1].weight)

@@ -14,6 +14,7 @@ from sr_lib.data import write_png
 from sr_lib.models import MODELS, build_model
 from sr_lib.models.base import SRModel, pad_to_multiple
 from sr_lib.resize import imresize
+from sr_lib.tiling import draw
 
 SCALE = 2
 
@@ -25,6 +26,7 @@ class Toy(SRModel):
     stochastic = True
     lr_multiple = 4
     default_temperature = 0.5
+    has_uncertainty = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -37,10 +39,10 @@ class Toy(SRModel):
         b, _, h, w = lr.shape
         s = self.scale
         z = sum(
-            F.interpolate(noise.randn((3, h // f, w // f)), scale_factor=s * f, mode="nearest")
+            F.interpolate(noise.field(3, h // f, w // f), scale_factor=s * f, mode="nearest")
             for f in (4, 1)
         )
-        z = z + noise.randn((3, h * s, w * s))
+        z = z + noise.field(3, h * s, w * s)
         sr = F.interpolate(lr, scale_factor=s, mode="nearest").unsqueeze(1)
         return sr + 0.1 * temperature * z.view(b, n, 3, h * s, w * s)
 
@@ -200,8 +202,8 @@ def test_tiling_stochastic_is_exact(tmp_path, toy_ckpt):
     # the tensors themselves, not only after rounding
     model = Toy(Toy.Config(scale=SCALE))
     lr = torch.rand(1, 3, 45, 38)
-    full = sr_sample.draw(model, lr, [1, 2, 3], 1.0, 0, 0)
-    tiled = sr_sample.draw(model, lr, [1, 2, 3], 1.0, 20, 8)
+    full = draw(model, lr, [1, 2, 3], 1.0, 0, 0)
+    tiled = draw(model, lr, [1, 2, 3], 1.0, 20, 8)
     assert full.shape == (3, 3, 90, 76) and (tiled - full).abs().max() <= 1e-6
 
 

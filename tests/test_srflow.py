@@ -14,7 +14,7 @@ from test_flow_layers import perturb
 from test_models import official_rrdb_layout
 from torch.autograd.functional import jacobian
 
-import sr_lib.checkpoint
+import sr_lib.models
 import sr_sample
 import sr_train
 from sr_lib.checkpoint import save_checkpoint
@@ -25,7 +25,7 @@ from sr_lib.models.base import NoiseSource
 from sr_lib.models.flow_layers import ActNorm, gaussian_logp
 from sr_lib.models.rrdb import RRDBNet
 from sr_lib.resize import imresize_torch
-from sr_sample import draw
+from sr_lib.tiling import draw
 
 FLOWS = ["srflow", "srflow_da", "ncsr"]
 UNUSED_CONV = 276_576  # the released code's never-called conv flowUpsamplerNet.f (320 -> 96, 3x3)
@@ -174,11 +174,11 @@ def test_official_loading_is_strict_and_says_why(tmp_path):
     path = tmp_path / "SRFlow_tiny.pth"
     torch.save(sd, path)
     with pytest.raises(CheckpointError, match="pass --model and --scale"):
-        sr_lib.checkpoint.load_model(path)
-    real = sr_lib.checkpoint.build_model
+        sr_lib.models.load_model(path)
+    real = sr_lib.models.build_model
     small = lambda name, cfg: real(name, {**TINY[name], **cfg})  # noqa: E731
-    with mock.patch.object(sr_lib.checkpoint, "build_model", small):
-        net, _ = sr_lib.checkpoint.load_model(path, model="srflow", scale=4)
+    with mock.patch.object(sr_lib.models, "build_model", small):
+        net, _ = sr_lib.models.load_model(path, model="srflow", scale=4)
     assert not net.training and all(m.initialized for m in net.modules() if isinstance(m, ActNorm))
 
 
@@ -211,10 +211,10 @@ def test_srflow_da_variants_load_from_the_released_layout(tmp_path, variant):
     }
     path = tmp_path / f"SRFlow-DA-{variant}.pth"
     torch.save(sd, path)
-    real = sr_lib.checkpoint.build_model
+    real = sr_lib.models.build_model
     small = lambda name, cfg: real(name, {**TINY[name], **cfg})  # noqa: E731
-    with mock.patch.object(sr_lib.checkpoint, "build_model", small):
-        net, ck = sr_lib.checkpoint.load_model(path, model="srflow_da", scale=4)
+    with mock.patch.object(sr_lib.models, "build_model", small):
+        net, ck = sr_lib.models.load_model(path, model="srflow_da", scale=4)
     assert net.variant == variant and ck["model_cfg"]["scale"] == 4
     lr, hr = batch(4)
     assert torch.equal(src.nll(lr, hr), net.nll(lr, hr))
@@ -402,18 +402,21 @@ def test_sr_flow_da_variants():
 def test_tiled_sampling_uses_whole_image_noise_fields():
     model = tiny("srflow")
     lr, _ = batch(4, b=1, h=12, w=12)
-    shapes = []
-    real = NoiseSource.randn
+    shapes, vectors = [], []
+    real = NoiseSource.field
 
-    def record(self, shape):
-        shapes.append(tuple(shape))
-        return real(self, shape)
+    def record(self, c, h, w):
+        shapes.append((c, h, w))
+        return real(self, c, h, w)
 
-    with mock.patch.object(NoiseSource, "randn", record):
+    with (
+        mock.patch.object(NoiseSource, "field", record),
+        mock.patch.object(NoiseSource, "vector", lambda self, d: vectors.append(d)),
+    ):
         whole = draw(model, lr, [1, 2], 0.9, 0, 0)
         tiled = draw(model, lr, [1, 2], 0.9, 8, 4)
     assert shapes[:2] == [(96, 6, 6), (6, 24, 24)]  # z_L at LR/2, the split eps at HR/2
-    assert all(len(s) == 3 for s in shapes)  # spatial fields: tiles cut them from the whole
+    assert not vectors  # spatial fields only: tiles cut them from the whole
     assert tiled.shape == whole.shape == (2, 3, 48, 48) and torch.isfinite(tiled).all()
 
 
@@ -426,9 +429,9 @@ def test_config_flags():
     model.train()(lr, hr)["loss"].backward()
     with pytest.raises(UsageError):
         model.export_official_state_dict()
-    defaults = model.train_defaults(4)
-    assert defaults["milestones"] == (0.5, 0.75, 0.9, 0.95) and defaults["patch"] == 40
-    assert build_model("srflow_da", TINY["srflow_da"]).train_defaults(8)["learning_rate"] == 2e-4
+    recipe = model.recipe(4)
+    assert recipe.milestones == (0.5, 0.75, 0.9, 0.95) and recipe.patch == 40
+    assert build_model("srflow_da", TINY["srflow_da"]).recipe(8).learning_rate == 2e-4
 
 
 def test_rrdb_init_from_own_rrdb_checkpoint(tmp_path):
@@ -498,12 +501,12 @@ def test_format_1_flow_checkpoints_are_refused(tmp_path, capsys, name):
     path = tmp_path / "old.pt"
     save_checkpoint(path, {"model": name, "model_cfg": {**TINY[name], "scale": 4},
                            "state_dict": model.state_dict(), "step": 3})  # fmt: skip
-    sr_lib.checkpoint.load_model(path)  # the current format loads
+    sr_lib.models.load_model(path)  # the current format loads
     ck = torch.load(path, weights_only=True)
     ck["format"] = 1
     torch.save(ck, path)
     with pytest.raises(CheckpointError, match="retrain"):
-        sr_lib.checkpoint.load_model(path)
+        sr_lib.models.load_model(path)
     img = tmp_path / "in.png"
     iio.imwrite(img, np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(SystemExit) as e:
@@ -526,5 +529,5 @@ def test_format_1_checkpoints_of_other_models_still_load(tmp_path):
     ck = torch.load(path, weights_only=True)
     ck["format"] = 1
     torch.save(ck, path)
-    net, _ = sr_lib.checkpoint.load_model(path)
+    net, _ = sr_lib.models.load_model(path)
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in model.state_dict().items())

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -18,8 +18,9 @@ from torch import nn
 
 import sr_train
 from sr_lib import models
-from sr_lib.checkpoint import load_checkpoint, load_model
-from sr_lib.models.base import ModelConfig, SRModel
+from sr_lib.checkpoint import load_checkpoint
+from sr_lib.models import load_model
+from sr_lib.models.base import ModelConfig, Recipe, SRModel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,6 +168,49 @@ def test_a_good_step_resets_the_bad_step_counter(tmp_path, images, toy):
     assert ck["step"] == 7 and ck["skipped"] == 4
 
 
+def logged_rates(run_dir) -> list[float]:
+    rows = [json.loads(x) for x in open(run_dir / "log.jsonl")]
+    return [r["learning_rate"] for r in rows if "learning_rate" in r]
+
+
+def test_gamma_zero_and_no_milestones_are_expressible(tmp_path, images, toy):
+    # --gamma 0: the rate drops to exactly 0 at the milestone (0 is not "unset")
+    flags = ["--steps", "4", "--learning-rate", "1e-3", "--milestones", "0.5", "--gamma", "0"]
+    assert run(tmp_path / "g", images, "--model", "toy", *flags) == 0
+    assert logged_rates(tmp_path / "g") == [1e-3, 1e-3, 0.0, 0.0]
+    assert (
+        load_checkpoint(tmp_path / "g" / "last.pt")["optimizers"]["g"]["param_groups"][0]["lr"]
+        == 0.0
+    )
+    # --milestones alone: no decay, where EDSR's recipe halves the rate at 2/3 of the steps
+    edsr = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--steps", "3",
+            "--learning-rate", "1e-3"]  # fmt: skip
+    assert run(tmp_path / "paper", images, *edsr) == 0
+    assert logged_rates(tmp_path / "paper") == [1e-3, 1e-3, 5e-4]
+    assert run(tmp_path / "flat", images, *edsr, "--milestones") == 0
+    assert logged_rates(tmp_path / "flat") == [1e-3, 1e-3, 1e-3]
+    assert load_checkpoint(tmp_path / "flat" / "last.pt")["train_args"]["milestones"] == []
+
+
+def test_unset_run_flags_take_the_model_recipe_once():
+    args, rest = sr_train.parse_all(["--model", "edsr", "--batch", "3", "--n-feats", "8"])
+    recipe = sr_train.parse_recipe(args, models.MODELS["edsr"].recipe(args.scale))
+    paper = models.MODELS["edsr"].recipe(4)
+    assert recipe == replace(paper, batch=3) and rest == ["--n-feats", "8"]
+    assert (args.steps, args.milestones, args.gamma, args.val_temperature) == (None,) * 4
+
+
+def test_learning_rate_schedules():
+    at = sr_train.learning_rate_at
+    step = Recipe(steps=10, learning_rate=1.0, milestones=(0.5, 0.8), gamma=0.1)
+    assert [at(t, step) for t in (0, 4, 5, 7, 8, 9)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert at(2, step, length=4) == pytest.approx(0.1)  # a phase of 4 steps: milestone 0.5 at 2
+    assert at(9, step, base=2.0) == pytest.approx(0.02)  # the discriminator's base rate
+    cos = Recipe(steps=10, learning_rate=1.0, schedule="cosine", eta_min=0.1)
+    assert [at(t, cos) for t in (0, 5, 10)] == pytest.approx([1.0, 0.55, 0.1])
+    assert at(3, Recipe(steps=0, learning_rate=1.0, milestones=(0.5,))) == 0.5  # steps 0: length 1
+
+
 def test_help_shows_run_and_model_flags(capsys):
     with pytest.raises(SystemExit) as e:
         sr_train.main(["--model", "bicubic", "-h"])
@@ -234,26 +278,6 @@ def test_signal_to_the_process_group_with_loader_workers(tmp_path, images, sig):
     assert load_checkpoint(out / "last.pt")["step"] >= 3
 
 
-def test_le_sigma_constant_lr_keeps_sigma_off_the_schedule_and_resumes(tmp_path, images):
-    tiny = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--loss", "le",
-            "--le-sigma-feats", "8", "--le-sigma-constant-lr", "--le-sigma-images", "1",
-            "--learning-rate", "1e-3", "--milestones", "0.5", "--gamma", "0.5"]  # fmt: skip
-    assert run(tmp_path / "a", images, *tiny, "--steps", "4") == 0
-    groups = load_checkpoint(tmp_path / "a" / "last.pt")["optimizers"]["g"]["param_groups"]
-    assert [g["lr"] for g in groups] == [5e-4, 1e-3]  # the body decayed at step 2, σ did not
-    assert [g.get("constant_lr", False) for g in groups] == [False, True]
-    model = load_model(tmp_path / "a" / "last.pt")[0]
-    assert len(groups[1]["params"]) == len(list(model.sigma.parameters()))
-    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(model.parameters()))
-    # Resume restores both groups (the schedule counts fractions of --steps, so a 2-step run
-    # resumed to 4 is not bit-equal to 4 straight when a milestone falls inside; compare groups)
-    assert run(tmp_path / "b", images, *tiny, "--steps", "2") == 0
-    assert run(tmp_path / "b", images, *tiny, "--steps", "4", "--resume", "auto") == 0
-    resumed = load_checkpoint(tmp_path / "b" / "last.pt")["optimizers"]["g"]["param_groups"]
-    got = [(g["lr"], g.get("constant_lr", False)) for g in resumed]
-    assert got == [(5e-4, False), (1e-3, True)]
-
-
 def test_le_sigma_final_fraction_freezes_mu_in_the_last_steps(tmp_path, images):
     tiny = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--loss", "le",
             "--le-sigma-feats", "8", "--learning-rate", "1e-3"]  # fmt: skip
@@ -263,13 +287,21 @@ def test_le_sigma_final_fraction_freezes_mu_in_the_last_steps(tmp_path, images):
     # Each phase runs the schedule over its own steps: at step 3, μ (steps 0-1) is past its
     # milestone, σ (steps 2-3) is one step into its phase, before 0.75 of it.
     groups = ck["optimizers"]["g"]["param_groups"]
-    assert [(g["lr"], tuple(g["span"])) for g in groups] == [(5e-4, (0, 0.5)), (1e-3, (0.5, 1))]
+    assert [g["lr"] for g in groups] == [5e-4, 1e-3]
     model = load_model(tmp_path / "a" / "last.pt")[0]
+    assert len(groups[1]["params"]) == len(list(model.sigma.parameters()))
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(model.parameters()))
     names = [n for n, _ in model.named_parameters()]  # Adam's state is indexed in this order
     state = ck["optimizers"]["g"]["state"]
     steps = {n: int(state[i]["step"]) for i, n in enumerate(names) if i in state}
     assert {n.startswith("sigma.") for n in steps} == {True, False}
     assert all(v == (4 if n.startswith("sigma.") else 2) for n, v in steps.items()), steps
+    # Resume restores both groups (the schedule counts fractions of --steps, so a 2-step run
+    # resumed to 4 is not bit-equal to 4 straight when a phase boundary moves; compare groups)
+    assert run(tmp_path / "r", images, *tiny, "--steps", "2", *half) == 0
+    assert run(tmp_path / "r", images, *tiny, "--steps", "4", "--resume", "auto", *half) == 0
+    resumed = load_checkpoint(tmp_path / "r" / "last.pt")["optimizers"]["g"]["param_groups"]
+    assert [g["lr"] for g in resumed] == [5e-4, 1e-3]
 
     # 1 = σ only from the start: a trained model's μ is kept bit-exact, its σ is retrained
     assert run(tmp_path / "b", images, *tiny, "--steps", "3", "--le-sigma-final-fraction", "1",

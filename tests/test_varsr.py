@@ -15,7 +15,7 @@ from torch import nn
 import sr_train
 from sr_lib.models import build_model
 from sr_lib.models.base import NoiseSource
-from sr_lib.models.varsr import gaussian_kl
+from sr_lib.models.losses import gaussian_kl
 
 CFG = {**TINY["varsr"], "scale": 4}
 
@@ -124,10 +124,10 @@ def test_wgan_gp_loss_and_phases(make_batch):
     assert model(lambda_adv=0.0).discriminator is None
 
 
-def test_train_defaults():
-    d = build_model("varsr", CFG).train_defaults(8)
-    assert d["betas"] == (0.9, 0.99) and d["learning_rate"] == 1e-4
-    assert len(d["milestones"]) == 1 and d["patch"] == 8  # decayed once; 8×8 -> 64×64
+def test_recipe():
+    r = build_model("varsr", CFG).recipe(8)
+    assert r.betas == (0.9, 0.99) and r.learning_rate == 1e-4
+    assert len(r.milestones) == 1 and r.patch == 8  # decayed once; 8×8 -> 64×64
 
 
 def test_tiny_training_run_switches_phase(tmp_path):

@@ -14,8 +14,9 @@ from sr_lib.config import parse
 from sr_lib.errors import CheckpointError, UsageError
 from sr_lib.models import build_model
 from sr_lib.models.base import NoiseSource
-from sr_lib.models.vgg_loss import VGG19_RELU, VGGFeatures, VGGLoss
-from sr_lib.models.vspsr import VSpSRConfig, coefficient_sparsity, sparse_prior_kl
+from sr_lib.models.losses import VGGLoss, sparse_prior_kl
+from sr_lib.models.vgg import VGG19_RELU, VGGFeatures
+from sr_lib.models.vspsr import VSpSRConfig, coefficient_sparsity
 from sr_lib.resize import imresize_torch
 
 
@@ -170,11 +171,11 @@ def test_flags_and_recipe():
         1.0, 0.1, 0.0, 64, "bicubic"
     )  # fmt: skip
     assert not cfg.stochastic_w and cfg.stochastic_basis and not cfg.cem_test
-    d = build_model("vspsr", {"lambda_per": 0.0}).train_defaults(8)
-    got = (d["batch"], d["patch"], d["steps"], d["gamma"], d["grad_clip"])
+    r = build_model("vspsr", {"lambda_per": 0.0}).recipe(8)
+    got = (r.batch, r.patch, r.steps, r.gamma, r.grad_clip)
     assert got == (4, 32, 60_000, 0.1, 0.1)
-    assert d["milestones"] == pytest.approx((1 / 3, 2 / 3)) and d["weight_decay"] == 1e-4
-    assert build_model("vspsr", {}).train_defaults(4)["patch"] == 48
+    assert r.milestones == pytest.approx((1 / 3, 2 / 3)) and r.weight_decay == 1e-4
+    assert build_model("vspsr", {}).recipe(4).patch == 48
 
 
 def test_discriminator_learns_only_from_its_own_loss(make_batch):
@@ -211,7 +212,7 @@ def test_vgg_features_taps_and_frozen():
 
 def test_perceptual_loss_with_a_random_vgg(make_batch):
     model = tiny(lambda_adv=0.0, lambda_per=0.01)
-    loss = VGGLoss(("relu5_4",), pretrained=False)
+    loss = VGGLoss(VGGFeatures(("relu5_4",), pretrained=False))
     model.set_perceptual_loss(loss)
     lr, hr = make_batch(4, b=1)
     out = model(lr, hr)

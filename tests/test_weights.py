@@ -209,8 +209,8 @@ def test_hash_is_cached_per_file_state(tmp_path, monkeypatch):
     path = tmp_path / "net.pth"
     sha = save_sd(path)
     calls = []
-    real = weights._hash_file
-    monkeypatch.setattr(weights, "_hash_file", lambda p: calls.append(p) or real(p))
+    real = weights.sha256_file
+    monkeypatch.setattr(weights, "sha256_file", lambda p: calls.append(p) or real(p))
     m = {"net": Entry("net", sha, "-")}
     resolve("net", path, manifest=m)
     resolve("net", path, manifest=m)

@@ -1,8 +1,11 @@
-"""All models, by name. One dict: a name you can grep for beats a string registry."""
+"""All models, by name, and how to build or load one. One dict: a name you can grep for beats a
+string registry."""
 
-from dataclasses import asdict, fields
+import os
+from dataclasses import fields
 
-from sr_lib.errors import UsageError
+from sr_lib.checkpoint import is_srspace_checkpoint, load_checkpoint
+from sr_lib.errors import CheckpointError, UsageError
 from sr_lib.models.base import SRModel
 from sr_lib.models.bicubic import Bicubic
 from sr_lib.models.edsr import EDSR
@@ -12,6 +15,7 @@ from sr_lib.models.srflow import SRFlow
 from sr_lib.models.srflow_variants import NCSR, SRFlowDA
 from sr_lib.models.varsr import VarSR
 from sr_lib.models.vspsr import VSpSR
+from sr_lib.weights import load_state_dict
 
 MODELS: dict[str, type[SRModel]] = {
     "bicubic": Bicubic,
@@ -38,5 +42,39 @@ def build_model(name: str, cfg: dict | None = None) -> SRModel:
     return cls(cls.Config(**(cfg or {})))
 
 
-def model_config(model: SRModel) -> dict:
-    return asdict(model.cfg)
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint file; one of a model's formats older than its `oldest_checkpoint_format` is
+    refused (a one-line CheckpointError: retrain)."""
+    return load_checkpoint(path, {k: c.oldest_checkpoint_format for k, c in MODELS.items()})
+
+
+def load_model(path, device="cpu", model: str | None = None, scale: int | None = None):
+    """Build the model a checkpoint describes and load its weights strictly.
+
+    Returns (model in eval mode, checkpoint dict). For a raw state_dict (no srspace metadata),
+    `model` and `scale` are required; the model class reads its config off the keys
+    (`raw_config`) and maps them (`load_raw_state_dict`).
+    """
+    ck = read_checkpoint(path)
+    if is_srspace_checkpoint(ck):
+        if model is not None and model != ck["model"]:
+            raise CheckpointError(f"{path}: holds model {ck['model']!r}, not {model!r}")
+        if scale is not None and int(scale) != int(ck["model_cfg"].get("scale", scale)):
+            raise CheckpointError(
+                f"{path}: holds a x{ck['model_cfg']['scale']} model, not x{scale}"
+            )
+        net = build_model(ck["model"], ck["model_cfg"])
+        net.load_weights(ck["state_dict"], path)
+    else:
+        if model is None or scale is None:
+            raise CheckpointError(
+                f"{path}: a raw state_dict without srspace metadata; pass --model and --scale"
+            )
+        if model not in MODELS:
+            raise CheckpointError(f"{path}: unknown --model {model!r}")
+        sd = load_state_dict(path)
+        cfg = MODELS[model].raw_config(sd, int(scale))
+        net = build_model(model, cfg)
+        net.load_raw_state_dict(sd, path)
+        ck = {"model": model, "model_cfg": cfg, "state_dict": sd, "step": 0}
+    return net.to(device).eval(), ck

@@ -1,20 +1,43 @@
 """The interface every srspace model implements (style.md §3.2).
 
-A model is an `nn.Module` with a flat `Config` dataclass whose defaults are the paper's, and:
-  forward(lr, hr) -> dict        "loss" (scalar to backpropagate) + named parts for logging
-  sample(lr, n, temperature)     -> (B, n, 3, s·H, s·W) in [0, 1]
-  uncertainty(lr)                -> (B, 3, s·H, s·W) or None (models with an uncertainty output)
-  on_step(step, total)           schedule-dependent behaviour (e.g. a frozen encoder)
-  discriminator / discriminator_loss(lr, hr, out)   optional GAN part with its own optimizer
+A model is an `nn.Module` with a flat `Config` dataclass whose defaults are the paper's. `SRModel`
+declares every member the scripts and the loaders use, with a default for all but `forward` and
+`generate`; nothing else of a model is called from outside its file.
+
+  forward(lr, hr) -> dict            "loss" (scalar to backpropagate) + named parts for logging
+  generate(lr, n, temperature, noise, **controls)
+                                     (B, n, 3, s·H, s·W) on an LR padded to `lr_multiple`
+  sample(lr, n, temperature, noise, **controls)   the same, padded, cropped and in [0, 1]
+  recipe(scale) -> Recipe            the paper's training recipe (sr_train.py's defaults)
+  on_step(step, total)               schedule-dependent behaviour (e.g. a frozen encoder)
+  generator_param_groups(), schedule_position(group, step, total)
+                                     the main optimizer's groups and each group's schedule clock
+  discriminator, discriminator_loss(lr, hr, out)   optional GAN part with its own optimizer
+  uncertainty(lr), has_uncertainty   a per-pixel uncertainty map, or None
+  mark_initialized()                 weights were loaded: skip data-dependent initialisation
+  load_weights(state_dict, path), complete_state_dict(state_dict)   strict loading
+  raw_config(state_dict, scale), load_raw_state_dict(state_dict, path)
+                                     a released file without srspace metadata
+  sample_controls, resolve_controls(controls, n, device), sample_latents(...)
+                                     sr_sample.py's latent controls (`LatentSRModel`)
+and the class attributes stochastic, lr_multiple, default_temperature, ddp_find_unused and
+oldest_checkpoint_format (documented on SRModel).
 Images crossing the boundary are RGB float32 in [0, 1], NCHW. Any other range stays inside.
 """
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Literal, get_args, get_origin
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sr_lib.data import default_patch, list_images, read_image, to_tensor
+from sr_lib.errors import DataError, UsageError
+from sr_lib.weights import load_strict
 
 
 @dataclass
@@ -22,13 +45,51 @@ class ModelConfig:
     scale: int = 4
 
 
+def option(default, help: str, **kw):
+    """A Config field with its command-line help (and e.g. `choices`)."""
+    return field(default=default, metadata=dict(help=help, **kw))
+
+
+def check_choices(cfg) -> None:
+    """The choices of a Config's fields (`choices` metadata or a Literal type), also for configs
+    built without the command line (build_model, checkpoints): a one-line UsageError."""
+    for f in fields(cfg):
+        choices = get_args(f.type) if get_origin(f.type) is Literal else f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        if choices is not None and value not in choices:
+            flag = f"--{f.name.replace('_', '-')}"
+            raise UsageError(f"{flag} {value!r}: choose one of {', '.join(map(str, choices))}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A training recipe; sr_train.py takes the model's for every flag left unset."""
+
+    batch: int = 16
+    patch: int = 48  # LR patch side
+    steps: int = 300_000
+    learning_rate: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    schedule: Literal["multistep", "cosine"] = "multistep"
+    milestones: tuple[float, ...] = ()  # multistep: fractions of `steps` where the rate decays
+    gamma: float = 0.5  # multistep: the decay factor
+    eta_min: float = 0.0  # cosine: the final learning rate
+    grad_clip: float = 0.0  # max gradient norm (0 = off)
+    d_learning_rate: float = 1e-4  # the discriminator's optimizer
+    d_betas: tuple[float, float] = (0.9, 0.999)
+    d_weight_decay: float = 0.0
+
+
 class NoiseSource:
     """The random streams of a set of samples: one seeded generator per output sample.
 
-    A model draws every random tensor of sampling through `randn(shape)` (always in the same
-    order), so sample i of image `stem` depends only on its seed, never on batch size, `--n` or
-    file order. With `window` (tiled sampling) each spatial field is drawn once at whole-image size
-    and cut to the tile, so a tiled sample uses exactly the noise of the untiled one.
+    A model draws every random tensor of sampling from here (always in the same order), so sample
+    i of image `stem` depends only on its seed, never on batch size, `--n` or file order. A draw
+    is either a `field` over the image (cut per tile when tiling: with `window`, each field is
+    drawn once at whole-image size and cut to the tile, so a tiled sample uses exactly the noise
+    of the untiled one) or a `vector` that is global to the image (never cut).
     """
 
     def __init__(self, seeds: list[int], device: torch.device | str = "cpu", window=None):
@@ -42,21 +103,28 @@ class NoiseSource:
     def __len__(self) -> int:
         return len(self.seeds)
 
-    def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """(len(seeds), *shape) standard normal; trailing 2 dims spatial when windowed."""
-        call = self._calls
-        self._calls += 1
-        if self.window is None or len(shape) < 3:
-            return self._draw(call, tuple(shape))
+    def field(self, c: int, h: int, w: int) -> torch.Tensor:
+        """(len(seeds), c, h, w) standard normal over the image (h, w at this tile's size and any
+        resolution relative to the LR, e.g. LR/2 or HR)."""
+        call = self._next()
+        if self.window is None:
+            return self._draw(call, (c, h, w))
         y0, x0, th, tw, fh, fw = self.window
-        fy, fx = shape[-2] / th, shape[-1] / tw  # field resolution relative to LR (e.g. 1/2, 2)
-        full = (*shape[:-2], round(fh * fy), round(fw * fx))
-        field = self._draw(call, full)
+        fy, fx = h / th, w / tw  # field resolution relative to LR (e.g. 1/2, 2)
+        whole = self._draw(call, (c, round(fh * fy), round(fw * fx)))
         oy, ox = round(y0 * fy), round(x0 * fx)
-        return field[..., oy : oy + shape[-2], ox : ox + shape[-1]]
+        return whole[..., oy : oy + h, ox : ox + w]
+
+    def vector(self, d: int) -> torch.Tensor:
+        """(len(seeds), d) standard normal, global to the image (the same for every tile)."""
+        return self._draw(self._next(), (d,))
+
+    def _next(self) -> int:
+        self._calls += 1
+        return self._calls - 1
 
     def _draw(self, call: int, shape: tuple[int, ...]) -> torch.Tensor:
-        if call not in self._cache:  # cached so every tile of a sample sees the same field
+        if call not in self._cache:  # cached so every tile of a sample sees the same draw
             z = torch.stack([torch.randn(shape, generator=g) for g in self.generators])
             self._cache[call] = z.to(self.device)
         return self._cache[call]
@@ -83,46 +151,58 @@ def pad_to_multiple(x: torch.Tensor, m: int) -> torch.Tensor:
 
 
 class SRModel(nn.Module):
-    """Base class: padding, clamping, noise plumbing and no-op hooks."""
+    """Base class: padding, clamping, noise plumbing and the defaults of every hook."""
 
     Config = ModelConfig
     stochastic = False  # False: sample() returns n identical copies and ignores temperature
     lr_multiple = 1  # LR sizes the network needs; sample() pads (reflect) and crops back
-    default_temperature = 1.0  # sampling temperature used when the user gives none
+    default_temperature = 1.0  # sampling (and validation) temperature when the user gives none
     # True if some parameters get no gradient in some steps (e.g. an encoder frozen by on_step):
     # DDP must then look for unused parameters every step.
     ddp_find_unused = False
     # Checkpoints of an older format (sr_lib/checkpoint.py) hold weights of another function
     # (a fixed bug changed the model) and are refused.
     oldest_checkpoint_format = 1
+    # sr_sample.py's controls this model takes: "latent" (--latent, --latent-shift,
+    # --save-latent), "ref" (--ref), "latent_from" (--latent-from); see LatentSRModel.
+    sample_controls: tuple[str, ...] = ()
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        check_choices(cfg)
         self.cfg = cfg
         self.scale = cfg.scale
 
-    @staticmethod
-    def train_defaults(scale: int) -> dict:
-        """The paper's training recipe; sr_train.py uses it for every flag left unset."""
-        return dict(
-            batch=16, patch=48 if scale != 8 else 32, steps=300_000, learning_rate=1e-4,
-            betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, milestones=(), gamma=0.5,
-            grad_clip=0.0, d_learning_rate=1e-4, d_betas=(0.9, 0.999), d_weight_decay=0.0,
-        )  # fmt: skip
+    @classmethod
+    def recipe(cls, scale: int) -> Recipe:
+        """The paper's training recipe; subclasses `replace` what differs."""
+        return Recipe(patch=default_patch(scale))
 
-    # Subclasses define forward(lr, hr) -> dict and
-    # generate(lr, n, temperature, noise) -> (B, n, 3, s·H, s·W) on an LR padded to lr_multiple.
+    @classmethod
+    def raw_config(cls, state_dict: dict, scale: int) -> dict:
+        """The config a raw state_dict implies (a released file without srspace metadata, loaded
+        by `load_raw_state_dict`), e.g. an encoder depth or a variant read off its keys."""
+        return {"scale": scale}
+
+    # The network and sampling.
+
+    def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} must define forward(lr, hr)")
+
+    def generate(self, lr, n: int, temperature: float, noise, **controls) -> torch.Tensor:
+        """(B, n, 3, s·H, s·W) on an LR padded to `lr_multiple`, drawing from `noise`."""
+        raise NotImplementedError(f"{type(self).__name__} must define generate()")
 
     @torch.no_grad()
     def sample(
-        self, lr: torch.Tensor, n: int = 1, temperature: float = 1.0, noise=None, **cond
+        self, lr: torch.Tensor, n: int = 1, temperature: float = 1.0, noise=None, **controls
     ) -> torch.Tensor:
         """n samples per LR image, (B, n, 3, s·H, s·W) in [0, 1].
 
         temperature scales the standard deviation of every latent draw (0 = deterministic mode);
         `noise` is a NoiseSource with B·n seeds (row b·n + i is sample i of image b);
-        `cond`: model-specific sampling controls (e.g. reference images, explicit latents),
-        passed to `generate`.
+        `controls`: model-specific sampling controls (e.g. explicit latents), passed to
+        `generate`.
         """
         b, _, h, w = lr.shape
         if noise is None:
@@ -131,20 +211,30 @@ class SRModel(nn.Module):
         if len(noise) != b * n:
             raise ValueError(f"sample: noise has {len(noise)} streams, need B*n = {b * n}")
         x = pad_to_multiple(lr, self.lr_multiple)
-        sr = self.generate(x, n, float(temperature), noise, **cond)
+        sr = self.generate(x, n, float(temperature), noise, **controls)
         s = self.scale
         return sr[..., : h * s, : w * s].clamp(0, 1)
 
-    @classmethod
-    def raw_config(cls, state_dict: dict, scale: int) -> dict:
-        """The config a raw state_dict implies (a released file without srspace metadata, loaded
-        by `load_raw_state_dict`), e.g. an encoder depth or a variant read off its keys."""
-        return {"scale": scale}
+    @property
+    def has_uncertainty(self) -> bool:
+        """Whether `uncertainty` returns a map."""
+        return False
 
     @torch.no_grad()
     def uncertainty(self, lr: torch.Tensor) -> torch.Tensor | None:
         """Per-pixel uncertainty map (B, 3, s·H, s·W), or None if the model has none."""
         return None
+
+    def resolve_controls(self, controls: dict, n: int, device) -> "SampleControls | None":
+        """sr_sample.py's control flags ({"ref": ..., "latent": FILE, ...}, only those given) for
+        images of `n` samples; None: this model draws no explicit latents."""
+        return None
+
+    def sample_latents(self, lr, seeds, idx, temperature, controls) -> torch.Tensor | None:
+        """The explicit latents of samples `idx` of one whole LR image (None: no latents)."""
+        return None
+
+    # Training.
 
     def on_step(self, step: int, total: int) -> None:
         """Called by the training loop before every step."""
@@ -157,16 +247,161 @@ class SRModel(nn.Module):
         """
         return self._modules.get("discriminator")
 
+    def discriminator_loss(self, lr: torch.Tensor, hr: torch.Tensor, out: dict) -> dict:
+        """The discriminator's loss dict ("loss" + parts), given forward()'s output (with "sr");
+        called once per training step of a model with a discriminator."""
+        raise NotImplementedError(f"{type(self).__name__} has no discriminator")
+
     def generator_parameters(self) -> list[nn.Parameter]:
         """Parameters of the main optimizer (everything except the discriminator)."""
         d = set(map(id, self.discriminator.parameters())) if self.discriminator else set()
         return [p for p in self.parameters() if id(p) not in d]
 
     def generator_param_groups(self) -> list[dict]:
-        """Adam parameter groups of the main optimizer. A group with "constant_lr": True keeps the
-        base learning rate; the others follow the schedule, over the whole run or over their
-        "span": (start, end) fractions of the run (the milestones are fractions of the span)."""
+        """Adam parameter groups of the main optimizer (each with its own `schedule_position`)."""
         return [{"params": self.generator_parameters()}]
 
-    # GAN-trained models set self.discriminator and define
-    # discriminator_loss(lr, hr, out) -> dict with "loss", given forward()'s output (with "sr").
+    def schedule_position(self, group: int, step: int, total: int) -> tuple[float, float]:
+        """(step, length) of the learning-rate schedule that parameter group `group` of
+        `generator_param_groups()` is at in training step `step` of `total`: by default the run's
+        own; a model with phases gives a group the schedule of its phase."""
+        return step, total
+
+    # Weights.
+
+    def mark_initialized(self) -> None:
+        """Weights were loaded (resume, --init-from): no data-dependent initialisation."""
+
+    def complete_state_dict(self, state_dict: dict) -> dict:
+        """Fill in what a state_dict of this model may lack (e.g. a weight average) before the
+        strict load; by default nothing."""
+        return state_dict
+
+    def load_weights(self, state_dict: dict, path="state_dict") -> None:
+        """Strict load_state_dict with a one-line summary of what does not match."""
+        sd = self.complete_state_dict(state_dict)
+        load_strict(self, sd, f"{path}: weights do not match the model")
+
+    def load_raw_state_dict(self, state_dict: dict, path="state_dict") -> None:
+        """Load a state_dict without srspace metadata (e.g. a released file); by default it must
+        use this model's own key names."""
+        self.load_weights(state_dict, path)
+
+
+@dataclass
+class SampleControls:
+    """What sr_sample.py's control flags resolved to, for a `LatentSRModel`."""
+
+    n: int  # outputs per image (a control may fix it: one per reference, latent row or step)
+    cond: dict  # passed to `latents`: ref (list of (3, h, w) / "lr" / "prior"), latent_from
+    per_sample_refs: bool = False  # --ref DIR: sample i uses reference i
+    latent: torch.Tensor | None = None  # --latent: (k, D)
+    shift: tuple[torch.Tensor, torch.Tensor] | None = None  # (direction (D,), steps (k,))
+
+
+def load_latent(path: str, dim: int, flag: str) -> torch.Tensor:
+    """A saved latent .npy, (D,) or (k, D), as float32."""
+    try:
+        z = torch.from_numpy(np.load(path).astype(np.float32))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{flag} {path}: not a readable .npy array ({e})") from None
+    if z.ndim not in (1, 2) or z.shape[-1] != dim:
+        raise UsageError(f"{flag} {path}: shape {tuple(z.shape)}, expected ({dim},) or (k, {dim})")
+    return z
+
+
+class LatentSRModel(SRModel):
+    """A model whose sample i is decoded from one global latent z_i (D,) of the whole image, so
+    latents can be drawn, saved, decoded again, walked along a direction, or taken from a
+    reference: the sampling controls of sr_sample.py. Subclasses define `latents` and
+    `decode_latents`; tiled sampling draws the latents once on the whole LR."""
+
+    stochastic = True
+    sample_controls = ("latent",)
+
+    @property
+    def z_dim(self) -> int:
+        return self.cfg.z_dim
+
+    def latents(self, lr: torch.Tensor, n: int, temperature: float, noise, **cond):
+        """z (B, n, D) of n samples per LR image, drawn from `noise` (vectors, never fields)."""
+        raise NotImplementedError(f"{type(self).__name__} must define latents()")
+
+    def decode_latents(self, lr: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """(B, n, 3, s·H, s·W) from z (B, n, D), one sample at a time (a sample never depends
+        on what it is batched with)."""
+        raise NotImplementedError(f"{type(self).__name__} must define decode_latents()")
+
+    def generate(self, lr, n, temperature, noise, latent=None, **cond) -> torch.Tensor:
+        """latent: explicit z, (D,), (n, D) or (B, n, D); otherwise drawn by `latents`."""
+        if latent is None:
+            z = self.latents(lr, n, temperature, noise, **cond)
+        else:
+            z = latent.to(lr).expand(lr.shape[0], n, self.z_dim)
+        return self.decode_latents(lr, z)
+
+    def resolve_controls(self, controls: dict, n: int, device) -> SampleControls:
+        """Load the files of the control flags and check them against this model."""
+        ref, latent_from = controls.get("ref", ""), controls.get("latent_from", "")
+        if controls.get("latent") and (ref or latent_from):
+            raise UsageError(
+                "--latent decodes saved latents: it cannot be combined with --ref/--latent-from"
+            )
+        ctl, dim = SampleControls(n, {}), self.z_dim
+        if ref in ("lr", "prior"):
+            ctl.cond["ref"] = ref
+        elif ref and ref != "noise":
+            path = Path(ref)
+            if not path.exists():
+                raise DataError(f"--ref {path}: no such file or folder (or noise, lr, prior)")
+            files = list_images(path, recursive=False) if path.is_dir() else [path]
+            ctl.cond["ref"] = [to_tensor(read_image(f)).to(device) for f in files]
+            ctl.per_sample_refs = path.is_dir()
+            ctl.n = len(files) if path.is_dir() else ctl.n
+        if latent_from:
+            ctl.cond["latent_from"] = to_tensor(read_image(latent_from))[None].to(device)
+            ctl.n = 1  # E_H's mean: one output
+        if controls.get("latent"):
+            ctl.latent = load_latent(controls["latent"], dim, "--latent").view(-1, dim).to(device)
+            ctl.n = len(ctl.latent)
+        if controls.get("latent_shift"):
+            ctl.shift = self._shift(controls["latent_shift"], controls["latent_steps"], ctl, device)
+            ctl.n = len(ctl.shift[1])
+        return ctl
+
+    def _shift(self, file: str, steps: str, ctl: SampleControls, device):
+        """(direction (D,), steps (k,)) of --latent-shift FILE --latent-steps STEPS."""
+        dim = self.z_dim
+        direction = load_latent(file, dim, "--latent-shift").view(-1).to(device)
+        try:
+            values = [float(v) for v in steps.split(",") if v.strip()]
+        except ValueError:
+            values = []
+        if (
+            not values
+            or direction.numel() != dim
+            or (ctl.latent is not None and len(ctl.latent) > 1)
+        ):
+            raise UsageError(
+                f"--latent-shift {file} --latent-steps {steps!r}: needs a ({dim},) direction, "
+                "numbers like -2,-1,0,1,2 and at most one --latent row"
+            )
+        return direction, torch.tensor(values, device=device)
+
+    def sample_latents(self, lr, seeds, idx, temperature, controls: SampleControls):
+        """(len(idx), D): the latents of samples idx of the whole (1, 3, h, w) LR image."""
+        cond = dict(controls.cond)
+        if controls.shift is not None:
+            if controls.latent is not None:
+                base = controls.latent[0]
+            else:  # the temperature-0 latent of the given controls (varsr: μ_L; --ref DIR: its 1st)
+                if controls.per_sample_refs:
+                    cond["ref"] = cond["ref"][:1]
+                base = self.latents(lr, 1, 0.0, NoiseSource(seeds[:1], lr.device), **cond)[0, 0]
+            direction, steps = controls.shift
+            return base + steps[list(idx), None] * direction
+        if controls.latent is not None:
+            return controls.latent[list(idx)]
+        if controls.per_sample_refs:
+            cond["ref"] = [cond["ref"][i] for i in idx]
+        return self.latents(lr, len(idx), temperature, NoiseSource(seeds, lr.device), **cond)[0]

@@ -1,8 +1,10 @@
 """Bicubic baseline: our MATLAB-exact bicubic upscaling, no parameters (the zero-cost path)."""
 
+from dataclasses import replace
+
 import torch
 
-from sr_lib.models.base import SRModel
+from sr_lib.models.base import Recipe, SRModel
 from sr_lib.resize import imresize_torch
 
 
@@ -14,9 +16,9 @@ class Bicubic(SRModel):
         # A zero-size buffer gives the module a device, so .to(device) works like any model.
         self.register_buffer("_device_anchor", torch.zeros(0), persistent=False)
 
-    @staticmethod
-    def train_defaults(scale: int) -> dict:
-        return {**SRModel.train_defaults(scale), "steps": 0}
+    @classmethod
+    def recipe(cls, scale: int) -> Recipe:
+        return replace(super().recipe(scale), steps=0)
 
     def forward(self, lr, hr):
         sr = imresize_torch(lr, self.scale)

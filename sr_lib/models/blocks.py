@@ -1,10 +1,10 @@
-"""Building blocks shared by several models, and the ℓ_E loss with its σ branch.
+"""Building blocks shared by several models, and the σ branch of the ℓ_E loss.
 
 - `conv3x3`, `ResBlock`, `Upsampler`: the EDSR design (Lim et al., "Enhanced Deep Residual Networks
   for Single Image Super-Resolution", CVPRW 2017, arXiv:1707.02921).
-- `le_loss`, `SigmaBranch`: ℓ_E (He & Cheng, "Revisiting ℓ1 Loss in Super-Resolution: A
-  Probabilistic View and Beyond", arXiv:2201.10084), Eq. 8 + Eq. 10 with the §4.3 hard-sample mask.
-  No official code exists; written from the paper and methods_spec.md §4.
+- `SigmaBranch`: ℓ_E's σ (He & Cheng, "Revisiting ℓ1 Loss in Super-Resolution: A Probabilistic
+  View and Beyond", arXiv:2201.10084, Fig. 3; the loss is `sr_lib.models.losses.le_loss`). No
+  official code exists; written from the paper and methods_spec.md §4.
 - `RegressionConfig`, `RegressionSR`: the common base of deterministic regression models (EDSR,
   RRDB) trained with `--loss l1` or `--loss le`.
 """
@@ -17,10 +17,9 @@ from torch import nn
 
 from sr_lib.errors import UsageError
 from sr_lib.models.base import ModelConfig, SRModel
+from sr_lib.models.losses import AUX_TARGETS, MASK_SCOPES, le_loss
 
 LOSSES = ("l1", "le")
-MASK_SCOPES = ("batch", "image")
-AUX_TARGETS = ("signed", "abs")
 SIGMA_INIT_LOGIT = -3.0
 
 
@@ -142,52 +141,6 @@ class WeightAverage(nn.Module):
         return torch.func.functional_call(module, params, args)
 
 
-def hard_sample_mask(a: torch.Tensor, scope: str = "batch") -> torch.Tensor:
-    """Zero the entries of a = |ŷ − μ| below their mean (paper §4.3), batch-wide or per image."""
-    if scope == "batch":
-        mean = a.mean()
-    elif scope == "image":
-        mean = a.mean(dim=tuple(range(1, a.dim())), keepdim=True)  # (B, 1, 1, 1)
-    else:
-        raise UsageError(f"le_mask_scope {scope!r}: choose one of {', '.join(MASK_SCOPES)}")
-    return a * (a >= mean)  # the comparison carries no gradient; a keeps its own
-
-
-def le_loss(
-    mu: torch.Tensor,
-    hr: torch.Tensor,
-    sigma: torch.Tensor,
-    beta: float = 0.01,
-    mask_scope: str = "batch",
-    aux_target: str = "signed",
-    z: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """ℓ_E = Eq. 8 (masked, one z sample, mean reduction) + β · Eq. 10 (μ detached).
-
-    Args:
-        mu: the SR image (B, 3, H, W); hr: the target; sigma: the σ branch output for the first
-            k <= B images (k, 3, H, W); Eq. 10 is averaged over those images only.
-        z: the N(0, 1) draw of Eq. 8; None draws a fresh one from the global generator.
-    Returns:
-        {"loss", "le" (Eq. 8), "sigma_aux" (β · Eq. 10), "l1" (plain mean |ŷ − μ|, detached)}.
-    """
-    if aux_target not in AUX_TARGETS:
-        raise UsageError(f"le_aux_target {aux_target!r}: choose one of {', '.join(AUX_TARGETS)}")
-    r = hr - mu
-    # Eq. 8: σ := |ŷ − μ| stays in the graph, so sign(∂ℓ_E/∂μ) == sign(∂|ŷ − μ|/∂μ) for every z
-    # (Eq. 9); detaching it would be Noise2Noise with gradient flips (paper §3.3).
-    a = hard_sample_mask(r.abs(), mask_scope)
-    if z is None:
-        z = torch.randn_like(r)
-    le = (r - a * z).abs().mean()
-    # Eq. 10 on the unmasked residual with μ detached: σ learns the error, μ is not pulled to σ.
-    target = hr[: len(sigma)] - mu[: len(sigma)].detach()
-    if aux_target == "abs":
-        target = target.abs()  # the form σ is evaluated against (paper §4.6); methods_spec §4.4.2
-    aux = beta * (target - sigma).abs().mean()
-    return {"loss": le + aux, "le": le, "sigma_aux": aux, "l1": r.detach().abs().mean()}
-
-
 @dataclass
 class RegressionConfig(ModelConfig):
     loss: str = field(
@@ -213,23 +166,6 @@ class RegressionConfig(ModelConfig):
         ),
     )
     le_sigma_feats: int = field(default=160, metadata=dict(help="channels of the σ branch"))
-    # Two training-cost options for short runs; off by default (the paper trains σ on the whole
-    # batch with the host's schedule). μ's loss (Eq. 8) never uses the σ branch, so neither changes
-    # what μ learns per step: they only change σ's training.
-    le_sigma_images: int = field(
-        default=0,
-        metadata=dict(
-            help="train the σ branch on only the first N images of each batch (0 = all, paper); "
-            "the branch costs ~40 %% of an EDSR-baseline step at full batch"
-        ),
-    )
-    le_sigma_constant_lr: bool = field(
-        default=False,
-        metadata=dict(
-            help="keep the σ branch at the base learning rate instead of the schedule's decay, "
-            "so σ can still follow μ's error map late in a short run"
-        ),
-    )
     le_sigma_final_fraction: float = field(
         default=0.0,
         metadata=dict(
@@ -258,18 +194,6 @@ class RegressionSR(SRModel):
 
     def __init__(self, cfg: RegressionConfig):
         super().__init__(cfg)
-        for name, value, choices in (
-            ("loss", cfg.loss, LOSSES),
-            ("le_mask_scope", cfg.le_mask_scope, MASK_SCOPES),
-            ("le_aux_target", cfg.le_aux_target, AUX_TARGETS),
-        ):
-            if value not in choices:
-                flag = "--" + name.replace("_", "-")
-                raise UsageError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
-        if cfg.le_sigma_images < 0:
-            raise UsageError(
-                f"--le-sigma-images {cfg.le_sigma_images}: use 0 (all images) or a positive count"
-            )
         if not 0.0 <= cfg.le_sigma_final_fraction <= 1.0:
             raise UsageError(
                 f"--le-sigma-final-fraction {cfg.le_sigma_final_fraction}: use a fraction in [0, 1]"
@@ -315,9 +239,7 @@ class RegressionSR(SRModel):
             l1 = F.l1_loss(mu, hr)
             return {"loss": l1, "l1": l1.detach(), "sr": mu}
         c = self.cfg
-        k = None if self._sigma_only else (c.le_sigma_images or None)  # σ-only steps: every image
-        sigma = self.sigma(fea[:k])  # (k, 3, sH, sW), k <= B
-        out = le_loss(mu, hr, sigma, c.le_beta, c.le_mask_scope, c.le_aux_target)
+        out = le_loss(mu, hr, self.sigma(fea), c.le_beta, c.le_mask_scope, c.le_aux_target)
         return {**out, "sr": mu}
 
     def _split_params(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -340,29 +262,35 @@ class RegressionSR(SRModel):
                 p.requires_grad_(not only)
             self._sigma_only = only
 
-    def generator_param_groups(self) -> list[dict]:
-        """With --le-sigma-constant-lr or a σ-only phase, the σ branch is its own Adam group.
+    def _sigma_phase(self) -> bool:
+        return self.sigma is not None and self.cfg.le_sigma_final_fraction > 0
 
-        A σ-only phase (--le-sigma-final-fraction f) gives each group the schedule of its own
-        phase ("span", fractions of the run): μ runs its whole schedule (milestones included) in
-        the first 1 − f of the steps; σ keeps the base rate until the phase, then runs the schedule
-        over the last f (so it ends at the low rates, not oscillating at the base rate).
-        """
-        c = self.cfg
-        f = c.le_sigma_final_fraction
-        if self.sigma is None or not (c.le_sigma_constant_lr or f > 0):
+    def generator_param_groups(self) -> list[dict]:
+        """With a σ-only phase (--le-sigma-final-fraction), μ and σ are two Adam groups, each on
+        the schedule of its own phase (`schedule_position`)."""
+        if not self._sigma_phase():
             return super().generator_param_groups()
-        body_params, sigma_params = self._split_params()
-        body, sigma = {"params": body_params}, {"params": sigma_params}
-        if f > 0:
-            body["span"], sigma["span"] = (0.0, 1.0 - f), (1.0 - f, 1.0)
-        if c.le_sigma_constant_lr:
-            sigma["constant_lr"] = True
-        return [body, sigma]
+        body, sigma = self._split_params()
+        return [{"params": body}, {"params": sigma}]
+
+    def schedule_position(self, group: int, step: int, total: int) -> tuple[float, float]:
+        """μ (group 0) runs its whole schedule, milestones included, in the first 1 − f of the
+        steps; σ (group 1) keeps the base rate until its phase, then runs the schedule over the
+        last f, so it ends at the low rates instead of oscillating at the base rate."""
+        if not self._sigma_phase():
+            return super().schedule_position(group, step, total)
+        start = (1 - self.cfg.le_sigma_final_fraction) * total  # the σ-only phase begins
+        if group == 0:
+            return min(step, start), start
+        return min(max(step - start, 0.0), total - start), total - start
 
     def generate(self, lr: torch.Tensor, n: int, temperature: float, noise=None) -> torch.Tensor:
         mu, _ = self.predict(lr)
         return mu.unsqueeze(1).expand(-1, n, -1, -1, -1)  # (B, n, 3, sH, sW), temperature unused
+
+    @property
+    def has_uncertainty(self) -> bool:
+        return self.sigma is not None
 
     @torch.no_grad()
     def uncertainty(self, lr: torch.Tensor) -> torch.Tensor | None:

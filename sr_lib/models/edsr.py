@@ -7,13 +7,13 @@ Defaults are EDSR-baseline (16 blocks, 64 features, no residual scaling); the fu
 [0, 255]; the mean shift is scaled accordingly), so released EDSR weights do not load as-is.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from sr_lib.errors import UsageError
-from sr_lib.models.base import SRModel
+from sr_lib.models.base import Recipe
 from sr_lib.models.blocks import (
     RegressionConfig,
     RegressionSR,
@@ -54,15 +54,11 @@ class EDSR(RegressionSR):
         self.tail = nn.Sequential(Upsampler(nf, cfg.scale), conv3x3(nf, 3))
         self._add_sigma_branch(nf)
 
-    @staticmethod
-    def train_defaults(scale: int) -> dict:
-        # EDSR recipe: LR patches 48 (the base default), batch 16, Adam 1e-4 halved at 2e5 updates.
-        return {
-            **SRModel.train_defaults(scale),
-            "schedule": "multistep",
-            "steps": 300_000,
-            "milestones": (2 / 3,),  # fractions of --steps: halved at 200k of 300k
-        }
+    @classmethod
+    def recipe(cls, scale: int) -> Recipe:
+        # EDSR recipe: LR patches 48, batch 16, Adam 1e-4 halved at 2e5 of 3e5 updates (the base
+        # recipe but for the milestone).
+        return replace(super().recipe(scale), milestones=(2 / 3,))  # fractions of --steps
 
     def predict(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.head(lr - self.rgb_mean)

@@ -183,7 +183,8 @@ class ZeroConv2d(nn.Conv2d):
         return super().forward(x) * torch.exp(3 * self.logs)
 
 
-def conv3x3(cin: int, cout: int) -> nn.Conv2d:
+def coupling_conv(cin: int, cout: int) -> nn.Conv2d:
+    """A coupling network's 3x3 conv, 'same' padding: weights N(0, 0.05²), zero bias."""
     conv = nn.Conv2d(cin, cout, 3, padding=1)
     nn.init.normal_(conv.weight, 0.0, 0.05)
     nn.init.zeros_(conv.bias)
@@ -221,9 +222,9 @@ class CouplingNet(CondInput, nn.Sequential):
 
     def __init__(self, cin: int, cout: int, hidden: int = 64, deep: int = 0):
         if deep:
-            layers = [conv3x3(cin, hidden), nn.ReLU()]
+            layers = [coupling_conv(cin, hidden), nn.ReLU()]
             for _ in range(deep):
-                layers += [conv3x3(hidden, hidden), nn.ReLU()]
+                layers += [coupling_conv(hidden, hidden), nn.ReLU()]
         else:
             layers = [ConvActNorm(cin, hidden, 3), nn.ReLU(), ConvActNorm(hidden, hidden, 1)]
             layers.append(nn.ReLU())
@@ -250,9 +251,9 @@ class ResidualCouplingNet(CondInput, nn.Module):
 
     def __init__(self, cin: int, cout: int, hidden: int, blocks: int, per_block: int):
         super().__init__()
-        self.fX1 = nn.Sequential(conv3x3(cin, hidden), nn.ReLU())
+        self.fX1 = nn.Sequential(coupling_conv(cin, hidden), nn.ReLU())
         block = lambda: nn.Sequential(  # noqa: E731
-            *[m for _ in range(per_block) for m in (conv3x3(hidden, hidden), nn.ReLU())]
+            *[m for _ in range(per_block) for m in (coupling_conv(hidden, hidden), nn.ReLU())]
         )
         self.fX2 = nn.ModuleList([block() for _ in range(blocks)])
         self.fX3 = ZeroConv2d(hidden, cout)

@@ -16,7 +16,7 @@ be loaded. The same frozen network gives the content and style losses. Loss defa
 weights (Eq. 9) over the code's sum reductions; the code's other terms are options (docs/vae.md).
 """
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -26,11 +26,13 @@ from torch import nn
 
 from sr_lib.data import list_images, read_image, to_tensor
 from sr_lib.errors import UsageError
-from sr_lib.models.base import ModelConfig, SRModel
+from sr_lib.lpips_net import load_alexnet_trunk, lpips_module
+from sr_lib.models.base import LatentSRModel, ModelConfig, Recipe, option
 from sr_lib.models.blocks import conv3x3
-from sr_lib.models.vgg_loss import VGG19_RELU, VGGFeatures
+from sr_lib.models.losses import frozen_call, standard_normal_kl, style_stats, tv_map
+from sr_lib.models.vgg import VGG19_RELU, VGGFeatures
 from sr_lib.resize import imresize_torch
-from sr_lib.weights import load_state_dict, resolve, torchvision_model
+from sr_lib.weights import resolve, torchvision_model
 
 VGG_CH = 512  # relu4_1 channels
 NOISE_MEAN, NOISE_STD = 0.249, 0.145  # moments of the code's uint8 U{0..127}/255 noise reference
@@ -38,50 +40,46 @@ REF_SEED = 0x5EF  # training references of step t: default_rng([REF_SEED, t])
 CONTENT_DOWN = ("lr", "pyramid", "none")
 
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata=dict(help=help, **kw))
-
-
-def check_choices(cfg) -> None:
-    """The `choices` of the Config fields, for configs built without the CLI (build_model)."""
-    for f in fields(cfg):
-        choices = f.metadata.get("choices")
-        if choices is not None and getattr(cfg, f.name) not in choices:
-            flag = f"--{f.name.replace('_', '-')}"
-            raise UsageError(f"{flag} {getattr(cfg, f.name)!r}: choose one of {choices}")
-
-
 @dataclass
 class RefVAEConfig(ModelConfig):
-    width: int = _f(512, "LR-branch / fusion channels (512 = code); the decoder halves it 3×")
-    cond_channels: int = _f(64, "channels of the CVAE feature maps (code: 64)")
-    latent_grid: int = _f(16, "CVAE feature grid side (code: 16, i.e. 16·16·64 -> z)")
-    z_dim: int = _f(256, "latent size D (code: 256)")
-    mask_blocks: int = _f(3, "residual blocks of the LR branch (code: 3)")
-    ref_size: int = _f(256, "references are resized to this square (paper: 256)")
-    ref_data: str = _f("hr", "training references: hr (the HR patch, as the code) or a folder")
-    pretrained: bool = _f(True, "random frozen VGG19/AlexNet, no ImageNet weights (tests only)")
-    lambda_content: float = _f(1.0, "VGG relu4_1 L1 of Eq. 6 (code: 0.01)")
-    lambda_pixel: float = _f(1.0, "pixel + Down L1 of Eq. 6 (code: 1)")
-    content_down: str = _f("lr", "Down of Eq. 6: lr (×1/s), pyramid (×½, ×¼: code), none",
-                           choices=CONTENT_DOWN)  # fmt: skip
-    lambda_lr: float = _f(0.0, "L1(Down_s(SR), LR input), the code's LR consistency (code: 100)")
-    lambda_style: float = _f(10.0, "style loss, Eq. 7")
-    style_layers: str = _f(
+    width: int = option(512, "LR-branch / fusion channels (512 = code); the decoder halves it 3×")
+    cond_channels: int = option(64, "channels of the CVAE feature maps (code: 64)")
+    latent_grid: int = option(16, "CVAE feature grid side (code: 16, i.e. 16·16·64 -> z)")
+    z_dim: int = option(256, "latent size D (code: 256)")
+    mask_blocks: int = option(3, "residual blocks of the LR branch (code: 3)")
+    ref_size: int = option(256, "references are resized to this square (paper: 256)")
+    ref_data: str = option("hr", "training references: hr (the HR patch, as the code) or a folder")
+    pretrained: bool = option(True, "random frozen VGG19/AlexNet, no ImageNet weights (tests only)")
+    lambda_content: float = option(1.0, "VGG relu4_1 L1 of Eq. 6 (code: 0.01)")
+    lambda_pixel: float = option(1.0, "pixel + Down L1 of Eq. 6 (code: 1)")
+    content_down: str = option(
+        "lr", "Down of Eq. 6: lr (×1/s), pyramid (×½, ×¼: code), none", choices=CONTENT_DOWN
+    )
+    lambda_lr: float = option(
+        0.0, "L1(Down_s(SR), LR input), the code's LR consistency (code: 100)"
+    )
+    lambda_style: float = option(10.0, "style loss, Eq. 7")
+    style_layers: str = option(
         "relu1_2,relu2_2,relu3_4,relu4_1", "VGG19 taps of Eq. 7 (code: relu1_1,relu2_1,...,relu4_1)"
     )
-    style_target: str = _f("ref", "style statistics of: ref (paper text) or hr (Eq. 7 as printed)",
-                           choices=("ref", "hr"))  # fmt: skip
-    lambda_lpips: float = _f(1.0, "LPIPS-alex loss (code: 1e4 on the mean map)")
-    lambda_tv: float = _f(1.0, "TV loss, Eq. 8 (code: 0)")
-    tv_beta: float = _f(1.0, "TV exponent β of Eq. 8 (not given by the paper)")
-    lambda_kl: float = _f(1.0, "KL(q(z|R) ‖ N(0, I)), Eq. 4")
-    lambda_adv: float = _f(1.0, "adversarial loss (not in Eq. 9; code: 1; 0 = no D unless FM)")
-    adv_loss: str = _f("gan", "gan: −log D(SR) (Eq. 5); l1: |D(SR) − 1| (code)",
-                       choices=("gan", "l1"))  # fmt: skip
-    lambda_fm: float = _f(0.0, "discriminator feature matching L1 (code: 0.01)")
-    d_channels: int = _f(32, "discriminator width (code: 32)")
-    reduction: str = _f("sum", "reduce every term by sum (code) or mean", choices=("sum", "mean"))
+    style_target: str = option(
+        "ref",
+        "style statistics of: ref (paper text) or hr (Eq. 7 as printed)",
+        choices=("ref", "hr"),
+    )
+    lambda_lpips: float = option(1.0, "LPIPS-alex loss (code: 1e4 on the mean map)")
+    lambda_tv: float = option(1.0, "TV loss, Eq. 8 (code: 0)")
+    tv_beta: float = option(1.0, "TV exponent β of Eq. 8 (not given by the paper)")
+    lambda_kl: float = option(1.0, "KL(q(z|R) ‖ N(0, I)), Eq. 4")
+    lambda_adv: float = option(1.0, "adversarial loss (not in Eq. 9; code: 1; 0 = no D unless FM)")
+    adv_loss: str = option(
+        "gan", "gan: −log D(SR) (Eq. 5); l1: |D(SR) − 1| (code)", choices=("gan", "l1")
+    )
+    lambda_fm: float = option(0.0, "discriminator feature matching L1 (code: 0.01)")
+    d_channels: int = option(32, "discriminator width (code: 32)")
+    reduction: str = option(
+        "sum", "reduce every term by sum (code) or mean", choices=("sum", "mean")
+    )
 
 
 class ResBlock(nn.Module):
@@ -185,23 +183,10 @@ def _ref_image(path: str, size: int) -> torch.Tensor:
     return resize_ref(to_tensor(read_image(path))[None], size)[0]
 
 
-def style_stats(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std = sqrt(var + 1e-5) over space (the code's calc_mean_std)."""
-    return f.mean(dim=(2, 3)), (f.var(dim=(2, 3), correction=0) + 1e-5).sqrt()
-
-
-def tv_map(x: torch.Tensor, beta: float) -> torch.Tensor:
-    """Eq. 8 summand ((Ŷ_{i,j−1} − Ŷ_{i,j})² + (Ŷ_{i−1,j} − Ŷ_{i,j})²)^β, (B, C, H−1, W−1)."""
-    s = (x[..., 1:, 1:] - x[..., 1:, :-1]).square() + (x[..., 1:, 1:] - x[..., :-1, 1:]).square()
-    return s if beta == 1 else (s + 1e-8) ** beta  # eps: finite gradient at 0 for β < 1
-
-
-class RefVAE(SRModel):
+class RefVAE(LatentSRModel):
     """bicubic(LR) + decoder(C_R(z)·(1 + F_σ) + F_μ), z ~ q(z | reference) (§3)."""
 
     Config = RefVAEConfig
-    stochastic = True
-    default_temperature = 1.0
     sample_controls = ("ref", "latent")  # sr_sample.py --ref, --latent/--latent-shift/--save-latent
 
     def __init__(self, cfg: RefVAEConfig):
@@ -213,7 +198,6 @@ class RefVAE(SRModel):
             raise UsageError(f"--style-layers {cfg.style_layers!r}: VGG19 ReLU taps, e.g. relu4_1")
         if cfg.width < 8 or cfg.width % 8 or min(cfg.cond_channels, cfg.latent_grid, cfg.z_dim) < 1:
             raise UsageError("refvae: --width must be a multiple of 8; other sizes >= 1")
-        check_choices(cfg)
         self.lr_multiple = 8 // cfg.scale  # bicubic(LR) must be a multiple of 8 (spec §2.1)
         taps = tuple(dict.fromkeys(("relu4_1", *self.style_layers)))
         self.vgg = VGGFeatures(taps, imagenet_norm=True, pretrained=False)  # see _load_weights
@@ -225,18 +209,15 @@ class RefVAE(SRModel):
         self._ref_files = None
         self._step = 0
 
-    @staticmethod
-    def train_defaults(scale: int) -> dict:
+    @classmethod
+    def recipe(cls, scale: int) -> Recipe:
         # Paper §4.1: Adam lr 1e-4 (β1 0.9), weight decay 1e-4, batch 16, 5e4 iterations, LR 32²
         # at ×8 (HR 256²); ×4: LR 64² (the code's default, HR 256² too). The code divides G's lr by
-        # 10 at epochs 250 and 500 of 500; the paper gives no decay.
-        return {
-            **SRModel.train_defaults(scale),
-            "batch": 16, "patch": 256 // scale, "steps": 50_000, "learning_rate": 1e-4,
-            "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-4, "milestones": (),
-            "gamma": 0.1, "schedule": "multistep", "grad_clip": 0.0, "d_learning_rate": 1e-4,
-            "d_betas": (0.9, 0.999), "d_weight_decay": 0.0, "temperature": 1.0,
-        }  # fmt: skip
+        # 10 at epochs 250 and 500 of 500; the paper gives no decay (gamma 0.1 if milestones are
+        # given).
+        return replace(
+            super().recipe(scale), patch=256 // scale, steps=50_000, weight_decay=1e-4, gamma=0.1
+        )
 
     def on_step(self, step: int, total: int) -> None:
         self._step = step  # picks the training references of --ref-data DIR
@@ -253,11 +234,9 @@ class RefVAE(SRModel):
         """Frozen LPIPS v0.1 alex, spatial; AlexNet trunk from the manifest (random if not
         pretrained: tests)."""
         if not self._lpips:
-            from sr_lib.metrics import alexnet_to_lpips, lpips_module
-
             net = lpips_module()
             if self.cfg.pretrained:
-                net.net.load_state_dict(alexnet_to_lpips(load_state_dict(resolve("alexnet"))))
+                load_alexnet_trunk(net)
             self._lpips.append(net.eval().requires_grad_(False))
         return self._lpips[0].to(self.vgg_loaded.device)
 
@@ -291,9 +270,9 @@ class RefVAE(SRModel):
         self._load_weights()
         b, d, r = lr.shape[0], self.cfg.z_dim, self.cfg.ref_size
         if isinstance(ref, str) and ref == "prior":
-            return temperature * noise.randn((d,)).view(b, n, d)
-        if ref is None:  # flat draw: a (3, r, r) shape would be cut to the tile when tiling
-            refs = NOISE_MEAN + temperature * NOISE_STD * noise.randn((3 * r * r,))
+            return temperature * noise.vector(d).view(b, n, d)
+        if ref is None:  # the reference is no field of the LR: one vector, never cut by tiling
+            refs = NOISE_MEAN + temperature * NOISE_STD * noise.vector(3 * r * r)
             mu, logvar = (
                 t.view(b, n, d) for t in self.encode_refs(refs.view(-1, 3, r, r).clamp(0, 1))
             )
@@ -303,23 +282,14 @@ class RefVAE(SRModel):
             if len(ref) not in (1, n):
                 raise UsageError(f"refvae: {len(ref)} references for {n} samples (give 1 or n)")
             mu, logvar = (t[None] for t in self.encode_refs([x.to(lr) for x in ref]))
-        eps = noise.randn((d,)).view(b, n, d)
+        eps = noise.vector(d).view(b, n, d)
         return (mu + temperature * torch.exp(0.5 * logvar) * eps).expand(b, n, d)
 
-    def generate(self, lr, n, temperature, noise, ref=None, latent=None) -> torch.Tensor:
-        """latent: explicit z, (D,), (n, D) or (B, n, D); otherwise drawn by `latents`."""
+    def decode_latents(self, lr: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         self._load_weights()
-        b = lr.shape[0]
-        z = self.latents(lr, n, temperature, noise, ref) if latent is None else latent.to(lr)
-        z = z.expand(b, n, self.cfg.z_dim)
         up = imresize_torch(lr, self.scale)  # MATLAB bicubic; the code uses torch bicubic
         f_x = self.vgg(up)["relu4_1"]  # (B, 512, sH/8, sW/8)
-        return torch.stack([up + self.gen.decode(f_x, z[:, i]) for i in range(n)], dim=1)
-
-    def _d_out(self, sr: torch.Tensor):
-        # D with detached parameters: L_G trains the generator only, D learns from its own loss.
-        params = {k: p.detach() for k, p in self.discriminator.named_parameters()}
-        return torch.func.functional_call(self.discriminator, params, (sr,))
+        return torch.stack([up + self.gen.decode(f_x, z[:, i]) for i in range(z.shape[1])], dim=1)
 
     def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
         c, s = self.cfg, self.scale
@@ -339,7 +309,7 @@ class RefVAE(SRModel):
         pixel = l1(sr, hr) + sum(
             l1(imresize_torch(sr, 1 / a), imresize_torch(hr, 1 / a)) for a in down
         )
-        kl = red(-0.5 * (1 + logvar - mu.square() - logvar.exp()))  # Eq. 4, KL to N(0, I)
+        kl = red(standard_normal_kl(mu, logvar))  # Eq. 4, KL to N(0, I)
         parts = {"pixel": pixel, "kl": kl}
         weights = {"pixel": c.lambda_pixel, "kl": c.lambda_kl}
         if perceptual:
@@ -358,7 +328,7 @@ class RefVAE(SRModel):
         if c.lambda_tv > 0:
             parts["tv"], weights["tv"] = red(tv_map(sr, c.tv_beta)), c.lambda_tv
         if self.discriminator is not None:
-            logits, feats = self._d_out(sr)
+            logits, feats = frozen_call(self.discriminator, sr)
             # Eq. 5's log[1 − D(Ŷ)] in its non-saturating form −log D(Ŷ); the code: L1 to 1
             gan = F.softplus(-logits) if c.adv_loss == "gan" else (logits - 1).abs()
             parts["adv"], weights["adv"] = red(gan), c.lambda_adv

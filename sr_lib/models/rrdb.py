@@ -7,16 +7,17 @@ strictly (`load_official_rrdb`) and the flow models reuse `RRDBNet` as their LR 
 """
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sr_lib.checkpoint import is_srspace_checkpoint, load_checkpoint
 from sr_lib.errors import CheckpointError, UsageError
-from sr_lib.models.base import SRModel
+from sr_lib.models.base import Recipe
 from sr_lib.models.blocks import RegressionConfig, RegressionSR, conv3x3, float32_out
-from sr_lib.weights import load_state_dict
+from sr_lib.weights import load_state_dict, load_strict
 
 SCALES = (2, 4, 8)
 
@@ -144,12 +145,10 @@ def load_official_rrdb(model_or_net: nn.Module, path: str | os.PathLike) -> None
     srspace `rrdb` checkpoint (our own L1 pre-training, the step the official configs start
     from), strictly.
 
-    `model_or_net` is an `RRDBNet` or a model holding one as `.net` (the `rrdb` model).
+    `model_or_net` is an `RRDBNet` or an `RRDB` model (its network `.net` is loaded).
     Raises CheckpointError (one line) on missing, unexpected or wrongly shaped keys.
     """
-    from sr_lib.checkpoint import is_srspace_checkpoint, load_checkpoint  # no import cycle
-
-    net = model_or_net if isinstance(model_or_net, RRDBNet) else getattr(model_or_net, "net", None)
+    net = model_or_net.net if isinstance(model_or_net, RRDB) else model_or_net
     if not isinstance(net, RRDBNet):
         got = type(model_or_net).__name__
         raise TypeError(f"load_official_rrdb: need an RRDBNet or an rrdb model, got {got}")
@@ -164,22 +163,7 @@ def load_official_rrdb(model_or_net: nn.Module, path: str | os.PathLike) -> None
         sd = {k[len("net.") :]: v for k, v in ck["state_dict"].items() if k.startswith("net.")}
     else:
         sd = load_state_dict(path)
-    own = net.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [
-        f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in sd and sd[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        parts = [
-            f"{what} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
-            for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
-            if keys
-        ]
-        raise CheckpointError(f"{path} does not match this RRDBNet: {'; '.join(parts)}")
-    net.load_state_dict(sd, strict=True)
+    load_strict(net, sd, f"{path} does not match this RRDBNet")
 
 
 class RRDB(RegressionSR):
@@ -192,22 +176,15 @@ class RRDB(RegressionSR):
         self.net = RRDBNet(cfg.scale, cfg.nf, cfg.nb, cfg.gc)
         self._add_sigma_branch(cfg.nf)
 
-    @staticmethod
-    def train_defaults(scale: int) -> dict:
+    @classmethod
+    def recipe(cls, scale: int) -> Recipe:
         # SRFlow RRDB pre-training (srflow_spec.md §1.7): L1, Adam 2e-4, betas (0.9, 0.99), batch
         # 16, HR patch 160. The official schedule restarts a cosine every 50k steps; one cosine
         # over the run is the closest the training loop offers.
-        return {
-            **SRModel.train_defaults(scale),
-            "batch": 16,
-            "patch": 160 // scale,
-            "steps": 200_000,
-            "learning_rate": 2e-4,
-            "betas": (0.9, 0.99),
-            "schedule": "cosine",
-            "eta_min": 1e-7,
-            "milestones": (),
-        }
+        return replace(
+            super().recipe(scale), patch=160 // scale, steps=200_000, learning_rate=2e-4,
+            betas=(0.9, 0.99), schedule="cosine", eta_min=1e-7,
+        )  # fmt: skip
 
     def predict(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.net.features(lr)

@@ -12,7 +12,7 @@ official checkpoints load strictly (never called, requires_grad False; `--no-unu
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sr_lib.errors import CheckpointError, UsageError
-from sr_lib.models.base import ModelConfig, SRModel
+from sr_lib.models.base import ModelConfig, Recipe, SRModel
 from sr_lib.models.flow_layers import (
     ActNorm,
     CondAffine,
@@ -32,6 +32,7 @@ from sr_lib.models.flow_layers import (
     unsqueeze,
 )
 from sr_lib.models.rrdb import RRDBNet, load_official_rrdb
+from sr_lib.weights import load_strict
 
 OFFICIAL_F = "flowUpsamplerNet.f."  # the released code's unused conv: ignorable when loading
 
@@ -97,8 +98,6 @@ class SRFlow(SRModel):
             raise UsageError(
                 f"{type(self).__name__.lower()}: scale {cfg.scale} not supported; use 4 or 8"
             )
-        if cfg.dequant not in ("gaussian", "uniform", "none"):
-            raise UsageError(f"--dequant {cfg.dequant!r}: choose one of gaussian, uniform, none")
         paper = self.paper(cfg.scale)
         self.levels = cfg.flow_levels or paper["levels"]
         self.steps = cfg.flow_steps or paper["steps"]
@@ -120,17 +119,16 @@ class SRFlow(SRModel):
         return dict(levels=3 if scale == 4 else 4, steps=16,
                     blocks="1,8,15,22" if scale == 4 else "1,3,5,7")  # fmt: skip
 
-    @staticmethod
-    def train_defaults(scale: int) -> dict:
+    @classmethod
+    def recipe(cls, scale: int) -> Recipe:
         # SRFlow_DF2K_{4,8}X.yml (§1.7): Adam (effective betas 0.9, 0.999), lr halved at
-        # 50/75/90/95 % of 200k steps, HR patch 160, no clipping; validation at temperature 0.9.
-        return {
-            **SRModel.train_defaults(scale), "batch": 12 if scale == 4 else 16,
-            "patch": 160 // scale, "steps": 200_000,
-            "learning_rate": 2.5e-4 if scale == 4 else 5e-4, "betas": (0.9, 0.999), "eps": 1e-8,
-            "weight_decay": 0.0, "schedule": "multistep", "milestones": (0.5, 0.75, 0.9, 0.95),
-            "gamma": 0.5, "grad_clip": 0.0, "temperature": 0.9,
-        }  # fmt: skip
+        # 50/75/90/95 % of 200k steps, HR patch 160, no clipping; validation at temperature 0.9
+        # (default_temperature).
+        return replace(
+            super().recipe(scale), batch=12 if scale == 4 else 16, patch=160 // scale,
+            steps=200_000, learning_rate=2.5e-4 if scale == 4 else 5e-4,
+            milestones=(0.5, 0.75, 0.9, 0.95),
+        )  # fmt: skip
 
     # Architecture: overridden by the variants.
 
@@ -287,7 +285,7 @@ class SRFlow(SRModel):
         def draw(c, down):  # spatial fields (C, h, w), so tiles can cut them from the whole
             if temperature == 0:
                 return lr.new_zeros(b * n, c, H // down, W // down)
-            return temperature * noise.randn((c, H // down, W // down)).to(lr.device, lr.dtype)
+            return temperature * noise.field(c, H // down, W // down).to(lr.device, lr.dtype)
 
         # Fixed order: z_L, then each split's eps from the last level back.
         drawn = [draw(self.latent_channels, self.latent_down)]
@@ -354,24 +352,10 @@ class SRFlow(SRModel):
             )
         hint = ""
         if not any(k.startswith("flow.") for k in sd):  # the released layout
-            hint = f" (the file looks like {_looks_like(sd)})"
+            hint = f"the file looks like {_looks_like(sd)}"
             sd = self._from_official(sd)
-        own = self.state_dict()
-        ignorable = lambda k: k.startswith(("f.", OFFICIAL_F))  # noqa: E731
-        missing = [k for k in own if k not in sd and not ignorable(k)]
-        unexpected = [k for k in sd if k not in own and not ignorable(k)]
-        shape = [k for k in own if k in sd and own[k].shape != sd[k].shape]
-        if missing or unexpected or shape:
-            parts = [
-                f"{len(v)} {what} (e.g. {', '.join(v[:2])})"
-                for what, v in (("missing", missing), ("unexpected", unexpected), ("shape", shape))
-                if v
-            ]
-            raise CheckpointError(
-                f"{path}: does not match {type(self).__name__} x{self.scale} "
-                f"(L={self.levels}, K={self.steps}): {'; '.join(parts)}{hint}"
-            )
-        self.load_state_dict({k: sd.get(k, v) for k, v in own.items()}, strict=True)
+        layout = f"{type(self).__name__} x{self.scale} (L={self.levels}, K={self.steps})"
+        load_strict(self, sd, f"{path}: does not match {layout}", hint, optional=("f.", OFFICIAL_F))
         self.mark_initialized()
 
     @classmethod

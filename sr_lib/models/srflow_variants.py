@@ -8,7 +8,7 @@ Written from srflow_spec.md §2 and §3; nothing copied.
 """
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sr_lib.errors import UsageError
+from sr_lib.models.base import Recipe
 from sr_lib.models.flow_layers import CondAffine, CouplingNet, ResidualCouplingNet
 from sr_lib.models.srflow import SRFlow, SRFlowConfig
 from sr_lib.resize import imresize_torch
@@ -37,8 +38,6 @@ class SRFlowDA(SRFlow):
     Config = SRFlowDAConfig
 
     def __init__(self, cfg: SRFlowDAConfig):
-        if cfg.variant not in ("da", "r", "s", "d"):
-            raise UsageError(f"--variant {cfg.variant!r}: choose one of da, r, s, d")
         if cfg.variant == "s" and cfg.flow_levels not in (0, 1):
             raise UsageError("--variant s has exactly one level; leave --flow-levels unset")
         self.variant = cfg.variant
@@ -49,9 +48,9 @@ class SRFlowDA(SRFlow):
         steps = {"s": 12 if scale == 4 else 18, "d": 1}.get(self.variant, 6)
         return dict(levels=levels, steps=steps, blocks="1,8,15,22")  # x8 too (§2.5)
 
-    @staticmethod
-    def train_defaults(scale: int) -> dict:
-        return {**SRFlow.train_defaults(scale), "learning_rate": 2e-4}  # §2.8
+    @classmethod
+    def recipe(cls, scale: int) -> Recipe:
+        return replace(super().recipe(scale), learning_rate=2e-4)  # §2.8
 
     def level_plan(self) -> list[tuple[int, str]]:
         t = "T" * self.cfg.transitions
@@ -142,12 +141,12 @@ class NCSR(SRFlow):
             "std_max": 0.05 if scale == 4 else 0.03,  # released configs (the paper: 0.1)
         }  # fmt: skip
 
-    @staticmethod
-    def train_defaults(scale: int) -> dict:
-        return {
-            **SRFlow.train_defaults(scale), "batch": 18 if scale == 4 else 16,
-            "learning_rate": 2e-4, "steps": 220_000 if scale == 4 else 250_000,
-        }  # fmt: skip
+    @classmethod
+    def recipe(cls, scale: int) -> Recipe:
+        return replace(
+            super().recipe(scale), batch=18 if scale == 4 else 16, learning_rate=2e-4,
+            steps=220_000 if scale == 4 else 250_000,
+        )  # fmt: skip
 
     def make_affine(self, channels: int, level: int, k: int) -> CondAffine:
         affine = CondAffine(channels, self.cond_channels, self.make_net, noise_channels=3,

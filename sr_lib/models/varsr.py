@@ -11,49 +11,43 @@ G(I_L, z) is SRGAN-like (8 residual blocks, the paper's face setting). Training 
 Sampling: z ~ p(z | LR) with σ scaled by `temperature` (Eq. 4; 1 = the paper, 0 = μ_L).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sr_lib.errors import UsageError
-from sr_lib.models.base import ModelConfig, SRModel
+from sr_lib.models.base import LatentSRModel, ModelConfig, Recipe, option
 from sr_lib.models.blocks import conv3x3
-from sr_lib.models.refvae import check_choices
-from sr_lib.models.vgg_loss import VGG19_RELU, VGGLoss
+from sr_lib.models.losses import VGGLoss, frozen_call, gaussian_kl, gradient_penalty
+from sr_lib.models.vgg import VGG19_RELU, VGGFeatures
 from sr_lib.resize import imresize_torch
-
-
-def _f(default, help: str, **kw):
-    return field(default=default, metadata=dict(help=help, **kw))
 
 
 @dataclass
 class VarSRConfig(ModelConfig):
-    z_dim: int = _f(256, "latent size D (paper: 256 faces, 64 digits)")
-    n_feats: int = _f(64, "generator channels")
-    n_blocks: int = _f(8, "generator residual blocks (paper: 8, as MR-GAN)")
-    enc_feats: int = _f(64, "encoder widths c, 2c, 4c, 4c (4 stride-2 convs)")
-    residual: bool = _f(True, "tanh output instead of bicubic(LR) + a learned residual")
-    lambda_pixel: float = _f(1.0, "λ_pixel, MSE on [-1, 1] (Eq. 6)")
-    lambda_kl: float = _f(0.01, "λ_KL (paper: 0.01 or 0.02 CelebA, 0.01 MNIST, 0.05 plates)")
-    lambda_adv: float = _f(0.001, "λ_adv, WGAN-GP (Eq. 8; 0 = no critic)")
-    adv_start: float = _f(0.5, "fraction of training before the adversarial loss is switched on")
-    gp_weight: float = _f(10.0, "gradient-penalty weight δ (Eq. 8)")
-    lambda_per: float = _f(0.006, "λ_per, VGG19 feature MSE (SRGAN's 1/12.75²; 0 = off)")
-    per_layer: str = _f("relu5_4", "VGG19 tap of the perceptual loss (SRGAN: relu5_4)",
-                        choices=tuple(VGG19_RELU))  # fmt: skip
-    pretrained: bool = _f(True, "random frozen VGG19 for the perceptual loss (tests only)")
-    d_channels: int = _f(64, "critic width (SRGAN: 64)")
-    d_layers: int = _f(8, "critic conv layers (SRGAN: 8; paper digits: 5)", choices=(5, 6, 7, 8))
-
-
-def gaussian_kl(mu_q, logvar_q, mu_p, logvar_p) -> torch.Tensor:
-    """KL(N(μ_q, σ_q²) ‖ N(μ_p, σ_p²)) of diagonal Gaussians, summed over the last dim:
-    Σ_d ½[log σ_p² − log σ_q² + (σ_q² + (μ_q − μ_p)²)/σ_p² − 1] (Eq. 7 with q = E_H, p = E_L)."""
-    ratio = (logvar_q.exp() + (mu_q - mu_p).square()) / logvar_p.exp()
-    return 0.5 * (logvar_p - logvar_q + ratio - 1).sum(dim=-1)
+    z_dim: int = option(256, "latent size D (paper: 256 faces, 64 digits)")
+    n_feats: int = option(64, "generator channels")
+    n_blocks: int = option(8, "generator residual blocks (paper: 8, as MR-GAN)")
+    enc_feats: int = option(64, "encoder widths c, 2c, 4c, 4c (4 stride-2 convs)")
+    residual: bool = option(True, "tanh output instead of bicubic(LR) + a learned residual")
+    lambda_pixel: float = option(1.0, "λ_pixel, MSE on [-1, 1] (Eq. 6)")
+    lambda_kl: float = option(0.01, "λ_KL (paper: 0.01 or 0.02 CelebA, 0.01 MNIST, 0.05 plates)")
+    lambda_adv: float = option(0.001, "λ_adv, WGAN-GP (Eq. 8; 0 = no critic)")
+    adv_start: float = option(
+        0.5, "fraction of training before the adversarial loss is switched on"
+    )
+    gp_weight: float = option(10.0, "gradient-penalty weight δ (Eq. 8)")
+    lambda_per: float = option(0.006, "λ_per, VGG19 feature MSE (SRGAN's 1/12.75²; 0 = off)")
+    per_layer: str = option(
+        "relu5_4", "VGG19 tap of the perceptual loss (SRGAN: relu5_4)", choices=tuple(VGG19_RELU)
+    )
+    pretrained: bool = option(True, "random frozen VGG19 for the perceptual loss (tests only)")
+    d_channels: int = option(64, "critic width (SRGAN: 64)")
+    d_layers: int = option(
+        8, "critic conv layers (SRGAN: 8; paper digits: 5)", choices=(5, 6, 7, 8)
+    )
 
 
 class Encoder(nn.Module):
@@ -132,19 +126,16 @@ class Critic(nn.Module):
         return self.head(self.body(x).mean(dim=(2, 3), keepdim=True)).flatten()
 
 
-class VarSR(SRModel):
+class VarSR(LatentSRModel):
     """G(I_L, z) with z ~ q(z | HR) in training and z ~ p(z | LR) at test time (§3)."""
 
     Config = VarSRConfig
-    stochastic = True
-    default_temperature = 1.0
     sample_controls = ("latent", "latent_from")  # sr_sample.py --latent*, --save-latent
 
     def __init__(self, cfg: VarSRConfig):
         super().__init__(cfg)
         if cfg.scale not in (2, 3, 4, 8):
             raise UsageError(f"varsr: scale {cfg.scale} not supported; use 2, 3, 4 or 8")
-        check_choices(cfg)  # --per-layer, --d-layers
         if min(cfg.z_dim, cfg.n_feats, cfg.enc_feats, cfg.d_channels, cfg.n_blocks + 1) < 1:
             raise UsageError("varsr: --z-dim and the widths must be >= 1, --n-blocks >= 0")
         self.enc_lr = Encoder(cfg.enc_feats, cfg.z_dim)  # E_L, on bicubic(LR) at HR size
@@ -155,19 +146,15 @@ class VarSR(SRModel):
         self._perceptual: list[nn.Module] = []  # a list keeps the frozen VGG out of state_dict
         self._adv_on = False  # set by on_step: phase 2
 
-    @staticmethod
-    def train_defaults(scale: int) -> dict:
+    @classmethod
+    def recipe(cls, scale: int) -> Recipe:
         # Paper §4.2: Adam(0.9, 0.99), lr 1e-4 decayed once (when and how much: not given; here
         # ×0.1 for the last quarter), the critic with the same Adam. Batch, steps and patch are
         # not given [derived]: batch 64, 100k steps, the paper's LR sizes (8² at ×8, 6² at ×4).
-        return {
-            **SRModel.train_defaults(scale),
-            "batch": 64, "patch": 8 if scale == 8 else 6 if scale == 4 else 16,
-            "steps": 100_000, "learning_rate": 1e-4, "betas": (0.9, 0.99), "eps": 1e-8,
-            "weight_decay": 0.0, "milestones": (0.75,), "gamma": 0.1, "schedule": "multistep",
-            "grad_clip": 0.0, "d_learning_rate": 1e-4, "d_betas": (0.9, 0.99),
-            "d_weight_decay": 0.0, "temperature": 1.0,
-        }  # fmt: skip
+        return replace(
+            super().recipe(scale), batch=64, patch=8 if scale == 8 else 6 if scale == 4 else 16,
+            steps=100_000, betas=(0.9, 0.99), milestones=(0.75,), gamma=0.1, d_betas=(0.9, 0.99),
+        )  # fmt: skip
 
     def on_step(self, step: int, total: int) -> None:
         # SRGAN's two phases (§4.2): no adversarial loss (and no critic steps) before adv_start.
@@ -181,7 +168,8 @@ class VarSR(SRModel):
         """Frozen VGG19 feature MSE, built on first use (CheckpointError if weights are missing)."""
         if not self._perceptual:
             c = self.cfg
-            self._perceptual.append(VGGLoss((c.per_layer,), True, pretrained=c.pretrained))
+            vgg = VGGFeatures((c.per_layer,), True, pretrained=c.pretrained)
+            self._perceptual.append(VGGLoss(vgg))
         return self._perceptual[0]
 
     def prior(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,11 +187,6 @@ class VarSR(SRModel):
             return imresize_torch(lr, self.scale) + 0.5 * out
         return 0.5 * (torch.tanh(out) + 1)
 
-    def _critic(self, sr: torch.Tensor) -> torch.Tensor:
-        # The critic with detached parameters: L_G trains G only; D learns from its own loss.
-        params = {k: p.detach() for k, p in self.discriminator.named_parameters()}
-        return torch.func.functional_call(self.discriminator, params, (2 * sr - 1,))
-
     def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
         c = self.cfg
         mu_h, logvar_h = self.posterior(hr)
@@ -219,7 +202,7 @@ class VarSR(SRModel):
             loss = loss + c.lambda_per * per
             parts["per"] = per.detach()
         if self._adv_on:
-            adv = -self._critic(sr).mean()  # generator side of Eq. 8
+            adv = -frozen_call(self.discriminator, 2 * sr - 1).mean()  # generator side of Eq. 8
             loss = loss + c.lambda_adv * adv
             parts["adv"] = adv.detach()
         return {"loss": loss, "pixel": pixel.detach(), "kl": kl.detach(), **parts, "sr": sr}
@@ -232,10 +215,7 @@ class VarSR(SRModel):
             return {"loss": hr.new_zeros(())}
         real, fake = 2 * hr - 1, 2 * out["sr"].detach() - 1
         d_real, d_fake = self.discriminator(real), self.discriminator(fake)
-        t = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
-        x = (t * real + (1 - t) * fake).requires_grad_(True)
-        (grad,) = torch.autograd.grad(self.discriminator(x).sum(), x, create_graph=True)
-        gp = (grad.flatten(1).norm(dim=1) - 1).square().mean()
+        gp = gradient_penalty(self.discriminator, real, fake)
         loss = d_fake.mean() - d_real.mean() + self.cfg.gp_weight * gp
         return {"loss": loss, "wasserstein": (d_real.mean() - d_fake.mean()).detach(),
                 "gp": gp.detach()}  # fmt: skip
@@ -250,15 +230,8 @@ class VarSR(SRModel):
         if latent_from is not None:
             return self.posterior(latent_from.to(lr))[0][:, None].expand(b, n, d)
         mu, logvar = self.prior(lr)
-        eps = noise.randn((d,)).view(b, n, d)  # a global vector: the same for every tile
+        eps = noise.vector(d).view(b, n, d)  # a global vector: the same for every tile
         return mu[:, None] + temperature * torch.exp(0.5 * logvar)[:, None] * eps
 
-    def generate(self, lr, n, temperature, noise, latent=None, latent_from=None) -> torch.Tensor:
-        """latent: explicit z, (D,), (n, D) or (B, n, D); otherwise drawn by `latents`."""
-        b = lr.shape[0]
-        if latent is None:
-            z = self.latents(lr, n, temperature, noise, latent_from)
-        else:
-            z = latent.to(lr).expand(b, n, self.cfg.z_dim)
-        # One sample at a time: a sample never depends on what it is batched with.
-        return torch.stack([self.decode(lr, z[:, i]) for i in range(n)], dim=1)
+    def decode_latents(self, lr: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.decode(lr, z[:, i]) for i in range(z.shape[1])], dim=1)

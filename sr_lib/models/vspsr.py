@@ -11,7 +11,7 @@ MSE + λ_ω·KL (Eq. 5, code form) + λ_adv·LSGAN + λ_per·VGG19-relu5_4 MSE. 
 through the exact MATLAB-bicubic CEM (`sr_lib.cem`); deviations are listed in docs/vspsr.md.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +19,10 @@ from torch import nn
 
 from sr_lib.cem import cem
 from sr_lib.errors import UsageError
-from sr_lib.models.base import ModelConfig, SRModel
+from sr_lib.models.base import ModelConfig, Recipe, SRModel
 from sr_lib.models.blocks import conv3x3
-from sr_lib.models.vgg_loss import VGG19_RELU, VGGLoss
+from sr_lib.models.losses import VGGLoss, frozen_call, sparse_prior_kl, standard_normal_kl
+from sr_lib.models.vgg import VGG19_RELU, VGGFeatures
 
 UPSAMPLING = ("bilinear", "bicubic", "none")
 SPARSITY_THRESHOLD = 0.05  # |ω| below this counts as "near zero" in the logged sparsity
@@ -59,17 +60,6 @@ class VSpSRConfig(ModelConfig):
     d_channels: int = field(default=64, metadata=dict(help="discriminator width (64..512)"))
     cem_train: bool = field(default=False, metadata=dict(help="apply the CEM in training too"))
     cem_test: bool = field(default=True, metadata=dict(help="apply the CEM to samples"))
-
-
-def sparse_prior_kl(mu: torch.Tensor, logvar: torch.Tensor, alpha: float, beta: float):
-    """Per-coefficient KL term of Eq. 5 in the code's form: E[ρ]·(μ² + σ²) − log σ².
-
-    That is 2× the Eq. 5 summand without its constant. E[ρ] = (α + ½)/(β + ½(μ² + σ²)) is the
-    mean of the variational Gamma posterior of ρ (Eq. 5's μ_ρ) and is detached, as in the code.
-    """
-    second_moment = mu.square() + logvar.exp()  # E_q[ω²]
-    rho = ((alpha + 0.5) / (beta + 0.5 * second_moment)).detach()
-    return rho * second_moment - logvar
 
 
 def coefficient_sparsity(
@@ -168,10 +158,6 @@ class VSpSR(SRModel):
         super().__init__(cfg)
         if cfg.scale not in (2, 3, 4, 8):
             raise UsageError(f"vspsr: scale {cfg.scale} not supported; use 2, 3, 4 or 8")
-        if cfg.upsample not in UPSAMPLING:
-            raise UsageError(f"--upsample {cfg.upsample!r}: choose one of {', '.join(UPSAMPLING)}")
-        if cfg.per_layer not in VGG19_RELU:
-            raise UsageError(f"--per-layer {cfg.per_layer!r}: choose a VGG19 ReLU, e.g. relu5_4")
         if min(cfg.n_basis, cfg.basis_channels, cfg.coef_channels, cfg.d_channels) < 1:
             raise UsageError("vspsr: --n-basis and the channel widths must be >= 1")
         self.refine = None
@@ -186,18 +172,14 @@ class VSpSR(SRModel):
             self.discriminator = Discriminator(cfg.d_channels)  # nn.Module registers it
         self._perceptual: list[nn.Module] = []  # a list keeps the frozen VGG out of state_dict
 
-    @staticmethod
-    def train_defaults(scale: int) -> dict:
+    @classmethod
+    def recipe(cls, scale: int) -> Recipe:
         # Paper §4.2 + code: Adam(0.9, 0.999, 1e-8), weight decay 1e-4, lr 1e-4 ×0.1 every 100 of
         # 300 epochs; 800 images / batch 4 = 200 steps per epoch -> 60k steps; clip 0.1 (G and D).
-        return {
-            **SRModel.train_defaults(scale),
-            "batch": 4, "patch": 32 if scale == 8 else 48, "steps": 60_000,
-            "learning_rate": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-4,
-            "milestones": (1 / 3, 2 / 3), "gamma": 0.1, "schedule": "multistep", "grad_clip": 0.1,
-            "d_learning_rate": 1e-4, "d_betas": (0.9, 0.999), "d_weight_decay": 1e-4,
-            "temperature": 1.0,
-        }  # fmt: skip
+        return replace(
+            super().recipe(scale), batch=4, steps=60_000, weight_decay=1e-4,
+            milestones=(1 / 3, 2 / 3), gamma=0.1, grad_clip=0.1, d_weight_decay=1e-4,
+        )  # fmt: skip
 
     def set_perceptual_loss(self, loss: nn.Module) -> None:
         """Use this (sr, hr) -> loss module for L_per instead of building the VGG19 one."""
@@ -207,7 +189,8 @@ class VSpSR(SRModel):
         """The frozen VGG19 loss, built on first use (CheckpointError if the file is missing)."""
         if not self._perceptual:
             c = self.cfg
-            self._perceptual.append(VGGLoss((c.per_layer,), c.per_imagenet_norm, pretrained=True))
+            vgg = VGGFeatures((c.per_layer,), c.per_imagenet_norm, pretrained=True)
+            self._perceptual.append(VGGLoss(vgg))
         return self._perceptual[0]
 
     def deterministic_part(self, lr: torch.Tensor) -> torch.Tensor | None:
@@ -237,11 +220,6 @@ class VSpSR(SRModel):
         out = self.final(e)
         return out if m is None else out + m  # out of place (the code's in-place add aliases)
 
-    def _d_score(self, sr: torch.Tensor) -> torch.Tensor:
-        # D with detached parameters: L_G trains the generator only, D learns from its own loss.
-        params = {k: p.detach() for k, p in self.discriminator.named_parameters()}
-        return torch.func.functional_call(self.discriminator, params, (sr,))
-
     def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
         c = self.cfg
         basis, mu, logvar = self.distributions(lr)
@@ -253,7 +231,7 @@ class VSpSR(SRModel):
             z_mu, z_logvar = basis.chunk(2, dim=1)
             basis = z_mu + torch.exp(0.5 * z_logvar) * torch.randn_like(z_mu)
             # [derived] N(0, I) prior on the atoms: the paper gives none for ablation #3.
-            kl_z = 0.5 * (z_mu.square() + z_logvar.exp() - z_logvar - 1).mean()
+            kl_z = standard_normal_kl(z_mu, z_logvar).mean()
             parts["kl_z"] = kl_z.detach()
             kl = kl + kl_z
         sr = self.decode(self.synthesize(basis, w, lr.shape[0]), self.deterministic_part(lr))
@@ -262,7 +240,9 @@ class VSpSR(SRModel):
         mse = F.mse_loss(sr, hr)  # Eq. 4 with 1/(2σ₀²) absorbed into the λs
         loss = mse + c.lambda_w * kl
         if self.discriminator is not None:
-            adv = F.mse_loss(self._d_score(sr), torch.ones(sr.shape[0], device=sr.device))
+            adv = F.mse_loss(
+                frozen_call(self.discriminator, sr), torch.ones(sr.shape[0], device=sr.device)
+            )
             loss = loss + c.lambda_adv * adv
             parts["adv"] = adv.detach()
         if c.lambda_per > 0:
@@ -294,12 +274,12 @@ class VSpSR(SRModel):
         random_z = c.stochastic_basis and temperature > 0
         if random_w:  # a spatial field: tiled sampling cuts it from the whole-image draw
             std = torch.exp(0.5 * logvar) * temperature
-            eps = noise.randn((ch, c.n_basis, h, w)).reshape(b, n, ch * c.n_basis, h, w)
+            eps = noise.field(ch * c.n_basis, h, w).reshape(b, n, ch * c.n_basis, h, w)
         if c.stochastic_basis:
             basis, z_logvar = basis.chunk(2, dim=1)  # μ_z, log σ_z²
         if random_z:
             z_std = torch.exp(0.5 * z_logvar) * temperature
-            eps_z = noise.randn((ch * c.n_basis, self.scale**2)).reshape(b, n, -1)  # not spatial
+            eps_z = noise.vector(ch * c.n_basis * self.scale**2).view(b, n, -1)  # global atoms
         out = []
         for i in range(n):  # one sample at a time: ω alone is C× the size of the LR
             wi = mu + std * eps[:, i].reshape_as(mu) if random_w else mu

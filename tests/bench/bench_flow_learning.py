@@ -40,9 +40,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run from anywhere without install
 import sr_train  # noqa: E402
 from sr_lib import metrics  # noqa: E402
-from sr_lib.checkpoint import load_model  # noqa: E402
 from sr_lib.data import load_pairs, to_tensor, to_uint8  # noqa: E402
 from sr_lib.errors import CheckpointError  # noqa: E402
+from sr_lib.models import load_model  # noqa: E402
 from sr_lib.models.base import NoiseSource, sample_seed  # noqa: E402
 from sr_lib.resize import imresize  # noqa: E402
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "--batch", str(args.batch), "--patch", str(args.patch), "--learning-rate",
                   str(args.learning_rate), "--val-every", "0", "--save-every", "500",
                   "--log-every", "50", "--workers", "0", *MODEL_FLAGS]  # fmt: skip
-        pairs = [sr_train.centre_crop(p, args.val_crop, SCALE) for p in load_pairs("demo", SCALE)]
+        pairs = load_pairs("demo", SCALE, crop=args.val_crop)
         t0 = time.time()
         rrdb = {}
         if args.rrdb_minutes > 0:

@@ -88,7 +88,7 @@ def run_case(case: str, args) -> dict:
     with torch.no_grad():
         net.sample(lr, 1, 0.9, NoiseSource([99]))  # warm-up: oneDNN primitive creation
         if case == "tile":
-            from sr_sample import draw
+            from sr_lib.tiling import draw
 
             t, sr = timed(lambda: draw(net, lr, [0], 0.9, args.tile, args.tile_overlap), args.runs)
             out.update(tile=args.tile, tile_overlap=args.tile_overlap, s_per_sample=t)

@@ -50,9 +50,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import sr_train  # noqa: E402
-from sr_lib.checkpoint import load_model  # noqa: E402
 from sr_lib.data import load_pairs, to_uint8  # noqa: E402
 from sr_lib.metrics import psnr, shave_border  # noqa: E402
+from sr_lib.models import load_model  # noqa: E402
 from sr_lib.resize import imresize  # noqa: E402
 
 
@@ -63,17 +63,15 @@ def train_argv(out: Path, loss: str, steps: int, budget: float, a, fraction=None
             "--patch", str(a.patch), "--learning-rate", str(a.learning_rate),
             "--milestones", "0.7", "0.8", "0.9", "--gamma", "0.5",
             "--val-every", "0", "--log-every", "10", "--workers", "1", "--seed", str(a.seed),
-            "--channels-last", "--amp", a.amp, *(le_flags(a, fraction) if loss == "le" else []),
+            "--amp", a.amp, *(le_flags(a, fraction) if loss == "le" else []),
             "--out", str(out)]  # fmt: skip
 
 
 def le_flags(a, fraction=None) -> list[str]:
     fraction = a.le_sigma_final_fraction if fraction is None else fraction
-    flags = ["--le-aux-target", a.le_aux_target, "--le-sigma-images", str(a.le_sigma_images),
-             "--le-sigma-final-fraction", str(fraction),
-             "--le-sigma-feats", str(a.le_sigma_feats),
-             "--le-sigma-ema", str(a.le_sigma_ema)]  # fmt: skip
-    return flags + (["--le-sigma-constant-lr"] if a.le_sigma_constant_lr else [])
+    return ["--le-aux-target", a.le_aux_target, "--le-sigma-final-fraction", str(fraction),
+            "--le-sigma-feats", str(a.le_sigma_feats),
+            "--le-sigma-ema", str(a.le_sigma_ema)]  # fmt: skip
 
 
 def calibrate(root: Path, a) -> dict[str, float]:
@@ -199,8 +197,6 @@ def main():
     # trained on the validation
     # images themselves reached 0.63 in 500 steps and 0.75 in 4,000. So σ can express a higher r;
     # what the 6 demo training images teach it transfers to about 0.5.
-    p.add_argument("--le-sigma-images", type=int, default=0, help="0 = all (paper)")
-    p.add_argument("--le-sigma-constant-lr", action="store_true")
     p.add_argument("--le-sigma-final-fraction", type=float, default=0.3)
     p.add_argument("--le-sigma-ema", type=float, default=0.99, help="0 = off (paper)")
     p.add_argument("--le-sigma-feats", type=int, default=64, help="σ branch width (paper: 160)")
@@ -229,8 +225,6 @@ def main():
     pairs = load_pairs("demo", a.scale)
     result = {"bench": "learning", "scale": a.scale, "budget_s": a.budget, "batch": a.batch,
               "patch": a.patch, "learning_rate": a.learning_rate, "le_aux_target": a.le_aux_target,
-              "le_sigma_images": a.le_sigma_images,
-              "le_sigma_constant_lr": a.le_sigma_constant_lr,
               "le_sigma_final_fraction": a.le_sigma_final_fraction,
               "le_sigma_feats": a.le_sigma_feats, "le_sigma_ema": a.le_sigma_ema, "amp": a.amp,
               "plan_fraction": a.plan_fraction,

@@ -3,11 +3,12 @@
     python tests/bench/bench_train_step.py [--model edsr] [--scale 4] [--batch 8] [--patch 24]
                                            [--losses l1 le] [--rounds 6]
 
-What `sr_train.py --channels-last` buys here: each (loss, format) runs forward + backward +
-Adam on fixed random patches; the configurations take turns (`--rounds` rounds of 3 steps each),
-so a machine that speeds up or slows down during the run affects all of them alike. Reports the
-median and the fastest round per configuration; it fails if a configuration's loss is not finite
-(a timing of a diverged step would mean nothing). Which layers take the time: use a profiler.
+What the NHWC (channels-last) memory format would buy a training step: each (loss, format) runs
+forward + backward + Adam on fixed random patches; the configurations take turns (`--rounds`
+rounds of 3 steps each), so a machine that speeds up or slows down during the run affects all of
+them alike. Reports the median and the fastest round per configuration; it fails if a
+configuration's loss is not finite (a timing of a diverged step would mean nothing). Which
+layers take the time: use a profiler.
 """
 
 import argparse

@@ -31,8 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere without install
 import sr_train  # noqa: E402
 from sr_lib import metrics  # noqa: E402
-from sr_lib.checkpoint import load_model  # noqa: E402
 from sr_lib.data import load_pairs, to_tensor, to_uint8  # noqa: E402
+from sr_lib.lpips_net import lpips_module  # noqa: E402
+from sr_lib.models import load_model  # noqa: E402
 from sr_lib.models.base import NoiseSource, sample_seed  # noqa: E402
 from sr_lib.resize import imresize  # noqa: E402
 
@@ -56,7 +57,7 @@ SMALL = {
 def random_lpips() -> metrics.LpipsMetric:
     """LPIPS with a RANDOM AlexNet trunk (seeded): NOT the real LPIPS."""
     torch.manual_seed(0)
-    return metrics.LpipsMetric(metrics.lpips_module(), info={"trunk": "random (not LPIPS)"})
+    return metrics.LpipsMetric(lpips_module(), info={"trunk": "random (not LPIPS)"})
 
 
 def evaluate(model, pairs, n: int, lpips_metric, seed: int = 0) -> dict:

@@ -28,8 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere without install
 import sr_train  # noqa: E402
 from sr_lib import metrics  # noqa: E402
-from sr_lib.checkpoint import load_model  # noqa: E402
 from sr_lib.data import load_pairs, to_tensor, to_uint8  # noqa: E402
+from sr_lib.lpips_net import lpips_module  # noqa: E402
+from sr_lib.models import load_model  # noqa: E402
 from sr_lib.models.base import NoiseSource, sample_seed  # noqa: E402
 from sr_lib.resize import imresize  # noqa: E402
 
@@ -41,7 +42,7 @@ def random_lpips(folder: Path) -> metrics.LpipsMetric:
     """LpipsMetric from a saved random-trunk lpips state_dict: NOT the real LPIPS."""
     torch.manual_seed(0)
     path = folder / "lpips_random_alex.pth"
-    torch.save(metrics._new_lpips_module().state_dict(), path)  # pnet_rand: random AlexNet
+    torch.save(lpips_module().state_dict(), path)  # pnet_rand: random AlexNet
     return metrics.LpipsMetric.load(weights=path)
 
 

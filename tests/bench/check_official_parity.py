@@ -12,7 +12,7 @@ variant) this script, in a subprocess of its own (the three code bases share mod
     initialisation every coupling outputs exactly 0, and the coupling networks and the
     conditioning could not change z, the NLL or a sample: a check on such weights proves little;
  2. saves its state_dict (the layout of the release files) and loads that file through srspace's
-    public path, `sr_lib.checkpoint.load_model(path, model=..., scale=...)` (what
+    public path, `sr_lib.models.load_model(path, model=..., scale=...)` (what
     `sr_sample.py --ckpt FILE --model M --scale S` does);
  3. compares, on a batch of 2 non-square LR/HR pairs:
       rrdb_*        every RRDB feature map (stacked blocks, fea_up*, the image output);
@@ -185,7 +185,7 @@ def run_case(case: str, paths: dict, seed: int) -> dict:
 
     # 2. The release-layout file, loaded through srspace's public path.
     sys.path.insert(1, str(ROOT))
-    from sr_lib.checkpoint import load_model
+    from sr_lib.models import load_model
     from sr_lib.models.base import NoiseSource
     from sr_lib.models.flow_layers import ActNorm
 
@@ -244,8 +244,8 @@ def run_case(case: str, paths: dict, seed: int) -> dict:
         # A temperature-0.9 sample of srspace's public `sample`, its unit draws scaled and fed to
         # the released decoder in its order (the splits' eps first to last, then z).
         class Recording(NoiseSource):
-            def randn(self, shape):
-                z = super().randn(shape)
+            def field(self, c, h, w):
+                z = super().field(c, h, w)
                 self.drawn.append(z)
                 return z
 

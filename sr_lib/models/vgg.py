@@ -1,17 +1,16 @@
-"""Frozen VGG19 feature taps and the perceptual (content) loss built on them.
+"""Frozen VGG19 feature taps (the perceptual losses of sr_lib/models/losses.py build on them).
 
 K. Simonyan, A. Zisserman, "Very Deep Convolutional Networks for Large-Scale Image Recognition",
-ICLR 2015 (arXiv:1409.1556); the torchvision `vgg19` layout. Used by VSpSR (relu5_4 MSE, no ImageNet
-normalisation: methods_spec §1.3) and meant for RefVAE / VarSR content and style losses (taps
-relu1_1 ... relu5_4). The ImageNet weights come from the weights manifest
+ICLR 2015 (arXiv:1409.1556); the torchvision `vgg19` layout. Used by VSpSR and VarSR (a relu5_4 MSE
+through `VGGLoss`; VSpSR without ImageNet normalisation: methods_spec §1.3) and RefVAE (its
+relu4_1 encoder, content and style losses). The ImageNet weights come from the weights manifest
 (`sr_lib.weights.torchvision_model`); a missing file raises CheckpointError with the staging hint.
-Build the loss only when its weight is > 0, so a run without it never needs the file.
+Build a loss only when its weight is > 0, so a run without it never needs the file.
 """
 
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sr_lib.errors import UsageError
@@ -91,23 +90,3 @@ class VGGFeatures(nn.Module):
             if i in self._tap_at:
                 out[self._tap_at[i]] = x
         return out
-
-
-class VGGLoss(nn.Module):
-    """Mean over taps of MSE(VGG(sr), VGG(hr)); gradients flow to `sr` only."""
-
-    def __init__(
-        self,
-        layers: tuple[str, ...] = ("relu5_4",),
-        imagenet_norm: bool = False,
-        pretrained: bool = True,
-        path: str | os.PathLike | None = None,
-    ):
-        super().__init__()
-        self.vgg = VGGFeatures(layers, imagenet_norm, pretrained, path)
-
-    def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            target = self.vgg(hr)
-        feats = self.vgg(sr)
-        return sum(F.mse_loss(feats[t], target[t]) for t in self.vgg.layers) / len(self.vgg.layers)

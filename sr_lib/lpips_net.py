@@ -1,0 +1,67 @@
+"""The LPIPS network, v0.1 with the AlexNet trunk, built without any download.
+
+R. Zhang et al., "The Unreasonable Effectiveness of Deep Features as a Perceptual Metric", CVPR
+2018; the `lpips` package. Used by the evaluation metric (`sr_lib.metrics.LpipsMetric`) and by
+RefVAE's LPIPS loss. The learned linear heads ship inside the lpips package; the ImageNet AlexNet
+trunk comes from the weights manifest (`sr_lib.weights`, entry `alexnet`).
+"""
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from sr_lib import weights
+from sr_lib.errors import CheckpointError
+
+# torchvision AlexNet `features.{i}` -> lpips `net.slice{s}.{i}` (slices end at the 5 ReLU taps).
+_ALEX_SLICES = {0: 1, 3: 2, 6: 3, 8: 4, 10: 5}
+
+
+def lpips_module() -> torch.nn.Module:
+    """A fresh `lpips.LPIPS(net="alex", version="0.1", spatial=True)` without any download.
+
+    Its trunk is randomly initialised until a state_dict is loaded (`load_alexnet_trunk`).
+    """
+    import lpips  # imported here: it pulls in torchvision
+
+    with warnings.catch_warnings():  # torchvision's `pretrained=` deprecation, inside lpips
+        warnings.simplefilter("ignore")
+        # pretrained=True loads the v0.1 linear heads shipped inside the lpips package;
+        # pnet_rand=True keeps torchvision from downloading the trunk (loaded afterwards).
+        return lpips.LPIPS(
+            net="alex", version="0.1", spatial=True, pretrained=True, pnet_rand=True, verbose=False
+        )
+
+
+def heads_file() -> Path:
+    """The v0.1 AlexNet linear heads shipped inside the lpips package."""
+    import lpips
+
+    return Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth"
+
+
+def alexnet_to_lpips(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a torchvision AlexNet state_dict onto lpips' trunk keys (`slice1.0.weight`, ...)."""
+    out = {}
+    for i, s in _ALEX_SLICES.items():
+        for p in ("weight", "bias"):
+            out[f"slice{s}.{i}.{p}"] = sd.get(f"features.{i}.{p}")
+    missing = [k for k, v in out.items() if v is None]
+    if missing:
+        raise CheckpointError(
+            f"not a torchvision AlexNet state_dict: {len(missing)} trunk tensors missing "
+            f"(e.g. features.{missing[0].split('.', 1)[1]})"
+        )
+    return out
+
+
+def load_alexnet_trunk(net: torch.nn.Module, offline: bool | None = None) -> Path:
+    """Load the manifest's ImageNet AlexNet into the trunk of an `lpips_module()`, strictly.
+
+    Returns the weights file; a missing one is a CheckpointError with a staging hint.
+    """
+    path = weights.resolve("alexnet", offline=offline)
+    trunk = alexnet_to_lpips(weights.load_state_dict(path))
+    weights.load_strict(net.net, trunk, f"{path} does not fit the AlexNet trunk")
+    return path
