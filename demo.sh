@@ -8,8 +8,8 @@ STEPS=${STEPS:-1000}
 
 python sr_train.py --model bicubic --scale 4 --steps 0 --val-every 0 --out "$OUT/bicubic" --resume auto
 # The learning check's short CPU recipe (tests/bench/bench_learning.py): small batches, a high
-# rate halved late. 1,000 steps took 176 s on a 2-core CPU and gained +0.42 dB over bicubic on
-# the demo validation images; the paper's recipe needs far more steps to get anywhere.
+# rate halved late; the paper's recipe needs far more steps to get anywhere. What this run gives:
+# docs/benchmarks.md, "Learning checks".
 python sr_train.py --model edsr --scale 4 --data demo --steps "$STEPS" --batch 4 --patch 24 \
   --learning-rate 6e-4 --milestones 0.7 0.8 0.9 --gamma 0.5 --val-every 250 --log-every 50 \
   --out "$OUT/edsr" --resume auto

@@ -1,7 +1,7 @@
 """Consistency Enforcing Module (CEM): project an SR image onto those whose downscale is the LR.
 
 Y. Bahat, T. Michaeli, "Explorable Super Resolution", CVPR 2020 (arXiv:1912.01839), §3 and its
-Fig. 3; written from the paper and methods_spec.md §5, nothing copied (official code:
+Fig. 3; written from the paper (docs/cem.md), nothing copied (official code:
 YuvalBahat/Explorable-Super-Resolution, Apache-2.0).
 
     x̂ = x + Hᵀ(HHᵀ)⁻¹(y − Hx)
@@ -13,11 +13,12 @@ of `sr_lib.resize.resize_matrix` (the mirroring folded in), so
 
     x̂ = x + P_h (y − A_h x A_wᵀ) P_wᵀ,    P = Aᵀ(AAᵀ)⁻¹
 
-(methods_spec §5.3 option B). Unlike the convolutional CEM of the official code and of VSpSR
-(a = −0.75, no border handling), this is exact at the borders too, for any image size and scale.
+(docs/cem.md, "Exact separable form"). Unlike the convolutional CEM of the official code and of
+VSpSR (a = −0.75, no border handling), this is exact at the borders too, for any image size and
+scale.
 P is computed once per (length, scale, device, dtype) in float64 and cached; H x uses the banded
 `imresize_torch` pass. Everything is linear, so the layer is differentiable in x and y: the
-gradient reaching x is the null-space projection (I − P A) of the incoming one (§5.3).
+gradient reaching x is the null-space projection (I − P A) of the incoming one (docs/cem.md).
 
 Apply `clamp(0, 1)` *after* the CEM (models' `sample()` does); clamping and uint8 rounding of the
 saved PNG then set the LR-PSNR ceiling (≈ 50–60 dB instead of ∞).
@@ -35,7 +36,7 @@ from sr_lib.resize import imresize_torch, resize_matrix
 def _pinv_rows(n_hr: int, n_lr: int, scale: int, device: torch.device, dtype: torch.dtype):
     """P = Aᵀ(AAᵀ)⁻¹, (n_hr, n_lr), for the 1-D downscale A (n_lr, n_hr). Cached: read only."""
     a = resize_matrix(n_hr, n_lr, 1 / scale, "cpu", torch.float64)
-    # AAᵀ is symmetric positive definite and well conditioned (cond ≈ 2, spec §5.2), so a
+    # AAᵀ is symmetric positive definite and well conditioned (cond ≈ 2; docs/cem.md), so a
     # Cholesky solve in float64 is exact to ~1e-15; solve(AAᵀ, A)ᵀ = Aᵀ(AAᵀ)⁻¹.
     gram = a @ a.T  # (n_lr, n_lr)
     p = torch.cholesky_solve(a, torch.linalg.cholesky(gram)).T  # (n_hr, n_lr)

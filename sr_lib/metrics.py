@@ -1,16 +1,18 @@
 """Evaluation metrics on what gets scored: uint8 (H, W, 3) RGB arrays as read from the saved PNGs.
 
 The four NTIRE 2021 "Learning the SR Space" columns follow the official `measure.py` exactly, as
-specified in `ntire21_metrics.md` (cited below as §N):
+docs/metrics.md describes them (its sections are cited below by their headings):
 
 - `LPIPS_mean`: LPIPS v0.1 (AlexNet trunk + learned linear heads), spatial map upsampled to the
-  full crop, mean over the map, mean over the N samples (§3);
-- `LRPSNR_worst` / `LRPSNR_mean`: PSNR between the uint8 `imresize(·, 1/scale)` of the SR and of the
-  ground truth, both cropped top-left to a multiple of 8 (§1, §2); +inf when identical;
+  full crop, mean over the map, mean over the N samples (docs/metrics.md "LPIPS");
+- `LRPSNR_worst` / `LRPSNR_mean`: PSNR between the uint8 `imresize(·, 1/scale)` of the SR and of
+  the ground truth, both cropped top-left to a multiple of 8 ("Inputs and crops", "LR-PSNR"); +inf
+  when identical;
 - `score`: diversity, (G - L) / G * 100 with G = min over samples of the map means and L = mean of
-  the per-pixel minimum over the N maps (§4); the dataset value is a mean of per-image ratios.
+  the per-pixel minimum over the N maps ("Diversity score"); the dataset value is a mean of
+  per-image ratios.
 
-Extra columns (never mixed up with the official ones, §8 "Reporting rule"): `PSNR_mean`,
+Extra columns (never mixed up with the official ones, "Official and extra columns"): `PSNR_mean`,
 `PSNR_best`, `SSIM_mean` (optionally on the MATLAB Y channel, with a border shave) and
 `LRPSNR_vs_input_mean` (against the LR input file instead of the re-downscaled ground truth).
 
@@ -36,7 +38,9 @@ from sr_lib.weights import load_state_dict, load_strict, sha256_file
 OFFICIAL_COLUMNS = ("LPIPS_mean", "LRPSNR_worst", "LRPSNR_mean", "score")
 EXTRA_COLUMNS = ("PSNR_mean", "PSNR_best", "SSIM_mean")
 LR_INPUT_COLUMN = "LRPSNR_vs_input_mean"
-NTIRE_MOD = 8  # the official GT crop is to a multiple of 8 for every scale, ×4 included (§1.2)
+# The official GT crop is to a multiple of 8 for every scale, ×4 included (docs/metrics.md,
+# "Inputs and crops").
+NTIRE_MOD = 8
 LPIPS_MIN_SIZE = 32  # smaller crops vanish inside AlexNet's pooling layers
 ARRAY = np.ndarray
 
@@ -52,8 +56,9 @@ def shave_border(img: ARRAY, k: int) -> ARRAY:
 def psnr(a: ARRAY, b: ARRAY, peak: float = 255.0) -> float:
     """PSNR in dB of two same-shape arrays with values in [0, peak] (uint8 or float).
 
-    As skimage's `peak_signal_noise_ratio` used by the reference (§2 "PSNR"): the MSE is over all
-    values in float64; identical inputs give +inf (the reference's numpy division gives the same).
+    As skimage's `peak_signal_noise_ratio` used by the reference (docs/metrics.md, "LR-PSNR"): the
+    MSE is over all values in float64; identical inputs give +inf (the reference's numpy division
+    gives the same).
     """
     if a.shape != b.shape:
         raise ValueError(f"psnr: shapes differ {a.shape} vs {b.shape}")
@@ -62,9 +67,10 @@ def psnr(a: ARRAY, b: ARRAY, peak: float = 255.0) -> float:
 
 
 def downscale(img: ARRAY, scale: int) -> ARRAY:
-    """uint8 (H, W, 3) -> uint8 `imresize(img, 1/scale)`: MATLAB bicubic, uint8 per pass (§2).
+    """uint8 (H, W, 3) -> uint8 `imresize(img, 1/scale)`: MATLAB bicubic, uint8 per pass.
 
-    Not `F.interpolate` nor a float pipeline: those differ by up to ~18 dB in LR-PSNR (§7 table).
+    Not `F.interpolate` nor a float pipeline: those differ by up to ~18 dB in LR-PSNR
+    (docs/metrics.md).
     """
     return imresize(img, 1 / scale)
 
@@ -74,7 +80,7 @@ def lr_psnr(sr: ARRAY, lr_ref: ARRAY, scale: int) -> float:
 
     For the official LR-PSNR, `sr` is the SR cropped to the mod-8 GT crop and `lr_ref` is
     `downscale(gt_crop8, scale)`, computed once per image (the reference recomputes it per
-    sample; the value is identical, §9).
+    sample; the value is identical, docs/metrics.md "LR-PSNR").
     """
     return psnr(downscale(sr, scale), lr_ref)
 
@@ -160,7 +166,7 @@ def ssim(a: ARRAY, b: ARRAY) -> float:
     (not sample) statistics, mean over the *valid* region (no padding), computed per channel
     and averaged over channels for RGB. This equals MATLAB `ssim_index.m` and skimage's
     `structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-    data_range=255)`. Not part of the NTIRE 2021 protocol (§5: no SSIM there).
+    data_range=255)`. Not part of the NTIRE 2021 protocol (no SSIM there; docs/metrics.md).
     """
     return SsimReference(b)(a)
 
@@ -172,8 +178,9 @@ def diversity_score(maps: ARRAY | torch.Tensor) -> float:
     """NTIRE 2021 diversity score of one image from its N full-resolution LPIPS maps (N, H, W).
 
     global best G = min over samples of the map mean; local best L = mean over pixels of the
-    per-pixel minimum over samples; score = (G - L) / G * 100 (§4). The minimum is per pixel of
-    the summed, upsampled map: not per patch, not per layer, not pooled (§7 "Diversity variants").
+    per-pixel minimum over samples; score = (G - L) / G * 100 (docs/metrics.md, "Diversity score").
+    The minimum is per pixel of the summed, upsampled map: not per patch, not per layer, not pooled
+    (docs/metrics.md, "Where a naive version differs").
     G = 0 (a sample identical to the ground truth) gives NaN, as the reference's 0/0.
     """
     acc = DiversityAccumulator()
@@ -217,9 +224,9 @@ class DiversityAccumulator:
 
 
 def dataset_mean(values: Sequence[float | None]) -> float | None:
-    """Mean over images of one column, as pandas `DataFrame.mean()` in the reference (§5).
+    """Mean over images of one column, as pandas `DataFrame.mean()` in the reference.
 
-    NaN/None entries are skipped (pandas `skipna`); one +inf makes the mean +inf (§2). None if no
+    NaN/None entries are skipped (pandas `skipna`); one +inf makes the mean +inf. None if no
     value is left.
     """
     vals = [v for v in values if v is not None and not math.isnan(v)]
@@ -232,7 +239,7 @@ def dataset_mean(values: Sequence[float | None]) -> float | None:
 class LpipsMetric:
     """LPIPS v0.1 AlexNet spatial maps, batched, with the ground-truth features computed once.
 
-    Equal to calling `lpips.LPIPS(net="alex", spatial=True)` as `loss(SR, GT)` per sample (§3):
+    Equal to calling `lpips.LPIPS(net="alex", spatial=True)` as `loss(SR, GT)` per sample:
     the forward math is re-implemented from lpips' structure (scaling layer, the 5 ReLU taps of
     the trunk, channel unit-normalisation with eps 1e-10, squared difference, 1×1 linear heads,
     bilinear upsampling with align_corners=False of each layer map to H×W, sum in layer order) so
@@ -242,9 +249,9 @@ class LpipsMetric:
     layout as in the module, and the maps come out equal to it on CPU. Batches > 1 (and the
     channels-last layout, deliberately not used) change the convolution kernels and thus the
     float32 rounding; the squared difference of nearly equal normalised features amplifies that,
-    to ~1e-6 relative for samples very close to the GT (§9 measured 7e-8 on real images). On
+    to ~1e-6 relative for samples very close to the GT (7e-8 measured on real images). On
     CPU, batching brings no speed, so it is only worth it on a GPU. On CUDA, TF32 is switched off
-    globally (it changes the values, §7).
+    globally (it changes the values; docs/metrics.md "LPIPS").
     """
 
     def __init__(self, net, device: str | torch.device = "cpu", batch: int = 1, info=None):
@@ -331,7 +338,7 @@ class LpipsMetric:
         """Spatial LPIPS maps (N, H, W) float32 of uint8 samples (N, H, W, 3) against the GT.
 
         `gt` is the uint8 (H, W, 3) ground truth or its `reference(gt)`. Samples are processed in
-        chunks of `self.batch`. The map mean is the per-sample LPIPS of the reference (§3).
+        chunks of `self.batch`. The map mean is the per-sample LPIPS of the reference.
         """
         sr = np.stack(sr) if not isinstance(sr, np.ndarray) else sr
         ref = self.reference(gt) if isinstance(gt, np.ndarray) else gt
@@ -348,7 +355,7 @@ class LpipsMetric:
 
 
 def to_lpips_range(imgs: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1] as measure.py: x / 255 * 2 - 1 (§3)."""
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1] as measure.py: x / 255 * 2 - 1."""
     return imgs.permute(0, 3, 1, 2).float().div(255).mul(2).sub(1)
 
 
@@ -403,7 +410,8 @@ def evaluate_image(
     """All columns for one ground truth uint8 (H, W, 3) and its N uint8 (h, w, 3) samples.
 
     Official columns (always, both modes): GT cropped top-left to a multiple of `official_mod`
-    (8: §1; 24 at ×3, which the challenge did not have), each SR cropped top-left to it; an SR
+    (8: docs/metrics.md, "Inputs and crops"; 24 at ×3, which the challenge did not have), each SR
+    cropped top-left to it; an SR
     smaller than that crop is a DataError naming the file (`names[i]`); one larger by more than
     mod - 1 px is cropped too, with a call of `warn`. `gt_name` names the GT in errors.
     `lpips_metric=None` leaves `LPIPS_mean` and `score` None. `ntire=True` returns only these.
@@ -485,7 +493,7 @@ def pll(gt: ARRAY, mu: ARRAY, sigma: ARRAY, floor: float = 1e-6) -> float:
 
     mean over pixels and RGB of log N(gt; mu, sigma^2) = -1/2 log(2 pi sigma^2) - (gt-mu)^2/(2
     sigma^2), all on the [0, 1] scale (gt, mu: uint8 HWC; sigma: float (3, H, W) or HWC in
-    [0, 1]), sigma floored at `floor` (methods_spec §4.6 defaults: RGB, no shave).
+    [0, 1]), sigma floored at `floor` (docs/metrics.md, "Uncertainty": RGB, no shave).
     """
     y, m, s = _uncertainty_inputs(gt, mu, sigma, floor)
     return float(np.mean(-0.5 * np.log(2 * np.pi * s**2) - (y - m) ** 2 / (2 * s**2)))

@@ -1,6 +1,6 @@
 """MATLAB-compatible bicubic `imresize` (Keys a = -0.5, antialiased when downscaling), bit-exact.
 
-Follows the numpy port used by the NTIRE 2021 evaluation (ntire21_metrics.md §2, §7): MATLAB
+Follows the numpy port used by the NTIRE 2021 evaluation (docs/metrics.md): MATLAB
 geometry, symmetric border mirroring, separable with the vertical pass first, and for uint8 input
 the result of *each* 1-D pass clipped to [0, 255], rounded half-to-even and kept uint8. uint8 output
 equals the port bit for bit, down to its float64 summation order over the taps.

@@ -1,4 +1,4 @@
-"""The exact MATLAB-bicubic CEM (sr_lib/cem.py; methods_spec.md §5, §7 items 2-3)."""
+"""The exact MATLAB-bicubic CEM (sr_lib/cem.py; docs/cem.md)."""
 
 import pytest
 import torch

@@ -1,5 +1,6 @@
-"""Flow layers (srflow_spec.md §6): exact inverses, log-dets against brute-force Jacobians,
-ActNorm data init, the 1x1 conv cache, and the once-per-LR-image conditioning path."""
+"""Flow layers (docs/flows.md, "Invariants the tests check"): exact inverses, log-dets against
+brute-force Jacobians, ActNorm data init, the 1x1 conv cache, and the once-per-LR-image
+conditioning path."""
 
 import math
 
@@ -23,7 +24,7 @@ from sr_lib.models.flow_layers import (
 
 
 def perturb(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial weights (spec §6): zero convs and ActNorms randomised, ActNorms initialised.
+    """Non-trivial weights: zero convs and ActNorms randomised, ActNorms initialised.
     At construction every coupling outputs a constant and many bugs would be invisible."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -107,7 +108,7 @@ def test_layer_inverse_and_logdet(name):
     brute = torch.linalg.slogdet(J)[1]
     assert abs(ld.item()) > 1e-3  # non-trivial weights
     assert ld.item() == pytest.approx(brute.item(), rel=1e-8)
-    # float32 round trip on a larger input (reverse of forward, spec §6.2).
+    # float32 round trip on a larger input (reverse of forward).
     m.float()
     x32 = torch.randn(1, 4, 6, 6)
     if name.startswith(("affine", "step")):  # the conditioning must match the input size
@@ -166,7 +167,7 @@ def test_lu_invconv_matches_its_matrix():
 
 
 def test_fresh_step_log_det_is_the_init_contraction():
-    """Spec §6.7: at construction each coupling scales by s0 = sigmoid(2) + 1e-4 (C = 12, 5x7)."""
+    """At construction each coupling scales by s0 = sigmoid(2) + 1e-4 (C = 12, 5x7)."""
     step = FlowStep(12, CondAffine(12, 5, nets()["srflow"])).eval()
     _, ld = step(torch.randn(1, 12, 5, 7), torch.zeros(1), torch.randn(1, 5, 5, 7))
     s0 = torch.sigmoid(torch.tensor(2.0, dtype=torch.float64)) + 1e-4

@@ -1,4 +1,4 @@
-"""The model contract (style.md §3.7) for every registered model; EDSR, RRDB and ℓ_E specifics."""
+"""The model contract (docs/design.md) for every registered model; EDSR, RRDB and ℓ_E specifics."""
 
 import copy
 import math
@@ -243,11 +243,11 @@ def test_edsr_mean_shift_is_added_back():
     assert torch.allclose(sr, mean.expand_as(sr))
 
 
-# RRDB (srflow_spec.md §1.2, §1.8, §4)
+# RRDB (docs/flows.md: the encoder and the key layout)
 
 
 def official_rrdb_layout(scale: int, nb: int = 23, nf: int = 64, gc: int = 32) -> dict:
-    """Key -> shape of an official RRDB_*.pth, written out from srflow_spec.md §4."""
+    """Key -> shape of an official RRDB_*.pth, written out from the released RRDBNet."""
     keys = {"conv_first.weight": (nf, 3, 3, 3), "conv_first.bias": (nf,)}
     for b in range(nb):
         for r in (1, 2, 3):
@@ -361,7 +361,7 @@ def test_load_official_rrdb(tmp_path):
         load_official_rrdb(src, path)
 
 
-# ℓ_E (He & Cheng; methods_spec.md §4)
+# ℓ_E (He & Cheng; docs/le.md)
 
 
 def le_numpy(mu, hr, sigma, z, beta, scope, target):

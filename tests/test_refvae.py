@@ -1,4 +1,4 @@
-"""RefVAE (methods_spec.md §2) and the sampling controls of sr_sample.py (--ref, --latent-from,
+"""RefVAE (docs/vae.md) and the sampling controls of sr_sample.py (--ref, --latent-from,
 --latent, --latent-shift, --save-latent) for refvae and varsr. Tiny configs, CPU, seconds."""
 
 import imageio.v3 as iio
@@ -54,7 +54,7 @@ def test_official_sizes():
 
 def test_shapes_any_lr_size_and_bicubic_start():
     net = model()
-    sr = net.sample(torch.rand(1, 3, 30, 44), n=2)  # spec §7.6: 30×44 at ×4 -> 120×176
+    sr = net.sample(torch.rand(1, 3, 30, 44), n=2)  # 30×44 at ×4 -> 120×176 (padded, cropped back)
     assert sr.shape == (1, 2, 3, 120, 176)
     assert net.lr_multiple == 2 and model(scale=8).lr_multiple == 1
     lr = torch.rand(1, 3, 6, 8)

@@ -1,4 +1,4 @@
-"""MATLAB-bicubic imresize against a slow reference written here from the formulas (spec §2)."""
+"""MATLAB-bicubic imresize against a slow reference written here from the formulas."""
 
 import math
 

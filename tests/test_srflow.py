@@ -1,4 +1,4 @@
-"""SRFlow, SRFlow-DA and NCSR (srflow_spec.md §6): parameter counts, the official key layout,
+"""SRFlow, SRFlow-DA and NCSR (docs/flows.md): parameter counts, the official key layout,
 whole-model invertibility and log-det, NLL units, temperature, training-step and sampling facts."""
 
 import math
@@ -55,7 +55,7 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# Official parameter counts (spec §1.8, §2, §3), all with the unused conv.
+# Official parameter counts (the released models), all with the unused conv.
 COUNTS = [
     ("srflow", 4, {}, 39_541_811, 1733),
     ("srflow", 8, {}, 50_821_891, 2080),
@@ -84,7 +84,7 @@ def test_parameter_counts_equal_the_official_models(name, scale, cfg, count, key
 
 
 def official_flow_layout(scale: int, L: int, K: int) -> dict:
-    """Key -> shape of the official flowUpsamplerNet (spec §1.4 table and §4), written out."""
+    """Key -> shape of the official flowUpsamplerNet (docs/flows.md, "Key layout"), written out."""
     keys, i, c = {}, 0, 3
 
     def net(prefix, cin, cout):
@@ -122,7 +122,7 @@ def test_official_key_layout(scale):
     want.update(official_flow_layout(scale, 3 if scale == 4 else 4, 16))
     assert got == want
     assert len(got) == (1733 if scale == 4 else 2080)
-    split = "flowUpsamplerNet.layers.19.conv.weight"  # spec §1.4: x4 split at 19, x8 at 19 and 39
+    split = "flowUpsamplerNet.layers.19.conv.weight"  # x4 split at 19, x8 at 19 and 39
     assert got[split] == (12, 6, 3, 3)
     assert scale == 4 or got["flowUpsamplerNet.layers.39.conv.weight"] == (24, 12, 3, 3)
     ncsr = meta_model("ncsr", {"scale": scale}).export_official_state_dict()
@@ -227,9 +227,9 @@ def test_whole_model_round_trip_and_latent_shapes(name, scale):
     lr, hr = batch(scale, h=4, w=6)
     latents, logdet = model.encode(lr, hr)
     back, logdet_back = model.reconstruct(lr, latents)
-    assert (back - hr).abs().max() < 1e-4  # fp32 (spec §6.2)
+    assert (back - hr).abs().max() < 1e-4  # fp32
     assert torch.allclose(logdet_back, -logdet, rtol=1e-4, atol=1e-2)
-    # Spec §6.6: final latent at LR/2 (SRFlow, NCSR) or at LR resolution (SRFlow-DA).
+    # Final latent at LR/2 (SRFlow, NCSR) or at LR resolution (SRFlow-DA).
     final = {"srflow_da": (24 if scale == 4 else 48, 4, 6)}.get(name, (96 * scale // 4, 2, 3))
     assert tuple(latents[-1].shape[1:]) == final
     assert len(latents) == (2 if scale == 4 else 3)  # splits + z_L

@@ -1,4 +1,4 @@
-"""VarSR (methods_spec.md §3): the Gaussian KL, latents and sampling controls, the WGAN-GP critic
+"""VarSR (docs/vae.md): the Gaussian KL, latents and sampling controls, the WGAN-GP critic
 and its phase switch, a tiny sr_train run, the LFW demo writer. Tiny configs, CPU, seconds."""
 
 import json
@@ -33,7 +33,7 @@ def test_kl_matches_the_direct_formula_and_monte_carlo():
     kl = gaussian_kl(mu_q, lv_q, mu_p, lv_p)
     s_q, s_p = np.exp(0.5 * lv_q.numpy()), np.exp(0.5 * lv_p.numpy())
     d = mu_q.numpy() - mu_p.numpy()
-    direct = (np.log(s_p / s_q) + (s_q**2 + d**2) / (2 * s_p**2) - 0.5).sum(-1)  # spec §3.2
+    direct = (np.log(s_p / s_q) + (s_q**2 + d**2) / (2 * s_p**2) - 0.5).sum(-1)
     assert kl.shape == (5,) and np.allclose(kl.numpy(), direct, rtol=1e-12)
     assert torch.allclose(gaussian_kl(mu_q, lv_q, mu_q, lv_q), torch.zeros(5, dtype=torch.float64))
     assert not torch.allclose(kl, gaussian_kl(mu_p, lv_p, mu_q, lv_q))  # asymmetric
@@ -51,7 +51,7 @@ def test_latents_temperature_and_noise():
     lr = torch.rand(2, 3, 5, 6)
     mu, logvar = net.prior(lr)
     z0 = net.latents(lr, 3, 0.0, NoiseSource(range(6)))
-    assert z0.shape == (2, 3, 8) and torch.equal(z0, mu[:, None].expand(2, 3, 8))  # spec §7.9
+    assert z0.shape == (2, 3, 8) and torch.equal(z0, mu[:, None].expand(2, 3, 8))  # T = 0: μ
     z1 = net.latents(lr, 3, 1.0, NoiseSource(range(6)))
     assert torch.equal(z1, net.latents(lr, 3, 1.0, NoiseSource(range(6))))
     assert not torch.equal(z1[:, 0], z1[:, 1])

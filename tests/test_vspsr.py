@@ -1,4 +1,4 @@
-"""VSpSR specifics (methods_spec.md §1, §7 item 5) and the VGG feature loss; the generic contract is
+"""VSpSR specifics (docs/vspsr.md) and the VGG feature loss; the generic contract is
 in test_models.py."""
 
 import math
@@ -28,13 +28,13 @@ def n_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
-COUNTS = [(4, 4_417_910, 2_599_424), (8, 4_680_310, 2_861_824)]  # methods_spec §1.1
+COUNTS = [(4, 4_417_910, 2_599_424), (8, 4_680_310, 2_861_824)]  # the released module
 
 
 @pytest.mark.parametrize("scale, total, basis", COUNTS)
 def test_parameter_counts_match_the_released_model(scale, total, basis):
     model = build_model("vspsr", {"scale": scale, "lambda_adv": 0.0})
-    assert n_params(model) == total  # methods_spec §1.1, counted from the official module
+    assert n_params(model) == total  # counted from the released module
     assert (n_params(model.basis), n_params(model.coef)) == (basis, 1_814_400)
     assert (n_params(model.final), n_params(model.refine)) == (3_203, 883)
 
@@ -49,7 +49,7 @@ def test_kl_matches_eq5():
     eq5 = 0.5 * np.sum(mu_rho * (m**2 + var) - np.log(var))  # Eq. 5 without its constant
     kl = sparse_prior_kl(mu, logvar, alpha, beta)
     assert kl.sum().item() / 2 == pytest.approx(eq5, rel=1e-12)  # code form = 2 × summand
-    # μ = 0, σ = 1: (3.5 / 1.0) · 1 − 0 = 3.5 per element (spec §7 item 5).
+    # μ = 0, σ = 1: (3.5 / 1.0) · 1 − 0 = 3.5 per element (docs/vspsr.md, "Sparse prior").
     zero = sparse_prior_kl(torch.zeros(3), torch.zeros(3), alpha, beta)
     assert torch.allclose(zero, torch.full((3,), 3.5))
     # E[ρ] is detached: ∂/∂μ = 2·E[ρ]·μ and ∂/∂log σ² = E[ρ]·σ² − 1.

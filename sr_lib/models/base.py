@@ -1,4 +1,4 @@
-"""The interface every srspace model implements (style.md §3.2).
+"""The interface every srspace model implements (docs/design.md, "The model interface").
 
 A model is an `nn.Module` with a flat `Config` dataclass whose defaults are the paper's. `SRModel`
 declares every member the scripts and the loaders use, with a default for all but `forward` and

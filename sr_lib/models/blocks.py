@@ -4,7 +4,7 @@
   for Single Image Super-Resolution", CVPRW 2017, arXiv:1707.02921).
 - `SigmaBranch`: ℓ_E's σ (He & Cheng, "Revisiting ℓ1 Loss in Super-Resolution: A Probabilistic
   View and Beyond", arXiv:2201.10084, Fig. 3; the loss is `sr_lib.models.losses.le_loss`). No
-  official code exists; written from the paper and methods_spec.md §4.
+  official code exists; written from the paper (docs/le.md).
 - `RegressionConfig`, `RegressionSR`: the common base of deterministic regression models (EDSR,
   RRDB) trained with `--loss l1` or `--loss le`.
 """
@@ -96,7 +96,7 @@ class SigmaBranch(nn.Module):
         nn.init.constant_(self.upsample[0].bias, SIGMA_INIT_LOGIT)
 
     def forward(self, fea: torch.Tensor) -> torch.Tensor:
-        # The sigmoid bounds σ to (0, 1), the range of images here (methods_spec §4.4.4).
+        # The sigmoid bounds σ to (0, 1), the range of images here (docs/le.md, "Design decisions").
         return torch.sigmoid(self.upsample(self.mapping(fea)))
 
 
@@ -162,7 +162,7 @@ class RegressionConfig(ModelConfig):
         default="signed",
         metadata=dict(
             choices=AUX_TARGETS,
-            help="σ target: signed ŷ − μ (Eq. 10 as printed) or abs |ŷ − μ| (methods_spec §4.4.2)",
+            help="σ target: signed ŷ − μ (Eq. 10 as printed) or abs |ŷ − μ| (docs/le.md)",
         ),
     )
     le_sigma_feats: int = field(default=160, metadata=dict(help="channels of the σ branch"))
@@ -212,9 +212,8 @@ class RegressionSR(SRModel):
         if self.cfg.loss == "le":
             self.sigma = SigmaBranch(in_ch, self.scale, self.cfg.le_sigma_feats)
             if self.cfg.le_sigma_ema > 0:
-                # A short run's σ map is noisy: its target |ŷ − μ| is one noisy draw per pixel.
-                # Continuing σ alone on a trained demo model, r(σ, |ŷ − μ|) of 10 checkpoints 50
-                # steps apart ranged 0.43-0.50, the average's 0.48-0.50 (2026-12-01, ad hoc).
+                # A short run's σ map is noisy: its target |ŷ − μ| is one noisy draw per pixel;
+                # an average of σ's weights wanders less (docs/benchmarks.md, design decisions).
                 self.sigma_ema = WeightAverage(self.sigma, self.cfg.le_sigma_ema)
 
     def complete_state_dict(self, sd: dict) -> dict:

@@ -2,9 +2,10 @@
 
 Glow layers ("Glow: Generative Flow with Invertible 1x1 Convolutions", Kingma & Dhariwal, NeurIPS
 2018, arXiv:1807.03039) and SRFlow's conditional couplings ("SRFlow: Learning the Super-Resolution
-Space with Normalizing Flow", Lugmayr et al., ECCV 2020, arXiv:2006.14200). Written from
-srflow_spec.md §1.4, §2, §3; nothing copied from andreas128/SRFlow or its forks (CC BY-NC-SA 4.0).
-Parameter names equal the released modules' so official checkpoints map 1:1 (spec §4).
+Space with Normalizing Flow", Lugmayr et al., ECCV 2020, arXiv:2006.14200). Written from the
+papers and checked against the released code (docs/flows.md); nothing copied from andreas128/SRFlow
+or its forks (CC BY-NC-SA 4.0). Parameter names equal the released modules' so official
+checkpoints map 1:1 (docs/flows.md, "Key layout").
 
 Convention: `forward` maps HR -> z and adds log|det J| to `logdet` (per sample, (B,)); `reverse`
 maps z -> HR and subtracts it. `logdet=None` skips the bookkeeping (sampling). In `reverse`,
@@ -27,7 +28,7 @@ def gaussian_logp(z: torch.Tensor) -> torch.Tensor:
 
 
 def squeeze(x: torch.Tensor, factor: int = 2) -> torch.Tensor:
-    """Space-to-depth, channel order c·f² + dy·f + dx (released code == pixel_unshuffle, §1.4)."""
+    """Space-to-depth, channel order c·f² + dy·f + dx (released code == pixel_unshuffle)."""
     return F.pixel_unshuffle(x, factor)  # (B, C·f², H/f, W/f)
 
 
@@ -215,9 +216,10 @@ class CondInput:
 class CouplingNet(CondInput, nn.Sequential):
     """The coupling sub-network F: conv, ReLU, ..., ZeroConv2d.
 
-    deep = 0: SRFlow's F (§1.4.3): 3x3 conv + ActNorm, ReLU, 1x1 conv + ActNorm, ReLU, zero conv
-    (receptive field 5x5). deep = k: SRFlow-DA's F (§2.1): 3x3 convs with bias, no ActNorm, k
-    hidden 3x3 convs (receptive field (2k + 5)²: 13x13 for k = 4). Sequential indices as released.
+    deep = 0: SRFlow's F (docs/flows.md, "Coupling networks"): 3x3 conv + ActNorm, ReLU, 1x1 conv
+    + ActNorm, ReLU, zero conv (receptive field 5x5). deep = k: SRFlow-DA's F: 3x3 convs with
+    bias, no ActNorm, k hidden 3x3 convs (receptive field (2k + 5)²: 13x13 for k = 4). Sequential
+    indices as released.
     """
 
     def __init__(self, cin: int, cout: int, hidden: int = 64, deep: int = 0):
@@ -244,7 +246,7 @@ class CouplingNet(CondInput, nn.Sequential):
 
 
 class ResidualCouplingNet(CondInput, nn.Module):
-    """SRFlow-DA-R / -D sub-network (§2.1): h = fX1(x); h ← h + block(h) per block; fX3(h).
+    """SRFlow-DA-R / -D sub-network: h = fX1(x); h ← h + block(h) per block; fX3(h).
 
     DA-R: one block of 4 [conv, ReLU]; DA-D: 18 blocks of 2 [conv, ReLU].
     """
@@ -273,8 +275,8 @@ class ResidualCouplingNet(CondInput, nn.Module):
 
 
 class CondAffine(nn.Module):
-    """Affine injector + conditional affine coupling (SRFlow's CondAffineSeparatedAndCond, §1.4.4),
-    optionally with NCSR's noise-conditional coupling between the two (§3.2).
+    """Affine injector + conditional affine coupling (SRFlow's CondAffineSeparatedAndCond),
+    optionally with NCSR's noise-conditional coupling between the two (docs/flows.md).
 
     Scales are sigmoid(raw + 2) + eps (not exp: bounded, no NaNs), outputs are split "cross"
     (even channels shift, odd channels scale) and applied as (z + shift)·scale, as released (the
@@ -344,7 +346,7 @@ class CondAffine(nn.Module):
 
 
 class Split(nn.Module):
-    """Split2d with a learned prior (§1.4.6): z1 = the first C - round(C/2) channels continue;
+    """Split2d with a learned prior (docs/flows.md): z1 = the first C - round(C/2) channels go on;
     z2 leaves the flow as eps = (z2 - mean) / exp(logs), (mean, logs) = ZeroConv2d(z1) "cross".
 
     As a layer x -> (z1, eps) its log-det is -Σ logs; with log N(eps; 0, I) this is the released

@@ -2,7 +2,7 @@
 
 - `le_loss`, `hard_sample_mask`: ℓ_E (He & Cheng, "Revisiting ℓ1 Loss in Super-Resolution: A
   Probabilistic View and Beyond", arXiv:2201.10084), Eq. 8 + Eq. 10 with the §4.3 hard-sample
-  mask. No official code exists; written from the paper and methods_spec.md §4.
+  mask. No official code exists; written from the paper (docs/le.md).
 - `standard_normal_kl`, `gaussian_kl`: the KL terms of the VAEs (RefVAE Eq. 4, VarSR Eq. 7).
 - `sparse_prior_kl`: VSpSR's Gamma-ARD sparsity prior (Eq. 5, the code's form).
 - `VGGLoss`, `style_stats`, `tv_map`: perceptual, style (RefVAE Eq. 7) and total-variation
@@ -60,7 +60,7 @@ def le_loss(
     # Eq. 10 on the unmasked residual with μ detached: σ learns the error, μ is not pulled to σ.
     target = hr - mu.detach()
     if aux_target == "abs":
-        target = target.abs()  # the form σ is evaluated against (paper §4.6); methods_spec §4.4.2
+        target = target.abs()  # the form σ is evaluated against (paper §4.6; docs/le.md)
     aux = beta * (target - sigma).abs().mean()
     return {"loss": le + aux, "le": le, "sigma_aux": aux, "l1": r.detach().abs().mean()}
 

@@ -1,7 +1,7 @@
 """RefVAE: "Variational AutoEncoder for Reference based Image Super-Resolution" (Z.-S. Liu,
 W.-C. Siu, L.-W. Wang, NTIRE 2021 workshop, CVPRW 2021).
 
-Written from the paper and methods_spec.md §2, which records the released code (Holmes-Alan/RefVAE
+Written from the paper and the released code (docs/vae.md) (Holmes-Alan/RefVAE
 836b8f1, MIT); nothing is copied. A frozen VGG encoder maps the bicubic-upscaled LR and a reference
 R (resized to 256×256) to relu4_1 features; a CVAE (feature encoder -> z -> feature decoder) turns
 F_R into conditional features C_R that modulate the LR features, F = C_R·(1 + F_σ) + F_μ (§3.2);
@@ -9,7 +9,7 @@ an image decoder predicts the residual over the bicubic image. Other references,
 other SR images. `temperature` scales the ε of z = μ + σ·ε and of the noise references.
 
 Encoder: the code's LinearStyleTransfer "r41" encoder (vgg_r41.pth) cannot be had offline, so this
-is torchvision VGG19 `features` up to relu4_1 with ImageNet input normalisation (spec §2.4.5),
+is torchvision VGG19 `features` up to relu4_1 with ImageNet input normalisation (docs/vae.md),
 weights from the manifest entry `vgg19`, loaded at the first step and kept in the state_dict (so
 sampling needs no weights file). Its features have another scale: the official checkpoints cannot
 be loaded. The same frozen network gives the content and style losses. Loss defaults: the paper's
@@ -83,7 +83,7 @@ class RefVAEConfig(ModelConfig):
 
 
 class ResBlock(nn.Module):
-    """conv-LReLU-conv + skip, then LReLU(0.01) (spec §2.1)."""
+    """conv-LReLU-conv + skip, then LReLU(0.01) (docs/vae.md, "Architecture")."""
 
     def __init__(self, ch: int):
         super().__init__()
@@ -94,7 +94,7 @@ class ResBlock(nn.Module):
 
 
 class Generator(nn.Module):
-    """The code's VAE_v3 (spec §2.1 table): CVAE over F_R, LR branch, fusion, image decoder."""
+    """The code's VAE_v3 (docs/vae.md): CVAE over F_R, LR branch, fusion, image decoder."""
 
     def __init__(self, c: RefVAEConfig):
         super().__init__()
@@ -129,11 +129,11 @@ class Generator(nn.Module):
         c_r = self.feat_dec(z).view(z.shape[0], -1, self.grid, self.grid)  # (B, k, g, g)
         c_r = self.cond(F.interpolate(c_r, size=f_x.shape[-2:], mode="bilinear"))  # C_R
         f_mu, f_sigma = self.mask(f_x).chunk(2, dim=1)  # the code's order: F_μ first
-        return self.decoder(c_r * (1 + f_sigma) + f_mu)  # §3.2 fusion
+        return self.decoder(c_r * (1 + f_sigma) + f_mu)  # paper §3.2 fusion
 
 
 class Discriminator(nn.Module):
-    """The code's discriminator_v2: one PatchGAN applied at 3 scales (weights shared, spec §2.1).
+    """The code's discriminator_v2: one PatchGAN applied at 3 scales (weights shared, docs/vae.md).
 
     forward(x) -> (logits (B, N) of all scales, [flattened intermediate activations])."""
 
@@ -184,7 +184,7 @@ def _ref_image(path: str, size: int) -> torch.Tensor:
 
 
 class RefVAE(LatentSRModel):
-    """bicubic(LR) + decoder(C_R(z)·(1 + F_σ) + F_μ), z ~ q(z | reference) (§3)."""
+    """bicubic(LR) + decoder(C_R(z)·(1 + F_σ) + F_μ), z ~ q(z | reference) (paper §3)."""
 
     Config = RefVAEConfig
     sample_controls = ("ref", "latent")  # sr_sample.py --ref, --latent/--latent-shift/--save-latent
@@ -198,7 +198,7 @@ class RefVAE(LatentSRModel):
             raise UsageError(f"--style-layers {cfg.style_layers!r}: VGG19 ReLU taps, e.g. relu4_1")
         if cfg.width < 8 or cfg.width % 8 or min(cfg.cond_channels, cfg.latent_grid, cfg.z_dim) < 1:
             raise UsageError("refvae: --width must be a multiple of 8; other sizes >= 1")
-        self.lr_multiple = 8 // cfg.scale  # bicubic(LR) must be a multiple of 8 (spec §2.1)
+        self.lr_multiple = 8 // cfg.scale  # bicubic(LR) must be a multiple of 8 (its decoder)
         taps = tuple(dict.fromkeys(("relu4_1", *self.style_layers)))
         self.vgg = VGGFeatures(taps, imagenet_norm=True, pretrained=False)  # see _load_weights
         self.register_buffer("vgg_loaded", torch.tensor(False))  # True once ImageNet weights are in
@@ -265,7 +265,7 @@ class RefVAE(LatentSRModel):
         self, lr: torch.Tensor, n: int, temperature: float, noise, ref=None
     ) -> torch.Tensor:
         """z (B, n, D) of n samples. ref: None = one Gaussian-noise reference per sample, "lr" =
-        each LR image, "prior" = z ~ N(0, I) (§3.2), or references (k, 3, h, w) / a list, k in
+        each LR image, "prior" = z ~ N(0, I) (paper §3.2), or references (k, 3, h, w) / a list, k in
         {1, n}: sample i uses reference i."""
         self._load_weights()
         b, d, r = lr.shape[0], self.cfg.z_dim, self.cfg.ref_size
@@ -303,7 +303,7 @@ class RefVAE(LatentSRModel):
             f_x, f_ref = self.vgg(up)["relu4_1"], self.vgg(ref)
             f_hr = f_ref if ref is hr else self.vgg(hr) if perceptual else None
         mu, logvar = self.gen.encode(f_ref["relu4_1"])
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)  # §3.2 reparameterisation
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)  # paper §3.2 reparameterisation
         sr = up + self.gen.decode(f_x, z)
         down = {"lr": (s,), "pyramid": (2, 4), "none": ()}[c.content_down]
         pixel = l1(sr, hr) + sum(

@@ -1,9 +1,10 @@
 """RRDB network as SRFlow uses it: the ESRGAN RRDBNet ("ESRGAN: Enhanced Super-Resolution Generative
 Adversarial Networks", Wang et al., ECCVW 2018, arXiv:1809.00219) with SRFlow's global skip
 ("SRFlow: Learning the Super-Resolution Space with Normalizing Flow", Lugmayr et al., ECCV 2020,
-arXiv:2006.14200; andreas128/SRFlow, CC BY-NC-SA 4.0). Written from srflow_spec.md §1.2, nothing
-copied. Module and parameter names equal the official `RRDBNet`'s, so `RRDB_*.pth` files load
-strictly (`load_official_rrdb`) and the flow models reuse `RRDBNet` as their LR encoder.
+arXiv:2006.14200; andreas128/SRFlow, CC BY-NC-SA 4.0). Written from the paper (docs/flows.md,
+"The RRDB encoder"), nothing copied. Module and parameter names equal the official `RRDBNet`'s,
+so `RRDB_*.pth` files load strictly (`load_official_rrdb`) and the flow models reuse `RRDBNet` as
+their LR encoder.
 """
 
 import os
@@ -93,7 +94,7 @@ class RRDBNet(nn.Module):
         maps: bool = True,
         up_to: int | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The encoder features SRFlow conditions on (srflow_spec.md §1.2-1.3).
+        """The encoder features SRFlow conditions on (docs/flows.md, "The RRDB encoder").
 
         Args:
             blocks: trunk positions (0-based) whose outputs are returned as "block_<i>".
@@ -178,9 +179,9 @@ class RRDB(RegressionSR):
 
     @classmethod
     def recipe(cls, scale: int) -> Recipe:
-        # SRFlow RRDB pre-training (srflow_spec.md §1.7): L1, Adam 2e-4, betas (0.9, 0.99), batch
-        # 16, HR patch 160. The official schedule restarts a cosine every 50k steps; one cosine
-        # over the run is the closest the training loop offers.
+        # SRFlow RRDB pre-training (docs/flows.md, "Training"): L1, Adam 2e-4, betas (0.9, 0.99),
+        # batch 16, HR patch 160. The official schedule restarts a cosine every 50k steps; one
+        # cosine over the run is the closest the training loop offers.
         return replace(
             super().recipe(scale), patch=160 // scale, steps=200_000, learning_rate=2e-4,
             betas=(0.9, 0.99), schedule="cosine", eta_min=1e-7,

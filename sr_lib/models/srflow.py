@@ -1,10 +1,10 @@
 """SRFlow: "SRFlow: Learning the Super-Resolution Space with Normalizing Flow" (Lugmayr et al.,
 ECCV 2020, arXiv:2006.14200). Follows the released code andreas128/SRFlow (CC BY-NC-SA 4.0) as
-recorded in srflow_spec.md §1; written from that spec, nothing copied. SRFlow-DA and NCSR are
+checked against it number by number (docs/flows.md); nothing copied. SRFlow-DA and NCSR are
 subclasses in srflow_variants.py.
 
 p(HR | LR) is a conditional flow HR -> z on the HR image, conditioned on RRDB encoder features
-(§1.2-1.3). Deliberate choices (docs/flows.md): the paper's Gaussian dequantisation by default
+(docs/flows.md). Deliberate choices (docs/flows.md): the paper's Gaussian dequantisation by default
 (the released training code uses none), the encoder frozen for the first half of training (the
 paper; the released code never freezes it), and the unused conditioning conv `f` kept only so
 official checkpoints load strictly (never called, requires_grad False; `--no-unused-conv` drops it).
@@ -105,23 +105,23 @@ class SRFlow(SRModel):
         self.blocks = tuple(int(b) for b in blocks.split(","))
         if any(not 0 <= b < cfg.nb for b in self.blocks):
             raise UsageError(f"--rrdb-blocks {blocks}: need blocks in 0..{cfg.nb - 1}")
-        self.cond_channels = cfg.nf * (1 + len(self.blocks))  # 64 + 4·64 = 320 (§1.3)
+        self.cond_channels = cfg.nf * (1 + len(self.blocks))  # 64 + 4·64 = 320
         flow = self._build_flow()  # first: the encoder skips what the levels do not use
         self._build_encoder(cfg.nb)
         self.flow = nn.ModuleList(flow)
-        if cfg.unused_conv:  # never called; present so official checkpoints load (§1.4.7)
+        if cfg.unused_conv:  # never called; present so official checkpoints load (docs/flows.md)
             self.f = nn.Sequential(nn.Conv2d(self.cond_channels, 96, 3, padding=1))
             self.f.requires_grad_(False)
         self._rrdb_init_done = False
 
     def paper(self, scale: int) -> dict:
-        """Per-scale defaults of the official configs (§1.7)."""
+        """Per-scale defaults of the official configs (docs/flows.md, "Training")."""
         return dict(levels=3 if scale == 4 else 4, steps=16,
                     blocks="1,8,15,22" if scale == 4 else "1,3,5,7")  # fmt: skip
 
     @classmethod
     def recipe(cls, scale: int) -> Recipe:
-        # SRFlow_DF2K_{4,8}X.yml (§1.7): Adam (effective betas 0.9, 0.999), lr halved at
+        # SRFlow_DF2K_{4,8}X.yml: Adam (effective betas 0.9, 0.999), lr halved at
         # 50/75/90/95 % of 200k steps, HR patch 160, no clipping; validation at temperature 0.9
         # (default_temperature).
         return replace(
@@ -185,7 +185,7 @@ class SRFlow(SRModel):
     # Encoder and conditioning.
 
     def conditions(self, lr: torch.Tensor) -> list[torch.Tensor]:
-        """Per-level conditioning maps (B, nf·(1 + blocks), h_l, w_l) (§1.3)."""
+        """Per-level conditioning maps (B, nf·(1 + blocks), h_l, w_l) (docs/flows.md)."""
         feats = self.RRDB.features(lr, self.blocks, up_to=self.up_to)
         stack = torch.cat([feats[f"block_{b}"] for b in self.blocks], 1)  # (B, 256, h, w)
         out = []
@@ -200,7 +200,7 @@ class SRFlow(SRModel):
         return None
 
     def perturb(self, lr: torch.Tensor, hr: torch.Tensor):
-        """Training-time input noise: (lr, hr, noise condition). Dequantisation of §1.1."""
+        """Training-time input noise: (lr, hr, noise condition). Dequantisation: docs/flows.md."""
         if self.cfg.dequant == "gaussian":  # the paper: N(0, (4/√3)²) on the 0-255 scale
             hr = hr + torch.randn_like(hr) * (self.cfg.gaussian_std / 255)
         elif self.cfg.dequant == "uniform":
@@ -318,7 +318,7 @@ class SRFlow(SRModel):
         self._rrdb_init_done = True
 
     def official_keys(self) -> dict[str, str]:
-        """Our state_dict key -> the released code's key (spec §4)."""
+        """Our state_dict key -> the released code's key (docs/flows.md, "Key layout")."""
         keys, offset = {}, 0
         prefix = {}
         for l, level in enumerate(self.flow):
@@ -344,7 +344,7 @@ class SRFlow(SRModel):
             raise UsageError("--lu models have no official key layout")
 
     def load_raw_state_dict(self, sd: dict[str, torch.Tensor], path="state_dict") -> None:
-        """Load a released checkpoint (official keys, spec §4; or our own keys) strictly: only the
+        """Load a released checkpoint (official keys or our own) strictly: only the
         unused conv `flowUpsamplerNet.f.*` may be absent or extra. Marks ActNorms initialised."""
         if any(k.startswith("conv_first.") for k in sd):
             raise CheckpointError(

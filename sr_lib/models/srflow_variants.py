@@ -4,7 +4,8 @@
   (Jo, Yang & Kim, CVPRW 2021, arXiv:2104.08955); released code yhjo09/SRFlow-DA (CC BY-NC-SA 4.0).
 - NCSR: "Noise Conditional Flow Model for Learning the Super-Resolution Space" (Kim & Son, CVPRW
   2021, arXiv:2106.04428); released code younggeun-kim/NCSR (CC BY-NC-SA 4.0).
-Written from srflow_spec.md §2 and §3; nothing copied.
+Written from the papers and checked against the released code (docs/flows.md); nothing
+copied.
 """
 
 import re
@@ -46,11 +47,11 @@ class SRFlowDA(SRFlow):
     def paper(self, scale: int) -> dict:
         levels = {"s": 1}.get(self.variant, 2 if scale == 4 else 3)
         steps = {"s": 12 if scale == 4 else 18, "d": 1}.get(self.variant, 6)
-        return dict(levels=levels, steps=steps, blocks="1,8,15,22")  # x8 too (§2.5)
+        return dict(levels=levels, steps=steps, blocks="1,8,15,22")  # x8 too (released configs)
 
     @classmethod
     def recipe(cls, scale: int) -> Recipe:
-        return replace(super().recipe(scale), learning_rate=2e-4)  # §2.8
+        return replace(super().recipe(scale), learning_rate=2e-4)  # released configs
 
     def level_plan(self) -> list[tuple[int, str]]:
         t = "T" * self.cfg.transitions
@@ -58,7 +59,7 @@ class SRFlowDA(SRFlow):
             return [
                 (self.scale, t + "".join("KS" if k % 6 == 0 else "K" for k in range(self.steps)))
             ]
-        # A split after every level but the last (§2.3): the final latent is at LR resolution.
+        # A split after every level but the last: the final latent is at LR resolution.
         return [(2, t + "K" * self.steps + ("S" if l < self.levels else ""))
                 for l in range(1, self.levels + 1)]  # fmt: skip
 
@@ -118,7 +119,7 @@ class NCSRConfig(SRFlowConfig):
 
 
 class NCSR(SRFlow):
-    """NCSR: SRFlow trained on noisy HR/LR pairs, with a noise-conditional coupling (§3)."""
+    """NCSR: SRFlow trained on noisy HR/LR pairs, with a noise-conditional coupling."""
 
     Config = NCSRConfig
 

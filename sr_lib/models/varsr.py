@@ -2,8 +2,8 @@
 J.-P. Heo, ECCV 2020).
 
 No official code is public and the architecture details are in a supplement that is not
-available: written from the paper and methods_spec.md §3 (§3.1: fixed by the paper; §3.2: design
-decisions, marked [derived] below). Two stochastic encoders give diagonal Gaussians over a
+available: written from the paper (docs/vae.md: what the paper fixes and what srspace chooses
+as design decisions, marked [derived] below). Two stochastic encoders give diagonal Gaussians over a
 D-dimensional latent, E_L(I_L) = p(z | LR) and E_H(I_H) = q(z | HR) (Eq. 3); the generator
 G(I_L, z) is SRGAN-like (8 residual blocks, the paper's face setting). Training (Eq. 9):
 λ_pixel·MSE(G(I_L, z), I_H) with z ~ q(z | HR) (Eq. 6) + λ_KL·KL(q ‖ p) (Eq. 7) + λ_adv·WGAN-GP
@@ -51,7 +51,7 @@ class VarSRConfig(ModelConfig):
 
 
 class Encoder(nn.Module):
-    """4 stride-2 conv3x3 + LReLU(0.2), global average pool, FC -> μ, log σ² (spec §3.2)."""
+    """4 stride-2 conv3x3 + LReLU(0.2), global average pool, FC -> μ, log σ² (docs/vae.md)."""
 
     def __init__(self, ch: int, z_dim: int):
         super().__init__()
@@ -127,7 +127,7 @@ class Critic(nn.Module):
 
 
 class VarSR(LatentSRModel):
-    """G(I_L, z) with z ~ q(z | HR) in training and z ~ p(z | LR) at test time (§3)."""
+    """G(I_L, z) with z ~ q(z | HR) in training and z ~ p(z | LR) at test time (paper §3)."""
 
     Config = VarSRConfig
     sample_controls = ("latent", "latent_from")  # sr_sample.py --latent*, --save-latent
@@ -157,7 +157,7 @@ class VarSR(LatentSRModel):
         )  # fmt: skip
 
     def on_step(self, step: int, total: int) -> None:
-        # SRGAN's two phases (§4.2): no adversarial loss (and no critic steps) before adv_start.
+        # SRGAN's two phases (paper §4.2): no adversarial loss (no critic steps) before adv_start.
         self._adv_on = self.discriminator is not None and step >= self.cfg.adv_start * total
 
     def set_adversarial(self, on: bool) -> None:

@@ -2,7 +2,7 @@
 
 K. Simonyan, A. Zisserman, "Very Deep Convolutional Networks for Large-Scale Image Recognition",
 ICLR 2015 (arXiv:1409.1556); the torchvision `vgg19` layout. Used by VSpSR and VarSR (a relu5_4 MSE
-through `VGGLoss`; VSpSR without ImageNet normalisation: methods_spec §1.3) and RefVAE (its
+through `VGGLoss`; VSpSR without ImageNet normalisation: docs/vspsr.md "Losses") and RefVAE (its
 relu4_1 encoder, content and style losses). The ImageNet weights come from the weights manifest
 (`sr_lib.weights.torchvision_model`); a missing file raises CheckpointError with the staging hint.
 Build a loss only when its weight is > 0, so a run without it never needs the file.

@@ -1,7 +1,7 @@
 """VSpSR: "Explorable Super-Resolution via Variational Sparse Representation" (Zhou, Huang, Gao,
 Zhuang, NTIRE 2021 / CVPRW 2021, arXiv:2104.09838).
 
-Written from the paper and methods_spec.md §1 (which records the released code, zzhwfy/VSpSR
+Written from the paper and the released code (docs/vspsr.md; zzhwfy/VSpSR
 c2250ca; that repository has no licence, so nothing is copied). The HR image is x = m + e: m a
 deterministic upsampling of the LR y, e a per-LR-pixel sparse combination e_i = z·ω_i of C learned
 s×s atoms z (one basis per image and colour channel) with coefficients ω_i ~ N(μ_i, σ_i²) under a
@@ -130,7 +130,7 @@ class CoefficientBranch(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """LSGAN discriminator of the code (spec §1.3): one sigmoid score per image, (B,)."""
+    """LSGAN discriminator of the code (docs/vspsr.md): one sigmoid score per image, (B,)."""
 
     def __init__(self, ch: int = 64):
         super().__init__()
@@ -203,12 +203,12 @@ class VSpSR(SRModel):
     def distributions(self, lr: torch.Tensor):
         """Basis (B·3, C or 2C, s, s) and coefficient μ, log σ² (B·3, C, h, w) of an LR batch."""
         b, c, h, w = lr.shape
-        x = lr.reshape(b * c, 1, h, w)  # §3.2: R, G, B as separate grey images, shared weights
+        x = lr.reshape(b * c, 1, h, w)  # paper §3.2: R, G, B as separate grey images, one network
         mu, logvar = self.coef(x)
         return self.basis(x), mu, logvar
 
     def synthesize(self, basis: torch.Tensor, w: torch.Tensor, b: int) -> torch.Tensor:
-        """e_i = z·ω_i for every LR pixel i (§3.1), patches laid out by PixelShuffle."""
+        """e_i = z·ω_i for every LR pixel i (paper §3.1), patches laid out by PixelShuffle."""
         bc, n_basis, h, wd = w.shape
         s = self.scale
         z = basis.reshape(bc, n_basis, s * s).transpose(1, 2)  # (B·3, s², C), row-major atoms
@@ -257,7 +257,7 @@ class VSpSR(SRModel):
         }  # fmt: skip
 
     def discriminator_loss(self, lr: torch.Tensor, hr: torch.Tensor, out: dict) -> dict:
-        """LSGAN: ½·MSE(D(ŷ), 0) + ½·MSE(D(y), 1), ŷ detached (spec §1.3)."""
+        """LSGAN: ½·MSE(D(ŷ), 0) + ½·MSE(D(y), 1), ŷ detached (docs/vspsr.md, "Losses")."""
         fake = self.discriminator(out["sr"].detach())
         real = self.discriminator(hr)
         loss = 0.5 * F.mse_loss(fake, torch.zeros_like(fake)) + 0.5 * F.mse_loss(

@@ -7,7 +7,7 @@ these are not real LPIPS values), then times per image
   - reference: a loop written here the way the official measure.py works: per sample, read the
     PNG, call the lpips module (spatial=True) on (SR, GT), imresize both SR and GT, skimage PSNR;
     then stack the N maps for the per-pixel minimum.
-and checks that the numbers agree within ntire21_metrics.md §7 (LR-PSNR exact, LPIPS_mean
+and checks that the numbers agree within docs/metrics.md's tolerances (LR-PSNR exact, LPIPS_mean
 <= 1e-6 relative, score <= 1e-4 absolute). Prints one JSON object with the load average (the
 machine may be shared: rerun when it is low).
 

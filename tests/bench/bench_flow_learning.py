@@ -1,4 +1,4 @@
-"""Learning check (issue 4 §6): a small srflow trained on the demo data at x4 for <= 15 CPU minutes.
+"""Learning check: a small srflow trained on the demo data at x4 for <= 15 CPU minutes.
 
 Follows the paper's two-stage recipe inside the budget, all through `sr_train.main` (the real loop:
 non-finite guard, schedule, frozen encoder):
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         last = evaluate(out / "last.pt", pairs, args.n, lpips)
 
     result = {
-        "benchmark": "srflow learning check (issue 4 §6), demo data, x4",
+        "benchmark": "srflow learning check, demo data, x4",
         "model_flags": " ".join(MODEL_FLAGS),
         "rrdb_pretraining_minutes": args.rrdb_minutes,
         **rrdb,

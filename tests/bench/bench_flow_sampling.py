@@ -1,4 +1,4 @@
-"""Benchmark: SRFlow sampling on CPU (issue 4 §5), official default configs, random weights.
+"""Benchmark: SRFlow sampling on CPU, official default configs, random weights.
 
 Cases, each in a fresh process (so its peak RSS is its own), batch of one LR image, fp32, no_grad:
   x4, x8   10 samples of one 64x64 LR at temperature 0.9: total time, the encoder + conditioning
@@ -6,7 +6,7 @@ Cases, each in a fresh process (so its peak RSS is its own), batch of one LR ima
            bit-identical to drawing them one at a time with the same seeds (--check).
   tile     one 1024x1024 x4 sample (256x256 LR) through sr_sample's tiled path (--tile): time and
            peak RSS (target <= 3 GB).
-Reference, the original implementation on this 2-core CPU (srflow_spec.md §7): x4 LR64 2.92 s per
+Reference, the original implementation on this 2-core CPU (docs/benchmarks.md): x4 LR64 2.92 s per
 sample (encoder 1.03 s, flow 1.90 s), so 29.2 s for 10; x8 LR64 10.92 s per sample; peak RSS
 1129 MB / 1785 MB. Target: 10 x4 samples in <= 12 s. Weights are random (see `model`), which
 does not change the cost of the dense convolutions.
@@ -35,7 +35,7 @@ from sr_lib.models.base import NoiseSource  # noqa: E402
 from sr_lib.models.flow_layers import ZeroConv2d  # noqa: E402
 from sr_lib.resize import imresize_torch  # noqa: E402
 
-REFERENCE = {  # original implementation, seconds per sample and peak RSS (MB), spec §7
+REFERENCE = {  # original implementation, seconds per sample and peak RSS (MB), docs/benchmarks.md
     "x4": {"s_per_sample": 2.92, "encoder_s": 1.03, "flow_s": 1.90, "peak_rss_mb": 1129},
     "x8": {"s_per_sample": 10.92, "encoder_s": 1.66, "flow_s": 8.62, "peak_rss_mb": 1785},
 }
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     report = {
-        "benchmark": "srflow sampling (issue 4 §5)",
+        "benchmark": "srflow sampling",
         "quick": args.quick,
         "threads": args.threads,
         "results": results,

@@ -20,12 +20,11 @@ losses (so a change of this shared machine's load hits both alike), each loss th
 --plan-fraction x budget / (its median s/step) steps (whole runs take longer per step than the
 timing windows: start-up, loader contention, saving); every run's wall-clock time is reported and
 judged (targets_met.*.within_budget: training <= budget), and a stop at 1.25x the budget is only a
-safety net. (Until 2026-11-30 each loss was timed right before its own run and
-stopped by the clock: load drift then gave l1 600 s and le 570 s of one "600 s" budget.)
+safety net.
 The le recipe for this budget (μ's Eq. 8 loss does not use σ, so these change σ's training and
 μ's step count, not what μ learns per step): the σ branch is 64 channels wide, not the paper's 160
-(--le-sigma-feats), so that it can train on the whole batch every step (a joint le step cost
-1.02x and 1.07x an l1 step in two calibrations, 2026-12-01); the
+(--le-sigma-feats), so that it can train on the whole batch every step (a joint le step then
+costs about an l1 step; docs/benchmarks.md); the
 last 30 % of the steps train σ alone on the final μ (--le-sigma-final-fraction), each phase with its
 own schedule; and σ's map comes from an average of its weights (--le-sigma-ema). Measured, why: σ
 trained jointly chases a moving μ, 160-channel σ steps cost too much to give it enough steps on the
@@ -88,8 +87,8 @@ def calibrate(root: Path, a) -> dict[str, float]:
             assert sr_train.main(argv) == 0
             rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
             # Sustained windows only: the first holds the loader's start-up; in the last the loader
-            # has prefetched every batch and leaves both cores to training. On 2026-12-01 the last
-            # window of le was 24-27 % faster than the one before it, which planned too many steps.
+            # has prefetched every batch and leaves both cores to training (a last window ran up
+            # to a quarter faster than the others, which planned too many steps).
             last = max(row["step"] for row in rows)
             times[name] += [row["s_per_step"] for row in rows if 10 < row["step"] < last]
     cost = {name: float(np.median(t)) for name, t in times.items()}
@@ -156,14 +155,11 @@ def bicubic_psnr(pairs, scale) -> dict:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--budget", type=float, default=600, help="seconds of training per loss")
-    # Whole runs took 1.051x/1.064x (l1/le, bf16, 2026-12-01), 1.055x/1.097x and 1.023x/0.887x
-    # (float32, 2026-12-01) the time the calibration predicted: plan for 90 % of the budget.
+    # Whole runs take up to ~1.1x the time the calibration predicts: plan for 90 % of the budget.
     p.add_argument("--plan-fraction", type=float, default=0.9, help="of the budget, to plan for")
     p.add_argument("--scale", type=int, default=4)
-    # 4, not 8: at an equal 300 s l1 budget, batch 4 (977 steps) gained +0.378 dB over bicubic,
-    # batch 8 (438 steps) +0.236, batch 2 (1504 steps) +0.369 (2026-11-30, lr 6e-4); at 600 s
-    # batch 4 gave l1 +0.635 (2016 steps); le with batch 4 is not measured yet. A step costs
-    # about the same per image.
+    # 4, not 8: at an equal l1 budget batch 4 gained more over bicubic than batches 2 and 8
+    # (docs/benchmarks.md); a step costs about the same per image.
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--patch", type=int, default=24)
     p.add_argument("--learning-rate", type=float, default=6e-4)
@@ -171,32 +167,12 @@ def main():
     p.add_argument("--calibration-steps", type=int, default=40, help="steps of one timing run")
     p.add_argument("--calibration-rounds", type=int, default=3, help="timing runs per loss")
     # abs: sigma is judged against |y - mu| here (and in the paper's Table 7), so it is trained
-    # on that target; the model's default is the paper's literal signed Eq. 10 (methods_spec 4.4)
+    # on that target; the model's default is the paper's literal signed Eq. 10 (docs/le.md)
     p.add_argument("--le-aux-target", default="abs", choices=["signed", "abs"])
-    # Measured at 600 calibrated s (2026-11-30/12-01), r = Pearson(σ, |y - μ|):
-    #   160 ch, whole batch (paper), joint only:       le - l1 -0.113 dB, r 0.391 (clock-stopped)
-    #   160 ch, σ on 1 of 4 images, joint only:        le - l1 -0.013 dB, r 0.365
-    #   160 ch, 1 of 4, last 25 % σ alone (le only):   28.327 dB, r 0.469, but 690 s wall
-    #   64 ch, whole batch, constant σ lr (le only):   28.336 dB, r 0.473
-    #   64 ch, whole batch, last 15 % σ alone:
-    #     old calibration, runs took 706/713 s wall:   le - l1 -0.020 dB, r 0.506
-    #     sustained-window calibration, 601/614 s:     le - l1 -0.036 dB, r 0.460
-    #   64 ch, whole batch, last 30 % σ alone, σ average 0.99 (these defaults), 614/532 s wall:
-    #                                                  le - l1 -0.076 dB, r 0.485
-    #     the same with --budget 900 (950/987 s wall): l1 +0.732, le - l1 -0.048 dB, r 0.534
-    #     the same at 600 s with --amp bf16 and a bf16 output conv (l1 lost 0.17 dB to it),
-    #     planned for 100 % of the budget (6,258/6,731 steps, 631/638 s wall: over it):
-    #                                                  l1 +0.611, le - l1 +0.193 dB, r 0.547
-    #     these defaults (bf16, float32 output conv, planned for 90 %): l1 4,995 steps, 552 s;
-    #     le 5,517 (3,862 joint + 1,655 σ alone), 576 s: l1 +0.807, le - l1 -0.065 dB, r 0.548
-    #     the same day with --amp none (l1 0.181 s/step; 2,976/3,371 steps, 552/542 s wall):
-    #                                                  l1 +0.722, le - l1 -0.054 dB, r 0.520
-    # Where r levels off (ad hoc, 2026-12-01, σ alone on the μ of the 0.460 run): 1,000-3,000 more
-    # σ steps reached r 0.48-0.52 on the validation images, also with an L2 target or a 16-channel
-    # HR-resolution tail with or without μ as an input (a fresh 16-channel σ: 0.43); the same σ
-    # trained on the validation
-    # images themselves reached 0.63 in 500 steps and 0.75 in 4,000. So σ can express a higher r;
-    # what the 6 demo training images teach it transfers to about 0.5.
+    # The le options below were chosen by measuring r = Pearson(σ, |y - μ|) at this budget with
+    # each alternative (σ width, σ on part of the batch, a σ-only final phase, a σ weight
+    # average): docs/benchmarks.md and docs/le.md. σ trained on the demo images transfers to the
+    # validation images at r ≈ 0.5; more σ steps do not raise that.
     p.add_argument("--le-sigma-final-fraction", type=float, default=0.3)
     p.add_argument("--le-sigma-ema", type=float, default=0.99, help="0 = off (paper)")
     p.add_argument("--le-sigma-feats", type=int, default=64, help="σ branch width (paper: 160)")
