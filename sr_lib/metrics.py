@@ -359,12 +359,15 @@ class LpipsMetric:
         """
         from sr_lib import weights as W
 
-        net = lpips_module()
         if weights is not None:
             sd = W.load_state_dict(weights)
+            with torch.device("meta"):  # every tensor comes from the file: skip the random init
+                net = lpips_module()  # (of AlexNet's classifier too, 0.3 s)
+            net = net.to_empty(device="cpu")
             W.load_strict(net, sd, f"{weights} is not an lpips.LPIPS(net='alex') state_dict")
             info = {"weights": str(weights), "sha256": sha256_file(weights)}
         else:
+            net = lpips_module()
             path = W.resolve("alexnet", offline=offline)
             trunk = alexnet_to_lpips(W.load_state_dict(path))
             try:
