@@ -27,7 +27,6 @@ import math
 import sys
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -41,7 +40,7 @@ from rich.table import Table
 import sr_lib
 from sr_lib import metrics
 from sr_lib.config import parse, pick_device
-from sr_lib.data import IMAGE_EXTENSIONS, demo_files, mod_crop, read_image
+from sr_lib.data import IMAGE_EXTENSIONS, demo_files, mod_crop, read_ahead
 from sr_lib.errors import CheckpointError, DataError, UsageError, exit_on_error
 
 PROG = "sr_eval.py"
@@ -252,23 +251,21 @@ def load_lpips(weights: str | None, device, batch: int):
 
 def score(hr, stems, methods, lr_files, sigma_files, columns, opts) -> dict[str, list[dict]]:
     """Per method the rows of every image (`columns`, plus PLL and PSNR_sigma for the first
-    method with --uncertainty); the next image's files are read in a background thread."""
-
-    def load(k: int):
-        gt = read_image(hr[stems[k]])
-        lr = read_image(lr_files[k]) if lr_files else None
-        return gt, lr, {m: [read_image(p) for p in paths[k]] for m, paths in methods.items()}
+    method with --uncertainty); the next image's files are decoded on threads meanwhile."""
+    metrics.keep_freed_memory()  # no page faults for the large per-sample arrays
+    files = [
+        (hr[s], lr_files[k] if lr_files else None, {m: paths[k] for m, paths in methods.items()})
+        for k, s in enumerate(stems)
+    ]
+    images = read_ahead(files)
 
     tty = sys.stdout.isatty()
     rows: dict[str, list[dict]] = {m: [] for m in methods}
     start = time.perf_counter()
-    with ThreadPoolExecutor(1) as pool, Progress(disable=not tty, transient=True) as bar:
+    with Progress(disable=not tty, transient=True) as bar:
         task = bar.add_task("evaluating", total=len(stems))
-        pending = pool.submit(load, 0)
         for k, stem in enumerate(stems):
-            gt, lr, samples = pending.result()
-            if k + 1 < len(stems):
-                pending = pool.submit(load, k + 1)
+            gt, lr, samples = next(images)
             for m, imgs in samples.items():
                 names = [str(p) for p in methods[m][k]]
                 row = metrics.evaluate_image(

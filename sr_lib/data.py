@@ -16,7 +16,7 @@ import signal
 import tempfile
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -406,10 +406,57 @@ def _pair_files(hr_dir: Path, lr_dir: Path | None, scale: int) -> list[tuple[Pat
     return pairs
 
 
+def cpu_workers() -> int:
+    """CPU cores this process may use: its affinity mask, at most $SLURM_CPUS_PER_TASK if set."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return max(1, min(n, int(slurm)) if slurm.isdigit() and int(slurm) > 0 else n)
+
+
+def _tree_map(fn, tree):
+    """`tree` (nested tuples, lists and dicts) with fn(leaf) at each leaf that is not None."""
+    if isinstance(tree, dict):
+        return {k: _tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_tree_map(fn, v) for v in tree)
+    return None if tree is None else fn(tree)
+
+
+def read_ahead(groups: Sequence, workers: int | None = None) -> Iterator:
+    """Yield each group of image files decoded with `read_image`, in order, reading ahead.
+
+    A group is any nesting of tuples, lists and dicts of paths (None stays None); it comes back with
+    the uint8 arrays in their place. While the caller works on group k, the files of group k + 1
+    are decoded on `workers` threads (default: `cpu_workers()`; Pillow's decoding releases the
+    GIL). One worker decodes one file after the other in the caller's thread. Results and errors
+    are those of the sequential loop: an unreadable file raises its ImageError when its group is
+    reached (the first such file of the group in order); files not yet started are then dropped.
+    """
+    workers = cpu_workers() if workers is None else max(1, workers)
+    if workers == 1:
+        for group in groups:
+            yield _tree_map(read_image, group)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="read_ahead")
+
+    def submit(group):
+        return _tree_map(lambda path: pool.submit(read_image, path), group)
+
+    try:
+        pending = submit(groups[0]) if groups else None
+        for k in range(len(groups)):
+            current = pending
+            if k + 1 < len(groups):  # queued behind group k's files: the pool is FIFO
+                pending = submit(groups[k + 1])
+            yield _tree_map(lambda future: future.result(), current)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _thread_map(fn, items: list) -> list:
     """[fn(*x) for x in items] on threads: Pillow decoding and numpy resizing release the GIL.
     The first error cancels the images not yet started instead of decoding all of them first."""
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=min(8, cpu_workers())) as pool:
         futures = [pool.submit(fn, *x) for x in items]
         try:
             return [f.result() for f in futures]

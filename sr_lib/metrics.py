@@ -19,6 +19,7 @@ Extra columns (never mixed up with the official ones, "Official and extra column
 Where a function departs from the naive version (and why) its docstring says so.
 """
 
+import ctypes
 import importlib.metadata
 import math
 import warnings
@@ -192,18 +193,27 @@ class DiversityAccumulator:
     """Streams LPIPS maps of one image: the per-sample means and a running per-pixel minimum.
 
     Equivalent to stacking the N maps as the reference does (the minimum is exact in any order),
-    without holding all N full-resolution maps in memory.
+    without holding all N full-resolution maps in memory. The values stay on the maps' device
+    until a property is read: on a GPU the host waits once per image, not once per sample.
     """
 
     def __init__(self):
-        self.means: list[float] = []
+        self._means: list[torch.Tensor] = []
         self.min_map: torch.Tensor | None = None
 
     def update(self, maps: torch.Tensor) -> None:
         """Add a (B, H, W) float32 batch of maps."""
-        self.means += [float(m.mean()) for m in maps]  # float32 mean of each map, as the reference
-        low = maps.amin(dim=0)
-        self.min_map = low if self.min_map is None else torch.minimum(self.min_map, low)
+        self._means += [m.mean() for m in maps]  # float32 mean of each map, as the reference
+        if self.min_map is None:
+            self.min_map = maps.amin(dim=0)
+        else:
+            torch.minimum(
+                self.min_map, maps.amin(dim=0) if len(maps) > 1 else maps[0], out=self.min_map
+            )
+
+    @property
+    def means(self) -> list[float]:
+        return torch.stack(self._means).tolist()
 
     @property
     def lpips_mean(self) -> float:
@@ -234,6 +244,23 @@ def dataset_mean(values: Sequence[float | None]) -> float | None:
 
 
 # ----------------------------------------------------------------------------- LPIPS
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory for reuse instead of returning it to the OS; False elsewhere.
+
+    glibc serves blocks above 32 MB (AlexNet's relu1 output of a 2040x1352 image is 44 MB) with
+    mmap, unmaps them when freed and trims the top of its heap, so the memory of every LPIPS pass
+    is faulted in afresh: ~160k zeroed pages per image of 10 samples (0.3 s of system time with
+    one thread). Without mmap (M_MMAP_MAX = 0) and without trimming, freed blocks are reused; the
+    process keeps its peak memory until it exits. Process-wide: for a process that evaluates.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, Windows)
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 class LpipsMetric:
@@ -268,6 +295,7 @@ class LpipsMetric:
         with torch.no_grad():  # (3, 256): scaling_layer(to_lpips_range(v)) per channel
             self._lut = self.net.scaling_layer(to_lpips_range(values.to(self.device)))[0, :, 0]
         self._lut_np = self._lut.cpu().numpy()
+        self._scratch: dict[str, torch.Tensor] = {}
 
     @classmethod
     def load(
@@ -284,12 +312,15 @@ class LpipsMetric:
         missing), the heads come from the lpips package. weights=FILE: a complete
         `lpips.LPIPS(net="alex")` state_dict (trunk + heads), loaded strictly.
         """
-        net = lpips_module()
         if weights is not None:
             sd = load_state_dict(weights)
+            with torch.device("meta"):  # every tensor comes from the file: skip the random init
+                net = lpips_module()  # (of AlexNet's classifier too, 0.3 s)
+            net = net.to_empty(device="cpu")
             load_strict(net, sd, f"{weights} is not an lpips.LPIPS(net='alex') state_dict")
             info = {"weights": str(weights), "sha256": sha256_file(weights)}
         else:
+            net = lpips_module()
             path = load_alexnet_trunk(net, offline)
             info = {
                 "backbone": str(path),
@@ -300,33 +331,56 @@ class LpipsMetric:
             }
         return cls(net, device, batch, {"net": "alex", "version": "0.1", **info})
 
-    def _trunk_input(self, imgs: ARRAY) -> torch.Tensor:
+    def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """A float32 scratch tensor kept from sample to sample (its contents are overwritten).
+
+        A sample's trunk input, taps and their squares are ~150 MB at 2040x1352: allocating them
+        anew per sample costs memory traffic and, on CPU, page faults. Not thread-safe.
+        """
+        buf = self._scratch.get(name)
+        if buf is None or buf.shape != shape:
+            buf = self._scratch[name] = torch.empty(shape, device=self.device)
+        return buf
+
+    def _trunk_input(self, imgs: ARRAY, reuse: bool = False) -> torch.Tensor:
         """uint8 (B, H, W, 3) -> the scaling layer's output, float32 contiguous (B, 3, H, W).
 
         A uint8 channel value has 256 possible results, so they are tabulated once with the very
         float32 ops of the module (`to_lpips_range`, then the scaling layer) and looked up: bit-
         identical values in one pass instead of five over the image. Contiguous NCHW like the
         module's input: channels-last would be ~1.4x faster on CPU but changes the rounding.
+        `reuse`: on CPU the result is a scratch buffer. On CUDA the upload is from pinned memory,
+        so the host does not wait for the GPU.
         """
         if not isinstance(imgs, np.ndarray) or imgs.dtype != np.uint8 or imgs.ndim != 4:
             raise ValueError(f"LpipsMetric expects uint8 (B, H, W, 3) arrays, got {imgs!r:.60}")
         if imgs.shape[-1] != 3:
             raise ValueError(f"LpipsMetric expects uint8 (B, H, W, 3), got shape {imgs.shape}")
         if self.device.type == "cpu":
-            out = np.empty((imgs.shape[0], 3, *imgs.shape[1:3]), np.float32)
+            shape = (imgs.shape[0], 3, *imgs.shape[1:3])
+            out = self._buffer("input", shape) if reuse else torch.empty(shape)
+            planes = out.numpy()
             for c in range(3):  # mode="wrap" avoids a buffered copy; indices are 0..255 anyway
-                np.take(self._lut_np[c], imgs[..., c], out=out[:, c], mode="wrap")
-            return torch.from_numpy(out)
-        x = torch.from_numpy(imgs).to(self.device).long()  # (B, H, W, 3)
-        return self._lut[torch.arange(3, device=self.device), x].permute(0, 3, 1, 2).contiguous()
+                np.take(self._lut_np[c], imgs[..., c], out=planes[:, c], mode="wrap")
+            return out
+        x = torch.from_numpy(np.ascontiguousarray(imgs))
+        if self.device.type == "cuda":
+            x = x.pin_memory()
+        return lut_lookup(self._lut, x.to(self.device, non_blocking=True))
 
-    def _layers(self, x: torch.Tensor):
-        """Yield the 5 channel-normalised ReLU taps of the trunk for a scaled input batch."""
+    def _layers(self, x: torch.Tensor, reuse: bool = False):
+        """Yield the 5 channel-normalised ReLU taps of the trunk for a scaled input batch.
+
+        lpips' normalize_tensor, h / (sqrt(sum_c h^2) + 1e-10), op for op (h * h is h**2 bit for
+        bit). `reuse`: the yielded taps are scratch buffers, valid until the next call.
+        """
         h = x
-        for s in self.slices:
+        for k, s in enumerate(self.slices):
             for layer in s:
                 h = _max_pool(h, layer) if isinstance(layer, torch.nn.MaxPool2d) else layer(h)
-            yield h / (torch.sqrt(torch.sum(h**2, dim=1, keepdim=True)) + 1e-10)
+            tap = self._buffer(f"tap{k}", tuple(h.shape)) if reuse else torch.empty_like(h)
+            norm = torch.sum(torch.mul(h, h, out=tap), dim=1, keepdim=True).sqrt_().add_(1e-10)
+            yield torch.div(h, norm, out=tap)  # the square is no longer needed: overwrite it
 
     @torch.no_grad()
     def reference(self, gt: ARRAY) -> list[torch.Tensor]:
@@ -344,14 +398,20 @@ class LpipsMetric:
         ref = self.reference(gt) if isinstance(gt, np.ndarray) else gt
         out = []
         for i in range(0, len(sr), self.batch):
-            x = self._trunk_input(sr[i : i + self.batch])
+            x = self._trunk_input(sr[i : i + self.batch], reuse=True)
             total = None
-            for k, f in enumerate(self._layers(x)):
-                d = self.net.lins[k]((f - ref[k]) ** 2)  # (B, 1, h_k, w_k)
+            for k, f in enumerate(self._layers(x, reuse=True)):
+                d = self.net.lins[k](f.sub_(ref[k]).square_())  # (f - ref)**2: (B, 1, h_k, w_k)
                 r = F.interpolate(d, size=x.shape[-2:], mode="bilinear", align_corners=False)
-                total = r if total is None else total + r  # layer order, as the module
+                total = r if total is None else total.add_(r)  # layer order, as the module
             out.append(total[:, 0])
-        return torch.cat(out)
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def lut_lookup(lut: torch.Tensor, imgs: torch.Tensor) -> torch.Tensor:
+    """(3, 256) table at uint8 (B, H, W, 3) values, per channel -> contiguous (B, 3, H, W)."""
+    channel = torch.arange(3, device=imgs.device)
+    return lut[channel, imgs.long()].permute(0, 3, 1, 2).contiguous()
 
 
 def to_lpips_range(imgs: torch.Tensor) -> torch.Tensor:
@@ -365,12 +425,12 @@ def _max_pool(h: torch.Tensor, pool: torch.nn.MaxPool2d) -> torch.Tensor:
     if not (k == 3 and s == 2 and pool.padding == 0 and pool.dilation == 1 and not pool.ceil_mode):
         return pool(h)
     oh, ow = (h.shape[2] - k) // s + 1, (h.shape[3] - k) // s + 1
-    r = h[:, :, 0 : s * (oh - 1) + 1 : s]
-    for i in range(1, k):
-        r = torch.maximum(r, h[:, :, i : i + s * (oh - 1) + 1 : s])
-    c = r[:, :, :, 0 : s * (ow - 1) + 1 : s]
-    for i in range(1, k):
-        c = torch.maximum(c, r[:, :, :, i : i + s * (ow - 1) + 1 : s])
+    r = torch.maximum(h[:, :, 0 : s * (oh - 1) + 1 : s], h[:, :, 1 : s * (oh - 1) + 2 : s])
+    for i in range(2, k):
+        torch.maximum(r, h[:, :, i : i + s * (oh - 1) + 1 : s], out=r)
+    c = torch.maximum(r[:, :, :, 0 : s * (ow - 1) + 1 : s], r[:, :, :, 1 : s * (ow - 1) + 2 : s])
+    for i in range(2, k):
+        torch.maximum(c, r[:, :, :, i : i + s * (ow - 1) + 1 : s], out=c)
     return c
 
 
@@ -442,15 +502,18 @@ def evaluate_image(
             )
 
     gt8 = gt[:h8, :w8]
+    row: dict[str, float | None] = {c: None for c in OFFICIAL_COLUMNS}
+    if lpips_metric is not None:  # first: on a GPU it runs while the CPU does the LR-PSNR
+        ref, acc, b = lpips_metric.reference(gt8), DiversityAccumulator(), lpips_metric.batch
+        for i in range(0, len(samples), b):
+            crops = [img[None, :h8, :w8] for img in samples[i : i + b]]  # (1, h8, w8, 3) views
+            acc.update(
+                lpips_metric.maps(crops[0] if len(crops) == 1 else np.concatenate(crops), ref)
+            )
     gt_lr = downscale(gt8, scale)  # once per image
     lr_psnrs = [lr_psnr(img[:h8, :w8], gt_lr, scale) for img in samples]
-    row: dict[str, float | None] = {c: None for c in OFFICIAL_COLUMNS}
     row["LRPSNR_worst"], row["LRPSNR_mean"] = min(lr_psnrs), float(np.mean(lr_psnrs))
     if lpips_metric is not None:
-        ref, acc = lpips_metric.reference(gt8), DiversityAccumulator()
-        for i in range(0, len(samples), lpips_metric.batch):
-            chunk = np.stack([img[:h8, :w8] for img in samples[i : i + lpips_metric.batch]])
-            acc.update(lpips_metric.maps(chunk, ref))
         row["LPIPS_mean"], row["score"] = acc.lpips_mean, acc.score
     if ntire:
         return row

@@ -5,6 +5,7 @@ Every image is generated here and written to tmp_path; nothing is downloaded.
 
 import os
 import struct
+import threading
 import time
 import warnings
 import zlib
@@ -27,6 +28,7 @@ from sr_lib.data import (
     list_images,
     load_pairs,
     mod_crop,
+    read_ahead,
     read_image,
     to_tensor,
     to_uint8,
@@ -482,3 +484,86 @@ def test_write_text_is_atomic_on_a_full_disk(tmp_path):
         with pytest.raises(OutputError, match="b.json: cannot write .No space left on device"):
             write_text(tmp_path / "b.json", "{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+# ----------------------------------------------------------------------------- read_ahead
+
+
+@pytest.fixture
+def image_groups(tmp_path):
+    """Three groups shaped like sr_eval's: (GT, optional LR, {method: [samples]})."""
+    groups = []
+    for k in range(3):
+        files = [tmp_path / f"img {k} {i}.png" for i in range(4)]  # spaces, shared prefixes
+        for i, f in enumerate(files):
+            write_png(f, rand_img(6 + k, 5 + i, seed=10 * k + i))
+        groups.append((files[0], None, {"a": files[1:3], "b": [files[3]]}))
+    return groups
+
+
+@pytest.mark.parametrize("workers", [1, 2, 5])
+def test_read_ahead_equals_reading_one_by_one(image_groups, workers):
+    got = list(read_ahead(image_groups, workers=workers))
+    assert len(got) == len(image_groups)
+    for (gt, lr, samples), (gt_f, _, sample_f) in zip(got, image_groups):
+        assert lr is None and list(samples) == ["a", "b"]
+        assert np.array_equal(gt, read_image(gt_f))
+        for m in sample_f:
+            assert len(samples[m]) == len(sample_f[m])
+            for img, f in zip(samples[m], sample_f[m]):
+                assert img.dtype == np.uint8 and np.array_equal(img, read_image(f))
+
+
+def test_read_ahead_decodes_in_parallel_and_ahead(image_groups, monkeypatch):
+    started = threading.Barrier(2, timeout=10)  # broken (an error) unless two reads overlap
+    ahead = threading.Event()
+    real = data.read_image
+
+    def reader(path):
+        if path == image_groups[0][2]["a"][0]:
+            started.wait()
+        if path == image_groups[0][2]["a"][1]:
+            started.wait()
+        if path == image_groups[1][0]:
+            ahead.set()
+        return real(path)
+
+    monkeypatch.setattr(data, "read_image", reader)
+    images = read_ahead(image_groups, workers=2)
+    next(images)
+    # the caller holds group 0: group 1's files are being decoded meanwhile
+    assert ahead.wait(timeout=10)
+    assert len(list(images)) == 2
+
+
+def test_read_ahead_error_names_the_first_bad_file_of_its_group(image_groups):
+    bad1, bad2 = image_groups[1][2]["a"][1], image_groups[1][2]["b"][0]
+    bad1.write_bytes(b"not an image")
+    bad2.write_bytes(bad2.read_bytes()[:60])
+    for workers in (1, 3):
+        images = read_ahead(image_groups, workers=workers)
+        assert np.array_equal(next(images)[0], read_image(image_groups[0][0]))  # group 0 is fine
+        with pytest.raises(ImageError) as e:
+            next(images)
+        assert str(bad1) in str(e.value) and str(bad2) not in str(e.value)
+        assert not [t for t in threading.enumerate() if t.name.startswith("read_ahead")]
+
+
+def test_read_ahead_pool_ends_when_the_caller_stops_early(image_groups):
+    images = read_ahead(image_groups, workers=3)
+    next(images)
+    images.close()  # e.g. the caller's own error on group 0
+    assert not [t for t in threading.enumerate() if t.name.startswith("read_ahead")]
+
+
+def test_cpu_workers_follows_affinity_and_slurm(monkeypatch):
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert data.cpu_workers() == cores
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert data.cpu_workers() == 1
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4096")  # never more than the cores we may use
+    assert data.cpu_workers() == cores
+    for junk in ("", "0", "two"):
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", junk)
+        assert data.cpu_workers() == cores

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import sr_eval
+from sr_lib import data
 from sr_lib.data import read_image
 from sr_lib.resize import imresize
 
@@ -185,6 +186,77 @@ def test_ntire_mode_stem_layout(tmp_path, capsys, lpips_file):
         assert list(got) == ["image", "LPIPS_mean", "LRPSNR_worst", "LRPSNR_mean", "score"]
         check_row(got, w)
     assert fails(capsys, *args, "--lr", tmp_path / "lr")[0] == 2  # --ntire: official columns only
+
+
+THREE = dict(sizes=((48, 64), (53, 70), (40, 56)), names=("0801", "0802", "0803"))
+
+
+def test_ntire_columns_equal_the_official_arithmetic_exactly(tmp_path, capsys, lpips_file):
+    """measure.py's arithmetic, step by step (torch means, numpy over Python floats, skimage PSNR):
+    --ntire must give the very same floats, not just close ones."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    hr_dir, _, sr_dir = make_set(tmp_path, **THREE)
+    out = tmp_path / "res.json"
+    args = ["--hr", hr_dir, "--sr", sr_dir, "--scale", SCALE, "--n", N, "--ntire"]
+    assert (
+        run(capsys, *args, "--lpips-weights", lpips_file, "--out", out, "--device", "cpu")[0] == 0
+    )
+    net = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, spatial=True, verbose=False)
+    net.load_state_dict(torch.load(lpips_file, weights_only=True))
+    t = lambda x: torch.from_numpy(x.transpose(2, 0, 1)[None].astype(np.float32)) / 255  # noqa: E731
+    for k, got in enumerate(json.loads(out.read_text())["per_image"]):
+        gt = read_image(hr_dir / f"{got['image']}.png")
+        gt = gt[: gt.shape[0] // 8 * 8, : gt.shape[1] // 8 * 8]
+        maps, means, lrpsnrs = [], [], []
+        for f in sample_files(sr_dir, k, got["image"], N):
+            sr = read_image(f)[: gt.shape[0], : gt.shape[1]]
+            with torch.no_grad():
+                maps.append(net(2 * t(sr) - 1, 2 * t(gt) - 1))
+            means.append(maps[-1].mean().item())
+            lrpsnrs.append(peak_signal_noise_ratio(imresize(sr, 1 / 4), imresize(gt, 1 / 4)))
+        best = np.min(means)
+        local = torch.stack([m[0, 0] for m in maps], dim=2).min(dim=2).values.mean().item()
+        assert got["LPIPS_mean"] == np.mean(means)
+        assert got["LRPSNR_worst"] == np.min(lrpsnrs) and got["LRPSNR_mean"] == np.mean(lrpsnrs)
+        assert got["score"] == (best - local) / best * 100
+
+
+def test_parallel_decoding_gives_the_sequential_numbers(tmp_path, capsys, lpips_file, monkeypatch):
+    hr_dir, lr_dir, sr_dir = make_set(tmp_path, **THREE)
+    second = tmp_path / "method_b"  # a second --sr folder: more files per image
+    second.mkdir()
+    for f in sorted(sr_dir.iterdir()):
+        (second / f.name).write_bytes(f.read_bytes())
+    args = ["--hr", hr_dir, "--sr", sr_dir, "--sr", second, "--scale", SCALE, "--n", N]
+    args += ["--lr", lr_dir, "--lpips-weights", lpips_file, "--device", "cpu"]
+    results = {}
+    for workers in (1, 4):
+        monkeypatch.setattr(data, "cpu_workers", lambda w=workers: w)
+        out = tmp_path / f"res{workers}.json"
+        assert run(capsys, *args, "--out", out)[0] == 0
+        results[workers] = json.loads(out.read_text())["methods"]
+    assert results[4] == results[1]  # every column of every image, exactly
+    for got, want in zip(
+        results[4]["method_a"]["per_image"], expected(hr_dir, sr_dir, N, lpips_file, lr_dir)
+    ):
+        check_row(got, want)
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_bad_png_midway_is_one_line_after_the_images_before_it(
+    tmp_path, capsys, monkeypatch, workers
+):
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, **THREE)
+    bad = sr_dir / "000001_sample00001.png"  # the second image's second sample
+    bad.write_bytes(bad.read_bytes()[:100])  # truncated
+    monkeypatch.setattr(data, "cpu_workers", lambda: workers)
+    with pytest.raises(SystemExit) as e:
+        sr_eval.main([str(a) for a in base(hr_dir, sr_dir)])
+    out, err = capsys.readouterr()
+    assert e.value.code == 3 and "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith("sr_eval.py: error: ") and str(bad) in err
+    assert "[1/3] 0801" in out and "[2/3]" not in out  # as the sequential loop: image 1 was scored
 
 
 def test_n1_stem_layout_no_lpips_and_inf(tmp_path, capsys):

@@ -218,6 +218,8 @@ def test_diversity_streaming_equals_stacked():
     l = maps.min(dim=0).values.mean()
     assert acc.score == pytest.approx(float((g - l) / g * 100), abs=1e-4)
     assert acc.lpips_mean == pytest.approx(float(maps.mean(dim=(1, 2)).mean()), rel=1e-6)
+    assert acc.means == [float(m.mean()) for m in maps]  # each map's own float32 mean, exactly
+    assert torch.equal(acc.min_map, maps.amin(dim=0))
 
 
 def test_dataset_score_is_mean_of_ratios():
@@ -261,6 +263,8 @@ def test_batched_lpips_equals_the_lpips_module(lpips_pair, batch):
     assert maps.shape == (5, 64, 96) and maps.dtype == torch.float32
     with torch.no_grad():
         expect = torch.cat([ref(to_lpips_input(s), to_lpips_input(gt))[0] for s in samples])
+    if batch == 1:  # the same kernels, op for op: bit for bit
+        assert torch.equal(maps, expect)
     for m, e in zip(maps, expect):
         assert float(m.mean()) == pytest.approx(float(e.mean()), rel=1e-6)
         assert torch.allclose(m, e, rtol=1e-4, atol=1e-6 * float(e.abs().max()))
@@ -271,6 +275,68 @@ def test_batched_lpips_equals_the_lpips_module(lpips_pair, batch):
     assert row["LPIPS_mean"] == pytest.approx(np.mean(g), rel=1e-6)
     assert row["score"] == pytest.approx((min(g) - local) / min(g) * 100, abs=1e-4)
     assert list(row) == list(M.OFFICIAL_COLUMNS)
+
+
+def test_lpips_reused_buffers_leave_no_trace(lpips_pair):
+    """Scratch buffers are kept from call to call: results must not depend on earlier calls."""
+    ref, ours = lpips_pair
+    ours.batch = 1
+    gt = smooth_img(64, 96, seed=40)
+    samples = [noisy(gt, s, seed=41 + s) for s in (3, 8, 15)]
+    gt_features = ours.reference(gt)
+    kept = [f.clone() for f in gt_features]
+    first = ours.maps(samples, gt_features)
+    assert all(torch.equal(a, b) for a, b in zip(gt_features, kept))  # samples' taps are not these
+    other = smooth_img(48, 64, seed=42)  # another size: the buffers are replaced
+    ours.maps([noisy(other, 5, seed=43)], other)
+    again = ours.maps(samples[::-1], gt)
+    assert torch.equal(again.flip(0), first)
+    with torch.no_grad():
+        alone = ref(to_lpips_input(samples[2]), to_lpips_input(gt))[0]
+    assert torch.equal(again[0:1], alone)
+
+
+def test_lut_lookup_of_other_devices_equals_the_cpu_table(lpips_pair):
+    _, ours = lpips_pair
+    imgs = np.random.default_rng(5).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+    x = torch.from_numpy(imgs)
+    looked_up = M.lut_lookup(ours._lut, x)  # the path of non-CPU devices, here on CPU
+    assert looked_up.is_contiguous() and looked_up.shape == (2, 3, 5, 7)
+    assert torch.equal(looked_up, ours._trunk_input(imgs))
+    with torch.no_grad():
+        assert torch.equal(looked_up, ours.net.scaling_layer(M.to_lpips_range(x)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CPU CI skips it)")
+def test_cuda_lpips_equals_cpu_without_a_host_sync_per_sample(lpips_pair):
+    _, ours = lpips_pair
+    gpu = M.LpipsMetric(lpips_module(), "cuda", batch=2)
+    gpu.net.load_state_dict(ours.net.state_dict())
+    gt = smooth_img(64, 96, seed=50)
+    samples = [noisy(gt, s, seed=51 + s) for s in (4, 9, 16)]
+    torch.cuda.set_sync_debug_mode("error")  # raises on .item(), blocking copies, synchronize
+    try:
+        features, acc = gpu.reference(gt), M.DiversityAccumulator()
+        for i in range(0, len(samples), gpu.batch):
+            acc.update(gpu.maps(samples[i : i + gpu.batch], features))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu_row = M.evaluate_image(gt, samples, 4, lpips_metric=ours, ntire=True)
+    gpu_row = M.evaluate_image(gt, samples, 4, lpips_metric=gpu, ntire=True)
+    assert gpu_row["LPIPS_mean"] == pytest.approx(acc.lpips_mean, rel=1e-6)
+    assert gpu_row["LRPSNR_worst"] == cpu_row["LRPSNR_worst"]  # CPU-side in both
+    assert gpu_row["LRPSNR_mean"] == cpu_row["LRPSNR_mean"]
+    assert gpu_row["LPIPS_mean"] == pytest.approx(cpu_row["LPIPS_mean"], rel=1e-5)
+    assert gpu_row["score"] == pytest.approx(cpu_row["score"], abs=1e-3)
+
+
+def test_keep_freed_memory_is_accepted_by_glibc():
+    import platform
+
+    applied = M.keep_freed_memory()
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert applied is True  # mallopt returned 1 for both settings
 
 
 def test_lpips_input_must_be_uint8_hwc(lpips_pair):
