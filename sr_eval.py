@@ -2,6 +2,13 @@
 
     python sr_eval.py --hr HR_DIR --sr SR_DIR [--sr SR_DIR2 ...] --scale 4 --n 10 [--ntire]
                       [--lr LR_DIR] [--lpips-weights FILE | --no-lpips] [--out results.json]
+                      [--report REPORT_DIR]
+
+--sr takes a folder, NAME=DIR (the method's name in every output; default: the folder's name)
+and DIR:N or NAME=DIR:N (this folder's samples per image, instead of --n: a deterministic
+baseline at N = 1 next to N = 10 methods). A temperature sweep of sr_sample.py (subfolders T0,
+T0.5, T1, ...) gives one method per temperature, named NAME@T0.5; each carries its temperature
+in the table, the JSON and the CSV (a single folder: the temperature of its manifest.json).
 
 Columns: LPIPS_mean, LRPSNR_worst, LRPSNR_mean, score are always the official ones
 (sr_lib/metrics.py; in both modes the GT is cropped top-left to a multiple of 8 for them, 24 at
@@ -9,21 +16,34 @@ x3). --ntire reports only those four, exactly as the challenge. Otherwise PSNR_m
 SSIM_mean (GT cropped to a multiple of --scale and to the SR size, --shave px off each border,
 --color rgb|y) and, with --lr, LRPSNR_vs_input_mean follow.
 
-SR file names, per HR image k (0-based in sorted order) with stem S and sample i:
+SR file names, per HR image k (0-based in the one image order of the toolkit,
+sr_lib.data.image_order: by stem) with stem S and sample i:
 {k:06d}_sample{i:05d}.png (the challenge's) or {S}_sample{i:05d}.png; with --n 1 also {k:06d}.png
-or {S}.png. The layout is detected per SR folder. LR files (--lr): {S}.png or {S}x{scale}.png.
+or {S}.png. The layout is detected per SR folder; an ntire_index.json there (sr_sample.py
+--layout ntire) must name the HR image of every index. Images are listed as by every script
+(sr_lib.data.list_images, not recursive). LR files (--lr): {S}.png or {S}x{scale}.png. Sizes are
+checked: an SR is at most HR-sized (HR rounded up to a multiple of --scale), an LR is HR/scale.
 
 --out JSON: {"settings": {...}, "mean": {col: v}, "per_image": [{"image": S, col: v, ...}]} for one
---sr folder; with several: {"settings": {...}, "methods": {name: {"sr_dir", "mean", "per_image"}}}.
+--sr folder ("settings" has its n and temperature); with several: {"settings": {...}, "methods":
+{name: {"sr_dir", "temperature", "n", "mean", "per_image"}}}.
 +inf (an SR whose downscale equals the GT's exactly; it makes the mean inf too, as the reference)
 is written as the string "inf" so that the file is strict JSON; a column that was not computed
-(--no-lpips) is null. --csv: one row per method and image.
+(--no-lpips) is null. --csv: one row per method and image (method, temperature, n, image, ...).
+Files are written atomically, and their folders are checked writable before any work starts.
+
+--report DIR: DIR/index.html, self-contained (sr_lib/report.py): the table, the NTIRE trade-off
+plots and per image a contact sheet (LR, GT, each method's samples and their per-pixel std).
+Exit codes: 0 ok, 2 bad flag, 3 unusable data (missing, unreadable or wrongly sized images, an
+index that names other images), 4 out of memory, 6 LPIPS weights, 7 output, 130 Ctrl-C.
 """
 
 import csv
 import dataclasses
+import io
 import json
 import math
+import re
 import sys
 import time
 import warnings
@@ -34,16 +54,35 @@ from typing import Literal
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 import sr_lib
-from sr_lib import metrics
+from sr_lib import metrics, report
 from sr_lib.config import parse, pick_device
-from sr_lib.data import IMAGE_EXTENSIONS, demo_files, mod_crop, read_ahead
+from sr_lib.data import (
+    check_out_dir,
+    check_out_file,
+    demo_files,
+    list_images,
+    mod_crop,
+    read_ahead,
+    write_text,
+)
 from sr_lib.errors import CheckpointError, DataError, UsageError, exit_on_error
 
 PROG = "sr_eval.py"
+HELP_SR = (
+    "SR sample folder(s): DIR, NAME=DIR, DIR:N or NAME=DIR:N (N samples per image there); a "
+    "sweep folder of sr_sample.py (T0/, T0.5/, ...) gives one method per temperature"
+)
 HELP_LR = "folder of LR inputs ({stem}.png or {stem}x{scale}.png): adds LRPSNR_vs_input_mean"
 HELP_WEIGHTS = "complete lpips.LPIPS(net='alex') state_dict file (default: ImageNet AlexNet trunk)"
 HELP_BATCH = "samples per LPIPS pass (default: 1 on CPU, equal to the lpips module; 4 on CUDA)"
@@ -52,12 +91,14 @@ HELP_SIGMA = (
     " (Table 7 of 'Revisiting l1 loss'), with the first sample of the first --sr as mu"
 )
 HELP_SHAVE = "pixels removed from each border for PSNR/SSIM (default: the scale)"
+HELP_REPORT = "write a self-contained HTML report (table, trade-off plots, contact sheets) there"
+SWEEP_FOLDER = re.compile(r"T(\d+(?:\.\d*)?(?:e[-+]?\d+)?)")  # sr_sample.py's f"T{t:g}"
 
 
 @dataclass
 class EvalArgs:
-    hr: str = field(metadata=dict(help="folder of ground-truth HR images (sorted, non-recursive)"))
-    sr: list[str] = field(metadata=dict(nargs="+", help="SR sample folder(s); repeat to compare"))
+    hr: str = field(metadata=dict(help="folder of ground-truth HR images (non-recursive)"))
+    sr: list[str] = field(metadata=dict(nargs="+", help=HELP_SR))
     scale: int = field(metadata=dict(help="upscaling factor: 2, 3, 4 or 8"))
     n: int = field(metadata=dict(help="samples per image (10 in the challenge)"))
     ntire: bool = field(default=False, metadata=dict(help="only the 4 official columns"))
@@ -68,24 +109,106 @@ class EvalArgs:
     shave: int | None = field(default=None, metadata=dict(type=int, help=HELP_SHAVE))
     out: str | None = field(default=None, metadata=dict(type=str, help="write results JSON"))
     csv: str | None = field(default=None, metadata=dict(type=str, help="write per-image CSV"))
+    report: str | None = field(default=None, metadata=dict(type=str, help=HELP_REPORT))
     device: str = field(default="auto", metadata=dict(help="auto, cpu or cuda"))
     lpips_batch: int | None = field(default=None, metadata=dict(type=int, help=HELP_BATCH))
     uncertainty: str | None = field(default=None, metadata=dict(type=str, help=HELP_SIGMA))
 
 
+@dataclass
+class Method:
+    """One row of the table: a sample folder, its samples per image and its temperature."""
+
+    name: str
+    sr_dir: Path
+    n: int
+    temperature: float | None
+    files: list[list[Path]] = field(default_factory=list)  # per HR image its n sample files
+
+
 def images_by_stem(folder: Path) -> dict[str, Path]:
-    """stem -> image file (non-recursive; .png wins when two files share a stem)."""
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    """stem -> image file of a folder as every script lists it (sr_lib.data.list_images, not
+    recursive); .png wins when two files share a stem. A folder without images gives {}."""
+    try:
+        files = list_images(folder, recursive=False)
+    except DataError:
+        if not folder.is_dir():
+            raise
+        files = []  # no images: the caller says which ones it expected
     out: dict[str, Path] = {}
     for p in sorted(files, key=lambda p: p.suffix.lower() != ".png"):
         out.setdefault(p.stem, p)
     return out
 
 
-def find_samples(sr_dir: Path, stems: list[str], n: int) -> list[list[Path]]:
-    """Per HR image the N sample files, detecting the naming layout (see the module docstring)."""
-    if not sr_dir.is_dir():
-        raise DataError(f"--sr {sr_dir}: no such folder")
+def parse_sr(spec: str, n: int) -> tuple[str | None, Path, int]:
+    """(name or None, folder, samples per image) of one --sr value: DIR, NAME=DIR, DIR:N or
+    NAME=DIR:N. A value that exists as a path is always a path (folders may hold '=' or ':')."""
+    if Path(spec).exists():
+        return None, Path(spec), n
+    name, sep, rest = spec.partition("=")
+    if not sep:
+        name, rest = None, spec
+    elif not name.strip() or not rest:
+        raise UsageError(f"--sr {spec}: give NAME=DIR with a name and a folder")
+    counted = re.fullmatch(r"(.+):([-+]?\d+)", rest)
+    if counted and not Path(rest).exists():
+        rest, n = counted.group(1), int(counted.group(2))
+        if n < 1:
+            raise UsageError(f"--sr {spec}: N = {n}; the samples per image must be at least 1")
+    return name, Path(rest), n
+
+
+def manifest_temperature(folder: Path) -> float | None:
+    """The temperature recorded in an sr_sample.py manifest.json (None without one)."""
+    try:
+        t = json.loads((folder / "manifest.json").read_text()).get("temperature")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else None
+
+
+def sweep_folders(folder: Path) -> list[tuple[float, Path]]:
+    """(temperature, subfolder) of a temperature sweep (sr_sample.py's T0, T0.5, ...), by T."""
+    found = []
+    for p in folder.iterdir():
+        m = SWEEP_FOLDER.fullmatch(p.name)
+        if m and p.is_dir():
+            found.append((float(m.group(1)), p))
+    return sorted(found)
+
+
+def expand_methods(specs: list[str], n: int) -> list[Method]:
+    """The table's rows: one per --sr folder, one per temperature of a sweep folder."""
+    methods: list[Method] = []
+    explicit: set[str] = set()
+    for spec in specs:
+        name, folder, count = parse_sr(spec, n)
+        if not folder.is_dir():
+            what = "is a file, not a folder" if folder.exists() else "no such folder"
+            raise DataError(f"--sr {folder}: {what}")
+        base = name or folder.resolve().name or str(folder)
+        if name and name in explicit:
+            raise UsageError(f"--sr: two folders are named {name!r}; give each its own NAME=DIR")
+        explicit |= {name} if name else set()
+        sweep = sweep_folders(folder)
+        rows = [(f"{base}@T{t:g}", sub, t) for t, sub in sweep]
+        if not sweep or images_by_stem(folder):
+            rows.insert(0, (base, folder, manifest_temperature(folder)))
+        for row_name, row_dir, t in rows:
+            taken = {m.name for m in methods}
+            if row_name in taken:
+                if name:
+                    raise UsageError(f"--sr: the method name {row_name!r} is given twice")
+                row_name = next(f"{row_name}_{i}" for i in range(1, len(taken) + 2)
+                                if f"{row_name}_{i}" not in taken)  # fmt: skip
+            methods.append(Method(row_name, row_dir, count, t))
+    return methods
+
+
+def find_samples(sr_dir: Path, stems: list[str], n: int, scale: int) -> list[list[Path]]:
+    """Per HR image the N sample files, detecting the naming layout (see the module docstring);
+    an ntire_index.json in the folder is checked against the HR order."""
     have = images_by_stem(sr_dir)
     layouts = [lambda k, s, i: f"{k:06d}_sample{i:05d}", lambda k, s, i: f"{s}_sample{i:05d}"]
     if n == 1:
@@ -96,21 +219,48 @@ def find_samples(sr_dir: Path, stems: list[str], n: int) -> list[list[Path]]:
         raise DataError(
             f"{sr_dir}: no SR sample for the first HR image {stems[0]} (expected {tried})"
         )
-    name = layouts[hits.index(max(hits))]  # the first layout wins ties: the challenge's
+    best = hits.index(max(hits))  # the first layout wins ties: the challenge's
+    if best in (0, 2):
+        check_index(sr_dir, stems, scale)
+    name = layouts[best]
     paths = []
     for k, s in enumerate(stems):
         for i in range(n):
             if name(k, s, i) not in have:
                 missing = sr_dir / f"{name(k, s, i)}.png"
-                raise DataError(f"missing SR sample {missing} (image {s}, sample {i} of --n {n})")
+                raise DataError(f"missing SR sample {missing} (image {s}, sample {i} of N = {n})")
         paths.append([have[name(k, s, i)] for i in range(n)])
     return paths
 
 
-def fmt(v: float | None, col: str) -> str:
-    if v is None or math.isnan(v):
-        return "-"
-    return f"{v:.4f}" if col.startswith(("LPIPS", "SSIM")) else f"{v:.2f}"
+def check_index(sr_dir: Path, stems: list[str], scale: int) -> None:
+    """sr_sample.py --layout ntire's ntire_index.json ({"scale": s, "000000": stem, ...}): every
+    index k must be the k-th HR image (an LR input may carry the DIV2K suffix x{scale})."""
+    path = sr_dir / "ntire_index.json"
+    if not path.is_file():
+        return
+    try:
+        index = json.loads(path.read_text())
+        index = index.get("index", index) if isinstance(index, dict) else None
+    except (OSError, ValueError):
+        index = None
+    if not isinstance(index, dict):
+        raise DataError(f'{path}: not a readable index ({{"000000": stem, ...}}); remove it')
+    if index.get("scale", scale) != scale:
+        raise DataError(f"{path}: these samples are x{index['scale']}, not --scale {scale}")
+    for k, stem in enumerate(stems):
+        made_from = index.get(f"{k:06d}")
+        if made_from not in (stem, f"{stem}x{scale}"):
+            raise DataError(
+                f"{path}: index {k:06d} was sampled from {made_from!r}, but the HR image at "
+                f"index {k:06d} is {stem!r}; give the --hr folder the samples were made from"
+            )
+    count = sum(1 for key in index if key.isdigit())
+    if count != len(stems):
+        raise DataError(
+            f"{path}: lists {count} inputs, --hr has {len(stems)} images; give the --hr folder "
+            "the samples were made from"
+        )
 
 
 def jsonable(v):
@@ -132,14 +282,13 @@ def warn(msg: str) -> None:
 def run(args: EvalArgs) -> int:
     shave, device, batch = check_flags(args)
     hr = hr_images(args.hr)
-    stems = sorted(hr)
-    methods: dict[str, list[list[Path]]] = {}  # method name -> per image its n sample files
-    for d in args.sr:
-        name = Path(d).resolve().name or d
-        name = name if name not in methods else f"{name}_{len(methods)}"
-        methods[name] = find_samples(Path(d), stems, args.n)
+    stems = list(hr)
+    methods = expand_methods(args.sr, args.n)
+    for m in methods:
+        m.files = find_samples(m.sr_dir, stems, m.n, args.scale)
     lr_files = lr_inputs(args.lr, stems, args.scale) if args.lr else None
     sigma_files = sigma_maps(args.uncertainty, stems, args.ntire) if args.uncertainty else None
+    report_dir = check_out_dir(args.report, "--report") if args.report else None
     lpips_metric = None if args.no_lpips else load_lpips(args.lpips_weights, device, batch)
     columns = list(metrics.OFFICIAL_COLUMNS)
     if not args.ntire:
@@ -147,7 +296,7 @@ def run(args: EvalArgs) -> int:
 
     opts = dict(scale=args.scale, lpips_metric=lpips_metric, ntire=args.ntire, color=args.color)
     opts.update(shave=shave, warn=warn)
-    rows = score(hr, stems, methods, lr_files, sigma_files, columns, opts)
+    rows, sheets = score(hr, methods, lr_files, sigma_files, columns, opts, report_dir)
 
     # Aggregate: mean over images of each column (inf propagates, as the reference).
     columns += ["PLL", "PSNR_sigma"] if sigma_files else []  # (the first --sr folder only)
@@ -155,16 +304,39 @@ def run(args: EvalArgs) -> int:
         m: {c: metrics.dataset_mean([r.get(c) for r in rs]) for c in columns}
         for m, rs in rows.items()
     }
-    print_table(means, columns, args, len(stems))
-    if lpips_metric is None:
-        print("LPIPS_mean and score not computed (--no-lpips)")
+    title = table_title(args, methods, len(stems))
+    print_table(means, columns, title, methods)
+    missing = "LPIPS_mean and score not computed (--no-lpips)" if lpips_metric is None else ""
+    if missing:
+        print(missing)
+    settings = run_settings(args, shave, device, lpips_metric, columns, methods)
+    clean = {m: [{k: jsonable(v) for k, v in r.items()} for r in rs] for m, rs in rows.items()}
+    if args.out:
+        write_json(args.out, settings, means, clean, methods)
+    if args.csv:
+        write_csv(args.csv, clean, columns, methods)
+    if report_dir:
+        table = [(m.name, m.temperature, m.n, means[m.name]) for m in methods]
+        index = report.write_report(report_dir, title, columns, table, sheets, missing)
+        print(f"report: {index}")
+    return 0
+
+
+def table_title(args: EvalArgs, methods: list[Method], n_images: int) -> str:
+    ns = sorted({m.n for m in methods})
+    protocol = " (NTIRE 2021 protocol)" if args.ntire else ""
+    n = f"N={ns[0]}" if len(ns) == 1 else "N per method"
+    return f"x{args.scale}, {n}, {n_images} images{protocol}"
+
+
+def run_settings(args, shave, device, lpips_metric, columns, methods) -> dict:
     crop = f"official: GT top-left to a multiple of {metrics.official_mod(args.scale)}, SR to it"
     if not args.ntire:
         crop += f"; PSNR/SSIM: GT to a multiple of {args.scale} and to the SR, {shave} px shave"
     settings = {
         "protocol": "ntire" if args.ntire else "generic",
         "scale": args.scale,
-        "n": args.n,
+        "n": methods[0].n if len(methods) == 1 else args.n,
         "crop": crop,
         "color": "rgb" if args.ntire else args.color,
         "shave": 0 if args.ntire else shave,
@@ -176,16 +348,14 @@ def run(args: EvalArgs) -> int:
         "version": sr_lib.__version__,
         "args": dataclasses.asdict(args),
     }
-    clean = {m: [{k: jsonable(v) for k, v in r.items()} for r in rs] for m, rs in rows.items()}
-    if args.out:
-        write_json(args.out, settings, means, clean, dict(zip(methods, args.sr)))
-    if args.csv:
-        write_csv(args.csv, clean, columns)
-    return 0
+    if len(methods) == 1:
+        settings["temperature"] = methods[0].temperature
+    return settings
 
 
 def check_flags(args: EvalArgs) -> tuple[int, torch.device, int]:
-    """(border shave, device, LPIPS batch); a one-line usage error for a bad combination."""
+    """(border shave, device, LPIPS batch); a one-line usage error for a bad combination. The
+    output files and folder are proved writable here, before any long work."""
     if args.scale not in (2, 3, 4, 8):
         raise UsageError(f"--scale {args.scale}: choose 2, 3, 4 or 8")
     if args.n < 1:
@@ -194,27 +364,34 @@ def check_flags(args: EvalArgs) -> tuple[int, torch.device, int]:
         raise UsageError("--no-lpips and --lpips-weights exclude each other; give one")
     if args.ntire and (args.lr or args.shave is not None or args.color != "rgb"):
         raise UsageError("--ntire reports only the official columns; drop --lr/--shave/--color")
-    if (args.shave is not None and args.shave < 0) or (args.lpips_batch or 1) < 1:
-        raise UsageError("--shave must be >= 0 and --lpips-batch >= 1")
+    if args.shave is not None and args.shave < 0:
+        raise UsageError(f"--shave {args.shave}: must be >= 0")
+    if args.lpips_batch is not None and args.lpips_batch < 1:
+        raise UsageError(f"--lpips-batch {args.lpips_batch}: must be >= 1")
+    if args.out and args.csv and Path(args.out).resolve() == Path(args.csv).resolve():
+        raise UsageError(f"--out and --csv are the same file {args.out}; give two names")
     device = pick_device(args.device)
+    for flag, path in (("--out", args.out), ("--csv", args.csv)):
+        if path:
+            check_out_file(path, flag)
     shave = args.scale if args.shave is None else args.shave
     return shave, device, args.lpips_batch or (4 if device.type == "cuda" else 1)
 
 
 def hr_images(hr: str) -> dict[str, Path]:
-    """stem -> ground-truth file of --hr (a folder, or 'demo': the demo validation photographs,
-    as sr_sample.py --input demo)."""
+    """stem -> ground-truth file of --hr in the one image order (a folder, or 'demo': the demo
+    validation photographs, as sr_sample.py --input demo)."""
     if hr == "demo":
         return {p.stem: p for p in demo_files("val")}
     hr_dir = Path(hr)
     if not hr_dir.is_dir():
         raise DataError(f"--hr {hr_dir}: no such folder")
-    found = images_by_stem(hr_dir)
-    if not found:
-        raise DataError(f"--hr {hr_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})")
-    if len(found) != len([p for p in hr_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]):
-        raise DataError(f"--hr {hr_dir}: two images share a file stem; SR names would be ambiguous")
-    return found
+    files = list_images(hr_dir, recursive=False)
+    stems = [p.stem for p in files]
+    if len(set(stems)) != len(stems):
+        dup = next(s for s in stems if stems.count(s) > 1)
+        raise DataError(f"--hr {hr_dir}: two images share the stem {dup!r}; rename one")
+    return {p.stem: p for p in files}
 
 
 def lr_inputs(lr: str, stems: list[str], scale: int) -> list[Path]:
@@ -249,80 +426,161 @@ def load_lpips(weights: str | None, device, batch: int):
         raise CheckpointError(f"LPIPS: {e}{hint}") from None
 
 
-def score(hr, stems, methods, lr_files, sigma_files, columns, opts) -> dict[str, list[dict]]:
+def check_sizes(gt, lr, samples, names, gt_name: str, lr_name: str | None, scale: int) -> None:
+    """Wrong folders give errors, not numbers: an SR larger than its HR (rounded up to a multiple
+    of the scale: an LR of ceil(H / scale) rows) was not made from it, and an LR must be HR/scale
+    (between the official crop's and the rounded-up size). Smaller SRs: evaluate_image."""
+    h, w = gt.shape[:2]
+    up_h, up_w = -(-h // scale), -(-w // scale)  # ceil(H / scale)
+    for img, name in zip(samples, names):
+        if img.shape[0] > up_h * scale or img.shape[1] > up_w * scale:
+            raise DataError(
+                f"{name}: SR is {img.shape[1]}x{img.shape[0]} (WxH), larger than its ground "
+                f"truth {gt_name} ({w}x{h}) allows at x{scale}; is --hr the HR folder of these "
+                "samples?"
+            )
+    if lr is None:
+        return
+    mod = metrics.official_mod(scale)
+    lo_h, lo_w = h // mod * mod // scale, w // mod * mod // scale
+    if not (lo_h <= lr.shape[0] <= up_h and lo_w <= lr.shape[1] <= up_w):
+        raise DataError(
+            f"{lr_name}: LR is {lr.shape[1]}x{lr.shape[0]} (WxH), but {gt_name} ({w}x{h}) at "
+            f"--scale {scale} needs about {w // scale}x{h // scale} (this LR is x"
+            f"{w / lr.shape[1]:.3g} of it); check --lr and --scale"
+        )
+
+
+def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir):
     """Per method the rows of every image (`columns`, plus PLL and PSNR_sigma for the first
-    method with --uncertainty); the next image's files are decoded on threads meanwhile."""
+    method with --uncertainty), and with a report folder the contact sheet of every image; the
+    next image's files are decoded on threads meanwhile."""
     metrics.keep_freed_memory()  # no page faults for the large per-sample arrays
+    stems = list(hr)
     files = [
-        (hr[s], lr_files[k] if lr_files else None, {m: paths[k] for m, paths in methods.items()})
+        (hr[s], lr_files[k] if lr_files else None, {m.name: m.files[k] for m in methods})
         for k, s in enumerate(stems)
     ]
     images = read_ahead(files)
 
     tty = sys.stdout.isatty()
-    rows: dict[str, list[dict]] = {m: [] for m in methods}
+    rows: dict[str, list[dict]] = {m.name: [] for m in methods}
+    sheets = []
     start = time.perf_counter()
-    with Progress(disable=not tty, transient=True) as bar:
+    columns_shown = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    columns_shown += (TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns_shown, disable=not tty, transient=True) as bar:
         task = bar.add_task("evaluating", total=len(stems))
         for k, stem in enumerate(stems):
             gt, lr, samples = next(images)
-            for m, imgs in samples.items():
-                names = [str(p) for p in methods[m][k]]
+            for m in methods:
+                imgs, names = samples[m.name], [str(p) for p in m.files[k]]
+                lr_name = str(lr_files[k]) if lr_files else None
+                check_sizes(gt, lr, imgs, names, str(hr[stem]), lr_name, opts["scale"])
                 row = metrics.evaluate_image(
                     gt, imgs, lr=lr, names=names, gt_name=str(hr[stem]), **opts
                 )
-                rows[m].append({"image": stem, **{c: row[c] for c in columns}})
-                if sigma_files and m == next(iter(methods)):
+                rows[m.name].append({"image": stem, **{c: row[c] for c in columns}})
+                if sigma_files and m is methods[0]:
                     sigma = np.load(sigma_files[k])
                     gt_s = mod_crop(gt, opts["scale"])
-                    rows[m][-1]["PLL"] = metrics.pll(gt_s, imgs[0], sigma)
-                    rows[m][-1]["PSNR_sigma"] = metrics.sigma_psnr(gt_s, imgs[0], sigma)
+                    rows[m.name][-1]["PLL"] = metrics.pll(gt_s, imgs[0], sigma)
+                    rows[m.name][-1]["PSNR_sigma"] = metrics.sigma_psnr(gt_s, imgs[0], sigma)
                 if not tty:  # plain log lines for SLURM logs instead of a progress bar
-                    vals = " ".join(f"{c} {fmt(row[c], c)}" for c in columns)
+                    vals = " ".join(f"{c} {report.fmt(row[c], c)}" for c in columns)
                     took = time.perf_counter() - start
-                    print(f"[{k + 1}/{len(stems)}] {stem} {m}: {vals} ({took:.1f} s)", flush=True)
+                    eta = took / (k + 1) * (len(stems) - k - 1)
+                    print(f"[{k + 1}/{len(stems)}] {stem} {m.name}: {vals} "
+                          f"({took:.1f} s, ETA {eta:.0f} s)", flush=True)  # fmt: skip
+            if report_dir:
+                named = [(m.name, m.files[k], samples[m.name]) for m in methods]
+                lr_file = lr_files[k] if lr_files else None
+                sheets.append(
+                    report.contact_sheet(
+                        report_dir, k, stem, hr[stem], gt, lr_file, lr, named, opts["scale"]
+                    )
+                )
             bar.update(task, advance=1, description=stem)
-    return rows
+    return rows, sheets
 
 
-def print_table(means: dict, columns: list[str], args: EvalArgs, n_images: int) -> None:
-    protocol = " (NTIRE 2021 protocol)" if args.ntire else ""
-    table = Table(title=f"x{args.scale}, N={args.n}, {n_images} images{protocol}")
-    for c in ["method", *columns]:
-        table.add_column(c, justify="left" if c == "method" else "right")
-    for m, mean in means.items():
-        table.add_row(m, *[fmt(mean[c], c) for c in columns])
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+def table_widths(cells: dict[str, list[str]], headers: list[str]) -> list[int]:
+    """Each column's width in a rich box table: its longest cell + 2 padding + 1 border."""
+    return [
+        max([len(h)] + [len(cs[j]) for cs in cells.values()]) + 3 for j, h in enumerate(headers)
+    ]
 
 
-def write_json(path: str, settings: dict, means: dict, rows: dict, sr_dirs: dict) -> None:
+def comparison_tables(means: dict, columns: list[str], title: str, methods, width: int):
+    """The table as one or more rich Tables, each at most `width` columns wide: the metric
+    columns are split into stacked tables, each starting with the method (and N) columns, so
+    that no name or number is ever cut."""
+    ns = {m.name: m.n for m in methods}
+    keys = ["method"] + (["N"] if len(set(ns.values())) > 1 else [])
+    cells = {m: [m] + ([str(ns[m])] if len(keys) > 1 else []) for m in means}
+    cells = {m: cs + [report.fmt(means[m][c], c) for c in columns] for m, cs in cells.items()}
+    widths = table_widths(cells, keys + columns)
+    fixed = 1 + sum(widths[: len(keys)])
+    groups, current, used = [], [], fixed
+    for j in range(len(columns)):
+        w = widths[len(keys) + j]
+        if current and used + w > width:
+            groups.append(current)
+            current, used = [], fixed
+        current.append(j)
+        used += w
+    groups.append(current)
+    tables = []
+    for g, group in enumerate(groups):
+        part = f" ({g + 1}/{len(groups)})" if len(groups) > 1 else ""
+        table = Table(title=title + part)
+        for c in keys + [columns[j] for j in group]:
+            table.add_column(c, justify="left" if c == "method" else "right", no_wrap=True)
+        for cs in cells.values():
+            table.add_row(*cs[: len(keys)], *[cs[len(keys) + j] for j in group])
+        tables.append(table)
+    return tables
+
+
+def print_table(means: dict, columns: list[str], title: str, methods, console=None) -> None:
+    """The comparison table on stdout: the terminal's width, 160 columns in a log file."""
+    console = console or Console(width=None if sys.stdout.isatty() else 160)
+    for table in comparison_tables(means, columns, title, methods, console.width):
+        console.print(table)
+
+
+def write_json(path: str, settings: dict, means: dict, rows: dict, methods) -> None:
     """--out: the layout of the module docstring (no "methods" level for one --sr folder)."""
     per = {
-        m: {
-            "sr_dir": d,
-            "mean": {c: jsonable(v) for c, v in means[m].items()},
-            "per_image": rows[m],
+        m.name: {
+            "sr_dir": str(m.sr_dir),
+            "temperature": m.temperature,
+            "n": m.n,
+            "mean": {c: jsonable(v) for c, v in means[m.name].items()},
+            "per_image": rows[m.name],
         }
-        for m, d in sr_dirs.items()
+        for m in methods
     }
     if len(per) == 1:
         only = next(iter(per.values()))
         result = {"settings": settings, "mean": only["mean"], "per_image": only["per_image"]}
     else:
         result = {"settings": settings, "methods": per}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    write_text(path, json.dumps(result, indent=2, allow_nan=False) + "\n")
 
 
-def write_csv(path: str, rows: dict, columns: list[str]) -> None:
-    """--csv: one row per method and image."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["method", "image", *columns])
-        for m, rs in rows.items():
-            for r in rs:
-                w.writerow([m, r["image"], *["" if r.get(c) is None else r[c] for c in columns]])
+def write_csv(path: str, rows: dict, columns: list[str], methods) -> None:
+    """--csv: one row per method and image (the temperature empty where unknown)."""
+    f = io.StringIO()
+    w = csv.writer(f, lineterminator="\n")
+    w.writerow(["method", "temperature", "n", "image", *columns])
+    for m in methods:
+        t = "" if m.temperature is None else f"{m.temperature:g}"
+        for r in rows[m.name]:
+            w.writerow(
+                [m.name, t, m.n, r["image"], *["" if r.get(c) is None else r[c] for c in columns]]
+            )
+    write_text(path, f.getvalue())
 
 
 if __name__ == "__main__":

@@ -7,7 +7,13 @@ the CLI and a direct lpips module call agree; they are not real LPIPS values.
 import csv
 import json
 import math
+import os
+import resource
+import signal
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import imageio.v3 as iio
 import lpips
@@ -22,6 +28,7 @@ from sr_lib.data import read_image
 from sr_lib.resize import imresize
 
 SCALE, N = 4, 3
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +301,8 @@ def test_n1_index_layout_and_two_methods(tmp_path, capsys, lpips_file):
     assert set(res) == {"settings", "methods"} and list(res["methods"]) == ["method_a", "method_b"]
     for m, d in (("method_a", sr_a), ("method_b", sr_b)):
         entry = res["methods"][m]
-        assert set(entry) == {"sr_dir", "mean", "per_image"} and entry["sr_dir"] == str(d)
+        assert set(entry) == {"sr_dir", "temperature", "n", "mean", "per_image"}
+        assert entry["sr_dir"] == str(d) and entry["n"] == 1 and entry["temperature"] is None
         for got, w in zip(entry["per_image"], expected(hr_dir, d, 1, lpips_file)):
             check_row({k: v for k, v in got.items() if not k.startswith("PSNR")}, w)
             assert got["score"] == 0.0  # one sample: no diversity
@@ -307,12 +315,17 @@ def test_n1_index_layout_and_two_methods(tmp_path, capsys, lpips_file):
     assert res["methods"]["method_a"]["per_image"][0]["PSNR_mean"] == pytest.approx(want, abs=1e-9)
 
 
-def test_larger_sr_is_cropped_with_a_warning(tmp_path, capsys):
-    hr_dir, _, sr_dir = make_set(tmp_path, n=1, sizes=((48, 64), (48, 64)))
+def test_sr_larger_than_its_hr_is_an_error_and_ceil_rounding_a_warning(tmp_path, capsys):
+    """An SR 16 px taller than its HR cannot come from it (issue 20 item 10); one of scale x
+    ceil(H / scale) rows can (an LR rounded up): cropped, with a warning."""
+    hr_dir, _, sr_dir = make_set(tmp_path, n=1, sizes=((48, 64), (53, 64)))
     f = sr_dir / "000001_sample00000.png"
-    iio.imwrite(f, np.pad(iio.imread(f), ((0, 16), (0, 0), (0, 0))))
+    iio.imwrite(f, np.pad(iio.imread(f), ((0, 3), (0, 0), (0, 0))))  # 56 = 4 * ceil(53 / 4)
     code, cap = run(capsys, "--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 1, "--no-lpips")
     assert code == 0 and "warning" in cap.err and str(f) in cap.err
+    iio.imwrite(f, np.pad(iio.imread(f), ((0, 16), (0, 0), (0, 0))))
+    code, err = fails(capsys, "--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 1, "--no-lpips")
+    assert code == 3 and err.count("\n") == 1 and str(f) in err and "64x72" in err
 
 
 def test_16bit_rgba_and_gray_images_are_evaluated(tmp_path, capsys, lpips_file):
@@ -422,3 +435,170 @@ def test_missing_lpips_weights(tmp_path, capsys, monkeypatch, tiny_set):
     assert "alexnet-owt-7be5be79.pth" in err and str(tmp_path / "w") in err and "--no-lpips" in err
     code, err = fails(capsys, *args, "--lpips-weights", tmp_path / "missing.pth")
     assert code == 6 and "missing.pth" in err
+
+
+# ----------------------------------------------------------------------------- issue 20
+
+
+def noisy_copies(hr_dir, sr_dir, names, n, layout="index"):
+    """Per HR image (in `names` order) n samples = GT + small seeded noise (PSNR ~ 40 dB)."""
+    sr_dir.mkdir(parents=True, exist_ok=True)
+    for k, stem in enumerate(names):
+        gt = read_image(hr_dir / f"{stem}.png")
+        for i in range(n):
+            noise = np.random.default_rng(10 * k + i).integers(-3, 4, gt.shape)
+            name = f"{k:06d}_sample{i:05d}" if layout == "index" else f"{stem}_sample{i:05d}"
+            iio.imwrite(sr_dir / f"{name}.png", np.clip(gt + noise, 0, 255).astype(np.uint8))
+
+
+PREFIXES = ("cat", "cat-2", "photo", "photo (1)")  # the one order: by stem
+
+
+def test_ntire_index_follows_the_one_order_and_a_wrong_map_is_an_error(tmp_path, capsys):
+    """Issue 20 item 2: index k is the k-th HR image in sr_lib.data.image_order (cat before
+    cat-2, photo before 'photo (1)', though 'cat-2.png' < 'cat.png' by file name), and an
+    ntire_index.json that maps an index to another image stops the run (exit 3, one line)."""
+    hr_dir = tmp_path / "hr"
+    hr_dir.mkdir()
+    for k, stem in enumerate(sorted(PREFIXES, key=lambda s: s + ".png")):  # file-name order
+        iio.imwrite(hr_dir / f"{stem}.png", make_hr(48, 64, seed=k))
+    assert [p.stem for p in data.list_images(hr_dir)] == list(PREFIXES)
+    sr_dir = tmp_path / "sub"
+    noisy_copies(hr_dir, sr_dir, PREFIXES, 2)
+    index = {"scale": 4, **{f"{k:06d}": s for k, s in enumerate(PREFIXES)}}
+    (sr_dir / "ntire_index.json").write_text(json.dumps(index))
+    out = tmp_path / "r.json"
+    args = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips", "--out", out]
+    assert run(capsys, *args)[0] == 0
+    rows = json.loads(out.read_text())["per_image"]
+    assert [r["image"] for r in rows] == list(PREFIXES)
+    assert all(r["PSNR_mean"] > 35 for r in rows)  # every sample scored against its own GT
+    # the map a file-name order would have written: index 0 is cat-2
+    wrong = {
+        "scale": 4,
+        **{f"{k:06d}": s for k, s in enumerate(sorted(PREFIXES, key=lambda s: s + ".png"))},
+    }  # noqa: E501
+    (sr_dir / "ntire_index.json").write_text(json.dumps(wrong))
+    out.unlink()
+    code, err = fails(capsys, *args)
+    assert code == 3 and err.count("\n") == 1 and "index 000000" in err and "'cat-2'" in err
+    assert not out.exists()
+    # DIV2K LR names as sr_sample inputs (0801x4) match their HR stem
+    (sr_dir / "ntire_index.json").write_text(
+        json.dumps({"scale": 4, **{f"{k:06d}": f"{s}x4" for k, s in enumerate(PREFIXES)}})
+    )
+    assert run(capsys, *args)[0] == 0
+
+
+def test_files_are_listed_as_every_script_lists_them(tmp_path, capsys):
+    """Issue 20 item 3: a folder named x.png, '._x.png' (macOS metadata) and a dangling link are
+    not images; a symlinked --hr / --sr folder is followed."""
+    real_hr, real_sr = tmp_path / "real_hr", tmp_path / "real_sr"
+    real_hr.mkdir()
+    for k, stem in enumerate(("0801", "0802")):
+        iio.imwrite(real_hr / f"{stem}.png", make_hr(48, 64, seed=k))
+    noisy_copies(real_hr, real_sr, ("0801", "0802"), 2)
+    for d in (real_hr, real_sr):
+        (d / "x.png").mkdir()
+        (d / "._0801.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+        (d / "gone.png").symlink_to(tmp_path / "deleted.png")
+    (tmp_path / "hr").symlink_to(real_hr)
+    (tmp_path / "sr").symlink_to(real_sr)
+    assert [p.name for p in data.list_images(tmp_path / "hr", recursive=False)] == [
+        "0801.png",
+        "0802.png",
+    ]
+    out = tmp_path / "r.json"
+    args = ["--hr", tmp_path / "hr", "--sr", tmp_path / "sr", "--scale", 4, "--n", 2]
+    code, _ = run(capsys, *args, "--no-lpips", "--out", out)
+    assert code == 0
+    assert [r["image"] for r in json.loads(out.read_text())["per_image"]] == ["0801", "0802"]
+
+
+def test_output_problems_are_found_before_the_work_and_exit_7(tmp_path, capsys, monkeypatch):
+    """Issue 20 item 4: --out naming a folder, --csv in a read-only folder: one line, exit 7,
+    before any image is scored."""
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2)
+    args = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips"]
+    (tmp_path / "results").mkdir()
+    with pytest.raises(SystemExit) as e:
+        sr_eval.main([str(a) for a in [*args, "--out", tmp_path / "results"]])
+    cap = capsys.readouterr()
+    assert e.value.code == 7 and cap.err.count("\n") == 1 and "is a folder" in cap.err
+    assert "[1/2]" not in cap.out and list((tmp_path / "results").iterdir()) == []
+    real_open = os.open
+
+    def read_only(path, flags, *a, **k):  # what open() raises for a normal user
+        if str(path).startswith(str(tmp_path / "ro")) and flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *a, **k)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(SystemExit) as e:
+        sr_eval.main([str(a) for a in [*args, "--csv", tmp_path / "ro" / "rows.csv"]])
+    cap = capsys.readouterr()
+    assert e.value.code == 7 and cap.err.count("\n") == 1 and "Permission denied" in cap.err
+    assert "[1/2]" not in cap.out and list((tmp_path / "ro").iterdir()) == []
+
+
+def eval_cmd(*argv):
+    return [sys.executable, str(REPO / "sr_eval.py"), *[str(a) for a in argv]]
+
+
+def test_full_disk_is_one_line_exit_7_and_no_partial_json(tmp_path):
+    """Issue 20 item 4: a write that fails half-way (a full disk: here a 1 kB file size limit,
+    EFBIG as ENOSPC) leaves no JSON at all, not a 0-byte or truncated one."""
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2)
+    out = tmp_path / "res" / "r.json"
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+    cmd = eval_cmd("--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips",
+                   "--device", "cpu", "--out", out)  # fmt: skip
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, preexec_fn=small_files)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 7 and len(err) == 1, p.stderr
+    assert "r.json: cannot write (File too large)" in err[0]
+    assert list(out.parent.iterdir()) == []  # no JSON, no temporary file
+
+
+def test_ctrl_c_is_one_line_exit_130_and_no_output(tmp_path):
+    """Issue 20 item 8: a real SIGINT to a running sr_eval (read-ahead threads busy)."""
+    sizes = tuple((256, 256) for _ in range(40))
+    names = tuple(f"{k:04d}" for k in range(40))
+    hr_dir, _, sr_dir = make_set(tmp_path, n=3, sizes=sizes, names=names)
+    out = tmp_path / "res"
+    out.mkdir()
+    cmd = eval_cmd("--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 3, "--no-lpips",
+                   "--device", "cpu", "--out", out / "r.json", "--csv", out / "r.csv")  # fmt: skip
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = p.stdout.readline()  # the first image is scored: the run is in its main loop
+    assert line.startswith("[1/40]"), line + p.stderr.read()
+    p.send_signal(signal.SIGINT)
+    rest, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert err.strip().splitlines() == ["sr_eval.py: interrupted"]
+    assert "[40/40]" not in rest and list(out.iterdir()) == []
+
+
+def test_wrong_folders_give_errors_not_numbers(tmp_path, capsys):
+    """Issue 20 item 10: --hr given the LR folder (the samples are 4x its size) and --scale 4
+    with an x8 LR folder: one line naming the file and both sizes, exit 3."""
+    hr_dir, lr_dir, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64), (48, 64)))
+    for f in lr_dir.iterdir():  # LR files named as their HR, the usual LR folder
+        f.rename(lr_dir / f.name.replace("x4", ""))
+    code, err = fails(capsys, "--hr", lr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips")
+    assert code == 3 and err.count("\n") == 1
+    assert "000000_sample00000.png: SR is 64x48" in err and "0801.png (16x12)" in err
+    lr8 = tmp_path / "lr8"
+    lr8.mkdir()
+    for f in sorted(hr_dir.iterdir()):
+        iio.imwrite(lr8 / f.name, imresize(read_image(f), 1 / 8))
+    args = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips", "--lr", lr8]
+    code, err = fails(capsys, *args)
+    assert code == 3 and err.count("\n") == 1
+    assert "0801.png: LR is 8x6" in err and "(64x48) at --scale 4" in err and "x8" in err
+    assert run(capsys, *args[:-1], lr_dir)[0] == 0  # the right LR folder

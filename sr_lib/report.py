@@ -1,0 +1,246 @@
+"""sr_eval.py --report DIR: a self-contained HTML report of an evaluation.
+
+DIR/index.html (inline CSS, no script, no network) shows the results table, the NTIRE 2021
+trade-off plots (diversity score vs LPIPS and LR-PSNR vs LPIPS, one labelled point per method and
+temperature; the temperatures of one sweep joined by a line, as in the challenge report) and per
+image a contact sheet: LR, GT, then per method its samples and their per-pixel standard deviation
+across samples. Every thumbnail links to a full-size image inside DIR:
+
+  plots/*.png                     the plots (matplotlib, Agg, drawn off-screen)
+  images/{k:06d}/gt.png, lr.png   the GT (hard link or copy of the file; written as PNG when it
+                                  is not one a browser shows) and the LR (the --lr file, else the
+                                  bicubic downscale of the GT's official crop)
+  images/{k:06d}/m{j:02d}/        method j: its sample files (hard links or copies) and std.png
+  */thumb_*.png                   thumbnails, at most THUMB px on a side
+Nothing refers to a file outside DIR, so the folder can be copied or archived as it is.
+"""
+
+import html
+import math
+import os
+import shutil
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+from sr_lib.data import write_png, write_text
+from sr_lib.errors import OutputError
+from sr_lib.metrics import downscale, official_mod
+
+THUMB = 160  # thumbnail: longest side in px
+BROWSER_FORMATS = (".png", ".jpg", ".jpeg", ".webp")
+# (y column, x column, title, file): the NTIRE 2021 report's two trade-offs, then what can be
+# plotted without LPIPS (--no-lpips).
+PLOTS = (
+    ("score", "LPIPS_mean", "Diversity score vs LPIPS", "score_vs_lpips.png"),
+    ("LRPSNR_mean", "LPIPS_mean", "LR-PSNR vs LPIPS", "lrpsnr_vs_lpips.png"),
+)
+FALLBACK_PLOT = ("LRPSNR_mean", "PSNR_mean", "LR-PSNR vs PSNR", "lrpsnr_vs_psnr.png")
+AXIS = {
+    "score": "diversity score, % (higher: more diverse)",
+    "LPIPS_mean": "LPIPS (lower: closer to the GT)",
+    "LRPSNR_mean": "LR-PSNR, dB (higher: more consistent with the LR)",
+    "PSNR_mean": "PSNR, dB",
+}
+
+
+def fmt(v: float | None, col: str) -> str:
+    """A table cell: 4 decimals for LPIPS and SSIM, 2 for dB and scores, '-' when missing."""
+    if v is None or math.isnan(v):
+        return "-"
+    return f"{v:.4f}" if col.startswith(("LPIPS", "SSIM")) else f"{v:.2f}"
+
+
+def place(src: Path, dst: Path) -> None:
+    """dst becomes a hard link to src (no extra space), or a copy across file systems."""
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.unlink(missing_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+    except OSError as e:
+        raise OutputError(f"{dst}: cannot write ({e.strerror or e}); check --report") from None
+
+
+def full_and_thumb(folder: Path, name: str, img: np.ndarray, src: Path | None) -> tuple[str, str]:
+    """Write folder/name.png (or link src there) and its thumbnail; their paths in the report."""
+    if src is not None and src.suffix.lower() in BROWSER_FORMATS:
+        full = folder / f"{name}{src.suffix.lower()}"
+        place(src, full)
+    else:
+        full = folder / f"{name}.png"
+        write_png(full, img)
+    factor = max(1, math.ceil(max(img.shape[:2]) / THUMB))
+    thumb = folder / f"thumb_{name}.png"
+    write_png(thumb, np.asarray(Image.fromarray(img).reduce(factor)))
+    return full.as_posix(), thumb.as_posix()
+
+
+def std_map(samples: list[np.ndarray]) -> tuple[np.ndarray, float]:
+    """Per-pixel standard deviation across samples (mean over RGB, 0..255 scale) as a magma
+    heat map normalised to its maximum, and that maximum."""
+    h = min(s.shape[0] for s in samples)
+    w = min(s.shape[1] for s in samples)
+    total = np.zeros((h, w, 3), np.float64)
+    squares = np.zeros((h, w, 3), np.float64)
+    for s in samples:  # running sums: no (N, H, W, 3) float stack in memory
+        x = s[:h, :w].astype(np.float64)
+        total += x
+        squares += x * x
+    mean = total / len(samples)
+    std = np.sqrt(np.clip(squares / len(samples) - mean * mean, 0, None)).mean(axis=2)
+    top = float(std.max())
+    heat = colormaps["magma"](std / top if top > 0 else std)[..., :3]
+    return np.round(heat * 255).astype(np.uint8), top
+
+
+def contact_sheet(folder, k, stem, gt_file, gt, lr_file, lr, methods, scale) -> dict:
+    """Write image k's panels under folder/images/{k:06d}/ and return what the page shows:
+    {"stem", "panels": [(label, full, thumb)], "methods": [(name, panels, note)]}; `methods`
+    is [(name, sample files, decoded samples)]. Paths are relative to folder."""
+    here = Path(folder) / "images" / f"{k:06d}"
+    rel = lambda p: Path(p).relative_to(folder).as_posix()  # noqa: E731
+    if lr is None:  # the LR the official columns compare against
+        mod = official_mod(scale)
+        lr = downscale(gt[: gt.shape[0] // mod * mod, : gt.shape[1] // mod * mod], scale)
+    panels = []
+    for label, name, img, src in (("LR", "lr", lr, lr_file), ("GT", "gt", gt, gt_file)):
+        full, thumb = full_and_thumb(here, name, img, src)
+        size = f"{img.shape[1]}x{img.shape[0]}"
+        panels.append((f"{label} {size}", rel(full), rel(thumb)))
+    rows = []
+    for j, (name, files, samples) in enumerate(methods):
+        sub = here / f"m{j:02d}"
+        row = []
+        for i, (f, img) in enumerate(zip(files, samples)):
+            full, thumb = full_and_thumb(sub, f"sample{i:05d}", img, Path(f))
+            row.append((f"sample {i}", rel(full), rel(thumb)))
+        note = "one sample: no std across samples"
+        if len(samples) > 1:
+            heat, top = std_map(samples)
+            full, thumb = full_and_thumb(sub, "std", heat, None)
+            row.append((f"std (max {top:.1f}/255)", rel(full), rel(thumb)))
+            note = ""
+        rows.append((name, row, note))
+    return {"stem": stem, "panels": panels, "methods": rows}
+
+
+def trade_off_plot(table, ycol: str, xcol: str, title: str, path: Path):
+    """One labelled point per row of `table` [(name, temperature, n, means)] with finite
+    values (the temperatures of one sweep joined in order); (points, rows left out)."""
+    points, left_out = [], []
+    for name, t, _, means in table:
+        x, y = means.get(xcol), means.get(ycol)
+        if x is None or y is None or not (math.isfinite(x) and math.isfinite(y)):
+            left_out.append(f"{name} ({xcol} {fmt(x, xcol)}, {ycol} {fmt(y, ycol)})")
+        else:
+            points.append((name, t, x, y))
+    if not points:
+        return points, left_out
+    fig = Figure(figsize=(6.4, 4.8), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    sweeps: dict[str, list] = {}
+    for name, t, x, y in points:
+        if t is not None and "@T" in name:
+            sweeps.setdefault(name.rsplit("@T", 1)[0], []).append((t, x, y))
+    for line in sweeps.values():
+        if len(line) > 1:
+            line.sort()
+            ax.plot([p[1] for p in line], [p[2] for p in line], color="0.75", zorder=1)
+    ax.scatter([p[2] for p in points], [p[3] for p in points], zorder=2)
+    for name, _, x, y in points:
+        ax.annotate(name, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=8)
+    ax.set_xlabel(AXIS.get(xcol, xcol))
+    ax.set_ylabel(AXIS.get(ycol, ycol))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    canvas.draw()
+    write_png(path, np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[..., :3]))
+    return [(name, x, y) for name, _, x, y in points], left_out
+
+
+CSS = """
+body { font-family: sans-serif; margin: 1.5em; color: #222; }
+table.results { border-collapse: collapse; margin-bottom: 1em; }
+table.results th, table.results td { border: 1px solid #bbb; padding: 0.2em 0.6em; }
+table.results td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.plots img { max-width: 48%; margin-right: 1%; border: 1px solid #ddd; }
+.note { color: #a33; }
+.sheet { margin: 1em 0 2em; border-top: 1px solid #ccc; }
+.row { display: flex; flex-wrap: wrap; align-items: flex-end; gap: 6px; margin: 4px 0; }
+.row .label { width: 12em; font-weight: bold; word-break: break-all; }
+figure { margin: 0; text-align: center; font-size: 0.75em; }
+figure img { display: block; border: 1px solid #ddd; image-rendering: pixelated; }
+"""
+
+
+def link(full: str, thumb: str, caption: str) -> str:
+    cap = html.escape(caption)
+    return (
+        f'<figure><a href="{quote(full)}"><img src="{quote(thumb)}" alt="{cap}"></a>'
+        f"<figcaption>{cap}</figcaption></figure>"
+    )
+
+
+def write_report(folder, title: str, columns, table, sheets, missing: str = "") -> Path:
+    """Write folder/index.html (after its plots); `table`: [(name, temperature, n, means)],
+    `sheets`: contact_sheet's results; `missing`: what was not computed, said on the page."""
+    folder = Path(folder)
+    notes = [missing] if missing else []
+    specs = [p for p in PLOTS if all(c in columns for c in p[:2])]
+    if missing and "PSNR_mean" in columns:
+        specs.append(FALLBACK_PLOT)
+    plots = []
+    for ycol, xcol, name, file in specs:
+        points, left_out = trade_off_plot(table, ycol, xcol, name, folder / "plots" / file)
+        if points:
+            plots.append(f"plots/{file}")
+        if left_out:
+            notes.append(f"{name}: not plotted (not finite): {'; '.join(left_out)}")
+    absent = [p[2] for p in PLOTS if p not in specs]
+    if absent:
+        notes.append(f"no plot of {' or '.join(absent)}: LPIPS_mean and score were not computed")
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["method", "T", "N", *columns])
+    body = []
+    for name, t, n, means in table:
+        cells = [html.escape(name), "" if t is None else f"{t:g}", str(n)]
+        cells += [fmt(means.get(c), c) for c in columns]
+        tds = "".join(f'<td class="{"num" if j else ""}">{c}</td>' for j, c in enumerate(cells))
+        body.append(f"<tr>{tds}</tr>")
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f'<table class="results"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody>'
+        "</table>",
+        *[f'<p class="note">{html.escape(n)}</p>' for n in notes],
+        '<div class="plots">',
+        *[f'<a href="{quote(p)}"><img src="{quote(p)}" alt="{html.escape(p)}"></a>' for p in plots],
+        "</div>",
+    ]
+    for sheet in sheets:
+        parts.append(f'<div class="sheet"><h2>{html.escape(sheet["stem"])}</h2>')
+        inputs = "".join(link(full, thumb, label) for label, full, thumb in sheet["panels"])
+        parts.append(f'<div class="row"><span class="label">input</span>{inputs}</div>')
+        for name, panels, note in sheet["methods"]:
+            shown = "".join(link(full, thumb, label) for label, full, thumb in panels)
+            extra = f'<span class="note">{html.escape(note)}</span>' if note else ""
+            parts.append(
+                f'<div class="row"><span class="label">{html.escape(name)}</span>{shown}{extra}'
+                "</div>"
+            )
+        parts.append("</div>")
+    parts.append("</body></html>")
+    index = folder / "index.html"
+    write_text(index, "\n".join(parts) + "\n")
+    return index

@@ -1,0 +1,206 @@
+"""Everyday mistakes with sr_eval.py: each gives its documented exit code and one stderr line
+naming the flag or file, never a traceback, and writes no output file."""
+
+import json
+import os
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+import sr_eval
+from sr_lib.resize import imresize
+
+SCALE = 4
+
+
+def photo(h, w, seed):
+    rng = np.random.default_rng(seed)
+    return (
+        np.kron(rng.random((h // 8 + 1, w // 8 + 1, 3)), np.ones((8, 8, 1)))[:h, :w] * 255
+    ).astype(np.uint8)
+
+
+@pytest.fixture
+def world(tmp_path):
+    """hr/ (two images), lr/ (x4), lr8/ (x8), sr/ (2 samples each, index layout), out/."""
+    dirs = {d: tmp_path / d for d in ("hr", "lr", "lr8", "sr", "out")}
+    for d in dirs.values():
+        d.mkdir()
+    for k, stem in enumerate(("a", "b")):
+        hr = photo(48, 64, k)
+        iio.imwrite(dirs["hr"] / f"{stem}.png", hr)
+        iio.imwrite(dirs["lr"] / f"{stem}.png", imresize(hr, 1 / 4))
+        iio.imwrite(dirs["lr8"] / f"{stem}.png", imresize(hr, 1 / 8))
+        for i in range(2):
+            noise = np.random.default_rng(10 * k + i).integers(-3, 4, hr.shape)
+            sr = np.clip(hr.astype(int) + noise, 0, 255).astype(np.uint8)
+            iio.imwrite(dirs["sr"] / f"{k:06d}_sample{i:05d}.png", sr)
+    return tmp_path
+
+
+def args(w: Path, *extra, hr="hr", sr="sr", n=2):
+    sr = sr if "=" in sr else w / sr  # NAME=DIR values relative to the world (the cwd)
+    base = ["--hr", w / hr, "--sr", sr, "--scale", SCALE, "--n", n, "--no-lpips"]
+    return [str(a) for a in [*base, *extra]]
+
+
+def index_file(w, content):
+    (w / "sr" / "ntire_index.json").write_text(content)
+
+
+def truncate(w):
+    f = w / "sr" / "000001_sample00001.png"
+    f.write_bytes(f.read_bytes()[:60])
+
+
+# (case id, setup(world) or None, argv(world), exit code, text the one line must contain)
+CASES = [
+    ("hr-missing", None, lambda w: args(w, hr="nope"), 3, "nope"),
+    ("hr-empty", lambda w: (w / "empty").mkdir(), lambda w: args(w, hr="empty"), 3, "no images"),
+    ("hr-is-a-file", None, lambda w: args(w, hr="hr/a.png"), 3, "a.png"),
+    (
+        "hr-shared-stem",
+        lambda w: iio.imwrite(w / "hr" / "a.jpg", photo(48, 64, 0)),
+        lambda w: args(w),
+        3,
+        "'a'",
+    ),
+    ("sr-missing", None, lambda w: args(w, sr="nope"), 3, "nope"),
+    ("sr-is-a-file", None, lambda w: args(w, sr="hr/a.png"), 3, "not a folder"),
+    ("sr-no-layout", None, lambda w: args(w, sr="lr"), 3, "000000_sample00000.png"),
+    (
+        "sr-sample-missing",
+        lambda w: (w / "sr" / "000001_sample00001.png").unlink(),
+        lambda w: args(w),
+        3,
+        "000001_sample00001.png",
+    ),
+    ("n-too-large", None, lambda w: args(w, n=3), 3, "000000_sample00002.png"),
+    ("sr-truncated-png", truncate, lambda w: args(w), 3, "000001_sample00001.png"),
+    (
+        "sr-not-an-image",
+        lambda w: (w / "sr" / "000000_sample00001.png").write_text("hello"),
+        lambda w: args(w),
+        3,
+        "000000_sample00001.png",
+    ),
+    (
+        "sr-smaller-than-hr",
+        lambda w: iio.imwrite(w / "sr" / "000000_sample00000.png", photo(40, 64, 0)),
+        lambda w: args(w),
+        3,
+        "smaller",
+    ),
+    ("hr-is-the-lr-folder", None, lambda w: args(w, hr="lr"), 3, "larger than its ground truth"),
+    ("lr-of-another-scale", None, lambda w: args(w, "--lr", w / "lr8"), 3, "--scale 4"),
+    ("lr-missing-folder", None, lambda w: args(w, "--lr", w / "nope"), 3, "--lr"),
+    (
+        "lr-missing-image",
+        lambda w: (w / "lr" / "b.png").unlink(),
+        lambda w: args(w, "--lr", w / "lr"),
+        3,
+        "b.png",
+    ),
+    (
+        "index-mismatch",
+        lambda w: index_file(w, json.dumps({"scale": 4, "000000": "b", "000001": "a"})),
+        lambda w: args(w),
+        3,
+        "index 000000",
+    ),
+    (
+        "index-unreadable",
+        lambda w: index_file(w, "{not json"),
+        lambda w: args(w),
+        3,
+        "ntire_index.json",
+    ),
+    (
+        "index-other-scale",
+        lambda w: index_file(w, json.dumps({"scale": 8, "000000": "a", "000001": "b"})),
+        lambda w: args(w),
+        3,
+        "x8",
+    ),
+    (
+        "index-other-count",
+        lambda w: index_file(
+            w, json.dumps({"scale": 4, "000000": "a", "000001": "b", "000002": "c"})
+        ),
+        lambda w: args(w),
+        3,
+        "3 inputs",
+    ),
+    ("uncertainty-missing", None, lambda w: args(w, "--uncertainty", w / "sr"), 3, "_sigma.npy"),
+    ("n-zero", None, lambda w: args(w, n=0), 2, "--n"),
+    (
+        "scale-5",
+        None,
+        lambda w: [*args(w)[:4], "--scale", "5", "--n", "2", "--no-lpips"],
+        2,
+        "--scale",
+    ),
+    ("sr-count-zero", None, lambda w: args(w, sr="sr:0"), 2, "at least 1"),
+    ("sr-empty-name", None, lambda w: args(w, sr="=sr"), 2, "NAME=DIR"),
+    ("sr-same-name-twice", None, lambda w: args(w, "--sr", "x=sr", sr="x=sr"), 2, "'x'"),
+    (
+        "no-lpips-and-weights",
+        None,
+        lambda w: args(w, "--lpips-weights", w / "x.pth"),
+        2,
+        "--no-lpips",
+    ),
+    ("ntire-with-lr", None, lambda w: args(w, "--ntire", "--lr", w / "lr"), 2, "--ntire"),
+    ("shave-negative", None, lambda w: args(w, "--shave", "-1"), 2, "--shave"),
+    ("lpips-batch-zero", None, lambda w: args(w, "--lpips-batch", "0"), 2, "--lpips-batch"),
+    (
+        "out-equals-csv",
+        None,
+        lambda w: args(w, "--out", w / "out" / "r.json", "--csv", w / "out" / "r.json"),
+        2,
+        "--csv",
+    ),
+    ("device-cuda-absent", None, lambda w: args(w, "--device", "cuda"), 2, "--device"),
+    ("out-is-a-folder", None, lambda w: args(w, "--out", w / "out"), 7, "is a folder"),
+    ("csv-is-a-folder", None, lambda w: args(w, "--csv", w / "out"), 7, "--csv"),
+    (
+        "out-below-a-file",
+        None,
+        lambda w: args(w, "--out", w / "hr" / "a.png" / "r.json"),
+        7,
+        "--out",
+    ),
+    ("report-is-a-file", None, lambda w: args(w, "--report", w / "hr" / "a.png"), 7, "--report"),
+    (
+        "lpips-weights-missing",
+        None,
+        lambda w: [a for a in args(w) if a != "--no-lpips"] + ["--lpips-weights", str(w / "x.pth")],
+        6,
+        "x.pth",
+    ),
+]
+
+
+@pytest.mark.parametrize("case, setup, argv, code, text", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(world, capsys, case, setup, argv, code, text):
+    if case == "device-cuda-absent" and __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is present")
+    if setup:
+        setup(world)
+    before = sorted(p for p in world.rglob("*"))
+    os.chdir(world)  # relative --sr NAME=DIR values
+    with pytest.raises(SystemExit) as e:
+        sr_eval.main(argv(world))
+    out = capsys.readouterr()
+    err = out.err.strip().splitlines()
+    assert e.value.code == code, out.err
+    assert len(err) == 1 and "Traceback" not in out.err, out.err
+    assert err[0].startswith("sr_eval.py: error: ") and text in err[0], err[0]
+    assert "[1/" not in out.out or code == 3  # output problems are found before any work
+    assert sorted(p for p in world.rglob("*")) == before  # nothing written
+
+
+def test_at_least_twenty_cases():
+    assert len({c[0] for c in CASES}) == len(CASES) >= 20
