@@ -191,14 +191,17 @@ def link(full: str, thumb: str, caption: str) -> str:
     )
 
 
-def write_report(folder, title: str, columns, table, sheets, missing: str = "") -> Path:
+def write_report(folder, title: str, columns, table, sheets, no_lpips: str = "") -> Path:
     """Write folder/index.html (after its plots); `table`: [(name, temperature, n, means)],
-    `sheets`: contact_sheet's results; `missing`: what was not computed, said on the page."""
+    `sheets`: contact_sheet's results; `no_lpips`: why LPIPS is missing, said on the page (the
+    LPIPS plots are then replaced by LR-PSNR vs PSNR where that was computed)."""
     folder = Path(folder)
-    notes = [missing] if missing else []
-    specs = [p for p in PLOTS if all(c in columns for c in p[:2])]
-    if missing and "PSNR_mean" in columns:
-        specs.append(FALLBACK_PLOT)
+    notes = [no_lpips] if no_lpips else []
+    specs = list(PLOTS) if not no_lpips else []
+    if no_lpips:
+        specs += [FALLBACK_PLOT] if FALLBACK_PLOT[1] in columns else []
+        names = " or ".join(p[2] for p in PLOTS)
+        notes.append(f"no plot of {names}: LPIPS_mean and score were not computed")
     plots = []
     for ycol, xcol, name, file in specs:
         points, left_out = trade_off_plot(table, ycol, xcol, name, folder / "plots" / file)
@@ -206,9 +209,6 @@ def write_report(folder, title: str, columns, table, sheets, missing: str = "") 
             plots.append(f"plots/{file}")
         if left_out:
             notes.append(f"{name}: not plotted (not finite): {'; '.join(left_out)}")
-    absent = [p[2] for p in PLOTS if p not in specs]
-    if absent:
-        notes.append(f"no plot of {' or '.join(absent)}: LPIPS_mean and score were not computed")
     head = "".join(f"<th>{html.escape(c)}</th>" for c in ["method", "T", "N", *columns])
     body = []
     for name, t, n, means in table:

@@ -1,0 +1,254 @@
+"""sr_eval.py on temperature sweeps, per-folder N and names, the table at 80 and 160 columns,
+the --report HTML and the progress display."""
+
+import csv
+import io
+import json
+import os
+import pty
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import imageio.v3 as iio
+import lpips
+import numpy as np
+import pytest
+import torch
+from matplotlib.axes import Axes
+from rich.console import Console
+
+import sr_eval
+from sr_lib.resize import imresize
+
+REPO = Path(__file__).resolve().parents[1]
+STEMS = ("0801", "0802")
+TEMPS = (0.0, 0.5, 1.0)
+
+
+@pytest.fixture(scope="module")
+def lpips_file(tmp_path_factory):
+    torch.manual_seed(0)
+    net = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, spatial=True, verbose=False)
+    path = tmp_path_factory.mktemp("weights") / "lpips_random.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def make_hr(h, w, seed):
+    lr = np.random.default_rng(seed).integers(0, 256, (h // 4, w // 4, 3), dtype=np.uint8)
+    return imresize(lr, 4)
+
+
+def sweep_world(root: Path, n=3):
+    """hr/, a sweep folder sweep/T0, T0.5, T1 (as sr_sample.py writes it: manifest.json, the
+    stem layout, an lr/ folder beside) whose noise grows with T, and bicubic/ (N = 1)."""
+    hr_dir, sweep, bic = root / "hr", root / "sweep", root / "bicubic"
+    for d in (hr_dir, sweep / "lr", bic):
+        d.mkdir(parents=True)
+    for k, stem in enumerate(STEMS):
+        hr = make_hr(48, 64, seed=k)
+        iio.imwrite(hr_dir / f"{stem}.png", hr)
+        up = imresize(imresize(hr, 1 / 4), 4)
+        iio.imwrite(sweep / "lr" / f"{stem}.png", imresize(hr, 1 / 4))
+        iio.imwrite(bic / f"{stem}.png", up)
+        for t in TEMPS:
+            folder = sweep / f"T{t:g}"
+            folder.mkdir(exist_ok=True)
+            (folder / "manifest.json").write_text(json.dumps({"temperature": t, "n": n}))
+            for i in range(n):
+                noise = np.random.default_rng(100 * k + i).normal(0, 1 + 12 * t, hr.shape)
+                sr = np.clip(np.round(up + noise), 0, 255).astype(np.uint8)
+                iio.imwrite(folder / f"{stem}_sample{i:05d}.png", sr)
+    return hr_dir, sweep, bic
+
+
+class Refs(HTMLParser):
+    """Every href/src of a page, and whether it parsed."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs, self.tags = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.refs += [v for k, v in attrs if k in ("href", "src")]
+
+
+def page_refs(index: Path) -> list[str]:
+    parser = Refs()
+    parser.feed(index.read_text())
+    parser.close()
+    assert {"html", "table", "img", "a"} <= set(parser.tags)
+    return parser.refs
+
+
+@pytest.fixture
+def plotted(monkeypatch):
+    """The points and labels each trade-off plot really draws (Axes.scatter / annotate)."""
+    calls = []
+    scatter, annotate = Axes.scatter, Axes.annotate
+
+    def spy_scatter(ax, x, y, *a, **k):
+        calls.append({"ax": ax, "points": list(zip(x, y)), "labels": []})
+        return scatter(ax, x, y, *a, **k)
+
+    def spy_annotate(ax, text, xy, *a, **k):
+        next(c for c in calls if c["ax"] is ax)["labels"].append((text, *xy))
+        return annotate(ax, text, xy, *a, **k)
+
+    monkeypatch.setattr(Axes, "scatter", spy_scatter)
+    monkeypatch.setattr(Axes, "annotate", spy_annotate)
+    return calls
+
+
+def test_sweep_rows_names_n_and_report(tmp_path, capsys, lpips_file, plotted):
+    hr_dir, sweep, bic = sweep_world(tmp_path)
+    out, rows_csv, rep = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "report"
+    code = sr_eval.main([str(a) for a in (
+        "--hr", hr_dir, "--sr", f"flow={sweep}", f"bicubic={bic}:1", "--scale", 4, "--n", 3,
+        "--lpips-weights", lpips_file, "--device", "cpu", "--out", out, "--csv", rows_csv,
+        "--report", rep, "--lr", sweep / "lr",
+    )])  # fmt: skip
+    assert code == 0
+    names = ["flow@T0", "flow@T0.5", "flow@T1", "bicubic"]
+    res = json.loads(out.read_text())["methods"]
+    assert list(res) == names
+    assert [res[m]["temperature"] for m in names] == [0.0, 0.5, 1.0, None]
+    assert [res[m]["n"] for m in names] == [3, 3, 3, 1]
+    assert res["flow@T0.5"]["sr_dir"] == str(sweep / "T0.5")
+    scores = [res[m]["mean"]["score"] for m in names]
+    assert scores[0] < scores[1] < scores[2] and scores[3] == 0  # diversity grows with T
+    lines = list(csv.DictReader(rows_csv.open()))
+    assert [(r["method"], r["temperature"], r["n"]) for r in lines[::2]] == [
+        ("flow@T0", "0", "3"), ("flow@T0.5", "0.5", "3"), ("flow@T1", "1", "3"),
+        ("bicubic", "", "1"),
+    ]  # fmt: skip
+    shown = capsys.readouterr().out
+    assert all(m in shown for m in names) and "N per method" in shown
+
+    # the report: parses, every file it names exists inside it, one point per row per plot
+    index = rep / "index.html"
+    refs = page_refs(index)
+    assert refs and all(not r.startswith(("/", "http", "file:", "..")) for r in refs)
+    files = {(rep / r).resolve() for r in refs}
+    assert all(f.is_file() and rep.resolve() in f.parents for f in files)
+    assert len([r for r in refs if r.startswith("plots/")]) == 4  # 2 plots, img + link each
+    assert len(plotted) == 2
+    for call in plotted:
+        assert len(call["points"]) == len(names)
+        assert sorted(t for t, *_ in call["labels"]) == sorted(names)
+        assert [tuple(p) for p in call["points"]] == [tuple(xy) for _, *xy in call["labels"]]
+    by_label = {t: xy for t, *xy in plotted[0]["labels"]}
+    for m in names:
+        assert by_label[m] == pytest.approx([res[m]["mean"]["LPIPS_mean"], res[m]["mean"]["score"]])
+    # contact sheets: LR, GT, each method's samples (+ std for N > 1) for each image
+    text = index.read_text()
+    for k, stem in enumerate(STEMS):
+        assert f"<h2>{stem}</h2>" in text
+        here = rep / "images" / f"{k:06d}"
+        assert (here / "lr.png").is_file() and (here / "gt.png").is_file()
+        for j in range(3):
+            assert len(list((here / f"m{j:02d}").glob("sample*.png"))) == 3
+            assert (here / f"m{j:02d}" / "std.png").is_file()
+        assert (
+            not (here / "m03" / "std.png").exists() and (here / "m03" / "sample00000.png").is_file()
+        )
+    gt = iio.imread(rep / "images" / "000000" / "gt.png")
+    assert np.array_equal(gt, iio.imread(hr_dir / "0801.png"))
+    thumb = iio.imread(rep / "images" / "000000" / "m00" / "thumb_sample00000.png")
+    assert max(thumb.shape[:2]) <= 160
+
+
+def test_report_without_lpips_plots_what_it_can(tmp_path, capsys, plotted):
+    hr_dir, sweep, _ = sweep_world(tmp_path, n=2)
+    rep = tmp_path / "report"
+    args = ["--hr", hr_dir, "--sr", sweep, "--scale", 4, "--n", 2, "--no-lpips", "--report", rep]
+    assert sr_eval.main([str(a) for a in args]) == 0
+    text = (rep / "index.html").read_text()
+    assert "not computed (--no-lpips)" in text
+    assert "no plot of Diversity score vs LPIPS or LR-PSNR vs LPIPS" in text
+    assert [r for r in page_refs(rep / "index.html") if r.startswith("plots/")] == [
+        "plots/lrpsnr_vs_psnr.png"
+    ] * 2
+    assert len(plotted) == 1 and len(plotted[0]["points"]) == 3
+    assert sorted(t for t, *_ in plotted[0]["labels"]) == ["sweep@T0", "sweep@T0.5", "sweep@T1"]
+
+
+def test_a_sweep_folder_with_a_top_level_run_and_auto_names(tmp_path, capsys):
+    """A folder with samples at its top and T subfolders gives both; two folders of one name
+    are told apart; NAME=DIR:N overrides --n for that folder only."""
+    hr_dir, sweep, bic = sweep_world(tmp_path / "a", n=2)
+    for f in (sweep / "T0.5").iterdir():
+        (sweep / f.name).write_bytes(f.read_bytes())
+    other = tmp_path / "b" / "sweep"
+    other.mkdir(parents=True)
+    for f in (sweep / "T1").iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "r.json"
+    args = ["--hr", hr_dir, "--sr", sweep, other, f"{bic}:1", "--scale", 4, "--n", 2]
+    assert sr_eval.main([str(a) for a in [*args, "--no-lpips", "--out", out]]) == 0
+    res = json.loads(out.read_text())["methods"]
+    assert list(res) == ["sweep", "sweep@T0", "sweep@T0.5", "sweep@T1", "sweep_1", "bicubic"]
+    assert res["sweep"]["temperature"] == 0.5 and res["sweep_1"]["temperature"] == 1.0
+    assert res["sweep"]["mean"] == res["sweep@T0.5"]["mean"]
+    assert res["bicubic"]["n"] == 1 and res["sweep_1"]["n"] == 2
+
+
+@pytest.mark.parametrize("width", [80, 160])
+def test_table_is_readable_at_80_and_160_columns(width):
+    """Every method name and every number appears whole on its row; no line is wider than
+    the console (the columns are stacked into several tables when needed)."""
+    columns = ["LPIPS_mean", "LRPSNR_worst", "LRPSNR_mean", "score", "PSNR_mean", "PSNR_best"]
+    columns += ["SSIM_mean", "LRPSNR_vs_input_mean"]
+    rng = np.random.default_rng(0)
+    methods = [sr_eval.Method(f"srflow_div2k_x4_step{s}k@T{t:g}", Path("."), 10, t)
+               for s in (120, 200) for t in (0.0, 0.9)]  # fmt: skip
+    methods.append(sr_eval.Method("bicubic", Path("."), 1, None))
+    means = {
+        m.name: {c: float(rng.uniform(0.01, 0.9) if c.startswith(("LPIPS", "SSIM"))
+                          else rng.uniform(10, 99.9)) for c in columns}
+        for m in methods
+    }  # fmt: skip
+    means["bicubic"]["LRPSNR_mean"] = float("inf")
+    console = Console(width=width, file=io.StringIO(), color_system=None)
+    sr_eval.print_table(means, columns, "x4, N per method, 100 images", methods, console)
+    text = console.file.getvalue()
+    lines = text.splitlines()
+    assert all(len(line) <= width for line in lines)
+    assert all(c in text for c in columns)
+    for m in methods:
+        rows = [line for line in lines if f" {m.name} " in line]
+        assert rows, m.name
+        cells = " ".join(rows)
+        for c in columns:
+            assert f" {sr_eval.report.fmt(means[m.name][c], c)} " in cells, (m.name, c)
+        assert f" {m.n} " in cells
+    assert (text.count("┏") > 1) == (width == 80)  # stacked at 80 columns, one table at 160
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    """On a TTY: a rich progress bar with images done / total and an ETA (no log lines)."""
+    hr_dir, sweep, _ = sweep_world(tmp_path, n=2)
+    main, child = pty.openpty()
+    cmd = [sys.executable, str(REPO / "sr_eval.py"), "--hr", str(hr_dir), "--sr",
+           str(sweep / "T1"), "--scale", "4", "--n", "2", "--no-lpips",
+           "--device", "cpu"]  # fmt: skip
+    env = dict(os.environ, COLUMNS="120", TERM="xterm")
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=child, stderr=child, env=env)
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            data = os.read(main, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    p.wait(timeout=60)
+    os.close(main)
+    text = b"".join(chunks).decode(errors="replace")
+    assert p.returncode == 0, text
+    assert "2/2" in text and "ETA" in text and "[1/2]" not in text
