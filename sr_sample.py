@@ -251,13 +251,85 @@ class SampleArgs:
     )
 
 
-class Preempted(SRSpaceError):
+class Preempted(BaseException):
+    """SIGTERM/SIGUSR1: a BaseException, as KeyboardInterrupt, so that no `except Exception`
+    swallows it."""
+
+
+class Stopped(SRSpaceError):
     exit_code = EXIT_PREEMPTED
 
 
+class Signals:
+    """While sampling, SIGINT raises KeyboardInterrupt and SIGTERM/SIGUSR1 (SLURM's preemption
+    and time-limit warnings) raise Preempted at once, except while a file is read or written
+    (`held`): there they wait for its end, since an exception inside an image library can leave
+    half-built objects that print tracebacks. Files are written atomically, so whatever stops the
+    run, every file written is complete and a rerun continues."""
+
+    def __init__(self):
+        self.depth, self.pending, self.old = 0, None, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            self.old[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+        self.depth, self.pending = 0, None
+
+    def handle(self, signum, frame):
+        if self.depth:
+            self.pending = signum
+        else:
+            self.stop(signum)
+
+    @staticmethod
+    def stop(signum):
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Preempted(
+            f"stopped by {signal.Signals(signum).name}; every file written is complete: rerun "
+            "the same command to continue"
+        )
+
+    @contextlib.contextmanager
+    def hold(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if not self.depth and self.pending is not None:
+                signum, self.pending = self.pending, None
+                self.stop(signum)
+
+
+SIGNALS = Signals()
+
+
+def held(fn):
+    """fn with SIGNALS held until it returns."""
+
+    def call(*args, **kwargs):
+        with SIGNALS.hold():
+            return fn(*args, **kwargs)
+
+    return call
+
+
+save_png, save_npy, save_text = held(write_png), held(write_npy), held(write_text)
+
+
 def main(argv=None) -> int:
-    with exit_on_error(PROG), stop_on_signals():
-        return sample(parse_args(argv))
+    with exit_on_error(PROG):
+        try:
+            with SIGNALS:
+                return sample(parse_args(argv))
+        except Preempted as e:
+            raise Stopped(str(e)) from None
 
 
 def parse_args(argv) -> SampleArgs:
@@ -292,25 +364,6 @@ def temperature_ok(text: str) -> bool:
 def folder_name(temperature: float) -> str:
     """The subfolder of one temperature of a sweep: T0, T0.5, T0.9, T1, ..."""
     return f"T{temperature:g}"
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """SIGTERM and SIGUSR1 (SLURM's preemption and time-limit warnings) stop with exit 75; the file
-    being written is removed, every complete one stays, and a rerun continues."""
-
-    def stop(signum, frame):
-        raise Preempted(
-            f"stopped by {signal.Signals(signum).name}; every file written is complete: rerun the "
-            "same command to continue"
-        )
-
-    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
 
 
 def sample(args: SampleArgs) -> int:
@@ -363,6 +416,8 @@ def sample(args: SampleArgs) -> int:
             try:
                 img = read_input(path, model.scale, from_hr, lr_file)
             except DataError as e:  # reported, skipped; exit 3 once the others are written
+                if len(mine) == 1:
+                    raise
                 print(f"{PROG}: error: {e}; skipped", file=sys.stderr, flush=True)
                 failed.append(path.name)
                 bar.step(f"{path.name}: unreadable, skipped")
@@ -461,7 +516,7 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool) -> None:
             f"{folder} holds PNG files but no manifest.json (another tool's output?); use "
             "another --out, or --overwrite"
         )
-    write_text(path, json.dumps(settings, indent=1) + "\n")
+    save_text(path, json.dumps(settings, indent=1) + "\n")
 
 
 def claim_index(folder: Path, paths: list[Path], scale: int, overwrite: bool) -> None:
@@ -479,7 +534,7 @@ def claim_index(folder: Path, paths: list[Path], scale: int, overwrite: bool) ->
                 "added, removed or renamed); use another --out, or --overwrite to redo them"
             )
         return
-    write_text(path, json.dumps(index, indent=1) + "\n")
+    save_text(path, json.dumps(index, indent=1) + "\n")
 
 
 @dataclass
@@ -510,13 +565,13 @@ class Outputs:
 
 def read_input(path: Path, s: int, from_hr: bool, lr_file: Path) -> np.ndarray:
     """The uint8 LR image of an input file; --from-hr makes it (and writes it to lr_file)."""
-    img = read_image(path)
+    img = held(read_image)(path)
     if from_hr:
         img = mod_crop(img, default_mod(s))
         if img.size == 0:
             raise DataError(f"{path}: smaller than {default_mod(s)} px, no LR to make")
         img = imresize(img, 1 / s)
-        write_png(lr_file, img)
+        save_png(lr_file, img)
     return img
 
 
@@ -562,7 +617,7 @@ def sample_image(model, lr, img, stem, name, n, todo, folders, files, context, c
             if sigma is not None and args.save_uncertainty:
                 write_sigma(folder / f"{name}_sigma", sigma)
             if args.grid:
-                write_png(folder / f"{name}_grid.png", contact_sheet(img, srs, sigma, model))
+                save_png(folder / f"{name}_grid.png", contact_sheet(img, srs, sigma, model))
             todo.pop(0)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
@@ -585,13 +640,13 @@ def write_samples(model, lr, stem, name, n, temperature, folder, files, tile, co
         z = model.sample_latents(lr, seeds, idx, temperature, controls)  # (len(idx), D) or None
         if z is not None and args.save_latent:  # NAME_sample00003.png -> ....latent.npy
             for i, zi in zip(idx, z.float().cpu().numpy()):
-                write_npy(folder / f"{names[i][:-4]}.latent.npy", zi)
+                save_npy(folder / f"{names[i][:-4]}.latent.npy", zi)
         cond = {} if z is None else {"latent": z[None]}  # (1, len(idx), D)
         srs = to_uint8(draw(model, lr, seeds, temperature, tile, context, args.cem, cond,
                             prepared))  # fmt: skip
         for i, sr in zip(idx, srs):
             for j in [i] if model.stochastic else range(n):
-                write_png(folder / names[j], sr)
+                save_png(folder / names[j], sr)
                 kept += [sr] if args.grid else []
     return kept
 
@@ -606,9 +661,9 @@ def uncertainty_map(model, lr, tile: int, context: int) -> np.ndarray:
 
 def write_sigma(base: Path, sigma: np.ndarray) -> None:
     """BASE.npy (float32 (3, H, W)) and BASE.png (16-bit gray: the mean over RGB in [0, 1])."""
-    write_npy(base.with_name(base.name + ".npy"), sigma.astype(np.float32))
+    save_npy(base.with_name(base.name + ".npy"), sigma.astype(np.float32))
     u16 = np.round(np.clip(sigma.mean(0), 0, 1) * 65535).astype(np.uint16)
-    write_png(base.with_name(base.name + ".png"), u16)
+    save_png(base.with_name(base.name + ".png"), u16)
 
 
 def heat(v: np.ndarray) -> np.ndarray:
