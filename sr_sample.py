@@ -126,7 +126,7 @@ def temperature_value(text: str) -> float:
     except ValueError:
         t = float("nan")
     if not (math.isfinite(t) and t >= 0):
-        raise ArgumentTypeError(f"{text!r}: a temperature is a finite number >= 0 (0: the mean)")
+        raise ArgumentTypeError(f"{text!r}: a temperature is a finite number >= 0")
     return t
 
 
@@ -245,9 +245,7 @@ class SampleArgs:
     model: str = field(default="", metadata=dict(help="model of a raw state_dict (no metadata)"))
     scale: int = field(
         default=0,
-        metadata=dict(
-            type=integer(2, 8, zero=True), help="scale of a raw state_dict (no metadata)"
-        ),
+        metadata=dict(choices=(0, 2, 3, 4, 8), help="scale of a raw state_dict (no metadata)"),
     )
 
 

@@ -141,7 +141,7 @@ class NoiseSource:
 
 class Prepared:
     """What `SRModel.prepare` computed from one LR image alone: shared by all the image's samples
-    and temperatures, and cut to each tile when tiling (docs/design.md, "Sampling").
+    and temperatures, and cut to each tile when tiling (docs/design.md, "Tiled sampling").
 
     maps: spatial tensors (..., h·r, w·r) at a resolution r relative to the padded LR (e.g. 1/2,
     1, 2, the scale), cut with the tile; extra: what is global to the image (never cut); memo: what

@@ -203,7 +203,7 @@ class SRFlow(SRModel):
 
     @property
     def tile_halo(self) -> int:
-        """Receptive field of the flow's inverse given whole-image conditioning (docs/flows.md,
+        """Receptive field of the flow's inverse given whole-image conditioning (docs/design.md,
         "Tiled sampling"): from the coarsest level out, each conditional step widens it by its
         coupling networks' radius, each split by its prior conv's, each unsqueeze by its factor."""
         r = 0  # in pixels of the current level
