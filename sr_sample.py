@@ -100,8 +100,10 @@ PROG = "sr_sample.py"
 MIN_TILE = 16  # smallest --tile (LR px): below it the context costs many times the tile
 OOM_MIN_TILE = 64  # the out-of-memory fallback halves the tile down to this
 MAX_N = 100_000  # sample numbers have five digits
-# Settings recorded in manifest.json that do not change the files (a rerun may differ in them).
-INFO_KEYS = ("checkpoint_path", "input", "shard", "device", "temperatures")
+# Flags recorded in manifest.json that a rerun may change: they do not change the files (or what
+# they change is compared as its effect: the model, its scale, n, the folder's temperature, ...).
+FREE_FLAGS = ("ckpt", "input", "out", "shard", "device", "batch", "overwrite", "temperature",
+              "tile_overlap", "model", "scale", "from_hr", "n")  # fmt: skip
 
 
 def integer(lo: int, hi: int | None = None, zero: bool = False):
@@ -386,7 +388,7 @@ def sample(args: SampleArgs) -> int:
     folders = {t: out if len(temperatures) == 1 else out / folder_name(t) for t in temperatures}
     index, shard = int(args.shard.split("/")[0]), int(args.shard.split("/")[1])
     mine = [(k, p) for k, p in enumerate(paths) if k % shard == index]
-    settings = run_settings(args, ck, model, n, context, from_hr, device)
+    settings = run_settings(args, ck, model, n, context, from_hr)
     for t, folder in folders.items():
         check_out_dir(folder)
         claim_folder(folder, {**settings, "temperature": t}, args.overwrite)
@@ -472,22 +474,23 @@ def tile_context(args: SampleArgs, model) -> int:
     return context
 
 
-def run_settings(args, ck, model, n, context, from_hr, device) -> dict:
-    """What manifest.json records: the settings that make the files, and (INFO_KEYS) the ones
-    that do not."""
-    controls = {k: getattr(args, k) for k in ("ref", "latent_from", "latent", "latent_shift")}
+def run_settings(args, ck, model, n, context, from_hr) -> dict:
+    """What manifest.json records: every flag as given, and what they made of the run."""
     return {
-        "checkpoint_sha256": sha256_file(args.ckpt), "checkpoint_path": str(args.ckpt),
-        "model": ck["model"], "config": ck["model_cfg"], "scale": model.scale, "n": n,
-        "seed": args.seed, "layout": args.layout, "from_hr": from_hr, "cem": args.cem,
-        "tile": args.tile, "tile_context": context if args.tile else 0, "amp": args.amp,
-        "controls": {k: v for k, v in controls.items() if v},
-        "latent_steps": args.latent_steps if args.latent_shift else "",
-        "save_uncertainty": args.save_uncertainty, "grid": args.grid,
-        "save_latent": args.save_latent, "version": __version__, "input": args.input,
-        "shard": args.shard, "device": str(device),
-        "temperatures": args.temperature or [model.default_temperature],
+        "checkpoint_sha256": sha256_file(args.ckpt), "model": ck["model"],
+        "config": ck["model_cfg"], "scale": model.scale, "n": n, "from_hr": from_hr,
+        "tile_context": context if args.tile else 0, "version": __version__, "flags": vars(args),
     }  # fmt: skip
+
+
+def differences(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(name, old value, new value) of every setting but the FREE_FLAGS that differs."""
+    out = [(k, old.get(k), v) for k, v in new.items() if k != "flags" and old.get(k) != v]
+    flags = old.get("flags") if isinstance(old.get("flags"), dict) else {}
+    for k, v in new["flags"].items():
+        if k not in FREE_FLAGS and flags.get(k) != v:
+            out.append((f"--{k.replace('_', '-')}", flags.get(k), v))
+    return out
 
 
 def claim_folder(folder: Path, settings: dict, overwrite: bool) -> None:
@@ -501,12 +504,12 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool) -> None:
             raise UsageError(
                 f"{path}: not a readable manifest; pass --overwrite to start over"
             ) from None
-        diff = [k for k in settings if k not in INFO_KEYS and old.get(k) != settings[k]]
+        diff = differences(old, settings)
         if diff:
-            k = diff[0]
+            k, was, now = diff[0]
             raise UsageError(
-                f"{folder} holds samples made with {k} = {json.dumps(old.get(k))}, not "
-                f"{json.dumps(settings[k])}; use another --out, or --overwrite to redo them"
+                f"{folder} holds samples made with {k} {json.dumps(was)}, not {json.dumps(now)}; "
+                "use another --out, or --overwrite to redo them"
             )
         return
     if not overwrite and any(folder.glob("*.png")):

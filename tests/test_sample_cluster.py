@@ -92,6 +92,7 @@ def test_sweep_one_pass_equals_separate_runs_and_encodes_once(tmp_path, flow_ckp
         assert files(sweep / f"T{t}") == files(tmp_path / t) != {}
         manifest = json.loads((sweep / f"T{t}" / "manifest.json").read_text())
         assert manifest["temperature"] == float(t) and manifest["n"] == 3
+        assert manifest["flags"]["temperature"] == [0, 0.5, 0.9] and manifest["model"] == "srflow"
     a, b = (iio.imread(sweep / f"T{t}" / "im 00_sample00001.png") for t in ("0.5", "0.9"))
     assert (a != b).any()
 
@@ -150,14 +151,16 @@ def test_rerun_skips_complete_images_and_refuses_other_settings(tmp_path, flow_c
     assert {p: p.stat().st_mtime_ns for p in first} == first  # nothing was rewritten
     (tmp_path / "o" / "im 01_sample00001.png").unlink()
     assert run(*base) == 0 and "1 images sampled, 1 already complete" in capsys.readouterr().out
-    for flags, key in ((["--seed", 1], "seed"), (["--n", 3], "n"), (["--temperature", 0.5],
-                       "temperature"), (["--tile", 32], "tile")):  # fmt: skip
+    for flags, made in ((["--seed", 1], "--seed 0, not 1"), (["--n", 3], "n 2, not 3"),
+                        (["--temperature", 0.5], "temperature 0.9, not 0.5"),
+                        (["--tile", 32], "tile_context 0, not 18"), (["--cem"], "--cem false"),
+                        (["--amp", "bf16"], '--amp "none", not "bf16"')):  # fmt: skip
         assert run(*base, *flags) == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and f"made with {key} = " in err and "--overwrite" in err
+        assert len(err.splitlines()) == 1 and f"made with {made}" in err and "--overwrite" in err
     assert run(*base, "--seed", 1, "--overwrite") == 0
     assert all(p.stat().st_mtime_ns != t for p, t in first.items())
-    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["seed"] == 1
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["flags"]["seed"] == 1
 
 
 def test_ntire_layout_numbers_images_in_the_one_order(tmp_path, flow_ckpt):
