@@ -340,3 +340,24 @@ def test_bad_input_one_line(tmp_path, bicubic_ckpt, capsys, ckpt, flags, code, w
     assert e.value.code == code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sr_sample.py: error: ") and words in err[0]
+
+
+@pytest.mark.parametrize("name", ["edsr", "srflow"])
+def test_amp_bf16_runs_and_stays_close(tmp_path, name):
+    """bfloat16 autocast (a CPU with or without native bf16): the same samples up to bf16's
+    rounding of the networks (the flows keep their state float32)."""
+    from sr_lib.metrics import psnr
+
+    cfg = {**TINY[name], "scale": 4}
+    net = build_model(name, cfg)
+    path = tmp_path / f"{name}.pt"
+    save_checkpoint(path, {"model": name, "model_cfg": cfg, "state_dict": net.state_dict(),
+                           "step": 0})  # fmt: skip
+    inp = folder(tmp_path / "in", a=image((24, 32), 9))
+    argv = ["--ckpt", path, "--input", inp, "--n", 2]
+    assert run(*argv, "--out", tmp_path / "fp32") == 0
+    assert run(*argv, "--amp", "bf16", "--out", tmp_path / "bf16") == 0
+    for i in range(2):
+        a, b = (read(tmp_path / d / f"a_sample{i:05d}.png") for d in ("fp32", "bf16"))
+        assert a.shape == b.shape == (96, 128, 3) and (a != b).any()  # bf16 did run
+        assert psnr(a, b) > 35, psnr(a, b)
