@@ -44,7 +44,7 @@ Clusters: --shard I/N samples images I, I+N, I+2N, ... of the order (0 <= I < N;
 SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT). Every file is written atomically (a temporary
 name, then a rename), and an image whose files all exist is skipped, so a killed or preempted run
 continues where it stopped when rerun (--overwrite redoes everything). SIGTERM or SIGUSR1 stop
-after the current file with exit 75.
+the run with exit 75 (a file being read or written is finished first; Ctrl-C: exit 130).
 
 Tiling (--tile PX, LR px; 0 = whole image): the LR is cut into tiles of PX (rounded down to the
 model's lr_multiple) and each is computed with --tile-overlap LR px of context on every side,
@@ -386,8 +386,8 @@ def sample(args: SampleArgs) -> int:
     context = tile_context(args, model)
     out = check_out_dir(args.out)
     folders = {t: out if len(temperatures) == 1 else out / folder_name(t) for t in temperatures}
-    index, shard = int(args.shard.split("/")[0]), int(args.shard.split("/")[1])
-    mine = [(k, p) for k, p in enumerate(paths) if k % shard == index]
+    part, parts = (int(v) for v in args.shard.split("/"))
+    mine = [(k, p) for k, p in enumerate(paths) if k % parts == part]
     settings = run_settings(args, ck, model, n, context, from_hr)
     for t, folder in folders.items():
         check_out_dir(folder)

@@ -69,10 +69,12 @@ def draw(model, lr, seeds, temperature, tile, context, consistent=False, control
 
     consistent: apply the CEM to the whole sample, so its MATLAB-bicubic downscale equals the LR
     (exact projection, sr_lib/cem.py), then clamp to [0, 1] again. controls: sampling controls
-    passed to generate (e.g. {"latent": z}). prepared: `prepare(model, lr)`, reused."""
+    passed to generate (e.g. {"latent": z}). prepared: `prepare(model, lr)`, reused (computed
+    here when not given)."""
     h, w, s = *lr.shape[-2:], model.scale
     x = pad_to_multiple(lr, model.lr_multiple)
     noise = NoiseSource(seeds, lr.device)
+    prepared = prepare(model, lr) if prepared is None else prepared
 
     def fn(part, p):
         extra = {} if p is None else {"prepared": p}
