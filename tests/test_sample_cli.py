@@ -361,3 +361,17 @@ def test_amp_bf16_runs_and_stays_close(tmp_path, name):
         a, b = (read(tmp_path / d / f"a_sample{i:05d}.png") for d in ("fp32", "bf16"))
         assert a.shape == b.shape == (96, 128, 3) and (a != b).any()  # bf16 did run
         assert psnr(a, b) > 35, psnr(a, b)
+
+
+def test_flow_inverse_1x1_conv_stays_float32_under_bf16_autocast():
+    """The flow's state passes through every inverse 1x1 conv: under --amp bf16 it is computed in
+    float32, exactly as without autocast (bfloat16 would round the state at every step)."""
+    from sr_lib.models.flow_layers import InvConv1x1
+
+    conv = InvConv1x1(12).eval()
+    z = torch.randn(2, 12, 8, 8)
+    with torch.no_grad():
+        want = conv.reverse(z)[0]
+        with torch.autocast("cpu", torch.bfloat16):
+            got = conv.reverse(z)[0]
+    assert got.dtype == torch.float32 and torch.equal(got, want)

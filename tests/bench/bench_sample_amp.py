@@ -12,6 +12,7 @@ smoke test, not a benchmark of quality. Prints one JSON object.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -31,7 +32,8 @@ from sr_lib.models import read_checkpoint  # noqa: E402
 def run(ckpt: str, amp: str, n: int, out: Path, device: str) -> tuple[Path, float]:
     t0 = time.time()
     argv = ["--ckpt", ckpt, "--input", "demo", "--n", str(n), "--amp", amp, "--device", device]
-    code = sr_sample.main([*argv, "--out", str(out)])
+    with contextlib.redirect_stdout(sys.stderr):  # its progress lines: stdout is the JSON
+        code = sr_sample.main([*argv, "--out", str(out)])
     if code != 0:
         raise SystemExit(f"sr_sample.py {' '.join(argv)} exited {code}")
     return out, time.time() - t0
