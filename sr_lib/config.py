@@ -43,10 +43,16 @@ def _merge_repeated(cls, argv: list[str]) -> list[str]:
     return out
 
 
+class _Parser(ArgumentParser):
+    def error(self, message: str):
+        """One line, as every other error (argparse prints the whole usage first), exit 2."""
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} -h)\n")
+
+
 def parse(cls, argv: list[str] | None, prog: str, known: bool = False, add_help: bool = True):
     """Parse argv into dataclass `cls`. With known=True returns (instance, remaining argv)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = ArgumentParser(cls, prog=prog, add_help=add_help)
+    parser = _Parser(cls, prog=prog, add_help=add_help)
     argv = _merge_repeated(cls, argv)
     if known:
         return parser.parse_known_args(argv)

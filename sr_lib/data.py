@@ -11,6 +11,7 @@ therefore the same for any number of loader workers, and resuming at step t cont
 import contextlib
 import hashlib
 import importlib.util
+import io
 import os
 import signal
 import tempfile
@@ -162,14 +163,25 @@ def write_png(path: str | os.PathLike, img: np.ndarray) -> None:
         raise OutputError(f"{path}: cannot write ({reason}); check the output folder") from e
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file (JSON, HTML) atomically: a failed write leaves no file behind."""
+def _write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     try:
         with _atomic_open(path) as f:
-            f.write(text.encode())
+            f.write(data)
     except OSError as e:
         raise OutputError(f"{path}: cannot write ({e.strerror or e}); check the output path") from e
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file (JSON, HTML) atomically: a failed write leaves no file behind."""
+    _write_bytes(path, text.encode())
+
+
+def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write an array as a .npy file atomically: a failed write leaves no file behind."""
+    buf = io.BytesIO()
+    np.save(buf, array)
+    _write_bytes(path, buf.getvalue())
 
 
 def _probe(folder: Path, what: str) -> None:

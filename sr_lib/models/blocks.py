@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sr_lib.errors import UsageError
-from sr_lib.models.base import ModelConfig, SRModel
+from sr_lib.models.base import ModelConfig, SRModel, conv_radius, halo
 from sr_lib.models.losses import AUX_TARGETS, MASK_SCOPES, le_loss
 
 LOSSES = ("l1", "le")
@@ -94,6 +94,10 @@ class SigmaBranch(nn.Module):
         # sigmoid(0) = 0.5, so σ does not spend its first steps shrinking everywhere before it
         # can follow the error map. The paper does not describe the initialisation.
         nn.init.constant_(self.upsample[0].bias, SIGMA_INIT_LOGIT)
+
+    def radius(self) -> int:
+        """Receptive field in pixels of its input: every conv runs at that resolution."""
+        return conv_radius(self.mapping) + conv_radius(self.upsample)
 
     def forward(self, fea: torch.Tensor) -> torch.Tensor:
         # The sigmoid bounds σ to (0, 1), the range of images here (docs/le.md, "Design decisions").
@@ -231,6 +235,16 @@ class RegressionSR(SRModel):
         """(μ (B, 3, sH, sW), the σ branch's input features) of `lr`: the network itself, which
         each subclass (EDSR, RRDB) defines; this base class holds only the loss and σ logic."""
         raise NotImplementedError(f"{type(self).__name__} must define predict()")
+
+    def radii(self) -> tuple[float, float]:
+        """Receptive field in LR px of predict's features, and of the rest of μ after them."""
+        raise NotImplementedError(f"{type(self).__name__} must define radii()")
+
+    @property
+    def tile_halo(self) -> int:
+        """The receptive field of μ, and of σ when the model has it."""
+        fea, rest = self.radii()
+        return halo(fea + rest, fea + (self.sigma.radius() if self.sigma is not None else 0))
 
     def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
         mu, fea = self.predict(lr)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sr_lib.errors import UsageError
-from sr_lib.models.base import Recipe
+from sr_lib.models.base import Recipe, conv_radius, staged_radius
 from sr_lib.models.blocks import (
     RegressionConfig,
     RegressionSR,
@@ -59,6 +59,9 @@ class EDSR(RegressionSR):
         # EDSR recipe: LR patches 48, batch 16, Adam 1e-4 halved at 2e5 of 3e5 updates (the base
         # recipe but for the milestone).
         return replace(super().recipe(scale), milestones=(2 / 3,))  # fractions of --steps
+
+    def radii(self) -> tuple[float, float]:
+        return conv_radius(self.head) + conv_radius(self.body), staged_radius(self.tail)
 
     def predict(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.head(lr - self.rgb_mean)

@@ -153,7 +153,8 @@ class InvConv1x1(nn.Module):
 
     def reverse(self, y: torch.Tensor, logdet=None):
         _, logabsdet, inv = self._terms(inverse=True)
-        x = F.conv2d(y, inv[..., None, None]).to(y.dtype)
+        with torch.autocast(y.device.type, enabled=False):  # the flow's state stays float32
+            x = F.conv2d(y, inv[..., None, None])
         if logdet is not None:
             logdet = logdet - y.shape[2] * y.shape[3] * logabsdet.to(logdet.dtype)
         return x, logdet

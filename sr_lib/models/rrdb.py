@@ -16,7 +16,7 @@ from torch import nn
 
 from sr_lib.checkpoint import is_srspace_checkpoint, load_checkpoint
 from sr_lib.errors import CheckpointError, UsageError
-from sr_lib.models.base import Recipe
+from sr_lib.models.base import Recipe, conv_radius
 from sr_lib.models.blocks import RegressionConfig, RegressionSR, conv3x3, float32_out
 from sr_lib.weights import load_state_dict, load_strict
 
@@ -186,6 +186,15 @@ class RRDB(RegressionSR):
             super().recipe(scale), patch=160 // scale, steps=200_000, learning_rate=2e-4,
             betas=(0.9, 0.99), schedule="cosine", eta_min=1e-7,
         )  # fmt: skip
+
+    def radii(self) -> tuple[float, float]:
+        """Trunk at LR, each upconv (after a nearest ×2) at 2, 4, ... × LR, the last two at HR."""
+        net = self.net
+        fea = (
+            conv_radius(net.conv_first) + conv_radius(net.RRDB_trunk) + conv_radius(net.trunk_conv)
+        )
+        ups = sum(conv_radius(getattr(net, f"upconv{i}")) / 2**i for i in range(1, net.n_up + 1))
+        return fea, ups + (conv_radius(net.HRconv) + conv_radius(net.conv_last)) / self.scale
 
     def predict(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.net.features(lr)

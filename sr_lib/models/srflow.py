@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sr_lib.errors import CheckpointError, UsageError
-from sr_lib.models.base import ModelConfig, Recipe, SRModel
+from sr_lib.models.base import ModelConfig, Prepared, Recipe, SRModel, conv_radius, halo
 from sr_lib.models.flow_layers import (
     ActNorm,
     CondAffine,
@@ -195,6 +195,33 @@ class SRFlow(SRModel):
             out.append(torch.cat([m, s], 1))  # (B, 320, h_l, w_l)
         return out
 
+    def prepare(self, lr: torch.Tensor) -> Prepared:
+        """The encoder's conditioning maps of one LR image (docs/flows.md), computed once for all
+        its samples and temperatures; `decode` keeps each step's LR-only part in `memo`."""
+        conds = self.conditions(lr)
+        return Prepared(lr.shape[-2:], {f"cond{k}": c for k, c in enumerate(conds)})
+
+    @property
+    def tile_halo(self) -> int:
+        """Receptive field of the flow's inverse given whole-image conditioning (docs/design.md,
+        "Tiled sampling"): from the coarsest level out, each conditional step widens it by its
+        coupling networks' radius, each split by its prior conv's, each unsqueeze by its factor."""
+        r = 0  # in pixels of the current level
+        for level in reversed(self.flow):
+            for layer in reversed(level.layers):
+                if isinstance(layer, Split):
+                    r += conv_radius(layer.conv)
+                elif layer.affine is not None:
+                    a = layer.affine
+                    nets = [
+                        a.fFeatures,
+                        a.fAffine,
+                        *([a.fAffine_std] if a.noise_conditional else []),
+                    ]
+                    r += max(conv_radius(net) for net in nets)
+            r = r * level.factor + level.factor - 1  # one level finer
+        return halo(r / self.scale)
+
     def level_noise(self, noise, x: torch.Tensor):
         """The noise condition at a level's resolution (NCSR); SRFlow has none."""
         return None
@@ -225,14 +252,16 @@ class SRFlow(SRModel):
         return latents + [x], logdet
 
     def decode(self, conds: list[torch.Tensor], latents: list[torch.Tensor], noise=None,
-               logdet=None):  # fmt: skip
+               logdet=None, memo: dict | None = None):  # fmt: skip
         """[eps ..., z_L] of n samples of ONE LR image (conds: batch 1) -> (HR (n, ...), logdet).
 
-        Each step's LR-only part runs once (`prepare`); the per-sample part runs row by row, so a
-        sample is bit-identical however many are drawn together.
+        Each step's LR-only part runs once (`prepare`), and is kept in `memo` (a Prepared's) for
+        later calls on the same image; the per-sample part runs row by row, so a sample is
+        bit-identical however many are drawn together.
         """
         eps, xs = list(latents[:-1]), list(latents[-1].split(1))
         lds = [None] * len(xs) if logdet is None else list(logdet.split(1))
+        keep = memo is not None and noise is None  # a training noise condition: nothing kept
         for level, ft in zip(reversed(self.flow), reversed(conds)):
             nz = self.level_noise(noise, xs[0])
             for layer in reversed(level.layers):
@@ -241,7 +270,11 @@ class SRFlow(SRModel):
                     for j, x in enumerate(xs):
                         xs[j], lds[j] = layer.reverse(x, e[j], lds[j])
                     continue
-                prep = None if layer.affine is None else layer.affine.prepare(ft, nz)
+                prep = memo.get(id(layer)) if keep else None
+                if prep is None and layer.affine is not None:
+                    prep = layer.affine.prepare(ft, nz)
+                    if keep:
+                        memo[id(layer)] = prep
                 for j, x in enumerate(xs):
                     xs[j], lds[j] = layer.reverse(x, lds[j], ft, nz, prep)
             xs = [unsqueeze(x, level.factor) for x in xs]  # (1, C/f², H·f, W·f)
@@ -277,9 +310,12 @@ class SRFlow(SRModel):
         nll = self.nll(lr, hr, noise)
         return {"loss": nll.mean(), "nll": nll.detach().mean()}
 
-    def generate(self, lr: torch.Tensor, n: int, temperature: float, noise) -> torch.Tensor:
-        """temperature = std of every latent draw (final prior and splits); 0: all means."""
+    def generate(self, lr: torch.Tensor, n: int, temperature: float, noise, prepared=None):
+        """temperature = std of every latent draw (final prior and splits); 0: all means.
+        prepared: `prepare(lr)` of this one image (B = 1), reused instead of the encoder."""
         b, _, h, w = lr.shape
+        if prepared is not None and b != 1:
+            raise ValueError(f"generate: prepared is for one image, got a batch of {b}")
         H, W = h * self.scale, w * self.scale
 
         def draw(c, down):  # spatial fields (C, h, w), so tiles can cut them from the whole
@@ -297,7 +333,9 @@ class SRFlow(SRModel):
         out = []
         for i in range(b):  # the encoder per image: shared by its n samples
             rows = [z[i * n : (i + 1) * n] for z in latents]
-            out.append(self.decode(self.conditions(lr[i : i + 1]), rows)[0])
+            p = self.prepare(lr[i : i + 1]) if prepared is None else prepared
+            conds = [p.maps[f"cond{k}"] for k in range(len(self.flow))]
+            out.append(self.decode(conds, rows, memo=None if prepared is None else p.memo)[0])
         return torch.stack(out)  # (B, n, 3, H, W)
 
     # Training schedule and weights.

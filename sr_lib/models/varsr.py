@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from sr_lib.errors import UsageError
-from sr_lib.models.base import LatentSRModel, ModelConfig, Recipe, option
+from sr_lib.models.base import (
+    LatentSRModel,
+    ModelConfig,
+    Recipe,
+    conv_radius,
+    halo,
+    option,
+    staged_radius,
+)
 from sr_lib.models.blocks import conv3x3
 from sr_lib.models.losses import VGGLoss, frozen_call, gaussian_kl, gradient_penalty
 from sr_lib.models.vgg import VGG19_RELU, VGGFeatures
@@ -98,6 +106,11 @@ class Generator(nn.Module):
         if c.residual:  # zero residual at init: training starts from the bicubic image
             nn.init.zeros_(self.tail[-1].weight)
             nn.init.zeros_(self.tail[-1].bias)
+
+    def radius(self) -> float:
+        """Receptive field in LR px (z is global: the same for every tile)."""
+        lr_part = conv_radius(self.head) + conv_radius(self.fuse) + conv_radius(self.body)
+        return lr_part + staged_radius(self.tail)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         h = self.head(x)  # (B, f, h, w)
@@ -233,5 +246,10 @@ class VarSR(LatentSRModel):
         eps = noise.vector(d).view(b, n, d)  # a global vector: the same for every tile
         return mu[:, None] + temperature * torch.exp(0.5 * logvar)[:, None] * eps
 
-    def decode_latents(self, lr: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    @property
+    def tile_halo(self) -> int:
+        """The generator's receptive field; bicubic(LR) needs 2 LR px (its kernel's radius)."""
+        return halo(self.gen.radius(), 2)
+
+    def decode_latents(self, lr: torch.Tensor, z: torch.Tensor, prepared=None) -> torch.Tensor:
         return torch.stack([self.decode(lr, z[:, i]) for i in range(z.shape[1])], dim=1)

@@ -19,7 +19,7 @@ from torch import nn
 
 from sr_lib.cem import cem
 from sr_lib.errors import UsageError
-from sr_lib.models.base import ModelConfig, Recipe, SRModel
+from sr_lib.models.base import ModelConfig, Prepared, Recipe, SRModel, conv_radius, halo
 from sr_lib.models.blocks import conv3x3
 from sr_lib.models.losses import VGGLoss, frozen_call, sparse_prior_kl, standard_normal_kl
 from sr_lib.models.vgg import VGG19_RELU, VGGFeatures
@@ -265,11 +265,30 @@ class VSpSR(SRModel):
         )
         return {"loss": loss, "real": real.mean().detach(), "fake": fake.mean().detach()}
 
-    def generate(self, lr: torch.Tensor, n: int, temperature: float, noise) -> torch.Tensor:
-        c = self.cfg
-        b, ch, h, w = lr.shape
+    def prepare(self, lr: torch.Tensor) -> Prepared:
+        """Basis, coefficient distributions and m: everything but ω's draw depends on the LR alone.
+        Computed on the whole image (the basis pools globally, the coefficient branch's layer
+        norm takes whole-image statistics), so tiles cut them instead of seeing only themselves."""
         basis, mu, logvar = self.distributions(lr)
         m = self.deterministic_part(lr)
+        maps = {"mu": mu, "logvar": logvar} | ({} if m is None else {"m": m})
+        return Prepared(lr.shape[-2:], maps, {"basis": basis})
+
+    @property
+    def tile_halo(self) -> int:
+        """Given `prepare`, a tile computes e (per LR pixel) and the HR convs of `final`."""
+        return halo(conv_radius(self.final) / self.scale)
+
+    def finish(self, sr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+        """The test-time CEM, on the whole image (it is a global projection)."""
+        return cem(sr, lr, self.scale) if self.cfg.cem_test else sr
+
+    def generate(self, lr: torch.Tensor, n: int, temperature: float, noise, prepared=None):
+        """n samples before the test-time CEM (`finish`); `prepared` as `prepare(lr)` (or cut)."""
+        c = self.cfg
+        b, ch, h, w = lr.shape
+        p = self.prepare(lr) if prepared is None else prepared
+        basis, mu, logvar, m = p.extra["basis"], p.maps["mu"], p.maps["logvar"], p.maps.get("m")
         random_w = c.stochastic_w and temperature > 0  # temperature 0: ω = μ (and z = μ_z)
         random_z = c.stochastic_basis and temperature > 0
         if random_w:  # a spatial field: tiled sampling cuts it from the whole-image draw
@@ -284,6 +303,5 @@ class VSpSR(SRModel):
         for i in range(n):  # one sample at a time: ω alone is C× the size of the LR
             wi = mu + std * eps[:, i].reshape_as(mu) if random_w else mu
             zi = basis + z_std * eps_z[:, i].reshape_as(basis) if random_z else basis
-            sr = self.decode(self.synthesize(zi, wi, b), m)
-            out.append(cem(sr, lr, self.scale) if c.cem_test else sr)
-        return torch.stack(out, dim=1)  # (B, n, 3, sH, sW); sample() clamps after the CEM
+            out.append(self.decode(self.synthesize(zi, wi, b), m))
+        return torch.stack(out, dim=1)  # (B, n, 3, sH, sW); sample() applies finish, clamps
