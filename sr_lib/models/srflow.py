@@ -31,7 +31,7 @@ from sr_lib.models.flow_layers import (
     squeeze,
     unsqueeze,
 )
-from sr_lib.models.rrdb import RRDBNet, load_official_rrdb
+from sr_lib.models.rrdb import RRDBBlock, RRDBNet, load_official_rrdb
 from sr_lib.weights import load_strict
 
 OFFICIAL_F = "flowUpsamplerNet.f."  # the released code's unused conv: ignorable when loading
@@ -90,6 +90,7 @@ class SRFlow(SRModel):
     stochastic = True
     default_temperature = 0.9  # the challenge submissions' heat
     ddp_find_unused = True  # the encoder is frozen for part of training (on_step)
+    compile_regions = (FlowStep, Split, RRDBBlock)  # --compile: each block once per level shape
     oldest_checkpoint_format = 2  # format 1 conditioned on pre-activation maps (docs/flows.md)
 
     def __init__(self, cfg: SRFlowConfig):
