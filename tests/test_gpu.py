@@ -42,3 +42,18 @@ def test_compile_trains_and_saves_uncompiled_keys(tmp_path):
     assert train(tmp_path, EDSR, "--device", "cuda", "--compile") == 0
     keys = load_checkpoint(tmp_path / "last.pt")["state_dict"]
     assert not any(k.startswith("_orig_mod.") for k in keys)
+
+
+@needs_cuda
+def test_batches_come_pinned_and_are_copied_without_blocking(tmp_path, monkeypatch):
+    seen = {}
+    real = sr_train.train_loader
+
+    def spy(*args, **kwargs):
+        loader = real(*args, **kwargs)
+        seen.update(kwargs, pinned=loader.pin_memory)
+        return loader
+
+    monkeypatch.setattr(sr_train, "train_loader", spy)
+    assert train(tmp_path, EDSR, "--device", "cuda") == 0
+    assert seen["pin_memory"] and seen["pinned"] and seen["device"].type == "cuda"
