@@ -1,7 +1,8 @@
 """sr_train.py --compile on CPU with dynamo's cheap backends ("eager": graph capture only;
 "aot_eager": also AOT autograd, as inductor uses it), so these run in seconds. The flows compile
 regionally: each flow step, split and RRDB block once per distinct shape, without graph breaks.
-Also the loader settings of the CUDA path. Compile time and speed on a GPU: tests/bench/bench_gpu.py."""
+Also the loader settings of the CUDA path. Compile time and speed on a GPU:
+tests/bench/bench_gpu.py."""
 
 import pytest
 import torch
