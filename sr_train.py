@@ -186,13 +186,9 @@ def train(args: TrainArgs, rest: list[str]) -> int:
         (resumed["step"], resumed["skipped"], resumed["best"]) if resumed else (0, 0, -math.inf)
     )
     # Created before the RNG state is restored: making the iterator draws from the torch RNG.
-    # On CUDA: pinned host memory, batches copied without blocking and converted on the device.
-    cuda = device.type == "cuda"
-    batches = (
-        iter(train_loader(dataset, start, steps, args.workers, pin_memory=cuda, device=device))
-        if steps > start
-        else None
-    )
+    # On CUDA: from pinned memory, copied without blocking, converted on the device.
+    loader = train_loader(dataset, start, steps, args.workers, device.type == "cuda", device)
+    batches = iter(loader) if steps > start else None
     if dd.rank:  # model-internal noise (dequantisation, latents) differs per rank, like the data
         torch.manual_seed(args.seed * 100_003 + dd.rank)
     if resumed is not None:
@@ -200,9 +196,7 @@ def train(args: TrainArgs, rest: list[str]) -> int:
         say(f"resumed {ckpt_path} at step {start}")
     initialize(model, dataset, start, steps, bool(resumed or args.init_from), dd, device,
                args.compile)  # fmt: skip
-    ema = EMA(model, args.ema) if args.ema and dd.main else None  # before compiling: a plain copy
-    if ema is not None and resumed is not None and "ema_state_dict" in resumed:
-        ema.load_state_dict(resumed, ckpt_path)
+    ema = EMA(model, args.ema, resumed, ckpt_path) if args.ema and dd.main else None  # pre-compile
     forward = wrap(model, dd, device, args.compile)
     stop = catch_signals()
     say(f"srspace {__version__} | {args.model} x{args.scale} | "
@@ -221,7 +215,7 @@ def train(args: TrainArgs, rest: list[str]) -> int:
             stopped = stop["signal"] or ("time budget" if over_budget else "signal (other rank)")
             break
         out_g, ok = train_step(model, forward, optimizers, batches, step, recipe, dd, scaler,
-                               autocast, device)  # fmt: skip
+                               autocast)  # fmt: skip
         bad, skipped = (0, skipped) if ok else (bad + 1, skipped + 1)
         if ok and ema is not None:
             ema.update()
@@ -242,9 +236,8 @@ def train(args: TrainArgs, rest: list[str]) -> int:
             log(log_file, rec)
             progress.update(step + 1, rec)
         if val_every and ((step + 1) % val_every == 0 or step + 1 == steps):
-            net = ema.module if ema is not None else model  # the averaged weights, with --ema
-            score = (validate(net, val_pairs, args, device, out, step + 1, log_file, progress)
-                     if dd.main else -math.inf)  # fmt: skip
+            net = ema.module if ema is not None else model  # with --ema, the averaged weights
+            score = validate(net, val_pairs, args, device, out, step + 1, log_file, progress)
             if distributed.agree(score > best, dd, all_ranks=False):  # rank 0's verdict
                 best = score
                 save(out / "best.pt", step + 1, skipped, best, model, optimizers, scaler, dd, meta,
@@ -474,7 +467,7 @@ def catch_signals() -> dict:
     return stop
 
 
-def train_step(model, forward, optimizers, batches, step, recipe, dd, scaler, autocast, device):
+def train_step(model, forward, optimizers, batches, step, recipe, dd, scaler, autocast):
     """Training step `step`: the generator, then the discriminator. Returns forward's output
     (with the discriminator's parts as d_*) and False if the step was skipped as non-finite."""
     model.train()
@@ -601,7 +594,10 @@ def requeue(say) -> None:
 @torch.no_grad()
 def validate(model, pairs, args, device, out: Path, step: int, log_file, progress) -> float:
     """PSNR and NTIRE LR-PSNR of --val-n samples (at --val-temperature, default the model's) on
-    held-out images, logged, plus a PNG strip per image; returns the PSNR."""
+    held-out images, logged, plus a PNG strip per image; returns the PSNR (-inf without images:
+    the ranks other than 0)."""
+    if not pairs:
+        return -math.inf
     model.eval()
     temperature = (
         model.default_temperature if args.val_temperature is None else args.val_temperature

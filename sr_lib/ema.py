@@ -20,7 +20,9 @@ from torch import nn
 
 
 class EMA:
-    def __init__(self, model: nn.Module, decay: float):
+    """The average of `model`'s weights; continued from checkpoint `resumed` if that holds one."""
+
+    def __init__(self, model: nn.Module, decay: float, resumed: dict | None = None, path=""):
         self.decay = decay
         self.updates = 0  # applied steps averaged in so far
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
@@ -34,6 +36,9 @@ class EMA:
             pairs = self._floats if t.is_floating_point() else self._others
             pairs[0].append(ours[key].detach())
             pairs[1].append(t.detach())
+        if resumed is not None and "ema_state_dict" in resumed:  # (its decay: replaced by ours)
+            self.module.load_weights(resumed["ema_state_dict"], f"{path} (ema_state_dict)")
+            self.updates = int(resumed["ema_updates"])
 
     @torch.no_grad()
     def update(self) -> None:
@@ -51,8 +56,3 @@ class EMA:
         """What a checkpoint keeps: the averaged weights, the decay, the number of updates."""
         return {"ema_state_dict": self.module.state_dict(), "ema_decay": self.decay,
                 "ema_updates": self.updates}  # fmt: skip
-
-    def load_state_dict(self, ck: dict, path="checkpoint") -> None:
-        """Continue the average saved in checkpoint `ck` (its decay is replaced by this one's)."""
-        self.module.load_weights(ck["ema_state_dict"], f"{path} (ema_state_dict)")
-        self.updates = int(ck["ema_updates"])

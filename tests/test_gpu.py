@@ -1,6 +1,8 @@
 """Mixed precision and compilation on CUDA. These need a GPU: CPU CI skips them (with the reason);
 run `pytest tests/test_gpu.py` on a GPU machine to exercise them. bf16 on a CPU: test_train.py."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -51,7 +53,8 @@ def test_batches_come_pinned_and_are_copied_without_blocking(tmp_path, monkeypat
 
     def spy(*args, **kwargs):
         loader = real(*args, **kwargs)
-        seen.update(kwargs, pinned=loader.pin_memory)
+        seen.update(inspect.signature(real).bind(*args, **kwargs).arguments)
+        seen["pinned"] = loader.pin_memory
         return loader
 
     monkeypatch.setattr(sr_train, "train_loader", spy)
