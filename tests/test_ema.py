@@ -14,7 +14,7 @@ import sr_sample
 import sr_train
 from sr_lib.checkpoint import load_checkpoint
 from sr_lib.ema import EMA
-from sr_lib.models import load_model
+from sr_lib.models import build_model, load_model
 from sr_lib.models.edsr import EDSR
 
 TINY = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--gamma", "1"]
@@ -143,6 +143,28 @@ def test_loading_sampling_and_init_from_take_the_average_unless_raw(tmp_path, im
     # --init-from starts from the averaged weights
     assert run(tmp_path / "ft", images, *TINY, "--steps", "0", "--init-from", str(path)) == 0
     assert same(load_checkpoint(tmp_path / "ft" / "last.pt")["state_dict"], ck["ema_state_dict"])
+
+
+def test_rrdb_init_takes_the_average_of_an_rrdb_run(tmp_path, images):
+    rrdb = ["--model", "rrdb", "--nb", "2", "--nf", "8", "--gc", "4", "--scale", "4"]
+    assert run(tmp_path / "rrdb", images, *rrdb, "--ema", "0.5", "--steps", "2") == 0
+    path = tmp_path / "rrdb" / "last.pt"
+    flow = build_model(
+        "srflow",
+        {
+            "scale": 4,
+            "nb": 2,
+            "nf": 8,
+            "gc": 4,
+            "rrdb_blocks": "0,1",
+            "flow_steps": 1,
+            "hidden_channels": 8,
+            "rrdb_init": str(path),
+        },
+    )
+    flow.on_step(0, 10)  # loads the encoder
+    average = load_checkpoint(path)["ema_state_dict"]
+    assert same(flow.RRDB.state_dict(), {k[4:]: v for k, v in average.items()})
 
 
 def test_resume_adds_or_drops_the_average(tmp_path, images):
