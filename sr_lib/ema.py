@@ -44,9 +44,9 @@ class EMA:
     def update(self) -> None:
         """Average in the model's current weights (called after each applied step)."""
         averages, weights = self._floats
-        if self.updates == 0:
+        if averages and self.updates == 0:
             torch._foreach_copy_(averages, weights)
-        elif averages:
+        elif averages:  # (a model without weights, e.g. bicubic, has nothing to average)
             torch._foreach_lerp_(averages, weights, 1.0 - self.decay)  # a + (1 − d)(w − a)
         for a, w in zip(*self._others):
             a.copy_(w)

@@ -176,6 +176,14 @@ def test_resume_adds_or_drops_the_average(tmp_path, images):
     assert "ema_state_dict" not in load_checkpoint(tmp_path / "last.pt")
 
 
+def test_a_model_without_weights_keeps_an_empty_average(tmp_path):
+    argv = ["--model", "bicubic", "--steps", "2", "--workers", "0", "--val-every", "0",
+            "--ema", "0.9", "--out", str(tmp_path)]  # fmt: skip
+    assert sr_train.main(argv) == 0
+    ck = load_checkpoint(tmp_path / "last.pt")
+    assert ck["ema_updates"] == 2 and ck["ema_state_dict"].keys() == ck["state_dict"].keys()
+
+
 @pytest.mark.parametrize("decay", ["1", "-0.5", "1.5"])
 def test_bad_decay_is_a_usage_error(tmp_path, images, capsys, decay):
     with pytest.raises(SystemExit) as e:
