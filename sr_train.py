@@ -195,7 +195,7 @@ def train(args: TrainArgs, rest: list[str]) -> int:
         restore(resumed, ckpt_path, model, optimizers, scaler, dd)
         say(f"resumed {ckpt_path} at step {start}")
     initialize(model, dataset, start, steps, bool(resumed or args.init_from), dd, device,
-               args.compile)  # fmt: skip
+               args.compile or args.ema > 0)  # fmt: skip
     ema = EMA(model, args.ema, resumed, ckpt_path) if args.ema and dd.main else None  # pre-compile
     forward = wrap(model, dd, device, args.compile)
     stop = catch_signals()
@@ -217,8 +217,8 @@ def train(args: TrainArgs, rest: list[str]) -> int:
         out_g, ok = train_step(model, forward, optimizers, batches, step, recipe, dd, scaler,
                                autocast)  # fmt: skip
         bad, skipped = (0, skipped) if ok else (bad + 1, skipped + 1)
-        if ok and ema is not None:
-            ema.update()
+        if ema is not None:
+            ema.update(ok)  # a skipped step leaves the average as it is
         if not ok and bad >= args.max_bad_steps:
             raise NonFiniteError(
                 f"step {step}: {bad} consecutive non-finite losses/gradients; stopped without "
@@ -403,15 +403,16 @@ def restore(resumed: dict, path: Path, model, optimizers: dict, scaler, dd) -> N
     set_rng_state(rngs[dd.rank] if len(rngs) == dd.world else resumed["rng"])
 
 
-def initialize(model, dataset, start: int, steps: int, loaded: bool, dd, device, compile: bool):
+def initialize(model, dataset, start: int, steps: int, loaded: bool, dd, device, now: bool):
     """Loaded weights (resume, --init-from): the model skips its data-dependent initialisation.
-    Else, with several processes or --compile, that initialisation (ActNorm) runs here, eagerly, on
-    each rank's first batch, then rank 0's statistics go everywhere: DDP only broadcasts the
-    weights it is given at construction, and a compiled graph would be specialised to the
-    one-time initialising call. (One process, eager: it runs in the first training step.)"""
+    Else, with several processes or `now` (--compile, --ema), that initialisation (ActNorm) runs
+    here, eagerly, on each rank's first batch, then rank 0's statistics go everywhere: DDP only
+    broadcasts the weights it is given at construction, a compiled graph would be specialised to
+    the one-time initialising call, and the weight average starts from initialised weights.
+    (Otherwise it runs in the first training step.)"""
     if loaded:
         model.mark_initialized()
-    elif (dd.on or compile) and start < steps:
+    elif (dd.on or now) and start < steps:
         trainable = [p.requires_grad for p in model.parameters()]
         model.train()
         model.on_step(start, steps)  # e.g. loads a pretrained encoder before the statistics

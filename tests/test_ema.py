@@ -52,21 +52,25 @@ class Net(nn.Module):
 
 def test_update_averages_parameters_and_float_buffers_and_copies_the_rest():
     net = Net()
-    ema = EMA(net, 0.75)
+    with torch.no_grad():
+        net.conv.weight.zero_()
+    ema = EMA(net, 0.75)  # starts as a copy of the weights
     values = []
-    for t in range(3):
+    for t, applied in enumerate([True, torch.tensor(1.0), torch.tensor(0.0), False, True]):
         with torch.no_grad():
             net.conv.weight.fill_(float(t + 1))
             net.stat.fill_(10.0 * (t + 1))
             net.count.fill_(t + 5)
             net.flag.fill_(t % 2 == 0)
-        ema.update()
-        values.append((ema.module.conv.weight.flatten()[0].item(), ema.module.stat[0].item()))
-    # the first update copies; then average <- 0.75 average + 0.25 weights
-    assert values == [(1.0, 10.0), (1.25, 12.5), (1.6875, 16.875)]
-    assert int(ema.module.count) == 7 and bool(ema.module.flag) is True and ema.updates == 3
+        ema.update(applied)  # a bool, or a device tensor as a non-finite guard gives it
+        values.append((ema.module.conv.weight.flatten()[0].item(), ema.module.stat[0].item(),
+                       int(ema.module.count)))  # fmt: skip
+    # average <- average + 0.25 (weights - average), integers copied, when the step was applied
+    assert values == [(0.25, 2.5, 5), (0.6875, 6.875, 6), (0.6875, 6.875, 6), (0.6875, 6.875, 6),
+                      (1.765625, 17.65625, 9)]  # fmt: skip
+    assert bool(ema.module.flag) is True and int(ema.updates) == 3
     assert not any(p.requires_grad for p in ema.module.parameters()) and not ema.module.training
-    assert torch.equal(net.conv.weight, torch.full_like(net.conv.weight, 3.0))  # model untouched
+    assert torch.equal(net.conv.weight, torch.full_like(net.conv.weight, 5.0))  # model untouched
 
 
 def test_checkpoints_carry_the_average_and_resume_exactly(tmp_path, images):
@@ -169,9 +173,12 @@ def test_rrdb_init_takes_the_average_of_an_rrdb_run(tmp_path, images):
 
 def test_resume_adds_or_drops_the_average(tmp_path, images):
     assert run(tmp_path, images, *TINY, "--steps", "2") == 0
+    before = load_checkpoint(tmp_path / "last.pt")["state_dict"]
     assert run(tmp_path, images, *TINY, "--steps", "3", "--ema", "0.5", "--resume", "auto") == 0
     ck = load_checkpoint(tmp_path / "last.pt")
-    assert ck["ema_updates"] == 1 and same(ck["ema_state_dict"], ck["state_dict"])  # a copy
+    assert ck["ema_updates"] == 1  # started from the resumed weights, then one step
+    for k, w in ck["state_dict"].items():
+        assert torch.allclose(ck["ema_state_dict"][k], before[k] + 0.5 * (w - before[k]), 0, 1e-6)
     assert run(tmp_path, images, *TINY, "--steps", "4", "--resume", "auto") == 0
     assert "ema_state_dict" not in load_checkpoint(tmp_path / "last.pt")
 
