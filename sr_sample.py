@@ -244,6 +244,10 @@ class SampleArgs:
         default=False, metadata=dict(help="write NAME_sample{i:05d}.latent.npy per sample")
     )
     device: str = field(default="auto", metadata=dict(help="auto, cpu, cuda, cuda:1, ..."))
+    raw_weights: bool = field(
+        default=False,
+        metadata=dict(help="the weights as trained, not their moving average (sr_train --ema)"),
+    )
     model: str = field(default="", metadata=dict(help="model of a raw state_dict (no metadata)"))
     scale: int = field(
         default=0,
@@ -370,7 +374,8 @@ def sample(args: SampleArgs) -> int:
     paths = input_paths(Path(args.input))
     from_hr = args.from_hr or args.input == "demo"  # the demo images are HR photographs
     device = pick_device(args.device)
-    model, ck = load_model(args.ckpt, device, args.model or None, args.scale or None)
+    model, ck = load_model(args.ckpt, device, args.model or None, args.scale or None,
+                           args.raw_weights)  # fmt: skip
     controls = resolve_controls(args, model, ck["model"], device)
     n = controls.n if controls else args.n  # a control may fix it (one output per ref/step)
     temperatures = args.temperature or [model.default_temperature]

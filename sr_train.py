@@ -28,6 +28,7 @@ from sr_lib import __version__, distributed, metrics
 from sr_lib.checkpoint import save_checkpoint
 from sr_lib.config import parse, pick_device
 from sr_lib.data import PatchPairs, load_pairs, to_uint8, train_loader, write_png
+from sr_lib.ema import EMA
 from sr_lib.errors import (
     EXIT_PREEMPTED,
     CheckpointError,
@@ -111,7 +112,17 @@ class TrainArgs:
             help="mixed precision: bf16 (CUDA, or a CPU with native bf16) or fp16 (CUDA)",
         ),
     )
-    compile: bool = field(default=False, metadata=dict(help="torch.compile the training forward"))
+    compile: bool = field(
+        default=False,
+        metadata=dict(help="torch.compile the training forward (flows: each repeated block)"),
+    )
+    ema: float = field(
+        default=0.0,
+        metadata=dict(
+            help="keep an exponential moving average of the weights with this decay, e.g. 0.999 "
+            "(0 = off): validation, best.pt and sr_sample.py use it"
+        ),
+    )
     deterministic: bool = field(
         default=False, metadata=dict(help="deterministic algorithms only (README: what it costs)")
     )
@@ -161,25 +172,31 @@ def train(args: TrainArgs, rest: list[str]) -> int:
             lr_dirs=args.lr_data or None, cache=args.cache or None,
         )  # fmt: skip
     val_pairs = validation_pairs(args, dd)
+    # Every rank takes part in saving best.pt (its RNG state is gathered): all must know when.
+    val_every = args.val_every if distributed.agree(bool(val_pairs), dd, all_ranks=False) else 0
 
     # Model and optimizers; the state of a resumed run.
     model = build_model(args.model, cfg).to(device)
     if args.init_from and resumed is None:
-        init = read_checkpoint(args.init_from)
-        model.load_weights(init.get("state_dict", init), args.init_from)
+        init = read_checkpoint(args.init_from)  # its averaged weights if it has them (--ema)
+        model.load_weights(init.get("ema_state_dict", init.get("state_dict", init)), args.init_from)
     optimizers = build_optimizers(model, recipe)
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
     start, skipped, best = (
         (resumed["step"], resumed["skipped"], resumed["best"]) if resumed else (0, 0, -math.inf)
     )
     # Created before the RNG state is restored: making the iterator draws from the torch RNG.
-    batches = iter(train_loader(dataset, start, steps, args.workers)) if steps > start else None
+    # On CUDA: from pinned memory, copied without blocking, converted on the device.
+    loader = train_loader(dataset, start, steps, args.workers, device.type == "cuda", device)
+    batches = iter(loader) if steps > start else None
     if dd.rank:  # model-internal noise (dequantisation, latents) differs per rank, like the data
         torch.manual_seed(args.seed * 100_003 + dd.rank)
     if resumed is not None:
         restore(resumed, ckpt_path, model, optimizers, scaler, dd)
         say(f"resumed {ckpt_path} at step {start}")
-    initialize(model, dataset, start, steps, bool(resumed or args.init_from), dd, device)
+    initialize(model, dataset, start, steps, bool(resumed or args.init_from), dd, device,
+               args.compile or args.ema > 0)  # fmt: skip
+    ema = EMA(model, args.ema, resumed, ckpt_path) if args.ema and dd.main else None  # pre-compile
     forward = wrap(model, dd, device, args.compile)
     stop = catch_signals()
     say(f"srspace {__version__} | {args.model} x{args.scale} | "
@@ -198,8 +215,10 @@ def train(args: TrainArgs, rest: list[str]) -> int:
             stopped = stop["signal"] or ("time budget" if over_budget else "signal (other rank)")
             break
         out_g, ok = train_step(model, forward, optimizers, batches, step, recipe, dd, scaler,
-                               autocast, device)  # fmt: skip
+                               autocast)  # fmt: skip
         bad, skipped = (0, skipped) if ok else (bad + 1, skipped + 1)
+        if ema is not None:
+            ema.update(ok)  # a skipped step leaves the average as it is
         if not ok and bad >= args.max_bad_steps:
             raise NonFiniteError(
                 f"step {step}: {bad} consecutive non-finite losses/gradients; stopped without "
@@ -216,16 +235,18 @@ def train(args: TrainArgs, rest: list[str]) -> int:
             t0, logged = time.time(), step + 1
             log(log_file, rec)
             progress.update(step + 1, rec)
-        if val_pairs and ((step + 1) % args.val_every == 0 or step + 1 == steps):
-            val_psnr = validate(model, val_pairs, args, device, out, step + 1, log_file, progress)
-            if val_psnr > best:
-                best = val_psnr
-                save(out / "best.pt", step + 1, skipped, best, model, optimizers, scaler, dd, meta)
+        if val_every and ((step + 1) % val_every == 0 or step + 1 == steps):
+            net = ema.module if ema is not None else model  # with --ema, the averaged weights
+            score = validate(net, val_pairs, args, device, out, step + 1, log_file, progress)
+            if distributed.agree(score > best, dd, all_ranks=False):  # rank 0's verdict
+                best = score
+                save(out / "best.pt", step + 1, skipped, best, model, optimizers, scaler, dd, meta,
+                     ema)  # fmt: skip
         if (step + 1) % args.save_every == 0 and bad == 0:  # never save inside a NaN streak
-            save(out / "last.pt", step + 1, skipped, best, model, optimizers, scaler, dd, meta)
+            save(out / "last.pt", step + 1, skipped, best, model, optimizers, scaler, dd, meta, ema)
     else:
         step = steps
-    save(out / "last.pt", step, skipped, best, model, optimizers, scaler, dd, meta)
+    save(out / "last.pt", step, skipped, best, model, optimizers, scaler, dd, meta, ema)
     return finish(stopped, step, skipped, out, args, dd, (progress, log_file), say)
 
 
@@ -277,6 +298,8 @@ def parse_recipe(args: TrainArgs, recipe: Recipe) -> Recipe:
     recipe = replace(recipe, **{k: v for k, v in given.items() if v is not None})
     if recipe.steps < 0 or recipe.batch < 1 or recipe.patch < 1:
         raise UsageError("--steps must be >= 0, --batch and --patch >= 1")
+    if not 0 <= args.ema < 1:
+        raise UsageError(f"--ema {args.ema}: a decay in [0, 1), e.g. 0.999 (0 = off)")
     return recipe
 
 
@@ -380,14 +403,16 @@ def restore(resumed: dict, path: Path, model, optimizers: dict, scaler, dd) -> N
     set_rng_state(rngs[dd.rank] if len(rngs) == dd.world else resumed["rng"])
 
 
-def initialize(model, dataset, start: int, steps: int, loaded: bool, dd, device) -> None:
+def initialize(model, dataset, start: int, steps: int, loaded: bool, dd, device, now: bool):
     """Loaded weights (resume, --init-from): the model skips its data-dependent initialisation.
-    Else, with several processes: that initialisation (ActNorm) runs on each rank's first batch,
-    then rank 0's statistics go everywhere; DDP only broadcasts the weights it is given at
-    construction."""
+    Else, with several processes or `now` (--compile, --ema), that initialisation (ActNorm) runs
+    here, eagerly, on each rank's first batch, then rank 0's statistics go everywhere: DDP only
+    broadcasts the weights it is given at construction, a compiled graph would be specialised to
+    the one-time initialising call, and the weight average starts from initialised weights.
+    (Otherwise it runs in the first training step.)"""
     if loaded:
         model.mark_initialized()
-    elif dd.on and start < steps:
+    elif (dd.on or now) and start < steps:
         trainable = [p.requires_grad for p in model.parameters()]
         model.train()
         model.on_step(start, steps)  # e.g. loads a pretrained encoder before the statistics
@@ -409,7 +434,24 @@ def wrap(model, dd, device, compile: bool):
             DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
         ids = [dd.local_rank] if device.type == "cuda" else None
         forward = DDP(model, device_ids=ids, find_unused_parameters=model.ddp_find_unused)
-    return torch.compile(forward) if compile else forward
+    return compile_model(model, forward) if compile else forward
+
+
+def compile_model(model, forward, backend: str = "inductor"):
+    """--compile. A model that names `compile_regions` (its repeated blocks: a flow's steps and
+    splits, RRDB blocks) has each such module compiled on its own, so a network of hundreds of
+    layers becomes a few small graphs, one per distinct block and shape, compiled in seconds;
+    `forward` is returned as it is. Other models: their whole training forward is compiled."""
+    if not model.compile_regions:
+        return torch.compile(forward, backend=backend)
+    # Each level's shapes, a transition and a conditional step, the first step's input without
+    # gradient and an encoder frozen or not are distinct graphs of the same code: more than
+    # dynamo's default limit of 8 per code object (beyond it, it would silently run eagerly).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for m in model.modules():
+        if isinstance(m, model.compile_regions):
+            m.compile(backend=backend)
+    return forward
 
 
 def catch_signals() -> dict:
@@ -426,12 +468,12 @@ def catch_signals() -> dict:
     return stop
 
 
-def train_step(model, forward, optimizers, batches, step, recipe, dd, scaler, autocast, device):
+def train_step(model, forward, optimizers, batches, step, recipe, dd, scaler, autocast):
     """Training step `step`: the generator, then the discriminator. Returns forward's output
     (with the discriminator's parts as d_*) and False if the step was skipped as non-finite."""
     model.train()
     model.on_step(step, recipe.steps)
-    lr, hr = (x.to(device, non_blocking=True) for x in next(batches))
+    lr, hr = next(batches)  # on the device already (train_loader)
     set_learning_rates(optimizers, model, step, recipe)
     with autocast:
         out = forward(lr, hr)
@@ -456,9 +498,10 @@ def check_replicas(model, dd, step: int, log_file) -> None:
         raise SRSpaceError(f"step {step}: model replicas differ across ranks ({diff})")
 
 
-def save(path: Path, step, skipped, best, model, optimizers: dict, scaler, dd, meta) -> None:
+def save(path: Path, step, skipped, best, model, optimizers: dict, scaler, dd, meta, ema) -> None:
     """Write a checkpoint on rank 0 (every rank takes part: their RNG states are gathered): the
-    weights, optimizers, RNG states, counters and `meta` (model name and config, run flags)."""
+    weights, optimizers, RNG states, counters, `meta` (model name and config, run flags) and the
+    weight average (--ema)."""
     rngs = distributed.gather_objects(rng_state(), dd)
     if not dd.main:
         return
@@ -470,6 +513,7 @@ def save(path: Path, step, skipped, best, model, optimizers: dict, scaler, dd, m
         "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
         "rng": rngs[0], "rng_ranks": rngs, "world_size": dd.world,
         **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+        **(ema.state_dict() if ema is not None else {}),
     })  # fmt: skip
 
 
@@ -551,7 +595,10 @@ def requeue(say) -> None:
 @torch.no_grad()
 def validate(model, pairs, args, device, out: Path, step: int, log_file, progress) -> float:
     """PSNR and NTIRE LR-PSNR of --val-n samples (at --val-temperature, default the model's) on
-    held-out images, logged, plus a PNG strip per image; returns the PSNR."""
+    held-out images, logged, plus a PNG strip per image; returns the PSNR (-inf without images:
+    the ranks other than 0)."""
+    if not pairs:
+        return -math.inf
     model.eval()
     temperature = (
         model.default_temperature if args.val_temperature is None else args.val_temperature

@@ -24,8 +24,8 @@ declares every member the scripts and the loaders use, with a default for all bu
                                      a released file without srspace metadata
   sample_controls, resolve_controls(controls, n, device), sample_latents(...)
                                      sr_sample.py's latent controls (`LatentSRModel`)
-and the class attributes stochastic, lr_multiple, default_temperature, ddp_find_unused and
-oldest_checkpoint_format (documented on SRModel).
+and the class attributes stochastic, lr_multiple, default_temperature, ddp_find_unused,
+compile_regions and oldest_checkpoint_format (documented on SRModel).
 Images crossing the boundary are RGB float32 in [0, 1], NCHW. Any other range stays inside.
 """
 
@@ -244,6 +244,10 @@ class SRModel(nn.Module):
     # True if some parameters get no gradient in some steps (e.g. an encoder frozen by on_step):
     # DDP must then look for unused parameters every step.
     ddp_find_unused = False
+    # sr_train.py --compile: the module classes compiled one by one (regional compilation: a
+    # repeated block is compiled once per shape instead of unrolling the whole network into one
+    # graph); empty: the whole training forward is compiled.
+    compile_regions: tuple[type[nn.Module], ...] = ()
     # Checkpoints of an older format (sr_lib/checkpoint.py) hold weights of another function
     # (a fixed bug changed the model) and are refused.
     oldest_checkpoint_format = 1

@@ -160,8 +160,10 @@ def load_official_rrdb(model_or_net: nn.Module, path: str | os.PathLike) -> None
                 f"{path}: a {ck['model']} checkpoint; give an rrdb run's checkpoint or an "
                 "official RRDB_*.pth"
             )
-        # the network only: an `le` run's σ branch is not part of the encoder
-        sd = {k[len("net.") :]: v for k, v in ck["state_dict"].items() if k.startswith("net.")}
+        # the network only (an `le` run's σ branch is not part of the encoder); its weight
+        # average if the run kept one (sr_train.py --ema), as sr_lib.models.load_model loads it
+        weights = ck.get("ema_state_dict", ck["state_dict"])
+        sd = {k[len("net.") :]: v for k, v in weights.items() if k.startswith("net.")}
     else:
         sd = load_state_dict(path)
     load_strict(net, sd, f"{path} does not match this RRDBNet")

@@ -31,7 +31,7 @@ from sr_lib.models.flow_layers import (
     squeeze,
     unsqueeze,
 )
-from sr_lib.models.rrdb import RRDBNet, load_official_rrdb
+from sr_lib.models.rrdb import RRDBBlock, RRDBNet, load_official_rrdb
 from sr_lib.weights import load_strict
 
 OFFICIAL_F = "flowUpsamplerNet.f."  # the released code's unused conv: ignorable when loading
@@ -90,6 +90,7 @@ class SRFlow(SRModel):
     stochastic = True
     default_temperature = 0.9  # the challenge submissions' heat
     ddp_find_unused = True  # the encoder is frozen for part of training (on_step)
+    compile_regions = (FlowStep, Split, RRDBBlock)  # --compile: each block once per level shape
     oldest_checkpoint_format = 2  # format 1 conditioned on pre-activation maps (docs/flows.md)
 
     def __init__(self, cfg: SRFlowConfig):
@@ -113,6 +114,7 @@ class SRFlow(SRModel):
             self.f = nn.Sequential(nn.Conv2d(self.cond_channels, 96, 3, padding=1))
             self.f.requires_grad_(False)
         self._rrdb_init_done = False
+        self._low_encoder: list = []  # (key, RRDBNet): the frozen encoder in bfloat16 (encoder())
 
     def paper(self, scale: int) -> dict:
         """Per-scale defaults of the official configs (docs/flows.md, "Training")."""
@@ -182,11 +184,33 @@ class SRFlow(SRModel):
             else:
                 self._encoder_params.append(p)
 
+    def encoder(self, lr: torch.Tensor) -> RRDBNet:
+        """The RRDB encoder to run on `lr`: while it is frozen (`on_step`) and autocast is on, a
+        copy in the autocast dtype, made once and kept until a weight changes. Autocast keeps a
+        cast weight only within one autocast region and only for weights that require gradients,
+        so the frozen encoder's ~700 weights would be cast again at every step; the copy holds
+        exactly those casts, so the features are bit-identical. Not with --compile (compiled
+        encoder blocks, which cast in their graph)."""
+        device, compiled = lr.device.type, self.RRDB.RRDB_trunk[0]._compiled_call_impl
+        if self._encoder_params[0].requires_grad or compiled is not None:
+            self._low_encoder.clear()
+            return self.RRDB
+        if not torch.is_autocast_enabled(device):
+            return self.RRDB
+        dtype = torch.get_autocast_dtype(device)
+        key = (dtype, lr.device, *(p._version for p in self.RRDB.parameters()))
+        if not self._low_encoder or self._low_encoder[0] != key:
+            cfg = self.cfg
+            low = RRDBNet(cfg.scale, cfg.nf, cfg.nb, cfg.gc)
+            low.load_state_dict(self.RRDB.state_dict())
+            self._low_encoder[:] = [key, low.to(lr.device, dtype).requires_grad_(False)]
+        return self._low_encoder[1]
+
     # Encoder and conditioning.
 
     def conditions(self, lr: torch.Tensor) -> list[torch.Tensor]:
         """Per-level conditioning maps (B, nf·(1 + blocks), h_l, w_l) (docs/flows.md)."""
-        feats = self.RRDB.features(lr, self.blocks, up_to=self.up_to)
+        feats = self.encoder(lr).features(lr, self.blocks, up_to=self.up_to)
         stack = torch.cat([feats[f"block_{b}"] for b in self.blocks], 1)  # (B, 256, h, w)
         out = []
         for key in self.cond_keys:
