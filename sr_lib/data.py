@@ -472,6 +472,7 @@ class PatchPairs(Dataset):
             )
         kept = [(name, x) for name, x in zip(names, loaded) if x is not None]
         self.names = [name for name, _ in kept]
+        self.skipped = skipped  # names of the images smaller than one HR patch
         self._hr = [x[0] for _, x in kept]  # uint8 (H, W, 3) arrays, or .npy paths (cache)
         self._lr = [x[1] for _, x in kept]
         self.lr_hw = np.array([self._array(x).shape[:2] for x in self._lr], np.int64)  # (N, 2)
