@@ -2,9 +2,10 @@
 nothing (weights, both optimizers, buffers), --max-bad-steps at check steps, --on-nan rollback."""
 
 import json
+import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY
+from test_distributed import free_port
 
 import sr_train
 from sr_lib import models
@@ -24,12 +26,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def flaky(base):
     """`base` whose loss is NaN at the steps listed in --nan-steps; with --nan-once only the first
-    time each of those steps runs (a rollback then gets past them)."""
+    time each of those steps runs (a rollback then gets past them); with --nan-rank R only on
+    process R of several."""
 
     @dataclass
     class FlakyConfig(base.Config):
         nan_steps: str = ""
         nan_once: bool = False
+        nan_rank: int = field(default=-1, metadata=dict(range="[-1, inf)"))  # -1: every rank
 
     class Flaky(base):
         Config = FlakyConfig
@@ -45,6 +49,9 @@ def flaky(base):
         def forward(self, lr, hr):
             out = super().forward(lr, hr)
             bad = {int(s) for s in self.cfg.nan_steps.split(",") if s}
+            rank = int(os.environ.get("RANK", 0))
+            if self.cfg.nan_rank not in (-1, rank):
+                bad = set()
             if self.step in bad and not (self.cfg.nan_once and self.step in self.seen):
                 self.seen.add(self.step)
                 out["loss"] = out["loss"] * float("nan")
@@ -243,3 +250,35 @@ def test_rollback_through_cli(tmp_path, images):
     assert "step 5: 2 consecutive non-finite" in p.stdout and "rollback 1 of 3" in p.stdout
     ck = load_checkpoint(tmp_path / "run" / "last.pt")
     assert ck["step"] == 8 and ck["rollbacks"] == 1 and ck["skipped"] == 2
+
+
+def test_a_nan_on_one_rank_rolls_back_every_rank(tmp_path, images):
+    """Two processes (gloo): rank 1 alone sees NaN at steps 4 and 5. Both skip those steps (the
+    flag is agreed on the device), both roll back to last.pt and stay identical; only rank 0
+    writes the log, the TensorBoard events and the checkpoints."""
+    script = tmp_path / "train_flaky.py"
+    script.write_text(
+        f"import sys; sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]\n"
+        "import sr_train, test_train_guard\n"
+        "test_train_guard.register()\n"
+        "raise SystemExit(sr_train.main())\n"
+    )
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+           f"--master-port={free_port()}", str(script), *EDSR_TINY, "--data", str(images),
+           "--scale", "2", "--patch", "8", "--batch", "2", "--workers", "0", "--val-every", "0",
+           "--log-every", "1", "--save-every", "3", "--steps", "8", "--device", "cpu",
+           "--max-bad-steps", "2", "--on-nan", "rollback", "--nan-steps", "4,5", "--nan-once",
+           "--nan-rank", "1", "--sync-check-every", "1", "--tensorboard",
+           "--out", str(out)]  # fmt: skip
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    log = records(out)
+    assert [r for r in log if "rollback" in r] == [
+        {"step": 6, "rollback": 1, "to_step": 3, "learning_rate_scale": 0.5}
+    ]
+    diffs = [r["replica_max_diff"] for r in log if "replica_max_diff" in r]
+    assert len(diffs) == 10 and set(diffs) == {0.0}  # steps 1-5, then 4-8 again
+    ck = load_checkpoint(out / "last.pt")
+    assert (ck["step"], ck["rollbacks"], ck["skipped"], ck["world_size"]) == (8, 1, 2, 2)
+    assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
