@@ -353,8 +353,9 @@ def scaled_rates(recipe: Recipe, factor: float) -> Recipe:
 def setup_process(args: TrainArgs, cleanup) -> tuple[distributed.Dist, torch.device]:
     """One process, or one per GPU/CPU slot under torchrun/srun; its device and threads; seeded
     RNGs."""
-    cleanup.callback(torch.set_num_threads, torch.get_num_threads())  # main() may be called again
-    torch.set_num_threads(thread_count(os.environ, available_cores()))
+    threads = torch.get_num_threads()
+    cleanup.callback(torch.set_num_threads, threads)  # main() may be called again in a process
+    torch.set_num_threads(thread_count(threads, os.environ, available_cores()))
     device = pick_device(args.device)
     dd = distributed.setup(use_cuda=device.type == "cuda")
     if dd.on and device.type == "cuda":
@@ -378,17 +379,16 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def thread_count(env, cores: int) -> int:
-    """Intra-op threads: OMP_NUM_THREADS if set (the user's choice), else SLURM_CPUS_PER_TASK,
-    else the available cores shared by this node's processes (torchrun's LOCAL_WORLD_SIZE), never
-    more than the cores: threads beyond them only spin-wait (docs/benchmarks.md). Loader workers
-    run one thread each (sr_lib/data.py)."""
-    if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
-        return int(env["OMP_NUM_THREADS"])
+def thread_count(current: int, env, cores: int) -> int:
+    """Intra-op threads: SLURM_CPUS_PER_TASK, else the cores this process may run on shared by
+    this node's processes (torchrun's LOCAL_WORLD_SIZE); never more than those cores (threads
+    beyond them only spin-wait) nor than torch's `current` count (its default follows
+    OMP_NUM_THREADS; a caller may have lowered it). Loader workers run one thread each
+    (sr_lib/data.py)."""
     slurm = env.get("SLURM_CPUS_PER_TASK", "")
     if slurm.isdigit() and int(slurm) > 0:
-        return min(int(slurm), cores)
-    return max(1, cores // max(1, int(env.get("LOCAL_WORLD_SIZE", "1") or 1)))
+        return max(1, min(int(slurm), cores, current))
+    return max(1, min(cores // max(1, int(env.get("LOCAL_WORLD_SIZE", "1") or 1)), current))
 
 
 @contextlib.contextmanager

@@ -1,7 +1,5 @@
 """Shared test fixtures: fixed seeds, tiny model configs, a tiny LR/HR batch."""
 
-import os
-
 import pytest
 import torch
 
@@ -62,14 +60,8 @@ def make_batch():
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Tiny tensors: intra-op threads only spin-wait, several times slower on a busy 2-core box.
-    OMP_NUM_THREADS=1 tells sr_train.py the same (it sets its threads from it), in this process
-    and in the scripts the tests run as subprocesses."""
-    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    (Scripts run as subprocesses by the tests keep their own thread settings.)"""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
     yield
     torch.set_num_threads(threads)
-    if env is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
-    else:
-        os.environ["OMP_NUM_THREADS"] = env

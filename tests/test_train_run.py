@@ -109,13 +109,13 @@ def test_tensorboard_holds_every_logged_number_and_the_validation_strips(tmp_pat
 
 
 def test_thread_count():
-    count = sr_train.thread_count
-    assert count({}, 8) == 8  # the cores this process may use
-    assert count({"SLURM_CPUS_PER_TASK": "2"}, 8) == 2
-    assert count({"SLURM_CPUS_PER_TASK": "16"}, 8) == 8  # never more than the cores
-    assert count({"LOCAL_WORLD_SIZE": "4"}, 8) == 2  # torchrun: the node's cores shared
-    assert count({"LOCAL_WORLD_SIZE": "4"}, 2) == 1
-    assert count({"OMP_NUM_THREADS": "3", "SLURM_CPUS_PER_TASK": "2"}, 8) == 3  # the user's
+    count = sr_train.thread_count  # (torch's current count, environment, cores)
+    assert count(64, {}, 8) == 8  # the cores this process may use
+    assert count(64, {"SLURM_CPUS_PER_TASK": "2"}, 8) == 2
+    assert count(64, {"SLURM_CPUS_PER_TASK": "16"}, 8) == 8  # never more than the cores
+    assert count(64, {"LOCAL_WORLD_SIZE": "4"}, 8) == 2  # torchrun: the node's cores shared
+    assert count(64, {"LOCAL_WORLD_SIZE": "4"}, 2) == 1
+    assert count(3, {"SLURM_CPUS_PER_TASK": "4"}, 8) == 3  # lowered by OMP_NUM_THREADS or a caller
 
 
 def test_threads_follow_slurm_cpus_per_task(tmp_path, images):
