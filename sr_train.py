@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -424,13 +425,16 @@ def lock_run_folder(out: Path) -> int:
     fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
         raise UsageError(
             f"--out {out}: another sr_train.py is using this run folder ({holder}); wait for it "
             "to end or give another --out"
         ) from None
+    except OSError as e:  # a file system without locks (some network mounts): run unlocked
+        warnings.warn(f"--out {out}: cannot lock the run folder ({e.strerror or e}); a second "
+                      "run on it would not be noticed", stacklevel=2)  # fmt: skip
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
     return fd

@@ -1,6 +1,7 @@
 """sr_train.py around the loop: the run-folder lock, TensorBoard, threads, what it says at start,
 its help text, and model flags that must work without the paper's full-size defaults."""
 
+import errno
 import json
 import os
 import signal
@@ -183,3 +184,13 @@ def test_a_small_flow_encoder_needs_no_rrdb_blocks_flag(tmp_path, images):
         assert sr_train.main(argv) == 0
     ck = load_checkpoint(tmp_path / "last.pt")
     assert ck["step"] == 1 and all(torch.isfinite(v).all() for v in ck["state_dict"].values())
+
+
+def test_a_file_system_without_locks_warns_and_trains(tmp_path, images, monkeypatch):
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(sr_train.fcntl, "flock", no_locks)
+    argv = [*TINY_EDSR, "--data", str(images), "--steps", "1", "--out", str(tmp_path)]
+    with pytest.warns(UserWarning, match="cannot lock the run folder .No locks available"):
+        assert sr_train.main(argv) == 0
