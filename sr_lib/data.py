@@ -418,9 +418,14 @@ def _pair_files(hr_dir: Path, lr_dir: Path | None, scale: int) -> list[tuple[Pat
     return pairs
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity: taskset, cgroups, SLURM's binding)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cpu_workers() -> int:
     """CPU cores this process may use: its affinity mask, at most $SLURM_CPUS_PER_TASK if set."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    n = available_cores()
     slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
     return max(1, min(n, int(slurm)) if slurm.isdigit() and int(slurm) > 0 else n)
 
@@ -531,6 +536,7 @@ class PatchPairs(Dataset):
             )
         kept = [(name, x) for name, x in zip(names, loaded) if x is not None]
         self.names = [name for name, _ in kept]
+        self.skipped = skipped  # names of the images smaller than one HR patch
         self._hr = [x[0] for _, x in kept]  # uint8 (H, W, 3) arrays, or .npy paths (cache)
         self._lr = [x[1] for _, x in kept]
         self.lr_hw = np.array([self._array(x).shape[:2] for x in self._lr], np.int64)  # (N, 2)

@@ -38,9 +38,15 @@ class EMA:
         device = next(iter(theirs.values())).device if theirs else torch.device("cpu")
         self.rate = torch.tensor(1.0 - decay, device=device)  # on the device: no host transfer
         self.updates = torch.zeros((), dtype=torch.long, device=device)  # applied steps
-        if resumed is not None and "ema_state_dict" in resumed:  # (its decay: replaced by ours)
-            self.module.load_weights(resumed["ema_state_dict"], f"{path} (ema_state_dict)")
-            self.updates.fill_(int(resumed["ema_updates"]))
+        if resumed is not None:
+            self.restore(resumed, path)
+
+    def restore(self, checkpoint: dict, path="") -> None:
+        """Continue the average a checkpoint holds (resume, --on-nan rollback); its decay is
+        replaced by ours. A checkpoint without one leaves the average as it is."""
+        if "ema_state_dict" in checkpoint:
+            self.module.load_weights(checkpoint["ema_state_dict"], f"{path} (ema_state_dict)")
+            self.updates.fill_(int(checkpoint["ema_updates"]))
 
     @torch.no_grad()
     def update(self, applied: bool | torch.Tensor = True) -> None:

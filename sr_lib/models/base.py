@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sr_lib.config import check_ranges
 from sr_lib.data import default_patch, list_images, read_image, to_tensor
 from sr_lib.errors import DataError, UsageError
 from sr_lib.weights import load_strict
@@ -64,6 +65,12 @@ def check_choices(cfg) -> None:
         if choices is not None and value not in choices:
             flag = f"--{f.name.replace('_', '-')}"
             raise UsageError(f"{flag} {value!r}: choose one of {', '.join(map(str, choices))}")
+
+
+def scale_list(model) -> str:
+    """A model's scales in words: "2, 3, 4 or 8"."""
+    *first, last = model.scales
+    return f"{', '.join(map(str, first))} or {last}" if first else str(last)
 
 
 @dataclass(frozen=True)
@@ -258,10 +265,15 @@ class SRModel(nn.Module):
     # `prepare` cut to the tile: the receptive field of the per-tile computation (a property
     # computed from the config in most models). None: unknown (sr_sample.py then uses 32).
     tile_halo: int | None = None
+    scales: tuple[int, ...] = (2, 3, 4, 8)  # the scale factors the model is built for
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         check_choices(cfg)
+        check_ranges(cfg)
+        if cfg.scale not in self.scales:
+            name = type(self).__name__
+            raise UsageError(f"{name}: scale {cfg.scale} not supported; use {scale_list(self)}")
         self.cfg = cfg
         self.scale = cfg.scale
 

@@ -174,14 +174,16 @@ class RegressionConfig(ModelConfig):
         default=0.0,
         metadata=dict(
             help="train only the σ branch, on the whole batch, for this final fraction of the "
-            "steps (μ frozen: no backward through the body); 0 = never (paper), 1 = σ only"
+            "steps (μ frozen: no backward through the body); 0 = never (paper), 1 = σ only",
+            range="[0, 1]",
         ),
     )
     le_sigma_ema: float = field(
         default=0.0,
         metadata=dict(
             help="keep an exponential moving average of the σ branch's weights with this decay "
-            "per step (e.g. 0.99) and use it for the uncertainty map; 0 = off (paper)"
+            "per step (e.g. 0.99) and use it for the uncertainty map; 0 = off (paper)",
+            range="[0, 1)",
         ),
     )
 
@@ -198,14 +200,6 @@ class RegressionSR(SRModel):
 
     def __init__(self, cfg: RegressionConfig):
         super().__init__(cfg)
-        if not 0.0 <= cfg.le_sigma_final_fraction <= 1.0:
-            raise UsageError(
-                f"--le-sigma-final-fraction {cfg.le_sigma_final_fraction}: use a fraction in [0, 1]"
-            )
-        if not 0.0 <= cfg.le_sigma_ema < 1.0:
-            raise UsageError(
-                f"--le-sigma-ema {cfg.le_sigma_ema}: use a decay in [0, 1), e.g. 0.99 (0 = off)"
-            )
         # μ's parameters get no gradient in the σ-only phase: DDP must look for unused ones.
         self.ddp_find_unused = cfg.loss == "le" and cfg.le_sigma_final_fraction > 0
         self.sigma = None

@@ -52,11 +52,13 @@ CONTENT_DOWN = ("lr", "pyramid", "none")
 
 @dataclass
 class RefVAEConfig(ModelConfig):
-    width: int = option(512, "LR-branch / fusion channels (512 = code); the decoder halves it 3×")
+    width: int = option(
+        512, "LR-branch / fusion channels (512 = code); the decoder halves it 3×", range="[8, inf)"
+    )
     cond_channels: int = option(64, "channels of the CVAE feature maps (code: 64)")
     latent_grid: int = option(16, "CVAE feature grid side (code: 16, i.e. 16·16·64 -> z)")
     z_dim: int = option(256, "latent size D (code: 256)")
-    mask_blocks: int = option(3, "residual blocks of the LR branch (code: 3)")
+    mask_blocks: int = option(3, "residual blocks of the LR branch (code: 3)", range="[0, inf)")
     ref_size: int = option(256, "references are resized to this square (paper: 256)")
     ref_data: str = option("hr", "training references: hr (the HR patch, as the code) or a folder")
     pretrained: bool = option(True, "random frozen VGG19/AlexNet, no ImageNet weights (tests only)")
@@ -79,7 +81,9 @@ class RefVAEConfig(ModelConfig):
     )
     lambda_lpips: float = option(1.0, "LPIPS-alex loss (code: 1e4 on the mean map)")
     lambda_tv: float = option(1.0, "TV loss, Eq. 8 (code: 0)")
-    tv_beta: float = option(1.0, "TV exponent β of Eq. 8 (not given by the paper)")
+    tv_beta: float = option(
+        1.0, "TV exponent β of Eq. 8 (not given by the paper)", range="(0, inf)"
+    )
     lambda_kl: float = option(1.0, "KL(q(z|R) ‖ N(0, I)), Eq. 4")
     lambda_adv: float = option(1.0, "adversarial loss (not in Eq. 9; code: 1; 0 = no D unless FM)")
     adv_loss: str = option(
@@ -216,16 +220,15 @@ class RefVAE(LatentSRModel):
 
     Config = RefVAEConfig
     sample_controls = ("ref", "latent")  # sr_sample.py --ref, --latent/--latent-shift/--save-latent
+    scales = (2, 4, 8)
 
     def __init__(self, cfg: RefVAEConfig):
         super().__init__(cfg)
-        if cfg.scale not in (2, 4, 8):
-            raise UsageError(f"refvae: scale {cfg.scale} not supported; use 2, 4 or 8")
         self.style_layers = tuple(t for t in cfg.style_layers.split(",") if t)
         if any(t not in VGG19_RELU for t in self.style_layers):
             raise UsageError(f"--style-layers {cfg.style_layers!r}: VGG19 ReLU taps, e.g. relu4_1")
-        if cfg.width < 8 or cfg.width % 8 or min(cfg.cond_channels, cfg.latent_grid, cfg.z_dim) < 1:
-            raise UsageError("refvae: --width must be a multiple of 8; other sizes >= 1")
+        if cfg.width % 8:
+            raise UsageError(f"--width {cfg.width}: must be a multiple of 8")
         self.lr_multiple = 8 // cfg.scale  # bicubic(LR) must be a multiple of 8 (its decoder)
         taps = tuple(dict.fromkeys(("relu4_1", *self.style_layers)))
         self.vgg = VGGFeatures(taps, imagenet_norm=True, pretrained=False)  # see _load_weights

@@ -25,7 +25,9 @@ SCALES = (2, 4, 8)
 
 @dataclass
 class RRDBConfig(RegressionConfig):
-    nb: int = field(default=23, metadata=dict(help="RRDB blocks in the trunk (CelebA ×8: 8)"))
+    nb: int = field(
+        default=23, metadata=dict(help="RRDB blocks in the trunk (CelebA ×8: 8)", range="[0, inf)")
+    )
     nf: int = field(default=64, metadata=dict(help="feature channels"))
     gc: int = field(default=32, metadata=dict(help="growth channels of the dense blocks"))
 
@@ -173,6 +175,7 @@ class RRDB(RegressionSR):
     """RRDB trained on its own (SRFlow's RRDB pre-training, or ESRGAN's PSNR-oriented stage)."""
 
     Config = RRDBConfig
+    scales = SCALES
 
     def __init__(self, cfg: RRDBConfig):
         super().__init__(cfg)

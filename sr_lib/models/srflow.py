@@ -43,13 +43,25 @@ class SRFlowConfig(ModelConfig):
     nf: int = field(default=64, metadata=dict(help="encoder feature channels"))
     gc: int = field(default=32, metadata=dict(help="encoder growth channels"))
     rrdb_blocks: str = field(
-        default="", metadata=dict(help="stacked RRDB blocks, e.g. 1,8,15,22 (default: the paper's)")
+        default="",
+        metadata=dict(
+            help="stacked RRDB blocks, e.g. 1,8,15,22 (default: the paper's, spread over a "
+            "smaller --nb)"
+        ),
     )
-    flow_levels: int = field(default=0, metadata=dict(help="L (0: 3 at x4, 4 at x8)"))
-    flow_steps: int = field(default=0, metadata=dict(help="K steps per level (0: 16)"))
-    transitions: int = field(default=2, metadata=dict(help="unconditional steps per level"))
+    flow_levels: int = field(
+        default=0, metadata=dict(help="L (0: 3 at x4, 4 at x8)", range="[0, inf)")
+    )
+    flow_steps: int = field(
+        default=0, metadata=dict(help="K steps per level (0: 16)", range="[0, inf)")
+    )
+    transitions: int = field(
+        default=2, metadata=dict(help="unconditional steps per level", range="[0, inf)")
+    )
     hidden_channels: int = field(default=64, metadata=dict(help="coupling network width"))
-    affine_eps: float = field(default=1e-4, metadata=dict(help="scale = sigmoid(h + 2) + eps"))
+    affine_eps: float = field(
+        default=1e-4, metadata=dict(help="scale = sigmoid(h + 2) + eps", range="(0, inf)")
+    )
     lu: bool = field(default=False, metadata=dict(help="LU-parametrised 1x1 convs (not official)"))
     dequant: Literal["gaussian", "uniform", "none"] = field(
         default="gaussian",
@@ -59,11 +71,13 @@ class SRFlowConfig(ModelConfig):
     quant: int = field(default=32, metadata=dict(help="uniform: U(-0.5, 0.5)/quant noise"))
     freeze_encoder: float = field(
         default=0.5,
-        metadata=dict(help="fraction of steps with the encoder frozen (released code: 0)"),
+        metadata=dict(
+            help="fraction of steps with the encoder frozen (released code: 0)", range="[0, 1]"
+        ),
     )
     unused_conv: bool = field(
         default=True,
-        metadata=dict(help="the never-called official conv f (276,576 params); --no-: drop it"),
+        metadata=dict(help="drop the released code's never-called conv f (276,576 params)"),
     )
     rrdb_init: str = field(
         default="",
@@ -71,6 +85,20 @@ class SRFlowConfig(ModelConfig):
             help="RRDB weights for the encoder at step 0: official RRDB_*.pth or an rrdb run's .pt"
         ),
     )
+
+
+def encoder_taps(given: str, paper: str, nb: int) -> tuple[int, ...]:
+    """The RRDB blocks whose outputs condition the flow: `given` (--rrdb-blocks), else the paper's
+    taps of its 23-block encoder, spread proportionally over a smaller --nb (2 blocks: 0,1)."""
+    try:
+        blocks = [int(b) for b in (given or paper).split(",")]
+    except ValueError:
+        raise UsageError(f"--rrdb-blocks {given}: give block numbers, e.g. 1,8,15,22") from None
+    if not given and max(blocks) >= nb:
+        blocks = sorted({round(b * (nb - 1) / 22) for b in blocks})
+    if any(not 0 <= b < nb for b in blocks):
+        raise UsageError(f"--rrdb-blocks {given}: need blocks in 0..{nb - 1} (--nb {nb})")
+    return tuple(blocks)
 
 
 class FlowLevel(nn.Module):
@@ -92,20 +120,14 @@ class SRFlow(SRModel):
     ddp_find_unused = True  # the encoder is frozen for part of training (on_step)
     compile_regions = (FlowStep, Split, RRDBBlock)  # --compile: each block once per level shape
     oldest_checkpoint_format = 2  # format 1 conditioned on pre-activation maps (docs/flows.md)
+    scales = (4, 8)
 
     def __init__(self, cfg: SRFlowConfig):
         super().__init__(cfg)
-        if cfg.scale not in (4, 8):
-            raise UsageError(
-                f"{type(self).__name__.lower()}: scale {cfg.scale} not supported; use 4 or 8"
-            )
         paper = self.paper(cfg.scale)
         self.levels = cfg.flow_levels or paper["levels"]
         self.steps = cfg.flow_steps or paper["steps"]
-        blocks = cfg.rrdb_blocks or paper["blocks"]
-        self.blocks = tuple(int(b) for b in blocks.split(","))
-        if any(not 0 <= b < cfg.nb for b in self.blocks):
-            raise UsageError(f"--rrdb-blocks {blocks}: need blocks in 0..{cfg.nb - 1}")
+        self.blocks = encoder_taps(cfg.rrdb_blocks, paper["blocks"], cfg.nb)
         self.cond_channels = cfg.nf * (1 + len(self.blocks))  # 64 + 4·64 = 320
         flow = self._build_flow()  # first: the encoder skips what the levels do not use
         self._build_encoder(cfg.nb)
