@@ -63,6 +63,7 @@ CASES = {  # id: (flags, exit code, words of the message)
         PARSE,
         "--le-sigma-ema 1.0: must be a number >= 0 and < 1",
     ),  # fmt: skip
+    "ema 1": ({"--ema": "1"}, PARSE, "--ema 1.0: must be a number >= 0 and < 1"),
     "vspsr alpha 0": (
         {"--model": "vspsr", "--n-feats": None, "--n-blocks": None, "--alpha": "0"},
         PARSE,
