@@ -2,22 +2,31 @@
 
     python sr_sample.py --ckpt runs/srflow_x4/best.pt --input lr/ --n 10 --out samples/
     python sr_sample.py --ckpt best.pt --input DIV2K_valid_HR/ --from-hr --layout ntire --out sub/
+    python sr_sample.py --ckpt best.pt --input lr/ --temperature 0 0.5 0.9 1 --out sweep/
 
-Files written to --out (what sr_eval.py reads). NAME is the input's stem, or with --layout ntire
-its 0-based position k in sorted order as {k:06d} (the NTIRE21 submission names):
+Files written to a sample folder (what sr_eval.py reads). NAME is the input's stem, or with
+--layout ntire its 0-based position k in the one image order (sr_lib.data.image_order) as
+{k:06d} (the NTIRE21 submission names):
   NAME_sample{i:05d}.png  sample i = 0..n-1; a single-output (deterministic) model with --n 1
                           writes NAME.png instead
-  lr/{stem}.png           --from-hr: the LR made from the HR input (cropped to a multiple of 8,
-                          of 3 at x3; MATLAB bicubic downscale, uint8): give OUT/lr to sr_eval --lr
   NAME_sigma.png, .npy    --save-uncertainty, models with an uncertainty output: sigma in [0, 1]
                           as a 16-bit gray PNG of round(mean over RGB of sigma * 65535), and the
                           float32 (3, H, W) array as .npy
-  NAME_grid.png           --grid: one row [LR enlarged (nearest) | the n samples | per-pixel std
-                          across samples | sigma], maps normalised to their max (black, red,
-                          yellow, white)
+  NAME_grid.png           --grid: one labelled row [LR enlarged (nearest) | the n samples |
+                          per-pixel std across samples (stochastic models) | sigma], maps
+                          normalised to their max (black, red, yellow, white)
   NAME_sample{i:05d}.latent.npy
                           --save-latent, latent models (refvae, varsr): the float32 (D,) latent
                           of sample i; `--latent FILE` decodes it to the same sample again
+  manifest.json           the settings that made the folder (checkpoint sha256, model, config,
+                          scale, temperature, n, seed, ...); a rerun with other settings is
+                          refused unless --overwrite
+  ntire_index.json        --layout ntire: {"scale": s, "000000": STEM, ...} for every input
+The sample folder is --out with one --temperature, and --out/T{t} (e.g. T0.9, T1) for each of
+several: the LR-only work of the model (its encoder, conditioning) is then done once per image for
+all temperatures. --from-hr writes the LR it makes to --out/lr/{stem}.png (HR mod-cropped to a
+multiple of 8, of 3 at x3; MATLAB bicubic downscale, uint8): give it to sr_eval --lr.
+
 Sampling controls (a model without the control stops with a one-line usage error):
   --ref FILE|DIR|noise|lr|prior   refvae: a reference image (n samples); one output per image of
                           a folder (n = their number); noise (default): a Gaussian-noise reference
@@ -27,35 +36,48 @@ Sampling controls (a model without the control stops with a one-line usage error
   --latent-shift FILE --latent-steps -2,-1,0,1,2
                           walk z_k = z_0 + k·direction (one output per step); z_0 = --latent, or
                           the model's temperature-0 latent of the controls given (varsr: μ_L)
-Latent models draw the latent on the whole LR first and decode every tile with it.
-Sample i of image `stem` draws from the stream sample_seed(--seed, stem, i), so it does not depend
-on file order, --batch or --n. --temperature defaults to the model's default_temperature.
+Sample i of image `stem` draws from the stream sample_seed(--seed, stem, i), so it depends neither
+on file order, --batch, --n, --shard nor on the other temperatures of a sweep (at another
+temperature it is the same draw, scaled).
 
-Tiling (--tile PX --tile-overlap PX, both in LR input pixels; 0 = whole image): the LR is reflect-
-padded to the model's lr_multiple and cut into tiles whose sizes and positions are multiples of it.
-In each overlap the outer quarter next to a tile's edge gets weight 0 (the network's zero padding
-makes its output wrong there) and the middle half is a linear crossfade; weights are normalised.
-The default overlap, 32, thus ignores 8 LR px at each inner tile edge: this covers the receptive
-field of small networks exactly, and for deep ones (EDSR, RRDB) the effect of pixels further away
-is below 8-bit precision (measured with random weights); raise it if seams ever show. Stochastic
-models draw each sample's noise once at whole-image size and cut it per tile, so a tiled sample
-equals the untiled one. A CUDA out-of-memory error retries the image in tiles, halving them down
-to 64 px. Exit codes: 0 ok, 2 bad flag, 3 unusable input (unreadable images are reported and
-skipped, the others written, exit 3 at the end), 4 out of memory, 6 checkpoint problem.
+Clusters: --shard I/N samples images I, I+N, I+2N, ... of the order (0 <= I < N; `auto` reads
+SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT). Every file is written atomically (a temporary
+name, then a rename), and an image whose files all exist is skipped, so a killed or preempted run
+continues where it stopped when rerun (--overwrite redoes everything). SIGTERM or SIGUSR1 stop
+the run with exit 75 (a file being read or written is finished first; Ctrl-C: exit 130).
+
+Tiling (--tile PX, LR px; 0 = whole image): the LR is cut into tiles of PX (rounded down to the
+model's lr_multiple) and each is computed with --tile-overlap LR px of context on every side,
+which is cut away. The model's LR-only work runs on the whole image and is cut per tile, and each
+noise field is drawn at whole-image size and cut, so with the default context, the model's
+receptive field (`tile_halo`; docs/design.md, "Tiled sampling"), a tiled sample equals the untiled
+one. A CUDA out-of-memory error retries the image with tiles halved, down to 64 px.
+Exit codes: 0 ok, 2 bad flag or a folder of other settings, 3 unusable input (unreadable images
+are reported and skipped, the others written, exit 3 at the end), 4 out of memory, 6 checkpoint
+problem, 7 output cannot be written, 75 stopped by SIGTERM/SIGUSR1, 130 Ctrl-C.
 """
 
+import contextlib
+import json
+import math
+import os
+import signal
 import sys
 import time
+from argparse import ArgumentTypeError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-from rich.progress import Progress
+from PIL import Image, ImageDraw, ImageFont
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from sr_lib import __version__
 from sr_lib.config import parse, pick_device
 from sr_lib.data import (
+    check_out_dir,
     default_mod,
     demo_files,
     list_images,
@@ -63,43 +85,134 @@ from sr_lib.data import (
     read_image,
     to_tensor,
     to_uint8,
+    write_npy,
     write_png,
+    write_text,
 )
-from sr_lib.errors import DataError, UsageError, exit_on_error
+from sr_lib.errors import EXIT_PREEMPTED, DataError, SRSpaceError, UsageError, exit_on_error
 from sr_lib.models import MODELS, load_model
-from sr_lib.models.base import sample_seed
+from sr_lib.models.base import pad_to_multiple, sample_seed
 from sr_lib.resize import imresize
-from sr_lib.tiling import draw, upscale
+from sr_lib.tiling import DEFAULT_CONTEXT, draw, grid, prepare, upscale
+from sr_lib.weights import sha256_file
 
 PROG = "sr_sample.py"
-MIN_TILE = 64  # smallest tile (LR px) of the out-of-memory fallback
+MIN_TILE = 16  # smallest --tile (LR px): below it the context costs many times the tile
+OOM_MIN_TILE = 64  # the out-of-memory fallback halves the tile down to this
+MAX_N = 100_000  # sample numbers have five digits
+# Flags recorded in manifest.json that a rerun may change: they do not change the files (or what
+# they change is compared as its effect: the model, its scale, n, the folder's temperature, ...).
+FREE_FLAGS = ("ckpt", "input", "out", "shard", "device", "batch", "overwrite", "temperature",
+              "tile_overlap", "model", "scale", "from_hr", "n")  # fmt: skip
+
+
+def integer(lo: int, hi: int | None = None, zero: bool = False):
+    """An argparse type: an int in [lo, hi] (or 0 when `zero`), else a one-line error."""
+
+    def check(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or not ((zero and v == 0) or (v >= lo and (hi is None or v <= hi))):
+            what = f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi}"
+            raise ArgumentTypeError(f"{text!r}: expected {'0 or ' if zero else ''}{what}")
+        return v
+
+    return check
+
+
+def temperature_value(text: str) -> float:
+    try:
+        t = float(text)
+    except ValueError:
+        t = float("nan")
+    if not (math.isfinite(t) and t >= 0):
+        raise ArgumentTypeError(f"{text!r}: a temperature is a finite number >= 0")
+    return t
+
+
+def shard_value(text: str) -> str:
+    """`I/N` with 0 <= I < N, or `auto`: the SLURM array task's (index from 0)."""
+    if text == "auto":
+        env = os.environ
+        if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
+            raise ArgumentTypeError(
+                "auto: SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT are not set (not a SLURM job "
+                "array); give I/N"
+            )
+        first, step = (
+            int(env.get("SLURM_ARRAY_TASK_MIN", 0)),
+            int(env.get("SLURM_ARRAY_TASK_STEP", 1)),
+        )
+        text = (
+            f"{(int(env['SLURM_ARRAY_TASK_ID']) - first) // step}/{env['SLURM_ARRAY_TASK_COUNT']}"
+        )
+    i, _, n = text.partition("/")
+    if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+        raise ArgumentTypeError(f"{text!r}: give I/N with 0 <= I < N (e.g. 0/4), or auto")
+    return f"{int(i)}/{int(n)}"
 
 
 @dataclass
 class SampleArgs:
-    ckpt: str = field(default="", metadata=dict(help="checkpoint written by sr_train.py"))
-    input: str = field(
-        default="",
-        metadata=dict(help="LR image or folder (HR with --from-hr); 'demo': the demo val HR"),
+    ckpt: str = field(
+        metadata=dict(
+            help="checkpoint written by sr_train.py (a released file: add --model, --scale)"
+        )  # fmt: skip
     )
-    out: str = field(default="", metadata=dict(help="output folder"))
+    input: str = field(
+        metadata=dict(help="LR image or folder (HR with --from-hr); 'demo': the demo val HR")
+    )
+    out: str = field(metadata=dict(help="output folder (T{t} subfolders for several temperatures)"))
     from_hr: bool = field(
         default=False, metadata=dict(help="inputs are HR: mod-crop, downscale, write OUT/lr/")
     )
-    n: int = field(default=10, metadata=dict(help="samples per image (default 10)"))
-    temperature: Optional[float] = field(  # noqa: UP045 (argparse-dataclass needs Optional)
-        default=None, metadata=dict(help="sampling temperature (default: the model's)")
+    n: int = field(
+        default=10, metadata=dict(type=integer(1, MAX_N), help="samples per image (default 10)")
     )
-    seed: int = field(default=0, metadata=dict(help="sample i of image STEM uses (seed, STEM, i)"))
+    temperature: Optional[list[float]] = field(  # noqa: UP045 (argparse-dataclass needs Optional)
+        default=None,
+        metadata=dict(
+            nargs="+",
+            type=temperature_value,
+            help="sampling temperature(s) (default: the model's); several: one subfolder T{t} each",
+        ),  # fmt: skip
+    )
+    seed: int = field(
+        default=0,
+        metadata=dict(type=integer(0), help="sample i of image STEM uses (seed, STEM, i)"),
+    )
     layout: str = field(
         default="stem",
-        metadata=dict(help="stem (default): STEM_sample00000.png; ntire: 000000_sample00000.png"),
+        metadata=dict(choices=("stem", "ntire"),
+                      help="stem (default): STEM_sample00000.png; ntire: 000000_sample00000.png"),
+    )  # fmt: skip
+    batch: int = field(
+        default=10, metadata=dict(type=integer(1), help="samples per model call (default 10)")
     )
-    batch: int = field(default=10, metadata=dict(help="samples per model call (default 10)"))
-    tile: int = field(default=0, metadata=dict(help="tile size in LR pixels (0 = whole image)"))
-    tile_overlap: int = field(
-        default=32, metadata=dict(help="tile overlap in LR pixels (default 32)")
+    tile: int = field(
+        default=0,
+        metadata=dict(type=integer(MIN_TILE, zero=True),
+                      help=f"tile size in LR px (0 = whole image, else >= {MIN_TILE})"),
+    )  # fmt: skip
+    tile_overlap: Optional[int] = field(  # noqa: UP045
+        default=None,
+        metadata=dict(type=integer(0), help="context computed around each tile, LR px "
+                      "(default: the model's receptive field: exact)"),
+    )  # fmt: skip
+    shard: str = field(
+        default="0/1",
+        metadata=dict(type=shard_value, help="I/N: images I, I+N, ... only; auto: SLURM array"),
     )
+    overwrite: bool = field(
+        default=False, metadata=dict(help="redo every file, even where a complete one exists")
+    )
+    amp: str = field(
+        default="none",
+        metadata=dict(choices=("none", "bf16"), help="bf16: bfloat16 autocast (flows keep their "
+                      "state float32)"),
+    )  # fmt: skip
     save_uncertainty: bool = field(
         default=False, metadata=dict(help="write NAME_sigma.png (16-bit) + .npy")
     )
@@ -131,13 +244,96 @@ class SampleArgs:
         default=False, metadata=dict(help="write NAME_sample{i:05d}.latent.npy per sample")
     )
     device: str = field(default="auto", metadata=dict(help="auto, cpu, cuda, cuda:1, ..."))
+    raw_weights: bool = field(
+        default=False,
+        metadata=dict(help="the weights as trained, not their moving average (sr_train --ema)"),
+    )
     model: str = field(default="", metadata=dict(help="model of a raw state_dict (no metadata)"))
-    scale: int = field(default=0, metadata=dict(help="scale of a raw state_dict (no metadata)"))
+    scale: int = field(
+        default=0,
+        metadata=dict(choices=(0, 2, 3, 4, 8), help="scale of a raw state_dict (no metadata)"),
+    )
+
+
+class Preempted(BaseException):
+    """SIGTERM/SIGUSR1: a BaseException, as KeyboardInterrupt, so that no `except Exception`
+    swallows it."""
+
+
+class Stopped(SRSpaceError):
+    exit_code = EXIT_PREEMPTED
+
+
+class Signals:
+    """While sampling, SIGINT raises KeyboardInterrupt and SIGTERM/SIGUSR1 (SLURM's preemption
+    and time-limit warnings) raise Preempted at once, except while a file is read or written
+    (`held`): there they wait for its end, since an exception inside an image library can leave
+    half-built objects that print tracebacks. Files are written atomically, so whatever stops the
+    run, every file written is complete and a rerun continues."""
+
+    def __init__(self):
+        self.depth, self.pending, self.old = 0, None, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            self.old[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+        self.depth, self.pending = 0, None
+
+    def handle(self, signum, frame):
+        if self.depth:
+            self.pending = signum
+        else:
+            self.stop(signum)
+
+    @staticmethod
+    def stop(signum):
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Preempted(
+            f"stopped by {signal.Signals(signum).name}; every file written is complete: rerun "
+            "the same command to continue"
+        )
+
+    @contextlib.contextmanager
+    def hold(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if not self.depth and self.pending is not None:
+                signum, self.pending = self.pending, None
+                self.stop(signum)
+
+
+SIGNALS = Signals()
+
+
+def held(fn):
+    """fn with SIGNALS held until it returns."""
+
+    def call(*args, **kwargs):
+        with SIGNALS.hold():
+            return fn(*args, **kwargs)
+
+    return call
+
+
+save_png, save_npy, save_text = held(write_png), held(write_npy), held(write_text)
 
 
 def main(argv=None) -> int:
     with exit_on_error(PROG):
-        return sample(parse_args(argv))
+        try:
+            with SIGNALS:
+                return sample(parse_args(argv))
+        except Preempted as e:
+            raise Stopped(str(e)) from None
 
 
 def parse_args(argv) -> SampleArgs:
@@ -147,89 +343,114 @@ def parse_args(argv) -> SampleArgs:
             argv[k : k + 2] = [f"{a}={argv[k + 1]}"]
             break
     args = parse(SampleArgs, argv, PROG)
-    for flag, value in (("--ckpt", args.ckpt), ("--input", args.input), ("--out", args.out)):
-        if not value:
-            raise UsageError(f"{flag} is required")
-    if args.n < 1 or args.batch < 1:
-        raise UsageError(f"--n {args.n} / --batch {args.batch}: both must be at least 1")
-    if args.temperature is not None and not args.temperature >= 0:
-        raise UsageError(f"--temperature {args.temperature}: must be >= 0")
-    if args.layout not in ("stem", "ntire"):
-        raise UsageError(f"--layout {args.layout!r}: choose stem or ntire")
-    if args.tile < 0 or args.tile_overlap < 0 or (args.tile and args.tile_overlap >= args.tile):
+    if args.tile and args.tile_overlap is not None and args.tile_overlap >= args.tile:
         raise UsageError(
-            f"--tile {args.tile} --tile-overlap {args.tile_overlap}: both must be >= 0 and the "
-            "overlap (default 32) smaller than the tile"
+            f"--tile-overlap {args.tile_overlap}: the context around a tile must be smaller than "
+            f"the tile (--tile {args.tile}); leave it unset for the model's exact one"
         )
+    names = [folder_name(t) for t in args.temperature or []]
+    dup = sorted({x for x in names if names.count(x) > 1})
+    if dup:
+        raise UsageError(f"--temperature: {dup[0][1:]} is given twice")
+    steps = args.latent_steps.split(",")
+    if not all(temperature_ok(v) for v in steps if v.strip()) or not any(v.strip() for v in steps):
+        raise UsageError(f"--latent-steps {args.latent_steps!r}: give numbers like -2,-1,0,1,2")
     return args
+
+
+def temperature_ok(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def folder_name(temperature: float) -> str:
+    """The subfolder of one temperature of a sweep: T0, T0.5, T0.9, T1, ..."""
+    return f"T{temperature:g}"
 
 
 def sample(args: SampleArgs) -> int:
     paths = input_paths(Path(args.input))
     from_hr = args.from_hr or args.input == "demo"  # the demo images are HR photographs
     device = pick_device(args.device)
-    model, ck = load_model(args.ckpt, device, args.model or None, args.scale or None)
+    model, ck = load_model(args.ckpt, device, args.model or None, args.scale or None,
+                           args.raw_weights)  # fmt: skip
     controls = resolve_controls(args, model, ck["model"], device)
     n = controls.n if controls else args.n  # a control may fix it (one output per ref/step)
-    temperature = model.default_temperature if args.temperature is None else args.temperature
+    temperatures = args.temperature or [model.default_temperature]
+    if len(temperatures) > 1 and not model.stochastic:
+        raise UsageError(
+            f"--temperature: the {ck['model']} model is deterministic; its samples do not depend "
+            "on the temperature (give one)"
+        )
     want_sigma = (args.save_uncertainty or args.grid) and model.has_uncertainty
     if args.save_uncertainty and not model.has_uncertainty:
         print(f"{PROG}: warning: --save-uncertainty: this {type(model).__name__} model has no "
               "uncertainty output; no sigma maps written", file=sys.stderr, flush=True)  # fmt: skip
-    out, s = Path(args.out), model.scale
-    out.mkdir(parents=True, exist_ok=True)
-    tty = sys.stdout.isatty()  # a rich progress bar on a terminal, one line per image otherwise
-    failed, t0 = [], time.time()
-    with Progress(disable=not tty) as bar:
-        task = bar.add_task("sampling", total=len(paths))
-        say = bar.console.print if tty else lambda text: print(text, flush=True)
-        for k, path in enumerate(paths):
-            t_img = time.time()
+    context = tile_context(args, model)
+    out = check_out_dir(args.out)
+    folders = {t: out if len(temperatures) == 1 else out / folder_name(t) for t in temperatures}
+    part, parts = (int(v) for v in args.shard.split("/"))
+    mine = [(k, p) for k, p in enumerate(paths) if k % parts == part]
+    settings = run_settings(args, ck, model, n, context, from_hr)
+    for t, folder in folders.items():
+        check_out_dir(folder)
+        claim_folder(folder, {**settings, "temperature": t}, args.overwrite)
+        if args.layout == "ntire":
+            claim_index(folder, paths, model.scale, args.overwrite)
+    files = Outputs(n, not model.stochastic and n == 1, want_sigma and args.save_uncertainty,
+                    args.grid, args.save_latent and controls is not None)  # fmt: skip
+    autocast = (
+        torch.autocast(device.type, torch.bfloat16)
+        if args.amp == "bf16"
+        else contextlib.nullcontext()
+    )
+    failed, skipped, t0 = [], 0, time.time()
+    with ProgressLog(len(mine)) as bar:
+        for k, path in mine:
             name = f"{k:06d}" if args.layout == "ntire" else path.stem
-            bar.update(task, description=path.name)
+            todo = [t for t in temperatures
+                    if args.overwrite or not files.complete(folders[t], name)]  # fmt: skip
+            lr_file = out / "lr" / f"{path.stem}.png"
+            if not todo and (not from_hr or lr_file.is_file()):
+                skipped += 1
+                bar.step(f"{path.name}: complete, skipped")
+                continue
+            t_img = time.time()
             try:
-                img = read_input(path, s, from_hr, out)
+                img = read_input(path, model.scale, from_hr, lr_file)
             except DataError as e:  # reported, skipped; exit 3 once the others are written
+                if len(mine) == 1:
+                    raise
                 print(f"{PROG}: error: {e}; skipped", file=sys.stderr, flush=True)
                 failed.append(path.name)
-                bar.advance(task)
+                bar.step(f"{path.name}: unreadable, skipped")
                 continue
-            lr, tile = to_tensor(img)[None].to(device), args.tile
-            while True:  # retried in smaller tiles after a CUDA out-of-memory error
-                try:
-                    sigma = (
-                        uncertainty_map(model, lr, tile, args.tile_overlap) if want_sigma else None
-                    )
-                    srs = write_samples(model, lr, path.stem, name, n, temperature, tile,
-                                        controls, args)  # fmt: skip
-                    break
-                except torch.cuda.OutOfMemoryError:
-                    torch.cuda.empty_cache()
-                    tile = (tile or max(lr.shape[-2:])) // 2
-                    if tile < MIN_TILE:
-                        raise MemoryError from None
-                    say(f"{name}: CUDA out of memory; retrying with --tile {tile}")
-            if sigma is not None and args.save_uncertainty:
-                write_sigma(out / f"{name}_sigma", sigma)
-            if args.grid:
-                write_png(out / f"{name}_grid.png", contact_sheet(img, srs, sigma, s))
-            bar.advance(task)
-            if not tty:
-                h, w = img.shape[:2]
-                print(f"[{k + 1}/{len(paths)}] {path.name} {w}x{h} -> {n} x {w * s}x{h * s} "
-                      f"in {time.time() - t_img:.1f} s", flush=True)  # fmt: skip
-    done = len(paths) - len(failed)
-    say(f"done: {done} images, {done * n} samples, {time.time() - t0:.1f} s -> {out}")
+            lr = to_tensor(img)[None].to(device)
+            with autocast:
+                sample_image(model, lr, img, path.stem, name, n, todo, folders, files, context,
+                             controls, want_sigma, args, bar.say)  # fmt: skip
+            h, w = img.shape[:2]
+            s = model.scale
+            temps = f" at {len(todo)} temperatures" if len(todo) > 1 else ""
+            bar.step(f"{path.name} {w}x{h} -> {n} x {w * s}x{h * s}{temps} in "
+                     f"{time.time() - t_img:.1f} s")  # fmt: skip
+    done = len(mine) - len(failed) - skipped
+    where = out if len(folders) == 1 else f"{out}/T*"
+    bar.say(f"done: {done} images sampled, {skipped} already complete, "
+            f"{time.time() - t0:.1f} s -> {where}")  # fmt: skip
     if failed:
         raise DataError(
-            f"{len(failed)} of {len(paths)} inputs unreadable ({', '.join(failed[:3])}"
-            f"{', ...' if len(failed) > 3 else ''}); the other {done} were written to {out}"
+            f"{len(failed)} of {len(mine)} inputs unreadable ({', '.join(failed[:3])}"
+            f"{', ...' if len(failed) > 3 else ''}); the others were written to {out}"
         )
     return 0
 
 
 def input_paths(path: Path) -> list[Path]:
-    """The image files of --input: one file, or a folder's images (not recursive), sorted."""
+    """The image files of --input: one file, or a folder's images (not recursive) in the one
+    image order (sr_lib.data.image_order): an image's position there is its NTIRE index."""
     if str(path) == "demo":
         return demo_files("val")
     if path.is_file():
@@ -244,15 +465,119 @@ def input_paths(path: Path) -> list[Path]:
     return paths
 
 
-def read_input(path: Path, s: int, from_hr: bool, out: Path) -> np.ndarray:
-    """The uint8 LR image of an input file; --from-hr makes it (and writes OUT/lr/STEM.png)."""
-    img = read_image(path)
+def tile_context(args: SampleArgs, model) -> int:
+    """--tile-overlap, or the model's exact context (its tile_halo); a warning when the context
+    costs more than the tile itself."""
+    context = args.tile_overlap
+    if context is None:
+        context = DEFAULT_CONTEXT if model.tile_halo is None else model.tile_halo
+    tile, context = grid(model, args.tile, context)
+    if tile and context > tile:
+        print(f"{PROG}: warning: --tile {args.tile}: each tile is computed with {context} LR px "
+              "of context on every side (the model's receptive field, for exact tiles); a "
+              "larger --tile is faster", file=sys.stderr, flush=True)  # fmt: skip
+    return context
+
+
+def run_settings(args, ck, model, n, context, from_hr) -> dict:
+    """What manifest.json records: every flag as given, and what they made of the run."""
+    return {
+        "checkpoint_sha256": sha256_file(args.ckpt), "model": ck["model"],
+        "config": ck["model_cfg"], "scale": model.scale, "n": n, "from_hr": from_hr,
+        "tile_context": context if args.tile else 0, "version": __version__, "flags": vars(args),
+    }  # fmt: skip
+
+
+def differences(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(name, old value, new value) of every setting but the FREE_FLAGS that differs."""
+    out = [(k, old.get(k), v) for k, v in new.items() if k != "flags" and old.get(k) != v]
+    flags = old.get("flags") if isinstance(old.get("flags"), dict) else {}
+    for k, v in new["flags"].items():
+        if k not in FREE_FLAGS and flags.get(k) != v:
+            out.append((f"--{k.replace('_', '-')}", flags.get(k), v))
+    return out
+
+
+def claim_folder(folder: Path, settings: dict, overwrite: bool) -> None:
+    """Write FOLDER/manifest.json, or check a rerun against it: files made with other settings
+    are never mixed into one folder (unless --overwrite)."""
+    path = folder / "manifest.json"
+    if path.is_file() and not overwrite:
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise UsageError(
+                f"{path}: not a readable manifest; pass --overwrite to start over"
+            ) from None
+        diff = differences(old, settings)
+        if diff:
+            k, was, now = diff[0]
+            raise UsageError(
+                f"{folder} holds samples made with {k} {json.dumps(was)}, not {json.dumps(now)}; "
+                "use another --out, or --overwrite to redo them"
+            )
+        return
+    if not overwrite and any(folder.glob("*.png")):
+        raise UsageError(
+            f"{folder} holds PNG files but no manifest.json (another tool's output?); use "
+            "another --out, or --overwrite"
+        )
+    save_text(path, json.dumps(settings, indent=1) + "\n")
+
+
+def claim_index(folder: Path, paths: list[Path], scale: int, overwrite: bool) -> None:
+    """FOLDER/ntire_index.json: which input stem each NTIRE index is, for sr_eval.py to check."""
+    index = {"scale": scale, **{f"{k:06d}": p.stem for k, p in enumerate(paths)}}
+    path = folder / "ntire_index.json"
+    if path.is_file() and not overwrite:
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old != index:
+            raise UsageError(
+                f"{path}: the NTIRE indices of this folder belong to other inputs (images were "
+                "added, removed or renamed); use another --out, or --overwrite to redo them"
+            )
+        return
+    save_text(path, json.dumps(index, indent=1) + "\n")
+
+
+@dataclass
+class Outputs:
+    """The files of one image in one sample folder."""
+
+    n: int
+    single: bool  # one NAME.png (a deterministic model, n = 1)
+    sigma: bool
+    grid: bool
+    latents: bool
+
+    def samples(self, name: str) -> list[str]:
+        return (
+            [f"{name}.png"] if self.single else [f"{name}_sample{i:05d}.png" for i in range(self.n)]
+        )
+
+    def all(self, name: str) -> list[str]:
+        names = self.samples(name)
+        names += [f"{name}_sigma.png", f"{name}_sigma.npy"] if self.sigma else []
+        names += [f"{name}_grid.png"] if self.grid else []
+        names += [f"{f[:-4]}.latent.npy" for f in self.samples(name)] if self.latents else []
+        return names
+
+    def complete(self, folder: Path, name: str) -> bool:
+        return all((folder / f).is_file() for f in self.all(name))
+
+
+def read_input(path: Path, s: int, from_hr: bool, lr_file: Path) -> np.ndarray:
+    """The uint8 LR image of an input file; --from-hr makes it (and writes it to lr_file)."""
+    img = held(read_image)(path)
     if from_hr:
         img = mod_crop(img, default_mod(s))
         if img.size == 0:
             raise DataError(f"{path}: smaller than {default_mod(s)} px, no LR to make")
         img = imresize(img, 1 / s)
-        write_png(out / "lr" / f"{path.stem}.png", img)
+        save_png(lr_file, img)
     return img
 
 
@@ -276,42 +601,75 @@ def resolve_controls(args: SampleArgs, model, name: str, device):
     return model.resolve_controls(given, args.n, device)
 
 
-def write_samples(model, lr, stem, name, n, temperature, tile, controls, args) -> list:
-    """Draw and write the n samples of one (1, 3, h, w) LR image (files named after `name`), in
-    chunks of --batch; returns the uint8 samples if --grid needs them. Latent models draw the
-    latents on the whole LR first and decode every tile with them (--save-latent writes them)."""
-    out = Path(args.out)
-    single = not model.stochastic and n == 1  # written as NAME.png
-    files = [f"{name}.png"] if single else [f"{name}_sample{i:05d}.png" for i in range(n)]
+def sample_image(model, lr, img, stem, name, n, todo, folders, files, context, controls,
+                 want_sigma, args, say) -> None:  # fmt: skip
+    """Every file of one (1, 3, h, w) LR image at the temperatures `todo`, the LR-only work of
+    the model done once; a CUDA out-of-memory error retries what is left in smaller tiles."""
+    tile, prepared, sigma = args.tile, None, None
+    chunks = math.ceil(n / args.batch) if model.stochastic else 1
+    todo = list(todo)
+    while todo:
+        try:
+            if prepared is None:
+                prepared = prepare(model, lr)
+                if prepared is not None and (tile or len(todo) * chunks == 1):
+                    prepared.memo = None  # used once (or cut per tile): nothing worth keeping
+            if want_sigma and sigma is None:
+                sigma = uncertainty_map(model, lr, tile, context)
+            t = todo[0]
+            folder = folders[t]
+            srs = write_samples(model, lr, stem, name, n, t, folder, files, tile, context,
+                                controls, prepared, args)  # fmt: skip
+            if sigma is not None and args.save_uncertainty:
+                write_sigma(folder / f"{name}_sigma", sigma)
+            if args.grid:
+                save_png(folder / f"{name}_grid.png", contact_sheet(img, srs, sigma, model))
+            todo.pop(0)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            tile = (tile or max(lr.shape[-2:])) // 2
+            if tile < OOM_MIN_TILE:
+                raise MemoryError from None
+            say(f"{name}: CUDA out of memory; retrying with --tile {tile}")
+
+
+def write_samples(model, lr, stem, name, n, temperature, folder, files, tile, context, controls,
+                  prepared, args) -> list:  # fmt: skip
+    """Draw and write the n samples of one (1, 3, h, w) LR image at one temperature, in chunks of
+    --batch; returns the uint8 samples if --grid needs them. Latent models draw the latents on
+    the whole LR first and decode every tile with them (--save-latent writes them)."""
+    names = files.samples(name)
     kept = []
     for c0 in range(0, n if model.stochastic else 1, args.batch):  # a deterministic model: once
         idx = range(c0, min(c0 + args.batch, n))
         seeds = [sample_seed(args.seed, stem, i) for i in idx]
         z = model.sample_latents(lr, seeds, idx, temperature, controls)  # (len(idx), D) or None
         if z is not None and args.save_latent:  # NAME_sample00003.png -> ....latent.npy
-            for i, zi in zip(idx, z.cpu().numpy().astype(np.float32)):
-                np.save(out / f"{files[i][:-4]}.latent.npy", zi)
+            for i, zi in zip(idx, z.float().cpu().numpy()):
+                save_npy(folder / f"{names[i][:-4]}.latent.npy", zi)
         cond = {} if z is None else {"latent": z[None]}  # (1, len(idx), D)
-        srs = to_uint8(draw(model, lr, seeds, temperature, tile, args.tile_overlap, args.cem,
-                            cond))  # fmt: skip
+        srs = to_uint8(draw(model, lr, seeds, temperature, tile, context, args.cem, cond,
+                            prepared))  # fmt: skip
         for i, sr in zip(idx, srs):
             for j in [i] if model.stochastic else range(n):
-                write_png(out / files[j], sr)
+                save_png(folder / names[j], sr)
                 kept += [sr] if args.grid else []
     return kept
 
 
-def uncertainty_map(model, lr, tile: int, overlap: int) -> np.ndarray:
+def uncertainty_map(model, lr, tile: int, context: int) -> np.ndarray:
     """The model's float32 (3, sH, sW) uncertainty of one (1, 3, h, w) LR, tiled like samples."""
-    sigma = upscale(model, lr, model.uncertainty, tile, overlap)
-    return sigma[0].float().cpu().numpy()
+    h, w, s = *lr.shape[-2:], model.scale
+    x = pad_to_multiple(lr, model.lr_multiple)
+    sigma = upscale(model, x, lambda part, p: model.uncertainty(part), tile, context)
+    return sigma[0, :, : h * s, : w * s].float().cpu().numpy()
 
 
 def write_sigma(base: Path, sigma: np.ndarray) -> None:
     """BASE.npy (float32 (3, H, W)) and BASE.png (16-bit gray: the mean over RGB in [0, 1])."""
-    np.save(base.with_name(base.name + ".npy"), sigma.astype(np.float32))
+    save_npy(base.with_name(base.name + ".npy"), sigma.astype(np.float32))
     u16 = np.round(np.clip(sigma.mean(0), 0, 1) * 65535).astype(np.uint16)
-    write_png(base.with_name(base.name + ".png"), u16)
+    save_png(base.with_name(base.name + ".png"), u16)
 
 
 def heat(v: np.ndarray) -> np.ndarray:
@@ -320,13 +678,61 @@ def heat(v: np.ndarray) -> np.ndarray:
     return np.round(np.clip(3 * v[..., None] - np.arange(3), 0, 1) * 255).astype(np.uint8)
 
 
-def contact_sheet(lr: np.ndarray, srs: list[np.ndarray], sigma, s: int) -> np.ndarray:
-    """One row: LR enlarged (nearest), the samples, their per-pixel std, and sigma if any."""
-    panels = [np.repeat(np.repeat(lr, s, 0), s, 1), *srs]
-    panels.append(heat(np.stack(srs).astype(np.float32).std(0).mean(-1)))
+LABEL_HEIGHT = 14  # px of the label strip above each panel of a contact sheet
+
+
+def labelled(panel: np.ndarray, *texts: str) -> np.ndarray:
+    """The panel under a black strip with a label in white: the first of `texts` that fits."""
+    font = ImageFont.load_default()
+    text = next((t for t in texts if font.getlength(t) <= panel.shape[1] - 3), texts[-1])
+    strip = Image.new("RGB", (panel.shape[1], LABEL_HEIGHT))
+    ImageDraw.Draw(strip).text((2, 1), text, fill=(255, 255, 255), font=font)
+    return np.concatenate([np.asarray(strip), panel])
+
+
+def contact_sheet(lr: np.ndarray, srs: list[np.ndarray], sigma, model) -> np.ndarray:
+    """One labelled row: LR enlarged (nearest), the samples, their per-pixel standard deviation
+    (stochastic models with several samples) and sigma if any."""
+    s = model.scale
+    panels = [(np.repeat(np.repeat(lr, s, 0), s, 1), ["LR"])]
+    panels += [(sr, [f"sample {i}", f"#{i}", str(i)]) for i, sr in enumerate(srs)]
+    if model.stochastic and len(srs) > 1:
+        panels.append((heat(np.stack(srs).astype(np.float32).std(0).mean(-1)), ["std"]))
     if sigma is not None:
-        panels.append(heat(sigma.mean(0)))
-    return np.concatenate(panels, axis=1)
+        panels.append((heat(sigma.mean(0)), ["sigma", "sig"]))
+    return np.concatenate([labelled(p, *texts) for p, texts in panels], axis=1)
+
+
+class ProgressLog(contextlib.AbstractContextManager):
+    """Images done / total with the time left: a rich bar on a terminal, a plain line per image
+    otherwise (SLURM logs)."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.t0 = total, 0, time.time()
+        self.tty = sys.stdout.isatty()
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), disable=not self.tty)  # fmt: skip
+        self.task = self.bar.add_task("sampling", total=total)
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def say(self, text: str) -> None:
+        if self.tty:
+            self.bar.console.print(text)
+        else:
+            print(text, flush=True)
+
+    def step(self, text: str) -> None:
+        self.done += 1
+        self.bar.advance(self.task)
+        if not self.tty:
+            left = (time.time() - self.t0) / self.done * (self.total - self.done)
+            print(f"[{self.done}/{self.total}] {text}, ETA {left:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

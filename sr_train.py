@@ -9,14 +9,17 @@ exactly. Exit codes: README "Exit codes" (75 = stopped by a signal, resume with 
 """
 
 import contextlib
+import fcntl
 import json
 import math
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -26,18 +29,28 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sr_lib import __version__, distributed, metrics
 from sr_lib.checkpoint import save_checkpoint
-from sr_lib.config import parse, pick_device
-from sr_lib.data import PatchPairs, load_pairs, to_uint8, train_loader, write_png
+from sr_lib.config import check_ranges, help_parser, parse, pick_device
+from sr_lib.data import (
+    PatchPairs,
+    available_cores,
+    check_out_dir,
+    load_pairs,
+    to_uint8,
+    train_loader,
+    write_png,
+)
+from sr_lib.ema import EMA
 from sr_lib.errors import (
     EXIT_PREEMPTED,
     CheckpointError,
     NonFiniteError,
+    OutputError,
     SRSpaceError,
     UsageError,
     exit_on_error,
 )
 from sr_lib.models import MODELS, build_model, read_checkpoint
-from sr_lib.models.base import NoiseSource, Recipe, sample_seed
+from sr_lib.models.base import NoiseSource, Recipe, sample_seed, scale_list
 
 PROG = "sr_train.py"
 
@@ -53,9 +66,16 @@ class TrainArgs:
     lr_data: list[str] = field(
         default_factory=list, metadata=dict(nargs="+", help="paired LR folders, one per --data")
     )
-    val_data: str = field(default="", metadata=dict(help="validation HR folder or 'demo'"))
-    val_images: int = field(default=3, metadata=dict(help="validation images used (0 = all)"))
-    val_crop: int = field(default=384, metadata=dict(help="centre-crop val HR to this (0 = off)"))
+    val_data: str = field(
+        default="",
+        metadata=dict(help="validation HR folder or 'demo' (default: demo when training on demo)"),
+    )
+    val_images: int = field(
+        default=3, metadata=dict(help="validation images used (0 = all)", range="[0, inf)")
+    )
+    val_crop: int = field(
+        default=384, metadata=dict(help="centre-crop val HR to this (0 = off)", range="[0, inf)")
+    )
     val_n: int = field(default=3, metadata=dict(help="samples per validation image"))
     val_temperature: float | None = field(
         default=None, metadata=dict(type=float, help="default: the model's")
@@ -63,13 +83,14 @@ class TrainArgs:
     cache: str = field(default="", metadata=dict(help="folder for decoded .npy arrays"))
     # Unset (None): the model's recipe.
     steps: int | None = field(
-        default=None, metadata=dict(type=int, help="total steps (default: the paper's)")
+        default=None,
+        metadata=dict(type=int, help="total steps (default: the paper's)", range="[0, inf)"),
     )
     batch: int | None = field(
-        default=None, metadata=dict(type=int, help="per-process batch (default: paper)")
+        default=None, metadata=dict(type=int, help="per-process batch (default: the paper's)")
     )
     patch: int | None = field(
-        default=None, metadata=dict(type=int, help="LR patch size (default: paper)")
+        default=None, metadata=dict(type=int, help="LR patch size (default: the paper's)")
     )
     learning_rate: float | None = field(
         default=None, metadata=dict(type=float, help="default: the paper's")
@@ -81,28 +102,55 @@ class TrainArgs:
     milestones: list[float] | None = field(
         default=None,
         metadata=dict(
-            nargs="*", type=float,
-            help="multistep decay points as fractions of --steps (the flag alone: no decay)",
+            nargs="*", type=float, range="[0, 1]",
+            help="multistep decay points as fractions of --steps (the flag alone: no decay; "
+            "default: the paper's)",
         ),
     )  # fmt: skip
     gamma: float | None = field(
-        default=None, metadata=dict(type=float, help="multistep decay factor")
+        default=None,
+        metadata=dict(type=float, help="multistep decay factor (default: the paper's)"),
     )
     grad_clip: float | None = field(
-        default=None, metadata=dict(type=float, help="max grad norm (0 = off)")
+        default=None,
+        metadata=dict(type=float, help="max grad norm (0 = off; default: the paper's)"),
     )
     init_from: str = field(default="", metadata=dict(help="start from these weights (fine-tune)"))
-    out: str = field(default="", metadata=dict(help="run folder (default runs/MODEL_xSCALE)"))
-    resume: str = field(default="", metadata=dict(help="'auto' (DIR/last.pt) or a checkpoint"))
-    seed: int = 0
+    out: str = field(default="", metadata=dict(help="run folder (default: runs/MODEL_xSCALE)"))
+    resume: str = field(default="", metadata=dict(help="'auto' (OUT/last.pt) or a checkpoint"))
+    seed: int = field(default=0, metadata=dict(range="[0, 4294967295]"))
     device: str = field(default="auto", metadata=dict(help="auto, cpu, cuda, cuda:1, ..."))
-    workers: int = field(default=2, metadata=dict(help="data loader processes (0 = inline)"))
-    log_every: int = 100
-    val_every: int = 1000
-    save_every: int = 1000
-    max_bad_steps: int = field(default=20, metadata=dict(help="stop after this many NaN steps"))
+    workers: int = field(
+        default=2, metadata=dict(help="data loader processes (0 = inline)", range="[0, inf)")
+    )
+    log_every: int = field(default=100, metadata=dict(help="steps between log lines"))
+    val_every: int = field(
+        default=1000, metadata=dict(help="steps between validations (0 = none)", range="[0, inf)")
+    )
+    save_every: int = field(default=1000, metadata=dict(help="steps between saves of last.pt"))
+    max_bad_steps: int = field(
+        default=20,
+        metadata=dict(help="consecutive non-finite steps before --on-nan acts (checked at log, "
+                      "validation and save steps)"),
+    )  # fmt: skip
+    on_nan: str = field(
+        default="stop",
+        metadata=dict(
+            choices=["stop", "rollback"],
+            help="after --max-bad-steps: stop (exit 5), or reload last.pt, halve the learning "
+            "rates and continue",
+        ),
+    )
+    max_rollbacks: int = field(
+        default=3,
+        metadata=dict(help="--on-nan rollback: at most this many, then exit 5", range="[0, inf)"),
+    )
     time_budget: float = field(
-        default=0.0, metadata=dict(help="stop cleanly (save, exit 0) after this many seconds")
+        default=0.0,
+        metadata=dict(help="stop cleanly (save, exit 0) after this many seconds (0 = no limit)"),
+    )
+    tensorboard: bool = field(
+        default=False, metadata=dict(help="also write the log and validation strips to OUT/tb/")
     )
     amp: str = field(
         default="none",
@@ -111,122 +159,140 @@ class TrainArgs:
             help="mixed precision: bf16 (CUDA, or a CPU with native bf16) or fp16 (CUDA)",
         ),
     )
-    compile: bool = field(default=False, metadata=dict(help="torch.compile the training forward"))
+    compile: bool = field(
+        default=False,
+        metadata=dict(help="torch.compile the training forward (flows: each repeated block)"),
+    )
+    ema: float = field(
+        default=0.0,
+        metadata=dict(
+            help="keep an exponential moving average of the weights with this decay, e.g. 0.999 "
+            "(0 = off): validation, best.pt and sr_sample.py use it",
+            range="[0, 1)",
+        ),
+    )
     deterministic: bool = field(
         default=False, metadata=dict(help="deterministic algorithms only (README: what it costs)")
     )
     sync_check_every: int = field(
-        default=0, metadata=dict(help="multi-process: verify replicas agree every K steps")
-    )
+        default=0,
+        metadata=dict(help="multi-process: verify replicas agree every K steps (0 = never)",
+                      range="[0, inf)"),
+    )  # fmt: skip
     requeue: bool = field(
-        default=True, metadata=dict(help="under SLURM, requeue the job after SIGUSR1/SIGTERM")
-    )
+        default=True,
+        metadata=dict(help="under SLURM, do not requeue the job after SIGUSR1/SIGTERM (default: "
+                      "requeue; the job then continues with --resume auto)"),
+    )  # fmt: skip
 
 
 def parse_all(argv):
-    """Two-stage parsing: run flags, then the chosen model's Config flags."""
+    """Two-stage parsing: run flags, then the chosen model's Config flags (resolve_run). Every
+    number is checked here, before any work: one line and exit 2 for a value out of range."""
     argv = list(sys.argv[1:] if argv is None else argv)
     want_help = "-h" in argv or "--help" in argv
     argv = [a for a in argv if a not in ("-h", "--help")]
     args, rest = parse(TrainArgs, argv, PROG, known=True, add_help=False)
     if want_help:
-        from argparse_dataclass import ArgumentParser
-
-        ArgumentParser(TrainArgs, prog=PROG).print_help()
+        epilog = (
+            "Unset run flags take the model's paper recipe. python sr_train.py --model NAME -h "
+            "also lists the model's own flags and scales."
+        )
+        help_parser(TrainArgs, PROG, epilog).print_help()
         if args.model in MODELS:
-            print(f"\n{args.model} model options:")
-            ArgumentParser(
-                MODELS[args.model].Config, prog=f"{PROG} --model {args.model}"
-            ).print_help()
+            model = MODELS[args.model]
+            print(f"\n{args.model} model options (--scale {scale_list(model)}):")
+            help_parser(model.Config, f"{PROG} --model {args.model}").print_help()
         raise SystemExit(0)
+    check_ranges(args)
     return args, rest
 
 
 def main(argv=None) -> int:
-    with exit_on_error(PROG):
-        return train(*parse_all(argv))
+    with exit_on_error(PROG), contextlib.ExitStack() as cleanup:
+        return train(*parse_all(argv), cleanup)
 
 
-def train(args: TrainArgs, rest: list[str]) -> int:
+def train(args: TrainArgs, rest: list[str], cleanup: contextlib.ExitStack) -> int:
     out, ckpt_path, resumed, cfg, recipe = resolve_run(args, rest)
-    dd, device = setup_process(args)
+    dd, device = setup_process(args, cleanup)
     say = (lambda text: print(text, flush=True)) if dd.main else (lambda text: None)
-    log_file = open_run_folder(out) if dd.main else None  # rank 0 logs, validates and saves
+    model, optimizers, scaler = build_training(args, cfg, recipe, resumed, device)
+    run_log = cleanup.enter_context(open_run_folder(out, args.tensorboard, dd))  # rank 0
 
-    # Data: batch t of rank r is drawn from rng(seed, r, t): workers and resume do not matter.
-    steps, dataset = recipe.steps, None
-    if steps > 0:
-        dataset = PatchPairs(
-            args.data, args.scale, recipe.patch, recipe.batch, seed=args.seed, rank=dd.rank,
-            lr_dirs=args.lr_data or None, cache=args.cache or None,
-        )  # fmt: skip
-    val_pairs = validation_pairs(args, dd)
-
-    # Model and optimizers; the state of a resumed run.
-    model = build_model(args.model, cfg).to(device)
-    if args.init_from and resumed is None:
-        init = read_checkpoint(args.init_from)
-        model.load_weights(init.get("state_dict", init), args.init_from)
-    optimizers = build_optimizers(model, recipe)
-    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
     start, skipped, best = (
         (resumed["step"], resumed["skipped"], resumed["best"]) if resumed else (0, 0, -math.inf)
     )
+    meta = dict(model=args.model, model_cfg=cfg, train_args=asdict(args),  # in every checkpoint
+                rollbacks=resumed.get("rollbacks", 0) if resumed else 0)  # fmt: skip
+    recipe = scaled_rates(recipe, 0.5 ** meta["rollbacks"])  # --on-nan rollback halved them
+
+    # Data: batch t of rank r is drawn from rng(seed, r, t): workers and resume do not matter.
+    steps = recipe.steps
+    dataset = training_data(args, recipe, dd, say) if steps > 0 else None
+    val_pairs = validation_pairs(args, dd, say)
+    # Every rank takes part in saving best.pt (its RNG state is gathered): all must know when.
+    val_every = args.val_every if distributed.agree(bool(val_pairs), dd, all_ranks=False) else 0
     # Created before the RNG state is restored: making the iterator draws from the torch RNG.
-    batches = iter(train_loader(dataset, start, steps, args.workers)) if steps > start else None
+    # On CUDA: from pinned memory, copied without blocking, converted on the device.
+    loader = train_loader(dataset, start, steps, args.workers, device.type == "cuda", device)
+    batches = iter(loader) if steps > start else None
     if dd.rank:  # model-internal noise (dequantisation, latents) differs per rank, like the data
         torch.manual_seed(args.seed * 100_003 + dd.rank)
-    if resumed is not None:
-        restore(resumed, ckpt_path, model, optimizers, scaler, dd)
-        say(f"resumed {ckpt_path} at step {start}")
-    initialize(model, dataset, start, steps, bool(resumed or args.init_from), dd, device)
+    ema = start_model(args, model, optimizers, scaler, resumed, ckpt_path, dataset, steps, dd,
+                      device, say)  # fmt: skip
     forward = wrap(model, dd, device, args.compile)
     stop = catch_signals()
-    say(f"srspace {__version__} | {args.model} x{args.scale} | "
-        f"{sum(p.numel() for p in model.parameters()):,} params | steps {start}->{steps} | "
-        f"batch {recipe.batch} x {dd.world} process(es) | LR patch {recipe.patch} | device {device}"
-        f" | out {out}")  # fmt: skip
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    autocast = torch.autocast(device.type, amp_dtype) if amp_dtype else contextlib.nullcontext()
-    meta = dict(model=args.model, model_cfg=cfg, train_args=asdict(args))  # in every checkpoint
-    progress = Progress(steps, start) if dd.main else None
-    bad, stopped, t0, t_start, logged = 0, None, time.time(), time.time(), start
+    say(summary(args, model, start, recipe, dd, device, out))
+    autocast = autocast_for(args.amp, device)
+    progress = cleanup.enter_context(Progress(steps, start)) if dd.main else None
+    bad_steps = BadSteps(device, args.max_bad_steps, skipped)
+    stopped, t0, t_start, logged, step = None, time.time(), time.time(), start, start
+    unsaved = args.on_nan == "rollback" and resumed is None  # a rollback needs a last.pt
 
-    for step in range(start, steps):
+    while step < steps:
         over_budget = bool(args.time_budget) and time.time() - t_start > args.time_budget
         if distributed.agree(bool(stop["signal"]) or over_budget, dd, all_ranks=False):
             stopped = stop["signal"] or ("time budget" if over_budget else "signal (other rank)")
             break
         out_g, ok = train_step(model, forward, optimizers, batches, step, recipe, dd, scaler,
-                               autocast, device)  # fmt: skip
-        bad, skipped = (0, skipped) if ok else (bad + 1, skipped + 1)
-        if not ok and bad >= args.max_bad_steps:
-            raise NonFiniteError(
-                f"step {step}: {bad} consecutive non-finite losses/gradients; stopped without "
-                f"saving; the last good checkpoint is {out / 'last.pt'} (resume with a lower "
-                "--learning-rate)"
-            )
-        if args.sync_check_every and (step + 1) % args.sync_check_every == 0:
-            check_replicas(model, dd, step + 1, log_file)
-        if dd.main and ((step + 1) % args.log_every == 0 or step + 1 == steps):
-            scalars = {k: float(v.detach()) for k, v in out_g.items() if v.ndim == 0}
-            rate = current_learning_rate(optimizers, step, recipe)
-            rec = {"step": step + 1, "learning_rate": rate, "skipped": skipped, **scalars}
-            rec["s_per_step"] = (time.time() - t0) / (step + 1 - logged)
-            t0, logged = time.time(), step + 1
-            log(log_file, rec)
-            progress.update(step + 1, rec)
-        if val_pairs and ((step + 1) % args.val_every == 0 or step + 1 == steps):
-            val_psnr = validate(model, val_pairs, args, device, out, step + 1, log_file, progress)
-            if val_psnr > best:
-                best = val_psnr
-                save(out / "best.pt", step + 1, skipped, best, model, optimizers, scaler, dd, meta)
-        if (step + 1) % args.save_every == 0 and bad == 0:  # never save inside a NaN streak
-            save(out / "last.pt", step + 1, skipped, best, model, optimizers, scaler, dd, meta)
-    else:
-        step = steps
-    save(out / "last.pt", step, skipped, best, model, optimizers, scaler, dd, meta)
-    return finish(stopped, step, skipped, out, args, dd, (progress, log_file), say)
+                               autocast)  # fmt: skip
+        bad_steps.count(ok, step)
+        if ema is not None:
+            ema.update(ok)  # a skipped step leaves the average as it is
+        step += 1
+        logs, saves = step % args.log_every == 0 or step == steps, step % args.save_every == 0
+        validates = bool(val_every) and (step % val_every == 0 or step == steps)
+        if not (logs or saves or validates or unsaved):  # the same steps on every rank
+            continue  # the device counts bad steps; the host reads them only at the steps below
+        bad, skipped, tripped = bad_steps.read()
+        if tripped >= 0:  # --max-bad-steps consecutive non-finite steps: stop, or roll back
+            step, batches = roll_back(tripped, args, out, steps, model, optimizers, scaler, dd,
+                                      dataset, meta, run_log, progress, ema, device)  # fmt: skip
+            recipe, t0, logged = scaled_rates(recipe, 0.5), time.time(), step
+            bad_steps.reset()
+            continue
+        if args.sync_check_every and step % args.sync_check_every == 0:
+            check_replicas(model, dd, step, run_log)
+        if dd.main and logs:
+            log_step(run_log, progress, out_g, optimizers, recipe, step, skipped, t0, logged)
+            t0, logged = time.time(), step
+        if validates:
+            net = ema.module if ema is not None else model  # with --ema, the averaged weights
+            score = validate(net, val_pairs, args, device, out, step, run_log, progress)
+            if distributed.agree(score > best, dd, all_ranks=False):  # rank 0's verdict
+                best = score
+                save(out / "best.pt", step, skipped, best, model, optimizers, scaler, dd, meta,
+                     ema)  # fmt: skip
+        if (saves or unsaved) and bad == 0:  # never save inside a non-finite streak
+            save(out / "last.pt", step, skipped, best, model, optimizers, scaler, dd, meta, ema)
+            unsaved = False
+    _, skipped, tripped = bad_steps.read()
+    if tripped >= 0:  # a signal or the time budget came right after the streak
+        step, batches = roll_back(tripped, args, out, steps, model, optimizers, scaler, dd,
+                                  dataset, meta, run_log, progress, ema, device)  # fmt: skip
+    save(out / "last.pt", step, skipped, best, model, optimizers, scaler, dd, meta, ema)
+    return finish(stopped, step, skipped, out, args, dd, say)
 
 
 def resolve_run(args: TrainArgs, rest: list[str]):
@@ -254,10 +320,18 @@ def resolve_run(args: TrainArgs, rest: list[str]):
         raise UsageError(
             f"{out} already holds a run (last.pt); pass --resume auto to continue it or a new --out"
         )
+    if args.lr_data and len(args.lr_data) != len(args.data):
+        raise UsageError(
+            f"--lr-data: {len(args.lr_data)} folders for {len(args.data)} --data folders; give "
+            "one LR folder per HR folder"
+        )
     if args.model not in MODELS:
         raise UsageError(f"--model: choose one of {', '.join(MODELS)} (got {args.model!r})")
     model_cls = MODELS[args.model]
+    if args.scale not in model_cls.scales:
+        raise UsageError(f"--scale {args.scale}: {args.model} supports {scale_list(model_cls)}")
     model_flags = parse(model_cls.Config, rest, f"{PROG} --model {args.model}")
+    check_ranges(model_flags)
     cfg = {**asdict(model_flags), "scale": args.scale}
     if resumed is not None:  # a requeued job repeats its flags: allowed if they agree
         given = {a[2:].split("=")[0].replace("-", "_").removeprefix("no_") for a in rest}
@@ -265,7 +339,13 @@ def resolve_run(args: TrainArgs, rest: list[str]):
         if changed:
             raise UsageError(f"model flags {changed} differ from {ckpt_path}; they cannot change")
         cfg = dict(resumed["model_cfg"])
-    return out, ckpt_path, resumed, cfg, parse_recipe(args, model_cls.recipe(args.scale))
+    recipe = parse_recipe(args, model_cls.recipe(args.scale))
+    if resumed is not None and recipe.steps < resumed["step"]:
+        raise UsageError(
+            f"--steps {recipe.steps}: {ckpt_path} is at step {resumed['step']} already; give "
+            f"--steps {resumed['step']} or more to continue it"
+        )
+    return out, ckpt_path, resumed, cfg, recipe
 
 
 def parse_recipe(args: TrainArgs, recipe: Recipe) -> Recipe:
@@ -274,14 +354,22 @@ def parse_recipe(args: TrainArgs, recipe: Recipe) -> Recipe:
     given = dict(steps=args.steps, batch=args.batch, patch=args.patch,
                  learning_rate=args.learning_rate, d_learning_rate=args.d_learning_rate,
                  milestones=milestones, gamma=args.gamma, grad_clip=args.grad_clip)  # fmt: skip
-    recipe = replace(recipe, **{k: v for k, v in given.items() if v is not None})
-    if recipe.steps < 0 or recipe.batch < 1 or recipe.patch < 1:
-        raise UsageError("--steps must be >= 0, --batch and --patch >= 1")
-    return recipe
+    return replace(recipe, **{k: v for k, v in given.items() if v is not None})
 
 
-def setup_process(args: TrainArgs) -> tuple[distributed.Dist, torch.device]:
-    """One process, or one per GPU/CPU slot under torchrun/srun; its device; seeded RNGs."""
+def scaled_rates(recipe: Recipe, factor: float) -> Recipe:
+    """The recipe with every learning rate (generator, discriminator, cosine floor) x factor."""
+    return replace(recipe, learning_rate=recipe.learning_rate * factor,
+                   d_learning_rate=recipe.d_learning_rate * factor,
+                   eta_min=recipe.eta_min * factor)  # fmt: skip
+
+
+def setup_process(args: TrainArgs, cleanup) -> tuple[distributed.Dist, torch.device]:
+    """One process, or one per GPU/CPU slot under torchrun/srun; its device and threads; seeded
+    RNGs."""
+    threads = torch.get_num_threads()
+    cleanup.callback(torch.set_num_threads, threads)  # main() may be called again in a process
+    torch.set_num_threads(thread_count(threads, os.environ, available_cores()))
     device = pick_device(args.device)
     dd = distributed.setup(use_cuda=device.type == "cuda")
     if dd.on and device.type == "cuda":
@@ -300,42 +388,174 @@ def setup_process(args: TrainArgs) -> tuple[distributed.Dist, torch.device]:
     return dd, device
 
 
-def open_run_folder(out: Path):
-    """Create the run folder, remove temp files of a process killed while saving; the log file."""
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.pt.tmp*"):
-        stale.unlink(missing_ok=True)
-    return open(out / "log.jsonl", "a")
+def thread_count(current: int, env, cores: int) -> int:
+    """Intra-op threads: SLURM_CPUS_PER_TASK, else the cores this process may run on shared by
+    this node's processes (torchrun's LOCAL_WORLD_SIZE); never more than those cores (threads
+    beyond them only spin-wait) nor than torch's `current` count (its default follows
+    OMP_NUM_THREADS; a caller may have lowered it). Loader workers run one thread each
+    (sr_lib/data.py)."""
+    slurm = env.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        return max(1, min(int(slurm), cores, current))
+    return max(1, min(cores // max(1, int(env.get("LOCAL_WORLD_SIZE", "1") or 1)), current))
 
 
-def log(log_file, record: dict) -> None:
-    """One JSON line of OUT/log.jsonl (rank 0; the other ranks have no file)."""
-    if log_file:
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
+@contextlib.contextmanager
+def open_run_folder(out: Path, tensorboard: bool, dd):
+    """Rank 0: the run folder, proved writable (exit 7) and locked for this run (exit 2 while
+    another run holds it), temp files of a process killed while saving removed; yields its
+    RunLog (None on the other ranks). Every rank learns whether rank 0 succeeded, so none is
+    left waiting for it."""
+    error, lock, run_log = None, None, None
+    try:
+        if dd.main:
+            lock = lock_run_folder(check_out_dir(out))
+            for stale in out.glob(".*.pt.tmp*"):
+                stale.unlink(missing_ok=True)
+            run_log = RunLog(out, tensorboard)
+    except SRSpaceError as e:
+        error = e
+    try:
+        if not distributed.agree(error is None, dd):
+            raise error or OutputError(f"--out {out}: rank 0 cannot use the run folder")
+        yield run_log
+    finally:
+        if run_log is not None:
+            run_log.close()
+        if lock is not None:
+            os.close(lock)
 
 
-def validation_pairs(args: TrainArgs, dd) -> list:
-    """Held-out (stem, HR, LR) pairs on rank 0 (--val-data, or the demo's when training on it)."""
+def lock_run_folder(out: Path) -> int:
+    """An advisory lock on OUT/.lock (flock) for as long as this process runs: a second
+    sr_train.py on the same folder would interleave log.jsonl and overwrite last.pt. The kernel
+    drops the lock when the process ends, however it ends (kill -9 too): none is left stale."""
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UsageError(
+            f"--out {out}: another sr_train.py is using this run folder ({holder}); wait for it "
+            "to end or give another --out"
+        ) from None
+    except OSError as e:  # a file system without locks (some network mounts): run unlocked
+        warnings.warn(f"--out {out}: cannot lock the run folder ({e.strerror or e}); a second "
+                      "run on it would not be noticed", stacklevel=2)  # fmt: skip
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    return fd
+
+
+class RunLog:
+    """The record of a run (rank 0): OUT/log.jsonl, one JSON object per line, the source of
+    truth; with --tensorboard also every logged number and the validation strips in OUT/tb/."""
+
+    def __init__(self, out: Path, tensorboard: bool):
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UsageError("--tensorboard needs the tensorboard package: pip install "
+                                 "tensorboard") from None  # fmt: skip
+            self.tb = SummaryWriter(str(out / "tb"))
+        self.file = open(out / "log.jsonl", "a")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+            self.tb.flush()
+
+    def image(self, tag: str, img: np.ndarray, step: int) -> None:
+        """A uint8 (H, W, 3) image; TensorBoard only (log.jsonl has the PNG's name in OUT/val/)."""
+        if self.tb is not None:
+            self.tb.add_image(tag, img, step, dataformats="HWC")
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def log(run_log: RunLog | None, record: dict) -> None:
+    """One record of the run's log (rank 0; the other ranks have none)."""
+    if run_log is not None:
+        run_log.write(record)
+
+
+def training_data(args: TrainArgs, recipe: Recipe, dd, say) -> PatchPairs:
+    """The training patches of this rank, and at start how many images were found and kept."""
+    if args.cache:
+        check_out_dir(args.cache, "--cache")  # before decoding: the cache is written meanwhile
+    dataset = PatchPairs(
+        args.data, args.scale, recipe.patch, recipe.batch, seed=args.seed, rank=dd.rank,
+        lr_dirs=args.lr_data or None, cache=args.cache or None,
+    )  # fmt: skip
+    found = len(dataset.names) + len(dataset.skipped)
+    hp = recipe.patch * args.scale
+    say(f"data: {len(dataset.names)} training images of {found} found in {' '.join(args.data)}"
+        + (f" ({len(dataset.skipped)} skipped: smaller than one {hp}x{hp} HR patch)"
+           if dataset.skipped else ""))  # fmt: skip
+    return dataset
+
+
+def validation_pairs(args: TrainArgs, dd, say) -> list:
+    """Held-out (stem, HR, LR) pairs on rank 0 (--val-data, or the demo's when training on it);
+    says at start whether validation (and so best.pt) will happen."""
     source = args.val_data or ("demo" if args.data == ["demo"] else "")
     if not (dd.main and source and args.val_every > 0):
+        why = "--val-every 0" if source else "no --val-data"
+        say(f"validation: none ({why}): no best.pt will be written; sample from last.pt")
         return []
-    return load_pairs(source, args.scale, max_images=args.val_images or None, crop=args.val_crop)
+    pairs = load_pairs(source, args.scale, max_images=args.val_images or None, crop=args.val_crop)
+    say(f"validation: {len(pairs)} images of {source} every {args.val_every} steps; best.pt "
+        "holds the best PSNR")  # fmt: skip
+    return pairs
+
+
+def build_training(args: TrainArgs, cfg: dict, recipe: Recipe, resumed, device):
+    """The model (with --init-from's weights for a new run), its optimizers and the fp16 loss
+    scaler (None otherwise); built first, so that a bad model flag or --init-from fails before
+    anything is written or read."""
+    model = build_model(args.model, cfg).to(device)
+    if args.init_from and resumed is None:
+        init = read_checkpoint(args.init_from)  # its averaged weights if it has them (--ema)
+        model.load_weights(init.get("ema_state_dict", init.get("state_dict", init)), args.init_from)
+    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
+    return model, build_optimizers(model, recipe), scaler
+
+
+def summary(args: TrainArgs, model, start: int, recipe: Recipe, dd, device, out: Path) -> str:
+    """The line that starts the run's output."""
+    threads = torch.get_num_threads()
+    return (
+        f"srspace {__version__} | {args.model} x{args.scale} | "
+        f"{sum(p.numel() for p in model.parameters()):,} params | steps {start}->{recipe.steps} | "
+        f"batch {recipe.batch} x {dd.world} process(es) | LR patch {recipe.patch} | device {device}"
+        f" ({threads} thread{'s' if threads > 1 else ''}) | out {out}"
+    )
 
 
 def build_optimizers(model, recipe: Recipe) -> dict[str, torch.optim.Optimizer]:
     """Adam for the generator ("g", absent for a model with nothing to learn) and, if the model
-    has a discriminator, its own ("d")."""
+    has a discriminator, its own ("d"). Fused: its kernel skips a step flagged non-finite on the
+    device (guarded_step)."""
     optimizers = {}
     if model.generator_parameters():
         optimizers["g"] = torch.optim.Adam(
             model.generator_param_groups(), lr=recipe.learning_rate, betas=recipe.betas,
-            eps=recipe.eps, weight_decay=recipe.weight_decay,
+            eps=recipe.eps, weight_decay=recipe.weight_decay, fused=True,
         )  # fmt: skip
     if model.discriminator is not None:
         optimizers["d"] = torch.optim.Adam(
             model.discriminator.parameters(), lr=recipe.d_learning_rate, betas=recipe.d_betas,
-            weight_decay=recipe.d_weight_decay,
+            weight_decay=recipe.d_weight_decay, fused=True,
         )  # fmt: skip
     return optimizers
 
@@ -380,14 +600,45 @@ def restore(resumed: dict, path: Path, model, optimizers: dict, scaler, dd) -> N
     set_rng_state(rngs[dd.rank] if len(rngs) == dd.world else resumed["rng"])
 
 
-def initialize(model, dataset, start: int, steps: int, loaded: bool, dd, device) -> None:
+def start_model(args, model, optimizers, scaler, resumed, path, dataset, steps, dd, device, say):
+    """The state of a resumed run, or the data-dependent initialisation of a new one; returns the
+    weight average (--ema, rank 0; made before compilation) or None."""
+    start = resumed["step"] if resumed is not None else 0
+    if resumed is not None:
+        restore(resumed, path, model, optimizers, scaler, dd)
+        say(f"resumed {path} at step {start}")
+    initialize(model, dataset, start, steps, bool(resumed or args.init_from), dd, device,
+               args.compile or args.ema > 0)  # fmt: skip
+    return EMA(model, args.ema, resumed, path) if args.ema and dd.main else None
+
+
+def autocast_for(amp: str, device: torch.device):
+    """--amp: bfloat16 or float16 autocast on the device, or no autocast."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(device.type, dtype) if dtype else contextlib.nullcontext()
+
+
+def log_step(run_log, progress, out_g, optimizers, recipe, step, skipped, t0, logged) -> None:
+    """A record of log.jsonl (and the progress line): the step's scalars, learning rate, skipped
+    steps so far and seconds per step since the last record."""
+    scalars = {k: float(v.detach()) for k, v in out_g.items() if v.ndim == 0}
+    rate = current_learning_rate(optimizers, step - 1, recipe)
+    rec = {"step": step, "learning_rate": rate, "skipped": skipped, **scalars}
+    rec["s_per_step"] = (time.time() - t0) / (step - logged)
+    log(run_log, rec)
+    progress.update(step, rec)
+
+
+def initialize(model, dataset, start: int, steps: int, loaded: bool, dd, device, now: bool):
     """Loaded weights (resume, --init-from): the model skips its data-dependent initialisation.
-    Else, with several processes: that initialisation (ActNorm) runs on each rank's first batch,
-    then rank 0's statistics go everywhere; DDP only broadcasts the weights it is given at
-    construction."""
+    Else, with several processes or `now` (--compile, --ema), that initialisation (ActNorm) runs
+    here, eagerly, on each rank's first batch, then rank 0's statistics go everywhere: DDP only
+    broadcasts the weights it is given at construction, a compiled graph would be specialised to
+    the one-time initialising call, and the weight average starts from initialised weights.
+    (Otherwise it runs in the first training step.)"""
     if loaded:
         model.mark_initialized()
-    elif dd.on and start < steps:
+    elif (dd.on or now) and start < steps:
         trainable = [p.requires_grad for p in model.parameters()]
         model.train()
         model.on_step(start, steps)  # e.g. loads a pretrained encoder before the statistics
@@ -409,7 +660,24 @@ def wrap(model, dd, device, compile: bool):
             DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
         ids = [dd.local_rank] if device.type == "cuda" else None
         forward = DDP(model, device_ids=ids, find_unused_parameters=model.ddp_find_unused)
-    return torch.compile(forward) if compile else forward
+    return compile_model(model, forward) if compile else forward
+
+
+def compile_model(model, forward, backend: str = "inductor"):
+    """--compile. A model that names `compile_regions` (its repeated blocks: a flow's steps and
+    splits, RRDB blocks) has each such module compiled on its own, so a network of hundreds of
+    layers becomes a few small graphs, one per distinct block and shape, compiled in seconds;
+    `forward` is returned as it is. Other models: their whole training forward is compiled."""
+    if not model.compile_regions:
+        return torch.compile(forward, backend=backend)
+    # Each level's shapes, a transition and a conditional step, the first step's input without
+    # gradient and an encoder frozen or not are distinct graphs of the same code: more than
+    # dynamo's default limit of 8 per code object (beyond it, it would silently run eagerly).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for m in model.modules():
+        if isinstance(m, model.compile_regions):
+            m.compile(backend=backend)
+    return forward
 
 
 def catch_signals() -> dict:
@@ -426,26 +694,93 @@ def catch_signals() -> dict:
     return stop
 
 
-def train_step(model, forward, optimizers, batches, step, recipe, dd, scaler, autocast, device):
+def train_step(model, forward, optimizers, batches, step, recipe, dd, scaler, autocast):
     """Training step `step`: the generator, then the discriminator. Returns forward's output
-    (with the discriminator's parts as d_*) and False if the step was skipped as non-finite."""
+    (with the discriminator's parts as d_*) and `ok`, a 0-dim float32 tensor on the device:
+    0 if the step was non-finite on some rank and so changed nothing (weights, optimizer states,
+    buffers such as BatchNorm statistics); never read here (docs/design.md)."""
     model.train()
     model.on_step(step, recipe.steps)
-    lr, hr = (x.to(device, non_blocking=True) for x in next(batches))
+    lr, hr = next(batches)  # on the device already (train_loader)
     set_learning_rates(optimizers, model, step, recipe)
+    buffers = [b.clone() for b in model.buffers()]
     with autocast:
         out = forward(lr, hr)
     params = model.generator_parameters()
     ok = guarded_step(optimizers.get("g"), out["loss"], params, recipe.grad_clip, dd, scaler)
-    if ok and "d" in optimizers:
+    if "d" in optimizers:  # stepped only if the generator's step was finite too (`ok`)
         with autocast:
             out_d = model.discriminator_loss(lr, hr, out)
         ok = guarded_step(optimizers["d"], out_d["loss"], model.discriminator.parameters(),
-                          recipe.grad_clip, dd, scaler, sync=True)  # fmt: skip
+                          recipe.grad_clip, dd, scaler, sync=True, ok=ok)  # fmt: skip
         out.update({f"d_{k}": v for k, v in out_d.items()})
+    with torch.no_grad():
+        for b, before in zip(model.buffers(), buffers):
+            b.copy_(torch.where(ok > 0, b, before))
     if scaler is not None:
         scaler.update()
     return out, ok
+
+
+class BadSteps:
+    """Non-finite steps counted on the device, so that no step waits for the host: `run` (the
+    current streak), `skipped` (all) and `tripped`, the first step at which the streak reached
+    `limit` (-1: not yet). `read()` fetches them, one synchronisation, at log, validation and
+    save steps only: --max-bad-steps acts at the first of those after the streak."""
+
+    def __init__(self, device: torch.device, limit: int, skipped: int = 0):
+        self.limit = limit
+        self.run = torch.zeros((), dtype=torch.int64, device=device)
+        self.skipped = torch.full((), skipped, dtype=torch.int64, device=device)
+        self.tripped = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def count(self, ok: torch.Tensor, step: int) -> None:
+        bad = (ok == 0).long()
+        self.run.add_(bad).mul_(bad)  # +1 on a bad step, back to 0 on a good one
+        self.skipped.add_(bad)
+        self.tripped.copy_(torch.where((self.tripped < 0) & (self.run >= self.limit), step,
+                                       self.tripped))  # fmt: skip
+
+    def read(self) -> tuple[int, int, int]:
+        """(current streak, skipped, tripped) as Python ints."""
+        return tuple(torch.stack([self.run, self.skipped, self.tripped]).tolist())
+
+    def reset(self) -> None:
+        self.run.zero_()
+        self.tripped.fill_(-1)
+
+
+def roll_back(tripped: int, args, out: Path, steps: int, model, optimizers: dict, scaler, dd,
+              dataset, meta: dict, run_log, progress, ema, device) -> tuple:  # fmt: skip
+    """--max-bad-steps consecutive non-finite steps ended at step `tripped`. --on-nan rollback
+    (while under --max-rollbacks and a last.pt exists): reload last.pt as a resume would, count
+    the rollback in `meta` (saved with every checkpoint; the caller halves the learning rates,
+    0.5 ** rollbacks, which a resumed run restores) and return (its step, a loader from there).
+    Else stop with exit code 5, writing nothing: last.pt stays the last good checkpoint."""
+    path, n = out / "last.pt", meta["rollbacks"]
+    what = f"step {tripped}: {args.max_bad_steps} consecutive non-finite losses/gradients"
+    if args.on_nan != "rollback" or n >= args.max_rollbacks or not path.is_file():
+        why = (f"after {n} rollbacks (--max-rollbacks {args.max_rollbacks})" if n else
+               "before the first checkpoint" if args.on_nan == "rollback" else "")  # fmt: skip
+        raise NonFiniteError(
+            f"{what}{' ' + why if why else ''}; stopped without saving; the last good checkpoint "
+            f"is {path} (resume with a lower --learning-rate, or use --on-nan rollback)"
+        )
+    ck = read_checkpoint(path)
+    # As at a resume: the loader is made before the RNG states are restored (it draws from them).
+    loader = train_loader(dataset, ck["step"], steps, args.workers, device.type == "cuda", device)
+    batches = iter(loader)
+    restore(ck, path, model, optimizers, scaler, dd)
+    if ema is not None:
+        ema.restore(ck, path)
+    meta["rollbacks"] = n + 1
+    scale = 0.5 ** meta["rollbacks"]
+    log(run_log, {"step": tripped + 1, "rollback": n + 1, "to_step": ck["step"],
+                  "learning_rate_scale": scale})  # fmt: skip
+    if progress is not None:
+        progress.message(f"{what}; rollback {n + 1} of {args.max_rollbacks}: back to step "
+                         f"{ck['step']} ({path}), learning rates x{scale:g}")  # fmt: skip
+    return ck["step"], batches
 
 
 def check_replicas(model, dd, step: int, log_file) -> None:
@@ -456,9 +791,10 @@ def check_replicas(model, dd, step: int, log_file) -> None:
         raise SRSpaceError(f"step {step}: model replicas differ across ranks ({diff})")
 
 
-def save(path: Path, step, skipped, best, model, optimizers: dict, scaler, dd, meta) -> None:
+def save(path: Path, step, skipped, best, model, optimizers: dict, scaler, dd, meta, ema) -> None:
     """Write a checkpoint on rank 0 (every rank takes part: their RNG states are gathered): the
-    weights, optimizers, RNG states, counters and `meta` (model name and config, run flags)."""
+    weights, optimizers, RNG states, counters, `meta` (model name and config, run flags) and the
+    weight average (--ema)."""
     rngs = distributed.gather_objects(rng_state(), dd)
     if not dd.main:
         return
@@ -470,17 +806,15 @@ def save(path: Path, step, skipped, best, model, optimizers: dict, scaler, dd, m
         "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
         "rng": rngs[0], "rng_ranks": rngs, "world_size": dd.world,
         **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+        **(ema.state_dict() if ema is not None else {}),
     })  # fmt: skip
 
 
-def finish(stopped: str | None, step: int, skipped: int, out: Path, args, dd, files, say) -> int:
-    """Close the progress bar and the log, leave the process group; the closing line and the exit
-    code: 75 after a signal (resume with --resume auto; under SLURM the job is requeued after
-    SIGUSR1/SIGTERM), else 0."""
+def finish(stopped: str | None, step: int, skipped: int, out: Path, args, dd, say) -> int:
+    """Leave the process group; the closing line and the exit code: 75 after a signal (resume
+    with --resume auto; under SLURM the job is requeued after SIGUSR1/SIGTERM), else 0. (main()
+    closes the progress bar and the log, also on an error.)"""
     distributed.barrier(dd)
-    for f in files:
-        if f is not None:
-            f.close()
     distributed.cleanup(dd)
     if stopped and stopped != "time budget":
         say(f"{stopped}: stopped at step {step}, wrote {out / 'last.pt'}; continue with "
@@ -492,30 +826,37 @@ def finish(stopped: str | None, step: int, skipped: int, out: Path, args, dd, fi
     return 0
 
 
-def guarded_step(opt, loss, params, grad_clip, dd, scaler=None, sync=False) -> bool:
-    """backward + finite check (agreed by all ranks) + optional clipping + step.
+def guarded_step(opt, loss, params, grad_clip, dd, scaler=None, sync=False, ok=None):
+    """backward + finite check (agreed by all ranks) + optional clipping + a step that a
+    non-finite loss or gradient on any rank (or `ok` == 0, an earlier part of the step) turns
+    into nothing. Returns that flag, a 0-dim float32 tensor on the device (1 = stepped).
 
-    A non-finite loss or gradient on any rank skips the step everywhere and changes nothing.
-    `sync`: average the gradients across ranks here (parameters outside DDP).
+    The flag is never read on the host (a device-to-host copy would stall the step): it reaches
+    Adam's fused kernel as `found_inf`, the mechanism of torch's GradScaler, which then leaves
+    the weights, the moments and the step count untouched. `sync`: average the gradients across
+    ranks here (parameters outside DDP).
     """
-    finite = bool(torch.isfinite(loss.detach()))
-    if opt is None or not loss.requires_grad:  # e.g. bicubic: nothing to learn
-        return distributed.agree(finite, dd)
-    opt.zero_grad(set_to_none=True)
-    if finite or dd.on:  # under DDP every rank must join the gradient all-reduce
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-    params = [p for p in params if p.grad is not None]
-    if sync:
-        distributed.average_gradients(params, dd)
-    if scaler is not None:
-        scaler.unscale_(opt)
-    max_norm = grad_clip if grad_clip > 0 else math.inf
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
-    if not distributed.agree(finite and bool(torch.isfinite(norm)), dd):
+    flag = torch.isfinite(loss.detach()).float()
+    learns = opt is not None and loss.requires_grad  # bicubic: nothing to learn
+    if learns:
         opt.zero_grad(set_to_none=True)
-        return False
-    scaler.step(opt) if scaler is not None else opt.step()
-    return True
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        params = [p for p in params if p.grad is not None]
+        if sync:
+            distributed.average_gradients(params, dd)
+        if scaler is not None:
+            scaler.unscale_(opt)  # scaler.update() then lowers the scale after an overflow
+        if params:
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+            flag = flag * torch.isfinite(norm)
+    flag = distributed.all_min_(flag if ok is None else flag * ok, dd)
+    if learns:
+        opt.found_inf = 1 - flag
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf
+    return flag
 
 
 def cpu_has_bf16() -> bool:
@@ -549,9 +890,12 @@ def requeue(say) -> None:
 
 
 @torch.no_grad()
-def validate(model, pairs, args, device, out: Path, step: int, log_file, progress) -> float:
+def validate(model, pairs, args, device, out: Path, step: int, run_log, progress) -> float:
     """PSNR and NTIRE LR-PSNR of --val-n samples (at --val-temperature, default the model's) on
-    held-out images, logged, plus a PNG strip per image; returns the PSNR."""
+    held-out images, logged, plus a PNG strip per image (OUT/val/, and TensorBoard); returns the
+    PSNR (-inf without images: the ranks other than 0)."""
+    if not pairs:
+        return -math.inf
     model.eval()
     temperature = (
         model.default_temperature if args.val_temperature is None else args.val_temperature
@@ -564,13 +908,16 @@ def validate(model, pairs, args, device, out: Path, step: int, log_file, progres
         psnrs += [metrics.psnr(sr, hr) for sr in srs]
         lrpsnrs += [metrics.lr_psnr(sr, lr, args.scale) for sr in srs]  # lr = D(hr), NTIRE
         lr_big = np.repeat(np.repeat(lr, args.scale, 0), args.scale, 1)
-        write_png(out / "val" / f"step{step:07d}_{stem}.png", np.concatenate([lr_big, *srs, hr], 1))
+        strip = np.concatenate([lr_big, *srs, hr], 1)
+        write_png(out / "val" / f"step{step:07d}_{stem}.png", strip)
+        if run_log is not None:
+            run_log.image(f"val/{stem}", strip, step)
     finite = [p for p in lrpsnrs if math.isfinite(p)]
     val = {
         "val_psnr": float(np.mean(psnrs)),
         "val_lrpsnr": float(np.mean(finite)) if finite else math.inf,
     }
-    log(log_file, {"step": step, **val})
+    log(run_log, {"step": step, **val})
     progress.message(f"step {step} | " + " | ".join(f"{k} {v:.3f}" for k, v in val.items()))
     return val["val_psnr"]
 
@@ -624,6 +971,12 @@ class Progress:
     def close(self) -> None:
         if self.tty:
             self.bar.stop()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 if __name__ == "__main__":

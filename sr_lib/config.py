@@ -6,6 +6,7 @@ Each script declares its own run-level dataclass at its top; models declare thei
 """
 
 import dataclasses
+import math
 import sys
 
 import torch
@@ -43,10 +44,18 @@ def _merge_repeated(cls, argv: list[str]) -> list[str]:
     return out
 
 
+class OneLineParser(ArgumentParser):
+    """argparse-dataclass's parser whose errors are one line (a UsageError: `prog: error: ...`,
+    exit code 2) instead of the whole usage block followed by the error."""
+
+    def error(self, message: str):
+        raise UsageError(f"{' '.join(message.split())}; see {self.prog} -h")
+
+
 def parse(cls, argv: list[str] | None, prog: str, known: bool = False, add_help: bool = True):
     """Parse argv into dataclass `cls`. With known=True returns (instance, remaining argv)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = ArgumentParser(cls, prog=prog, add_help=add_help)
+    parser = OneLineParser(cls, prog=prog, add_help=add_help)
     argv = _merge_repeated(cls, argv)
     if known:
         return parser.parse_known_args(argv)
@@ -63,3 +72,71 @@ def pick_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError as e:
         raise UsageError(f"--device {name}: {e}") from None
+
+
+def _interval(spec: str) -> tuple[float, float, bool, bool]:
+    """An interval such as [1, inf) -> (1, inf, low included, high included)."""
+    low, high = (float(x) for x in spec[1:-1].split(","))
+    return low, high, spec[0] == "[", spec[-1] == "]"
+
+
+def _number(x: float) -> str:
+    """A bound in words: 1.0 -> "1", 4294967295.0 -> "4294967295", 0.5 -> "0.5"."""
+    return str(int(x)) if math.isfinite(x) and x == int(x) else f"{x:g}"
+
+
+def _describe(spec: str) -> str:
+    """An interval in words: [0, 1] -> "between 0 and 1", [1, inf) -> ">= 1", (0, inf) -> "> 0"."""
+    low, high, low_in, high_in = _interval(spec)
+    if low_in and high_in and math.isfinite(low) and math.isfinite(high):
+        return f"between {_number(low)} and {_number(high)}"
+    parts = []
+    if math.isfinite(low):
+        parts.append(f"{'>=' if low_in else '>'} {_number(low)}")
+    if math.isfinite(high):
+        parts.append(f"{'<=' if high_in else '<'} {_number(high)}")
+    return " and ".join(parts)
+
+
+def check_ranges(obj) -> None:
+    """Every number of a flat dataclass (run flags, a model's Config) inside the interval of its
+    field's `range` metadata, e.g. "[0, 1]" or "(0, inf)", and finite; without one an int must be
+    >= 1 and a float >= 0. A list of numbers is checked item by item; None (unset) passes. The
+    first violation is a one-line UsageError naming the flag, as argparse reports a bad choice."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if not numbers:
+            continue
+        real = "float" in str(f.type)
+        spec = f.metadata.get("range") or ("[0, inf)" if real else "[1, inf)")
+        low, high, low_in, high_in = _interval(spec)
+        for v in numbers:
+            inside = (v >= low if low_in else v > low) and (v <= high if high_in else v < high)
+            if not (math.isfinite(v) and inside):
+                kind = "a number" if real else "an integer"
+                kind = kind if math.isfinite(v) else "a finite number"
+                flag = f"--{f.name.replace('_', '-')}"
+                shown = " ".join(map(str, numbers)) if len(values) > 1 else str(v)
+                raise UsageError(f"{flag} {shown}: must be {kind} {_describe(spec)}")
+
+
+def help_parser(cls, prog: str, epilog: str | None = None) -> ArgumentParser:
+    """A parser of dataclass `cls` for -h: each flag's help ends with its default, unless the
+    default is unset (None) or empty, the flag is a switch (its help says what it does) or the
+    help mentions the default already."""
+    parser = ArgumentParser(cls, prog=prog, epilog=epilog)
+    defaults = {
+        f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
+    for action in parser._actions:  # argparse keeps no public list of its actions
+        default = defaults.get(action.dest)
+        text = action.help or ""
+        if default in (None, "", []) or action.nargs == 0 or "default" in text:
+            continue
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        action.help = f"{text} (default: {shown})" if text else f"default: {shown}"
+    return parser

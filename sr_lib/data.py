@@ -11,6 +11,7 @@ therefore the same for any number of loader workers, and resuming at step t cont
 import contextlib
 import hashlib
 import importlib.util
+import io
 import os
 import signal
 import tempfile
@@ -162,14 +163,25 @@ def write_png(path: str | os.PathLike, img: np.ndarray) -> None:
         raise OutputError(f"{path}: cannot write ({reason}); check the output folder") from e
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file (JSON, HTML) atomically: a failed write leaves no file behind."""
+def _write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     try:
         with _atomic_open(path) as f:
-            f.write(text.encode())
+            f.write(data)
     except OSError as e:
         raise OutputError(f"{path}: cannot write ({e.strerror or e}); check the output path") from e
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file (JSON, HTML) atomically: a failed write leaves no file behind."""
+    _write_bytes(path, text.encode())
+
+
+def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write an array as a .npy file atomically: a failed write leaves no file behind."""
+    buf = io.BytesIO()
+    np.save(buf, array)
+    _write_bytes(path, buf.getvalue())
 
 
 def _probe(folder: Path, what: str) -> None:
@@ -406,9 +418,14 @@ def _pair_files(hr_dir: Path, lr_dir: Path | None, scale: int) -> list[tuple[Pat
     return pairs
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity: taskset, cgroups, SLURM's binding)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cpu_workers() -> int:
     """CPU cores this process may use: its affinity mask, at most $SLURM_CPUS_PER_TASK if set."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    n = available_cores()
     slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
     return max(1, min(n, int(slurm)) if slurm.isdigit() and int(slurm) > 0 else n)
 
@@ -519,6 +536,7 @@ class PatchPairs(Dataset):
             )
         kept = [(name, x) for name, x in zip(names, loaded) if x is not None]
         self.names = [name for name, _ in kept]
+        self.skipped = skipped  # names of the images smaller than one HR patch
         self._hr = [x[0] for _, x in kept]  # uint8 (H, W, 3) arrays, or .npy paths (cache)
         self._lr = [x[1] for _, x in kept]
         self.lr_hw = np.array([self._array(x).shape[:2] for x in self._lr], np.int64)  # (N, 2)

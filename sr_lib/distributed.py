@@ -18,6 +18,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    host_group: object = None  # with NCCL: a gloo group for host-side agreement (see `agree`)
 
     @property
     def main(self) -> bool:
@@ -59,16 +60,28 @@ def setup(use_cuda: bool) -> Dist:
     if use_cuda:
         torch.cuda.set_device(local)
     dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
-    return Dist(rank, world, local)
+    host_group = dist.new_group(backend="gloo") if use_cuda else None
+    return Dist(rank, world, local, host_group)
 
 
 def agree(flag: bool, d: Dist, all_ranks: bool = True) -> bool:
-    """all_ranks=True: True only if every rank says True; False: True if any rank does."""
+    """all_ranks=True: True only if every rank says True; False: True if any rank does.
+
+    A host-side decision (e.g. a signal arrived), agreed among the ranks' CPUs (gloo, also next
+    to NCCL): asked every step, it must not wait for the GPU's queue of work to drain."""
     if not d.on:
         return flag
-    t = torch.tensor([int(flag)], device=_device(d))
-    dist.all_reduce(t, op=dist.ReduceOp.MIN if all_ranks else dist.ReduceOp.MAX)
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN if all_ranks else dist.ReduceOp.MAX, group=d.host_group)
     return bool(t.item())
+
+
+def all_min_(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """t, in place, the minimum over the ranks (a device-side flag such as "this step was
+    finite"); nothing is read back to the host."""
+    if d.on:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
 
 
 def average_gradients(params, d: Dist) -> None:

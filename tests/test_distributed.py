@@ -116,3 +116,27 @@ def test_slurm_environment_is_understood(monkeypatch):
     assert (d.rank, d.world, d.local_rank) == (3, 4, 1)
     assert os.environ["MASTER_ADDR"] == "gpu12" and os.environ["MASTER_PORT"] == "24242"
     assert calls == {"rank": 3, "world_size": 4}
+
+
+def test_validation_best_pt_and_the_weight_average_under_two_processes(tmp_path, images):
+    """Rank 0 validates alone, yet every rank takes part in writing best.pt (their RNG states are
+    gathered): the ranks agree on 'improved', else they wait for each other forever. The average
+    (--ema) is kept by rank 0, saved, and continued exactly on resume."""
+    out = tmp_path / "run"
+    model = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--ema", "0.5",
+             "--val-data", str(images), "--val-crop", "32", "--val-n", "1"]  # fmt: skip
+    done = run(train_cmd(out, images, *model, "--steps", "1", "--val-every", "1"), timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    one, best = load_checkpoint(out / "last.pt"), load_checkpoint(out / "best.pt")
+    assert best["step"] == 1 and best["world_size"] == 2 and one["ema_updates"] == 1
+    assert not all(torch.equal(one["ema_state_dict"][k], v) for k, v in one["state_dict"].items())
+    cmd = train_cmd(out, images, *model, "--steps", "2", "--val-every", "1", "--resume", "auto")
+    done = run(cmd, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    two = load_checkpoint(out / "last.pt")
+    assert two["ema_updates"] == 2
+    for k, w in two["state_dict"].items():  # average <- average + 0.5 (weights - average)
+        a = one["ema_state_dict"][k]
+        assert torch.allclose(two["ema_state_dict"][k], a + 0.5 * (w - a), rtol=0, atol=1e-6), k
+    rows = [json.loads(x) for x in open(out / "log.jsonl")]
+    assert [r["step"] for r in rows if "val_psnr" in r] == [1, 2]

@@ -178,7 +178,31 @@ def test_ctrl_c_in_sample_is_one_line_and_leaves_no_partial_file(tmp_path, image
     p.send_signal(signal.SIGINT)
     err = p.communicate(timeout=60)[1].strip()
     assert p.returncode == 130 and err == "sr_sample.py: interrupted", err
-    written = list(out.iterdir())
+    written = [f for f in out.iterdir() if f.name != "manifest.json"]
     assert 0 < len(written) < 400 and all(f.suffix == ".png" for f in written)
     for f in written:
         iio.imread(f)  # every file there is a whole PNG
+
+
+def test_ctrl_c_in_train_while_decoding_data_is_one_line(tmp_path):
+    """Ctrl-C before the training loop, while the images are decoded (on threads): one line
+    `sr_train.py: interrupted`, exit 130, no traceback, no checkpoint."""
+    data = tmp_path / "many photos"
+    data.mkdir()
+    rng = np.random.default_rng(2)
+    tile = (rng.random((24, 24, 3)) * 255).astype(np.uint8)
+    for i in range(600):  # enough decoding and downscaling to be inside it when the signal comes
+        iio.imwrite(data / f"photo ({i}).png", np.roll(np.tile(tile, (8, 8, 1)), i, axis=1))
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, str(REPO / "sr_train.py"), "--model", "edsr",
+                          "--n-feats", "8", "--n-blocks", "1", "--data", str(data), "--scale",
+                          "2", "--steps", "5", "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 120
+    while not (out / "log.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    stdout, err = p.communicate(timeout=120)
+    assert "data: " not in stdout, "the signal came after decoding: use more images"
+    assert p.returncode == 130 and err.strip() == "sr_train.py: interrupted", err
+    assert not (out / "last.pt").exists()

@@ -1,6 +1,8 @@
 """Mixed precision and compilation on CUDA. These need a GPU: CPU CI skips them (with the reason);
 run `pytest tests/test_gpu.py` on a GPU machine to exercise them. bf16 on a CPU: test_train.py."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -42,3 +44,19 @@ def test_compile_trains_and_saves_uncompiled_keys(tmp_path):
     assert train(tmp_path, EDSR, "--device", "cuda", "--compile") == 0
     keys = load_checkpoint(tmp_path / "last.pt")["state_dict"]
     assert not any(k.startswith("_orig_mod.") for k in keys)
+
+
+@needs_cuda
+def test_batches_come_pinned_and_are_copied_without_blocking(tmp_path, monkeypatch):
+    seen = {}
+    real = sr_train.train_loader
+
+    def spy(*args, **kwargs):
+        loader = real(*args, **kwargs)
+        seen.update(inspect.signature(real).bind(*args, **kwargs).arguments)
+        seen["pinned"] = loader.pin_memory
+        return loader
+
+    monkeypatch.setattr(sr_train, "train_loader", spy)
+    assert train(tmp_path, EDSR, "--device", "cuda") == 0
+    assert seen["pin_memory"] and seen["pinned"] and seen["device"].type == "cuda"

@@ -82,6 +82,11 @@ def read(path) -> np.ndarray:
     return iio.imread(path)
 
 
+def pngs(path) -> list[str]:
+    """The PNG files of a folder, sorted (manifest.json and ntire_index.json aside)."""
+    return sorted(p.name for p in path.iterdir() if p.suffix == ".png")
+
+
 def same(a, b) -> bool:
     return bool((read(a) == read(b)).all())
 
@@ -120,22 +125,22 @@ def test_names_and_bicubic_values(tmp_path, bicubic_ckpt):
     lrs = {"b": image((12, 17), 1), "a": image((9, 10), 2)}
     inp = folder(tmp_path / "in", **lrs)
     assert run("--ckpt", bicubic_ckpt, "--input", inp, "--n", 3, "--out", tmp_path / "s") == 0
-    names = sorted(p.name for p in (tmp_path / "s").iterdir())
-    assert names == [f"{s}_sample{i:05d}.png" for s in "ab" for i in range(3)]
+    assert pngs(tmp_path / "s") == [f"{s}_sample{i:05d}.png" for s in "ab" for i in range(3)]
     for stem, lr in lrs.items():
         want = np.round(np.clip(imresize(lr.astype(float), SCALE), 0, 255))
         for i in range(3):
             got = read(tmp_path / "s" / f"{stem}_sample{i:05d}.png").astype(float)
             assert got.shape == want.shape and np.abs(got - want).max() <= 1
     assert run("--ckpt", bicubic_ckpt, "--input", inp, "--n", 1, "--out", tmp_path / "one") == 0
-    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["a.png", "b.png"]
+    assert pngs(tmp_path / "one") == ["a.png", "b.png"]
     argv = ["--ckpt", bicubic_ckpt, "--input", inp, "--layout", "ntire"]
     assert run(*argv, "--n", 2, "--out", tmp_path / "nt") == 0
-    names = sorted(p.name for p in (tmp_path / "nt").iterdir())
-    assert names == [f"{k:06d}_sample{i:05d}.png" for k in range(2) for i in range(2)]
+    assert pngs(tmp_path / "nt") == [
+        f"{k:06d}_sample{i:05d}.png" for k in range(2) for i in range(2)
+    ]
     assert same(tmp_path / "nt" / "000000_sample00001.png", tmp_path / "s" / "a_sample00000.png")
     assert run(*argv, "--n", 1, "--out", tmp_path / "nt1") == 0
-    assert sorted(p.name for p in (tmp_path / "nt1").iterdir()) == ["000000.png", "000001.png"]
+    assert pngs(tmp_path / "nt1") == ["000000.png", "000001.png"]
 
 
 def test_from_hr(tmp_path, bicubic_ckpt):
@@ -220,11 +225,11 @@ def test_tiling_deterministic_default_overlap(tmp_path):
 
 
 def test_cuda_oom_retries_in_tiles(tmp_path, toy_ckpt, monkeypatch, capsys):
-    monkeypatch.setattr(sr_sample, "MIN_TILE", 8)
+    monkeypatch.setattr(sr_sample, "OOM_MIN_TILE", 8)
     generate = Toy.generate
 
-    def small_only(self, lr, n, temperature, noise):
-        if lr.shape[-1] > 16:
+    def small_only(self, lr, n, temperature, noise):  # tiles of 8 (10 rounded) + 2 x context 4
+        if lr.shape[-1] > 20:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return generate(self, lr, n, temperature, noise)
 
@@ -237,23 +242,23 @@ def test_cuda_oom_retries_in_tiles(tmp_path, toy_ckpt, monkeypatch, capsys):
     for i in range(2):
         name = f"a_sample{i:05d}.png"
         assert (read(tmp_path / "full" / name) == read(tmp_path / "oom" / name)).all()
-    monkeypatch.setattr(sr_sample, "MIN_TILE", 32)
+    monkeypatch.setattr(sr_sample, "OOM_MIN_TILE", 32)
     assert run(*argv, "--out", tmp_path / "oom2") == 4
     assert capsys.readouterr().err.strip().startswith("sr_sample.py: error: out of memory")
 
 
 def test_uncertainty_files(tmp_path):
     ckpt = edsr_ckpt(tmp_path / "edsr_le.pt", loss="le", le_sigma_feats=8)
-    inp = folder(tmp_path / "in", a=image((10, 13), 7))
+    inp = folder(tmp_path / "in", a=image((30, 37), 7))
     argv = ["--ckpt", ckpt, "--input", inp, "--n", 1, "--save-uncertainty"]
     assert run(*argv, "--out", tmp_path / "u") == 0
     png, npy = read(tmp_path / "u" / "a_sigma.png"), np.load(tmp_path / "u" / "a_sigma.npy")
-    assert png.dtype == np.uint16 and png.shape == (20, 26)
-    assert npy.dtype == np.float32 and npy.shape == (3, 20, 26)
+    assert png.dtype == np.uint16 and png.shape == (60, 74)
+    assert npy.dtype == np.float32 and npy.shape == (3, 60, 74)
     want = np.round(np.clip(npy.mean(0), 0, 1) * 65535)
     assert np.abs(png - want).max() <= 1
-    assert run(*argv, "--tile", 8, "--tile-overlap", 4, "--out", tmp_path / "ut") == 0
-    assert np.abs(np.load(tmp_path / "ut" / "a_sigma.npy") - npy).mean() < 1e-3
+    assert run(*argv, "--tile", 16, "--out", tmp_path / "ut") == 0  # the σ branch's context too
+    assert np.abs(np.load(tmp_path / "ut" / "a_sigma.npy") - npy).max() < 1e-5
 
 
 def test_no_uncertainty_warns(tmp_path, bicubic_ckpt, capsys):
@@ -262,7 +267,7 @@ def test_no_uncertainty_warns(tmp_path, bicubic_ckpt, capsys):
     assert run(*argv, "--out", tmp_path / "o") == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no uncertainty" in err[0]
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a.png"]
+    assert pngs(tmp_path / "o") == ["a.png"]
 
 
 def test_grid(tmp_path, toy_ckpt):
@@ -270,8 +275,12 @@ def test_grid(tmp_path, toy_ckpt):
     argv = ["--ckpt", toy_ckpt, "--input", inp, "--n", 3, "--grid", "--layout", "ntire"]
     assert run(*argv, "--out", tmp_path / "g") == 0
     sheet = read(tmp_path / "g" / "000000_grid.png")
-    assert sheet.shape == (20, 26 * (1 + 3 + 1 + 1), 3)  # LR, 3 samples, std, sigma
-    assert (sheet[:, 26:52] == read(tmp_path / "g" / "000000_sample00000.png")).all()
+    label = sr_sample.LABEL_HEIGHT
+    assert sheet.shape == (label + 20, 26 * (1 + 3 + 1 + 1), 3)  # LR, 3 samples, std, sigma
+    assert (sheet[label:, 26:52] == read(tmp_path / "g" / "000000_sample00000.png")).all()
+    strips = [sheet[:label, 26 * k : 26 * (k + 1)] for k in range(6)]
+    assert all(strip.max() > 200 for strip in strips)  # every panel has its (white) label
+    assert len({strip.tobytes() for strip in strips}) == 6  # LR, sample 0..2, std, sigma
 
 
 def test_odd_inputs(tmp_path, bicubic_ckpt):
@@ -297,8 +306,7 @@ def test_unreadable_among_good(tmp_path, bicubic_ckpt, capsys):
         argv = ["--ckpt", bicubic_ckpt, "--input", inp, "--n", 2, "--out", tmp_path / "o"]
         sr_sample.main([str(a) for a in argv])
     assert e.value.code == 3
-    names = sorted(p.name for p in (tmp_path / "o").iterdir())
-    assert names == [f"{stem}_sample{i:05d}.png" for stem in "ac" for i in range(2)]
+    assert pngs(tmp_path / "o") == [f"{stem}_sample{i:05d}.png" for stem in "ac" for i in range(2)]
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("sr_sample.py: error: ") for line in err)
     assert "b.png" in err[0] and "1 of 3" in err[1]
@@ -332,3 +340,42 @@ def test_bad_input_one_line(tmp_path, bicubic_ckpt, capsys, ckpt, flags, code, w
     assert e.value.code == code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sr_sample.py: error: ") and words in err[0]
+
+
+@pytest.mark.parametrize("name", ["edsr", "srflow"])
+def test_amp_bf16_runs_and_stays_close(tmp_path, name):
+    """bfloat16 autocast (a CPU with or without native bf16): the same samples up to bf16's
+    rounding of the networks (the flows keep their state float32)."""
+    from sr_lib.metrics import psnr
+
+    cfg = {**TINY[name], "scale": 4}
+    net = build_model(name, cfg)
+    with torch.no_grad():  # the flows' zero-initialised last convs would hide the conditioning
+        for p in net.parameters():
+            if not p.any():
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(p.numel()))
+    path = tmp_path / f"{name}.pt"
+    save_checkpoint(path, {"model": name, "model_cfg": cfg, "state_dict": net.state_dict(),
+                           "step": 0})  # fmt: skip
+    inp = folder(tmp_path / "in", a=image((24, 32), 9))
+    argv = ["--ckpt", path, "--input", inp, "--n", 2]
+    assert run(*argv, "--out", tmp_path / "fp32") == 0
+    assert run(*argv, "--amp", "bf16", "--out", tmp_path / "bf16") == 0
+    for i in range(2):
+        a, b = (read(tmp_path / d / f"a_sample{i:05d}.png") for d in ("fp32", "bf16"))
+        assert a.shape == b.shape == (96, 128, 3) and (a != b).any()  # bf16 did run
+        assert psnr(a, b) > 35, psnr(a, b)
+
+
+def test_flow_inverse_1x1_conv_stays_float32_under_bf16_autocast():
+    """The flow's state passes through every inverse 1x1 conv: under --amp bf16 it is computed in
+    float32, exactly as without autocast (bfloat16 would round the state at every step)."""
+    from sr_lib.models.flow_layers import InvConv1x1
+
+    conv = InvConv1x1(12).eval()
+    z = torch.randn(2, 12, 8, 8)
+    with torch.no_grad():
+        want = conv.reverse(z)[0]
+        with torch.autocast("cpu", torch.bfloat16):
+            got = conv.reverse(z)[0]
+    assert got.dtype == torch.float32 and torch.equal(got, want)

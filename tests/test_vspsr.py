@@ -117,11 +117,11 @@ def test_cem_at_test_time_by_default_and_optionally_in_training(make_batch):
     lr, hr = make_batch(4, b=1, h=6, w=7)
     noise = NoiseSource([3])
     model = tiny().eval()
-    x = model.generate(lr, 1, 1.0, noise)[:, 0]  # before sample()'s clamp
+    x = model.finish(model.generate(lr, 1, 1.0, noise), lr)[:, 0]  # before sample()'s clamp
     assert (imresize_torch(x, 1 / 4) - lr).abs().max() < 1e-5
     model_off = tiny(cem_test=False).eval()
     model_off.load_state_dict(model.state_dict())
-    y = model_off.generate(lr, 1, 1.0, NoiseSource([3]))[:, 0]
+    y = model_off.finish(model_off.generate(lr, 1, 1.0, NoiseSource([3])), lr)[:, 0]
     assert (imresize_torch(y, 1 / 4) - lr).abs().max() > 1e-3
     assert torch.allclose(cem(y, lr, 4), x, atol=1e-5)
     sr = tiny(cem_train=True)(lr, hr)["sr"]

@@ -48,8 +48,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return load_checkpoint(path, {k: c.oldest_checkpoint_format for k, c in MODELS.items()})
 
 
-def load_model(path, device="cpu", model: str | None = None, scale: int | None = None):
-    """Build the model a checkpoint describes and load its weights strictly.
+def load_model(
+    path, device="cpu", model: str | None = None, scale: int | None = None, raw_weights=False
+):
+    """Build the model a checkpoint describes and load its weights strictly: the moving average
+    of the weights when the run kept one (`sr_train.py --ema`), else (or with `raw_weights`) the
+    weights as trained.
 
     Returns (model in eval mode, checkpoint dict). For a raw state_dict (no srspace metadata),
     `model` and `scale` are required; the model class reads its config off the keys
@@ -64,7 +68,8 @@ def load_model(path, device="cpu", model: str | None = None, scale: int | None =
                 f"{path}: holds a x{ck['model_cfg']['scale']} model, not x{scale}"
             )
         net = build_model(ck["model"], ck["model_cfg"])
-        net.load_weights(ck["state_dict"], path)
+        averaged = "ema_state_dict" in ck and not raw_weights
+        net.load_weights(ck["ema_state_dict" if averaged else "state_dict"], path)
     else:
         if model is None or scale is None:
             raise CheckpointError(

@@ -13,6 +13,10 @@ declares every member the scripts and the loaders use, with a default for all bu
   generator_param_groups(), schedule_position(group, step, total)
                                      the main optimizer's groups and each group's schedule clock
   discriminator, discriminator_loss(lr, hr, out)   optional GAN part with its own optimizer
+  prepare(lr) -> Prepared | None     the LR-only work of one image, shared by all its samples
+                                     and temperatures and cut per tile (default None: none)
+  finish(sr, lr)                     whole-image post-processing after tiles are joined
+  tile_halo                          LR px of context that make a tile's output exact, or None
   uncertainty(lr), has_uncertainty   a per-pixel uncertainty map, or None
   mark_initialized()                 weights were loaded: skip data-dependent initialisation
   load_weights(state_dict, path), complete_state_dict(state_dict)   strict loading
@@ -20,12 +24,13 @@ declares every member the scripts and the loaders use, with a default for all bu
                                      a released file without srspace metadata
   sample_controls, resolve_controls(controls, n, device), sample_latents(...)
                                      sr_sample.py's latent controls (`LatentSRModel`)
-and the class attributes stochastic, lr_multiple, default_temperature, ddp_find_unused and
-oldest_checkpoint_format (documented on SRModel).
+and the class attributes stochastic, lr_multiple, default_temperature, ddp_find_unused,
+compile_regions and oldest_checkpoint_format (documented on SRModel).
 Images crossing the boundary are RGB float32 in [0, 1], NCHW. Any other range stays inside.
 """
 
 import hashlib
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, get_args, get_origin
@@ -35,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sr_lib.config import check_ranges
 from sr_lib.data import default_patch, list_images, read_image, to_tensor
 from sr_lib.errors import DataError, UsageError
 from sr_lib.weights import load_strict
@@ -59,6 +65,12 @@ def check_choices(cfg) -> None:
         if choices is not None and value not in choices:
             flag = f"--{f.name.replace('_', '-')}"
             raise UsageError(f"{flag} {value!r}: choose one of {', '.join(map(str, choices))}")
+
+
+def scale_list(model) -> str:
+    """A model's scales in words: "2, 3, 4 or 8"."""
+    *first, last = model.scales
+    return f"{', '.join(map(str, first))} or {last}" if first else str(last)
 
 
 @dataclass(frozen=True)
@@ -134,6 +146,85 @@ class NoiseSource:
         self._calls = 0
 
 
+class Prepared:
+    """What `SRModel.prepare` computed from one LR image alone: shared by all the image's samples
+    and temperatures, and cut to each tile when tiling (docs/design.md, "Tiled sampling").
+
+    maps: spatial tensors (..., h·r, w·r) at a resolution r relative to the padded LR (e.g. 1/2,
+    1, 2, the scale), cut with the tile; extra: what is global to the image (never cut); memo: what
+    a model derives from these on first use and keeps for later calls on the same image (None:
+    keep nothing: an image sampled in one call, or a cut, made anew for every call); window: the
+    tile this was cut to, (y0, x0, h, w, H, W) in padded LR px as `NoiseSource.window`, or None
+    for the whole image.
+    """
+
+    def __init__(self, lr_size: tuple[int, int], maps: dict, extra: dict | None = None,
+                 window=None):  # fmt: skip
+        self.lr_size = tuple(lr_size)  # (h, w) of the LR the maps belong to
+        self.maps = maps
+        self.extra = extra or {}
+        self.memo: dict = {}
+        self.window = window
+
+    def crop(self, window) -> "Prepared":
+        """The maps cut to window (y0, x0, h, w, H, W) of this (whole-image) LR."""
+        y0, x0, h, w, H, W = window
+        if (H, W) != self.lr_size:
+            raise ValueError(f"Prepared.crop: window of {H}x{W}, prepared for {self.lr_size}")
+        maps = {k: cut(t, window) for k, t in self.maps.items()}
+        part = Prepared((h, w), maps, self.extra, window)
+        part.memo = None
+        return part
+
+
+def scale_window(window, ry: float, rx: float) -> tuple[int, int, int, int]:
+    """(y0, x0, h, w) of a window (y0, x0, h, w, H, W) at a resolution (ry, rx) relative to it;
+    every position must land on a whole pixel (tiles are multiples of `lr_multiple`)."""
+    y0, x0, h, w = window[:4]
+    out = (y0 * ry, x0 * rx, h * ry, w * rx)
+    if any(abs(v - round(v)) > 1e-9 for v in out):
+        raise ValueError(f"window {window[:4]} falls between pixels at resolution {ry}x{rx}")
+    return tuple(round(v) for v in out)
+
+
+def cut(t: torch.Tensor, window) -> torch.Tensor:
+    """The part of a whole-image map (..., H·r, W·r) inside window (y0, x0, h, w, H, W)."""
+    H, W = window[4:]
+    y0, x0, h, w = scale_window(window, t.shape[-2] / H, t.shape[-1] / W)
+    return t[..., y0 : y0 + h, x0 : x0 + w]
+
+
+def conv_radius(module: nn.Module) -> int:
+    """Sum of the kernel radii of every convolution in `module`: the radius of its receptive field
+    (in pixels of its input) when the convolutions form one chain, an upper bound otherwise."""
+    r = 0
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+            r += max(d * (k - 1) // 2 for k, d in zip(m.kernel_size, m.dilation))
+    return r
+
+
+def staged_radius(layers) -> float:
+    """Receptive-field radius, in pixels of its input, of a chain of layers whose resolution grows
+    at each nn.PixelShuffle or nn.Upsample: a conv at resolution ×f adds its kernel radius / f, a
+    non-nearest upsampling one pixel of its input."""
+    r, res = 0.0, 1
+    for layer in layers:
+        if isinstance(layer, nn.PixelShuffle):
+            res *= layer.upscale_factor
+        elif isinstance(layer, nn.Upsample):
+            r += 0 if layer.mode == "nearest" else 1 / res
+            res *= int(layer.scale_factor)
+        else:
+            r += conv_radius(layer) / res
+    return r
+
+
+def halo(*radii: float) -> int:
+    """The tile halo in LR px from receptive-field radii given in LR px (fractions allowed)."""
+    return math.ceil(max(radii) - 1e-9)
+
+
 def sample_seed(seed: int, stem: str, i: int) -> int:
     """The seed of sample i of image `stem`: a pure function of (seed, stem, i)."""
     h = hashlib.sha256(f"{seed}/{stem}/{i}".encode()).digest()
@@ -160,16 +251,29 @@ class SRModel(nn.Module):
     # True if some parameters get no gradient in some steps (e.g. an encoder frozen by on_step):
     # DDP must then look for unused parameters every step.
     ddp_find_unused = False
+    # sr_train.py --compile: the module classes compiled one by one (regional compilation: a
+    # repeated block is compiled once per shape instead of unrolling the whole network into one
+    # graph); empty: the whole training forward is compiled.
+    compile_regions: tuple[type[nn.Module], ...] = ()
     # Checkpoints of an older format (sr_lib/checkpoint.py) hold weights of another function
     # (a fixed bug changed the model) and are refused.
     oldest_checkpoint_format = 1
     # sr_sample.py's controls this model takes: "latent" (--latent, --latent-shift,
     # --save-latent), "ref" (--ref), "latent_from" (--latent-from); see LatentSRModel.
     sample_controls: tuple[str, ...] = ()
+    # The LR px of context around a tile that make `generate` exact there, given the image's
+    # `prepare` cut to the tile: the receptive field of the per-tile computation (a property
+    # computed from the config in most models). None: unknown (sr_sample.py then uses 32).
+    tile_halo: int | None = None
+    scales: tuple[int, ...] = (2, 3, 4, 8)  # the scale factors the model is built for
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         check_choices(cfg)
+        check_ranges(cfg)
+        if cfg.scale not in self.scales:
+            name = type(self).__name__
+            raise UsageError(f"{name}: scale {cfg.scale} not supported; use {scale_list(self)}")
         self.cfg = cfg
         self.scale = cfg.scale
 
@@ -193,16 +297,30 @@ class SRModel(nn.Module):
         """(B, n, 3, s·H, s·W) on an LR padded to `lr_multiple`, drawing from `noise`."""
         raise NotImplementedError(f"{type(self).__name__} must define generate()")
 
+    def prepare(self, lr: torch.Tensor) -> Prepared | None:
+        """The work that depends on one (1, 3, H, W) LR image alone (padded to `lr_multiple`): an
+        encoder, conditioning maps. `generate(..., prepared=p)` then uses it instead of computing
+        it again, for every temperature and sample of the image, and a tile uses `p.crop(tile)`
+        (whole-image maps cut to it, so global operations see the whole image). Default None: the
+        model shares nothing and `generate` never receives `prepared`."""
+        return None
+
+    def finish(self, sr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+        """Whole-image post-processing of `generate`'s output (B, n, 3, s·H, s·W), after tiles are
+        joined and before clamping (e.g. a test-time CEM); the default does nothing."""
+        return sr
+
     @torch.no_grad()
     def sample(
-        self, lr: torch.Tensor, n: int = 1, temperature: float = 1.0, noise=None, **controls
-    ) -> torch.Tensor:
+        self, lr: torch.Tensor, n: int = 1, temperature: float = 1.0, noise=None, prepared=None,
+        **controls,
+    ) -> torch.Tensor:  # fmt: skip
         """n samples per LR image, (B, n, 3, s·H, s·W) in [0, 1].
 
         temperature scales the standard deviation of every latent draw (0 = deterministic mode);
         `noise` is a NoiseSource with B·n seeds (row b·n + i is sample i of image b);
-        `controls`: model-specific sampling controls (e.g. explicit latents), passed to
-        `generate`.
+        `prepared`: this (B = 1) image's `prepare` output, reused; `controls`: model-specific
+        sampling controls (e.g. explicit latents), passed to `generate`.
         """
         b, _, h, w = lr.shape
         if noise is None:
@@ -211,7 +329,9 @@ class SRModel(nn.Module):
         if len(noise) != b * n:
             raise ValueError(f"sample: noise has {len(noise)} streams, need B*n = {b * n}")
         x = pad_to_multiple(lr, self.lr_multiple)
-        sr = self.generate(x, n, float(temperature), noise, **controls)
+        if prepared is not None:
+            controls["prepared"] = prepared
+        sr = self.finish(self.generate(x, n, float(temperature), noise, **controls), x)
         s = self.scale
         return sr[..., : h * s, : w * s].clamp(0, 1)
 
@@ -327,18 +447,18 @@ class LatentSRModel(SRModel):
         """z (B, n, D) of n samples per LR image, drawn from `noise` (vectors, never fields)."""
         raise NotImplementedError(f"{type(self).__name__} must define latents()")
 
-    def decode_latents(self, lr: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def decode_latents(self, lr: torch.Tensor, z: torch.Tensor, prepared=None) -> torch.Tensor:
         """(B, n, 3, s·H, s·W) from z (B, n, D), one sample at a time (a sample never depends
-        on what it is batched with)."""
+        on what it is batched with); `prepared`: the image's `prepare` output (maybe cut)."""
         raise NotImplementedError(f"{type(self).__name__} must define decode_latents()")
 
-    def generate(self, lr, n, temperature, noise, latent=None, **cond) -> torch.Tensor:
+    def generate(self, lr, n, temperature, noise, latent=None, prepared=None, **cond):
         """latent: explicit z, (D,), (n, D) or (B, n, D); otherwise drawn by `latents`."""
         if latent is None:
             z = self.latents(lr, n, temperature, noise, **cond)
         else:
             z = latent.to(lr).expand(lr.shape[0], n, self.z_dim)
-        return self.decode_latents(lr, z)
+        return self.decode_latents(lr, z, prepared)
 
     def resolve_controls(self, controls: dict, n: int, device) -> SampleControls:
         """Load the files of the control flags and check them against this model."""

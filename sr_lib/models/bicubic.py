@@ -11,6 +11,8 @@ from sr_lib.resize import imresize_torch
 class Bicubic(SRModel):
     """MATLAB imresize(lr, scale) in float; training it is a no-op (`--steps 0`)."""
 
+    tile_halo = 2  # the bicubic kernel's radius in LR px
+
     def __init__(self, cfg):
         super().__init__(cfg)
         # A zero-size buffer gives the module a device, so .to(device) works like any model.

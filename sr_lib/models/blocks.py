@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sr_lib.errors import UsageError
-from sr_lib.models.base import ModelConfig, SRModel
+from sr_lib.models.base import ModelConfig, SRModel, conv_radius, halo
 from sr_lib.models.losses import AUX_TARGETS, MASK_SCOPES, le_loss
 
 LOSSES = ("l1", "le")
@@ -95,6 +95,10 @@ class SigmaBranch(nn.Module):
         # can follow the error map. The paper does not describe the initialisation.
         nn.init.constant_(self.upsample[0].bias, SIGMA_INIT_LOGIT)
 
+    def radius(self) -> int:
+        """Receptive field in pixels of its input: every conv runs at that resolution."""
+        return conv_radius(self.mapping) + conv_radius(self.upsample)
+
     def forward(self, fea: torch.Tensor) -> torch.Tensor:
         # The sigmoid bounds σ to (0, 1), the range of images here (docs/le.md, "Design decisions").
         return torch.sigmoid(self.upsample(self.mapping(fea)))
@@ -170,14 +174,16 @@ class RegressionConfig(ModelConfig):
         default=0.0,
         metadata=dict(
             help="train only the σ branch, on the whole batch, for this final fraction of the "
-            "steps (μ frozen: no backward through the body); 0 = never (paper), 1 = σ only"
+            "steps (μ frozen: no backward through the body); 0 = never (paper), 1 = σ only",
+            range="[0, 1]",
         ),
     )
     le_sigma_ema: float = field(
         default=0.0,
         metadata=dict(
             help="keep an exponential moving average of the σ branch's weights with this decay "
-            "per step (e.g. 0.99) and use it for the uncertainty map; 0 = off (paper)"
+            "per step (e.g. 0.99) and use it for the uncertainty map; 0 = off (paper)",
+            range="[0, 1)",
         ),
     )
 
@@ -194,14 +200,6 @@ class RegressionSR(SRModel):
 
     def __init__(self, cfg: RegressionConfig):
         super().__init__(cfg)
-        if not 0.0 <= cfg.le_sigma_final_fraction <= 1.0:
-            raise UsageError(
-                f"--le-sigma-final-fraction {cfg.le_sigma_final_fraction}: use a fraction in [0, 1]"
-            )
-        if not 0.0 <= cfg.le_sigma_ema < 1.0:
-            raise UsageError(
-                f"--le-sigma-ema {cfg.le_sigma_ema}: use a decay in [0, 1), e.g. 0.99 (0 = off)"
-            )
         # μ's parameters get no gradient in the σ-only phase: DDP must look for unused ones.
         self.ddp_find_unused = cfg.loss == "le" and cfg.le_sigma_final_fraction > 0
         self.sigma = None
@@ -231,6 +229,16 @@ class RegressionSR(SRModel):
         """(μ (B, 3, sH, sW), the σ branch's input features) of `lr`: the network itself, which
         each subclass (EDSR, RRDB) defines; this base class holds only the loss and σ logic."""
         raise NotImplementedError(f"{type(self).__name__} must define predict()")
+
+    def radii(self) -> tuple[float, float]:
+        """Receptive field in LR px of predict's features, and of the rest of μ after them."""
+        raise NotImplementedError(f"{type(self).__name__} must define radii()")
+
+    @property
+    def tile_halo(self) -> int:
+        """The receptive field of μ, and of σ when the model has it."""
+        fea, rest = self.radii()
+        return halo(fea + rest, fea + (self.sigma.radius() if self.sigma is not None else 0))
 
     def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
         mu, fea = self.predict(lr)

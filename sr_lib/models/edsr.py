@@ -12,8 +12,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from sr_lib.errors import UsageError
-from sr_lib.models.base import Recipe
+from sr_lib.models.base import Recipe, conv_radius, staged_radius
 from sr_lib.models.blocks import (
     RegressionConfig,
     RegressionSR,
@@ -28,7 +27,9 @@ DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
 @dataclass
 class EDSRConfig(RegressionConfig):
-    n_blocks: int = field(default=16, metadata=dict(help="residual blocks (full EDSR: 32)"))
+    n_blocks: int = field(
+        default=16, metadata=dict(help="residual blocks (full EDSR: 32)", range="[0, inf)")
+    )
     n_feats: int = field(default=64, metadata=dict(help="feature channels (full EDSR: 256)"))
     res_scale: float = field(
         default=1.0, metadata=dict(help="residual scaling in each block (full EDSR: 0.1)")
@@ -42,8 +43,6 @@ class EDSR(RegressionSR):
 
     def __init__(self, cfg: EDSRConfig):
         super().__init__(cfg)
-        if cfg.scale not in (2, 3, 4, 8):
-            raise UsageError(f"edsr: scale {cfg.scale} not supported; use 2, 3, 4 or 8")
         nf = cfg.n_feats
         # MeanShift: a constant, so a buffer (not a frozen conv) and not saved in checkpoints.
         mean = torch.tensor(DIV2K_RGB_MEAN).view(1, 3, 1, 1)
@@ -59,6 +58,9 @@ class EDSR(RegressionSR):
         # EDSR recipe: LR patches 48, batch 16, Adam 1e-4 halved at 2e5 of 3e5 updates (the base
         # recipe but for the milestone).
         return replace(super().recipe(scale), milestones=(2 / 3,))  # fractions of --steps
+
+    def radii(self) -> tuple[float, float]:
+        return conv_radius(self.head) + conv_radius(self.body), staged_radius(self.tail)
 
     def predict(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.head(lr - self.rgb_mean)

@@ -49,7 +49,9 @@ def _add_logdet(logdet, scale: torch.Tensor, sign: float = 1.0, log: bool = True
     if logdet is None:
         return None
     per = (torch.log(scale) if log else scale).flatten(1).sum(1).to(logdet.dtype)
-    return logdet + sign * per.repeat_interleave(logdet.shape[0] // per.shape[0])
+    if per.shape[0] != logdet.shape[0]:
+        per = per.repeat_interleave(logdet.shape[0] // per.shape[0])
+    return logdet + sign * per
 
 
 def _flow_dtype(t: torch.Tensor) -> torch.dtype:
@@ -73,7 +75,9 @@ class ActNorm(nn.Module):
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
-        """Data-dependent init: zero mean, unit std per channel over (N, H, W) of this batch."""
+        """Data-dependent init: zero mean, unit std per channel over (N, H, W) of this batch
+        (statistics in float32 whatever precision x was computed in)."""
+        x = x.float()
         mean = x.mean((0, 2, 3), keepdim=True)
         std = (x - mean).pow(2).mean((0, 2, 3), keepdim=True).sqrt()
         self.bias.copy_(-mean)
@@ -146,14 +150,16 @@ class InvConv1x1(nn.Module):
 
     def forward(self, x: torch.Tensor, logdet=None):
         w, logabsdet, _ = self._terms(inverse=False)
-        y = F.conv2d(x, w[..., None, None]).to(x.dtype)  # stays in x's dtype under autocast
+        with torch.autocast(x.device.type, enabled=False):  # the flow's state stays float32
+            y = F.conv2d(x, w[..., None, None])
         if logdet is not None:
             logdet = logdet + x.shape[2] * x.shape[3] * logabsdet.to(logdet.dtype)
         return y, logdet
 
     def reverse(self, y: torch.Tensor, logdet=None):
         _, logabsdet, inv = self._terms(inverse=True)
-        x = F.conv2d(y, inv[..., None, None]).to(y.dtype)
+        with torch.autocast(y.device.type, enabled=False):  # the flow's state stays float32
+            x = F.conv2d(y, inv[..., None, None])
         if logdet is not None:
             logdet = logdet - y.shape[2] * y.shape[3] * logabsdet.to(logdet.dtype)
         return x, logdet
@@ -311,11 +317,15 @@ class CondAffine(nn.Module):
         logdet = _add_logdet(logdet, scale)
         z1, z2 = z[:, : self.c1], z[:, self.c1 :]
         if self.noise_conditional:
-            h = self.fAffine_std(torch.cat([z1, self._noise(noise, z1)], 1))
+            nz = self._noise(noise, z1)
+            h = self.fAffine_std(torch.cat([z1.to(nz.dtype), nz], 1))
             shift, scale = self._shift_scale(h, z.dtype)
             z2 = (z2 + shift) * scale
             logdet = _add_logdet(logdet, scale)
-        shift, scale = self._shift_scale(self.fAffine(torch.cat([z1, ft], 1)), z.dtype)
+        # z1 in ft's dtype: a bfloat16 ft (autocast) and a float32 z1 would make a float32 concat
+        # of all the condition channels, cast back to bfloat16 by the conv (same values, 2x bytes)
+        h = self.fAffine(torch.cat([z1.to(ft.dtype), ft], 1))
+        shift, scale = self._shift_scale(h, z.dtype)
         z2 = (z2 + shift) * scale  # Eq. 8, coupling: z2 from (z1, LR features)
         logdet = _add_logdet(logdet, scale)
         return torch.cat([z1, z2], 1), logdet
@@ -360,7 +370,8 @@ class Split(nn.Module):
         self.conv = ZeroConv2d(self.keep, 2 * self.consume)
 
     def prior(self, z1: torch.Tensor):
-        h = self.conv(z1).to(z1.dtype)
+        with torch.autocast(z1.device.type, enabled=False):  # the prior stays float32
+            h = self.conv(z1)
         return h[:, 0::2], h[:, 1::2]  # mean, log std
 
     def forward(self, x: torch.Tensor, logdet=None):

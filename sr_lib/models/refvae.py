@@ -27,7 +27,17 @@ from torch import nn
 from sr_lib.data import list_images, read_image, to_tensor
 from sr_lib.errors import UsageError
 from sr_lib.lpips_net import load_alexnet_trunk, lpips_module
-from sr_lib.models.base import LatentSRModel, ModelConfig, Recipe, option
+from sr_lib.models.base import (
+    LatentSRModel,
+    ModelConfig,
+    Prepared,
+    Recipe,
+    conv_radius,
+    halo,
+    option,
+    scale_window,
+    staged_radius,
+)
 from sr_lib.models.blocks import conv3x3
 from sr_lib.models.losses import frozen_call, standard_normal_kl, style_stats, tv_map
 from sr_lib.models.vgg import VGG19_RELU, VGGFeatures
@@ -42,11 +52,13 @@ CONTENT_DOWN = ("lr", "pyramid", "none")
 
 @dataclass
 class RefVAEConfig(ModelConfig):
-    width: int = option(512, "LR-branch / fusion channels (512 = code); the decoder halves it 3×")
+    width: int = option(
+        512, "LR-branch / fusion channels (512 = code); the decoder halves it 3×", range="[8, inf)"
+    )
     cond_channels: int = option(64, "channels of the CVAE feature maps (code: 64)")
     latent_grid: int = option(16, "CVAE feature grid side (code: 16, i.e. 16·16·64 -> z)")
     z_dim: int = option(256, "latent size D (code: 256)")
-    mask_blocks: int = option(3, "residual blocks of the LR branch (code: 3)")
+    mask_blocks: int = option(3, "residual blocks of the LR branch (code: 3)", range="[0, inf)")
     ref_size: int = option(256, "references are resized to this square (paper: 256)")
     ref_data: str = option("hr", "training references: hr (the HR patch, as the code) or a folder")
     pretrained: bool = option(True, "random frozen VGG19/AlexNet, no ImageNet weights (tests only)")
@@ -69,7 +81,9 @@ class RefVAEConfig(ModelConfig):
     )
     lambda_lpips: float = option(1.0, "LPIPS-alex loss (code: 1e4 on the mean map)")
     lambda_tv: float = option(1.0, "TV loss, Eq. 8 (code: 0)")
-    tv_beta: float = option(1.0, "TV exponent β of Eq. 8 (not given by the paper)")
+    tv_beta: float = option(
+        1.0, "TV exponent β of Eq. 8 (not given by the paper)", range="(0, inf)"
+    )
     lambda_kl: float = option(1.0, "KL(q(z|R) ‖ N(0, I)), Eq. 4")
     lambda_adv: float = option(1.0, "adversarial loss (not in Eq. 9; code: 1; 0 = no D unless FM)")
     adv_loss: str = option(
@@ -124,12 +138,30 @@ class Generator(nn.Module):
         mu, logvar = self.feat_enc(h.flatten(1)).chunk(2, dim=1)
         return mu, logvar
 
-    def decode(self, f_x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Residual (B, 3, 8h, 8w) from LR features F_X (B, 512, h, w) and z (B, D)."""
+    def modulation(self, f_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """F_μ, F_σ (B, width, h, w) of the LR features F_X (B, 512, h, w): the code's order."""
+        f_mu, f_sigma = self.mask(f_x).chunk(2, dim=1)
+        return f_mu, f_sigma
+
+    def decode(self, f_mu: torch.Tensor, f_sigma: torch.Tensor, z: torch.Tensor,
+               window=None) -> torch.Tensor:  # fmt: skip
+        """Residual (B, 3, 8h, 8w) from the modulation (B, width, h, w) and z (B, D). window: the
+        tile (y0, x0, h, w, H, W) of a whole (H, W) feature map these are cut to: the latent grid
+        is stretched over the whole image and cut, as without tiles."""
         c_r = self.feat_dec(z).view(z.shape[0], -1, self.grid, self.grid)  # (B, k, g, g)
-        c_r = self.cond(F.interpolate(c_r, size=f_x.shape[-2:], mode="bilinear"))  # C_R
-        f_mu, f_sigma = self.mask(f_x).chunk(2, dim=1)  # the code's order: F_μ first
-        return self.decoder(c_r * (1 + f_sigma) + f_mu)  # paper §3.2 fusion
+        if window is None:
+            c_r = F.interpolate(c_r, size=f_mu.shape[-2:], mode="bilinear")
+        else:
+            y0, x0, h, w = window[:4]
+            c_r = F.interpolate(c_r, size=window[4:], mode="bilinear")[
+                ..., y0 : y0 + h, x0 : x0 + w
+            ]
+        return self.decoder(self.cond(c_r) * (1 + f_sigma) + f_mu)  # C_R; paper §3.2 fusion
+
+    def radius(self) -> float:
+        """Receptive field of `decode` in pixels of its input (HR/8): C_R's convs, then the
+        decoder's bilinear ×2 steps and convs at 1/4, 1/2 and 1 of HR."""
+        return conv_radius(self.cond) + staged_radius(self.decoder)
 
 
 class Discriminator(nn.Module):
@@ -188,16 +220,15 @@ class RefVAE(LatentSRModel):
 
     Config = RefVAEConfig
     sample_controls = ("ref", "latent")  # sr_sample.py --ref, --latent/--latent-shift/--save-latent
+    scales = (2, 4, 8)
 
     def __init__(self, cfg: RefVAEConfig):
         super().__init__(cfg)
-        if cfg.scale not in (2, 4, 8):
-            raise UsageError(f"refvae: scale {cfg.scale} not supported; use 2, 4 or 8")
         self.style_layers = tuple(t for t in cfg.style_layers.split(",") if t)
         if any(t not in VGG19_RELU for t in self.style_layers):
             raise UsageError(f"--style-layers {cfg.style_layers!r}: VGG19 ReLU taps, e.g. relu4_1")
-        if cfg.width < 8 or cfg.width % 8 or min(cfg.cond_channels, cfg.latent_grid, cfg.z_dim) < 1:
-            raise UsageError("refvae: --width must be a multiple of 8; other sizes >= 1")
+        if cfg.width % 8:
+            raise UsageError(f"--width {cfg.width}: must be a multiple of 8")
         self.lr_multiple = 8 // cfg.scale  # bicubic(LR) must be a multiple of 8 (its decoder)
         taps = tuple(dict.fromkeys(("relu4_1", *self.style_layers)))
         self.vgg = VGGFeatures(taps, imagenet_norm=True, pretrained=False)  # see _load_weights
@@ -285,11 +316,28 @@ class RefVAE(LatentSRModel):
         eps = noise.vector(d).view(b, n, d)
         return (mu + temperature * torch.exp(0.5 * logvar) * eps).expand(b, n, d)
 
-    def decode_latents(self, lr: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def prepare(self, lr: torch.Tensor) -> Prepared:
+        """bicubic(LR), and the VGG features of it and their modulation F_μ, F_σ: the LR-only part
+        of decoding, on the whole image."""
         self._load_weights()
         up = imresize_torch(lr, self.scale)  # MATLAB bicubic; the code uses torch bicubic
-        f_x = self.vgg(up)["relu4_1"]  # (B, 512, sH/8, sW/8)
-        return torch.stack([up + self.gen.decode(f_x, z[:, i]) for i in range(z.shape[1])], dim=1)
+        f_mu, f_sigma = self.gen.modulation(self.vgg(up)["relu4_1"])  # (B, width, sH/8, sW/8)
+        return Prepared(lr.shape[-2:], {"up": up, "f_mu": f_mu, "f_sigma": f_sigma})
+
+    @property
+    def tile_halo(self) -> int:
+        """Given `prepare`, a tile runs C_R's convs and the decoder (`Generator.radius`)."""
+        return halo(self.gen.radius() * 8 / self.scale)
+
+    def decode_latents(self, lr: torch.Tensor, z: torch.Tensor, prepared=None) -> torch.Tensor:
+        p = self.prepare(lr) if prepared is None else prepared
+        f_mu, f_sigma = p.maps["f_mu"], p.maps["f_sigma"]
+        window = None
+        if p.window is not None:  # the tile at the feature maps' resolution (sH/8)
+            r = self.scale / 8
+            window = (*scale_window(p.window, r, r), *(round(v * r) for v in p.window[4:]))
+        out = [self.gen.decode(f_mu, f_sigma, z[:, i], window) for i in range(z.shape[1])]
+        return p.maps["up"][:, None] + torch.stack(out, dim=1)  # (B, n, 3, sH, sW)
 
     def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
         c, s = self.cfg, self.scale
@@ -304,7 +352,7 @@ class RefVAE(LatentSRModel):
             f_hr = f_ref if ref is hr else self.vgg(hr) if perceptual else None
         mu, logvar = self.gen.encode(f_ref["relu4_1"])
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)  # paper §3.2 reparameterisation
-        sr = up + self.gen.decode(f_x, z)
+        sr = up + self.gen.decode(*self.gen.modulation(f_x), z)
         down = {"lr": (s,), "pyramid": (2, 4), "none": ()}[c.content_down]
         pixel = l1(sr, hr) + sum(
             l1(imresize_torch(sr, 1 / a), imresize_torch(hr, 1 / a)) for a in down

@@ -16,7 +16,7 @@ from torch import nn
 
 from sr_lib.checkpoint import is_srspace_checkpoint, load_checkpoint
 from sr_lib.errors import CheckpointError, UsageError
-from sr_lib.models.base import Recipe
+from sr_lib.models.base import Recipe, conv_radius
 from sr_lib.models.blocks import RegressionConfig, RegressionSR, conv3x3, float32_out
 from sr_lib.weights import load_state_dict, load_strict
 
@@ -25,7 +25,9 @@ SCALES = (2, 4, 8)
 
 @dataclass
 class RRDBConfig(RegressionConfig):
-    nb: int = field(default=23, metadata=dict(help="RRDB blocks in the trunk (CelebA ×8: 8)"))
+    nb: int = field(
+        default=23, metadata=dict(help="RRDB blocks in the trunk (CelebA ×8: 8)", range="[0, inf)")
+    )
     nf: int = field(default=64, metadata=dict(help="feature channels"))
     gc: int = field(default=32, metadata=dict(help="growth channels of the dense blocks"))
 
@@ -160,8 +162,10 @@ def load_official_rrdb(model_or_net: nn.Module, path: str | os.PathLike) -> None
                 f"{path}: a {ck['model']} checkpoint; give an rrdb run's checkpoint or an "
                 "official RRDB_*.pth"
             )
-        # the network only: an `le` run's σ branch is not part of the encoder
-        sd = {k[len("net.") :]: v for k, v in ck["state_dict"].items() if k.startswith("net.")}
+        # the network only (an `le` run's σ branch is not part of the encoder); its weight
+        # average if the run kept one (sr_train.py --ema), as sr_lib.models.load_model loads it
+        weights = ck.get("ema_state_dict", ck["state_dict"])
+        sd = {k[len("net.") :]: v for k, v in weights.items() if k.startswith("net.")}
     else:
         sd = load_state_dict(path)
     load_strict(net, sd, f"{path} does not match this RRDBNet")
@@ -171,6 +175,7 @@ class RRDB(RegressionSR):
     """RRDB trained on its own (SRFlow's RRDB pre-training, or ESRGAN's PSNR-oriented stage)."""
 
     Config = RRDBConfig
+    scales = SCALES
 
     def __init__(self, cfg: RRDBConfig):
         super().__init__(cfg)
@@ -186,6 +191,15 @@ class RRDB(RegressionSR):
             super().recipe(scale), patch=160 // scale, steps=200_000, learning_rate=2e-4,
             betas=(0.9, 0.99), schedule="cosine", eta_min=1e-7,
         )  # fmt: skip
+
+    def radii(self) -> tuple[float, float]:
+        """Trunk at LR, each upconv (after a nearest ×2) at 2, 4, ... × LR, the last two at HR."""
+        net = self.net
+        fea = (
+            conv_radius(net.conv_first) + conv_radius(net.RRDB_trunk) + conv_radius(net.trunk_conv)
+        )
+        ups = sum(conv_radius(getattr(net, f"upconv{i}")) / 2**i for i in range(1, net.n_up + 1))
+        return fea, ups + (conv_radius(net.HRconv) + conv_radius(net.conv_last)) / self.scale
 
     def predict(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.net.features(lr)

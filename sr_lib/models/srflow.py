@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sr_lib.errors import CheckpointError, UsageError
-from sr_lib.models.base import ModelConfig, Recipe, SRModel
+from sr_lib.models.base import ModelConfig, Prepared, Recipe, SRModel, conv_radius, halo
 from sr_lib.models.flow_layers import (
     ActNorm,
     CondAffine,
@@ -31,7 +31,7 @@ from sr_lib.models.flow_layers import (
     squeeze,
     unsqueeze,
 )
-from sr_lib.models.rrdb import RRDBNet, load_official_rrdb
+from sr_lib.models.rrdb import RRDBBlock, RRDBNet, load_official_rrdb
 from sr_lib.weights import load_strict
 
 OFFICIAL_F = "flowUpsamplerNet.f."  # the released code's unused conv: ignorable when loading
@@ -43,13 +43,25 @@ class SRFlowConfig(ModelConfig):
     nf: int = field(default=64, metadata=dict(help="encoder feature channels"))
     gc: int = field(default=32, metadata=dict(help="encoder growth channels"))
     rrdb_blocks: str = field(
-        default="", metadata=dict(help="stacked RRDB blocks, e.g. 1,8,15,22 (default: the paper's)")
+        default="",
+        metadata=dict(
+            help="stacked RRDB blocks, e.g. 1,8,15,22 (default: the paper's, spread over a "
+            "smaller --nb)"
+        ),
     )
-    flow_levels: int = field(default=0, metadata=dict(help="L (0: 3 at x4, 4 at x8)"))
-    flow_steps: int = field(default=0, metadata=dict(help="K steps per level (0: 16)"))
-    transitions: int = field(default=2, metadata=dict(help="unconditional steps per level"))
+    flow_levels: int = field(
+        default=0, metadata=dict(help="L (0: 3 at x4, 4 at x8)", range="[0, inf)")
+    )
+    flow_steps: int = field(
+        default=0, metadata=dict(help="K steps per level (0: 16)", range="[0, inf)")
+    )
+    transitions: int = field(
+        default=2, metadata=dict(help="unconditional steps per level", range="[0, inf)")
+    )
     hidden_channels: int = field(default=64, metadata=dict(help="coupling network width"))
-    affine_eps: float = field(default=1e-4, metadata=dict(help="scale = sigmoid(h + 2) + eps"))
+    affine_eps: float = field(
+        default=1e-4, metadata=dict(help="scale = sigmoid(h + 2) + eps", range="(0, inf)")
+    )
     lu: bool = field(default=False, metadata=dict(help="LU-parametrised 1x1 convs (not official)"))
     dequant: Literal["gaussian", "uniform", "none"] = field(
         default="gaussian",
@@ -59,11 +71,13 @@ class SRFlowConfig(ModelConfig):
     quant: int = field(default=32, metadata=dict(help="uniform: U(-0.5, 0.5)/quant noise"))
     freeze_encoder: float = field(
         default=0.5,
-        metadata=dict(help="fraction of steps with the encoder frozen (released code: 0)"),
+        metadata=dict(
+            help="fraction of steps with the encoder frozen (released code: 0)", range="[0, 1]"
+        ),
     )
     unused_conv: bool = field(
         default=True,
-        metadata=dict(help="the never-called official conv f (276,576 params); --no-: drop it"),
+        metadata=dict(help="drop the released code's never-called conv f (276,576 params)"),
     )
     rrdb_init: str = field(
         default="",
@@ -71,6 +85,20 @@ class SRFlowConfig(ModelConfig):
             help="RRDB weights for the encoder at step 0: official RRDB_*.pth or an rrdb run's .pt"
         ),
     )
+
+
+def encoder_taps(given: str, paper: str, nb: int) -> tuple[int, ...]:
+    """The RRDB blocks whose outputs condition the flow: `given` (--rrdb-blocks), else the paper's
+    taps of its 23-block encoder, spread proportionally over a smaller --nb (2 blocks: 0,1)."""
+    try:
+        blocks = [int(b) for b in (given or paper).split(",")]
+    except ValueError:
+        raise UsageError(f"--rrdb-blocks {given}: give block numbers, e.g. 1,8,15,22") from None
+    if not given and max(blocks) >= nb:
+        blocks = sorted({round(b * (nb - 1) / 22) for b in blocks})
+    if any(not 0 <= b < nb for b in blocks):
+        raise UsageError(f"--rrdb-blocks {given}: need blocks in 0..{nb - 1} (--nb {nb})")
+    return tuple(blocks)
 
 
 class FlowLevel(nn.Module):
@@ -90,21 +118,16 @@ class SRFlow(SRModel):
     stochastic = True
     default_temperature = 0.9  # the challenge submissions' heat
     ddp_find_unused = True  # the encoder is frozen for part of training (on_step)
+    compile_regions = (FlowStep, Split, RRDBBlock)  # --compile: each block once per level shape
     oldest_checkpoint_format = 2  # format 1 conditioned on pre-activation maps (docs/flows.md)
+    scales = (4, 8)
 
     def __init__(self, cfg: SRFlowConfig):
         super().__init__(cfg)
-        if cfg.scale not in (4, 8):
-            raise UsageError(
-                f"{type(self).__name__.lower()}: scale {cfg.scale} not supported; use 4 or 8"
-            )
         paper = self.paper(cfg.scale)
         self.levels = cfg.flow_levels or paper["levels"]
         self.steps = cfg.flow_steps or paper["steps"]
-        blocks = cfg.rrdb_blocks or paper["blocks"]
-        self.blocks = tuple(int(b) for b in blocks.split(","))
-        if any(not 0 <= b < cfg.nb for b in self.blocks):
-            raise UsageError(f"--rrdb-blocks {blocks}: need blocks in 0..{cfg.nb - 1}")
+        self.blocks = encoder_taps(cfg.rrdb_blocks, paper["blocks"], cfg.nb)
         self.cond_channels = cfg.nf * (1 + len(self.blocks))  # 64 + 4·64 = 320
         flow = self._build_flow()  # first: the encoder skips what the levels do not use
         self._build_encoder(cfg.nb)
@@ -113,6 +136,7 @@ class SRFlow(SRModel):
             self.f = nn.Sequential(nn.Conv2d(self.cond_channels, 96, 3, padding=1))
             self.f.requires_grad_(False)
         self._rrdb_init_done = False
+        self._low_encoder: list = []  # (key, RRDBNet): the frozen encoder in bfloat16 (encoder())
 
     def paper(self, scale: int) -> dict:
         """Per-scale defaults of the official configs (docs/flows.md, "Training")."""
@@ -182,11 +206,33 @@ class SRFlow(SRModel):
             else:
                 self._encoder_params.append(p)
 
+    def encoder(self, lr: torch.Tensor) -> RRDBNet:
+        """The RRDB encoder to run on `lr`: while it is frozen (`on_step`) and autocast is on, a
+        copy in the autocast dtype, made once and kept until a weight changes. Autocast keeps a
+        cast weight only within one autocast region and only for weights that require gradients,
+        so the frozen encoder's ~700 weights would be cast again at every step; the copy holds
+        exactly those casts, so the features are bit-identical. Not with --compile (compiled
+        encoder blocks, which cast in their graph)."""
+        device, compiled = lr.device.type, self.RRDB.RRDB_trunk[0]._compiled_call_impl
+        if self._encoder_params[0].requires_grad or compiled is not None:
+            self._low_encoder.clear()
+            return self.RRDB
+        if not torch.is_autocast_enabled(device):
+            return self.RRDB
+        dtype = torch.get_autocast_dtype(device)
+        key = (dtype, lr.device, *(p._version for p in self.RRDB.parameters()))
+        if not self._low_encoder or self._low_encoder[0] != key:
+            cfg = self.cfg
+            low = RRDBNet(cfg.scale, cfg.nf, cfg.nb, cfg.gc)
+            low.load_state_dict(self.RRDB.state_dict())
+            self._low_encoder[:] = [key, low.to(lr.device, dtype).requires_grad_(False)]
+        return self._low_encoder[1]
+
     # Encoder and conditioning.
 
     def conditions(self, lr: torch.Tensor) -> list[torch.Tensor]:
         """Per-level conditioning maps (B, nf·(1 + blocks), h_l, w_l) (docs/flows.md)."""
-        feats = self.RRDB.features(lr, self.blocks, up_to=self.up_to)
+        feats = self.encoder(lr).features(lr, self.blocks, up_to=self.up_to)
         stack = torch.cat([feats[f"block_{b}"] for b in self.blocks], 1)  # (B, 256, h, w)
         out = []
         for key in self.cond_keys:
@@ -194,6 +240,33 @@ class SRFlow(SRModel):
             s = F.interpolate(stack, size=m.shape[-2:], mode="nearest")  # released: default mode
             out.append(torch.cat([m, s], 1))  # (B, 320, h_l, w_l)
         return out
+
+    def prepare(self, lr: torch.Tensor) -> Prepared:
+        """The encoder's conditioning maps of one LR image (docs/flows.md), computed once for all
+        its samples and temperatures; `decode` keeps each step's LR-only part in `memo`."""
+        conds = self.conditions(lr)
+        return Prepared(lr.shape[-2:], {f"cond{k}": c for k, c in enumerate(conds)})
+
+    @property
+    def tile_halo(self) -> int:
+        """Receptive field of the flow's inverse given whole-image conditioning (docs/design.md,
+        "Tiled sampling"): from the coarsest level out, each conditional step widens it by its
+        coupling networks' radius, each split by its prior conv's, each unsqueeze by its factor."""
+        r = 0  # in pixels of the current level
+        for level in reversed(self.flow):
+            for layer in reversed(level.layers):
+                if isinstance(layer, Split):
+                    r += conv_radius(layer.conv)
+                elif layer.affine is not None:
+                    a = layer.affine
+                    nets = [
+                        a.fFeatures,
+                        a.fAffine,
+                        *([a.fAffine_std] if a.noise_conditional else []),
+                    ]
+                    r += max(conv_radius(net) for net in nets)
+            r = r * level.factor + level.factor - 1  # one level finer
+        return halo(r / self.scale)
 
     def level_noise(self, noise, x: torch.Tensor):
         """The noise condition at a level's resolution (NCSR); SRFlow has none."""
@@ -225,14 +298,16 @@ class SRFlow(SRModel):
         return latents + [x], logdet
 
     def decode(self, conds: list[torch.Tensor], latents: list[torch.Tensor], noise=None,
-               logdet=None):  # fmt: skip
+               logdet=None, memo: dict | None = None):  # fmt: skip
         """[eps ..., z_L] of n samples of ONE LR image (conds: batch 1) -> (HR (n, ...), logdet).
 
-        Each step's LR-only part runs once (`prepare`); the per-sample part runs row by row, so a
-        sample is bit-identical however many are drawn together.
+        Each step's LR-only part runs once (`prepare`), and is kept in `memo` (a Prepared's) for
+        later calls on the same image; the per-sample part runs row by row, so a sample is
+        bit-identical however many are drawn together.
         """
         eps, xs = list(latents[:-1]), list(latents[-1].split(1))
         lds = [None] * len(xs) if logdet is None else list(logdet.split(1))
+        keep = memo is not None and noise is None  # a training noise condition: nothing kept
         for level, ft in zip(reversed(self.flow), reversed(conds)):
             nz = self.level_noise(noise, xs[0])
             for layer in reversed(level.layers):
@@ -241,7 +316,11 @@ class SRFlow(SRModel):
                     for j, x in enumerate(xs):
                         xs[j], lds[j] = layer.reverse(x, e[j], lds[j])
                     continue
-                prep = None if layer.affine is None else layer.affine.prepare(ft, nz)
+                prep = memo.get(id(layer)) if keep else None
+                if prep is None and layer.affine is not None:
+                    prep = layer.affine.prepare(ft, nz)
+                    if keep:
+                        memo[id(layer)] = prep
                 for j, x in enumerate(xs):
                     xs[j], lds[j] = layer.reverse(x, lds[j], ft, nz, prep)
             xs = [unsqueeze(x, level.factor) for x in xs]  # (1, C/f², H·f, W·f)
@@ -277,9 +356,12 @@ class SRFlow(SRModel):
         nll = self.nll(lr, hr, noise)
         return {"loss": nll.mean(), "nll": nll.detach().mean()}
 
-    def generate(self, lr: torch.Tensor, n: int, temperature: float, noise) -> torch.Tensor:
-        """temperature = std of every latent draw (final prior and splits); 0: all means."""
+    def generate(self, lr: torch.Tensor, n: int, temperature: float, noise, prepared=None):
+        """temperature = std of every latent draw (final prior and splits); 0: all means.
+        prepared: `prepare(lr)` of this one image (B = 1), reused instead of the encoder."""
         b, _, h, w = lr.shape
+        if prepared is not None and b != 1:
+            raise ValueError(f"generate: prepared is for one image, got a batch of {b}")
         H, W = h * self.scale, w * self.scale
 
         def draw(c, down):  # spatial fields (C, h, w), so tiles can cut them from the whole
@@ -297,7 +379,9 @@ class SRFlow(SRModel):
         out = []
         for i in range(b):  # the encoder per image: shared by its n samples
             rows = [z[i * n : (i + 1) * n] for z in latents]
-            out.append(self.decode(self.conditions(lr[i : i + 1]), rows)[0])
+            p = self.prepare(lr[i : i + 1]) if prepared is None else prepared
+            conds = [p.maps[f"cond{k}"] for k in range(len(self.flow))]
+            out.append(self.decode(conds, rows, memo=None if prepared is None else p.memo)[0])
         return torch.stack(out)  # (B, n, 3, H, W)
 
     # Training schedule and weights.

@@ -25,8 +25,12 @@ from sr_lib.resize import imresize_torch
 
 @dataclass
 class SRFlowDAConfig(SRFlowConfig):
-    flow_levels: int = field(default=0, metadata=dict(help="L (0: 2 at x4, 3 at x8; DA-S: 1)"))
-    flow_steps: int = field(default=0, metadata=dict(help="K (0: 6; DA-S 12/18; DA-D 1)"))
+    flow_levels: int = field(
+        default=0, metadata=dict(help="L (0: 2 at x4, 3 at x8; DA-S: 1)", range="[0, inf)")
+    )
+    flow_steps: int = field(
+        default=0, metadata=dict(help="K (0: 6; DA-S 12/18; DA-D 1)", range="[0, inf)")
+    )
     variant: Literal["da", "r", "s", "d"] = field(
         default="da",
         metadata=dict(help="da; r: residual F; s: one level, splits inside; d: 36-conv F"),
@@ -102,7 +106,9 @@ class SRFlowDA(SRFlow):
 
 @dataclass
 class NCSRConfig(SRFlowConfig):
-    flow_steps: int = field(default=0, metadata=dict(help="K (0: 16 at x4, 20 at x8)"))
+    flow_steps: int = field(
+        default=0, metadata=dict(help="K (0: 16 at x4, 20 at x8)", range="[0, inf)")
+    )
     dequant: Literal["gaussian", "uniform", "none"] = field(
         default="none", metadata=dict(help="HR dequantisation noise (NCSR: none)")
     )
@@ -110,11 +116,14 @@ class NCSRConfig(SRFlowConfig):
         default="", metadata=dict(help="per level, how many last steps are noise-conditional")
     )
     std_max: float = field(
-        default=-1.0, metadata=dict(help="noise level ~ U(0, std_max) (-1: 0.05 x4, 0.03 x8)")
+        default=-1.0,
+        metadata=dict(
+            help="noise level ~ U(0, std_max) (negative: 0.05 x4, 0.03 x8)", range="[-1, inf)"
+        ),
     )
     lr_noise: bool = field(
         default=True,
-        metadata=dict(help="the HR noise, bicubic-downscaled, is added to the LR; --no-: not"),
+        metadata=dict(help="noise on the HR only, not also (bicubic-downscaled) on the LR"),
     )
 
 

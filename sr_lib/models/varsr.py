@@ -18,10 +18,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from sr_lib.errors import UsageError
-from sr_lib.models.base import LatentSRModel, ModelConfig, Recipe, option
+from sr_lib.models.base import (
+    LatentSRModel,
+    ModelConfig,
+    Recipe,
+    conv_radius,
+    halo,
+    option,
+    staged_radius,
+)
 from sr_lib.models.blocks import conv3x3
 from sr_lib.models.losses import VGGLoss, frozen_call, gaussian_kl, gradient_penalty
-from sr_lib.models.vgg import VGG19_RELU, VGGFeatures
+from sr_lib.models.vgg import NO_VGG, VGG19_RELU, VGGFeatures
 from sr_lib.resize import imresize_torch
 
 
@@ -29,14 +37,14 @@ from sr_lib.resize import imresize_torch
 class VarSRConfig(ModelConfig):
     z_dim: int = option(256, "latent size D (paper: 256 faces, 64 digits)")
     n_feats: int = option(64, "generator channels")
-    n_blocks: int = option(8, "generator residual blocks (paper: 8, as MR-GAN)")
+    n_blocks: int = option(8, "generator residual blocks (paper: 8, as MR-GAN)", range="[0, inf)")
     enc_feats: int = option(64, "encoder widths c, 2c, 4c, 4c (4 stride-2 convs)")
     residual: bool = option(True, "tanh output instead of bicubic(LR) + a learned residual")
     lambda_pixel: float = option(1.0, "λ_pixel, MSE on [-1, 1] (Eq. 6)")
     lambda_kl: float = option(0.01, "λ_KL (paper: 0.01 or 0.02 CelebA, 0.01 MNIST, 0.05 plates)")
     lambda_adv: float = option(0.001, "λ_adv, WGAN-GP (Eq. 8; 0 = no critic)")
     adv_start: float = option(
-        0.5, "fraction of training before the adversarial loss is switched on"
+        0.5, "fraction of training before the adversarial loss is switched on", range="[0, 1]"
     )
     gp_weight: float = option(10.0, "gradient-penalty weight δ (Eq. 8)")
     lambda_per: float = option(0.006, "λ_per, VGG19 feature MSE (SRGAN's 1/12.75²; 0 = off)")
@@ -99,6 +107,11 @@ class Generator(nn.Module):
             nn.init.zeros_(self.tail[-1].weight)
             nn.init.zeros_(self.tail[-1].bias)
 
+    def radius(self) -> float:
+        """Receptive field in LR px (z is global: the same for every tile)."""
+        lr_part = conv_radius(self.head) + conv_radius(self.fuse) + conv_radius(self.body)
+        return lr_part + staged_radius(self.tail)
+
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         h = self.head(x)  # (B, f, h, w)
         zt = self.z_proj(z)[:, :, None, None].expand_as(h)  # (B, f, h, w): z at every LR pixel
@@ -118,11 +131,18 @@ class Critic(nn.Module):
         for (i, _), (o, stride) in zip(plan, plan[1:]):
             layers += [nn.Conv2d(i, o, 3, stride, 1), nn.InstanceNorm2d(o), nn.LeakyReLU(0.2)]
         last = plan[-1][0]
+        # Instance Norm needs > 1 pixel after the last stride-2 conv (k 3, pad 1: ceil(H / 2)).
+        self.min_size = 2 ** sum(stride == 2 for _, stride in plan[1:]) + 1
         self.body = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.Conv2d(last, 16 * ch, 1), nn.LeakyReLU(0.2),
                                   nn.Conv2d(16 * ch, 1, 1))  # SRGAN's dense 1024 and 1  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if min(x.shape[-2:]) < self.min_size:
+            raise UsageError(
+                f"varsr: the critic needs HR patches of at least {self.min_size} px (--patch x "
+                "--scale); use a larger --patch"
+            )
         return self.head(self.body(x).mean(dim=(2, 3), keepdim=True)).flatten()
 
 
@@ -134,10 +154,6 @@ class VarSR(LatentSRModel):
 
     def __init__(self, cfg: VarSRConfig):
         super().__init__(cfg)
-        if cfg.scale not in (2, 3, 4, 8):
-            raise UsageError(f"varsr: scale {cfg.scale} not supported; use 2, 3, 4 or 8")
-        if min(cfg.z_dim, cfg.n_feats, cfg.enc_feats, cfg.d_channels, cfg.n_blocks + 1) < 1:
-            raise UsageError("varsr: --z-dim and the widths must be >= 1, --n-blocks >= 0")
         self.enc_lr = Encoder(cfg.enc_feats, cfg.z_dim)  # E_L, on bicubic(LR) at HR size
         self.enc_hr = Encoder(cfg.enc_feats, cfg.z_dim)  # E_H
         self.gen = Generator(cfg)
@@ -168,7 +184,7 @@ class VarSR(LatentSRModel):
         """Frozen VGG19 feature MSE, built on first use (CheckpointError if weights are missing)."""
         if not self._perceptual:
             c = self.cfg
-            vgg = VGGFeatures((c.per_layer,), True, pretrained=c.pretrained)
+            vgg = VGGFeatures((c.per_layer,), True, pretrained=c.pretrained, missing_hint=NO_VGG)
             self._perceptual.append(VGGLoss(vgg))
         return self._perceptual[0]
 
@@ -233,5 +249,10 @@ class VarSR(LatentSRModel):
         eps = noise.vector(d).view(b, n, d)  # a global vector: the same for every tile
         return mu[:, None] + temperature * torch.exp(0.5 * logvar)[:, None] * eps
 
-    def decode_latents(self, lr: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    @property
+    def tile_halo(self) -> int:
+        """The generator's receptive field; bicubic(LR) needs 2 LR px (its kernel's radius)."""
+        return halo(self.gen.radius(), 2)
+
+    def decode_latents(self, lr: torch.Tensor, z: torch.Tensor, prepared=None) -> torch.Tensor:
         return torch.stack([self.decode(lr, z[:, i]) for i in range(z.shape[1])], dim=1)

@@ -13,7 +13,7 @@ import os
 import torch
 from torch import nn
 
-from sr_lib.errors import UsageError
+from sr_lib.errors import CheckpointError, UsageError
 from sr_lib.weights import resolve, torchvision_model
 
 # vgg19.features: blocks of 2, 2, 4, 4, 4 conv-ReLU pairs, each block followed by a max-pool.
@@ -31,6 +31,7 @@ def _relu_indices() -> dict[str, int]:
 
 
 VGG19_RELU = _relu_indices()  # relu1_1 -> 1, ..., relu5_4 -> 35 (so features[:36] ends there)
+NO_VGG = "or train without the perceptual loss: --lambda-per 0"  # VSpSR's and VarSR's way out
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -40,7 +41,8 @@ class VGGFeatures(nn.Module):
 
     forward(x) takes RGB in [0, 1] and returns {tap: features}. With `imagenet_norm` the input is
     normalised by the ImageNet mean/std first (what the weights were trained on); VSpSR's code
-    feeds [0, 1] directly, hence the default False.
+    feeds [0, 1] directly, hence the default False. `missing_hint` ends the message of a missing
+    weights file (e.g. how to train without this loss).
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class VGGFeatures(nn.Module):
         imagenet_norm: bool = False,
         pretrained: bool = True,
         path: str | os.PathLike | None = None,
+        missing_hint: str = "",
     ):
         super().__init__()
         unknown = [t for t in layers if t not in VGG19_RELU]
@@ -61,7 +64,10 @@ class VGGFeatures(nn.Module):
         self.imagenet_norm = imagenet_norm
         last = max(VGG19_RELU[t] for t in self.layers)
         if pretrained:
-            resolve("vgg19", path)  # fail before allocating the 548 MB random-init model
+            try:
+                resolve("vgg19", path)  # fail before allocating the 548 MB random-init model
+            except CheckpointError as e:  # what the user can do instead of staging the file
+                raise CheckpointError(f"{e}{'; ' + missing_hint if missing_hint else ''}") from None
             vgg = torchvision_model("vgg19", path=path, pretrained=True)
             self.features = vgg.features[: last + 1]  # the classifier (120 M parameters) is dropped
         else:  # random weights (tests): skip initialising the classifier, seconds on a CPU

@@ -18,11 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sr_lib.cem import cem
-from sr_lib.errors import UsageError
-from sr_lib.models.base import ModelConfig, Recipe, SRModel
+from sr_lib.models.base import ModelConfig, Prepared, Recipe, SRModel, conv_radius, halo
 from sr_lib.models.blocks import conv3x3
 from sr_lib.models.losses import VGGLoss, frozen_call, sparse_prior_kl, standard_normal_kl
-from sr_lib.models.vgg import VGG19_RELU, VGGFeatures
+from sr_lib.models.vgg import NO_VGG, VGG19_RELU, VGGFeatures
 
 UPSAMPLING = ("bilinear", "bicubic", "none")
 SPARSITY_THRESHOLD = 0.05  # |ω| below this counts as "near zero" in the logged sparsity
@@ -37,13 +36,19 @@ class VSpSRConfig(ModelConfig):
         default="bilinear",
         metadata=dict(choices=UPSAMPLING, help="m: interpolation (Table 1 #4: none = no m)"),
     )
-    refine_m: bool = field(default=True, metadata=dict(help="small learned conv U on m (code)"))
-    stochastic_w: bool = field(default=True, metadata=dict(help="sample ω (Table 1 #1: off)"))
+    refine_m: bool = field(
+        default=True, metadata=dict(help="m without the small learned conv U the code adds")
+    )
+    stochastic_w: bool = field(default=True, metadata=dict(help="ω = μ, not sampled (Table 1 #1)"))
     stochastic_basis: bool = field(
         default=False, metadata=dict(help="sample the basis z too (Table 1 #3)")
     )
-    alpha: float = field(default=3.0, metadata=dict(help="Gamma prior shape α (Eq. 1)"))
-    beta: float = field(default=0.5, metadata=dict(help="Gamma prior rate β (fine-tune: 1.0)"))
+    alpha: float = field(
+        default=3.0, metadata=dict(help="Gamma prior shape α (Eq. 1)", range="(0, inf)")
+    )
+    beta: float = field(
+        default=0.5, metadata=dict(help="Gamma prior rate β (fine-tune: 1.0)", range="(0, inf)")
+    )
     lambda_w: float = field(default=0.1, metadata=dict(help="λ_ω: weight of the KL (Eq. 6)"))
     lambda_adv: float = field(
         default=0.01, metadata=dict(help="λ_adv, LSGAN (fine-tune: 0.1; 0 = no discriminator)")
@@ -59,7 +64,9 @@ class VSpSRConfig(ModelConfig):
     )
     d_channels: int = field(default=64, metadata=dict(help="discriminator width (64..512)"))
     cem_train: bool = field(default=False, metadata=dict(help="apply the CEM in training too"))
-    cem_test: bool = field(default=True, metadata=dict(help="apply the CEM to samples"))
+    cem_test: bool = field(
+        default=True, metadata=dict(help="samples without the CEM (by default it is applied)")
+    )
 
 
 def coefficient_sparsity(
@@ -156,10 +163,6 @@ class VSpSR(SRModel):
 
     def __init__(self, cfg: VSpSRConfig):
         super().__init__(cfg)
-        if cfg.scale not in (2, 3, 4, 8):
-            raise UsageError(f"vspsr: scale {cfg.scale} not supported; use 2, 3, 4 or 8")
-        if min(cfg.n_basis, cfg.basis_channels, cfg.coef_channels, cfg.d_channels) < 1:
-            raise UsageError("vspsr: --n-basis and the channel widths must be >= 1")
         self.refine = None
         if cfg.upsample != "none" and cfg.refine_m:  # U: conv-ReLU-conv on the interpolation
             self.refine = nn.Sequential(conv3x3(3, 16), nn.ReLU(True), conv3x3(16, 3))
@@ -189,7 +192,7 @@ class VSpSR(SRModel):
         """The frozen VGG19 loss, built on first use (CheckpointError if the file is missing)."""
         if not self._perceptual:
             c = self.cfg
-            vgg = VGGFeatures((c.per_layer,), c.per_imagenet_norm, pretrained=True)
+            vgg = VGGFeatures((c.per_layer,), c.per_imagenet_norm, missing_hint=NO_VGG)
             self._perceptual.append(VGGLoss(vgg))
         return self._perceptual[0]
 
@@ -265,11 +268,30 @@ class VSpSR(SRModel):
         )
         return {"loss": loss, "real": real.mean().detach(), "fake": fake.mean().detach()}
 
-    def generate(self, lr: torch.Tensor, n: int, temperature: float, noise) -> torch.Tensor:
-        c = self.cfg
-        b, ch, h, w = lr.shape
+    def prepare(self, lr: torch.Tensor) -> Prepared:
+        """Basis, coefficient distributions and m: everything but ω's draw depends on the LR alone.
+        Computed on the whole image (the basis pools globally, the coefficient branch's layer
+        norm takes whole-image statistics), so tiles cut them instead of seeing only themselves."""
         basis, mu, logvar = self.distributions(lr)
         m = self.deterministic_part(lr)
+        maps = {"mu": mu, "logvar": logvar} | ({} if m is None else {"m": m})
+        return Prepared(lr.shape[-2:], maps, {"basis": basis})
+
+    @property
+    def tile_halo(self) -> int:
+        """Given `prepare`, a tile computes e (per LR pixel) and the HR convs of `final`."""
+        return halo(conv_radius(self.final) / self.scale)
+
+    def finish(self, sr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+        """The test-time CEM, on the whole image (it is a global projection)."""
+        return cem(sr, lr, self.scale) if self.cfg.cem_test else sr
+
+    def generate(self, lr: torch.Tensor, n: int, temperature: float, noise, prepared=None):
+        """n samples before the test-time CEM (`finish`); `prepared` as `prepare(lr)` (or cut)."""
+        c = self.cfg
+        b, ch, h, w = lr.shape
+        p = self.prepare(lr) if prepared is None else prepared
+        basis, mu, logvar, m = p.extra["basis"], p.maps["mu"], p.maps["logvar"], p.maps.get("m")
         random_w = c.stochastic_w and temperature > 0  # temperature 0: ω = μ (and z = μ_z)
         random_z = c.stochastic_basis and temperature > 0
         if random_w:  # a spatial field: tiled sampling cuts it from the whole-image draw
@@ -284,6 +306,5 @@ class VSpSR(SRModel):
         for i in range(n):  # one sample at a time: ω alone is C× the size of the LR
             wi = mu + std * eps[:, i].reshape_as(mu) if random_w else mu
             zi = basis + z_std * eps_z[:, i].reshape_as(basis) if random_z else basis
-            sr = self.decode(self.synthesize(zi, wi, b), m)
-            out.append(cem(sr, lr, self.scale) if c.cem_test else sr)
-        return torch.stack(out, dim=1)  # (B, n, 3, sH, sW); sample() clamps after the CEM
+            out.append(self.decode(self.synthesize(zi, wi, b), m))
+        return torch.stack(out, dim=1)  # (B, n, 3, sH, sW); sample() applies finish, clamps

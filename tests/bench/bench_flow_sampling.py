@@ -4,8 +4,8 @@ Cases, each in a fresh process (so its peak RSS is its own), batch of one LR ima
   x4, x8   10 samples of one 64x64 LR at temperature 0.9: total time, the encoder + conditioning
            time, seconds per sample, peak RSS; and whether the 10 samples drawn at once are
            bit-identical to drawing them one at a time with the same seeds (--check).
-  tile     one 1024x1024 x4 sample (256x256 LR) through sr_sample's tiled path (--tile): time and
-           peak RSS (target <= 3 GB).
+  tile     one 1024x1024 x4 sample (256x256 LR) through sr_sample's tiled path (--tile, with the
+           model's context by default: exact): time and peak RSS (target <= 3 GB).
 Reference, the original implementation on this 2-core CPU (docs/benchmarks.md): x4 LR64 2.92 s per
 sample (encoder 1.03 s, flow 1.90 s), so 29.2 s for 10; x8 LR64 10.92 s per sample; peak RSS
 1129 MB / 1785 MB. Target: 10 x4 samples in <= 12 s. Weights are random (see `model`), which
@@ -90,8 +90,9 @@ def run_case(case: str, args) -> dict:
         if case == "tile":
             from sr_lib.tiling import draw
 
-            t, sr = timed(lambda: draw(net, lr, [0], 0.9, args.tile, args.tile_overlap), args.runs)
-            out.update(tile=args.tile, tile_overlap=args.tile_overlap, s_per_sample=t)
+            context = net.tile_halo if args.tile_overlap is None else args.tile_overlap
+            t, sr = timed(lambda: draw(net, lr, [0], 0.9, args.tile, context), args.runs)
+            out.update(tile=args.tile, tile_context=context, s_per_sample=t)
         else:
             seeds = list(range(args.n))
             out["encoder_s"] = timed(lambda: net.conditions(lr), args.runs)[0]
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=int, default=64, help="LR size of the x4/x8 cases")
     parser.add_argument("--tile-lr", type=int, default=256, help="LR size of the tiled case")
     parser.add_argument("--tile", type=int, default=128)
-    parser.add_argument("--tile-overlap", type=int, default=32)
+    parser.add_argument("--tile-overlap", type=int, default=None, help="default: exact")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-check", dest="check", action="store_false")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs")

@@ -1,0 +1,450 @@
+"""Everything issue 17 measures on one GPU, in one run; prints one JSON object (and keeps it in
+--out after every measurement, so a run cut short still leaves what it measured).
+
+    python tests/bench/bench_gpu.py --official SRFlow/ --out gpu.json      # on a GPU machine
+    python tests/bench/bench_gpu.py --device cpu --quick --compile-backend eager   # smoke test
+
+Measurements, in this order (when --budget seconds are spent, the rest are listed as skipped):
+  train_srflow   SRFlow ×4 training step at its recipe (batch 12, HR 160, encoder frozen as in the
+                 first half): forward + backward + Adam, fp32, bf16 autocast, --compile
+                 (regional), bf16 + compile, bf16 channels-last; median seconds of --reps steps
+                 after warm-up, peak memory; compiled: the first step's seconds (compilation) and
+                 the graphs made
+  official       (--official PATH, a checkout of andreas128/SRFlow, imported from there at run
+                 time) the released code's training step at the same size (fp32, RRDB frozen),
+                 and 10 samples of a 128² LR one by one (as its test.py) and batched
+  pipeline       sr_train.py on the demo images (loader, logging, everything): logged s/step
+                 after the first log window vs the pure step above, GPU utilisation sampled
+  sample         10 samples of a DIV2K-size LR, SRFlow ×4 (339×510) and ×8 (170×255), fp32 and
+                 bf16 autocast: median seconds, peak memory
+  eval           sr_eval.py --ntire on 2040×1352 images, N = 10: seconds per image
+  train_others   VSpSR, VarSR, EDSR at their recipes: fp32, bf16, compile, bf16 + compile
+Random weights throughout (ActNorm data-initialised; VGG and LPIPS random): timings do not depend
+on the values. TF32 off unless --tf32. Results: docs/benchmarks.md.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import sr_eval  # noqa: E402
+import sr_train  # noqa: E402
+from sr_lib.models import MODELS, build_model  # noqa: E402
+from sr_lib.models.base import NoiseSource  # noqa: E402
+
+# --quick: tiny models and sizes, a smoke test of the script (seconds on a CPU)
+QUICK_CFG = {
+    "srflow": dict(nb=2, nf=8, gc=4, rrdb_blocks="0,1", flow_steps=2, hidden_channels=8),
+    "vspsr": dict(n_basis=8, basis_channels=4, coef_channels=4, d_channels=4),
+    "varsr": dict(z_dim=8, n_feats=8, n_blocks=1, enc_feats=4, d_channels=4),
+    "edsr": dict(n_feats=8, n_blocks=1),
+}
+OFFLINE_CFG = {"varsr": dict(pretrained=False)}  # random VGG: no weights file needed
+# The training phase timed, as a fraction of the recipe's steps: SRFlow's first half (the encoder
+# frozen, as the released code's numbers are taken), the others' last phase (VarSR: adversarial).
+PHASE = {"srflow": 0.0}
+VARIANTS = {  # name: (autocast dtype, compiled, channels-last)
+    "fp32": (None, False, False),
+    "bf16": (torch.bfloat16, False, False),
+    "compile": (None, True, False),
+    "bf16_compile": (torch.bfloat16, True, False),
+    "bf16_channels_last": (torch.bfloat16, False, True),
+}
+
+
+class Bench:
+    """The JSON being built, the clock and the device helpers."""
+
+    def __init__(self, a):
+        self.a, self.t0 = a, time.perf_counter()
+        self.device = torch.device(a.device)
+        self.cuda = self.device.type == "cuda"
+        self.result = {
+            "bench": "gpu", "quick": a.quick, "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(self.device) if self.cuda else platform.machine(),
+            "tf32": a.tf32, "compile_backend": a.compile_backend, "budget_s": a.budget,
+            "git": _git(), "skipped": [], "errors": {},
+        }  # fmt: skip
+
+    def left(self) -> float:
+        return self.a.budget - (time.perf_counter() - self.t0)
+
+    def put(self, path: str, value) -> None:
+        """result[a][b]... = value for path "a/b/...", written to --out at once."""
+        *parents, key = path.split("/")
+        node = self.result
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[key] = value
+        self.result["wall_s"] = round(time.perf_counter() - self.t0, 1)
+        if self.a.out:
+            Path(self.a.out).write_text(json.dumps(self.result, indent=1))
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_gb(self):
+        return round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2) if self.cuda else None
+
+    def timed(self, fn, reps: int, warm: int = 1) -> dict:
+        for _ in range(warm):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - t)
+        return {"median_s": round(float(np.median(times)), 4), "min_s": round(min(times), 4)}
+
+
+def _git() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                             capture_output=True, timeout=10)  # fmt: skip
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def model_cfg(b: Bench, name: str, scale: int) -> dict:
+    return {"scale": scale, **OFFLINE_CFG.get(name, {}), **(QUICK_CFG[name] if b.a.quick else {})}
+
+
+def recipe_size(b: Bench, name: str, scale: int) -> tuple[int, int]:
+    """(batch, LR patch) of the model's recipe (--quick: 2 and a few pixels)."""
+    r = MODELS[name].recipe(scale)
+    return (2, 8) if b.a.quick else (r.batch, r.patch)
+
+
+def build(b: Bench, name: str, scale: int, channels_last=False):
+    """The model on the device, trained one no-grad step's worth of data init (ActNorm)."""
+    torch.manual_seed(0)
+    model = build_model(name, model_cfg(b, name, scale)).to(b.device).train()
+    if name == "vspsr":
+        from sr_lib.models.losses import VGGLoss
+        from sr_lib.models.vgg import VGGFeatures
+
+        c = model.cfg
+        vgg = VGGFeatures((c.per_layer,), c.per_imagenet_norm, pretrained=False)
+        model.set_perceptual_loss(VGGLoss(vgg).to(b.device))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    batch, patch = recipe_size(b, name, scale)
+    g = torch.Generator().manual_seed(1)
+    hr = torch.rand(batch, 3, patch * scale, patch * scale, generator=g)
+    lr = torch.nn.functional.avg_pool2d(hr, scale)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    lr, hr = (x.to(b.device).contiguous(memory_format=fmt) for x in (lr, hr))
+    total = MODELS[name].recipe(scale).steps
+    model.on_step(int(PHASE.get(name, 0.99) * total), total)
+    with torch.no_grad():
+        model(lr, hr)
+    return model, lr, hr
+
+
+def train_step_fn(model, forward, lr, hr, recipe, amp):
+    """One training step as sr_train.py takes it, without its loader and logging."""
+    optimizers = sr_train.build_optimizers(model, recipe)
+
+    def step():
+        with torch.autocast(lr.device.type, amp, enabled=amp is not None):
+            out = forward(lr, hr)
+        optimizers["g"].zero_grad(set_to_none=True)
+        out["loss"].backward()
+        optimizers["g"].step()
+        if "d" in optimizers:  # (a critic without a loss yet, e.g. VarSR's first phase: skipped)
+            with torch.autocast(lr.device.type, amp, enabled=amp is not None):
+                out_d = model.discriminator_loss(lr, hr, out)
+            if out_d["loss"].requires_grad:
+                optimizers["d"].zero_grad(set_to_none=True)
+                out_d["loss"].backward()
+                optimizers["d"].step()
+
+    return step
+
+
+def measure_train(b: Bench, name: str, scale: int, variant: str) -> None:
+    amp, compiled, channels_last = VARIANTS[variant]
+    key = f"train/{name}_x{scale}"
+    batch, patch = recipe_size(b, name, scale)
+    b.put(f"{key}/batch", batch)
+    b.put(f"{key}/hr_patch", patch * scale)
+    torch._dynamo.reset()
+    counters.clear()
+    model, lr, hr = build(b, name, scale, channels_last)
+    forward = model
+    if compiled:
+        forward = sr_train.compile_model(model, model, backend=b.a.compile_backend)
+    step = train_step_fn(model, forward, lr, hr, MODELS[name].recipe(scale), amp)
+    b.reset_peak()
+    row = {}
+    if compiled:
+        t = time.perf_counter()
+        step()
+        b.sync()
+        row["first_step_s"] = round(time.perf_counter() - t, 2)
+        row["graphs"] = counters["stats"]["unique_graphs"]
+        row["graph_breaks"] = sum(counters["graph_break"].values())
+    row.update(b.timed(step, b.a.reps, warm=2), peak_gb=b.peak_gb())
+    b.put(f"{key}/{variant}", row)
+    base = b.result["train"][key.split("/")[1]].get("fp32", {}).get("median_s")
+    if base and variant != "fp32":
+        b.put(f"{key}/speedup_vs_fp32/{variant}", round(base / row["median_s"], 3))
+    del model, forward, step
+
+
+def official_net(b: Bench, scale: int):
+    """The released SRFlow network from its own config, random weights, on the device."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from check_official_parity import code_dir
+
+    cdir = code_dir(b.a.official)
+    sys.path.insert(0, cdir)
+    import options.options as options  # the released code's modules, from its checkout
+    from models import networks
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its config: not our JSON
+        opt = options.parse(os.path.join(cdir, f"confs/SRFlow_DF2K_{scale}X.yml"), is_train=False)
+        opt["gpu_ids"] = [0] if b.cuda else None
+        return networks.define_Flow(options.dict_to_nonedict(opt), step=0).to(b.device)
+
+
+def measure_official(b: Bench) -> None:
+    scale = 4
+    batch, patch = (2, 8) if b.a.quick else (12, 40)
+    net = official_net(b, scale)
+    g = torch.Generator().manual_seed(1)
+    hr = torch.rand(batch, 3, patch * scale, patch * scale, generator=g).to(b.device)
+    lr = torch.nn.functional.avg_pool2d(hr, scale)
+    net.train()
+    with torch.no_grad():
+        net(gt=hr, lr=lr, reverse=False)  # ActNorm data init
+    net.set_rrdb_training(False)  # frozen, as the first half of srspace's recipe
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, 2.5e-4, betas=(0.9, 0.99))
+
+    def step():
+        _, nll, _ = net(gt=hr, lr=lr, reverse=False)
+        opt.zero_grad(set_to_none=True)
+        nll.mean().backward()
+        opt.step()
+
+    b.reset_peak()
+    row = {**b.timed(step, b.a.reps, warm=1 if b.a.quick else 2), "peak_gb": b.peak_gb(),
+           "batch": batch, "hr_patch": patch * scale}  # fmt: skip
+    b.put("official/train_x4_fp32", row)
+    ours = {} if b.a.quick else b.result.get("train", {}).get("srflow_x4", {})  # quick: tiny ours
+    for variant, r in ours.items():
+        if isinstance(r, dict) and "median_s" in r:
+            b.put(f"official/srflow_x4_time_over_released/{variant}",
+                  round(r["median_s"] / row["median_s"], 3))  # fmt: skip
+    net.eval()
+    n, h = (2, 8) if b.a.quick else (10, 128)
+    lr1 = torch.rand(1, 3, h, h, generator=g).to(b.device)
+    up = net.flowUpsamplerNet
+    size = (up.C, int(scale * h // up.scaleH), int(scale * h // up.scaleW))  # its get_z
+
+    def one_by_one():
+        for _ in range(n):
+            net(lr=lr1, z=0.9 * torch.randn(1, *size, device=b.device), eps_std=0.9, reverse=True)
+
+    def batched():
+        z = 0.9 * torch.randn(n, *size, device=b.device)
+        net(lr=lr1.expand(n, -1, -1, -1), z=z, eps_std=0.9, reverse=True)
+
+    with torch.no_grad():
+        for name, fn in (("one_by_one", one_by_one), ("batched", batched)):
+            b.reset_peak()
+            b.put(f"official/sample_x4_lr{h}/{name}", {**b.timed(fn, 1 if b.a.quick else 3),
+                                                       "peak_gb": b.peak_gb()})  # fmt: skip
+
+
+def gpu_utilisation(b: Bench, stop: threading.Event, samples: list) -> None:
+    """Samples GPU utilisation (%) every 0.2 s: torch.cuda.utilization (NVML), else nvidia-smi."""
+    while not stop.wait(0.2):
+        try:
+            samples.append(float(torch.cuda.utilization(b.device)))
+        except Exception:  # no pynvml: ask nvidia-smi
+            try:
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                     "-i", str(b.device.index or 0)], capture_output=True, text=True, timeout=5,
+                )  # fmt: skip
+                samples.append(float(out.stdout.split()[0]))
+            except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+                return
+
+
+def measure_pipeline(b: Bench, variant: str) -> None:
+    steps, every = (6, 2) if b.a.quick else (70, 10)
+    model_flags = []
+    if b.a.quick:
+        for k, v in QUICK_CFG["srflow"].items():
+            model_flags += [f"--{k.replace('_', '-')}", str(v)]
+        model_flags += ["--batch", "2", "--patch", "8"]
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, str(ROOT / "sr_train.py"), "--model", "srflow", "--scale", "4",
+               "--data", "demo", "--steps", str(steps), "--val-every", "0",
+               "--log-every", str(every), "--workers", "4", "--device", str(b.device),
+               "--out", out, *model_flags]  # fmt: skip
+        if variant == "bf16":
+            cmd += ["--amp", "bf16"]
+        stop, samples = threading.Event(), []
+        sampler = threading.Thread(target=gpu_utilisation, args=(b, stop, samples), daemon=True)
+        if b.cuda:
+            sampler.start()
+        t = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        wall = time.perf_counter() - t
+        stop.set()
+        if done.returncode != 0:
+            raise RuntimeError(f"sr_train.py exit {done.returncode}: {done.stderr[-500:]}")
+        rows = [json.loads(x) for x in open(Path(out) / "log.jsonl")]
+    logged = [r["s_per_step"] for r in rows if "s_per_step" in r][1:]  # after the first window
+    row = {"steps": steps, "wall_s": round(wall, 1), "logged_s_per_step": logged,
+           "logged_median_s": round(float(np.median(logged)), 4)}  # fmt: skip
+    pure = b.result.get("train", {}).get("srflow_x4", {}).get(variant, {}).get("median_s")
+    if pure and not b.a.quick:
+        row["over_pure_step"] = round(row["logged_median_s"] / pure, 3)  # target <= 1.05
+    if samples:
+        busy = samples[len(samples) // 4 :]  # the first quarter: start-up, data, ActNorm init
+        row["gpu_utilisation_pct"] = {"median": float(np.median(busy)), "mean": round(
+            float(np.mean(busy)), 1), "samples": len(busy)}  # fmt: skip
+    b.put(f"pipeline/srflow_x4_{variant}", row)
+
+
+def measure_sample(b: Bench, scale: int, variant: str) -> None:
+    h, w = {4: (339, 510), 8: (170, 255)}[scale]
+    if b.a.quick:
+        h, w = 12, 18
+    model = build(b, "srflow", scale)[0].eval()
+    lr = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(2)).to(b.device)
+    n, amp = 10, VARIANTS[variant][0]
+
+    def draw():
+        with torch.autocast(b.device.type, amp, enabled=amp is not None):
+            model.sample(lr, n, 0.9, NoiseSource(list(range(n)), b.device))
+
+    b.reset_peak()
+    row = {"lr": [h, w], "n": n, **b.timed(draw, 1 if b.a.quick else 3), "peak_gb": b.peak_gb()}
+    b.put(f"sample/srflow_x{scale}_lr{h}x{w}/{variant}", row)
+
+
+def measure_eval(b: Bench) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    import bench_eval
+
+    images, n = (1, 3) if b.a.quick else (2, 10)
+    if b.a.quick:
+        bench_eval.H, bench_eval.W = 256, 384
+    with tempfile.TemporaryDirectory() as root:
+        hr, sr, weights = bench_eval.make_data(Path(root), images, n)
+        argv = ["--hr", str(hr), "--sr", str(sr), "--scale", "4", "--n", str(n), "--ntire",
+                "--lpips-weights", str(weights), "--device", str(b.device),
+                "--out", str(Path(root) / "r.json")]  # fmt: skip
+        with contextlib.redirect_stdout(io.StringIO()):
+            sr_eval.main(argv)  # warm-up: cuDNN, file cache
+            t = time.perf_counter()
+            sr_eval.main(argv)
+            dt = time.perf_counter() - t
+    b.put("eval/ntire", {"images": images, "size": [bench_eval.H, bench_eval.W], "n": n,
+                         "s_per_image": round(dt / images, 3)})  # fmt: skip
+
+
+def plan(b: Bench) -> list[tuple[str, str, object]]:
+    """(section, label, thunk) in priority order."""
+    t, a = [], b.a
+    add = lambda section, label, fn, *args: t.append((section, label, lambda: fn(b, *args)))  # noqa: E731
+    for v in ("fp32", "bf16"):
+        add("train_srflow", f"srflow_x4/{v}", measure_train, "srflow", 4, v)
+    if a.official:
+        add("official", "official", measure_official)
+    for v in ("compile", "bf16_compile"):
+        add("train_srflow", f"srflow_x4/{v}", measure_train, "srflow", 4, v)
+    for v in ("fp32", "bf16"):
+        add("pipeline", f"pipeline/{v}", measure_pipeline, v)
+    for scale in (4, 8):
+        for v in ("fp32", "bf16"):
+            add("sample", f"sample_x{scale}/{v}", measure_sample, scale, v)
+    add("eval", "eval", measure_eval)
+    others = ("vspsr", "varsr", "edsr")
+    for name in others:
+        for v in ("fp32", "bf16"):
+            add("train_others", f"{name}_x4/{v}", measure_train, name, 4, v)
+    add("train_srflow", "srflow_x4/bf16_channels_last", measure_train, "srflow", 4,
+        "bf16_channels_last")  # fmt: skip
+    for name in others:
+        for v in ("compile", "bf16_compile"):
+            add("train_others", f"{name}_x4/{v}", measure_train, name, 4, v)
+    variant = lambda label: label.split("/")[-1] if "/" in label else ""  # noqa: E731
+    return [x for x in t if x[0] in a.sections
+            and not (x[0].startswith("train") and variant(x[1]) not in a.variants)]  # fmt: skip
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--official", default="", help="checkout of andreas128/SRFlow (or its code/)")
+    p.add_argument("--quick", action="store_true", help="tiny models and sizes: a smoke test")
+    p.add_argument("--budget", type=float, default=540, help="seconds; then skip the rest")
+    p.add_argument("--reps", type=int, default=10, help="timed training steps per variant")
+    p.add_argument("--compile-backend", default="inductor")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls and convolutions")
+    p.add_argument("--sections", nargs="+", default=["train_srflow", "official", "pipeline",
+                   "sample", "eval", "train_others"])  # fmt: skip
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="training variants measured")  # fmt: skip
+    p.add_argument("--out", default="", help="also write the JSON here, after every measurement")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.reps = 1
+    torch.backends.cuda.matmul.allow_tf32 = a.tf32
+    torch.backends.cudnn.allow_tf32 = a.tf32
+    b = Bench(a)
+    for _, label, thunk in plan(b):
+        if b.left() <= 0:
+            b.result["skipped"].append(label)
+            continue
+        try:
+            thunk()
+        except Exception as e:  # a failure (out of memory, a compile error) does not stop the rest
+            b.result["errors"][label] = f"{type(e).__name__}: {e}"[:600]
+            if a.quick:
+                traceback.print_exc()
+        if b.cuda:
+            torch.cuda.empty_cache()
+    b.put("wall_s", round(time.perf_counter() - b.t0, 1))
+    print(json.dumps(b.result, indent=1))
+    return 1 if a.quick and b.result["errors"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

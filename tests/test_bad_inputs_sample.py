@@ -1,0 +1,142 @@
+"""Everyday mistakes with sr_sample.py: each gives one stderr line naming the flag or file, the
+documented exit code (README, "Exit codes"), no traceback, and nothing written to --out."""
+
+import json
+import shutil
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+
+import sr_sample
+from sr_lib.checkpoint import save_checkpoint
+from sr_lib.models import build_model
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    """Checkpoints, input folders and files that the cases below point at."""
+    d = tmp_path_factory.mktemp("world")
+    rng = np.random.default_rng(0)
+    inp = d / "in"
+    inp.mkdir()
+    for stem in ("a", "b"):
+        iio.imwrite(inp / f"{stem}.png", (rng.random((12, 12, 3)) * 255).astype(np.uint8))
+    ckpts = {}
+    for name in ("bicubic", "edsr", "srflow"):
+        torch.manual_seed(0)
+        cfg = {**TINY[name], "scale": 4}
+        model = build_model(name, cfg)
+        ckpts[name] = d / f"{name}.pt"
+        save_checkpoint(ckpts[name], {"model": name, "model_cfg": cfg,
+                                      "state_dict": model.state_dict(), "step": 0})  # fmt: skip
+    (d / "empty").mkdir()
+    (d / "twins").mkdir()
+    for ext in ("png", "jpg"):
+        iio.imwrite(d / "twins" / f"x.{ext}", (rng.random((12, 12, 3)) * 255).astype(np.uint8))
+    (d / "text.png").write_text("not an image")
+    iio.imwrite(d / "tiny.png", np.zeros((4, 4, 3), np.uint8))
+    data = ckpts["bicubic"].read_bytes()
+    (d / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (d / "notes.pt").write_text("hello\n")
+    torch.save(build_model("edsr", {**TINY["edsr"], "scale": 4}).state_dict(), d / "raw.pth")
+    (d / "a_file").write_text("x")
+    np.save(d / "bad.npy", np.zeros((3, 5), np.float32))
+    (d / "junk.npy").write_text("junk")
+    for name, settings in (("other", {"seed": 5}), ("broken", None)):
+        (d / name).mkdir()
+        text = "{" if settings is None else json.dumps(settings)
+        (d / name / "manifest.json").write_text(text)
+    (d / "foreign").mkdir()
+    iio.imwrite(d / "foreign" / "a_sample00000.png", np.zeros((4, 4, 3), np.uint8))
+    return {"dir": d, "in": inp, **ckpts}
+
+
+def args(w, *extra, ckpt="bicubic", inp=None, out="out"):
+    ckpt = w[ckpt] if ckpt in w else w["dir"] / ckpt
+    inp = w["in"] if inp is None else w["dir"] / inp
+    return ["--ckpt", ckpt, "--input", inp, "--out", w["dir"] / out, *extra]
+
+
+CASES = {  # id: (argv of the world, exit code, words the one line must hold)
+    "n zero": (lambda w: args(w, "--n", "0"), 2, "--n: '0'"),
+    "n not a number": (lambda w: args(w, "--n", "ten"), 2, "--n: 'ten'"),
+    "n above 5 digits": (lambda w: args(w, "--n", "100001"), 2, "1..100000"),
+    "batch zero": (lambda w: args(w, "--batch", "0"), 2, "--batch"),
+    "temperature inf": (lambda w: args(w, "--temperature", "inf"), 2, "--temperature: 'inf'"),
+    "temperature nan": (lambda w: args(w, "--temperature", "nan"), 2, "--temperature: 'nan'"),
+    "temperature negative": (lambda w: args(w, "--temperature=-1"), 2, "--temperature: '-1'"),
+    "temperature twice": (lambda w: args(w, "--temperature", "0.9", "0.90"), 2, "given twice"),
+    "tile 1": (lambda w: args(w, "--tile", "1"), 2, "--tile: '1': expected 0 or an integer >= 16"),
+    "tile negative": (lambda w: args(w, "--tile=-64"), 2, "--tile"),
+    "overlap = tile": (lambda w: args(w, "--tile", "32", "--tile-overlap", "32"), 2, "smaller"),
+    "overlap negative": (lambda w: args(w, "--tile-overlap=-1"), 2, "--tile-overlap"),
+    "seed negative": (lambda w: args(w, "--seed=-1"), 2, "--seed"),
+    "layout unknown": (lambda w: args(w, "--layout", "flat"), 2, "--layout"),
+    "shard out of range": (lambda w: args(w, "--shard", "2/2"), 2, "0 <= I < N"),
+    "shard malformed": (lambda w: args(w, "--shard", "1-2"), 2, "--shard"),
+    "shard auto outside SLURM": (lambda w: args(w, "--shard", "auto"), 2, "SLURM_ARRAY_TASK_ID"),
+    "amp fp16": (lambda w: args(w, "--amp", "fp16"), 2, "--amp"),
+    "scale 5": (lambda w: args(w, "--scale", "5"), 2, "--scale: invalid choice: 5"),
+    "missing --ckpt": (lambda w: ["--input", w["in"], "--out", w["dir"] / "out"], 2, "--ckpt"),
+    "unknown flag": (lambda w: args(w, "--samples", "3"), 2, "--samples"),
+    "latent steps not numbers": (lambda w: args(w, "--latent-steps", "a,b"), 2, "--latent-steps"),
+    "sweep on a deterministic model": (
+        lambda w: args(w, "--temperature", "0.5", "1", ckpt="edsr"), 2, "deterministic"),
+    "control the model lacks": (lambda w: args(w, "--ref", "lr", ckpt="srflow"), 2, "--ref"),
+    "device without CUDA": (lambda w: args(w, "--device", "cuda"), 2, "--device cuda"),
+    "input missing": (lambda w: args(w, inp="nowhere"), 3, "no such file or folder"),
+    "input empty folder": (lambda w: args(w, inp="empty"), 3, "no images found"),
+    "input stems shared": (lambda w: args(w, inp="twins"), 3, "share the stem 'x'"),
+    "input not an image": (lambda w: args(w, inp="text.png"), 3, "text.png"),
+    "from-hr image too small": (lambda w: args(w, "--from-hr", "--scale", "4", inp="tiny.png"), 3,
+                                "smaller than 8 px"),
+    "latent not an array": (lambda w: args(w, "--latent", w["dir"] / "junk.npy", ckpt="srflow"), 2,
+                            "--latent"),
+    "checkpoint missing": (lambda w: args(w, ckpt="none.pt"), 6, "none.pt"),
+    "checkpoint truncated": (lambda w: args(w, ckpt="truncated.pt"), 6, "truncated"),
+    "checkpoint a text file": (lambda w: args(w, ckpt="notes.pt"), 6, "notes.pt"),
+    "checkpoint a folder": (lambda w: args(w, ckpt="empty"), 6, "empty"),
+    "raw state_dict without --model": (lambda w: args(w, ckpt="raw.pth"), 6, "--model and --scale"),
+    "raw state_dict of another model": (
+        lambda w: args(w, "--model", "rrdb", "--scale", "4", ckpt="raw.pth"), 6, "raw.pth"),
+    "out is a file": (lambda w: args(w, out="a_file"), 7, "is a file, not a folder"),
+    "out of other settings": (lambda w: args(w, out="other"), 2, "made with"),
+    "out manifest broken": (lambda w: args(w, out="broken"), 2, "not a readable manifest"),
+    "out of another tool": (lambda w: args(w, out="foreign"), 2, "no manifest.json"),
+}  # fmt: skip
+
+
+PER_IMAGE = ("input not an image", "from-hr image too small")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input(world, case, capsys):
+    make, code, words = CASES[case]
+    before = sorted(world["dir"].rglob("*"))
+    try:
+        got = sr_sample.main([str(a) for a in make(world)])
+    except SystemExit as e:
+        got = e.code
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert got == code and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("sr_sample.py: error: ") and words in lines[0], lines[0]
+    out = world["dir"] / "out"
+    if case in PER_IMAGE:  # found while sampling: the folder was made, no image file written
+        assert not list(out.glob("*.png"))
+        shutil.rmtree(out)
+    assert sorted(world["dir"].rglob("*")) == before  # nothing written
+
+
+def test_help_marks_required_flags_and_cites_only_the_repository(capsys):
+    with pytest.raises(SystemExit) as e:
+        sr_sample.main(["-h"])
+    text = capsys.readouterr().out
+    assert e.value.code == 0
+    usage = " ".join(text.split("options:")[0].split())
+    assert "--ckpt CKPT --input INPUT --out OUT" in usage and "[--ckpt" not in usage
+    assert "shared/" not in text and "spec" not in text and "../" not in text

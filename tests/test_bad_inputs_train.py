@@ -1,0 +1,241 @@
+"""A sweep of everyday mistakes on sr_train.py's command line: each ends in one line on stderr,
+`sr_train.py: error: ...` naming the flag or file, with the README's exit code, never a
+traceback. Values out of range are refused when the flags are parsed, before anything is done
+(the run folder is not even created)."""
+
+import os
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+import sr_train
+
+# A tiny EDSR run; each case replaces or adds flags (None: drop the flag, "": a switch).
+BASE = {"--model": "edsr", "--n-feats": "8", "--n-blocks": "1", "--scale": "2", "--patch": "8",
+        "--batch": "2", "--steps": "1", "--workers": "0", "--val-every": "0", "--data": "{data}",
+        "--out": "{out}"}  # fmt: skip
+
+PARSE = "parse"  # refused when the flags are parsed: exit 2, and no run folder
+CASES = {  # id: (flags, exit code, words of the message)
+    "learning rate -1": ({"--learning-rate": "-1"}, PARSE, "--learning-rate -1.0: must be"),
+    "learning rate nan": ({"--learning-rate": "nan"}, PARSE, "finite number"),
+    "discriminator rate inf": ({"--d-learning-rate": "inf"}, PARSE, "--d-learning-rate inf"),
+    "log every 0": ({"--log-every": "0"}, PARSE, "--log-every 0: must be an integer >= 1"),
+    "save every 0": ({"--save-every": "0"}, PARSE, "--save-every 0"),
+    "val every -1": ({"--val-every": "-1"}, PARSE, "--val-every -1"),
+    "workers -1": ({"--workers": "-1"}, PARSE, "--workers -1: must be an integer >= 0"),
+    "steps -5": ({"--steps": "-5"}, PARSE, "--steps -5: must be an integer >= 0"),
+    "batch 0": ({"--batch": "0"}, PARSE, "--batch 0: must be an integer >= 1"),
+    "patch 0": ({"--patch": "0"}, PARSE, "--patch 0"),
+    "gamma -1": ({"--gamma": "-1"}, PARSE, "--gamma -1.0"),
+    "milestones 2 3": (
+        {"--milestones": ["2", "3"]},
+        PARSE,
+        "--milestones 2.0 3.0: must be a number between 0 and 1",
+    ),  # fmt: skip
+    "grad clip -0.5": ({"--grad-clip": "-0.5"}, PARSE, "--grad-clip -0.5"),
+    "val n 0": ({"--val-n": "0"}, PARSE, "--val-n 0"),
+    "val images -1": ({"--val-images": "-1"}, PARSE, "--val-images -1"),
+    "val crop -1": ({"--val-crop": "-1"}, PARSE, "--val-crop -1"),
+    "val temperature -1": ({"--val-temperature": "-1"}, PARSE, "--val-temperature -1.0"),
+    "time budget -1": ({"--time-budget": "-1"}, PARSE, "--time-budget -1.0"),
+    "max bad steps 0": ({"--max-bad-steps": "0"}, PARSE, "--max-bad-steps 0"),
+    "max rollbacks -1": ({"--max-rollbacks": "-1"}, PARSE, "--max-rollbacks -1"),
+    "sync check every -1": ({"--sync-check-every": "-1"}, PARSE, "--sync-check-every -1"),
+    "seed -1": ({"--seed": "-1"}, PARSE, "--seed -1: must be an integer between 0 and"),
+    "seed 2**40": ({"--seed": str(2**40)}, PARSE, "--seed 1099511627776"),
+    "steps not a number": ({"--steps": "many"}, PARSE, "--steps: invalid int value: 'many'"),
+    "on-nan unknown": ({"--on-nan": "retry"}, PARSE, "--on-nan: invalid choice: 'retry'"),
+    "scale 5": ({"--scale": "5"}, PARSE, "--scale: invalid choice: 5"),
+    "unknown model": ({"--model": "edsr2"}, PARSE, "--model: choose one of"),
+    "flow at x2": (
+        {"--model": "srflow", "--n-feats": None, "--n-blocks": None},
+        PARSE,
+        "--scale 2: srflow supports 4 or 8",
+    ),  # fmt: skip
+    "unknown model flag": ({"--n-resblocks": "4"}, PARSE, "unrecognized arguments: --n-resblocks"),
+    "n feats 0": ({"--n-feats": "0"}, PARSE, "--n-feats 0: must be an integer >= 1"),
+    "n blocks -2": ({"--n-blocks": "-2"}, PARSE, "--n-blocks -2: must be an integer >= 0"),
+    "res scale nan": ({"--res-scale": "nan"}, PARSE, "--res-scale nan"),
+    "sigma ema 1": (
+        {"--loss": "le", "--le-sigma-ema": "1"},
+        PARSE,
+        "--le-sigma-ema 1.0: must be a number >= 0 and < 1",
+    ),  # fmt: skip
+    "ema 1": ({"--ema": "1"}, PARSE, "--ema 1.0: must be a number >= 0 and < 1"),
+    "vspsr alpha 0": (
+        {"--model": "vspsr", "--n-feats": None, "--n-blocks": None, "--alpha": "0"},
+        PARSE,
+        "--alpha 0.0: must be a number > 0",
+    ),  # fmt: skip
+    "varsr adv start 2": ({"--model": "varsr", "--adv-start": "2"}, PARSE, "--adv-start 2.0"),
+    "flow freeze 1.5": (
+        {
+            "--model": "srflow",
+            "--scale": "4",
+            "--n-feats": None,
+            "--n-blocks": None,
+            "--freeze-encoder": "1.5",
+        },
+        PARSE,
+        "--freeze-encoder 1.5",
+    ),  # fmt: skip
+    "flow taps not numbers": (
+        {
+            "--model": "srflow",
+            "--scale": "4",
+            "--n-feats": None,
+            "--n-blocks": None,
+            "--rrdb-blocks": "first,last",
+        },
+        PARSE,
+        "--rrdb-blocks first,last: give block numbers",
+    ),  # fmt: skip
+    "flow taps past nb": (
+        {
+            "--model": "srflow",
+            "--scale": "4",
+            "--n-feats": None,
+            "--n-blocks": None,
+            "--nb": "2",
+            "--rrdb-blocks": "5",
+        },
+        PARSE,
+        "--rrdb-blocks 5: need blocks in 0..1",
+    ),  # fmt: skip
+    "refvae width 12": (
+        {
+            "--model": "refvae",
+            "--n-feats": None,
+            "--n-blocks": None,
+            "--width": "12",
+            "--no-pretrained": "",
+        },
+        PARSE,
+        "--width 12: must be a multiple of 8",
+    ),  # fmt: skip
+    "no cuda": ({"--device": "cuda"}, PARSE, "--device cuda: CUDA is not available"),
+    "fp16 on cpu": ({"--amp": "fp16", "--device": "cpu"}, PARSE, "--amp fp16 needs a CUDA"),
+    # files and folders
+    "data missing": ({"--data": "{tmp}/no such folder"}, 3, "no such folder"),
+    "val data missing": (
+        {"--val-data": "{tmp}/nothing here", "--val-every": "1"},
+        3,
+        "nothing here: no such folder",
+    ),  # fmt: skip
+    "patch larger than every image": ({"--patch": "64"}, 3, "no training images"),
+    "lr data count": ({"--lr-data": ["{data}", "{data}"]}, PARSE, "2 folders for 1 --data"),
+    "out is a file": ({"--out": "{file}"}, 7, "is a file, not a folder"),
+    "out under a file": ({"--out": "{file}/run"}, 7, "cannot create it"),
+    "cache is a file": ({"--cache": "{file}"}, 7, "--cache"),
+    "resume missing checkpoint": ({"--resume": "{tmp}/gone.pt"}, 6, "gone.pt: no such checkpoint"),
+    "init from missing file": ({"--init-from": "{tmp}/gone.pt"}, 6, "gone.pt"),
+    "init from a text file": ({"--init-from": "{file}"}, 6, "not a torch checkpoint"),
+    "run exists, no --resume": ({"--out": "{run}"}, 2, "already holds a run (last.pt)"),
+    "resume with fewer steps": (
+        {"--out": "{run}", "--resume": "auto"},
+        2,
+        "is at step 2 already",
+    ),  # fmt: skip
+    "resume as another model": (
+        {
+            "--out": "{run}",
+            "--resume": "auto",
+            "--model": "rrdb",
+            "--n-feats": None,
+            "--n-blocks": None,
+        },
+        6,
+        "is a 'edsr' run, not 'rrdb'",
+    ),  # fmt: skip
+    "resume changing a model flag": (
+        {"--out": "{run}", "--resume": "auto", "--steps": "3", "--n-feats": "16"},
+        2,
+        "differ from",
+    ),  # fmt: skip
+    "varsr critic patch too small": (
+        {
+            "--model": "varsr",
+            "--n-feats": "8",
+            "--n-blocks": "1",
+            "--z-dim": "8",
+            "--enc-feats": "4",
+            "--d-channels": "4",
+            "--no-pretrained": "",
+            "--patch": "4",
+            "--lambda-per": "0",
+            "--adv-start": "0",
+        },
+        2,
+        "the critic needs HR patches of at least 17 px",
+    ),  # fmt: skip
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Training images, a plain file and a finished 2-step run, shared by the cases."""
+    tmp = tmp_path_factory.mktemp("world")
+    data = tmp / "photos of mine"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        img = np.kron(rng.random((6, 6, 3)), np.ones((8, 8, 1)))  # 48 x 48
+        iio.imwrite(data / f"holiday {i}.png", (img * 255).astype(np.uint8))
+    (tmp / "notes.txt").write_text("not a folder")
+    argv = argv_of({"--steps": "2", "--out": str(tmp / "run")}, data=data)
+    assert sr_train.main(argv) == 0
+    return {"tmp": tmp, "data": data, "file": tmp / "notes.txt", "run": tmp / "run"}
+
+
+def argv_of(flags: dict, **paths) -> list[str]:
+    argv = []
+    for flag, value in {**BASE, **flags}.items():
+        values = value if isinstance(value, list) else [value]
+        if value is None:
+            continue
+        argv += [flag] + [v.format(**paths) for v in values if v != ""]
+    return argv
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_one_line_and_the_exit_code(case, world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SRSPACE_OFFLINE", "1")
+    flags, code, words = CASES[case]
+    out = tmp_path / "out"
+    argv = argv_of(flags, out=out, **world)
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if ": warning: " not in line]
+    assert len(lines) == 1 and lines[0].startswith("sr_train.py: error: "), err
+    assert e.value.code == (2 if code == PARSE else code) and words in lines[0], (e.value.code, err)
+    if code == PARSE:
+        assert not out.exists(), "a flag refused at parse time must not start any work"
+
+
+def test_perceptual_loss_offline_suggests_lambda_per_0(world, tmp_path, capsys, monkeypatch):
+    """VSpSR's VGG19 loss without the weights file, offline: exit 6, and the way out."""
+    for var, value in (("SRSPACE_OFFLINE", "1"), ("SRSPACE_WEIGHTS", str(tmp_path)),
+                       ("TORCH_HOME", str(tmp_path))):  # fmt: skip
+        monkeypatch.setenv(var, value)
+    tiny = {"--model": "vspsr", "--n-feats": None, "--n-blocks": None, "--n-basis": "8",
+            "--basis-channels": "4", "--coef-channels": "4", "--d-channels": "4"}  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(argv_of({**tiny, "--out": str(tmp_path / "o")}, **world))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 6 and len(err.splitlines()) == 1, err
+    assert "vgg19" in err and err.endswith("--lambda-per 0")
+
+
+def test_tensorboard_missing_is_one_line(world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "torch.utils.tensorboard", None)
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(argv_of({"--tensorboard": "", "--out": str(tmp_path / "o")}, **world))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == (
+        "sr_train.py: error: --tensorboard needs the tensorboard package: pip install tensorboard"
+    )
+    assert os.listdir(tmp_path / "o") == [".lock"]  # nothing else was written

@@ -1,0 +1,67 @@
+"""tests/bench/bench_gpu.py in --quick mode on the CPU (tiny models and sizes, dynamo's "eager"
+backend): the script a GPU session runs once must work end to end before it gets there."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bench(tmp_path, *flags, timeout=600):
+    cmd = [sys.executable, str(REPO / "tests" / "bench" / "bench_gpu.py"), "--device", "cpu",
+           "--quick", "--compile-backend", "eager", "--budget", "3000",
+           "--out", str(tmp_path / "b.json"),
+           *flags]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)  # stdout is the one JSON object
+    assert result == json.loads((tmp_path / "b.json").read_text())
+    assert not result["errors"] and not result["skipped"]
+    return result
+
+
+def in_process(capsys, *flags):
+    """bench_gpu.main in this process (no interpreter and torch start-up to pay again)."""
+    sys.path.insert(0, str(REPO / "tests" / "bench"))
+    try:
+        import bench_gpu
+    finally:
+        sys.path.remove(str(REPO / "tests" / "bench"))
+    code = bench_gpu.main(["--device", "cpu", "--quick", "--compile-backend", "eager", *flags])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_a_training_measurement_and_a_spent_budget(capsys):
+    code, r = in_process(capsys, "--sections", "train_srflow", "--variants", "fp32")
+    row = r["train"]["srflow_x4"]
+    assert code == 0 and not r["errors"] and not r["skipped"]
+    assert row["fp32"]["median_s"] > 0 and (row["batch"], row["hr_patch"]) == (2, 32)
+    code, r = in_process(capsys, "--budget", "0")  # nothing measured: everything listed
+    assert code == 0 and "train" not in r and {"srflow_x4/fp32", "eval"} <= set(r["skipped"])
+
+
+@pytest.mark.slow
+def test_training_sampling_and_eval_sections(tmp_path):
+    flags = ["--sections", "train_srflow", "sample", "eval", "--variants", "fp32", "bf16"]
+    r = bench(tmp_path, *flags)
+    srflow = r["train"]["srflow_x4"]
+    assert srflow["fp32"]["median_s"] > 0 and srflow["speedup_vs_fp32"]["bf16"] > 0
+    assert set(r["sample"]) == {"srflow_x4_lr12x18", "srflow_x8_lr12x18"}
+    assert all(set(v) == {"fp32", "bf16"} for v in r["sample"].values())
+    assert r["eval"]["ntire"]["s_per_image"] > 0 and r["eval"]["ntire"]["n"] == 3
+
+
+@pytest.mark.slow
+def test_every_section_and_variant(tmp_path):
+    r = bench(tmp_path, timeout=1800)
+    for name in ("srflow_x4", "vspsr_x4", "varsr_x4", "edsr_x4"):
+        row = r["train"][name]
+        assert all(row[v]["median_s"] > 0 for v in ("fp32", "bf16", "compile", "bf16_compile"))
+        assert row["compile"]["graphs"] >= 1 and row["compile"]["graph_breaks"] == 0
+    assert r["train"]["srflow_x4"]["compile"]["graphs"] > 1  # regional: one per block shape
+    for v in ("fp32", "bf16"):
+        assert r["pipeline"][f"srflow_x4_{v}"]["logged_median_s"] > 0

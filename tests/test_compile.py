@@ -1,0 +1,129 @@
+"""sr_train.py --compile on CPU with dynamo's cheap backends ("eager": graph capture only;
+"aot_eager": also AOT autograd, as inductor uses it), so these run in seconds. The flows compile
+regionally: each flow step, split and RRDB block once per distinct shape, without graph breaks.
+Also the loader settings of the CUDA path. Compile time and speed on a GPU:
+tests/bench/bench_gpu.py."""
+
+import inspect
+
+import pytest
+import torch
+import torch._dynamo
+from conftest import TINY
+from torch._dynamo.utils import counters
+
+import sr_train
+from sr_lib.checkpoint import load_checkpoint
+from sr_lib.models import build_model
+from sr_lib.models.flow_layers import FlowStep, Split
+from sr_lib.models.rrdb import RRDBBlock
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def flow(**cfg):
+    torch.manual_seed(0)
+    model = build_model("srflow", {**TINY["srflow"], "scale": 4, **cfg}).train()
+    g = torch.Generator().manual_seed(1)
+    lr, hr = torch.rand(2, 3, 8, 8, generator=g), torch.rand(2, 3, 32, 32, generator=g)
+    model.on_step(0, 4)
+    with torch.no_grad():
+        model(lr, hr)  # ActNorm's data-dependent init, eagerly (as sr_train's initialize)
+    return model, lr, hr
+
+
+def train(model, forward, lr, hr, steps, amp=False, total=4):
+    """`steps` (step, ...) of NLL + backward + Adam; the losses and the final weights."""
+    opt = torch.optim.Adam([p for p in model.parameters()], 1e-3)
+    losses = []
+    for step in steps:
+        model.on_step(step, total)
+        torch.manual_seed(step)  # the same dequantisation noise in both runs
+        with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+            loss = forward(lr, hr)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, [p.detach().clone() for p in model.parameters()]
+
+
+def test_flow_compiles_each_block_once_per_shape_without_graph_breaks():
+    model, lr, hr = flow(flow_steps=1, transitions=1)
+    assert model.compile_regions == (FlowStep, Split, RRDBBlock)
+    forward = sr_train.compile_model(model, model, backend="eager")
+    assert forward is model  # regional: the model itself is not wrapped
+    train(model, forward, lr, hr, [0, 1], amp=False)  # encoder frozen (the first half)
+    graphs = counters["stats"]["unique_graphs"]
+    # per level one transition and one conditional step (the same classes, other shapes), one
+    # split (×4: after level 1), the frozen RRDB block
+    assert graphs == 3 * 2 + 1 + 1
+    train(model, forward, lr, hr, [2, 3], amp=False)  # unfrozen: conditional steps, RRDB again
+    assert counters["stats"]["unique_graphs"] == graphs + 3 + 1
+    train(model, forward, lr, hr, [2, 3], amp=True)  # bfloat16 autocast: its own graphs
+    graphs = counters["stats"]["unique_graphs"]
+    train(model, forward, lr, hr, [2, 3], amp=True)  # compiled once, not per step
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert not counters["graph_break"] and not counters["unimplemented"]
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+def test_compiled_flow_training_matches_eager(amp):
+    model, lr, hr = flow(transitions=0)
+    eager = build_model("srflow", {**TINY["srflow"], "scale": 4, "transitions": 0})
+    eager.load_state_dict(model.state_dict())
+    eager.train().mark_initialized()
+    forward = sr_train.compile_model(model, model, backend="aot_eager")
+    got, got_w = train(model, forward, lr, hr, [0, 1], amp)
+    want, want_w = train(eager, eager, lr, hr, [0, 1], amp)
+    tol = dict(rtol=1e-3, atol=1e-3) if amp else dict(rtol=1e-5, atol=1e-5)
+    assert torch.allclose(torch.tensor(got), torch.tensor(want), **tol), (got, want)
+    assert all(torch.allclose(a, b, **tol) for a, b in zip(got_w, want_w))
+    assert not counters["graph_break"]
+
+
+def test_other_models_compile_their_whole_forward():
+    model = build_model("edsr", TINY["edsr"])
+    forward = sr_train.compile_model(model, model, backend="eager")
+    assert not model.compile_regions and forward is not model
+    lr, hr = torch.rand(1, 3, 8, 8), torch.rand(1, 3, 32, 32)
+    assert torch.equal(forward(lr, hr)["loss"], model(lr, hr)["loss"])
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
+def test_sr_train_compile_amp_and_ema_together(tmp_path, monkeypatch):
+    real = sr_train.compile_model
+    monkeypatch.setattr(sr_train, "compile_model", lambda m, f: real(m, f, backend="eager"))
+    flags = ["--model", "srflow", "--nb", "2", "--nf", "8", "--gc", "4", "--rrdb-blocks", "0,1",
+             "--flow-steps", "1", "--hidden-channels", "8", "--scale", "4", "--data", "demo",
+             "--patch", "8", "--batch", "2", "--workers", "0", "--val-every", "0",
+             "--log-every", "1", "--compile", "--amp", "bf16", "--ema", "0.9"]  # fmt: skip
+    assert sr_train.main([*flags, "--steps", "2", "--out", str(tmp_path)]) == 0
+    ck = load_checkpoint(tmp_path / "last.pt")
+    assert ck["step"] == 2 and ck["ema_updates"] == 2
+    keys = list(ck["state_dict"]) + list(ck["ema_state_dict"])
+    assert not any("_orig_mod" in k for k in keys)  # uncompiled names
+    assert all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())
+    assert not counters["graph_break"]
+
+
+def test_the_loader_pins_and_copies_to_the_device_only_on_cuda(tmp_path, monkeypatch):
+    seen = {}
+    real = sr_train.train_loader
+
+    def spy(*args, **kwargs):
+        seen.update(inspect.signature(real).bind(*args, **kwargs).arguments)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sr_train, "train_loader", spy)
+    argv = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--data", "demo", "--patch",
+            "8", "--batch", "2", "--steps", "1", "--workers", "0", "--val-every", "0",
+            "--device", "cpu", "--out", str(tmp_path)]  # fmt: skip
+    assert sr_train.main(argv) == 0
+    assert not seen["pin_memory"] and seen["device"] == torch.device("cpu")

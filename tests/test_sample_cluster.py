@@ -1,0 +1,235 @@
+"""sr_sample.py at cluster scale: temperature sweeps in one pass (the LR-only work once per image),
+job-array shards, resumable runs (SIGKILL, Ctrl-C, SIGTERM, then a rerun) that equal one run file
+by file, manifest.json and ntire_index.json, progress output, and output-folder failures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+
+import sr_sample
+from sr_lib.checkpoint import save_checkpoint
+from sr_lib.models import build_model
+from sr_lib.models.flow_layers import CondAffine
+from sr_lib.models.srflow import SRFlow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*argv) -> int:
+    try:
+        return sr_sample.main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+
+
+def images(folder: Path, count: int, size=(24, 28), names=None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(count)
+    for name in names or [f"im {i:02d}" for i in range(count)]:
+        img = np.kron(rng.random((size[0] // 4, size[1] // 4, 3)), np.ones((4, 4, 1)))
+        iio.imwrite(folder / f"{name}.png", (img * 255).astype(np.uint8))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def flow_ckpt(tmp_path_factory) -> Path:
+    """A tiny x4 SRFlow whose zero-initialised convs are random, so samples depend on the LR."""
+    torch.manual_seed(0)
+    cfg = {**TINY["srflow"], "scale": 4}
+    model = build_model("srflow", cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().max() == 0:
+                p.normal_(0, 0.05)
+    path = tmp_path_factory.mktemp("ckpt") / "flow.pt"
+    save_checkpoint(path, {"model": "srflow", "model_cfg": cfg, "state_dict": model.state_dict(),
+                           "step": 0})  # fmt: skip
+    return path
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    """Every visible file under folder (relative path -> bytes), manifest.json aside."""
+    paths = [p for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+    return {str(p.relative_to(folder)): p.read_bytes() for p in paths if p.name != "manifest.json"}
+
+
+def test_sweep_one_pass_equals_separate_runs_and_encodes_once(tmp_path, flow_ckpt, monkeypatch):
+    inp = images(tmp_path / "in", 2)
+    base = ["--ckpt", flow_ckpt, "--input", inp, "--n", 3, "--batch", 1]
+    calls = {"encoder": 0, "steps": 0}
+    conditions, prepare = SRFlow.conditions, CondAffine.prepare
+
+    def counted_conditions(self, lr):
+        calls["encoder"] += 1
+        return conditions(self, lr)
+
+    def counted_prepare(self, ft, noise=None):
+        calls["steps"] += 1
+        return prepare(self, ft, noise)
+
+    monkeypatch.setattr(SRFlow, "conditions", counted_conditions)
+    monkeypatch.setattr(CondAffine, "prepare", counted_prepare)
+    assert run(*base, "--temperature", 0, 0.5, 0.9, "--out", tmp_path / "sweep") == 0
+    model = build_model("srflow", {**TINY["srflow"], "scale": 4})
+    flow_steps = sum(1 for m in model.modules() if isinstance(m, CondAffine))
+    # 2 images x 3 temperatures x 3 chunks of 1 sample: the encoder and every flow step's
+    # LR-only part ran once per image
+    assert calls == {"encoder": 2, "steps": 2 * flow_steps}
+    sweep = tmp_path / "sweep"
+    assert sorted(p.name for p in sweep.iterdir()) == ["T0", "T0.5", "T0.9"]
+    for t in ("0", "0.5", "0.9"):
+        assert run(*base, "--temperature", t, "--out", tmp_path / t) == 0
+        assert files(sweep / f"T{t}") == files(tmp_path / t) != {}
+        manifest = json.loads((sweep / f"T{t}" / "manifest.json").read_text())
+        assert manifest["temperature"] == float(t) and manifest["n"] == 3
+        assert manifest["flags"]["temperature"] == [0, 0.5, 0.9] and manifest["model"] == "srflow"
+    a, b = (iio.imread(sweep / f"T{t}" / "im 00_sample00001.png") for t in ("0.5", "0.9"))
+    assert (a != b).any()
+
+
+def test_shards_and_a_rerun_equal_one_run(tmp_path, flow_ckpt, monkeypatch):
+    inp = images(tmp_path / "in", 5)
+    base = ["--ckpt", flow_ckpt, "--input", inp, "--n", 2, "--layout", "ntire", "--grid"]
+    assert run(*base, "--out", tmp_path / "one") == 0
+    for i in range(3):
+        assert run(*base, "--shard", f"{i}/3", "--out", tmp_path / "shards") == 0
+    assert files(tmp_path / "shards") == files(tmp_path / "one")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")  # an array --array=1-2: tasks 1, 2 = shards 0, 1
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    assert run(*base, "--shard", "auto", "--out", tmp_path / "auto") == 0
+    got = files(tmp_path / "auto")
+    assert {k for k in got if k.startswith("000001")} == set()  # image 1 belongs to task 2
+    assert all(got[k] == v for k, v in files(tmp_path / "one").items() if k.startswith("000002"))
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGKILL, -9), (signal.SIGINT, 130),
+                                       (signal.SIGTERM, 75)])  # fmt: skip
+def test_killed_then_rerun_equals_one_run(tmp_path, flow_ckpt, sig, code, capsys):
+    """Two shards into one folder, the second killed mid-run and run again: the folder equals that
+    of one uninterrupted run, file by file."""
+    inp = images(tmp_path / "in", 24, size=(96, 96))
+    base = ["--ckpt", flow_ckpt, "--input", inp, "--n", 2, "--from-hr", "--grid"]
+    out = tmp_path / "resumed"
+    assert run(*base, "--shard", "0/2", "--out", out) == 0
+    cmd = [sys.executable, str(REPO / "sr_sample.py"), *map(str, base), "--shard", "1/2", "--out",
+           str(out)]  # fmt: skip
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True)  # fmt: skip
+    deadline = time.time() + 120
+    while not (out / "im 01_grid.png").exists() and time.time() < deadline:  # one image complete
+        time.sleep(0.02)
+    p.send_signal(sig)
+    err = p.communicate(timeout=120)[1].strip()
+    assert p.returncode == code, err
+    if code > 0:  # one line, no traceback
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for f in out.glob("*.png"):
+        iio.imread(f)  # every visible file is whole (temp files are hidden: .NAME.tmp)
+    capsys.readouterr()
+    assert run(*base, "--shard", "1/2", "--out", out) == 0
+    text = capsys.readouterr().out
+    skipped = int(text.split("images sampled, ")[1].split(" already complete")[0])
+    assert 0 < skipped < 12, text  # it continued where it stopped
+    assert run(*base, "--out", tmp_path / "one") == 0
+    assert files(out) == files(tmp_path / "one")
+
+
+def test_rerun_skips_complete_images_and_refuses_other_settings(tmp_path, flow_ckpt, capsys):
+    inp = images(tmp_path / "in", 2)
+    base = ["--ckpt", flow_ckpt, "--input", inp, "--n", 2, "--out", tmp_path / "o"]
+    assert run(*base) == 0
+    first = {p: p.stat().st_mtime_ns for p in (tmp_path / "o").glob("*.png")}
+    assert run(*base, "--batch", 1, "--device", "cpu") == 0  # these do not change the files
+    assert "0 images sampled, 2 already complete" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in first} == first  # nothing was rewritten
+    (tmp_path / "o" / "im 01_sample00001.png").unlink()
+    assert run(*base) == 0 and "1 images sampled, 1 already complete" in capsys.readouterr().out
+    for flags, made in ((["--seed", 1], "--seed 0, not 1"), (["--n", 3], "n 2, not 3"),
+                        (["--temperature", 0.5], "temperature 0.9, not 0.5"),
+                        (["--tile", 32], "tile_context 0, not 18"), (["--cem"], "--cem false"),
+                        (["--amp", "bf16"], '--amp "none", not "bf16"')):  # fmt: skip
+        assert run(*base, *flags) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"made with {made}" in err and "--overwrite" in err
+    assert run(*base, "--seed", 1, "--overwrite") == 0
+    assert all(p.stat().st_mtime_ns != t for p, t in first.items())
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["flags"]["seed"] == 1
+
+
+def test_ntire_layout_numbers_images_in_the_one_order(tmp_path, flow_ckpt):
+    stems = ["photo (1)", "cat-2", "photo", "cat"]  # name order: cat-2 < cat, photo (1) < photo
+    inp = images(tmp_path / "in", 4, names=stems)
+    argv = ["--ckpt", flow_ckpt, "--input", inp, "--n", 1, "--layout", "ntire"]
+    assert run(*argv, "--out", tmp_path / "o") == 0
+    index = json.loads((tmp_path / "o" / "ntire_index.json").read_text())
+    order = ["cat", "cat-2", "photo", "photo (1)"]
+    assert index == {"scale": 4, **{f"{k:06d}": stem for k, stem in enumerate(order)}}
+    assert run(*argv, "--input", inp / "cat-2.png", "--out", tmp_path / "single") == 0
+    same = iio.imread(tmp_path / "single" / "000000_sample00000.png")
+    assert (iio.imread(tmp_path / "o" / "000001_sample00000.png") == same).all()
+    images(inp, 1, names=["bird"])  # sorts first: every index would move
+    assert run(*argv, "--out", tmp_path / "o") == 2
+
+
+def test_progress_lines_and_bar(tmp_path, flow_ckpt, capsys, monkeypatch):
+    inp = images(tmp_path / "in", 2)
+    argv = ["--ckpt", flow_ckpt, "--input", inp, "--n", 1]
+    assert run(*argv, "--out", tmp_path / "a") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[1/2] im 00.png 28x24 -> 1 x 112x96") and "ETA" in lines[0]
+    assert lines[1].startswith("[2/2] im 01.png") and lines[2].startswith("done: 2 images")
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert run(*argv, "--out", tmp_path / "b") == 0
+    assert "2/2" in capsys.readouterr().out  # rich's bar: images done / total
+
+
+def test_output_folder_problems_are_one_line_exit_7(tmp_path, flow_ckpt, capsys, monkeypatch):
+    inp = images(tmp_path / "in", 2)
+    base = ["--ckpt", flow_ckpt, "--input", inp, "--n", 2]
+    (tmp_path / "file").write_text("x")
+    assert run(*base, "--out", tmp_path / "file") == 7
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a file, not a folder" in err
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):  # what open() raises for a normal user
+        if str(path).startswith(str(tmp_path / "ro")) and flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(os, "open", read_only)
+    assert run(*base, "--out", tmp_path / "ro") == 7
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot write there (Permission denied)" in err
+    assert list((tmp_path / "ro").iterdir()) == []
+
+
+def test_full_disk_is_one_line_exit_7_and_no_partial_file(tmp_path, flow_ckpt):
+    inp = images(tmp_path / "in", 2, size=(48, 48))
+    out = tmp_path / "out"
+
+    def small_files():  # a write past 4 kB fails with EFBIG, as a full disk's with ENOSPC
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    cmd = [sys.executable, str(REPO / "sr_sample.py"), "--ckpt", str(flow_ckpt), "--input",
+           str(inp), "--n", "2", "--out", str(out)]  # fmt: skip
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, preexec_fn=small_files)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 7 and len(err) == 1, p.stderr
+    assert "im 00_sample00000.png: cannot write (File too large)" in err[0]
+    assert [f.name for f in out.iterdir()] == ["manifest.json"]  # no partial PNG, no temp file

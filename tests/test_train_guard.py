@@ -1,0 +1,301 @@
+"""sr_train.py's non-finite guard: no host reads between log and save steps, a skipped step changes
+nothing (weights, both optimizers, buffers), --max-bad-steps at check steps, --on-nan rollback."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+from test_distributed import free_port
+
+import sr_train
+from sr_lib import models
+from sr_lib.checkpoint import load_checkpoint
+from sr_lib.models.edsr import EDSR
+from sr_lib.models.vspsr import VSpSR
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def flaky(base):
+    """`base` whose loss is NaN at the steps listed in --nan-steps; with --nan-once only the first
+    time each of those steps runs (a rollback then gets past them); with --nan-rank R only on
+    process R of several."""
+
+    @dataclass
+    class FlakyConfig(base.Config):
+        nan_steps: str = ""
+        nan_once: bool = False
+        nan_rank: int = field(default=-1, metadata=dict(range="[-1, inf)"))  # -1: every rank
+
+    class Flaky(base):
+        Config = FlakyConfig
+
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.step, self.seen = 0, set()
+
+        def on_step(self, step, total):
+            super().on_step(step, total)
+            self.step = step
+
+        def forward(self, lr, hr):
+            out = super().forward(lr, hr)
+            bad = {int(s) for s in self.cfg.nan_steps.split(",") if s}
+            rank = int(os.environ.get("RANK", 0))
+            if self.cfg.nan_rank not in (-1, rank):
+                bad = set()
+            if self.step in bad and not (self.cfg.nan_once and self.step in self.seen):
+                self.seen.add(self.step)
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+    return Flaky
+
+
+def register():
+    """The test models, also for a script run in a subprocess (see test_rollback_through_cli)."""
+    models.MODELS["flaky_edsr"] = flaky(EDSR)
+    models.MODELS["flaky_vspsr"] = flaky(VSpSR)
+
+
+@pytest.fixture
+def flaky_models(monkeypatch):
+    monkeypatch.setitem(models.MODELS, "flaky_edsr", flaky(EDSR))
+    monkeypatch.setitem(models.MODELS, "flaky_vspsr", flaky(VSpSR))
+
+
+def tiny(name):
+    """A registered model's tiny config as command-line flags."""
+    flags = []
+    for key, value in TINY[name].items():
+        flag = "--" + key.replace("_", "-")
+        if value is False:
+            flags.append(flag.replace("--", "--no-"))
+        elif value is not True:
+            flags += [flag, str(value)]
+    return flags
+
+
+EDSR_TINY = ["--model", "flaky_edsr", *tiny("edsr")]
+VSPSR_TINY = ["--model", "flaky_vspsr", *tiny("vspsr")]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hr")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        img = np.kron(rng.random((12, 12, 3)), np.ones((8, 8, 1)))  # smooth-ish 96x96
+        iio.imwrite(d / f"img {i}.png", (img * 255).astype(np.uint8))
+    return d
+
+
+def run(out, images, *extra, scale=2):
+    return sr_train.main([
+        "--data", str(images), "--scale", str(scale), "--patch", "8", "--batch", "2",
+        "--workers", "0", "--val-every", "0", "--log-every", "1", "--out", str(out), *extra,
+    ])  # fmt: skip
+
+
+def records(run_dir):
+    return [json.loads(line) for line in open(Path(run_dir) / "log.jsonl")]
+
+
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
+
+
+@pytest.mark.parametrize("name", ["edsr", "vspsr", "srflow"])
+def test_no_host_reads_between_log_and_save_steps(tmp_path, images, monkeypatch, name):
+    """On a GPU every read of a tensor's value on the host waits for the device. The loop reads
+    only at log, validation and save steps (steps 4 and 8 here), never inside a training step,
+    also for a model with a discriminator (vspsr) and a flow (srflow)."""
+    reads = []
+    train_code, step_code = sr_train.train.__code__, sr_train.train_step.__code__
+
+    def spy(method):
+        real = getattr(torch.Tensor, method)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1)
+            # The loader converts CPU batches on the host (workers 0); not a read of the device.
+            if not caller.f_code.co_filename.endswith(str(Path("sr_lib", "data.py"))):
+                frame, in_step = caller, False
+                while frame is not None and frame.f_code is not train_code:
+                    in_step |= frame.f_code is step_code
+                    frame = frame.f_back
+                if frame is not None and "step" in frame.f_locals:  # inside the loop
+                    reads.append((method, frame.f_locals["step"], in_step))
+            return real(self, *args, **kwargs)
+
+        return read
+
+    for method in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, method, spy(method))
+    scale = 4 if name == "srflow" else 2
+    argv = ["--model", name, *tiny(name), "--log-every", "4", "--save-every", "8", "--steps", "8"]
+    assert run(tmp_path, images, *argv, scale=scale) == 0
+    monkeypatch.undo()
+    assert reads, "the spy saw nothing: the logging steps must read the loss"
+    assert not [r for r in reads if r[2]], f"host reads inside a training step: {reads}"
+    assert {r[1] for r in reads} <= {4, 8}, reads
+
+
+def test_a_skipped_step_changes_nothing_discriminator_and_buffers_included(
+    tmp_path, images, flaky_models
+):
+    """A NaN generator loss at step 1 skips that whole step: the generator's and the
+    discriminator's weights, both Adam states (moments, step counts) and the discriminator's
+    BatchNorm statistics are those after step 0."""
+    common = [*VSPSR_TINY, "--learning-rate", "1e-3"]
+    assert run(tmp_path / "one", images, *common, "--steps", "1") == 0
+    assert run(tmp_path / "two", images, *common, "--steps", "2", "--nan-steps", "1") == 0
+    a, b = (
+        load_checkpoint(tmp_path / "one" / "last.pt"),
+        load_checkpoint(tmp_path / "two" / "last.pt"),
+    )
+    assert b["skipped"] == 1 and a["skipped"] == 0
+    assert any("running_mean" in k for k in a["state_dict"])
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    for opt in ("g", "d"):
+        sa, sb = a["optimizers"][opt]["state"], b["optimizers"][opt]["state"]
+        assert sa.keys() == sb.keys() and sa
+        for i in sa:
+            assert all(torch.equal(sa[i][k], sb[i][k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+            assert float(sb[i]["step"]) == 1
+
+
+def test_max_bad_steps_is_checked_at_log_and_save_steps(tmp_path, images, flaky_models, capsys):
+    """A streak found at the next log step after it ended still stops the run with the step where
+    it reached --max-bad-steps; no checkpoint is written inside the streak."""
+    flags = [*EDSR_TINY, "--steps", "20", "--max-bad-steps", "3", "--nan-steps", "1,2,3"]
+    with pytest.raises(SystemExit) as e:  # log at 5: the streak 1-3 ended at step 4
+        run(tmp_path / "log", images, *flags, "--log-every", "5", "--save-every", "100")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 5 and len(err.splitlines()) == 1 and "step 3: 3 consecutive" in err
+    assert not (tmp_path / "log" / "last.pt").exists()
+    with pytest.raises(SystemExit) as e:  # save at 2 (inside the streak: skipped), at 4 stopped
+        run(tmp_path / "save", images, *flags, "--log-every", "100", "--save-every", "2")
+    assert e.value.code == 5 and "step 3" in capsys.readouterr().err
+    assert not (tmp_path / "save" / "last.pt").exists()
+
+
+def test_rollback_reloads_last_checkpoint_and_halves_the_rates(tmp_path, images, flaky_models):
+    """Steps 5 and 6 are NaN once: after 2 bad steps the run goes back to last.pt (step 4) with
+    the learning rates halved and ends exactly as a run resumed from step 4 at half the rates."""
+    common = [*VSPSR_TINY, "--learning-rate", "1e-3", "--d-learning-rate", "2e-4",
+              "--milestones", "--save-every", "4"]  # fmt: skip
+    rollback = ["--steps", "10", "--max-bad-steps", "2", "--on-nan", "rollback",
+                "--nan-steps", "5,6", "--nan-once"]  # fmt: skip
+    assert run(tmp_path / "rb", images, *common, *rollback) == 0
+    ck = load_checkpoint(tmp_path / "rb" / "last.pt")
+    assert ck["step"] == 10 and ck["rollbacks"] == 1 and ck["skipped"] == 2
+    assert ck["optimizers"]["g"]["param_groups"][0]["lr"] == 5e-4
+    assert ck["optimizers"]["d"]["param_groups"][0]["lr"] == 1e-4
+    log = records(tmp_path / "rb")
+    assert {"step": 7, "rollback": 1, "to_step": 4, "learning_rate_scale": 0.5} in log
+    assert [r["learning_rate"] for r in log if "loss" in r] == [1e-3] * 6 + [5e-4] * 6  # 1-6, 5-10
+
+    assert run(tmp_path / "ref", images, *common, "--steps", "4") == 0
+    half = ["--learning-rate", "5e-4", "--d-learning-rate", "1e-4"]
+    assert run(tmp_path / "ref", images, *common, "--steps", "10", *half, "--resume", "auto") == 0
+    ref = load_checkpoint(tmp_path / "ref" / "last.pt")
+    assert all(torch.equal(ck["state_dict"][k], ref["state_dict"][k]) for k in ref["state_dict"])
+
+    # the halved rates are kept by a resumed run (they are in the checkpoint)
+    assert run(tmp_path / "rb", images, *common, "--steps", "12", "--resume", "auto") == 0
+    assert [r["learning_rate"] for r in records(tmp_path / "rb") if "loss" in r][-2:] == [5e-4] * 2
+    assert load_checkpoint(tmp_path / "rb" / "last.pt")["rollbacks"] == 1
+
+
+def test_rollback_restores_the_weight_average(tmp_path, images, flaky_models):
+    """With --ema a rollback also takes the average back to last.pt's: the run ends with the
+    average of a run resumed from there at half the rates, update count included."""
+    common = [*EDSR_TINY, "--learning-rate", "1e-3", "--milestones", "--save-every", "4",
+              "--ema", "0.5"]  # fmt: skip
+    rollback = ["--steps", "10", "--max-bad-steps", "2", "--on-nan", "rollback",
+                "--nan-steps", "5,6", "--nan-once"]  # fmt: skip
+    assert run(tmp_path / "rb", images, *common, *rollback) == 0
+    assert run(tmp_path / "ref", images, *common, "--steps", "4") == 0
+    half = ["--learning-rate", "5e-4", "--steps", "10", "--resume", "auto"]
+    assert run(tmp_path / "ref", images, *common, *half) == 0
+    ck, ref = (load_checkpoint(tmp_path / d / "last.pt") for d in ("rb", "ref"))
+    assert ck["rollbacks"] == 1 and ck["ema_updates"] == ref["ema_updates"] == 10
+    for k, v in ref["ema_state_dict"].items():
+        assert torch.equal(ck["ema_state_dict"][k], v), k
+
+
+def test_rollbacks_run_out_then_exit_5(tmp_path, images, flaky_models, capsys):
+    nan = ",".join(map(str, range(3, 20)))
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, images, *EDSR_TINY, "--steps", "20", "--save-every", "2", "--on-nan",
+            "rollback", "--max-rollbacks", "2", "--max-bad-steps", "2",
+            "--nan-steps", nan)  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 5 and len(err.splitlines()) == 1 and "after 2 rollbacks" in err
+    assert [r["rollback"] for r in records(tmp_path) if "rollback" in r] == [1, 2]
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 2  # the last good one, untouched
+
+
+def test_rollback_before_any_checkpoint_is_exit_5(tmp_path, images, flaky_models, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, images, *EDSR_TINY, "--steps", "5", "--on-nan", "rollback",
+            "--max-bad-steps", "2", "--nan-steps", "0,1,2,3,4")  # fmt: skip
+    assert e.value.code == 5 and "before the first checkpoint" in capsys.readouterr().err
+
+
+def test_rollback_through_cli(tmp_path, images):
+    """The same from the command line: sr_train.py in its own process, the test model registered
+    first (it is not part of srspace)."""
+    script = (f"import sys; sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]; "
+              "import test_train_guard, sr_train; test_train_guard.register(); "
+              "raise SystemExit(sr_train.main())")  # fmt: skip
+    argv = [*EDSR_TINY, "--data", str(images), "--scale", "2", "--patch", "8", "--batch", "2",
+            "--workers", "0", "--val-every", "0", "--log-every", "1", "--save-every", "3",
+            "--steps", "8", "--max-bad-steps", "2", "--on-nan", "rollback", "--nan-steps", "4,5",
+            "--nan-once", "--out", str(tmp_path / "run")]  # fmt: skip
+    p = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "step 5: 2 consecutive non-finite" in p.stdout and "rollback 1 of 3" in p.stdout
+    ck = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ck["step"] == 8 and ck["rollbacks"] == 1 and ck["skipped"] == 2
+
+
+def test_a_nan_on_one_rank_rolls_back_every_rank(tmp_path, images):
+    """Two processes (gloo): rank 1 alone sees NaN at steps 4 and 5. Both skip those steps (the
+    flag is agreed on the device), both roll back to last.pt and stay identical; only rank 0
+    writes the log, the TensorBoard events and the checkpoints."""
+    script = tmp_path / "train_flaky.py"
+    script.write_text(
+        f"import sys; sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]\n"
+        "import sr_train, test_train_guard\n"
+        "test_train_guard.register()\n"
+        "raise SystemExit(sr_train.main())\n"
+    )
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+           f"--master-port={free_port()}", str(script), *EDSR_TINY, "--data", str(images),
+           "--scale", "2", "--patch", "8", "--batch", "2", "--workers", "0", "--val-every", "0",
+           "--log-every", "1", "--save-every", "3", "--steps", "8", "--device", "cpu",
+           "--max-bad-steps", "2", "--on-nan", "rollback", "--nan-steps", "4,5", "--nan-once",
+           "--nan-rank", "1", "--sync-check-every", "1", "--tensorboard",
+           "--out", str(out)]  # fmt: skip
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    log = records(out)
+    assert [r for r in log if "rollback" in r] == [
+        {"step": 6, "rollback": 1, "to_step": 3, "learning_rate_scale": 0.5}
+    ]
+    diffs = [r["replica_max_diff"] for r in log if "replica_max_diff" in r]
+    assert len(diffs) == 10 and set(diffs) == {0.0}  # steps 1-5, then 4-8 again
+    ck = load_checkpoint(out / "last.pt")
+    assert (ck["step"], ck["rollbacks"], ck["skipped"], ck["world_size"]) == (8, 1, 2, 2)
+    assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1

@@ -1,0 +1,196 @@
+"""sr_train.py around the loop: the run-folder lock, TensorBoard, threads, what it says at start,
+its help text, and model flags that must work without the paper's full-size defaults."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+
+import sr_train
+from sr_lib.checkpoint import load_checkpoint
+from sr_lib.errors import UsageError
+from sr_lib.models import build_model
+from sr_lib.models.srflow import encoder_taps
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_EDSR = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--scale", "2",
+             "--patch", "8", "--batch", "2", "--workers", "0"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("my photos")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        img = np.kron(rng.random((8, 8, 3)), np.ones((8, 8, 1)))  # 64 x 64
+        iio.imwrite(d / f"photo {i}.png", (img * 255).astype(np.uint8))
+    iio.imwrite(d / "thumb.png", np.zeros((8, 8, 3), np.uint8))  # smaller than a 16 px patch
+    return d
+
+
+def script(*argv, out, env=None):
+    """sr_train.py as a user starts it, in its own process."""
+    cmd = [sys.executable, str(REPO / "sr_train.py"), *TINY_EDSR, *argv, "--out", str(out)]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)  # fmt: skip
+
+
+def wait_for_log(out: Path, proc, lines: int = 2) -> None:
+    deadline = time.time() + 120
+    log = out / "log.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and log.read_text().count("\n") >= lines:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no training progress in {out}: {proc.communicate()}")
+
+
+def test_a_second_run_on_the_same_folder_is_refused_and_a_killed_run_leaves_no_lock(
+    tmp_path, images
+):
+    """Two real processes on one --out. The first runs as a SLURM job with one CPU would: one
+    thread, whatever the cores of the machine."""
+    out = tmp_path / "run x"
+    flags = ["--data", str(images), "--val-every", "0", "--log-every", "1", "--save-every", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    first = script(*flags, "--steps", "100000", out=out, env={**env, "SLURM_CPUS_PER_TASK": "1"})
+    try:
+        wait_for_log(out, first)
+        second = script(*flags, "--steps", "100000", "--resume", "auto", out=out)
+        _, err = second.communicate(timeout=120)
+        assert second.returncode == 2, err
+        assert err.strip().splitlines() == [
+            f"sr_train.py: error: --out {out}: another sr_train.py is using this run folder "
+            f"(pid {first.pid} on {os.uname().nodename}); wait for it to end or give another --out"
+        ]
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.send_signal(signal.SIGKILL)  # the kernel releases the lock with the process
+    assert "device cpu (1 thread)" in first.communicate()[0]
+    step = load_checkpoint(out / "last.pt")["step"]
+    argv = [*TINY_EDSR, *flags, "--steps", str(step + 1), "--resume", "auto", "--out", str(out)]
+    assert sr_train.main(argv) == 0  # no stale lock
+    assert load_checkpoint(out / "last.pt")["step"] == step + 1
+
+
+def test_tensorboard_holds_every_logged_number_and_the_validation_strips(tmp_path, images):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    argv = [*TINY_EDSR, "--data", str(images), "--val-data", str(images), "--val-every", "2",
+            "--val-n", "1", "--val-images", "2", "--steps", "4", "--log-every", "1",
+            "--tensorboard", "--out", str(out)]  # fmt: skip
+    assert sr_train.main(argv) == 0
+    events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    logged = {}
+    for rec in map(json.loads, open(out / "log.jsonl")):
+        for key, value in rec.items():
+            if key != "step":
+                logged.setdefault(key, []).append((rec["step"], value))
+    assert {"loss", "learning_rate", "s_per_step", "val_psnr", "val_lrpsnr"} <= set(logged)
+    assert set(events.Tags()["scalars"]) == set(logged)
+    for key, values in logged.items():
+        got = [(e.step, e.value) for e in events.Scalars(key)]
+        assert [s for s, _ in got] == [s for s, _ in values], key
+        assert np.allclose([v for _, v in got], [v for _, v in values], rtol=1e-6), key
+    assert sorted(events.Tags()["images"]) == ["val/photo 0", "val/photo 1"]
+    strip = iio.imread(out / "val" / "step0000004_photo 0.png")
+    shown = events.Images("val/photo 0")
+    assert [i.step for i in shown] == [2, 4] and (shown[-1].height, shown[-1].width) == strip.shape[
+        :2
+    ]
+
+
+def test_thread_count():
+    count = sr_train.thread_count  # (torch's current count, environment, cores)
+    assert count(64, {}, 8) == 8  # the cores this process may use
+    assert count(64, {"SLURM_CPUS_PER_TASK": "2"}, 8) == 2
+    assert count(64, {"SLURM_CPUS_PER_TASK": "16"}, 8) == 8  # never more than the cores
+    assert count(64, {"LOCAL_WORLD_SIZE": "4"}, 8) == 2  # torchrun: the node's cores shared
+    assert count(64, {"LOCAL_WORLD_SIZE": "4"}, 2) == 1
+    assert count(3, {"SLURM_CPUS_PER_TASK": "4"}, 8) == 3  # lowered by OMP_NUM_THREADS or a caller
+
+
+def test_start_says_what_was_found_and_whether_it_validates(tmp_path, images, capsys):
+    base = [*TINY_EDSR, "--data", str(images), "--steps", "1"]
+    with pytest.warns(UserWarning, match="skipped 1 of 4"):
+        assert sr_train.main([*base, "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert f"data: 3 training images of 4 found in {images} (1 skipped: smaller than one 16x16 " \
+        "HR patch)" in out  # fmt: skip
+    assert "validation: none (no --val-data): no best.pt will be written" in out
+    with pytest.warns(UserWarning):
+        assert sr_train.main([*base, "--val-data", str(images), "--val-every", "0",
+                              "--out", str(tmp_path / "b")]) == 0  # fmt: skip
+    assert "validation: none (--val-every 0)" in capsys.readouterr().out
+    with pytest.warns(UserWarning):
+        assert sr_train.main([*base, "--val-data", str(images), "--val-images", "2",
+                              "--out", str(tmp_path / "c")]) == 0  # fmt: skip
+    assert f"validation: 2 images of {images} every 1000 steps" in capsys.readouterr().out
+    assert (tmp_path / "c" / "best.pt").is_file()  # validated at the last step
+
+
+def help_text(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        sr_train.main([*argv, "-h"])
+    assert e.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+
+def test_help_shows_defaults_and_what_each_switch_does(capsys):
+    text = help_text([], capsys)
+    assert "--workers WORKERS data loader processes (0 = inline) (default: 2)" in text
+    assert "--max-rollbacks MAX_ROLLBACKS --on-nan rollback: at most this many, then exit 5 " \
+        "(default: 3)" in text  # fmt: skip
+    assert "--no-requeue under SLURM, do not requeue the job" in text
+    assert "--model NAME -h" in text
+    text = help_text(["--model", "vspsr"], capsys)
+    assert "vspsr model options (--scale 2, 3, 4 or 8)" in text
+    assert "--no-cem-test samples without the CEM" in text
+    assert "--no-stochastic-w ω = μ, not sampled" in text
+    assert "--no-refine-m m without the small learned conv U" in text
+    assert "--n-basis N_BASIS atoms C (Table 1 #5: 64) (default: 256)" in text
+    text = help_text(["--model", "srflow"], capsys)
+    assert "srflow model options (--scale 4 or 8)" in text
+    assert "--no-unused-conv drop the released code's never-called conv f" in text
+
+
+def test_a_small_flow_encoder_needs_no_rrdb_blocks_flag(tmp_path, images):
+    """--nb 2 alone: the paper's taps 1,8,15,22 of 23 blocks, spread over 2 blocks: 0,1."""
+    assert encoder_taps("", "1,8,15,22", 2) == (0, 1)
+    assert encoder_taps("", "1,8,15,22", 12) == (0, 4, 8, 11)
+    assert encoder_taps("", "1,3,5,7", 8) == (1, 3, 5, 7)  # fits: the paper's as they are
+    assert encoder_taps("0,1", "1,8,15,22", 2) == (0, 1)
+    with pytest.raises(UsageError, match="need blocks in 0..1"):
+        encoder_taps("1,2", "1,8,15,22", 2)
+    tiny = dict(nb=2, nf=8, gc=4, flow_steps=1, hidden_channels=8)
+    for name in ("srflow", "srflow_da", "ncsr"):
+        assert build_model(name, {**tiny, "scale": 4}).blocks == (0, 1)
+    assert build_model("srflow", {**tiny, "scale": 8}).blocks == (0,)  # x8: taps 1,3,5,7
+    argv = ["--model", "srflow", "--scale", "4", "--nb", "2", "--nf", "8", "--gc", "4",
+            "--flow-steps", "1", "--hidden-channels", "8", "--data", str(images), "--patch", "8",
+            "--batch", "2", "--steps", "1", "--workers", "0", "--out", str(tmp_path)]  # fmt: skip
+    with pytest.warns(UserWarning):
+        assert sr_train.main(argv) == 0
+    ck = load_checkpoint(tmp_path / "last.pt")
+    assert ck["step"] == 1 and all(torch.isfinite(v).all() for v in ck["state_dict"].values())
+
+
+def test_a_file_system_without_locks_warns_and_trains(tmp_path, images, monkeypatch):
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(sr_train.fcntl, "flock", no_locks)
+    argv = [*TINY_EDSR, "--data", str(images), "--steps", "1", "--out", str(tmp_path)]
+    with pytest.warns(UserWarning, match="cannot lock the run folder .No locks available"):
+        assert sr_train.main(argv) == 0
