@@ -163,6 +163,16 @@ CASES = [
         "--csv",
     ),
     ("device-cuda-absent", None, lambda w: args(w, "--device", "cuda"), 2, "--device"),
+    ("unknown-flag", None, lambda w: args(w, "--temprature", "1"), 2, "--temprature"),
+    (
+        "scale-not-a-number",
+        None,
+        lambda w: [*args(w)[:4], "--scale", "four", "--n", "2"],
+        2,
+        "four",
+    ),
+    ("color-unknown", None, lambda w: args(w, "--color", "lab"), 2, "--color"),
+    ("n-missing", None, lambda w: args(w)[:6], 2, "--n"),
     ("out-is-a-folder", None, lambda w: args(w, "--out", w / "out"), 7, "is a folder"),
     ("csv-is-a-folder", None, lambda w: args(w, "--csv", w / "out"), 7, "--csv"),
     (

@@ -15,16 +15,19 @@ import imageio.v3 as iio
 import lpips
 import numpy as np
 import pytest
+import test_sample_cluster
 import torch
 from matplotlib.axes import Axes
 from rich.console import Console
 
 import sr_eval
+import sr_sample
 from sr_lib.resize import imresize
 
 REPO = Path(__file__).resolve().parents[1]
 STEMS = ("0801", "0802")
 TEMPS = (0.0, 0.5, 1.0)
+flow_ckpt = test_sample_cluster.flow_ckpt  # the fixture: a tiny x4 SRFlow checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +255,37 @@ def test_progress_bar_on_a_terminal(tmp_path):
     text = b"".join(chunks).decode(errors="replace")
     assert p.returncode == 0, text
     assert "2/2" in text and "ETA" in text and "[1/2]" not in text
+
+
+def test_real_sweep_from_sr_sample_then_report(tmp_path, capsys, lpips_file, flow_ckpt):
+    """The pipeline of the README: sr_sample.py --temperature sweep (--layout ntire, inputs whose
+    names share prefixes and hold spaces), then sr_eval.py --report on the sweep folder."""
+    hr_dir = tmp_path / "hr"
+    hr_dir.mkdir()
+    for k, stem in enumerate(("cat-2", "cat", "photo (1)", "photo")):
+        iio.imwrite(hr_dir / f"{stem}.png", make_hr(32, 40, seed=k))
+    sweep = tmp_path / "S"
+    code = sr_sample.main([str(a) for a in (
+        "--ckpt", flow_ckpt, "--input", hr_dir, "--from-hr", "--temperature", 0, 0.5, 1,
+        "--n", 3, "--layout", "ntire", "--out", sweep, "--device", "cpu",
+    )])  # fmt: skip
+    assert code == 0
+    assert json.loads((sweep / "T0.5" / "ntire_index.json").read_text())["000001"] == "cat-2"
+    out, rep = tmp_path / "r.json", tmp_path / "R"
+    code = sr_eval.main([str(a) for a in (
+        "--hr", hr_dir, "--sr", f"flow={sweep}", "--lr", sweep / "lr", "--scale", 4, "--n", 3,
+        "--lpips-weights", lpips_file, "--device", "cpu", "--out", out, "--report", rep,
+    )])  # fmt: skip
+    assert code == 0
+    res = json.loads(out.read_text())["methods"]
+    assert list(res) == ["flow@T0", "flow@T0.5", "flow@T1"]
+    assert [r["image"] for r in res["flow@T1"]["per_image"]] == ["cat", "cat-2", "photo",
+                                                                  "photo (1)"]  # fmt: skip
+    assert res["flow@T0"]["mean"]["score"] == 0  # temperature 0: n identical samples
+    assert res["flow@T1"]["mean"]["score"] > 0
+    for m in res.values():  # the LR sr_sample made is the official one: both LR-PSNRs agree
+        mean = m["mean"]
+        assert mean["LRPSNR_vs_input_mean"] == pytest.approx(mean["LRPSNR_mean"], abs=1e-6)
+    refs = page_refs(rep / "index.html")
+    assert all((rep / r).is_file() for r in refs)
+    assert len(list((rep / "images").iterdir())) == 4
