@@ -4,7 +4,7 @@ DIR/index.html (inline CSS, no script, no network) shows the results table, the 
 trade-off plots (diversity score vs LPIPS and LR-PSNR vs LPIPS, one labelled point per method and
 temperature; the temperatures of one sweep joined by a line, as in the challenge report) and per
 image a contact sheet: LR, GT, then per method its samples and their per-pixel standard deviation
-across samples. Every thumbnail links to a full-size image inside DIR:
+across samples (white: its 99.5th percentile). Every thumbnail links to a full-size image in DIR:
 
   plots/*.png                     the plots (matplotlib, Agg, drawn off-screen)
   images/{k:06d}/gt.png, lr.png   the GT (hard link or copy of the file; written as PNG when it
@@ -85,7 +85,8 @@ def full_and_thumb(folder: Path, name: str, img: np.ndarray, src: Path | None) -
 
 def std_map(samples: list[np.ndarray]) -> tuple[np.ndarray, float]:
     """Per-pixel standard deviation across samples (mean over RGB, 0..255 scale) as a magma
-    heat map normalised to its maximum, and that maximum."""
+    heat map whose white is its 99.5th percentile (a few outliers do not darken the rest), and
+    that value."""
     h = min(s.shape[0] for s in samples)
     w = min(s.shape[1] for s in samples)
     total = np.zeros((h, w, 3), np.float64)
@@ -96,8 +97,8 @@ def std_map(samples: list[np.ndarray]) -> tuple[np.ndarray, float]:
         squares += x * x
     mean = total / len(samples)
     std = np.sqrt(np.clip(squares / len(samples) - mean * mean, 0, None)).mean(axis=2)
-    top = float(std.max())
-    heat = colormaps["magma"](std / top if top > 0 else std)[..., :3]
+    top = float(np.percentile(std, 99.5)) or float(std.max())
+    heat = colormaps["magma"](np.clip(std / top, 0, 1) if top > 0 else std)[..., :3]
     return np.round(heat * 255).astype(np.uint8), top
 
 
@@ -126,7 +127,7 @@ def contact_sheet(folder, k, stem, gt_file, gt, lr_file, lr, methods, scale) -> 
         if len(samples) > 1:
             heat, top = std_map(samples)
             full, thumb = full_and_thumb(sub, "std", heat, None)
-            row.append((f"std (max {top:.1f}/255)", rel(full), rel(thumb)))
+            row.append((f"std (white: {top:.1f}/255)", rel(full), rel(thumb)))
             note = ""
         rows.append((name, row, note))
     return {"stem": stem, "panels": panels, "methods": rows}
@@ -158,6 +159,7 @@ def trade_off_plot(table, ycol: str, xcol: str, title: str, path: Path):
     ax.scatter([p[2] for p in points], [p[3] for p in points], zorder=2)
     for name, _, x, y in points:
         ax.annotate(name, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=8)
+    ax.margins(0.2)  # room for the labels of the outermost points
     ax.set_xlabel(AXIS.get(xcol, xcol))
     ax.set_ylabel(AXIS.get(ycol, ycol))
     ax.set_title(title)
