@@ -283,6 +283,14 @@ def test_grid(tmp_path, toy_ckpt):
     assert len({strip.tobytes() for strip in strips}) == 6  # LR, sample 0..2, std, sigma
 
 
+def test_grid_of_a_deterministic_model_has_no_std_panel(tmp_path, bicubic_ckpt):
+    inp = folder(tmp_path / "in", a=image((10, 13), 8))
+    assert run("--ckpt", bicubic_ckpt, "--input", inp, "--n", 1, "--grid",
+               "--out", tmp_path / "g") == 0  # fmt: skip
+    sheet = read(tmp_path / "g" / "a_grid.png")
+    assert sheet.shape == (sr_sample.LABEL_HEIGHT + 10 * SCALE, 2 * 13 * SCALE, 3)  # LR, sample
+
+
 def test_odd_inputs(tmp_path, bicubic_ckpt):
     inp = tmp_path / "in"
     inp.mkdir()
