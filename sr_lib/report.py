@@ -157,9 +157,15 @@ def trade_off_plot(table, ycol: str, xcol: str, title: str, path: Path):
             line.sort()
             ax.plot([p[1] for p in line], [p[2] for p in line], color="0.75", zorder=1)
     ax.scatter([p[2] for p in points], [p[3] for p in points], zorder=2)
-    for name, _, x, y in points:
-        ax.annotate(name, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=8)
     ax.margins(0.2)  # room for the labels of the outermost points
+    ax.autoscale_view()
+    # Labels of points that (nearly) coincide on the canvas are stacked, not drawn over each other.
+    placed: list[tuple[float, float]] = []
+    for name, _, x, y in points:
+        px, py = ax.transData.transform((x, y))
+        k = sum(abs(px - qx) < 60 and abs(py - qy) < 10 for qx, qy in placed)
+        placed.append((px, py))
+        ax.annotate(name, (x, y), xytext=(4, 4 + 10 * k), textcoords="offset points", fontsize=8)
     ax.set_xlabel(AXIS.get(xcol, xcol))
     ax.set_ylabel(AXIS.get(ycol, ycol))
     ax.set_title(title)

@@ -289,3 +289,24 @@ def test_real_sweep_from_sr_sample_then_report(tmp_path, capsys, lpips_file, flo
     refs = page_refs(rep / "index.html")
     assert all((rep / r).is_file() for r in refs)
     assert len(list((rep / "images").iterdir())) == 4
+
+
+def test_labels_of_coinciding_points_are_stacked(tmp_path, monkeypatch):
+    """Two rows at (nearly) the same point: their labels are drawn one above the other, not over
+    each other; a distant point keeps the usual offset."""
+    from sr_lib.report import trade_off_plot
+
+    offsets = {}
+    annotate = Axes.annotate
+
+    def spy(ax, text, xy, *a, **k):
+        offsets[text] = k["xytext"]
+        return annotate(ax, text, xy, *a, **k)
+
+    monkeypatch.setattr(Axes, "annotate", spy)
+    table = [("edsr", None, 1, {"LPIPS_mean": 0.1200, "score": 0.0}),
+             ("flow@T0", 0.0, 10, {"LPIPS_mean": 0.1201, "score": 0.0}),
+             ("bicubic", None, 1, {"LPIPS_mean": 0.2, "score": 0.0})]  # fmt: skip
+    points, left_out = trade_off_plot(table, "score", "LPIPS_mean", "t", tmp_path / "p.png")
+    assert len(points) == 3 and not left_out and (tmp_path / "p.png").is_file()
+    assert offsets["edsr"] != offsets["flow@T0"] and offsets["bicubic"] == (4, 4)
