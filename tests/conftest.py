@@ -1,5 +1,8 @@
 """Shared test fixtures: fixed seeds, tiny model configs, a tiny LR/HR batch."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -65,3 +68,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path, monkeypatch):
+    """A folder `tmp_path/ro` in which creating a file fails as it does for a normal user in a
+    read-only folder (PermissionError from open(); root, which runs the tests, ignores modes)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT and ro in Path(os.fsdecode(path)).parents:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    return ro

@@ -437,7 +437,7 @@ def test_load_pairs(hr_dir):
     assert all(h.shape[0] % 8 == 0 and l.shape[0] * 4 == h.shape[0] for _, h, l in demo)
 
 
-def test_output_checks(tmp_path, monkeypatch):
+def test_output_checks(tmp_path, read_only_dir):
     """Output paths are checked before long work: one line (OutputError, exit 7) naming them."""
     assert check_out_dir(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
     (tmp_path / "file").write_text("x")
@@ -447,18 +447,8 @@ def test_output_checks(tmp_path, monkeypatch):
         check_out_file(tmp_path / "new")
     assert check_out_file(tmp_path / "sub" / "r.json") == tmp_path / "sub" / "r.json"
     assert not any(p.name.startswith(".srspace-probe") for p in tmp_path.rglob("*"))
-    # A read-only folder (what open() raises there for a normal user; root ignores permissions).
-    real_open = os.open
-
-    def read_only(path, flags, *args, **kwargs):
-        if str(path).startswith(str(tmp_path / "ro")) and flags & os.O_CREAT:
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_open(path, flags, *args, **kwargs)
-
-    (tmp_path / "ro").mkdir()
-    monkeypatch.setattr(os, "open", read_only)
     with pytest.raises(OutputError, match="ro: cannot write there .Permission denied"):
-        check_out_dir(tmp_path / "ro")
+        check_out_dir(read_only_dir)
 
 
 def test_write_text_is_atomic_on_a_full_disk(tmp_path):

@@ -7,7 +7,6 @@ the CLI and a direct lpips module call agree; they are not real LPIPS values.
 import csv
 import json
 import math
-import os
 import resource
 import signal
 import subprocess
@@ -515,7 +514,7 @@ def test_files_are_listed_as_every_script_lists_them(tmp_path, capsys):
     assert [r["image"] for r in json.loads(out.read_text())["per_image"]] == ["0801", "0802"]
 
 
-def test_output_problems_are_found_before_the_work_and_exit_7(tmp_path, capsys, monkeypatch):
+def test_output_problems_are_found_before_the_work_and_exit_7(tmp_path, capsys, read_only_dir):
     """Issue 20 item 4: --out naming a folder, --csv in a read-only folder: one line, exit 7,
     before any image is scored."""
     hr_dir, _, sr_dir = make_set(tmp_path, n=2)
@@ -526,20 +525,11 @@ def test_output_problems_are_found_before_the_work_and_exit_7(tmp_path, capsys, 
     cap = capsys.readouterr()
     assert e.value.code == 7 and cap.err.count("\n") == 1 and "is a folder" in cap.err
     assert "[1/2]" not in cap.out and list((tmp_path / "results").iterdir()) == []
-    real_open = os.open
-
-    def read_only(path, flags, *a, **k):  # what open() raises for a normal user
-        if str(path).startswith(str(tmp_path / "ro")) and flags & os.O_CREAT:
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_open(path, flags, *a, **k)
-
-    (tmp_path / "ro").mkdir()
-    monkeypatch.setattr(os, "open", read_only)
     with pytest.raises(SystemExit) as e:
-        sr_eval.main([str(a) for a in [*args, "--csv", tmp_path / "ro" / "rows.csv"]])
+        sr_eval.main([str(a) for a in [*args, "--csv", read_only_dir / "rows.csv"]])
     cap = capsys.readouterr()
     assert e.value.code == 7 and cap.err.count("\n") == 1 and "Permission denied" in cap.err
-    assert "[1/2]" not in cap.out and list((tmp_path / "ro").iterdir()) == []
+    assert "[1/2]" not in cap.out and list(read_only_dir.iterdir()) == []
 
 
 def eval_cmd(*argv):

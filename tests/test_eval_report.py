@@ -12,11 +12,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import imageio.v3 as iio
-import lpips
 import numpy as np
 import pytest
+import test_eval_cli
 import test_sample_cluster
-import torch
 from matplotlib.axes import Axes
 from rich.console import Console
 
@@ -28,20 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 STEMS = ("0801", "0802")
 TEMPS = (0.0, 0.5, 1.0)
 flow_ckpt = test_sample_cluster.flow_ckpt  # the fixture: a tiny x4 SRFlow checkpoint
-
-
-@pytest.fixture(scope="module")
-def lpips_file(tmp_path_factory):
-    torch.manual_seed(0)
-    net = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, spatial=True, verbose=False)
-    path = tmp_path_factory.mktemp("weights") / "lpips_random.pth"
-    torch.save(net.state_dict(), path)
-    return path
-
-
-def make_hr(h, w, seed):
-    lr = np.random.default_rng(seed).integers(0, 256, (h // 4, w // 4, 3), dtype=np.uint8)
-    return imresize(lr, 4)
+lpips_file = test_eval_cli.lpips_file  # the fixture: a random-weight LPIPS state_dict
+make_hr = test_eval_cli.make_hr
 
 
 def sweep_world(root: Path, n=3):

@@ -3,7 +3,6 @@ job-array shards, resumable runs (SIGKILL, Ctrl-C, SIGTERM, then a rerun) that e
 by file, manifest.json and ntire_index.json, progress output, and output-folder failures."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -194,26 +193,17 @@ def test_progress_lines_and_bar(tmp_path, flow_ckpt, capsys, monkeypatch):
     assert "2/2" in capsys.readouterr().out  # rich's bar: images done / total
 
 
-def test_output_folder_problems_are_one_line_exit_7(tmp_path, flow_ckpt, capsys, monkeypatch):
+def test_output_folder_problems_are_one_line_exit_7(tmp_path, flow_ckpt, capsys, read_only_dir):
     inp = images(tmp_path / "in", 2)
     base = ["--ckpt", flow_ckpt, "--input", inp, "--n", 2]
     (tmp_path / "file").write_text("x")
     assert run(*base, "--out", tmp_path / "file") == 7
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is a file, not a folder" in err
-    real_open = os.open
-
-    def read_only(path, flags, *args, **kwargs):  # what open() raises for a normal user
-        if str(path).startswith(str(tmp_path / "ro")) and flags & os.O_CREAT:
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_open(path, flags, *args, **kwargs)
-
-    (tmp_path / "ro").mkdir()
-    monkeypatch.setattr(os, "open", read_only)
-    assert run(*base, "--out", tmp_path / "ro") == 7
+    assert run(*base, "--out", read_only_dir) == 7
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot write there (Permission denied)" in err
-    assert list((tmp_path / "ro").iterdir()) == []
+    assert list(read_only_dir.iterdir()) == []
 
 
 def test_full_disk_is_one_line_exit_7_and_no_partial_file(tmp_path, flow_ckpt):
