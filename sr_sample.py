@@ -75,7 +75,7 @@ from PIL import Image, ImageDraw, ImageFont
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from sr_lib import __version__
-from sr_lib.config import parse, pick_device
+from sr_lib.config import autocast_for, cpu_has_native, parse, pick_device
 from sr_lib.data import (
     check_out_dir,
     default_mod,
@@ -89,7 +89,14 @@ from sr_lib.data import (
     write_png,
     write_text,
 )
-from sr_lib.errors import EXIT_PREEMPTED, DataError, SRSpaceError, UsageError, exit_on_error
+from sr_lib.errors import (
+    EXIT_PREEMPTED,
+    DataError,
+    NonFiniteError,
+    SRSpaceError,
+    UsageError,
+    exit_on_error,
+)
 from sr_lib.models import MODELS, load_model
 from sr_lib.models.base import pad_to_multiple, sample_seed
 from sr_lib.resize import imresize
@@ -210,8 +217,8 @@ class SampleArgs:
     )
     amp: str = field(
         default="none",
-        metadata=dict(choices=("none", "bf16"), help="bf16: bfloat16 autocast (flows keep their "
-                      "state float32)"),
+        metadata=dict(choices=("none", "bf16", "fp16"), help="bf16: bfloat16 autocast; fp16: "
+                      "float16, 8x finer steps (flows keep their state float32 in both)"),
     )  # fmt: skip
     save_uncertainty: bool = field(
         default=False, metadata=dict(help="write NAME_sigma.png (16-bit) + .npy")
@@ -384,6 +391,9 @@ def sample(args: SampleArgs) -> int:
             f"--temperature: the {ck['model']} model is deterministic; its samples do not depend "
             "on the temperature (give one)"
         )
+    if args.amp == "fp16" and not model.fits_float16:
+        raise UsageError(f"--amp fp16: the {ck['model']} model's sampling leaves float16's range "
+                         "(NaN samples); use --amp bf16")  # fmt: skip
     want_sigma = (args.save_uncertainty or args.grid) and model.has_uncertainty
     if args.save_uncertainty and not model.has_uncertainty:
         print(f"{PROG}: warning: --save-uncertainty: this {type(model).__name__} model has no "
@@ -401,11 +411,10 @@ def sample(args: SampleArgs) -> int:
             claim_index(folder, paths, model.scale, args.overwrite)
     files = Outputs(n, not model.stochastic and n == 1, want_sigma and args.save_uncertainty,
                     args.grid, args.save_latent and controls is not None)  # fmt: skip
-    autocast = (
-        torch.autocast(device.type, torch.bfloat16)
-        if args.amp == "bf16"
-        else contextlib.nullcontext()
-    )
+    autocast = autocast_for(args.amp, device)
+    if args.amp != "none" and device.type == "cpu" and not cpu_has_native(args.amp):
+        print(f"{PROG}: warning: --amp {args.amp}: this CPU emulates {args.amp}, slower than "
+              "float32; drop --amp", file=sys.stderr, flush=True)  # fmt: skip
     failed, skipped, t0 = [], 0, time.time()
     with ProgressLog(len(mine)) as bar:
         for k, path in mine:
@@ -648,13 +657,28 @@ def write_samples(model, lr, stem, name, n, temperature, folder, files, tile, co
             for i, zi in zip(idx, z.float().cpu().numpy()):
                 save_npy(folder / f"{names[i][:-4]}.latent.npy", zi)
         cond = {} if z is None else {"latent": z[None]}  # (1, len(idx), D)
-        srs = to_uint8(draw(model, lr, seeds, temperature, tile, context, args.cem, cond,
-                            prepared))  # fmt: skip
+        x = draw(model, lr, seeds, temperature, tile, context, args.cem, cond, prepared)
+        check_finite(x, name, idx, temperature if model.stochastic else None, args.amp)
+        srs = to_uint8(x)
         for i, sr in zip(idx, srs):
             for j in [i] if model.stochastic else range(n):
                 save_png(folder / names[j], sr)
                 kept += [sr] if args.grid else []
     return kept
+
+
+def check_finite(x: torch.Tensor, name: str, idx: range, temperature, amp: str) -> None:
+    """Stop with one line when a sample holds NaN (a PNG would show it as black: garbage).
+    temperature: the stochastic model's, or None for a deterministic one."""
+    bad = torch.isnan(x).flatten(1).any(1).nonzero()  # (k, 1): the NaN samples of this chunk
+    if not len(bad):
+        return
+    what = "the output" if temperature is None else (
+        f"sample {idx[int(bad[0])]} at temperature {temperature:g}")  # fmt: skip
+    hint = "float16 overflowed: use --amp bf16 (float32's range) or none" if amp == "fp16" else (
+        "the checkpoint's weights give NaN: use another checkpoint"
+        + ("" if temperature is None else " or a lower --temperature"))  # fmt: skip
+    raise NonFiniteError(f"{name}: {what} has NaN pixels, not written; {hint}")
 
 
 def uncertainty_map(model, lr, tile: int, context: int) -> np.ndarray:

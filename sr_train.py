@@ -29,7 +29,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sr_lib import __version__, distributed, metrics
 from sr_lib.checkpoint import save_checkpoint
-from sr_lib.config import check_ranges, help_parser, parse, pick_device
+from sr_lib.config import (
+    autocast_for,
+    check_ranges,
+    cpu_has_native,
+    help_parser,
+    parse,
+    pick_device,
+)
 from sr_lib.data import (
     PatchPairs,
     available_cores,
@@ -378,7 +385,7 @@ def setup_process(args: TrainArgs, cleanup) -> tuple[distributed.Dist, torch.dev
         set_deterministic()
     if args.amp == "fp16" and device.type != "cuda":
         raise UsageError(f"--amp fp16 needs a CUDA device (got {device}); on a CPU use --amp bf16")
-    if args.amp == "bf16" and device.type == "cpu" and dd.main and not cpu_has_bf16():
+    if args.amp == "bf16" and device.type == "cpu" and dd.main and not cpu_has_native("bf16"):
         # it still runs (emulated), only slower than float32: say so once, do not refuse
         warning = "this CPU has no native bfloat16 (AVX512-BF16 or AMX); emulated bf16 is slower"
         print(f"{PROG}: warning: --amp bf16: {warning} than float32, drop --amp", file=sys.stderr)
@@ -610,12 +617,6 @@ def start_model(args, model, optimizers, scaler, resumed, path, dataset, steps, 
     initialize(model, dataset, start, steps, bool(resumed or args.init_from), dd, device,
                args.compile or args.ema > 0)  # fmt: skip
     return EMA(model, args.ema, resumed, path) if args.ema and dd.main else None
-
-
-def autocast_for(amp: str, device: torch.device):
-    """--amp: bfloat16 or float16 autocast on the device, or no autocast."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    return torch.autocast(device.type, dtype) if dtype else contextlib.nullcontext()
 
 
 def log_step(run_log, progress, out_g, optimizers, recipe, step, skipped, t0, logged) -> None:
@@ -857,15 +858,6 @@ def guarded_step(opt, loss, params, grad_clip, dd, scaler=None, sync=False, ok=N
         finally:
             del opt.found_inf
     return flag
-
-
-def cpu_has_bf16() -> bool:
-    """Whether oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 or AMX); what that buys:
-    README, `--amp bf16`."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # private; no public API yet
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def set_deterministic() -> None:

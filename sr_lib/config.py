@@ -5,6 +5,7 @@ Each script declares its own run-level dataclass at its top; models declare thei
 (`--sr A --sr B` == `--sr A B`) and `-h` can print a second (model) parser's help too.
 """
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -72,6 +73,25 @@ def pick_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError as e:
         raise UsageError(f"--device {name}: {e}") from None
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # --amp of sr_train and sr_sample
+
+
+def autocast_for(amp: str, device: torch.device):
+    """--amp: bfloat16 or float16 autocast on the device, or no autocast ("none")."""
+    dtype = AMP_DTYPES.get(amp)
+    return torch.autocast(device.type, dtype) if dtype else contextlib.nullcontext()
+
+
+def cpu_has_native(amp: str) -> bool:
+    """Whether oneDNN runs --amp's dtype natively on this CPU (bf16: AVX512-BF16 or AMX; fp16:
+    AVX512-FP16 or AMX-FP16); elsewhere it is emulated, slower than float32 (README, `--amp`)."""
+    probe = {"bf16": "_is_mkldnn_bf16_supported", "fp16": "_is_mkldnn_fp16_supported"}[amp]
+    try:
+        return bool(getattr(torch.ops.mkldnn, probe)())  # private; no public API yet
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _interval(spec: str) -> tuple[float, float, bool, bool]:

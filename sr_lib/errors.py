@@ -2,9 +2,9 @@
 
 Exit codes (documented in the README; batch pipelines and SLURM scripts rely on them):
   0 success, 2 usage (bad flag or flag value), 3 data (missing/unreadable/unsuitable images),
-  4 out of memory, 5 non-finite abort (training), 6 checkpoint or weights file problem,
-  7 output cannot be written (read-only or missing folder, a file where a folder belongs, disk
-  full), 75 preempted (SIGTERM/SIGUSR1 handled, last.pt written; requeue and resume),
+  4 out of memory, 5 non-finite (a training abort, a NaN sample), 6 checkpoint or weights file
+  problem, 7 output cannot be written (read-only or missing folder, a file where a folder
+  belongs, disk full), 75 preempted (SIGTERM/SIGUSR1 handled, last.pt written; requeue and resume),
   130 interrupted (Ctrl-C outside the training loop; nothing half-written is left).
 """
 

@@ -79,7 +79,12 @@ CASES = {  # id: (argv of the world, exit code, words the one line must hold)
     "shard out of range": (lambda w: args(w, "--shard", "2/2"), 2, "0 <= I < N"),
     "shard malformed": (lambda w: args(w, "--shard", "1-2"), 2, "--shard"),
     "shard auto outside SLURM": (lambda w: args(w, "--shard", "auto"), 2, "SLURM_ARRAY_TASK_ID"),
-    "amp fp16": (lambda w: args(w, "--amp", "fp16"), 2, "--amp"),
+    "amp fp8": (lambda w: args(w, "--amp", "fp8"), 2, "--amp: invalid choice: 'fp8'"),
+    "amp fp16 on a flow": (
+        lambda w: args(w, "--amp", "fp16", ckpt="srflow"),
+        2,
+        "--amp fp16: the srflow model's sampling leaves float16's range",
+    ),
     "scale 5": (lambda w: args(w, "--scale", "5"), 2, "--scale: invalid choice: 5"),
     "missing --ckpt": (lambda w: ["--input", w["in"], "--out", w["dir"] / "out"], 2, "--ckpt"),
     "unknown flag": (lambda w: args(w, "--samples", "3"), 2, "--samples"),

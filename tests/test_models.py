@@ -158,7 +158,7 @@ HOOKS = ("forward", "generate", "sample", "uncertainty", "resolve_controls", "sa
          "load_raw_state_dict")  # fmt: skip
 ATTRIBUTES = {"stochastic": bool, "lr_multiple": int, "default_temperature": float,
               "ddp_find_unused": bool, "oldest_checkpoint_format": int, "sample_controls": tuple,
-              "has_uncertainty": bool, "scale": int}  # fmt: skip
+              "has_uncertainty": bool, "scale": int, "fits_float16": bool}  # fmt: skip
 
 
 @cases

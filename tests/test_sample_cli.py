@@ -351,9 +351,11 @@ def test_bad_input_one_line(tmp_path, bicubic_ckpt, capsys, ckpt, flags, code, w
 
 
 @pytest.mark.parametrize("name", ["edsr", "srflow"])
-def test_amp_bf16_runs_and_stays_close(tmp_path, name):
-    """bfloat16 autocast (a CPU with or without native bf16): the same samples up to bf16's
-    rounding of the networks (the flows keep their state float32)."""
+def test_amp_runs_and_stays_close(tmp_path, name, monkeypatch, capsys):
+    """bfloat16 and float16 autocast (emulated or native on this CPU): the same samples up to the
+    rounding of the networks (the flows keep their state float32); float16's 3 more mantissa
+    bits make it the closer of the two. A CPU that emulates the dtype gets a one-line warning.
+    The flows refuse float16: their reverse state can leave its range (SRFlow.fits_float16)."""
     from sr_lib.metrics import psnr
 
     cfg = {**TINY[name], "scale": 4}
@@ -367,12 +369,65 @@ def test_amp_bf16_runs_and_stays_close(tmp_path, name):
                            "step": 0})  # fmt: skip
     inp = folder(tmp_path / "in", a=image((24, 32), 9))
     argv = ["--ckpt", path, "--input", inp, "--n", 2]
-    assert run(*argv, "--out", tmp_path / "fp32") == 0
-    assert run(*argv, "--amp", "bf16", "--out", tmp_path / "bf16") == 0
-    for i in range(2):
-        a, b = (read(tmp_path / d / f"a_sample{i:05d}.png") for d in ("fp32", "bf16"))
-        assert a.shape == b.shape == (96, 128, 3) and (a != b).any()  # bf16 did run
-        assert psnr(a, b) > 35, psnr(a, b)
+    assert run(*argv, "--out", tmp_path / "none") == 0
+    monkeypatch.setattr(sr_sample, "cpu_has_native", lambda amp: amp == "bf16")
+    capsys.readouterr()
+    amps = ("bf16", "fp16") if net.fits_float16 else ("bf16",)
+    closeness = {}
+    for amp in amps:
+        assert run(*argv, "--amp", amp, "--out", tmp_path / amp) == 0
+        for i in range(2):
+            a, b = (read(tmp_path / d / f"a_sample{i:05d}.png") for d in ("none", amp))
+            assert a.shape == b.shape == (96, 128, 3)
+            closeness[amp, i] = psnr(a, b) if (a != b).any() else np.inf
+            assert closeness[amp, i] > 35, closeness
+    assert closeness["bf16", 0] < np.inf  # bf16 did run
+    err = capsys.readouterr().err.strip().splitlines()
+    if net.fits_float16:
+        assert min(closeness["fp16", i] - closeness["bf16", i] for i in range(2)) > 3, closeness
+        warning = "--amp fp16: this CPU emulates fp16, slower than float32; drop --amp"
+        assert [line for line in err if "warning" in line] == [f"sr_sample.py: warning: {warning}"]
+    else:
+        assert run(*argv, "--amp", "fp16", "--out", tmp_path / "fp16") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"sr_sample.py: error: --amp fp16: the {name} model's sampling leaves "
+                       "float16's range (NaN samples); use --amp bf16"]  # fmt: skip
+        assert not (tmp_path / "fp16").exists()
+
+
+@pytest.mark.parametrize("name", ["edsr", "toy"])
+def test_nan_sample_stops_with_one_line_and_writes_nothing_of_it(tmp_path, toy_ckpt, capsys,
+                                                                  monkeypatch, name):  # fmt: skip
+    """A checkpoint whose output is NaN (a diverged run's weights; float16 overflow) stops with
+    exit 5 naming the image, instead of a black PNG; the images before it stay written."""
+    if name == "edsr":
+        path = tmp_path / "edsr.pt"
+        edsr_ckpt(path)
+        ck = torch.load(path, weights_only=True)
+        ck["state_dict"]["tail.1.bias"][1] = float("nan")  # the output conv: NaN in green
+        save_checkpoint(path, ck)
+        stem, what = "a", "the output has NaN pixels"  # every output is NaN: a stops the run
+    else:  # the 4th model call (--batch 1: a0, a1, b0, b1) gives NaN: sample 1 of image b
+        path, stem, what = toy_ckpt, "b", "sample 1 at temperature 0.5 has NaN pixels"
+        generate, calls = Toy.generate, []
+
+        def nan_generate(self, lr, n, temperature, noise):
+            calls.append(1)
+            sr = generate(self, lr, n, temperature, noise)
+            return sr * float("nan") if len(calls) == 4 else sr
+
+        monkeypatch.setattr(Toy, "generate", nan_generate)
+    inp = folder(tmp_path / "in", a=image((8, 8), 1), b=image((8, 8), 2))
+    code = run("--ckpt", path, "--input", inp, "--n", 2, "--batch", 1, "--out", tmp_path / "o")
+    assert code == 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"sr_sample.py: error: {stem}: {what}"), err
+    assert "not written" in err[0]
+    written = pngs(tmp_path / "o")
+    if name == "edsr":
+        assert written == []
+    else:  # image a complete, b's sample 0 written before sample 1 failed, no sample 1 of b
+        assert written == ["a_sample00000.png", "a_sample00001.png", "b_sample00000.png"]
 
 
 def test_flow_inverse_1x1_conv_stays_float32_under_bf16_autocast():

@@ -357,7 +357,7 @@ def test_amp_bf16_on_cpu_trains_le_and_resumes_exactly(tmp_path, images, monkeyp
     assert all(torch.isfinite(v).all() for v in s.values() if v.is_floating_point())
 
     # a CPU without native bf16: it still trains, with a one-line warning
-    monkeypatch.setattr(sr_train, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(sr_train, "cpu_has_native", lambda amp: False)
     capsys.readouterr()
     assert run(tmp_path / "c", images, *bf16, "--steps", "1") == 0
     assert "no native bfloat16" in capsys.readouterr().err

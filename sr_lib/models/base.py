@@ -266,6 +266,9 @@ class SRModel(nn.Module):
     # computed from the config in most models). None: unknown (sr_sample.py then uses 32).
     tile_halo: int | None = None
     scales: tuple[int, ...] = (2, 3, 4, 8)  # the scale factors the model is built for
+    # False: values that sampling passes between layers can exceed float16's range (65504), so
+    # sr_sample.py refuses --amp fp16 (bfloat16 has float32's range).
+    fits_float16 = True
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

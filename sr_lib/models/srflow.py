@@ -121,6 +121,10 @@ class SRFlow(SRModel):
     compile_regions = (FlowStep, Split, RRDBBlock)  # --compile: each block once per level shape
     oldest_checkpoint_format = 2  # format 1 conditioned on pre-activation maps (docs/flows.md)
     scales = (4, 8)
+    # The reverse flow divides by coupling scales down to affine_eps: at T = 0.9 a few pixels'
+    # float32 state reaches 1e7 (a small SRFlow, docs/benchmarks.md; saturated in the output),
+    # which cast into a float16 coupling network is inf, then NaN.
+    fits_float16 = False
 
     def __init__(self, cfg: SRFlowConfig):
         super().__init__(cfg)

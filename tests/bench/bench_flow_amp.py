@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import sr_train  # noqa: E402
+from sr_lib.config import cpu_has_native  # noqa: E402
 from sr_lib.models import build_model  # noqa: E402
 
 SMALL = ["--nb", "4", "--nf", "32", "--gc", "16", "--rrdb-blocks", "0,1,2,3", "--flow-steps", "4",
@@ -117,7 +118,7 @@ def main():
     p.add_argument("--window", type=int, default=50)
     a = p.parse_args()
     result = {"bench": "flow_amp", "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "cpu_native_bf16": sr_train.cpu_has_bf16(),
+              "cpu_native_bf16": cpu_has_native("bf16"),
               "loadavg_start": os.getloadavg()}  # fmt: skip
     if "ops" in a.parts:
         result["ops_per_training_step"] = count_ops()

@@ -49,6 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import sr_train  # noqa: E402
+from sr_lib.config import cpu_has_native  # noqa: E402
 from sr_lib.data import load_pairs, to_uint8  # noqa: E402
 from sr_lib.metrics import psnr, shave_border  # noqa: E402
 from sr_lib.models import load_model  # noqa: E402
@@ -179,7 +180,7 @@ def main():
     # bf16 autocast where the CPU runs it natively (both losses alike); numbers in the docstring.
     p.add_argument(
         "--amp",
-        default="bf16" if sr_train.cpu_has_bf16() else "none",
+        default="bf16" if cpu_has_native("bf16") else "none",
         choices=["none", "bf16"],
         help="mixed precision (default: bf16 on a CPU that runs it natively)",
     )

@@ -1,14 +1,16 @@
-"""Benchmark: `sr_sample.py --amp bf16` against float32 on the demo validation images.
+"""Benchmark: `sr_sample.py --amp bf16` and `--amp fp16` against float32 on the demo images.
 
 For each checkpoint: sr_sample.py (the real command) draws --n samples of the demo validation
 photographs (HR cropped to a multiple of 8, LR its MATLAB-bicubic downscale) in float32 and with
-`--amp bf16`, on the same seeds; every sample is scored as sr_eval.py does
+each `--amp` of --amp, on the same seeds; every sample is scored as sr_eval.py does
 (`sr_lib.metrics.evaluate_image`: PSNR against the HR with a `scale`-px shave, NTIRE LR-PSNR).
-Reports per model the means over images and samples, their change under bf16, the largest pixel
-difference between the two runs' PNGs, and the wall time of each run. The demo images are a
+Reports per model the means over images and samples, their change under each --amp, the largest
+pixel difference to the float32 run's PNGs, and the wall time of each run (a CPU that emulates a
+dtype is slow: the times say nothing about a GPU). The demo images are a
 smoke test, not a benchmark of quality. Prints one JSON object.
 
     python tests/bench/bench_sample_amp.py --ckpt runs/edsr/last.pt runs/srflow/last.pt [--n 10]
+        [--amp bf16 fp16]
 """
 
 import argparse
@@ -26,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywher
 import sr_sample  # noqa: E402
 from sr_lib.data import load_pairs, read_image  # noqa: E402
 from sr_lib.metrics import evaluate_image  # noqa: E402
-from sr_lib.models import read_checkpoint  # noqa: E402
+from sr_lib.models import MODELS, read_checkpoint  # noqa: E402
 
 
 def run(ckpt: str, amp: str, n: int, out: Path, device: str) -> tuple[Path, float]:
@@ -59,6 +61,7 @@ def main() -> None:
     parser.add_argument("--ckpt", nargs="+", required=True)
     parser.add_argument("--n", type=int, default=10)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", nargs="+", default=["bf16", "fp16"], choices=["bf16", "fp16"])
     args = parser.parse_args()
     result = {"n": args.n, "device": args.device, "load_average": os.getloadavg(), "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,16 +70,20 @@ def main() -> None:
             scale = int(ck["model_cfg"]["scale"])
             row = {"checkpoint": ckpt, "step": ck.get("step"), "scale": scale}
             arrays = {}
-            for amp in ("none", "bf16"):
+            amps = [a for a in args.amp if a != "fp16" or MODELS[ck["model"]].fits_float16]
+            row.update({a: "refused by sr_sample.py (fits_float16 False)" for a in args.amp
+                        if a not in amps})  # fmt: skip
+            for amp in ("none", *amps):
                 folder, seconds = run(ckpt, amp, args.n, Path(tmp) / f"{k}_{amp}", args.device)
                 row[amp], arrays[amp] = scores(folder, scale, args.n)
                 row[amp]["seconds"] = round(seconds, 1)
-            for key in ("PSNR", "LRPSNR"):
-                row[f"{key}_change_dB"] = row["bf16"][key] - row["none"][key]
-            row["max_pixel_difference"] = max(
-                int(np.abs(a.astype(int) - arrays["bf16"][name]).max())
-                for name, a in arrays["none"].items()
-            )
+            for amp in amps:
+                for key in ("PSNR", "LRPSNR"):
+                    row[amp][f"{key}_change_dB"] = row[amp][key] - row["none"][key]
+                row[amp]["max_pixel_difference"] = max(
+                    int(np.abs(a.astype(int) - arrays[amp][name]).max())
+                    for name, a in arrays["none"].items()
+                )
             result["models"][f"{ck['model']} ({ckpt})"] = row
     print(json.dumps(result, indent=1))
 
