@@ -667,8 +667,9 @@ def wrap(model, dd, device, compile: bool):
 def compile_model(model, forward, backend: str = "inductor"):
     """--compile. A model that names `compile_regions` (its repeated blocks: a flow's steps and
     splits, RRDB blocks) has each such module compiled on its own, so a network of hundreds of
-    layers becomes a few small graphs, one per distinct block and shape, compiled in seconds;
-    `forward` is returned as it is. Other models: their whole training forward is compiled."""
+    layers becomes a few small graphs, one per distinct block and shape (SRFlow ×4 on a CPU:
+    3.3× less compile time than one whole-model graph, docs/benchmarks.md); `forward` is
+    returned as it is. Other models: their whole training forward is compiled."""
     if not model.compile_regions:
         return torch.compile(forward, backend=backend)
     # Each level's shapes, a transition and a conditional step, the first step's input without

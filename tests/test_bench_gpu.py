@@ -44,6 +44,23 @@ def test_a_training_measurement_and_a_spent_budget(capsys):
     assert code == 0 and "train" not in r and {"srflow_x4/fp32", "eval"} <= set(r["skipped"])
 
 
+def test_profile_section_says_where_a_step_goes(capsys):
+    """On a CPU: no kernels, the top operations by self CPU time and by calls (a flow step's
+    convolutions and its many small elementwise operations)."""
+    code, r = in_process(capsys, "--sections", "profile")
+    assert code == 0 and not r["errors"] and not r["skipped"]
+    for variant in ("fp32", "bf16"):
+        row = r["profile"]["srflow_x4"][variant]
+        assert row["kernels_per_step"] == 0 and row["device_busy_fraction"] is None
+        assert row["step_s_unprofiled"] > 0 and len(row["top_time"]) == 15
+        names = [name for name, *_ in row["top_time"] + row["top_calls"]]
+        assert any("convolution" in name for name in names)
+        assert all(calls >= 1 for _, calls in row["top_calls"])
+        assert row["top_calls"][0][1] >= row["top_calls"][-1][1]  # sorted by calls
+    calls = {v: dict(r["profile"]["srflow_x4"][v]["top_calls"]) for v in ("fp32", "bf16")}
+    assert calls["bf16"]["aten::_to_copy"] > calls["fp32"].get("aten::_to_copy", 0)  # the casts
+
+
 @pytest.mark.slow
 def test_training_sampling_and_eval_sections(tmp_path):
     flags = ["--sections", "train_srflow", "sample", "eval", "--variants", "fp32", "bf16"]

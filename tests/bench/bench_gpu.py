@@ -13,6 +13,9 @@ Measurements, in this order (when --budget seconds are spent, the rest are liste
   official       (--official PATH, a checkout of andreas128/SRFlow, imported from there at run
                  time) the released code's training step at the same size (fp32, RRDB frozen),
                  and 10 samples of a 128² LR one by one (as its test.py) and batched
+  profile        SRFlow ×4 step, fp32 and bf16, under torch.profiler: kernels per step, their
+                 summed time against the unprofiled step (the GPU's busy fraction), the top
+                 operations by device time and by calls: where a step's time goes
   pipeline       sr_train.py on the demo images (loader, logging, everything): logged s/step
                  after the first log window vs the pure step above, GPU utilisation sampled
   sample         10 samples of a DIV2K-size LR, SRFlow ×4 (339×510) and ×8 (170×255), fp32 and
@@ -219,6 +222,40 @@ def measure_train(b: Bench, name: str, scale: int, variant: str) -> None:
     del model, forward, step
 
 
+def measure_profile(b: Bench, variant: str, steps: int = 3) -> None:
+    """Where an SRFlow ×4 training step's time goes (torch.profiler over `steps` steps after
+    warm-up): device kernels per step and their summed time against the unprofiled step (a busy
+    fraction far below 1: the step is bound by the host's launches, not by the GPU's arithmetic),
+    and the operations that take the most device time (a CPU: self CPU time) and the most calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    amp = VARIANTS[variant][0]
+    model, lr, hr = build(b, "srflow", 4)
+    step = train_step_fn(model, model, lr, hr, MODELS["srflow"].recipe(4), amp)
+    unprofiled = b.timed(step, 2, warm=2)["median_s"]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        b.sync()
+    averages = prof.key_averages()
+    time_of = (lambda e: e.self_device_time_total) if b.cuda else (lambda e: e.self_cpu_time_total)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernel_s = sum(e.self_device_time_total for e in kernels) / 1e6 / steps  # µs -> s per step
+    row = {
+        "step_s_unprofiled": unprofiled,
+        "kernels_per_step": len(kernels) // steps,
+        "kernel_s_per_step": round(kernel_s, 4),
+        "device_busy_fraction": round(kernel_s / unprofiled, 3) if b.cuda else None,
+        "top_time": [[e.key, round(e.count / steps, 1), round(time_of(e) / 1e3 / steps, 2)]
+                     for e in sorted(averages, key=time_of, reverse=True)[:15]],
+        "top_calls": [[e.key, round(e.count / steps, 1)]
+                      for e in sorted(averages, key=lambda e: e.count, reverse=True)[:15]],
+    }  # fmt: skip
+    b.put(f"profile/srflow_x4/{variant}", row)  # top_*: [name, calls/step, (ms/step)]
+    del model, step
+
+
 def official_net(b: Bench, scale: int):
     """The released SRFlow network from its own config, random weights, on the device."""
     sys.path.insert(0, str(Path(__file__).parent))
@@ -387,6 +424,8 @@ def plan(b: Bench) -> list[tuple[str, str, object]]:
         add("train_srflow", f"srflow_x4/{v}", measure_train, "srflow", 4, v)
     if a.official:
         add("official", "official", measure_official)
+    for v in ("fp32", "bf16"):
+        add("profile", f"profile/{v}", measure_profile, v)
     for v in ("compile", "bf16_compile"):
         add("train_srflow", f"srflow_x4/{v}", measure_train, "srflow", 4, v)
     for v in ("fp32", "bf16"):
@@ -418,8 +457,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=10, help="timed training steps per variant")
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls and convolutions")
-    p.add_argument("--sections", nargs="+", default=["train_srflow", "official", "pipeline",
-                   "sample", "eval", "train_others"])  # fmt: skip
+    p.add_argument("--sections", nargs="+", default=["train_srflow", "official", "profile",
+                   "pipeline", "sample", "eval", "train_others"])  # fmt: skip
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                    help="training variants measured")  # fmt: skip
     p.add_argument("--out", default="", help="also write the JSON here, after every measurement")
