@@ -2,16 +2,20 @@
 learns as float32 does. Run by hand; prints one JSON.
 
     python tests/bench/bench_flow_amp.py [--parts ops curves] [--steps 300] [--batch 4]
+        [--official SRFlow/] [--no-compile]
 
 ops: the operations one training step (forward + backward) of SRFlow ×4 at the paper's size
 dispatches (a TorchDispatchMode counter; LR 20², HR 80², batch 2), float32 vs bfloat16 autocast,
 with the encoder frozen (the first half of training) and trainable: all operations, those that
 are not views, and dtype casts (aten._to_copy). A GPU step of these models is bound by how many
-operations the host launches, so the count is what bf16 can cost there.
+operations the host launches, so the count is what bf16 can cost there. With --official, the
+released SRFlow's fp32 step (encoder frozen) counted the same way, for comparison.
 
 curves: a small SRFlow trained by sr_train.py on the demo images, float32 and bfloat16 from the
 same seed (the same batches and noise: the difference is the arithmetic alone), and float32 from a
-second seed (the spread another seed gives); the training NLL in windows of `--window` steps.
+second seed (the spread another seed gives), and `--compile` (inductor) in float32 and bfloat16
+against float32 with the same noise (its initialisation order); the training NLL in windows of
+`--window` steps.
 """
 
 import argparse
@@ -30,6 +34,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # check_official_parity.code_dir
 
 import sr_train  # noqa: E402
 from sr_lib.config import cpu_has_native  # noqa: E402
@@ -73,12 +78,41 @@ def count_ops() -> dict:
     return out
 
 
-def train_curve(amp: str, seed: int, a) -> tuple[list[float], float]:
+def count_released(a) -> dict:
+    """The released SRFlow's training step counted the same way (fp32, its RRDB frozen by its
+    own set_rrdb_training, random weights, its config imported from the checkout)."""
+    from check_official_parity import code_dir
+
+    cdir = code_dir(a.official)
+    sys.path.insert(0, cdir)
+    import options.options as options  # the released code's modules
+    from models import networks
+
+    torch.manual_seed(0)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its config
+        opt = options.parse(os.path.join(cdir, "confs/SRFlow_DF2K_4X.yml"), is_train=False)
+        opt["gpu_ids"] = None
+        net = networks.define_Flow(options.dict_to_nonedict(opt), step=0).train()
+    hr = torch.rand(2, 3, 80, 80)
+    lr = torch.nn.functional.avg_pool2d(hr, 4)
+    with torch.no_grad():
+        net(gt=hr, lr=lr, reverse=False)  # ActNorm data init
+    net.set_rrdb_training(False)
+    net(gt=hr, lr=lr, reverse=False)[1].mean().backward()  # warm-up, as ours
+    net.zero_grad(set_to_none=True)
+    with OpCounter() as c:
+        net(gt=hr, lr=lr, reverse=False)[1].mean().backward()
+    n = c.counts
+    return {"all": sum(n.values()), "not_views": n["other"] + n["casts"], "casts": n["casts"]}
+
+
+def train_curve(amp: str, seed: int, a, *extra: str) -> tuple[list[float], float]:
     with tempfile.TemporaryDirectory() as out:
         argv = ["--model", "srflow", "--scale", "4", "--data", "demo", *SMALL,
                 "--steps", str(a.steps), "--batch", str(a.batch), "--patch", str(a.patch),
                 "--learning-rate", "5e-4", "--val-every", "0", "--log-every", "1",
-                "--workers", "0", "--seed", str(seed), "--amp", amp, "--out", out]  # fmt: skip
+                "--workers", "0", "--seed", str(seed), "--amp", amp, *extra,
+                "--out", out]  # fmt: skip
         t = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()) as lines:  # progress: not our JSON
             code = sr_train.main(argv)
@@ -89,9 +123,13 @@ def train_curve(amp: str, seed: int, a) -> tuple[list[float], float]:
 
 
 def curves(a) -> dict:
-    runs = {name: train_curve(amp, seed, a)
-            for name, amp, seed in (("fp32", "none", 0), ("bf16", "bf16", 0),
-                                    ("fp32_seed1", "none", 1))}  # fmt: skip
+    plan = [("fp32", "none", 0), ("bf16", "bf16", 0), ("fp32_seed1", "none", 1)]
+    if a.compile:  # inductor. Its ActNorm init runs before step 1 (sr_train.initialize), which
+        # draws that batch's noise first: other noise than "fp32". --ema runs the init the same
+        # way without touching the trained weights: "fp32_init_first" has compile's noise.
+        plan += [("compile", "none", 0, "--compile"), ("bf16_compile", "bf16", 0, "--compile"),
+                 ("fp32_init_first", "none", 0, "--ema", "0.5")]  # fmt: skip
+    runs = {name: train_curve(amp, seed, a, *extra) for name, amp, seed, *extra in plan}
     w = a.window
     means = {k: [round(float(np.mean(v[0][i : i + w])), 4) for i in range(0, a.steps, w)]
              for k, v in runs.items()}  # fmt: skip
@@ -102,6 +140,16 @@ def curves(a) -> dict:
         "nll_window_means": means,
         "bf16_minus_fp32": diff("bf16", "fp32"),
         "seed1_minus_seed0_fp32": diff("fp32_seed1", "fp32"),
+        **{
+            f"{k}_minus_fp32_init_first": diff(k, "fp32_init_first")
+            for k in ("compile", "bf16_compile")
+            if k in runs
+        },
+        "max_abs_step_difference_compile_fp32": round(
+            max(abs(p - q) for p, q in zip(runs["compile"][0], runs["fp32_init_first"][0])), 4
+        )
+        if a.compile
+        else None,
         "max_abs_step_difference_bf16_fp32": round(
             max(abs(p - q) for p, q in zip(runs["bf16"][0], runs["fp32"][0])), 4
         ),
@@ -116,12 +164,25 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--patch", type=int, default=16, help="LR patch")
     p.add_argument("--window", type=int, default=50)
+    p.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="curves without the --compile runs (inductor needs a C++ compiler)",
+    )
+    p.add_argument(
+        "--official",
+        default="",
+        help="ops: also count the released SRFlow's step (a checkout of andreas128/SRFlow)",
+    )
     a = p.parse_args()
     result = {"bench": "flow_amp", "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpu_native_bf16": cpu_has_native("bf16"),
               "loadavg_start": os.getloadavg()}  # fmt: skip
     if "ops" in a.parts:
         result["ops_per_training_step"] = count_ops()
+        if a.official:
+            result["ops_per_training_step"]["released_encoder_frozen_fp32"] = count_released(a)
     if "curves" in a.parts:
         result["curves"] = curves(a)
     result["loadavg_end"] = os.getloadavg()
