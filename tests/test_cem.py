@@ -31,6 +31,19 @@ def test_projection_is_exact_idempotent_and_keeps_consistent_images(scale, h, w)
     assert (cem(x, down(x, scale), scale) - x).abs().max() <= 1e-5  # consistent x unchanged
 
 
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_exact_under_autocast_and_for_low_precision_input(amp, x_dtype):
+    """sr_sample.py --amp and sr_train.py --amp run the CEM inside autocast: still exact (a
+    bfloat16 projection leaves ~2e-4), in float32 also for a bfloat16 model output."""
+    x, lr = pair(4, 6, 5)
+    with torch.autocast("cpu", amp):
+        xh = cem(x.to(x_dtype), lr, 4)
+    assert xh.dtype == torch.float32
+    assert (down(xh, 4) - lr).abs().max() <= 1e-5
+    assert (xh - cem(x.to(x_dtype).float(), lr, 4)).abs().max() == 0  # = the float32 projection
+
+
 def test_exact_on_a_large_smooth_image_at_every_border():
     g = torch.Generator().manual_seed(3)
     base = torch.rand(1, 3, 9, 13, generator=g)
