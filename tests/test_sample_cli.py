@@ -350,7 +350,7 @@ def test_bad_input_one_line(tmp_path, bicubic_ckpt, capsys, ckpt, flags, code, w
     assert len(err) == 1 and err[0].startswith("sr_sample.py: error: ") and words in err[0]
 
 
-@pytest.mark.parametrize("name", ["edsr", "srflow"])
+@pytest.mark.parametrize("name", ["edsr", "rrdb", "srflow", "ncsr", "vspsr", "refvae", "varsr"])
 def test_amp_runs_and_stays_close(tmp_path, name, monkeypatch, capsys):
     """bfloat16 and float16 autocast (emulated or native on this CPU): the same samples up to the
     rounding of the networks (the flows keep their state float32); float16's 3 more mantissa
