@@ -624,7 +624,7 @@ def sample_image(model, lr, img, stem, name, n, todo, folders, files, context, c
                 if prepared is not None and (tile or len(todo) * chunks == 1):
                     prepared.memo = None  # used once (or cut per tile): nothing worth keeping
             if want_sigma and sigma is None:
-                sigma = uncertainty_map(model, lr, tile, context)
+                sigma = uncertainty_map(model, lr, tile, context, name)
             t = todo[0]
             folder = folders[t]
             srs = write_samples(model, lr, stem, name, n, t, folder, files, tile, context,
@@ -681,12 +681,17 @@ def check_finite(x: torch.Tensor, name: str, idx: range, temperature, amp: str) 
     raise NonFiniteError(f"{name}: {what} has NaN pixels, not written; {hint}")
 
 
-def uncertainty_map(model, lr, tile: int, context: int) -> np.ndarray:
-    """The model's float32 (3, sH, sW) uncertainty of one (1, 3, h, w) LR, tiled like samples."""
+def uncertainty_map(model, lr, tile: int, context: int, name: str) -> np.ndarray:
+    """The model's float32 (3, sH, sW) uncertainty of one (1, 3, h, w) LR, tiled like samples;
+    NaN stops (it would be a black pixel of NAME_sigma.png)."""
     h, w, s = *lr.shape[-2:], model.scale
     x = pad_to_multiple(lr, model.lr_multiple)
     sigma = upscale(model, x, lambda part, p: model.uncertainty(part), tile, context)
-    return sigma[0, :, : h * s, : w * s].float().cpu().numpy()
+    sigma = sigma[0, :, : h * s, : w * s].float().cpu().numpy()
+    if np.isnan(sigma).any():
+        raise NonFiniteError(f"{name}: the uncertainty map has NaN pixels, not written; the "
+                             "checkpoint's σ branch gives NaN")  # fmt: skip
+    return sigma
 
 
 def write_sigma(base: Path, sigma: np.ndarray) -> None:

@@ -261,6 +261,24 @@ def test_uncertainty_files(tmp_path):
     assert np.abs(np.load(tmp_path / "ut" / "a_sigma.npy") - npy).max() < 1e-5
 
 
+def test_nan_uncertainty_stops_with_one_line(tmp_path, capsys):
+    """A σ branch that gives NaN (the samples themselves finite) stops with exit 5 before any
+    file of that image is written, instead of a black NAME_sigma.png."""
+    path = tmp_path / "edsr_le.pt"
+    edsr_ckpt(path, loss="le", le_sigma_feats=8)
+    ck = torch.load(path, weights_only=True)
+    bias = [k for k in ck["state_dict"] if k.startswith("sigma.") and k.endswith("bias")][-1]
+    ck["state_dict"][bias][0] = float("nan")
+    save_checkpoint(path, ck)
+    inp = folder(tmp_path / "in", a=image((12, 12), 7))
+    argv = ["--ckpt", path, "--input", inp, "--n", 1, "--save-uncertainty"]
+    assert run(*argv, "--out", tmp_path / "u") == 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["sr_sample.py: error: a: the uncertainty map has NaN pixels, not written; "
+                   "the checkpoint's σ branch gives NaN"]  # fmt: skip
+    assert pngs(tmp_path / "u") == []
+
+
 def test_no_uncertainty_warns(tmp_path, bicubic_ckpt, capsys):
     inp = folder(tmp_path / "in", a=image((8, 8), 1))
     argv = ["--ckpt", bicubic_ckpt, "--input", inp, "--n", 1, "--save-uncertainty"]
