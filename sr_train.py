@@ -298,7 +298,8 @@ def train(args: TrainArgs, rest: list[str], cleanup: contextlib.ExitStack) -> in
     if tripped >= 0:  # a signal or the time budget came right after the streak
         step, batches = roll_back(tripped, args, out, steps, model, optimizers, scaler, dd,
                                   dataset, meta, run_log, progress, ema, device)  # fmt: skip
-    save(out / "last.pt", step, skipped, best, model, optimizers, scaler, dd, meta, ema)
+    if resumed is None or step > start:  # a finished run resumed again: last.pt stays as it is
+        save(out / "last.pt", step, skipped, best, model, optimizers, scaler, dd, meta, ema)
     return finish(stopped, step, skipped, out, args, dd, say)
 
 

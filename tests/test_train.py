@@ -109,6 +109,17 @@ def test_resume_is_exact(tmp_path, images, toy):
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
 
 
+def test_resuming_a_finished_run_leaves_last_pt_byte_for_byte(tmp_path, images, toy):
+    """A job rerun after it finished (a pipeline's `--resume auto`, demo.sh twice) trains
+    nothing and rewrites nothing: samples made from last.pt still match its sha256."""
+    assert run(tmp_path, images, "--model", "toy", "--steps", "2") == 0
+    before = (tmp_path / "last.pt").read_bytes()
+    assert run(tmp_path, images, "--model", "toy", "--steps", "2", "--resume", "auto") == 0
+    assert (tmp_path / "last.pt").read_bytes() == before
+    assert run(tmp_path, images, "--model", "toy", "--steps", "3", "--resume", "auto") == 0
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 3  # more steps: trains and saves
+
+
 def test_resume_refuses_other_model_or_scale_and_never_restarts(tmp_path, images, toy, capsys):
     run(tmp_path, images, "--model", "toy", "--steps", "1")
     with pytest.raises(SystemExit) as e:  # an existing run is never overwritten silently
