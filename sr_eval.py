@@ -47,6 +47,7 @@ import re
 import sys
 import time
 import warnings
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -461,7 +462,6 @@ def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir):
         (hr[s], lr_files[k] if lr_files else None, {m.name: m.files[k] for m in methods})
         for k, s in enumerate(stems)
     ]
-    images = read_ahead(files)
 
     tty = sys.stdout.isatty()
     rows: dict[str, list[dict]] = {m.name: [] for m in methods}
@@ -469,7 +469,9 @@ def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir):
     start = time.perf_counter()
     columns_shown = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     columns_shown += (TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns_shown, disable=not tty, transient=True) as bar:
+    # closing: an error inside the loop ends the decoding threads here, not at garbage collection
+    with closing(read_ahead(files)) as images, Progress(*columns_shown, disable=not tty,
+                                                         transient=True) as bar:  # fmt: skip
         task = bar.add_task("evaluating", total=len(stems))
         for k, stem in enumerate(stems):
             gt, lr, samples = next(images)

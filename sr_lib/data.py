@@ -15,6 +15,7 @@ import io
 import os
 import signal
 import tempfile
+import threading
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
@@ -448,6 +449,7 @@ def read_ahead(groups: Sequence, workers: int | None = None) -> Iterator:
     GIL). One worker decodes one file after the other in the caller's thread. Results and errors
     are those of the sequential loop: an unreadable file raises its ImageError when its group is
     reached (the first such file of the group in order); files not yet started are then dropped.
+    Close it when stopping early (`contextlib.closing`), so its threads end there and then.
     """
     workers = cpu_workers() if workers is None else max(1, workers)
     if workers == 1:
@@ -455,6 +457,7 @@ def read_ahead(groups: Sequence, workers: int | None = None) -> Iterator:
             yield _tree_map(read_image, group)
         return
     pool = ThreadPoolExecutor(workers, thread_name_prefix="read_ahead")
+    owner = threading.get_ident()
 
     def submit(group):
         return _tree_map(lambda path: pool.submit(read_image, path), group)
@@ -467,7 +470,10 @@ def read_ahead(groups: Sequence, workers: int | None = None) -> Iterator:
                 pending = submit(groups[k + 1])
             yield _tree_map(lambda future: future.result(), current)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        # Joined only in the thread that iterates: an abandoned generator is finalised by the
+        # garbage collector in whatever thread it runs, possibly one of these workers holding an
+        # import lock the others wait for; joining them there hung (tests/test_data.py).
+        pool.shutdown(wait=threading.get_ident() == owner, cancel_futures=True)
 
 
 def _thread_map(fn, items: list) -> list:

@@ -546,6 +546,43 @@ def test_read_ahead_pool_ends_when_the_caller_stops_early(image_groups):
     assert not [t for t in threading.enumerate() if t.name.startswith("read_ahead")]
 
 
+def test_read_ahead_finalised_in_another_thread_does_not_wait_for_its_workers(
+    image_groups, monkeypatch
+):
+    """The garbage collector finalises an abandoned read_ahead in whatever thread it runs, once
+    one of its own workers importing a module (sr_eval in a test session hung so): closing it
+    there must not join workers that wait for a lock that thread holds."""
+    lock, real = threading.Lock(), data.read_image
+    held, go, blocked, finished = (threading.Event() for _ in range(4))
+    later = {f for group in image_groups[1:] for f in [group[0], *group[2]["a"], *group[2]["b"]]}
+
+    def reader(path):
+        if path in later:  # group 1 on: wait for the lock, like the import lock held below
+            blocked.set()
+            with lock:
+                pass
+        return real(path)
+
+    def finalise_holding_the_lock():
+        with lock:
+            held.set()
+            go.wait(timeout=20)
+            images.close()  # what garbage collection does to the suspended generator
+        finished.set()
+
+    monkeypatch.setattr(data, "read_image", reader)
+    threading.Thread(target=finalise_holding_the_lock, daemon=True).start()
+    assert held.wait(timeout=20)
+    images = read_ahead(image_groups, workers=2)
+    next(images)  # group 0; group 1's files are queued and wait for the lock
+    assert blocked.wait(timeout=20)
+    go.set()
+    assert finished.wait(timeout=20), "closing from another thread waited for the workers"
+    for t in [t for t in threading.enumerate() if t.name.startswith("read_ahead")]:
+        t.join(timeout=20)  # they end on their own once the lock is free
+        assert not t.is_alive()
+
+
 def test_cpu_workers_follows_affinity_and_slurm(monkeypatch):
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
     cores = len(os.sched_getaffinity(0))

@@ -11,6 +11,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -583,6 +584,9 @@ def test_wrong_folders_give_errors_not_numbers(tmp_path, capsys):
     code, err = fails(capsys, "--hr", lr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips")
     assert code == 3 and err.count("\n") == 1
     assert "000000_sample00000.png: SR is 64x48" in err and "0801.png (16x12)" in err
+    # the error inside the scoring loop ended the decoding threads there (left to the garbage
+    # collector, they were once joined from one of their own, mid-import: a hang)
+    assert not [t for t in threading.enumerate() if t.name.startswith("read_ahead")]
     lr8 = tmp_path / "lr8"
     lr8.mkdir()
     for f in sorted(hr_dir.iterdir()):
