@@ -894,11 +894,13 @@ def validate(model, pairs, args, device, out: Path, step: int, run_log, progress
     temperature = (
         model.default_temperature if args.val_temperature is None else args.val_temperature
     )
-    psnrs, lrpsnrs = [], []
+    psnrs, lrpsnrs, nan = [], [], 0
     for stem, hr, lr in pairs:
         noise = NoiseSource([sample_seed(args.seed, stem, i) for i in range(args.val_n)], device)
         x = torch.from_numpy(lr).permute(2, 0, 1)[None].float().div(255).to(device)
-        srs = [to_uint8(s) for s in model.sample(x, args.val_n, temperature, noise)[0].cpu()]
+        samples = model.sample(x, args.val_n, temperature, noise)[0].cpu()  # (val_n, 3, sH, sW)
+        nan += int(torch.isnan(samples).flatten(1).any(1).sum())
+        srs = [to_uint8(s) for s in samples]
         psnrs += [metrics.psnr(sr, hr) for sr in srs]
         lrpsnrs += [metrics.lr_psnr(sr, lr, args.scale) for sr in srs]  # lr = D(hr), NTIRE
         lr_big = np.repeat(np.repeat(lr, args.scale, 0), args.scale, 1)
@@ -906,6 +908,9 @@ def validate(model, pairs, args, device, out: Path, step: int, run_log, progress
         write_png(out / "val" / f"step{step:07d}_{stem}.png", strip)
         if run_log is not None:
             run_log.image(f"val/{stem}", strip, step)
+    if nan:  # to_uint8 makes NaN black: say so rather than score it silently
+        what = f"{nan} of {len(psnrs)} samples have NaN pixels (black in the strips, scored so)"
+        print(f"{PROG}: warning: validation at step {step}: {what}", file=sys.stderr, flush=True)
     finite = [p for p in lrpsnrs if math.isfinite(p)]
     val = {
         "val_psnr": float(np.mean(psnrs)),

@@ -120,6 +120,24 @@ def test_resuming_a_finished_run_leaves_last_pt_byte_for_byte(tmp_path, images, 
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 3  # more steps: trains and saves
 
 
+def test_nan_validation_samples_are_named_not_scored_silently(tmp_path, images, toy, monkeypatch,
+                                                             capsys):  # fmt: skip
+    """A model whose samples hold NaN at validation (weights fine): training goes on, validation
+    says how many samples were NaN (black in the strips) in a one-line warning."""
+
+    def nan_generate(self, lr, n, temperature, noise):
+        sr = nn.functional.pixel_shuffle(self.conv(lr), self.scale).unsqueeze(1)
+        return (sr * float("nan")).expand(-1, n, -1, -1, -1)
+
+    monkeypatch.setattr(Toy, "generate", nan_generate)
+    flags = ["--model", "toy", "--steps", "2", "--val-data", str(images), "--val-every", "2",
+             "--val-n", "2", "--val-images", "2"]  # fmt: skip
+    assert run(tmp_path, images, *flags) == 0
+    warnings = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
+    assert warnings == ["sr_train.py: warning: validation at step 2: 4 of 4 samples have NaN "
+                        "pixels (black in the strips, scored so)"]  # fmt: skip
+
+
 def test_resume_refuses_other_model_or_scale_and_never_restarts(tmp_path, images, toy, capsys):
     run(tmp_path, images, "--model", "toy", "--steps", "1")
     with pytest.raises(SystemExit) as e:  # an existing run is never overwritten silently
