@@ -300,6 +300,7 @@ def train(args: TrainArgs, rest: list[str], cleanup: contextlib.ExitStack) -> in
                                   dataset, meta, run_log, progress, ema, device)  # fmt: skip
     if resumed is None or step > start:  # a finished run resumed again: last.pt stays as it is
         save(out / "last.pt", step, skipped, best, model, optimizers, scaler, dd, meta, ema)
+    del forward, batches  # DDP and the loader hold the process group: gone before finish ends it
     return finish(stopped, step, skipped, out, args, dd, say)
 
 

@@ -5,6 +5,7 @@ same values come from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and the first host
 SLURM_JOB_NODELIST. Backend: NCCL on GPUs, gloo on CPU. Rank 0 logs, validates and saves.
 """
 
+import gc
 import os
 import re
 from dataclasses import dataclass
@@ -131,7 +132,11 @@ def barrier(d: Dist) -> None:
 
 
 def cleanup(d: Dist) -> None:
+    """Destroy the process group while the interpreter is alive, after the objects that held
+    it (DDP's reducer sits in reference cycles): a gloo group left to the exit's destructors
+    aborted the process now and then ("terminate called without an active exception")."""
     if d.on and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
