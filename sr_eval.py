@@ -242,7 +242,6 @@ def check_index(sr_dir: Path, stems: list[str], scale: int) -> None:
         return
     try:
         index = json.loads(path.read_text())
-        index = index.get("index", index) if isinstance(index, dict) else None
     except (OSError, ValueError):
         index = None
     if not isinstance(index, dict):
@@ -475,9 +474,9 @@ def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir):
         task = bar.add_task("evaluating", total=len(stems))
         for k, stem in enumerate(stems):
             gt, lr, samples = next(images)
+            lr_name = str(lr_files[k]) if lr_files else None
             for m in methods:
                 imgs, names = samples[m.name], [str(p) for p in m.files[k]]
-                lr_name = str(lr_files[k]) if lr_files else None
                 check_sizes(gt, lr, imgs, names, str(hr[stem]), lr_name, opts["scale"])
                 row = metrics.evaluate_image(
                     gt, imgs, lr=lr, names=names, gt_name=str(hr[stem]), **opts
