@@ -1,0 +1,63 @@
+"""The hand-run benchmarks under tests/bench/ still run and measure what they claim, at tiny sizes
+(tests/test_bench_gpu.py covers bench_gpu.py): a broken benchmark is found here, not in the
+session that needs its numbers."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TINY
+
+from sr_lib.checkpoint import save_checkpoint
+from sr_lib.models import build_model
+
+BENCH = Path(__file__).resolve().parent / "bench"
+
+
+def bench(script: str, *args, cwd=None) -> dict:
+    cmd = [sys.executable, str(BENCH / script), *map(str, args)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)  # stdout is the one JSON object
+
+
+def test_bench_tiling_finds_seams_without_context_and_none_with_the_halo():
+    r = bench("bench_tiling.py", "--models", "edsr", "vspsr", "--lr-size", 24, "--tile", 16,
+              "--contexts", "halo", "0", "--n", 1)  # fmt: skip
+    assert set(r["models"]) == {"edsr (random weights)", "vspsr (random weights)"}
+    for row in r["models"].values():
+        halo, none = (row["contexts"][k] for k in (f"halo ({row['tile_halo']} px)", "0 (0 px)"))
+        assert halo["max_difference_255"] == 0 and halo["share_of_values_differing"] == 0
+        assert none["max_difference_255"] > 0  # the benchmark does see a seam when there is one
+
+
+def test_bench_sample_amp_compares_each_precision_and_skips_refused_ones(tmp_path):
+    paths = []
+    for name in ("edsr", "srflow"):
+        cfg = {**TINY[name], "scale": 4}
+        paths.append(tmp_path / f"{name}.pt")
+        state = build_model(name, cfg).state_dict()
+        save_checkpoint(paths[-1], {"model": name, "model_cfg": cfg, "state_dict": state,
+                                    "step": 0})  # fmt: skip
+    r = bench("bench_sample_amp.py", "--ckpt", *paths, "--n", 2, "--amp", "bf16", "fp16",
+              cwd=tmp_path)  # fmt: skip
+    edsr, srflow = (r["models"][f"{name} ({p})"] for name, p in zip(("edsr", "srflow"), paths))
+    for row, amps in ((edsr, ("bf16", "fp16")), (srflow, ("bf16",))):
+        assert row["none"]["PSNR"] > 0 and row["none"]["seconds"] > 0
+        for amp in amps:
+            change = row[amp]["LRPSNR_change_dB"]
+            assert change == pytest.approx(row[amp]["LRPSNR"] - row["none"]["LRPSNR"])
+            assert 0 <= row[amp]["max_pixel_difference"] <= 255
+    assert srflow["fp16"].startswith("refused")  # the flows leave float16's range
+    assert abs(edsr["fp16"]["LRPSNR_change_dB"]) <= abs(edsr["bf16"]["LRPSNR_change_dB"])
+
+
+@pytest.mark.slow
+def test_bench_flow_sampling_quick():
+    r = bench("bench_flow_sampling.py", "--quick")
+    assert {row["case"] for row in r["results"]} >= {"x4", "x8"}
+    for row in r["results"]:
+        assert row["finite"] and row.get("bit_identical_to_one_at_a_time", True)
+        assert row["peak_rss_mb"] > 0
