@@ -60,6 +60,7 @@ from sr_lib.models import MODELS, build_model, read_checkpoint
 from sr_lib.models.base import NoiseSource, Recipe, sample_seed, scale_list
 
 PROG = "sr_train.py"
+GRAPH_DEVICES = ("cuda",)  # --cuda-graphs (tests add "cpu", with `capture` replaced)
 
 
 @dataclass
@@ -170,6 +171,11 @@ class TrainArgs:
         default=False,
         metadata=dict(help="torch.compile the training forward (flows: each repeated block)"),
     )
+    cuda_graphs: bool = field(
+        default=False,
+        metadata=dict(help="record the training step once as a CUDA graph and replay it: no "
+                      "per-kernel launch cost (one CUDA process, --amp none or bf16)"),
+    )  # fmt: skip
     ema: float = field(
         default=0.0,
         metadata=dict(
@@ -249,6 +255,7 @@ def train(args: TrainArgs, rest: list[str], cleanup: contextlib.ExitStack) -> in
     ema = start_model(args, model, optimizers, scaler, resumed, ckpt_path, dataset, steps, dd,
                       device, say)  # fmt: skip
     forward = wrap(model, dd, device, args.compile)
+    graph = StepGraph(model, device) if args.cuda_graphs else None
     stop = catch_signals()
     say(summary(args, model, start, recipe, dd, device, out))
     autocast = autocast_for(args.amp, device)
@@ -263,7 +270,7 @@ def train(args: TrainArgs, rest: list[str], cleanup: contextlib.ExitStack) -> in
             stopped = stop["signal"] or ("time budget" if over_budget else "signal (other rank)")
             break
         out_g, ok = train_step(model, forward, optimizers, batches, step, recipe, dd, scaler,
-                               autocast)  # fmt: skip
+                               autocast, graph)  # fmt: skip
         bad_steps.count(ok, step)
         if ema is not None:
             ema.update(ok)  # a skipped step leaves the average as it is
@@ -278,6 +285,8 @@ def train(args: TrainArgs, rest: list[str], cleanup: contextlib.ExitStack) -> in
                                       dataset, meta, run_log, progress, ema, device)  # fmt: skip
             recipe, t0, logged = scaled_rates(recipe, 0.5), time.time(), step
             bad_steps.reset()
+            if graph is not None:
+                graph.reset()  # the reloaded optimizer states are new tensors: record again
             continue
         if args.sync_check_every and step % args.sync_check_every == 0:
             check_replicas(model, dd, step, run_log)
@@ -387,6 +396,13 @@ def setup_process(args: TrainArgs, cleanup) -> tuple[distributed.Dist, torch.dev
         set_deterministic()
     if args.amp == "fp16" and device.type != "cuda":
         raise UsageError(f"--amp fp16 needs a CUDA device (got {device}); on a CPU use --amp bf16")
+    if args.cuda_graphs:
+        why = ("needs a CUDA device (got {device})" if device.type not in GRAPH_DEVICES else
+               "runs in one process (drop it under torchrun/srun)" if dd.on else
+               "does not take --amp fp16 (its loss scaler steers from the host); use --amp bf16"
+               if args.amp == "fp16" else "")  # fmt: skip
+        if why:
+            raise UsageError(f"--cuda-graphs {why.format(device=device)}")
     if args.amp == "bf16" and device.type == "cpu" and dd.main and not cpu_has_native("bf16"):
         # it still runs (emulated), only slower than float32: say so once, do not refuse
         warning = "this CPU has no native bfloat16 (AVX512-BF16 or AMX); emulated bf16 is slower"
@@ -536,6 +552,11 @@ def build_training(args: TrainArgs, cfg: dict, recipe: Recipe, resumed, device):
     if args.init_from and resumed is None:
         init = read_checkpoint(args.init_from)  # its averaged weights if it has them (--ema)
         model.load_weights(init.get("ema_state_dict", init.get("state_dict", init)), args.init_from)
+    if args.cuda_graphs and model.graph_key() is None:
+        raise UsageError(
+            f"--cuda-graphs: {args.model}'s training step changes on the host from "
+            "step to step, so one recording cannot replay it; drop --cuda-graphs"
+        )
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
     return model, build_optimizers(model, recipe), scaler
 
@@ -586,15 +607,33 @@ def set_learning_rates(optimizers: dict, model, step: int, recipe: Recipe) -> No
     """Every parameter group at its own place in the schedule (a model's phases may differ)."""
     for i, g in enumerate(optimizers["g"].param_groups if "g" in optimizers else []):
         t, length = model.schedule_position(i, step, recipe.steps)
-        g["lr"] = learning_rate_at(t, recipe, length)
+        set_rate(g, learning_rate_at(t, recipe, length))
     for g in optimizers["d"].param_groups if "d" in optimizers else []:
-        g["lr"] = learning_rate_at(step, recipe, base=recipe.d_learning_rate)
+        set_rate(g, learning_rate_at(step, recipe, base=recipe.d_learning_rate))
+
+
+def set_rate(group: dict, rate: float) -> None:
+    """A float, or in place into the device tensor that a recorded step reads (--cuda-graphs)."""
+    if torch.is_tensor(group["lr"]):
+        group["lr"].fill_(rate)
+    else:
+        group["lr"] = rate
+
+
+def optimizer_state(opt: torch.optim.Optimizer) -> dict:
+    """opt.state_dict() as a checkpoint keeps it: plain float rates and capturable off, so that
+    a run recorded with --cuda-graphs resumes without it too."""
+    sd = opt.state_dict()
+    groups = [{**g, "lr": float(g["lr"]), "capturable": False} for g in sd["param_groups"]]
+    return {**sd, "param_groups": groups}
 
 
 def current_learning_rate(optimizers: dict, step: int, recipe: Recipe) -> float:
     """The rate the first (main) parameter group used at `step` (groups may have own phases)."""
     if "g" in optimizers:
-        return optimizers["g"].param_groups[0]["lr"]
+        rate = optimizers["g"].param_groups[0]["lr"]
+        # --cuda-graphs' float32 rate: logged as its shortest decimal (2.5e-4, not 2.5000001e-4)
+        return float(str(np.float32(rate.item()))) if torch.is_tensor(rate) else rate
     return learning_rate_at(step, recipe)
 
 
@@ -698,32 +737,129 @@ def catch_signals() -> dict:
     return stop
 
 
-def train_step(model, forward, optimizers, batches, step, recipe, dd, scaler, autocast):
+def train_step(model, forward, optimizers, batches, step, recipe, dd, scaler, autocast,
+               graph=None):  # fmt: skip
     """Training step `step`: the generator, then the discriminator. Returns forward's output
     (with the discriminator's parts as d_*) and `ok`, a 0-dim float32 tensor on the device:
     0 if the step was non-finite on some rank and so changed nothing (weights, optimizer states,
-    buffers such as BatchNorm statistics); never read here (docs/design.md)."""
-    model.train()
+    buffers such as BatchNorm statistics); never read here (docs/design.md). With `graph`
+    (--cuda-graphs), the part after the host's decisions is replayed from a recording."""
+    if not model.training:  # (after a validation; model.train() walks every module: ~3 ms)
+        model.train()
     model.on_step(step, recipe.steps)
     lr, hr = next(batches)  # on the device already (train_loader)
     set_learning_rates(optimizers, model, step, recipe)
-    buffers = [b.clone() for b in model.buffers()]
-    with autocast:
-        out = forward(lr, hr)
-    params = model.generator_parameters()
-    ok = guarded_step(optimizers.get("g"), out["loss"], params, recipe.grad_clip, dd, scaler)
-    if "d" in optimizers:  # stepped only if the generator's step was finite too (`ok`)
+
+    def run(lr, hr):
+        buffers = [b.clone() for b in model.buffers()]
         with autocast:
-            out_d = model.discriminator_loss(lr, hr, out)
-        ok = guarded_step(optimizers["d"], out_d["loss"], model.discriminator.parameters(),
-                          recipe.grad_clip, dd, scaler, sync=True, ok=ok)  # fmt: skip
-        out.update({f"d_{k}": v for k, v in out_d.items()})
-    with torch.no_grad():
-        for b, before in zip(model.buffers(), buffers):
-            b.copy_(torch.where(ok > 0, b, before))
-    if scaler is not None:
-        scaler.update()
-    return out, ok
+            out = forward(lr, hr)
+        ok = guarded_step(optimizers.get("g"), out["loss"], model.generator_parameters(),
+                          recipe.grad_clip, dd, scaler)  # fmt: skip
+        if "d" in optimizers:  # stepped only if the generator's step was finite too (`ok`)
+            with autocast:
+                out_d = model.discriminator_loss(lr, hr, out)
+            ok = guarded_step(optimizers["d"], out_d["loss"], model.discriminator.parameters(),
+                              recipe.grad_clip, dd, scaler, sync=True, ok=ok)  # fmt: skip
+            out.update({f"d_{k}": v for k, v in out_d.items()})
+        with torch.no_grad():
+            for b, before in zip(model.buffers(), buffers):
+                b.copy_(torch.where(ok > 0, b, before))
+        if scaler is not None:
+            scaler.update()
+        return out, ok
+
+    return run(lr, hr) if graph is None else graph(run, lr, hr, optimizers)
+
+
+def capture(body, device: torch.device):
+    """Record body() as a CUDA graph (nothing runs yet); returns the function that replays it.
+    "thread_local": the loader's pin-memory thread may allocate while this thread records."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        body()
+    return graph.replay
+
+
+class StepGraph:
+    """--cuda-graphs. A training step of SRFlow ×4 dispatches ~8,000 operations, most of them on
+    small tensors: on a fast GPU, launching them from Python takes longer than running them. So
+    the step is recorded once as a CUDA graph (docs/design.md, "CUDA graphs"); each later step
+    copies its batch into the recorded input tensors and replays all kernels with one launch.
+    What the host decides is done before the replay: the learning rates are 0-dim device
+    tensors that Adam's fused, capturable kernel reads (set_learning_rates fills them), and the
+    model's switches (`graph_key`), its parameters' requires_grad and the batch shape are
+    checked every step: a change records again, as a --on-nan rollback does (new optimizer
+    states). The WARMUP steps before each recording run eagerly on a side stream, so the lazy
+    set-up (cuDNN plans, Adam's states, a perceptual loss built on first use) happens outside
+    it. Only 0-dim outputs (the logged losses) are kept."""
+
+    WARMUP = 3
+
+    def __init__(self, model, device: torch.device):
+        self.model, self.device = model, device
+        self.params = list(model.parameters())  # (walking the modules each step costs ~2 ms)
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.recordings = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.key, self.warmup, self.replay = None, self.WARMUP, None
+
+    def __call__(self, run, lr: torch.Tensor, hr: torch.Tensor, optimizers: dict):
+        key = (self.model.graph_key(), tuple(p.requires_grad for p in self.params),
+               lr.shape, hr.shape)  # fmt: skip
+        if key != self.key:
+            self.reset()
+            self.key = key
+        if self.warmup:
+            self.warmup -= 1
+            out, ok = self.eager(run, lr, hr)
+            self.out = {k: v.detach().clone() for k, v in out.items() if v.ndim == 0}
+            self.ok = ok.clone()
+            return out, ok
+        if self.replay is None:
+            self.record(run, lr, hr, optimizers)
+        else:
+            self.lr.copy_(lr)
+            self.hr.copy_(hr)
+        self.replay()
+        return self.out, self.ok
+
+    def eager(self, run, lr, hr):
+        """run(lr, hr) on the side stream (as PyTorch's CUDA-graph recipe warms up)."""
+        if self.stream is None:
+            return run(lr, hr)
+        main = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            result = run(lr, hr)
+        main.wait_stream(self.stream)
+        return result
+
+    def record(self, run, lr, hr, optimizers: dict) -> None:
+        for opt in optimizers.values():
+            for g in opt.param_groups:
+                if not torch.is_tensor(g["lr"]):  # float32, as the fused kernel reads it
+                    g["lr"] = torch.tensor(g["lr"], dtype=torch.float32, device=self.device)
+                g["capturable"] = True
+            opt._warned_capturable_if_run_uncaptured = True  # warm-up steps after a change
+        self.lr, self.hr = lr.clone(), hr.clone()
+
+        def body():
+            out, ok = run(self.lr, self.hr)
+            for k, v in self.out.items():
+                v.copy_(out[k].detach())
+            self.ok.copy_(ok)
+
+        try:
+            self.replay = capture(body, self.device)
+        except RuntimeError as e:
+            name = type(self.model).__name__
+            raise UsageError(f"--cuda-graphs: {name}'s training step could not be recorded as a "
+                             f"CUDA graph ({str(e).splitlines()[0][:200]}); drop --cuda-graphs"
+                             ) from e  # fmt: skip
+        self.recordings += 1
 
 
 class BadSteps:
@@ -807,7 +943,7 @@ def save(path: Path, step, skipped, best, model, optimizers: dict, scaler, dd, m
         return
     save_checkpoint(path, {
         **meta, "step": step, "state_dict": model.state_dict(), "skipped": skipped, "best": best,
-        "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+        "optimizers": {k: optimizer_state(o) for k, o in optimizers.items()},
         "rng": rngs[0], "rng_ranks": rngs, "world_size": dd.world,
         **({"scaler": scaler.state_dict()} if scaler is not None else {}),
         **(ema.state_dict() if ema is not None else {}),

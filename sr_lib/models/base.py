@@ -10,6 +10,8 @@ declares every member the scripts and the loaders use, with a default for all bu
   sample(lr, n, temperature, noise, **controls)   the same, padded, cropped and in [0, 1]
   recipe(scale) -> Recipe            the paper's training recipe (sr_train.py's defaults)
   on_step(step, total)               schedule-dependent behaviour (e.g. a frozen encoder)
+  graph_key()                        the host-side switches of a training step (--cuda-graphs),
+                                     or None: the step cannot be replayed from one recording
   generator_param_groups(), schedule_position(group, step, total)
                                      the main optimizer's groups and each group's schedule clock
   discriminator, discriminator_loss(lr, hr, out)   optional GAN part with its own optimizer
@@ -361,6 +363,15 @@ class SRModel(nn.Module):
 
     def on_step(self, step: int, total: int) -> None:
         """Called by the training loop before every step."""
+
+    def graph_key(self) -> tuple | None:
+        """sr_train.py --cuda-graphs records a training step once and replays it: the recording
+        holds the kernels launched, not the Python that chose them. So the model names here the
+        host-side switches its step depends on (a training phase); the loop records again when
+        they, a parameter's requires_grad or the batch shape change. None (the default): the
+        step depends on host state that changes every step (e.g. references picked by step
+        number), so a replay would silently repeat the first one; --cuda-graphs is refused."""
+        return None
 
     @property
     def discriminator(self) -> nn.Module | None:

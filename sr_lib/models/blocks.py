@@ -269,6 +269,9 @@ class RegressionSR(SRModel):
                 p.requires_grad_(not only)
             self._sigma_only = only
 
+    def graph_key(self) -> tuple:
+        return ()  # the σ-only phase is μ's parameters' requires_grad
+
     def _sigma_phase(self) -> bool:
         return self.sigma is not None and self.cfg.le_sigma_final_fraction > 0
 

@@ -398,6 +398,9 @@ class SRFlow(SRModel):
         for p in self._encoder_params:
             p.requires_grad_(not frozen)
 
+    def graph_key(self) -> tuple:
+        return ()  # the one switch, the frozen encoder, is its parameters' requires_grad
+
     def mark_initialized(self) -> None:
         """Weights were loaded: no ActNorm data init and no --rrdb-init load."""
         for m in self.modules():

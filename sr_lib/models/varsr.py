@@ -176,6 +176,9 @@ class VarSR(LatentSRModel):
         # SRGAN's two phases (paper §4.2): no adversarial loss (no critic steps) before adv_start.
         self._adv_on = self.discriminator is not None and step >= self.cfg.adv_start * total
 
+    def graph_key(self) -> tuple:
+        return (self._adv_on,)  # phase 2 adds the adversarial loss and the critic's steps
+
     def set_adversarial(self, on: bool) -> None:
         """Switch the adversarial phase by hand (tests, fine-tuning scripts)."""
         self._adv_on = on and self.discriminator is not None

@@ -259,6 +259,9 @@ class VSpSR(SRModel):
             "sparsity": sparsity, "sr": sr,
         }  # fmt: skip
 
+    def graph_key(self) -> tuple:
+        return ()  # no phases: every step runs the same kernels
+
     def discriminator_loss(self, lr: torch.Tensor, hr: torch.Tensor, out: dict) -> dict:
         """LSGAN: ½·MSE(D(ŷ), 0) + ½·MSE(D(y), 1), ŷ detached (docs/vspsr.md, "Losses")."""
         fake = self.discriminator(out["sr"].detach())

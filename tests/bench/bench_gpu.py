@@ -6,22 +6,26 @@
 
 Measurements, in this order (when --budget seconds are spent, the rest are listed as skipped):
   train_srflow   SRFlow ×4 training step at its recipe (batch 12, HR 160, encoder frozen as in the
-                 first half): forward + backward + Adam, fp32, bf16 autocast, --compile
-                 (regional), bf16 + compile, bf16 channels-last; median seconds of --reps steps
-                 after warm-up, peak memory; compiled: the first step's seconds (compilation) and
-                 the graphs made
+                 first half): forward + backward + Adam, fp32, bf16 autocast, --cuda-graphs
+                 (sr_train.py's own step, recorded once and replayed) in fp32 and bf16,
+                 --compile (regional), bf16 + compile, bf16 + compile + graphs, bf16
+                 channels-last; median seconds of --reps steps after warm-up, peak memory;
+                 compiled: the first step's seconds (compilation) and the graphs made; graphs:
+                 the seconds of the warm-up steps and the recording
   official       (--official PATH, a checkout of andreas128/SRFlow, imported from there at run
                  time) the released code's training step at the same size (fp32, RRDB frozen),
                  and 10 samples of a 128² LR one by one (as its test.py) and batched
   profile        SRFlow ×4 step, fp32 and bf16, under torch.profiler: kernels per step, their
                  summed time against the unprofiled step (the GPU's busy fraction), the top
                  operations by device time and by calls: where a step's time goes
-  pipeline       sr_train.py on the demo images (loader, logging, everything): logged s/step
-                 after the first log window vs the pure step above, GPU utilisation sampled
+  pipeline       sr_train.py on the demo images (loader, logging, everything), fp32, bf16 and
+                 (CUDA only) with --cuda-graphs: logged s/step after the first log window vs the
+                 pure step above, GPU utilisation sampled
   sample         10 samples of a DIV2K-size LR, SRFlow ×4 (339×510) and ×8 (170×255), fp32 and
                  bf16 autocast: median seconds, peak memory
   eval           sr_eval.py --ntire on 2040×1352 images, N = 10: seconds per image
-  train_others   VSpSR, VarSR, EDSR at their recipes: fp32, bf16, compile, bf16 + compile
+  train_others   VSpSR, VarSR, EDSR at their recipes: fp32, bf16, graphs, bf16 + graphs, compile,
+                 bf16 + compile
 Random weights throughout (ActNorm data-initialised; VGG and LPIPS random): timings do not depend
 on the values. TF32 off unless --tf32. Results: docs/benchmarks.md.
 """
@@ -29,6 +33,7 @@ on the values. TF32 off unless --tf32. Results: docs/benchmarks.md.
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import os
 import platform
@@ -50,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 import sr_eval  # noqa: E402
 import sr_train  # noqa: E402
+from sr_lib import distributed  # noqa: E402
 from sr_lib.models import MODELS, build_model  # noqa: E402
 from sr_lib.models.base import NoiseSource  # noqa: E402
 
@@ -64,12 +70,15 @@ OFFLINE_CFG = {"varsr": dict(pretrained=False)}  # random VGG: no weights file n
 # The training phase timed, as a fraction of the recipe's steps: SRFlow's first half (the encoder
 # frozen, as the released code's numbers are taken), the others' last phase (VarSR: adversarial).
 PHASE = {"srflow": 0.0}
-VARIANTS = {  # name: (autocast dtype, compiled, channels-last)
-    "fp32": (None, False, False),
-    "bf16": (torch.bfloat16, False, False),
-    "compile": (None, True, False),
-    "bf16_compile": (torch.bfloat16, True, False),
-    "bf16_channels_last": (torch.bfloat16, False, True),
+VARIANTS = {  # name: (autocast dtype, compiled, channels-last, --cuda-graphs)
+    "fp32": (None, False, False, False),
+    "bf16": (torch.bfloat16, False, False, False),
+    "graphs": (None, False, False, True),
+    "bf16_graphs": (torch.bfloat16, False, False, True),
+    "compile": (None, True, False, False),
+    "bf16_compile": (torch.bfloat16, True, False, False),
+    "bf16_compile_graphs": (torch.bfloat16, True, False, True),
+    "bf16_channels_last": (torch.bfloat16, False, True, False),
 }
 
 
@@ -192,8 +201,29 @@ def train_step_fn(model, forward, lr, hr, recipe, amp):
     return step
 
 
+def graphed_step_fn(b: Bench, name: str, model, forward, lr, hr, recipe, amp):
+    """One training step as sr_train.py --cuda-graphs takes it (its train_step: the finite
+    guard, clipping, fused Adam; recorded after StepGraph.WARMUP eager steps, then replayed),
+    always at the same step of the schedule, so it is recorded once. On a CPU (the smoke test)
+    the recorded function itself stands in for the recording."""
+    if not b.cuda:
+        sr_train.capture = lambda body, device: body
+    optimizers = sr_train.build_optimizers(model, recipe)
+    graph = sr_train.StepGraph(model, b.device)
+    autocast = torch.autocast(b.device.type, amp, enabled=amp is not None)
+    at = int(PHASE.get(name, 0.99) * recipe.steps)
+    batches = itertools.repeat((lr, hr))
+    dd = distributed.Dist()
+
+    def step():
+        sr_train.train_step(model, forward, optimizers, batches, at, recipe, dd, None, autocast,
+                            graph)  # fmt: skip
+
+    return step, graph
+
+
 def measure_train(b: Bench, name: str, scale: int, variant: str) -> None:
-    amp, compiled, channels_last = VARIANTS[variant]
+    amp, compiled, channels_last, graphs = VARIANTS[variant]
     key = f"train/{name}_x{scale}"
     batch, patch = recipe_size(b, name, scale)
     b.put(f"{key}/batch", batch)
@@ -204,7 +234,11 @@ def measure_train(b: Bench, name: str, scale: int, variant: str) -> None:
     forward = model
     if compiled:
         forward = sr_train.compile_model(model, model, backend=b.a.compile_backend)
-    step = train_step_fn(model, forward, lr, hr, MODELS[name].recipe(scale), amp)
+    recipe = MODELS[name].recipe(scale)
+    if graphs:
+        step, graph = graphed_step_fn(b, name, model, forward, lr, hr, recipe, amp)
+    else:
+        step = train_step_fn(model, forward, lr, hr, recipe, amp)
     b.reset_peak()
     row = {}
     if compiled:
@@ -214,6 +248,13 @@ def measure_train(b: Bench, name: str, scale: int, variant: str) -> None:
         row["first_step_s"] = round(time.perf_counter() - t, 2)
         row["graphs"] = counters["stats"]["unique_graphs"]
         row["graph_breaks"] = sum(counters["graph_break"].values())
+    if graphs:  # the eager warm-up steps and the recording, then one replay
+        t = time.perf_counter()
+        for _ in range(sr_train.StepGraph.WARMUP + 1):
+            step()
+        b.sync()
+        row["warmup_and_record_s"] = round(time.perf_counter() - t, 2)
+        row["recordings"] = graph.recordings
     row.update(b.timed(step, b.a.reps, warm=2), peak_gb=b.peak_gb())
     b.put(f"{key}/{variant}", row)
     base = b.result["train"][key.split("/")[1]].get("fp32", {}).get("median_s")
@@ -352,8 +393,10 @@ def measure_pipeline(b: Bench, variant: str) -> None:
                "--data", "demo", "--steps", str(steps), "--val-every", "0",
                "--log-every", str(every), "--workers", "4", "--device", str(b.device),
                "--out", out, *model_flags]  # fmt: skip
-        if variant == "bf16":
+        if variant.startswith("bf16"):
             cmd += ["--amp", "bf16"]
+        if variant.endswith("graphs"):
+            cmd += ["--cuda-graphs"]
         stop, samples = threading.Event(), []
         sampler = threading.Thread(target=gpu_utilisation, args=(b, stop, samples), daemon=True)
         if b.cuda:
@@ -420,7 +463,7 @@ def plan(b: Bench) -> list[tuple[str, str, object]]:
     """(section, label, thunk) in priority order."""
     t, a = [], b.a
     add = lambda section, label, fn, *args: t.append((section, label, lambda: fn(b, *args)))  # noqa: E731
-    for v in ("fp32", "bf16"):
+    for v in ("fp32", "bf16", "graphs", "bf16_graphs"):
         add("train_srflow", f"srflow_x4/{v}", measure_train, "srflow", 4, v)
     if a.official:
         add("official", "official", measure_official)
@@ -428,20 +471,23 @@ def plan(b: Bench) -> list[tuple[str, str, object]]:
         add("profile", f"profile/{v}", measure_profile, v)
     for v in ("compile", "bf16_compile"):
         add("train_srflow", f"srflow_x4/{v}", measure_train, "srflow", 4, v)
-    for v in ("fp32", "bf16"):
+    # --cuda-graphs in sr_train.py needs CUDA (the in-process variants above stand in for it)
+    for v in ("fp32", "bf16", *(("bf16_graphs", "graphs") if b.cuda else ())):
         add("pipeline", f"pipeline/{v}", measure_pipeline, v)
+    add("train_srflow", "srflow_x4/bf16_compile_graphs", measure_train, "srflow", 4,
+        "bf16_compile_graphs")  # fmt: skip
     for scale in (4, 8):
         for v in ("fp32", "bf16"):
             add("sample", f"sample_x{scale}/{v}", measure_sample, scale, v)
     add("eval", "eval", measure_eval)
     others = ("vspsr", "varsr", "edsr")
     for name in others:
-        for v in ("fp32", "bf16"):
+        for v in ("fp32", "bf16", "bf16_graphs"):
             add("train_others", f"{name}_x4/{v}", measure_train, name, 4, v)
     add("train_srflow", "srflow_x4/bf16_channels_last", measure_train, "srflow", 4,
         "bf16_channels_last")  # fmt: skip
     for name in others:
-        for v in ("compile", "bf16_compile"):
+        for v in ("graphs", "compile", "bf16_compile"):
             add("train_others", f"{name}_x4/{v}", measure_train, name, 4, v)
     variant = lambda label: label.split("/")[-1] if "/" in label else ""  # noqa: E731
     return [x for x in t if x[0] in a.sections
