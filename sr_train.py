@@ -844,6 +844,9 @@ class StepGraph:
                     g["lr"] = torch.tensor(g["lr"], dtype=torch.float32, device=self.device)
                 g["capturable"] = True
             opt._warned_capturable_if_run_uncaptured = True  # warm-up steps after a change
+            # Gradients made outside the recording are dropped before it, not freed inside it:
+            # the recorded backward makes its own, in the graph's memory pool (PyTorch's recipe).
+            opt.zero_grad(set_to_none=True)
         self.lr, self.hr = lr.clone(), hr.clone()
 
         def body():

@@ -472,7 +472,12 @@ def plan(b: Bench) -> list[tuple[str, str, object]]:
     for v in ("compile", "bf16_compile"):
         add("train_srflow", f"srflow_x4/{v}", measure_train, "srflow", 4, v)
     # --cuda-graphs in sr_train.py needs CUDA (the in-process variants above stand in for it)
-    for v in ("fp32", "bf16", *(("bf16_graphs", "graphs") if b.cuda else ())):
+    for v in (
+        "fp32",
+        *(("bf16_graphs",) if b.cuda else ()),
+        "bf16",
+        *(("graphs",) if b.cuda else ()),
+    ):
         add("pipeline", f"pipeline/{v}", measure_pipeline, v)
     add("train_srflow", "srflow_x4/bf16_compile_graphs", measure_train, "srflow", 4,
         "bf16_compile_graphs")  # fmt: skip
