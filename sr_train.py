@@ -989,8 +989,9 @@ def guarded_step(opt, loss, params, grad_clip, dd, scaler=None, sync=False, ok=N
             distributed.average_gradients(params, dd)
         if scaler is not None:
             scaler.unscale_(opt)  # scaler.update() then lowers the scale after an overflow
-        if params:
-            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+        if params:  # without clipping, only the norm (the finite check): no pass scaling by 1
+            norm = (torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else
+                    torch.nn.utils.get_total_norm([p.grad for p in params]))  # fmt: skip
             flag = flag * torch.isfinite(norm)
     flag = distributed.all_min_(flag if ok is None else flag * ok, dd)
     if learns:

@@ -299,3 +299,16 @@ def test_a_nan_on_one_rank_rolls_back_every_rank(tmp_path, images):
     ck = load_checkpoint(out / "last.pt")
     assert (ck["step"], ck["rollbacks"], ck["skipped"], ck["world_size"]) == (8, 1, 2, 2)
     assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_a_finite_loss_with_a_non_finite_gradient_is_skipped(grad_clip):
+    """sqrt at 0: the loss is 0, its gradient inf. With clipping off only the norm is taken (no
+    pass scaling every gradient by 1); either way the flag is 0 and Adam changes nothing."""
+    w = torch.nn.Parameter(torch.tensor([0.0, 1.0]))
+    opt = torch.optim.Adam([w], lr=0.1, fused=True)
+    ok = sr_train.guarded_step(opt, w.sqrt().sum() - 1, [w], grad_clip, sr_train.distributed.Dist())
+    assert float(ok) == 0 and torch.equal(w.detach(), torch.tensor([0.0, 1.0]))
+    ok = sr_train.guarded_step(opt, (w - 2).square().sum(), [w], grad_clip,
+                               sr_train.distributed.Dist())  # fmt: skip
+    assert float(ok) == 1 and not torch.equal(w.detach(), torch.tensor([0.0, 1.0]))
