@@ -394,6 +394,10 @@ def setup_process(args: TrainArgs, cleanup) -> tuple[distributed.Dist, torch.dev
         device = torch.device("cuda", dd.local_rank)
     if args.deterministic:
         set_deterministic()
+    elif device.type == "cuda":
+        # Training patches have one shape: cuDNN times its algorithms once per shape and keeps
+        # the fastest (the released SRFlow training does the same; --deterministic turns it off).
+        torch.backends.cudnn.benchmark = True
     if args.amp == "fp16" and device.type != "cuda":
         raise UsageError(f"--amp fp16 needs a CUDA device (got {device}); on a CPU use --amp bf16")
     if args.cuda_graphs:

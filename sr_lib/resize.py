@@ -142,13 +142,28 @@ def _plan(in_len: int, out_len: int, scale: float) -> _Plan | None:
     return _Plan(_frozen(pad), -first, period, stride, tuple(phases), eps)
 
 
-@lru_cache(maxsize=64)
+_TABLES: dict = {}  # (in_len, out_len, scale, device) -> _tables' result; the 64 newest kept
+
+
 def _tables(in_len: int, out_len: int, scale: float, device: torch.device):
-    """Device copies of the exact taps (mirrored indices, float64 weights) and the pad indices."""
+    """(device copies of the exact taps: mirrored indices, float64 weights; the pad indices or
+    None; the polyphase plan or None) of one axis. A plain dict, not lru_cache: torch.compile
+    reads a present entry as constants, where it would trace through an lru_cache'd function
+    into the numpy that builds the tables (a graph break at every resize, e.g. VarSR's)."""
+    key = (in_len, out_len, scale, device)
+    if key not in _TABLES:
+        _TABLES[key] = _build_tables(*key)
+        if len(_TABLES) > 64:
+            del _TABLES[next(iter(_TABLES))]
+    return _TABLES[key]
+
+
+@torch.compiler.disable
+def _build_tables(in_len: int, out_len: int, scale: float, device: torch.device):
     ind, weights = contributions(in_len, out_len, scale)
     plan = _plan(in_len, out_len, scale)
     pad = None if plan is None else torch.tensor(plan.pad, device=device)
-    return torch.tensor(ind, device=device), torch.tensor(weights, device=device), pad
+    return torch.tensor(ind, device=device), torch.tensor(weights, device=device), pad, plan
 
 
 def _ordered_sum(term, start: int, n: int, pairwise: bool):
@@ -321,11 +336,10 @@ def _resize_axis(x: torch.Tensor, axis: int, out_len: int, scale: float, pairwis
     xm = x.movedim(axis, 0)  # (L, *rest)
     rest = xm.shape[1:]
     uint8 = x.dtype == torch.uint8
-    ind, weights, pad = _tables(in_len, out_len, scale, x.device)
+    ind, weights, pad, plan = _tables(in_len, out_len, scale, x.device)
     if pad is None:
         out = _gather_pass(xm.reshape(in_len, -1), ind, weights, uint8, pairwise)
     else:
-        plan = _plan(in_len, out_len, scale)
         xp = xm.index_select(0, pad).reshape(len(pad), -1)  # (Lp, R): one copy pads and transposes
         if uint8:
             out = _fast_pass_uint8(xp, plan, out_len, ind, weights, pairwise)

@@ -1,6 +1,7 @@
 """Mixed precision and compilation on CUDA. These need a GPU: CPU CI skips them (with the reason);
 run `pytest tests/test_gpu.py` on a GPU machine to exercise them. bf16 on a CPU: test_train.py."""
 
+import contextlib
 import inspect
 
 import pytest
@@ -60,3 +61,40 @@ def test_batches_come_pinned_and_are_copied_without_blocking(tmp_path, monkeypat
     monkeypatch.setattr(sr_train, "train_loader", spy)
     assert train(tmp_path, EDSR, "--device", "cuda") == 0
     assert seen["pin_memory"] and seen["pinned"] and seen["device"].type == "cuda"
+
+
+@needs_cuda
+@pytest.mark.parametrize("model", [EDSR, SRFLOW], ids=["edsr", "srflow"])
+def test_cuda_graphs_record_and_train_as_eager(tmp_path, model, monkeypatch):
+    """The real recording: 8 steps with the encoder unfreezing at step 4 (SRFlow: two
+    recordings), the same losses and weights as the eager run up to cuDNN's rounding."""
+    made = []
+    real = sr_train.capture
+    monkeypatch.setattr(
+        sr_train, "capture", lambda body, device: made.append(1) or real(body, device)
+    )
+    flags = ["--device", "cuda", "--steps", "8", "--log-every", "1", "--deterministic"]
+    assert train(tmp_path / "eager", model, *flags) == 0
+    assert train(tmp_path / "graph", model, *flags, "--cuda-graphs") == 0
+    assert len(made) == (2 if model is SRFLOW else 1)
+    a, b = (load_checkpoint(tmp_path / d / "last.pt")["state_dict"] for d in ("eager", "graph"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_cudnn_times_its_algorithms_on_a_gpu_unless_deterministic(monkeypatch):
+    """setup_process on a CUDA device (pretended: nothing else of CUDA is touched there)."""
+    monkeypatch.setattr(sr_train, "pick_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        for deterministic, expected in ((False, True), (True, False)):
+            with contextlib.ExitStack() as cleanup:
+                args = sr_train.TrainArgs(model="edsr", deterministic=deterministic)
+                sr_train.setup_process(args, cleanup)
+            assert torch.backends.cudnn.benchmark is expected
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)

@@ -15,6 +15,8 @@ Measurements, in this order (when --budget seconds are spent, the rest are liste
   official       (--official PATH, a checkout of andreas128/SRFlow, imported from there at run
                  time) the released code's training step at the same size (fp32, RRDB frozen),
                  and 10 samples of a 128² LR one by one (as its test.py) and batched
+  graph_check    --cuda-graphs trains as eager: the same 8 SRFlow ×4 steps both ways, the largest
+                 loss and (relative) weight differences
   profile        SRFlow ×4 step, fp32 and bf16, under torch.profiler: kernels per step, their
                  summed time against the unprofiled step (the GPU's busy fraction), the top
                  operations by device time and by calls: where a step's time goes
@@ -27,7 +29,8 @@ Measurements, in this order (when --budget seconds are spent, the rest are liste
   train_others   VSpSR, VarSR, EDSR at their recipes: fp32, bf16, graphs, bf16 + graphs, compile,
                  bf16 + compile
 Random weights throughout (ActNorm data-initialised; VGG and LPIPS random): timings do not depend
-on the values. TF32 off unless --tf32. Results: docs/benchmarks.md.
+on the values. TF32 off unless --tf32; cuDNN's benchmark mode on, as sr_train.py sets it on a GPU,
+for srspace and the released code alike (--no-cudnn-benchmark: off). Results: docs/benchmarks.md.
 """
 
 import argparse
@@ -92,7 +95,8 @@ class Bench:
         self.result = {
             "bench": "gpu", "quick": a.quick, "torch": torch.__version__,
             "device": torch.cuda.get_device_name(self.device) if self.cuda else platform.machine(),
-            "tf32": a.tf32, "compile_backend": a.compile_backend, "budget_s": a.budget,
+            "tf32": a.tf32, "cudnn_benchmark": not a.no_cudnn_benchmark,
+            "compile_backend": a.compile_backend, "budget_s": a.budget,
             "git": _git(), "skipped": [], "errors": {},
         }  # fmt: skip
 
@@ -204,10 +208,7 @@ def train_step_fn(model, forward, lr, hr, recipe, amp):
 def graphed_step_fn(b: Bench, name: str, model, forward, lr, hr, recipe, amp):
     """One training step as sr_train.py --cuda-graphs takes it (its train_step: the finite
     guard, clipping, fused Adam; recorded after StepGraph.WARMUP eager steps, then replayed),
-    always at the same step of the schedule, so it is recorded once. On a CPU (the smoke test)
-    the recorded function itself stands in for the recording."""
-    if not b.cuda:
-        sr_train.capture = lambda body, device: body
+    always at the same step of the schedule, so it is recorded once. (On a CPU, see main.)"""
     optimizers = sr_train.build_optimizers(model, recipe)
     graph = sr_train.StepGraph(model, b.device)
     autocast = torch.autocast(b.device.type, amp, enabled=amp is not None)
@@ -261,6 +262,35 @@ def measure_train(b: Bench, name: str, scale: int, variant: str) -> None:
     if base and variant != "fp32":
         b.put(f"{key}/speedup_vs_fp32/{variant}", round(base / row["median_s"], 3))
     del model, forward, step
+
+
+def measure_graph_check(b: Bench, steps: int = 8) -> None:
+    """--cuda-graphs trains as eager steps do on this device: SRFlow ×4 at its recipe, the same
+    `steps` steps (same initial weights, batch and noise) taken by sr_train.train_step eagerly
+    and through StepGraph (WARMUP eager steps, a recording, replays): the losses' largest
+    difference and the weights' largest difference relative to their largest magnitude."""
+    runs = {}
+    for mode in ("eager", "graphs"):
+        model, lr, hr = build(b, "srflow", 4)
+        recipe = MODELS["srflow"].recipe(4)
+        optimizers = sr_train.build_optimizers(model, recipe)
+        graph = sr_train.StepGraph(model, b.device) if mode == "graphs" else None
+        batches, dd = itertools.repeat((lr, hr)), distributed.Dist()
+        torch.manual_seed(7)
+        losses = []
+        for _ in range(steps):
+            out, _ = sr_train.train_step(model, model, optimizers, batches, 0, recipe, dd, None,
+                                         contextlib.nullcontext(), graph)  # fmt: skip
+            losses.append(float(out["loss"].detach()))
+        runs[mode] = losses, [p.detach().clone() for p in model.parameters()], graph
+        del model, optimizers
+    (la, wa, _), (lb, wb, graph) = runs["eager"], runs["graphs"]
+    scale = max(float(w.abs().max()) for w in wa)
+    b.put("graph_check/srflow_x4", {
+        "steps": steps, "recordings": graph.recordings,
+        "loss_max_abs_diff": max(abs(x - y) for x, y in zip(la, lb)),
+        "weight_max_rel_diff": max(float((x - y).abs().max()) for x, y in zip(wa, wb)) / scale,
+    })  # fmt: skip
 
 
 def measure_profile(b: Bench, variant: str, steps: int = 3) -> None:
@@ -339,11 +369,6 @@ def measure_official(b: Bench) -> None:
     row = {**b.timed(step, b.a.reps, warm=1 if b.a.quick else 2), "peak_gb": b.peak_gb(),
            "batch": batch, "hr_patch": patch * scale}  # fmt: skip
     b.put("official/train_x4_fp32", row)
-    ours = {} if b.a.quick else b.result.get("train", {}).get("srflow_x4", {})  # quick: tiny ours
-    for variant, r in ours.items():
-        if isinstance(r, dict) and "median_s" in r:
-            b.put(f"official/srflow_x4_time_over_released/{variant}",
-                  round(r["median_s"] / row["median_s"], 3))  # fmt: skip
     net.eval()
     n, h = (2, 8) if b.a.quick else (10, 128)
     lr1 = torch.rand(1, 3, h, h, generator=g).to(b.device)
@@ -467,6 +492,7 @@ def plan(b: Bench) -> list[tuple[str, str, object]]:
     add = lambda section, label, fn, *args: t.append((section, label, lambda: fn(b, *args)))  # noqa: E731
     for v in ("fp32", "bf16", "graphs", "bf16_graphs"):
         add("train_srflow", f"srflow_x4/{v}", measure_train, "srflow", 4, v)
+    add("graph_check", "graph_check", measure_graph_check)
     if a.official:
         add("official", "official", measure_official)
     for v in ("fp32", "bf16"):
@@ -506,8 +532,10 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=10, help="timed training steps per variant")
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls and convolutions")
-    p.add_argument("--sections", nargs="+", default=["train_srflow", "official", "profile",
-                   "pipeline", "sample", "eval", "train_others"])  # fmt: skip
+    p.add_argument("--no-cudnn-benchmark", action="store_true",
+                   help="cuDNN's default algorithms (sr_train.py times them on a GPU)")  # fmt: skip
+    p.add_argument("--sections", nargs="+", default=["train_srflow", "graph_check", "official",
+                   "profile", "pipeline", "sample", "eval", "train_others"])  # fmt: skip
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                    help="training variants measured")  # fmt: skip
     p.add_argument("--out", default="", help="also write the JSON here, after every measurement")
@@ -516,7 +544,27 @@ def main(argv=None) -> int:
         a.reps = 1
     torch.backends.cuda.matmul.allow_tf32 = a.tf32
     torch.backends.cudnn.allow_tf32 = a.tf32
+    torch.backends.cudnn.benchmark = not a.no_cudnn_benchmark
     b = Bench(a)
+    real_capture = sr_train.capture
+    if not b.cuda:  # the smoke test: the recorded function itself stands in for the recording
+        sr_train.capture = lambda body, device: body
+    try:
+        run_plan(b)
+    finally:
+        sr_train.capture = real_capture
+    released = b.result.get("official", {}).get("train_x4_fp32", {}).get("median_s")
+    ours = {} if a.quick else b.result.get("train", {}).get("srflow_x4", {})  # quick: tiny ours
+    for variant, r in ours.items():  # the target: <= 0.5
+        if released and isinstance(r, dict) and "median_s" in r:
+            b.put(f"official/srflow_x4_time_over_released/{variant}",
+                  round(r["median_s"] / released, 3))  # fmt: skip
+    b.put("wall_s", round(time.perf_counter() - b.t0, 1))
+    print(json.dumps(b.result, indent=1))
+    return 1 if a.quick and b.result["errors"] else 0
+
+
+def run_plan(b: Bench) -> None:
     for _, label, thunk in plan(b):
         if b.left() <= 0:
             b.result["skipped"].append(label)
@@ -525,13 +573,10 @@ def main(argv=None) -> int:
             thunk()
         except Exception as e:  # a failure (out of memory, a compile error) does not stop the rest
             b.result["errors"][label] = f"{type(e).__name__}: {e}"[:600]
-            if a.quick:
+            if b.a.quick:
                 traceback.print_exc()
         if b.cuda:
             torch.cuda.empty_cache()
-    b.put("wall_s", round(time.perf_counter() - b.t0, 1))
-    print(json.dumps(b.result, indent=1))
-    return 1 if a.quick and b.result["errors"] else 0
 
 
 if __name__ == "__main__":
