@@ -58,6 +58,7 @@ from sr_lib.errors import (
 )
 from sr_lib.models import MODELS, build_model, read_checkpoint
 from sr_lib.models.base import NoiseSource, Recipe, sample_seed, scale_list
+from sr_lib.resize import cached_tensors
 
 PROG = "sr_train.py"
 GRAPH_DEVICES = ("cuda",)  # --cuda-graphs (tests add "cpu", with `capture` replaced)
@@ -790,13 +791,20 @@ class StepGraph:
     small tensors: on a fast GPU, launching them from Python takes longer than running them. So
     the step is recorded once as a CUDA graph (docs/design.md, "CUDA graphs"); each later step
     copies its batch into the recorded input tensors and replays all kernels with one launch.
+
     What the host decides is done before the replay: the learning rates are 0-dim device
     tensors that Adam's fused, capturable kernel reads (set_learning_rates fills them), and the
     model's switches (`graph_key`), its parameters' requires_grad and the batch shape are
     checked every step: a change records again, as a --on-nan rollback does (new optimizer
     states). The WARMUP steps before each recording run eagerly on a side stream, so the lazy
     set-up (cuDNN plans, Adam's states, a perceptual loss built on first use) happens outside
-    it. Only 0-dim outputs (the logged losses) are kept."""
+    it. Only 0-dim outputs (the logged losses) are kept.
+
+    A replay changes tensors without Python seeing it, so: the recording keeps every cached
+    device table alive (`cached_tensors`: resize taps, CEM projections), and after each replay
+    the version counters of what it writes (trained parameters, buffers) are bumped, so caches
+    keyed on them (a flow's 1×1 inverses in validation) see the new weights. A step that CUDA
+    refuses to record runs eagerly, with one warning, for the rest of the run."""
 
     WARMUP = 3
 
@@ -804,13 +812,15 @@ class StepGraph:
         self.model, self.device = model, device
         self.params = list(model.parameters())  # (walking the modules each step costs ~2 ms)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.recordings = 0
+        self.recordings, self.failed = 0, None
         self.reset()
 
     def reset(self) -> None:
-        self.key, self.warmup, self.replay = None, self.WARMUP, None
+        self.key, self.warmup, self.replay, self.keep = None, self.WARMUP, None, []
 
     def __call__(self, run, lr: torch.Tensor, hr: torch.Tensor, optimizers: dict):
+        if self.failed:
+            return run(lr, hr)
         key = (self.model.graph_key(), tuple(p.requires_grad for p in self.params),
                lr.shape, hr.shape)  # fmt: skip
         if key != self.key:
@@ -823,11 +833,13 @@ class StepGraph:
             self.ok = ok.clone()
             return out, ok
         if self.replay is None:
-            self.record(run, lr, hr, optimizers)
+            if not self.record(run, lr, hr, optimizers):
+                return run(lr, hr)  # nothing of this step ran while recording
         else:
             self.lr.copy_(lr)
             self.hr.copy_(hr)
         self.replay()
+        torch.autograd.graph.increment_version(self.written)
         return self.out, self.ok
 
     def eager(self, run, lr, hr):
@@ -841,7 +853,8 @@ class StepGraph:
         main.wait_stream(self.stream)
         return result
 
-    def record(self, run, lr, hr, optimizers: dict) -> None:
+    def record(self, run, lr, hr, optimizers: dict) -> bool:
+        """Record the step (True), or warn and give up recording for this run (False)."""
         for opt in optimizers.values():
             for g in opt.param_groups:
                 if not torch.is_tensor(g["lr"]):  # float32, as the fused kernel reads it
@@ -852,6 +865,8 @@ class StepGraph:
             # the recorded backward makes its own, in the graph's memory pool (PyTorch's recipe).
             opt.zero_grad(set_to_none=True)
         self.lr, self.hr = lr.clone(), hr.clone()
+        self.written = [p for p in self.params if p.requires_grad] + list(self.model.buffers())
+        self.keep = cached_tensors()  # read by address in every replay: never freed before it
 
         def body():
             out, ok = run(self.lr, self.hr)
@@ -862,11 +877,15 @@ class StepGraph:
         try:
             self.replay = capture(body, self.device)
         except RuntimeError as e:
+            self.failed = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            self.reset()
             name = type(self.model).__name__
-            raise UsageError(f"--cuda-graphs: {name}'s training step could not be recorded as a "
-                             f"CUDA graph ({str(e).splitlines()[0][:200]}); drop --cuda-graphs"
-                             ) from e  # fmt: skip
+            print(f"{PROG}: warning: --cuda-graphs: {name}'s training step could not be "
+                  f"recorded as a CUDA graph ({self.failed}); it goes on without recording",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            return False
         self.recordings += 1
+        return True
 
 
 class BadSteps:

@@ -25,14 +25,13 @@ saved PNG then set the LR-PSNR ceiling (≈ 50–60 dB instead of ∞).
 """
 
 import math
-from functools import lru_cache
 
 import torch
 
-from sr_lib.resize import imresize_torch, resize_matrix
+from sr_lib.resize import device_cache, imresize_torch, resize_matrix
 
 
-@lru_cache(maxsize=32)
+@device_cache(maxsize=32)
 def _pinv_rows(n_hr: int, n_lr: int, scale: int, device: torch.device, dtype: torch.dtype):
     """P = Aᵀ(AAᵀ)⁻¹, (n_hr, n_lr), for the 1-D downscale A (n_lr, n_hr). Cached: read only."""
     a = resize_matrix(n_hr, n_lr, 1 / scale, "cpu", torch.float64)

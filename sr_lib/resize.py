@@ -35,6 +35,46 @@ def cubic(x: np.ndarray) -> np.ndarray:
     )
 
 
+_DEVICE_CACHES: list[dict] = []  # every `device_cache`'s store (`cached_tensors`)
+
+
+def device_cache(maxsize: int):
+    """Decorator: cache a function that builds device tensors from hashable arguments, the
+    `maxsize` newest results kept. Not functools.lru_cache, for two readers of these tensors:
+    - torch.compile reads a present entry as constants, where through an lru_cache it traces
+      the function body (numpy and all: a graph break at every resize, e.g. VarSR's);
+    - a CUDA graph (sr_train.py --cuda-graphs) reads them by address long after the call:
+      `cached_tensors()` lists every one held, and the recording keeps them alive, so an
+      eviction (validation at many image sizes) cannot free memory the graph still reads."""
+
+    def wrap(build):
+        store: dict = {}
+        _DEVICE_CACHES.append(store)
+        slow = torch.compiler.disable(build)  # a miss builds eagerly, outside any graph
+
+        def get(*key):
+            if key not in store:
+                store[key] = slow(*key)
+                if len(store) > maxsize:
+                    del store[next(iter(store))]
+            return store[key]
+
+        get.__doc__, get.__name__ = build.__doc__, build.__name__
+        return get
+
+    return wrap
+
+
+def cached_tensors() -> list[torch.Tensor]:
+    """Every tensor that the `device_cache`s hold now."""
+    out = []
+    for store in _DEVICE_CACHES:
+        for value in list(store.values()):
+            items = value if isinstance(value, tuple) else (value,)
+            out += [v for v in items if isinstance(v, torch.Tensor)]
+    return out
+
+
 def _frozen(a: np.ndarray) -> np.ndarray:
     a = np.ascontiguousarray(a)
     a.setflags(write=False)  # cached and shared between callers
@@ -142,24 +182,10 @@ def _plan(in_len: int, out_len: int, scale: float) -> _Plan | None:
     return _Plan(_frozen(pad), -first, period, stride, tuple(phases), eps)
 
 
-_TABLES: dict = {}  # (in_len, out_len, scale, device) -> _tables' result; the 64 newest kept
-
-
+@device_cache(maxsize=64)
 def _tables(in_len: int, out_len: int, scale: float, device: torch.device):
     """(device copies of the exact taps: mirrored indices, float64 weights; the pad indices or
-    None; the polyphase plan or None) of one axis. A plain dict, not lru_cache: torch.compile
-    reads a present entry as constants, where it would trace through an lru_cache'd function
-    into the numpy that builds the tables (a graph break at every resize, e.g. VarSR's)."""
-    key = (in_len, out_len, scale, device)
-    if key not in _TABLES:
-        _TABLES[key] = _build_tables(*key)
-        if len(_TABLES) > 64:
-            del _TABLES[next(iter(_TABLES))]
-    return _TABLES[key]
-
-
-@torch.compiler.disable
-def _build_tables(in_len: int, out_len: int, scale: float, device: torch.device):
+    None; the polyphase plan or None) of one axis."""
     ind, weights = contributions(in_len, out_len, scale)
     plan = _plan(in_len, out_len, scale)
     pad = None if plan is None else torch.tensor(plan.pad, device=device)
@@ -378,7 +404,7 @@ def _matrix(in_len: int, out_len: int, scale: float) -> np.ndarray:
     return _frozen(m)
 
 
-@lru_cache(maxsize=64)
+@device_cache(maxsize=64)
 def _matrix_on(in_len: int, out_len: int, scale: float, device: torch.device, dtype: torch.dtype):
     return torch.tensor(_matrix(in_len, out_len, scale), device=device, dtype=dtype)
 

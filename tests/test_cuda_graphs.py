@@ -165,3 +165,57 @@ def test_which_models_can_be_recorded():
         key = build_model(name, {"scale": 4, **TINY[name]}).graph_key()
         assert (key is None) == (name in ("refvae", "bicubic")), name
         assert key is None or isinstance(key, tuple)
+
+
+def test_a_replay_bumps_what_it_writes_and_keeps_the_cached_tables_alive(monkeypatch):
+    """A real replay writes parameters without autograd seeing it: the loop bumps the version
+    counters of the trained parameters (a flow's cached 1×1 inverses in validation are keyed on
+    them), not those of frozen ones. And it reads cached device tables by address: the
+    recording holds them, so an eviction (here: 70 other sizes) cannot free them."""
+    import gc
+    import weakref
+
+    from sr_lib import resize
+
+    monkeypatch.setattr(sr_train, "capture", lambda body, device: body)
+    monkeypatch.setattr(sr_train.StepGraph, "WARMUP", 0)
+    flow = build_model("srflow", {"scale": 4, **TINY["srflow"]})
+    flow.on_step(0, 10)  # the encoder frozen
+    lr, hr = torch.rand(1, 3, 5, 7), torch.rand(1, 3, 20, 28)
+    resize.imresize_torch(lr, 4)  # tables of this size, as a model's resize would make them
+    held = [weakref.ref(t) for t in resize.cached_tensors()]
+    g = sr_train.StepGraph(flow, torch.device("cpu"))
+    g.out, g.ok = {"loss": torch.zeros(())}, torch.ones(())
+    g(lambda lr, hr: ({"loss": torch.zeros(())}, torch.ones(())), lr, hr, {})  # records, replays
+    trained = [p for p in flow.parameters() if p.requires_grad]
+    frozen = [p for p in flow.parameters() if not p.requires_grad]
+    before = [p._version for p in flow.parameters()]
+    g(lambda lr, hr: ({"loss": torch.zeros(())}, torch.ones(())), lr, hr, {})  # a replay
+    after = dict(zip(map(id, flow.parameters()), (p._version - v for p, v in
+                                                   zip(flow.parameters(), before))))  # fmt: skip
+    assert trained and frozen and all(after[id(p)] == 1 for p in trained)
+    assert all(after[id(p)] == 0 for p in frozen)
+    for n in range(70):
+        resize.imresize_torch(torch.rand(1, 3, 9 + n, 9), 4)
+    gc.collect()
+    assert held and all(r() is not None for r in held)  # evicted from the cache, kept by g
+    g.reset()
+    gc.collect()
+    assert any(r() is None for r in held)  # without the recording they would have been freed
+
+
+def test_an_unrecordable_step_runs_eagerly_with_one_warning(tmp_path, images, recorder,  # noqa: F811
+                                                            monkeypatch, capsys):  # fmt: skip
+    def refuse(body, device):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(sr_train, "capture", refuse)
+    flags = [*EDSR_TINY, "--model", "edsr", "--steps", "5", "--milestones"]
+    assert run(tmp_path / "graph", images, *flags, "--cuda-graphs") == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "--cuda-graphs" in line]
+    assert err == ["sr_train.py: warning: --cuda-graphs: EDSR's training step could not be "
+                   "recorded as a CUDA graph (operation not permitted when stream is capturing); "
+                   "it goes on without recording"]  # fmt: skip
+    assert run(tmp_path / "eager", images, *flags) == 0
+    a, b = (load_checkpoint(tmp_path / d / "last.pt") for d in ("eager", "graph"))
+    close(a["state_dict"], b["state_dict"])

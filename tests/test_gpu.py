@@ -3,6 +3,7 @@ run `pytest tests/test_gpu.py` on a GPU machine to exercise them. bf16 on a CPU:
 
 import contextlib
 import inspect
+import json
 
 import pytest
 import torch
@@ -67,16 +68,25 @@ def test_batches_come_pinned_and_are_copied_without_blocking(tmp_path, monkeypat
 @pytest.mark.parametrize("model", [EDSR, SRFLOW], ids=["edsr", "srflow"])
 def test_cuda_graphs_record_and_train_as_eager(tmp_path, model, monkeypatch):
     """The real recording: 8 steps with the encoder unfreezing at step 4 (SRFlow: two
-    recordings), the same losses and weights as the eager run up to cuDNN's rounding."""
+    recordings), validations at steps 4 and 8 between replays (a flow's cached 1×1 inverses
+    must see the replayed weights), the same losses, scores and weights as the eager run up to
+    cuDNN's rounding."""
     made = []
     real = sr_train.capture
     monkeypatch.setattr(
         sr_train, "capture", lambda body, device: made.append(1) or real(body, device)
     )
-    flags = ["--device", "cuda", "--steps", "8", "--log-every", "1", "--deterministic"]
+    flags = ["--device", "cuda", "--steps", "8", "--log-every", "1", "--deterministic",
+             "--val-every", "4", "--val-n", "2"]  # fmt: skip
     assert train(tmp_path / "eager", model, *flags) == 0
     assert train(tmp_path / "graph", model, *flags, "--cuda-graphs") == 0
     assert len(made) == (2 if model is SRFLOW else 1)
+    logs = {
+        d: [json.loads(x) for x in open(tmp_path / d / "log.jsonl")] for d in ("eager", "graph")
+    }
+    for key in ("loss", "val_psnr"):
+        a, b = ([r[key] for r in logs[d] if key in r] for d in ("eager", "graph"))
+        assert len(a) == len(b) > 0 and a == pytest.approx(b, rel=1e-3), key
     a, b = (load_checkpoint(tmp_path / d / "last.pt")["state_dict"] for d in ("eager", "graph"))
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k

@@ -15,8 +15,9 @@ Measurements, in this order (when --budget seconds are spent, the rest are liste
   official       (--official PATH, a checkout of andreas128/SRFlow, imported from there at run
                  time) the released code's training step at the same size (fp32, RRDB frozen),
                  and 10 samples of a 128² LR one by one (as its test.py) and batched
-  graph_check    --cuda-graphs trains as eager: the same 8 SRFlow ×4 steps both ways, the largest
-                 loss and (relative) weight differences
+  graph_check    --cuda-graphs trains as eager (fp32, bf16): the same 16 SRFlow ×4 steps both
+                 ways (two recordings, rate changes inside replays), the largest loss and
+                 (relative, per tensor) weight differences
   profile        SRFlow ×4 step, fp32 and bf16, under torch.profiler: kernels per step, their
                  summed time against the unprofiled step (the GPU's busy fraction), the top
                  operations by device time and by calls: where a step's time goes
@@ -46,6 +47,7 @@ import tempfile
 import threading
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -184,37 +186,17 @@ def build(b: Bench, name: str, scale: int, channels_last=False):
     return model, lr, hr
 
 
-def train_step_fn(model, forward, lr, hr, recipe, amp):
-    """One training step as sr_train.py takes it, without its loader and logging."""
+def step_fn(b: Bench, name: str, model, forward, lr, hr, recipe, amp, graphs: bool):
+    """One training step as sr_train.py takes it (its train_step: the finite guard, the gradient
+    norm or clipping, fused Adam, the discriminator's step), always at the same step of the
+    schedule (the phase timed); with `graphs` through StepGraph as --cuda-graphs (WARMUP eager
+    steps, a recording, then replays; on a CPU see main). Returns (step, the StepGraph or None).
+    """
     optimizers = sr_train.build_optimizers(model, recipe)
-
-    def step():
-        with torch.autocast(lr.device.type, amp, enabled=amp is not None):
-            out = forward(lr, hr)
-        optimizers["g"].zero_grad(set_to_none=True)
-        out["loss"].backward()
-        optimizers["g"].step()
-        if "d" in optimizers:  # (a critic without a loss yet, e.g. VarSR's first phase: skipped)
-            with torch.autocast(lr.device.type, amp, enabled=amp is not None):
-                out_d = model.discriminator_loss(lr, hr, out)
-            if out_d["loss"].requires_grad:
-                optimizers["d"].zero_grad(set_to_none=True)
-                out_d["loss"].backward()
-                optimizers["d"].step()
-
-    return step
-
-
-def graphed_step_fn(b: Bench, name: str, model, forward, lr, hr, recipe, amp):
-    """One training step as sr_train.py --cuda-graphs takes it (its train_step: the finite
-    guard, clipping, fused Adam; recorded after StepGraph.WARMUP eager steps, then replayed),
-    always at the same step of the schedule, so it is recorded once. (On a CPU, see main.)"""
-    optimizers = sr_train.build_optimizers(model, recipe)
-    graph = sr_train.StepGraph(model, b.device)
+    graph = sr_train.StepGraph(model, b.device) if graphs else None
     autocast = torch.autocast(b.device.type, amp, enabled=amp is not None)
     at = int(PHASE.get(name, 0.99) * recipe.steps)
-    batches = itertools.repeat((lr, hr))
-    dd = distributed.Dist()
+    batches, dd = itertools.repeat((lr, hr)), distributed.Dist()
 
     def step():
         sr_train.train_step(model, forward, optimizers, batches, at, recipe, dd, None, autocast,
@@ -236,10 +218,7 @@ def measure_train(b: Bench, name: str, scale: int, variant: str) -> None:
     if compiled:
         forward = sr_train.compile_model(model, model, backend=b.a.compile_backend)
     recipe = MODELS[name].recipe(scale)
-    if graphs:
-        step, graph = graphed_step_fn(b, name, model, forward, lr, hr, recipe, amp)
-    else:
-        step = train_step_fn(model, forward, lr, hr, recipe, amp)
+    step, graph = step_fn(b, name, model, forward, lr, hr, recipe, amp, graphs)
     b.reset_peak()
     row = {}
     if compiled:
@@ -264,32 +243,38 @@ def measure_train(b: Bench, name: str, scale: int, variant: str) -> None:
     del model, forward, step
 
 
-def measure_graph_check(b: Bench, steps: int = 8) -> None:
-    """--cuda-graphs trains as eager steps do on this device: SRFlow ×4 at its recipe, the same
-    `steps` steps (same initial weights, batch and noise) taken by sr_train.train_step eagerly
-    and through StepGraph (WARMUP eager steps, a recording, replays): the losses' largest
-    difference and the weights' largest difference relative to their largest magnitude."""
-    runs = {}
+def measure_graph_check(b: Bench, variant: str, steps: int = 16) -> None:
+    """--cuda-graphs trains as eager steps do on this device: SRFlow ×4 at its recipe's batch and
+    size, a 16-step schedule (the encoder unfreezes at step 8: a second recording; the rate
+    halves at steps 8, 12 and 15, inside replays), the same initial weights, batch and noise,
+    by sr_train.train_step eagerly and through StepGraph: the largest loss difference, and the
+    largest weight difference relative to its tensor's largest magnitude."""
+    amp, runs = VARIANTS[variant][0], {}
+    recipe = replace(MODELS["srflow"].recipe(4), steps=steps)
     for mode in ("eager", "graphs"):
         model, lr, hr = build(b, "srflow", 4)
-        recipe = MODELS["srflow"].recipe(4)
         optimizers = sr_train.build_optimizers(model, recipe)
         graph = sr_train.StepGraph(model, b.device) if mode == "graphs" else None
+        for g in (g for opt in optimizers.values() for g in opt.param_groups):
+            # float32 tensor rates as the recording reads them: rounding alone (2.5e-4 vs
+            # 2.5000001e-4) would set Adam's steps apart on small weights, most of all in bf16
+            g["lr"] = torch.tensor(g["lr"], dtype=torch.float32, device=b.device)
+        autocast = torch.autocast(b.device.type, amp, enabled=amp is not None)
         batches, dd = itertools.repeat((lr, hr)), distributed.Dist()
         torch.manual_seed(7)
         losses = []
-        for _ in range(steps):
-            out, _ = sr_train.train_step(model, model, optimizers, batches, 0, recipe, dd, None,
-                                         contextlib.nullcontext(), graph)  # fmt: skip
+        for i in range(steps):
+            out, _ = sr_train.train_step(model, model, optimizers, batches, i, recipe, dd, None,
+                                         autocast, graph)  # fmt: skip
             losses.append(float(out["loss"].detach()))
         runs[mode] = losses, [p.detach().clone() for p in model.parameters()], graph
         del model, optimizers
     (la, wa, _), (lb, wb, graph) = runs["eager"], runs["graphs"]
-    scale = max(float(w.abs().max()) for w in wa)
-    b.put("graph_check/srflow_x4", {
+    rel = [float((x - y).abs().max() / x.abs().max().clamp_min(1e-12)) for x, y in zip(wa, wb)]
+    b.put(f"graph_check/srflow_x4/{variant}", {
         "steps": steps, "recordings": graph.recordings,
         "loss_max_abs_diff": max(abs(x - y) for x, y in zip(la, lb)),
-        "weight_max_rel_diff": max(float((x - y).abs().max()) for x, y in zip(wa, wb)) / scale,
+        "weight_max_rel_diff_per_tensor": max(rel),
     })  # fmt: skip
 
 
@@ -302,7 +287,7 @@ def measure_profile(b: Bench, variant: str, steps: int = 3) -> None:
 
     amp = VARIANTS[variant][0]
     model, lr, hr = build(b, "srflow", 4)
-    step = train_step_fn(model, model, lr, hr, MODELS["srflow"].recipe(4), amp)
+    step, _ = step_fn(b, "srflow", model, model, lr, hr, MODELS["srflow"].recipe(4), amp, False)
     unprofiled = b.timed(step, 2, warm=2)["median_s"]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.cuda else [])
     with profile(activities=activities) as prof:
@@ -492,7 +477,7 @@ def plan(b: Bench) -> list[tuple[str, str, object]]:
     add = lambda section, label, fn, *args: t.append((section, label, lambda: fn(b, *args)))  # noqa: E731
     for v in ("fp32", "bf16", "graphs", "bf16_graphs"):
         add("train_srflow", f"srflow_x4/{v}", measure_train, "srflow", 4, v)
-    add("graph_check", "graph_check", measure_graph_check)
+    add("graph_check", "graph_check/fp32", measure_graph_check, "fp32")
     if a.official:
         add("official", "official", measure_official)
     for v in ("fp32", "bf16"):
@@ -503,6 +488,7 @@ def plan(b: Bench) -> list[tuple[str, str, object]]:
     pipeline = ("fp32", "bf16_graphs", "bf16", "graphs") if b.cuda else ("fp32", "bf16")
     for v in pipeline[:2]:
         add("pipeline", f"pipeline/{v}", measure_pipeline, v)
+    add("graph_check", "graph_check/bf16", measure_graph_check, "bf16")
     for scale in (4, 8):
         for v in ("fp32", "bf16"):
             add("sample", f"sample_x{scale}/{v}", measure_sample, scale, v)
