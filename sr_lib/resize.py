@@ -50,11 +50,10 @@ def device_cache(maxsize: int):
     def wrap(build):
         store: dict = {}
         _DEVICE_CACHES.append(store)
-        slow = torch.compiler.disable(build)  # a miss builds eagerly, outside any graph
 
         def get(*key):
             if key not in store:
-                store[key] = slow(*key)
+                store[key] = _eagerly(build, key)
                 if len(store) > maxsize:
                     del store[next(iter(store))]
             return store[key]
@@ -63,6 +62,13 @@ def device_cache(maxsize: int):
         return get
 
     return wrap
+
+
+def _eagerly(build, key: tuple):
+    """build(*key) outside any torch.compile graph (a miss while compiling: a graph break there,
+    not numpy traced). Wrapped at the call: torch.compiler.disable imports dynamo (~1 s), which
+    every script would otherwise pay at start-up."""
+    return torch.compiler.disable(build)(*key)
 
 
 def cached_tensors() -> list[torch.Tensor]:

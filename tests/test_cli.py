@@ -1,6 +1,9 @@
 """End to end through the three scripts' main(argv): train -> last.pt -> sample -> evaluate."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
@@ -81,3 +84,13 @@ def test_uncertainty_maps_are_evaluated(tmp_path):
     assert abs(row["PLL"] - pll) < 1e-9
     mse = np.mean((s - np.abs(y - mu)) ** 2)
     assert abs(row["PSNR_sigma"] - 10 * np.log10(1 / mse)) < 1e-9
+
+
+def test_the_scripts_start_without_loading_torch_compile():
+    """torch._dynamo takes ~1 s to import: the scripts load it only for --compile (a batch
+    pipeline starts sr_sample.py and sr_eval.py once per job, the tests dozens of times)."""
+    code = "import sys, sr_train, sr_sample, sr_eval; print('torch._dynamo' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
