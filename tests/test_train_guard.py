@@ -112,11 +112,14 @@ def records(run_dir):
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
 
 
-@pytest.mark.parametrize("name", ["edsr", "vspsr", "srflow"])
+@pytest.mark.parametrize("name", ["edsr", "vspsr", "srflow", "edsr_le_ema"])
 def test_no_host_reads_between_log_and_save_steps(tmp_path, images, monkeypatch, name):
     """On a GPU every read of a tensor's value on the host waits for the device. The loop reads
     only at log, validation and save steps (steps 4 and 8 here), never inside a training step,
-    also for a model with a discriminator (vspsr) and a flow (srflow)."""
+    also for a model with a discriminator (vspsr), a flow (srflow) and the ℓE loss with its
+    σ weight average (its step counter is read once, then kept on the host)."""
+    name, extra = (name, []) if name != "edsr_le_ema" else (
+        "edsr", ["--loss", "le", "--le-sigma-feats", "8", "--le-sigma-ema", "0.9"])  # fmt: skip
     reads = []
     train_code, step_code = sr_train.train.__code__, sr_train.train_step.__code__
 
@@ -140,7 +143,8 @@ def test_no_host_reads_between_log_and_save_steps(tmp_path, images, monkeypatch,
     for method in HOST_READS:
         monkeypatch.setattr(torch.Tensor, method, spy(method))
     scale = 4 if name == "srflow" else 2
-    argv = ["--model", name, *tiny(name), "--log-every", "4", "--save-every", "8", "--steps", "8"]
+    argv = ["--model", name, *tiny(name), *extra, "--log-every", "4", "--save-every", "8",
+            "--steps", "8"]  # fmt: skip
     assert run(tmp_path, images, *argv, scale=scale) == 0
     monkeypatch.undo()
     assert reads, "the spy saw nothing: the logging steps must read the loss"

@@ -117,6 +117,11 @@ class WeightAverage(nn.Module):
             self.register_buffer(self._key(name), p.detach().clone())
         # the last step averaged in, so that a repeated on_step(step) call adds nothing twice
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._host_step = 0  # its value on the host (a loaded one is read once), not per step
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_step = None  # a loaded "step" (resume, rollback) is read again
 
     @staticmethod
     def _key(name: str) -> str:
@@ -125,7 +130,9 @@ class WeightAverage(nn.Module):
     @torch.no_grad()
     def update(self, module: nn.Module, step: int) -> None:
         """Average in `module`'s weights as they are before training step `step` (> 0)."""
-        n = int(self.step)
+        if self._host_step is None:
+            self._host_step = int(self.step)
+        n = self._host_step
         if step <= n:
             return
         # Warm-up, as TensorFlow's ExponentialMovingAverage(num_updates): early on the average
@@ -134,6 +141,7 @@ class WeightAverage(nn.Module):
         for name, p in module.named_parameters():
             getattr(self, self._key(name)).lerp_(p.detach(), 1 - decay)
         self.step.fill_(step)
+        self._host_step = step
 
     def initial_state(self, module_state: dict, prefix: str) -> dict:
         """This module's state_dict entries starting the average at the given weights."""
