@@ -625,6 +625,14 @@ def set_rate(group: dict, rate: float) -> None:
         group["lr"] = rate
 
 
+def rates_on_device(optimizers: dict, device: torch.device) -> None:
+    """Every parameter group's learning rate as a 0-dim float32 tensor on `device`, the dtype
+    Adam's fused kernel reads; set_rate fills it in place from then on (--cuda-graphs)."""
+    for g in (g for opt in optimizers.values() for g in opt.param_groups):
+        if not torch.is_tensor(g["lr"]):
+            g["lr"] = torch.tensor(g["lr"], dtype=torch.float32, device=device)
+
+
 def optimizer_state(opt: torch.optim.Optimizer) -> dict:
     """opt.state_dict() as a checkpoint keeps it: plain float rates and capturable off, so that
     a run recorded with --cuda-graphs resumes without it too."""
@@ -855,10 +863,9 @@ class StepGraph:
 
     def record(self, run, lr, hr, optimizers: dict) -> bool:
         """Record the step (True), or warn and give up recording for this run (False)."""
+        rates_on_device(optimizers, self.device)
         for opt in optimizers.values():
             for g in opt.param_groups:
-                if not torch.is_tensor(g["lr"]):  # float32, as the fused kernel reads it
-                    g["lr"] = torch.tensor(g["lr"], dtype=torch.float32, device=self.device)
                 g["capturable"] = True
             opt._warned_capturable_if_run_uncaptured = True  # warm-up steps after a change
             # Gradients made outside the recording are dropped before it, not freed inside it:

@@ -186,21 +186,25 @@ def build(b: Bench, name: str, scale: int, channels_last=False):
     return model, lr, hr
 
 
-def step_fn(b: Bench, name: str, model, forward, lr, hr, recipe, amp, graphs: bool):
+def step_fn(b: Bench, name: str, model, forward, lr, hr, recipe, amp, graphs: bool,
+            device_rates: bool = False):  # fmt: skip
     """One training step as sr_train.py takes it (its train_step: the finite guard, the gradient
-    norm or clipping, fused Adam, the discriminator's step), always at the same step of the
-    schedule (the phase timed); with `graphs` through StepGraph as --cuda-graphs (WARMUP eager
-    steps, a recording, then replays; on a CPU see main). Returns (step, the StepGraph or None).
-    """
+    norm or clipping, fused Adam, the discriminator's step), by default always at the same step
+    of the schedule (the phase timed); with `graphs` through StepGraph as --cuda-graphs (WARMUP
+    eager steps, a recording, then replays; on a CPU see main); `device_rates`: the float32
+    rate tensors a recording reads, also without one. Returns (step(i) -> train_step's
+    (out, ok), the StepGraph or None)."""
     optimizers = sr_train.build_optimizers(model, recipe)
     graph = sr_train.StepGraph(model, b.device) if graphs else None
+    if device_rates:
+        sr_train.rates_on_device(optimizers, b.device)
     autocast = torch.autocast(b.device.type, amp, enabled=amp is not None)
     at = int(PHASE.get(name, 0.99) * recipe.steps)
     batches, dd = itertools.repeat((lr, hr)), distributed.Dist()
 
-    def step():
-        sr_train.train_step(model, forward, optimizers, batches, at, recipe, dd, None, autocast,
-                            graph)  # fmt: skip
+    def step(i: int = at):
+        return sr_train.train_step(model, forward, optimizers, batches, i, recipe, dd, None,
+                                   autocast, graph)  # fmt: skip
 
     return step, graph
 
@@ -253,22 +257,14 @@ def measure_graph_check(b: Bench, variant: str, steps: int = 16) -> None:
     recipe = replace(MODELS["srflow"].recipe(4), steps=steps)
     for mode in ("eager", "graphs"):
         model, lr, hr = build(b, "srflow", 4)
-        optimizers = sr_train.build_optimizers(model, recipe)
-        graph = sr_train.StepGraph(model, b.device) if mode == "graphs" else None
-        for g in (g for opt in optimizers.values() for g in opt.param_groups):
-            # float32 tensor rates as the recording reads them: rounding alone (2.5e-4 vs
-            # 2.5000001e-4) would set Adam's steps apart on small weights, most of all in bf16
-            g["lr"] = torch.tensor(g["lr"], dtype=torch.float32, device=b.device)
-        autocast = torch.autocast(b.device.type, amp, enabled=amp is not None)
-        batches, dd = itertools.repeat((lr, hr)), distributed.Dist()
+        # float32 tensor rates in both, as the recording reads them: rounding alone (2.5e-4 vs
+        # 2.5000001e-4) would set Adam's steps apart on small weights, most of all in bf16
+        step, graph = step_fn(b, "srflow", model, model, lr, hr, recipe, amp, mode == "graphs",
+                              device_rates=True)  # fmt: skip
         torch.manual_seed(7)
-        losses = []
-        for i in range(steps):
-            out, _ = sr_train.train_step(model, model, optimizers, batches, i, recipe, dd, None,
-                                         autocast, graph)  # fmt: skip
-            losses.append(float(out["loss"].detach()))
+        losses = [float(step(i)[0]["loss"].detach()) for i in range(steps)]
         runs[mode] = losses, [p.detach().clone() for p in model.parameters()], graph
-        del model, optimizers
+        del model, step
     (la, wa, _), (lb, wb, graph) = runs["eager"], runs["graphs"]
     rel = [float((x - y).abs().max() / x.abs().max().clamp_min(1e-12)) for x, y in zip(wa, wb)]
     b.put(f"graph_check/srflow_x4/{variant}", {
