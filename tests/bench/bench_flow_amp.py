@@ -81,18 +81,10 @@ def count_ops() -> dict:
 def count_released(a) -> dict:
     """The released SRFlow's training step counted the same way (fp32, its RRDB frozen by its
     own set_rrdb_training, random weights, its config imported from the checkout)."""
-    from check_official_parity import code_dir
-
-    cdir = code_dir(a.official)
-    sys.path.insert(0, cdir)
-    import options.options as options  # the released code's modules
-    from models import networks
+    from check_official_parity import released_flow
 
     torch.manual_seed(0)
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints its config
-        opt = options.parse(os.path.join(cdir, "confs/SRFlow_DF2K_4X.yml"), is_train=False)
-        opt["gpu_ids"] = None
-        net = networks.define_Flow(options.dict_to_nonedict(opt), step=0).train()
+    net = released_flow(a.official, "confs/SRFlow_DF2K_4X.yml")[0].train()
     hr = torch.rand(2, 3, 80, 80)
     lr = torch.nn.functional.avg_pool2d(hr, 4)
     with torch.no_grad():

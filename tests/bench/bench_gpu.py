@@ -39,7 +39,6 @@ import contextlib
 import io
 import itertools
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -311,19 +310,12 @@ def measure_profile(b: Bench, variant: str, steps: int = 3) -> None:
 def official_net(b: Bench, scale: int):
     """The released SRFlow network from its own config, random weights, on the device."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from check_official_parity import code_dir
-
-    cdir = code_dir(b.a.official)
-    sys.path.insert(0, cdir)
-    import options.options as options  # the released code's modules, from its checkout
-    from models import networks
+    from check_official_parity import released_flow
 
     torch.manual_seed(0)
     np.random.seed(0)
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints its config: not our JSON
-        opt = options.parse(os.path.join(cdir, f"confs/SRFlow_DF2K_{scale}X.yml"), is_train=False)
-        opt["gpu_ids"] = [0] if b.cuda else None
-        return networks.define_Flow(options.dict_to_nonedict(opt), step=0).to(b.device)
+    net, _ = released_flow(b.a.official, f"confs/SRFlow_DF2K_{scale}X.yml", gpu=b.cuda)
+    return net.to(b.device)
 
 
 def measure_official(b: Bench) -> None:

@@ -80,6 +80,22 @@ def code_dir(path: str) -> str:
     return str(p / "code" if (p / "code" / "models").is_dir() else p)
 
 
+def released_flow(path: str, conf: str, gpu: bool = False):
+    """(network, options) of a released checkout `path` built from its own config `conf` (a path
+    in its code/ folder), random weights: seed first. Its modules are imported from there (its
+    code/ goes first on sys.path); it prints its config, which is swallowed."""
+    cdir = code_dir(path)
+    sys.path.insert(0, cdir)
+    import options.options as options  # the released code's modules, from cdir
+    from models import networks
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        opt = options.parse(os.path.join(cdir, conf), is_train=False)
+    opt["gpu_ids"] = [0] if gpu else None
+    opt = options.dict_to_nonedict(opt)
+    return networks.define_Flow(opt, step=0), opt
+
+
 class Diffs:
     """Max differences by name; `ok` is False once any exceeds its tolerance."""
 
@@ -116,23 +132,15 @@ def run_case(case: str, paths: dict, seed: int) -> dict:
 
     repo, conf, model_name = CASES[case]
     scale = int(case.split(":")[1])
-    cdir = code_dir(paths[repo])
-    sys.path.insert(0, cdir)
-    import options.options as options  # the released code's modules, from cdir
-    from models import networks
-    from models.modules.flow import Conv2dZeros
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        opt = options.parse(os.path.join(cdir, conf), is_train=False)
-    opt["gpu_ids"] = None
-    opt = options.dict_to_nonedict(opt)
     ncsr = repo == "ncsr"
     notes = []
 
     random.seed(seed)
     np.random.seed(seed)  # the released 1x1 convs draw their rotation from numpy
     torch.manual_seed(seed)
-    net = networks.define_Flow(opt, step=0)
+    net, opt = released_flow(paths[repo], conf)
+    from models.modules.flow import Conv2dZeros  # (released_flow put its code/ on sys.path)
+
     g = torch.Generator().manual_seed(seed + 1)
 
     def image(b, h, w):
