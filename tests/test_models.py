@@ -153,9 +153,9 @@ def test_config_is_flat_and_defaults_complete(name):
 # What sr_train.py, sr_sample.py and the loaders call on a model: all declared by SRModel, so no
 # script probes a model for an attribute.
 HOOKS = ("forward", "generate", "sample", "uncertainty", "resolve_controls", "sample_latents",
-         "on_step", "generator_parameters", "generator_param_groups", "schedule_position",
-         "discriminator_loss", "mark_initialized", "complete_state_dict", "load_weights",
-         "load_raw_state_dict")  # fmt: skip
+         "on_step", "graph_key", "generator_parameters", "generator_param_groups",
+         "schedule_position", "discriminator_loss", "mark_initialized", "complete_state_dict",
+         "load_weights", "load_raw_state_dict")  # fmt: skip
 ATTRIBUTES = {"stochastic": bool, "lr_multiple": int, "default_temperature": float,
               "ddp_find_unused": bool, "oldest_checkpoint_format": int, "sample_controls": tuple,
               "has_uncertainty": bool, "scale": int, "fits_float16": bool}  # fmt: skip
