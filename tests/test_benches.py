@@ -51,7 +51,8 @@ def test_bench_sample_amp_compares_each_precision_and_skips_refused_ones(tmp_pat
             assert change == pytest.approx(row[amp]["LRPSNR"] - row["none"]["LRPSNR"])
             assert 0 <= row[amp]["max_pixel_difference"] <= 255
     assert srflow["fp16"].startswith("refused")  # the flows leave float16's range
-    assert abs(edsr["fp16"]["LRPSNR_change_dB"]) <= abs(edsr["bf16"]["LRPSNR_change_dB"])
+    # each --amp really sampled in its precision: some 8-bit value moved
+    assert all(edsr[amp]["max_pixel_difference"] >= 1 for amp in ("bf16", "fp16"))
 
 
 @pytest.mark.slow

@@ -88,6 +88,25 @@ def test_output_conv_runs_in_float32_under_autocast(name, make_batch):
     assert dtypes == [(torch.float32, torch.float32)]
 
 
+@pytest.mark.parametrize(
+    "name, first, trunk", [("edsr", "head", "body"), ("rrdb", "net.conv_first", "net.RRDB_trunk.0")]
+)
+def test_the_conv_reading_the_image_runs_in_float32_under_autocast(name, first, trunk, make_batch):
+    """In bfloat16 it would read the LR pixels and its weights rounded to 8 bits, an error every
+    output follows: EDSR's LR-PSNR on the demo images moved by 0.09 dB, a small SRFlow's (whose
+    encoder is an RRDBNet) by 0.02 dB (docs/design.md, "Numerics")."""
+    model = build_model(name, TINY[name])
+    seen = []
+    for part in (first, trunk):
+        hook = lambda m, i, o, part=part: seen.append((part, i[0].dtype, o.dtype))  # noqa: E731
+        model.get_submodule(part).register_forward_hook(hook)
+    lr, _ = make_batch(4)
+    with torch.autocast("cpu", torch.bfloat16):
+        model.sample(lr, 1)
+    # the trunk gets one bfloat16 copy of its output (not a cast in each of its convs)
+    assert seen == [(first, torch.float32, torch.float32), (trunk, torch.bfloat16, torch.bfloat16)]
+
+
 @cases
 @contract
 def test_sample_shape_range_and_odd_sizes(case, scale, make_batch):

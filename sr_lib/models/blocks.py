@@ -29,11 +29,19 @@ def conv3x3(in_ch: int, out_ch: int, bias: bool = True) -> nn.Conv2d:
 
 
 def float32_out(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The image-producing layer in float32 under autocast (a no-op without it). bfloat16 keeps 8
-    bits of mantissa, a step of 1/256 for outputs in [0.5, 1): about the size of a trained
-    model's residual |y − μ| in smooth regions, so ℓ1's gradient sign there was noise."""
-    with torch.autocast(x.device.type, enabled=False):
-        return conv(x.float())
+    """A layer in float32 under autocast (a no-op without it): the image-producing one, and one
+    whose output a global skip carries to it. bfloat16 keeps 8 bits of mantissa, a step of 1/256
+    for outputs in [0.5, 1): about the size of a trained model's residual |y − μ| in smooth
+    regions, so ℓ1's gradient sign there was noise."""
+    with torch.autocast(x.device.type, enabled=False):  # float64 (a model in double) stays
+        return conv(x if x.dtype == torch.float64 else x.float())
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x in autocast's dtype while autocast is on (else x as it is): a float32 tensor that feeds a
+    low-precision trunk, cast once rather than again by each of its layers."""
+    device = x.device.type
+    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
 
 
 class ResBlock(nn.Module):

@@ -17,7 +17,13 @@ from torch import nn
 from sr_lib.checkpoint import is_srspace_checkpoint, load_checkpoint
 from sr_lib.errors import CheckpointError, UsageError
 from sr_lib.models.base import Recipe, conv_radius
-from sr_lib.models.blocks import RegressionConfig, RegressionSR, conv3x3, float32_out
+from sr_lib.models.blocks import (
+    RegressionConfig,
+    RegressionSR,
+    autocast_dtype,
+    conv3x3,
+    float32_out,
+)
 from sr_lib.weights import load_state_dict, load_strict
 
 SCALES = (2, 4, 8)
@@ -115,7 +121,10 @@ class RRDBNet(nn.Module):
         if up_to is not None and up_to not in [2**k for k in range(self.n_up + 1)]:
             raise UsageError(f"rrdb features: up_to {up_to} must be a power of 2 ≤ {self.scale}")
         out: dict[str, torch.Tensor] = {}
-        x = self.conv_first(lr)
+        # conv_first reads the image in float32 under autocast: in bfloat16 the LR pixels and its
+        # weights would be rounded to 8 bits of mantissa (SRFlow's LR-PSNR moved 5× more,
+        # docs/design.md "Numerics"); the trunk gets one copy in autocast's dtype.
+        x = autocast_dtype(float32_out(self.conv_first, lr))
         wanted = set(blocks)
         for i, block in enumerate(self.RRDB_trunk):
             x = block(x)

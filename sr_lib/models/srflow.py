@@ -229,7 +229,11 @@ class SRFlow(SRModel):
             cfg = self.cfg
             low = RRDBNet(cfg.scale, cfg.nf, cfg.nb, cfg.gc)
             low.load_state_dict(self.RRDB.state_dict())
-            self._low_encoder[:] = [key, low.to(lr.device, dtype).requires_grad_(False)]
+            low = low.to(lr.device).requires_grad_(False)
+            for name, part in low.named_children():
+                if name != "conv_first":  # float32 under autocast too (RRDBNet.features)
+                    part.to(dtype)
+            self._low_encoder[:] = [key, low]
         return self._low_encoder[1]
 
     # Encoder and conditioning.
