@@ -31,8 +31,8 @@ trained jointly chases a moving μ, 160-channel σ steps cost too much to give i
 final μ, and σ's raw weights wander (see the flag comments below). le's steps are planned from the
 calibrated cost of both phases. The μ architecture is the paper's EDSR-baseline.
 Both losses train under bf16 autocast where the CPU runs bfloat16 natively (--amp; weights,
-optimiser and EDSR's output convolution stay float32): on this CPU 6,258 l1 steps reached 28.562 dB
-against float32's 28.542 dB, at 0.112 s/step against 0.175 (README, --amp).
+optimiser and EDSR's first and output convolutions stay float32); docs/benchmarks.md compares a
+long bf16 l1 run with float32 on this CPU.
 """
 
 import argparse
