@@ -75,36 +75,29 @@ def test_forward_under_cpu_bf16_autocast_gives_finite_loss_and_grads(case, make_
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ["edsr", "rrdb"])
-def test_output_conv_runs_in_float32_under_autocast(name, make_batch):
-    """bf16 output steps (1/256 in [0.5, 1)) cost l1 0.17 dB after 6,258 EDSR steps (README)."""
-    model = build_model(name, TINY[name])
-    last = model.tail[1] if name == "edsr" else model.net.conv_last
-    dtypes = []
-    last.register_forward_hook(lambda m, i, o: dtypes.append((i[0].dtype, o.dtype)))
-    lr, _ = make_batch(4)
-    with torch.autocast("cpu", torch.bfloat16):
-        model.sample(lr, 1)
-    assert dtypes == [(torch.float32, torch.float32)]
-
-
 @pytest.mark.parametrize(
-    "name, first, trunk", [("edsr", "head", "body"), ("rrdb", "net.conv_first", "net.RRDB_trunk.0")]
-)
-def test_the_conv_reading_the_image_runs_in_float32_under_autocast(name, first, trunk, make_batch):
-    """In bfloat16 it would read the LR pixels and its weights rounded to 8 bits, an error every
-    output follows: EDSR's LR-PSNR on the demo images moved by 0.09 dB, a small SRFlow's (whose
-    encoder is an RRDBNet) by 0.02 dB (docs/design.md, "Numerics")."""
+    "name, first, trunk, last",
+    [("edsr", "head", "body", "tail.1"),
+     ("rrdb", "net.conv_first", "net.RRDB_trunk.0", "net.conv_last")],
+)  # fmt: skip
+def test_the_convs_reading_and_making_the_image_run_in_float32_under_autocast(
+    name, first, trunk, last, make_batch
+):
+    """In bfloat16 the first conv would read the LR pixels and its weights rounded to 8 bits, an
+    error every output follows: EDSR's LR-PSNR on the demo images moved by 0.09 dB, a small
+    SRFlow's (whose encoder is an RRDBNet) by 0.02 dB; bf16 output steps (1/256 in [0.5, 1)) cost
+    l1 0.17 dB after 6,258 EDSR steps (docs/design.md, "Numerics")."""
     model = build_model(name, TINY[name])
     seen = []
-    for part in (first, trunk):
+    for part in (first, trunk, last):
         hook = lambda m, i, o, part=part: seen.append((part, i[0].dtype, o.dtype))  # noqa: E731
         model.get_submodule(part).register_forward_hook(hook)
     lr, _ = make_batch(4)
     with torch.autocast("cpu", torch.bfloat16):
         model.sample(lr, 1)
-    # the trunk gets one bfloat16 copy of its output (not a cast in each of its convs)
-    assert seen == [(first, torch.float32, torch.float32), (trunk, torch.bfloat16, torch.bfloat16)]
+    # the trunk gets one bfloat16 copy of the first conv's output (not a cast in each of its convs)
+    assert seen == [(first, torch.float32, torch.float32), (trunk, torch.bfloat16, torch.bfloat16),
+                    (last, torch.float32, torch.float32)]  # fmt: skip
 
 
 @cases

@@ -29,10 +29,11 @@ def conv3x3(in_ch: int, out_ch: int, bias: bool = True) -> nn.Conv2d:
 
 
 def float32_out(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A layer in float32 under autocast (a no-op without it): the image-producing one, and one
-    whose output a global skip carries to it. bfloat16 keeps 8 bits of mantissa, a step of 1/256
-    for outputs in [0.5, 1): about the size of a trained model's residual |y − μ| in smooth
-    regions, so ℓ1's gradient sign there was noise."""
+    """A layer in float32 under autocast (a no-op without it): the one reading the LR image and
+    the image-producing one. bfloat16 keeps 8 bits of mantissa: read in it, the LR pixels and the
+    weights are rounded, an error every output pixel follows (LR-PSNR sees it first); written in
+    it, outputs in [0.5, 1) step by 1/256, about the size of a trained model's residual |y − μ|
+    in smooth regions, so ℓ1's gradient sign there was noise (docs/design.md, "Numerics")."""
     with torch.autocast(x.device.type, enabled=False):  # float64 (a model in double) stays
         return conv(x if x.dtype == torch.float64 else x.float())
 

@@ -122,8 +122,9 @@ class RRDBNet(nn.Module):
             raise UsageError(f"rrdb features: up_to {up_to} must be a power of 2 ≤ {self.scale}")
         out: dict[str, torch.Tensor] = {}
         # conv_first reads the image in float32 under autocast: in bfloat16 the LR pixels and its
-        # weights would be rounded to 8 bits of mantissa (SRFlow's LR-PSNR moved 5× more,
-        # docs/design.md "Numerics"); the trunk gets one copy in autocast's dtype.
+        # weights would be rounded to 8 bits of mantissa (a small SRFlow's bf16 samples moved
+        # LR-PSNR by 0.020 dB, not 0.002; docs/design.md "Numerics"); the trunk gets one copy in
+        # autocast's dtype.
         x = autocast_dtype(float32_out(self.conv_first, lr))
         wanted = set(blocks)
         for i, block in enumerate(self.RRDB_trunk):
