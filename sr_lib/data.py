@@ -14,6 +14,7 @@ import importlib.util
 import io
 import os
 import signal
+import struct
 import tempfile
 import threading
 import uuid
@@ -27,6 +28,7 @@ from typing import NoReturn
 import imageio.v3 as iio
 import numpy as np
 import png  # pypng: Pillow truncates 16-bit RGB(A) PNGs to 8 bits (x >> 8) before we can round
+import pyspng  # libspng: decodes 8-bit RGB PNGs 1.7x as fast as Pillow (README, "Dependencies")
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
@@ -68,7 +70,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:  # reads the header only, allocates nothing
-                (w, h), mode, transparent = im.size, im.mode, "transparency" in im.info
+                (w, h), mode, fmt = im.size, im.mode, im.format
+                transparent = "transparency" in im.info
     except Image.DecompressionBombError:
         _fail(path, f"image size {too_big}")
     except UnidentifiedImageError:
@@ -80,7 +83,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     try:
         if _png_bit_depth(path) == 16 and mode != "I;16":  # 16-bit gray (I;16) is exact in Pillow
             arr = _read_png16(path)
-        else:
+        elif (fmt, mode) != ("PNG", "RGB") or (arr := _read_png_rgb8(path)) is None:
             to = {"P": "RGBA" if transparent else "RGB", "PA": "RGBA", "CMYK": "RGB"}.get(mode)
             # index=0: the first frame of animated files; rotate=True applies EXIF orientation.
             # Truncated data raises unless PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set (we never do).
@@ -98,6 +101,43 @@ def _png_bit_depth(path: Path) -> int | None:
     if len(head) < 25 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
         return None
     return head[24]
+
+
+# The chunks that leave an 8-bit RGB PNG's pixels as Pillow reads them: Pillow applies none of
+# gamma, colour profiles, significant bits or background colour. Any other chunk (tRNS, eXIf, APNG's
+# acTL, ...) and any text chunk that may hold an orientation take Pillow's path.
+_PLAIN_PNG_CHUNKS = {
+    *(b"IHDR", b"IDAT", b"IEND", b"gAMA", b"cHRM", b"sRGB", b"iCCP", b"sBIT", b"bKGD", b"pHYs"),
+    *(b"tIME", b"tEXt", b"zTXt", b"iTXt"),
+}
+
+
+def _read_png_rgb8(path: Path) -> np.ndarray | None:
+    """An 8-bit RGB PNG decoded by libspng: the pixels Pillow gives, in 0.6x its time.
+
+    None when the file is not a plain 8-bit RGB PNG (see _PLAIN_PNG_CHUNKS) or libspng refuses it
+    (truncated, corrupt): Pillow then reads it and its error names what is wrong. An evaluation of
+    10 samples decodes 11 PNGs of 2040x1352 per image: 0.7 s with Pillow on one core, 0.4 s here.
+    """
+    data = path.read_bytes()
+    if data[12:16] != b"IHDR" or data[24:26] != b"\x08\x02":  # bit depth 8, colour type 2 (RGB)
+        return None
+    pos = 8  # after the signature
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        if kind not in _PLAIN_PNG_CHUNKS:
+            return None
+        if kind in (b"tEXt", b"zTXt", b"iTXt"):  # keyword: up to 79 bytes, then a zero byte
+            keyword = data[pos + 8 : pos + 8 + min(length, 80)].split(b"\0", 1)[0].lower()
+            if b"exif" in keyword or b"xmp" in keyword:  # Pillow reads orientations from these
+                return None  # ("Raw profile type exif", "XML:com.adobe.xmp")
+        if kind == b"IEND":
+            break
+        pos += 12 + length
+    try:
+        return pyspng.load(data, format="RGB")
+    except Exception:  # RuntimeError from libspng; Pillow says it better
+        return None
 
 
 def _read_png16(path: Path) -> np.ndarray:

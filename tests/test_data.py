@@ -16,6 +16,7 @@ import png
 import pytest
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from sr_lib import data
 from sr_lib.data import (
@@ -183,6 +184,66 @@ def test_pixel_limit_refuses_before_allocating(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "MAX_PIXELS", 100)
     with pytest.raises(ImageError, match="small.png: 20x20 exceeds the limit of 100 pixels"):
         read_image(tmp_path / "small.png")
+
+
+@pytest.fixture
+def spng_calls(monkeypatch):
+    """The files libspng decoded (read_image's fast path for plain 8-bit RGB PNGs)."""
+    calls, load = [], data.pyspng.load
+    monkeypatch.setattr(data.pyspng, "load", lambda b, **k: calls.append(len(b)) or load(b, **k))
+    return calls
+
+
+def test_plain_rgb_pngs_take_libspng_and_equal_pillow(tmp_path, spng_calls):
+    """Every way of writing an 8-bit RGB PNG (filters, levels, interlacing, ancillary chunks)."""
+    noise, smooth = rand_img(37, 53), smooth_img(64, 72)
+    files = {}
+    for name, img in (("noise", noise), ("smooth", smooth)):
+        for level in (0, 1, 9):
+            files[f"{name}{level}"] = (img, dict(compress_level=level))
+        files[f"{name}_opt"] = (img, dict(optimize=True))
+    info = PngInfo()
+    info.add_text("Comment", "made by a test")
+    info.add_text("Title", "zipped", zip=True)
+    files["text"] = (smooth, dict(pnginfo=info, dpi=(300, 300), icc_profile=b"\0" * 128))
+    for name, (img, kw) in files.items():
+        Image.fromarray(img).save(tmp_path / f"{name}.png", **kw)
+    for interlace in (False, True):  # pypng: every filter type per row; Adam7
+        with open(tmp_path / f"pypng{int(interlace)}.png", "wb") as f:
+            writer = png.Writer(72, 64, greyscale=False, interlace=interlace, gamma=0.45)
+            writer.write(f, smooth.reshape(64, -1))
+        files[f"pypng{int(interlace)}"] = (smooth, {})
+    for name, (img, _) in files.items():
+        path = tmp_path / f"{name}.png"
+        with Image.open(path) as im:
+            pillow = np.asarray(im.convert("RGB"))
+        n = len(spng_calls)
+        out = read_image(path)
+        assert len(spng_calls) == n + 1, f"{name}: not decoded by libspng"
+        assert out.dtype == np.uint8 and out.flags.c_contiguous
+        assert np.array_equal(out, pillow) and np.array_equal(out, img), name
+
+
+def test_rgb_pngs_whose_pixels_pillow_could_change_take_pillow(tmp_path, spng_calls):
+    """Transparency and orientations (eXIf, ImageMagick's exif text, XMP) are Pillow's to read."""
+    img = np.zeros((32, 48, 3), np.uint8)
+    img[:16, :16] = 255  # a white block top-left; orientation 6 turns the image 90 deg clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(img).save(tmp_path / "exif.png", exif=exif)
+    info, raw = PngInfo(), b"Exif\0\0" + exif.tobytes()
+    info.add_text("Raw profile type exif", f"\nexif\n{len(raw):8d}\n{raw.hex()}")  # ImageMagick's
+    Image.fromarray(img).save(tmp_path / "raw exif.png", pnginfo=info)
+    info = PngInfo()  # Pillow finds the orientation in XMP by this attribute
+    info.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta><rdf:Description tiff:Orientation="6"/>')
+    Image.fromarray(img).save(tmp_path / "xmp.png", pnginfo=info)
+    for name in ("exif", "raw exif", "xmp"):
+        out = read_image(tmp_path / f"{name}.png")
+        assert out.shape == (48, 32, 3), name  # turned, as Pillow turns it
+        assert out[2:14, 18:30].min() == 255 and out[18:].max() == 0, name
+    Image.fromarray(img).save(tmp_path / "trns.png", transparency=(0, 0, 0))
+    assert np.array_equal(read_image(tmp_path / "trns.png"), img)
+    assert spng_calls == []
 
 
 def test_unicode_and_spaces_in_names(tmp_path):
