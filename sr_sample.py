@@ -44,7 +44,8 @@ Clusters: --shard I/N samples images I, I+N, I+2N, ... of the order (0 <= I < N;
 SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT). Every file is written atomically (a temporary
 name, then a rename), and an image whose files all exist is skipped, so a killed or preempted run
 continues where it stopped when rerun (--overwrite redoes everything). SIGTERM or SIGUSR1 stop
-the run with exit 75 (a file being read or written is finished first; Ctrl-C: exit 130).
+the run with exit 75 (the files being read or written are finished first; PNGs are written on
+threads while the next samples are drawn); Ctrl-C: exit 130 (only the files begun are finished).
 
 Tiling (--tile PX, LR px; 0 = whole image): the LR is cut into tiles of PX (rounded down to the
 model's lr_multiple) and each is computed with --tile-overlap LR px of context on every side,
@@ -57,6 +58,7 @@ are reported and skipped, the others written, exit 3 at the end), 4 out of memor
 problem, 7 output cannot be written, 75 stopped by SIGTERM/SIGUSR1, 130 Ctrl-C.
 """
 
+import collections
 import contextlib
 import json
 import math
@@ -65,6 +67,7 @@ import signal
 import sys
 import time
 from argparse import ArgumentTypeError
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -78,13 +81,16 @@ from sr_lib import __version__
 from sr_lib.config import autocast_for, cpu_has_native, parse, pick_device
 from sr_lib.data import (
     check_out_dir,
+    cpu_workers,
     default_mod,
     demo_files,
+    encode_png,
     list_images,
     mod_crop,
     read_image,
     to_tensor,
     to_uint8,
+    write_encoded_png,
     write_npy,
     write_png,
     write_text,
@@ -334,6 +340,48 @@ def held(fn):
 save_png, save_npy, save_text = held(write_png), held(write_npy), held(write_text)
 
 
+def write_pngs(paths: list[Path], img: np.ndarray) -> None:
+    """`img` as a PNG in each of `paths`, encoded once (a deterministic model's n samples)."""
+    data = encode_png(img)
+    for path in paths:
+        write_encoded_png(path, data)
+
+
+class SampleWriter:
+    """Writes the sample PNGs on `threads` threads while the model draws the next ones.
+
+    Encoding one 2040x1352 PNG takes ~0.5 s of a core (Pillow's zlib, which lets other threads
+    run): ten samples written one after the other take longer than a GPU takes to draw them. At
+    most 2 x threads writes wait, each holding its array. A failed write (a full disk) is raised in
+    the main thread at a later write or at the end, the first of the files in the order given.
+    Leaving the `with` block finishes the writes given (after Ctrl-C, only those begun); files are
+    written atomically, so a stop leaves complete files only.
+    """
+
+    def __init__(self, threads: int):
+        self.pool = ThreadPoolExecutor(threads, "png") if threads > 1 else None
+        self.queue: collections.deque = collections.deque()  # the futures, in the order given
+        self.limit = 2 * threads
+
+    def __call__(self, paths: list[Path], img: np.ndarray) -> None:
+        """Write `img` as the PNG files `paths` (one, or a deterministic model's n)."""
+        if self.pool is None:
+            return held(write_pngs)(paths, img)
+        while self.queue and (self.queue[0].done() or len(self.queue) >= self.limit):
+            self.queue.popleft().result()  # waits when full; raises a failed write's error
+        self.queue.append(self.pool.submit(write_pngs, paths, img))
+
+    def __enter__(self) -> "SampleWriter":
+        return self
+
+    def __exit__(self, kind, *exc) -> None:
+        if self.pool is None:
+            return
+        self.pool.shutdown(wait=True, cancel_futures=kind is KeyboardInterrupt)
+        while kind is None and self.queue:
+            self.queue.popleft().result()
+
+
 def main(argv=None) -> int:
     with exit_on_error(PROG):
         try:
@@ -416,7 +464,7 @@ def sample(args: SampleArgs) -> int:
         print(f"{PROG}: warning: --amp {args.amp}: this CPU emulates {args.amp}, slower than "
               "float32; drop --amp", file=sys.stderr, flush=True)  # fmt: skip
     failed, skipped, t0 = [], 0, time.time()
-    with ProgressLog(len(mine)) as bar:
+    with ProgressLog(len(mine)) as bar, SampleWriter(cpu_workers()) as writer:
         for k, path in mine:
             name = f"{k:06d}" if args.layout == "ntire" else path.stem
             todo = [t for t in temperatures
@@ -439,7 +487,7 @@ def sample(args: SampleArgs) -> int:
             lr = to_tensor(img)[None].to(device)
             with autocast:
                 sample_image(model, lr, img, path.stem, name, n, todo, folders, files, context,
-                             controls, want_sigma, args, bar.say)  # fmt: skip
+                             controls, want_sigma, args, bar.say, writer)  # fmt: skip
             h, w = img.shape[:2]
             s = model.scale
             temps = f" at {len(todo)} temperatures" if len(todo) > 1 else ""
@@ -611,7 +659,7 @@ def resolve_controls(args: SampleArgs, model, name: str, device):
 
 
 def sample_image(model, lr, img, stem, name, n, todo, folders, files, context, controls,
-                 want_sigma, args, say) -> None:  # fmt: skip
+                 want_sigma, args, say, writer) -> None:  # fmt: skip
     """Every file of one (1, 3, h, w) LR image at the temperatures `todo`, the LR-only work of
     the model done once; a CUDA out-of-memory error retries what is left in smaller tiles."""
     tile, prepared, sigma = args.tile, None, None
@@ -628,7 +676,7 @@ def sample_image(model, lr, img, stem, name, n, todo, folders, files, context, c
             t = todo[0]
             folder = folders[t]
             srs = write_samples(model, lr, stem, name, n, t, folder, files, tile, context,
-                                controls, prepared, args)  # fmt: skip
+                                controls, prepared, args, writer)  # fmt: skip
             if sigma is not None and args.save_uncertainty:
                 write_sigma(folder / f"{name}_sigma", sigma)
             if args.grid:
@@ -643,14 +691,16 @@ def sample_image(model, lr, img, stem, name, n, todo, folders, files, context, c
 
 
 def write_samples(model, lr, stem, name, n, temperature, folder, files, tile, context, controls,
-                  prepared, args) -> list:  # fmt: skip
-    """Draw and write the n samples of one (1, 3, h, w) LR image at one temperature, in chunks of
-    --batch; returns the uint8 samples if --grid needs them. Latent models draw the latents on
-    the whole LR first and decode every tile with them (--save-latent writes them)."""
+                  prepared, args, writer) -> list:  # fmt: skip
+    """Draw and write (with `writer`, a SampleWriter) the n samples of one (1, 3, h, w) LR image
+    at one temperature, in chunks of --batch; returns the uint8 samples if --grid needs them.
+    Latent models draw the latents on the whole LR first and decode every tile with them
+    (--save-latent writes them)."""
     names = files.samples(name)
     kept = []
-    for c0 in range(0, n if model.stochastic else 1, args.batch):  # a deterministic model: once
-        idx = range(c0, min(c0 + args.batch, n))
+    draws = n if model.stochastic else 1  # a deterministic model: one output, written n times
+    for c0 in range(0, draws, args.batch):
+        idx = range(c0, min(c0 + args.batch, draws))
         seeds = [sample_seed(args.seed, stem, i) for i in idx]
         z = model.sample_latents(lr, seeds, idx, temperature, controls)  # (len(idx), D) or None
         if z is not None and args.save_latent:  # NAME_sample00003.png -> ....latent.npy
@@ -661,9 +711,9 @@ def write_samples(model, lr, stem, name, n, temperature, folder, files, tile, co
         check_finite(x, name, idx, temperature if model.stochastic else None, args.amp)
         srs = to_uint8(x)
         for i, sr in zip(idx, srs):
-            for j in [i] if model.stochastic else range(n):
-                save_png(folder / names[j], sr)
-                kept += [sr] if args.grid else []
+            copies = [i] if model.stochastic else range(n)
+            writer([folder / names[j] for j in copies], sr)
+            kept += [sr] * len(copies) if args.grid else []
     return kept
 
 

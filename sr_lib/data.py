@@ -182,23 +182,34 @@ def _atomic_open(path: Path):
         raise
 
 
-def write_png(path: str | os.PathLike, img: np.ndarray) -> None:
-    """Write a uint8 or uint16 (H, W) / (H, W, C<=4) array as an 8- or 16-bit PNG, atomically."""
-    path = Path(path)
+def encode_png(img: np.ndarray) -> bytes:
+    """A uint8 or uint16 (H, W) / (H, W, C<=4) array as the bytes of an 8- or 16-bit PNG."""
     if img.dtype not in (np.uint8, np.uint16):
-        raise TypeError(f"write_png expects uint8 or uint16, got {img.dtype}")
+        raise TypeError(f"encode_png expects uint8 or uint16, got {img.dtype}")
     if not (img.ndim == 2 or (img.ndim == 3 and 1 <= img.shape[2] <= 4)):
-        raise ValueError(f"write_png expects (H, W) or (H, W, C<=4), got shape {img.shape}")
+        raise ValueError(f"encode_png expects (H, W) or (H, W, C<=4), got shape {img.shape}")
     h, w = img.shape[:2]
     c = 1 if img.ndim == 2 else img.shape[2]
+    if img.dtype == np.uint8:
+        return iio.imwrite("<bytes>", img.reshape(h, w) if c == 1 else img, extension=".png")
+    buf = io.BytesIO()  # pypng writes every colour type at 16 bits; rows as big-endian bytes
+    writer = png.Writer(w, h, greyscale=c <= 2, alpha=c in (2, 4), bitdepth=16)
+    writer.write_packed(buf, img.astype(">u2").reshape(h, w * c).view(np.uint8))
+    return buf.getvalue()
+
+
+def write_png(path: str | os.PathLike, img: np.ndarray) -> None:
+    """Write a uint8 or uint16 (H, W) / (H, W, C<=4) array as an 8- or 16-bit PNG, atomically."""
+    write_encoded_png(path, encode_png(img))
+
+
+def write_encoded_png(path: str | os.PathLike, data: bytes) -> None:
+    """Write the bytes of `encode_png` to `path` atomically, its folder made if missing."""
+    path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _atomic_open(path) as f:
-            if img.dtype == np.uint8:
-                iio.imwrite(f, img.reshape(h, w) if c == 1 else img, extension=".png")
-            else:  # pypng writes every colour type at 16 bits; rows as big-endian bytes
-                writer = png.Writer(w, h, greyscale=c <= 2, alpha=c in (2, 4), bitdepth=16)
-                writer.write_packed(f, img.astype(">u2").reshape(h, w * c).view(np.uint8))
+            f.write(data)
     except OSError as e:
         reason = e.strerror or e
         raise OutputError(f"{path}: cannot write ({reason}); check the output folder") from e

@@ -1,5 +1,8 @@
 """sr_sample.py end to end: names, bicubic exactness, --from-hr, seeds, tiling, uncertainty, grid,
-odd inputs and one-line errors with their exit codes. CPU, tiny images, a few seconds."""
+odd inputs and one-line errors with their exit codes, writing on threads. CPU, tiny images, a few
+seconds."""
+
+import threading
 
 import imageio.v3 as iio
 import numpy as np
@@ -11,6 +14,7 @@ from conftest import TINY
 import sr_sample
 from sr_lib.checkpoint import save_checkpoint
 from sr_lib.data import write_png
+from sr_lib.errors import OutputError
 from sr_lib.models import MODELS, build_model
 from sr_lib.models.base import SRModel, pad_to_multiple
 from sr_lib.resize import imresize
@@ -141,6 +145,25 @@ def test_names_and_bicubic_values(tmp_path, bicubic_ckpt):
     assert same(tmp_path / "nt" / "000000_sample00001.png", tmp_path / "s" / "a_sample00000.png")
     assert run(*argv, "--n", 1, "--out", tmp_path / "nt1") == 0
     assert pngs(tmp_path / "nt1") == ["000000.png", "000001.png"]
+
+
+def test_a_deterministic_model_is_run_once_and_each_file_written_once(
+    tmp_path, bicubic_ckpt, monkeypatch
+):
+    """--n 10 of a deterministic model (an NTIRE submission of a baseline): one output, 10 files."""
+    drawn, encoded, written = [], [], []
+    draw, encode, write = sr_sample.draw, sr_sample.encode_png, sr_sample.write_encoded_png
+    monkeypatch.setattr(sr_sample, "draw", lambda m, lr, seeds, *a: drawn.append(len(seeds))
+                        or draw(m, lr, seeds, *a))  # fmt: skip
+    monkeypatch.setattr(sr_sample, "encode_png", lambda img: encoded.append(1) or encode(img))
+    monkeypatch.setattr(sr_sample, "write_encoded_png", lambda path, data: written.append(
+                        path.name) or write(path, data))  # fmt: skip
+    inp = folder(tmp_path / "in", a=image((9, 10), 2))
+    assert run("--ckpt", bicubic_ckpt, "--input", inp, "--n", 10, "--out", tmp_path / "s") == 0
+    assert drawn == [1] and encoded == [1]
+    assert sorted(written) == [f"a_sample{i:05d}.png" for i in range(10)]
+    first = (tmp_path / "s" / "a_sample00000.png").read_bytes()
+    assert all((tmp_path / "s" / f).read_bytes() == first for f in written)
 
 
 def test_from_hr(tmp_path, bicubic_ckpt):
@@ -460,3 +483,102 @@ def test_flow_inverse_1x1_conv_stays_float32_under_bf16_autocast():
         with torch.autocast("cpu", torch.bfloat16):
             got = conv.reverse(z)[0]
     assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sample PNGs are written on threads (SampleWriter)
+
+
+def test_samples_are_written_on_threads_while_the_next_are_drawn(tmp_path, toy_ckpt, monkeypatch):
+    """The first sample's PNG is still being written when the model draws the next sample, and the
+    files are those of a one-thread run, byte for byte."""
+    inp = folder(tmp_path / "in", a=image((8, 8), 1), b=image((8, 8), 2))
+    argv = ["--ckpt", toy_ckpt, "--input", inp, "--n", 3, "--batch", 1]
+    monkeypatch.setattr(sr_sample, "cpu_workers", lambda: 1)
+    assert run(*argv, "--out", tmp_path / "one") == 0
+    drawn, writers, generate = threading.Event(), [], Toy.generate
+
+    def draw_and_tell(self, *args):
+        drawn.set() if writers else None  # a draw after the first write was given
+        return generate(self, *args)
+
+    def write_after_the_next_draw(paths, img):
+        writers.append(threading.current_thread().name)
+        if len(writers) == 1 and not drawn.wait(20):
+            raise OutputError(f"{paths[0]}: the next sample was not drawn while this was written")
+        write_png(paths[0], img)
+
+    monkeypatch.setattr(Toy, "generate", draw_and_tell)
+    monkeypatch.setattr(sr_sample, "write_pngs", write_after_the_next_draw)
+    monkeypatch.setattr(sr_sample, "cpu_workers", lambda: 3)
+    assert run(*argv, "--out", tmp_path / "three") == 0
+    assert len(writers) == 6 and all(name.startswith("png") for name in writers), writers
+    assert pngs(tmp_path / "three") == pngs(tmp_path / "one") and len(pngs(tmp_path / "one")) == 6
+    for f in pngs(tmp_path / "one"):
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "three" / f).read_bytes()
+
+
+def test_a_failed_write_on_a_thread_is_one_line_and_the_files_before_it_stay(
+    tmp_path, toy_ckpt, monkeypatch, capsys
+):
+    def full_disk_at_the_second(path, data):
+        if path.name == "a_sample00001.png":
+            raise OutputError(f"{path}: cannot write (No space left on device); check the folder")
+        write(path, data)
+
+    write = sr_sample.write_encoded_png
+    monkeypatch.setattr(sr_sample, "write_encoded_png", full_disk_at_the_second)
+    monkeypatch.setattr(sr_sample, "cpu_workers", lambda: 3)
+    inp = folder(tmp_path / "in", a=image((8, 8), 1), b=image((8, 8), 2))
+    code = run("--ckpt", toy_ckpt, "--input", inp, "--n", 3, "--batch", 1, "--out", tmp_path / "o")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 7 and len(err) == 1 and "a_sample00001.png: cannot write" in err[0], err
+    written = pngs(tmp_path / "o")
+    assert "a_sample00000.png" in written and "a_sample00001.png" not in written
+    assert not [f for f in (tmp_path / "o").iterdir() if f.name.endswith(".tmp")]
+
+
+def test_the_writer_holds_at_most_twice_its_threads(tmp_path, monkeypatch):
+    """A model faster than PNG encoding waits for a place instead of piling up arrays."""
+    gate = threading.Event()
+
+    def blocked(paths, img):
+        assert gate.wait(20)
+        paths[0].write_bytes(b"png")
+
+    monkeypatch.setattr(sr_sample, "write_pngs", blocked)
+    with sr_sample.SampleWriter(2) as write:
+        for i in range(4):  # 2 being written, 2 waiting
+            write([tmp_path / f"{i}.png"], None)
+        fifth = threading.Thread(target=write, args=([tmp_path / "4.png"], None))
+        fifth.start()
+        fifth.join(0.5)
+        assert fifth.is_alive()  # waits for a place
+        gate.set()
+        fifth.join(20)
+        assert not fifth.is_alive()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i}.png" for i in range(5)]
+
+
+@pytest.mark.parametrize(
+    "stop, written",
+    [(sr_sample.Preempted, 4), (OutputError, 4), (KeyboardInterrupt, 2)],
+    ids=["preempted", "error", "ctrl-c"],
+)
+def test_leaving_the_writer_finishes_the_writes_given_but_ctrl_c_only_those_begun(
+    tmp_path, monkeypatch, stop, written
+):
+    gate = threading.Event()
+
+    def blocked(paths, img):
+        assert gate.wait(20)
+        paths[0].write_bytes(b"png")
+
+    monkeypatch.setattr(sr_sample, "write_pngs", blocked)
+    with pytest.raises(stop):
+        with sr_sample.SampleWriter(2) as write:
+            for i in range(4):  # 2 being written, 2 waiting
+                write([tmp_path / f"{i}.png"], None)
+            threading.Timer(1.0, gate.set).start()  # once leaving the block has begun
+            raise stop("stopped")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i}.png" for i in range(written)]

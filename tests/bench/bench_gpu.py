@@ -25,7 +25,9 @@ Measurements, in this order (when --budget seconds are spent, the rest are liste
                  (CUDA only) with --cuda-graphs: logged s/step after the first log window vs the
                  pure step above, GPU utilisation sampled
   sample         10 samples of a DIV2K-size LR, SRFlow ×4 (339×510) and ×8 (170×255), fp32 and
-                 bf16 autocast: median seconds, peak memory
+                 bf16 autocast: median seconds, peak memory; and sr_sample.py end to end on the
+                 ×4 LR (checkpoint loading, drawing, the 10 PNGs of 2040×1356 written), with its
+                 PNG writer on every core and on one thread
   eval           sr_eval.py --ntire on 2040×1352 images, N = 10: seconds per image
   train_others   VSpSR, VarSR, EDSR at their recipes: fp32, bf16, graphs, bf16 + graphs, compile,
                  bf16 + compile
@@ -438,6 +440,39 @@ def measure_sample(b: Bench, scale: int, variant: str) -> None:
     b.put(f"sample/srflow_x{scale}_lr{h}x{w}/{variant}", row)
 
 
+def measure_sample_cli(b: Bench, scale: int) -> None:
+    """sr_sample.py as a user runs it, n = 10, fp32: seconds from start to the last PNG written."""
+    import sr_sample
+    from sr_lib.checkpoint import save_checkpoint
+    from sr_lib.data import cpu_workers, write_png
+
+    h, w = (12, 18) if b.a.quick else {4: (339, 510), 8: (170, 255)}[scale]
+    model = build(b, "srflow", scale)[0]
+    ck = {"model": "srflow", "model_cfg": model_cfg(b, "srflow", scale),
+          "state_dict": model.state_dict(), "step": 0}  # fmt: skip
+    lr = np.random.default_rng(2).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    row, threads = {"lr": [h, w], "n": 10}, cpu_workers()
+    with tempfile.TemporaryDirectory() as root:
+        root = Path(root)
+        save_checkpoint(root / "srflow.pt", ck)
+        write_png(root / "in" / "0801.png", lr)
+        argv = ["--ckpt", root / "srflow.pt", "--input", root / "in", "--n", 10]
+        argv += ["--device", b.device]
+        try:
+            for label, workers in (("warm_up", threads), ("s", threads), ("s_one_writer", 1)):
+                sr_sample.cpu_workers = lambda n=workers: n  # the PNG writer's threads
+                t = time.perf_counter()
+                out = io.StringIO()  # its progress lines
+                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                    code = sr_sample.main([str(x) for x in argv + ["--out", root / label]])
+                row[label] = round(time.perf_counter() - t, 3)
+                if code != 0:
+                    raise RuntimeError(f"sr_sample.py exited {code}")
+        finally:
+            sr_sample.cpu_workers = cpu_workers
+    b.put(f"sample_cli/srflow_x{scale}_lr{h}x{w}", {**row, "writer_threads": threads})
+
+
 def measure_eval(b: Bench) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     import bench_eval
@@ -480,6 +515,7 @@ def plan(b: Bench) -> list[tuple[str, str, object]]:
     for scale in (4, 8):
         for v in ("fp32", "bf16"):
             add("sample", f"sample_x{scale}/{v}", measure_sample, scale, v)
+    add("sample", "sample_cli_x4", measure_sample_cli, 4)
     add("eval", "eval", measure_eval)
     others = ("vspsr", "varsr", "edsr")
     for name in others:
