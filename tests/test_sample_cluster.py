@@ -126,8 +126,9 @@ def test_killed_then_rerun_equals_one_run(tmp_path, flow_ckpt, sig, code, capsys
     p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          text=True)  # fmt: skip
     deadline = time.time() + 120
-    while not (out / "im 01_grid.png").exists() and time.time() < deadline:  # one image complete
-        time.sleep(0.02)
+    first = [out / f"im 01_{f}.png" for f in ("sample00000", "sample00001", "grid")]
+    while not all(f.exists() for f in first) and time.time() < deadline:  # one image complete
+        time.sleep(0.02)  # (its PNGs are written on threads, in any order)
     p.send_signal(sig)
     err = p.communicate(timeout=120)[1].strip()
     assert p.returncode == code, err
