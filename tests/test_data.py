@@ -187,14 +187,14 @@ def test_pixel_limit_refuses_before_allocating(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def spng_calls(monkeypatch):
-    """The files libspng decoded (read_image's fast path for plain 8-bit RGB PNGs)."""
-    calls, load = [], data.pyspng.load
-    monkeypatch.setattr(data.pyspng, "load", lambda b, **k: calls.append(len(b)) or load(b, **k))
+def libpng_calls(monkeypatch):
+    """The files imagecodecs decoded (read_image's fast path for plain 8-bit RGB PNGs)."""
+    calls, decode = [], data.imagecodecs.png_decode
+    monkeypatch.setattr(data.imagecodecs, "png_decode", lambda b: calls.append(len(b)) or decode(b))
     return calls
 
 
-def test_plain_rgb_pngs_take_libspng_and_equal_pillow(tmp_path, spng_calls):
+def test_plain_rgb_pngs_take_libpng_and_equal_pillow(tmp_path, libpng_calls):
     """Every way of writing an 8-bit RGB PNG (filters, levels, interlacing, ancillary chunks)."""
     noise, smooth = rand_img(37, 53), smooth_img(64, 72)
     files = {}
@@ -217,14 +217,21 @@ def test_plain_rgb_pngs_take_libspng_and_equal_pillow(tmp_path, spng_calls):
         path = tmp_path / f"{name}.png"
         with Image.open(path) as im:
             pillow = np.asarray(im.convert("RGB"))
-        n = len(spng_calls)
+        n = len(libpng_calls)
         out = read_image(path)
-        assert len(spng_calls) == n + 1, f"{name}: not decoded by libspng"
+        assert len(libpng_calls) == n + 1, f"{name}: not decoded by libpng"
         assert out.dtype == np.uint8 and out.flags.c_contiguous
         assert np.array_equal(out, pillow) and np.array_equal(out, img), name
 
 
-def test_rgb_pngs_whose_pixels_pillow_could_change_take_pillow(tmp_path, spng_calls):
+def test_without_imagecodecs_pillow_reads_every_png(tmp_path, monkeypatch):
+    img = rand_img(21, 34)
+    Image.fromarray(img).save(tmp_path / "rgb.png")
+    monkeypatch.setattr(data, "imagecodecs", None)
+    assert np.array_equal(read_image(tmp_path / "rgb.png"), img)
+
+
+def test_rgb_pngs_whose_pixels_pillow_could_change_take_pillow(tmp_path, libpng_calls):
     """Transparency and orientations (eXIf, ImageMagick's exif text, XMP) are Pillow's to read."""
     img = np.zeros((32, 48, 3), np.uint8)
     img[:16, :16] = 255  # a white block top-left; orientation 6 turns the image 90 deg clockwise
@@ -243,7 +250,7 @@ def test_rgb_pngs_whose_pixels_pillow_could_change_take_pillow(tmp_path, spng_ca
         assert out[2:14, 18:30].min() == 255 and out[18:].max() == 0, name
     Image.fromarray(img).save(tmp_path / "trns.png", transparency=(0, 0, 0))
     assert np.array_equal(read_image(tmp_path / "trns.png"), img)
-    assert spng_calls == []
+    assert libpng_calls == []
 
 
 def test_unicode_and_spaces_in_names(tmp_path):
