@@ -348,7 +348,8 @@ class LpipsMetric:
         A uint8 channel value has 256 possible results, so they are tabulated once with the very
         float32 ops of the module (`to_lpips_range`, then the scaling layer) and looked up: bit-
         identical values in one pass instead of five over the image. Contiguous NCHW like the
-        module's input: channels-last would be ~1.4x faster on CPU but changes the rounding.
+        module's input: channels-last changes the rounding and is not faster on a CPU (a whole pass:
+        docs/benchmarks.md, "bench_eval.py: where the time goes").
         `reuse`: on CPU the result is a scratch buffer. On CUDA the upload is from pinned memory,
         so the host does not wait for the GPU.
         """
