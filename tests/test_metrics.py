@@ -277,6 +277,29 @@ def test_batched_lpips_equals_the_lpips_module(lpips_pair, batch):
     assert list(row) == list(M.OFFICIAL_COLUMNS)
 
 
+def test_equal_samples_are_scored_once_with_the_numbers_of_scoring_each(lpips_pair, monkeypatch):
+    """A deterministic model's n samples (one image n times) cost one LPIPS pass, not n, and every
+    column equals scoring each sample, to the bit, in any order of the equal ones."""
+    _, ours = lpips_pair
+    ours.batch = 1
+    gt = smooth_img(64, 96, seed=50)
+    a, b = noisy(gt, 6, seed=51), noisy(gt, 12, seed=52)
+    near_a = a.copy()
+    near_a[1, 1] = 255 - near_a[1, 1]  # off the probe grid: equal to a there, yet not equal
+    samples = [a, b, a.copy(), near_a, b.copy(), a.copy()]
+    assert M.first_equal(samples) == [0, 1, 0, 3, 1, 0]
+    lr = np.asarray(M.downscale(gt, 4))
+    scored, maps = [], ours.maps
+    monkeypatch.setattr(ours, "maps", lambda s, ref: scored.append(len(s)) or maps(s, ref))
+    row = M.evaluate_image(gt, samples, 4, lpips_metric=ours, lr=lr)
+    assert sum(scored) == 3
+    monkeypatch.setattr(M, "first_equal", lambda s: list(range(len(s))))  # score every sample
+    assert M.evaluate_image(gt, samples, 4, lpips_metric=ours, lr=lr) == row
+    assert sum(scored) == 3 + 6
+    assert row["PSNR_best"] == max(M.psnr(M.shave_border(s, 4), M.shave_border(gt, 4))
+                                   for s in samples)  # fmt: skip
+
+
 def test_lpips_reused_buffers_leave_no_trace(lpips_pair):
     """Scratch buffers are kept from call to call: results must not depend on earlier calls."""
     ref, ours = lpips_pair
