@@ -337,14 +337,15 @@ def held(fn):
     return call
 
 
-save_png, save_npy, save_text = held(write_png), held(write_npy), held(write_text)
-
-
 def write_pngs(paths: list[Path], img: np.ndarray) -> None:
     """`img` as a PNG in each of `paths`, encoded once (a deterministic model's n samples)."""
     data = encode_png(img)
     for path in paths:
         write_encoded_png(path, data)
+
+
+save_png, save_pngs = held(write_png), held(write_pngs)
+save_npy, save_text = held(write_npy), held(write_text)
 
 
 class SampleWriter:
@@ -366,7 +367,7 @@ class SampleWriter:
     def __call__(self, paths: list[Path], img: np.ndarray) -> None:
         """Write `img` as the PNG files `paths` (one, or a deterministic model's n)."""
         if self.pool is None:
-            return held(write_pngs)(paths, img)
+            return save_pngs(paths, img)
         while self.queue and (self.queue[0].done() or len(self.queue) >= self.limit):
             self.queue.popleft().result()  # waits when full; raises a failed write's error
         self.queue.append(self.pool.submit(write_pngs, paths, img))

@@ -475,15 +475,17 @@ def first_equal(samples: Sequence[ARRAY]) -> list[int]:
         return a[:: max(1, a.shape[0] // 32), :: max(1, a.shape[1] // 32)]
 
     first: list[int] = []
+    distinct: list[int] = []  # the samples equal to none before them
     for i, s in enumerate(samples):
         equal = (
             j
-            for j in sorted(set(first))
+            for j in distinct
             if samples[j].shape == s.shape
             and np.array_equal(grid(samples[j]), grid(s))
             and np.array_equal(samples[j], s)
         )
         first.append(next(equal, i))
+        distinct += [i] if first[-1] == i else []
     return first
 
 
@@ -583,8 +585,8 @@ def evaluate_image(
         hl, wl = lr.shape[0] * scale, lr.shape[1] * scale
         for img, name in zip(samples, names):
             _need_size(img, hl, wl, name, f"(scale x the {lr.shape[1]}x{lr.shape[0]} LR input)")
-        row[LR_INPUT_COLUMN] = float(np.mean(per_sample(lambda img: lr_psnr(img[:hl, :wl], lr,
-                                                                             scale))))  # fmt: skip
+        vs_input = per_sample(lambda img: lr_psnr(img[:hl, :wl], lr, scale))
+        row[LR_INPUT_COLUMN] = float(np.mean(vs_input))
     return row
 
 
