@@ -579,6 +579,13 @@ def test_leaving_the_writer_finishes_the_writes_given_but_ctrl_c_only_those_begu
         with sr_sample.SampleWriter(2) as write:
             for i in range(4):  # 2 being written, 2 waiting
                 write([tmp_path / f"{i}.png"], None)
-            threading.Timer(1.0, gate.set).start()  # once leaving the block has begun
+            shutdown = write.pool.shutdown
+
+            def then_open_the_gate(wait=True, cancel_futures=False):
+                shutdown(wait=False, cancel_futures=cancel_futures)  # drops what it drops, now
+                gate.set()  # only then may the 2 begun writes (and any kept) finish
+                shutdown(wait=wait)
+
+            write.pool.shutdown = then_open_the_gate
             raise stop("stopped")
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i}.png" for i in range(written)]
