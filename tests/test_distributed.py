@@ -19,6 +19,12 @@ from sr_lib.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Runs that pick a free port for torchrun's rendezvous run on one pytest-xdist worker, one after
+# the other (pyproject: --dist loadgroup): between picking the port and binding it, another
+# worker's gloo ranks could take it.
+ONE_WORKER = pytest.mark.xdist_group("torchrun")
+pytestmark = ONE_WORKER
+
 
 def free_port() -> int:
     with socket.socket() as s:

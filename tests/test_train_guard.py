@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY
-from test_distributed import free_port
+from test_distributed import ONE_WORKER, free_port
 
 import sr_train
 from sr_lib import models
@@ -273,6 +273,7 @@ def test_rollback_through_cli(tmp_path, images):
     assert ck["step"] == 8 and ck["rollbacks"] == 1 and ck["skipped"] == 2
 
 
+@ONE_WORKER
 def test_a_nan_on_one_rank_rolls_back_every_rank(tmp_path, images):
     """Two processes (gloo): rank 1 alone sees NaN at steps 4 and 5. Both skip those steps (the
     flag is agreed on the device), both roll back to last.pt and stay identical; only rank 0
