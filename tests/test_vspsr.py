@@ -210,6 +210,19 @@ def test_vgg_features_taps_and_frozen():
         VGGFeatures(("relu9_9",), pretrained=False)
 
 
+def test_a_random_vgg_is_the_same_every_time_and_draws_nothing_from_the_run():
+    """Built on a loss's first use, also after a resume: it must not depend on (or move) the
+    run's random generator, or the resumed run would differ from the one it continues."""
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    a = VGGFeatures(("relu1_2",), pretrained=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(2)
+    b = VGGFeatures(("relu1_2",), pretrained=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    assert a.features[0].weight.std() > 0
+
+
 def test_perceptual_loss_with_a_random_vgg(make_batch):
     model = tiny(lambda_adv=0.0, lambda_per=0.01)
     loss = VGGLoss(VGGFeatures(("relu5_4",), pretrained=False))

@@ -74,10 +74,15 @@ class VGGFeatures(nn.Module):
             with torch.device("meta"):
                 vgg = torchvision_model("vgg19", pretrained=False)
             self.features = vgg.features[: last + 1].to_empty(device="cpu")
-            for m in self.features:
-                if isinstance(m, nn.Conv2d):  # torchvision's VGG initialisation
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                    nn.init.zeros_(m.bias)
+            # The same weights every time, drawn from their own seed, not the run's generator:
+            # a model builds its loss on first use, so a resumed run would otherwise draw
+            # another network (and other noise after it) than the run it continues.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                for m in self.features:
+                    if isinstance(m, nn.Conv2d):  # torchvision's VGG initialisation
+                        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                        nn.init.zeros_(m.bias)
         self.features.requires_grad_(False)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
