@@ -64,6 +64,22 @@ def test_frozen_encoder_is_cast_once_with_the_same_features(name):
         assert model.encoder(lr) is model.RRDB and not model._low_encoder  # copy released
 
 
+def test_the_frozen_encoders_copy_keeps_a_channels_last_layout():
+    """A channels-last model (bench_gpu.py's bf16_channels_last) gets a channels-last copy: a
+    contiguous one would have every encoder convolution convert its input's layout."""
+    model, lr, _ = flow()
+    model = model.to(memory_format=torch.channels_last)
+    lr = lr.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(**BF16):
+        want = model.RRDB.features(lr, model.blocks, up_to=model.up_to)
+        copy = model.encoder(lr)
+        got = copy.features(lr, model.blocks, up_to=model.up_to)
+    assert copy is not model.RRDB
+    weights = [p for p in copy.parameters() if p.ndim == 4 and min(p.shape[:2]) > 1]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_flow_state_and_prior_stay_float32_under_autocast():
     model, lr, hr = flow()
     calls = []

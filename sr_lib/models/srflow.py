@@ -230,6 +230,8 @@ class SRFlow(SRModel):
             low = RRDBNet(cfg.scale, cfg.nf, cfg.nb, cfg.gc)
             low.load_state_dict(self.RRDB.state_dict())
             low = low.to(lr.device).requires_grad_(False)
+            if self.RRDB.conv_first.weight.is_contiguous(memory_format=torch.channels_last):
+                low = low.to(memory_format=torch.channels_last)  # as the model (--channels-last)
             for name, part in low.named_children():
                 if name != "conv_first":  # float32 under autocast too (RRDBNet.features)
                     part.to(dtype)
