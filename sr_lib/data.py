@@ -352,7 +352,9 @@ def _as_float(x: torch.Tensor) -> torch.Tensor:
     """uint8 -> float32 in [0, 1], bit-identical on any device (IEEE division by 255)."""
     if x.device.type == "cpu":  # numpy: one thread; torch's pool would fight the loader workers
         return torch.from_numpy(np.divide(x.numpy(), np.float32(255), dtype=np.float32))
-    return x.float().div_(255)
+    # A divisor given as a Python number is a CPU scalar, which CUDA turns into a multiplication
+    # by its reciprocal (one bit off for 126 of the 256 values); a device tensor divides.
+    return x.float().div_(torch.full((), 255.0, device=x.device))
 
 
 def dihedral(img: np.ndarray, t: int) -> np.ndarray:

@@ -19,6 +19,8 @@ Extra columns (never mixed up with the official ones, "Official and extra column
 Where a function departs from the naive version (and why) its docstring says so.
 """
 
+import contextlib
+import copy
 import ctypes
 import importlib.metadata
 import math
@@ -285,24 +287,25 @@ class LpipsMetric:
     channels-last layout, deliberately not used) change the convolution kernels and thus the
     float32 rounding; the squared difference of nearly equal normalised features amplifies that,
     to ~1e-6 relative for samples very close to the GT (7e-8 measured on real images). On
-    CPU, batching brings no speed, so it is only worth it on a GPU. On CUDA, TF32 is switched off
-    globally (it changes the values; docs/metrics.md "LPIPS").
+    CPU, batching brings no speed, so it is only worth it on a GPU. On CUDA, TF32 is off while
+    it computes (it changes the values; docs/metrics.md "LPIPS"), and as it was afterwards.
     """
 
     def __init__(self, net, device: str | torch.device = "cpu", batch: int = 1, info=None):
         """`net`: an `lpips_module()` with weights loaded; `info`: what they are, for reports."""
         self.device = torch.device(device)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
         self.net = net.to(self.device).eval()
         self.batch = max(1, int(batch))
         self.info = info or {}
         self.slices = [getattr(self.net.net, f"slice{s}") for s in range(1, 6)]
         values = torch.arange(256, dtype=torch.uint8).view(1, 1, 256, 1).expand(1, 1, 256, 3)
-        with torch.no_grad():  # (3, 256): scaling_layer(to_lpips_range(v)) per channel
-            self._lut = self.net.scaling_layer(to_lpips_range(values.to(self.device)))[0, :, 0]
-        self._lut_np = self._lut.cpu().numpy()
+        # (3, 256): scaling_layer(to_lpips_range(v)) per channel, computed on the CPU for every
+        # device: CUDA divides by a number as a multiplication by its reciprocal, which would
+        # change some of the trunk's input values
+        scaling = copy.deepcopy(self.net.scaling_layer).cpu()
+        with torch.no_grad():
+            self._lut_np = scaling(to_lpips_range(values))[0, :, 0].numpy()
+        self._lut = torch.from_numpy(self._lut_np).to(self.device)
         self._scratch: dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -394,7 +397,8 @@ class LpipsMetric:
     @torch.no_grad()
     def reference(self, gt: ARRAY) -> list[torch.Tensor]:
         """Normalised trunk features of the uint8 (H, W, 3) ground truth, reused for each sample."""
-        return list(self._layers(self._trunk_input(gt[None])))
+        with without_tf32():
+            return list(self._layers(self._trunk_input(gt[None])))
 
     @torch.no_grad()
     def maps(self, sr: ARRAY | Sequence[ARRAY], gt: ARRAY | list[torch.Tensor]) -> torch.Tensor:
@@ -403,6 +407,10 @@ class LpipsMetric:
         `gt` is the uint8 (H, W, 3) ground truth or its `reference(gt)`. Samples are processed in
         chunks of `self.batch`. The map mean is the per-sample LPIPS of the reference.
         """
+        with without_tf32():
+            return self._maps(sr, gt)
+
+    def _maps(self, sr: ARRAY | Sequence[ARRAY], gt: ARRAY | list[torch.Tensor]) -> torch.Tensor:
         sr = np.stack(sr) if not isinstance(sr, np.ndarray) else sr
         ref = self.reference(gt) if isinstance(gt, np.ndarray) else gt
         out = []
@@ -415,6 +423,17 @@ class LpipsMetric:
                 total = r if total is None else total.add_(r)  # layer order, as the module
             out.append(total[:, 0])
         return out[0] if len(out) == 1 else torch.cat(out)
+
+
+@contextlib.contextmanager
+def without_tf32():
+    """CUDA convolutions and matmuls in full float32 within, the caller's settings after."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def lut_lookup(lut: torch.Tensor, imgs: torch.Tensor) -> torch.Tensor:

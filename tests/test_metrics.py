@@ -330,11 +330,29 @@ def test_lut_lookup_of_other_devices_equals_the_cpu_table(lpips_pair):
         assert torch.equal(looked_up, ours.net.scaling_layer(M.to_lpips_range(x)))
 
 
+def test_lpips_computes_without_tf32_and_leaves_the_callers_setting(lpips_pair):
+    _, ours = lpips_pair
+    flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
+    before, seen = flags(), []
+    hook = ours.slices[0][0].register_forward_hook(lambda *_: seen.append(flags()))
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        gt = smooth_img(64, 96, seed=60)
+        ours.maps([noisy(gt, 5, seed=61)], gt)
+        ours.maps([noisy(gt, 5, seed=61)], ours.reference(gt))
+        assert flags() == (True, True)
+    finally:
+        hook.remove()
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    assert seen == [(False, False)] * 4  # GT and sample, twice
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CPU CI skips it)")
 def test_cuda_lpips_equals_cpu_without_a_host_sync_per_sample(lpips_pair):
     _, ours = lpips_pair
     gpu = M.LpipsMetric(lpips_module(), "cuda", batch=2)
     gpu.net.load_state_dict(ours.net.state_dict())
+    assert torch.equal(gpu._lut.cpu(), ours._lut)  # the trunk's inputs are the CPU path's
     gt = smooth_img(64, 96, seed=50)
     samples = [noisy(gt, s, seed=51 + s) for s in (4, 9, 16)]
     torch.cuda.set_sync_debug_mode("error")  # raises on .item(), blocking copies, synchronize
