@@ -62,6 +62,7 @@ from sr_lib.resize import cached_tensors
 
 PROG = "sr_train.py"
 GRAPH_DEVICES = ("cuda",)  # --cuda-graphs (tests add "cpu", with `capture` replaced)
+FP16_DEVICES = ("cuda",)  # --amp fp16 training (tests add "cpu": GradScaler("cpu") stands in)
 
 
 @dataclass
@@ -399,7 +400,7 @@ def setup_process(args: TrainArgs, cleanup) -> tuple[distributed.Dist, torch.dev
         # Training patches have one shape: cuDNN times its algorithms once per shape and keeps
         # the fastest (the released SRFlow training does the same; --deterministic turns it off).
         torch.backends.cudnn.benchmark = True
-    if args.amp == "fp16" and device.type != "cuda":
+    if args.amp == "fp16" and device.type not in FP16_DEVICES:
         raise UsageError(f"--amp fp16 needs a CUDA device (got {device}); on a CPU use --amp bf16")
     if args.cuda_graphs:
         why = ("needs a CUDA device (got {device})" if device.type not in GRAPH_DEVICES else
@@ -562,8 +563,12 @@ def build_training(args: TrainArgs, cfg: dict, recipe: Recipe, resumed, device):
             f"--cuda-graphs: {args.model}'s training step changes on the host from "
             "step to step, so one recording cannot replay it; drop --cuda-graphs"
         )
-    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
-    return model, build_optimizers(model, recipe), scaler
+    optimizers = build_optimizers(model, recipe)
+    # A model with nothing to learn (bicubic) scales no loss, and GradScaler.update() refuses
+    # to run then.
+    fp16 = args.amp == "fp16" and bool(optimizers)
+    scaler = torch.amp.GradScaler(device.type) if fp16 else None
+    return model, optimizers, scaler
 
 
 def summary(args: TrainArgs, model, start: int, recipe: Recipe, dd, device, out: Path) -> str:
@@ -788,8 +793,14 @@ def train_step(model, forward, optimizers, batches, step, recipe, dd, scaler, au
 def capture(body, device: torch.device):
     """Record body() as a CUDA graph (nothing runs yet); returns the function that replays it.
     "thread_local": the loader's pin-memory thread may allocate while this thread records."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream(device)
+    # Our own stream context around torch's: when a recording fails, torch.cuda.graph's exit
+    # raises before it restores the current stream, so without this one the rest of the run
+    # (eager from then on) would run on the recording stream.
+    with (
+        torch.cuda.stream(stream),
+        torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"),
+    ):
         body()
     return graph.replay
 
@@ -884,7 +895,10 @@ class StepGraph:
         try:
             self.replay = capture(body, self.device)
         except RuntimeError as e:
-            self.failed = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            # What failed inside the recording raises first; torch.cuda.graph's exit then raises
+            # "operation failed due to a previous error during capture" from it: name the first.
+            cause = e.__context__ if isinstance(e.__context__, Exception) else e
+            self.failed = str(cause).splitlines()[0][:200] if str(cause) else type(cause).__name__
             self.reset()
             name = type(self.model).__name__
             print(f"{PROG}: warning: --cuda-graphs: {name}'s training step could not be "

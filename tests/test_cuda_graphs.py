@@ -204,10 +204,22 @@ def test_a_replay_bumps_what_it_writes_and_keeps_the_cached_tables_alive(monkeyp
     assert any(r() is None for r in held)  # without the recording they would have been freed
 
 
+def refuse_plainly(body, device):
+    raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+
+def refuse_as_torch_does(body, device):
+    """torch.cuda.graph: what failed while recording, then its exit's own error from it."""
+    try:
+        refuse_plainly(body, device)
+    except RuntimeError:
+        raise RuntimeError("operation failed due to a previous error during capture")  # noqa: B904
+
+
+@pytest.mark.parametrize("refuse", [refuse_plainly, refuse_as_torch_does])
 def test_an_unrecordable_step_runs_eagerly_with_one_warning(tmp_path, images, recorder,  # noqa: F811
-                                                            monkeypatch, capsys):  # fmt: skip
-    def refuse(body, device):
-        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+                                                            monkeypatch, capsys,
+                                                            refuse):  # fmt: skip
 
     monkeypatch.setattr(sr_train, "capture", refuse)
     flags = [*EDSR_TINY, "--model", "edsr", "--steps", "5", "--milestones"]

@@ -10,6 +10,7 @@ import torch
 
 import sr_train
 from sr_lib.checkpoint import load_checkpoint
+from sr_lib.data import _as_float
 
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU: --amp and --compile run on CUDA"
@@ -17,6 +18,10 @@ needs_cuda = pytest.mark.skipif(
 EDSR = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--scale", "2"]
 SRFLOW = ["--model", "srflow", "--nb", "2", "--nf", "8", "--gc", "4", "--rrdb-blocks", "0,1",
           "--flow-steps", "2", "--hidden-channels", "8", "--scale", "4"]  # fmt: skip
+
+
+VARSR = ["--model", "varsr", "--z-dim", "8", "--n-feats", "8", "--n-blocks", "1", "--enc-feats",
+         "4", "--d-channels", "4", "--lambda-per", "0", "--scale", "4"]  # fmt: skip
 
 
 def train(tmp_path, model, *flags):
@@ -32,6 +37,47 @@ def test_fp16_on_cpu_is_a_usage_error(tmp_path, capsys):
     assert e.value.code == 2 and "--amp fp16 needs a CUDA device" in err and "--amp bf16" in err
 
 
+@pytest.fixture
+def fp16_on_cpu(monkeypatch):
+    """--amp fp16 training on the CPU: the loop of a GPU, with GradScaler("cpu") for CUDA's."""
+    monkeypatch.setattr(sr_train, "FP16_DEVICES", ("cuda", "cpu"))
+
+
+def test_fp16_with_nothing_to_learn(tmp_path, fp16_on_cpu):
+    """bicubic scales no loss: no loss scaler (GradScaler.update() would refuse to run)."""
+    argv = ["--model", "bicubic", "--scale", "2"]
+    assert train(tmp_path, argv, "--amp", "fp16", "--device", "cpu") == 0
+    assert "scaler" not in load_checkpoint(tmp_path / "last.pt")
+
+
+def test_fp16_loss_scaling_trains_a_critic_and_resumes_exactly(tmp_path, fp16_on_cpu,
+                                                              monkeypatch):  # fmt: skip
+    """VarSR, 20 steps, its critic (WGAN-GP) on from step 10: the scaled gradients overflow
+    there and the scaler lowers its scale step by step; stopped at step 12 and resumed, the run
+    ends as one straight run, to the bit, which it cannot without the scaler's saved state."""
+    flags = ["--steps", "20", "--milestones", "--amp", "fp16", "--device", "cpu",
+             "--log-every", "1", "--save-every", "100"]  # fmt: skip
+    assert train(tmp_path / "a", VARSR, *flags) == 0
+    stops, catch, step = [], sr_train.catch_signals, sr_train.train_step
+    monkeypatch.setattr(sr_train, "catch_signals", lambda: stops.append(catch()) or stops[-1])
+
+    def step_then_stop(*args, **kwargs):
+        if args[4] == 11:  # (model, forward, optimizers, batches, step, ...)
+            stops[-1]["signal"] = "SIGUSR1"  # as the signal handler records it
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(sr_train, "train_step", step_then_stop)
+    assert train(tmp_path / "b", VARSR, *flags) == 75
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["step"] == 12
+    monkeypatch.setattr(sr_train, "train_step", step)
+    assert train(tmp_path / "b", VARSR, *flags, "--resume", "auto") == 0
+    a, b = (load_checkpoint(tmp_path / d / "last.pt") for d in "ab")
+    assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] < 2.0**16 / 2**4
+    assert a["skipped"] == b["skipped"] > 4  # overflows: skipped steps
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert all(v.isfinite().all() for v in a["state_dict"].values() if v.is_floating_point())
+
+
 @needs_cuda
 @pytest.mark.parametrize("model", [EDSR, SRFLOW], ids=["edsr", "srflow"])
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
@@ -39,6 +85,14 @@ def test_amp_trains_with_finite_weights(tmp_path, model, amp):
     assert train(tmp_path, model, "--device", "cuda", "--amp", amp) == 0
     sd = load_checkpoint(tmp_path / "last.pt")["state_dict"]
     assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+
+
+@needs_cuda
+def test_batches_are_converted_on_the_gpu_to_the_cpus_values():
+    """uint8 -> float32 / 255 on CUDA is an IEEE division as on the CPU (CUDA would multiply by
+    the reciprocal of a Python-number divisor: one bit off for 126 of the 256 values)."""
+    x = torch.arange(256, dtype=torch.uint8).view(1, 16, 16)
+    assert torch.equal(_as_float(x.cuda()).cpu(), _as_float(x))
 
 
 @needs_cuda
