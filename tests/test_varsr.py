@@ -15,7 +15,7 @@ from torch import nn
 import sr_train
 from sr_lib.models import build_model
 from sr_lib.models.base import NoiseSource
-from sr_lib.models.losses import gaussian_kl
+from sr_lib.models.losses import gaussian_kl, gradient_penalty
 
 CFG = {**TINY["varsr"], "scale": 4}
 
@@ -146,3 +146,19 @@ def test_tiny_training_run_switches_phase(tmp_path):
     steps = {r["step"]: r for r in log if "loss" in r}
     assert "adv" not in steps[2] and steps[2]["d_loss"] == 0
     assert "adv" in steps[3] and "d_gp" in steps[3]
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16, torch.float16])
+def test_the_gradient_penalty_runs_in_float32_under_float16_only(amp):
+    """Its double backward overflows float16 (an instance norm's 1/σ³); bfloat16 has float32's
+    range and keeps its speed; autocast stays as it was for the rest of the critic's loss."""
+    critic = nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4), nn.LeakyReLU(0.2))
+    dtypes = []  # of the critic's convolution: in the penalty, then in the plain critic call
+    critic[0].register_forward_hook(lambda m, args, out: dtypes.append(out.dtype))
+    real, fake = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    with torch.autocast("cpu", amp or torch.bfloat16, enabled=amp is not None):
+        gp = gradient_penalty(critic, real, fake)
+        critic(real)
+    in_penalty = torch.float32 if amp in (None, torch.float16) else torch.bfloat16
+    assert dtypes == [in_penalty, amp or torch.float32]
+    assert gp.dtype == torch.float32 and gp.isfinite()

@@ -10,6 +10,8 @@
 - `frozen_call`, `gradient_penalty`: the generator side of adversarial losses and WGAN-GP.
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -123,8 +125,16 @@ def frozen_call(module: nn.Module, *inputs: torch.Tensor):
 
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    """WGAN-GP's E[(‖∇D(x̂)‖₂ − 1)²], x̂ on random lines between real and generated images."""
-    t = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
-    x = (t * real + (1 - t) * fake).requires_grad_(True)
-    (grad,) = torch.autograd.grad(critic(x).sum(), x, create_graph=True)
-    return (grad.flatten(1).norm(dim=1) - 1).square().mean()
+    """WGAN-GP's E[(‖∇D(x̂)‖₂ − 1)²], x̂ on random lines between real and generated images.
+
+    Under float16 autocast it is computed in float32: its backward differentiates the critic
+    twice, and the second derivative of an instance norm grows as 1/σ³ of a channel's spread,
+    past float16's 65504 for near-flat channels at any loss scale (VarSR's critic: every
+    critic step non-finite from a few dozen steps on). bfloat16 has float32's range."""
+    device = real.device.type
+    half = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+    with torch.autocast(device, enabled=False) if half else contextlib.nullcontext():
+        t = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
+        x = (t * real.float() + (1 - t) * fake.float()).requires_grad_(True)
+        (grad,) = torch.autograd.grad(critic(x).sum(), x, create_graph=True)
+        return (grad.flatten(1).norm(dim=1) - 1).square().mean()
