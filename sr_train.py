@@ -273,7 +273,8 @@ def train(args: TrainArgs, rest: list[str], cleanup: contextlib.ExitStack) -> in
             break
         out_g, ok = train_step(model, forward, optimizers, batches, step, recipe, dd, scaler,
                                autocast, graph)  # fmt: skip
-        bad_steps.count(ok, step)
+        # (GradScaler.get_scale() would wait for the device: its tensor instead)
+        bad_steps.count(ok, step, scaler._get_scale_async() if scaler is not None else None)
         if ema is not None:
             ema.update(ok)  # a skipped step leaves the average as it is
         step += 1
@@ -921,10 +922,15 @@ class BadSteps:
         self.skipped = torch.full((), skipped, dtype=torch.int64, device=device)
         self.tripped = torch.full((), -1, dtype=torch.int64, device=device)
 
-    def count(self, ok: torch.Tensor, step: int) -> None:
-        bad = (ok == 0).long()
+    def count(self, ok: torch.Tensor, step: int, scale: torch.Tensor | None = None) -> None:
+        """`scale`: --amp fp16's loss scale after this step's update, which halves it on a
+        skipped step. A step skipped at a scale above 1 (so at least 1 after halving) is the
+        scaler's search for a scale whose gradients fit float16: skipped, but no part of a
+        streak (docs/design.md)."""
+        skipped = (ok == 0).long()
+        bad = skipped if scale is None else skipped * (scale < 1).long()
         self.run.add_(bad).mul_(bad)  # +1 on a bad step, back to 0 on a good one
-        self.skipped.add_(bad)
+        self.skipped.add_(skipped)
         self.tripped.copy_(torch.where((self.tripped < 0) & (self.run >= self.limit), step,
                                        self.tripped))  # fmt: skip
 

@@ -7,10 +7,13 @@ import json
 
 import pytest
 import torch
+from test_train_guard import flaky_models  # noqa: F401
 
 import sr_train
 from sr_lib.checkpoint import load_checkpoint
 from sr_lib.data import _as_float
+from sr_lib.models import MODELS
+from sr_lib.models.edsr import EDSR as EDSR_MODEL
 
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU: --amp and --compile run on CUDA"
@@ -78,6 +81,37 @@ def test_fp16_loss_scaling_trains_a_critic_and_resumes_exactly(tmp_path, fp16_on
     assert a["skipped"] == b["skipped"] == 2  # the two overflows
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert all(v.isfinite().all() for v in a["state_dict"].values() if v.is_floating_point())
+
+
+class LoudEDSR(EDSR_MODEL):
+    """EDSR with its loss times 2²⁶: float16 gradients that fit only below a scale of 2⁻⁵.
+    RefVAE's losses, sums over its 256² patches, give gradients up to 5·10⁴ at batch 2 (of
+    its recipe's 16) at the start: they fit float16 only at a scale below 1."""
+
+    def forward(self, lr, hr):
+        out = super().forward(lr, hr)
+        return {**out, "loss": out["loss"] * 2.0**26}
+
+
+def test_fp16_scale_search_is_not_a_streak_of_bad_steps(tmp_path, fp16_on_cpu, monkeypatch):
+    """From 2¹⁶ down to where the gradients fit takes over 20 skipped steps: the run goes on
+    (before, the 20th stopped it as non-finite); they are counted as skipped."""
+    monkeypatch.setitem(MODELS, "loud_edsr", LoudEDSR)
+    flags = ["--steps", "30", "--milestones", "--amp", "fp16", "--device", "cpu"]
+    assert train(tmp_path, ["--model", "loud_edsr", *EDSR[2:]], *flags) == 0
+    ck = load_checkpoint(tmp_path / "last.pt")
+    assert ck["skipped"] >= 21 and ck["scaler"]["scale"] <= 2.0**-5
+    assert all(v.isfinite().all() for v in ck["state_dict"].values() if v.is_floating_point())
+
+
+def test_fp16_non_finite_losses_still_stop_the_run(tmp_path, fp16_on_cpu, capsys, flaky_models):  # noqa: F811
+    """A NaN loss every step: the scaler halves its scale each time (2¹⁵ after step 0); once it
+    is below 1 (step 16), the steps count: --max-bad-steps 3 stops the run at step 18."""
+    flags = ["--steps", "40", "--milestones", "--amp", "fp16", "--device", "cpu",
+             "--max-bad-steps", "3", "--nan-steps", ",".join(map(str, range(40)))]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        train(tmp_path, ["--model", "flaky_edsr", *EDSR[2:]], *flags)
+    assert e.value.code == 5 and "step 18: 3 consecutive" in capsys.readouterr().err
 
 
 @needs_cuda
