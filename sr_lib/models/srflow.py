@@ -231,7 +231,7 @@ class SRFlow(SRModel):
             low.load_state_dict(self.RRDB.state_dict())
             low = low.to(lr.device).requires_grad_(False)
             if self.RRDB.conv_first.weight.is_contiguous(memory_format=torch.channels_last):
-                low = low.to(memory_format=torch.channels_last)  # as the model (--channels-last)
+                low = low.to(memory_format=torch.channels_last)  # as a channels-last model
             for name, part in low.named_children():
                 if name != "conv_first":  # float32 under autocast too (RRDBNet.features)
                     part.to(dtype)
