@@ -586,7 +586,7 @@ def summary(args: TrainArgs, model, start: int, recipe: Recipe, dd, device, out:
 def build_optimizers(model, recipe: Recipe) -> dict[str, torch.optim.Optimizer]:
     """Adam for the generator ("g", absent for a model with nothing to learn) and, if the model
     has a discriminator, its own ("d"). Fused: its kernel skips a step flagged non-finite on the
-    device (guarded_step)."""
+    device (step_unless_flagged)."""
     optimizers = {}
     if model.generator_parameters():
         optimizers["g"] = torch.optim.Adam(
@@ -758,11 +758,12 @@ def catch_signals() -> dict:
 
 def train_step(model, forward, optimizers, batches, step, recipe, dd, scaler, autocast,
                graph=None):  # fmt: skip
-    """Training step `step`: the generator, then the discriminator. Returns forward's output
-    (with the discriminator's parts as d_*) and `ok`, a 0-dim float32 tensor on the device:
-    0 if the step was non-finite on some rank and so changed nothing (weights, optimizer states,
-    buffers such as BatchNorm statistics); never read here (docs/design.md). With `graph`
-    (--cuda-graphs), the part after the host's decisions is replayed from a recording."""
+    """Training step `step`: the generator's backward, then the discriminator's, then both
+    optimizers' steps. Returns forward's output (with the discriminator's parts as d_*) and `ok`,
+    a 0-dim float32 tensor on the device: 0 if either part was non-finite on some rank, and so
+    the step changed nothing (weights, optimizer states, buffers such as BatchNorm statistics);
+    never read here (docs/design.md). With `graph` (--cuda-graphs), the part after the host's
+    decisions is replayed from a recording."""
     if not model.training:  # (after a validation; model.train() walks every module: ~3 ms)
         model.train()
     model.on_step(step, recipe.steps)
@@ -773,14 +774,21 @@ def train_step(model, forward, optimizers, batches, step, recipe, dd, scaler, au
         buffers = [b.clone() for b in model.buffers()]
         with autocast:
             out = forward(lr, hr)
-        ok = guarded_step(optimizers.get("g"), out["loss"], model.generator_parameters(),
-                          recipe.grad_clip, dd, scaler)  # fmt: skip
-        if "d" in optimizers:  # stepped only if the generator's step was finite too (`ok`)
+        ok, g = checked_backward(optimizers.get("g"), out["loss"], model.generator_parameters(),
+                                 recipe.grad_clip, dd, scaler)  # fmt: skip
+        stepping = [g]
+        if "d" in optimizers:
+            # The critic learns from the generator's output before the generator's step (as when
+            # each stepped in turn); neither steps unless both parts are finite.
             with autocast:
                 out_d = model.discriminator_loss(lr, hr, out)
-            ok = guarded_step(optimizers["d"], out_d["loss"], model.discriminator.parameters(),
-                              recipe.grad_clip, dd, scaler, sync=True, ok=ok)  # fmt: skip
+            ok_d, d = checked_backward(optimizers["d"], out_d["loss"],
+                                       model.discriminator.parameters(), recipe.grad_clip, dd,
+                                       scaler, sync=True)  # fmt: skip
+            ok, stepping = ok * ok_d, stepping + [d]
             out.update({f"d_{k}": v for k, v in out_d.items()})
+        ok = distributed.all_min_(ok, dd)
+        step_unless_flagged([o for o in stepping if o is not None], ok)
         with torch.no_grad():
             for b, before in zip(model.buffers(), buffers):
                 b.copy_(torch.where(ok > 0, b, before))
@@ -1019,38 +1027,40 @@ def finish(stopped: str | None, step: int, skipped: int, out: Path, args, dd, sa
     return 0
 
 
-def guarded_step(opt, loss, params, grad_clip, dd, scaler=None, sync=False, ok=None):
-    """backward + finite check (agreed by all ranks) + optional clipping + a step that a
-    non-finite loss or gradient on any rank (or `ok` == 0, an earlier part of the step) turns
-    into nothing. Returns that flag, a 0-dim float32 tensor on the device (1 = stepped).
+def checked_backward(opt, loss, params, grad_clip, dd, scaler=None, sync=False):
+    """backward + finite check + optional clipping for one part of a step (the generator's, the
+    discriminator's). Returns (this rank's flag: loss and gradient norm finite, a 0-dim float32
+    tensor on the device; the optimizer to step, None when nothing learns from this loss).
+    `sync`: average the gradients across ranks here (parameters outside DDP)."""
+    flag = torch.isfinite(loss.detach()).float()
+    if opt is None or not loss.requires_grad:  # bicubic; a critic before its phase
+        return flag, None
+    opt.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    params = [p for p in params if p.grad is not None]
+    if sync:
+        distributed.average_gradients(params, dd)
+    if scaler is not None:
+        scaler.unscale_(opt)  # scaler.update() then lowers the scale after an overflow
+    if params:  # without clipping, only the norm (the finite check): no pass scaling by 1
+        norm = (torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else
+                torch.nn.utils.get_total_norm([p.grad for p in params]))  # fmt: skip
+        flag = flag * torch.isfinite(norm)
+    return flag, opt
+
+
+def step_unless_flagged(optimizers: list, ok: torch.Tensor) -> None:
+    """Each optimizer's step, which `ok` == 0 turns into nothing.
 
     The flag is never read on the host (a device-to-host copy would stall the step): it reaches
     Adam's fused kernel as `found_inf`, the mechanism of torch's GradScaler, which then leaves
-    the weights, the moments and the step count untouched. `sync`: average the gradients across
-    ranks here (parameters outside DDP).
-    """
-    flag = torch.isfinite(loss.detach()).float()
-    learns = opt is not None and loss.requires_grad  # bicubic: nothing to learn
-    if learns:
-        opt.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        params = [p for p in params if p.grad is not None]
-        if sync:
-            distributed.average_gradients(params, dd)
-        if scaler is not None:
-            scaler.unscale_(opt)  # scaler.update() then lowers the scale after an overflow
-        if params:  # without clipping, only the norm (the finite check): no pass scaling by 1
-            norm = (torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else
-                    torch.nn.utils.get_total_norm([p.grad for p in params]))  # fmt: skip
-            flag = flag * torch.isfinite(norm)
-    flag = distributed.all_min_(flag if ok is None else flag * ok, dd)
-    if learns:
-        opt.found_inf = 1 - flag
+    the weights, the moments and the step count untouched."""
+    for opt in optimizers:
+        opt.found_inf = 1 - ok
         try:
             opt.step()
         finally:
             del opt.found_inf
-    return flag
 
 
 def set_deterministic() -> None:

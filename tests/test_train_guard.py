@@ -27,13 +27,14 @@ REPO = Path(__file__).resolve().parents[1]
 def flaky(base):
     """`base` whose loss is NaN at the steps listed in --nan-steps; with --nan-once only the first
     time each of those steps runs (a rollback then gets past them); with --nan-rank R only on
-    process R of several."""
+    process R of several; with --nan-critic the discriminator's loss instead."""
 
     @dataclass
     class FlakyConfig(base.Config):
         nan_steps: str = ""
         nan_once: bool = False
         nan_rank: int = field(default=-1, metadata=dict(range="[-1, inf)"))  # -1: every rank
+        nan_critic: bool = False
 
     class Flaky(base):
         Config = FlakyConfig
@@ -46,16 +47,21 @@ def flaky(base):
             super().on_step(step, total)
             self.step = step
 
-        def forward(self, lr, hr):
-            out = super().forward(lr, hr)
+        def spoil(self, out, critic):
             bad = {int(s) for s in self.cfg.nan_steps.split(",") if s}
             rank = int(os.environ.get("RANK", 0))
-            if self.cfg.nan_rank not in (-1, rank):
+            if self.cfg.nan_rank not in (-1, rank) or critic != self.cfg.nan_critic:
                 bad = set()
             if self.step in bad and not (self.cfg.nan_once and self.step in self.seen):
                 self.seen.add(self.step)
                 out["loss"] = out["loss"] * float("nan")
             return out
+
+        def forward(self, lr, hr):
+            return self.spoil(super().forward(lr, hr), critic=False)
+
+        def discriminator_loss(self, lr, hr, out):
+            return self.spoil(super().discriminator_loss(lr, hr, out), critic=True)
 
     return Flaky
 
@@ -152,15 +158,17 @@ def test_no_host_reads_between_log_and_save_steps(tmp_path, images, monkeypatch,
     assert {r[1] for r in reads} <= {4, 8}, reads
 
 
+@pytest.mark.parametrize("where", ["generator", "critic"])
 def test_a_skipped_step_changes_nothing_discriminator_and_buffers_included(
-    tmp_path, images, flaky_models
+    tmp_path, images, flaky_models, where
 ):
-    """A NaN generator loss at step 1 skips that whole step: the generator's and the
-    discriminator's weights, both Adam states (moments, step counts) and the discriminator's
-    BatchNorm statistics are those after step 0."""
+    """A NaN generator (or discriminator) loss at step 1 skips that whole step: the generator's
+    and the discriminator's weights, both Adam states (moments, step counts) and the
+    discriminator's BatchNorm statistics are those after step 0."""
     common = [*VSPSR_TINY, "--learning-rate", "1e-3"]
+    nan = ["--nan-steps", "1"] + (["--nan-critic"] if where == "critic" else [])
     assert run(tmp_path / "one", images, *common, "--steps", "1") == 0
-    assert run(tmp_path / "two", images, *common, "--steps", "2", "--nan-steps", "1") == 0
+    assert run(tmp_path / "two", images, *common, "--steps", "2", *nan) == 0
     a, b = (
         load_checkpoint(tmp_path / "one" / "last.pt"),
         load_checkpoint(tmp_path / "two" / "last.pt"),
@@ -312,8 +320,14 @@ def test_a_finite_loss_with_a_non_finite_gradient_is_skipped(grad_clip):
     pass scaling every gradient by 1); either way the flag is 0 and Adam changes nothing."""
     w = torch.nn.Parameter(torch.tensor([0.0, 1.0]))
     opt = torch.optim.Adam([w], lr=0.1, fused=True)
-    ok = sr_train.guarded_step(opt, w.sqrt().sum() - 1, [w], grad_clip, sr_train.distributed.Dist())
-    assert float(ok) == 0 and torch.equal(w.detach(), torch.tensor([0.0, 1.0]))
-    ok = sr_train.guarded_step(opt, (w - 2).square().sum(), [w], grad_clip,
-                               sr_train.distributed.Dist())  # fmt: skip
-    assert float(ok) == 1 and not torch.equal(w.detach(), torch.tensor([0.0, 1.0]))
+
+    def step(loss):
+        ok, stepping = sr_train.checked_backward(opt, loss, [w], grad_clip,
+                                                 sr_train.distributed.Dist())  # fmt: skip
+        assert stepping is opt
+        sr_train.step_unless_flagged([opt], ok)
+        return float(ok)
+
+    assert step(w.sqrt().sum() - 1) == 0 and torch.equal(w.detach(), torch.tensor([0.0, 1.0]))
+    assert step((w - 2).square().sum()) == 1
+    assert not torch.equal(w.detach(), torch.tensor([0.0, 1.0]))
