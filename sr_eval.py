@@ -341,6 +341,8 @@ def run_settings(args, shave, device, lpips_metric, columns, methods) -> dict:
         "color": "rgb" if args.ntire else args.color,
         "shave": 0 if args.ntire else shave,
         "lpips": lpips_metric.info if lpips_metric else None,
+        # samples per LPIPS pass: batches above 1 round the convolutions differently (~1e-6)
+        "lpips_batch": lpips_metric.batch if lpips_metric else None,
         "columns": columns,
         "inf": 'written as the string "inf"',
         "device": str(device),

@@ -161,6 +161,7 @@ def test_end_to_end_index_layout_with_lr(tmp_path, capsys, lpips_file):
         "generic",
     )
     assert s["lpips"]["sha256"] == __import__("hashlib").sha256(lpips_file.read_bytes()).hexdigest()
+    assert s["lpips_batch"] == 1  # the CPU default: the lpips module's rounding, bit for bit
     assert s["version"] == __import__("sr_lib").__version__ and "multiple of 8" in s["crop"]
     want = expected(hr_dir, sr_dir, N, lpips_file, lr_dir)
     assert [r["image"] for r in res["per_image"]] == ["0801", "0802"]

@@ -510,11 +510,14 @@ def measure_eval(b: Bench) -> None:
                 "--out", str(Path(root) / "r.json")]  # fmt: skip
         with contextlib.redirect_stdout(io.StringIO()):
             sr_eval.main(argv)  # warm-up: cuDNN, file cache
+            b.reset_peak()
             t = time.perf_counter()
             sr_eval.main(argv)
             dt = time.perf_counter() - t
+        settings = json.loads((Path(root) / "r.json").read_text())["settings"]
     b.put("eval/ntire", {"images": images, "size": [bench_eval.H, bench_eval.W], "n": n,
-                         "s_per_image": round(dt / images, 3)})  # fmt: skip
+                         "s_per_image": round(dt / images, 3), "peak_gb": b.peak_gb(),
+                         "lpips_batch": settings["lpips_batch"]})  # fmt: skip
 
 
 def plan(b: Bench) -> list[tuple[str, str, object]]:
