@@ -29,7 +29,7 @@ the rest are listed as skipped):
                  bf16 autocast: median seconds, peak memory; and sr_sample.py end to end on the
                  ×4 LR (checkpoint loading, drawing, the 10 PNGs of 2040×1356 written), with its
                  PNG writer on every core and on one thread
-  eval           sr_eval.py --ntire on 2040×1352 images, N = 10: seconds per image
+  eval           sr_eval.py --ntire on 2040×1352 images, N = 10: seconds per image, peak memory
   train_others   VSpSR, VarSR, EDSR at their recipes: fp32, bf16, graphs, bf16 + graphs, compile,
                  bf16 + compile
 Random weights throughout (ActNorm data-initialised; VGG and LPIPS random): timings do not depend
