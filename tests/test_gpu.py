@@ -85,8 +85,8 @@ def test_fp16_loss_scaling_trains_a_critic_and_resumes_exactly(tmp_path, fp16_on
 
 class LoudEDSR(EDSR_MODEL):
     """EDSR with its loss times 2²⁶: float16 gradients that fit only below a scale of 2⁻⁵.
-    RefVAE's losses, sums over its 256² patches, give gradients up to 5·10⁴ at batch 2 (of
-    its recipe's 16) at the start: they fit float16 only at a scale below 1."""
+    RefVAE's losses, sums over its recipe's 16 patches of 256², give a gradient of 2·10⁵ at the
+    start (random weights): it fits float16 only at a scale of 1/4 or less."""
 
     def forward(self, lr, hr):
         out = super().forward(lr, hr)
