@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_train_guard import flaky_models  # noqa: F401
+from test_train_guard import flaky_models, tiny  # noqa: F401
 
 import sr_train
 from sr_lib.checkpoint import load_checkpoint
@@ -21,10 +21,7 @@ needs_cuda = pytest.mark.skipif(
 EDSR = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--scale", "2"]
 SRFLOW = ["--model", "srflow", "--nb", "2", "--nf", "8", "--gc", "4", "--rrdb-blocks", "0,1",
           "--flow-steps", "2", "--hidden-channels", "8", "--scale", "4"]  # fmt: skip
-
-
-VARSR = ["--model", "varsr", "--z-dim", "8", "--n-feats", "8", "--n-blocks", "1", "--enc-feats",
-         "4", "--d-channels", "4", "--lambda-per", "0", "--scale", "4"]  # fmt: skip
+VARSR = ["--model", "varsr", *tiny("varsr"), "--lambda-per", "0", "--scale", "4"]
 
 
 def train(tmp_path, model, *flags):
