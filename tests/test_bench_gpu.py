@@ -40,6 +40,7 @@ def test_a_training_measurement_and_a_spent_budget(capsys):
     row = r["train"]["srflow_x4"]
     assert code == 0 and not r["errors"] and not r["skipped"]
     assert row["fp32"]["median_s"] > 0 and (row["batch"], row["hr_patch"]) == (2, 32)
+    assert len(r["loadavg_start"]) == len(r["loadavg_end"]) == 3 and r["threads"] >= 1
     code, r = in_process(capsys, "--budget", "0")  # nothing measured: everything listed
     assert code == 0 and "train" not in r and {"srflow_x4/fp32", "eval"} <= set(r["skipped"])
 
@@ -51,7 +52,7 @@ def test_graph_check_compares_recorded_and_eager_training(capsys):
     assert code == 0 and not r["errors"]
     for variant in ("fp32", "bf16"):
         row = r["graph_check"]["srflow_x4"][variant]
-        assert row["recordings"] == 2 and row["steps"] == 16
+        assert row["recordings"] == 2 and row["steps"] == 16 and row["recording_failed"] is None
         assert row["loss_max_abs_diff"] == 0 and row["weight_max_rel_diff_per_tensor"] == 0
 
 
@@ -62,7 +63,8 @@ def test_profile_section_says_where_a_step_goes(capsys):
     assert code == 0 and not r["errors"] and not r["skipped"]
     for variant in ("fp32", "bf16"):
         row = r["profile"]["srflow_x4"][variant]
-        assert row["kernels_per_step"] == 0 and row["device_busy_fraction"] is None
+        assert row["kernels_per_step"] == row["copies_per_step"] == 0 and not row["top_kernels"]
+        assert row["device_busy_fraction"] is None
         assert row["step_s_unprofiled"] > 0 and len(row["top_time"]) == 15
         names = [name for name, *_ in row["top_time"] + row["top_calls"]]
         assert any("convolution" in name for name in names)
@@ -81,6 +83,9 @@ def test_training_sampling_and_eval_sections(tmp_path):
     assert set(r["sample"]) == {"srflow_x4_lr12x18", "srflow_x8_lr12x18"}
     assert all(set(v) == {"fp32", "bf16"} for v in r["sample"].values())
     assert r["eval"]["ntire"]["s_per_image"] > 0 and r["eval"]["ntire"]["n"] == 3
+    assert r["eval"]["ntire"]["lpips_batch"] == 1 and r["eval"]["ntire"]["peak_gb"] is None
+    cli = r["sample_cli"]["srflow_x4_lr12x18"]  # sr_sample.py end to end
+    assert cli["s"] > 0 and cli["s_one_writer"] > 0 and cli["writer_threads"] >= 1
 
 
 @pytest.mark.slow
