@@ -7,7 +7,15 @@ import json
 
 import pytest
 import torch
-from test_train_guard import flaky_models, tiny  # noqa: F401
+from test_train_guard import (  # noqa: F401
+    READ_CASES,
+    flaky_models,
+    images,
+    pretend_imagenet,
+    read_case,
+    run,
+    tiny,
+)
 
 import sr_train
 from sr_lib.checkpoint import load_checkpoint
@@ -205,3 +213,32 @@ def test_cudnn_times_its_algorithms_on_a_gpu_unless_deterministic(monkeypatch):
             assert torch.backends.cudnn.benchmark is expected
     finally:
         torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", READ_CASES)
+def test_steady_steps_never_synchronise_on_a_gpu(
+    tmp_path,
+    images,  # noqa: F811
+    monkeypatch,
+    case,
+    pretend_imagenet,  # noqa: F811
+):
+    """test_train_guard's host-read cases on CUDA, under CUDA's own detector of synchronising
+    calls (a value read, a blocking copy, nonzero): it raises in steps 1, 5 and 6 of 8, those
+    that neither log nor save nor start something (step 0 builds caches, optimizer states and
+    cuDNN's choices; VarSR's critic starts at 2, SRFlow's encoder and the ℓE σ-only phase at 4;
+    steps 3 and 7 end in a log or save)."""
+    argv, scale = read_case(case, images, monkeypatch)
+    real = sr_train.train_step
+
+    def train_step(*args, **kwargs):
+        step = inspect.signature(real).bind(*args, **kwargs).arguments["step"]
+        torch.cuda.set_sync_debug_mode("error" if step in (1, 5, 6) else "default")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sr_train, "train_step", train_step)
+    try:
+        assert run(tmp_path, images, *argv, "--device", "cuda", scale=scale) == 0
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

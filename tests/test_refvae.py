@@ -114,6 +114,40 @@ def test_loss_variants(cfg, make_batch):
     assert parts <= set(out)
 
 
+def test_imagenet_encoder_is_loaded_once_and_read_once(monkeypatch, make_batch):
+    """--pretrained: the VGG19 weights are loaded at the first forward; later forwards neither
+    load nor read the "loaded" buffer (a GPU read per step); a loaded state_dict is read again."""
+    from types import SimpleNamespace
+
+    from torchvision.models.vgg import cfgs, make_layers
+
+    from sr_lib.models import refvae
+
+    loads, reads = [], []
+    monkeypatch.setattr(refvae, "resolve", lambda name, **kwargs: None)
+    monkeypatch.setattr(refvae, "load_alexnet_trunk", lambda net, *args: None)
+    monkeypatch.setattr(refvae, "torchvision_model", lambda name, pretrained: loads.append(name)
+                        or SimpleNamespace(features=make_layers(cfgs["E"])))  # fmt: skip
+    real_bool = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(1) or real_bool(t))
+    lr, hr = make_batch(4)
+    net = model(pretrained=True, lambda_lpips=0.0).train()
+    net(lr, hr)
+    assert loads == ["vgg19"] and reads == [1] and bool(net.vgg_loaded)
+    encoder = {k: v.clone() for k, v in net.vgg.state_dict().items()}
+    reads.clear()
+    net(lr, hr)
+    assert loads == ["vgg19"] and reads == []
+    loaded = model(pretrained=True, lambda_lpips=0.0).train()
+    loaded.load_state_dict(net.state_dict())  # a checkpoint with the encoder in it: not reloaded
+    loaded(lr, hr)
+    assert loads == ["vgg19"] and reads == [1]
+    assert all(torch.equal(v, encoder[k]) for k, v in loaded.vgg.state_dict().items())
+    net.load_state_dict(model(pretrained=True, lambda_lpips=0.0).state_dict())  # not loaded yet
+    net(lr, hr)
+    assert loads == ["vgg19", "vgg19"]
+
+
 def test_training_references_from_a_folder(tmp_path, make_batch):
     net = model(ref_data=str(images(tmp_path / "art"))).train()
     _, hr = make_batch(4, b=4)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import imageio.v3 as iio
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 import torch
 from conftest import TINY
 from test_distributed import ONE_WORKER, free_port
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import sr_train
 from sr_lib import models
@@ -116,46 +118,149 @@ def records(run_dir):
 
 
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
+# Operations whose output size depends on values (a host read inside the operation on a GPU).
+SIZED_BY_VALUES = ("nonzero", "masked_select", "unique_dim", "_unique", "_unique2",
+                   "unique_consecutive", "repeat_interleave", "equal", "is_nonzero")  # fmt: skip
+
+# Every model, with its optional parts on and --ema: case -> (model, extra flags, scale). Steps 0-7
+# of 8: SRFlow's encoder unfreezes at step 4, VarSR's critic starts at step 2, the ℓE σ-only
+# phase at step 4.
+READ_CASES = {
+    "bicubic": ("bicubic", [], 2),
+    "edsr_bf16_clip": ("edsr", ["--amp", "bf16", "--grad-clip", "1"], 2),
+    "edsr_le": ("edsr", ["--loss", "le", "--le-sigma-feats", "8", "--le-sigma-ema", "0.9",
+                         "--le-sigma-final-fraction", "0.5"], 2),
+    "rrdb": ("rrdb", [], 2),
+    "srflow": ("srflow", [], 4),
+    "srflow_da": ("srflow_da", [], 4),
+    "ncsr": ("ncsr", [], 4),
+    "vspsr": ("vspsr", ["--cem-train"], 2),
+    "varsr": ("varsr", ["--adv-start", "0.25", "--lambda-per", "0.01"], 4),
+    "vspsr_fp16": ("vspsr", ["--amp", "fp16"], 2),
+    "refvae": ("refvae", ["--adv-loss", "l1", "--lambda-lpips", "0.1"], 4),  # and pretrained
+}  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["edsr", "vspsr", "srflow", "edsr_le_ema"])
-def test_no_host_reads_between_log_and_save_steps(tmp_path, images, monkeypatch, name):
-    """On a GPU every read of a tensor's value on the host waits for the device. The loop reads
-    only at log, validation and save steps (steps 4 and 8 here), never inside a training step,
-    also for a model with a discriminator (vspsr), a flow (srflow) and the ℓE loss with its
-    σ weight average (its step counter is read once, then kept on the host)."""
-    name, extra = (name, []) if name != "edsr_le_ema" else (
-        "edsr", ["--loss", "le", "--le-sigma-feats", "8", "--le-sigma-ema", "0.9"])  # fmt: skip
-    reads = []
-    train_code, step_code = sr_train.train.__code__, sr_train.train_step.__code__
+class LoopReads:
+    """Host reads of tensor values while sr_train.train runs: (what, step of the loop, inside
+    train_step). Tensor methods that hand a value to Python are patched; operations whose output
+    size depends on values are seen as they are dispatched."""
 
-    def spy(method):
-        real = getattr(torch.Tensor, method)
+    def __init__(self, monkeypatch):
+        self.reads = []
+        self.train_code, self.step_code = sr_train.train.__code__, sr_train.train_step.__code__
+        for method in HOST_READS:
+            monkeypatch.setattr(
+                torch.Tensor, method, self.spy(method, getattr(torch.Tensor, method))
+            )
+        self.mode = Dispatched(self)
 
-        def read(self, *args, **kwargs):
-            caller = sys._getframe(1)
-            # The loader converts CPU batches on the host (workers 0); not a read of the device.
-            if not caller.f_code.co_filename.endswith(str(Path("sr_lib", "data.py"))):
-                frame, in_step = caller, False
-                while frame is not None and frame.f_code is not train_code:
-                    in_step |= frame.f_code is step_code
-                    frame = frame.f_back
-                if frame is not None and "step" in frame.f_locals:  # inside the loop
-                    reads.append((method, frame.f_locals["step"], in_step))
-            return real(self, *args, **kwargs)
+    def spy(self, method, real):
+        def read(tensor, *args, **kwargs):
+            self.seen(method, sys._getframe(1))
+            return real(tensor, *args, **kwargs)
 
         return read
 
-    for method in HOST_READS:
-        monkeypatch.setattr(torch.Tensor, method, spy(method))
-    scale = 4 if name == "srflow" else 2
-    argv = ["--model", name, *tiny(name), *extra, "--log-every", "4", "--save-every", "8",
-            "--steps", "8"]  # fmt: skip
-    assert run(tmp_path, images, *argv, scale=scale) == 0
+    def seen(self, what, caller):
+        # The loader converts CPU batches on the host (workers 0); not a read of the device.
+        if caller.f_code.co_filename.endswith(str(Path("sr_lib", "data.py"))):
+            return
+        frame, in_step = caller, False
+        while frame is not None and frame.f_code is not self.train_code:
+            in_step |= frame.f_code is self.step_code
+            frame = frame.f_back
+        if frame is not None and "step" in frame.f_locals:  # inside the loop
+            self.reads.append((what, frame.f_locals["step"], in_step))
+
+
+class Dispatched(TorchDispatchMode):
+    def __init__(self, loop_reads):
+        super().__init__()
+        self.loop_reads = loop_reads
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._overloadpacket.__name__
+        masks = args[1] if name.startswith("index") and len(args) > 1 else ()
+        masked = any(isinstance(m, torch.Tensor) and m.dtype in (torch.bool, torch.uint8)
+                     for m in (masks or ()))  # fmt: skip
+        if name in SIZED_BY_VALUES or masked:
+            self.loop_reads.seen(name, sys._getframe(1))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def pretend_imagenet(monkeypatch):
+    """RefVAE --pretrained with random VGG19 and AlexNet weights in place of the manifest's."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    from sr_lib.models import refvae
+
+    monkeypatch.setattr(refvae, "resolve", lambda name, **kwargs: None)
+    monkeypatch.setattr(refvae, "load_alexnet_trunk", lambda net, *args: None)
+    monkeypatch.setattr(
+        refvae,
+        "torchvision_model",
+        lambda name, pretrained: SimpleNamespace(features=make_layers(cfgs["E"])),
+    )
+
+
+def read_case(case: str, images: Path, monkeypatch) -> tuple[list[str], int]:
+    """sr_train.py flags (but --device) and scale of a READ_CASES case, 8 steps, logging at 4
+    and 8, saving at 8. RefVAE needs the `pretend_imagenet` fixture."""
+    name, extra, scale = READ_CASES[case]
+    flags = tiny(name)
+    if case == "refvae":
+        flags.remove("--no-pretrained")  # (pretend_imagenet)
+        extra = [*extra, "--ref-data", str(images)]
+    if "fp16" in extra:
+        monkeypatch.setattr(sr_train, "FP16_DEVICES", ("cuda", "cpu"))
+    argv = ["--model", name, *flags, *extra, "--ema", "0.999", "--log-every", "4",
+            "--save-every", "8", "--steps", "8"]  # fmt: skip
+    return argv, scale
+
+
+@pytest.mark.parametrize("case", READ_CASES)
+def test_no_host_reads_between_log_and_save_steps(tmp_path, images, monkeypatch, case,
+                                                   pretend_imagenet):  # fmt: skip
+    """On a GPU every read of a tensor's value on the host waits for the device. The loop reads
+    only at log, validation and save steps (steps 4 and 8 here), never inside a training step:
+    every model, with its weight average, its phases (a flow's encoder unfreezing, a critic
+    starting, the ℓE σ-only phase), mixed precision and the loss scaler, clipping, RefVAE's
+    ImageNet encoder (loaded once, then not read again) and references from a folder.
+    tests/test_gpu.py checks the same on a GPU with CUDA's own detector of synchronisations."""
+    argv, scale = read_case(case, images, monkeypatch)
+    spy = LoopReads(monkeypatch)
+    with spy.mode:
+        assert run(tmp_path, images, *argv, scale=scale) == 0
     monkeypatch.undo()
-    assert reads, "the spy saw nothing: the logging steps must read the loss"
-    assert not [r for r in reads if r[2]], f"host reads inside a training step: {reads}"
-    assert {r[1] for r in reads} <= {4, 8}, reads
+    assert spy.reads, "the spy saw nothing: the logging steps must read the loss"
+    assert not [r for r in spy.reads if r[2]], f"host reads inside a training step: {spy.reads}"
+    assert {r[1] for r in spy.reads} <= {4, 8}, spy.reads
+
+
+@pytest.mark.parametrize("read", ["item", "mask", "nonzero"])
+def test_the_host_read_spy_sees_reads_in_a_step(tmp_path, images, monkeypatch, read):
+    """The spy of the test above sees a read inside the model's forward at every step."""
+    real = EDSR.forward
+
+    def forward(self, lr, hr):
+        out = real(self, lr, hr)
+        if read == "item":
+            out["loss"] = out["loss"] * out["loss"].item() / out["loss"].item()
+        elif read == "mask":
+            out["loss"] = out["loss"] + lr[lr > 2].sum()  # a boolean mask: size from values
+        else:
+            out["loss"] = out["loss"] + torch.nonzero(lr > 2).sum()
+        return out
+
+    monkeypatch.setattr(EDSR, "forward", forward)
+    spy = LoopReads(monkeypatch)
+    with spy.mode:
+        assert run(tmp_path, images, "--model", "edsr", *tiny("edsr"), "--log-every", "4",
+                   "--steps", "4") == 0  # fmt: skip
+    monkeypatch.undo()
+    assert {r[1] for r in spy.reads if r[2]} == {0, 1, 2, 3}, spy.reads
 
 
 @pytest.mark.parametrize("where", ["generator", "critic"])

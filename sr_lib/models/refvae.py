@@ -239,6 +239,7 @@ class RefVAE(LatentSRModel):
         self._lpips: list[nn.Module] = []  # a list keeps the frozen LPIPS out of state_dict
         self._ref_files = None
         self._step = 0
+        self._vgg_ready = False  # vgg_loaded as the host last read it (not read every step)
 
     @classmethod
     def recipe(cls, scale: int) -> Recipe:
@@ -254,12 +255,22 @@ class RefVAE(LatentSRModel):
         self._step = step  # picks the training references of --ref-data DIR
 
     def _load_weights(self) -> None:
-        """ImageNet VGG19 into the frozen encoder, once (CheckpointError with a staging hint)."""
-        if self.cfg.pretrained and not bool(self.vgg_loaded):
+        """ImageNet VGG19 into the frozen encoder, once (CheckpointError with a staging hint).
+
+        Called by every forward: the buffer is read on the host only until it says True (a read
+        of a GPU tensor waits for the GPU's queue to drain), and again after a state_dict load."""
+        if not self.cfg.pretrained or self._vgg_ready:
+            return
+        if not bool(self.vgg_loaded):
             resolve("vgg19")  # fail before allocating the 548 MB model
             features = torchvision_model("vgg19", pretrained=True).features
             self.vgg.features.load_state_dict(features[: len(self.vgg.features)].state_dict())
             self.vgg_loaded.fill_(True)
+        self._vgg_ready = True
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._vgg_ready = False  # the loaded vgg_loaded is read again
 
     def lpips(self) -> nn.Module:
         """Frozen LPIPS v0.1 alex, spatial; AlexNet trunk from the manifest (random if not
@@ -282,7 +293,9 @@ class RefVAE(LatentSRModel):
         pick = np.random.default_rng([REF_SEED, self._step]).integers(
             len(self._ref_files), size=len(hr)
         )
-        return torch.stack([_ref_image(self._ref_files[i], c.ref_size) for i in pick]).to(hr)
+        refs = torch.stack([_ref_image(self._ref_files[i], c.ref_size) for i in pick])
+        # from pinned memory without blocking, as the batches (a pageable copy waits for the GPU)
+        return (refs.pin_memory() if hr.is_cuda else refs).to(hr, non_blocking=True)
 
     def encode_refs(self, refs) -> tuple[torch.Tensor, torch.Tensor]:
         """μ, log σ² (N, D) of N references ((N, 3, h, w) or a list of (3, h, w) in [0, 1]),
@@ -395,6 +408,7 @@ class RefVAE(LatentSRModel):
         if self.cfg.adv_loss == "gan":
             loss = red(F.softplus(-real)) + red(F.softplus(fake))
         else:
-            hi, lo = 0.7 + 0.5 * torch.rand(()).item(), 0.3 * torch.rand(()).item()
+            u = torch.rand(2, device=real.device)  # drawn on the device: never read by the host
+            hi, lo = 0.7 + 0.5 * u[0], 0.3 * u[1]
             loss = 0.5 * (red((real - hi).abs()) + red((fake - lo).abs()))
         return {"loss": loss, "real": real.mean().detach(), "fake": fake.mean().detach()}
