@@ -178,11 +178,13 @@ class TrainArgs:
         metadata=dict(help="record the training step once as a CUDA graph and replay it: no "
                       "per-kernel launch cost (one CUDA process, --amp none or bf16)"),
     )  # fmt: skip
-    ema: float = field(
-        default=0.0,
+    ema: float | None = field(
+        default=None,
         metadata=dict(
+            type=float,
             help="keep an exponential moving average of the weights with this decay, e.g. 0.999 "
-            "(0 = off): validation, best.pt and sr_sample.py use it",
+            "(0 = off): validation, best.pt and sr_sample.py use it (default: off; a resumed "
+            "run continues the average of its checkpoint)",
             range="[0, 1)",
         ),
     )
@@ -346,6 +348,8 @@ def resolve_run(args: TrainArgs, rest: list[str]):
             f"--lr-data: {len(args.lr_data)} folders for {len(args.data)} --data folders; give "
             "one LR folder per HR folder"
         )
+    if args.ema is None:  # a resume that leaves out --ema keeps the average it has
+        args.ema = resumed.get("ema_decay", 0.0) if resumed is not None else 0.0
     if args.model not in MODELS:
         raise UsageError(f"--model: choose one of {', '.join(MODELS)} (got {args.model!r})")
     model_cls = MODELS[args.model]
@@ -674,9 +678,26 @@ def start_model(args, model, optimizers, scaler, resumed, path, dataset, steps, 
     if resumed is not None:
         restore(resumed, path, model, optimizers, scaler, dd)
         say(f"resumed {path} at step {start}")
+        change = ema_change(args.ema, resumed, path)
+        if change:
+            say(change)
     initialize(model, dataset, start, steps, bool(resumed or args.init_from), dd, device,
                args.compile or args.ema > 0)  # fmt: skip
     return EMA(model, args.ema, resumed, path) if args.ema and dd.main else None
+
+
+def ema_change(decay: float, resumed: dict, path) -> str | None:
+    """What --ema DECAY does to the weight average of the checkpoint a run resumes (None: it
+    goes on as it was)."""
+    held = resumed.get("ema_decay")
+    if held is None:
+        return f"--ema {decay:g}: {path} holds no weight average; it starts here" if decay else None
+    if not decay:
+        return (f"--ema 0: the weight average of {path} (decay {held:g}) is dropped; validation "
+                "and the checkpoints from here on have the raw weights only")  # fmt: skip
+    if decay != held:
+        return f"--ema {decay:g}: the weight average of {path} goes on at this decay (was {held:g})"
+    return None
 
 
 def log_step(run_log, progress, out_g, optimizers, recipe, step, skipped, t0, logged) -> None:

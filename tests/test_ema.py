@@ -3,6 +3,7 @@ loading (sr_lib.models.load_model, sr_sample.py --raw-weights). Two processes:
 test_distributed.py."""
 
 import json
+import shutil
 
 import imageio.v3 as iio
 import numpy as np
@@ -171,16 +172,38 @@ def test_rrdb_init_takes_the_average_of_an_rrdb_run(tmp_path, images):
     assert same(flow.RRDB.state_dict(), {k[4:]: v for k, v in average.items()})
 
 
-def test_resume_adds_or_drops_the_average(tmp_path, images):
-    assert run(tmp_path, images, *TINY, "--steps", "2") == 0
-    before = load_checkpoint(tmp_path / "last.pt")["state_dict"]
-    assert run(tmp_path, images, *TINY, "--steps", "3", "--ema", "0.5", "--resume", "auto") == 0
-    ck = load_checkpoint(tmp_path / "last.pt")
+def test_resume_adds_continues_or_drops_the_average(tmp_path, images, capsys):
+    """--ema on a resumed run without an average starts one; left out, the checkpoint's average
+    goes on at its decay, exactly as with --ema given; --ema 0 drops it. Each change is said."""
+    assert run(tmp_path / "a", images, *TINY, "--steps", "2") == 0
+    before = load_checkpoint(tmp_path / "a" / "last.pt")["state_dict"]
+    capsys.readouterr()
+    assert (
+        run(tmp_path / "a", images, *TINY, "--steps", "3", "--ema", "0.5", "--resume", "auto") == 0
+    )
+    assert "holds no weight average; it starts here" in capsys.readouterr().out
+    ck = load_checkpoint(tmp_path / "a" / "last.pt")
     assert ck["ema_updates"] == 1  # started from the resumed weights, then one step
     for k, w in ck["state_dict"].items():
         assert torch.allclose(ck["ema_state_dict"][k], before[k] + 0.5 * (w - before[k]), 0, 1e-6)
-    assert run(tmp_path, images, *TINY, "--steps", "4", "--resume", "auto") == 0
-    assert "ema_state_dict" not in load_checkpoint(tmp_path / "last.pt")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert run(tmp_path / "a", images, *TINY, "--steps", "4", "--resume", "auto") == 0
+    assert "--ema" not in capsys.readouterr().out
+    assert (
+        run(tmp_path / "b", images, *TINY, "--steps", "4", "--ema", "0.5", "--resume", "auto") == 0
+    )
+    a, b = (load_checkpoint(tmp_path / d / "last.pt") for d in "ab")
+    assert a["ema_updates"] == 2 and a["ema_decay"] == 0.5 and a["train_args"]["ema"] == 0.5
+    assert same(a["ema_state_dict"], b["ema_state_dict"])
+    capsys.readouterr()
+    assert (
+        run(tmp_path / "a", images, *TINY, "--steps", "5", "--ema", "0.9", "--resume", "auto") == 0
+    )
+    assert "goes on at this decay (was 0.5)" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "a" / "last.pt")["ema_decay"] == 0.9
+    assert run(tmp_path / "a", images, *TINY, "--steps", "6", "--ema", "0", "--resume", "auto") == 0
+    assert "(decay 0.9) is dropped" in capsys.readouterr().out
+    assert "ema_state_dict" not in load_checkpoint(tmp_path / "a" / "last.pt")
 
 
 def test_a_model_without_weights_keeps_an_empty_average(tmp_path):
