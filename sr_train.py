@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from sr_lib.config import (
     autocast_for,
     check_ranges,
     cpu_has_native,
+    given_fields,
     help_parser,
     parse,
     pick_device,
@@ -178,13 +179,11 @@ class TrainArgs:
         metadata=dict(help="record the training step once as a CUDA graph and replay it: no "
                       "per-kernel launch cost (one CUDA process, --amp none or bf16)"),
     )  # fmt: skip
-    ema: float | None = field(
-        default=None,
+    ema: float = field(
+        default=0.0,
         metadata=dict(
-            type=float,
             help="keep an exponential moving average of the weights with this decay, e.g. 0.999 "
-            "(0 = off): validation, best.pt and sr_sample.py use it (default: off; a resumed "
-            "run continues the average of its checkpoint)",
+            "(0 = off): validation, best.pt and sr_sample.py use it",
             range="[0, 1)",
         ),
     )
@@ -222,7 +221,7 @@ def parse_all(argv):
             help_parser(model.Config, f"{PROG} --model {args.model}").print_help()
         raise SystemExit(0)
     check_ranges(args)
-    return args, rest
+    return args, rest, given_fields(TrainArgs, argv, PROG)
 
 
 def main(argv=None) -> int:
@@ -230,8 +229,8 @@ def main(argv=None) -> int:
         return train(*parse_all(argv), cleanup)
 
 
-def train(args: TrainArgs, rest: list[str], cleanup: contextlib.ExitStack) -> int:
-    out, ckpt_path, resumed, cfg, recipe = resolve_run(args, rest)
+def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib.ExitStack) -> int:
+    out, ckpt_path, resumed, cfg, recipe = resolve_run(args, rest, given)
     dd, device = setup_process(args, cleanup)
     say = (lambda text: print(text, flush=True)) if dd.main else (lambda text: None)
     model, optimizers, scaler = build_training(args, cfg, recipe, resumed, device)
@@ -318,11 +317,12 @@ def train(args: TrainArgs, rest: list[str], cleanup: contextlib.ExitStack) -> in
     return finish(stopped, step, skipped, out, args, dd, say)
 
 
-def resolve_run(args: TrainArgs, rest: list[str]):
+def resolve_run(args: TrainArgs, rest: list[str], given: set[str] = frozenset()):
     """(run folder, checkpoint path, resumed checkpoint or None, model config, recipe).
 
     A resumed run takes its model from the checkpoint (`args.model` is set) and its config; model
-    flags repeated by a requeued job must agree with it. Unset run flags take the recipe."""
+    flags repeated by a requeued job must agree with it. Its run flags that are not `given` take
+    the checkpoint's values (`inherit_flags`). Unset run flags of a new run take the recipe."""
     out = Path(args.out or f"runs/{args.model or 'run'}_x{args.scale}")
     ckpt_path = {"": None, "auto": out / "last.pt"}.get(args.resume, Path(args.resume))
     resumed = None
@@ -330,6 +330,7 @@ def resolve_run(args: TrainArgs, rest: list[str]):
         resumed = read_checkpoint(ckpt_path)
         if "optimizers" not in resumed:
             raise CheckpointError(f"{ckpt_path}: holds weights only, no training state to resume")
+        inherit_flags(args, given, resumed)
         if args.model and args.model != resumed["model"]:
             raise CheckpointError(f"{ckpt_path}: is a {resumed['model']!r} run, not {args.model!r}")
         if resumed["model_cfg"]["scale"] != args.scale:
@@ -348,8 +349,6 @@ def resolve_run(args: TrainArgs, rest: list[str]):
             f"--lr-data: {len(args.lr_data)} folders for {len(args.data)} --data folders; give "
             "one LR folder per HR folder"
         )
-    if args.ema is None:  # a resume that leaves out --ema keeps the average it has
-        args.ema = resumed.get("ema_decay", 0.0) if resumed is not None else 0.0
     if args.model not in MODELS:
         raise UsageError(f"--model: choose one of {', '.join(MODELS)} (got {args.model!r})")
     model_cls = MODELS[args.model]
@@ -359,8 +358,8 @@ def resolve_run(args: TrainArgs, rest: list[str]):
     check_ranges(model_flags)
     cfg = {**asdict(model_flags), "scale": args.scale}
     if resumed is not None:  # a requeued job repeats its flags: allowed if they agree
-        given = {a[2:].split("=")[0].replace("-", "_").removeprefix("no_") for a in rest}
-        changed = [k for k in given if k in cfg and cfg[k] != resumed["model_cfg"].get(k)]
+        named = given_fields(model_cls.Config, rest, f"{PROG} --model {args.model}")
+        changed = [k for k in named if k in cfg and cfg[k] != resumed["model_cfg"].get(k)]
         if changed:
             raise UsageError(f"model flags {changed} differ from {ckpt_path}; they cannot change")
         cfg = dict(resumed["model_cfg"])
@@ -371,6 +370,38 @@ def resolve_run(args: TrainArgs, rest: list[str]):
             f"--steps {resumed['step']} or more to continue it"
         )
     return out, ckpt_path, resumed, cfg, recipe
+
+
+# Flags of this invocation, not of the run: a resumed run does not take them from its checkpoint.
+LOCAL_FLAGS = ("model", "out", "resume", "init_from", "device", "workers", "compile", "cuda_graphs",
+               "time_budget")  # fmt: skip
+
+
+def inherit_flags(args: TrainArgs, given: set[str], resumed: dict) -> None:
+    """A resumed run goes on as the run it continues: each run flag it is not given (but those of
+    LOCAL_FLAGS) takes the value the checkpoint's run had (`train_args`), so that a resume
+    typed without the first command line's flags keeps its batch, learning rate, seed, data,
+    steps, weight average... Given flags win (`changed_flags` lists them)."""
+    before = resumed.get("train_args", {})
+    for f in fields(TrainArgs):
+        if f.name not in given and f.name not in LOCAL_FLAGS and f.name in before:
+            setattr(args, f.name, before[f.name])
+
+
+def changed_flags(args: TrainArgs, resumed: dict) -> list[str]:
+    """The run flags a resumed run was given with other values than its checkpoint's run had, as
+    `--flag value (was value)` (--ema: `ema_change` says what happens to the average)."""
+    before = resumed.get("train_args", {})
+
+    def shown(v):
+        return "unset" if v is None else " ".join(map(str, v)) if isinstance(v, list) else str(v)
+
+    return [
+        f"--{f.name.replace('_', '-')} {shown(getattr(args, f.name))} (was {shown(before[f.name])})"
+        for f in fields(TrainArgs)
+        if f.name not in (*LOCAL_FLAGS, "ema") and f.name in before
+        and getattr(args, f.name) != before[f.name]
+    ]  # fmt: skip
 
 
 def parse_recipe(args: TrainArgs, recipe: Recipe) -> Recipe:
@@ -678,6 +709,9 @@ def start_model(args, model, optimizers, scaler, resumed, path, dataset, steps, 
     if resumed is not None:
         restore(resumed, path, model, optimizers, scaler, dd)
         say(f"resumed {path} at step {start}")
+        changed = changed_flags(args, resumed)
+        if changed:
+            say(f"changed flags: {', '.join(changed)}")
         change = ema_change(args.ema, resumed, path)
         if change:
             say(change)

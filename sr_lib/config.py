@@ -5,6 +5,7 @@ Each script declares its own run-level dataclass at its top; models declare thei
 (`--sr A --sr B` == `--sr A B`) and `-h` can print a second (model) parser's help too.
 """
 
+import argparse
 import contextlib
 import dataclasses
 import math
@@ -61,6 +62,20 @@ def parse(cls, argv: list[str] | None, prog: str, known: bool = False, add_help:
     if known:
         return parser.parse_known_args(argv)
     return parser.parse_args(argv)
+
+
+_UNSET = object()
+
+
+def given_fields(cls, argv: list[str], prog: str) -> set[str]:
+    """The fields of dataclass `cls` that argv sets, however written (--flag=value, --no-flag,
+    an abbreviated --flag): argv parsed once more with every default replaced by a marker. A value
+    equal to the default counts as given (`--seed 0`)."""
+    parser = OneLineParser(cls, prog=prog, add_help=False)
+    parser.set_defaults(**{a.dest: _UNSET for a in parser._actions})
+    # argparse's own parse, not argparse-dataclass's (which builds the dataclass from the values)
+    namespace, _ = argparse.ArgumentParser.parse_known_args(parser, _merge_repeated(cls, argv))
+    return {k for k, v in vars(namespace).items() if v is not _UNSET}
 
 
 def pick_device(name: str) -> torch.device:

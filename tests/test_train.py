@@ -109,6 +109,53 @@ def test_resume_is_exact(tmp_path, images, toy):
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
 
 
+def test_a_resume_without_the_first_flags_goes_on_as_the_run(tmp_path, images, capsys):
+    """`--resume auto --out DIR` alone continues the run as it was: its batch, patch, learning
+    rate and schedule, seed, scale, data and weight average come from the checkpoint (they fell
+    back to the recipe and defaults, silently), bit for bit as one straight run. A flag given
+    on the resume wins and is said, also when abbreviated; an abbreviated model flag that
+    differs is refused like a spelled-out one (it was ignored)."""
+    first = [
+        "--model",
+        "edsr",
+        "--n-feats",
+        "8",
+        "--n-blocks",
+        "1",
+        "--learning-rate",
+        "1e-3",
+        "--milestones",
+        "--gamma",
+        "0.25",
+        "--seed",
+        "5",
+        "--ema",
+        "0.5",
+        "--batch",
+        "3",
+    ]  # fmt: skip  (no decay: a schedule in fractions of 2 steps differs)
+    assert run(tmp_path / "a", images, *first, "--steps", "4") == 0
+    assert run(tmp_path / "b", images, *first, "--steps", "2") == 0
+    capsys.readouterr()
+    resume = ["--resume", "auto", "--out", str(tmp_path / "b"), "--steps", "4"]
+    assert sr_train.main(resume) == 0
+    assert "changed flags: --steps 4 (was 2)" in capsys.readouterr().out
+    a, b = (load_checkpoint(tmp_path / d / "last.pt") for d in "ab")
+    for key in ("state_dict", "ema_state_dict"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    local = set(sr_train.LOCAL_FLAGS)
+    assert {k: v for k, v in a["train_args"].items() if k not in local} == {
+        k: v for k, v in b["train_args"].items() if k not in local
+    }
+    assert sr_train.main([*resume[:4], "--steps", "5", "--learn", "2e-3", "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "--learning-rate 0.002 (was 0.001), --seed 0 (was 5)" in out
+    assert logged_rates(tmp_path / "b")[-1] == pytest.approx(2e-3)
+    with pytest.raises(SystemExit) as e:
+        sr_train.main([*resume[:4], "--steps", "6", "--n-feat", "16"])
+    assert e.value.code == 2 and "n_feats" in capsys.readouterr().err
+
+
 def test_resuming_a_finished_run_leaves_last_pt_byte_for_byte(tmp_path, images, toy):
     """A job rerun after it finished (a pipeline's `--resume auto`, demo.sh twice) trains
     nothing and rewrites nothing: samples made from last.pt still match its sha256."""
@@ -222,10 +269,11 @@ def test_gamma_zero_and_no_milestones_are_expressible(tmp_path, images, toy):
 
 
 def test_unset_run_flags_take_the_model_recipe_once():
-    args, rest = sr_train.parse_all(["--model", "edsr", "--batch", "3", "--n-feats", "8"])
+    args, rest, given = sr_train.parse_all(["--model", "edsr", "--batch", "3", "--n-feats", "8"])
     recipe = sr_train.parse_recipe(args, models.MODELS["edsr"].recipe(args.scale))
     paper = models.MODELS["edsr"].recipe(4)
     assert recipe == replace(paper, batch=3) and rest == ["--n-feats", "8"]
+    assert given == {"model", "batch"}
     assert (args.steps, args.milestones, args.gamma, args.val_temperature) == (None,) * 4
 
 
