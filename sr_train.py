@@ -715,6 +715,11 @@ def start_model(args, model, optimizers, scaler, resumed, path, dataset, steps, 
         change = ema_change(args.ema, resumed, path)
         if change:
             say(change)
+        was = resumed.get("world_size", 1)
+        if was != dd.world:  # each rank draws its own batches: the total batch changes
+            say(f"{path} was trained by {was} process(es), this run has {dd.world}: a step "
+                f"averages {dd.world} batches (it averaged {was}), and they differ from those of "
+                "an uninterrupted run")  # fmt: skip
     initialize(model, dataset, start, steps, bool(resumed or args.init_from), dd, device,
                args.compile or args.ema > 0)  # fmt: skip
     return EMA(model, args.ema, resumed, path) if args.ema and dd.main else None

@@ -80,6 +80,7 @@ def test_two_processes_stay_identical_and_resume_in_one(tmp_path, images, model)
     done = run(train_cmd(out, images, *model, "--steps", "4", "--resume", "auto", nproc=0))
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert load_checkpoint(out / "last.pt")["step"] == 4
+    assert "was trained by 2 process(es), this run has 1" in done.stdout.decode()
 
 
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, images):
