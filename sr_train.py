@@ -32,6 +32,7 @@ from sr_lib.checkpoint import save_checkpoint
 from sr_lib.config import (
     autocast_for,
     check_ranges,
+    compile_blocker,
     cpu_has_native,
     given_fields,
     help_parser,
@@ -436,6 +437,10 @@ def setup_process(args: TrainArgs, cleanup) -> tuple[distributed.Dist, torch.dev
         # Training patches have one shape: cuDNN times its algorithms once per shape and keeps
         # the fastest (the released SRFlow training does the same; --deterministic turns it off).
         torch.backends.cudnn.benchmark = True
+    why = compile_blocker(device) if args.compile else None
+    if why:
+        raise UsageError(f"--compile: torch.compile cannot build kernels here: {why}; or drop "
+                         "--compile")  # fmt: skip
     if args.amp == "fp16" and device.type not in FP16_DEVICES:
         raise UsageError(f"--amp fp16 needs a CUDA device (got {device}); on a CPU use --amp bf16")
     if args.cuda_graphs:

@@ -8,8 +8,13 @@ Each script declares its own run-level dataclass at its top; models declare thei
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import math
+import os
+import shutil
 import sys
+import sysconfig
+from pathlib import Path
 
 import torch
 from argparse_dataclass import ArgumentParser
@@ -107,6 +112,35 @@ def cpu_has_native(amp: str) -> bool:
         return bool(getattr(torch.ops.mkldnn, probe)())  # private; no public API yet
     except (AttributeError, RuntimeError):
         return False
+
+
+def compile_blocker(device: torch.device) -> str | None:
+    """Why torch.compile's inductor could not build its kernels for `device` here, or None.
+
+    It compiles C++ for a CPU (with $CXX or g++) and, through Triton, a C launcher for a GPU
+    ($CC, gcc or clang), both against Python's headers. Without them the first training step
+    fails with a traceback of a hundred lines; this is asked before the run starts."""
+    include = {sysconfig.get_paths()["include"]}
+    if "posix_prefix" in sysconfig.get_scheme_names():  # Triton's choice on Debian's Python
+        include.add(sysconfig.get_paths(scheme="posix_prefix")["include"])
+    if not any((Path(d) / "Python.h").is_file() for d in include):
+        return f"Python's C headers (Python.h) are not installed (looked in {min(include)})"
+    if device.type == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+        except ImportError:  # moved in another torch version: compile reports it itself
+            return None
+        try:
+            get_cpp_compiler()
+        except Exception:  # inductor's InvalidCxxCompiler
+            cxx = os.environ.get("CXX", "g++")
+            return f"no working C++ compiler ({cxx}): install g++, or name another in CXX"
+    elif device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return "Triton is not installed (it comes with PyTorch's Linux CUDA wheels)"
+        if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+            return "no C compiler for Triton (gcc or clang; or set CC)"
+    return None
 
 
 def _interval(spec: str) -> tuple[float, float, bool, bool]:

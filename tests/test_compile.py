@@ -4,7 +4,14 @@ regionally: each flow step, split and RRDB block once per distinct shape, withou
 Also the loader settings of the CUDA path. Compile time and speed on a GPU:
 tests/bench/bench_gpu.py."""
 
+import importlib.util
 import inspect
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +21,12 @@ from torch._dynamo.utils import counters
 
 import sr_train
 from sr_lib.checkpoint import load_checkpoint
+from sr_lib.config import compile_blocker
 from sr_lib.models import build_model
 from sr_lib.models.flow_layers import FlowStep, Split
 from sr_lib.models.rrdb import RRDBBlock
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -123,6 +133,38 @@ def test_sr_train_compile_amp_and_ema_together(tmp_path, monkeypatch):
     assert not any("_orig_mod" in k for k in keys)  # uncompiled names
     assert all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())
     assert not counters["graph_break"]
+
+
+def test_compile_without_a_compiler_is_one_line_before_the_run(tmp_path):
+    """--compile on a machine without g++ (a laptop, a slim container) stopped at the first step
+    with inductor's traceback of ~100 lines; now one line, exit 2, before anything is written."""
+    bare = tmp_path / "bin"  # a PATH with nothing on it
+    bare.mkdir()
+    argv = [sys.executable, str(REPO / "sr_train.py"), "--model", "edsr", "--scale", "2",
+            "--data", "demo", "--steps", "1", "--compile", "--device", "cpu",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("CXX", "CC")} | {"PATH": str(bare)}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.splitlines() == [
+        "sr_train.py: error: --compile: torch.compile cannot build kernels here: no working C++ "
+        "compiler (g++): install g++, or name another in CXX; or drop --compile"
+    ]
+    assert not (tmp_path / "run").exists()
+
+
+def test_compile_needs_on_a_gpu_triton_a_c_compiler_and_python_headers(tmp_path, monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert compile_blocker(cuda) == "no C compiler for Triton (gcc or clang; or set CC)"
+    monkeypatch.setenv("CC", "cc")
+    assert compile_blocker(cuda) is None
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n: None if n == "triton" else real(n))
+    assert "Triton is not installed" in compile_blocker(cuda)
+    monkeypatch.setattr(sysconfig, "get_paths", lambda scheme=None: {"include": str(tmp_path)})
+    assert "(Python.h) are not installed" in compile_blocker(torch.device("cpu"))
 
 
 def test_the_loader_pins_and_copies_to_the_device_only_on_cuda(tmp_path, monkeypatch):
