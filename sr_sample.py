@@ -78,7 +78,7 @@ from PIL import Image, ImageDraw, ImageFont
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from sr_lib import __version__
-from sr_lib.config import autocast_for, cpu_has_native, parse, pick_device
+from sr_lib.config import amp_emulated, autocast_for, parse, pick_device
 from sr_lib.data import (
     check_out_dir,
     cpu_workers,
@@ -461,9 +461,10 @@ def sample(args: SampleArgs) -> int:
     files = Outputs(n, not model.stochastic and n == 1, want_sigma and args.save_uncertainty,
                     args.grid, args.save_latent and controls is not None)  # fmt: skip
     autocast = autocast_for(args.amp, device)
-    if args.amp != "none" and device.type == "cpu" and not cpu_has_native(args.amp):
-        print(f"{PROG}: warning: --amp {args.amp}: this CPU emulates {args.amp}, slower than "
-              "float32; drop --amp", file=sys.stderr, flush=True)  # fmt: skip
+    emulated = amp_emulated(args.amp, device)
+    if emulated:
+        print(f"{PROG}: warning: --amp {args.amp}: {emulated}, slower than float32; or drop "
+              "--amp", file=sys.stderr, flush=True)  # fmt: skip
     failed, skipped, t0 = [], 0, time.time()
     with ProgressLog(len(mine)) as bar, SampleWriter(cpu_workers()) as writer:
         for k, path in mine:

@@ -30,10 +30,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from sr_lib import __version__, distributed, metrics
 from sr_lib.checkpoint import save_checkpoint
 from sr_lib.config import (
+    amp_emulated,
     autocast_for,
     check_ranges,
     compile_blocker,
-    cpu_has_native,
     given_fields,
     help_parser,
     parse,
@@ -450,10 +450,10 @@ def setup_process(args: TrainArgs, cleanup) -> tuple[distributed.Dist, torch.dev
                if args.amp == "fp16" else "")  # fmt: skip
         if why:
             raise UsageError(f"--cuda-graphs {why.format(device=device)}")
-    if args.amp == "bf16" and device.type == "cpu" and dd.main and not cpu_has_native("bf16"):
-        # it still runs (emulated), only slower than float32: say so once, do not refuse
-        warning = "this CPU has no native bfloat16 (AVX512-BF16 or AMX); emulated bf16 is slower"
-        print(f"{PROG}: warning: --amp bf16: {warning} than float32, drop --amp", file=sys.stderr)
+    emulated = amp_emulated(args.amp, device) if dd.main else None
+    if emulated:  # it still runs, only slower than float32: say so once, do not refuse
+        print(f"{PROG}: warning: --amp {args.amp}: {emulated}, slower than float32; or drop --amp",
+              file=sys.stderr)  # fmt: skip
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)

@@ -114,6 +114,21 @@ def cpu_has_native(amp: str) -> bool:
         return False
 
 
+def amp_emulated(amp: str, device: torch.device) -> str | None:
+    """Why --amp's dtype would run emulated on `device`, slower than float32, or None: a CPU
+    without AVX512-BF16/AMX (bf16) or AVX512-FP16/AMX-FP16 (fp16); a GPU older than Ampere
+    (compute capability 8) for bf16, which torch accepts and emulates."""
+    if amp == "none":
+        return None
+    if device.type == "cpu" and not cpu_has_native(amp):
+        return f"this CPU emulates {amp}"
+    if device.type == "cuda" and amp == "bf16":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return f"this GPU (compute capability {major}.{minor}) emulates bf16; use --amp fp16"
+    return None
+
+
 def compile_blocker(device: torch.device) -> str | None:
     """Why torch.compile's inductor could not build its kernels for `device` here, or None.
 

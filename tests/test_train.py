@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import sr_train
-from sr_lib import models
+from sr_lib import config, models
 from sr_lib.checkpoint import load_checkpoint
 from sr_lib.models import load_model
 from sr_lib.models.base import ModelConfig, Recipe, SRModel
@@ -434,7 +434,22 @@ def test_amp_bf16_on_cpu_trains_le_and_resumes_exactly(tmp_path, images, monkeyp
     assert all(torch.isfinite(v).all() for v in s.values() if v.is_floating_point())
 
     # a CPU without native bf16: it still trains, with a one-line warning
-    monkeypatch.setattr(sr_train, "cpu_has_native", lambda amp: False)
+    monkeypatch.setattr(config, "cpu_has_native", lambda amp: False)
     capsys.readouterr()
     assert run(tmp_path / "c", images, *bf16, "--steps", "1") == 0
-    assert "no native bfloat16" in capsys.readouterr().err
+    assert capsys.readouterr().err.splitlines() == [
+        "sr_train.py: warning: --amp bf16: this CPU emulates bf16, slower than float32; or drop "
+        "--amp"
+    ]
+
+
+def test_bf16_on_a_gpu_older_than_ampere_is_said_to_be_emulated(monkeypatch):
+    """torch accepts bf16 autocast on a T4 or V100 and emulates it: slower than float32."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert config.amp_emulated("bf16", cuda) == (
+        "this GPU (compute capability 7.5) emulates bf16; use --amp fp16"
+    )
+    assert config.amp_emulated("fp16", cuda) is None and config.amp_emulated("none", cuda) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert config.amp_emulated("bf16", cuda) is None
