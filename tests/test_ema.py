@@ -125,7 +125,7 @@ def test_validation_and_best_pt_use_the_average(tmp_path, images, monkeypatch):
     assert [r["step"] for r in rows if "val_psnr" in r] == [3]
 
 
-def test_loading_sampling_and_init_from_take_the_average_unless_raw(tmp_path, images):
+def test_loading_sampling_and_init_from_take_the_average_unless_raw(tmp_path, images, capsys):
     assert run(tmp_path / "run", images, *TINY, "--ema", "0.5", "--steps", "3") == 0
     path = tmp_path / "run" / "last.pt"
     ck = load_checkpoint(path)
@@ -137,7 +137,10 @@ def test_loading_sampling_and_init_from_take_the_average_unless_raw(tmp_path, im
         out = tmp_path / name
         argv = ["--ckpt", str(path), "--input", str(images), "--from-hr", "--n", "1",
                 "--out", str(out), *flag]  # fmt: skip
+        capsys.readouterr()
         assert sr_sample.main(argv) == 0
+        said = "the weights as trained (--raw-weights)" if flag else "the moving average of the "
+        assert capsys.readouterr().out.startswith(f"{path}: {said}")
         pngs[name] = iio.imread(out / "img 0.png")
     assert not np.array_equal(pngs["avg"], pngs["raw"])
     model = load_model(path)[0]
