@@ -53,10 +53,12 @@ from sr_lib.errors import (
     EXIT_PREEMPTED,
     CheckpointError,
     NonFiniteError,
+    OutOfMemory,
     OutputError,
     SRSpaceError,
     UsageError,
     exit_on_error,
+    is_out_of_memory,
 )
 from sr_lib.models import MODELS, build_model, read_checkpoint
 from sr_lib.models.base import NoiseSource, Recipe, sample_seed, scale_list
@@ -273,8 +275,14 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         if distributed.agree(bool(stop["signal"]) or over_budget, dd, all_ranks=False):
             stopped = stop["signal"] or ("time budget" if over_budget else "signal (other rank)")
             break
-        out_g, ok = train_step(model, forward, optimizers, batches, step, recipe, dd, scaler,
-                               autocast, graph)  # fmt: skip
+        try:
+            out_g, ok = train_step(model, forward, optimizers, batches, step, recipe, dd, scaler,
+                                   autocast, graph)  # fmt: skip
+        except RuntimeError as e:  # torch.OutOfMemoryError is one
+            if dd.on or not is_out_of_memory(e):  # (other ranks wait in a collective: no save)
+                raise
+            stopped = "out of memory"  # save the steps done since the last save, then exit 4
+            break
         # (GradScaler.get_scale() would wait for the device: its tensor instead)
         bad_steps.count(ok, step, scaler._get_scale_async() if scaler is not None else None)
         if ema is not None:
@@ -300,7 +308,18 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
             t0, logged = time.time(), step
         if validates:
             net = ema.module if ema is not None else model  # with --ema, the averaged weights
-            score = validate(net, val_pairs, args, device, out, step, run_log, progress)
+            try:
+                score = validate(net, val_pairs, args, device, out, step, run_log, progress)
+            except RuntimeError as e:
+                if not is_out_of_memory(e):
+                    raise
+                score = -math.inf  # training goes on; this validation never makes best.pt
+                print(
+                    f"{PROG}: warning: validation at step {step}: out of memory; skipped (a "
+                    "smaller --val-crop or --val-n needs less)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             if distributed.agree(score > best, dd, all_ranks=False):  # rank 0's verdict
                 best = score
                 save(out / "best.pt", step, skipped, best, model, optimizers, scaler, dd, meta,
@@ -312,7 +331,9 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     if tripped >= 0:  # a signal or the time budget came right after the streak
         step, batches = roll_back(tripped, args, out, steps, model, optimizers, scaler, dd,
                                   dataset, meta, run_log, progress, ema, device)  # fmt: skip
-    if resumed is None or step > start:  # a finished run resumed again: last.pt stays as it is
+    # A finished run resumed again keeps last.pt as it is; a run out of memory at its first step
+    # has nothing to save.
+    if step > start or (resumed is None and stopped != "out of memory"):
         save(out / "last.pt", step, skipped, best, model, optimizers, scaler, dd, meta, ema)
     del forward, batches  # DDP and the loader hold the process group: gone before finish ends it
     return finish(stopped, step, skipped, out, args, dd, say)
@@ -1082,6 +1103,11 @@ def finish(stopped: str | None, step: int, skipped: int, out: Path, args, dd, sa
     closes the progress bar and the log, also on an error.)"""
     distributed.barrier(dd)
     distributed.cleanup(dd)
+    if stopped == "out of memory":
+        last = out / "last.pt"
+        held = f"{last} holds step {step}: continue with --resume auto and" if last.is_file() else \
+            "nothing was saved: start again with"  # fmt: skip
+        raise OutOfMemory(f"step {step + 1}: out of memory; {held} a smaller --batch or --patch")
     if stopped and stopped != "time budget":
         say(f"{stopped}: stopped at step {step}, wrote {out / 'last.pt'}; continue with "
             "--resume auto")  # fmt: skip

@@ -48,6 +48,22 @@ class NonFiniteError(SRSpaceError):
     exit_code = EXIT_NONFINITE
 
 
+class OutOfMemory(SRSpaceError):
+    """Out of memory where the work done so far could be saved first (the message says where)."""
+
+    exit_code = EXIT_OOM
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch reports CPU allocation failures as RuntimeError("... can't allocate memory") and
+    CUDA ones as torch.OutOfMemoryError (a RuntimeError)."""
+    text = str(e)
+    return isinstance(e, MemoryError) or (
+        isinstance(e, RuntimeError)
+        and ("out of memory" in text.lower() or "can't allocate memory" in text)
+    )
+
+
 class OutputError(SRSpaceError):
     """An output file or folder that cannot be written (the message names it)."""
 
@@ -72,14 +88,7 @@ def exit_on_error(prog: str):
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_INTERRUPTED) from None
     except (MemoryError, RuntimeError) as e:
-        # torch reports CPU allocation failures as RuntimeError("... can't allocate memory") and
-        # CUDA ones as torch.OutOfMemoryError (a RuntimeError); anything else is a real bug.
-        text = str(e)
-        if (
-            not isinstance(e, MemoryError)
-            and "out of memory" not in text.lower()
-            and ("can't allocate memory" not in text)
-        ):
+        if not is_out_of_memory(e):  # a real bug: its traceback
             raise
         print(f"{prog}: error: out of memory; use a smaller --batch or --tile", file=sys.stderr)
         raise SystemExit(EXIT_OOM) from None

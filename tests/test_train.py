@@ -177,12 +177,18 @@ def test_nan_validation_samples_are_named_not_scored_silently(tmp_path, images, 
         return (sr * float("nan")).expand(-1, n, -1, -1, -1)
 
     monkeypatch.setattr(Toy, "generate", nan_generate)
-    flags = ["--model", "toy", "--steps", "2", "--val-data", str(images), "--val-every", "2",
-             "--val-n", "2", "--val-images", "2"]  # fmt: skip
+    assert validation_warnings(tmp_path, images, capsys, steps=2, n=2) == [
+        "sr_train.py: warning: validation at step 2: 4 of 4 samples have NaN "
+        "pixels (black in the strips, scored so)"]  # fmt: skip
+
+
+def validation_warnings(tmp_path, images, capsys, steps: int, n: int) -> list[str]:
+    """The warning lines of a toy run of `steps` steps validating every 2 steps, with n samples
+    of each of 2 validation images."""
+    flags = ["--model", "toy", "--steps", str(steps), "--val-data", str(images), "--val-every",
+             "2", "--val-n", str(n), "--val-images", "2"]  # fmt: skip
     assert run(tmp_path, images, *flags) == 0
-    warnings = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
-    assert warnings == ["sr_train.py: warning: validation at step 2: 4 of 4 samples have NaN "
-                        "pixels (black in the strips, scored so)"]  # fmt: skip
+    return [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
 
 
 def test_resume_refuses_other_model_or_scale_and_never_restarts(tmp_path, images, toy, capsys):
@@ -199,6 +205,58 @@ def test_resume_refuses_other_model_or_scale_and_never_restarts(tmp_path, images
         )
     err = capsys.readouterr().err
     assert e.value.code == 6 and "x2" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("at", [0, 5])
+def test_out_of_memory_in_a_step_saves_the_steps_done(tmp_path, images, toy, monkeypatch, capsys,
+                                                      at):  # fmt: skip
+    """CUDA out of memory in training step 5 (fragmentation hours in, another process on the
+    GPU): the 5 steps done since the last save are saved, one line, exit 4, and --resume auto
+    continues. In the first step there is nothing to save."""
+    real, calls = Toy.forward, []
+
+    def forward(self, lr, hr):
+        calls.append(1)
+        if len(calls) == at + 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, lr, hr)
+
+    monkeypatch.setattr(Toy, "forward", forward)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, images, "--model", "toy", "--steps", "8", "--save-every", "100")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 4
+    if at == 0:
+        assert err == ["sr_train.py: error: step 1: out of memory; nothing was saved: start again "
+                       "with a smaller --batch or --patch"]  # fmt: skip
+        assert not (tmp_path / "last.pt").exists()
+        return
+    assert err == [f"sr_train.py: error: step 6: out of memory; {tmp_path / 'last.pt'} holds step "
+                   "5: continue with --resume auto and a smaller --batch or --patch"]  # fmt: skip
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 5
+    assert run(tmp_path, images, "--model", "toy", "--steps", "8", "--resume", "auto") == 0
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 8
+
+
+def test_out_of_memory_in_validation_skips_it_and_trains_on(tmp_path, images, toy, monkeypatch,
+                                                            capsys):  # fmt: skip
+    """Validation at step 2 runs out of memory: a warning, no score for it; training goes on,
+    and the validation at step 4 makes best.pt."""
+    real, calls = Toy.generate, []
+
+    def generate(self, lr, n, temperature, noise):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return real(self, lr, n, temperature, noise)
+
+    monkeypatch.setattr(Toy, "generate", generate)
+    assert validation_warnings(tmp_path, images, capsys, steps=4, n=1) == [
+        "sr_train.py: warning: validation at step 2: out of memory; skipped (a smaller "
+        "--val-crop or --val-n needs less)"]  # fmt: skip
+    log = [json.loads(x) for x in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in log if "val_psnr" in r] == [4]
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == 4
 
 
 def test_isolated_nan_step_changes_nothing(tmp_path, images, toy):
