@@ -268,6 +268,9 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     progress = cleanup.enter_context(Progress(steps, start)) if dd.main else None
     bad_steps = BadSteps(device, args.max_bad_steps, skipped)
     stopped, t0, t_start, logged, step = None, time.time(), time.time(), start, start
+    saved = (
+        start if resumed is not None and ckpt_path == out / "last.pt" else None
+    )  # last.pt's step
     unsaved = args.on_nan == "rollback" and resumed is None  # a rollback needs a last.pt
 
     while step < steps:
@@ -278,7 +281,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         try:
             out_g, ok = train_step(model, forward, optimizers, batches, step, recipe, dd, scaler,
                                    autocast, graph)  # fmt: skip
-        except RuntimeError as e:  # torch.OutOfMemoryError is one
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
             if dd.on or not is_out_of_memory(e):  # (other ranks wait in a collective: no save)
                 raise
             stopped = "out of memory"  # save the steps done since the last save, then exit 4
@@ -310,7 +313,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
             net = ema.module if ema is not None else model  # with --ema, the averaged weights
             try:
                 score = validate(net, val_pairs, args, device, out, step, run_log, progress)
-            except RuntimeError as e:
+            except (RuntimeError, MemoryError) as e:
                 if not is_out_of_memory(e):
                     raise
                 score = -math.inf  # training goes on; this validation never makes best.pt
@@ -326,16 +329,23 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
                      ema)  # fmt: skip
         if (saves or unsaved) and bad == 0:  # never save inside a non-finite streak
             save(out / "last.pt", step, skipped, best, model, optimizers, scaler, dd, meta, ema)
-            unsaved = False
+            unsaved, saved = False, step
     _, skipped, tripped = bad_steps.read()
     if tripped >= 0:  # a signal or the time budget came right after the streak
         step, batches = roll_back(tripped, args, out, steps, model, optimizers, scaler, dd,
                                   dataset, meta, run_log, progress, ema, device)  # fmt: skip
-    # A finished run resumed again keeps last.pt as it is; a run out of memory at its first step
-    # has nothing to save.
-    if step > start or (resumed is None and stopped != "out of memory"):
+    # A finished run resumed again keeps last.pt as it is. Out of memory, the failed step has
+    # moved the random generators on: a last.pt of this very step stays as it was saved.
+    oom = stopped == "out of memory"
+    if (step > start or resumed is None) and not (oom and step in (start, saved)):
         save(out / "last.pt", step, skipped, best, model, optimizers, scaler, dd, meta, ema)
+        saved = step
     del forward, batches  # DDP and the loader hold the process group: gone before finish ends it
+    if oom:  # (one process: finish() has no process group to leave)
+        held = (f"{out / 'last.pt'} holds step {step}: continue with --resume auto and"
+                if saved == step else f"{ckpt_path} still holds step {start}: resume it with"
+                if resumed is not None else "nothing was saved: start again with")  # fmt: skip
+        raise OutOfMemory(f"step {step + 1}: out of memory; {held} a smaller --batch or --patch")
     return finish(stopped, step, skipped, out, args, dd, say)
 
 
@@ -360,6 +370,14 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str] = frozenset())
                 f"{ckpt_path}: is a x{resumed['model_cfg']['scale']} run, not --scale {args.scale}"
             )
         args.model = resumed["model"]
+        if not args.out and args.resume != "auto":  # the default folder of its model and scale
+            out = Path(f"runs/{args.model}_x{args.scale}")
+        last = out / "last.pt"
+        if last.is_file() and not last.samefile(ckpt_path):  # never overwrite another run
+            raise UsageError(
+                f"--resume {ckpt_path}: {out} holds another checkpoint (last.pt), which this run "
+                "would overwrite; give --out a new folder"
+            )
     elif args.resume not in ("", "auto"):
         raise CheckpointError(f"{args.resume}: no such checkpoint to resume from")
     elif (out / "last.pt").is_file():
@@ -395,8 +413,24 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str] = frozenset())
 
 
 # Flags of this invocation, not of the run: a resumed run does not take them from its checkpoint.
+# (Switches that have one form only, --tensorboard, --deterministic, --no-requeue, are too: a
+# resume could not turn them off.)
 LOCAL_FLAGS = ("model", "out", "resume", "init_from", "device", "workers", "compile", "cuda_graphs",
-               "time_budget")  # fmt: skip
+               "time_budget", "tensorboard", "deterministic", "requeue")  # fmt: skip
+# Unset run flags as checkpoints wrote them before they became None (srspace 0.2.0 before its
+# Recipe): -1, 0, 0.0, []. Those marked are out of range today, so they tell such a checkpoint.
+LEGACY_UNSET = {
+    "steps": -1,
+    "batch": 0,
+    "patch": 0,
+    "learning_rate": 0.0,
+    "d_learning_rate": 0.0,
+    "milestones": [],
+    "gamma": 0.0,
+    "grad_clip": -1.0,
+    "val_temperature": -1.0,
+}
+LEGACY_MARKS = ("steps", "batch", "patch", "grad_clip", "val_temperature")  # fmt: skip
 
 
 def inherit_flags(args: TrainArgs, given: set[str], resumed: dict) -> None:
@@ -404,16 +438,27 @@ def inherit_flags(args: TrainArgs, given: set[str], resumed: dict) -> None:
     LOCAL_FLAGS) takes the value the checkpoint's run had (`train_args`), so that a resume
     typed without the first command line's flags keeps its batch, learning rate, seed, data,
     steps, weight average... Given flags win (`changed_flags` lists them)."""
-    before = resumed.get("train_args", {})
+    before = run_flags(resumed)
     for f in fields(TrainArgs):
         if f.name not in given and f.name not in LOCAL_FLAGS and f.name in before:
             setattr(args, f.name, before[f.name])
+    if "data" in given and "lr_data" not in given:  # LR folders pair with the HR folders given
+        args.lr_data = []
+    check_ranges(args)
+
+
+def run_flags(resumed: dict) -> dict:
+    """The run flags a checkpoint's run had, None where unset (also in an older checkpoint)."""
+    before = dict(resumed.get("train_args", {}))
+    if any(before.get(k) == LEGACY_UNSET[k] for k in LEGACY_MARKS):
+        before.update({k: None for k, v in LEGACY_UNSET.items() if before.get(k) == v})
+    return before
 
 
 def changed_flags(args: TrainArgs, resumed: dict) -> list[str]:
     """The run flags a resumed run was given with other values than its checkpoint's run had, as
     `--flag value (was value)` (--ema: `ema_change` says what happens to the average)."""
-    before = resumed.get("train_args", {})
+    before = run_flags(resumed)
 
     def shown(v):
         return "unset" if v is None else " ".join(map(str, v)) if isinstance(v, list) else str(v)
@@ -473,8 +518,7 @@ def setup_process(args: TrainArgs, cleanup) -> tuple[distributed.Dist, torch.dev
             raise UsageError(f"--cuda-graphs {why.format(device=device)}")
     emulated = amp_emulated(args.amp, device) if dd.main else None
     if emulated:  # it still runs, only slower than float32: say so once, do not refuse
-        print(f"{PROG}: warning: --amp {args.amp}: {emulated}, slower than float32; or drop --amp",
-              file=sys.stderr)  # fmt: skip
+        print(f"{PROG}: warning: --amp {args.amp}: {emulated}", file=sys.stderr)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
@@ -1103,11 +1147,6 @@ def finish(stopped: str | None, step: int, skipped: int, out: Path, args, dd, sa
     closes the progress bar and the log, also on an error.)"""
     distributed.barrier(dd)
     distributed.cleanup(dd)
-    if stopped == "out of memory":
-        last = out / "last.pt"
-        held = f"{last} holds step {step}: continue with --resume auto and" if last.is_file() else \
-            "nothing was saved: start again with"  # fmt: skip
-        raise OutOfMemory(f"step {step + 1}: out of memory; {held} a smaller --batch or --patch")
     if stopped and stopped != "time budget":
         say(f"{stopped}: stopped at step {step}, wrote {out / 'last.pt'}; continue with "
             "--resume auto")  # fmt: skip

@@ -115,17 +115,18 @@ def cpu_has_native(amp: str) -> bool:
 
 
 def amp_emulated(amp: str, device: torch.device) -> str | None:
-    """Why --amp's dtype would run emulated on `device`, slower than float32, or None: a CPU
-    without AVX512-BF16/AMX (bf16) or AVX512-FP16/AMX-FP16 (fp16); a GPU older than Ampere
-    (compute capability 8) for bf16, which torch accepts and emulates."""
+    """Why --amp's dtype would run emulated on `device`, slower than float32, and what to do; or
+    None: a CPU without AVX512-BF16/AMX (bf16) or AVX512-FP16/AMX-FP16 (fp16); a GPU older than
+    Ampere (compute capability 8) for bf16, which torch accepts and emulates."""
     if amp == "none":
         return None
     if device.type == "cpu" and not cpu_has_native(amp):
-        return f"this CPU emulates {amp}"
+        return f"this CPU emulates {amp}, slower than float32; drop --amp"
     if device.type == "cuda" and amp == "bf16":
         major, minor = torch.cuda.get_device_capability(device)
         if major < 8:
-            return f"this GPU (compute capability {major}.{minor}) emulates bf16; use --amp fp16"
+            return (f"this GPU (compute capability {major}.{minor}) emulates bf16, slower than "
+                    "float32; use --amp fp16 where the model allows it, or drop --amp")  # fmt: skip
     return None
 
 
@@ -138,7 +139,10 @@ def compile_blocker(device: torch.device) -> str | None:
     include = {sysconfig.get_paths()["include"]}
     if "posix_prefix" in sysconfig.get_scheme_names():  # Triton's choice on Debian's Python
         include.add(sysconfig.get_paths(scheme="posix_prefix")["include"])
-    if not any((Path(d) / "Python.h").is_file() for d in include):
+    # (Linux only: a system Python without its -dev package; a macOS framework Python keeps its
+    # headers where inductor looks further.)
+    if sys.platform.startswith("linux") and not any((Path(d) / "Python.h").is_file()
+                                                    for d in include):  # fmt: skip
         return f"Python's C headers (Python.h) are not installed (looked in {min(include)})"
     if device.type == "cpu":
         try:

@@ -146,15 +146,20 @@ def test_compile_without_a_compiler_is_one_line_before_the_run(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("CXX", "CC")} | {"PATH": str(bare)}
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
+    why = "no working C++ compiler (g++): install g++, or name another in CXX"
+    if compile_blocker(torch.device("cpu")):  # this machine lacks Python.h: that is said first
+        why = compile_blocker(torch.device("cpu"))
     assert done.stderr.splitlines() == [
-        "sr_train.py: error: --compile: torch.compile cannot build kernels here: no working C++ "
-        "compiler (g++): install g++, or name another in CXX; or drop --compile"
+        f"sr_train.py: error: --compile: torch.compile cannot build kernels here: {why}; or drop "
+        "--compile"
     ]
     assert not (tmp_path / "run").exists()
 
 
 def test_compile_needs_on_a_gpu_triton_a_c_compiler_and_python_headers(tmp_path, monkeypatch):
     cuda = torch.device("cuda")
+    (tmp_path / "Python.h").touch()  # headers found: the checks after them
+    monkeypatch.setattr(sysconfig, "get_paths", lambda scheme=None: {"include": str(tmp_path)})
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert compile_blocker(cuda) == "no C compiler for Triton (gcc or clang; or set CC)"
@@ -163,7 +168,8 @@ def test_compile_needs_on_a_gpu_triton_a_c_compiler_and_python_headers(tmp_path,
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n: None if n == "triton" else real(n))
     assert "Triton is not installed" in compile_blocker(cuda)
-    monkeypatch.setattr(sysconfig, "get_paths", lambda scheme=None: {"include": str(tmp_path)})
+    (tmp_path / "Python.h").unlink()
+    monkeypatch.setattr(sys, "platform", "linux")
     assert "(Python.h) are not installed" in compile_blocker(torch.device("cpu"))
 
 

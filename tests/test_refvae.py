@@ -115,8 +115,10 @@ def test_loss_variants(cfg, make_batch):
 
 
 def test_imagenet_encoder_is_loaded_once_and_read_once(monkeypatch, make_batch):
-    """--pretrained: the VGG19 weights are loaded at the first forward; later forwards neither
-    load nor read the "loaded" buffer (a GPU read per step); a loaded state_dict is read again."""
+    """--pretrained: the VGG19 weights are loaded before the first training step (its
+    vgg_loaded would otherwise be put back to False if that step is skipped as non-finite) or
+    the first forward; later forwards neither load nor read the "loaded" buffer (a GPU read per
+    step); a loaded state_dict is read again."""
     from types import SimpleNamespace
 
     from torchvision.models.vgg import cfgs, make_layers
@@ -132,8 +134,10 @@ def test_imagenet_encoder_is_loaded_once_and_read_once(monkeypatch, make_batch):
     monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(1) or real_bool(t))
     lr, hr = make_batch(4)
     net = model(pretrained=True, lambda_lpips=0.0).train()
+    net.on_step(0, 10)  # before the training step keeps its buffers (a skipped one restores them)
+    assert loads == ["vgg19"] and reads == [1] and net.vgg_loaded.item() is True
     net(lr, hr)
-    assert loads == ["vgg19"] and reads == [1] and bool(net.vgg_loaded)
+    assert loads == ["vgg19"] and reads == [1]
     encoder = {k: v.clone() for k, v in net.vgg.state_dict().items()}
     reads.clear()
     net(lr, hr)

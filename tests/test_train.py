@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from torch import nn
 
 import sr_train
 from sr_lib import config, models
-from sr_lib.checkpoint import load_checkpoint
+from sr_lib.checkpoint import load_checkpoint, save_checkpoint
 from sr_lib.models import load_model
 from sr_lib.models.base import ModelConfig, Recipe, SRModel
 
@@ -115,25 +116,9 @@ def test_a_resume_without_the_first_flags_goes_on_as_the_run(tmp_path, images, c
     back to the recipe and defaults, silently), bit for bit as one straight run. A flag given
     on the resume wins and is said, also when abbreviated; an abbreviated model flag that
     differs is refused like a spelled-out one (it was ignored)."""
-    first = [
-        "--model",
-        "edsr",
-        "--n-feats",
-        "8",
-        "--n-blocks",
-        "1",
-        "--learning-rate",
-        "1e-3",
-        "--milestones",
-        "--gamma",
-        "0.25",
-        "--seed",
-        "5",
-        "--ema",
-        "0.5",
-        "--batch",
-        "3",
-    ]  # fmt: skip  (no decay: a schedule in fractions of 2 steps differs)
+    # (--milestones alone: no decay; a schedule in fractions of 2 steps would differ)
+    first = ("--model edsr --n-feats 8 --n-blocks 1 --learning-rate 1e-3 --milestones --gamma 0.25 "
+             "--seed 5 --ema 0.5 --batch 3 --deterministic --no-requeue").split()  # fmt: skip
     assert run(tmp_path / "a", images, *first, "--steps", "4") == 0
     assert run(tmp_path / "b", images, *first, "--steps", "2") == 0
     capsys.readouterr()
@@ -147,6 +132,8 @@ def test_a_resume_without_the_first_flags_goes_on_as_the_run(tmp_path, images, c
     assert {k: v for k, v in a["train_args"].items() if k not in local} == {
         k: v for k, v in b["train_args"].items() if k not in local
     }
+    # one-way switches are this invocation's: a resume could not turn them off
+    assert (b["train_args"]["deterministic"], b["train_args"]["requeue"]) == (False, True)
     assert sr_train.main([*resume[:4], "--steps", "5", "--learn", "2e-3", "--seed", "0"]) == 0
     out = capsys.readouterr().out
     assert "--learning-rate 0.002 (was 0.001), --seed 0 (was 5)" in out
@@ -154,6 +141,54 @@ def test_a_resume_without_the_first_flags_goes_on_as_the_run(tmp_path, images, c
     with pytest.raises(SystemExit) as e:
         sr_train.main([*resume[:4], "--steps", "6", "--n-feat", "16"])
     assert e.value.code == 2 and "n_feats" in capsys.readouterr().err
+
+
+def test_a_resume_by_path_never_overwrites_another_runs_last_pt(tmp_path, images, toy, capsys,
+                                                               monkeypatch):  # fmt: skip
+    """--resume CKPT without --out trains in the default folder of its model and scale
+    (runs/toy_x2); where that folder holds another run's last.pt, it is refused (before, the
+    default --scale 4 refused it by chance, and --scale 2 overwrote the other run)."""
+    monkeypatch.chdir(tmp_path)
+    assert run(tmp_path / "old", images, "--model", "toy", "--steps", "1") == 0
+    assert run(tmp_path / "runs" / "toy_x2", images, "--model", "toy", "--steps", "2") == 0
+    other = (tmp_path / "runs" / "toy_x2" / "last.pt").read_bytes()
+    capsys.readouterr()
+    for resume in (tmp_path / "old" / "last.pt", tmp_path / "runs" / "toy_x2" / "best.pt"):
+        if resume.name == "best.pt":  # another checkpoint of that very folder
+            shutil.copy(tmp_path / "old" / "last.pt", resume)
+        with pytest.raises(SystemExit) as e:
+            sr_train.main(["--resume", str(resume), "--steps", "3", "--workers", "0"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "holds another checkpoint" in err[0], err
+        assert (tmp_path / "runs" / "toy_x2" / "last.pt").read_bytes() == other
+    assert sr_train.main(["--resume", str(tmp_path / "old" / "last.pt"), "--steps", "2",
+                          "--workers", "0", "--out", "new"]) == 0  # fmt: skip
+    assert load_checkpoint(tmp_path / "new" / "last.pt")["step"] == 2
+
+
+def test_an_older_checkpoints_unset_flags_stay_unset(tmp_path, images, toy, capsys):
+    """Before the Recipe, unset run flags were stored as -1, 0, 0.0 or []: taken over as such,
+    a resume would have trained at a learning rate of 0. They are read as unset (the recipe's);
+    the other flags are taken over (here the scale, 2, and the data)."""
+    assert run(tmp_path, images, "--model", "toy", "--steps", "2") == 0
+    ck = load_checkpoint(tmp_path / "last.pt")
+    legacy = dict(steps=-1, batch=0, patch=0, learning_rate=0.0, d_learning_rate=0.0)
+    ck["train_args"].update(legacy, milestones=[], gamma=0.0, grad_clip=-1.0, val_temperature=-1.0)
+    save_checkpoint(tmp_path / "last.pt", ck)
+    capsys.readouterr()
+    assert sr_train.main(["--resume", "auto", "--out", str(tmp_path), "--steps", "3",
+                          "--workers", "0"]) == 0  # fmt: skip
+    assert "changed flags: --steps 3 (was unset)" in capsys.readouterr().out
+    recipe = models.MODELS["toy"].recipe(2)
+    assert logged_rates(tmp_path)[-1] == sr_train.learning_rate_at(2, replace(recipe, steps=3))
+    assert load_checkpoint(tmp_path / "last.pt")["train_args"]["batch"] is None
+
+
+def test_given_hr_folders_do_not_keep_the_runs_lr_folders():
+    args, _, given = sr_train.parse_all(["--data", "new_hr", "--resume", "auto"])
+    resumed = {"train_args": {"data": ["old_hr"], "lr_data": ["old_lr"], "seed": 5}}
+    sr_train.inherit_flags(args, given, resumed)
+    assert (args.data, args.lr_data, args.seed) == (["new_hr"], [], 5)
 
 
 def test_resuming_a_finished_run_leaves_last_pt_byte_for_byte(tmp_path, images, toy):
@@ -207,35 +242,49 @@ def test_resume_refuses_other_model_or_scale_and_never_restarts(tmp_path, images
     assert e.value.code == 6 and "x2" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("at", [0, 5])
+@pytest.mark.parametrize(
+    "at, save_every, error",
+    [(0, 100, torch.OutOfMemoryError), (5, 100, torch.OutOfMemoryError), (5, 5, MemoryError)],
+    ids=["first-step", "step-6", "just-saved"],
+)
 def test_out_of_memory_in_a_step_saves_the_steps_done(tmp_path, images, toy, monkeypatch, capsys,
-                                                      at):  # fmt: skip
-    """CUDA out of memory in training step 5 (fragmentation hours in, another process on the
-    GPU): the 5 steps done since the last save are saved, one line, exit 4, and --resume auto
-    continues. In the first step there is nothing to save."""
+                                                      at, save_every, error):  # fmt: skip
+    """Out of memory in training step 6 (fragmentation hours in, another process on the GPU;
+    MemoryError on a CPU): the 5 steps done since the last save are saved, one line, exit 4, and
+    --resume auto continues. A last.pt saved at step 5 stays as it was (the failed step has
+    moved the random generators on: it equals a straight 5-step run's). In the first step there
+    is nothing to save."""
     real, calls = Toy.forward, []
 
     def forward(self, lr, hr):
+        out = real(self, lr, hr)  # (its noise drawn: the generators move on)
         calls.append(1)
         if len(calls) == at + 1:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(self, lr, hr)
+            raise error("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return out
 
     monkeypatch.setattr(Toy, "forward", forward)
+    flags = ["--model", "toy", "--noisy", "--save-every", str(save_every)]
     with pytest.raises(SystemExit) as e:
-        run(tmp_path, images, "--model", "toy", "--steps", "8", "--save-every", "100")
+        run(tmp_path / "a", images, *flags, "--steps", "8")
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 4
     if at == 0:
         assert err == ["sr_train.py: error: step 1: out of memory; nothing was saved: start again "
                        "with a smaller --batch or --patch"]  # fmt: skip
-        assert not (tmp_path / "last.pt").exists()
+        assert not (tmp_path / "a" / "last.pt").exists()
         return
-    assert err == [f"sr_train.py: error: step 6: out of memory; {tmp_path / 'last.pt'} holds step "
-                   "5: continue with --resume auto and a smaller --batch or --patch"]  # fmt: skip
-    assert load_checkpoint(tmp_path / "last.pt")["step"] == 5
-    assert run(tmp_path, images, "--model", "toy", "--steps", "8", "--resume", "auto") == 0
-    assert load_checkpoint(tmp_path / "last.pt")["step"] == 8
+    last = tmp_path / "a" / "last.pt"
+    assert err == [f"sr_train.py: error: step 6: out of memory; {last} holds step 5: continue "
+                   "with --resume auto and a smaller --batch or --patch"]  # fmt: skip
+    ck = load_checkpoint(last)
+    assert ck["step"] == 5
+    monkeypatch.setattr(Toy, "forward", real)
+    assert run(tmp_path / "b", images, *flags, "--steps", "5") == 0
+    straight = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert torch.equal(ck["rng"]["torch"], straight["rng"]["torch"]) == (save_every == 5)
+    assert run(tmp_path / "a", images, "--steps", "8", "--resume", "auto") == 0
+    assert load_checkpoint(last)["step"] == 8
 
 
 def test_out_of_memory_in_validation_skips_it_and_trains_on(tmp_path, images, toy, monkeypatch,
@@ -496,8 +545,7 @@ def test_amp_bf16_on_cpu_trains_le_and_resumes_exactly(tmp_path, images, monkeyp
     capsys.readouterr()
     assert run(tmp_path / "c", images, *bf16, "--steps", "1") == 0
     assert capsys.readouterr().err.splitlines() == [
-        "sr_train.py: warning: --amp bf16: this CPU emulates bf16, slower than float32; or drop "
-        "--amp"
+        "sr_train.py: warning: --amp bf16: this CPU emulates bf16, slower than float32; drop --amp"
     ]
 
 
@@ -506,7 +554,8 @@ def test_bf16_on_a_gpu_older_than_ampere_is_said_to_be_emulated(monkeypatch):
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert config.amp_emulated("bf16", cuda) == (
-        "this GPU (compute capability 7.5) emulates bf16; use --amp fp16"
+        "this GPU (compute capability 7.5) emulates bf16, slower than float32; use --amp fp16 "
+        "where the model allows it, or drop --amp"
     )
     assert config.amp_emulated("fp16", cuda) is None and config.amp_emulated("none", cuda) is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))

@@ -181,9 +181,11 @@ class Dispatched(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._overloadpacket.__name__
-        masks = args[1] if name.startswith("index") and len(args) > 1 else ()
-        masked = any(isinstance(m, torch.Tensor) and m.dtype in (torch.bool, torch.uint8)
-                     for m in (masks or ()))  # fmt: skip
+        # x[mask] and x[mask] = v: aten.index / index_put with a list of index tensors
+        masks = args[1] if name in ("index", "index_put", "index_put_") and len(args) > 1 else ()
+        masked = isinstance(masks, (list, tuple)) and any(
+            isinstance(m, torch.Tensor) and m.dtype in (torch.bool, torch.uint8) for m in masks
+        )
         if name in SIZED_BY_VALUES or masked:
             self.loop_reads.seen(name, sys._getframe(1))
         return func(*args, **(kwargs or {}))

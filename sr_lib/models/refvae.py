@@ -253,6 +253,9 @@ class RefVAE(LatentSRModel):
 
     def on_step(self, step: int, total: int) -> None:
         self._step = step  # picks the training references of --ref-data DIR
+        # Before the step keeps the buffers it puts back if it is skipped as non-finite: its
+        # vgg_loaded then stays True with the weights it describes.
+        self._load_weights()
 
     def _load_weights(self) -> None:
         """ImageNet VGG19 into the frozen encoder, once (CheckpointError with a staging hint).
