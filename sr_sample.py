@@ -433,9 +433,10 @@ def sample(args: SampleArgs) -> int:
     model, ck = load_model(args.ckpt, device, args.model or None, args.scale or None,
                            args.raw_weights)  # fmt: skip
     if "ema_state_dict" in ck:  # which of its two sets of weights the samples come from
-        print(f"{args.ckpt}: " + ("the weights as trained (--raw-weights)" if args.raw_weights else
-              f"the moving average of the weights (sr_train.py --ema {ck['ema_decay']:g}); "
-              "--raw-weights for the weights as trained"), flush=True)  # fmt: skip
+        average = (f"the moving average of the weights (sr_train.py --ema {ck['ema_decay']:g}); "
+                   "--raw-weights for the weights as trained")  # fmt: skip
+        raw = "the weights as trained (--raw-weights)"
+        print(f"{args.ckpt}: {raw if args.raw_weights else average}", flush=True)
     controls = resolve_controls(args, model, ck["model"], device)
     n = controls.n if controls else args.n  # a control may fix it (one output per ref/step)
     temperatures = args.temperature or [model.default_temperature]

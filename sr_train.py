@@ -268,9 +268,8 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     progress = cleanup.enter_context(Progress(steps, start)) if dd.main else None
     bad_steps = BadSteps(device, args.max_bad_steps, skipped)
     stopped, t0, t_start, logged, step = None, time.time(), time.time(), start, start
-    saved = (
-        start if resumed is not None and ckpt_path == out / "last.pt" else None
-    )  # last.pt's step
+    # the step OUT/last.pt holds, as written or read by this run (None: none of its own yet)
+    saved = start if resumed is not None and ckpt_path == out / "last.pt" else None
     unsaved = args.on_nan == "rollback" and resumed is None  # a rollback needs a last.pt
 
     while step < steps:
@@ -342,14 +341,17 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         saved = step
     del forward, batches  # DDP and the loader hold the process group: gone before finish ends it
     if oom:  # (one process: finish() has no process group to leave)
-        held = (f"{out / 'last.pt'} holds step {step}: continue with --resume auto and"
-                if saved == step else f"{ckpt_path} still holds step {start}: resume it with"
-                if resumed is not None else "nothing was saved: start again with")  # fmt: skip
+        if saved == step:
+            held = f"{out / 'last.pt'} holds step {step}: continue with --resume auto and"
+        elif resumed is not None:
+            held = f"{ckpt_path} still holds step {start}: resume it with"
+        else:
+            held = "nothing was saved: start again with"
         raise OutOfMemory(f"step {step + 1}: out of memory; {held} a smaller --batch or --patch")
     return finish(stopped, step, skipped, out, args, dd, say)
 
 
-def resolve_run(args: TrainArgs, rest: list[str], given: set[str] = frozenset()):
+def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
     """(run folder, checkpoint path, resumed checkpoint or None, model config, recipe).
 
     A resumed run takes its model from the checkpoint (`args.model` is set) and its config; model

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -43,6 +44,38 @@ def test_a_training_measurement_and_a_spent_budget(capsys):
     assert len(r["loadavg_start"]) == len(r["loadavg_end"]) == 3 and r["threads"] >= 1
     code, r = in_process(capsys, "--budget", "0")  # nothing measured: everything listed
     assert code == 0 and "train" not in r and {"srflow_x4/fp32", "eval"} <= set(r["skipped"])
+
+
+def test_a_compile_starts_only_with_its_time_left_and_the_targets_come_first(monkeypatch):
+    """On a GPU a compiled variant needs minutes: it is skipped with less than COMPILE_S of the
+    budget left, while the measurements after it still run. The plan measures the issue's
+    targets (SRFlow's eager and graph steps, the released code, eval, fp32 sampling) before the
+    first compile."""
+    sys.path.insert(0, str(REPO / "tests" / "bench"))
+    try:
+        import bench_gpu
+    finally:
+        sys.path.remove(str(REPO / "tests" / "bench"))
+    ran = []
+    steps = [("train_srflow", "srflow_x4/compile", lambda: ran.append("compile")),
+             ("eval", "eval", lambda: ran.append("eval"))]  # fmt: skip
+    monkeypatch.setattr(bench_gpu, "plan", lambda b: steps)
+    for left, want in ((bench_gpu.COMPILE_S - 1, ["eval"]), (bench_gpu.COMPILE_S + 1, None)):
+        ran.clear()
+        b = SimpleNamespace(cuda=True, left=lambda left=left: left, a=SimpleNamespace(quick=True),
+                            result={"skipped": [], "errors": {}})  # fmt: skip
+        bench_gpu.run_plan(b)
+        assert ran == (want or ["compile", "eval"])
+        assert b.result["skipped"] == ([] if want is None else ["srflow_x4/compile"])
+    monkeypatch.undo()
+    every = ("train_srflow", "graph_check", "official", "profile", "pipeline", "sample", "eval")
+    flags = SimpleNamespace(official="SRFlow/", sections=every, variants=list(bench_gpu.VARIANTS))
+    b = SimpleNamespace(cuda=True, a=flags)
+    labels = [label for _, label, _ in bench_gpu.plan(b)]
+    first_compile = min(i for i, label in enumerate(labels) if "compile" in label)
+    targets = ["srflow_x4/fp32", "srflow_x4/bf16", "srflow_x4/graphs", "srflow_x4/bf16_graphs",
+               "official", "eval", "sample_x4/fp32", "sample_x8/fp32"]  # fmt: skip
+    assert max(labels.index(t) for t in targets) < first_compile
 
 
 def test_graph_check_compares_recorded_and_eager_training(capsys):
