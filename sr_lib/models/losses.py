@@ -11,6 +11,7 @@
 """
 
 import contextlib
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +123,16 @@ def frozen_call(module: nn.Module, *inputs: torch.Tensor):
     generator only; the discriminator learns from its own loss."""
     params = {k: p.detach() for k, p in module.named_parameters()}
     return torch.func.functional_call(module, params, inputs)
+
+
+def on_device(module: nn.Module, device: torch.device) -> nn.Module:
+    """A frozen loss network kept out of state_dict (VGG, LPIPS), moved to `device` only when it
+    is elsewhere. Inside a compiled forward, torch 2.11's dynamo traces a `.to()` that moves
+    nothing into Module._apply, whose Parameter constructor breaks the graph at every step."""
+    t = next(itertools.chain(module.parameters(), module.buffers()), None)
+    if t is not None and t.device != torch.device(device):
+        module.to(device)
+    return module
 
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ from sr_lib.models.base import (
     staged_radius,
 )
 from sr_lib.models.blocks import conv3x3
-from sr_lib.models.losses import frozen_call, standard_normal_kl, style_stats, tv_map
+from sr_lib.models.losses import frozen_call, on_device, standard_normal_kl, style_stats, tv_map
 from sr_lib.models.vgg import VGG19_RELU, VGGFeatures
 from sr_lib.resize import imresize_torch
 from sr_lib.weights import resolve, torchvision_model
@@ -283,7 +283,7 @@ class RefVAE(LatentSRModel):
             if self.cfg.pretrained:
                 load_alexnet_trunk(net)
             self._lpips.append(net.eval().requires_grad_(False))
-        return self._lpips[0].to(self.vgg_loaded.device)
+        return on_device(self._lpips[0], self.vgg_loaded.device)
 
     def training_refs(self, hr: torch.Tensor) -> torch.Tensor:
         """(B, 3, r, r) references of this step: the HR patch, or images of --ref-data DIR drawn

@@ -28,7 +28,7 @@ from sr_lib.models.base import (
     staged_radius,
 )
 from sr_lib.models.blocks import conv3x3
-from sr_lib.models.losses import VGGLoss, frozen_call, gaussian_kl, gradient_penalty
+from sr_lib.models.losses import VGGLoss, frozen_call, gaussian_kl, gradient_penalty, on_device
 from sr_lib.models.vgg import NO_VGG, VGG19_RELU, VGGFeatures
 from sr_lib.resize import imresize_torch
 
@@ -217,7 +217,7 @@ class VarSR(LatentSRModel):
         loss = c.lambda_pixel * pixel + c.lambda_kl * kl
         parts = {}
         if c.lambda_per > 0:
-            per = self.perceptual_loss().to(sr.device)(sr, hr)
+            per = on_device(self.perceptual_loss(), sr.device)(sr, hr)
             loss = loss + c.lambda_per * per
             parts["per"] = per.detach()
         if self._adv_on:

@@ -20,7 +20,13 @@ from torch import nn
 from sr_lib.cem import cem
 from sr_lib.models.base import ModelConfig, Prepared, Recipe, SRModel, conv_radius, halo
 from sr_lib.models.blocks import conv3x3
-from sr_lib.models.losses import VGGLoss, frozen_call, sparse_prior_kl, standard_normal_kl
+from sr_lib.models.losses import (
+    VGGLoss,
+    frozen_call,
+    on_device,
+    sparse_prior_kl,
+    standard_normal_kl,
+)
 from sr_lib.models.vgg import NO_VGG, VGG19_RELU, VGGFeatures
 
 UPSAMPLING = ("bilinear", "bicubic", "none")
@@ -249,7 +255,7 @@ class VSpSR(SRModel):
             loss = loss + c.lambda_adv * adv
             parts["adv"] = adv.detach()
         if c.lambda_per > 0:
-            per = self.perceptual_loss().to(sr.device)(sr, hr)
+            per = on_device(self.perceptual_loss(), sr.device)(sr, hr)
             loss = loss + c.lambda_per * per
             parts["per"] = per.detach()
         sigma = std.detach() if c.stochastic_w else torch.zeros_like(mu)  # ω = μ: σ unused
