@@ -8,10 +8,12 @@ of training step `step`, drawn from `np.random.default_rng([seed, rank, step])`.
 therefore the same for any number of loader workers, and resuming at step t continues it exactly.
 """
 
+import atexit
 import contextlib
 import hashlib
 import importlib.util
 import io
+import multiprocessing.util  # noqa: F401 (registers its exit handler before ours, below)
 import os
 import signal
 import struct
@@ -19,6 +21,7 @@ import tempfile
 import threading
 import uuid
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -697,7 +700,14 @@ class _FloatLoader(DataLoader):
         self.device = device
 
     def __iter__(self):
+        _LIVE_LOADERS.add(self)
         return self._floats(super().__iter__())  # not a generator: workers start now
+
+    def close(self) -> None:
+        """Stop the (persistent) workers now."""
+        if getattr(self, "_iterator", None) is not None:
+            self._iterator._shutdown_workers()
+            self._iterator = None
 
     def _floats(self, batches):
         for lr, hr in batches:
@@ -705,6 +715,23 @@ class _FloatLoader(DataLoader):
                 lr = lr.to(self.device, non_blocking=self.pin_memory)
                 hr = hr.to(self.device, non_blocking=self.pin_memory)
             yield _as_float(lr), _as_float(hr)
+
+
+_LIVE_LOADERS: "weakref.WeakSet[_FloatLoader]" = weakref.WeakSet()
+
+
+def _stop_live_workers() -> None:
+    """At exit, stop the workers of loaders still alive (a traceback keeps its frames' loaders
+    alive). They ignore SIGTERM (`_worker_init`), so multiprocessing's own exit handler, which
+    terminates daemonic children and then joins them, would wait for them forever: a run that
+    ended in a traceback hung instead of exiting, and SIGTERM could not end it."""
+    for loader in list(_LIVE_LOADERS):
+        loader.close()
+
+
+# atexit calls the last registered first: after multiprocessing's handler (registered when
+# multiprocessing.util is imported, above), this one runs before it.
+atexit.register(_stop_live_workers)
 
 
 def _worker_init(worker_id: int) -> None:

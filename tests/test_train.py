@@ -462,6 +462,30 @@ def test_signal_to_the_process_group_with_loader_workers(tmp_path, images, sig):
     assert load_checkpoint(out / "last.pt")["step"] >= 3
 
 
+def test_a_bug_in_the_loop_with_loader_workers_exits_with_its_traceback(tmp_path, images):
+    """The workers ignore SIGTERM (a group signal is the main process's to handle), and a
+    traceback keeps the loader alive: multiprocessing's exit handler, which terminates and then
+    joins daemonic children, waited for them forever. The run hung after its traceback (a SLURM
+    job until its time limit), and SIGTERM could not end it."""
+    bug = ("import sys, sr_train\n"
+           "def train_step(*args): raise RuntimeError('a bug in a training step')\n"
+           "sr_train.train_step = train_step\n"
+           "sys.exit(sr_train.main(sys.argv[1:]))")  # fmt: skip
+    cmd = [sys.executable, "-c", bug, "--model", "edsr", "--n-feats", "8", "--n-blocks", "1",
+           "--data", str(images), "--scale", "2", "--patch", "8", "--batch", "2", "--workers", "2",
+           "--val-every", "0", "--steps", "3", "--out", str(tmp_path / "run")]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("sr_train.py did not exit after its traceback (its loader workers live on)")
+    assert proc.returncode == 1
+    assert "RuntimeError: a bug in a training step" in stderr.decode()
+
+
 def test_le_sigma_final_fraction_freezes_mu_in_the_last_steps(tmp_path, images):
     tiny = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--loss", "le",
             "--le-sigma-feats", "8", "--learning-rate", "1e-3"]  # fmt: skip
