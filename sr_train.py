@@ -867,7 +867,9 @@ def compile_model(model, forward, backend: str = "inductor"):
     # Each level's shapes, a transition and a conditional step, the first step's input without
     # gradient and an encoder frozen or not are distinct graphs of the same code: more than
     # dynamo's default limit of 8 per code object (beyond it, it would silently run eagerly).
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    config = torch._dynamo.config  # the limit's name in torch 2.6: cache_size_limit
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, max(getattr(config, limit), 64))
     for m in model.modules():
         if isinstance(m, model.compile_regions):
             m.compile(backend=backend)
