@@ -47,7 +47,7 @@ import re
 import sys
 import time
 import warnings
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -470,9 +470,10 @@ def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir):
     start = time.perf_counter()
     columns_shown = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     columns_shown += (TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    # closing: an error inside the loop ends the decoding threads here, not at garbage collection
-    with closing(read_ahead(files)) as images, Progress(*columns_shown, disable=not tty,
-                                                         transient=True) as bar:  # fmt: skip
+    bar = Progress(*columns_shown, disable=not tty, transient=True)
+    # closing: an error inside the loop ends the decoding threads here, not at garbage collection.
+    # A disabled bar is never started: rich before 15 prints an empty line when it stops.
+    with closing(read_ahead(files)) as images, bar if tty else nullcontext():
         task = bar.add_task("evaluating", total=len(stems))
         for k, stem in enumerate(stems):
             gt, lr, samples = next(images)

@@ -800,11 +800,12 @@ class ProgressLog(contextlib.AbstractContextManager):
         self.task = self.bar.add_task("sampling", total=total)
 
     def __enter__(self):
-        self.bar.__enter__()
+        if self.tty:  # a disabled bar is never started: rich before 15 prints an empty line
+            self.bar.__enter__()  # when it stops
         return self
 
     def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
+        return self.bar.__exit__(*exc) if self.tty else None
 
     def say(self, text: str) -> None:
         if self.tty:

@@ -70,15 +70,32 @@ class OutputError(SRSpaceError):
     exit_code = EXIT_OUTPUT
 
 
+OLDEST_TORCH = "2.6"  # requirements.txt: torch.nn.utils.get_total_norm (the finite check)
+
+
+def check_torch() -> None:
+    """A torch older than requirements.txt allows (a cluster's module, an old environment) is
+    one line at start, not an AttributeError in the middle of a run."""
+    import torch  # here: the scripts import it anyway, this module stays light
+
+    if torch.__version__ < OLDEST_TORCH:  # TorchVersion compares as a version
+        raise UsageError(
+            f"torch {torch.__version__} is too old: srspace needs torch >= {OLDEST_TORCH} "
+            f"(pip install -r requirements.txt)"
+        )
+
+
 @contextlib.contextmanager
 def exit_on_error(prog: str):
     """Print expected errors as one line `prog: error: message` and exit with their code.
 
     Warnings (e.g. an alpha channel dropped) are printed as one line `prog: warning: message`.
+    A torch older than srspace needs is such an error (`check_torch`).
     """
     show = warnings.formatwarning
     warnings.formatwarning = lambda message, *args, **kwargs: f"{prog}: warning: {message}\n"
     try:
+        check_torch()
         yield
     except SRSpaceError as e:
         msg = " ".join(str(e).split("\n"))

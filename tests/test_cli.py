@@ -7,6 +7,9 @@ from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
+import pytest
+import torch
+from torch.torch_version import TorchVersion
 
 import sr_eval
 import sr_sample
@@ -94,3 +97,20 @@ def test_the_scripts_start_without_loading_torch_compile():
                           cwd=Path(__file__).resolve().parents[1], timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("script", [sr_train, sr_sample, sr_eval])
+def test_a_too_old_torch_is_one_line_at_start(script, capsys, monkeypatch):
+    """torch 2.5 lacks what the training step calls: it stopped at the first step with an
+    AttributeError (after the loader had started). Now one line, before anything is read."""
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.5.1+cu121"))
+    with pytest.raises(SystemExit) as e:
+        script.main(["--help"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"{script.PROG}: error: torch 2.5.1+cu121 is too old: srspace needs torch "
+                   ">= 2.6 (pip install -r requirements.txt)"]  # fmt: skip
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.6.0+cpu"))
+    with pytest.raises(SystemExit) as e:
+        script.main(["--help"])
+    assert e.value.code == 0  # --help: the oldest torch srspace runs with

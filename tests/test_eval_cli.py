@@ -179,6 +179,8 @@ def test_end_to_end_index_layout_with_lr(tmp_path, capsys, lpips_file):
     assert float(rows[1]["score"]) == pytest.approx(res["per_image"][1]["score"], rel=1e-12)
     assert "method_a" in cap.out and "LPIPS_mean" in cap.out  # the table
     assert "[2/2] 0802" in cap.out  # plain log lines when stdout is not a TTY
+    lines = cap.out.splitlines()
+    assert lines[1].startswith("[2/2] 0802") and lines[2].strip()  # no empty line (rich < 15)
 
 
 def test_ntire_mode_stem_layout(tmp_path, capsys, lpips_file):
