@@ -129,8 +129,9 @@ def on_device(module: nn.Module, device: torch.device) -> nn.Module:
     """A frozen loss network kept out of state_dict (VGG, LPIPS), moved to `device` only when it
     is elsewhere. Inside a compiled forward, torch 2.11's dynamo traces a `.to()` that moves
     nothing into Module._apply, whose Parameter constructor breaks the graph at every step."""
-    for t in itertools.chain(module.parameters(), module.buffers()):  # (next(it, None): a
-        if t.device != torch.device(device):  # graph break in torch 2.6's dynamo)
+    # Its first tensor's device, by a loop: next(it, None) breaks the graph in torch 2.6's dynamo
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if t.device != torch.device(device):
             module.to(device)
         break
     return module
