@@ -705,7 +705,7 @@ class _FloatLoader(DataLoader):
 
     def close(self) -> None:
         """Stop the (persistent) workers now."""
-        if getattr(self, "_iterator", None) is not None:
+        if self._iterator is not None:
             self._iterator._shutdown_workers()
             self._iterator = None
 

@@ -15,6 +15,7 @@ import sr_eval
 import sr_sample
 import sr_train
 from sr_lib.data import read_image
+from sr_lib.errors import OLDEST_TORCH
 from sr_lib.metrics import psnr
 
 
@@ -114,3 +115,12 @@ def test_a_too_old_torch_is_one_line_at_start(script, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         script.main(["--help"])
     assert e.value.code == 0  # --help: the oldest torch srspace runs with
+
+
+def test_the_oldest_torch_is_the_one_the_requirements_name():
+    """The start check, requirements.txt and .ci/oldest.txt (the suite's run at the lower bounds)
+    name one version."""
+    repo = Path(__file__).resolve().parents[1]
+    floor = [line.split("#")[0].strip() for line in (repo / "requirements.txt").open()]
+    assert f"torch>={OLDEST_TORCH}" in floor
+    assert f"torch=={OLDEST_TORCH}.0" in (repo / ".ci" / "oldest.txt").read_text().split()
