@@ -282,13 +282,14 @@ class LpipsMetric:
     bilinear upsampling with align_corners=False of each layer map to H×W, sum in layer order) so
     that the GT half runs once per image and samples go through in batches of `batch`.
 
-    Exactness: with batch 1 (the CPU default) the convolutions see the same shapes and memory
-    layout as in the module, and the maps come out equal to it on CPU. Batches > 1 (and the
-    channels-last layout, deliberately not used) change the convolution kernels and thus the
-    float32 rounding; the squared difference of nearly equal normalised features amplifies that,
-    to ~1e-6 relative for samples very close to the GT (7e-8 measured on real images). On
-    CPU, batching brings no speed, so it is only worth it on a GPU. On CUDA, TF32 is off while
-    it computes (it changes the values; docs/metrics.md "LPIPS"), and as it was afterwards.
+    Exactness: with batch 1 (the CPU default) the convolutions see the same shapes as in the
+    module and run its kernels (`_layers`), and the maps come out equal to it on CPU. Batches
+    > 1 (and the channels-last layout, deliberately not used) change the convolution kernels and
+    thus the float32 rounding; the squared difference of nearly equal normalised features
+    amplifies that, to ~1e-6 relative for samples very close to the GT (7e-8 measured on real
+    images). On CPU, batching brings no speed, so it is only worth it on a GPU. On CUDA, TF32
+    is off while it computes (it changes the values; docs/metrics.md "LPIPS"), and as it was
+    afterwards.
     """
 
     def __init__(self, net, device: str | torch.device = "cpu", batch: int = 1, info=None):
@@ -307,6 +308,7 @@ class LpipsMetric:
             self._lut_np = scaling(to_lpips_range(values))[0, :, 0].numpy()
         self._lut = torch.from_numpy(self._lut_np).to(self.device)
         self._scratch: dict[str, torch.Tensor] = {}
+        self._onednn: dict[tuple, list[bool]] = {}  # (input shape, oneDNN on) -> its plan
 
     @classmethod
     def load(
@@ -385,14 +387,57 @@ class LpipsMetric:
 
         lpips' normalize_tensor, h / (sqrt(sum_c h^2) + 1e-10), op for op (h * h is h**2 bit for
         bit). `reuse`: the yielded taps are scratch buffers, valid until the next call.
+        Where torch runs a convolution with oneDNN (`_onednn_convs`), the activations stay in
+        oneDNN's blocked layout from it through the ReLU and max-pooling into the next one: the
+        module's oneDNN kernels without its reorder of every input into that layout, and a
+        pooling 3x faster than `_max_pool`. Only the taps come back to the module's layout.
         """
-        h = x
+        plan, c, h = self._onednn_convs(x), 0, x
         for k, s in enumerate(self.slices):
             for layer in s:
-                h = _max_pool(h, layer) if isinstance(layer, torch.nn.MaxPool2d) else layer(h)
-            tap = self._buffer(f"tap{k}", tuple(h.shape)) if reuse else torch.empty_like(h)
-            norm = torch.sum(torch.mul(h, h, out=tap), dim=1, keepdim=True).sqrt_().add_(1e-10)
-            yield torch.div(h, norm, out=tap)  # the square is no longer needed: overwrite it
+                if isinstance(layer, torch.nn.Conv2d):
+                    h = h.to_mkldnn() if plan[c] and not h.is_mkldnn else h
+                    c += 1
+                if isinstance(layer, torch.nn.MaxPool2d) and not h.is_mkldnn:
+                    h = _max_pool(h, layer)
+                else:  # convolution, ReLU (in place), or a pooling in the blocked layout (exact)
+                    h = layer(h)
+            d = h.to_dense() if h.is_mkldnn else h  # (B, C, h_k, w_k) contiguous
+            h = d if c < len(plan) and not plan[c] else h  # the next convolution's layout
+            tap = self._buffer(f"tap{k}", tuple(d.shape)) if reuse else torch.empty_like(d)
+            norm = torch.sum(torch.mul(d, d, out=tap), dim=1, keepdim=True).sqrt_().add_(1e-10)
+            yield torch.div(d, norm, out=tap)  # the square is no longer needed: overwrite it
+
+    def _onednn_convs(self, x: torch.Tensor) -> list[bool]:
+        """Per trunk convolution, whether torch runs it with oneDNN for this input.
+
+        torch picks the kernel by shape (small inputs take its own im2col path, `Slow2d`), and
+        only where it picks oneDNN is the blocked layout the same arithmetic as the module's
+        call. All False off the CPU, and where torch cannot say (`_select_conv_backend` is its
+        internal choice, with no promise of staying).
+        """
+        select = getattr(torch._C, "_select_conv_backend", None)
+        layers = [layer for s in self.slices for layer in s]
+        if self.device.type != "cpu" or select is None or not torch.backends.mkldnn.is_available():
+            return [False] * sum(isinstance(layer, torch.nn.Conv2d) for layer in layers)
+        key = (tuple(x.shape), torch.backends.mkldnn.enabled)
+        if key not in self._onednn:
+            plan, h = [], torch.empty(key[0], device="meta")
+            for layer in layers:
+                if isinstance(layer, torch.nn.Conv2d):
+                    plan.append(self._picks_onednn(select, layer, h.shape))
+                h = layer(h)  # the next layer's input shape (meta tensors hold no data)
+            self._onednn[key] = plan
+        return self._onednn[key]
+
+    @staticmethod
+    def _picks_onednn(select, conv: torch.nn.Conv2d, shape: torch.Size) -> bool:
+        args = (conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, False, (0, 0))
+        try:  # an input of that shape (allocated, never written)
+            backend = select(torch.empty(shape), *args, conv.groups, None)
+            return backend == torch._C._ConvBackend.Mkldnn
+        except (RuntimeError, TypeError, AttributeError):  # another torch's internals
+            return False
 
     @torch.no_grad()
     def reference(self, gt: ARRAY) -> list[torch.Tensor]:

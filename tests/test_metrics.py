@@ -277,6 +277,29 @@ def test_batched_lpips_equals_the_lpips_module(lpips_pair, batch):
     assert list(row) == list(M.OFFICIAL_COLUMNS)
 
 
+@pytest.mark.parametrize(
+    "hw, plan", [((200, 300), [True] * 5), ((120, 160), [True, True, False, True, False])]
+)
+def test_lpips_in_onednn_layout_equals_the_lpips_module(lpips_pair, monkeypatch, hw, plan):
+    """Where torch runs a trunk convolution with oneDNN, the activations stay in its blocked
+    layout; where it does not (small inputs), they go back to the module's layout. Both sizes:
+    the maps equal the module's to the bit, as with the module's layout throughout."""
+    ref, ours = lpips_pair
+    ours.batch = 1
+    gt = smooth_img(*hw, seed=60)
+    samples = [noisy(gt, s, seed=61 + s) for s in (3, 12)]
+    x = to_lpips_input(gt)
+    assert ours._onednn_convs(x) == plan  # torch 2.6 to 2.14 pick these: both layouts, both ways
+    with torch.no_grad():
+        expect = torch.cat([ref(to_lpips_input(s), to_lpips_input(gt))[0] for s in samples])
+    assert torch.equal(ours.maps(samples, gt), expect)
+    monkeypatch.delattr(torch._C, "_select_conv_backend")  # a torch that cannot say: all dense
+    ours._onednn.clear()
+    assert ours._onednn_convs(x) == [False] * 5
+    assert torch.equal(ours.maps(samples, gt), expect)
+    ours._onednn.clear()
+
+
 def test_equal_samples_are_scored_once_with_the_numbers_of_scoring_each(lpips_pair, monkeypatch):
     """A deterministic model's n samples (one image n times) cost one LPIPS pass, not n, and every
     column equals scoring each sample, to the bit, in any order of the equal ones."""
