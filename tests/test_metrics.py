@@ -5,6 +5,10 @@ two implementations agree, they are not real LPIPS values.
 """
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import lpips
 import numpy as np
@@ -298,6 +302,24 @@ def test_lpips_in_onednn_layout_equals_the_lpips_module(lpips_pair, monkeypatch,
     assert ours._onednn_convs(x) == [False] * 5
     assert torch.equal(ours.maps(samples, gt), expect)
     ours._onednn.clear()
+
+
+def test_lpips_in_onednn_layout_is_exact_with_avx2_kernels_too():
+    """oneDNN's layout and kernels depend on the CPU (AVX2 laptops: 8 channels interleaved, not
+    16): the test above, with oneDNN and torch held to AVX2."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if " avx2" not in flags:
+        pytest.skip("no AVX2 on this CPU")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    env["ONEDNN_VERBOSE"] = "1"  # prints each kernel that runs: it must be an AVX2 one
+    test = f"{__file__}::test_lpips_in_onednn_layout_equals_the_lpips_module"
+    cmd = [sys.executable, "-m", "pytest", test, "-s", "-v", "-n", "0", "-p", "no:cacheprovider"]
+    root = Path(__file__).resolve().parents[1]  # `python -m` imports sr_lib from the cwd
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=root)
+    assert done.returncode == 0 and "2 passed" in done.stdout, done.stdout[-2000:]
+    kernels = {line.split(",")[6] for line in done.stdout.splitlines() if ",convolution," in line}
+    # the direct kernels in the 8-channel layout, and im2col + GEMM for the 3-channel input
+    assert "jit:avx2" in kernels and all("avx2" in k or "gemm" in k for k in kernels), kernels
 
 
 def test_equal_samples_are_scored_once_with_the_numbers_of_scoring_each(lpips_pair, monkeypatch):
