@@ -418,26 +418,25 @@ class LpipsMetric:
         """
         select = getattr(torch._C, "_select_conv_backend", None)
         layers = [layer for s in self.slices for layer in s]
+        dense = [False] * sum(isinstance(layer, torch.nn.Conv2d) for layer in layers)
         if self.device.type != "cpu" or select is None or not torch.backends.mkldnn.is_available():
-            return [False] * sum(isinstance(layer, torch.nn.Conv2d) for layer in layers)
+            return dense
         key = (tuple(x.shape), torch.backends.mkldnn.enabled)
         if key not in self._onednn:
             plan, h = [], torch.empty(key[0], device="meta")
-            for layer in layers:
-                if isinstance(layer, torch.nn.Conv2d):
-                    plan.append(self._picks_onednn(select, layer, h.shape))
-                h = layer(h)  # the next layer's input shape (meta tensors hold no data)
+            try:
+                for layer in layers:
+                    if isinstance(layer, torch.nn.Conv2d):
+                        args = (layer.weight, layer.bias, layer.stride, layer.padding)
+                        args += (layer.dilation, False, (0, 0), layer.groups, None)
+                        # an input of this shape, allocated and never written
+                        backend = select(torch.empty(h.shape), *args)
+                        plan.append(backend == torch._C._ConvBackend.Mkldnn)
+                    h = layer(h)  # the next layer's input shape (meta tensors hold no data)
+            except (RuntimeError, TypeError, AttributeError, NotImplementedError):
+                plan = dense  # another torch's internals: the module's layout throughout
             self._onednn[key] = plan
         return self._onednn[key]
-
-    @staticmethod
-    def _picks_onednn(select, conv: torch.nn.Conv2d, shape: torch.Size) -> bool:
-        args = (conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, False, (0, 0))
-        try:  # an input of that shape (allocated, never written)
-            backend = select(torch.empty(shape), *args, conv.groups, None)
-            return backend == torch._C._ConvBackend.Mkldnn
-        except (RuntimeError, TypeError, AttributeError):  # another torch's internals
-            return False
 
     @torch.no_grad()
     def reference(self, gt: ARRAY) -> list[torch.Tensor]:

@@ -297,10 +297,19 @@ def test_lpips_in_onednn_layout_equals_the_lpips_module(lpips_pair, monkeypatch,
     with torch.no_grad():
         expect = torch.cat([ref(to_lpips_input(s), to_lpips_input(gt))[0] for s in samples])
     assert torch.equal(ours.maps(samples, gt), expect)
-    monkeypatch.delattr(torch._C, "_select_conv_backend")  # a torch that cannot say: all dense
-    ours._onednn.clear()
-    assert ours._onednn_convs(x) == [False] * 5
-    assert torch.equal(ours.maps(samples, gt), expect)
+
+    def other_signature(*args):
+        raise TypeError("_select_conv_backend(): incompatible function arguments")
+
+    def module_layout_throughout():
+        ours._onednn.clear()
+        assert ours._onednn_convs(x) == [False] * 5
+        assert torch.equal(ours.maps(samples, gt), expect)
+
+    monkeypatch.setattr(torch._C, "_select_conv_backend", other_signature)  # another torch's
+    module_layout_throughout()
+    monkeypatch.delattr(torch._C, "_select_conv_backend")  # a torch without it
+    module_layout_throughout()
     ours._onednn.clear()
 
 
