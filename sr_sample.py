@@ -106,6 +106,7 @@ from sr_lib.errors import (
 from sr_lib.models import MODELS, load_model
 from sr_lib.models.base import pad_to_multiple, sample_seed
 from sr_lib.resize import imresize
+from sr_lib.threads import done, finish, result, signals_held, submit, when_not_held
 from sr_lib.tiling import DEFAULT_CONTEXT, draw, grid, prepare, upscale
 from sr_lib.weights import sha256_file
 
@@ -280,31 +281,25 @@ class Stopped(SRSpaceError):
 class Signals:
     """While sampling, SIGINT raises KeyboardInterrupt and SIGTERM/SIGUSR1 (SLURM's preemption
     and time-limit warnings) raise Preempted at once, except while a file is read or written
-    (`held`): there they wait for its end, since an exception inside an image library can leave
-    half-built objects that print tracebacks. Files are written atomically, so whatever stops the
-    run, every file written is complete and a rerun continues."""
+    (`held`) or a thread pool's lock code runs (sr_lib/threads.py): there they wait for its end,
+    since an exception inside an image library can leave half-built objects that print
+    tracebacks. Files are written atomically, so whatever stops the run, every file written is
+    complete and a rerun continues."""
 
     def __init__(self):
-        self.depth, self.pending, self.old = 0, None, {}
+        self.old = {}
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-            self.old[sig] = signal.signal(sig, self.handle)
+            self.old[sig] = signal.signal(sig, when_not_held(self.stop))
         return self
 
     def __exit__(self, *exc):
         for sig, handler in self.old.items():
             signal.signal(sig, handler)
-        self.depth, self.pending = 0, None
-
-    def handle(self, signum, frame):
-        if self.depth:
-            self.pending = signum
-        else:
-            self.stop(signum)
 
     @staticmethod
-    def stop(signum):
+    def stop(signum, frame):
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise Preempted(
@@ -312,26 +307,15 @@ class Signals:
             "the same command to continue"
         )
 
-    @contextlib.contextmanager
-    def hold(self):
-        self.depth += 1
-        try:
-            yield
-        finally:
-            self.depth -= 1
-            if not self.depth and self.pending is not None:
-                signum, self.pending = self.pending, None
-                self.stop(signum)
-
 
 SIGNALS = Signals()
 
 
 def held(fn):
-    """fn with SIGNALS held until it returns."""
+    """fn with signals held until it returns."""
 
     def call(*args, **kwargs):
-        with SIGNALS.hold():
+        with signals_held():
             return fn(*args, **kwargs)
 
     return call
@@ -368,9 +352,10 @@ class SampleWriter:
         """Write `img` as the PNG files `paths` (one, or a deterministic model's n)."""
         if self.pool is None:
             return save_pngs(paths, img)
-        while self.queue and (self.queue[0].done() or len(self.queue) >= self.limit):
-            self.queue.popleft().result()  # waits when full; raises a failed write's error
-        self.queue.append(self.pool.submit(write_pngs, paths, img))
+        while self.queue and (len(self.queue) >= self.limit or done(self.queue[0])):
+            result(self.queue[0])  # waits when full; raises a failed write's error
+            self.queue.popleft()
+        self.queue.append(submit(self.pool, write_pngs, paths, img))
 
     def __enter__(self) -> "SampleWriter":
         return self
@@ -378,9 +363,18 @@ class SampleWriter:
     def __exit__(self, kind, *exc) -> None:
         if self.pool is None:
             return
-        self.pool.shutdown(wait=True, cancel_futures=kind is KeyboardInterrupt)
-        while kind is None and self.queue:
-            self.queue.popleft().result()
+        cancel = kind is KeyboardInterrupt
+        try:
+            while kind is None and self.queue:
+                result(self.queue[0])
+                self.queue.popleft()
+        except KeyboardInterrupt:
+            cancel = True
+            raise
+        finally:
+            finish(self.pool, cancel)
+            with signals_held():
+                self.pool = None  # sr_lib/threads.py: why here
 
 
 def main(argv=None) -> int:

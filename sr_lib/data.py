@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sr_lib.errors import DataError, OutputError, UsageError
 from sr_lib.resize import imresize
+from sr_lib.threads import finish, result, signals_held, submit, thread_map
 
 try:  # libpng: plain 8-bit RGB PNGs in half Pillow's time, off the GIL (README, "Dependencies")
     import imagecodecs
@@ -523,33 +524,29 @@ def read_ahead(groups: Sequence, workers: int | None = None) -> Iterator:
     pool = ThreadPoolExecutor(workers, thread_name_prefix="read_ahead")
     owner = threading.get_ident()
 
-    def submit(group):
-        return _tree_map(lambda path: pool.submit(read_image, path), group)
+    def start(path):
+        return submit(pool, read_image, path)
 
     try:
-        pending = submit(groups[0]) if groups else None
+        pending = _tree_map(start, groups[0]) if groups else None
         for k in range(len(groups)):
             current = pending
             if k + 1 < len(groups):  # queued behind group k's files: the pool is FIFO
-                pending = submit(groups[k + 1])
-            yield _tree_map(lambda future: future.result(), current)
+                pending = _tree_map(start, groups[k + 1])
+            yield _tree_map(result, current)
     finally:
         # Joined only in the thread that iterates: an abandoned generator is finalised by the
         # garbage collector in whatever thread it runs, possibly one of these workers holding an
         # import lock the others wait for; joining them there hung (tests/test_data.py).
-        pool.shutdown(wait=threading.get_ident() == owner, cancel_futures=True)
+        finish(pool, wait=threading.get_ident() == owner)
+        with signals_held():
+            pool = None  # sr_lib/threads.py: why here
 
 
 def _thread_map(fn, items: list) -> list:
     """[fn(*x) for x in items] on threads: Pillow decoding and numpy resizing release the GIL.
     The first error cancels the images not yet started instead of decoding all of them first."""
-    with ThreadPoolExecutor(max_workers=min(8, cpu_workers())) as pool:
-        futures = [pool.submit(fn, *x) for x in items]
-        try:
-            return [f.result() for f in futures]
-        except BaseException:
-            pool.shutdown(cancel_futures=True)
-            raise
+    return thread_map(fn, items, min(8, cpu_workers()))
 
 
 class PatchPairs(Dataset):

@@ -9,8 +9,13 @@ Exit codes (documented in the README; batch pipelines and SLURM scripts rely on 
 """
 
 import contextlib
+import signal
 import sys
+import threading
 import warnings
+from typing import NoReturn
+
+from sr_lib.threads import when_not_held
 
 EXIT_USAGE = 2
 EXIT_DATA = 3
@@ -94,6 +99,12 @@ def exit_on_error(prog: str):
     """
     show = warnings.formatwarning
     warnings.formatwarning = lambda message, *args, **kwargs: f"{prog}: warning: {message}\n"
+    # Ctrl-C waits for the end of a thread pool's lock code (sr_lib/threads.py). Left alone where
+    # SIGINT is ignored (a job started in the background) or handled by the caller.
+    main = threading.current_thread() is threading.main_thread()
+    python_default = main and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if python_default:
+        signal.signal(signal.SIGINT, when_not_held(signal.default_int_handler))
     try:
         check_torch()
         yield
@@ -102,12 +113,31 @@ def exit_on_error(prog: str):
         print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
         raise SystemExit(e.exit_code) from None
     except KeyboardInterrupt:  # files are written atomically: nothing half-written remains
-        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_INTERRUPTED) from None
-    except (MemoryError, RuntimeError) as e:
-        if not is_out_of_memory(e):  # a real bug: its traceback
-            raise
+        interrupted(prog)
+    except Exception as e:
+        if during_interrupt(e):  # a library's cleanup broken by the KeyboardInterrupt: not a bug
+            interrupted(prog)
+        if not (isinstance(e, (MemoryError, RuntimeError)) and is_out_of_memory(e)):
+            raise  # a real bug: its traceback
         print(f"{prog}: error: out of memory; use a smaller --batch or --tile", file=sys.stderr)
         raise SystemExit(EXIT_OOM) from None
     finally:
         warnings.formatwarning = show
+        if python_default:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def interrupted(prog: str) -> NoReturn:
+    print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_INTERRUPTED) from None
+
+
+def during_interrupt(e: BaseException) -> bool:
+    """Whether `e` was raised while a KeyboardInterrupt was being handled."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__context__
+    return False

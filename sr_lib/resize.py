@@ -15,12 +15,13 @@ cache-sized blocks on a few threads; tensors (any device, autograd for float) th
 
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
+
+from sr_lib.threads import thread_map
 
 _BLOCK = 1 << 17  # output values per block of the numpy pass: its buffers stay in L2/L3
 
@@ -327,8 +328,7 @@ def _parallel(fn, args: list) -> list:
     A pool per call costs ~0.1 ms and, unlike a module-level one, survives fork (DataLoader)."""
     if _threads() == 1 or len(args) < 2:
         return [fn(*a) for a in args]
-    with ThreadPoolExecutor(min(_threads(), len(args))) as pool:
-        return list(pool.map(fn, *zip(*args)))
+    return thread_map(fn, args, min(_threads(), len(args)))
 
 
 def _swap01(a: np.ndarray) -> np.ndarray:

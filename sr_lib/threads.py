@@ -1,0 +1,101 @@
+"""Thread pools driven from the main thread, safe against signals.
+
+Python runs a signal's handler in the main thread between any two bytecodes, also inside the
+pure-Python lock code of `threading` (Condition, Semaphore, Event) that `concurrent.futures`
+submits and waits with. A KeyboardInterrupt raised there can leave a pool's lock held, so that its
+threads block and joining them hangs the exit for ever, or release a lock twice ("RuntimeError:
+release unlocked lock", a traceback instead of the one-line `interrupted`). Both happened to
+`sr_train.py` on Ctrl-C while it decoded its images (tests/test_threads.py sweeps the moments).
+
+So the scripts install their raising handlers through `when_not_held`, and code here talks to a
+pool only inside `signals_held()`: a signal arriving there is recorded, and its handler runs when
+the block ends, outside any lock. Waits are cut into 0.1 s slices (`result`), each its own block,
+so Ctrl-C still acts at once. The last reference to a pool is dropped inside a block too: the
+pool's weakref callback, which wakes its threads, is lock code as well.
+"""
+
+import contextlib
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout  # builtin TimeoutError only from 3.11
+
+_held = {"depth": 0, "pending": None}  # main thread only: nesting depth, (handler, signum)
+
+
+def when_not_held(handler):
+    """The signal handler `handler`, run at once, or at the end of the `signals_held()` block the
+    main thread is in. Only the first signal of a block is kept: its handler ends the run."""
+
+    def deliver(signum, frame):
+        if not _held["depth"]:
+            handler(signum, frame)
+        elif _held["pending"] is None:
+            _held["pending"] = (handler, signum)
+
+    return deliver
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Signals (handlers from `when_not_held`) wait for the end of this block; a no-op outside
+    the main thread, where Python never runs handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _held["depth"] += 1
+    try:
+        yield
+    finally:
+        _held["depth"] -= 1
+        if not _held["depth"] and _held["pending"] is not None:
+            (handler, signum), _held["pending"] = _held["pending"], None
+            handler(signum, None)  # raises KeyboardInterrupt, Preempted, ...
+
+
+def result(future: Future):
+    """future.result(), waited for in 0.1 s slices with signals held in each: a signal's handler
+    runs between two slices."""
+    while True:
+        with signals_held():
+            try:
+                return future.result(timeout=0.1)
+            except FutureTimeout:
+                pass
+
+
+def done(future: Future) -> bool:
+    with signals_held():
+        return future.done()
+
+
+def submit(pool: ThreadPoolExecutor, fn, *args) -> Future:
+    with signals_held():
+        return pool.submit(fn, *args)
+
+
+def finish(pool: ThreadPoolExecutor, cancel: bool = True, wait: bool = True) -> None:
+    """Shut the pool down, dropping its items not started if `cancel`, and (if `wait`) join its
+    threads once they have run the rest, in 0.1 s slices as `result` waits: never for ever with
+    signals held. Errors of the items are left to `result`."""
+    with signals_held():
+        pool.shutdown(wait=False, cancel_futures=cancel)
+    for thread in list(getattr(pool, "_threads", ())) if wait else ():  # the pool's own set
+        while True:
+            with signals_held():  # is_alive() too runs lock code
+                thread.join(timeout=0.1)
+                if not thread.is_alive():
+                    break
+
+
+def thread_map(fn, args: list, workers: int) -> list:
+    """[fn(*a) for a in args] on `workers` threads; the first error (or Ctrl-C) drops the items
+    not yet started, instead of running all of them first."""
+    pool, futures = ThreadPoolExecutor(workers), []
+    try:
+        for a in args:
+            futures.append(submit(pool, fn, *a))
+        return [result(f) for f in futures]
+    finally:
+        finish(pool)
+        with signals_held():
+            del pool

@@ -1,0 +1,176 @@
+"""Signals while the main thread drives a thread pool (sr_lib/threads.py).
+
+Python runs a signal's handler between any two bytecodes of the main thread, also inside the lock
+code of `threading` that `concurrent.futures` uses. Ctrl-C there once hung `sr_train.py` for good
+(a pool's lock left held, its threads blocked, the exit joining them) or printed a traceback
+("release unlocked lock"). These tests raise the signal at every line the main thread runs in
+`threading` and `concurrent.futures` during each pool use of the scripts, one run per line, each
+time in a fresh child process that must end with the script's one-line exit.
+
+Run as `python -m tests.test_threads OP SIGNAL` (from the repository root) to sweep one case.
+"""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WATCHED = (os.sep + "threading.py", os.sep.join(("", "concurrent", "futures", "")))
+
+
+def _ops(tmp: Path) -> dict:
+    """Each pool use of the scripts, as a function of no arguments."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    import sr_sample
+    from sr_lib import data, resize
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(6):
+        files.append(tmp / f"photo ({i}).png")
+        iio.imwrite(files[-1], rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    resize._threads = lambda: 2  # two threads on any machine
+    big = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)  # resized in 2 or more blocks
+
+    def write_samples():
+        with sr_sample.SampleWriter(2) as writer:
+            for i in range(4):
+                writer([tmp / f"sample {i}.png"], big[:8, :8])
+
+    return {
+        # sr_train.py: decoding the training images (PatchPairs)
+        "thread_map": lambda: data._thread_map(lambda x: (time.sleep(0.001), x)[1], [(0,), (1,)]),
+        # sr_eval.py: decoding the samples of the next image while LPIPS runs
+        "read_ahead": lambda: list(data.read_ahead([files[:2], files[2:4], files[4:]], 2)),
+        # every script: MATLAB-bicubic resizing in row blocks on threads
+        "imresize": lambda: resize.imresize(big, 0.5),
+        # sr_sample.py: writing the PNGs while the model draws the next ones
+        "sample_writer": write_samples,
+    }
+
+
+def _sweep(op: str, signum: int) -> dict:
+    """Run `op` once per line event in the watched modules, raising `signum` at that event."""
+    import sr_sample
+    from sr_lib.errors import exit_on_error
+
+    fn = _ops(Path(tempfile.mkdtemp()))[op]
+    handlers = sr_sample.SIGNALS if op == "sample_writer" else contextlib.nullcontext()
+
+    def once(at: int) -> tuple[int, object, int]:
+        count = 0
+
+        def line(frame, event, arg):
+            nonlocal count
+            if event == "line":
+                count += 1
+                if count == at:
+                    signal.raise_signal(signum)  # its handler runs here, inside the lock code
+            return line
+
+        def call(frame, event, arg):
+            return line if frame.f_code.co_filename.endswith(WATCHED[0]) or (
+                WATCHED[1] in frame.f_code.co_filename) else None  # fmt: skip
+
+        outcome = "returned"
+        try:
+            with exit_on_error("sweep"), handlers:
+                sys.settrace(call)
+                try:
+                    fn()
+                except sr_sample.Preempted:
+                    outcome = "preempted"
+                finally:
+                    sys.settrace(None)
+        except SystemExit as e:
+            outcome = e.code
+        except BaseException as e:  # noqa: BLE001 (the failure being looked for)
+            sys.settrace(None)
+            outcome = f"{type(e).__name__}: {e}"
+        deadline = time.time() + 5  # the pool's threads end unless one is blocked for good
+        while threading.active_count() > 1 and time.time() < deadline:
+            time.sleep(0.001)
+        return count, outcome, threading.active_count() - 1
+
+    lines, outcome, left = once(0)
+    assert outcome == "returned" and not left, (outcome, left)
+    expected = 130 if signum == signal.SIGINT else "preempted"
+    report = {"lines": lines, "fired": 0, "bad": []}
+    for at in range(1, lines + lines // 4 + 1):  # a run's line count varies with thread timing
+        count, outcome, left = once(at)
+        fired = count >= at
+        report["fired"] += fired
+        if outcome != (expected if fired else "returned") or left:
+            report["bad"].append(dict(line=at, outcome=outcome, threads_left=left))
+    return report
+
+
+@pytest.mark.parametrize(
+    "op, signum",
+    [
+        ("thread_map", "SIGINT"),
+        ("read_ahead", "SIGINT"),
+        ("imresize", "SIGINT"),
+        ("sample_writer", "SIGINT"),
+        ("sample_writer", "SIGTERM"),
+    ],
+)
+def test_a_signal_at_any_line_of_the_lock_code_gives_the_one_line_exit(op, signum):
+    """Every run interrupted ends as the script would (exit 130 on Ctrl-C; sr_sample's
+    Preempted on SIGTERM, then exit 75), every other run returns, and no pool thread is left
+    blocked. A hang shows as a timeout."""
+    p = subprocess.run([sys.executable, "-m", "tests.test_threads", op, signum], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads(p.stdout.splitlines()[-1])
+    assert report["fired"] > 100, report  # the sweep reached the pool's lock code
+    assert not report["bad"], report["bad"][:10]
+
+
+def test_an_error_while_ctrl_c_is_handled_is_the_one_line_exit(capsys):
+    """Lock code that no handler can defer (a library's own pool, torch's loader) broken by
+    Ctrl-C raises its own error from the KeyboardInterrupt: still `interrupted`, exit 130. The
+    same error without Ctrl-C is a bug and keeps its traceback."""
+    from sr_lib.errors import exit_on_error
+
+    with pytest.raises(SystemExit) as e, exit_on_error("prog"):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("release unlocked lock")
+    assert e.value.code == 130 and capsys.readouterr().err == "prog: interrupted\n"
+    with pytest.raises(RuntimeError, match="release unlocked lock"), exit_on_error("prog"):
+        raise RuntimeError("release unlocked lock")
+
+
+def test_handlers_wait_for_the_end_of_the_held_block_and_are_restored():
+    from sr_lib.errors import exit_on_error
+    from sr_lib.threads import signals_held
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(SystemExit), exit_on_error("prog"):
+        reached = []
+        with pytest.raises(KeyboardInterrupt):
+            with signals_held():
+                with signals_held():
+                    signal.raise_signal(signal.SIGINT)
+                    reached.append("inner")
+                reached.append("outer")  # nested: delivered at the end of the outermost
+        assert reached == ["inner", "outer"]
+        signal.raise_signal(signal.SIGINT)  # outside a block: at once
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+if __name__ == "__main__":
+    print(json.dumps(_sweep(sys.argv[1], signal.Signals[sys.argv[2]])))
