@@ -67,7 +67,6 @@ import signal
 import sys
 import time
 from argparse import ArgumentTypeError
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -106,7 +105,16 @@ from sr_lib.errors import (
 from sr_lib.models import MODELS, load_model
 from sr_lib.models.base import pad_to_multiple, sample_seed
 from sr_lib.resize import imresize
-from sr_lib.threads import done, finish, result, signals_held, submit, when_not_held
+from sr_lib.threads import (
+    done,
+    finish,
+    new_pool,
+    result,
+    signals_held,
+    stop_pools,
+    submit,
+    when_not_held,
+)
 from sr_lib.tiling import DEFAULT_CONTEXT, draw, grid, prepare, upscale
 from sr_lib.weights import sha256_file
 
@@ -294,9 +302,11 @@ class Signals:
             self.old[sig] = signal.signal(sig, when_not_held(self.stop))
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, *exc):
         for sig, handler in self.old.items():
             signal.signal(sig, handler)
+        if kind is Preempted:  # a writer whose `finish` the signal skipped: its writes end
+            stop_pools(cancel=False)
 
     @staticmethod
     def stop(signum, frame):
@@ -344,7 +354,7 @@ class SampleWriter:
     """
 
     def __init__(self, threads: int):
-        self.pool = ThreadPoolExecutor(threads, "png") if threads > 1 else None
+        self.pool = new_pool(threads, "png") if threads > 1 else None
         self.queue: collections.deque = collections.deque()  # the futures, in the order given
         self.limit = 2 * threads
 

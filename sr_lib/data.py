@@ -23,7 +23,6 @@ import uuid
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import NoReturn
@@ -37,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sr_lib.errors import DataError, OutputError, UsageError
 from sr_lib.resize import imresize
-from sr_lib.threads import finish, result, signals_held, submit, thread_map
+from sr_lib.threads import finish, new_pool, result, signals_held, submit, thread_map
 
 try:  # libpng: plain 8-bit RGB PNGs in half Pillow's time, off the GIL (README, "Dependencies")
     import imagecodecs
@@ -521,7 +520,7 @@ def read_ahead(groups: Sequence, workers: int | None = None) -> Iterator:
         for group in groups:
             yield _tree_map(read_image, group)
         return
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="read_ahead")
+    pool = new_pool(workers, "read_ahead")
     owner = threading.get_ident()
 
     def start(path):

@@ -15,7 +15,7 @@ import threading
 import warnings
 from typing import NoReturn
 
-from sr_lib.threads import when_not_held
+from sr_lib.threads import stop_pools, when_not_held
 
 EXIT_USAGE = 2
 EXIT_DATA = 3
@@ -128,6 +128,7 @@ def exit_on_error(prog: str):
 
 
 def interrupted(prog: str) -> NoReturn:
+    stop_pools()  # whose `finally` the KeyboardInterrupt skipped (sr_lib/threads.py)
     print(f"{prog}: interrupted", file=sys.stderr, flush=True)
     raise SystemExit(EXIT_INTERRUPTED) from None
 

@@ -11,7 +11,10 @@ So the scripts install their raising handlers through `when_not_held`, and code 
 pool only inside `signals_held()`: a signal arriving there is recorded, and its handler runs when
 the block ends, outside any lock. Waits are cut into 0.1 s slices (`result`), each its own block,
 so Ctrl-C still acts at once. The last reference to a pool is dropped inside a block too: the
-pool's weakref callback, which wakes its threads, is lock code as well.
+pool's weakref callback, which wakes its threads, is lock code as well. A signal can still arrive
+in the few bytecodes before a `finally` reaches its block, and skip `finish`: `exit_on_error`
+then shuts down the pools left (`stop_pools`), so that their queued items do not run at exit
+(sr_sample.py's Signals, on SIGTERM, lets them finish their queued writes).
 """
 
 import contextlib
@@ -20,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout  # builtin TimeoutError only from 3.11
 
 _held = {"depth": 0, "pending": None}  # main thread only: nesting depth, (handler, signum)
+_live: set = set()  # the pools made by `new_pool` and not yet finished
 
 
 def when_not_held(handler):
@@ -73,12 +77,20 @@ def submit(pool: ThreadPoolExecutor, fn, *args) -> Future:
         return pool.submit(fn, *args)
 
 
+def new_pool(workers: int, name: str = "") -> ThreadPoolExecutor:
+    with signals_held():
+        pool = ThreadPoolExecutor(workers, thread_name_prefix=name)
+        _live.add(pool)
+    return pool
+
+
 def finish(pool: ThreadPoolExecutor, cancel: bool = True, wait: bool = True) -> None:
     """Shut the pool down, dropping its items not started if `cancel`, and (if `wait`) join its
     threads once they have run the rest, in 0.1 s slices as `result` waits: never for ever with
     signals held. Errors of the items are left to `result`."""
     with signals_held():
         pool.shutdown(wait=False, cancel_futures=cancel)
+        _live.discard(pool)
     for thread in list(getattr(pool, "_threads", ())) if wait else ():  # the pool's own set
         while True:
             with signals_held():  # is_alive() too runs lock code
@@ -87,10 +99,18 @@ def finish(pool: ThreadPoolExecutor, cancel: bool = True, wait: bool = True) -> 
                     break
 
 
+def stop_pools(cancel: bool = True) -> None:
+    """Shut down, without waiting, the pools whose `finish` a signal skipped, dropping their items
+    not started if `cancel`: their threads end after those."""
+    with signals_held():
+        while _live:
+            _live.pop().shutdown(wait=False, cancel_futures=cancel)
+
+
 def thread_map(fn, args: list, workers: int) -> list:
     """[fn(*a) for a in args] on `workers` threads; the first error (or Ctrl-C) drops the items
     not yet started, instead of running all of them first."""
-    pool, futures = ThreadPoolExecutor(workers), []
+    pool, futures = new_pool(workers), []
     try:
         for a in args:
             futures.append(submit(pool, fn, *a))

@@ -89,12 +89,12 @@ def _sweep(op: str, signum: int) -> dict:
                 sys.settrace(call)
                 try:
                     fn()
-                except sr_sample.Preempted:
-                    outcome = "preempted"
                 finally:
                     sys.settrace(None)
         except SystemExit as e:
             outcome = e.code
+        except sr_sample.Preempted:  # sr_sample.main: then exit 75
+            outcome = "preempted"
         except BaseException as e:  # noqa: BLE001 (the failure being looked for)
             sys.settrace(None)
             outcome = f"{type(e).__name__}: {e}"
