@@ -262,6 +262,8 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
                       device, say)  # fmt: skip
     forward = wrap(model, dd, device, args.compile)
     graph = StepGraph(model, device) if args.cuda_graphs else None
+    for s in STOP_SIGNALS:  # put back at the end: main() may be called from Python
+        cleanup.callback(signal.signal, s, signal.getsignal(s) or signal.SIG_DFL)
     stop = catch_signals()
     say(summary(args, model, start, recipe, dd, device, out))
     autocast = autocast_for(args.amp, device)
@@ -876,6 +878,9 @@ def compile_model(model, forward, backend: str = "inductor"):
     return forward
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
 def catch_signals() -> dict:
     """SIGTERM (SLURM end/preemption), SIGUSR1 (SLURM's warning), SIGINT: recorded in the dict;
     the loop finishes the step, saves and exits 75. Ranks agree every step, so all stop at the
@@ -885,7 +890,7 @@ def catch_signals() -> dict:
     def request_stop(signum, frame):
         stop["signal"] = signal.Signals(signum).name
 
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+    for s in STOP_SIGNALS:
         signal.signal(s, request_stop)
     return stop
 

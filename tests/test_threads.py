@@ -158,6 +158,7 @@ def test_handlers_wait_for_the_end_of_the_held_block_and_are_restored():
     from sr_lib.errors import exit_on_error
     from sr_lib.threads import signals_held
 
+    # Python's own handler, as in a script (in-process script tests put theirs back: see below)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     with pytest.raises(SystemExit), exit_on_error("prog"):
         reached = []
@@ -170,6 +171,18 @@ def test_handlers_wait_for_the_end_of_the_held_block_and_are_restored():
         assert reached == ["inner", "outer"]
         signal.raise_signal(signal.SIGINT)  # outside a block: at once
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sr_train_main_called_from_python_puts_the_handlers_back(tmp_path):
+    """sr_train.py's loop turns SIGINT/SIGTERM/SIGUSR1 into "save and stop"; a caller of main()
+    (a notebook, a test) gets its own handlers back afterwards, so Ctrl-C works again."""
+    import sr_train
+
+    before = {s: signal.getsignal(s) for s in sr_train.STOP_SIGNALS}
+    assert sr_train.main(["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--data", "demo",
+                          "--scale", "2", "--patch", "8", "--batch", "1", "--workers", "0",
+                          "--steps", "1", "--out", str(tmp_path / "run")]) == 0  # fmt: skip
+    assert {s: signal.getsignal(s) for s in sr_train.STOP_SIGNALS} == before
 
 
 if __name__ == "__main__":
