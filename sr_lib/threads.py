@@ -10,8 +10,9 @@ release unlocked lock", a traceback instead of the one-line `interrupted`). Both
 So the scripts install their raising handlers through `when_not_held`, and code here talks to a
 pool only inside `signals_held()`: a signal arriving there is recorded, and its handler runs when
 the block ends, outside any lock. Waits are cut into 0.1 s slices (`result`), each its own block,
-so Ctrl-C still acts at once. The last reference to a pool is dropped inside a block too: the
-pool's weakref callback, which wakes its threads, is lock code as well. A signal can still arrive
+so Ctrl-C still acts at once. The last reference to a pool is dropped inside a block too: that
+runs the pool's weakref callback (it wakes the threads), and Python prints an exception raised in
+a weakref callback as "Exception ignored" and drops it, Ctrl-C with it. A signal can still arrive
 in the few bytecodes before a `finally` reaches its block, and skip `finish`: `exit_on_error`
 then shuts down the pools left (`stop_pools`), so that their queued items do not run at exit
 (sr_sample.py's Signals, on SIGTERM, lets them finish their queued writes).
