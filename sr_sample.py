@@ -100,6 +100,7 @@ from sr_lib.errors import (
     NonFiniteError,
     SRSpaceError,
     UsageError,
+    catch,
     exit_on_error,
 )
 from sr_lib.models import MODELS, load_model
@@ -299,7 +300,8 @@ class Signals:
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-            self.old[sig] = signal.signal(sig, when_not_held(self.stop))
+            # (a SIGINT ignored at start stays ignored: a background job)
+            self.old[sig] = catch(sig, when_not_held(self.stop))
         return self
 
     def __exit__(self, kind, *exc):

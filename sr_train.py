@@ -57,6 +57,7 @@ from sr_lib.errors import (
     OutputError,
     SRSpaceError,
     UsageError,
+    catch,
     exit_on_error,
     is_out_of_memory,
 )
@@ -891,7 +892,7 @@ def catch_signals() -> dict:
         stop["signal"] = signal.Signals(signum).name
 
     for s in STOP_SIGNALS:
-        signal.signal(s, request_stop)
+        catch(s, request_stop)  # (a SIGINT ignored at start stays ignored: a background job)
     return stop
 
 

@@ -1,6 +1,8 @@
 """Shared test fixtures: fixed seeds, tiny model configs, a tiny LR/HR batch."""
 
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,36 @@ TINY_VARIANTS: dict[str, tuple[str, dict]] = {
 
 # Contract-test cases: case id -> (registry name, tiny config).
 CASES: dict[str, tuple[str, dict]] = {**{k: (k, v) for k, v in TINY.items()}, **TINY_VARIANTS}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def ctrl_c_as_in_a_terminal():
+    """Tests send SIGINT to the scripts as Ctrl-C in a terminal does, to a foreground job. A test
+    run started in the background of a shell script (`python -m pytest &`) inherits SIGINT
+    ignored, and so would the scripts it starts, which then rightly keep ignoring it
+    (`popen_in_background`): the default disposition for this process and its children."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.fixture
+def popen_in_background():
+    """subprocess.Popen, the child started with SIGINT ignored, as a shell starts `cmd &`."""
+
+    def start(*args, **kwargs):
+        before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited through exec
+        try:
+            return subprocess.Popen(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGINT, before)
+
+    return start
 
 
 @pytest.fixture(autouse=True)

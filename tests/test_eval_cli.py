@@ -578,6 +578,24 @@ def test_ctrl_c_is_one_line_exit_130_and_no_output(tmp_path):
     assert "[40/40]" not in rest and list(out.iterdir()) == []
 
 
+def test_started_in_the_background_ctrl_c_is_not_for_it(tmp_path, popen_in_background):
+    """A shell starts `sr_eval.py ... &` in a script with SIGINT ignored (Ctrl-C in its terminal is
+    for the job in the foreground): the run keeps it so, and completes."""
+    names = tuple(f"{k:04d}" for k in range(20))
+    hr_dir, _, sr_dir = make_set(tmp_path, n=3, sizes=((256, 256),) * 20, names=names)
+    out = tmp_path / "res"
+    cmd = eval_cmd("--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 3, "--no-lpips",
+                   "--device", "cpu", "--out", out / "r.json")  # fmt: skip
+    p = popen_in_background(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    line = p.stdout.readline()
+    assert line.startswith("[1/20]") and p.poll() is None, line + p.stderr.read()
+    p.send_signal(signal.SIGINT)  # while it runs: not reaped yet
+    rest, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert "[20/20]" in rest and len(json.loads((out / "r.json").read_text())["per_image"]) == 20
+
+
 def test_wrong_folders_give_errors_not_numbers(tmp_path, capsys):
     """Issue 20 item 10: --hr given the LR folder (the samples are 4x its size) and --scale 4
     with an x8 LR folder: one line naming the file and both sizes, exit 3."""

@@ -158,23 +158,30 @@ def test_full_disk_while_saving_leaves_the_last_checkpoint_and_no_temp_file(tmp_
     assert not [f.name for f in out.iterdir() if ".tmp" in f.name]
 
 
-def test_ctrl_c_in_sample_is_one_line_and_leaves_no_partial_file(tmp_path, images):
-    """Ctrl-C outside the training loop: `sr_sample.py: interrupted`, exit 130, no traceback, no
-    half-written PNG (outputs are written to a temp name and renamed)."""
+def sampling_under_way(tmp_path, images, count: int, popen=subprocess.Popen):
+    """sr_sample.py started by `popen` on `count` LR images, once its first PNG is written."""
     run = tmp_path / "run"
     subprocess.run(cmd(run, images, 1), check=True, capture_output=True)
     lr = tmp_path / "lr"
     lr.mkdir()
     rng = np.random.default_rng(1)
-    for i in range(200):
+    for i in range(count):
         iio.imwrite(lr / f"im{i:03d}.png", (rng.random((48, 48, 3)) * 255).astype(np.uint8))
     out = tmp_path / "out"
-    p = subprocess.Popen([sys.executable, str(REPO / "sr_sample.py"), "--ckpt",
-                          str(run / "last.pt"), "--input", str(lr), "--n", "2", "--out", str(out)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    p = popen([sys.executable, str(REPO / "sr_sample.py"), "--ckpt", str(run / "last.pt"),
+               "--input", str(lr), "--n", "2", "--out", str(out)],
+              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 120
     while not (out.is_dir() and any(out.glob("*.png"))) and time.time() < deadline:
         time.sleep(0.05)
+    assert p.poll() is None, "it ended before the signal: use more images"
+    return p, out
+
+
+def test_ctrl_c_in_sample_is_one_line_and_leaves_no_partial_file(tmp_path, images):
+    """Ctrl-C outside the training loop: `sr_sample.py: interrupted`, exit 130, no traceback, no
+    half-written PNG (outputs are written to a temp name and renamed)."""
+    p, out = sampling_under_way(tmp_path, images, 200)
     p.send_signal(signal.SIGINT)
     err = p.communicate(timeout=60)[1].strip()
     assert p.returncode == 130 and err == "sr_sample.py: interrupted", err
@@ -182,6 +189,17 @@ def test_ctrl_c_in_sample_is_one_line_and_leaves_no_partial_file(tmp_path, image
     assert 0 < len(written) < 400 and all(f.suffix == ".png" for f in written)
     for f in written:
         iio.imread(f)  # every file there is a whole PNG
+
+
+def test_sample_started_in_the_background_keeps_ignoring_ctrl_c(tmp_path, images,
+                                                               popen_in_background):  # fmt: skip
+    """`sr_sample.py ... &` in a shell script starts with SIGINT ignored (Ctrl-C in the terminal is
+    for the job in the foreground): it stays ignored and every sample is written."""
+    p, out = sampling_under_way(tmp_path, images, 40, popen_in_background)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=120)[1].strip()
+    assert p.returncode == 0, err
+    assert len(list(out.glob("*.png"))) == 80
 
 
 def test_ctrl_c_in_train_while_decoding_data_is_one_line(tmp_path):

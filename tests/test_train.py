@@ -439,6 +439,37 @@ def test_signal_saves_and_exits_75_then_resumes(tmp_path, images, sig):
     assert load_checkpoint(out / "last.pt")["step"] == step + 2
 
 
+def test_started_in_the_background_sigint_is_ignored_and_sigterm_still_saves(
+    tmp_path, images, popen_in_background
+):
+    """`sr_train.py ... &` in a shell script starts with SIGINT ignored, so that Ctrl-C in the
+    terminal stops only the job in the foreground: training goes on. SIGTERM, SLURM's, still
+    saves and exits 75."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "sr_train.py"), "--model", "edsr", "--n-feats", "8",
+           "--n-blocks", "1", "--data", str(images), "--scale", "2", "--patch", "8", "--batch", "2",
+           "--val-every", "0", "--log-every", "1", "--steps", "100000",
+           "--out", str(out)]  # fmt: skip
+    proc = popen_in_background(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = out / "log.jsonl"
+
+    def logged():
+        return log.read_text().count("\n") if log.exists() else 0
+
+    deadline = time.time() + 120
+    while time.time() < deadline and logged() < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # to the main process and (as a terminal does) nothing else
+    at_signal = logged()
+    while time.time() < deadline and logged() < at_signal + 3 and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None and logged() >= at_signal + 3, proc.communicate()[1].decode()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75 and "Traceback" not in stderr.decode(), stderr.decode()
+    assert load_checkpoint(out / "last.pt")["step"] >= at_signal + 3
+
+
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT])
 def test_signal_to_the_process_group_with_loader_workers(tmp_path, images, sig):
     """SLURM (and a terminal's Ctrl-C) signal every process of the job, the data-loader workers
