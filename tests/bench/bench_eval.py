@@ -8,7 +8,8 @@ imresize.py), PS_CHECKOUT one of its PerceptualSimilarity submodule (richzhang/P
 @ 05f4ec2; default NTIRE21_CHECKOUT/PerceptualSimilarity). Nothing of them is copied: measure.py's
 imports and functions are executed from the checkout at run time (its top-level script part, which
 wants 100 DIV2K images and writes CSVs, is not); its model is built and `lpips_analysis(gt, srs,
-scale)` called per image, as the script does.
+scale)` called per image, as the script does. measure.py imports packages srspace does not
+install: `pip install opencv-python-headless pandas tqdm` (checked before the first run).
 
 Both sides run LPIPS with one seeded random-weight state_dict (ImageNet AlexNet weights cannot be
 downloaded here; these are not real LPIPS values): the released `lpips.LPIPS(spatial=True)` is
@@ -34,6 +35,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import argparse  # noqa: E402
 import ast  # noqa: E402
 import contextlib  # noqa: E402
+import importlib.util  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
@@ -58,6 +60,13 @@ from sr_lib.resize import imresize  # noqa: E402
 
 H, W, SCALE = 1352, 2040, 4
 COLUMNS = ("LPIPS_mean", "LRPSNR_worst", "LRPSNR_mean", "score")
+# module -> PyPI package, for what the released measure.py imports and srspace does not install
+RELEASED_NEEDS = {
+    "cv2": "opencv-python-headless",
+    "pandas": "pandas",
+    "setuptools": "setuptools",
+    "tqdm": "tqdm",
+}
 
 
 def make_data(root: Path, images: int, n: int) -> tuple[Path, Path, Path]:
@@ -177,6 +186,10 @@ def main() -> None:
     ps_dir = args.lpips_code or args.released / "PerceptualSimilarity"
     if not (ps_dir / "lpips" / "lpips.py").is_file():
         raise SystemExit(f"--lpips-code {ps_dir}: no lpips/lpips.py (PerceptualSimilarity)")
+    # measure.py imports these, which srspace does not need: say so before the first timed run
+    missing = [p for m, p in RELEASED_NEEDS.items() if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"--released: measure.py needs pip install {' '.join(missing)}")
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep or tmp)
