@@ -47,7 +47,7 @@ import re
 import sys
 import time
 import warnings
-from contextlib import closing, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -77,7 +77,7 @@ from sr_lib.data import (
     read_ahead,
     write_text,
 )
-from sr_lib.errors import CheckpointError, DataError, UsageError, exit_on_error
+from sr_lib.errors import CheckpointError, DataError, UsageError, exit_on_error, stdout_closed
 
 PROG = "sr_eval.py"
 HELP_SR = (
@@ -296,7 +296,8 @@ def run(args: EvalArgs) -> int:
 
     opts = dict(scale=args.scale, lpips_metric=lpips_metric, ntire=args.ntire, color=args.color)
     opts.update(shave=shave, warn=warn)
-    rows, sheets = score(hr, methods, lr_files, sigma_files, columns, opts, report_dir)
+    to_files = bool(args.out or args.csv or report_dir)
+    rows, sheets = score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_files)
 
     # Aggregate: mean over images of each column (inf propagates, as the reference).
     columns += ["PLL", "PSNR_sigma"] if sigma_files else []  # (the first --sr folder only)
@@ -305,21 +306,37 @@ def run(args: EvalArgs) -> int:
         for m, rs in rows.items()
     }
     title = table_title(args, methods, len(stems))
-    print_table(means, columns, title, methods)
     missing = "LPIPS_mean and score not computed (--no-lpips)" if lpips_metric is None else ""
-    if missing:
-        print(missing)
     settings = run_settings(args, shave, device, lpips_metric, columns, methods)
     clean = {m: [{k: jsonable(v) for k, v in r.items()} for r in rs] for m, rs in rows.items()}
-    if args.out:
+    if args.out:  # the files first: a closed stdout cannot lose them
         write_json(args.out, settings, means, clean, methods)
     if args.csv:
         write_csv(args.csv, clean, columns, methods)
     if report_dir:
         table = [(m.name, m.temperature, m.n, means[m.name]) for m in methods]
         index = report.write_report(report_dir, title, columns, table, sheets, missing)
-        print(f"report: {index}")
+    with unless_stdout_closed(to_files):
+        print_table(means, columns, title, methods)
+        if missing:
+            print(missing)
+        if report_dir:
+            print(f"report: {index}")
     return 0
+
+
+@contextmanager
+def unless_stdout_closed(to_files: bool):
+    """Lines printed within: if the program reading them has ended (`sr_eval.py ... | head`),
+    the run goes on where its results go to files (--out, --csv, --report), with a warning; else
+    it stops (exit_on_error: exit 7)."""
+    try:
+        yield
+    except BrokenPipeError as e:
+        if not (stdout_closed(e) and to_files):
+            raise
+        warn("standard output closed (the program reading it ended): the results go to the "
+             "files of --out, --csv or --report only")  # fmt: skip
 
 
 def table_title(args: EvalArgs, methods: list[Method], n_images: int) -> str:
@@ -453,10 +470,11 @@ def check_sizes(gt, lr, samples, names, gt_name: str, lr_name: str | None, scale
         )
 
 
-def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir):
+def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_files=False):
     """Per method the rows of every image (`columns`, plus PLL and PSNR_sigma for the first
     method with --uncertainty), and with a report folder the contact sheet of every image; the
-    next image's files are decoded on threads meanwhile."""
+    next image's files are decoded on threads meanwhile. `to_files`: the results are written to
+    files, so a closed stdout does not stop the run (`unless_stdout_closed`)."""
     metrics.keep_freed_memory()  # no page faults for the large per-sample arrays
     stems = list(hr)
     files = [
@@ -494,8 +512,9 @@ def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir):
                     vals = " ".join(f"{c} {report.fmt(row[c], c)}" for c in columns)
                     took = time.perf_counter() - start
                     eta = took / (k + 1) * (len(stems) - k - 1)
-                    print(f"[{k + 1}/{len(stems)}] {stem} {m.name}: {vals} "
-                          f"({took:.1f} s, ETA {eta:.0f} s)", flush=True)  # fmt: skip
+                    with unless_stdout_closed(to_files):
+                        print(f"[{k + 1}/{len(stems)}] {stem} {m.name}: {vals} "
+                              f"({took:.1f} s, ETA {eta:.0f} s)", flush=True)  # fmt: skip
             if report_dir:
                 named = [(m.name, m.files[k], samples[m.name]) for m in methods]
                 lr_file = lr_files[k] if lr_files else None

@@ -102,6 +102,7 @@ from sr_lib.errors import (
     UsageError,
     catch,
     exit_on_error,
+    stdout_closed,
 )
 from sr_lib.models import MODELS, load_model
 from sr_lib.models.base import pad_to_multiple, sample_seed
@@ -817,14 +818,27 @@ class ProgressLog(contextlib.AbstractContextManager):
         if self.tty:
             self.bar.console.print(text)
         else:
-            print(text, flush=True)
+            self.print(text)
 
     def step(self, text: str) -> None:
         self.done += 1
         self.bar.advance(self.task)
         if not self.tty:
             left = (time.time() - self.t0) / self.done * (self.total - self.done)
-            print(f"[{self.done}/{self.total}] {text}, ETA {left:.0f} s", flush=True)
+            self.print(f"[{self.done}/{self.total}] {text}, ETA {left:.0f} s")
+        if self.done < self.total and stdout_closed():  # `sr_sample.py ... | head` has its lines
+            raise Preempted(
+                "standard output closed (the program reading it ended); every file written is "
+                "complete: rerun the same command to continue"
+            )
+
+    @staticmethod
+    def print(text: str) -> None:
+        try:
+            print(text, flush=True)
+        except BrokenPipeError as e:
+            if not stdout_closed(e):  # (else: dropped, and the next step stops the run)
+                raise
 
 
 if __name__ == "__main__":

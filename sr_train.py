@@ -60,6 +60,7 @@ from sr_lib.errors import (
     catch,
     exit_on_error,
     is_out_of_memory,
+    stdout_closed,
 )
 from sr_lib.models import MODELS, build_model, read_checkpoint
 from sr_lib.models.base import NoiseSource, Recipe, sample_seed, scale_list
@@ -236,7 +237,7 @@ def main(argv=None) -> int:
 def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib.ExitStack) -> int:
     out, ckpt_path, resumed, cfg, recipe = resolve_run(args, rest, given)
     dd, device = setup_process(args, cleanup)
-    say = (lambda text: print(text, flush=True)) if dd.main else (lambda text: None)
+    say = print_out if dd.main else (lambda text: None)
     model, optimizers, scaler = build_training(args, cfg, recipe, resumed, device)
     run_log = cleanup.enter_context(open_run_folder(out, args.tensorboard, dd))  # rank 0
 
@@ -268,7 +269,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     stop = catch_signals()
     say(summary(args, model, start, recipe, dd, device, out))
     autocast = autocast_for(args.amp, device)
-    progress = cleanup.enter_context(Progress(steps, start)) if dd.main else None
+    progress = cleanup.enter_context(Progress(steps, start, stop)) if dd.main else None
     bad_steps = BadSteps(device, args.max_bad_steps, skipped)
     stopped, t0, t_start, logged, step = None, time.time(), time.time(), start, start
     # the step OUT/last.pt holds, as written or read by this run (None: none of its own yet)
@@ -1282,10 +1283,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class Progress:
-    """A rich progress bar on a terminal; plain log lines otherwise (SLURM logs)."""
+def print_out(text: str) -> None:
+    """A line on stdout; on stderr once stdout's reader has ended (the closing line then)."""
+    print(text, file=sys.stderr if stdout_closed() else sys.stdout, flush=True)
 
-    def __init__(self, total: int, start: int):
+
+class Progress:
+    """A rich progress bar on a terminal; plain log lines otherwise (SLURM logs). If the program
+    reading them ends (`sr_train.py ... | head`), the run stops as on SIGTERM: it saves last.pt
+    and exits 75, instead of losing the steps since the last save to a BrokenPipeError."""
+
+    def __init__(self, total: int, start: int, stop: dict):
+        self.stop = stop
         self.tty = sys.stdout.isatty()
         if self.tty:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -1303,10 +1312,18 @@ class Progress:
         if self.tty:
             self.bar.update(self.task, completed=step, info=info)
         else:
-            print(f"step {step} | {info} | {rec['s_per_step']:.3f} s/step", flush=True)
+            self.print(f"step {step} | {info} | {rec['s_per_step']:.3f} s/step")
 
     def message(self, text: str) -> None:
-        (self.bar.console.print if self.tty else print)(text)
+        (self.bar.console.print if self.tty else self.print)(text)
+
+    def print(self, text: str) -> None:
+        try:
+            print(text, flush=True)
+        except BrokenPipeError as e:
+            if not stdout_closed(e):
+                raise
+            self.stop["signal"] = "standard output closed"  # the loop saves and stops
 
     def close(self) -> None:
         if self.tty:

@@ -9,6 +9,8 @@ Exit codes (documented in the README; batch pipelines and SLURM scripts rely on 
 """
 
 import contextlib
+import os
+import select
 import signal
 import sys
 import threading
@@ -57,6 +59,30 @@ class OutOfMemory(SRSpaceError):
     """Out of memory where the work done so far could be saved first (the message says where)."""
 
     exit_code = EXIT_OOM
+
+
+_stdout = {"closed": False}
+
+
+def stdout_closed(e: BaseException | None = None) -> bool:
+    """Whether the program reading standard output has ended (a pipe into `head` that exited, a
+    killed `tee`). Given the BrokenPipeError `e` of a write to it, this checks the pipe and then
+    points file descriptor 1 at /dev/null: later prints, and Python's flush at exit, are dropped
+    instead of failing again. The scripts then stop without losing work, or go on where their
+    results go to files (README "Exit codes")."""
+    if not _stdout["closed"] and isinstance(e, BrokenPipeError):
+        try:
+            fd = sys.stdout.fileno()
+            poll = select.poll()
+            poll.register(fd, 0)  # the write end of a pipe without a reader reports POLLERR
+            if any(events & select.POLLERR for _, events in poll.poll(0)):
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, fd)
+                os.close(null)
+                _stdout["closed"] = True
+        except (OSError, ValueError, AttributeError):  # no file descriptor (a captured stdout)
+            pass
+    return _stdout["closed"]
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -114,6 +140,13 @@ def exit_on_error(prog: str):
         raise SystemExit(e.exit_code) from None
     except KeyboardInterrupt:  # files are written atomically: nothing half-written remains
         interrupted(prog)
+    except BrokenPipeError as e:
+        if not stdout_closed(e):
+            raise  # another pipe: a bug
+        with contextlib.suppress(OSError):  # (stderr may be the same pipe: `2>&1 | head`)
+            print(f"{prog}: error: standard output closed (the program reading it ended); "
+                  "stopped", file=sys.stderr, flush=True)  # fmt: skip
+        raise SystemExit(EXIT_OUTPUT) from None
     except Exception as e:
         if during_interrupt(e):  # a library's cleanup broken by the KeyboardInterrupt: not a bug
             interrupted(prog)

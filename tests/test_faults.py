@@ -202,6 +202,63 @@ def test_sample_started_in_the_background_keeps_ignoring_ctrl_c(tmp_path, images
     assert len(list(out.glob("*.png"))) == 80
 
 
+def test_train_piped_into_head_saves_and_exits_75(tmp_path, images):
+    """`sr_train.py ... | head -5`: once head has its lines and exits, the next log line meets a
+    closed pipe. The run saves the steps done and exits 75 (resume with --resume auto), with one
+    line on stderr, instead of a BrokenPipeError traceback and the steps since the last save lost.
+    Before the loop, it is a one-line error (exit 7): nothing is trained yet."""
+    run = tmp_path / "run"
+    argv = cmd(run, images, 100000)
+    argv[argv.index("--save-every") + 1] = "1000"  # last.pt only from the stop
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not p.stdout.readline().startswith("step 2 |"):  # `head` reads until its line ...
+        assert p.poll() is None, p.stderr.read()
+    p.stdout.close()  # ... and exits
+    err = p.communicate(timeout=120)[1].strip().splitlines()
+    assert p.returncode == 75, err
+    step = load_checkpoint(run / "last.pt")["step"]
+    assert step >= 3 and err[-1] == (f"standard output closed: stopped at step {step}, wrote "
+                                     f"{run / 'last.pt'}; continue with --resume auto")  # fmt: skip
+    assert not any("Traceback" in line or "Exception" in line for line in err), err
+    early = subprocess.Popen(cmd(tmp_path / "early", images, 5), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    early.stdout.close()  # `| head -0`
+    err = early.communicate(timeout=120)[1].strip()
+    assert early.returncode == 7 and err == (
+        "sr_train.py: error: standard output closed (the program reading it ended); stopped"
+    ), err
+
+
+def test_sample_piped_into_head_stops_with_complete_files_and_reruns(tmp_path, images):
+    """`sr_sample.py ... | head -0`: the run stops after its first image (exit 75, one line),
+    every file written is whole, and the same command run again completes the rest."""
+    run = tmp_path / "run"
+    subprocess.run(cmd(run, images, 1), check=True, capture_output=True)
+    lr = tmp_path / "lr"
+    lr.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(40):
+        iio.imwrite(lr / f"im{i:03d}.png", (rng.random((24, 24, 3)) * 255).astype(np.uint8))
+    out = tmp_path / "out"
+    argv = [sys.executable, str(REPO / "sr_sample.py"), "--ckpt", str(run / "last.pt"),
+            "--input", str(lr), "--n", "2", "--out", str(out)]  # fmt: skip
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # before its first line: the moment does not depend on the machine's speed
+    err = p.communicate(timeout=120)[1].strip()
+    assert p.returncode == 75 and err == (
+        "sr_sample.py: error: standard output closed (the program reading it ended); every file "
+        "written is complete: rerun the same command to continue"
+    ), err
+    written = list(out.glob("*.png"))
+    assert len(written) == 2  # the first image's samples, whole
+    for f in written:
+        iio.imread(f)
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "39 images sampled, 1 already complete" in again.stdout
+    assert len(list(out.glob("*.png"))) == 80
+
+
 def test_ctrl_c_in_train_while_decoding_data_is_one_line(tmp_path):
     """Ctrl-C before the training loop, while the images are decoded (on threads): one line
     `sr_train.py: interrupted`, exit 130, no traceback, no checkpoint."""
