@@ -319,9 +319,9 @@ def run(args: EvalArgs) -> int:
     with unless_stdout_closed(to_files):
         print_table(means, columns, title, methods)
         if missing:
-            print(missing)
+            print(missing, flush=True)  # (an error at a flush at exit would be a traceback)
         if report_dir:
-            print(f"report: {index}")
+            print(f"report: {index}", flush=True)
     return 0
 
 
@@ -332,11 +332,11 @@ def unless_stdout_closed(to_files: bool):
     it stops (exit_on_error: exit 7)."""
     try:
         yield
-    except BrokenPipeError as e:
+    except OSError as e:
         if not (stdout_closed(e) and to_files):
             raise
-        warn("standard output closed (the program reading it ended): the results go to the "
-             "files of --out, --csv or --report only")  # fmt: skip
+        warn(f"standard output {stdout_closed()}: the results go to the files of --out, --csv "
+             "or --report only")  # fmt: skip
 
 
 def table_title(args: EvalArgs, methods: list[Method], n_images: int) -> str:

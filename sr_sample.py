@@ -102,6 +102,7 @@ from sr_lib.errors import (
     UsageError,
     catch,
     exit_on_error,
+    print_out,
     stdout_closed,
 )
 from sr_lib.models import MODELS, load_model
@@ -443,7 +444,7 @@ def sample(args: SampleArgs) -> int:
         average = (f"the moving average of the weights (sr_train.py --ema {ck['ema_decay']:g}); "
                    "--raw-weights for the weights as trained")  # fmt: skip
         raw = "the weights as trained (--raw-weights)"
-        print(f"{args.ckpt}: {raw if args.raw_weights else average}", flush=True)
+        print_out(f"{args.ckpt}: {raw if args.raw_weights else average}")
     controls = resolve_controls(args, model, ck["model"], device)
     n = controls.n if controls else args.n  # a control may fix it (one output per ref/step)
     temperatures = args.temperature or [model.default_temperature]
@@ -826,19 +827,15 @@ class ProgressLog(contextlib.AbstractContextManager):
         if not self.tty:
             left = (time.time() - self.t0) / self.done * (self.total - self.done)
             self.print(f"[{self.done}/{self.total}] {text}, ETA {left:.0f} s")
-        if self.done < self.total and stdout_closed():  # `sr_sample.py ... | head` has its lines
+        if self.done < self.total and stdout_closed():  # `... | head` has its lines; disk full
             raise Preempted(
-                "standard output closed (the program reading it ended); every file written is "
-                "complete: rerun the same command to continue"
+                f"standard output {stdout_closed()}; every file written is complete: rerun the "
+                "same command to continue"
             )
 
     @staticmethod
     def print(text: str) -> None:
-        try:
-            print(text, flush=True)
-        except BrokenPipeError as e:
-            if not stdout_closed(e):  # (else: dropped, and the next step stops the run)
-                raise
+        print_out(text)  # where stdout cannot be written: dropped, and `step` stops the run
 
 
 if __name__ == "__main__":

@@ -60,6 +60,8 @@ from sr_lib.errors import (
     catch,
     exit_on_error,
     is_out_of_memory,
+    print_out,
+    say_err,
     stdout_closed,
 )
 from sr_lib.models import MODELS, build_model, read_checkpoint
@@ -237,7 +239,7 @@ def main(argv=None) -> int:
 def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib.ExitStack) -> int:
     out, ckpt_path, resumed, cfg, recipe = resolve_run(args, rest, given)
     dd, device = setup_process(args, cleanup)
-    say = print_out if dd.main else (lambda text: None)
+    say = say_out if dd.main else (lambda text: None)
     model, optimizers, scaler = build_training(args, cfg, recipe, resumed, device)
     run_log = cleanup.enter_context(open_run_folder(out, args.tensorboard, dd))  # rank 0
 
@@ -1283,17 +1285,21 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def print_out(text: str) -> None:
-    """A line on stdout; on stderr once stdout's reader has ended (the closing line then)."""
-    print(text, file=sys.stderr if stdout_closed() else sys.stdout, flush=True)
+def say_out(text: str) -> None:
+    """A line on stdout; on stderr once stdout cannot be written (the closing line then)."""
+    if not print_out(text):
+        say_err(text)
 
 
 class Progress:
-    """A rich progress bar on a terminal; plain log lines otherwise (SLURM logs). If the program
-    reading them ends (`sr_train.py ... | head`), the run stops as on SIGTERM: it saves last.pt
-    and exits 75, instead of losing the steps since the last save to a BrokenPipeError."""
+    """A rich progress bar on a terminal; plain log lines otherwise (SLURM logs). Where they
+    cannot be written (`sr_train.py ... | head` once head has its lines, a full disk), the run
+    stops as on SIGTERM: it saves last.pt and exits 75, instead of losing the steps since the
+    last save to the write's error; before the first step it just stops (exit 7)."""
 
     def __init__(self, total: int, start: int, stop: dict):
+        if stdout_closed():
+            raise OutputError(f"standard output {stdout_closed()}; stopped before training")
         self.stop = stop
         self.tty = sys.stdout.isatty()
         if self.tty:
@@ -1318,12 +1324,8 @@ class Progress:
         (self.bar.console.print if self.tty else self.print)(text)
 
     def print(self, text: str) -> None:
-        try:
-            print(text, flush=True)
-        except BrokenPipeError as e:
-            if not stdout_closed(e):
-                raise
-            self.stop["signal"] = "standard output closed"  # the loop saves and stops
+        if not print_out(text):
+            self.stop["signal"] = f"standard output {stdout_closed()}"  # the loop saves, stops
 
     def close(self) -> None:
         if self.tty:

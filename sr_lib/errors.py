@@ -9,6 +9,7 @@ Exit codes (documented in the README; batch pipelines and SLURM scripts rely on 
 """
 
 import contextlib
+import errno
 import os
 import select
 import signal
@@ -61,28 +62,55 @@ class OutOfMemory(SRSpaceError):
     exit_code = EXIT_OOM
 
 
-_stdout = {"closed": False}
+_stdout = {"lost": ""}  # why standard output can no longer be written; "" while it can
+_LOST = (errno.EPIPE, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
 
 
-def stdout_closed(e: BaseException | None = None) -> bool:
-    """Whether the program reading standard output has ended (a pipe into `head` that exited, a
-    killed `tee`). Given the BrokenPipeError `e` of a write to it, this checks the pipe and then
-    points file descriptor 1 at /dev/null: later prints, and Python's flush at exit, are dropped
-    instead of failing again. The scripts then stop without losing work, or go on where their
-    results go to files (README "Exit codes")."""
-    if not _stdout["closed"] and isinstance(e, BrokenPipeError):
-        try:
-            fd = sys.stdout.fileno()
+def stdout_closed(e: BaseException | None = None) -> str:
+    """Why standard output can no longer be written ("" while it can): the program reading it
+    ended (a pipe into `head` that exited, a killed `tee`), or its file's disk is full.
+
+    Given the error `e` of a write to stdout (for EPIPE, the pipe is checked), file descriptor 1
+    is pointed at /dev/null: later prints, and Python's flush at exit, are dropped instead of
+    failing again. The scripts then stop without losing work, or go on where their results go
+    to files (README "Exit codes")."""
+    if _stdout["lost"] or not (isinstance(e, OSError) and e.errno in _LOST):
+        return _stdout["lost"]
+    try:
+        fd = sys.stdout.fileno()
+        if e.errno == errno.EPIPE:
             poll = select.poll()
             poll.register(fd, 0)  # the write end of a pipe without a reader reports POLLERR
-            if any(events & select.POLLERR for _, events in poll.poll(0)):
-                null = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(null, fd)
-                os.close(null)
-                _stdout["closed"] = True
-        except (OSError, ValueError, AttributeError):  # no file descriptor (a captured stdout)
-            pass
-    return _stdout["closed"]
+            if not any(events & select.POLLERR for _, events in poll.poll(0)):
+                return ""  # another pipe's
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a captured stdout)
+        return ""
+    why = f"cannot be written ({e.strerror})"
+    _stdout["lost"] = "closed (the program reading it ended)" if e.errno == errno.EPIPE else why
+    return _stdout["lost"]
+
+
+def print_out(text: str) -> bool:
+    """print(text) on stdout; False, and nothing printed, where stdout cannot be written any more
+    (`stdout_closed`: the caller decides what that means for its run)."""
+    if stdout_closed():
+        return False
+    try:
+        print(text, flush=True)
+    except OSError as e:
+        if not stdout_closed(e):
+            raise
+        return False
+    return True
+
+
+def say_err(text: str) -> None:
+    """A line on stderr, dropped where stderr cannot be written either (`2>&1 | head`)."""
+    with contextlib.suppress(OSError):
+        print(text, file=sys.stderr, flush=True)
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -136,16 +164,14 @@ def exit_on_error(prog: str):
         yield
     except SRSpaceError as e:
         msg = " ".join(str(e).split("\n"))
-        print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
+        say_err(f"{prog}: error: {msg}")
         raise SystemExit(e.exit_code) from None
     except KeyboardInterrupt:  # files are written atomically: nothing half-written remains
         interrupted(prog)
-    except BrokenPipeError as e:
+    except BrokenPipeError as e:  # stdout's reader ended before any work that could be kept
         if not stdout_closed(e):
             raise  # another pipe: a bug
-        with contextlib.suppress(OSError):  # (stderr may be the same pipe: `2>&1 | head`)
-            print(f"{prog}: error: standard output closed (the program reading it ended); "
-                  "stopped", file=sys.stderr, flush=True)  # fmt: skip
+        say_err(f"{prog}: error: standard output {stdout_closed()}; stopped")
         raise SystemExit(EXIT_OUTPUT) from None
     except Exception as e:
         if during_interrupt(e):  # a library's cleanup broken by the KeyboardInterrupt: not a bug

@@ -598,23 +598,30 @@ def test_started_in_the_background_ctrl_c_is_not_for_it(tmp_path, popen_in_backg
 
 def test_piped_into_head_the_files_are_still_written(tmp_path):
     """`sr_eval.py ... | head -0`: with --out the scores still all reach the file (a warning says
-    so, exit 0); with nothing but stdout there is nothing left to do: one line, exit 7."""
+    so, exit 0); with nothing but stdout there is nothing left to do: one line, exit 7. The same
+    with stdout on a full disk (/dev/full)."""
     names = tuple(f"{k:04d}" for k in range(3))
     hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((64, 64),) * 3, names=names)
     base = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips", "--device", "cpu"]
-    for argv in (base + ["--out", tmp_path / "r.json"], base):
-        p = subprocess.Popen(eval_cmd(*argv), cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)  # fmt: skip
-        p.stdout.close()  # before its first line: the moment does not depend on the machine
+    closed, full = "closed (the program reading it ended)", "cannot be written (No space left"
+    for k, (argv, lost) in enumerate([(base + ["--out", tmp_path / "r0.json"], closed),
+                                      (base, closed),
+                                      (base + ["--out", tmp_path / "r2.json"], full)]):  # fmt: skip
+        with open("/dev/full", "w") as dev_full:
+            out = subprocess.PIPE if lost == closed else dev_full
+            p = subprocess.Popen(eval_cmd(*argv), cwd=REPO, stdout=out, stderr=subprocess.PIPE,
+                                 text=True)  # fmt: skip
+        if p.stdout:
+            p.stdout.close()  # before its first line: the moment does not depend on the machine
         err = p.communicate(timeout=120)[1].strip()
         assert "Traceback" not in err and len(err.splitlines()) == 1, err
         if "--out" in argv:
-            assert p.returncode == 0 and "standard output closed" in err, err
-            rows = json.loads((tmp_path / "r.json").read_text())["per_image"]
+            assert p.returncode == 0 and f"warning: standard output {lost}" in err, err
+            rows = json.loads((tmp_path / f"r{k}.json").read_text())["per_image"]
             assert [r["image"] for r in rows] == list(names)
         else:
-            assert p.returncode == 7 and err == ("sr_eval.py: error: standard output closed (the "
-                                                 "program reading it ended); stopped")  # fmt: skip
+            assert p.returncode == 7, err
+            assert err == f"sr_eval.py: error: standard output {lost}; stopped"
 
 
 def test_wrong_folders_give_errors_not_numbers(tmp_path, capsys):

@@ -206,7 +206,8 @@ def test_train_piped_into_head_saves_and_exits_75(tmp_path, images):
     """`sr_train.py ... | head -5`: once head has its lines and exits, the next log line meets a
     closed pipe. The run saves the steps done and exits 75 (resume with --resume auto), with one
     line on stderr, instead of a BrokenPipeError traceback and the steps since the last save lost.
-    Before the loop, it is a one-line error (exit 7): nothing is trained yet."""
+    Standard output on a full disk (/dev/full) before the loop: one line, exit 7, and nothing
+    was trained yet."""
     run = tmp_path / "run"
     argv = cmd(run, images, 100000)
     argv[argv.index("--save-every") + 1] = "1000"  # last.pt only from the stop
@@ -217,16 +218,20 @@ def test_train_piped_into_head_saves_and_exits_75(tmp_path, images):
     err = p.communicate(timeout=120)[1].strip().splitlines()
     assert p.returncode == 75, err
     step = load_checkpoint(run / "last.pt")["step"]
-    assert step >= 3 and err[-1] == (f"standard output closed: stopped at step {step}, wrote "
-                                     f"{run / 'last.pt'}; continue with --resume auto")  # fmt: skip
+    assert step >= 3 and err[-1] == (
+        f"standard output closed (the program reading it ended): stopped at step {step}, wrote "
+        f"{run / 'last.pt'}; continue with --resume auto"
+    )
     assert not any("Traceback" in line or "Exception" in line for line in err), err
-    early = subprocess.Popen(cmd(tmp_path / "early", images, 5), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)  # fmt: skip
-    early.stdout.close()  # `| head -0`
-    err = early.communicate(timeout=120)[1].strip()
-    assert early.returncode == 7 and err == (
-        "sr_train.py: error: standard output closed (the program reading it ended); stopped"
-    ), err
+    with open("/dev/full", "w") as full:
+        early = subprocess.run(cmd(tmp_path / "early", images, 5), stdout=full,
+                               stderr=subprocess.PIPE, text=True, timeout=120)  # fmt: skip
+    assert early.returncode == 7 and early.stderr.strip().splitlines()[-1] == (
+        "sr_train.py: error: standard output cannot be written (No space left on device); "
+        "stopped before training"
+    ), early.stderr  # (after the start lines, which go to stderr then)
+    assert "Traceback" not in early.stderr
+    assert not (tmp_path / "early" / "last.pt").exists()
 
 
 def test_sample_piped_into_head_stops_with_complete_files_and_reruns(tmp_path, images):
