@@ -77,7 +77,14 @@ from sr_lib.data import (
     read_ahead,
     write_text,
 )
-from sr_lib.errors import CheckpointError, DataError, UsageError, exit_on_error, stdout_closed
+from sr_lib.errors import (
+    CheckpointError,
+    DataError,
+    OutputError,
+    UsageError,
+    exit_on_error,
+    stdout_closed,
+)
 
 PROG = "sr_eval.py"
 HELP_SR = (
@@ -327,14 +334,16 @@ def run(args: EvalArgs) -> int:
 
 @contextmanager
 def unless_stdout_closed(to_files: bool):
-    """Lines printed within: if the program reading them has ended (`sr_eval.py ... | head`),
-    the run goes on where its results go to files (--out, --csv, --report), with a warning; else
-    it stops (exit_on_error: exit 7)."""
+    """Lines printed within: where stdout can no longer be written (its reader ended:
+    `sr_eval.py ... | head`; a full disk), the run goes on if its results go to files (--out,
+    --csv, --report), with a warning; else it stops with one line (exit 7)."""
     try:
         yield
     except OSError as e:
-        if not (stdout_closed(e) and to_files):
+        if not stdout_closed(e):
             raise
+        if not to_files:
+            raise OutputError(f"standard output {stdout_closed()}; stopped") from None
         warn(f"standard output {stdout_closed()}: the results go to the files of --out, --csv "
              "or --report only")  # fmt: skip
 

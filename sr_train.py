@@ -1143,7 +1143,7 @@ def save(path: Path, step, skipped, best, model, optimizers: dict, scaler, dd, m
     if not dd.main:
         return
     if not all(torch.isfinite(p).all() for p in model.parameters()):
-        print(f"step {step}: non-finite parameters, {path.name} not written", flush=True)
+        say_out(f"step {step}: non-finite parameters, {path.name} not written")
         return
     save_checkpoint(path, {
         **meta, "step": step, "state_dict": model.state_dict(), "skipped": skipped, "best": best,
