@@ -83,6 +83,7 @@ from sr_lib.errors import (
     OutputError,
     UsageError,
     exit_on_error,
+    say_err,
     stdout_closed,
 )
 
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def warn(msg: str) -> None:
-    print(f"{PROG}: warning: {msg}", file=sys.stderr, flush=True)
+    say_err(f"{PROG}: warning: {msg}")  # (dropped where stderr is a closed pipe too)
 
 
 def run(args: EvalArgs) -> int:
@@ -575,10 +576,16 @@ def comparison_tables(means: dict, columns: list[str], title: str, methods, widt
 
 
 def print_table(means: dict, columns: list[str], title: str, methods, console=None) -> None:
-    """The comparison table on stdout: the terminal's width, 160 columns in a log file."""
+    """The comparison table on stdout: the terminal's width, 160 columns in a log file. Rendered
+    first, then written as text: rich's own write turns a closed pipe into a silent exit 1, where
+    `unless_stdout_closed` decides what a closed stdout means for the run."""
     console = console or Console(width=None if sys.stdout.isatty() else 160)
+    text = Console(file=io.StringIO(), width=console.width, color_system=console.color_system,
+                   force_terminal=console.is_terminal)  # fmt: skip
     for table in comparison_tables(means, columns, title, methods, console.width):
-        console.print(table)
+        text.print(table)
+    console.file.write(text.file.getvalue())
+    console.file.flush()
 
 
 def write_json(path: str, settings: dict, means: dict, rows: dict, methods) -> None:

@@ -103,6 +103,7 @@ from sr_lib.errors import (
     catch,
     exit_on_error,
     print_out,
+    say_err,
     stdout_closed,
 )
 from sr_lib.models import MODELS, load_model
@@ -494,7 +495,7 @@ def sample(args: SampleArgs) -> int:
             except DataError as e:  # reported, skipped; exit 3 once the others are written
                 if len(mine) == 1:
                     raise
-                print(f"{PROG}: error: {e}; skipped", file=sys.stderr, flush=True)
+                say_err(f"{PROG}: error: {e}; skipped")
                 failed.append(path.name)
                 bar.step(f"{path.name}: unreadable, skipped")
                 continue

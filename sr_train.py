@@ -271,6 +271,9 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     stop = catch_signals()
     say(summary(args, model, start, recipe, dd, device, out))
     autocast = autocast_for(args.amp, device)
+    if distributed.agree(bool(stdout_closed()), dd, all_ranks=False):  # (rank 0's) all stop
+        raise OutputError(f"standard output {stdout_closed() or 'of rank 0 lost'}; stopped "
+                          "before training")  # fmt: skip
     progress = cleanup.enter_context(Progress(steps, start, stop)) if dd.main else None
     bad_steps = BadSteps(device, args.max_bad_steps, skipped)
     stopped, t0, t_start, logged, step = None, time.time(), time.time(), start, start
@@ -1295,11 +1298,9 @@ class Progress:
     """A rich progress bar on a terminal; plain log lines otherwise (SLURM logs). Where they
     cannot be written (`sr_train.py ... | head` once head has its lines, a full disk), the run
     stops as on SIGTERM: it saves last.pt and exits 75, instead of losing the steps since the
-    last save to the write's error; before the first step it just stops (exit 7)."""
+    last save to the write's error (before the first step, `train` just stops: exit 7)."""
 
     def __init__(self, total: int, start: int, stop: dict):
-        if stdout_closed():
-            raise OutputError(f"standard output {stdout_closed()}; stopped before training")
         self.stop = stop
         self.tty = sys.stdout.isatty()
         if self.tty:

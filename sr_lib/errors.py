@@ -70,12 +70,14 @@ def stdout_closed(e: BaseException | None = None) -> str:
     """Why standard output can no longer be written ("" while it can): the program reading it
     ended (a pipe into `head` that exited, a killed `tee`), or its file's disk is full.
 
-    Given the error `e` of a write to stdout (for EPIPE, the pipe is checked), file descriptor 1
-    is pointed at /dev/null: later prints, and Python's flush at exit, are dropped instead of
-    failing again. The scripts then stop without losing work, or go on where their results go
-    to files (README "Exit codes")."""
-    if _stdout["lost"] or not (isinstance(e, OSError) and e.errno in _LOST):
+    Given the error `e` of a write (for EPIPE, stdout's pipe is checked), says whether that was
+    stdout's loss ("" if not); then file descriptor 1 is pointed at /dev/null: later prints, and
+    Python's flush at exit, are dropped instead of failing again. The scripts then stop without
+    losing work, or go on where their results go to files (README "Exit codes")."""
+    if e is None:
         return _stdout["lost"]
+    if _stdout["lost"] or not (isinstance(e, OSError) and e.errno in _LOST):
+        return ""  # not stdout's: once lost, stdout writes to /dev/null and cannot fail
     try:
         fd = sys.stdout.fileno()
         if e.errno == errno.EPIPE:
@@ -199,7 +201,7 @@ def catch(signum: int, handler):
 
 def interrupted(prog: str) -> NoReturn:
     stop_pools()  # whose `finally` the KeyboardInterrupt skipped (sr_lib/threads.py)
-    print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+    say_err(f"{prog}: interrupted")
     raise SystemExit(EXIT_INTERRUPTED) from None
 
 

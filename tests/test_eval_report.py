@@ -186,6 +186,22 @@ def test_a_sweep_folder_with_a_top_level_run_and_auto_names(tmp_path, capsys):
     assert res["bicubic"]["n"] == 1 and res["sweep_1"]["n"] == 2
 
 
+def test_the_table_meets_a_closed_pipe_as_an_error_not_an_exit():
+    """rich's own write turns a BrokenPipeError into SystemExit(1), silently: `sr_eval.py ... |
+    head` ending at the table gave exit 1 and lost the warning (and exit 7) that a closed stdout
+    gets elsewhere. The table is written as text, so the error reaches `unless_stdout_closed`."""
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    methods = [sr_eval.Method("a", Path("."), 2, None)]
+    means = {"a": {"LPIPS_mean": 0.1, "score": 1.0}}
+    console = Console(width=100, file=ClosedPipe(), color_system=None)
+    with pytest.raises(BrokenPipeError):
+        sr_eval.print_table(means, ["LPIPS_mean", "score"], "x4", methods, console)
+
+
 @pytest.mark.parametrize("width", [80, 160])
 def test_table_is_readable_at_80_and_160_columns(width):
     """Every method name and every number appears whole on its row; no line is wider than
