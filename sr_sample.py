@@ -43,8 +43,8 @@ temperature it is the same draw, scaled).
 Clusters: --shard I/N samples images I, I+N, I+2N, ... of the order (0 <= I < N; `auto` reads
 SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT). Every file is written atomically (a temporary
 name, then a rename), and an image whose files all exist is skipped, so a killed or preempted run
-continues where it stopped when rerun (--overwrite redoes everything). SIGTERM or SIGUSR1 stop
-the run with exit 75 (the files being read or written are finished first; PNGs are written on
+continues where it stopped when rerun (--overwrite redoes everything). SIGTERM, SIGUSR1 or SIGHUP
+stop the run with exit 75 (the files being read or written are finished first; PNGs are written on
 threads while the next samples are drawn); Ctrl-C: exit 130 (only the files begun are finished).
 
 Tiling (--tile PX, LR px; 0 = whole image): the LR is cut into tiles of PX (rounded down to the
@@ -55,7 +55,7 @@ receptive field (`tile_halo`; docs/design.md, "Tiled sampling"), a tiled sample 
 one. A CUDA out-of-memory error retries the image with tiles halved, down to 64 px.
 Exit codes: 0 ok, 2 bad flag or a folder of other settings, 3 unusable input (unreadable images
 are reported and skipped, the others written, exit 3 at the end), 4 out of memory, 6 checkpoint
-problem, 7 output cannot be written, 75 stopped by SIGTERM/SIGUSR1, 130 Ctrl-C.
+problem, 7 output cannot be written, 75 stopped by SIGTERM/SIGUSR1/SIGHUP, 130 Ctrl-C.
 """
 
 import collections
@@ -282,7 +282,7 @@ class SampleArgs:
 
 
 class Preempted(BaseException):
-    """SIGTERM/SIGUSR1: a BaseException, as KeyboardInterrupt, so that no `except Exception`
+    """SIGTERM/SIGUSR1/SIGHUP: a BaseException, as KeyboardInterrupt, so that no `except Exception`
     swallows it."""
 
 
@@ -292,18 +292,18 @@ class Stopped(SRSpaceError):
 
 class Signals:
     """While sampling, SIGINT raises KeyboardInterrupt and SIGTERM/SIGUSR1 (SLURM's preemption
-    and time-limit warnings) raise Preempted at once, except while a file is read or written
-    (`held`) or a thread pool's lock code runs (sr_lib/threads.py): there they wait for its end,
-    since an exception inside an image library can leave half-built objects that print
-    tracebacks. Files are written atomically, so whatever stops the run, every file written is
-    complete and a rerun continues."""
+    and time-limit warnings) and SIGHUP (a closed terminal) raise Preempted at once, except
+    while a file is read or written (`held`) or a thread pool's lock code runs
+    (sr_lib/threads.py): there they wait for its end, since an exception inside an image library
+    can leave half-built objects that print tracebacks. Files are written atomically, so
+    whatever stops the run, every file written is complete and a rerun continues."""
 
     def __init__(self):
         self.old = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-            # (a SIGINT ignored at start stays ignored: a background job)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
+            # (a SIGINT or SIGHUP ignored at start stays ignored: a background job, nohup)
             self.old[sig] = catch(sig, when_not_held(self.stop))
         return self
 

@@ -885,13 +885,14 @@ def compile_model(model, forward, backend: str = "inductor"):
     return forward
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 
 
 def catch_signals() -> dict:
-    """SIGTERM (SLURM end/preemption), SIGUSR1 (SLURM's warning), SIGINT: recorded in the dict;
-    the loop finishes the step, saves and exits 75. Ranks agree every step, so all stop at the
-    same step."""
+    """SIGTERM (SLURM end/preemption), SIGUSR1 (SLURM's warning), SIGINT, SIGHUP (the terminal
+    closed, e.g. a dropped ssh connection; prints to it then fail: `stdout_closed`): recorded in
+    the dict; the loop finishes the step, saves and exits 75. Ranks agree every step, so all stop
+    at the same step."""
     stop = {"signal": None}
 
     def request_stop(signum, frame):

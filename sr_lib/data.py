@@ -731,10 +731,11 @@ atexit.register(_stop_live_workers)
 
 
 def _worker_init(worker_id: int) -> None:
-    """Loader workers leave SIGTERM, SIGINT and SIGUSR1 to the main process: SLURM and a terminal
-    signal the whole process group, and a worker killed by one would take the run down before the
-    main process could save. One thread each: workers run in parallel already."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+    """Loader workers leave SIGTERM, SIGINT, SIGUSR1 and SIGHUP to the main process: SLURM and a
+    terminal (also one that closes) signal the whole process group, and a worker killed by one
+    would take the run down before the main process could save. One thread each: workers run in
+    parallel already."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     torch.set_num_threads(1)
 

@@ -189,12 +189,14 @@ def exit_on_error(prog: str):
 
 
 def catch(signum: int, handler):
-    """signal.signal(signum, handler), unless signum is SIGINT and ignored: a shell starts the
-    background jobs of a script (`cmd &`) with SIGINT ignored, so that Ctrl-C in its terminal
-    does not reach them, and a program keeps it so (as Python itself does). SIGTERM and SIGUSR1
-    are always caught: they are how SLURM ends and preempts a job, and a run must save then.
+    """signal.signal(signum, handler), unless signum is SIGINT or SIGHUP and ignored: a shell
+    starts the background jobs of a script (`cmd &`) with SIGINT ignored, so that Ctrl-C in its
+    terminal does not reach them, `nohup` a command with SIGHUP ignored, and a program keeps them
+    so (as Python itself does). SIGTERM and SIGUSR1 are always caught: they are how SLURM ends and
+    preempts a job, and a run must save then.
     Returns the handler before, to put back (SIG_DFL for one not installed from Python)."""
-    if signum == signal.SIGINT and signal.getsignal(signum) is signal.SIG_IGN:
+    kept = signum in (signal.SIGINT, signal.SIGHUP)
+    if kept and signal.getsignal(signum) is signal.SIG_IGN:
         return signal.SIG_IGN
     return signal.signal(signum, handler) or signal.SIG_DFL
 

@@ -113,7 +113,7 @@ def test_shards_and_a_rerun_equal_one_run(tmp_path, flow_ckpt, monkeypatch):
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGKILL, -9), (signal.SIGINT, 130),
-                                       (signal.SIGTERM, 75)])  # fmt: skip
+                                       (signal.SIGTERM, 75), (signal.SIGHUP, 75)])  # fmt: skip
 def test_killed_then_rerun_equals_one_run(tmp_path, flow_ckpt, sig, code, capsys):
     """Two shards into one folder, the second killed mid-run and run again: the folder equals that
     of one uninterrupted run, file by file."""

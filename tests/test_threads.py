@@ -173,9 +173,35 @@ def test_handlers_wait_for_the_end_of_the_held_block_and_are_restored():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_an_ignored_sigint_or_sighup_stays_ignored_and_sigterm_is_always_caught():
+    """A shell's background job (`cmd &`: SIGINT) and `nohup` (SIGHUP) start a script with the
+    signal ignored, and the scripts keep it so; SIGTERM, SLURM's stop, is caught all the same."""
+    from sr_lib.errors import catch
+
+    def handler(signum, frame):
+        pass
+
+    sigs = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
+    saved = {s: signal.getsignal(s) for s in sigs}
+    try:
+        for s in sigs:
+            signal.signal(s, signal.SIG_IGN)
+        for s in sigs:
+            assert catch(s, handler) is signal.SIG_IGN  # what to put back
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is handler
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # not under nohup: caught
+        assert catch(signal.SIGHUP, handler) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGHUP) is handler
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
 def test_sr_train_main_called_from_python_puts_the_handlers_back(tmp_path):
-    """sr_train.py's loop turns SIGINT/SIGTERM/SIGUSR1 into "save and stop"; a caller of main()
-    (a notebook, a test) gets its own handlers back afterwards, so Ctrl-C works again."""
+    """sr_train.py's loop turns SIGINT/SIGTERM/SIGUSR1/SIGHUP into "save and stop"; a caller of
+    main() (a notebook, a test) gets its own handlers back afterwards, so Ctrl-C works again."""
     import sr_train
 
     before = {s: signal.getsignal(s) for s in sr_train.STOP_SIGNALS}

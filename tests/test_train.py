@@ -414,7 +414,7 @@ def test_bad_flags_are_usage_errors(tmp_path, capsys):
     assert e.value.code == 3 and "none" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP])
 def test_signal_saves_and_exits_75_then_resumes(tmp_path, images, sig):
     out = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "sr_train.py"), "--model", "edsr", "--n-feats", "8",
@@ -470,10 +470,11 @@ def test_started_in_the_background_sigint_is_ignored_and_sigterm_still_saves(
     assert load_checkpoint(out / "last.pt")["step"] >= at_signal + 3
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_to_the_process_group_with_loader_workers(tmp_path, images, sig):
-    """SLURM (and a terminal's Ctrl-C) signal every process of the job, the data-loader workers
-    too: with the default --workers 2 the run must still save and exit 75, without a traceback."""
+    """SLURM (and a terminal's Ctrl-C, or its closing: SIGHUP) signal every process of the job,
+    the data-loader workers too: with the default --workers 2 the run must still save and exit
+    75, without a traceback."""
     out = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "sr_train.py"), "--model", "edsr", "--n-feats", "8",
            "--n-blocks", "1", "--data", str(images), "--scale", "2", "--patch", "8", "--batch", "2",
