@@ -820,23 +820,19 @@ class ProgressLog(contextlib.AbstractContextManager):
         if self.tty:
             self.bar.console.print(text)
         else:
-            self.print(text)
+            print_out(text)  # where stdout cannot be written: dropped, and `step` stops the run
 
     def step(self, text: str) -> None:
         self.done += 1
         self.bar.advance(self.task)
         if not self.tty:
             left = (time.time() - self.t0) / self.done * (self.total - self.done)
-            self.print(f"[{self.done}/{self.total}] {text}, ETA {left:.0f} s")
+            print_out(f"[{self.done}/{self.total}] {text}, ETA {left:.0f} s")
         if self.done < self.total and stdout_closed():  # `... | head` has its lines; disk full
             raise Preempted(
                 f"standard output {stdout_closed()}; every file written is complete: rerun the "
                 "same command to continue"
             )
-
-    @staticmethod
-    def print(text: str) -> None:
-        print_out(text)  # where stdout cannot be written: dropped, and `step` stops the run
 
 
 if __name__ == "__main__":

@@ -266,9 +266,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
                       device, say)  # fmt: skip
     forward = wrap(model, dd, device, args.compile)
     graph = StepGraph(model, device) if args.cuda_graphs else None
-    for s in STOP_SIGNALS:  # put back at the end: main() may be called from Python
-        cleanup.callback(signal.signal, s, signal.getsignal(s) or signal.SIG_DFL)
-    stop = catch_signals()
+    stop = catch_signals(cleanup)
     say(summary(args, model, start, recipe, dd, device, out))
     autocast = autocast_for(args.amp, device)
     if distributed.agree(bool(stdout_closed()), dd, all_ranks=False):  # (rank 0's) all stop
@@ -888,7 +886,7 @@ def compile_model(model, forward, backend: str = "inductor"):
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 
 
-def catch_signals() -> dict:
+def catch_signals(cleanup: contextlib.ExitStack) -> dict:
     """SIGTERM (SLURM end/preemption), SIGUSR1 (SLURM's warning), SIGINT, SIGHUP (the terminal
     closed, e.g. a dropped ssh connection; prints to it then fail: `stdout_closed`): recorded in
     the dict; the loop finishes the step, saves and exits 75. Ranks agree every step, so all stop
@@ -898,8 +896,9 @@ def catch_signals() -> dict:
     def request_stop(signum, frame):
         stop["signal"] = signal.Signals(signum).name
 
-    for s in STOP_SIGNALS:
-        catch(s, request_stop)  # (a SIGINT ignored at start stays ignored: a background job)
+    for s in STOP_SIGNALS:  # (a SIGINT ignored at start stays ignored: a background job)
+        # put back at the end: main() may be called from Python
+        cleanup.callback(signal.signal, s, catch(s, request_stop))
     return stop
 
 

@@ -158,19 +158,24 @@ def test_full_disk_while_saving_leaves_the_last_checkpoint_and_no_temp_file(tmp_
     assert not [f.name for f in out.iterdir() if ".tmp" in f.name]
 
 
-def sampling_under_way(tmp_path, images, count: int, popen=subprocess.Popen):
-    """sr_sample.py started by `popen` on `count` LR images, once its first PNG is written."""
+def sample_cmd(tmp_path, images, count: int, size: int = 48) -> tuple[list[str], Path]:
+    """A 1-step checkpoint and `count` LR images: sr_sample.py's command line and its --out."""
     run = tmp_path / "run"
     subprocess.run(cmd(run, images, 1), check=True, capture_output=True)
     lr = tmp_path / "lr"
     lr.mkdir()
     rng = np.random.default_rng(1)
     for i in range(count):
-        iio.imwrite(lr / f"im{i:03d}.png", (rng.random((48, 48, 3)) * 255).astype(np.uint8))
+        iio.imwrite(lr / f"im{i:03d}.png", (rng.random((size, size, 3)) * 255).astype(np.uint8))
     out = tmp_path / "out"
-    p = popen([sys.executable, str(REPO / "sr_sample.py"), "--ckpt", str(run / "last.pt"),
-               "--input", str(lr), "--n", "2", "--out", str(out)],
-              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return [sys.executable, str(REPO / "sr_sample.py"), "--ckpt", str(run / "last.pt"),
+            "--input", str(lr), "--n", "2", "--out", str(out)], out  # fmt: skip
+
+
+def sampling_under_way(tmp_path, images, count: int, popen=subprocess.Popen):
+    """sr_sample.py started by `popen` on `count` LR images, once its first PNG is written."""
+    argv, out = sample_cmd(tmp_path, images, count)
+    p = popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out.is_dir() and any(out.glob("*.png"))) and time.time() < deadline:
         time.sleep(0.05)
@@ -237,16 +242,7 @@ def test_train_piped_into_head_saves_and_exits_75(tmp_path, images):
 def test_sample_piped_into_head_stops_with_complete_files_and_reruns(tmp_path, images):
     """`sr_sample.py ... | head -0`: the run stops after its first image (exit 75, one line),
     every file written is whole, and the same command run again completes the rest."""
-    run = tmp_path / "run"
-    subprocess.run(cmd(run, images, 1), check=True, capture_output=True)
-    lr = tmp_path / "lr"
-    lr.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(40):
-        iio.imwrite(lr / f"im{i:03d}.png", (rng.random((24, 24, 3)) * 255).astype(np.uint8))
-    out = tmp_path / "out"
-    argv = [sys.executable, str(REPO / "sr_sample.py"), "--ckpt", str(run / "last.pt"),
-            "--input", str(lr), "--n", "2", "--out", str(out)]  # fmt: skip
+    argv, out = sample_cmd(tmp_path, images, 40, size=24)
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     p.stdout.close()  # before its first line: the moment does not depend on the machine's speed
     err = p.communicate(timeout=120)[1].strip()

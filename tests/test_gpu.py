@@ -69,7 +69,7 @@ def test_fp16_loss_scaling_trains_a_critic_and_resumes_exactly(tmp_path, fp16_on
              "--log-every", "1", "--save-every", "100"]  # fmt: skip
     assert train(tmp_path / "a", VARSR, *flags) == 0
     stops, catch, step = [], sr_train.catch_signals, sr_train.train_step
-    monkeypatch.setattr(sr_train, "catch_signals", lambda: stops.append(catch()) or stops[-1])
+    monkeypatch.setattr(sr_train, "catch_signals", lambda c: stops.append(catch(c)) or stops[-1])
 
     def step_then_stop(*args, **kwargs):
         if args[4] == 10:  # (model, forward, optimizers, batches, step, ...)
