@@ -694,16 +694,21 @@ class _FloatLoader(DataLoader):
     def __init__(self, *args, device=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.device = device
+        self._stop = None  # stops the workers once: by close(), or when the loader is freed
 
     def __iter__(self):
         _LIVE_LOADERS.add(self)
-        return self._floats(super().__iter__())  # not a generator: workers start now
+        batches = super().__iter__()  # not a generator: workers start now (once: they persist)
+        if self.num_workers > 0 and self._stop is None:
+            self._stop = weakref.finalize(self, _stop_workers, batches)
+        return self._floats(batches)
 
     def close(self) -> None:
         """Stop the (persistent) workers now."""
-        if self._iterator is not None:
-            self._iterator._shutdown_workers()
-            self._iterator = None
+        if self._stop is not None:
+            self._stop()
+            self._stop = None
+        self._iterator = None
 
     def _floats(self, batches):
         for lr, hr in batches:
@@ -714,6 +719,21 @@ class _FloatLoader(DataLoader):
 
 
 _LIVE_LOADERS: "weakref.WeakSet[_FloatLoader]" = weakref.WeakSet()
+
+
+def _stop_workers(batches) -> None:
+    """Stop a loader's workers, killing any still alive after torch's own stop. The workers
+    ignore SIGTERM (`_worker_init`), torch's last resort. A loader freed by the garbage
+    collector (one in a reference cycle, like a traceback's frames) lost torch's stop message:
+    the collector closed its queues before torch's `__del__` sent it. Its workers lived on, and
+    the exit of the process waited for them forever (a failing test hung the test run).
+
+    Called with the loader's iterator held here, so the iterator and its queues are intact."""
+    batches._shutdown_workers()
+    for worker in batches._workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 def _stop_live_workers() -> None:

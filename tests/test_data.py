@@ -5,10 +5,13 @@ Every image is generated here and written to tmp_path; nothing is downloaded.
 
 import os
 import struct
+import subprocess
+import sys
 import threading
 import time
 import warnings
 import zlib
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -39,6 +42,8 @@ from sr_lib.data import (
 )
 from sr_lib.errors import DataError, OutputError, UsageError
 from sr_lib.resize import imresize
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def rand_img(h, w, c=3, seed=0):
@@ -414,6 +419,30 @@ def test_train_loader_independent_of_workers_and_resumable(hr_dir):
     torch.manual_seed(0)
     next(iter(train_loader(ds, 0, 2, workers=0)))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_loader_freed_by_the_garbage_collector_stops_its_workers(hr_dir):
+    """The workers ignore SIGTERM. A loader in a reference cycle (a caught traceback's frames:
+    a failing test) is freed by the garbage collector, which closed its queues before torch's
+    stop message was sent: its workers lived on, and the process's exit waited for them forever
+    (a failing test hung the whole test run). In a child process, which must exit."""
+    code = f"""if True:
+        import gc, multiprocessing, sys
+        from sr_lib.data import PatchPairs, train_loader
+        loader = train_loader(PatchPairs([{str(hr_dir)!r}], 4, 8, 2), 0, 5, workers=2)
+        batches = iter(loader)
+        next(batches)
+        workers = multiprocessing.active_children()
+        cycle = [loader, batches]
+        cycle.append(cycle)
+        del loader, batches, cycle
+        gc.collect()
+        print(len(workers), sum(w.is_alive() for w in workers))
+    """
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2", "0"]  # two workers started, none left
 
 
 def test_small_images_skipped_with_one_warning(hr_dir):
