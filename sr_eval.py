@@ -575,12 +575,26 @@ def comparison_tables(means: dict, columns: list[str], title: str, methods, widt
     return tables
 
 
+class Rendered(io.StringIO):
+    """Text rendered for a file of this encoding: rich draws ASCII borders where it is not
+    UTF-8 (an ASCII or latin-1 terminal), as it would on that file itself."""
+
+    def __init__(self, encoding: str):
+        super().__init__()
+        self._encoding = encoding
+
+    @property
+    def encoding(self) -> str:
+        return self._encoding
+
+
 def print_table(means: dict, columns: list[str], title: str, methods, console=None) -> None:
     """The comparison table on stdout: the terminal's width, 160 columns in a log file. Rendered
     first, then written as text: rich's own write turns a closed pipe into a silent exit 1, where
     `unless_stdout_closed` decides what a closed stdout means for the run."""
     console = console or Console(width=None if sys.stdout.isatty() else 160)
-    text = Console(file=io.StringIO(), width=console.width, color_system=console.color_system,
+    text = Console(file=Rendered(console.encoding), width=console.width,
+                   color_system=console.color_system,
                    force_terminal=console.is_terminal)  # fmt: skip
     for table in comparison_tables(means, columns, title, methods, console.width):
         text.print(table)

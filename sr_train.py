@@ -620,7 +620,8 @@ class RunLog:
 
     def image(self, tag: str, img: np.ndarray, step: int) -> None:
         """A uint8 (H, W, 3) image; TensorBoard only (log.jsonl has the PNG's name in OUT/val/)."""
-        if self.tb is not None:
+        if self.tb is not None:  # a tag is UTF-8: a file name that is not gets backslash escapes
+            tag = tag.encode("utf-8", "backslashreplace").decode()
             self.tb.add_image(tag, img, step, dataformats="HWC")
 
     def close(self) -> None:

@@ -236,8 +236,10 @@ def _write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file (JSON, HTML) atomically: a failed write leaves no file behind."""
-    _write_bytes(path, text.encode())
+    """Write a text file (JSON, CSV, HTML) atomically: a failed write leaves no file behind.
+
+    UTF-8; a file name that is not UTF-8 (its bytes held as surrogates) is written as its bytes."""
+    _write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -631,7 +633,8 @@ class PatchPairs(Dataset):
                 if p is not None:
                     st = p.stat()
                     key += [str(p.resolve()), str(st.st_size), str(st.st_mtime_ns)]
-            digest = hashlib.sha256("|".join(key).encode()).hexdigest()[:16]
+            text = "|".join(key).encode("utf-8", "surrogateescape")  # a non-UTF-8 path: its bytes
+            digest = hashlib.sha256(text).hexdigest()[:16]
             hr_npy, lr_npy = (self.cache / f"{hr_path.stem}-{digest}.{k}.npy" for k in ("hr", "lr"))
             if hr_npy.is_file() and lr_npy.is_file():
                 small = min(np.load(lr_npy, mmap_mode="r").shape[:2]) < self.patch

@@ -152,8 +152,15 @@ def exit_on_error(prog: str):
 
     Warnings (e.g. an alpha channel dropped) are printed as one line `prog: warning: message`.
     A torch older than srspace needs is such an error (`check_torch`).
+
+    Standard output writes what its encoding cannot hold as backslash escapes, as Python's
+    stderr does: a σ in a help text on an ASCII or latin-1 terminal, a file name that is not
+    UTF-8 (its bytes held as surrogates) in a progress line. Strict, either stopped the run.
     """
     show = warnings.formatwarning
+    strict = getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure")
+    if strict:
+        sys.stdout.reconfigure(errors="backslashreplace")
     warnings.formatwarning = lambda message, *args, **kwargs: f"{prog}: warning: {message}\n"
     # Ctrl-C waits for the end of a thread pool's lock code (sr_lib/threads.py). Left alone where
     # SIGINT is ignored (a job started in the background) or handled by the caller.
@@ -184,6 +191,9 @@ def exit_on_error(prog: str):
         raise SystemExit(EXIT_OOM) from None
     finally:
         warnings.formatwarning = show
+        if strict:
+            with contextlib.suppress(OSError, ValueError):  # a stdout already closed
+                sys.stdout.reconfigure(errors="strict")
         if python_default:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 

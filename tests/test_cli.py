@@ -1,6 +1,8 @@
 """End to end through the three scripts' main(argv): train -> last.pt -> sample -> evaluate."""
 
+import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,10 @@ import sr_train
 from sr_lib.data import read_image
 from sr_lib.errors import OLDEST_TORCH
 from sr_lib.metrics import psnr
+from sr_lib.models.base import sample_seed
+from sr_lib.resize import imresize
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_train_sample_evaluate(tmp_path):
@@ -95,7 +101,7 @@ def test_the_scripts_start_without_loading_torch_compile():
     pipeline starts sr_sample.py and sr_eval.py once per job, the tests dozens of times)."""
     code = "import sys, sr_train, sr_sample, sr_eval; print('torch._dynamo' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], timeout=120)  # fmt: skip
+                          cwd=REPO, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
 
@@ -120,7 +126,93 @@ def test_a_too_old_torch_is_one_line_at_start(script, capsys, monkeypatch):
 def test_the_oldest_torch_is_the_one_the_requirements_name():
     """The start check, requirements.txt and .ci/oldest.txt (the suite's run at the lower bounds)
     name one version."""
-    repo = Path(__file__).resolve().parents[1]
-    floor = [line.split("#")[0].strip() for line in (repo / "requirements.txt").open()]
+    floor = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").open()]
     assert f"torch>={OLDEST_TORCH}" in floor
-    assert f"torch=={OLDEST_TORCH}.0" in (repo / ".ci" / "oldest.txt").read_text().split()
+    assert f"torch=={OLDEST_TORCH}.0" in (REPO / ".ci" / "oldest.txt").read_text().split()
+
+
+def test_sample_seed_hashes_the_name_as_its_bytes():
+    """A name that is not UTF-8 reaches Python with its bytes as surrogates; a UTF-8 name keeps
+    the seed it always had (sample sets made before stay reproducible)."""
+    for name, raw in (("café", "café".encode()), (os.fsdecode(b"caf\xe9"), b"caf\xe9")):
+        digest = hashlib.sha256(b"7/" + raw + b"/3").digest()
+        assert sample_seed(7, name, 3) == int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    assert sample_seed(7, os.fsdecode(b"caf\xe9"), 3) != sample_seed(7, "café", 3)
+
+
+NAMES = [b"caf\xe9", "café".encode(), b"plain"]  # latin-1 (not UTF-8), UTF-8, ASCII
+
+
+@pytest.fixture
+def odd_names(tmp_path):
+    """HR and paired LR images under names from an old latin-1 archive: file names are bytes,
+    and these bytes are not UTF-8 (Linux allows it)."""
+    hr_dir, lr_dir = tmp_path / "hr", tmp_path / "lr"
+    hr_dir.mkdir(), lr_dir.mkdir()
+    rng = np.random.default_rng(2)
+    for raw in NAMES:
+        hr = (np.kron(rng.random((8, 8, 3)), np.ones((8, 8, 1))) * 255).astype(np.uint8)
+        try:
+            iio.imwrite(hr_dir / (os.fsdecode(raw) + ".png"), hr)
+        except (OSError, UnicodeError):  # a file system that requires UTF-8 names (not Linux)
+            pytest.skip("this file system refuses a name that is not UTF-8")
+        iio.imwrite(lr_dir / (os.fsdecode(raw) + ".png"), imresize(hr, 1 / 4))
+    return hr_dir, lr_dir
+
+
+def test_names_that_are_not_utf8_train_sample_and_evaluate(tmp_path, odd_names, capsys):
+    """Each of these stopped with a UnicodeEncodeError traceback: the --cache key, the sample
+    seed, a TensorBoard tag, a printed name on a strict UTF-8 stdout, the --csv file."""
+    hr_dir, lr_dir = odd_names
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    argv = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--scale", "4",
+            "--data", str(hr_dir), "--lr-data", str(lr_dir), "--patch", "8", "--batch", "2",
+            "--steps", "2", "--workers", "1", "--cache", str(cache), "--val-data", str(hr_dir),
+            "--val-every", "2", "--val-n", "1", "--tensorboard", "--out", str(run)]  # fmt: skip
+    assert sr_train.main(argv) == 0
+    cached = sorted(os.listdir(os.fsencode(cache)))
+    assert [name.rsplit(b"-", 1)[0] for name in cached] == sorted(NAMES * 2)
+    assert sorted(os.listdir(os.fsencode(run / "val"))) == sorted(
+        b"step0000002_" + raw + b".png" for raw in NAMES
+    )
+    samples = tmp_path / "samples"
+    argv = ["--ckpt", str(run / "last.pt"), "--input", str(lr_dir), "--n", "2",
+            "--out", str(samples)]  # fmt: skip
+    assert sr_sample.main(argv) == 0
+    made = set(os.listdir(os.fsencode(samples)))
+    assert {raw + b"_sample0000%d.png" % i for raw in NAMES for i in (0, 1)} <= made
+    argv = ["--hr", str(hr_dir), "--sr", str(samples), "--scale", "4", "--n", "2", "--no-lpips",
+            "--csv", str(tmp_path / "r.csv"), "--out", str(tmp_path / "r.json"),
+            "--report", str(tmp_path / "report")]  # fmt: skip
+    assert sr_eval.main(argv) == 0
+    rows = (tmp_path / "r.csv").read_bytes().splitlines()[1:]
+    assert sorted(row.split(b",")[3] for row in rows) == sorted(NAMES)  # the files' own bytes
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert sorted(r["image"] for r in result["per_image"]) == sorted(map(os.fsdecode, NAMES))
+    assert b"caf\xe9" in (tmp_path / "report" / "index.html").read_bytes()
+    out = capsys.readouterr().out  # pytest's stdout is strict UTF-8, as in a UTF-8 terminal
+    assert "caf\\udce9.png" in out and "[3/3]" in out  # sr_sample.py's progress
+
+
+def test_help_and_table_on_an_ascii_or_latin1_terminal(tmp_path, odd_names):
+    """A σ in a help text stopped `-h` with a traceback on an ASCII terminal; the table's box
+    characters came out as backslash escapes. Now escapes in the text, ASCII borders."""
+    env = dict(os.environ, PYTHONIOENCODING="ascii")
+    done = subprocess.run([sys.executable, "sr_train.py", "--model", "edsr", "-h"], cwd=REPO,
+                          env=env, capture_output=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"--le-beta LE_BETA     \\u03b2 of the \\u03c3 auxiliary loss" in done.stdout
+    hr_dir, _ = odd_names
+    sr_dir = tmp_path / "sr"
+    sr_dir.mkdir()
+    for raw in NAMES:  # the ground truth as its own sample
+        name = os.fsdecode(raw)
+        (sr_dir / f"{name}_sample00000.png").write_bytes((hr_dir / f"{name}.png").read_bytes())
+    env = dict(os.environ, PYTHONIOENCODING="latin-1")
+    done = subprocess.run([sys.executable, "sr_eval.py", "--hr", str(hr_dir), "--sr", str(sr_dir),
+                           "--scale", "4", "--n", "1", "--no-lpips"], cwd=REPO, env=env,
+                          capture_output=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    table = done.stdout.decode("latin-1").splitlines()
+    assert any(line.startswith("| sr ") for line in table), table
+    assert "\\u25" not in done.stdout.decode("latin-1")  # no escaped box characters

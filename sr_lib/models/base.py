@@ -228,8 +228,11 @@ def halo(*radii: float) -> int:
 
 
 def sample_seed(seed: int, stem: str, i: int) -> int:
-    """The seed of sample i of image `stem`: a pure function of (seed, stem, i)."""
-    h = hashlib.sha256(f"{seed}/{stem}/{i}".encode()).digest()
+    """The seed of sample i of image `stem`: a pure function of (seed, stem, i).
+
+    A file name that is not UTF-8 (a latin-1 name from an old archive) reaches Python with its
+    bytes as surrogates: hashed as those bytes, where a strict encode would raise."""
+    h = hashlib.sha256(f"{seed}/{stem}/{i}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(h[:8], "little") & (2**63 - 1)
 
 
