@@ -86,6 +86,7 @@ from sr_lib.data import (
     encode_png,
     list_images,
     mod_crop,
+    name_max,
     read_image,
     to_tensor,
     to_uint8,
@@ -467,13 +468,15 @@ def sample(args: SampleArgs) -> int:
     part, parts = (int(v) for v in args.shard.split("/"))
     mine = [(k, p) for k, p in enumerate(paths) if k % parts == part]
     settings = run_settings(args, ck, model, n, context, from_hr)
+    files = Outputs(n, not model.stochastic and n == 1, want_sigma and args.save_uncertainty,
+                    args.grid, args.save_latent and controls is not None)  # fmt: skip
+    if args.layout == "stem":
+        check_name_lengths([p for _, p in mine], files, from_hr, out)
     for t, folder in folders.items():
         check_out_dir(folder)
         claim_folder(folder, {**settings, "temperature": t}, args.overwrite)
         if args.layout == "ntire":
             claim_index(folder, paths, model.scale, args.overwrite)
-    files = Outputs(n, not model.stochastic and n == 1, want_sigma and args.save_uncertainty,
-                    args.grid, args.save_latent and controls is not None)  # fmt: skip
     autocast = autocast_for(args.amp, device)
     emulated = amp_emulated(args.amp, device)
     if emulated:
@@ -535,6 +538,25 @@ def input_paths(path: Path) -> list[Path]:
     if dup:
         raise DataError(f"--input {path}: several files share the stem {dup[0]!r}; rename them")
     return paths
+
+
+def check_name_lengths(paths: list[Path], files: "Outputs", from_hr: bool, out: Path) -> None:
+    """Before any work: every output file name (STEM_sample00009.png, ...) within what the
+    output's file system takes. The names are what sr_eval.py looks for, so they are not cut."""
+    limit = name_max(out)
+    long = []
+    for path in paths:
+        names = files.all(path.stem) + ([f"{path.stem}.png"] if from_hr else [])
+        longest = max(names, key=lambda f: len(os.fsencode(f)))
+        if len(os.fsencode(longest)) > limit:
+            long.append((path, longest))
+    if long:
+        path, name = long[0]
+        raise DataError(
+            f"--input: {len(long)} of {len(paths)} file names too long for their outputs in "
+            f"{out} (at most {limit} bytes there): {path.name} makes {name} "
+            f"({len(os.fsencode(name))} bytes); use --layout ntire (numbered files) or rename them"
+        )
 
 
 def tile_context(args: SampleArgs, model) -> int:

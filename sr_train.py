@@ -43,7 +43,9 @@ from sr_lib.data import (
     PatchPairs,
     available_cores,
     check_out_dir,
+    fit_name,
     load_pairs,
+    name_max,
     to_uint8,
     train_loader,
     write_png,
@@ -1253,7 +1255,9 @@ def validate(model, pairs, args, device, out: Path, step: int, run_log, progress
         lrpsnrs += [metrics.lr_psnr(sr, lr, args.scale) for sr in srs]  # lr = D(hr), NTIRE
         lr_big = np.repeat(np.repeat(lr, args.scale, 0), args.scale, 1)
         strip = np.concatenate([lr_big, *srs, hr], 1)
-        write_png(out / "val" / f"step{step:07d}_{stem}.png", strip)
+        prefix = f"step{step:07d}_"  # a long stem is cut to fit (fit_name)
+        write_png(out / "val" / f"{prefix}{fit_name(stem, len(prefix) + 4, name_max(out))}.png",
+                  strip)  # fmt: skip
         if run_log is not None:
             run_log.image(f"val/{stem}", strip, step)
     if nan:  # to_uint8 makes NaN black: say so rather than score it silently

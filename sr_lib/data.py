@@ -183,7 +183,8 @@ def _to_rgb8(arr: np.ndarray, path) -> np.ndarray:
 @contextlib.contextmanager
 def _atomic_open(path: Path):
     """A binary file that replaces `path` only once fully written: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    suffix = f".{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # a name near the limit: cut in tmp
+    tmp = path.with_name(f".{fit_name(path.name, len(suffix) + 1, name_max(path.parent))}{suffix}")
     try:
         with open(tmp, "xb") as f:
             yield f
@@ -270,6 +271,28 @@ def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
         raise OutputError(f"{flag} {path}: cannot create it ({e.strerror or e})") from None
     _probe(path, f"{flag} {path}")
     return path
+
+
+def name_max(folder: str | os.PathLike) -> int:
+    """The longest file name, in bytes, the file system of an existing `folder` takes: 255 on
+    most, 143 on eCryptfs (an encrypted home folder)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):  # not known there
+        return 255
+
+
+def fit_name(stem: str, room: int, limit: int) -> str:
+    """`stem` as the start of a file name that `room` more bytes complete, within `limit` bytes.
+    A longer stem is cut at a character and ends in ~ and 8 hex digits of its hash, so two
+    long stems with the same start keep two names (a long UTF-8 name: 85 CJK characters)."""
+    if len(os.fsencode(stem)) + room <= limit:
+        return stem
+    digest = hashlib.sha256(os.fsencode(stem)).hexdigest()[:8]
+    keep = stem
+    while keep and len(os.fsencode(keep)) + room + 9 > limit:
+        keep = keep[:-1]
+    return f"{keep}~{digest}"
 
 
 def check_out_file(path: str | os.PathLike, flag: str = "--out") -> Path:
@@ -635,7 +658,8 @@ class PatchPairs(Dataset):
                     key += [str(p.resolve()), str(st.st_size), str(st.st_mtime_ns)]
             text = "|".join(key).encode("utf-8", "surrogateescape")  # a non-UTF-8 path: its bytes
             digest = hashlib.sha256(text).hexdigest()[:16]
-            hr_npy, lr_npy = (self.cache / f"{hr_path.stem}-{digest}.{k}.npy" for k in ("hr", "lr"))
+            stem = fit_name(hr_path.stem, len(f"-{digest}.hr.npy"), name_max(self.cache))
+            hr_npy, lr_npy = (self.cache / f"{stem}-{digest}.{k}.npy" for k in ("hr", "lr"))
             if hr_npy.is_file() and lr_npy.is_file():
                 small = min(np.load(lr_npy, mmap_mode="r").shape[:2]) < self.patch
                 return None if small else (str(hr_npy), str(lr_npy))

@@ -194,6 +194,26 @@ def test_names_that_are_not_utf8_train_sample_and_evaluate(tmp_path, odd_names, 
     assert "caf\\udce9.png" in out and "[3/3]" in out  # sr_sample.py's progress
 
 
+def test_a_name_near_the_length_limit_trains_with_a_cache_and_validation(tmp_path):
+    """A 249-byte stem (83 CJK characters) made cache and validation file names longer than the
+    255 bytes a file system takes: a traceback, and exit 7 at the first validation. Now they
+    are cut at a character, with a hash (sr_lib.data.fit_name)."""
+    stem = "猫" * 83
+    hr_dir = tmp_path / "hr"
+    hr_dir.mkdir()
+    img = np.kron(np.random.default_rng(3).random((8, 8, 3)), np.ones((8, 8, 1)))
+    iio.imwrite(hr_dir / f"{stem}.png", (img * 255).astype(np.uint8))
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    argv = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--scale", "4",
+            "--data", str(hr_dir), "--patch", "8", "--batch", "2", "--steps", "2",
+            "--workers", "0", "--cache", str(cache), "--val-data", str(hr_dir),
+            "--val-every", "2", "--val-n", "1", "--out", str(run)]  # fmt: skip
+    assert sr_train.main(argv) == 0
+    names = [p.name for p in cache.iterdir()] + [p.name for p in (run / "val").iterdir()]
+    assert len(names) == 3 and all(len(name.encode()) <= 255 for name in names), names
+    assert all(name.startswith(("猫" * 70, "step0000002_" + "猫" * 70)) for name in names)
+
+
 def test_help_and_table_on_an_ascii_or_latin1_terminal(tmp_path, odd_names):
     """A σ in a help text stopped `-h` with a traceback on an ASCII terminal; the table's box
     characters came out as backslash escapes. Now escapes in the text, ASCII borders."""

@@ -29,6 +29,7 @@ from sr_lib.data import (
     check_out_file,
     demo_images,
     dihedral,
+    fit_name,
     list_images,
     load_pairs,
     mod_crop,
@@ -268,6 +269,28 @@ def test_unicode_and_spaces_in_names(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # write_png and small helpers
+
+
+def test_fit_name_cuts_a_long_stem_at_a_character_and_keeps_names_apart():
+    assert fit_name("photo", 20, 255) == "photo"
+    a, b = "猫" * 80 + "a", "猫" * 80 + "b"  # 241 bytes each, the same first 240
+    cut_a, cut_b = fit_name(a, 20, 255), fit_name(b, 20, 255)
+    assert cut_a != cut_b and cut_a.startswith("猫" * 70) and cut_a[-9] == "~"
+    for cut in (cut_a, cut_b):
+        assert 255 - 20 - 2 <= len(cut.encode()) <= 255 - 20  # whole characters only
+    latin1 = os.fsdecode(b"caf\xe9" * 80)  # not UTF-8: its bytes, cut as well
+    assert len(os.fsencode(fit_name(latin1, 20, 255))) == 235
+    assert data.name_max(Path("/nonexistent/folder")) == 255  # unknown: the usual limit
+
+
+def test_a_file_name_of_255_bytes_is_written_atomically(tmp_path):
+    """The temporary file's name, .NAME.PID-XXXXXXXX.tmp, was 22 bytes longer than the file's:
+    a name from 234 bytes on could not be written ("File name too long")."""
+    path = tmp_path / ("a" * 251 + ".png")
+    write_png(path, rand_img(4, 5))
+    write_text(tmp_path / ("b" * 250 + ".json"), "{}")
+    assert np.array_equal(read_image(path), rand_img(4, 5))
+    assert sorted(len(p.name) for p in tmp_path.iterdir()) == [255, 255]  # no temporary left
 
 
 def test_write_png_round_trips(tmp_path):

@@ -2,6 +2,7 @@
 odd inputs and one-line errors with their exit codes, writing on threads. CPU, tiny images, a few
 seconds."""
 
+import os
 import threading
 
 import imageio.v3 as iio
@@ -360,6 +361,29 @@ def test_unreadable_among_good(tmp_path, bicubic_ckpt, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("sr_sample.py: error: ") for line in err)
     assert "b.png" in err[0] and "1 of 3" in err[1]
+
+
+def test_names_too_long_for_their_outputs_one_line_before_any_work(tmp_path, bicubic_ckpt, capsys):
+    """STEM_sample00001.png is 16 bytes longer than STEM.png: a 245-byte input name made an
+    OSError traceback (File name too long). Now one line before anything is written; the NTIRE
+    layout's numbered names take such inputs, and a name of 255 bytes exactly is written."""
+    long, fits = "x" * 245, "猫" * 79 + "ab"  # 245 bytes; 239 bytes, + _sample00001.png = 255
+    inp = folder(tmp_path / "in", a=image((8, 8), 1), **{long: image((8, 8), 2)})
+    assert run("--ckpt", bicubic_ckpt, "--input", inp, "--n", 2, "--out", tmp_path / "o") == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"sr_sample.py: error: --input: 1 of 2 file names too long for their outputs in "
+                   f"{tmp_path / 'o'} (at most 255 bytes there): {long}.png makes "
+                   f"{long}_sample00000.png (261 bytes); use --layout ntire (numbered files) or "
+                   "rename them"]  # fmt: skip
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    argv = ["--ckpt", bicubic_ckpt, "--input", inp, "--n", 2, "--layout", "ntire"]
+    assert run(*argv, "--out", tmp_path / "ntire") == 0
+    made = [f"00000{k}_sample0000{i}.png" for k in (0, 1) for i in (0, 1)]
+    assert pngs(tmp_path / "ntire") == made
+    inp = folder(tmp_path / "in2", **{fits: image((8, 8), 3)})
+    assert run("--ckpt", bicubic_ckpt, "--input", inp, "--n", 2, "--out", tmp_path / "o2") == 0
+    assert pngs(tmp_path / "o2") == [f"{fits}_sample0000{i}.png" for i in (0, 1)]
+    assert max(len(os.fsencode(f)) for f in pngs(tmp_path / "o2")) == 255
 
 
 @pytest.mark.parametrize(
