@@ -146,17 +146,41 @@ def check_torch() -> None:
         )
 
 
+def open_closed_std_streams() -> None:
+    """A standard stream closed when the script started (`>&-`, `2>&-`, a launcher that closes
+    them) is opened on /dev/null, as a daemon does. Python leaves sys.stdout None there, where
+    the scripts stopped with an AttributeError traceback; and the first file opened would take
+    file descriptor 1 or 2, where a library writing to stdout or stderr (torch's C++ warnings)
+    would write into it: a checkpoint, a sample."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        if getattr(sys, name) is not None:
+            continue
+        try:
+            os.fstat(fd)
+            continue  # already taken by a file: not ours to replace
+        except OSError:
+            pass
+        null = os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: fd, or below it
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        stream = open(fd, mode, encoding="utf-8", errors="backslashreplace", closefd=False)
+        setattr(sys, name, stream)
+
+
 @contextlib.contextmanager
 def exit_on_error(prog: str):
     """Print expected errors as one line `prog: error: message` and exit with their code.
 
     Warnings (e.g. an alpha channel dropped) are printed as one line `prog: warning: message`.
-    A torch older than srspace needs is such an error (`check_torch`).
+    A torch older than srspace needs is such an error (`check_torch`). A standard stream closed
+    at start is opened on /dev/null (`open_closed_std_streams`).
 
     Standard output writes what its encoding cannot hold as backslash escapes, as Python's
     stderr does: a σ in a help text on an ASCII or latin-1 terminal, a file name that is not
     UTF-8 (its bytes held as surrogates) in a progress line. Strict, either stopped the run.
     """
+    open_closed_std_streams()
     show = warnings.formatwarning
     strict = getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure")
     if strict:

@@ -131,6 +131,34 @@ def test_the_oldest_torch_is_the_one_the_requirements_name():
     assert f"torch=={OLDEST_TORCH}.0" in (REPO / ".ci" / "oldest.txt").read_text().split()
 
 
+def test_standard_streams_closed_at_start_are_taken_as_dev_null(tmp_path):
+    """`script >&- 2>&- <&-`: Python leaves sys.stdout None, and each script stopped with an
+    AttributeError traceback before any work; the first file opened would also have taken file
+    descriptor 1, where C++ code writing to stdout writes. Now all three run as with /dev/null."""
+    hr_dir = tmp_path / "hr"
+    hr_dir.mkdir()
+    img = np.kron(np.random.default_rng(4).random((8, 8, 3)), np.ones((8, 8, 1)))
+    iio.imwrite(hr_dir / "a.png", (img * 255).astype(np.uint8))
+    closed = ["bash", "-c", 'exec "$@" >&- 2>&- <&-', "-", sys.executable]
+    run, samples, table = tmp_path / "run", tmp_path / "samples", tmp_path / "r.csv"
+    for cmd in (
+        ["sr_train.py", "--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--scale", "4",
+         "--data", str(hr_dir), "--patch", "8", "--batch", "2", "--steps", "2",
+         "--workers", "1", "--out", str(run)],
+        ["sr_sample.py", "--ckpt", str(run / "last.pt"), "--input", str(hr_dir), "--from-hr",
+         "--n", "1", "--out", str(samples)],
+        ["sr_eval.py", "--hr", str(hr_dir), "--sr", str(samples), "--scale", "4", "--n", "1",
+         "--no-lpips", "--csv", str(table)],
+    ):  # fmt: skip
+        done = subprocess.run(closed + cmd, cwd=REPO, capture_output=True, timeout=120)
+        assert done.returncode == 0, cmd[0]
+        assert done.stdout == done.stderr == b""  # nothing reaches the caller's pipes
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 2
+    assert [json.loads(line)["step"] for line in open(run / "log.jsonl")][-1] == 2
+    assert read_image(samples / "a.png").shape == (64, 64, 3)
+    assert table.read_text().splitlines()[1].startswith("samples,")
+
+
 def test_sample_seed_hashes_the_name_as_its_bytes():
     """A name that is not UTF-8 reaches Python with its bytes as surrogates; a UTF-8 name keeps
     the seed it always had (sample sets made before stay reproducible)."""
