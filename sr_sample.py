@@ -481,7 +481,7 @@ def sample(args: SampleArgs) -> int:
     emulated = amp_emulated(args.amp, device)
     if emulated:
         print(f"{PROG}: warning: --amp {args.amp}: {emulated}", file=sys.stderr, flush=True)
-    failed, skipped, t0 = [], 0, time.time()
+    failed, skipped, t0 = [], 0, time.monotonic()
     with ProgressLog(len(mine)) as bar, SampleWriter(cpu_workers()) as writer:
         for k, path in mine:
             name = f"{k:06d}" if args.layout == "ntire" else path.stem
@@ -492,7 +492,7 @@ def sample(args: SampleArgs) -> int:
                 skipped += 1
                 bar.step(f"{path.name}: complete, skipped")
                 continue
-            t_img = time.time()
+            t_img = time.monotonic()
             try:
                 img = read_input(path, model.scale, from_hr, lr_file)
             except DataError as e:  # reported, skipped; exit 3 once the others are written
@@ -510,11 +510,11 @@ def sample(args: SampleArgs) -> int:
             s = model.scale
             temps = f" at {len(todo)} temperatures" if len(todo) > 1 else ""
             bar.step(f"{path.name} {w}x{h} -> {n} x {w * s}x{h * s}{temps} in "
-                     f"{time.time() - t_img:.1f} s")  # fmt: skip
+                     f"{time.monotonic() - t_img:.1f} s")  # fmt: skip
     done = len(mine) - len(failed) - skipped
     where = out if len(folders) == 1 else f"{out}/T*"
     bar.say(f"done: {done} images sampled, {skipped} already complete, "
-            f"{time.time() - t0:.1f} s -> {where}")  # fmt: skip
+            f"{time.monotonic() - t0:.1f} s -> {where}")  # fmt: skip
     if failed:
         raise DataError(
             f"{len(failed)} of {len(mine)} inputs unreadable ({', '.join(failed[:3])}"
@@ -824,7 +824,7 @@ class ProgressLog(contextlib.AbstractContextManager):
     otherwise (SLURM logs)."""
 
     def __init__(self, total: int):
-        self.total, self.done, self.t0 = total, 0, time.time()
+        self.total, self.done, self.t0 = total, 0, time.monotonic()
         self.tty = sys.stdout.isatty()
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeRemainingColumn(), disable=not self.tty)  # fmt: skip
@@ -848,7 +848,7 @@ class ProgressLog(contextlib.AbstractContextManager):
         self.done += 1
         self.bar.advance(self.task)
         if not self.tty:
-            left = (time.time() - self.t0) / self.done * (self.total - self.done)
+            left = (time.monotonic() - self.t0) / self.done * (self.total - self.done)
             print_out(f"[{self.done}/{self.total}] {text}, ETA {left:.0f} s")
         if self.done < self.total and stdout_closed():  # `... | head` has its lines; disk full
             raise Preempted(

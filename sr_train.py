@@ -276,13 +276,13 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
                           "before training")  # fmt: skip
     progress = cleanup.enter_context(Progress(steps, start, stop)) if dd.main else None
     bad_steps = BadSteps(device, args.max_bad_steps, skipped)
-    stopped, t0, t_start, logged, step = None, time.time(), time.time(), start, start
+    stopped, t0, t_start, logged, step = None, time.monotonic(), time.monotonic(), start, start
     # the step OUT/last.pt holds, as written or read by this run (None: none of its own yet)
     saved = start if resumed is not None and ckpt_path == out / "last.pt" else None
     unsaved = args.on_nan == "rollback" and resumed is None  # a rollback needs a last.pt
 
     while step < steps:
-        over_budget = bool(args.time_budget) and time.time() - t_start > args.time_budget
+        over_budget = bool(args.time_budget) and time.monotonic() - t_start > args.time_budget
         if distributed.agree(bool(stop["signal"]) or over_budget, dd, all_ranks=False):
             stopped = stop["signal"] or ("time budget" if over_budget else "signal (other rank)")
             break
@@ -307,7 +307,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         if tripped >= 0:  # --max-bad-steps consecutive non-finite steps: stop, or roll back
             step, batches = roll_back(tripped, args, out, steps, model, optimizers, scaler, dd,
                                       dataset, meta, run_log, progress, ema, device)  # fmt: skip
-            recipe, t0, logged = scaled_rates(recipe, 0.5), time.time(), step
+            recipe, t0, logged = scaled_rates(recipe, 0.5), time.monotonic(), step
             bad_steps.reset()
             if graph is not None:
                 graph.reset()  # the reloaded optimizer states are new tensors: record again
@@ -316,7 +316,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
             check_replicas(model, dd, step, run_log)
         if dd.main and logs:
             log_step(run_log, progress, out_g, optimizers, recipe, step, skipped, t0, logged)
-            t0, logged = time.time(), step
+            t0, logged = time.monotonic(), step
         if validates:
             net = ema.module if ema is not None else model  # with --ema, the averaged weights
             try:
@@ -827,7 +827,7 @@ def log_step(run_log, progress, out_g, optimizers, recipe, step, skipped, t0, lo
     scalars = {k: float(v.detach()) for k, v in out_g.items() if v.ndim == 0}
     rate = current_learning_rate(optimizers, step - 1, recipe)
     rec = {"step": step, "learning_rate": rate, "skipped": skipped, **scalars}
-    rec["s_per_step"] = (time.time() - t0) / (step - logged)
+    rec["s_per_step"] = (time.monotonic() - t0) / (step - logged)
     log(run_log, rec)
     progress.update(step, rec)
 

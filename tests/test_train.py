@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -492,6 +493,29 @@ def test_signal_to_the_process_group_with_loader_workers(tmp_path, images, sig):
     assert proc.returncode == 75, stderr.decode()
     assert "Traceback" not in stderr.decode() and "killed by signal" not in stderr.decode()
     assert load_checkpoint(out / "last.pt")["step"] >= 3
+
+
+def test_time_budget_saves_exits_0_and_counts_monotonic_time(tmp_path, images, monkeypatch):
+    """--time-budget (a job's time limit): once spent, the run saves last.pt at the step it
+    reached and exits 0; --resume auto continues it. The budget is measured on a monotonic
+    clock: the wall clock stepping back or forward (NTP, a VM resumed from a snapshot) neither
+    ends a run nor stretches it. Here each step takes 10 s of a fake clock."""
+    clock = {"t": 1000.0}
+    real_step = sr_train.train_step
+
+    def ten_second_step(*args, **kwargs):
+        clock["t"] += 10
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(sr_train, "train_step", ten_second_step)
+    monkeypatch.setattr(sr_train, "time", types.SimpleNamespace(monotonic=lambda: clock["t"]))
+    monkeypatch.setattr(time, "time", lambda: 0.0)  # a wall clock that went back to 1970
+    out = tmp_path / "run"
+    tiny = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--steps", "6"]
+    assert run(out, images, *tiny, "--time-budget", "25") == 0
+    assert load_checkpoint(out / "last.pt")["step"] == 3  # 30 s > 25 s after the third step
+    assert run(out, images, "--resume", "auto", "--time-budget", "0") == 0  # 0: no budget
+    assert load_checkpoint(out / "last.pt")["step"] == 6
 
 
 def test_a_bug_in_the_loop_with_loader_workers_exits_with_its_traceback(tmp_path, images):
