@@ -1,0 +1,87 @@
+"""Every command the README, docs/, demo.sh and the SLURM examples show parses: its flags exist,
+its values are in range, its model takes its scale and model flags. A renamed or removed flag
+fails here, not for a user who copied the command. Nothing is run or read: parsing only."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+import sr_eval
+import sr_sample
+import sr_train
+from sr_lib.config import check_ranges, parse
+from sr_lib.models import MODELS
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = re.compile(r"\b(?:python3?|torchrun|srun)\b.*?\b(sr_(?:train|sample|eval)\.py)\b(.*)")
+
+
+def shell_lines(path: Path) -> list[str]:
+    """The shell lines of a file, continuations joined: a .md file's fenced code blocks, the
+    whole of a shell script."""
+    text = path.read_text()
+    if path.suffix == ".md":
+        text = "\n".join(re.findall(r"```(?:bash|sh|shell)?\n(.*?)```", text, flags=re.S))
+    return re.sub(r"\\\n\s*", " ", text).splitlines()
+
+
+def expand(words: str, known: dict[str, str]) -> str:
+    """Shell variables as their `known` values, else a plain word, as <placeholders> are."""
+    words = re.sub(r"<[^>]*>", "PLACEHOLDER", words)
+    return re.sub(r"\$\{?(\w+)\}?", lambda v: known.get(v.group(1), "VAR"), words)
+
+
+def documented_commands() -> list[tuple[str, str, list[str]]]:
+    """(where, script, argv) for every sr_*.py command (`expand`)."""
+    files = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "demo.sh",
+             *sorted((REPO / "examples" / "slurm").glob("*.sbatch"))]  # fmt: skip
+    found = []
+    for path in files:
+        # a script's own defaults (STEPS=${STEPS:-1000}, RUN=runs/x) stand for its variables
+        known = dict(re.findall(r"^(\w+)=(?:\$\{\w+:-)?([^}\s]*)\}?$", path.read_text(), re.M))
+        for line in shell_lines(path):
+            m = SCRIPT.search(line)
+            if not m or line.lstrip().startswith("#"):
+                continue
+            argv = shlex.split(expand(m.group(2), known), comments=True)
+            if "..." in argv:  # an abbreviated command ("sr_train.py ..."), not one to copy
+                continue
+            found.append((f"{path.relative_to(REPO)}: {line.strip()[:80]}", m.group(1), argv))
+    return found
+
+
+COMMANDS = documented_commands()
+
+
+def test_the_docs_show_commands_of_all_three_scripts():
+    scripts = [script for _, script, _ in COMMANDS]
+    assert len(COMMANDS) >= 50, len(COMMANDS)
+    assert {scripts.count(s) >= 5 for s in ("sr_train.py", "sr_sample.py", "sr_eval.py")} == {True}
+
+
+@pytest.mark.parametrize("where, script, argv", COMMANDS, ids=[w for w, _, _ in COMMANDS])
+def test_a_documented_command_parses(where, script, argv, capsys, monkeypatch):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")  # --shard auto: the array job's task
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    if "-h" in argv or "--help" in argv:
+        module = {"sr_train.py": sr_train, "sr_sample.py": sr_sample, "sr_eval.py": sr_eval}
+        with pytest.raises(SystemExit) as e:
+            module[script].main(argv)
+        assert e.value.code == 0, capsys.readouterr().err
+        return
+    if script == "sr_train.py":
+        args, rest, _ = sr_train.parse_all(argv)
+        if args.model is None:  # a resume: the model and its flags come from the checkpoint
+            assert args.resume and not rest, where
+            return
+        model = MODELS[args.model]
+        assert args.scale in model.scales, where
+        check_ranges(parse(model.Config, rest, f"sr_train.py --model {args.model}"))
+        sr_train.parse_recipe(args, model.recipe(args.scale))
+    elif script == "sr_sample.py":
+        sr_sample.parse_args(argv)
+    else:
+        args = parse(sr_eval.EvalArgs, argv, "sr_eval.py")
+        assert args.scale in (2, 3, 4, 8) and args.n >= 1, where
