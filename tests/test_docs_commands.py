@@ -19,11 +19,21 @@ SCRIPT = re.compile(r"\b(?:python3?|torchrun|srun)\b.*?\b(sr_(?:train|sample|eva
 
 
 def shell_lines(path: Path) -> list[str]:
-    """The shell lines of a file, continuations joined: a .md file's fenced code blocks, the
-    whole of a shell script."""
+    """The shell lines of a file, continuations joined: a .md file's fenced shell blocks (no
+    language, bash, sh, shell), the whole of a shell script."""
     text = path.read_text()
     if path.suffix == ".md":
-        text = "\n".join(re.findall(r"```(?:bash|sh|shell)?\n(.*?)```", text, flags=re.S))
+        shell, block = [], None  # block: the lines of the open fence, None outside one
+        for line in text.splitlines():
+            fence = re.match(r"\s*```(\w*)", line)
+            if fence and block is None:
+                block, lang = [], fence.group(1)
+            elif fence:
+                shell += block if lang in ("", "bash", "sh", "shell") else []
+                block = None
+            elif block is not None:
+                block.append(line)
+        text = "\n".join(shell)
     return re.sub(r"\\\n\s*", " ", text).splitlines()
 
 
@@ -53,6 +63,15 @@ def documented_commands() -> list[tuple[str, str, list[str]]]:
 
 
 COMMANDS = documented_commands()
+
+
+def test_shell_lines_are_the_shell_blocks_only(tmp_path):
+    """A python block's closing fence was once taken for an opening one: the prose after it
+    was read as shell, and the next bash block's commands were never checked."""
+    page = tmp_path / "page.md"
+    page.write_text("Intro.\n```python\nx = 1\n```\nProse.\n```bash\npython sr_train.py \\\n"
+                    "  --model edsr\n```\n```\nls\n```\n")  # fmt: skip
+    assert shell_lines(page) == ["python sr_train.py  --model edsr", "ls"]
 
 
 def test_the_docs_show_commands_of_all_three_scripts():
