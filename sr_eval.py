@@ -83,6 +83,7 @@ from sr_lib.errors import (
     OutputError,
     UsageError,
     exit_on_error,
+    printable,
     say_err,
     stdout_closed,
 )
@@ -544,13 +545,15 @@ def table_widths(cells: dict[str, list[str]], headers: list[str]) -> list[int]:
     ]
 
 
-def comparison_tables(means: dict, columns: list[str], title: str, methods, width: int):
+def comparison_tables(means: dict, columns: list[str], title: str, methods, width: int,
+                      encoding: str = "utf-8"):  # fmt: skip
     """The table as one or more rich Tables, each at most `width` columns wide: the metric
     columns are split into stacked tables, each starting with the method (and N) columns, so
-    that no name or number is ever cut."""
+    that no name or number is ever cut. Names as `encoding` (stdout's) can hold them: an
+    escape written later would shift the borders after it."""
     ns = {m.name: m.n for m in methods}
     keys = ["method"] + (["N"] if len(set(ns.values())) > 1 else [])
-    cells = {m: [m] + ([str(ns[m])] if len(keys) > 1 else []) for m in means}
+    cells = {m: [printable(m, encoding)] + ([str(ns[m])] if len(keys) > 1 else []) for m in means}
     cells = {m: cs + [report.fmt(means[m][c], c) for c in columns] for m, cs in cells.items()}
     widths = table_widths(cells, keys + columns)
     fixed = 1 + sum(widths[: len(keys)])
@@ -596,7 +599,7 @@ def print_table(means: dict, columns: list[str], title: str, methods, console=No
     text = Console(file=Rendered(console.encoding), width=console.width,
                    color_system=console.color_system,
                    force_terminal=console.is_terminal)  # fmt: skip
-    for table in comparison_tables(means, columns, title, methods, console.width):
+    for table in comparison_tables(means, columns, title, methods, console.width, console.encoding):
         text.print(table)
     console.file.write(text.file.getvalue())
     console.file.flush()

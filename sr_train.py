@@ -63,6 +63,7 @@ from sr_lib.errors import (
     exit_on_error,
     is_out_of_memory,
     print_out,
+    printable,
     say_err,
     stdout_closed,
 )
@@ -608,6 +609,10 @@ class RunLog:
             except ImportError:
                 raise UsageError("--tensorboard needs the tensorboard package: pip install "
                                  "tensorboard") from None  # fmt: skip
+            shown = printable(str(out))
+            if shown != str(out):  # TensorBoard encodes its folder's name strictly
+                raise UsageError(f"--tensorboard: TensorBoard cannot write to {shown} (a folder "
+                                 "name that is not UTF-8); give another --out")  # fmt: skip
             self.tb = SummaryWriter(str(out / "tb"))
         self.file = open(out / "log.jsonl", "a")
 
@@ -623,8 +628,7 @@ class RunLog:
     def image(self, tag: str, img: np.ndarray, step: int) -> None:
         """A uint8 (H, W, 3) image; TensorBoard only (log.jsonl has the PNG's name in OUT/val/)."""
         if self.tb is not None:  # a tag is UTF-8: a file name that is not gets backslash escapes
-            tag = tag.encode("utf-8", "backslashreplace").decode()
-            self.tb.add_image(tag, img, step, dataformats="HWC")
+            self.tb.add_image(printable(tag), img, step, dataformats="HWC")
 
     def close(self) -> None:
         self.file.close()

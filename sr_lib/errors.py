@@ -8,6 +8,7 @@ Exit codes (documented in the README; batch pipelines and SLURM scripts rely on 
   130 interrupted (Ctrl-C outside the training loop; nothing half-written is left).
 """
 
+import codecs
 import contextlib
 import errno
 import os
@@ -109,6 +110,13 @@ def print_out(text: str) -> bool:
     return True
 
 
+def printable(text: str, encoding: str = "utf-8") -> str:
+    """`text` as `encoding` can hold it: what it cannot (a σ in ASCII; the bytes of a file name
+    that is not UTF-8, held as surrogates) as backslash escapes. For labels, tags and table
+    cells, whose width or bytes must be known before they are written."""
+    return text.encode(encoding, "backslashreplace").decode(encoding)
+
+
 def say_err(text: str) -> None:
     """A line on stderr, dropped where stderr cannot be written either (`2>&1 | head`)."""
     with contextlib.suppress(OSError):
@@ -182,8 +190,10 @@ def exit_on_error(prog: str):
     """
     open_closed_std_streams()
     show = warnings.formatwarning
-    strict = getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure")
-    if strict:
+    errors = getattr(sys.stdout, "errors", None)  # surrogateescape fails too, on a σ in ASCII
+    utf8 = codecs.lookup(getattr(sys.stdout, "encoding", None) or "utf-8").name == "utf-8"
+    failing = errors == "strict" or (errors == "surrogateescape" and not utf8)
+    if failing and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
     warnings.formatwarning = lambda message, *args, **kwargs: f"{prog}: warning: {message}\n"
     # Ctrl-C waits for the end of a thread pool's lock code (sr_lib/threads.py). Left alone where
@@ -215,9 +225,9 @@ def exit_on_error(prog: str):
         raise SystemExit(EXIT_OOM) from None
     finally:
         warnings.formatwarning = show
-        if strict:
+        if failing and hasattr(sys.stdout, "reconfigure"):
             with contextlib.suppress(OSError, ValueError):  # a stdout already closed
-                sys.stdout.reconfigure(errors="strict")
+                sys.stdout.reconfigure(errors=errors)
         if python_default:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 

@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from sr_lib.data import write_png, write_text
-from sr_lib.errors import OutputError
+from sr_lib.errors import OutputError, printable
 from sr_lib.metrics import downscale, official_mod
 
 THUMB = 160  # thumbnail: longest side in px
@@ -165,7 +165,8 @@ def trade_off_plot(table, ycol: str, xcol: str, title: str, path: Path):
         px, py = ax.transData.transform((x, y))
         k = sum(abs(px - qx) < 60 and abs(py - qy) < 10 for qx, qy in placed)
         placed.append((px, py))
-        ax.annotate(name, (x, y), xytext=(4, 4 + 10 * k), textcoords="offset points", fontsize=8)
+        label = printable(name)  # a folder name that is not UTF-8: escapes, as on stdout
+        ax.annotate(label, (x, y), xytext=(4, 4 + 10 * k), textcoords="offset points", fontsize=8)
     ax.set_xlabel(AXIS.get(xcol, xcol))
     ax.set_ylabel(AXIS.get(ycol, ycol))
     ax.set_title(title)

@@ -190,8 +190,16 @@ def odd_names(tmp_path):
 
 def test_names_that_are_not_utf8_train_sample_and_evaluate(tmp_path, odd_names, capsys):
     """Each of these stopped with a UnicodeEncodeError traceback: the --cache key, the sample
-    seed, a TensorBoard tag, a printed name on a strict UTF-8 stdout, the --csv file."""
+    seed, a TensorBoard tag, a printed name on a strict UTF-8 stdout, the --csv file, a method
+    (a folder) named so in the --report plots. TensorBoard cannot write to such a folder: one
+    line. The table stays aligned with the name's escapes in it."""
     hr_dir, lr_dir = odd_names
+    with pytest.raises(SystemExit) as e:  # before any work; a UTF-8 --out works below
+        sr_train.main(["--model", "edsr", "--scale", "4", "--data", str(hr_dir), "--tensorboard",
+                       "--out", os.fsdecode(bytes(tmp_path) + b"/r\xe9")])  # fmt: skip
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("/r\\udce9 (a folder name that is not UTF-8); give another --out"), err
     run, cache = tmp_path / "run", tmp_path / "cache"
     argv = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--scale", "4",
             "--data", str(hr_dir), "--lr-data", str(lr_dir), "--patch", "8", "--batch", "2",
@@ -203,7 +211,7 @@ def test_names_that_are_not_utf8_train_sample_and_evaluate(tmp_path, odd_names, 
     assert sorted(os.listdir(os.fsencode(run / "val"))) == sorted(
         b"step0000002_" + raw + b".png" for raw in NAMES
     )
-    samples = tmp_path / "samples"
+    samples = tmp_path / os.fsdecode(b"samples\xe9")  # the method's name in sr_eval.py
     argv = ["--ckpt", str(run / "last.pt"), "--input", str(lr_dir), "--n", "2",
             "--out", str(samples)]  # fmt: skip
     assert sr_sample.main(argv) == 0
@@ -218,8 +226,12 @@ def test_names_that_are_not_utf8_train_sample_and_evaluate(tmp_path, odd_names, 
     result = json.loads((tmp_path / "r.json").read_text())
     assert sorted(r["image"] for r in result["per_image"]) == sorted(map(os.fsdecode, NAMES))
     assert b"caf\xe9" in (tmp_path / "report" / "index.html").read_bytes()
+    assert len(list((tmp_path / "report" / "plots").iterdir())) >= 1  # labelled plots
     out = capsys.readouterr().out  # pytest's stdout is strict UTF-8, as in a UTF-8 terminal
     assert "caf\\udce9.png" in out and "[3/3]" in out  # sr_sample.py's progress
+    table = [line for line in out.splitlines() if line[:1] in "┏┃┡│└"]
+    assert any(line.startswith("│ samples\\udce9 │") for line in table), table
+    assert len({len(line) for line in table}) == 1, table  # the borders line up
 
 
 def test_a_name_near_the_length_limit_trains_with_a_cache_and_validation(tmp_path):
@@ -245,13 +257,15 @@ def test_a_name_near_the_length_limit_trains_with_a_cache_and_validation(tmp_pat
 def test_help_and_table_on_an_ascii_or_latin1_terminal(tmp_path, odd_names):
     """A σ in a help text stopped `-h` with a traceback on an ASCII terminal; the table's box
     characters came out as backslash escapes. Now escapes in the text, ASCII borders."""
-    env = dict(os.environ, PYTHONIOENCODING="ascii")
-    done = subprocess.run([sys.executable, "sr_train.py", "--model", "edsr", "-h"], cwd=REPO,
-                          env=env, capture_output=True, timeout=120)  # fmt: skip
-    assert done.returncode == 0, done.stderr.decode()
-    assert b"--le-beta LE_BETA     \\u03b2 of the \\u03c3 auxiliary loss" in done.stdout
+    ascii_c = dict(LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")  # surrogateescape
+    for env in (dict(PYTHONIOENCODING="ascii"), ascii_c):
+        cmd = [sys.executable, "sr_train.py", "--model", "edsr", "-h"]
+        done = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, capture_output=True,
+                              timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr.decode()
+        assert b"--le-beta LE_BETA     \\u03b2 of the \\u03c3 auxiliary loss" in done.stdout
     hr_dir, _ = odd_names
-    sr_dir = tmp_path / "sr"
+    sr_dir = tmp_path / "σ-run"  # not in latin-1: an escape in the table
     sr_dir.mkdir()
     for raw in NAMES:  # the ground truth as its own sample
         name = os.fsdecode(raw)
@@ -261,6 +275,7 @@ def test_help_and_table_on_an_ascii_or_latin1_terminal(tmp_path, odd_names):
                            "--scale", "4", "--n", "1", "--no-lpips"], cwd=REPO, env=env,
                           capture_output=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr.decode()
-    table = done.stdout.decode("latin-1").splitlines()
-    assert any(line.startswith("| sr ") for line in table), table
+    table = [line for line in done.stdout.decode("latin-1").splitlines() if line[:1] in "+|"]
+    assert any(line.startswith("| \\u03c3-run |") for line in table), table
+    assert len({len(line) for line in table}) == 1, table  # the borders line up
     assert "\\u25" not in done.stdout.decode("latin-1")  # no escaped box characters
