@@ -1259,9 +1259,9 @@ def validate(model, pairs, args, device, out: Path, step: int, run_log, progress
         lrpsnrs += [metrics.lr_psnr(sr, lr, args.scale) for sr in srs]  # lr = D(hr), NTIRE
         lr_big = np.repeat(np.repeat(lr, args.scale, 0), args.scale, 1)
         strip = np.concatenate([lr_big, *srs, hr], 1)
-        prefix = f"step{step:07d}_"  # a long stem is cut to fit (fit_name)
-        write_png(out / "val" / f"{prefix}{fit_name(stem, len(prefix) + 4, name_max(out))}.png",
-                  strip)  # fmt: skip
+        prefix = f"step{step:07d}_"
+        name = fit_name(stem, len(prefix) + len(".png"), name_max(out))  # a long stem: cut
+        write_png(out / "val" / f"{prefix}{name}.png", strip)
         if run_log is not None:
             run_log.image(f"val/{stem}", strip, step)
     if nan:  # to_uint8 makes NaN black: say so rather than score it silently

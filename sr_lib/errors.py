@@ -193,7 +193,8 @@ def exit_on_error(prog: str):
     errors = getattr(sys.stdout, "errors", None)  # surrogateescape fails too, on a σ in ASCII
     utf8 = codecs.lookup(getattr(sys.stdout, "encoding", None) or "utf-8").name == "utf-8"
     failing = errors == "strict" or (errors == "surrogateescape" and not utf8)
-    if failing and hasattr(sys.stdout, "reconfigure"):
+    failing = failing and hasattr(sys.stdout, "reconfigure")  # (not a file-like stand-in)
+    if failing:
         sys.stdout.reconfigure(errors="backslashreplace")
     warnings.formatwarning = lambda message, *args, **kwargs: f"{prog}: warning: {message}\n"
     # Ctrl-C waits for the end of a thread pool's lock code (sr_lib/threads.py). Left alone where
@@ -225,7 +226,7 @@ def exit_on_error(prog: str):
         raise SystemExit(EXIT_OOM) from None
     finally:
         warnings.formatwarning = show
-        if failing and hasattr(sys.stdout, "reconfigure"):
+        if failing:
             with contextlib.suppress(OSError, ValueError):  # a stdout already closed
                 sys.stdout.reconfigure(errors=errors)
         if python_default:

@@ -25,13 +25,17 @@ from sr_lib.resize import imresize
 REPO = Path(__file__).resolve().parents[1]
 
 
+def blocks(h: int, w: int, rng) -> np.ndarray:
+    """A smooth uint8 HR image of (8h, 8w): random colours in 8x8 blocks."""
+    return (np.kron(rng.random((h, w, 3)), np.ones((8, 8, 1))) * 255).astype(np.uint8)
+
+
 def test_train_sample_evaluate(tmp_path):
     rng = np.random.default_rng(0)
     hr_dir = tmp_path / "hr"
     hr_dir.mkdir()
     for i in range(2):
-        img = np.kron(rng.random((10, 12, 3)), np.ones((8, 8, 1)))  # 80x96, smooth blocks
-        iio.imwrite(hr_dir / f"im{i}.png", (img * 255).astype(np.uint8))
+        iio.imwrite(hr_dir / f"im{i}.png", blocks(10, 12, rng))  # 80x96
     run = tmp_path / "run"
     argv = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--scale", "4",
             "--data", str(hr_dir), "--patch", "8", "--batch", "2", "--steps", "2",
@@ -69,8 +73,7 @@ def test_uncertainty_maps_are_evaluated(tmp_path):
     """edsr --loss le -> sr_sample --save-uncertainty -> sr_eval --uncertainty (PLL, PSNR_sigma)."""
     hr_dir = tmp_path / "hr"
     hr_dir.mkdir()
-    img = np.kron(np.random.default_rng(1).random((6, 8, 3)), np.ones((8, 8, 1)))
-    iio.imwrite(hr_dir / "a.png", (img * 255).astype(np.uint8))
+    iio.imwrite(hr_dir / "a.png", blocks(6, 8, np.random.default_rng(1)))
     run = tmp_path / "run"
     argv = ["--model", "edsr", "--loss", "le", "--n-feats", "8", "--n-blocks", "1",
             "--le-sigma-feats", "8", "--scale", "2", "--data", str(hr_dir), "--patch", "8",
@@ -137,8 +140,7 @@ def test_standard_streams_closed_at_start_are_taken_as_dev_null(tmp_path):
     descriptor 1, where C++ code writing to stdout writes. Now all three run as with /dev/null."""
     hr_dir = tmp_path / "hr"
     hr_dir.mkdir()
-    img = np.kron(np.random.default_rng(4).random((8, 8, 3)), np.ones((8, 8, 1)))
-    iio.imwrite(hr_dir / "a.png", (img * 255).astype(np.uint8))
+    iio.imwrite(hr_dir / "a.png", blocks(8, 8, np.random.default_rng(4)))
     closed = ["bash", "-c", 'exec "$@" >&- 2>&- <&-', "-", sys.executable]
     run, samples, table = tmp_path / "run", tmp_path / "samples", tmp_path / "r.csv"
     for cmd in (
@@ -179,7 +181,7 @@ def odd_names(tmp_path):
     hr_dir.mkdir(), lr_dir.mkdir()
     rng = np.random.default_rng(2)
     for raw in NAMES:
-        hr = (np.kron(rng.random((8, 8, 3)), np.ones((8, 8, 1))) * 255).astype(np.uint8)
+        hr = blocks(8, 8, rng)
         try:
             iio.imwrite(hr_dir / (os.fsdecode(raw) + ".png"), hr)
         except (OSError, UnicodeError):  # a file system that requires UTF-8 names (not Linux)
@@ -241,8 +243,7 @@ def test_a_name_near_the_length_limit_trains_with_a_cache_and_validation(tmp_pat
     stem = "猫" * 83
     hr_dir = tmp_path / "hr"
     hr_dir.mkdir()
-    img = np.kron(np.random.default_rng(3).random((8, 8, 3)), np.ones((8, 8, 1)))
-    iio.imwrite(hr_dir / f"{stem}.png", (img * 255).astype(np.uint8))
+    iio.imwrite(hr_dir / f"{stem}.png", blocks(8, 8, np.random.default_rng(3)))
     run, cache = tmp_path / "run", tmp_path / "cache"
     argv = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--scale", "4",
             "--data", str(hr_dir), "--patch", "8", "--batch", "2", "--steps", "2",
