@@ -57,6 +57,7 @@ from sr_lib.errors import (
     NonFiniteError,
     OutOfMemory,
     OutputError,
+    Resumable,
     SRSpaceError,
     UsageError,
     catch,
@@ -252,6 +253,14 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     meta = dict(model=args.model, model_cfg=cfg, train_args=asdict(args),  # in every checkpoint
                 rollbacks=resumed.get("rollbacks", 0) if resumed else 0)  # fmt: skip
     recipe = scaled_rates(recipe, 0.5 ** meta["rollbacks"])  # --on-nan rollback halved them
+    # the step OUT/last.pt holds, as written or read by this run (None: none of its own yet)
+    saved = start if resumed is not None and ckpt_path == out / "last.pt" else None
+    step = start
+    # Another rank lost (killed, its node down, silent past the timeout) fails the next
+    # collective here: one line and exit 75. (A closure: `step` and `saved` as they are then.)
+    before = (f"{ckpt_path} still holds step {start}: resume it again" if resumed is not None
+              else "nothing was saved: start again")  # fmt: skip
+    cleanup.push(lambda kind, e, tb: lost_contact(e, dd, step, saved, out / "last.pt", before))
 
     # Data: batch t of rank r is drawn from rng(seed, r, t): workers and resume do not matter.
     steps = recipe.steps
@@ -277,9 +286,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
                           "before training")  # fmt: skip
     progress = cleanup.enter_context(Progress(steps, start, stop)) if dd.main else None
     bad_steps = BadSteps(device, args.max_bad_steps, skipped)
-    stopped, t0, t_start, logged, step = None, time.monotonic(), time.monotonic(), start, start
-    # the step OUT/last.pt holds, as written or read by this run (None: none of its own yet)
-    saved = start if resumed is not None and ckpt_path == out / "last.pt" else None
+    stopped, t0, t_start, logged = None, time.monotonic(), time.monotonic(), start
     unsaved = args.on_nan == "rollback" and resumed is None  # a rollback needs a last.pt
 
     while step < steps:
@@ -1178,6 +1185,25 @@ def finish(stopped: str | None, step: int, skipped: int, out: Path, args, dd, sa
         return EXIT_PREEMPTED
     say(f"done: {step} steps, {skipped} skipped, checkpoint {out / 'last.pt'}")
     return 0
+
+
+def lost_contact(e, dd, step: int, saved: int | None, last: Path, before: str) -> None:
+    """`train`'s exit callback: a collective that failed because another rank is gone
+    (`distributed.lost_contact`) is one line and exit 75, not a traceback; anything else goes on.
+    The steps since the last save are lost: that needs every rank (their RNG states). Only rank 0
+    knows that its last save was written; another rank says so."""
+    if not distributed.lost_contact(e, dd):
+        return
+    if not dd.main:
+        held = f"{last} holds rank 0's last save: continue with --resume auto"
+    elif saved is not None:
+        held = f"{last} holds step {saved}: continue with --resume auto"
+    else:
+        held = before
+    raise Resumable(
+        f"lost contact with the other processes after step {step} (a rank died, the network "
+        f"failed, or a rank did not answer in time); {held}"
+    ) from None
 
 
 def checked_backward(opt, loss, params, grad_clip, dd, scaler=None, sync=False):

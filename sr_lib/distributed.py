@@ -85,6 +85,18 @@ def all_min_(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
+def lost_contact(e: BaseException, d: Dist) -> bool:
+    """Whether `e` is a collective that failed because another rank is gone (killed, its node or
+    network down) or silent past the process group's timeout (torch's defaults: 30 min for
+    gloo, 10 min for NCCL). torch raises a DistError for NCCL and its rendezvous store; gloo a
+    plain RuntimeError, whose text names the transport's source file
+    ("[.../gloo/transport/tcp/pair.cc:561] Connection closed by peer"): no bug of ours does."""
+    return d.on and (
+        isinstance(e, dist.DistError)
+        or (isinstance(e, RuntimeError) and "gloo/transport/" in str(e))
+    )
+
+
 def average_gradients(params, d: Dist) -> None:
     """All-reduce the gradients of params not managed by DDP (e.g. a discriminator)."""
     if not d.on:

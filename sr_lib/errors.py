@@ -4,7 +4,8 @@ Exit codes (documented in the README; batch pipelines and SLURM scripts rely on 
   0 success, 2 usage (bad flag or flag value), 3 data (missing/unreadable/unsuitable images),
   4 out of memory, 5 non-finite (a training abort, a NaN sample), 6 checkpoint or weights file
   problem, 7 output cannot be written (read-only or missing folder, a file where a folder
-  belongs, disk full), 75 preempted (SIGTERM/SIGUSR1 handled, last.pt written; requeue and resume),
+  belongs, disk full), 75 preempted (SIGTERM/SIGUSR1 handled, last.pt written; requeue and resume)
+  or another process of the run lost (resume from the last save),
   130 interrupted (Ctrl-C outside the training loop; nothing half-written is left).
 """
 
@@ -55,6 +56,13 @@ class CheckpointError(SRSpaceError):
 
 class NonFiniteError(SRSpaceError):
     exit_code = EXIT_NONFINITE
+
+
+class Resumable(SRSpaceError):
+    """A run stopped before its end that `--resume auto` continues (the message says from which
+    step): another process of a multi-process run was lost."""
+
+    exit_code = EXIT_PREEMPTED
 
 
 class OutOfMemory(SRSpaceError):

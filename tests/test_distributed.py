@@ -107,6 +107,39 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, images
     assert sync_log(out)[-1]["step"] == step
 
 
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_rank_killed_leaves_the_other_one_line_and_exit_75(tmp_path, images, victim):
+    """srun's ranks (SLURM_* variables, no torchrun), one killed with SIGKILL (the kernel's
+    out-of-memory killer, a node lost): the other's next collective fails. It ends with one line
+    saying what last.pt holds, exit 75, no traceback. Rank 0 also holds the rendezvous store."""
+    out = tmp_path / "run"
+    argv = train_cmd(out, images, "--model", "edsr", "--n-feats", "8", "--n-blocks", "1",
+                     "--steps", "100000", "--save-every", "3", nproc=0)  # fmt: skip
+    slurm = {"SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "9536",
+             "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    ranks = [subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, **slurm, "SLURM_PROCID": str(rank),
+                                              "SLURM_LOCALID": str(rank)})
+             for rank in (0, 1)]  # fmt: skip
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) > 3):
+        assert all(p.poll() is None for p in ranks), [p.communicate()[1] for p in ranks]
+        time.sleep(0.05)
+    ranks[victim].kill()
+    ranks[victim].wait()
+    survivor = ranks[1 - victim]
+    err = survivor.communicate(timeout=120)[1]
+    assert survivor.returncode == 75 and len(err.splitlines()) == 1, err
+    assert err.startswith("sr_train.py: error: lost contact with the other processes after step ")
+    if victim == 1:
+        step = load_checkpoint(out / "last.pt")["step"]
+        assert err.endswith(f"{out / 'last.pt'} holds step {step}: continue with --resume auto\n")
+    else:
+        assert err.endswith(f"{out / 'last.pt'} holds rank 0's last save: continue with "
+                            "--resume auto\n")  # fmt: skip
+
+
 def test_slurm_environment_is_understood(monkeypatch):
     assert distributed.first_host("gpu[003-006,9],cpu1") == "gpu003"
     assert distributed.first_host("node7") == "node7"
