@@ -52,6 +52,7 @@ from sr_lib.data import (
 )
 from sr_lib.ema import EMA
 from sr_lib.errors import (
+    EXIT_OUTPUT,
     EXIT_PREEMPTED,
     CheckpointError,
     NonFiniteError,
@@ -279,6 +280,8 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     forward = wrap(model, dd, device, args.compile)
     graph = StepGraph(model, device) if args.cuda_graphs else None
     stop = catch_signals(cleanup)
+    if run_log is not None:
+        run_log.stop = stop  # a log.jsonl that cannot be written stops the run (then exit 7)
     say(summary(args, model, start, recipe, dd, device, out))
     autocast = autocast_for(args.amp, device)
     if distributed.agree(bool(stdout_closed()), dd, all_ranks=False):  # (rank 0's) all stop
@@ -365,7 +368,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         else:
             held = "nothing was saved: start again with"
         raise OutOfMemory(f"step {step + 1}: out of memory; {held} a smaller --batch or --patch")
-    return finish(stopped, step, skipped, out, args, dd, say)
+    return finish(stopped, step, skipped, out, args, dd, say, run_log.lost if run_log else "")
 
 
 def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
@@ -606,10 +609,14 @@ def lock_run_folder(out: Path) -> int:
 
 class RunLog:
     """The record of a run (rank 0): OUT/log.jsonl, one JSON object per line, the source of
-    truth; with --tensorboard also every logged number and the validation strips in OUT/tb/."""
+    truth; with --tensorboard also every logged number and the validation strips in OUT/tb/.
+
+    A record that cannot be written (a full disk) is not written at all: the file is cut back
+    to the end of the record before it. Then `lost` says why, later records are dropped, and
+    the run stops as on SIGTERM (`stop`, set by `train`): it saves last.pt, then exits 7."""
 
     def __init__(self, out: Path, tensorboard: bool):
-        self.tb = None
+        self.tb, self.lost, self.stop = None, "", {}
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -621,11 +628,23 @@ class RunLog:
                 raise UsageError(f"--tensorboard: TensorBoard cannot write to {shown} (a folder "
                                  "name that is not UTF-8); give another --out")  # fmt: skip
             self.tb = SummaryWriter(str(out / "tb"))
-        self.file = open(out / "log.jsonl", "a")
+        self.path = out / "log.jsonl"
+        self.file = open(self.path, "ab", buffering=0)  # each record one write(): no buffer
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.lost:
+            return
+        line = (json.dumps(record) + "\n").encode()
+        end = os.fstat(self.file.fileno()).st_size  # where the last whole record ends
+        try:
+            done = 0
+            while done < len(line):  # a disk that fills takes a part, and fails at the next
+                done += self.file.write(line[done:])
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.file.fileno(), end)  # no torn record for a reader or a resume
+            self.lost = self.stop["signal"] = f"{self.path}: cannot write ({e.strerror or e})"
+            return
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -1171,12 +1190,20 @@ def save(path: Path, step, skipped, best, model, optimizers: dict, scaler, dd, m
     })  # fmt: skip
 
 
-def finish(stopped: str | None, step: int, skipped: int, out: Path, args, dd, say) -> int:
-    """Leave the process group; the closing line and the exit code: 75 after a signal (resume
-    with --resume auto; under SLURM the job is requeued after SIGUSR1/SIGTERM), else 0. (main()
-    closes the progress bar and the log, also on an error.)"""
+def finish(stopped: str | None, step: int, skipped: int, out: Path, args, dd, say,
+           log_lost: str) -> int:  # fmt: skip
+    """Leave the process group; the closing line and the exit code: 7 where rank 0 could not
+    write log.jsonl (`log_lost`: last.pt is saved), 75 after a signal (resume with --resume
+    auto; under SLURM the job is requeued after SIGUSR1/SIGTERM), else 0. (main() closes the
+    progress bar and the log, also on an error.)"""
+    unwritable = distributed.agree(bool(log_lost), dd, all_ranks=False)  # every rank exits 7
     distributed.barrier(dd)
     distributed.cleanup(dd)
+    if unwritable:
+        if not dd.main:
+            return EXIT_OUTPUT
+        raise OutputError(f"{log_lost}; stopped at step {step}, wrote {out / 'last.pt'}: free "
+                          "space, then continue with --resume auto")  # fmt: skip
     if stopped and stopped != "time budget":
         say(f"{stopped}: stopped at step {step}, wrote {out / 'last.pt'}; continue with "
             "--resume auto")  # fmt: skip

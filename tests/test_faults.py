@@ -158,6 +158,38 @@ def test_full_disk_while_saving_leaves_the_last_checkpoint_and_no_temp_file(tmp_
     assert not [f.name for f in out.iterdir() if ".tmp" in f.name]
 
 
+def test_full_disk_while_logging_saves_and_leaves_no_torn_record(tmp_path, images):
+    """log.jsonl cannot grow (a file-size limit: the kernel's write errors, as on a full disk; the
+    write that reaches the limit takes a part of its record, as a disk that fills does): the run
+    saves last.pt (it fits), ends with one line and exit 7, and log.jsonl ends with a whole
+    record, instead of three tracebacks, the steps since the last save lost and a torn line."""
+    out = tmp_path / "run"
+    assert subprocess.run(cmd(out, images, 2), capture_output=True).returncode == 0
+    limit = (out / "last.pt").stat().st_size + 4096  # the checkpoint fits
+    log = out / "log.jsonl"
+    history = log.read_text()  # as long as a long run's: the limit comes some 10 records later
+    log.write_text(history * ((limit - 1500) // len(history)))
+
+    def small_files():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    argv = [*cmd(out, images, 100000), "--resume", "auto", "--save-every", "100000"]
+    p = subprocess.run(argv, capture_output=True, text=True, preexec_fn=small_files, timeout=120)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 7 and len(err) == 1, p.stderr
+    step = load_checkpoint(out / "last.pt")["step"]
+    assert err[0] == (
+        f"sr_train.py: error: {out / 'log.jsonl'}: cannot write (File too large); stopped at "
+        f"step {step}, wrote {out / 'last.pt'}: free space, then continue with --resume auto"
+    )
+    text = log.read_text()
+    assert text.endswith("\n") and len(text) < limit
+    assert [json.loads(line)["step"] for line in text.splitlines()][-1] == step - 1
+
+
 def sample_cmd(tmp_path, images, count: int, size: int = 48) -> tuple[list[str], Path]:
     """A 1-step checkpoint and `count` LR images: sr_sample.py's command line and its --out."""
     run = tmp_path / "run"
