@@ -483,11 +483,32 @@ def _open_npy(path: str) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
+def _npy_shape(path: Path) -> tuple[int, ...] | None:
+    """The shape of a cache file, a whole uint8 (H, W, 3) array; None where there is no file, ()
+    where it is not whole: its header does not parse or its size is not the header's and the
+    data's. Cache files are renamed into place whole but not fsync'd (a cache is rebuilt, not
+    kept), so a node that crashed can leave them empty or cut short; the header alone tells."""
+    try:
+        with open(path, "rb") as f:
+            if np.lib.format.read_magic(f) != (1, 0):  # what np.save writes for such arrays
+                return ()
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            size = f.tell() + int(np.prod(shape)) * dtype.itemsize
+            whole = os.fstat(f.fileno()).st_size == size
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, EOFError):  # (an empty file, a header cut short)
+        return ()
+    ok = whole and dtype == np.uint8 and not fortran and len(shape) == 3 and shape[2] == 3
+    return shape if ok else ()
+
+
 def _save_npy(path: Path, arr: np.ndarray) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _atomic_open(path) as f:  # two processes building the same cache cannot corrupt it
             np.save(f, arr)
+        _open_npy.cache_clear()  # a memmap of the file replaced (a damaged one) is stale
     except OSError as e:
         raise DataError(f"{path}: cannot write the cache ({e.strerror or e}); check --cache") from e
 
@@ -660,9 +681,19 @@ class PatchPairs(Dataset):
             digest = hashlib.sha256(text).hexdigest()[:16]
             stem = fit_name(hr_path.stem, len(f"-{digest}.hr.npy"), name_max(self.cache))
             hr_npy, lr_npy = (self.cache / f"{stem}-{digest}.{k}.npy" for k in ("hr", "lr"))
-            if hr_npy.is_file() and lr_npy.is_file():
-                small = min(np.load(lr_npy, mmap_mode="r").shape[:2]) < self.patch
+            hr_shape, lr_shape = _npy_shape(hr_npy), _npy_shape(lr_npy)
+            s = self.scale
+            if hr_shape and lr_shape and hr_shape[:2] == (s * lr_shape[0], s * lr_shape[1]):
+                small = min(lr_shape[:2]) < self.patch
                 return None if small else (str(hr_npy), str(lr_npy))
+            # Not whole (a crash before the files reached the disk): a traceback at start, or
+            # in a loader worker mid-run. Decoded again and rewritten instead.
+            bad = [p for p, shape in ((hr_npy, hr_shape), (lr_npy, lr_shape)) if shape == ()]
+            bad = [hr_npy, lr_npy] if hr_shape and lr_shape else bad  # not one image's pair
+            if bad:
+                names = " and ".join(map(str, bad))
+                warnings.warn(f"--cache: {names}: cut short or not this image's arrays; "
+                              f"decoding {hr_path} again", stacklevel=2)  # fmt: skip
         lr = read_image(lr_path) if lr_path is not None else None
         pair = self._pair(read_image(hr_path), lr, hr_path, lr_path)
         if self.cache is None or pair is None:  # too small: not cached, decoded again next time

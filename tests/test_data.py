@@ -531,6 +531,33 @@ def test_cache_reads_memmaps_without_decoding(hr_dir, tmp_path, monkeypatch):
     assert len(list(cache.glob("*.npy"))) == 12
 
 
+def test_cache_files_cut_short_are_decoded_again(hr_dir, tmp_path):
+    """A node that crashed can leave cache files empty or cut short (they are not fsync'd): an
+    EOFError at start (an empty .lr.npy), or a loader worker's ValueError mid-run (an .hr.npy cut
+    short: only its header is read at start). Each is checked at start, named in a warning, and
+    its image decoded and cached again."""
+    cache = tmp_path / "cache"
+    first = PatchPairs([hr_dir], scale=4, patch=8, batch=5, cache=cache)
+    arrays = {x: np.load(x) for x in first._hr + first._lr}
+    batches = [first[step] for step in range(20)]
+    empty, short = next(cache.glob("0001-*.lr.npy")), next(cache.glob("0002-*.hr.npy"))
+    empty.write_bytes(b"")
+    os.truncate(short, 1000)
+    with pytest.warns(UserWarning) as caught:
+        second = PatchPairs([hr_dir], scale=4, patch=8, batch=5, cache=cache)
+    assert sorted(str(w.message) for w in caught) == [
+        f"--cache: {empty}: cut short or not this image's arrays; decoding {hr_dir / '0001.png'} "
+        "again",
+        f"--cache: {short}: cut short or not this image's arrays; decoding {hr_dir / '0002.png'} "
+        "again",
+    ]
+    assert second._hr + second._lr == list(arrays)
+    for x, a in arrays.items():
+        assert np.array_equal(np.load(x), a)  # whole again, the same arrays
+    for step, batch in enumerate(batches):
+        assert all(torch.equal(a, b) for a, b in zip(batch, second[step]))
+
+
 def test_demo_images_split_and_dataset():
     train, val = demo_images("train"), demo_images("val")
     train_names, val_names = [n for n, _ in train], [n for n, _ in val]
