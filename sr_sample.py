@@ -71,6 +71,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+if __name__ == "__main__":  # before torch's import (seconds): a stop signal then is not lost
+    from sr_lib.errors import record_stop_signals
+
+    record_stop_signals()
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -96,14 +101,15 @@ from sr_lib.data import (
     write_text,
 )
 from sr_lib.errors import (
-    EXIT_PREEMPTED,
     DataError,
     NonFiniteError,
-    SRSpaceError,
+    Preempted,
+    Stopped,
     UsageError,
     catch,
     exit_on_error,
     print_out,
+    replay_stop_signal,
     say_err,
     stdout_closed,
 )
@@ -282,15 +288,6 @@ class SampleArgs:
     )
 
 
-class Preempted(BaseException):
-    """SIGTERM/SIGUSR1/SIGHUP: a BaseException, as KeyboardInterrupt, so that no `except Exception`
-    swallows it."""
-
-
-class Stopped(SRSpaceError):
-    exit_code = EXIT_PREEMPTED
-
-
 class Signals:
     """While sampling, SIGINT raises KeyboardInterrupt and SIGTERM/SIGUSR1 (SLURM's preemption
     and time-limit warnings) and SIGHUP (a closed terminal) raise Preempted at once, except
@@ -397,6 +394,7 @@ def main(argv=None) -> int:
     with exit_on_error(PROG):
         try:
             with SIGNALS:
+                replay_stop_signal()  # one that came while this script was importing
                 return sample(parse_args(argv))
         except Preempted as e:
             raise Stopped(str(e)) from None

@@ -23,6 +23,11 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+if __name__ == "__main__":  # before torch's import (seconds): a stop signal then is not lost
+    from sr_lib.errors import record_stop_signals
+
+    record_stop_signals()
+
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -58,20 +63,24 @@ from sr_lib.errors import (
     NonFiniteError,
     OutOfMemory,
     OutputError,
+    Preempted,
     Resumable,
     SRSpaceError,
+    Stopped,
     UsageError,
     catch,
     exit_on_error,
     is_out_of_memory,
     print_out,
     printable,
+    replay_stop_signal,
     say_err,
     stdout_closed,
 )
 from sr_lib.models import MODELS, build_model, read_checkpoint
 from sr_lib.models.base import NoiseSource, Recipe, sample_seed, scale_list
 from sr_lib.resize import cached_tensors
+from sr_lib.threads import signals_held, when_not_held
 
 PROG = "sr_train.py"
 GRAPH_DEVICES = ("cuda",)  # --cuda-graphs (tests add "cpu", with `capture` replaced)
@@ -238,10 +247,16 @@ def parse_all(argv):
 
 def main(argv=None) -> int:
     with exit_on_error(PROG), contextlib.ExitStack() as cleanup:
-        return train(*parse_all(argv), cleanup)
+        args, rest, given = parse_all(argv)
+        try:
+            stop = catch_signals(cleanup)  # first: from here on a signal stops the run
+            return train(args, rest, given, cleanup, stop)
+        except Preempted as e:  # before the first step: nothing to save
+            raise stopped_before_training(e.args[0], args) from None
 
 
-def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib.ExitStack) -> int:
+def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib.ExitStack,
+          stop: dict) -> int:  # fmt: skip
     out, ckpt_path, resumed, cfg, recipe = resolve_run(args, rest, given)
     dd, device = setup_process(args, cleanup)
     say = say_out if dd.main else (lambda text: None)
@@ -272,14 +287,15 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     # Created before the RNG state is restored: making the iterator draws from the torch RNG.
     # On CUDA: from pinned memory, copied without blocking, converted on the device.
     loader = train_loader(dataset, start, steps, args.workers, device.type == "cuda", device)
-    batches = iter(loader) if steps > start else None
+    with signals_held():  # a signal's Preempted waits until the workers have started
+        batches = iter(loader) if steps > start else None
     if dd.rank:  # model-internal noise (dequantisation, latents) differs per rank, like the data
         torch.manual_seed(args.seed * 100_003 + dd.rank)
     ema = start_model(args, model, optimizers, scaler, resumed, ckpt_path, dataset, steps, dd,
                       device, say)  # fmt: skip
     forward = wrap(model, dd, device, args.compile)
     graph = StepGraph(model, device) if args.cuda_graphs else None
-    stop = catch_signals(cleanup)
+    stop["at_once"] = False  # from here on a signal stops the loop, which saves
     if run_log is not None:
         run_log.stop = stop  # a log.jsonl that cannot be written stops the run (then exit 7)
     say(summary(args, model, start, recipe, dd, device, out))
@@ -923,16 +939,37 @@ def catch_signals(cleanup: contextlib.ExitStack) -> dict:
     """SIGTERM (SLURM end/preemption), SIGUSR1 (SLURM's warning), SIGINT, SIGHUP (the terminal
     closed, e.g. a dropped ssh connection; prints to it then fail: `stdout_closed`): recorded in
     the dict; the loop finishes the step, saves and exits 75. Ranks agree every step, so all stop
-    at the same step."""
-    stop = {"signal": None}
+    at the same step.
+
+    Before the loop (`stop["at_once"]`, from the start of main: while the data is decoded or
+    cached, the model built, the processes meet) there is nothing to save, and such a phase can
+    last minutes: the first signal raises there and then, SIGINT KeyboardInterrupt (exit 130),
+    the others Preempted (exit 75, and the job requeued, as after a stop in the loop), outside a
+    thread pool's lock code (`when_not_held`). One that came while the script was importing is
+    raised here (`record_stop_signals`)."""
+    stop = {"signal": None, "at_once": True}
 
     def request_stop(signum, frame):
         stop["signal"] = signal.Signals(signum).name
+        if stop["at_once"]:
+            stop["at_once"] = False  # a second signal meanwhile does not cut the way out short
+            raise KeyboardInterrupt if signum == signal.SIGINT else Preempted(stop["signal"])
 
     for s in STOP_SIGNALS:  # (a SIGINT ignored at start stays ignored: a background job)
         # put back at the end: main() may be called from Python
-        cleanup.callback(signal.signal, s, catch(s, request_stop))
+        cleanup.callback(signal.signal, s, catch(s, when_not_held(request_stop)))
+    replay_stop_signal()
     return stop
+
+
+def stopped_before_training(name: str, args: TrainArgs) -> Stopped:
+    """The error for a stop by signal `name` before the first step. Under SLURM, rank 0 requeues
+    the job after SIGUSR1 or SIGTERM, as `finish` does after a stop in the loop."""
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    if rank == "0" and name in ("SIGUSR1", "SIGTERM") and args.requeue:
+        requeue(say_out)
+    return Stopped(f"stopped by {name} before the first step, nothing to save; continue with "
+                   "--resume auto")  # fmt: skip
 
 
 def train_step(model, forward, optimizers, batches, step, recipe, dd, scaler, autocast,

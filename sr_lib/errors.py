@@ -147,6 +147,17 @@ class OutputError(SRSpaceError):
     exit_code = EXIT_OUTPUT
 
 
+class Stopped(SRSpaceError):
+    """Stopped by a signal where nothing was left half done (the message says how to go on)."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+class Preempted(BaseException):
+    """SIGTERM/SIGUSR1/SIGHUP raised where a script stops at once (args[0]: what to say): a
+    BaseException, as KeyboardInterrupt, so that no `except Exception` swallows it."""
+
+
 OLDEST_TORCH = "2.6"  # requirements.txt: torch.nn.utils.get_total_norm (the finite check)
 
 
@@ -252,6 +263,32 @@ def catch(signum: int, handler):
     if kept and signal.getsignal(signum) is signal.SIG_IGN:
         return signal.SIG_IGN
     return signal.signal(signum, handler) or signal.SIG_DFL
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)  # SLURM's, a closed terminal's
+_early = {"signal": None}  # one of them, recorded by `record_stop_signals` (None: none came)
+
+
+def record_stop_signals() -> None:
+    """The first thing a script run as a program does, before it imports torch (seconds; a
+    minute on a cluster's busy file system): SIGTERM, SIGUSR1 and SIGHUP are recorded from here
+    on instead of ending the process at once, silently (their default action: exit 143, 138,
+    129, which no job script takes for a preemption to requeue). `replay_stop_signal` hands one
+    to the script's own handlers once they are in place."""
+
+    def record(signum, frame):
+        _early["signal"] = _early["signal"] or signum
+
+    for s in STOP_SIGNALS:  # (a SIGHUP ignored at start stays ignored: nohup)
+        catch(s, record)
+
+
+def replay_stop_signal() -> None:
+    """The signal `record_stop_signals` recorded, if any, raised again for the handlers now in
+    place (they run before this returns)."""
+    signum, _early["signal"] = _early["signal"], None
+    if signum is not None:
+        signal.raise_signal(signum)
 
 
 def interrupted(prog: str) -> NoReturn:

@@ -314,3 +314,77 @@ def test_ctrl_c_in_train_while_decoding_data_is_one_line(tmp_path):
     assert "data: " not in stdout, "the signal came after decoding: use more images"
     assert p.returncode == 130 and err.strip() == "sr_train.py: interrupted", err
     assert not (out / "last.pt").exists()
+
+
+def signal_caught(pid: int, sig: signal.Signals) -> bool:
+    """Whether process `pid` has a handler of its own for `sig` (its SigCgt mask)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+@pytest.mark.parametrize("script", ["sr_train.py", "sr_sample.py"])
+def test_a_signal_while_the_script_imports_torch_stops_it_with_one_line(tmp_path, images, script):
+    """SLURM's SIGUSR1 (or SIGTERM) to the job's process group while the script still imports
+    torch (seconds; a minute on a busy cluster file system): exit 75 and one line, not the
+    default action's silent exit 138, which no job script takes for a preemption."""
+    if script == "sr_train.py":
+        argv, out = cmd(tmp_path / "run", images, 5), tmp_path / "run"
+    else:
+        argv, out = sample_cmd(tmp_path, images, 2)
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)  # fmt: skip
+    deadline = time.time() + 60
+    while not signal_caught(p.pid, signal.SIGUSR1) and time.time() < deadline:
+        time.sleep(0.001)
+    assert "libtorch" not in Path(f"/proc/{p.pid}/maps").read_text(), "torch is imported already"
+    os.killpg(p.pid, signal.SIGUSR1)
+    err = p.communicate(timeout=120)[1].strip()
+    assert p.returncode == 75, err
+    said = {
+        "sr_train.py": " before the first step, nothing to save; continue with --resume auto",
+        "sr_sample.py": "; every file written is complete: rerun the same command to continue",
+    }[script]
+    assert err == f"{script}: error: stopped by SIGUSR1{said}"
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_signal_while_the_cache_is_written_stops_there_and_requeues(tmp_path):
+    """SIGTERM to the process group while `--cache` decodes the images (minutes for a large
+    set): the run stops after the images in progress, with one line and exit 75, every cache
+    file whole and no temporary one left, and under SLURM the job is requeued, as after a stop
+    in the loop."""
+    data = tmp_path / "photos"
+    data.mkdir()
+    rng = np.random.default_rng(3)
+    tile = (rng.random((24, 24, 3)) * 255).astype(np.uint8)
+    for i in range(300):
+        iio.imwrite(data / f"p{i}.png", np.roll(np.tile(tile, (8, 8, 1)), i, axis=1))
+    bin_dir = tmp_path / "bin"  # a stand-in for SLURM's scontrol, which notes its arguments
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.txt"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    argv = cmd(out, data, 5) + ["--cache", str(cache), "--workers", "2"]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)  # fmt: skip
+    deadline = time.time() + 120
+    while len(list(cache.glob("*.npy"))) < 4 and time.time() < deadline and p.poll() is None:
+        time.sleep(0.01)
+    os.killpg(p.pid, signal.SIGTERM)
+    stdout, err = p.communicate(timeout=120)
+    assert p.returncode == 75 and err.strip() == (
+        "sr_train.py: error: stopped by SIGTERM before the first step, nothing to save; continue "
+        "with --resume auto"
+    ), err
+    assert "requeued SLURM job 4242" in stdout
+    assert (tmp_path / "scontrol.txt").read_text() == "requeue 4242\n"
+    written = [f.name for f in cache.iterdir()]
+    assert all(name.endswith(".npy") for name in written), written  # no temporary file
+    assert len(written) < 600, "the signal came after decoding: use more images"
+    for name in written:
+        np.load(cache / name)  # whole
+    assert not (out / "last.pt").exists()
