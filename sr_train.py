@@ -9,6 +9,7 @@ exactly. Exit codes: README "Exit codes" (75 = stopped by a signal, resume with 
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -602,20 +603,27 @@ def open_run_folder(out: Path, tensorboard: bool, dd):
 
 
 def lock_run_folder(out: Path) -> int:
-    """An advisory lock on OUT/.lock (flock) for as long as this process runs: a second
-    sr_train.py on the same folder would interleave log.jsonl and overwrite last.pt. The kernel
-    drops the lock when the process ends, however it ends (kill -9 too): none is left stale."""
+    """An advisory lock on OUT/.lock for as long as this process runs: a second sr_train.py on
+    the same folder would interleave log.jsonl and overwrite last.pt. The kernel drops the lock
+    when the process ends, however it ends (kill -9 too): none is left stale.
+
+    A POSIX record lock (lockf), which belongs to this process alone, not a flock, which belongs
+    to the open file: the loader's workers, forked from this process, shared that, and after a
+    kill -9 of this process alone they held the folder until they noticed (seconds), so that
+    --resume auto at once was refused. (Such a lock is dropped when this process closes any
+    descriptor of the file: nothing else here opens it.)"""
     fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise UsageError(
-            f"--out {out}: another sr_train.py is using this run folder ({holder}); wait for it "
-            "to end or give another --out"
-        ) from None
-    except OSError as e:  # a file system without locks (some network mounts): run unlocked
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EAGAIN):  # held by another process
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UsageError(
+                f"--out {out}: another sr_train.py is using this run folder ({holder}); wait for "
+                "it to end or give another --out"
+            ) from None
+        # a file system without locks (some network mounts): run unlocked
         warnings.warn(f"--out {out}: cannot lock the run folder ({e.strerror or e}); a second "
                       "run on it would not be noticed", stacklevel=2)  # fmt: skip
     os.ftruncate(fd, 0)

@@ -82,6 +82,31 @@ def test_a_second_run_on_the_same_folder_is_refused_and_a_killed_run_leaves_no_l
     assert load_checkpoint(out / "last.pt")["step"] == step + 1
 
 
+def test_a_run_killed_while_its_loader_workers_live_on_leaves_no_lock(tmp_path, images):
+    """kill -9 of sr_train.py alone: its loader workers, forked from it, live on until they
+    notice (seconds). A --resume auto at once, while they are alive, is not refused: the lock is
+    the process's own, not shared with them."""
+    out = tmp_path / "run"
+    flags = ["--data", str(images), "--val-every", "0", "--log-every", "1", "--save-every", "1"]
+    first = script(*flags, "--workers", "2", "--steps", "100000", out=out)
+    wait_for_log(out, first)
+    workers = Path(f"/proc/{first.pid}/task/{first.pid}/children").read_text().split()
+    first.kill()  # the main process only
+    first.wait()
+    first.stdout.close()  # (the workers hold the pipes: no communicate())
+    first.stderr.close()
+
+    def alive(pid: str) -> bool:
+        stat = Path(f"/proc/{pid}/stat")
+        return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+    assert len(workers) == 2 and all(map(alive, workers)), "the workers ended already"
+    step = load_checkpoint(out / "last.pt")["step"]
+    argv = [*TINY_EDSR, *flags, "--steps", str(step + 1), "--resume", "auto", "--out", str(out)]
+    assert sr_train.main(argv) == 0
+    assert load_checkpoint(out / "last.pt")["step"] == step + 1
+
+
 def test_tensorboard_holds_every_logged_number_and_the_validation_strips(tmp_path, images):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -190,7 +215,7 @@ def test_a_file_system_without_locks_warns_and_trains(tmp_path, images, monkeypa
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
-    monkeypatch.setattr(sr_train.fcntl, "flock", no_locks)
+    monkeypatch.setattr(sr_train.fcntl, "lockf", no_locks)
     argv = [*TINY_EDSR, "--data", str(images), "--steps", "1", "--out", str(tmp_path)]
     with pytest.warns(UserWarning, match="cannot lock the run folder .No locks available"):
         assert sr_train.main(argv) == 0
