@@ -263,6 +263,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     say = say_out if dd.main else (lambda text: None)
     model, optimizers, scaler = build_training(args, cfg, recipe, resumed, device)
     run_log = cleanup.enter_context(open_run_folder(out, args.tensorboard, dd))  # rank 0
+    folder = run_folder_id(out) if dd.main else None  # the folder this run locked
 
     start, skipped, best = (
         (resumed["step"], resumed["skipped"], resumed["best"]) if resumed else (0, 0, -math.inf)
@@ -331,6 +332,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         validates = bool(val_every) and (step % val_every == 0 or step == steps)
         if not (logs or saves or validates or unsaved):  # the same steps on every rank
             continue  # the device counts bad steps; the host reads them only at the steps below
+        check_run_folder(out, folder, step)  # before this step writes there
         bad, skipped, tripped = bad_steps.read()
         if tripped >= 0:  # --max-bad-steps consecutive non-finite steps: stop, or roll back
             step, batches = roll_back(tripped, args, out, steps, model, optimizers, scaler, dd,
@@ -359,6 +361,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
                     file=sys.stderr,
                     flush=True,
                 )
+            check_run_folder(out, folder, step)  # (a validation can take minutes)
             if distributed.agree(score > best, dd, all_ranks=False):  # rank 0's verdict
                 best = score
                 save(out / "best.pt", step, skipped, best, model, optimizers, scaler, dd, meta,
@@ -366,6 +369,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         if (saves or unsaved) and bad == 0:  # never save inside a non-finite streak
             save(out / "last.pt", step, skipped, best, model, optimizers, scaler, dd, meta, ema)
             unsaved, saved = False, step
+    check_run_folder(out, folder, step)
     _, skipped, tripped = bad_steps.read()
     if tripped >= 0:  # a signal or the time budget came right after the streak
         step, batches = roll_back(tripped, args, out, steps, model, optimizers, scaler, dd,
@@ -629,6 +633,30 @@ def lock_run_folder(out: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
     return fd
+
+
+def run_folder_id(out: Path) -> tuple:
+    """(device, inode) of the run folder and of its lock file: which folder it is."""
+    return tuple((st.st_dev, st.st_ino) for st in (os.stat(out), os.stat(out / ".lock")))
+
+
+def check_run_folder(out: Path, folder: tuple | None, step: int) -> None:
+    """Rank 0 (`folder` None elsewhere), before the run writes to OUT: it is still the folder
+    this run locked (`run_folder_id`). One deleted or moved meanwhile (a clean-up of old runs)
+    took the run with it: the log went on into a deleted file, a checkpoint made a new folder
+    holding itself alone, and a second run there was not kept out by the lock. Stop instead."""
+    if folder is None:
+        return
+    try:
+        now = run_folder_id(out)
+    except OSError:  # gone
+        now = None
+    if now != folder:
+        raise OutputError(
+            f"--out {out}: the run folder was deleted or moved away while this run used it "
+            f"(seen at step {step}); stopped without writing there: a moved folder continues "
+            "from its new place with --resume auto"
+        )
 
 
 class RunLog:

@@ -4,6 +4,7 @@ its help text, and model flags that must work without the paper's full-size defa
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,6 +106,28 @@ def test_a_run_killed_while_its_loader_workers_live_on_leaves_no_lock(tmp_path, 
     argv = [*TINY_EDSR, *flags, "--steps", str(step + 1), "--resume", "auto", "--out", str(out)]
     assert sr_train.main(argv) == 0
     assert load_checkpoint(out / "last.pt")["step"] == step + 1
+
+
+@pytest.mark.parametrize("how", ["deleted", "moved"])
+def test_a_run_folder_deleted_or_moved_mid_run_stops_it_and_is_not_made_again(tmp_path, images,
+                                                                             how):  # fmt: skip
+    """`rm -rf` or `mv` of --out while the run trains (a clean-up of old runs): the run stops at
+    its next write, one line and exit 7, instead of logging into a deleted file and making a new
+    folder holding its checkpoint alone, where the lock would not keep a second run out."""
+    out = tmp_path / "run"
+    flags = ["--data", str(images), "--val-every", "0", "--log-every", "1"]
+    proc = script(*flags, "--steps", "1000", out=out)  # (last.pt at the end only)
+    wait_for_log(out, proc)
+    if how == "deleted":
+        shutil.rmtree(out)
+    else:
+        out.rename(tmp_path / "moved")
+    _, err = proc.communicate(timeout=120)
+    err = err.strip().splitlines()
+    assert proc.returncode == 7 and len(err) == 2, err  # (the first: the thumbnail skipped)
+    assert err[1].startswith(f"sr_train.py: error: --out {out}: the run folder was deleted or "
+                             "moved away while this run used it (seen at step ")  # fmt: skip
+    assert not out.exists()
 
 
 def test_tensorboard_holds_every_logged_number_and_the_validation_strips(tmp_path, images):
