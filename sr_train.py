@@ -55,6 +55,7 @@ from sr_lib.data import (
     to_uint8,
     train_loader,
     write_png,
+    write_text,
 )
 from sr_lib.ema import EMA
 from sr_lib.errors import (
@@ -262,7 +263,9 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     dd, device = setup_process(args, cleanup)
     say = say_out if dd.main else (lambda text: None)
     model, optimizers, scaler = build_training(args, cfg, recipe, resumed, device)
-    run_log = cleanup.enter_context(open_run_folder(out, args.tensorboard, dd))  # rank 0
+    run_log = cleanup.enter_context(  # rank 0
+        open_run_folder(out, args.tensorboard, dd, resumed["step"] if resumed else None)
+    )
     folder = run_folder_id(out) if dd.main else None  # the folder this run locked
 
     start, skipped, best = (
@@ -581,17 +584,19 @@ def thread_count(current: int, env, cores: int) -> int:
 
 
 @contextlib.contextmanager
-def open_run_folder(out: Path, tensorboard: bool, dd):
+def open_run_folder(out: Path, tensorboard: bool, dd, resumed_step: int | None = None):
     """Rank 0: the run folder, proved writable (exit 7) and locked for this run (exit 2 while
-    another run holds it), temp files of a process killed while saving removed; yields its
-    RunLog (None on the other ranks). Every rank learns whether rank 0 succeeded, so none is
-    left waiting for it."""
+    another run holds it), temp files of a process killed while saving removed, a resumed run's
+    log cut back to its checkpoint's step (`trim_log`); yields its RunLog (None on the other
+    ranks). Every rank learns whether rank 0 succeeded, so none is left waiting for it."""
     error, lock, run_log = None, None, None
     try:
         if dd.main:
             lock = lock_run_folder(check_out_dir(out))
             for stale in out.glob(".*.pt.tmp*"):
                 stale.unlink(missing_ok=True)
+            if resumed_step is not None:
+                trim_log(out / "log.jsonl", resumed_step)
             run_log = RunLog(out, tensorboard)
     except SRSpaceError as e:
         error = e
@@ -633,6 +638,33 @@ def lock_run_folder(out: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
     return fd
+
+
+def trim_log(path: Path, step: int) -> None:
+    """At a resume from a checkpoint of `step`, OUT/log.jsonl keeps its complete records up to
+    that step, rewritten atomically. A run killed (kill -9, a lost node) has logged the steps
+    after its last save, which the resumed run logs again, and may have left its last line half
+    written, onto which the next record was appended (a line that no longer parses). So lines
+    that do not parse go, and the records of steps after `step` are cut from the end back: a
+    --on-nan rollback's row and the steps it repeats stay where the checkpoint came after it,
+    and go with the steps it abandoned where the checkpoint is the one it went back to."""
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    lines = text.split("\n")[:-1]  # what follows the last newline is a torn record
+
+    def parses(line: str) -> bool:
+        try:
+            return isinstance(json.loads(line), dict)
+        except ValueError:
+            return False
+
+    kept = [line for line in lines if parses(line)]
+    while kept and json.loads(kept[-1]).get("step", 0) > step:
+        kept.pop()
+    trimmed = "".join(line + "\n" for line in kept)
+    if trimmed != text:
+        write_text(path, trimmed)
 
 
 def run_folder_id(out: Path) -> tuple:

@@ -388,3 +388,39 @@ def test_a_signal_while_the_cache_is_written_stops_there_and_requeues(tmp_path):
     for name in written:
         np.load(cache / name)  # whole
     assert not (out / "last.pt").exists()
+
+
+def test_a_resume_after_kill_9_logs_each_step_once_and_no_torn_line(tmp_path, images):
+    """A run killed with kill -9 has logged the steps after its last save, and may have left
+    its last record half written. The resumed run logged those steps again, and its first record
+    went onto the torn line (which then no longer parsed). Resumed, log.jsonl is cut back to the
+    checkpoint's step: it reads as the log of one uninterrupted run (validation rows too)."""
+
+    def train(out, steps, *extra):
+        argv = [*cmd(out, images, steps)[2:], "--val-data", str(images), "--val-every", "2",
+                "--val-n", "1", "--val-images", "1", *extra]  # fmt: skip
+        assert sr_train.main(argv) == 0
+
+    def records(path):
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    train(tmp_path / "ref", 8)
+    out = tmp_path / "run"
+    train(out, 4)  # last.pt: step 4
+    log = out / "log.jsonl"
+    # what a run killed at step 6 leaves: steps 5 and 6 logged, a record begun
+    later = [json.dumps({**r, "step": r["step"] + 2}) for r in records(log) if r["step"] > 2]
+    log.write_text(log.read_text() + "".join(line + "\n" for line in later) + later[0][:20])
+    train(out, 8, "--resume", "auto")
+
+    def shape(path):
+        return [(r["step"], sorted(r)) for r in records(path)]
+
+    assert shape(log) == shape(tmp_path / "ref" / "log.jsonl")
+    # --on-nan rollback: steps 1-6, back to 4 at step 7, steps 5-8 again
+    rows = [{"step": s} for s in range(1, 7)] + [{"step": 7, "rollback": 1, "to_step": 4}]
+    rows += [{"step": s} for s in range(5, 9)]
+    for checkpoint, kept in ((6, 9), (4, 4)):  # saved after the rollback; the one it went to
+        log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        sr_train.trim_log(log, checkpoint)
+        assert records(log) == rows[:kept]
