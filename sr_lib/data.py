@@ -132,18 +132,8 @@ def _read_png_rgb8(path: Path) -> np.ndarray | None:
     data = path.read_bytes()
     if data[12:16] != b"IHDR" or data[24:26] != b"\x08\x02":  # bit depth 8, colour type 2 (RGB)
         return None
-    pos = 8  # after the signature
-    while pos + 8 <= len(data):
-        length, kind = struct.unpack_from(">I4s", data, pos)
-        if kind not in _PLAIN_PNG_CHUNKS:
-            return None
-        if kind in (b"tEXt", b"zTXt", b"iTXt"):  # keyword: up to 79 bytes, then a zero byte
-            keyword = data[pos + 8 : pos + 8 + min(length, 80)].split(b"\0", 1)[0].lower()
-            if b"exif" in keyword or b"xmp" in keyword:  # Pillow reads orientations from these
-                return None  # ("Raw profile type exif", "XML:com.adobe.xmp")
-        if kind == b"IEND":
-            break
-        pos += 12 + length
+    if any(k not in _PLAIN_PNG_CHUNKS or _may_orient(k, c) for k, c in _png_chunks(data)):
+        return None
     try:
         img = imagecodecs.png_decode(data)
     except Exception:  # imagecodecs.PngError; Pillow says it better
@@ -151,11 +141,51 @@ def _read_png_rgb8(path: Path) -> np.ndarray | None:
     return img if img.dtype == np.uint8 and img.shape[2:] == (3,) else None
 
 
+def _png_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(type, start of the payload: at most 80 bytes) of each chunk of a PNG, up to IEND."""
+    pos = 8  # after the signature
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        yield kind, data[pos + 8 : pos + 8 + min(length, 80)]
+        if kind == b"IEND":
+            break
+        pos += 12 + length
+
+
+def _may_orient(kind: bytes, start: bytes) -> bool:
+    """Whether a PNG chunk may hold an orientation Pillow applies: eXIf, or a text chunk whose
+    keyword (up to 79 bytes, then a zero byte) names EXIF or XMP ("Raw profile type exif",
+    ImageMagick's; "XML:com.adobe.xmp")."""
+    if kind in (b"tEXt", b"zTXt", b"iTXt"):
+        keyword = start.split(b"\0", 1)[0].lower()
+        return b"exif" in keyword or b"xmp" in keyword
+    return kind == b"eXIf"
+
+
 def _read_png16(path: Path) -> np.ndarray:
-    """Any 16-bit PNG as uint16 (H, W, planes), raw samples (tRNS and sBIT are not applied)."""
+    """Any 16-bit PNG as uint16 (H, W, planes), raw samples (tRNS and sBIT are not applied),
+    turned upright by its EXIF orientation as Pillow reads it (pypng ignores it)."""
     w, h, rows, info = png.Reader(filename=str(path)).read()  # raises on truncated data
     flat = np.concatenate([np.frombuffer(row, dtype=np.uint16) for row in rows])  # array('H')
-    return flat.reshape(h, w, info["planes"])
+    arr = flat.reshape(h, w, info["planes"])
+    if not any(_may_orient(k, c) for k, c in _png_chunks(path.read_bytes())):
+        return arr  # Pillow would decode the whole image to look for an eXIf chunk after IDAT
+    with Image.open(path) as im:
+        return _upright(arr, im.getexif().get(0x0112, 1))  # 0x0112: Orientation
+
+
+def _upright(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """(H, W, C) turned as EXIF orientation 1..8 says, as imageio's rotate=True turns the images
+    Pillow decodes (other values: unchanged)."""
+    if orientation in (5, 6, 7, 8):  # a quarter turn: 6 clockwise, 8 counter-clockwise
+        arr = np.rot90(arr, 1 if orientation in (7, 8) else 3)
+    elif orientation == 3:
+        arr = np.rot90(arr, 2)
+    if orientation in (2, 5, 7):
+        arr = arr[:, ::-1]
+    elif orientation == 4:
+        arr = arr[::-1]
+    return arr
 
 
 def _to_rgb8(arr: np.ndarray, path) -> np.ndarray:

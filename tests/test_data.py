@@ -192,6 +192,44 @@ def test_pixel_limit_refuses_before_allocating(tmp_path, monkeypatch):
         read_image(tmp_path / "small.png")
 
 
+def with_chunk(path, kind: bytes, payload: bytes) -> None:
+    """Insert a chunk into a PNG file right after its IHDR."""
+    raw = path.read_bytes()
+    path.write_bytes(raw[:33] + png_chunk(kind, payload) + raw[33:])
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_applied_at_every_bit_depth(tmp_path, orientation):
+    """A 16-bit PNG (read by pypng) turns as its 8-bit copy (read by Pillow) turns: an HR and its
+    LR must agree, whatever their bit depths."""
+    img = rand_img(6, 10, c=4)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    info = PngInfo()  # an orientation in XMP, as Pillow finds it (after IDAT here, as some write)
+    info.add_itxt("XML:com.adobe.xmp", f'<rdf:Description tiff:Orientation="{orientation}"/>')
+    wide = img.astype(np.uint16) * 257
+    for name, planes in {"rgb": 3, "rgba": 4, "gray": 1, "gray_alpha": 2}.items():
+        Image.fromarray(img[..., : 1 if planes < 3 else 3].squeeze()).save(
+            tmp_path / f"{name}8.png", exif=exif
+        )
+        expected = read_image(tmp_path / f"{name}8.png")  # Pillow's reading
+        assert expected.shape[:2] == ((10, 6) if orientation > 4 else (6, 10))
+        path = tmp_path / f"{name}16.png"
+        write_png16(path, wide[..., :planes].squeeze())
+        raw = path.read_bytes()
+        path.write_bytes(raw[:33] + png_chunk(b"eXIf", exif.tobytes()) + raw[33:])  # after IHDR
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # alpha dropped
+            assert np.array_equal(read_image(path), expected), name
+        path = tmp_path / f"{name}16_xmp.png"
+        write_png16(path, wide[..., :planes].squeeze())
+        raw = path.read_bytes()
+        path.write_bytes(raw[:-12] + png_chunk(*info.chunks[0][:2]) + raw[-12:])  # before IEND
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert np.array_equal(read_image(path), expected), name
+
+
 @pytest.fixture
 def libpng_calls(monkeypatch):
     """The files imagecodecs decoded (read_image's fast path for plain 8-bit RGB PNGs)."""
