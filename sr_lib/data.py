@@ -31,7 +31,7 @@ import imageio.v3 as iio
 import numpy as np
 import png  # pypng: Pillow truncates 16-bit RGB(A) PNGs to 8 bits (x >> 8) before we can round
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from sr_lib.errors import DataError, OutputError, UsageError
@@ -65,7 +65,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
     Conversions: gray -> 3 channels; RGBA/LA (and palette transparency) -> alpha dropped with a
     warning naming the file; 16-bit -> 8-bit by round(x / 257); palette and CMYK -> RGB; EXIF
-    orientation applied. Float images (rare TIFFs) are assumed to be in [0, 1].
+    orientation applied. Float images (rare TIFFs) are assumed to be in [0, 1]. 16-bit and float
+    TIFFs are decoded by libtiff (imagecodecs); other TIFFs by Pillow.
     """
     path = Path(path)
     if not path.is_file():
@@ -73,6 +74,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if path.stat().st_size == 0:
         _fail(path, "empty file (0 bytes)")
     too_big = f"exceeds the limit of {MAX_PIXELS} pixels (raise it with SRSPACE_MAX_PIXELS)"
+    tags = _tiff_tags(path)  # None for other formats
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -82,7 +84,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     except Image.DecompressionBombError:
         _fail(path, f"image size {too_big}")
     except UnidentifiedImageError:
-        _fail(path, "not an image file (unknown format)")
+        if tags is None:
+            _fail(path, "not an image file (unknown format)")
+        (w, h), mode, fmt = (tags.get(256, 0), tags.get(257, 0)), None, "TIFF"  # 16-bit LA, float
     except Exception as e:  # Pillow raises many types for broken headers
         _fail(path, f"not a readable image ({type(e).__name__}: {e})")
     if w * h > MAX_PIXELS:
@@ -90,12 +94,16 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     try:
         if _png_bit_depth(path) == 16 and mode != "I;16":  # 16-bit gray (I;16) is exact in Pillow
             arr = _read_png16(path)
+        elif tags is not None and _tiff_wide(tags):
+            arr = _read_tiff(path, tags)
+        elif mode is None:
+            _fail(path, f"{_tiff_kind(tags)} is not supported; convert it to an RGB PNG")
         elif (fmt, mode) != ("PNG", "RGB") or (arr := _read_png_rgb8(path)) is None:
             to = {"P": "RGBA" if transparent else "RGB", "PA": "RGBA", "CMYK": "RGB"}.get(mode)
             # index=0: the first frame of animated files; rotate=True applies EXIF orientation.
             # Truncated data raises unless PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set (we never do).
             arr = iio.imread(path, plugin="pillow", index=0, mode=to, rotate=True)
-    except MemoryError:
+    except (MemoryError, ImageError):
         raise
     except Exception as e:  # Pillow: OSError("image file is truncated"); pypng: FormatError
         _fail(path, f"cannot decode, the file may be truncated or corrupt ({e})")
@@ -139,6 +147,60 @@ def _read_png_rgb8(path: Path) -> np.ndarray | None:
     except Exception:  # imagecodecs.PngError; Pillow says it better
         return None
     return img if img.dtype == np.uint8 and img.shape[2:] == (3,) else None
+
+
+def _tiff_tags(path: Path) -> dict | None:
+    """The tags of a TIFF's first image, read by Pillow's parser (also where Pillow cannot decode
+    the image: 16-bit gray+alpha, float RGB); None for other files."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+        if head[:4] not in TiffImagePlugin.PREFIXES:
+            return None
+        try:  # a BigTIFF's header ("+" in its version) is 16 bytes, a TIFF's 8
+            ifd = TiffImagePlugin.ImageFileDirectory_v2(head if b"+" in head[2:4] else head[:8])
+            f.seek(ifd.next)
+            ifd.load(f)
+        except Exception:  # a broken header: Pillow's open says what is wrong
+            return None
+    return dict(ifd)
+
+
+def _tiff_wide(tags: dict) -> bool:
+    """Whether a TIFF has samples of more than 8 bits or not unsigned integers: Pillow truncates
+    16-bit RGB(A) to 8 bits (x >> 8), garbles 16-bit planes stored separately
+    (PlanarConfiguration 2) and cannot open 16-bit gray+alpha or float RGB."""
+    bits, formats = tags.get(258, (1,)), tags.get(339, (1,))
+    return max(bits) > 8 or any(f != 1 for f in formats)
+
+
+_PHOTOMETRIC = {0: "MinIsWhite", 1: "gray", 2: "RGB", 3: "palette", 5: "CMYK", 6: "YCbCr"}
+_PHOTOMETRIC |= {8: "CIELab", 9: "ICCLab", 10: "ITULab", 32844: "LogL", 32845: "LogLuv"}
+
+
+def _tiff_kind(tags: dict) -> str:
+    """What a TIFF holds, for messages: 'TIFF of RGB, 3 samples of 16-bit unsigned integers'."""
+    bits, fmt = tags.get(258, (1,))[0], tags.get(339, (1,))[0]
+    kind = {1: "unsigned integers", 2: "signed integers", 3: "floats"}.get(fmt, f"format {fmt}")
+    colour = _PHOTOMETRIC.get(tags.get(262), f"photometric {tags.get(262)}")
+    return f"TIFF of {colour}, {tags.get(277, 1)} samples of {bits}-bit {kind}"
+
+
+def _read_tiff(path: Path, tags: dict) -> np.ndarray:
+    """A gray or RGB(A) TIFF of 16-bit or float samples (see _tiff_wide) as libtiff (imagecodecs)
+    decodes it: the exact samples, (H, W) or (H, W, samples), turned by its orientation tag as
+    Pillow's images are. Float samples are taken to be in [0, 1]."""
+    kind = _tiff_kind(tags)
+    (bits, *_), (fmt, *_) = tags.get(258, (1,)), tags.get(339, (1,))
+    if tags.get(262) not in (1, 2) or not (fmt == 3 or (fmt == 1 and bits == 16)):
+        _fail(path, f"{kind} is not supported; convert it to an RGB PNG")
+    if imagecodecs is None:  # no libtiff: Pillow's pixels would be wrong
+        _fail(path, f"{kind}: reading it exactly needs imagecodecs; convert it to a 16-bit PNG")
+    arr = imagecodecs.tiff_decode(path.read_bytes(), index=0)
+    if tags.get(284, 1) == 2 and arr.ndim == 3:  # planes stored separately: (samples, H, W)
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.shape[:2] != (tags.get(257), tags.get(256)):
+        _fail(path, f"{kind}: decoded as shape {arr.shape}; convert it to a 16-bit PNG")
+    return _upright(arr, tags.get(274, 1))  # 274: Orientation
 
 
 def _png_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:

@@ -121,6 +121,74 @@ def test_16bit_rgb_and_gray_round_to_8bit(tmp_path):
         assert np.array_equal(read_image(tmp_path / "rgba16.png"), out)
 
 
+def write_tiff(path, arr, planar=False, orientation=1, **tags):
+    """An uncompressed little-endian TIFF of (H, W) or (H, W, C) uint8/uint16/int16/float32,
+    written here: any layout and tag (tifffile is no dependency). tags: {"t262": 6} sets tag 262."""
+    h, w = arr.shape[:2]
+    c = 1 if arr.ndim == 2 else arr.shape[2]
+    planes = list(np.moveaxis(arr.reshape(h, w, c), -1, 0)) if planar else [arr]
+    strips = [np.ascontiguousarray(p, arr.dtype.newbyteorder("<")).tobytes() for p in planes]
+    starts = np.cumsum([8] + [len(s) for s in strips])[:-1].tolist()
+    fields = {256: [w], 257: [h], 258: [arr.dtype.itemsize * 8] * c, 259: [1]}
+    fields |= {262: [2 if c >= 3 else 1], 273: starts, 274: [orientation], 277: [c], 278: [h]}
+    fields |= {279: [len(s) for s in strips], 284: [2 if planar else 1]}
+    fields |= {339: ["uif".index(arr.dtype.kind) + 1] * c, 338: [2] if c in (2, 4) else []}
+    fields |= {int(k[1:]): v if isinstance(v, list) else [v] for k, v in tags.items()}
+    fields = {k: v for k, v in sorted(fields.items()) if v}
+    body = b"".join(strips)
+    ifd_at = 8 + len(body) + len(body) % 2
+    extra_at = ifd_at + 2 + 12 * len(fields) + 4
+    entries, extra = b"", b""
+    for tag, values in fields.items():
+        kind, fmt = (4, "I") if tag in (273, 279) else (3, "H")
+        packed = struct.pack(f"<{len(values)}{fmt}", *values)
+        if len(packed) > 4:
+            packed, extra = struct.pack("<I", extra_at + len(extra)), extra + packed
+        entries += struct.pack("<HHI", tag, kind, len(values)) + packed.ljust(4, b"\0")
+    ifd = struct.pack("<H", len(fields)) + entries + b"\0" * 4
+    path.write_bytes(
+        b"II*\0" + struct.pack("<I", ifd_at) + body.ljust(ifd_at - 8, b"\0") + ifd + extra
+    )
+
+
+def test_16bit_and_float_tiffs_read_exactly(tmp_path):
+    """Pillow truncated 16-bit RGB(A) TIFFs (x >> 8), garbled separate planes, could not open
+    16-bit gray+alpha or float RGB: they read as the same picture in a 16-bit PNG does."""
+    ramp = np.arange(65536, dtype=np.uint16).reshape(256, 256)[::4, ::2]  # the rounding edges too
+    ramp[0, :3] = [128, 129, 65535]
+    rgba = np.stack([ramp, ramp[::-1], ramp[:, ::-1], ramp[::-1, ::-1]], axis=-1)
+    write_png16(tmp_path / "rgb16.png", rgba[..., :3])
+    expected = read_image(tmp_path / "rgb16.png")
+    assert not np.array_equal(expected, (rgba[..., :3] >> 8).astype(np.uint8))
+    write_tiff(tmp_path / "rgb.tif", rgba[..., :3])
+    write_tiff(tmp_path / "planar.tif", rgba[..., :3], planar=True)
+    write_tiff(tmp_path / "rgba.tif", rgba)
+    write_tiff(tmp_path / "planar_rgba.tif", rgba, planar=True)
+    write_tiff(tmp_path / "float.tif", (rgba[..., :3] / 65535).astype(np.float32))
+    write_tiff(tmp_path / "gray_alpha.tif", rgba[..., :2])
+    write_tiff(tmp_path / "gray.tif", rgba[..., 0])
+    write_tiff(tmp_path / "turned.tif", np.rot90(rgba[..., :3], 1), orientation=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # alpha dropped
+        for name in ("rgb", "planar", "rgba", "planar_rgba", "float", "turned"):
+            assert np.array_equal(read_image(tmp_path / f"{name}.tif"), expected), name
+        for name in ("gray_alpha", "gray"):
+            assert np.array_equal(
+                read_image(tmp_path / f"{name}.tif"), expected[..., :1].repeat(3, 2)
+            )
+    write_tiff(tmp_path / "signed.tif", rgba[..., :3].astype(np.int16))
+    with pytest.raises(
+        ImageError,
+        match="signed.tif: TIFF of RGB, 3 samples of 16-bit signed .* not supported; convert",
+    ):
+        read_image(tmp_path / "signed.tif")
+    with mock.patch.object(data, "imagecodecs", None):  # no libtiff: refused, not misread
+        with pytest.raises(
+            ImageError, match="planar.tif: .* needs imagecodecs; convert it to a 16-bit PNG"
+        ):
+            read_image(tmp_path / "planar.tif")
+
+
 def test_cmyk_jpeg(tmp_path):
     rgb = smooth_img(32, 40)
     Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
