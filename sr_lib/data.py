@@ -64,7 +64,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read any supported image as uint8 (H, W, 3) RGB.
 
     Conversions: gray -> 3 channels; RGBA/LA (and palette transparency) -> alpha dropped with a
-    warning naming the file; 16-bit -> 8-bit by round(x / 257); palette and CMYK -> RGB; EXIF
+    warning naming the file; 16-bit -> 8-bit by round(x / 257); palette, CMYK, YCbCr -> RGB; EXIF
     orientation applied. Float images (rare TIFFs) are assumed to be in [0, 1]. 16-bit and float
     TIFFs are decoded by libtiff (imagecodecs); other TIFFs by Pillow.
     """
@@ -96,10 +96,12 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             arr = _read_png16(path)
         elif tags is not None and _tiff_wide(tags):
             arr = _read_tiff(path, tags)
-        elif mode is None:
-            _fail(path, f"{_tiff_kind(tags)} is not supported; convert it to an RGB PNG")
+        elif mode in (None, "LAB", "HSV") or (mode == "YCbCr" and not _jfif_ycbcr(tags)):
+            what = _tiff_kind(tags) if tags is not None else f"{mode} image"
+            _fail(path, f"{what} is not supported; convert it to an RGB PNG")
         elif (fmt, mode) != ("PNG", "RGB") or (arr := _read_png_rgb8(path)) is None:
             to = {"P": "RGBA" if transparent else "RGB", "PA": "RGBA", "CMYK": "RGB"}.get(mode)
+            to = "RGB" if mode == "YCbCr" else to
             # index=0: the first frame of animated files; rotate=True applies EXIF orientation.
             # Truncated data raises unless PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set (we never do).
             arr = iio.imread(path, plugin="pillow", index=0, mode=to, rotate=True)
@@ -171,6 +173,21 @@ def _tiff_wide(tags: dict) -> bool:
     (PlanarConfiguration 2) and cannot open 16-bit gray+alpha or float RGB."""
     bits, formats = tags.get(258, (1,)), tags.get(339, (1,))
     return max(bits) > 8 or any(f != 1 for f in formats)
+
+
+def _jfif_ycbcr(tags: dict | None) -> bool:
+    """Whether Pillow's YCbCr -> RGB (JPEG's full-range BT.601) is right for an image it reads as
+    YCbCr: an uncompressed TIFF with one chroma sample per pixel (YCbCrSubSampling 1, 1; the
+    default is 2, 2) and the default ReferenceBlackWhite and YCbCrCoefficients, which Pillow
+    ignores. (Compressed YCbCr TIFFs are converted by libtiff and open as RGB.)"""
+    if tags is None:
+        return True
+    coefficients = tags.get(529, (0.299, 0.587, 0.114))
+    return (
+        tuple(tags.get(530, (2, 2))) == (1, 1)
+        and tuple(tags.get(532, (0, 255, 128, 255, 128, 255))) == (0, 255, 128, 255, 128, 255)
+        and np.allclose(coefficients, (0.299, 0.587, 0.114), atol=1e-3)
+    )
 
 
 _PHOTOMETRIC = {0: "MinIsWhite", 1: "gray", 2: "RGB", 3: "palette", 5: "CMYK", 6: "YCbCr"}

@@ -189,6 +189,29 @@ def test_16bit_and_float_tiffs_read_exactly(tmp_path):
             read_image(tmp_path / "planar.tif")
 
 
+def test_ycbcr_tiffs_converted_and_other_colour_models_refused(tmp_path):
+    """A YCbCr or CIELab TIFF is not RGB: it was read as if it were."""
+    rgb = smooth_img(16, 24)
+    ycc = np.asarray(Image.fromarray(rgb).convert("YCbCr"))
+    write_tiff(tmp_path / "ycc.tif", ycc, t262=6, t530=[1, 1])
+    out = read_image(tmp_path / "ycc.tif")
+    assert np.array_equal(out, np.asarray(Image.fromarray(ycc, "YCbCr").convert("RGB")))
+    assert np.abs(out.astype(int) - rgb).max() <= 3  # JPEG's equations, rounded twice
+    write_tiff(tmp_path / "subsampled.tif", ycc, t262=6)  # no tag 530: chroma at half size
+    write_tiff(tmp_path / "video.tif", ycc, t262=6, t530=[1, 1], t532=[16, 235, 128, 240, 128, 240])
+    write_tiff(tmp_path / "lab.tif", ycc, t262=8)
+    write_tiff(tmp_path / "itulab.tif", ycc, t262=10)
+    for name, what in [
+        ("subsampled", "YCbCr"),
+        ("video", "YCbCr"),
+        ("lab", "CIELab"),
+        ("itulab", "ITULab"),
+    ]:
+        message = f"{name}.tif: TIFF of {what}, 3 samples of 8-bit .* not supported; convert it to"
+        with pytest.raises(ImageError, match=message):
+            read_image(tmp_path / f"{name}.tif")
+
+
 def test_cmyk_jpeg(tmp_path):
     rgb = smooth_img(32, 40)
     Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
