@@ -45,11 +45,27 @@ except ImportError:  # a platform without its wheels: Pillow decodes every file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
+
+
+def pixel_limit(text: str | None) -> int | None:
+    """The value of $SRSPACE_MAX_PIXELS: a positive whole number, also written as 1e9; 2^28 if
+    unset; None if it is not such a number (read_image then says so: not a traceback at import)."""
+    if text is None:
+        return 2**28
+    with contextlib.suppress(ValueError):
+        n = int(text)  # exact, however large
+        return n if n > 0 else None
+    with contextlib.suppress(ValueError):
+        x = float(text)  # 1e9; inf and nan are no integers
+        return int(x) if x > 0 and x.is_integer() else None
+    return None
+
+
 # Refuse images above this many pixels before decoding them (a PNG header can claim 100000x100000).
 # 2^28 = 268 Mpx (16384 x 16384): a uint8 RGB copy is 805 MB. Override with $SRSPACE_MAX_PIXELS.
-MAX_PIXELS = int(os.environ.get("SRSPACE_MAX_PIXELS", 2**28))
+MAX_PIXELS = pixel_limit(os.environ.get("SRSPACE_MAX_PIXELS"))
 # Pillow has its own bomb limit (89 Mpx by default); ours is the documented one: use it there too.
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS or 2**28
 
 
 class ImageError(DataError):
@@ -68,6 +84,12 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     orientation applied. Float images (rare TIFFs) are assumed to be in [0, 1]. 16-bit and float
     TIFFs are decoded by libtiff (imagecodecs); other TIFFs by Pillow.
     """
+    if MAX_PIXELS is None:
+        value = os.environ.get("SRSPACE_MAX_PIXELS")
+        raise UsageError(
+            f"SRSPACE_MAX_PIXELS={value!r} is not a number of pixels; set it to a positive whole "
+            f"number (268435456, 1e9) or unset it for the default 2^28"
+        )
     path = Path(path)
     if not path.is_file():
         _fail(path, "not a file" if path.exists() else "no such file")

@@ -5,7 +5,10 @@ EXIF conversions; images smaller than a training patch skipped with one counted 
 reported in one line naming it, with the documented exit code; never a traceback.
 """
 
+import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from PIL import Image
 import sr_eval
 import sr_sample
 import sr_train
+from sr_lib.data import pixel_limit
 
 RNG = np.random.default_rng(0)
 
@@ -147,3 +151,32 @@ def test_sr_eval_sweep(tmp_path, capsys):
         errors = [line for line in err.splitlines() if ": error: " in line]
         assert code == 3 and len(errors) == 1, (name, err)
         assert name in errors[0] and words in errors[0].lower(), err
+
+
+def test_a_pixel_limit_that_is_no_number_is_one_line(tmp_path):
+    """SRSPACE_MAX_PIXELS=abc stopped all three scripts at import with a traceback (even -h)."""
+    for d in ("hr", "sr"):
+        (tmp_path / d).mkdir()
+        Image.fromarray(photo(32, 32)).save(tmp_path / d / "a.png")
+    repo = Path(__file__).resolve().parents[1]
+    evaluate = [sys.executable, repo / "sr_eval.py", "--hr", tmp_path / "hr", "--sr"]
+    evaluate += [tmp_path / "sr", "--scale", "4", "--n", "1", "--no-lpips"]
+
+    def run(value, *argv):
+        env = {**os.environ, "SRSPACE_MAX_PIXELS": value}
+        return subprocess.run(argv, env=env, capture_output=True, text=True, cwd=tmp_path)
+
+    for script in ("sr_train.py", "sr_sample.py"):  # no image read: no error
+        done = run("abc", sys.executable, repo / script, "-h")
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+    done = run("abc", *evaluate)
+    assert done.returncode == 2 and done.stderr == (
+        "sr_eval.py: error: SRSPACE_MAX_PIXELS='abc' is not a number of pixels; set it to a "
+        "positive whole number (268435456, 1e9) or unset it for the default 2^28\n"
+    )
+    done = run("1e9", *evaluate)  # an integer in exponent form is a number of pixels
+    assert done.returncode == 0, done.stderr
+    assert [pixel_limit(v) for v in ("1000", " 1e3 ", "2.5e3", "1.5", "0", "-1", "inf")] == [
+        *(1000, 1000, 2500),
+        *(None, None, None, None),
+    ]
