@@ -479,7 +479,7 @@ def sample(args: SampleArgs) -> int:
     emulated = amp_emulated(args.amp, device)
     if emulated:
         print(f"{PROG}: warning: --amp {args.amp}: {emulated}", file=sys.stderr, flush=True)
-    failed, skipped, t0 = [], 0, time.monotonic()
+    failed, skipped, t0 = {"unreadable": [], "too small": []}, 0, time.monotonic()
     with ProgressLog(len(mine)) as bar, SampleWriter(cpu_workers()) as writer:
         for k, path in mine:
             name = f"{k:06d}" if args.layout == "ntire" else path.stem
@@ -497,8 +497,9 @@ def sample(args: SampleArgs) -> int:
                 if len(mine) == 1:
                     raise
                 say_err(f"{PROG}: error: {e}; skipped")
-                failed.append(path.name)
-                bar.step(f"{path.name}: unreadable, skipped")
+                why = "too small" if isinstance(e, TooSmall) else "unreadable"
+                failed[why].append(path.name)
+                bar.step(f"{path.name}: {why}, skipped")
                 continue
             lr = to_tensor(img)[None].to(device)
             with autocast:
@@ -509,15 +510,16 @@ def sample(args: SampleArgs) -> int:
             temps = f" at {len(todo)} temperatures" if len(todo) > 1 else ""
             bar.step(f"{path.name} {w}x{h} -> {n} x {w * s}x{h * s}{temps} in "
                      f"{time.monotonic() - t_img:.1f} s")  # fmt: skip
-    done = len(mine) - len(failed) - skipped
+    small = f"too small to downscale (under {default_mod(model.scale)} px)"
+    lost = [f"{len(names)} of {len(mine)} inputs {small if why == 'too small' else why} "
+            f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+            for why, names in failed.items() if names]  # fmt: skip
+    done = len(mine) - sum(map(len, failed.values())) - skipped
     where = out if len(folders) == 1 else f"{out}/T*"
     bar.say(f"done: {done} images sampled, {skipped} already complete, "
             f"{time.monotonic() - t0:.1f} s -> {where}")  # fmt: skip
-    if failed:
-        raise DataError(
-            f"{len(failed)} of {len(mine)} inputs unreadable ({', '.join(failed[:3])}"
-            f"{', ...' if len(failed) > 3 else ''}); the others were written to {out}"
-        )
+    if lost:
+        raise DataError(f"{'; '.join(lost)}; the others were written to {out}")
     return 0
 
 
@@ -661,13 +663,17 @@ class Outputs:
         return all((folder / f).is_file() for f in self.all(name))
 
 
+class TooSmall(DataError):
+    """An input smaller than --from-hr's crop (the end summary counts these apart)."""
+
+
 def read_input(path: Path, s: int, from_hr: bool, lr_file: Path) -> np.ndarray:
     """The uint8 LR image of an input file; --from-hr makes it (and writes it to lr_file)."""
     img = held(read_image)(path)
     if from_hr:
         img = mod_crop(img, default_mod(s))
         if img.size == 0:
-            raise DataError(f"{path}: smaller than {default_mod(s)} px, no LR to make")
+            raise TooSmall(f"{path}: smaller than {default_mod(s)} px, no LR to make")
         img = imresize(img, 1 / s)
         save_png(lr_file, img)
     return img

@@ -446,9 +446,9 @@ def image_order(path: Path) -> tuple:
     return (*path.parent.parts, path.stem, path.suffix.lower(), path.suffix)
 
 
-def _walk(folder: Path, recursive: bool):
+def _walk(folder: Path, recursive: bool, dangling: list[Path]):
     """Files under `folder`, following symlinked folders once each (a link back up is skipped);
-    hidden entries (".x", "._x.png") are skipped."""
+    hidden entries (".x", "._x.png") are skipped, links to nothing added to `dangling`."""
     seen = set()
     stack = [folder]
     while stack:
@@ -471,18 +471,29 @@ def _walk(folder: Path, recursive: bool):
                         stack.append(path)
                 elif entry.is_file():
                     yield path
+                elif entry.is_symlink():
+                    dangling.append(path)
             except OSError:
                 continue
 
 
 def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
     """Image files in `folder` (by extension, any case) in `image_order`; symlinked files and
-    folders are followed, hidden files and folders, folders named like images and dangling
-    links are skipped."""
+    folders are followed, hidden files and folders and folders named like images are skipped,
+    and links to missing files named like images too, with one warning."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder; give a folder of images")
-    files = [p for p in _walk(folder, recursive) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    dangling: list[Path] = []
+    files = [p for p in _walk(folder, recursive, dangling) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    dangling = [p for p in dangling if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if dangling:  # a moved dataset: its images would be missing from every result without a word
+        first = min(dangling, key=lambda p: image_order(p.relative_to(folder)))
+        warnings.warn(
+            f"{folder}: skipped {len(dangling)} symbolic link(s) to missing files, e.g. {first} "
+            f"-> {os.readlink(first)}",
+            stacklevel=2,
+        )
     if not files:
         exts = "/".join(e[1:] for e in IMAGE_EXTENSIONS)
         raise DataError(f"{folder}: no images found ({exts}{', recursively' if recursive else ''})")

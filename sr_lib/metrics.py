@@ -626,8 +626,12 @@ def evaluate_image(
     shave = scale if shave is None else shave
     hs = min([gt.shape[0] // scale * scale] + [img.shape[0] for img in samples])
     ws = min([gt.shape[1] // scale * scale] + [img.shape[1] for img in samples])
-    if min(hs, ws) - 2 * shave < 11:
-        raise DataError(f"{gt_name}: {ws}x{hs} minus a {shave} px shave is too small for SSIM")
+    if min(hs, ws) - 2 * shave < 11:  # SSIM's 11x11 window
+        fits = (min(hs, ws) - 11) // 2  # the largest shave that leaves 11 px
+        hint = f"use --shave {fits} or less" if fits >= 0 else "use --ntire (no PSNR/SSIM columns)"
+        raise DataError(
+            f"{gt_name}: {ws}x{hs} minus a {shave} px shave is too small for SSIM (11x11); {hint}"
+        )
 
     def prep(img: ARRAY) -> ARRAY:
         img = shave_border(img[:hs, :ws], shave)

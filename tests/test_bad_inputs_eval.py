@@ -154,6 +154,7 @@ CASES = [
     ),
     ("ntire-with-lr", None, lambda w: args(w, "--ntire", "--lr", w / "lr"), 2, "--ntire"),
     ("shave-negative", None, lambda w: args(w, "--shave", "-1"), 2, "--shave"),
+    ("shave-leaves-no-ssim", None, lambda w: args(w, "--shave", "20"), 3, "use --shave 18 or less"),
     ("lpips-batch-zero", None, lambda w: args(w, "--lpips-batch", "0"), 2, "--lpips-batch"),
     (
         "out-equals-csv",
@@ -214,3 +215,14 @@ def test_bad_input(world, capsys, case, setup, argv, code, text):
 
 def test_at_least_twenty_cases():
     assert len({c[0] for c in CASES}) == len(CASES) >= 20
+
+
+def test_a_link_to_a_missing_image_is_a_warning(world, capsys):
+    """A dangling symlink in --hr was skipped without a word (its image missing from the means)."""
+    (world / "hr" / "c.png").symlink_to(world / "moved" / "c.png")
+    assert sr_eval.main(args(world)) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"sr_eval.py: warning: {world / 'hr'}: skipped 1 symbolic link(s) to missing files, e.g. "
+        f"{world / 'hr' / 'c.png'} -> {world / 'moved' / 'c.png'}"
+    ]

@@ -490,7 +490,7 @@ def test_list_images_orders_by_stem_everywhere(tmp_path):
 
 def test_list_images_follows_symlinks_and_skips_non_images(tmp_path):
     """Datasets are symlinked: linked folders and files are followed (a loop only once); folders
-    named like images, dangling links and macOS `._` files are not images."""
+    named like images, links to missing files (one warning) and macOS `._` files are not images."""
     real = tmp_path / "real"
     (real / "deep").mkdir(parents=True)
     (real / "deep" / "x.png").write_bytes(b"")
@@ -504,9 +504,14 @@ def test_list_images_follows_symlinks_and_skips_non_images(tmp_path):
     (data / "dir.png").mkdir()
     (data / "gone.png").symlink_to(tmp_path / "missing.png")
     (data / "._a.png").write_bytes(b"")
-    names = [p.relative_to(data).as_posix() for p in list_images(data)]
+    (data / "gone.txt").symlink_to(tmp_path / "missing.txt")  # not named like an image: no word
+    warning = f"{data}: skipped 1 symbolic link.s. to missing files, e.g. {data / 'gone.png'} -> "
+    with pytest.warns(UserWarning, match=warning + str(tmp_path / "missing.png")) as seen:
+        names = [p.relative_to(data).as_posix() for p in list_images(data)]
     assert names == ["a.png", "linked/deep/x.png", "linked/y.png", "linked_file.png"]
-    assert [p.name for p in list_images(data, recursive=False)] == ["a.png", "linked_file.png"]
+    assert len(seen) == 1
+    with pytest.warns(UserWarning, match=warning):
+        assert [p.name for p in list_images(data, recursive=False)] == ["a.png", "linked_file.png"]
 
 
 def test_mod_crop_tensor_conversions():

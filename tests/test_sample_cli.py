@@ -363,6 +363,23 @@ def test_unreadable_among_good(tmp_path, bicubic_ckpt, capsys):
     assert "b.png" in err[0] and "1 of 3" in err[1]
 
 
+def test_too_small_and_unreadable_inputs_are_told_apart(tmp_path, bicubic_ckpt, capsys):
+    """An HR too small for --from-hr to downscale was called "unreadable" in the end summary; a
+    link to a missing image was skipped without a word."""
+    inp = folder(tmp_path / "in", a=image((16, 16), 1), tiny=image((4, 4), 2))
+    (inp / "b.png").write_text("not an image")
+    (inp / "gone.png").symlink_to(tmp_path / "moved.png")
+    argv = ["--ckpt", bicubic_ckpt, "--input", inp, "--from-hr", "--n", 1, "--out", tmp_path / "o"]
+    with pytest.warns(UserWarning, match=r"in: skipped 1 symbolic link.s. .*gone.png -> .*moved"):
+        assert run(*argv) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "sr_sample.py: error: 1 of 3 inputs unreadable (b.png); 1 of 3 inputs too small to "
+        f"downscale (under 8 px) (tiny.png); the others were written to {tmp_path / 'o'}"
+    )
+    assert len(err) == 3 and "tiny.png: smaller than 8 px" in err[1]
+
+
 def test_names_too_long_for_their_outputs_one_line_before_any_work(tmp_path, bicubic_ckpt, capsys):
     """STEM_sample00001.png is 16 bytes longer than STEM.png: a 245-byte input name made an
     OSError traceback (File name too long). Now one line before anything is written; the NTIRE
