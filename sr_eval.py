@@ -22,7 +22,8 @@ sr_lib.data.image_order: by stem) with stem S and sample i:
 or {S}.png. The layout is detected per SR folder; an ntire_index.json there (sr_sample.py
 --layout ntire) must name the HR image of every index. Images are listed as by every script
 (sr_lib.data.list_images, not recursive). LR files (--lr): {S}.png or {S}x{scale}.png. Sizes are
-checked: an SR is at most HR-sized (HR rounded up to a multiple of --scale), an LR is HR/scale.
+checked: an SR is at most HR-sized (HR rounded up to a multiple of --scale), an LR is HR/scale
+(rounded down or up).
 
 --out JSON: {"settings": {...}, "mean": {col: v}, "per_image": [{"image": S, col: v, ...}]} for one
 --sr folder ("settings" has its n and temperature); with several: {"settings": {...}, "methods":

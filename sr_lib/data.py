@@ -805,13 +805,18 @@ class PatchPairs(Dataset):
             return None
         hr = np.ascontiguousarray(mod_crop(hr, s))
         if lr is None:
-            lr = imresize(hr, 1 / s)
-        elif lr.shape[:2] != (h // s, w // s):
-            raise DataError(
-                f"{lr_name}: LR size {lr.shape[1]}x{lr.shape[0]} is not HR size {w}x{h} / {s} "
-                f"({hr_name}); pair LR images made with this scale"
-            )
-        return hr, lr
+            return hr, imresize(hr, 1 / s)
+        # An LR of floor(H / s) rows (made from the HR cropped to a multiple of s, as DIV2K's) or
+        # of ceil(H / s) (MATLAB's imresize of the whole HR): their top-left parts are aligned.
+        fits = [(n // s, -(-n // s)) for n in (h, w)]
+        if lr.shape[0] in fits[0] and lr.shape[1] in fits[1]:
+            return hr, np.ascontiguousarray(lr[: h // s, : w // s])
+        ceil = f" (or {fits[1][1]}x{fits[0][1]})" if (h % s or w % s) else ""
+        raise DataError(
+            f"{lr_name}: LR is {lr.shape[1]}x{lr.shape[0]}, but its HR {hr_name} ({w}x{h}) at "
+            f"--scale {s} needs {w // s}x{h // s}{ceil}; give --lr-data the LR images of these "
+            f"HR images at x{s} (this one is x{w / lr.shape[1]:.3g}), or leave it out to make them"
+        )
 
     def _load(self, hr_path: Path, lr_path: Path | None):
         """Decoded (HR, LR) arrays, or with a cache the paths of their .npy files."""

@@ -578,7 +578,7 @@ def evaluate_image(
     `scale` (the usual SR "modcrop") and to every sample (so SRs of the NTIRE mod-8 size work
     too), minus `shave` px (default: scale) on each border, in RGB or MATLAB Y (`color`).
     `lr` (uint8) adds LRPSNR_vs_input_mean: PSNR of downscale(SR cropped to scale × the LR size)
-    against the LR file itself.
+    against the LR file itself, both cropped top-left to the LR pixels every sample covers.
     """
     names = list(names) if names is not None else [f"sample {i}" for i in range(len(samples))]
     if len(samples) == 0:
@@ -649,10 +649,12 @@ def evaluate_image(
         PSNR_mean=float(np.mean(psnrs)), PSNR_best=max(psnrs), SSIM_mean=float(np.mean(ssims))
     )
     if lr is not None:
-        hl, wl = lr.shape[0] * scale, lr.shape[1] * scale
-        for img, name in zip(samples, names):
-            _need_size(img, hl, wl, name, f"(scale x the {lr.shape[1]}x{lr.shape[0]} LR input)")
-        vs_input = per_sample(lambda img: lr_psnr(img[:hl, :wl], lr, scale))
+        # The LR pixels every sample covers: an LR of ceil(H / scale) rows (MATLAB's imresize of
+        # an HR whose H is no multiple of the scale) has more than an SR of the HR's size.
+        hl = min([lr.shape[0]] + [img.shape[0] // scale for img in samples])
+        wl = min([lr.shape[1]] + [img.shape[1] // scale for img in samples])
+        lr = lr[:hl, :wl]
+        vs_input = per_sample(lambda img: lr_psnr(img[: hl * scale, : wl * scale], lr, scale))
         row[LR_INPUT_COLUMN] = float(np.mean(vs_input))
     return row
 

@@ -646,15 +646,31 @@ def test_paired_lr_folder_with_div2k_names(hr_dir, tmp_path):
     # identical stems work too; a wrong LR size names both files
     (lr_dir / "0002x4.png").unlink()
     write_png(lr_dir / "0002.png", rand_img(15, 16))
-    with pytest.raises(
-        DataError, match=r"0002.png: LR size 16x15 is not HR size 64x64 / 4 \(.*0002"
-    ):
+    wrong = r"0002.png: LR is 16x15, but its HR .*0002.png \(64x64\) at --scale 4 needs 16x16; give"
+    with pytest.raises(DataError, match=wrong):
         PatchPairs([hr_dir], scale=4, patch=8, lr_dirs=[lr_dir])
     (lr_dir / "0002.png").unlink()
     with pytest.raises(DataError, match="0002.png: no LR image 0002x4"):
         PatchPairs([hr_dir], scale=4, patch=8, lr_dirs=[lr_dir])
     with pytest.raises(UsageError, match="got 2 LR folders for 1 HR folders"):
         PatchPairs([hr_dir], scale=4, patch=8, lr_dirs=[lr_dir, lr_dir])
+
+
+def test_an_odd_sized_hr_pairs_with_its_lr_of_either_rounding(tmp_path):
+    """imresize(HR, 1/2) of a 43x41 HR is 22x21 (MATLAB rounds up): it was refused ("pair LR
+    images made with this scale"), as only the 21x20 of the HR cropped to even size was taken."""
+    hr = smooth_img(41, 43)
+    (tmp_path / "hr").mkdir()
+    write_png(tmp_path / "hr" / "a.png", hr)
+    for name, lr in [("ceil", imresize(hr, 1 / 2)), ("floor", imresize(mod_crop(hr, 2), 1 / 2))]:
+        write_png(tmp_path / name / "a.png", lr)
+        ds = PatchPairs([tmp_path / "hr"], scale=2, patch=8, lr_dirs=[tmp_path / name])
+        assert np.array_equal(ds._hr[0], hr[:40, :42]), name
+        assert np.array_equal(ds._lr[0], lr[:20, :21]), name  # the top-left part: aligned
+    write_png(tmp_path / "x4" / "a.png", imresize(hr, 1 / 4))
+    message = r"a.png: LR is 11x11, but its HR .* \(43x41\) at --scale 2 needs 21x20 \(or 22x21\)"
+    with pytest.raises(DataError, match=message + r"; give --lr-data the LR images of these HR"):
+        PatchPairs([tmp_path / "hr"], scale=2, patch=8, lr_dirs=[tmp_path / "x4"])
 
 
 def test_cache_reads_memmaps_without_decoding(hr_dir, tmp_path, monkeypatch):

@@ -288,6 +288,31 @@ def test_n1_stem_layout_no_lpips_and_inf(tmp_path, capsys):
     assert isinstance(res["per_image"][0]["LRPSNR_mean"], float)
 
 
+def test_an_odd_sized_hr_with_its_imresize_lr_and_hr_sized_samples(tmp_path, capsys):
+    """A 43x41 HR, its LR imresize(HR, 1/2) (22x21: MATLAB rounds up) and SRs of the HR's size:
+    the LR was accepted, then the SRs refused ("smaller than the 44x42 ground-truth crop")."""
+    hr = make_hr(41, 43, seed=0)
+    lr = imresize(hr, 1 / 2)
+    assert lr.shape[:2] == (21, 22)
+    srs = [np.clip(hr.astype(int) + 3 * i + 2, 0, 255).astype(np.uint8) for i in range(2)]
+    for name, img in [
+        ("hr/a.png", hr),
+        ("lr/a.png", lr),
+        *[(f"sr/a_sample{i:05d}.png", srs[i]) for i in range(2)],
+    ]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        iio.imwrite(tmp_path / name, img)
+    code, _ = run(capsys, "--hr", tmp_path / "hr", "--sr", tmp_path / "sr", "--lr", tmp_path / "lr",
+                  "--scale", 2, "--n", 2, "--no-lpips", "--out", tmp_path / "r.json")  # fmt: skip
+    assert code == 0
+    row = json.loads((tmp_path / "r.json").read_text())["per_image"][0]
+    expected = np.mean([psnr(imresize(sr[:40, :42], 1 / 2), lr[:20, :21]) for sr in srs])
+    assert row["LRPSNR_vs_input_mean"] == pytest.approx(expected, abs=1e-9)
+    # the official columns crop the GT to a multiple of 8 (40x40), as the released script
+    official = [psnr(imresize(sr[:40, :40], 1 / 2), imresize(hr[:40, :40], 1 / 2)) for sr in srs]
+    assert row["LRPSNR_mean"] == pytest.approx(np.mean(official), abs=1e-9)
+
+
 def test_n1_index_layout_and_two_methods(tmp_path, capsys, lpips_file):
     hr_dir, _, sr_a = make_set(tmp_path, layout="index1", n=1)
     _, _, sr_b = make_set(tmp_path / "b", layout="index", n=1)
