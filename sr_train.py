@@ -211,7 +211,8 @@ class TrainArgs:
         ),
     )
     deterministic: bool = field(
-        default=False, metadata=dict(help="deterministic algorithms only (README: what it costs)")
+        default=False,
+        metadata=dict(help="deterministic algorithms only; slower on a GPU (docs/design.md)"),
     )
     sync_check_every: int = field(
         default=0,

@@ -113,7 +113,11 @@ class NCSRConfig(SRFlowConfig):
         default="none", metadata=dict(help="HR dequantisation noise (NCSR: none)")
     )
     noise_steps: str = field(
-        default="", metadata=dict(help="per level, how many last steps are noise-conditional")
+        default="",
+        metadata=dict(
+            help="per level, comma-separated, how many last steps are noise-conditional "
+            "(empty: the paper's, 0,16,16 at x4 and 0,0,16,16 at x8)"
+        ),
     )
     std_max: float = field(
         default=-1.0,
