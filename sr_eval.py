@@ -8,7 +8,8 @@
 and DIR:N or NAME=DIR:N (this folder's samples per image, instead of --n: a deterministic
 baseline at N = 1 next to N = 10 methods). A temperature sweep of sr_sample.py (subfolders T0,
 T0.5, T1, ...) gives one method per temperature, named NAME@T0.5; each carries its temperature
-in the table, the JSON and the CSV (a single folder: the temperature of its manifest.json).
+in the table, the JSON and the CSV (a single folder: the temperature of its manifest.json;
+none for a deterministic model, which ignores it).
 
 Columns: LPIPS_mean, LRPSNR_worst, LRPSNR_mean, score are always the official ones
 (sr_lib/metrics.py; in both modes the GT is cropped top-left to a multiple of 8 for them, 24 at
@@ -23,7 +24,7 @@ or {S}.png. The layout is detected per SR folder; an ntire_index.json there (sr_
 --layout ntire) must name the HR image of every index. Images are listed as by every script
 (sr_lib.data.list_images, not recursive). LR files (--lr): {S}.png or {S}x{scale}.png. Sizes are
 checked: an SR is at most HR-sized (HR rounded up to a multiple of --scale), an LR is HR/scale
-(rounded down or up).
+(rounded down or up); a folder's manifest.json (sr_sample.py) must record --scale.
 
 --out JSON: {"settings": {...}, "mean": {col: v}, "per_image": [{"image": S, col: v, ...}]} for one
 --sr folder ("settings" has its n and temperature); with several: {"settings": {...}, "methods":
@@ -88,6 +89,7 @@ from sr_lib.errors import (
     say_err,
     stdout_closed,
 )
+from sr_lib.models import MODELS
 
 PROG = "sr_eval.py"
 HELP_SR = (
@@ -170,13 +172,27 @@ def parse_sr(spec: str, n: int) -> tuple[str | None, Path, int]:
     return name, Path(rest), n
 
 
-def manifest_temperature(folder: Path) -> float | None:
-    """The temperature recorded in an sr_sample.py manifest.json (None without one)."""
+def read_manifest(folder: Path) -> dict:
+    """sr_sample.py's manifest.json in FOLDER ({} without a readable one: other tools' folders)."""
     try:
-        t = json.loads((folder / "manifest.json").read_text()).get("temperature")
-    except (OSError, ValueError, AttributeError):
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def manifest_temperature(folder: Path) -> float | None:
+    """The temperature recorded in an sr_sample.py manifest.json (None without one, and for a
+    deterministic model, which ignores it)."""
+    manifest = read_manifest(folder)
+    name = manifest.get("model")
+    if isinstance(name, str) and name in MODELS and not MODELS[name].stochastic:
         return None
-    return float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else None
+    return number(manifest.get("temperature"))
 
 
 def sweep_folders(folder: Path) -> list[tuple[float, Path]]:
@@ -233,6 +249,11 @@ def find_samples(sr_dir: Path, stems: list[str], n: int, scale: int) -> list[lis
     best = hits.index(max(hits))  # the first layout wins ties: the challenge's
     if best in (0, 2):
         check_index(sr_dir, stems, scale)
+    made = number(read_manifest(sr_dir).get("scale"))
+    if made is not None and made != scale:  # without --lr, nothing else would notice
+        raise DataError(
+            f"{sr_dir / 'manifest.json'}: these samples are x{made:g}, not --scale {scale}"
+        )
     name = layouts[best]
     paths = []
     for k, s in enumerate(stems):

@@ -67,6 +67,33 @@ def test_train_sample_evaluate(tmp_path):
     expect = np.mean([psnr(sr, hr) for sr in srs])
     assert abs(res["per_image"][0]["PSNR_mean"] - expect) < 1e-9
     assert res["settings"]["scale"] == 4 and res["settings"]["n"] == 2
+    # EDSR ignores the temperature: none is reported (its manifest records the one it was given)
+    assert res["settings"]["temperature"] is None
+    assert json.loads((samples / "manifest.json").read_text())["temperature"] == 1.0
+
+
+def test_a_wrong_scale_is_caught_by_the_samples_manifest(tmp_path, capsys):
+    """Without --lr, x2 samples scored at --scale 4 give numbers (LR-PSNR of the wrong
+    downscale); sr_sample.py's manifest.json says what they are."""
+    hr_dir = tmp_path / "hr"
+    hr_dir.mkdir()
+    iio.imwrite(hr_dir / "a.png", blocks(4, 4, np.random.default_rng(2)))  # 32x32
+    run = tmp_path / "run"
+    argv = ["--model", "bicubic", "--scale", "2", "--data", str(hr_dir), "--steps", "0",
+            "--val-every", "0", "--out", str(run)]  # fmt: skip
+    assert sr_train.main(argv) == 0
+    samples = tmp_path / "s"
+    argv = ["--ckpt", str(run / "last.pt"), "--input", str(hr_dir), "--from-hr", "--n", "1",
+            "--out", str(samples)]  # fmt: skip
+    assert sr_sample.main(argv) == 0
+    capsys.readouterr()
+    argv = ["--hr", str(hr_dir), "--sr", str(samples), "--scale", "4", "--n", "1", "--no-lpips"]
+    with pytest.raises(SystemExit) as e:
+        sr_eval.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 3 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"{samples / 'manifest.json'}: these samples are x2, not --scale 4" in err
+    assert sr_eval.main([*argv[:5], "2", *argv[6:]]) == 0
 
 
 def test_uncertainty_maps_are_evaluated(tmp_path):
