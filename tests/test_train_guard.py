@@ -170,7 +170,9 @@ class LoopReads:
         while frame is not None and frame.f_code is not self.train_code:
             in_step |= frame.f_code is self.step_code
             frame = frame.f_back
-        if frame is not None and "step" in frame.f_locals:  # inside the loop
+        # inside the loop: `logged` is set just before it (`step` is set earlier: train's exit
+        # callback reads it)
+        if frame is not None and "logged" in frame.f_locals:
             self.reads.append((what, frame.f_locals["step"], in_step))
 
 
