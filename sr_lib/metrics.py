@@ -578,7 +578,8 @@ def evaluate_image(
     `scale` (the usual SR "modcrop") and to every sample (so SRs of the NTIRE mod-8 size work
     too), minus `shave` px (default: scale) on each border, in RGB or MATLAB Y (`color`).
     `lr` (uint8) adds LRPSNR_vs_input_mean: PSNR of downscale(SR cropped to scale × the LR size)
-    against the LR file itself, both cropped top-left to the LR pixels every sample covers.
+    against the LR file itself (an SR smaller than that, of an HR whose size is no multiple of
+    the scale: downscaled whole, as MATLAB's imresize made a ceil-sized LR).
     """
     names = list(names) if names is not None else [f"sample {i}" for i in range(len(samples))]
     if len(samples) == 0:
@@ -649,13 +650,19 @@ def evaluate_image(
         PSNR_mean=float(np.mean(psnrs)), PSNR_best=max(psnrs), SSIM_mean=float(np.mean(ssims))
     )
     if lr is not None:
-        # The LR pixels every sample covers: an LR of ceil(H / scale) rows (MATLAB's imresize of
-        # an HR whose H is no multiple of the scale) has more than an SR of the HR's size.
-        hl = min([lr.shape[0]] + [img.shape[0] // scale for img in samples])
-        wl = min([lr.shape[1]] + [img.shape[1] // scale for img in samples])
-        lr = lr[:hl, :wl]
-        vs_input = per_sample(lambda img: lr_psnr(img[: hl * scale, : wl * scale], lr, scale))
-        row[LR_INPUT_COLUMN] = float(np.mean(vs_input))
+        hl, wl = lr.shape[0] * scale, lr.shape[1] * scale
+
+        def vs_input(img: ARRAY) -> float:
+            if img.shape[0] >= hl and img.shape[1] >= wl:  # the SR covers scale x the LR
+                return lr_psnr(img[:hl, :wl], lr, scale)
+            # An LR of ceil(H / scale) rows (MATLAB's imresize of a whole HR whose H is no
+            # multiple of the scale) and an SR of that HR's size: downscaled whole, as the LR
+            # was (ceil(H / scale) rows too), then both cut to the rows and columns they share.
+            down = downscale(img, scale)
+            h, w = min(down.shape[0], lr.shape[0]), min(down.shape[1], lr.shape[1])
+            return psnr(down[:h, :w], lr[:h, :w])
+
+        row[LR_INPUT_COLUMN] = float(np.mean(per_sample(vs_input)))
     return row
 
 

@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -306,8 +307,13 @@ def test_an_odd_sized_hr_with_its_imresize_lr_and_hr_sized_samples(tmp_path, cap
                   "--scale", 2, "--n", 2, "--no-lpips", "--out", tmp_path / "r.json")  # fmt: skip
     assert code == 0
     row = json.loads((tmp_path / "r.json").read_text())["per_image"][0]
-    expected = np.mean([psnr(imresize(sr[:40, :42], 1 / 2), lr[:20, :21]) for sr in srs])
+    # downscaled whole, as the LR was: every LR pixel compared, and the HR itself would be inf
+    expected = np.mean([psnr(imresize(sr, 1 / 2), lr) for sr in srs])
     assert row["LRPSNR_vs_input_mean"] == pytest.approx(expected, abs=1e-9)
+    shutil.copy(tmp_path / "hr/a.png", tmp_path / "sr/a_sample00000.png")
+    code, _ = run(capsys, "--hr", tmp_path / "hr", "--sr", tmp_path / "sr", "--lr", tmp_path / "lr",
+                  "--scale", 2, "--n", 1, "--no-lpips", "--out", tmp_path / "r.json")  # fmt: skip
+    assert json.loads((tmp_path / "r.json").read_text())["mean"]["LRPSNR_vs_input_mean"] == "inf"
     # the official columns crop the GT to a multiple of 8 (40x40), as the released script
     official = [psnr(imresize(sr[:40, :40], 1 / 2), imresize(hr[:40, :40], 1 / 2)) for sr in srs]
     assert row["LRPSNR_mean"] == pytest.approx(np.mean(official), abs=1e-9)
