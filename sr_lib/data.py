@@ -115,7 +115,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     try:
         if _png_bit_depth(path) == 16 and mode != "I;16":  # 16-bit gray (I;16) is exact in Pillow
             arr = _read_png16(path)
-        elif tags is not None and _tiff_wide(tags):
+        # (16-bit gray without libtiff: Pillow's I;16 is exact)
+        elif tags is not None and _tiff_wide(tags) and (imagecodecs or not _i16(mode)):
             arr = _read_tiff(path, tags)
         elif mode in (None, "LAB", "HSV") or (mode == "YCbCr" and not _jfif_ycbcr(tags)):
             what = _tiff_kind(tags) if tags is not None else f"{mode} image"
@@ -178,18 +179,24 @@ def _read_png_rgb8(path: Path) -> np.ndarray | None:
 
 def _tiff_tags(path: Path) -> dict | None:
     """The tags of a TIFF's first image, read by Pillow's parser (also where Pillow cannot decode
-    the image: 16-bit gray+alpha, float RGB); None for other files."""
-    with open(path, "rb") as f:
-        head = f.read(16)
-        if head[:4] not in TiffImagePlugin.PREFIXES:
-            return None
-        try:  # a BigTIFF's header ("+" in its version) is 16 bytes, a TIFF's 8
+    the image: 16-bit gray+alpha, float RGB); None for other files, and for a file that cannot
+    be read (Pillow's open then says why)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            if head[:4] not in TiffImagePlugin.PREFIXES:
+                return None
+            # a BigTIFF's header ("+" in its version) is 16 bytes, a TIFF's 8
             ifd = TiffImagePlugin.ImageFileDirectory_v2(head if b"+" in head[2:4] else head[:8])
             f.seek(ifd.next)
             ifd.load(f)
-        except Exception:  # a broken header: Pillow's open says what is wrong
-            return None
+    except Exception:  # unreadable, or a broken header: Pillow's open says what is wrong
+        return None
     return dict(ifd)
+
+
+def _i16(mode: str | None) -> bool:
+    return mode in ("I;16", "I;16B", "I;16L")
 
 
 def _tiff_wide(tags: dict) -> bool:

@@ -187,6 +187,26 @@ def test_16bit_and_float_tiffs_read_exactly(tmp_path):
             ImageError, match="planar.tif: .* needs imagecodecs; convert it to a 16-bit PNG"
         ):
             read_image(tmp_path / "planar.tif")
+        # but 16-bit gray is exact in Pillow (I;16): read as before there was a libtiff path
+        gray = read_image(tmp_path / "gray.tif")
+        assert np.array_equal(gray, expected[..., :1].repeat(3, 2))
+
+
+def test_an_image_that_cannot_be_opened_is_one_error_naming_it(tmp_path, monkeypatch):
+    """Permission denied (a dataset of another group), a stale NFS handle: the file's first read,
+    the TIFF tag probe, raised the OSError itself, a traceback."""
+    path = tmp_path / "locked.png"
+    write_png(path, smooth_img(8, 8))
+    real_open = open
+
+    def refusing_open(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refusing_open)
+    with pytest.raises(ImageError, match="locked.png: .*PermissionError.*Permission denied"):
+        read_image(path)
 
 
 def test_ycbcr_tiffs_converted_and_other_colour_models_refused(tmp_path):
