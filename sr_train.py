@@ -249,12 +249,15 @@ def parse_all(argv):
 
 
 def main(argv=None) -> int:
-    with exit_on_error(PROG), contextlib.ExitStack() as cleanup:
+    with exit_on_error(PROG):
         args, rest, given = parse_all(argv)
         try:
-            stop = catch_signals(cleanup)  # first: from here on a signal stops the run
-            return train(args, rest, given, cleanup, stop)
+            with contextlib.ExitStack() as cleanup:
+                stop = catch_signals(cleanup)  # first: from here on a signal stops the run
+                return train(args, rest, given, cleanup, stop)
         except Preempted as e:  # before the first step: nothing to save
+            if isinstance(e.__context__, SRSpaceError):  # it came while that error unwound
+                raise e.__context__ from None
             raise stopped_before_training(e.args[0], args) from None
 
 

@@ -38,9 +38,13 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
         # torch.save reports a failed write as a RuntimeError with the OSError as its context
         cause = e if isinstance(e, OSError) else e.__context__
         if isinstance(cause, OSError):
+            kept = (
+                "the previous one is intact: free space or use another --out, then --resume"
+                if path.is_file()
+                else "none was written before: free space or use another --out"
+            )
             raise OutputError(
-                f"{path}: cannot write the checkpoint ({cause.strerror or cause}); the previous "
-                "one is intact: free space or use another --out, then --resume"
+                f"{path}: cannot write the checkpoint ({cause.strerror or cause}); {kept}"
             ) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)

@@ -1,5 +1,6 @@
 """Faults: kill -9 at random moments (also while saving), and unusable or hostile checkpoints."""
 
+import errno
 import json
 import os
 import pickle
@@ -18,6 +19,7 @@ import torch
 import sr_sample
 import sr_train
 from sr_lib.checkpoint import load_checkpoint, save_checkpoint
+from sr_lib.errors import OutputError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,7 +154,10 @@ def test_full_disk_while_saving_leaves_the_last_checkpoint_and_no_temp_file(tmp_
                        preexec_fn=small_files)  # fmt: skip
     err = p.stderr.strip().splitlines()
     assert p.returncode == 7 and len(err) == 1, p.stderr
-    assert "last.pt: cannot write the checkpoint (File too large)" in err[0]
+    assert (
+        "last.pt: cannot write the checkpoint (File too large); the previous one is intact"
+        in err[0]
+    )
     assert (out / "last.pt").read_bytes() == good
     assert load_checkpoint(out / "last.pt")["step"] == 2
     assert not [f.name for f in out.iterdir() if ".tmp" in f.name]
@@ -424,3 +429,48 @@ def test_a_resume_after_kill_9_logs_each_step_once_and_no_torn_line(tmp_path, im
         log.write_text("".join(json.dumps(r) + "\n" for r in rows))
         sr_train.trim_log(log, checkpoint)
         assert records(log) == rows[:kept]
+
+
+def test_a_signal_while_an_error_before_the_first_step_unwinds_leaves_that_error(
+    tmp_path, monkeypatch, capsys
+):
+    """A SIGTERM that comes while an error before the first step (a broken image) unwinds: it
+    was raised in the middle of the clean-up, outside main's handler, a traceback of both. The
+    error it interrupted is what the run reports (one line, exit 3): rerunning would meet it
+    again."""
+    data = tmp_path / "photos"
+    data.mkdir()
+    iio.imwrite(data / "good.png", np.full((64, 64, 3), 90, np.uint8))
+    iio.imwrite(data / "broken.png", np.full((64, 64, 3), 90, np.uint8))
+    (data / "broken.png").write_bytes((data / "broken.png").read_bytes()[:60])
+    real = sr_train.setup_process
+
+    def setup_then_a_signal_at_clean_up(args, cleanup):
+        cleanup.callback(os.kill, os.getpid(), signal.SIGTERM)  # runs while the error unwinds
+        return real(args, cleanup)
+
+    monkeypatch.setattr(sr_train, "setup_process", setup_then_a_signal_at_clean_up)
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(cmd(tmp_path / "run", data, 2)[2:])
+    err = capsys.readouterr().err
+    assert e.value.code == 3 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("sr_train.py: error: ") and "broken.png" in err
+
+
+def test_a_checkpoint_not_written_says_whether_an_earlier_one_is_left(tmp_path, monkeypatch):
+    """A disk full before the first save: the message said 'the previous one is intact' of a
+    checkpoint that never was."""
+
+    def full(payload, f):
+        f.write(b"part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    path = tmp_path / "last.pt"
+    with pytest.raises(OutputError, match=r"\(No space left on device\); none was written before"):
+        save_checkpoint(path, {"step": 1})
+    assert list(tmp_path.iterdir()) == []
+    path.write_bytes(b"earlier")
+    with pytest.raises(OutputError, match="; the previous one is intact"):
+        save_checkpoint(path, {"step": 2})
+    assert [f.name for f in tmp_path.iterdir()] == ["last.pt"] and path.read_bytes() == b"earlier"
