@@ -291,13 +291,22 @@ def test_latent_from_cli(tmp_path, ckpts):
         ("varsr", ["--latent", "bad.npy"], 2, "expected (8,)"),
         ("varsr", ["--latent-shift", "ok.npy", "--latent-steps", "a,b"], 2, "--latent-steps"),
         ("refvae", ["--latent", "ok.npy", "--ref", "lr"], 2, "cannot be combined"),
+        ("varsr", ["--latent", "z.npz"], 3, "z.npz: a .npz archive, not a .npy array"),
+        ("refvae", ["--latent-shift", "z.npz"], 3, "--latent-shift"),
+        ("varsr", ["--latent", "empty.npy"], 2, "(0, 8), expected (8,) or (k, 8) with at least"),
+        ("refvae", ["--latent", "nan.npy"], 3, "nan.npy: holds NaN or infinite values"),
+        ("varsr", ["--latent-shift", "inf.npy"], 3, "--latent-shift"),
     ],
 )
 def test_unsupported_or_bad_controls_one_line(tmp_path, ckpts, capsys, name, flags, code, words):
     inp = images(tmp_path / "in", 3, ((8, 8),))
     np.save(tmp_path / "bad.npy", np.zeros((2, 5), np.float32))
     np.save(tmp_path / "ok.npy", np.zeros(8, np.float32))
-    flags = [str(tmp_path / f) if f.endswith((".npy", "nowhere")) else f for f in flags]
+    np.savez(tmp_path / "z.npz", z=np.zeros(8, np.float32))  # np.savez: an archive, not an array
+    np.save(tmp_path / "empty.npy", np.zeros((0, 8), np.float32))
+    np.save(tmp_path / "nan.npy", np.full(8, np.nan, np.float32))
+    np.save(tmp_path / "inf.npy", np.array([np.inf] + [0] * 7, np.float32))
+    flags = [str(tmp_path / f) if f.endswith((".npy", ".npz", "nowhere")) else f for f in flags]
     assert run("--ckpt", ckpts[name], "--input", inp, "--out", tmp_path / "o", *flags) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sr_sample.py: error: ") and words in err[0]

@@ -437,13 +437,26 @@ class SampleControls:
 
 
 def load_latent(path: str, dim: int, flag: str) -> torch.Tensor:
-    """A saved latent .npy, (D,) or (k, D), as float32."""
+    """A saved latent .npy, (D,) or (k, D), as float32. A file that is not one readable finite
+    array is a data error (exit 3); an array of another shape, or of no rows, a usage error
+    (exit 2: the file of another model or flag)."""
     try:
-        z = torch.from_numpy(np.load(path).astype(np.float32))
-    except (OSError, ValueError) as e:
+        z = np.load(path)
+        if not isinstance(z, np.ndarray):  # np.load opens a .npz archive as a lazy NpzFile
+            z.close()
+            raise DataError(
+                f"{flag} {path}: a .npz archive, not a .npy array (np.save one (D,) or (k, D))"
+            )
+        z = torch.from_numpy(z.astype(np.float32))
+    except (OSError, ValueError, TypeError) as e:
         raise DataError(f"{flag} {path}: not a readable .npy array ({e})") from None
-    if z.ndim not in (1, 2) or z.shape[-1] != dim:
-        raise UsageError(f"{flag} {path}: shape {tuple(z.shape)}, expected ({dim},) or (k, {dim})")
+    if z.ndim not in (1, 2) or z.shape[-1] != dim or z.numel() == 0:
+        raise UsageError(
+            f"{flag} {path}: shape {tuple(z.shape)}, expected ({dim},) or (k, {dim}) with at "
+            "least one row"
+        )
+    if not torch.isfinite(z).all():  # it would decode to NaN samples, blamed on the checkpoint
+        raise DataError(f"{flag} {path}: holds NaN or infinite values; use a finite latent")
     return z
 
 
