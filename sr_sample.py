@@ -43,9 +43,13 @@ temperature it is the same draw, scaled).
 Clusters: --shard I/N samples images I, I+N, I+2N, ... of the order (0 <= I < N; `auto` reads
 SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT). Every file is written atomically (a temporary
 name, then a rename), and an image whose files all exist is skipped, so a killed or preempted run
-continues where it stopped when rerun (--overwrite redoes everything). SIGTERM, SIGUSR1 or SIGHUP
-stop the run with exit 75 (the files being read or written are finished first; PNGs are written on
-threads while the next samples are drawn); Ctrl-C: exit 130 (only the files begun are finished).
+continues where it stopped when rerun (--overwrite redoes everything). --out may be the --input
+folder: files there named NAME_sample{i:05d}, NAME_sigma or NAME_grid (NAME another input's stem
+or a 6-digit NTIRE number) are then samples, left out of the inputs with a warning; a
+deterministic model's NAME.png would replace its input there, so that run is refused.
+SIGTERM, SIGUSR1 or SIGHUP stop the run with exit 75 (the files being read or written are finished
+first; PNGs are written on threads while the next samples are drawn); Ctrl-C: exit 130 (only the
+files begun are finished).
 
 Tiling (--tile PX, LR px; 0 = whole image): the LR is cut into tiles of PX (rounded down to the
 model's lr_multiple) and each is computed with --tile-overlap LR px of context on every side,
@@ -63,6 +67,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -463,16 +468,19 @@ def sample(args: SampleArgs) -> int:
     context = tile_context(args, model)
     out = check_out_dir(args.out)
     folders = {t: out if len(temperatures) == 1 else out / folder_name(t) for t in temperatures}
+    files = Outputs(n, not model.stochastic and n == 1, want_sigma and args.save_uncertainty,
+                    args.grid, args.save_latent and controls is not None)  # fmt: skip
+    if Path(args.input).is_dir() and out.resolve() == Path(args.input).resolve():
+        paths = leave_out_samples(paths, files, args.layout, out)
     part, parts = (int(v) for v in args.shard.split("/"))
     mine = [(k, p) for k, p in enumerate(paths) if k % parts == part]
     settings = run_settings(args, ck, model, n, context, from_hr)
-    files = Outputs(n, not model.stochastic and n == 1, want_sigma and args.save_uncertainty,
-                    args.grid, args.save_latent and controls is not None)  # fmt: skip
+    inputs = {p.resolve() for p in paths}
     if args.layout == "stem":
         check_name_lengths([p for _, p in mine], files, from_hr, out)
     for t, folder in folders.items():
         check_out_dir(folder)
-        claim_folder(folder, {**settings, "temperature": t}, args.overwrite)
+        claim_folder(folder, {**settings, "temperature": t}, args.overwrite, inputs)
         if args.layout == "ntire":
             claim_index(folder, paths, model.scale, args.overwrite)
     autocast = autocast_for(args.amp, device)
@@ -540,6 +548,31 @@ def input_paths(path: Path) -> list[Path]:
     return paths
 
 
+SAMPLE_NAME = re.compile(r"(.+)_(sample\d{5}|sigma|grid)")  # the stem of a file this tool writes
+
+
+def leave_out_samples(paths: list[Path], files: "Outputs", layout: str, out: Path) -> list[Path]:
+    """The inputs without this tool's own outputs, for an --out that is the --input folder: a
+    file named NAME_sample{i:05d}, NAME_sigma or NAME_grid where NAME is another input's stem (or
+    an NTIRE number) is a sample, not an input, so a rerun does not sample its samples. A name
+    rule, not the folder's state: every run of the folder sees the same inputs (and NTIRE
+    indices). A deterministic model's NAME.png would replace its input: refused."""
+    if files.single and layout == "stem":
+        raise UsageError(
+            f"--out {out}: the --input folder; this model's one output per image, NAME.png, would "
+            "replace the input of that name; use another --out"
+        )
+    stems = {p.stem for p in paths}
+    own = [p for p in paths if (m := SAMPLE_NAME.fullmatch(p.stem))
+           and (m[1] in stems or re.fullmatch(r"\d{6}", m[1]))]  # fmt: skip
+    if own:
+        print(f"{PROG}: warning: --out {out} is the --input folder: {len(own)} files named as "
+              f"samples of its images left out of the inputs ({own[0].name}"
+              f"{', ...' if len(own) > 1 else ''})", file=sys.stderr, flush=True)  # fmt: skip
+    own_set = set(own)
+    return [p for p in paths if p not in own_set]
+
+
 def check_name_lengths(paths: list[Path], files: "Outputs", from_hr: bool, out: Path) -> None:
     """Before any work: every output file name (STEM_sample00009.png, ...) within what the
     output's file system takes. The names are what sr_eval.py looks for, so they are not cut."""
@@ -592,9 +625,10 @@ def differences(old: dict, new: dict) -> list[tuple[str, object, object]]:
     return out
 
 
-def claim_folder(folder: Path, settings: dict, overwrite: bool) -> None:
+def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=()) -> None:
     """Write FOLDER/manifest.json, or check a rerun against it: files made with other settings
-    are never mixed into one folder (unless --overwrite)."""
+    are never mixed into one folder (unless --overwrite). `inputs`: the resolved input paths,
+    PNGs there that are not another tool's output (an --out that is the --input folder)."""
     path = folder / "manifest.json"
     if path.is_file() and not overwrite:
         try:
@@ -611,7 +645,7 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool) -> None:
                 "use another --out, or --overwrite to redo them"
             )
         return
-    if not overwrite and any(folder.glob("*.png")):
+    if not overwrite and any(p.resolve() not in inputs for p in folder.glob("*.png")):
         raise UsageError(
             f"{folder} holds PNG files but no manifest.json (another tool's output?); use "
             "another --out, or --overwrite"

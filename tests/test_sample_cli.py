@@ -221,6 +221,29 @@ def test_seeds_do_not_depend_on_n_batch_or_other_files(tmp_path, toy_ckpt):
     assert (zero == near).all()
 
 
+def test_out_in_the_input_folder_does_not_sample_its_samples(tmp_path, toy_ckpt, bicubic_ckpt,
+                                                             capsys):  # fmt: skip
+    inp = folder(tmp_path / "in", a=image((8, 8), 1), b=image((8, 12), 2))
+    made = ["a.png", "a_grid.png", "a_sample00000.png", "a_sample00001.png",
+            "b.png", "b_grid.png", "b_sample00000.png", "b_sample00001.png"]  # fmt: skip
+    for _ in range(2):  # the rerun finds its samples complete, and no new inputs among them
+        assert run("--ckpt", toy_ckpt, "--input", inp, "--n", 2, "--grid", "--out", inp) == 0
+        assert pngs(inp) == made
+    assert "2 already complete" in capsys.readouterr().out
+    # NTIRE numbers are left out too, and a sweep's T* folders are not listed (not recursive)
+    ntire = folder(tmp_path / "nt", a=image((8, 8), 1))
+    for _ in range(2):
+        assert run("--ckpt", toy_ckpt, "--input", ntire, "--n", 1, "--layout", "ntire",
+                   "--temperature", 0, 1, "--out", ntire) == 0  # fmt: skip
+    assert pngs(ntire) == ["a.png"] and pngs(ntire / "T1") == ["000000_sample00000.png"]
+    # a deterministic model's one output, NAME.png, would be the input's own name: refused
+    capsys.readouterr()
+    one = folder(tmp_path / "one", a=image((8, 8), 1))
+    assert run("--ckpt", bicubic_ckpt, "--input", one, "--n", 1, "--out", one) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the --input folder" in err[0] and pngs(one) == ["a.png"]
+
+
 def test_tiling_stochastic_is_exact(tmp_path, toy_ckpt):
     inp = folder(tmp_path / "in", a=image((45, 38), 4))  # odd sizes: padded to lr_multiple 4
     argv = ["--ckpt", toy_ckpt, "--input", inp, "--n", 3, "--batch", 2]
