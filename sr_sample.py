@@ -43,10 +43,11 @@ temperature it is the same draw, scaled).
 Clusters: --shard I/N samples images I, I+N, I+2N, ... of the order (0 <= I < N; `auto` reads
 SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT). Every file is written atomically (a temporary
 name, then a rename), and an image whose files all exist is skipped, so a killed or preempted run
-continues where it stopped when rerun (--overwrite redoes everything). --out may be the --input
-folder: files there named NAME_sample{i:05d}, NAME_sigma or NAME_grid (NAME another input's stem
-or a 6-digit NTIRE number) are then samples, left out of the inputs with a warning; a
-deterministic model's NAME.png would replace its input there, so that run is refused.
+continues where it stopped when rerun (--overwrite redoes everything, first deleting the files
+named above of the images it samples, in a folder that has a manifest.json). --out may be the
+--input folder: files there named NAME_sample{i:05d}, NAME_sigma or NAME_grid (NAME another
+input's stem or a 6-digit NTIRE number) are then samples, left out of the inputs with a warning;
+a deterministic model's NAME.png would replace its input there, so that run is refused.
 SIGTERM, SIGUSR1 or SIGHUP stop the run with exit 75 (the files being read or written are finished
 first; PNGs are written on threads while the next samples are drawn); Ctrl-C: exit 130 (only the
 files begun are finished).
@@ -108,6 +109,7 @@ from sr_lib.data import (
 from sr_lib.errors import (
     DataError,
     NonFiniteError,
+    OutputError,
     Preempted,
     Stopped,
     UsageError,
@@ -480,6 +482,9 @@ def sample(args: SampleArgs) -> int:
         check_name_lengths([p for _, p in mine], files, from_hr, out)
     for t, folder in folders.items():
         check_out_dir(folder)
+        if args.overwrite and (folder / "manifest.json").is_file():
+            remove_old_files(folder, [f"{k:06d}" if args.layout == "ntire" else p.stem
+                                      for k, p in mine], inputs)  # fmt: skip
         claim_folder(folder, {**settings, "temperature": t}, args.overwrite, inputs)
         if args.layout == "ntire":
             claim_index(folder, paths, model.scale, args.overwrite)
@@ -623,6 +628,33 @@ def differences(old: dict, new: dict) -> list[tuple[str, object, object]]:
         if k not in FREE_FLAGS and flags.get(k) != v:
             out.append((f"--{k.replace('_', '-')}", flags.get(k), v))
     return out
+
+
+OLD_SAMPLE = re.compile(r"(.+)_sample\d{5}(\.png|\.latent\.npy)")
+
+
+def remove_old_files(folder: Path, names: list[str], inputs: set[Path]) -> None:
+    """--overwrite in a folder of this tool (it holds a manifest.json): delete every file it may
+    have written for the images `names` (this shard's) with any settings: NAME_sample{i:05d}.png
+    and .latent.npy, NAME_sigma.png and .npy, NAME_grid.png, NAME.png (never an input). Samples
+    of an earlier, larger --n would otherwise stay to be scored with the new ones, and a stopped
+    --overwrite run would leave old files that its rerun takes as complete."""
+    names = set(names)
+    fixed = {
+        f"{x}{end}" for x in names for end in ("_sigma.png", "_sigma.npy", "_grid.png", ".png")
+    }
+    for entry in os.scandir(folder):
+        m = OLD_SAMPLE.fullmatch(entry.name)
+        if (entry.name in fixed or (m and m[1] in names)) and entry.is_file(follow_symlinks=False):
+            path = Path(entry.path)
+            if path.resolve() in inputs:
+                continue
+            try:
+                with signals_held():
+                    path.unlink(missing_ok=True)
+            except OSError as e:
+                raise OutputError(f"{path}: cannot delete it for --overwrite ({e.strerror or e}); "
+                                  "check the output folder's permissions") from None  # fmt: skip
 
 
 def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=()) -> None:

@@ -244,6 +244,22 @@ def test_out_in_the_input_folder_does_not_sample_its_samples(tmp_path, toy_ckpt,
     assert len(err) == 1 and "the --input folder" in err[0] and pngs(one) == ["a.png"]
 
 
+def test_overwrite_removes_the_old_runs_files_of_its_images(tmp_path, toy_ckpt):
+    inp = folder(tmp_path / "in", a=image((8, 8), 1), b=image((8, 8), 2))
+    out = tmp_path / "out"
+    assert run("--ckpt", toy_ckpt, "--input", inp, "--n", 5, "--grid", "--out", out) == 0
+    folder(out, a_notes=image((4, 4)), a_sample1=image((4, 4)))  # the user's, named alike
+    (out / "a_sample00009.latent.npy").write_bytes(b"old")
+    new = ["--ckpt", toy_ckpt, "--n", 2, "--seed", 3, "--overwrite", "--out", out]
+    assert run(*new, "--input", inp / "a.png") == 0  # b is not this run's: its files stay
+    b = [f"b_sample{i:05d}.png" for i in range(5)]
+    assert pngs(out) == ["a_notes.png", "a_sample00000.png", "a_sample00001.png",
+                         "a_sample1.png", "b_grid.png", *b]  # fmt: skip
+    assert not (out / "a_sample00009.latent.npy").exists()
+    assert run(*new[:-2], "--out", tmp_path / "fresh", "--input", inp / "a.png") == 0
+    assert same(out / "a_sample00001.png", tmp_path / "fresh" / "a_sample00001.png")
+
+
 def test_tiling_stochastic_is_exact(tmp_path, toy_ckpt):
     inp = folder(tmp_path / "in", a=image((45, 38), 4))  # odd sizes: padded to lr_multiple 4
     argv = ["--ckpt", toy_ckpt, "--input", inp, "--n", 3, "--batch", 2]
