@@ -57,7 +57,9 @@ model's lr_multiple) and each is computed with --tile-overlap LR px of context o
 which is cut away. The model's LR-only work runs on the whole image and is cut per tile, and each
 noise field is drawn at whole-image size and cut, so with the default context, the model's
 receptive field (`tile_halo`; docs/design.md, "Tiled sampling"), a tiled sample equals the untiled
-one. A CUDA out-of-memory error retries the image with tiles halved, down to 64 px.
+one. A CUDA out-of-memory error retries the image with tiles halved, down to 64 px. A rerun may
+change --tile and --tile-overlap while the tiles stay exact (at least the default context); a
+folder of inexact tiles is refused to other ones (manifest.json's tile_context).
 Exit codes: 0 ok, 2 bad flag or a folder of other settings, 3 unusable input (unreadable images
 are reported and skipped, the others written, exit 3 at the end), 4 out of memory, 6 checkpoint
 problem, 7 output cannot be written, 75 stopped by SIGTERM/SIGUSR1/SIGHUP, 130 Ctrl-C.
@@ -142,8 +144,10 @@ OOM_MIN_TILE = 64  # the out-of-memory fallback halves the tile down to this
 MAX_N = 100_000  # sample numbers have five digits
 # Flags recorded in manifest.json that a rerun may change: they do not change the files (or what
 # they change is compared as its effect: the model, its scale, n, the folder's temperature, ...).
+# --tile and --tile-overlap are compared as their effect, tile_context: exact tiles (the model's
+# tile_halo of context) equal the untiled samples, so a rerun after an out-of-memory may tile.
 FREE_FLAGS = ("ckpt", "input", "out", "shard", "device", "batch", "overwrite", "temperature",
-              "tile_overlap", "model", "scale", "from_hr", "n")  # fmt: skip
+              "tile", "tile_overlap", "model", "scale", "from_hr", "n")  # fmt: skip
 
 
 def integer(lo: int, hi: int | None = None, zero: bool = False):
@@ -612,11 +616,16 @@ def tile_context(args: SampleArgs, model) -> int:
 
 
 def run_settings(args, ck, model, n, context, from_hr) -> dict:
-    """What manifest.json records: every flag as given, and what they made of the run."""
+    """What manifest.json records: every flag as given, and what they made of the run.
+    tile_context: 0 untiled or with exact tiles (at least the model's tile_halo of context:
+    docs/design.md, "Tiled sampling"), else [tile, context] (LR px), which change the samples."""
+    halo = model.tile_halo
+    exact = not args.tile or (halo is not None and context >= grid(model, args.tile, halo)[1])
     return {
         "checkpoint_sha256": sha256_file(args.ckpt), "model": ck["model"],
         "config": ck["model_cfg"], "scale": model.scale, "n": n, "from_hr": from_hr,
-        "tile_context": context if args.tile else 0, "version": __version__, "flags": vars(args),
+        "tile_context": 0 if exact else [grid(model, args.tile, context)[0], context],
+        "version": __version__, "flags": vars(args),
     }  # fmt: skip
 
 
@@ -657,6 +666,15 @@ def remove_old_files(folder: Path, names: list[str], inputs: set[Path]) -> None:
                                   "check the output folder's permissions") from None  # fmt: skip
 
 
+def tiles(context) -> str:
+    """A manifest's tile_context in the flags' words."""
+    if not context:
+        return "no tiles or exact tiles"
+    if isinstance(context, list):  # [tile, context]
+        return f"--tile {context[0]} --tile-overlap {context[1]} (inexact tiles)"
+    return f"--tile-overlap {context} (an older manifest's tiles)"
+
+
 def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=()) -> None:
     """Write FOLDER/manifest.json, or check a rerun against it: files made with other settings
     are never mixed into one folder (unless --overwrite). `inputs`: the resolved input paths,
@@ -672,9 +690,13 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=()) -> No
         diff = differences(old, settings)
         if diff:
             k, was, now = diff[0]
+            if k == "tile_context":
+                was, now = tiles(was), tiles(now)
+            else:
+                was, now = f"{k} {json.dumps(was)}", json.dumps(now)
             raise UsageError(
-                f"{folder} holds samples made with {k} {json.dumps(was)}, not {json.dumps(now)}; "
-                "use another --out, or --overwrite to redo them"
+                f"{folder} holds samples made with {was}, not {now}; use another --out, or "
+                "--overwrite to redo them"
             )
         return
     if not overwrite and any(p.resolve() not in inputs for p in folder.glob("*.png")):

@@ -153,11 +153,15 @@ def test_rerun_skips_complete_images_and_refuses_other_settings(tmp_path, flow_c
     assert run(*base, "--batch", 1, "--device", "cpu") == 0  # these do not change the files
     assert "0 images sampled, 2 already complete" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in first} == first  # nothing was rewritten
+    # exact tiles (the default context) equal the untiled samples: after an out-of-memory, tile
+    assert run(*base, "--tile", 32) == 0 and "2 already complete" in capsys.readouterr().out
     (tmp_path / "o" / "im 01_sample00001.png").unlink()
     assert run(*base) == 0 and "1 images sampled, 1 already complete" in capsys.readouterr().out
     for flags, made in ((["--seed", 1], "--seed 0, not 1"), (["--n", 3], "n 2, not 3"),
                         (["--temperature", 0.5], "temperature 0.9, not 0.5"),
-                        (["--tile", 32], "tile_context 0, not 18"), (["--cem"], "--cem false"),
+                        (["--tile", 32, "--tile-overlap", 8],
+                         "no tiles or exact tiles, not --tile 32 --tile-overlap 8 (inexact tiles)"),
+                        (["--cem"], "--cem false"),
                         (["--amp", "bf16"], '--amp "none", not "bf16"')):  # fmt: skip
         assert run(*base, *flags) == 2
         err = capsys.readouterr().err.strip()
