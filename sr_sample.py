@@ -536,7 +536,14 @@ def sample(args: SampleArgs) -> int:
     bar.say(f"done: {done} images sampled, {skipped} already complete, "
             f"{time.monotonic() - t0:.1f} s -> {where}")  # fmt: skip
     if lost:
-        raise DataError(f"{'; '.join(lost)}; the others were written to {out}")
+        rest = (
+            f"the others were written to {out}"
+            if done
+            else f"the others were already complete in {out}"
+            if skipped
+            else "nothing was written"
+        )
+        raise DataError(f"{'; '.join(lost)}; {rest}")  # fmt: skip
     return 0
 
 

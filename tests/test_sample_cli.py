@@ -417,6 +417,11 @@ def test_too_small_and_unreadable_inputs_are_told_apart(tmp_path, bicubic_ckpt, 
         f"downscale (under 8 px) (tiny.png); the others were written to {tmp_path / 'o'}"
     )
     assert len(err) == 3 and "tiny.png: smaller than 8 px" in err[1]
+    (inp / "a.png").unlink()  # no image left to write: the line says so
+    (inp / "gone.png").unlink()
+    assert run(*argv[:-1], tmp_path / "none") == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("(tiny.png); nothing was written"), err[-1]
 
 
 def test_names_too_long_for_their_outputs_one_line_before_any_work(tmp_path, bicubic_ckpt, capsys):
