@@ -100,8 +100,9 @@ HELP_LR = "folder of LR inputs ({stem}.png or {stem}x{scale}.png): adds LRPSNR_v
 HELP_WEIGHTS = "complete lpips.LPIPS(net='alex') state_dict file (default: ImageNet AlexNet trunk)"
 HELP_BATCH = "samples per LPIPS pass (default: 1 on CPU, equal to the lpips module; 4 on CUDA)"
 HELP_SIGMA = (
-    "folder of {stem}_sigma.npy maps (sr_sample.py --save-uncertainty): adds PLL and PSNR_sigma"
-    " (Table 7 of 'Revisiting l1 loss'), with the first sample of the first --sr as mu"
+    "folder of sigma maps of sr_sample.py --save-uncertainty ({stem}_sigma.npy, or "
+    "{k:06d}_sigma.npy of --layout ntire): adds PLL and PSNR_sigma (Table 7 of 'Revisiting l1 "
+    "loss'), with the first sample of the first --sr as mu"
 )
 HELP_SHAVE = "pixels removed from each border for PSNR/SSIM (default: the scale)"
 HELP_REPORT = "write a self-contained HTML report (table, trade-off plots, contact sheets) there"
@@ -240,13 +241,12 @@ def find_samples(sr_dir: Path, stems: list[str], n: int, scale: int) -> list[lis
     layouts = [lambda k, s, i: f"{k:06d}_sample{i:05d}", lambda k, s, i: f"{s}_sample{i:05d}"]
     if n == 1:
         layouts += [lambda k, s, i: f"{k:06d}", lambda k, s, i: s]
-    hits = [sum(f(k, s, 0) in have for k, s in enumerate(stems)) for f in layouts]
-    if max(hits) == 0:
+    best = best_layout([lambda k, s, f=f: f(k, s, 0) in have for f in layouts], stems)
+    if best is None:
         tried = " or ".join(f(0, stems[0], 0) + ".png" for f in layouts)
         raise DataError(
             f"{sr_dir}: no SR sample for the first HR image {stems[0]} (expected {tried})"
         )
-    best = hits.index(max(hits))  # the first layout wins ties: the challenge's
     if best in (0, 2):
         check_index(sr_dir, stems, scale)
     made = number(read_manifest(sr_dir).get("scale"))
@@ -263,6 +263,14 @@ def find_samples(sr_dir: Path, stems: list[str], n: int, scale: int) -> list[lis
                 raise DataError(f"missing SR sample {missing} (image {s}, sample {i} of N = {n})")
         paths.append([have[name(k, s, i)] for i in range(n)])
     return paths
+
+
+def best_layout(found, stems: list[str]) -> int | None:
+    """Which naming layout of a folder: the index of the `found(k, stem)` test that finds the
+    files of the most HR images (the first wins ties: the challenge's); None where none finds
+    any."""
+    hits = [sum(bool(f(k, s)) for k, s in enumerate(stems)) for f in found]
+    return hits.index(max(hits)) if max(hits) else None
 
 
 def check_index(sr_dir: Path, stems: list[str], scale: int) -> None:
@@ -318,7 +326,9 @@ def run(args: EvalArgs) -> int:
     for m in methods:
         m.files = find_samples(m.sr_dir, stems, m.n, args.scale)
     lr_files = lr_inputs(args.lr, stems, args.scale) if args.lr else None
-    sigma_files = sigma_maps(args.uncertainty, stems, args.ntire) if args.uncertainty else None
+    sigma_files = None
+    if args.uncertainty:
+        sigma_files = sigma_maps(args.uncertainty, stems, args.scale, args.ntire)
     report_dir = check_out_dir(args.report, "--report") if args.report else None
     lpips_metric = None if args.no_lpips else load_lpips(args.lpips_weights, device, batch)
     columns = list(metrics.OFFICIAL_COLUMNS)
@@ -458,14 +468,31 @@ def lr_inputs(lr: str, stems: list[str], scale: int) -> list[Path]:
     return files
 
 
-def sigma_maps(folder: str, stems: list[str], ntire: bool) -> list[Path]:
-    """Per HR image its {stem}_sigma.npy in --uncertainty (sr_sample.py --save-uncertainty)."""
+def sigma_maps(folder: str, stems: list[str], scale: int, ntire: bool) -> list[Path]:
+    """Per HR image its sigma map in --uncertainty (sr_sample.py --save-uncertainty), named as
+    the samples: {k:06d}_sigma.npy (--layout ntire; its ntire_index.json is checked) or
+    {stem}_sigma.npy."""
     if ntire:
         raise UsageError("--ntire reports only the official columns; drop --uncertainty")
-    files = [Path(folder) / f"{s}_sigma.npy" for s in stems]
-    for f in files:
-        if not f.is_file():
-            raise DataError(f"--uncertainty: missing {f} (sr_sample.py --save-uncertainty)")
+    sigma_dir = Path(folder)
+    if not sigma_dir.is_dir():
+        raise DataError(f"--uncertainty {folder}: no such folder")
+    layouts = [lambda k, s: f"{k:06d}_sigma.npy", lambda k, s: f"{s}_sigma.npy"]
+    best = best_layout([lambda k, s, f=f: (sigma_dir / f(k, s)).is_file() for f in layouts], stems)
+    if best is None:
+        tried = " or ".join(f(0, stems[0]) for f in layouts)
+        raise DataError(
+            f"--uncertainty {folder}: no sigma map for the first HR image {stems[0]} (expected "
+            f"{tried}; sr_sample.py --save-uncertainty writes them for a model with an "
+            "uncertainty output, e.g. sr_train.py --loss le)"
+        )
+    if best == 0:
+        check_index(sigma_dir, stems, scale)
+    files = [sigma_dir / layouts[best](k, s) for k, s in enumerate(stems)]
+    for s, f in zip(stems, files):
+        if not f.is_file():  # others are there: a run interrupted or sampled from fewer images
+            raise DataError(f"--uncertainty: missing {f}, the sigma map of image {s}; rerun the "
+                            "sr_sample.py command that made the folder to complete it")  # fmt: skip
     return files
 
 

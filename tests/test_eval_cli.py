@@ -349,6 +349,40 @@ def test_n1_index_layout_and_two_methods(tmp_path, capsys, lpips_file):
     assert res["methods"]["method_a"]["per_image"][0]["PSNR_mean"] == pytest.approx(want, abs=1e-9)
 
 
+def test_uncertainty_maps_of_the_ntire_layout(tmp_path, capsys):
+    """sr_sample.py --layout ntire --save-uncertainty names its sigma maps {k:06d}_sigma.npy:
+    --uncertainty reads them (the numbers of the same maps named by stem), checks the folder's
+    ntire_index.json, and a missing map says what is missing without asking for the flag the
+    folder was made with."""
+    hr_dir, _, sr_dir = make_set(tmp_path, layout="index1", n=1)
+    maps, by_stem = tmp_path / "maps", tmp_path / "by_stem"
+    for d in (maps, by_stem):
+        d.mkdir()
+    for k, (stem, (h, w)) in enumerate(zip(("0801", "0802"), ((48, 64), (53, 70)))):
+        sigma = np.random.default_rng(k).uniform(0.01, 0.2, (3, h, w)).astype(np.float32)
+        np.save(maps / f"{k:06d}_sigma.npy", sigma)
+        np.save(by_stem / f"{stem}_sigma.npy", sigma)
+    index = maps / "ntire_index.json"
+    index.write_text(json.dumps({"scale": 4, "000000": "0801", "000001": "0802"}))
+    args = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 1, "--no-lpips"]
+    rows = {}
+    for name, folder in (("ntire", maps), ("stem", by_stem)):
+        out = tmp_path / f"{name}.json"
+        assert run(capsys, *args, "--uncertainty", folder, "--out", out)[0] == 0
+        rows[name] = json.loads(out.read_text())["per_image"]
+    assert [r["PLL"] for r in rows["ntire"]] == [r["PLL"] for r in rows["stem"]]
+    assert all(math.isfinite(r["PLL"]) and math.isfinite(r["PSNR_sigma"]) for r in rows["ntire"])
+    # the index is checked as for the samples: maps of other images are not scored
+    index.write_text(json.dumps({"scale": 4, "000000": "0802", "000001": "0801"}))
+    code, err = fails(capsys, *args, "--uncertainty", maps)
+    assert code == 3 and "ntire_index.json" in err and "index 000000" in err
+    index.unlink()
+    (maps / "000001_sigma.npy").unlink()
+    code, err = fails(capsys, *args, "--uncertainty", maps)
+    assert code == 3 and err.count("\n") == 1 and "000001_sigma.npy" in err and "0802" in err
+    assert "--save-uncertainty" not in err
+
+
 def test_sr_larger_than_its_hr_is_an_error_and_ceil_rounding_a_warning(tmp_path, capsys):
     """An SR 16 px taller than its HR cannot come from it (issue 20 item 10); one of scale x
     ceil(H / scale) rows can (an LR rounded up): cropped, with a warning."""
