@@ -24,7 +24,8 @@ or {S}.png. The layout is detected per SR folder; an ntire_index.json there (sr_
 --layout ntire) must name the HR image of every index. Images are listed as by every script
 (sr_lib.data.list_images, not recursive). LR files (--lr): {S}.png or {S}x{scale}.png. Sizes are
 checked: an SR is at most HR-sized (HR rounded up to a multiple of --scale), an LR is HR/scale
-(rounded down or up); a folder's manifest.json (sr_sample.py) must record --scale.
+(rounded down or up); a folder's manifest.json (sr_sample.py) must record --scale and at least
+N samples per image (files beyond its n are an earlier run's, left by --overwrite).
 
 --out JSON: {"settings": {...}, "mean": {col: v}, "per_image": [{"image": S, col: v, ...}]} for one
 --sr folder ("settings" has its n and temperature); with several: {"settings": {...}, "methods":
@@ -249,10 +250,18 @@ def find_samples(sr_dir: Path, stems: list[str], n: int, scale: int) -> list[lis
         )
     if best in (0, 2):
         check_index(sr_dir, stems, scale)
-    made = number(read_manifest(sr_dir).get("scale"))
+    manifest = read_manifest(sr_dir)
+    made = number(manifest.get("scale"))
     if made is not None and made != scale:  # without --lr, nothing else would notice
         raise DataError(
             f"{sr_dir / 'manifest.json'}: these samples are x{made:g}, not --scale {scale}"
+        )
+    made = number(manifest.get("n"))
+    if made is not None and n > made:  # more are stale ones of an earlier run (--overwrite)
+        raise DataError(
+            f"{sr_dir / 'manifest.json'}: the sr_sample.py run that made this folder wrote "
+            f"{made:g} samples per image, not {n} (--n or --sr DIR:N; any files beyond them are "
+            f"an earlier run's): ask for {made:g} or fewer"
         )
     name = layouts[best]
     paths = []

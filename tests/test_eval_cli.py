@@ -383,6 +383,25 @@ def test_uncertainty_maps_of_the_ntire_layout(tmp_path, capsys):
     assert "--save-uncertainty" not in err
 
 
+def test_n_above_the_manifests_n_is_refused_in_every_sweep_folder(tmp_path, capsys):
+    """A sweep folder sampled with --n 3, then its T1 again with --n 2 --overwrite, still holds
+    T1's stale samples 2: --n 3 is refused naming T1's manifest.json (it scored the mix); --n 2
+    or fewer (a subset) and --sr DIR:N within each folder's n are fine."""
+    hr_dir, _, sr_dir = make_set(tmp_path, n=3)
+    sweep = tmp_path / "S"
+    for t, n in (("0.5", 3), ("1", 2)):
+        shutil.copytree(sr_dir, sweep / f"T{t}")
+        manifest = {"model": "srflow", "scale": 4, "n": n, "temperature": float(t)}
+        (sweep / f"T{t}" / "manifest.json").write_text(json.dumps(manifest))
+    args = ["--hr", hr_dir, "--scale", 4, "--no-lpips"]
+    code, err = fails(capsys, *args, "--sr", sweep, "--n", 3)
+    assert code == 3 and err.count("\n") == 1
+    assert str(sweep / "T1" / "manifest.json") in err and "ask for 2 or fewer" in err
+    for n in (2, 1):
+        assert run(capsys, *args, "--sr", sweep, "--n", n)[0] == 0
+    assert run(capsys, *args, "--sr", sweep / "T0.5", "--sr", f"{sweep / 'T1'}:2", "--n", 3)[0] == 0
+
+
 def test_sr_larger_than_its_hr_is_an_error_and_ceil_rounding_a_warning(tmp_path, capsys):
     """An SR 16 px taller than its HR cannot come from it (issue 20 item 10); one of scale x
     ceil(H / scale) rows can (an LR rounded up): cropped, with a warning."""
