@@ -37,6 +37,7 @@ Files are written atomically, and their folders are checked writable before any 
 
 --report DIR: DIR/index.html, self-contained (sr_lib/report.py): the table, the NTIRE trade-off
 plots and per image a contact sheet (LR, GT, each method's samples and their per-pixel std).
+DIR is the report's: --out and --csv may not lie inside it.
 Exit codes: 0 ok, 2 bad flag, 3 unusable data (missing, unreadable or wrongly sized images, an
 index that names other images), 4 out of memory, 6 LPIPS weights, 7 output, 130 Ctrl-C.
 """
@@ -441,6 +442,13 @@ def check_flags(args: EvalArgs) -> tuple[int, torch.device, int]:
         raise UsageError(f"--lpips-batch {args.lpips_batch}: must be >= 1")
     if args.out and args.csv and Path(args.out).resolve() == Path(args.csv).resolve():
         raise UsageError(f"--out and --csv are the same file {args.out}; give two names")
+    for flag, path in (("--out", args.out), ("--csv", args.csv)):
+        # the report writes index.html, plots/ and images/ there, and may add names later
+        inside = path and args.report and Path(args.report).resolve() in (
+            Path(path).resolve(), *Path(path).resolve().parents)  # fmt: skip
+        if inside:
+            raise UsageError(f"{flag} {path} is inside --report {args.report}, whose files may "
+                             f"replace it; give {flag} a path outside that folder")  # fmt: skip
     device = pick_device(args.device)
     for flag, path in (("--out", args.out), ("--csv", args.csv)):
         if path:

@@ -163,6 +163,21 @@ CASES = [
         2,
         "--csv",
     ),
+    (
+        "out-is-the-reports-index",
+        None,
+        lambda w: args(w, "--report", w / "R", "--out", w / "R" / "index.html"),
+        2,
+        "--out",
+    ),
+    (
+        "csv-inside-the-report",
+        None,
+        lambda w: args(w, "--report", "R", "--csv", w / "R" / "plots" / "x.png"),
+        2,
+        "--report R",
+    ),
+    ("out-is-the-report", None, lambda w: args(w, "--report", w / "R", "--out", "R"), 2, "--out R"),
     ("device-cuda-absent", None, lambda w: args(w, "--device", "cuda"), 2, "--device"),
     ("unknown-flag", None, lambda w: args(w, "--temprature", "1"), 2, "--temprature"),
     (
