@@ -450,9 +450,9 @@ def check_flags(args: EvalArgs) -> tuple[int, torch.device, int]:
             raise UsageError(f"{flag} {path} is inside --report {args.report}, whose files may "
                              f"replace it; give {flag} a path outside that folder")  # fmt: skip
     device = pick_device(args.device)
-    for flag, path in (("--out", args.out), ("--csv", args.csv)):
+    for flag, path, example in (("--out", args.out, "out.json"), ("--csv", args.csv, "out.csv")):
         if path:
-            check_out_file(path, flag)
+            check_out_file(path, flag, example)
     shave = args.scale if args.shave is None else args.shave
     return shave, device, args.lpips_batch or (4 if device.type == "cuda" else 1)
 

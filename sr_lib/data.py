@@ -436,11 +436,12 @@ def fit_name(stem: str, room: int, limit: int) -> str:
     return f"{keep}~{digest}"
 
 
-def check_out_file(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """An output file path whose folder exists (created if needed) and is writable."""
+def check_out_file(path: str | os.PathLike, flag: str = "--out", example: str = "out.json") -> Path:
+    """An output file path whose folder exists (created if needed) and is writable; `example`: a
+    file name of the flag's kind, suggested where a folder is given."""
     path = Path(path)
     if path.is_dir():
-        raise OutputError(f"{flag} {path}: is a folder; give a file name, e.g. {path / 'out.json'}")
+        raise OutputError(f"{flag} {path}: is a folder; give a file name, e.g. {path / example}")
     check_out_dir(path.parent, f"{flag} {path}: its folder")
     return path
 

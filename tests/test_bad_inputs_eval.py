@@ -189,8 +189,14 @@ CASES = [
     ),
     ("color-unknown", None, lambda w: args(w, "--color", "lab"), 2, "--color"),
     ("n-missing", None, lambda w: args(w)[:6], 2, "--n"),
-    ("out-is-a-folder", None, lambda w: args(w, "--out", w / "out"), 7, "is a folder"),
-    ("csv-is-a-folder", None, lambda w: args(w, "--csv", w / "out"), 7, "--csv"),
+    ("out-is-a-folder", None, lambda w: args(w, "--out", "out"), 7, "e.g. out/out.json"),
+    (
+        "csv-is-a-folder",
+        None,
+        lambda w: args(w, "--csv", "out"),
+        7,
+        "--csv out: is a folder; give a file name, e.g. out/out.csv",
+    ),
     (
         "out-below-a-file",
         None,
