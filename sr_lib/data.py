@@ -118,6 +118,12 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         # (16-bit gray without libtiff: Pillow's I;16 is exact)
         elif tags is not None and _tiff_wide(tags) and (imagecodecs or not _i16(mode)):
             arr = _read_tiff(path, tags)
+        elif mode == "YCbCr" and tags is not None and imagecodecs and _jfif_ycbcr(tags):
+            # libtiff converts to RGB itself (within 1 of Pillow's conversion); Pillow before 13
+            # refuses these files as truncated
+            arr = _upright(imagecodecs.tiff_decode(path.read_bytes(), index=0), tags.get(274, 1))
+            if arr.shape[:2] != (h, w) or arr.shape[2:] != (3,):
+                _fail(path, f"{_tiff_kind(tags)}: decoded as shape {arr.shape}; convert it to RGB")
         elif mode in (None, "LAB", "HSV") or (mode == "YCbCr" and not _jfif_ycbcr(tags)):
             what = _tiff_kind(tags) if tags is not None else f"{mode} image"
             _fail(path, f"{what} is not supported; convert it to an RGB PNG")
