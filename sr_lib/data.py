@@ -118,13 +118,15 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         # (16-bit gray without libtiff: Pillow's I;16 is exact)
         elif tags is not None and _tiff_wide(tags) and (imagecodecs or not _i16(mode)):
             arr = _read_tiff(path, tags)
-        elif mode == "YCbCr" and tags is not None and imagecodecs and _jfif_ycbcr(tags):
+        elif _raw_ycbcr(tags) and imagecodecs and _jfif_ycbcr(tags):
             # libtiff converts to RGB itself (within 1 of Pillow's conversion); Pillow before 13
-            # refuses these files as truncated
+            # opens these files as RGB and then calls them truncated
             arr = _upright(imagecodecs.tiff_decode(path.read_bytes(), index=0), tags.get(274, 1))
             if arr.shape[:2] != (h, w) or arr.shape[2:] != (3,):
                 _fail(path, f"{_tiff_kind(tags)}: decoded as shape {arr.shape}; convert it to RGB")
-        elif mode in (None, "LAB", "HSV") or (mode == "YCbCr" and not _jfif_ycbcr(tags)):
+        elif mode in (None, "LAB", "HSV") or (
+            (mode == "YCbCr" or _raw_ycbcr(tags)) and not _jfif_ycbcr(tags)
+        ):
             what = _tiff_kind(tags) if tags is not None else f"{mode} image"
             _fail(path, f"{what} is not supported; convert it to an RGB PNG")
         elif (fmt, mode) != ("PNG", "RGB") or (arr := _read_png_rgb8(path)) is None:
@@ -211,6 +213,12 @@ def _tiff_wide(tags: dict) -> bool:
     (PlanarConfiguration 2) and cannot open 16-bit gray+alpha or float RGB."""
     bits, formats = tags.get(258, (1,)), tags.get(339, (1,))
     return max(bits) > 8 or any(f != 1 for f in formats)
+
+
+def _raw_ycbcr(tags: dict | None) -> bool:
+    """An uncompressed YCbCr TIFF: Pillow reads its samples as they are stored (Pillow 13 as
+    mode YCbCr, before it as RGB). A compressed one is converted to RGB by libtiff."""
+    return tags is not None and tags.get(262) == 6 and tags.get(259, 1) == 1
 
 
 def _jfif_ycbcr(tags: dict | None) -> bool:
