@@ -1037,8 +1037,8 @@ def catch_signals(cleanup: contextlib.ExitStack) -> dict:
 def stopped_before_training(name: str, args: TrainArgs) -> Stopped:
     """The error for a stop by signal `name` before the first step. Under SLURM, rank 0 requeues
     the job after SIGUSR1 or SIGTERM, as `finish` does after a stop in the loop."""
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-    if rank == "0" and name in ("SIGUSR1", "SIGTERM") and args.requeue:
+    rank = (distributed.env_ranks() or (0,))[0]  # the processes may not have met yet
+    if rank == 0 and name in ("SIGUSR1", "SIGTERM") and args.requeue:
         requeue(say_out)
     return Stopped(f"stopped by {name} before the first step, nothing to save; continue with "
                    "--resume auto")  # fmt: skip

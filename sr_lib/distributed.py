@@ -41,21 +41,29 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
+def env_ranks() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) of this process as torchrun (RANK, WORLD_SIZE, LOCAL_RANK)
+    or srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) describe it; None: a single process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return None
+
+
 def setup(use_cuda: bool) -> Dist:
     """Join the process group if the environment describes one; else a single process."""
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-        local = int(env.get("LOCAL_RANK", 0))
-    elif int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-        local = int(env.get("SLURM_LOCALID", 0))
+    ranks = env_ranks()
+    if ranks is None:
+        return Dist()
+    rank, world, local = ranks
+    if "RANK" not in env or "WORLD_SIZE" not in env:  # srun: torch's rendezvous reads these
         env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
         # A job-specific port, so two jobs sharing a node do not collide.
         env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
         env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world), str(local)
-    else:
-        return Dist()
     if world == 1:
         return Dist()
     if use_cuda:
