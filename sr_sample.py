@@ -109,6 +109,7 @@ from sr_lib.data import (
     write_text,
 )
 from sr_lib.errors import (
+    PREEMPT_SIGNALS,
     DataError,
     NonFiniteError,
     OutputError,
@@ -311,7 +312,7 @@ class Signals:
         self.old = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
+        for sig in (signal.SIGINT, *PREEMPT_SIGNALS):
             # (a SIGINT or SIGHUP ignored at start stays ignored: a background job, nohup)
             self.old[sig] = catch(sig, when_not_held(self.stop))
         return self

@@ -61,6 +61,7 @@ from sr_lib.ema import EMA
 from sr_lib.errors import (
     EXIT_OUTPUT,
     EXIT_PREEMPTED,
+    PREEMPT_SIGNALS,
     CheckpointError,
     NonFiniteError,
     OutOfMemory,
@@ -1004,7 +1005,7 @@ def compile_model(model, forward, backend: str = "inductor"):
     return forward
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGINT, *PREEMPT_SIGNALS)
 
 
 def catch_signals(cleanup: contextlib.ExitStack) -> dict:

@@ -265,7 +265,8 @@ def catch(signum: int, handler):
     return signal.signal(signum, handler) or signal.SIG_DFL
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)  # SLURM's, a closed terminal's
+# SLURM's, a closed terminal's: the scripts stop, resumably (exit 75); SIGINT is Ctrl-C's
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 _early = {"signal": None}  # one of them, recorded by `record_stop_signals` (None: none came)
 
 
@@ -279,7 +280,7 @@ def record_stop_signals() -> None:
     def record(signum, frame):
         _early["signal"] = _early["signal"] or signum
 
-    for s in STOP_SIGNALS:  # (a SIGHUP ignored at start stays ignored: nohup)
+    for s in PREEMPT_SIGNALS:  # (a SIGHUP ignored at start stays ignored: nohup)
         catch(s, record)
 
 
