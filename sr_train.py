@@ -80,7 +80,7 @@ from sr_lib.errors import (
     say_err,
     stdout_closed,
 )
-from sr_lib.models import MODELS, build_model, read_checkpoint
+from sr_lib.models import MODELS, build_model, checkpoint_config, read_checkpoint
 from sr_lib.models.base import NoiseSource, Recipe, sample_seed, scale_list
 from sr_lib.resize import cached_tensors
 from sr_lib.threads import signals_held, when_not_held
@@ -413,6 +413,7 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
         resumed = read_checkpoint(ckpt_path)
         if "optimizers" not in resumed:
             raise CheckpointError(f"{ckpt_path}: holds weights only, no training state to resume")
+        checkpoint_config(resumed, ckpt_path)  # a newer srspace's: one line, not a flag error
         inherit_flags(args, given, resumed)
         if args.model and args.model != resumed["model"]:
             raise CheckpointError(f"{ckpt_path}: is a {resumed['model']!r} run, not {args.model!r}")

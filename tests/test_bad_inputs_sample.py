@@ -43,6 +43,12 @@ def world(tmp_path_factory) -> dict[str, Path]:
     (d / "truncated.pt").write_bytes(data[: len(data) // 2])
     (d / "notes.pt").write_text("hello\n")
     torch.save(build_model("edsr", {**TINY["edsr"], "scale": 4}).state_dict(), d / "raw.pth")
+    # checkpoints of a newer srspace: a config field, a model this one does not know
+    cfg = {**TINY["edsr"], "scale": 4, "from_the_future": 1}
+    save_checkpoint(d / "newer.pt", {"model": "edsr", "model_cfg": cfg, "state_dict": {},
+                                     "step": 0})  # fmt: skip
+    save_checkpoint(d / "new model.pt", {"model": "esrgan", "model_cfg": {"scale": 4},
+                                         "state_dict": {}, "step": 0})  # fmt: skip
     (d / "a_file").write_text("x")
     np.save(d / "bad.npy", np.zeros((3, 5), np.float32))
     (d / "junk.npy").write_text("junk")
@@ -105,6 +111,11 @@ CASES = {  # id: (argv of the world, exit code, words the one line must hold)
     "checkpoint truncated": (lambda w: args(w, ckpt="truncated.pt"), 6, "truncated"),
     "checkpoint a text file": (lambda w: args(w, ckpt="notes.pt"), 6, "notes.pt"),
     "checkpoint a folder": (lambda w: args(w, ckpt="empty"), 6, "empty"),
+    "checkpoint of a newer config": (lambda w: args(w, ckpt="newer.pt"), 6,
+                                     "newer.pt: its edsr config has fields this srspace does not "
+                                     "know ['from_the_future'] (written by srspace"),
+    "checkpoint of a newer model": (lambda w: args(w, ckpt="new model.pt"), 6,
+                                    "new model.pt: holds a model 'esrgan' this srspace does not"),
     "raw state_dict without --model": (lambda w: args(w, ckpt="raw.pth"), 6, "--model and --scale"),
     "raw state_dict of another model": (
         lambda w: args(w, "--model", "rrdb", "--scale", "4", ckpt="raw.pth"), 6, "raw.pth"),

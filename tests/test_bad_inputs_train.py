@@ -8,8 +8,10 @@ import os
 import imageio.v3 as iio
 import numpy as np
 import pytest
+import torch
 
 import sr_train
+from sr_lib.checkpoint import save_checkpoint
 
 # A tiny EDSR run; each case replaces or adds flags (None: drop the flag, "": a switch).
 BASE = {"--model": "edsr", "--n-feats": "8", "--n-blocks": "1", "--scale": "2", "--patch": "8",
@@ -149,6 +151,11 @@ CASES = {  # id: (flags, exit code, words of the message)
         6,
         "is a 'edsr' run, not 'rrdb'",
     ),  # fmt: skip
+    "resume a newer srspace's run": (
+        {"--out": "{newer}", "--resume": "auto", "--steps": "3"},
+        6,
+        "config has fields this srspace does not know ['from_the_future']",
+    ),  # fmt: skip
     "resume changing a model flag": (
         {"--out": "{run}", "--resume": "auto", "--steps": "3", "--n-feats": "16"},
         2,
@@ -186,7 +193,12 @@ def world(tmp_path_factory):
     (tmp / "notes.txt").write_text("not a folder")
     argv = argv_of({"--steps": "2", "--out": str(tmp / "run")}, data=data)
     assert sr_train.main(argv) == 0
-    return {"tmp": tmp, "data": data, "file": tmp / "notes.txt", "run": tmp / "run"}
+    # the same run as a newer srspace writes it, its model config holding a field unknown here
+    ck = torch.load(tmp / "run" / "last.pt", weights_only=True)
+    ck["model_cfg"]["from_the_future"] = 1
+    save_checkpoint(tmp / "newer" / "last.pt", ck)
+    return {"tmp": tmp, "data": data, "file": tmp / "notes.txt", "run": tmp / "run",
+            "newer": tmp / "newer"}  # fmt: skip
 
 
 def argv_of(flags: dict, **paths) -> list[str]:

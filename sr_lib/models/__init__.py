@@ -4,6 +4,7 @@ string registry."""
 import os
 from dataclasses import fields
 
+from sr_lib import __version__
 from sr_lib.checkpoint import is_srspace_checkpoint, load_checkpoint
 from sr_lib.errors import CheckpointError, UsageError
 from sr_lib.models.base import SRModel
@@ -48,6 +49,26 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return load_checkpoint(path, {k: c.oldest_checkpoint_format for k, c in MODELS.items()})
 
 
+def checkpoint_config(ck: dict, path: str | os.PathLike) -> dict:
+    """The model config of srspace checkpoint `ck`, which this srspace can build: a model or config
+    fields it does not know (a checkpoint of a newer srspace) are a one-line CheckpointError
+    naming the file, not a usage error about flags the user never gave."""
+    made_by = f"written by srspace {ck.get('version', '?')}; this is srspace {__version__}"
+    if ck["model"] not in MODELS:
+        raise CheckpointError(
+            f"{path}: holds a model {ck['model']!r} this srspace does not know ({made_by}); "
+            "upgrade srspace to load it"
+        )
+    known = {f.name for f in fields(MODELS[ck["model"]].Config)}
+    unknown = sorted(set(ck["model_cfg"]) - known)
+    if unknown:
+        raise CheckpointError(
+            f"{path}: its {ck['model']} config has fields this srspace does not know {unknown} "
+            f"({made_by}); upgrade srspace to load it"
+        )
+    return ck["model_cfg"]
+
+
 def load_model(
     path, device="cpu", model: str | None = None, scale: int | None = None, raw_weights=False
 ):
@@ -67,7 +88,7 @@ def load_model(
             raise CheckpointError(
                 f"{path}: holds a x{ck['model_cfg']['scale']} model, not x{scale}"
             )
-        net = build_model(ck["model"], ck["model_cfg"])
+        net = build_model(ck["model"], checkpoint_config(ck, path))
         averaged = "ema_state_dict" in ck and not raw_weights
         net.load_weights(ck["ema_state_dict" if averaged else "state_dict"], path)
     else:
