@@ -171,6 +171,22 @@ def test_training_references_from_a_folder(tmp_path, make_batch):
     assert sr_train.main([str(a) for a in argv]) == 0
 
 
+def test_empty_reference_folder_names_the_flag(tmp_path, capsys):
+    # "DIR: no images found" alone reads as if a --data folder were empty
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY["refvae"].items() if k != "pretrained"]
+    (tmp_path / "art").mkdir()
+    argv = ["--model", "refvae", "--data", images(tmp_path / "hr", 1, ((40, 40),)), "--patch", 4,
+            "--batch", 2, "--steps", 1, "--val-every", 0, "--workers", 0, "--no-pretrained",
+            "--ref-data", tmp_path / "art", "--out", tmp_path / "run", *flags]  # fmt: skip
+    try:
+        code = sr_train.main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    err = [line for line in capsys.readouterr().err.splitlines() if ": warning: " not in line]
+    assert code == 3 and len(err) == 1, err
+    assert err[0].startswith(f"sr_train.py: error: --ref-data {tmp_path / 'art'}: no images"), err
+
+
 def test_missing_weights_stop_with_the_staging_message(tmp_path, monkeypatch, make_batch):
     monkeypatch.setenv("SRSPACE_WEIGHTS", str(tmp_path))
     monkeypatch.setenv("SRSPACE_OFFLINE", "1")
@@ -288,6 +304,7 @@ def test_latent_from_cli(tmp_path, ckpts):
         ("refvae", ["--latent-from", "x.png"], 2, "(only: varsr)"),
         ("edsr", ["--save-latent"], 2, "only: refvae, varsr"),
         ("refvae", ["--ref", "nowhere"], 3, "--ref"),
+        ("refvae", ["--ref", "no refs"], 3, "error: --ref "),  # an empty folder names the flag
         ("varsr", ["--latent", "bad.npy"], 2, "expected (8,)"),
         ("varsr", ["--latent-shift", "ok.npy", "--latent-steps", "a,b"], 2, "--latent-steps"),
         ("refvae", ["--latent", "ok.npy", "--ref", "lr"], 2, "cannot be combined"),
@@ -306,7 +323,9 @@ def test_unsupported_or_bad_controls_one_line(tmp_path, ckpts, capsys, name, fla
     np.save(tmp_path / "empty.npy", np.zeros((0, 8), np.float32))
     np.save(tmp_path / "nan.npy", np.full(8, np.nan, np.float32))
     np.save(tmp_path / "inf.npy", np.array([np.inf] + [0] * 7, np.float32))
-    flags = [str(tmp_path / f) if f.endswith((".npy", ".npz", "nowhere")) else f for f in flags]
+    (tmp_path / "no refs").mkdir()
+    flags = [str(tmp_path / f) if f.endswith((".npy", ".npz", "nowhere", "refs")) else f
+             for f in flags]  # fmt: skip
     assert run("--ckpt", ckpts[name], "--input", inp, "--out", tmp_path / "o", *flags) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sr_sample.py: error: ") and words in err[0]

@@ -504,7 +504,10 @@ class LatentSRModel(SRModel):
             path = Path(ref)
             if not path.exists():
                 raise DataError(f"--ref {path}: no such file or folder (or noise, lr, prior)")
-            files = list_images(path, recursive=False) if path.is_dir() else [path]
+            try:
+                files = list_images(path, recursive=False) if path.is_dir() else [path]
+            except DataError as e:  # an empty folder: say which flag gave it
+                raise DataError(f"--ref {e}") from None
             ctl.cond["ref"] = [to_tensor(read_image(f)).to(device) for f in files]
             ctl.per_sample_refs = path.is_dir()
             ctl.n = len(files) if path.is_dir() else ctl.n

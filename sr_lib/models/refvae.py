@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sr_lib.data import list_images, read_image, to_tensor
-from sr_lib.errors import UsageError
+from sr_lib.errors import DataError, UsageError
 from sr_lib.lpips_net import load_alexnet_trunk, lpips_module
 from sr_lib.models.base import (
     LatentSRModel,
@@ -292,7 +292,10 @@ class RefVAE(LatentSRModel):
         if c.ref_data == "hr":
             return resize_ref(hr, c.ref_size)
         if self._ref_files is None:
-            self._ref_files = [str(p) for p in list_images(c.ref_data)]  # DataError if unusable
+            try:
+                self._ref_files = [str(p) for p in list_images(c.ref_data)]
+            except DataError as e:  # "refs: no images found" alone reads as a --data folder's
+                raise DataError(f"--ref-data {e}") from None
         pick = np.random.default_rng([REF_SEED, self._step]).integers(
             len(self._ref_files), size=len(hr)
         )
