@@ -117,6 +117,9 @@ CASES = {  # id: (argv of the world, exit code, words the one line must hold)
     "checkpoint of a newer model": (lambda w: args(w, ckpt="new model.pt"), 6,
                                     "new model.pt: holds a model 'esrgan' this srspace does not"),
     "raw state_dict without --model": (lambda w: args(w, ckpt="raw.pth"), 6, "--model and --scale"),
+    "raw state_dict of a non-default config": (  # torch.save(model.state_dict()) of a tiny EDSR
+        lambda w: args(w, "--model", "edsr", "--scale", "4", ckpt="raw.pth"), 6,
+        "load a model trained by sr_train.py from its checkpoint (OUT/last.pt or best.pt)"),
     "raw state_dict of another model": (
         lambda w: args(w, "--model", "rrdb", "--scale", "4", ckpt="raw.pth"), 6, "raw.pth"),
     "out is a file": (lambda w: args(w, out="a_file"), 7, "is a file, not a folder"),

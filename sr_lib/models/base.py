@@ -414,15 +414,19 @@ class SRModel(nn.Module):
         strict load; by default nothing."""
         return state_dict
 
-    def load_weights(self, state_dict: dict, path="state_dict") -> None:
-        """Strict load_state_dict with a one-line summary of what does not match."""
+    def load_weights(self, state_dict: dict, path="state_dict", hint: str = "") -> None:
+        """Strict load_state_dict with a one-line summary of what does not match (and `hint`:
+        what to do)."""
         sd = self.complete_state_dict(state_dict)
-        load_strict(self, sd, f"{path}: weights do not match the model")
+        load_strict(self, sd, f"{path}: weights do not match the model", hint)
 
     def load_raw_state_dict(self, state_dict: dict, path="state_dict") -> None:
         """Load a state_dict without srspace metadata (e.g. a released file); by default it must
-        use this model's own key names."""
-        self.load_weights(state_dict, path)
+        use this model's own key names and its default config (all a raw file tells)."""
+        name = type(self).__name__.lower()
+        self.load_weights(state_dict, path, f"a raw state_dict loads only as the default {name} "
+                          "config at --scale, with srspace's key names: load a model trained by "
+                          "sr_train.py from its checkpoint (OUT/last.pt or best.pt)")  # fmt: skip
 
 
 @dataclass
