@@ -260,15 +260,28 @@ def torch_load(path: str | os.PathLike, what: str = "weights"):
         ) from None
 
 
+def is_tensor_dict(d) -> bool:
+    return isinstance(d, dict) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items()
+    )
+
+
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a plain tensor state_dict on CPU, refusing anything that needs pickled code."""
     path = Path(path)
     sd = torch_load(path)
-    if not isinstance(sd, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
-    ):
+    if not is_tensor_dict(sd):
         got = f"dict with keys {list(sd)[:5]}" if isinstance(sd, dict) else type(sd).__name__
-        raise CheckpointError(f"{path} is not a state_dict of name -> tensor (got {got})")
+        # Other tools wrap the state_dict (BasicSR: 'params'/'params_ema'; Lightning:
+        # 'state_dict'): which entry holds the weights is theirs to say, so name the way out.
+        inner = [k for k, v in sd.items() if is_tensor_dict(v)] if isinstance(sd, dict) else []
+        todo = (
+            f"its weights are under {inner}: save one of them alone, "
+            f"torch.save(torch.load(OLD)[{inner[0]!r}], NEW), and pass NEW"
+            if inner
+            else "pass a file of torch.save(model.state_dict())"
+        )
+        raise CheckpointError(f"{path} is not a state_dict of name -> tensor (got {got}); {todo}")
     while sd and (pre := next((p for p in _PREFIXES if all(k.startswith(p) for k in sd)), None)):
         sd = {k[len(pre) :]: v for k, v in sd.items()}
     return sd

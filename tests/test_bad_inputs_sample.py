@@ -43,6 +43,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     (d / "truncated.pt").write_bytes(data[: len(data) // 2])
     (d / "notes.pt").write_text("hello\n")
     torch.save(build_model("edsr", {**TINY["edsr"], "scale": 4}).state_dict(), d / "raw.pth")
+    torch.save({"params": torch.load(d / "raw.pth")}, d / "basicsr.pth")  # a wrapped state_dict
     # checkpoints of a newer srspace: a config field, a model this one does not know
     cfg = {**TINY["edsr"], "scale": 4, "from_the_future": 1}
     save_checkpoint(d / "newer.pt", {"model": "edsr", "model_cfg": cfg, "state_dict": {},
@@ -120,6 +121,9 @@ CASES = {  # id: (argv of the world, exit code, words the one line must hold)
     "raw state_dict of a non-default config": (  # torch.save(model.state_dict()) of a tiny EDSR
         lambda w: args(w, "--model", "edsr", "--scale", "4", ckpt="raw.pth"), 6,
         "load a model trained by sr_train.py from its checkpoint (OUT/last.pt or best.pt)"),
+    "state_dict wrapped in a dict": (lambda w: args(w, "--model", "edsr", "--scale", "4",
+                                                    ckpt="basicsr.pth"), 6,
+                                     "under ['params']: save one of them alone, torch.save("),
     "raw state_dict of another model": (
         lambda w: args(w, "--model", "rrdb", "--scale", "4", ckpt="raw.pth"), 6, "raw.pth"),
     "out is a file": (lambda w: args(w, out="a_file"), 7, "is a file, not a folder"),
