@@ -1,7 +1,7 @@
 """The README's quick start, `bash demo.sh`, end to end with 3 EDSR steps instead of 1,000: every
 command it chains (train bicubic and EDSR, sample the demo images, evaluate) works, bicubic scores
-the numbers docs/benchmarks.md gives for it, and a second run (`--resume auto`, complete samples
-skipped) leaves the same results."""
+the numbers docs/benchmarks.md gives for it, a second run (`--resume auto`) leaves the same
+results, and a third with more STEPS trains on and samples the new checkpoint."""
 
 import json
 import os
@@ -14,8 +14,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def demo(out: Path) -> dict:
-    env = {**os.environ, "STEPS": "3", "OUT": str(out)}
+def demo(out: Path, steps: int = 3) -> dict:
+    env = {**os.environ, "STEPS": str(steps), "OUT": str(out)}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this python
     done = subprocess.run(["bash", str(REPO / "demo.sh")], env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
@@ -34,4 +34,8 @@ def test_demo_sh_runs_end_to_end_and_again(tmp_path):
     assert bicubic["LRPSNR_mean"] == pytest.approx(41.585, abs=1e-3)
     assert methods["samples_edsr"]["mean"]["PSNR_mean"] > 10  # 3 steps: a number, not a result
     assert (out / "edsr" / "last.pt").is_file() and (out / "edsr" / "best.pt").is_file()
-    assert demo(out)["methods"] == methods  # the rerun resumes at its end and skips the samples
+    assert demo(out)["methods"] == methods  # the rerun resumes at its end: the same samples
+    # trained on (STEPS=4): a new last.pt, whose samples replace the old ones (it was refused)
+    longer = demo(out, steps=4)["methods"]
+    assert longer["samples_bicubic"] == methods["samples_bicubic"]
+    assert longer["samples_edsr"] != methods["samples_edsr"]
