@@ -793,6 +793,13 @@ def build_training(args: TrainArgs, cfg: dict, recipe: Recipe, resumed, device):
     scaler (None otherwise); built first, so that a bad model flag or --init-from fails before
     anything is written or read."""
     model = build_model(args.model, cfg).to(device)
+    multiple = model.lr_multiple  # the LR sizes its layers need (sampling pads to them)
+    if recipe.patch % multiple:  # else a shape error deep inside the first training step
+        fit = -(-recipe.patch // multiple) * multiple
+        raise UsageError(
+            f"--patch {recipe.patch}: {args.model} x{args.scale} needs an LR patch that is a "
+            f"multiple of {multiple}; use --patch {fit}"
+        )
     if args.init_from and resumed is None:
         init = read_checkpoint(args.init_from)  # its averaged weights if it has them (--ema)
         model.load_weights(init.get("ema_state_dict", init.get("state_dict", init)), args.init_from)

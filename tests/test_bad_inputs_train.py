@@ -177,6 +177,43 @@ CASES = {  # id: (flags, exit code, words of the message)
         2,
         "the critic needs HR patches of at least 17 px",
     ),  # fmt: skip
+    # an LR patch that the model's layers cannot halve: refused before any work, not a shape
+    # error inside the first step
+    "flow patch odd": (
+        {
+            "--model": "srflow",
+            "--scale": "4",
+            "--n-feats": None,
+            "--n-blocks": None,
+            "--nb": "2",
+            "--nf": "8",
+            "--gc": "4",
+            "--rrdb-blocks": "0,1",
+            "--flow-steps": "2",
+            "--hidden-channels": "8",
+            "--patch": "5",
+        },
+        PARSE,
+        "--patch 5: srflow x4 needs an LR patch that is a multiple of 2; use --patch 6",
+    ),  # fmt: skip
+    "refvae patch not a multiple of 4": (
+        {
+            "--model": "refvae",
+            "--n-feats": None,
+            "--n-blocks": None,
+            "--width": "16",
+            "--cond-channels": "4",
+            "--latent-grid": "2",
+            "--z-dim": "8",
+            "--mask-blocks": "1",
+            "--ref-size": "16",
+            "--d-channels": "4",
+            "--no-pretrained": "",
+            "--patch": "10",
+        },
+        PARSE,
+        "--patch 10: refvae x2 needs an LR patch that is a multiple of 4; use --patch 12",
+    ),  # fmt: skip
 }
 
 
