@@ -316,7 +316,9 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     progress = cleanup.enter_context(Progress(steps, start, stop)) if dd.main else None
     bad_steps = BadSteps(device, args.max_bad_steps, skipped)
     stopped, t0, t_start, logged = None, time.monotonic(), time.monotonic(), start
-    unsaved = args.on_nan == "rollback" and resumed is None  # a rollback needs a last.pt
+    # A rollback needs a last.pt of this run: also one resumed from a checkpoint elsewhere saves
+    # its first good step into OUT.
+    unsaved = args.on_nan == "rollback" and saved is None
 
     while step < steps:
         over_budget = bool(args.time_budget) and time.monotonic() - t_start > args.time_budget
@@ -344,7 +346,8 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         bad, skipped, tripped = bad_steps.read()
         if tripped >= 0:  # --max-bad-steps consecutive non-finite steps: stop, or roll back
             step, batches = roll_back(tripped, args, out, steps, model, optimizers, scaler, dd,
-                                      dataset, meta, run_log, progress, ema, device)  # fmt: skip
+                                      dataset, meta, run_log, progress, ema, device,
+                                      before)  # fmt: skip
             recipe, t0, logged = scaled_rates(recipe, 0.5), time.monotonic(), step
             bad_steps.reset()
             if graph is not None:
@@ -381,7 +384,8 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     _, skipped, tripped = bad_steps.read()
     if tripped >= 0:  # a signal or the time budget came right after the streak
         step, batches = roll_back(tripped, args, out, steps, model, optimizers, scaler, dd,
-                                  dataset, meta, run_log, progress, ema, device)  # fmt: skip
+                                  dataset, meta, run_log, progress, ema, device,
+                                  before)  # fmt: skip
     # A finished run resumed again keeps last.pt as it is. Out of memory, the failed step has
     # moved the random generators on: a last.pt of this very step stays as it was saved.
     oom = stopped == "out of memory"
@@ -1249,21 +1253,23 @@ class BadSteps:
 
 
 def roll_back(tripped: int, args, out: Path, steps: int, model, optimizers: dict, scaler, dd,
-              dataset, meta: dict, run_log, progress, ema, device) -> tuple:  # fmt: skip
+              dataset, meta: dict, run_log, progress, ema, device,
+              before: str) -> tuple:  # fmt: skip
     """--max-bad-steps consecutive non-finite steps ended at step `tripped`. --on-nan rollback
     (while under --max-rollbacks and a last.pt exists): reload last.pt as a resume would, count
     the rollback in `meta` (saved with every checkpoint; the caller halves the learning rates,
     0.5 ** rollbacks, which a resumed run restores) and return (its step, a loader from there).
-    Else stop with exit code 5, writing nothing: last.pt stays the last good checkpoint."""
+    Else stop with exit code 5, writing nothing: last.pt stays the last good checkpoint (where
+    there is none yet, `before` says what is: the checkpoint the run resumed, or nothing)."""
     path, n = out / "last.pt", meta["rollbacks"]
     what = f"step {tripped}: {args.max_bad_steps} consecutive non-finite losses/gradients"
     if args.on_nan != "rollback" or n >= args.max_rollbacks or not path.is_file():
         why = (f"after {n} rollbacks (--max-rollbacks {args.max_rollbacks})" if n else
                "before the first checkpoint" if args.on_nan == "rollback" else "")  # fmt: skip
-        raise NonFiniteError(
-            f"{what}{' ' + why if why else ''}; stopped without saving; the last good checkpoint "
-            f"is {path} (resume with a lower --learning-rate, or use --on-nan rollback)"
-        )
+        other = "" if args.on_nan == "rollback" else ", or use --on-nan rollback"
+        held = (f"the last good checkpoint is {path} (resume with a lower --learning-rate{other})"
+                if path.is_file() else f"{before} with a lower --learning-rate{other}")  # fmt: skip
+        raise NonFiniteError(f"{what}{' ' + why if why else ''}; stopped without saving; {held}")
     ck = read_checkpoint(path)
     # As at a resume: the loader is made before the RNG states are restored (it draws from them).
     loader = train_loader(dataset, ck["step"], steps, args.workers, device.type == "cuda", device)

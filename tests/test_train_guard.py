@@ -372,6 +372,51 @@ def test_rollback_before_any_checkpoint_is_exit_5(tmp_path, images, flaky_models
     assert e.value.code == 5 and "before the first checkpoint" in capsys.readouterr().err
 
 
+def test_a_run_resumed_into_a_new_folder_rolls_back_to_its_own_first_save(
+    tmp_path, images, flaky_models, capsys
+):
+    """--resume A/last.pt --out B --on-nan rollback: B has no last.pt until its first save, so
+    its first good step saves one there, as a new run's does; a streak then rolls back to it
+    instead of stopping with exit 5 "before the first checkpoint"."""
+    common = [*EDSR_TINY, "--nan-steps", "5,6", "--nan-once", "--milestones"]
+    assert run(tmp_path / "a", images, *common, "--steps", "4") == 0
+    rollback = ["--steps", "10", "--save-every", "100", "--max-bad-steps", "2",
+                "--on-nan", "rollback"]  # fmt: skip
+    resume = ["--resume", str(tmp_path / "a" / "last.pt")]
+    assert run(tmp_path / "b", images, *common, *rollback, *resume) == 0
+    assert {"step": 7, "rollback": 1, "to_step": 5, "learning_rate_scale": 0.5} in records(
+        tmp_path / "b"
+    )
+    ck = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert ck["step"] == 10 and ck["rollbacks"] == 1
+
+
+def test_a_stop_before_any_save_names_what_holds_the_run(tmp_path, images, flaky_models, capsys):
+    """--on-nan stop before this run saved: the line names no last.pt that does not exist, but
+    the checkpoint it resumed (or that nothing was saved), and suggests no --on-nan rollback to a
+    run that has it."""
+    flags = [*EDSR_TINY, "--steps", "8", "--max-bad-steps", "2", "--save-every", "100"]
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "new", images, *flags, "--nan-steps", "1,2,3")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 5 and not (tmp_path / "new" / "last.pt").exists()
+    assert err.endswith("nothing was saved: start again with a lower --learning-rate, or use "
+                        "--on-nan rollback")  # fmt: skip
+    assert run(tmp_path / "a", images, *flags, "--nan-steps", "5,6", "--steps", "4") == 0
+    resume = ["--resume", str(tmp_path / "a" / "last.pt")]
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "b", images, *flags, "--nan-steps", "5,6", *resume)
+    err = capsys.readouterr().err.strip()
+    assert (
+        e.value.code == 5 and f"{tmp_path / 'a' / 'last.pt'} still holds step 4: resume it" in err
+    )
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "c", images, *flags, "--nan-steps", "0,1,2", "--on-nan", "rollback")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 5 and "before the first checkpoint" in err
+    assert "--on-nan rollback" not in err.split("; ", 1)[1]
+
+
 def test_rollback_through_cli(tmp_path, images):
     """The same from the command line: sr_train.py in its own process, the test model registered
     first (it is not part of srspace)."""
