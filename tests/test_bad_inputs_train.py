@@ -177,6 +177,34 @@ CASES = {  # id: (flags, exit code, words of the message)
         2,
         "the critic needs HR patches of at least 17 px",
     ),  # fmt: skip
+    "varsr patch too small for the perceptual loss": (
+        {
+            "--model": "varsr",
+            "--z-dim": "8",
+            "--enc-feats": "4",
+            "--d-channels": "4",
+            "--no-pretrained": "",
+            "--patch": "7",
+        },
+        2,
+        "the VGG19 perceptual loss needs HR patches of at least 16 px (--patch x --scale); use "
+        "a larger --patch, or --lambda-per 0",
+    ),
+    "vspsr critic patch too small": (
+        {
+            "--model": "vspsr",
+            "--n-feats": None,
+            "--n-blocks": None,
+            "--n-basis": "8",
+            "--basis-channels": "4",
+            "--coef-channels": "4",
+            "--d-channels": "4",
+            "--lambda-per": "0",
+            "--patch": "3",
+        },
+        2,
+        "vspsr: the critic needs HR patches of at least 10 px",
+    ),
     # an LR patch that the model's layers cannot halve: refused before any work, not a shape
     # error inside the first step
     "flow patch odd": (

@@ -98,8 +98,16 @@ class VGGLoss(nn.Module):
     def __init__(self, vgg: nn.Module):
         super().__init__()
         self.vgg = vgg
+        # Each 2x2 max-pool before the deepest tap halves the patch: a smaller one reaches 0 px,
+        # a shape error deep inside torch.
+        self.min_size = 2 ** sum(isinstance(m, nn.MaxPool2d) for m in vgg.features)
 
     def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        if min(hr.shape[-2:]) < self.min_size:
+            raise UsageError(
+                f"the VGG19 perceptual loss needs HR patches of at least {self.min_size} px "
+                "(--patch x --scale); use a larger --patch, or --lambda-per 0"
+            )
         with torch.no_grad():
             target = self.vgg(hr)
         feats = self.vgg(sr)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sr_lib.cem import cem
+from sr_lib.errors import UsageError
 from sr_lib.models.base import ModelConfig, Prepared, Recipe, SRModel, conv_radius, halo
 from sr_lib.models.blocks import conv3x3
 from sr_lib.models.losses import (
@@ -156,7 +157,15 @@ class Discriminator(nn.Module):
             *block(4 * ch, 8 * ch, 1, 1), nn.Conv2d(8 * ch, 1, 1), nn.Sigmoid(),
         )  # fmt: skip
 
+    # Two unpadded 4x4 convolutions of stride 2 leave a pixel of a patch of at least 10 px.
+    min_size = 10
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if min(x.shape[-2:]) < self.min_size:
+            raise UsageError(
+                f"vspsr: the critic needs HR patches of at least {self.min_size} px (--patch x "
+                "--scale); use a larger --patch"
+            )
         return self.net(x).mean(dim=(1, 2, 3))
 
 
