@@ -34,7 +34,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sr_lib import __version__, distributed, metrics
-from sr_lib.checkpoint import save_checkpoint
+from sr_lib.checkpoint import is_srspace_checkpoint, save_checkpoint
 from sr_lib.config import (
     amp_emulated,
     autocast_for,
@@ -805,8 +805,7 @@ def build_training(args: TrainArgs, cfg: dict, recipe: Recipe, resumed, device):
             f"multiple of {multiple}; use --patch {fit}"
         )
     if args.init_from and resumed is None:
-        init = read_checkpoint(args.init_from)  # its averaged weights if it has them (--ema)
-        model.load_weights(init.get("ema_state_dict", init.get("state_dict", init)), args.init_from)
+        init_weights(model, args, cfg)
     if args.cuda_graphs and model.graph_key() is None:
         raise UsageError(
             f"--cuda-graphs: {args.model}'s training step changes on the host from "
@@ -818,6 +817,31 @@ def build_training(args: TrainArgs, cfg: dict, recipe: Recipe, resumed, device):
     fp16 = args.amp == "fp16" and bool(optimizers)
     scaler = torch.amp.GradScaler(device.type) if fp16 else None
     return model, optimizers, scaler
+
+
+def init_weights(model, args: TrainArgs, cfg: dict) -> None:
+    """--init-from: the weights of another run (its averaged ones if it has them, --ema), or a
+    raw state_dict. A run of another model or scale, or one whose model flags give other
+    shapes, is one line naming the flag and what differs, not a list of mismatching keys."""
+    path = args.init_from
+    init = read_checkpoint(path)
+    if is_srspace_checkpoint(init):
+        was = (init["model"], init["model_cfg"].get("scale"))
+        if was != (args.model, args.scale):
+            raise CheckpointError(
+                f"--init-from {path}: holds {was[0]} x{was[1]} weights, and this run is "
+                f"{args.model} x{args.scale}; give a checkpoint of the same model and scale"
+            )
+    try:
+        model.load_weights(init.get("ema_state_dict", init.get("state_dict", init)),
+                           f"--init-from {path}")  # fmt: skip
+    except CheckpointError as e:
+        held = init.get("model_cfg", {}) if is_srspace_checkpoint(init) else {}
+        differ = [f"--{k.replace('_', '-')} {held[k]} (this run {v})"
+                  for k, v in cfg.items() if k in held and held[k] != v]  # fmt: skip
+        if not differ:
+            raise
+        raise CheckpointError(f"{e}; its model flags differ: {', '.join(differ)}") from None
 
 
 def summary(args: TrainArgs, model, start: int, recipe: Recipe, dd, device, out: Path) -> str:

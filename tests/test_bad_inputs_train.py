@@ -134,6 +134,17 @@ CASES = {  # id: (flags, exit code, words of the message)
     "resume missing checkpoint": ({"--resume": "{tmp}/gone.pt"}, 6, "gone.pt: no such checkpoint"),
     "init from missing file": ({"--init-from": "{tmp}/gone.pt"}, 6, "gone.pt"),
     "init from a text file": ({"--init-from": "{file}"}, 6, "not a torch checkpoint"),
+    "init from another scale": (
+        {"--init-from": "{run}/last.pt", "--scale": "4"},
+        6,
+        "--init-from {run}/last.pt: holds edsr x2 weights, and this run is edsr x4; give a "
+        "checkpoint of the same model and scale",
+    ),
+    "init from another width": (
+        {"--init-from": "{run}/last.pt", "--n-feats": "16"},
+        6,
+        "its model flags differ: --n-feats 8 (this run 16)",
+    ),
     "run exists, no --resume": ({"--out": "{run}"}, 2, "already holds a run (last.pt)"),
     "resume with fewer steps": (
         {"--out": "{run}", "--resume": "auto"},
@@ -288,6 +299,7 @@ def test_one_line_and_the_exit_code(case, world, tmp_path, capsys, monkeypatch):
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if ": warning: " not in line]
     assert len(lines) == 1 and lines[0].startswith("sr_train.py: error: "), err
+    words = words.format(**world)
     assert e.value.code == (2 if code == PARSE else code) and words in lines[0], (e.value.code, err)
     if code == PARSE:
         assert not out.exists(), "a flag refused at parse time must not start any work"
