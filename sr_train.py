@@ -1550,4 +1550,8 @@ class Progress:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code
+    distributed.exit_process(code)  # without the process group's teardown, where it is still up

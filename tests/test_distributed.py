@@ -32,6 +32,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def alive(pid: str) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     d = tmp_path_factory.mktemp("hr")
@@ -111,10 +116,13 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, images
 def test_a_rank_killed_leaves_the_other_one_line_and_exit_75(tmp_path, images, victim):
     """srun's ranks (SLURM_* variables, no torchrun), one killed with SIGKILL (the kernel's
     out-of-memory killer, a node lost): the other's next collective fails. It ends with one line
-    saying what last.pt holds, exit 75, no traceback. Rank 0 also holds the rendezvous store."""
+    saying what last.pt holds, exit 75, no traceback, and its loader worker stopped. Rank 0
+    also holds the rendezvous store. (Its gloo group, left to the interpreter's exit, aborted
+    the survivor now and then: exit 134, "terminate called without an active exception".)"""
     out = tmp_path / "run"
     argv = train_cmd(out, images, "--model", "edsr", "--n-feats", "8", "--n-blocks", "1",
-                     "--steps", "100000", "--save-every", "3", nproc=0)  # fmt: skip
+                     "--steps", "100000", "--save-every", "3", "--workers", "1",
+                     nproc=0)  # fmt: skip
     slurm = {"SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "9536",
              "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}  # fmt: skip
     ranks = [subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -126,11 +134,13 @@ def test_a_rank_killed_leaves_the_other_one_line_and_exit_75(tmp_path, images, v
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) > 3):
         assert all(p.poll() is None for p in ranks), [p.communicate()[1] for p in ranks]
         time.sleep(0.05)
+    survivor = ranks[1 - victim]
+    workers = Path(f"/proc/{survivor.pid}/task/{survivor.pid}/children").read_text().split()
     ranks[victim].kill()
     ranks[victim].wait()
-    survivor = ranks[1 - victim]
     err = survivor.communicate(timeout=120)[1]
     assert survivor.returncode == 75 and len(err.splitlines()) == 1, err
+    assert len(workers) == 1 and not alive(workers[0]), "its loader worker lives on"
     assert err.startswith("sr_train.py: error: lost contact with the other processes after step ")
     if victim == 1:
         step = load_checkpoint(out / "last.pt")["step"]
@@ -138,6 +148,30 @@ def test_a_rank_killed_leaves_the_other_one_line_and_exit_75(tmp_path, images, v
     else:
         assert err.endswith(f"{out / 'last.pt'} holds rank 0's last save: continue with "
                             "--resume auto\n")  # fmt: skip
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_the_exit_with_a_process_group_up_skips_its_teardown(tmp_path, group):
+    """A run that ends on an error leaves its process group up. Left to the interpreter's
+    finalization, gloo's teardown with a peer gone aborted the process now and then (exit 134
+    in place of 75); here a stand-in teardown always aborts. The exit hooks (the loader
+    workers' stop) still run, and the exit code is the script's."""
+    code = ("import atexit, os, sys, torch.distributed as dist\n"
+            "from sr_lib import distributed\n"
+            "if sys.argv[1] == 'group':\n"
+            "    dist.init_process_group('gloo', init_method='file://' + sys.argv[2], rank=0,\n"
+            "                            world_size=1)\n"
+            "class Teardown:\n"
+            "    def __del__(self):\n"
+            "        os.abort()\n"
+            "teardown = Teardown() if sys.argv[1] == 'group' else None\n"
+            "atexit.register(print, 'exit hooks ran')\n"
+            "print('flushed', end='')\n"
+            "distributed.exit_process(75)\n")  # fmt: skip
+    argv = [sys.executable, "-c", code, "group" if group else "none", str(tmp_path / "store")]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 75, proc.stderr
+    assert proc.stdout == "flushedexit hooks ran\n"
 
 
 def test_slurm_environment_is_understood(monkeypatch):
