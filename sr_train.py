@@ -401,7 +401,8 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         else:
             held = "nothing was saved: start again with"
         raise OutOfMemory(f"step {step + 1}: out of memory; {held} a smaller --batch or --patch")
-    return finish(stopped, step, skipped, out, args, dd, say, run_log.lost if run_log else "")
+    return finish(stopped, step, steps, skipped, out, args, dd, say,
+                  run_log.lost if run_log else "")  # fmt: skip
 
 
 def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
@@ -1338,12 +1339,13 @@ def save(path: Path, step, skipped, best, model, optimizers: dict, scaler, dd, m
     })  # fmt: skip
 
 
-def finish(stopped: str | None, step: int, skipped: int, out: Path, args, dd, say,
+def finish(stopped: str | None, step: int, steps: int, skipped: int, out: Path, args, dd, say,
            log_lost: str) -> int:  # fmt: skip
     """Leave the process group; the closing line and the exit code: 7 where rank 0 could not
     write log.jsonl (`log_lost`: last.pt is saved), 75 after a signal (resume with --resume
-    auto; under SLURM the job is requeued after SIGUSR1/SIGTERM), else 0. (main() closes the
-    progress bar and the log, also on an error.)"""
+    auto; under SLURM the job is requeued after SIGUSR1/SIGTERM), else 0: also where
+    --time-budget stopped the run before `steps` (its line says to continue with --resume auto).
+    (main() closes the progress bar and the log, also on an error.)"""
     unwritable = distributed.agree(bool(log_lost), dd, all_ranks=False)  # every rank exits 7
     distributed.barrier(dd)
     distributed.cleanup(dd)
@@ -1358,6 +1360,10 @@ def finish(stopped: str | None, step: int, skipped: int, out: Path, args, dd, sa
         if dd.main and stopped in ("SIGUSR1", "SIGTERM") and args.requeue:
             requeue(say)
         return EXIT_PREEMPTED
+    if stopped == "time budget" and step < steps:
+        say(f"time budget: stopped at step {step} of {steps}, {skipped} skipped, wrote "
+            f"{out / 'last.pt'}; continue with --resume auto")  # fmt: skip
+        return 0
     say(f"done: {step} steps, {skipped} skipped, checkpoint {out / 'last.pt'}")
     return 0
 

@@ -216,6 +216,25 @@ CASES = {  # id: (flags, exit code, words of the message)
         2,
         "vspsr: the critic needs HR patches of at least 10 px",
     ),
+    "refvae discriminator patch too small": (
+        {
+            "--model": "refvae",
+            "--n-feats": None,
+            "--n-blocks": None,
+            "--width": "16",
+            "--cond-channels": "4",
+            "--latent-grid": "2",
+            "--z-dim": "8",
+            "--mask-blocks": "1",
+            "--ref-size": "16",
+            "--d-channels": "4",
+            "--no-pretrained": "",
+            "--patch": "4",
+        },
+        2,
+        "refvae: the discriminator needs HR patches of at least 16 px (--patch x --scale); use "
+        "a larger --patch",
+    ),
     # an LR patch that the model's layers cannot halve: refused before any work, not a shape
     # error inside the first step
     "flow patch odd": (

@@ -495,7 +495,8 @@ def test_signal_to_the_process_group_with_loader_workers(tmp_path, images, sig):
     assert load_checkpoint(out / "last.pt")["step"] >= 3
 
 
-def test_time_budget_saves_exits_0_and_counts_monotonic_time(tmp_path, images, monkeypatch):
+def test_time_budget_saves_exits_0_and_counts_monotonic_time(tmp_path, images, monkeypatch,
+                                                              capsys):  # fmt: skip
     """--time-budget (a job's time limit): once spent, the run saves last.pt at the step it
     reached and exits 0; --resume auto continues it. The budget is measured on a monotonic
     clock: the wall clock stepping back or forward (NTP, a VM resumed from a snapshot) neither
@@ -514,8 +515,14 @@ def test_time_budget_saves_exits_0_and_counts_monotonic_time(tmp_path, images, m
     tiny = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--steps", "6"]
     assert run(out, images, *tiny, "--time-budget", "25") == 0
     assert load_checkpoint(out / "last.pt")["step"] == 3  # 30 s > 25 s after the third step
+    # not "done": the job script (or its user) must know the run is to be continued
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"time budget: stopped at step 3 of 6, 0 skipped, wrote {out / 'last.pt'}; continue "
+        "with --resume auto"
+    )
     assert run(out, images, "--resume", "auto", "--time-budget", "0") == 0  # 0: no budget
     assert load_checkpoint(out / "last.pt")["step"] == 6
+    assert capsys.readouterr().out.splitlines()[-1].startswith("done: 6 steps")
 
 
 def test_a_bug_in_the_loop_with_loader_workers_exits_with_its_traceback(tmp_path, images):

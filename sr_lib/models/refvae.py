@@ -199,7 +199,10 @@ class Discriminator(nn.Module):
                 feats.append(h.flatten(1))
             logits.append(feats.pop())
         if not logits:
-            raise UsageError(f"refvae: the discriminator needs HR patches >= {self.MIN_SIZE} px")
+            raise UsageError(
+                f"refvae: the discriminator needs HR patches of at least {self.MIN_SIZE} px "
+                "(--patch x --scale); use a larger --patch"
+            )
         return torch.cat(logits, dim=1), feats
 
 
