@@ -645,9 +645,16 @@ def default_patch(scale: int) -> int:
     return 32 if scale >= 8 else 48
 
 
+# numpy parses a .npy header with ast.literal_eval, and CPython's AST constructor is not safe in
+# two threads at once (3.11: "SystemError: AST constructor recursion depth mismatch", python/cpython
+# issue 106905): the loading threads of a --cache read their headers one at a time.
+_NPY_HEADER = threading.Lock()
+
+
 @lru_cache(maxsize=256)  # bounded: each open memmap holds a file descriptor (ulimit is often 1024)
 def _open_npy(path: str) -> np.ndarray:
-    return np.load(path, mmap_mode="r")
+    with _NPY_HEADER:
+        return np.load(path, mmap_mode="r")
 
 
 def _npy_shape(path: Path) -> tuple[int, ...] | None:
@@ -659,7 +666,8 @@ def _npy_shape(path: Path) -> tuple[int, ...] | None:
         with open(path, "rb") as f:
             if np.lib.format.read_magic(f) != (1, 0):  # what np.save writes for such arrays
                 return ()
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            with _NPY_HEADER:
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
             size = f.tell() + int(np.prod(shape)) * dtype.itemsize
             whole = os.fstat(f.fileno()).st_size == size
     except FileNotFoundError:

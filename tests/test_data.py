@@ -700,6 +700,31 @@ def test_an_odd_sized_hr_pairs_with_its_lr_of_either_rounding(tmp_path):
         PatchPairs([tmp_path / "hr"], scale=2, patch=8, lr_dirs=[tmp_path / "x4"])
 
 
+def test_cache_headers_are_read_one_thread_at_a_time(hr_dir, tmp_path, monkeypatch):
+    """numpy parses a .npy header with ast.literal_eval, and CPython's AST constructor is not
+    safe in two threads at once: a --cache read by the loading threads failed now and then with
+    "SystemError: AST constructor recursion depth mismatch" (Python 3.11)."""
+    cache = tmp_path / "cache"
+    PatchPairs([hr_dir], scale=4, patch=8, batch=5, cache=cache)
+    real, guard, inside, most = np.lib.format.read_array_header_1_0, threading.Lock(), [0], [0]
+
+    def slow_header(f):
+        with guard:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.02)  # long enough for another thread to come in
+        try:
+            return real(f)
+        finally:
+            with guard:
+                inside[0] -= 1
+
+    monkeypatch.setattr(np.lib.format, "read_array_header_1_0", slow_header)
+    monkeypatch.setattr(data, "cpu_workers", lambda: 4)  # four loading threads on any machine
+    PatchPairs([hr_dir], scale=4, patch=8, batch=5, cache=cache)
+    assert most[0] == 1
+
+
 def test_cache_reads_memmaps_without_decoding(hr_dir, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     first = PatchPairs([hr_dir], scale=4, patch=8, batch=5, cache=cache)
