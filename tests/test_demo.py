@@ -1,7 +1,7 @@
 """The README's quick start, `bash demo.sh`, end to end with 3 EDSR steps instead of 1,000: every
 command it chains (train bicubic and EDSR, sample the demo images, evaluate) works, bicubic scores
-the numbers docs/benchmarks.md gives for it, a second run (`--resume auto`) leaves the same
-results, and a third with more STEPS trains on and samples the new checkpoint."""
+the numbers docs/benchmarks.md gives for it, and a rerun with more STEPS (`--resume auto`)
+trains on and samples the new checkpoint, bicubic's samples unchanged."""
 
 import json
 import os
@@ -34,8 +34,8 @@ def test_demo_sh_runs_end_to_end_and_again(tmp_path):
     assert bicubic["LRPSNR_mean"] == pytest.approx(41.585, abs=1e-3)
     assert methods["samples_edsr"]["mean"]["PSNR_mean"] > 10  # 3 steps: a number, not a result
     assert (out / "edsr" / "last.pt").is_file() and (out / "edsr" / "best.pt").is_file()
-    assert demo(out)["methods"] == methods  # the rerun resumes at its end: the same samples
-    # trained on (STEPS=4): a new last.pt, whose samples replace the old ones (it was refused)
+    # A rerun with more STEPS resumes at step 3 and trains on: a new last.pt, whose samples
+    # replace the old ones (they were refused: another checkpoint's folder).
     longer = demo(out, steps=4)["methods"]
     assert longer["samples_bicubic"] == methods["samples_bicubic"]
     assert longer["samples_edsr"] != methods["samples_edsr"]

@@ -150,25 +150,23 @@ def test_a_rank_killed_leaves_the_other_one_line_and_exit_75(tmp_path, images, v
                             "--resume auto\n")  # fmt: skip
 
 
-@pytest.mark.parametrize("group", [True, False])
-def test_the_exit_with_a_process_group_up_skips_its_teardown(tmp_path, group):
+def test_the_exit_with_a_process_group_up_skips_its_teardown(tmp_path):
     """A run that ends on an error leaves its process group up. Left to the interpreter's
     finalization, gloo's teardown with a peer gone aborted the process now and then (exit 134
     in place of 75); here a stand-in teardown always aborts. The exit hooks (the loader
     workers' stop) still run, and the exit code is the script's."""
     code = ("import atexit, os, sys, torch.distributed as dist\n"
             "from sr_lib import distributed\n"
-            "if sys.argv[1] == 'group':\n"
-            "    dist.init_process_group('gloo', init_method='file://' + sys.argv[2], rank=0,\n"
-            "                            world_size=1)\n"
+            "dist.init_process_group('gloo', init_method='file://' + sys.argv[1], rank=0,\n"
+            "                        world_size=1)\n"
             "class Teardown:\n"
             "    def __del__(self):\n"
             "        os.abort()\n"
-            "teardown = Teardown() if sys.argv[1] == 'group' else None\n"
+            "teardown = Teardown()\n"
             "atexit.register(print, 'exit hooks ran')\n"
             "print('flushed', end='')\n"
             "distributed.exit_process(75)\n")  # fmt: skip
-    argv = [sys.executable, "-c", code, "group" if group else "none", str(tmp_path / "store")]
+    argv = [sys.executable, "-c", code, str(tmp_path / "store")]
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 75, proc.stderr
     assert proc.stdout == "flushedexit hooks ran\n"
