@@ -415,31 +415,6 @@ def test_bad_flags_are_usage_errors(tmp_path, capsys):
     assert e.value.code == 3 and "none" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP])
-def test_signal_saves_and_exits_75_then_resumes(tmp_path, images, sig):
-    out = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "sr_train.py"), "--model", "edsr", "--n-feats", "8",
-           "--n-blocks", "1", "--data", str(images), "--scale", "2", "--patch", "8", "--batch", "2",
-           "--workers", "0", "--val-every", "0", "--log-every", "1", "--steps", "100000",
-           "--out", str(out)]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while time.time() < deadline and not (
-        (out / "log.jsonl").exists() and (out / "log.jsonl").read_text().count("\n") >= 3
-    ):
-        time.sleep(0.05)
-    os.kill(proc.pid, sig)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 75, stderr.decode()
-    assert "Traceback" not in stderr.decode()
-    step = load_checkpoint(out / "last.pt")["step"]
-    assert step >= 3
-    cmd[cmd.index("100000")] = str(step + 2)
-    done = subprocess.run(cmd + ["--resume", "auto"], cwd=REPO, capture_output=True, timeout=120)
-    assert done.returncode == 0, done.stderr.decode()
-    assert load_checkpoint(out / "last.pt")["step"] == step + 2
-
-
 def test_started_in_the_background_sigint_is_ignored_and_sigterm_still_saves(
     tmp_path, images, popen_in_background
 ):
@@ -472,10 +447,10 @@ def test_started_in_the_background_sigint_is_ignored_and_sigterm_still_saves(
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-def test_signal_to_the_process_group_with_loader_workers(tmp_path, images, sig):
+def test_signal_to_the_process_group_saves_exits_75_then_resumes(tmp_path, images, sig):
     """SLURM (and a terminal's Ctrl-C, or its closing: SIGHUP) signal every process of the job,
     the data-loader workers too: with the default --workers 2 the run must still save and exit
-    75, without a traceback."""
+    75, without a traceback, and --resume auto continues it."""
     out = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "sr_train.py"), "--model", "edsr", "--n-feats", "8",
            "--n-blocks", "1", "--data", str(images), "--scale", "2", "--patch", "8", "--batch", "2",
@@ -492,7 +467,12 @@ def test_signal_to_the_process_group_with_loader_workers(tmp_path, images, sig):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 75, stderr.decode()
     assert "Traceback" not in stderr.decode() and "killed by signal" not in stderr.decode()
-    assert load_checkpoint(out / "last.pt")["step"] >= 3
+    step = load_checkpoint(out / "last.pt")["step"]
+    assert step >= 3
+    cmd[cmd.index("100000")] = str(step + 2)
+    done = subprocess.run(cmd + ["--resume", "auto"], cwd=REPO, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    assert load_checkpoint(out / "last.pt")["step"] == step + 2
 
 
 def test_time_budget_saves_exits_0_and_counts_monotonic_time(tmp_path, images, monkeypatch,
