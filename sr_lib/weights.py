@@ -277,7 +277,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         inner = [k for k, v in sd.items() if is_tensor_dict(v)] if isinstance(sd, dict) else []
         todo = (
             f"its weights are under {inner}: save one of them alone, "
-            f"torch.save(torch.load(OLD)[{inner[0]!r}], NEW), and pass NEW"
+            f"torch.save(torch.load(OLD, weights_only=True)[{inner[0]!r}], NEW), and pass NEW"
             if inner
             else "pass a file of torch.save(model.state_dict())"
         )

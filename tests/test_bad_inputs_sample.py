@@ -43,7 +43,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
     (d / "truncated.pt").write_bytes(data[: len(data) // 2])
     (d / "notes.pt").write_text("hello\n")
     torch.save(build_model("edsr", {**TINY["edsr"], "scale": 4}).state_dict(), d / "raw.pth")
-    torch.save({"params": torch.load(d / "raw.pth")}, d / "basicsr.pth")  # a wrapped state_dict
+    wrapped = {"params": torch.load(d / "raw.pth", weights_only=True)}  # BasicSR's wrapping
+    torch.save(wrapped, d / "basicsr.pth")
     # checkpoints of a newer srspace: a config field, a model this one does not know
     cfg = {**TINY["edsr"], "scale": 4, "from_the_future": 1}
     save_checkpoint(d / "newer.pt", {"model": "edsr", "model_cfg": cfg, "state_dict": {},

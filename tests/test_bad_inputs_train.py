@@ -19,6 +19,11 @@ BASE = {"--model": "edsr", "--n-feats": "8", "--n-blocks": "1", "--scale": "2", 
         "--out": "{out}"}  # fmt: skip
 
 PARSE = "parse"  # refused when the flags are parsed: exit 2, and no run folder
+# a tiny RefVAE, for the cases of its patch sizes
+TINY_REFVAE = {"--model": "refvae", "--n-feats": None, "--n-blocks": None, "--width": "16",
+               "--cond-channels": "4", "--latent-grid": "2", "--z-dim": "8", "--mask-blocks": "1",
+               "--ref-size": "16", "--d-channels": "4", "--no-pretrained": ""}  # fmt: skip
+
 CASES = {  # id: (flags, exit code, words of the message)
     "learning rate -1": ({"--learning-rate": "-1"}, PARSE, "--learning-rate -1.0: must be"),
     "learning rate nan": ({"--learning-rate": "nan"}, PARSE, "finite number"),
@@ -218,17 +223,7 @@ CASES = {  # id: (flags, exit code, words of the message)
     ),
     "refvae discriminator patch too small": (
         {
-            "--model": "refvae",
-            "--n-feats": None,
-            "--n-blocks": None,
-            "--width": "16",
-            "--cond-channels": "4",
-            "--latent-grid": "2",
-            "--z-dim": "8",
-            "--mask-blocks": "1",
-            "--ref-size": "16",
-            "--d-channels": "4",
-            "--no-pretrained": "",
+            **TINY_REFVAE,
             "--patch": "4",
         },
         2,
@@ -256,17 +251,7 @@ CASES = {  # id: (flags, exit code, words of the message)
     ),  # fmt: skip
     "refvae patch not a multiple of 4": (
         {
-            "--model": "refvae",
-            "--n-feats": None,
-            "--n-blocks": None,
-            "--width": "16",
-            "--cond-channels": "4",
-            "--latent-grid": "2",
-            "--z-dim": "8",
-            "--mask-blocks": "1",
-            "--ref-size": "16",
-            "--d-channels": "4",
-            "--no-pretrained": "",
+            **TINY_REFVAE,
             "--patch": "10",
         },
         PARSE,
