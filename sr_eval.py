@@ -339,6 +339,8 @@ def run(args: EvalArgs) -> int:
     sigma_files = None
     if args.uncertainty:
         sigma_files = sigma_maps(args.uncertainty, stems, args.scale, args.ntire)
+    if args.report:
+        report.check_matplotlib()
     report_dir = check_out_dir(args.report, "--report") if args.report else None
     lpips_metric = None if args.no_lpips else load_lpips(args.lpips_weights, device, batch)
     columns = list(metrics.OFFICIAL_COLUMNS)

@@ -23,13 +23,10 @@ from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image
 
 from sr_lib.data import write_png, write_text
-from sr_lib.errors import OutputError, printable
+from sr_lib.errors import OutputError, UsageError, printable
 from sr_lib.metrics import downscale, official_mod
 
 THUMB = 160  # thumbnail: longest side in px
@@ -47,6 +44,18 @@ AXIS = {
     "LRPSNR_mean": "LR-PSNR, dB (higher: more consistent with the LR)",
     "PSNR_mean": "PSNR, dB",
 }
+
+
+def check_matplotlib() -> None:
+    """matplotlib draws the plots and std maps of a report only: sr_eval.py without --report runs
+    without it, and with --report a missing one is a line before any work, not a traceback."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            "--report needs the matplotlib package (its plots): pip install matplotlib, or leave "
+            "--report out"
+        ) from None
 
 
 def fmt(v: float | None, col: str) -> str:
@@ -87,6 +96,8 @@ def std_map(samples: list[np.ndarray]) -> tuple[np.ndarray, float]:
     """Per-pixel standard deviation across samples (mean over RGB, 0..255 scale) as a magma
     heat map whose white is its 99.5th percentile (a few outliers do not darken the rest), and
     that value."""
+    from matplotlib import colormaps  # (here: matplotlib is needed by --report only)
+
     h = min(s.shape[0] for s in samples)
     w = min(s.shape[1] for s in samples)
     total = np.zeros((h, w, 3), np.float64)
@@ -136,6 +147,9 @@ def contact_sheet(folder, k, stem, gt_file, gt, lr_file, lr, methods, scale) -> 
 def trade_off_plot(table, ycol: str, xcol: str, title: str, path: Path):
     """One labelled point per row of `table` [(name, temperature, n, means)] with finite
     values (the temperatures of one sweep joined in order); (points, rows left out)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     points, left_out = [], []
     for name, t, _, means in table:
         x, y = means.get(xcol), means.get(ycol)

@@ -260,6 +260,26 @@ def test_progress_bar_on_a_terminal(tmp_path):
     assert "2/2" in text and "ETA" in text and "[1/2]" not in text
 
 
+def test_without_matplotlib_eval_runs_and_report_is_one_line(tmp_path):
+    """matplotlib draws the report's plots only, but sr_eval.py imported it at start: without
+    it every run was an ImportError traceback, --report or not."""
+    hr_dir, sweep, _ = sweep_world(tmp_path, n=2)
+    blocked = "import sys, runpy; sys.modules['matplotlib'] = None; sys.argv = sys.argv[1:]; "
+    blocked += "runpy.run_path(sys.argv[0], run_name='__main__')"
+    args = ["--hr", hr_dir, "--sr", sweep / "T1", "--scale", 4, "--n", 2, "--no-lpips"]
+    cmd = [sys.executable, "-c", blocked, REPO / "sr_eval.py", *args, "--device", "cpu"]
+    ran = subprocess.run([str(a) for a in cmd], cwd=REPO, capture_output=True, text=True)
+    assert ran.returncode == 0 and ran.stderr == "", ran.stderr
+    rep = tmp_path / "report"
+    ran = subprocess.run([str(a) for a in [*cmd, "--report", rep]], cwd=REPO,
+                         capture_output=True, text=True)  # fmt: skip
+    assert ran.returncode == 2 and ran.stderr == (
+        "sr_eval.py: error: --report needs the matplotlib package (its plots): pip install "
+        "matplotlib, or leave --report out\n"
+    )
+    assert not rep.exists()  # checked before any work
+
+
 def test_real_sweep_from_sr_sample_then_report(tmp_path, capsys, lpips_file, flow_ckpt):
     """The pipeline of the README: sr_sample.py --temperature sweep (--layout ntire, inputs whose
     names share prefixes and hold spaces), then sr_eval.py --report on the sweep folder."""
