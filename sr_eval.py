@@ -241,9 +241,21 @@ def find_samples(sr_dir: Path, stems: list[str], n: int, scale: int) -> list[lis
     an ntire_index.json in the folder is checked against the HR order."""
     have = images_by_stem(sr_dir)
     layouts = [lambda k, s, i: f"{k:06d}_sample{i:05d}", lambda k, s, i: f"{s}_sample{i:05d}"]
-    if n == 1:
-        layouts += [lambda k, s, i: f"{k:06d}", lambda k, s, i: s]
-    best = best_layout([lambda k, s, f=f: f(k, s, 0) in have for f in layouts], stems)
+    single = [lambda k, s, i: f"{k:06d}", lambda k, s, i: s]  # one output per image
+    layouts += single if n == 1 else []
+
+    def found(names):
+        return best_layout([lambda k, s, f=f: f(k, s, 0) in have for f in names], stems)
+
+    best = found(layouts)
+    manifest = read_manifest(sr_dir)
+    if best is None and number(manifest.get("n")) == 1 and found(single) is not None:
+        one = single[found(single)](0, stems[0], 0)  # sr_sample.py's folder of NAME.png, N > 1
+        raise DataError(
+            f"{sr_dir}: one output per image ({one}.png: sr_sample.py with a deterministic model "
+            f"and --n 1), not {n} samples; add :1 to its --sr value (--sr {sr_dir}:1), or give "
+            "--n 1"
+        )
     if best is None:
         tried = " or ".join(f(0, stems[0], 0) + ".png" for f in layouts)
         raise DataError(
@@ -251,7 +263,6 @@ def find_samples(sr_dir: Path, stems: list[str], n: int, scale: int) -> list[lis
         )
     if best in (0, 2):
         check_index(sr_dir, stems, scale)
-    manifest = read_manifest(sr_dir)
     made = number(manifest.get("scale"))
     if made is not None and made != scale:  # without --lr, nothing else would notice
         raise DataError(

@@ -55,6 +55,13 @@ def truncate(w):
     f.write_bytes(f.read_bytes()[:60])
 
 
+def one_output_per_image(w):
+    """out/ as sr_sample.py --n 1 writes it for a deterministic model: a.png, b.png."""
+    (w / "out" / "manifest.json").write_text('{"n": 1, "scale": 4}')
+    for k, stem in enumerate(("a", "b")):
+        iio.imwrite(w / "out" / f"{stem}.png", photo(48, 64, k))
+
+
 # (case id, setup(world) or None, argv(world), exit code, text the one line must contain)
 CASES = [
     ("hr-missing", None, lambda w: args(w, hr="nope"), 3, "nope"),
@@ -203,6 +210,14 @@ CASES = [
         lambda w: args(w, "--out", w / "hr" / "a.png" / "r.json"),
         7,
         "--out",
+    ),
+    (
+        "one-output-per-image-at-n-2",  # a deterministic model's folder: the fix named, not N
+        one_output_per_image,
+        lambda w: args(w, sr="out"),
+        3,
+        "out: one output per image (a.png: sr_sample.py with a deterministic model and --n 1), "
+        "not 2 samples; add :1 to its --sr value (--sr ",
     ),
     ("report-is-a-file", None, lambda w: args(w, "--report", w / "hr" / "a.png"), 7, "--report"),
     (
