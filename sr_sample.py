@@ -47,7 +47,8 @@ continues where it stopped when rerun (--overwrite redoes everything, first dele
 named above of the images it samples, in a folder that has a manifest.json). --out may be the
 --input folder: files there named NAME_sample{i:05d}, NAME_sigma or NAME_grid (NAME another
 input's stem or a 6-digit NTIRE number) are then samples, left out of the inputs with a warning;
-a deterministic model's NAME.png would replace its input there, so that run is refused.
+a deterministic model's NAME.png would replace its input there, so that run is refused, as is
+any run that would write one of its inputs (--input FILE in --out; --from-hr given OUT/lr).
 SIGTERM, SIGUSR1 or SIGHUP stop the run with exit 75 (the files being read or written are finished
 first; PNGs are written on threads while the next samples are drawn); Ctrl-C: exit 130 (only the
 files begun are finished).
@@ -483,6 +484,7 @@ def sample(args: SampleArgs) -> int:
     mine = [(k, p) for k, p in enumerate(paths) if k % parts == part]
     settings = run_settings(args, ck, model, n, context, from_hr)
     inputs = {p.resolve() for p in paths}
+    check_inputs_kept(mine, files, args.layout, folders, out, from_hr, inputs)
     if args.layout == "stem":
         check_name_lengths([p for _, p in mine], files, from_hr, out)
     for t, folder in folders.items():
@@ -588,6 +590,25 @@ def leave_out_samples(paths: list[Path], files: "Outputs", layout: str, out: Pat
               f"{', ...' if len(own) > 1 else ''})", file=sys.stderr, flush=True)  # fmt: skip
     own_set = set(own)
     return [p for p in paths if p not in own_set]
+
+
+def check_inputs_kept(mine, files: "Outputs", layout: str, folders: dict, out: Path,
+                      from_hr: bool, inputs: set[Path]) -> None:  # fmt: skip
+    """Before any work: no file of this run is one of its inputs. A deterministic model's NAME.png
+    in the folder of an --input FILE, or --from-hr's OUT/lr/NAME.png given as --input, made the
+    input itself look complete (nothing sampled, exit 0), and --overwrite, or the LR written,
+    replaced it. (An --out that is the --input folder: leave_out_samples.)"""
+    places = {f.resolve() for f in [*folders.values(), *([out / "lr"] if from_hr else [])]}
+    if not any(p.parent in places for p in inputs):
+        return  # the usual case: no input where this run writes
+    for k, path in mine:
+        name = f"{k:06d}" if layout == "ntire" else path.stem
+        written = [f / x for f in folders.values() for x in files.all(name)]
+        written += [out / "lr" / f"{path.stem}.png"] if from_hr else []
+        for w in written:
+            if w.resolve() in inputs:
+                raise UsageError(f"--out {out}: this run would write {w}, one of its inputs, "
+                                 "and replace it; use another --out")  # fmt: skip
 
 
 def check_name_lengths(paths: list[Path], files: "Outputs", from_hr: bool, out: Path) -> None:

@@ -244,6 +244,29 @@ def test_out_in_the_input_folder_does_not_sample_its_samples(tmp_path, toy_ckpt,
     assert len(err) == 1 and "the --input folder" in err[0] and pngs(one) == ["a.png"]
 
 
+def test_no_output_is_an_input(tmp_path, bicubic_ckpt, capsys):
+    """--input FILE with --out its folder: a deterministic model's NAME.png is the input itself,
+    taken as complete (nothing sampled, exit 0), and --overwrite replaced the input with its SR;
+    --input OUT/lr --from-hr replaced each input with its own downscale. Now refused before any
+    work, the inputs intact."""
+    one = folder(tmp_path / "one", a=image((8, 8), 1))
+    run_dir = tmp_path / "run"
+    lr = folder(run_dir / "lr", a=image((16, 16), 2))
+    before = read(one / "a.png"), read(lr / "a.png")
+    cases = [
+        (["--input", one / "a.png"], one, one / "a.png"),
+        (["--input", one / "a.png", "--overwrite"], one, one / "a.png"),
+        (["--input", lr, "--from-hr"], run_dir, lr / "a.png"),
+    ]
+    for argv, out, written in cases:
+        assert run("--ckpt", bicubic_ckpt, "--n", 1, *argv, "--out", out) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"sr_sample.py: error: --out {out}: this run would write {written}, one of "
+                       "its inputs, and replace it; use another --out"]  # fmt: skip
+    assert np.array_equal(read(one / "a.png"), before[0])
+    assert np.array_equal(read(lr / "a.png"), before[1]) and pngs(run_dir) == []
+
+
 def test_overwrite_removes_the_old_runs_files_of_its_images(tmp_path, toy_ckpt):
     inp = folder(tmp_path / "in", a=image((8, 8), 1), b=image((8, 8), 2))
     out = tmp_path / "out"
