@@ -553,10 +553,12 @@ def check_sizes(gt, lr, samples, names, gt_name: str, lr_name: str | None, scale
     mod = metrics.official_mod(scale)
     lo_h, lo_w = h // mod * mod // scale, w // mod * mod // scale
     if not (lo_h <= lr.shape[0] <= up_h and lo_w <= lr.shape[1] <= up_w):
+        x_w, x_h = f"{w / lr.shape[1]:.3g}", f"{h / lr.shape[0]:.3g}"  # (an LR a row off: both)
+        ratio = f"x{x_w} of it" + ("" if x_w == x_h else f" in width, x{x_h} in height")
         raise DataError(
             f"{lr_name}: LR is {lr.shape[1]}x{lr.shape[0]} (WxH), but {gt_name} ({w}x{h}) at "
-            f"--scale {scale} needs about {w // scale}x{h // scale} (this LR is x"
-            f"{w / lr.shape[1]:.3g} of it); check --lr and --scale"
+            f"--scale {scale} needs about {w // scale}x{h // scale} (this LR is {ratio}); check "
+            "--lr and --scale"
         )
 
 

@@ -101,7 +101,14 @@ CASES = [
         "smaller",
     ),
     ("hr-is-the-lr-folder", None, lambda w: args(w, hr="lr"), 3, "larger than its ground truth"),
-    ("lr-of-another-scale", None, lambda w: args(w, "--lr", w / "lr8"), 3, "--scale 4"),
+    ("lr-of-another-scale", None, lambda w: args(w, "--lr", w / "lr8"), 3, "(this LR is x8 of it)"),
+    (
+        "lr-a-row-short",  # the ratio of the dimension that is off, not only the width's
+        lambda w: iio.imwrite(w / "lr" / "a.png", iio.imread(w / "lr" / "a.png")[:-1]),
+        lambda w: args(w, "--lr", w / "lr"),
+        3,
+        "(64x48) at --scale 4 needs about 16x12 (this LR is x4 of it in width, x4.36 in height)",
+    ),
     ("lr-missing-folder", None, lambda w: args(w, "--lr", w / "nope"), 3, "--lr"),
     (
         "lr-missing-image",
