@@ -113,12 +113,23 @@ def std_map(samples: list[np.ndarray]) -> tuple[np.ndarray, float]:
     return np.round(heat * 255).astype(np.uint8), top
 
 
+def remove_page(folder: Path) -> None:
+    """folder/index.html deleted (write_report writes the new one at the end)."""
+    try:
+        (folder / "index.html").unlink(missing_ok=True)
+    except OSError as e:
+        raise OutputError(f"{folder / 'index.html'}: cannot delete the earlier report's page "
+                          f"({e.strerror or e}); check --report") from None  # fmt: skip
+
+
 def contact_sheet(folder, k, stem, gt_file, gt, lr_file, lr, methods, scale) -> dict:
     """Write image k's panels under folder/images/{k:06d}/ and return what the page shows:
     {"stem", "panels": [(label, full, thumb)], "methods": [(name, panels, note)]}; `methods`
     is [(name, sample files, decoded samples)]. Paths are relative to folder."""
     here = Path(folder) / "images" / f"{k:06d}"
     rel = lambda p: Path(p).relative_to(folder).as_posix()  # noqa: E731
+    if k == 0:  # before the first file of an earlier report is replaced: its page goes, which
+        remove_page(Path(folder))  # would show the new files under its labels if this run stops
     if lr is None:  # the LR the official columns compare against
         mod = official_mod(scale)
         lr = downscale(gt[: gt.shape[0] // mod * mod, : gt.shape[1] // mod * mod], scale)

@@ -166,6 +166,24 @@ def test_report_without_lpips_plots_what_it_can(tmp_path, capsys, plotted):
     assert sorted(t for t, *_ in plotted[0]["labels"]) == ["sweep@T0", "sweep@T0.5", "sweep@T1"]
 
 
+def test_a_rerun_that_stops_leaves_no_page_of_the_earlier_report(tmp_path, capsys):
+    """A rerun into a report folder replaces its images one by one; one that stopped midway (a
+    bad sample of the second image) left the earlier index.html, which showed the new run's
+    samples under the earlier run's method names. Its page now goes before its first file."""
+    hr_dir, sweep, bic = sweep_world(tmp_path, n=2)
+    rep = tmp_path / "report"
+    base = ["--hr", hr_dir, "--scale", 4, "--n", 2, "--no-lpips", "--report", rep]
+    assert sr_eval.main([str(a) for a in [*base, "--sr", f"first={sweep / 'T0'}"]]) == 0
+    assert "first" in (rep / "index.html").read_text()
+    iio.imwrite(sweep / "T1" / f"{STEMS[1]}_sample00001.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(SystemExit) as e:
+        sr_eval.main([str(a) for a in [*base, "--sr", f"second={sweep / 'T1'}"]])
+    assert e.value.code == 3
+    assert not (rep / "index.html").exists()
+    replaced = rep / "images" / "000000" / "m00" / "sample00000.png"  # the new run's
+    assert replaced.read_bytes() == (sweep / "T1" / f"{STEMS[0]}_sample00000.png").read_bytes()
+
+
 def test_a_sweep_folder_with_a_top_level_run_and_auto_names(tmp_path, capsys):
     """A folder with samples at its top and T subfolders gives both; two folders of one name
     are told apart; NAME=DIR:N overrides --n for that folder only."""
