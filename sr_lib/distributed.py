@@ -1,7 +1,7 @@
 """torch.distributed for sr_train.py: torchrun or SLURM (srun) environments, no launcher of ours.
 
 torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT. Under `srun` (no torchrun) the
-same values come from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and the first host of
+same values come from SLURM_PROCID/SLURM_STEP_NUM_TASKS/SLURM_LOCALID and the first host of
 SLURM_JOB_NODELIST. Backend: NCCL on GPUs, gloo on CPU. Rank 0 logs, validates and saves.
 """
 
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from sr_lib.errors import UsageError
 
 
 @dataclass
@@ -45,13 +47,32 @@ def first_host(nodelist: str) -> str:
 
 def env_ranks() -> tuple[int, int, int] | None:
     """(rank, world size, local rank) of this process as torchrun (RANK, WORLD_SIZE, LOCAL_RANK)
-    or srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) describe it; None: a single process."""
+    or srun (SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID) describe it; None: a single
+    process. The world is srun's step, not SLURM_NTASKS: the job script itself (SLURM's batch
+    step, one process) has SLURM_NTASKS, the job's task count, and SLURM_PROCID 0 too."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        return (int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]),
+                int(env.get("SLURM_LOCALID", 0)))  # fmt: skip
     return None
+
+
+def check_not_batch_step() -> None:
+    """A job of several tasks whose script runs `python sr_train.py` without srun (or torchrun):
+    one process, where the job asked for SLURM_NTASKS. Taken for rank 0 of that many, it waited
+    silently for the others, which never come, for the process group's timeout (30 minutes),
+    deaf to SLURM's signals meanwhile (inside torch's rendezvous)."""
+    env = os.environ
+    tasks = env.get("SLURM_NTASKS", "1")
+    launched = "SLURM_STEP_NUM_TASKS" in env or ("RANK" in env and "WORLD_SIZE" in env)
+    if "SLURM_PROCID" in env and tasks.isdigit() and int(tasks) > 1 and not launched:
+        raise UsageError(
+            f"SLURM_NTASKS is {tasks} but this process was not started by srun (the job script "
+            f"runs it itself): start one process per task with `srun python sr_train.py ...` "
+            f"(or torchrun), or ask for --ntasks=1"
+        )
 
 
 def setup(use_cuda: bool) -> Dist:
@@ -59,6 +80,7 @@ def setup(use_cuda: bool) -> Dist:
     env = os.environ
     ranks = env_ranks()
     if ranks is None:
+        check_not_batch_step()
         return Dist()
     rank, world, local = ranks
     if "RANK" not in env or "WORLD_SIZE" not in env:  # srun: torch's rendezvous reads these

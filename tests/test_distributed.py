@@ -123,7 +123,8 @@ def test_a_rank_killed_leaves_the_other_one_line_and_exit_75(tmp_path, images, v
     argv = train_cmd(out, images, "--model", "edsr", "--n-feats", "8", "--n-blocks", "1",
                      "--steps", "100000", "--save-every", "3", "--workers", "1",
                      nproc=0)  # fmt: skip
-    slurm = {"SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "9536",
+    slurm = {"SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_NODELIST": "localhost",
+             "SLURM_JOB_ID": "9536",
              "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}  # fmt: skip
     ranks = [subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True, env={**os.environ, **slurm, "SLURM_PROCID": str(rank),
@@ -179,8 +180,10 @@ def test_slurm_environment_is_understood(monkeypatch):
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: calls.update(k))
     torchrun = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in torchrun}
-    env.update({"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1",
-                "SLURM_JOB_NODELIST": "gpu[12-13]", "SLURM_JOB_ID": "4242"})  # fmt: skip
+    # `srun -n 4` in a job of 8 tasks: the world is the step's tasks
+    env.update({"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "4",
+                "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[12-13]",
+                "SLURM_JOB_ID": "4242"})  # fmt: skip
     # setup() writes RANK/WORLD_SIZE/... for torch: keep them out of the real environment, where
     # they would make every later subprocess wait for a process group
     monkeypatch.setattr(os, "environ", env)
@@ -188,6 +191,32 @@ def test_slurm_environment_is_understood(monkeypatch):
     assert (d.rank, d.world, d.local_rank) == (3, 4, 1)
     assert os.environ["MASTER_ADDR"] == "gpu12" and os.environ["MASTER_PORT"] == "24242"
     assert calls == {"rank": 3, "world_size": 4}
+
+
+def test_a_job_script_without_srun_is_one_line_not_a_wait_for_other_ranks(
+    tmp_path, images, monkeypatch, capsys
+):
+    """`python sr_train.py` run by the job script itself in a job of 4 tasks (no srun): SLURM
+    sets SLURM_NTASKS=4 and SLURM_PROCID=0 there. Taken for rank 0 of 4, it waited silently, and
+    deaf to SLURM's signals, for 3 processes that never come (30 minutes, then a traceback)."""
+    import sr_train
+
+    def rendezvous(*args, **kwargs):
+        raise AssertionError("it waits for the other ranks")
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", rendezvous)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(k, raising=False)
+    batch_step = {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "4", "SLURM_PROCID": "0",
+                  "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "node[01-02]"}  # fmt: skip
+    for k, v in batch_step.items():
+        monkeypatch.setenv(k, v)
+    argv = train_cmd(tmp_path / "run", images, "--model", "edsr", "--steps", "1", nproc=0)[2:]
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert "SLURM_NTASKS is 4 but this process was not started by srun" in err
 
 
 def test_validation_best_pt_and_the_weight_average_under_two_processes(tmp_path, images):
