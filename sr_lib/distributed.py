@@ -35,14 +35,12 @@ class Dist:
 
 
 def first_host(nodelist: str) -> str:
-    """First host of a SLURM nodelist: 'gpu[003-006,9],cpu1' -> 'gpu003'."""
-    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if not m:
-        return nodelist
-    prefix, ranges = m.group(1), m.group(3)
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    """First host of a SLURM nodelist: 'gpu[003-006,9],cpu1' -> 'gpu003'. A host pattern may go
+    on after its brackets or have several: 'node[01-04]-ib' -> 'node01-ib',
+    'rack[1-2]-n[01-08]' -> 'rack1-n01'."""
+    # the first host pattern: up to the first comma outside brackets
+    pattern = re.match(r"(?:[^,\[]|\[[^\]]*\])*", nodelist.strip()).group(0)
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split("[,-]", m.group(1))[0], pattern)
 
 
 def env_ranks() -> tuple[int, int, int] | None:

@@ -176,6 +176,10 @@ def test_the_exit_with_a_process_group_up_skips_its_teardown(tmp_path):
 def test_slurm_environment_is_understood(monkeypatch):
     assert distributed.first_host("gpu[003-006,9],cpu1") == "gpu003"
     assert distributed.first_host("node7") == "node7"
+    assert distributed.first_host("node[01-02,05]") == "node01"
+    assert distributed.first_host("gpu-a1,gpu-b2") == "gpu-a1"
+    assert distributed.first_host("node[01-04]-ib,login1") == "node01-ib"
+    assert distributed.first_host("rack[1-2]-n[01-08]") == "rack1-n01"
     calls = {}
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: calls.update(k))
     torchrun = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
