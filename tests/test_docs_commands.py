@@ -104,3 +104,14 @@ def test_a_documented_command_parses(where, script, argv, capsys, monkeypatch):
     else:
         args = parse(sr_eval.EvalArgs, argv, "sr_eval.py")
         assert args.scale in (2, 3, 4, 8) and args.n >= 1, where
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples" / "slurm").glob("*.sbatch")),
+                         ids=lambda p: p.name)  # fmt: skip
+def test_a_job_script_says_to_make_its_log_folder(path):
+    """SLURM does not make the folder of `#SBATCH --output=logs/...`: without it the job fails at
+    once and writes no log at all. A script that logs into a folder says to make it."""
+    text = path.read_text()
+    folders = re.findall(r"^#SBATCH --(?:output|error)=(.+)/[^/]*$", text, re.M)
+    for folder in folders:
+        assert f"mkdir -p {folder} && sbatch {path.relative_to(REPO)}" in text, folder
