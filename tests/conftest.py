@@ -95,11 +95,20 @@ def make_batch():
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Tiny tensors: intra-op threads only spin-wait, several times slower on a busy 2-core box.
-    (Scripts run as subprocesses by the tests keep their own thread settings.)"""
+    The scripts the tests run as subprocesses get one thread too (OMP_NUM_THREADS, which
+    sr_train.py follows as a SLURM job's CPU count): two test workers, each starting a script
+    with a thread per core, made a 2-core box run four threads, and the script tests about a
+    quarter slower. A test of the thread count itself removes the variable."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
     yield
     torch.set_num_threads(threads)
+    if before is None:
+        os.environ.pop("OMP_NUM_THREADS")
+    else:
+        os.environ["OMP_NUM_THREADS"] = before
 
 
 @pytest.fixture
