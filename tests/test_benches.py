@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import imageio.v3 as iio
+import numpy as np
 import pytest
 from conftest import TINY
 
@@ -41,8 +43,14 @@ def test_bench_sample_amp_compares_each_precision_and_skips_refused_ones(tmp_pat
         state = build_model(name, cfg).state_dict()
         save_checkpoint(paths[-1], {"model": name, "model_cfg": cfg, "state_dict": state,
                                     "step": 0})  # fmt: skip
+    hr = tmp_path / "hr photos"  # two small photographs: the demo set's 3 took 3 s per run
+    hr.mkdir()
+    for i in range(2):
+        img = np.kron(np.random.default_rng(i).random((6, 8, 3)), np.ones((8, 8, 1)))
+        iio.imwrite(hr / f"im{i}.png", (img * 255).astype(np.uint8))
     r = bench("bench_sample_amp.py", "--ckpt", *paths, "--n", 2, "--amp", "bf16", "fp16",
-              cwd=tmp_path)  # fmt: skip
+              "--input", hr, cwd=tmp_path)  # fmt: skip
+    assert r["input"] == str(hr)
     edsr, srflow = (r["models"][f"{name} ({p})"] for name, p in zip(("edsr", "srflow"), paths))
     for row, amps in ((edsr, ("bf16", "fp16")), (srflow, ("bf16",))):
         assert row["none"]["PSNR"] > 0 and row["none"]["seconds"] > 0

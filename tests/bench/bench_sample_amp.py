@@ -1,7 +1,8 @@
 """Benchmark: `sr_sample.py --amp bf16` and `--amp fp16` against float32 on the demo images.
 
 For each checkpoint: sr_sample.py (the real command) draws --n samples of the demo validation
-photographs (HR cropped to a multiple of 8, LR its MATLAB-bicubic downscale) in float32 and with
+photographs, or of the HR images in --input (`--from-hr`: HR cropped to a multiple of 8, LR its
+MATLAB-bicubic downscale) in float32 and with
 each `--amp` of --amp, on the same seeds; every sample is scored as sr_eval.py does
 (`sr_lib.metrics.evaluate_image`: PSNR against the HR with a `scale`-px shave, NTIRE LR-PSNR).
 Reports per model the means over images and samples, their change under each --amp, the largest
@@ -10,7 +11,7 @@ dtype is slow: the times say nothing about a GPU). The demo images are a
 smoke test, not a benchmark of quality. Prints one JSON object.
 
     python tests/bench/bench_sample_amp.py --ckpt runs/edsr/last.pt runs/srflow/last.pt [--n 10]
-        [--amp bf16 fp16]
+        [--amp bf16 fp16] [--input HR_FOLDER]
 """
 
 import argparse
@@ -31,9 +32,10 @@ from sr_lib.metrics import evaluate_image  # noqa: E402
 from sr_lib.models import MODELS, read_checkpoint  # noqa: E402
 
 
-def run(ckpt: str, amp: str, n: int, out: Path, device: str) -> tuple[Path, float]:
+def run(ckpt: str, source: str, amp: str, n: int, out: Path, device: str) -> tuple[Path, float]:
     t0 = time.time()
-    argv = ["--ckpt", ckpt, "--input", "demo", "--n", str(n), "--amp", amp, "--device", device]
+    argv = ["--ckpt", ckpt, "--input", source, "--from-hr", "--n", str(n), "--amp", amp,
+            "--device", device]  # fmt: skip
     with contextlib.redirect_stdout(sys.stderr):  # its progress lines: stdout is the JSON
         code = sr_sample.main([*argv, "--out", str(out)])
     if code != 0:
@@ -41,10 +43,10 @@ def run(ckpt: str, amp: str, n: int, out: Path, device: str) -> tuple[Path, floa
     return out, time.time() - t0
 
 
-def scores(folder: Path, scale: int, n: int) -> tuple[dict, dict]:
+def scores(folder: Path, source: str, scale: int, n: int) -> tuple[dict, dict]:
     """Mean PSNR and LR-PSNR over images and samples, and the sample arrays by file name."""
     psnrs, lr_psnrs, arrays = [], [], {}
-    for stem, hr, _ in load_pairs("demo", scale):
+    for stem, hr, _ in load_pairs(source, scale):
         names = [f"{stem}_sample{i:05d}.png" for i in range(n)]
         if not (folder / names[0]).is_file():
             names = [f"{stem}.png"]  # a deterministic model with --n 1
@@ -62,8 +64,15 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", nargs="+", default=["bf16", "fp16"], choices=["bf16", "fp16"])
+    parser.add_argument("--input", default="demo", help="HR folder (default: the demo val set)")
     args = parser.parse_args()
-    result = {"n": args.n, "device": args.device, "load_average": os.getloadavg(), "models": {}}
+    result = {
+        "input": args.input,
+        "n": args.n,
+        "device": args.device,
+        "load_average": os.getloadavg(),
+        "models": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for k, ckpt in enumerate(args.ckpt):
             ck = read_checkpoint(ckpt)
@@ -74,8 +83,9 @@ def main() -> None:
             row.update({a: "refused by sr_sample.py (fits_float16 False)" for a in args.amp
                         if a not in amps})  # fmt: skip
             for amp in ("none", *amps):
-                folder, seconds = run(ckpt, amp, args.n, Path(tmp) / f"{k}_{amp}", args.device)
-                row[amp], arrays[amp] = scores(folder, scale, args.n)
+                folder, seconds = run(ckpt, args.input, amp, args.n, Path(tmp) / f"{k}_{amp}",
+                                      args.device)  # fmt: skip
+                row[amp], arrays[amp] = scores(folder, args.input, scale, args.n)
                 row[amp]["seconds"] = round(seconds, 1)
             for amp in amps:
                 for key in ("PSNR", "LRPSNR"):
