@@ -518,7 +518,18 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
         )
     if not files:
         exts = "/".join(e[1:] for e in IMAGE_EXTENSIONS)
-        raise DataError(f"{folder}: no images found ({exts}{', recursively' if recursive else ''})")
+        deeper = [] if recursive else (
+            p for p in _walk(folder, True, []) if p.suffix.lower() in IMAGE_EXTENSIONS
+        )  # fmt: skip
+        first = next(iter(deeper), None)  # a dataset one level down (DIV2K/DIV2K_valid_HR/...)
+        where = (
+            f"; subfolders are not searched: give the one holding them ({first.parent})"
+            if first
+            else ""
+        )
+        raise DataError(
+            f"{folder}: no images found ({exts}{', recursively' if recursive else ''}){where}"
+        )
     return sorted(files, key=lambda p: image_order(p.relative_to(folder)))
 
 

@@ -506,6 +506,21 @@ def test_list_images(tmp_path):
     assert [p.name for p in list_images(tmp_path, recursive=False)] == ["a.JpG", "b.PNG"]
 
 
+def test_a_folder_whose_images_are_one_level_down_says_so(tmp_path):
+    """sr_sample.py --input and sr_eval.py --hr/--sr read one folder, not its subfolders: a
+    dataset given one level too high (DIV2K/ for DIV2K/DIV2K_valid_HR/) said only 'no images
+    found'. The line now names a subfolder that holds them."""
+    (tmp_path / "DIV2K" / "DIV2K_valid_HR").mkdir(parents=True)
+    (tmp_path / "DIV2K" / "DIV2K_valid_HR" / "0801.png").write_bytes(b"")
+    with pytest.raises(DataError) as e:
+        list_images(tmp_path / "DIV2K", recursive=False)
+    assert str(e.value) == (
+        f"{tmp_path / 'DIV2K'}: no images found (png/jpg/jpeg/bmp/tif/tiff/webp); subfolders are "
+        f"not searched: give the one holding them ({tmp_path / 'DIV2K' / 'DIV2K_valid_HR'})"
+    )
+    assert [p.name for p in list_images(tmp_path / "DIV2K")] == ["0801.png"]  # --data: searched
+
+
 def test_list_images_orders_by_stem_everywhere(tmp_path):
     """cat.png / cat-2.png and photo.png / photo (1).png sort by stem (the NTIRE index order)."""
     for name in ["cat-2.png", "cat.png", "photo (1).png", "photo.png", "b.png"]:
