@@ -142,6 +142,32 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return _to_rgb8(arr, path)
 
 
+def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """The (H, W) of the image `read_image` returns for this file, from its header alone: no
+    pixel is decoded (0.1 to 1 ms a file). EXIF orientation included: a quarter turn swaps them.
+    None where the header cannot tell: a file Pillow cannot open or read_image refuses by its
+    size (read_image says why), a PNG with a chunk that may hold an orientation (Pillow finds one
+    after the pixel data only by decoding them)."""
+    try:
+        tags = _tiff_tags(Path(path))  # read_image turns TIFFs by their tag 274, as Pillow does
+        if tags is not None:
+            w, h, orientation = tags[256], tags[257], tags.get(274, 1)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    (w, h), orientation = im.size, 1
+                    if im.format != "PNG":
+                        orientation = im.getexif().get(0x0112, 1)  # JPEG, WebP: in the header
+                    elif any(_may_orient(k, c) for k, c in _png_chunks(im.fp.fileno())):
+                        return None
+    except Exception:  # Pillow raises many types for broken headers
+        return None
+    if MAX_PIXELS is None or w * h > MAX_PIXELS:
+        return None
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+
+
 def _png_bit_depth(path: Path) -> int | None:
     with open(path, "rb") as f:
         head = f.read(25)  # signature (8), IHDR length + type (8), width, height (8), bit depth
@@ -266,12 +292,18 @@ def _read_tiff(path: Path, tags: dict) -> np.ndarray:
     return _upright(arr, tags.get(274, 1))  # 274: Orientation
 
 
-def _png_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """(type, start of the payload: at most 80 bytes) of each chunk of a PNG, up to IEND."""
+def _png_chunks(data: bytes | int) -> Iterator[tuple[bytes, bytes]]:
+    """(type, start of the payload: at most 80 bytes) of each chunk of a PNG, up to IEND. `data`:
+    the file's bytes, or an open file's descriptor, of which only each chunk's first 88 bytes are
+    read (`image_size`: 0.2 ms for a PNG of 7 MB in Pillow's 64 KiB chunks, 1 ms in libpng's 8 KiB
+    ones; decoding it takes 150 ms)."""
     pos = 8  # after the signature
-    while pos + 8 <= len(data):
-        length, kind = struct.unpack_from(">I4s", data, pos)
-        yield kind, data[pos + 8 : pos + 8 + min(length, 80)]
+    while True:
+        head = data[pos : pos + 88] if isinstance(data, bytes) else os.pread(data, 88, pos)
+        if len(head) < 8:
+            break
+        length, kind = struct.unpack_from(">I4s", head)
+        yield kind, head[8 : 8 + min(length, 80)]
         if kind == b"IEND":
             break
         pos += 12 + length

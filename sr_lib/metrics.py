@@ -518,11 +518,43 @@ def official_mod(scale: int) -> int:
     return math.lcm(NTIRE_MOD, scale)
 
 
-def _need_size(img: ARRAY, h: int, w: int, name: str, why: str) -> None:
-    if img.shape[0] < h or img.shape[1] < w:
+def check_image_sizes(
+    gt_size: tuple[int, int],
+    sample_sizes: Sequence[tuple[int, int]],
+    scale: int,
+    lpips: bool = False,
+    ntire: bool = False,
+    shave: int | None = None,
+    names: Sequence[str] | None = None,
+    gt_name: str = "ground truth",
+) -> None:
+    """The size conditions of `evaluate_image` (its arguments, with the ground truth's and the
+    samples' (H, W) for the arrays, `lpips` for an LPIPS metric): a DataError naming the file.
+    From sizes alone, so that sr_eval.py checks every image from its files' headers before it
+    scores the first one; evaluate_image checks them again on the decoded arrays."""
+    names = list(names) if names is not None else [f"sample {i}" for i in range(len(sample_sizes))]
+    mod = official_mod(scale)
+    h8, w8 = gt_size[0] // mod * mod, gt_size[1] // mod * mod
+    if h8 == 0 or w8 == 0:
+        raise DataError(f"{gt_name}: {gt_size[1]}x{gt_size[0]} is under {mod} px in one dimension")
+    if lpips and min(h8, w8) < LPIPS_MIN_SIZE:
+        raise DataError(f"{gt_name}: the {w8}x{h8} crop is too small for LPIPS (min 32x32)")
+    for (h, w), name in zip(sample_sizes, names):
+        if h < h8 or w < w8:
+            raise DataError(
+                f"{name}: SR is {w}x{h} (WxH), smaller than the {w8}x{h8} ground-truth crop (to "
+                f"a multiple of {mod}, for the official columns)"
+            )
+    if ntire:
+        return
+    shave = scale if shave is None else shave
+    hs = min([gt_size[0] // scale * scale] + [h for h, _ in sample_sizes])
+    ws = min([gt_size[1] // scale * scale] + [w for _, w in sample_sizes])
+    if min(hs, ws) - 2 * shave < 11:  # SSIM's 11x11 window
+        fits = (min(hs, ws) - 11) // 2  # the largest shave that leaves 11 px
+        hint = f"use --shave {fits} or less" if fits >= 0 else "use --ntire (no PSNR/SSIM columns)"
         raise DataError(
-            f"{name}: SR is {img.shape[1]}x{img.shape[0]} (WxH), smaller than the {w}x{h} "
-            f"ground-truth crop {why}"
+            f"{gt_name}: {ws}x{hs} minus a {shave} px shave is too small for SSIM (11x11); {hint}"
         )
 
 
@@ -584,16 +616,12 @@ def evaluate_image(
     names = list(names) if names is not None else [f"sample {i}" for i in range(len(samples))]
     if len(samples) == 0:
         raise DataError("no samples to evaluate")
+    sizes = [img.shape[:2] for img in samples]
+    lpips = lpips_metric is not None
+    check_image_sizes(gt.shape[:2], sizes, scale, lpips, ntire, shave, names, gt_name)
     mod = official_mod(scale)
     h8, w8 = gt.shape[0] // mod * mod, gt.shape[1] // mod * mod
-    if h8 == 0 or w8 == 0:
-        raise DataError(
-            f"{gt_name}: {gt.shape[1]}x{gt.shape[0]} is under {mod} px in one dimension"
-        )
-    if lpips_metric is not None and min(h8, w8) < LPIPS_MIN_SIZE:
-        raise DataError(f"{gt_name}: the {w8}x{h8} crop is too small for LPIPS (min 32x32)")
     for img, name in zip(samples, names):
-        _need_size(img, h8, w8, name, f"(to a multiple of {mod}, for the official columns)")
         if img.shape[0] > h8 + mod - 1 or img.shape[1] > w8 + mod - 1:
             warn(
                 f"{name}: SR {img.shape[1]}x{img.shape[0]} is larger than the ground truth "
@@ -624,15 +652,9 @@ def evaluate_image(
     if ntire:
         return row
 
-    shave = scale if shave is None else shave
+    shave = scale if shave is None else shave  # (big enough: check_image_sizes)
     hs = min([gt.shape[0] // scale * scale] + [img.shape[0] for img in samples])
     ws = min([gt.shape[1] // scale * scale] + [img.shape[1] for img in samples])
-    if min(hs, ws) - 2 * shave < 11:  # SSIM's 11x11 window
-        fits = (min(hs, ws) - 11) // 2  # the largest shave that leaves 11 px
-        hint = f"use --shave {fits} or less" if fits >= 0 else "use --ntire (no PSNR/SSIM columns)"
-        raise DataError(
-            f"{gt_name}: {ws}x{hs} minus a {shave} px shave is too small for SSIM (11x11); {hint}"
-        )
 
     def prep(img: ARRAY) -> ARRAY:
         img = shave_border(img[:hs, :ws], shave)

@@ -430,6 +430,30 @@ def test_rgb_pngs_whose_pixels_pillow_could_change_take_pillow(tmp_path, libpng_
     assert libpng_calls == []
 
 
+def test_image_size_is_read_images_size_from_the_header(tmp_path, monkeypatch):
+    """sr_eval.py checks every file's size before it decodes any (data.image_size): the size
+    read_image gives, EXIF orientation included, or None where only decoding could tell."""
+    img = rand_img(20, 36)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a quarter turn: read_image gives 36 rows by 20 columns
+    for name in ("turned.jpg", "turned.webp", "plain.bmp", "plain.png", "gray.png"):
+        turn = {"exif": exif} if "turned" in name else {}
+        Image.fromarray(img[..., 0] if "gray" in name else img).save(tmp_path / name, **turn)
+    write_tiff(tmp_path / "turned.tif", img, orientation=6)
+    write_tiff(tmp_path / "float.tif", (img / 255).astype(np.float32))  # Pillow cannot open it
+    write_png16(tmp_path / "wide.png", img.astype(np.uint16) * 257)
+    for f in sorted(tmp_path.iterdir()):
+        want = (36, 20) if "turned" in f.name else (20, 36)
+        assert data.image_size(f) == read_image(f).shape[:2] == want, f.name
+    raw = (tmp_path / "wide.png").read_bytes()  # an orientation after the pixel data
+    (tmp_path / "late.png").write_bytes(raw[:-12] + png_chunk(b"eXIf", exif.tobytes()) + raw[-12:])
+    assert read_image(tmp_path / "late.png").shape[:2] == (36, 20)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    assert data.image_size(tmp_path / "late.png") is data.image_size(tmp_path / "bad.png") is None
+    monkeypatch.setattr(data, "MAX_PIXELS", 100)  # read_image refuses it: its line, not a size
+    assert data.image_size(tmp_path / "plain.png") is None
+
+
 def test_unicode_and_spaces_in_names(tmp_path):
     img = rand_img(10, 12)
     path = tmp_path / "dir with space" / "bild ü 猫.png"

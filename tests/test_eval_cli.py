@@ -22,6 +22,7 @@ import numpy as np
 import png
 import pytest
 import torch
+from PIL import Image
 
 import sr_eval
 from sr_lib import data
@@ -711,9 +712,11 @@ def test_piped_into_head_the_files_are_still_written(tmp_path):
             )
 
 
-def test_wrong_folders_give_errors_not_numbers(tmp_path, capsys):
+def test_wrong_folders_give_errors_not_numbers(tmp_path, capsys, monkeypatch):
     """Issue 20 item 10: --hr given the LR folder (the samples are 4x its size) and --scale 4
-    with an x8 LR folder: one line naming the file and both sizes, exit 3."""
+    with an x8 LR folder: one line naming the file and both sizes, exit 3. Checked here as the
+    scoring checks the decoded images (the headers unread: as for a file that changed since)."""
+    monkeypatch.setattr(sr_eval, "image_size", lambda path: None)
     hr_dir, lr_dir, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64), (48, 64)))
     for f in lr_dir.iterdir():  # LR files named as their HR, the usual LR folder
         f.rename(lr_dir / f.name.replace("x4", ""))
@@ -732,3 +735,89 @@ def test_wrong_folders_give_errors_not_numbers(tmp_path, capsys):
     assert code == 3 and err.count("\n") == 1
     assert "0801.png: LR is 8x6" in err and "(64x48) at --scale 4" in err and "x8" in err
     assert run(capsys, *args[:-1], lr_dir)[0] == 0  # the right LR folder
+
+
+def last_hr(h, w, text):
+    """The last image (HR and samples) h x w: at 15 x 90 its mod-8 crop 88x8 is too small for
+    LPIPS; at 16 x 64 the 4 px shave on each border leaves 8 rows, under SSIM's 11."""
+
+    def setup(hr_dir, lr_dir, sr_dir):
+        hr = make_hr(h, w, seed=2)
+        iio.imwrite(hr_dir / "0803.png", hr)
+        for f in sr_dir.glob("000002_*"):
+            iio.imwrite(f, hr)
+        return hr_dir / "0803.png", text
+
+    return setup
+
+
+def last_sample_resized(rows):
+    def setup(hr_dir, lr_dir, sr_dir):
+        f = sr_dir / "000002_sample00001.png"
+        img = iio.imread(f)
+        iio.imwrite(f, np.pad(img, ((0, 16), (0, 0), (0, 0))) if rows > 0 else img[:rows])
+        return f, "larger than its ground truth" if rows > 0 else "smaller than the 56x40"
+
+    return setup
+
+
+def lr_of_another_scale(hr_dir, lr_dir, sr_dir):
+    f = lr_dir / "0803x4.png"
+    iio.imwrite(f, imresize(read_image(hr_dir / "0803.png"), 1 / 8))
+    return f, "LR is 7x5 (WxH)"
+
+
+@pytest.mark.parametrize(
+    "setup, extra",
+    [
+        (last_hr(15, 90, "the 88x8 crop is too small for LPIPS"), ["--lpips-weights", "LPIPS"]),
+        (last_sample_resized(16), ["--no-lpips"]),
+        (last_sample_resized(-8), ["--no-lpips"]),
+        (lr_of_another_scale, ["--no-lpips", "--lr", "LR"]),
+        (last_hr(16, 64, "64x16 minus a 4 px shave is too small for SSIM"), ["--no-lpips"]),
+    ],
+    ids=["hr-too-small-for-lpips", "sample-too-large", "sample-too-small", "lr-x8", "ssim"],
+)
+def test_a_wrong_size_in_the_last_image_stops_the_run_before_the_first_is_scored(
+    tmp_path, capsys, monkeypatch, lpips_file, setup, extra
+):
+    """Every size check of the scoring is made from the files' headers first: a wrong size in
+    image 57 of 100 stopped the run only when it was reached, after half an hour of scoring on a
+    CPU, all of it lost. Now the same line comes before any image is decoded or the LPIPS model
+    is loaded; the scoring checks the decoded images again (a file could change)."""
+    hr_dir, lr_dir, sr_dir = make_set(tmp_path, n=2, **THREE)
+    bad, text = setup(hr_dir, lr_dir, sr_dir)
+    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--device", "cpu"]
+    argv += [{"LPIPS": lpips_file, "LR": lr_dir}.get(a, a) for a in extra]
+    argv += ["--out", tmp_path / "r.json", "--report", tmp_path / "R"]
+    decoded, loaded = [], []
+    read, load = data.read_image, sr_eval.load_lpips
+    monkeypatch.setattr(data, "read_image", lambda p: decoded.append(p) or read(p))
+    monkeypatch.setattr(sr_eval, "load_lpips", lambda *a: loaded.append(a) or load(*a))
+    with pytest.raises(SystemExit) as e:
+        sr_eval.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert e.value.code == 3 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"sr_eval.py: error: {bad}: ") and text in err, err
+    assert "[1/3]" not in out and decoded == [] and loaded == []
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "R").exists()
+    # the line the scoring's own check gives (headers unread), after the images before it
+    monkeypatch.setattr(sr_eval, "image_size", lambda p: None, raising=False)
+    with pytest.raises(SystemExit) as e:
+        sr_eval.main([str(a) for a in argv])
+    late = capsys.readouterr()
+    assert e.value.code == 3 and late.err == err and "[2/3] 0802" in late.out
+
+
+def test_an_hr_turned_by_its_exif_orientation_is_checked_upright(tmp_path, capsys):
+    """A JPEG's header holds its size before its EXIF orientation turns it: 48 rows by 64
+    columns stored as 64 by 48. Checked as stored, the samples would be 'larger' than it."""
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2)
+    hr = read_image(hr_dir / "0801.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turn 90 degrees clockwise on display: store it turned the other way
+    Image.fromarray(np.rot90(hr)).save(hr_dir / "0801.jpg", exif=exif, quality=100)
+    (hr_dir / "0801.png").unlink()
+    assert Image.open(hr_dir / "0801.jpg").size == (48, 64)  # (W, H) as stored
+    code, cap = run(capsys, *base(hr_dir, sr_dir))
+    assert code == 0 and cap.err == ""

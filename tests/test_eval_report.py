@@ -169,13 +169,15 @@ def test_report_without_lpips_plots_what_it_can(tmp_path, capsys, plotted):
 def test_a_rerun_that_stops_leaves_no_page_of_the_earlier_report(tmp_path, capsys):
     """A rerun into a report folder replaces its images one by one; one that stopped midway (a
     bad sample of the second image) left the earlier index.html, which showed the new run's
-    samples under the earlier run's method names. Its page now goes before its first file."""
+    samples under the earlier run's method names. Its page now goes before its first file.
+    (A wrong size stops a run before its first file: sr_eval.check_headers.)"""
     hr_dir, sweep, bic = sweep_world(tmp_path, n=2)
     rep = tmp_path / "report"
     base = ["--hr", hr_dir, "--scale", 4, "--n", 2, "--no-lpips", "--report", rep]
     assert sr_eval.main([str(a) for a in [*base, "--sr", f"first={sweep / 'T0'}"]]) == 0
     assert "first" in (rep / "index.html").read_text()
-    iio.imwrite(sweep / "T1" / f"{STEMS[1]}_sample00001.png", np.zeros((8, 8, 3), np.uint8))
+    bad = sweep / "T1" / f"{STEMS[1]}_sample00001.png"  # truncated: its header is whole
+    bad.write_bytes(bad.read_bytes()[:100])
     with pytest.raises(SystemExit) as e:
         sr_eval.main([str(a) for a in [*base, "--sr", f"second={sweep / 'T1'}"]])
     assert e.value.code == 3
