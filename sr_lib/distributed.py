@@ -10,12 +10,15 @@ import gc
 import os
 import re
 import sys
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from sr_lib.errors import UsageError
+from sr_lib.threads import result
 
 
 @dataclass
@@ -90,9 +93,38 @@ def setup(use_cuda: bool) -> Dist:
         return Dist()
     if use_cuda:
         torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
-    host_group = dist.new_group(backend="gloo") if use_cuda else None
+    host_group = meet("nccl" if use_cuda else "gloo", rank, world, local if use_cuda else None)
     return Dist(rank, world, local, host_group)
+
+
+_meeting = {"thread": None}  # `meet`'s thread: alive while it waits for the other ranks
+
+
+def meet(backend: str, rank: int, world: int, device: int | None):
+    """init_process_group, and with NCCL the gloo group for `agree` (returned): they wait for
+    every rank to start, minutes where a node imports torch from a slow file system, the process
+    group's timeout (30 minutes for gloo) for one that never comes. Python runs signal handlers
+    in the main thread only, between bytecodes: waiting in torch's call, SLURM's SIGTERM/SIGUSR1
+    and Ctrl-C went unheard until it returned. So the ranks meet in a helper thread, and the
+    main thread waits in 0.1 s slices (sr_lib/threads.py `result`): a signal's handler stops the
+    run at once. The thread is then left waiting (a daemon: nothing joins it), and
+    `exit_process` skips the interpreter's finalization, which would run C++ destructors under
+    it. A failure (a timeout, a MASTER_ADDR that does not answer) is raised here as torch
+    raised it."""
+    future = Future()
+
+    def run():
+        try:
+            if device is not None:  # CUDA's current device is per thread: this one's too
+                torch.cuda.set_device(device)
+            dist.init_process_group(backend, rank=rank, world_size=world)
+            future.set_result(dist.new_group(backend="gloo") if device is not None else None)
+        except BaseException as e:
+            future.set_exception(e)
+
+    _meeting["thread"] = threading.Thread(target=run, name="rendezvous", daemon=True)
+    _meeting["thread"].start()
+    return result(future)
 
 
 def agree(flag: bool, d: Dist, all_ranks: bool = True) -> bool:
@@ -189,8 +221,11 @@ def exit_process(code) -> None:
     without an active exception", exit 134 in place of 75: 1 in about 40 runs of
     tests/test_distributed.py's lost-rank test). The script's files are closed by then, so the
     process ends as the interpreter would, less that finalization: the exit hooks run (data
-    loader workers stopped, sr_lib/data.py), the standard streams are flushed, then os._exit."""
-    if not (dist.is_available() and dist.is_initialized()) or not isinstance(code, int):
+    loader workers stopped, sr_lib/data.py), the standard streams are flushed, then os._exit.
+    The same while `meet`'s thread still waits for the other ranks (a signal stopped the run)."""
+    meeting = _meeting["thread"] is not None and _meeting["thread"].is_alive()
+    up = dist.is_available() and dist.is_initialized()
+    if not (up or meeting) or not isinstance(code, int):
         raise SystemExit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

@@ -153,6 +153,69 @@ def test_a_rank_killed_leaves_the_other_one_line_and_exit_75(tmp_path, images, v
                             "--resume auto\n")  # fmt: skip
 
 
+def listening(port: int) -> bool:
+    """Whether a socket of this machine listens on TCP `port` (asked of the kernel: a connection
+    would be a client of torch's store)."""
+    rows = [line.split() for f in ("tcp", "tcp6") for line in open(f"/proc/net/{f}")]
+    return any(r[1].endswith(f":{port:04X}") and r[3] == "0A" for r in rows[1:] if len(r) > 3)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_while_the_ranks_meet_stops_at_once(tmp_path, images, signum):
+    """srun's rank 0 of 2 whose peer has not started (its node imports torch from a slow file
+    system, or never comes) waits in torch's rendezvous, up to the process group's timeout (30
+    minutes). SLURM's SIGTERM to the process group, or Ctrl-C in an interactive srun, went
+    unheard there: Python runs signal handlers only when torch's call returns. It stops at once,
+    as elsewhere before the first step: one line, exit 75 and the job requeued (SIGINT: 130)."""
+    bin_dir = tmp_path / "bin"  # a stand-in for SLURM's scontrol, which notes its arguments
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.txt"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    port = free_port()
+    argv = train_cmd(tmp_path / "run", images, "--model", "edsr", "--n-feats", "8",
+                     "--n-blocks", "1", "--steps", "1", nproc=0)  # fmt: skip
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NTASKS": "2",
+           "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+           "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "4242", "MASTER_PORT": str(port),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    p = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + 60
+        while not listening(port):  # rank 0's store is up: it waits for rank 1 in torch's call
+            assert p.poll() is None and time.time() < deadline, p.communicate()
+            time.sleep(0.05)
+        os.killpg(p.pid, signum)
+        out, err = p.communicate(timeout=10)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    scontrol = tmp_path / "scontrol.txt"
+    if signum == signal.SIGINT:
+        assert p.returncode == 130 and err == "sr_train.py: interrupted\n", err
+        assert not scontrol.exists()
+    else:
+        assert p.returncode == 75 and err == (
+            "sr_train.py: error: stopped by SIGTERM before the first step, nothing to save; "
+            "continue with --resume auto\n"
+        ), err
+        assert "requeued SLURM job 4242" in out and scontrol.read_text() == "requeue 4242\n"
+
+
+def test_a_failed_rendezvous_is_raised_as_torch_raised_it(monkeypatch):
+    """The ranks meet in a helper thread (`distributed.meet`): its failure (the master did not
+    answer in time) reaches the caller as it was."""
+    failure = torch.distributed.DistNetworkError("The client socket has timed out after 3000ms")
+
+    def rendezvous(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", rendezvous)
+    with pytest.raises(torch.distributed.DistNetworkError) as e:
+        distributed.meet("gloo", 1, 2, None)
+    assert e.value is failure
+
+
 def test_the_exit_with_a_process_group_up_skips_its_teardown(tmp_path):
     """A run that ends on an error leaves its process group up. Left to the interpreter's
     finalization, gloo's teardown with a peer gone aborted the process now and then (exit 134
