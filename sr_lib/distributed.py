@@ -2,7 +2,8 @@
 
 torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT. Under `srun` (no torchrun) the
 same values come from SLURM_PROCID/SLURM_STEP_NUM_TASKS/SLURM_LOCALID and the first host of
-SLURM_JOB_NODELIST. Backend: NCCL on GPUs, gloo on CPU. Rank 0 logs, validates and saves.
+the step's nodes, SLURM_STEP_NODELIST (else SLURM_JOB_NODELIST). Backend: NCCL on GPUs, gloo
+on CPU. Rank 0 logs, validates and saves.
 """
 
 import atexit
@@ -85,7 +86,10 @@ def setup(use_cuda: bool) -> Dist:
         return Dist()
     rank, world, local = ranks
     if "RANK" not in env or "WORLD_SIZE" not in env:  # srun: torch's rendezvous reads these
-        env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
+        # The step's nodes: srun may run on a part of the job's (--relative, --nodelist), where
+        # the job's first node runs no rank to answer.
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+        env.setdefault("MASTER_ADDR", first_host(nodes))
         # A job-specific port, so two jobs sharing a node do not collide.
         env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
         env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world), str(local)

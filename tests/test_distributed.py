@@ -260,6 +260,13 @@ def test_slurm_environment_is_understood(monkeypatch):
     assert (d.rank, d.world, d.local_rank) == (3, 4, 1)
     assert os.environ["MASTER_ADDR"] == "gpu12" and os.environ["MASTER_PORT"] == "24242"
     assert calls == {"rank": 3, "world_size": 4}
+    # `srun --relative 1 -N 1` (or --nodelist): the step runs on a part of the job's nodes, whose
+    # first one holds rank 0's store
+    env.update({"SLURM_STEP_NODELIST": "gpu13"})
+    for k in torchrun:
+        env.pop(k, None)
+    distributed.setup(use_cuda=False)
+    assert os.environ["MASTER_ADDR"] == "gpu13"
 
 
 def test_a_job_script_without_srun_is_one_line_not_a_wait_for_other_ranks(
