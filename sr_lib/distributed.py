@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from sr_lib.errors import UsageError
+from sr_lib.errors import Resumable, UsageError
 from sr_lib.threads import result
 
 
@@ -113,8 +113,9 @@ def meet(backend: str, rank: int, world: int, device: int | None):
     main thread waits in 0.1 s slices (sr_lib/threads.py `result`): a signal's handler stops the
     run at once. The thread is then left waiting (a daemon: nothing joins it), and
     `exit_process` skips the interpreter's finalization, which would run C++ destructors under
-    it. A failure (a timeout, a MASTER_ADDR that does not answer) is raised here as torch
-    raised it."""
+    it. A rank that cannot meet the others (no answer at MASTER_ADDR:MASTER_PORT within the
+    timeout, a host name that does not resolve) is one line, exit 75: nothing was trained, and
+    torch's own log lines above it say what it tried."""
     future = Future()
 
     def run():
@@ -128,7 +129,16 @@ def meet(backend: str, rank: int, world: int, device: int | None):
 
     _meeting["thread"] = threading.Thread(target=run, name="rendezvous", daemon=True)
     _meeting["thread"].start()
-    return result(future)
+    try:
+        return result(future)
+    except dist.DistError as e:
+        what = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        raise Resumable(
+            f"could not meet the other processes at {where} (this is rank {rank} of {world}): "
+            f"{what}; check that every rank started and can reach that address, then rerun "
+            "(nothing was trained)"
+        ) from None
 
 
 def agree(flag: bool, d: Dist, all_ranks: bool = True) -> bool:

@@ -202,18 +202,44 @@ def test_a_signal_while_the_ranks_meet_stops_at_once(tmp_path, images, signum):
         assert "requeued SLURM job 4242" in out and scontrol.read_text() == "requeue 4242\n"
 
 
-def test_a_failed_rendezvous_is_raised_as_torch_raised_it(monkeypatch):
-    """The ranks meet in a helper thread (`distributed.meet`): its failure (the master did not
-    answer in time) reaches the caller as it was."""
-    failure = torch.distributed.DistNetworkError("The client socket has timed out after 3000ms")
+def test_a_rank_that_cannot_meet_the_others_is_one_line_exit_75(tmp_path, images, monkeypatch,
+                                                                  capsys):  # fmt: skip
+    """The ranks meet in a helper thread (`distributed.meet`). Its failure (no answer from the
+    master within the timeout, 30 minutes by default; a host name that does not resolve) was
+    torch's traceback; it is one line naming the address, exit 75. Any other error reaches the
+    caller as it was."""
+    failure = torch.distributed.DistNetworkError(
+        "The client socket has timed out after 3000ms while trying to connect to (node7, 29511).\n"
+        "Exception raised from throwTimeoutError at socket.cpp:1030"
+    )
 
     def rendezvous(*args, **kwargs):
         raise failure
 
     monkeypatch.setattr(torch.distributed, "init_process_group", rendezvous)
-    with pytest.raises(torch.distributed.DistNetworkError) as e:
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "node7",
+           "MASTER_PORT": "29511"}  # fmt: skip
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    argv = train_cmd(tmp_path / "run", images, "--model", "edsr", "--steps", "1", nproc=0)[2:]
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(argv)
+    assert e.value.code == 75
+    assert capsys.readouterr().err.splitlines() == [
+        "sr_train.py: error: could not meet the other processes at node7:29511 (this is rank 1 "
+        "of 2): The client socket has timed out after 3000ms while trying to connect to (node7, "
+        "29511); check that every rank started and can reach that address, then rerun (nothing "
+        "was trained)"
+    ]
+    bug = ValueError("a bug")
+
+    def buggy(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", buggy)
+    with pytest.raises(ValueError) as e:
         distributed.meet("gloo", 1, 2, None)
-    assert e.value is failure
+    assert e.value is bug
 
 
 def test_the_exit_with_a_process_group_up_skips_its_teardown(tmp_path):
