@@ -725,10 +725,16 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _atomic_open(path) as f:  # two processes building the same cache cannot corrupt it
-            np.save(f, arr)
+            # What np.save writes, but the data through Python's write: np.save's fwrite says
+            # only "N requested and M written" on a full disk, where write keeps the reason.
+            np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(arr))
+            f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
         _open_npy.cache_clear()  # a memmap of the file replaced (a damaged one) is stale
-    except OSError as e:
-        raise DataError(f"{path}: cannot write the cache ({e.strerror or e}); check --cache") from e
+    except OSError as e:  # a full disk, a read-only folder: exit 7, as every unwritable output
+        raise OutputError(
+            f"--cache {path.parent}: cannot write {path.name} ({e.strerror or e}); free space "
+            "there or give --cache another folder"
+        ) from e
 
 
 def _pair_files(hr_dir: Path, lr_dir: Path | None, scale: int) -> list[tuple[Path, Path | None]]:

@@ -398,6 +398,30 @@ def test_a_signal_while_the_cache_is_written_stops_there_and_requeues(tmp_path):
     assert not (out / "last.pt").exists()
 
 
+def test_a_cache_on_a_full_disk_is_one_line_naming_why_exit_7(tmp_path, images):
+    """A `--cache` folder that cannot take the arrays (a file-size limit: the kernel's write
+    error, as on a full disk) is an output that cannot be written: exit 7, one line saying why,
+    no temporary file left. It was exit 3 (a data error) with numpy's "N requested and M
+    written", which does not say that the disk is full."""
+    cache = tmp_path / "cache"
+
+    def small_files():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, 10_000))  # an HR array is 27 kB
+
+    p = subprocess.run([*cmd(tmp_path / "run", images, 1), "--cache", str(cache)],
+                       capture_output=True, text=True, preexec_fn=small_files)  # fmt: skip
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 7 and len(err) == 1, p.stderr
+    assert err[0].startswith(f"sr_train.py: error: --cache {cache}: cannot write im"), err[0]
+    assert err[0].endswith(
+        ".hr.npy (File too large); free space there or give --cache another folder"
+    ), err[0]
+    assert list(cache.iterdir()) == []  # no temporary file, no array cut short
+
+
 def test_a_resume_after_kill_9_logs_each_step_once_and_no_torn_line(tmp_path, images):
     """A run killed with kill -9 has logged the steps after its last save, and may have left
     its last record half written. The resumed run logged those steps again, and its first record
