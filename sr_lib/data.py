@@ -753,6 +753,30 @@ def _pair_files(hr_dir: Path, lr_dir: Path | None, scale: int) -> list[tuple[Pat
     return pairs
 
 
+def _each_once(files: list[tuple[Path, Path | None]]) -> list[tuple[Path, Path | None]]:
+    """Each (HR, LR) pair of files once, the first in order, with one warning naming the others: a
+    folder given twice, given with a folder inside it, or reached through a link would be drawn
+    twice as often as the other images, without a word."""
+    seen, kept, again = {}, [], []
+    for pair in files:
+        try:  # the files themselves (links followed): two names of one file are one image
+            key = tuple((st.st_dev, st.st_ino) for st in (p.stat() for p in pair if p))
+        except OSError:  # gone since listed: read_image names it
+            key = pair
+        if key in seen:
+            again.append((pair[0], seen[key]))
+        else:
+            seen[key] = pair[0]
+            kept.append(pair)
+    if again:
+        warnings.warn(
+            f"--data: {len(again)} image(s) reached twice (a folder given twice, inside another, "
+            f"or linked) are used once, e.g. {again[0][0]} is {again[0][1]}",
+            stacklevel=3,
+        )
+    return kept
+
+
 def available_cores() -> int:
     """The CPU cores this process may run on (its affinity: taskset, cgroups, SLURM's binding)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -856,6 +880,7 @@ class PatchPairs(Dataset):
             files = []
             for i, src in enumerate(sources):
                 files += _pair_files(Path(src), Path(lr_dirs[i]) if lr_dirs else None, scale)
+            files = _each_once(files)
             names, loaded = [str(f) for f, _ in files], _thread_map(self._load, files)
         skipped = [name for name, x in zip(names, loaded) if x is None]
         hp = self.scale * self.patch

@@ -697,6 +697,29 @@ def test_small_images_skipped_with_one_warning(hr_dir):
         PatchPairs([hr_dir.parent / "empty"], scale=4)
 
 
+def test_an_image_reached_twice_is_drawn_as_often_as_the_others(hr_dir, tmp_path):
+    """The same folder given twice, a folder and its parent, a link to a folder or to a file:
+    each image is used once (it was drawn twice as often as the others), with one warning."""
+    one = PatchPairs([hr_dir], scale=4, patch=8, batch=4)
+    parent = hr_dir.parent
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "hr again").symlink_to(hr_dir)
+    (hr_dir / "0001 copy.png").symlink_to(hr_dir / "0001.png")  # a link to a file beside it
+    os.link(hr_dir / "0002.png", hr_dir / "0002 hard.png")  # a hard link: one file too
+    for sources in ([hr_dir], [hr_dir, hr_dir], [hr_dir, parent], [hr_dir, tmp_path / "links"]):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = PatchPairs(sources, scale=4, patch=8, batch=4)
+        assert ds.names == one.names, sources  # the first name of each, in order
+        assert all(torch.equal(a, b) for a, b in zip(ds[3], one[3]))  # the same draws
+        msgs = [str(w.message) for w in caught]
+        twice = 2 + 7 * (len(sources) - 1)  # 7 files in hr_dir now, 5 images
+        assert msgs == [
+            f"--data: {twice} image(s) reached twice (a folder given twice, inside another, or "
+            f"linked) are used once, e.g. {hr_dir / '0001 copy.png'} is {hr_dir / '0001.png'}"
+        ], sources
+
+
 def test_paired_lr_folder_with_div2k_names(hr_dir, tmp_path):
     lr_dir = tmp_path / "X4"
     lr_given = {}
