@@ -50,8 +50,10 @@ from sr_lib.data import (
     available_cores,
     check_out_dir,
     fit_name,
+    list_images,
     load_pairs,
     name_max,
+    same_files,
     to_uint8,
     train_loader,
     write_png,
@@ -291,7 +293,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     # Data: batch t of rank r is drawn from rng(seed, r, t): workers and resume do not matter.
     steps = recipe.steps
     dataset = training_data(args, recipe, dd, say) if steps > 0 else None
-    val_pairs = validation_pairs(args, dd, say)
+    val_pairs = validation_pairs(args, dd, say, dataset)
     # Every rank takes part in saving best.pt (its RNG state is gathered): all must know when.
     val_every = args.val_every if distributed.agree(bool(val_pairs), dd, all_ranks=False) else 0
     # Created before the RNG state is restored: making the iterator draws from the torch RNG.
@@ -779,15 +781,26 @@ def training_data(args: TrainArgs, recipe: Recipe, dd, say) -> PatchPairs:
     return dataset
 
 
-def validation_pairs(args: TrainArgs, dd, say) -> list:
+def validation_pairs(args: TrainArgs, dd, say, dataset: PatchPairs | None = None) -> list:
     """Held-out (stem, HR, LR) pairs on rank 0 (--val-data, or the demo's when training on it);
-    says at start whether validation (and so best.pt) will happen."""
+    says at start whether validation (and so best.pt) will happen, and warns where validation
+    images are training images too."""
     source = args.val_data or ("demo" if args.data == ["demo"] else "")
     if not (dd.main and source and args.val_every > 0):
         why = "--val-every 0" if source else "no --val-data"
         say(f"validation: none ({why}): no best.pt will be written; sample from last.pt")
         return []
     pairs = load_pairs(source, args.scale, max_images=args.val_images or None, crop=args.val_crop)
+    if dataset is not None and source != "demo":  # (the demo's two splits share no image)
+        # --val-data given as --data (or inside it): best.pt would reward fitting the training set
+        seen = same_files(list_images(source)[: args.val_images or None], dataset.names)
+        if seen:
+            warnings.warn(
+                f"--val-data: {len(seen)} of {len(pairs)} validation images are training images "
+                f"too (e.g. {seen[0]}): their PSNR, and best.pt, reward fitting the training set; "
+                "give --val-data held-out images",
+                stacklevel=2,
+            )
     say(f"validation: {len(pairs)} images of {source} every {args.val_every} steps; best.pt "
         "holds the best PSNR")  # fmt: skip
     return pairs

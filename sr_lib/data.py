@@ -759,10 +759,7 @@ def _each_once(files: list[tuple[Path, Path | None]]) -> list[tuple[Path, Path |
     twice as often as the other images, without a word."""
     seen, kept, again = {}, [], []
     for pair in files:
-        try:  # the files themselves (links followed): two names of one file are one image
-            key = tuple((st.st_dev, st.st_ino) for st in (p.stat() for p in pair if p))
-        except OSError:  # gone since listed: read_image names it
-            key = pair
+        key = tuple(_identity(p) for p in pair if p)
         if key in seen:
             again.append((pair[0], seen[key]))
         else:
@@ -775,6 +772,22 @@ def _each_once(files: list[tuple[Path, Path | None]]) -> list[tuple[Path, Path |
             stacklevel=3,
         )
     return kept
+
+
+def _identity(path: Path) -> tuple | Path:
+    """The file itself (links followed): two names of one file are one image. The path where it
+    cannot be read (gone since listed: read_image names it)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return path
+    return st.st_dev, st.st_ino
+
+
+def same_files(files: Sequence[Path], others: Sequence[str | os.PathLike]) -> list[Path]:
+    """The `files` that are one of the `others` under any name (links followed)."""
+    keys = {_identity(Path(p)) for p in others}
+    return [f for f in files if _identity(f) in keys]
 
 
 def available_cores() -> int:

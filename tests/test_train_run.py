@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -186,6 +187,36 @@ def test_start_says_what_was_found_and_whether_it_validates(tmp_path, images, ca
                               "--out", str(tmp_path / "c")]) == 0  # fmt: skip
     assert f"validation: 2 images of {images} every 1000 steps" in capsys.readouterr().out
     assert (tmp_path / "c" / "best.pt").is_file()  # validated at the last step
+
+
+def test_validation_images_that_are_training_images_are_warned_of(tmp_path, images):
+    """--val-data given the --data folder, or a folder with links to training images: best.pt
+    was chosen on images the model trains on, without a word. One warning now says how many;
+    held-out images (and the training set's too-small image, never trained on) are not named."""
+    held = tmp_path / "held out"
+    held.mkdir()
+    iio.imwrite(held / "a new one.png", np.full((64, 64, 3), 90, np.uint8))
+    (held / "b linked.png").symlink_to(images / "photo 1.png")
+    base = [*TINY_EDSR, "--data", str(images), "--steps", "1", "--val-images", "0"]
+    expected = {
+        images: f"3 of 4 validation images are training images too (e.g. {images / 'photo 0.png'})",
+        held: f"1 of 2 validation images are training images too (e.g. {held / 'b linked.png'})",
+    }
+    for val, said in expected.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = tmp_path / f"run {val.name}"
+            assert sr_train.main([*base, "--val-data", str(val), "--out", str(out)]) == 0
+        msgs = [str(w.message) for w in caught if "--val-data" in str(w.message)]
+        assert msgs == [
+            f"--val-data: {said}: their PSNR, and best.pt, reward fitting the training set; give "
+            "--val-data held-out images"
+        ]
+    (held / "b linked.png").unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert sr_train.main([*base, "--val-data", str(held), "--out", str(tmp_path / "c")]) == 0
+    assert not [w for w in caught if "--val-data" in str(w.message)]
 
 
 def help_text(argv, capsys) -> str:
