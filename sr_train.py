@@ -65,6 +65,7 @@ from sr_lib.errors import (
     EXIT_PREEMPTED,
     PREEMPT_SIGNALS,
     CheckpointError,
+    DataError,
     NonFiniteError,
     OutOfMemory,
     OutputError,
@@ -318,6 +319,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     progress = cleanup.enter_context(Progress(steps, start, stop)) if dd.main else None
     bad_steps = BadSteps(device, args.max_bad_steps, skipped)
     stopped, t0, t_start, logged = None, time.monotonic(), time.monotonic(), start
+    lost_image = None  # the loader's DataError or OutputError: said after saving the steps done
     # A rollback needs a last.pt of this run: also one resumed from a checkpoint elsewhere saves
     # its first good step into OUT.
     unsaved = args.on_nan == "rollback" and saved is None
@@ -334,6 +336,11 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
             if dd.on or not is_out_of_memory(e):  # (other ranks wait in a collective: no save)
                 raise
             stopped = "out of memory"  # save the steps done since the last save, then exit 4
+            break
+        except (DataError, OutputError) as e:  # an image and its --cache file deleted mid-run
+            if dd.on:  # (the other ranks wait in a collective: no save)
+                raise
+            stopped, lost_image = "data", e  # save the steps done, then exit 3 (7: disk full)
             break
         # (GradScaler.get_scale() would wait for the device: its tensor instead)
         bad_steps.count(ok, step, scaler._get_scale_async() if scaler is not None else None)
@@ -395,14 +402,16 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         save(out / "last.pt", step, skipped, best, model, optimizers, scaler, dd, meta, ema)
         saved = step
     del forward, batches  # DDP and the loader hold the process group: gone before finish ends it
-    if oom:  # (one process: finish() has no process group to leave)
-        if saved == step:
-            held = f"{out / 'last.pt'} holds step {step}: continue with --resume auto and"
-        elif resumed is not None:
-            held = f"{ckpt_path} still holds step {start}: resume it with"
-        else:
-            held = "nothing was saved: start again with"
+    if saved == step:  # (one process below: finish() has no process group to leave)
+        held = f"{out / 'last.pt'} holds step {step}: continue with --resume auto and"
+    elif resumed is not None:
+        held = f"{ckpt_path} still holds step {start}: resume it with"
+    else:
+        held = "nothing was saved: start again with"
+    if oom:
         raise OutOfMemory(f"step {step + 1}: out of memory; {held} a smaller --batch or --patch")
+    if lost_image is not None:
+        raise type(lost_image)(f"step {step + 1}: {lost_image}; {held} that fixed")
     return finish(stopped, step, steps, skipped, out, args, dd, say,
                   run_log.lost if run_log else "")  # fmt: skip
 

@@ -34,7 +34,7 @@ import torch
 from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from sr_lib.errors import DataError, OutputError, UsageError
+from sr_lib.errors import DataError, OutputError, SRSpaceError, UsageError
 from sr_lib.resize import imresize
 from sr_lib.threads import finish, new_pool, result, signals_held, submit, thread_map
 
@@ -887,6 +887,7 @@ class PatchPairs(Dataset):
         if [str(s) for s in sources] == ["demo"]:  # built-in; small, so no cache and no lr_dirs
             demo = demo_images("train")
             names, loaded = [n for n, _ in demo], [self._pair(hr, None, n, None) for n, hr in demo]
+            files = [None] * len(demo)
         else:
             if lr_dirs is not None and len(lr_dirs) != len(sources):
                 raise UsageError(f"got {len(lr_dirs)} LR folders for {len(sources)} HR folders")
@@ -908,11 +909,12 @@ class PatchPairs(Dataset):
                 f"{hp}x{hp} HR patch (e.g. {skipped[0]})",
                 stacklevel=2,
             )
-        kept = [(name, x) for name, x in zip(names, loaded) if x is not None]
-        self.names = [name for name, _ in kept]
+        kept = [(name, x, f) for name, x, f in zip(names, loaded, files) if x is not None]
+        self.names = [name for name, _, _ in kept]
+        self._files = [f for _, _, f in kept]  # (HR, LR) files: a cache file gone is made again
         self.skipped = skipped  # names of the images smaller than one HR patch
-        self._hr = [x[0] for _, x in kept]  # uint8 (H, W, 3) arrays, or .npy paths (cache)
-        self._lr = [x[1] for _, x in kept]
+        self._hr = [x[0] for _, x, _ in kept]  # uint8 (H, W, 3) arrays, or .npy paths (cache)
+        self._lr = [x[1] for _, x, _ in kept]
         self.lr_hw = np.array([self._array(x).shape[:2] for x in self._lr], np.int64)  # (N, 2)
 
     def _pair(self, hr, lr, hr_name, lr_name):
@@ -974,6 +976,27 @@ class PatchPairs(Dataset):
         # Opened lazily in each process: a loader worker receives paths, not copies of arrays.
         return _open_npy(x) if isinstance(x, str) else x
 
+    def _arrays(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image i's (LR, HR) arrays. A cache file deleted or cut short since the start (a
+        scratch folder purged under a running job) is written again from its image, with a
+        warning: it stopped the run with a loader worker's traceback, losing the steps since
+        the last save. An image gone too, or changed, is a DataError naming it."""
+        try:
+            return self._array(self._lr[i]), self._array(self._hr[i])
+        except (OSError, ValueError):  # (np.memmap of a file cut short: ValueError)
+            pass
+        hr_path, lr_path = self._files[i]
+        warnings.warn(f"--cache: {self._hr[i]} or its .lr.npy is gone or damaged since the "
+                      f"start; decoding {hr_path} again", stacklevel=2)  # fmt: skip
+        try:
+            made = self._load(hr_path, lr_path)
+        except OSError as e:  # the image gone too
+            raise DataError(f"{e.filename}: {e.strerror}, and its --cache file is gone") from None
+        if made != (self._hr[i], self._lr[i]):
+            raise DataError(f"{hr_path}: changed since the run started, and its --cache file "
+                            "is gone")  # fmt: skip
+        return self._array(self._lr[i]), self._array(self._hr[i])
+
     def plan(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Image indices, LR crop rows and columns, and dihedral transforms of a step: (B,) each."""
         rng = np.random.default_rng([self.seed, self.rank, step])
@@ -990,9 +1013,10 @@ class PatchPairs(Dataset):
         lr = np.empty((self.batch, 3, p, p), np.uint8)
         hr = np.empty((self.batch, 3, s * p, s * p), np.uint8)
         for b, (i, y, x, t) in enumerate(zip(*self.plan(step))):
+            lr_img, hr_img = self._arrays(i)
             # one copy per patch: crop, flip/rotate and HWC -> CHW are views until this assignment
-            lr[b] = dihedral(self._array(self._lr[i])[y : y + p, x : x + p], t).transpose(2, 0, 1)
-            hr_crop = self._array(self._hr[i])[s * y : s * (y + p), s * x : s * (x + p)]
+            lr[b] = dihedral(lr_img[y : y + p, x : x + p], t).transpose(2, 0, 1)
+            hr_crop = hr_img[s * y : s * (y + p), s * x : s * (x + p)]
             hr[b] = dihedral(hr_crop, t).transpose(2, 0, 1)
         return lr, hr
 
@@ -1009,8 +1033,11 @@ class _Uint8Steps(Dataset):
     def __init__(self, pairs: PatchPairs):
         self.pairs = pairs
 
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(torch.from_numpy(a) for a in self.pairs.crops(step))
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor] | SRSpaceError:
+        try:
+            return tuple(torch.from_numpy(a) for a in self.pairs.crops(step))
+        except (DataError, OutputError) as e:  # torch would add the worker's traceback to it
+            return e  # raised by _floats in the main process, as it is
 
 
 class _FloatLoader(DataLoader):
@@ -1036,7 +1063,10 @@ class _FloatLoader(DataLoader):
         self._iterator = None
 
     def _floats(self, batches):
-        for lr, hr in batches:
+        for batch in batches:
+            if isinstance(batch, SRSpaceError):  # in the worker (_Uint8Steps)
+                raise batch
+            lr, hr = batch
             if self.device is not None:  # copy uint8 (4x less), convert on the device
                 lr = lr.to(self.device, non_blocking=self.pin_memory)
                 hr = hr.to(self.device, non_blocking=self.pin_memory)

@@ -4,6 +4,7 @@ Every image is generated here and written to tmp_path; nothing is downloaded.
 """
 
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -835,6 +836,36 @@ def test_cache_files_cut_short_are_decoded_again(hr_dir, tmp_path):
         assert np.array_equal(np.load(x), a)  # whole again, the same arrays
     for step, batch in enumerate(batches):
         assert all(torch.equal(a, b) for a, b in zip(batch, second[step]))
+
+
+def test_a_cache_file_gone_in_a_loader_worker_is_made_again_or_one_error(hr_dir, tmp_path):
+    """Cache files deleted after the start (a purged scratch folder), met in a loader worker:
+    made again from their images, the same batches; with the images gone too, the worker's
+    DataError reaches the caller as itself (torch would raise it again with the worker's
+    traceback in its message), naming the image."""
+    cache = tmp_path / "cache"
+    ds = PatchPairs([hr_dir], scale=4, patch=8, batch=5, cache=cache)
+    expected = [ds[step] for step in range(3)]
+    for f in cache.iterdir():
+        f.unlink()
+    data._open_npy.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (said by the workers)
+        got = list(train_loader(ds, 0, 3, workers=2))
+    assert all(torch.equal(a, b) for x, y in zip(got, expected) for a, b in zip(x, y))
+    assert len(list(cache.iterdir())) == 10
+    for f in cache.iterdir():
+        f.unlink()
+    hr_dir.rename(tmp_path / "away")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DataError) as e:
+            next(iter(train_loader(ds, 0, 3, workers=2)))
+    assert re.fullmatch(
+        rf"{re.escape(str(hr_dir))}/000\d.png: No such file or directory, and its --cache file "
+        r"is gone",
+        str(e.value),
+    ), str(e.value)
 
 
 def test_demo_images_split_and_dataset():

@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import sr_lib.data
 import sr_sample
 import sr_train
 from sr_lib.checkpoint import load_checkpoint, save_checkpoint
@@ -420,6 +422,61 @@ def test_a_cache_on_a_full_disk_is_one_line_naming_why_exit_7(tmp_path, images):
         ".hr.npy (File too large); free space there or give --cache another folder"
     ), err[0]
     assert list(cache.iterdir()) == []  # no temporary file, no array cut short
+
+
+def test_cache_files_purged_mid_run_are_made_again_and_images_gone_too_save_first(
+    tmp_path, images, monkeypatch, capsys
+):
+    """A scratch folder purged under a running job deletes its `--cache` files: a loader worker
+    opening one (a set of over 256 images opens its memmaps again and again) stopped the run
+    with its traceback, losing the steps since the last save. The files are now made again
+    from their images, with a warning, and the run trains on as it would have. Where the
+    images are gone too, the run saves the steps done and stops with one line, exit 3."""
+    data, cache = tmp_path / "photos", tmp_path / "cache"
+    data.mkdir()
+    for f in images.iterdir():
+        (data / f.name).write_bytes(f.read_bytes())
+    real_step, away = sr_train.train_step, tmp_path / "away"
+
+    def purge_after_3_steps(*args, **kwargs):
+        if args[4] == 3:  # (step)
+            for f in cache.iterdir():
+                f.unlink()
+            sr_lib.data._open_npy.cache_clear()  # as a large set evicts them
+            if move_images:
+                data.rename(away)
+        return real_step(*args, **kwargs)
+
+    def train(out, *more):
+        argv = [*cmd(out, data, 6)[2:], "--save-every", "100", "--cache", str(cache), *more]
+        return sr_train.main(argv)
+
+    assert train(tmp_path / "ref") == 0
+    monkeypatch.setattr(sr_train, "train_step", purge_after_3_steps)
+    move_images = False
+    with pytest.warns(UserWarning, match="is gone or damaged since the start; decoding"):
+        assert train(tmp_path / "purged") == 0
+    ref, purged = (load_checkpoint(tmp_path / r / "last.pt") for r in ("ref", "purged"))
+    assert all(torch.equal(ref["state_dict"][k], v) for k, v in purged["state_dict"].items())
+
+    move_images, out = True, tmp_path / "gone"
+    capsys.readouterr()
+    with pytest.warns(UserWarning), pytest.raises(SystemExit) as e:
+        train(out)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 3 and "\n" not in err, err
+    assert re.fullmatch(
+        rf"sr_train.py: error: step 4: {re.escape(str(data))}/im\d.png: No such file or "
+        rf"directory, and its --cache file is gone; {re.escape(str(out))}/last.pt holds step 3: "
+        r"continue with --resume auto and that fixed",
+        err,
+    ), err
+    assert load_checkpoint(out / "last.pt")["step"] == 3
+    away.rename(data)
+    monkeypatch.setattr(sr_train, "train_step", real_step)
+    assert train(out, "--resume", "auto") == 0
+    done = load_checkpoint(out / "last.pt")
+    assert all(torch.equal(ref["state_dict"][k], v) for k, v in done["state_dict"].items())
 
 
 def test_a_resume_after_kill_9_logs_each_step_once_and_no_torn_line(tmp_path, images):
