@@ -537,7 +537,8 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
     and links to missing files named like images too, with one warning."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"{folder}: no such folder; give a folder of images")
+        what = "is a file, not a folder" if folder.exists() else "no such folder"
+        raise DataError(f"{folder}: {what}; give a folder of images")
     dangling: list[Path] = []
     files = [p for p in _walk(folder, recursive, dangling) if p.suffix.lower() in IMAGE_EXTENSIONS]
     dangling = [p for p in dangling if p.suffix.lower() in IMAGE_EXTENSIONS]

@@ -126,6 +126,11 @@ CASES = {  # id: (flags, exit code, words of the message)
     "fp16 on cpu": ({"--amp": "fp16", "--device": "cpu"}, PARSE, "--amp fp16 needs a CUDA"),
     # files and folders
     "data missing": ({"--data": "{tmp}/no such folder"}, 3, "no such folder"),
+    "data is an image": (
+        {"--data": "{data}/holiday 0.png"},
+        3,
+        "holiday 0.png: is a file, not a folder; give a folder of images",
+    ),  # fmt: skip
     "val data missing": (
         {"--val-data": "{tmp}/nothing here", "--val-every": "1"},
         3,
