@@ -25,8 +25,12 @@ def lpips_module() -> torch.nn.Module:
     """
     import lpips  # imported here: it pulls in torchvision
 
-    with warnings.catch_warnings():  # torchvision's `pretrained=` deprecation, inside lpips
-        warnings.simplefilter("ignore")
+    # Its random weights are drawn from their own seed, not the caller's generator: RefVAE builds
+    # its LPIPS loss on first use, so a resumed run would otherwise draw other noise after it
+    # than the run it continues (and another trunk, untrained: tests).
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        warnings.simplefilter("ignore")  # torchvision's `pretrained=` deprecation, inside lpips
+        torch.manual_seed(0)
         # pretrained=True loads the v0.1 linear heads shipped inside the lpips package;
         # pnet_rand=True keeps torchvision from downloading the trunk (loaded afterwards).
         return lpips.LPIPS(

@@ -304,7 +304,11 @@ def torchvision_model(
         raise UsageError(
             f"unknown torchvision model {name!r}; choose from {', '.join(_TORCHVISION)}"
         )
-    model = getattr(torchvision.models, name)(weights=None)
+    # Its initialisation, replaced by the loaded weights, must not move the run's generator: a
+    # model builds its perceptual loss on first use, and a resumed run would otherwise draw other
+    # noise than the run it continues.
+    with torch.random.fork_rng(devices=[]):
+        model = getattr(torchvision.models, name)(weights=None)
     if not pretrained:
         return model
     file = resolve(name, path, offline, manifest)

@@ -9,7 +9,7 @@ from conftest import TINY
 
 import sr_sample
 import sr_train
-from sr_lib.checkpoint import save_checkpoint
+from sr_lib.checkpoint import load_checkpoint, save_checkpoint
 from sr_lib.errors import CheckpointError
 from sr_lib.models import build_model
 from sr_lib.models.base import NoiseSource
@@ -169,6 +169,21 @@ def test_training_references_from_a_folder(tmp_path, make_batch):
             "--val-every", 0, "--workers", 0, "--no-pretrained", "--ref-data", tmp_path / "art",
             "--out", tmp_path / "run", *flags]  # fmt: skip
     assert sr_train.main([str(a) for a in argv]) == 0
+
+
+def test_a_resumed_run_goes_on_bit_for_bit(tmp_path):
+    """RefVAE builds its LPIPS loss at its first training step: building it drew from the run's
+    generator, so a run resumed at step 2 drew other noise (and another random trunk) than the
+    straight run did there."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY["refvae"].items() if k != "pretrained"]
+    hr_dir = images(tmp_path / "hr", 1, ((40, 40),) * 2)
+    base = ["--model", "refvae", "--data", hr_dir, "--patch", 4, "--batch", 2, "--val-every", 0,
+            "--workers", 0, "--no-pretrained", "--milestones", *flags]  # fmt: skip
+    for out, steps in (("a", 3), ("b", 1), ("b", 3)):  # b: 1 step, then resumed to 3
+        argv = [*base, "--steps", steps, "--out", tmp_path / out, "--resume", "auto"]
+        assert sr_train.main([str(a) for a in argv]) == 0
+    a, b = (load_checkpoint(tmp_path / out / "last.pt")["state_dict"] for out in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_empty_reference_folder_names_the_flag(tmp_path, capsys):

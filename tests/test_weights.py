@@ -294,6 +294,16 @@ def test_torchvision_model_loads_strictly(alexnet_file, tmp_path):
     assert "wrong.pth" in one_line(e)
 
 
+def test_torchvision_model_leaves_the_callers_generator_as_it_was(alexnet_file):
+    """A model builds its perceptual loss at its first step: the random initialisation that the
+    loaded weights replace must not move the run's generator (a resumed run would draw other
+    noise than the run it continues)."""
+    m = {"alexnet": Entry("alexnet", None, "https://example.org/alexnet.pth")}
+    before = torch.get_rng_state()
+    torchvision_model("alexnet", path=alexnet_file[0], manifest=m)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_torchvision_model_no_weights_and_unknown_name():
     model = torchvision_model("alexnet", pretrained=False, manifest={})
     assert isinstance(model, torchvision.models.AlexNet)
