@@ -155,7 +155,9 @@ class TrainArgs:
     )
     init_from: str = field(default="", metadata=dict(help="start from these weights (fine-tune)"))
     out: str = field(default="", metadata=dict(help="run folder (default: runs/MODEL_xSCALE)"))
-    resume: str = field(default="", metadata=dict(help="'auto' (OUT/last.pt) or a checkpoint"))
+    resume: str = field(
+        default="", metadata=dict(help="'auto' (OUT/last.pt, else OUT/best.pt) or a checkpoint")
+    )
     seed: int = field(default=0, metadata=dict(range="[0, 4294967295]"))
     device: str = field(default="auto", metadata=dict(help="auto, cpu, cuda, cuda:1, ..."))
     workers: int = field(
@@ -424,6 +426,8 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
     the checkpoint's values (`inherit_flags`). Unset run flags of a new run take the recipe."""
     out = Path(args.out or f"runs/{args.model or 'run'}_x{args.scale}")
     ckpt_path = {"": None, "auto": out / "last.pt"}.get(args.resume, Path(args.resume))
+    if args.resume == "auto" and not ckpt_path.exists() and (out / "best.pt").is_file():
+        ckpt_path = out / "best.pt"  # killed before its first last.pt: not a new run over best.pt
     resumed = None
     if ckpt_path is not None and ckpt_path.is_file():
         resumed = read_checkpoint(ckpt_path)
@@ -448,9 +452,10 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
             )
     elif args.resume not in ("", "auto"):
         raise CheckpointError(f"{args.resume}: no such checkpoint to resume from")
-    elif (out / "last.pt").is_file():
+    elif held := [name for name in ("last.pt", "best.pt") if (out / name).is_file()]:
         raise UsageError(
-            f"{out} already holds a run (last.pt); pass --resume auto to continue it or a new --out"
+            f"{out} already holds a run ({held[0]}); pass --resume auto to continue it or a new "
+            "--out"
         )
     if args.lr_data and len(args.lr_data) != len(args.data):
         raise UsageError(
@@ -968,7 +973,10 @@ def start_model(args, model, optimizers, scaler, resumed, path, dataset, steps, 
     start = resumed["step"] if resumed is not None else 0
     if resumed is not None:
         restore(resumed, path, model, optimizers, scaler, dd)
-        say(f"resumed {path} at step {start}")
+        why = (
+            " (the run has no last.pt)" if path.name == "best.pt" and args.resume == "auto" else ""
+        )
+        say(f"resumed {path} at step {start}{why}")
         changed = changed_flags(args, resumed)
         if changed:
             say(f"changed flags: {', '.join(changed)}")

@@ -203,6 +203,27 @@ def test_resuming_a_finished_run_leaves_last_pt_byte_for_byte(tmp_path, images, 
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 3  # more steps: trains and saves
 
 
+def test_a_folder_with_best_pt_but_no_last_pt_is_resumed_never_restarted(tmp_path, images, toy,
+                                                                         capsys):  # fmt: skip
+    """A run killed (SIGKILL, a node down) after its first validation but before its first save
+    of last.pt leaves best.pt alone: `--resume auto` (the requeued job) started a new run from
+    step 0 that overwrote it, and so did a run without --resume. Now auto resumes best.pt."""
+    flags = ["--model", "toy", "--val-data", str(images), "--val-every", "1", "--val-images", "1"]
+    assert run(tmp_path, images, *flags, "--steps", "2") == 0
+    (tmp_path / "last.pt").unlink()
+    best = (tmp_path / "best.pt").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, images, *flags, "--steps", "3")
+    assert e.value.code == 2 and "holds a run (best.pt)" in capsys.readouterr().err
+    assert (tmp_path / "best.pt").read_bytes() == best
+    assert run(tmp_path, images, *flags, "--steps", "3", "--resume", "auto") == 0
+    assert f"resumed {tmp_path / 'best.pt'} at step 2 (the run has no last.pt)" in (
+        capsys.readouterr().out
+    )
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 3
+
+
 def test_nan_validation_samples_are_named_not_scored_silently(tmp_path, images, toy, monkeypatch,
                                                              capsys):  # fmt: skip
     """A model whose samples hold NaN at validation (weights fine): training goes on, validation
