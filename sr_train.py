@@ -988,6 +988,8 @@ def start_model(args, model, optimizers, scaler, resumed, path, dataset, steps, 
             say(f"{path} was trained by {was} process(es), this run has {dd.world}: a step "
                 f"averages {dd.world} batches (it averaged {was}), and they differ from those of "
                 "an uninterrupted run")  # fmt: skip
+    elif args.resume == "auto":  # a mistyped --out would otherwise start over in silence
+        say(f"--resume auto: no {path} yet; a new run starts")
     initialize(model, dataset, start, steps, bool(resumed or args.init_from), dd, device,
                args.compile or args.ema > 0)  # fmt: skip
     return EMA(model, args.ema, resumed, path) if args.ema and dd.main else None

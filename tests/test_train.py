@@ -224,6 +224,15 @@ def test_a_folder_with_best_pt_but_no_last_pt_is_resumed_never_restarted(tmp_pat
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 3
 
 
+def test_resume_auto_in_a_folder_without_a_checkpoint_says_it_starts_anew(tmp_path, images, toy,
+                                                                          capsys):  # fmt: skip
+    """A job that always passes --resume auto starts its first run with it; so does a mistyped
+    --out, which started over from step 0 without a word."""
+    assert run(tmp_path / "new", images, "--model", "toy", "--steps", "1", "--resume", "auto") == 0
+    out = capsys.readouterr().out
+    assert f"--resume auto: no {tmp_path / 'new' / 'last.pt'} yet; a new run starts" in out
+
+
 def test_nan_validation_samples_are_named_not_scored_silently(tmp_path, images, toy, monkeypatch,
                                                              capsys):  # fmt: skip
     """A model whose samples hold NaN at validation (weights fine): training goes on, validation
