@@ -272,7 +272,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     out, ckpt_path, resumed, cfg, recipe = resolve_run(args, rest, given)
     dd, device = setup_process(args, cleanup)
     say = say_out if dd.main else (lambda text: None)
-    model, optimizers, scaler = build_training(args, cfg, recipe, resumed, device)
+    model, optimizers, scaler = build_training(args, cfg, recipe, resumed, device, say)
     run_log = cleanup.enter_context(  # rank 0
         open_run_folder(out, args.tensorboard, dd, resumed["step"] if resumed else None)
     )
@@ -820,7 +820,7 @@ def validation_pairs(args: TrainArgs, dd, say, dataset: PatchPairs | None = None
     return pairs
 
 
-def build_training(args: TrainArgs, cfg: dict, recipe: Recipe, resumed, device):
+def build_training(args: TrainArgs, cfg: dict, recipe: Recipe, resumed, device, say):
     """The model (with --init-from's weights for a new run), its optimizers and the fp16 loss
     scaler (None otherwise); built first, so that a bad model flag or --init-from fails before
     anything is written or read."""
@@ -833,7 +833,9 @@ def build_training(args: TrainArgs, cfg: dict, recipe: Recipe, resumed, device):
             f"multiple of {multiple}; use --patch {fit}"
         )
     if args.init_from and resumed is None:
-        init_weights(model, args, cfg)
+        say(init_weights(model, args, cfg))
+    elif args.init_from:  # a requeued fine-tuning job repeats it: its run has moved on since
+        say(f"--init-from {args.init_from}: not used, the run goes on from its checkpoint")
     if args.cuda_graphs and model.graph_key() is None:
         raise UsageError(
             f"--cuda-graphs: {args.model}'s training step changes on the host from "
@@ -847,10 +849,11 @@ def build_training(args: TrainArgs, cfg: dict, recipe: Recipe, resumed, device):
     return model, optimizers, scaler
 
 
-def init_weights(model, args: TrainArgs, cfg: dict) -> None:
+def init_weights(model, args: TrainArgs, cfg: dict) -> str:
     """--init-from: the weights of another run (its averaged ones if it has them, --ema), or a
-    raw state_dict. A run of another model or scale, or one whose model flags give other
-    shapes, is one line naming the flag and what differs, not a list of mismatching keys."""
+    raw state_dict; returns the line that says which. A run of another model or scale, or one
+    whose model flags give other shapes, is one line naming the flag and what differs, not a list
+    of mismatching keys."""
     path = args.init_from
     init = read_checkpoint(path)
     if is_srspace_checkpoint(init):
@@ -870,6 +873,11 @@ def init_weights(model, args: TrainArgs, cfg: dict) -> None:
         if not differ:
             raise
         raise CheckpointError(f"{e}; its model flags differ: {', '.join(differ)}") from None
+    if not is_srspace_checkpoint(init):
+        return f"--init-from {path}: its weights (a state_dict)"
+    which = (f"its weight average (--ema {init['ema_decay']:g})" if "ema_state_dict" in init
+             else "its weights")  # fmt: skip
+    return f"--init-from {path}: {which} at step {init.get('step', '?')}, a fresh optimizer"
 
 
 def summary(args: TrainArgs, model, start: int, recipe: Recipe, dd, device, out: Path) -> str:

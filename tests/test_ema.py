@@ -148,9 +148,17 @@ def test_loading_sampling_and_init_from_take_the_average_unless_raw(tmp_path, im
     sr = model.sample(lr[None].float().div(255), 1)[0, 0].permute(1, 2, 0)
     assert np.array_equal((sr * 255).round().byte().numpy(), pngs["avg"])
 
-    # --init-from starts from the averaged weights
+    # --init-from starts from the averaged weights, and says so (it said nothing: which weights
+    # a fine-tuning run started from was told by the docs alone); a resumed run does not use it
+    capsys.readouterr()
     assert run(tmp_path / "ft", images, *TINY, "--steps", "0", "--init-from", str(path)) == 0
     assert same(load_checkpoint(tmp_path / "ft" / "last.pt")["state_dict"], ck["ema_state_dict"])
+    said = f"--init-from {path}: its weight average (--ema 0.5) at step 3, a fresh optimizer"
+    assert said in capsys.readouterr().out.splitlines()
+    argv = ["--resume", "auto", "--steps", "1", "--init-from", str(path)]
+    assert run(tmp_path / "ft", images, *TINY, *argv) == 0
+    said = f"--init-from {path}: not used, the run goes on from its checkpoint"
+    assert said in capsys.readouterr().out.splitlines()
 
 
 def test_rrdb_init_takes_the_average_of_an_rrdb_run(tmp_path, images):
