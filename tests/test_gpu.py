@@ -4,6 +4,7 @@ run `pytest tests/test_gpu.py` on a GPU machine to exercise them. bf16 on a CPU:
 import contextlib
 import inspect
 import json
+import socket
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from test_train_guard import (  # noqa: F401
 )
 
 import sr_train
+from sr_lib import distributed
 from sr_lib.checkpoint import load_checkpoint
 from sr_lib.data import _as_float
 from sr_lib.models import MODELS
@@ -136,6 +138,30 @@ def test_amp_trains_with_finite_weights(tmp_path, model, amp):
     assert train(tmp_path, model, "--device", "cuda", "--amp", amp) == 0
     sd = load_checkpoint(tmp_path / "last.pt")["state_dict"]
     assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+
+
+@needs_cuda
+def test_an_nccl_group_met_in_a_helper_thread_works_in_the_main_thread(monkeypatch):
+    """distributed.meet runs init_process_group, and the gloo group beside NCCL, in a helper
+    thread (signals are heard while the ranks wait); the collectives then run in the main thread,
+    where NCCL makes its communicator on the device set there. A world of one rank (one GPU)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    torch.cuda.set_device(0)
+    host = distributed.meet("nccl", 0, 1, 0)
+    try:
+        t = torch.full((4,), 2.0, device="cuda")
+        torch.distributed.all_reduce(t)  # NCCL
+        flag = torch.tensor([1])
+        torch.distributed.all_reduce(flag, group=host)  # gloo, as `agree`
+        assert torch.equal(t.cpu(), torch.full((4,), 2.0)) and flag.item() == 1
+        assert torch.distributed.get_backend() == "nccl"
+        assert torch.distributed.get_backend(host) == "gloo"
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 @needs_cuda
