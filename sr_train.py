@@ -620,6 +620,10 @@ def open_run_folder(out: Path, tensorboard: bool, dd, resumed_step: int | None =
     try:
         if dd.main:
             lock = lock_run_folder(check_out_dir(out))
+            for name in ("last.pt", "best.pt"):  # else found at the first save, steps later
+                if (out / name).is_dir():
+                    raise OutputError(f"--out {out}: {out / name} is a folder, where this run "
+                                      "saves its checkpoint; move it away")  # fmt: skip
             for stale in out.glob(".*.pt.tmp*"):
                 stale.unlink(missing_ok=True)
             if resumed_step is not None:
@@ -800,9 +804,11 @@ def validation_pairs(args: TrainArgs, dd, say, dataset: PatchPairs | None = None
     says at start whether validation (and so best.pt) will happen, and warns where validation
     images are training images too."""
     source = args.val_data or ("demo" if args.data == ["demo"] else "")
-    if not (dd.main and source and args.val_every > 0):
-        why = "--val-every 0" if source else "no --val-data"
+    why = ("no --val-data" if not source else "--val-every 0" if args.val_every <= 0
+           else "--steps 0" if args.steps == 0 else None)  # fmt: skip
+    if why:
         say(f"validation: none ({why}): no best.pt will be written; sample from last.pt")
+    if why or not dd.main:
         return []
     pairs = load_pairs(source, args.scale, max_images=args.val_images or None, crop=args.val_crop)
     if dataset is not None and source != "demo":  # (the demo's two splits share no image)

@@ -182,6 +182,10 @@ def test_start_says_what_was_found_and_whether_it_validates(tmp_path, images, ca
         assert sr_train.main([*base, "--val-data", str(images), "--val-every", "0",
                               "--out", str(tmp_path / "b")]) == 0  # fmt: skip
     assert "validation: none (--val-every 0)" in capsys.readouterr().out
+    steps0 = [*base[:-1], "0", "--val-data", str(images), "--out", str(tmp_path / "z")]
+    assert sr_train.main(steps0) == 0  # said best.pt would hold the best PSNR: none is written
+    assert "validation: none (--steps 0): no best.pt" in capsys.readouterr().out
+    assert not (tmp_path / "z" / "best.pt").exists()
     with pytest.warns(UserWarning):
         assert sr_train.main([*base, "--val-data", str(images), "--val-images", "2",
                               "--out", str(tmp_path / "c")]) == 0  # fmt: skip
@@ -273,3 +277,22 @@ def test_a_file_system_without_locks_warns_and_trains(tmp_path, images, monkeypa
     argv = [*TINY_EDSR, "--data", str(images), "--steps", "1", "--out", str(tmp_path)]
     with pytest.warns(UserWarning, match="cannot lock the run folder .No locks available"):
         assert sr_train.main(argv) == 0
+
+
+@pytest.mark.parametrize("name", ["last.pt", "best.pt"])
+def test_a_folder_named_like_a_checkpoint_is_found_before_the_first_step(tmp_path, images, name,
+                                                                         capsys):  # fmt: skip
+    """OUT/last.pt (or best.pt) a folder, say made by a copy gone wrong: the run trained every
+    step up to its first save, then stopped with exit 7 there; now it stops before the first."""
+    (tmp_path / name).mkdir()
+    argv = [*TINY_EDSR, "--data", str(images), "--steps", "2", "--val-data", str(images),
+            "--val-n", "1", "--out", str(tmp_path)]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(argv)
+    assert e.value.code == 7
+    out, err = capsys.readouterr()
+    assert "step 1" not in out
+    assert err.splitlines() == [
+        f"sr_train.py: error: --out {tmp_path}: {tmp_path / name} is a folder, where this run "
+        "saves its checkpoint; move it away"
+    ]
