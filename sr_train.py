@@ -430,7 +430,14 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
         ckpt_path = out / "best.pt"  # killed before its first last.pt: not a new run over best.pt
     resumed = None
     if ckpt_path is not None and ckpt_path.is_file():
-        resumed = read_checkpoint(ckpt_path)
+        try:
+            resumed = read_checkpoint(ckpt_path)
+        except CheckpointError as e:  # a last.pt broken by a copy: best.pt may be whole
+            best = out / "best.pt"
+            if args.resume != "auto" or ckpt_path == best or not best.is_file():
+                raise
+            raise CheckpointError(f"{e}; or continue from {best}: move {ckpt_path.name} out of "
+                                  "the folder and rerun with --resume auto") from None  # fmt: skip
         if "optimizers" not in resumed:
             raise CheckpointError(f"{ckpt_path}: holds weights only, no training state to resume")
         checkpoint_config(resumed, ckpt_path)  # a newer srspace's: one line, not a flag error

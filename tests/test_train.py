@@ -224,6 +224,27 @@ def test_a_folder_with_best_pt_but_no_last_pt_is_resumed_never_restarted(tmp_pat
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 3
 
 
+def test_a_broken_last_pt_beside_a_whole_best_pt_says_how_to_go_on(tmp_path, images, toy,
+                                                                   capsys):  # fmt: skip
+    """A last.pt truncated by a copy to another disk (saves here are atomic): its line says how to
+    continue from best.pt, which --resume auto then takes."""
+    flags = ["--model", "toy", "--val-data", str(images), "--val-every", "1", "--val-images", "1"]
+    assert run(tmp_path, images, *flags, "--steps", "2") == 0
+    last = tmp_path / "last.pt"
+    last.write_bytes(last.read_bytes()[:300])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, images, *flags, "--steps", "3", "--resume", "auto")
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 6 and len(err) == 1
+    assert err[0].startswith(f"sr_train.py: error: {last}: not a valid torch file or is truncated")
+    assert err[0].endswith(f"; or continue from {tmp_path / 'best.pt'}: move last.pt out of the "
+                           "folder and rerun with --resume auto")  # fmt: skip
+    last.rename(tmp_path.parent / "broken last.pt")
+    assert run(tmp_path, images, *flags, "--steps", "3", "--resume", "auto") == 0
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 3
+
+
 def test_resume_auto_in_a_folder_without_a_checkpoint_says_it_starts_anew(tmp_path, images, toy,
                                                                           capsys):  # fmt: skip
     """A job that always passes --resume auto starts its first run with it; so does a mistyped
