@@ -86,7 +86,7 @@ def main() -> None:
                 folder, seconds = run(ckpt, args.input, amp, args.n, Path(tmp) / f"{k}_{amp}",
                                       args.device)  # fmt: skip
                 row[amp], arrays[amp] = scores(folder, args.input, scale, args.n)
-                row[amp]["seconds"] = round(seconds, 1)
+                row[amp]["seconds"] = round(seconds, 3)
             for amp in amps:
                 for key in ("PSNR", "LRPSNR"):
                     row[amp][f"{key}_change_dB"] = row[amp][key] - row["none"][key]
