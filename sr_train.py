@@ -340,8 +340,8 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
             stopped = "out of memory"  # save the steps done since the last save, then exit 4
             break
         except (DataError, OutputError) as e:  # an image and its --cache file deleted mid-run
-            if dd.on:  # (the other ranks wait in a collective: no save)
-                raise
+            if dd.on or step == start:  # (the other ranks wait in a collective: no save; no
+                raise  # step done: nothing to save, e.g. an empty --ref-data found at step 1)
             stopped, lost_image = "data", e  # save the steps done, then exit 3 (7: disk full)
             break
         # (GradScaler.get_scale() would wait for the device: its tensor instead)
