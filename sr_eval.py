@@ -82,6 +82,7 @@ from sr_lib.data import (
     list_images,
     mod_crop,
     read_ahead,
+    size_ratio,
     write_text,
 )
 from sr_lib.errors import (
@@ -557,8 +558,7 @@ def check_sizes(gt, lr, samples, names, gt_name: str, lr_name: str | None, scale
     mod = metrics.official_mod(scale)
     lo_h, lo_w = h // mod * mod // scale, w // mod * mod // scale
     if not (lo_h <= lr[0] <= up_h and lo_w <= lr[1] <= up_w):
-        x_w, x_h = f"{w / lr[1]:.3g}", f"{h / lr[0]:.3g}"  # (an LR a row off: both)
-        ratio = f"x{x_w} of it" + ("" if x_w == x_h else f" in width, x{x_h} in height")
+        ratio = size_ratio((h, w), lr, " of it")
         raise DataError(
             f"{lr_name}: LR is {lr[1]}x{lr[0]} (WxH), but {gt_name} ({w}x{h}) at --scale {scale} "
             f"needs about {w // scale}x{h // scale} (this LR is {ratio}); check --lr and --scale"

@@ -566,6 +566,13 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
     return sorted(files, key=lambda p: image_order(p.relative_to(folder)))
 
 
+def size_ratio(hr_hw, lr_hw, of: str = "") -> str:
+    """How many times an LR fits its HR, e.g. "x4" + `of`, or per dimension where they differ
+    ("x4 in width, x4.27 in height": an LR a row short, which the width's ratio alone hid)."""
+    x_w, x_h = f"{hr_hw[1] / lr_hw[1]:.3g}", f"{hr_hw[0] / lr_hw[0]:.3g}"
+    return f"x{x_w}{of}" + ("" if x_w == x_h else f" in width, x{x_h} in height")
+
+
 def mod_crop(img: np.ndarray, m: int) -> np.ndarray:
     """Crop (H, W, ...) at the bottom/right to a multiple of m (a view)."""
     h, w = img.shape[:2]
@@ -935,7 +942,8 @@ class PatchPairs(Dataset):
         raise DataError(
             f"{lr_name}: LR is {lr.shape[1]}x{lr.shape[0]}, but its HR {hr_name} ({w}x{h}) at "
             f"--scale {s} needs {w // s}x{h // s}{ceil}; give --lr-data the LR images of these "
-            f"HR images at x{s} (this one is x{w / lr.shape[1]:.3g}), or leave it out to make them"
+            f"HR images at x{s} (this one is {size_ratio((h, w), lr.shape)}), or leave it out to "
+            "make them"
         )
 
     def _load(self, hr_path: Path, lr_path: Path | None):

@@ -737,8 +737,9 @@ def test_paired_lr_folder_with_div2k_names(hr_dir, tmp_path):
     (lr_dir / "0002x4.png").unlink()
     write_png(lr_dir / "0002.png", rand_img(15, 16))
     wrong = r"0002.png: LR is 16x15, but its HR .*0002.png \(64x64\) at --scale 4 needs 16x16; give"
-    with pytest.raises(DataError, match=wrong):
+    with pytest.raises(DataError, match=wrong) as e:
         PatchPairs([hr_dir], scale=4, patch=8, lr_dirs=[lr_dir])
+    assert "(this one is x4 in width, x4.27 in height)" in str(e.value)  # not "x4": a row short
     (lr_dir / "0002.png").unlink()
     with pytest.raises(DataError, match="0002.png: no LR image 0002x4"):
         PatchPairs([hr_dir], scale=4, patch=8, lr_dirs=[lr_dir])
