@@ -793,7 +793,15 @@ def log(run_log: RunLog | None, record: dict) -> None:
 def training_data(args: TrainArgs, recipe: Recipe, dd, say) -> PatchPairs:
     """The training patches of this rank, and at start how many images were found and kept."""
     if args.cache:
-        check_out_dir(args.cache, "--cache")  # before decoding: the cache is written meanwhile
+        try:
+            check_out_dir(args.cache, "--cache")  # before decoding: the cache is written meanwhile
+        except OutputError:
+            if not Path(args.cache).is_dir():
+                raise
+            # A cache shared read-only (made once by another run, a lab's copy): its arrays are
+            # read; an image whose arrays are missing stops the run at once, when they cannot be
+            # written (exit 7, naming the file), after decoding it alone.
+            say(f"--cache {args.cache}: read-only: its arrays are read, and none can be added")
     dataset = PatchPairs(
         args.data, args.scale, recipe.patch, recipe.batch, seed=args.seed, rank=dd.rank,
         lr_dirs=args.lr_data or None, cache=args.cache or None,

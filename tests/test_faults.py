@@ -1,5 +1,6 @@
 """Faults: kill -9 at random moments (also while saving), and unusable or hostile checkpoints."""
 
+import builtins
 import errno
 import json
 import os
@@ -422,6 +423,38 @@ def test_a_cache_on_a_full_disk_is_one_line_naming_why_exit_7(tmp_path, images):
         ".hr.npy (File too large); free space there or give --cache another folder"
     ), err[0]
     assert list(cache.iterdir()) == []  # no temporary file, no array cut short
+
+
+def test_a_complete_cache_in_a_read_only_folder_is_read(tmp_path, images, read_only_dir, capsys,
+                                                        monkeypatch):  # fmt: skip
+    """A cache made once and shared read-only (a lab's copy) was refused at start (exit 7), as an
+    output that cannot be written. Its arrays are now read; a missing one stops the run with the
+    line naming it, before the first step."""
+    argv = cmd(tmp_path / "a", images, 1)[2:]
+    assert sr_train.main([*argv, "--cache", str(tmp_path / "made")]) == 0
+    for f in (tmp_path / "made").iterdir():  # (builtin open: not refused by the fixture)
+        (read_only_dir / f.name).write_bytes(f.read_bytes())
+    real_open = builtins.open
+
+    def read_only(file, mode="r", *args, **kwargs):  # the fixture's os.open refusal, for open()
+        if set(mode) & set("wxa") and read_only_dir in Path(file).parents:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", read_only)
+    capsys.readouterr()
+    argv = cmd(tmp_path / "b", images, 1)[2:]
+    assert sr_train.main([*argv, "--cache", str(read_only_dir)]) == 0
+    assert f"--cache {read_only_dir}: read-only: its arrays are read" in capsys.readouterr().out
+    gone = sorted(read_only_dir.glob("*.hr.npy"))[0]
+    gone.unlink()
+    with pytest.raises(SystemExit) as e:
+        sr_train.main([*cmd(tmp_path / "c", images, 1)[2:], "--cache", str(read_only_dir)])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 7 and len(err) == 1, err
+    assert err[0].startswith(f"sr_train.py: error: --cache {read_only_dir}: cannot write "
+                             f"{gone.name} (Permission denied)")  # fmt: skip
+    assert not (tmp_path / "c" / "last.pt").exists()
 
 
 def test_cache_files_purged_mid_run_are_made_again_and_images_gone_too_save_first(
