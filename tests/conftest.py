@@ -1,5 +1,6 @@
 """Shared test fixtures: fixed seeds, tiny model configs, a tiny LR/HR batch."""
 
+import builtins
 import os
 import signal
 import subprocess
@@ -113,16 +114,26 @@ def one_thread():
 
 @pytest.fixture
 def read_only_dir(tmp_path, monkeypatch):
-    """A folder `tmp_path/ro` in which creating a file fails as it does for a normal user in a
-    read-only folder (PermissionError from open(); root, which runs the tests, ignores modes)."""
+    """A folder `tmp_path/ro` in which creating or writing a file fails as it does for a normal
+    user in a read-only folder (PermissionError from os.open() and open(); root, which runs the
+    tests, ignores modes)."""
     ro = tmp_path / "ro"
     ro.mkdir()
-    real_open = os.open
+    real_os_open, real_open = os.open, builtins.open
 
-    def read_only(path, flags, *args, **kwargs):
-        if flags & os.O_CREAT and ro in Path(os.fsdecode(path)).parents:
+    def refused(path) -> bool:
+        return ro in Path(os.fsdecode(path)).parents
+
+    def os_open(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT and refused(path):
             raise PermissionError(13, "Permission denied", str(path))
-        return real_open(path, flags, *args, **kwargs)
+        return real_os_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(os, "open", read_only)
+    def open_(file, mode="r", *args, **kwargs):
+        if not isinstance(file, int) and set(mode) & set("wxa") and refused(file):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", open_)
     return ro
