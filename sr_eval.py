@@ -572,16 +572,18 @@ def check_headers(args: EvalArgs, shave: int, hr: dict[str, Path], methods, lr_f
     image stops the run at its start with the error its scoring would give, not after every image
     before it was scored (30 s each on a CPU). An image with a file whose header cannot tell its
     size is left to the scoring, which checks every image again on the decoded pixels."""
+    lpips = not args.no_lpips
     for k, gt_file in enumerate(hr.values()):
         lr_file = lr_files[k] if lr_files else None
         gt, lr = image_size(gt_file), lr_file and image_size(lr_file)
+        if gt is None or (lr_file and lr is None):
+            continue
         for m in methods:
             samples = [image_size(p) for p in m.files[k]]
-            if None in (gt, *samples) or (lr_file and lr is None):
+            if None in samples:
                 continue
             names, gt_name = [str(p) for p in m.files[k]], str(gt_file)
             check_sizes(gt, lr, samples, names, gt_name, lr_file and str(lr_file), args.scale)
-            lpips = not args.no_lpips
             metrics.check_image_sizes(
                 gt, samples, args.scale, lpips, args.ntire, shave, names, gt_name
             )

@@ -551,17 +551,14 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
         )
     if not files:
         exts = "/".join(e[1:] for e in IMAGE_EXTENSIONS)
-        deeper = [] if recursive else (
-            p for p in _walk(folder, True, []) if p.suffix.lower() in IMAGE_EXTENSIONS
-        )  # fmt: skip
-        first = next(iter(deeper), None)  # a dataset one level down (DIV2K/DIV2K_valid_HR/...)
+        # a dataset given one level too high (DIV2K/ for DIV2K/DIV2K_valid_HR/): say where it is
+        deeper = [] if recursive else _walk(folder, True, [])
+        first = next((p for p in deeper if p.suffix.lower() in IMAGE_EXTENSIONS), None)
         where = (
-            f"; subfolders are not searched: give the one holding them ({first.parent})"
-            if first
-            else ""
+            first and f"; subfolders are not searched: give the one holding them ({first.parent})"
         )
         raise DataError(
-            f"{folder}: no images found ({exts}{', recursively' if recursive else ''}){where}"
+            f"{folder}: no images found ({exts}{', recursively' if recursive else ''}){where or ''}"
         )
     return sorted(files, key=lambda p: image_order(p.relative_to(folder)))
 
