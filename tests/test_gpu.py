@@ -4,10 +4,10 @@ run `pytest tests/test_gpu.py` on a GPU machine to exercise them. bf16 on a CPU:
 import contextlib
 import inspect
 import json
-import socket
 
 import pytest
 import torch
+from test_distributed import free_port
 from test_train_guard import (  # noqa: F401
     READ_CASES,
     flaky_models,
@@ -145,11 +145,8 @@ def test_an_nccl_group_met_in_a_helper_thread_works_in_the_main_thread(monkeypat
     """distributed.meet runs init_process_group, and the gloo group beside NCCL, in a helper
     thread (signals are heard while the ranks wait); the collectives then run in the main thread,
     where NCCL makes its communicator on the device set there. A world of one rank (one GPU)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     torch.cuda.set_device(0)
     host = distributed.meet("nccl", 0, 1, 0)
     try:
