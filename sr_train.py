@@ -271,6 +271,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
           stop: dict) -> int:  # fmt: skip
     out, ckpt_path, resumed, cfg, recipe = resolve_run(args, rest, given)
     dd, device = setup_process(args, cleanup)
+    check_same_run(args, cfg, resumed, dd)
     say = say_out if dd.main else (lambda text: None)
     model, optimizers, scaler = build_training(args, cfg, recipe, resumed, device, say)
     run_log = cleanup.enter_context(  # rank 0
@@ -603,6 +604,35 @@ def setup_process(args: TrainArgs, cleanup) -> tuple[distributed.Dist, torch.dev
     np.random.seed(args.seed)
     random.seed(args.seed)
     return dd, device
+
+
+# Flags that may differ from rank to rank: a node's own device, loader processes and scratch
+# folders (the training images in --data / --lr-data are compared by name instead); --val-data
+# is rank 0's alone.
+RANK_FLAGS = ("device", "workers", "cache", "data", "lr_data", "val_data")
+
+
+def check_same_run(args: TrainArgs, cfg: dict, resumed: dict | None, dd) -> None:
+    """Every rank runs the run of rank 0: the same run flags (after a resume's inheritance), model
+    config and checkpoint step. A multi-node script that passes one node other flags by mistake
+    made a rank with another --steps, --save-every or --sync-check-every wait in a collective the
+    others never joined (the process group's timeout, 30 minutes, then a traceback), and one with
+    another --batch or learning rate train silently on. One line on every rank, exit 2."""
+    if not dd.on:
+        return
+    mine = {f"--{k.replace('_', '-')}": v for k, v in asdict(args).items() if k not in RANK_FLAGS}
+    mine.update({f"--{k.replace('_', '-')}": v for k, v in cfg.items()})
+    mine["the resumed step"] = resumed["step"] if resumed is not None else "none"
+    runs = distributed.gather_objects(mine, dd)
+    differ = [
+        f"{k} {v} on rank {r} (rank 0: {runs[0].get(k)})"
+        for r, run in enumerate(runs)
+        for k, v in run.items()
+        if runs[0].get(k) != v
+    ]
+    if differ:
+        raise UsageError(f"the processes were given other flags than rank 0: {', '.join(differ)}; "
+                         "give every process the same command line")  # fmt: skip
 
 
 def thread_count(current: int, env, cores: int) -> int:

@@ -57,6 +57,18 @@ def train_cmd(out, images, *extra, nproc=2):
                        *extra]  # fmt: skip
 
 
+def srun_ranks(argvs, stdout=subprocess.DEVNULL):
+    """One process per argv as `srun` starts a 2-task step on this machine (SLURM_* variables,
+    no torchrun): rank i runs argvs[i]."""
+    slurm = {"SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_NODELIST": "localhost",
+             "SLURM_JOB_ID": "9536",
+             "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    return [subprocess.Popen(argv, cwd=REPO, stdout=stdout, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, **slurm, "SLURM_PROCID": str(rank),
+                                  "SLURM_LOCALID": str(rank)})
+            for rank, argv in enumerate(argvs)]  # fmt: skip
+
+
 def run(cmd, timeout=240):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=timeout, env=env)
@@ -125,13 +137,7 @@ def test_a_rank_killed_leaves_the_other_one_line_and_exit_75(tmp_path, images, v
     argv = train_cmd(out, images, "--model", "edsr", "--n-feats", "8", "--n-blocks", "1",
                      "--steps", "100000", "--save-every", "3", "--workers", "1",
                      nproc=0)  # fmt: skip
-    slurm = {"SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_NODELIST": "localhost",
-             "SLURM_JOB_ID": "9536",
-             "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}  # fmt: skip
-    ranks = [subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True, env={**os.environ, **slurm, "SLURM_PROCID": str(rank),
-                                              "SLURM_LOCALID": str(rank)})
-             for rank in (0, 1)]  # fmt: skip
+    ranks = srun_ranks([argv, argv])
     log = out / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) > 3):
@@ -151,6 +157,28 @@ def test_a_rank_killed_leaves_the_other_one_line_and_exit_75(tmp_path, images, v
     else:
         assert err.endswith(f"{out / 'last.pt'} holds rank 0's last save: continue with "
                             "--resume auto\n")  # fmt: skip
+
+
+def test_a_rank_given_other_flags_is_refused_before_training_not_a_wait(tmp_path, images):
+    """A multi-node script that passes one node other flags by mistake: the rank with another
+    --steps waited at its end in a collective that the other, done, never joined (the process
+    group's timeout: 30 minutes), and one with another --batch trained on silently. Every rank
+    says what differs from rank 0's in one line before training, exit 2; nothing is written."""
+    out = tmp_path / "run"
+    argv = train_cmd(out, images, "--model", "edsr", "--n-feats", "8", "--n-blocks", "1",
+                     nproc=0)  # fmt: skip
+    ranks = srun_ranks([argv + ["--steps", "2"], argv + ["--steps", "3", "--batch", "3"]])
+    try:
+        errs = [p.communicate(timeout=60)[1] for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    assert [p.returncode for p in ranks] == [2, 2], errs
+    line = ("sr_train.py: error: the processes were given other flags than rank 0: --steps 3 on "
+            "rank 1 (rank 0: 2), --batch 3 on rank 1 (rank 0: 2); give every process the same "
+            "command line\n")  # fmt: skip
+    assert errs == [line, line]
+    assert not (out / "last.pt").exists()
 
 
 def listening(port: int) -> bool:
