@@ -297,6 +297,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     # Data: batch t of rank r is drawn from rng(seed, r, t): workers and resume do not matter.
     steps = recipe.steps
     dataset = training_data(args, recipe, dd, say) if steps > 0 else None
+    check_same_data(dataset, dd)
     val_pairs = validation_pairs(args, dd, say, dataset)
     # Every rank takes part in saving best.pt (its RNG state is gathered): all must know when.
     val_every = args.val_every if distributed.agree(bool(val_pairs), dd, all_ranks=False) else 0
@@ -842,6 +843,27 @@ def training_data(args: TrainArgs, recipe: Recipe, dd, say) -> PatchPairs:
         + (f" ({len(dataset.skipped)} skipped: smaller than one {hp}x{hp} HR patch)"
            if dataset.skipped else ""))  # fmt: skip
     return dataset
+
+
+def check_same_data(dataset: PatchPairs | None, dd) -> None:
+    """Every rank trains on rank 0's images: each node reads --data from its own disk (a scratch
+    copy), and one whose copy lacks images (cut short, not yet synced) drew its batches from
+    fewer of them, silently. Compared by file name, in the one image order; one line on every
+    rank naming the first image that differs, exit 3."""
+    if not dd.on or dataset is None:
+        return
+    names = distributed.gather_objects([Path(n).name for n in dataset.names], dd)
+    for rank, theirs in enumerate(names):
+        if theirs != names[0]:
+            first = next(i for i, (a, b) in enumerate(zip(theirs + [None], names[0] + [None]))
+                         if a != b)  # fmt: skip
+            what = (f"{names[0][first]} is not among them" if first < len(names[0]) else
+                    f"{theirs[first]} is not among rank 0's")  # fmt: skip
+            raise DataError(
+                f"--data: rank {rank} has {len(theirs)} training images, rank 0 has "
+                f"{len(names[0])}, and {what} (a node's copy of the images differs); give every "
+                "node the same images"
+            )
 
 
 def validation_pairs(args: TrainArgs, dd, say, dataset: PatchPairs | None = None) -> list:

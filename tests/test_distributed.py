@@ -159,6 +159,17 @@ def test_a_rank_killed_leaves_the_other_one_line_and_exit_75(tmp_path, images, v
                             "--resume auto\n")  # fmt: skip
 
 
+def refused(ranks, timeout=60):
+    """(exit codes, stderr texts) of ranks expected to stop before training; a rank that waits
+    instead (for a collective the others never join) fails the test after `timeout` seconds."""
+    try:
+        errs = [p.communicate(timeout=timeout)[1] for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    return [p.returncode for p in ranks], errs
+
+
 def test_a_rank_given_other_flags_is_refused_before_training_not_a_wait(tmp_path, images):
     """A multi-node script that passes one node other flags by mistake: the rank with another
     --steps waited at its end in a collective that the other, done, never joined (the process
@@ -167,18 +178,34 @@ def test_a_rank_given_other_flags_is_refused_before_training_not_a_wait(tmp_path
     out = tmp_path / "run"
     argv = train_cmd(out, images, "--model", "edsr", "--n-feats", "8", "--n-blocks", "1",
                      nproc=0)  # fmt: skip
-    ranks = srun_ranks([argv + ["--steps", "2"], argv + ["--steps", "3", "--batch", "3"]])
-    try:
-        errs = [p.communicate(timeout=60)[1] for p in ranks]
-    finally:
-        for p in ranks:
-            p.kill()
-    assert [p.returncode for p in ranks] == [2, 2], errs
+    codes, errs = refused(srun_ranks([argv + ["--steps", "2"],
+                                      argv + ["--steps", "3", "--batch", "3"]]))  # fmt: skip
+    assert codes == [2, 2], errs
     line = ("sr_train.py: error: the processes were given other flags than rank 0: --steps 3 on "
             "rank 1 (rank 0: 2), --batch 3 on rank 1 (rank 0: 2); give every process the same "
             "command line\n")  # fmt: skip
     assert errs == [line, line]
     assert not (out / "last.pt").exists()
+
+
+def test_a_node_whose_copy_of_the_images_differs_is_refused_before_training(tmp_path, images):
+    """Each node reads --data from its own scratch copy; one copy lacks an image (cut short, not
+    yet synced): its rank drew its batches from fewer images, silently. Every rank names the
+    first image that differs in one line before training, exit 3."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    for f in sorted(images.iterdir())[:-1]:
+        (scratch / f.name).write_bytes(f.read_bytes())
+    argvs = [train_cmd(tmp_path / "run", data, "--model", "edsr", "--n-feats", "8",
+                       "--n-blocks", "1", "--steps", "2", nproc=0)
+             for data in (images, scratch)]  # fmt: skip
+    codes, errs = refused(srun_ranks(argvs))
+    assert codes == [3, 3], errs
+    line = ("sr_train.py: error: --data: rank 1 has 3 training images, rank 0 has 4, and im3.png "
+            "is not among them (a node's copy of the images differs); give every node the same "
+            "images\n")  # fmt: skip
+    assert errs == [line, line]
+    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 def listening(port: int) -> bool:
