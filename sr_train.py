@@ -1045,7 +1045,15 @@ def restore(resumed: dict, path: Path, model, optimizers: dict, scaler, dd) -> N
     if scaler is not None and "scaler" in resumed:
         scaler.load_state_dict(resumed["scaler"])
     rngs = resumed.get("rng_ranks", [resumed["rng"]])
-    set_rng_state(rngs[dd.rank] if len(rngs) == dd.world else resumed["rng"])
+    set_rng_state(rngs[dd.rank] if dd.rank < len(rngs) else rngs[0])
+    if dd.rank >= len(rngs):
+        # A rank the checkpoint's run did not have (resumed by more processes): rank 0's states
+        # would give it rank 0's model-internal noise (dequantisation, latents) at every step,
+        # the same draws twice in the averaged batch. Its own stream instead, as a new run's
+        # ranks have, from (seed, rank, step).
+        seed = resumed.get("train_args", {}).get("seed", 0)
+        torch.manual_seed(int(np.random.SeedSequence([seed, dd.rank, resumed["step"]])
+                              .generate_state(1)[0]))  # fmt: skip
 
 
 def start_model(args, model, optimizers, scaler, resumed, path, dataset, steps, dd, device, say):

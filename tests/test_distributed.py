@@ -102,6 +102,22 @@ def test_two_processes_stay_identical_and_resume_in_one(tmp_path, images, model,
     assert "was trained by 2 process(es), this run has 1" in capsys.readouterr().out
 
 
+def test_a_run_resumed_by_more_processes_gives_each_rank_its_own_noise(tmp_path, images):
+    """A one-process run resumed under 2 ranks: the checkpoint holds one rank's RNG states, and
+    rank 1 took rank 0's, so it drew rank 0's model-internal noise (a flow's dequantisation, a
+    VAE's latents) at every step: the same draws twice in the averaged batch. It draws its own;
+    the weight average (rank 0's) goes on."""
+    out = tmp_path / "run"
+    model = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--ema", "0.5"]
+    assert sr_train.main(train_cmd(out, images, *model, "--steps", "1", nproc=0)[2:]) == 0
+    done = run(train_cmd(out, images, *model, "--steps", "2", "--resume", "auto"))
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    ck = load_checkpoint(out / "last.pt")
+    assert ck["world_size"] == 2 and ck["ema_updates"] == 2
+    # (EDSR draws nothing from torch's generator in a step: its states are those set at resume)
+    assert not torch.equal(ck["rng_ranks"][0]["torch"], ck["rng_ranks"][1]["torch"])
+
+
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, images):
     out = tmp_path / "run"
     cmd = train_cmd(out, images, "--model", "edsr", "--n-feats", "8", "--n-blocks", "1",
