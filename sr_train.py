@@ -330,8 +330,12 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
 
     while step < steps:
         over_budget = bool(args.time_budget) and time.monotonic() - t_start > args.time_budget
-        if distributed.agree(bool(stop["signal"]) or over_budget, dd, all_ranks=False):
-            stopped = stop["signal"] or ("time budget" if over_budget else "signal (other rank)")
+        # Why every rank stops, agreed: 2 a signal (exit 75), 1 the time budget (exit 0). Each
+        # rank reads its own clock: one under its budget still stops for the budget, not as if
+        # signalled (exit 75 beside rank 0's 0, which srun reports as the job's code).
+        why = distributed.most(2 if stop["signal"] else int(over_budget), dd)
+        if why:
+            stopped = stop["signal"] or ("time budget" if why == 1 else "signal (other rank)")
             break
         try:
             out_g, ok = train_step(model, forward, optimizers, batches, step, recipe, dd, scaler,

@@ -153,6 +153,16 @@ def agree(flag: bool, d: Dist, all_ranks: bool = True) -> bool:
     return bool(t.item())
 
 
+def most(value: int, d: Dist) -> int:
+    """The largest of the ranks' `value`s, agreed on the host as `agree` is: a choice among
+    several outcomes (why the loop stops), where a flag would say only that one happened."""
+    if not d.on:
+        return value
+    t = torch.tensor([value])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=d.host_group)
+    return int(t.item())
+
+
 def all_min_(t: torch.Tensor, d: Dist) -> torch.Tensor:
     """t, in place, the minimum over the ranks (a device-side flag such as "this step was
     finite"); nothing is read back to the host."""

@@ -118,6 +118,27 @@ def test_a_run_resumed_by_more_processes_gives_each_rank_its_own_noise(tmp_path,
     assert not torch.equal(ck["rng_ranks"][0]["torch"], ck["rng_ranks"][1]["torch"])
 
 
+def test_the_time_budget_ends_every_rank_with_exit_0(tmp_path, images):
+    """--time-budget under srun: each rank reads its own clock, and all stop at the step where
+    the first is over its budget. A rank still under its own (started a little later; here its
+    clock runs at a quarter speed, so it always is) took the stop for a signal's and exited 75
+    beside rank 0's 0: srun reports the highest, so the job looked preempted. Both exit 0."""
+    argv = train_cmd(tmp_path / "run", images, "--model", "edsr", "--n-feats", "8", "--n-blocks",
+                     "1", "--steps", "100000", "--log-every", "1000", "--time-budget", "2",
+                     nproc=0)  # fmt: skip
+    slow_clock = ("import runpy, sys, time\n"
+                  "clock = time.monotonic\n"
+                  "time.monotonic = lambda: clock() / 4\n"
+                  f"sys.argv, sys.path[0] = sys.argv[1:], {str(REPO)!r}\n"
+                  "runpy.run_path(sys.argv[0], run_name='__main__')\n")  # fmt: skip
+    ranks = srun_ranks([argv, [sys.executable, "-c", slow_clock, *argv[1:]]], subprocess.PIPE)
+    codes, outs = ended(ranks, timeout=120)
+    assert codes == [0, 0], [err for _, err in outs]
+    step = load_checkpoint(tmp_path / "run" / "last.pt")["step"]
+    assert f"time budget: stopped at step {step} of 100000" in outs[0][0]
+    assert outs[1] == ("", "")
+
+
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, images):
     out = tmp_path / "run"
     cmd = train_cmd(out, images, "--model", "edsr", "--n-feats", "8", "--n-blocks", "1",
@@ -175,15 +196,15 @@ def test_a_rank_killed_leaves_the_other_one_line_and_exit_75(tmp_path, images, v
                             "--resume auto\n")  # fmt: skip
 
 
-def refused(ranks, timeout=60):
-    """(exit codes, stderr texts) of ranks expected to stop before training; a rank that waits
-    instead (for a collective the others never join) fails the test after `timeout` seconds."""
+def ended(ranks, timeout=60):
+    """(exit codes, (stdout, stderr) texts) of the ranks; a rank that waits instead (for a
+    collective the others never join) fails the test after `timeout` seconds."""
     try:
-        errs = [p.communicate(timeout=timeout)[1] for p in ranks]
+        outs = [p.communicate(timeout=timeout) for p in ranks]
     finally:
         for p in ranks:
             p.kill()
-    return [p.returncode for p in ranks], errs
+    return [p.returncode for p in ranks], outs
 
 
 def test_a_rank_given_other_flags_is_refused_before_training_not_a_wait(tmp_path, images):
@@ -194,8 +215,9 @@ def test_a_rank_given_other_flags_is_refused_before_training_not_a_wait(tmp_path
     out = tmp_path / "run"
     argv = train_cmd(out, images, "--model", "edsr", "--n-feats", "8", "--n-blocks", "1",
                      nproc=0)  # fmt: skip
-    codes, errs = refused(srun_ranks([argv + ["--steps", "2"],
-                                      argv + ["--steps", "3", "--batch", "3"]]))  # fmt: skip
+    codes, outs = ended(srun_ranks([argv + ["--steps", "2"],
+                                    argv + ["--steps", "3", "--batch", "3"]]))  # fmt: skip
+    errs = [err for _, err in outs]
     assert codes == [2, 2], errs
     line = ("sr_train.py: error: the processes were given other flags than rank 0: --steps 3 on "
             "rank 1 (rank 0: 2), --batch 3 on rank 1 (rank 0: 2); give every process the same "
@@ -215,7 +237,8 @@ def test_a_node_whose_copy_of_the_images_differs_is_refused_before_training(tmp_
     argvs = [train_cmd(tmp_path / "run", data, "--model", "edsr", "--n-feats", "8",
                        "--n-blocks", "1", "--steps", "2", nproc=0)
              for data in (images, scratch)]  # fmt: skip
-    codes, errs = refused(srun_ranks(argvs))
+    codes, outs = ended(srun_ranks(argvs))
+    errs = [err for _, err in outs]
     assert codes == [3, 3], errs
     line = ("sr_train.py: error: --data: rank 1 has 3 training images, rank 0 has 4, and im3.png "
             "is not among them (a node's copy of the images differs); give every node the same "
