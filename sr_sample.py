@@ -47,7 +47,8 @@ continues where it stopped when rerun (--overwrite redoes everything, first dele
 named above of the images it samples, in a folder that has a manifest.json). --out may be the
 --input folder: files there named NAME_sample{i:05d}, NAME_sigma or NAME_grid (NAME another
 input's stem or a 6-digit NTIRE number) are then samples, left out of the inputs with a warning;
-a deterministic model's NAME.png would replace its input there, so that run is refused, as is
+a deterministic model's NAME.png would replace its input there (--layout ntire: its 000000.png
+would be an input of a rerun), so that run is refused, as is
 any run that would write one of its inputs (--input FILE in --out; --from-hr given OUT/lr).
 SIGTERM, SIGUSR1 or SIGHUP stop the run with exit 75 (the files being read or written are finished
 first; PNGs are written on threads while the next samples are drawn); Ctrl-C: exit 130 (only the
@@ -575,11 +576,15 @@ def leave_out_samples(paths: list[Path], files: "Outputs", layout: str, out: Pat
     file named NAME_sample{i:05d}, NAME_sigma or NAME_grid where NAME is another input's stem (or
     an NTIRE number) is a sample, not an input, so a rerun does not sample its samples. A name
     rule, not the folder's state: every run of the folder sees the same inputs (and NTIRE
-    indices). A deterministic model's NAME.png would replace its input: refused."""
-    if files.single and layout == "stem":
+    indices). A deterministic model's NAME.png would replace its input: refused; so is its
+    --layout ntire 000000.png, which no name rule tells from an input (datasets are numbered so
+    too): a rerun took it for one, and stopped, as it would write its own input."""
+    if files.single:
+        what = ("NAME.png, would replace the input of that name" if layout == "stem" else
+                "000000.png, ..., would be taken for inputs when the run is repeated")  # fmt: skip
         raise UsageError(
-            f"--out {out}: the --input folder; this model's one output per image, NAME.png, would "
-            "replace the input of that name; use another --out"
+            f"--out {out}: the --input folder; this model's one output per image, {what}; use "
+            "another --out"
         )
     stems = {p.stem for p in paths}
     own = [p for p in paths if (m := SAMPLE_NAME.fullmatch(p.stem))

@@ -244,6 +244,19 @@ def test_out_in_the_input_folder_does_not_sample_its_samples(tmp_path, toy_ckpt,
     assert len(err) == 1 and "the --input folder" in err[0] and pngs(one) == ["a.png"]
 
 
+def test_one_ntire_output_per_image_is_refused_in_the_input_folder(tmp_path, bicubic_ckpt, capsys):
+    """A deterministic model's --layout ntire --n 1 output, 000000.png, in the --input folder was
+    written, and became an input of the rerun that a preempted job makes, which then stopped
+    (exit 2: it would write its own input). No name rule tells it from an input (datasets are
+    numbered so too), so the first run is refused, before any work, as with NAME.png."""
+    one = folder(tmp_path / "one", a=image((8, 8), 1), b=image((8, 12), 2))
+    args = ["--ckpt", bicubic_ckpt, "--input", one, "--n", 1, "--layout", "ntire", "--out", one]
+    assert run(*args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the --input folder" in err[0] and "000000.png" in err[0], err
+    assert pngs(one) == ["a.png", "b.png"]
+
+
 def test_no_output_is_an_input(tmp_path, bicubic_ckpt, capsys):
     """--input FILE with --out its folder: a deterministic model's NAME.png is the input itself,
     taken as complete (nothing sampled, exit 0), and --overwrite replaced the input with its SR;
