@@ -7,8 +7,9 @@
 Files written to a sample folder (what sr_eval.py reads). NAME is the input's stem, or with
 --layout ntire its 0-based position k in the one image order (sr_lib.data.image_order) as
 {k:06d} (the NTIRE21 submission names):
-  NAME_sample{i:05d}.png  sample i = 0..n-1; a single-output (deterministic) model with --n 1
-                          writes NAME.png instead
+  NAME_sample{i:05d}.png  sample i = 0..n-1; with --n 1 a single-output (deterministic) model,
+                          and with --layout ntire any model, writes NAME.png instead (the
+                          challenge's measure.py reads 000000.png at N = 1)
   NAME_sigma.png, .npy    --save-uncertainty, models with an uncertainty output: sigma in [0, 1]
                           as a 16-bit gray PNG of round(mean over RGB of sigma * 65535), and the
                           float32 (3, H, W) array as .npy
@@ -47,8 +48,8 @@ continues where it stopped when rerun (--overwrite redoes everything, first dele
 named above of the images it samples, in a folder that has a manifest.json). --out may be the
 --input folder: files there named NAME_sample{i:05d}, NAME_sigma or NAME_grid (NAME another
 input's stem or a 6-digit NTIRE number) are then samples, left out of the inputs with a warning;
-a deterministic model's NAME.png would replace its input there (--layout ntire: its 000000.png
-would be an input of a rerun), so that run is refused, as is
+a deterministic model's NAME.png would replace its input there (--layout ntire: any model's
+000000.png of --n 1 would be an input of a rerun), so that run is refused, as is
 any run that would write one of its inputs (--input FILE in --out; --from-hr given OUT/lr).
 SIGTERM, SIGUSR1 or SIGHUP stop the run with exit 75 (the files being read or written are finished
 first; PNGs are written on threads while the next samples are drawn); Ctrl-C: exit 130 (only the
@@ -477,10 +478,13 @@ def sample(args: SampleArgs) -> int:
     context = tile_context(args, model)
     out = check_out_dir(args.out)
     folders = {t: out if len(temperatures) == 1 else out / folder_name(t) for t in temperatures}
-    files = Outputs(n, not model.stochastic and n == 1, want_sigma and args.save_uncertainty,
-                    args.grid, args.save_latent and controls is not None)  # fmt: skip
+    # One NAME.png per image where one output is all there is: a deterministic model's n copies,
+    # and with --layout ntire any --n 1, as the challenge's measure.py reads N = 1 (000000.png)
+    single = n == 1 and (not model.stochastic or args.layout == "ntire")
+    files = Outputs(n, single, want_sigma and args.save_uncertainty, args.grid,
+                    args.save_latent and controls is not None)  # fmt: skip
     if Path(args.input).is_dir() and out.resolve() == Path(args.input).resolve():
-        paths = leave_out_samples(paths, files, args.layout, out)
+        paths = leave_out_samples(paths, files, args.layout, out, len(folders) > 1)
     part, parts = (int(v) for v in args.shard.split("/"))
     mine = [(k, p) for k, p in enumerate(paths) if k % parts == part]
     settings = run_settings(args, ck, model, n, context, from_hr)
@@ -571,15 +575,17 @@ def input_paths(path: Path) -> list[Path]:
 SAMPLE_NAME = re.compile(r"(.+)_(sample\d{5}|sigma|grid)")  # the stem of a file this tool writes
 
 
-def leave_out_samples(paths: list[Path], files: "Outputs", layout: str, out: Path) -> list[Path]:
+def leave_out_samples(paths: list[Path], files: "Outputs", layout: str, out: Path,
+                      sweep: bool) -> list[Path]:  # fmt: skip
     """The inputs without this tool's own outputs, for an --out that is the --input folder: a
     file named NAME_sample{i:05d}, NAME_sigma or NAME_grid where NAME is another input's stem (or
     an NTIRE number) is a sample, not an input, so a rerun does not sample its samples. A name
     rule, not the folder's state: every run of the folder sees the same inputs (and NTIRE
-    indices). A deterministic model's NAME.png would replace its input: refused; so is its
-    --layout ntire 000000.png, which no name rule tells from an input (datasets are numbered so
-    too): a rerun took it for one, and stopped, as it would write its own input."""
-    if files.single:
+    indices). A deterministic model's NAME.png would replace its input: refused; so is the
+    --layout ntire 000000.png of --n 1, which no name rule tells from an input (datasets are
+    numbered so too): a rerun took it for one, and stopped, as it would write its own input.
+    (A sweep writes into OUT/T*, not listed.)"""
+    if files.single and not sweep:
         what = ("NAME.png, would replace the input of that name" if layout == "stem" else
                 "000000.png, ..., would be taken for inputs when the run is repeated")  # fmt: skip
         raise UsageError(
@@ -764,7 +770,7 @@ class Outputs:
     """The files of one image in one sample folder."""
 
     n: int
-    single: bool  # one NAME.png (a deterministic model, n = 1)
+    single: bool  # one NAME.png (n = 1: a deterministic model, or any with --layout ntire)
     sigma: bool
     grid: bool
     latents: bool

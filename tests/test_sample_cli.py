@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY
 
+import sr_eval
 import sr_sample
 from sr_lib import config
 from sr_lib.checkpoint import save_checkpoint
@@ -235,7 +236,7 @@ def test_out_in_the_input_folder_does_not_sample_its_samples(tmp_path, toy_ckpt,
     for _ in range(2):
         assert run("--ckpt", toy_ckpt, "--input", ntire, "--n", 1, "--layout", "ntire",
                    "--temperature", 0, 1, "--out", ntire) == 0  # fmt: skip
-    assert pngs(ntire) == ["a.png"] and pngs(ntire / "T1") == ["000000_sample00000.png"]
+    assert pngs(ntire) == ["a.png"] and pngs(ntire / "T1") == ["000000.png"]
     # a deterministic model's one output, NAME.png, would be the input's own name: refused
     capsys.readouterr()
     one = folder(tmp_path / "one", a=image((8, 8), 1))
@@ -255,6 +256,21 @@ def test_one_ntire_output_per_image_is_refused_in_the_input_folder(tmp_path, bic
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the --input folder" in err[0] and "000000.png" in err[0], err
     assert pngs(one) == ["a.png", "b.png"]
+
+
+def test_ntire_layout_at_n_1_writes_the_challenges_names(tmp_path, toy_ckpt):
+    """The challenge's measure.py reads N = 1 as 000000.png, ..., N > 1 as 000000_sample00000.png.
+    A stochastic model's --layout ntire --n 1 wrote 000000_sample00000.png, which it does not
+    find; now 000000.png, as a deterministic model's, and sr_eval.py reads it back."""
+    hr = folder(tmp_path / "hr", **{"10": image((32, 32), 1), "9": image((32, 40), 2)})
+    sub = tmp_path / "sub"
+    argv = ["--ckpt", toy_ckpt, "--input", hr, "--from-hr", "--layout", "ntire", "--out", sub]
+    assert run(*argv, "--n", 1) == 0
+    assert pngs(sub) == ["000000.png", "000001.png"]  # "10" sorts before "9"
+    assert sr_eval.main(["--hr", str(hr), "--sr", str(sub), "--scale", str(SCALE), "--n", "1",
+                         "--ntire", "--no-lpips"]) == 0  # fmt: skip
+    assert run(*argv, "--n", 2, "--out", tmp_path / "two") == 0
+    assert pngs(tmp_path / "two")[:2] == ["000000_sample00000.png", "000000_sample00001.png"]
 
 
 def test_no_output_is_an_input(tmp_path, bicubic_ckpt, capsys):

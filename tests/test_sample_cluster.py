@@ -180,8 +180,8 @@ def test_ntire_layout_numbers_images_in_the_one_order(tmp_path, flow_ckpt):
     order = ["cat", "cat-2", "photo", "photo (1)"]
     assert index == {"scale": 4, **{f"{k:06d}": stem for k, stem in enumerate(order)}}
     assert run(*argv, "--input", inp / "cat-2.png", "--out", tmp_path / "single") == 0
-    same = iio.imread(tmp_path / "single" / "000000_sample00000.png")
-    assert (iio.imread(tmp_path / "o" / "000001_sample00000.png") == same).all()
+    same = iio.imread(tmp_path / "single" / "000000.png")
+    assert (iio.imread(tmp_path / "o" / "000001.png") == same).all()
     images(inp, 1, names=["bird"])  # sorts first: every index would move
     assert run(*argv, "--out", tmp_path / "o") == 2
 
