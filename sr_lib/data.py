@@ -947,11 +947,16 @@ class PatchPairs(Dataset):
         """Decoded (HR, LR) arrays, or with a cache the paths of their .npy files."""
         if self.cache is not None:
             # The name hashes what the arrays depend on, so an edited image is decoded again.
+            # Size and mtime alone miss a file replaced by `cp -p` (same size, its mtime kept):
+            # its change time is new, and so is the inode of one renamed into place (rsync).
+            # Both are stat's, read without the file's bytes; a copy of the data set (rsync -a,
+            # cp -rp to a node's scratch) has new ones too, and is cached again once.
             key = [f"v{CACHE_VERSION}", f"x{self.scale}"]
             for p in (hr_path, lr_path):
                 if p is not None:
                     st = p.stat()
                     key += [str(p.resolve()), str(st.st_size), str(st.st_mtime_ns)]
+                    key += [str(st.st_ctime_ns), str(st.st_ino)]
             text = "|".join(key).encode("utf-8", "surrogateescape")  # a non-UTF-8 path: its bytes
             digest = hashlib.sha256(text).hexdigest()[:16]
             stem = fit_name(hr_path.stem, len(f"-{digest}.hr.npy"), name_max(self.cache))

@@ -803,13 +803,36 @@ def test_cache_reads_memmaps_without_decoding(hr_dir, tmp_path, monkeypatch):
     assert isinstance(second._array(second._hr[0]), np.memmap)
     for step in (0, 1, 99):
         assert all(torch.equal(a, b) for a, b in zip(first[step], second[step]))
-    # an edited image is decoded again (its cache name hashes size and mtime)
+    # an edited image is decoded again (its cache name hashes its size and times)
     monkeypatch.undo()
     target = hr_dir / "0001.png"
     write_png(target, smooth_img(72, 92, seed=9))
     os.utime(target, ns=(0, 10**18))
     PatchPairs([hr_dir], scale=4, patch=8, batch=5, cache=cache)
     assert len(list(cache.glob("*.npy"))) == 12
+
+
+def test_an_image_replaced_by_cp_p_is_decoded_again(tmp_path):
+    """`cp -p` over an image keeps its byte size and takes the new file's mtime, which may be
+    the old one's (two versions of a data set unpacked from archives of the same date): the
+    cache, named by path, size and mtime, kept the old arrays and trained on them. The name now
+    also hashes the inode and the change time, which such a replacement sets (and `rsync -a`
+    gives a copy: its arrays are made again, never taken from another file's)."""
+    folder, cache = tmp_path / "hr", tmp_path / "cache"
+    folder.mkdir()
+    old, new = folder / "a.png", tmp_path / "new.png"
+    for f, seed in ((old, 1), (new, 2)):  # stored, not compressed: the same byte size
+        Image.fromarray(smooth_img(48, 40, seed=seed)).save(f, compress_level=0)
+        os.utime(f, ns=(0, 10**18))  # the same mtime
+    assert old.stat().st_size == new.stat().st_size
+    first = PatchPairs([folder], scale=4, patch=8, cache=cache)
+    assert np.array_equal(first._array(first._hr[0]), smooth_img(48, 40, seed=1))
+    time.sleep(0.05)  # past the coarse clock's tick that stamped the old change time
+    subprocess.run(["cp", "-p", str(new), str(old)], check=True)
+    assert old.stat().st_mtime_ns == 10**18
+    second = PatchPairs([folder], scale=4, patch=8, cache=cache)
+    assert np.array_equal(second._array(second._hr[0]), smooth_img(48, 40, seed=2))
+    assert len(list(cache.glob("*.npy"))) == 4  # the old pair stays, unused
 
 
 def test_cache_files_cut_short_are_decoded_again(hr_dir, tmp_path):
