@@ -144,10 +144,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
     """The (H, W) of the image `read_image` returns for this file, from its header alone: no
-    pixel is decoded (0.1 to 1 ms a file). EXIF orientation included: a quarter turn swaps them.
-    None where the header cannot tell: a file Pillow cannot open or read_image refuses by its
-    size (read_image says why), a PNG with a chunk that may hold an orientation (Pillow finds one
-    after the pixel data only by decoding them)."""
+    pixel is decoded (0.1 to 1 ms a file). EXIF orientation included: a quarter turn swaps them
+    (a PNG's from its chunks that may hold one, `_png_orientation`). None where the header cannot
+    tell: a file Pillow cannot open or read_image refuses by its size (read_image says why)."""
     try:
         tags = _tiff_tags(Path(path))  # read_image turns TIFFs by their tag 274, as Pillow does
         if tags is not None:
@@ -159,8 +158,8 @@ def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
                     (w, h), orientation = im.size, 1
                     if im.format != "PNG":
                         orientation = im.getexif().get(0x0112, 1)  # JPEG, WebP: in the header
-                    elif any(_may_orient(k, c) for k, c in _png_chunks(im.fp.fileno())):
-                        return None
+                    else:
+                        orientation = _png_orientation(im.fp.fileno())
     except Exception:  # Pillow raises many types for broken headers
         return None
     if MAX_PIXELS is None or w * h > MAX_PIXELS:
@@ -297,16 +296,39 @@ def _png_chunks(data: bytes | int) -> Iterator[tuple[bytes, bytes]]:
     the file's bytes, or an open file's descriptor, of which only each chunk's first 88 bytes are
     read (`image_size`: 0.2 ms for a PNG of 7 MB in Pillow's 64 KiB chunks, 1 ms in libpng's 8 KiB
     ones; decoding it takes 150 ms)."""
+    return ((kind, start) for _, kind, start in _png_spans(data))
+
+
+def _png_spans(data: bytes | int) -> Iterator[tuple[slice, bytes, bytes]]:
+    """`_png_chunks` with where each whole chunk lies in the file (length, type, payload, CRC)."""
     pos = 8  # after the signature
     while True:
         head = data[pos : pos + 88] if isinstance(data, bytes) else os.pread(data, 88, pos)
         if len(head) < 8:
             break
         length, kind = struct.unpack_from(">I4s", head)
-        yield kind, head[8 : 8 + min(length, 80)]
+        yield slice(pos, pos + 12 + length), kind, head[8 : 8 + min(length, 80)]
         if kind == b"IEND":
             break
         pos += 12 + length
+
+
+def _png_orientation(fd: int) -> int:
+    """The EXIF orientation Pillow gives a PNG once decoded (what read_image turns it by), from
+    the file open at `fd` without decoding it. Pillow reads the chunks after the pixel data only
+    when it decodes them, and PngImageFile.getexif decodes the image to look there unless an eXIf
+    chunk came before them. So the chunks that may hold an orientation (`_may_orient`), from
+    anywhere in the file, are copied whole, in their order, behind its IHDR into a PNG without
+    pixels, and Pillow's own getexif of the base class reads that: the same chunks, parsed and
+    ranked (eXIf, then ImageMagick's exif text, then XMP) as when it decodes the file."""
+    spans = list(_png_spans(fd))
+    parts = [os.pread(fd, s.stop - s.start, s.start) for s, k, c in spans[1:] if _may_orient(k, c)]
+    if not parts:
+        return 1
+    header = os.pread(fd, spans[0][0].stop, 0)  # the signature and IHDR
+    iend = struct.pack(">I4sI", 0, b"IEND", 0xAE426082)  # (its CRC)
+    with Image.open(io.BytesIO(b"".join([header, *parts, iend]))) as im:
+        return Image.Image.getexif(im).get(0x0112, 1)  # (PngImageFile's would load the pixels)
 
 
 def _may_orient(kind: bytes, start: bytes) -> bool:

@@ -433,24 +433,61 @@ def test_rgb_pngs_whose_pixels_pillow_could_change_take_pillow(tmp_path, libpng_
 
 def test_image_size_is_read_images_size_from_the_header(tmp_path, monkeypatch):
     """sr_eval.py checks every file's size before it decodes any (data.image_size): the size
-    read_image gives, EXIF orientation included, or None where only decoding could tell."""
+    read_image gives, EXIF orientation included, or None where only decoding could tell. A PNG
+    with a chunk that may hold an orientation (eXIf, ImageMagick's exif text, XMP: what cameras,
+    exiftool, ImageMagick and Photoshop write) was such a file: its samples were checked only
+    once decoded. Its orientation is now read from those chunks, before or after the pixels."""
     img = rand_img(20, 36)
     exif = Image.Exif()
     exif[0x0112] = 6  # a quarter turn: read_image gives 36 rows by 20 columns
-    for name in ("turned.jpg", "turned.webp", "plain.bmp", "plain.png", "gray.png"):
-        turn = {"exif": exif} if "turned" in name else {}
+    big = Image.Exif()  # a JPEG's APP1 of 30 kB before its frame header
+    big[0x0112], big[0x010E] = 6, "x" * 30_000
+    raw_exif, xmp = PngInfo(), PngInfo()
+    raw = b"Exif\0\0" + exif.tobytes()
+    raw_exif.add_text("Raw profile type exif", f"\nexif\n{len(raw):8d}\n{raw.hex()}", zip=True)
+    xmp_text = '<x:xmpmeta><rdf:Description tiff:Orientation="6"/>'
+    xmp.add_itxt("XML:com.adobe.xmp", xmp_text)
+    saves = {
+        "turned.jpg": {"exif": exif},
+        "turned big exif.jpg": {"exif": big},
+        "turned progressive.jpg": {"exif": exif, "progressive": True},
+        "progressive.jpg": {"progressive": True},
+        "turned.webp": {"exif": exif},
+        "plain.bmp": {},
+        "plain.png": {},
+        "gray.png": {},
+        "turned.png": {"exif": exif},
+        "turned raw exif.png": {"pnginfo": raw_exif},
+        "turned xmp.png": {"pnginfo": xmp},
+    }
+    for name, turn in saves.items():
         Image.fromarray(img[..., 0] if "gray" in name else img).save(tmp_path / name, **turn)
     write_tiff(tmp_path / "turned.tif", img, orientation=6)
     write_tiff(tmp_path / "float.tif", (img / 255).astype(np.float32))  # Pillow cannot open it
     write_png16(tmp_path / "wide.png", img.astype(np.uint16) * 257)
+    itxt = b"XML:com.adobe.xmp\0\0\0\0\0"  # keyword, not compressed, no language
+    late = {  # after the pixel data, where Pillow finds them only by decoding them
+        "turned late.png": png_chunk(b"eXIf", exif.tobytes()),
+        "turned late xmp.png": png_chunk(b"iTXt", itxt + xmp_text.encode()),
+        "late xmp of no orientation.png": png_chunk(b"iTXt", itxt + b"<x:xmpmeta/>"),
+    }
+    for name, chunk in late.items():
+        raw = (tmp_path / ("plain.png" if "xmp" in name else "wide.png")).read_bytes()
+        (tmp_path / name).write_bytes(raw[:-12] + chunk + raw[-12:])
     for f in sorted(tmp_path.iterdir()):
         want = (36, 20) if "turned" in f.name else (20, 36)
         assert data.image_size(f) == read_image(f).shape[:2] == want, f.name
-    raw = (tmp_path / "wide.png").read_bytes()  # an orientation after the pixel data
-    (tmp_path / "late.png").write_bytes(raw[:-12] + png_chunk(b"eXIf", exif.tobytes()) + raw[-12:])
-    assert read_image(tmp_path / "late.png").shape[:2] == (36, 20)
+    # nothing decoded: a PNG whose pixel data are broken has a size (read_image refuses it)
+    raw = (tmp_path / "turned.png").read_bytes()
+    idat = raw.index(b"IDAT") - 4
+    length = struct.unpack(">I", raw[idat : idat + 4])[0]
+    broken = png_chunk(b"IDAT", bytes(length))
+    (tmp_path / "broken.png").write_bytes(raw[:idat] + broken + raw[idat + 12 + length :])
+    assert data.image_size(tmp_path / "broken.png") == (36, 20)
+    with pytest.raises(ImageError, match="cannot decode"):
+        read_image(tmp_path / "broken.png")
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    assert data.image_size(tmp_path / "late.png") is data.image_size(tmp_path / "bad.png") is None
+    assert data.image_size(tmp_path / "bad.png") is None
     monkeypatch.setattr(data, "MAX_PIXELS", 100)  # read_image refuses it: its line, not a size
     assert data.image_size(tmp_path / "plain.png") is None
 
