@@ -61,8 +61,9 @@ which is cut away. The model's LR-only work runs on the whole image and is cut p
 noise field is drawn at whole-image size and cut, so with the default context, the model's
 receptive field (`tile_halo`; docs/design.md, "Tiled sampling"), a tiled sample equals the untiled
 one. A CUDA out-of-memory error retries the image with tiles halved, down to 64 px. A rerun may
-change --tile and --tile-overlap while the tiles stay exact (at least the default context); a
-folder of inexact tiles is refused to other ones (manifest.json's tile_context).
+change --tile and --tile-overlap while the tiles stay exact (at least the default context, or a
+--tile that holds every input whole); a folder of inexact tiles is refused to other ones
+(manifest.json's tile_context).
 Exit codes: 0 ok, 2 bad flag or a folder of other settings, 3 unusable input (unreadable images
 are reported and skipped, the others written, exit 3 at the end), 4 out of memory, 6 checkpoint
 problem, 7 output cannot be written, 75 stopped by SIGTERM/SIGUSR1/SIGHUP, 130 Ctrl-C.
@@ -100,6 +101,7 @@ from sr_lib.data import (
     default_mod,
     demo_files,
     encode_png,
+    image_size,
     list_images,
     mod_crop,
     name_max,
@@ -487,7 +489,11 @@ def sample(args: SampleArgs) -> int:
         paths = leave_out_samples(paths, files, args.layout, out, len(folders) > 1)
     part, parts = (int(v) for v in args.shard.split("/"))
     mine = [(k, p) for k, p in enumerate(paths) if k % parts == part]
-    settings = run_settings(args, ck, model, n, context, from_hr)
+    settings = run_settings(args, ck, model, n, context, from_hr, paths)
+    # An out-of-memory retry cuts the image into tiles; where the folder's samples are recorded
+    # exact (a --tile that holds every image whole), with the exact context, so they stay so.
+    exact = args.tile and not settings["tile_context"]
+    retry_context = max(context, exact_context(model)) if exact else context
     inputs = {p.resolve() for p in paths}
     check_inputs_kept(mine, files, args.layout, folders, out, from_hr, inputs)
     if args.layout == "stem":
@@ -528,8 +534,9 @@ def sample(args: SampleArgs) -> int:
                 continue
             lr = to_tensor(img)[None].to(device)
             with autocast:
-                sample_image(model, lr, img, path.stem, name, n, todo, folders, files, context,
-                             controls, want_sigma, args, bar.say, writer)  # fmt: skip
+                sample_image(model, lr, img, path.stem, name, n, todo, folders, files,
+                             (context, retry_context), controls, want_sigma, args, bar.say,
+                             writer)  # fmt: skip
             h, w = img.shape[:2]
             s = model.scale
             temps = f" at {len(todo)} temperatures" if len(todo) > 1 else ""
@@ -641,12 +648,15 @@ def check_name_lengths(paths: list[Path], files: "Outputs", from_hr: bool, out: 
         )
 
 
+def exact_context(model) -> int:
+    """The context that makes the model's tiles exact (its tile_halo), in whole lr_multiples."""
+    return grid(model, 0, DEFAULT_CONTEXT if model.tile_halo is None else model.tile_halo)[1]
+
+
 def tile_context(args: SampleArgs, model) -> int:
     """--tile-overlap, or the model's exact context (its tile_halo); a warning when the context
     costs more than the tile itself."""
-    context = args.tile_overlap
-    if context is None:
-        context = DEFAULT_CONTEXT if model.tile_halo is None else model.tile_halo
+    context = exact_context(model) if args.tile_overlap is None else args.tile_overlap
     tile, context = grid(model, args.tile, context)
     if tile and context > tile:
         print(f"{PROG}: warning: --tile {args.tile}: each tile is computed with {context} LR px "
@@ -655,18 +665,36 @@ def tile_context(args: SampleArgs, model) -> int:
     return context
 
 
-def run_settings(args, ck, model, n, context, from_hr) -> dict:
+def run_settings(args, ck, model, n, context, from_hr, paths) -> dict:
     """What manifest.json records: every flag as given, and what they made of the run.
     tile_context: 0 untiled or with exact tiles (at least the model's tile_halo of context:
-    docs/design.md, "Tiled sampling"), else [tile, context] (LR px), which change the samples."""
+    docs/design.md, "Tiled sampling"; or a --tile that holds every input whole), else
+    [tile, context] (LR px), which change the samples."""
     halo = model.tile_halo
-    exact = not args.tile or (halo is not None and context >= grid(model, args.tile, halo)[1])
+    exact = not args.tile or (halo is not None and context >= exact_context(model))
+    exact = exact or one_tile(args, model, paths, from_hr)
     return {
         "checkpoint_sha256": sha256_file(args.ckpt), "model": ck["model"],
         "config": ck["model_cfg"], "scale": model.scale, "n": n, "from_hr": from_hr,
         "tile_context": 0 if exact else [grid(model, args.tile, context)[0], context],
         "version": __version__, "flags": vars(args),
     }  # fmt: skip
+
+
+def one_tile(args: SampleArgs, model, paths: list[Path], from_hr: bool) -> bool:
+    """Whether --tile holds the LR of every input (of every shard) whole, its size read from the
+    file's header (not where a header cannot tell): then no image is cut, and the samples are
+    the untiled ones whatever --tile-overlap."""
+    tile, s, m = grid(model, args.tile, 0)[0], model.scale, default_mod(model.scale)
+    for path in paths:
+        size = image_size(path)
+        if size is None:
+            return False
+        if from_hr:  # read_input's LR: the HR cropped to a multiple of m, then downscaled
+            size = [v // m * m // s for v in size]
+        if max(size) > tile:
+            return False
+    return True
 
 
 def differences(old: dict, new: dict) -> list[tuple[str, object, object]]:
@@ -827,11 +855,12 @@ def resolve_controls(args: SampleArgs, model, name: str, device):
     return model.resolve_controls(given, args.n, device)
 
 
-def sample_image(model, lr, img, stem, name, n, todo, folders, files, context, controls,
+def sample_image(model, lr, img, stem, name, n, todo, folders, files, contexts, controls,
                  want_sigma, args, say, writer) -> None:  # fmt: skip
     """Every file of one (1, 3, h, w) LR image at the temperatures `todo`, the LR-only work of
-    the model done once; a CUDA out-of-memory error retries what is left in smaller tiles."""
-    tile, prepared, sigma = args.tile, None, None
+    the model done once; a CUDA out-of-memory error retries what is left in smaller tiles.
+    contexts: the tiles' context, and that of a retry's tiles."""
+    (context, retry_context), tile, prepared, sigma = contexts, args.tile, None, None
     chunks = math.ceil(n / args.batch) if model.stochastic else 1
     todo = list(todo)
     while todo:
@@ -853,7 +882,7 @@ def sample_image(model, lr, img, stem, name, n, todo, folders, files, context, c
             todo.pop(0)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
-            tile = (tile or max(lr.shape[-2:])) // 2
+            tile, context = (tile or max(lr.shape[-2:])) // 2, retry_context
             if tile < OOM_MIN_TILE:
                 raise MemoryError from None
             say(f"{name}: CUDA out of memory; retrying with --tile {tile}")

@@ -2,6 +2,7 @@
 odd inputs and one-line errors with their exit codes, writing on threads. CPU, tiny images, a few
 seconds."""
 
+import json
 import os
 import threading
 
@@ -20,6 +21,7 @@ from sr_lib.data import write_png
 from sr_lib.errors import OutputError
 from sr_lib.models import MODELS, build_model
 from sr_lib.models.base import SRModel, pad_to_multiple
+from sr_lib.models.blocks import RegressionSR
 from sr_lib.resize import imresize
 from sr_lib.tiling import draw
 
@@ -338,6 +340,36 @@ def test_tiling_deterministic_default_overlap(tmp_path):
     full, tiled, cut = (read(tmp_path / d / "a.png") / 255 for d in ("full", "tiled", "cut"))
     assert full.shape == (96, 160, 3) and np.abs(full - tiled).mean() <= 1e-4
     assert np.abs(full - cut).mean() > 1e-4  # the test can see a seam
+
+
+def test_a_tile_larger_than_the_image_is_exact_whatever_its_overlap(tmp_path, monkeypatch):
+    """--tile at least the image's size samples it whole: exact, whatever --tile-overlap. The
+    manifest recorded such a run as inexact tiles (as --tile 64 --tile-overlap 1 on a larger
+    image), and refused it in a folder of untiled samples, and the reverse. An out-of-memory
+    retry in smaller tiles then takes the model's exact context, so the folder stays exact."""
+    ckpt = edsr_ckpt(tmp_path / "edsr.pt")  # a context of 6 LR px makes its tiles exact
+    inp = folder(tmp_path / "in", a=image((20, 60), 5))
+    argv = ["--ckpt", ckpt, "--input", inp, "--n", 1]
+    tiled = [*argv, "--tile", 64, "--tile-overlap", 1]
+    assert run(*argv, "--out", tmp_path / "full") == 0
+    assert run(*tiled, "--out", tmp_path / "one") == 0
+    manifest = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    assert manifest["tile_context"] == 0
+    assert same(tmp_path / "full" / "a.png", tmp_path / "one" / "a.png")
+    assert run(*tiled, "--out", tmp_path / "full") == 0  # the same samples: the same folder
+    assert run(*argv, "--out", tmp_path / "one") == 0
+    monkeypatch.setattr(sr_sample, "OOM_MIN_TILE", 8)
+    generate = RegressionSR.generate
+
+    def small_only(self, lr, *args):  # tiles of 32 with 6 px of context fit, the image not
+        if lr.shape[-1] > 44:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return generate(self, lr, *args)
+
+    monkeypatch.setattr(RegressionSR, "generate", small_only)
+    assert run(*tiled, "--out", tmp_path / "oom") == 0
+    full, oom = (read(tmp_path / d / "a.png") / 255 for d in ("full", "oom"))
+    assert np.abs(full - oom).mean() <= 1e-4  # 1 px of context: a seam at x = 32
 
 
 def test_cuda_oom_retries_in_tiles(tmp_path, toy_ckpt, monkeypatch, capsys):

@@ -159,8 +159,8 @@ def test_rerun_skips_complete_images_and_refuses_other_settings(tmp_path, flow_c
     assert run(*base) == 0 and "1 images sampled, 1 already complete" in capsys.readouterr().out
     for flags, made in ((["--seed", 1], "--seed 0, not 1"), (["--n", 3], "n 2, not 3"),
                         (["--temperature", 0.5], "temperature 0.9, not 0.5"),
-                        (["--tile", 32, "--tile-overlap", 8],
-                         "no tiles or exact tiles, not --tile 32 --tile-overlap 8 (inexact tiles)"),
+                        (["--tile", 16, "--tile-overlap", 8],  # (--tile 32: one tile, exact)
+                         "no tiles or exact tiles, not --tile 16 --tile-overlap 8 (inexact tiles)"),
                         (["--cem"], "--cem false"),
                         (["--amp", "bf16"], '--amp "none", not "bf16"')):  # fmt: skip
         assert run(*base, *flags) == 2
