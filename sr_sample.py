@@ -63,7 +63,8 @@ receptive field (`tile_halo`; docs/design.md, "Tiled sampling"), a tiled sample 
 one. A CUDA out-of-memory error retries the image with tiles halved, down to 64 px. A rerun may
 change --tile and --tile-overlap while the tiles stay exact (at least the default context, or a
 --tile that holds every input whole); a folder of inexact tiles is refused to other ones
-(manifest.json's tile_context).
+(manifest.json's tile_context). Without --tile, --tile-overlap is unused (a warning): an
+out-of-memory retry's tiles take the exact context, as when --tile holds every input whole.
 Exit codes: 0 ok, 2 bad flag or a folder of other settings, 3 unusable input (unreadable images
 are reported and skipped, the others written, exit 3 at the end), 4 out of memory, 6 checkpoint
 problem, 7 output cannot be written, 75 stopped by SIGTERM/SIGUSR1/SIGHUP, 130 Ctrl-C.
@@ -248,8 +249,8 @@ class SampleArgs:
     )  # fmt: skip
     tile_overlap: Optional[int] = field(  # noqa: UP045
         default=None,
-        metadata=dict(type=integer(0), help="context computed around each tile, LR px "
-                      "(default: the model's receptive field: exact)"),
+        metadata=dict(type=integer(0), help="context computed around each --tile tile, LR px "
+                      "(default: the model's receptive field: exact); unused without --tile"),
     )  # fmt: skip
     shard: str = field(
         default="0/1",
@@ -491,8 +492,8 @@ def sample(args: SampleArgs) -> int:
     mine = [(k, p) for k, p in enumerate(paths) if k % parts == part]
     settings = run_settings(args, ck, model, n, context, from_hr, paths)
     # An out-of-memory retry cuts the image into tiles; where the folder's samples are recorded
-    # exact (a --tile that holds every image whole), with the exact context, so they stay so.
-    exact = args.tile and not settings["tile_context"]
+    # exact (untiled, or a --tile that holds every image whole), with the exact context.
+    exact = not settings["tile_context"]
     retry_context = max(context, exact_context(model)) if exact else context
     inputs = {p.resolve() for p in paths}
     check_inputs_kept(mine, files, args.layout, folders, out, from_hr, inputs)
@@ -655,8 +656,15 @@ def exact_context(model) -> int:
 
 def tile_context(args: SampleArgs, model) -> int:
     """--tile-overlap, or the model's exact context (its tile_halo); a warning when the context
-    costs more than the tile itself."""
-    context = exact_context(model) if args.tile_overlap is None else args.tile_overlap
+    costs more than the tile itself. Without --tile, the exact context: every image is sampled
+    whole, and recorded so, and the tiles of an out-of-memory retry must not change that; a
+    --tile-overlap given there says what it does, in one line (it set that retry's context)."""
+    if args.tile_overlap is not None and not args.tile:
+        print(f"{PROG}: warning: --tile-overlap {args.tile_overlap} without --tile: each image is "
+              "sampled whole; it is the context of --tile's tiles (a CUDA out-of-memory retry's "
+              "tiles take the model's exact one)", file=sys.stderr, flush=True)  # fmt: skip
+    use_overlap = args.tile and args.tile_overlap is not None
+    context = args.tile_overlap if use_overlap else exact_context(model)
     tile, context = grid(model, args.tile, context)
     if tile and context > tile:
         print(f"{PROG}: warning: --tile {args.tile}: each tile is computed with {context} LR px "

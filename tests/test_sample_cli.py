@@ -358,34 +358,54 @@ def test_a_tile_larger_than_the_image_is_exact_whatever_its_overlap(tmp_path, mo
     assert same(tmp_path / "full" / "a.png", tmp_path / "one" / "a.png")
     assert run(*tiled, "--out", tmp_path / "full") == 0  # the same samples: the same folder
     assert run(*argv, "--out", tmp_path / "one") == 0
-    monkeypatch.setattr(sr_sample, "OOM_MIN_TILE", 8)
-    generate = RegressionSR.generate
-
-    def small_only(self, lr, *args):  # tiles of 32 with 6 px of context fit, the image not
-        if lr.shape[-1] > 44:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return generate(self, lr, *args)
-
-    monkeypatch.setattr(RegressionSR, "generate", small_only)
+    out_of_memory_above(44, RegressionSR, monkeypatch)  # tiles of 32 + 6 px of context fit
     assert run(*tiled, "--out", tmp_path / "oom") == 0
     full, oom = (read(tmp_path / d / "a.png") / 255 for d in ("full", "oom"))
     assert np.abs(full - oom).mean() <= 1e-4  # 1 px of context: a seam at x = 32
 
 
-def test_cuda_oom_retries_in_tiles(tmp_path, toy_ckpt, monkeypatch, capsys):
+def test_tile_overlap_without_tile_is_unused_with_one_warning(tmp_path, monkeypatch, capsys):
+    """--tile-overlap without --tile set, unsaid, the context of an out-of-memory retry's tiles:
+    a small one made that image's samples differ from the untiled ones, in a folder recorded as
+    untiled (exact). Each image is sampled whole, the retry takes the exact context, and one
+    warning line says that --tile-overlap goes with --tile."""
+    ckpt = edsr_ckpt(tmp_path / "edsr.pt")  # a context of 6 LR px makes its tiles exact
+    inp = folder(tmp_path / "in", a=image((20, 60), 5))
+    argv = ["--ckpt", ckpt, "--input", inp, "--n", 1]
+    assert run(*argv, "--out", tmp_path / "full") == 0
+    capsys.readouterr()
+    out_of_memory_above(44, RegressionSR, monkeypatch)  # tiles of 30 + 6 px of context fit
+    assert run(*argv, "--tile-overlap", 1, "--out", tmp_path / "oom") == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "sr_sample.py: warning: --tile-overlap 1 without --tile: each image is sampled whole; "
+        "it is the context of --tile's tiles (a CUDA out-of-memory retry's tiles take the "
+        "model's exact one)"
+    ]
+    assert json.loads((tmp_path / "oom" / "manifest.json").read_text())["tile_context"] == 0
+    full, oom = (read(tmp_path / d / "a.png") / 255 for d in ("full", "oom"))
+    assert np.abs(full - oom).mean() <= 1e-4  # 1 px of context: a seam at x = 30
+
+
+def out_of_memory_above(width, cls, monkeypatch):
+    """cls.generate raises CUDA's out-of-memory error for an LR (a tile) wider than `width`."""
     monkeypatch.setattr(sr_sample, "OOM_MIN_TILE", 8)
-    generate = Toy.generate
+    generate = cls.generate
 
-    def small_only(self, lr, n, temperature, noise):  # tiles of 8 (10 rounded) + 2 x context 4
-        if lr.shape[-1] > 20:
+    def small_only(self, lr, *args, **kwargs):
+        if lr.shape[-1] > width:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return generate(self, lr, n, temperature, noise)
+        return generate(self, lr, *args, **kwargs)
 
+    monkeypatch.setattr(cls, "generate", small_only)
+
+
+def test_cuda_oom_retries_in_tiles(tmp_path, toy_ckpt, monkeypatch, capsys):
+    monkeypatch.setattr(Toy, "tile_halo", 0)  # pointwise: exact tiles need no context
     inp = folder(tmp_path / "in", a=image((24, 40), 6))
     argv = ["--ckpt", toy_ckpt, "--input", inp, "--n", 2]
     assert run(*argv, "--out", tmp_path / "full") == 0
-    monkeypatch.setattr(Toy, "generate", small_only)
-    assert run(*argv, "--tile-overlap", 4, "--out", tmp_path / "oom") == 0
+    out_of_memory_above(16, Toy, monkeypatch)  # tiles of 20 do not fit, of 10 (8: rounded) do
+    assert run(*argv, "--out", tmp_path / "oom") == 0
     assert "a: CUDA out of memory; retrying with --tile 10" in capsys.readouterr().out
     for i in range(2):
         name = f"a_sample{i:05d}.png"
