@@ -87,6 +87,7 @@ from sr_lib.models import MODELS, build_model, checkpoint_config, read_checkpoin
 from sr_lib.models.base import NoiseSource, Recipe, sample_seed, scale_list
 from sr_lib.resize import cached_tensors
 from sr_lib.threads import signals_held, when_not_held
+from sr_lib.weights import as_state_dict, is_tensor_dict
 
 PROG = "sr_train.py"
 GRAPH_DEVICES = ("cuda",)  # --cuda-graphs (tests add "cpu", with `capture` replaced)
@@ -940,11 +941,18 @@ def init_weights(model, args: TrainArgs, cfg: dict) -> str:
                 f"--init-from {path}: holds {was[0]} x{was[1]} weights, and this run is "
                 f"{args.model} x{args.scale}; give a checkpoint of the same model and scale"
             )
+        held = init["model_cfg"]
+    else:  # a raw state_dict: srspace's key names, or a released file's (SRFlow, NCSR...)
+        inner = init.get("state_dict")
+        sd = as_state_dict(inner if is_tensor_dict(inner) else init, path)
+        held = MODELS[args.model].raw_config(sd, args.scale)  # what its keys tell (--nb, variant)
+    where = f"--init-from {path}"
     try:
-        model.load_weights(init.get("ema_state_dict", init.get("state_dict", init)),
-                           f"--init-from {path}")  # fmt: skip
+        if is_srspace_checkpoint(init):
+            model.load_weights(init.get("ema_state_dict", init["state_dict"]), where)
+        else:  # maps a released layout, and says which --model/--scale a mismatching file fits
+            model.load_raw_state_dict(sd, where)
     except CheckpointError as e:
-        held = init.get("model_cfg", {}) if is_srspace_checkpoint(init) else {}
         differ = [f"--{k.replace('_', '-')} {held[k]} (this run {v})"
                   for k, v in cfg.items() if k in held and held[k] != v]  # fmt: skip
         if not differ:

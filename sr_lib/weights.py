@@ -268,8 +268,12 @@ def is_tensor_dict(d) -> bool:
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a plain tensor state_dict on CPU, refusing anything that needs pickled code."""
-    path = Path(path)
-    sd = torch_load(path)
+    return as_state_dict(torch_load(path), path)
+
+
+def as_state_dict(sd, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """`sd`, the loaded contents of file `path`, as a name -> tensor dict without the wrappers'
+    key prefixes; anything else is a one-line CheckpointError saying what to pass instead."""
     if not is_tensor_dict(sd):
         got = f"dict with keys {list(sd)[:5]}" if isinstance(sd, dict) else type(sd).__name__
         # Other tools wrap the state_dict (BasicSR: 'params'/'params_ema'; Lightning:

@@ -455,6 +455,36 @@ def test_rrdb_init_from_own_rrdb_checkpoint(tmp_path):
         wrong.on_step(0, 10)
 
 
+def test_init_from_a_released_file(tmp_path, capsys):
+    """--init-from SRFlow_DF2K_4X.pth (fine-tuning a release) maps the released key layout as
+    sr_sample.py --ckpt does (it took srspace's key names only: 1031 missing and 1031 unexpected
+    keys); a release of another model or scale is refused naming the flags it fits."""
+
+    def train(name, scale, release, out):
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY[name].items()]
+        argv = ["--model", name, "--scale", str(scale), "--data", "demo", "--steps", "0",
+                "--workers", "0", "--val-every", "0", *flags, "--init-from", str(release),
+                "--out", str(tmp_path / out)]  # fmt: skip
+        return sr_train.main(argv)
+
+    release = tmp_path / "SRFlow_x4.pth"  # as saved by the released code under DataParallel
+    sd = tiny("srflow").export_official_state_dict()
+    torch.save({f"module.{k}": v for k, v in sd.items()}, release)
+    assert train("srflow", 4, release, "run") == 0
+    assert f"--init-from {release}: its weights (a state_dict)" in capsys.readouterr().out
+    got = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(got[k], sd[o]) for k, o in tiny("srflow").official_keys().items())
+
+    torch.save(tiny("srflow", 8).export_official_state_dict(), tmp_path / "SRFlow_x8.pth")
+    for name, file, fits in [("ncsr", "SRFlow_x4.pth", "--model srflow --scale 4"),
+                             ("srflow", "SRFlow_x8.pth", "--model srflow --scale 8")]:  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            train(name, 4, tmp_path / file, f"{name}_{file}")
+        err = capsys.readouterr().err
+        assert e.value.code == 6 and err.count("\n") == 1
+        assert f"--init-from {tmp_path / file}: does not match" in err and fits in err
+
+
 # Facts found by running the released code side by side (tests/bench/check_official_parity.py).
 
 

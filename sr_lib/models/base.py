@@ -424,8 +424,9 @@ class SRModel(nn.Module):
         """Load a state_dict without srspace metadata (e.g. a released file); by default it must
         use this model's own key names and its default config (all a raw file tells)."""
         name = type(self).__name__.lower()
-        self.load_weights(state_dict, path, f"a raw state_dict loads only as the default {name} "
-                          "config at --scale, with srspace's key names: load a model trained by "
+        self.load_weights(state_dict, path, f"a raw state_dict loads only with srspace's key "
+                          f"names, as the {name} config of --scale (sr_sample.py: the default one; "
+                          "--init-from: the run's model flags): load a model trained by "
                           "sr_train.py from its checkpoint (OUT/last.pt or best.pt)")  # fmt: skip
 
 
