@@ -7,6 +7,7 @@ manifest's sha256 before use, and loading refuses pickles that could run code.
 """
 
 import hashlib
+import http.client
 import os
 import pickle
 import re
@@ -191,11 +192,20 @@ def _download(entry: Entry, target: Path) -> Path:
     tmp = Path(tmp)
     try:
         print(f"srspace: downloading {entry.url} to {target}", file=sys.stderr, flush=True)
-        h = hashlib.sha256()
+        h, got = hashlib.sha256(), 0
         with os.fdopen(fd, "wb") as f, urllib.request.urlopen(entry.url, timeout=60) as r:
+            size = int(r.headers.get("Content-Length") or -1)
             while chunk := r.read(CHUNK):
                 h.update(chunk)
                 f.write(chunk)
+                got += len(chunk)
+        # A connection closed midway ends the read like the end of the file: only the announced
+        # size tells (an unhashed entry would keep the cut file, a hashed one blame the file).
+        if 0 <= size != got:
+            raise CheckpointError(
+                f"download of {entry.url} stopped after {got} of {size} bytes (the connection "
+                f"closed); nothing was saved; run again, or {stage}"
+            )
         digest = h.hexdigest()
         if not _matches(digest, entry.sha256):
             raise CheckpointError(
@@ -205,7 +215,7 @@ def _download(entry: Entry, target: Path) -> Path:
         os.replace(tmp, target)
         st = target.stat()  # so the next resolve() does not hash it again
         _digests[(str(target.resolve()), st.st_size, st.st_mtime_ns)] = digest
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, http.client.HTTPException) as e:  # (a chunked reply cut short)
         reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
         raise CheckpointError(f"could not download {entry.url} ({reason}); {stage}") from None
     finally:

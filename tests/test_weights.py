@@ -1,7 +1,9 @@
 """sr_lib.weights: manifest parsing, lookup order, verified file:// downloads, safe loading."""
 
 import hashlib
+import http.server
 import os
+import threading
 
 import pytest
 import torch
@@ -185,6 +187,54 @@ def test_download_missing_source(tmp_path):
     assert url in msg and str(tmp_path / "hub" / "checkpoints" / "gone.pth") in msg
     assert "sha256 0123abcd" in msg
     assert os.listdir(tmp_path / "hub" / "checkpoints") == []
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A local HTTP server of tmp_path/remote whose replies stop after a third of the file:
+    /cut/NAME with its Content-Length, /chunked/NAME in chunked encoding, /NAME whole."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            how, _, name = self.path.strip("/").rpartition("/")
+            data = (tmp_path / "remote" / name).read_bytes()
+            self.send_response(200)
+            if how == "chunked":
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                self.wfile.write(b"%x\r\n" % len(data) + data[: len(data) // 3])
+            else:
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[: len(data) // 3] if how == "cut" else data)
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_port}"
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.mark.parametrize("how", ["cut", "chunked"])
+@pytest.mark.parametrize("hashed", [True, False])
+def test_download_cut_midway_leaves_nothing(tmp_path, server, how, hashed):
+    """The server closes the connection midway: the cut file was kept as the weights where the
+    manifest has no hash (and blamed as another file where it has one); a chunked reply cut short
+    was a traceback. Now one line says so, and nothing is left in the folder."""
+    sha = save_sd(tmp_path / "remote" / "net.pth")
+    m = {"net": Entry("net", sha if hashed else None, f"{server}/{how}/net.pth")}
+    with pytest.raises(CheckpointError, match="stopped after|IncompleteRead") as e:
+        resolve("net", manifest=m)
+    assert "run again" in one_line(e) or how == "chunked"
+    assert os.listdir(tmp_path / "hub" / "checkpoints") == []
+    m = {"net": Entry("net", sha if hashed else None, f"{server}/net.pth")}  # whole: it works
+    assert resolve("net", manifest=m) == tmp_path / "hub" / "checkpoints" / "net.pth"
 
 
 @pytest.mark.parametrize("how", ["argument", "env"])
