@@ -160,6 +160,11 @@ def resolve(
 
     env = os.environ.get("SRSPACE_WEIGHTS")
     folders = {"$SRSPACE_WEIGHTS": Path(env).expanduser()} if env else {}
+    if env and folders["$SRSPACE_WEIGHTS"].is_file():  # its files' folder is what it names
+        raise CheckpointError(
+            f"$SRSPACE_WEIGHTS is {env}, a file, not a folder: set it to the folder that holds "
+            f"{entry.filename} and the other weights files (e.g. {Path(env).parent})"
+        )
     folders["torch hub cache"] = _hub_dir()
     for how, folder in folders.items():
         if (folder / entry.filename).is_file():
@@ -167,6 +172,8 @@ def resolve(
 
     target = next(iter(folders.values())) / entry.filename
     searched = " or ".join(str(f / entry.filename) for f in folders.values())
+    if env and not folders["$SRSPACE_WEIGHTS"].is_dir():  # a typo, or a folder not mounted here
+        searched += f" (the folder $SRSPACE_WEIGHTS={env} does not exist)"
     if entry.url is None:
         raise CheckpointError(
             f"weights {name!r} not found at {searched} and have no download URL; "

@@ -146,6 +146,25 @@ def test_mismatch_in_folder_is_an_error(tmp_path, monkeypatch):
     one_line(e)
 
 
+@pytest.mark.parametrize("offline", [True, False])
+def test_srspace_weights_not_a_folder(tmp_path, monkeypatch, offline):
+    """$SRSPACE_WEIGHTS set to the weights file itself: the advice was to copy the file to
+    FILE/alexnet-owt-7be5be79.pth (and, online, 'cannot write to FILE (File exists)'); a folder
+    that does not exist is said to be missing."""
+    sha = save_sd(tmp_path / "net-x.pth")
+    m = {"net": Entry("net", sha, (tmp_path / "remote" / "net-x.pth").as_uri())}
+    monkeypatch.setenv("SRSPACE_WEIGHTS", str(tmp_path / "net-x.pth"))
+    with pytest.raises(CheckpointError) as e:
+        resolve("net", manifest=m, offline=offline)
+    msg = one_line(e)
+    assert msg.startswith(f"$SRSPACE_WEIGHTS is {tmp_path / 'net-x.pth'}, a file, not a folder")
+    assert f"folder that holds net-x.pth and the other weights files (e.g. {tmp_path})" in msg
+    monkeypatch.setenv("SRSPACE_WEIGHTS", str(tmp_path / "typo"))
+    with pytest.raises(CheckpointError) as e:
+        resolve("net", manifest=m, offline=True)
+    assert f"(the folder $SRSPACE_WEIGHTS={tmp_path / 'typo'} does not exist)" in one_line(e)
+
+
 def test_dash_entries_are_checked_for_existence_only(tmp_path, monkeypatch):
     m = {"flow": Entry("flow", None, None)}
     with pytest.raises(CheckpointError, match="no download URL") as e:
