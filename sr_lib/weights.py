@@ -6,6 +6,7 @@ downloaded as a last resort (never with SRSPACE_OFFLINE=1). Every file is checke
 manifest's sha256 before use, and loading refuses pickles that could run code.
 """
 
+import errno
 import hashlib
 import http.client
 import os
@@ -223,6 +224,11 @@ def _download(entry: Entry, target: Path) -> Path:
         st = target.stat()  # so the next resolve() does not hash it again
         _digests[(str(target.resolve()), st.st_size, st.st_mtime_ns)] = digest
     except (OSError, ValueError, http.client.HTTPException) as e:  # (a chunked reply cut short)
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise CheckpointError(  # not the network's fault: another machine would not help
+                f"cannot write {target} ({e.strerror}); nothing was saved: free space in "
+                f"{target.parent}, or set SRSPACE_WEIGHTS to a folder with room"
+            ) from None
         reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
         raise CheckpointError(f"could not download {entry.url} ({reason}); {stage}") from None
     finally:

@@ -3,6 +3,8 @@
 import hashlib
 import http.server
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -254,6 +256,27 @@ def test_download_cut_midway_leaves_nothing(tmp_path, server, how, hashed):
     assert os.listdir(tmp_path / "hub" / "checkpoints") == []
     m = {"net": Entry("net", sha if hashed else None, f"{server}/net.pth")}  # whole: it works
     assert resolve("net", manifest=m) == tmp_path / "hub" / "checkpoints" / "net.pth"
+
+
+def test_download_onto_a_full_disk(tmp_path):
+    """A disk that fills during the download (here a 512-byte file size limit: EFBIG as ENOSPC)
+    was 'could not download URL', with the advice to download it on a machine with internet."""
+    save_sd(tmp_path / "remote" / "net.pth")
+    url = (tmp_path / "remote" / "net.pth").as_uri()
+    code = (
+        "import resource, signal; from sr_lib.weights import Entry, resolve\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512))\n"
+        f"resolve('net', manifest={{'net': Entry('net', None, {url!r})}})"
+    )
+    env = {**os.environ, "SRSPACE_WEIGHTS": str(tmp_path / "w")}
+    repo = os.path.dirname(os.path.dirname(__file__))
+    p = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True
+    )
+    target = tmp_path / "w" / "net.pth"
+    assert f"cannot write {target} (File too large); nothing was saved: free space in" in p.stderr
+    assert "CheckpointError" in p.stderr and os.listdir(tmp_path / "w") == []
 
 
 @pytest.mark.parametrize("how", ["argument", "env"])
