@@ -96,6 +96,7 @@ from sr_lib.errors import (
     stdout_closed,
 )
 from sr_lib.models import MODELS
+from sr_lib.weights import resolve
 
 PROG = "sr_eval.py"
 HELP_SR = (
@@ -467,6 +468,11 @@ def check_flags(args: EvalArgs) -> tuple[int, torch.device, int]:
         if inside:
             raise UsageError(f"{flag} {path} is inside --report {args.report}, whose files may "
                              f"replace it; give {flag} a path outside that folder")  # fmt: skip
+    if not (args.no_lpips or args.lpips_weights):
+        try:  # LPIPS's AlexNet, found and hashed before any output is made or any image read
+            resolve("alexnet")
+        except CheckpointError as e:
+            raise lpips_error(e, None) from None
     device = pick_device(args.device)
     for flag, path, example in (("--out", args.out, "out.json"), ("--csv", args.csv, "out.csv")):
         if path:
@@ -536,8 +542,13 @@ def load_lpips(weights: str | None, device, batch: int):
     try:
         return metrics.LpipsMetric.load(weights, device, batch)
     except CheckpointError as e:
-        hint = "" if weights else "; or pass --no-lpips to skip LPIPS_mean and score"
-        raise CheckpointError(f"LPIPS: {e}{hint}") from None
+        raise lpips_error(e, weights) from None
+
+
+def lpips_error(e: CheckpointError, weights: str | None) -> CheckpointError:
+    """`e` of the LPIPS weights (`weights`: --lpips-weights), saying so and how to do without."""
+    hint = "" if weights else "; or pass --no-lpips to skip LPIPS_mean and score"
+    return CheckpointError(f"LPIPS: {e}{hint}")
 
 
 def check_sizes(gt, lr, samples, names, gt_name: str, lr_name: str | None, scale: int) -> None:

@@ -4,14 +4,21 @@ traceback. Values out of range are refused when the flags are parsed, before any
 (the run folder is not even created)."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 
 import sr_train
 from sr_lib.checkpoint import save_checkpoint
+from sr_lib.models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
 
 # A tiny EDSR run; each case replaces or adds flags (None: drop the flag, "": a switch).
 BASE = {"--model": "edsr", "--n-feats": "8", "--n-blocks": "1", "--scale": "2", "--patch": "8",
@@ -337,3 +344,38 @@ def test_tensorboard_missing_is_one_line(world, tmp_path, capsys, monkeypatch):
         "sr_train.py: error: --tensorboard needs the tensorboard package: pip install tensorboard"
     )
     assert os.listdir(tmp_path / "o") == [".lock"]  # nothing else was written
+
+
+@pytest.mark.parametrize("model", ["vspsr", "varsr", "refvae"])
+def test_missing_pretrained_weights_stop_the_run_at_start(model, tmp_path):
+    """The VGG19 of a perceptual loss (RefVAE: its encoder) missing offline stopped the run at
+    its first step, after it had made --out and read all the data; now it is the one line at
+    start (the data holds an unreadable image: read first, it would be exit 3)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    iio.imwrite(data / "a.png", np.zeros((48, 48, 3), np.uint8))
+    (data / "b.png").write_bytes(b"not a png")
+    tiny = {k: v for k, v in TINY[model].items() if k not in ("pretrained", "lambda_per")}
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in tiny.items()]
+    out, empty = tmp_path / "out", tmp_path / "empty"
+    empty.mkdir()
+    env = {**os.environ, "SRSPACE_OFFLINE": "1", "SRSPACE_WEIGHTS": "", "TORCH_HOME": str(empty)}
+    argv = [sys.executable, "sr_train.py", "--model", model, "--scale", "4", "--data", str(data),
+            "--steps", "1", "--val-every", "0", "--out", str(out), *flags]  # fmt: skip
+    p = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 6 and len(p.stderr.splitlines()) == 1, p.stderr
+    assert p.stderr.startswith("sr_train.py: error: weights 'vgg19' not found"), p.stderr
+    assert p.stderr.strip().endswith("--lambda-per 0") == (model != "refvae")
+    assert not out.exists()
+
+
+def test_refvae_needs_alexnet_and_a_vgg19_not_yet_loaded():
+    """RefVAE's LPIPS loss loads AlexNet (never kept); its VGG19 encoder is in a resumed state."""
+    model = build_model("refvae", {**TINY["refvae"], "pretrained": True, "scale": 4})
+    assert list(model.pretrained_weights()) == ["vgg19", "alexnet"]
+    state = {**model.state_dict(), "vgg_loaded": torch.tensor(True)}
+    assert model.pretrained_weights(state) == {
+        "alexnet": "or train without the LPIPS loss: --lambda-lpips 0"
+    }
+    model = build_model("refvae", {**TINY["refvae"], "lambda_lpips": 0.0, "scale": 4})
+    assert model.pretrained_weights() == {}  # not pretrained (tests): random networks

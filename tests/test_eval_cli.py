@@ -7,6 +7,7 @@ the CLI and a direct lpips module call agree; they are not real LPIPS values.
 import csv
 import json
 import math
+import os
 import resource
 import shutil
 import signal
@@ -523,6 +524,23 @@ def test_missing_lpips_weights(tmp_path, capsys, monkeypatch, tiny_set):
     assert "alexnet-owt-7be5be79.pth" in err and str(tmp_path / "w") in err and "--no-lpips" in err
     code, err = fails(capsys, *args, "--lpips-weights", tmp_path / "missing.pth")
     assert code == 6 and "missing.pth" in err
+
+
+def test_missing_lpips_weights_before_any_output(tmp_path, tiny_set):
+    """AlexNet missing offline was found missing after --out's and --csv's folders and the
+    --report folder were made (and every header read): now before, and nothing is made."""
+    hr_dir, _, sr_dir = tiny_set
+    (tmp_path / "th").mkdir()
+    env = {**os.environ, "SRSPACE_OFFLINE": "1", "SRSPACE_WEIGHTS": ""}
+    env["TORCH_HOME"] = str(tmp_path / "th")
+    new = tmp_path / "new"
+    outs = ["--out", new / "a.json", "--csv", new / "b" / "c.csv", "--report", new / "R"]
+    cmd = [sys.executable, "sr_eval.py", "--hr", hr_dir, "--sr", sr_dir, "--scale", "4", "--n", "2"]
+    p = subprocess.run(cmd + outs, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 6 and len(p.stderr.splitlines()) == 1, p.stderr
+    assert p.stderr.startswith("sr_eval.py: error: LPIPS: weights 'alexnet' not found")
+    assert p.stderr.strip().endswith("--no-lpips to skip LPIPS_mean and score")
+    assert not new.exists()
 
 
 # ----------------------------------------------------------------------------- issue 20

@@ -367,6 +367,14 @@ class SRModel(nn.Module):
     def on_step(self, step: int, total: int) -> None:
         """Called by the training loop before every step."""
 
+    def pretrained_weights(self, state_dict: dict | None = None) -> dict[str, str]:
+        """The weights manifest entries its training loads on first use (a frozen VGG19 of a
+        perceptual loss), each with what the user can do instead of staging the file ("" for
+        nothing), given the state_dict the run goes on from (a resume; None: the model's own).
+        sr_train.py finds them before it writes into --out or reads the data: a missing file is
+        one line at start, not one at the first step minutes later."""
+        return {}
+
     def graph_key(self) -> tuple | None:
         """sr_train.py --cuda-graphs records a training step once and replays it: the recording
         holds the kernels launched, not the Python that chose them. So the model names here the

@@ -260,6 +260,16 @@ class RefVAE(LatentSRModel):
         # vgg_loaded then stays True with the weights it describes.
         self._load_weights()
 
+    def pretrained_weights(self, state_dict: dict | None = None) -> dict[str, str]:
+        if not self.cfg.pretrained:
+            return {}
+        # The VGG19 encoder's weights are in the state_dict once loaded: a resume needs no file.
+        loaded = (self.state_dict() if state_dict is None else state_dict).get("vgg_loaded")
+        need = {} if loaded is not None and bool(loaded) else {"vgg19": ""}
+        if self.cfg.lambda_lpips > 0:  # LPIPS is kept out of the state_dict: always loaded
+            need["alexnet"] = "or train without the LPIPS loss: --lambda-lpips 0"
+        return need
+
     def _load_weights(self) -> None:
         """ImageNet VGG19 into the frozen encoder, once (CheckpointError with a staging hint).
 

@@ -183,6 +183,12 @@ class VarSR(LatentSRModel):
         """Switch the adversarial phase by hand (tests, fine-tuning scripts)."""
         self._adv_on = on and self.discriminator is not None
 
+    def pretrained_weights(self, state_dict: dict | None = None) -> dict[str, str]:
+        c = self.cfg
+        return (
+            {"vgg19": NO_VGG} if c.lambda_per > 0 and c.pretrained and not self._perceptual else {}
+        )
+
     def perceptual_loss(self) -> nn.Module:
         """Frozen VGG19 feature MSE, built on first use (CheckpointError if weights are missing)."""
         if not self._perceptual:

@@ -203,6 +203,9 @@ class VSpSR(SRModel):
         """Use this (sr, hr) -> loss module for L_per instead of building the VGG19 one."""
         self._perceptual[:] = [loss]
 
+    def pretrained_weights(self, state_dict: dict | None = None) -> dict[str, str]:
+        return {"vgg19": NO_VGG} if self.cfg.lambda_per > 0 and not self._perceptual else {}
+
     def perceptual_loss(self) -> nn.Module:
         """The frozen VGG19 loss, built on first use (CheckpointError if the file is missing)."""
         if not self._perceptual:
