@@ -130,10 +130,19 @@ def _how_to_stage(entry: Entry, path: Path) -> str:
     return where + ", or set SRSPACE_WEIGHTS to the folder holding it"
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
 def _is_offline(offline: bool | None) -> bool:
     if offline is not None:
         return offline
-    return os.environ.get("SRSPACE_OFFLINE", "").lower() in ("1", "true", "yes")
+    value = os.environ.get("SRSPACE_OFFLINE", "")
+    if value.strip().lower() not in _TRUE + _FALSE:  # a typo must not mean "go online"
+        raise UsageError(
+            f"SRSPACE_OFFLINE={value!r}: use 1, true, yes or on (no downloads) or 0, false, no, "
+            "off or unset (download what is missing)"
+        )
+    return value.strip().lower() in _TRUE
 
 
 def resolve(

@@ -401,3 +401,35 @@ def test_torchvision_model_no_weights_and_unknown_name():
     assert isinstance(model, torchvision.models.AlexNet)
     with pytest.raises(UsageError, match="choose from alexnet, vgg16, vgg19"):
         torchvision_model("resnet50")
+
+
+@pytest.mark.parametrize("value", ["on", "TRUE", " 1", "Yes\n", "1", "true"])
+def test_offline_spellings(tmp_path, monkeypatch, value):
+    """The usual truthy spellings, in any case and with spaces, mean offline: 'on', 'TRUE' and
+    ' 1' counted as online and downloaded."""
+    save_sd(tmp_path / "remote" / "net.pth")
+    m = {"net": Entry("net", None, (tmp_path / "remote" / "net.pth").as_uri())}
+    monkeypatch.setenv("SRSPACE_OFFLINE", value)
+    with pytest.raises(CheckpointError, match="downloads are off"):
+        resolve("net", manifest=m)
+    assert not (tmp_path / "hub" / "checkpoints" / "net.pth").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "False", "off", " no ", ""])
+def test_online_spellings(tmp_path, monkeypatch, value):
+    save_sd(tmp_path / "remote" / "net.pth")
+    m = {"net": Entry("net", None, (tmp_path / "remote" / "net.pth").as_uri())}
+    monkeypatch.setenv("SRSPACE_OFFLINE", value)
+    assert resolve("net", manifest=m) == tmp_path / "hub" / "checkpoints" / "net.pth"
+
+
+@pytest.mark.parametrize("value", ["ture", "2", "offline"])
+def test_offline_neither_true_nor_false_is_an_error(tmp_path, monkeypatch, value):
+    """A value that is neither (a typo) counted as online: now one line naming the variable."""
+    save_sd(tmp_path / "remote" / "net.pth")
+    m = {"net": Entry("net", None, (tmp_path / "remote" / "net.pth").as_uri())}
+    monkeypatch.setenv("SRSPACE_OFFLINE", value)
+    with pytest.raises(UsageError, match=f"SRSPACE_OFFLINE='{value}': use 1, true") as e:
+        resolve("net", manifest=m)
+    one_line(e)
+    assert not (tmp_path / "hub" / "checkpoints" / "net.pth").exists()
