@@ -133,6 +133,18 @@ def _how_to_stage(entry: Entry, path: Path) -> str:
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
+def _refuse_broken_link(path: Path, entry: Entry) -> None:
+    """A link to a weights file that was moved or deleted read as "not found", where the user
+    sees the file's name in the folder: say what it is and where it points."""
+    if path.is_symlink() and not path.exists():
+        to = Path(os.path.normpath(path.parent / os.readlink(path)))  # (relative to its folder)
+        raise CheckpointError(
+            f"{path} is a broken link: it points to {to}, which does not exist (moved or "
+            f"deleted); point it at the {entry.name} weights file again, or delete it and "
+            f"{_how_to_stage(entry, path)}"
+        )
+
+
 def _is_offline(offline: bool | None) -> bool:
     if offline is not None:
         return offline
@@ -161,6 +173,7 @@ def resolve(
         p = Path(path).expanduser()
         if p.is_dir():
             p = p / entry.filename
+        _refuse_broken_link(p, entry)
         if not p.is_file():
             raise CheckpointError(
                 f"weights file {p} for {name!r} does not exist; fix the path or "
@@ -177,6 +190,7 @@ def resolve(
         )
     folders["torch hub cache"] = _hub_dir()
     for how, folder in folders.items():
+        _refuse_broken_link(folder / entry.filename, entry)
         if (folder / entry.filename).is_file():
             return _check(folder / entry.filename, entry, how)
 

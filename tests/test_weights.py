@@ -433,3 +433,25 @@ def test_offline_neither_true_nor_false_is_an_error(tmp_path, monkeypatch, value
         resolve("net", manifest=m)
     one_line(e)
     assert not (tmp_path / "hub" / "checkpoints" / "net.pth").exists()
+
+
+@pytest.mark.parametrize("where", ["env", "hub", "path"])
+def test_broken_link_says_so(tmp_path, monkeypatch, where):
+    """A link to a weights file that was moved since was 'not found' at a path the user sees in
+    the folder: now it is called a broken link, with the place it points to."""
+    sha = save_sd(tmp_path / "moved" / "net.pth")
+    folder = {"env": tmp_path / "w", "hub": tmp_path / "hub" / "checkpoints", "path": tmp_path}
+    link = folder[where] / "net.pth"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to("../gone/net.pth" if where == "env" else tmp_path / "gone" / "net.pth")
+    monkeypatch.setenv("SRSPACE_WEIGHTS", str(tmp_path / "w"))
+    m = {"net": Entry("net", sha, None)}
+    with pytest.raises(CheckpointError) as e:
+        resolve("net", path=link if where == "path" else None, manifest=m)
+    assert one_line(e).startswith(
+        f"{link} is a broken link: it points to {tmp_path / 'gone' / 'net.pth'}, which does not "
+        "exist (moved or deleted); point it at the net weights file again, or delete it and copy"
+    )
+    link.unlink()  # linked to where the file is now: found
+    link.symlink_to(tmp_path / "moved" / "net.pth")
+    assert resolve("net", path=link if where == "path" else None, manifest=m) == link
