@@ -333,7 +333,8 @@ def as_state_dict(sd, path: str | os.PathLike) -> dict[str, torch.Tensor]:
         got = f"dict with keys {list(sd)[:5]}" if isinstance(sd, dict) else type(sd).__name__
         # Other tools wrap the state_dict (BasicSR: 'params'/'params_ema'; Lightning:
         # 'state_dict'): which entry holds the weights is theirs to say, so name the way out.
-        inner = [k for k, v in sd.items() if is_tensor_dict(v)] if isinstance(sd, dict) else []
+        entries = sd.items() if isinstance(sd, dict) else []
+        inner = [k for k, v in entries if is_tensor_dict(v) and v]  # (an empty one holds none)
         todo = (
             f"its weights are under {inner}: save one of them alone, "
             f"torch.save(torch.load(OLD, weights_only=True)[{inner[0]!r}], NEW), and pass NEW"

@@ -1,5 +1,6 @@
 """sr_lib.weights: manifest parsing, lookup order, verified file:// downloads, safe loading."""
 
+import collections
 import hashlib
 import http.server
 import os
@@ -455,3 +456,17 @@ def test_broken_link_says_so(tmp_path, monkeypatch, where):
     link.unlink()  # linked to where the file is now: found
     link.symlink_to(tmp_path / "moved" / "net.pth")
     assert resolve("net", path=link if where == "path" else None, manifest=m) == link
+
+
+@pytest.mark.parametrize("empty", [collections.Counter(), {}])
+def test_wrapped_state_dict_hint_skips_empty_dicts(tmp_path, empty):
+    """An empty dict beside the tensors (a Counter of a training tool) was taken for the
+    weights: 'its weights are under ['o']'. Only a dict that holds tensors is named."""
+    path = tmp_path / "w.pth"
+    torch.save({"x": torch.ones(2), "o": empty}, path)
+    with pytest.raises(CheckpointError) as e:
+        load_state_dict(path)
+    assert one_line(e).endswith("; pass a file of torch.save(model.state_dict())")
+    torch.save({"params": {"w": torch.ones(2)}, "o": empty}, path)  # a real wrapper is named
+    with pytest.raises(CheckpointError, match=r"its weights are under \['params'\]"):
+        load_state_dict(path)
