@@ -235,15 +235,22 @@ def _download(entry: Entry, target: Path) -> Path:
         h, got = hashlib.sha256(), 0
         with os.fdopen(fd, "wb") as f, urllib.request.urlopen(entry.url, timeout=60) as r:
             size = int(r.headers.get("Content-Length") or -1)
-            while chunk := r.read(CHUNK):
-                h.update(chunk)
-                f.write(chunk)
-                got += len(chunk)
+            cut = False
+            try:
+                while chunk := r.read(CHUNK):
+                    h.update(chunk)
+                    f.write(chunk)
+                    got += len(chunk)
+            except http.client.IncompleteRead as e:  # a chunked reply cut short says so
+                cut = True
+                while isinstance(e, http.client.IncompleteRead):  # the chunks read whole in
+                    got, e = got + len(e.partial), e.__context__  # this call, then the cut one
         # A connection closed midway ends the read like the end of the file: only the announced
         # size tells (an unhashed entry would keep the cut file, a hashed one blame the file).
-        if 0 <= size != got:
+        if cut or 0 <= size != got:
+            of = f" of {size}" if size >= 0 else ""
             raise CheckpointError(
-                f"download of {entry.url} stopped after {got} of {size} bytes (the connection "
+                f"download of {entry.url} stopped after {got}{of} bytes (the connection "
                 f"closed); nothing was saved; run again, or {stage}"
             )
         digest = h.hexdigest()
@@ -255,7 +262,7 @@ def _download(entry: Entry, target: Path) -> Path:
         os.replace(tmp, target)
         st = target.stat()  # so the next resolve() does not hash it again
         _digests[(str(target.resolve()), st.st_size, st.st_mtime_ns)] = digest
-    except (OSError, ValueError, http.client.HTTPException) as e:  # (a chunked reply cut short)
+    except (OSError, ValueError, http.client.HTTPException) as e:
         if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise CheckpointError(  # not the network's fault: another machine would not help
                 f"cannot write {target} ({e.strerror}); nothing was saved: free space in "
