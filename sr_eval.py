@@ -96,7 +96,7 @@ from sr_lib.errors import (
     stdout_closed,
 )
 from sr_lib.models import MODELS
-from sr_lib.weights import resolve
+from sr_lib.weights import load_state_dict, resolve
 
 PROG = "sr_eval.py"
 HELP_SR = (
@@ -468,11 +468,11 @@ def check_flags(args: EvalArgs) -> tuple[int, torch.device, int]:
         if inside:
             raise UsageError(f"{flag} {path} is inside --report {args.report}, whose files may "
                              f"replace it; give {flag} a path outside that folder")  # fmt: skip
-    if not (args.no_lpips or args.lpips_weights):
-        try:  # LPIPS's AlexNet, found and hashed before any output is made or any image read
-            resolve("alexnet")
+    if not args.no_lpips:
+        try:  # LPIPS's weights, found and read before any output is made or any image read
+            resolve("alexnet") if not args.lpips_weights else load_state_dict(args.lpips_weights)
         except CheckpointError as e:
-            raise lpips_error(e, None) from None
+            raise lpips_error(e, args.lpips_weights) from None
     device = pick_device(args.device)
     for flag, path, example in (("--out", args.out, "out.json"), ("--csv", args.csv, "out.csv")):
         if path:

@@ -541,6 +541,15 @@ def test_missing_lpips_weights_before_any_output(tmp_path, tiny_set):
     assert p.stderr.startswith("sr_eval.py: error: LPIPS: weights 'alexnet' not found")
     assert p.stderr.strip().endswith("--no-lpips to skip LPIPS_mean and score")
     assert not new.exists()
+    # --lpips-weights FILE missing, or not a torch file, likewise (it was found after --out)
+    (tmp_path / "page.pth").write_text("<html>404</html>")
+    for weights, says in [(tmp_path / "none.pth", "no such weights file"),
+                          (tmp_path / "page.pth", "not a torch weights file")]:  # fmt: skip
+        p = subprocess.run(cmd + outs + ["--lpips-weights", weights], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert p.returncode == 6 and len(p.stderr.splitlines()) == 1, p.stderr
+        assert p.stderr.startswith(f"sr_eval.py: error: LPIPS: {weights}: {says}"), p.stderr
+        assert not new.exists()
 
 
 # ----------------------------------------------------------------------------- issue 20
