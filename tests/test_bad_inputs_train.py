@@ -30,6 +30,10 @@ PARSE = "parse"  # refused when the flags are parsed: exit 2, and no run folder
 TINY_REFVAE = {"--model": "refvae", "--n-feats": None, "--n-blocks": None, "--width": "16",
                "--cond-channels": "4", "--latent-grid": "2", "--z-dim": "8", "--mask-blocks": "1",
                "--ref-size": "16", "--d-channels": "4", "--no-pretrained": ""}  # fmt: skip
+# a tiny SRFlow x4, for the cases of its levels and patch sizes
+TINY_SRFLOW = {"--model": "srflow", "--scale": "4", "--n-feats": None, "--n-blocks": None,
+               "--nb": "2", "--nf": "8", "--gc": "4", "--rrdb-blocks": "0,1", "--flow-steps": "2",
+               "--hidden-channels": "8"}  # fmt: skip
 
 CASES = {  # id: (flags, exit code, words of the message)
     "learning rate -1": ({"--learning-rate": "-1"}, PARSE, "--learning-rate -1.0: must be"),
@@ -245,21 +249,15 @@ CASES = {  # id: (flags, exit code, words of the message)
     # an LR patch that the model's layers cannot halve: refused before any work, not a shape
     # error inside the first step
     "flow patch odd": (
-        {
-            "--model": "srflow",
-            "--scale": "4",
-            "--n-feats": None,
-            "--n-blocks": None,
-            "--nb": "2",
-            "--nf": "8",
-            "--gc": "4",
-            "--rrdb-blocks": "0,1",
-            "--flow-steps": "2",
-            "--hidden-channels": "8",
-            "--patch": "5",
-        },
+        {**TINY_SRFLOW, "--patch": "5"},
         PARSE,
         "--patch 5: srflow x4 needs an LR patch that is a multiple of 2; use --patch 6",
+    ),  # fmt: skip
+    # a flow level below LR/2, where the encoder has no features to condition it on
+    "flow levels past the encoder": (
+        {**TINY_SRFLOW, "--flow-levels": "4"},
+        PARSE,
+        "--flow-levels 4: SRFlow x4 has at most 3 levels",
     ),  # fmt: skip
     "refvae patch not a multiple of 4": (
         {

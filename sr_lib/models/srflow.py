@@ -179,6 +179,13 @@ class SRFlow(SRModel):
         self.cond_keys = []
         for level, (factor, ops) in enumerate(self.level_plan(), 1):
             c, down, k, layers = c * factor**2, down * factor, 0, []
+            if down > 2 * self.scale:  # the encoder's coarsest features are at LR/2
+                most = level - 1
+                raise UsageError(
+                    f"--flow-levels {self.levels}: {type(self).__name__} x{self.scale} has at "
+                    f"most {most} levels (the encoder conditions none below LR/2); use "
+                    f"--flow-levels {most} or fewer"
+                )
             for op in ops:
                 if op == "S":
                     layers.append(Split(c))
