@@ -259,6 +259,15 @@ CASES = {  # id: (flags, exit code, words of the message)
         PARSE,
         "--flow-levels 4: SRFlow x4 has at most 3 levels",
     ),  # fmt: skip
+    # NCSR's noise-conditional steps: one whole number >= 0 per level
+    **{
+        f"ncsr noise steps {value}": (
+            {**TINY_SRFLOW, "--model": "ncsr", f"--noise-steps={value}": ""},
+            PARSE,
+            f"--noise-steps {value}: need 3 whole numbers >= 0, one per level",
+        )
+        for value in ("1,1", "1,x,1", "-5,0,0")
+    },
     "refvae patch not a multiple of 4": (
         {
             **TINY_REFVAE,

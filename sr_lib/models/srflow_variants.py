@@ -139,12 +139,21 @@ class NCSR(SRFlow):
     def __init__(self, cfg: NCSRConfig):
         paper = self.paper(cfg.scale)
         noise_steps = cfg.noise_steps or paper["noise_steps"]
-        self.noise_steps = [int(s) for s in noise_steps.split(",")]
-        super().__init__(cfg)
-        if len(self.noise_steps) != self.levels:
-            raise UsageError(
-                f"--noise-steps {noise_steps}: need one number per level ({self.levels})"
+        levels = cfg.flow_levels or paper["levels"]
+        try:  # checked before the levels are built: they read one number each
+            self.noise_steps = [int(s) for s in noise_steps.split(",")]
+        except ValueError:
+            self.noise_steps = []
+        if len(self.noise_steps) != levels or min(self.noise_steps) < 0:
+            given = (
+                cfg.noise_steps
+                or f"unset, the paper's {noise_steps} (for {paper['levels']} levels)"
             )
+            raise UsageError(
+                f"--noise-steps {given}: need {levels} whole numbers >= 0, one per level, "
+                "comma-separated"
+            )
+        super().__init__(cfg)
         self.std_max = cfg.std_max if cfg.std_max >= 0 else paper["std_max"]
 
     def paper(self, scale: int) -> dict:
