@@ -268,6 +268,12 @@ CASES = {  # id: (flags, exit code, words of the message)
         )
         for value in ("1,1", "1,x,1", "-5,0,0")
     },
+    # no style tap left: the first step's style loss was a plain 0, a traceback
+    "refvae style layers empty": (
+        {**TINY_REFVAE, "--style-layers": ","},
+        PARSE,
+        "--style-layers ',': VGG19 ReLU taps, e.g. relu4_1 (at least one",
+    ),
     "refvae patch not a multiple of 4": (
         {
             **TINY_REFVAE,

@@ -228,8 +228,11 @@ class RefVAE(LatentSRModel):
     def __init__(self, cfg: RefVAEConfig):
         super().__init__(cfg)
         self.style_layers = tuple(t for t in cfg.style_layers.split(",") if t)
-        if any(t not in VGG19_RELU for t in self.style_layers):
-            raise UsageError(f"--style-layers {cfg.style_layers!r}: VGG19 ReLU taps, e.g. relu4_1")
+        if not self.style_layers or any(t not in VGG19_RELU for t in self.style_layers):
+            raise UsageError(
+                f"--style-layers {cfg.style_layers!r}: VGG19 ReLU taps, e.g. relu4_1 (at least "
+                "one; --lambda-style 0 turns the style loss off)"
+            )
         if cfg.width % 8:
             raise UsageError(f"--width {cfg.width}: must be a multiple of 8")
         self.lr_multiple = 8 // cfg.scale  # bicubic(LR) must be a multiple of 8 (its decoder)
