@@ -274,6 +274,17 @@ CASES = {  # id: (flags, exit code, words of the message)
         PARSE,
         "--style-layers ',': VGG19 ReLU taps, e.g. relu4_1 (at least one",
     ),
+    # references smaller than VGG19's pools reach (relu4_1: 3 halvings; relu5_1: 4)
+    "refvae ref size 7": (
+        {**TINY_REFVAE, "--ref-size": "7"},
+        PARSE,
+        "--ref-size 7: the VGG19 encoder (to relu4_1) halves references 3 times; use --ref-size 8",
+    ),
+    "refvae ref size 8 with a relu5 tap": (
+        {**TINY_REFVAE, "--ref-size": "8", "--style-layers": "relu5_1"},
+        PARSE,
+        "--ref-size 8: the VGG19 encoder (to relu5_1) halves references 4 times; use --ref-size 16",
+    ),
     "refvae patch not a multiple of 4": (
         {
             **TINY_REFVAE,

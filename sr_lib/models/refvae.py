@@ -238,6 +238,14 @@ class RefVAE(LatentSRModel):
         self.lr_multiple = 8 // cfg.scale  # bicubic(LR) must be a multiple of 8 (its decoder)
         taps = tuple(dict.fromkeys(("relu4_1", *self.style_layers)))
         self.vgg = VGGFeatures(taps, imagenet_norm=True, pretrained=False)  # see _load_weights
+        # A reference goes through VGG19's max-pools down to its deepest tap: each halves it.
+        need = 2 ** sum(isinstance(m, nn.MaxPool2d) for m in self.vgg.features)
+        if cfg.ref_size < need:
+            deepest = max(taps, key=VGG19_RELU.get)
+            raise UsageError(
+                f"--ref-size {cfg.ref_size}: the VGG19 encoder (to {deepest}) halves references "
+                f"{need.bit_length() - 1} times; use --ref-size {need} or more"
+            )
         self.register_buffer("vgg_loaded", torch.tensor(False))  # True once ImageNet weights are in
         self.gen = Generator(cfg)
         if cfg.lambda_adv > 0 or cfg.lambda_fm > 0:
