@@ -40,8 +40,8 @@ def _merge_repeated(cls, argv: list[str]) -> list[str]:
             if "=" in a:
                 merged[flag].append(a.split("=", 1)[1])
             continue
-        if current is not None and not a.startswith("-"):
-            merged[current].append(a)
+        if current is not None and (not a.startswith("-") or _is_number(a)):
+            merged[current].append(a)  # a negative number too: a value, refused by its check
             continue
         current = None
         rest.append(a)
@@ -49,6 +49,16 @@ def _merge_repeated(cls, argv: list[str]) -> list[str]:
     for flag, values in merged.items():
         out += [flag, *values]
     return out
+
+
+def _is_number(text: str) -> bool:
+    """Whether `text` reads as a number (-1, -0.5, -inf): a value, not a flag, as argparse takes
+    it (no srspace flag looks like a negative number)."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 class OneLineParser(ArgumentParser):

@@ -77,6 +77,8 @@ CASES = {  # id: (argv of the world, exit code, words the one line must hold)
     "temperature inf": (lambda w: args(w, "--temperature", "inf"), 2, "--temperature: 'inf'"),
     "temperature nan": (lambda w: args(w, "--temperature", "nan"), 2, "--temperature: 'nan'"),
     "temperature negative": (lambda w: args(w, "--temperature=-1"), 2, "--temperature: '-1'"),
+    "temperature negative, spaced": (
+        lambda w: args(w, "--temperature", "0.5", "-1"), 2, "--temperature: '-1'"),
     "temperature twice": (lambda w: args(w, "--temperature", "0.9", "0.90"), 2, "given twice"),
     "tile 1": (lambda w: args(w, "--tile", "1"), 2, "--tile: '1': expected 0 or an integer >= 16"),
     "tile negative": (lambda w: args(w, "--tile=-64"), 2, "--tile"),

@@ -52,6 +52,11 @@ CASES = {  # id: (flags, exit code, words of the message)
         PARSE,
         "--milestones 2.0 3.0: must be a number between 0 and 1",
     ),  # fmt: skip
+    "milestones negative": (
+        {"--milestones": ["0.5", "-0.5"]},
+        PARSE,
+        "--milestones 0.5 -0.5: must be a number between 0 and 1",
+    ),  # fmt: skip
     "grad clip -0.5": ({"--grad-clip": "-0.5"}, PARSE, "--grad-clip -0.5"),
     "val n 0": ({"--val-n": "0"}, PARSE, "--val-n 0"),
     "val images -1": ({"--val-images": "-1"}, PARSE, "--val-images -1"),
