@@ -87,7 +87,7 @@ from sr_lib.models import MODELS, build_model, checkpoint_config, read_checkpoin
 from sr_lib.models.base import NoiseSource, Recipe, sample_seed, scale_list
 from sr_lib.resize import cached_tensors
 from sr_lib.threads import signals_held, when_not_held
-from sr_lib.weights import as_state_dict, is_tensor_dict, require
+from sr_lib.weights import as_state_dict, is_tensor_dict
 
 PROG = "sr_train.py"
 GRAPH_DEVICES = ("cuda",)  # --cuda-graphs (tests add "cpu", with `capture` replaced)
@@ -914,17 +914,15 @@ def build_training(args: TrainArgs, cfg: dict, recipe: Recipe, resumed, device, 
         say(init_weights(model, args, cfg))
     elif args.init_from:  # a requeued fine-tuning job repeats it: its run has moved on since
         say(f"--init-from {args.init_from}: not used, the run goes on from its checkpoint")
+    # The files its first step reads (--rrdb-init, a loss network's weights): a missing one is
+    # one line now, before --out is written or the data read, not minutes later.
+    if recipe.steps > (resumed["step"] if resumed else 0):
+        model.check_files(loaded=bool(resumed or args.init_from))
     if args.cuda_graphs and model.graph_key() is None:
         raise UsageError(
             f"--cuda-graphs: {args.model}'s training step changes on the host from "
             "step to step, so one recording cannot replay it; drop --cuda-graphs"
         )
-    # The frozen networks its losses load at the first step (VGG19, AlexNet): a missing file is
-    # one line now, before --out is written or the data read, not minutes later (found here
-    # once, with its sha256, the first step finds it again at once).
-    if recipe.steps > (resumed["step"] if resumed else 0):
-        for name, hint in model.pretrained_weights(resumed and resumed["state_dict"]).items():
-            require(name, hint=hint)
     optimizers = build_optimizers(model, recipe)
     # A model with nothing to learn (bicubic) scales no loss, and GradScaler.update() refuses
     # to run then.

@@ -16,6 +16,7 @@ from conftest import TINY
 
 import sr_train
 from sr_lib.checkpoint import save_checkpoint
+from sr_lib.errors import CheckpointError
 from sr_lib.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +31,9 @@ PARSE = "parse"  # refused when the flags are parsed: exit 2, and no run folder
 TINY_REFVAE = {"--model": "refvae", "--n-feats": None, "--n-blocks": None, "--width": "16",
                "--cond-channels": "4", "--latent-grid": "2", "--z-dim": "8", "--mask-blocks": "1",
                "--ref-size": "16", "--d-channels": "4", "--no-pretrained": ""}  # fmt: skip
+# a tiny VSpSR (with its VGG19 perceptual loss at the default weight)
+TINY_VSPSR = {"--model": "vspsr", "--n-feats": None, "--n-blocks": None, "--n-basis": "8",
+              "--basis-channels": "4", "--coef-channels": "4", "--d-channels": "4"}  # fmt: skip
 # a tiny SRFlow x4, for the cases of its levels and patch sizes
 TINY_SRFLOW = {"--model": "srflow", "--scale": "4", "--n-feats": None, "--n-blocks": None,
                "--nb": "2", "--nf": "8", "--gc": "4", "--rrdb-blocks": "0,1", "--flow-steps": "2",
@@ -228,17 +232,7 @@ CASES = {  # id: (flags, exit code, words of the message)
         "a larger --patch, or --lambda-per 0",
     ),
     "vspsr critic patch too small": (
-        {
-            "--model": "vspsr",
-            "--n-feats": None,
-            "--n-blocks": None,
-            "--n-basis": "8",
-            "--basis-channels": "4",
-            "--coef-channels": "4",
-            "--d-channels": "4",
-            "--lambda-per": "0",
-            "--patch": "3",
-        },
+        {**TINY_VSPSR, "--lambda-per": "0", "--patch": "3"},
         2,
         "vspsr: the critic needs HR patches of at least 10 px",
     ),
@@ -355,13 +349,36 @@ def test_perceptual_loss_offline_suggests_lambda_per_0(world, tmp_path, capsys, 
     for var, value in (("SRSPACE_OFFLINE", "1"), ("SRSPACE_WEIGHTS", str(tmp_path)),
                        ("TORCH_HOME", str(tmp_path))):  # fmt: skip
         monkeypatch.setenv(var, value)
-    tiny = {"--model": "vspsr", "--n-feats": None, "--n-blocks": None, "--n-basis": "8",
-            "--basis-channels": "4", "--coef-channels": "4", "--d-channels": "4"}  # fmt: skip
     with pytest.raises(SystemExit) as e:
-        sr_train.main(argv_of({**tiny, "--out": str(tmp_path / "o")}, **world))
+        sr_train.main(argv_of({**TINY_VSPSR, "--out": str(tmp_path / "o")}, **world))
     err = capsys.readouterr().err.strip()
     assert e.value.code == 6 and len(err.splitlines()) == 1, err
     assert "vgg19" in err and err.endswith("--lambda-per 0")
+
+
+# Files a model reads at its first step, each missing: one line naming it, before the data is
+# decoded (minutes for DIV2K + Flickr2K): no "data:" line, no cache written.
+FIRST_STEP_FILES = {
+    "rrdb init": ({**TINY_SRFLOW, "--rrdb-init": "{tmp}/gone.pt"}, 6, "--rrdb-init {tmp}/gone.pt"),
+    "vgg19 offline": (TINY_VSPSR, 6, "vgg19"),
+    "ref data": ({**TINY_REFVAE, "--ref-data": "{tmp}/no refs"}, 3, "--ref-data {tmp}/no refs"),
+}
+
+
+@pytest.mark.parametrize("case", FIRST_STEP_FILES)
+def test_first_step_files_before_the_data(case, world, tmp_path, capsys, monkeypatch):
+    for var, value in (("SRSPACE_OFFLINE", "1"), ("SRSPACE_WEIGHTS", str(tmp_path)),
+                       ("TORCH_HOME", str(tmp_path))):  # fmt: skip
+        monkeypatch.setenv(var, value)
+    flags, code, words = FIRST_STEP_FILES[case]
+    cache = tmp_path / "cache"
+    argv = argv_of({**flags, "--out": str(tmp_path / "o"), "--cache": str(cache)}, **world)
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(argv)
+    out, err = capsys.readouterr()
+    assert e.value.code == code and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("sr_train.py: error: ") and words.format(**world) in err, err
+    assert "data:" not in out and not cache.exists(), out
 
 
 def test_tensorboard_missing_is_one_line(world, tmp_path, capsys, monkeypatch):
@@ -398,13 +415,17 @@ def test_missing_pretrained_weights_stop_the_run_at_start(model, tmp_path):
     assert not out.exists()
 
 
-def test_refvae_needs_alexnet_and_a_vgg19_not_yet_loaded():
-    """RefVAE's LPIPS loss loads AlexNet (never kept); its VGG19 encoder is in a resumed state."""
+def test_refvae_needs_alexnet_and_a_vgg19_not_yet_loaded(tmp_path, monkeypatch):
+    """RefVAE's LPIPS loss loads AlexNet (never kept: its line says how to train without it);
+    its VGG19 encoder is read for a new run, not where a checkpoint holds it (loaded)."""
+    monkeypatch.setenv("SRSPACE_OFFLINE", "1")
+    monkeypatch.setenv("SRSPACE_WEIGHTS", "")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     model = build_model("refvae", {**TINY["refvae"], "pretrained": True, "scale": 4})
-    assert list(model.pretrained_weights()) == ["vgg19", "alexnet"]
-    state = {**model.state_dict(), "vgg_loaded": torch.tensor(True)}
-    assert model.pretrained_weights(state) == {
-        "alexnet": "or train without the LPIPS loss: --lambda-lpips 0"
-    }
-    model = build_model("refvae", {**TINY["refvae"], "lambda_lpips": 0.0, "scale": 4})
-    assert model.pretrained_weights() == {}  # not pretrained (tests): random networks
+    with pytest.raises(CheckpointError, match="weights 'vgg19' not found"):
+        model.check_files(loaded=False)
+    with pytest.raises(CheckpointError, match="weights 'alexnet' not found.*--lambda-lpips 0$"):
+        model.check_files(loaded=True)
+    model = build_model("refvae", {**TINY["refvae"], "lambda_lpips": 0.0, "pretrained": True,
+                                   "scale": 4})  # fmt: skip
+    model.check_files(loaded=True)  # neither file is read

@@ -10,6 +10,7 @@ declares every member the scripts and the loaders use, with a default for all bu
   sample(lr, n, temperature, noise, **controls)   the same, padded, cropped and in [0, 1]
   recipe(scale) -> Recipe            the paper's training recipe (sr_train.py's defaults)
   on_step(step, total)               schedule-dependent behaviour (e.g. a frozen encoder)
+  check_files(loaded)                the files the first training step reads, read before the data
   graph_key()                        the host-side switches of a training step (--cuda-graphs),
                                      or None: the step cannot be replayed from one recording
   generator_param_groups(), schedule_position(group, step, total)
@@ -367,13 +368,12 @@ class SRModel(nn.Module):
     def on_step(self, step: int, total: int) -> None:
         """Called by the training loop before every step."""
 
-    def pretrained_weights(self, state_dict: dict | None = None) -> dict[str, str]:
-        """The weights manifest entries its training loads on first use (a frozen VGG19 of a
-        perceptual loss), each with what the user can do instead of staging the file ("" for
-        nothing), given the state_dict the run goes on from (a resume; None: the model's own).
-        sr_train.py finds them before it writes into --out or reads the data: a missing file is
-        one line at start, not one at the first step minutes later."""
-        return {}
+    def check_files(self, loaded: bool) -> None:
+        """Read or check now the files a training run's first step would (pretrained loss
+        networks, `--rrdb-init`, a `--ref-data` folder), before sr_train.py decodes its data
+        (minutes for DIV2K): a missing one is its one-line error at once. `loaded`: the weights
+        come from a checkpoint (a resume, --init-from), so a new run's start weights are not
+        needed. The default: no such files."""
 
     def graph_key(self) -> tuple | None:
         """sr_train.py --cuda-graphs records a training step once and replays it: the recording

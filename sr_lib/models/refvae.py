@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sr_lib.data import list_images, read_image, to_tensor
-from sr_lib.errors import DataError, UsageError
+from sr_lib.errors import CheckpointError, DataError, UsageError
 from sr_lib.lpips_net import load_alexnet_trunk, lpips_module
 from sr_lib.models.base import (
     LatentSRModel,
@@ -271,15 +271,13 @@ class RefVAE(LatentSRModel):
         # vgg_loaded then stays True with the weights it describes.
         self._load_weights()
 
-    def pretrained_weights(self, state_dict: dict | None = None) -> dict[str, str]:
-        if not self.cfg.pretrained:
-            return {}
-        # The VGG19 encoder's weights are in the state_dict once loaded: a resume needs no file.
-        loaded = (self.state_dict() if state_dict is None else state_dict).get("vgg_loaded")
-        need = {} if loaded is not None and bool(loaded) else {"vgg19": ""}
-        if self.cfg.lambda_lpips > 0:  # LPIPS is kept out of the state_dict: always loaded
-            need["alexnet"] = "or train without the LPIPS loss: --lambda-lpips 0"
-        return need
+    def check_files(self, loaded: bool) -> None:
+        if not loaded:
+            self._load_weights()  # the VGG19 encoder's (a checkpoint holds them)
+        if self.cfg.lambda_lpips > 0:
+            self.lpips()  # the AlexNet trunk's
+        if self.cfg.ref_data != "hr":
+            self.reference_files()
 
     def _load_weights(self) -> None:
         """ImageNet VGG19 into the frozen encoder, once (CheckpointError with a staging hint).
@@ -305,7 +303,11 @@ class RefVAE(LatentSRModel):
         if not self._lpips:
             net = lpips_module()
             if self.cfg.pretrained:
-                load_alexnet_trunk(net)
+                try:
+                    load_alexnet_trunk(net)
+                except CheckpointError as e:
+                    raise CheckpointError(f"{e}; or train without the LPIPS loss: "
+                                          "--lambda-lpips 0") from None  # fmt: skip
             self._lpips.append(net.eval().requires_grad_(False))
         return on_device(self._lpips[0], self.vgg_loaded.device)
 
@@ -315,17 +317,20 @@ class RefVAE(LatentSRModel):
         c = self.cfg
         if c.ref_data == "hr":
             return resize_ref(hr, c.ref_size)
-        if self._ref_files is None:
-            try:
-                self._ref_files = [str(p) for p in list_images(c.ref_data)]
-            except DataError as e:  # "refs: no images found" alone reads as a --data folder's
-                raise DataError(f"--ref-data {e}") from None
-        pick = np.random.default_rng([REF_SEED, self._step]).integers(
-            len(self._ref_files), size=len(hr)
-        )
-        refs = torch.stack([_ref_image(self._ref_files[i], c.ref_size) for i in pick])
+        files = self.reference_files()
+        pick = np.random.default_rng([REF_SEED, self._step]).integers(len(files), size=len(hr))
+        refs = torch.stack([_ref_image(files[i], c.ref_size) for i in pick])
         # from pinned memory without blocking, as the batches (a pageable copy waits for the GPU)
         return (refs.pin_memory() if hr.is_cuda else refs).to(hr, non_blocking=True)
+
+    def reference_files(self) -> list[str]:
+        """The images of --ref-data DIR, listed once."""
+        if self._ref_files is None:
+            try:
+                self._ref_files = [str(p) for p in list_images(self.cfg.ref_data)]
+            except DataError as e:  # "refs: no images found" alone reads as a --data folder's
+                raise DataError(f"--ref-data {e}") from None
+        return self._ref_files
 
     def encode_refs(self, refs) -> tuple[torch.Tensor, torch.Tensor]:
         """μ, log σ² (N, D) of N references ((N, 3, h, w) or a list of (3, h, w) in [0, 1]),

@@ -404,12 +404,23 @@ class SRFlow(SRModel):
     # Training schedule and weights.
 
     def on_step(self, step: int, total: int) -> None:
-        if self.cfg.rrdb_init and not self._rrdb_init_done:
-            load_official_rrdb(self.RRDB, self.cfg.rrdb_init)  # the official configs start here
-            self._rrdb_init_done = True
+        self._load_rrdb_init()
         frozen = step < self.cfg.freeze_encoder * total  # the paper: frozen for the first half
         for p in self._encoder_params:
             p.requires_grad_(not frozen)
+
+    def check_files(self, loaded: bool) -> None:
+        if not loaded:
+            self._load_rrdb_init()
+
+    def _load_rrdb_init(self) -> None:
+        """--rrdb-init's encoder weights, once (the official configs start here)."""
+        if self.cfg.rrdb_init and not self._rrdb_init_done:
+            try:
+                load_official_rrdb(self.RRDB, self.cfg.rrdb_init)
+            except CheckpointError as e:
+                raise CheckpointError(f"--rrdb-init {e}") from None
+            self._rrdb_init_done = True
 
     def graph_key(self) -> tuple:
         return ()  # the one switch, the frozen encoder, is its parameters' requires_grad

@@ -183,11 +183,9 @@ class VarSR(LatentSRModel):
         """Switch the adversarial phase by hand (tests, fine-tuning scripts)."""
         self._adv_on = on and self.discriminator is not None
 
-    def pretrained_weights(self, state_dict: dict | None = None) -> dict[str, str]:
-        c = self.cfg
-        return (
-            {"vgg19": NO_VGG} if c.lambda_per > 0 and c.pretrained and not self._perceptual else {}
-        )
+    def check_files(self, loaded: bool) -> None:
+        if self.cfg.lambda_per > 0:
+            self.perceptual_loss()  # the VGG19 weights
 
     def perceptual_loss(self) -> nn.Module:
         """Frozen VGG19 feature MSE, built on first use (CheckpointError if weights are missing)."""

@@ -199,12 +199,13 @@ class VSpSR(SRModel):
             milestones=(1 / 3, 2 / 3), gamma=0.1, grad_clip=0.1, d_weight_decay=1e-4,
         )  # fmt: skip
 
+    def check_files(self, loaded: bool) -> None:
+        if self.cfg.lambda_per > 0:
+            self.perceptual_loss()  # the VGG19 weights
+
     def set_perceptual_loss(self, loss: nn.Module) -> None:
         """Use this (sr, hr) -> loss module for L_per instead of building the VGG19 one."""
         self._perceptual[:] = [loss]
-
-    def pretrained_weights(self, state_dict: dict | None = None) -> dict[str, str]:
-        return {"vgg19": NO_VGG} if self.cfg.lambda_per > 0 and not self._perceptual else {}
 
     def perceptual_loss(self) -> nn.Module:
         """The frozen VGG19 loss, built on first use (CheckpointError if the file is missing)."""
