@@ -97,7 +97,10 @@ FP16_DEVICES = ("cuda",)  # --amp fp16 training (tests add "cpu": GradScaler("cp
 @dataclass
 class TrainArgs:
     model: str = field(default="", metadata=dict(help=f"one of: {', '.join(MODELS)}"))
-    scale: int = field(default=4, metadata=dict(choices=[2, 3, 4, 8]))
+    scale: int = field(
+        default=4,
+        metadata=dict(choices=[2, 3, 4, 8], help="upscaling factor (--model NAME -h: its scales)"),
+    )
     data: list[str] = field(
         default_factory=lambda: ["demo"],
         metadata=dict(nargs="+", help="HR image folders (recursive), or 'demo'"),
@@ -248,8 +251,12 @@ def parse_all(argv):
         help_parser(TrainArgs, PROG, epilog).print_help()
         if args.model in MODELS:
             model = MODELS[args.model]
-            print(f"\n{args.model} model options (--scale {scale_list(model)}):")
-            help_parser(model.Config, f"{PROG} --model {args.model}").print_help()
+            own = [f for f in fields(model.Config) if f.name != "scale"]  # --scale: the run's
+            print(f"\n{args.model} model options (--scale {scale_list(model)}):"
+                  + ("" if own else " none of its own"))  # fmt: skip
+            if own:  # (-h is the run's too, listed above)
+                help_parser(model.Config, f"{PROG} --model {args.model}", hide=("scale",),
+                            add_help=False).print_help()  # fmt: skip
         raise SystemExit(0)
     check_ranges(args)
     return args, rest, given_fields(TrainArgs, argv, PROG)

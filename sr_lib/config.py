@@ -220,17 +220,23 @@ def check_ranges(obj) -> None:
                 raise UsageError(f"{flag} {shown}: must be {kind} {_describe(spec)}")
 
 
-def help_parser(cls, prog: str, epilog: str | None = None) -> ArgumentParser:
+def help_parser(
+    cls, prog: str, epilog: str | None = None, hide: tuple[str, ...] = (), add_help: bool = True
+) -> ArgumentParser:
     """A parser of dataclass `cls` for -h: each flag's help ends with its default, unless the
     default is unset (None) or empty, the flag is a switch (its help says what it does) or the
-    help mentions the default already."""
-    parser = ArgumentParser(cls, prog=prog, epilog=epilog)
+    help mentions the default already. The fields in `hide` are left out (a model's `scale`,
+    which is the run's --scale); add_help=False leaves out -h itself (a second section)."""
+    parser = ArgumentParser(cls, prog=prog, epilog=epilog, add_help=add_help)
     defaults = {
         f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
         for f in dataclasses.fields(cls)
         if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
     }
     for action in parser._actions:  # argparse keeps no public list of its actions
+        if action.dest in hide:
+            action.help = argparse.SUPPRESS
+            continue
         default = defaults.get(action.dest)
         text = action.help or ""
         if default in (None, "", []) or action.nargs == 0 or "default" in text:

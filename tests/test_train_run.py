@@ -248,6 +248,18 @@ def test_help_shows_defaults_and_what_each_switch_does(capsys):
     assert "--no-unused-conv drop the released code's never-called conv f" in text
 
 
+@pytest.mark.parametrize("model", ["edsr", "srflow", "bicubic"])
+def test_help_lists_scale_and_help_once(model, capsys):
+    """--scale is the run's (the model's Config has a scale field too, never parsed from the
+    command line): one entry, with one help text, as -h."""
+    with pytest.raises(SystemExit):
+        sr_train.main(["--model", model, "-h"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines if line.startswith("  --scale")] == ["--scale"]
+    assert len([line for line in lines if line.startswith("  -h, --help")]) == 1
+    assert sum(line.count("[--scale") + line.count("[-h]") for line in lines) == 2  # usage
+
+
 def test_a_small_flow_encoder_needs_no_rrdb_blocks_flag(tmp_path, images):
     """--nb 2 alone: the paper's taps 1,8,15,22 of 23 blocks, spread over 2 blocks: 0,1."""
     assert encoder_taps("", "1,8,15,22", 2) == (0, 1)
