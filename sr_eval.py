@@ -131,7 +131,7 @@ class EvalArgs:
     out: str | None = field(default=None, metadata=dict(type=str, help="write results JSON"))
     csv: str | None = field(default=None, metadata=dict(type=str, help="write per-image CSV"))
     report: str | None = field(default=None, metadata=dict(type=str, help=HELP_REPORT))
-    device: str = field(default="auto", metadata=dict(help="auto, cpu or cuda"))
+    device: str = field(default="auto", metadata=dict(help="auto, cpu, cuda, cuda:1, ..."))
     lpips_batch: int | None = field(default=None, metadata=dict(type=int, help=HELP_BATCH))
     uncertainty: str | None = field(default=None, metadata=dict(type=str, help=HELP_SIGMA))
 

@@ -299,10 +299,14 @@ class SampleArgs:
         default=False,
         metadata=dict(help="the weights as trained, not their moving average (sr_train --ema)"),
     )
-    model: str = field(default="", metadata=dict(help="model of a raw state_dict (no metadata)"))
-    scale: int = field(
-        default=0,
-        metadata=dict(choices=(0, 2, 3, 4, 8), help="scale of a raw state_dict (no metadata)"),
+    model: Optional[str] = field(  # noqa: UP045
+        default=None,
+        metadata=dict(choices=tuple(MODELS), metavar="MODEL",
+                      help=f"model of a raw state_dict (no metadata): {', '.join(MODELS)}"),
+    )  # fmt: skip
+    scale: Optional[int] = field(  # noqa: UP045
+        default=None,
+        metadata=dict(choices=(2, 3, 4, 8), help="scale of a raw state_dict (no metadata)"),
     )
 
 
@@ -456,7 +460,7 @@ def sample(args: SampleArgs) -> int:
     paths = input_paths(Path(args.input))
     from_hr = args.from_hr or args.input == "demo"  # the demo images are HR photographs
     device = pick_device(args.device)
-    model, ck = load_model(args.ckpt, device, args.model or None, args.scale or None,
+    model, ck = load_model(args.ckpt, device, args.model, args.scale,
                            args.raw_weights)  # fmt: skip
     if "ema_state_dict" in ck:  # which of its two sets of weights the samples come from
         average = (f"the moving average of the weights (sr_train.py --ema {ck['ema_decay']:g}); "

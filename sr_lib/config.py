@@ -73,6 +73,8 @@ def parse(cls, argv: list[str] | None, prog: str, known: bool = False, add_help:
     """Parse argv into dataclass `cls`. With known=True returns (instance, remaining argv)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = OneLineParser(cls, prog=prog, add_help=add_help)
+    if add_help:
+        show_defaults(parser, cls)
     argv = _merge_repeated(cls, argv)
     if known:
         return parser.parse_known_args(argv)
@@ -223,24 +225,33 @@ def check_ranges(obj) -> None:
 def help_parser(
     cls, prog: str, epilog: str | None = None, hide: tuple[str, ...] = (), add_help: bool = True
 ) -> ArgumentParser:
-    """A parser of dataclass `cls` for -h: each flag's help ends with its default, unless the
-    default is unset (None) or empty, the flag is a switch (its help says what it does) or the
-    help mentions the default already. The fields in `hide` are left out (a model's `scale`,
-    which is the run's --scale); add_help=False leaves out -h itself (a second section)."""
+    """A parser of dataclass `cls` for -h, its defaults shown (`show_defaults`). The fields in
+    `hide` are left out (a model's `scale`, which is the run's --scale); add_help=False leaves
+    out -h itself (a second section)."""
     parser = ArgumentParser(cls, prog=prog, epilog=epilog, add_help=add_help)
+    for action in parser._actions:  # argparse keeps no public list of its actions
+        if action.dest in hide:
+            action.help = argparse.SUPPRESS
+    show_defaults(parser, cls)
+    return parser
+
+
+def show_defaults(parser: argparse.ArgumentParser, cls) -> None:
+    """Each flag's help ends with its default, unless the default is unset (None) or empty, the
+    flag is a switch (its help says what it does) or hidden, or the help mentions the default
+    already. A float as it would be typed: 2.3094, not 2.3094010767585034; 0, not 0.0."""
     defaults = {
         f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
         for f in dataclasses.fields(cls)
         if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
     }
-    for action in parser._actions:  # argparse keeps no public list of its actions
-        if action.dest in hide:
-            action.help = argparse.SUPPRESS
-            continue
+    for action in parser._actions:
         default = defaults.get(action.dest)
         text = action.help or ""
         if default in (None, "", []) or action.nargs == 0 or "default" in text:
             continue
-        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        if text == argparse.SUPPRESS:
+            continue
+        values = default if isinstance(default, list) else [default]
+        shown = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
         action.help = f"{text} (default: {shown})" if text else f"default: {shown}"
-    return parser

@@ -96,6 +96,9 @@ CASES = {  # id: (argv of the world, exit code, words the one line must hold)
         "--amp fp16: the srflow model's sampling leaves float16's range",
     ),
     "scale 5": (lambda w: args(w, "--scale", "5"), 2, "--scale: invalid choice: 5"),
+    "scale 0": (lambda w: args(w, "--scale", "0"), 2, "--scale: invalid choice: 0 (choose from 2,"),
+    "model unknown": (lambda w: args(w, "--model", "esrgan"), 2,
+                      "--model: invalid choice: 'esrgan' (choose from 'bicubic',"),
     "missing --ckpt": (lambda w: ["--input", w["in"], "--out", w["dir"] / "out"], 2, "--ckpt"),
     "unknown flag": (lambda w: args(w, "--samples", "3"), 2, "--samples"),
     "latent steps not numbers": (lambda w: args(w, "--latent-steps", "a,b"), 2, "--latent-steps"),
@@ -166,3 +169,14 @@ def test_help_marks_required_flags_and_cites_only_the_repository(capsys):
     usage = " ".join(text.split("options:")[0].split())
     assert "--ckpt CKPT --input INPUT --out OUT" in usage and "[--ckpt" not in usage
     assert "shared/" not in text and "spec" not in text and "../" not in text
+
+
+def test_help_shows_no_internal_values_and_the_defaults(capsys):
+    """-h as a user reads it: choices a user may pass, the defaults a flag takes unset."""
+    with pytest.raises(SystemExit):
+        sr_sample.main(["-h"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--scale {2,3,4,8}" in text and "{0," not in text
+    assert "--model MODEL model of a raw state_dict (no metadata): bicubic, edsr," in text
+    assert "--shard SHARD I/N: images I, I+N, ... only; auto: SLURM array (default: 0/1)" in text
+    assert "one output each (default: -2,-1,0,1,2)" in text and "(default: auto)" in text

@@ -246,6 +246,7 @@ def test_help_shows_defaults_and_what_each_switch_does(capsys):
     text = help_text(["--model", "srflow"], capsys)
     assert "srflow model options (--scale 4 or 8)" in text
     assert "--no-unused-conv drop the released code's never-called conv f" in text
+    assert "--gaussian-std GAUSSIAN_STD on the 0-255 scale (default: 2.3094)" in text
 
 
 @pytest.mark.parametrize("model", ["edsr", "srflow", "bicubic"])
