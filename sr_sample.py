@@ -441,6 +441,8 @@ def parse_args(argv) -> SampleArgs:
     steps = args.latent_steps.split(",")
     if not all(temperature_ok(v) for v in steps if v.strip()) or not any(v.strip() for v in steps):
         raise UsageError(f"--latent-steps {args.latent_steps!r}: give numbers like -2,-1,0,1,2")
+    if args.latent_steps != SampleArgs.latent_steps and not args.latent_shift:
+        say_err(f"{PROG}: warning: --latent-steps: no effect without --latent-shift; ignored")
     return args
 
 
@@ -475,6 +477,12 @@ def sample(args: SampleArgs) -> int:
             f"--temperature: the {ck['model']} model is deterministic; its samples do not depend "
             "on the temperature (give one)"
         )
+    if args.temperature and not model.stochastic:
+        say_err(f"{PROG}: warning: --temperature: no effect, the {ck['model']} model is "
+                "deterministic; ignored")  # fmt: skip
+    if args.raw_weights and "ema_state_dict" not in ck:
+        say_err(f"{PROG}: warning: --raw-weights: no effect, {args.ckpt} keeps no moving average "
+                "of its weights; ignored")  # fmt: skip
     if args.amp == "fp16" and not model.fits_float16:
         raise UsageError(f"--amp fp16: the {ck['model']} model's sampling leaves float16's range "
                          "(NaN samples); use --amp bf16")  # fmt: skip

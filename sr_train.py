@@ -491,8 +491,11 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
     model_flags = parse(model_cls.Config, rest, f"{PROG} --model {args.model}")
     check_ranges(model_flags)
     cfg = {**asdict(model_flags), "scale": args.scale}
+    named = given_fields(model_cls.Config, rest, f"{PROG} --model {args.model}")
+    warn_unused(model_cls, model_flags, named)
+    if "max_rollbacks" in given and args.on_nan != "rollback":
+        warnings.warn("--max-rollbacks: no effect without --on-nan rollback; ignored", stacklevel=2)
     if resumed is not None:  # a requeued job repeats its flags: allowed if they agree
-        named = given_fields(model_cls.Config, rest, f"{PROG} --model {args.model}")
         changed = [k for k in named if k in cfg and cfg[k] != resumed["model_cfg"].get(k)]
         if changed:
             raise UsageError(f"model flags {changed} differ from {ckpt_path}; they cannot change")
@@ -504,6 +507,17 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
             f"--steps {resumed['step']} or more to continue it"
         )
     return out, ckpt_path, resumed, cfg, recipe
+
+
+def warn_unused(model_cls, cfg, named: set[str]) -> None:
+    """One warning line for each model flag given that has no effect with the others (the σ
+    branch's without --loss le, a discriminator's at --lambda-adv 0, ...): not an error, as a
+    script that varies one flag may keep the others, but never silently ignored."""
+    unused = model_cls.unused_flags(cfg)
+    for f in fields(cfg):
+        if f.name in named and f.name in unused:
+            flag = f"--{'no-' if f.default is True else ''}{f.name.replace('_', '-')}"
+            warnings.warn(f"{flag}: no effect {unused[f.name]}; ignored", stacklevel=2)
 
 
 # Flags of this invocation, not of the run: a resumed run does not take them from its checkpoint.
@@ -917,6 +931,9 @@ def build_training(args: TrainArgs, cfg: dict, recipe: Recipe, resumed, device, 
             f"--patch {recipe.patch}: {args.model} x{args.scale} needs an LR patch that is a "
             f"multiple of {multiple}; use --patch {fit}"
         )
+    if args.d_learning_rate is not None and model.discriminator is None:
+        warnings.warn(f"--d-learning-rate: no effect, this {args.model} model has no "
+                      "discriminator; ignored", stacklevel=2)  # fmt: skip
     if args.init_from and resumed is None:
         say(init_weights(model, args, cfg))
     elif args.init_from:  # a requeued fine-tuning job repeats it: its run has moved on since

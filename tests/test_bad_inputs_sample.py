@@ -180,3 +180,22 @@ def test_help_shows_no_internal_values_and_the_defaults(capsys):
     assert "--model MODEL model of a raw state_dict (no metadata): bicubic, edsr," in text
     assert "--shard SHARD I/N: images I, I+N, ... only; auto: SLURM array (default: 0/1)" in text
     assert "one output each (default: -2,-1,0,1,2)" in text and "(default: auto)" in text
+
+
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--temperature", "0.5"], "--temperature: no effect, the edsr model is deterministic"),
+        (
+            ["--raw-weights"],
+            "--raw-weights: no effect, {ckpt} keeps no moving average of its weights",
+        ),
+        (["--latent-steps", "-1,1"], "--latent-steps: no effect without --latent-shift"),
+    ],
+)
+def test_a_flag_without_effect_is_a_warning(world, flags, said, tmp_path, capsys):
+    argv = args(world, *flags, "--n", "1", ckpt="edsr")
+    argv[argv.index("--out") + 1] = tmp_path / "out"
+    assert sr_sample.main([str(a) for a in argv]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warned == [f"sr_sample.py: warning: {said.format(ckpt=world['edsr'])}; ignored"]

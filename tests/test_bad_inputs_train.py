@@ -6,6 +6,7 @@ traceback. Values out of range are refused when the flags are parsed, before any
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -429,3 +430,51 @@ def test_refvae_needs_alexnet_and_a_vgg19_not_yet_loaded(tmp_path, monkeypatch):
     model = build_model("refvae", {**TINY["refvae"], "lambda_lpips": 0.0, "pretrained": True,
                                    "scale": 4})  # fmt: skip
     model.check_files(loaded=True)  # neither file is read
+
+
+# Model flags that have no effect with the other options given: a warning each, never silently
+# ignored (README, `sr_train.py`); the same flags with the options they need: none.
+UNUSED = {  # id: (flags, the warning, flags that make it take effect)
+    "le flag without le": ({"--le-beta": "0.1"}, "--le-beta: no effect without --loss le",
+                           {"--loss": "le"}),
+    "gaussian std without it": (
+        {**TINY_SRFLOW, "--dequant": "none", "--gaussian-std": "1"},
+        "--gaussian-std: no effect without --dequant gaussian", {"--dequant": "gaussian"}),
+    "quant without uniform": ({**TINY_SRFLOW, "--model": "ncsr", "--quant": "64"},
+                              "--quant: no effect without --dequant uniform",
+                              {"--dequant": "uniform"}),
+    "vspsr critic at lambda adv 0": (
+        {**TINY_VSPSR, "--lambda-adv": "0", "--d-channels": "8"},
+        "--d-channels: no effect with --lambda-adv 0 (no discriminator)", {"--lambda-adv": "1"}),
+    "varsr vgg at lambda per 0": (
+        {"--model": "varsr", "--n-feats": None, "--n-blocks": None, "--lambda-per": "0",
+         "--no-pretrained": ""},
+        "--no-pretrained: no effect with --lambda-per 0", {"--lambda-per": "1"}),
+    "refvae tv beta at lambda tv 0": ({**TINY_REFVAE, "--lambda-tv": "0", "--tv-beta": "2"},
+                                      "--tv-beta: no effect with --lambda-tv 0",
+                                      {"--lambda-tv": "1"}),
+    "max rollbacks without rollback": ({"--max-rollbacks": "5"},
+                                       "--max-rollbacks: no effect without --on-nan rollback",
+                                       {"--on-nan": "rollback"}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", UNUSED)
+def test_a_flag_without_effect_is_a_warning(case, tmp_path):
+    flags, said, needed = UNUSED[case]
+    for extra, expected in (({}, [f"{said}; ignored"]), (needed, [])):
+        argv = argv_of({**flags, **extra}, data="demo", out=str(tmp_path / "out"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            args, rest, given = sr_train.parse_all(argv)
+            sr_train.resolve_run(args, rest, given)  # the flags read, nothing built or written
+        assert [str(w.message) for w in caught] == expected, extra
+
+
+def test_a_discriminator_learning_rate_without_a_discriminator_is_a_warning(world, tmp_path):
+    argv = argv_of({"--d-learning-rate": "1e-3", "--steps": "0"}, out=tmp_path / "out", **world)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert sr_train.main(argv) == 0
+    said = [str(w.message) for w in caught if "--d-learning-rate" in str(w.message)]
+    assert said == ["--d-learning-rate: no effect, this edsr model has no discriminator; ignored"]

@@ -11,6 +11,7 @@ declares every member the scripts and the loaders use, with a default for all bu
   recipe(scale) -> Recipe            the paper's training recipe (sr_train.py's defaults)
   on_step(step, total)               schedule-dependent behaviour (e.g. a frozen encoder)
   check_files(loaded)                the files the first training step reads, read before the data
+  unused_flags(cfg)                  the Config fields without effect given the others (a warning)
   graph_key()                        the host-side switches of a training step (--cuda-graphs),
                                      or None: the step cannot be replayed from one recording
   generator_param_groups(), schedule_position(group, step, total)
@@ -290,6 +291,12 @@ class SRModel(nn.Module):
     def recipe(cls, scale: int) -> Recipe:
         """The paper's training recipe; subclasses `replace` what differs."""
         return Recipe(patch=default_patch(scale))
+
+    @classmethod
+    def unused_flags(cls, cfg) -> dict[str, str]:
+        """The Config fields that have no effect with the other values of `cfg`, each with the
+        options that make it so ("without --loss le"): sr_train.py warns about those given."""
+        return {}
 
     @classmethod
     def raw_config(cls, state_dict: dict, scale: int) -> dict:

@@ -9,7 +9,7 @@
   RRDB) trained with `--loss l1` or `--loss le`.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -222,6 +222,12 @@ class RegressionSR(SRModel):
         self.sigma = None
         self.sigma_ema = None
         self._sigma_only = False  # set by on_step: the final σ-only phase
+
+    @classmethod
+    def unused_flags(cls, cfg: RegressionConfig) -> dict[str, str]:
+        """The σ branch and its loss exist only with ℓ_E."""
+        le = [f.name for f in fields(RegressionConfig) if f.name.startswith("le_")]
+        return {} if cfg.loss == "le" else dict.fromkeys(le, "without --loss le")
 
     def _add_sigma_branch(self, in_ch: int) -> None:
         if self.cfg.loss == "le":

@@ -256,6 +256,20 @@ class RefVAE(LatentSRModel):
         self._vgg_ready = False  # vgg_loaded as the host last read it (not read every step)
 
     @classmethod
+    def unused_flags(cls, cfg: RefVAEConfig) -> dict[str, str]:
+        """The discriminator's flags without one (its feature matching needs it too), the style
+        loss's and the TV loss's when their weight is 0."""
+        unused = {}
+        if cfg.lambda_adv == 0 and cfg.lambda_fm == 0:
+            no_d = "with --lambda-adv 0 and --lambda-fm 0 (no discriminator)"
+            unused |= dict.fromkeys(("d_channels", "adv_loss"), no_d)
+        if cfg.lambda_style == 0:
+            unused |= dict.fromkeys(("style_layers", "style_target"), "with --lambda-style 0")
+        if cfg.lambda_tv == 0:
+            unused["tv_beta"] = "with --lambda-tv 0"
+        return unused
+
+    @classmethod
     def recipe(cls, scale: int) -> Recipe:
         # Paper §4.1: Adam lr 1e-4 (β1 0.9), weight decay 1e-4, batch 16, 5e4 iterations, LR 32²
         # at ×8 (HR 256²); ×4: LR 64² (the code's default, HR 256² too). The code divides G's lr by

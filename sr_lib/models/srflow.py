@@ -148,6 +148,12 @@ class SRFlow(SRModel):
                     blocks="1,8,15,22" if scale == 4 else "1,3,5,7")  # fmt: skip
 
     @classmethod
+    def unused_flags(cls, cfg: SRFlowConfig) -> dict[str, str]:
+        """Each dequantisation's own parameter."""
+        unused = {"gaussian_std": "gaussian", "quant": "uniform"}
+        return {k: f"without --dequant {v}" for k, v in unused.items() if cfg.dequant != v}
+
+    @classmethod
     def recipe(cls, scale: int) -> Recipe:
         # SRFlow_DF2K_{4,8}X.yml: Adam (effective betas 0.9, 0.999), lr halved at
         # 50/75/90/95 % of 200k steps, HR patch 160, no clipping; validation at temperature 0.9

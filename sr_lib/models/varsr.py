@@ -163,6 +163,17 @@ class VarSR(LatentSRModel):
         self._adv_on = False  # set by on_step: phase 2
 
     @classmethod
+    def unused_flags(cls, cfg: VarSRConfig) -> dict[str, str]:
+        """The critic's and the perceptual loss's flags when their weight is 0."""
+        unused = {}
+        if cfg.lambda_adv == 0:
+            critic = ("d_channels", "d_layers", "gp_weight", "adv_start")
+            unused |= dict.fromkeys(critic, "with --lambda-adv 0 (no critic)")
+        if cfg.lambda_per == 0:  # (its VGG19 alone is what --no-pretrained makes random)
+            unused |= dict.fromkeys(("per_layer", "pretrained"), "with --lambda-per 0")
+        return unused
+
+    @classmethod
     def recipe(cls, scale: int) -> Recipe:
         # Paper §4.2: Adam(0.9, 0.99), lr 1e-4 decayed once (when and how much: not given; here
         # ×0.1 for the last quarter), the critic with the same Adam. Batch, steps and patch are

@@ -191,6 +191,16 @@ class VSpSR(SRModel):
         self._perceptual: list[nn.Module] = []  # a list keeps the frozen VGG out of state_dict
 
     @classmethod
+    def unused_flags(cls, cfg: VSpSRConfig) -> dict[str, str]:
+        """The discriminator's and the perceptual loss's flags when their weight is 0."""
+        unused = {}
+        if cfg.lambda_adv == 0:
+            unused["d_channels"] = "with --lambda-adv 0 (no discriminator)"
+        if cfg.lambda_per == 0:
+            unused |= dict.fromkeys(("per_layer", "per_imagenet_norm"), "with --lambda-per 0")
+        return unused
+
+    @classmethod
     def recipe(cls, scale: int) -> Recipe:
         # Paper §4.2 + code: Adam(0.9, 0.999, 1e-8), weight decay 1e-4, lr 1e-4 ×0.1 every 100 of
         # 300 epochs; 800 images / batch 4 = 200 steps per epoch -> 60k steps; clip 0.1 (G and D).
