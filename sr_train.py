@@ -134,13 +134,14 @@ class TrainArgs:
     patch: int | None = field(
         default=None, metadata=dict(type=int, help="LR patch size (default: the paper's)")
     )
-    learning_rate: float | None = field(
-        default=None, metadata=dict(type=float, help="default: the paper's")
+    learning_rate: float | None = field(  # (above 1 an Adam step is bigger than any weight)
+        default=None, metadata=dict(type=float, help="default: the paper's", range="[0, 1]")
     )
     d_learning_rate: float | None = field(
         default=None,
-        metadata=dict(type=float, help="discriminator learning rate (default: the paper's)"),
-    )
+        metadata=dict(type=float, help="discriminator learning rate (default: the paper's)",
+                      range="[0, 1]"),
+    )  # fmt: skip
     milestones: list[float] | None = field(
         default=None,
         metadata=dict(

@@ -3,6 +3,7 @@
 traceback. Values out of range are refused when the flags are parsed, before anything is done
 (the run folder is not even created)."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -17,8 +18,9 @@ from conftest import TINY
 
 import sr_train
 from sr_lib.checkpoint import save_checkpoint
-from sr_lib.errors import CheckpointError
-from sr_lib.models import build_model
+from sr_lib.config import check_ranges
+from sr_lib.errors import CheckpointError, UsageError
+from sr_lib.models import MODELS, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,6 +46,31 @@ CASES = {  # id: (flags, exit code, words of the message)
     "learning rate -1": ({"--learning-rate": "-1"}, PARSE, "--learning-rate -1.0: must be"),
     "learning rate nan": ({"--learning-rate": "nan"}, PARSE, "finite number"),
     "discriminator rate inf": ({"--d-learning-rate": "inf"}, PARSE, "--d-learning-rate inf"),
+    "learning rate 1e30": (
+        {"--learning-rate": "1e30"},
+        PARSE,
+        "--learning-rate 1e+30: must be a number between 0 and 1",
+    ),
+    "gaussian std 1e30": (
+        {**TINY_SRFLOW, "--gaussian-std": "1e30"},
+        PARSE,
+        "--gaussian-std 1e+30: must be a number between 0 and 255",
+    ),
+    "affine eps 1e30": (
+        {**TINY_SRFLOW, "--affine-eps": "1e30"},
+        PARSE,
+        "--affine-eps 1e+30: must be a number > 0 and <= 1",
+    ),
+    "std max 1e30": (
+        {**TINY_SRFLOW, "--model": "ncsr", "--std-max": "1e30"},
+        PARSE,
+        "--std-max 1e+30: must be a number between -1 and 1",
+    ),
+    "loss weight 1e30": (
+        {**TINY_VSPSR, "--lambda-per": "1e30"},
+        PARSE,
+        "--lambda-per 1e+30: must be a number between 0 and 1000000",
+    ),
     "log every 0": ({"--log-every": "0"}, PARSE, "--log-every 0: must be an integer >= 1"),
     "save every 0": ({"--save-every": "0"}, PARSE, "--save-every 0"),
     "val every -1": ({"--val-every": "-1"}, PARSE, "--val-every -1"),
@@ -478,3 +505,21 @@ def test_a_discriminator_learning_rate_without_a_discriminator_is_a_warning(worl
         assert sr_train.main(argv) == 0
     said = [str(w.message) for w in caught if "--d-learning-rate" in str(w.message)]
     assert said == ["--d-learning-rate: no effect, this edsr model has no discriminator; ignored"]
+
+
+FLOATS = [
+    k
+    for k, m in MODELS.items()
+    if any("float" in str(f.type) for f in dataclasses.fields(m.Config))
+]
+
+
+@pytest.mark.parametrize("name", FLOATS)
+def test_every_float_model_flag_has_a_finite_bound(name):
+    """A float model flag at 1e30 (a typo, an exponent too many) made the loss inf from the first
+    step, and the run stopped with exit 5 only after --max-bad-steps: each has a finite bound."""
+    cls = MODELS[name].Config
+    for f in dataclasses.fields(cls):
+        if "float" in str(f.type):
+            with pytest.raises(UsageError, match=f"^--{f.name.replace('_', '-')} 1e\\+30: must be"):
+                check_ranges(cls(**{f.name: 1e30}))

@@ -55,6 +55,11 @@ class ModelConfig:
     scale: int = 4
 
 
+# The range of a loss weight: far beyond any paper's (RefVAE's code: 1e4), short of what makes a
+# float32 loss inf at the first step (1e30 did: then exit 5 after --max-bad-steps).
+WEIGHT = "[0, 1e6]"
+
+
 def option(default, help: str, **kw):
     """A Config field with its command-line help (and e.g. `choices`)."""
     return field(default=default, metadata=dict(help=help, **kw))

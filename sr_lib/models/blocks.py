@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sr_lib.errors import UsageError
-from sr_lib.models.base import ModelConfig, SRModel, conv_radius, halo
+from sr_lib.models.base import WEIGHT, ModelConfig, SRModel, conv_radius, halo
 from sr_lib.models.losses import AUX_TARGETS, MASK_SCOPES, le_loss
 
 LOSSES = ("l1", "le")
@@ -171,7 +171,9 @@ class RegressionConfig(ModelConfig):
             help="l1: mean |ŷ − μ|; le: expected-ℓ1 ℓ_E (Eq. 8) + σ branch (Eq. 10)",
         ),
     )
-    le_beta: float = field(default=0.01, metadata=dict(help="β of the σ auxiliary loss (Eq. 10)"))
+    le_beta: float = field(
+        default=0.01, metadata=dict(help="β of the σ auxiliary loss (Eq. 10)", range=WEIGHT)
+    )
     le_mask_scope: str = field(
         default="batch",
         metadata=dict(

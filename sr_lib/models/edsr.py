@@ -33,7 +33,8 @@ class EDSRConfig(RegressionConfig):
     )
     n_feats: int = field(default=64, metadata=dict(help="feature channels (full EDSR: 256)"))
     res_scale: float = field(
-        default=1.0, metadata=dict(help="residual scaling in each block (full EDSR: 0.1)")
+        default=1.0,
+        metadata=dict(help="residual scaling in each block (full EDSR: 0.1)", range="[0, 10]"),
     )
 
 

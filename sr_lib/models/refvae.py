@@ -28,6 +28,7 @@ from sr_lib.data import list_images, read_image, to_tensor
 from sr_lib.errors import CheckpointError, DataError, UsageError
 from sr_lib.lpips_net import load_alexnet_trunk, lpips_module
 from sr_lib.models.base import (
+    WEIGHT,
     LatentSRModel,
     ModelConfig,
     Prepared,
@@ -62,15 +63,15 @@ class RefVAEConfig(ModelConfig):
     ref_size: int = option(256, "references are resized to this square (paper: 256)")
     ref_data: str = option("hr", "training references: hr (the HR patch, as the code) or a folder")
     pretrained: bool = option(True, "random frozen VGG19/AlexNet, no ImageNet weights (tests only)")
-    lambda_content: float = option(1.0, "VGG relu4_1 L1 of Eq. 6 (code: 0.01)")
-    lambda_pixel: float = option(1.0, "pixel + Down L1 of Eq. 6 (code: 1)")
+    lambda_content: float = option(1.0, "VGG relu4_1 L1 of Eq. 6 (code: 0.01)", range=WEIGHT)
+    lambda_pixel: float = option(1.0, "pixel + Down L1 of Eq. 6 (code: 1)", range=WEIGHT)
     content_down: str = option(
         "lr", "Down of Eq. 6: lr (×1/s), pyramid (×½, ×¼: code), none", choices=CONTENT_DOWN
     )
     lambda_lr: float = option(
-        0.0, "L1(Down_s(SR), LR input), the code's LR consistency (code: 100)"
+        0.0, "L1(Down_s(SR), LR input), the code's LR consistency (code: 100)", range=WEIGHT
     )
-    lambda_style: float = option(10.0, "style loss, Eq. 7")
+    lambda_style: float = option(10.0, "style loss, Eq. 7", range=WEIGHT)
     style_layers: str = option(
         "relu1_2,relu2_2,relu3_4,relu4_1", "VGG19 taps of Eq. 7 (code: relu1_1,relu2_1,...,relu4_1)"
     )
@@ -79,17 +80,17 @@ class RefVAEConfig(ModelConfig):
         "style statistics of: ref (paper text) or hr (Eq. 7 as printed)",
         choices=("ref", "hr"),
     )
-    lambda_lpips: float = option(1.0, "LPIPS-alex loss (code: 1e4 on the mean map)")
-    lambda_tv: float = option(1.0, "TV loss, Eq. 8 (code: 0)")
-    tv_beta: float = option(
-        1.0, "TV exponent β of Eq. 8 (not given by the paper)", range="(0, inf)"
+    lambda_lpips: float = option(1.0, "LPIPS-alex loss (code: 1e4 on the mean map)", range=WEIGHT)
+    lambda_tv: float = option(1.0, "TV loss, Eq. 8 (code: 0)", range=WEIGHT)
+    tv_beta: float = option(1.0, "TV exponent β of Eq. 8 (not given by the paper)", range="(0, 10]")
+    lambda_kl: float = option(1.0, "KL(q(z|R) ‖ N(0, I)), Eq. 4", range=WEIGHT)
+    lambda_adv: float = option(
+        1.0, "adversarial loss (not in Eq. 9; code: 1; 0 = no D unless FM)", range=WEIGHT
     )
-    lambda_kl: float = option(1.0, "KL(q(z|R) ‖ N(0, I)), Eq. 4")
-    lambda_adv: float = option(1.0, "adversarial loss (not in Eq. 9; code: 1; 0 = no D unless FM)")
     adv_loss: str = option(
         "gan", "gan: −log D(SR) (Eq. 5); l1: |D(SR) − 1| (code)", choices=("gan", "l1")
     )
-    lambda_fm: float = option(0.0, "discriminator feature matching L1 (code: 0.01)")
+    lambda_fm: float = option(0.0, "discriminator feature matching L1 (code: 0.01)", range=WEIGHT)
     d_channels: int = option(32, "discriminator width (code: 32)")
     reduction: str = option(
         "sum", "reduce every term by sum (code) or mean", choices=("sum", "mean")

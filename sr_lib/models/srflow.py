@@ -60,14 +60,16 @@ class SRFlowConfig(ModelConfig):
     )
     hidden_channels: int = field(default=64, metadata=dict(help="coupling network width"))
     affine_eps: float = field(
-        default=1e-4, metadata=dict(help="scale = sigmoid(h + 2) + eps", range="(0, inf)")
+        default=1e-4, metadata=dict(help="scale = sigmoid(h + 2) + eps", range="(0, 1]")
     )
     lu: bool = field(default=False, metadata=dict(help="LU-parametrised 1x1 convs (not official)"))
     dequant: Literal["gaussian", "uniform", "none"] = field(
         default="gaussian",
         metadata=dict(help="HR noise in training: paper N(0, std), released code none"),
     )
-    gaussian_std: float = field(default=4 / 3**0.5, metadata=dict(help="on the 0-255 scale"))
+    gaussian_std: float = field(
+        default=4 / 3**0.5, metadata=dict(help="on the 0-255 scale", range="[0, 255]")
+    )
     quant: int = field(default=32, metadata=dict(help="uniform: U(-0.5, 0.5)/quant noise"))
     freeze_encoder: float = field(
         default=0.5,

@@ -122,7 +122,7 @@ class NCSRConfig(SRFlowConfig):
     std_max: float = field(
         default=-1.0,
         metadata=dict(
-            help="noise level ~ U(0, std_max) (negative: 0.05 x4, 0.03 x8)", range="[-1, inf)"
+            help="noise level ~ U(0, std_max) (negative: 0.05 x4, 0.03 x8)", range="[-1, 1]"
         ),
     )
     lr_noise: bool = field(

@@ -19,6 +19,7 @@ from torch import nn
 
 from sr_lib.errors import UsageError
 from sr_lib.models.base import (
+    WEIGHT,
     LatentSRModel,
     ModelConfig,
     Recipe,
@@ -40,14 +41,18 @@ class VarSRConfig(ModelConfig):
     n_blocks: int = option(8, "generator residual blocks (paper: 8, as MR-GAN)", range="[0, inf)")
     enc_feats: int = option(64, "encoder widths c, 2c, 4c, 4c (4 stride-2 convs)")
     residual: bool = option(True, "tanh output instead of bicubic(LR) + a learned residual")
-    lambda_pixel: float = option(1.0, "λ_pixel, MSE on [-1, 1] (Eq. 6)")
-    lambda_kl: float = option(0.01, "λ_KL (paper: 0.01 or 0.02 CelebA, 0.01 MNIST, 0.05 plates)")
-    lambda_adv: float = option(0.001, "λ_adv, WGAN-GP (Eq. 8; 0 = no critic)")
+    lambda_pixel: float = option(1.0, "λ_pixel, MSE on [-1, 1] (Eq. 6)", range=WEIGHT)
+    lambda_kl: float = option(
+        0.01, "λ_KL (paper: 0.01 or 0.02 CelebA, 0.01 MNIST, 0.05 plates)", range=WEIGHT
+    )
+    lambda_adv: float = option(0.001, "λ_adv, WGAN-GP (Eq. 8; 0 = no critic)", range=WEIGHT)
     adv_start: float = option(
         0.5, "fraction of training before the adversarial loss is switched on", range="[0, 1]"
     )
-    gp_weight: float = option(10.0, "gradient-penalty weight δ (Eq. 8)")
-    lambda_per: float = option(0.006, "λ_per, VGG19 feature MSE (SRGAN's 1/12.75²; 0 = off)")
+    gp_weight: float = option(10.0, "gradient-penalty weight δ (Eq. 8)", range=WEIGHT)
+    lambda_per: float = option(
+        0.006, "λ_per, VGG19 feature MSE (SRGAN's 1/12.75²; 0 = off)", range=WEIGHT
+    )
     per_layer: str = option(
         "relu5_4", "VGG19 tap of the perceptual loss (SRGAN: relu5_4)", choices=tuple(VGG19_RELU)
     )

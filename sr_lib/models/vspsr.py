@@ -19,7 +19,7 @@ from torch import nn
 
 from sr_lib.cem import cem
 from sr_lib.errors import UsageError
-from sr_lib.models.base import ModelConfig, Prepared, Recipe, SRModel, conv_radius, halo
+from sr_lib.models.base import WEIGHT, ModelConfig, Prepared, Recipe, SRModel, conv_radius, halo
 from sr_lib.models.blocks import conv3x3
 from sr_lib.models.losses import (
     VGGLoss,
@@ -51,17 +51,21 @@ class VSpSRConfig(ModelConfig):
         default=False, metadata=dict(help="sample the basis z too (Table 1 #3)")
     )
     alpha: float = field(
-        default=3.0, metadata=dict(help="Gamma prior shape α (Eq. 1)", range="(0, inf)")
+        default=3.0, metadata=dict(help="Gamma prior shape α (Eq. 1)", range="(0, 1e6]")
     )
     beta: float = field(
-        default=0.5, metadata=dict(help="Gamma prior rate β (fine-tune: 1.0)", range="(0, inf)")
+        default=0.5, metadata=dict(help="Gamma prior rate β (fine-tune: 1.0)", range="(0, 1e6]")
     )
-    lambda_w: float = field(default=0.1, metadata=dict(help="λ_ω: weight of the KL (Eq. 6)"))
+    lambda_w: float = field(
+        default=0.1, metadata=dict(help="λ_ω: weight of the KL (Eq. 6)", range=WEIGHT)
+    )
     lambda_adv: float = field(
-        default=0.01, metadata=dict(help="λ_adv, LSGAN (fine-tune: 0.1; 0 = no discriminator)")
+        default=0.01,
+        metadata=dict(help="λ_adv, LSGAN (fine-tune: 0.1; 0 = no discriminator)", range=WEIGHT),
     )
     lambda_per: float = field(
-        default=0.01, metadata=dict(help="λ_per, VGG19 loss (needs the vgg19 weights; 0 = off)")
+        default=0.01,
+        metadata=dict(help="λ_per, VGG19 loss (needs the vgg19 weights; 0 = off)", range=WEIGHT),
     )
     per_layer: str = field(
         default="relu5_4", metadata=dict(choices=tuple(VGG19_RELU), help="VGG19 tap of L_per")
