@@ -425,8 +425,10 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         held = f"{ckpt_path} still holds step {start}: resume it with"
     else:
         held = "nothing was saved: start again with"
-    if oom:
-        raise OutOfMemory(f"step {step + 1}: out of memory; {held} a smaller --batch or --patch")
+    if oom:  # a model flag above the paper's may be the cause as much as the batch
+        big = bigger_flags(args.model, cfg)
+        raise OutOfMemory(f"step {step + 1}: out of memory; {held} a smaller --batch or --patch"
+                          + (f", or smaller model flags ({big})" if big else ""))  # fmt: skip
     if lost_image is not None:
         raise type(lost_image)(f"step {step + 1}: {lost_image}; {held} that fixed")
     return finish(stopped, step, steps, skipped, out, args, dd, say,
@@ -924,7 +926,16 @@ def build_training(args: TrainArgs, cfg: dict, recipe: Recipe, resumed, device, 
     """The model (with --init-from's weights for a new run), its optimizers and the fp16 loss
     scaler (None otherwise); built first, so that a bad model flag or --init-from fails before
     anything is written or read."""
-    model = build_model(args.model, cfg).to(device)
+    try:
+        model = build_model(args.model, cfg).to(device)
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(e):
+            raise
+        # The model alone: no batch or patch is involved yet
+        big = bigger_flags(args.model, cfg)
+        raise OutOfMemory(f"the {args.model} model does not fit in memory on {device}"
+                          + (f" ({big}): use smaller model flags" if big else
+                             " (the paper's size): use another device")) from None  # fmt: skip
     multiple = model.lr_multiple  # the LR sizes its layers need (sampling pads to them)
     if recipe.patch % multiple:  # else a shape error deep inside the first training step
         fit = -(-recipe.patch // multiple) * multiple
@@ -954,6 +965,14 @@ def build_training(args: TrainArgs, cfg: dict, recipe: Recipe, resumed, device, 
     fp16 = args.amp == "fp16" and bool(optimizers)
     scaler = torch.amp.GradScaler(device.type) if fp16 else None
     return model, optimizers, scaler
+
+
+def bigger_flags(name: str, cfg: dict) -> str:
+    """The model's size flags (its whole numbers: widths, depths, sizes) set above the paper's,
+    as `--n-feats 512, --n-blocks 64`: what makes a model bigger than the recipe's."""
+    big = [f for f in fields(MODELS[name].Config) if f.type in (int, "int") and f.name != "scale"
+           and cfg.get(f.name, f.default) > f.default]  # fmt: skip
+    return ", ".join(f"--{f.name.replace('_', '-')} {cfg[f.name]}" for f in big)
 
 
 def init_weights(model, args: TrainArgs, cfg: dict) -> str:

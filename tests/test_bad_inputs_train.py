@@ -523,3 +523,28 @@ def test_every_float_model_flag_has_a_finite_bound(name):
         if "float" in str(f.type):
             with pytest.raises(UsageError, match=f"^--{f.name.replace('_', '-')} 1e\\+30: must be"):
                 check_ranges(cls(**{f.name: 1e30}))
+
+
+def out_of_memory(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+@pytest.mark.parametrize(
+    "where, flags, said",
+    [  # (faked: the allocation is CUDA's, which a CPU test cannot make fail)
+        ("build_model", {"--n-feats": "100000000"},
+         "the edsr model does not fit in memory on cpu (--n-feats 100000000): use smaller model "
+         "flags"),
+        ("train_step", {"--n-feats": "96"},
+         "a smaller --batch or --patch, or smaller model flags (--n-feats 96)"),
+        ("train_step", {}, "a smaller --batch or --patch"),  # the model at its paper's size
+    ],
+)  # fmt: skip
+def test_out_of_memory_names_the_model_flags_that_grew_it(where, flags, said, world, tmp_path,
+                                                           capsys, monkeypatch):  # fmt: skip
+    monkeypatch.setattr(sr_train, where, out_of_memory)
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(argv_of({**flags, "--device": "cpu"}, out=tmp_path / "out", **world))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 4 and len(err.splitlines()) == 1, err
+    assert err.startswith("sr_train.py: error: ") and err.endswith(said), err
