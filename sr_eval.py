@@ -82,6 +82,7 @@ from sr_lib.data import (
     list_images,
     mod_crop,
     read_ahead,
+    shared_stem,
     size_ratio,
     write_text,
 )
@@ -490,9 +491,8 @@ def hr_images(hr: str) -> dict[str, Path]:
     if not hr_dir.is_dir():
         raise DataError(f"--hr {hr_dir}: no such folder")
     files = list_images(hr_dir, recursive=False)
-    stems = [p.stem for p in files]
-    if len(set(stems)) != len(stems):
-        dup = next(s for s in stems if stems.count(s) > 1)
+    dup = shared_stem(files)
+    if dup is not None:
         raise DataError(f"--hr {hr_dir}: two images share the stem {dup!r}; rename one")
     return {p.stem: p for p in files}
 

@@ -107,6 +107,7 @@ from sr_lib.data import (
     mod_crop,
     name_max,
     read_image,
+    shared_stem,
     to_tensor,
     to_uint8,
     write_encoded_png,
@@ -585,10 +586,9 @@ def input_paths(path: Path) -> list[Path]:
     if not path.exists():
         raise DataError(f"--input {path}: no such file or folder")
     paths = list_images(path, recursive=False)
-    stems = [p.stem for p in paths]
-    dup = sorted({t for t in stems if stems.count(t) > 1})
-    if dup:
-        raise DataError(f"--input {path}: several files share the stem {dup[0]!r}; rename them")
+    dup = shared_stem(paths)
+    if dup is not None:
+        raise DataError(f"--input {path}: several files share the stem {dup!r}; rename them")
     return paths
 
 

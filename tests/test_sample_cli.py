@@ -5,6 +5,7 @@ seconds."""
 import json
 import os
 import threading
+from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
@@ -18,7 +19,7 @@ import sr_sample
 from sr_lib import config
 from sr_lib.checkpoint import save_checkpoint
 from sr_lib.data import write_png
-from sr_lib.errors import OutputError
+from sr_lib.errors import DataError, OutputError
 from sr_lib.models import MODELS, build_model
 from sr_lib.models.base import SRModel, pad_to_multiple
 from sr_lib.models.blocks import RegressionSR
@@ -169,6 +170,41 @@ def test_a_deterministic_model_is_run_once_and_each_file_written_once(
     assert sorted(written) == [f"a_sample{i:05d}.png" for i in range(10)]
     first = (tmp_path / "s" / "a_sample00000.png").read_bytes()
     assert all((tmp_path / "s" / f).read_bytes() == first for f in written)
+
+
+class CountedStem(str):
+    """A stem that counts its comparisons."""
+
+    compared = 0
+
+    def __eq__(self, other):
+        CountedStem.compared += 1
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+
+class CountedPath(type(Path())):
+    @property
+    def stem(self):
+        return CountedStem(super().stem)
+
+
+@pytest.mark.parametrize("module, lister", [(sr_sample, "input_paths"), (sr_eval, "hr_images")])
+def test_the_shared_stem_check_is_one_pass(tmp_path, monkeypatch, module, lister):
+    # Counting each stem in the whole list compared every stem with every other: N^2 string
+    # comparisons, 6 s before the first sample at 20,000 inputs (sr_eval.py: where one is shared).
+    n = 400
+    for k in range(n):
+        (tmp_path / f"img{k:03d}.png").touch()
+    (tmp_path / f"img{n - 1:03d}.jpg").touch()  # shares the last stem: the whole list is searched
+    listed = module.list_images
+    monkeypatch.setattr(module, "list_images",
+                        lambda *a, **k: [CountedPath(p) for p in listed(*a, **k)])  # fmt: skip
+    monkeypatch.setattr(CountedStem, "compared", 0)
+    with pytest.raises(DataError, match=f"share the stem 'img{n - 1:03d}'"):
+        getattr(module, lister)(tmp_path if module is sr_sample else str(tmp_path))
+    assert CountedStem.compared < 10 * n  # N^2 = 160,000 before
 
 
 def test_from_hr(tmp_path, bicubic_ckpt):
