@@ -562,25 +562,22 @@ def first_equal(samples: Sequence[ARRAY]) -> list[int]:
     """For each sample the index of the first sample equal to it (its own if none): the n samples
     of a deterministic model are one image n times, and each distinct one is scored once.
 
-    A 32x32 grid of pixels rules out most pairs before whole arrays are compared: distinct samples
-    cost ~0.1 ms per pair, an equal one one comparison of its bytes.
+    Samples are grouped by a 32x32 grid of their pixels (its bytes, a dict key), so a sample is
+    compared whole only with the distinct ones before it that match it there: a stochastic
+    model's samples cost one small copy each, an equal one one comparison of its bytes. (Checking
+    each against every distinct one before it cost N^2 / 2 grid comparisons: 0.1 s per image of
+    2040x1352 at N = 100, a hundred times that at N = 1,000.)
     """
 
-    def grid(a: ARRAY) -> ARRAY:  # a view of ~32x32 pixels
-        return a[:: max(1, a.shape[0] // 32), :: max(1, a.shape[1] // 32)]
+    def grid(a: ARRAY) -> tuple:  # ~32x32 pixels as bytes: equal arrays have equal keys
+        return a.shape, a[:: max(1, a.shape[0] // 32), :: max(1, a.shape[1] // 32)].tobytes()
 
     first: list[int] = []
-    distinct: list[int] = []  # the samples equal to none before them
+    distinct: dict[tuple, list[int]] = {}  # grid -> its samples equal to none before them
     for i, s in enumerate(samples):
-        equal = (
-            j
-            for j in distinct
-            if samples[j].shape == s.shape
-            and np.array_equal(grid(samples[j]), grid(s))
-            and np.array_equal(samples[j], s)
-        )
-        first.append(next(equal, i))
-        distinct += [i] if first[-1] == i else []
+        alike = distinct.setdefault(grid(s), [])
+        first.append(next((j for j in alike if np.array_equal(samples[j], s)), i))
+        alike += [i] if first[-1] == i else []
     return first
 
 
