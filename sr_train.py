@@ -47,6 +47,7 @@ from sr_lib.config import (
 )
 from sr_lib.data import (
     PatchPairs,
+    WorkersHung,
     available_cores,
     check_out_dir,
     fit_name,
@@ -333,6 +334,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     bad_steps = BadSteps(device, args.max_bad_steps, skipped)
     stopped, t0, t_start, logged = None, time.monotonic(), time.monotonic(), start
     lost_image = None  # the loader's DataError or OutputError: said after saving the steps done
+    hung = None  # the loader's WorkersHung: the same
     # A rollback needs a last.pt of this run: also one resumed from a checkpoint elsewhere saves
     # its first good step into OUT.
     unsaved = args.on_nan == "rollback" and saved is None
@@ -353,6 +355,13 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
             if dd.on or not is_out_of_memory(e):  # (other ranks wait in a collective: no save)
                 raise
             stopped = "out of memory"  # save the steps done since the last save, then exit 4
+            break
+        except WorkersHung as e:  # README "Clusters": save the steps done, then exit 75
+            if dd.on:  # (the other ranks wait in a collective: no save)
+                raise WorkersHung(
+                    f"step {step + 1}: {e}; {last_save(dd, saved, out / 'last.pt', before)}"
+                ) from None
+            stopped, hung = "workers hung", e
             break
         except (DataError, OutputError) as e:  # an image and its --cache file deleted mid-run
             if dd.on or step == start:  # (the other ranks wait in a collective: no save; no
@@ -415,7 +424,8 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     # A finished run resumed again keeps last.pt as it is. Out of memory, the failed step has
     # moved the random generators on: a last.pt of this very step stays as it was saved.
     oom = stopped == "out of memory"
-    if (step > start or resumed is None) and not (oom and step in (start, saved)):
+    # (workers hung: a last.pt of this step, or of a new run's step 0, has nothing new)
+    if (step > start or resumed is None) and not ((oom or hung) and step in (start, saved)):
         save(out / "last.pt", step, skipped, best, model, optimizers, scaler, dd, meta, ema)
         saved = step
     del forward, batches  # DDP and the loader hold the process group: gone before finish ends it
@@ -431,6 +441,12 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
                           + (f", or smaller model flags ({big})" if big else ""))  # fmt: skip
     if lost_image is not None:
         raise type(lost_image)(f"step {step + 1}: {lost_image}; {held} that fixed")
+    if hung is not None:  # (one process) as after SIGTERM: requeued, the job goes on
+        if args.requeue:
+            requeue(say)
+        raise WorkersHung(
+            f"step {step + 1}: {hung}; {last_save(dd, saved, out / 'last.pt', before)}"
+        )
     return finish(stopped, step, steps, skipped, out, args, dd, say,
                   run_log.lost if run_log else "")  # fmt: skip
 
@@ -1556,16 +1572,20 @@ def lost_contact(e, dd, step: int, saved: int | None, last: Path, before: str) -
     knows that its last save was written; another rank says so."""
     if not distributed.lost_contact(e, dd):
         return
-    if not dd.main:
-        held = f"{last} holds rank 0's last save: continue with --resume auto"
-    elif saved is not None:
-        held = f"{last} holds step {saved}: continue with --resume auto"
-    else:
-        held = before
     raise Resumable(
         f"lost contact with the other processes after step {step} (a rank died, the network "
-        f"failed, or a rank did not answer in time); {held}"
+        f"failed, or a rank did not answer in time); {last_save(dd, saved, last, before)}"
     ) from None
+
+
+def last_save(dd, saved: int | None, last: Path, before: str) -> str:
+    """What a run that stops without saving holds and how to go on: `last` if this run saved
+    (step `saved`; only rank 0 knows that its save was written), else `before`."""
+    if not dd.main:
+        return f"{last} holds rank 0's last save: continue with --resume auto"
+    if saved is not None:
+        return f"{last} holds step {saved}: continue with --resume auto"
+    return before
 
 
 def checked_backward(opt, loss, params, grad_clip, dd, scaler=None, sync=False):

@@ -35,7 +35,7 @@ import torch
 from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from sr_lib.errors import DataError, OutputError, SRSpaceError, UsageError
+from sr_lib.errors import DataError, OutputError, Resumable, SRSpaceError, UsageError
 from sr_lib.resize import imresize
 from sr_lib.threads import finish, new_pool, result, signals_held, submit, thread_map
 
@@ -1105,7 +1105,21 @@ class _FloatLoader(DataLoader):
         self._iterator = None
 
     def _floats(self, batches):
-        for batch in batches:
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as e:  # (torch's own, for `timeout`)
+                if not str(e).startswith("DataLoader timed out"):
+                    raise
+                _kill_workers(batches)  # nothing to wait for: torch's stop would take 10 s each
+                self.close()
+                raise WorkersHung(
+                    f"the data loader's workers gave no batch for {self.timeout:g} s (a worker "
+                    "hung: on Python before 3.12 a worker can hang at its start, CPython "
+                    "gh-112275)"
+                ) from None
             if isinstance(batch, SRSpaceError):  # in the worker (_Uint8Steps)
                 raise batch
             lr, hr = batch
@@ -1116,6 +1130,31 @@ class _FloatLoader(DataLoader):
 
 
 _LIVE_LOADERS: "weakref.WeakSet[_FloatLoader]" = weakref.WeakSet()
+
+# How long the training loop waits for a batch before it takes a loader worker for hung. On
+# Python before 3.12 a forked worker can hang at its start for good (CPython gh-112275: a lock
+# that another thread, such as one of torch's, held at the fork stays locked in the child); the
+# run waited for its first batch until the job's time limit. A batch takes milliseconds: the
+# images are decoded (or cached) before the workers start, which then take seconds; the longest
+# legitimate wait, a batch whose purged --cache files are made again from their images, takes
+# seconds a file. (A signal during the wait is handled: it stops the run after the batch.)
+LOADER_TIMEOUT = 600.0
+
+
+class WorkersHung(Resumable):
+    """The training loader's workers gave no batch in LOADER_TIMEOUT (they are stopped): a run
+    continued from its last save does not meet the hang again (README "Clusters")."""
+
+
+def _kill_workers(batches) -> None:
+    """Kill a loader's workers at once (hung ones ignore torch's stop message, and SIGTERM),
+    after taking them off torch's SIGCHLD watch, which would take their end for a failure."""
+    if batches._worker_pids_set:
+        torch.utils.data._utils.signal_handling._remove_worker_pids(id(batches))
+        batches._worker_pids_set = False
+    for worker in batches._workers:
+        worker.kill()
+        worker.join()
 
 
 def _stop_workers(batches) -> None:
@@ -1176,6 +1215,7 @@ def train_loader(
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(0),  # the workers' base seed (unused by us)
         worker_init_fn=_worker_init if workers > 0 else None,
+        timeout=LOADER_TIMEOUT if workers > 0 else 0,  # (read here: tests set it lower)
         device=device,
         **more,
     )

@@ -2,6 +2,7 @@
 
 import errno
 import json
+import multiprocessing
 import os
 import pickle
 import random
@@ -9,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -581,3 +583,62 @@ def test_a_checkpoint_not_written_says_whether_an_earlier_one_is_left(tmp_path, 
     with pytest.raises(OutputError, match="; the previous one is intact"):
         save_checkpoint(path, {"step": 2})
     assert [f.name for f in tmp_path.iterdir()] == ["last.pt"] and path.read_bytes() == b"earlier"
+
+
+@pytest.mark.parametrize("where", ["start", "step 4"])
+def test_a_hung_loader_worker_saves_and_exits_75_in_one_line(
+    tmp_path, images, monkeypatch, capsys, where
+):
+    """A loader worker that hangs (on Python before 3.12 a forked worker can hang at its start
+    for good, CPython gh-112275) left the run waiting for its batch until the job's time limit.
+    After LOADER_TIMEOUT the run now stops as on SIGTERM: last.pt with the steps done, one line,
+    exit 75, the workers gone; --resume auto continues."""
+    monkeypatch.setattr(sr_lib.data, "LOADER_TIMEOUT", 2.0)
+    pid_file = tmp_path / "worker.pid"
+    real_crops = sr_lib.data.PatchPairs.crops
+
+    def hang():  # in the forked worker
+        pid_file.write_text(str(os.getpid()))
+        time.sleep(3600)
+
+    def init_hangs(worker_id):
+        hang()
+
+    def crops_hang_from_step_3(self, step):
+        if step >= 3:
+            hang()
+        return real_crops(self, step)
+
+    if where == "start":
+        monkeypatch.setattr(sr_lib.data, "_worker_init", init_hangs)
+    else:
+        monkeypatch.setattr(sr_lib.data.PatchPairs, "crops", crops_hang_from_step_3)
+    # The old code waited forever: kill the workers then, which fails the test with torch's error.
+    watchdog = threading.Timer(60, lambda: [p.kill() for p in multiprocessing.active_children()])
+    watchdog.start()
+    out = tmp_path / "run"
+    argv = [*cmd(out, images, 6)[2:], "--workers", "1", "--save-every", "100"]
+    try:
+        with pytest.raises(SystemExit) as e:
+            sr_train.main(argv)
+    finally:
+        watchdog.cancel()
+    err = capsys.readouterr().err.strip()
+    held = (f"{out}/last.pt holds step 3: continue with --resume auto" if where == "step 4" else
+            "nothing was saved: start again")  # fmt: skip
+    assert e.value.code == 75 and err == (
+        f"sr_train.py: error: {where if where != 'start' else 'step 1'}: the data loader's "
+        "workers gave no batch for 2 s (a worker hung: on Python before 3.12 a worker can hang "
+        f"at its start, CPython gh-112275); {held}"
+    ), err
+    if where == "start":
+        assert not (out / "last.pt").exists()
+    else:
+        assert load_checkpoint(out / "last.pt")["step"] == 3
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(pid, 0)
+    assert multiprocessing.active_children() == []
+    monkeypatch.undo()
+    assert sr_train.main([*argv, "--resume", "auto"]) == 0
+    assert load_checkpoint(out / "last.pt")["step"] == 6
