@@ -327,6 +327,8 @@ class LpipsMetric:
         """
         if weights is not None:
             sd = load_state_dict(weights)
+            import lpips  # noqa: F401  (its first import fails on the meta device: sr_lib/models/vgg.py)
+
             with torch.device("meta"):  # every tensor comes from the file: skip the random init
                 net = lpips_module()  # (of AlexNet's classifier too, 0.3 s)
             net = net.to_empty(device="cpu")

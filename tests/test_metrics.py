@@ -483,3 +483,23 @@ def test_tiny_image_too_small_for_lpips(lpips_pair):
     gt = rand_img(24, 64)
     with pytest.raises(DataError, match="too small for LPIPS"):
         M.evaluate_image(gt, [gt], 4, lpips_metric=lpips_pair[1], gt_name="hr/a.png")
+
+
+@pytest.mark.parametrize("built", ["lpips from a file", "random vgg"])
+def test_networks_built_on_the_meta_device_in_a_fresh_process(tmp_path, built):
+    """`sr_eval.py --lpips-weights FILE` and a random VGG (RefVAE's encoder before its weights,
+    the learning checks) build their network under `torch.device("meta")`: where that was the
+    process's first import of torchvision (on torch 2.6, torch._dynamo's), the import failed,
+    a traceback ("Tensor.item() cannot be called on meta tensors")."""
+    weights = tmp_path / "lpips.pth"
+    torch.save(lpips_module().state_dict(), weights)
+    code = {
+        "lpips from a file": "from sr_lib import metrics; "
+        f"metrics.LpipsMetric.load({str(weights)!r}, 'cpu', 1)",
+        "random vgg": "from sr_lib.models.vgg import VGGFeatures; "
+        "VGGFeatures(('relu1_1',), pretrained=False)",
+    }[built]
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=root)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -68,6 +68,10 @@ class VGGFeatures(nn.Module):
             vgg = torchvision_model("vgg19", path=path, pretrained=True)
             self.features = vgg.features[: last + 1]  # the classifier (120 M parameters) is dropped
         else:  # random weights (tests): skip initialising the classifier, seconds on a CPU
+            # torchvision's first import runs tensor code (torch 2.6: torch._dynamo's), which
+            # fails on the meta device ("Tensor.item() cannot be called on meta tensors")
+            import torchvision  # noqa: F401
+
             with torch.device("meta"):
                 vgg = torchvision_model("vgg19", pretrained=False)
             self.features = vgg.features[: last + 1].to_empty(device="cpu")
