@@ -900,10 +900,14 @@ def check_same_data(dataset: PatchPairs | None, dd) -> None:
     names = distributed.gather_objects([Path(n).name for n in dataset.names], dd)
     for rank, theirs in enumerate(names):
         if theirs != names[0]:
-            first = next(i for i, (a, b) in enumerate(zip(theirs + [None], names[0] + [None]))
-                         if a != b)  # fmt: skip
-            what = (f"{names[0][first]} is not among them" if first < len(names[0]) else
-                    f"{theirs[first]} is not among rank 0's")  # fmt: skip
+            # (the first position where the lists differ may hold a name both have: the one
+            # after an image that only one of them lacks)
+            mine, ours = set(theirs), set(names[0])
+            lacks = [n for n in names[0] if n not in mine]
+            extra = [n for n in theirs if n not in ours]
+            what = (f"{lacks[0]} is not among them" if lacks else
+                    f"{extra[0]} is not among rank 0's" if extra else
+                    "the same names come in another order or number")  # fmt: skip
             raise DataError(
                 f"--data: rank {rank} has {len(theirs)} training images, rank 0 has "
                 f"{len(names[0])}, and {what} (a node's copy of the images differs); give every "

@@ -226,23 +226,33 @@ def test_a_rank_given_other_flags_is_refused_before_training_not_a_wait(tmp_path
     assert not (out / "last.pt").exists()
 
 
-def test_a_node_whose_copy_of_the_images_differs_is_refused_before_training(tmp_path, images):
+@pytest.mark.parametrize(
+    "short, what",
+    [(1, "rank 1 has 3 training images, rank 0 has 4, and im3.png is not among them"),
+     (0, "rank 1 has 4 training images, rank 0 has 3, and im1.png is not among rank 0's")],
+)  # fmt: skip
+def test_a_node_whose_copy_of_the_images_differs_is_refused_before_training(
+    tmp_path, images, short, what
+):
     """Each node reads --data from its own scratch copy; one copy lacks an image (cut short, not
     yet synced): its rank drew its batches from fewer images, silently. Every rank names the
-    first image that differs in one line before training, exit 3."""
+    image that one copy lacks in one line before training, exit 3; rank 0's copy may be the
+    short one (there, the line named an image both copies hold)."""
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    for f in sorted(images.iterdir())[:-1]:
-        (scratch / f.name).write_bytes(f.read_bytes())
+    lacks = "im3.png" if short == 1 else "im1.png"
+    for f in sorted(images.iterdir()):
+        if f.name != lacks:
+            (scratch / f.name).write_bytes(f.read_bytes())
+    folders = (images, scratch) if short == 1 else (scratch, images)
     argvs = [train_cmd(tmp_path / "run", data, "--model", "edsr", "--n-feats", "8",
                        "--n-blocks", "1", "--steps", "2", nproc=0)
-             for data in (images, scratch)]  # fmt: skip
+             for data in folders]  # fmt: skip
     codes, outs = ended(srun_ranks(argvs))
     errs = [err for _, err in outs]
     assert codes == [3, 3], errs
-    line = ("sr_train.py: error: --data: rank 1 has 3 training images, rank 0 has 4, and im3.png "
-            "is not among them (a node's copy of the images differs); give every node the same "
-            "images\n")  # fmt: skip
+    line = (f"sr_train.py: error: --data: {what} (a node's copy of the images differs); give "
+            "every node the same images\n")  # fmt: skip
     assert errs == [line, line]
     assert not (tmp_path / "run" / "last.pt").exists()
 
