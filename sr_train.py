@@ -511,14 +511,15 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
     check_ranges(model_flags)
     cfg = {**asdict(model_flags), "scale": args.scale}
     named = given_fields(model_cls.Config, rest, f"{PROG} --model {args.model}")
-    warn_unused(model_cls, model_flags, named)
-    if "max_rollbacks" in given and args.on_nan != "rollback":
-        warnings.warn("--max-rollbacks: no effect without --on-nan rollback; ignored", stacklevel=2)
     if resumed is not None:  # a requeued job repeats its flags: allowed if they agree
         changed = [k for k in named if k in cfg and cfg[k] != resumed["model_cfg"].get(k)]
         if changed:
             raise UsageError(f"model flags {changed} differ from {ckpt_path}; they cannot change")
         cfg = dict(resumed["model_cfg"])
+    # by the run's config: a resume's is its checkpoint's, not the flags repeated
+    warn_unused(model_cls, model_cls.Config(**cfg), named)
+    if "max_rollbacks" in given and args.on_nan != "rollback":
+        warnings.warn("--max-rollbacks: no effect without --on-nan rollback; ignored", stacklevel=2)
     recipe = parse_recipe(args, model_cls.recipe(args.scale))
     if resumed is not None and recipe.steps < resumed["step"]:
         raise UsageError(

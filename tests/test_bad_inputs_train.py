@@ -498,6 +498,22 @@ def test_a_flag_without_effect_is_a_warning(case, tmp_path):
         assert [str(w.message) for w in caught] == expected, extra
 
 
+def test_a_resumed_run_warns_by_its_own_config_not_the_flags_repeated(world, tmp_path):
+    """A resume takes its model config from the checkpoint: a run of --loss le resumed with its
+    --le-beta repeated but not --loss le uses that flag, which the warning said it ignored."""
+    out = tmp_path / "out"
+    argv = argv_of({"--loss": "le", "--le-beta": "0.1"}, data=world["data"], out=out)
+    assert sr_train.main(argv) == 0
+    argv = argv_of({"--le-beta": "0.1", "--steps": "2", "--resume": "auto"},
+                   data=world["data"], out=out)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args, rest, given = sr_train.parse_all(argv)
+        cfg = sr_train.resolve_run(args, rest, given)[3]
+    assert cfg["loss"] == "le" and cfg["le_beta"] == 0.1
+    assert [str(w.message) for w in caught] == []
+
+
 def test_a_discriminator_learning_rate_without_a_discriminator_is_a_warning(world, tmp_path):
     argv = argv_of({"--d-learning-rate": "1e-3", "--steps": "0"}, out=tmp_path / "out", **world)
     with warnings.catch_warnings(record=True) as caught:
