@@ -211,15 +211,6 @@ def resolve(
     return _download(entry, target)
 
 
-def require(name: str, path: str | os.PathLike | None = None, hint: str = "") -> Path:
-    """resolve(name, path), where a missing or wrong file's one line ends with `hint` (what the
-    user can do instead of staging it, e.g. train without the loss that needs it)."""
-    try:
-        return resolve(name, path)
-    except CheckpointError as e:
-        raise CheckpointError(f"{e}; {hint}" if hint else str(e)) from None
-
-
 def _download(entry: Entry, target: Path) -> Path:
     # Write to a temp file next to the target and rename it, so an interrupted or corrupt
     # download never leaves a file that a later run would pick up.

@@ -13,8 +13,8 @@ import os
 import torch
 from torch import nn
 
-from sr_lib.errors import UsageError
-from sr_lib.weights import require, torchvision_model
+from sr_lib.errors import CheckpointError, UsageError
+from sr_lib.weights import resolve, torchvision_model
 
 # vgg19.features: blocks of 2, 2, 4, 4, 4 conv-ReLU pairs, each block followed by a max-pool.
 _BLOCKS = (2, 2, 4, 4, 4)
@@ -64,7 +64,10 @@ class VGGFeatures(nn.Module):
         self.imagenet_norm = imagenet_norm
         last = max(VGG19_RELU[t] for t in self.layers)
         if pretrained:
-            require("vgg19", path, missing_hint)  # fail before allocating the 548 MB model
+            try:
+                resolve("vgg19", path)  # fail before allocating the 548 MB random-init model
+            except CheckpointError as e:  # what the user can do instead of staging the file
+                raise CheckpointError(f"{e}{'; ' + missing_hint if missing_hint else ''}") from None
             vgg = torchvision_model("vgg19", path=path, pretrained=True)
             self.features = vgg.features[: last + 1]  # the classifier (120 M parameters) is dropped
         else:  # random weights (tests): skip initialising the classifier, seconds on a CPU
