@@ -471,7 +471,10 @@ def check_flags(args: EvalArgs) -> tuple[int, torch.device, int]:
                              f"replace it; give {flag} a path outside that folder")  # fmt: skip
     if not args.no_lpips:
         try:  # LPIPS's weights, found and read before any output is made or any image read
-            resolve("alexnet") if not args.lpips_weights else load_state_dict(args.lpips_weights)
+            if args.lpips_weights:
+                load_state_dict(args.lpips_weights)
+            else:
+                resolve("alexnet")
         except CheckpointError as e:
             raise lpips_error(e, args.lpips_weights) from None
     device = pick_device(args.device)
