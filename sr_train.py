@@ -1202,7 +1202,7 @@ def initialize(model, dataset, start: int, steps: int, loaded: bool, dd, device,
     elif (dd.on or now) and start < steps:
         trainable = [p.requires_grad for p in model.parameters()]
         model.train()
-        model.on_step(start, steps)  # e.g. loads a pretrained encoder before the statistics
+        model.on_step(start, steps)  # the first step's state (its --rrdb-init: by check_files)
         with torch.no_grad():
             model(*(x.to(device) for x in dataset[start]))
         distributed.broadcast_state(model, dd)
