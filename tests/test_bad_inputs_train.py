@@ -286,6 +286,12 @@ CASES = {  # id: (flags, exit code, words of the message)
         PARSE,
         "--flow-levels 4: SRFlow x4 has at most 3 levels",
     ),  # fmt: skip
+    # NCSR: that line, not one asking for 4 --noise-steps, which would only lead to it
+    "ncsr flow levels past the encoder": (
+        {**TINY_SRFLOW, "--model": "ncsr", "--flow-levels": "4"},
+        PARSE,
+        "--flow-levels 4: NCSR x4 has at most 3 levels",
+    ),  # fmt: skip
     # NCSR's noise-conditional steps: one whole number >= 0 per level
     **{
         f"ncsr noise steps {value}": (

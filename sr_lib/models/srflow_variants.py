@@ -140,11 +140,16 @@ class NCSR(SRFlow):
         paper = self.paper(cfg.scale)
         noise_steps = cfg.noise_steps or paper["noise_steps"]
         levels = cfg.flow_levels or paper["levels"]
-        try:  # checked before the levels are built: they read one number each
-            self.noise_steps = [int(s) for s in noise_steps.split(",")]
+        try:
+            steps = [int(s) for s in noise_steps.split(",")]
         except ValueError:
-            self.noise_steps = []
-        if len(self.noise_steps) != levels or min(self.noise_steps) < 0:
+            steps = []
+        ok = len(steps) == levels and min(steps) >= 0
+        # The levels read one number each as they are built; built first, so that more levels
+        # than the scale allows is said as such (the line for too few numbers led only to it).
+        self.noise_steps = steps if ok else [0] * levels
+        super().__init__(cfg)
+        if not ok:
             given = (
                 cfg.noise_steps
                 or f"unset, the paper's {noise_steps} (for {paper['levels']} levels)"
@@ -153,7 +158,6 @@ class NCSR(SRFlow):
                 f"--noise-steps {given}: need {levels} whole numbers >= 0, one per level, "
                 "comma-separated"
             )
-        super().__init__(cfg)
         self.std_max = cfg.std_max if cfg.std_max >= 0 else paper["std_max"]
 
     def paper(self, scale: int) -> dict:
