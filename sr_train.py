@@ -990,9 +990,10 @@ def build_training(args: TrainArgs, cfg: dict, recipe: Recipe, resumed, device, 
 
 def bigger_flags(name: str, cfg: dict) -> str:
     """The model's size flags (its whole numbers: widths, depths, sizes) set above the paper's,
-    as `--n-feats 512, --n-blocks 64`: what makes a model bigger than the recipe's."""
+    as `--n-feats 512, --n-blocks 64`: what makes a model bigger than the recipe's. A default of
+    0 stands for the paper's value at the run's scale (SRFlow's --flow-steps): not compared."""
     big = [f for f in fields(MODELS[name].Config) if f.type in (int, "int") and f.name != "scale"
-           and cfg.get(f.name, f.default) > f.default]  # fmt: skip
+           and f.default > 0 and cfg.get(f.name, f.default) > f.default]  # fmt: skip
     return ", ".join(f"--{f.name.replace('_', '-')} {cfg[f.name]}" for f in big)
 
 

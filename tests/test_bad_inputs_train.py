@@ -570,3 +570,10 @@ def test_out_of_memory_names_the_model_flags_that_grew_it(where, flags, said, wo
     err = capsys.readouterr().err.strip()
     assert e.value.code == 4 and len(err.splitlines()) == 1, err
     assert err.startswith("sr_train.py: error: ") and err.endswith(said), err
+
+
+def test_a_flag_whose_default_stands_for_the_papers_value_is_not_named_bigger():
+    """SRFlow's --flow-steps 16 is its paper's value at x4 (default 0: the paper's): an
+    out-of-memory line named it 'above the paper's'."""
+    assert sr_train.bigger_flags("srflow", {"flow_steps": 16, "scale": 4}) == ""
+    assert sr_train.bigger_flags("edsr", {"n_feats": 96, "scale": 4}) == "--n-feats 96"
