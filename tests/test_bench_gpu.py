@@ -9,6 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from sr_lib.errors import UsageError
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -44,6 +46,14 @@ def test_a_training_measurement_and_a_spent_budget(capsys):
     assert len(r["loadavg_start"]) == len(r["loadavg_end"]) == 3 and r["threads"] >= 1
     code, r = in_process(capsys, "--budget", "0")  # nothing measured: everything listed
     assert code == 0 and "train" not in r and {"srflow_x4/fp32", "eval"} <= set(r["skipped"])
+
+
+def test_a_folder_that_is_not_the_released_checkout_is_refused_before_any_measurement(tmp_path):
+    (tmp_path / "code" / "models").mkdir(parents=True)  # a folder, not andreas128/SRFlow
+    with pytest.raises(UsageError, match="not a checkout of andreas128/SRFlow"):
+        in_process(None, "--official", str(tmp_path))
+    with pytest.raises(UsageError, match="no such folder"):
+        in_process(None, "--official", str(tmp_path / "missing"))
 
 
 def test_a_compile_starts_only_with_its_time_left_and_the_targets_come_first(monkeypatch):

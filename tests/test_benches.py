@@ -70,3 +70,22 @@ def test_bench_flow_sampling_quick():
     for row in r["results"]:
         assert row["finite"] and row.get("bit_identical_to_one_at_a_time", True)
         assert row["peak_rss_mb"] > 0
+
+
+@pytest.mark.parametrize(
+    "script, flags",
+    [("check_official_parity.py", ["--srflow"]), ("bench_eval.py", ["--released"]),
+     ("bench_flow_amp.py", ["--parts", "ops", "--official"])],
+)  # fmt: skip
+def test_a_missing_folder_or_one_that_is_not_the_checkout_is_one_line_before_any_work(
+    tmp_path, script, flags
+):
+    other = tmp_path / "other project"  # a folder, but not the released code's checkout
+    (other / "code" / "models").mkdir(parents=True)
+    for folder, repo in ((tmp_path / "missing", "no such folder"), (other, "not a checkout")):
+        cmd = [sys.executable, str(BENCH / script), *flags, str(folder)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert done.returncode in (1, 2) and done.stdout == ""
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"{script}: error: ")
+        assert str(folder) in done.stderr
+        assert repo in done.stderr or "no measure.py" in done.stderr

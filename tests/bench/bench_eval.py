@@ -183,6 +183,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.cuda and not torch.cuda.is_available():
         raise SystemExit("--cuda: no CUDA GPU here")
+    if not (args.released / "measure.py").is_file():  # said now, not after srspace's timed run
+        raise SystemExit(
+            f"bench_eval.py: error: --released {args.released}: no measure.py in it; give a "
+            "checkout of andreas128/NTIRE21_Learning_SR_Space"
+        )
     ps_dir = args.lpips_code or args.released / "PerceptualSimilarity"
     if not (ps_dir / "lpips" / "lpips.py").is_file():
         raise SystemExit(f"--lpips-code {ps_dir}: no lpips/lpips.py (PerceptualSimilarity)")

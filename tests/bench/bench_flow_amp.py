@@ -36,10 +36,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # check_official_parity.code_dir
 
+from check_official_parity import REPOS, checkout_error  # noqa: E402
+
 import sr_train  # noqa: E402
 from sr_lib.config import cpu_has_native  # noqa: E402
+from sr_lib.errors import UsageError, exit_on_error  # noqa: E402
 from sr_lib.models import build_model  # noqa: E402
 
+OFFICIAL_CONF = "confs/SRFlow_DF2K_4X.yml"
 SMALL = ["--nb", "4", "--nf", "32", "--gc", "16", "--rrdb-blocks", "0,1,2,3", "--flow-steps", "4",
          "--hidden-channels", "32"]  # fmt: skip
 
@@ -84,7 +88,7 @@ def count_released(a) -> dict:
     from check_official_parity import released_flow
 
     torch.manual_seed(0)
-    net = released_flow(a.official, "confs/SRFlow_DF2K_4X.yml")[0].train()
+    net = released_flow(a.official, OFFICIAL_CONF)[0].train()
     hr = torch.rand(2, 3, 80, 80)
     lr = torch.nn.functional.avg_pool2d(hr, 4)
     with torch.no_grad():
@@ -168,6 +172,9 @@ def main():
         help="ops: also count the released SRFlow's step (a checkout of andreas128/SRFlow)",
     )
     a = p.parse_args()
+    why = a.official and checkout_error("--official", a.official, REPOS["srflow"], [OFFICIAL_CONF])
+    if why:  # before the minutes of counting, not a traceback after them
+        raise UsageError(why)
     result = {"bench": "flow_amp", "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpu_native_bf16": cpu_has_native("bf16"),
               "loadavg_start": os.getloadavg()}  # fmt: skip
@@ -182,4 +189,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_error(Path(__file__).name):
+        main()

@@ -64,6 +64,7 @@ sys.path.insert(0, str(ROOT))
 import sr_eval  # noqa: E402
 import sr_train  # noqa: E402
 from sr_lib import distributed  # noqa: E402
+from sr_lib.errors import UsageError, exit_on_error  # noqa: E402
 from sr_lib.models import MODELS, build_model  # noqa: E402
 from sr_lib.models.base import NoiseSource  # noqa: E402
 
@@ -579,6 +580,17 @@ def main(argv=None) -> int:
                    help="training variants measured")  # fmt: skip
     p.add_argument("--out", default="", help="also write the JSON here, after every measurement")
     a = p.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from check_official_parity import REPOS, checkout_error
+
+    confs = ["confs/SRFlow_DF2K_4X.yml"]  # the scale measure_official builds
+    why = (
+        a.official
+        and "official" in a.sections
+        and checkout_error("--official", a.official, REPOS["srflow"], confs)
+    )
+    if why:  # now, not as an error entry after the training measurements
+        raise UsageError(why)
     if a.quick:
         a.reps = 1
     torch.backends.cuda.matmul.allow_tf32 = a.tf32
@@ -623,4 +635,5 @@ def run_plan(b: Bench) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with exit_on_error(Path(__file__).name):
+        raise SystemExit(main())

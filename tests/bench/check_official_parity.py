@@ -53,6 +53,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # run from anywhere without install
+from sr_lib.errors import UsageError, exit_on_error  # noqa: E402
 
 # case -> (which checkout, released config, srspace model); the variant is read off the file.
 CASES = {
@@ -78,6 +80,21 @@ def code_dir(path: str) -> str:
     """A checkout or its code/ folder."""
     p = Path(path).resolve()
     return str(p / "code" if (p / "code" / "models").is_dir() else p)
+
+
+REPOS = {"srflow": "andreas128/SRFlow", "da": "yhjo09/SRFlow-DA", "ncsr": "younggeun-kim/NCSR"}
+
+
+def checkout_error(flag: str, path: str, repo: str, confs: list[str]) -> str:
+    """Why `path`, given to `flag`, is not a checkout of `repo` holding `confs` ("" if it is): said
+    in one line before anything runs, not as a traceback of the released code's imports later."""
+    if not Path(path).is_dir():
+        return f"{flag} {path}: no such folder; give a checkout of {repo}"
+    cdir = Path(code_dir(path))
+    for need in ("options/options.py", "models/networks.py", *confs):
+        if not (cdir / need).is_file():
+            return f"{flag} {path}: not a checkout of {repo} (no {need} in it or its code/)"
+    return ""
 
 
 def released_flow(path: str, conf: str, gpu: bool = False):
@@ -372,6 +389,11 @@ def main(argv=None) -> int:
     missing = sorted({CASES[c][0] for c in cases if not paths[CASES[c][0]]})
     if missing:
         ap.error(f"cases need --{' --'.join(missing)}")
+    for repo in sorted({CASES[c][0] for c in cases}):
+        confs = [CASES[c][1] for c in cases if CASES[c][0] == repo]
+        why = checkout_error(f"--{repo}", paths[repo], REPOS[repo], confs)
+        if why:
+            raise UsageError(why)
     results = []
     for case in cases:
         t0 = time.time()
@@ -405,4 +427,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with exit_on_error(Path(__file__).name):
+        sys.exit(main())
