@@ -89,3 +89,17 @@ def test_a_missing_folder_or_one_that_is_not_the_checkout_is_one_line_before_any
         assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"{script}: error: ")
         assert str(folder) in done.stderr
         assert repo in done.stderr or "no measure.py" in done.stderr
+
+
+@pytest.mark.parametrize("script", ["bench_sample_amp.py", "bench_tiling.py"])
+def test_a_missing_checkpoint_is_one_line_before_any_model_runs(tmp_path, script):
+    good = tmp_path / "edsr.pt"
+    cfg = {**TINY["edsr"], "scale": 4}
+    save_checkpoint(good, {"model": "edsr", "model_cfg": cfg, "step": 0,
+                           "state_dict": build_model("edsr", cfg).state_dict()})  # fmt: skip
+    missing = tmp_path / "run" / "last.pt"  # after a good one: read before that one is measured
+    flags = ["--models", "edsr"] if script == "bench_tiling.py" else []
+    cmd = [sys.executable, str(BENCH / script), *flags, "--ckpt", str(good), str(missing)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 6 and done.stdout == ""
+    assert done.stderr.startswith(f"{script}: error: {missing}") and done.stderr.count("\n") == 1

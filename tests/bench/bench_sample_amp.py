@@ -28,6 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere without install
 import sr_sample  # noqa: E402
 from sr_lib.data import load_pairs, read_image  # noqa: E402
+from sr_lib.errors import exit_on_error  # noqa: E402
 from sr_lib.metrics import evaluate_image  # noqa: E402
 from sr_lib.models import MODELS, read_checkpoint  # noqa: E402
 
@@ -73,9 +74,10 @@ def main() -> None:
         "load_average": os.getloadavg(),
         "models": {},
     }
+    # every checkpoint read first: a missing or bad last one is said now, not after the others ran
+    checkpoints = {ckpt: read_checkpoint(ckpt) for ckpt in args.ckpt}
     with tempfile.TemporaryDirectory() as tmp:
-        for k, ckpt in enumerate(args.ckpt):
-            ck = read_checkpoint(ckpt)
+        for k, (ckpt, ck) in enumerate(checkpoints.items()):
             scale = int(ck["model_cfg"]["scale"])
             row = {"checkpoint": ckpt, "step": ck.get("step"), "scale": scale}
             arrays = {}
@@ -99,4 +101,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_error(Path(__file__).name):
+        main()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere without install
 from sr_lib.data import to_uint8  # noqa: E402
+from sr_lib.errors import exit_on_error  # noqa: E402
 from sr_lib.models import MODELS, build_model, load_model  # noqa: E402
 from sr_lib.models.base import NoiseSource, pad_to_multiple  # noqa: E402
 from sr_lib.tiling import draw, prepare  # noqa: E402
@@ -94,18 +95,20 @@ def main() -> None:
     result = {"lr_size": args.lr_size, "tile": args.tile, "n": args.n, "scale": args.scale,
               "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
               "models": {}}  # fmt: skip
+    # the checkpoints loaded first: a missing or bad one is said now, not after the random models
+    trained = {ckpt: load_model(ckpt) for ckpt in args.ckpt}
     lr = smooth_image(args.lr_size)
     for name in args.models:
         model = random_model(name, args.scale)
         result["models"][f"{name} (random weights)"] = measure(model, lr, args.tile,
                                                                args.contexts, args.n)  # fmt: skip
         print(json.dumps(result["models"]), file=sys.stderr, flush=True)
-    for ckpt in args.ckpt:
-        model, ck = load_model(ckpt)
+    for ckpt, (model, ck) in trained.items():
         result["models"][f"{ck['model']} ({ckpt})"] = measure(model, lr, args.tile,
                                                                args.contexts, args.n)  # fmt: skip
     print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_error(Path(__file__).name):
+        main()
