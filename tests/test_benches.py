@@ -10,6 +10,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import pytest
+import torch
 from conftest import TINY
 
 from sr_lib.checkpoint import save_checkpoint
@@ -29,6 +30,7 @@ def test_bench_tiling_finds_seams_without_context_and_none_with_the_halo():
     r = bench("bench_tiling.py", "--models", "edsr", "vspsr", "--lr-size", 24, "--tile", 16,
               "--contexts", "halo", "0", "--n", 1)  # fmt: skip
     assert set(r["models"]) == {"edsr (random weights)", "vspsr (random weights)"}
+    assert r["torch"] == torch.__version__ and r["cpu"]  # what the numbers were measured on
     for row in r["models"].values():
         halo, none = (row["contexts"][k] for k in (f"halo ({row['tile_halo']} px)", "0 (0 px)"))
         assert halo["max_difference_255"] == 0 and halo["share_of_values_differing"] == 0
@@ -51,6 +53,7 @@ def test_bench_sample_amp_compares_each_precision_and_skips_refused_ones(tmp_pat
     r = bench("bench_sample_amp.py", "--ckpt", *paths, "--n", 2, "--amp", "bf16", "fp16",
               "--input", hr, cwd=tmp_path)  # fmt: skip
     assert r["input"] == str(hr)
+    assert r["torch"] == torch.__version__ and r["cpu"] and r["torch_threads"] >= 1
     edsr, srflow = (r["models"][f"{name} ({p})"] for name, p in zip(("edsr", "srflow"), paths))
     for row, amps in ((edsr, ("bf16", "fp16")), (srflow, ("bf16",))):
         assert row["none"]["PSNR"] > 0 and row["none"]["seconds"] > 0

@@ -38,6 +38,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run from anywhere without install
+from machine import machine  # noqa: E402  (this folder)
+
 import sr_train  # noqa: E402
 from sr_lib import metrics  # noqa: E402
 from sr_lib.data import load_pairs, to_tensor, to_uint8  # noqa: E402
@@ -149,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
         last = evaluate(out / "last.pt", pairs, args.n, lpips)
 
     result = {
+        **machine(),
         "benchmark": "srflow learning check, demo data, x4",
         "model_flags": " ".join(MODEL_FLAGS),
         "rrdb_pretraining_minutes": args.rrdb_minutes,

@@ -48,6 +48,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from machine import machine  # noqa: E402  (this folder)
+
 import sr_train  # noqa: E402
 from sr_lib.config import cpu_has_native  # noqa: E402
 from sr_lib.data import load_pairs, to_uint8  # noqa: E402
@@ -200,7 +202,8 @@ def main():
     )
     a = p.parse_args()
     pairs = load_pairs("demo", a.scale)
-    result = {"bench": "learning", "scale": a.scale, "budget_s": a.budget, "batch": a.batch,
+    result = {**machine(),
+              "bench": "learning", "scale": a.scale, "budget_s": a.budget, "batch": a.batch,
               "patch": a.patch, "learning_rate": a.learning_rate, "le_aux_target": a.le_aux_target,
               "le_sigma_final_fraction": a.le_sigma_final_fraction,
               "le_sigma_feats": a.le_sigma_feats, "le_sigma_ema": a.le_sigma_ema, "amp": a.amp,

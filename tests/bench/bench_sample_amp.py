@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere without install
+from machine import machine  # noqa: E402  (this folder)
+
 import sr_sample  # noqa: E402
 from sr_lib.data import load_pairs, read_image  # noqa: E402
 from sr_lib.errors import exit_on_error  # noqa: E402
@@ -68,6 +70,7 @@ def main() -> None:
     parser.add_argument("--input", default="demo", help="HR folder (default: the demo val set)")
     args = parser.parse_args()
     result = {
+        **machine(),
         "input": args.input,
         "n": args.n,
         "device": args.device,

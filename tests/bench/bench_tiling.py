@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere without install
+from machine import machine  # noqa: E402  (this folder)
+
 from sr_lib.data import to_uint8  # noqa: E402
 from sr_lib.errors import exit_on_error  # noqa: E402
 from sr_lib.models import MODELS, build_model, load_model  # noqa: E402
@@ -92,8 +94,9 @@ def main() -> None:
     parser.add_argument("--contexts", nargs="+", default=["halo", "32", "16", "8", "0"])
     parser.add_argument("--n", type=int, default=2)
     args = parser.parse_args()
-    result = {"lr_size": args.lr_size, "tile": args.tile, "n": args.n, "scale": args.scale,
-              "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+    result = {**machine(),
+              "lr_size": args.lr_size, "tile": args.tile, "n": args.n, "scale": args.scale,
+              "load_average": os.getloadavg(),
               "models": {}}  # fmt: skip
     # the checkpoints loaded first: a missing or bad one is said now, not after the random models
     trained = {ckpt: load_model(ckpt) for ckpt in args.ckpt}

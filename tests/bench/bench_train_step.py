@@ -23,6 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from machine import machine  # noqa: E402  (this folder)
+
 from sr_lib.models import MODELS  # noqa: E402
 
 
@@ -71,7 +73,8 @@ def main():
             for _ in range(3):
                 steps[c]()
             times[c].append((time.perf_counter() - t0) / 3)
-    result = {"bench": "train_step", "model": a.model, "scale": a.scale, "batch": a.batch,
+    result = {**machine(),
+              "bench": "train_step", "model": a.model, "scale": a.scale, "batch": a.batch,
               "patch": a.patch, "threads": torch.get_num_threads(),
               "loadavg_start": load0}  # fmt: skip
     for loss, cl in configs:

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere without install
+from machine import machine  # noqa: E402  (this folder)
+
 import sr_train  # noqa: E402
 from sr_lib import metrics  # noqa: E402
 from sr_lib.data import load_pairs, to_tensor, to_uint8  # noqa: E402
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     folder = Path(args.out or tmp.name)
     lpips_metric = random_lpips()
     result = {
+        **machine(),
         "what": "RefVAE / VarSR x4 small configs on the demo data (not a benchmark); random-weight "
         "VGG encoder (RefVAE), no perceptual terms; LPIPS and diversity use random-weight LPIPS, "
         "not real LPIPS",

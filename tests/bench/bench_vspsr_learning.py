@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere without install
+from machine import machine  # noqa: E402  (this folder)
+
 import sr_train  # noqa: E402
 from sr_lib import metrics  # noqa: E402
 from sr_lib.data import load_pairs, to_tensor, to_uint8  # noqa: E402
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     last = [r for r in log if "loss" in r][-1]
     psnr_mean, psnr_bic = res["mean_sample_cem/PSNR_mean"], res["bicubic/PSNR_mean"]
     result = {
+        **machine(),
         "what": "VSpSR x4 small config on the demo data (not a benchmark); LPIPS and diversity "
         "use random-weight LPIPS, not real LPIPS",
         "train_argv": train_argv,
