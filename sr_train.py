@@ -47,6 +47,7 @@ from sr_lib.config import (
 )
 from sr_lib.data import (
     PatchPairs,
+    StopRequested,
     WorkersHung,
     available_cores,
     check_out_dir,
@@ -311,9 +312,14 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     val_pairs = validation_pairs(args, dd, say, dataset)
     # Every rank takes part in saving best.pt (its RNG state is gathered): all must know when.
     val_every = args.val_every if distributed.agree(bool(val_pairs), dd, all_ranks=False) else 0
+
+    def stopping():  # the run's stop request, read by the loader while it waits for a batch
+        return stop["signal"]
+
     # Created before the RNG state is restored: making the iterator draws from the torch RNG.
     # On CUDA: from pinned memory, copied without blocking, converted on the device.
-    loader = train_loader(dataset, start, steps, args.workers, device.type == "cuda", device)
+    loader = train_loader(dataset, start, steps, args.workers, device.type == "cuda", device,
+                          stopping)  # fmt: skip
     with signals_held():  # a signal's Preempted waits until the workers have started
         batches = iter(loader) if steps > start else None
     if dd.rank:  # model-internal noise (dequantisation, latents) differs per rank, like the data
@@ -363,6 +369,14 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
                 ) from None
             stopped, hung = "workers hung", e
             break
+        except StopRequested as e:  # a signal while the loader gave no batch (a hung worker?)
+            if dd.on:  # as hung: the other ranks may wait in a collective (no save)
+                raise Resumable(
+                    f"step {step + 1}: stopped by {e} while waiting for its batch; "
+                    f"{last_save(dd, saved, out / 'last.pt', before)}"
+                ) from None
+            stopped = stop["signal"]  # as after the step: save the steps done, exit 75
+            break
         except (DataError, OutputError) as e:  # an image and its --cache file deleted mid-run
             if dd.on or step == start:  # (the other ranks wait in a collective: no save; no
                 raise  # step done: nothing to save, e.g. an empty --ref-data found at step 1)
@@ -382,7 +396,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         if tripped >= 0:  # --max-bad-steps consecutive non-finite steps: stop, or roll back
             step, batches = roll_back(tripped, args, out, steps, model, optimizers, scaler, dd,
                                       dataset, meta, run_log, progress, ema, device,
-                                      before)  # fmt: skip
+                                      before, stopping)  # fmt: skip
             recipe, t0, logged = scaled_rates(recipe, 0.5), time.monotonic(), step
             bad_steps.reset()
             if graph is not None:
@@ -420,7 +434,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     if tripped >= 0:  # a signal or the time budget came right after the streak
         step, batches = roll_back(tripped, args, out, steps, model, optimizers, scaler, dd,
                                   dataset, meta, run_log, progress, ema, device,
-                                  before)  # fmt: skip
+                                  before, stopping)  # fmt: skip
     # A finished run resumed again keeps last.pt as it is. Out of memory, the failed step has
     # moved the random generators on: a last.pt of this very step stays as it was saved.
     oom = stopped == "out of memory"
@@ -1482,7 +1496,7 @@ class BadSteps:
 
 def roll_back(tripped: int, args, out: Path, steps: int, model, optimizers: dict, scaler, dd,
               dataset, meta: dict, run_log, progress, ema, device,
-              before: str) -> tuple:  # fmt: skip
+              before: str, stopping=None) -> tuple:  # fmt: skip
     """--max-bad-steps consecutive non-finite steps ended at step `tripped`. --on-nan rollback
     (while under --max-rollbacks and a last.pt exists): reload last.pt as a resume would, count
     the rollback in `meta` (saved with every checkpoint; the caller halves the learning rates,
@@ -1500,7 +1514,8 @@ def roll_back(tripped: int, args, out: Path, steps: int, model, optimizers: dict
         raise NonFiniteError(f"{what}{' ' + why if why else ''}; stopped without saving; {held}")
     ck = read_checkpoint(path)
     # As at a resume: the loader is made before the RNG states are restored (it draws from them).
-    loader = train_loader(dataset, ck["step"], steps, args.workers, device.type == "cuda", device)
+    loader = train_loader(dataset, ck["step"], steps, args.workers, device.type == "cuda", device,
+                          stopping)  # fmt: skip
     batches = iter(loader)
     restore(ck, path, model, optimizers, scaler, dd)
     if ema is not None:

@@ -20,6 +20,7 @@ import signal
 import struct
 import tempfile
 import threading
+import time
 import uuid
 import warnings
 import weakref
@@ -1085,9 +1086,11 @@ class _Uint8Steps(Dataset):
 class _FloatLoader(DataLoader):
     """A DataLoader of uint8 batches that yields float32 in [0, 1], converted on `device`."""
 
-    def __init__(self, *args, device=None, **kwargs):
+    def __init__(self, *args, device=None, hung_after=0.0, stop_request=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.device = device
+        self.hung_after = hung_after  # no batch for this long (s): the workers hung
+        self.stop_request = stop_request  # the run's stop request (a signal's name) or None
         self._stop = None  # stops the workers once: by close(), or when the loader is freed
 
     def __iter__(self):
@@ -1107,19 +1110,9 @@ class _FloatLoader(DataLoader):
     def _floats(self, batches):
         while True:
             try:
-                batch = next(batches)
+                batch = self._next(batches)
             except StopIteration:
                 return
-            except RuntimeError as e:  # (torch's own, for `timeout`)
-                if not str(e).startswith("DataLoader timed out"):
-                    raise
-                _kill_workers(batches)  # nothing to wait for: torch's stop would take 10 s each
-                self.close()
-                raise WorkersHung(
-                    f"the data loader's workers gave no batch for {self.timeout:g} s (a worker "
-                    "hung: on Python before 3.12 a worker can hang at its start, CPython "
-                    "gh-112275)"
-                ) from None
             if isinstance(batch, SRSpaceError):  # in the worker (_Uint8Steps)
                 raise batch
             lr, hr = batch
@@ -1127,6 +1120,32 @@ class _FloatLoader(DataLoader):
                 lr = lr.to(self.device, non_blocking=self.pin_memory)
                 hr = hr.to(self.device, non_blocking=self.pin_memory)
             yield _as_float(lr), _as_float(hr)
+
+    def _next(self, batches):
+        """The next batch, waited for in slices of torch's `timeout` (LOADER_SLICE): at the end
+        of each, a stop request or torch's dead pin-memory thread ends the wait, and no batch for
+        `hung_after` in all takes the workers for hung. (torch waits for the whole `timeout` in
+        one call, and checks its pin-memory thread only without one.)"""
+        start = time.monotonic()
+        while True:
+            try:
+                return next(batches)
+            except RuntimeError as e:  # (torch's own, for `timeout`)
+                if not str(e).startswith("DataLoader timed out"):
+                    raise
+            why = self.stop_request() if self.stop_request is not None else None
+            if why or time.monotonic() - start >= self.hung_after:
+                _kill_workers(batches)  # nothing to wait for: torch's stop would take 10 s each
+                self.close()
+                if why:
+                    raise StopRequested(why)
+                raise WorkersHung(
+                    f"the data loader's workers gave no batch for {self.hung_after:g} s (a worker "
+                    "hung: on Python before 3.12 a worker can hang at its start, CPython "
+                    "gh-112275)"
+                )
+            if batches._pin_memory and not batches._pin_memory_thread.is_alive():
+                raise RuntimeError("Pin memory thread exited unexpectedly")  # torch's own check
 
 
 _LIVE_LOADERS: "weakref.WeakSet[_FloatLoader]" = weakref.WeakSet()
@@ -1137,8 +1156,18 @@ _LIVE_LOADERS: "weakref.WeakSet[_FloatLoader]" = weakref.WeakSet()
 # run waited for its first batch until the job's time limit. A batch takes milliseconds: the
 # images are decoded (or cached) before the workers start, which then take seconds; the longest
 # legitimate wait, a batch whose purged --cache files are made again from their images, takes
-# seconds a file. (A signal during the wait is handled: it stops the run after the batch.)
+# seconds a file.
 LOADER_TIMEOUT = 600.0
+# The wait for a batch is made of slices this long (torch's `timeout`), after each of which the
+# run's stop request is looked at: SLURM's SIGTERM during a hang stops the run (the steps done
+# saved) within seconds, well before its SIGKILL (30 s after by default), not after
+# LOADER_TIMEOUT. A batch that comes within a slice is taken at once.
+LOADER_SLICE = 2.0
+
+
+class StopRequested(Exception):
+    """The run's stop request (a signal: the message is its name), seen while the training
+    loader's workers gave no batch (they are stopped): the loop stops as after the step."""
 
 
 class WorkersHung(Resumable):
@@ -1203,9 +1232,12 @@ def train_loader(
     workers: int = 2,
     pin_memory: bool = False,
     device: str | torch.device | None = None,
+    stop_request=None,
 ) -> DataLoader:
     """Yields `dataset[step]` for step = start_step .. total_steps - 1, in order, identical for any
-    number of `workers`; on `device` if given, else CPU. It leaves the global torch RNG alone."""
+    number of `workers`; on `device` if given, else CPU. It leaves the global torch RNG alone.
+    While it waits for a batch, `stop_request()` (the run's stop request, or None) that is set
+    raises StopRequested, and no batch for LOADER_TIMEOUT raises WorkersHung."""
     more = dict(persistent_workers=True, prefetch_factor=4) if workers > 0 else {}
     return _FloatLoader(
         _Uint8Steps(dataset),
@@ -1215,7 +1247,9 @@ def train_loader(
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(0),  # the workers' base seed (unused by us)
         worker_init_fn=_worker_init if workers > 0 else None,
-        timeout=LOADER_TIMEOUT if workers > 0 else 0,  # (read here: tests set it lower)
+        timeout=min(LOADER_SLICE, LOADER_TIMEOUT) if workers > 0 else 0,  # (_next)
         device=device,
+        hung_after=LOADER_TIMEOUT,  # (read here: tests set it lower)
+        stop_request=stop_request,
         **more,
     )

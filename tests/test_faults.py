@@ -1,5 +1,6 @@
 """Faults: kill -9 at random moments (also while saving), and unusable or hostile checkpoints."""
 
+import contextlib
 import errno
 import json
 import multiprocessing
@@ -642,3 +643,53 @@ def test_a_hung_loader_worker_saves_and_exits_75_in_one_line(
     monkeypatch.undo()
     assert sr_train.main([*argv, "--resume", "auto"]) == 0
     assert load_checkpoint(out / "last.pt")["step"] == 6
+
+
+def test_a_signal_during_a_loader_hang_saves_and_exits_75_within_seconds(tmp_path, images):
+    """SLURM's SIGTERM to the job's process group while a loader worker hangs: the wait for the
+    batch was one call of LOADER_TIMEOUT (10 min), which the signal did not end, so SLURM's
+    SIGKILL (30 s later) lost the steps done. The wait is now made of short slices that look at
+    the stop request: last.pt with the steps done, the usual line, exit 75, within seconds."""
+    pid_file, out = tmp_path / "worker.pid", tmp_path / "run"
+    argv = [*cmd(out, images, 8)[2:], "--workers", "1", "--save-every", "100"]
+    script = f"""
+import os, sys, time
+sys.path.insert(0, {str(REPO)!r})
+import sr_lib.data, sr_train
+sr_lib.data.LOADER_TIMEOUT = 60.0
+real_crops = sr_lib.data.PatchPairs.crops
+def crops(self, step):  # in the forked worker: hangs at step 4's batch
+    if step >= 3:
+        open({str(pid_file)!r}, "w").write(str(os.getpid()))
+        time.sleep(3600)
+    return real_crops(self, step)
+sr_lib.data.PatchPairs.crops = crops
+sys.exit(sr_train.main({argv!r}))
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + 120  # step 3 done, the worker in its hang: step 4 waits
+        while not (pid_file.exists() and last_logged_step(out / "log.jsonl") >= 3):
+            assert p.poll() is None and time.time() < deadline, p.communicate()
+            time.sleep(0.01)
+        os.killpg(p.pid, signal.SIGTERM)
+        t0 = time.monotonic()
+        stdout, err = p.communicate(timeout=20)  # the old code waited out the 60 s
+        took = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        if pid_file.exists() and pid_file.read_text():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    assert p.returncode == 75 and err == "", err
+    assert stdout.strip().endswith(
+        f"SIGTERM: stopped at step 3, wrote {out}/last.pt; continue with --resume auto"
+    ), stdout
+    assert took < 10, took
+    assert load_checkpoint(out / "last.pt")["step"] == 3
+    with pytest.raises(ProcessLookupError):  # the hung worker killed (and reaped)
+        os.kill(int(pid_file.read_text()), 0)
