@@ -316,6 +316,11 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     def stopping():  # the run's stop request, read by the loader while it waits for a batch
         return stop["signal"]
 
+    # Several processes: a rank that stopped on its own while waiting (a slow batch, not a hung
+    # worker) would leave the others in a collective and their steps since the last save lost;
+    # it waits for its batch and stops with the others after the step (a hang: LOADER_TIMEOUT).
+    stopping = None if dd.on else stopping
+
     # Created before the RNG state is restored: making the iterator draws from the torch RNG.
     # On CUDA: from pinned memory, copied without blocking, converted on the device.
     loader = train_loader(dataset, start, steps, args.workers, device.type == "cuda", device,
@@ -369,12 +374,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
                 ) from None
             stopped, hung = "workers hung", e
             break
-        except StopRequested as e:  # a signal while the loader gave no batch (a hung worker?)
-            if dd.on:  # as hung: the other ranks may wait in a collective (no save)
-                raise Resumable(
-                    f"step {step + 1}: stopped by {e} while waiting for its batch; "
-                    f"{last_save(dd, saved, out / 'last.pt', before)}"
-                ) from None
+        except StopRequested:  # (one process) a signal while the loader gave no batch
             stopped = stop["signal"]  # as after the step: save the steps done, exit 75
             break
         except (DataError, OutputError) as e:  # an image and its --cache file deleted mid-run
