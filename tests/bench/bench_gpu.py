@@ -64,6 +64,7 @@ sys.path.insert(0, str(ROOT))
 import sr_eval  # noqa: E402
 import sr_train  # noqa: E402
 from sr_lib import distributed  # noqa: E402
+from sr_lib.data import write_text  # noqa: E402
 from sr_lib.errors import UsageError, exit_on_error  # noqa: E402
 from sr_lib.models import MODELS, build_model  # noqa: E402
 from sr_lib.models.base import NoiseSource  # noqa: E402
@@ -121,8 +122,8 @@ class Bench:
             node = node.setdefault(p, {})
         node[key] = value
         self.result["wall_s"] = round(time.perf_counter() - self.t0, 1)
-        if self.a.out:
-            Path(self.a.out).write_text(json.dumps(self.result, indent=1))
+        if self.a.out:  # atomically: the run's time limit may kill it mid-write (all lost)
+            write_text(self.a.out, json.dumps(self.result, indent=1))
 
     def sync(self) -> None:
         if self.cuda:
