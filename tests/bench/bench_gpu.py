@@ -565,7 +565,7 @@ def plan(b: Bench) -> list[tuple[str, str, object]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--device", default="cuda")
     p.add_argument("--official", default="", help="checkout of andreas128/SRFlow (or its code/)")
     p.add_argument("--quick", action="store_true", help="tiny models and sizes: a smoke test")
