@@ -847,7 +847,11 @@ class RunLog:
     def write(self, record: dict) -> None:
         if self.lost:
             return
-        line = (json.dumps(record) + "\n").encode()
+        # Strict JSON: json.dumps writes NaN and Infinity as bare tokens that JSON.parse, Go and
+        # serde_json refuse; a skipped step's NaN loss is the string "nan" ("inf", "-inf").
+        strict = {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
+                  for k, v in record.items()}  # fmt: skip
+        line = (json.dumps(strict, allow_nan=False) + "\n").encode()
         end = os.fstat(self.file.fileno()).st_size  # where the last whole record ends
         try:
             done = 0

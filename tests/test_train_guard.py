@@ -293,6 +293,28 @@ def test_a_skipped_step_changes_nothing_discriminator_and_buffers_included(
             assert float(sb[i]["step"]) == 1
 
 
+def test_a_non_finite_loss_is_logged_as_strict_json(tmp_path, images, flaky_models):
+    """The NaN loss of a skipped step is written as the string "nan": json.dumps wrote the bare
+    token NaN, which strict JSON readers (JavaScript's JSON.parse, Go, serde_json) refuse, so
+    the log of the very run a user inspects for non-finite steps could not be read there.
+    TensorBoard still gets the number."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    argv = ["--steps", "3", "--nan-steps", "1", "--tensorboard"]
+    assert run(tmp_path, images, *EDSR_TINY, *argv) == 0
+
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    rows = [json.loads(line, parse_constant=refuse) for line in lines]
+    assert [(r["step"], r["skipped"], r["loss"]) for r in rows][1] == (2, 1, "nan")
+    assert all(isinstance(r["loss"], float) for r in rows if r["step"] != 2)
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [np.isnan(e.value) for e in events.Scalars("loss")] == [False, True, False]
+
+
 def test_max_bad_steps_is_checked_at_log_and_save_steps(tmp_path, images, flaky_models, capsys):
     """A streak found at the next log step after it ended still stops the run with the step where
     it reached --max-bad-steps; no checkpoint is written inside the streak."""
