@@ -711,9 +711,10 @@ def thread_count(current: int, env, cores: int) -> int:
 @contextlib.contextmanager
 def open_run_folder(out: Path, tensorboard: bool, dd, resumed_step: int | None = None):
     """Rank 0: the run folder, proved writable (exit 7) and locked for this run (exit 2 while
-    another run holds it), temp files of a process killed while saving removed, a resumed run's
-    log cut back to its checkpoint's step (`trim_log`); yields its RunLog (None on the other
-    ranks). Every rank learns whether rank 0 succeeded, so none is left waiting for it."""
+    another run holds it), temp files of a process killed while saving removed, the log cut
+    back to the checkpoint's step (`trim_log`; a new run's to nothing); yields its RunLog
+    (None on the other ranks). Every rank learns whether rank 0 succeeded, so none is left
+    waiting for it."""
     error, lock, run_log = None, None, None
     try:
         if dd.main:
@@ -724,8 +725,9 @@ def open_run_folder(out: Path, tensorboard: bool, dd, resumed_step: int | None =
                                       "saves its checkpoint; move it away")  # fmt: skip
             for stale in out.glob(".*.pt.tmp*"):
                 stale.unlink(missing_ok=True)
-            if resumed_step is not None:
-                trim_log(out / "log.jsonl", resumed_step)
+            # A new run (no checkpoint here: resolve_run refused one over them) starts its log
+            # afresh: one killed before its first save left records that this run would repeat.
+            trim_log(out / "log.jsonl", 0 if resumed_step is None else resumed_step)
             run_log = RunLog(out, tensorboard)
     except SRSpaceError as e:
         error = e

@@ -254,6 +254,21 @@ def test_resume_auto_in_a_folder_without_a_checkpoint_says_it_starts_anew(tmp_pa
     assert f"--resume auto: no {tmp_path / 'new' / 'last.pt'} yet; a new run starts" in out
 
 
+def test_a_new_run_after_one_killed_before_its_first_save_logs_each_step_once(tmp_path, images,
+                                                                              toy):  # fmt: skip
+    """A run killed before its first save leaves log.jsonl alone (here: its last.pt removed,
+    a half-written line left); the requeued job's --resume auto starts a new run, which appended
+    to that log: steps 1, 2, 3, 1, 2, 3, 4, two runs' numbers under the same steps."""
+    flags = ["--model", "toy", "--noisy", "--resume", "auto"]
+    assert run(tmp_path, images, *flags, "--steps", "3") == 0
+    (tmp_path / "last.pt").unlink()
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    assert run(tmp_path, images, *flags, "--steps", "4") == 0
+    log = [json.loads(x) for x in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+
+
 def test_nan_validation_samples_are_named_not_scored_silently(tmp_path, images, toy, monkeypatch,
                                                              capsys):  # fmt: skip
     """A model whose samples hold NaN at validation (weights fine): training goes on, validation
