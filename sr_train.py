@@ -727,8 +727,9 @@ def open_run_folder(out: Path, tensorboard: bool, dd, resumed_step: int | None =
                 stale.unlink(missing_ok=True)
             # A new run (no checkpoint here: resolve_run refused one over them) starts its log
             # afresh: one killed before its first save left records that this run would repeat.
-            trim_log(out / "log.jsonl", 0 if resumed_step is None else resumed_step)
-            run_log = RunLog(out, tensorboard)
+            start = 0 if resumed_step is None else resumed_step
+            trim_log(out / "log.jsonl", start)
+            run_log = RunLog(out, tensorboard, start)
     except SRSpaceError as e:
         error = e
     try:
@@ -830,7 +831,7 @@ class RunLog:
     to the end of the record before it. Then `lost` says why, later records are dropped, and
     the run stops as on SIGTERM (`stop`, set by `train`): it saves last.pt, then exits 7."""
 
-    def __init__(self, out: Path, tensorboard: bool):
+    def __init__(self, out: Path, tensorboard: bool, start: int = 0):
         self.tb, self.lost, self.stop = None, "", {}
         if tensorboard:
             try:
@@ -842,7 +843,10 @@ class RunLog:
             if shown != str(out):  # TensorBoard encodes its folder's name strictly
                 raise UsageError(f"--tensorboard: TensorBoard cannot write to {shown} (a folder "
                                  "name that is not UTF-8); give another --out")  # fmt: skip
-            self.tb = SummaryWriter(str(out / "tb"))
+            # TensorBoard hides what an earlier process logged for steps after `start` (a run
+            # killed after its last save, one that saved none), as trim_log cuts log.jsonl: it
+            # would show two values at each of those steps.
+            self.tb = SummaryWriter(str(out / "tb"), purge_step=start + 1)
         self.path = out / "log.jsonl"
         self.file = open(self.path, "ab", buffering=0)  # each record one write(): no buffer
 

@@ -160,6 +160,28 @@ def test_tensorboard_holds_every_logged_number_and_the_validation_strips(tmp_pat
     ]
 
 
+def test_tensorboard_of_a_resumed_run_holds_each_step_once(tmp_path, images):
+    """A run killed after its last save (here: last.pt put back to step 2 after step 4) has
+    logged steps 3 and 4, which the resumed run logs again: log.jsonl is cut back at the resume,
+    and TensorBoard showed both runs' values at those steps (its files were left as they were)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    argv = [*TINY_EDSR, "--data", str(images), "--milestones", "--log-every", "1",
+            "--tensorboard", "--out", str(out)]  # fmt: skip
+    assert sr_train.main([*argv, "--steps", "2"]) == 0
+    shutil.copy(out / "last.pt", tmp_path / "step2.pt")
+    assert sr_train.main([*argv, "--steps", "4", "--resume", "auto"]) == 0
+    shutil.copy(tmp_path / "step2.pt", out / "last.pt")  # killed after step 4, saved at 2
+    assert sr_train.main([*argv, "--steps", "4", "--resume", "auto"]) == 0
+    logged = [(r["step"], r["loss"]) for r in map(json.loads, open(out / "log.jsonl"))]
+    events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    shown = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert [s for s, _ in shown] == [s for s, _ in logged] == [1, 2, 3, 4]
+    assert np.allclose([v for _, v in shown], [v for _, v in logged], rtol=1e-6)
+
+
 def test_thread_count():
     count = sr_train.thread_count  # (torch's current count, environment, cores)
     assert count(64, {}, 8) == 8  # the cores this process may use
