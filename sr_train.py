@@ -312,15 +312,11 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     val_pairs = validation_pairs(args, dd, say, dataset)
     # Every rank takes part in saving best.pt (its RNG state is gathered): all must know when.
     val_every = args.val_every if distributed.agree(bool(val_pairs), dd, all_ranks=False) else 0
-
-    def stopping():  # the run's stop request, read by the loader while it waits for a batch
-        return stop["signal"]
-
-    # Several processes: a rank that stopped on its own while waiting (a slow batch, not a hung
-    # worker) would leave the others in a collective and their steps since the last save lost;
-    # it waits for its batch and stops with the others after the step (a hang: LOADER_TIMEOUT).
-    stopping = None if dd.on else stopping
-
+    # The run's stop request, read by the loader while it waits for a batch. Not with several
+    # processes: a rank that stopped on its own while waiting (a slow batch, not a hung worker)
+    # would leave the others in a collective and their steps since the last save lost; it waits
+    # for its batch and stops with the others after the step (a hang: LOADER_TIMEOUT).
+    stopping = None if dd.on else (lambda: stop["signal"])
     # Created before the RNG state is restored: making the iterator draws from the torch RNG.
     # On CUDA: from pinned memory, copied without blocking, converted on the device.
     loader = train_loader(dataset, start, steps, args.workers, device.type == "cuda", device,

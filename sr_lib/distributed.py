@@ -148,18 +148,18 @@ def agree(flag: bool, d: Dist, all_ranks: bool = True) -> bool:
     to NCCL): asked every step, it must not wait for the GPU's queue of work to drain."""
     if not d.on:
         return flag
-    t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MIN if all_ranks else dist.ReduceOp.MAX, group=d.host_group)
-    return bool(t.item())
+    return bool(_host_reduce(int(flag), dist.ReduceOp.MIN if all_ranks else dist.ReduceOp.MAX, d))
 
 
 def most(value: int, d: Dist) -> int:
     """The largest of the ranks' `value`s, agreed on the host as `agree` is: a choice among
     several outcomes (why the loop stops), where a flag would say only that one happened."""
-    if not d.on:
-        return value
+    return _host_reduce(value, dist.ReduceOp.MAX, d) if d.on else value
+
+
+def _host_reduce(value: int, op, d: Dist) -> int:
     t = torch.tensor([value])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=d.host_group)
+    dist.all_reduce(t, op=op, group=d.host_group)
     return int(t.item())
 
 
