@@ -95,7 +95,7 @@ from PIL import Image, ImageDraw, ImageFont
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from sr_lib import __version__
-from sr_lib.config import amp_emulated, autocast_for, parse, pick_device
+from sr_lib.config import amp_emulated, autocast_for, given_fields, parse, pick_device
 from sr_lib.data import (
     check_out_dir,
     cpu_workers,
@@ -418,12 +418,13 @@ def main(argv=None) -> int:
         try:
             with SIGNALS:
                 replay_stop_signal()  # one that came while this script was importing
-                return sample(parse_args(argv))
+                return sample(*parse_args(argv))
         except Preempted as e:
             raise Stopped(str(e)) from None
 
 
-def parse_args(argv) -> SampleArgs:
+def parse_args(argv) -> tuple[SampleArgs, set[str]]:
+    """The flags, and the names of those typed (`given_fields`: a default typed counts)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     for k, a in enumerate(argv[:-1]):  # argparse reads "-2,-1,0" as a flag: glue it to its flag
         if a == "--latent-steps":
@@ -442,9 +443,12 @@ def parse_args(argv) -> SampleArgs:
     steps = args.latent_steps.split(",")
     if not all(temperature_ok(v) for v in steps if v.strip()) or not any(v.strip() for v in steps):
         raise UsageError(f"--latent-steps {args.latent_steps!r}: give numbers like -2,-1,0,1,2")
-    if args.latent_steps != SampleArgs.latent_steps and not args.latent_shift:
+    given = given_fields(SampleArgs, argv, PROG)
+    if "latent_steps" in given and not args.latent_shift:
         say_err(f"{PROG}: warning: --latent-steps: no effect without --latent-shift; ignored")
-    return args
+    if args.from_hr and args.input == "demo":
+        say_err(f"{PROG}: warning: --from-hr: no effect, --input demo is HR already; ignored")
+    return args, given
 
 
 def temperature_ok(text: str) -> bool:
@@ -459,7 +463,7 @@ def folder_name(temperature: float) -> str:
     return f"T{temperature:g}"
 
 
-def sample(args: SampleArgs) -> int:
+def sample(args: SampleArgs, given: set[str] = frozenset()) -> int:
     paths = input_paths(Path(args.input))
     from_hr = args.from_hr or args.input == "demo"  # the demo images are HR photographs
     device = pick_device(args.device)
@@ -481,6 +485,10 @@ def sample(args: SampleArgs) -> int:
     if args.temperature and not model.stochastic:
         say_err(f"{PROG}: warning: --temperature: no effect, the {ck['model']} model is "
                 "deterministic; ignored")  # fmt: skip
+    if not model.stochastic:  # one output, drawn once and written n times
+        for flag in [f for f in ("seed", "batch") if f in given]:
+            say_err(f"{PROG}: warning: --{flag}: no effect, the {ck['model']} model is "
+                    "deterministic; ignored")  # fmt: skip
     if args.raw_weights and "ema_state_dict" not in ck:
         say_err(f"{PROG}: warning: --raw-weights: no effect, {args.ckpt} keeps no moving average "
                 "of its weights; ignored")  # fmt: skip
