@@ -73,7 +73,7 @@ from rich.table import Table
 
 import sr_lib
 from sr_lib import metrics, report
-from sr_lib.config import parse, pick_device
+from sr_lib.config import given_fields, parse, pick_device
 from sr_lib.data import (
     check_out_dir,
     check_out_file,
@@ -338,15 +338,25 @@ def jsonable(v):
 def main(argv: list[str] | None = None) -> int:
     with exit_on_error(PROG), warnings.catch_warnings():
         warnings.showwarning = lambda msg, *a, **k: warn(str(msg))  # read_image's, one line each
-        return run(parse(EvalArgs, argv, PROG))
+        argv = list(sys.argv[1:] if argv is None else argv)
+        return run(parse(EvalArgs, argv, PROG), given_fields(EvalArgs, argv, PROG))
 
 
 def warn(msg: str) -> None:
     say_err(f"{PROG}: warning: {msg}")  # (dropped where stderr is a closed pipe too)
 
 
-def run(args: EvalArgs) -> int:
+def warn_unused(args: EvalArgs, given: set[str]) -> None:
+    """One warning line for each flag typed that has no effect with the others (not an error: a
+    script that switches a metric off may keep its flags)."""
+    if args.no_lpips:  # the device runs LPIPS only; PSNR and SSIM are computed on the CPU
+        for flag in [f for f in ("lpips_batch", "device") if f in given]:
+            warn(f"--{flag.replace('_', '-')}: no effect with --no-lpips; ignored")
+
+
+def run(args: EvalArgs, given: set[str] = frozenset()) -> int:
     shave, device, batch = check_flags(args)
+    warn_unused(args, given)  # (after the errors of the flags: an error is the one line)
     hr = hr_images(args.hr)
     stems = list(hr)
     methods = expand_methods(args.sr, args.n)

@@ -269,3 +269,14 @@ def test_a_link_to_a_missing_image_is_a_warning(world, capsys):
         f"sr_eval.py: warning: {world / 'hr'}: skipped 1 symbolic link(s) to missing files, e.g. "
         f"{world / 'hr' / 'c.png'} -> {world / 'moved' / 'c.png'}"
     ]
+
+
+@pytest.mark.parametrize("flags", [["--lpips-batch", "2"], ["--device", "cpu"]])
+def test_an_lpips_flag_with_no_lpips_is_a_warning(world, flags, capsys):
+    """LPIPS's flags where LPIPS is switched off: one warning line, and the run goes on; none
+    where the flag is not typed."""
+    for extra in (flags, []):
+        assert sr_eval.main(args(world, *extra)) == 0
+        warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+        said = f"sr_eval.py: warning: {flags[0]}: no effect with --no-lpips; ignored"
+        assert warned == ([said] if extra else []), extra
