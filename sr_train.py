@@ -528,9 +528,8 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
         cfg = dict(resumed["model_cfg"])
     # by the run's config: a resume's is its checkpoint's, not the flags repeated
     warn_unused(model_cls, model_cls.Config(**cfg), named)
-    if "max_rollbacks" in given and args.on_nan != "rollback":
-        warnings.warn("--max-rollbacks: no effect without --on-nan rollback; ignored", stacklevel=2)
     recipe = parse_recipe(args, model_cls.recipe(args.scale))
+    warn_unused_run(args, given, recipe, model_cls)
     if resumed is not None and recipe.steps < resumed["step"]:
         raise UsageError(
             f"--steps {recipe.steps}: {ckpt_path} is at step {resumed['step']} already; give "
@@ -548,6 +547,41 @@ def warn_unused(model_cls, cfg, named: set[str]) -> None:
         if f.name in named and f.name in unused:
             flag = f"--{'no-' if f.default is True else ''}{f.name.replace('_', '-')}"
             warnings.warn(f"{flag}: no effect {unused[f.name]}; ignored", stacklevel=2)
+
+
+def warn_unused_run(args: TrainArgs, given: set[str], recipe: Recipe, model_cls) -> None:
+    """One warning line for each run flag typed that has no effect with the others, as
+    `warn_unused` for the model's (a job script that varies one flag may keep the others)."""
+    unused = {}
+    if args.on_nan != "rollback":
+        unused["max_rollbacks"] = "without --on-nan rollback"
+    if recipe.schedule != "multistep":  # the decay points and factor of a multistep schedule
+        why = f"with the {args.model} recipe's {recipe.schedule} learning-rate schedule"
+        unused |= dict.fromkeys(("milestones", "gamma"), why)
+    elif not recipe.milestones:
+        unused["gamma"] = "without --milestones (no decay)"
+    why = no_validation(args)
+    if why in ("no --val-data", "--val-every 0"):  # (--steps 0: a run that checks its setup)
+        # (not the flag that turns it off, nor a --val-every 0 that asks for what happens)
+        agree = {"val_data"} if why == "no --val-data" else set()
+        agree |= {"val_every"} if args.val_every <= 0 else set()
+        unused |= {k: f"without validation ({why})" for k in VAL_FLAGS if k not in agree}
+    elif not model_cls.stochastic:  # its validation samples are the same, whatever these
+        why = f"with the deterministic {args.model} model (its samples are identical)"
+        unused |= dict.fromkeys(("val_n", "val_temperature"), why)
+    for name in [f.name for f in fields(TrainArgs) if f.name in given and f.name in unused]:
+        warnings.warn(f"--{name.replace('_', '-')}: no effect {unused[name]}; ignored",
+                      stacklevel=2)  # fmt: skip
+
+
+VAL_FLAGS = ("val_data", "val_images", "val_crop", "val_n", "val_temperature", "val_every")
+
+
+def no_validation(args: TrainArgs) -> str | None:
+    """Why the run validates nothing (and so writes no best.pt); None where it validates."""
+    if not (args.val_data or args.data == ["demo"]):
+        return "no --val-data"
+    return "--val-every 0" if args.val_every <= 0 else "--steps 0" if args.steps == 0 else None
 
 
 # Flags of this invocation, not of the run: a resumed run does not take them from its checkpoint.
@@ -941,8 +975,7 @@ def validation_pairs(args: TrainArgs, dd, say, dataset: PatchPairs | None = None
     says at start whether validation (and so best.pt) will happen, and warns where validation
     images are training images too."""
     source = args.val_data or ("demo" if args.data == ["demo"] else "")
-    why = ("no --val-data" if not source else "--val-every 0" if args.val_every <= 0
-           else "--steps 0" if args.steps == 0 else None)  # fmt: skip
+    why = no_validation(args)
     if why:
         say(f"validation: none ({why}): no best.pt will be written; sample from last.pt")
     if why or not dd.main:

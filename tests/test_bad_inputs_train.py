@@ -489,6 +489,39 @@ UNUSED = {  # id: (flags, the warning, flags that make it take effect)
     "max rollbacks without rollback": ({"--max-rollbacks": "5"},
                                        "--max-rollbacks: no effect without --on-nan rollback",
                                        {"--on-nan": "rollback"}),
+    # run flags of a schedule the recipe does not use (rrdb's is a cosine)
+    "milestones with a cosine": (
+        {"--model": "rrdb", "--n-feats": None, "--n-blocks": None, "--milestones": "0.5"},
+        "--milestones: no effect with the rrdb recipe's cosine learning-rate schedule",
+        {"--model": "edsr"}),
+    "gamma with a cosine": (
+        {"--model": "rrdb", "--n-feats": None, "--n-blocks": None, "--gamma": "0.1"},
+        "--gamma: no effect with the rrdb recipe's cosine learning-rate schedule",
+        {"--model": "edsr"}),
+    "gamma without milestones": ({"--milestones": "", "--gamma": "0.1"},
+                                 "--gamma: no effect without --milestones (no decay)",
+                                 {"--milestones": "0.5"}),
+    # validation flags of a run that validates nothing (BASE: --val-every 0)
+    "val flag at val every 0": ({"--val-crop": "64"},
+                                "--val-crop: no effect without validation (--val-every 0)",
+                                {"--val-every": "10"}),
+    "val data at val every 0": ({"--val-data": "demo"},
+                                "--val-data: no effect without validation (--val-every 0)",
+                                {"--val-every": "10"}),
+    "val flag without val data": (
+        {"--data": "elsewhere", "--val-every": None, "--val-images": "2"},
+        "--val-images: no effect without validation (no --val-data)", {"--val-data": "demo"}),
+    "val every without val data": ({"--data": "elsewhere", "--val-every": "10"},
+                                   "--val-every: no effect without validation (no --val-data)",
+                                   {"--val-data": "demo"}),
+    "val temperature of a deterministic model": (
+        {"--val-every": "10", "--val-temperature": "0.5"},
+        "--val-temperature: no effect with the deterministic edsr model (its samples are "
+        "identical)", TINY_SRFLOW),
+    "val n of a deterministic model": (
+        {"--val-every": "10", "--val-n": "2"},
+        "--val-n: no effect with the deterministic edsr model (its samples are identical)",
+        TINY_SRFLOW),
 }  # fmt: skip
 
 
