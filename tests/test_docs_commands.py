@@ -40,6 +40,7 @@ def shell_lines(path: Path) -> list[str]:
 def expand(words: str, known: dict[str, str]) -> str:
     """Shell variables as their `known` values, else a plain word, as <placeholders> are."""
     words = re.sub(r"<[^>]*>", "PLACEHOLDER", words)
+    words = words.replace('"$@"', "")  # a job script's own arguments: none given
     return re.sub(r"\$\{?(\w+)\}?", lambda v: known.get(v.group(1), "VAR"), words)
 
 
