@@ -193,13 +193,20 @@ def shard_value(text: str) -> str:
                 "auto: SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT are not set (not a SLURM job "
                 "array); give I/N"
             )
+        task, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
         first, step = (
             int(env.get("SLURM_ARRAY_TASK_MIN", 0)),
             int(env.get("SLURM_ARRAY_TASK_STEP", 1)),
         )
-        text = (
-            f"{(int(env['SLURM_ARRAY_TASK_ID']) - first) // step}/{env['SLURM_ARRAY_TASK_COUNT']}"
-        )
+        last = int(env.get("SLURM_ARRAY_TASK_MAX", first + (count - 1) * step))
+        # A list array (--array=1,3,7) has no step that maps its IDs onto 0..COUNT-1: (ID - MIN)
+        # // STEP would leave some shards to no task, their images unsampled without a word.
+        if step < 1 or last - first != (count - 1) * step or (task - first) % step:
+            raise ArgumentTypeError(
+                f"auto: array task {task} of {count} (IDs {first}..{last}, step {step}) is not "
+                "a range MIN-MAX[:STEP]; give --shard I/N with I from 0 to N-1 yourself"
+            )
+        text = f"{(task - first) // step}/{count}"
     i, _, n = text.partition("/")
     if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
         raise ArgumentTypeError(f"{text!r}: give I/N with 0 <= I < N (e.g. 0/4), or auto")

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from argparse import ArgumentTypeError
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -110,6 +111,27 @@ def test_shards_and_a_rerun_equal_one_run(tmp_path, flow_ckpt, monkeypatch):
     got = files(tmp_path / "auto")
     assert {k for k in got if k.startswith("000001")} == set()  # image 1 belongs to task 2
     assert all(got[k] == v for k, v in files(tmp_path / "one").items() if k.startswith("000002"))
+
+
+@pytest.mark.parametrize("env, want", [
+    ({"ID": "5", "MIN": "1", "MAX": "5", "STEP": "2", "COUNT": "3"}, "2/3"),  # --array=1-5:2
+    ({"ID": "3", "MIN": "0", "MAX": "3", "STEP": "1", "COUNT": "4"}, "3/4"),  # --array=0-3
+    ({"ID": "3", "COUNT": "4"}, "3/4"),  # no MIN/MAX/STEP: from 0 in steps of 1
+    ({"ID": "3", "MIN": "1", "MAX": "7", "STEP": "1", "COUNT": "3"}, None),  # --array=1,3,7
+    ({"ID": "7", "MIN": "1", "MAX": "7", "STEP": "1", "COUNT": "3"}, None),
+])  # fmt: skip
+def test_shard_auto_maps_a_range_array_and_refuses_a_list(monkeypatch, env, want):
+    """A list array's IDs have no shard order: (ID - MIN) // STEP gave 1,3,7 the shards 0, 2 and
+    6/3 (an error), so shard 1's images were never sampled; `auto` now refuses such arrays."""
+    for k in ("ID", "MIN", "MAX", "STEP", "COUNT"):
+        monkeypatch.delenv(f"SLURM_ARRAY_TASK_{k}", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(f"SLURM_ARRAY_TASK_{k}", v)
+    if want:
+        assert sr_sample.shard_value("auto") == want
+    else:
+        with pytest.raises(ArgumentTypeError, match="not a range MIN-MAX.*give --shard I/N"):
+            sr_sample.shard_value("auto")
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGKILL, -9), (signal.SIGINT, 130),
