@@ -483,7 +483,12 @@ def sample(args: SampleArgs, given: set[str] = frozenset()) -> int:
         print_out(f"{args.ckpt}: {raw if args.raw_weights else average}")
     controls = resolve_controls(args, model, ck["model"], device)
     n = controls.n if controls else args.n  # a control may fix it (one output per ref/step)
+    setter = controls_setter(args, controls)
     temperatures = args.temperature or [model.default_temperature]
+    if len(temperatures) > 1 and setter.startswith("--latent"):
+        raise UsageError(f"--temperature: {setter} sets the latents; its samples do not depend "
+                         "on the temperature (give one)")  # fmt: skip
+    warn_controlled(args, given, setter)
     if len(temperatures) > 1 and not model.stochastic:
         raise UsageError(
             f"--temperature: the {ck['model']} model is deterministic; its samples do not depend "
@@ -888,6 +893,28 @@ def resolve_controls(args: SampleArgs, model, name: str, device):
     if args.latent_shift:
         given["latent_steps"] = args.latent_steps
     return model.resolve_controls(given, args.n, device)
+
+
+def controls_setter(args: SampleArgs, controls) -> str:
+    """The control flag that sets the number of outputs ("" where --n does), as the model's
+    `resolve_controls` decides it: the last of --ref DIR, --latent-from, --latent and
+    --latent-shift."""
+    if controls is None:
+        return ""
+    return ("--latent-shift" if args.latent_shift else "--latent" if args.latent
+            else "--latent-from" if args.latent_from
+            else "--ref DIR" if controls.per_sample_refs else "")  # fmt: skip
+
+
+def warn_controlled(args: SampleArgs, given: set[str], setter: str) -> None:
+    """One warning line for each flag typed that a sampling control overrides: --n where the
+    control gives the number of outputs, --temperature and --seed where it gives the latents
+    themselves (--latent-shift walks from a temperature-0 latent: no draw either)."""
+    unused = ["n"] if setter else []
+    unused += ["temperature", "seed"] if setter.startswith("--latent") else []
+    for flag in [f for f in unused if f in given]:
+        what = "the number of outputs" if flag == "n" else "the latents"
+        say_err(f"{PROG}: warning: --{flag}: no effect, {setter} sets {what}; ignored")
 
 
 def sample_image(model, lr, img, stem, name, n, todo, folders, files, contexts, controls,

@@ -344,3 +344,50 @@ def test_unsupported_or_bad_controls_one_line(tmp_path, ckpts, capsys, name, fla
     assert run("--ckpt", ckpts[name], "--input", inp, "--out", tmp_path / "o", *flags) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sr_sample.py: error: ") and words in err[0]
+
+
+@pytest.mark.parametrize(
+    "name, control, typed, said",
+    [
+        ("refvae", ["--ref", "refs"], ["--n", "5"], "--n: no effect, --ref DIR sets the number"),
+        ("varsr", ["--latent-from", "refs/r0.png"], ["--n", "2"], "--n: no effect, --latent-from"),
+        ("varsr", ["--latent", "z.npy"], ["--n", "4"], "--n: no effect, --latent sets the number"),
+        ("refvae", ["--latent-shift", "z.npy"], ["--n", "1"], "--n: no effect, --latent-shift"),
+        ("refvae", ["--latent", "z.npy"], ["--temperature", "0.5"],
+         "--temperature: no effect, --latent sets the latents"),
+        ("varsr", ["--latent-shift", "z.npy"], ["--temperature", "2"],
+         "--temperature: no effect, --latent-shift sets the latents"),
+        ("varsr", ["--latent-from", "refs/r0.png"], ["--seed", "7"],
+         "--seed: no effect, --latent-from sets the latents"),
+        ("refvae", ["--latent", "z.npy"], ["--seed", "7"], "--seed: no effect, --latent sets"),
+    ],
+)  # fmt: skip
+def test_a_flag_a_control_overrides_is_a_warning(tmp_path, ckpts, capsys, name, control, typed,
+                                                  said):  # fmt: skip
+    """--n where a control gives the number of outputs, --temperature and --seed where it gives
+    the latents: one warning line when typed, none when not, and the same samples."""
+    inp = images(tmp_path / "in", 3, ((10, 12),))
+    images(tmp_path / "refs")
+    np.save(tmp_path / "z.npy", np.linspace(-1, 1, 8).astype(np.float32))
+    control = [str(tmp_path / f) if f.endswith(("refs", ".png", ".npy")) else f for f in control]
+    for out, extra in (("typed", typed), ("not", [])):
+        assert run("--ckpt", ckpts[name], "--input", inp, *control, *extra, "--out",
+                   tmp_path / out) == 0  # fmt: skip
+        warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+        assert len(warned) == bool(extra) and all(said in line for line in warned), warned
+    files = sorted(p.name for p in (tmp_path / "not").glob("*.png"))
+    assert files == sorted(p.name for p in (tmp_path / "typed").glob("*.png"))
+    assert all((read(tmp_path / "not" / f) == read(tmp_path / "typed" / f)).all() for f in files)
+
+
+def test_a_temperature_sweep_of_fixed_latents_is_refused(tmp_path, ckpts, capsys):
+    """Several temperatures where --latent sets the latents would write identical folders."""
+    np.save(tmp_path / "z.npy", np.zeros(8, np.float32))
+    inp = images(tmp_path / "in", 3, ((10, 12),))
+    argv = ["--ckpt", ckpts["varsr"], "--input", inp, "--latent", tmp_path / "z.npy",
+            "--temperature", "0.5", "1", "--out", tmp_path / "o"]  # fmt: skip
+    assert run(*argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["sr_sample.py: error: --temperature: --latent sets the latents; its samples do "
+                   "not depend on the temperature (give one)"]  # fmt: skip
+    assert not (tmp_path / "o").exists()
