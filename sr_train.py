@@ -283,6 +283,9 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     out, ckpt_path, resumed, cfg, recipe = resolve_run(args, rest, given)
     dd, device = setup_process(args, cleanup)
     check_same_run(args, cfg, resumed, dd)
+    if "sync_check_every" in given and not dd.on:  # (known once the processes have met)
+        warnings.warn("--sync-check-every: no effect in one process (it compares the replicas "
+                      "of several); ignored", stacklevel=2)  # fmt: skip
     say = say_out if dd.main else (lambda text: None)
     model, optimizers, scaler = build_training(args, cfg, recipe, resumed, device, say)
     run_log = cleanup.enter_context(  # rank 0
@@ -552,6 +555,10 @@ def warn_unused(model_cls, cfg, named: set[str]) -> None:
 def warn_unused_run(args: TrainArgs, given: set[str], recipe: Recipe, model_cls) -> None:
     """One warning line for each run flag typed that has no effect with the others, as
     `warn_unused` for the model's (a job script that varies one flag may keep the others)."""
+    typed = [f"--{k.replace('_', '-')}" for k in NO_PARAMETERS if k in given]
+    if typed and not model_cls.learns:  # one line for them all, not theirs below
+        warnings.warn(f"{', '.join(typed)}: no effect, the {args.model} model has nothing to "
+                      "train; ignored", stacklevel=2)  # fmt: skip
     unused = {}
     if args.on_nan != "rollback":
         unused["max_rollbacks"] = "without --on-nan rollback"
@@ -569,11 +576,15 @@ def warn_unused_run(args: TrainArgs, given: set[str], recipe: Recipe, model_cls)
     elif not model_cls.stochastic:  # its validation samples are the same, whatever these
         why = f"with the deterministic {args.model} model (its samples are identical)"
         unused |= dict.fromkeys(("val_n", "val_temperature"), why)
+    unused = {k: v for k, v in unused.items() if model_cls.learns or k not in NO_PARAMETERS}
     for name in [f.name for f in fields(TrainArgs) if f.name in given and f.name in unused]:
         warnings.warn(f"--{name.replace('_', '-')}: no effect {unused[name]}; ignored",
                       stacklevel=2)  # fmt: skip
 
 
+# The optimisation flags, which a model without parameters (bicubic) has no use for.
+NO_PARAMETERS = ("learning_rate", "d_learning_rate", "milestones", "gamma", "grad_clip", "amp",
+                 "compile", "ema")  # fmt: skip
 VAL_FLAGS = ("val_data", "val_images", "val_crop", "val_n", "val_temperature", "val_every")
 
 
@@ -1017,7 +1028,7 @@ def build_training(args: TrainArgs, cfg: dict, recipe: Recipe, resumed, device, 
             f"--patch {recipe.patch}: {args.model} x{args.scale} needs an LR patch that is a "
             f"multiple of {multiple}; use --patch {fit}"
         )
-    if args.d_learning_rate is not None and model.discriminator is None:
+    if args.d_learning_rate is not None and model.discriminator is None and model.learns:
         warnings.warn(f"--d-learning-rate: no effect, this {args.model} model has no "
                       "discriminator; ignored", stacklevel=2)  # fmt: skip
     if args.init_from and resumed is None:

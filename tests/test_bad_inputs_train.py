@@ -522,6 +522,16 @@ UNUSED = {  # id: (flags, the warning, flags that make it take effect)
         {"--val-every": "10", "--val-n": "2"},
         "--val-n: no effect with the deterministic edsr model (its samples are identical)",
         TINY_SRFLOW),
+    # the optimisation flags of a model without parameters: one line for them all
+    "optimisation flags of bicubic": (
+        {"--model": "bicubic", "--n-feats": None, "--n-blocks": None, "--ema": "0.999",
+         "--learning-rate": "1e-3", "--gamma": "0.5", "--amp": "bf16"},
+        "--learning-rate, --gamma, --amp, --ema: no effect, the bicubic model has nothing to "
+        "train", {"--model": "edsr"}),
+    "grad clip of bicubic": ({"--model": "bicubic", "--n-feats": None, "--n-blocks": None,
+                              "--grad-clip": "1"},
+                             "--grad-clip: no effect, the bicubic model has nothing to train",
+                             {"--model": "edsr"}),
 }  # fmt: skip
 
 
@@ -560,6 +570,26 @@ def test_a_discriminator_learning_rate_without_a_discriminator_is_a_warning(worl
         assert sr_train.main(argv) == 0
     said = [str(w.message) for w in caught if "--d-learning-rate" in str(w.message)]
     assert said == ["--d-learning-rate: no effect, this edsr model has no discriminator; ignored"]
+
+
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        ({"--sync-check-every": "1"},
+         "--sync-check-every: no effect in one process (it compares the replicas of several)"),
+        ({"--model": "bicubic", "--n-feats": None, "--n-blocks": None, "--d-learning-rate": "1"},
+         "--d-learning-rate: no effect, the bicubic model has nothing to train"),
+    ],
+)  # fmt: skip
+def test_a_flag_without_effect_in_this_run_is_one_warning(world, flags, said, tmp_path):
+    """Known once the run is set up (its number of processes, its model built): one line when
+    typed, none when not (the last of `flags`)."""
+    for k, extra in enumerate((flags, dict(list(flags.items())[:-1]))):
+        argv = argv_of({**extra, "--steps": "0"}, out=tmp_path / f"out{k}", **world)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert sr_train.main(argv) == 0
+        assert [str(w.message) for w in caught] == ([f"{said}; ignored"] if k == 0 else []), k
 
 
 FLOATS = [

@@ -258,6 +258,7 @@ class SRModel(nn.Module):
 
     Config = ModelConfig
     stochastic = False  # False: sample() returns n identical copies and ignores temperature
+    learns = True  # False: no parameters (bicubic), sr_train.py's optimisation flags unused
     lr_multiple = 1  # LR sizes the network needs; sample() pads (reflect) and crops back
     default_temperature = 1.0  # sampling (and validation) temperature when the user gives none
     # True if some parameters get no gradient in some steps (e.g. an encoder frozen by on_step):

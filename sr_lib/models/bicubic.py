@@ -12,6 +12,7 @@ class Bicubic(SRModel):
     """MATLAB imresize(lr, scale) in float; training it is a no-op (`--steps 0`)."""
 
     tile_halo = 2  # the bicubic kernel's radius in LR px
+    learns = False
 
     def __init__(self, cfg):
         super().__init__(cfg)
