@@ -266,7 +266,8 @@ def parse_all(argv):
 
 
 def main(argv=None) -> int:
-    with exit_on_error(PROG):
+    with exit_on_error(PROG), warnings.catch_warnings():
+        distributed.warn_once()
         args, rest, given = parse_all(argv)
         try:
             with contextlib.ExitStack() as cleanup:

@@ -36,7 +36,7 @@ import torch
 from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from sr_lib.errors import DataError, OutputError, Resumable, SRSpaceError, UsageError
+from sr_lib.errors import DataError, NodeWarning, OutputError, Resumable, SRSpaceError, UsageError
 from sr_lib.resize import imresize
 from sr_lib.threads import finish, new_pool, result, signals_held, submit, thread_map
 
@@ -384,7 +384,7 @@ def _to_rgb8(arr: np.ndarray, path) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
         _fail(path, f"unsupported image shape {arr.shape}")
     if arr.shape[2] in (2, 4):
-        warnings.warn(f"{path}: alpha channel dropped (the image is read as RGB)", stacklevel=3)
+        warnings.warn(f"{path}: alpha channel dropped (the image is read as RGB)", NodeWarning, 3)
         arr = arr[:, :, :-1]
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)
@@ -571,6 +571,7 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
         warnings.warn(
             f"{folder}: skipped {len(dangling)} symbolic link(s) to missing files, e.g. {first} "
             f"-> {os.readlink(first)}",
+            NodeWarning,
             stacklevel=2,
         )
     if not files:
@@ -806,6 +807,7 @@ def _each_once(files: list[tuple[Path, Path | None]]) -> list[tuple[Path, Path |
         warnings.warn(
             f"--data: {len(again)} image(s) reached twice (a folder given twice, inside another, "
             f"or linked) are used once, e.g. {again[0][0]} is {again[0][1]}",
+            NodeWarning,
             stacklevel=3,
         )
     return kept
@@ -944,6 +946,7 @@ class PatchPairs(Dataset):
             warnings.warn(
                 f"skipped {len(skipped)} of {len(loaded)} training images smaller than one "
                 f"{hp}x{hp} HR patch (e.g. {skipped[0]})",
+                NodeWarning,
                 stacklevel=2,
             )
         kept = [(name, x, f) for name, x, f in zip(names, loaded, files) if x is not None]
@@ -1005,7 +1008,7 @@ class PatchPairs(Dataset):
             if bad:
                 names = " and ".join(map(str, bad))
                 warnings.warn(f"--cache: {names}: cut short or not this image's arrays; "
-                              f"decoding {hr_path} again", stacklevel=2)  # fmt: skip
+                              f"decoding {hr_path} again", NodeWarning, 2)  # fmt: skip
         lr = read_image(lr_path) if lr_path is not None else None
         pair = self._pair(read_image(hr_path), lr, hr_path, lr_path)
         if self.cache is None or pair is None:  # too small: not cached, decoded again next time
@@ -1030,7 +1033,7 @@ class PatchPairs(Dataset):
             pass
         hr_path, lr_path = self._files[i]
         warnings.warn(f"--cache: {self._hr[i]} or its .lr.npy is gone or damaged since the "
-                      f"start; decoding {hr_path} again", stacklevel=2)  # fmt: skip
+                      f"start; decoding {hr_path} again", NodeWarning, 2)  # fmt: skip
         try:
             made = self._load(hr_path, lr_path)
         except OSError as e:  # the image gone too

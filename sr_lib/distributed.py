@@ -12,13 +12,14 @@ import os
 import re
 import sys
 import threading
+import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from sr_lib.errors import Resumable, UsageError
+from sr_lib.errors import NodeWarning, Resumable, UsageError
 from sr_lib.threads import result
 
 
@@ -59,6 +60,28 @@ def env_ranks() -> tuple[int, int, int] | None:
         return (int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]),
                 int(env.get("SLURM_LOCALID", 0)))  # fmt: skip
     return None
+
+
+def warn_once() -> None:
+    """Under torchrun/srun, a warning that every rank meets alike (a flag with no effect, torch's
+    own) is printed by rank 0 alone: each rank printed it, 64 copies in a 64-rank job's log. A
+    NodeWarning (this node's copy of the images, its --cache) is printed by the rank that meets
+    it, naming it: another node's copy may be fine. From the environment, before the ranks meet
+    (the flags are checked first); inside warnings.catch_warnings(), which puts all back."""
+    ranks = env_ranks()
+    if ranks is None or ranks[1] == 1:
+        return
+    rank, show = ranks[0], warnings.showwarning
+    if rank:
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("default", NodeWarning)
+
+    def named(message, category, *args, **kwargs):
+        if issubclass(category, NodeWarning):
+            message = f"rank {rank}: {message}"
+        show(message, category, *args, **kwargs)
+
+    warnings.showwarning = named
 
 
 def check_not_batch_step() -> None:

@@ -153,6 +153,12 @@ class Stopped(SRSpaceError):
     exit_code = EXIT_PREEMPTED
 
 
+class NodeWarning(UserWarning):
+    """A warning about this process's own node: its copy of the images, its --cache. Under
+    several processes each rank prints its own, naming itself; any other warning is the same on
+    every rank and printed by rank 0 alone (sr_lib/distributed.py `warn_once`)."""
+
+
 class Preempted(BaseException):
     """SIGTERM/SIGUSR1/SIGHUP raised where a script stops at once (args[0]: what to say): a
     BaseException, as KeyboardInterrupt, so that no `except Exception` swallows it."""

@@ -257,6 +257,33 @@ def test_a_node_whose_copy_of_the_images_differs_is_refused_before_training(
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+def test_a_warning_of_every_rank_is_printed_once_one_of_a_node_by_its_rank(tmp_path, images):
+    """Every rank printed each warning: a flag with no effect 64 times in a 64-rank job's log.
+    Rank 0 alone prints those; a warning about a node's own copy of the images (here rank 1's
+    has an alpha channel) is printed by that rank, naming it."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    for f in sorted(images.iterdir()):
+        (scratch / f.name).write_bytes(f.read_bytes())
+    rgb = iio.imread(images / "im0.png")
+    iio.imwrite(scratch / "im0.png", np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]))
+    argvs = [train_cmd(tmp_path / "run", data, "--model", "edsr", "--n-feats", "8",
+                       "--n-blocks", "1", "--steps", "1", "--le-sigma-feats", "4",
+                       "--d-learning-rate", "1e-4", nproc=0)
+             for data in (images, scratch)]  # fmt: skip
+    codes, outs = ended(srun_ranks(argvs))
+    assert codes == [0, 0], [err for _, err in outs]
+    assert outs[0][1].splitlines() == [
+        "sr_train.py: warning: --le-sigma-feats: no effect without --loss le; ignored",
+        "sr_train.py: warning: --d-learning-rate: no effect, this edsr model has no "
+        "discriminator; ignored",
+    ]
+    assert outs[1][1].splitlines() == [
+        f"sr_train.py: warning: rank 1: {scratch / 'im0.png'}: alpha channel dropped (the image "
+        "is read as RGB)"
+    ]
+
+
 def listening(port: int) -> bool:
     """Whether a socket of this machine listens on TCP `port` (asked of the kernel: a connection
     would be a client of torch's store)."""
