@@ -1,5 +1,6 @@
 """Multi-process training with torch.distributed (gloo on CPU), as torchrun/srun would run it."""
 
+import contextlib
 import json
 import os
 import signal
@@ -194,6 +195,59 @@ def test_a_rank_killed_leaves_the_other_one_line_and_exit_75(tmp_path, images, v
     else:
         assert err.endswith(f"{out / 'last.pt'} holds rank 0's last save: continue with "
                             "--resume auto\n")  # fmt: skip
+
+
+def test_a_hung_loader_worker_on_one_rank_ends_every_rank_at_once_with_exit_75(tmp_path, images):
+    """srun's ranks, rank 1's loader worker hung from step 4's batch (CPython gh-112275): after
+    LOADER_TIMEOUT rank 1 stops with one line, exit 75, and rank 0, waiting for it in a
+    collective, loses contact at once (not the process group's 30 minutes): one line, exit 75;
+    last.pt holds the last save (step 2), as rank 0 says."""
+    out, pid_file = tmp_path / "run", tmp_path / "worker.pid"
+    argv = train_cmd(out, images, "--model", "edsr", "--n-feats", "8", "--n-blocks", "1",
+                     "--steps", "100000", "--save-every", "2", "--workers", "1",
+                     nproc=0)  # fmt: skip
+    hangs = f"""
+import os, runpy, sys, time
+sys.argv, sys.path[0] = sys.argv[1:], {str(REPO)!r}
+import sr_lib.data
+sr_lib.data.LOADER_TIMEOUT = 3.0
+real_crops = sr_lib.data.PatchPairs.crops
+def crops(self, step):  # in the forked worker: hangs at step 4's batch
+    if step >= 3:
+        open({str(pid_file)!r}, "w").write(str(os.getpid()))
+        time.sleep(3600)
+    return real_crops(self, step)
+sr_lib.data.PatchPairs.crops = crops
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+    ranks = srun_ranks([argv, [sys.executable, "-c", hangs, *argv[1:]]], subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not pid_file.exists():
+            assert all(p.poll() is None for p in ranks) and time.time() < deadline
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        codes, outs = ended(ranks, timeout=60)  # (a rank left in a collective: 30 minutes)
+        took = time.monotonic() - t0
+    finally:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    errs = [err for _, err in outs]
+    assert codes == [75, 75], errs
+    assert errs[1] == (
+        "sr_train.py: error: step 4: the data loader's workers gave no batch for 3 s (a worker "
+        "hung: on Python before 3.12 a worker can hang at its start, CPython gh-112275); "
+        f"{out / 'last.pt'} holds rank 0's last save: continue with --resume auto\n"
+    )
+    assert errs[0] == (
+        "sr_train.py: error: lost contact with the other processes after step 3 (a rank died, "
+        "the network failed, or a rank did not answer in time); "
+        f"{out / 'last.pt'} holds step 2: continue with --resume auto\n"
+    )
+    assert took < 3 + 10, took  # the hang's 3 s, and the exits
+    assert load_checkpoint(out / "last.pt")["step"] == 2
+    with pytest.raises(ProcessLookupError):  # the hung worker killed (and reaped)
+        os.kill(int(pid_file.read_text()), 0)
 
 
 def ended(ranks, timeout=60):
