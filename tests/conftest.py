@@ -74,6 +74,28 @@ def popen_in_background():
     return start
 
 
+@pytest.fixture
+def worker_hang():
+    """Lines of a `python -c` script whose training loader worker hangs from batch `step` (0 is
+    step 1's) on, as a forked worker can on Python before 3.12 (CPython gh-112275), first writing
+    its pid to `pid_file`; the loader waits `timeout` s for a batch (LOADER_TIMEOUT)."""
+
+    def lines(step: int, pid_file: Path, timeout: float) -> str:
+        return f"""
+import os, time, sr_lib.data
+sr_lib.data.LOADER_TIMEOUT = {timeout!r}
+real_crops = sr_lib.data.PatchPairs.crops
+def crops(self, step):  # in the forked worker
+    if step >= {step}:
+        open({str(pid_file)!r}, "w").write(str(os.getpid()))
+        time.sleep(3600)
+    return real_crops(self, step)
+sr_lib.data.PatchPairs.crops = crops
+"""
+
+    return lines
+
+
 @pytest.fixture(autouse=True)
 def seeded():
     """Every test starts from the same global RNG state (model init, z draws)."""

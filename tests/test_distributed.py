@@ -197,7 +197,9 @@ def test_a_rank_killed_leaves_the_other_one_line_and_exit_75(tmp_path, images, v
                             "--resume auto\n")  # fmt: skip
 
 
-def test_a_hung_loader_worker_on_one_rank_ends_every_rank_at_once_with_exit_75(tmp_path, images):
+def test_a_hung_loader_worker_on_one_rank_ends_every_rank_at_once_with_exit_75(
+    tmp_path, images, worker_hang
+):
     """srun's ranks, rank 1's loader worker hung from step 4's batch (CPython gh-112275): after
     LOADER_TIMEOUT rank 1 stops with one line, exit 75, and rank 0, waiting for it in a
     collective, loses contact at once (not the process group's 30 minutes): one line, exit 75;
@@ -207,17 +209,9 @@ def test_a_hung_loader_worker_on_one_rank_ends_every_rank_at_once_with_exit_75(t
                      "--steps", "100000", "--save-every", "2", "--workers", "1",
                      nproc=0)  # fmt: skip
     hangs = f"""
-import os, runpy, sys, time
+import runpy, sys
 sys.argv, sys.path[0] = sys.argv[1:], {str(REPO)!r}
-import sr_lib.data
-sr_lib.data.LOADER_TIMEOUT = 3.0
-real_crops = sr_lib.data.PatchPairs.crops
-def crops(self, step):  # in the forked worker: hangs at step 4's batch
-    if step >= 3:
-        open({str(pid_file)!r}, "w").write(str(os.getpid()))
-        time.sleep(3600)
-    return real_crops(self, step)
-sr_lib.data.PatchPairs.crops = crops
+{worker_hang(3, pid_file, 3.0)}
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
     ranks = srun_ranks([argv, [sys.executable, "-c", hangs, *argv[1:]]], subprocess.PIPE)

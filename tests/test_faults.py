@@ -645,7 +645,9 @@ def test_a_hung_loader_worker_saves_and_exits_75_in_one_line(
     assert load_checkpoint(out / "last.pt")["step"] == 6
 
 
-def test_a_signal_during_a_loader_hang_saves_and_exits_75_within_seconds(tmp_path, images):
+def test_a_signal_during_a_loader_hang_saves_and_exits_75_within_seconds(
+    tmp_path, images, worker_hang
+):
     """SLURM's SIGTERM to the job's process group while a loader worker hangs: the wait for the
     batch was one call of LOADER_TIMEOUT (10 min), which the signal did not end, so SLURM's
     SIGKILL (30 s later) lost the steps done. The wait is now made of short slices that look at
@@ -653,17 +655,10 @@ def test_a_signal_during_a_loader_hang_saves_and_exits_75_within_seconds(tmp_pat
     pid_file, out = tmp_path / "worker.pid", tmp_path / "run"
     argv = [*cmd(out, images, 8)[2:], "--workers", "1", "--save-every", "100"]
     script = f"""
-import os, sys, time
+import sys
 sys.path.insert(0, {str(REPO)!r})
-import sr_lib.data, sr_train
-sr_lib.data.LOADER_TIMEOUT = 60.0
-real_crops = sr_lib.data.PatchPairs.crops
-def crops(self, step):  # in the forked worker: hangs at step 4's batch
-    if step >= 3:
-        open({str(pid_file)!r}, "w").write(str(os.getpid()))
-        time.sleep(3600)
-    return real_crops(self, step)
-sr_lib.data.PatchPairs.crops = crops
+import sr_train
+{worker_hang(3, pid_file, 60.0)}
 sys.exit(sr_train.main({argv!r}))
 """
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
