@@ -2,6 +2,7 @@
 (tests/test_bench_gpu.py covers bench_gpu.py): a broken benchmark is found here, not in the
 session that needs its numbers."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -106,3 +107,61 @@ def test_a_missing_checkpoint_is_one_line_before_any_model_runs(tmp_path, script
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert done.returncode == 6 and done.stdout == ""
     assert done.stderr.startswith(f"{script}: error: {missing}") and done.stderr.count("\n") == 1
+
+
+def bench_module(script: str):
+    """A bench script imported as a module (its `main` run in this process)."""
+    sys.path.insert(0, str(BENCH))  # its own imports (machine.py) are in that folder
+    try:
+        return importlib.import_module(script.removesuffix(".py"))
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_the_parity_checks_stdout_is_one_json_object_its_case_lines_go_to_stderr(
+    tmp_path, monkeypatch, capsys
+):
+    parity = bench_module("check_official_parity.py")
+
+    def released_run(cmd, **kwargs):  # a case's subprocess, as it ends when every value agrees
+        row = {"case": cmd[cmd.index("--one") + 1], "ok": True, "notes": [],
+               "diffs": {"reverse": {"max_abs": 1e-7, "rel": 1e-6, "ok": True}}}  # fmt: skip
+        return subprocess.CompletedProcess(cmd, 0, "RESULT " + json.dumps(row) + "\n", "")
+
+    monkeypatch.setattr(parity.subprocess, "run", released_run)
+    monkeypatch.setattr(parity, "checkout_error", lambda *args: "")
+    assert parity.main(["--srflow", str(tmp_path), "--cases", "srflow:4", "srflow:8"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["ok"] is True  # the whole of stdout: `> parity.json` stays JSON
+    assert [line.split()[:2] for line in err.splitlines()] == [
+        ["srflow:4", "ok"],
+        ["srflow:8", "ok"],
+    ]
+
+
+class Trained(Exception):
+    """Ends a learning benchmark at its first training run."""
+
+
+@pytest.mark.parametrize(
+    "script, argv",
+    [("bench_learning.py", ["--calibration-rounds", "1"]), ("bench_vae_learning.py", []),
+     ("bench_vspsr_learning.py", [])],
+)  # fmt: skip
+def test_the_learning_benches_keep_sr_trains_log_lines_off_stdout(
+    script, argv, monkeypatch, capsys
+):
+    """sr_train.main prints its progress on stdout: inside a benchmark that would come before the
+    JSON object. Its training (minutes) is replaced by that printing."""
+    module = bench_module(script)
+
+    def training(train_argv):
+        print("step 1 | loss 0.5000 | 0.100 s/step", flush=True)  # as sr_train.main logs
+        raise Trained
+
+    monkeypatch.setattr(module.sr_train, "main", training)
+    monkeypatch.setattr(sys, "argv", [script, *argv])  # each main reads its flags from sys.argv
+    with pytest.raises(Trained):
+        module.main()
+    out, err = capsys.readouterr()
+    assert out == "" and "step 1 | loss" in err

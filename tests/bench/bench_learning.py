@@ -36,6 +36,7 @@ long bf16 l1 run with float32 on this CPU.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -87,7 +88,8 @@ def calibrate(root: Path, a) -> dict[str, float]:
         for name, (loss, fraction) in kinds.items():
             out = root / f"{name}_timing{i}"
             argv = train_argv(out, loss, a.calibration_steps, 0, a, fraction)
-            assert sr_train.main(argv) == 0
+            with contextlib.redirect_stdout(sys.stderr):  # training logs; stdout is the JSON
+                assert sr_train.main(argv) == 0
             rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
             # Sustained windows only: the first holds the loader's start-up; in the last the loader
             # has prefetched every batch and leaves both cores to training (a last window ran up
@@ -105,7 +107,8 @@ def calibrate(root: Path, a) -> dict[str, float]:
 def train(out: Path, loss: str, a, steps: int, s_per_step: float = 0.0) -> dict:
     """Train for exactly `steps`; a wall-clock stop at 1.25x the budget is only a safety net."""
     t0 = time.time()
-    assert sr_train.main(train_argv(out, loss, steps, 1.25 * a.budget, a)) == 0
+    with contextlib.redirect_stdout(sys.stderr):  # training logs; stdout is the JSON
+        assert sr_train.main(train_argv(out, loss, steps, 1.25 * a.budget, a)) == 0
     model, ck = load_model(out / "last.pt")
     return {"model": model, "steps": ck["step"], "planned_steps": steps,
             "s_per_step_timing": round(s_per_step, 4),

@@ -19,6 +19,7 @@ object; pass/fail flags: PSNR(samples) > PSNR(bicubic) and diversity > 0, per mo
 """
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -86,7 +87,9 @@ def run_model(name: str, args, folder: Path, lpips_metric) -> dict:
                   "--time-budget", str(args.time_budget), "--gamma", "1", "--val-every", "0",
                   "--save-every", "500", "--log-every", "50", "--workers", "1", "--out", str(out),
                   *run_flags, *model_flags]  # fmt: skip
-    if sr_train.main(train_argv) != 0:
+    with contextlib.redirect_stdout(sys.stderr):  # training logs; stdout is the JSON
+        code = sr_train.main(train_argv)
+    if code != 0:
         raise SystemExit(f"{name}: training failed")
     train_s = time.time() - t0
     model, ck = load_model(out / "last.pt")

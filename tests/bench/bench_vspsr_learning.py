@@ -16,6 +16,7 @@ the issue's criteria: PSNR(mean sample) > PSNR(bicubic), diversity > 0, LR-PSNR 
 """
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -92,7 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
                   str(args.patch), "--learning-rate", str(args.learning_rate), "--gamma", "1",
                   "--val-every", "0", "--save-every", "500", "--log-every", "50",
                   "--workers", "1", "--out", str(out), *SMALL]  # fmt: skip
-    if sr_train.main(train_argv) != 0:
+    with contextlib.redirect_stdout(sys.stderr):  # training logs; stdout is the JSON
+        code = sr_train.main(train_argv)
+    if code != 0:
         raise SystemExit("training failed")
     train_s = time.time() - t0
     model, ck = load_model(out / "last.pt")

@@ -29,8 +29,9 @@ variant) this script, in a subprocess of its own (the three code bases share mod
                     MATLAB-bicubic downscale on LR, with the noise condition.
     Tolerance: max |difference| / max |released| <= 1e-4; NLL within 1e-3 bits per pixel.
 
-Prints one line per case and, last, one JSON object with the max differences; exit status 0 only
-if every quantity of every case agrees. CPU only; ~1-5 min a case on 2 cores.
+Prints one line per case on stderr as it goes and, on stdout, one JSON object with the max
+differences; exit status 0 only if every quantity of every case agrees. CPU only; ~1-5 min a case
+on 2 cores.
 
     python tests/bench/check_official_parity.py --srflow SRFlow/ --da SRFlow-DA/ --ncsr NCSR/
         [--cases srflow:4 ncsr:8 ...] [--json out.json]
@@ -416,7 +417,8 @@ def main(argv=None) -> int:
         line += f"  failing: {', '.join(bad)}" if bad else ""
         line += f"  {'; '.join(res['notes'])}" if res["notes"] else ""
         verdict = "ok  " if res["ok"] else "FAIL"
-        print(f"{case:16s} {verdict} {res['seconds']:6.1f} s  {line}", flush=True)
+        # progress on stderr: stdout is the one JSON object (`... > out.json`, json.loads)
+        print(f"{case:16s} {verdict} {res['seconds']:6.1f} s  {line}", file=sys.stderr, flush=True)
     ok = all(r["ok"] for r in results)
     out = {"ok": ok, "tolerance": {"rel": REL_TOL, "nll_bits_per_px": NLL_TOL},
            "max_differences": {r["case"]: groups(r) for r in results}}  # fmt: skip
