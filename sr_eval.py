@@ -97,7 +97,7 @@ from sr_lib.errors import (
     stdout_closed,
 )
 from sr_lib.models import MODELS
-from sr_lib.weights import load_state_dict, resolve
+from sr_lib.weights import read_state_dict, resolve
 
 PROG = "sr_eval.py"
 HELP_SR = (
@@ -355,7 +355,7 @@ def warn_unused(args: EvalArgs, given: set[str]) -> None:
 
 
 def run(args: EvalArgs, given: set[str] = frozenset()) -> int:
-    shave, device, batch = check_flags(args)
+    shave, device, batch, lpips_read = check_flags(args)
     warn_unused(args, given)  # (after the errors of the flags: an error is the one line)
     hr = hr_images(args.hr)
     stems = list(hr)
@@ -370,7 +370,9 @@ def run(args: EvalArgs, given: set[str] = frozenset()) -> int:
     if args.report:
         report.check_matplotlib()
     report_dir = check_out_dir(args.report, "--report") if args.report else None
-    lpips_metric = None if args.no_lpips else load_lpips(args.lpips_weights, device, batch)
+    lpips_metric = (
+        None if args.no_lpips else load_lpips(args.lpips_weights, device, batch, lpips_read)
+    )
     columns = list(metrics.OFFICIAL_COLUMNS)
     if not args.ntire:
         columns += list(metrics.EXTRA_COLUMNS) + ([metrics.LR_INPUT_COLUMN] if args.lr else [])
@@ -455,9 +457,10 @@ def run_settings(args, shave, device, lpips_metric, columns, methods) -> dict:
     return settings
 
 
-def check_flags(args: EvalArgs) -> tuple[int, torch.device, int]:
-    """(border shave, device, LPIPS batch); a one-line usage error for a bad combination. The
-    output files and folder are proved writable here, before any long work."""
+def check_flags(args: EvalArgs) -> tuple[int, torch.device, int, tuple | None]:
+    """(border shave, device, LPIPS batch, --lpips-weights as read: (state_dict, sha256) or
+    None); a one-line usage error for a bad combination. The output files and folder are proved
+    writable here, before any long work."""
     if args.scale not in (2, 3, 4, 8):
         raise UsageError(f"--scale {args.scale}: choose 2, 3, 4 or 8")
     if args.n < 1:
@@ -479,10 +482,11 @@ def check_flags(args: EvalArgs) -> tuple[int, torch.device, int]:
         if inside:
             raise UsageError(f"{flag} {path} is inside --report {args.report}, whose files may "
                              f"replace it; give {flag} a path outside that folder")  # fmt: skip
+    lpips_read = None
     if not args.no_lpips:
         try:  # LPIPS's weights, found and read before any output is made or any image read
-            if args.lpips_weights:
-                load_state_dict(args.lpips_weights)
+            if args.lpips_weights:  # kept for load_lpips: the file is read once (it may be big)
+                lpips_read = read_state_dict(args.lpips_weights)
             else:
                 resolve("alexnet")
         except CheckpointError as e:
@@ -492,7 +496,7 @@ def check_flags(args: EvalArgs) -> tuple[int, torch.device, int]:
         if path:
             check_out_file(path, flag, example)
     shave = args.scale if args.shave is None else args.shave
-    return shave, device, args.lpips_batch or (4 if device.type == "cuda" else 1)
+    return shave, device, args.lpips_batch or (4 if device.type == "cuda" else 1), lpips_read
 
 
 def hr_images(hr: str) -> dict[str, Path]:
@@ -550,10 +554,12 @@ def sigma_maps(folder: str, stems: list[str], scale: int, ntire: bool) -> list[P
     return files
 
 
-def load_lpips(weights: str | None, device, batch: int):
-    """The official LPIPS model (ImageNet AlexNet trunk + the v0.1 heads of the lpips package)."""
+def load_lpips(weights: str | None, device, batch: int, read: tuple | None = None):
+    """The official LPIPS model (ImageNet AlexNet trunk + the v0.1 heads of the lpips package),
+    or that of --lpips-weights `weights` (`read`: its state_dict and sha256, as check_flags read
+    them)."""
     try:
-        return metrics.LpipsMetric.load(weights, device, batch)
+        return metrics.LpipsMetric.load(weights, device, batch, read=read)
     except CheckpointError as e:
         raise lpips_error(e, weights) from None
 

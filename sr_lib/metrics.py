@@ -36,7 +36,7 @@ from scipy import ndimage  # a dependency of scikit-image, which requirements.tx
 from sr_lib.errors import DataError
 from sr_lib.lpips_net import heads_file, load_alexnet_trunk, lpips_module
 from sr_lib.resize import imresize
-from sr_lib.weights import load_state_dict, load_strict, sha256_file
+from sr_lib.weights import load_strict, read_state_dict, sha256_file
 
 OFFICIAL_COLUMNS = ("LPIPS_mean", "LRPSNR_worst", "LRPSNR_mean", "score")
 EXTRA_COLUMNS = ("PSNR_mean", "PSNR_best", "SSIM_mean")
@@ -317,23 +317,26 @@ class LpipsMetric:
         device: str | torch.device = "cpu",
         batch: int = 1,
         offline: bool | None = None,
+        read: tuple[dict[str, torch.Tensor], str] | None = None,
     ) -> "LpipsMetric":
         """Build the official model offline.
 
         weights=None: the trunk is the torchvision ImageNet AlexNet resolved through the weights
         manifest (`sr_lib.weights.resolve("alexnet")`, CheckpointError with a staging hint if
         missing), the heads come from the lpips package. weights=FILE: a complete
-        `lpips.LPIPS(net="alex")` state_dict (trunk + heads), loaded strictly.
+        `lpips.LPIPS(net="alex")` state_dict (trunk + heads), loaded strictly; `read`: its
+        (state_dict, sha256) where the caller has read it already (`read_state_dict`), so that
+        the file is read once.
         """
         if weights is not None:
-            sd = load_state_dict(weights)
+            sd, sha256 = read or read_state_dict(weights)
             import lpips  # noqa: F401  (its first import fails on the meta device: sr_lib/models/vgg.py)
 
             with torch.device("meta"):  # every tensor comes from the file: skip the random init
                 net = lpips_module()  # (of AlexNet's classifier too, 0.3 s)
             net = net.to_empty(device="cpu")
             load_strict(net, sd, f"{weights} is not an lpips.LPIPS(net='alex') state_dict")
-            info = {"weights": str(weights), "sha256": sha256_file(weights)}
+            info = {"weights": str(weights), "sha256": sha256}
         else:
             net = lpips_module()
             path = load_alexnet_trunk(net, offline)

@@ -6,6 +6,7 @@ downloaded as a last resort (never with SRSPACE_OFFLINE=1). Every file is checke
 manifest's sha256 before use, and loading refuses pickles that could run code.
 """
 
+import contextlib
 import errno
 import hashlib
 import http.client
@@ -87,10 +88,14 @@ def _hub_dir() -> Path:
 
 def sha256_file(path: str | os.PathLike) -> str:
     """The sha256 hex digest of a file, read in pieces."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
+        return _sha256(f)
+
+
+def _sha256(f) -> str:
+    h = hashlib.sha256()
+    while chunk := f.read(CHUNK):
+        h.update(chunk)
     return h.hexdigest()
 
 
@@ -284,17 +289,19 @@ def load_strict(
     module.load_state_dict({k: sd.get(k, v) for k, v in own.items()}, strict=True)
 
 
-def torch_load(path: str | os.PathLike, what: str = "weights"):
-    """torch.load(weights_only=True) on CPU; every failure is a one-line CheckpointError."""
+def torch_load(path: str | os.PathLike, what: str = "weights", file=None):
+    """torch.load(weights_only=True) on CPU; every failure is a one-line CheckpointError.
+    `file`: `path` opened by the caller (binary), to load from instead of opening it again."""
     path = Path(path)
-    if not path.is_file():
+    if file is None and not path.is_file():
         raise CheckpointError(f"{path}: no such {what} file (it does not exist)")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path if file is None else file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        with open(path, "rb") as f:
+        with open(path, "rb") if file is None else contextlib.nullcontext(file) as f:
+            f.seek(0)
             head = f.read(4)
         # A zip (torch.save) or pickle stream whose content the weights-only unpickler refused.
         if "Weights only load failed" in str(e) and (head[:2] == b"PK" or head[:1] == b"\x80"):
@@ -322,6 +329,23 @@ def is_tensor_dict(d) -> bool:
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a plain tensor state_dict on CPU, refusing anything that needs pickled code."""
     return as_state_dict(torch_load(path), path)
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
+    """(load_state_dict(path), the file's sha256) from one open of it: hashed in pieces, then
+    loaded from the same open file, whose pages the hashing left in the page cache. A weights
+    file of hundreds of MB on a network file system is fetched once, not once to hash and again
+    to load (and it is the file hashed that is loaded, even if it is replaced meanwhile)."""
+    path = Path(path)
+    if not path.is_file():
+        return torch_load(path)  # (raises its one-line error: no such file)
+    try:
+        with open(path, "rb") as f:
+            sha256 = _sha256(f)
+            f.seek(0)
+            return as_state_dict(torch_load(path, file=f), path), sha256
+    except OSError as e:  # (unreadable: torch_load's own failures are CheckpointErrors)
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
 
 
 def as_state_dict(sd, path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -186,6 +186,32 @@ def test_end_to_end_index_layout_with_lr(tmp_path, capsys, lpips_file):
     assert lines[1].startswith("[2/2] 0802") and lines[2].strip()  # no empty line (rich < 15)
 
 
+def test_the_lpips_weights_file_is_opened_once(tmp_path, lpips_file):
+    """--lpips-weights was read three times: loaded to check it before any image is read, loaded
+    again for the model and hashed for the results' settings; on a network file system each read
+    of a big file costs. One open now gives the check, the model and the sha256. (Counted by the
+    interpreter's audit hook, in a process of its own: the hook cannot be removed.)"""
+    hr_dir, _, sr_dir = make_set(tmp_path)
+    weights, out = tmp_path / "lpips.pth", tmp_path / "r.json"
+    shutil.copy(lpips_file, weights)
+    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", SCALE, "--n", N, "--device", "cpu",
+            "--lpips-weights", weights, "--out", out]  # fmt: skip
+    code = "\n".join([
+        "import sys",
+        "opens = []",
+        f"sys.addaudithook(lambda e, a: e == 'open' and str(a[0]) == {str(weights)!r}"
+        " and opens.append(a[1]))",
+        "import sr_eval",
+        f"code = sr_eval.main({[str(a) for a in argv]!r})",
+        "print('opens', code, len(opens), file=sys.stderr)",
+    ])  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)  # fmt: skip
+    assert done.stderr.splitlines()[-1:] == ["opens 0 1"], done.stderr[-2000:]
+    sha256 = __import__("hashlib").sha256(weights.read_bytes()).hexdigest()
+    assert json.loads(out.read_text())["settings"]["lpips"]["sha256"] == sha256
+
+
 def test_ntire_mode_stem_layout(tmp_path, capsys, lpips_file):
     hr_dir, _, sr_dir = make_set(tmp_path, layout="stem")
     out = tmp_path / "res.json"
