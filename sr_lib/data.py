@@ -775,6 +775,11 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
         ) from e
 
 
+def _sized(pair: tuple[np.ndarray, np.ndarray] | None):
+    """(HR, LR, the LR's (H, W)) of a decoded pair; None (smaller than one HR patch) stays None."""
+    return None if pair is None else (*pair, pair[1].shape[:2])
+
+
 def _pair_files(hr_dir: Path, lr_dir: Path | None, scale: int) -> list[tuple[Path, Path | None]]:
     """HR files of a folder with their LR partner: same relative path and stem, or DIV2K's 'x4'."""
     hr_files = list_images(hr_dir)
@@ -925,7 +930,8 @@ class PatchPairs(Dataset):
         self.cache = Path(cache) if cache is not None else None
         if [str(s) for s in sources] == ["demo"]:  # built-in; small, so no cache and no lr_dirs
             demo = demo_images("train")
-            names, loaded = [n for n, _ in demo], [self._pair(hr, None, n, None) for n, hr in demo]
+            names = [n for n, _ in demo]
+            loaded = [_sized(self._pair(hr, None, n, None)) for n, hr in demo]
             files = [None] * len(demo)
         else:
             if lr_dirs is not None and len(lr_dirs) != len(sources):
@@ -955,7 +961,7 @@ class PatchPairs(Dataset):
         self.skipped = skipped  # names of the images smaller than one HR patch
         self._hr = [x[0] for _, x, _ in kept]  # uint8 (H, W, 3) arrays, or .npy paths (cache)
         self._lr = [x[1] for _, x, _ in kept]
-        self.lr_hw = np.array([self._array(x).shape[:2] for x in self._lr], np.int64)  # (N, 2)
+        self.lr_hw = np.array([x[2] for _, x, _ in kept], np.int64)  # (N, 2)
 
     def _pair(self, hr, lr, hr_name, lr_name):
         """(HR cropped to a multiple of the scale, LR), or None when smaller than one HR patch."""
@@ -979,7 +985,8 @@ class PatchPairs(Dataset):
         )
 
     def _load(self, hr_path: Path, lr_path: Path | None):
-        """Decoded (HR, LR) arrays, or with a cache the paths of their .npy files."""
+        """(HR, LR, the LR's (H, W)): decoded arrays, or with a cache the paths of their .npy
+        files; None for an image smaller than one HR patch."""
         if self.cache is not None:
             # The name hashes what the arrays depend on, so an edited image is decoded again.
             # Size and mtime alone miss a file replaced by `cp -p` (same size, its mtime kept):
@@ -1000,7 +1007,9 @@ class PatchPairs(Dataset):
             s = self.scale
             if hr_shape and lr_shape and hr_shape[:2] == (s * lr_shape[0], s * lr_shape[1]):
                 small = min(lr_shape[:2]) < self.patch
-                return None if small else (str(hr_npy), str(lr_npy))
+                # the size from the header just checked: the file is not opened again to get it
+                # (20,000 opens more at each start on a network file system took minutes)
+                return None if small else (str(hr_npy), str(lr_npy), lr_shape[:2])
             # Not whole (a crash before the files reached the disk): a traceback at start, or
             # in a loader worker mid-run. Decoded again and rewritten instead.
             bad = [p for p, shape in ((hr_npy, hr_shape), (lr_npy, lr_shape)) if shape == ()]
@@ -1012,10 +1021,10 @@ class PatchPairs(Dataset):
         lr = read_image(lr_path) if lr_path is not None else None
         pair = self._pair(read_image(hr_path), lr, hr_path, lr_path)
         if self.cache is None or pair is None:  # too small: not cached, decoded again next time
-            return pair
+            return _sized(pair)
         _save_npy(hr_npy, pair[0])
         _save_npy(lr_npy, pair[1])
-        return str(hr_npy), str(lr_npy)
+        return str(hr_npy), str(lr_npy), pair[1].shape[:2]
 
     @staticmethod
     def _array(x) -> np.ndarray:
@@ -1038,7 +1047,7 @@ class PatchPairs(Dataset):
             made = self._load(hr_path, lr_path)
         except OSError as e:  # the image gone too
             raise DataError(f"{e.filename}: {e.strerror}, and its --cache file is gone") from None
-        if made != (self._hr[i], self._lr[i]):
+        if made != (self._hr[i], self._lr[i], tuple(self.lr_hw[i])):
             raise DataError(f"{hr_path}: changed since the run started, and its --cache file "
                             "is gone")  # fmt: skip
         return self._array(self._lr[i]), self._array(self._hr[i])

@@ -3,6 +3,7 @@
 Every image is generated here and written to tmp_path; nothing is downloaded.
 """
 
+import json
 import os
 import re
 import struct
@@ -847,6 +848,38 @@ def test_cache_reads_memmaps_without_decoding(hr_dir, tmp_path, monkeypatch):
     os.utime(target, ns=(0, 10**18))
     PatchPairs([hr_dir], scale=4, patch=8, batch=5, cache=cache)
     assert len(list(cache.glob("*.npy"))) == 12
+
+
+def test_a_second_start_takes_the_lr_sizes_from_the_cache_headers_it_checks(tmp_path):
+    """At each start every cached .lr.npy was opened again (np.load as a memmap: four opens) only
+    to read its size, after its header had been checked: with 20,000 images on a network file
+    system, minutes. Now the checked header gives the size: one open per cache file, none of
+    the images. (Counted by the interpreter's audit hook, in a process of its own: the hook
+    cannot be removed.)"""
+    hr, lr, cache = tmp_path / "hr", tmp_path / "lr", tmp_path / "cache"
+    hr.mkdir()
+    lr.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(32, 40), (36, 32), (44, 48)]):
+        write_png(hr / f"{i}.png", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        write_png(lr / f"{i}x4.png", rng.integers(0, 256, (h // 4, w // 4, 3), dtype=np.uint8))
+    PatchPairs([hr], 4, 8, lr_dirs=[lr], cache=cache)  # the first start makes the cache
+    code = "\n".join([
+        "import collections, json, sys",
+        "from sr_lib.data import PatchPairs",
+        "opens = collections.Counter()",
+        "sys.addaudithook(lambda e, a: e == 'open' and str(a[0]).startswith("
+        f"{str(tmp_path)!r}) and opens.update([str(a[0])]))",
+        f"ds = PatchPairs([{str(hr)!r}], 4, 8, lr_dirs=[{str(lr)!r}], cache={str(cache)!r})",
+        "print(json.dumps([opens, ds.lr_hw.tolist()]))",
+    ])  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    opens, lr_hw = json.loads(done.stdout)
+    files = {str(f): 1 for f in cache.glob("*.npy")}
+    assert len(files) == 6 and opens == files  # no image; each cache file once, its header
+    assert lr_hw == [[8, 10], [9, 8], [11, 12]]
 
 
 def test_an_image_replaced_by_cp_p_is_decoded_again(tmp_path):
