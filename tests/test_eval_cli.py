@@ -689,7 +689,7 @@ def test_full_disk_is_one_line_exit_7_and_no_partial_json(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
 
     cmd = eval_cmd("--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips",
-                   "--device", "cpu", "--out", out)  # fmt: skip
+                   "--out", out)  # fmt: skip
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, preexec_fn=small_files)
     err = p.stderr.strip().splitlines()
     assert p.returncode == 7 and len(err) == 1, p.stderr
@@ -705,7 +705,7 @@ def test_ctrl_c_is_one_line_exit_130_and_no_output(tmp_path):
     out = tmp_path / "res"
     out.mkdir()
     cmd = eval_cmd("--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 3, "--no-lpips",
-                   "--device", "cpu", "--out", out / "r.json", "--csv", out / "r.csv")  # fmt: skip
+                   "--out", out / "r.json", "--csv", out / "r.csv")  # fmt: skip
     p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = p.stdout.readline()  # the first image is scored: the run is in its main loop
     assert line.startswith("[1/40]"), line + p.stderr.read()
@@ -723,7 +723,7 @@ def test_started_in_the_background_ctrl_c_is_not_for_it(tmp_path, popen_in_backg
     hr_dir, _, sr_dir = make_set(tmp_path, n=3, sizes=((256, 256),) * 20, names=names)
     out = tmp_path / "res"
     cmd = eval_cmd("--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 3, "--no-lpips",
-                   "--device", "cpu", "--out", out / "r.json")  # fmt: skip
+                   "--out", out / "r.json")  # fmt: skip
     p = popen_in_background(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
     line = p.stdout.readline()
@@ -740,7 +740,7 @@ def test_piped_into_head_the_files_are_still_written(tmp_path):
     with stdout on a full disk (/dev/full)."""
     names = tuple(f"{k:04d}" for k in range(3))
     hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((64, 64),) * 3, names=names)
-    base = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips", "--device", "cpu"]
+    base = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips"]
     closed, full = "closed (the program reading it ended)", "cannot be written (No space left"
     for k, (argv, lost) in enumerate([(base + ["--out", tmp_path / "r0.json"], closed),
                                       (base, closed),
@@ -840,7 +840,8 @@ def test_a_wrong_size_in_the_last_image_stops_the_run_before_the_first_is_scored
     is loaded; the scoring checks the decoded images again (a file could change)."""
     hr_dir, lr_dir, sr_dir = make_set(tmp_path, n=2, **THREE)
     bad, text = setup(hr_dir, lr_dir, sr_dir)
-    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--device", "cpu"]
+    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2]
+    argv += [] if "--no-lpips" in extra else ["--device", "cpu"]  # (else a warning line)
     argv += [{"LPIPS": lpips_file, "LR": lr_dir}.get(a, a) for a in extra]
     argv += ["--out", tmp_path / "r.json", "--report", tmp_path / "R"]
     decoded, loaded = [], []
