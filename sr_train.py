@@ -363,6 +363,18 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
             out_g, ok = train_step(model, forward, optimizers, batches, step, recipe, dd, scaler,
                                    autocast, graph)  # fmt: skip
         except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            if stop["signal"] and args.compile and not is_out_of_memory(e):
+                # A signal to the process group (SLURM, Ctrl-C) also ends the compilers that
+                # --compile runs in this step (g++ for inductor): the compilation fails, in the
+                # forward or backward, before any weight changed. A stop, not a bug: as after
+                # the step, save the steps done and exit 75 (several processes: the others may
+                # wait in a collective, so no save: one line naming the last one).
+                if dd.on:
+                    raise Resumable(f"{stop['signal']}: stopped in step {step + 1} (its "
+                                    f"compilation); {last_save(dd, saved, out / 'last.pt', before)}"
+                                    ) from None  # fmt: skip
+                stopped = stop["signal"]
+                break
             if dd.on or not is_out_of_memory(e):  # (other ranks wait in a collective: no save)
                 raise
             stopped = "out of memory"  # save the steps done since the last save, then exit 4

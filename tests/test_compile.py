@@ -4,14 +4,17 @@ regionally: each flow step, split and RRDB block once per distinct shape, withou
 Also the loader settings of the CUDA path. Compile time and speed on a GPU:
 tests/bench/bench_gpu.py."""
 
+import contextlib
 import functools
 import importlib.util
 import inspect
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -216,3 +219,45 @@ def test_the_loader_pins_and_copies_to_the_device_only_on_cuda(tmp_path, monkeyp
             "--device", "cpu", "--out", str(tmp_path)]  # fmt: skip
     assert sr_train.main(argv) == 0
     assert not seen["pin_memory"] and seen["device"] == torch.device("cpu")
+
+
+# sr_train.py whose --compile backend runs a compiler process, as inductor runs g++ in the step
+COMPILING = """import os, signal, subprocess, sys, torch, sr_train
+def backend(gm, inputs):  # a child in the script's process group, as g++ is
+    open(os.environ["COMPILING"], "w").close()
+    subprocess.run(["sleep", "60"], check=True)
+    return gm.forward
+sr_train.compile_blocker = lambda device: None  # (no g++ needed)
+sr_train.compile_model = lambda model, forward: torch.compile(forward, backend=backend)
+sys.exit(sr_train.main(sys.argv[1:]))"""
+
+
+def test_a_signal_to_the_group_while_compiling_the_first_step_stops_it_cleanly(tmp_path):
+    """SIGTERM to the process group (SLURM, or Ctrl-C's SIGINT in a terminal) during the first
+    step of a --compile run, minutes of compiling on a CPU, also killed inductor's g++: the
+    compilation failed and the run ended with a traceback of ~2,400 lines (the compiler's
+    output) and exit 1, the job not requeued. Now as a signal after a step: last.pt, exit 75,
+    one line; no compiler left running."""
+    out, flag = tmp_path / "run", tmp_path / "compiling"
+    cmd = [sys.executable, "-c", COMPILING, "--model", "edsr", "--n-feats", "8", "--n-blocks",
+           "1", "--scale", "2", "--data", "demo", "--patch", "8", "--batch", "2", "--steps", "3",
+           "--workers", "0", "--val-every", "0", "--device", "cpu", "--compile", "--out",
+           str(out)]  # fmt: skip
+    env = {**os.environ, "COMPILING": str(flag)}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not flag.exists() and proc.poll() is None:
+            time.sleep(0.05)
+        assert flag.exists(), proc.communicate()[1].decode()[-2000:]
+        os.killpg(proc.pid, signal.SIGTERM)  # the script and its compiler
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 75 and not stderr, stderr.decode()[-2000:]
+    assert stdout.decode().splitlines()[-1] == (
+        f"SIGTERM: stopped at step 0, wrote {out / 'last.pt'}; continue with --resume auto"
+    )
+    assert load_checkpoint(out / "last.pt")["step"] == 0
