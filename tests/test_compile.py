@@ -243,6 +243,13 @@ def test_a_signal_to_the_group_while_compiling_the_first_step_stops_it_cleanly(t
            "1", "--scale", "2", "--data", "demo", "--patch", "8", "--batch", "2", "--steps", "3",
            "--workers", "0", "--val-every", "0", "--device", "cpu", "--compile", "--out",
            str(out)]  # fmt: skip
+    assert stopped_while_compiling(cmd, flag) == 0
+
+
+def stopped_while_compiling(cmd: list[str], flag: Path) -> int:
+    """Runs `cmd` (sr_train.py ... --out OUT) in its own process group, sends the group SIGTERM
+    once its compiler runs (`flag` exists), checks the run stopped cleanly; the step saved."""
+    out = Path(cmd[-1])
     env = {**os.environ, "COMPILING": str(flag)}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
@@ -253,11 +260,46 @@ def test_a_signal_to_the_group_while_compiling_the_first_step_stops_it_cleanly(t
         assert flag.exists(), proc.communicate()[1].decode()[-2000:]
         os.killpg(proc.pid, signal.SIGTERM)  # the script and its compiler
         stdout, stderr = proc.communicate(timeout=60)
+        with pytest.raises(ProcessLookupError):  # no compiler left running in the group
+            os.killpg(proc.pid, 0)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 75 and not stderr, stderr.decode()[-2000:]
+    step = load_checkpoint(out / "last.pt")["step"]
     assert stdout.decode().splitlines()[-1] == (
-        f"SIGTERM: stopped at step 0, wrote {out / 'last.pt'}; continue with --resume auto"
+        f"SIGTERM: stopped at step {step}, wrote {out / 'last.pt'}; continue with --resume auto"
     )
-    assert load_checkpoint(out / "last.pt")["step"] == 0
+    return step
+
+
+# sr_train.py whose flow blocks compile eagerly in training and run a compiler process in
+# validation: a flow validates through its compiled blocks, compiled again there (no gradients)
+COMPILING_IN_VALIDATION = """import os, subprocess, sys, sr_train
+validating = []
+def backend(gm, inputs):
+    if validating:  # a child in the script's process group, as g++ is
+        open(os.environ["COMPILING"], "w").close()
+        subprocess.run(["sleep", "60"], check=True)
+    return gm.forward
+def validate(*args):
+    validating.append(1)
+    return real_validate(*args)
+real_validate, sr_train.validate = sr_train.validate, validate
+real_compile = sr_train.compile_model
+sr_train.compile_blocker = lambda device: None
+sr_train.compile_model = lambda model, forward: real_compile(model, forward, backend=backend)
+sys.exit(sr_train.main(sys.argv[1:]))"""
+
+
+def test_a_signal_to_the_group_while_validation_compiles_stops_cleanly(tmp_path):
+    """The same in a flow's validation, which compiles its blocks again: a traceback, exit 1,
+    the step before it not saved. Now: last.pt of that step, exit 75, one line."""
+    out, flag = tmp_path / "run", tmp_path / "compiling"
+    cmd = [sys.executable, "-c", COMPILING_IN_VALIDATION, "--model", "srflow", "--nb", "2",
+           "--nf", "8", "--gc", "4", "--rrdb-blocks", "0,1", "--flow-steps", "1",
+           "--hidden-channels", "8", "--scale", "4", "--data", "demo", "--patch", "8", "--batch",
+           "2", "--steps", "3", "--workers", "0", "--val-every", "1", "--val-images", "1",
+           "--val-crop", "32", "--val-n", "1", "--device", "cpu", "--compile", "--out",
+           str(out)]  # fmt: skip
+    assert stopped_while_compiling(cmd, flag) == 1
