@@ -328,6 +328,10 @@ def test_latent_from_cli(tmp_path, ckpts):
         ("varsr", ["--latent", "empty.npy"], 2, "(0, 8), expected (8,) or (k, 8) with at least"),
         ("refvae", ["--latent", "nan.npy"], 3, "nan.npy: holds NaN or infinite values"),
         ("varsr", ["--latent-shift", "inf.npy"], 3, "--latent-shift"),
+        # a file that is no image (a checkpoint), a folder: the line names the flag that gave it
+        ("varsr", ["--latent-from", "varsr.pt"], 3, "--latent-from varsr.pt: not an image file"),
+        ("varsr", ["--latent-from", "refs"], 3, "--latent-from refs: not a file"),
+        ("refvae", ["--ref", "ok.npy"], 3, "--ref ok.npy: not an image file"),
     ],
 )
 def test_unsupported_or_bad_controls_one_line(tmp_path, ckpts, capsys, name, flags, code, words):
@@ -339,10 +343,13 @@ def test_unsupported_or_bad_controls_one_line(tmp_path, ckpts, capsys, name, fla
     np.save(tmp_path / "nan.npy", np.full(8, np.nan, np.float32))
     np.save(tmp_path / "inf.npy", np.array([np.inf] + [0] * 7, np.float32))
     (tmp_path / "no refs").mkdir()
-    flags = [str(tmp_path / f) if f.endswith((".npy", ".npz", "nowhere", "refs")) else f
-             for f in flags]  # fmt: skip
+    (tmp_path / "varsr.pt").write_bytes(ckpts["varsr"].read_bytes())
+    images(tmp_path / "refs", 3, ((8, 8),))
+    flags = [f"{f}" if not f.endswith((".npy", ".npz", ".pt", "nowhere", "refs")) else
+             str(tmp_path / f) for f in flags]  # fmt: skip
     assert run("--ckpt", ckpts[name], "--input", inp, "--out", tmp_path / "o", *flags) == code
     err = capsys.readouterr().err.strip().splitlines()
+    err = [line.replace(f"{tmp_path}/", "") for line in err]
     assert len(err) == 1 and err[0].startswith("sr_sample.py: error: ") and words in err[0]
 
 

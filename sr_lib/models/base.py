@@ -486,6 +486,15 @@ def load_latent(path: str, dim: int, flag: str) -> torch.Tensor:
     return z
 
 
+def control_image(path, flag: str, device) -> torch.Tensor:
+    """The (3, H, W) image a control flag names; one that cannot be read (a checkpoint, a
+    folder, a broken file) is a data error naming the flag, not an unreadable input."""
+    try:
+        return to_tensor(read_image(path)).to(device)
+    except DataError as e:
+        raise DataError(f"{flag} {e}") from None
+
+
 class LatentSRModel(SRModel):
     """A model whose sample i is decoded from one global latent z_i (D,) of the whole image, so
     latents can be drawn, saved, decoded again, walked along a direction, or taken from a
@@ -534,11 +543,11 @@ class LatentSRModel(SRModel):
                 files = list_images(path, recursive=False) if path.is_dir() else [path]
             except DataError as e:  # an empty folder: say which flag gave it
                 raise DataError(f"--ref {e}") from None
-            ctl.cond["ref"] = [to_tensor(read_image(f)).to(device) for f in files]
+            ctl.cond["ref"] = [control_image(f, "--ref", device) for f in files]
             ctl.per_sample_refs = path.is_dir()
             ctl.n = len(files) if path.is_dir() else ctl.n
         if latent_from:
-            ctl.cond["latent_from"] = to_tensor(read_image(latent_from))[None].to(device)
+            ctl.cond["latent_from"] = control_image(latent_from, "--latent-from", device)[None]
             ctl.n = 1  # E_H's mean: one output
         if controls.get("latent"):
             ctl.latent = load_latent(controls["latent"], dim, "--latent").view(-1, dim).to(device)
