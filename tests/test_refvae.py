@@ -398,3 +398,15 @@ def test_a_temperature_sweep_of_fixed_latents_is_refused(tmp_path, ckpts, capsys
     assert err == ["sr_sample.py: error: --temperature: --latent sets the latents; its samples do "
                    "not depend on the temperature (give one)"]  # fmt: skip
     assert not (tmp_path / "o").exists()
+
+
+def test_a_reference_folder_is_held_at_ref_size(tmp_path):
+    """--ref DIR of n large photographs: each reference is kept as the encoder uses it,
+    (3, ref_size, ref_size), not at full size (n of them on the device for the whole run), and
+    decodes to the same latents as the full-size image."""
+    net = model()
+    refs = images(tmp_path / "refs", 1, ((64, 96), (5, 7), (40, 40)))  # larger and smaller
+    ctl = net.resolve_controls({"ref": str(refs)}, 10, "cpu")
+    assert ctl.n == 3 and [tuple(r.shape) for r in ctl.cond["ref"]] == [(3, 16, 16)] * 3
+    full = [torch.from_numpy(iio.imread(p)).permute(2, 0, 1) / 255 for p in sorted(refs.iterdir())]
+    assert torch.equal(net.encode_refs(ctl.cond["ref"])[0], net.encode_refs(full)[0])

@@ -508,6 +508,12 @@ class LatentSRModel(SRModel):
     def z_dim(self) -> int:
         return self.cfg.z_dim
 
+    def reference(self, img: torch.Tensor) -> torch.Tensor:
+        """A --ref image (3, H, W) as `latents` uses it, kept so for the whole run: a model that
+        resizes its references does it here, once, so a folder of large photographs is not held
+        at full size (all of them, on the device)."""
+        return img
+
     def latents(self, lr: torch.Tensor, n: int, temperature: float, noise, **cond):
         """z (B, n, D) of n samples per LR image, drawn from `noise` (vectors, never fields)."""
         raise NotImplementedError(f"{type(self).__name__} must define latents()")
@@ -543,7 +549,7 @@ class LatentSRModel(SRModel):
                 files = list_images(path, recursive=False) if path.is_dir() else [path]
             except DataError as e:  # an empty folder: say which flag gave it
                 raise DataError(f"--ref {e}") from None
-            ctl.cond["ref"] = [control_image(f, "--ref", device) for f in files]
+            ctl.cond["ref"] = [self.reference(control_image(f, "--ref", device)) for f in files]
             ctl.per_sample_refs = path.is_dir()
             ctl.n = len(files) if path.is_dir() else ctl.n
         if latent_from:

@@ -347,6 +347,10 @@ class RefVAE(LatentSRModel):
                 raise DataError(f"--ref-data {e}") from None
         return self._ref_files
 
+    def reference(self, img: torch.Tensor) -> torch.Tensor:
+        """(3, ref_size, ref_size): what `encode_refs` makes of it (it resizes no more)."""
+        return resize_ref(img[None], self.cfg.ref_size)[0]
+
     def encode_refs(self, refs) -> tuple[torch.Tensor, torch.Tensor]:
         """μ, log σ² (N, D) of N references ((N, 3, h, w) or a list of (3, h, w) in [0, 1]),
         one at a time, so a reference's latent never depends on what it is batched with."""
