@@ -127,6 +127,24 @@ def test_same_seeds_same_samples_and_copies(case, make_batch):
         assert torch.equal(s, model.sample(lr, n=3, temperature=0.0))
 
 
+@cases
+def test_a_sample_does_not_depend_on_what_it_is_drawn_with(case, make_batch):
+    """Sample i of a seed is the same bytes drawn in one call of 5 or in calls of 2 and 3 (how
+    sr_sample.py's --batch chunks --n), as README promises: each sample is computed alone."""
+    model = build(case, 4).eval()
+    if not model.stochastic:
+        pytest.skip("one output, drawn once")
+    for p in model.parameters():  # zero-initialised last layers would hide the latent's effect
+        p.data.add_(0.05 * torch.randn_like(p))
+    lr, _ = make_batch(4, b=1, h=6, w=7)
+    seeds = [21, 22, 23, 24, 25]
+    whole = model.sample(lr, n=5, temperature=0.8, noise=NoiseSource(seeds))
+    parts = [model.sample(lr, n=len(s), temperature=0.8, noise=NoiseSource(s))
+             for s in (seeds[:2], seeds[2:])]  # fmt: skip
+    assert torch.equal(whole, torch.cat(parts, dim=1))
+    assert not torch.equal(whole[:, 0], whole[:, 1])
+
+
 def test_noise_fields_are_cut_per_tile_and_vectors_never():
     whole = NoiseSource([3, 4])
     f_lr, f_hr, v = whole.field(2, 8, 12), whole.field(1, 32, 48), whole.vector(5)
