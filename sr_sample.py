@@ -13,9 +13,10 @@ Files written to a sample folder (what sr_eval.py reads). NAME is the input's st
   NAME_sigma.png, .npy    --save-uncertainty, models with an uncertainty output: sigma in [0, 1]
                           as a 16-bit gray PNG of round(mean over RGB of sigma * 65535), and the
                           float32 (3, H, W) array as .npy
-  NAME_grid.png           --grid: one labelled row [LR enlarged (nearest) | the n samples |
-                          per-pixel std across samples (stochastic models) | sigma], maps
-                          normalised to their max (black, red, yellow, white)
+  NAME_grid.png           --grid: one labelled row [LR enlarged (nearest) | the n samples,
+                          at most the first 16 | per-pixel std across all n samples (stochastic
+                          models) | sigma], maps normalised to their max (black, red, yellow,
+                          white)
   NAME_sample{i:05d}.latent.npy
                           --save-latent, latent models (refvae, varsr): the float32 (D,) latent
                           of sample i; `--latent FILE` decodes it to the same sample again
@@ -149,6 +150,7 @@ from sr_lib.weights import sha256_file
 PROG = "sr_sample.py"
 MIN_TILE = 16  # smallest --tile (LR px): below it the context costs many times the tile
 OOM_MIN_TILE = 64  # the out-of-memory fallback halves the tile down to this
+GRID_SAMPLES = 16  # samples shown on a --grid contact sheet (its std panel: of all n)
 MAX_N = 100_000  # sample numbers have five digits
 # Flags recorded in manifest.json that a rerun may change: they do not change the files (or what
 # they change is compared as its effect: the model, its scale, n, the folder's temperature, ...).
@@ -935,12 +937,12 @@ def sample_image(model, lr, img, stem, name, n, todo, folders, files, contexts, 
                 sigma = uncertainty_map(model, lr, tile, context, name)
             t = todo[0]
             folder = folders[t]
-            srs = write_samples(model, lr, stem, name, n, t, folder, files, tile, context,
+            shown = write_samples(model, lr, stem, name, n, t, folder, files, tile, context,
                                 controls, prepared, args, writer)  # fmt: skip
             if sigma is not None and args.save_uncertainty:
                 write_sigma(folder / f"{name}_sigma", sigma)
             if args.grid:
-                save_png(folder / f"{name}_grid.png", contact_sheet(img, srs, sigma, model))
+                save_png(folder / f"{name}_grid.png", contact_sheet(img, *shown, sigma, model))
             todo.pop(0)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
@@ -953,11 +955,13 @@ def sample_image(model, lr, img, stem, name, n, todo, folders, files, contexts, 
 def write_samples(model, lr, stem, name, n, temperature, folder, files, tile, context, controls,
                   prepared, args, writer) -> list:  # fmt: skip
     """Draw and write (with `writer`, a SampleWriter) the n samples of one (1, 3, h, w) LR image
-    at one temperature, in chunks of --batch; returns the uint8 samples if --grid needs them.
+    at one temperature, in chunks of --batch; returns what --grid shows: the first GRID_SAMPLES
+    uint8 samples and the per-pixel std (H, W) of all n (None: one output), summed as they come,
+    so memory does not grow with --n.
     Latent models draw the latents on the whole LR first and decode every tile with them
     (--save-latent writes them)."""
     names = files.samples(name)
-    kept = []
+    kept, sums = [], None  # sums: of x and x² over the samples drawn (float64: exact enough)
     draws = n if model.stochastic else 1  # a deterministic model: one output, written n times
     for c0 in range(0, draws, args.batch):
         idx = range(c0, min(c0 + args.batch, draws))
@@ -973,8 +977,14 @@ def write_samples(model, lr, stem, name, n, temperature, folder, files, tile, co
         for i, sr in zip(idx, srs):
             copies = [i] if model.stochastic else range(n)
             writer([folder / names[j] for j in copies], sr)
-            kept += [sr] * len(copies) if args.grid else []
-    return kept
+            if args.grid:
+                kept += [sr] * min(len(copies), GRID_SAMPLES - len(kept))
+                x = sr.astype(np.float64)
+                sums = (x, x * x) if sums is None else (sums[0] + x, sums[1] + x * x)
+    if not args.grid or not model.stochastic or draws == 1:
+        return kept, None
+    mean, square = sums[0] / draws, sums[1] / draws
+    return kept, np.sqrt(np.maximum(square - mean * mean, 0)).mean(-1)
 
 
 def check_finite(x: torch.Tensor, name: str, idx: range, temperature, amp: str) -> None:
@@ -1029,14 +1039,14 @@ def labelled(panel: np.ndarray, *texts: str) -> np.ndarray:
     return np.concatenate([np.asarray(strip), panel])
 
 
-def contact_sheet(lr: np.ndarray, srs: list[np.ndarray], sigma, model) -> np.ndarray:
-    """One labelled row: LR enlarged (nearest), the samples, their per-pixel standard deviation
-    (stochastic models with several samples) and sigma if any."""
+def contact_sheet(lr: np.ndarray, srs: list[np.ndarray], std, sigma, model) -> np.ndarray:
+    """One labelled row: LR enlarged (nearest), the samples shown, the per-pixel standard
+    deviation `std` of all samples (stochastic models with several) and sigma if any."""
     s = model.scale
     panels = [(np.repeat(np.repeat(lr, s, 0), s, 1), ["LR"])]
     panels += [(sr, [f"sample {i}", f"#{i}", str(i)]) for i, sr in enumerate(srs)]
-    if model.stochastic and len(srs) > 1:
-        panels.append((heat(np.stack(srs).astype(np.float32).std(0).mean(-1)), ["std"]))
+    if std is not None:
+        panels.append((heat(std), ["std"]))
     if sigma is not None:
         panels.append((heat(sigma.mean(0)), ["sigma", "sig"]))
     return np.concatenate([labelled(p, *texts) for p, texts in panels], axis=1)

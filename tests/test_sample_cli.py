@@ -505,6 +505,23 @@ def test_grid(tmp_path, toy_ckpt):
     assert len({strip.tobytes() for strip in strips}) == 6  # LR, sample 0..2, std, sigma
 
 
+def test_a_grid_of_many_samples_shows_the_first_16_and_the_std_of_all(tmp_path, toy_ckpt):
+    """--n 20 --grid: a sheet of every sample would hold all n in memory (--n 200 of a 512² LR:
+    GBs); it shows GRID_SAMPLES, and the std panel is still that of all n samples."""
+    inp = folder(tmp_path / "in", a=image((10, 13), 8))
+    argv = ["--ckpt", toy_ckpt, "--input", inp, "--n", 20, "--batch", 3, "--grid"]
+    assert run(*argv, "--out", tmp_path / "g") == 0
+    sheet = read(tmp_path / "g" / "a_grid.png")
+    label, k = sr_sample.LABEL_HEIGHT, sr_sample.GRID_SAMPLES
+    assert k == 16 and sheet.shape == (label + 20, 26 * (1 + k + 1 + 1), 3)  # LR, 16, std, sigma
+    assert (
+        sheet[label:, 26 * k : 26 * (k + 1)] == read(tmp_path / "g" / "a_sample00015.png")
+    ).all()
+    srs = np.stack([read(tmp_path / "g" / f"a_sample{i:05d}.png") for i in range(20)])
+    std = sr_sample.heat(srs.astype(np.float64).std(0).mean(-1)).astype(int)
+    assert np.abs(sheet[label:, 26 * (k + 1) : 26 * (k + 2)] - std).max() <= 1
+
+
 def test_grid_of_a_deterministic_model_has_no_std_panel(tmp_path, bicubic_ckpt):
     inp = folder(tmp_path / "in", a=image((10, 13), 8))
     assert run("--ckpt", bicubic_ckpt, "--input", inp, "--n", 1, "--grid",
