@@ -12,6 +12,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import math
 import os
 import random
@@ -1304,6 +1305,11 @@ def wrap(model, dd, device, compile: bool):
             DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
         ids = [dd.local_rank] if device.type == "cuda" else None
         forward = DDP(model, device_ids=ids, find_unused_parameters=model.ddp_find_unused)
+        if compile:  # DDP's forward names itself to the profiler, a range dynamo leaves out
+            # and logs so on every rank at the first compiled step: torch's own code, nothing
+            # to act on, where a line every rank says alike belongs in the log once at most
+            logging.getLogger("torch._dynamo.variables.ctx_manager").addFilter(
+                lambda r: not str(r.msg).startswith("Profiler record function"))  # fmt: skip
     return compile_model(model, forward) if compile else forward
 
 

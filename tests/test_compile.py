@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch._dynamo
 from conftest import TINY
+from test_distributed import ONE_WORKER, ended, srun_ranks
 from torch._dynamo.utils import counters
 
 import sr_train
@@ -244,6 +245,42 @@ def test_a_signal_to_the_group_while_compiling_the_first_step_stops_it_cleanly(t
            "--workers", "0", "--val-every", "0", "--device", "cpu", "--compile", "--out",
            str(out)]  # fmt: skip
     assert stopped_while_compiling(cmd, flag) == 0
+
+
+@ONE_WORKER
+def test_a_signal_to_the_group_while_two_ranks_compile_the_first_step_stops_both(tmp_path):
+    """The same under srun, 2 ranks: SIGTERM to the process group of both ranks and their
+    compilers during the first step. A rank of several saves nothing (the other may wait in a
+    collective): each ends with one line saying what OUT/last.pt holds, exit 75; none existed.
+    (Each rank also printed torch's log line on DDP's profiler range, left out of the graph.)"""
+    out, flags = tmp_path / "run", [tmp_path / "compiling0", tmp_path / "compiling1"]
+    argvs = [[sys.executable, "-c", COMPILING.replace('environ["COMPILING"]',
+                                                      f"environ['COMPILING'] + '{rank}'"),
+              "--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--scale", "2", "--data",
+              "demo", "--patch", "8", "--batch", "2", "--steps", "3", "--workers", "0",
+              "--val-every", "0", "--device", "cpu", "--compile", "--out", str(out)]
+             for rank in (0, 1)]  # fmt: skip
+    ranks = srun_ranks(argvs, subprocess.PIPE, {"COMPILING": str(tmp_path / "compiling")}, True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not all(f.exists() for f in flags):
+            assert all(p.poll() is None for p in ranks), [p.communicate()[1] for p in ranks]
+            time.sleep(0.05)
+        assert all(f.exists() for f in flags)
+        os.killpg(ranks[0].pid, signal.SIGTERM)  # both ranks and their compilers
+        codes, outs = ended(ranks)
+        with pytest.raises(ProcessLookupError):  # no compiler left running in the group
+            os.killpg(ranks[0].pid, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(ranks[0].pid, signal.SIGKILL)
+    errs = [err for _, err in outs]
+    assert codes == [75, 75], errs
+    line = "sr_train.py: error: SIGTERM: stopped in step 1 (its compilation); "
+    assert errs == [line + "nothing was saved: start again\n",
+                    line + f"{out / 'last.pt'} holds rank 0's last save: continue with "
+                    "--resume auto\n"]  # fmt: skip
+    assert not (out / "last.pt").exists()
 
 
 def stopped_while_compiling(cmd: list[str], flag: Path) -> int:

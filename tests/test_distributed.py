@@ -1,6 +1,7 @@
 """Multi-process training with torch.distributed (gloo on CPU), as torchrun/srun would run it."""
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -58,16 +59,23 @@ def train_cmd(out, images, *extra, nproc=2):
                        *extra]  # fmt: skip
 
 
-def srun_ranks(argvs, stdout=subprocess.DEVNULL):
+def srun_ranks(argvs, stdout=subprocess.DEVNULL, env=None, group=False):
     """One process per argv as `srun` starts a 2-task step on this machine (SLURM_* variables,
-    no torchrun): rank i runs argvs[i]."""
+    no torchrun): rank i runs argvs[i]. `group`: the ranks in a process group of their own, led
+    by rank 0, for a signal to all of them and their children (os.killpg(ranks[0].pid, ...))."""
     slurm = {"SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_NODELIST": "localhost",
              "SLURM_JOB_ID": "9536",
              "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}  # fmt: skip
-    return [subprocess.Popen(argv, cwd=REPO, stdout=stdout, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, **slurm, "SLURM_PROCID": str(rank),
-                                  "SLURM_LOCALID": str(rank)})
-            for rank, argv in enumerate(argvs)]  # fmt: skip
+    ranks = []
+    for rank, argv in enumerate(argvs):
+        leader = ranks[0].pid if ranks else 0  # (0: a new group, of this process's id)
+        ranks.append(subprocess.Popen(argv, cwd=REPO, stdout=stdout, stderr=subprocess.PIPE,
+                                      text=True, env={**os.environ, **(env or {}), **slurm,
+                                                      "SLURM_PROCID": str(rank),
+                                                      "SLURM_LOCALID": str(rank)},
+                                      preexec_fn=functools.partial(os.setpgid, 0, leader) if group
+                                      else None))  # fmt: skip
+    return ranks
 
 
 def run(cmd, timeout=240):
