@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from sr_lib import distributed
 from sr_lib.errors import CheckpointError, UsageError
 
 MANIFEST = Path(__file__).resolve().parent.parent / "weights.txt"
@@ -227,7 +228,11 @@ def _download(entry: Entry, target: Path) -> Path:
         raise CheckpointError(f"cannot write to {target.parent} ({e.strerror}); {stage}") from None
     tmp = Path(tmp)
     try:
-        print(f"srspace: downloading {entry.url} to {target}", file=sys.stderr, flush=True)
+        # Under torchrun/srun every rank lacking the file downloads it (each node its own
+        # $SRSPACE_WEIGHTS or hub cache): a node's own doing, so the line names its rank
+        ranks = distributed.env_ranks()
+        who = f"rank {ranks[0]}: " if ranks and ranks[1] > 1 else ""
+        print(f"srspace: {who}downloading {entry.url} to {target}", file=sys.stderr, flush=True)
         h, got = hashlib.sha256(), 0
         with os.fdopen(fd, "wb") as f, urllib.request.urlopen(entry.url, timeout=60) as r:
             size = int(r.headers.get("Content-Length") or -1)
