@@ -35,7 +35,8 @@ N samples per image (files beyond its n are an earlier run's, left by --overwrit
 +inf (an SR whose downscale equals the GT's exactly; it makes the mean inf too, as the reference)
 is written as the string "inf" so that the file is strict JSON; a column that was not computed
 (--no-lpips) is null. --csv: one row per method and image (method, temperature, n, image, ...).
-Files are written atomically, and their folders are checked writable before any work starts.
+Files are written atomically, and their folders are checked writable before any work starts;
+--out or --csv naming a file the run reads (an image, a manifest, the LPIPS weights) is refused.
 
 --report DIR: DIR/index.html, self-contained (sr_lib/report.py): the table, the NTIRE trade-off
 plots and per image a contact sheet (LR, GT, each method's samples and their per-pixel std).
@@ -82,6 +83,7 @@ from sr_lib.data import (
     list_images,
     mod_crop,
     read_ahead,
+    same_files,
     shared_stem,
     size_ratio,
     write_text,
@@ -366,6 +368,7 @@ def run(args: EvalArgs, given: set[str] = frozenset()) -> int:
     sigma_files = None
     if args.uncertainty:
         sigma_files = sigma_maps(args.uncertainty, stems, args.scale, args.ntire)
+    check_not_inputs(args, hr, methods, lr_files, sigma_files)
     check_headers(args, shave, hr, methods, lr_files)
     if args.report:
         report.check_matplotlib()
@@ -512,6 +515,23 @@ def hr_images(hr: str) -> dict[str, Path]:
     if dup is not None:
         raise DataError(f"--hr {hr_dir}: two images share the stem {dup!r}; rename one")
     return {p.stem: p for p in files}
+
+
+def check_not_inputs(args: EvalArgs, hr: dict[str, Path], methods, lr_files, sigma_files) -> None:
+    """--out and --csv may not name a file this run reads (--csv HR/0801.png, --out given a
+    sample's name): writing the results there would replace the user's image with text, found
+    only by the next run. Compared as files (links followed), only where an output exists."""
+    outputs = [(flag, Path(p)) for flag, p in (("--out", args.out), ("--csv", args.csv)) if p]
+    outputs = [(flag, p) for flag, p in outputs if p.exists()]  # a new file replaces nothing
+    if not outputs:
+        return
+    inputs = [*hr.values(), *(f for m in methods for fs in m.files for f in fs)]
+    inputs += [m.sr_dir / name for m in methods for name in ("manifest.json", "ntire_index.json")]
+    inputs += [*(lr_files or []), *(sigma_files or []), *filter(None, [args.lpips_weights])]
+    for flag, path in outputs:
+        if same_files([path], inputs):
+            raise UsageError(f"{flag} {path} is one of this run's input files, which the results "
+                             f"would replace; give {flag} another path")  # fmt: skip
 
 
 def lr_inputs(lr: str, stems: list[str], scale: int) -> list[Path]:

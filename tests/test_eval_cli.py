@@ -674,6 +674,24 @@ def test_output_problems_are_found_before_the_work_and_exit_7(tmp_path, capsys, 
     assert "[1/2]" not in cap.out and list(read_only_dir.iterdir()) == []
 
 
+def test_an_output_naming_an_input_file_is_refused_and_the_input_kept(tmp_path, capsys):
+    """--csv given an HR image, --out a sample (through a link): the results would replace the
+    user's image with text, found only by the next run. One line, exit 2, before any work."""
+    hr_dir, lr_dir, sr_dir = make_set(tmp_path, n=2)
+    (tmp_path / "link.png").symlink_to(sr_dir / "000001_sample00001.png")
+    for flag, path in (("--csv", hr_dir / "0802.png"), ("--out", tmp_path / "link.png"),
+                       ("--csv", lr_dir / "0801x4.png")):  # fmt: skip
+        before = path.read_bytes()
+        code, err = fails(capsys, *base(hr_dir, sr_dir, 2, "--lr", lr_dir, flag, path))
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"{flag} {path} is one of this run's input files" in err
+        assert path.read_bytes() == before
+    out = tmp_path / "r.csv"
+    out.write_text("an earlier run's\n")  # an existing output that is no input: replaced
+    code, _ = run(capsys, *base(hr_dir, sr_dir, 2, "--csv", out))
+    assert code == 0 and out.read_text().startswith("method,")
+
+
 def eval_cmd(*argv):
     return [sys.executable, str(REPO / "sr_eval.py"), *[str(a) for a in argv]]
 
