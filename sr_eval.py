@@ -289,6 +289,12 @@ def find_samples(sr_dir: Path, stems: list[str], n: int, scale: int) -> list[lis
         for i in range(n):
             if name(k, s, i) not in have:
                 missing = sr_dir / f"{name(k, s, i)}.png"
+                if i and not any(name(j, t, i) in have for j, t in enumerate(stems)):
+                    # no image has sample i: a folder of fewer samples, not one with a gap
+                    raise DataError(
+                        f"{sr_dir}: {i} sample(s) per image, not N = {n} (no {missing.name}); "
+                        f"give --n {i} or --sr {sr_dir}:{i}"
+                    )
                 raise DataError(f"missing SR sample {missing} (image {s}, sample {i} of N = {n})")
         paths.append([have[name(k, s, i)] for i in range(n)])
     return paths

@@ -492,6 +492,11 @@ def test_missing_sample_and_wrong_n(capsys, tiny_set):
     assert code == 3 and "000001_sample00001.png" in err
     code, err = fails(capsys, *base(hr_dir, sr_dir, 5))  # fewer files than --n: first missing
     assert code == 3 and "000000_sample00002.png" in err
+    (sr_dir / "000000_sample00001.png").unlink()  # no image has a 2nd sample: what to give
+    code, err = fails(capsys, *base(hr_dir, sr_dir, 5))
+    assert code == 3 and err.count("\n") == 1
+    assert f"{sr_dir}: 1 sample(s) per image, not N = 5 (no 000000_sample00001.png)" in err
+    assert f"give --n 1 or --sr {sr_dir}:1" in err
 
 
 def test_no_matching_layout(tmp_path, capsys, tiny_set):
