@@ -472,6 +472,12 @@ def check_flags(args: EvalArgs) -> tuple[int, torch.device, int, tuple | None]:
     writable here, before any long work."""
     if args.scale not in (2, 3, 4, 8):
         raise UsageError(f"--scale {args.scale}: choose 2, 3, 4 or 8")
+    paths = dict(hr=args.hr, lr=args.lr, lpips_weights=args.lpips_weights, out=args.out,
+                 csv=args.csv, report=args.report, uncertainty=args.uncertainty)  # fmt: skip
+    for name, path in [*paths.items(), *(("sr", p) for p in args.sr)]:
+        if path == "":  # `--csv "$CSV"` with CSV unset: no file
+            flag = "--" + name.replace("_", "-")  # (and the default LPIPS weights, silently)
+            raise UsageError(f"{flag} {path!r}: an empty path (an unset shell variable?); give one")
     if args.n < 1:
         raise UsageError(f"--n {args.n}: the number of samples per image must be at least 1")
     if args.no_lpips and args.lpips_weights:

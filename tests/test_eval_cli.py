@@ -543,6 +543,18 @@ def test_usage_errors(capsys, tiny_set, extra, flag):
     assert code == 2 and flag in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("flag", ["--csv", "--out", "--report", "--lr", "--lpips-weights",
+                                  "--uncertainty", "--hr", "--sr"])  # fmt: skip
+def test_an_empty_path_is_a_usage_error_not_a_flag_left_out(tmp_path, capsys, tiny_set, flag):
+    """`--csv "$CSV"` with CSV unset gave no CSV and exit 0, `--lpips-weights ""` the default
+    weights' numbers, `--hr ""` the current folder: one line, exit 2, before any work."""
+    hr_dir, _, sr_dir = tiny_set
+    args = {"--hr": hr_dir, "--sr": sr_dir, "--scale": 4, "--n": 2, flag: ""}
+    code, err = fails(capsys, *[a for kv in args.items() for a in kv])
+    want = f"sr_eval.py: error: {flag} '': an empty path (an unset shell variable?); give one\n"
+    assert code == 2 and err == want
+
+
 def test_missing_lpips_weights(tmp_path, capsys, monkeypatch, tiny_set):
     hr_dir, _, sr_dir = tiny_set
     for var, d in (("SRSPACE_WEIGHTS", "w"), ("TORCH_HOME", "th")):
