@@ -10,9 +10,10 @@ from conftest import TINY
 import sr_sample
 import sr_train
 from sr_lib.checkpoint import load_checkpoint, save_checkpoint
+from sr_lib.data import to_uint8
 from sr_lib.errors import CheckpointError
-from sr_lib.models import build_model
-from sr_lib.models.base import NoiseSource
+from sr_lib.models import build_model, load_model
+from sr_lib.models.base import NoiseSource, sample_seed
 from sr_lib.models.refvae import Discriminator, RefVAE
 from sr_lib.resize import imresize_torch
 
@@ -410,3 +411,23 @@ def test_a_reference_folder_is_held_at_ref_size(tmp_path):
     assert ctl.n == 3 and [tuple(r.shape) for r in ctl.cond["ref"]] == [(3, 16, 16)] * 3
     full = [torch.from_numpy(iio.imread(p)).permute(2, 0, 1) / 255 for p in sorted(refs.iterdir())]
     assert torch.equal(net.encode_refs(ctl.cond["ref"])[0], net.encode_refs(full)[0])
+
+
+def test_ref_lr_is_the_lr_itself_in_the_api_as_in_the_cli(tmp_path, ckpts):
+    """--ref lr encodes the LR image itself (paper §3.2), not the LR padded to lr_multiple: an
+    LR of odd size at x4 (RefVAE pads to 2) gives model.sample the samples sr_sample.py writes."""
+    inp = images(tmp_path / "in", 3, ((9, 11),))
+    argv = ["--ckpt", ckpts["refvae"], "--input", inp, "--ref", "lr", "--n", 2, "--temperature",
+            1, "--seed", 5, "--save-latent", "--out", tmp_path / "o"]  # fmt: skip
+    assert run(*argv) == 0
+    net = load_model(ckpts["refvae"])[0]
+    lr = torch.from_numpy(read(inp / "r0.png")).permute(2, 0, 1)[None] / 255
+    decoded = []  # the latents sample() decodes: a tiny random net hardly shows them in 8 bits
+    decode = net.decode_latents
+    net.decode_latents = lambda x, z, p=None: decoded.append(z) or decode(x, z, p)
+    noise = NoiseSource([sample_seed(5, "r0", i) for i in range(2)])
+    sr = net.sample(lr, 2, 1.0, noise, ref="lr")[0]
+    for i in range(2):
+        z = np.load(tmp_path / "o" / f"r0_sample{i:05d}.latent.npy")
+        assert (decoded[0][0, i].numpy() == z).all()
+        assert (to_uint8(sr[i : i + 1])[0] == read(tmp_path / "o" / f"r0_sample{i:05d}.png")).all()

@@ -253,6 +253,15 @@ def pad_to_multiple(x: torch.Tensor, m: int) -> torch.Tensor:
     return F.pad(x, (0, pw, 0, ph), mode=mode)
 
 
+def sample_noise(noise, b: int, n: int, device) -> NoiseSource:
+    """`sample`'s noise: the one given (B·n streams), or random seeds (follow torch.manual_seed)."""
+    if noise is None:
+        noise = NoiseSource(torch.randint(0, 2**62, (b * n,)).tolist(), device)
+    if len(noise) != b * n:
+        raise ValueError(f"sample: noise has {len(noise)} streams, need B*n = {b * n}")
+    return noise
+
+
 class SRModel(nn.Module):
     """Base class: padding, clamping, noise plumbing and the defaults of every hook."""
 
@@ -345,11 +354,7 @@ class SRModel(nn.Module):
         sampling controls (e.g. explicit latents), passed to `generate`.
         """
         b, _, h, w = lr.shape
-        if noise is None:
-            seeds = torch.randint(0, 2**62, (b * n,)).tolist()  # follows torch.manual_seed
-            noise = NoiseSource(seeds, lr.device)
-        if len(noise) != b * n:
-            raise ValueError(f"sample: noise has {len(noise)} streams, need B*n = {b * n}")
+        noise = sample_noise(noise, b, n, lr.device)
         x = pad_to_multiple(lr, self.lr_multiple)
         if prepared is not None:
             controls["prepared"] = prepared
@@ -522,6 +527,16 @@ class LatentSRModel(SRModel):
         """(B, n, 3, s·H, s·W) from z (B, n, D), one sample at a time (a sample never depends
         on what it is batched with); `prepared`: the image's `prepare` output (maybe cut)."""
         raise NotImplementedError(f"{type(self).__name__} must define decode_latents()")
+
+    @torch.no_grad()
+    def sample(self, lr, n=1, temperature=1.0, noise=None, prepared=None, latent=None, **cond):
+        """As `SRModel.sample`, with the latents drawn on the LR as given, before it is padded to
+        `lr_multiple`: what a reference of the LR itself (RefVAE's ref="lr", paper §3.2) encodes
+        is the LR image, not its reflected border; sr_sample.py draws them so too."""
+        noise = sample_noise(noise, lr.shape[0], n, lr.device)
+        if latent is None:
+            latent = self.latents(lr, n, float(temperature), noise, **cond)
+        return super().sample(lr, n, temperature, noise, prepared, latent=latent)
 
     def generate(self, lr, n, temperature, noise, latent=None, prepared=None, **cond):
         """latent: explicit z, (D,), (n, D) or (B, n, D); otherwise drawn by `latents`."""
