@@ -21,8 +21,10 @@ Files written to a sample folder (what sr_eval.py reads). NAME is the input's st
                           --save-latent, latent models (refvae, varsr): the float32 (D,) latent
                           of sample i; `--latent FILE` decodes it to the same sample again
   manifest.json           the settings that made the folder (checkpoint sha256, model, config,
-                          scale, temperature, n, seed, ...); a rerun with other settings is
-                          refused unless --overwrite
+                          scale, temperature, n, seed, ..., the sha256 of the control files:
+                          --ref FILE|DIR, --latent-from, --latent, --latent-shift); a rerun with
+                          other settings or other control file contents is refused unless
+                          --overwrite
   ntire_index.json        --layout ntire: {"scale": s, "000000": STEM, ...} for every input
 The sample folder is --out with one --temperature, and --out/T{t} (e.g. T0.9, T1) for each of
 several: the LR-only work of the model (its encoder, conditioning) is then done once per image for
@@ -73,6 +75,7 @@ problem, 7 output cannot be written, 75 stopped by SIGTERM/SIGUSR1/SIGHUP, 130 C
 
 import collections
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -525,7 +528,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset()) -> int:
         paths = leave_out_samples(paths, files, args.layout, out, len(folders) > 1)
     part, parts = (int(v) for v in args.shard.split("/"))
     mine = [(k, p) for k, p in enumerate(paths) if k % parts == part]
-    settings = run_settings(args, ck, model, n, context, from_hr, paths)
+    settings = run_settings(args, ck, model, n, context, from_hr, paths, controls)
     # An out-of-memory retry cuts the image into tiles; where the folder's samples are recorded
     # exact (untiled, or a --tile that holds every image whole), with the exact context.
     exact = not settings["tile_context"]
@@ -707,20 +710,32 @@ def tile_context(args: SampleArgs, model) -> int:
     return context
 
 
-def run_settings(args, ck, model, n, context, from_hr, paths) -> dict:
+def run_settings(args, ck, model, n, context, from_hr, paths, controls) -> dict:
     """What manifest.json records: every flag as given, and what they made of the run.
     tile_context: 0 untiled or with exact tiles (at least the model's tile_halo of context:
     docs/design.md, "Tiled sampling"; or a --tile that holds every input whole), else
-    [tile, context] (LR px), which change the samples."""
+    [tile, context] (LR px), which change the samples. control_sha256 (only where a control
+    flag reads files): {flag: sha256 of its files' sha256s, in the order used}, as the
+    checkpoint's: a --ref folder or --latent file of other contents under the same name makes
+    other samples, and a rerun must not mix them with the old ones."""
     halo = model.tile_halo
     exact = not args.tile or (halo is not None and context >= exact_context(model))
     exact = exact or one_tile(args, model, paths, from_hr)
-    return {
+    settings = {
         "checkpoint_sha256": sha256_file(args.ckpt), "model": ck["model"],
         "config": ck["model_cfg"], "scale": model.scale, "n": n, "from_hr": from_hr,
         "tile_context": 0 if exact else [grid(model, args.tile, context)[0], context],
         "version": __version__, "flags": vars(args),
     }  # fmt: skip
+    if controls is not None and controls.files:
+        settings["control_sha256"] = {k: files_sha256(v) for k, v in controls.files.items()}
+    return settings
+
+
+def files_sha256(files: list[Path]) -> str:
+    """One digest of the contents of `files` in this order (a --ref folder: sample i uses its
+    i-th image)."""
+    return hashlib.sha256(" ".join(sha256_file(f) for f in files).encode()).hexdigest()
 
 
 def one_tile(args: SampleArgs, model, paths: list[Path], from_hr: bool) -> bool:
@@ -798,10 +813,18 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=()) -> No
                 f"{path}: not a readable manifest; pass --overwrite to start over"
             ) from None
         diff = differences(old, settings)
+        diff.sort(key=lambda d: d[0] == "control_sha256")  # another file named: say that first
         if diff:
             k, was, now = diff[0]
             if k == "tile_context":
                 was, now = tiles(was), tiles(now)
+            elif k == "control_sha256":  # the same flags (compared first), other file contents
+                flag = next(f for f in now if (was or {}).get(f) != now[f])
+                path = settings["flags"][flag[2:].replace("-", "_")]
+                raise UsageError(
+                    f"{folder} holds samples made with other contents of {flag} {path} (changed "
+                    "since); use another --out, or --overwrite to redo them"
+                )
             else:
                 was, now = f"{k} {json.dumps(was)}", json.dumps(now)
             raise UsageError(

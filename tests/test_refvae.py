@@ -431,3 +431,38 @@ def test_ref_lr_is_the_lr_itself_in_the_api_as_in_the_cli(tmp_path, ckpts):
         z = np.load(tmp_path / "o" / f"r0_sample{i:05d}.latent.npy")
         assert (decoded[0][0, i].numpy() == z).all()
         assert (to_uint8(sr[i : i + 1])[0] == read(tmp_path / "o" / f"r0_sample{i:05d}.png")).all()
+
+
+@pytest.mark.parametrize("name, flag", [("refvae", "--ref"), ("varsr", "--latent"),
+                                        ("varsr", "--latent-from")])  # fmt: skip
+def test_a_rerun_with_other_control_contents_is_refused(tmp_path, ckpts, capsys, name, flag):
+    """A rerun into the same --out skips complete images: with a --ref folder whose images, or
+    a --latent/--latent-from file whose contents, changed under the same names it kept the old
+    samples made with the old ones. It is refused, as another checkpoint is; --overwrite redoes
+    them."""
+    inp = images(tmp_path / "in", 3, ((10, 12),))
+    control = {"--ref": tmp_path / "refs", "--latent": tmp_path / "z.npy",
+               "--latent-from": tmp_path / "hr" / "r0.png"}[flag]  # fmt: skip
+
+    def make(seed):
+        images(tmp_path / "refs", seed)  # same names, same count, other pixels
+        images(tmp_path / "hr", seed, ((24, 24),))
+        np.save(tmp_path / "z.npy", np.random.default_rng(seed).normal(size=(2, 8)).astype("f4"))
+
+    argv = ["--ckpt", ckpts[name], "--input", inp, flag, control, "--save-latent", "--out",
+            tmp_path / "o"]  # fmt: skip
+    make(0)
+    assert run(*argv) == 0
+    first = np.load(tmp_path / "o" / "r0_sample00000.latent.npy")
+    assert run(*argv) == 0  # the same contents: complete, skipped
+    make(1)
+    capsys.readouterr()
+    assert run(*argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"sr_sample.py: error: {tmp_path / 'o'} holds samples made with other "
+                   f"contents of {flag} {control} (changed since); use another --out, or "
+                   "--overwrite to redo them"]  # fmt: skip
+    assert (np.load(tmp_path / "o" / "r0_sample00000.latent.npy") == first).all()  # kept
+    assert run(*argv, "--overwrite") == 0
+    assert not (np.load(tmp_path / "o" / "r0_sample00000.latent.npy") == first).all()
+    assert run(*argv) == 0  # the manifest now holds the new contents

@@ -465,6 +465,7 @@ class SampleControls:
     per_sample_refs: bool = False  # --ref DIR: sample i uses reference i
     latent: torch.Tensor | None = None  # --latent: (k, D)
     shift: tuple[torch.Tensor, torch.Tensor] | None = None  # (direction (D,), steps (k,))
+    files: dict = field(default_factory=dict)  # flag -> the files it read, in the order used
 
 
 def load_latent(path: str, dim: int, flag: str) -> torch.Tensor:
@@ -565,16 +566,20 @@ class LatentSRModel(SRModel):
             except DataError as e:  # an empty folder: say which flag gave it
                 raise DataError(f"--ref {e}") from None
             ctl.cond["ref"] = [self.reference(control_image(f, "--ref", device)) for f in files]
+            ctl.files["--ref"] = files
             ctl.per_sample_refs = path.is_dir()
             ctl.n = len(files) if path.is_dir() else ctl.n
         if latent_from:
             ctl.cond["latent_from"] = control_image(latent_from, "--latent-from", device)[None]
+            ctl.files["--latent-from"] = [Path(latent_from)]
             ctl.n = 1  # E_H's mean: one output
         if controls.get("latent"):
             ctl.latent = load_latent(controls["latent"], dim, "--latent").view(-1, dim).to(device)
             ctl.n = len(ctl.latent)
+            ctl.files["--latent"] = [Path(controls["latent"])]
         if controls.get("latent_shift"):
             ctl.shift = self._shift(controls["latent_shift"], controls["latent_steps"], ctl, device)
+            ctl.files["--latent-shift"] = [Path(controls["latent_shift"])]
             ctl.n = len(ctl.shift[1])
         return ctl
 
