@@ -466,3 +466,33 @@ def test_a_rerun_with_other_control_contents_is_refused(tmp_path, ckpts, capsys,
     assert run(*argv, "--overwrite") == 0
     assert not (np.load(tmp_path / "o" / "r0_sample00000.latent.npy") == first).all()
     assert run(*argv) == 0  # the manifest now holds the new contents
+
+
+@pytest.mark.parametrize("name, flag", [("refvae", "--ref FILE"), ("refvae", "--ref DIR"),
+                                        ("varsr", "--latent-from")])  # fmt: skip
+def test_a_reference_is_encoded_once_per_run(tmp_path, ckpts, monkeypatch, name, flag):
+    """--ref FILE|DIR and --latent-from: each reference is encoded once for the whole run, not
+    for every image and chunk of --batch (a VGG19 or an encoder each time), and the latents are
+    those `latents` computes from the reference image, bit for bit."""
+    inp = images(tmp_path / "in", 3, ((10, 12), (9, 7), (12, 12)))
+    refs = images(tmp_path / "refs", 1, ((20, 20), (16, 24), (30, 18)))
+    given = {"--ref FILE": ["--ref", refs / "r1.png", "--n", 3], "--ref DIR": ["--ref", refs],
+             "--latent-from": ["--latent-from", refs / "r2.png"]}[flag]  # fmt: skip
+    net = load_model(ckpts[name])[0]
+    cls, encoder = type(net), "encode_refs" if name == "refvae" else "posterior"
+    calls, encode = [], getattr(cls, encoder)
+    monkeypatch.setattr(cls, encoder, lambda self, x: calls.append(1) or encode(self, x))
+    argv = ["--ckpt", ckpts[name], "--input", inp, *given, "--batch", 2, "--save-latent"]
+    assert run(*argv, "--out", tmp_path / "o") == 0
+    assert len(calls) == (3 if flag == "--ref DIR" else 1)  # one per reference
+    ref = lambda f: torch.from_numpy(read(f)).permute(2, 0, 1) / 255  # noqa: E731
+    for p in sorted(inp.iterdir()):
+        lr, n = ref(p)[None], 1 if flag == "--latent-from" else 3
+        noise = NoiseSource([sample_seed(0, p.stem, i) for i in range(n)])
+        files = [refs / "r1.png"] if flag == "--ref FILE" else sorted(refs.iterdir())
+        cond = ({"ref": [net.reference(ref(f)) for f in files]} if name == "refvae" else
+                {"latent_from": ref(refs / "r2.png")[None]})  # fmt: skip
+        z = net.latents(lr, n, 1.0, noise, **cond)[0]
+        for i in range(n):
+            saved = np.load(tmp_path / "o" / f"{p.stem}_sample{i:05d}.latent.npy")
+            assert (saved == z[i].numpy()).all()

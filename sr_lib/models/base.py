@@ -466,6 +466,7 @@ class SampleControls:
     latent: torch.Tensor | None = None  # --latent: (k, D)
     shift: tuple[torch.Tensor, torch.Tensor] | None = None  # (direction (D,), steps (k,))
     files: dict = field(default_factory=dict)  # flag -> the files it read, in the order used
+    encoded: dict | None = None  # `cond` as `encode_references` makes it, on the first image
 
 
 def load_latent(path: str, dim: int, flag: str) -> torch.Tensor:
@@ -523,6 +524,12 @@ class LatentSRModel(SRModel):
     def latents(self, lr: torch.Tensor, n: int, temperature: float, noise, **cond):
         """z (B, n, D) of n samples per LR image, drawn from `noise` (vectors, never fields)."""
         raise NotImplementedError(f"{type(self).__name__} must define latents()")
+
+    def encode_references(self, cond: dict, like: torch.Tensor) -> dict:
+        """`cond` with its reference images replaced by their encodings, which `latents` takes as
+        well: sr_sample.py encodes them once per run, not for every image and chunk (a VGG19 or
+        an encoder on each). `like`: an LR of the run (device, dtype). Default: unchanged."""
+        return cond
 
     def decode_latents(self, lr: torch.Tensor, z: torch.Tensor, prepared=None) -> torch.Tensor:
         """(B, n, 3, s·H, s·W) from z (B, n, D), one sample at a time (a sample never depends
@@ -604,7 +611,10 @@ class LatentSRModel(SRModel):
 
     def sample_latents(self, lr, seeds, idx, temperature, controls: SampleControls):
         """(len(idx), D): the latents of samples idx of the whole (1, 3, h, w) LR image."""
-        cond = dict(controls.cond)
+        if controls.encoded is None:  # on the first image: under the run's autocast, as all
+            with torch.no_grad():
+                controls.encoded = self.encode_references(controls.cond, lr)
+        cond = dict(controls.encoded)
         if controls.shift is not None:
             if controls.latent is not None:
                 base = controls.latent[0]

@@ -364,7 +364,8 @@ class RefVAE(LatentSRModel):
     ) -> torch.Tensor:
         """z (B, n, D) of n samples. ref: None = one Gaussian-noise reference per sample, "lr" =
         each LR image, "prior" = z ~ N(0, I) (paper §3.2), or references (k, 3, h, w) / a list, k in
-        {1, n}: sample i uses reference i."""
+        {1, n}: sample i uses reference i; a list may hold their `encode_refs` (μ, log σ²) (1, D)
+        instead (`encode_references`)."""
         self._load_weights()
         b, d, r = lr.shape[0], self.cfg.z_dim, self.cfg.ref_size
         if isinstance(ref, str) and ref == "prior":
@@ -379,9 +380,18 @@ class RefVAE(LatentSRModel):
         else:
             if len(ref) not in (1, n):
                 raise UsageError(f"refvae: {len(ref)} references for {n} samples (give 1 or n)")
-            mu, logvar = (t[None] for t in self.encode_refs([x.to(lr) for x in ref]))
+            stats = [x if isinstance(x, tuple) else self.encode_refs([x.to(lr)]) for x in ref]
+            mu, logvar = (torch.cat(t)[None] for t in zip(*stats))
         eps = noise.vector(d).view(b, n, d)
         return (mu + temperature * torch.exp(0.5 * logvar) * eps).expand(b, n, d)
+
+    def encode_references(self, cond: dict, like: torch.Tensor) -> dict:
+        """--ref FILE|DIR: each reference as its (μ, log σ²), the same values `latents` computes
+        from the image (references are encoded one at a time)."""
+        ref = cond.get("ref")
+        if not isinstance(ref, list):
+            return cond
+        return {**cond, "ref": [self.encode_refs([x.to(like)]) for x in ref]}
 
     def prepare(self, lr: torch.Tensor) -> Prepared:
         """bicubic(LR), and the VGG features of it and their modulation F_μ, F_σ: the LR-only part

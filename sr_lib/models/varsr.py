@@ -261,16 +261,28 @@ class VarSR(LatentSRModel):
 
     @torch.no_grad()
     def latents(
-        self, lr: torch.Tensor, n: int, temperature: float, noise, latent_from=None
-    ) -> torch.Tensor:
+        self, lr: torch.Tensor, n: int, temperature: float, noise, latent_from=None,
+        latent_from_mu=None,
+    ) -> torch.Tensor:  # fmt: skip
         """z (B, n, D): μ_L + temperature·σ_L·ε (Eq. 4), or with `latent_from` (HR images
-        (1 or B, 3, H, W) in [0, 1]) the HR encoder's mean μ_H (attribute transfer, Fig. 4b)."""
+        (1 or B, 3, H, W) in [0, 1]) the HR encoder's mean μ_H (attribute transfer, Fig. 4b), or
+        that mean (1 or B, D) given as `latent_from_mu` (`encode_references`)."""
         b, d = lr.shape[0], self.cfg.z_dim
         if latent_from is not None:
-            return self.posterior(latent_from.to(lr))[0][:, None].expand(b, n, d)
+            latent_from_mu = self.posterior(latent_from.to(lr))[0]
+        if latent_from_mu is not None:
+            return latent_from_mu[:, None].expand(b, n, d)
         mu, logvar = self.prior(lr)
         eps = noise.vector(d).view(b, n, d)  # a global vector: the same for every tile
         return mu[:, None] + temperature * torch.exp(0.5 * logvar)[:, None] * eps
+
+    def encode_references(self, cond: dict, like: torch.Tensor) -> dict:
+        """--latent-from HR: its μ_H, the same values `latents` computes from the image."""
+        if cond.get("latent_from") is None:
+            return cond
+        hr = cond["latent_from"]
+        rest = {k: v for k, v in cond.items() if k != "latent_from"}
+        return {**rest, "latent_from_mu": self.posterior(hr.to(like))[0]}
 
     @property
     def tile_halo(self) -> int:
