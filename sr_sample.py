@@ -821,9 +821,11 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=()) -> No
             elif k == "control_sha256":  # the same flags (compared first), other file contents
                 flag = next(f for f in now if (was or {}).get(f) != now[f])
                 path = settings["flags"][flag[2:].replace("-", "_")]
+                what = ("other contents of" if was else  # (an older manifest: no digests)
+                        "an srspace that did not record the contents of")  # fmt: skip
                 raise UsageError(
-                    f"{folder} holds samples made with other contents of {flag} {path} (changed "
-                    "since); use another --out, or --overwrite to redo them"
+                    f"{folder} holds samples made with {what} {flag} {path}; use another --out, "
+                    "or --overwrite to redo them"
                 )
             else:
                 was, now = f"{k} {json.dumps(was)}", json.dumps(now)

@@ -1,6 +1,8 @@
 """RefVAE (docs/vae.md) and the sampling controls of sr_sample.py (--ref, --latent-from,
 --latent, --latent-shift, --save-latent) for refvae and varsr. Tiny configs, CPU, seconds."""
 
+import json
+
 import imageio.v3 as iio
 import numpy as np
 import pytest
@@ -460,12 +462,21 @@ def test_a_rerun_with_other_control_contents_is_refused(tmp_path, ckpts, capsys,
     assert run(*argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"sr_sample.py: error: {tmp_path / 'o'} holds samples made with other "
-                   f"contents of {flag} {control} (changed since); use another --out, or "
-                   "--overwrite to redo them"]  # fmt: skip
+                   f"contents of {flag} {control}; use another --out, or --overwrite to redo "
+                   "them"]  # fmt: skip
     assert (np.load(tmp_path / "o" / "r0_sample00000.latent.npy") == first).all()  # kept
     assert run(*argv, "--overwrite") == 0
     assert not (np.load(tmp_path / "o" / "r0_sample00000.latent.npy") == first).all()
     assert run(*argv) == 0  # the manifest now holds the new contents
+    manifest = tmp_path / "o" / "manifest.json"  # one of an srspace that kept no digests
+    old = {k: v for k, v in json.loads(manifest.read_text()).items() if k != "control_sha256"}
+    manifest.write_text(json.dumps(old))
+    capsys.readouterr()
+    assert run(*argv) == 2  # (its samples may be of other contents: it cannot tell)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"sr_sample.py: error: {tmp_path / 'o'} holds samples made with an srspace that did not "
+        f"record the contents of {flag} {control}; use another --out, or --overwrite to redo them"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("name, flag", [("refvae", "--ref FILE"), ("refvae", "--ref DIR"),
