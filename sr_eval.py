@@ -37,6 +37,8 @@ is written as the string "inf" so that the file is strict JSON; a column that wa
 (--no-lpips) is null. --csv: one row per method and image (method, temperature, n, image, ...).
 Files are written atomically, and their folders are checked writable before any work starts;
 --out or --csv naming a file the run reads (an image, a manifest, the LPIPS weights) is refused.
+--out - or --csv - (not both) writes that JSON or CSV to stdout, and nothing else: the progress
+lines and the table go to stderr then (`sr_eval.py ... --out - | jq .mean`).
 
 --report DIR: DIR/index.html, self-contained (sr_lib/report.py): the table, the NTIRE trade-off
 plots and per image a contact sheet (LR, GT, each method's samples and their per-pixel std).
@@ -54,7 +56,7 @@ import re
 import sys
 import time
 import warnings
-from contextlib import closing, contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -116,6 +118,7 @@ HELP_SIGMA = (
 )
 HELP_SHAVE = "pixels removed from each border for PSNR/SSIM (default: the scale)"
 HELP_REPORT = "write a self-contained HTML report (table, trade-off plots, contact sheets) there"
+STDOUT = "-"  # --out - / --csv -: the JSON or CSV on standard output
 SWEEP_FOLDER = re.compile(r"T(\d+(?:\.\d*)?(?:e[-+]?\d+)?)")  # sr_sample.py's f"T{t:g}"
 
 
@@ -389,7 +392,9 @@ def run(args: EvalArgs, given: set[str] = frozenset()) -> int:
     opts = dict(scale=args.scale, lpips_metric=lpips_metric, ntire=args.ntire, color=args.color)
     opts.update(shave=shave, warn=warn)
     to_files = bool(args.out or args.csv or report_dir)
-    rows, sheets = score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_files)
+    to_stderr = STDOUT in (args.out, args.csv)  # stdout carries the JSON or CSV alone
+    rows, sheets = score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_files,
+                         to_stderr)  # fmt: skip
 
     # Aggregate: mean over images of each column (inf propagates, as the reference).
     columns += ["PLL", "PSNR_sigma"] if sigma_files else []  # (the first --sr folder only)
@@ -401,20 +406,59 @@ def run(args: EvalArgs, given: set[str] = frozenset()) -> int:
     missing = "LPIPS_mean and score not computed (--no-lpips)" if lpips_metric is None else ""
     settings = run_settings(args, shave, device, lpips_metric, columns, methods)
     clean = {m: [{k: jsonable(v) for k, v in r.items()} for r in rs] for m, rs in rows.items()}
-    if args.out:  # the files first: a closed stdout cannot lose them
-        write_json(args.out, settings, means, clean, methods)
+    results = []
+    if args.out:
+        results.append(("--out", args.out, json_text(settings, means, clean, methods)))
     if args.csv:
-        write_csv(args.csv, clean, columns, methods)
+        results.append(("--csv", args.csv, csv_text(clean, columns, methods)))
+    for _, path, text in results:  # the files first: a closed stdout cannot lose them
+        if path != STDOUT:
+            write_text(path, text)
     if report_dir:
         table = [(m.name, m.temperature, m.n, means[m.name]) for m in methods]
         index = report.write_report(report_dir, title, columns, table, sheets, missing)
+    for flag, path, text in results:
+        if path == STDOUT:
+            write_stdout(flag, text)
+    if to_stderr:
+        err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+        with suppress(OSError):  # (where stderr cannot be written either: `2>&1 | head`)
+            print_table(means, columns, title, methods, err)
     with unless_stdout_closed(to_files):
-        print_table(means, columns, title, methods)
+        if not to_stderr:
+            print_table(means, columns, title, methods)
         if missing:
-            print(missing, flush=True)  # (an error at a flush at exit would be a traceback)
+            show(missing, to_stderr)
         if report_dir:
-            print(f"report: {index}", flush=True)
+            show(f"report: {index}", to_stderr)
     return 0
+
+
+def show(text: str, to_stderr: bool) -> None:
+    """A line for the user: on stdout, or on stderr where stdout carries --out - or --csv -."""
+    if to_stderr:
+        say_err(text)
+    else:
+        print(text, flush=True)  # (an error at a flush at exit would be a traceback)
+
+
+def write_stdout(flag: str, text: str) -> None:
+    """`flag` - : the JSON or CSV on stdout, the bytes its file would hold. A stdout that cannot
+    take it (its reader ended, a full disk) is one line, exit 7: the run's result is lost."""
+    try:
+        sys.stdout.flush()
+        out = getattr(sys.stdout, "buffer", None)  # (None: a text-only stand-in)
+        if out is None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        else:
+            out.write(text.encode("utf-8", "surrogateescape"))
+            out.flush()
+    except OSError as e:
+        if not stdout_closed(e):
+            raise
+        raise OutputError(f"standard output {stdout_closed()}: {flag} - was not written; "
+                          f"give {flag} a file name") from None  # fmt: skip
 
 
 @contextmanager
@@ -488,11 +532,14 @@ def check_flags(args: EvalArgs) -> tuple[int, torch.device, int, tuple | None]:
         raise UsageError(f"--shave {args.shave}: must be >= 0")
     if args.lpips_batch is not None and args.lpips_batch < 1:
         raise UsageError(f"--lpips-batch {args.lpips_batch}: must be >= 1")
+    if args.out == args.csv == STDOUT:
+        raise UsageError("--out - and --csv - would both write to standard output; give one of "
+                         "them a file name")  # fmt: skip
     if args.out and args.csv and Path(args.out).resolve() == Path(args.csv).resolve():
         raise UsageError(f"--out and --csv are the same file {args.out}; give two names")
     for flag, path in (("--out", args.out), ("--csv", args.csv)):
         # the report writes index.html, plots/ and images/ there, and may add names later
-        inside = path and args.report and Path(args.report).resolve() in (
+        inside = path not in (None, STDOUT) and args.report and Path(args.report).resolve() in (
             Path(path).resolve(), *Path(path).resolve().parents)  # fmt: skip
         if inside:
             raise UsageError(f"{flag} {path} is inside --report {args.report}, whose files may "
@@ -508,7 +555,7 @@ def check_flags(args: EvalArgs) -> tuple[int, torch.device, int, tuple | None]:
             raise lpips_error(e, args.lpips_weights) from None
     device = pick_device(args.device)
     for flag, path, example in (("--out", args.out, "out.json"), ("--csv", args.csv, "out.csv")):
-        if path:
+        if path and path != STDOUT:
             check_out_file(path, flag, example)
     shave = args.scale if args.shave is None else args.shave
     return shave, device, args.lpips_batch or (4 if device.type == "cuda" else 1), lpips_read
@@ -533,7 +580,8 @@ def check_not_inputs(args: EvalArgs, hr: dict[str, Path], methods, lr_files, sig
     """--out and --csv may not name a file this run reads (--csv HR/0801.png, --out given a
     sample's name): writing the results there would replace the user's image with text, found
     only by the next run. Compared as files (links followed), only where an output exists."""
-    outputs = [(flag, Path(p)) for flag, p in (("--out", args.out), ("--csv", args.csv)) if p]
+    flags = (("--out", args.out), ("--csv", args.csv))
+    outputs = [(flag, Path(p)) for flag, p in flags if p and p != STDOUT]
     outputs = [(flag, p) for flag, p in outputs if p.exists()]  # a new file replaces nothing
     if not outputs:
         return
@@ -651,11 +699,13 @@ def check_headers(args: EvalArgs, shave: int, hr: dict[str, Path], methods, lr_f
             )
 
 
-def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_files=False):
+def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_files=False,
+          to_stderr=False):  # fmt: skip
     """Per method the rows of every image (`columns`, plus PLL and PSNR_sigma for the first
     method with --uncertainty), and with a report folder the contact sheet of every image; the
     next image's files are decoded on threads meanwhile. `to_files`: the results are written to
-    files, so a closed stdout does not stop the run (`unless_stdout_closed`)."""
+    files, so a closed stdout does not stop the run (`unless_stdout_closed`); `to_stderr`: the
+    progress is shown on stderr (stdout carries --out - or --csv -)."""
     metrics.keep_freed_memory()  # no page faults for the large per-sample arrays
     stems = list(hr)
     files = [
@@ -663,13 +713,14 @@ def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_file
         for k, s in enumerate(stems)
     ]
 
-    tty = sys.stdout.isatty()
+    tty = (sys.stderr if to_stderr else sys.stdout).isatty()
     rows: dict[str, list[dict]] = {m.name: [] for m in methods}
     sheets = []
     start = time.perf_counter()
     columns_shown = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     columns_shown += (TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    bar = Progress(*columns_shown, disable=not tty, transient=True)
+    console = Console(stderr=to_stderr)
+    bar = Progress(*columns_shown, console=console, disable=not tty, transient=True)
     # closing: an error inside the loop ends the decoding threads here, not at garbage collection.
     # A disabled bar is never started: rich before 15 prints an empty line when it stops.
     with closing(read_ahead(files)) as images, bar if tty else nullcontext():
@@ -697,8 +748,8 @@ def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_file
                     took = time.perf_counter() - start
                     eta = took / (k + 1) * (len(stems) - k - 1)
                     with unless_stdout_closed(to_files):
-                        print(f"[{k + 1}/{len(stems)}] {stem} {m.name}: {vals} "
-                              f"({took:.1f} s, ETA {eta:.0f} s)", flush=True)  # fmt: skip
+                        show(f"[{k + 1}/{len(stems)}] {stem} {m.name}: {vals} "
+                             f"({took:.1f} s, ETA {eta:.0f} s)", to_stderr)  # fmt: skip
             if report_dir:
                 named = [(m.name, m.files[k], samples[m.name]) for m in methods]
                 lr_file = lr_files[k] if lr_files else None
@@ -778,7 +829,7 @@ def print_table(means: dict, columns: list[str], title: str, methods, console=No
     console.file.flush()
 
 
-def write_json(path: str, settings: dict, means: dict, rows: dict, methods) -> None:
+def json_text(settings: dict, means: dict, rows: dict, methods) -> str:
     """--out: the layout of the module docstring (no "methods" level for one --sr folder)."""
     per = {
         m.name: {
@@ -795,10 +846,10 @@ def write_json(path: str, settings: dict, means: dict, rows: dict, methods) -> N
         result = {"settings": settings, "mean": only["mean"], "per_image": only["per_image"]}
     else:
         result = {"settings": settings, "methods": per}
-    write_text(path, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    return json.dumps(result, indent=2, allow_nan=False) + "\n"
 
 
-def write_csv(path: str, rows: dict, columns: list[str], methods) -> None:
+def csv_text(rows: dict, columns: list[str], methods) -> str:
     """--csv: one row per method and image (the temperature empty where unknown)."""
     f = io.StringIO()
     w = csv.writer(f, lineterminator="\n")
@@ -809,7 +860,7 @@ def write_csv(path: str, rows: dict, columns: list[str], methods) -> None:
             w.writerow(
                 [m.name, t, m.n, r["image"], *["" if r.get(c) is None else r[c] for c in columns]]
             )
-    write_text(path, f.getvalue())
+    return f.getvalue()
 
 
 if __name__ == "__main__":

@@ -800,6 +800,53 @@ def test_piped_into_head_the_files_are_still_written(tmp_path):
             )
 
 
+def test_dash_is_standard_output_for_out_and_csv(tmp_path):
+    """`sr_eval.py ... --out - | jq .mean`: stdout carries the JSON (or CSV) alone, the bytes the
+    file would hold; the progress lines and the table go to stderr. No file named '-' is made."""
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2)
+    base = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips"]
+    work = tmp_path / "cwd"
+    work.mkdir()
+    ran = [subprocess.run(eval_cmd(*base, *flags), cwd=work, capture_output=True, text=True)
+           for flags in (["--out", "-", "--csv", tmp_path / "r.csv"],
+                         ["--csv", "-", "--out", tmp_path / "r.json"])]  # fmt: skip
+    assert all(p.returncode == 0 for p in ran), ran[0].stderr + ran[1].stderr
+    json_out, csv_out = ran[0].stdout, ran[1].stdout
+    from_file = json.loads((tmp_path / "r.json").read_text())
+    assert json.loads(json_out)["per_image"] == from_file["per_image"]
+    assert json.loads(json_out)["mean"] == from_file["mean"]
+    assert csv_out == (tmp_path / "r.csv").read_text()
+    for p in ran:
+        assert "[2/2] 0802" in p.stderr and "x4, N=2, 2 images" in p.stderr
+        assert "LPIPS_mean and score not computed" in p.stderr and "Traceback" not in p.stderr
+    assert list(work.iterdir()) == []
+    p = subprocess.run(eval_cmd(*base, "--out", "-", "--csv", "-"), cwd=work, capture_output=True,
+                       text=True)  # fmt: skip
+    both = "--out - and --csv - would both write to standard output; give one of them a file name"
+    assert p.returncode == 2 and p.stdout == "" and p.stderr == f"sr_eval.py: error: {both}\n"
+
+
+def test_dash_into_a_closed_pipe_or_full_disk_is_one_line_exit_7(tmp_path):
+    """--out -, its reader gone (`| head -0`) or stdout on a full disk: the result is lost, so
+    one error line (after the progress lines on stderr), exit 7; --csv's file is written first."""
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2)
+    base = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips"]
+    closed, full = "closed (the program reading it ended)", "cannot be written (No space left"
+    for k, lost in enumerate((closed, full)):
+        argv = [*base, "--out", "-", "--csv", tmp_path / f"r{k}.csv"]
+        with open("/dev/full", "w") as dev_full:
+            out = subprocess.PIPE if lost == closed else dev_full
+            p = subprocess.Popen(eval_cmd(*argv), cwd=tmp_path, stdout=out, stderr=subprocess.PIPE,
+                                 text=True)  # fmt: skip
+        if p.stdout:
+            p.stdout.close()
+        err = p.communicate(timeout=120)[1].strip().splitlines()
+        assert p.returncode == 7 and [x for x in err if "error" in x] == err[-1:], err
+        assert err[-1].startswith(f"sr_eval.py: error: standard output {lost}")
+        assert err[-1].endswith(": --out - was not written; give --out a file name")
+        assert "Traceback" not in "".join(err) and (tmp_path / f"r{k}.csv").exists()
+
+
 def test_wrong_folders_give_errors_not_numbers(tmp_path, capsys, monkeypatch):
     """Issue 20 item 10: --hr given the LR folder (the samples are 4x its size) and --scale 4
     with an x8 LR folder: one line naming the file and both sizes, exit 3. Checked here as the
