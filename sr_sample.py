@@ -99,7 +99,14 @@ from PIL import Image, ImageDraw, ImageFont
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from sr_lib import __version__
-from sr_lib.config import amp_emulated, autocast_for, given_fields, parse, pick_device
+from sr_lib.config import (
+    amp_emulated,
+    autocast_for,
+    given_fields,
+    parse,
+    pick_device,
+    refuse_stdio,
+)
 from sr_lib.data import (
     check_out_dir,
     cpu_workers,
@@ -443,6 +450,7 @@ def parse_args(argv) -> tuple[SampleArgs, set[str]]:
             argv[k : k + 2] = [f"{a}={argv[k + 1]}"]
             break
     args = parse(SampleArgs, argv, PROG)
+    refuse_stdio(args, ("ckpt", "input", "out", "ref", "latent_from", "latent", "latent_shift"))
     if args.tile and args.tile_overlap is not None and args.tile_overlap >= args.tile:
         raise UsageError(
             f"--tile-overlap {args.tile_overlap}: the context around a tile must be smaller than "

@@ -45,6 +45,7 @@ from sr_lib.config import (
     help_parser,
     parse,
     pick_device,
+    refuse_stdio,
 )
 from sr_lib.data import (
     PatchPairs,
@@ -263,6 +264,7 @@ def parse_all(argv):
                             add_help=False).print_help()  # fmt: skip
         raise SystemExit(0)
     check_ranges(args)
+    refuse_stdio(args, ("data", "lr_data", "val_data", "cache", "init_from", "out", "resume"))
     return args, rest, given_fields(TrainArgs, argv, PROG)
 
 

@@ -81,6 +81,18 @@ def parse(cls, argv: list[str] | None, prog: str, known: bool = False, add_help:
     return parser.parse_args(argv)
 
 
+def refuse_stdio(args, names: tuple[str, ...]) -> None:
+    """`-` given to one of these file or folder flags is one line (exit 2): it is no standard
+    input or output here (the files are images, checkpoints, arrays, or a folder of them), where
+    it once made a folder or file named `-` (`sr_eval.py --out -` is standard output)."""
+    for name in names:
+        value = getattr(args, name)
+        if value == "-" or (isinstance(value, list) and "-" in value):
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} -: standard input or output cannot be used here; give "
+                             "a file or folder (./- for one named '-')")  # fmt: skip
+
+
 _UNSET = object()
 
 

@@ -132,6 +132,10 @@ CASES = {  # id: (argv of the world, exit code, words the one line must hold)
                                      "under ['params']: save one of them alone, torch.save("),
     "raw state_dict of another model": (
         lambda w: args(w, "--model", "rrdb", "--scale", "4", ckpt="raw.pth"), 6, "raw.pth"),
+    "out -": (lambda w: args(w)[:-1] + ["-"], 2, "--out -: standard input or output cannot be"),
+    "input -": (lambda w: ["--ckpt", w["bicubic"], "--input", "-", "--out", w["dir"] / "out"], 2,
+                "--input -: standard input or output"),
+    "ref -": (lambda w: args(w, "--ref", "-"), 2, "--ref -: standard input or output"),
     "out is a file": (lambda w: args(w, out="a_file"), 7, "is a file, not a folder"),
     "out of other settings": (lambda w: args(w, out="other"), 2, "made with"),
     "out manifest broken": (lambda w: args(w, out="broken"), 2, "not a readable manifest"),
