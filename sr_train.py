@@ -1744,7 +1744,8 @@ def requeue(say) -> None:
 
 @torch.no_grad()
 def validate(model, pairs, args, device, out: Path, step: int, run_log, progress) -> float:
-    """PSNR and NTIRE LR-PSNR of --val-n samples (at --val-temperature, default the model's) on
+    """PSNR and NTIRE LR-PSNR of --val-n samples (one of a deterministic model: the others would
+    be copies; at --val-temperature, default the model's) on
     held-out images, logged, plus a PNG strip per image (OUT/val/, and TensorBoard); returns the
     PSNR (-inf without images: the ranks other than 0)."""
     if not pairs:
@@ -1753,11 +1754,12 @@ def validate(model, pairs, args, device, out: Path, step: int, run_log, progress
     temperature = (
         model.default_temperature if args.val_temperature is None else args.val_temperature
     )
+    n = args.val_n if model.stochastic else 1  # (a deterministic model's n would be copies)
     psnrs, lrpsnrs, nan = [], [], 0
     for stem, hr, lr in pairs:
-        noise = NoiseSource([sample_seed(args.seed, stem, i) for i in range(args.val_n)], device)
+        noise = NoiseSource([sample_seed(args.seed, stem, i) for i in range(n)], device)
         x = torch.from_numpy(lr).permute(2, 0, 1)[None].float().div(255).to(device)
-        samples = model.sample(x, args.val_n, temperature, noise)[0].cpu()  # (val_n, 3, sH, sW)
+        samples = model.sample(x, n, temperature, noise)[0].cpu()  # (n, 3, sH, sW)
         nan += int(torch.isnan(samples).flatten(1).any(1).sum())
         srs = [to_uint8(s) for s in samples]
         psnrs += [metrics.psnr(sr, hr) for sr in srs]

@@ -287,7 +287,7 @@ def test_without_matplotlib_eval_runs_and_report_is_one_line(tmp_path):
     blocked = "import sys, runpy; sys.modules['matplotlib'] = None; sys.argv = sys.argv[1:]; "
     blocked += "runpy.run_path(sys.argv[0], run_name='__main__')"
     args = ["--hr", hr_dir, "--sr", sweep / "T1", "--scale", 4, "--n", 2, "--no-lpips"]
-    cmd = [sys.executable, "-c", blocked, REPO / "sr_eval.py", *args, "--device", "cpu"]
+    cmd = [sys.executable, "-c", blocked, REPO / "sr_eval.py", *args]
     ran = subprocess.run([str(a) for a in cmd], cwd=REPO, capture_output=True, text=True)
     assert ran.returncode == 0 and ran.stderr == "", ran.stderr
     rep = tmp_path / "report"

@@ -279,16 +279,16 @@ def test_nan_validation_samples_are_named_not_scored_silently(tmp_path, images, 
         return (sr * float("nan")).expand(-1, n, -1, -1, -1)
 
     monkeypatch.setattr(Toy, "generate", nan_generate)
-    assert validation_warnings(tmp_path, images, capsys, steps=2, n=2) == [
-        "sr_train.py: warning: validation at step 2: 4 of 4 samples have NaN "
+    assert validation_warnings(tmp_path, images, capsys, steps=2) == [
+        "sr_train.py: warning: validation at step 2: 2 of 2 samples have NaN "
         "pixels (black in the strips, scored so)"]  # fmt: skip
 
 
-def validation_warnings(tmp_path, images, capsys, steps: int, n: int) -> list[str]:
-    """The warning lines of a toy run of `steps` steps validating every 2 steps, with n samples
-    of each of 2 validation images."""
+def validation_warnings(tmp_path, images, capsys, steps: int) -> list[str]:
+    """The warning lines of a toy run of `steps` steps validating every 2 steps, one sample (the
+    toy is deterministic) of each of 2 validation images."""
     flags = ["--model", "toy", "--steps", str(steps), "--val-data", str(images), "--val-every",
-             "2", "--val-n", str(n), "--val-images", "2"]  # fmt: skip
+             "2", "--val-images", "2"]  # fmt: skip
     assert run(tmp_path, images, *flags) == 0
     # (it validates on its training images: test_train_run.py tests that warning)
     err = capsys.readouterr().err.splitlines()
@@ -369,7 +369,7 @@ def test_out_of_memory_in_validation_skips_it_and_trains_on(tmp_path, images, to
         return real(self, lr, n, temperature, noise)
 
     monkeypatch.setattr(Toy, "generate", generate)
-    assert validation_warnings(tmp_path, images, capsys, steps=4, n=1) == [
+    assert validation_warnings(tmp_path, images, capsys, steps=4) == [
         "sr_train.py: warning: validation at step 2: out of memory; skipped (a smaller "
         "--val-crop or --val-n needs less)"]  # fmt: skip
     log = [json.loads(x) for x in open(tmp_path / "log.jsonl")]

@@ -321,7 +321,7 @@ def test_a_folder_named_like_a_checkpoint_is_found_before_the_first_step(tmp_pat
     step up to its first save, then stopped with exit 7 there; now it stops before the first."""
     (tmp_path / name).mkdir()
     argv = [*TINY_EDSR, "--data", str(images), "--steps", "2", "--val-data", str(images),
-            "--val-n", "1", "--out", str(tmp_path)]  # fmt: skip
+            "--out", str(tmp_path)]  # fmt: skip
     with pytest.raises(SystemExit) as e:
         sr_train.main(argv)
     assert e.value.code == 7
