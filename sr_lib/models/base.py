@@ -5,6 +5,7 @@ declares every member the scripts and the loaders use, with a default for all bu
 `generate`; nothing else of a model is called from outside its file.
 
   forward(lr, hr) -> dict            "loss" (scalar to backpropagate) + named parts for logging
+  check_inputs(lr, hr)               forward's first line: a wrong input in one line
   generate(lr, n, temperature, noise, **controls)
                                      (B, n, 3, s·H, s·W) on an LR padded to `lr_multiple`
   sample(lr, n, temperature, noise, **controls)   the same, padded, cropped and in [0, 1]
@@ -34,6 +35,7 @@ Images crossing the boundary are RGB float32 in [0, 1], NCHW. Any other range st
 """
 
 import hashlib
+import itertools
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -262,6 +264,79 @@ def sample_noise(noise, b: int, n: int, device) -> NoiseSource:
     return noise
 
 
+def model_tensor(model: nn.Module) -> torch.Tensor | None:
+    """A parameter or buffer of `model`: its device and dtype (None: it holds none)."""
+    return next(itertools.chain(model.parameters(), model.buffers()), None)
+
+
+def check_image(model: "SRModel", x, name: str, check_values: bool) -> torch.Tensor:
+    """`x` as the model takes an image: (B, 3, H, W), floating point, on the model's device. A
+    float of another precision (a float64 array from numpy) is converted to the model's; what
+    cannot be meant as an RGB batch in [0, 1] is a one-line TypeError/ValueError naming `name`
+    and what to pass, before any layer sees it (a conv's shape error, a uint8 or [0, 255] image
+    turned white). `check_values`: also the value range (a device sync: sample() only; forward()
+    is compiled and replayed as a CUDA graph, where the training data is read in [0, 1])."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: a {type(x).__name__}; pass a torch tensor (B, 3, H, W) in [0, 1]")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name}: a {x.dtype} tensor; pass float in [0, 1] ({name}.float() / 255 for 8-bit)"
+        )
+    if x.ndim != 4 or x.shape[1] != 3:
+        how = {1: f"{name}.expand(-1, 3, -1, -1)", 4: f"{name}[:, :3]"}.get(x.shape[1], "")
+        if x.ndim == 3:
+            how = f"{name}[None]" if x.shape[0] == 3 else f"{name}.permute(2, 0, 1)[None]"
+        how = f" ({how})" if how and x.ndim in (3, 4) else ""
+        raise ValueError(f"{name}: shape {tuple(x.shape)}; pass an RGB batch (B, 3, H, W){how}")
+    ref = model_tensor(model)
+    if ref is not None and x.device != ref.device:
+        raise ValueError(
+            f"{name}: on {x.device}, the model on {ref.device}; pass {name}.to({str(ref.device)!r})"
+        )
+    if ref is not None and ref.is_floating_point() and x.dtype != ref.dtype:
+        x = x.to(ref.dtype)
+    if check_values and x.numel():
+        lo, hi = x.aminmax()
+        if not (torch.isfinite(lo) and torch.isfinite(hi)):
+            raise ValueError(f"{name}: holds NaN or infinite values; pass an image in [0, 1]")
+        if lo < -0.5 or hi > 1.5:  # an overshoot of a resize is fine, [0, 255] or [-1, 1] not
+            raise ValueError(
+                f"{name}: values in [{lo:.3g}, {hi:.3g}]; pass [0, 1] ({name} / 255 for "
+                f"[0, 255], ({name} + 1) / 2 for [-1, 1])"
+            )
+    return x
+
+
+def check_pair(model: "SRModel", lr, hr) -> tuple[torch.Tensor, torch.Tensor]:
+    """forward()'s (lr, hr): images as `check_image` takes them, hr `scale` times lr's size."""
+    lr, hr = check_image(model, lr, "lr", False), check_image(model, hr, "hr", False)
+    s, (h, w) = model.scale, lr.shape[-2:]
+    if hr.shape[0] != lr.shape[0] or hr.shape[-2:] != (h * s, w * s):
+        raise ValueError(
+            f"hr: shape {tuple(hr.shape)} for lr {tuple(lr.shape)}; pass ({lr.shape[0]}, 3, "
+            f"{h * s}, {w * s}): the same images, x{s} larger"
+        )
+    return lr, hr
+
+
+def check_sampling(model: "SRModel", lr, n, temperature) -> torch.Tensor:
+    """sample()'s arguments: the LR as `check_image` takes it; n and temperature as the model
+    can use them (a one-line ValueError otherwise)."""
+    lr = check_image(model, lr, "lr", True)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: {n!r}; pass the number of samples per image, an int >= 1")
+    t = float(temperature)
+    if not math.isfinite(t) or t < 0:
+        raise ValueError(f"temperature: {temperature!r}; pass a finite number >= 0")
+    m = model.lr_multiple
+    if min(size + (-size) % m for size in lr.shape[-2:]) < model.min_lr_size:  # once padded
+        raise ValueError(
+            f"lr: {lr.shape[-2]}x{lr.shape[-1]} px; {type(model).__name__} needs at least "
+            f"{model.min_lr_size}x{model.min_lr_size} (pad or upscale the LR first)"
+        )
+    return lr
+
+
 class SRModel(nn.Module):
     """Base class: padding, clamping, noise plumbing and the defaults of every hook."""
 
@@ -287,6 +362,9 @@ class SRModel(nn.Module):
     # `prepare` cut to the tile: the receptive field of the per-tile computation (a property
     # computed from the config in most models). None: unknown (sr_sample.py then uses 32).
     tile_halo: int | None = None
+    # The smallest LR side (after padding to lr_multiple) the network takes: sample() refuses a
+    # smaller one in one line (RRDB's half-resolution map of a 1 px LR has no pixel).
+    min_lr_size = 1
     scales: tuple[int, ...] = (2, 3, 4, 8)  # the scale factors the model is built for
     # False: values that sampling passes between layers can exceed float16's range (65504), so
     # sr_sample.py refuses --amp fp16 (bfloat16 has float32's range).
@@ -321,6 +399,11 @@ class SRModel(nn.Module):
 
     # The network and sampling.
 
+    def check_inputs(self, lr, hr) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward`'s first line: (lr, hr) as the model takes them, or a one-line error
+        (`check_pair`)."""
+        return check_pair(self, lr, hr)
+
     def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} must define forward(lr, hr)")
 
@@ -352,7 +435,9 @@ class SRModel(nn.Module):
         `noise` is a NoiseSource with B·n seeds (row b·n + i is sample i of image b);
         `prepared`: this (B = 1) image's `prepare` output, reused; `controls`: model-specific
         sampling controls (e.g. explicit latents), passed to `generate`.
+        A wrong `lr`, n or temperature is a one-line TypeError/ValueError (`check_image`).
         """
+        lr = check_sampling(self, lr, n, temperature)
         b, _, h, w = lr.shape
         noise = sample_noise(noise, b, n, lr.device)
         x = pad_to_multiple(lr, self.lr_multiple)
@@ -541,6 +626,7 @@ class LatentSRModel(SRModel):
         """As `SRModel.sample`, with the latents drawn on the LR as given, before it is padded to
         `lr_multiple`: what a reference of the LR itself (RefVAE's ref="lr", paper §3.2) encodes
         is the LR image, not its reflected border; sr_sample.py draws them so too."""
+        lr = check_sampling(self, lr, n, temperature)
         noise = sample_noise(noise, lr.shape[0], n, lr.device)
         if latent is None:
             latent = self.latents(lr, n, float(temperature), noise, **cond)

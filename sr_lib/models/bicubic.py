@@ -24,6 +24,7 @@ class Bicubic(SRModel):
         return replace(super().recipe(scale), steps=0)
 
     def forward(self, lr, hr):
+        lr, hr = self.check_inputs(lr, hr)  # one line for a wrong input, not a conv's error
         sr = imresize_torch(lr, self.scale)
         # No parameters: report the L1 error so validation logs stay meaningful.
         return {"loss": (sr - hr).abs().mean(), "sr": sr}

@@ -266,6 +266,7 @@ class RegressionSR(SRModel):
         return halo(fea + rest, fea + (self.sigma.radius() if self.sigma is not None else 0))
 
     def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
+        lr, hr = self.check_inputs(lr, hr)  # one line for a wrong input, not a conv's error
         mu, fea = self.predict(lr)
         if self.sigma is None:
             l1 = F.l1_loss(mu, hr)

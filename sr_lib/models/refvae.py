@@ -417,6 +417,7 @@ class RefVAE(LatentSRModel):
         return p.maps["up"][:, None] + torch.stack(out, dim=1)  # (B, n, 3, sH, sW)
 
     def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
+        lr, hr = self.check_inputs(lr, hr)  # one line for a wrong input, not a conv's error
         c, s = self.cfg, self.scale
         self._load_weights()
         red = torch.sum if c.reduction == "sum" else torch.mean

@@ -186,6 +186,7 @@ class RRDB(RegressionSR):
 
     Config = RRDBConfig
     scales = SCALES
+    min_lr_size = 2  # RRDBNet's half-resolution map (fea_up0) of a 1 px LR has no pixel
 
     def __init__(self, cfg: RRDBConfig):
         super().__init__(cfg)

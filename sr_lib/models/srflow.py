@@ -123,6 +123,7 @@ class SRFlow(SRModel):
     compile_regions = (FlowStep, Split, RRDBBlock)  # --compile: each block once per level shape
     oldest_checkpoint_format = 2  # format 1 conditioned on pre-activation maps (docs/flows.md)
     scales = (4, 8)
+    min_lr_size = 2  # RRDBNet's half-resolution map (fea_up0) of a 1 px LR has no pixel
     # The reverse flow divides by coupling scales down to affine_eps: at T = 0.9 a few pixels'
     # float32 state reaches 1e7 (a small SRFlow, docs/benchmarks.md; saturated in the output),
     # which cast into a float16 coupling network is inf, then NaN.
@@ -375,6 +376,7 @@ class SRFlow(SRModel):
         return -self.log_likelihood(lr, hr, noise) / (math.log(2) * hr.shape[2] * hr.shape[3])
 
     def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
+        lr, hr = self.check_inputs(lr, hr)  # one line for a wrong input, not a conv's error
         noise = None
         if self.training:
             lr, hr, noise = self.perturb(lr, hr)

@@ -227,6 +227,7 @@ class VarSR(LatentSRModel):
         return 0.5 * (torch.tanh(out) + 1)
 
     def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
+        lr, hr = self.check_inputs(lr, hr)  # one line for a wrong input, not a conv's error
         c = self.cfg
         mu_h, logvar_h = self.posterior(hr)
         mu_l, logvar_l = self.prior(lr)

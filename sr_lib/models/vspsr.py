@@ -257,6 +257,7 @@ class VSpSR(SRModel):
         return out if m is None else out + m  # out of place (the code's in-place add aliases)
 
     def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
+        lr, hr = self.check_inputs(lr, hr)  # one line for a wrong input, not a conv's error
         c = self.cfg
         basis, mu, logvar = self.distributions(lr)
         std = torch.exp(0.5 * logvar)

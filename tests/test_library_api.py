@@ -1,0 +1,107 @@
+"""srspace as a Python library (docs/design.md, "The model interface"): what a notebook passes to
+every model's sample() and forward(), right or wrong."""
+
+import pytest
+import torch
+from conftest import TINY
+
+from sr_lib.models import build_model
+from sr_lib.models.base import NoiseSource
+
+
+def tiny(name: str):
+    return build_model(name, {**TINY[name], "scale": 4}).eval()
+
+
+def lr_image() -> torch.Tensor:
+    return torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+
+
+# What a notebook gets wrong: each is a one-line error naming the argument and what to pass.
+WRONG_SAMPLE = {
+    "uint8": (lambda lr: dict(lr=(lr * 255).to(torch.uint8)), TypeError, "lr: a torch.uint8"),
+    "CHW": (lambda lr: dict(lr=lr[0]), ValueError, "lr[None]"),
+    "HWC": (lambda lr: dict(lr=lr[0].permute(1, 2, 0)), ValueError, "permute(2, 0, 1)[None]"),
+    "[0, 255]": (lambda lr: dict(lr=lr * 255), ValueError, "lr / 255"),
+    "[-1, 1]": (lambda lr: dict(lr=2 * lr - 1), ValueError, "(lr + 1) / 2"),
+    "NaN": (
+        lambda lr: dict(lr=lr.index_fill(3, torch.tensor([0]), float("nan"))),
+        ValueError,
+        "NaN",
+    ),  # fmt: skip
+    "gray": (lambda lr: dict(lr=lr[:, :1]), ValueError, "lr.expand(-1, 3, -1, -1)"),
+    "RGBA": (lambda lr: dict(lr=torch.cat([lr, lr[:, :1]], 1)), ValueError, "lr[:, :3]"),
+    "numpy": (lambda lr: dict(lr=lr.numpy()), TypeError, "pass a torch tensor"),
+    "n=0": (lambda lr: dict(lr=lr, n=0), ValueError, "n: 0"),
+    "T<0": (lambda lr: dict(lr=lr, temperature=-1.0), ValueError, "temperature: -1.0"),
+    "device": (lambda lr: dict(lr=lr.to("meta")), ValueError, "lr: on meta, the model on cpu"),
+}
+
+
+@pytest.mark.parametrize("case", WRONG_SAMPLE)
+@pytest.mark.parametrize("name", TINY)
+def test_a_wrong_input_to_sample_is_one_line_naming_it(name, case):
+    model = tiny(name)
+    args, error, hint = WRONG_SAMPLE[case]
+    with pytest.raises(error) as e:
+        model.sample(**args(lr_image()))
+    assert hint in str(e.value) and "\n" not in str(e.value)
+    assert str(e.value).split(":")[0] in ("lr", "n", "temperature")
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_float64_strided_and_channels_last_lr_sample_as_float32(name):
+    """A float64 array from numpy is converted to the model's dtype; a view or another memory
+    layout gives the same samples."""
+    model, lr = tiny(name), lr_image()
+    want = model.sample(lr, 2, 0.8, NoiseSource([1, 2]))
+    strided = torch.rand(1, 3, 8, 16)
+    strided[..., ::2] = lr
+    for x in (lr.double(), strided[..., ::2], lr.contiguous(memory_format=torch.channels_last)):
+        got = model.sample(x, 2, 0.8, NoiseSource([1, 2]))
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["rrdb", "srflow_da"])
+def test_an_lr_below_the_models_minimum_is_one_line(name):
+    model = tiny(name)
+    with pytest.raises(ValueError, match=r"^lr: 1x1 px; .* needs at least 2x2"):
+        model.sample(torch.rand(1, 3, 1, 1))
+    assert model.sample(torch.rand(1, 3, 2, 3)).shape == (1, 1, 3, 8, 12)
+
+
+WRONG_FORWARD = {
+    "uint8": (
+        lambda lr, hr: ((lr * 255).byte(), (hr * 255).byte()),
+        TypeError,
+        "lr: a torch.uint8",
+    ),
+    "CHW": (lambda lr, hr: (lr[0], hr[0]), ValueError, "lr: shape (3, 8, 8)"),
+    "gray": (lambda lr, hr: (lr[:, :1], hr[:, :1]), ValueError, "lr: shape (1, 1, 8, 8)"),
+    "hr size": (lambda lr, hr: (lr, hr[..., :30, :30]), ValueError, "pass (1, 3, 32, 32)"),
+    "device": (lambda lr, hr: (lr.to("meta"), hr), ValueError, "lr: on meta"),
+}
+
+
+@pytest.mark.parametrize("case", WRONG_FORWARD)
+@pytest.mark.parametrize("name", TINY)
+def test_a_wrong_input_to_forward_is_one_line_naming_it(name, case):
+    model = tiny(name).train()
+    lr = lr_image()
+    hr = torch.rand(1, 3, 32, 32)
+    args, error, hint = WRONG_FORWARD[case]
+    with pytest.raises(error, match=r"^(lr|hr): ") as e:
+        model(*args(lr, hr))
+    assert hint in str(e.value)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_forward_converts_float64(name):
+    lr, hr = lr_image(), torch.rand(1, 3, 32, 32)
+    losses = []
+    for x, y in ((lr, hr), (lr.double(), hr.double())):
+        torch.manual_seed(3)  # the same weights and training noise
+        losses.append(tiny(name).train()(x, y)["loss"])
+    assert losses[1].dtype == torch.float32
+    torch.testing.assert_close(losses[1], losses[0])
