@@ -105,3 +105,19 @@ def test_forward_converts_float64(name):
         losses.append(tiny(name).train()(x, y)["loss"])
     assert losses[1].dtype == torch.float32
     torch.testing.assert_close(losses[1], losses[0])
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_sample_in_train_mode_samples_as_eval_and_changes_nothing(name):
+    """A notebook samples between training steps, the model left in train(): sampling used to
+    update BatchNorm statistics (RefVAE, VarSR) and initialise a fresh flow's ActNorm from the
+    LR (SRFlow, NCSR), changing the model."""
+    model, lr = tiny(name), lr_image()
+    want = model.sample(lr, 2, 0.8, NoiseSource([1, 2]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    with torch.enable_grad():
+        got = model.sample(lr, 2, 0.8, NoiseSource([1, 2]))
+    assert model.training and not got.requires_grad
+    assert [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])] == []
+    torch.testing.assert_close(got, want)

@@ -34,6 +34,7 @@ compile_regions and oldest_checkpoint_format (documented on SRModel).
 Images crossing the boundary are RGB float32 in [0, 1], NCHW. Any other range stays inside.
 """
 
+import contextlib
 import hashlib
 import itertools
 import math
@@ -319,6 +320,18 @@ def check_pair(model: "SRModel", lr, hr) -> tuple[torch.Tensor, torch.Tensor]:
     return lr, hr
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """The model in eval mode (BatchNorm's running statistics, no data-dependent
+    initialisation), its mode before restored after."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
 def check_sampling(model: "SRModel", lr, n, temperature) -> torch.Tensor:
     """sample()'s arguments: the LR as `check_image` takes it; n and temperature as the model
     can use them (a one-line ValueError otherwise)."""
@@ -434,7 +447,9 @@ class SRModel(nn.Module):
         temperature scales the standard deviation of every latent draw (0 = deterministic mode);
         `noise` is a NoiseSource with B·n seeds (row b·n + i is sample i of image b);
         `prepared`: this (B = 1) image's `prepare` output, reused; `controls`: model-specific
-        sampling controls (e.g. explicit latents), passed to `generate`.
+        sampling controls (e.g. explicit latents), passed to `generate`. Run in eval mode (the
+        model's mode is restored after): the samples do not depend on train()/eval(), and
+        sampling never changes the model (BatchNorm statistics, an ActNorm's initialisation).
         A wrong `lr`, n or temperature is a one-line TypeError/ValueError (`check_image`).
         """
         lr = check_sampling(self, lr, n, temperature)
@@ -443,7 +458,8 @@ class SRModel(nn.Module):
         x = pad_to_multiple(lr, self.lr_multiple)
         if prepared is not None:
             controls["prepared"] = prepared
-        sr = self.finish(self.generate(x, n, float(temperature), noise, **controls), x)
+        with eval_mode(self):
+            sr = self.finish(self.generate(x, n, float(temperature), noise, **controls), x)
         s = self.scale
         return sr[..., : h * s, : w * s].clamp(0, 1)
 
@@ -629,7 +645,8 @@ class LatentSRModel(SRModel):
         lr = check_sampling(self, lr, n, temperature)
         noise = sample_noise(noise, lr.shape[0], n, lr.device)
         if latent is None:
-            latent = self.latents(lr, n, float(temperature), noise, **cond)
+            with eval_mode(self):
+                latent = self.latents(lr, n, float(temperature), noise, **cond)
         return super().sample(lr, n, temperature, noise, prepared, latent=latent)
 
     def generate(self, lr, n, temperature, noise, latent=None, prepared=None, **cond):
