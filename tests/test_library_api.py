@@ -5,7 +5,9 @@ import pytest
 import torch
 from conftest import TINY
 
-from sr_lib.models import build_model
+from sr_lib.checkpoint import save_checkpoint
+from sr_lib.errors import CheckpointError
+from sr_lib.models import build_model, load_model
 from sr_lib.models.base import NoiseSource
 
 
@@ -121,3 +123,30 @@ def test_sample_in_train_mode_samples_as_eval_and_changes_nothing(name):
     assert model.training and not got.requires_grad
     assert [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])] == []
     torch.testing.assert_close(got, want)
+
+
+def write_checkpoint(path, name="edsr", **cfg):
+    model = build_model("edsr", TINY["edsr"])
+    payload = {"model": name, "model_cfg": {**TINY["edsr"], **cfg}, "step": 0}
+    save_checkpoint(path, {**payload, "state_dict": model.state_dict()})
+    return path
+
+
+BAD_CHECKPOINTS = {
+    "missing": (lambda d: d / "none.pt", "no such checkpoint file"),
+    "folder": (lambda d: d, "a folder, not a checkpoint file; pass the file (last.pt)"),
+    "not torch": (lambda d: (d / "x.pt").write_text("hello") and d / "x.pt", "not a valid torch"),
+    "newer model": (lambda d: write_checkpoint(d / "f.pt", "fancy"), "model 'fancy' this srspace"),
+    "newer field": (lambda d: write_checkpoint(d / "k.pt", knob=1), "fields this srspace does no"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CHECKPOINTS)
+def test_load_model_of_a_bad_path_raises_one_line(tmp_path, case):
+    """The library raises (CheckpointError, one line naming the path), never sys.exit."""
+    path, hint = BAD_CHECKPOINTS[case]
+    path = path(tmp_path)
+    with pytest.raises(CheckpointError) as e:
+        load_model(path)
+    assert str(e.value).startswith(f"{path}: ") and hint in str(e.value)
+    assert "\n" not in str(e.value)
