@@ -77,7 +77,7 @@ def logged_steps(out: Path) -> int:
     "script, opts, model",
     [("train.sbatch", ["--ntasks-per-node=1"], TINY_EDSR),
      pytest.param("train_multinode.sbatch", ["--nodes=2", "--ntasks-per-node=1"],
-                  TINY_EDSR[2:] + ["--n-basis", "8", "--basis-channels", "4", "--coef-channels",
+                  TINY_EDSR[6:] + ["--n-basis", "8", "--basis-channels", "4", "--coef-channels",
                                    "4", "--d-channels", "4", "--lambda-per", "0",
                                    "--sync-check-every", "10"],
                   marks=pytest.mark.slow)],
