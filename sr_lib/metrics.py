@@ -56,13 +56,24 @@ def shave_border(img: ARRAY, k: int) -> ARRAY:
     return img[k : img.shape[0] - k, k : img.shape[1] - k] if k > 0 else img
 
 
-def psnr(a: ARRAY, b: ARRAY, peak: float = 255.0) -> float:
-    """PSNR in dB of two same-shape arrays with values in [0, peak] (uint8 or float).
+def psnr(a: ARRAY, b: ARRAY, peak: float | None = None) -> float:
+    """PSNR in dB of two same-shape images with values in [0, peak]: numpy arrays or torch
+    tensors; `peak` may be left out for uint8 (255) only. A float image may be on [0, 1] (a
+    model's `sample()`) or [0, 255]: a default of 255 read [0, 1] images 48 dB too high, silently.
 
     As skimage's `peak_signal_noise_ratio` used by the reference (docs/metrics.md, "LR-PSNR"): the
     MSE is over all values in float64; identical inputs give +inf (the reference's numpy division
     gives the same).
     """
+    a, b = (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+            for x in (a, b))  # fmt: skip
+    if peak is None:
+        if a.dtype != np.uint8 or b.dtype != np.uint8:
+            raise ValueError(
+                f"psnr: {a.dtype} and {b.dtype} images need peak= (1.0 for values "
+                "in [0, 1], 255.0 for [0, 255]); uint8 alone has a default (255)"
+            )
+        peak = 255.0
     if a.shape != b.shape:
         raise ValueError(f"psnr: shapes differ {a.shape} vs {b.shape}")
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, dtype=np.float64)
@@ -667,7 +678,7 @@ def evaluate_image(
 
     def psnr_ssim(img: ARRAY) -> tuple[float, float]:
         x = prep(img)
-        return psnr(x, gt_s), ssim_ref(x)
+        return psnr(x, gt_s, peak=255.0), ssim_ref(x)  # (uint8 RGB, or Y as float)
 
     psnrs, ssims = zip(*per_sample(psnr_ssim))
     row.update(

@@ -71,6 +71,19 @@ def test_psnr_matches_skimage_and_rejects_shape_mismatch():
         M.psnr(a, b[:40])
 
 
+def test_psnr_of_float_images_needs_their_peak_and_takes_tensors():
+    """A model's sample() gives float tensors in [0, 1]: with a default peak of 255 they read
+    48 dB too high, silently (and a tensor gave an AttributeError). uint8 alone has a default."""
+    a, b = rand_img(seed=1), rand_img(seed=2)
+    want = M.psnr(a, b)
+    fa, fb = (torch.from_numpy(x).permute(2, 0, 1).float() / 255 for x in (a, b))  # (3, H, W)
+    assert M.psnr(fa, fb, peak=1.0) == pytest.approx(want, abs=1e-5)  # (float32 values)
+    assert M.psnr(torch.from_numpy(a), torch.from_numpy(b)) == want  # uint8 tensors: 255
+    for x, y in ((fa, fb), (a, b.astype(np.float64))):
+        with pytest.raises(ValueError, match=r"need peak= \(1.0 for values in \[0, 1\]"):
+            M.psnr(x, y)
+
+
 def test_lr_psnr_uses_uint8_imresize_of_the_mod8_crop():
     gt = smooth_img(53, 70, seed=3)  # not a multiple of 8: crop to 48 x 64
     sr = noisy(np.pad(gt, ((0, 2), (0, 1), (0, 0)), mode="edge"), 3, seed=4)  # larger SR
@@ -123,7 +136,7 @@ def test_generic_mode_extras_use_scale_crop_and_shave():
     assert row["PSNR_mean"] == math.inf
     assert row["SSIM_mean"] == pytest.approx((M.ssim(s, g) + 1) / 2, abs=1e-12)
     row1 = M.evaluate_image(gt, [sr], 2, shave=3, color="y")
-    assert row1["PSNR_mean"] == pytest.approx(M.psnr(M.rgb2y(s), M.rgb2y(g)), abs=1e-12)
+    assert row1["PSNR_mean"] == pytest.approx(M.psnr(M.rgb2y(s), M.rgb2y(g), peak=255.0), abs=1e-12)
 
 
 def test_generic_mode_accepts_sr_of_the_ntire_crop_size():
