@@ -1677,8 +1677,9 @@ def lost_contact(e, dd, step: int, saved: int | None, last: Path, before: str) -
 
 def last_save(dd, saved: int | None, last: Path, before: str) -> str:
     """What a run that stops without saving holds and how to go on: `last` if this run saved
-    (step `saved`; only rank 0 knows that its save was written), else `before`."""
-    if not dd.main:
+    (step `saved`; only rank 0 knows that its save was written), else `before` (every rank knows
+    that no save was made)."""
+    if not dd.main and saved is not None:
         return f"{last} holds rank 0's last save: continue with --resume auto"
     if saved is not None:
         return f"{last} holds step {saved}: continue with --resume auto"

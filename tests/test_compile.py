@@ -277,9 +277,7 @@ def test_a_signal_to_the_group_while_two_ranks_compile_the_first_step_stops_both
     errs = [err for _, err in outs]
     assert codes == [75, 75], errs
     line = "sr_train.py: error: SIGTERM: stopped in step 1 (its compilation); "
-    assert errs == [line + "nothing was saved: start again\n",
-                    line + f"{out / 'last.pt'} holds rank 0's last save: continue with "
-                    "--resume auto\n"]  # fmt: skip
+    assert errs == [line + "nothing was saved: start again\n"] * 2  # (rank 1 knows it too)
     assert not (out / "last.pt").exists()
 
 
