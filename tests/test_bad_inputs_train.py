@@ -259,8 +259,8 @@ CASES = {  # id: (flags, exit code, words of the message)
             "--patch": "7",
         },
         2,
-        "the VGG19 perceptual loss needs HR patches of at least 16 px (--patch x --scale); use "
-        "a larger --patch, or --lambda-per 0",
+        "the VGG19 perceptual loss needs HR patches of at least 16 px, not 14x14: use a larger "
+        "--patch (the HR patch is --patch x --scale; in Python, a larger hr), or --lambda-per 0",
     ),
     "vspsr critic patch too small": (
         {**TINY_VSPSR, "--lambda-per": "0", "--patch": "3"},
@@ -273,8 +273,8 @@ CASES = {  # id: (flags, exit code, words of the message)
             "--patch": "4",
         },
         2,
-        "refvae: the discriminator needs HR patches of at least 16 px (--patch x --scale); use "
-        "a larger --patch",
+        "refvae: the discriminator needs HR patches of at least 16 px, not 8x8: use a larger "
+        "--patch (the HR patch is --patch x --scale",
     ),
     # an LR patch that the model's layers cannot halve: refused before any work, not a shape
     # error inside the first step

@@ -6,7 +6,7 @@ import torch
 from conftest import TINY
 
 from sr_lib.checkpoint import save_checkpoint
-from sr_lib.errors import CheckpointError
+from sr_lib.errors import CheckpointError, UsageError
 from sr_lib.models import build_model, load_model
 from sr_lib.models.base import NoiseSource
 
@@ -150,3 +150,28 @@ def test_load_model_of_a_bad_path_raises_one_line(tmp_path, case):
         load_model(path)
     assert str(e.value).startswith(f"{path}: ") and hint in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_load_model_of_a_raw_state_dict_names_its_arguments_not_only_flags(tmp_path):
+    """A released state_dict needs its model and scale: the message names load_model's
+    arguments as well as sr_sample.py's flags; an unknown model= lists the models."""
+    path = tmp_path / "raw.pth"
+    torch.save(tiny("edsr").state_dict(), path)
+    with pytest.raises(CheckpointError) as e:
+        load_model(path)
+    assert "--model and --scale" in str(e.value) and "model=..., scale=..." in str(e.value)
+    with pytest.raises(UsageError, match=r"^model='esdr': unknown model; choose one of: bicubic"):
+        load_model(path, model="esdr", scale=4)
+
+
+@pytest.mark.parametrize("name, extra", [("vspsr", {}), ("varsr", {"adv_start": 0.0})])
+def test_an_hr_below_the_critics_minimum_names_hr_not_only_patch(name, extra):
+    """A notebook's forward on a small hr: the one line names its size and what to pass in
+    Python, as well as sr_train.py's --patch."""
+    model = build_model(name, {**TINY[name], "scale": 2, "lambda_per": 0.0, **extra}).train()
+    model.on_step(0, 10)  # (VarSR's critic from its adv_start on: 0 here)
+    lr, hr = torch.rand(1, 3, 2, 2), torch.rand(1, 3, 4, 4)
+    with pytest.raises(UsageError) as e:
+        model.discriminator_loss(lr, hr, model(lr, hr))
+    assert "HR patches of at least" in str(e.value) and "not 4x4" in str(e.value)
+    assert "--patch" in str(e.value) and "in Python, a larger hr" in str(e.value)

@@ -93,11 +93,13 @@ def load_model(
         net.load_weights(ck["ema_state_dict" if averaged else "state_dict"], path)
     else:
         if model is None or scale is None:
+            # Named for both callers: sr_sample.py's flags, load_model's arguments.
             raise CheckpointError(
-                f"{path}: a raw state_dict without srspace metadata; pass --model and --scale"
+                f"{path}: a raw state_dict without srspace metadata; pass --model and --scale "
+                "(load_model(path, model=..., scale=...))"
             )
-        if model not in MODELS:
-            raise CheckpointError(f"{path}: unknown --model {model!r}")
+        if model not in MODELS:  # (sr_sample.py's --model has these choices: the library's)
+            raise UsageError(f"model={model!r}: unknown model; choose one of: {', '.join(MODELS)}")
         sd = load_state_dict(path)
         cfg = MODELS[model].raw_config(sd, int(scale))
         net = build_model(model, cfg)

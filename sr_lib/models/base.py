@@ -551,10 +551,13 @@ class SRModel(nn.Module):
         """Load a state_dict without srspace metadata (e.g. a released file); by default it must
         use this model's own key names and its default config (all a raw file tells)."""
         name = type(self).__name__.lower()
-        self.load_weights(state_dict, path, f"a raw state_dict loads only with srspace's key "
-                          f"names, as the {name} config of --scale (sr_sample.py: the default one; "
-                          "--init-from: the run's model flags): load a model trained by "
-                          "sr_train.py from its checkpoint (OUT/last.pt or best.pt)")  # fmt: skip
+        hint = (
+            f"a raw state_dict loads only with srspace's key names, as the {name} config of its "
+            "scale (load_model, sr_sample.py: the default one; --init-from: the run's model "
+            "flags): load a model trained by sr_train.py from its checkpoint (OUT/last.pt or "
+            "best.pt)"
+        )
+        self.load_weights(state_dict, path, hint)
 
 
 @dataclass

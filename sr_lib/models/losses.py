@@ -91,6 +91,17 @@ def sparse_prior_kl(mu: torch.Tensor, logvar: torch.Tensor, alpha: float, beta: 
     return rho * second_moment - logvar
 
 
+def patch_too_small(what: str, need: int, hr: torch.Tensor, way_out: str = "") -> UsageError:
+    """The one-line error of a loss or critic given HR patches smaller than `need` px. Named for
+    both callers: sr_train.py's user sets the patch by flag, a Python caller by the hr it passes
+    to the model's forward; `way_out`: another way, e.g. without this loss."""
+    h, w = hr.shape[-2:]
+    return UsageError(
+        f"{what} needs HR patches of at least {need} px, not {h}x{w}: use a larger --patch (the "
+        f"HR patch is --patch x --scale; in Python, a larger hr){way_out}"
+    )
+
+
 class VGGLoss(nn.Module):
     """Mean over the taps of `vgg` (a frozen `VGGFeatures`) of MSE(vgg(sr), vgg(hr)); gradients
     flow to `sr` only."""
@@ -104,10 +115,8 @@ class VGGLoss(nn.Module):
 
     def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         if min(hr.shape[-2:]) < self.min_size:
-            raise UsageError(
-                f"the VGG19 perceptual loss needs HR patches of at least {self.min_size} px "
-                "(--patch x --scale); use a larger --patch, or --lambda-per 0"
-            )
+            raise patch_too_small("the VGG19 perceptual loss", self.min_size, hr,
+                                  ", or --lambda-per 0 (lambda_per=0)")  # fmt: skip
         with torch.no_grad():
             target = self.vgg(hr)
         feats = self.vgg(sr)

@@ -40,7 +40,14 @@ from sr_lib.models.base import (
     staged_radius,
 )
 from sr_lib.models.blocks import conv3x3
-from sr_lib.models.losses import frozen_call, on_device, standard_normal_kl, style_stats, tv_map
+from sr_lib.models.losses import (
+    frozen_call,
+    on_device,
+    patch_too_small,
+    standard_normal_kl,
+    style_stats,
+    tv_map,
+)
 from sr_lib.models.vgg import VGG19_RELU, VGGFeatures
 from sr_lib.resize import imresize_torch
 from sr_lib.weights import resolve, torchvision_model
@@ -200,10 +207,7 @@ class Discriminator(nn.Module):
                 feats.append(h.flatten(1))
             logits.append(feats.pop())
         if not logits:
-            raise UsageError(
-                f"refvae: the discriminator needs HR patches of at least {self.MIN_SIZE} px "
-                "(--patch x --scale); use a larger --patch"
-            )
+            raise patch_too_small("refvae: the discriminator", self.MIN_SIZE, x)
         return torch.cat(logits, dim=1), feats
 
 

@@ -506,4 +506,5 @@ def _looks_like(sd: dict) -> str:
         model = "srflow_da"
     else:
         model = "srflow"
-    return f"--model {model} --scale {8 if 'RRDB.upconv3.weight' in sd else 4}"
+    scale = 8 if "RRDB.upconv3.weight" in sd else 4
+    return f"--model {model} --scale {scale} (load_model(path, model={model!r}, scale={scale}))"

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sr_lib.errors import UsageError
 from sr_lib.models.base import (
     WEIGHT,
     LatentSRModel,
@@ -29,7 +28,14 @@ from sr_lib.models.base import (
     staged_radius,
 )
 from sr_lib.models.blocks import conv3x3
-from sr_lib.models.losses import VGGLoss, frozen_call, gaussian_kl, gradient_penalty, on_device
+from sr_lib.models.losses import (
+    VGGLoss,
+    frozen_call,
+    gaussian_kl,
+    gradient_penalty,
+    on_device,
+    patch_too_small,
+)
 from sr_lib.models.vgg import NO_VGG, VGG19_RELU, VGGFeatures
 from sr_lib.resize import imresize_torch
 
@@ -144,10 +150,7 @@ class Critic(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if min(x.shape[-2:]) < self.min_size:
-            raise UsageError(
-                f"varsr: the critic needs HR patches of at least {self.min_size} px (--patch x "
-                "--scale); use a larger --patch"
-            )
+            raise patch_too_small("varsr: the critic", self.min_size, x)
         return self.head(self.body(x).mean(dim=(2, 3), keepdim=True)).flatten()
 
 

@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from sr_lib.cem import cem
-from sr_lib.errors import UsageError
 from sr_lib.models.base import WEIGHT, ModelConfig, Prepared, Recipe, SRModel, conv_radius, halo
 from sr_lib.models.blocks import conv3x3
 from sr_lib.models.losses import (
     VGGLoss,
     frozen_call,
     on_device,
+    patch_too_small,
     sparse_prior_kl,
     standard_normal_kl,
 )
@@ -166,10 +166,7 @@ class Discriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if min(x.shape[-2:]) < self.min_size:
-            raise UsageError(
-                f"vspsr: the critic needs HR patches of at least {self.min_size} px (--patch x "
-                "--scale); use a larger --patch"
-            )
+            raise patch_too_small("vspsr: the critic", self.min_size, x)
         return self.net(x).mean(dim=(1, 2, 3))
 
 
