@@ -56,14 +56,19 @@ def job_log(root) -> str:
     return "".join(p.read_text() for p in sorted((root / "logs").iterdir()))
 
 
-def preempt(tmp_path, script, ready, timeout=90):
+def preempt(tmp_path, script, ready, job, root, timeout=90):
     """Once `ready()`, the signal the script's `#SBATCH --signal` asks for, to the process group
-    of its first run's step (every task, as SLURM signals them)."""
+    of its first run's step (every task, as SLURM signals them). A job that ends before (a bad
+    flag: sr_train.py's error line) fails the test at once, with the job's log (stdout and
+    stderr, as SLURM's --output holds both), rather than after the whole `timeout`."""
     name = re.search(r"^#SBATCH --signal=(?:B:)?(\w+)@", script.read_text(), re.M).group(1)
     pgid = tmp_path / "slurm" / f"step.{JOB}.0.pgid"
     deadline = time.time() + timeout
     while not (pgid.exists() and ready()):
-        assert time.time() < deadline, "the job's step did not get under way"
+        if job.poll() is not None:
+            pytest.fail(f"the job ended (exit {job.returncode}) before its step got under way; "
+                        f"its log:\n{job_log(root)[-4000:]}")  # fmt: skip
+        assert time.time() < deadline, f"the job's step did not get under way:\n{job_log(root)}"
         time.sleep(0.05)
     os.killpg(int(pgid.read_text()), getattr(signal, f"SIG{name}"))
 
@@ -92,7 +97,7 @@ def test_a_preempted_training_job_requeues_and_resumes_from_last_pt(tmp_path, sc
     env = {"DATA": str(data), "CACHE": str(tmp_path / "cache"), "RUN": "run"}
     flags = [*model, "--steps", "100", "--save-every", "5"]
     job, root = submit(tmp_path, EXAMPLES / script, opts, flags, env)
-    preempt(tmp_path, EXAMPLES / script, lambda: logged_steps(out) >= 7)
+    preempt(tmp_path, EXAMPLES / script, lambda: logged_steps(out) >= 7, job, root)
     assert job.wait(timeout=240) == 0
     log = job_log(root)
     stopped = int(re.search(r"SIGUSR1: stopped at step (\d+), wrote run/last.pt", log).group(1))
