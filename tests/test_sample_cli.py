@@ -334,6 +334,31 @@ def test_no_output_is_an_input(tmp_path, bicubic_ckpt, capsys):
     assert np.array_equal(read(lr / "a.png"), before[1]) and pngs(run_dir) == []
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_rerun_looks_at_each_file_once(tmp_path, bicubic_ckpt, monkeypatch, in_place):
+    """Every run, so every --shard of one, resolved each input path (Path.resolve: a call for
+    every part of the path and one more, 100,000 file system calls at 20,000 inputs, in each of
+    100 shards), and an --out that is the --input folder each output file too (a million). Now a
+    rerun of complete images looks at each output once and at each input once: the file system
+    calls grow by n + 1 an image, counted at k and 2k images."""
+    calls = []
+    for name in ("stat", "lstat"):
+        real = getattr(os, name)
+        monkeypatch.setattr(
+            os, name, lambda p, *a, real=real, **kw: calls.append(p) or real(p, *a, **kw)
+        )
+    grew = []
+    for k in (4, 8):
+        inp = folder(tmp_path / f"in{k}", **{f"im {i} x": image((8, 8), i) for i in range(k)})
+        out = inp if in_place else tmp_path / f"out{k}"
+        argv = ["--ckpt", bicubic_ckpt, "--input", inp, "--n", 3, "--out", out]
+        assert run(*argv) == 0  # the first run writes the samples
+        calls.clear()
+        assert run(*argv) == 0  # the rerun finds them complete
+        grew.append(len(calls))
+    assert grew[1] - grew[0] <= 4 * (3 + 1), grew
+
+
 def test_overwrite_removes_the_old_runs_files_of_its_images(tmp_path, toy_ckpt):
     inp = folder(tmp_path / "in", a=image((8, 8), 1), b=image((8, 8), 2))
     out = tmp_path / "out"
