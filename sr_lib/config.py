@@ -210,11 +210,24 @@ def _describe(spec: str) -> str:
     return " and ".join(parts)
 
 
-def check_ranges(obj) -> None:
+def config_flag(name: str, value=_UNSET, shown: str | None = None) -> str:
+    """A model Config field named for both of its users, once in a message: sr_train.py's flag
+    and the key a Python caller gives build_model, each with the value as it writes it:
+    "--flow-levels 9 (flow_levels=9)", a switch "--lu (lu=True)", no value "--nb (nb)".
+    `shown`: the value as the flag's text, where it is not str(value)."""
+    flag = "--" + name.replace("_", "-")
+    if value is _UNSET:
+        return f"{flag} ({name})"
+    text = flag if value is True else f"{flag} {value if shown is None else shown}"
+    return f"{text} ({name}={value!r})"
+
+
+def check_ranges(obj, python: bool = False) -> None:
     """Every number of a flat dataclass (run flags, a model's Config) inside the interval of its
     field's `range` metadata, e.g. "[0, 1]" or "(0, inf)", and finite; without one an int must be
     >= 1 and a float >= 0. A list of numbers is checked item by item; None (unset) passes. The
-    first violation is a one-line UsageError naming the flag, as argparse reports a bad choice."""
+    first violation is a one-line UsageError naming the flag, as argparse reports a bad choice;
+    python=True (a model's Config as build_model builds it) names its key too (`config_flag`)."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         values = value if isinstance(value, (list, tuple)) else [value]
@@ -229,9 +242,11 @@ def check_ranges(obj) -> None:
             if not (math.isfinite(v) and inside):
                 kind = "a number" if real else "an integer"
                 kind = kind if math.isfinite(v) else "a finite number"
-                flag = f"--{f.name.replace('_', '-')}"
                 shown = " ".join(map(str, numbers)) if len(values) > 1 else str(v)
-                raise UsageError(f"{flag} {shown}: must be {kind} {_describe(spec)}")
+                named = f"--{f.name.replace('_', '-')} {shown}"
+                if python:
+                    named = config_flag(f.name, value if len(values) > 1 else v, shown)
+                raise UsageError(f"{named}: must be {kind} {_describe(spec)}")
 
 
 def help_parser(

@@ -148,7 +148,7 @@ CASES = {  # id: (flags, exit code, words of the message)
             "--rrdb-blocks": "first,last",
         },
         PARSE,
-        "--rrdb-blocks first,last: give block numbers",
+        "--rrdb-blocks first,last (rrdb_blocks='first,last'): give block numbers",
     ),  # fmt: skip
     "flow taps past nb": (
         {
@@ -160,7 +160,7 @@ CASES = {  # id: (flags, exit code, words of the message)
             "--rrdb-blocks": "5",
         },
         PARSE,
-        "--rrdb-blocks 5: need blocks in 0..1",
+        "--rrdb-blocks 5 (rrdb_blocks='5'): need blocks in 0..1, of --nb 2 (nb=2)",
     ),  # fmt: skip
     "refvae width 12": (
         {
@@ -171,7 +171,7 @@ CASES = {  # id: (flags, exit code, words of the message)
             "--no-pretrained": "",
         },
         PARSE,
-        "--width 12: must be a multiple of 8",
+        "--width 12 (width=12): must be a multiple of 8",
     ),  # fmt: skip
     "no cuda": ({"--device": "cuda"}, PARSE, "--device cuda: CUDA is not available"),
     "fp16 on cpu": ({"--amp": "fp16", "--device": "cpu"}, PARSE, "--amp fp16 needs a CUDA"),
@@ -287,20 +287,21 @@ CASES = {  # id: (flags, exit code, words of the message)
     "flow levels past the encoder": (
         {**TINY_SRFLOW, "--flow-levels": "4"},
         PARSE,
-        "--flow-levels 4: SRFlow x4 has at most 3 levels",
+        "--flow-levels 4 (flow_levels=4): SRFlow x4 has at most 3 levels",
     ),  # fmt: skip
     # NCSR: that line, not one asking for 4 --noise-steps, which would only lead to it
     "ncsr flow levels past the encoder": (
         {**TINY_SRFLOW, "--model": "ncsr", "--flow-levels": "4"},
         PARSE,
-        "--flow-levels 4: NCSR x4 has at most 3 levels",
+        "--flow-levels 4 (flow_levels=4): NCSR x4 has at most 3 levels",
     ),  # fmt: skip
     # NCSR's noise-conditional steps: one whole number >= 0 per level
     **{
         f"ncsr noise steps {value}": (
             {**TINY_SRFLOW, "--model": "ncsr", f"--noise-steps={value}": ""},
             PARSE,
-            f"--noise-steps {value}: need 3 whole numbers >= 0, one per level",
+            f"--noise-steps {value} (noise_steps={value!r}): need 3 whole numbers >= 0, one per "
+            "level",
         )
         for value in ("1,1", "1,x,1", "-5,0,0")
     },
@@ -308,18 +309,20 @@ CASES = {  # id: (flags, exit code, words of the message)
     "refvae style layers empty": (
         {**TINY_REFVAE, "--style-layers": ","},
         PARSE,
-        "--style-layers ',': VGG19 ReLU taps, e.g. relu4_1 (at least one",
+        "--style-layers ',' (style_layers=','): VGG19 ReLU taps, e.g. relu4_1 (at least one",
     ),
     # references smaller than VGG19's pools reach (relu4_1: 3 halvings; relu5_1: 4)
     "refvae ref size 7": (
         {**TINY_REFVAE, "--ref-size": "7"},
         PARSE,
-        "--ref-size 7: the VGG19 encoder (to relu4_1) halves references 3 times; use --ref-size 8",
+        "--ref-size 7 (ref_size=7): the VGG19 encoder (to relu4_1) halves references 3 times; use "
+        "--ref-size 8",
     ),
     "refvae ref size 8 with a relu5 tap": (
         {**TINY_REFVAE, "--ref-size": "8", "--style-layers": "relu5_1"},
         PARSE,
-        "--ref-size 8: the VGG19 encoder (to relu5_1) halves references 4 times; use --ref-size 16",
+        "--ref-size 8 (ref_size=8): the VGG19 encoder (to relu5_1) halves references 4 times; use "
+        "--ref-size 16",
     ),
     "refvae patch not a multiple of 4": (
         {

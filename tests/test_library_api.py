@@ -175,3 +175,31 @@ def test_an_hr_below_the_critics_minimum_names_hr_not_only_patch(name, extra):
         model.discriminator_loss(lr, hr, model(lr, hr))
     assert "HR patches of at least" in str(e.value) and "not 4x4" in str(e.value)
     assert "--patch" in str(e.value) and "in Python, a larger hr" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "name, cfg, named",
+    [
+        ("edsr", {"n_feats": 0}, "--n-feats 0 (n_feats=0): must be an integer >= 1"),  # range
+        ("edsr", {"loss": "l2"}, "--loss 'l2' (loss='l2'): choose one of l1, le"),  # choices
+        ("srflow", {"flow_levels": 9}, "--flow-levels 9 (flow_levels=9): SRFlow x4 has at most"),
+        ("srflow", {"rrdb_blocks": "a"}, "--rrdb-blocks a (rrdb_blocks='a'): give block numbers"),
+        ("srflow", {"rrdb_blocks": "5"}, "need blocks in 0..1, of --nb 2 (nb=2)"),
+        ("srflow_da", {"variant": "s", "flow_levels": 2}, "--variant s (variant='s') has"),
+        ("ncsr", {"noise_steps": "1"}, "--noise-steps 1 (noise_steps='1'): need 3 whole"),
+        ("refvae", {"width": 12}, "--width 12 (width=12): must be a multiple of 8"),
+        ("refvae", {"ref_size": 7}, "--ref-size 7 (ref_size=7): the VGG19 encoder"),
+        ("refvae", {"style_layers": ","}, "--style-layers ',' (style_layers=','): VGG19 ReLU"),
+    ],
+)
+def test_a_bad_config_value_names_its_key_not_only_its_flag(name, cfg, named):
+    """build_model's caller passed keys, not flags: each config check's one line names both."""
+    with pytest.raises(UsageError) as e:
+        build_model(name, {**TINY[name], "scale": 4, **cfg})
+    assert named in str(e.value) and "\n" not in str(e.value)
+
+
+def test_official_export_of_an_lu_flow_names_its_key():
+    model = build_model("srflow", {**TINY["srflow"], "scale": 4, "lu": True})
+    with pytest.raises(UsageError, match=r"^--lu \(lu=True\) models have no official key layout"):
+        model.export_official_state_dict()

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sr_lib.config import check_ranges
+from sr_lib.config import check_ranges, config_flag
 from sr_lib.data import default_patch, list_images, read_image, to_tensor
 from sr_lib.errors import DataError, UsageError
 from sr_lib.weights import load_strict
@@ -70,13 +70,14 @@ def option(default, help: str, **kw):
 
 def check_choices(cfg) -> None:
     """The choices of a Config's fields (`choices` metadata or a Literal type), also for configs
-    built without the command line (build_model, checkpoints): a one-line UsageError."""
+    built without the command line (build_model, checkpoints): a one-line UsageError naming the
+    flag and the key (`config_flag`)."""
     for f in fields(cfg):
         choices = get_args(f.type) if get_origin(f.type) is Literal else f.metadata.get("choices")
         value = getattr(cfg, f.name)
         if choices is not None and value not in choices:
-            flag = f"--{f.name.replace('_', '-')}"
-            raise UsageError(f"{flag} {value!r}: choose one of {', '.join(map(str, choices))}")
+            named = config_flag(f.name, value, repr(value))
+            raise UsageError(f"{named}: choose one of {', '.join(map(str, choices))}")
 
 
 def scale_list(model) -> str:
@@ -386,7 +387,7 @@ class SRModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         check_choices(cfg)
-        check_ranges(cfg)
+        check_ranges(cfg, python=True)  # (sr_train.py checked its flags alone before)
         if cfg.scale not in self.scales:
             name = type(self).__name__
             raise UsageError(f"{name}: scale {cfg.scale} not supported; use {scale_list(self)}")

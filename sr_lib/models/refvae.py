@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sr_lib.config import config_flag
 from sr_lib.data import list_images, read_image, to_tensor
 from sr_lib.errors import CheckpointError, DataError, UsageError
 from sr_lib.lpips_net import load_alexnet_trunk, lpips_module
@@ -235,11 +236,11 @@ class RefVAE(LatentSRModel):
         self.style_layers = tuple(t for t in cfg.style_layers.split(",") if t)
         if not self.style_layers or any(t not in VGG19_RELU for t in self.style_layers):
             raise UsageError(
-                f"--style-layers {cfg.style_layers!r}: VGG19 ReLU taps, e.g. relu4_1 (at least "
-                "one; --lambda-style 0 turns the style loss off)"
+                f"{config_flag('style_layers', cfg.style_layers, repr(cfg.style_layers))}: VGG19 "
+                "ReLU taps, e.g. relu4_1 (at least one; --lambda-style 0 turns the style loss off)"
             )
         if cfg.width % 8:
-            raise UsageError(f"--width {cfg.width}: must be a multiple of 8")
+            raise UsageError(f"{config_flag('width', cfg.width)}: must be a multiple of 8")
         self.lr_multiple = 8 // cfg.scale  # bicubic(LR) must be a multiple of 8 (its decoder)
         taps = tuple(dict.fromkeys(("relu4_1", *self.style_layers)))
         self.vgg = VGGFeatures(taps, imagenet_norm=True, pretrained=False)  # see _load_weights
@@ -248,8 +249,8 @@ class RefVAE(LatentSRModel):
         if cfg.ref_size < need:
             deepest = max(taps, key=VGG19_RELU.get)
             raise UsageError(
-                f"--ref-size {cfg.ref_size}: the VGG19 encoder (to {deepest}) halves references "
-                f"{need.bit_length() - 1} times; use --ref-size {need} or more"
+                f"{config_flag('ref_size', cfg.ref_size)}: the VGG19 encoder (to {deepest}) halves "
+                f"references {need.bit_length() - 1} times; use --ref-size {need} or more"
             )
         self.register_buffer("vgg_loaded", torch.tensor(False))  # True once ImageNet weights are in
         self.gen = Generator(cfg)

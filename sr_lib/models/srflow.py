@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sr_lib.config import config_flag
 from sr_lib.errors import CheckpointError, UsageError
 from sr_lib.models.base import ModelConfig, Prepared, Recipe, SRModel, conv_radius, halo
 from sr_lib.models.flow_layers import (
@@ -95,11 +96,13 @@ def encoder_taps(given: str, paper: str, nb: int) -> tuple[int, ...]:
     try:
         blocks = [int(b) for b in (given or paper).split(",")]
     except ValueError:
-        raise UsageError(f"--rrdb-blocks {given}: give block numbers, e.g. 1,8,15,22") from None
+        named = config_flag("rrdb_blocks", given)
+        raise UsageError(f"{named}: give block numbers, e.g. 1,8,15,22") from None
     if not given and max(blocks) >= nb:
         blocks = sorted({round(b * (nb - 1) / 22) for b in blocks})
     if any(not 0 <= b < nb for b in blocks):
-        raise UsageError(f"--rrdb-blocks {given}: need blocks in 0..{nb - 1} (--nb {nb})")
+        named = config_flag("rrdb_blocks", given)
+        raise UsageError(f"{named}: need blocks in 0..{nb - 1}, of --nb {nb} (nb={nb})")
     return tuple(blocks)
 
 
@@ -191,9 +194,9 @@ class SRFlow(SRModel):
             if down > 2 * self.scale:  # the encoder's coarsest features are at LR/2
                 most = level - 1
                 raise UsageError(
-                    f"--flow-levels {self.levels}: {type(self).__name__} x{self.scale} has at "
-                    f"most {most} levels (the encoder conditions none below LR/2); use "
-                    f"--flow-levels {most} or fewer"
+                    f"{config_flag('flow_levels', self.levels)}: {type(self).__name__} "
+                    f"x{self.scale} has at most {most} levels (the encoder conditions none below "
+                    f"LR/2); use --flow-levels {most} or fewer"
                 )
             for op in ops:
                 if op == "S":
@@ -466,7 +469,7 @@ class SRFlow(SRModel):
 
     def _check_official_layout(self) -> None:
         if self.cfg.lu:
-            raise UsageError("--lu models have no official key layout")
+            raise UsageError(f"{config_flag('lu', True)} models have no official key layout")
 
     def load_raw_state_dict(self, sd: dict[str, torch.Tensor], path="state_dict") -> None:
         """Load a released checkpoint (official keys or our own) strictly: only the

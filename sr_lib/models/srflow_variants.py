@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sr_lib.config import config_flag
 from sr_lib.errors import UsageError
 from sr_lib.models.base import Recipe
 from sr_lib.models.flow_layers import CondAffine, CouplingNet, ResidualCouplingNet
@@ -44,7 +45,8 @@ class SRFlowDA(SRFlow):
 
     def __init__(self, cfg: SRFlowDAConfig):
         if cfg.variant == "s" and cfg.flow_levels not in (0, 1):
-            raise UsageError("--variant s has exactly one level; leave --flow-levels unset")
+            raise UsageError(f"{config_flag('variant', 's')} has exactly one level; leave "
+                             f"{config_flag('flow_levels')} unset")  # fmt: skip
         self.variant = cfg.variant
         super().__init__(cfg)
 
@@ -151,12 +153,13 @@ class NCSR(SRFlow):
         super().__init__(cfg)
         if not ok:
             given = (
-                cfg.noise_steps
-                or f"unset, the paper's {noise_steps} (for {paper['levels']} levels)"
+                config_flag("noise_steps", cfg.noise_steps)
+                if cfg.noise_steps
+                else f"{config_flag('noise_steps')} unset, the paper's {noise_steps} (for "
+                f"{paper['levels']} levels)"
             )
             raise UsageError(
-                f"--noise-steps {given}: need {levels} whole numbers >= 0, one per level, "
-                "comma-separated"
+                f"{given}: need {levels} whole numbers >= 0, one per level, comma-separated"
             )
         self.std_max = cfg.std_max if cfg.std_max >= 0 else paper["std_max"]
 
