@@ -1,7 +1,8 @@
 """Checkpoint files: one self-describing dict, written atomically, loaded with weights_only=True.
 
-{"format": 2, "model": name, "model_cfg": {...}, "state_dict": {...}, "step": int,
- "train_args": {...}, "version": str, ...training state (optimizers, RNG states, counters)}
+{"format": 2, "version": str, "torch": str (the torch that wrote it), "model": name,
+ "model_cfg": {...}, "state_dict": {...}, "step": int, "train_args": {...}, ...training state
+ (optimizers, RNG states, counters)}
 Only primitives and tensors go in, so `torch.load(weights_only=True)` reads it and a file that
 carries pickled code is refused. This module knows the file format only; building the model a
 checkpoint describes is `sr_lib.models.load_model`.
@@ -26,7 +27,8 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    payload = {"format": FORMAT, "version": __version__, **payload}
+    # The versions first: a torch too old to load the file still reads them (weights.written_by)
+    payload = {"format": FORMAT, "version": __version__, "torch": str(torch.__version__), **payload}
     try:
         with open(tmp, "wb") as f:
             torch.save(payload, f)

@@ -12,11 +12,13 @@ import hashlib
 import http.client
 import os
 import pickle
+import pickletools
 import re
 import sys
 import tempfile
 import urllib.request
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -314,17 +316,65 @@ def torch_load(path: str | os.PathLike, what: str = "weights", file=None):
         if "Weights only load failed" in str(e) and (head[:2] == b"PK" or head[:1] == b"\x80"):
             found = re.search(r"GLOBAL (\S+)", str(e))
             obj = f" ({found.group(1)})" if found else ""
+            by = written_by(path, file)
+            # srspace writes tensors and plain values only: a torch type in a file another torch
+            # wrote is one of that torch's (a new dtype), not code
+            other = by.get("torch", str(torch.__version__)) != str(torch.__version__)
+            if found and found.group(1).startswith("torch.") and other:
+                raise CheckpointError(
+                    f"{path}: written by {_named(by)}: holds {found.group(1)}, which this torch "
+                    f"({torch.__version__}) cannot read; load it with that torch or a newer one"
+                ) from None
             raise CheckpointError(
                 f"{path}: refused: contains pickled Python objects{obj} that could run code; "
                 "only tensors and plain Python values are loaded"
             ) from None
         raise CheckpointError(f"{path}: not a torch {what} file (unpickling failed)") from None
     except Exception as e:  # torch raises RuntimeError, EOFError, KeyError... for broken files
+        if "maximum supported version" in str(e):  # whole, but a newer torch's file format
+            by = written_by(path, file)
+            by = _named(by) if "torch" in by else "a newer torch"
+            raise CheckpointError(
+                f"{path}: written by {by}, in a file format this torch ({torch.__version__}) "
+                "cannot read; load it with that torch or a newer one"
+            ) from None
         first = str(e).split("\n", 1)[0][:120]
         raise CheckpointError(
             f"{path}: not a valid torch file or is truncated (a {what} file was expected; "
             f"{type(e).__name__}: {first}); copy it again"
         ) from None
+
+
+def written_by(path: str | os.PathLike, file=None) -> dict[str, str]:
+    """{"version": srspace's, "torch": torch's}: the versions a checkpoint records (first, by
+    sr_lib.checkpoint), read from its pickle without running it, for the message about a file
+    this torch cannot load; those it records ({} for a file that is not srspace's)."""
+    found, key = {}, None
+    try:
+        with zipfile.ZipFile(path if file is None else file) as z:
+            pkl = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+        strings = 0
+        for op, arg, _ in pickletools.genops(pkl):
+            if op.name in ("MEMOIZE", "BINPUT", "LONG_BINPUT"):
+                continue  # (the pickler's bookkeeping between a key and its value)
+            text = "UNICODE" in op.name
+            if text and key is not None:
+                found[key] = arg
+            key = arg if text and arg in ("version", "torch") and arg not in found else None
+            strings += text
+            if len(found) == 2 or strings > 5:  # the payload's first keys only, not a nested one
+                break
+    except Exception:  # (not a zip, no pickle, an opcode of a newer pickle protocol)
+        pass
+    finally:
+        if file is not None:
+            file.seek(0)
+    return found
+
+
+def _named(by: dict[str, str]) -> str:
+    names = {"version": "srspace", "torch": "torch"}
+    return ", ".join(f"{names[k]} {v}" for k, v in by.items())
 
 
 def is_tensor_dict(d) -> bool:

@@ -3,6 +3,7 @@ documented exit code (README, "Exit codes"), no traceback, and nothing written t
 
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -12,6 +13,7 @@ import torch
 from conftest import TINY
 
 import sr_sample
+from sr_lib import __version__
 from sr_lib.checkpoint import save_checkpoint
 from sr_lib.models import build_model
 
@@ -214,3 +216,40 @@ def test_a_flag_without_effect_is_a_warning(world, flags, said, tmp_path, capsys
         warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
         expected = [f"sr_sample.py: warning: {said.format(ckpt=world['edsr'])}; ignored"]
         assert warned == (expected if extra else []), extra
+
+
+def test_a_checkpoint_another_torch_wrote_and_this_one_cannot_read(world, tmp_path, monkeypatch,
+                                                                  capsys):  # fmt: skip
+    """A checkpoint made on a laptop with the newest torch, sampled on a cluster with the oldest
+    supported: where that torch cannot read it (a newer zip format, a type it lacks), the line
+    said 'not a valid torch file or is truncated ... copy it again' or 'pickled Python objects
+    that could run code'. Checkpoints record the torch that wrote them, and the line names the
+    file and the versions that wrote it (made here by storing another torch's version)."""
+    cfg = {**TINY["edsr"], "scale": 4}
+    plain = {"model": "edsr", "model_cfg": cfg, "step": 0, "state_dict": {}}
+    typed = {**plain, "x": torch.nn.Identity()}  # a torch type the reading torch lacks
+
+    def sample(ckpt) -> str:
+        argv = ["--ckpt", ckpt, "--input", world["in"], "--out", tmp_path / "out", "--n", "1"]
+        with pytest.raises(SystemExit) as e:
+            sr_sample.main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 6 and err.count("\n") == 1, err
+        assert err.startswith(f"sr_sample.py: error: {ckpt}: "), err
+        return err
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "__version__", "9.1.0")
+        save_checkpoint(tmp_path / "new.pt", plain)
+        save_checkpoint(tmp_path / "type.pt", typed)
+    with zipfile.ZipFile(tmp_path / "new.pt") as z, zipfile.ZipFile(tmp_path / "fmt.pt", "w") as o:
+        for item in z.infolist():  # the zip format version of a future torch
+            o.writestr(item, b"99\n" if item.filename.endswith("/version") else z.read(item))
+    by, this = f"written by srspace {__version__}, torch 9.1.0", f"this torch ({torch.__version__})"
+    assert f"{by}, in a file format {this} cannot read" in sample(tmp_path / "fmt.pt")
+    err = sample(tmp_path / "type.pt")
+    assert f"{by}: holds torch.nn.modules.linear.Identity, which {this} cannot read; " in err
+    assert err.endswith("load it with that torch or a newer one\n")
+    # written by this torch, the same type is what it is: pickled code
+    save_checkpoint(tmp_path / "code.pt", typed)
+    assert "pickled Python objects (torch.nn.modules" in sample(tmp_path / "code.pt")
