@@ -268,7 +268,9 @@ def sample_noise(noise, b: int, n: int, device) -> NoiseSource:
 
 def model_tensor(model: nn.Module) -> torch.Tensor | None:
     """A parameter or buffer of `model`: its device and dtype (None: it holds none)."""
-    return next(itertools.chain(model.parameters(), model.buffers()), None)
+    for t in itertools.chain(model.parameters(), model.buffers()):  # (not next(it, None): a
+        return t  # graph break in a compiled forward on torch 2.6, which cannot trace it)
+    return None
 
 
 def check_image(model: "SRModel", x, name: str, check_values: bool) -> torch.Tensor:
