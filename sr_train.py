@@ -1310,8 +1310,10 @@ def wrap(model, dd, device, compile: bool):
         if compile:  # DDP's forward names itself to the profiler, a range dynamo leaves out
             # and logs so on every rank at the first compiled step: torch's own code, nothing
             # to act on, where a line every rank says alike belongs in the log once at most
-            logging.getLogger("torch._dynamo.variables.ctx_manager").addFilter(
-                lambda r: not str(r.msg).startswith("Profiler record function"))  # fmt: skip
+            for name in ("ctx_manager", "torch"):  # (torch 2.6: variables.torch's words)
+                logging.getLogger(f"torch._dynamo.variables.{name}").addFilter(
+                    lambda r: not str(r.msg).startswith(("Profiler record function",
+                                                         "Profiler function")))  # fmt: skip
     return compile_model(model, forward) if compile else forward
 
 
