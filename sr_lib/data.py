@@ -182,13 +182,28 @@ def _png_bit_depth(path: Path) -> int | None:
     return head[24]
 
 
-# The chunks that leave an 8-bit RGB PNG's pixels as Pillow reads them: Pillow applies none of
-# gamma, colour profiles, significant bits or background colour. Any other chunk (tRNS, eXIf, APNG's
-# acTL, ...) and any text chunk that may hold an orientation take Pillow's path.
-_PLAIN_PNG_CHUNKS = {
-    *(b"IHDR", b"IDAT", b"IEND", b"gAMA", b"cHRM", b"sRGB", b"iCCP", b"sBIT", b"bKGD", b"pHYs"),
-    *(b"tIME", b"tEXt", b"zTXt", b"iTXt"),
-}
+# The chunks an 8-bit RGB PNG may have for libpng to decode it: those that leave its pixels as
+# Pillow reads them and of which libpng prints nothing. libpng checks gAMA, cHRM, sRGB, iCCP, sBIT,
+# bKGD, tIME and zTXt and prints "PNG warning: ..." on stderr for one it finds wrong (a known
+# incorrect sRGB profile: a scikit-image demo photograph with imagecodecs 2024.1), a stray line in
+# a run's log; Pillow reads those files silently. So do other chunks (tRNS, eXIf, APNG's acTL, a
+# text chunk that may hold an orientation). pHYs: once, 9 bytes, before the image data.
+_PLAIN_PNG_CHUNKS = {b"IHDR", b"IDAT", b"IEND", b"tEXt", b"pHYs"}
+
+
+def _libpng_reads_silently(data: bytes) -> bool:
+    """Whether the PNG's chunks are all of _PLAIN_PNG_CHUNKS, as libpng takes them without a
+    warning, and none may hold an orientation."""
+    image_data, phys = False, 0
+    for span, kind, start in _png_spans(data):
+        if kind not in _PLAIN_PNG_CHUNKS or _may_orient(kind, start):
+            return False
+        image_data |= kind == b"IDAT"
+        if kind == b"pHYs":
+            phys += 1
+            if phys > 1 or image_data or span.stop - span.start != 9 + 12:  # (length, type, CRC)
+                return False
+    return True
 
 
 def _read_png_rgb8(path: Path) -> np.ndarray | None:
@@ -208,7 +223,7 @@ def _read_png_rgb8(path: Path) -> np.ndarray | None:
         return None
     if data[28:29] != b"\0":  # Adam7: imagecodecs' libpng prints a warning to stderr for each
         return None
-    if any(k not in _PLAIN_PNG_CHUNKS or _may_orient(k, c) for k, c in _png_chunks(data)):
+    if not _libpng_reads_silently(data):
         return None
     try:
         img = imagecodecs.png_decode(data)
