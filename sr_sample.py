@@ -566,7 +566,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset()) -> int:
             lr_file = out / "lr" / f"{path.stem}.png"
             if not todo and (not from_hr or lr_file.is_file()):
                 skipped += 1
-                bar.step(f"{path.name}: complete, skipped")
+                bar.skip(path.name)
                 continue
             t_img = time.monotonic()
             try:
@@ -1104,10 +1104,14 @@ def contact_sheet(lr: np.ndarray, srs: list[np.ndarray], std, sigma, model) -> n
 
 class ProgressLog(contextlib.AbstractContextManager):
     """Images done / total with the time left: a rich bar on a terminal, a plain line per image
-    otherwise (SLURM logs)."""
+    otherwise (SLURM logs), where a run of images already complete is one line (a requeued job
+    of 20,000 images printed 20,000 "complete, skipped" lines) and the time left counts the
+    images sampled only (skipping one takes no time)."""
 
     def __init__(self, total: int):
         self.total, self.done, self.t0 = total, 0, time.monotonic()
+        self.skipped, self.n_skipped = [], 0  # (the run of skips not shown yet; all skips)
+        self.skip_time, self.last = 0.0, self.t0
         self.tty = sys.stdout.isatty()
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeRemainingColumn(), disable=not self.tty)  # fmt: skip
@@ -1119,20 +1123,43 @@ class ProgressLog(contextlib.AbstractContextManager):
         return self
 
     def __exit__(self, *exc):
+        self.show_skipped()
         return self.bar.__exit__(*exc) if self.tty else None
 
     def say(self, text: str) -> None:
+        self.show_skipped()
         if self.tty:
             self.bar.console.print(text)
         else:
             print_out(text)  # where stdout cannot be written: dropped, and `step` stops the run
 
+    def skip(self, name: str) -> None:
+        """An image whose files are all there: shown with the run of such images it ends."""
+        now = time.monotonic()
+        self.skip_time, self.last = self.skip_time + now - self.last, now
+        self.skipped.append(name)
+        self.n_skipped += 1
+        self.advance()
+
+    def show_skipped(self) -> None:
+        if self.skipped and not self.tty:
+            k, names = len(self.skipped), self.skipped[0]
+            names += f" .. {self.skipped[-1]}" if k > 1 else ""
+            print_out(f"[{self.done}/{self.total}] {k} complete, skipped ({names})")
+        self.skipped = []
+
     def step(self, text: str) -> None:
+        self.show_skipped()
+        self.last = time.monotonic()
+        if not self.tty:
+            worked, left = self.done + 1 - self.n_skipped, self.total - self.done - 1
+            eta = (self.last - self.t0 - self.skip_time) / worked * left
+            print_out(f"[{self.done + 1}/{self.total}] {text}, ETA {eta:.0f} s")
+        self.advance()
+
+    def advance(self) -> None:
         self.done += 1
         self.bar.advance(self.task)
-        if not self.tty:
-            left = (time.monotonic() - self.t0) / self.done * (self.total - self.done)
-            print_out(f"[{self.done}/{self.total}] {text}, ETA {left:.0f} s")
         if self.done < self.total and stdout_closed():  # `... | head` has its lines; disk full
             raise Preempted(
                 f"standard output {stdout_closed()}; every file written is complete: rerun the "

@@ -260,6 +260,25 @@ def test_seeds_do_not_depend_on_n_batch_or_other_files(tmp_path, toy_ckpt):
     assert (zero == near).all()
 
 
+def test_a_run_of_complete_images_is_one_line_of_the_log(tmp_path, toy_ckpt, capsys):
+    """A requeued job of 20,000 images printed a "complete, skipped" line for each image already
+    done: one line now for each run of them, between the images it samples."""
+    names = ["a", "b", "c", "d", "e"]
+    inp = folder(tmp_path / "in", **{k: image((8, 8), i) for i, k in enumerate(names)})
+    base = ["--ckpt", toy_ckpt, "--input", inp, "--n", 1, "--out", tmp_path / "o"]
+    assert run(*base) == 0
+    for k in ("c", "e"):
+        (tmp_path / "o" / f"{k}_sample00000.png").unlink()
+    capsys.readouterr()
+    assert run(*base) == 0
+    lines = [x.split(" in ")[0] for x in capsys.readouterr().out.splitlines()]  # (no times)
+    assert lines[:4] == [
+        "[2/5] 2 complete, skipped (a.png .. b.png)", "[3/5] c.png 8x8 -> 1 x 16x16",
+        "[4/5] 1 complete, skipped (d.png)", "[5/5] e.png 8x8 -> 1 x 16x16",
+    ]  # fmt: skip
+    assert lines[4].startswith("done: 2 images sampled, 3 already complete"), lines
+
+
 def test_out_in_the_input_folder_does_not_sample_its_samples(tmp_path, toy_ckpt, bicubic_ckpt,
                                                              capsys):  # fmt: skip
     inp = folder(tmp_path / "in", a=image((8, 8), 1), b=image((8, 12), 2))
