@@ -398,14 +398,21 @@ def test_interlaced_pngs_read_without_a_word_on_stderr(tmp_path):
     img = smooth_img(64, 72)
     with open(tmp_path / "adam7.png", "wb") as f:
         png.Writer(72, 64, greyscale=False, interlace=True).write(f, img.reshape(64, -1))
-    np.save(tmp_path / "expected.npy", img)
+    done = read_in_a_process(tmp_path / "adam7.png", img)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def read_in_a_process(path: Path, expected: np.ndarray) -> subprocess.CompletedProcess:
+    """read_image(path) in a process of its own, checked to equal `expected`: a C library's
+    lines on stderr are buffered until the process exits, so only a process of its own shows
+    them."""
+    np.save(path.with_suffix(".expected.npy"), expected)
     code = (
         "import sys, numpy as np; from sr_lib.data import read_image; "
         "assert np.array_equal(read_image(sys.argv[1]), np.load(sys.argv[2]))"
     )
-    args = [sys.executable, "-c", code, tmp_path / "adam7.png", tmp_path / "expected.npy"]
-    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0 and done.stderr == "", done.stderr
+    args = [sys.executable, "-c", code, path, path.with_suffix(".expected.npy")]
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("chunks", [
@@ -425,13 +432,7 @@ def test_a_png_whose_ancillary_chunks_libpng_faults_is_read_without_a_word(tmp_p
     raw = (tmp_path / "plain.png").read_bytes()
     path = tmp_path / "odd.png"
     path.write_bytes(raw[:33] + b"".join(png_chunk(k, c) for k, c in chunks) + raw[33:])
-    np.save(tmp_path / "expected.npy", img)
-    code = (
-        "import sys, numpy as np; from sr_lib.data import read_image; "
-        "assert np.array_equal(read_image(sys.argv[1]), np.load(sys.argv[2]))"
-    )
-    args = [sys.executable, "-c", code, path, tmp_path / "expected.npy"]
-    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+    done = read_in_a_process(path, img)
     assert done.returncode == 0 and done.stderr == "", done.stderr
 
 
