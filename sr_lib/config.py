@@ -83,8 +83,8 @@ def parse(cls, argv: list[str] | None, prog: str, known: bool = False, add_help:
 
 def refuse_stdio(args, names: tuple[str, ...]) -> None:
     """`-` given to one of these file or folder flags is one line (exit 2): it is no standard
-    input or output here (the files are images, checkpoints, arrays, or a folder of them), where
-    it once made a folder or file named `-` (`sr_eval.py --out -` is standard output)."""
+    input or output here (the files are images, checkpoints, arrays, or a folder of them), and a
+    folder or file named `-` is seldom what was meant (`sr_eval.py --out -` is standard output)."""
     for name in names:
         value = getattr(args, name)
         if value == "-" or (isinstance(value, list) and "-" in value):
