@@ -427,20 +427,16 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
             try:
                 score = validate(net, val_pairs, args, device, out, step, run_log, progress)
             except (RuntimeError, MemoryError) as e:
-                if stop["signal"] and args.compile and not is_out_of_memory(e):
-                    # (a flow validates through its compiled blocks) the signal also ended the
-                    # compiler: no score; the loop stops at its top, as after the step
-                    score = -math.inf
-                elif not is_out_of_memory(e):
+                no_memory = is_out_of_memory(e)
+                # (a flow validates through its compiled blocks) a signal also ended --compile's
+                # compiler: no score, and the loop stops at its top, as after the step
+                if not (no_memory or (stop["signal"] and args.compile)):
                     raise
-                else:
-                    score = -math.inf  # training goes on; this validation never makes best.pt
-                    print(
-                        f"{PROG}: warning: validation at step {step}: out of memory; skipped (a "
-                        "smaller --val-crop or --val-n needs less)",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+                score = -math.inf  # this validation never makes best.pt
+                if no_memory:  # training goes on
+                    print(f"{PROG}: warning: validation at step {step}: out of memory; skipped "
+                          "(a smaller --val-crop or --val-n needs less)", file=sys.stderr,
+                          flush=True)  # fmt: skip
             check_run_folder(out, folder, step)  # (a validation can take minutes)
             if distributed.agree(score > best, dd, all_ranks=False):  # rank 0's verdict
                 best = score
