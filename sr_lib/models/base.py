@@ -456,8 +456,12 @@ class SRModel(nn.Module):
         A wrong `lr`, n or temperature is a one-line TypeError/ValueError (`check_image`).
         """
         lr = check_sampling(self, lr, n, temperature)
-        b, _, h, w = lr.shape
-        noise = sample_noise(noise, b, n, lr.device)
+        noise = sample_noise(noise, lr.shape[0], n, lr.device)
+        return self._draw(lr, n, temperature, noise, prepared, **controls)
+
+    def _draw(self, lr, n, temperature, noise, prepared=None, **controls) -> torch.Tensor:
+        """`sample` of arguments it has checked (`noise` given)."""
+        h, w = lr.shape[-2:]
         x = pad_to_multiple(lr, self.lr_multiple)
         if prepared is not None:
             controls["prepared"] = prepared
@@ -653,7 +657,7 @@ class LatentSRModel(SRModel):
         if latent is None:
             with eval_mode(self):
                 latent = self.latents(lr, n, float(temperature), noise, **cond)
-        return super().sample(lr, n, temperature, noise, prepared, latent=latent)
+        return self._draw(lr, n, temperature, noise, prepared, latent=latent)  # (checked)
 
     def generate(self, lr, n, temperature, noise, latent=None, prepared=None, **cond):
         """latent: explicit z, (D,), (n, D) or (B, n, D); otherwise drawn by `latents`."""
