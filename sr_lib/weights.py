@@ -301,7 +301,8 @@ def torch_load(path: str | os.PathLike, what: str = "weights", file=None):
     `file`: `path` opened by the caller (binary), to load from instead of opening it again."""
     path = Path(path)
     if file is None and path.is_dir():  # a run's --out folder: "it does not exist" misleads
-        raise CheckpointError(f"{path}: a folder, not a {what} file; pass the file (last.pt)")
+        which = " (last.pt)" if what == "checkpoint" else ""  # (not an --lpips-weights' name)
+        raise CheckpointError(f"{path}: a folder, not a {what} file; pass the file{which}")
     if file is None and not path.is_file():
         raise CheckpointError(f"{path}: no such {what} file (it does not exist)")
     try:

@@ -256,6 +256,17 @@ def test_bad_input(world, capsys, case, setup, argv, code, text):
     assert sorted(p for p in world.rglob("*")) == before  # nothing written
 
 
+def test_lpips_weights_given_a_folder_says_so_without_a_checkpoint_name(world, capsys):
+    """--lpips-weights of a folder said to pass 'the file (last.pt)': a training checkpoint's
+    name, which is no LPIPS state_dict."""
+    argv = [a for a in args(world) if a != "--no-lpips"] + ["--lpips-weights", str(world / "hr")]
+    with pytest.raises(SystemExit) as e:
+        sr_eval.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 6 and len(err) == 1, err
+    assert err[0].endswith(f"{world / 'hr'}: a folder, not a weights file; pass the file"), err
+
+
 def test_at_least_twenty_cases():
     assert len({c[0] for c in CASES}) == len(CASES) >= 20
 
