@@ -124,8 +124,9 @@ class VGGLoss(nn.Module):
 
 
 def style_stats(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std = sqrt(var + 1e-5) over space (RefVAE's code: calc_mean_std)."""
-    return f.mean(dim=(2, 3)), (f.var(dim=(2, 3), correction=0) + 1e-5).sqrt()
+    """Per-channel mean and std = sqrt(var + 1e-5) over space, var unbiased (n − 1), as RefVAE's
+    code (calc_mean_std): the style loss compares these, so the code's weight 10 means the same."""
+    return f.mean(dim=(2, 3)), (f.var(dim=(2, 3)) + 1e-5).sqrt()
 
 
 def tv_map(x: torch.Tensor, beta: float) -> torch.Tensor:
