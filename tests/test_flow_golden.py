@@ -53,14 +53,14 @@ def golden_model(name: str, scale: int):
     return model.eval()
 
 
-def golden_batch(scale: int):
+def golden_batch(scale: int, lr_size=(4, 6), dtype=torch.float32):
     """Two smooth, non-square HR images in [0.1, 0.9] and their box-filtered LR."""
-    h, w = 4 * scale, 6 * scale
+    h, w = lr_size[0] * scale, lr_size[1] * scale
     y = torch.arange(h, dtype=torch.float64).view(1, 1, h, 1)
     x = torch.arange(w, dtype=torch.float64).view(1, 1, 1, w)
     c = torch.arange(3, dtype=torch.float64).view(1, 3, 1, 1)
     b = torch.arange(2, dtype=torch.float64).view(2, 1, 1, 1)
-    hr = (0.5 + 0.4 * torch.sin(0.31 * y + 0.17 * x + 1.1 * c + 0.5 * b)).float()
+    hr = (0.5 + 0.4 * torch.sin(0.31 * y + 0.17 * x + 1.1 * c + 0.5 * b)).to(dtype)
     return F.avg_pool2d(hr, scale), hr
 
 

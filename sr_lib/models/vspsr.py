@@ -11,6 +11,7 @@ MSE + λ_ω·KL (Eq. 5, code form) + λ_adv·LSGAN + λ_per·VGG19-relu5_4 MSE. 
 through the exact MATLAB-bicubic CEM (`sr_lib.cem`); deviations are listed in docs/vspsr.md.
 """
 
+import re
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sr_lib.cem import cem
+from sr_lib.errors import CheckpointError
 from sr_lib.models.base import WEIGHT, ModelConfig, Prepared, Recipe, SRModel, conv_radius, halo
 from sr_lib.models.blocks import conv3x3
 from sr_lib.models.losses import (
@@ -29,6 +31,7 @@ from sr_lib.models.losses import (
     standard_normal_kl,
 )
 from sr_lib.models.vgg import NO_VGG, VGG19_RELU, VGGFeatures
+from sr_lib.weights import load_strict
 
 UPSAMPLING = ("bilinear", "bicubic", "none")
 SPARSITY_THRESHOLD = 0.05  # |ω| below this counts as "near zero" in the logged sparsity
@@ -92,6 +95,35 @@ def coefficient_sparsity(
         (-threshold - mu) / sigma
     )
     return inside.mean()
+
+
+def from_released_key(key: str) -> str:
+    """Our name of a key of the released code's state_dicts (zzhwfy/VSpSR): its checkpoints'
+    `model` entry (`vspm.*`) and its criterion's discriminator (`Discriminator.layers.*`). The
+    layers are the same modules in the same order; only the basis branch's indices shift, since
+    ours keeps its pooling/linear/deconvolutions in three parts. Other keys come back unchanged."""
+    m = re.match(r"vspm\.kernelbranch\.(\d+)\.(.*)", key)
+    if m:  # 0-15 the conv blocks, 16 pool, 17 flatten, 18 linear, 19 unflatten, 20+ the up-convs
+        i, rest = int(m[1]), m[2]
+        return (
+            f"basis.blocks.{i}.{rest}"
+            if i < 16
+            else ("basis.fc." if i == 18 else f"basis.up.{i - 20}.") + rest
+        )
+    m = re.match(r"vspm\.weightbranch\.(\d+)\.(.*)", key)
+    if m:  # 0-11 conv, GroupNorm, ReLU ×4; 12 the 1×1 head
+        return ("coef.head." if int(m[1]) == 12 else f"coef.body.{m[1]}.") + m[2]
+    for old, new in RELEASED_PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
+RELEASED_PREFIXES = (
+    ("vspm.upsamplebranch.", "refine."),
+    ("vspm.finalbranch.", "final."),
+    ("Discriminator.layers.", "discriminator.net."),
+)
 
 
 class BasisBranch(nn.Module):
@@ -209,6 +241,51 @@ class VSpSR(SRModel):
             super().recipe(scale), batch=4, steps=60_000, weight_decay=1e-4,
             milestones=(1 / 3, 2 / 3), gamma=0.1, grad_clip=0.1, d_weight_decay=1e-4,
         )  # fmt: skip
+
+    @classmethod
+    def raw_config(cls, state_dict: dict, scale: int) -> dict:
+        """The config of a released state_dict (`vspm.*` keys): widths and atoms off the shapes;
+        m is present iff the file has U. The interpolation is not in the file: the released
+        commands' (×8 bicubic, else bilinear). No discriminator keys: λ_adv = 0 (none built)."""
+        cfg = super().raw_config(state_dict, scale)
+        if not any(k.startswith("vspm.") for k in state_dict):
+            return cfg  # our own key names: the default config
+        shape = {k: tuple(v.shape) for k, v in state_dict.items()}
+        try:
+            n_basis = shape["vspm.kernelbranch.8.weight"][0]  # the code ties widths to C
+            cfg |= dict(
+                n_basis=n_basis,
+                basis_channels=shape["vspm.kernelbranch.0.weight"][0],
+                coef_channels=shape["vspm.weightbranch.0.weight"][0],
+            )
+        except KeyError:
+            pass  # not the released layout after all: load_raw_state_dict names the keys
+        if not any(k.startswith("vspm.upsamplebranch.") for k in state_dict):
+            cfg["upsample"] = "none"
+        elif scale == 8:
+            cfg["upsample"] = "bicubic"
+        if not any(k.startswith("Discriminator.") for k in state_dict):
+            cfg["lambda_adv"] = 0.0
+        return cfg
+
+    def load_raw_state_dict(self, state_dict: dict, path="state_dict") -> None:
+        """Load a released state_dict (`vspm.*`, the `model` entry of a released checkpoint) or
+        one with our own key names, strictly."""
+        if not any(k.startswith("vspm.") for k in state_dict):
+            return super().load_raw_state_dict(state_dict, path)
+        n = self.cfg.n_basis
+        shape = {k: tuple(v.shape[:1]) for k, v in state_dict.items()}
+        if shape.get("vspm.weightbranch.12.weight") == (n,) or shape.get(
+            "vspm.kernelbranch.18.weight"
+        ) == (2 * n,):
+            raise CheckpointError(
+                f"{path}: a released VSpSR trained without --variational_w or with "
+                "--variational_z, a layout srspace does not build; only the released configs load"
+            )
+        sd = {from_released_key(k): v for k, v in state_dict.items()}
+        c = self.cfg
+        layout = f"vspsr x{self.scale} (C={c.n_basis}, upsample {c.upsample})"
+        load_strict(self, sd, f"{path}: does not match the released {layout}")
 
     def check_files(self, loaded: bool) -> None:
         if self.cfg.lambda_per > 0:
