@@ -1,7 +1,13 @@
-"""A released VSpSR state_dict (zzhwfy/VSpSR's key layout, made here from a tiny model with
-formula-made weights) loads through `load_model` as `sr_sample.py --ckpt FILE --model vspsr
---scale S` does. The tiny config is one the released code builds: it ties the branch widths to C
-(C/4 = 2 here).
+"""Golden numbers: a tiny VSpSR with fixed, formula-made weights and noise must keep computing what
+the released code (zzhwfy/VSpSR) computes.
+
+The numbers below were produced by the released code and by srspace, in float64, from these
+weights and this noise (the two were bit-identical; the full-size check is
+`tests/bench/check_vspsr_parity.py`, docs/vspsr.md "Verified against the released code"). The
+tiny config is one the released code builds: it ties the branch widths to C (C/4 = 2 here). Weights,
+images and noise come from a sine formula, not a random generator, so they are the same on every
+machine and torch version. A released state_dict (its key layout, made here) loads through
+`load_model` as `sr_sample.py --ckpt FILE --model vspsr --scale S` does.
 """
 
 import math
@@ -44,6 +50,72 @@ def golden_model(scale: int, **cfg):
 def golden_batch(scale: int):
     """Two smooth, non-square LR images of 16×18 px (the released basis branch needs 16) and HR."""
     return flow_golden_batch(scale, (16, 18), torch.float64)
+
+
+def eps_like(t: torch.Tensor) -> torch.Tensor:
+    """The coefficient noise ε, (B·3, C, h, w) as the released sampler draws it."""
+    return formula(t.shape, 5, 1.5).to(t)
+
+
+class FormulaNoise:
+    """srspace's noise interface handing out `eps_like`'s ε, one sample."""
+
+    def field(self, c, h, w):
+        return eps_like(torch.empty(2 * 3, c // 3, h, w, dtype=torch.float64)).reshape(2, c, h, w)
+
+
+# scale -> (sum of the temperature-0 image, sum of the ε sample, its RGB at pixel (3, 5) of the
+# first image, MSE, KL, adversarial G, total loss, D loss, sum of the D's running means after)
+GOLDEN = {
+    4: (
+        -1907.463682,
+        -1910.434607,
+        [-0.1091975181, -0.05487869555, 0.04093010315],
+        0.4290069506,
+        3.721405882,
+        0.06518429809,
+        0.8076659686,
+        0.3063303449,
+        0.4770492044,
+    ),
+    8: (
+        -4303.975407,
+        -4304.594237,
+        [0.04716128746, -0.02332515146, -0.07130521901],
+        0.3774726648,
+        3.587184237,
+        0.07625913465,
+        0.7438170019,
+        0.2954989487,
+        0.2852741311,
+    ),
+}
+
+
+@pytest.mark.parametrize("scale", sorted(GOLDEN))
+def test_golden_samples_and_losses_match_the_released_code(scale, monkeypatch):
+    t0_sum, sample_sum, pixel, mse, kl, adv, total, d_loss, d_mean = GOLDEN[scale]
+    model = golden_model(scale).eval()
+    lr, hr = golden_batch(scale)
+    with torch.no_grad():
+        x0 = model.generate(lr, 1, 0.0, None)[:, 0]
+        x1 = model.generate(lr, 1, 1.0, FormulaNoise())[:, 0]
+    assert x0.sum().item() == pytest.approx(t0_sum, rel=1e-9)
+    assert x1.sum().item() == pytest.approx(sample_sum, rel=1e-9)
+    assert x1[0, :, 3, 5].tolist() == pytest.approx(pixel, rel=1e-9)
+
+    # One training step's losses with the same ε (the forward draws it by torch.randn_like).
+    monkeypatch.setattr(torch, "randn_like", eps_like)
+    model.train()
+    out = model(lr, hr)
+    got = [out["mse"], out["kl"], out["adv"], out["loss"]]
+    d_out = model.discriminator_loss(lr, hr, out)
+    assert [v.item() for v in got] == pytest.approx([mse, kl, adv, total], rel=1e-9)
+    assert d_out["loss"].item() == pytest.approx(d_loss, rel=1e-9)
+    # Three training-mode calls (G's fake, then real, then fake) moved the BatchNorm statistics,
+    # in the released criterion's order; the discriminator's eval-mode scores depend on them.
+    running = sum(b.sum() for n, b in model.discriminator.named_buffers() if "running_mean" in n)
+    assert running.item() == pytest.approx(d_mean, rel=1e-9)
 
 
 def released_state_dict(model) -> dict[str, torch.Tensor]:

@@ -372,8 +372,10 @@ class VSpSR(SRModel):
 
     def discriminator_loss(self, lr: torch.Tensor, hr: torch.Tensor, out: dict) -> dict:
         """LSGAN: ½·MSE(D(ŷ), 0) + ½·MSE(D(y), 1), ŷ detached (docs/vspsr.md, "Losses")."""
-        fake = self.discriminator(out["sr"].detach())
+        # Real first, as the released criterion: each training-mode call moves the BatchNorm
+        # running statistics, and their order decides them (the eval-mode scores).
         real = self.discriminator(hr)
+        fake = self.discriminator(out["sr"].detach())
         loss = 0.5 * F.mse_loss(fake, torch.zeros_like(fake)) + 0.5 * F.mse_loss(
             real, torch.ones_like(real)
         )
