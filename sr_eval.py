@@ -393,30 +393,32 @@ def run(args: EvalArgs, given: set[str] = frozenset()) -> int:
     opts.update(shave=shave, warn=warn)
     to_files = bool(args.out or args.csv or report_dir)
     to_stderr = STDOUT in (args.out, args.csv)  # stdout carries the JSON or CSV alone
-    rows, sheets = score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_files,
-                         to_stderr)  # fmt: skip
+    # a stop after the report's first file (a full disk, Ctrl-C, a bad image) leaves none of it
+    with report.removed_if_unfinished(report_dir):
+        rows, sheets = score(hr, methods, lr_files, sigma_files, columns, opts, report_dir,
+                             to_files, to_stderr)  # fmt: skip
 
-    # Aggregate: mean over images of each column (inf propagates, as the reference).
-    columns += ["PLL", "PSNR_sigma"] if sigma_files else []  # (the first --sr folder only)
-    means = {
-        m: {c: metrics.dataset_mean([r.get(c) for r in rs]) for c in columns}
-        for m, rs in rows.items()
-    }
-    title = table_title(args, methods, len(stems))
-    missing = "LPIPS_mean and score not computed (--no-lpips)" if lpips_metric is None else ""
-    settings = run_settings(args, shave, device, lpips_metric, columns, methods)
-    clean = {m: [{k: jsonable(v) for k, v in r.items()} for r in rs] for m, rs in rows.items()}
-    results = []
-    if args.out:
-        results.append(("--out", args.out, json_text(settings, means, clean, methods)))
-    if args.csv:
-        results.append(("--csv", args.csv, csv_text(clean, columns, methods)))
-    for _, path, text in results:  # the files first: a closed stdout cannot lose them
-        if path != STDOUT:
-            write_text(path, text)
-    if report_dir:
-        table = [(m.name, m.temperature, m.n, means[m.name]) for m in methods]
-        index = report.write_report(report_dir, title, columns, table, sheets, missing)
+        # Aggregate: mean over images of each column (inf propagates, as the reference).
+        columns += ["PLL", "PSNR_sigma"] if sigma_files else []  # (the first --sr folder only)
+        means = {
+            m: {c: metrics.dataset_mean([r.get(c) for r in rs]) for c in columns}
+            for m, rs in rows.items()
+        }
+        title = table_title(args, methods, len(stems))
+        missing = "LPIPS_mean and score not computed (--no-lpips)" if lpips_metric is None else ""
+        settings = run_settings(args, shave, device, lpips_metric, columns, methods)
+        clean = {m: [{k: jsonable(v) for k, v in r.items()} for r in rs] for m, rs in rows.items()}
+        results = []
+        if args.out:
+            results.append(("--out", args.out, json_text(settings, means, clean, methods)))
+        if args.csv:
+            results.append(("--csv", args.csv, csv_text(clean, columns, methods)))
+        for _, path, text in results:  # the files first: a closed stdout cannot lose them
+            if path != STDOUT:
+                write_text(path, text)
+        if report_dir:
+            table = [(m.name, m.temperature, m.n, means[m.name]) for m in methods]
+            index = report.write_report(report_dir, title, columns, table, sheets, missing)
     for flag, path, text in results:
         if path == STDOUT:
             write_stdout(flag, text)

@@ -19,6 +19,7 @@ import html
 import math
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
@@ -120,6 +121,22 @@ def remove_page(folder: Path) -> None:
     except OSError as e:
         raise OutputError(f"{folder / 'index.html'}: cannot delete the earlier report's page "
                           f"({e.strerror or e}); check --report") from None  # fmt: skip
+
+
+@contextmanager
+def removed_if_unfinished(folder: Path | None):
+    """The report's files removed where the run stops inside (a full disk, Ctrl-C, a bad image)
+    after its first file: its images/ and plots/, half of them written, would be shown by no page
+    (index.html is written last; an earlier report's went before the first file) and taken for a
+    whole report. Where index.html is still there (a stop before the first file, or after the
+    page), nothing is removed."""
+    try:
+        yield
+    except BaseException:
+        if folder is not None and not (Path(folder) / "index.html").exists():
+            for part in ("images", "plots"):
+                shutil.rmtree(Path(folder) / part, ignore_errors=True)
+        raise
 
 
 def contact_sheet(folder, k, stem, gt_file, gt, lr_file, lr, methods, scale) -> dict:

@@ -6,6 +6,8 @@ import io
 import json
 import os
 import pty
+import resource
+import signal
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -169,8 +171,9 @@ def test_report_without_lpips_plots_what_it_can(tmp_path, capsys, plotted):
 def test_a_rerun_that_stops_leaves_no_page_of_the_earlier_report(tmp_path, capsys):
     """A rerun into a report folder replaces its images one by one; one that stopped midway (a
     bad sample of the second image) left the earlier index.html, which showed the new run's
-    samples under the earlier run's method names. Its page now goes before its first file.
-    (A wrong size stops a run before its first file: sr_eval.check_headers.)"""
+    samples under the earlier run's method names. Its page now goes before its first file,
+    and the files written before the stop go too. (A wrong size stops a run before its first
+    file: sr_eval.check_headers.)"""
     hr_dir, sweep, bic = sweep_world(tmp_path, n=2)
     rep = tmp_path / "report"
     base = ["--hr", hr_dir, "--scale", 4, "--n", 2, "--no-lpips", "--report", rep]
@@ -181,9 +184,27 @@ def test_a_rerun_that_stops_leaves_no_page_of_the_earlier_report(tmp_path, capsy
     with pytest.raises(SystemExit) as e:
         sr_eval.main([str(a) for a in [*base, "--sr", f"second={sweep / 'T1'}"]])
     assert e.value.code == 3
-    assert not (rep / "index.html").exists()
-    replaced = rep / "images" / "000000" / "m00" / "sample00000.png"  # the new run's
-    assert replaced.read_bytes() == (sweep / "T1" / f"{STEMS[0]}_sample00000.png").read_bytes()
+    assert sorted(p.name for p in rep.iterdir()) == []  # no page, no half of the new files
+
+
+def test_a_report_on_a_full_disk_leaves_none_of_its_files(tmp_path):
+    """A disk that fills while the report is written (here a 1 kB file size limit, EFBIG as
+    ENOSPC: the first image's GT thumbnail) left images/000000/ with its LR and GT, a partial
+    report; now one line, exit 7, and the report folder as empty as before the run."""
+    hr_dir, _, sr_dir = test_eval_cli.make_set(tmp_path, n=2)
+    rep = tmp_path / "report"
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+    cmd = test_eval_cli.eval_cmd("--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2,
+                                 "--no-lpips", "--report", rep)  # fmt: skip
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, preexec_fn=small_files)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 7 and len(err) == 1, p.stderr
+    assert "thumb_gt.png: cannot write (File too large)" in err[0]
+    assert list(rep.iterdir()) == []
 
 
 def test_a_sweep_folder_with_a_top_level_run_and_auto_names(tmp_path, capsys):
