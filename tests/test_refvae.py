@@ -13,7 +13,7 @@ import sr_sample
 import sr_train
 from sr_lib.checkpoint import load_checkpoint, save_checkpoint
 from sr_lib.data import to_uint8
-from sr_lib.errors import CheckpointError
+from sr_lib.errors import CheckpointError, UsageError
 from sr_lib.models import build_model, load_model
 from sr_lib.models.base import NoiseSource, sample_seed
 from sr_lib.models.losses import style_stats
@@ -516,3 +516,26 @@ def test_style_statistics_use_the_unbiased_variance_as_the_released_code():
     mean, std = style_stats(torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]]))
     assert mean.item() == pytest.approx(1.5)
     assert std.item() == pytest.approx((5 / 3 + 1e-5) ** 0.5, rel=1e-6)
+
+
+@pytest.mark.parametrize("target", ["ref", "hr"])
+def test_a_style_map_of_one_position_is_a_one_line_error_not_nan(make_batch, target):
+    # The unbiased std of one position is NaN: without the critic (which needs 16 px), an 8-px
+    # HR patch at x8 put relu4_1 at 1x1 and every step was skipped for a NaN loss.
+    net = model(scale=8, lambda_adv=0.0, lambda_fm=0.0, lambda_lpips=0.0, style_target=target)
+    lr, hr = make_batch(8, h=1, w=1)
+    with pytest.raises(UsageError, match=r"the style loss needs HR patches of at least 16 px, "
+                       r"not 8x8.*--lambda-style 0"):  # fmt: skip
+        net.train()(lr, hr)
+    lr, hr = make_batch(8, h=1, w=2)  # relu4_1 1x2: two positions, finite
+    assert torch.isfinite(net(lr, hr)["loss"])
+    small_refs = model(scale=8, lambda_adv=0.0, lambda_fm=0.0, ref_size=8, style_target=target)
+    lr, hr = make_batch(8, h=2, w=2)
+    if target == "hr":  # references never reach the style loss
+        assert torch.isfinite(small_refs.train()(lr, hr)["loss"])
+    else:
+        with pytest.raises(UsageError, match=r"--ref-size 8 .*: the style loss needs references of "
+                           r"at least 16 px; or --lambda-style 0"):  # fmt: skip
+            small_refs.train()(lr, hr)
+    assert torch.isfinite(model(scale=8, lambda_adv=0.0, lambda_fm=0.0, ref_size=8,
+                                lambda_style=0.0).train()(lr, hr)["loss"])  # fmt: skip

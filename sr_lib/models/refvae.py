@@ -252,6 +252,8 @@ class RefVAE(LatentSRModel):
                 f"{config_flag('ref_size', cfg.ref_size)}: the VGG19 encoder (to {deepest}) halves "
                 f"references {need.bit_length() - 1} times; use --ref-size {need} or more"
             )
+        # Max-pools before the deepest style tap: the style loss's std needs 2 positions there.
+        self.style_pools = max(int(t[len("relu")]) - 1 for t in self.style_layers)  # reluB_C
         self.register_buffer("vgg_loaded", torch.tensor(False))  # True once ImageNet weights are in
         self.gen = Generator(cfg)
         if cfg.lambda_adv > 0 or cfg.lambda_fm > 0:
@@ -445,11 +447,25 @@ class RefVAE(LatentSRModel):
         weights = {"pixel": c.lambda_pixel, "kl": c.lambda_kl}
         if perceptual:
             f_sr = self.vgg(sr)
+        if c.lambda_content > 0:
             parts["content"] = l1(f_sr["relu4_1"], f_hr["relu4_1"])  # Eq. 6, W = relu4_1
+            weights["content"] = c.lambda_content
+        if c.lambda_style > 0:  # (a term of weight 0 still carried its NaN or inf into the loss)
+            # The std divides by n - 1 over space (Eq. 7 as the code computes it): the deepest
+            # tap needs 2 positions; a 1x1 map gave NaN and every step was skipped.
+            h, w = (n >> self.style_pools for n in hr.shape[-2:])  # the deepest tap's map
+            need, off = 2 << self.style_pools, "; or --lambda-style 0"
+            if h * w < 2:
+                raise patch_too_small("refvae: the style loss", need, hr, off)
+            if c.style_target == "ref" and c.ref_size < need:
+                raise UsageError(
+                    f"{config_flag('ref_size', c.ref_size)}: the style loss needs references of "
+                    f"at least {need} px{off}"
+                )
             target = f_ref if c.style_target == "ref" else f_hr
             stats = [(style_stats(f_sr[t]), style_stats(target[t])) for t in self.style_layers]
             parts["style"] = sum(l1(a, b) for x, y in stats for a, b in zip(x, y))  # Eq. 7
-            weights.update(content=c.lambda_content, style=c.lambda_style)
+            weights["style"] = c.lambda_style
         if c.lambda_lr > 0:
             parts["lr"], weights["lr"] = l1(imresize_torch(sr, 1 / s), lr), c.lambda_lr
         if c.lambda_lpips > 0:  # on [-1, 1]; patches under 32 px (tests) are padded for AlexNet
