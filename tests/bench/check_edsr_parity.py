@@ -39,6 +39,8 @@ CONFIGS = {"baseline": (16, 64, 1.0), "full": (32, 256, 0.1)}  # blocks, feature
 TOL = {"float64": 1e-12, "float32": 1e-4}
 LR_SIZE = (13, 17)
 
+REPO = "sanghyun-son/EDSR-PyTorch"
+
 
 def released_edsr(folder: str, blocks: int, feats: int, res_scale: float, scale: int):
     """The released network of `folder` (its src/model) at one configuration, --rgb_range 255."""
@@ -92,8 +94,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     folder = Path(args.released)
+    if not folder.is_dir():
+        raise UsageError(f"--released {folder}: no such folder; give {REPO}'s src/model")
     if not (folder / "edsr.py").is_file() or not (folder / "common.py").is_file():
-        raise UsageError(f"--released {folder}: no edsr.py and common.py; pass its src/model")
+        raise UsageError(
+            f"--released {folder}: not a checkout of {REPO}'s src/model (no edsr.py and common.py)"
+        )
     results = {}
     for config in args.configs:
         for scale in args.scales:

@@ -284,6 +284,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     rel = Path(a.released)
+    if not rel.is_dir():
+        raise UsageError(f"--released {rel}: no such folder; give a checkout of Holmes-Alan/RefVAE")
     if not (rel / "model.py").is_file() or not (rel / "network.py").is_file():
         raise UsageError(f"--released {rel}: not a checkout of Holmes-Alan/RefVAE "
                          "(no model.py and network.py in it)")  # fmt: skip

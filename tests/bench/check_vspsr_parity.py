@@ -90,6 +90,9 @@ class Diffs:
         return bool(self.rows) and all(r["ok"] for r in self.rows.values())
 
 
+REPO = "zzhwfy/VSpSR"
+
+
 def released_net(path: str, scale: int):
     """(network, criterion, the released vspm module) of checkout `path` at the demo.sh config."""
     sys.path.insert(0, path)
@@ -253,8 +256,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
+    if not Path(args.released).is_dir():
+        raise UsageError(f"--released {args.released}: no such folder; give a checkout of {REPO}")
     if not (Path(args.released) / "models" / "vspm.py").is_file():
-        raise UsageError(f"--released {args.released}: no models/vspm.py; pass a VSpSR checkout")
+        raise UsageError(
+            f"--released {args.released}: not a checkout of {REPO} (no models/vspm.py)"
+        )
     results = {}
     for scale in args.scales:
         res = run_case(scale, str(Path(args.released).resolve()), args.seed)
