@@ -4,11 +4,15 @@ Adversarial Networks", Wang et al., ECCVW 2018, arXiv:1809.00219) with SRFlow's 
 arXiv:2006.14200; andreas128/SRFlow, CC BY-NC-SA 4.0). Written from the paper (docs/flows.md,
 "The RRDB encoder"), nothing copied. Module and parameter names equal the official `RRDBNet`'s,
 so `RRDB_*.pth` files load strictly (`load_official_rrdb`) and the flow models reuse `RRDBNet` as
-their LR encoder.
+their LR encoder. `skip="esrgan"` gives ESRGAN's own global skip (xinntao/ESRGAN), whose released
+files load as `--model rrdb` in each of their key layouts (`from_released_rrdb`).
 """
 
+import contextlib
 import os
+import re
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +40,13 @@ class RRDBConfig(RegressionConfig):
     )
     nf: int = field(default=64, metadata=dict(help="feature channels"))
     gc: int = field(default=32, metadata=dict(help="growth channels of the dense blocks"))
+    skip: Literal["srflow", "esrgan"] = field(
+        default="srflow",
+        metadata=dict(
+            help="global skip: srflow T + trunk_conv(T) (SRFlow's RRDB_*.pth), esrgan "
+            "conv_first's output + trunk_conv(T) (ESRGAN's RRDB_*_x4.pth)"
+        ),
+    )
 
 
 class ResidualDenseBlock(nn.Module):
@@ -75,13 +86,19 @@ class RRDBBlock(nn.Module):
 
 
 class RRDBNet(nn.Module):
-    """SRFlow's RRDBNet: RRDB trunk, global skip `T + trunk_conv(T)`, nearest ×2 + conv stages."""
+    """SRFlow's RRDBNet: RRDB trunk, global skip `T + trunk_conv(T)`, nearest ×2 + conv stages;
+    with `skip="esrgan"` ESRGAN's: `conv_first(lr) + trunk_conv(T)`, the rest the same."""
 
-    def __init__(self, scale: int = 4, nf: int = 64, nb: int = 23, gc: int = 32):
+    def __init__(
+        self, scale: int = 4, nf: int = 64, nb: int = 23, gc: int = 32, skip: str = "srflow"
+    ):
         super().__init__()
         if scale not in SCALES:
             raise UsageError(f"rrdb: scale {scale} not supported; use 2, 4 or 8")
+        if skip not in ("srflow", "esrgan"):
+            raise UsageError(f"rrdb: skip {skip!r} not supported; use srflow or esrgan")
         self.scale = scale
+        self.skip = skip
         self.n_up = scale.bit_length() - 1  # number of nearest ×2 + conv stages
         self.conv_first = conv3x3(3, nf)
         self.RRDB_trunk = nn.Sequential(*[RRDBBlock(nf, gc) for _ in range(nb)])
@@ -125,14 +142,15 @@ class RRDBNet(nn.Module):
         # weights would be rounded to 8 bits of mantissa (a small SRFlow's bf16 samples moved
         # LR-PSNR by 0.020 dB, not 0.002; docs/design.md "Numerics"); the trunk gets one copy in
         # autocast's dtype.
-        x = autocast_dtype(float32_out(self.conv_first, lr))
+        x = fea = autocast_dtype(float32_out(self.conv_first, lr))
         wanted = set(blocks)
         for i, block in enumerate(self.RRDB_trunk):
             x = block(x)
             if i in wanted:
                 out[f"block_{i}"] = x
-        # SRFlow's global skip is around trunk_conv only (ESRGAN adds conv_first's output instead).
-        x = x + self.trunk_conv(x)
+        # SRFlow's global skip is around trunk_conv only; ESRGAN's adds conv_first's output. The
+        # same weights give other images under the other skip (docs/flows.md, "The RRDB encoder").
+        x = (x if self.skip == "srflow" else fea) + self.trunk_conv(x)
         out["last_lr_fea"] = x
         if not maps:
             return out
@@ -151,6 +169,53 @@ class RRDBNet(nn.Module):
         if up_to is None:
             out["out"] = float32_out(self.conv_last, F.leaky_relu(self.HRconv(x), 0.2))
         return out
+
+
+# The key layouts of released RRDBNet files, by a key only that layout has: xinntao/ESRGAN's old
+# architecture (RRDB_ESRGAN_x4_old_arch.pth: one nn.Sequential), BasicSR's / Real-ESRGAN's RRDBNet
+# and ESRGAN's new architecture, which names its modules as SRFlow's RRDBNet (and ours) does.
+LAYOUTS = {
+    "model.0.weight": "esrgan_old",
+    "conv_body.weight": "basicsr",
+    "trunk_conv.weight": "plain",
+}
+# The old Sequential's indices (×4): 0 conv_first, 1 the trunk (its last entry the trunk conv),
+# 3 and 6 the upconvs (after an Upsample, then a LeakyReLU), 8 HRconv, 10 conv_last.
+OLD_ARCH = {"0": "conv_first", "3": "upconv1", "6": "upconv2", "8": "HRconv", "10": "conv_last"}
+BASICSR = {"conv_body": "trunk_conv", "conv_up1": "upconv1", "conv_up2": "upconv2"}
+BASICSR |= {"conv_hr": "HRconv"}
+DESCRIBE = {
+    "esrgan_old": "an ESRGAN RRDBNet of the old architecture (RRDB_ESRGAN_x4_old_arch.pth)",
+    "basicsr": "a BasicSR / Real-ESRGAN RRDBNet",
+    "plain": "a released RRDBNet (ESRGAN's RRDB_*_x4.pth or SRFlow's RRDB_*.pth layout)",
+}
+
+
+def rrdb_layout(sd: dict) -> str | None:
+    """Which released layout a raw RRDBNet state_dict has (LAYOUTS), or None."""
+    return next((layout for key, layout in LAYOUTS.items() if key in sd), None)
+
+
+def from_released_rrdb(key: str, nb: int) -> str:
+    """Our RRDBNet's name of a key of a released file (ESRGAN's old architecture or BasicSR's;
+    other keys come back unchanged). `nb`: the trunk's blocks (the old trunk conv's index)."""
+    m = re.fullmatch(r"model\.1\.sub\.(\d+)\.(RDB\d\.conv\d)\.0\.(weight|bias)", key)
+    if m:
+        return f"RRDB_trunk.{m[1]}.{m[2]}.{m[3]}"
+    m = re.fullmatch(r"model\.(?:1\.sub\.(\d+)|(\d+))\.(weight|bias)", key)
+    if m and (m[1] is None or int(m[1]) == nb) and (m[1] is not None or m[2] in OLD_ARCH):
+        return f"{'trunk_conv' if m[1] else OLD_ARCH[m[2]]}.{m[3]}"
+    m = re.fullmatch(r"body\.(\d+)\.rdb(\d)\.(conv\d\.(?:weight|bias))", key)
+    if m:
+        return f"RRDB_trunk.{m[1]}.RDB{m[2]}.{m[3]}"
+    name, _, rest = key.partition(".")
+    return f"{BASICSR[name]}.{rest}" if name in BASICSR else key
+
+
+def released_trunk_depth(sd: dict) -> int:
+    """The RRDB blocks of a released file's trunk (its last block's index + 1)."""
+    pattern = r"(?:model\.1\.sub|body|RRDB_trunk)\.(\d+)\.(?:RDB|rdb)"
+    return 1 + max((int(m[1]) for k in sd if (m := re.match(pattern, k))), default=-1)
 
 
 def load_official_rrdb(model_or_net: nn.Module, path: str | os.PathLike) -> None:
@@ -190,7 +255,7 @@ class RRDB(RegressionSR):
 
     def __init__(self, cfg: RRDBConfig):
         super().__init__(cfg)
-        self.net = RRDBNet(cfg.scale, cfg.nf, cfg.nb, cfg.gc)
+        self.net = RRDBNet(cfg.scale, cfg.nf, cfg.nb, cfg.gc, cfg.skip)
         self._add_sigma_branch(cfg.nf)
 
     @classmethod
@@ -202,6 +267,61 @@ class RRDB(RegressionSR):
             super().recipe(scale), patch=160 // scale, steps=200_000, learning_rate=2e-4,
             betas=(0.9, 0.99), schedule="cosine", eta_min=1e-7,
         )  # fmt: skip
+
+    @classmethod
+    def raw_config(cls, state_dict: dict, scale: int, skip: str | None = None) -> dict:
+        """The config of a released RRDBNet file: depth and widths off its keys and shapes, and
+        its global skip: ESRGAN's for the layouts only ESRGAN writes (its old architecture,
+        BasicSR's), SRFlow's for a ×8 file (ESRGAN released none); ESRGAN's new layout is
+        SRFlow's too, so there `skip` (sr_sample.py --skip) must say which. A `skip` the keys
+        contradict, or none where they do not tell, is a one-line CheckpointError."""
+        cfg = super().raw_config(state_dict, scale)
+        layout = rrdb_layout(state_dict)
+        if layout is None:  # srspace's own key names (or none we know: the strict load says)
+            return cfg | ({"skip": skip} if skip else {})
+        nb = released_trunk_depth(state_dict)
+        sd = {from_released_rrdb(k, nb): v for k, v in state_dict.items()}
+        cfg["nb"] = nb
+        with contextlib.suppress(KeyError):  # (a missing key: load_raw_state_dict names it)
+            cfg["nf"] = sd["conv_first.weight"].shape[0]
+            cfg["gc"] = sd["RRDB_trunk.0.RDB1.conv1.weight"].shape[0]
+        told = "srflow" if "upconv3.weight" in sd else None if layout == "plain" else "esrgan"
+        if told and skip and skip != told:
+            raise CheckpointError(
+                f"holds {DESCRIBE[layout]}, whose global skip is {told}, not --skip {skip}: "
+                "drop --skip"
+            )
+        if not (told or skip):
+            raise CheckpointError(
+                "RRDBNet keys as both ESRGAN's files (RRDB_ESRGAN_x4.pth, RRDB_PSNR_x4.pth) and "
+                "SRFlow's (RRDB_DF2K_4X.pth) name them, and their global skips differ: say whose "
+                "it is, --skip esrgan or --skip srflow (load_model(..., skip=...))"
+            )
+        return cfg | {"skip": told or skip}
+
+    def load_raw_state_dict(self, state_dict: dict, path="state_dict") -> None:
+        """Load a released RRDBNet file (ESRGAN's old or new layout, BasicSR's, SRFlow's
+        RRDB_*.pth) or one with our own key names, strictly."""
+        layout = rrdb_layout(state_dict)
+        if layout is None:
+            return super().load_raw_state_dict(state_dict, path)
+        nb = released_trunk_depth(state_dict)
+        sd = {from_released_rrdb(k, nb): v for k, v in state_dict.items()}
+        first = sd.get("conv_first.weight")
+        if first is not None and first.shape[1] != 3:
+            raise CheckpointError(
+                f"{path}: its conv_first takes {first.shape[1]} channels, a BasicSR RRDBNet "
+                "with pixel-unshuffled input (Real-ESRGAN ×2, ×1), which srspace does not build"
+            )
+        ups = sum(f"upconv{i}.weight" in sd for i in (1, 2, 3))
+        if ups != self.net.n_up:
+            raise CheckpointError(f"{path}: holds a ×{2**ups} RRDBNet, not ×{self.scale}")
+        told = "srflow" if ups == 3 else None if layout == "plain" else "esrgan"
+        if told and told != self.cfg.skip:  # (--init-from: the run's --skip)
+            raise CheckpointError(f"{path}: holds {DESCRIBE[layout]}: give --skip {told}")
+        c = self.cfg
+        what = f"{path}: does not match {DESCRIBE[layout]} (x{c.scale}, nb {c.nb}, skip {c.skip})"
+        load_strict(self.net, sd, what)
 
     def radii(self) -> tuple[float, float]:
         """Trunk at LR, each upconv (after a nearest ×2) at 2, 4, ... × LR, the last two at HR."""
