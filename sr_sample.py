@@ -328,7 +328,7 @@ class SampleArgs:
         default=None,
         metadata=dict(choices=(2, 3, 4, 8), help="scale of a raw state_dict (no metadata)"),
     )
-    skip: Optional[str] = field(  # noqa: UP045
+    global_skip: Optional[str] = field(  # noqa: UP045
         default=None,
         metadata=dict(choices=("esrgan", "srflow"),
                       help="global skip of a raw rrdb state_dict whose keys do not tell: esrgan "
@@ -494,7 +494,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset()) -> int:
     from_hr = args.from_hr or args.input == "demo"  # the demo images are HR photographs
     device = pick_device(args.device)
     model, ck = load_model(args.ckpt, device, args.model, args.scale,
-                           args.raw_weights, args.skip)  # fmt: skip
+                           args.raw_weights, args.global_skip)  # fmt: skip
     if "ema_state_dict" in ck:  # which of its two sets of weights the samples come from
         average = (f"the moving average of the weights (sr_train.py --ema {ck['ema_decay']:g}); "
                    "--raw-weights for the weights as trained")  # fmt: skip

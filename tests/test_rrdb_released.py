@@ -101,10 +101,10 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_released_layouts_compute_the_released_function(tmp_path, layout):
-    rename, skip = LAYOUTS[layout]
+    rename, global_skip = LAYOUTS[layout]
     path = write(tmp_path, rename(released_state_dict()))
-    model, ck = load_model(path, model="rrdb", scale=4, skip=skip)
-    assert ck["model_cfg"] == {"scale": 4, **TINY, "skip": "esrgan"}
+    model, ck = load_model(path, model="rrdb", scale=4, global_skip=global_skip)
+    assert ck["model_cfg"] == {"scale": 4, **TINY, "global_skip": "esrgan"}
     out = output(model)
     total, pixel0, pixel1 = GOLDEN_ESRGAN
     assert out.sum().item() == pytest.approx(total, rel=1e-12)
@@ -114,12 +114,12 @@ def test_released_layouts_compute_the_released_function(tmp_path, layout):
 
 def test_srflow_skip_stays_the_default_and_differs(tmp_path):
     path = write(tmp_path, released_state_dict())
-    srflow, _ = load_model(path, model="rrdb", scale=4, skip="srflow")
+    srflow, _ = load_model(path, model="rrdb", scale=4, global_skip="srflow")
     assert output(srflow).sum().item() == pytest.approx(GOLDEN_SRFLOW_SUM, rel=1e-12)
     # SRFlow's encoder and a config without `skip` (every checkpoint before it) keep SRFlow's skip
-    assert RRDBNet(4).skip == "srflow"
-    assert build_model("rrdb", {"scale": 4}).cfg.skip == "srflow"
-    assert build_model("srflow", {"scale": 4, "nb": 1}).RRDB.skip == "srflow"
+    assert RRDBNet(4).global_skip == "srflow"
+    assert build_model("rrdb", {"scale": 4}).cfg.global_skip == "srflow"
+    assert build_model("srflow", {"scale": 4, "nb": 1}).RRDB.global_skip == "srflow"
 
 
 def run_sample(*argv) -> int:
@@ -140,21 +140,23 @@ def test_ambiguous_layout_needs_skip_on_the_command_line(tmp_path, capsys):
     argv += ["--scale", "4", "--n", "1", "--device", "cpu"]
     assert run_sample(*argv) == 6
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and str(path) in err and "--skip esrgan" in err
-    assert run_sample(*argv, "--skip", "esrgan") == 0
+    assert err.count("\n") == 1 and str(path) in err and "--global-skip esrgan" in err
+    assert run_sample(*argv, "--global-skip", "esrgan") == 0
     # the image of ESRGAN's skip, not SRFlow's
     img = torch.from_numpy(np.array(Image.open(tmp_path / "out" / "a.png"))).permute(2, 0, 1)
     x = torch.from_numpy(np.array(Image.open(lr / "a.png"))).permute(2, 0, 1)[None] / 255
-    for skip, same in (("esrgan", True), ("srflow", False)):
-        model, _ = load_model(path, model="rrdb", scale=4, skip=skip)
+    for global_skip, same in (("esrgan", True), ("srflow", False)):
+        model, _ = load_model(path, model="rrdb", scale=4, global_skip=global_skip)
         want = (model.sample(x)[0, 0] * 255).round().byte()
         assert ((img.int() - want.int()).abs().max() <= 1) == same
 
 
 def test_wrong_or_unknown_layouts_are_one_line(tmp_path):
     sd = released_state_dict()
-    with pytest.raises(CheckpointError, match="whose global skip is esrgan, not --skip srflow"):
-        load_model(write(tmp_path, old_arch(sd)), model="rrdb", scale=4, skip="srflow")
+    with pytest.raises(
+        CheckpointError, match="whose global skip is esrgan, not --global-skip srflow"
+    ):
+        load_model(write(tmp_path, old_arch(sd)), model="rrdb", scale=4, global_skip="srflow")
     with pytest.raises(CheckpointError, match=r"holds a ×4 RRDBNet, not ×2"):
         load_model(write(tmp_path, basicsr(sd)), model="rrdb", scale=2)
     unshuffled = basicsr(sd) | {"conv_first.weight": torch.zeros(8, 12, 3, 3)}
@@ -164,7 +166,7 @@ def test_wrong_or_unknown_layouts_are_one_line(tmp_path):
     with pytest.raises(CheckpointError, match="1 missing keys.*HRconv"):
         load_model(write(tmp_path, partial), model="rrdb", scale=4)
     with pytest.raises(UsageError, match="only for --model rrdb"):
-        load_model(write(tmp_path, sd), model="edsr", scale=4, skip="esrgan")
+        load_model(write(tmp_path, sd), model="edsr", scale=4, global_skip="esrgan")
 
 
 def test_train_with_esrgan_skip_and_its_checkpoint(tmp_path, monkeypatch):
@@ -174,11 +176,11 @@ def test_train_with_esrgan_skip_and_its_checkpoint(tmp_path, monkeypatch):
     torch.manual_seed(0)
     for i in range(2):
         Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(hr / f"{i}.png")
-    argv = ["--model", "rrdb", "--skip", "esrgan", "--nb", "1", "--nf", "8", "--gc", "4"]
+    argv = ["--model", "rrdb", "--global-skip", "esrgan", "--nb", "1", "--nf", "8", "--gc", "4"]
     argv += ["--data", hr, "--scale", "4", "--patch", "4", "--batch", "2", "--steps", "1"]
     argv += ["--workers", "0", "--val-every", "0", "--out", tmp_path / "run", "--device", "cpu"]
     assert sr_train.main([str(a) for a in argv]) == 0
     model, ck = load_model(tmp_path / "run" / "last.pt")
-    assert ck["model_cfg"]["skip"] == "esrgan" and model.net.skip == "esrgan"
+    assert ck["model_cfg"]["global_skip"] == "esrgan" and model.net.global_skip == "esrgan"
     with pytest.raises(CheckpointError, match="holds an rrdb with the esrgan skip"):
-        load_model(tmp_path / "run" / "last.pt", skip="srflow")
+        load_model(tmp_path / "run" / "last.pt", global_skip="srflow")

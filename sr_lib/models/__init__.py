@@ -75,7 +75,7 @@ def load_model(
     model: str | None = None,
     scale: int | None = None,
     raw_weights=False,
-    skip: str | None = None,
+    global_skip: str | None = None,
 ):
     """Build the model a checkpoint describes and load its weights strictly: the moving average
     of the weights when the run kept one (`sr_train.py --ema`), else (or with `raw_weights`) the
@@ -84,14 +84,17 @@ def load_model(
     Returns (model in eval mode, checkpoint dict). For a raw state_dict (no srspace metadata),
     `model` and `scale` are required; the model class reads its config off the keys
     (`raw_config`) and maps them (`load_raw_state_dict`). `skip`: the global skip of a raw rrdb
-    file where its keys do not tell ("esrgan" or "srflow", sr_sample.py --skip).
+    file where its keys do not tell ("esrgan" or "srflow", sr_sample.py --global-skip).
     """
     ck = read_checkpoint(path)
     if is_srspace_checkpoint(ck):
-        own = ck["model_cfg"].get("skip", "srflow") if ck["model"] == "rrdb" else None
-        if skip is not None and skip != own:  # (its config says; a flag must not contradict it)
+        own = ck["model_cfg"].get("global_skip", "srflow") if ck["model"] == "rrdb" else None
+        # (its config says which; a flag must not contradict it)
+        if global_skip is not None and global_skip != own:
             what = f"an rrdb with the {own} skip" if own else f"a {ck['model']} model"
-            raise CheckpointError(f"{path}: holds {what}, not --skip {skip}: drop --skip")
+            raise CheckpointError(
+                f"{path}: holds {what}, not --global-skip {global_skip}: drop --global-skip"
+            )
         if model is not None and model != ck["model"]:
             raise CheckpointError(f"{path}: holds model {ck['model']!r}, not {model!r}")
         if scale is not None and int(scale) != int(ck["model_cfg"].get("scale", scale)):
@@ -110,11 +113,13 @@ def load_model(
             )
         if model not in MODELS:  # (sr_sample.py's --model has these choices: the library's)
             raise UsageError(f"model={model!r}: unknown model; choose one of: {', '.join(MODELS)}")
-        if skip is not None and model != "rrdb":
-            raise UsageError(f"--skip {skip} (skip=): only for --model rrdb, not {model}")
+        if global_skip is not None and model != "rrdb":
+            raise UsageError(
+                f"--global-skip {global_skip} (global_skip=): only for --model rrdb, not {model}"
+            )
         sd = load_state_dict(path)
         try:
-            extra = {"skip": skip} if skip is not None else {}
+            extra = {"global_skip": global_skip} if global_skip is not None else {}
             cfg = MODELS[model].raw_config(sd, int(scale), **extra)
         except CheckpointError as e:  # (raw_config has no path to name)
             raise CheckpointError(f"{path}: {e}") from None

@@ -4,8 +4,8 @@ Adversarial Networks", Wang et al., ECCVW 2018, arXiv:1809.00219) with SRFlow's 
 arXiv:2006.14200; andreas128/SRFlow, CC BY-NC-SA 4.0). Written from the paper (docs/flows.md,
 "The RRDB encoder"), nothing copied. Module and parameter names equal the official `RRDBNet`'s,
 so `RRDB_*.pth` files load strictly (`load_official_rrdb`) and the flow models reuse `RRDBNet` as
-their LR encoder. `skip="esrgan"` gives ESRGAN's own global skip (xinntao/ESRGAN), whose released
-files load as `--model rrdb` in each of their key layouts (`from_released_rrdb`).
+their LR encoder. `global_skip="esrgan"` gives ESRGAN's own global skip (xinntao/ESRGAN), whose
+released files load as `--model rrdb` in each of their key layouts (`from_released_rrdb`).
 """
 
 import contextlib
@@ -40,7 +40,7 @@ class RRDBConfig(RegressionConfig):
     )
     nf: int = field(default=64, metadata=dict(help="feature channels"))
     gc: int = field(default=32, metadata=dict(help="growth channels of the dense blocks"))
-    skip: Literal["srflow", "esrgan"] = field(
+    global_skip: Literal["srflow", "esrgan"] = field(
         default="srflow",
         metadata=dict(
             help="global skip: srflow T + trunk_conv(T) (SRFlow's RRDB_*.pth), esrgan "
@@ -87,18 +87,18 @@ class RRDBBlock(nn.Module):
 
 class RRDBNet(nn.Module):
     """SRFlow's RRDBNet: RRDB trunk, global skip `T + trunk_conv(T)`, nearest ×2 + conv stages;
-    with `skip="esrgan"` ESRGAN's: `conv_first(lr) + trunk_conv(T)`, the rest the same."""
+    with `global_skip="esrgan"` ESRGAN's: `conv_first(lr) + trunk_conv(T)`, the rest the same."""
 
     def __init__(
-        self, scale: int = 4, nf: int = 64, nb: int = 23, gc: int = 32, skip: str = "srflow"
+        self, scale: int = 4, nf: int = 64, nb: int = 23, gc: int = 32, global_skip: str = "srflow"
     ):
         super().__init__()
         if scale not in SCALES:
             raise UsageError(f"rrdb: scale {scale} not supported; use 2, 4 or 8")
-        if skip not in ("srflow", "esrgan"):
-            raise UsageError(f"rrdb: skip {skip!r} not supported; use srflow or esrgan")
+        if global_skip not in ("srflow", "esrgan"):
+            raise UsageError(f"rrdb: skip {global_skip!r} not supported; use srflow or esrgan")
         self.scale = scale
-        self.skip = skip
+        self.global_skip = global_skip
         self.n_up = scale.bit_length() - 1  # number of nearest ×2 + conv stages
         self.conv_first = conv3x3(3, nf)
         self.RRDB_trunk = nn.Sequential(*[RRDBBlock(nf, gc) for _ in range(nb)])
@@ -150,7 +150,7 @@ class RRDBNet(nn.Module):
                 out[f"block_{i}"] = x
         # SRFlow's global skip is around trunk_conv only; ESRGAN's adds conv_first's output. The
         # same weights give other images under the other skip (docs/flows.md, "The RRDB encoder").
-        x = (x if self.skip == "srflow" else fea) + self.trunk_conv(x)
+        x = (x if self.global_skip == "srflow" else fea) + self.trunk_conv(x)
         out["last_lr_fea"] = x
         if not maps:
             return out
@@ -255,7 +255,7 @@ class RRDB(RegressionSR):
 
     def __init__(self, cfg: RRDBConfig):
         super().__init__(cfg)
-        self.net = RRDBNet(cfg.scale, cfg.nf, cfg.nb, cfg.gc, cfg.skip)
+        self.net = RRDBNet(cfg.scale, cfg.nf, cfg.nb, cfg.gc, cfg.global_skip)
         self._add_sigma_branch(cfg.nf)
 
     @classmethod
@@ -269,16 +269,16 @@ class RRDB(RegressionSR):
         )  # fmt: skip
 
     @classmethod
-    def raw_config(cls, state_dict: dict, scale: int, skip: str | None = None) -> dict:
+    def raw_config(cls, state_dict: dict, scale: int, global_skip: str | None = None) -> dict:
         """The config of a released RRDBNet file: depth and widths off its keys and shapes, and
         its global skip: ESRGAN's for the layouts only ESRGAN writes (its old architecture,
         BasicSR's), SRFlow's for a ×8 file (ESRGAN released none); ESRGAN's new layout is
-        SRFlow's too, so there `skip` (sr_sample.py --skip) must say which. A `skip` the keys
-        contradict, or none where they do not tell, is a one-line CheckpointError."""
+        SRFlow's too, so there `global_skip` (sr_sample.py --global-skip) must say which. One the
+        keys contradict, or none where they do not tell, is a one-line CheckpointError."""
         cfg = super().raw_config(state_dict, scale)
         layout = rrdb_layout(state_dict)
         if layout is None:  # srspace's own key names (or none we know: the strict load says)
-            return cfg | ({"skip": skip} if skip else {})
+            return cfg | ({"global_skip": global_skip} if global_skip else {})
         nb = released_trunk_depth(state_dict)
         sd = {from_released_rrdb(k, nb): v for k, v in state_dict.items()}
         cfg["nb"] = nb
@@ -286,18 +286,19 @@ class RRDB(RegressionSR):
             cfg["nf"] = sd["conv_first.weight"].shape[0]
             cfg["gc"] = sd["RRDB_trunk.0.RDB1.conv1.weight"].shape[0]
         told = "srflow" if "upconv3.weight" in sd else None if layout == "plain" else "esrgan"
-        if told and skip and skip != told:
+        if told and global_skip and global_skip != told:
             raise CheckpointError(
-                f"holds {DESCRIBE[layout]}, whose global skip is {told}, not --skip {skip}: "
-                "drop --skip"
+                f"holds {DESCRIBE[layout]}, whose global skip is {told}, not --global-skip "
+                f"{global_skip}: drop --global-skip"
             )
-        if not (told or skip):
+        if not (told or global_skip):
             raise CheckpointError(
                 "RRDBNet keys as both ESRGAN's files (RRDB_ESRGAN_x4.pth, RRDB_PSNR_x4.pth) and "
                 "SRFlow's (RRDB_DF2K_4X.pth) name them, and their global skips differ: say whose "
-                "it is, --skip esrgan or --skip srflow (load_model(..., skip=...))"
+                "it is, --global-skip esrgan or --global-skip srflow "
+                "(load_model(..., global_skip=...))"
             )
-        return cfg | {"skip": told or skip}
+        return cfg | {"global_skip": told or global_skip}
 
     def load_raw_state_dict(self, state_dict: dict, path="state_dict") -> None:
         """Load a released RRDBNet file (ESRGAN's old or new layout, BasicSR's, SRFlow's
@@ -317,10 +318,11 @@ class RRDB(RegressionSR):
         if ups != self.net.n_up:
             raise CheckpointError(f"{path}: holds a ×{2**ups} RRDBNet, not ×{self.scale}")
         told = "srflow" if ups == 3 else None if layout == "plain" else "esrgan"
-        if told and told != self.cfg.skip:  # (--init-from: the run's --skip)
-            raise CheckpointError(f"{path}: holds {DESCRIBE[layout]}: give --skip {told}")
+        if told and told != self.cfg.global_skip:  # (--init-from: the run's --global-skip)
+            raise CheckpointError(f"{path}: holds {DESCRIBE[layout]}: give --global-skip {told}")
         c = self.cfg
-        what = f"{path}: does not match {DESCRIBE[layout]} (x{c.scale}, nb {c.nb}, skip {c.skip})"
+        what = f"{path}: does not match {DESCRIBE[layout]} (x{c.scale}, nb {c.nb}, "
+        what += f"global skip {c.global_skip})"
         load_strict(self.net, sd, what)
 
     def radii(self) -> tuple[float, float]:

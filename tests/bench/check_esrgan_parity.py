@@ -13,12 +13,13 @@ RRDB_PSNR_x4.pth) and a tiny nb = 2, this script, on CPU:
     back into the new one), and BasicSR's RRDBNet names (by BasicSR's documented names; BasicSR
     itself is not run here);
  3. loads each through srspace's public path, `load_model(path, model="rrdb", scale=4,
-    skip=...)` (what `sr_sample.py --ckpt FILE --model rrdb --scale 4 [--skip esrgan]` does),
+    global_skip=...)` (what `sr_sample.py --ckpt FILE --model rrdb --scale 4 [--global-skip
+    esrgan]` does),
     and compares its output on a 2-image 12×10 LR batch with the released forward, in float32
     and in float64. Tolerance: max |difference| <= 1e-5 (float32), 1e-12 (float64).
 
 It also reports how far SRFlow's skip is from the released output on the same weights (what
-loading an ESRGAN file without `--skip esrgan` would give).
+loading an ESRGAN file without `--global-skip esrgan` would give).
 
 Prints one line per case on stderr and, on stdout, one JSON object with the max differences; exit
 status 0 only if every case agrees. About 2 min on 2 cores.
@@ -95,9 +96,10 @@ def main() -> int:
             for layout, sd in files.items():
                 path = Path(tmp) / f"{layout}_{nb}.pth"
                 torch.save(sd, path)
-                skip = "esrgan" if layout == "new" else None  # the other two say it themselves
-                ours, ck = load_model(path, model="rrdb", scale=4, skip=skip)
-                assert ck["model_cfg"]["skip"] == "esrgan" and ck["model_cfg"]["nb"] == nb
+                # the other two layouts say it themselves
+                global_skip = "esrgan" if layout == "new" else None
+                ours, ck = load_model(path, model="rrdb", scale=4, global_skip=global_skip)
+                assert ck["model_cfg"]["global_skip"] == "esrgan" and ck["model_cfg"]["nb"] == nb
                 for dtype in (torch.float32, torch.float64):
                     lr = lr_batch(dtype)
                     with torch.no_grad():
@@ -112,7 +114,7 @@ def main() -> int:
                         f"{case}: max |diff| {diff:.3g} {'ok' if good else 'FAIL'}", file=sys.stderr
                     )
             srflow, _ = load_model(
-                Path(tmp) / f"new_{nb}.pth", model="rrdb", scale=4, skip="srflow"
+                Path(tmp) / f"new_{nb}.pth", model="rrdb", scale=4, global_skip="srflow"
             )
             with torch.no_grad():
                 lr = lr_batch(torch.float64)
