@@ -1096,7 +1096,13 @@ def init_weights(model, args: TrainArgs, cfg: dict) -> str:
     else:  # a raw state_dict: srspace's key names, or a released file's (SRFlow, NCSR...)
         inner = init.get("state_dict")
         sd = as_state_dict(inner if is_tensor_dict(inner) else init, path)
-        held = MODELS[args.model].raw_config(sd, args.scale)  # what its keys tell (--nb, variant)
+        # What its keys tell (--nb, variant); where they do not tell rrdb's global skip (ESRGAN's
+        # and SRFlow's files share a layout), the run's --global-skip says it.
+        extra = {"global_skip": model.cfg.global_skip} if args.model == "rrdb" else {}
+        try:
+            held = MODELS[args.model].raw_config(sd, args.scale, **extra)
+        except CheckpointError as e:  # (raw_config has no path to name)
+            raise CheckpointError(f"--init-from {path}: {e}") from None
     where = f"--init-from {path}"
     try:
         if is_srspace_checkpoint(init):

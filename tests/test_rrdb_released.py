@@ -184,3 +184,25 @@ def test_train_with_esrgan_skip_and_its_checkpoint(tmp_path, monkeypatch):
     assert ck["model_cfg"]["global_skip"] == "esrgan" and model.net.global_skip == "esrgan"
     with pytest.raises(CheckpointError, match="holds an rrdb with the esrgan skip"):
         load_model(tmp_path / "run" / "last.pt", global_skip="srflow")
+
+
+@pytest.mark.parametrize("global_skip", ["esrgan", "srflow"])
+def test_init_from_a_released_file_takes_the_runs_global_skip(tmp_path, global_skip):
+    """ESRGAN's new layout (SRFlow's RRDB_*.pth too) does not tell its skip: --init-from reads
+    it off the run's --global-skip, and starts from the file's weights."""
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    torch.manual_seed(0)
+    for i in range(2):
+        Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(hr / f"{i}.png")
+    sd = released_state_dict()
+    path = write(tmp_path, sd)
+    argv = ["--model", "rrdb", "--global-skip", global_skip, "--nb", "2", "--nf", "8", "--gc"]
+    argv += ["4", "--init-from", path, "--data", hr, "--scale", "4", "--patch", "4"]
+    argv += ["--batch", "2", "--steps", "1", "--workers", "0", "--val-every", "0"]
+    argv += ["--out", tmp_path / "run", "--device", "cpu"]
+    assert sr_train.main([str(a) for a in argv]) == 0
+    model, ck = load_model(tmp_path / "run" / "last.pt")
+    assert ck["model_cfg"]["global_skip"] == global_skip
+    # one Adam step (2e-4) from the file's weights, not from a fresh initialisation
+    assert torch.allclose(model.net.trunk_conv.weight, sd["trunk_conv.weight"], atol=1e-3)
