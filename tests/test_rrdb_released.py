@@ -184,6 +184,11 @@ def test_train_with_esrgan_skip_and_its_checkpoint(tmp_path, monkeypatch):
     assert ck["model_cfg"]["global_skip"] == "esrgan" and model.net.global_skip == "esrgan"
     with pytest.raises(CheckpointError, match="holds an rrdb with the esrgan skip"):
         load_model(tmp_path / "run" / "last.pt", global_skip="srflow")
+    # a flow's encoder (SRFlow's skip) is not pre-trained by it: --rrdb-init says so
+    tiny = dict(nb=1, nf=8, gc=4, rrdb_blocks="0", flow_steps=2, hidden_channels=8)
+    flow = build_model("srflow", tiny | {"rrdb_init": str(tmp_path / "run" / "last.pt")})
+    with pytest.raises(CheckpointError, match="--rrdb-init .*--global-skip esrgan.*srflow skip"):
+        flow.check_files(loaded=False)
 
 
 @pytest.mark.parametrize("global_skip", ["esrgan", "srflow"])

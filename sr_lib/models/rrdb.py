@@ -237,6 +237,13 @@ def load_official_rrdb(model_or_net: nn.Module, path: str | os.PathLike) -> None
                 f"{path}: a {ck['model']} checkpoint; give an rrdb run's checkpoint or an "
                 "official RRDB_*.pth"
             )
+        own = ck["model_cfg"].get("global_skip", "srflow")
+        if own != net.global_skip:  # (the same weights compute other features under the other)
+            raise CheckpointError(
+                f"{path}: an rrdb run with --global-skip {own}, and this RRDBNet (a flow's "
+                f"encoder) has the {net.global_skip} skip; pre-train it with --global-skip "
+                f"{net.global_skip}"
+            )
         # the network only (an `le` run's σ branch is not part of the encoder); its weight
         # average if the run kept one (sr_train.py --ema), as sr_lib.models.load_model loads it
         weights = ck.get("ema_state_dict", ck["state_dict"])
