@@ -83,8 +83,8 @@ def load_model(
 
     Returns (model in eval mode, checkpoint dict). For a raw state_dict (no srspace metadata),
     `model` and `scale` are required; the model class reads its config off the keys
-    (`raw_config`) and maps them (`load_raw_state_dict`). `skip`: the global skip of a raw rrdb
-    file where its keys do not tell ("esrgan" or "srflow", sr_sample.py --global-skip).
+    (`raw_config`) and maps them (`load_raw_state_dict`). `global_skip`: the global skip of a
+    raw rrdb file where its keys do not tell ("esrgan" or "srflow", sr_sample.py --global-skip).
     """
     ck = read_checkpoint(path)
     if is_srspace_checkpoint(ck):
