@@ -191,10 +191,11 @@ def test_train_with_esrgan_skip_and_its_checkpoint(tmp_path, monkeypatch):
         flow.check_files(loaded=False)
 
 
-@pytest.mark.parametrize("global_skip", ["esrgan", "srflow"])
-def test_init_from_a_released_file_takes_the_runs_global_skip(tmp_path, global_skip):
+@pytest.mark.parametrize("global_skip", ["esrgan", "srflow", None])
+def test_init_from_a_released_file_takes_the_runs_global_skip(tmp_path, capsys, global_skip):
     """ESRGAN's new layout (SRFlow's RRDB_*.pth too) does not tell its skip: --init-from reads
-    it off the run's --global-skip, and starts from the file's weights."""
+    it off the run's --global-skip, and starts from the file's weights; with none typed, one
+    line (the default would start an ESRGAN file with SRFlow's skip, without a word)."""
     hr = tmp_path / "hr"
     hr.mkdir()
     torch.manual_seed(0)
@@ -202,11 +203,19 @@ def test_init_from_a_released_file_takes_the_runs_global_skip(tmp_path, global_s
         Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(hr / f"{i}.png")
     sd = released_state_dict()
     path = write(tmp_path, sd)
-    argv = ["--model", "rrdb", "--global-skip", global_skip, "--nb", "2", "--nf", "8", "--gc"]
-    argv += ["4", "--init-from", path, "--data", hr, "--scale", "4", "--patch", "4"]
-    argv += ["--batch", "2", "--steps", "1", "--workers", "0", "--val-every", "0"]
-    argv += ["--out", tmp_path / "run", "--device", "cpu"]
-    assert sr_train.main([str(a) for a in argv]) == 0
+    argv = ["--model", "rrdb", "--nb", "2", "--nf", "8", "--gc", "4", "--init-from", path]
+    argv += ["--data", hr, "--scale", "4", "--patch", "4", "--batch", "2", "--steps", "1"]
+    argv += ["--workers", "0", "--val-every", "0", "--out", tmp_path / "run", "--device", "cpu"]
+    if global_skip is None:
+        with pytest.raises(SystemExit) as stopped:
+            sr_train.main([str(a) for a in argv])
+        assert stopped.value.code == 6
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--init-from {path}: " in err
+        assert "--global-skip esrgan or --global-skip srflow" in err
+        assert not (tmp_path / "run" / "last.pt").exists()
+        return
+    assert sr_train.main([str(a) for a in [*argv, "--global-skip", global_skip]]) == 0
     model, ck = load_model(tmp_path / "run" / "last.pt")
     assert ck["model_cfg"]["global_skip"] == global_skip
     # one Adam step (2e-4) from the file's weights, not from a fresh initialisation
