@@ -18,6 +18,7 @@ from PIL import Image
 
 import sr_sample
 import sr_train
+from sr_lib.checkpoint import save_checkpoint
 from sr_lib.errors import CheckpointError, UsageError
 from sr_lib.models import build_model, load_model
 from sr_lib.models.rrdb import RRDBNet
@@ -167,6 +168,12 @@ def test_wrong_or_unknown_layouts_are_one_line(tmp_path):
         load_model(write(tmp_path, partial), model="rrdb", scale=4)
     with pytest.raises(UsageError, match="only for --model rrdb"):
         load_model(write(tmp_path, sd), model="edsr", scale=4, global_skip="esrgan")
+    cfg = {"scale": 4, "n_blocks": 1, "n_feats": 8}  # an srspace checkpoint of another model
+    net = build_model("edsr", cfg)
+    save_checkpoint(tmp_path / "edsr.pt", {"model": "edsr", "model_cfg": cfg,
+                                           "state_dict": net.state_dict(), "step": 0})  # fmt: skip
+    with pytest.raises(CheckpointError, match="holds model 'edsr', not --global-skip esrgan"):
+        load_model(tmp_path / "edsr.pt", global_skip="esrgan")
 
 
 def test_train_with_esrgan_skip_and_its_checkpoint(tmp_path, monkeypatch):

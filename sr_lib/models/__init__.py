@@ -91,7 +91,7 @@ def load_model(
         own = ck["model_cfg"].get("global_skip", "srflow") if ck["model"] == "rrdb" else None
         # (its config says which; a flag must not contradict it)
         if global_skip is not None and global_skip != own:
-            what = f"an rrdb with the {own} skip" if own else f"a {ck['model']} model"
+            what = f"an rrdb with the {own} skip" if own else f"model {ck['model']!r}"
             raise CheckpointError(
                 f"{path}: holds {what}, not --global-skip {global_skip}: drop --global-skip"
             )
