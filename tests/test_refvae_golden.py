@@ -12,9 +12,13 @@ set serves ×4 and ×8.
 
 import math
 
+import imageio.v3 as iio
+import numpy as np
 import pytest
 import torch
 
+import sr_sample
+from sr_lib.models import build_model, load_model
 from sr_lib.models.refvae import Discriminator, Generator, RefVAEConfig
 
 
@@ -53,6 +57,19 @@ def golden_inputs():
     return f_ref, f_x, z, img
 
 
+def r41_inputs(scale: int):
+    """An LR image (1, 3, 64/s, 96/s) and a 256² reference (the default --ref-size: no resize)."""
+    lr = 0.5 + formula((1, 3, 64 // scale, 96 // scale), 5, 0.4)
+    ref = 0.5 + formula((1, 3, 256, 256), 6, 0.4)
+    return lr, ref
+
+
+def sr_numbers(sr) -> dict:
+    """Sum and three pixels of an SR image (1, 3, 64, 96)."""
+    r = lambda x: round(float(x), 6)  # noqa: E731
+    return {"sum": r(sr.double().sum()), "px": [r(v) for v in sr[0, :, 21, 50]]}
+
+
 def golden_numbers(mu, logvar, res, logits) -> dict:
     r = lambda x: round(float(x), 6)  # noqa: E731
     return {
@@ -88,3 +105,73 @@ def test_golden_generator_and_discriminator():
     assert got.pop("residual_px") == pytest.approx(GOLDEN["residual_px"], abs=1e-5)
     want = {k: v for k, v in GOLDEN.items() if k != "residual_px"}
     assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
+
+
+# --encoder r41 and a released generator file. Produced by the released pipeline (test.py /
+# eval_8x.py: torch bicubic, the r41 encoder, VAE_v3) with the formula weights above in VAE_v3 and
+# in the r41 encoder, on `r41_inputs` (check_refvae_parity.py's `golden_r41`): SR at z = μ(R)
+# and at z = formula((1, 256), 3, 1), clamped to [0, 1].
+GOLDEN_R41 = {
+    4: {"mu": {"sum": 8455.227254, "px": [0.079082, 0.290354, 0.78338]},
+        "z": {"sum": 8455.223306, "px": [0.079082, 0.290354, 0.78338]}},
+    8: {"mu": {"sum": 8446.866565, "px": [0.684962, 0.654039, 0.101826]},
+        "z": {"sum": 8446.862989, "px": [0.684962, 0.654039, 0.101826]}},
+}  # fmt: skip
+TO_RELEASED = {"feat_enc.": "VAE_encoder.0.", "feat_dec.": "VAE_decoder.0.", "cond.": "dec_feat."}
+
+
+def released_layout(gen_sd: dict) -> dict:
+    """srspace generator weights under the released VAE_v3's key names, with its unused
+    BatchNorm1d `bn.`, as the released ConVAE_4x.pth / ConVAE_8x.pth hold them."""
+    out = {"bn.weight": torch.ones(256), "bn.running_var": torch.ones(256)}
+    for k, v in gen_sd.items():
+        head = next((a for a in TO_RELEASED if k.startswith(a)), "")
+        k = TO_RELEASED.get(head, "") + k[len(head) :]
+        out[k.replace(".body.0.", ".conv1.").replace(".body.2.", ".conv2.")] = v
+    return out
+
+
+@pytest.fixture
+def released_files(tmp_path, monkeypatch):
+    """A released generator file (formula weights) and vgg_r41.pth staged in $SRSPACE_WEIGHTS."""
+    net = build_model("refvae", {"scale": 8, "encoder": "r41", "pretrained": False})
+    gen = golden_weights({k: v.shape for k, v in net.gen.state_dict().items()})
+    torch.save(released_layout(gen), tmp_path / "ConVAE.pth")
+    enc = golden_weights({k: v.shape for k, v in net.encoder.state_dict().items()})
+    (tmp_path / "w").mkdir()
+    torch.save(enc, tmp_path / "w" / "vgg_r41.pth")
+    monkeypatch.setenv("SRSPACE_WEIGHTS", str(tmp_path / "w"))
+    monkeypatch.setenv("SRSPACE_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return tmp_path / "ConVAE.pth"
+
+
+@pytest.mark.parametrize("scale", [4, 8])
+def test_a_released_generator_file_samples_the_released_output(released_files, scale):
+    net, ck = load_model(released_files, model="refvae", scale=scale)
+    assert (ck["model_cfg"]["encoder"], ck["model_cfg"]["bicubic"]) == ("r41", "torch")
+    lr, ref = r41_inputs(scale)
+    got = {
+        "mu": sr_numbers(net.sample(lr, temperature=0, ref=[ref[0]])[:, 0]),
+        "z": sr_numbers(net.sample(lr, latent=formula((1, 256), 3, 1.0))[:, 0]),
+    }
+    for k, want in GOLDEN_R41[scale].items():
+        assert got[k]["sum"] == pytest.approx(want["sum"], rel=1e-5), k
+        assert got[k]["px"] == pytest.approx(want["px"], abs=1e-5), k
+
+
+def test_a_released_file_without_the_r41_weights_says_how_to_get_them(
+    released_files, tmp_path, capsys
+):
+    (tmp_path / "w" / "vgg_r41.pth").unlink()
+    lr = tmp_path / "lr.png"
+    iio.imwrite(lr, np.full((8, 12, 3), 128, np.uint8))
+    argv = ["--ckpt", released_files, "--model", "refvae", "--scale", "8", "--input", lr]
+    try:
+        code = sr_sample.main([str(a) for a in [*argv, "--out", tmp_path / "o"]])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 6 and len(err) == 1, err
+    assert err[0].startswith("sr_sample.py: error: weights 'vgg_r41' not found"), err
+    assert "vgg_r41.pth" in err[0] and "Holmes-Alan/RefVAE" in err[0], err

@@ -8,12 +8,14 @@ F_R into conditional features C_R that modulate the LR features, F = C_R·(1 + F
 an image decoder predicts the residual over the bicubic image. Other references, or other z, give
 other SR images. `temperature` scales the ε of z = μ + σ·ε and of the noise references.
 
-Encoder: the code's LinearStyleTransfer "r41" encoder (vgg_r41.pth) cannot be had offline, so this
-is torchvision VGG19 `features` up to relu4_1 with ImageNet input normalisation (docs/vae.md),
-weights from the manifest entry `vgg19`, loaded at the first step and kept in the state_dict (so
-sampling needs no weights file). Its features have another scale: the official checkpoints cannot
-be loaded. The same frozen network gives the content and style losses. Loss defaults: the paper's
-weights (Eq. 9) over the code's sum reductions; the code's other terms are options (docs/vae.md).
+Encoder (`encoder`): by default torchvision VGG19 `features` up to relu4_1 with ImageNet input
+normalisation and zero padding (manifest entry `vgg19`), which also gives the content and style
+losses; `r41` is the code's LinearStyleTransfer encoder (`R41Encoder`, manifest entry `vgg_r41`),
+the one the released generators were trained on, with VGG19 for the losses as in the code. The
+encoder's weights are loaded at the first step or sample and kept in the state_dict (so an
+srspace checkpoint samples without a weights file). A released generator state_dict loads as a raw
+state_dict (`raw_config`: encoder r41, torch bicubic). Loss defaults: the paper's weights (Eq. 9)
+over the code's sum reductions; the code's other terms are options (docs/vae.md).
 """
 
 from dataclasses import dataclass, replace
@@ -51,12 +53,18 @@ from sr_lib.models.losses import (
 )
 from sr_lib.models.vgg import VGG19_RELU, VGGFeatures
 from sr_lib.resize import imresize_torch
-from sr_lib.weights import resolve, torchvision_model
+from sr_lib.weights import load_state_dict, load_strict, resolve, torchvision_model
 
 VGG_CH = 512  # relu4_1 channels
 NOISE_MEAN, NOISE_STD = 0.249, 0.145  # moments of the code's uint8 U{0..127}/255 noise reference
 REF_SEED = 0x5EF  # training references of step t: default_rng([REF_SEED, t])
 CONTENT_DOWN = ("lr", "pyramid", "none")
+R41_MIN = 16  # px: the r41 encoder's reflection padding needs 2 positions at 1/8
+# Where vgg_r41.pth comes from (the manifest entry has no URL), for the missing-file message
+R41_SOURCE = (
+    "it is models/vgg_r41.pth of the released RefVAE code (Holmes-Alan/RefVAE, from "
+    "LinearStyleTransfer)"
+)
 
 
 @dataclass
@@ -71,6 +79,17 @@ class RefVAEConfig(ModelConfig):
     ref_size: int = option(256, "references are resized to this square (paper: 256)")
     ref_data: str = option("hr", "training references: hr (the HR patch, as the code) or a folder")
     pretrained: bool = option(True, "random frozen VGG19/AlexNet, no ImageNet weights (tests only)")
+    encoder: str = option(
+        "vgg19",
+        "frozen encoder: vgg19 (ImageNet VGG19, zero padding) or r41 (the released code's "
+        "vgg_r41.pth: 1x1 conv, reflection padding, no normalisation)",
+        choices=("vgg19", "r41"),
+    )
+    bicubic: str = option(
+        "matlab",
+        "bicubic of the skip, the Down and LR terms: matlab (imresize) or torch (the code)",
+        choices=("matlab", "torch"),
+    )
     lambda_content: float = option(1.0, "VGG relu4_1 L1 of Eq. 6 (code: 0.01)", range=WEIGHT)
     lambda_pixel: float = option(1.0, "pixel + Down L1 of Eq. 6 (code: 1)", range=WEIGHT)
     content_down: str = option(
@@ -173,6 +192,66 @@ class Generator(nn.Module):
         return conv_radius(self.cond) + staged_radius(self.decoder)
 
 
+class R41Encoder(nn.Module):
+    """The code's encoder (LinearStyleTransfer's `encoder4`, vgg_r41.pth): a 1×1 conv 3 -> 3, then
+    VGG19's 3×3 convs to relu4_1 with reflection padding; input in [0, 1], not normalised. The
+    parameter names are the file's (conv1 ... conv10), so vgg_r41.pth loads as it is."""
+
+    CHANNELS = (3, 64, 64, 128, 128, 256, 256, 256, 256, 512)  # conv2 ... conv10: in -> out
+    POOL_AFTER = (3, 5, 9)  # max-pool 2×2 after conv3, conv5, conv9 (relu1_2, relu2_2, relu3_4)
+
+    def __init__(self):
+        super().__init__()
+        # The same random weights every time (pretrained=False: tests), drawn from their own seed
+        # so building the model does not move the run's generator
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.conv1 = nn.Conv2d(3, 3, 1)
+            for i, (a, b) in enumerate(zip(self.CHANNELS, self.CHANNELS[1:]), 2):
+                setattr(self, f"conv{i}", nn.Conv2d(a, b, 3, padding=1, padding_mode="reflect"))
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [0, 1] -> relu4_1 (N, 512, H/8, W/8)."""
+        x = self.conv1(x)
+        for i in range(2, 11):
+            x = F.relu(getattr(self, f"conv{i}")(x))
+            if i in self.POOL_AFTER:
+                x = F.max_pool2d(x, 2)
+        return x
+
+
+def released_key(key: str) -> str:
+    """A released VAE_v3 / discriminator_v2 state_dict key -> srspace's RefVAE key (KeyError for
+    another)."""
+    gen = {"VAE_encoder.0.": "feat_enc.", "VAE_decoder.0.": "feat_dec.", "dec_feat.": "cond."}
+    gen |= {p: p for p in ("init_feat.", "mask.", "decoder.")}
+    for a, b in gen.items():
+        if key.startswith(a):  # ResnetBlock's conv1, conv2 are ResBlock's body.0, body.2
+            rest = key[len(a) :].replace(".conv1.", ".body.0.").replace(".conv2.", ".body.2.")
+            return "gen." + b + rest
+    disc = {"input_conv.": "0.0.", "conv1.": "1.0.", "conv2.": "2.0.", "conv3.": "3.0."}
+    disc["weight."] = "4."
+    for a, b in disc.items():
+        if key.startswith(a):
+            return "discriminator.layers." + b + key[len(a) :]
+    raise KeyError(key)
+
+
+def is_released(sd: dict) -> bool:
+    """A released generator (or discriminator) state_dict: the code's names, not srspace's."""
+    return any(k.startswith(("VAE_encoder.", "dec_feat.", "input_conv.")) for k in sd)
+
+
+def load_r41(encoder: R41Encoder) -> None:
+    """vgg_r41.pth (manifest entry `vgg_r41`) into `encoder` (one line if missing)."""
+    try:
+        file = resolve("vgg_r41")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; {R41_SOURCE}") from None
+    load_strict(encoder, load_state_dict(file), f"{file}: not the r41 encoder (vgg_r41.pth)")
+
+
 class Discriminator(nn.Module):
     """The code's discriminator_v2: one PatchGAN applied at 3 scales (weights shared, docs/vae.md).
 
@@ -244,17 +323,30 @@ class RefVAE(LatentSRModel):
         self.lr_multiple = 8 // cfg.scale  # bicubic(LR) must be a multiple of 8 (its decoder)
         taps = tuple(dict.fromkeys(("relu4_1", *self.style_layers)))
         self.vgg = VGGFeatures(taps, imagenet_norm=True, pretrained=False)  # see _load_weights
+        # r41: F_X and F_R from the code's encoder, VGG19 for the losses only (as the code)
+        self.encoder = R41Encoder() if cfg.encoder == "r41" else None
         # A reference goes through VGG19's max-pools down to its deepest tap: each halves it.
         need = 2 ** sum(isinstance(m, nn.MaxPool2d) for m in self.vgg.features)
+        if self.encoder is not None:  # its reflection padding needs 2 positions at relu4_1
+            need = max(need, R41_MIN)
+            self.min_lr_size = R41_MIN // cfg.scale  # bicubic(LR) of 16 px
         if cfg.ref_size < need:
             deepest = max(taps, key=VGG19_RELU.get)
+            why = (
+                "the r41 encoder's reflection padding needs 2 positions at 1/8"
+                if need == R41_MIN and self.encoder is not None
+                else f"the VGG19 encoder (to {deepest}) halves references "
+                f"{need.bit_length() - 1} times"
+            )
             raise UsageError(
-                f"{config_flag('ref_size', cfg.ref_size)}: the VGG19 encoder (to {deepest}) halves "
-                f"references {need.bit_length() - 1} times; use --ref-size {need} or more"
+                f"{config_flag('ref_size', cfg.ref_size)}: {why}; use --ref-size {need} or more"
             )
         # Max-pools before the deepest style tap: the style loss's std needs 2 positions there.
         self.style_pools = max(int(t[len("relu")]) - 1 for t in self.style_layers)  # reluB_C
         self.register_buffer("vgg_loaded", torch.tensor(False))  # True once ImageNet weights are in
+        if self.encoder is not None:  # (only then: the vgg19 encoder's checkpoints keep their keys)
+            self.register_buffer("encoder_loaded", torch.tensor(False))  # vgg_r41.pth is in
+        self._encoder_ready = False
         self.gen = Generator(cfg)
         if cfg.lambda_adv > 0 or cfg.lambda_fm > 0:
             self.discriminator = Discriminator(cfg.d_channels)
@@ -287,26 +379,71 @@ class RefVAE(LatentSRModel):
             super().recipe(scale), patch=256 // scale, steps=50_000, weight_decay=1e-4, gamma=0.1
         )
 
+    @classmethod
+    def raw_config(cls, state_dict: dict, scale: int) -> dict:
+        """A released generator state_dict (ConVAE_4x.pth, ConVAE_8x.pth: the code's key names)
+        was trained on the r41 encoder with torch bicubic; without discriminator keys, none is
+        built."""
+        cfg = super().raw_config(state_dict, scale)
+        if not is_released(state_dict):
+            return cfg  # our own key names: the default config
+        cfg |= dict(encoder="r41", bicubic="torch")
+        if not any(k.startswith("input_conv.") for k in state_dict):
+            cfg |= dict(lambda_adv=0.0, lambda_fm=0.0)
+        return cfg
+
+    def load_raw_state_dict(self, state_dict: dict, path="state_dict") -> None:
+        """Load a released VAE_v3 (and discriminator_v2) state_dict, keys mapped by
+        `released_key`, or one with our own key names, strictly; the frozen networks' weights
+        are not in a released file (they are loaded from the manifest on first use)."""
+        if not is_released(state_dict):
+            return super().load_raw_state_dict(state_dict, path)
+        if self.encoder is None:
+            raise CheckpointError(
+                f"{path}: a released RefVAE generator, trained on the r41 encoder's features: "
+                "use --encoder r41 (load_model / sr_sample.py choose it for such a file)"
+            )
+        sd = {}
+        for k, v in state_dict.items():
+            try:
+                sd[released_key(k)] = v
+            except KeyError:
+                if not k.startswith("bn."):  # (VAE_v3's BatchNorm1d is never used)
+                    sd[k] = v  # named as unexpected by load_strict
+        optional = ("vgg", "encoder") + (() if "discriminator.layers.0.0.weight" in sd else
+                                         ("discriminator.",))  # fmt: skip
+        load_strict(self, sd, f"{path}: not the released RefVAE VAE_v3 layout", optional=optional)
+
     def on_step(self, step: int, total: int) -> None:
         self._step = step  # picks the training references of --ref-data DIR
         # Before the step keeps the buffers it puts back if it is skipped as non-finite: its
         # vgg_loaded then stays True with the weights it describes.
-        self._load_weights()
+        self._load_weights(losses=True)
 
     def check_files(self, loaded: bool) -> None:
         if not loaded:
-            self._load_weights()  # the VGG19 encoder's (a checkpoint holds them)
+            self._load_weights(losses=True)  # the encoder's, VGG19's (a checkpoint holds them)
         if self.cfg.lambda_lpips > 0:
             self.lpips()  # the AlexNet trunk's
         if self.cfg.ref_data != "hr":
             self.reference_files()
 
-    def _load_weights(self) -> None:
-        """ImageNet VGG19 into the frozen encoder, once (CheckpointError with a staging hint).
+    def _load_weights(self, losses: bool = False) -> None:
+        """The frozen networks' weights, once (CheckpointError with a staging hint): the r41
+        encoder's, and ImageNet VGG19's when it is the encoder or `losses` (training) needs it.
 
-        Called by every forward: the buffer is read on the host only until it says True (a read
+        Called by every forward: a buffer is read on the host only until it says True (a read
         of a GPU tensor waits for the GPU's queue to drain), and again after a state_dict load."""
-        if not self.cfg.pretrained or self._vgg_ready:
+        if not self.cfg.pretrained:
+            return
+        if self.encoder is not None and not self._encoder_ready:
+            if not bool(self.encoder_loaded):
+                load_r41(self.encoder)
+                self.encoder_loaded.fill_(True)
+            self._encoder_ready = True
+        c = self.cfg
+        losses &= c.lambda_content > 0 or c.lambda_style > 0  # (sampling never needs them)
+        if self._vgg_ready or (self.encoder is not None and not losses):
             return
         if not bool(self.vgg_loaded):
             resolve("vgg19")  # fail before allocating the 548 MB model
@@ -317,7 +454,7 @@ class RefVAE(LatentSRModel):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._vgg_ready = False  # the loaded vgg_loaded is read again
+        self._vgg_ready = self._encoder_ready = False  # the loaded buffers are read again
 
     def lpips(self) -> nn.Module:
         """Frozen LPIPS v0.1 alex, spatial; AlexNet trunk from the manifest (random if not
@@ -361,7 +498,7 @@ class RefVAE(LatentSRModel):
     def encode_refs(self, refs) -> tuple[torch.Tensor, torch.Tensor]:
         """μ, log σ² (N, D) of N references ((N, 3, h, w) or a list of (3, h, w) in [0, 1]),
         one at a time, so a reference's latent never depends on what it is batched with."""
-        out = [self.gen.encode(self.vgg(resize_ref(r[None], self.cfg.ref_size))["relu4_1"])
+        out = [self.gen.encode(self.features(resize_ref(r[None], self.cfg.ref_size)))
                for r in refs]  # fmt: skip
         return torch.cat([m for m, _ in out]), torch.cat([v for _, v in out])
 
@@ -400,12 +537,22 @@ class RefVAE(LatentSRModel):
             return cond
         return {**cond, "ref": [self.encode_refs([x.to(like)]) for x in ref]}
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen encoder's relu4_1 (N, 512, H/8, W/8) of images in [0, 1]."""
+        return self.vgg(x)["relu4_1"] if self.encoder is None else self.encoder(x)
+
+    def bicubic(self, x: torch.Tensor, s: float) -> torch.Tensor:
+        """x resized by s: MATLAB bicubic (the NTIRE degradation) or, as the code, torch's."""
+        if self.cfg.bicubic == "torch":
+            return F.interpolate(x, scale_factor=s, mode="bicubic")
+        return imresize_torch(x, s)
+
     def prepare(self, lr: torch.Tensor) -> Prepared:
         """bicubic(LR), and the VGG features of it and their modulation F_μ, F_σ: the LR-only part
         of decoding, on the whole image."""
         self._load_weights()
-        up = imresize_torch(lr, self.scale)  # MATLAB bicubic; the code uses torch bicubic
-        f_mu, f_sigma = self.gen.modulation(self.vgg(up)["relu4_1"])  # (B, width, sH/8, sW/8)
+        up = self.bicubic(lr, self.scale)
+        f_mu, f_sigma = self.gen.modulation(self.features(up))  # (B, width, sH/8, sW/8)
         return Prepared(lr.shape[-2:], {"up": up, "f_mu": f_mu, "f_sigma": f_sigma})
 
     @property
@@ -426,22 +573,26 @@ class RefVAE(LatentSRModel):
     def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
         lr, hr = self.check_inputs(lr, hr)  # one line for a wrong input, not a conv's error
         c, s = self.cfg, self.scale
-        self._load_weights()
+        self._load_weights(losses=True)
         red = torch.sum if c.reduction == "sum" else torch.mean
         l1 = lambda a, b: red((a - b).abs())  # noqa: E731
-        up = imresize_torch(lr, s)  # (B, 3, sH, sW); the code: torch bicubic
+        if self.encoder is not None and min(hr.shape[-2:]) < R41_MIN:
+            raise patch_too_small("refvae: the r41 encoder", R41_MIN, hr)
+        up = self.bicubic(lr, s)  # (B, 3, sH, sW)
         ref = self.training_refs(hr)
         perceptual = c.lambda_content > 0 or c.lambda_style > 0
         with torch.no_grad():  # frozen encoder, constant inputs
-            f_x, f_ref = self.vgg(up)["relu4_1"], self.vgg(ref)
-            f_hr = f_ref if ref is hr else self.vgg(hr) if perceptual else None
-        mu, logvar = self.gen.encode(f_ref["relu4_1"])
+            f_x = self.features(up)
+            # VGG19's taps of the reference: F_R with the vgg19 encoder, else the style target
+            by_vgg = self.encoder is None or (c.lambda_style > 0 and c.style_target == "ref")
+            f_ref = self.vgg(ref) if by_vgg else None
+            f_hr = f_ref if ref is hr and by_vgg else self.vgg(hr) if perceptual else None
+            f_r = f_ref["relu4_1"] if self.encoder is None else self.encoder(ref)
+        mu, logvar = self.gen.encode(f_r)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)  # paper §3.2 reparameterisation
         sr = up + self.gen.decode(*self.gen.modulation(f_x), z)
         down = {"lr": (s,), "pyramid": (2, 4), "none": ()}[c.content_down]
-        pixel = l1(sr, hr) + sum(
-            l1(imresize_torch(sr, 1 / a), imresize_torch(hr, 1 / a)) for a in down
-        )
+        pixel = l1(sr, hr) + sum(l1(self.bicubic(sr, 1 / a), self.bicubic(hr, 1 / a)) for a in down)
         kl = red(standard_normal_kl(mu, logvar))  # Eq. 4, KL to N(0, I)
         parts = {"pixel": pixel, "kl": kl}
         weights = {"pixel": c.lambda_pixel, "kl": c.lambda_kl}
@@ -467,7 +618,7 @@ class RefVAE(LatentSRModel):
             parts["style"] = sum(l1(a, b) for x, y in stats for a, b in zip(x, y))  # Eq. 7
             weights["style"] = c.lambda_style
         if c.lambda_lr > 0:
-            parts["lr"], weights["lr"] = l1(imresize_torch(sr, 1 / s), lr), c.lambda_lr
+            parts["lr"], weights["lr"] = l1(self.bicubic(sr, 1 / s), lr), c.lambda_lr
         if c.lambda_lpips > 0:  # on [-1, 1]; patches under 32 px (tests) are padded for AlexNet
             pad = [0, max(0, 32 - sr.shape[-1]), 0, max(0, 32 - sr.shape[-2])]
             a, b = (F.pad(2 * x - 1, pad, mode="replicate") for x in (sr, hr))

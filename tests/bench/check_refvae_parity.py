@@ -5,7 +5,8 @@ The released code (Holmes-Alan/RefVAE, MIT) is never part of this repository: gi
 checkout. For ×4 (`VAE_v3_4x`) and ×8 (`VAE_v3_8x`), with `discriminator_v2`, this script builds
 the released networks with seeded random weights (no pretrained VGG or r41 encoder exists here:
 random on both sides; BatchNorm statistics and affine made non-trivial), maps their state_dicts
-onto srspace's `refvae` (`released_keys` below), converts both to float64 and compares:
+onto srspace's `refvae` (`sr_lib.models.refvae.released_key`), converts both to float64 and
+compares:
 
   encoder_r41     the released r41 encoder (`network.encoder4`) and srspace's VGG19 encoder with
                   the r41 weights folded in (its 1×1 input conv into the first conv, behind the
@@ -21,15 +22,20 @@ onto srspace's `refvae` (`released_keys` below), converts both to float64 and co
                   released expression) and srspace's `forward` with the released flags
                   (`RELEASED_FLAGS`), on one batch with the same ε: every term by sum, the total
                   without LPIPS (srspace's LPIPS net is not the `lpips` package's), and the
-                  discriminator loss with the same random labels. For this comparison only,
-                  srspace's bicubic is replaced by torch bicubic (deviation 2) and the released
-                  training uses the VGG19 encoder in place of r41 (deviation 1).
-  golden          the released networks with `tests/test_refvae_golden.py`'s formula weights on
-                  its formula inputs (the numbers that test pins)
+                  discriminator loss with the same random labels; srspace with --bicubic torch
+                  and the released training with the VGG19 encoder in place of r41 (deviation 1)
+  r41_*           --encoder r41: the encoder at every position (borders too), the same training
+                  step with the released r41 encoder on both sides (`r41_loss_*`), and sampling
+                  as test.py / eval_8x.py do (`r41_sample_*`: z = μ(R), and a given z)
+  released_file_* the released generator saved as a file, vgg_r41.pth staged in
+                  $SRSPACE_WEIGHTS, loaded by load_model(path, model="refvae", scale=s): its samples
+  golden          the released networks (`golden.r41`: the released sampling pipeline) with
+                  `tests/test_refvae_golden.py`'s formula weights on its formula inputs (the
+                  numbers that test pins)
 
 Tolerance: max |difference| / max |released| <= 1e-9 (float64). Prints one line per case on
 stderr and one JSON object on stdout; exit status 0 only if every checked quantity agrees.
-CPU only; ~1 min on 2 cores. The released code imports unchanged under torch 2.14; only its
+CPU only; ~3 min on 2 cores. The released code imports unchanged under torch 2.14; only its
 `Vgg19_feat`, which asks torchvision for ImageNet weights, is built with random ones here.
 
     python tests/bench/check_refvae_parity.py --released RefVAE/ [--scales 4 8]
@@ -47,10 +53,19 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run from anywhere without install
 sys.path.insert(0, str(ROOT / "tests"))
-from test_refvae_golden import golden_inputs, golden_numbers, golden_weights  # noqa: E402
+from test_refvae_golden import (  # noqa: E402
+    formula,
+    golden_inputs,
+    golden_numbers,
+    golden_weights,
+    r41_inputs,
+    sr_numbers,
+)
 
 from sr_lib.errors import UsageError, exit_on_error  # noqa: E402
-from sr_lib.models import build_model  # noqa: E402
+from sr_lib.models import build_model, load_model  # noqa: E402
+from sr_lib.models.refvae import released_key  # noqa: E402
+from sr_lib.weights import load_strict  # noqa: E402
 
 REL_TOL = 1e-9
 # srspace flags that select the released training recipe (docs/vae.md), LPIPS off (see above)
@@ -58,25 +73,10 @@ RELEASED_FLAGS = dict(
     pretrained=False, lambda_content=0.01, content_down="pyramid", lambda_lr=100,
     style_target="hr", style_layers="relu1_1,relu2_1,relu3_1,relu4_1", lambda_tv=0,
     adv_loss="l1", lambda_fm=0.01, lambda_lpips=0, lambda_style=10, lambda_kl=1, lambda_adv=1,
+    bicubic="torch",
 )  # fmt: skip
 R41_CONVS = ["conv2", "conv3", "conv4", "conv5", "conv6", "conv7", "conv8", "conv9", "conv10"]
 VGG_CONVS = [0, 2, 5, 7, 10, 12, 14, 16, 19]  # torchvision vgg19.features indices to relu4_1
-
-
-def released_keys(key: str) -> str:
-    """A released VAE_v3 / discriminator_v2 state_dict key -> srspace's RefVAE key."""
-    gen = {"VAE_encoder.0.": "feat_enc.", "VAE_decoder.0.": "feat_dec.", "dec_feat.": "cond."}
-    gen |= {p: p for p in ("init_feat.", "mask.", "decoder.")}
-    for a, b in gen.items():
-        if key.startswith(a):  # ResnetBlock's conv1, conv2 are ResBlock's body.0, body.2
-            rest = key[len(a) :].replace(".conv1.", ".body.0.").replace(".conv2.", ".body.2.")
-            return "gen." + b + rest
-    disc = {"input_conv.": "0.0.", "conv1.": "1.0.", "conv2.": "2.0.", "conv3.": "3.0."}
-    disc["weight."] = "4."
-    for a, b in disc.items():
-        if key.startswith(a):
-            return "discriminator.layers." + b + key[len(a) :]
-    raise KeyError(key)
 
 
 class Diffs:
@@ -149,7 +149,7 @@ def run_scale(rel_code, scale: int, seed: int) -> dict:
         net.double()
 
     ours = build_model("refvae", {"scale": scale, **RELEASED_FLAGS, "ref_size": 64}).double()
-    sd = {released_keys(k): v for k, v in {**G.state_dict(), **D.state_dict()}.items()
+    sd = {released_key(k): v for k, v in {**G.state_dict(), **D.state_dict()}.items()
           if not k.startswith("bn.")}  # fmt: skip  # VAE_v3's BatchNorm1d is never used
     missing, unexpected = ours.load_state_dict(sd, strict=False)
     left = [k for k in missing if not k.startswith("vgg")]
@@ -203,14 +203,89 @@ def run_scale(rel_code, scale: int, seed: int) -> dict:
         d.rel("disc_feats", feat_r, torch.cat(feats_o, dim=1))
 
     loss_step(d, G, D, vgg_feat, ours, lr, hr, seed)
+
+    # --encoder r41: the released encoder at every position (borders too), the released training
+    # step with its own encoder, and sampling end to end
+    ours41 = build_model("refvae", {"scale": scale, **RELEASED_FLAGS, "ref_size": 64,
+                                    "encoder": "r41"}).double()  # fmt: skip
+    load_strict(ours41, {**ours.state_dict(), **{"encoder." + k: v for k, v in
+                                                 enc.state_dict().items()}}, "r41",
+                optional=("encoder_loaded",))  # fmt: skip
+    x2 = torch.rand(1, 3, 88, 120, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        for name, xi in (("128x128", x), ("88x120", x2)):
+            d.rel(f"r41_encoder_{name}", enc(xi)["r41"], ours41.encoder(xi))
+    loss_step(d, G, D, vgg_feat, ours41, lr, hr, seed, r41=enc, tag="r41_loss")
+    G.eval(), ours41.eval()
+    ref = torch.rand(1, 3, 64, 64, generator=g, dtype=torch.float64)  # = ref_size: no resize
+    z = torch.randn(1, 256, generator=g, dtype=torch.float64)
+    sample_r41(d, G, enc, ours41, scale, lr[:1], ref, z, "r41")
+    released_file(d, G, enc, scale, g)
     golden = golden_released(G, D)
+    golden["r41"] = golden_r41(G, enc, scale)
     return {"ok": d.ok, "diffs": d.rows, "golden": golden}
 
 
-def loss_step(d, G, D, vgg_feat, ours, lr, hr, seed):
-    """main_GAN.py's generator and discriminator losses (its expressions, the encoder replaced by
-    the VGG19 one, LPIPS left out) against srspace's `forward` / `discriminator_loss`."""
-    import sr_lib.models.refvae as refvae
+def sample_r41(d, G, enc, ours, scale, lr, ref, z, tag):
+    """The released test.py / eval_8x.py pipeline (torch bicubic, r41 features of bicubic(LR) and
+    of the reference, VAE_v3 with z = μ(R), then with a given z) against `sample` at temperature 0
+    and `sample(latent=z)` (outputs clamped to [0, 1], as the released scripts save them)."""
+    with torch.no_grad():
+        mu, _ = G.encode(enc(ref)["r41"])
+        f_x = enc(F.interpolate(lr, scale_factor=scale, mode="bicubic"))["r41"]
+        d.rel(f"{tag}_sample_mu", G(lr, f_x, z_q=mu).clamp(0, 1),
+              ours.sample(lr, n=1, temperature=0, ref=[ref[0]])[:, 0])  # fmt: skip
+        d.rel(f"{tag}_sample_z", G(lr, f_x, z_q=z).clamp(0, 1), ours.sample(lr, latent=z)[:, 0])
+
+
+def released_file(d, G, enc, scale, g):
+    """The released generator state_dict saved as a file (float32, with its unused `bn.` keys)
+    and vgg_r41.pth staged in $SRSPACE_WEIGHTS: load_model(path, model="refvae", scale=s) must
+    sample the released output (float64 from the same float32 weights on both sides)."""
+    import copy
+    import os
+    import tempfile
+
+    G32 = {k: v.float() for k, v in G.state_dict().items()}
+    E32 = {k: v.float() for k, v in enc.state_dict().items()}
+    G64, enc64 = copy.deepcopy(G), copy.deepcopy(enc)
+    G64.load_state_dict(G32), enc64.load_state_dict(E32)
+    env = {k: os.environ.get(k) for k in ("SRSPACE_WEIGHTS", "SRSPACE_OFFLINE")}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(G32, f"{tmp}/ConVAE_{scale}x.pth")
+        torch.save(E32, f"{tmp}/vgg_r41.pth")
+        os.environ.update(SRSPACE_WEIGHTS=tmp, SRSPACE_OFFLINE="1")
+        try:
+            net, _ = load_model(f"{tmp}/ConVAE_{scale}x.pth", model="refvae", scale=scale)
+            net.double()
+            lr = torch.rand(1, 3, 64 // scale, 96 // scale, generator=g, dtype=torch.float64)
+            ref = torch.rand(1, 3, 256, 256, generator=g, dtype=torch.float64)
+            z = torch.randn(1, 256, generator=g, dtype=torch.float64)
+            sample_r41(d, G64, enc64, net, scale, lr, ref, z, "released_file")
+        finally:
+            for k, v in env.items():
+                os.environ.pop(k) if v is None else os.environ.update({k: v})
+
+
+def golden_r41(G, enc, scale) -> dict:
+    """The released pipeline (float32) with the golden formula weights (`golden_released` loaded
+    them into G), formula weights in the r41 encoder, on `r41_inputs`: the numbers
+    tests/test_refvae_golden.py pins for a released file loaded by load_model."""
+    enc = enc.float().eval()
+    enc.load_state_dict(golden_weights({k: v.shape for k, v in enc.state_dict().items()}))
+    lr, ref = r41_inputs(scale)
+    z = formula((1, 256), 3, 1.0)
+    with torch.no_grad():
+        mu, _ = G.encode(enc(ref)["r41"])
+        f_x = enc(F.interpolate(lr, scale_factor=scale, mode="bicubic"))["r41"]
+        return {"mu": sr_numbers(G(lr, f_x, z_q=mu).clamp(0, 1)),
+                "z": sr_numbers(G(lr, f_x, z_q=z).clamp(0, 1))}  # fmt: skip
+
+
+def loss_step(d, G, D, vgg_feat, ours, lr, hr, seed, r41=None, tag="loss"):
+    """main_GAN.py's generator and discriminator losses (its expressions, LPIPS left out; the
+    encoder the released r41 one if `r41` is given, else the VGG19 one) against srspace's
+    `forward` / `discriminator_loss`."""
 
     def bicubic(x, s):
         return F.interpolate(x, scale_factor=s, mode="bicubic")
@@ -220,7 +295,7 @@ def loss_step(d, G, D, vgg_feat, ours, lr, hr, seed):
     s = ours.scale
     torch.manual_seed(seed + 2)  # the reparameterisation's ε: the first draw on both sides
     bic = bicubic(lr, s)
-    enc = lambda x: vgg_feat.feat_extract(x)[3]  # noqa: E731
+    enc = (lambda x: r41(x)["r41"]) if r41 else (lambda x: vgg_feat.feat_extract(x)[3])  # noqa: E731
     predict, KL = G(lr, enc(bic), enc(hr))
     terms = {
         "lr": l1(bicubic(predict, 1 / s), lr),
@@ -236,17 +311,12 @@ def loss_step(d, G, D, vgg_feat, ours, lr, hr, seed):
     weights = {"lr": 100, "pixel": 1, "fm": 0.01, "adv": 1, "content": 0.01, "style": 10, "kl": 1}
     total = sum(weights[k] * v for k, v in terms.items())
 
-    imresize = refvae.imresize_torch
-    refvae.imresize_torch = bicubic  # deviation 2, for this comparison only
-    try:
-        torch.manual_seed(seed + 2)
-        out = ours(lr, hr)
-    finally:
-        refvae.imresize_torch = imresize
-    d.rel("loss_sr", predict, out["sr"])
+    torch.manual_seed(seed + 2)
+    out = ours(lr, hr)
+    d.rel(f"{tag}_sr", predict, out["sr"])
     for k, v in terms.items():
-        d.rel(f"loss_{k}", v, out[k])
-    d.rel("loss_total", total, out["loss"])
+        d.rel(f"{tag}_{k}", v, out[k])
+    d.rel(f"{tag}_total", total, out["loss"])
 
     torch.manual_seed(seed + 3)
     u = torch.rand(2)  # what discriminator_loss draws next: float32, its labels too
@@ -255,14 +325,14 @@ def loss_step(d, G, D, vgg_feat, ours, lr, hr, seed):
     _, real_prob = D(hr)
     released = l1(real_prob, torch.ones_like(real_prob) * hi) + l1(fake_prob, lo + 0 * fake_prob)
     torch.manual_seed(seed + 3)
-    d.rel("loss_discriminator", released / 2, ours.discriminator_loss(lr, hr, out)["loss"])
+    d.rel(f"{tag}_discriminator", released / 2, ours.discriminator_loss(lr, hr, out)["loss"])
 
 
 def golden_released(G, D) -> dict:
     """The released networks with the golden test's formula weights, on its inputs."""
     G, D = G.float().eval(), D.float().eval()
     for net in (G, D):
-        keys = {k: released_keys(k) for k in net.state_dict() if not k.startswith("bn.")}
+        keys = {k: released_key(k) for k in net.state_dict() if not k.startswith("bn.")}
         w = golden_weights({keys[k]: v.shape for k, v in net.state_dict().items() if k in keys})
         net.load_state_dict({k: w[keys[k]] for k in keys}, strict=False)
     f_ref, f_x, z, img = golden_inputs()
