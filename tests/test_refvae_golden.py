@@ -18,8 +18,10 @@ import pytest
 import torch
 
 import sr_sample
+import sr_train
+from sr_lib.errors import UsageError
 from sr_lib.models import build_model, load_model
-from sr_lib.models.refvae import Discriminator, Generator, RefVAEConfig
+from sr_lib.models.refvae import Discriminator, Generator, RefVAEConfig, released_key
 
 
 def formula(shape, k: int, amplitude: float) -> torch.Tensor:
@@ -175,3 +177,69 @@ def test_a_released_file_without_the_r41_weights_says_how_to_get_them(
     assert code == 6 and len(err) == 1, err
     assert err[0].startswith("sr_sample.py: error: weights 'vgg_r41' not found"), err
     assert "vgg_r41.pth" in err[0] and "Holmes-Alan/RefVAE" in err[0], err
+
+
+def test_train_with_the_r41_encoder_init_from_a_released_file_and_sample(released_files, tmp_path):
+    """`--encoder r41` trains (its weights from vgg_r41.pth, kept in the checkpoint, so sampling
+    needs no weights file), and `--init-from` starts a run from a released generator file."""
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    for i in range(2):
+        iio.imwrite(
+            hr / f"{i}.png", np.random.default_rng(i).integers(0, 256, (40, 40, 3), np.uint8)
+        )
+    losses_off = ["--lambda-content", "0", "--lambda-style", "0", "--lambda-lpips", "0"]
+    run = [
+        "--model",
+        "refvae",
+        "--scale",
+        "8",
+        "--encoder",
+        "r41",
+        *losses_off,
+        "--data",
+        hr,
+        "--patch",
+        "2",
+        "--batch",
+        "2",
+        "--workers",
+        "0",
+        "--val-every",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    tiny = ["--width", "16", "--cond-channels", "4", "--latent-grid", "2", "--z-dim", "8",
+            "--mask-blocks", "1", "--ref-size", "16", "--d-channels", "4"]  # fmt: skip
+    assert (
+        sr_train.main([str(a) for a in [*run, *tiny, "--steps", 2, "--out", tmp_path / "a"]]) == 0
+    )
+    fine_tune = [*run, "--bicubic", "torch", "--init-from", released_files, "--steps", 1]
+    assert sr_train.main([str(a) for a in [*fine_tune, "--out", tmp_path / "b"]]) == 0
+    started, _ = load_model(tmp_path / "b" / "last.pt")
+    released = torch.load(released_files, weights_only=True)
+    ours = started.state_dict()
+    mapped = {released_key(k): v for k, v in released.items() if not k.startswith("bn.")}
+    assert mapped.keys() <= ours.keys()
+    # one Adam step (learning rate 1e-4) from the file's weights, not from a fresh start (the
+    # BatchNorm statistics moved by the step's batch aside)
+    mapped = {k: v for k, v in mapped.items() if k.endswith(("weight", "bias"))}
+    assert all(torch.allclose(ours[k], v, atol=1e-3) for k, v in mapped.items())
+    (tmp_path / "w" / "vgg_r41.pth").unlink()  # the trained run's checkpoint holds the encoder
+    sample = ["--ckpt", tmp_path / "a" / "last.pt", "--input", hr / "0.png", "--n", 2]
+    assert sr_sample.main([str(a) for a in [*sample, "--out", tmp_path / "o"]]) == 0
+    assert len(list((tmp_path / "o").glob("0_sample*.png"))) == 2
+
+
+def test_inputs_too_small_for_the_r41_encoder_are_one_line():
+    with pytest.raises(UsageError, match=r"--ref-size 8 .*reflection padding.*--ref-size 16"):
+        build_model("refvae", {"scale": 8, "encoder": "r41", "ref_size": 8, "pretrained": False})
+    net = build_model("refvae", {"scale": 8, "encoder": "r41", "pretrained": False, "width": 16,
+                                 "cond_channels": 4, "latent_grid": 2, "z_dim": 8,
+                                 "mask_blocks": 1, "ref_size": 16, "d_channels": 4})  # fmt: skip
+    hr = torch.rand(2, 3, 8, 8)
+    with pytest.raises(UsageError, match="the r41 encoder needs HR patches of at least 16 px"):
+        net.train()(torch.rand(2, 3, 1, 1), hr)
+    with pytest.raises(ValueError, match="2x2"):  # bicubic(LR) under 16 px at x8
+        net.sample(torch.rand(1, 3, 1, 1), n=1)
