@@ -281,6 +281,9 @@ def test_a_signal_to_the_group_while_two_ranks_compile_the_first_step_stops_both
     assert not (out / "last.pt").exists()
 
 
+GUARDS_ON_3130 = "sr_train.py: warning: Guards may run slower on Python 3.13.0."
+
+
 def stopped_while_compiling(cmd: list[str], flag: Path) -> int:
     """Runs `cmd` (sr_train.py ... --out OUT) in its own process group, sends the group SIGTERM
     once its compiler runs (`flag` exists), checks the run stopped cleanly; the step saved."""
@@ -300,7 +303,10 @@ def stopped_while_compiling(cmd: list[str], flag: Path) -> int:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 75 and not stderr, stderr.decode()[-2000:]
+    # torch's note on Python 3.13.0 (dynamo's guards run slower there), one warning line once a
+    # step's guards are built: the user's to act on, no part of the stop, and no other version.
+    errs = [e for e in stderr.decode().splitlines() if not e.startswith(GUARDS_ON_3130)]
+    assert proc.returncode == 75 and not errs, stderr.decode()[-2000:]
     step = load_checkpoint(out / "last.pt")["step"]
     assert stdout.decode().splitlines()[-1] == (
         f"SIGTERM: stopped at step {step}, wrote {out / 'last.pt'}; continue with --resume auto"
