@@ -366,10 +366,13 @@ def _may_orient(kind: bytes, start: bytes) -> bool:
 def _read_png16(path: Path) -> np.ndarray:
     """Any 16-bit PNG as uint16 (H, W, planes), raw samples (tRNS and sBIT are not applied),
     turned upright by its EXIF orientation as Pillow reads it (pypng ignores it)."""
-    w, h, rows, info = png.Reader(filename=str(path)).read()  # raises on truncated data
+    # From bytes read once: a Reader given the file's name opens it and never closes it (a
+    # ResourceWarning for each image under `python -W default` or -X dev)
+    raw = path.read_bytes()
+    w, h, rows, info = png.Reader(bytes=raw).read()  # raises on truncated data
     flat = np.concatenate([np.frombuffer(row, dtype=np.uint16) for row in rows])  # array('H')
     arr = flat.reshape(h, w, info["planes"])
-    if not any(_may_orient(k, c) for k, c in _png_chunks(path.read_bytes())):
+    if not any(_may_orient(k, c) for k, c in _png_chunks(raw)):
         return arr  # Pillow would decode the whole image to look for an eXIf chunk after IDAT
     with Image.open(path) as im:
         return _upright(arr, im.getexif().get(0x0112, 1))  # 0x0112: Orientation

@@ -3,6 +3,7 @@
 Every image is generated here and written to tmp_path; nothing is downloaded.
 """
 
+import gc
 import json
 import os
 import re
@@ -122,6 +123,21 @@ def test_16bit_rgb_and_gray_round_to_8bit(tmp_path):
     with pytest.warns(UserWarning, match="rgba16.png: alpha"):
         write_png16(tmp_path / "rgba16.png", np.concatenate([rgb, ramp[..., None]], axis=-1))
         assert np.array_equal(read_image(tmp_path / "rgba16.png"), out)
+
+
+def test_16bit_pngs_are_read_without_leaving_their_files_open(tmp_path):
+    """pypng's Reader, given a file's name, left the file open for the garbage collector: one
+    ResourceWarning per 16-bit PNG read (under -W default or -X dev), also for a truncated one."""
+    rgb = np.arange(48, dtype=np.uint16).reshape(4, 4, 3) * 1000
+    write_png16(tmp_path / "rgb16.png", rgb)
+    (tmp_path / "cut16.png").write_bytes((tmp_path / "rgb16.png").read_bytes()[:-30])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert np.array_equal(read_image(tmp_path / "rgb16.png"), np.round(rgb / 257))
+        with pytest.raises(DataError, match="cut16.png"):
+            read_image(tmp_path / "cut16.png")
+        gc.collect()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
 
 
 def write_tiff(path, arr, planar=False, orientation=1, **tags):
