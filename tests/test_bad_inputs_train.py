@@ -271,6 +271,7 @@ CASES = {  # id: (flags, exit code, words of the message)
         {
             **TINY_REFVAE,
             "--patch": "4",
+            "--lambda-style": "0",  # (the style loss's own 16 px would be said first)
         },
         2,
         "refvae: the discriminator needs HR patches of at least 16 px, not 8x8: use a larger "
