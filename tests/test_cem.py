@@ -74,6 +74,27 @@ def test_added_component_lies_in_the_range_of_h_transpose():
         assert abs((added * n).sum().item()) < 1e-12
 
 
+@pytest.mark.parametrize("scale, hr", [(4, (8, 12)), (3, (7, 10)), (8, (9, 17)), (2, (5, 3))])
+def test_output_is_the_brute_force_closest_consistent_image(scale, hr):
+    """x̂ solves min ‖x̂ − x‖² s.t. H x̂ = y, solved here as a dense KKT system with H read off
+    imresize applied to every unit image (not from resize_matrix); HR sizes that are not a
+    multiple of the scale included (the last LR pixel then sees 1 to s − 1 HR pixels)."""
+    n = hr[0] * hr[1]
+    h = down(torch.eye(n, dtype=torch.float64).reshape(n, 1, *hr), scale).reshape(n, -1).T
+    m = h.shape[0]
+    g = torch.Generator().manual_seed(7)
+    x, y = (
+        torch.rand(n, generator=g, dtype=torch.float64),
+        torch.rand(m, generator=g, dtype=torch.float64),
+    )
+    kkt = torch.zeros(n + m, n + m, dtype=torch.float64)
+    kkt[:n, :n], kkt[:n, n:], kkt[n:, :n] = torch.eye(n), h.T, h
+    best = torch.linalg.solve(kkt, torch.cat([x, y]))[:n]
+    lr_shape = down(torch.zeros(1, 1, *hr), scale).shape
+    out = cem(x.reshape(1, 1, *hr), y.reshape(lr_shape), scale).reshape(-1)
+    assert (out - best).abs().max() <= 1e-12
+
+
 @pytest.mark.parametrize("scale, h, w", [(2, 2, 3), (3, 2, 2)])
 def test_gradcheck_in_x_and_lr(scale, h, w):
     x, lr = (t.requires_grad_(True) for t in pair(scale, h, w, b=1, dtype=torch.float64))
