@@ -225,8 +225,10 @@ def test_the_loader_pins_and_copies_to_the_device_only_on_cuda(tmp_path, monkeyp
 # sr_train.py whose --compile backend runs a compiler process, as inductor runs g++ in the step
 COMPILING = """import os, signal, subprocess, sys, torch, sr_train
 def backend(gm, inputs):  # a child in the script's process group, as g++ is
+    compiler = subprocess.Popen(["sleep", "60"])  # running (exec'd) before the test may signal
     open(os.environ["COMPILING"], "w").close()
-    subprocess.run(["sleep", "60"], check=True)
+    if compiler.wait():
+        raise subprocess.CalledProcessError(compiler.returncode, "sleep")
     return gm.forward
 sr_train.compile_blocker = lambda device: None  # (no g++ needed)
 sr_train.compile_model = lambda model, forward: torch.compile(forward, backend=backend)
@@ -320,8 +322,10 @@ COMPILING_IN_VALIDATION = """import os, subprocess, sys, sr_train
 validating = []
 def backend(gm, inputs):
     if validating:  # a child in the script's process group, as g++ is
+        compiler = subprocess.Popen(["sleep", "60"])  # (as above)
         open(os.environ["COMPILING"], "w").close()
-        subprocess.run(["sleep", "60"], check=True)
+        if compiler.wait():
+            raise subprocess.CalledProcessError(compiler.returncode, "sleep")
     return gm.forward
 def validate(*args):
     validating.append(1)
