@@ -75,12 +75,14 @@ problem, 7 output cannot be written, 75 stopped by SIGTERM/SIGUSR1/SIGHUP, 130 C
 
 import collections
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
 import re
 import signal
+import stat
 import sys
 import time
 from argparse import ArgumentTypeError
@@ -914,7 +916,19 @@ class Outputs:
         return names
 
     def complete(self, folder: Path, name: str) -> bool:
-        return all((folder / f).is_file() for f in self.all(name))
+        """Every file there as this script writes it: a regular file, not a symbolic link (one to
+        an input image passed for a sample, and the image was never sampled)."""
+        return all(is_regular_file(folder / f) for f in self.all(name))
+
+
+def is_regular_file(path: Path) -> bool:
+    """A regular file, the link itself not followed (one lstat, as is_file's one stat)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError as e:  # the errors Path.is_file takes for "no"; others (EACCES) propagate
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP):
+            return False
+        raise
 
 
 class TooSmall(DataError):

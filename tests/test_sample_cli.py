@@ -302,6 +302,24 @@ def test_out_in_the_input_folder_does_not_sample_its_samples(tmp_path, toy_ckpt,
     assert len(err) == 1 and "the --input folder" in err[0] and pngs(one) == ["a.png"]
 
 
+def test_an_output_that_links_to_an_input_is_not_a_sample(tmp_path, toy_ckpt, capsys):
+    """A sample file that is a symbolic link (to the input image, say) was taken for a sample:
+    the image was "complete, skipped" and never sampled. It is sampled now (the rename replaces
+    the link, not the image it points at)."""
+    inp = folder(tmp_path / "in", a=image((8, 8), 1))
+    before = (inp / "a.png").read_bytes()
+    out = tmp_path / "o"
+    out.mkdir()
+    for i in range(2):
+        (out / f"a_sample{i:05d}.png").symlink_to(inp / "a.png")
+    assert run("--ckpt", toy_ckpt, "--input", inp, "--n", 2, "--out", out) == 0
+    assert "complete, skipped" not in capsys.readouterr().out
+    for i in range(2):
+        sample = out / f"a_sample{i:05d}.png"
+        assert not sample.is_symlink() and read(sample).shape == (16, 16, 3)
+    assert (inp / "a.png").read_bytes() == before
+
+
 def test_one_ntire_output_per_image_is_refused_in_the_input_folder(tmp_path, bicubic_ckpt, capsys):
     """A deterministic model's --layout ntire --n 1 output, 000000.png, in the --input folder was
     written, and became an input of the rerun that a preempted job makes, which then stopped
