@@ -218,6 +218,20 @@ def released_trunk_depth(sd: dict) -> int:
     return 1 + max((int(m[1]) for k in sd if (m := re.match(pattern, k))), default=-1)
 
 
+def released_rrdb(state_dict: dict) -> tuple[str, dict, str | None] | None:
+    """A released RRDBNet file as (its layout, its state_dict under our key names, the global
+    skip the layout tells or None where it does not: ESRGAN's new layout names its keys as
+    SRFlow's ×4); None for srspace's own key names."""
+    layout = rrdb_layout(state_dict)
+    if layout is None:
+        return None
+    nb = released_trunk_depth(state_dict)
+    sd = {from_released_rrdb(k, nb): v for k, v in state_dict.items()}
+    # a ×8 file is SRFlow's (ESRGAN released none); the old and BasicSR layouts are ESRGAN's
+    told = "srflow" if "upconv3.weight" in sd else None if layout == "plain" else "esrgan"
+    return layout, sd, told
+
+
 def load_official_rrdb(model_or_net: nn.Module, path: str | os.PathLike) -> None:
     """Load an official SRFlow `RRDB_*.pth` (a plain RRDBNet state_dict), or the network of an
     srspace `rrdb` checkpoint (our own L1 pre-training, the step the official configs start
@@ -283,16 +297,14 @@ class RRDB(RegressionSR):
         SRFlow's too, so there `global_skip` (sr_sample.py --global-skip) must say which. One the
         keys contradict, or none where they do not tell, is a one-line CheckpointError."""
         cfg = super().raw_config(state_dict, scale)
-        layout = rrdb_layout(state_dict)
-        if layout is None:  # srspace's own key names (or none we know: the strict load says)
+        released = released_rrdb(state_dict)
+        if released is None:  # srspace's own key names (or none we know: the strict load says)
             return cfg | ({"global_skip": global_skip} if global_skip else {})
-        nb = released_trunk_depth(state_dict)
-        sd = {from_released_rrdb(k, nb): v for k, v in state_dict.items()}
-        cfg["nb"] = nb
+        layout, sd, told = released
+        cfg["nb"] = released_trunk_depth(state_dict)
         with contextlib.suppress(KeyError):  # (a missing key: load_raw_state_dict names it)
             cfg["nf"] = sd["conv_first.weight"].shape[0]
             cfg["gc"] = sd["RRDB_trunk.0.RDB1.conv1.weight"].shape[0]
-        told = "srflow" if "upconv3.weight" in sd else None if layout == "plain" else "esrgan"
         if told and global_skip and global_skip != told:
             raise CheckpointError(
                 f"holds {DESCRIBE[layout]}, whose global skip is {told}, not --global-skip "
@@ -310,11 +322,10 @@ class RRDB(RegressionSR):
     def load_raw_state_dict(self, state_dict: dict, path="state_dict") -> None:
         """Load a released RRDBNet file (ESRGAN's old or new layout, BasicSR's, SRFlow's
         RRDB_*.pth) or one with our own key names, strictly."""
-        layout = rrdb_layout(state_dict)
-        if layout is None:
+        released = released_rrdb(state_dict)
+        if released is None:
             return super().load_raw_state_dict(state_dict, path)
-        nb = released_trunk_depth(state_dict)
-        sd = {from_released_rrdb(k, nb): v for k, v in state_dict.items()}
+        layout, sd, told = released
         first = sd.get("conv_first.weight")
         if first is not None and first.shape[1] != 3:
             raise CheckpointError(
@@ -324,7 +335,6 @@ class RRDB(RegressionSR):
         ups = sum(f"upconv{i}.weight" in sd for i in (1, 2, 3))
         if ups != self.net.n_up:
             raise CheckpointError(f"{path}: holds a ×{2**ups} RRDBNet, not ×{self.scale}")
-        told = "srflow" if ups == 3 else None if layout == "plain" else "esrgan"
         if told and told != self.cfg.global_skip:  # (--init-from: the run's --global-skip)
             raise CheckpointError(f"{path}: holds {DESCRIBE[layout]}: give --global-skip {told}")
         c = self.cfg
