@@ -284,14 +284,14 @@ def main(argv=None) -> int:
 
 def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib.ExitStack,
           stop: dict) -> int:  # fmt: skip
-    out, ckpt_path, resumed, cfg, recipe = resolve_run(args, rest, given)
+    out, ckpt_path, resumed, cfg, named, recipe = resolve_run(args, rest, given)
     dd, device = setup_process(args, cleanup)
     check_same_run(args, cfg, resumed, dd)
     if "sync_check_every" in given and not dd.on:  # (known once the processes have met)
         warnings.warn("--sync-check-every: no effect in one process (it compares the replicas "
                       "of several); ignored", stacklevel=2)  # fmt: skip
     say = say_out if dd.main else (lambda text: None)
-    model, optimizers, scaler = build_training(args, rest, cfg, recipe, resumed, device, say)
+    model, optimizers, scaler = build_training(args, cfg, named, recipe, resumed, device, say)
     run_log = cleanup.enter_context(  # rank 0
         open_run_folder(out, args.tensorboard, dd, resumed["step"] if resumed else None)
     )
@@ -482,7 +482,8 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
 
 
 def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
-    """(run folder, checkpoint path, resumed checkpoint or None, model config, recipe).
+    """(run folder, checkpoint path, resumed checkpoint or None, model config, the model
+    flags typed (`named`), recipe).
 
     A resumed run takes its model from the checkpoint (`args.model` is set) and its config; model
     flags repeated by a requeued job must agree with it. Its run flags that are not `given` take
@@ -555,7 +556,7 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
             f"--steps {recipe.steps}: {ckpt_path} is at step {resumed['step']} already; give "
             f"--steps {resumed['step']} or more to continue it"
         )
-    return out, ckpt_path, resumed, cfg, recipe
+    return out, ckpt_path, resumed, cfg, named, recipe
 
 
 def warn_unused(model_cls, cfg, named: set[str]) -> None:
@@ -1024,7 +1025,7 @@ def validation_pairs(args: TrainArgs, dd, say, dataset: PatchPairs | None = None
     return pairs
 
 
-def build_training(args: TrainArgs, rest: list[str], cfg: dict, recipe: Recipe, resumed, device,
+def build_training(args: TrainArgs, cfg: dict, named: set[str], recipe: Recipe, resumed, device,
                    say):  # fmt: skip
     """The model (with --init-from's weights for a new run), its optimizers and the fp16 loss
     scaler (None otherwise); built first, so that a bad model flag or --init-from fails before
@@ -1050,7 +1051,7 @@ def build_training(args: TrainArgs, rest: list[str], cfg: dict, recipe: Recipe, 
         warnings.warn(f"--d-learning-rate: no effect, this {args.model} model has no "
                       "discriminator; ignored", stacklevel=2)  # fmt: skip
     if args.init_from and resumed is None:
-        say(init_weights(model, args, rest, cfg))
+        say(init_weights(model, args, cfg, named))
     elif args.init_from:  # a requeued fine-tuning job repeats it: its run has moved on since
         say(f"--init-from {args.init_from}: not used, the run goes on from its checkpoint")
     # The files its first step reads (--rrdb-init, a loss network's weights): a missing one is
@@ -1079,7 +1080,7 @@ def bigger_flags(name: str, cfg: dict) -> str:
     return ", ".join(f"--{f.name.replace('_', '-')} {cfg[f.name]}" for f in big)
 
 
-def init_weights(model, args: TrainArgs, rest: list[str], cfg: dict) -> str:
+def init_weights(model, args: TrainArgs, cfg: dict, named: set[str]) -> str:
     """--init-from: the weights of another run (its averaged ones if it has them, --ema), or a
     raw state_dict; returns the line that says which. A run of another model or scale, or one
     whose model flags give other shapes, is one line naming the flag and what differs, not a list
@@ -1100,8 +1101,7 @@ def init_weights(model, args: TrainArgs, rest: list[str], cfg: dict) -> str:
         # What its keys tell (--nb, variant); where they do not tell rrdb's global skip (ESRGAN's
         # and SRFlow's files share a layout), the run's --global-skip says it, if typed: its
         # default would start an ESRGAN file with SRFlow's skip, other images, without a word.
-        typed = given_fields(model.Config, rest, f"{PROG} --model {args.model}")
-        extra = {"global_skip": model.cfg.global_skip} if "global_skip" in typed else {}
+        extra = {"global_skip": model.cfg.global_skip} if "global_skip" in named else {}
         try:
             held = MODELS[args.model].raw_config(sd, args.scale, **extra)
         except CheckpointError as e:  # (raw_config has no path to name)
