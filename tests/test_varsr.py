@@ -124,6 +124,29 @@ def test_wgan_gp_loss_and_phases(make_batch):
     assert model(lambda_adv=0.0).discriminator is None
 
 
+def test_the_critic_loss_is_eq8_by_hand_in_float64(make_batch):
+    """Eq. 8, E[D(ŷ)] − E[D(y)] + δ·E[(‖∇D(x̂)‖₂ − 1)²] with δ = 10 and x̂ uniform on the line
+    between each real and generated pair, computed here independently for a model in float64
+    (it used to stop with a dtype error: the penalty cast its inputs to float32 always)."""
+    net = model(lambda_per=0.0).double().train()  # (the frozen VGG19 stays float32)
+    net.set_adversarial(True)
+    lr, hr = (t.double() for t in make_batch(4))
+    out = net(lr, hr)
+    torch.manual_seed(5)
+    d = net.discriminator_loss(lr, hr, out)
+    torch.manual_seed(5)  # the same draw of the line positions
+    real, fake = 2 * hr - 1, 2 * out["sr"].detach() - 1  # the critic reads [-1, 1]
+    t = torch.rand(len(hr), 1, 1, 1).double()
+    x = (t * real + (1 - t) * fake).requires_grad_(True)
+    (grad,) = torch.autograd.grad(net.discriminator(x).sum(), x)
+    penalty = ((grad.flatten(1).square().sum(1).sqrt() - 1) ** 2).mean()
+    crit = net.discriminator
+    want = crit(fake).mean() - crit(real).mean() + 10 * penalty
+    assert d["loss"].dtype == torch.float64
+    assert d["loss"].item() == pytest.approx(want.item(), rel=1e-12)
+    assert d["gp"].item() == pytest.approx(penalty.item(), rel=1e-12)
+
+
 def test_recipe():
     r = build_model("varsr", CFG).recipe(8)
     assert r.betas == (0.9, 0.99) and r.learning_rate == 1e-4

@@ -161,11 +161,13 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) 
     Under float16 autocast it is computed in float32: its backward differentiates the critic
     twice, and the second derivative of an instance norm grows as 1/σ³ of a channel's spread,
     past float16's 65504 for near-flat channels at any loss scale (VarSR's critic: every
-    critic step non-finite from a few dozen steps on). bfloat16 has float32's range."""
+    critic step non-finite from a few dozen steps on). bfloat16 has float32's range. A model in
+    float64 keeps float64: a float32 x̂ would not match its critic's weights."""
     device = real.device.type
     half = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+    dtype = torch.promote_types(real.dtype, torch.float32)  # float32, or float64 as given
     with torch.autocast(device, enabled=False) if half else contextlib.nullcontext():
         t = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
-        x = (t * real.float() + (1 - t) * fake.float()).requires_grad_(True)
+        x = (t * real.to(dtype) + (1 - t) * fake.to(dtype)).requires_grad_(True)
         (grad,) = torch.autograd.grad(critic(x).sum(), x, create_graph=True)
         return (grad.flatten(1).norm(dim=1) - 1).square().mean()
