@@ -16,6 +16,7 @@ import sr_train
 from sr_lib.models import build_model
 from sr_lib.models.base import NoiseSource
 from sr_lib.models.losses import gaussian_kl, gradient_penalty
+from sr_lib.resize import imresize_torch
 
 CFG = {**TINY["varsr"], "scale": 4}
 
@@ -44,6 +45,36 @@ def test_kl_matches_the_direct_formula_and_monte_carlo():
     logn = lambda z, m, lv: (-0.5 * (lv + (z - m) ** 2 / lv.exp() + math.log(2 * math.pi))).sum(-1)  # noqa: E731
     mc = (logn(z, mu_q[0], lv_q[0]) - logn(z, mu_p[0], lv_p[0])).mean()
     assert abs(mc.item() - kl[0].item()) < 0.03 * max(1.0, kl[0].item())
+
+
+def test_the_loss_is_eq9_of_eq6_and_eq7_by_hand(make_batch):
+    """Eq. 9 = 1·Eq. 6 + λ_KL·Eq. 7 (no perceptual or adversarial term here), computed
+    independently in float64: Eq. 6 the squared error on [-1, 1] with z ~ q(z | I_H) =
+    N(μ_H, σ_H), Eq. 7 KL(q(z | I_H) ‖ p(z | I_L)) by torch.distributions, summed over D and
+    averaged over the batch. Both encoders learn from the KL, E_L from nothing else."""
+    net = model(lambda_per=0.0, lambda_adv=0.0, lambda_kl=0.02).double().train()
+    lr, hr = (t.double() for t in make_batch(4, b=3, h=6, w=5))
+    torch.manual_seed(7)
+    out = net(lr, hr)
+    torch.manual_seed(7)  # the same ε
+    up = imresize_torch(lr, 4)
+    mu_h, lv_h = net.enc_hr(2 * hr - 1)
+    mu_l, lv_l = net.enc_lr(2 * up - 1)
+    z = mu_h + lv_h.exp().sqrt() * torch.randn_like(mu_h)  # from the HR encoder (Eq. 6)
+    sr = up + 0.5 * net.gen(2 * lr - 1, z)
+    pixel = ((2 * hr - 1) - (2 * sr - 1)).square().mean()
+    q = torch.distributions.Normal(mu_h, lv_h.exp().sqrt())
+    p = torch.distributions.Normal(mu_l, lv_l.exp().sqrt())
+    kl = torch.distributions.kl_divergence(q, p).sum(-1).mean()
+    assert out["pixel"].item() == pytest.approx(pixel.item(), rel=1e-12)
+    assert out["kl"].item() == pytest.approx(kl.item(), rel=1e-12)
+    assert out["loss"].item() == pytest.approx((pixel + 0.02 * kl).item(), rel=1e-12)
+    enc_l, enc_h = list(net.enc_lr.parameters()), list(net.enc_hr.parameters())
+    got = torch.autograd.grad(out["loss"], enc_l)
+    want = torch.autograd.grad(0.02 * kl, enc_l + enc_h)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-14)
+    assert all(w.abs().sum() > 0 for w in want)  # the KL trains E_L and E_H
 
 
 def test_latents_temperature_and_noise():
