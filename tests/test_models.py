@@ -486,6 +486,43 @@ def test_le_aux_sends_no_gradient_to_mu():
     assert torch.allclose(sigma.grad, -0.01 * torch.sign(target - sigma) / mu.numel())
 
 
+def test_le_model_loss_and_gradients_are_eq8_eq9_eq10_by_hand():
+    """A float64 EDSR trained with ℓ_E, checked value by value: its loss is Eq. 8 (σ := the
+    masked |ŷ − μ|, one z per pixel, mean) + β·Eq. 10 (the σ branch against ŷ − μ, μ detached);
+    ∂/∂μ_i is Eq. 9's −sign(r_i)·|sign(r_i) − z_i|/N on kept pixels and −sign(r_i)/N on masked
+    ones; the σ branch learns from Eq. 10 only."""
+    net = build_model("edsr", {**CASES["edsr_le"][1], "scale": 2}).double()
+    g = torch.Generator().manual_seed(4)
+    lr, hr = (
+        torch.rand(2, 3, 5, 4, generator=g).double(),
+        torch.rand(2, 3, 10, 8, generator=g).double(),
+    )
+    torch.manual_seed(3)
+    out = net(lr, hr)
+    torch.manual_seed(3)  # the same z
+    mu, fea = net.predict(lr)
+    sigma = net.sigma(fea)
+    z = torch.randn_like(mu)
+    n = mu.numel()
+    r = (hr - mu).detach().flatten().tolist()
+    s, zz = sigma.detach().flatten().tolist(), z.flatten().tolist()
+    mean = sum(abs(v) for v in r) / n
+    kept = [abs(v) >= mean for v in r]
+    le = sum(abs(v - (abs(v) if k else 0.0) * w) for v, k, w in zip(r, kept, zz)) / n
+    aux = 0.01 * sum(abs(v - t) for v, t in zip(r, s)) / n
+    assert out["le"].item() == pytest.approx(le, rel=1e-12)
+    assert out["sigma_aux"].item() == pytest.approx(aux, rel=1e-12)
+    assert out["loss"].item() == pytest.approx(le + aux, rel=1e-12)
+    (d_mu,) = torch.autograd.grad(out["le"], out["sr"], retain_graph=True)
+    sign = [(v > 0) - (v < 0) for v in r]
+    eq9 = [-(q * abs(q - w) if k else q) / n for q, k, w in zip(sign, kept, zz)]
+    assert d_mu.flatten().tolist() == pytest.approx(eq9, rel=1e-12, abs=1e-15)
+    branch = list(net.sigma.parameters())
+    assert all(d is None for d in torch.autograd.grad(out["le"], branch, allow_unused=True))
+    (d_mu_aux,) = torch.autograd.grad(out["sigma_aux"], out["sr"], allow_unused=True)
+    assert d_mu_aux is None  # μ detached in Eq. 10
+
+
 @pytest.mark.parametrize(
     "name, mu_only", [("edsr", ("tail.",)), ("rrdb", ("net.upconv", "net.HRconv", "net.conv_last"))]
 )
