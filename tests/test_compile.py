@@ -115,10 +115,10 @@ def test_other_models_compile_their_whole_forward(name, extra, monkeypatch):
     numpy) come from a dict that the graph reads as constants once an eager call made them, as
     sr_train's initialisation does before compiling; through an lru_cache dynamo traced the
     numpy instead and broke the graph at every resize. The loss networks kept out of state_dict
-    (VarSR's and VSpSR's VGG, RefVAE's LPIPS) are moved only when on another device: torch
-    2.11's dynamo broke the graph at a `.to()` that moved nothing. Equal to float32 rounding, not
-    bit for bit: torch 2.11's dynamo traces `add_(x, alpha=w)` (the resize's taps) as a multiply
-    and an add, which eager fuses (1 ulp)."""
+    (VarSR's and VSpSR's VGG, RefVAE's LPIPS) are moved only when on another device or dtype:
+    torch 2.11's dynamo broke the graph at a `.to()` that moved nothing. Equal to float32
+    rounding, not bit for bit: torch 2.11's dynamo traces `add_(x, alpha=w)` (the resize's taps)
+    as a multiply and an add, which eager fuses (1 ulp)."""
     monkeypatch.setattr(vspsr, "VGGFeatures", functools.partial(VGGFeatures, pretrained=False))
     torch.manual_seed(0)
     model = build_model(name, {**TINY[name], **extra, "scale": 4}).train()
@@ -138,7 +138,7 @@ def test_other_models_compile_their_whole_forward(name, extra, monkeypatch):
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
 
-def test_loss_networks_move_only_when_on_another_device(monkeypatch):
+def test_loss_networks_move_only_when_on_another_device_or_dtype(monkeypatch):
     net = torch.nn.Conv2d(3, 3, 1)
     moves = []
 
@@ -147,9 +147,12 @@ def test_loss_networks_move_only_when_on_another_device(monkeypatch):
         return torch.nn.Module.to(net, *args, **kwargs)
 
     monkeypatch.setattr(net, "to", to)
-    assert on_device(net, torch.device("cpu")) is net and not moves
-    assert on_device(net, "meta") is net and moves == [("meta",)] and net.weight.is_meta
-    assert isinstance(on_device(torch.nn.ReLU(), "meta"), torch.nn.ReLU)  # nothing to move
+    cpu64, meta64 = torch.zeros((), dtype=torch.float64), torch.zeros((), device="meta").double()
+    assert on_device(net, torch.zeros(())) is net and not moves
+    assert on_device(net, cpu64) is net and net.weight.dtype == torch.float64
+    assert on_device(net, meta64) is net and net.weight.is_meta
+    assert moves == [(torch.device("cpu"), torch.float64), (torch.device("meta"), torch.float64)]
+    assert isinstance(on_device(torch.nn.ReLU(), meta64), torch.nn.ReLU)  # nothing to move
 
 
 def test_sr_train_compile_amp_and_ema_together(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """The model contract (docs/design.md) for every registered model; EDSR, RRDB and ℓ_E specifics."""
 
 import copy
+import functools
 import math
 from dataclasses import fields
 from typing import Literal, get_origin
@@ -12,10 +13,11 @@ import torch.nn.functional as F
 from conftest import CASES, TINY
 
 from sr_lib.errors import CheckpointError, UsageError
-from sr_lib.models import MODELS, build_model
+from sr_lib.models import MODELS, build_model, vspsr
 from sr_lib.models.base import LatentSRModel, NoiseSource, Recipe, SRModel
 from sr_lib.models.losses import hard_sample_mask, le_loss
 from sr_lib.models.rrdb import RRDBNet, load_official_rrdb
+from sr_lib.models.vgg import VGGFeatures
 
 
 def test_every_model_has_a_tiny_config():
@@ -73,6 +75,48 @@ def test_forward_under_cpu_bf16_autocast_gives_finite_loss_and_grads(case, make_
     grads = [p.grad for p in model.generator_parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+# Every loss that runs a frozen network kept out of state_dict (VGG19, LPIPS's AlexNet) or held
+# as a submodule (RefVAE's VGG19), and every discriminator, switched on; the parts it reports.
+LOSS_NETS_ON: dict[str, tuple[dict, set[str]]] = {
+    "vspsr": (dict(lambda_per=0.01, per_layer="relu1_2", lambda_adv=0.01), {"per", "adv"}),
+    "refvae": (dict(lambda_lpips=0.1, lambda_fm=0.01), {"content", "style", "lpips", "adv", "fm"}),
+    "varsr": (dict(lambda_per=0.006, per_layer="relu1_2", lambda_adv=0.001), {"per", "adv"}),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_model_in_float64_trains_and_samples_in_float64(name, make_batch, monkeypatch):
+    """model.double() (a float64 gradient check, tests/bench's parity scripts): the frozen loss
+    networks, built on first use and kept out of state_dict, stayed float32 and the forward of
+    VSpSR and VarSR (VGG19) and RefVAE (LPIPS) stopped with a conv dtype error."""
+    monkeypatch.setattr(vspsr, "VGGFeatures", functools.partial(VGGFeatures, pretrained=False))
+    extra, parts = LOSS_NETS_ON.get(name, ({}, set()))
+    model = build_model(name, {**TINY[name], **extra}).train()
+    model.on_step(99, 100)  # VarSR: the adversarial phase, its critic on
+    lr, hr = make_batch(4)
+    keys = list(model.state_dict())
+    model.double()  # before the loss networks are built (on first use)
+    for dtype in (torch.float64, torch.float32, torch.float64):  # then converted both ways
+        out = model.to(dtype)(lr.to(dtype), hr.to(dtype))
+        assert parts <= set(out)  # each loss network ran
+        assert all(v.dtype == dtype for v in out.values())
+    lr, hr = lr.double(), hr.double()
+    if out["loss"].requires_grad:  # (bicubic: nothing to train)
+        out["loss"].backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(g.dtype == torch.float64 and g.isfinite().all() for g in grads)
+    if model.discriminator is not None:
+        d = model.discriminator_loss(lr, hr, out)["loss"]
+        assert d.dtype == torch.float64 and d.requires_grad
+        d.backward()
+    sr = model.sample(lr, n=2, temperature=0.8)
+    assert sr.shape == (2, 2, 3, 32, 32) and sr.dtype == torch.float64
+    assert all(
+        v.dtype == torch.float64 for v in model.state_dict().values() if v.is_floating_point()
+    )
+    assert list(model.state_dict()) == keys  # the loss networks stay out of checkpoints
 
 
 @pytest.mark.parametrize(

@@ -143,14 +143,16 @@ def frozen_call(module: nn.Module, *inputs: torch.Tensor):
     return torch.func.functional_call(module, params, inputs)
 
 
-def on_device(module: nn.Module, device: torch.device) -> nn.Module:
-    """A frozen loss network kept out of state_dict (VGG, LPIPS), moved to `device` only when it
+def on_device(module: nn.Module, like: torch.Tensor) -> nn.Module:
+    """A frozen loss network kept out of state_dict (VGG, LPIPS), moved to the device and dtype of
+    `like` (a tensor of the model, `model_tensor`: `model.double()` does not reach it) only when it
     is elsewhere. Inside a compiled forward, torch 2.11's dynamo traces a `.to()` that moves
-    nothing into Module._apply, whose Parameter constructor breaks the graph at every step."""
+    nothing into Module._apply, whose Parameter constructor breaks the graph at every step. Under
+    autocast the model's weights, and so the network's, stay float32."""
     # Its first tensor's device, by a loop: next(it, None) breaks the graph in torch 2.6's dynamo
     for t in itertools.chain(module.parameters(), module.buffers()):
-        if t.device != torch.device(device):
-            module.to(device)
+        if t.device != like.device or t.dtype != like.dtype:
+            module.to(like.device, like.dtype)
         break
     return module
 

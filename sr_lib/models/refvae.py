@@ -38,6 +38,7 @@ from sr_lib.models.base import (
     Recipe,
     conv_radius,
     halo,
+    model_tensor,
     option,
     scale_window,
     staged_radius,
@@ -468,7 +469,7 @@ class RefVAE(LatentSRModel):
                     raise CheckpointError(f"{e}; or train without the LPIPS loss: "
                                           "--lambda-lpips 0") from None  # fmt: skip
             self._lpips.append(net.eval().requires_grad_(False))
-        return on_device(self._lpips[0], self.vgg_loaded.device)
+        return on_device(self._lpips[0], model_tensor(self))
 
     def training_refs(self, hr: torch.Tensor) -> torch.Tensor:
         """(B, 3, r, r) references of this step: the HR patch, or images of --ref-data DIR drawn

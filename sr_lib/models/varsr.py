@@ -24,6 +24,7 @@ from sr_lib.models.base import (
     Recipe,
     conv_radius,
     halo,
+    model_tensor,
     option,
     staged_radius,
 )
@@ -241,7 +242,7 @@ class VarSR(LatentSRModel):
         loss = c.lambda_pixel * pixel + c.lambda_kl * kl
         parts = {}
         if c.lambda_per > 0:
-            per = on_device(self.perceptual_loss(), sr.device)(sr, hr)
+            per = on_device(self.perceptual_loss(), model_tensor(self))(sr, hr)
             loss = loss + c.lambda_per * per
             parts["per"] = per.detach()
         if self._adv_on:

@@ -20,7 +20,16 @@ from torch import nn
 
 from sr_lib.cem import cem
 from sr_lib.errors import CheckpointError
-from sr_lib.models.base import WEIGHT, ModelConfig, Prepared, Recipe, SRModel, conv_radius, halo
+from sr_lib.models.base import (
+    WEIGHT,
+    ModelConfig,
+    Prepared,
+    Recipe,
+    SRModel,
+    conv_radius,
+    halo,
+    model_tensor,
+)
 from sr_lib.models.blocks import conv3x3
 from sr_lib.models.losses import (
     VGGLoss,
@@ -357,7 +366,7 @@ class VSpSR(SRModel):
             loss = loss + c.lambda_adv * adv
             parts["adv"] = adv.detach()
         if c.lambda_per > 0:
-            per = on_device(self.perceptual_loss(), sr.device)(sr, hr)
+            per = on_device(self.perceptual_loss(), model_tensor(self))(sr, hr)
             loss = loss + c.lambda_per * per
             parts["per"] = per.detach()
         sigma = std.detach() if c.stochastic_w else torch.zeros_like(mu)  # ω = μ: σ unused
