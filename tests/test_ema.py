@@ -231,3 +231,20 @@ def test_bad_decay_is_a_usage_error(tmp_path, images, capsys, decay):
         run(tmp_path, images, *TINY, "--steps", "1", "--ema", decay)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "--ema" in err
+
+
+def test_the_average_shares_the_frozen_loss_networks():
+    """VarSR's VGG19 (built at start by sr_train's file checks, before the average) and RefVAE's
+    LPIPS are kept out of state_dict; the average used to deepcopy them, one more VGG19 (20M
+    parameters at relu5_4) held for nothing."""
+    from conftest import TINY as MODELS_TINY
+
+    for name, cfg in [("varsr", {**MODELS_TINY["varsr"], "lambda_per": 1.0}),
+                      ("refvae", {**MODELS_TINY["refvae"], "lambda_lpips": 1.0})]:  # fmt: skip
+        model = build_model(name, {**cfg, "scale": 4})
+        frozen = model.perceptual_loss() if name == "varsr" else model.lpips()
+        ema = EMA(model, 0.9)
+        copy = ema.module.perceptual_loss() if name == "varsr" else ema.module.lpips()
+        assert copy is frozen, name
+        assert same(ema.module.state_dict(), model.state_dict())  # the rest is a copy
+        assert all(a is not b for a, b in zip(ema.module.parameters(), model.parameters()))
