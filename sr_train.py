@@ -49,6 +49,7 @@ from sr_lib.config import (
 )
 from sr_lib.data import (
     PatchPairs,
+    SharedMemoryFull,
     StopRequested,
     WorkersHung,
     available_cores,
@@ -392,10 +393,12 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         except StopRequested:  # (one process) a signal while the loader gave no batch
             stopped = stop["signal"]  # as after the step: save the steps done, exit 75
             break
-        except (DataError, OutputError) as e:  # an image and its --cache file deleted mid-run
+        except (DataError, OutputError, SharedMemoryFull) as e:  # an image and its --cache
+            # file deleted mid-run; a full /dev/shm
             if dd.on or step == start:  # (the other ranks wait in a collective: no save; no
                 raise  # step done: nothing to save, e.g. an empty --ref-data found at step 1)
-            stopped, lost_image = "data", e  # save the steps done, then exit 3 (7: disk full)
+            stopped, lost_image = "data", e  # save the steps done, then exit 3 (7: disk full;
+            # 4: /dev/shm full)
             break
         # (GradScaler.get_scale() would wait for the device: its tensor instead)
         bad_steps.count(ok, step, scaler._get_scale_async() if scaler is not None else None)

@@ -36,7 +36,15 @@ import torch
 from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from sr_lib.errors import DataError, NodeWarning, OutputError, Resumable, SRSpaceError, UsageError
+from sr_lib.errors import (
+    DataError,
+    NodeWarning,
+    OutOfMemory,
+    OutputError,
+    Resumable,
+    SRSpaceError,
+    UsageError,
+)
 from sr_lib.resize import imresize
 from sr_lib.threads import finish, new_pool, result, signals_held, submit, thread_map
 
@@ -1113,9 +1121,18 @@ class _Uint8Steps(Dataset):
 
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor] | SRSpaceError:
         try:
-            return tuple(torch.from_numpy(a) for a in self.pairs.crops(step))
+            batch = tuple(torch.from_numpy(a) for a in self.pairs.crops(step))
         except (DataError, OutputError) as e:  # torch would add the worker's traceback to it
             return e  # raised by _floats in the main process, as it is
+        if torch.utils.data.get_worker_info() is not None:
+            try:  # here, not in the queue's feeder thread, which prints a full /dev/shm's error
+                for t in batch:  # and drops the batch: the run waited for it until WorkersHung
+                    t.share_memory_()
+            except RuntimeError as e:
+                if "shared memory" not in str(e) and "No space left" not in str(e):
+                    raise
+                return SharedMemoryFull(shared_memory_full(sum(t.nbytes for t in batch)))
+        return batch
 
 
 class _FloatLoader(DataLoader):
@@ -1203,6 +1220,25 @@ LOADER_SLICE = 2.0
 class StopRequested(Exception):
     """The run's stop request (a signal: the message is its name), seen while the training
     loader's workers gave no batch (they are stopped): the loop stops as after the step."""
+
+
+class SharedMemoryFull(OutOfMemory):
+    """A loader worker could not hand a batch to the main process: /dev/shm is full."""
+
+
+def shared_memory_full(nbytes: int) -> str:
+    """What to do where /dev/shm cannot take a batch of `nbytes` (a container's is 64 MB)."""
+    try:
+        st = os.statvfs("/dev/shm")
+        mb = st.f_frsize / 2**20
+        free = f"{st.f_bavail * mb:.0f} MB free of {st.f_blocks * mb:.0f} MB"
+    except OSError:
+        free = "its size unknown"
+    return (
+        f"the data loader's workers cannot hand over a batch of {nbytes / 2**20:.1f} MB: shared "
+        f"memory (/dev/shm, {free}) is full; give the container more (docker run --shm-size "
+        "1g), or use --workers 0, or a smaller --batch or --patch"
+    )
 
 
 class WorkersHung(Resumable):

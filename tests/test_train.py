@@ -597,6 +597,40 @@ def test_a_bug_in_the_loop_with_loader_workers_exits_with_its_traceback(tmp_path
     assert "RuntimeError: a bug in a training step" in stderr.decode()
 
 
+def test_a_full_dev_shm_saves_the_steps_done_and_says_so_in_one_line(tmp_path, images):
+    """A loader worker hands a batch to the main process through /dev/shm (a container's is 64
+    MB by default). Full, the queue's feeder thread printed torch's traceback and dropped the
+    batch: the run waited for it until LOADER_TIMEOUT (10 min), then stopped as hung, exit 75,
+    and requeued the job to meet the same wall again. Here a worker's third batch finds /dev/shm
+    full (torch's own error, from the one call that allocates it)."""
+    full = ("import sys, torch, sr_lib.data, sr_train\n"
+            "sr_lib.data.LOADER_TIMEOUT = 5.0\n"  # (the old wait, shortened)
+            "share, calls = torch.UntypedStorage._share_fd_cpu_, []\n"
+            "def shm(self, *a, **k):\n"
+            "    calls.append(not self.is_shared())  # (a shared one is passed on, no copy)\n"
+            "    if calls[-1] and sum(calls) > 4:  # two tensors a batch: the third batch\n"
+            "        raise RuntimeError('unable to allocate shared memory(shm) for file '\n"
+            "                           '</torch_1_2_3>: No space left on device (28)')\n"
+            "    return share(self, *a, **k)\n"
+            "torch.UntypedStorage._share_fd_cpu_ = shm\n"
+            "sys.exit(sr_train.main(sys.argv[1:]))")  # fmt: skip
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-c", full, "--model", "edsr", "--n-feats", "8", "--n-blocks", "1",
+           "--data", str(images), "--scale", "2", "--patch", "8", "--batch", "2", "--workers", "1",
+           "--val-every", "0", "--steps", "6", "--no-requeue", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 4, done.stderr
+    assert done.stderr.splitlines() == [
+        "sr_train.py: error: step 3: the data loader's workers cannot hand over a batch of 0.0 "
+        "MB: shared memory (/dev/shm, "
+        + done.stderr.split("(/dev/shm, ")[1].split(")")[0]
+        + ") is full; give the container more (docker run --shm-size 1g), or use --workers 0, "
+        f"or a smaller --batch or --patch; {out / 'last.pt'} holds step 2: continue with "
+        "--resume auto and that fixed"
+    ]
+    assert load_checkpoint(out / "last.pt")["step"] == 2
+
+
 def test_le_sigma_final_fraction_freezes_mu_in_the_last_steps(tmp_path, images):
     tiny = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--loss", "le",
             "--le-sigma-feats", "8", "--learning-rate", "1e-3"]  # fmt: skip
