@@ -51,6 +51,7 @@ from sr_lib.data import (
     PatchPairs,
     SharedMemoryFull,
     StopRequested,
+    WorkerDied,
     WorkersHung,
     available_cores,
     check_out_dir,
@@ -393,12 +394,12 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         except StopRequested:  # (one process) a signal while the loader gave no batch
             stopped = stop["signal"]  # as after the step: save the steps done, exit 75
             break
-        except (DataError, OutputError, SharedMemoryFull) as e:  # an image and its --cache
-            # file deleted mid-run; a full /dev/shm
+        except (DataError, OutputError, SharedMemoryFull, WorkerDied) as e:  # an image and its
+            # --cache file deleted mid-run; a full /dev/shm; a loader worker killed
             if dd.on or step == start:  # (the other ranks wait in a collective: no save; no
                 raise  # step done: nothing to save, e.g. an empty --ref-data found at step 1)
             stopped, lost_image = "data", e  # save the steps done, then exit 3 (7: disk full;
-            # 4: /dev/shm full)
+            # 4: /dev/shm full, a worker killed)
             break
         # (GradScaler.get_scale() would wait for the device: its tensor instead)
         bad_steps.count(ok, step, scaler._get_scale_async() if scaler is not None else None)

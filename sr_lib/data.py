@@ -1150,6 +1150,13 @@ class _FloatLoader(DataLoader):
         batches = super().__iter__()  # not a generator: workers start now (once: they persist)
         if self.num_workers > 0 and self._stop is None:
             self._stop = weakref.finalize(self, _stop_workers, batches)
+        if getattr(batches, "_worker_pids_set", False):
+            # Off torch's SIGCHLD watch, whose handler raises where the main thread happens to
+            # be (in a backward, an optimiser step, a save) when a worker dies: a traceback,
+            # and the steps since the last save lost. `_next` finds the death instead, within
+            # LOADER_SLICE, between steps.
+            torch.utils.data._utils.signal_handling._remove_worker_pids(id(batches))
+            batches._worker_pids_set = False
         return self._floats(batches)
 
     def close(self) -> None:
@@ -1184,6 +1191,9 @@ class _FloatLoader(DataLoader):
                 return next(batches)
             except RuntimeError as e:  # (torch's own, for `timeout`)
                 if not str(e).startswith("DataLoader timed out"):
+                    dead = [w for w in batches._workers if w.exitcode not in (None, 0)]
+                    if dead:  # torch's "worker (pid(s) ...) exited unexpectedly"
+                        raise WorkerDied(worker_died(dead[0])) from None
                     raise
             why = self.stop_request() if self.stop_request is not None else None
             if why or time.monotonic() - start >= self.hung_after:
@@ -1238,6 +1248,27 @@ def shared_memory_full(nbytes: int) -> str:
         f"the data loader's workers cannot hand over a batch of {nbytes / 2**20:.1f} MB: shared "
         f"memory (/dev/shm, {free}) is full; give the container more (docker run --shm-size "
         "1g), or use --workers 0, or a smaller --batch or --patch"
+    )
+
+
+class WorkerDied(OutOfMemory):
+    """A training loader's worker died: killed, most likely by the kernel's out-of-memory
+    killer (the workers ignore the stop signals)."""
+
+
+def worker_died(worker) -> str:
+    """What to say about a loader worker that died (a multiprocessing.Process)."""
+    code = worker.exitcode
+    if code < 0:
+        how = f"was killed by {signal.Signals(-code).name}"
+        if -code == signal.SIGKILL:
+            how += " (most likely by the kernel's out-of-memory killer: dmesg says)"
+    else:
+        how = f"exited with code {code}"
+    return (
+        f"a data loader worker (pid {worker.pid}) {how}; without --cache every worker may come "
+        "to hold its own copy of the images: use --cache DIR (memory-mapped, shared), fewer "
+        "--workers or --workers 0"
     )
 
 

@@ -573,6 +573,16 @@ def test_time_budget_saves_exits_0_and_counts_monotonic_time(tmp_path, images, m
     assert capsys.readouterr().out.splitlines()[-1].startswith("done: 6 steps")
 
 
+def exited(proc: subprocess.Popen, what_if_not: str) -> bytes:
+    """The stderr of `proc` (its own session) once it exits; killed and failed after 60 s."""
+    try:
+        return proc.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(what_if_not)
+
+
 def test_a_bug_in_the_loop_with_loader_workers_exits_with_its_traceback(tmp_path, images):
     """The workers ignore SIGTERM (a group signal is the main process's to handle), and a
     traceback keeps the loader alive: multiprocessing's exit handler, which terminates and then
@@ -587,12 +597,9 @@ def test_a_bug_in_the_loop_with_loader_workers_exits_with_its_traceback(tmp_path
            "--val-every", "0", "--steps", "3", "--out", str(tmp_path / "run")]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)  # fmt: skip
-    try:
-        stdout, stderr = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("sr_train.py did not exit after its traceback (its loader workers live on)")
+    stderr = exited(
+        proc, "sr_train.py did not exit after its traceback (its loader workers live on)"
+    )
     assert proc.returncode == 1
     assert "RuntimeError: a bug in a training step" in stderr.decode()
 
@@ -629,6 +636,42 @@ def test_a_full_dev_shm_saves_the_steps_done_and_says_so_in_one_line(tmp_path, i
         "--resume auto and that fixed"
     ]
     assert load_checkpoint(out / "last.pt")["step"] == 2
+
+
+def test_a_loader_worker_killed_saves_the_steps_done_and_says_so_in_one_line(tmp_path, images):
+    """The kernel's out-of-memory killer picks a loader worker (each may come to hold its own
+    copy of the images). torch's SIGCHLD handler raised its "worker killed by signal" error
+    wherever the main process was (a backward, an optimiser step): a traceback, exit 1, and
+    the steps since the last save lost. Now the loader finds the death between steps: the
+    steps done are saved, one line, exit 4, and --resume auto goes on."""
+    out = tmp_path / "run"
+    argv = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--data", str(images),
+            "--scale", "2", "--patch", "8", "--batch", "2", "--workers", "2", "--val-every", "0",
+            "--log-every", "1", "--save-every", "100000", "--steps", "100000"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, str(REPO / "sr_train.py"), *argv, "--out", str(out)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)  # fmt: skip
+    log, deadline = out / "log.jsonl", time.time() + 120
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 3):
+        time.sleep(0.05)
+    workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(workers) == 2
+    os.kill(int(workers[0]), signal.SIGKILL)  # as the out-of-memory killer does
+    stderr = exited(proc, "sr_train.py went on after its loader worker was killed")
+    assert proc.returncode == 4, stderr.decode()
+    step = load_checkpoint(out / "last.pt")["step"]
+    assert step >= 3  # (--save-every 100000: only the stop saved)
+    assert stderr.decode().splitlines() == [
+        f"sr_train.py: error: step {step + 1}: a data loader worker (pid {workers[0]}) was "
+        "killed by SIGKILL (most likely by the kernel's out-of-memory killer: dmesg says); "
+        "without --cache every worker may come to hold its own copy of the images: use --cache "
+        f"DIR (memory-mapped, shared), fewer --workers or --workers 0; {out / 'last.pt'} holds "
+        f"step {step}: continue with --resume auto and that fixed"
+    ]
+    argv[argv.index("100000", argv.index("--steps"))] = str(step + 2)
+    argv[argv.index("--workers") + 1] = "0"
+    assert sr_train.main([*argv, "--out", str(out), "--resume", "auto"]) == 0
+    assert load_checkpoint(out / "last.pt")["step"] == step + 2
 
 
 def test_le_sigma_final_fraction_freezes_mu_in_the_last_steps(tmp_path, images):
