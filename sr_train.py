@@ -582,6 +582,9 @@ def warn_unused_run(args: TrainArgs, given: set[str], recipe: Recipe, model_cls)
         warnings.warn(f"{', '.join(typed)}: no effect, the {args.model} model has nothing to "
                       "train; ignored", stacklevel=2)  # fmt: skip
     unused = {}
+    if args.data == ["demo"]:  # built in: held in memory, its LR the bicubic downscale of its HR
+        unused |= dict.fromkeys(("lr_data", "cache"), "with --data demo (its LR is made from its "
+                                "HR, and it is held in memory)")  # fmt: skip
     if args.on_nan != "rollback":
         unused["max_rollbacks"] = "without --on-nan rollback"
     if recipe.schedule != "multistep":  # the decay points and factor of a multistep schedule
@@ -956,7 +959,7 @@ def log(run_log: RunLog | None, record: dict) -> None:
 
 def training_data(args: TrainArgs, recipe: Recipe, dd, say) -> PatchPairs:
     """The training patches of this rank, and at start how many images were found and kept."""
-    if args.cache:
+    if args.cache and args.data != ["demo"]:  # (demo: ignored, warn_unused_run)
         try:
             check_out_dir(args.cache, "--cache")  # before decoding: the cache is written meanwhile
         except OutputError:

@@ -496,6 +496,13 @@ UNUSED = {  # id: (flags, the warning, flags that make it take effect)
     "max rollbacks without rollback": ({"--max-rollbacks": "5"},
                                        "--max-rollbacks: no effect without --on-nan rollback",
                                        {"--on-nan": "rollback"}),
+    # paired LR folders and a cache for the built-in demo photographs (trained on as before)
+    "lr data with demo": ({"--lr-data": "elsewhere_lr"},
+                          "--lr-data: no effect with --data demo (its LR is made from its HR, "
+                          "and it is held in memory)", {"--data": "elsewhere"}),
+    "cache with demo": ({"--cache": "elsewhere_cache"},
+                        "--cache: no effect with --data demo (its LR is made from its HR, and it "
+                        "is held in memory)", {"--data": "elsewhere"}),
     # run flags of a schedule the recipe does not use (rrdb's is a cosine)
     "milestones with a cosine": (
         {"--model": "rrdb", "--n-feats": None, "--n-blocks": None, "--milestones": "0.5"},
@@ -552,6 +559,17 @@ def test_a_flag_without_effect_is_a_warning(case, tmp_path):
             args, rest, given = sr_train.parse_all(argv)
             sr_train.resolve_run(args, rest, given)  # the flags read, nothing built or written
         assert [str(w.message) for w in caught] == expected, extra
+
+
+def test_a_cache_with_demo_is_ignored_not_made(tmp_path):
+    """--data demo takes no --cache (one warning, above): no folder is made for it either
+    (it was, and left empty)."""
+    argv = argv_of({"--cache": str(tmp_path / "cache"), "--steps": "1"}, data="demo",
+                   out=str(tmp_path / "out"))  # fmt: skip
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        assert sr_train.main(argv) == 0
+    assert (tmp_path / "out" / "last.pt").is_file() and not (tmp_path / "cache").exists()
 
 
 def test_a_resumed_run_warns_by_its_own_config_not_the_flags_repeated(world, tmp_path):
