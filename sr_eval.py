@@ -30,8 +30,10 @@ manifest.json (sr_sample.py) must record --scale and at least
 N samples per image (files beyond its n are an earlier run's, left by --overwrite).
 
 --out JSON: {"settings": {...}, "mean": {col: v}, "per_image": [{"image": S, col: v, ...}]} for one
---sr folder ("settings" has its n and temperature); with several: {"settings": {...}, "methods":
-{name: {"sr_dir", "temperature", "n", "mean", "per_image"}}}.
+--sr folder ("settings" has its n, temperature, model and checkpoint_sha256); with several:
+{"settings": {...}, "methods": {name: {"sr_dir", "temperature", "model", "checkpoint_sha256",
+"n", "mean", "per_image"}}}. The model and the sha256 of the checkpoint that made the samples
+come from the folder's manifest.json (sr_sample.py; null for another tool's folder).
 +inf (an SR whose downscale equals the GT's exactly; it makes the mean inf too, as the reference)
 is written as the string "inf" so that the file is strict JSON; a column that was not computed
 (--no-lpips) is null. --csv: one row per method and image (method, temperature, n, image, ...).
@@ -151,6 +153,14 @@ class Method:
     n: int
     temperature: float | None
     files: list[list[Path]] = field(default_factory=list)  # per HR image its n sample files
+
+    @property
+    def made_by(self) -> dict:
+        """The model and checkpoint sha256 that sr_sample.py's manifest.json records (None each
+        for a folder of another tool): which weights these numbers are of."""
+        manifest = read_manifest(self.sr_dir)
+        got = {k: manifest.get(k) for k in ("model", "checkpoint_sha256")}
+        return {k: v if isinstance(v, str) else None for k, v in got.items()}
 
 
 def images_by_stem(folder: Path) -> dict[str, Path]:
@@ -509,6 +519,7 @@ def run_settings(args, shave, device, lpips_metric, columns, methods) -> dict:
     }
     if len(methods) == 1:
         settings["temperature"] = methods[0].temperature
+        settings |= methods[0].made_by
     return settings
 
 
@@ -837,6 +848,7 @@ def json_text(settings: dict, means: dict, rows: dict, methods) -> str:
         m.name: {
             "sr_dir": str(m.sr_dir),
             "temperature": m.temperature,
+            **m.made_by,
             "n": m.n,
             "mean": {c: jsonable(v) for c, v in means[m.name].items()},
             "per_image": rows[m.name],

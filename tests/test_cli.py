@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,18 @@ def test_train_sample_evaluate(tmp_path):
     # EDSR ignores the temperature: none is reported (its manifest records the one it was given)
     assert res["settings"]["temperature"] is None
     assert json.loads((samples / "manifest.json").read_text())["temperature"] == 1.0
+    # which weights the numbers are of: the checkpoint that made the samples, hashed here
+    ckpt_sha256 = hashlib.sha256((run / "last.pt").read_bytes()).hexdigest()
+    assert (res["settings"]["model"], res["settings"]["checkpoint_sha256"]) == ("edsr", ckpt_sha256)
+    # ... for each row of a comparison, and null for a folder that no sr_sample.py made
+    other = tmp_path / "other"
+    shutil.copytree(samples, other, ignore=shutil.ignore_patterns("manifest.json", "lr"))
+    argv.insert(argv.index(str(samples)) + 1, str(other))  # --sr SAMPLES OTHER
+    assert sr_eval.main(argv) == 0
+    methods = json.loads(results.read_text())["methods"]
+    assert [(m["model"], m["checkpoint_sha256"]) for m in methods.values()] == [
+        ("edsr", ckpt_sha256), (None, None)
+    ]  # fmt: skip
 
 
 def test_a_wrong_scale_is_caught_by_the_samples_manifest(tmp_path, capsys):

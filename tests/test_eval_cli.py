@@ -363,7 +363,15 @@ def test_n1_index_layout_and_two_methods(tmp_path, capsys, lpips_file):
     assert set(res) == {"settings", "methods"} and list(res["methods"]) == ["method_a", "method_b"]
     for m, d in (("method_a", sr_a), ("method_b", sr_b)):
         entry = res["methods"][m]
-        assert set(entry) == {"sr_dir", "temperature", "n", "mean", "per_image"}
+        assert set(entry) == {
+            "sr_dir",
+            "temperature",
+            "model",
+            "checkpoint_sha256",
+            "n",
+            "mean",
+            "per_image",
+        }
         assert entry["sr_dir"] == str(d) and entry["n"] == 1 and entry["temperature"] is None
         for got, w in zip(entry["per_image"], expected(hr_dir, d, 1, lpips_file)):
             check_row({k: v for k, v in got.items() if not k.startswith("PSNR")}, w)
