@@ -235,6 +235,29 @@ def test_whole_model_round_trip_and_latent_shapes(name, scale):
     assert len(latents) == (2 if scale == 4 else 3)  # splits + z_L
 
 
+@pytest.mark.parametrize("dequant", ["gaussian", "uniform"])
+def test_the_logged_nll_is_split_into_logdet_and_logp(dequant):
+    """What the training log shows of a flow's NLL, besides the NLL: log|det J| and the log
+    density of the standard-normal latents, in the same bits per HR pixel, so a user sees which
+    one makes it bounce or turn non-finite (SRFlow issues #2, #23). Each is computed here from
+    the latents, independently of the model's sum."""
+    model = tiny("srflow", dequant=dequant)
+    lr, hr = batch(4, b=2)
+    out = model(lr, hr)  # (eval mode: no training noise)
+    latents, logdet = model.encode(lr, hr)
+    bits = math.log(2) * hr.shape[2] * hr.shape[3]
+    by_hand = sum(
+        (-0.5 * z.double() ** 2 - 0.5 * math.log(2 * math.pi)).sum((1, 2, 3)) for z in latents
+    )
+    assert out["logdet"].item() == pytest.approx(logdet.mean().item() / bits, rel=1e-6)
+    assert out["logp"].item() == pytest.approx(by_hand.mean().item() / bits, rel=1e-5)
+    constant = math.log2(32) if dequant == "uniform" else 0.0  # --quant 32: its log2 bits
+    assert out["nll"].item() == pytest.approx(
+        -(out["logdet"] + out["logp"]).item() + constant, rel=1e-5, abs=1e-5
+    )
+    assert out["loss"].item() == out["nll"].item()  # the same number as before: the loss
+
+
 @pytest.mark.parametrize("name", FLOWS)
 def test_log_likelihood_equals_brute_force_jacobian(name):
     """log p = log|det J| + Σ log N(outputs) for HR (1x3x8x8 = 192 dims) -> all latents, float64."""

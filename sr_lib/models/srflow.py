@@ -366,10 +366,18 @@ class SRFlow(SRModel):
             lds.append(ld)
         return torch.cat(out), torch.cat(lds)
 
+    def log_likelihood_terms(self, lr: torch.Tensor, hr: torch.Tensor, noise=None):
+        """(log|det J|, log N(latents; 0, I)) in nats (B,) each, J the Jacobian of HR -> the
+        standard-normal latents (each split prior's scale in it): log p(HR | LR) is their sum."""
+        latents, logdet = self.encode(lr, hr, noise)
+        return logdet, sum(gaussian_logp(z) for z in latents)
+
     def log_likelihood(self, lr: torch.Tensor, hr: torch.Tensor, noise=None) -> torch.Tensor:
         """log p(HR | LR) in nats (B,), Eq. 4-6 (+ the uniform dequantisation constant)."""
-        latents, logdet = self.encode(lr, hr, noise)
-        objective = logdet + sum(gaussian_logp(z) for z in latents)
+        return self.objective(hr, *self.log_likelihood_terms(lr, hr, noise))
+
+    def objective(self, hr: torch.Tensor, logdet: torch.Tensor, logp: torch.Tensor):
+        objective = logdet + logp
         if self.cfg.dequant == "uniform":  # released code: -ln(quant)·H·W (not 3·H·W)
             objective = objective - math.log(self.cfg.quant) * hr.shape[2] * hr.shape[3]
         return objective
@@ -383,8 +391,17 @@ class SRFlow(SRModel):
         noise = None
         if self.training:
             lr, hr, noise = self.perturb(lr, hr)
-        nll = self.nll(lr, hr, noise)
-        return {"loss": nll.mean(), "nll": nll.detach().mean()}
+        logdet, logp = self.log_likelihood_terms(lr, hr, noise)
+        bits = math.log(2) * hr.shape[2] * hr.shape[3]  # nats per image -> bits per HR pixel
+        nll = -self.objective(hr, logdet, logp) / bits  # (as self.nll, from the same terms)
+        # Logged apart (docs/flows.md#units-the-nll-is-in-bits-per-hr-pixel): which one moves
+        # when the NLL bounces or turns non-finite.
+        return {
+            "loss": nll.mean(),
+            "nll": nll.detach().mean(),
+            "logdet": (logdet.detach() / bits).mean(),
+            "logp": (logp.detach() / bits).mean(),
+        }
 
     def generate(self, lr: torch.Tensor, n: int, temperature: float, noise, prepared=None):
         """temperature = std of every latent draw (final prior and splits); 0: all means.
