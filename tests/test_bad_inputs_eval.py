@@ -2,7 +2,6 @@
 naming the flag or file, never a traceback, and writes no output file."""
 
 import json
-import os
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -238,13 +237,13 @@ CASES = [
 
 
 @pytest.mark.parametrize("case, setup, argv, code, text", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(world, capsys, case, setup, argv, code, text):
+def test_bad_input(world, capsys, monkeypatch, case, setup, argv, code, text):
     if case == "device-cuda-absent" and __import__("torch").cuda.is_available():
         pytest.skip("a GPU is present")
     if setup:
         setup(world)
     before = sorted(p for p in world.rglob("*"))
-    os.chdir(world)  # relative --sr NAME=DIR values
+    monkeypatch.chdir(world)  # relative --sr NAME=DIR values
     with pytest.raises(SystemExit) as e:
         sr_eval.main(argv(world))
     out = capsys.readouterr()
