@@ -3,7 +3,6 @@ and its phase switch, a tiny sr_train run, the LFW demo writer. Tiny configs, CP
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -184,8 +183,9 @@ def test_recipe():
     assert len(r.milestones) == 1 and r.patch == 8  # decayed once; 8×8 -> 64×64
 
 
-def test_tiny_training_run_switches_phase(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+def test_tiny_training_run_switches_phase(tmp_path, monkeypatch):
+    # (sys.path as it was afterwards, with the example's own insertion of the repository)
+    monkeypatch.syspath_prepend(Path(__file__).resolve().parents[1] / "examples")
     from make_lfw_demo import write_lfw_demo
 
     paths = write_lfw_demo(tmp_path / "lfw")
