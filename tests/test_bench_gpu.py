@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from sr_lib.errors import UsageError
 
@@ -27,33 +28,40 @@ def bench(tmp_path, *flags, timeout=600):
     return result
 
 
-def in_process(capsys, *flags):
-    """bench_gpu.main in this process (no interpreter and torch start-up to pay again)."""
-    sys.path.insert(0, str(REPO / "tests" / "bench"))
+def in_process(monkeypatch, capsys, *flags):
+    """bench_gpu.main in this process (no interpreter and torch start-up to pay again). What it
+    changes for the process, sys.path (its folder and the repository, from its import and from
+    main) and torch's TF32 and cuDNN switches, is put back after the test."""
+    monkeypatch.syspath_prepend(REPO / "tests" / "bench")
+    import bench_gpu
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    switches = cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32
     try:
-        import bench_gpu
+        code = bench_gpu.main(["--device", "cpu", "--quick", "--compile-backend", "eager", *flags])
     finally:
-        sys.path.remove(str(REPO / "tests" / "bench"))
-    code = bench_gpu.main(["--device", "cpu", "--quick", "--compile-backend", "eager", *flags])
+        cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = switches
     return code, json.loads(capsys.readouterr().out)
 
 
-def test_a_training_measurement_and_a_spent_budget(capsys):
-    code, r = in_process(capsys, "--sections", "train_srflow", "--variants", "fp32")
+def test_a_training_measurement_and_a_spent_budget(monkeypatch, capsys):
+    code, r = in_process(monkeypatch, capsys, "--sections", "train_srflow", "--variants", "fp32")
     row = r["train"]["srflow_x4"]
     assert code == 0 and not r["errors"] and not r["skipped"]
     assert row["fp32"]["median_s"] > 0 and (row["batch"], row["hr_patch"]) == (2, 32)
     assert len(r["loadavg_start"]) == len(r["loadavg_end"]) == 3 and r["threads"] >= 1
-    code, r = in_process(capsys, "--budget", "0")  # nothing measured: everything listed
+    code, r = in_process(monkeypatch, capsys, "--budget", "0")  # nothing measured: all listed
     assert code == 0 and "train" not in r and {"srflow_x4/fp32", "eval"} <= set(r["skipped"])
 
 
-def test_a_folder_that_is_not_the_released_checkout_is_refused_before_any_measurement(tmp_path):
+def test_a_folder_that_is_not_the_released_checkout_is_refused_before_any_measurement(
+    tmp_path, monkeypatch
+):
     (tmp_path / "code" / "models").mkdir(parents=True)  # a folder, not andreas128/SRFlow
     with pytest.raises(UsageError, match="not a checkout of andreas128/SRFlow"):
-        in_process(None, "--official", str(tmp_path))
+        in_process(monkeypatch, None, "--official", str(tmp_path))
     with pytest.raises(UsageError, match="no such folder"):
-        in_process(None, "--official", str(tmp_path / "missing"))
+        in_process(monkeypatch, None, "--official", str(tmp_path / "missing"))
 
 
 def test_a_compile_starts_only_with_its_time_left_and_the_targets_come_first(monkeypatch):
@@ -61,11 +69,9 @@ def test_a_compile_starts_only_with_its_time_left_and_the_targets_come_first(mon
     budget left, while the measurements after it still run. The plan measures the issue's
     targets (SRFlow's eager and graph steps, the released code, eval, fp32 sampling) before the
     first compile."""
-    sys.path.insert(0, str(REPO / "tests" / "bench"))
-    try:
-        import bench_gpu
-    finally:
-        sys.path.remove(str(REPO / "tests" / "bench"))
+    monkeypatch.syspath_prepend(REPO / "tests" / "bench")  # (as it was, after the test)
+    import bench_gpu
+
     ran = []
     steps = [("train_srflow", "srflow_x4/compile", lambda: ran.append("compile")),
              ("eval", "eval", lambda: ran.append("eval"))]  # fmt: skip
@@ -88,10 +94,10 @@ def test_a_compile_starts_only_with_its_time_left_and_the_targets_come_first(mon
     assert max(labels.index(t) for t in targets) < first_compile
 
 
-def test_graph_check_compares_recorded_and_eager_training(capsys):
+def test_graph_check_compares_recorded_and_eager_training(monkeypatch, capsys):
     """On a CPU the recording is stood in by the recorded function: two recordings (the encoder
     unfreezes), then the same losses and weights as the eager steps, exactly."""
-    code, r = in_process(capsys, "--sections", "graph_check")
+    code, r = in_process(monkeypatch, capsys, "--sections", "graph_check")
     assert code == 0 and not r["errors"]
     for variant in ("fp32", "bf16"):
         row = r["graph_check"]["srflow_x4"][variant]
@@ -99,10 +105,10 @@ def test_graph_check_compares_recorded_and_eager_training(capsys):
         assert row["loss_max_abs_diff"] == 0 and row["weight_max_rel_diff_per_tensor"] == 0
 
 
-def test_profile_section_says_where_a_step_goes(capsys):
+def test_profile_section_says_where_a_step_goes(monkeypatch, capsys):
     """On a CPU: no kernels, the top operations by self CPU time and by calls (a flow step's
     convolutions and its many small elementwise operations)."""
-    code, r = in_process(capsys, "--sections", "profile")
+    code, r = in_process(monkeypatch, capsys, "--sections", "profile")
     assert code == 0 and not r["errors"] and not r["skipped"]
     for variant in ("fp32", "bf16"):
         row = r["profile"]["srflow_x4"][variant]

@@ -116,11 +116,12 @@ def test_a_missing_checkpoint_is_one_line_before_any_model_runs(tmp_path, script
 
 def bench_module(script: str):
     """A bench script imported as a module (its `main` run in this process)."""
+    saved = list(sys.path)  # put back whole: a script also puts the repository there
     sys.path.insert(0, str(BENCH))  # its own imports (machine.py) are in that folder
     try:
         return importlib.import_module(script.removesuffix(".py"))
     finally:
-        sys.path.remove(str(BENCH))
+        sys.path[:] = saved
 
 
 def test_the_parity_checks_stdout_is_one_json_object_its_case_lines_go_to_stderr(
