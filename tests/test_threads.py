@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -60,12 +59,13 @@ def _ops(tmp: Path) -> dict:
     }
 
 
-def _sweep(op: str, signum: int) -> dict:
-    """Run `op` once per line event in the watched modules, raising `signum` at that event."""
+def _sweep(op: str, signum: int, tmp: Path) -> dict:
+    """Run `op` once per line event in the watched modules, raising `signum` at that event; its
+    images in the folder `tmp`."""
     import sr_sample
     from sr_lib.errors import exit_on_error
 
-    fn = _ops(Path(tempfile.mkdtemp()))[op]
+    fn = _ops(tmp)[op]
     handlers = sr_sample.SIGNALS if op == "sample_writer" else contextlib.nullcontext()
 
     def once(at: int) -> tuple[int, object, int]:
@@ -126,13 +126,18 @@ def _sweep(op: str, signum: int) -> dict:
         ("sample_writer", "SIGTERM"),
     ],
 )
-def test_a_signal_at_any_line_of_the_lock_code_gives_the_one_line_exit(op, signum):
+def test_a_signal_at_any_line_of_the_lock_code_gives_the_one_line_exit(op, signum, tmp_path):
     """Every run interrupted ends as the script would (exit 130 on Ctrl-C; sr_sample's
     Preempted on SIGTERM, then exit 75), every other run returns, and no pool thread is left
-    blocked. A hang shows as a timeout."""
-    p = subprocess.run([sys.executable, "-m", "tests.test_threads", op, signum], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    blocked. A hang shows as a timeout. Its files are in tmp_path, none left in the system's
+    temporary folder (a folder of images there per run, before)."""
+    temp = tmp_path / "TMPDIR"
+    temp.mkdir()
+    p = subprocess.run([sys.executable, "-m", "tests.test_threads", op, signum, tmp_path],
+                       cwd=REPO, env={**os.environ, "TMPDIR": str(temp)}, capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
+    assert not list(temp.iterdir())
     report = json.loads(p.stdout.splitlines()[-1])
     assert report["fired"] > 100, report  # the sweep reached the pool's lock code
     assert not report["bad"], report["bad"][:10]
@@ -212,4 +217,4 @@ def test_sr_train_main_called_from_python_puts_the_handlers_back(tmp_path):
 
 
 if __name__ == "__main__":
-    print(json.dumps(_sweep(sys.argv[1], signal.Signals[sys.argv[2]])))
+    print(json.dumps(_sweep(sys.argv[1], signal.Signals[sys.argv[2]], Path(sys.argv[3]))))
