@@ -705,6 +705,7 @@ def setup_process(args: TrainArgs, cleanup) -> tuple[distributed.Dist, torch.dev
     dd = distributed.setup(use_cuda=device.type == "cuda")
     if dd.on and device.type == "cuda":
         device = torch.device("cuda", dd.local_rank)
+    keep_determinism(cleanup)  # the caller's again after main(), as the thread count
     if args.deterministic:
         set_deterministic()
     elif device.type == "cuda":
@@ -1734,6 +1735,27 @@ def step_unless_flagged(optimizers: list, ok: torch.Tensor) -> None:
             opt.step()
         finally:
             del opt.found_inf
+
+
+def keep_determinism(cleanup) -> None:
+    """Put back, when `cleanup` closes, what set_deterministic and cuDNN's autotuning change: a
+    caller of main() (a notebook, a test) that runs without --deterministic afterwards gets
+    torch's fast algorithms again, and its later subprocesses the environment it had."""
+    cudnn = torch.backends.cudnn
+    algorithms = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    flags = cudnn.benchmark, cudnn.deterministic
+    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+
+    def put_back():
+        torch.use_deterministic_algorithms(algorithms, warn_only=warn_only)
+        cudnn.benchmark, cudnn.deterministic = flags
+        if config is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = config
+
+    cleanup.callback(put_back)
 
 
 def set_deterministic() -> None:

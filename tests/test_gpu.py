@@ -225,17 +225,14 @@ def test_cudnn_times_its_algorithms_on_a_gpu_unless_deterministic(monkeypatch):
     monkeypatch.setattr(sr_train, "pick_device", lambda name: torch.device("cuda"))
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    before = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
-        for deterministic, expected in ((False, True), (True, False)):
-            with contextlib.ExitStack() as cleanup:
-                args = sr_train.TrainArgs(model="edsr", deterministic=deterministic)
-                sr_train.setup_process(args, cleanup)
+    for deterministic, expected in ((False, True), (True, False)):
+        with contextlib.ExitStack() as cleanup:
+            args = sr_train.TrainArgs(model="edsr", deterministic=deterministic)
+            sr_train.setup_process(args, cleanup)
             assert torch.backends.cudnn.benchmark is expected
-    finally:
-        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+            assert torch.are_deterministic_algorithms_enabled() is deterministic
+        assert not torch.backends.cudnn.benchmark  # the caller's again after main()
+        assert not torch.are_deterministic_algorithms_enabled()
 
 
 @needs_cuda

@@ -111,6 +111,23 @@ def test_resume_is_exact(tmp_path, images, toy):
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
 
 
+def test_deterministic_run_called_from_python_puts_torchs_settings_back(tmp_path, images, toy):
+    """main(["--deterministic", ...]) left deterministic algorithms on (warn-only), cuDNN's
+    deterministic flag set and CUBLAS_WORKSPACE_CONFIG in the caller's environment: a notebook's
+    or a test's later run without the flag was deterministic too, and slower on a GPU."""
+    cudnn = torch.backends.cudnn
+
+    def settings():
+        return (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(), cudnn.benchmark,
+                cudnn.deterministic, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))  # fmt: skip
+
+    before = settings()
+    assert before == (False, False, False, False, None)  # torch's defaults
+    assert run(tmp_path, images, "--model", "toy", "--steps", "1", "--deterministic") == 0
+    assert settings() == before
+
+
 def test_a_resume_without_the_first_flags_goes_on_as_the_run(tmp_path, images, capsys):
     """`--resume auto --out DIR` alone continues the run as it was: its batch, patch, learning
     rate and schedule, seed, scale, data and weight average come from the checkpoint (they fell
