@@ -4,6 +4,8 @@ import builtins
 import os
 import signal
 import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -94,6 +96,54 @@ sr_lib.data.PatchPairs.crops = crops
 """
 
     return lines
+
+
+def process_state() -> dict:
+    """What a test may change only for its own duration: state of the test process that every
+    later test on the same worker inherits (a test run alone, or first on its xdist worker, does
+    not see what another test left)."""
+    environ = {k: v for k, v in os.environ.items() if k not in NOT_THE_TESTS}
+    return {
+        "cwd": os.getcwd(),
+        "sys.path": list(sys.path),
+        "os.environ": environ,
+        "default dtype": torch.get_default_dtype(),
+        "default device": torch.get_default_device(),
+        "threads": torch.get_num_threads(),
+        "grad enabled": torch.is_grad_enabled(),
+        "deterministic algorithms": (torch.are_deterministic_algorithms_enabled(),
+                                     torch.is_deterministic_algorithms_warn_only_enabled()),
+        "cudnn": (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+                  torch.backends.cudnn.allow_tf32),
+        "matmul": (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()),
+        "signal handlers": {s: signal.getsignal(s) for s in PROCESS_SIGNALS},
+        "warnings.formatwarning": warnings.formatwarning,
+    }  # fmt: skip
+
+
+# Environment variables set by others: pytest (the test running) and torch's compiler (its cache
+# folders, set once per process at the first use).
+NOT_THE_TESTS = ("PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+PROCESS_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGXFSZ)
+
+
+@pytest.fixture(autouse=True)
+def restores_process_state():
+    """A test that changes the process's state (cwd, sys.path, environment variables, torch's
+    global settings, signal handlers) must put it back (monkeypatch does): checked after each."""
+    before = process_state()
+    yield
+    after = process_state()
+    changed = {k: changes(before[k], after[k]) for k in before if before[k] != after[k]}
+    assert not changed, f"the test left the process changed (before, after): {changed}"
+
+
+def changes(before, after):
+    """(before, after); of a dict, only the keys whose value differs (None: absent)."""
+    if isinstance(before, dict):
+        keys = sorted(set(before) | set(after), key=str)
+        return {k: (before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)}
+    return before, after
 
 
 @pytest.fixture(autouse=True)
