@@ -759,15 +759,15 @@ def run_settings(args, ck, model, n, context, from_hr, paths, controls) -> dict:
         "tile_context": 0 if exact else [grid(model, args.tile, context)[0], context],
         "version": __version__, "flags": vars(args),
     }  # fmt: skip
-    if controls is not None and controls.files:
-        settings["control_sha256"] = {k: files_sha256(v) for k, v in controls.files.items()}
+    if controls is not None and controls.digests:
+        settings["control_sha256"] = {k: joint_sha256(v) for k, v in controls.digests.items()}
     return settings
 
 
-def files_sha256(files: list[Path]) -> str:
-    """One digest of the contents of `files` in this order (a --ref folder: sample i uses its
-    i-th image)."""
-    return hashlib.sha256(" ".join(sha256_file(f) for f in files).encode()).hexdigest()
+def joint_sha256(digests: list[str]) -> str:
+    """One digest of the files of a control flag from the sha256 of each, in the order used (a
+    --ref folder: sample i uses its i-th image)."""
+    return hashlib.sha256(" ".join(digests).encode()).hexdigest()
 
 
 def one_tile(args: SampleArgs, model, paths: list[Path], from_hr: bool) -> bool:

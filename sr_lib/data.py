@@ -85,13 +85,17 @@ def _fail(path, reason: str) -> NoReturn:
     raise ImageError(f"{path}: {' '.join(reason.split())}")  # always one line
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, data: bytes | None = None) -> np.ndarray:
     """Read any supported image as uint8 (H, W, 3) RGB.
 
     Conversions: gray -> 3 channels; RGBA/LA (and palette transparency) -> alpha dropped with a
     warning naming the file; 16-bit -> 8-bit by round(x / 257); palette, CMYK, YCbCr -> RGB; EXIF
     orientation applied. Float images (rare TIFFs) are assumed to be in [0, 1]. 16-bit and float
     TIFFs are decoded by libtiff (imagecodecs); other TIFFs by Pillow.
+
+    `data`: the file's contents, already read (`read_file`): decoded from them with the same
+    checks and errors, the file not opened again; `path` then only names it in messages.
+    sr_sample.py's control flags hash the very bytes they decode, each file read once.
     """
     if MAX_PIXELS is None:
         value = os.environ.get("SRSPACE_MAX_PIXELS")
@@ -100,16 +104,23 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             f"number (268435456, 1e9) or unset it for the default 2^28"
         )
     path = Path(path)
-    if not path.is_file():
-        _fail(path, "not a file" if path.exists() else "no such file")
-    if path.stat().st_size == 0:
+    if data is None:
+        _check_file(path)
+    elif not data:
         _fail(path, "empty file (0 bytes)")
+
+    def source() -> Path | BinaryIO:  # a new reader of the file each time, at its start
+        return path if data is None else io.BytesIO(data)
+
+    def contents() -> bytes:  # the whole file, for the decoders that take bytes
+        return path.read_bytes() if data is None else data
+
     too_big = f"exceeds the limit of {MAX_PIXELS} pixels (raise it with SRSPACE_MAX_PIXELS)"
-    tags = _tiff_tags(path)  # None for other formats
+    tags = _tiff_tags(source())  # None for other formats
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:  # reads the header only, allocates nothing
+            with Image.open(source()) as im:  # reads the header only, allocates nothing
                 (w, h), mode, fmt = im.size, im.mode, im.format
                 transparent = "transparency" in im.info
     except Image.DecompressionBombError:
@@ -123,15 +134,15 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if w * h > MAX_PIXELS:
         _fail(path, f"{w}x{h} {too_big}")
     try:
-        if _png_bit_depth(path) == 16 and mode != "I;16":  # 16-bit gray (I;16) is exact in Pillow
-            arr = _read_png16(path)
+        if _png_bit_depth(source()) == 16 and mode != "I;16":  # 16-bit gray (I;16): exact in Pillow
+            arr = _read_png16(contents())
         # (16-bit gray without libtiff: Pillow's I;16 is exact)
         elif tags is not None and _tiff_wide(tags) and (imagecodecs or not _i16(mode)):
-            arr = _read_tiff(path, tags)
+            arr = _read_tiff(path, contents, tags)
         elif _raw_ycbcr(tags) and imagecodecs and _jfif_ycbcr(tags):
             # libtiff converts to RGB itself (within 1 of Pillow's conversion); Pillow before 13
             # opens these files as RGB and then calls them truncated
-            arr = _upright(imagecodecs.tiff_decode(path.read_bytes(), index=0), tags.get(274, 1))
+            arr = _upright(imagecodecs.tiff_decode(contents(), index=0), tags.get(274, 1))
             if arr.shape[:2] != (h, w) or arr.shape[2:] != (3,):
                 _fail(path, f"{_tiff_kind(tags)}: decoded as shape {arr.shape}; convert it to RGB")
         elif mode in (None, "LAB", "HSV") or (
@@ -139,17 +150,40 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         ):
             what = _tiff_kind(tags) if tags is not None else f"{mode} image"
             _fail(path, f"{what} is not supported; convert it to an RGB PNG")
-        elif (fmt, mode) != ("PNG", "RGB") or (arr := _read_png_rgb8(path)) is None:
+        elif (
+            (fmt, mode) != ("PNG", "RGB")
+            or imagecodecs is None  # (no bytes to read for it)
+            or (arr := _read_png_rgb8(contents())) is None
+        ):
             to = {"P": "RGBA" if transparent else "RGB", "PA": "RGBA", "CMYK": "RGB"}.get(mode)
             to = "RGB" if mode == "YCbCr" else to
             # index=0: the first frame of animated files; rotate=True applies EXIF orientation.
             # Truncated data raises unless PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set (we never do).
-            arr = iio.imread(path, plugin="pillow", index=0, mode=to, rotate=True)
+            arr = iio.imread(source(), plugin="pillow", index=0, mode=to, rotate=True)
     except (MemoryError, ImageError):
         raise
     except Exception as e:  # Pillow: OSError("image file is truncated"); pypng: FormatError
         _fail(path, f"cannot decode, the file may be truncated or corrupt ({e})")
     return _to_rgb8(arr, path)
+
+
+def _check_file(path: Path) -> None:
+    """read_image's first checks of a file it reads: there, a file, not empty."""
+    if not path.is_file():
+        _fail(path, "not a file" if path.exists() else "no such file")
+    if path.stat().st_size == 0:
+        _fail(path, "empty file (0 bytes)")
+
+
+def read_file(path: str | os.PathLike) -> bytes:
+    """The contents of an image file, for `read_image(path, data)`: a path that is missing or no
+    file, an empty file or one that cannot be read is an `ImageError` naming it, one line."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        return path.read_bytes()
+    except OSError as e:  # permission denied, a stale NFS handle
+        _fail(path, f"cannot read it ({type(e).__name__}: {e.strerror or e})")
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
@@ -182,8 +216,8 @@ def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
-def _png_bit_depth(path: Path) -> int | None:
-    with open(path, "rb") as f:
+def _png_bit_depth(file: Path | BinaryIO) -> int | None:
+    with open(file, "rb") if isinstance(file, Path) else contextlib.nullcontext(file) as f:
         head = f.read(25)  # signature (8), IHDR length + type (8), width, height (8), bit depth
     if len(head) < 25 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
         return None
@@ -214,8 +248,9 @@ def _libpng_reads_silently(data: bytes) -> bool:
     return True
 
 
-def _read_png_rgb8(path: Path) -> np.ndarray | None:
-    """An 8-bit RGB PNG decoded by libpng (imagecodecs): the pixels Pillow gives, in half its time.
+def _read_png_rgb8(data: bytes) -> np.ndarray | None:
+    """An 8-bit RGB PNG (the file's bytes) decoded by libpng (imagecodecs): the pixels Pillow
+    gives, in half its time.
 
     None when the file is not a plain 8-bit RGB PNG (see _PLAIN_PNG_CHUNKS) without interlacing
     (imagecodecs calls png_read_image without turning interlace handling on: right pixels, but
@@ -226,7 +261,6 @@ def _read_png_rgb8(path: Path) -> np.ndarray | None:
     """
     if imagecodecs is None:
         return None
-    data = path.read_bytes()
     if data[12:16] != b"IHDR" or data[24:26] != b"\x08\x02":  # bit depth 8, colour type 2 (RGB)
         return None
     if data[28:29] != b"\0":  # Adam7: imagecodecs' libpng prints a warning to stderr for each
@@ -303,17 +337,18 @@ def _tiff_kind(tags: dict) -> str:
     return f"TIFF of {colour}, {tags.get(277, 1)} samples of {bits}-bit {kind}"
 
 
-def _read_tiff(path: Path, tags: dict) -> np.ndarray:
+def _read_tiff(path: Path, contents, tags: dict) -> np.ndarray:
     """A gray or RGB(A) TIFF of 16-bit or float samples (see _tiff_wide) as libtiff (imagecodecs)
     decodes it: the exact samples, (H, W) or (H, W, samples), turned by its orientation tag as
-    Pillow's images are. Float samples are taken to be in [0, 1]."""
+    Pillow's images are. Float samples are taken to be in [0, 1]. `contents()`: the file's bytes
+    (read only for a TIFF it decodes); `path` names it in messages."""
     kind = _tiff_kind(tags)
     (bits, *_), (fmt, *_) = tags.get(258, (1,)), tags.get(339, (1,))
     if tags.get(262) not in (1, 2) or not (fmt == 3 or (fmt == 1 and bits == 16)):
         _fail(path, f"{kind} is not supported; convert it to an RGB PNG")
     if imagecodecs is None:  # no libtiff: Pillow's pixels would be wrong
         _fail(path, f"{kind}: reading it exactly needs imagecodecs; convert it to a 16-bit PNG")
-    arr = imagecodecs.tiff_decode(path.read_bytes(), index=0)
+    arr = imagecodecs.tiff_decode(contents(), index=0)
     if tags.get(284, 1) == 2 and arr.ndim == 3:  # planes stored separately: (samples, H, W)
         arr = np.moveaxis(arr, 0, -1)
     if arr.shape[:2] != (tags.get(257), tags.get(256)):
@@ -371,18 +406,17 @@ def _may_orient(kind: bytes, start: bytes) -> bool:
     return kind == b"eXIf"
 
 
-def _read_png16(path: Path) -> np.ndarray:
-    """Any 16-bit PNG as uint16 (H, W, planes), raw samples (tRNS and sBIT are not applied),
-    turned upright by its EXIF orientation as Pillow reads it (pypng ignores it)."""
+def _read_png16(raw: bytes) -> np.ndarray:
+    """Any 16-bit PNG (the file's bytes) as uint16 (H, W, planes), raw samples (tRNS and sBIT are
+    not applied), turned upright by its EXIF orientation as Pillow reads it (pypng ignores it)."""
     # From bytes read once: a Reader given the file's name opens it and never closes it (a
     # ResourceWarning for each image under `python -W default` or -X dev)
-    raw = path.read_bytes()
     w, h, rows, info = png.Reader(bytes=raw).read()  # raises on truncated data
     flat = np.concatenate([np.frombuffer(row, dtype=np.uint16) for row in rows])  # array('H')
     arr = flat.reshape(h, w, info["planes"])
     if not any(_may_orient(k, c) for k, c in _png_chunks(raw)):
         return arr  # Pillow would decode the whole image to look for an eXIf chunk after IDAT
-    with Image.open(path) as im:
+    with Image.open(io.BytesIO(raw)) as im:
         return _upright(arr, im.getexif().get(0x0112, 1))  # 0x0112: Orientation
 
 

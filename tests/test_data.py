@@ -366,6 +366,94 @@ def test_exif_orientation_applied_at_every_bit_depth(tmp_path, orientation):
             assert np.array_equal(read_image(path), expected), name
 
 
+def outcome(read, path: Path, *more):
+    """What read(path, *more) (read_image, read_file) does with one file: ("ok", pixels, shape,
+    warnings) or ("error", the line, exit code), the file's path written as PATH."""
+    name = lambda text: text.replace(str(path), "PATH")  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            img = read(path, *more)
+        except DataError as e:
+            return "error", name(str(e)), e.exit_code
+    return "ok", img.tobytes(), img.shape, [name(str(w.message)) for w in caught]
+
+
+def test_read_image_of_the_bytes_read_is_read_image_of_the_file(tmp_path, monkeypatch):
+    """read_image(path, data), for sr_sample.py's control flags (each file read once, and the
+    bytes decoded are the bytes hashed for the manifest), gives what read_image(path) gives:
+    the pixels and warnings, or the same one-line error, for each kind of file and each decoder
+    (libpng, Pillow, pypng's 16 bits, libtiff); and it opens nothing, the path given is gone."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rgb, rgba = smooth_img(24, 32), rand_img(6, 10, c=4)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(src / "rgb.png")  # libpng's fast path
+    Image.fromarray(rgb).save(src / "rgb.bmp")
+    Image.fromarray(rgb).save(src / "turned.jpg", exif=exif)  # Pillow, turned by EXIF
+    Image.fromarray(rgb).convert("CMYK").save(src / "cmyk.jpg")
+    Image.fromarray(rgba, "RGBA").save(src / "rgba.png")  # alpha dropped: a warning
+    Image.fromarray(rgb).quantize(8).save(src / "palette.png", transparency=0)
+    write_png16(src / "rgb16.png", rgb.astype(np.uint16) * 257 + 100)  # pypng
+    write_png16(src / "gray16.png", rgb[..., 0].astype(np.uint16) * 257)  # Pillow's I;16
+    write_png16(src / "turned16.png", rgba.astype(np.uint16) * 257)
+    with_chunk(src / "turned16.png", b"eXIf", exif.tobytes())  # pypng, turned by Pillow
+    write_tiff(src / "wide.tif", rgb.astype(np.uint16) * 257, orientation=6)  # libtiff
+    write_tiff(src / "float.tif", (rgb / 255).astype(np.float32))
+    ycc = np.asarray(Image.fromarray(rgb).convert("YCbCr"))
+    write_tiff(src / "ycc.tif", ycc, t262=6, t530=[1, 1])
+    write_tiff(src / "lab.tif", ycc, t262=8)  # refused
+    write_tiff(src / "signed.tif", rgb.astype(np.int16))  # refused
+    raw = (src / "rgb16.png").read_bytes()
+    (src / "cut16.png").write_bytes(raw[: len(raw) // 2])
+    (src / "cut.jpg").write_bytes((src / "turned.jpg").read_bytes()[:300])
+    (src / "text.png").write_bytes(b"just some text\n")
+    (src / "signature.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (src / "empty.png").write_bytes(b"")
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    bomb = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)  # claims 100000 x 100000 RGB
+    bomb += png_chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + png_chunk(b"IEND", b"")
+    (src / "bomb.png").write_bytes(bomb)
+    gone = tmp_path / "gone"  # no such folder: a file opened by its path would fail to read
+    kinds = set()
+    for path in sorted(src.iterdir()):
+        expected = outcome(read_image, path)
+        contents = path.read_bytes()
+        got = outcome(read_image, gone / path.name, contents)
+        assert got == expected, path.name
+        kinds.add((expected[0], bool(expected[-1])))
+    assert kinds == {("ok", False), ("ok", True), ("error", True)}  # pixels, warnings, errors
+    monkeypatch.setattr(data, "MAX_PIXELS", 100)  # 24x32: over the limit, from the bytes too
+    path = src / "rgb.png"
+    expected = outcome(read_image, path)
+    assert expected[0] == "error" and "exceeds the limit of 100 pixels" in expected[1]
+    assert outcome(read_image, gone / "rgb.png", path.read_bytes()) == expected
+
+
+def test_read_file_fails_as_read_image_does(tmp_path, monkeypatch):
+    """read_file, which reads a control image's bytes for read_image(path, data): a missing
+    file, a folder or an empty file is read_image's own one-line error; a file that cannot be
+    read (permission denied: root, which runs the tests, ignores modes) one line naming it."""
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "folder.png").mkdir()
+    for name in ("missing.png", "folder.png", "empty.png"):
+        path = tmp_path / name
+        assert outcome(data.read_file, path) == outcome(read_image, path)
+    write_png(tmp_path / "locked.png", smooth_img(8, 8))
+    assert data.read_file(tmp_path / "locked.png") == (tmp_path / "locked.png").read_bytes()
+
+    def refused(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", refused)
+    with pytest.raises(ImageError) as e:
+        data.read_file(tmp_path / "locked.png")
+    assert str(e.value) == (
+        f"{tmp_path / 'locked.png'}: cannot read it (PermissionError: Permission denied)"
+    )
+
+
 @pytest.fixture
 def libpng_calls(monkeypatch):
     """The files imagecodecs decoded (read_image's fast path for plain 8-bit RGB PNGs)."""

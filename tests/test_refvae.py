@@ -1,10 +1,15 @@
 """RefVAE (docs/vae.md) and the sampling controls of sr_sample.py (--ref, --latent-from,
 --latent, --latent-shift, --save-latent) for refvae and varsr. Tiny configs, CPU, seconds."""
 
+import hashlib
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
+import png
 import pytest
 import torch
 from conftest import TINY
@@ -12,7 +17,7 @@ from conftest import TINY
 import sr_sample
 import sr_train
 from sr_lib.checkpoint import load_checkpoint, save_checkpoint
-from sr_lib.data import to_uint8
+from sr_lib.data import read_image, to_tensor, to_uint8
 from sr_lib.errors import CheckpointError, UsageError
 from sr_lib.models import build_model, load_model
 from sr_lib.models.base import NoiseSource, sample_seed
@@ -508,6 +513,56 @@ def test_a_reference_is_encoded_once_per_run(tmp_path, ckpts, monkeypatch, name,
         for i in range(n):
             saved = np.load(tmp_path / "o" / f"{p.stem}_sample{i:05d}.latent.npy")
             assert (saved == z[i].numpy()).all()
+
+
+def test_each_control_file_is_read_once(tmp_path, ckpts):
+    """A control flag's files were read twice or more: read_image opened an image four times
+    (its TIFF probe, the header, the PNG bit depth, the pixels), manifest.json's control_sha256
+    hashed it once more, and a --latent file was loaded, then hashed. Each file is now read
+    once, its bytes decoded and hashed: the digests are those of the files' contents, and the
+    latents those of the references read by path. (Opens counted by the interpreter's audit
+    hook, in a process of its own: the hook cannot be removed.)"""
+    inp = images(tmp_path / "in", 3, ((10, 12),))
+    refs = images(tmp_path / "refs", 1, ((20, 20), (16, 24)))
+    wide = np.random.default_rng(2).integers(0, 65536, (18, 22 * 3), dtype=np.uint16)
+    png.from_array(wide, "RGB;16").save(str(refs / "r2.png"))  # a 16-bit reference: pypng's
+    z_file = tmp_path / "z.npy"
+    np.save(z_file, np.linspace(-1, 1, 8).astype(np.float32))
+    runs = {"--ref": ("refvae", refs), "--latent-from": ("varsr", refs / "r0.png"),
+            "--latent": ("varsr", z_file), "--latent-shift": ("refvae", z_file)}  # fmt: skip
+    argv = {flag: [str(a) for a in ["--ckpt", ckpts[name], "--input", inp, flag, control,
+                                    "--save-latent", "--out", tmp_path / flag]]
+            for flag, (name, control) in runs.items()}  # fmt: skip
+    code = "\n".join([
+        "import collections, json, sys",
+        "import sr_sample",
+        "opens = collections.Counter()",
+        "sys.addaudithook(lambda e, a: e == 'open' and str(a[0]).startswith("
+        f"({str(refs)!r}, {str(z_file)!r})) and opens.update([str(a[0])]))",
+        "out = {}",
+        f"for flag, argv in {argv!r}.items():",
+        "    opens.clear()",
+        "    out[flag] = [sr_sample.main(argv), dict(opens)]",
+        "print(json.dumps(out))",
+    ])  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    sha256 = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
+    for flag, (_, control) in runs.items():
+        files = sorted(control.iterdir()) if control.is_dir() else [control]
+        assert got[flag] == [0, {str(f): 1 for f in files}], flag
+        manifest = json.loads((tmp_path / flag / "manifest.json").read_text())
+        digests = " ".join(sha256(f.read_bytes()) for f in files)
+        assert manifest["control_sha256"] == {flag: sha256(digests.encode())}, flag
+    net = load_model(ckpts["refvae"])[0]  # the references read by path: the same latents
+    cond = {"ref": [net.reference(to_tensor(read_image(f))) for f in sorted(refs.iterdir())]}
+    lr = to_tensor(read_image(inp / "r0.png"))[None]
+    z = net.latents(lr, 3, 1.0, NoiseSource([sample_seed(0, "r0", i) for i in range(3)]), **cond)
+    for i in range(3):
+        saved = np.load(tmp_path / "--ref" / f"r0_sample{i:05d}.latent.npy")
+        assert (saved == z[0, i].numpy()).all()
 
 
 def test_style_statistics_use_the_unbiased_variance_as_the_released_code():

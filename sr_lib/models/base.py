@@ -36,6 +36,7 @@ Images crossing the boundary are RGB float32 in [0, 1], NCHW. Any other range st
 
 import contextlib
 import hashlib
+import io
 import itertools
 import math
 from dataclasses import dataclass, field, fields
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sr_lib.config import check_ranges, config_flag
-from sr_lib.data import default_patch, list_images, read_image, to_tensor
+from sr_lib.data import default_patch, list_images, read_file, read_image, to_tensor
 from sr_lib.errors import DataError, UsageError
 from sr_lib.weights import load_strict
 
@@ -576,16 +577,19 @@ class SampleControls:
     per_sample_refs: bool = False  # --ref DIR: sample i uses reference i
     latent: torch.Tensor | None = None  # --latent: (k, D)
     shift: tuple[torch.Tensor, torch.Tensor] | None = None  # (direction (D,), steps (k,))
-    files: dict = field(default_factory=dict)  # flag -> the files it read, in the order used
+    # flag -> the sha256 of each file it read, in the order used: of the bytes it decoded (each
+    # file is read once; a file changed meanwhile is not recorded with the other contents)
+    digests: dict = field(default_factory=dict)
     encoded: dict | None = None  # `cond` as `encode_references` makes it, on the first image
 
 
-def load_latent(path: str, dim: int, flag: str) -> torch.Tensor:
-    """A saved latent .npy, (D,) or (k, D), as float32. A file that is not one readable finite
-    array is a data error (exit 3); an array of another shape, or of no rows, a usage error
-    (exit 2: the file of another model or flag)."""
+def load_latent(path: str, dim: int, flag: str) -> tuple[torch.Tensor, str]:
+    """A saved latent .npy, (D,) or (k, D), as float32, and the sha256 of the file (read once).
+    A file that is not one readable finite array is a data error (exit 3); an array of another
+    shape, or of no rows, a usage error (exit 2: the file of another model or flag)."""
     try:
-        z = np.load(path)
+        data = Path(path).read_bytes()
+        z = np.load(io.BytesIO(data))
         if not isinstance(z, np.ndarray):  # np.load opens a .npz archive as a lazy NpzFile
             z.close()
             raise DataError(
@@ -601,14 +605,16 @@ def load_latent(path: str, dim: int, flag: str) -> torch.Tensor:
         )
     if not torch.isfinite(z).all():  # it would decode to NaN samples, blamed on the checkpoint
         raise DataError(f"{flag} {path}: holds NaN or infinite values; use a finite latent")
-    return z
+    return z, hashlib.sha256(data).hexdigest()
 
 
-def control_image(path, flag: str, device) -> torch.Tensor:
-    """The (3, H, W) image a control flag names; one that cannot be read (a checkpoint, a
-    folder, a broken file) is a data error naming the flag, not an unreadable input."""
+def control_image(path, flag: str, device) -> tuple[torch.Tensor, str]:
+    """The (3, H, W) image a control flag names, and the sha256 of the bytes it was decoded
+    from (the file read once); one that cannot be read (a checkpoint, a folder, a broken file)
+    is a data error naming the flag, not an unreadable input."""
     try:
-        return to_tensor(read_image(path)).to(device)
+        data = read_file(path)
+        return to_tensor(read_image(path, data)).to(device), hashlib.sha256(data).hexdigest()
     except DataError as e:
         raise DataError(f"{flag} {e}") from None
 
@@ -685,28 +691,29 @@ class LatentSRModel(SRModel):
                 files = list_images(path, recursive=False) if path.is_dir() else [path]
             except DataError as e:  # an empty folder: say which flag gave it
                 raise DataError(f"--ref {e}") from None
-            ctl.cond["ref"] = [self.reference(control_image(f, "--ref", device)) for f in files]
-            ctl.files["--ref"] = files
+            refs = [control_image(f, "--ref", device) for f in files]
+            ctl.cond["ref"] = [self.reference(img) for img, _ in refs]
+            ctl.digests["--ref"] = [digest for _, digest in refs]
             ctl.per_sample_refs = path.is_dir()
             ctl.n = len(files) if path.is_dir() else ctl.n
         if latent_from:
-            ctl.cond["latent_from"] = control_image(latent_from, "--latent-from", device)[None]
-            ctl.files["--latent-from"] = [Path(latent_from)]
+            img, digest = control_image(latent_from, "--latent-from", device)
+            ctl.cond["latent_from"], ctl.digests["--latent-from"] = img[None], [digest]
             ctl.n = 1  # E_H's mean: one output
         if controls.get("latent"):
-            ctl.latent = load_latent(controls["latent"], dim, "--latent").view(-1, dim).to(device)
+            z, digest = load_latent(controls["latent"], dim, "--latent")
+            ctl.latent, ctl.digests["--latent"] = z.view(-1, dim).to(device), [digest]
             ctl.n = len(ctl.latent)
-            ctl.files["--latent"] = [Path(controls["latent"])]
         if controls.get("latent_shift"):
             ctl.shift = self._shift(controls["latent_shift"], controls["latent_steps"], ctl, device)
-            ctl.files["--latent-shift"] = [Path(controls["latent_shift"])]
             ctl.n = len(ctl.shift[1])
         return ctl
 
     def _shift(self, file: str, steps: str, ctl: SampleControls, device):
         """(direction (D,), steps (k,)) of --latent-shift FILE --latent-steps STEPS."""
         dim = self.z_dim
-        direction = load_latent(file, dim, "--latent-shift").view(-1).to(device)
+        direction, digest = load_latent(file, dim, "--latent-shift")
+        direction, ctl.digests["--latent-shift"] = direction.view(-1).to(device), [digest]
         try:
             values = [float(v) for v in steps.split(",") if v.strip()]
         except ValueError:
