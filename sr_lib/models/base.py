@@ -596,7 +596,7 @@ def load_latent(path: str, dim: int, flag: str) -> tuple[torch.Tensor, str]:
                 f"{flag} {path}: a .npz archive, not a .npy array (np.save one (D,) or (k, D))"
             )
         z = torch.from_numpy(z.astype(np.float32))
-    except (OSError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError, EOFError) as e:  # EOFError: an empty file
         raise DataError(f"{flag} {path}: not a readable .npy array ({e})") from None
     if z.ndim not in (1, 2) or z.shape[-1] != dim or z.numel() == 0:
         raise UsageError(
