@@ -89,7 +89,8 @@ sr_lib.data.LOADER_TIMEOUT = {timeout!r}
 real_crops = sr_lib.data.PatchPairs.crops
 def crops(self, step):  # in the forked worker
     if step >= {step}:
-        open({str(pid_file)!r}, "w").write(str(os.getpid()))
+        with open({str(pid_file)!r}, "w") as f:
+            f.write(str(os.getpid()))
         time.sleep(3600)
     return real_crops(self, step)
 sr_lib.data.PatchPairs.crops = crops

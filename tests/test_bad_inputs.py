@@ -58,7 +58,8 @@ def make_odd(d: Path) -> list[str]:
     exif[0x0112] = 6  # rotate 90° on display
     rot.save(d / "exif rotated.jpg", exif=exif, quality=95)
     rows = (img.astype(np.uint16) * 257).reshape(64, -1)
-    png.Writer(72, 64, bitdepth=16, greyscale=False).write(open(d / "sixteen.png", "wb"), rows)
+    with open(d / "sixteen.png", "wb") as f:
+        png.Writer(72, 64, bitdepth=16, greyscale=False).write(f, rows)
     Image.fromarray(img).save(d / "ünïcödé name.png")
     return ["gray", "rgba", "la", "palette", "cmyk", "exif rotated", "sixteen", "ünïcödé name"]
 

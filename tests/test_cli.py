@@ -44,7 +44,7 @@ def test_train_sample_evaluate(tmp_path):
             "--out", str(run)]  # fmt: skip
     assert sr_train.main(argv) == 0
     assert (run / "last.pt").is_file() and (run / "best.pt").is_file()
-    log = [json.loads(line) for line in open(run / "log.jsonl")]
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert any("val_psnr" in r for r in log) and any("loss" in r for r in log)
     assert len(list((run / "val").glob("*.png"))) == 2
 
@@ -169,7 +169,8 @@ def test_a_too_old_torch_is_one_line_at_start(script, capsys, monkeypatch):
 def test_the_oldest_torch_is_the_one_the_requirements_name():
     """The start check, requirements.txt and .ci/oldest.txt (the suite's run at the lower bounds)
     name one version."""
-    floor = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").open()]
+    lines = (REPO / "requirements.txt").read_text().splitlines()
+    floor = [line.split("#")[0].strip() for line in lines]
     assert f"torch>={OLDEST_TORCH}" in floor
     assert f"torch=={OLDEST_TORCH}.0" in (REPO / ".ci" / "oldest.txt").read_text().split()
 
@@ -196,7 +197,8 @@ def test_standard_streams_closed_at_start_are_taken_as_dev_null(tmp_path):
         assert done.returncode == 0, cmd[0]
         assert done.stdout == done.stderr == b""  # nothing reaches the caller's pipes
     assert torch.load(run / "last.pt", weights_only=True)["step"] == 2
-    assert [json.loads(line)["step"] for line in open(run / "log.jsonl")][-1] == 2
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 2
     assert read_image(samples / "a.png").shape == (64, 64, 3)
     assert table.read_text().splitlines()[1].startswith("samples,")
 

@@ -693,7 +693,7 @@ def test_write_png_round_trips(tmp_path):
     assert np.array_equal(read_image(tmp_path / "gray.png")[..., 1], gray)
     depth = np.random.default_rng(0).integers(0, 65536, (9, 11), dtype=np.uint16)
     write_png(tmp_path / "depth.png", depth)
-    w, h, rows, info = png.Reader(filename=str(tmp_path / "depth.png")).read()
+    w, h, rows, info = png.Reader(bytes=(tmp_path / "depth.png").read_bytes()).read()
     assert info["bitdepth"] == 16 and np.array_equal(np.array(list(rows), np.uint16), depth)
     rgb16 = np.random.default_rng(1).integers(0, 65536, (9, 11, 3), dtype=np.uint16)
     write_png(tmp_path / "rgb16.png", rgb16)

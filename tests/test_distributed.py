@@ -84,7 +84,8 @@ def run(cmd, timeout=240):
 
 
 def sync_log(out):
-    return [r for r in map(json.loads, open(out / "log.jsonl")) if "replica_max_diff" in r]
+    rows = map(json.loads, (out / "log.jsonl").read_text().splitlines())
+    return [r for r in rows if "replica_max_diff" in r]
 
 
 @pytest.mark.parametrize(
@@ -192,7 +193,7 @@ def test_a_rank_killed_leaves_the_other_one_line_and_exit_75(tmp_path, images, v
     survivor = ranks[1 - victim]
     workers = Path(f"/proc/{survivor.pid}/task/{survivor.pid}/children").read_text().split()
     ranks[victim].kill()
-    ranks[victim].wait()
+    ranks[victim].communicate()  # (its pipe closed: no file left open)
     err = survivor.communicate(timeout=120)[1]
     assert survivor.returncode == 75 and len(err.splitlines()) == 1, err
     assert len(workers) == 1 and not alive(workers[0]), "its loader worker lives on"
@@ -343,7 +344,11 @@ def test_a_warning_of_every_rank_is_printed_once_one_of_a_node_by_its_rank(tmp_p
 def listening(port: int) -> bool:
     """Whether a socket of this machine listens on TCP `port` (asked of the kernel: a connection
     would be a client of torch's store)."""
-    rows = [line.split() for f in ("tcp", "tcp6") for line in open(f"/proc/net/{f}")]
+    rows = [
+        line.split()
+        for f in ("tcp", "tcp6")
+        for line in Path(f"/proc/net/{f}").read_text().splitlines()
+    ]
     return any(r[1].endswith(f":{port:04X}") and r[3] == "0A" for r in rows[1:] if len(r) > 3)
 
 
@@ -528,5 +533,5 @@ def test_validation_best_pt_and_the_weight_average_under_two_processes(tmp_path,
     for k, w in two["state_dict"].items():  # average <- average + 0.5 (weights - average)
         a = one["ema_state_dict"][k]
         assert torch.allclose(two["ema_state_dict"][k], a + 0.5 * (w - a), rtol=0, atol=1e-6), k
-    rows = [json.loads(x) for x in open(out / "log.jsonl")]
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "val_psnr" in r] == [1, 2]

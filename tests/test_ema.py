@@ -121,7 +121,7 @@ def test_validation_and_best_pt_use_the_average(tmp_path, images, monkeypatch):
     assert len(seen) == 1 and same(seen[0], last["ema_state_dict"])
     assert not same(seen[0], last["state_dict"])
     assert best["step"] == 3 and same(best["ema_state_dict"], last["ema_state_dict"])
-    rows = [json.loads(x) for x in open(tmp_path / "log.jsonl")]
+    rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "val_psnr" in r] == [3]
 
 

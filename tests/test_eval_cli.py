@@ -177,7 +177,7 @@ def test_end_to_end_index_layout_with_lr(tmp_path, capsys, lpips_file):
         assert got["LRPSNR_vs_input_mean"] == pytest.approx(got["LRPSNR_mean"], abs=1e-9)
     for c in cols:
         assert res["mean"][c] == pytest.approx(np.mean([r[c] for r in res["per_image"]]), rel=1e-12)
-    rows = list(csv.DictReader(csv_path.open()))
+    rows = list(csv.DictReader(csv_path.read_text().splitlines()))
     assert [(r["method"], r["image"]) for r in rows] == [("method_a", "0801"), ("method_a", "0802")]
     assert float(rows[1]["score"]) == pytest.approx(res["per_image"][1]["score"], rel=1e-12)
     assert "method_a" in cap.out and "LPIPS_mean" in cap.out  # the table
@@ -376,7 +376,7 @@ def test_n1_index_layout_and_two_methods(tmp_path, capsys, lpips_file):
         for got, w in zip(entry["per_image"], expected(hr_dir, d, 1, lpips_file)):
             check_row({k: v for k, v in got.items() if not k.startswith("PSNR")}, w)
             assert got["score"] == 0.0  # one sample: no diversity
-    assert len(list(csv.DictReader(csv_path.open()))) == 4
+    assert len(list(csv.DictReader(csv_path.read_text().splitlines()))) == 4
     assert "method_a" in cap.out and "method_b" in cap.out
     # Y channel, no shave, checked on one image
     gt, sr = read_image(hr_dir / "0801.png"), read_image(sr_a / "000000.png")
@@ -962,6 +962,7 @@ def test_an_hr_turned_by_its_exif_orientation_is_checked_upright(tmp_path, capsy
     exif[0x0112] = 6  # turn 90 degrees clockwise on display: store it turned the other way
     Image.fromarray(np.rot90(hr)).save(hr_dir / "0801.jpg", exif=exif, quality=100)
     (hr_dir / "0801.png").unlink()
-    assert Image.open(hr_dir / "0801.jpg").size == (48, 64)  # (W, H) as stored
+    with Image.open(hr_dir / "0801.jpg") as im:
+        assert im.size == (48, 64)  # (W, H) as stored
     code, cap = run(capsys, *base(hr_dir, sr_dir))
     assert code == 0 and cap.err == ""

@@ -112,7 +112,7 @@ def test_sweep_rows_names_n_and_report(tmp_path, capsys, lpips_file, plotted):
     assert res["flow@T0.5"]["sr_dir"] == str(sweep / "T0.5")
     scores = [res[m]["mean"]["score"] for m in names]
     assert scores[0] < scores[1] < scores[2] and scores[3] == 0  # diversity grows with T
-    lines = list(csv.DictReader(rows_csv.open()))
+    lines = list(csv.DictReader(rows_csv.read_text().splitlines()))
     assert [(r["method"], r["temperature"], r["n"]) for r in lines[::2]] == [
         ("flow@T0", "0", "3"), ("flow@T0.5", "0.5", "3"), ("flow@T1", "1", "3"),
         ("bicubic", "", "1"),

@@ -71,17 +71,17 @@ def test_kill9_five_times_then_finish_equals_uninterrupted(tmp_path, images):
     targets = [rng.randint(i * steps // 5 + 1, (i + 1) * steps // 5 - 10) for i in range(5)]
     for target in targets:
         extra = ["--resume", "auto"] if (out / "last.pt").exists() else []
-        p = subprocess.Popen(cmd(out, images, steps) + extra, env=env, cwd=REPO,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-        deadline = time.time() + 120
-        while time.time() < deadline and p.poll() is None:
-            if last_logged_step(out / "log.jsonl") >= target:
-                break
-            time.sleep(0.002)
-        time.sleep(rng.uniform(0, 0.02))
-        assert p.poll() is None, f"training ended before the kill at step {target}"
-        p.send_signal(signal.SIGKILL)
-        p.wait()
+        with subprocess.Popen(cmd(out, images, steps) + extra, env=env, cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as p:  # fmt: skip
+            deadline = time.time() + 120
+            while time.time() < deadline and p.poll() is None:
+                if last_logged_step(out / "log.jsonl") >= target:
+                    break
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0, 0.02))
+            assert p.poll() is None, f"training ended before the kill at step {target}"
+            p.send_signal(signal.SIGKILL)
+            p.wait()
         kills += 1
         if (out / "last.pt").exists():  # never unreadable, whatever the moment of the kill
             assert load_checkpoint(out / "last.pt")["step"] <= steps

@@ -210,7 +210,8 @@ def test_cuda_graphs_record_and_train_as_eager(tmp_path, model, monkeypatch):
     assert train(tmp_path / "graph", model, *flags, "--cuda-graphs") == 0
     assert len(made) == (2 if model is SRFLOW else 1)
     logs = {
-        d: [json.loads(x) for x in open(tmp_path / d / "log.jsonl")] for d in ("eager", "graph")
+        d: [json.loads(x) for x in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+        for d in ("eager", "graph")
     }
     for key in ("loss", "val_psnr"):
         a, b = ([r[key] for r in logs[d] if key in r] for d in ("eager", "graph"))

@@ -107,7 +107,7 @@ def test_resume_is_exact(tmp_path, images, toy):
     run(tmp_path / "b", images, "--model", "toy", "--steps", "4", "--resume", "auto")
     a, b = params(tmp_path / "a" / "last.pt"), params(tmp_path / "b" / "last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    log = [json.loads(x) for x in open(tmp_path / "b" / "log.jsonl")]
+    log = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
 
 
@@ -282,7 +282,7 @@ def test_a_new_run_after_one_killed_before_its_first_save_logs_each_step_once(tm
     with open(tmp_path / "log.jsonl", "a") as f:
         f.write('{"step": 4, "lo')
     assert run(tmp_path, images, *flags, "--steps", "4") == 0
-    log = [json.loads(x) for x in open(tmp_path / "log.jsonl")]
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
 
 
@@ -389,7 +389,7 @@ def test_out_of_memory_in_validation_skips_it_and_trains_on(tmp_path, images, to
     assert validation_warnings(tmp_path, images, capsys, steps=4) == [
         "sr_train.py: warning: validation at step 2: out of memory; skipped (a smaller "
         "--val-crop or --val-n needs less)"]  # fmt: skip
-    log = [json.loads(x) for x in open(tmp_path / "log.jsonl")]
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "val_psnr" in r] == [4]
     assert load_checkpoint(tmp_path / "best.pt")["step"] == 4
 
@@ -438,7 +438,7 @@ def test_a_good_step_resets_the_bad_step_counter(tmp_path, images, toy):
 
 
 def logged_rates(run_dir) -> list[float]:
-    rows = [json.loads(x) for x in open(run_dir / "log.jsonl")]
+    rows = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
     return [r["learning_rate"] for r in rows if "learning_rate" in r]
 
 

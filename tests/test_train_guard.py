@@ -114,7 +114,7 @@ def run(out, images, *extra, scale=2):
 
 
 def records(run_dir):
-    return [json.loads(line) for line in open(Path(run_dir) / "log.jsonl")]
+    return [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
 
 
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")

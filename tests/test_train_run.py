@@ -142,7 +142,7 @@ def test_tensorboard_holds_every_logged_number_and_the_validation_strips(tmp_pat
     events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     logged = {}
-    for rec in map(json.loads, open(out / "log.jsonl")):
+    for rec in map(json.loads, (out / "log.jsonl").read_text().splitlines()):
         for key, value in rec.items():
             if key != "step":
                 logged.setdefault(key, []).append((rec["step"], value))
@@ -174,7 +174,8 @@ def test_tensorboard_of_a_resumed_run_holds_each_step_once(tmp_path, images):
     assert sr_train.main([*argv, "--steps", "4", "--resume", "auto"]) == 0
     shutil.copy(tmp_path / "step2.pt", out / "last.pt")  # killed after step 4, saved at 2
     assert sr_train.main([*argv, "--steps", "4", "--resume", "auto"]) == 0
-    logged = [(r["step"], r["loss"]) for r in map(json.loads, open(out / "log.jsonl"))]
+    rows = map(json.loads, (out / "log.jsonl").read_text().splitlines())
+    logged = [(r["step"], r["loss"]) for r in rows]
     events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
     events.Reload()
     shown = [(e.step, e.value) for e in events.Scalars("loss")]

@@ -114,7 +114,7 @@ def train_curve(amp: str, seed: int, a, *extra: str) -> tuple[list[float], float
             code = sr_train.main(argv)
         assert code == 0, f"sr_train.py exit {code}: {lines.getvalue()[-500:]}"
         wall = time.perf_counter() - t
-        rows = [json.loads(line) for line in open(Path(out) / "log.jsonl")]
+        rows = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
     return [r["nll"] for r in rows if "nll" in r], wall / a.steps
 
 

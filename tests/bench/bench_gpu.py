@@ -434,7 +434,7 @@ def measure_pipeline(b: Bench, variant: str) -> None:
         stop.set()
         if done.returncode != 0:
             raise RuntimeError(f"sr_train.py exit {done.returncode}: {done.stderr[-500:]}")
-        rows = [json.loads(x) for x in open(Path(out) / "log.jsonl")]
+        rows = [json.loads(x) for x in (Path(out) / "log.jsonl").read_text().splitlines()]
     logged = [r["s_per_step"] for r in rows if "s_per_step" in r][1:]  # after the first window
     row = {"steps": steps, "wall_s": round(wall, 1), "logged_s_per_step": logged,
            "logged_median_s": round(float(np.median(logged)), 4)}  # fmt: skip
