@@ -364,6 +364,10 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         if why:
             stopped = stop["signal"] or ("time budget" if why == 1 else "signal (other rank)")
             break
+        # --compile: the random generators before the step, which a step cut short by its
+        # compilation's end may have drawn from (SRFlow's dequantisation noise is drawn eagerly
+        # before its first compiled block): put back for last.pt
+        before_step = torch_rng_state() if args.compile and not dd.on else None
         try:
             out_g, ok = train_step(model, forward, optimizers, batches, step, recipe, dd, scaler,
                                    autocast, graph)  # fmt: skip
@@ -378,6 +382,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
                     raise Resumable(f"{stop['signal']}: stopped in step {step + 1} (its "
                                     f"compilation); {last_save(dd, saved, out / 'last.pt', before)}"
                                     ) from None  # fmt: skip
+                set_torch_rng_state(before_step)  # last.pt resumes as a stop after the step would
                 stopped = stop["signal"]
                 break
             if dd.on or not is_out_of_memory(e):  # (other ranks wait in a collective: no save)
@@ -1822,21 +1827,33 @@ def validate(model, pairs, args, device, out: Path, step: int, run_log, progress
 
 
 def rng_state() -> dict:
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-        "numpy_pos": int(np.random.get_state()[2]),
+    numpy, state = np.random.get_state(), torch_rng_state()
+    return {
+        "torch": state["torch"],
+        "numpy": torch.from_numpy(numpy[1].astype(np.int64)),
+        "numpy_pos": int(numpy[2]),
         "python": random.getstate()[1],
+        **state,  # and "cuda"
     }
+
+
+def torch_rng_state() -> dict:
+    """The generators a training step draws from: torch's (none of numpy's or Python's, whose
+    states take 100 us to read; torch's 1 us)."""
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"]))
     random.setstate((3, tuple(state["python"]), None))
+    set_torch_rng_state(state)
+
+
+def set_torch_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
