@@ -93,9 +93,12 @@ def read_image(path: str | os.PathLike, data: bytes | None = None) -> np.ndarray
     orientation applied. Float images (rare TIFFs) are assumed to be in [0, 1]. 16-bit and float
     TIFFs are decoded by libtiff (imagecodecs); other TIFFs by Pillow.
 
+    The file is read once, whole, and every reader below (the TIFF tags, Pillow's header, the
+    PNG bit depth, the decoder) takes those bytes: each open of a file is a call to a cluster
+    file system's metadata server, and the header checks opened it four times.
     `data`: the file's contents, already read (`read_file`): decoded from them with the same
-    checks and errors, the file not opened again; `path` then only names it in messages.
-    sr_sample.py's control flags hash the very bytes they decode, each file read once.
+    checks and errors; `path` then only names it in messages. sr_sample.py's control flags hash
+    the very bytes they decode.
     """
     if MAX_PIXELS is None:
         value = os.environ.get("SRSPACE_MAX_PIXELS")
@@ -105,15 +108,15 @@ def read_image(path: str | os.PathLike, data: bytes | None = None) -> np.ndarray
         )
     path = Path(path)
     if data is None:
-        _check_file(path)
+        data = read_file(path)
     elif not data:
         _fail(path, "empty file (0 bytes)")
 
-    def source() -> Path | BinaryIO:  # a new reader of the file each time, at its start
-        return path if data is None else io.BytesIO(data)
+    def source() -> BinaryIO:  # a new reader of the file each time, at its start
+        return io.BytesIO(data)
 
     def contents() -> bytes:  # the whole file, for the decoders that take bytes
-        return path.read_bytes() if data is None else data
+        return data
 
     too_big = f"exceeds the limit of {MAX_PIXELS} pixels (raise it with SRSPACE_MAX_PIXELS)"
     tags = _tiff_tags(source())  # None for other formats

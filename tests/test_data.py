@@ -224,6 +224,7 @@ def test_an_image_that_cannot_be_opened_is_one_error_naming_it(tmp_path, monkeyp
         return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr("builtins.open", refusing_open)
+    monkeypatch.setattr("io.open", refusing_open)  # Path.read_bytes's
     with pytest.raises(ImageError, match="locked.png: .*PermissionError.*Permission denied"):
         read_image(path)
 
@@ -429,6 +430,34 @@ def test_read_image_of_the_bytes_read_is_read_image_of_the_file(tmp_path, monkey
     expected = outcome(read_image, path)
     assert expected[0] == "error" and "exceeds the limit of 100 pixels" in expected[1]
     assert outcome(read_image, gone / "rgb.png", path.read_bytes()) == expected
+
+
+def test_read_image_opens_each_file_once(tmp_path):
+    """read_image opened a file four times (TIFF tags, Pillow's header, the PNG bit depth, the
+    decoder): on a cluster's file system each open is a call to its metadata server, 20,000
+    images to evaluate, 40,000 samples. Opens counted by the interpreter's audit hook, in a
+    process of its own (a hook cannot be removed)."""
+    src = tmp_path / "in put"
+    src.mkdir()
+    rgb = smooth_img(24, 32)
+    Image.fromarray(rgb).save(src / "rgb.png")  # libpng
+    Image.fromarray(rgb).save(src / "rgb.jpg")  # Pillow
+    write_png16(src / "rgb16.png", rgb.astype(np.uint16) * 257)  # pypng
+    write_tiff(src / "wide.tif", rgb.astype(np.uint16) * 257)  # libtiff
+    code = "\n".join([
+        "import collections, json, sys",
+        "from sr_lib.data import read_image",
+        "opens = collections.Counter()",
+        f"sys.addaudithook(lambda e, a: e == 'open' and str(a[0]).startswith({str(src)!r})"
+        " and opens.update([str(a[0])]))",
+        f"for name in {sorted(p.name for p in src.iterdir())!r}:",
+        f"    assert read_image({str(src)!r} + '/' + name).shape == (24, 32, 3)",
+        "print(json.dumps(opens))",
+    ])  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    opens = json.loads(run.stdout.splitlines()[-1])
+    assert opens == {str(p): 1 for p in src.iterdir()}
 
 
 def test_read_file_fails_as_read_image_does(tmp_path, monkeypatch):
