@@ -18,8 +18,12 @@ Files written to a sample folder (what sr_eval.py reads). NAME is the input's st
                           models) | sigma], maps normalised to their max (black, red, yellow,
                           white)
   NAME_sample{i:05d}.latent.npy
-                          --save-latent, latent models (refvae, varsr): the float32 (D,) latent
-                          of sample i; `--latent FILE` decodes it to the same sample again
+                          --save-latent, refvae and varsr: the float32 (D,) latent of sample i;
+                          `--latent FILE` decodes it to the same sample again
+  NAME_sample{i:05d}.latent.npz
+                          --save-latent, flows (srflow, srflow_da, ncsr): sample i's float32
+                          latent fields z0, z1, ... (C, h, w), temperature applied, at the LR's
+                          size; `--latent FILE` decodes it again (an LR of that size)
   manifest.json           the settings that made the folder (checkpoint sha256, model, config,
                           scale, temperature, n, seed, ..., the sha256 of the control files:
                           --ref FILE|DIR, --latent-from, --latent, --latent-shift); a rerun with
@@ -36,10 +40,12 @@ Sampling controls (a model without the control stops with a one-line usage error
                           a folder (n = their number); noise (default): a Gaussian-noise reference
                           per sample; lr: the LR image itself; prior: z ~ N(0, I), no reference
   --latent-from HR        varsr: the HR encoder's latent of another HR image (one output)
-  --latent FILE           decode saved latents, (D,) or (k, D): one output per row
+  --latent FILE           decode saved latents, (D,) or (k, D): one output per row (flows: a
+                          .npz of fields z0, z1, ... (C, h, w) or (k, C, h, w))
   --latent-shift FILE --latent-steps -2,-1,0,1,2
-                          walk z_k = z_0 + k·direction (one output per step); z_0 = --latent, or
-                          the model's temperature-0 latent of the controls given (varsr: μ_L)
+                          refvae, varsr: walk z_k = z_0 + k·direction (one output per
+                          step); z_0 = --latent, or the model's temperature-0 latent of the
+                          controls given (varsr: μ_L)
 Sample i of image `stem` draws from the stream sample_seed(--seed, stem, i), so it depends neither
 on file order, --batch, --n, --shard nor on the other temperatures of a sweep (at another
 temperature it is the same draw, scaled).
@@ -125,6 +131,7 @@ from sr_lib.data import (
     to_uint8,
     write_encoded_png,
     write_npy,
+    write_npz,
     write_png,
     write_text,
 )
@@ -392,7 +399,7 @@ def write_pngs(paths: list[Path], img: np.ndarray) -> None:
 
 
 save_png, save_pngs = held(write_png), held(write_pngs)
-save_npy, save_text = held(write_npy), held(write_text)
+save_npy, save_npz, save_text = held(write_npy), held(write_npz), held(write_text)
 
 
 class SampleWriter:
@@ -538,8 +545,8 @@ def sample(args: SampleArgs, given: set[str] = frozenset()) -> int:
     # One NAME.png per image where one output is all there is: a deterministic model's n copies,
     # and with --layout ntire any --n 1, as the challenge's measure.py reads N = 1 (000000.png)
     single = n == 1 and (not model.stochastic or args.layout == "ntire")
-    files = Outputs(n, single, want_sigma and args.save_uncertainty, args.grid,
-                    args.save_latent and controls is not None)  # fmt: skip
+    latents = model.latent_file if args.save_latent and controls is not None else ""
+    files = Outputs(n, single, want_sigma and args.save_uncertainty, args.grid, latents)
     if Path(args.input).is_dir() and out.resolve() == Path(args.input).resolve():
         paths = leave_out_samples(paths, files, args.layout, out, len(folders) > 1)
     part, parts = (int(v) for v in args.shard.split("/"))
@@ -796,13 +803,13 @@ def differences(old: dict, new: dict) -> list[tuple[str, object, object]]:
     return out
 
 
-OLD_SAMPLE = re.compile(r"(.+)_sample\d{5}(\.png|\.latent\.npy)")
+OLD_SAMPLE = re.compile(r"(.+)_sample\d{5}(\.png|\.latent\.npy|\.latent\.npz)")
 
 
 def remove_old_files(folder: Path, names: list[str], inputs: set[Path]) -> None:
     """--overwrite in a folder of this tool (it holds a manifest.json): delete every file it may
     have written for the images `names` (this shard's) with any settings: NAME_sample{i:05d}.png
-    and .latent.npy, NAME_sigma.png and .npy, NAME_grid.png, NAME.png (never an input). Samples
+    and .latent.npy/.npz, NAME_sigma.png and .npy, NAME_grid.png, NAME.png (never an input). Samples
     of an earlier, larger --n would otherwise stay to be scored with the new ones, and a stopped
     --overwrite run would leave old files that its rerun takes as complete."""
     names = set(names)
@@ -901,7 +908,7 @@ class Outputs:
     single: bool  # one NAME.png (n = 1: a deterministic model, or any with --layout ntire)
     sigma: bool
     grid: bool
-    latents: bool
+    latents: str  # the ending of the --save-latent files (model.latent_file), "" for none
 
     def samples(self, name: str) -> list[str]:
         return (
@@ -912,7 +919,7 @@ class Outputs:
         names = self.samples(name)
         names += [f"{name}_sigma.png", f"{name}_sigma.npy"] if self.sigma else []
         names += [f"{name}_grid.png"] if self.grid else []
-        names += [f"{f[:-4]}.latent.npy" for f in self.samples(name)] if self.latents else []
+        names += [f"{f[:-4]}{self.latents}" for f in self.samples(name)] if self.latents else []
         return names
 
     def complete(self, folder: Path, name: str) -> bool:
@@ -951,7 +958,8 @@ def resolve_controls(args: SampleArgs, model, name: str, device):
     """The sampling-control flags as the model's controls; a flag the model does not take is a
     usage error naming the models that do. None: the model draws no explicit latents."""
     asked = {"--ref": ("ref", args.ref), "--latent-from": ("latent_from", args.latent_from),
-             "--latent": ("latent", args.latent), "--latent-shift": ("latent", args.latent_shift),
+             "--latent": ("latent", args.latent),
+             "--latent-shift": ("latent_shift", args.latent_shift),
              "--save-latent": ("latent", args.save_latent)}  # fmt: skip
     for flag, (key, value) in asked.items():
         if value and key not in model.sample_controls:
@@ -1036,11 +1044,11 @@ def write_samples(model, lr, stem, name, n, temperature, folder, files, tile, co
     for c0 in range(0, draws, args.batch):
         idx = range(c0, min(c0 + args.batch, draws))
         seeds = [sample_seed(args.seed, stem, i) for i in idx]
-        z = model.sample_latents(lr, seeds, idx, temperature, controls)  # (len(idx), D) or None
+        # (len(idx), D), a flow's fields [(len(idx), C, h, w), ...], or None
+        z = model.sample_latents(lr, seeds, idx, temperature, controls)
         if z is not None and args.save_latent:  # NAME_sample00003.png -> ....latent.npy
-            for i, zi in zip(idx, z.float().cpu().numpy()):
-                save_npy(folder / f"{names[i][:-4]}.latent.npy", zi)
-        cond = {} if z is None else {"latent": z[None]}  # (1, len(idx), D)
+            save_latents([folder / f"{names[i][:-4]}{files.latents}" for i in idx], z)
+        cond = {} if z is None else {"latent": z[None] if torch.is_tensor(z) else z}
         x = draw(model, lr, seeds, temperature, tile, context, args.cem, cond, prepared)
         check_finite(x, name, idx, temperature if model.stochastic else None, args.amp)
         srs = to_uint8(x)
@@ -1055,6 +1063,18 @@ def write_samples(model, lr, stem, name, n, temperature, folder, files, tile, co
         return kept, None
     mean, square = sums[0] / draws, sums[1] / draws
     return kept, np.sqrt(np.maximum(square - mean * mean, 0)).mean(-1)
+
+
+def save_latents(paths: list[Path], z) -> None:
+    """--save-latent: sample j's latent in paths[j]: row j of z (k, D) as a float32 (D,) .npy,
+    or of a flow's fields [(k, C, h, w), ...] as the float32 arrays z0, z1, ... of one .npz."""
+    if torch.is_tensor(z):
+        for path, zj in zip(paths, z.float().cpu().numpy()):
+            save_npy(path, zj)
+        return
+    fields = [f.float().cpu().numpy() for f in z]
+    for j, path in enumerate(paths):
+        save_npz(path, {f"z{k}": f[j] for k, f in enumerate(fields)})
 
 
 def check_finite(x: torch.Tensor, name: str, idx: range, temperature, amp: str) -> None:

@@ -24,6 +24,7 @@ import time
 import uuid
 import warnings
 import weakref
+import zipfile
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -526,6 +527,21 @@ def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write an array as a .npy file atomically: a failed write leaves no file behind."""
     buf = io.BytesIO()
     np.save(buf, array)
+    _write_bytes(path, buf.getvalue())
+
+
+def write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
+    """Write arrays as an uncompressed .npz archive (what np.load reads, as np.savez writes it)
+    atomically, its bytes a function of the arrays alone (np.savez stamps each member with the
+    time of writing)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            member = io.BytesIO()
+            np.save(member, array)
+            archive.writestr(
+                zipfile.ZipInfo(f"{name}.npy", (1980, 1, 1, 0, 0, 0)), member.getvalue()
+            )
     _write_bytes(path, buf.getvalue())
 
 

@@ -17,6 +17,7 @@ from sr_lib.models import MODELS, build_model, vspsr
 from sr_lib.models.base import LatentSRModel, NoiseSource, Recipe, SRModel
 from sr_lib.models.losses import hard_sample_mask, le_loss
 from sr_lib.models.rrdb import RRDBNet, load_official_rrdb
+from sr_lib.models.srflow import SRFlow
 from sr_lib.models.vgg import VGGFeatures
 
 
@@ -245,13 +246,19 @@ def test_every_model_implements_the_declared_interface(case, make_batch):
         assert isinstance(getattr(model, attr), kind), attr
     assert cls.forward is not SRModel.forward and cls.generate is not SRModel.generate
     assert cls.raw_config({}, 4)["scale"] == 4 and isinstance(cls.recipe(4), Recipe)
-    # latent controls: exactly the LatentSRModels, which define their latents and decoding
-    assert set(cls.sample_controls) <= {"latent", "ref", "latent_from"}
-    assert ("latent" in cls.sample_controls) == issubclass(cls, LatentSRModel)
+    # latent controls: the LatentSRModels, which define their latents and decoding, and the
+    # flows (--latent, --save-latent of their latent fields; no --latent-shift)
+    assert set(cls.sample_controls) <= {"latent", "latent_shift", "ref", "latent_from"}
+    flow = issubclass(cls, SRFlow)
+    assert ("latent" in cls.sample_controls) == (issubclass(cls, LatentSRModel) or flow)
+    assert ("latent_shift" in cls.sample_controls) == issubclass(cls, LatentSRModel)
+    assert model.latent_file == (".latent.npz" if flow else ".latent.npy")
     if issubclass(cls, LatentSRModel):
         assert cls.latents is not LatentSRModel.latents
         assert cls.decode_latents is not LatentSRModel.decode_latents
         assert model.z_dim == cfg["z_dim"]
+    elif flow:
+        assert model.resolve_controls({}, 3, "cpu").latent is None
     else:
         assert model.resolve_controls({}, 3, "cpu") is None
     if model.discriminator is not None:

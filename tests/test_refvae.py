@@ -326,7 +326,7 @@ def test_latent_from_cli(tmp_path, ckpts):
         ("edsr", ["--ref", "noise"], 2, "--ref: the edsr model does not support it (only: refvae)"),
         ("varsr", ["--ref", "lr"], 2, "(only: refvae)"),
         ("refvae", ["--latent-from", "x.png"], 2, "(only: varsr)"),
-        ("edsr", ["--save-latent"], 2, "only: refvae, varsr"),
+        ("edsr", ["--save-latent"], 2, "only: srflow, srflow_da, ncsr, refvae, varsr"),
         ("refvae", ["--ref", "nowhere"], 3, "--ref"),
         ("refvae", ["--ref", "no refs"], 3, "error: --ref "),  # an empty folder names the flag
         ("varsr", ["--latent", "bad.npy"], 2, "expected (8,)"),

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from conftest import TINY
 from test_flow_layers import perturb
 from test_models import official_rrdb_layout
+from test_refvae import run  # sr_sample.main's exit code
 from torch.autograd.functional import jacobian
 
 import sr_lib.models
@@ -19,6 +20,7 @@ import sr_sample
 import sr_train
 from sr_lib.checkpoint import save_checkpoint
 from sr_lib.config import parse
+from sr_lib.data import to_uint8
 from sr_lib.errors import CheckpointError, UsageError
 from sr_lib.models import MODELS, build_model
 from sr_lib.models.base import NoiseSource
@@ -584,3 +586,240 @@ def test_format_1_checkpoints_of_other_models_still_load(tmp_path):
     torch.save(ck, path)
     net, _ = sr_lib.models.load_model(path)
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+# sr_sample.py --save-latent and --latent for flows (docs/flows.md, "Saved latents").
+
+
+@pytest.fixture(scope="module")
+def flow_ckpts(tmp_path_factory):
+    """Checkpoints of tiny flows with non-trivial weights (the samples depend on the latents),
+    srflow at x4 and x8 too."""
+    folder = tmp_path_factory.mktemp("flow_ckpts")
+    paths = {}
+    for name, scale in [(n, 4) for n in FLOWS] + [("srflow", 8)]:
+        cfg = {**TINY[name], "scale": scale}
+        key = name if scale == 4 else f"{name}_x{scale}"
+        paths[key] = folder / f"{key}.pt"
+        save_checkpoint(paths[key], {"model": name, "model_cfg": cfg, "step": 0,
+                                     "state_dict": tiny(name, scale).state_dict()})  # fmt: skip
+    return paths
+
+
+def lr_image(path, h, w, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
+    iio.imwrite(path, img)
+    return path
+
+
+def pngs(folder, n, stem="r0"):
+    return [iio.imread(folder / f"{stem}_sample{i:05d}.png") for i in range(n)]
+
+
+@pytest.mark.parametrize("name", FLOWS)
+def test_save_latent_then_latent_reproduces_a_flow_sample(tmp_path, flow_ckpts, name):
+    """--save-latent writes sample i's latent fields z0, z1, ... (C, h, w), temperature applied,
+    at the LR padded to lr_multiple (9 x 11: srflow pads to 2); --latent decodes them to the
+    same PNG, bit for bit, one output per file or per row of a (k, C, h, w) file; the PNGs are
+    the library's `sample` with the same seeds (the same draw as without --save-latent)."""
+    model = sr_lib.models.load_model(flow_ckpts[name])[0]
+    inp = lr_image(tmp_path / "in" / "r0.png", 9, 11)
+    base = ["--ckpt", flow_ckpts[name], "--input", inp]
+    assert run(*base, "--n", 3, "--batch", 2, "--temperature", 0.7, "--save-latent", "--out",
+               tmp_path / "a") == 0  # fmt: skip
+    m = model.lr_multiple
+    h, w = -(-9 // m) * m * 4, -(-11 // m) * m * 4
+    files = [tmp_path / "a" / f"r0_sample{i:05d}.latent.npz" for i in range(3)]
+    z = [dict(np.load(f)) for f in files]
+    fields = model.latent_fields()
+    assert sorted(z[0]) == [f"z{k}" for k in range(len(fields))] and len(fields) >= 2
+    for k, (c, down) in enumerate(fields):
+        assert z[0][f"z{k}"].shape == (c, h // down, w // down)
+        assert z[0][f"z{k}"].dtype == np.float32
+    a = pngs(tmp_path / "a", 3)
+    assert not (a[0] == a[2]).all()  # the latents show in the samples
+    lr = torch.from_numpy(iio.imread(inp)).permute(2, 0, 1)[None] / 255
+    seeds = [sr_sample.sample_seed(0, "r0", i) for i in range(3)]
+    sr = model.sample(lr, 3, 0.7, NoiseSource(seeds))[0]
+    assert all((to_uint8(sr[i : i + 1])[0] == a[i]).all() for i in range(3))
+    # decoded again: sample 2 from its file, all three from one (3, C, h, w) file
+    assert run(*base, "--latent", files[2], "--out", tmp_path / "b") == 0
+    assert sorted(p.name for p in (tmp_path / "b").glob("*.png")) == ["r0_sample00000.png"]
+    assert (pngs(tmp_path / "b", 1)[0] == a[2]).all()
+    np.savez(tmp_path / "all.npz", **{k: np.stack([zi[k] for zi in z]) for k in z[0]})
+    assert run(*base, "--latent", tmp_path / "all.npz", "--save-latent", "--out",
+               tmp_path / "c") == 0  # fmt: skip
+    assert all((x == y).all() for x, y in zip(pngs(tmp_path / "c", 3), a))
+    for i in range(3):  # saved again: the same fields
+        again = np.load(tmp_path / "c" / f"r0_sample{i:05d}.latent.npz")
+        assert all((again[k] == z[i][k]).all() for k in z[i])
+    # what is saved is the temperature's draw: at T = 1 the same draw, unscaled
+    assert run(*base, "--n", 1, "--temperature", 1, "--save-latent", "--out", tmp_path / "t1") == 0
+    one = np.load(tmp_path / "t1" / "r0_sample00000.latent.npz")
+    assert all((np.float32(0.7) * one[k] == z[0][k]).all() for k in z[0])
+
+
+def test_flow_latent_with_tiles(tmp_path, flow_ckpts):
+    """Tiled sampling draws the latent fields at whole-image size and cuts them per tile:
+    --save-latent writes the same whole-image fields tiled or not, and --latent decodes them,
+    tiled or not, to the untiled sample."""
+    inp = lr_image(tmp_path / "in" / "r0.png", 36, 44, seed=5)
+    base = ["--ckpt", flow_ckpts["srflow"], "--input", inp, "--save-latent"]
+    assert run(*base, "--n", 2, "--out", tmp_path / "u") == 0
+    assert run(*base, "--n", 2, "--tile", 16, "--out", tmp_path / "t") == 0
+    u, t = pngs(tmp_path / "u", 2), pngs(tmp_path / "t", 2)
+    assert all((x == y).all() for x, y in zip(u, t)) and not (u[0] == u[1]).all()
+    for i in range(2):
+        zu = np.load(tmp_path / "u" / f"r0_sample{i:05d}.latent.npz")
+        zt = np.load(tmp_path / "t" / f"r0_sample{i:05d}.latent.npz")
+        assert all((zu[k] == zt[k]).all() for k in zu)
+    latent = tmp_path / "u" / "r0_sample00001.latent.npz"
+    assert run(*base, "--latent", latent, "--tile", 16, "--out", tmp_path / "tl") == 0
+    assert (pngs(tmp_path / "tl", 1)[0] == u[1]).all()
+
+
+@pytest.mark.parametrize(
+    "latent, code, words",
+    [
+        ("other size", 2, "expected z0 (6, 24, 24), z1 (96, 6, 6), the latents of this x4 SRFlow "
+                          "for a 12x12 LR (--save-latent of the same model and LR size)"),
+        ("x8", 2, "holds z0 (6, 40, 48), z1 (12, 20, 24), z2 (192, 5, 6); expected this model's 2 "
+                  "latent fields z0, z1"),
+        ("srflow_da", 2, "fields z0 (6, 24, 24), z1 (24, 12, 12); expected z0 (6, 24, 24), z1 "
+                         "(96, 6, 6)"),
+        ("one field", 2, "holds z0 (6, 24, 24); expected this model's 2 latent fields z0, z1, "
+                         "each (C, h, w) or all (k, C, h, w) with the same k >= 1"),
+        ("mixed", 2, "expected this model's 2 latent fields"),
+        ("rows", 2, "its fields hold [2, 3] samples; expected one k"),
+        ("nan", 3, "holds NaN or infinite values; use a finite latent"),
+        ("refvae", 3, "a .npy array, not the .npz archive of this model's 2 latent fields z0, z1"),
+        ("junk", 3, "not a readable .npz archive"),
+    ],
+)  # fmt: skip
+def test_a_bad_flow_latent_is_one_line(tmp_path, flow_ckpts, capsys, latent, code, words):
+    """A --latent file of another LR size, scale or flow, of other fields, non-finite, of a
+    latent model (a (D,) .npy) or no archive: one line naming the file, exit 2 or 3 as for
+    refvae/varsr, nothing written."""
+    inp = lr_image(tmp_path / "in" / "r0.png", 12, 12)
+    made = {"other size": ("srflow", 10, 12), "x8": ("srflow_x8", 10, 12),
+            "srflow_da": ("srflow_da", 12, 12)}  # fmt: skip
+    f = tmp_path / f"{latent}.npz"
+    if latent in made:
+        key, h, w = made[latent]
+        other = lr_image(tmp_path / "other" / "o.png", h, w)
+        assert run("--ckpt", flow_ckpts[key], "--input", other, "--n", 1, "--save-latent",
+                   "--out", tmp_path / "saved") == 0  # fmt: skip
+        f.write_bytes((tmp_path / "saved" / "o_sample00000.latent.npz").read_bytes())
+    elif latent == "one field":
+        np.savez(f, z0=np.zeros((6, 24, 24), np.float32))
+    elif latent == "mixed":
+        np.savez(f, z0=np.zeros((6, 24, 24), np.float32), z1=np.zeros((1, 96, 6, 6), np.float32))
+    elif latent == "rows":
+        np.savez(f, z0=np.zeros((2, 6, 24, 24), np.float32), z1=np.zeros((3, 96, 6, 6), "f4"))
+    elif latent == "nan":
+        np.savez(f, z0=np.zeros((6, 24, 24), np.float32), z1=np.full((96, 6, 6), np.nan, "f4"))
+    elif latent == "refvae":
+        f = tmp_path / "r0_sample00000.latent.npy"
+        np.save(f, np.zeros(8, np.float32))
+    else:
+        f.write_text("junk")
+    capsys.readouterr()
+    argv = ["--ckpt", flow_ckpts["srflow"], "--input", inp, "--latent", f, "--out", tmp_path / "o"]
+    assert run(*argv) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"sr_sample.py: error: --latent {f}"), err
+    assert words in err[0], err[0]
+    assert not list((tmp_path / "o").glob("*.png")) if (tmp_path / "o").exists() else True
+
+
+def test_a_flow_latent_fits_one_lr_size(tmp_path, flow_ckpts, capsys):
+    """A folder of inputs of two sizes with one --latent file: the inputs of its size are
+    sampled, the first of another stops the run in one line (exit 2); those written stay."""
+    inp = tmp_path / "in"
+    lr_image(inp / "a.png", 8, 8)
+    lr_image(inp / "b.png", 8, 10, seed=1)
+    lr_image(inp / "c.png", 8, 8, seed=2)
+    base = ["--ckpt", flow_ckpts["srflow"], "--input", inp]
+    assert run(*base, "--input", inp / "a.png", "--save-latent", "--out", tmp_path / "a") == 0
+    z = tmp_path / "a" / "a_sample00000.latent.npz"
+    capsys.readouterr()
+    assert run(*base, "--latent", z, "--out", tmp_path / "o") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and err[0].startswith(f"sr_sample.py: error: --latent {z}: fields")
+    assert "for a 10x8 LR" in err[0]
+    assert sorted(p.name for p in (tmp_path / "o").glob("*.png")) == ["a_sample00000.png"]
+    assert (pngs(tmp_path / "o", 1, "a")[0] == pngs(tmp_path / "a", 1, "a")[0]).all()
+
+
+def test_flow_latent_flags_the_model_lacks_and_overrides(tmp_path, flow_ckpts, capsys):
+    """--latent-shift stays refvae/varsr's (one line, exit 2); --latent sets the number of
+    outputs and the latents, so --n, --temperature and --seed typed with it are a warning and
+    change nothing; several temperatures are refused."""
+    inp = lr_image(tmp_path / "in" / "r0.png", 8, 8)
+    base = ["--ckpt", flow_ckpts["srflow"], "--input", inp]
+    np.savez(tmp_path / "z.npz", z0=np.zeros((6, 16, 16), np.float32),
+             z1=np.ones((96, 4, 4), np.float32))  # fmt: skip
+    assert run(*base, "--latent-shift", tmp_path / "z.npz", "--out", tmp_path / "s") == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "sr_sample.py: error: --latent-shift: the srflow model does not support it (only: "
+        "refvae, varsr)"
+    ]
+    control = ["--latent", tmp_path / "z.npz"]
+    assert run(*base, *control, "--out", tmp_path / "plain") == 0
+    assert not [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    typed = ["--n", 4, "--temperature", 0.3, "--seed", 9]
+    assert run(*base, *control, *typed, "--out", tmp_path / "typed") == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert [w.split(":")[2].strip() for w in warned] == ["--n", "--temperature", "--seed"]
+    assert all("no effect, --latent sets the" in w for w in warned)
+    assert (pngs(tmp_path / "typed", 1)[0] == pngs(tmp_path / "plain", 1)[0]).all()
+    assert len(list((tmp_path / "typed").glob("*.png"))) == 1
+    assert run(*base, *control, "--temperature", 0.5, 1, "--out", tmp_path / "sweep") == 2
+
+
+def test_flow_latent_files_in_the_manifest_and_overwrite(tmp_path, flow_ckpts, capsys):
+    """The --latent file's contents are in manifest.json (control_sha256): a rerun with other
+    contents under the same name is refused; --overwrite deletes the old .latent.npz files of a
+    larger --n, as it does the PNGs."""
+    inp = lr_image(tmp_path / "in" / "r0.png", 8, 8)
+    base = ["--ckpt", flow_ckpts["srflow"], "--input", inp]
+    assert run(*base, "--n", 3, "--save-latent", "--out", tmp_path / "a") == 0
+    z = tmp_path / "z.npz"
+    z.write_bytes((tmp_path / "a" / "r0_sample00001.latent.npz").read_bytes())
+    argv = [*base, "--latent", z, "--save-latent", "--out", tmp_path / "o"]
+    assert run(*argv) == 0
+    z.write_bytes((tmp_path / "a" / "r0_sample00002.latent.npz").read_bytes())
+    capsys.readouterr()
+    assert run(*argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"sr_sample.py: error: {tmp_path / 'o'} holds samples made with other contents of "
+        f"--latent {z}; use another --out, or --overwrite to redo them"
+    ]
+    assert run(*argv, "--overwrite") == 0
+    assert (pngs(tmp_path / "o", 1)[0] == pngs(tmp_path / "a", 3)[2]).all()
+    assert run(*base, "--n", 1, "--save-latent", "--overwrite", "--out", tmp_path / "a") == 0
+    assert sorted(p.name for p in (tmp_path / "a").glob("r0_*")) == [
+        "r0_sample00000.latent.npz", "r0_sample00000.png"
+    ]  # fmt: skip
+    (tmp_path / "a" / "r0_sample00000.latent.npz").unlink()  # incomplete: sampled again
+    assert run(*base, "--n", 1, "--save-latent", "--out", tmp_path / "a") == 0
+    assert (tmp_path / "a" / "r0_sample00000.latent.npz").is_file()
+
+
+def test_flow_generate_refuses_latents_of_other_shapes():
+    """The library: `sample(latent=...)` decodes explicit fields (the CLI's), `encode`'s
+    latents of an HR image among them, and other shapes are one line."""
+    model = tiny("srflow")
+    lr, _ = batch(4, b=1)  # 4 x 6
+    z = model.sample_latents(lr, [1, 2], range(2), 0.9, model.resolve_controls({}, 2, "cpu"))
+    same = model.sample(lr, 2, 0.9, NoiseSource([1, 2]))
+    assert torch.equal(model.sample(lr, 2, 0.9, latent=z), same)
+    with pytest.raises(ValueError, match=r"generate: latent fields \[\(2, 6, 8, 12\)\], need"):
+        model.sample(lr, 2, 0.9, latent=z[:1])
+    # the fields are encode's latents: those of an HR image decode to it
+    hr = model.sample(lr, 1, 0.9, NoiseSource([3]))[0]
+    with torch.no_grad():
+        fields = model.encode(lr, hr)[0]
+    assert [tuple(f.shape[1:]) for f in fields] == [tuple(f.shape[1:]) for f in z]
+    assert (model.sample(lr, 1, 0.9, latent=fields)[0] - hr).abs().max() < 1e-4

@@ -27,8 +27,9 @@ declares every member the scripts and the loaders use, with a default for all bu
   load_weights(state_dict, path), complete_state_dict(state_dict)   strict loading
   raw_config(state_dict, scale), load_raw_state_dict(state_dict, path)
                                      a released file without srspace metadata
-  sample_controls, resolve_controls(controls, n, device), sample_latents(...)
-                                     sr_sample.py's latent controls (`LatentSRModel`)
+  sample_controls, resolve_controls(controls, n, device), sample_latents(...), latent_file
+                                     sr_sample.py's latent controls (`LatentSRModel`; the
+                                     flows' latent fields: `SRFlow`)
 and the class attributes stochastic, lr_multiple, default_temperature, ddp_find_unused,
 compile_regions and oldest_checkpoint_format (documented on SRModel).
 Images crossing the boundary are RGB float32 in [0, 1], NCHW. Any other range stays inside.
@@ -39,6 +40,7 @@ import hashlib
 import io
 import itertools
 import math
+import zipfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, get_args, get_origin
@@ -372,9 +374,13 @@ class SRModel(nn.Module):
     # Checkpoints of an older format (sr_lib/checkpoint.py) hold weights of another function
     # (a fixed bug changed the model) and are refused.
     oldest_checkpoint_format = 1
-    # sr_sample.py's controls this model takes: "latent" (--latent, --latent-shift,
-    # --save-latent), "ref" (--ref), "latent_from" (--latent-from); see LatentSRModel.
+    # sr_sample.py's controls this model takes: "latent" (--latent, --save-latent),
+    # "latent_shift" (--latent-shift), "ref" (--ref), "latent_from" (--latent-from); see
+    # LatentSRModel, and SRFlow for a latent of several fields.
     sample_controls: tuple[str, ...] = ()
+    # How --save-latent names sample i's latent: NAME_sample{i:05d}{latent_file}; a (D,) .npy of
+    # a LatentSRModel, a flow's fields in one .npz (load_latent_fields)
+    latent_file = ".latent.npy"
     # The LR px of context around a tile that make `generate` exact there, given the image's
     # `prepare` cut to the tile: the receptive field of the per-tile computation (a property
     # computed from the config in most models). None: unknown (sr_sample.py then uses 32).
@@ -575,11 +581,12 @@ class SampleControls:
     n: int  # outputs per image (a control may fix it: one per reference, latent row or step)
     cond: dict  # passed to `latents`: ref (list of (3, h, w) / "lr" / "prior"), latent_from
     per_sample_refs: bool = False  # --ref DIR: sample i uses reference i
-    latent: torch.Tensor | None = None  # --latent: (k, D)
+    latent: torch.Tensor | list | None = None  # --latent: (k, D); a flow: [(k, C, h, w), ...]
     shift: tuple[torch.Tensor, torch.Tensor] | None = None  # (direction (D,), steps (k,))
     # flag -> the sha256 of each file it read, in the order used: of the bytes it decoded (each
     # file is read once; a file changed meanwhile is not recorded with the other contents)
     digests: dict = field(default_factory=dict)
+    latent_file: str = ""  # --latent's, for messages
     encoded: dict | None = None  # `cond` as `encode_references` makes it, on the first image
 
 
@@ -608,6 +615,43 @@ def load_latent(path: str, dim: int, flag: str) -> tuple[torch.Tensor, str]:
     return z, hashlib.sha256(data).hexdigest()
 
 
+def load_latent_fields(path: str, count: int, flag: str) -> tuple[list[torch.Tensor], str]:
+    """A flow's saved latent: a .npz of `count` float arrays z0, z1, ..., each (C, h, w) (one
+    sample) or (k, C, h, w) (k samples, the same k in all), as float32 (k, C, h, w) tensors, and
+    the sha256 of the file (read once). As `load_latent`: a file that is not a readable archive
+    of finite arrays is a data error (exit 3), other names or dimensions a usage error (exit 2:
+    the file of another model or flag); the shapes are checked against an LR image later
+    (`SRFlow.sample_latents`)."""
+    names = [f"z{k}" for k in range(count)]
+    try:
+        data = Path(path).read_bytes()
+        z = np.load(io.BytesIO(data))
+        if isinstance(z, np.ndarray):  # np.load reads a .npy as an array, a .npz as an NpzFile
+            raise DataError(f"{flag} {path}: a .npy array, not the .npz archive of this "
+                            f"model's {count} latent fields {', '.join(names)}")  # fmt: skip
+        with z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{flag} {path}: not a readable .npz archive ({e})") from None
+    dims = {a.ndim for a in arrays.values()}
+    rows = {len(a) for a in arrays.values() if a.ndim == 4}
+    if sorted(arrays) != sorted(names) or len(dims) != 1 or dims - {3, 4} or 0 in rows:
+        got = ", ".join(f"{k} {a.shape}" for k, a in arrays.items()) or "no arrays"
+        raise UsageError(
+            f"{flag} {path}: holds {got}; expected this model's {count} latent fields "
+            f"{', '.join(names)}, each (C, h, w) or all (k, C, h, w) with the same k >= 1"
+        )
+    if len(rows) > 1:
+        raise UsageError(f"{flag} {path}: its fields hold {sorted(rows)} samples; expected one k")
+    try:
+        z = [torch.from_numpy(arrays[k].astype(np.float32)) for k in names]
+    except (ValueError, TypeError) as e:  # e.g. an array of strings
+        raise DataError(f"{flag} {path}: not float arrays ({e})") from None
+    if not all(torch.isfinite(t).all() for t in z):  # NaN samples, blamed on the checkpoint
+        raise DataError(f"{flag} {path}: holds NaN or infinite values; use a finite latent")
+    return [t if t.ndim == 4 else t[None] for t in z], hashlib.sha256(data).hexdigest()
+
+
 def control_image(path, flag: str, device) -> tuple[torch.Tensor, str]:
     """The (3, H, W) image a control flag names, and the sha256 of the bytes it was decoded
     from (the file read once); one that cannot be read (a checkpoint, a folder, a broken file)
@@ -626,7 +670,7 @@ class LatentSRModel(SRModel):
     `decode_latents`; tiled sampling draws the latents once on the whole LR."""
 
     stochastic = True
-    sample_controls = ("latent",)
+    sample_controls = ("latent", "latent_shift")
 
     @property
     def z_dim(self) -> int:

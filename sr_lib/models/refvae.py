@@ -308,7 +308,7 @@ class RefVAE(LatentSRModel):
     """bicubic(LR) + decoder(C_R(z)·(1 + F_σ) + F_μ), z ~ q(z | reference) (paper §3)."""
 
     Config = RefVAEConfig
-    sample_controls = ("ref", "latent")  # sr_sample.py --ref, --latent/--latent-shift/--save-latent
+    sample_controls = ("ref", "latent", "latent_shift")  # sr_sample.py --ref, --latent*
     scales = (2, 4, 8)
 
     def __init__(self, cfg: RefVAEConfig):

@@ -21,7 +21,18 @@ from torch import nn
 
 from sr_lib.config import config_flag
 from sr_lib.errors import CheckpointError, UsageError
-from sr_lib.models.base import ModelConfig, Prepared, Recipe, SRModel, conv_radius, halo
+from sr_lib.models.base import (
+    ModelConfig,
+    NoiseSource,
+    Prepared,
+    Recipe,
+    SampleControls,
+    SRModel,
+    conv_radius,
+    cut,
+    halo,
+    load_latent_fields,
+)
 from sr_lib.models.flow_layers import (
     ActNorm,
     CondAffine,
@@ -122,6 +133,8 @@ class SRFlow(SRModel):
     Config = SRFlowConfig
     stochastic = True
     default_temperature = 0.9  # the challenge submissions' heat
+    sample_controls = ("latent",)  # sr_sample.py --latent, --save-latent (not --latent-shift)
+    latent_file = ".latent.npz"  # its fields z0, z1, ... (latent_fields)
     ddp_find_unused = True  # the encoder is frozen for part of training (on_step)
     compile_regions = (FlowStep, Split, RRDBBlock)  # --compile: each block once per level shape
     oldest_checkpoint_format = 2  # format 1 conditioned on pre-activation maps (docs/flows.md)
@@ -403,26 +416,40 @@ class SRFlow(SRModel):
             "logp": (logp.detach() / bits).mean(),
         }
 
-    def generate(self, lr: torch.Tensor, n: int, temperature: float, noise, prepared=None):
+    def latent_fields(self) -> list[tuple[int, int]]:
+        """(C, down) of each latent field in `encode`'s order [eps of each split, first split
+        first, ..., z_L]: field k is (C, s·h / down, s·w / down) for an h × w (padded) LR."""
+        eps = [(m.consume, level.down) for level in self.flow for m in level.layers
+               if isinstance(m, Split)]  # fmt: skip
+        return eps + [(self.latent_channels, self.latent_down)]
+
+    def draw_latents(self, rows: int, H: int, W: int, temperature: float, noise, like):
+        """The latent fields (rows, C, H/down, W/down) of an HR of H × W, in `encode`'s order:
+        temperature · N(0, I) from `noise` (spatial fields, so tiles can cut them from the
+        whole), drawn z_L first, then each split's eps from the last level back."""
+
+        def draw(c, down):
+            if temperature == 0:
+                return like.new_zeros(rows, c, H // down, W // down)
+            return temperature * noise.field(c, H // down, W // down).to(like.device, like.dtype)
+
+        return [draw(c, down) for c, down in reversed(self.latent_fields())][::-1]
+
+    def generate(self, lr: torch.Tensor, n: int, temperature: float, noise, prepared=None,
+                 latent=None):  # fmt: skip
         """temperature = std of every latent draw (final prior and splits); 0: all means.
-        prepared: `prepare(lr)` of this one image (B = 1), reused instead of the encoder."""
+        prepared: `prepare(lr)` of this one image (B = 1), reused instead of the encoder.
+        latent: explicit fields [(B·n, C, H/down, W/down), ...] in `encode`'s order (the
+        latents `draw_latents` draws, temperature applied; temperature is then unused), at the
+        whole image's size: a tile (`noise.window`) cuts them as it cuts drawn noise."""
         b, _, h, w = lr.shape
         if prepared is not None and b != 1:
             raise ValueError(f"generate: prepared is for one image, got a batch of {b}")
         H, W = h * self.scale, w * self.scale
-
-        def draw(c, down):  # spatial fields (C, h, w), so tiles can cut them from the whole
-            if temperature == 0:
-                return lr.new_zeros(b * n, c, H // down, W // down)
-            return temperature * noise.field(c, H // down, W // down).to(lr.device, lr.dtype)
-
-        # Fixed order: z_L, then each split's eps from the last level back.
-        drawn = [draw(self.latent_channels, self.latent_down)]
-        for level in reversed(self.flow):
-            drawn += [
-                draw(m.consume, level.down) for m in reversed(level.layers) if isinstance(m, Split)
-            ]
-        latents = drawn[1:][::-1] + drawn[:1]  # encode's order: [eps (first split first) ..., z_L]
+        if latent is None:
+            latents = self.draw_latents(b * n, H, W, temperature, noise, lr)
+        else:
+            latents = self.cut_latents(latent, b * n, H, W, getattr(noise, "window", None), lr)
         out = []
         for i in range(b):  # the encoder per image: shared by its n samples
             rows = [z[i * n : (i + 1) * n] for z in latents]
@@ -430,6 +457,53 @@ class SRFlow(SRModel):
             conds = [p.maps[f"cond{k}"] for k in range(len(self.flow))]
             out.append(self.decode(conds, rows, memo=None if prepared is None else p.memo)[0])
         return torch.stack(out)  # (B, n, 3, H, W)
+
+    def cut_latents(self, latent, rows: int, H: int, W: int, window, like) -> list:
+        """Explicit whole-image latent fields cut to the tile `window` (None: the whole image),
+        checked against the fields of an H × W HR (a ValueError in one line)."""
+        want = [(rows, c, H // down, W // down) for c, down in self.latent_fields()]
+        out = list(latent)
+        if len(out) == len(want) and window is not None:
+            out = [cut(z, window) for z in out]
+        if [tuple(z.shape) for z in out] != want:
+            raise ValueError(f"generate: latent fields {[tuple(z.shape) for z in out]}, need "
+                             f"{want}")  # fmt: skip
+        return [z.to(like) for z in out]
+
+    # sr_sample.py's latent controls: --latent FILE, --save-latent (docs/flows.md, "Sampling").
+
+    def resolve_controls(self, controls: dict, n: int, device) -> SampleControls:
+        """--latent FILE: a .npz of this model's latent fields (load_latent_fields), k samples."""
+        ctl = SampleControls(n, {})
+        if controls.get("latent"):
+            count = len(self.latent_fields())
+            fields, digest = load_latent_fields(controls["latent"], count, "--latent")
+            ctl.latent, ctl.latent_file = [z.to(device) for z in fields], controls["latent"]
+            ctl.n = len(ctl.latent[0])
+            ctl.digests["--latent"] = [digest]
+        return ctl
+
+    def sample_latents(self, lr, seeds, idx, temperature, controls: SampleControls) -> list:
+        """The latent fields [(len(idx), C, h, w), ...] of samples idx of the whole (1, 3, h, w)
+        LR, at its size padded to lr_multiple: drawn as `generate` draws them (the same bits),
+        or the --latent file's rows, whose shapes must be this LR's (a usage error naming the
+        file and the shapes expected)."""
+        m, s = self.lr_multiple, self.scale
+        h, w = lr.shape[-2:]
+        H, W = -(-h // m) * m * s, -(-w // m) * m * s
+        if controls.latent is None:
+            noise = NoiseSource(seeds, lr.device)
+            return self.draw_latents(len(idx), H, W, float(temperature), noise, lr)
+        want = [(c, H // down, W // down) for c, down in self.latent_fields()]
+        got = [tuple(z.shape[1:]) for z in controls.latent]
+        if got != want:
+            shapes = lambda z: ", ".join(f"z{k} {v}" for k, v in enumerate(z))  # noqa: E731
+            raise UsageError(
+                f"--latent {controls.latent_file}: fields {shapes(got)}; expected "
+                f"{shapes(want)}, the latents of this x{s} {type(self).__name__} for a {w}x{h} "
+                "LR (--save-latent of the same model and LR size)"
+            )
+        return [z[list(idx)] for z in controls.latent]
 
     # Training schedule and weights.
 

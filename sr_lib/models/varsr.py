@@ -159,7 +159,7 @@ class VarSR(LatentSRModel):
     """G(I_L, z) with z ~ q(z | HR) in training and z ~ p(z | LR) at test time (paper §3)."""
 
     Config = VarSRConfig
-    sample_controls = ("latent", "latent_from")  # sr_sample.py --latent*, --save-latent
+    sample_controls = ("latent", "latent_shift", "latent_from")  # sr_sample.py --latent*
 
     def __init__(self, cfg: VarSRConfig):
         super().__init__(cfg)
