@@ -49,6 +49,13 @@ Exit codes: 0 ok, 2 bad flag, 3 unusable data (missing, unreadable or wrongly si
 index that names other images), 4 out of memory, 6 LPIPS weights, 7 output, 130 Ctrl-C.
 """
 
+import os
+
+if os.name != "posix":  # before the imports that need POSIX (fcntl, SIGUSR1): one line, exit 2
+    from sr_lib import refuse_non_posix
+
+    refuse_non_posix("sr_eval.py")
+
 import csv
 import dataclasses
 import io

@@ -79,13 +79,19 @@ are reported and skipped, the others written, exit 3 at the end), 4 out of memor
 problem, 7 output cannot be written, 75 stopped by SIGTERM/SIGUSR1/SIGHUP, 130 Ctrl-C.
 """
 
+import os
+
+if os.name != "posix":  # before the imports that need POSIX (fcntl, SIGUSR1): one line, exit 2
+    from sr_lib import refuse_non_posix
+
+    refuse_non_posix("sr_sample.py")
+
 import collections
 import contextlib
 import errno
 import hashlib
 import json
 import math
-import os
 import re
 import signal
 import stat

@@ -8,13 +8,19 @@ in steps; the batch of step t is a pure function of (seed, rank, t), so `--resum
 exactly. Exit codes: README "Exit codes" (75 = stopped by a signal, resume with --resume auto).
 """
 
+import os
+
+if os.name != "posix":  # before the imports that need POSIX (fcntl, SIGUSR1): one line, exit 2
+    from sr_lib import refuse_non_posix
+
+    refuse_non_posix("sr_train.py")
+
 import contextlib
 import errno
 import fcntl
 import json
 import logging
 import math
-import os
 import random
 import signal
 import socket

@@ -17,6 +17,7 @@ from torch.torch_version import TorchVersion
 import sr_eval
 import sr_sample
 import sr_train
+from sr_lib import refuse_non_posix
 from sr_lib.data import read_image
 from sr_lib.errors import OLDEST_TORCH
 from sr_lib.metrics import psnr
@@ -164,6 +165,38 @@ def test_a_too_old_torch_is_one_line_at_start(script, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         script.main(["--help"])
     assert e.value.code == 0  # --help: the oldest torch srspace runs with
+
+
+# Windows as far as the scripts can tell: no fcntl, no SIGUSR1/SIGHUP, no select.poll, os.name nt
+WINDOWS = """import os, runpy, select, signal, sys
+sys.modules["fcntl"] = None
+del signal.SIGUSR1, signal.SIGHUP, select.poll
+os.name = "nt"
+sys.argv = [sys.argv[1], "--help"]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script", ["sr_train.py", "sr_sample.py", "sr_eval.py"])
+def test_a_system_that_is_not_posix_is_one_line_at_start(script):
+    """On Windows the scripts stopped at import with a traceback (sr_train.py: fcntl; the others:
+    signal.SIGUSR1 in sr_lib/errors.py). Now one line naming the systems srspace runs on, exit 2,
+    before those imports."""
+    done = subprocess.run([sys.executable, "-c", WINDOWS, script], capture_output=True,
+                          text=True, cwd=REPO, timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"{script}: error: srspace runs on Linux and macOS (POSIX): this system is not "
+        "(os.name 'nt'); on Windows use WSL 2"
+    ]
+    assert done.stdout == ""
+
+
+def test_a_posix_system_is_not_refused(capsys):
+    refuse_non_posix("sr_train.py", "posix")  # returns
+    with pytest.raises(SystemExit) as e:
+        refuse_non_posix("sr_train.py", "nt")
+    assert e.value.code == 2 and "Linux and macOS" in capsys.readouterr().err
 
 
 def test_the_oldest_torch_is_the_one_the_requirements_name():
