@@ -103,6 +103,7 @@ from sr_lib.errors import (
     CheckpointError,
     DataError,
     OutputError,
+    Summary,
     UsageError,
     exit_on_error,
     printable,
@@ -149,6 +150,11 @@ class EvalArgs:
     device: str = field(default="auto", metadata=dict(help="auto, cpu, cuda, cuda:1, ..."))
     lpips_batch: int | None = field(default=None, metadata=dict(type=int, help=HELP_BATCH))
     uncertainty: str | None = field(default=None, metadata=dict(type=str, help=HELP_SIGMA))
+    json: bool = field(
+        default=False,
+        metadata=dict(help="a closing line, one JSON object: exit_code, the mean metrics, the "
+                      "--out path... (README \"Exit codes\")"),
+    )  # fmt: skip
 
 
 @dataclass
@@ -364,10 +370,14 @@ def jsonable(v):
 
 
 def main(argv: list[str] | None = None) -> int:
-    with exit_on_error(PROG), warnings.catch_warnings():
-        warnings.showwarning = lambda msg, *a, **k: warn(str(msg))  # read_image's, one line each
-        argv = list(sys.argv[1:] if argv is None else argv)
-        return run(parse(EvalArgs, argv, PROG), given_fields(EvalArgs, argv, PROG))
+    with Summary(PROG) as summary:  # --json: its line after the error line, or the return
+        with exit_on_error(PROG), warnings.catch_warnings():
+            warnings.showwarning = lambda msg, *a, **k: warn(str(msg))  # read_image's, one line
+            argv = list(sys.argv[1:] if argv is None else argv)
+            args = parse(EvalArgs, argv, PROG)
+            summary.json = args.json and STDOUT not in (args.out, args.csv)  # (refused below)
+            code = run(args, given_fields(EvalArgs, argv, PROG), summary)
+        return summary.end(code)
 
 
 def warn(msg: str) -> None:
@@ -382,11 +392,15 @@ def warn_unused(args: EvalArgs, given: set[str]) -> None:
             warn(f"--{flag.replace('_', '-')}: no effect with --no-lpips; ignored")
 
 
-def run(args: EvalArgs, given: set[str] = frozenset()) -> int:
+def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None = None) -> int:
+    """The run; `summary` gathers the fields of its closing line (--json) as they become known."""
+    summary = summary or Summary(PROG)
+    summary.update(results=args.out, csv=args.csv, report=None, images=None, mean=None)
     shave, device, batch, lpips_read = check_flags(args)
     warn_unused(args, given)  # (after the errors of the flags: an error is the one line)
     hr = hr_images(args.hr)
     stems = list(hr)
+    summary.update(images=len(stems))
     methods = expand_methods(args.sr, args.n)
     for m in methods:
         m.files = find_samples(m.sr_dir, stems, m.n, args.scale)
@@ -436,6 +450,8 @@ def run(args: EvalArgs, given: set[str] = frozenset()) -> int:
         if report_dir:
             table = [(m.name, m.temperature, m.n, means[m.name]) for m in methods]
             index = report.write_report(report_dir, title, columns, table, sheets, missing)
+            summary.update(report=str(index))
+    summary.update(mean=means)
     for flag, path, text in results:
         if path == STDOUT:
             write_stdout(flag, text)
@@ -552,6 +568,10 @@ def check_flags(args: EvalArgs) -> tuple[int, torch.device, int, tuple | None]:
         raise UsageError(f"--shave {args.shave}: must be >= 0")
     if args.lpips_batch is not None and args.lpips_batch < 1:
         raise UsageError(f"--lpips-batch {args.lpips_batch}: must be >= 1")
+    if args.json and STDOUT in (args.out, args.csv):
+        flag = "--out" if args.out == STDOUT else "--csv"
+        raise UsageError(f"--json and {flag} - would both write to standard output; give {flag} "
+                         "a file name, or drop --json")  # fmt: skip
     if args.out == args.csv == STDOUT:
         raise UsageError("--out - and --csv - would both write to standard output; give one of "
                          "them a file name")  # fmt: skip

@@ -148,6 +148,7 @@ from sr_lib.errors import (
     OutputError,
     Preempted,
     Stopped,
+    Summary,
     UsageError,
     catch,
     exit_on_error,
@@ -182,7 +183,7 @@ MAX_N = 100_000  # sample numbers have five digits
 # --tile and --tile-overlap are compared as their effect, tile_context: exact tiles (the model's
 # tile_halo of context) equal the untiled samples, so a rerun after an out-of-memory may tile.
 FREE_FLAGS = ("ckpt", "input", "out", "shard", "device", "batch", "overwrite", "temperature",
-              "tile", "tile_overlap", "model", "scale", "from_hr", "n")  # fmt: skip
+              "tile", "tile_overlap", "model", "scale", "from_hr", "n", "json")  # fmt: skip
 
 
 def integer(lo: int, hi: int | None = None, zero: bool = False):
@@ -330,6 +331,11 @@ class SampleArgs:
         default=False, metadata=dict(help="write NAME_sample{i:05d}.latent.npy per sample")
     )
     device: str = field(default="auto", metadata=dict(help="auto, cpu, cuda, cuda:1, ..."))
+    json: bool = field(
+        default=False,
+        metadata=dict(help="the closing line is one JSON object: exit_code, images, sampled, "
+                      "skipped... (README \"Exit codes\")"),
+    )  # fmt: skip
     raw_weights: bool = field(
         default=False,
         metadata=dict(help="the weights as trained, not their moving average (sr_train --ema)"),
@@ -454,11 +460,18 @@ class SampleWriter:
 
 
 def main(argv=None) -> int:
+    with Summary(PROG) as summary:  # --json: its line after the error line, or the return
+        return summary.end(run_script(argv, summary))
+
+
+def run_script(argv, summary: Summary) -> int:
     with exit_on_error(PROG):
         try:
             with SIGNALS:
                 replay_stop_signal()  # one that came while this script was importing
-                return sample(*parse_args(argv))
+                args, given = parse_args(argv)
+                summary.json = args.json
+                return sample(args, given, summary)
         except Preempted as e:
             raise Stopped(str(e)) from None
 
@@ -504,7 +517,10 @@ def folder_name(temperature: float) -> str:
     return f"T{temperature:g}"
 
 
-def sample(args: SampleArgs, given: set[str] = frozenset()) -> int:
+def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | None = None) -> int:
+    """The run; `summary` gathers the fields of its closing line (--json) as they become known."""
+    summary = summary or Summary(PROG)
+    summary.update(out=args.out, images=None, sampled=0, skipped=0, failed=0)
     paths = input_paths(Path(args.input))
     from_hr = args.from_hr or args.input == "demo"  # the demo images are HR photographs
     device = pick_device(args.device)
@@ -579,6 +595,8 @@ def sample(args: SampleArgs, given: set[str] = frozenset()) -> int:
     if emulated:
         print(f"{PROG}: warning: --amp {args.amp}: {emulated}", file=sys.stderr, flush=True)
     failed, skipped, t0 = {"unreadable": [], "too small": []}, 0, time.monotonic()
+    where = out if len(folders) == 1 else f"{out}/T*"
+    summary.update(out=str(where), images=len(mine))
     with ProgressLog(len(mine)) as bar, SampleWriter(cpu_workers()) as writer:
         for k, path in mine:
             name = f"{k:06d}" if args.layout == "ntire" else path.stem
@@ -587,6 +605,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset()) -> int:
             lr_file = out / "lr" / f"{path.stem}.png"
             if not todo and (not from_hr or lr_file.is_file()):
                 skipped += 1
+                summary.update(skipped=skipped)
                 bar.skip(path.name)
                 continue
             t_img = time.monotonic()
@@ -598,6 +617,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset()) -> int:
                 say_err(f"{PROG}: error: {e}; skipped")
                 why = "too small" if isinstance(e, TooSmall) else "unreadable"
                 failed[why].append(path.name)
+                summary.update(failed=sum(map(len, failed.values())))
                 bar.step(f"{path.name}: {why}, skipped")
                 continue
             lr = to_tensor(img)[None].to(device)
@@ -605,6 +625,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset()) -> int:
                 sample_image(model, lr, img, path.stem, name, n, todo, folders, files,
                              (context, retry_context), controls, want_sigma, args, bar.say,
                              writer)  # fmt: skip
+            summary.update(sampled=summary.fields["sampled"] + 1)
             h, w = img.shape[:2]
             s = model.scale
             temps = f" at {len(todo)} temperatures" if len(todo) > 1 else ""
@@ -615,9 +636,9 @@ def sample(args: SampleArgs, given: set[str] = frozenset()) -> int:
             f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
             for why, names in failed.items() if names]  # fmt: skip
     done = len(mine) - sum(map(len, failed.values())) - skipped
-    where = out if len(folders) == 1 else f"{out}/T*"
-    bar.say(f"done: {done} images sampled, {skipped} already complete, "
-            f"{time.monotonic() - t0:.1f} s -> {where}")  # fmt: skip
+    took = time.monotonic() - t0
+    summary.line(f"done: {done} images sampled, {skipped} already complete, {took:.1f} s -> "
+                 f"{where}", seconds=round(took, 3))  # fmt: skip
     if lost:
         rest = (
             f"the others were written to {out}"

@@ -85,6 +85,7 @@ from sr_lib.errors import (
     Resumable,
     SRSpaceError,
     Stopped,
+    Summary,
     UsageError,
     catch,
     exit_on_error,
@@ -209,6 +210,11 @@ class TrainArgs:
     tensorboard: bool = field(
         default=False, metadata=dict(help="also write the log and validation strips to OUT/tb/")
     )
+    json: bool = field(
+        default=False,
+        metadata=dict(help="the closing line is one JSON object: exit_code, step, loss, "
+                      "checkpoint... (README \"Exit codes\")"),
+    )  # fmt: skip
     amp: str = field(
         default="none",
         metadata=dict(
@@ -277,13 +283,19 @@ def parse_all(argv):
 
 
 def main(argv=None) -> int:
+    with Summary(PROG) as result:  # --json: its line after the error line, or the return
+        return result.end(run_script(argv, result))
+
+
+def run_script(argv, result: Summary) -> int:
     with exit_on_error(PROG), warnings.catch_warnings():
         distributed.warn_once()
         args, rest, given = parse_all(argv)
+        result.json = args.json and (distributed.env_ranks() or (0,))[0] == 0  # rank 0 says it
         try:
             with contextlib.ExitStack() as cleanup:
                 stop = catch_signals(cleanup)  # first: from here on a signal stops the run
-                return train(args, rest, given, cleanup, stop)
+                return train(args, rest, given, cleanup, stop, result)
         except Preempted as e:  # before the first step: nothing to save
             if isinstance(e.__context__, SRSpaceError):  # it came while that error unwound
                 raise e.__context__ from None
@@ -291,8 +303,14 @@ def main(argv=None) -> int:
 
 
 def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib.ExitStack,
-          stop: dict) -> int:  # fmt: skip
+          stop: dict, result: Summary | None = None) -> int:  # fmt: skip
+    """The run; `result` gathers the fields of its closing line (--json), as they become known."""
+    result = result or Summary(PROG)
     out, ckpt_path, resumed, cfg, named, recipe = resolve_run(args, rest, given)
+    result.update(out=str(out), step=resumed["step"] if resumed else 0, steps=recipe.steps,
+                  skipped=resumed["skipped"] if resumed else 0, loss=None, loss_step=None,
+                  checkpoint=str(ckpt_path) if resumed else None,
+                  checkpoint_step=resumed["step"] if resumed else None, stopped=None)  # fmt: skip
     dd, device = setup_process(args, cleanup)
     check_same_run(args, cfg, resumed, dd)
     if "sync_check_every" in given and not dd.on:  # (known once the processes have met)
@@ -417,6 +435,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         if ema is not None:
             ema.update(ok)  # a skipped step leaves the average as it is
         step += 1
+        result.update(step=step)
         logs, saves = step % args.log_every == 0 or step == steps, step % args.save_every == 0
         validates = bool(val_every) and (step % val_every == 0 or step == steps)
         if not (logs or saves or validates or unsaved):  # the same steps on every rank
@@ -435,7 +454,8 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         if args.sync_check_every and step % args.sync_check_every == 0:
             check_replicas(model, dd, step, run_log)
         if dd.main and logs:
-            log_step(run_log, progress, out_g, optimizers, recipe, step, skipped, t0, logged)
+            rec = log_step(run_log, progress, out_g, optimizers, recipe, step, skipped, t0, logged)
+            result.update(loss=rec.get("loss"), loss_step=step, skipped=skipped)
             t0, logged = time.monotonic(), step
         if validates:
             net = ema.module if ema is not None else model  # with --ema, the averaged weights
@@ -460,6 +480,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         if (saves or unsaved) and bad == 0:  # never save inside a non-finite streak
             save(out / "last.pt", step, skipped, best, model, optimizers, scaler, dd, meta, ema)
             unsaved, saved = False, step
+            result.update(checkpoint=str(out / "last.pt"), checkpoint_step=step)
     check_run_folder(out, folder, step)
     _, skipped, tripped = bad_steps.read()
     if tripped >= 0:  # a signal or the time budget came right after the streak
@@ -473,6 +494,8 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     if (step > start or resumed is None) and not ((oom or hung) and step in (start, saved)):
         save(out / "last.pt", step, skipped, best, model, optimizers, scaler, dd, meta, ema)
         saved = step
+        result.update(checkpoint=str(out / "last.pt"), checkpoint_step=step)
+    result.update(step=step, skipped=skipped, steps=steps)
     del forward, batches  # DDP and the loader hold the process group: gone before finish ends it
     if saved == step:  # (one process below: finish() has no process group to leave)
         held = f"{out / 'last.pt'} holds step {step}: continue with --resume auto and"
@@ -493,7 +516,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
             f"step {step + 1}: {hung}; {last_save(dd, saved, out / 'last.pt', before)}"
         )
     return finish(stopped, step, steps, skipped, out, args, dd, say,
-                  run_log.lost if run_log else "")  # fmt: skip
+                  run_log.lost if run_log else "", result)  # fmt: skip
 
 
 def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
@@ -635,7 +658,7 @@ def no_validation(args: TrainArgs) -> str | None:
 # (Switches that have one form only, --tensorboard, --deterministic, --no-requeue, are too: a
 # resume could not turn them off.)
 LOCAL_FLAGS = ("model", "out", "resume", "init_from", "device", "workers", "compile", "cuda_graphs",
-               "time_budget", "tensorboard", "deterministic", "requeue")  # fmt: skip
+               "time_budget", "tensorboard", "deterministic", "requeue", "json")  # fmt: skip
 # Unset run flags as checkpoints wrote them before they became None (srspace 0.2.0 before its
 # Recipe): -1, 0, 0.0, []. Those marked are out of range today, so they tell such a checkpoint.
 LEGACY_UNSET = {
@@ -1289,7 +1312,7 @@ def ema_change(decay: float, resumed: dict, path) -> str | None:
     return None
 
 
-def log_step(run_log, progress, out_g, optimizers, recipe, step, skipped, t0, logged) -> None:
+def log_step(run_log, progress, out_g, optimizers, recipe, step, skipped, t0, logged) -> dict:
     """A record of log.jsonl (and the progress line): the step's scalars, learning rate, skipped
     steps so far and seconds per step since the last record."""
     scalars = {k: float(v.detach()) for k, v in out_g.items() if v.ndim == 0}
@@ -1298,6 +1321,7 @@ def log_step(run_log, progress, out_g, optimizers, recipe, step, skipped, t0, lo
     rec["s_per_step"] = (time.monotonic() - t0) / (step - logged)
     log(run_log, rec)
     progress.update(step, rec)
+    return rec
 
 
 def initialize(model, dataset, start: int, steps: int, loaded: bool, dd, device, now: bool):
@@ -1660,12 +1684,13 @@ def save(path: Path, step, skipped, best, model, optimizers: dict, scaler, dd, m
 
 
 def finish(stopped: str | None, step: int, steps: int, skipped: int, out: Path, args, dd, say,
-           log_lost: str) -> int:  # fmt: skip
+           log_lost: str, result: Summary) -> int:  # fmt: skip
     """Leave the process group; the closing line and the exit code: 7 where rank 0 could not
     write log.jsonl (`log_lost`: last.pt is saved), 75 after a signal (resume with --resume
     auto; under SLURM the job is requeued after SIGUSR1/SIGTERM), else 0: also where
     --time-budget stopped the run before `steps` (its line says to continue with --resume auto).
-    (main() closes the progress bar and the log, also on an error.)"""
+    With --json the closing line is `result`'s JSON instead. (main() closes the progress bar and
+    the log, also on an error.)"""
     unwritable = distributed.agree(bool(log_lost), dd, all_ranks=False)  # every rank exits 7
     distributed.barrier(dd)
     distributed.cleanup(dd)
@@ -1674,17 +1699,18 @@ def finish(stopped: str | None, step: int, steps: int, skipped: int, out: Path, 
             return EXIT_OUTPUT
         raise OutputError(f"{log_lost}; stopped at step {step}, wrote {out / 'last.pt'}: free "
                           "space, then continue with --resume auto")  # fmt: skip
+    result.update(stopped=stopped)
     if stopped and stopped != "time budget":
-        say(f"{stopped}: stopped at step {step}, wrote {out / 'last.pt'}; continue with "
-            "--resume auto")  # fmt: skip
+        result.line(f"{stopped}: stopped at step {step}, wrote {out / 'last.pt'}; continue with "
+                    "--resume auto", say)  # fmt: skip
         if dd.main and stopped in ("SIGUSR1", "SIGTERM") and args.requeue:
             requeue(say)
         return EXIT_PREEMPTED
     if stopped == "time budget" and step < steps:
-        say(f"time budget: stopped at step {step} of {steps}, {skipped} skipped, wrote "
-            f"{out / 'last.pt'}; continue with --resume auto")  # fmt: skip
+        result.line(f"time budget: stopped at step {step} of {steps}, {skipped} skipped, wrote "
+                    f"{out / 'last.pt'}; continue with --resume auto", say)  # fmt: skip
         return 0
-    say(f"done: {step} steps, {skipped} skipped, checkpoint {out / 'last.pt'}")
+    result.line(f"done: {step} steps, {skipped} skipped, checkpoint {out / 'last.pt'}", say)
     return 0
 
 

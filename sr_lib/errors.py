@@ -12,6 +12,8 @@ Exit codes (documented in the README; batch pipelines and SLURM scripts rely on 
 import codecs
 import contextlib
 import errno
+import json
+import math
 import os
 import select
 import signal
@@ -71,6 +73,7 @@ class OutOfMemory(SRSpaceError):
     exit_code = EXIT_OOM
 
 
+_last_error = {"text": ""}  # the message of the last error exit_on_error printed
 _stdout = {"lost": ""}  # why standard output can no longer be written; "" while it can
 _LOST = (errno.EPIPE, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
 
@@ -233,6 +236,7 @@ def exit_on_error(prog: str):
         yield
     except SRSpaceError as e:
         msg = " ".join(str(e).split("\n"))
+        _last_error["text"] = msg  # for the --json line (Summary)
         say_err(f"{prog}: error: {msg}")
         raise SystemExit(e.exit_code) from None
     except KeyboardInterrupt:  # files are written atomically: nothing half-written remains
@@ -247,7 +251,8 @@ def exit_on_error(prog: str):
             interrupted(prog)
         if not (isinstance(e, (MemoryError, RuntimeError)) and is_out_of_memory(e)):
             raise  # a real bug: its traceback
-        print(f"{prog}: error: out of memory; use a smaller --batch or --tile", file=sys.stderr)
+        _last_error["text"] = "out of memory; use a smaller --batch or --tile"
+        print(f"{prog}: error: {_last_error['text']}", file=sys.stderr)
         raise SystemExit(EXIT_OOM) from None
     finally:
         warnings.formatwarning = show
@@ -300,6 +305,7 @@ def replay_stop_signal() -> None:
 
 def interrupted(prog: str) -> NoReturn:
     stop_pools()  # whose `finally` the KeyboardInterrupt skipped (sr_lib/threads.py)
+    _last_error["text"] = "interrupted"
     say_err(f"{prog}: interrupted")
     raise SystemExit(EXIT_INTERRUPTED) from None
 
@@ -313,3 +319,54 @@ def during_interrupt(e: BaseException) -> bool:
         seen.add(id(e))
         e = e.__context__
     return False
+
+
+class Summary:
+    """A script's closing line: `done: ...` as text, or with --json one JSON object on the last
+    line of stdout: {"script", "exit_code", "error" (the error line's message, or null), and the
+    script's own fields}, also after a stop (75) or an error (the fields known by then). A
+    pipeline reads it with json.loads (README "Exit codes"). Use as a context manager around
+    `exit_on_error` (the error line comes first, on stderr), and `return summary.end(code)`."""
+
+    def __init__(self, prog: str):
+        self.prog, self.json, self.fields, self.said = prog, False, {}, False
+
+    def update(self, **fields) -> None:
+        self.fields.update(fields)
+
+    def line(self, text: str, say=None, **fields) -> None:
+        """The closing line: `text` through `say` (default: stdout), or its fields for --json."""
+        self.fields.update(fields)
+        if not self.json:
+            (say or print_out)(text)
+
+    def end(self, code: int) -> int:
+        if self.json and not self.said:
+            self.said = True
+            error = _last_error["text"] or None  # (None also for a stop without an error)
+            record = {"script": self.prog, "exit_code": code, "error": error, **self.fields}
+            print_out(json.dumps(_finite(record)))  # (where stdout is lost: nowhere to go)
+        return code
+
+    def __enter__(self) -> "Summary":
+        _last_error["text"] = ""
+        return self
+
+    def __exit__(self, kind, e, tb) -> None:
+        if kind is SystemExit:
+            self.end(e.code if isinstance(e.code, int) else 1)
+        elif kind is not None and issubclass(kind, Exception):  # a bug: its traceback, exit 1
+            _last_error["text"] = f"{kind.__name__}: {e}"
+            self.end(1)
+
+
+def _finite(v):
+    """`v` with inf as "inf"/"-inf" and NaN as null, as the results' JSON files write them (a
+    json.dumps of NaN is not JSON)."""
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return v

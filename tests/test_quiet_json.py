@@ -1,0 +1,132 @@
+"""--quiet (warnings, errors and the closing line only) and --json (the closing line as one JSON
+object a pipeline parses) of the three scripts, on success, a SIGTERM stop and an error."""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+import sr_eval
+import sr_sample
+import sr_train
+
+
+@pytest.fixture
+def hr_dir(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "hr"
+    folder.mkdir()
+    for i in range(2):  # 80x96, smooth 8x8 blocks
+        img = np.kron(rng.random((10, 12, 3)), np.ones((8, 8, 1))) * 255
+        iio.imwrite(folder / f"im{i}.png", img.astype(np.uint8))
+    return folder
+
+
+def train_argv(hr_dir: Path, out: Path, steps: int = 3) -> list[str]:
+    return ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--scale", "4", "--data",
+            str(hr_dir), "--patch", "8", "--batch", "2", "--steps", str(steps), "--workers", "0",
+            "--log-every", "1", "--val-every", "0", "--out", str(out)]  # fmt: skip
+
+
+def logged(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def last_json(text: str) -> dict:
+    """The last line of stdout, which --json makes one JSON object."""
+    return json.loads(text.splitlines()[-1])
+
+
+def test_json_closing_line_of_each_script(hr_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert sr_train.main([*train_argv(hr_dir, run), "--json"]) == 0
+    line = last_json(capsys.readouterr().out)
+    assert line == {
+        "script": "sr_train.py", "exit_code": 0, "error": None, "out": str(run), "step": 3,
+        "steps": 3, "skipped": 0, "loss": logged(run)[-1]["loss"], "loss_step": 3,
+        "checkpoint": str(run / "last.pt"), "checkpoint_step": 3, "stopped": None,
+    }  # fmt: skip
+
+    samples = tmp_path / "samples"
+    sample = ["--ckpt", str(run / "last.pt"), "--input", str(hr_dir), "--from-hr", "--n", "2",
+              "--out", str(samples), "--json"]  # fmt: skip
+    for sampled, skipped in ((2, 0), (0, 2)):  # the rerun finds both images complete
+        assert sr_sample.main(sample) == 0
+        out = capsys.readouterr().out
+        assert "done:" not in out  # the JSON line instead
+        line = last_json(out)
+        assert line.pop("seconds") >= 0
+        assert line == {"script": "sr_sample.py", "exit_code": 0, "error": None,
+                        "out": str(samples), "images": 2, "sampled": sampled, "skipped": skipped,
+                        "failed": 0}  # fmt: skip
+
+    results = tmp_path / "r.json"
+    evaluate = ["--hr", str(hr_dir), "--sr", f"mine={samples}", "--scale", "4", "--n", "2",
+                "--no-lpips", "--json"]  # fmt: skip
+    assert sr_eval.main([*evaluate, "--out", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "PSNR_mean" in out.splitlines()[0]  # the table first (no --quiet)
+    line = last_json(out)
+    assert line == {"script": "sr_eval.py", "exit_code": 0, "error": None,
+                    "results": str(results), "csv": None, "report": None, "images": 2,
+                    "mean": {"mine": json.loads(results.read_text())["mean"]}}  # fmt: skip
+    assert line["mean"]["mine"]["LPIPS_mean"] is None  # (NaN: not computed) as results.json
+    with pytest.raises(SystemExit) as e:  # stdout holds one of them
+        sr_eval.main([*evaluate, "--out", "-"])
+    assert e.value.code == 2 and capsys.readouterr().out == ""
+
+
+def test_json_line_after_a_sigterm_stop_and_an_error(hr_dir, tmp_path, capsys, monkeypatch):
+    """SIGTERM (SLURM) in training step 2: last.pt of step 2 and exit 75, and the line says so;
+    an error (a missing --data folder, exit 3) is its error line on stderr and the JSON line."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # (no requeue)
+    real_step = sr_train.train_step
+
+    def sigterm_in_step_2(*args, **kwargs):
+        if args[4] == 1:  # step index 1: the second step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(sr_train, "train_step", sigterm_in_step_2)
+    run = tmp_path / "run"
+    assert sr_train.main([*train_argv(hr_dir, run, steps=100), "--json"]) == 75
+    line = last_json(capsys.readouterr().out)
+    assert line["exit_code"] == 75 and line["stopped"] == "SIGTERM" and line["error"] is None
+    assert (line["step"], line["checkpoint"], line["checkpoint_step"]) == (
+        2,
+        str(run / "last.pt"),
+        2,
+    )
+    monkeypatch.undo()
+
+    with pytest.raises(SystemExit) as e:
+        sr_train.main([*train_argv(tmp_path / "none", tmp_path / "r2"), "--json"])
+    captured = capsys.readouterr()
+    line = last_json(captured.out)
+    assert e.value.code == 3 and line["exit_code"] == 3 and line["checkpoint"] is None
+    assert captured.err.strip() == f"sr_train.py: error: {line['error']}"
+    assert str(tmp_path / "none") in line["error"]
+
+    samples = tmp_path / "samples"
+    real_read = sr_sample.read_input
+    calls = []
+
+    def sigterm_at_the_second_image(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(sr_sample, "read_input", sigterm_at_the_second_image)
+    with pytest.raises(SystemExit) as e:
+        sr_sample.main(["--ckpt", str(run / "last.pt"), "--input", str(hr_dir), "--from-hr",
+                        "--n", "2", "--out", str(samples), "--json"])  # fmt: skip
+    captured = capsys.readouterr()
+    line = last_json(captured.out)
+    assert e.value.code == 75 and line["exit_code"] == 75 and "SIGTERM" in line["error"]
+    assert (line["images"], line["sampled"], line["skipped"]) == (2, 1, 0)
+    assert len(list(samples.glob("im0_sample*.png"))) == 2  # the one sampled is complete
