@@ -114,6 +114,10 @@ from sr_lib.models import MODELS
 from sr_lib.weights import read_state_dict, resolve
 
 PROG = "sr_eval.py"
+HELP_QUIET = (
+    "print warnings, errors and the --json line only: no progress, no table where --out, --csv, "
+    "--report or --json holds the results (without them the table is the result: printed)"
+)
 HELP_SR = (
     "SR sample folder(s): DIR, NAME=DIR, DIR:N or NAME=DIR:N (N samples per image there); a "
     "sweep folder of sr_sample.py (T0/, T0.5/, ...) gives one method per temperature"
@@ -150,6 +154,7 @@ class EvalArgs:
     device: str = field(default="auto", metadata=dict(help="auto, cpu, cuda, cuda:1, ..."))
     lpips_batch: int | None = field(default=None, metadata=dict(type=int, help=HELP_BATCH))
     uncertainty: str | None = field(default=None, metadata=dict(type=str, help=HELP_SIGMA))
+    quiet: bool = field(default=False, metadata=dict(help=HELP_QUIET))
     json: bool = field(
         default=False,
         metadata=dict(help="a closing line, one JSON object: exit_code, the mean metrics, the "
@@ -427,7 +432,7 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     # a stop after the report's first file (a full disk, Ctrl-C, a bad image) leaves none of it
     with report.removed_if_unfinished(report_dir):
         rows, sheets = score(hr, methods, lr_files, sigma_files, columns, opts, report_dir,
-                             to_files, to_stderr)  # fmt: skip
+                             to_files, to_stderr, args.quiet)  # fmt: skip
 
         # Aggregate: mean over images of each column (inf propagates, as the reference).
         columns += ["PLL", "PSNR_sigma"] if sigma_files else []  # (the first --sr folder only)
@@ -455,16 +460,17 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     for flag, path, text in results:
         if path == STDOUT:
             write_stdout(flag, text)
-    if to_stderr:
+    table = not args.quiet or not (to_files or args.json)  # --quiet: where nothing else has them
+    if to_stderr and table:
         err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
         with suppress(OSError):  # (where stderr cannot be written either: `2>&1 | head`)
             print_table(means, columns, title, methods, err)
     with unless_stdout_closed(to_files):
-        if not to_stderr:
+        if not to_stderr and table:
             print_table(means, columns, title, methods)
-        if missing:
+        if missing and table:
             show(missing, to_stderr)
-        if report_dir:
+        if report_dir and not args.quiet:
             show(f"report: {index}", to_stderr)
     return 0
 
@@ -740,12 +746,12 @@ def check_headers(args: EvalArgs, shave: int, hr: dict[str, Path], methods, lr_f
 
 
 def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_files=False,
-          to_stderr=False):  # fmt: skip
+          to_stderr=False, quiet=False):  # fmt: skip
     """Per method the rows of every image (`columns`, plus PLL and PSNR_sigma for the first
     method with --uncertainty), and with a report folder the contact sheet of every image; the
     next image's files are decoded on threads meanwhile. `to_files`: the results are written to
     files, so a closed stdout does not stop the run (`unless_stdout_closed`); `to_stderr`: the
-    progress is shown on stderr (stdout carries --out - or --csv -)."""
+    progress is shown on stderr (stdout carries --out - or --csv -); `quiet`: not at all."""
     metrics.keep_freed_memory()  # no page faults for the large per-sample arrays
     stems = list(hr)
     files = [
@@ -753,7 +759,7 @@ def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_file
         for k, s in enumerate(stems)
     ]
 
-    tty = (sys.stderr if to_stderr else sys.stdout).isatty()
+    tty = (sys.stderr if to_stderr else sys.stdout).isatty() and not quiet
     rows: dict[str, list[dict]] = {m.name: [] for m in methods}
     sheets = []
     start = time.perf_counter()
@@ -783,7 +789,7 @@ def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_file
                     gt_s = mod_crop(gt, opts["scale"])
                     rows[m.name][-1]["PLL"] = metrics.pll(gt_s, imgs[0], sigma)
                     rows[m.name][-1]["PSNR_sigma"] = metrics.sigma_psnr(gt_s, imgs[0], sigma)
-                if not tty:  # plain log lines for SLURM logs instead of a progress bar
+                if not (tty or quiet):  # plain log lines for SLURM logs instead of a bar
                     vals = " ".join(f"{c} {report.fmt(row[c], c)}" for c in columns)
                     took = time.perf_counter() - start
                     eta = took / (k + 1) * (len(stems) - k - 1)

@@ -183,7 +183,8 @@ MAX_N = 100_000  # sample numbers have five digits
 # --tile and --tile-overlap are compared as their effect, tile_context: exact tiles (the model's
 # tile_halo of context) equal the untiled samples, so a rerun after an out-of-memory may tile.
 FREE_FLAGS = ("ckpt", "input", "out", "shard", "device", "batch", "overwrite", "temperature",
-              "tile", "tile_overlap", "model", "scale", "from_hr", "n", "json")  # fmt: skip
+              "tile", "tile_overlap", "model", "scale", "from_hr", "n", "quiet",
+              "json")  # fmt: skip
 
 
 def integer(lo: int, hi: int | None = None, zero: bool = False):
@@ -331,6 +332,10 @@ class SampleArgs:
         default=False, metadata=dict(help="write NAME_sample{i:05d}.latent.npy per sample")
     )
     device: str = field(default="auto", metadata=dict(help="auto, cpu, cuda, cuda:1, ..."))
+    quiet: bool = field(
+        default=False,
+        metadata=dict(help="print warnings, errors and the closing line only (no progress)"),
+    )
     json: bool = field(
         default=False,
         metadata=dict(help="the closing line is one JSON object: exit_code, images, sampled, "
@@ -530,7 +535,8 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
         average = (f"the moving average of the weights (sr_train.py --ema {ck['ema_decay']:g}); "
                    "--raw-weights for the weights as trained")  # fmt: skip
         raw = "the weights as trained (--raw-weights)"
-        print_out(f"{args.ckpt}: {raw if args.raw_weights else average}")
+        if not args.quiet:
+            print_out(f"{args.ckpt}: {raw if args.raw_weights else average}")
     controls = resolve_controls(args, model, ck["model"], device)
     n = controls.n if controls else args.n  # a control may fix it (one output per ref/step)
     setter = controls_setter(args, controls)
@@ -597,7 +603,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     failed, skipped, t0 = {"unreadable": [], "too small": []}, 0, time.monotonic()
     where = out if len(folders) == 1 else f"{out}/T*"
     summary.update(out=str(where), images=len(mine))
-    with ProgressLog(len(mine)) as bar, SampleWriter(cpu_workers()) as writer:
+    with ProgressLog(len(mine), args.quiet) as bar, SampleWriter(cpu_workers()) as writer:
         for k, path in mine:
             name = f"{k:06d}" if args.layout == "ntire" else path.stem
             todo = [t for t in temperatures
@@ -1175,11 +1181,11 @@ class ProgressLog(contextlib.AbstractContextManager):
     of 20,000 images printed 20,000 "complete, skipped" lines) and the time left counts the
     images sampled only (skipping one takes no time)."""
 
-    def __init__(self, total: int):
-        self.total, self.done, self.t0 = total, 0, time.monotonic()
+    def __init__(self, total: int, quiet: bool = False):
+        self.total, self.done, self.t0, self.quiet = total, 0, time.monotonic(), quiet
         self.skipped, self.n_skipped = [], 0  # (the run of skips not shown yet; all skips)
         self.skip_time, self.last = 0.0, self.t0
-        self.tty = sys.stdout.isatty()
+        self.tty = sys.stdout.isatty() and not quiet  # --quiet: no bar, no lines
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeRemainingColumn(), disable=not self.tty)  # fmt: skip
         self.task = self.bar.add_task("sampling", total=total)
@@ -1197,7 +1203,7 @@ class ProgressLog(contextlib.AbstractContextManager):
         self.show_skipped()
         if self.tty:
             self.bar.console.print(text)
-        else:
+        elif not self.quiet:
             print_out(text)  # where stdout cannot be written: dropped, and `step` stops the run
 
     def skip(self, name: str) -> None:
@@ -1209,7 +1215,7 @@ class ProgressLog(contextlib.AbstractContextManager):
         self.advance()
 
     def show_skipped(self) -> None:
-        if self.skipped and not self.tty:
+        if self.skipped and not self.tty and not self.quiet:
             k, names = len(self.skipped), self.skipped[0]
             names += f" .. {self.skipped[-1]}" if k > 1 else ""
             print_out(f"[{self.done}/{self.total}] {k} complete, skipped ({names})")
@@ -1218,7 +1224,7 @@ class ProgressLog(contextlib.AbstractContextManager):
     def step(self, text: str) -> None:
         self.show_skipped()
         self.last = time.monotonic()
-        if not self.tty:
+        if not self.tty and not self.quiet:
             worked, left = self.done + 1 - self.n_skipped, self.total - self.done - 1
             eta = (self.last - self.t0 - self.skip_time) / worked * left
             print_out(f"[{self.done + 1}/{self.total}] {text}, ETA {eta:.0f} s")

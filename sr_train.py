@@ -210,6 +210,11 @@ class TrainArgs:
     tensorboard: bool = field(
         default=False, metadata=dict(help="also write the log and validation strips to OUT/tb/")
     )
+    quiet: bool = field(
+        default=False,
+        metadata=dict(help="print warnings, errors and the closing line only (no progress; "
+                      "log.jsonl and OUT/tb/ are written as usual)"),
+    )  # fmt: skip
     json: bool = field(
         default=False,
         metadata=dict(help="the closing line is one JSON object: exit_code, step, loss, "
@@ -316,7 +321,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     if "sync_check_every" in given and not dd.on:  # (known once the processes have met)
         warnings.warn("--sync-check-every: no effect in one process (it compares the replicas "
                       "of several); ignored", stacklevel=2)  # fmt: skip
-    say = say_out if dd.main else (lambda text: None)
+    say = say_out if dd.main and not args.quiet else (lambda text: None)  # --quiet: none
     model, optimizers, scaler = build_training(args, cfg, named, recipe, resumed, device, say)
     run_log = cleanup.enter_context(  # rank 0
         open_run_folder(out, args.tensorboard, dd, resumed["step"] if resumed else None)
@@ -370,7 +375,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     if distributed.agree(bool(stdout_closed()), dd, all_ranks=False):  # (rank 0's) all stop
         raise OutputError(f"standard output {stdout_closed() or 'of rank 0 lost'}; stopped "
                           "before training")  # fmt: skip
-    progress = cleanup.enter_context(Progress(steps, start, stop)) if dd.main else None
+    progress = cleanup.enter_context(Progress(steps, start, stop, args.quiet)) if dd.main else None
     bad_steps = BadSteps(device, args.max_bad_steps, skipped)
     stopped, t0, t_start, logged = None, time.monotonic(), time.monotonic(), start
     lost_image = None  # the loader's DataError or OutputError: said after saving the steps done
@@ -511,7 +516,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         raise type(lost_image)(f"step {step + 1}: {lost_image}; {held} that fixed")
     if hung is not None:  # (one process) as after SIGTERM: requeued, the job goes on
         if args.requeue:
-            requeue(say)
+            requeue(say_out)  # (also with --quiet: the job's fate)
         raise WorkersHung(
             f"step {step + 1}: {hung}; {last_save(dd, saved, out / 'last.pt', before)}"
         )
@@ -658,7 +663,8 @@ def no_validation(args: TrainArgs) -> str | None:
 # (Switches that have one form only, --tensorboard, --deterministic, --no-requeue, are too: a
 # resume could not turn them off.)
 LOCAL_FLAGS = ("model", "out", "resume", "init_from", "device", "workers", "compile", "cuda_graphs",
-               "time_budget", "tensorboard", "deterministic", "requeue", "json")  # fmt: skip
+               "time_budget", "tensorboard", "deterministic", "requeue", "quiet",
+               "json")  # fmt: skip
 # Unset run flags as checkpoints wrote them before they became None (srspace 0.2.0 before its
 # Recipe): -1, 0, 0.0, []. Those marked are out of range today, so they tell such a checkpoint.
 LEGACY_UNSET = {
@@ -1689,8 +1695,8 @@ def finish(stopped: str | None, step: int, steps: int, skipped: int, out: Path, 
     write log.jsonl (`log_lost`: last.pt is saved), 75 after a signal (resume with --resume
     auto; under SLURM the job is requeued after SIGUSR1/SIGTERM), else 0: also where
     --time-budget stopped the run before `steps` (its line says to continue with --resume auto).
-    With --json the closing line is `result`'s JSON instead. (main() closes the progress bar and
-    the log, also on an error.)"""
+    The closing line is rank 0's, also with --quiet (`say` is silent then), and with --json
+    `result`'s JSON instead. (main() closes the progress bar and the log, also on an error.)"""
     unwritable = distributed.agree(bool(log_lost), dd, all_ranks=False)  # every rank exits 7
     distributed.barrier(dd)
     distributed.cleanup(dd)
@@ -1699,18 +1705,19 @@ def finish(stopped: str | None, step: int, steps: int, skipped: int, out: Path, 
             return EXIT_OUTPUT
         raise OutputError(f"{log_lost}; stopped at step {step}, wrote {out / 'last.pt'}: free "
                           "space, then continue with --resume auto")  # fmt: skip
+    end = say_out if dd.main else say  # (say: nothing on the other ranks)
     result.update(stopped=stopped)
     if stopped and stopped != "time budget":
         result.line(f"{stopped}: stopped at step {step}, wrote {out / 'last.pt'}; continue with "
-                    "--resume auto", say)  # fmt: skip
+                    "--resume auto", end)  # fmt: skip
         if dd.main and stopped in ("SIGUSR1", "SIGTERM") and args.requeue:
-            requeue(say)
+            requeue(end)  # (also with --quiet)
         return EXIT_PREEMPTED
     if stopped == "time budget" and step < steps:
         result.line(f"time budget: stopped at step {step} of {steps}, {skipped} skipped, wrote "
-                    f"{out / 'last.pt'}; continue with --resume auto", say)  # fmt: skip
+                    f"{out / 'last.pt'}; continue with --resume auto", end)  # fmt: skip
         return 0
-    result.line(f"done: {step} steps, {skipped} skipped, checkpoint {out / 'last.pt'}", say)
+    result.line(f"done: {step} steps, {skipped} skipped, checkpoint {out / 'last.pt'}", end)
     return 0
 
 
@@ -1902,9 +1909,9 @@ class Progress:
     stops as on SIGTERM: it saves last.pt and exits 75, instead of losing the steps since the
     last save to the write's error (before the first step, `train` just stops: exit 7)."""
 
-    def __init__(self, total: int, start: int, stop: dict):
-        self.stop = stop
-        self.tty = sys.stdout.isatty()
+    def __init__(self, total: int, start: int, stop: dict, quiet: bool = False):
+        self.stop, self.quiet = stop, quiet  # --quiet: neither
+        self.tty = sys.stdout.isatty() and not quiet
         if self.tty:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -1927,7 +1934,7 @@ class Progress:
         (self.bar.console.print if self.tty else self.print)(text)
 
     def print(self, text: str) -> None:
-        if not print_out(text):
+        if not self.quiet and not print_out(text):
             self.stop["signal"] = f"standard output {stdout_closed()}"  # the loop saves, stops
 
     def close(self) -> None:

@@ -41,10 +41,46 @@ def last_json(text: str) -> dict:
     return json.loads(text.splitlines()[-1])
 
 
+def test_quiet_prints_the_closing_line_only_and_writes_the_same_files(hr_dir, tmp_path, capsys):
+    run, loud = tmp_path / "run", tmp_path / "loud"
+    assert sr_train.main(train_argv(hr_dir, loud)) == 0
+    assert len(capsys.readouterr().out.splitlines()) > 3  # (the start, data, steps: the control)
+    assert sr_train.main([*train_argv(hr_dir, run), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines() == [f"done: 3 steps, 0 skipped, checkpoint {run / 'last.pt'}"]
+    assert [r["step"] for r in logged(run)] == [1, 2, 3]  # log.jsonl as usual
+
+    samples = tmp_path / "samples"
+    sample = ["--ckpt", str(run / "last.pt"), "--input", str(hr_dir), "--from-hr", "--n", "2",
+              "--out", str(samples)]  # fmt: skip
+    assert sr_sample.main([*sample, "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("done: 2 images sampled, 0 already complete")
+    assert sorted(p.name for p in samples.glob("*.png")) == [
+        f"im{i}_sample{k:05d}.png" for i in range(2) for k in range(2)
+    ]
+    assert sr_sample.main(sample) == 0  # --quiet and --json are not settings of the folder
+    assert len(capsys.readouterr().out.splitlines()) == 2  # a line per image run, and done
+
+    results = tmp_path / "r.json"
+    evaluate = ["--hr", str(hr_dir), "--sr", str(samples), "--scale", "4", "--n", "2",
+                "--no-lpips"]  # fmt: skip
+    assert sr_eval.main([*evaluate, "--out", str(results), "--quiet"]) == 0
+    assert capsys.readouterr().out == ""  # the results are in --out's file
+    assert json.loads(results.read_text())["mean"]["PSNR_mean"] > 0
+    assert sr_eval.main([*evaluate, "--quiet"]) == 0  # the table is the only result: shown
+    out = capsys.readouterr().out
+    assert "PSNR_mean" in out and "[1/2]" not in out
+    assert sr_eval.main(evaluate) == 0
+    assert "[1/2] im0" in capsys.readouterr().out  # (without --quiet: a line per image)
+
+
 def test_json_closing_line_of_each_script(hr_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    assert sr_train.main([*train_argv(hr_dir, run), "--json"]) == 0
-    line = last_json(capsys.readouterr().out)
+    assert sr_train.main([*train_argv(hr_dir, run), "--json", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 1  # --quiet: the closing line alone
+    line = last_json(out)
     assert line == {
         "script": "sr_train.py", "exit_code": 0, "error": None, "out": str(run), "step": 3,
         "steps": 3, "skipped": 0, "loss": logged(run)[-1]["loss"], "loss_step": 3,
