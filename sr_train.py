@@ -171,6 +171,11 @@ class TrainArgs:
         default=None,
         metadata=dict(type=float, help="max grad norm (0 = off; default: the paper's)"),
     )
+    warmup: int = field(
+        default=0,
+        metadata=dict(help="learning-rate warm-up: step t of the first WARMUP takes t/WARMUP of "
+                      "the schedule's rate (0 = none, the papers' recipe)", range="[0, inf)"),
+    )  # fmt: skip
     init_from: str = field(default="", metadata=dict(help="start from these weights (fine-tune)"))
     out: str = field(default="", metadata=dict(help="run folder (default: runs/MODEL_xSCALE)"))
     resume: str = field(
@@ -620,6 +625,11 @@ def warn_unused_run(args: TrainArgs, given: set[str], recipe: Recipe, model_cls)
     if typed and not model_cls.learns:  # one line for them all, not theirs below
         warnings.warn(f"{', '.join(typed)}: no effect, the {args.model} model has nothing to "
                       "train; ignored", stacklevel=2)  # fmt: skip
+    if model_cls.learns and recipe.warmup > recipe.steps > 0:  # a short try of a long run's
+        # command line is fine: trained as asked, but the rate given is never reached
+        warnings.warn(f"--warmup {recipe.warmup}: longer than the run (--steps {recipe.steps}); "
+                      f"its last step takes {recipe.steps / recipe.warmup:.0%} of the learning "
+                      "rate", stacklevel=2)  # fmt: skip
     unused = {}
     if args.data == ["demo"]:  # built in: held in memory, its LR the bicubic downscale of its HR
         unused |= dict.fromkeys(("lr_data", "cache"), "with --data demo (its LR is made from its "
@@ -647,8 +657,8 @@ def warn_unused_run(args: TrainArgs, given: set[str], recipe: Recipe, model_cls)
 
 
 # The optimisation flags, which a model without parameters (bicubic) has no use for.
-NO_PARAMETERS = ("learning_rate", "d_learning_rate", "milestones", "gamma", "grad_clip", "amp",
-                 "compile", "ema")  # fmt: skip
+NO_PARAMETERS = ("learning_rate", "d_learning_rate", "milestones", "gamma", "grad_clip", "warmup",
+                 "amp", "compile", "ema")  # fmt: skip
 VAL_FLAGS = ("val_data", "val_images", "val_crop", "val_n", "val_temperature", "val_every")
 
 
@@ -724,7 +734,8 @@ def parse_recipe(args: TrainArgs, recipe: Recipe) -> Recipe:
     milestones = None if args.milestones is None else tuple(args.milestones)
     given = dict(steps=args.steps, batch=args.batch, patch=args.patch,
                  learning_rate=args.learning_rate, d_learning_rate=args.d_learning_rate,
-                 milestones=milestones, gamma=args.gamma, grad_clip=args.grad_clip)  # fmt: skip
+                 milestones=milestones, gamma=args.gamma, grad_clip=args.grad_clip,
+                 warmup=args.warmup)  # fmt: skip
     return replace(recipe, **{k: v for k, v in given.items() if v is not None})
 
 
@@ -1215,13 +1226,25 @@ def learning_rate_at(
     return base * recipe.gamma ** sum(step >= m * n for m in recipe.milestones)
 
 
+def warmup_factor(step: int, warmup: int) -> float:
+    """--warmup: the training step of index `step` (0-based; step t = step + 1 of the run) takes
+    t/warmup of its scheduled rate while t < warmup, so the rate rises linearly from 1/warmup of
+    it (no step is spent at rate 0) to all of it at step `warmup`. A pure function of the step,
+    as the schedule is: a resume continues it exactly."""
+    return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
 def set_learning_rates(optimizers: dict, model, step: int, recipe: Recipe) -> None:
-    """Every parameter group at its own place in the schedule (a model's phases may differ)."""
+    """Every parameter group at its own place in the schedule (a model's phases may differ),
+    times the warm-up factor of the run's step (`warmup_factor`, every group and the
+    discriminator's alike): the schedule itself is not shifted, so after the warm-up each rate is
+    the one the run would have without it."""
+    w = warmup_factor(step, recipe.warmup)
     for i, g in enumerate(optimizers["g"].param_groups if "g" in optimizers else []):
         t, length = model.schedule_position(i, step, recipe.steps)
-        set_rate(g, learning_rate_at(t, recipe, length))
+        set_rate(g, w * learning_rate_at(t, recipe, length))
     for g in optimizers["d"].param_groups if "d" in optimizers else []:
-        set_rate(g, learning_rate_at(step, recipe, base=recipe.d_learning_rate))
+        set_rate(g, w * learning_rate_at(step, recipe, base=recipe.d_learning_rate))
 
 
 def set_rate(group: dict, rate: float) -> None:

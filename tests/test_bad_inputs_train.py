@@ -93,6 +93,7 @@ CASES = {  # id: (flags, exit code, words of the message)
         "--milestones 0.5 -0.5: must be a number between 0 and 1",
     ),  # fmt: skip
     "grad clip -0.5": ({"--grad-clip": "-0.5"}, PARSE, "--grad-clip -0.5"),
+    "warmup -1": ({"--warmup": "-1"}, PARSE, "--warmup -1: must be an integer >= 0"),
     "val n 0": ({"--val-n": "0"}, PARSE, "--val-n 0"),
     "val images -1": ({"--val-images": "-1"}, PARSE, "--val-images -1"),
     "val crop -1": ({"--val-crop": "-1"}, PARSE, "--val-crop -1"),
@@ -542,6 +543,10 @@ UNUSED = {  # id: (flags, the warning, flags that make it take effect)
          "--learning-rate": "1e-3", "--gamma": "0.5", "--amp": "bf16"},
         "--learning-rate, --gamma, --amp, --ema: no effect, the bicubic model has nothing to "
         "train", {"--model": "edsr"}),
+    "warmup of bicubic": ({"--model": "bicubic", "--n-feats": None, "--n-blocks": None,
+                           "--warmup": "1"},
+                          "--warmup: no effect, the bicubic model has nothing to train",
+                          {"--model": "edsr"}),
     "grad clip of bicubic": ({"--model": "bicubic", "--n-feats": None, "--n-blocks": None,
                               "--grad-clip": "1"},
                              "--grad-clip: no effect, the bicubic model has nothing to train",
@@ -559,6 +564,24 @@ def test_a_flag_without_effect_is_a_warning(case, tmp_path):
             args, rest, given = sr_train.parse_all(argv)
             sr_train.resolve_run(args, rest, given)  # the flags read, nothing built or written
         assert [str(w.message) for w in caught] == expected, extra
+
+
+def test_a_warmup_longer_than_the_run_is_a_warning(tmp_path):
+    """--warmup beyond --steps: trained as asked (a short try of a long run's command line), but
+    the learning rate given is never reached: one line saying how much of it is; none where the
+    warm-up fits, nor at --steps 0 (nothing trained)."""
+    for steps, warmup, expected in (
+        ("4", "10", ["--warmup 10: longer than the run (--steps 4); its last step takes 40% of "
+                     "the learning rate"]),
+        ("4", "4", []),
+        ("0", "10", []),
+    ):  # fmt: skip
+        argv = argv_of({"--steps": steps, "--warmup": warmup}, data="demo", out=str(tmp_path))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            args, rest, given = sr_train.parse_all(argv)
+            sr_train.resolve_run(args, rest, given)
+        assert [str(w.message) for w in caught] == expected, (steps, warmup)
 
 
 def test_a_cache_with_demo_is_ignored_not_made(tmp_path):

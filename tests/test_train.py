@@ -461,6 +461,51 @@ def test_gamma_zero_and_no_milestones_are_expressible(tmp_path, images, toy):
     assert load_checkpoint(tmp_path / "flat" / "last.pt")["train_args"]["milestones"] == []
 
 
+def test_warmup_rises_linearly_then_the_schedule_goes_on_as_without_it(tmp_path, images, toy):
+    """--warmup 4: steps 1..4 take 1/4..4/4 of the scheduled rate (the milestone at step 4 of 6
+    still decays it), then the schedule is the one of a run without warm-up; unset, no
+    warm-up (every paper's recipe)."""
+    flags = ["--model", "toy", "--steps", "6", "--learning-rate", "1e-3", "--milestones", "0.5",
+             "--gamma", "0.1"]  # fmt: skip
+    assert run(tmp_path / "w", images, *flags, "--warmup", "4") == 0
+    assert logged_rates(tmp_path / "w") == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-4, 1e-4, 1e-4])
+    assert load_checkpoint(tmp_path / "w" / "last.pt")["train_args"]["warmup"] == 4
+    assert run(tmp_path / "none", images, *flags) == 0
+    assert logged_rates(tmp_path / "none") == pytest.approx([1e-3] * 3 + [1e-4] * 3)
+
+
+def test_a_resume_inside_the_warmup_is_exact(tmp_path, images, toy):
+    """Resumed at step 2 of a 4-step warm-up without --warmup typed: the checkpoint's run flag
+    is taken, and the weights and rates are those of one straight run."""
+    flags = ["--model", "toy", "--noisy", "--learning-rate", "1e-2", "--milestones"]
+    assert run(tmp_path / "a", images, *flags, "--steps", "4", "--warmup", "4") == 0
+    assert run(tmp_path / "b", images, *flags, "--steps", "2", "--warmup", "4") == 0
+    assert run(tmp_path / "b", images, "--steps", "4", "--resume", "auto") == 0
+    a, b = params(tmp_path / "a" / "last.pt"), params(tmp_path / "b" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert logged_rates(tmp_path / "b") == logged_rates(tmp_path / "a")
+    assert logged_rates(tmp_path / "a") == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2])
+    assert run(tmp_path / "c", images, *flags, "--steps", "4") == 0  # the warm-up changed them
+    c = params(tmp_path / "c" / "last.pt")
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_warmup_scales_every_group_and_the_discriminator():
+    """The warm-up factor is the run's step's, for each generator group at its own schedule
+    position (a model's phases) and for the discriminator's rate."""
+    assert [sr_train.warmup_factor(t, 4) for t in range(6)] == [0.25, 0.5, 0.75, 1, 1, 1]
+    assert sr_train.warmup_factor(0, 0) == 1.0  # none
+    net = nn.Linear(1, 1)
+    opts = {"g": torch.optim.Adam([{"params": [net.weight]}, {"params": [net.bias]}], lr=1.0),
+            "d": torch.optim.Adam(nn.Linear(1, 1).parameters(), lr=1.0)}  # fmt: skip
+    model = types.SimpleNamespace(schedule_position=lambda i, step, total: (step + 5 * i, total))
+    recipe = Recipe(steps=10, learning_rate=1.0, milestones=(0.5,), gamma=0.1,
+                    d_learning_rate=2.0, warmup=4)  # fmt: skip
+    sr_train.set_learning_rates(opts, model, 1, recipe)
+    rates = [g["lr"] for o in opts.values() for g in o.param_groups]
+    assert rates == pytest.approx([0.5, 0.05, 1.0])  # group 1 is past its milestone
+
+
 def test_unset_run_flags_take_the_model_recipe_once():
     args, rest, given = sr_train.parse_all(["--model", "edsr", "--batch", "3", "--n-feats", "8"])
     recipe = sr_train.parse_recipe(args, models.MODELS["edsr"].recipe(args.scale))

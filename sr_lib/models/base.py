@@ -105,6 +105,7 @@ class Recipe:
     gamma: float = 0.5  # multistep: the decay factor
     eta_min: float = 0.0  # cosine: the final learning rate
     grad_clip: float = 0.0  # max gradient norm (0 = off)
+    warmup: int = 0  # steps of linear learning-rate warm-up (0 = none: every paper's recipe)
     d_learning_rate: float = 1e-4  # the discriminator's optimizer
     d_betas: tuple[float, float] = (0.9, 0.999)
     d_weight_decay: float = 0.0
