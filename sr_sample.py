@@ -74,9 +74,13 @@ change --tile and --tile-overlap while the tiles stay exact (at least the defaul
 --tile that holds every input whole); a folder of inexact tiles is refused to other ones
 (manifest.json's tile_context). Without --tile, --tile-overlap is unused (a warning): an
 out-of-memory retry's tiles take the exact context, as when --tile holds every input whole.
+--check-invertibility (flows): instead of writing samples, each is encoded back to its latents
+and decoded again, and |x - x'| reported per image (docs/flows.md#invertibility); exit 5 above
+the tolerance. --out is then not needed.
 Exit codes: 0 ok, 2 bad flag or a folder of other settings, 3 unusable input (unreadable images
-are reported and skipped, the others written, exit 3 at the end), 4 out of memory, 6 checkpoint
-problem, 7 output cannot be written, 75 stopped by SIGTERM/SIGUSR1/SIGHUP, 130 Ctrl-C.
+are reported and skipped, the others written, exit 3 at the end), 4 out of memory, 5 a NaN sample
+or a flow that does not invert (--check-invertibility), 6 checkpoint problem, 7 output cannot be
+written, 75 stopped by SIGTERM/SIGUSR1/SIGHUP, 130 Ctrl-C.
 """
 
 import os
@@ -158,7 +162,7 @@ from sr_lib.errors import (
     stdout_closed,
 )
 from sr_lib.models import MODELS, load_model
-from sr_lib.models.base import pad_to_multiple, sample_seed
+from sr_lib.models.base import NoiseSource, pad_to_multiple, sample_seed
 from sr_lib.resize import imresize
 from sr_lib.threads import (
     done,
@@ -331,6 +335,12 @@ class SampleArgs:
     save_latent: bool = field(
         default=False, metadata=dict(help="write NAME_sample{i:05d}.latent.npy per sample")
     )
+    check_invertibility: bool = field(
+        default=False,
+        metadata=dict(help="flows: draw the samples, encode each back to z and decode again; "
+                      "report |x - x'| per image, exit 5 above the tolerance; writes nothing "
+                      "(--out not needed)"),
+    )  # fmt: skip
     device: str = field(default="auto", metadata=dict(help="auto, cpu, cuda, cuda:1, ..."))
     quiet: bool = field(
         default=False,
@@ -488,7 +498,17 @@ def parse_args(argv) -> tuple[SampleArgs, set[str]]:
         if a == "--latent-steps":
             argv[k : k + 2] = [f"{a}={argv[k + 1]}"]
             break
-    args = parse(SampleArgs, argv, PROG)
+    # --check-invertibility writes nothing: --out may be left out (its required mark stays for
+    # every other run); typed there, it is a flag without effect (check_invertibility says so)
+    unset = ["--out", "\0"]  # (no path holds a NUL) a --out typed later replaces it
+    try:
+        check = "check_invertibility" in given_fields(SampleArgs, [*unset, *argv], PROG)
+    except UsageError:  # (-h, or --ckpt missing): the parse below says it, not naming --out
+        check = any(a.startswith("--check") for a in argv)  # (its only flag so named)
+    args = parse(SampleArgs, [*unset, *argv] if check else argv, PROG)
+    out_typed = args.out != "\0"
+    if not out_typed:
+        args.out = ""
     refuse_stdio(args, ("ckpt", "input", "out", "ref", "latent_from", "latent", "latent_shift"))
     if args.tile and args.tile_overlap is not None and args.tile_overlap >= args.tile:
         raise UsageError(
@@ -502,7 +522,7 @@ def parse_args(argv) -> tuple[SampleArgs, set[str]]:
     steps = args.latent_steps.split(",")
     if not all(temperature_ok(v) for v in steps if v.strip()) or not any(v.strip() for v in steps):
         raise UsageError(f"--latent-steps {args.latent_steps!r}: give numbers like -2,-1,0,1,2")
-    given = given_fields(SampleArgs, argv, PROG)
+    given = given_fields(SampleArgs, [*unset, *argv], PROG) - (set() if out_typed else {"out"})
     if "latent_steps" in given and not args.latent_shift:
         say_err(f"{PROG}: warning: --latent-steps: no effect without --latent-shift; ignored")
     if args.from_hr and args.input == "demo":
@@ -537,6 +557,9 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
         raw = "the weights as trained (--raw-weights)"
         if not args.quiet:
             print_out(f"{args.ckpt}: {raw if args.raw_weights else average}")
+    if args.check_invertibility:
+        return check_invertibility(args, given, model, ck["model"], paths, from_hr, device,
+                                   summary)  # fmt: skip
     controls = resolve_controls(args, model, ck["model"], device)
     n = controls.n if controls else args.n  # a control may fix it (one output per ref/step)
     setter = controls_setter(args, controls)
@@ -975,16 +998,103 @@ class TooSmall(DataError):
     """An input smaller than --from-hr's crop (the end summary counts these apart)."""
 
 
-def read_input(path: Path, s: int, from_hr: bool, lr_file: Path) -> np.ndarray:
-    """The uint8 LR image of an input file; --from-hr makes it (and writes it to lr_file)."""
+def read_input(path: Path, s: int, from_hr: bool, lr_file: Path | None) -> np.ndarray:
+    """The uint8 LR image of an input file; --from-hr makes it (and writes it to lr_file, unless
+    None)."""
     img = held(read_image)(path)
     if from_hr:
         img = mod_crop(img, default_mod(s))
         if img.size == 0:
             raise TooSmall(f"{path}: smaller than {default_mod(s)} px, no LR to make")
         img = imresize(img, 1 / s)
-        save_png(lr_file, img)
+        if lr_file is not None:
+            save_png(lr_file, img)
     return img
+
+
+# --check-invertibility: the largest |x - x'| (pixels in [0, 1]) of a sample decoded, encoded
+# and decoded again that passes: half an 8-bit level, so a round trip that passes moves no
+# written pixel by more than one level. Measured in float32 (docs/flows.md#invertibility):
+# 5e-6 to 2e-5 for tiny flows of random weights, 1e-6 for a small SRFlow trained on the demo
+# images, 5e-4 at the most for random weights well above the usual scale; a broken inverse or a
+# NaN is far above it.
+INVERT_TOLERANCE = 0.5 / 255
+# The flags of writing samples: with --check-invertibility, which writes none, without effect.
+CHECK_UNUSED = ("out", "layout", "tile", "tile_overlap", "overwrite", "save_uncertainty", "grid",
+                "cem", "ref", "latent_from", "latent", "latent_shift", "latent_steps",
+                "save_latent")  # fmt: skip
+
+
+class NotInvertible(NonFiniteError):
+    """--check-invertibility: a flow's samples do not come back through its inverse (exit 5, the
+    numerical failures' code, as a NaN sample's)."""
+
+
+def check_invertibility(args: SampleArgs, given: set[str], model, name: str, paths: list[Path],
+                        from_hr: bool, device, summary: Summary) -> int:  # fmt: skip
+    """--check-invertibility: the samples of each input, drawn as sampling draws them (the same
+    seeds, temperatures, --batch), each encoded back to its latents z' and decoded again to x'
+    (`round_trip`): one line per image with the max and mean |x - x'| (pixels in [0, 1]) and
+    the max |z - z'| (not with --quiet), then a summary, the closing line (--json: its fields
+    images, samples, max_error); exit 0 where every max |x - x'| is within INVERT_TOLERANCE, else
+    exit 5 naming the worst image. Nothing is written."""
+    if not callable(getattr(model, "round_trip", None)):
+        flows = [k for k, c in MODELS.items() if callable(getattr(c, "round_trip", None))]
+        raise UsageError(f"--check-invertibility: the {name} model is not a flow, it has no "
+                         f"inverse to check (only: {', '.join(flows)})")  # fmt: skip
+    unused = [f"--{k.replace('_', '-')}" for k in CHECK_UNUSED if k in given]
+    if unused:
+        say_err(f"{PROG}: warning: {', '.join(unused)}: no effect with --check-invertibility "
+                "(nothing is written; each image is checked whole); ignored")  # fmt: skip
+    temperatures = args.temperature or [model.default_temperature]
+    part, parts = (int(v) for v in args.shard.split("/"))
+    mine = [(k, p) for k, p in enumerate(paths) if k % parts == part]
+    summary.update(out=None, images=len(mine), samples=args.n, max_error=None)
+    autocast, s = autocast_for(args.amp, device), model.scale
+    worst = []  # (max |x - x'|, line) per image
+    for _, path in mine:
+        img = read_input(path, s, from_hr, None)
+        lr = to_tensor(img)[None].to(device)
+        h, w = lr.shape[-2:]
+        x_lr = pad_to_multiple(lr, model.lr_multiple)
+        top, total, count, z_max, at = -1.0, 0.0, 0, 0.0, ""
+        for t in temperatures:
+            for c0 in range(0, args.n, args.batch):
+                idx = range(c0, min(c0 + args.batch, args.n))
+                noise = NoiseSource([sample_seed(args.seed, path.stem, i) for i in idx], device)
+                with autocast:
+                    x, x2, dz = model.round_trip(x_lr, len(idx), float(t), noise)
+                diff = (x - x2)[..., : h * s, : w * s].float().abs().flatten(1)
+                total, count = total + float(diff.double().sum()), count + diff.numel()
+                z = float(dz.float().max())
+                z_max = z if not z <= z_max else z_max  # (NaN compares false: kept)
+                k = int(diff.amax(1).nan_to_num(math.inf).argmax())  # NaN: the worst
+                if not float(diff[k].max()) <= top:  # (NaN compares false: taken)
+                    top, at = float(diff[k].max()), f"sample {idx[k]} at temperature {t:g}"
+        line = (f"{path.name}: max |x - x'| {top:.2e} ({at}), mean {total / count:.2e}, "
+                f"max |z - z'| {z_max:.2e}")  # fmt: skip
+        if not args.quiet:
+            print_out(line)
+        worst.append((top, path.name, at))
+        was = summary.fields["max_error"]
+        summary.update(max_error=top if was is None or not top <= was else was)  # NaN: kept
+    bad = [w for w in worst if not w[0] <= INVERT_TOLERANCE]  # NaN fails
+    samples = f"{len(mine)} images x {args.n} samples at temperature " + ", ".join(
+        f"{t:g}" for t in temperatures
+    )
+    if bad:
+        top, img, at = max(bad, key=lambda w: math.inf if math.isnan(w[0]) else w[0])
+        more = f" (and {len(bad) - 1} more of {len(mine)} images)" if len(bad) > 1 else ""
+        raise NotInvertible(
+            f"{img}: the flow does not invert: max |x - x'| "
+            + ("is NaN" if math.isnan(top) else f"{top:.2e}")
+            + f" ({at}){'' if math.isnan(top) else f' is above {INVERT_TOLERANCE:g}'}{more}; "
+            "its weights are numerically broken "
+            "(docs/flows.md#invertibility)"
+        )
+    top = max((w[0] for w in worst), default=0.0)
+    summary.line(f"invertible: {samples}: max |x - x'| {top:.2e} <= {INVERT_TOLERANCE:g}")
+    return 0
 
 
 def resolve_controls(args: SampleArgs, model, name: str, device):

@@ -2,7 +2,8 @@
 
 Exit codes (documented in the README; batch pipelines and SLURM scripts rely on them):
   0 success, 2 usage (bad flag or flag value), 3 data (missing/unreadable/unsuitable images),
-  4 out of memory, 5 non-finite (a training abort, a NaN sample), 6 checkpoint or weights file
+  4 out of memory, 5 non-finite (a training abort, a NaN sample; a flow that does not invert,
+  sr_sample.py --check-invertibility), 6 checkpoint or weights file
   problem, 7 output cannot be written (read-only or missing folder, a file where a folder
   belongs, disk full), 75 preempted (SIGTERM/SIGUSR1 handled, last.pt written; requeue and resume)
   or another process of the run lost (resume from the last save),

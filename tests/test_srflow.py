@@ -1,7 +1,9 @@
 """SRFlow, SRFlow-DA and NCSR (docs/flows.md): parameter counts, the official key layout,
 whole-model invertibility and log-det, NLL units, temperature, training-step and sampling facts."""
 
+import json
 import math
+import re
 from unittest import mock
 
 import imageio.v3 as iio
@@ -823,3 +825,85 @@ def test_flow_generate_refuses_latents_of_other_shapes():
         fields = model.encode(lr, hr)[0]
     assert [tuple(f.shape[1:]) for f in fields] == [tuple(f.shape[1:]) for f in z]
     assert (model.sample(lr, 1, 0.9, latent=fields)[0] - hr).abs().max() < 1e-4
+
+
+def flow_checkpoint(tmp_path, name: str = "srflow"):
+    """A tiny flow with non-trivial weights saved as sr_train.py saves it, and a folder of two
+    LR images (made here)."""
+    net = tiny(name)
+    path = tmp_path / f"{name}.pt"
+    save_checkpoint(path, {"model": name, "model_cfg": {**TINY[name], "scale": 4},
+                           "state_dict": net.state_dict(), "step": 0})  # fmt: skip
+    inp = tmp_path / "in"
+    inp.mkdir()
+    rng = np.random.default_rng(0)
+    for stem, shape in (("a", (10, 12, 3)), ("b", (9, 14, 3))):
+        iio.imwrite(inp / f"{stem}.png", rng.integers(0, 256, shape, dtype=np.uint8))
+    return path, inp
+
+
+@pytest.mark.parametrize("name", FLOWS)
+def test_check_invertibility_passes_a_flow_and_writes_nothing(name, tmp_path, capsys):
+    """--check-invertibility: one line per image and a summary, exit 0; no --out needed, no file
+    written. The errors are float32 rounding (about 1e-5 here), far under the tolerance."""
+    path, inp = flow_checkpoint(tmp_path, name)
+    before = sorted(tmp_path.rglob("*"))
+    argv = ["--ckpt", str(path), "--input", str(inp), "--n", "2", "--temperature", "0", "0.9"]
+    assert sr_sample.main([*argv, "--check-invertibility"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out] == ["a.png", "b.png", "invertible"], out
+    assert out[-1].startswith("invertible: 2 images x 2 samples at temperature 0, 0.9: max")
+    worst = [float(re.search(r"max \|x - x'\| (\S+)", line)[1]) for line in out]
+    assert max(worst[:2]) == worst[2] and 0 <= worst[2] < 1e-4, out
+    assert sorted(tmp_path.rglob("*")) == before
+    # --out and the other flags of writing samples: no effect, one warning line
+    assert sr_sample.main([*argv, "--check-invertibility", "--out", str(tmp_path / "o"),
+                           "--grid"]) == 0  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert err == ("sr_sample.py: warning: --out, --grid: no effect with --check-invertibility "
+                   "(nothing is written; each image is checked whole); ignored")  # fmt: skip
+    assert not (tmp_path / "o").exists()
+    # --quiet: the closing line alone; --json: that line as JSON
+    assert sr_sample.main([*argv, "--check-invertibility", "--quiet", "--json"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    record = json.loads(line)
+    assert record["exit_code"] == 0 and record["error"] is None, record
+    assert (record["images"], record["samples"]) == (2, 2)
+    assert record["max_error"] == pytest.approx(worst[2], rel=0.01)  # (the line's 3 digits)
+
+
+@pytest.mark.parametrize("offset, said", [(0.01, r"\S+"), (math.nan, "is NaN")])
+def test_check_invertibility_fails_a_broken_inverse(offset, said, tmp_path, capsys, monkeypatch):
+    """One layer whose reverse no longer inverts its forward (ActNorm's, off by 0.01, or NaN):
+    exit 5 (README "Exit codes"), one line naming the worst image, after a line for each."""
+    path, inp = flow_checkpoint(tmp_path)
+    reverse = ActNorm.reverse
+    monkeypatch.setattr(ActNorm, "reverse", lambda self, y, logdet=None: (
+        lambda x, ld: (x + offset, ld))(*reverse(self, y, logdet)))  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        sr_sample.main(["--ckpt", str(path), "--input", str(inp), "--n", "2",
+                        "--check-invertibility"])  # fmt: skip
+    assert e.value.code == 5
+    captured = capsys.readouterr()
+    assert [line.split(":")[0] for line in captured.out.splitlines()] == ["a.png", "b.png"]
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1, err
+    above = "" if math.isnan(offset) else r" is above 0\.00196078"  # (NaN: no number to compare)
+    assert re.fullmatch(r"sr_sample\.py: error: [ab]\.png: the flow does not invert: max "
+                        rf"\|x - x'\| {said} \(sample [01] at temperature 0\.9\){above} "
+                        r"\(and 1 more of 2 images\); its weights are numerically broken "
+                        r"\(docs/flows\.md#invertibility\)", err[0]), err  # fmt: skip
+
+
+def test_check_invertibility_of_a_model_that_is_no_flow_is_a_usage_error(tmp_path, capsys):
+    cfg = {**TINY["edsr"], "scale": 4}
+    path = tmp_path / "edsr.pt"
+    sd = build_model("edsr", cfg).state_dict()
+    save_checkpoint(path, {"model": "edsr", "model_cfg": cfg, "state_dict": sd, "step": 0})
+    with pytest.raises(SystemExit) as e:
+        sr_sample.main(["--ckpt", str(path), "--input", "demo", "--check-invertibility"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [
+        "sr_sample.py: error: --check-invertibility: the edsr model is not a flow, it has no "
+        "inverse to check (only: srflow, srflow_da, ncsr)"
+    ]

@@ -30,6 +30,7 @@ from sr_lib.models.base import (
     SRModel,
     conv_radius,
     cut,
+    eval_mode,
     halo,
     load_latent_fields,
 )
@@ -457,6 +458,24 @@ class SRFlow(SRModel):
             conds = [p.maps[f"cond{k}"] for k in range(len(self.flow))]
             out.append(self.decode(conds, rows, memo=None if prepared is None else p.memo)[0])
         return torch.stack(out)  # (B, n, 3, H, W)
+
+    @torch.no_grad()
+    def round_trip(self, lr: torch.Tensor, n: int, temperature: float, noise):
+        """sr_sample.py --check-invertibility: the n samples x of ONE (1, 3, h, w) LR image,
+        padded to `lr_multiple`, drawn as `sample` draws them (the same latents z from `noise`),
+        each encoded back to z' and z' decoded again to x' (in eval mode). Returns (x, x', the max
+        |z − z'| of each sample (n,)), x and x' unclamped, in [0, 1] pixel units. In exact
+        arithmetic x' = x and z' = z: the flow is a bijection (docs/flows.md#invertibility)."""
+        with eval_mode(self):
+            conds = self.conditions(lr)
+            _, _, h, w = lr.shape
+            z = self.draw_latents(n, h * self.scale, w * self.scale, temperature, noise, lr)
+            x = self.decode(conds, z)[0]
+            z2, _ = self.encode(lr.expand(n, -1, -1, -1), x,
+                                conds=[c.expand(n, -1, -1, -1) for c in conds])  # fmt: skip
+            x2 = self.decode(conds, z2)[0]
+        err = torch.stack([(a - b).abs().flatten(1).amax(1) for a, b in zip(z, z2)]).amax(0)
+        return x, x2, err
 
     def cut_latents(self, latent, rows: int, H: int, W: int, window, like) -> list:
         """Explicit whole-image latent fields cut to the tile `window` (None: the whole image),
