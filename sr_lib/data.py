@@ -1242,11 +1242,15 @@ class _FloatLoader(DataLoader):
         while True:
             try:
                 return next(batches)
-            except RuntimeError as e:  # (torch's own, for `timeout`)
+            except (RuntimeError, OSError, EOFError) as e:  # (RuntimeError: torch's `timeout`)
                 if not str(e).startswith("DataLoader timed out"):
-                    dead = [w for w in batches._workers if w.exitcode not in (None, 0)]
-                    if dead:  # torch's "worker (pid(s) ...) exited unexpectedly"
-                        raise WorkerDied(worker_died(dead[0])) from None
+                    # torch's "worker (pid(s) ...) exited unexpectedly", or, where the worker
+                    # died with a batch in the queue, the socket its tensors' file descriptors
+                    # come by reset (ConnectionResetError) before the worker is seen dead
+                    wait = 0 if isinstance(e, RuntimeError) else WORKER_REAP_WAIT
+                    dead = _dead_worker(batches._workers, wait)
+                    if dead is not None:
+                        raise WorkerDied(worker_died(dead)) from None
                     raise
             why = self.stop_request() if self.stop_request is not None else None
             if why or time.monotonic() - start >= self.hung_after:
@@ -1307,6 +1311,20 @@ def shared_memory_full(nbytes: int) -> str:
 class WorkerDied(OutOfMemory):
     """A training loader's worker died: killed, most likely by the kernel's out-of-memory
     killer (the workers ignore the stop signals)."""
+
+
+WORKER_REAP_WAIT = 5.0  # s: how long a socket reset by a worker waits to see it dead
+
+
+def _dead_worker(workers, wait: float):
+    """A loader worker that exited with an error, looked for up to `wait` seconds (a worker
+    SIGKILLed is seen dead only once the kernel has reaped it); None if none did."""
+    deadline = time.monotonic() + wait
+    while True:
+        dead = [w for w in workers if w.exitcode not in (None, 0)]  # (exitcode: a waitpid)
+        if dead or time.monotonic() >= deadline:
+            return dead[0] if dead else None
+        time.sleep(0.05)
 
 
 def worker_died(worker) -> str:

@@ -1332,3 +1332,33 @@ def test_cpu_workers_follows_affinity_and_slurm(monkeypatch):
     for junk in ("", "0", "two"):
         monkeypatch.setenv("SLURM_CPUS_PER_TASK", junk)
         assert data.cpu_workers() == cores
+
+
+@pytest.mark.parametrize("error", [ConnectionResetError(104, "Connection reset by peer"),
+                                   EOFError(), RuntimeError("DataLoader worker (pid(s) 7) "
+                                                            "exited unexpectedly")])  # fmt: skip
+def test_a_worker_killed_with_a_batch_in_the_queue_is_a_worker_died(error, monkeypatch):
+    """A worker SIGKILLed with a batch in the queue: receiving that batch's file descriptors
+    meets the worker's reset socket (ConnectionResetError) before the kernel has reaped the
+    worker, and torch raises it as it is. The loader waits for the worker to be seen dead and
+    says so in one line (WorkerDied, exit 4), as for torch's own "exited unexpectedly"."""
+    import types
+
+    monkeypatch.setattr(data, "WORKER_REAP_WAIT", 1.0)
+    worker = types.SimpleNamespace(exitcode=None, pid=7)
+    if not isinstance(error, RuntimeError):  # reaped 0.2 s later
+        threading.Timer(0.2, lambda: setattr(worker, "exitcode", -9)).start()
+    else:
+        worker.exitcode = -9
+
+    class Batches:
+        _workers = [types.SimpleNamespace(exitcode=None, pid=6), worker]
+
+        def __next__(self):
+            raise error
+
+    with pytest.raises(data.WorkerDied, match=r"worker \(pid 7\) was killed by SIGKILL"):
+        data._FloatLoader._next(types.SimpleNamespace(), Batches())
+    worker.exitcode = 0  # a worker that exited cleanly is no death: torch's error as it is
+    with pytest.raises(type(error)):
+        data._FloatLoader._next(types.SimpleNamespace(), Batches())
