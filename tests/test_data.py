@@ -223,8 +223,15 @@ def test_an_image_that_cannot_be_opened_is_one_error_naming_it(tmp_path, monkeyp
             raise PermissionError(13, "Permission denied", str(file))
         return real_open(file, *args, **kwargs)
 
+    real_read_bytes = Path.read_bytes
+
+    def refusing_read_bytes(self):
+        if str(self) == str(path):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read_bytes(self)
+
     monkeypatch.setattr("builtins.open", refusing_open)
-    monkeypatch.setattr("io.open", refusing_open)  # Path.read_bytes's
+    monkeypatch.setattr(Path, "read_bytes", refusing_read_bytes)  # (Python 3.10's opens by io)
     with pytest.raises(ImageError, match="locked.png: .*PermissionError.*Permission denied"):
         read_image(path)
 
