@@ -336,7 +336,7 @@ def test_latent_from_cli(tmp_path, ckpts):
         ("refvae", ["--latent-shift", "z.npz"], 3, "--latent-shift"),
         ("varsr", ["--latent", "empty.npy"], 2, "(0, 8), expected (8,) or (k, 8) with at least"),
         ("refvae", ["--latent", "nan.npy"], 3, "nan.npy: holds NaN or infinite values"),
-        ("varsr", ["--latent", "zero.npy"], 3, "zero.npy: not a readable .npy array (No data"),
+        ("varsr", ["--latent", "zero.npy"], 3, ".npy array (an empty file, 0 bytes)"),
         ("varsr", ["--latent-shift", "inf.npy"], 3, "--latent-shift"),
         # a file that is no image (a checkpoint), a folder: the line names the flag that gave it
         ("varsr", ["--latent-from", "varsr.pt"], 3, "--latent-from varsr.pt: not an image file"),
@@ -352,7 +352,7 @@ def test_unsupported_or_bad_controls_one_line(tmp_path, ckpts, capsys, name, fla
     np.save(tmp_path / "empty.npy", np.zeros((0, 8), np.float32))
     np.save(tmp_path / "nan.npy", np.full(8, np.nan, np.float32))
     np.save(tmp_path / "inf.npy", np.array([np.inf] + [0] * 7, np.float32))
-    (tmp_path / "zero.npy").write_bytes(b"")  # an empty file: np.load raised EOFError
+    (tmp_path / "zero.npy").write_bytes(b"")  # an empty file: np.load raised EOFError (numpy 2)
     (tmp_path / "no refs").mkdir()
     (tmp_path / "varsr.pt").write_bytes(ckpts["varsr"].read_bytes())
     images(tmp_path / "refs", 3, ((8, 8),))

@@ -597,6 +597,8 @@ def load_latent(path: str, dim: int, flag: str) -> tuple[torch.Tensor, str]:
     shape, or of no rows, a usage error (exit 2: the file of another model or flag)."""
     try:
         data = Path(path).read_bytes()
+        if not data:  # (numpy's own error for it differs between versions)
+            raise DataError(f"{flag} {path}: not a readable .npy array (an empty file, 0 bytes)")
         z = np.load(io.BytesIO(data))
         if not isinstance(z, np.ndarray):  # np.load opens a .npz archive as a lazy NpzFile
             z.close()
@@ -604,7 +606,7 @@ def load_latent(path: str, dim: int, flag: str) -> tuple[torch.Tensor, str]:
                 f"{flag} {path}: a .npz archive, not a .npy array (np.save one (D,) or (k, D))"
             )
         z = torch.from_numpy(z.astype(np.float32))
-    except (OSError, ValueError, TypeError, EOFError) as e:  # EOFError: an empty file
+    except (OSError, ValueError, TypeError, EOFError) as e:
         raise DataError(f"{flag} {path}: not a readable .npy array ({e})") from None
     if z.ndim not in (1, 2) or z.shape[-1] != dim or z.numel() == 0:
         raise UsageError(
@@ -626,6 +628,8 @@ def load_latent_fields(path: str, count: int, flag: str) -> tuple[list[torch.Ten
     names = [f"z{k}" for k in range(count)]
     try:
         data = Path(path).read_bytes()
+        if not data:
+            raise DataError(f"{flag} {path}: not a readable .npz archive (an empty file, 0 bytes)")
         z = np.load(io.BytesIO(data))
         if isinstance(z, np.ndarray):  # np.load reads a .npy as an array, a .npz as an NpzFile
             raise DataError(f"{flag} {path}: a .npy array, not the .npz archive of this "
