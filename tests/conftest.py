@@ -106,7 +106,7 @@ def process_state() -> dict:
     environ = {k: v for k, v in os.environ.items() if k not in NOT_THE_TESTS}
     return {
         "cwd": os.getcwd(),
-        "sys.path": list(sys.path),
+        "sys.path": [p for p in sys.path if p != torch_template_dir()],
         "os.environ": environ,
         "default dtype": torch.get_default_dtype(),
         "default device": torch.get_default_device(),
@@ -120,6 +120,13 @@ def process_state() -> dict:
         "signal handlers": {s: signal.getsignal(s) for s in PROCESS_SIGNALS},
         "warnings.formatwarning": warnings.formatwarning,
     }  # fmt: skip
+
+
+def torch_template_dir() -> str | None:
+    """The temporary folder torch.distributed.nn.jit.instantiator adds to sys.path when first
+    imported (torch 2.6: by the first test to import torch._dynamo), for the process's life."""
+    module = sys.modules.get("torch.distributed.nn.jit.instantiator")
+    return getattr(module, "INSTANTIATED_TEMPLATE_DIR_PATH", None)
 
 
 # Environment variables set by others: pytest (the test running) and torch's compiler (its cache

@@ -360,9 +360,9 @@ class VSpSR(SRModel):
         mse = F.mse_loss(sr, hr)  # Eq. 4 with 1/(2σ₀²) absorbed into the λs
         loss = mse + c.lambda_w * kl
         if self.discriminator is not None:
-            adv = F.mse_loss(
-                frozen_call(self.discriminator, sr), torch.ones(sr.shape[0], device=sr.device)
-            )
+            score = frozen_call(self.discriminator, sr)
+            adv = F.mse_loss(score, torch.ones_like(score))  # (a float32 target: torch 2.6's
+            # backward fails for a float64 model)
             loss = loss + c.lambda_adv * adv
             parts["adv"] = adv.detach()
         if c.lambda_per > 0:
