@@ -96,7 +96,7 @@ def read_image(path: str | os.PathLike, data: bytes | None = None) -> np.ndarray
 
     The file is read once, whole, and every reader below (the TIFF tags, Pillow's header, the
     PNG bit depth, the decoder) takes those bytes: each open of a file is a call to a cluster
-    file system's metadata server, and the header checks opened it four times.
+    file system's metadata server.
     `data`: the file's contents, already read (`read_file`): decoded from them with the same
     checks and errors; `path` then only names it in messages. sr_sample.py's control flags hash
     the very bytes they decode.
@@ -112,19 +112,12 @@ def read_image(path: str | os.PathLike, data: bytes | None = None) -> np.ndarray
         data = read_file(path)
     elif not data:
         _fail(path, "empty file (0 bytes)")
-
-    def source() -> BinaryIO:  # a new reader of the file each time, at its start
-        return io.BytesIO(data)
-
-    def contents() -> bytes:  # the whole file, for the decoders that take bytes
-        return data
-
     too_big = f"exceeds the limit of {MAX_PIXELS} pixels (raise it with SRSPACE_MAX_PIXELS)"
-    tags = _tiff_tags(source())  # None for other formats
+    tags = _tiff_tags(io.BytesIO(data))  # None for other formats
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(source()) as im:  # reads the header only, allocates nothing
+            with Image.open(io.BytesIO(data)) as im:  # reads the header only, allocates nothing
                 (w, h), mode, fmt = im.size, im.mode, im.format
                 transparent = "transparency" in im.info
     except Image.DecompressionBombError:
@@ -138,15 +131,15 @@ def read_image(path: str | os.PathLike, data: bytes | None = None) -> np.ndarray
     if w * h > MAX_PIXELS:
         _fail(path, f"{w}x{h} {too_big}")
     try:
-        if _png_bit_depth(source()) == 16 and mode != "I;16":  # 16-bit gray (I;16): exact in Pillow
-            arr = _read_png16(contents())
+        if _png_bit_depth(data) == 16 and mode != "I;16":  # 16-bit gray (I;16) is exact in Pillow
+            arr = _read_png16(data)
         # (16-bit gray without libtiff: Pillow's I;16 is exact)
         elif tags is not None and _tiff_wide(tags) and (imagecodecs or not _i16(mode)):
-            arr = _read_tiff(path, contents, tags)
+            arr = _read_tiff(path, data, tags)
         elif _raw_ycbcr(tags) and imagecodecs and _jfif_ycbcr(tags):
             # libtiff converts to RGB itself (within 1 of Pillow's conversion); Pillow before 13
             # opens these files as RGB and then calls them truncated
-            arr = _upright(imagecodecs.tiff_decode(contents(), index=0), tags.get(274, 1))
+            arr = _upright(imagecodecs.tiff_decode(data, index=0), tags.get(274, 1))
             if arr.shape[:2] != (h, w) or arr.shape[2:] != (3,):
                 _fail(path, f"{_tiff_kind(tags)}: decoded as shape {arr.shape}; convert it to RGB")
         elif mode in (None, "LAB", "HSV") or (
@@ -154,16 +147,12 @@ def read_image(path: str | os.PathLike, data: bytes | None = None) -> np.ndarray
         ):
             what = _tiff_kind(tags) if tags is not None else f"{mode} image"
             _fail(path, f"{what} is not supported; convert it to an RGB PNG")
-        elif (
-            (fmt, mode) != ("PNG", "RGB")
-            or imagecodecs is None  # (no bytes to read for it)
-            or (arr := _read_png_rgb8(contents())) is None
-        ):
+        elif (fmt, mode) != ("PNG", "RGB") or (arr := _read_png_rgb8(data)) is None:
             to = {"P": "RGBA" if transparent else "RGB", "PA": "RGBA", "CMYK": "RGB"}.get(mode)
             to = "RGB" if mode == "YCbCr" else to
             # index=0: the first frame of animated files; rotate=True applies EXIF orientation.
             # Truncated data raises unless PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set (we never do).
-            arr = iio.imread(source(), plugin="pillow", index=0, mode=to, rotate=True)
+            arr = iio.imread(io.BytesIO(data), plugin="pillow", index=0, mode=to, rotate=True)
     except (MemoryError, ImageError):
         raise
     except Exception as e:  # Pillow: OSError("image file is truncated"); pypng: FormatError
@@ -171,19 +160,14 @@ def read_image(path: str | os.PathLike, data: bytes | None = None) -> np.ndarray
     return _to_rgb8(arr, path)
 
 
-def _check_file(path: Path) -> None:
-    """read_image's first checks of a file it reads: there, a file, not empty."""
-    if not path.is_file():
-        _fail(path, "not a file" if path.exists() else "no such file")
-    if path.stat().st_size == 0:
-        _fail(path, "empty file (0 bytes)")
-
-
 def read_file(path: str | os.PathLike) -> bytes:
     """The contents of an image file, for `read_image(path, data)`: a path that is missing or no
     file, an empty file or one that cannot be read is an `ImageError` naming it, one line."""
     path = Path(path)
-    _check_file(path)
+    if not path.is_file():
+        _fail(path, "not a file" if path.exists() else "no such file")
+    if path.stat().st_size == 0:
+        _fail(path, "empty file (0 bytes)")
     try:
         return path.read_bytes()
     except OSError as e:  # permission denied, a stale NFS handle
@@ -220,9 +204,8 @@ def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
-def _png_bit_depth(file: Path | BinaryIO) -> int | None:
-    with open(file, "rb") if isinstance(file, Path) else contextlib.nullcontext(file) as f:
-        head = f.read(25)  # signature (8), IHDR length + type (8), width, height (8), bit depth
+def _png_bit_depth(data: bytes) -> int | None:
+    head = data[:25]  # signature (8), IHDR length + type (8), width, height (8), bit depth
     if len(head) < 25 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
         return None
     return head[24]
@@ -341,18 +324,18 @@ def _tiff_kind(tags: dict) -> str:
     return f"TIFF of {colour}, {tags.get(277, 1)} samples of {bits}-bit {kind}"
 
 
-def _read_tiff(path: Path, contents, tags: dict) -> np.ndarray:
+def _read_tiff(path: Path, data: bytes, tags: dict) -> np.ndarray:
     """A gray or RGB(A) TIFF of 16-bit or float samples (see _tiff_wide) as libtiff (imagecodecs)
     decodes it: the exact samples, (H, W) or (H, W, samples), turned by its orientation tag as
-    Pillow's images are. Float samples are taken to be in [0, 1]. `contents()`: the file's bytes
-    (read only for a TIFF it decodes); `path` names it in messages."""
+    Pillow's images are. Float samples are taken to be in [0, 1]. `data`: the file's bytes;
+    `path` names it in messages."""
     kind = _tiff_kind(tags)
     (bits, *_), (fmt, *_) = tags.get(258, (1,)), tags.get(339, (1,))
     if tags.get(262) not in (1, 2) or not (fmt == 3 or (fmt == 1 and bits == 16)):
         _fail(path, f"{kind} is not supported; convert it to an RGB PNG")
     if imagecodecs is None:  # no libtiff: Pillow's pixels would be wrong
         _fail(path, f"{kind}: reading it exactly needs imagecodecs; convert it to a 16-bit PNG")
-    arr = imagecodecs.tiff_decode(contents(), index=0)
+    arr = imagecodecs.tiff_decode(data, index=0)
     if tags.get(284, 1) == 2 and arr.ndim == 3:  # planes stored separately: (samples, H, W)
         arr = np.moveaxis(arr, 0, -1)
     if arr.shape[:2] != (tags.get(257), tags.get(256)):
