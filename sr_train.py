@@ -416,7 +416,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
                     raise Resumable(f"{stop['signal']}: stopped in step {step + 1} (its "
                                     f"compilation); {last_save(dd, saved, out / 'last.pt', before)}"
                                     ) from None  # fmt: skip
-                set_torch_rng_state(before_step)  # last.pt resumes as a stop after the step would
+                set_torch_rng_state(before_step)  # last.pt as a stop at the step's top saves it
                 stopped = stop["signal"]
                 break
             if dd.on or not is_out_of_memory(e):  # (other ranks wait in a collective: no save)
@@ -1889,13 +1889,12 @@ def validate(model, pairs, args, device, out: Path, step: int, run_log, progress
 
 
 def rng_state() -> dict:
-    numpy, state = np.random.get_state(), torch_rng_state()
+    numpy = np.random.get_state()
     return {
-        "torch": state["torch"],
+        **torch_rng_state(),  # "torch", and "cuda"
         "numpy": torch.from_numpy(numpy[1].astype(np.int64)),
         "numpy_pos": int(numpy[2]),
         "python": random.getstate()[1],
-        **state,  # and "cuda"
     }
 
 

@@ -361,8 +361,8 @@ class VSpSR(SRModel):
         loss = mse + c.lambda_w * kl
         if self.discriminator is not None:
             score = frozen_call(self.discriminator, sr)
-            adv = F.mse_loss(score, torch.ones_like(score))  # (a float32 target: torch 2.6's
-            # backward fails for a float64 model)
+            # ones of the score's dtype: torch 2.6's backward refuses a float32 target in float64
+            adv = F.mse_loss(score, torch.ones_like(score))
             loss = loss + c.lambda_adv * adv
             parts["adv"] = adv.detach()
         if c.lambda_per > 0:
