@@ -171,14 +171,15 @@ class Method:
     n: int
     temperature: float | None
     files: list[list[Path]] = field(default_factory=list)  # per HR image its n sample files
+    made_by: dict = field(default_factory=dict)  # `manifest_made_by`, read with the settings
 
-    @property
-    def made_by(self) -> dict:
-        """The model and checkpoint sha256 that sr_sample.py's manifest.json records (None each
-        for a folder of another tool): which weights these numbers are of."""
-        manifest = read_manifest(self.sr_dir)
-        got = {k: manifest.get(k) for k in ("model", "checkpoint_sha256")}
-        return {k: v if isinstance(v, str) else None for k, v in got.items()}
+
+def manifest_made_by(folder: Path) -> dict:
+    """The model and checkpoint sha256 that sr_sample.py's manifest.json records (None each for
+    a folder of another tool): which weights the numbers of its samples are of."""
+    manifest = read_manifest(folder)
+    got = {k: manifest.get(k) for k in ("model", "checkpoint_sha256")}
+    return {k: v if isinstance(v, str) else None for k, v in got.items()}
 
 
 def images_by_stem(folder: Path) -> dict[str, Path]:
@@ -271,7 +272,7 @@ def expand_methods(specs: list[str], n: int) -> list[Method]:
                     raise UsageError(f"--sr: the method name {row_name!r} is given twice")
                 row_name = next(f"{row_name}_{i}" for i in range(1, len(taken) + 2)
                                 if f"{row_name}_{i}" not in taken)  # fmt: skip
-            methods.append(Method(row_name, row_dir, count, t))
+            methods.append(Method(row_name, row_dir, count, t, made_by=manifest_made_by(row_dir)))
     return methods
 
 
