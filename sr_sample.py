@@ -23,7 +23,9 @@ Files written to a sample folder (what sr_eval.py reads). NAME is the input's st
   NAME_sample{i:05d}.latent.npz
                           --save-latent, flows (srflow, srflow_da, ncsr): sample i's float32
                           latent fields z0, z1, ... (C, h, w), temperature applied, at the LR's
-                          size; `--latent FILE` decodes it again (an LR of that size)
+                          size, and made_by (JSON: model, scale, checkpoint sha256, config);
+                          `--latent FILE` decodes it again (an LR of that size; another model
+                          or scale is refused, another checkpoint of it a warning)
   manifest.json           the settings that made the folder (checkpoint sha256, model, config,
                           scale, temperature, n, seed, ..., the sha256 of the control files:
                           --ref FILE|DIR, --latent-from, --latent, --latent-shift); a rerun with
@@ -162,7 +164,7 @@ from sr_lib.errors import (
     stdout_closed,
 )
 from sr_lib.models import MODELS, load_model
-from sr_lib.models.base import NoiseSource, pad_to_multiple, sample_seed
+from sr_lib.models.base import LATENT_SOURCE, NoiseSource, pad_to_multiple, sample_seed
 from sr_lib.resize import imresize
 from sr_lib.threads import (
     done,
@@ -560,7 +562,8 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     if args.check_invertibility:
         return check_invertibility(args, given, model, ck["model"], paths, from_hr, device,
                                    summary)  # fmt: skip
-    controls = resolve_controls(args, model, ck["model"], device)
+    ck_sha256 = sha256_file(args.ckpt)
+    controls = resolve_controls(args, model, latent_source(ck, model, ck_sha256), device)
     n = controls.n if controls else args.n  # a control may fix it (one output per ref/step)
     setter = controls_setter(args, controls)
     temperatures = args.temperature or [model.default_temperature]
@@ -602,7 +605,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
         paths = leave_out_samples(paths, files, args.layout, out, len(folders) > 1)
     part, parts = (int(v) for v in args.shard.split("/"))
     mine = [(k, p) for k, p in enumerate(paths) if k % parts == part]
-    settings = run_settings(args, ck, model, n, context, from_hr, paths, controls)
+    settings = run_settings(args, ck, ck_sha256, model, n, context, from_hr, paths, controls)
     # An out-of-memory retry cuts the image into tiles; where the folder's samples are recorded
     # exact (untiled, or a --tile that holds every image whole), with the exact context.
     exact = not settings["tile_context"]
@@ -805,8 +808,9 @@ def tile_context(args: SampleArgs, model) -> int:
     return context
 
 
-def run_settings(args, ck, model, n, context, from_hr, paths, controls) -> dict:
-    """What manifest.json records: every flag as given, and what they made of the run.
+def run_settings(args, ck, ck_sha256, model, n, context, from_hr, paths, controls) -> dict:
+    """What manifest.json records: every flag as given, and what they made of the run (the
+    checkpoint's sha256: ck_sha256).
     tile_context: 0 untiled or with exact tiles (at least the model's tile_halo of context:
     docs/design.md, "Tiled sampling"; or a --tile that holds every input whole), else
     [tile, context] (LR px), which change the samples. control_sha256 (only where a control
@@ -817,7 +821,7 @@ def run_settings(args, ck, model, n, context, from_hr, paths, controls) -> dict:
     exact = not args.tile or (halo is not None and context >= exact_context(model))
     exact = exact or one_tile(args, model, paths, from_hr)
     settings = {
-        "checkpoint_sha256": sha256_file(args.ckpt), "model": ck["model"],
+        "checkpoint_sha256": ck_sha256, "model": ck["model"],
         "config": ck["model_cfg"], "scale": model.scale, "n": n, "from_hr": from_hr,
         "tile_context": 0 if exact else [grid(model, args.tile, context)[0], context],
         "version": __version__, "flags": vars(args),
@@ -1097,9 +1101,21 @@ def check_invertibility(args: SampleArgs, given: set[str], model, name: str, pat
     return 0
 
 
-def resolve_controls(args: SampleArgs, model, name: str, device):
+def latent_source(ck: dict, model, ck_sha256: str) -> dict:
+    """What made this run's latents, as a flow's --save-latent records it in each .latent.npz
+    (its made_by entry, JSON) and `--latent` checks it (sr_lib.models.base.check_latent_source):
+    the model, its scale, the checkpoint's sha256 and config (as JSON has them: lists)."""
+    made_by = {"model": ck["model"], "scale": model.scale, "checkpoint_sha256": ck_sha256,
+               "config": ck["model_cfg"], "version": __version__}  # fmt: skip
+    return json.loads(json.dumps(made_by, sort_keys=True))
+
+
+def resolve_controls(args: SampleArgs, model, made_by: dict, device):
     """The sampling-control flags as the model's controls; a flag the model does not take is a
-    usage error naming the models that do. None: the model draws no explicit latents."""
+    usage error naming the models that do. None: the model draws no explicit latents.
+    made_by: the run's `latent_source`, which a saved latent must name (one warning line for
+    another checkpoint of the model), and which --save-latent writes."""
+    name = made_by["model"]
     asked = {"--ref": ("ref", args.ref), "--latent-from": ("latent_from", args.latent_from),
              "--latent": ("latent", args.latent),
              "--latent-shift": ("latent_shift", args.latent_shift),
@@ -1115,7 +1131,13 @@ def resolve_controls(args: SampleArgs, model, name: str, device):
     given = {k: v for k, v in given.items() if v}
     if args.latent_shift:
         given["latent_steps"] = args.latent_steps
-    return model.resolve_controls(given, args.n, device)
+    controls = model.resolve_controls({**given, "made_by": made_by}, args.n, device)
+    if controls is None:
+        return None
+    for line in controls.warnings:
+        say_err(f"{PROG}: warning: {line}")
+    controls.made_by = made_by
+    return controls
 
 
 def controls_setter(args: SampleArgs, controls) -> str:
@@ -1190,7 +1212,8 @@ def write_samples(model, lr, stem, name, n, temperature, folder, files, tile, co
         # (len(idx), D), a flow's fields [(len(idx), C, h, w), ...], or None
         z = model.sample_latents(lr, seeds, idx, temperature, controls)
         if z is not None and args.save_latent:  # NAME_sample00003.png -> ....latent.npy
-            save_latents([folder / f"{names[i][:-4]}{files.latents}" for i in idx], z)
+            paths = [folder / f"{names[i][:-4]}{files.latents}" for i in idx]
+            save_latents(paths, z, controls.made_by)
         cond = {} if z is None else {"latent": z[None] if torch.is_tensor(z) else z}
         x = draw(model, lr, seeds, temperature, tile, context, args.cem, cond, prepared)
         check_finite(x, name, idx, temperature if model.stochastic else None, args.amp)
@@ -1208,16 +1231,18 @@ def write_samples(model, lr, stem, name, n, temperature, folder, files, tile, co
     return kept, np.sqrt(np.maximum(square - mean * mean, 0)).mean(-1)
 
 
-def save_latents(paths: list[Path], z) -> None:
-    """--save-latent: sample j's latent in paths[j]: row j of z (k, D) as a float32 (D,) .npy,
-    or of a flow's fields [(k, C, h, w), ...] as the float32 arrays z0, z1, ... of one .npz."""
+def save_latents(paths: list[Path], z, made_by: dict) -> None:
+    """--save-latent: sample j's latent in paths[j]: row j of z (k, D) as a float32 (D,) .npy
+    (a bare array: it has no room for `made_by`), or of a flow's fields [(k, C, h, w), ...] as the
+    float32 arrays z0, z1, ... of one .npz, with made_by (`latent_source`) as a JSON string."""
     if torch.is_tensor(z):
         for path, zj in zip(paths, z.float().cpu().numpy()):
             save_npy(path, zj)
         return
     fields = [f.float().cpu().numpy() for f in z]
+    record = np.array(json.dumps(made_by, sort_keys=True))
     for j, path in enumerate(paths):
-        save_npz(path, {f"z{k}": f[j] for k, f in enumerate(fields)})
+        save_npz(path, {**{f"z{k}": f[j] for k, f in enumerate(fields)}, LATENT_SOURCE: record})
 
 
 def check_finite(x: torch.Tensor, name: str, idx: range, temperature, amp: str) -> None:

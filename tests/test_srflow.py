@@ -635,7 +635,8 @@ def test_save_latent_then_latent_reproduces_a_flow_sample(tmp_path, flow_ckpts, 
     files = [tmp_path / "a" / f"r0_sample{i:05d}.latent.npz" for i in range(3)]
     z = [dict(np.load(f)) for f in files]
     fields = model.latent_fields()
-    assert sorted(z[0]) == [f"z{k}" for k in range(len(fields))] and len(fields) >= 2
+    assert sorted(z[0]) == sorted(["made_by", *(f"z{k}" for k in range(len(fields)))])
+    assert len(fields) >= 2 and json.loads(str(z[0]["made_by"]))["model"] == name
     for k, (c, down) in enumerate(fields):
         assert z[0][f"z{k}"].shape == (c, h // down, w // down)
         assert z[0][f"z{k}"].dtype == np.float32
@@ -659,7 +660,7 @@ def test_save_latent_then_latent_reproduces_a_flow_sample(tmp_path, flow_ckpts, 
     # what is saved is the temperature's draw: at T = 1 the same draw, unscaled
     assert run(*base, "--n", 1, "--temperature", 1, "--save-latent", "--out", tmp_path / "t1") == 0
     one = np.load(tmp_path / "t1" / "r0_sample00000.latent.npz")
-    assert all((np.float32(0.7) * one[k] == z[0][k]).all() for k in z[0])
+    assert all((np.float32(0.7) * one[k] == z[0][k]).all() for k in z[0] if k != "made_by")
 
 
 def test_flow_latent_with_tiles(tmp_path, flow_ckpts):
@@ -690,6 +691,9 @@ def test_flow_latent_with_tiles(tmp_path, flow_ckpts):
                   "latent fields z0, z1"),
         ("srflow_da", 2, "fields z0 (6, 24, 24), z1 (24, 12, 12); expected z0 (6, 24, 24), z1 "
                          "(96, 6, 6)"),
+        ("ncsr", 2, ": saved by an x4 ncsr model, not this x4 srflow (its fields decode to other "
+                    "images here); decode it with an x4 ncsr checkpoint"),
+        ("made_by", 3, ": its made_by entry is not the record --save-latent writes"),
         ("one field", 2, "holds z0 (6, 24, 24); expected this model's 2 latent fields z0, z1, "
                          "each (C, h, w) or all (k, C, h, w) with the same k >= 1"),
         ("mixed", 2, "expected this model's 2 latent fields"),
@@ -705,7 +709,7 @@ def test_a_bad_flow_latent_is_one_line(tmp_path, flow_ckpts, capsys, latent, cod
     refvae/varsr, nothing written."""
     inp = lr_image(tmp_path / "in" / "r0.png", 12, 12)
     made = {"other size": ("srflow", 10, 12), "x8": ("srflow_x8", 10, 12),
-            "srflow_da": ("srflow_da", 12, 12)}  # fmt: skip
+            "srflow_da": ("srflow_da", 12, 12), "ncsr": ("ncsr", 12, 12)}  # fmt: skip
     f = tmp_path / f"{latent}.npz"
     if latent in made:
         key, h, w = made[latent]
@@ -713,6 +717,10 @@ def test_a_bad_flow_latent_is_one_line(tmp_path, flow_ckpts, capsys, latent, cod
         assert run("--ckpt", flow_ckpts[key], "--input", other, "--n", 1, "--save-latent",
                    "--out", tmp_path / "saved") == 0  # fmt: skip
         f.write_bytes((tmp_path / "saved" / "o_sample00000.latent.npz").read_bytes())
+        if latent in ("x8", "srflow_da"):  # as written before made_by: the shapes tell
+            np.savez(f, **{k: v for k, v in np.load(f).items() if k != "made_by"})
+    elif latent == "made_by":
+        np.savez(f, z0=np.zeros((6, 24, 24), "f4"), z1=np.ones((96, 6, 6), "f4"), made_by="x")
     elif latent == "one field":
         np.savez(f, z0=np.zeros((6, 24, 24), np.float32))
     elif latent == "mixed":
@@ -733,6 +741,51 @@ def test_a_bad_flow_latent_is_one_line(tmp_path, flow_ckpts, capsys, latent, cod
     assert len(err) == 1 and err[0].startswith(f"sr_sample.py: error: --latent {f}"), err
     assert words in err[0], err[0]
     assert not list((tmp_path / "o").glob("*.png")) if (tmp_path / "o").exists() else True
+
+
+def test_a_flow_latent_names_its_model(tmp_path, flow_ckpts, capsys):
+    """--save-latent records in each .latent.npz what made it (made_by: model, scale,
+    checkpoint sha256 and config): another checkpoint of the same model decodes it with one
+    warning line (a fair experiment: the weights trained further), another flow of the same
+    shapes is refused in one line (exit 2); a file without made_by (written before it, or by
+    hand) decodes with any flow of its shapes, without a word."""
+    inp = lr_image(tmp_path / "in" / "r0.png", 12, 12)
+    base = ["--input", inp, "--n", 1]
+    assert run("--ckpt", flow_ckpts["srflow"], *base, "--save-latent", "--out", tmp_path / "a") == 0
+    saved = tmp_path / "a" / "r0_sample00000.latent.npz"
+    made_by = json.loads(str(np.load(saved)["made_by"]))
+    assert made_by["checkpoint_sha256"] == sr_sample.sha256_file(flow_ckpts["srflow"])
+    assert (made_by["model"], made_by["scale"], made_by["config"]["flow_steps"]) == ("srflow", 4, 2)
+    # the same fields from a checkpoint of other weights and another K
+    other = tmp_path / "other.pt"
+    cfg = {**TINY["srflow"], "scale": 4, "flow_steps": 3}
+    weights = tiny("srflow", 4, 1, flow_steps=3).state_dict()
+    save_checkpoint(other, {"model": "srflow", "model_cfg": cfg, "step": 0, "state_dict": weights})
+    capsys.readouterr()
+    assert run("--ckpt", other, "--input", inp, "--latent", saved, "--out", tmp_path / "b") == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warned == [
+        f"sr_sample.py: warning: --latent {saved}: saved by another srflow checkpoint (sha256 "
+        f"{made_by['checkpoint_sha256'][:12]}...; its config differs in flow_steps): decoded "
+        "with this one, its samples are not the saved ones"
+    ]
+    assert (tmp_path / "b" / "r0_sample00000.png").is_file()
+    # the same file decoded by NCSR of the same shapes: refused, nothing written
+    ncsr = ["--ckpt", flow_ckpts["ncsr"], "--input", inp]
+    assert run(*ncsr, "--latent", saved, "--out", tmp_path / "c") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "saved by an x4 srflow model, not this x4 ncsr" in err[0], err
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").glob("*.png"))
+    # written the old way (no made_by): NCSR decodes it, as its own, with no warning
+    old = tmp_path / "old.npz"
+    np.savez(old, **{k: v for k, v in np.load(saved).items() if k != "made_by"})
+    assert run(*ncsr, "--latent", old, "--out", tmp_path / "d") == 0
+    assert "warning" not in capsys.readouterr().err
+    assert (tmp_path / "d" / "r0_sample00000.png").is_file()
+    # and srflow decodes the old file to the saved sample, bit for bit
+    assert run("--ckpt", flow_ckpts["srflow"], "--input", inp, "--latent", old, "--out",
+               tmp_path / "e") == 0  # fmt: skip
+    assert (pngs(tmp_path / "e", 1)[0] == pngs(tmp_path / "a", 1)[0]).all()
 
 
 def test_a_flow_latent_fits_one_lr_size(tmp_path, flow_ckpts, capsys):

@@ -39,6 +39,7 @@ import contextlib
 import hashlib
 import io
 import itertools
+import json
 import math
 import zipfile
 from dataclasses import dataclass, field, fields
@@ -489,8 +490,9 @@ class SRModel(nn.Module):
         return None
 
     def resolve_controls(self, controls: dict, n: int, device) -> "SampleControls | None":
-        """sr_sample.py's control flags ({"ref": ..., "latent": FILE, ...}, only those given) for
-        images of `n` samples; None: this model draws no explicit latents."""
+        """sr_sample.py's control flags ({"ref": ..., "latent": FILE, ...}, only those given, and
+        "made_by": the run's model, sr_sample.py's latent_source) for images of `n` samples;
+        None: this model draws no explicit latents."""
         return None
 
     def sample_latents(self, lr, seeds, idx, temperature, controls) -> torch.Tensor | None:
@@ -589,6 +591,8 @@ class SampleControls:
     digests: dict = field(default_factory=dict)
     latent_file: str = ""  # --latent's, for messages
     encoded: dict | None = None  # `cond` as `encode_references` makes it, on the first image
+    made_by: dict | None = None  # this run's model (latent_source): a flow's --save-latent
+    warnings: list = field(default_factory=list)  # lines for the user (another checkpoint's file)
 
 
 def load_latent(path: str, dim: int, flag: str) -> tuple[torch.Tensor, str]:
@@ -618,13 +622,62 @@ def load_latent(path: str, dim: int, flag: str) -> tuple[torch.Tensor, str]:
     return z, hashlib.sha256(data).hexdigest()
 
 
-def load_latent_fields(path: str, count: int, flag: str) -> tuple[list[torch.Tensor], str]:
+LATENT_SOURCE = "made_by"  # the .latent.npz entry that names the model of its fields
+
+
+def latent_sources(array: np.ndarray, flag: str, path: str) -> list[dict]:
+    """The records of a .latent.npz's made_by entry, as --save-latent writes it (a JSON string of
+    the model, its scale, checkpoint sha256 and config), or a stack of k of them (np.savez of k
+    saved files' entries, as of their fields); other contents are a data error (exit 3)."""
+    records = None
+    if array.dtype.kind == "U" and array.ndim <= 1 and array.size:
+        with contextlib.suppress(ValueError):
+            records = [json.loads(v) for v in dict.fromkeys(np.atleast_1d(array).tolist())]
+    ok = records and all(
+        isinstance(r, dict) and isinstance(r.get("model"), str) and type(r.get("scale")) is int
+        for r in records
+    )
+    if not ok:
+        raise DataError(
+            f"{flag} {path}: its {LATENT_SOURCE} entry is not the record --save-latent writes "
+            "(JSON of the model and scale); save the fields without it to decode them anyway"
+        )
+    return records
+
+
+def check_latent_source(records: list[dict], own: dict, flag: str, path: str) -> list[str]:
+    """The fields' records (`latent_sources`) against `own`, the run's (sr_sample.py's
+    latent_source): another model or scale is a usage error (exit 2; the same shapes decode to
+    garbage, not to the saved samples); another checkpoint of this model and scale (trained
+    further, say: a fair experiment) a warning line, returned."""
+    lines = []
+    for r in records:
+        if (r["model"], r["scale"]) != (own["model"], own["scale"]):
+            raise UsageError(
+                f"{flag} {path}: saved by an x{r['scale']} {r['model']} model, not this "
+                f"x{own['scale']} {own['model']} (its fields decode to other images here); decode "
+                f"it with an x{r['scale']} {r['model']} checkpoint"
+            )
+        if r.get("checkpoint_sha256") != own["checkpoint_sha256"]:
+            a, b = r.get("config"), own["config"]
+            keys = sorted(k for k in {**a, **b} if a.get(k) != b.get(k)) if type(a) is dict else []
+            config = f"; its config differs in {', '.join(keys)}" if keys else ""
+            lines.append(
+                f"{flag} {path}: saved by another {r['model']} checkpoint (sha256 "
+                f"{str(r.get('checkpoint_sha256'))[:12]}...{config}): decoded with this one, "
+                "its samples are not the saved ones"
+            )
+    return list(dict.fromkeys(lines))
+
+
+def load_latent_fields(path: str, count: int, flag: str, own: dict | None = None):
     """A flow's saved latent: a .npz of `count` float arrays z0, z1, ..., each (C, h, w) (one
-    sample) or (k, C, h, w) (k samples, the same k in all), as float32 (k, C, h, w) tensors, and
-    the sha256 of the file (read once). As `load_latent`: a file that is not a readable archive
-    of finite arrays is a data error (exit 3), other names or dimensions a usage error (exit 2:
-    the file of another model or flag); the shapes are checked against an LR image later
-    (`SRFlow.sample_latents`)."""
+    sample) or (k, C, h, w) (k samples, the same k in all), as float32 (k, C, h, w) tensors, the
+    sha256 of the file (read once) and the warning lines of `check_latent_source` (given `own`,
+    where the file has a made_by entry: files written before it had none). As `load_latent`: a
+    file that is not a readable archive of finite arrays is a data error (exit 3), other names or
+    dimensions, or the fields of another model, a usage error (exit 2); the shapes are checked
+    against an LR image later (`SRFlow.sample_latents`)."""
     names = [f"z{k}" for k in range(count)]
     try:
         data = Path(path).read_bytes()
@@ -638,6 +691,10 @@ def load_latent_fields(path: str, count: int, flag: str) -> tuple[list[torch.Ten
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{flag} {path}: not a readable .npz archive ({e})") from None
+    made_by = arrays.pop(LATENT_SOURCE, None)
+    records = [] if made_by is None else latent_sources(made_by, flag, path)
+    # (before the shapes: the fields of another model of other shapes are named so)
+    warnings = check_latent_source(records, own, flag, path) if records and own else []
     dims = {a.ndim for a in arrays.values()}
     rows = {len(a) for a in arrays.values() if a.ndim == 4}
     if sorted(arrays) != sorted(names) or len(dims) != 1 or dims - {3, 4} or 0 in rows:
@@ -654,7 +711,7 @@ def load_latent_fields(path: str, count: int, flag: str) -> tuple[list[torch.Ten
         raise DataError(f"{flag} {path}: not float arrays ({e})") from None
     if not all(torch.isfinite(t).all() for t in z):  # NaN samples, blamed on the checkpoint
         raise DataError(f"{flag} {path}: holds NaN or infinite values; use a finite latent")
-    return [t if t.ndim == 4 else t[None] for t in z], hashlib.sha256(data).hexdigest()
+    return [t if t.ndim == 4 else t[None] for t in z], hashlib.sha256(data).hexdigest(), warnings
 
 
 def control_image(path, flag: str, device) -> tuple[torch.Tensor, str]:

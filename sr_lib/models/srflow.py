@@ -492,11 +492,15 @@ class SRFlow(SRModel):
     # sr_sample.py's latent controls: --latent FILE, --save-latent (docs/flows.md, "Sampling").
 
     def resolve_controls(self, controls: dict, n: int, device) -> SampleControls:
-        """--latent FILE: a .npz of this model's latent fields (load_latent_fields), k samples."""
+        """--latent FILE: a .npz of this model's latent fields (load_latent_fields), k samples;
+        controls["made_by"]: the run's model (sr_sample.py's latent_source), which a file's
+        made_by entry must name (`check_latent_source`)."""
         ctl = SampleControls(n, {})
         if controls.get("latent"):
             count = len(self.latent_fields())
-            fields, digest = load_latent_fields(controls["latent"], count, "--latent")
+            fields, digest, ctl.warnings = load_latent_fields(
+                controls["latent"], count, "--latent", controls.get("made_by")
+            )
             ctl.latent, ctl.latent_file = [z.to(device) for z in fields], controls["latent"]
             ctl.n = len(ctl.latent[0])
             ctl.digests["--latent"] = [digest]
