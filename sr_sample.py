@@ -45,9 +45,10 @@ Sampling controls (a model without the control stops with a one-line usage error
   --latent FILE           decode saved latents, (D,) or (k, D): one output per row (flows: a
                           .npz of fields z0, z1, ... (C, h, w) or (k, C, h, w))
   --latent-shift FILE --latent-steps -2,-1,0,1,2
-                          refvae, varsr: walk z_k = z_0 + k·direction (one output per
+                          refvae, varsr, flows: walk z_k = z_0 + k·direction (one output per
                           step); z_0 = --latent, or the model's temperature-0 latent of the
-                          controls given (varsr: μ_L)
+                          controls given (varsr: μ_L; flows: zeros); a flow's direction is a
+                          .npz of fields z0, z1, ... (C, h, w), e.g. two saved latents' difference
 Sample i of image `stem` draws from the stream sample_seed(--seed, stem, i), so it depends neither
 on file order, --batch, --n, --shard nor on the other temperatures of a sweep (at another
 temperature it is the same draw, scaled).
@@ -326,16 +327,21 @@ class SampleArgs:
         default="", metadata=dict(help="varsr: decode with the latent E_H(HR) of this HR image")
     )
     latent: str = field(
-        default="", metadata=dict(help="decode this saved latent .npy, (D,) or (k, D): k outputs")
-    )
+        default="",
+        metadata=dict(help="decode this saved latent .npy, (D,) or (k, D): k outputs (flows: "
+                      "a .npz of fields)"),
+    )  # fmt: skip
     latent_shift: str = field(
-        default="", metadata=dict(help="walk along this latent direction .npy (D,)")
-    )
+        default="",
+        metadata=dict(help="walk along this latent direction .npy (D,) (flows: a .npz of fields "
+                      "(C, h, w))"),
+    )  # fmt: skip
     latent_steps: str = field(
         default="-2,-1,0,1,2", metadata=dict(help="multiples of --latent-shift, one output each")
     )
     save_latent: bool = field(
-        default=False, metadata=dict(help="write NAME_sample{i:05d}.latent.npy per sample")
+        default=False,
+        metadata=dict(help="write NAME_sample{i:05d}.latent.npy per sample (flows: .npz)"),
     )
     check_invertibility: bool = field(
         default=False,

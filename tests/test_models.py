@@ -247,11 +247,11 @@ def test_every_model_implements_the_declared_interface(case, make_batch):
     assert cls.forward is not SRModel.forward and cls.generate is not SRModel.generate
     assert cls.raw_config({}, 4)["scale"] == 4 and isinstance(cls.recipe(4), Recipe)
     # latent controls: the LatentSRModels, which define their latents and decoding, and the
-    # flows (--latent, --save-latent of their latent fields; no --latent-shift)
+    # flows (--latent, --latent-shift, --save-latent of their latent fields)
     assert set(cls.sample_controls) <= {"latent", "latent_shift", "ref", "latent_from"}
     flow = issubclass(cls, SRFlow)
     assert ("latent" in cls.sample_controls) == (issubclass(cls, LatentSRModel) or flow)
-    assert ("latent_shift" in cls.sample_controls) == issubclass(cls, LatentSRModel)
+    assert ("latent_shift" in cls.sample_controls) == (issubclass(cls, LatentSRModel) or flow)
     assert model.latent_file == (".latent.npz" if flow else ".latent.npy")
     if issubclass(cls, LatentSRModel):
         assert cls.latents is not LatentSRModel.latents

@@ -808,17 +808,16 @@ def test_a_flow_latent_fits_one_lr_size(tmp_path, flow_ckpts, capsys):
 
 
 def test_flow_latent_flags_the_model_lacks_and_overrides(tmp_path, flow_ckpts, capsys):
-    """--latent-shift stays refvae/varsr's (one line, exit 2); --latent sets the number of
-    outputs and the latents, so --n, --temperature and --seed typed with it are a warning and
-    change nothing; several temperatures are refused."""
+    """--ref stays refvae's (one line, exit 2); --latent sets the number of outputs and the
+    latents, so --n, --temperature and --seed typed with it are a warning and change nothing;
+    several temperatures are refused."""
     inp = lr_image(tmp_path / "in" / "r0.png", 8, 8)
     base = ["--ckpt", flow_ckpts["srflow"], "--input", inp]
     np.savez(tmp_path / "z.npz", z0=np.zeros((6, 16, 16), np.float32),
              z1=np.ones((96, 4, 4), np.float32))  # fmt: skip
-    assert run(*base, "--latent-shift", tmp_path / "z.npz", "--out", tmp_path / "s") == 2
+    assert run(*base, "--ref", "noise", "--n", 2, "--out", tmp_path / "s") == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "sr_sample.py: error: --latent-shift: the srflow model does not support it (only: "
-        "refvae, varsr)"
+        "sr_sample.py: error: --ref: the srflow model does not support it (only: refvae)"
     ]
     control = ["--latent", tmp_path / "z.npz"]
     assert run(*base, *control, "--out", tmp_path / "plain") == 0
@@ -831,6 +830,71 @@ def test_flow_latent_flags_the_model_lacks_and_overrides(tmp_path, flow_ckpts, c
     assert (pngs(tmp_path / "typed", 1)[0] == pngs(tmp_path / "plain", 1)[0]).all()
     assert len(list((tmp_path / "typed").glob("*.png"))) == 1
     assert run(*base, *control, "--temperature", 0.5, 1, "--out", tmp_path / "sweep") == 2
+
+
+@pytest.mark.parametrize("name", FLOWS)
+def test_flow_latent_shift_walks_from_z0(tmp_path, flow_ckpts, capsys, name):
+    """--latent-shift FILE (a .npz of one direction's fields, e.g. the difference of two saved
+    latents) --latent-steps: one output per step k, z_0 + k · direction. Step 0 is z_0's sample
+    bit for bit: the --latent file's, or without it the temperature-0 sample; steps +1 and -1
+    differ from it and from each other, +1 from sample 0 along (sample 1 - sample 0) is sample 1
+    (to float rounding); --save-latent writes each step's fields."""
+    inp = lr_image(tmp_path / "in" / "r0.png", 9, 11)
+    base = ["--ckpt", flow_ckpts[name], "--input", inp]
+    assert run(*base, "--n", 2, "--save-latent", "--out", tmp_path / "a") == 0
+    a, b = (dict(np.load(tmp_path / "a" / f"r0_sample{i:05d}.latent.npz")) for i in (0, 1))
+    direction = tmp_path / "dir.npz"
+    np.savez(direction, **{k: b[k] - a[k] for k in a if k != "made_by"})  # as docs/flows.md
+    walk = ["--latent-shift", direction, "--latent-steps", "-1,0,1"]
+    z0 = ["--latent", tmp_path / "a" / "r0_sample00000.latent.npz"]
+    assert run(*base, *z0, *walk, "--save-latent", "--out", tmp_path / "w") == 0
+    saved, w = pngs(tmp_path / "a", 2), pngs(tmp_path / "w", 3)
+    assert not (tmp_path / "w" / "r0_sample00003.png").exists()
+    assert (w[1] == saved[0]).all()  # step 0: z_0's sample, bit for bit
+    assert not (w[0] == w[1]).all() and not (w[2] == w[1]).all() and not (w[0] == w[2]).all()
+    assert np.abs(w[2].astype(int) - saved[1]).max() <= 1  # z_0 + (z_1 - z_0) = z_1
+    for i, k in enumerate((-1, 0, 1)):
+        z = np.load(tmp_path / "w" / f"r0_sample{i:05d}.latent.npz")
+        assert all(
+            np.allclose(z[f], a[f] + k * (b[f] - a[f]), atol=1e-6) for f in a if f != "made_by"
+        )
+    # without --latent, z_0 is the temperature-0 latent (zeros): step 0 is the T = 0 sample
+    assert run(*base, *walk, "--out", tmp_path / "w0") == 0
+    assert run(*base, "--n", 1, "--temperature", 0, "--out", tmp_path / "t0") == 0
+    w0, t0 = pngs(tmp_path / "w0", 3), pngs(tmp_path / "t0", 1)[0]
+    assert (w0[1] == t0).all() and not (w0[0] == t0).all() and not (w0[2] == t0).all()
+    manifest = json.loads((tmp_path / "w0" / "manifest.json").read_text())
+    assert set(manifest["control_sha256"]) == {"--latent-shift"}
+
+
+def test_a_bad_flow_latent_shift_is_one_line(tmp_path, flow_ckpts, capsys):
+    """A --latent-shift direction of another LR size, of two rows, or with two --latent rows, or
+    the file of another flow: one line naming the file, exit 2, nothing written."""
+    inp = lr_image(tmp_path / "in" / "r0.png", 8, 8)
+    z = {"z0": np.ones((6, 16, 16), "f4"), "z1": np.ones((96, 4, 4), "f4")}
+    np.savez(tmp_path / "ok.npz", **z)
+    np.savez(tmp_path / "size.npz", z0=np.ones((6, 16, 20), "f4"), z1=np.ones((96, 4, 5), "f4"))
+    np.savez(tmp_path / "two.npz", **{k: np.stack([v, v]) for k, v in z.items()})
+    other = lr_image(tmp_path / "o" / "r0.png", 8, 8)
+    assert run("--ckpt", flow_ckpts["ncsr"], "--input", other, "--n", 1, "--save-latent", "--out",
+               tmp_path / "ncsr") == 0  # fmt: skip
+    ncsr = tmp_path / "ncsr" / "r0_sample00000.latent.npz"
+    cases = [
+        (["--latent-shift", tmp_path / "size.npz"], f"--latent-shift {tmp_path / 'size.npz'}: "
+         "fields z0 (6, 16, 20), z1 (96, 4, 5); expected z0 (6, 16, 16), z1 (96, 4, 4)"),
+        (["--latent-shift", tmp_path / "two.npz"], f"--latent-shift {tmp_path / 'two.npz'} "
+         "--latent-steps '-2,-1,0,1,2': needs one direction (fields (C, h, w); it holds 2)"),
+        (["--latent", tmp_path / "two.npz", "--latent-shift", tmp_path / "ok.npz"],
+         "at most one --latent row (given: 2)"),
+        (["--latent-shift", ncsr], f"--latent-shift {ncsr}: saved by an x4 ncsr model"),
+    ]  # fmt: skip
+    for k, (flags, words) in enumerate(cases):
+        capsys.readouterr()
+        out = tmp_path / f"o{k}"
+        assert run("--ckpt", flow_ckpts["srflow"], "--input", inp, *flags, "--out", out) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], (words, err)
+        assert not out.exists() or not list(out.glob("*.png"))
 
 
 def test_flow_latent_files_in_the_manifest_and_overwrite(tmp_path, flow_ckpts, capsys):

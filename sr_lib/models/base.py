@@ -585,11 +585,13 @@ class SampleControls:
     cond: dict  # passed to `latents`: ref (list of (3, h, w) / "lr" / "prior"), latent_from
     per_sample_refs: bool = False  # --ref DIR: sample i uses reference i
     latent: torch.Tensor | list | None = None  # --latent: (k, D); a flow: [(k, C, h, w), ...]
-    shift: tuple[torch.Tensor, torch.Tensor] | None = None  # (direction (D,), steps (k,))
+    # (direction (D,), steps (k,)); a flow: (direction fields [(1, C, h, w), ...], steps (k,))
+    shift: tuple[torch.Tensor | list, torch.Tensor] | None = None
     # flag -> the sha256 of each file it read, in the order used: of the bytes it decoded (each
     # file is read once; a file changed meanwhile is not recorded with the other contents)
     digests: dict = field(default_factory=dict)
     latent_file: str = ""  # --latent's, for messages
+    shift_file: str = ""  # --latent-shift's (a flow's), for messages
     encoded: dict | None = None  # `cond` as `encode_references` makes it, on the first image
     made_by: dict | None = None  # this run's model (latent_source): a flow's --save-latent
     warnings: list = field(default_factory=list)  # lines for the user (another checkpoint's file)
@@ -714,6 +716,14 @@ def load_latent_fields(path: str, count: int, flag: str, own: dict | None = None
     return [t if t.ndim == 4 else t[None] for t in z], hashlib.sha256(data).hexdigest(), warnings
 
 
+def latent_steps(text: str) -> list[float]:
+    """The numbers of --latent-steps, e.g. "-2,-1,0,1,2" ([]: none, or not numbers)."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        return []
+
+
 def control_image(path, flag: str, device) -> tuple[torch.Tensor, str]:
     """The (3, H, W) image a control flag names, and the sha256 of the bytes it was decoded
     from (the file read once); one that cannot be read (a checkpoint, a folder, a broken file)
@@ -820,10 +830,7 @@ class LatentSRModel(SRModel):
         dim = self.z_dim
         direction, digest = load_latent(file, dim, "--latent-shift")
         direction, ctl.digests["--latent-shift"] = direction.view(-1).to(device), [digest]
-        try:
-            values = [float(v) for v in steps.split(",") if v.strip()]
-        except ValueError:
-            values = []
+        values = latent_steps(steps)
         if (
             not values
             or direction.numel() != dim

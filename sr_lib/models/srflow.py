@@ -32,6 +32,7 @@ from sr_lib.models.base import (
     cut,
     eval_mode,
     halo,
+    latent_steps,
     load_latent_fields,
 )
 from sr_lib.models.flow_layers import (
@@ -134,7 +135,7 @@ class SRFlow(SRModel):
     Config = SRFlowConfig
     stochastic = True
     default_temperature = 0.9  # the challenge submissions' heat
-    sample_controls = ("latent",)  # sr_sample.py --latent, --save-latent (not --latent-shift)
+    sample_controls = ("latent", "latent_shift")  # sr_sample.py --latent, --save-latent, ...
     latent_file = ".latent.npz"  # its fields z0, z1, ... (latent_fields)
     ddp_find_unused = True  # the encoder is frozen for part of training (on_step)
     compile_regions = (FlowStep, Split, RRDBBlock)  # --compile: each block once per level shape
@@ -489,44 +490,70 @@ class SRFlow(SRModel):
                              f"{want}")  # fmt: skip
         return [z.to(like) for z in out]
 
-    # sr_sample.py's latent controls: --latent FILE, --save-latent (docs/flows.md, "Sampling").
+    # sr_sample.py's latent controls: --latent FILE, --latent-shift FILE, --save-latent
+    # (docs/flows.md, "Saved latents").
 
     def resolve_controls(self, controls: dict, n: int, device) -> SampleControls:
         """--latent FILE: a .npz of this model's latent fields (load_latent_fields), k samples;
+        --latent-shift FILE --latent-steps S: a .npz of one direction's fields, one output per
+        step (z_0 + step · direction, z_0 the --latent row or the temperature-0 latent: zeros).
         controls["made_by"]: the run's model (sr_sample.py's latent_source), which a file's
         made_by entry must name (`check_latent_source`)."""
-        ctl = SampleControls(n, {})
+        ctl, count, own = SampleControls(n, {}), len(self.latent_fields()), controls.get("made_by")
         if controls.get("latent"):
-            count = len(self.latent_fields())
             fields, digest, ctl.warnings = load_latent_fields(
-                controls["latent"], count, "--latent", controls.get("made_by")
+                controls["latent"], count, "--latent", own
             )
             ctl.latent, ctl.latent_file = [z.to(device) for z in fields], controls["latent"]
             ctl.n = len(ctl.latent[0])
             ctl.digests["--latent"] = [digest]
+        if controls.get("latent_shift"):
+            file, text = controls["latent_shift"], controls["latent_steps"]
+            fields, digest, warnings = load_latent_fields(file, count, "--latent-shift", own)
+            ctl.warnings += warnings
+            steps, rows = latent_steps(text), 1 if ctl.latent is None else len(ctl.latent[0])
+            if len(fields[0]) > 1 or not steps or rows > 1:
+                raise UsageError(
+                    f"--latent-shift {file} --latent-steps {text!r}: needs one direction (fields "
+                    f"(C, h, w); it holds {len(fields[0])}), numbers like -2,-1,0,1,2 and at most "
+                    f"one --latent row (given: {rows})"
+                )
+            ctl.shift = ([z.to(device) for z in fields], torch.tensor(steps, device=device))
+            ctl.digests["--latent-shift"], ctl.shift_file = [digest], file
+            ctl.n = len(steps)
         return ctl
 
     def sample_latents(self, lr, seeds, idx, temperature, controls: SampleControls) -> list:
         """The latent fields [(len(idx), C, h, w), ...] of samples idx of the whole (1, 3, h, w)
         LR, at its size padded to lr_multiple: drawn as `generate` draws them (the same bits),
-        or the --latent file's rows, whose shapes must be this LR's (a usage error naming the
-        file and the shapes expected)."""
+        the --latent file's rows, or --latent-shift's z_0 + step · direction (z_0: the --latent
+        row, else zeros, the temperature-0 latent); a file's shapes must be this LR's (a usage
+        error naming the file and the shapes expected)."""
         m, s = self.lr_multiple, self.scale
         h, w = lr.shape[-2:]
         H, W = -(-h // m) * m * s, -(-w // m) * m * s
-        if controls.latent is None:
+        if controls.latent is None and controls.shift is None:
             noise = NoiseSource(seeds, lr.device)
             return self.draw_latents(len(idx), H, W, float(temperature), noise, lr)
         want = [(c, H // down, W // down) for c, down in self.latent_fields()]
-        got = [tuple(z.shape[1:]) for z in controls.latent]
-        if got != want:
-            shapes = lambda z: ", ".join(f"z{k} {v}" for k, v in enumerate(z))  # noqa: E731
-            raise UsageError(
-                f"--latent {controls.latent_file}: fields {shapes(got)}; expected "
-                f"{shapes(want)}, the latents of this x{s} {type(self).__name__} for a {w}x{h} "
-                "LR (--save-latent of the same model and LR size)"
-            )
-        return [z[list(idx)] for z in controls.latent]
+        files = [("--latent", controls.latent_file, controls.latent)]
+        if controls.shift is not None:
+            files.append(("--latent-shift", controls.shift_file, controls.shift[0]))
+        for flag, file, fields in files:
+            got = [tuple(z.shape[1:]) for z in fields or []]
+            if fields is not None and got != want:
+                shapes = lambda z: ", ".join(f"z{k} {v}" for k, v in enumerate(z))  # noqa: E731
+                raise UsageError(
+                    f"{flag} {file}: fields {shapes(got)}; expected {shapes(want)}, the latents "
+                    f"of this x{s} {type(self).__name__} for a {w}x{h} LR (--save-latent of the "
+                    "same model and LR size)"
+                )
+        if controls.shift is None:
+            return [z[list(idx)] for z in controls.latent]
+        direction, steps = controls.shift
+        base = controls.latent or [z.new_zeros(z.shape) for z in direction]
+        k = steps[list(idx)].view(-1, 1, 1, 1).to(direction[0])
+        return [z0[:1] + k * d for z0, d in zip(base, direction)]
 
     # Training schedule and weights.
 
