@@ -659,6 +659,8 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
                 bar.step(f"{path.name}: {why}, skipped")
                 continue
             lr = to_tensor(img)[None].to(device)
+            if controls is not None:  # (named in a message: a --latent of another LR size)
+                controls.image = f"{path.name}'s"
             with autocast:
                 sample_image(model, lr, img, path.stem, name, n, todo, folders, files,
                              (context, retry_context), controls, want_sigma, args, bar.say,

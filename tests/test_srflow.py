@@ -685,12 +685,15 @@ def test_flow_latent_with_tiles(tmp_path, flow_ckpts):
 @pytest.mark.parametrize(
     "latent, code, words",
     [
-        ("other size", 2, "expected z0 (6, 24, 24), z1 (96, 6, 6), the latents of this x4 SRFlow "
-                          "for a 12x12 LR (--save-latent of the same model and LR size)"),
+        ("other size", 2, ": fields z0 (6, 20, 24), z1 (96, 5, 6), the latents of an LR of 12x10 "
+                          "px, not of r0.png's LR of 12x12 px (z0 (6, 24, 24), z1 (96, 6, 6) in "
+                          "this x4 SRFlow, which pads the LR to a multiple of 2); a --latent file "
+                          "fits one LR size: give --input only images of that size, or each "
+                          "image its own --latent file"),
         ("x8", 2, "holds z0 (6, 40, 48), z1 (12, 20, 24), z2 (192, 5, 6); expected this model's 2 "
                   "latent fields z0, z1"),
-        ("srflow_da", 2, "fields z0 (6, 24, 24), z1 (24, 12, 12); expected z0 (6, 24, 24), z1 "
-                         "(96, 6, 6)"),
+        ("srflow_da", 2, "fields z0 (6, 24, 24), z1 (24, 12, 12), the latents of no LR of this "
+                         "model, not of r0.png's LR of 12x12 px (z0 (6, 24, 24), z1 (96, 6, 6)"),
         ("ncsr", 2, ": saved by an x4 ncsr model, not this x4 srflow (its fields decode to other "
                     "images here); decode it with an x4 ncsr checkpoint"),
         ("made_by", 3, ": its made_by entry is not the record --save-latent writes"),
@@ -801,8 +804,12 @@ def test_a_flow_latent_fits_one_lr_size(tmp_path, flow_ckpts, capsys):
     capsys.readouterr()
     assert run(*base, "--latent", z, "--out", tmp_path / "o") == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-    assert len(err) == 1 and err[0].startswith(f"sr_sample.py: error: --latent {z}: fields")
-    assert "for a 10x8 LR" in err[0]
+    assert err == [
+        f"sr_sample.py: error: --latent {z}: fields z0 (6, 16, 16), z1 (96, 4, 4), the latents "
+        "of an LR of 8x8 px, not of b.png's LR of 10x8 px (z0 (6, 16, 20), z1 (96, 4, 5) in this "
+        "x4 SRFlow, which pads the LR to a multiple of 2); a --latent file fits one LR size: "
+        "give --input only images of that size, or each image its own --latent file"
+    ]
     assert sorted(p.name for p in (tmp_path / "o").glob("*.png")) == ["a_sample00000.png"]
     assert (pngs(tmp_path / "o", 1, "a")[0] == pngs(tmp_path / "a", 1, "a")[0]).all()
 
@@ -881,7 +888,8 @@ def test_a_bad_flow_latent_shift_is_one_line(tmp_path, flow_ckpts, capsys):
     ncsr = tmp_path / "ncsr" / "r0_sample00000.latent.npz"
     cases = [
         (["--latent-shift", tmp_path / "size.npz"], f"--latent-shift {tmp_path / 'size.npz'}: "
-         "fields z0 (6, 16, 20), z1 (96, 4, 5); expected z0 (6, 16, 16), z1 (96, 4, 4)"),
+         "fields z0 (6, 16, 20), z1 (96, 4, 5), the latents of an LR of 10x8 px, not of r0.png's "
+         "LR of 8x8 px"),
         (["--latent-shift", tmp_path / "two.npz"], f"--latent-shift {tmp_path / 'two.npz'} "
          "--latent-steps '-2,-1,0,1,2': needs one direction (fields (C, h, w); it holds 2)"),
         (["--latent", tmp_path / "two.npz", "--latent-shift", tmp_path / "ok.npz"],

@@ -592,6 +592,7 @@ class SampleControls:
     digests: dict = field(default_factory=dict)
     latent_file: str = ""  # --latent's, for messages
     shift_file: str = ""  # --latent-shift's (a flow's), for messages
+    image: str = "this"  # the input being sampled (sr_sample.py sets it), for messages
     encoded: dict | None = None  # `cond` as `encode_references` makes it, on the first image
     made_by: dict | None = None  # this run's model (latent_source): a flow's --save-latent
     warnings: list = field(default_factory=list)  # lines for the user (another checkpoint's file)

@@ -523,6 +523,17 @@ class SRFlow(SRModel):
             ctl.n = len(steps)
         return ctl
 
+    def fields_lr(self, shapes: list[tuple]) -> str:
+        """The LR that latent fields of these (C, h, w) shapes fit, in words (for messages)."""
+        sizes = {(w * down // self.scale, h * down // self.scale)
+                 for (_, h, w), (_, down) in zip(shapes, self.latent_fields())}  # fmt: skip
+        exact = all(h * down % self.scale == 0 == w * down % self.scale
+                    for (_, h, w), (_, down) in zip(shapes, self.latent_fields()))  # fmt: skip
+        if len(sizes) != 1 or not exact or len(shapes) != len(self.latent_fields()):
+            return "no LR of this model"
+        w, h = sizes.pop()
+        return f"an LR of {w}x{h} px"
+
     def sample_latents(self, lr, seeds, idx, temperature, controls: SampleControls) -> list:
         """The latent fields [(len(idx), C, h, w), ...] of samples idx of the whole (1, 3, h, w)
         LR, at its size padded to lr_multiple: drawn as `generate` draws them (the same bits),
@@ -543,10 +554,12 @@ class SRFlow(SRModel):
             got = [tuple(z.shape[1:]) for z in fields or []]
             if fields is not None and got != want:
                 shapes = lambda z: ", ".join(f"z{k} {v}" for k, v in enumerate(z))  # noqa: E731
+                pad = f", which pads the LR to a multiple of {m}" if m > 1 else ""
                 raise UsageError(
-                    f"{flag} {file}: fields {shapes(got)}; expected {shapes(want)}, the latents "
-                    f"of this x{s} {type(self).__name__} for a {w}x{h} LR (--save-latent of the "
-                    "same model and LR size)"
+                    f"{flag} {file}: fields {shapes(got)}, the latents of {self.fields_lr(got)}, "
+                    f"not of {controls.image} LR of {w}x{h} px ({shapes(want)} in this x{s} "
+                    f"{type(self).__name__}{pad}); a {flag} file fits one LR size: give --input "
+                    f"only images of that size, or each image its own {flag} file"
                 )
         if controls.shift is None:
             return [z[list(idx)] for z in controls.latent]
