@@ -338,6 +338,14 @@ def test_latent_from_cli(tmp_path, ckpts):
         ("refvae", ["--latent", "nan.npy"], 3, "nan.npy: holds NaN or infinite values"),
         ("varsr", ["--latent", "zero.npy"], 3, ".npy array (an empty file, 0 bytes)"),
         ("varsr", ["--latent-shift", "inf.npy"], 3, "--latent-shift"),
+        (
+            "refvae",
+            ["--latent", "refs"],
+            3,
+            "--latent refs: a folder; give one .npy file (a "
+            "--save-latent NAME_sample{i:05d}.latent.npy, or a "
+            "direction)",
+        ),
         # a file that is no image (a checkpoint), a folder: the line names the flag that gave it
         ("varsr", ["--latent-from", "varsr.pt"], 3, "--latent-from varsr.pt: not an image file"),
         ("varsr", ["--latent-from", "refs"], 3, "--latent-from refs: not a file"),

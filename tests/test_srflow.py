@@ -704,6 +704,10 @@ def test_flow_latent_with_tiles(tmp_path, flow_ckpts):
         ("nan", 3, "holds NaN or infinite values; use a finite latent"),
         ("refvae", 3, "a .npy array, not the .npz archive of this model's 2 latent fields z0, z1"),
         ("junk", 3, "not a readable .npz archive"),
+        ("folder", 3, ": a folder; give one .npz file (a --save-latent NAME_sample{i:05d}.latent"
+                      ".npz; to decode all of such a run with another checkpoint of these latent "
+                      "shapes, rerun it with its --seed and --temperature: it draws the same "
+                      "latents)"),
     ],
 )  # fmt: skip
 def test_a_bad_flow_latent_is_one_line(tmp_path, flow_ckpts, capsys, latent, code, words):
@@ -735,6 +739,10 @@ def test_a_bad_flow_latent_is_one_line(tmp_path, flow_ckpts, capsys, latent, cod
     elif latent == "refvae":
         f = tmp_path / "r0_sample00000.latent.npy"
         np.save(f, np.zeros(8, np.float32))
+    elif latent == "folder":  # a --save-latent run's folder
+        f = tmp_path / "saved"
+        assert run("--ckpt", flow_ckpts["srflow"], "--input", inp, "--n", 2, "--save-latent",
+                   "--out", f) == 0  # fmt: skip
     else:
         f.write_text("junk")
     capsys.readouterr()
@@ -789,6 +797,27 @@ def test_a_flow_latent_names_its_model(tmp_path, flow_ckpts, capsys):
     assert run("--ckpt", flow_ckpts["srflow"], "--input", inp, "--latent", old, "--out",
                tmp_path / "e") == 0  # fmt: skip
     assert (pngs(tmp_path / "e", 1)[0] == pngs(tmp_path / "a", 1)[0]).all()
+
+
+def test_another_checkpoint_draws_the_saved_latents_again(tmp_path, flow_ckpts):
+    """A flow's latents come from --seed and --temperature alone (sample i of image `stem`:
+    sample_seed(seed, stem, i), fields of the model's latent shapes), so a rerun of a
+    --save-latent run with another checkpoint of the same latent shapes (NCSR of SRFlow's
+    config here) draws the same fields, for every image and sample: it decodes a whole saved run
+    with that checkpoint, as the message of a --latent folder says."""
+    inp = tmp_path / "in"
+    lr_image(inp / "a.png", 8, 8)
+    lr_image(inp / "b.png", 9, 11, seed=1)
+    flags = ["--input", inp, "--n", 2, "--seed", 3, "--temperature", 0.8, "--save-latent"]
+    assert run("--ckpt", flow_ckpts["srflow"], *flags, "--out", tmp_path / "s") == 0
+    assert run("--ckpt", flow_ckpts["ncsr"], *flags, "--batch", 1, "--out", tmp_path / "n") == 0
+    for stem in "ab":
+        for i in range(2):
+            name = f"{stem}_sample{i:05d}"
+            zs, zn = (np.load(tmp_path / d / f"{name}.latent.npz") for d in "sn")
+            assert all((zs[k] == zn[k]).all() for k in ("z0", "z1"))
+            sample = [iio.imread(tmp_path / d / f"{name}.png") for d in "sn"]
+            assert not (sample[0] == sample[1]).all()  # decoded by another model
 
 
 def test_a_flow_latent_fits_one_lr_size(tmp_path, flow_ckpts, capsys):
@@ -896,10 +925,13 @@ def test_a_bad_flow_latent_shift_is_one_line(tmp_path, flow_ckpts, capsys):
          "at most one --latent row (given: 2)"),
         (["--latent-shift", ncsr], f"--latent-shift {ncsr}: saved by an x4 ncsr model"),
     ]  # fmt: skip
+    cases.append((["--latent-shift", tmp_path], f"--latent-shift {tmp_path}: a folder; give one "
+                  ".npz file (of a direction's fields z0, z1, ...)"))  # fmt: skip
     for k, (flags, words) in enumerate(cases):
         capsys.readouterr()
         out = tmp_path / f"o{k}"
-        assert run("--ckpt", flow_ckpts["srflow"], "--input", inp, *flags, "--out", out) == 2
+        code = 3 if flags[-1] == tmp_path else 2
+        assert run("--ckpt", flow_ckpts["srflow"], "--input", inp, *flags, "--out", out) == code
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0], (words, err)
         assert not out.exists() or not list(out.glob("*.png"))

@@ -602,6 +602,9 @@ def load_latent(path: str, dim: int, flag: str) -> tuple[torch.Tensor, str]:
     """A saved latent .npy, (D,) or (k, D), as float32, and the sha256 of the file (read once).
     A file that is not one readable finite array is a data error (exit 3); an array of another
     shape, or of no rows, a usage error (exit 2: the file of another model or flag)."""
+    if Path(path).is_dir():
+        raise DataError(f"{flag} {path}: a folder; give one .npy file (a --save-latent "
+                        "NAME_sample{i:05d}.latent.npy, or a direction)")  # fmt: skip
     try:
         data = Path(path).read_bytes()
         if not data:  # (numpy's own error for it differs between versions)
@@ -682,6 +685,12 @@ def load_latent_fields(path: str, count: int, flag: str, own: dict | None = None
     dimensions, or the fields of another model, a usage error (exit 2); the shapes are checked
     against an LR image later (`SRFlow.sample_latents`)."""
     names = [f"z{k}" for k in range(count)]
+    if Path(path).is_dir():  # (a whole --save-latent run again: its --seed draws the same fields)
+        what = ("a --save-latent NAME_sample{i:05d}.latent.npz; to decode all of such a run with "
+                "another checkpoint of these latent shapes, rerun it with its --seed and "
+                "--temperature: it draws the same latents" if flag == "--latent" else
+                "of a direction's fields z0, z1, ...")  # fmt: skip
+        raise DataError(f"{flag} {path}: a folder; give one .npz file ({what})")
     try:
         data = Path(path).read_bytes()
         if not data:
