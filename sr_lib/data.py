@@ -2,6 +2,8 @@
 
 `read_image` is the one entry point for every image the toolkit reads: it always returns uint8 HWC
 RGB and raises `ImageError` (a `DataError`, exit code 3) naming the file and the reason otherwise.
+`read_planes` is the same reader (sr_sample.py's inputs) keeping what read_image drops: gray,
+alpha, 16 bits.
 
 Training batches come from `PatchPairs`, a map-style dataset whose item `step` is the whole batch
 of training step `step`, drawn from `np.random.default_rng([seed, rank, step])`. The batch stream is
@@ -26,6 +28,7 @@ import warnings
 import weakref
 import zipfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO, NoReturn
@@ -92,7 +95,8 @@ def read_image(path: str | os.PathLike, data: bytes | None = None) -> np.ndarray
     Conversions: gray -> 3 channels; RGBA/LA (and palette transparency) -> alpha dropped with a
     warning naming the file; 16-bit -> 8-bit by round(x / 257); palette, CMYK, YCbCr -> RGB; EXIF
     orientation applied. Float images (rare TIFFs) are assumed to be in [0, 1]. 16-bit and float
-    TIFFs are decoded by libtiff (imagecodecs); other TIFFs by Pillow.
+    TIFFs are decoded by libtiff (imagecodecs); other TIFFs by Pillow. `read_planes` reads the
+    same pixels and keeps what this drops (gray, alpha, 16 bits).
 
     The file is read once, whole, and every reader below (the TIFF tags, Pillow's header, the
     PNG bit depth, the decoder) takes those bytes: each open of a file is a call to a cluster
@@ -101,6 +105,38 @@ def read_image(path: str | os.PathLike, data: bytes | None = None) -> np.ndarray
     checks and errors; `path` then only names it in messages. sr_sample.py's control flags hash
     the very bytes they decode.
     """
+    return _to_rgb8(_decode(path, data), path)
+
+
+@dataclass(frozen=True)
+class Planes:
+    """An image as `read_planes` gives it."""
+
+    rgb: np.ndarray  # (H, W, 3): uint8, read_image's pixels; `wide`: float32 in [0, 1]
+    alpha: np.ndarray | None  # (H, W) float32 in [0, 1] at the file's precision; None: opaque
+    gray: bool  # one colour channel in the file (gray, gray + alpha, bilevel)
+
+
+def read_planes(path: str | os.PathLike, data: bytes | None = None, wide: bool = False) -> Planes:
+    """Read an image as `read_image` does, keeping what it drops: whether the file is gray, its
+    alpha channel (RGBA, LA, palette transparency; no warning) and, with `wide`, the colour at
+    the file's precision: float32 x / 65535 of 16-bit samples (x / 255 of 8-bit ones, as
+    `to_tensor` divides; float TIFFs clipped to [0, 1]) instead of round(x / 257) to uint8.
+    Gray colour is repeated to 3 channels, as read_image's. A palette image counts as RGB (its
+    palette may be all gray: not looked at). Same errors as read_image."""
+    arr = _samples(_decode(path, data), path)
+    c = arr.shape[2]
+    alpha = _unit(arr[:, :, -1]) if c in (2, 4) else None
+    colour = arr[:, :, : 3 if c > 2 else 1]
+    colour = _unit(colour) if wide else _to_8bit(colour)
+    if colour.shape[2] == 1:
+        colour = np.repeat(colour, 3, axis=2)
+    return Planes(np.ascontiguousarray(colour), alpha, c <= 2)
+
+
+def _decode(path: str | os.PathLike, data: bytes | None) -> np.ndarray:
+    """The pixels of an image file as decoded (read_image's checks and errors): uint8, 16-bit
+    integers, bool or float; (H, W) or (H, W, C)."""
     if MAX_PIXELS is None:
         value = os.environ.get("SRSPACE_MAX_PIXELS")
         raise UsageError(
@@ -157,7 +193,7 @@ def read_image(path: str | os.PathLike, data: bytes | None = None) -> np.ndarray
         raise
     except Exception as e:  # Pillow: OSError("image file is truncated"); pypng: FormatError
         _fail(path, f"cannot decode, the file may be truncated or corrupt ({e})")
-    return _to_rgb8(arr, path)
+    return arr
 
 
 def read_file(path: str | os.PathLike) -> bytes:
@@ -422,25 +458,49 @@ def _upright(arr: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def _to_rgb8(arr: np.ndarray, path) -> np.ndarray:
+    arr = _samples(arr, path)
+    if arr.shape[2] in (2, 4):
+        warnings.warn(f"{path}: alpha channel dropped (the image is read as RGB)", NodeWarning, 3)
+        arr = arr[:, :, :-1]
+    arr = _to_8bit(arr)
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    return np.ascontiguousarray(arr)
+
+
+def _samples(arr: np.ndarray, path) -> np.ndarray:
+    """Decoded pixels as (H, W, C), C = 1 to 4 (gray, gray + alpha, RGB, RGBA), of uint8, uint16
+    (wider integers clipped) or floats clipped to [0, 1] (NaN: 0); bilevel as 0 and 255."""
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8) * 255
     elif arr.dtype.kind in "iu" and arr.dtype.itemsize > 1:  # 16-bit (Pillow gives I;16 or I)
-        # round(x / 257) in integers (x/257 is never exactly .5): 65535 -> 255, 128 -> 0, 129 -> 1
-        arr = ((np.clip(arr, 0, 65535).astype(np.uint32) + 128) // 257).astype(np.uint8)
+        arr = arr if arr.dtype == np.uint16 else np.clip(arr, 0, 65535).astype(np.uint16)
     elif arr.dtype.kind == "f":
-        arr = np.round(np.clip(np.nan_to_num(arr), 0, 1) * 255).astype(np.uint8)
+        arr = np.clip(np.nan_to_num(arr), 0, 1)
     elif arr.dtype != np.uint8:
         _fail(path, f"unsupported pixel type {arr.dtype}")
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
         _fail(path, f"unsupported image shape {arr.shape}")
-    if arr.shape[2] in (2, 4):
-        warnings.warn(f"{path}: alpha channel dropped (the image is read as RGB)", NodeWarning, 3)
-        arr = arr[:, :, :-1]
-    if arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    return np.ascontiguousarray(arr)
+    return arr
+
+
+def _to_8bit(arr: np.ndarray) -> np.ndarray:
+    """`_samples` as uint8: 16-bit by round(x / 257), floats by round(x * 255)."""
+    if arr.dtype == np.uint16:
+        # round(x / 257) in integers (x/257 is never exactly .5): 65535 -> 255, 128 -> 0, 129 -> 1
+        return ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    if arr.dtype.kind == "f":
+        return np.round(arr * 255).astype(np.uint8)
+    return arr
+
+
+def _unit(arr: np.ndarray) -> np.ndarray:
+    """`_samples` as float32 in [0, 1] at their precision: x / 255 (as `to_tensor`), x / 65535."""
+    if arr.dtype.kind == "f":
+        return arr.astype(np.float32)
+    return np.divide(arr, np.float32(255 if arr.dtype == np.uint8 else 65535), dtype=np.float32)
 
 
 @contextlib.contextmanager
@@ -677,18 +737,31 @@ def mod_crop(img: np.ndarray, m: int) -> np.ndarray:
 
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float32 (3, H, W) in [0, 1]."""
-    if img.dtype != np.uint8 or img.ndim != 3:
-        raise TypeError(f"to_tensor expects uint8 (H, W, C), got {img.dtype} {img.shape}")
-    return _as_float(torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))))
+    """uint8 (H, W, 3) -> float32 (3, H, W) in [0, 1]; float32 (H, W, 3) in [0, 1] (`read_planes`
+    with `wide`) as it is."""
+    if img.dtype not in (np.uint8, np.float32) or img.ndim != 3:
+        got = f"{img.dtype} {img.shape}"
+        raise TypeError(f"to_tensor expects uint8 or float32 (H, W, C), got {got}")
+    x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+    return x if img.dtype == np.float32 else _as_float(x)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """Float (C, H, W) -> uint8 (H, W, C), (N, C, H, W) -> (N, H, W, C); clamped, rounded."""
+    return _quantize(x, 255, "to_uint8").astype(np.uint8, copy=False)
+
+
+def to_uint16(x: torch.Tensor) -> np.ndarray:
+    """`to_uint8` at 16 bits: round(clip(x, 0, 1) * 65535) as uint16."""
+    return _quantize(x, 65535, "to_uint16").astype(np.uint16)
+
+
+def _quantize(x: torch.Tensor, top: int, name: str) -> np.ndarray:
+    """round(clip(x, 0, 1) * top) (NaN: 0), channels last, as an int32 (or uint8) array."""
     if x.ndim not in (3, 4):
-        raise ValueError(f"to_uint8 expects (C, H, W) or (N, C, H, W), got shape {tuple(x.shape)}")
-    x = torch.nan_to_num(x.detach().float(), nan=0.0).clamp_(0, 1).mul_(255).round_()
-    return x.to(torch.uint8).movedim(-3, -1).cpu().numpy()
+        raise ValueError(f"{name} expects (C, H, W) or (N, C, H, W), got shape {tuple(x.shape)}")
+    x = torch.nan_to_num(x.detach().float(), nan=0.0).clamp_(0, 1).mul_(top).round_()
+    return x.to(torch.uint8 if top == 255 else torch.int32).movedim(-3, -1).cpu().numpy()
 
 
 def _as_float(x: torch.Tensor) -> torch.Tensor:

@@ -39,8 +39,10 @@ from sr_lib.data import (
     mod_crop,
     read_ahead,
     read_image,
+    read_planes,
     to_tensor,
     to_uint8,
+    to_uint16,
     train_loader,
     write_png,
     write_text,
@@ -123,6 +125,61 @@ def test_16bit_rgb_and_gray_round_to_8bit(tmp_path):
     with pytest.warns(UserWarning, match="rgba16.png: alpha"):
         write_png16(tmp_path / "rgba16.png", np.concatenate([rgb, ramp[..., None]], axis=-1))
         assert np.array_equal(read_image(tmp_path / "rgba16.png"), out)
+
+
+def test_read_planes_keeps_gray_alpha_and_16_bits(tmp_path):
+    """read_planes: read_image's pixels, and what it drops: gray, alpha (without a warning) and,
+    with wide, 16-bit colour as x / 65535 (8-bit as to_tensor's x / 255)."""
+    ramp = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    rgba16 = np.stack([ramp, ramp[::-1], ramp.T, ramp[:, ::-1]], axis=-1)
+    rgba8, la8 = rand_img(8, 9, c=4), rand_img(8, 9, c=2)
+    write_png16(tmp_path / "rgba16.png", rgba16)
+    write_png16(tmp_path / "la16.png", rgba16[..., 2:])
+    write_png16(tmp_path / "g16.png", ramp)
+    Image.fromarray(rgba8, "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(la8, "LA").save(tmp_path / "la.png")
+    Image.fromarray(rgba8[..., 0]).save(tmp_path / "l.png")
+    Image.fromarray(rgba8[..., :3]).save(tmp_path / "rgb.png")
+    pal = Image.fromarray(rand_img(8, 9)).quantize(8)
+    pal.save(tmp_path / "pt.png", transparency=0)
+    Image.fromarray(np.repeat(rgba8[..., :1], 3, 2)).quantize(8).save(tmp_path / "gray_pal.png")
+    channels = {"rgba16": 4, "la16": 2, "g16": 1, "rgba": 4, "la": 2, "l": 1, "rgb": 3, "pt": 4}
+    channels["gray_pal"] = 3  # a palette image is RGB, even of a gray palette
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "alpha channel dropped"
+        for stem, c in channels.items():
+            path = tmp_path / f"{stem}.png"
+            narrow, wide = read_planes(path), read_planes(path, wide=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rgb8 = read_image(path)
+            assert narrow.rgb.dtype == np.uint8 and np.array_equal(narrow.rgb, rgb8), stem
+            assert wide.rgb.dtype == np.float32 and wide.rgb.shape == rgb8.shape, stem
+            assert narrow.gray == wide.gray == (c <= 2), stem
+            assert (narrow.alpha is None) == (wide.alpha is None) == (c in (1, 3)), stem
+            if c in (2, 4):
+                assert narrow.alpha.dtype == np.float32 and np.array_equal(narrow.alpha, wide.alpha)
+    g16 = read_planes(tmp_path / "g16.png", wide=True)
+    assert np.array_equal(g16.rgb, np.repeat((ramp / np.float32(65535))[..., None], 3, 2))
+    rgba = read_planes(tmp_path / "rgba16.png", wide=True)
+    assert np.array_equal(rgba.rgb, (rgba16[..., :3] / np.float32(65535)).astype(np.float32))
+    assert np.array_equal(rgba.alpha, (rgba16[..., 3] / np.float32(65535)).astype(np.float32))
+    la = read_planes(tmp_path / "la16.png", wide=True)
+    assert np.array_equal(la.rgb[..., 1], rgba16[..., 2] / np.float32(65535))
+    assert np.array_equal(la.alpha, rgba16[..., 3] / np.float32(65535))
+    rgb = read_planes(tmp_path / "rgba.png", wide=True)  # 8-bit: exactly to_tensor's floats
+    assert torch.equal(to_tensor(rgb.rgb), to_tensor(rgba8[..., :3].copy()))
+    assert np.array_equal(rgb.alpha, rgba8[..., 3] / np.float32(255))
+    assert np.array_equal(read_planes(tmp_path / "la.png").alpha, la8[..., 1] / np.float32(255))
+    with pytest.raises(ImageError, match="nothing.png: no such file"):
+        read_planes(tmp_path / "nothing.png")
+
+
+def test_to_uint16_rounds_every_level():
+    x = torch.from_numpy(np.arange(65536, dtype=np.float32) / 65535).view(1, 256, 256)
+    assert np.array_equal(to_uint16(x)[..., 0], np.arange(65536).reshape(256, 256))
+    y = torch.tensor([[[-0.5, 0.5 / 65535 - 1e-7, 1.5, float("nan")]]])
+    assert to_uint16(y).ravel().tolist() == [0, 0, 65535, 0]
 
 
 def test_16bit_pngs_are_read_without_leaving_their_files_open(tmp_path):
