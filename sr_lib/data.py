@@ -529,7 +529,8 @@ def encode_png(img: np.ndarray) -> bytes:
         return iio.imwrite("<bytes>", img.reshape(h, w) if c == 1 else img, extension=".png")
     buf = io.BytesIO()  # pypng writes every colour type at 16 bits; rows as big-endian bytes
     writer = png.Writer(w, h, greyscale=c <= 2, alpha=c in (2, 4), bitdepth=16)
-    writer.write_packed(buf, img.astype(">u2").reshape(h, w * c).view(np.uint8))
+    rows = np.ascontiguousarray(img, ">u2").reshape(h, w * c)  # (any layout: a tensor's movedim)
+    writer.write_packed(buf, rows.view(np.uint8))
     return buf.getvalue()
 
 

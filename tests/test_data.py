@@ -806,6 +806,16 @@ def test_write_png_round_trips(tmp_path):
         write_png(tmp_path / "file" / "x.png", rgb)
 
 
+def test_encode_png_takes_a_view_of_any_layout():
+    """A uint16 array whose channels are not its last, contiguous axis (a tensor's movedim, a
+    slice) raised ValueError in encode_png's .view; every layout encodes as its copy does."""
+    planar = np.random.default_rng(2).integers(0, 65536, (3, 5, 7), dtype=np.uint16)
+    for img in (planar.transpose(1, 2, 0), planar.transpose(1, 2, 0)[:, ::2], planar[0].T):
+        for arr in (img, img.astype(np.uint8)):
+            assert not arr.flags.c_contiguous
+            assert data.encode_png(arr) == data.encode_png(np.ascontiguousarray(arr))
+
+
 def test_list_images(tmp_path):
     with pytest.raises(DataError, match="nope: no such folder"):
         list_images(tmp_path / "nope")
