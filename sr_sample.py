@@ -6,7 +6,10 @@
 
 Files written to a sample folder (what sr_eval.py reads). NAME is the input's stem, or with
 --layout ntire its 0-based position k in the one image order (sr_lib.data.image_order) as
-{k:06d} (the NTIRE21 submission names):
+{k:06d} (the NTIRE21 submission names). Each PNG has the input's form: gray for a gray LR (the
+model sees it as RGB; each sample is turned back by BT.601 luma, `to_gray`), with the LR's alpha
+upscaled (MATLAB bicubic, clipped; --alpha drop: without), 8-bit, or 16-bit with --bit-depth 16
+(which also gives the model a 16-bit LR at full precision, not rounded to 8 bits):
   NAME_sample{i:05d}.png  sample i = 0..n-1; with --n 1 a single-output (deterministic) model,
                           and with --layout ntire any model, writes NAME.png instead (the
                           challenge's measure.py reads 000000.png at N = 1)
@@ -16,7 +19,7 @@ Files written to a sample folder (what sr_eval.py reads). NAME is the input's st
   NAME_grid.png           --grid: one labelled row [LR enlarged (nearest) | the n samples,
                           at most the first 16 | per-pixel std across all n samples (stochastic
                           models) | sigma], maps normalised to their max (black, red, yellow,
-                          white)
+                          white); 8-bit, no alpha, gray (luma) for a gray LR
   NAME_sample{i:05d}.latent.npy
                           --save-latent, refvae and varsr: the float32 (D,) latent of sample i;
                           `--latent FILE` decodes it to the same sample again
@@ -35,7 +38,8 @@ Files written to a sample folder (what sr_eval.py reads). NAME is the input's st
 The sample folder is --out with one --temperature, and --out/T{t} (e.g. T0.9, T1) for each of
 several: the LR-only work of the model (its encoder, conditioning) is then done once per image for
 all temperatures. --from-hr writes the LR it makes to --out/lr/{stem}.png (HR mod-cropped to a
-multiple of 8, of 3 at x3; MATLAB bicubic downscale, uint8): give it to sr_eval --lr.
+multiple of 8, of 3 at x3; MATLAB bicubic downscale, of the alpha too; uint8, or float at
+--bit-depth 16; written in the samples' form): give it to sr_eval --lr.
 
 Sampling controls (a model without the control stops with a one-line usage error):
   --ref FILE|DIR|noise|lr|prior   refvae: a reference image (n samples); one output per image of
@@ -138,10 +142,11 @@ from sr_lib.data import (
     list_images,
     mod_crop,
     name_max,
-    read_image,
+    read_planes,
     shared_stem,
     to_tensor,
     to_uint8,
+    to_uint16,
     write_encoded_png,
     write_npy,
     write_npz,
@@ -282,6 +287,18 @@ class SampleArgs:
         default="stem",
         metadata=dict(choices=("stem", "ntire"),
                       help="stem (default): STEM_sample00000.png; ntire: 000000_sample00000.png"),
+    )  # fmt: skip
+    bit_depth: int = field(
+        default=8,
+        metadata=dict(type=int, choices=(8, 16),
+                      help="8 (default): 8-bit PNGs, a 16-bit LR read as 8 bits; 16: the LR at "
+                           "its full precision, 16-bit PNGs"),
+    )  # fmt: skip
+    alpha: str = field(
+        default="keep",
+        metadata=dict(choices=("keep", "drop"),
+                      help="an LR's alpha channel: keep (default): upscaled (MATLAB bicubic) onto "
+                           "its outputs; drop: RGB/gray outputs"),
     )  # fmt: skip
     batch: int = field(
         default=10, metadata=dict(type=integer(1), help="samples per model call (default 10)")
@@ -535,6 +552,10 @@ def parse_args(argv) -> tuple[SampleArgs, set[str]]:
         say_err(f"{PROG}: warning: --latent-steps: no effect without --latent-shift; ignored")
     if args.from_hr and args.input == "demo":
         say_err(f"{PROG}: warning: --from-hr: no effect, --input demo is HR already; ignored")
+    if args.bit_depth == 16 and args.layout == "ntire":
+        say_err(f"{PROG}: warning: --bit-depth 16 --layout ntire: the challenge's measure.py reads "
+                "PNGs as 8-bit (OpenCV keeps the high byte, x >> 8: a level below round(x / 257) "
+                "at a quarter of the pixels); submit --bit-depth 8 files")  # fmt: skip
     return args, given
 
 
@@ -648,7 +669,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
                 continue
             t_img = time.monotonic()
             try:
-                img = read_input(path, model.scale, from_hr, lr_file)
+                img = read_input(path, model.scale, from_hr, lr_file, args)
             except DataError as e:  # reported, skipped; exit 3 once the others are written
                 if len(mine) == 1:
                     raise
@@ -658,7 +679,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
                 summary.update(failed=sum(map(len, failed.values())))
                 bar.step(f"{path.name}: {why}, skipped")
                 continue
-            lr = to_tensor(img)[None].to(device)
+            lr = img.tensor().to(device)
             if controls is not None:  # (named in a message: a --latent of another LR size)
                 controls.image = f"{path.name}'s"
             with autocast:
@@ -666,7 +687,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
                              (context, retry_context), controls, want_sigma, args, bar.say,
                              writer)  # fmt: skip
             summary.update(sampled=summary.fields["sampled"] + 1)
-            h, w = img.shape[:2]
+            h, w = img.rgb.shape[:2]
             s = model.scale
             temps = f" at {len(todo)} temperatures" if len(todo) > 1 else ""
             bar.step(f"{path.name} {w}x{h} -> {n} x {w * s}x{h * s}{temps} in "
@@ -1010,18 +1031,69 @@ class TooSmall(DataError):
     """An input smaller than --from-hr's crop (the end summary counts these apart)."""
 
 
-def read_input(path: Path, s: int, from_hr: bool, lr_file: Path | None) -> np.ndarray:
-    """The uint8 LR image of an input file; --from-hr makes it (and writes it to lr_file, unless
-    None)."""
-    img = held(read_image)(path)
+# ITU-R BT.601 luma weights of R, G, B: gray outputs (`to_gray`), as Pillow's convert("L") and
+# OpenCV's RGB2GRAY weigh them (README, sr_sample.py: "Gray, alpha and 16-bit inputs").
+LUMA = (0.299, 0.587, 0.114)
+
+
+def to_gray(x: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) float RGB -> (..., 1, H, W): the BT.601 luma of each pixel (LUMA)."""
+    w = torch.tensor(LUMA, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return (x.float() * w).sum(-3, keepdim=True)
+
+
+@dataclass
+class LowRes:
+    """An input as the model sees it (rgb) and how its outputs are written (gray, alpha, bits)."""
+
+    rgb: np.ndarray  # (h, w, 3): uint8; float32 in [0, 1] with --bit-depth 16
+    gray: bool  # a gray file: its outputs are written gray (to_gray)
+    alpha: np.ndarray | None  # (h, w) float32 in [0, 1], put on the outputs; None: opaque
+    bits: int  # of the PNGs written: 8 or 16 (--bit-depth)
+
+    def tensor(self) -> torch.Tensor:
+        return to_tensor(self.rgb)[None]
+
+    def alpha_at(self, scale: int) -> np.ndarray | None:
+        """The alpha of the outputs, scale x the LR's size, (H, W, 1) at `bits`: the MATLAB
+        bicubic upscale (sr_lib.resize) clipped to [0, 1]; None: opaque."""
+        if self.alpha is None:
+            return None
+        a = self.alpha if scale == 1 else np.clip(imresize(self.alpha, scale), 0, 1)
+        return self.pixels(torch.from_numpy(a.astype(np.float32))[None, None], gray=False)[0]
+
+    def pixels(self, x: torch.Tensor, alpha: np.ndarray | None = None, gray: bool | None = None,
+               bits: int | None = None) -> np.ndarray:  # fmt: skip
+        """Float (N, C, H, W) images as written, (N, H, W, C'): gray (`to_gray`) for a gray
+        input, rounded to `bits` (default: the input's --bit-depth), `alpha` (alpha_at) added."""
+        x = to_gray(x) if (self.gray if gray is None else gray) else x
+        out = (to_uint16 if (bits or self.bits) == 16 else to_uint8)(x)
+        if alpha is None:
+            return out
+        return np.concatenate([out, np.broadcast_to(alpha, (*out.shape[:-1], 1))], axis=-1)
+
+
+def read_input(path: Path, s: int, from_hr: bool, lr_file: Path | None,
+               args: SampleArgs) -> LowRes:  # fmt: skip
+    """The LR of an input file (its colour at --bit-depth's precision; its alpha unless --alpha
+    drop); --from-hr makes it, alpha included (and writes it to lr_file, unless None, as the
+    outputs are written: gray, alpha, --bit-depth)."""
+    planes = held(read_planes)(path, wide=args.bit_depth == 16)
+    img, alpha = planes.rgb, planes.alpha if args.alpha == "keep" else None
     if from_hr:
-        img = mod_crop(img, default_mod(s))
+        m = default_mod(s)
+        img = mod_crop(img, m)
         if img.size == 0:
-            raise TooSmall(f"{path}: smaller than {default_mod(s)} px, no LR to make")
-        img = imresize(img, 1 / s)
-        if lr_file is not None:
-            save_png(lr_file, img)
-    return img
+            raise TooSmall(f"{path}: smaller than {m} px, no LR to make")
+        img = imresize(img, 1 / s)  # uint8 stays uint8 (bit-exact with NTIRE's); float: float64
+        if img.dtype != np.uint8:
+            img = np.clip(img, 0, 1).astype(np.float32)
+        if alpha is not None:
+            alpha = np.clip(imresize(mod_crop(alpha, m), 1 / s), 0, 1).astype(np.float32)
+    lr = LowRes(img, planes.gray, alpha, args.bit_depth)
+    if from_hr and lr_file is not None:
+        save_png(lr_file, lr.pixels(lr.tensor(), lr.alpha_at(1))[0])
+    return lr
 
 
 # --check-invertibility: the largest |x - x'| (pixels in [0, 1]) of a sample decoded, encoded
@@ -1034,7 +1106,7 @@ INVERT_TOLERANCE = 0.5 / 255
 # The flags of writing samples: with --check-invertibility, which writes none, without effect.
 CHECK_UNUSED = ("out", "layout", "tile", "tile_overlap", "overwrite", "save_uncertainty", "grid",
                 "cem", "ref", "latent_from", "latent", "latent_shift", "latent_steps",
-                "save_latent")  # fmt: skip
+                "save_latent", "alpha")  # fmt: skip
 
 
 class NotInvertible(NonFiniteError):
@@ -1065,8 +1137,7 @@ def check_invertibility(args: SampleArgs, given: set[str], model, name: str, pat
     autocast, s = autocast_for(args.amp, device), model.scale
     worst = []  # (max |x - x'|, line) per image
     for _, path in mine:
-        img = read_input(path, s, from_hr, None)
-        lr = to_tensor(img)[None].to(device)
+        lr = read_input(path, s, from_hr, None, args).tensor().to(device)
         h, w = lr.shape[-2:]
         x_lr = pad_to_multiple(lr, model.lr_multiple)
         top, total, count, z_max, at = -1.0, 0.0, 0, 0.0, ""
@@ -1176,6 +1247,7 @@ def sample_image(model, lr, img, stem, name, n, todo, folders, files, contexts, 
     the model done once; a CUDA out-of-memory error retries what is left in smaller tiles.
     contexts: the tiles' context, and that of a retry's tiles."""
     (context, retry_context), tile, prepared, sigma = contexts, args.tile, None, None
+    alpha = img.alpha_at(model.scale)  # (the same on every output of the image)
     chunks = math.ceil(n / args.batch) if model.stochastic else 1
     todo = list(todo)
     while todo:
@@ -1188,12 +1260,15 @@ def sample_image(model, lr, img, stem, name, n, todo, folders, files, contexts, 
                 sigma = uncertainty_map(model, lr, tile, context, name)
             t = todo[0]
             folder = folders[t]
-            shown = write_samples(model, lr, stem, name, n, t, folder, files, tile, context,
-                                controls, prepared, args, writer)  # fmt: skip
+            shown = write_samples(model, lr, img, alpha, stem, name, n, t, folder, files, tile,
+                                  context, controls, prepared, args, writer)  # fmt: skip
             if sigma is not None and args.save_uncertainty:
                 write_sigma(folder / f"{name}_sigma", sigma)
             if args.grid:
-                save_png(folder / f"{name}_grid.png", contact_sheet(img, *shown, sigma, model))
+                sheet = contact_sheet(img.pixels(img.tensor(), gray=False, bits=8)[0], *shown,
+                                      sigma, model)  # fmt: skip
+                save_png(folder / f"{name}_grid.png",
+                         img.pixels(to_tensor(sheet), bits=8) if img.gray else sheet)  # fmt: skip
             todo.pop(0)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
@@ -1203,12 +1278,13 @@ def sample_image(model, lr, img, stem, name, n, todo, folders, files, contexts, 
             say(f"{name}: CUDA out of memory; retrying with --tile {tile}")
 
 
-def write_samples(model, lr, stem, name, n, temperature, folder, files, tile, context, controls,
-                  prepared, args, writer) -> list:  # fmt: skip
+def write_samples(model, lr, img, alpha, stem, name, n, temperature, folder, files, tile, context,
+                  controls, prepared, args, writer) -> list:  # fmt: skip
     """Draw and write (with `writer`, a SampleWriter) the n samples of one (1, 3, h, w) LR image
-    at one temperature, in chunks of --batch; returns what --grid shows: the first GRID_SAMPLES
-    uint8 samples and the per-pixel std (H, W) of all n (None: one output), summed as they come,
-    so memory does not grow with --n.
+    `img` (a LowRes: how they are written, with `alpha`, its alpha_at) at one temperature, in
+    chunks of --batch; returns what --grid shows: the first GRID_SAMPLES samples as uint8 RGB
+    (gray ones gray) and the per-pixel std (H, W) of all n (None: one output), summed as they
+    come, so memory does not grow with --n.
     Latent models draw the latents on the whole LR first and decode every tile with them
     (--save-latent writes them)."""
     names = files.samples(name)
@@ -1225,13 +1301,17 @@ def write_samples(model, lr, stem, name, n, temperature, folder, files, tile, co
         cond = {} if z is None else {"latent": z[None] if torch.is_tensor(z) else z}
         x = draw(model, lr, seeds, temperature, tile, context, args.cem, cond, prepared)
         check_finite(x, name, idx, temperature if model.stochastic else None, args.amp)
-        srs = to_uint8(x)
-        for i, sr in zip(idx, srs):
+        srs = img.pixels(x, alpha)
+        panels = srs  # --grid's: uint8 RGB (gray samples as gray), no alpha
+        if args.grid and (srs.shape[-1] != 3 or srs.dtype != np.uint8):
+            panels = img.pixels(to_gray(x).expand(-1, 3, -1, -1) if img.gray else x, gray=False,
+                                bits=8)  # fmt: skip
+        for i, sr, panel in zip(idx, srs, panels):
             copies = [i] if model.stochastic else range(n)
             writer([folder / names[j] for j in copies], sr)
             if args.grid:
-                kept += [sr] * min(len(copies), GRID_SAMPLES - len(kept))
-                x = sr.astype(np.float64)
+                kept += [panel] * min(len(copies), GRID_SAMPLES - len(kept))
+                x = panel.astype(np.float64)
                 sums = (x, x * x) if sums is None else (sums[0] + x, sums[1] + x * x)
     if not args.grid or not model.stochastic or draws == 1:
         return kept, None

@@ -9,19 +9,21 @@ from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
+import png
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY
+from PIL import Image
 
 import sr_eval
 import sr_sample
 from sr_lib import config
 from sr_lib.checkpoint import save_checkpoint
-from sr_lib.data import write_png
+from sr_lib.data import read_image, read_planes, to_tensor, to_uint8, to_uint16, write_png
 from sr_lib.errors import DataError, OutputError
-from sr_lib.models import MODELS, build_model
-from sr_lib.models.base import SRModel, pad_to_multiple
+from sr_lib.models import MODELS, build_model, load_model
+from sr_lib.models.base import SRModel, pad_to_multiple, sample_seed
 from sr_lib.models.blocks import RegressionSR
 from sr_lib.resize import imresize
 from sr_lib.tiling import draw
@@ -89,6 +91,11 @@ def folder(path, **images):
 
 
 def read(path) -> np.ndarray:
+    """The pixels of an image file; a 16-bit PNG's exactly (pypng: Pillow truncates RGB ones)."""
+    if Path(path).suffix == ".png" and png_kind(path)[0] == 16:
+        w, h, rows, info = png.Reader(filename=str(path)).read()
+        arr = np.vstack([np.asarray(r, np.uint16) for r in rows]).reshape(h, w, -1)
+        return arr[..., 0] if arr.shape[-1] == 1 else arr
     return iio.imread(path)
 
 
@@ -99,6 +106,12 @@ def pngs(path) -> list[str]:
 
 def same(a, b) -> bool:
     return bool((read(a) == read(b)).all())
+
+
+def png_kind(path) -> tuple[int, str]:
+    """A PNG's bit depth and colour type, from its IHDR."""
+    head = Path(path).read_bytes()[:26]
+    return head[24], {0: "L", 2: "RGB", 4: "LA", 6: "RGBA"}[head[25]]
 
 
 @pytest.fixture(scope="module")
@@ -600,12 +613,16 @@ def test_odd_inputs(tmp_path, bicubic_ckpt):
     write_png(inp / "deep.png", image((6, 13), 3, np.uint16))  # 16-bit RGB
     write_png(inp / "deep_gray.png", image((5, 4), 3, np.uint16)[..., 0])
     iio.imwrite(inp / "photo.jpg", image((11, 3), 4))
-    with pytest.warns(UserWarning, match="alpha"):
-        assert run("--ckpt", bicubic_ckpt, "--input", inp, "--n", 1, "--out", tmp_path / "o") == 0
-    for stem, (h, w) in dict(
-        gray=(9, 11), rgba=(7, 5), deep=(6, 13), deep_gray=(5, 4), photo=(11, 3)
-    ).items():
-        assert read(tmp_path / "o" / f"{stem}.png").shape == (h * SCALE, w * SCALE, 3)
+    assert run("--ckpt", bicubic_ckpt, "--input", inp, "--n", 1, "--out", tmp_path / "o") == 0
+    for stem, (h, w), kind in [
+        ("gray", (9, 11), "L"), ("rgba", (7, 5), "RGBA"), ("deep", (6, 13), "RGB"),
+        ("deep_gray", (5, 4), "L"), ("photo", (11, 3), "RGB"),
+    ]:  # fmt: skip
+        c = len(kind)
+        assert (
+            read(tmp_path / "o" / f"{stem}.png").shape == (h * SCALE, w * SCALE, c)[: 2 + (c > 1)]
+        )
+        assert png_kind(tmp_path / "o" / f"{stem}.png") == (8, kind)
 
 
 def test_unreadable_among_good(tmp_path, bicubic_ckpt, capsys):
@@ -895,3 +912,233 @@ def test_leaving_the_writer_finishes_the_writes_given_but_ctrl_c_only_those_begu
             write.pool.shutdown = then_open_the_gate
             raise stop("stopped")
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i}.png" for i in range(written)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Gray, alpha and 16-bit inputs
+
+
+def model_samples(ckpt, path, n, temperature=None, wide=False) -> torch.Tensor:
+    """The float (n, 3, sH, sW) samples the model gives the LR file `path` (RGB, seeds of its
+    stem), untiled: what sr_sample.py writes, before its conversions."""
+    model, _ = load_model(ckpt, "cpu")
+    lr = to_tensor(read_planes(path, wide=wide).rgb)[None]
+    seeds = [sample_seed(0, Path(path).stem, i) for i in range(n)]
+    t = model.default_temperature if temperature is None else temperature
+    return draw(model, lr, seeds, t, 0, 0)
+
+
+def test_a_gray_input_gives_gray_outputs_the_luma_of_the_rgb_samples(tmp_path, toy_ckpt,
+                                                                     bicubic_ckpt):  # fmt: skip
+    """Gray in, gray out: an 8-bit gray PNG, a 16-bit gray PNG and a 16-bit gray TIFF give gray
+    PNGs (colour type 0) whose values are BT.601 luma (sr_sample.to_gray) of the RGB samples
+    the model gives the same LR (replicated to RGB) and seeds, rounded once."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    iio.imwrite(inp / "g8.png", image((10, 13), 1)[..., 0])
+    write_png(inp / "g16.png", image((9, 12), 2, np.uint16)[..., 0])
+    Image.fromarray(image((7, 9), 3, np.uint16)[..., 0]).save(inp / "t16.tif")  # I;16
+    assert read_planes(inp / "t16.tif").gray
+    x = torch.rand(2, 3, 5, 4, dtype=torch.float64)  # to_gray is BT.601 luma, float
+    want = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    assert (sr_sample.to_gray(x)[:, 0] - want).abs().max() < 1e-6
+    for ckpt, n, name in [(toy_ckpt, 3, "{}_sample{:05d}.png"), (bicubic_ckpt, 1, "{}.png")]:
+        for bits, quantize in [(8, to_uint8), (16, to_uint16)]:
+            out = tmp_path / f"o{n}_{bits}"
+            argv = ["--ckpt", ckpt, "--input", inp, "--n", n, "--bit-depth", bits, "--out", out]
+            assert run(*argv) == 0
+            for stem in ("g8", "g16", "t16"):
+                path = next(inp.glob(f"{stem}.*"))
+                x = model_samples(ckpt, path, n, wide=bits == 16)
+                rgb = quantize(x)
+                for i in range(n):
+                    got = read(out / name.format(stem, i))
+                    assert png_kind(out / name.format(stem, i)) == (bits, "L")
+                    assert np.array_equal(got, quantize(sr_sample.to_gray(x[i]))[..., 0])
+                    luma = rgb[i].astype(np.float64) @ np.array(sr_sample.LUMA)  # of RGB PNGs
+                    assert np.abs(got - luma).max() <= 1
+
+
+def test_alpha_is_upscaled_onto_the_outputs_and_the_colour_is_the_rgbs(tmp_path, toy_ckpt,
+                                                                       capsys):  # fmt: skip
+    """An RGBA or LA LR: its colour sampled as the same file without alpha is, its alpha
+    upscaled (MATLAB bicubic, clipped) and put back; no "alpha channel dropped". --alpha drop:
+    the outputs of the file without alpha. --grid: no alpha (a gray LA's is gray)."""
+    rgb, gray = image((10, 13), 1), image((10, 13), 2)[..., 0]
+    alpha = np.zeros((10, 13), np.uint8)
+    alpha[2:8, 3:11] = 255  # an opaque square on transparency: the bicubic's overshoot clipped
+    alpha[5:, :] //= 2
+    inp = folder(tmp_path / "in", rgba=np.dstack([rgb, alpha]), la=np.dstack([gray, alpha]))
+    plain = folder(tmp_path / "plain", rgba=rgb, la=gray)
+    argv = ["--ckpt", toy_ckpt, "--n", 2, "--grid"]
+    assert run(*argv, "--input", inp, "--out", tmp_path / "o") == 0
+    assert "alpha" not in capsys.readouterr().err
+    assert run(*argv, "--input", plain, "--out", tmp_path / "p") == 0
+    assert run(*argv, "--input", inp, "--alpha", "drop", "--out", tmp_path / "d") == 0
+    up = np.clip(imresize(alpha / np.float32(255), SCALE), 0, 1).astype(np.float32)
+    assert up.min() == 0 and up.max() == 1 and 0 < (up % 1).sum()  # clipped, and not 0/1 only
+    want_alpha = to_uint8(torch.from_numpy(up)[None])[..., 0]
+    for stem, kind in (("rgba", "RGBA"), ("la", "LA")):
+        for i in range(2):
+            name = f"{stem}_sample{i:05d}.png"
+            got, colour = read(tmp_path / "o" / name), read(tmp_path / "p" / name)
+            assert png_kind(tmp_path / "o" / name) == (8, kind)
+            assert np.array_equal(got[..., -1], want_alpha)
+            assert np.array_equal(got[..., :-1].squeeze(-1) if stem == "la" else got[..., :3],
+                                  colour)  # fmt: skip
+            assert same(tmp_path / "d" / name, tmp_path / "p" / name)
+            assert png_kind(tmp_path / "d" / name) == (8, kind[:-1])
+        assert same(tmp_path / "o" / f"{stem}_grid.png", tmp_path / "p" / f"{stem}_grid.png")
+        assert png_kind(tmp_path / "o" / f"{stem}_grid.png") == (8, kind[:-1])
+
+
+def test_bit_depth_16_reads_and_writes_16_bits(tmp_path, bicubic_ckpt, toy_ckpt, capsys):
+    """--bit-depth 16: a 16-bit LR reaches the model as x / 65535 (not rounded to 8 bits first)
+    and the outputs are 16-bit PNGs of round(x * 65535); an 8-bit LR gets 16-bit outputs of its
+    samples. Without it, as before: 8-bit outputs of the LR rounded to 8 bits."""
+    deep = image((10, 13), 5, np.uint16)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    write_png(inp / "d.png", deep)
+    narrow = folder(tmp_path / "narrow", d=read_image(inp / "d.png"))  # round(x / 257)
+    assert run("--ckpt", bicubic_ckpt, "--input", inp, "--n", 1, "--bit-depth", 16,
+               "--out", tmp_path / "o16") == 0  # fmt: skip
+    got = read(tmp_path / "o16" / "d.png").astype(np.float64)
+    assert png_kind(tmp_path / "o16" / "d.png") == (16, "RGB")
+    exact = np.clip(imresize(deep / 65535, SCALE), 0, 1) * 65535  # float64 MATLAB bicubic
+    assert np.abs(got - exact).max() <= 1  # (the model's float32)
+    rounded = np.clip(imresize(read_image(inp / "d.png") / 255, SCALE), 0, 1) * 65535
+    assert np.abs(rounded - exact).max() > 60  # what an LR read as 8 bits first would give
+    argv = ["--ckpt", bicubic_ckpt, "--n", 1, "--out"]
+    assert run(*argv, tmp_path / "o8", "--input", inp) == 0  # the default: 8 bits, as before
+    assert run(*argv, tmp_path / "n8", "--input", narrow) == 0
+    assert same(tmp_path / "o8" / "d.png", tmp_path / "n8" / "d.png")
+    assert png_kind(tmp_path / "o8" / "d.png") == (8, "RGB")
+    argv = ["--ckpt", toy_ckpt, "--n", 2, "--input", narrow]  # an 8-bit LR, 16-bit outputs
+    assert run(*argv, "--bit-depth", 16, "--out", tmp_path / "t16") == 0
+    assert run(*argv, "--out", tmp_path / "t8") == 0
+    x = model_samples(toy_ckpt, narrow / "d.png", 2)
+    for i in range(2):
+        name = f"d_sample{i:05d}.png"
+        assert png_kind(tmp_path / "t16" / name) == (16, "RGB")
+        assert np.array_equal(read(tmp_path / "t16" / name), to_uint16(x[i]))
+        assert np.array_equal(read(tmp_path / "t8" / name), to_uint8(x[i]))
+    capsys.readouterr()
+    assert run(*argv, "--bit-depth", 16, "--layout", "ntire", "--out", tmp_path / "nt") == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "warning: --bit-depth 16 --layout ntire:" in err[0]
+
+
+@pytest.mark.parametrize("flag", [("--bit-depth", "16"), ("--alpha", "drop")])
+def test_a_rerun_with_another_bit_depth_or_alpha_is_refused(tmp_path, toy_ckpt, capsys, flag):
+    """The files of another --bit-depth or --alpha are other files: a rerun must not keep them
+    as complete (manifest.json records both flags)."""
+    inp = folder(tmp_path / "in", a=np.dstack([image((8, 8), 1), np.full((8, 8), 9, np.uint8)]))
+    argv = ["--ckpt", toy_ckpt, "--input", inp, "--n", 2, "--out", tmp_path / "o"]
+    assert run(*argv) == 0
+    before = {p: p.read_bytes() for p in (tmp_path / "o").iterdir()}
+    capsys.readouterr()
+    assert run(*argv, *flag) == 2
+    err = capsys.readouterr().err.strip()
+    was = {"--bit-depth": "8", "--alpha": '"keep"'}[flag[0]]
+    assert f"holds samples made with {flag[0]} {was}, not " in err and "\n" not in err
+    assert {p: p.read_bytes() for p in (tmp_path / "o").iterdir()} == before
+    assert run(*argv, *flag, "--overwrite") == 0
+    kind = png_kind(tmp_path / "o" / "a_sample00000.png")
+    assert kind == ((16, "RGBA") if flag[0] == "--bit-depth" else (8, "RGB"))
+
+
+def test_tiles_batches_sweeps_shards_and_reruns_agree_on_gray_alpha_16(tmp_path, toy_ckpt):
+    """A gray and a 16-bit RGBA LR at --bit-depth 16 through --tile, --batch, a temperature sweep,
+    --shard and a rerun: the same 16-bit gray / RGBA files as one untiled run."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    iio.imwrite(inp / "g.png", image((24, 21), 1)[..., 0])
+    rgba = np.dstack([image((20, 26), 2, np.uint16), image((20, 26), 3, np.uint16)[..., :1]])
+    write_png(inp / "c.png", rgba)
+    argv = ["--ckpt", toy_ckpt, "--input", inp, "--n", 3, "--temperature", 0.5, 1,
+            "--bit-depth", 16]  # fmt: skip
+    assert run(*argv, "--out", tmp_path / "whole") == 0
+    assert run(*argv, "--tile", 16, "--batch", 2, "--out", tmp_path / "tiled") == 0
+    for shard in ("0/2", "1/2"):
+        assert run(*argv, "--shard", shard, "--batch", 1, "--out", tmp_path / "shards") == 0
+    assert run(*argv, "--out", tmp_path / "whole") == 0  # a rerun: all complete, kept
+    for t in ("T0.5", "T1"):
+        names = pngs(tmp_path / "whole" / t)
+        assert len(names) == 6
+        for name in names:
+            whole = tmp_path / "whole" / t / name
+            assert png_kind(whole) == (16, "L" if name.startswith("g") else "RGBA")
+            assert same(whole, tmp_path / "tiled" / t / name)
+            assert same(whole, tmp_path / "shards" / t / name)
+
+
+def test_from_hr_makes_the_lr_file_as_the_outputs_are_written(tmp_path, bicubic_ckpt):
+    """--from-hr: the LR of a gray or RGBA HR is written gray / with its alpha (downscaled) at
+    --bit-depth, and sampling that LR file again gives the same samples (within a level)."""
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    write_png(hr / "g.png", image((16, 20), 1, np.uint16)[..., 0])
+    iio.imwrite(hr / "c.png", np.dstack([image((16, 16), 2), np.full((16, 16), 200, np.uint8)]))
+    for bits in (8, 16):
+        out = tmp_path / f"o{bits}"
+        argv = ["--ckpt", bicubic_ckpt, "--n", 1, "--bit-depth", bits]
+        assert run(*argv, "--input", hr, "--from-hr", "--out", out) == 0
+        assert png_kind(out / "lr" / "g.png") == (bits, "L")
+        assert png_kind(out / "lr" / "c.png") == (bits, "RGBA")
+        assert (read(out / "lr" / "c.png")[..., 3] == (200 if bits == 8 else 200 * 257)).all()
+        assert run(*argv, "--input", out / "lr", "--out", tmp_path / f"again{bits}") == 0
+        for stem in ("g", "c"):
+            a, b = read(out / f"{stem}.png"), read(tmp_path / f"again{bits}" / f"{stem}.png")
+            assert a.shape == b.shape and np.abs(a.astype(int) - b).max() <= 1
+
+
+def test_flow_latents_and_invertibility_of_a_gray_16_bit_input(tmp_path, capsys):
+    """--save-latent then --latent gives a gray 16-bit LR's sample again; --check-invertibility
+    reads it at --bit-depth 16, writes nothing and calls --alpha unused."""
+    cfg = {**TINY["srflow"], "scale": 4}
+    ckpt = tmp_path / "flow.pt"
+    save_checkpoint(ckpt, {"model": "srflow", "model_cfg": cfg, "step": 0,
+                           "state_dict": build_model("srflow", cfg).state_dict()})  # fmt: skip
+    inp = tmp_path / "in"
+    inp.mkdir()
+    write_png(inp / "g.png", image((8, 8), 1, np.uint16)[..., 0])
+    argv = ["--ckpt", ckpt, "--input", inp, "--n", 2, "--bit-depth", 16]
+    assert run(*argv, "--save-latent", "--out", tmp_path / "o") == 0
+    latent = tmp_path / "o" / "g_sample00001.latent.npz"
+    assert run(*argv, "--latent", latent, "--out", tmp_path / "again") == 0
+    assert png_kind(tmp_path / "again" / "g_sample00000.png") == (16, "L")
+    assert np.abs(read(tmp_path / "again" / "g_sample00000.png").astype(int)
+                  - read(tmp_path / "o" / "g_sample00001.png")).max() <= 1  # fmt: skip
+    capsys.readouterr()
+    assert run(*argv, "--check-invertibility", "--alpha", "drop") == 0
+    err = capsys.readouterr().err
+    assert "--alpha: no effect with --check-invertibility" in err
+
+
+def test_sr_eval_reads_gray_16_bit_and_rgba_samples_as_8_bit_rgb(tmp_path, bicubic_ckpt):
+    """sr_eval.py scores gray, 16-bit and RGBA sample folders as read_image reads them: gray
+    repeated to RGB, alpha dropped, 16 bits rounded to 8 (round(x / 257)): the numbers of the
+    same samples written as 8-bit RGB."""
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    iio.imwrite(hr / "g.png", image((24, 32), 1)[..., 0])
+    write_png(hr / "d.png", image((32, 24), 2, np.uint16))
+    iio.imwrite(hr / "a.png", np.dstack([image((24, 24), 3), np.full((24, 24), 99, np.uint8)]))
+    sub = tmp_path / "sub"
+    argv = ["--ckpt", bicubic_ckpt, "--input", hr, "--from-hr", "--n", 2, "--bit-depth", 16]
+    assert run(*argv, "--out", sub) == 0
+    assert {png_kind(sub / f"{s}_sample00000.png")[1] for s in "gda"} == {"L", "RGB", "RGBA"}
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    with pytest.warns(UserWarning, match="alpha channel dropped"):
+        for name in pngs(sub):
+            iio.imwrite(flat / name, read_image(sub / name))
+    means = []
+    for sr in (sub, flat):
+        results = tmp_path / f"{sr.name}.json"
+        assert sr_eval.main(["--hr", str(hr), "--sr", str(sr), "--scale", str(SCALE), "--n",
+                             "2", "--no-lpips", "--out", str(results)]) == 0  # fmt: skip
+        got = json.loads(results.read_text())
+        means.append((got["mean"], got["per_image"]))
+    assert means[0] == means[1] and {"PSNR_mean", "SSIM_mean"} <= set(means[0][0])
