@@ -8,8 +8,8 @@ Files written to a sample folder (what sr_eval.py reads). NAME is the input's st
 --layout ntire its 0-based position k in the one image order (sr_lib.data.image_order) as
 {k:06d} (the NTIRE21 submission names). Each PNG has the input's form: gray for a gray LR (the
 model sees it as RGB; each sample is turned back by BT.601 luma, `to_gray`), with the LR's alpha
-upscaled (MATLAB bicubic, clipped; --alpha drop: without), 8-bit, or 16-bit with --bit-depth 16
-(which also gives the model a 16-bit LR at full precision, not rounded to 8 bits):
+upscaled (MATLAB bicubic, clipped; --alpha-channel drop: without), 8-bit, or 16-bit with
+--bit-depth 16 (which also gives the model a 16-bit LR at full precision, not rounded to 8 bits):
   NAME_sample{i:05d}.png  sample i = 0..n-1; with --n 1 a single-output (deterministic) model,
                           and with --layout ntire any model, writes NAME.png instead (the
                           challenge's measure.py reads 000000.png at N = 1)
@@ -294,7 +294,7 @@ class SampleArgs:
                       help="8 (default): 8-bit PNGs, a 16-bit LR read as 8 bits; 16: the LR at "
                            "its full precision, 16-bit PNGs"),
     )  # fmt: skip
-    alpha: str = field(
+    alpha_channel: str = field(
         default="keep",
         metadata=dict(choices=("keep", "drop"),
                       help="an LR's alpha channel: keep (default): upscaled (MATLAB bicubic) onto "
@@ -1075,11 +1075,11 @@ class LowRes:
 
 def read_input(path: Path, s: int, from_hr: bool, lr_file: Path | None,
                args: SampleArgs) -> LowRes:  # fmt: skip
-    """The LR of an input file (its colour at --bit-depth's precision; its alpha unless --alpha
-    drop); --from-hr makes it, alpha included (and writes it to lr_file, unless None, as the
-    outputs are written: gray, alpha, --bit-depth)."""
+    """The LR of an input file (its colour at --bit-depth's precision; its alpha unless
+    --alpha-channel drop); --from-hr makes it, alpha included (and writes it to lr_file, unless
+    None, as the outputs are written: gray, alpha, --bit-depth)."""
     planes = held(read_planes)(path, wide=args.bit_depth == 16)
-    img, alpha = planes.rgb, planes.alpha if args.alpha == "keep" else None
+    img, alpha = planes.rgb, planes.alpha if args.alpha_channel == "keep" else None
     if from_hr:
         m = default_mod(s)
         img = mod_crop(img, m)
@@ -1106,7 +1106,7 @@ INVERT_TOLERANCE = 0.5 / 255
 # The flags of writing samples: with --check-invertibility, which writes none, without effect.
 CHECK_UNUSED = ("out", "layout", "tile", "tile_overlap", "overwrite", "save_uncertainty", "grid",
                 "cem", "ref", "latent_from", "latent", "latent_shift", "latent_steps",
-                "save_latent", "alpha")  # fmt: skip
+                "save_latent", "alpha_channel")  # fmt: skip
 
 
 class NotInvertible(NonFiniteError):

@@ -962,8 +962,9 @@ def test_a_gray_input_gives_gray_outputs_the_luma_of_the_rgb_samples(tmp_path, t
 def test_alpha_is_upscaled_onto_the_outputs_and_the_colour_is_the_rgbs(tmp_path, toy_ckpt,
                                                                        capsys):  # fmt: skip
     """An RGBA or LA LR: its colour sampled as the same file without alpha is, its alpha
-    upscaled (MATLAB bicubic, clipped) and put back; no "alpha channel dropped". --alpha drop:
-    the outputs of the file without alpha. --grid: no alpha (a gray LA's is gray)."""
+    upscaled (MATLAB bicubic, clipped) and put back; no "alpha channel dropped".
+    --alpha-channel drop: the outputs of the file without alpha. --grid: no alpha (a gray LA's is
+    gray)."""
     rgb, gray = image((10, 13), 1), image((10, 13), 2)[..., 0]
     alpha = np.zeros((10, 13), np.uint8)
     alpha[2:8, 3:11] = 255  # an opaque square on transparency: the bicubic's overshoot clipped
@@ -974,7 +975,7 @@ def test_alpha_is_upscaled_onto_the_outputs_and_the_colour_is_the_rgbs(tmp_path,
     assert run(*argv, "--input", inp, "--out", tmp_path / "o") == 0
     assert "alpha" not in capsys.readouterr().err
     assert run(*argv, "--input", plain, "--out", tmp_path / "p") == 0
-    assert run(*argv, "--input", inp, "--alpha", "drop", "--out", tmp_path / "d") == 0
+    assert run(*argv, "--input", inp, "--alpha-channel", "drop", "--out", tmp_path / "d") == 0
     up = np.clip(imresize(alpha / np.float32(255), SCALE), 0, 1).astype(np.float32)
     assert up.min() == 0 and up.max() == 1 and 0 < (up % 1).sum()  # clipped, and not 0/1 only
     want_alpha = to_uint8(torch.from_numpy(up)[None])[..., 0]
@@ -1029,10 +1030,10 @@ def test_bit_depth_16_reads_and_writes_16_bits(tmp_path, bicubic_ckpt, toy_ckpt,
     assert len(err) == 1 and "warning: --bit-depth 16 --layout ntire:" in err[0]
 
 
-@pytest.mark.parametrize("flag", [("--bit-depth", "16"), ("--alpha", "drop")])
+@pytest.mark.parametrize("flag", [("--bit-depth", "16"), ("--alpha-channel", "drop")])
 def test_a_rerun_with_another_bit_depth_or_alpha_is_refused(tmp_path, toy_ckpt, capsys, flag):
-    """The files of another --bit-depth or --alpha are other files: a rerun must not keep them
-    as complete (manifest.json records both flags)."""
+    """The files of another --bit-depth or --alpha-channel are other files: a rerun must not keep
+    them as complete (manifest.json records both flags)."""
     inp = folder(tmp_path / "in", a=np.dstack([image((8, 8), 1), np.full((8, 8), 9, np.uint8)]))
     argv = ["--ckpt", toy_ckpt, "--input", inp, "--n", 2, "--out", tmp_path / "o"]
     assert run(*argv) == 0
@@ -1040,7 +1041,7 @@ def test_a_rerun_with_another_bit_depth_or_alpha_is_refused(tmp_path, toy_ckpt, 
     capsys.readouterr()
     assert run(*argv, *flag) == 2
     err = capsys.readouterr().err.strip()
-    was = {"--bit-depth": "8", "--alpha": '"keep"'}[flag[0]]
+    was = {"--bit-depth": "8", "--alpha-channel": '"keep"'}[flag[0]]
     assert f"holds samples made with {flag[0]} {was}, not " in err and "\n" not in err
     assert {p: p.read_bytes() for p in (tmp_path / "o").iterdir()} == before
     assert run(*argv, *flag, "--overwrite") == 0
@@ -1095,7 +1096,7 @@ def test_from_hr_makes_the_lr_file_as_the_outputs_are_written(tmp_path, bicubic_
 
 def test_flow_latents_and_invertibility_of_a_gray_16_bit_input(tmp_path, capsys):
     """--save-latent then --latent gives a gray 16-bit LR's sample again; --check-invertibility
-    reads it at --bit-depth 16, writes nothing and calls --alpha unused."""
+    reads it at --bit-depth 16, writes nothing and calls --alpha-channel unused."""
     cfg = {**TINY["srflow"], "scale": 4}
     ckpt = tmp_path / "flow.pt"
     save_checkpoint(ckpt, {"model": "srflow", "model_cfg": cfg, "step": 0,
@@ -1111,9 +1112,9 @@ def test_flow_latents_and_invertibility_of_a_gray_16_bit_input(tmp_path, capsys)
     assert np.abs(read(tmp_path / "again" / "g_sample00000.png").astype(int)
                   - read(tmp_path / "o" / "g_sample00001.png")).max() <= 1  # fmt: skip
     capsys.readouterr()
-    assert run(*argv, "--check-invertibility", "--alpha", "drop") == 0
+    assert run(*argv, "--check-invertibility", "--alpha-channel", "drop") == 0
     err = capsys.readouterr().err
-    assert "--alpha: no effect with --check-invertibility" in err
+    assert "--alpha-channel: no effect with --check-invertibility" in err
 
 
 def test_sr_eval_reads_gray_16_bit_and_rgba_samples_as_8_bit_rgb(tmp_path, bicubic_ckpt):
