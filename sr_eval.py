@@ -46,7 +46,9 @@ lines and the table go to stderr then (`sr_eval.py ... --out - | jq .mean`).
 plots and per image a contact sheet (LR, GT, each method's samples and their per-pixel std).
 DIR is the report's: --out and --csv may not lie inside it.
 Exit codes: 0 ok, 2 bad flag, 3 unusable data (missing, unreadable or wrongly sized images, an
-index that names other images), 4 out of memory, 6 LPIPS weights, 7 output, 130 Ctrl-C.
+index that names other images), 4 out of memory, 6 LPIPS weights, 7 output, 75 stopped by
+SIGTERM, SIGUSR1 (SLURM's preemption and time-limit warning) or SIGHUP, one line saying how many
+images were scored (no result is written: rerun the same command), 130 Ctrl-C.
 """
 
 import os
@@ -62,6 +64,7 @@ import io
 import json
 import math
 import re
+import signal
 import sys
 import time
 import warnings
@@ -69,6 +72,11 @@ from contextlib import closing, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+if __name__ == "__main__":  # before torch's import (seconds): a stop signal then is not lost
+    from sr_lib.errors import record_stop_signals
+
+    record_stop_signals()
 
 import numpy as np
 import torch
@@ -100,17 +108,24 @@ from sr_lib.data import (
     write_text,
 )
 from sr_lib.errors import (
+    PREEMPT_SIGNALS,
     CheckpointError,
     DataError,
     OutputError,
+    Preempted,
+    SRSpaceError,
+    Stopped,
     Summary,
     UsageError,
+    catch,
     exit_on_error,
     printable,
+    replay_stop_signal,
     say_err,
     stdout_closed,
 )
 from sr_lib.models import MODELS
+from sr_lib.threads import signals_held, stop_pools, when_not_held
 from sr_lib.weights import read_state_dict, resolve
 
 PROG = "sr_eval.py"
@@ -380,10 +395,49 @@ def main(argv: list[str] | None = None) -> int:
         with exit_on_error(PROG), warnings.catch_warnings():
             warnings.showwarning = lambda msg, *a, **k: warn(str(msg))  # read_image's, one line
             argv = list(sys.argv[1:] if argv is None else argv)
-            args = parse(EvalArgs, argv, PROG)
-            summary.json = args.json and STDOUT not in (args.out, args.csv)  # (refused below)
-            code = run(args, given_fields(EvalArgs, argv, PROG), summary)
+            try:
+                with stop_signals():
+                    args = parse(EvalArgs, argv, PROG)
+                    summary.json = args.json and STDOUT not in (args.out, args.csv)  # (refused)
+                    code = run(args, given_fields(EvalArgs, argv, PROG), summary)
+            except Preempted as e:
+                if isinstance(e.__context__, SRSpaceError):  # it came while that error unwound
+                    raise e.__context__ from None
+                raise Stopped(stopped_line(e.args[0], summary.fields)) from None
         return summary.end(code)
+
+
+@contextmanager
+def stop_signals():
+    """Within, SIGTERM and SIGUSR1 (SLURM's preemption and time-limit warning) and SIGHUP (a
+    closed terminal) raise Preempted, at once or, where a file is written or a thread pool's lock
+    code runs, at its end (sr_lib/threads.py); one that came while the script imported torch is
+    raised at the start. The files are written atomically and the report's removed where it is
+    unfinished, so a stop leaves no result that looks complete."""
+
+    def stop(signum, frame):
+        raise Preempted(signal.Signals(signum).name)
+
+    old = {s: catch(s, when_not_held(stop)) for s in PREEMPT_SIGNALS}  # (nohup's SIGHUP: kept)
+    try:
+        replay_stop_signal()
+        yield
+    except Preempted:
+        stop_pools()  # the read-ahead threads of a `finally` the signal skipped
+        raise
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def stopped_line(name: str, fields: dict) -> str:
+    """The error line of a stop by signal `name`: how far the run got (`fields`: the --json
+    line's), and what to do."""
+    images, scored = fields.get("images"), fields.get("scored") or 0
+    if not scored:
+        return f"stopped by {name} before any image was scored; rerun the same command"
+    return (f"stopped by {name} after scoring {scored} of {images} images, before any result "
+            "was written: rerun the same command")  # fmt: skip
 
 
 def warn(msg: str) -> None:
@@ -401,7 +455,7 @@ def warn_unused(args: EvalArgs, given: set[str]) -> None:
 def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None = None) -> int:
     """The run; `summary` gathers the fields of its closing line (--json) as they become known."""
     summary = summary or Summary(PROG)
-    summary.update(results=args.out, csv=args.csv, report=None, images=None, mean=None)
+    summary.update(results=args.out, csv=args.csv, report=None, images=None, scored=0, mean=None)
     shave, device, batch, lpips_read = check_flags(args)
     warn_unused(args, given)  # (after the errors of the flags: an error is the one line)
     hr = hr_images(args.hr)
@@ -433,7 +487,8 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     # a stop after the report's first file (a full disk, Ctrl-C, a bad image) leaves none of it
     with report.removed_if_unfinished(report_dir):
         rows, sheets = score(hr, methods, lr_files, sigma_files, columns, opts, report_dir,
-                             to_files, to_stderr, args.quiet)  # fmt: skip
+                             to_files, to_stderr, args.quiet,
+                             lambda k, rows: summary.update(scored=k + 1))  # fmt: skip
 
         # Aggregate: mean over images of each column (inf propagates, as the reference).
         columns += ["PLL", "PSNR_sigma"] if sigma_files else []  # (the first --sr folder only)
@@ -747,12 +802,13 @@ def check_headers(args: EvalArgs, shave: int, hr: dict[str, Path], methods, lr_f
 
 
 def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_files=False,
-          to_stderr=False, quiet=False):  # fmt: skip
+          to_stderr=False, quiet=False, scored=None):  # fmt: skip
     """Per method the rows of every image (`columns`, plus PLL and PSNR_sigma for the first
     method with --uncertainty), and with a report folder the contact sheet of every image; the
     next image's files are decoded on threads meanwhile. `to_files`: the results are written to
     files, so a closed stdout does not stop the run (`unless_stdout_closed`); `to_stderr`: the
-    progress is shown on stderr (stdout carries --out - or --csv -); `quiet`: not at all."""
+    progress is shown on stderr (stdout carries --out - or --csv -); `quiet`: not at all.
+    `scored(k, rows)`: called, signals held, once image k is scored (rows: {method: its row})."""
     metrics.keep_freed_memory()  # no page faults for the large per-sample arrays
     stems = list(hr)
     files = [
@@ -797,6 +853,9 @@ def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_file
                     with unless_stdout_closed(to_files):
                         show(f"[{k + 1}/{len(stems)}] {stem} {m.name}: {vals} "
                              f"({took:.1f} s, ETA {eta:.0f} s)", to_stderr)  # fmt: skip
+            if scored:
+                with signals_held():
+                    scored(k, {m.name: rows[m.name][-1] for m in methods})
             if report_dir:
                 named = [(m.name, m.files[k], samples[m.name]) for m in methods]
                 lr_file = lr_files[k] if lr_files else None

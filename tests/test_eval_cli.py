@@ -759,6 +759,37 @@ def test_ctrl_c_is_one_line_exit_130_and_no_output(tmp_path):
     assert "[40/40]" not in rest and list(out.iterdir()) == []
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_while_scoring_is_one_line_exit_75_and_no_results(tmp_path, lpips_file, sig):
+    """SLURM's SIGTERM (or SIGUSR1; SIGHUP: a closed terminal) to the job's process group while
+    the images are scored (LPIPS on, the next image decoded on threads, the report's contact
+    sheets written). It ended the run at once: exit -15, no line, and the report's images of
+    the images scored left in --report without a page. Now exit 75, one error line saying how
+    far it got and to rerun, the --json line, and neither --out, --csv, a report nor a
+    temporary file."""
+    names = tuple(f"{k:04d}" for k in range(8))
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((64, 64),) * 8, names=names)
+    res = tmp_path / "res"
+    cmd = eval_cmd("--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--lpips-weights",
+                   lpips_file, "--out", res / "r.json", "--csv", res / "r.csv", "--report",
+                   res / "report", "--json")  # fmt: skip
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)  # fmt: skip
+    lines = [p.stdout.readline() for _ in range(2)]  # the second image is scored (or nearly)
+    assert lines[-1].startswith("[2/8]"), "".join(lines) + p.stderr.read()
+    os.killpg(p.pid, sig)
+    rest, err = p.communicate(timeout=60)
+    assert p.returncode == 75, err
+    line = json.loads(rest.splitlines()[-1])
+    scored = line["scored"]
+    assert 1 <= scored < 8 and f"[{scored + 2}/8]" not in rest
+    said = (f"stopped by {sig.name} after scoring {scored} of 8 images, before any result was "
+            "written: rerun the same command")  # fmt: skip
+    assert err.splitlines() == [f"sr_eval.py: error: {said}"]
+    assert (line["exit_code"], line["error"], line["images"], line["mean"]) == (75, said, 8, None)
+    assert [str(f.relative_to(res)) for f in res.rglob("*")] == ["report"]  # (made at start)
+
+
 def test_started_in_the_background_ctrl_c_is_not_for_it(tmp_path, popen_in_background):
     """A shell starts `sr_eval.py ... &` in a script with SIGINT ignored (Ctrl-C in its terminal is
     for the job in the foreground): the run keeps it so, and completes."""

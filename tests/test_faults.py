@@ -337,15 +337,20 @@ def signal_caught(pid: int, sig: signal.Signals) -> bool:
     return False
 
 
-@pytest.mark.parametrize("script", ["sr_train.py", "sr_sample.py"])
+@pytest.mark.parametrize("script", ["sr_train.py", "sr_sample.py", "sr_eval.py"])
 def test_a_signal_while_the_script_imports_torch_stops_it_with_one_line(tmp_path, images, script):
     """SLURM's SIGUSR1 (or SIGTERM) to the job's process group while the script still imports
     torch (seconds; a minute on a busy cluster file system): exit 75 and one line, not the
     default action's silent exit 138, which no job script takes for a preemption."""
     if script == "sr_train.py":
         argv, out = cmd(tmp_path / "run", images, 5), tmp_path / "run"
-    else:
+    elif script == "sr_sample.py":
         argv, out = sample_cmd(tmp_path, images, 2)
+    else:  # the HR images scored as their own samples
+        out = tmp_path / "res"
+        argv = [sys.executable, str(REPO / "sr_eval.py"), "--hr", str(images), "--sr",
+                f"{images}:1", "--scale", "2", "--n", "1", "--no-lpips", "--out",
+                str(out / "r.json")]  # fmt: skip
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)  # fmt: skip
     deadline = time.time() + 60
@@ -358,6 +363,7 @@ def test_a_signal_while_the_script_imports_torch_stops_it_with_one_line(tmp_path
     said = {
         "sr_train.py": " before the first step, nothing to save; continue with --resume auto",
         "sr_sample.py": "; every file written is complete: rerun the same command to continue",
+        "sr_eval.py": " before any image was scored; rerun the same command",
     }[script]
     assert err == f"{script}: error: stopped by SIGUSR1{said}"
     assert not out.exists() or not any(out.iterdir())
