@@ -45,10 +45,19 @@ lines and the table go to stderr then (`sr_eval.py ... --out - | jq .mean`).
 --report DIR: DIR/index.html, self-contained (sr_lib/report.py): the table, the NTIRE trade-off
 plots and per image a contact sheet (LR, GT, each method's samples and their per-pixel std).
 DIR is the report's: --out and --csv may not lie inside it.
+
+A run stopped before its end keeps the scores of the images done in OUT.partial beside --out (else
+--csv; without either, nothing is kept): the same command run again continues after them, and
+its files are those of a run never stopped. They are taken only where every flag but the outputs',
+the LPIPS weights' sha256, the device and the versions are the same, and for the first images
+whose files (path, size, modification time) are unchanged; the file is deleted once the results
+are written.
+
 Exit codes: 0 ok, 2 bad flag, 3 unusable data (missing, unreadable or wrongly sized images, an
 index that names other images), 4 out of memory, 6 LPIPS weights, 7 output, 75 stopped by
 SIGTERM, SIGUSR1 (SLURM's preemption and time-limit warning) or SIGHUP, one line saying how many
-images were scored (no result is written: rerun the same command), 130 Ctrl-C.
+images were scored and where they are kept (no result is written: rerun the same command to
+continue), 130 Ctrl-C (the scores kept as well).
 """
 
 import os
@@ -60,6 +69,7 @@ if os.name != "posix":  # before the imports that need POSIX (fcntl, SIGUSR1): o
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -98,9 +108,11 @@ from sr_lib.data import (
     check_out_dir,
     check_out_file,
     demo_files,
+    fit_name,
     image_size,
     list_images,
     mod_crop,
+    name_max,
     read_ahead,
     same_files,
     shared_stem,
@@ -400,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
                     args = parse(EvalArgs, argv, PROG)
                     summary.json = args.json and STDOUT not in (args.out, args.csv)  # (refused)
                     code = run(args, given_fields(EvalArgs, argv, PROG), summary)
+                if summary.fields["partial"]:  # (here, where a stop signal stops no more)
+                    Path(summary.fields["partial"]).unlink(missing_ok=True)
+                    summary.update(partial=None)
             except Preempted as e:
                 if isinstance(e.__context__, SRSpaceError):  # it came while that error unwound
                     raise e.__context__ from None
@@ -433,11 +448,14 @@ def stop_signals():
 def stopped_line(name: str, fields: dict) -> str:
     """The error line of a stop by signal `name`: how far the run got (`fields`: the --json
     line's), and what to do."""
-    images, scored = fields.get("images"), fields.get("scored") or 0
+    images, scored, partial = fields.get("images"), fields.get("scored"), fields.get("partial")
     if not scored:
         return f"stopped by {name} before any image was scored; rerun the same command"
-    return (f"stopped by {name} after scoring {scored} of {images} images, before any result "
-            "was written: rerun the same command")  # fmt: skip
+    if partial:
+        return (f"stopped by {name} after scoring {scored} of {images} images, their scores kept "
+                f"in {partial}: rerun the same command to continue")  # fmt: skip
+    return (f"stopped by {name} after scoring {scored} of {images} images, none kept (only "
+            "--out or --csv keeps them): rerun the same command")  # fmt: skip
 
 
 def warn(msg: str) -> None:
@@ -455,7 +473,9 @@ def warn_unused(args: EvalArgs, given: set[str]) -> None:
 def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None = None) -> int:
     """The run; `summary` gathers the fields of its closing line (--json) as they become known."""
     summary = summary or Summary(PROG)
-    summary.update(results=args.out, csv=args.csv, report=None, images=None, scored=0, mean=None)
+    summary.update(
+        results=args.out, csv=args.csv, report=None, images=None, scored=0, partial=None, mean=None
+    )
     shave, device, batch, lpips_read = check_flags(args)
     warn_unused(args, given)  # (after the errors of the flags: an error is the one line)
     hr = hr_images(args.hr)
@@ -484,11 +504,30 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     opts.update(shave=shave, warn=warn)
     to_files = bool(args.out or args.csv or report_dir)
     to_stderr = STDOUT in (args.out, args.csv)  # stdout carries the JSON or CSV alone
+
+    # The scores so far, kept beside --out or --csv after each image: a rerun continues from them
+    partial = partial_path(args)
+    key = scores_key(args, run_settings(args, shave, device, lpips_metric, columns, methods))
+    prints = [image_print(hr[s], lr_files, sigma_files, methods, k) for k, s in enumerate(stems)]
+    kept = kept_scores(partial, key, stems, prints, methods) if partial else []
+    summary.update(scored=len(kept), partial=str(partial) if kept else None)
+    if kept and not args.quiet:
+        with unless_stdout_closed(to_files):
+            show(f"continuing from {partial}: {len(kept)} of {len(stems)} images scored already",
+                 to_stderr)  # fmt: skip
+
+    def scored(k: int, rows: dict) -> None:
+        summary.update(scored=k + 1)
+        if partial:
+            kept[k:] = [{"image": stems[k], "files": prints[k], "rows": rows}]
+            write_text(partial, json.dumps({"key": key, "images": kept}) + "\n")
+            summary.update(partial=str(partial))
+
     # a stop after the report's first file (a full disk, Ctrl-C, a bad image) leaves none of it
     with report.removed_if_unfinished(report_dir):
         rows, sheets = score(hr, methods, lr_files, sigma_files, columns, opts, report_dir,
-                             to_files, to_stderr, args.quiet,
-                             lambda k, rows: summary.update(scored=k + 1))  # fmt: skip
+                             to_files, to_stderr, args.quiet, scored,
+                             [entry["rows"] for entry in kept])  # fmt: skip
 
         # Aggregate: mean over images of each column (inf propagates, as the reference).
         columns += ["PLL", "PSNR_sigma"] if sigma_files else []  # (the first --sr folder only)
@@ -529,6 +568,67 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
         if report_dir and not args.quiet:
             show(f"report: {index}", to_stderr)
     return 0
+
+
+PARTIAL = ".partial"  # the suffix of the file of the scores so far
+
+
+def partial_path(args: EvalArgs) -> Path | None:
+    """Where the scores so far are kept (`kept_scores`): NAME.partial beside --out, else beside
+    --csv; None where neither names a file (or that name is another output's)."""
+    outputs = [Path(p) for p in (args.out, args.csv) if p and p != STDOUT]
+    if not outputs:
+        return None
+    out = outputs[0]
+    path = out.with_name(fit_name(out.name, len(PARTIAL), name_max(out.parent)) + PARTIAL)
+    taken = [*outputs, *([Path(args.report)] if args.report else [])]
+    return None if path.resolve() in [p.resolve() for p in taken] else path
+
+
+def scores_key(args: EvalArgs, settings: dict) -> str:
+    """sha256 of what makes an image's numbers beyond its files: every flag but the outputs'
+    and the settings of --out (the LPIPS weights' sha256, the device, torch's and srspace's
+    versions, the columns)."""
+    typed = {k: v for k, v in dataclasses.asdict(args).items()
+             if k not in ("out", "csv", "report", "quiet", "json")}  # fmt: skip
+    what = {**{k: v for k, v in settings.items() if k != "args"}, "args": typed}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def image_print(hr_file: Path, lr_files, sigma_files, methods, k: int) -> str:
+    """sha256 of the path, size and modification time of each file of image k (HR, LR, sigma
+    map, every method's samples): a file replaced or changed since tells."""
+    files = [hr_file, *(f[k] for f in (lr_files, sigma_files) if f)]
+    files += [p for m in methods for p in m.files[k]]
+    stats = []
+    for p in files:
+        st = p.stat()
+        stats.append((str(p.resolve()), st.st_size, st.st_mtime_ns))
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+
+
+def kept_scores(path: Path, key: str, stems: list[str], prints: list[str], methods) -> list[dict]:
+    """The scores of a run of the same command stopped before ({"image", "files", "rows":
+    {method: row}} per image), that `path` holds: those of the first images whose files are
+    still the same (`prints`), where the settings are (`key`); else none, with a warning. A
+    stop of any kind leaves the file (a signal, Ctrl-C, an error); main removes it once the
+    results are written. The numbers come back exactly: JSON keeps every float."""
+    if not path.exists():
+        return []
+    names, usable = {m.name for m in methods}, []
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        same = kept["key"] == key
+        for entry, stem, fp in zip(kept["images"] if same else [], stems, prints):
+            if (entry["image"], entry["files"], set(entry["rows"])) != (stem, fp, names):
+                break  # changed files: this image and the ones after it are scored again
+            usable.append(entry)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        same = False
+    if not same:
+        warn(f"{path}: not the scores of this command (other flags or settings, or not "
+             "sr_eval.py's); scoring every image, replacing it")  # fmt: skip
+    return usable
 
 
 def show(text: str, to_stderr: bool) -> None:
@@ -802,13 +902,15 @@ def check_headers(args: EvalArgs, shave: int, hr: dict[str, Path], methods, lr_f
 
 
 def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_files=False,
-          to_stderr=False, quiet=False, scored=None):  # fmt: skip
+          to_stderr=False, quiet=False, scored=None, done=()):  # fmt: skip
     """Per method the rows of every image (`columns`, plus PLL and PSNR_sigma for the first
     method with --uncertainty), and with a report folder the contact sheet of every image; the
     next image's files are decoded on threads meanwhile. `to_files`: the results are written to
     files, so a closed stdout does not stop the run (`unless_stdout_closed`); `to_stderr`: the
     progress is shown on stderr (stdout carries --out - or --csv -); `quiet`: not at all.
-    `scored(k, rows)`: called, signals held, once image k is scored (rows: {method: its row})."""
+    `scored(k, rows)`: called, signals held, once image k is scored (rows: {method: its row}).
+    `done`: those rows of the first images, scored by a run stopped before (`kept_scores`):
+    taken as they are, the images decoded again only for their contact sheets."""
     metrics.keep_freed_memory()  # no page faults for the large per-sample arrays
     stems = list(hr)
     files = [
@@ -817,19 +919,35 @@ def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_file
     ]
 
     tty = (sys.stderr if to_stderr else sys.stdout).isatty() and not quiet
-    rows: dict[str, list[dict]] = {m.name: [] for m in methods}
+    rows: dict[str, list[dict]] = {
+        m.name: [by_method[m.name] for by_method in done] for m in methods
+    }
     sheets = []
-    start = time.perf_counter()
+    first = 0 if report_dir else len(done)  # the first image decoded
+
+    def sheet(k, stem, gt, lr, samples):
+        named = [(m.name, m.files[k], samples[m.name]) for m in methods]
+        lr_file = lr_files[k] if lr_files else None
+        return report.contact_sheet(
+            report_dir, k, stem, hr[stem], gt, lr_file, lr, named, opts["scale"]
+        )
+
     columns_shown = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     columns_shown += (TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     console = Console(stderr=to_stderr)
     bar = Progress(*columns_shown, console=console, disable=not tty, transient=True)
     # closing: an error inside the loop ends the decoding threads here, not at garbage collection.
     # A disabled bar is never started: rich before 15 prints an empty line when it stops.
-    with closing(read_ahead(files)) as images, bar if tty else nullcontext():
-        task = bar.add_task("evaluating", total=len(stems))
-        for k, stem in enumerate(stems):
+    with closing(read_ahead(files[first:])) as images, bar if tty else nullcontext():
+        task = bar.add_task("evaluating", total=len(stems), completed=len(done))
+        for k in range(first, len(stems)):
+            stem = stems[k]
             gt, lr, samples = next(images)
+            if k < len(done):  # scored already: its contact sheet only
+                sheets.append(sheet(k, stem, gt, lr, samples))
+                continue
+            if k == len(done):  # (the sheets before: not in the ETA)
+                start = time.perf_counter()
             lr_name = str(lr_files[k]) if lr_files else None
             for m in methods:
                 imgs, names = samples[m.name], [str(p) for p in m.files[k]]
@@ -849,7 +967,7 @@ def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_file
                 if not (tty or quiet):  # plain log lines for SLURM logs instead of a bar
                     vals = " ".join(f"{c} {report.fmt(row[c], c)}" for c in columns)
                     took = time.perf_counter() - start
-                    eta = took / (k + 1) * (len(stems) - k - 1)
+                    eta = took / (k + 1 - len(done)) * (len(stems) - k - 1)
                     with unless_stdout_closed(to_files):
                         show(f"[{k + 1}/{len(stems)}] {stem} {m.name}: {vals} "
                              f"({took:.1f} s, ETA {eta:.0f} s)", to_stderr)  # fmt: skip
@@ -857,13 +975,7 @@ def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_file
                 with signals_held():
                     scored(k, {m.name: rows[m.name][-1] for m in methods})
             if report_dir:
-                named = [(m.name, m.files[k], samples[m.name]) for m in methods]
-                lr_file = lr_files[k] if lr_files else None
-                sheets.append(
-                    report.contact_sheet(
-                        report_dir, k, stem, hr[stem], gt, lr_file, lr, named, opts["scale"]
-                    )
-                )
+                sheets.append(sheet(k, stem, gt, lr, samples))
             bar.update(task, advance=1, description=stem)
     return rows, sheets
 

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 import sr_eval
+import sr_lib.metrics
 from sr_lib import data
 from sr_lib.data import read_image
 from sr_lib.resize import imresize
@@ -723,7 +724,8 @@ def eval_cmd(*argv):
 
 def test_full_disk_is_one_line_exit_7_and_no_partial_json(tmp_path):
     """Issue 20 item 4: a write that fails half-way (a full disk: here a 1 kB file size limit,
-    EFBIG as ENOSPC) leaves no JSON at all, not a 0-byte or truncated one."""
+    EFBIG as ENOSPC) leaves no JSON at all, not a 0-byte or truncated one; the scores of the
+    images (r.json.partial, written whole before) are kept for a rerun once there is room."""
     hr_dir, _, sr_dir = make_set(tmp_path, n=2)
     out = tmp_path / "res" / "r.json"
 
@@ -737,7 +739,8 @@ def test_full_disk_is_one_line_exit_7_and_no_partial_json(tmp_path):
     err = p.stderr.strip().splitlines()
     assert p.returncode == 7 and len(err) == 1, p.stderr
     assert "r.json: cannot write (File too large)" in err[0]
-    assert list(out.parent.iterdir()) == []  # no JSON, no temporary file
+    assert [p.name for p in out.parent.iterdir()] == ["r.json.partial"]  # no temporary file
+    assert len(json.loads((out.parent / "r.json.partial").read_text())["images"]) == 2
 
 
 def test_ctrl_c_is_one_line_exit_130_and_no_output(tmp_path):
@@ -756,7 +759,8 @@ def test_ctrl_c_is_one_line_exit_130_and_no_output(tmp_path):
     rest, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
     assert err.strip().splitlines() == ["sr_eval.py: interrupted"]
-    assert "[40/40]" not in rest and list(out.iterdir()) == []
+    assert "[40/40]" not in rest  # (the scores of the image scored, if any, are kept for a rerun)
+    assert [p.name for p in out.iterdir()] in ([], ["r.json.partial"])
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
@@ -783,11 +787,108 @@ def test_a_stop_signal_while_scoring_is_one_line_exit_75_and_no_results(tmp_path
     line = json.loads(rest.splitlines()[-1])
     scored = line["scored"]
     assert 1 <= scored < 8 and f"[{scored + 2}/8]" not in rest
-    said = (f"stopped by {sig.name} after scoring {scored} of 8 images, before any result was "
-            "written: rerun the same command")  # fmt: skip
+    said = (f"stopped by {sig.name} after scoring {scored} of 8 images, their scores kept in "
+            f"{res / 'r.json.partial'}: rerun the same command to continue")  # fmt: skip
     assert err.splitlines() == [f"sr_eval.py: error: {said}"]
     assert (line["exit_code"], line["error"], line["images"], line["mean"]) == (75, said, 8, None)
-    assert [str(f.relative_to(res)) for f in res.rglob("*")] == ["report"]  # (made at start)
+    assert sorted(str(f.relative_to(res)) for f in res.rglob("*")) == [
+        "r.json.partial",
+        "report",  # (made at start)
+    ]
+
+
+def stop_at_image(monkeypatch, stem: str, sig=signal.SIGTERM) -> list[str]:
+    """sr_lib.metrics.evaluate_image, sending this process `sig` when it first starts on image
+    `stem`, once; returns the list of the HR files it is called on, method by method."""
+    real, calls, fired = sr_lib.metrics.evaluate_image, [], []
+
+    def evaluate(gt, samples, **kwargs):
+        calls.append(Path(kwargs["gt_name"]).stem)
+        if calls[-1] == stem and not fired:
+            fired.append(sig)
+            os.kill(os.getpid(), sig)  # (its handler raises here)
+        return real(gt, samples, **kwargs)
+
+    monkeypatch.setattr(sr_lib.metrics, "evaluate_image", evaluate)
+    return calls
+
+
+def test_a_rerun_after_a_stop_continues_and_gives_the_uninterrupted_files(
+    tmp_path, capsys, monkeypatch, lpips_file
+):
+    """Preempted at the 4th of 5 images (SIGTERM), the rerun of the same command scores only the
+    4th and 5th: --out, --csv and the report's page are the bytes of a run never stopped, and
+    the file of the scores so far (--out's name + .partial) is gone once they are written."""
+    names = tuple(f"{k:04d}" for k in range(5))
+    hr_dir, lr_dir, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 5, names=names)
+    res = tmp_path / "res"
+    argv = ["--hr", hr_dir, "--sr", f"a={sr_dir}", f"b={sr_dir}:1", "--lr", lr_dir, "--scale", 4,
+            "--n", 2, "--lpips-weights", lpips_file, "--out", res / "r.json", "--csv",
+            res / "r.csv", "--report", res / "report", "--json"]  # fmt: skip
+    assert run(capsys, *argv)[0] == 0
+    whole = {f: (res / f).read_bytes() for f in ("r.json", "r.csv", "report/index.html")}
+    shutil.rmtree(res)
+
+    calls = stop_at_image(monkeypatch, "0003")
+    code, err = fails(capsys, *argv)
+    partial = res / "r.json.partial"
+    said = (f"stopped by SIGTERM after scoring 3 of 5 images, their scores kept in {partial}: "
+            "rerun the same command to continue")  # fmt: skip
+    assert (code, err.splitlines()) == (75, [f"sr_eval.py: error: {said}"])
+    assert sorted(p.name for p in res.iterdir()) == ["r.json.partial", "report"]
+    assert not (res / "report" / "images").exists()  # (a report's files are all or none)
+
+    calls.clear()
+    code, out = run(capsys, *argv)
+    assert code == 0 and calls == ["0003", "0003", "0004", "0004"]  # (two methods)
+    assert f"continuing from {partial}: 3 of 5 images scored already" in out.out
+    assert {f: (res / f).read_bytes() for f in whole} == whole
+    assert sorted(p.name for p in (res / "report" / "images").iterdir()) == [
+        f"{k:06d}" for k in range(5)
+    ]
+    line = json.loads(out.out.splitlines()[-1])
+    assert (line["scored"], line["partial"]) == (5, None) and not partial.exists()
+
+
+def test_a_rerun_scores_again_what_changed_after_the_stop(tmp_path, capsys, monkeypatch):
+    """The scores kept are taken only for the same flags and settings, and for the first images
+    whose files (size and modification time) did not change: a sample touched since the stop is
+    scored again with every image after it; another flag (--color y) starts over, one warning
+    line; a stop without --out or --csv keeps nothing, and says so."""
+    names = tuple(f"{k:04d}" for k in range(4))
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 4, names=names)
+    out = tmp_path / "r.csv"
+    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips", "--csv", out]
+    calls = stop_at_image(monkeypatch, "0003")
+    assert fails(capsys, *argv)[0] == 75
+    partial = tmp_path / "r.csv.partial"
+    assert partial.exists()
+    sample = sr_dir / "000001_sample00001.png"
+    os.utime(sample, ns=(sample.stat().st_atime_ns, sample.stat().st_mtime_ns + 10**9))
+    calls.clear()
+    code, got = run(capsys, *argv)
+    assert code == 0 and calls == ["0001", "0002", "0003"] and not partial.exists()
+    assert f"continuing from {partial}: 1 of 4 images scored already" in got.out
+
+    monkeypatch.undo()
+    calls = stop_at_image(monkeypatch, "0003")
+    assert fails(capsys, *argv)[0] == 75
+    calls.clear()
+    code, got = run(capsys, *argv, "--color", "y")
+    assert code == 0 and calls == ["0000", "0001", "0002", "0003"] and not partial.exists()
+    assert got.err == (
+        f"sr_eval.py: warning: {partial}: not the scores of this command (other flags or "
+        "settings, or not sr_eval.py's); scoring every image, replacing it\n"
+    )
+
+    no_out = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips"]
+    monkeypatch.undo()
+    stop_at_image(monkeypatch, "0002")
+    code, err = fails(capsys, *no_out)
+    assert code == 75 and err.strip() == (
+        "sr_eval.py: error: stopped by SIGTERM after scoring 2 of 4 images, none kept (only "
+        "--out or --csv keeps them): rerun the same command"
+    )
 
 
 def test_started_in_the_background_ctrl_c_is_not_for_it(tmp_path, popen_in_background):
