@@ -103,7 +103,7 @@ from rich.table import Table
 
 import sr_lib
 from sr_lib import metrics, report
-from sr_lib.config import given_fields, parse, pick_device
+from sr_lib.config import asks_json, given_fields, parse, pick_device
 from sr_lib.data import (
     check_out_dir,
     check_out_file,
@@ -409,7 +409,11 @@ def main(argv: list[str] | None = None) -> int:
             argv = list(sys.argv[1:] if argv is None else argv)
             try:
                 with stop_signals():
-                    args = parse(EvalArgs, argv, PROG)
+                    try:
+                        args = parse(EvalArgs, argv, PROG)
+                    except UsageError:  # the --json line after the error line, if asked for
+                        summary.json = asks_json(EvalArgs, argv, PROG)
+                        raise
                     summary.json = args.json and STDOUT not in (args.out, args.csv)  # (refused)
                     code = run(args, given_fields(EvalArgs, argv, PROG), summary)
                 if summary.fields["partial"]:  # (here, where a stop signal stops no more)

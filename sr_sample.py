@@ -126,6 +126,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sr_lib import __version__
 from sr_lib.config import (
     amp_emulated,
+    asks_json,
     autocast_for,
     given_fields,
     parse,
@@ -509,7 +510,12 @@ def run_script(argv, summary: Summary) -> int:
         try:
             with SIGNALS:
                 replay_stop_signal()  # one that came while this script was importing
-                args, given = parse_args(argv)
+                argv = list(sys.argv[1:] if argv is None else argv)
+                try:
+                    args, given = parse_args(argv)
+                except UsageError:  # the --json line after the error line, if asked for
+                    summary.json = asks_json(SampleArgs, argv, PROG)
+                    raise
                 summary.json = args.json
                 return sample(args, given, summary)
         except Preempted as e:

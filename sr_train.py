@@ -44,6 +44,7 @@ from sr_lib import __version__, distributed, metrics
 from sr_lib.checkpoint import is_srspace_checkpoint, save_checkpoint
 from sr_lib.config import (
     amp_emulated,
+    asks_json,
     autocast_for,
     check_ranges,
     compile_blocker,
@@ -300,8 +301,13 @@ def main(argv=None) -> int:
 def run_script(argv, result: Summary) -> int:
     with exit_on_error(PROG), warnings.catch_warnings():
         distributed.warn_once()
-        args, rest, given = parse_all(argv)
-        result.json = args.json and (distributed.env_ranks() or (0,))[0] == 0  # rank 0 says it
+        argv = list(sys.argv[1:] if argv is None else argv)
+        try:
+            args, rest, given = parse_all(argv)
+        except UsageError:  # the --json line after the error line, if asked for
+            result.json = asks_json(TrainArgs, argv, PROG) and first_rank()
+            raise
+        result.json = args.json and first_rank()  # rank 0 says it
         try:
             with contextlib.ExitStack() as cleanup:
                 stop = catch_signals(cleanup)  # first: from here on a signal stops the run
@@ -310,6 +316,12 @@ def run_script(argv, result: Summary) -> int:
             if isinstance(e.__context__, SRSpaceError):  # it came while that error unwound
                 raise e.__context__ from None
             raise stopped_before_training(e.args[0], args) from None
+
+
+def first_rank() -> bool:
+    """Whether this process is rank 0, or the only one (from the environment: before the
+    processes meet)."""
+    return (distributed.env_ranks() or (0,))[0] == 0
 
 
 def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib.ExitStack,

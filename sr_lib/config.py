@@ -81,6 +81,25 @@ def parse(cls, argv: list[str] | None, prog: str, known: bool = False, add_help:
     return parser.parse_args(argv)
 
 
+def asks_json(cls, argv: list[str], prog: str) -> bool:
+    """Whether argv asks for --json as argparse reads it: --json itself, or a start of it that no
+    other flag of dataclass `cls` starts with (argparse's abbreviations: `--js`), before a `--`.
+    For a command line that cannot be parsed, whose error line is still followed by the --json
+    line a pipeline reads."""
+    parser = OneLineParser(cls, prog=prog)
+    flags = [s for action in parser._actions for s in action.option_strings]
+    for a in argv:
+        if a == "--":  # (the rest are values)
+            break
+        flag = a.split("=", 1)[0]
+        if flag == "--json":
+            return True
+        abbrev = parser.allow_abbrev and flag.startswith("--") and len(flag) > 2
+        if abbrev and [f for f in flags if f.startswith(flag)] == ["--json"]:
+            return True
+    return False
+
+
 def refuse_stdio(args, names: tuple[str, ...]) -> None:
     """`-` given to one of these file or folder flags is one line (exit 2): it is no standard
     input or output here (the files are images, checkpoints, arrays, or a folder of them), and a

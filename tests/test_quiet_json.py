@@ -1,6 +1,7 @@
 """--quiet (warnings, errors and the closing line only) and --json (the closing line as one JSON
 object a pipeline parses) of the three scripts, on success, a SIGTERM stop and an error."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import pytest
 import sr_eval
 import sr_sample
 import sr_train
+from sr_lib.config import asks_json
 
 
 @pytest.fixture
@@ -167,3 +169,58 @@ def test_json_line_after_a_sigterm_stop_and_an_error(hr_dir, tmp_path, capsys, m
     assert e.value.code == 75 and line["exit_code"] == 75 and "SIGTERM" in line["error"]
     assert (line["images"], line["sampled"], line["skipped"]) == (2, 1, 0)
     assert len(list(samples.glob("im0_sample*.png"))) == 2  # the one sampled is complete
+
+
+BAD_COMMAND_LINES = [
+    (sr_train, ["--model", "edsr", "--steps", "x"]),
+    (sr_sample, ["--ckpt", "c.pt", "--input", "in", "--out", "o", "--n", "notanumber"]),
+    (sr_eval, ["--hr", "hr", "--sr", "sr", "--scale", "4", "--n", "x"]),
+]
+
+
+@pytest.mark.parametrize("script, argv", BAD_COMMAND_LINES, ids=lambda x: getattr(x, "PROG", ""))
+@pytest.mark.parametrize("flag", ["--json", "--js"])
+def test_json_line_after_a_command_line_that_cannot_be_parsed(script, argv, flag, capsys):
+    """`--json --n notanumber`: argparse's error came alone (exit 2), without the JSON line a
+    pipeline parses stdout's last line for. Now the error line on stderr, then that line on
+    stdout, also for --json abbreviated as argparse takes it, and for a required flag left out;
+    without --json, stdout stays empty."""
+    for args in ([flag, *argv], [*argv, flag], [flag]):
+        with pytest.raises(SystemExit) as e:
+            script.main(args)
+        captured = capsys.readouterr()
+        line = json.loads(captured.out)  # (the one line)
+        assert (e.value.code, line["script"], line["exit_code"]) == (2, script.PROG, 2)
+        assert captured.err == f"{script.PROG}: error: {line['error']}\n" and line.keys() == {
+            "script",
+            "exit_code",
+            "error",
+        }
+    with pytest.raises(SystemExit) as e:
+        script.main(argv)
+    assert e.value.code == 2 and capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("script", [sr_train, sr_sample, sr_eval], ids=lambda s: s.PROG)
+def test_help_with_json_is_the_help_alone(script, capsys):
+    """-h with --json: the help, exit 0, and no JSON line (the help is for a person)."""
+    with pytest.raises(SystemExit) as e:
+        script.main(["--json", "-h"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage:") and "--json" in out
+    assert not any(line.startswith("{") for line in out.splitlines())
+
+
+def test_asks_json_takes_the_abbreviations_argparse_takes():
+    """argparse takes a start of a flag that no other flag starts with: `--j` is --json where no
+    other flag starts so, ambiguous (an error, without --json) where one does."""
+
+    @dataclasses.dataclass
+    class Args:
+        jitter: int = 0
+        json: bool = False
+
+    assert [asks_json(Args, [a], "x") for a in ("--json", "--jso", "--js", "--j", "--ji")] == [
+        True, True, True, False, False
+    ]  # fmt: skip
+    assert not asks_json(Args, ["--", "--json"], "x") and asks_json(Args, ["--json=1"], "x")
