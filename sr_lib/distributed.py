@@ -55,11 +55,31 @@ def env_ranks() -> tuple[int, int, int] | None:
     step, one process) has SLURM_NTASKS, the job's task count, and SLURM_PROCID 0 too."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        return (int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]),
-                int(env.get("SLURM_LOCALID", 0)))  # fmt: skip
-    return None
+        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    elif "SLURM_PROCID" in env and _env_int("SLURM_STEP_NUM_TASKS", 1) > 1:
+        names = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
+    else:
+        return None
+    rank, world, local = (_env_int(k, 0) for k in names)
+    if not 0 <= rank < world or local < 0:
+        raise UsageError(
+            f"{names[0]}={rank} with {names[1]}={world}: not a rank of that world (0 to "
+            f"{world - 1}); start the processes with torchrun or srun, which set these"
+        )
+    return rank, world, local
+
+
+def _env_int(name: str, default: int) -> int:
+    """Environment variable `name` (the launcher's) as an int; a value that is not one is a usage
+    error naming it: int() raised a traceback from the first line of every script."""
+    text = os.environ.get(name, str(default))
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(
+            f"${name}={text!r}: not a whole number; it is set by torchrun or srun: unset it to run "
+            "one process, or start the processes with torchrun or srun"
+        ) from None
 
 
 def warn_once() -> None:

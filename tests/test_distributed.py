@@ -535,3 +535,27 @@ def test_validation_best_pt_and_the_weight_average_under_two_processes(tmp_path,
         assert torch.allclose(two["ema_state_dict"][k], a + 0.5 * (w - a), rtol=0, atol=1e-6), k
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "val_psnr" in r] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "env, says",
+    [
+        ({"RANK": "x", "WORLD_SIZE": "2"}, "$RANK='x': not a whole number"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": ""}, "$LOCAL_RANK='': not a whole"),
+        ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 with WORLD_SIZE=2: not a rank of that world"),
+        ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "two"}, "$SLURM_STEP_NUM_TASKS='two'"),
+        ({"SLURM_PROCID": "-1", "SLURM_STEP_NUM_TASKS": "2"}, "SLURM_PROCID=-1 with"),
+    ],
+)
+def test_a_malformed_launcher_variable_is_one_line_not_a_traceback(monkeypatch, capsys, env,
+                                                                   says):  # fmt: skip
+    """RANK=x (a job script's typo, a variable left from another tool): int() raised a ValueError
+    traceback from distributed.warn_once, before the command line was read."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(["--model", "edsr", "--json"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and err.count("\n") == 1 and says in err, err
