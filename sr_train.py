@@ -414,20 +414,25 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         # compilation's end may have drawn from (SRFlow's dequantisation noise is drawn eagerly
         # before its first compiled block): put back for last.pt
         before_step = torch_rng_state() if args.compile and not dd.on else None
+        compiled = compile_count() if args.compile else None
         try:
             out_g, ok = train_step(model, forward, optimizers, batches, step, recipe, dd, scaler,
                                    autocast, graph)  # fmt: skip
         except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
-            if stop["signal"] and args.compile and not is_out_of_memory(e):
+            if stopped_compiling(e, stop, args, compiled):
                 # A signal to the process group (SLURM, Ctrl-C) also ends the compilers that
                 # --compile runs in this step (g++ for inductor): the compilation fails, in the
-                # forward or backward, before any weight changed. A stop, not a bug: as after
-                # the step, save the steps done and exit 75 (several processes: the others may
-                # wait in a collective, so no save: one line naming the last one).
+                # forward or backward, before any weight changed. A stop: as after the step,
+                # save the steps done and exit 75 (several processes: the others may wait in a
+                # collective, so no save: one line naming the last one and the error).
+                sig, error = said_stopped(e, stop, f"step {step + 1}", step, run_log)
                 if dd.on:
-                    raise Resumable(f"{stop['signal']}: stopped in step {step + 1} (its "
-                                    f"compilation); {last_save(dd, saved, out / 'last.pt', before)}"
+                    raise Resumable(f"{sig}: stopped in step {step + 1}, whose "
+                                    f"compilation raised {error}, {STOPPED_COMPILING}; "
+                                    f"{last_save(dd, saved, out / 'last.pt', before)}"
                                     ) from None  # fmt: skip
+                say_err(f"{PROG}: warning: step {step + 1} raised {error} after {sig} while "
+                        f"compiling; {STOPPED_COMPILING}")  # fmt: skip
                 set_torch_rng_state(before_step)  # last.pt as a stop at the step's top saves it
                 stopped = stop["signal"]
                 break
@@ -481,14 +486,20 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
             t0, logged = time.monotonic(), step
         if validates:
             net = ema.module if ema is not None else model  # with --ema, the averaged weights
+            compiled = compile_count() if args.compile else None
             try:
                 score = validate(net, val_pairs, args, device, out, step, run_log, progress)
             except (RuntimeError, MemoryError) as e:
                 no_memory = is_out_of_memory(e)
                 # (a flow validates through its compiled blocks) a signal also ended --compile's
                 # compiler: no score, and the loop stops at its top, as after the step
-                if not (no_memory or (stop["signal"] and args.compile)):
+                if not (no_memory or stopped_compiling(e, stop, args, compiled)):
                     raise
+                if not no_memory:
+                    where = f"validation at step {step}"
+                    sig, error = said_stopped(e, stop, where, step, run_log)
+                    say_err(f"{PROG}: warning: {where} raised {error} after {sig} while "
+                            f"compiling; {STOPPED_COMPILING}")  # fmt: skip
                 score = -math.inf  # this validation never makes best.pt
                 if no_memory:  # training goes on
                     print(f"{PROG}: warning: validation at step {step}: out of memory; skipped "
@@ -1424,6 +1435,50 @@ def compile_model(model, forward, backend: str = "inductor"):
         if isinstance(m, model.compile_regions):
             m.compile(backend=backend)
     return forward
+
+
+def compile_count() -> int | None:
+    """How many compilation phases torch.compile has timed in this process (dynamo capturing a
+    frame, AOT autograd, inductor's kernels, a backward compiled at its first call), failed ones
+    included: the record that torch._dynamo.utils.compile_times() prints. A count that moved
+    during a step: the step compiled. None where this torch keeps no such record."""
+    from torch._dynamo import utils  # (imported by --compile's torch.compile already)
+
+    times = getattr(utils, "compilation_time_metrics", None)
+    return sum(len(t) for t in times.values()) if isinstance(times, dict) else None
+
+
+def stopped_compiling(e: BaseException, stop: dict, args: TrainArgs,
+                      compiled: int | None) -> bool:  # fmt: skip
+    """--compile: whether error `e` of a training step or validation is the effect of a stop
+    signal. A signal to the process group also ends the compiler processes that torch.compile
+    runs (g++, inductor's compile workers), so a compilation under way raises (torch 2.14:
+    InductorError from CppCompileError from CalledProcessError -15). Such an error, raised
+    after a signal by a step that compiled (`compiled`: compile_count() before the step; None:
+    not known, taken as compiled), is the stop's; the caller says so (`said_stopped`). Out of
+    memory, no signal, or nothing compiled: an error."""
+    if not (stop["signal"] and args.compile) or is_out_of_memory(e):
+        return False
+    now = compile_count()
+    return compiled is None or now is None or now != compiled
+
+
+STOPPED_COMPILING = ("taken as the stop's effect (the signal ends the compiler too): if it "
+                     "recurs after resuming, it is a real error")  # fmt: skip
+
+
+def said_stopped(e: BaseException, stop: dict, where: str, step: int, run_log) -> tuple:
+    """What `stopped_compiling` took as the stop, for one line: (the signal, the error's type
+    and the first line of its message (inductor's runs to thousands of lines, the compiler's
+    output), with the next where it ends in a colon: dynamo's "backend='inductor' raised:").
+    Also a log.jsonl record of the last step done (a resume keeps it)."""
+    sig = stop["signal"]  # (a log.jsonl that cannot be written replaces it with its reason)
+    lines = [t.strip() for t in str(e).splitlines() if t.strip()]
+    first = " ".join(lines[:2] if lines and lines[0].endswith(":") else lines[:1])[:200]
+    name = type(e).__name__
+    record = {"error": f"{name}: {first}" if first else name}
+    log(run_log, {"step": step, "signal": sig, "error_in": where, **record})
+    return sig, f"{name} ({first})" if first else name
 
 
 STOP_SIGNALS = (signal.SIGINT, *PREEMPT_SIGNALS)

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import importlib.util
 import inspect
+import json
 import os
 import shutil
 import signal
@@ -281,7 +282,13 @@ def test_a_signal_to_the_group_while_two_ranks_compile_the_first_step_stops_both
             os.killpg(ranks[0].pid, signal.SIGKILL)
     errs = [err for _, err in outs]
     assert codes == [75, 75], errs
-    line = "sr_train.py: error: SIGTERM: stopped in step 1 (its compilation); "
+    # (DDP's optimizer hands each bucket's graph to the backend through its compile_fn)
+    line = (
+        "sr_train.py: error: SIGTERM: stopped in step 1, whose compilation raised "
+        "BackendCompilerFailed (backend='compile_fn' raised: CalledProcessError: Command 'sleep' "
+        "died with <Signals.SIGTERM: 15>.), taken as the stop's effect (the signal ends the "
+        "compiler too): if it recurs after resuming, it is a real error; "
+    )
     assert errs == [line + "nothing was saved: start again\n"] * 2  # (rank 1 knows it too)
     assert not (out / "last.pt").exists()
 
@@ -289,9 +296,10 @@ def test_a_signal_to_the_group_while_two_ranks_compile_the_first_step_stops_both
 GUARDS_ON_3130 = "sr_train.py: warning: Guards may run slower on Python 3.13.0."
 
 
-def stopped_while_compiling(cmd: list[str], flag: Path) -> int:
+def stopped_while_compiling(cmd: list[str], flag: Path, validating: bool = False) -> int:
     """Runs `cmd` (sr_train.py ... --out OUT) in its own process group, sends the group SIGTERM
-    once its compiler runs (`flag` exists), checks the run stopped cleanly; the step saved."""
+    once its compiler runs (`flag` exists), checks the run stopped cleanly, saying in one line
+    which error of the step (or of its validation) it took as the stop; the step saved."""
     out = Path(cmd[-1])
     env = {**os.environ, "COMPILING": str(flag)}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -311,8 +319,15 @@ def stopped_while_compiling(cmd: list[str], flag: Path) -> int:
     # torch's note on Python 3.13.0 (dynamo's guards run slower there), one warning line once a
     # step's guards are built: the user's to act on, no part of the stop, and no other version.
     errs = [e for e in stderr.decode().splitlines() if not e.startswith(GUARDS_ON_3130)]
-    assert proc.returncode == 75 and not errs, stderr.decode()[-2000:]
+    assert proc.returncode == 75, stderr.decode()[-2000:]
     step = load_checkpoint(out / "last.pt")["step"]
+    where = f"validation at step {step}" if validating else f"step {step + 1}"
+    assert errs == [
+        f"sr_train.py: warning: {where} raised BackendCompilerFailed (backend='backend' raised: "
+        "CalledProcessError: Command 'sleep' died with <Signals.SIGTERM: 15>.) after SIGTERM "
+        "while compiling; taken as the stop's effect (the signal ends the compiler too): if it "
+        "recurs after resuming, it is a real error"
+    ], stderr.decode()[-2000:]
     assert stdout.decode().splitlines()[-1] == (
         f"SIGTERM: stopped at step {step}, wrote {out / 'last.pt'}; continue with --resume auto"
     )
@@ -350,7 +365,118 @@ def test_a_signal_to_the_group_while_validation_compiles_stops_cleanly(tmp_path)
            "2", "--steps", "3", "--workers", "0", "--val-every", "1", "--val-images", "1",
            "--val-crop", "32", "--val-n", "1", "--device", "cpu", "--compile", "--out",
            str(out)]  # fmt: skip
-    assert stopped_while_compiling(cmd, flag) == 1
+    assert stopped_while_compiling(cmd, flag, validating=True) == 1
+
+
+# A tiny --compile run of 3 steps, compiled by dynamo's "eager" backend (no g++ needed)
+EAGER_RUN = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--scale", "2", "--data",
+             "demo", "--patch", "8", "--batch", "2", "--steps", "3", "--workers", "0",
+             "--device", "cpu", "--compile"]  # fmt: skip
+
+
+def killed_compiler(gm, inputs):
+    """A backend whose compiler process a signal to the group has ended (g++ under inductor)."""
+    raise subprocess.CalledProcessError(-signal.SIGTERM, ["g++"])
+
+
+# its error's first line, and the next (the first ends in a colon), as the warning names them
+KILLED = ("backend='killed_compiler' raised: CalledProcessError: Command '['g++']' died with "
+          "<Signals.SIGTERM: 15>.")  # fmt: skip
+
+
+def failing_in_step_2(monkeypatch, signalled: bool, compiles: bool):
+    """sr_train whose second training step (after SIGTERM to the process if `signalled`)
+    compiles a new graph whose compiler fails if `compiles`, else raises a RuntimeError of its
+    own; the first step is real. Returns the steps that ran."""
+    real, ran = sr_train.train_step, []
+
+    def train_step(model, forward, optimizers, batches, step, *rest):
+        ran.append(step)
+        if step == 0:
+            return real(model, forward, optimizers, batches, step, *rest)
+        if signalled:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if compiles:
+            torch.compile(torch.sin, backend=killed_compiler)(torch.ones(2))
+        raise RuntimeError("a bug of the step\nits second line")
+
+    compile_eagerly(monkeypatch)
+    monkeypatch.setattr(sr_train, "train_step", train_step)
+    return ran
+
+
+def compile_eagerly(monkeypatch):
+    """sr_train --compile with dynamo's "eager" backend, whether g++ is there or not."""
+    real = sr_train.compile_model
+    monkeypatch.setattr(sr_train, "compile_blocker", lambda device: None)
+    monkeypatch.setattr(sr_train, "compile_model", lambda m, f: real(m, f, backend="eager"))
+
+
+def test_an_error_of_a_compilation_after_a_signal_is_the_stop_said_in_one_line(
+    tmp_path, monkeypatch, capsys
+):
+    """A signal to the process group ends --compile's compiler, so the compilation under way
+    fails (torch 2.14: InductorError from CppCompileError from CalledProcessError -15): the
+    run stops as after a signal in the step. That error was swallowed without a word; now one
+    warning line (and a log.jsonl record) names it, so that one which recurs after the resume
+    is known to be a real error."""
+    ran = failing_in_step_2(monkeypatch, signalled=True, compiles=True)
+    out = tmp_path / "run"
+    assert sr_train.main([*EAGER_RUN, "--val-every", "0", "--out", str(out)]) == 75
+    assert ran == [0, 1] and load_checkpoint(out / "last.pt")["step"] == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"sr_train.py: warning: step 2 raised BackendCompilerFailed ({KILLED}) after SIGTERM "
+        "while compiling; taken as the stop's effect (the signal ends the compiler too): if it "
+        "recurs after resuming, it is a real error"
+    ]
+    with open(out / "log.jsonl", encoding="utf-8") as f:
+        last = json.loads(f.read().splitlines()[-1])
+    assert last == {"step": 1, "signal": "SIGTERM", "error_in": "step 2",
+                    "error": f"BackendCompilerFailed: {KILLED}"}  # fmt: skip
+
+
+@pytest.mark.parametrize("signalled, compiles", [(True, False), (False, True), (False, False)])
+def test_an_error_of_a_step_that_compiled_nothing_or_got_no_signal_is_an_error(
+    tmp_path, monkeypatch, signalled, compiles
+):
+    """Any RuntimeError of a --compile step after a signal was taken as the signal's effect on
+    the compiler, a step that compiled nothing too: a bug of the step ended the run as a stop
+    (exit 75), silently. Only an error of a step that compiled is the stop's now."""
+    ran = failing_in_step_2(monkeypatch, signalled, compiles)
+    argv = [*EAGER_RUN, "--val-every", "0", "--out", str(tmp_path / "run")]
+    what = "backend='killed_compiler' raised" if compiles else "a bug of the step"
+    with pytest.raises(RuntimeError, match=what):
+        sr_train.main(argv)
+    assert ran == [0, 1]
+
+
+def test_an_error_of_a_validation_that_compiled_nothing_after_a_signal_is_an_error(
+    tmp_path, monkeypatch, capsys
+):
+    """The same in validation (a flow's compiles its blocks again): one that compiled and failed
+    after the signal is the stop, said in one line; one that compiled nothing is an error."""
+    compile_eagerly(monkeypatch)
+    compiles = []
+
+    def validate(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        if compiles:
+            torch.compile(torch.cos, backend=killed_compiler)(torch.ones(2))
+        raise RuntimeError("a bug of the validation")
+
+    monkeypatch.setattr(sr_train, "validate", validate)
+    argv = [*EAGER_RUN, "--val-every", "1", "--val-images", "1"]
+    with pytest.raises(RuntimeError, match="a bug of the validation"):
+        sr_train.main([*argv, "--out", str(tmp_path / "a")])
+    capsys.readouterr()
+    compiles.append(True)
+    assert sr_train.main([*argv, "--out", str(tmp_path / "b")]) == 75
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["step"] == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"sr_train.py: warning: validation at step 1 raised BackendCompilerFailed ({KILLED}) "
+        "after SIGTERM while compiling; taken as the stop's effect (the signal ends the compiler "
+        "too): if it recurs after resuming, it is a real error"
+    ]
 
 
 # sr_train.py whose flow blocks run a compiler process as each compiles (the first step's)
