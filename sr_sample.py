@@ -170,7 +170,7 @@ from sr_lib.errors import (
     say_err,
     stdout_closed,
 )
-from sr_lib.models import MODELS, load_model
+from sr_lib.models import MODELS, load_model, read_checkpoint_hashed
 from sr_lib.models.base import LATENT_SOURCE, NoiseSource, pad_to_multiple, sample_seed
 from sr_lib.resize import imresize
 from sr_lib.threads import (
@@ -184,7 +184,6 @@ from sr_lib.threads import (
     when_not_held,
 )
 from sr_lib.tiling import DEFAULT_CONTEXT, draw, grid, prepare, upscale
-from sr_lib.weights import sha256_file
 
 PROG = "sr_sample.py"
 MIN_TILE = 16  # smallest --tile (LR px): below it the context costs many times the tile
@@ -584,8 +583,9 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     paths = input_paths(Path(args.input))
     from_hr = args.from_hr or args.input == "demo"  # the demo images are HR photographs
     device = pick_device(args.device)
+    ck, ckpt_sha256 = read_checkpoint_hashed(args.ckpt)  # (one read: manifest.json's digest)
     model, ck = load_model(args.ckpt, device, args.model, args.scale,
-                           args.raw_weights, args.global_skip)  # fmt: skip
+                           args.raw_weights, args.global_skip, ck)  # fmt: skip
     if "ema_state_dict" in ck:  # which of its two sets of weights the samples come from
         average = (f"the moving average of the weights (sr_train.py --ema {ck['ema_decay']:g}); "
                    "--raw-weights for the weights as trained")  # fmt: skip
@@ -595,8 +595,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     if args.check_invertibility:
         return check_invertibility(args, given, model, ck["model"], paths, from_hr, device,
                                    summary)  # fmt: skip
-    ck_sha256 = sha256_file(args.ckpt)
-    controls = resolve_controls(args, model, latent_source(ck, model, ck_sha256), device)
+    controls = resolve_controls(args, model, latent_source(ck, model, ckpt_sha256), device)
     n = controls.n if controls else args.n  # a control may fix it (one output per ref/step)
     setter = controls_setter(args, controls)
     temperatures = args.temperature or [model.default_temperature]
@@ -638,7 +637,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
         paths = leave_out_samples(paths, files, args.layout, out, len(folders) > 1)
     part, parts = (int(v) for v in args.shard.split("/"))
     mine = [(k, p) for k, p in enumerate(paths) if k % parts == part]
-    settings = run_settings(args, ck, ck_sha256, model, n, context, from_hr, paths, controls)
+    settings = run_settings(args, ck, ckpt_sha256, model, n, context, from_hr, paths, controls)
     # An out-of-memory retry cuts the image into tiles; where the folder's samples are recorded
     # exact (untiled, or a --tile that holds every image whole), with the exact context.
     exact = not settings["tile_context"]
@@ -843,9 +842,9 @@ def tile_context(args: SampleArgs, model) -> int:
     return context
 
 
-def run_settings(args, ck, ck_sha256, model, n, context, from_hr, paths, controls) -> dict:
+def run_settings(args, ck, ckpt_sha256, model, n, context, from_hr, paths, controls) -> dict:
     """What manifest.json records: every flag as given, and what they made of the run (the
-    checkpoint's sha256: ck_sha256).
+    checkpoint's sha256: ckpt_sha256).
     tile_context: 0 untiled or with exact tiles (at least the model's tile_halo of context:
     docs/design.md, "Tiled sampling"; or a --tile that holds every input whole), else
     [tile, context] (LR px), which change the samples. control_sha256 (only where a control
@@ -856,7 +855,7 @@ def run_settings(args, ck, ck_sha256, model, n, context, from_hr, paths, control
     exact = not args.tile or (halo is not None and context >= exact_context(model))
     exact = exact or one_tile(args, model, paths, from_hr)
     settings = {
-        "checkpoint_sha256": ck_sha256, "model": ck["model"],
+        "checkpoint_sha256": ckpt_sha256, "model": ck["model"],
         "config": ck["model_cfg"], "scale": model.scale, "n": n, "from_hr": from_hr,
         "tile_context": 0 if exact else [grid(model, args.tile, context)[0], context],
         "version": __version__, "flags": vars(args),
@@ -1186,11 +1185,11 @@ def check_invertibility(args: SampleArgs, given: set[str], model, name: str, pat
     return 0
 
 
-def latent_source(ck: dict, model, ck_sha256: str) -> dict:
+def latent_source(ck: dict, model, ckpt_sha256: str) -> dict:
     """What made this run's latents, as a flow's --save-latent records it in each .latent.npz
     (its made_by entry, JSON) and `--latent` checks it (sr_lib.models.base.check_latent_source):
     the model, its scale, the checkpoint's sha256 and config (as JSON has them: lists)."""
-    made_by = {"model": ck["model"], "scale": model.scale, "checkpoint_sha256": ck_sha256,
+    made_by = {"model": ck["model"], "scale": model.scale, "checkpoint_sha256": ckpt_sha256,
                "config": ck["model_cfg"], "version": __version__}  # fmt: skip
     return json.loads(json.dumps(made_by, sort_keys=True))
 

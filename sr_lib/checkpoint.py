@@ -15,7 +15,7 @@ import torch
 
 from sr_lib import __version__
 from sr_lib.errors import CheckpointError, OutputError
-from sr_lib.weights import torch_load
+from sr_lib.weights import read_hashed, torch_load
 
 # 2: the flows condition on the post-activation RRDB maps and NCSR x8 stacks blocks 1,8,15,22,
 #    as the released code does; a format-1 flow checkpoint computes another function.
@@ -63,8 +63,20 @@ def load_checkpoint(path: str | os.PathLike, oldest_format: dict[str, int] | Non
     `oldest_format[M]` (the model's `oldest_checkpoint_format`: older weights compute another
     function; `sr_lib.models.read_checkpoint` passes them all).
     """
+    return checked(torch_load(path, "checkpoint"), path, oldest_format)
+
+
+def load_checkpoint_hashed(
+    path: str | os.PathLike, oldest_format: dict[str, int] | None = None
+) -> tuple[dict, str]:
+    """(load_checkpoint(path, oldest_format), the file's sha256) from one open of it."""
+    ck, sha256 = read_hashed(path, "checkpoint")
+    return checked(ck, path, oldest_format), sha256
+
+
+def checked(ck, path: str | os.PathLike, oldest_format: dict[str, int] | None) -> dict:
+    """`ck`, loaded from file `path`, where it is a checkpoint this srspace reads."""
     path = Path(path)
-    ck = torch_load(path, "checkpoint")
     if not isinstance(ck, dict):
         raise CheckpointError(f"{path}: not a checkpoint (a {type(ck).__name__}, expected a dict)")
     if "format" in ck and int(ck["format"]) > FORMAT:

@@ -390,18 +390,25 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
-    """(load_state_dict(path), the file's sha256) from one open of it: hashed in pieces, then
+    """(load_state_dict(path), the file's sha256) from one open of it (`read_hashed`)."""
+    sd, sha256 = read_hashed(path)
+    return as_state_dict(sd, path), sha256
+
+
+def read_hashed(path: str | os.PathLike, what: str = "weights") -> tuple[object, str]:
+    """(torch_load(path, what), the file's sha256) from one open of it: hashed in pieces, then
     loaded from the same open file, whose pages the hashing left in the page cache. A weights
-    file of hundreds of MB on a network file system is fetched once, not once to hash and again
-    to load (and it is the file hashed that is loaded, even if it is replaced meanwhile)."""
+    file or checkpoint of hundreds of MB on a network file system is fetched once, not once to
+    hash and again to load (and it is the file hashed that is loaded, even if it is replaced
+    meanwhile)."""
     path = Path(path)
     if not path.is_file():
-        return torch_load(path)  # (raises its one-line error: no such file)
+        return torch_load(path, what)  # (raises its one-line error: no such file, a folder)
     try:
         with open(path, "rb") as f:
             sha256 = _sha256(f)
             f.seek(0)
-            return as_state_dict(torch_load(path, file=f), path), sha256
+            return torch_load(path, what, file=f), sha256
     except OSError as e:  # (unreadable: torch_load's own failures are CheckpointErrors)
         raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
 

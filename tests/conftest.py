@@ -46,6 +46,25 @@ TINY_VARIANTS: dict[str, tuple[str, dict]] = {
 CASES: dict[str, tuple[str, dict]] = {**{k: (k, v) for k, v in TINY.items()}, **TINY_VARIANTS}
 
 
+def opens_of(path, *statements: str) -> tuple[int, subprocess.CompletedProcess]:
+    """Runs `statements` in a Python of their own, from the repository, counting the opens of
+    file `path` with the interpreter's audit hook (in a process of its own: a hook cannot be
+    removed): (the count, the finished process, its output as text)."""
+    code = "\n".join([
+        "import sys",
+        "opens = []",
+        f"sys.addaudithook(lambda e, a: e == 'open' and str(a[0]) == {str(path)!r}"
+        " and opens.append(a[1]))",
+        *statements,
+        "print('opens', len(opens), file=sys.stderr)",
+    ])  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    last = done.stderr.splitlines()[-1:]
+    assert last and last[0].startswith("opens "), done.stderr[-2000:]
+    return int(last[0].split()[1]), done
+
+
 @pytest.fixture(autouse=True, scope="session")
 def ctrl_c_as_in_a_terminal():
     """Tests send SIGINT to the scripts as Ctrl-C in a terminal does, to a foreground job. A test

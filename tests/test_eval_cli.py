@@ -23,6 +23,7 @@ import numpy as np
 import png
 import pytest
 import torch
+from conftest import opens_of
 from PIL import Image
 
 import sr_eval
@@ -197,18 +198,9 @@ def test_the_lpips_weights_file_is_opened_once(tmp_path, lpips_file):
     shutil.copy(lpips_file, weights)
     argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", SCALE, "--n", N, "--device", "cpu",
             "--lpips-weights", weights, "--out", out]  # fmt: skip
-    code = "\n".join([
-        "import sys",
-        "opens = []",
-        f"sys.addaudithook(lambda e, a: e == 'open' and str(a[0]) == {str(weights)!r}"
-        " and opens.append(a[1]))",
-        "import sr_eval",
-        f"code = sr_eval.main({[str(a) for a in argv]!r})",
-        "print('opens', code, len(opens), file=sys.stderr)",
-    ])  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, cwd=REPO)  # fmt: skip
-    assert done.stderr.splitlines()[-1:] == ["opens 0 1"], done.stderr[-2000:]
+    code = f"assert sr_eval.main({[str(a) for a in argv]!r}) == 0"
+    opens, done = opens_of(weights, "import sr_eval", code)
+    assert done.returncode == 0 and opens == 1, done.stderr[-2000:]
     sha256 = __import__("hashlib").sha256(weights.read_bytes()).hexdigest()
     assert json.loads(out.read_text())["settings"]["lpips"]["sha256"] == sha256
 

@@ -2,6 +2,7 @@
 odd inputs and one-line errors with their exit codes, writing on threads. CPU, tiny images, a few
 seconds."""
 
+import hashlib
 import json
 import os
 import threading
@@ -13,7 +14,7 @@ import png
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY
+from conftest import TINY, opens_of
 from PIL import Image
 
 import sr_eval
@@ -29,6 +30,7 @@ from sr_lib.resize import imresize
 from sr_lib.tiling import draw
 
 SCALE = 2
+REPO = Path(__file__).resolve().parents[1]
 
 
 class Toy(SRModel):
@@ -382,6 +384,28 @@ def test_no_output_is_an_input(tmp_path, bicubic_ckpt, capsys):
                        "its inputs, and replace it; use another --out"]  # fmt: skip
     assert np.array_equal(read(one / "a.png"), before[0])
     assert np.array_equal(read(lr / "a.png"), before[1]) and pngs(run_dir) == []
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_the_checkpoint_is_opened_once_and_its_sha256_is_of_that_read(tmp_path, raw):
+    """--ckpt was opened twice: loaded for the model, then hashed again for manifest.json's
+    checkpoint_sha256 (a raw state_dict three times: loaded as a checkpoint, loaded again as a
+    state_dict, hashed); on a cluster's file system each read of a big file costs, and a file
+    replaced between two reads was recorded under another's digest. One open now gives the
+    model and the digest. (Counted by the interpreter's audit hook, in a process of its own: a
+    hook cannot be removed.)"""
+    ckpt, out = tmp_path / "model.pt", tmp_path / "out"
+    edsr_ckpt(ckpt)
+    raw_flags = []
+    if raw:  # weights alone (the default config's, which a raw file with our key names is)
+        torch.save(build_model("edsr", {"scale": SCALE}).state_dict(), ckpt)
+        raw_flags = ["--model", "edsr", "--scale", str(SCALE)]
+    inp = folder(tmp_path / "in", a=image((8, 8)))
+    argv = ["--ckpt", str(ckpt), "--input", str(inp), "--out", str(out), *raw_flags]
+    opens, done = opens_of(ckpt, "import sr_sample", f"assert sr_sample.main({argv!r}) == 0")
+    assert done.returncode == 0 and opens == 1, done.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("in_place", [False, True])

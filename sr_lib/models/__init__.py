@@ -5,7 +5,7 @@ import os
 from dataclasses import fields
 
 from sr_lib import __version__
-from sr_lib.checkpoint import is_srspace_checkpoint, load_checkpoint
+from sr_lib.checkpoint import is_srspace_checkpoint, load_checkpoint, load_checkpoint_hashed
 from sr_lib.errors import CheckpointError, UsageError
 from sr_lib.models.base import SRModel
 from sr_lib.models.bicubic import Bicubic
@@ -16,7 +16,7 @@ from sr_lib.models.srflow import SRFlow
 from sr_lib.models.srflow_variants import NCSR, SRFlowDA
 from sr_lib.models.varsr import VarSR
 from sr_lib.models.vspsr import VSpSR
-from sr_lib.weights import load_state_dict
+from sr_lib.weights import as_state_dict
 
 MODELS: dict[str, type[SRModel]] = {
     "bicubic": Bicubic,
@@ -46,7 +46,16 @@ def build_model(name: str, cfg: dict | None = None) -> SRModel:
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """A checkpoint file; one of a model's formats older than its `oldest_checkpoint_format` is
     refused (a one-line CheckpointError: retrain)."""
-    return load_checkpoint(path, {k: c.oldest_checkpoint_format for k, c in MODELS.items()})
+    return load_checkpoint(path, oldest_formats())
+
+
+def read_checkpoint_hashed(path: str | os.PathLike) -> tuple[dict, str]:
+    """(read_checkpoint(path), the file's sha256) from one open of it."""
+    return load_checkpoint_hashed(path, oldest_formats())
+
+
+def oldest_formats() -> dict[str, int]:
+    return {k: c.oldest_checkpoint_format for k, c in MODELS.items()}
 
 
 def checkpoint_config(ck: dict, path: str | os.PathLike) -> dict:
@@ -76,17 +85,19 @@ def load_model(
     scale: int | None = None,
     raw_weights=False,
     global_skip: str | None = None,
+    ck: dict | None = None,
 ):
     """Build the model a checkpoint describes and load its weights strictly: the moving average
     of the weights when the run kept one (`sr_train.py --ema`), else (or with `raw_weights`) the
-    weights as trained.
+    weights as trained. `ck`: the file as `read_checkpoint(path)` returns it, where the caller
+    has read it already (sr_sample.py, with its sha256: `read_checkpoint_hashed`).
 
     Returns (model in eval mode, checkpoint dict). For a raw state_dict (no srspace metadata),
     `model` and `scale` are required; the model class reads its config off the keys
     (`raw_config`) and maps them (`load_raw_state_dict`). `global_skip`: the global skip of a
     raw rrdb file where its keys do not tell ("esrgan" or "srflow", sr_sample.py --global-skip).
     """
-    ck = read_checkpoint(path)
+    ck = read_checkpoint(path) if ck is None else ck
     if is_srspace_checkpoint(ck):
         own = ck["model_cfg"].get("global_skip", "srflow") if ck["model"] == "rrdb" else None
         # (its config says which; a flag must not contradict it)
@@ -117,7 +128,7 @@ def load_model(
             raise UsageError(
                 f"--global-skip {global_skip} (global_skip=): only for --model rrdb, not {model}"
             )
-        sd = load_state_dict(path)
+        sd = as_state_dict(ck, path)  # (the file as read above)
         try:
             extra = {"global_skip": global_skip} if global_skip is not None else {}
             cfg = MODELS[model].raw_config(sd, int(scale), **extra)
