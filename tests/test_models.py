@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CASES, TINY
+from conftest import CASES, TINY, opens_of
 
 from sr_lib.errors import CheckpointError, UsageError
 from sr_lib.models import MODELS, build_model, vspsr
@@ -440,6 +440,17 @@ def test_load_official_rrdb(tmp_path):
     torch.save(RRDBNet(4, nf=8, nb=3, gc=4).state_dict(), path)
     with pytest.raises(CheckpointError, match="unexpected"):
         load_official_rrdb(src, path)
+
+
+def test_an_official_rrdb_file_is_opened_once(tmp_path):
+    """load_official_rrdb (SRFlow's --rrdb-init) read a released RRDB file (RRDB_PSNR_x4.pth:
+    67 MB) twice: as a checkpoint, to see whether it was one of ours, then again as a
+    state_dict. Now it loads the weights from the one read."""
+    path = tmp_path / "RRDB_tiny.pth"
+    torch.save(RRDBNet(4, nf=8, nb=2, gc=4).state_dict(), path)
+    load = f"load_official_rrdb(RRDBNet(4, nf=8, nb=2, gc=4), {str(path)!r})"
+    opens, done = opens_of(path, "from sr_lib.models.rrdb import RRDBNet, load_official_rrdb", load)
+    assert done.returncode == 0 and opens == 1, done.stderr[-2000:]
 
 
 # ℓ_E (He & Cheng; docs/le.md)

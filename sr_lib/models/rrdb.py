@@ -28,7 +28,7 @@ from sr_lib.models.blocks import (
     conv3x3,
     float32_out,
 )
-from sr_lib.weights import load_state_dict, load_strict
+from sr_lib.weights import as_state_dict, load_strict
 
 SCALES = (2, 4, 8)
 
@@ -263,7 +263,7 @@ def load_official_rrdb(model_or_net: nn.Module, path: str | os.PathLike) -> None
         weights = ck.get("ema_state_dict", ck["state_dict"])
         sd = {k[len("net.") :]: v for k, v in weights.items() if k.startswith("net.")}
     else:
-        sd = load_state_dict(path)
+        sd = as_state_dict(ck, path)  # (the file as read above)
     load_strict(net, sd, f"{path} does not match this RRDBNet")
 
 
