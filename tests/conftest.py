@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -93,6 +94,22 @@ def popen_in_background():
             signal.signal(signal.SIGINT, before)
 
     return start
+
+
+@pytest.fixture
+def own_temp_dir(tmp_path):
+    """The system's temporary folder for this test, its processes and theirs: tmp_path/"tmp"
+    (TMPDIR for the scripts it starts, tempfile's folder for the loader workers this process
+    forks). A loader worker killed (a hung one, after LOADER_TIMEOUT; one killed by the test)
+    leaves its pymp-* folder behind (multiprocessing's, for handing over tensors: removed at
+    the worker's exit, which it never reaches), one in the system's at every run of the test.
+    Its own MonkeyPatch: a test may undo its own."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TMPDIR", str(folder))
+        mp.setattr(tempfile, "tempdir", str(folder))
+        yield folder
 
 
 @pytest.fixture

@@ -207,7 +207,7 @@ def test_a_rank_killed_leaves_the_other_one_line_and_exit_75(tmp_path, images, v
 
 
 def test_a_hung_loader_worker_on_one_rank_ends_every_rank_at_once_with_exit_75(
-    tmp_path, images, worker_hang
+    tmp_path, images, worker_hang, own_temp_dir
 ):
     """srun's ranks, rank 1's loader worker hung from step 4's batch (CPython gh-112275): after
     LOADER_TIMEOUT rank 1 stops with one line, exit 75, and rank 0, waiting for it in a

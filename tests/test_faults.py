@@ -594,7 +594,7 @@ def test_a_checkpoint_not_written_says_whether_an_earlier_one_is_left(tmp_path, 
 
 @pytest.mark.parametrize("where", ["start", "step 4"])
 def test_a_hung_loader_worker_saves_and_exits_75_in_one_line(
-    tmp_path, images, monkeypatch, capsys, where
+    tmp_path, images, monkeypatch, capsys, where, own_temp_dir
 ):
     """A loader worker that hangs (on Python before 3.12 a forked worker can hang at its start
     for good, CPython gh-112275) left the run waiting for its batch until the job's time limit.
@@ -652,7 +652,7 @@ def test_a_hung_loader_worker_saves_and_exits_75_in_one_line(
 
 
 def test_a_signal_during_a_loader_hang_saves_and_exits_75_within_seconds(
-    tmp_path, images, worker_hang
+    tmp_path, images, worker_hang, own_temp_dir
 ):
     """SLURM's SIGTERM to the job's process group while a loader worker hangs: the wait for the
     batch was one call of LOADER_TIMEOUT (10 min), which the signal did not end, so SLURM's

@@ -700,7 +700,9 @@ def test_a_full_dev_shm_saves_the_steps_done_and_says_so_in_one_line(tmp_path, i
     assert load_checkpoint(out / "last.pt")["step"] == 2
 
 
-def test_a_loader_worker_killed_saves_the_steps_done_and_says_so_in_one_line(tmp_path, images):
+def test_a_loader_worker_killed_saves_the_steps_done_and_says_so_in_one_line(
+    tmp_path, images, own_temp_dir
+):
     """The kernel's out-of-memory killer picks a loader worker (each may come to hold its own
     copy of the images). torch's SIGCHLD handler raised its "worker killed by signal" error
     wherever the main process was (a backward, an optimiser step): a traceback, exit 1, and

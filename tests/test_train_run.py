@@ -84,7 +84,9 @@ def test_a_second_run_on_the_same_folder_is_refused_and_a_killed_run_leaves_no_l
     assert load_checkpoint(out / "last.pt")["step"] == step + 1
 
 
-def test_a_run_killed_while_its_loader_workers_live_on_leaves_no_lock(tmp_path, images):
+def test_a_run_killed_while_its_loader_workers_live_on_leaves_no_lock(
+    tmp_path, images, own_temp_dir
+):
     """kill -9 of sr_train.py alone: its loader workers, forked from it, live on until they
     notice (seconds). A --resume auto at once, while they are alive, is not refused: the lock is
     the process's own, not shared with them."""
