@@ -299,8 +299,9 @@ def test_batched_lpips_equals_the_lpips_module(lpips_pair, batch):
 )
 def test_lpips_in_onednn_layout_equals_the_lpips_module(lpips_pair, monkeypatch, hw, plan):
     """Where torch runs a trunk convolution with oneDNN, the activations stay in its blocked
-    layout; where it does not (small inputs), they go back to the module's layout. Both sizes:
-    the maps equal the module's to the bit, as with the module's layout throughout."""
+    layout and the ReLU after it is applied by the convolution itself (`_conv_relu`); where it
+    does not (small inputs), they go back to the module's layout. Both sizes: the maps equal the
+    module's to the bit, as with the module's layout throughout and with the ReLU on its own."""
     ref, ours = lpips_pair
     ours.batch = 1
     gt = smooth_img(*hw, seed=60)
@@ -309,7 +310,12 @@ def test_lpips_in_onednn_layout_equals_the_lpips_module(lpips_pair, monkeypatch,
     assert ours._onednn_convs(x) == plan  # torch 2.6 to 2.14 pick these: both layouts, both ways
     with torch.no_grad():
         expect = torch.cat([ref(to_lpips_input(s), to_lpips_input(gt))[0] for s in samples])
+    assert M._conv_relu_works()  # (its check runs once, on first use: not counted below)
+    fused, conv_relu = [], M._conv_relu
+    monkeypatch.setattr(M, "_conv_relu", lambda h, conv: fused.append(conv) or conv_relu(h, conv))
     assert torch.equal(ours.maps(samples, gt), expect)
+    # per pass (the GT's and each sample's), every convolution in oneDNN's layout: with its ReLU
+    assert len(fused) == 3 * sum(plan)
 
     def other_signature(*args):
         raise TypeError("_select_conv_backend(): incompatible function arguments")
@@ -317,13 +323,42 @@ def test_lpips_in_onednn_layout_equals_the_lpips_module(lpips_pair, monkeypatch,
     def module_layout_throughout():
         ours._onednn.clear()
         assert ours._onednn_convs(x) == [False] * 5
+        fused.clear()
         assert torch.equal(ours.maps(samples, gt), expect)
+        assert not fused
+
+    works = M._conv_relu_works
+    monkeypatch.setattr(M, "_conv_relu_works", lambda: False)  # a torch without the fused op
+    fused.clear()
+    assert torch.equal(ours.maps(samples, gt), expect) and not fused
+    monkeypatch.setattr(M, "_conv_relu_works", works)
 
     monkeypatch.setattr(torch._C, "_select_conv_backend", other_signature)  # another torch's
     module_layout_throughout()
     monkeypatch.delattr(torch._C, "_select_conv_backend")  # a torch without it
     module_layout_throughout()
     ours._onednn.clear()
+
+
+def test_fused_conv_relu_is_used_only_where_it_gives_the_two_calls_result(monkeypatch):
+    """The convolution's ReLU post-op is an internal op of torch: where it fails or returns
+    anything but the two calls' tensor in oneDNN's layout, the ReLU runs on its own."""
+
+    def failing(*args):
+        raise RuntimeError("mkldnn::_convolution_pointwise: no such overload")
+
+    def dense(x, *args):
+        return torch.relu(torch.nn.functional.conv2d(x.to_dense(), *args[:6]))
+
+    try:
+        for op in (failing, dense):
+            M._conv_relu_works.cache_clear()
+            monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", op)
+            assert not M._conv_relu_works()
+    finally:
+        monkeypatch.undo()
+        M._conv_relu_works.cache_clear()
+    assert M._conv_relu_works() == torch.backends.mkldnn.is_available()
 
 
 def test_lpips_in_onednn_layout_is_exact_with_avx2_kernels_too():
@@ -410,14 +445,21 @@ def test_lut_lookup_of_other_devices_equals_the_cpu_table(lpips_pair):
         assert torch.equal(looked_up, ours.net.scaling_layer(M.to_lpips_range(x)))
 
 
-def test_lpips_computes_without_tf32_and_leaves_the_callers_setting(lpips_pair):
+def test_lpips_computes_without_tf32_and_leaves_the_callers_setting(lpips_pair, monkeypatch):
     _, ours = lpips_pair
     flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
     before, seen = flags(), []
     # (not the shape-only pass on meta tensors that plans the oneDNN layout of a shape not seen
     # before: whether it runs here depended on which test used the fixture first)
     record = lambda _m, _i, out: out.is_meta or seen.append(flags())  # noqa: E731
-    hook = ours.slices[0][0].register_forward_hook(record)
+    conv, conv_relu = ours.slices[0][0], M._conv_relu
+    hook = conv.register_forward_hook(record)
+
+    def fused(h, c):  # the first convolution where oneDNN runs it with its ReLU
+        seen.extend([flags()] if c is conv else [])
+        return conv_relu(h, c)
+
+    monkeypatch.setattr(M, "_conv_relu", fused)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     try:
         gt = smooth_img(64, 96, seed=60)
