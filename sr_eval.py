@@ -105,6 +105,7 @@ import sr_lib
 from sr_lib import metrics, report
 from sr_lib.config import asks_json, given_fields, parse, pick_device
 from sr_lib.data import (
+    AlphaDropped,
     check_out_dir,
     check_out_file,
     demo_files,
@@ -405,7 +406,7 @@ def jsonable(v):
 def main(argv: list[str] | None = None) -> int:
     with Summary(PROG) as summary:  # --json: its line after the error line, or the return
         with exit_on_error(PROG), warnings.catch_warnings():
-            warnings.showwarning = lambda msg, *a, **k: warn(str(msg))  # read_image's, one line
+            warnings.showwarning = one_line_warnings()  # read_image's
             argv = list(sys.argv[1:] if argv is None else argv)
             try:
                 with stop_signals():
@@ -460,6 +461,22 @@ def stopped_line(name: str, fields: dict) -> str:
                 f"in {partial}: rerun the same command to continue")  # fmt: skip
     return (f"stopped by {name} after scoring {scored} of {images} images, none kept (only "
             "--out or --csv keeps them): rerun the same command")  # fmt: skip
+
+
+def one_line_warnings():
+    """A warnings.showwarning: one line each, and a dropped alpha channel once per folder (an
+    RGBA sample folder of 100 images at N = 10 gave 1,000 lines)."""
+    folders = set()
+
+    def show(message, *args, **kwargs):
+        if isinstance(message, AlphaDropped):
+            if message.path.parent in folders:
+                return
+            folders.add(message.path.parent)
+            message = f"{message}; so is that of any other file in {message.path.parent}"
+        warn(str(message))
+
+    return show
 
 
 def warn(msg: str) -> None:

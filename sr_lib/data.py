@@ -457,10 +457,19 @@ def _upright(arr: np.ndarray, orientation: int) -> np.ndarray:
     return arr
 
 
+class AlphaDropped(NodeWarning):
+    """read_image's warning for a file whose alpha channel it drops, naming it (`path`): a
+    script reading many such files can say it once per folder (sr_eval.py)."""
+
+    def __init__(self, path):
+        super().__init__(f"{path}: alpha channel dropped (the image is read as RGB)")
+        self.path = Path(path)
+
+
 def _to_rgb8(arr: np.ndarray, path) -> np.ndarray:
     arr = _samples(arr, path)
     if arr.shape[2] in (2, 4):
-        warnings.warn(f"{path}: alpha channel dropped (the image is read as RGB)", NodeWarning, 3)
+        warnings.warn(AlphaDropped(path), stacklevel=3)
         arr = arr[:, :, :-1]
     arr = _to_8bit(arr)
     if arr.shape[2] == 1:

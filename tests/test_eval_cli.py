@@ -463,6 +463,11 @@ def test_16bit_rgba_and_gray_images_are_evaluated(tmp_path, capsys, lpips_file):
     for got, w in zip(res["per_image"], expected(hr_dir, sr_dir, 2, lpips_file)):
         check_row(got, w)
     assert read_image(hr_dir / "0801.png").shape == (48, 64, 3)
+    # an RGBA sample folder: its dropped alpha is said once, not once per file
+    iio.imwrite(sr_dir / "000001_sample00000.png", rgba.astype(np.uint8))
+    code, cap = run(capsys, *args, "--out", out)
+    said = [line for line in cap.err.splitlines() if "alpha channel dropped" in line]
+    assert code == 0 and len(said) == 1 and str(sr_dir) in said[0], cap.err
 
 
 # ----------------------------------------------------------------------------- bad input
