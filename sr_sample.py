@@ -345,8 +345,8 @@ class SampleArgs:
     )
     latent: str = field(
         default="",
-        metadata=dict(help="decode this saved latent .npy, (D,) or (k, D): k outputs (flows: "
-                      "a .npz of fields)"),
+        metadata=dict(help="decode this saved latent: refvae, varsr: a .npy, (D,) or (k, D): k "
+                      "outputs; flows: a .npz of fields z0, z1, ..."),
     )  # fmt: skip
     latent_shift: str = field(
         default="",
@@ -358,8 +358,9 @@ class SampleArgs:
     )
     save_latent: bool = field(
         default=False,
-        metadata=dict(help="write NAME_sample{i:05d}.latent.npy per sample (flows: .npz)"),
-    )
+        metadata=dict(help="write each sample's latent: NAME_sample{i:05d}.latent.npy (refvae, "
+                      "varsr), .latent.npz (flows)"),
+    )  # fmt: skip
     check_invertibility: bool = field(
         default=False,
         metadata=dict(help="flows: draw the samples, encode each back to z and decode again; "

@@ -1167,3 +1167,16 @@ def test_sr_eval_reads_gray_16_bit_and_rgba_samples_as_8_bit_rgb(tmp_path, bicub
         got = json.loads(results.read_text())
         means.append((got["mean"], got["per_image"]))
     assert means[0] == means[1] and {"PSNR_mean", "SSIM_mean"} <= set(means[0][0])
+
+
+def test_the_help_of_the_latent_flags_names_the_flows_npz(capsys):
+    """--save-latent writes a flow's fields as NAME_sample{i:05d}.latent.npz, and --latent reads
+    that .npz back (docs/flows.md); the help named only RefVAE's and VarSR's .npy."""
+    with pytest.raises(SystemExit) as e:
+        sr_sample.main(["-h"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    save = text[text.index("--save-latent write") :][:200]
+    latent = text[text.index("--latent LATENT decode") :][:200]
+    assert ".latent.npy" in save and ".latent.npz (flows)" in save, save
+    assert ".npy" in latent and "flows: a .npz" in latent, latent
