@@ -434,7 +434,7 @@ def as_state_dict(sd, path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return sd
 
 
-_TORCHVISION = ("alexnet", "vgg16", "vgg19")
+_TORCHVISION = ("alexnet", "vgg19")
 
 
 def torchvision_model(

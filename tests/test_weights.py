@@ -87,7 +87,7 @@ def test_missing_manifest(tmp_path):
 
 def test_real_manifest_has_torchvision_weights():
     m = load_manifest()
-    for name in ("alexnet", "vgg16", "vgg19"):
+    for name in ("alexnet", "vgg19"):
         e = m[name]
         assert e.url.startswith("https://download.pytorch.org/models/")
         # torchvision names its files after the hash prefix, so the two columns must agree
@@ -428,7 +428,7 @@ def test_torchvision_model_leaves_the_callers_generator_as_it_was(alexnet_file):
 def test_torchvision_model_no_weights_and_unknown_name():
     model = torchvision_model("alexnet", pretrained=False, manifest={})
     assert isinstance(model, torchvision.models.AlexNet)
-    with pytest.raises(UsageError, match="choose from alexnet, vgg16, vgg19"):
+    with pytest.raises(UsageError, match="choose from alexnet, vgg19"):
         torchvision_model("resnet50")
 
 
