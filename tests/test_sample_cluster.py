@@ -134,13 +134,27 @@ def test_shard_auto_maps_a_range_array_and_refuses_a_list(monkeypatch, env, want
             sr_sample.shard_value("auto")
 
 
+def killed_base(inp: Path, flow_ckpt: Path) -> list:
+    return ["--ckpt", flow_ckpt, "--input", inp, "--n", 2, "--from-hr", "--grid"]
+
+
+@pytest.fixture(scope="module")
+def one_run(tmp_path_factory, flow_ckpt) -> tuple[Path, dict[str, bytes]]:
+    """The input folder of test_killed_then_rerun_equals_one_run and the files of one
+    uninterrupted run on it: made once for its four signals (the same run each time)."""
+    folder = tmp_path_factory.mktemp("one_run")
+    inp = images(folder / "in", 24, size=(96, 96))
+    assert run(*killed_base(inp, flow_ckpt), "--out", folder / "one") == 0
+    return inp, files(folder / "one")
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGKILL, -9), (signal.SIGINT, 130),
                                        (signal.SIGTERM, 75), (signal.SIGHUP, 75)])  # fmt: skip
-def test_killed_then_rerun_equals_one_run(tmp_path, flow_ckpt, sig, code, capsys):
+def test_killed_then_rerun_equals_one_run(tmp_path, flow_ckpt, one_run, sig, code, capsys):
     """Two shards into one folder, the second killed mid-run and run again: the folder equals that
     of one uninterrupted run, file by file."""
-    inp = images(tmp_path / "in", 24, size=(96, 96))
-    base = ["--ckpt", flow_ckpt, "--input", inp, "--n", 2, "--from-hr", "--grid"]
+    inp, one = one_run
+    base = killed_base(inp, flow_ckpt)
     out = tmp_path / "resumed"
     assert run(*base, "--shard", "0/2", "--out", out) == 0
     cmd = [sys.executable, str(REPO / "sr_sample.py"), *map(str, base), "--shard", "1/2", "--out",
@@ -163,8 +177,7 @@ def test_killed_then_rerun_equals_one_run(tmp_path, flow_ckpt, sig, code, capsys
     text = capsys.readouterr().out
     skipped = int(text.split("images sampled, ")[1].split(" already complete")[0])
     assert 0 < skipped < 12, text  # it continued where it stopped
-    assert run(*base, "--out", tmp_path / "one") == 0
-    assert files(out) == files(tmp_path / "one")
+    assert files(out) == one and len(one) == 24 * 4  # per image 2 samples, a grid, lr/ (--from-hr)
 
 
 def test_rerun_skips_complete_images_and_refuses_other_settings(tmp_path, flow_ckpt, capsys):
