@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage  # a dependency of scikit-image, which requirements.txt lists
 
 from sr_lib.errors import DataError
 from sr_lib.lpips_net import heads_file, load_alexnet_trunk, lpips_module
@@ -130,6 +129,10 @@ def _filter_valid(x: ARRAY) -> ARRAY:
 
     Channels-first and contiguous: scipy filters contiguous lines ~2x faster than HWC strides.
     """
+    # scipy (a dependency of scikit-image, which requirements.txt lists) here, not at import:
+    # its ~0.2 s would be paid by every start of sr_train.py, which computes no SSIM
+    from scipy import ndimage
+
     r = _WINDOW.size // 2
     y = ndimage.correlate1d(x, _WINDOW, axis=1, mode="constant")[:, r:-r]
     return ndimage.correlate1d(y, _WINDOW, axis=2, mode="constant")[:, :, r:-r]
