@@ -530,7 +530,10 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     partial = partial_path(args)
     key = scores_key(args, run_settings(args, shave, device, lpips_metric, columns, methods))
     prints = [image_print(hr[s], lr_files, sigma_files, methods, k) for k, s in enumerate(stems)]
-    kept = kept_scores(partial, key, stems, prints, methods) if partial else []
+    fields = {m.name: {"image", *columns} for m in methods}  # the keys of each method's row
+    if sigma_files:
+        fields[methods[0].name] |= {"PLL", "PSNR_sigma"}
+    kept = kept_scores(partial, key, stems, prints, fields) if partial else []
     summary.update(scored=len(kept), partial=str(partial) if kept else None)
     if kept and not args.quiet:
         with unless_stdout_closed(to_files):
@@ -628,28 +631,42 @@ def image_print(hr_file: Path, lr_files, sigma_files, methods, k: int) -> str:
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
-def kept_scores(path: Path, key: str, stems: list[str], prints: list[str], methods) -> list[dict]:
+def kept_scores(path: Path, key: str, stems: list[str], prints: list[str], fields) -> list[dict]:
     """The scores of a run of the same command stopped before ({"image", "files", "rows":
     {method: row}} per image), that `path` holds: those of the first images whose files are
-    still the same (`prints`), where the settings are (`key`); else none, with a warning. A
+    still the same (`prints`), where the settings are (`key`) and each row has its method's
+    `fields`, numbers (or null) but the image's name; else none, with a warning. A
     stop of any kind leaves the file (a signal, Ctrl-C, an error); main removes it once the
     results are written. The numbers come back exactly: JSON keeps every float."""
     if not path.exists():
         return []
-    names, usable = {m.name for m in methods}, []
+    usable = []
     try:
         kept = json.loads(path.read_text(encoding="utf-8"))
         same = kept["key"] == key
         for entry, stem, fp in zip(kept["images"] if same else [], stems, prints):
-            if (entry["image"], entry["files"], set(entry["rows"])) != (stem, fp, names):
+            if (entry["image"], entry["files"], set(entry["rows"])) != (stem, fp, set(fields)):
                 break  # changed files: this image and the ones after it are scored again
+            if not all(scores_row(entry["rows"][m], stem, f) for m, f in fields.items()):
+                same, usable = False, []  # (edited: a row of other fields, a "number" not one)
+                break
             usable.append(entry)
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-        same = False
+        same, usable = False, []
     if not same:
         warn(f"{path}: not the scores of this command (other flags or settings, or not "
              "sr_eval.py's); scoring every image, replacing it")  # fmt: skip
     return usable
+
+
+def scores_row(row, stem: str, fields: set[str]) -> bool:
+    """Whether `row`, read back from OUT.partial, is one that `score` makes for image `stem`:
+    the `fields`, each a number or null but "image", the stem."""
+    if not isinstance(row, dict) or set(row) != fields or row["image"] != stem:
+        return False
+    number = (int, float)
+    return all(v is None or (isinstance(v, number) and not isinstance(v, bool))
+               for k, v in row.items() if k != "image")  # fmt: skip
 
 
 def show(text: str, to_stderr: bool) -> None:

@@ -888,6 +888,50 @@ def test_a_rerun_scores_again_what_changed_after_the_stop(tmp_path, capsys, monk
     )
 
 
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda row: "x",
+        lambda row: [1, 2],
+        lambda row: {**row, "PSNR_mean": "9.5"},
+        lambda row: {**row, "SSIM_mean": True},
+        lambda row: {"image": row["image"]},
+        lambda row: {**row, "image": "0003"},
+    ],
+    ids=["row-a-string", "row-a-list", "a-number-a-string", "a-bool", "no-columns", "other-image"],
+)
+def test_an_edited_partial_file_is_scored_again_not_a_traceback(
+    tmp_path, capsys, monkeypatch, edit
+):
+    """An OUT.partial whose first row was edited by hand (or by a tool): a row that is not a
+    row, a number that is a string, a row without its columns. The rerun ended in a traceback
+    (AttributeError, TypeError from dataset_mean) after scoring everything, or took the empty
+    row, its image left out of the means in silence. Now one warning line, every image scored
+    again, and --out the one of a run never stopped."""
+    names = tuple(f"{k:04d}" for k in range(4))
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 4, names=names)
+    out = tmp_path / "r.json"
+    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips", "--out", out]
+    assert run(capsys, *argv)[0] == 0
+    whole = out.read_bytes()
+    out.unlink()
+    calls = stop_at_image(monkeypatch, "0003")
+    assert fails(capsys, *argv)[0] == 75
+    partial = tmp_path / "r.json.partial"
+    kept = json.loads(partial.read_text())
+    (method,) = kept["images"][0]["rows"]
+    kept["images"][0]["rows"][method] = edit(kept["images"][0]["rows"][method])
+    partial.write_text(json.dumps(kept))
+    calls.clear()
+    code, got = run(capsys, *argv)
+    assert code == 0 and calls == ["0000", "0001", "0002", "0003"] and not partial.exists()
+    assert got.err == (
+        f"sr_eval.py: warning: {partial}: not the scores of this command (other flags or "
+        "settings, or not sr_eval.py's); scoring every image, replacing it\n"
+    )
+    assert out.read_bytes() == whole
+
+
 def test_started_in_the_background_ctrl_c_is_not_for_it(tmp_path, popen_in_background):
     """A shell starts `sr_eval.py ... &` in a script with SIGINT ignored (Ctrl-C in its terminal is
     for the job in the foreground): the run keeps it so, and completes."""
