@@ -409,13 +409,13 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = one_line_warnings()  # read_image's
             argv = list(sys.argv[1:] if argv is None else argv)
             try:
+                args = parse(EvalArgs, argv, PROG)
+            except UsageError:  # the --json line after the error line, if asked for
+                summary.json = asks_json(EvalArgs, argv, PROG)
+                raise
+            summary.json = args.json and STDOUT not in (args.out, args.csv)  # (refused)
+            try:  # (a signal that came while torch was imported is raised here, --json known)
                 with stop_signals():
-                    try:
-                        args = parse(EvalArgs, argv, PROG)
-                    except UsageError:  # the --json line after the error line, if asked for
-                        summary.json = asks_json(EvalArgs, argv, PROG)
-                        raise
-                    summary.json = args.json and STDOUT not in (args.out, args.csv)  # (refused)
                     code = run(args, given_fields(EvalArgs, argv, PROG), summary)
                 if summary.fields["partial"]:  # (here, where a stop signal stops no more)
                     Path(summary.fields["partial"]).unlink(missing_ok=True)

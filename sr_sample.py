@@ -509,7 +509,6 @@ def run_script(argv, summary: Summary) -> int:
     with exit_on_error(PROG):
         try:
             with SIGNALS:
-                replay_stop_signal()  # one that came while this script was importing
                 argv = list(sys.argv[1:] if argv is None else argv)
                 try:
                     args, given = parse_args(argv)
@@ -517,6 +516,7 @@ def run_script(argv, summary: Summary) -> int:
                     summary.json = asks_json(SampleArgs, argv, PROG)
                     raise
                 summary.json = args.json
+                replay_stop_signal()  # one that came while importing: its --json line too
                 return sample(args, given, summary)
         except Preempted as e:
             raise Stopped(str(e)) from None

@@ -341,7 +341,8 @@ def signal_caught(pid: int, sig: signal.Signals) -> bool:
 def test_a_signal_while_the_script_imports_torch_stops_it_with_one_line(tmp_path, images, script):
     """SLURM's SIGUSR1 (or SIGTERM) to the job's process group while the script still imports
     torch (seconds; a minute on a busy cluster file system): exit 75 and one line, not the
-    default action's silent exit 138, which no job script takes for a preemption."""
+    default action's silent exit 138, which no job script takes for a preemption; with --json
+    its line too (sr_sample.py and sr_eval.py raised the signal before reading --json: none)."""
     if script == "sr_train.py":
         argv, out = cmd(tmp_path / "run", images, 5), tmp_path / "run"
     elif script == "sr_sample.py":
@@ -351,14 +352,15 @@ def test_a_signal_while_the_script_imports_torch_stops_it_with_one_line(tmp_path
         argv = [sys.executable, str(REPO / "sr_eval.py"), "--hr", str(images), "--sr",
                 f"{images}:1", "--scale", "2", "--n", "1", "--no-lpips", "--out",
                 str(out / "r.json")]  # fmt: skip
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)  # fmt: skip
+    p = subprocess.Popen([*argv, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)  # fmt: skip
     deadline = time.time() + 60
     while not signal_caught(p.pid, signal.SIGUSR1) and time.time() < deadline:
         time.sleep(0.001)
     assert "libtorch" not in Path(f"/proc/{p.pid}/maps").read_text(), "torch is imported already"
     os.killpg(p.pid, signal.SIGUSR1)
-    err = p.communicate(timeout=120)[1].strip()
+    stdout, err = p.communicate(timeout=120)
+    err = err.strip()
     assert p.returncode == 75, err
     said = {
         "sr_train.py": " before the first step, nothing to save; continue with --resume auto",
@@ -366,6 +368,8 @@ def test_a_signal_while_the_script_imports_torch_stops_it_with_one_line(tmp_path
         "sr_eval.py": " before any image was scored; rerun the same command",
     }[script]
     assert err == f"{script}: error: stopped by SIGUSR1{said}"
+    line = json.loads(stdout.splitlines()[-1]) if stdout.strip() else {}  # (--json's, after it)
+    assert (line.get("exit_code"), line.get("error")) == (75, f"stopped by SIGUSR1{said}"), stdout
     assert not out.exists() or not any(out.iterdir())
 
 
