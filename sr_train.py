@@ -300,9 +300,9 @@ def main(argv=None) -> int:
 
 def run_script(argv, result: Summary) -> int:
     with exit_on_error(PROG), warnings.catch_warnings():
-        distributed.warn_once()
         argv = list(sys.argv[1:] if argv is None else argv)
         try:
+            distributed.warn_once()  # (a malformed RANK, WORLD_SIZE...: a usage error too)
             args, rest, given = parse_all(argv)
         except UsageError:  # the --json line after the error line, if asked for
             result.json = asks_json(TrainArgs, argv, PROG) and first_rank()
@@ -320,8 +320,11 @@ def run_script(argv, result: Summary) -> int:
 
 def first_rank() -> bool:
     """Whether this process is rank 0, or the only one (from the environment: before the
-    processes meet)."""
-    return (distributed.env_ranks() or (0,))[0] == 0
+    processes meet). A malformed RANK, WORLD_SIZE... (a usage error): each process says it."""
+    try:
+        return (distributed.env_ranks() or (0,))[0] == 0
+    except UsageError:
+        return True
 
 
 def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib.ExitStack,

@@ -550,7 +550,8 @@ def test_validation_best_pt_and_the_weight_average_under_two_processes(tmp_path,
 def test_a_malformed_launcher_variable_is_one_line_not_a_traceback(monkeypatch, capsys, env,
                                                                    says):  # fmt: skip
     """RANK=x (a job script's typo, a variable left from another tool): int() raised a ValueError
-    traceback from distributed.warn_once, before the command line was read."""
+    traceback from distributed.warn_once, before the command line was read. With --json its
+    line follows (it had none: the variable was read before --json)."""
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
@@ -559,3 +560,5 @@ def test_a_malformed_launcher_variable_is_one_line_not_a_traceback(monkeypatch, 
         sr_train.main(["--model", "edsr", "--json"])
     out, err = capsys.readouterr()
     assert e.value.code == 2 and err.count("\n") == 1 and says in err, err
+    line = json.loads(out.splitlines()[-1]) if out.strip() else {}
+    assert line.get("exit_code") == 2 and says in line.get("error", ""), out
