@@ -303,6 +303,9 @@ def torch_load(path: str | os.PathLike, what: str = "weights", file=None):
     if file is None and path.is_dir():  # a run's --out folder: "it does not exist" misleads
         which = " (last.pt)" if what == "checkpoint" else ""  # (not an --lpips-weights' name)
         raise CheckpointError(f"{path}: a folder, not a {what} file; pass the file{which}")
+    if file is None and path.exists() and not path.is_file():  # (torch.load seeks: a file only)
+        raise CheckpointError(f"{path}: not a regular file (a pipe or a device: <(...), say); "
+                              f"save the {what} to a file and pass that")  # fmt: skip
     if file is None and not path.is_file():
         raise CheckpointError(f"{path}: no such {what} file (it does not exist)")
     try:

@@ -1,6 +1,8 @@
 """srspace as a Python library (docs/design.md, "The model interface"): what a notebook passes to
 every model's sample() and forward(), right or wrong."""
 
+import os
+
 import pytest
 import torch
 from conftest import TINY
@@ -135,6 +137,8 @@ def write_checkpoint(path, name="edsr", **cfg):
 BAD_CHECKPOINTS = {
     "missing": (lambda d: d / "none.pt", "no such checkpoint file"),
     "folder": (lambda d: d, "a folder, not a checkpoint file; pass the file (last.pt)"),
+    # sr_sample.py --ckpt <(ssh host cat last.pt): a pipe, not a file, was "does not exist"
+    "pipe": (lambda d: os.mkfifo(d / "p.pt") or d / "p.pt", "not a regular file (a pipe"),
     "not torch": (lambda d: (d / "x.pt").write_text("hello") and d / "x.pt", "not a valid torch"),
     "newer model": (lambda d: write_checkpoint(d / "f.pt", "fancy"), "model 'fancy' this srspace"),
     "newer field": (lambda d: write_checkpoint(d / "k.pt", knob=1), "fields this srspace does no"),
