@@ -1306,7 +1306,8 @@ def write_samples(model, lr, img, alpha, stem, name, n, temperature, folder, fil
             save_latents(paths, z, controls.made_by)
         cond = {} if z is None else {"latent": z[None] if torch.is_tensor(z) else z}
         x = draw(model, lr, seeds, temperature, tile, context, args.cem, cond, prepared)
-        check_finite(x, name, idx, temperature if model.stochastic else None, args.amp)
+        check_finite(x, name, idx, temperature if model.stochastic else None, args.amp,
+                     args.latent_steps if args.latent_shift else None)  # fmt: skip
         srs = img.pixels(x, alpha)
         panels = srs  # --grid's: uint8 RGB (gray samples as gray), no alpha
         if args.grid and (srs.shape[-1] != 3 or srs.dtype != np.uint8):
@@ -1339,9 +1340,11 @@ def save_latents(paths: list[Path], z, made_by: dict) -> None:
         save_npz(path, {**{f"z{k}": f[j] for k, f in enumerate(fields)}, LATENT_SOURCE: record})
 
 
-def check_finite(x: torch.Tensor, name: str, idx: range, temperature, amp: str) -> None:
+def check_finite(x: torch.Tensor, name: str, idx: range, temperature, amp: str,
+                 steps: str | None = None) -> None:  # fmt: skip
     """Stop with one line when a sample holds NaN (a PNG would show it as black: garbage).
-    temperature: the stochastic model's, or None for a deterministic one."""
+    temperature: the stochastic model's, or None for a deterministic one; steps: the
+    --latent-steps of a --latent-shift walk (a step far along it overflows, not the weights)."""
     bad = torch.isnan(x).flatten(1).any(1).nonzero()  # (k, 1): the NaN samples of this chunk
     if not len(bad):
         return
@@ -1350,6 +1353,9 @@ def check_finite(x: torch.Tensor, name: str, idx: range, temperature, amp: str) 
     hint = "float16 overflowed: use --amp bf16 (float32's range) or none" if amp == "fp16" else (
         "the checkpoint's weights give NaN: use another checkpoint"
         + ("" if temperature is None else " or a lower --temperature"))  # fmt: skip
+    if steps is not None and amp != "fp16":
+        hint = (f"the --latent-shift walk left the model's range at --latent-steps {steps}: use "
+                "smaller steps or a shorter direction")  # fmt: skip
     raise NonFiniteError(f"{name}: {what} has NaN pixels, not written; {hint}")
 
 

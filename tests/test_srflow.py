@@ -903,6 +903,14 @@ def test_flow_latent_shift_walks_from_z0(tmp_path, flow_ckpts, capsys, name):
     assert (w0[1] == t0).all() and not (w0[0] == t0).all() and not (w0[2] == t0).all()
     manifest = json.loads((tmp_path / "w0" / "manifest.json").read_text())
     assert set(manifest["control_sha256"]) == {"--latent-shift"}
+    # a step far along it overflows: the line said "the checkpoint's weights give NaN"
+    capsys.readouterr()
+    assert run(*base, *walk[:2], "--latent-steps", "1e6", "--out", tmp_path / "far") == 5
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(
+        "has NaN pixels, not written; the --latent-shift walk left the model's "
+        "range at --latent-steps 1e6: use smaller steps or a shorter direction"
+    )
 
 
 def test_a_bad_flow_latent_shift_is_one_line(tmp_path, flow_ckpts, capsys):
