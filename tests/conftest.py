@@ -2,6 +2,7 @@
 
 import builtins
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,19 +98,23 @@ def popen_in_background():
 
 
 @pytest.fixture
-def own_temp_dir(tmp_path):
-    """The system's temporary folder for this test, its processes and theirs: tmp_path/"tmp"
-    (TMPDIR for the scripts it starts, tempfile's folder for the loader workers this process
-    forks). A loader worker killed (a hung one, after LOADER_TIMEOUT; one killed by the test)
-    leaves its pymp-* folder behind (multiprocessing's, for handing over tensors: removed at
-    the worker's exit, which it never reaches), one in the system's at every run of the test.
-    Its own MonkeyPatch: a test may undo its own."""
-    folder = tmp_path / "tmp"
-    folder.mkdir()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TMPDIR", str(folder))
-        mp.setattr(tempfile, "tempdir", str(folder))
-        yield folder
+def own_temp_dir():
+    """The system's temporary folder for this test, its processes and theirs: a new folder in
+    it, removed after the test (TMPDIR for the scripts it starts, tempfile's folder for the
+    loader workers this process forks). A loader worker killed (a hung one, after
+    LOADER_TIMEOUT; one killed by the test) leaves its pymp-* folder behind (multiprocessing's,
+    for handing over tensors: removed at the worker's exit, which it never reaches), one in the
+    system's at every run of the test. Not inside tmp_path: the workers' sockets live in it,
+    and an AF_UNIX path holds 107 bytes (sr_lib.data.check_socket_folder). Its own
+    MonkeyPatch: a test may undo its own."""
+    folder = Path(tempfile.mkdtemp(prefix="srt-"))
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("TMPDIR", str(folder))
+            mp.setattr(tempfile, "tempdir", str(folder))
+            yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
