@@ -1464,6 +1464,25 @@ def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+SOCKET_PATH_MAX = 107  # bytes of an AF_UNIX socket's path on Linux: sun_path, 108 with its NUL
+
+
+def check_socket_folder(workers: int) -> None:
+    """A worker hands each batch over through a socket in multiprocessing's folder in $TMPDIR
+    ($TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX). Where that path is longer than an AF_UNIX path
+    can be (a cluster's per-job TMPDIR deep in a scratch file system), the worker's bind failed
+    in a thread of its own, printing a traceback, and the run waited LOADER_TIMEOUT for a batch,
+    then exited 75 as "worker hung", to be requeued into the same wall."""
+    folder = tempfile.gettempdir()
+    length = len(os.fsencode(os.path.join(folder, "pymp-12345678", "listener-12345678")))
+    if length > SOCKET_PATH_MAX:
+        raise UsageError(
+            f"--workers {workers}: the temporary folder {folder} ($TMPDIR) is too deep for the "
+            f"loader workers' sockets (their paths would be {length} bytes, at most "
+            f"{SOCKET_PATH_MAX}): set TMPDIR to a shorter folder (e.g. /tmp) or use --workers 0"
+        )
+
+
 def train_loader(
     dataset: PatchPairs,
     start_step: int,
@@ -1478,6 +1497,8 @@ def train_loader(
     While it waits for a batch, `stop_request()` (the run's stop request, or None) that is set
     raises StopRequested, and no batch for LOADER_TIMEOUT raises WorkersHung."""
     more = dict(persistent_workers=True, prefetch_factor=4) if workers > 0 else {}
+    if workers > 0:
+        check_socket_folder(workers)
     return _FloatLoader(
         _Uint8Steps(dataset),
         batch_size=None,  # each item is already a batch

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from dataclasses import dataclass, replace
@@ -836,3 +837,24 @@ def test_bf16_on_a_gpu_older_than_ampere_is_said_to_be_emulated(monkeypatch):
     assert config.amp_emulated("fp16", cuda) is None and config.amp_emulated("none", cuda) is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert config.amp_emulated("bf16", cuda) is None
+
+
+def test_a_temporary_folder_too_deep_for_the_workers_sockets_is_one_line(
+    tmp_path, images, monkeypatch, capsys
+):
+    """A TMPDIR deep in a scratch file system: each loader worker's socket
+    ($TMPDIR/pymp-*/listener-*) could not be bound (AF_UNIX: 107 bytes), the worker printed a
+    traceback, and the run waited LOADER_TIMEOUT, then exited 75 as "worker hung", to be
+    requeued into the same wall. Now one line before training, exit 2."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    argv = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--data", str(images),
+            "--scale", "2", "--patch", "8", "--batch", "2", "--workers", "2", "--val-every", "0",
+            "--steps", "2", "--out", str(tmp_path / "run")]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert f"--workers 2: the temporary folder {deep} ($TMPDIR) is too deep" in err
+    assert not (tmp_path / "run" / "last.pt").exists()
