@@ -428,14 +428,12 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
                 # forward or backward, before any weight changed. A stop: as after the step,
                 # save the steps done and exit 75 (several processes: the others may wait in a
                 # collective, so no save: one line naming the last one and the error).
-                sig, error = said_stopped(e, stop, f"step {step + 1}", step, run_log)
+                sig, error = said_stopped(e, stop, f"step {step + 1}", step, run_log, not dd.on)
                 if dd.on:
                     raise Resumable(f"{sig}: stopped in step {step + 1}, whose "
                                     f"compilation raised {error}, {STOPPED_COMPILING}; "
                                     f"{last_save(dd, saved, out / 'last.pt', before)}"
                                     ) from None  # fmt: skip
-                say_err(f"{PROG}: warning: step {step + 1} raised {error} after {sig} while "
-                        f"compiling; {STOPPED_COMPILING}")  # fmt: skip
                 set_torch_rng_state(before_step)  # last.pt as a stop at the step's top saves it
                 stopped = stop["signal"]
                 break
@@ -499,10 +497,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
                 if not (no_memory or stopped_compiling(e, stop, args, compiled)):
                     raise
                 if not no_memory:
-                    where = f"validation at step {step}"
-                    sig, error = said_stopped(e, stop, where, step, run_log)
-                    say_err(f"{PROG}: warning: {where} raised {error} after {sig} while "
-                            f"compiling; {STOPPED_COMPILING}")  # fmt: skip
+                    said_stopped(e, stop, f"validation at step {step}", step, run_log)
                 score = -math.inf  # this validation never makes best.pt
                 if no_memory:  # training goes on
                     print(f"{PROG}: warning: validation at step {step}: out of memory; skipped "
@@ -1470,18 +1465,24 @@ STOPPED_COMPILING = ("taken as the stop's effect (the signal ends the compiler t
                      "recurs after resuming, it is a real error")  # fmt: skip
 
 
-def said_stopped(e: BaseException, stop: dict, where: str, step: int, run_log) -> tuple:
+def said_stopped(e: BaseException, stop: dict, where: str, step: int, run_log,
+                 warn: bool = True) -> tuple:  # fmt: skip
     """What `stopped_compiling` took as the stop, for one line: (the signal, the error's type
     and the first line of its message (inductor's runs to thousands of lines, the compiler's
     output), with the next where it ends in a colon: dynamo's "backend='inductor' raised:").
-    Also a log.jsonl record of the last step done (a resume keeps it)."""
+    Also a log.jsonl record of the last step done (a resume keeps it) and, with `warn`, the
+    warning line (several processes: the caller's Resumable line says it instead)."""
     sig = stop["signal"]  # (a log.jsonl that cannot be written replaces it with its reason)
     lines = [t.strip() for t in str(e).splitlines() if t.strip()]
     first = " ".join(lines[:2] if lines and lines[0].endswith(":") else lines[:1])[:200]
     name = type(e).__name__
     record = {"error": f"{name}: {first}" if first else name}
     log(run_log, {"step": step, "signal": sig, "error_in": where, **record})
-    return sig, f"{name} ({first})" if first else name
+    error = f"{name} ({first})" if first else name
+    if warn:
+        say_err(f"{PROG}: warning: {where} raised {error} after {sig} while compiling; "
+                f"{STOPPED_COMPILING}")  # fmt: skip
+    return sig, error
 
 
 STOP_SIGNALS = (signal.SIGINT, *PREEMPT_SIGNALS)
