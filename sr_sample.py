@@ -22,18 +22,19 @@ upscaled (MATLAB bicubic, clipped; --alpha-channel drop: without), 8-bit, or 16-
                           white); 8-bit, no alpha, gray (luma) for a gray LR
   NAME_sample{i:05d}.latent.npy
                           --save-latent, refvae and varsr: the float32 (D,) latent of sample i;
-                          `--latent FILE` decodes it to the same sample again
+                          `--latent FILE` decodes it to the same sample again, `--latent DIR`
+                          every such file of a folder
   NAME_sample{i:05d}.latent.npz
                           --save-latent, flows (srflow, srflow_da, ncsr): sample i's float32
                           latent fields z0, z1, ... (C, h, w), temperature applied, at the LR's
                           size, and made_by (JSON: model, scale, checkpoint sha256, config);
-                          `--latent FILE` decodes it again (an LR of that size; another model
-                          or scale is refused, another checkpoint of it a warning)
+                          `--latent FILE|DIR` decodes it again (an LR of that size; another
+                          model or scale is refused, another checkpoint of it a warning)
   manifest.json           the settings that made the folder (checkpoint sha256, model, config,
                           scale, temperature, n, seed, ..., the sha256 of the control files:
-                          --ref FILE|DIR, --latent-from, --latent, --latent-shift); a rerun with
-                          other settings or other control file contents is refused unless
-                          --overwrite
+                          --ref FILE|DIR, --latent-from, --latent FILE|DIR, --latent-shift); a
+                          rerun with other settings or other control file contents is refused
+                          unless --overwrite
   ntire_index.json        --layout ntire: {"scale": s, "000000": STEM, ...} for every input
 The sample folder is --out with one --temperature, and --out/T{t} (e.g. T0.9, T1) for each of
 several: the LR-only work of the model (its encoder, conditioning) is then done once per image for
@@ -48,6 +49,21 @@ Sampling controls (a model without the control stops with a one-line usage error
   --latent-from HR        varsr: the HR encoder's latent of another HR image (one output)
   --latent FILE           decode saved latents, (D,) or (k, D): one output per row (flows: a
                           .npz of fields z0, z1, ... (C, h, w) or (k, C, h, w))
+  --latent DIR            decode a whole --save-latent run again: each input NAME from its own
+                          files NAME_sample{i:05d}.latent.npy|.npz there (the model's kind; NAME
+                          the whole stem, or in a --layout ntire run's folder the number its
+                          ntire_index.json gives that stem), sample i to NAME_sample{i:05d}.png,
+                          the same i (gaps stay gaps), bit for bit the saved sample with the same
+                          flags. Refused in one line before any work (exit 2): inputs without
+                          files there (how many, which: give --input those with files), files
+                          of another kind or of several samples, --latent-shift, --ref,
+                          --latent-from, --layout ntire where the numbers are not 0..N-1 of
+                          every image, and DIR as --out (its samples would be replaced). A
+                          flow's made_by is checked per file (another checkpoint: one warning
+                          line for the folder). manifest.json: n = the highest number + 1, and
+                          the joint sha256 of every input's files (of every --shard; input
+                          order, then by number): each file is read before the run and again
+                          when decoded
   --latent-shift FILE --latent-steps -2,-1,0,1,2
                           refvae, varsr, flows: walk z_k = z_0 + k·direction (one output per
                           step); z_0 = --latent, or the model's temperature-0 latent of the
@@ -346,7 +362,9 @@ class SampleArgs:
     latent: str = field(
         default="",
         metadata=dict(help="decode this saved latent: refvae, varsr: a .npy, (D,) or (k, D): k "
-                      "outputs; flows: a .npz of fields z0, z1, ..."),
+                      "outputs; flows: a .npz of fields z0, z1, ...; or a --save-latent DIR: "
+                      "each input NAME from its NAME_sample{i:05d}.latent.* files there, as "
+                      "NAME_sample{i:05d}.png (the same i)"),
     )  # fmt: skip
     latent_shift: str = field(
         default="",
@@ -596,7 +614,8 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     if args.check_invertibility:
         return check_invertibility(args, given, model, ck["model"], paths, from_hr, device,
                                    summary)  # fmt: skip
-    controls = resolve_controls(args, model, latent_source(ck, model, ckpt_sha256), device)
+    made_by = latent_source(ck, model, ckpt_sha256)
+    controls = resolve_controls(args, model, made_by, device)
     n = controls.n if controls else args.n  # a control may fix it (one output per ref/step)
     setter = controls_setter(args, controls)
     temperatures = args.temperature or [model.default_temperature]
@@ -629,15 +648,37 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     context = tile_context(args, model)
     out = check_out_dir(args.out)
     folders = {t: out if len(temperatures) == 1 else out / folder_name(t) for t in temperatures}
+    latent_dir, numbers = None, None  # --latent DIR: each input's files; their sample numbers
+    if controls is not None and args.latent and Path(args.latent).is_dir():
+        latent_dir = LatentDir.scan(Path(args.latent), model.latent_file)
+        if latent_dir.folder.resolve() == out.resolve():
+            raise UsageError(
+                f"--latent {args.latent}: the --out folder; decoded there, its samples would "
+                "replace those its latents were saved with (and --overwrite delete the "
+                "latents); use another --out"
+            )
+        n, numbers, _ = latent_dir.plan(paths, args.layout)
     # One NAME.png per image where one output is all there is: a deterministic model's n copies,
     # and with --layout ntire any --n 1, as the challenge's measure.py reads N = 1 (000000.png)
     single = n == 1 and (not model.stochastic or args.layout == "ntire")
     latents = model.latent_file if args.save_latent and controls is not None else ""
-    files = Outputs(n, single, want_sigma and args.save_uncertainty, args.grid, latents)
-    if Path(args.input).is_dir() and out.resolve() == Path(args.input).resolve():
-        paths = leave_out_samples(paths, files, args.layout, out, len(folders) > 1)
+    files = Outputs(n, single, want_sigma and args.save_uncertainty, args.grid, latents, numbers)
+    if Path(args.input).is_dir():
+        real = Path(args.input).resolve()
+        if out.resolve() == real:
+            paths = leave_out_samples(paths, files, args.layout, out, len(folders) > 1)
+        elif latent_dir is not None and latent_dir.folder.resolve() == real:
+            paths = leave_out_samples(paths, files, args.layout, out, len(folders) > 1,
+                                      latent_dir.folder)  # fmt: skip
+    if latent_dir is not None:  # (the inputs the same in every --shard: every shard checks all)
+        n, files.numbers, missing = latent_dir.plan(paths, args.layout)
+        latent_dir.refuse_missing(missing, len(paths), ck["model"])
+        files.n, files.single = n, n == 1 and args.layout == "ntire"
     part, parts = (int(v) for v in args.shard.split("/"))
     mine = [(k, p) for k, p in enumerate(paths) if k % parts == part]
+    if latent_dir is not None:
+        controls.digests["--latent"] = latent_dir.check(model, paths, {p for _, p in mine},
+                                                        made_by)  # fmt: skip
     settings = run_settings(args, ck, ckpt_sha256, model, n, context, from_hr, paths, controls)
     # An out-of-memory retry cuts the image into tiles; where the folder's samples are recorded
     # exact (untiled, or a --tile that holds every image whole), with the exact context.
@@ -688,15 +729,16 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
             lr = img.tensor().to(device)
             if controls is not None:  # (named in a message: a --latent of another LR size)
                 controls.image = f"{path.name}'s"
+            k_img = n if latent_dir is None else latent_dir.load(model, path.stem, controls, device)
             with autocast:
-                sample_image(model, lr, img, path.stem, name, n, todo, folders, files,
+                sample_image(model, lr, img, path.stem, name, k_img, todo, folders, files,
                              (context, retry_context), controls, want_sigma, args, bar.say,
                              writer)  # fmt: skip
             summary.update(sampled=summary.fields["sampled"] + 1)
             h, w = img.rgb.shape[:2]
             s = model.scale
             temps = f" at {len(todo)} temperatures" if len(todo) > 1 else ""
-            bar.step(f"{path.name} {w}x{h} -> {n} x {w * s}x{h * s}{temps} in "
+            bar.step(f"{path.name} {w}x{h} -> {k_img} x {w * s}x{h * s}{temps} in "
                      f"{time.monotonic() - t_img:.1f} s")  # fmt: skip
     small = f"too small to downscale (under {default_mod(model.scale)} px)"
     lost = [f"{len(names)} of {len(mine)} inputs {small if why == 'too small' else why} "
@@ -751,8 +793,8 @@ def real_paths(paths) -> set[Path]:
 SAMPLE_NAME = re.compile(r"(.+)_(sample\d{5}|sigma|grid)")  # the stem of a file this tool writes
 
 
-def leave_out_samples(paths: list[Path], files: "Outputs", layout: str, out: Path,
-                      sweep: bool) -> list[Path]:  # fmt: skip
+def leave_out_samples(paths: list[Path], files: "Outputs", layout: str, out: Path, sweep: bool,
+                      latents: Path | None = None) -> list[Path]:  # fmt: skip
     """The inputs without this tool's own outputs, for an --out that is the --input folder: a
     file named NAME_sample{i:05d}, NAME_sigma or NAME_grid where NAME is another input's stem (or
     an NTIRE number) is a sample, not an input, so a rerun does not sample its samples. A name
@@ -760,8 +802,9 @@ def leave_out_samples(paths: list[Path], files: "Outputs", layout: str, out: Pat
     indices). A deterministic model's NAME.png would replace its input: refused; so is the
     --layout ntire 000000.png of --n 1, which no name rule tells from an input (datasets are
     numbered so too): a rerun took it for one, and stopped, as it would write its own input.
-    (A sweep writes into OUT/T*, not listed.)"""
-    if files.single and not sweep:
+    (A sweep writes into OUT/T*, not listed.) latents: the --latent DIR, where it is the --input
+    folder and --out another: the samples there are those of the run that saved its latents."""
+    if files.single and not sweep and latents is None:
         what = ("NAME.png, would replace the input of that name" if layout == "stem" else
                 "000000.png, ..., would be taken for inputs when the run is repeated")  # fmt: skip
         raise UsageError(
@@ -772,7 +815,8 @@ def leave_out_samples(paths: list[Path], files: "Outputs", layout: str, out: Pat
     own = [p for p in paths if (m := SAMPLE_NAME.fullmatch(p.stem))
            and (m[1] in stems or re.fullmatch(r"\d{6}", m[1]))]  # fmt: skip
     if own:
-        print(f"{PROG}: warning: --out {out} is the --input folder: {len(own)} files named as "
+        where = f"--out {out}" if latents is None else f"--latent {latents}"
+        print(f"{PROG}: warning: {where} is the --input folder: {len(own)} files named as "
               f"samples of its images left out of the inputs ({own[0].name}"
               f"{', ...' if len(own) > 1 else ''})", file=sys.stderr, flush=True)  # fmt: skip
     own_set = set(own)
@@ -1004,11 +1048,13 @@ class Outputs:
     sigma: bool
     grid: bool
     latents: str  # the ending of the --save-latent files (model.latent_file), "" for none
+    numbers: dict | None = None  # --latent DIR: name -> its sample numbers; None: 0..n-1
 
     def samples(self, name: str) -> list[str]:
-        return (
-            [f"{name}.png"] if self.single else [f"{name}_sample{i:05d}.png" for i in range(self.n)]
-        )
+        if self.single:
+            return [f"{name}.png"]
+        numbers = range(self.n) if self.numbers is None else self.numbers[name]
+        return [f"{name}_sample{i:05d}.png" for i in numbers]
 
     def all(self, name: str) -> list[str]:
         names = self.samples(name)
@@ -1214,6 +1260,15 @@ def resolve_controls(args: SampleArgs, model, made_by: dict, device):
     given = dict(ref=args.ref, latent_from=args.latent_from, latent=args.latent,
                  latent_shift=args.latent_shift)  # fmt: skip
     given = {k: v for k, v in given.items() if v}
+    if args.latent and Path(args.latent).is_dir():  # LatentDir: its files are read per input
+        other = [f for f, (k, v) in asked.items() if v and k in ("ref", "latent_from",
+                                                                   "latent_shift")]  # fmt: skip
+        if other:
+            raise UsageError(
+                f"--latent {args.latent}: a folder, each input decoded from its own saved "
+                f"latents; it cannot be combined with {other[0]} (give --latent one FILE)"
+            )
+        del given["latent"]
     if args.latent_shift:
         given["latent_steps"] = args.latent_steps
     controls = model.resolve_controls({**given, "made_by": made_by}, args.n, device)
@@ -1234,6 +1289,182 @@ def controls_setter(args: SampleArgs, controls) -> str:
     return ("--latent-shift" if args.latent_shift else "--latent" if args.latent
             else "--latent-from" if args.latent_from
             else "--ref DIR" if controls.per_sample_refs else "")  # fmt: skip
+
+
+# A --save-latent file: NAME_sample{i:05d}.latent.npy|.npz (the whole name: NAME is all before
+# _sample, so the files of "a" and of "a_b" never mix)
+LATENT_NAME = re.compile(r"(.+)_sample(\d{5})(\.latent\.npy|\.latent\.npz)")
+
+
+@dataclass
+class LatentDir:
+    """--latent DIR: a folder of --save-latent files, each input decoded from its own: the files
+    NAME_sample{i:05d}{ending} (ending: the model's latent_file), one output each, written as
+    NAME_sample{i:05d}.png with the same i. NAME is the input's stem; in the folder of a
+    --layout ntire run, its number k ({k:06d}) is the stem its ntire_index.json names."""
+
+    folder: Path
+    ending: str  # .latent.npy or .latent.npz: the model's
+    files: dict  # input stem -> {i: path} of files of `ending`
+    others: dict  # input stem -> the other ending, where it has files of that only
+    digests: dict = field(default_factory=dict)  # path -> sha256 of its contents, as first read
+
+    @classmethod
+    def scan(cls, folder: Path, ending: str) -> "LatentDir":
+        """The folder's latent files, listed once (other files, the PNGs among them, ignored)."""
+        numbers = ntire_stems(folder)
+        files, others = {}, {}
+        try:
+            named = [(e, m) for e in os.scandir(folder) if (m := LATENT_NAME.fullmatch(e.name))]
+            named = [(e, m) for e, m in named if e.is_file()]  # (a link to a file: a file)
+        except OSError as e:
+            raise DataError(f"--latent {folder}: cannot list it ({e.strerror or e})") from None
+        for entry, m in sorted(named, key=lambda x: x[0].name):
+            stem, i = numbers.get(m[1], m[1]), int(m[2])
+            if m[3] != ending:
+                others[stem] = m[3]
+                continue
+            mine = files.setdefault(stem, {})
+            if i in mine:  # its number's file and its stem's: two latents of one sample
+                raise UsageError(
+                    f"--latent {folder}: {mine[i].name} and {entry.name} are both sample {i} of "
+                    f"{stem} (ntire_index.json names {m[1]} so); remove one"
+                )
+            mine[i] = Path(entry.path)
+        files = {stem: dict(sorted(v.items())) for stem, v in files.items()}  # by sample number
+        return cls(folder, ending, files, {k: v for k, v in others.items() if k not in files})
+
+    def plan(self, paths: list[Path], layout: str) -> tuple[int, dict | None, list[Path]]:
+        """(n, the sample numbers of each input stem, the inputs without files) for `paths`:
+        n = the highest sample number + 1 (manifest.json's n: sr_eval.py reads at most so
+        many). --layout ntire numbers the samples 0..N-1 of every image alike: numbers of
+        `paths` that are not that are refused, and None is returned for the numbers (range(n))."""
+        numbers = {p.stem: sorted(self.files[p.stem]) for p in paths if p.stem in self.files}
+        missing = [p for p in paths if p.stem not in numbers]
+        n = max((v[-1] + 1 for v in numbers.values()), default=1)
+        if layout != "ntire":
+            return n, numbers, missing
+        for stem, got in numbers.items():
+            if got != list(range(n)):
+                said = ", ".join(map(str, got[:5])) + (", ..." if len(got) > 5 else "")
+                raise UsageError(
+                    f"--layout ntire: the challenge reads samples 0..N-1 of every image, but "
+                    f"--latent {self.folder} holds samples {said} of {stem}, not 0..{n - 1}; use "
+                    "--layout stem, which keeps the sample numbers"
+                )
+        return n, None, missing
+
+    def refuse_missing(self, missing: list[Path], total: int, model: str) -> None:
+        """One line, before any work, where inputs have no file of this model's kind: a decode
+        of fewer images than given is not what was asked (a wrong --input or DIR, or the
+        latents of another model), and its folder would not line up with the saved one."""
+        if not missing:
+            return
+        other = [p.stem for p in missing if p.stem in self.others]
+        if other:
+            end = self.others[other[0]]
+            able = [k for k, c in MODELS.items() if "latent" in c.sample_controls
+                    and c.latent_file == end]  # fmt: skip
+            raise UsageError(
+                f"--latent {self.folder}: its latents of {other[0]} are {end} files (saved by "
+                f"{', '.join(able)}), not the {self.ending} files this {model} model decodes; "
+                "decode them with the model that saved them"
+            )
+        names = ", ".join(p.name for p in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise UsageError(
+            f"--latent {self.folder}: {len(missing)} of {total} inputs have no saved latents "
+            f"there (no NAME_sample{{i:05d}}{self.ending}): {names}; give --input only the "
+            "images whose latents it holds"
+        )
+
+    def check(self, model, paths: list[Path], mine: set[Path], own: dict) -> list[str]:
+        """Before any work: the sha256 of every file of every input (of every --shard: the
+        folder's manifest.json records their joint digest, in the input order, then by sample
+        number), and this shard's files read as the model reads them: one sample each, of one
+        shape per input, the flows' made_by checked (another model refused); returns the
+        digests in that order and says each other checkpoint's files in one warning line."""
+        digests, warned, count = [], {}, 0
+        for path in paths:
+            shapes = None
+            for file in self.files[path.stem].values():  # (by sample number)
+                if path in mine:
+                    z, digest, lines = held(model.read_latent)(str(file), "--latent", own)
+                    shapes = self.one_sample(file, z, shapes)
+                    count += 1
+                    for line in lines:  # (per file; said once per checkpoint, with a count)
+                        said = line.removeprefix(f"--latent {file}: ")
+                        warned[said] = warned.get(said, 0) + 1
+                else:
+                    digest = held(file_sha256)(file)
+                self.digests[file] = digest
+                digests.append(digest)
+        for line, k in warned.items():
+            say_err(f"{PROG}: warning: --latent {self.folder}: {k} of {count} files {line}")
+        return digests
+
+    @staticmethod
+    def one_sample(file: Path, z, shapes):
+        """The shapes of a file's latent of one sample, which must be those of the input's
+        other files (`shapes`, or None for its first)."""
+        fields = [z] if torch.is_tensor(z) else z
+        if len(fields[0]) != 1:
+            raise UsageError(
+                f"--latent {file}: holds {len(fields[0])} samples; a --latent folder's "
+                "NAME_sample{i:05d} file holds one, sample i (--save-latent writes them so)"
+            )
+        got = [tuple(f.shape[1:]) for f in fields]
+        if shapes is not None and got != shapes:
+            say = lambda v: ", ".join(f"z{k} {x}" for k, x in enumerate(v))  # noqa: E731
+            raise UsageError(
+                f"--latent {file}: fields {say(got)}, not those of the other files of its image "
+                f"({say(shapes)}); the latents of one image fit its one LR size"
+            )
+        return got
+
+    def load(self, model, stem: str, controls, device) -> int:
+        """The latents of input `stem` into `controls` (its files read again: contents other
+        than those first read, which manifest.json records, are refused); its number of
+        outputs."""
+        rows = []
+        for file in self.files[stem].values():
+            z, digest, _ = held(model.read_latent)(str(file), "--latent")
+            if digest != self.digests[file]:
+                raise UsageError(
+                    f"--latent {file}: changed while this run read the folder (other contents "
+                    "than manifest.json records); rerun when nothing writes there"
+                )
+            rows.append(z)
+        if torch.is_tensor(rows[0]):
+            controls.latent = torch.cat(rows).to(device)
+        else:  # a flow's fields [(1, C, h, w), ...] per file
+            controls.latent = [torch.cat(f).to(device) for f in zip(*rows)]
+        first = next(iter(self.files[stem].values()))
+        controls.latent_file, controls.n = str(first), len(rows)
+        controls.latent_hint = (
+            f"a --latent folder's files of {stem} are the latents of the input {stem} as it was "
+            "sampled: give that input (with --from-hr if it was made so)"
+        )
+        return len(rows)
+
+
+def ntire_stems(folder: Path) -> dict:
+    """{"000000": stem, ...} of a --layout ntire folder's ntire_index.json ({} without one)."""
+    try:
+        index = json.loads((folder / "ntire_index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(index, dict):
+        return {}
+    return {k: v for k, v in index.items() if re.fullmatch(r"\d{6}", k) and isinstance(v, str)}
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's contents (one that cannot be read: a one-line data error)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as e:
+        raise DataError(f"--latent {path}: cannot read it ({e.strerror or e})") from None
 
 
 def warn_controlled(args: SampleArgs, given: set[str], setter: str) -> None:
@@ -1271,8 +1502,9 @@ def sample_image(model, lr, img, stem, name, n, todo, folders, files, contexts, 
             if sigma is not None and args.save_uncertainty:
                 write_sigma(folder / f"{name}_sigma", sigma)
             if args.grid:
+                numbers = None if files.numbers is None else files.numbers[name]
                 sheet = contact_sheet(img.pixels(img.tensor(), gray=False, bits=8)[0], *shown,
-                                      sigma, model)  # fmt: skip
+                                      sigma, model, numbers)  # fmt: skip
                 save_png(folder / f"{name}_grid.png",
                          img.pixels(to_tensor(sheet), bits=8) if img.gray else sheet)  # fmt: skip
             todo.pop(0)
@@ -1397,12 +1629,15 @@ def labelled(panel: np.ndarray, *texts: str) -> np.ndarray:
     return np.concatenate([np.asarray(strip), panel])
 
 
-def contact_sheet(lr: np.ndarray, srs: list[np.ndarray], std, sigma, model) -> np.ndarray:
+def contact_sheet(lr: np.ndarray, srs: list[np.ndarray], std, sigma, model,
+                  numbers: list[int] | None = None) -> np.ndarray:  # fmt: skip
     """One labelled row: LR enlarged (nearest), the samples shown, the per-pixel standard
-    deviation `std` of all samples (stochastic models with several) and sigma if any."""
+    deviation `std` of all samples (stochastic models with several) and sigma if any.
+    numbers: the samples' numbers (--latent DIR's, which may have gaps); default 0, 1, ..."""
     s = model.scale
     panels = [(np.repeat(np.repeat(lr, s, 0), s, 1), ["LR"])]
-    panels += [(sr, [f"sample {i}", f"#{i}", str(i)]) for i, sr in enumerate(srs)]
+    numbers = range(len(srs)) if numbers is None else numbers
+    panels += [(sr, [f"sample {i}", f"#{i}", str(i)]) for i, sr in zip(numbers, srs)]
     if std is not None:
         panels.append((heat(std), ["std"]))
     if sigma is not None:

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import imageio.v3 as iio
 import numpy as np
@@ -338,14 +339,9 @@ def test_latent_from_cli(tmp_path, ckpts):
         ("refvae", ["--latent", "nan.npy"], 3, "nan.npy: holds NaN or infinite values"),
         ("varsr", ["--latent", "zero.npy"], 3, ".npy array (an empty file, 0 bytes)"),
         ("varsr", ["--latent-shift", "inf.npy"], 3, "--latent-shift"),
-        (
-            "refvae",
-            ["--latent", "refs"],
-            3,
-            "--latent refs: a folder; give one .npy file (a "
-            "--save-latent NAME_sample{i:05d}.latent.npy, or a "
-            "direction)",
-        ),
+        # a folder of no latents of the input (--latent DIR: test_latent_dir_*)
+        ("refvae", ["--latent", "refs"], 2, "--latent refs: 1 of 1 inputs have no saved latents"),
+        ("refvae", ["--latent-shift", "refs"], 3, "--latent-shift refs: a folder; give one .npy"),
         # a file that is no image (a checkpoint), a folder: the line names the flag that gave it
         ("varsr", ["--latent-from", "varsr.pt"], 3, "--latent-from varsr.pt: not an image file"),
         ("varsr", ["--latent-from", "refs"], 3, "--latent-from refs: not a file"),
@@ -493,6 +489,201 @@ def test_a_rerun_with_other_control_contents_is_refused(tmp_path, ckpts, capsys,
         f"sr_sample.py: error: {tmp_path / 'o'} holds samples made with an srspace that did not "
         f"record the contents of {flag} {control}; use another --out, or --overwrite to redo them"
     ]  # fmt: skip
+
+
+# --latent DIR: a folder of --save-latent files, each input decoded from its own
+
+
+def named_images(folder, sizes: dict):
+    """Noise images named {stem}.png (stems sharing prefixes, a space) of the (h, w) given."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    for stem, (h, w) in sizes.items():
+        iio.imwrite(folder / f"{stem}.png", (rng.random((h, w, 3)) * 255).astype(np.uint8))
+    return folder
+
+
+PREFIXED = {"a": (8, 10), "a_b": (10, 8), "img 1": (6, 6)}  # "a" a prefix of "a_b"
+
+
+def pngs_of(folder) -> dict:
+    return {p.name: read(p) for p in sorted(folder.glob("*.png"))}
+
+
+@pytest.mark.parametrize("name", ["refvae", "varsr"])
+def test_latent_dir_decodes_each_input_from_its_own_files(tmp_path, ckpts, capsys, name):
+    """--latent DIR (a --save-latent run's folder): each input NAME is decoded from the files
+    NAME_sample{i:05d}.latent.npy there, the whole stem (not "a"'s files for "a_b"), sample i
+    written as NAME_sample{i:05d}.png with its i (a gap stays a gap), bit for bit the saved
+    sample; --n, --seed and --temperature are set by the files (the --latent warnings);
+    manifest.json records n (the highest number + 1) and the joint sha256 of the files in the
+    input order, then by number, so a rerun skips and a changed file is refused. --shard
+    decodes its images, a symbolic link to DIR reads it, and the folder of a --layout ntire
+    run is read by its ntire_index.json."""
+    inp = named_images(tmp_path / "in", PREFIXED)
+    base = ["--ckpt", ckpts[name], "--input", inp]
+    assert run(*base, "--n", 4, "--temperature", 0.9, "--save-latent", "--out", tmp_path / "s") == 0
+    s = tmp_path / "s"
+    for i in (1, 2):  # a gap: samples 0 and 3 of "a" only
+        (s / f"a_sample{i:05d}.latent.npy").unlink()
+    capsys.readouterr()
+    again = [*base, "--latent", s, "--n", 2, "--seed", 5, "--out", tmp_path / "d"]
+    assert run(*again) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert [w.split(":")[2].strip() for w in warned] == ["--n", "--seed"], warned
+    assert all("no effect, --latent sets the" in w for w in warned)
+    d = pngs_of(tmp_path / "d")
+    want = ["a_sample00000.png", "a_sample00003.png"]
+    want += [f"{stem}_sample{i:05d}.png" for stem in ("a_b", "img 1") for i in range(4)]
+    assert sorted(d) == sorted(want)
+    saved = pngs_of(s)
+    assert all((x == saved[f]).all() for f, x in d.items())
+    assert not (d["a_sample00000.png"] == d["a_sample00003.png"]).all()  # the latents show
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    order = [p.stem for p in sr_sample.input_paths(inp)]
+    files = [s / f[:-4] for stem in order for f in want if f.startswith(f"{stem}_sample")]
+    joint = " ".join(
+        hashlib.sha256(Path(f"{f}.latent.npy").read_bytes()).hexdigest() for f in files
+    )
+    assert manifest["n"] == 4
+    assert manifest["control_sha256"] == {"--latent": hashlib.sha256(joint.encode()).hexdigest()}
+    # a rerun: every image complete
+    assert run(*again) == 0
+    assert "0 images sampled, 3 already complete" in capsys.readouterr().out
+    # two shards into one folder: the same files; a link to the folder reads it
+    (tmp_path / "link").symlink_to(s, target_is_directory=True)
+    for shard in ("0/2", "1/2"):
+        assert run(*base, "--latent", tmp_path / "link", "--shard", shard, "--out",
+                   tmp_path / "e") == 0  # fmt: skip
+    e = pngs_of(tmp_path / "e")
+    assert sorted(e) == sorted(want) and all((x == saved[f]).all() for f, x in e.items())
+    # a --layout ntire run's folder (000000_sample00000.latent.npy, ...): read by its index
+    assert run(*base, "--n", 2, "--layout", "ntire", "--save-latent", "--out", tmp_path / "n") == 0
+    assert run(*base, "--latent", tmp_path / "n", "--out", tmp_path / "m") == 0
+    m, ntire = pngs_of(tmp_path / "m"), pngs_of(tmp_path / "n")
+    assert sorted(m) == sorted(f"{stem}_sample{i:05d}.png" for stem in order for i in range(2))
+    for k, stem in enumerate(order):
+        assert all((m[f"{stem}_sample{i:05d}.png"] == ntire[f"{k:06d}_sample{i:05d}.png"]).all()
+                   for i in range(2))  # fmt: skip
+    # --grid labels the samples by their numbers
+    texts = []
+    label = sr_sample.labelled
+    with mock.patch.object(sr_sample, "labelled", lambda p, *t: texts.append(t[0]) or label(p, *t)):
+        assert run(*base, "--input", inp / "a.png", "--latent", s, "--grid", "--out",
+                   tmp_path / "g") == 0  # fmt: skip
+    assert texts == ["LR", "sample 0", "sample 3", "std"]
+    # the same names of other contents: refused
+    z = s / "a_b_sample00001.latent.npy"
+    z.write_bytes((s / "a_b_sample00002.latent.npy").read_bytes())
+    assert run(*again) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1:] == [
+        f"sr_sample.py: error: {tmp_path / 'd'} holds samples made with other contents of "
+        f"--latent {s}; use another --out, or --overwrite to redo them"
+    ]
+
+
+def test_latent_dir_one_line_errors(tmp_path, ckpts, capsys):
+    """--latent DIR, refused in one line before any work (exit 2, nothing written): inputs
+    without files there (how many, which; "a" is not "a_b"), a flow's .npz files for varsr,
+    --latent-shift (it walks from one latent), a file of two samples, --layout ntire with
+    a gap in the sample numbers (the challenge reads 0..N-1), and DIR as --out (its samples
+    replaced, with --overwrite its latents deleted; a link to it too): the latents stay."""
+    inp = named_images(tmp_path / "in", PREFIXED)
+    s = tmp_path / "s"
+    base = ["--ckpt", ckpts["varsr"], "--input", inp]
+    assert run(*base, "--n", 2, "--save-latent", "--out", s) == 0
+    before = {p.name: p.read_bytes() for p in s.iterdir()}
+    only = tmp_path / "only_a_b"  # the files of "a_b", none of "a" and "img 1"
+    only.mkdir()
+    for f in s.glob("a_b_sample*.latent.npy"):
+        (only / f.name).write_bytes(f.read_bytes())
+    flows = tmp_path / "flows"
+    flows.mkdir()
+    for stem in PREFIXED:
+        np.savez(flows / f"{stem}_sample00000.latent.npz", z0=np.zeros((6, 4, 4), "f4"))
+    two = tmp_path / "two"
+    two.mkdir()
+    for stem in PREFIXED:
+        np.save(two / f"{stem}_sample00000.latent.npy", np.zeros((2, 8), "f4"))
+    gap = tmp_path / "gap"
+    gap.mkdir()
+    for f in s.glob("*.latent.npy"):
+        if f.name != "a_b_sample00000.latent.npy":
+            (gap / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "link").symlink_to(s, target_is_directory=True)
+    cases = [
+        (["--latent", only], f"--latent {only}: 2 of 3 inputs have no saved latents there (no "
+         "NAME_sample{i:05d}.latent.npy): a.png, img 1.png; give --input only the images whose "
+         "latents it holds"),
+        (["--latent", flows], f"--latent {flows}: its latents of a are .latent.npz files (saved "
+         "by srflow, srflow_da, ncsr), not the .latent.npy files this varsr model decodes; "
+         "decode them with the model that saved them"),
+        (["--latent", s, "--latent-shift", s / "a_sample00000.latent.npy"], f"--latent {s}: a "
+         "folder, each input decoded from its own saved latents; it cannot be combined with "
+         "--latent-shift (give --latent one FILE)"),
+        (["--latent", two], f"--latent {two / 'a_sample00000.latent.npy'}: holds 2 samples; a "
+         "--latent folder's NAME_sample{i:05d} file holds one, sample i"),
+        (["--latent", gap, "--layout", "ntire"], "--layout ntire: the challenge reads samples "
+         f"0..N-1 of every image, but --latent {gap} holds samples 1 of a_b, not 0..1; use "
+         "--layout stem, which keeps the sample numbers"),
+        (["--latent", s, "--out", s], f"--latent {s}: the --out folder; decoded there, its "
+         "samples would replace those its latents were saved with (and --overwrite delete the "
+         "latents); use another --out"),
+        (["--latent", s, "--out", s, "--overwrite"], "the --out folder"),
+        (["--latent", tmp_path / "link", "--out", s, "--overwrite"], "the --out folder"),
+    ]  # fmt: skip
+    for k, (flags, words) in enumerate(cases):
+        capsys.readouterr()
+        out = tmp_path / f"o{k}"
+        assert run(*base, "--out", out, *flags) == 2, words
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("sr_sample.py: error: ") and words in err[0], err
+        assert not out.exists() or not list(out.glob("*.png"))
+    assert {p.name: p.read_bytes() for p in s.iterdir()} == before
+
+
+def test_a_latent_dir_file_changed_during_the_run_is_refused(tmp_path, ckpts, capsys):
+    """Each file of --latent DIR is read before the run (manifest.json records the joint digest)
+    and again when its image is decoded: a file that changed in between is one line (exit 2),
+    not a sample of contents the manifest does not record."""
+    inp = named_images(tmp_path / "in", PREFIXED)
+    s = tmp_path / "s"
+    base = ["--ckpt", ckpts["varsr"], "--input", inp]
+    assert run(*base, "--n", 1, "--save-latent", "--out", s) == 0
+    late = s / "img 1_sample00000.latent.npy"  # the last image's
+    check = sr_sample.LatentDir.check
+
+    def then_changed(self, *args):
+        digests = check(self, *args)
+        np.save(late, np.ones(8, np.float32))
+        return digests
+
+    capsys.readouterr()
+    with mock.patch.object(sr_sample.LatentDir, "check", then_changed):
+        assert run(*base, "--latent", s, "--out", tmp_path / "d") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert err == [f"sr_sample.py: error: --latent {late}: changed while this run read the "
+                   "folder (other contents than manifest.json records); rerun when nothing "
+                   "writes there"]  # fmt: skip
+    assert not (tmp_path / "d" / "img 1_sample00000.png").exists()
+
+
+def test_latent_dir_in_the_input_folder(tmp_path, ckpts, capsys):
+    """A --save-latent run into its --input folder left samples and latents among the inputs:
+    --latent DIR of that folder, --input the same, --out another, leaves the samples out of the
+    inputs (one warning line, as an --out there does) and decodes the images alone."""
+    inp = named_images(tmp_path / "in", PREFIXED)
+    base = ["--ckpt", ckpts["refvae"], "--input", inp]
+    assert run(*base, "--n", 2, "--save-latent", "--out", inp) == 0
+    capsys.readouterr()
+    assert run(*base, "--latent", inp, "--out", tmp_path / "d") == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warned == [f"sr_sample.py: warning: --latent {inp} is the --input folder: 6 files "
+                      "named as samples of its images left out of the inputs (a_b_sample00000.png"
+                      ", ...)"]  # fmt: skip
+    d, saved = pngs_of(tmp_path / "d"), pngs_of(inp)
+    assert sorted(d) == sorted(f"{stem}_sample{i:05d}.png" for stem in PREFIXED for i in range(2))
+    assert all((x == saved[f]).all() for f, x in d.items())
 
 
 @pytest.mark.parametrize("name, flag", [("refvae", "--ref FILE"), ("refvae", "--ref DIR"),

@@ -705,10 +705,6 @@ def test_flow_latent_with_tiles(tmp_path, flow_ckpts):
         ("nan", 3, "holds NaN or infinite values; use a finite latent"),
         ("refvae", 3, "a .npy array, not the .npz archive of this model's 2 latent fields z0, z1"),
         ("junk", 3, "not a readable .npz archive"),
-        ("folder", 3, ": a folder; give one .npz file (a --save-latent NAME_sample{i:05d}.latent"
-                      ".npz; to decode all of such a run with another checkpoint of these latent "
-                      "shapes, rerun it with its --seed and --temperature: it draws the same "
-                      "latents)"),
     ],
 )  # fmt: skip
 def test_a_bad_flow_latent_is_one_line(tmp_path, flow_ckpts, capsys, latent, code, words):
@@ -740,10 +736,6 @@ def test_a_bad_flow_latent_is_one_line(tmp_path, flow_ckpts, capsys, latent, cod
     elif latent == "refvae":
         f = tmp_path / "r0_sample00000.latent.npy"
         np.save(f, np.zeros(8, np.float32))
-    elif latent == "folder":  # a --save-latent run's folder
-        f = tmp_path / "saved"
-        assert run("--ckpt", flow_ckpts["srflow"], "--input", inp, "--n", 2, "--save-latent",
-                   "--out", f) == 0  # fmt: skip
     else:
         f.write_text("junk")
     capsys.readouterr()
@@ -820,6 +812,73 @@ def test_another_checkpoint_draws_the_saved_latents_again(tmp_path, flow_ckpts):
             assert all((zs[k] == zn[k]).all() for k in ("z0", "z1"))
             sample = [iio.imread(tmp_path / d / f"{name}.png") for d in "sn"]
             assert not (sample[0] == sample[1]).all()  # decoded by another model
+
+
+def test_latent_dir_decodes_a_flow_run_again(tmp_path, flow_ckpts, capsys):
+    """--latent DIR of a flow's --save-latent run: each input decoded from its own
+    NAME_sample{i:05d}.latent.npz (of its LR size: inputs of three sizes), the whole stem ("a"
+    is not "a_b"), sample i to NAME_sample{i:05d}.png with its i (a gap stays), bit for bit the
+    saved sample. The made_by of every file is checked: another checkpoint of the model decodes
+    them with one warning line counting them; another flow is refused naming a file; a file of
+    another LR size stops at its input, naming the file and both sizes."""
+    inp = tmp_path / "in"
+    for k, (stem, (h, w)) in enumerate({"a": (8, 8), "a_b": (8, 10), "img 1": (10, 6)}.items()):
+        lr_image(inp / f"{stem}.png", h, w, seed=k)
+    base = ["--ckpt", flow_ckpts["srflow"], "--input", inp]
+    s = tmp_path / "s"
+    assert run(*base, "--n", 4, "--temperature", 0.8, "--save-latent", "--out", s) == 0
+    for i in (1, 2):
+        (s / f"a_sample{i:05d}.latent.npz").unlink()
+    capsys.readouterr()
+    assert run(*base, "--latent", s, "--temperature", 0.5, "--out", tmp_path / "d") == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warned == ["sr_sample.py: warning: --temperature: no effect, --latent sets the "
+                      "latents; ignored"]  # fmt: skip
+    d = {p.name: iio.imread(p) for p in (tmp_path / "d").glob("*.png")}
+    want = ["a_sample00000.png", "a_sample00003.png"]
+    want += [f"{stem}_sample{i:05d}.png" for stem in ("a_b", "img 1") for i in range(4)]
+    assert sorted(d) == sorted(want)
+    assert all((x == iio.imread(s / f)).all() for f, x in d.items())
+    assert not (d["a_sample00000.png"] == d["a_sample00003.png"]).all()
+    assert json.loads((tmp_path / "d" / "manifest.json").read_text())["n"] == 4
+    # another checkpoint of srflow: one warning line for the folder's 10 files
+    other = tmp_path / "other.pt"
+    cfg = {**TINY["srflow"], "scale": 4, "flow_steps": 3}
+    weights = tiny("srflow", 4, 1, flow_steps=3).state_dict()
+    save_checkpoint(other, {"model": "srflow", "model_cfg": cfg, "step": 0, "state_dict": weights})
+    digest = hashlib.sha256(flow_ckpts["srflow"].read_bytes()).hexdigest()
+    assert run("--ckpt", other, "--input", inp, "--latent", s, "--out", tmp_path / "o") == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warned == [
+        f"sr_sample.py: warning: --latent {s}: 10 of 10 files saved by another srflow checkpoint "
+        f"(sha256 {digest[:12]}...; its config differs in flow_steps): decoded with this one, its "
+        "samples are not the saved ones"
+    ]
+    assert len(list((tmp_path / "o").glob("*.png"))) == 10
+    # NCSR of the same shapes: refused at a file, before any work
+    assert run("--ckpt", flow_ckpts["ncsr"], "--input", inp, "--latent", s, "--out",
+               tmp_path / "n") == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"sr_sample.py: error: --latent {s / 'a_'}"), err
+    assert "saved by an x4 srflow model, not this x4 ncsr" in err[0]
+    assert not (tmp_path / "n").exists() or not list((tmp_path / "n").glob("*.png"))
+    # a's latents replaced by a_b's (an LR of another size): the line names the file, both sizes
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    for f in s.glob("*.latent.npz"):
+        (swapped / f.name).write_bytes(f.read_bytes())
+    (swapped / "a_sample00000.latent.npz").write_bytes((s / "a_b_sample00000.latent.npz")
+                                                       .read_bytes())  # fmt: skip
+    (swapped / "a_sample00003.latent.npz").unlink()
+    assert run(*base, "--latent", swapped, "--out", tmp_path / "w") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert err == [
+        f"sr_sample.py: error: --latent {swapped / 'a_sample00000.latent.npz'}: fields z0 (6, 16, "
+        "20), z1 (96, 4, 5), the latents of an LR of 10x8 px, not of a.png's LR of 8x8 px (z0 (6, "
+        "16, 16), z1 (96, 4, 4) in this x4 SRFlow, which pads the LR to a multiple of 2); a "
+        "--latent folder's files of a are the latents of the input a as it was sampled: give "
+        "that input (with --from-hr if it was made so)"
+    ]
 
 
 def test_a_flow_latent_fits_one_lr_size(tmp_path, flow_ckpts, capsys):

@@ -27,7 +27,8 @@ declares every member the scripts and the loaders use, with a default for all bu
   load_weights(state_dict, path), complete_state_dict(state_dict)   strict loading
   raw_config(state_dict, scale), load_raw_state_dict(state_dict, path)
                                      a released file without srspace metadata
-  sample_controls, resolve_controls(controls, n, device), sample_latents(...), latent_file
+  sample_controls, resolve_controls(controls, n, device), sample_latents(...), latent_file,
+  read_latent(path, flag, own)
                                      sr_sample.py's latent controls (`LatentSRModel`; the
                                      flows' latent fields: `SRFlow`)
 and the class attributes stochastic, lr_multiple, default_temperature, ddp_find_unused,
@@ -591,6 +592,8 @@ class SampleControls:
     # file is read once; a file changed meanwhile is not recorded with the other contents)
     digests: dict = field(default_factory=dict)
     latent_file: str = ""  # --latent's, for messages
+    # --latent's files, for messages: after the sizes of an LR they do not fit, what to do
+    latent_hint: str = ""
     shift_file: str = ""  # --latent-shift's (a flow's), for messages
     image: str = "this"  # the input being sampled (sr_sample.py sets it), for messages
     encoded: dict | None = None  # `cond` as `encode_references` makes it, on the first image
@@ -602,9 +605,8 @@ def load_latent(path: str, dim: int, flag: str) -> tuple[torch.Tensor, str]:
     """A saved latent .npy, (D,) or (k, D), as float32, and the sha256 of the file (read once).
     A file that is not one readable finite array is a data error (exit 3); an array of another
     shape, or of no rows, a usage error (exit 2: the file of another model or flag)."""
-    if Path(path).is_dir():
-        raise DataError(f"{flag} {path}: a folder; give one .npy file (a --save-latent "
-                        "NAME_sample{i:05d}.latent.npy, or a direction)")  # fmt: skip
+    if Path(path).is_dir():  # (--latent DIR is sr_sample.py's: one file of it at a time)
+        raise DataError(f"{flag} {path}: a folder; give one .npy file (a direction)")
     try:
         data = Path(path).read_bytes()
         if not data:  # (numpy's own error for it differs between versions)
@@ -685,12 +687,9 @@ def load_latent_fields(path: str, count: int, flag: str, own: dict | None = None
     dimensions, or the fields of another model, a usage error (exit 2); the shapes are checked
     against an LR image later (`SRFlow.sample_latents`)."""
     names = [f"z{k}" for k in range(count)]
-    if Path(path).is_dir():  # (a whole --save-latent run again: its --seed draws the same fields)
-        what = ("a --save-latent NAME_sample{i:05d}.latent.npz; to decode all of such a run with "
-                "another checkpoint of these latent shapes, rerun it with its --seed and "
-                "--temperature: it draws the same latents" if flag == "--latent" else
-                "of a direction's fields z0, z1, ...")  # fmt: skip
-        raise DataError(f"{flag} {path}: a folder; give one .npz file ({what})")
+    if Path(path).is_dir():  # (--latent DIR is sr_sample.py's: one file of it at a time)
+        raise DataError(f"{flag} {path}: a folder; give one .npz file (of a direction's fields "
+                        "z0, z1, ...)")  # fmt: skip
     try:
         data = Path(path).read_bytes()
         if not data:
@@ -806,7 +805,7 @@ class LatentSRModel(SRModel):
             raise UsageError(
                 "--latent decodes saved latents: it cannot be combined with --ref/--latent-from"
             )
-        ctl, dim = SampleControls(n, {}), self.z_dim
+        ctl = SampleControls(n, {})
         if ref in ("lr", "prior"):
             ctl.cond["ref"] = ref
         elif ref and ref != "noise":
@@ -827,13 +826,20 @@ class LatentSRModel(SRModel):
             ctl.cond["latent_from"], ctl.digests["--latent-from"] = img[None], [digest]
             ctl.n = 1  # E_H's mean: one output
         if controls.get("latent"):
-            z, digest = load_latent(controls["latent"], dim, "--latent")
-            ctl.latent, ctl.digests["--latent"] = z.view(-1, dim).to(device), [digest]
+            z, digest, _ = self.read_latent(controls["latent"], "--latent")
+            ctl.latent, ctl.digests["--latent"] = z.to(device), [digest]
             ctl.n = len(ctl.latent)
         if controls.get("latent_shift"):
             ctl.shift = self._shift(controls["latent_shift"], controls["latent_steps"], ctl, device)
             ctl.n = len(ctl.shift[1])
         return ctl
+
+    def read_latent(self, path: str, flag: str, own: dict | None = None):
+        """A saved latent file as SampleControls.latent holds it, (k, D) float32 (`load_latent`),
+        the sha256 of the file and the warning lines about who saved it (none: a bare .npy
+        records nothing; `own`, the run's latent_source, is for a flow's .npz)."""
+        z, digest = load_latent(path, self.z_dim, flag)
+        return z.view(-1, self.z_dim), digest, []
 
     def _shift(self, file: str, steps: str, ctl: SampleControls, device):
         """(direction (D,), steps (k,)) of --latent-shift FILE --latent-steps STEPS."""

@@ -501,9 +501,7 @@ class SRFlow(SRModel):
         made_by entry must name (`check_latent_source`)."""
         ctl, count, own = SampleControls(n, {}), len(self.latent_fields()), controls.get("made_by")
         if controls.get("latent"):
-            fields, digest, ctl.warnings = load_latent_fields(
-                controls["latent"], count, "--latent", own
-            )
+            fields, digest, ctl.warnings = self.read_latent(controls["latent"], "--latent", own)
             ctl.latent, ctl.latent_file = [z.to(device) for z in fields], controls["latent"]
             ctl.n = len(ctl.latent[0])
             ctl.digests["--latent"] = [digest]
@@ -522,6 +520,12 @@ class SRFlow(SRModel):
             ctl.digests["--latent-shift"], ctl.shift_file = [digest], file
             ctl.n = len(steps)
         return ctl
+
+    def read_latent(self, path: str, flag: str, own: dict | None = None):
+        """A saved .latent.npz as SampleControls.latent holds it, fields [(k, C, h, w), ...]
+        (`load_latent_fields`), the sha256 of the file and the warning lines of its made_by entry
+        against `own` (the run's latent_source)."""
+        return load_latent_fields(path, len(self.latent_fields()), flag, own)
 
     def fields_lr(self, shapes: list[tuple]) -> str:
         """The LR that latent fields of these (C, h, w) shapes fit, in words (for messages)."""
@@ -555,11 +559,14 @@ class SRFlow(SRModel):
             if fields is not None and got != want:
                 shapes = lambda z: ", ".join(f"z{k} {v}" for k, v in enumerate(z))  # noqa: E731
                 pad = f", which pads the LR to a multiple of {m}" if m > 1 else ""
+                hint = (f"a {flag} file fits one LR size: give --input only images of that "
+                        f"size, or each image its own {flag} file")  # fmt: skip
+                if flag == "--latent" and controls.latent_hint:
+                    hint = controls.latent_hint
                 raise UsageError(
                     f"{flag} {file}: fields {shapes(got)}, the latents of {self.fields_lr(got)}, "
                     f"not of {controls.image} LR of {w}x{h} px ({shapes(want)} in this x{s} "
-                    f"{type(self).__name__}{pad}); a {flag} file fits one LR size: give --input "
-                    f"only images of that size, or each image its own {flag} file"
+                    f"{type(self).__name__}{pad}); {hint}"
                 )
         if controls.shift is None:
             return [z[list(idx)] for z in controls.latent]
