@@ -642,6 +642,27 @@ def test_latent_dir_one_line_errors(tmp_path, ckpts, capsys):
     assert {p.name: p.read_bytes() for p in s.iterdir()} == before
 
 
+def test_latent_dir_to_the_ntire_layout(tmp_path, ckpts):
+    """--layout ntire from --latent DIR where every image has samples 0..N-1: written as that
+    layout (numbered images, the same sample numbers), and at N = 1 as NAME.png, as a run of
+    --n 1 writes it; the PNGs are the saved ones."""
+    inp = named_images(tmp_path / "in", PREFIXED)
+    base = ["--ckpt", ckpts["refvae"], "--input", inp]
+    order = [p.stem for p in sr_sample.input_paths(inp)]
+    for n in (2, 1):
+        s, o = tmp_path / f"s{n}", tmp_path / f"o{n}"
+        assert run(*base, "--n", n, "--save-latent", "--out", s) == 0
+        assert run(*base, "--latent", s, "--layout", "ntire", "--out", o) == 0
+        got = pngs_of(o)
+        name = (lambda k, i: f"{k:06d}_sample{i:05d}.png") if n > 1 else lambda k, i: f"{k:06d}.png"
+        assert sorted(got) == sorted(name(k, i) for k in range(3) for i in range(n))
+        for k, stem in enumerate(order):
+            assert all((got[name(k, i)] == read(s / f"{stem}_sample{i:05d}.png")).all()
+                       for i in range(n))  # fmt: skip
+        index = json.loads((o / "ntire_index.json").read_text())
+        assert [index[f"{k:06d}"] for k in range(3)] == order
+
+
 def test_a_latent_dir_file_changed_during_the_run_is_refused(tmp_path, ckpts, capsys):
     """Each file of --latent DIR is read before the run (manifest.json records the joint digest)
     and again when its image is decoded: a file that changed in between is one line (exit 2),
