@@ -16,7 +16,7 @@ import contextlib
 import hashlib
 import importlib.util
 import io
-import multiprocessing.util  # noqa: F401 (registers its exit handler before ours, below)
+import multiprocessing.util  # (registers its exit handler before ours, below)
 import os
 import signal
 import struct
@@ -1458,10 +1458,19 @@ def _worker_init(worker_id: int) -> None:
     """Loader workers leave SIGTERM, SIGINT, SIGUSR1 and SIGHUP to the main process: SLURM and a
     terminal (also one that closes) signal the whole process group, and a worker killed by one
     would take the run down before the main process could save. One thread each: workers run in
-    parallel already."""
+    parallel already. The socket folder is the main process's (`make_socket_folder`), removed by
+    the worker at its exit only if the main process is gone."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     torch.set_num_threads(1)
+    # Run by multiprocessing at the worker's end (atexit's handlers are not), after the one that
+    # removes the worker's socket (priority 0).
+    multiprocessing.util.Finalize(
+        None,
+        _remove_socket_folder_if_orphaned,
+        args=(multiprocessing.util.get_temp_dir(), os.getppid()),
+        exitpriority=-100,
+    )
 
 
 SOCKET_PATH_MAX = 107  # bytes of an AF_UNIX socket's path on Linux: sun_path, 108 with its NUL
@@ -1483,6 +1492,29 @@ def check_socket_folder(workers: int) -> None:
         )
 
 
+def make_socket_folder() -> None:
+    """Make multiprocessing's temporary folder ($TMPDIR/pymp-XXXXXXXX), in which each loader
+    worker binds the socket it hands batches over through, in this (the main) process before
+    the workers start. `multiprocessing.util.get_temp_dir()` makes the folder in the process
+    that first calls it and removes it at that process's exit; a process started after that
+    (fork, spawn or forkserver) takes its parent's. Made by each worker, as before, it was
+    removed at the worker's exit, which a worker SIGKILLed (by the out-of-memory killer, or by
+    the run after LOADER_TIMEOUT) never reaches: a pymp-* folder left in $TMPDIR (a node's /tmp,
+    shared by its jobs) for every worker killed. The main process removes it now; killed alone,
+    it leaves it to its workers (`_remove_socket_folder_if_orphaned`). A process group killed
+    whole leaves it: nothing runs then that could remove it."""
+    multiprocessing.util.get_temp_dir()
+
+
+def _remove_socket_folder_if_orphaned(folder: str, main_pid: int) -> None:
+    """At a loader worker's exit, after its socket is removed: the socket folder, if the main
+    process, which removes it otherwise, is gone (SIGKILLed alone: its workers see it and end
+    within seconds) and no other worker's socket is left in it (the last worker to end)."""
+    if os.getppid() != main_pid:  # an orphan's parent is init (or a subreaper)
+        with contextlib.suppress(OSError):  # not empty, or removed already
+            os.rmdir(folder)
+
+
 def train_loader(
     dataset: PatchPairs,
     start_step: int,
@@ -1499,6 +1531,7 @@ def train_loader(
     more = dict(persistent_workers=True, prefetch_factor=4) if workers > 0 else {}
     if workers > 0:
         check_socket_folder(workers)
+        make_socket_folder()
     return _FloatLoader(
         _Uint8Steps(dataset),
         batch_size=None,  # each item is already a batch

@@ -1,6 +1,7 @@
 """Shared test fixtures: fixed seeds, tiny model configs, a tiny LR/HR batch."""
 
 import builtins
+import multiprocessing.util
 import os
 import shutil
 import signal
@@ -100,18 +101,20 @@ def popen_in_background():
 @pytest.fixture
 def own_temp_dir():
     """The system's temporary folder for this test, its processes and theirs: a new folder in
-    it, removed after the test (TMPDIR for the scripts it starts, tempfile's folder for the
-    loader workers this process forks). A loader worker killed (a hung one, after
-    LOADER_TIMEOUT; one killed by the test) leaves its pymp-* folder behind (multiprocessing's,
-    for handing over tensors: removed at the worker's exit, which it never reaches), one in the
-    system's at every run of the test. Not inside tmp_path: the workers' sockets live in it,
-    and an AF_UNIX path holds 107 bytes (sr_lib.data.check_socket_folder). Its own
-    MonkeyPatch: a test may undo its own."""
+    it, removed after the test (TMPDIR for the scripts it starts, tempfile's folder and
+    multiprocessing's for the loader workers this process forks). A script's loader workers
+    hand over batches through sockets in its multiprocessing folder ($TMPDIR/pymp-*), which a
+    test can look at here. This process keeps its multiprocessing folder for its life (made at
+    the first loader with workers, sr_lib.data.make_socket_folder): made in here, it would be
+    gone for every later test's workers; so here this folder stands in for it, as for a new
+    process. Not inside tmp_path: the workers' sockets live in it, and an AF_UNIX path holds
+    107 bytes (sr_lib.data.check_socket_folder). Its own MonkeyPatch: a test may undo its own."""
     folder = Path(tempfile.mkdtemp(prefix="srt-"))
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("TMPDIR", str(folder))
             mp.setattr(tempfile, "tempdir", str(folder))
+            mp.setattr(multiprocessing.util, "get_temp_dir", lambda: str(folder))  # (forked)
             yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -212,7 +212,8 @@ def test_a_hung_loader_worker_on_one_rank_ends_every_rank_at_once_with_exit_75(
     """srun's ranks, rank 1's loader worker hung from step 4's batch (CPython gh-112275): after
     LOADER_TIMEOUT rank 1 stops with one line, exit 75, and rank 0, waiting for it in a
     collective, loses contact at once (not the process group's 30 minutes): one line, exit 75;
-    last.pt holds the last save (step 2), as rank 0 says."""
+    last.pt holds the last save (step 2), as rank 0 says. The killed worker's socket folder
+    ($TMPDIR/pymp-*) is its rank's, removed at the rank's exit."""
     out, pid_file = tmp_path / "run", tmp_path / "worker.pid"
     argv = train_cmd(out, images, "--model", "edsr", "--n-feats", "8", "--n-blocks", "1",
                      "--steps", "100000", "--save-every", "2", "--workers", "1",
@@ -251,6 +252,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
     assert load_checkpoint(out / "last.pt")["step"] == 2
     with pytest.raises(ProcessLookupError):  # the hung worker killed (and reaped)
         os.kill(int(pid_file.read_text()), 0)
+    assert list(own_temp_dir.glob("pymp-*")) == []  # (its socket's folder: its rank's)
 
 
 def ended(ranks, timeout=60):

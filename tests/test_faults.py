@@ -661,7 +661,8 @@ def test_a_signal_during_a_loader_hang_saves_and_exits_75_within_seconds(
     """SLURM's SIGTERM to the job's process group while a loader worker hangs: the wait for the
     batch was one call of LOADER_TIMEOUT (10 min), which the signal did not end, so SLURM's
     SIGKILL (30 s later) lost the steps done. The wait is now made of short slices that look at
-    the stop request: last.pt with the steps done, the usual line, exit 75, within seconds."""
+    the stop request: last.pt with the steps done, the usual line, exit 75, within seconds. The
+    hung worker, killed, left its socket's folder ($TMPDIR/pymp-*): the main process's now."""
     pid_file, out = tmp_path / "worker.pid", tmp_path / "run"
     argv = [*cmd(out, images, 8)[2:], "--workers", "1", "--save-every", "100"]
     script = f"""
@@ -698,3 +699,4 @@ sys.exit(sr_train.main({argv!r}))
     assert load_checkpoint(out / "last.pt")["step"] == 3
     with pytest.raises(ProcessLookupError):  # the hung worker killed (and reaped)
         os.kill(int(pid_file.read_text()), 0)
+    assert list(own_temp_dir.glob("pymp-*")) == []  # (its socket's folder: the main process's)

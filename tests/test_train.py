@@ -578,10 +578,11 @@ def test_started_in_the_background_sigint_is_ignored_and_sigterm_still_saves(
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-def test_signal_to_the_process_group_saves_exits_75_then_resumes(tmp_path, images, sig):
+def test_signal_to_the_process_group_saves_exits_75_then_resumes(tmp_path, images, sig,
+                                                                 own_temp_dir):  # fmt: skip
     """SLURM (and a terminal's Ctrl-C, or its closing: SIGHUP) signal every process of the job,
     the data-loader workers too: with the default --workers 2 the run must still save and exit
-    75, without a traceback, and --resume auto continues it."""
+    75, without a traceback, and --resume auto continues it. Nothing is left in $TMPDIR."""
     out = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "sr_train.py"), "--model", "edsr", "--n-feats", "8",
            "--n-blocks", "1", "--data", str(images), "--scale", "2", "--patch", "8", "--batch", "2",
@@ -598,6 +599,7 @@ def test_signal_to_the_process_group_saves_exits_75_then_resumes(tmp_path, image
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 75, stderr.decode()
     assert "Traceback" not in stderr.decode() and "killed by signal" not in stderr.decode()
+    assert list(own_temp_dir.glob("pymp-*")) == []  # (the workers' sockets' folder)
     step = load_checkpoint(out / "last.pt")["step"]
     assert step >= 3
     cmd[cmd.index("100000")] = str(step + 2)
@@ -646,11 +648,12 @@ def exited(proc: subprocess.Popen, what_if_not: str) -> bytes:
         pytest.fail(what_if_not)
 
 
-def test_a_bug_in_the_loop_with_loader_workers_exits_with_its_traceback(tmp_path, images):
+def test_a_bug_in_the_loop_with_loader_workers_exits_with_its_traceback(tmp_path, images,
+                                                                        own_temp_dir):  # fmt: skip
     """The workers ignore SIGTERM (a group signal is the main process's to handle), and a
     traceback keeps the loader alive: multiprocessing's exit handler, which terminates and then
     joins daemonic children, waited for them forever. The run hung after its traceback (a SLURM
-    job until its time limit), and SIGTERM could not end it."""
+    job until its time limit), and SIGTERM could not end it. Nothing is left in $TMPDIR."""
     bug = ("import sys, sr_train\n"
            "def train_step(*args): raise RuntimeError('a bug in a training step')\n"
            "sr_train.train_step = train_step\n"
@@ -665,6 +668,7 @@ def test_a_bug_in_the_loop_with_loader_workers_exits_with_its_traceback(tmp_path
     )
     assert proc.returncode == 1
     assert "RuntimeError: a bug in a training step" in stderr.decode()
+    assert list(own_temp_dir.glob("pymp-*")) == []  # (the workers' sockets' folder)
 
 
 def test_a_full_dev_shm_saves_the_steps_done_and_says_so_in_one_line(tmp_path, images):
@@ -708,7 +712,10 @@ def test_a_loader_worker_killed_saves_the_steps_done_and_says_so_in_one_line(
     copy of the images). torch's SIGCHLD handler raised its "worker killed by signal" error
     wherever the main process was (a backward, an optimiser step): a traceback, exit 1, and
     the steps since the last save lost. Now the loader finds the death between steps: the
-    steps done are saved, one line, exit 4, and --resume auto goes on."""
+    steps done are saved, one line, exit 4, and --resume auto goes on. Each worker made its own
+    folder for its socket ($TMPDIR/pymp-*), removed at its exit, which a killed one never
+    reaches: one left in the node's /tmp for every worker killed. The folder is the main
+    process's now, shared by its workers and removed at its exit."""
     out = tmp_path / "run"
     argv = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--data", str(images),
             "--scale", "2", "--patch", "8", "--batch", "2", "--workers", "2", "--val-every", "0",
@@ -721,9 +728,13 @@ def test_a_loader_worker_killed_saves_the_steps_done_and_says_so_in_one_line(
         time.sleep(0.05)
     workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
     assert len(workers) == 2
+    sockets = sorted(p.relative_to(own_temp_dir) for p in own_temp_dir.glob("pymp-*/*"))
     os.kill(int(workers[0]), signal.SIGKILL)  # as the out-of-memory killer does
     stderr = exited(proc, "sr_train.py went on after its loader worker was killed")
     assert proc.returncode == 4, stderr.decode()
+    # one folder, both workers' sockets in it (the old code: a folder each)
+    assert len(sockets) == 2 and sockets[0].parent == sockets[1].parent, sockets
+    assert list(own_temp_dir.glob("pymp-*")) == []  # (the old code: the killed worker's)
     step = load_checkpoint(out / "last.pt")["step"]
     assert step >= 3  # (--save-every 100000: only the stop saved)
     assert stderr.decode().splitlines() == [

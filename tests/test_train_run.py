@@ -89,7 +89,8 @@ def test_a_run_killed_while_its_loader_workers_live_on_leaves_no_lock(
 ):
     """kill -9 of sr_train.py alone: its loader workers, forked from it, live on until they
     notice (seconds). A --resume auto at once, while they are alive, is not refused: the lock is
-    the process's own, not shared with them."""
+    the process's own, not shared with them. The folder of the workers' sockets ($TMPDIR/pymp-*),
+    the main process's, is left to them: the last to end removes it."""
     out = tmp_path / "run"
     flags = ["--data", str(images), "--val-every", "0", "--log-every", "1", "--save-every", "1"]
     first = script(*flags, "--workers", "2", "--steps", "100000", out=out)
@@ -109,6 +110,11 @@ def test_a_run_killed_while_its_loader_workers_live_on_leaves_no_lock(
     argv = [*TINY_EDSR, *flags, "--steps", str(step + 1), "--resume", "auto", "--out", str(out)]
     assert sr_train.main(argv) == 0
     assert load_checkpoint(out / "last.pt")["step"] == step + 1
+    deadline = time.monotonic() + 60  # (a worker looks for its parent every 5 s)
+    while any(map(alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(alive, workers)), "the workers live on"
+    assert list(own_temp_dir.glob("pymp-*")) == []
 
 
 @pytest.mark.parametrize("how", ["deleted", "moved"])
