@@ -1492,7 +1492,7 @@ def check_socket_folder(workers: int) -> None:
         )
 
 
-def make_socket_folder() -> None:
+def make_socket_folder(workers: int) -> None:
     """Make multiprocessing's temporary folder ($TMPDIR/pymp-XXXXXXXX), in which each loader
     worker binds the socket it hands batches over through, in this (the main) process before
     the workers start. `multiprocessing.util.get_temp_dir()` makes the folder in the process
@@ -1502,8 +1502,17 @@ def make_socket_folder() -> None:
     the run after LOADER_TIMEOUT) never reaches: a pymp-* folder left in $TMPDIR (a node's /tmp,
     shared by its jobs) for every worker killed. The main process removes it now; killed alone,
     it leaves it to its workers (`_remove_socket_folder_if_orphaned`). A process group killed
-    whole leaves it: nothing runs then that could remove it."""
-    multiprocessing.util.get_temp_dir()
+    whole leaves it: nothing runs then that could remove it. A folder that cannot be made (a
+    full or read-only $TMPDIR) made each worker print a traceback, and the run waited
+    LOADER_TIMEOUT, then exited 75 as "worker hung", to be requeued into the same wall."""
+    try:
+        multiprocessing.util.get_temp_dir()
+    except OSError as e:
+        raise OutputError(
+            f"--workers {workers}: cannot make the loader workers' socket folder in the "
+            f"temporary folder {tempfile.gettempdir()} ($TMPDIR): {e.strerror or e}; free space "
+            "there, set TMPDIR to a folder you can write to, or use --workers 0"
+        ) from None
 
 
 def _remove_socket_folder_if_orphaned(folder: str, main_pid: int) -> None:
@@ -1531,7 +1540,7 @@ def train_loader(
     more = dict(persistent_workers=True, prefetch_factor=4) if workers > 0 else {}
     if workers > 0:
         check_socket_folder(workers)
-        make_socket_folder()
+        make_socket_folder(workers)
     return _FloatLoader(
         _Uint8Steps(dataset),
         batch_size=None,  # each item is already a batch

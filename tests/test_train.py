@@ -1,7 +1,9 @@
 """sr_train.py: checkpoints, exact resume, the non-finite guard, signals, bad flags."""
 
+import errno
 import hashlib
 import json
+import multiprocessing.util
 import os
 import shutil
 import signal
@@ -19,6 +21,7 @@ import pytest
 import torch
 from torch import nn
 
+import sr_lib.data
 import sr_train
 from sr_lib import config, models
 from sr_lib.checkpoint import load_checkpoint, save_checkpoint
@@ -850,22 +853,37 @@ def test_bf16_on_a_gpu_older_than_ampere_is_said_to_be_emulated(monkeypatch):
     assert config.amp_emulated("bf16", cuda) is None
 
 
-def test_a_temporary_folder_too_deep_for_the_workers_sockets_is_one_line(
-    tmp_path, images, monkeypatch, capsys
+@pytest.mark.parametrize("how", ["too deep", "full"])
+def test_a_temporary_folder_unfit_for_the_workers_sockets_is_one_line(
+    tmp_path, images, monkeypatch, capsys, how
 ):
     """A TMPDIR deep in a scratch file system: each loader worker's socket
     ($TMPDIR/pymp-*/listener-*) could not be bound (AF_UNIX: 107 bytes), the worker printed a
     traceback, and the run waited LOADER_TIMEOUT, then exited 75 as "worker hung", to be
-    requeued into the same wall. Now one line before training, exit 2."""
-    deep = tmp_path / ("d" * 60) / ("e" * 60)
-    deep.mkdir(parents=True)
-    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    requeued into the same wall. A full (or read-only) TMPDIR, where the sockets' folder
+    (pymp-*) cannot be made: the same. Now one line before training, exit 2 or 7."""
+    monkeypatch.setattr(sr_lib.data, "LOADER_TIMEOUT", 2.0)  # (the old wait, shortened)
+    if how == "too deep":
+        deep = tmp_path / ("d" * 60) / ("e" * 60)
+        deep.mkdir(parents=True)
+        monkeypatch.setattr(tempfile, "tempdir", str(deep))
+        code, says = 2, f"--workers 2: the temporary folder {deep} ($TMPDIR) is too deep"
+    else:
+
+        def full():  # as tempfile.mkdtemp fails there (in the workers too: forked)
+            folder = os.path.join(tempfile.gettempdir(), "pymp-12345678")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), folder)
+
+        monkeypatch.setattr(multiprocessing.util, "get_temp_dir", full)
+        code, says = 7, "--workers 2: cannot make the loader workers' socket folder in the "
+        says += f"temporary folder {tempfile.gettempdir()} ($TMPDIR): No space left on device; "
+        says += "free space there, set TMPDIR to a folder you can write to, or use --workers 0"
     argv = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--data", str(images),
             "--scale", "2", "--patch", "8", "--batch", "2", "--workers", "2", "--val-every", "0",
             "--steps", "2", "--out", str(tmp_path / "run")]  # fmt: skip
     with pytest.raises(SystemExit) as e:
         sr_train.main(argv)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1, err
-    assert f"--workers 2: the temporary folder {deep} ($TMPDIR) is too deep" in err
+    assert e.value.code == code and err.count("\n") == 1, err
+    assert says in err
     assert not (tmp_path / "run" / "last.pt").exists()
