@@ -67,9 +67,12 @@ def device_cache(maxsize: int):
 
 def _eagerly(build, key: tuple):
     """build(*key) outside any torch.compile graph (a miss while compiling: a graph break there,
-    not numpy traced). Wrapped at the call: torch.compiler.disable imports dynamo (~1 s), which
-    every script would otherwise pay at start-up."""
-    return torch.compiler.disable(build)(*key)
+    not numpy traced). Wrapped only while compiling: torch.compiler.disable imports dynamo (~1.3 s
+    of CPU), which a script's first resize (sr_eval.py's LR-PSNR, sr_sample.py's bicubic) paid
+    otherwise."""
+    if torch.compiler.is_compiling():  # (tracing: dynamo is loaded)
+        return torch.compiler.disable(build)(*key)
+    return build(*key)
 
 
 def cached_tensors() -> list[torch.Tensor]:

@@ -144,17 +144,24 @@ def test_the_scripts_start_without_loading_torch_compile(tmp_path):
     """torch._dynamo takes ~1.3 s of CPU to import: the scripts load it only for --compile and
     torch's optimizers (a batch pipeline starts sr_sample.py and sr_eval.py once per job, the
     tests dozens of times). A model without weights (bicubic) builds no optimizer, yet its run
-    loaded it at the end, putting back torch's determinism setting unchanged. scipy's ndimage
-    (~0.2 s) is loaded by the first SSIM, which sr_train.py never computes."""
+    loaded it at the end, putting back torch's determinism setting unchanged; the first resize
+    (sr_sample.py's bicubic, sr_eval.py's LR-PSNR) loaded it too. scipy's ndimage (~0.2 s) is
+    loaded by the first SSIM, which sr_train.py and sr_sample.py never compute."""
     code = """import sys, sr_train, sr_sample, sr_eval
 out, slow = sys.argv[1], {"torch._dynamo", "scipy.ndimage"}
 assert sr_train.main(["--model", "bicubic", "--steps", "0", "--val-every", "0", "--quiet",
                       "--out", out + "/run"]) == 0
+assert sr_sample.main(["--ckpt", out + "/run/last.pt", "--input", "demo", "--n", "1", "--quiet",
+                       "--out", out + "/sr"]) == 0
+print(sorted(set(sys.modules) & slow))
+assert sr_eval.main(["--hr", "demo", "--sr", out + "/sr", "--lr", out + "/sr/lr", "--n", "1",
+                     "--scale", "4", "--no-lpips", "--quiet", "--csv", out + "/scores.csv"]) == 0
 print(sorted(set(sys.modules) & slow))"""
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
                           text=True, cwd=REPO, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[-1] == "[]"
+    assert done.stdout.splitlines()[-2:] == ["[]", "['scipy.ndimage']"]
+    assert (tmp_path / "scores.csv").is_file()
 
 
 @pytest.mark.parametrize("script", [sr_train, sr_sample, sr_eval])
