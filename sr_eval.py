@@ -749,7 +749,7 @@ def run_settings(args, shave, device, lpips_metric, columns, methods) -> dict:
 def check_flags(args: EvalArgs) -> tuple[int, torch.device, int, tuple | None]:
     """(border shave, device, LPIPS batch, --lpips-weights as read: (state_dict, sha256) or
     None); a one-line usage error for a bad combination. The output files and folder are proved
-    writable here, before any long work."""
+    writable here, and OUT.partial (`partial_path`) no folder, before any long work."""
     if args.scale not in (2, 3, 4, 8):
         raise UsageError(f"--scale {args.scale}: choose 2, 3, 4 or 8")
     paths = dict(hr=args.hr, lr=args.lr, lpips_weights=args.lpips_weights, out=args.out,
@@ -797,6 +797,13 @@ def check_flags(args: EvalArgs) -> tuple[int, torch.device, int, tuple | None]:
     for flag, path, example in (("--out", args.out, "out.json"), ("--csv", args.csv, "out.csv")):
         if path and path != STDOUT:
             check_out_file(path, flag, example)
+    partial = partial_path(args)
+    if partial and partial.exists() and not partial.is_file():  # (else: after an image)
+        flag = "--out" if args.out and args.out != STDOUT else "--csv"
+        raise OutputError(
+            f"{partial}: is a folder or another non-file, where {flag}'s scores "
+            "so far are kept (a stopped run continues from them); move it away"
+        )
     shave = args.scale if args.shave is None else args.shave
     return shave, device, args.lpips_batch or (4 if device.type == "cuda" else 1), lpips_read
 

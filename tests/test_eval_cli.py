@@ -888,6 +888,30 @@ def test_a_rerun_scores_again_what_changed_after_the_stop(tmp_path, capsys, monk
     )
 
 
+@pytest.mark.parametrize("flag", ["--out", "--csv"])
+def test_a_folder_named_as_the_partial_file_is_refused_before_any_work(
+    tmp_path, capsys, monkeypatch, flag
+):
+    """A folder where OUT.partial belongs (`mkdir r.json.partial`, a tool's output folder) was
+    found only once the first image was scored: a warning that it was not this command's scores,
+    then exit 7 after the work. Now checked with --out and --csv, before any image is scored:
+    one line naming it and what to do, exit 7, the folder and its files left as they were."""
+    names = tuple(f"{k:04d}" for k in range(2))
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 2, names=names)
+    out = tmp_path / ("r.json" if flag == "--out" else "r.csv")
+    partial = out.with_name(out.name + ".partial")
+    (partial / "kept").mkdir(parents=True)
+    calls = stop_at_image(monkeypatch, "none")  # (no stop: the calls only)
+    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips", flag, out]
+    code, err = fails(capsys, *argv)
+    assert (code, calls) == (7, [])
+    assert err == (
+        f"sr_eval.py: error: {partial}: is a folder or another non-file, where {flag}'s "
+        "scores so far are kept (a stopped run continues from them); move it away\n"
+    )
+    assert [p.name for p in partial.iterdir()] == ["kept"] and not out.exists()
+
+
 @pytest.mark.parametrize(
     "edit",
     [
