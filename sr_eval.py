@@ -51,7 +51,8 @@ A run stopped before its end keeps the scores of the images done in OUT.partial 
 its files are those of a run never stopped. They are taken only where every flag but the outputs',
 the LPIPS weights' sha256, the device and the versions are the same, and for the first images
 whose files (path, size, modification time) are unchanged; the file is deleted once the results
-are written.
+are written. An error after images were scored says in its line how many images' scores are kept
+there (the --json line's kept).
 
 Exit codes: 0 ok, 2 bad flag, 3 unusable data (missing, unreadable or wrongly sized images, an
 index that names other images), 4 out of memory, 6 LPIPS weights, 7 output, 75 stopped by
@@ -419,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                     code = run(args, given_fields(EvalArgs, argv, PROG), summary)
                 if summary.fields["partial"]:  # (here, where a stop signal stops no more)
                     Path(summary.fields["partial"]).unlink(missing_ok=True)
-                    summary.update(partial=None)
+                    summary.update(partial=None, kept=0)
             except Preempted as e:
                 if isinstance(e.__context__, SRSpaceError):  # it came while that error unwound
                     raise e.__context__ from None
@@ -452,15 +453,31 @@ def stop_signals():
 
 def stopped_line(name: str, fields: dict) -> str:
     """The error line of a stop by signal `name`: how far the run got (`fields`: the --json
-    line's), and what to do."""
+    line's), what is kept (`kept` of the `scored` images, in `partial`) and what to do."""
     images, scored, partial = fields.get("images"), fields.get("scored"), fields.get("partial")
     if not scored:
         return f"stopped by {name} before any image was scored; rerun the same command"
     if partial:
-        return (f"stopped by {name} after scoring {scored} of {images} images, their scores kept "
+        kept = fields.get("kept")
+        which = "their scores" if kept == scored else f"the scores of the first {kept}"
+        return (f"stopped by {name} after scoring {scored} of {images} images, {which} kept "
                 f"in {partial}: rerun the same command to continue")  # fmt: skip
     return (f"stopped by {name} after scoring {scored} of {images} images, none kept (only "
             "--out or --csv keeps them): rerun the same command")  # fmt: skip
+
+
+@contextmanager
+def said_what_is_kept(fields: dict):
+    """Around the work: an error inside (a full disk, a bad image) says in its line how many
+    images' scores are kept where (`fields`: the --json line's), as a stop's line does."""
+    try:
+        yield
+    except SRSpaceError as e:
+        kept, images, partial = fields["kept"], fields["images"], fields["partial"]
+        if partial:
+            e.args = (f"{e}; the scores of {kept} of {images} images are kept in {partial}: "
+                      "fix that and rerun the same command to continue",)  # fmt: skip
+        raise
 
 
 def one_line_warnings():
@@ -494,9 +511,8 @@ def warn_unused(args: EvalArgs, given: set[str]) -> None:
 def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None = None) -> int:
     """The run; `summary` gathers the fields of its closing line (--json) as they become known."""
     summary = summary or Summary(PROG)
-    summary.update(
-        results=args.out, csv=args.csv, report=None, images=None, scored=0, partial=None, mean=None
-    )
+    summary.update(results=args.out, csv=args.csv, report=None, images=None, scored=0)
+    summary.update(partial=None, kept=0, mean=None)
     shave, device, batch, lpips_read = check_flags(args)
     warn_unused(args, given)  # (after the errors of the flags: an error is the one line)
     hr = hr_images(args.hr)
@@ -534,21 +550,21 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     if sigma_files:
         fields[methods[0].name] |= {"PLL", "PSNR_sigma"}
     kept = kept_scores(partial, key, stems, prints, fields) if partial else []
-    summary.update(scored=len(kept), partial=str(partial) if kept else None)
+    summary.update(scored=len(kept), partial=str(partial) if kept else None, kept=len(kept))
     if kept and not args.quiet:
         with unless_stdout_closed(to_files):
             show(f"continuing from {partial}: {len(kept)} of {len(stems)} images scored already",
                  to_stderr)  # fmt: skip
 
     def scored(k: int, rows: dict) -> None:
-        summary.update(scored=k + 1)
+        summary.update(scored=k + 1)  # (`kept` once the file holds it: a full disk fails here)
         if partial:
             kept[k:] = [{"image": stems[k], "files": prints[k], "rows": rows}]
             write_text(partial, json.dumps({"key": key, "images": kept}) + "\n")
-            summary.update(partial=str(partial))
+            summary.update(partial=str(partial), kept=k + 1)
 
     # a stop after the report's first file (a full disk, Ctrl-C, a bad image) leaves none of it
-    with report.removed_if_unfinished(report_dir):
+    with said_what_is_kept(summary.fields), report.removed_if_unfinished(report_dir):
         rows, sheets = score(hr, methods, lr_files, sigma_files, columns, opts, report_dir,
                              to_files, to_stderr, args.quiet, scored,
                              [entry["rows"] for entry in kept])  # fmt: skip

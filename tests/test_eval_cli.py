@@ -740,6 +740,45 @@ def test_full_disk_is_one_line_exit_7_and_no_partial_json(tmp_path):
     assert len(json.loads((out.parent / "r.json.partial").read_text())["images"]) == 2
 
 
+def test_full_disk_while_the_scores_so_far_are_written_counts_those_kept(
+    tmp_path, capsys, monkeypatch
+):
+    """A full disk when OUT.partial is rewritten after the 3rd image (a file size limit of its
+    size after the 2nd, EFBIG as ENOSPC): exit 7 and one line, the file as it was, but the --json
+    line said scored 3 and that file, which holds 2. Now `kept` is 2 and the line says so too."""
+    names = tuple(f"{k:04d}" for k in range(4))
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 4, names=names)
+    out = tmp_path / "res" / "r.json"
+    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips", "--out", out,
+            "--json"]  # fmt: skip
+    stop_at_image(monkeypatch, "0002")
+    assert fails(capsys, *argv)[0] == 75
+    partial = out.parent / "r.json.partial"
+    two = partial.read_bytes()  # the file after 2 images, the same in every run
+    partial.unlink()
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(two), len(two)))
+
+    p = subprocess.run(eval_cmd(*argv), cwd=REPO, capture_output=True, text=True,
+                       preexec_fn=small_files)  # fmt: skip
+    said = (f"{partial}: cannot write (File too large); check the output path; the scores of "
+            f"2 of 4 images are kept in {partial}: fix that and rerun the same command to "
+            "continue")  # fmt: skip
+    assert (p.returncode, p.stderr) == (7, f"sr_eval.py: error: {said}\n")
+    line = json.loads(p.stdout.splitlines()[-1])
+    got = (line["error"], line["scored"], line["kept"], line["partial"])
+    assert got == (said, 3, 2, str(partial))
+    assert partial.read_bytes() == two  # (and no temporary file)
+    assert [f.name for f in out.parent.iterdir()] == ["r.json.partial"]
+    fields = dict(images=4, scored=3, kept=2, partial=str(partial))  # (a stop cannot come there)
+    assert sr_eval.stopped_line("SIGTERM", fields) == (
+        f"stopped by SIGTERM after scoring 3 of 4 images, the scores of the first 2 kept in "
+        f"{partial}: rerun the same command to continue"
+    )
+
+
 def test_ctrl_c_is_one_line_exit_130_and_no_output(tmp_path):
     """Issue 20 item 8: a real SIGINT to a running sr_eval (read-ahead threads busy)."""
     sizes = tuple((256, 256) for _ in range(40))
@@ -1142,12 +1181,15 @@ def test_a_wrong_size_in_the_last_image_stops_the_run_before_the_first_is_scored
     assert err.startswith(f"sr_eval.py: error: {bad}: ") and text in err, err
     assert "[1/3]" not in out and decoded == [] and loaded == []
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "R").exists()
-    # the line the scoring's own check gives (headers unread), after the images before it
+    # the line the scoring's own check gives (headers unread), after the images before it, and
+    # where their scores are kept
     monkeypatch.setattr(sr_eval, "image_size", lambda p: None, raising=False)
     with pytest.raises(SystemExit) as e:
         sr_eval.main([str(a) for a in argv])
     late = capsys.readouterr()
-    assert e.value.code == 3 and late.err == err and "[2/3] 0802" in late.out
+    kept = (f"; the scores of 2 of 3 images are kept in {tmp_path / 'r.json.partial'}: fix that "
+            "and rerun the same command to continue\n")  # fmt: skip
+    assert e.value.code == 3 and late.err == err[:-1] + kept and "[2/3] 0802" in late.out
 
 
 def test_an_hr_turned_by_its_exif_orientation_is_checked_upright(tmp_path, capsys):

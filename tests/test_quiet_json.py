@@ -111,7 +111,7 @@ def test_json_closing_line_of_each_script(hr_dir, tmp_path, capsys):
     line = last_json(out)
     assert line == {"script": "sr_eval.py", "exit_code": 0, "error": None,
                     "results": str(results), "csv": None, "report": None, "images": 2,
-                    "scored": 2, "partial": None,
+                    "scored": 2, "partial": None, "kept": 0,
                     "mean": {"mine": json.loads(results.read_text())["mean"]}}  # fmt: skip
     assert line["mean"]["mine"]["LPIPS_mean"] is None  # (NaN: not computed) as results.json
     with pytest.raises(SystemExit) as e:  # stdout holds one of them
