@@ -52,7 +52,10 @@ its files are those of a run never stopped. They are taken only where every flag
 the LPIPS weights' sha256, the device and the versions are the same, and for the first images
 whose files (path, size, modification time) are unchanged; the file is deleted once the results
 are written. An error after images were scored says in its line how many images' scores are kept
-there (the --json line's kept).
+there (the --json line's kept). An --out or --csv already there (an earlier run's) is renamed
+NAME.old (NAME.old2, ... where taken) when the scoring starts, so that a run that ends without
+its results (a stop, an error, Ctrl-C, a kill) leaves no earlier numbers under its name; its line
+says where they went; a run that completes deletes the NAME.old it made.
 
 Exit codes: 0 ok, 2 bad flag, 3 unusable data (missing, unreadable or wrongly sized images, an
 index that names other images), 4 out of memory, 6 LPIPS weights, 7 output, 75 stopped by
@@ -72,6 +75,7 @@ import csv
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import math
 import re
@@ -424,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
             except Preempted as e:
                 if isinstance(e.__context__, SRSpaceError):  # it came while that error unwound
                     raise e.__context__ from None
-                raise Stopped(stopped_line(e.args[0], summary.fields)) from None
+                also = "".join(f"; {a}" for a in e.args[1:])  # (`said_unfinished`)
+                raise Stopped(stopped_line(e.args[0], summary.fields) + also) from None
         return summary.end(code)
 
 
@@ -433,8 +438,9 @@ def stop_signals():
     """Within, SIGTERM and SIGUSR1 (SLURM's preemption and time-limit warning) and SIGHUP (a
     closed terminal) raise Preempted, at once or, where a file is written or a thread pool's lock
     code runs, at its end (sr_lib/threads.py); one that came while the script imported torch is
-    raised at the start. The files are written atomically and the report's removed where it is
-    unfinished, so a stop leaves no result that looks complete."""
+    raised at the start. The files are written atomically, the report's removed where it is
+    unfinished and an earlier --out or --csv set aside (`set_aside`), so a stop leaves no result
+    that looks complete, nor an earlier one under this run's name."""
 
     def stop(signum, frame):
         raise Preempted(signal.Signals(signum).name)
@@ -467,17 +473,52 @@ def stopped_line(name: str, fields: dict) -> str:
 
 
 @contextmanager
-def said_what_is_kept(fields: dict):
+def said_unfinished(fields: dict, moved: dict[Path, Path]):
     """Around the work: an error inside (a full disk, a bad image) says in its line how many
-    images' scores are kept where (`fields`: the --json line's), as a stop's line does."""
+    images' scores are kept where (`fields`: the --json line's), as a stop's line does; and
+    any end inside (a stop, an error, Ctrl-C) says where the earlier --out or --csv went
+    (`moved`: by `set_aside`, less those this run's file replaced)."""
     try:
         yield
-    except SRSpaceError as e:
+    except BaseException as e:
+        went = "; ".join(f"{p} (an earlier run's) moved to {aside}" for p, aside in moved.items())
         kept, images, partial = fields["kept"], fields["images"], fields["partial"]
-        if partial:
-            e.args = (f"{e}; the scores of {kept} of {images} images are kept in {partial}: "
-                      "fix that and rerun the same command to continue",)  # fmt: skip
+        if isinstance(e, SRSpaceError):
+            said = [str(e)]
+            if partial:
+                said.append(f"the scores of {kept} of {images} images are kept in {partial}: "
+                            "fix that and rerun the same command to continue")  # fmt: skip
+            e.args = ("; ".join(said + ([went] if went else [])),)
+        elif isinstance(e, Preempted) and went:
+            e.args = (*e.args, went)  # (main's stop line)
+        elif went:  # Ctrl-C, a bug: before its line or traceback
+            warn(went)
         raise
+
+
+OLD = ".old"  # an earlier --out or --csv set aside while this run works (`set_aside`)
+
+
+def set_aside(paths: list[Path], moved: dict[Path, Path]) -> None:
+    """Each of `paths` that exists (an earlier run's --out or --csv) renamed NAME.old, or
+    NAME.old2, ... where that is taken (nothing is replaced), into `moved` {path: new name}, at
+    the start of the work: a run that ends without writing its own (a stop, an error, Ctrl-C, a
+    kill) leaves no earlier numbers under its name for a pipeline that reads the file, not the
+    exit code. This run's file, once written, replaces it (`run` deletes NAME.old), as before."""
+    for path in paths:
+        if not (path.exists() or path.is_symlink()):
+            continue
+        for i in itertools.count(1):
+            suffix = OLD if i == 1 else f"{OLD}{i}"
+            aside = path.with_name(fit_name(path.name, len(suffix), name_max(path.parent)) + suffix)
+            if not (aside.exists() or aside.is_symlink()):
+                break
+        try:
+            path.rename(aside)
+        except OSError as e:
+            raise OutputError(f"{path}: cannot move this earlier file aside to {aside} "
+                              f"({e.strerror or e}); move or delete it") from None  # fmt: skip
+        moved[path] = aside
 
 
 def one_line_warnings():
@@ -564,7 +605,9 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
             summary.update(partial=str(partial), kept=k + 1)
 
     # a stop after the report's first file (a full disk, Ctrl-C, a bad image) leaves none of it
-    with said_what_is_kept(summary.fields), report.removed_if_unfinished(report_dir):
+    moved = {}
+    with said_unfinished(summary.fields, moved), report.removed_if_unfinished(report_dir):
+        set_aside([Path(p) for p in (args.out, args.csv) if p and p != STDOUT], moved)
         rows, sheets = score(hr, methods, lr_files, sigma_files, columns, opts, report_dir,
                              to_files, to_stderr, args.quiet, scored,
                              [entry["rows"] for entry in kept])  # fmt: skip
@@ -586,7 +629,10 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
             results.append(("--csv", args.csv, csv_text(clean, columns, methods)))
         for _, path, text in results:  # the files first: a closed stdout cannot lose them
             if path != STDOUT:
-                write_text(path, text)
+                with signals_held():  # (a stop's line says what is where)
+                    write_text(path, text)
+                    if Path(path) in moved:  # replaced by this run's, as a file written over
+                        moved.pop(Path(path)).unlink(missing_ok=True)
         if report_dir:
             table = [(m.name, m.temperature, m.n, means[m.name]) for m in methods]
             index = report.write_report(report_dir, title, columns, table, sheets, missing)

@@ -722,9 +722,13 @@ def eval_cmd(*argv):
 def test_full_disk_is_one_line_exit_7_and_no_partial_json(tmp_path):
     """Issue 20 item 4: a write that fails half-way (a full disk: here a 1 kB file size limit,
     EFBIG as ENOSPC) leaves no JSON at all, not a 0-byte or truncated one; the scores of the
-    images (r.json.partial, written whole before) are kept for a rerun once there is room."""
+    images (r.json.partial, written whole before) are kept for a rerun once there is room, and
+    the line says so; an earlier run's r.json is not left under this run's name, and the line
+    says where it went."""
     hr_dir, _, sr_dir = make_set(tmp_path, n=2)
     out = tmp_path / "res" / "r.json"
+    out.parent.mkdir()
+    out.write_text("an earlier run's\n")
 
     def small_files():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -735,9 +739,15 @@ def test_full_disk_is_one_line_exit_7_and_no_partial_json(tmp_path):
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, preexec_fn=small_files)
     err = p.stderr.strip().splitlines()
     assert p.returncode == 7 and len(err) == 1, p.stderr
-    assert "r.json: cannot write (File too large)" in err[0]
-    assert [p.name for p in out.parent.iterdir()] == ["r.json.partial"]  # no temporary file
-    assert len(json.loads((out.parent / "r.json.partial").read_text())["images"]) == 2
+    partial = out.parent / "r.json.partial"
+    assert err[0] == (
+        f"sr_eval.py: error: {out}: cannot write (File too large); check the output path; the "
+        f"scores of 2 of 2 images are kept in {partial}: fix that and rerun the same command to "
+        f"continue; {out} (an earlier run's) moved to {out}.old"
+    )
+    assert sorted(p.name for p in out.parent.iterdir()) == ["r.json.old", "r.json.partial"]
+    assert len(json.loads(partial.read_text())["images"]) == 2  # (and no temporary file)
+    assert (out.parent / "r.json.old").read_text() == "an earlier run's\n"
 
 
 def test_full_disk_while_the_scores_so_far_are_written_counts_those_kept(
@@ -884,6 +894,54 @@ def test_a_rerun_after_a_stop_continues_and_gives_the_uninterrupted_files(
     ]
     line = json.loads(out.out.splitlines()[-1])
     assert (line["scored"], line["partial"]) == (5, None) and not partial.exists()
+
+
+def test_an_earlier_out_is_moved_aside_while_the_run_works_and_the_stop_says_so(
+    tmp_path, capsys, monkeypatch
+):
+    """An --out and --csv of an earlier, complete run stayed in place after a stopped (or failed,
+    or killed) run: a pipeline that reads the files, not the exit code, took their numbers for
+    this run's. Now they are moved to NAME.old (NAME.old2 where that is taken: nothing is
+    replaced) when the work starts, and the stop's line says where; a run that completes
+    writes its own and deletes only what it replaced; Ctrl-C says it in a warning line."""
+    names = tuple(f"{k:04d}" for k in range(3))
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 3, names=names)
+    out, csv_file, res = tmp_path / "res" / "r.json", tmp_path / "res" / "r.csv", tmp_path / "res"
+    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips", "--out", out,
+            "--csv", csv_file]  # fmt: skip
+    assert run(capsys, *argv)[0] == 0
+    earlier = out.read_bytes(), csv_file.read_bytes()
+    (res / "r.json.old").write_text("the user's own\n")
+    stop_at_image(monkeypatch, "0002")
+    code, err = fails(capsys, *argv)
+    said = (f"stopped by SIGTERM after scoring 2 of 3 images, their scores kept in "
+            f"{res / 'r.json.partial'}: rerun the same command to continue; {out} (an earlier "
+            f"run's) moved to {out}.old2; {csv_file} (an earlier run's) moved to "
+            f"{csv_file}.old")  # fmt: skip
+    assert (code, err) == (75, f"sr_eval.py: error: {said}\n")
+    assert sorted(p.name for p in res.iterdir()) == [
+        "r.csv.old", "r.json.old", "r.json.old2", "r.json.partial"
+    ]  # fmt: skip
+    assert ((res / "r.json.old2").read_bytes(), (res / "r.csv.old").read_bytes()) == earlier
+
+    monkeypatch.undo()
+    assert run(capsys, *argv)[0] == 0  # the rerun continues: nothing to move, nothing deleted
+    assert (out.read_bytes(), csv_file.read_bytes()) == earlier  # (the same command)
+    assert sorted(p.name for p in res.iterdir()) == [
+        "r.csv", "r.csv.old", "r.json", "r.json.old", "r.json.old2"
+    ]  # fmt: skip
+    for name in ("r.csv.old", "r.json.old2"):
+        (res / name).unlink()
+    assert run(capsys, *argv)[0] == 0  # replaces r.json and r.csv, as ever: no NAME.old2 left
+    assert sorted(p.name for p in res.iterdir()) == ["r.csv", "r.json", "r.json.old"]
+    assert (res / "r.json.old").read_text() == "the user's own\n"
+
+    stop_at_image(monkeypatch, "0001", signal.SIGINT)
+    code, err = fails(capsys, *argv)
+    assert (code, err) == (130, f"sr_eval.py: warning: {out} (an earlier run's) moved to "
+                           f"{out}.old2; {csv_file} (an earlier run's) moved to {csv_file}.old\n"
+                           "sr_eval.py: interrupted\n")  # fmt: skip
+    assert not out.exists() and (res / "r.json.old2").read_bytes() == earlier[0]
 
 
 def test_a_rerun_scores_again_what_changed_after_the_stop(tmp_path, capsys, monkeypatch):
