@@ -21,7 +21,8 @@ upscaled (MATLAB bicubic, clipped; --alpha-channel drop: without), 8-bit, or 16-
                           models) | sigma], maps normalised to their max (black, red, yellow,
                           white); 8-bit, no alpha, gray (luma) for a gray LR
   NAME_sample{i:05d}.latent.npy
-                          --save-latent, refvae and varsr: the float32 (D,) latent of sample i;
+                          --save-latent, refvae and varsr: the float32 (D,) latent of sample i
+                          (so named also where the sample is NAME.png: sample 0);
                           `--latent FILE` decodes it to the same sample again, `--latent DIR`
                           every such file of a folder
   NAME_sample{i:05d}.latent.npz
@@ -52,13 +53,15 @@ Sampling controls (a model without the control stops with a one-line usage error
   --latent DIR            decode a whole --save-latent run again: each input NAME from its own
                           files NAME_sample{i:05d}.latent.npy|.npz there (the model's kind; NAME
                           the whole stem, or in a --layout ntire run's folder the number its
-                          ntire_index.json gives that stem), sample i to NAME_sample{i:05d}.png,
-                          the same i (gaps stay gaps), bit for bit the saved sample with the same
-                          flags. Refused in one line before any work (exit 2): inputs without
-                          files there (how many, which: give --input those with files), files
-                          of another kind or of several samples, --latent-shift, --ref,
-                          --latent-from, --layout ntire where the numbers are not 0..N-1 of
-                          every image, and DIR as --out (its samples would be replaced). A
+                          ntire_index.json gives that stem; there NAME.latent.npy|.npz too, as
+                          sample 0: the name of a --layout ntire --n 1 run's files before they were
+                          numbered), sample i to NAME_sample{i:05d}.png, the same i (gaps stay
+                          gaps; --layout ntire at N = 1: NAME.png), bit for bit the saved sample
+                          with the same flags. Refused in one line before any work (exit 2):
+                          inputs without files there (how many, which: give --input those with
+                          files), files of another kind or of several samples, --latent-shift,
+                          --ref, --latent-from, --layout ntire where the numbers are not 0..N-1
+                          of every image, and DIR as --out (its samples would be replaced). A
                           flow's made_by is checked per file (another checkpoint: one warning
                           line for the folder). manifest.json: n = the highest number + 1, and
                           the joint sha256 of every input's files (of every --shard; input
@@ -692,7 +695,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
         check_out_dir(folder)
         if args.overwrite and (folder / "manifest.json").is_file():
             remove_old_files(folder, [f"{k:06d}" if args.layout == "ntire" else p.stem
-                                      for k, p in mine], inputs)  # fmt: skip
+                                      for k, p in mine], inputs, args.layout)  # fmt: skip
         claim_folder(folder, {**settings, "temperature": t}, args.overwrite, inputs)
         if args.layout == "ntire":
             claim_index(folder, paths, model.scale, args.overwrite)
@@ -945,16 +948,17 @@ def differences(old: dict, new: dict) -> list[tuple[str, object, object]]:
 OLD_SAMPLE = re.compile(r"(.+)_sample\d{5}(\.png|\.latent\.npy|\.latent\.npz)")
 
 
-def remove_old_files(folder: Path, names: list[str], inputs: set[Path]) -> None:
+def remove_old_files(folder: Path, names: list[str], inputs: set[Path], layout: str) -> None:
     """--overwrite in a folder of this tool (it holds a manifest.json): delete every file it may
     have written for the images `names` (this shard's) with any settings: NAME_sample{i:05d}.png
-    and .latent.npy/.npz, NAME_sigma.png and .npy, NAME_grid.png, NAME.png (never an input). Samples
+    and .latent.npy/.npz, NAME_sigma.png and .npy, NAME_grid.png, NAME.png (never an input), and
+    with --layout ntire NAME.latent.npy/.npz (its --n 1 latent before it was numbered). Samples
     of an earlier, larger --n would otherwise stay to be scored with the new ones, and a stopped
     --overwrite run would leave old files that its rerun takes as complete."""
     names = set(names)
-    fixed = {
-        f"{x}{end}" for x in names for end in ("_sigma.png", "_sigma.npy", "_grid.png", ".png")
-    }
+    ends = ("_sigma.png", "_sigma.npy", "_grid.png", ".png")
+    ends += (".latent.npy", ".latent.npz") if layout == "ntire" else ()
+    fixed = {f"{x}{end}" for x in names for end in ends}
     real = folder.resolve()  # once: resolving each file made five file system calls
     for entry in os.scandir(folder):
         m = OLD_SAMPLE.fullmatch(entry.name)
@@ -1056,11 +1060,17 @@ class Outputs:
         numbers = range(self.n) if self.numbers is None else self.numbers[name]
         return [f"{name}_sample{i:05d}.png" for i in numbers]
 
+    def latent_names(self, name: str) -> list[str]:
+        """The --save-latent files of samples(name), in its order: NAME_sample{i:05d}{latents}
+        also where the sample is NAME.png (--layout ntire --n 1), as --latent DIR reads them."""
+        numbers = range(self.n) if self.numbers is None else self.numbers[name]
+        return [f"{name}_sample{i:05d}{self.latents}" for i in numbers]
+
     def all(self, name: str) -> list[str]:
         names = self.samples(name)
         names += [f"{name}_sigma.png", f"{name}_sigma.npy"] if self.sigma else []
         names += [f"{name}_grid.png"] if self.grid else []
-        names += [f"{f[:-4]}{self.latents}" for f in self.samples(name)] if self.latents else []
+        names += self.latent_names(name) if self.latents else []
         return names
 
     def complete(self, folder: Path, name: str) -> bool:
@@ -1292,8 +1302,9 @@ def controls_setter(args: SampleArgs, controls) -> str:
 
 
 # A --save-latent file: NAME_sample{i:05d}.latent.npy|.npz (the whole name: NAME is all before
-# _sample, so the files of "a" and of "a_b" never mix)
-LATENT_NAME = re.compile(r"(.+)_sample(\d{5})(\.latent\.npy|\.latent\.npz)")
+# _sample, so the files of "a" and of "a_b" never mix); or NAME.latent.npy|.npz, sample 0, as a
+# --layout ntire --n 1 run wrote them before they were numbered (read where NAME is {k:06d})
+LATENT_NAME = re.compile(r"(.+?)(?:_sample(\d{5}))?(\.latent\.npy|\.latent\.npz)")
 
 
 @dataclass
@@ -1320,15 +1331,20 @@ class LatentDir:
         except OSError as e:
             raise DataError(f"--latent {folder}: cannot list it ({e.strerror or e})") from None
         for entry, m in sorted(named, key=lambda x: x[0].name):
-            stem, i = numbers.get(m[1], m[1]), int(m[2])
+            if m[2] is None and m[1] not in numbers:  # NAME.latent.*: only an NTIRE number's
+                continue
+            stem, i = numbers.get(m[1], m[1]), int(m[2] or 0)
             if m[3] != ending:
                 others[stem] = m[3]
                 continue
             mine = files.setdefault(stem, {})
-            if i in mine:  # its number's file and its stem's: two latents of one sample
+            if i in mine:  # its number's file and its stem's, or sample 0's two names
+                why = (f"ntire_index.json names {m[1]} so"
+                       if LATENT_NAME.fullmatch(mine[i].name)[1] != m[1] else
+                       "the older and the numbered name of sample 0")  # fmt: skip
                 raise UsageError(
                     f"--latent {folder}: {mine[i].name} and {entry.name} are both sample {i} of "
-                    f"{stem} (ntire_index.json names {m[1]} so); remove one"
+                    f"{stem} ({why}); remove one"
                 )
             mine[i] = Path(entry.path)
         files = {stem: dict(sorted(v.items())) for stem, v in files.items()}  # by sample number
@@ -1525,7 +1541,7 @@ def write_samples(model, lr, img, alpha, stem, name, n, temperature, folder, fil
     come, so memory does not grow with --n.
     Latent models draw the latents on the whole LR first and decode every tile with them
     (--save-latent writes them)."""
-    names = files.samples(name)
+    names, latent_names = files.samples(name), files.latent_names(name)
     kept, sums = [], None  # sums: of x and x² over the samples drawn (float64: exact enough)
     draws = n if model.stochastic else 1  # a deterministic model: one output, written n times
     for c0 in range(0, draws, args.batch):
@@ -1533,8 +1549,8 @@ def write_samples(model, lr, img, alpha, stem, name, n, temperature, folder, fil
         seeds = [sample_seed(args.seed, stem, i) for i in idx]
         # (len(idx), D), a flow's fields [(len(idx), C, h, w), ...], or None
         z = model.sample_latents(lr, seeds, idx, temperature, controls)
-        if z is not None and args.save_latent:  # NAME_sample00003.png -> ....latent.npy
-            paths = [folder / f"{names[i][:-4]}{files.latents}" for i in idx]
+        if z is not None and args.save_latent:  # sample 3: NAME_sample00003.latent.npy
+            paths = [folder / latent_names[i] for i in idx]
             save_latents(paths, z, controls.made_by)
         cond = {} if z is None else {"latent": z[None] if torch.is_tensor(z) else z}
         x = draw(model, lr, seeds, temperature, tile, context, args.cem, cond, prepared)

@@ -663,6 +663,63 @@ def test_latent_dir_to_the_ntire_layout(tmp_path, ckpts):
         assert [index[f"{k:06d}"] for k in range(3)] == order
 
 
+def test_ntire_n1_latents_are_numbered_and_read_by_latent_dir(tmp_path, ckpts, capsys):
+    """--layout ntire --n 1 writes each image as {k:06d}.png, and its latent as sample 0's,
+    {k:06d}_sample00000.latent.npy (the one name of every --save-latent file), so --latent DIR
+    decodes that folder like any other; a folder of the older name {k:06d}.latent.npy (a run
+    before the latents were always numbered) is read as sample 0 too, and --overwrite deletes
+    those files with the image's others."""
+    inp = named_images(tmp_path / "in", PREFIXED)
+    base = ["--ckpt", ckpts["refvae"], "--input", inp]
+    order = [p.stem for p in sr_sample.input_paths(inp)]
+    s = tmp_path / "s"
+    assert run(*base, "--n", 1, "--layout", "ntire", "--save-latent", "--out", s) == 0
+    assert sorted(p.name for p in s.glob("*.latent.npy")) == [
+        f"{k:06d}_sample00000.latent.npy" for k in range(3)
+    ]
+    capsys.readouterr()
+    assert run(*base, "--n", 1, "--layout", "ntire", "--save-latent", "--out", s) == 0
+    assert "0 images sampled, 3 already complete" in capsys.readouterr().out
+    for layout, name in (("stem", "{stem}_sample00000.png"), ("ntire", "{k:06d}.png")):
+        out = tmp_path / layout
+        assert run(*base, "--latent", s, "--layout", layout, "--out", out) == 0
+        got = pngs_of(out)
+        assert sorted(got) == sorted(name.format(k=k, stem=stem) for k, stem in enumerate(order))
+        assert all((got[name.format(k=k, stem=stem)] == read(s / f"{k:06d}.png")).all()
+                   for k, stem in enumerate(order))  # fmt: skip
+    old = tmp_path / "old"  # as written before: {k:06d}.latent.npy
+    old.mkdir()
+    for f in s.iterdir():
+        (old / f.name.replace("_sample00000.latent", ".latent")).write_bytes(f.read_bytes())
+    assert run(*base, "--latent", old, "--out", tmp_path / "from_old") == 0
+    assert pngs_of(tmp_path / "from_old").keys() == pngs_of(tmp_path / "stem").keys()
+    assert all((x == read(tmp_path / "stem" / f)).all()
+               for f, x in pngs_of(tmp_path / "from_old").items())  # fmt: skip
+    # both names of one sample (a rerun of such a folder wrote the numbered one): one line
+    (old / "000000_sample00000.latent.npy").write_bytes((s / "000000_sample00000.latent.npy")
+                                                        .read_bytes())  # fmt: skip
+    capsys.readouterr()
+    assert run(*base, "--latent", old, "--out", tmp_path / "both") == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"sr_sample.py: error: --latent {old}: 000000.latent.npy and 000000_sample00000.latent.npy "
+        f"are both sample 0 of {order[0]} (the older and the numbered name of sample 0); remove one"
+    ]
+    # --overwrite of that folder deletes both names with the image's files
+    assert run(*base, "--n", 1, "--layout", "ntire", "--overwrite", "--out", old) == 0
+    assert not list(old.glob("*.latent.npy"))
+    # a stem folder's NAME.latent.npy is no --save-latent file (never written so): not read
+    (tmp_path / "stray").mkdir()
+    np.save(tmp_path / "stray" / "a.latent.npy", np.zeros(8, np.float32))
+    capsys.readouterr()
+    assert run(*base, "--input", inp / "a.png", "--latent", tmp_path / "stray", "--out",
+               tmp_path / "none") == 2  # fmt: skip
+    assert "1 of 1 inputs have no saved latents" in capsys.readouterr().err
+    # nor does --overwrite of a --layout stem folder delete it
+    one = ["--input", inp / "a.png", "--n", 1, "--out", tmp_path / "stray"]
+    assert run(*base, *one, "--overwrite") == 0 and run(*base, *one, "--overwrite") == 0
+    assert (tmp_path / "stray" / "a.latent.npy").is_file()
+
+
 def test_a_latent_dir_file_changed_during_the_run_is_refused(tmp_path, ckpts, capsys):
     """Each file of --latent DIR is read before the run (manifest.json records the joint digest)
     and again when its image is decoded: a file that changed in between is one line (exit 2),
