@@ -35,7 +35,9 @@ upscaled (MATLAB bicubic, clipped; --alpha-channel drop: without), 8-bit, or 16-
                           scale, temperature, n, seed, ..., the sha256 of the control files:
                           --ref FILE|DIR, --latent-from, --latent FILE|DIR, --latent-shift); a
                           rerun with other settings or other control file contents is refused
-                          unless --overwrite
+                          unless --overwrite (not for a flag of no effect, one warning line:
+                          --seed and --temperature where a control sets the latents or the model
+                          is deterministic, --latent-steps without --latent-shift)
   ntire_index.json        --layout ntire: {"scale": s, "000000": STEM, ...} for every input
 The sample folder is --out with one --temperature, and --out/T{t} (e.g. T0.9, T1) for each of
 several: the LR-only work of the model (its encoder, conditioning) is then done once per image for
@@ -683,6 +685,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
         controls.digests["--latent"] = latent_dir.check(model, paths, {p for _, p in mine},
                                                         made_by)  # fmt: skip
     settings = run_settings(args, ck, ckpt_sha256, model, n, context, from_hr, paths, controls)
+    free = no_effect(args, model, setter)  # recorded as given, not compared
     # An out-of-memory retry cuts the image into tiles; where the folder's samples are recorded
     # exact (untiled, or a --tile that holds every image whole), with the exact context.
     exact = not settings["tile_context"]
@@ -696,7 +699,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
         if args.overwrite and (folder / "manifest.json").is_file():
             remove_old_files(folder, [f"{k:06d}" if args.layout == "ntire" else p.stem
                                       for k, p in mine], inputs, args.layout)  # fmt: skip
-        claim_folder(folder, {**settings, "temperature": t}, args.overwrite, inputs)
+        claim_folder(folder, {**settings, "temperature": t}, args.overwrite, inputs, free)
         if args.layout == "ntire":
             claim_index(folder, paths, model.scale, args.overwrite)
     autocast = autocast_for(args.amp, device)
@@ -935,12 +938,25 @@ def one_tile(args: SampleArgs, model, paths: list[Path], from_hr: bool) -> bool:
     return True
 
 
-def differences(old: dict, new: dict) -> list[tuple[str, object, object]]:
-    """(name, old value, new value) of every setting but the FREE_FLAGS that differs."""
-    out = [(k, old.get(k), v) for k, v in new.items() if k != "flags" and old.get(k) != v]
+def no_effect(args: SampleArgs, model, setter: str) -> set[str]:
+    """The settings that change none of this run's samples, beyond the FREE_FLAGS (those its
+    warnings call 'no effect'): --seed and the temperature where a control sets the latents
+    (`controls_setter`) or the model is deterministic, --latent-steps without --latent-shift.
+    manifest.json records them as given, and a rerun may change them (`differences`)."""
+    drawn = model.stochastic and not setter.startswith("--latent")
+    free = set() if drawn else {"seed", "temperature"}
+    return free if args.latent_shift else free | {"latent_steps"}
+
+
+def differences(old: dict, new: dict, free=frozenset()) -> list[tuple[str, object, object]]:
+    """(name, old value, new value) of every setting but the FREE_FLAGS and `free` (this run's
+    `no_effect`) that differs. (The run's control flags are compared: a folder of the same ones
+    had `free` of no effect too.)"""
+    out = [(k, old.get(k), v) for k, v in new.items()
+           if k != "flags" and k not in free and old.get(k) != v]  # fmt: skip
     flags = old.get("flags") if isinstance(old.get("flags"), dict) else {}
     for k, v in new["flags"].items():
-        if k not in FREE_FLAGS and flags.get(k) != v:
+        if k not in FREE_FLAGS and k not in free and flags.get(k) != v:
             out.append((f"--{k.replace('_', '-')}", flags.get(k), v))
     return out
 
@@ -983,10 +999,12 @@ def tiles(context) -> str:
     return f"--tile-overlap {context} (an older manifest's tiles)"
 
 
-def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=()) -> None:
+def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
+                 free=frozenset()) -> None:  # fmt: skip
     """Write FOLDER/manifest.json, or check a rerun against it: files made with other settings
     are never mixed into one folder (unless --overwrite). `inputs`: the resolved input paths,
-    PNGs there that are not another tool's output (an --out that is the --input folder)."""
+    PNGs there that are not another tool's output (an --out that is the --input folder); `free`:
+    the settings of no effect on this run's samples (`no_effect`), not compared."""
     path = folder / "manifest.json"
     if path.is_file() and not overwrite:
         try:
@@ -995,7 +1013,7 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=()) -> No
             raise UsageError(
                 f"{path}: not a readable manifest; pass --overwrite to start over"
             ) from None
-        diff = differences(old, settings)
+        diff = differences(old, settings, free)
         diff.sort(key=lambda d: d[0] == "control_sha256")  # another file named: say that first
         if diff:
             k, was, now = diff[0]

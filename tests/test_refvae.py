@@ -402,6 +402,54 @@ def test_a_flag_a_control_overrides_is_a_warning(tmp_path, ckpts, capsys, name, 
     assert all((read(tmp_path / "not" / f) == read(tmp_path / "typed" / f)).all() for f in files)
 
 
+@pytest.mark.parametrize(
+    "name, control, typed, changed",
+    [
+        ("varsr", ["--latent", "z.npy"], ["--seed", 5, "--temperature", 0.5],
+         ["--latent", "z2.npy"]),
+        ("refvae", ["--latent", "saved"], ["--seed", 5, "--temperature", 0.5],  # a DIR
+         ["--latent", "z.npy"]),
+        ("varsr", ["--latent-from", "refs/r0.png"], ["--seed", 5, "--temperature", 0.5],
+         ["--latent-from", "refs/r1.png"]),
+        ("refvae", ["--latent-shift", "z.npy"], ["--seed", 5, "--temperature", 0.5],
+         ["--latent-shift", "z.npy", "--latent-steps", "1,2"]),
+        ("varsr", [], ["--latent-steps", "1,2"], ["--seed", 6]),  # without --latent-shift
+        ("edsr", [], ["--seed", 5, "--temperature", 0.5],  # a deterministic model
+         ["--bit-depth", 16]),
+    ],
+)  # fmt: skip
+def test_a_rerun_may_change_a_flag_of_no_effect(tmp_path, ckpts, capsys, name, control, typed,
+                                                 changed):  # fmt: skip
+    """A flag the run says has no effect (--seed and --temperature where a control sets the
+    latents or the model is deterministic, --latent-steps without --latent-shift) does not make
+    a rerun another run: left out or changed, the complete images are skipped, not refused
+    ('holds samples made with --seed 5, not 0'), and a fresh folder without it holds the same
+    PNGs. A change that makes other samples (`changed`) is still refused."""
+    inp = images(tmp_path / "in", 3, ((10, 12),))
+    images(tmp_path / "refs")
+    np.save(tmp_path / "z.npy", np.linspace(-1, 1, 8).astype(np.float32))
+    np.save(tmp_path / "z2.npy", np.linspace(1, -1, 8).astype(np.float32))
+    assert run("--ckpt", ckpts["refvae"], "--input", inp, "--n", 2, "--save-latent", "--out",
+               tmp_path / "saved") == 0  # fmt: skip
+    path = lambda f: str(tmp_path / f) if str(f).endswith(("saved", ".png", ".npy")) else f  # noqa: E731
+    base = ["--ckpt", ckpts[name], "--input", inp]
+    o = tmp_path / "o"
+    assert run(*base, *map(path, control), *typed, "--out", o) == 0
+    other = [v + 1 if isinstance(v, (int, float)) else v for v in typed]  # --seed 6, ...
+    other = ["--latent-steps", "2,3"] if "--latent-steps" in typed else other
+    for again in ([], other):
+        capsys.readouterr()
+        assert run(*base, *map(path, control), *again, "--out", o) == 0
+        assert "0 images sampled, 1 already complete" in capsys.readouterr().out
+    assert run(*base, *map(path, control), "--out", tmp_path / "plain") == 0
+    plain, got = pngs_of(tmp_path / "plain"), pngs_of(o)
+    assert plain.keys() == got.keys() and all((x == plain[f]).all() for f, x in got.items())
+    capsys.readouterr()
+    assert run(*base, *map(path, changed), "--out", o) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"error: {o} holds samples made with " in err[0], err
+
+
 def test_a_temperature_sweep_of_fixed_latents_is_refused(tmp_path, ckpts, capsys):
     """Several temperatures where --latent sets the latents would write identical folders."""
     np.save(tmp_path / "z.npy", np.zeros(8, np.float32))
