@@ -689,8 +689,9 @@ def test_flow_latent_with_tiles(tmp_path, flow_ckpts):
         ("other size", 2, ": fields z0 (6, 20, 24), z1 (96, 5, 6), the latents of an LR of 12x10 "
                           "px, not of r0.png's LR of 12x12 px (z0 (6, 24, 24), z1 (96, 6, 6) in "
                           "this x4 SRFlow, which pads the LR to a multiple of 2); a --latent file "
-                          "fits one LR size: give --input only images of that size, or each "
-                          "image its own --latent file"),
+                          "fits one LR size: give --input only images of that size, or --latent "
+                          "DIR, a folder written by --save-latent (each input decoded from its "
+                          "own files there)"),
         ("x8", 2, "holds z0 (6, 40, 48), z1 (12, 20, 24), z2 (192, 5, 6); expected this model's 2 "
                   "latent fields z0, z1"),
         ("srflow_da", 2, "fields z0 (6, 24, 24), z1 (24, 12, 12), the latents of no LR of this "
@@ -898,10 +899,16 @@ def test_a_flow_latent_fits_one_lr_size(tmp_path, flow_ckpts, capsys):
         f"sr_sample.py: error: --latent {z}: fields z0 (6, 16, 16), z1 (96, 4, 4), the latents "
         "of an LR of 8x8 px, not of b.png's LR of 10x8 px (z0 (6, 16, 20), z1 (96, 4, 5) in this "
         "x4 SRFlow, which pads the LR to a multiple of 2); a --latent file fits one LR size: "
-        "give --input only images of that size, or each image its own --latent file"
+        "give --input only images of that size, or --latent DIR, a folder written by "
+        "--save-latent (each input decoded from its own files there)"
     ]
     assert sorted(p.name for p in (tmp_path / "o").glob("*.png")) == ["a_sample00000.png"]
     assert (pngs(tmp_path / "o", 1, "a")[0] == pngs(tmp_path / "a", 1, "a")[0]).all()
+    # what the line says: --latent DIR, each input its own files
+    assert run(*base, "--save-latent", "--out", tmp_path / "all") == 0
+    assert run(*base, "--latent", tmp_path / "all", "--out", tmp_path / "d") == 0
+    for stem in "abc":
+        assert (pngs(tmp_path / "d", 1, stem)[0] == pngs(tmp_path / "all", 1, stem)[0]).all()
 
 
 def test_flow_latent_flags_the_model_lacks_and_overrides(tmp_path, flow_ckpts, capsys):

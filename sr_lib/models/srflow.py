@@ -559,10 +559,14 @@ class SRFlow(SRModel):
             if fields is not None and got != want:
                 shapes = lambda z: ", ".join(f"z{k} {v}" for k, v in enumerate(z))  # noqa: E731
                 pad = f", which pads the LR to a multiple of {m}" if m > 1 else ""
-                hint = (f"a {flag} file fits one LR size: give --input only images of that "
-                        f"size, or each image its own {flag} file")  # fmt: skip
-                if flag == "--latent" and controls.latent_hint:
-                    hint = controls.latent_hint
+                hint = f"a {flag} file fits one LR size: give --input only images of that size"
+                if flag == "--latent":  # (a --latent DIR's files: its own hint)
+                    hint = controls.latent_hint or (
+                        f"{hint}, or --latent DIR, a folder written by --save-latent (each input "
+                        "decoded from its own files there)"
+                    )
+                else:
+                    hint += f", or each image its own {flag} file"
                 raise UsageError(
                     f"{flag} {file}: fields {shapes(got)}, the latents of {self.fields_lr(got)}, "
                     f"not of {controls.image} LR of {w}x{h} px ({shapes(want)} in this x{s} "
