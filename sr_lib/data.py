@@ -23,6 +23,7 @@ import struct
 import tempfile
 import threading
 import time
+import traceback
 import uuid
 import warnings
 import weakref
@@ -188,7 +189,7 @@ def _decode(path: str | os.PathLike, data: bytes | None) -> np.ndarray:
             to = "RGB" if mode == "YCbCr" else to
             # index=0: the first frame of animated files; rotate=True applies EXIF orientation.
             # Truncated data raises unless PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set (we never do).
-            arr = iio.imread(io.BytesIO(data), plugin="pillow", index=0, mode=to, rotate=True)
+            arr = _pillow(io.BytesIO(data), "r", "read", index=0, mode=to, rotate=True)
     except (MemoryError, ImageError):
         raise
     except Exception as e:  # Pillow: OSError("image file is truncated"); pypng: FormatError
@@ -443,6 +444,31 @@ def _read_png16(raw: bytes) -> np.ndarray:
         return _upright(arr, im.getexif().get(0x0112, 1))  # 0x0112: Orientation
 
 
+def _pillow(uri, io_mode: str, op: str, *args, extension: str | None = None, **kwargs):
+    """iio.imread or iio.imwrite with plugin="pillow": the `op` ("read", "write") of imageio's
+    Pillow plugin on `uri`, the plugin made, closed and let go with the stop signals held
+    (sr_lib/threads.py); the decode or encode between is not. A signal raised inside the plugin's
+    __init__ left half an object, whose __del__ then printed "Exception ignored in: <function
+    PluginV3.__del__ ...> AttributeError: 'PillowPlugin' object has no attribute
+    'images_to_write'" under the stop's line (a report's PNG, an input read); one raised in the
+    __del__ that closes the plugin once more was printed so and lost; one inside write() left a
+    frame to encode at close, which failed ("ValueError: unknown file extension") instead."""
+    file = None
+    try:
+        with signals_held():  # (a signal held here is raised at its end: `file` is made)
+            file = iio.imopen(uri, io_mode, legacy_mode=False, plugin="pillow", extension=extension)
+        return getattr(file, op)(*args, **kwargs)
+    except BaseException as e:  # its traceback's frames (read's self) would keep the plugin
+        traceback.clear_frames(e.__traceback__)  # (their lines stay), to a __del__ at any time
+        raise
+    finally:
+        with signals_held():
+            if file is not None:
+                file.images_to_write.clear()  # written, or a stop inside write(): none to encode
+                file.close()
+            del file  # its __del__ runs here, held
+
+
 def _upright(arr: np.ndarray, orientation: int) -> np.ndarray:
     """(H, W, C) turned as EXIF orientation 1..8 says, as imageio's rotate=True turns the images
     Pillow decodes (other values: unchanged)."""
@@ -535,7 +561,9 @@ def encode_png(img: np.ndarray) -> bytes:
     h, w = img.shape[:2]
     c = 1 if img.ndim == 2 else img.shape[2]
     if img.dtype == np.uint8:
-        return iio.imwrite("<bytes>", img.reshape(h, w) if c == 1 else img, extension=".png")
+        return _pillow(
+            "<bytes>", "w", "write", img.reshape(h, w) if c == 1 else img, extension=".png"
+        )
     buf = io.BytesIO()  # pypng writes every colour type at 16 bits; rows as big-endian bytes
     writer = png.Writer(w, h, greyscale=c <= 2, alpha=c in (2, 4), bitdepth=16)
     rows = np.ascontiguousarray(img, ">u2").reshape(h, w * c)  # (any layout: a tensor's movedim)
