@@ -129,6 +129,7 @@ from sr_lib.errors import (
     PREEMPT_SIGNALS,
     CheckpointError,
     DataError,
+    OutOfMemory,
     OutputError,
     Preempted,
     SRSpaceError,
@@ -137,6 +138,7 @@ from sr_lib.errors import (
     UsageError,
     catch,
     exit_on_error,
+    is_out_of_memory,
     printable,
     replay_stop_signal,
     say_err,
@@ -147,6 +149,11 @@ from sr_lib.threads import signals_held, stop_pools, when_not_held
 from sr_lib.weights import read_state_dict, resolve
 
 PROG = "sr_eval.py"
+# LPIPS holds a batch of samples' feature maps (on CUDA), the other columns one image's arrays
+OUT_OF_MEMORY = (
+    "out of memory; use a smaller --lpips-batch (the default is 4 on CUDA, 1 on CPU), "
+    "--device cpu, or --no-lpips"
+)
 HELP_QUIET = (
     "print warnings, errors and the --json line only: no progress, no table where --out, --csv, "
     "--report or --json holds the results (without them the table is the result: printed)"
@@ -410,7 +417,7 @@ def jsonable(v):
 
 def main(argv: list[str] | None = None) -> int:
     with Summary(PROG) as summary:  # --json: its line after the error line, or the return
-        with exit_on_error(PROG), warnings.catch_warnings():
+        with exit_on_error(PROG, OUT_OF_MEMORY), warnings.catch_warnings():
             warnings.showwarning = one_line_warnings()  # read_image's
             argv = list(sys.argv[1:] if argv is None else argv)
             try:
@@ -474,12 +481,17 @@ def stopped_line(name: str, fields: dict) -> str:
 
 @contextmanager
 def said_unfinished(fields: dict, moved: dict[Path, Path]):
-    """Around the work: an error inside (a full disk, a bad image) says in its line how many
-    images' scores are kept where (`fields`: the --json line's), as a stop's line does; and
-    any end inside (a stop, an error, Ctrl-C) says where the earlier --out or --csv went
+    """Around the work: an error inside (a full disk, a bad image, out of memory) says in its
+    line how many images' scores are kept where (`fields`: the --json line's), as a stop's line
+    does; and any end inside (a stop, an error, Ctrl-C) says where the earlier --out or --csv went
     (`moved`: by `set_aside`, less those this run's file replaced)."""
     try:
-        yield
+        try:
+            yield
+        except (MemoryError, RuntimeError) as e:  # (torch's are RuntimeErrors)
+            if not is_out_of_memory(e):
+                raise
+            raise OutOfMemory(OUT_OF_MEMORY) from None  # its line says what is kept, as others
     except BaseException as e:
         went = "; ".join(f"{p} (an earlier run's) moved to {aside}" for p, aside in moved.items())
         kept, images, partial = fields["kept"], fields["images"], fields["partial"]

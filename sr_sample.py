@@ -207,6 +207,7 @@ from sr_lib.threads import (
 from sr_lib.tiling import DEFAULT_CONTEXT, draw, grid, prepare, upscale
 
 PROG = "sr_sample.py"
+OUT_OF_MEMORY = "out of memory; use a smaller --batch or --tile"
 MIN_TILE = 16  # smallest --tile (LR px): below it the context costs many times the tile
 OOM_MIN_TILE = 64  # the out-of-memory fallback halves the tile down to this
 GRID_SAMPLES = 16  # samples shown on a --grid contact sheet (its std panel: of all n)
@@ -529,7 +530,7 @@ def main(argv=None) -> int:
 
 
 def run_script(argv, summary: Summary) -> int:
-    with exit_on_error(PROG):
+    with exit_on_error(PROG, OUT_OF_MEMORY):
         try:
             with SIGNALS:
                 argv = list(sys.argv[1:] if argv is None else argv)

@@ -104,6 +104,7 @@ from sr_lib.threads import signals_held, when_not_held
 from sr_lib.weights import as_state_dict, is_tensor_dict
 
 PROG = "sr_train.py"
+OUT_OF_MEMORY = "out of memory; use a smaller --batch or --patch"  # (no --tile, as sr_sample.py)
 GRAPH_DEVICES = ("cuda",)  # --cuda-graphs (tests add "cpu", with `capture` replaced)
 FP16_DEVICES = ("cuda",)  # --amp fp16 training (tests add "cpu": GradScaler("cpu") stands in)
 
@@ -299,7 +300,7 @@ def main(argv=None) -> int:
 
 
 def run_script(argv, result: Summary) -> int:
-    with exit_on_error(PROG), warnings.catch_warnings():
+    with exit_on_error(PROG, OUT_OF_MEMORY), warnings.catch_warnings():
         argv = list(sys.argv[1:] if argv is None else argv)
         try:
             distributed.warn_once()  # (a malformed RANK, WORLD_SIZE...: a usage error too)

@@ -206,8 +206,11 @@ def open_closed_std_streams() -> None:
 
 
 @contextlib.contextmanager
-def exit_on_error(prog: str):
+def exit_on_error(prog: str, out_of_memory: str = "out of memory"):
     """Print expected errors as one line `prog: error: message` and exit with their code.
+
+    An out-of-memory error that no code caught is the line `out_of_memory`, exit 4: each script
+    names its own flags that lower its memory.
 
     Warnings (e.g. an alpha channel dropped) are printed as one line `prog: warning: message`.
     A torch older than srspace needs is such an error (`check_torch`). A standard stream closed
@@ -252,7 +255,7 @@ def exit_on_error(prog: str):
             interrupted(prog)
         if not (isinstance(e, (MemoryError, RuntimeError)) and is_out_of_memory(e)):
             raise  # a real bug: its traceback
-        _last_error["text"] = "out of memory; use a smaller --batch or --tile"
+        _last_error["text"] = out_of_memory
         print(f"{prog}: error: {_last_error['text']}", file=sys.stderr)
         raise SystemExit(EXIT_OOM) from None
     finally:
