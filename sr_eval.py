@@ -9,7 +9,8 @@ and DIR:N or NAME=DIR:N (this folder's samples per image, instead of --n: a dete
 baseline at N = 1 next to N = 10 methods). A temperature sweep of sr_sample.py (subfolders T0,
 T0.5, T1, ...) gives one method per temperature, named NAME@T0.5; each carries its temperature
 in the table, the JSON and the CSV (a single folder: the temperature of its manifest.json;
-none for a deterministic model, which ignores it).
+none for a deterministic model, which ignores it, nor where sr_sample.py's --latent,
+--latent-from or --latent-shift set the latents, which no temperature drew).
 
 Columns: LPIPS_mean, LRPSNR_worst, LRPSNR_mean, score are always the official ones
 (sr_lib/metrics.py; in both modes the GT is cropped top-left to a multiple of 8 for them, 24 at
@@ -268,12 +269,21 @@ def number(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+# sr_sample.py's flags that set the latents themselves: its temperature draws none of them
+LATENT_FLAGS = ("latent", "latent_from", "latent_shift")
+
+
 def manifest_temperature(folder: Path) -> float | None:
-    """The temperature recorded in an sr_sample.py manifest.json (None without one, and for a
-    deterministic model, which ignores it)."""
+    """The temperature recorded in an sr_sample.py manifest.json (None without one, for a
+    deterministic model, which ignores it, and for a folder whose latents --latent, --latent-from
+    or --latent-shift set: the manifest records the --temperature given or the default, which
+    made none of them)."""
     manifest = read_manifest(folder)
     name = manifest.get("model")
     if isinstance(name, str) and name in MODELS and not MODELS[name].stochastic:
+        return None
+    flags = manifest.get("flags")
+    if isinstance(flags, dict) and any(flags.get(f) for f in LATENT_FLAGS):
         return None
     return number(manifest.get("temperature"))
 

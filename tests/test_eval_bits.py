@@ -1,6 +1,7 @@
 """sr_eval.py: its out-of-memory line, the temperature of a folder whose latents a control set,
 and the --json line's results and csv after a run that wrote no file there."""
 
+import csv
 import dataclasses
 import json
 import re
@@ -8,12 +9,16 @@ import re
 import imageio.v3 as iio
 import numpy as np
 import pytest
+import torch
+from conftest import TINY
 
 import sr_eval
 import sr_lib.metrics
 import sr_sample
 import sr_train
+from sr_lib.checkpoint import save_checkpoint
 from sr_lib.errors import exit_on_error
+from sr_lib.models import build_model
 
 SCALE, N = 4, 2
 
@@ -101,3 +106,53 @@ def test_each_scripts_out_of_memory_line_names_its_own_flags(script, args, capsy
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
     assert e.value.code == 4
     assert capsys.readouterr().err == f"{script.PROG}: error: {script.OUT_OF_MEMORY}\n"
+
+
+@pytest.fixture(scope="module")
+def flow_folders(tmp_path_factory):
+    """A tiny srflow's samples of 2 HR images (--from-hr): at --temperature 0.5, and decoded
+    from one of them's --save-latent file with --latent (its manifest.json records the
+    default temperature all the same, which made none of them)."""
+    root = tmp_path_factory.mktemp("flow")
+    hr_dir, _ = make_set(root)
+    cfg = {**TINY["srflow"], "scale": SCALE}
+    torch.manual_seed(0)
+    ckpt = root / "flow.pt"
+    save_checkpoint(ckpt, {"model": "srflow", "model_cfg": cfg, "step": 0,
+                           "state_dict": build_model("srflow", cfg).state_dict()})  # fmt: skip
+    argv = ["--ckpt", ckpt, "--input", hr_dir, "--from-hr", "--n", 1, "--quiet"]
+    drawn, decoded = root / "drawn", root / "decoded"
+    run = [str(a) for a in [*argv, "--temperature", 0.5, "--save-latent", "--out", drawn]]
+    assert sr_sample.main(run) == 0
+    latent = drawn / "0000_sample00000.latent.npz"
+    assert sr_sample.main([str(a) for a in [*argv, "--latent", latent, "--out", decoded]]) == 0
+    return hr_dir, drawn, decoded
+
+
+def test_a_folder_whose_latents_a_control_set_has_no_temperature(tmp_path, capsys, flow_folders):
+    """sr_sample.py --latent: its manifest.json records the default temperature (srflow's 0.9),
+    which made none of the samples (their latent is of a --temperature 0.5 run); sr_eval.py
+    reported 0.9 as theirs. Now no temperature, as for a deterministic model: null in --out
+    (its methods, and its settings for a single folder), empty in --csv and the report's T
+    column; the folder of drawn latents keeps its 0.5 everywhere."""
+    hr_dir, drawn, decoded = flow_folders
+    manifest = json.loads((decoded / "manifest.json").read_text())
+    assert manifest["temperature"] == 0.9 and manifest["flags"]["latent"]
+    res = tmp_path / "res"
+    argv = ["--hr", hr_dir, "--sr", f"drawn={drawn}", f"decoded={decoded}", "--scale", SCALE,
+            "--n", 1, "--no-lpips", "--out", res / "r.json", "--csv", res / "r.csv", "--report",
+            res / "report", "--quiet"]  # fmt: skip
+    assert sr_eval.main([str(a) for a in argv]) == 0
+    methods = json.loads((res / "r.json").read_text())["methods"]
+    assert (methods["drawn"]["temperature"], methods["decoded"]["temperature"]) == (0.5, None)
+    rows = list(csv.DictReader((res / "r.csv").open()))
+    assert sorted((r["method"], r["temperature"]) for r in rows) == [
+        ("decoded", ""), ("decoded", ""), ("drawn", "0.5"), ("drawn", "0.5")
+    ]  # fmt: skip
+    page = (res / "report" / "index.html").read_text()
+    cells = re.findall(r"<tr><td[^>]*>(\w+)</td><td[^>]*>([^<]*)</td>", page)
+    assert cells == [("drawn", "0.5"), ("decoded", "")]
+    one = ["--hr", hr_dir, "--sr", decoded, "--scale", SCALE, "--n", 1, "--no-lpips", "--out",
+           res / "one.json", "--quiet"]  # fmt: skip
+    assert sr_eval.main([str(a) for a in one]) == 0
+    assert json.loads((res / "one.json").read_text())["settings"]["temperature"] is None
