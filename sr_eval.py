@@ -574,7 +574,9 @@ def warn_unused(args: EvalArgs, given: set[str]) -> None:
 def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None = None) -> int:
     """The run; `summary` gathers the fields of its closing line (--json) as they become known."""
     summary = summary or Summary(PROG)
-    summary.update(results=args.out, csv=args.csv, report=None, images=None, scored=0)
+    # results, csv, report: the files this run wrote (null until then: after a stop or an error,
+    # the names the flags gave hold no file of this run; an earlier run's is in NAME.old)
+    summary.update(results=None, csv=None, report=None, images=None, scored=0)
     summary.update(partial=None, kept=0, mean=None)
     shave, device, batch, lpips_read = check_flags(args)
     warn_unused(args, given)  # (after the errors of the flags: an error is the one line)
@@ -649,10 +651,11 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
             results.append(("--out", args.out, json_text(settings, means, clean, methods)))
         if args.csv:
             results.append(("--csv", args.csv, csv_text(clean, columns, methods)))
-        for _, path, text in results:  # the files first: a closed stdout cannot lose them
+        for flag, path, text in results:  # the files first: a closed stdout cannot lose them
             if path != STDOUT:
                 with signals_held():  # (a stop's line says what is where)
                     write_text(path, text)
+                    summary.update(**{JSON_FIELD[flag]: path})
                     if Path(path) in moved:  # replaced by this run's, as a file written over
                         moved.pop(Path(path)).unlink(missing_ok=True)
         if report_dir:
@@ -663,6 +666,7 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     for flag, path, text in results:
         if path == STDOUT:
             write_stdout(flag, text)
+            summary.update(**{JSON_FIELD[flag]: path})
     table = not args.quiet or not (to_files or args.json)  # --quiet: where nothing else has them
     if to_stderr and table:
         err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
@@ -679,6 +683,7 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
 
 
 PARTIAL = ".partial"  # the suffix of the file of the scores so far
+JSON_FIELD = {"--out": "results", "--csv": "csv"}  # the --json line's field of each file
 
 
 def partial_path(args: EvalArgs) -> Path | None:

@@ -4,7 +4,9 @@ and the --json line's results and csv after a run that wrote no file there."""
 import csv
 import dataclasses
 import json
+import os
 import re
+import signal
 
 import imageio.v3 as iio
 import numpy as np
@@ -39,14 +41,18 @@ def make_set(root, count=2, size=32):
     return hr_dir, sr_dir
 
 
-def out_of_memory_at(monkeypatch, image: int, error: BaseException):
-    """sr_lib.metrics.evaluate_image raising `error` on the `image`-th HR image (from 0)."""
+def out_of_memory_at(monkeypatch, image: int, error: BaseException | None):
+    """sr_lib.metrics.evaluate_image raising `error` on the `image`-th HR image (from 0), or
+    with None sending this process SIGTERM there (its handler raises in the call)."""
     real, calls = sr_lib.metrics.evaluate_image, []
 
     def evaluate(gt, samples, **kwargs):
         calls.append(kwargs["gt_name"])
         if len(calls) == image + 1:
-            raise error
+            if error is None:
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                raise error
         return real(gt, samples, **kwargs)
 
     monkeypatch.setattr(sr_lib.metrics, "evaluate_image", evaluate)
@@ -156,3 +162,31 @@ def test_a_folder_whose_latents_a_control_set_has_no_temperature(tmp_path, capsy
            res / "one.json", "--quiet"]  # fmt: skip
     assert sr_eval.main([str(a) for a in one]) == 0
     assert json.loads((res / "one.json").read_text())["settings"]["temperature"] is None
+
+
+@pytest.mark.parametrize("end", ["SIGTERM", "out of memory"])
+def test_the_json_lines_results_and_csv_name_only_files_this_run_wrote(
+    tmp_path, capsys, monkeypatch, end
+):
+    """After a stop (exit 75) or an error (exit 4) while scoring, the --json line's results and
+    csv still named the --out and --csv paths, where this run wrote nothing (an earlier run's
+    files there are moved to NAME.old). They are null now, as report is until its page is
+    written; a run that completes names its files."""
+    hr_dir, sr_dir = make_set(tmp_path)
+    res = tmp_path / "res"
+    out, table = res / "r.json", res / "r.csv"
+    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", SCALE, "--n", N, "--no-lpips", "--out",
+            out, "--csv", table, "--json", "--quiet"]  # fmt: skip
+    argv = [str(a) for a in argv]
+    assert sr_eval.main(argv) == 0
+    line = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (line["results"], line["csv"]) == (str(out), str(table))
+    out_of_memory_at(monkeypatch, 1, None if end == "SIGTERM" else MemoryError())
+    with pytest.raises(SystemExit) as e:
+        sr_eval.main(argv)
+    line = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert e.value.code == line["exit_code"] == (75 if end == "SIGTERM" else 4)
+    assert (line["results"], line["csv"], line["report"]) == (None, None, None)
+    assert not out.exists() and not table.exists()
+    assert (res / "r.json.old").is_file() and (res / "r.csv.old").is_file()
+    assert line["partial"] == str(out) + ".partial" and line["kept"] == 1
