@@ -89,19 +89,30 @@ def sync_log(out):
 
 
 @pytest.mark.parametrize(
-    "model",
-    [["--model", "edsr", "--n-feats", "8", "--n-blocks", "1"],
-     ["--model", "vspsr", "--n-basis", "8", "--basis-channels", "8", "--coef-channels", "8",
-      "--d-channels", "8", "--lambda-per", "0"],  # a GAN: the discriminator is synced too
-     ["--model", "srflow", "--nb", "2", "--nf", "8", "--gc", "4", "--rrdb-blocks", "0,1",
-      "--flow-steps", "2", "--hidden-channels", "8", "--freeze-encoder", "0.5", "--scale", "4",
-      "--patch", "8"]],  # ActNorm data init broadcast from rank 0; encoder frozen, then not
+    "model, launcher",
+    [(["--model", "edsr", "--n-feats", "8", "--n-blocks", "1"], "torchrun"),
+     (["--model", "vspsr", "--n-basis", "8", "--basis-channels", "8", "--coef-channels", "8",
+       "--d-channels", "8", "--lambda-per", "0"],  # a GAN: the discriminator is synced too
+      "srun"),
+     (["--model", "srflow", "--nb", "2", "--nf", "8", "--gc", "4", "--rrdb-blocks", "0,1",
+       "--flow-steps", "2", "--hidden-channels", "8", "--freeze-encoder", "0.5", "--scale", "4",
+       "--patch", "8"],  # ActNorm data init broadcast from rank 0; encoder frozen, then not
+      "srun")],
     ids=["edsr", "vspsr-gan", "srflow"],
 )  # fmt: skip
-def test_two_processes_stay_identical_and_resume_in_one(tmp_path, images, model, capsys):
+def test_two_processes_stay_identical_and_resume_in_one(tmp_path, images, model, launcher,
+                                                        capsys):  # fmt: skip
+    """Each launcher once: torchrun (its environment variables) and srun's (SLURM_*); the
+    models' syncing does not depend on it (and torchrun's own process costs ~2 CPU-s)."""
     out = tmp_path / "run"
-    done = run(train_cmd(out, images, *model, "--steps", "3", "--sync-check-every", "1"))
-    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    argv = train_cmd(out, images, *model, "--steps", "3", "--sync-check-every", "1",
+                     nproc=2 if launcher == "torchrun" else 0)  # fmt: skip
+    if launcher == "torchrun":
+        done = run(argv)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+    else:
+        codes, outs = two_ranks(argv)
+        assert codes == [0, 0], [err for _, err in outs]
     assert [(r["step"], r["replica_max_diff"]) for r in sync_log(out)] == [(1, 0), (2, 0), (3, 0)]
     ck = load_checkpoint(out / "last.pt")
     assert ck["step"] == 3 and ck["world_size"] == 2 and len(ck["rng_ranks"]) == 2
@@ -120,8 +131,9 @@ def test_a_run_resumed_by_more_processes_gives_each_rank_its_own_noise(tmp_path,
     out = tmp_path / "run"
     model = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--ema", "0.5"]
     assert sr_train.main(train_cmd(out, images, *model, "--steps", "1", nproc=0)[2:]) == 0
-    done = run(train_cmd(out, images, *model, "--steps", "2", "--resume", "auto"))
-    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    codes, outs = two_ranks(train_cmd(out, images, *model, "--steps", "2", "--resume", "auto",
+                                      nproc=0))  # fmt: skip
+    assert codes == [0, 0], [err for _, err in outs]
     ck = load_checkpoint(out / "last.pt")
     assert ck["world_size"] == 2 and ck["ema_updates"] == 2
     # (EDSR draws nothing from torch's generator in a step: its states are those set at resume)
@@ -253,6 +265,13 @@ runpy.run_path(sys.argv[0], run_name="__main__")
     with pytest.raises(ProcessLookupError):  # the hung worker killed (and reaped)
         os.kill(int(pid_file.read_text()), 0)
     assert list(own_temp_dir.glob("pymp-*")) == []  # (its socket's folder: its rank's)
+
+
+def two_ranks(argv, timeout=120):
+    """`argv` run by 2 srun ranks to its end: (exit codes, (stdout, stderr) texts). For tests of
+    what 2 processes do, not of a launcher: torchrun's own process (an interpreter that imports
+    torch, ~2 CPU-s) adds nothing there; torchrun launches stay where torchrun is tested."""
+    return ended(srun_ranks([argv, argv], subprocess.PIPE), timeout)
 
 
 def ended(ranks, timeout=60):
@@ -522,14 +541,16 @@ def test_validation_best_pt_and_the_weight_average_under_two_processes(tmp_path,
     out = tmp_path / "run"
     model = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--ema", "0.5",
              "--val-data", str(images), "--val-crop", "32", "--val-n", "1"]  # fmt: skip
-    done = run(train_cmd(out, images, *model, "--steps", "1", "--val-every", "1"), timeout=120)
-    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    codes, outs = two_ranks(train_cmd(out, images, *model, "--steps", "1", "--val-every", "1",
+                                      nproc=0))  # fmt: skip
+    assert codes == [0, 0], [err for _, err in outs]
     one, best = load_checkpoint(out / "last.pt"), load_checkpoint(out / "best.pt")
     assert best["step"] == 1 and best["world_size"] == 2 and one["ema_updates"] == 1
     assert not all(torch.equal(one["ema_state_dict"][k], v) for k, v in one["state_dict"].items())
-    cmd = train_cmd(out, images, *model, "--steps", "2", "--val-every", "1", "--resume", "auto")
-    done = run(cmd, timeout=120)
-    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    argv = train_cmd(out, images, *model, "--steps", "2", "--val-every", "1", "--resume", "auto",
+                     nproc=0)  # fmt: skip
+    codes, outs = two_ranks(argv)
+    assert codes == [0, 0], [err for _, err in outs]
     two = load_checkpoint(out / "last.pt")
     assert two["ema_updates"] == 2
     for k, w in two["state_dict"].items():  # average <- average + 0.5 (weights - average)
