@@ -143,14 +143,16 @@ def test_a_run_resumed_by_more_processes_gives_each_rank_its_own_noise(tmp_path,
 def test_the_time_budget_ends_every_rank_with_exit_0(tmp_path, images):
     """--time-budget under srun: each rank reads its own clock, and all stop at the step where
     the first is over its budget. A rank still under its own (started a little later; here its
-    clock runs at a quarter speed, so it always is) took the stop for a signal's and exited 75
-    beside rank 0's 0: srun reports the highest, so the job looked preempted. Both exit 0."""
+    clock runs at a 16th of the speed, so it is unless rank 0's last step took 7 s) took the stop
+    for a signal's and exited 75 beside rank 0's 0: srun reports the highest, so the job looked
+    preempted. Both exit 0. (A budget of 0.5 s: what is tested does not depend on its length,
+    and each second of it is 2 CPU-s of training.)"""
     argv = train_cmd(tmp_path / "run", images, "--model", "edsr", "--n-feats", "8", "--n-blocks",
-                     "1", "--steps", "100000", "--log-every", "1000", "--time-budget", "2",
+                     "1", "--steps", "100000", "--log-every", "1000", "--time-budget", "0.5",
                      nproc=0)  # fmt: skip
     slow_clock = ("import runpy, sys, time\n"
                   "clock = time.monotonic\n"
-                  "time.monotonic = lambda: clock() / 4\n"
+                  "time.monotonic = lambda: clock() / 16\n"
                   f"sys.argv, sys.path[0] = sys.argv[1:], {str(REPO)!r}\n"
                   "runpy.run_path(sys.argv[0], run_name='__main__')\n")  # fmt: skip
     ranks = srun_ranks([argv, [sys.executable, "-c", slow_clock, *argv[1:]]], subprocess.PIPE)
