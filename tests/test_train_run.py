@@ -57,19 +57,24 @@ def wait_for_log(out: Path, proc, lines: int = 2) -> None:
 
 
 def test_a_second_run_on_the_same_folder_is_refused_and_a_killed_run_leaves_no_lock(
-    tmp_path, images
+    tmp_path, images, monkeypatch, capsys
 ):
-    """Two real processes on one --out. The first runs as a SLURM job with one CPU would: one
-    thread, whatever the cores of the machine."""
+    """Two real processes on one --out: the first, as a user starts it, runs as a SLURM job with
+    one CPU would (one thread, whatever the cores of the machine); the second is this one
+    (refused before training, it needs no interpreter of its own)."""
     out = tmp_path / "run x"
     flags = ["--data", str(images), "--val-every", "0", "--log-every", "1", "--save-every", "1"]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     first = script(*flags, "--steps", "100000", out=out, env={**env, "SLURM_CPUS_PER_TASK": "1"})
     try:
         wait_for_log(out, first)
-        second = script(*flags, "--steps", "100000", "--resume", "auto", out=out)
-        _, err = second.communicate(timeout=120)
-        assert second.returncode == 2, err
+        capsys.readouterr()
+        with monkeypatch.context() as m, pytest.raises(SystemExit) as e:
+            m.setattr(sr_train, "train_step", lambda *a: pytest.fail("the second run trains"))
+            sr_train.main([*TINY_EDSR, *flags, "--steps", "100000", "--resume", "auto", "--out",
+                           str(out)])  # fmt: skip
+        err = capsys.readouterr().err
+        assert e.value.code == 2, err
         assert err.strip().splitlines() == [
             f"sr_train.py: error: --out {out}: another sr_train.py is using this run folder "
             f"(pid {first.pid} on {os.uname().nodename}); wait for it to end or give another --out"
@@ -118,22 +123,32 @@ def test_a_run_killed_while_its_loader_workers_live_on_leaves_no_lock(
 
 
 @pytest.mark.parametrize("how", ["deleted", "moved"])
-def test_a_run_folder_deleted_or_moved_mid_run_stops_it_and_is_not_made_again(tmp_path, images,
-                                                                             how):  # fmt: skip
+def test_a_run_folder_deleted_or_moved_mid_run_stops_it_and_is_not_made_again(
+    tmp_path, images, how, monkeypatch, capsys
+):
     """`rm -rf` or `mv` of --out while the run trains (a clean-up of old runs): the run stops at
     its next write, one line and exit 7, instead of logging into a deleted file and making a new
-    folder holding its checkpoint alone, where the lock would not keep a second run out."""
+    folder holding its checkpoint alone, where the lock would not keep a second run out. (Here
+    in this process, at the start of step 3, after 2 logged steps: the folder, its open log and
+    its lock are gone as under another process's rm or mv, at a step known in advance.)"""
     out = tmp_path / "run"
+    real = sr_train.train_step
+
+    def train_step(model, forward, optimizers, batches, step, *rest):
+        if step == 2:
+            assert (out / "log.jsonl").read_text().count("\n") == 2
+            if how == "deleted":
+                shutil.rmtree(out)
+            else:
+                out.rename(tmp_path / "moved")
+        return real(model, forward, optimizers, batches, step, *rest)
+
+    monkeypatch.setattr(sr_train, "train_step", train_step)
     flags = ["--data", str(images), "--val-every", "0", "--log-every", "1"]
-    proc = script(*flags, "--steps", "1000", out=out)  # (last.pt at the end only)
-    wait_for_log(out, proc)
-    if how == "deleted":
-        shutil.rmtree(out)
-    else:
-        out.rename(tmp_path / "moved")
-    _, err = proc.communicate(timeout=120)
-    err = err.strip().splitlines()
-    assert proc.returncode == 7 and len(err) == 2, err  # (the first: the thumbnail skipped)
+    with pytest.raises(SystemExit) as e:  # (last.pt at the end only)
+        sr_train.main([*TINY_EDSR, *flags, "--steps", "1000", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 7 and len(err) == 2, err  # (the first: the thumbnail skipped)
     assert err[1].startswith(f"sr_train.py: error: --out {out}: the run folder was deleted or "
                              "moved away while this run used it (seen at step ")  # fmt: skip
     assert not out.exists()
