@@ -588,49 +588,79 @@ def test_plain_rgb_pngs_take_libpng_and_equal_pillow(tmp_path, libpng_calls):
         assert np.array_equal(out, pillow) and np.array_equal(out, img), name
 
 
-def test_interlaced_pngs_read_without_a_word_on_stderr(tmp_path):
+# PNGs of which libpng complains on stderr (the tests below): each is read by read_image in one
+# process shared by those tests, and compared with its pixels. A C library's lines on stderr are
+# buffered until the process exits, so only a process of their own shows them: after each file
+# that process flushes C's stdio and writes a line of its own, which splits its stderr by file.
+ODD_CHUNKS = {
+    "invalid sRGB": [(b"sRGB", b"\x09")],  # an invalid rendering intent
+    "gAMA not sRGB's": [(b"sRGB", b"\0"), (b"gAMA", (100000).to_bytes(4, "big"))],
+    "bKGD": [(b"bKGD", b"\0")],
+    "sBIT": [(b"sBIT", b"\x09\x09\x09")],
+    "tIME": [(b"tIME", bytes([7, 228, 13, 40, 25, 61, 61]))],
+    # (not a short one: Pillow refuses that file, "Truncated pHYs chunk")
+    "pHYs twice": [(b"pHYs", bytes(9))] * 2,
+}
+READ_APART = """import ctypes, os, sys, numpy as np
+from sr_lib.data import read_image
+libc = ctypes.CDLL(None)
+for path in sys.argv[1:]:
+    try:
+        said = np.array_equal(read_image(path), np.load(path + ".npy"))
+    except Exception as e:
+        said = repr(e)
+    libc.fflush(None)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.write(2, f"\\n--- {path}: {said}\\n".encode())
+"""
+
+
+@pytest.fixture(scope="module")
+def read_apart(tmp_path_factory) -> dict[str, tuple[str, str]]:
+    """Name -> (what reading the file gave: 'True' for its pixels, else its error; what the
+    process wrote on stderr while it read it), for an Adam7 PNG and one of each ODD_CHUNKS."""
+    folder = tmp_path_factory.mktemp("read apart")
+    img = smooth_img(64, 72)
+    with open(folder / "adam7.png", "wb") as f:
+        png.Writer(72, 64, greyscale=False, interlace=True).write(f, img.reshape(64, -1))
+    files = {"adam7": (folder / "adam7.png", img)}
+    img = smooth_img(24, 20)
+    Image.fromarray(img).save(folder / "plain.png")
+    raw = (folder / "plain.png").read_bytes()
+    for i, (name, chunks) in enumerate(ODD_CHUNKS.items()):
+        path = folder / f"odd{i}.png"
+        path.write_bytes(raw[:33] + b"".join(png_chunk(k, c) for k, c in chunks) + raw[33:])
+        files[name] = (path, img)
+    for path, expected in files.values():
+        np.save(f"{path}.npy", expected)
+    args = [sys.executable, "-c", READ_APART, *(str(path) for path, _ in files.values())]
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
+    said, rest = {}, done.stderr
+    for name, (path, _) in files.items():
+        before, mark, rest = rest.partition(f"\n--- {path}: ")
+        if not mark:
+            break
+        result, _, rest = rest.partition("\n")
+        said[name] = (result, before)
+    assert done.returncode == 0 and len(said) == len(files) and rest == "", done.stderr
+    return said
+
+
+def test_interlaced_pngs_read_without_a_word_on_stderr(read_apart):
     """imagecodecs' libpng printed "PNG warning: Interlace handling should be turned on when
     using png_read_image" for every Adam7 PNG it decoded: from C, buffered until the process
     exits, so only a process of its own shows it."""
-    img = smooth_img(64, 72)
-    with open(tmp_path / "adam7.png", "wb") as f:
-        png.Writer(72, 64, greyscale=False, interlace=True).write(f, img.reshape(64, -1))
-    done = read_in_a_process(tmp_path / "adam7.png", img)
-    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert read_apart["adam7"] == ("True", "")
 
 
-def read_in_a_process(path: Path, expected: np.ndarray) -> subprocess.CompletedProcess:
-    """read_image(path) in a process of its own, checked to equal `expected`: a C library's
-    lines on stderr are buffered until the process exits, so only a process of its own shows
-    them."""
-    np.save(path.with_suffix(".expected.npy"), expected)
-    code = (
-        "import sys, numpy as np; from sr_lib.data import read_image; "
-        "assert np.array_equal(read_image(sys.argv[1]), np.load(sys.argv[2]))"
-    )
-    args = [sys.executable, "-c", code, path, path.with_suffix(".expected.npy")]
-    return subprocess.run(args, cwd=REPO, capture_output=True, text=True)
-
-
-@pytest.mark.parametrize("chunks", [
-    [(b"sRGB", b"\x09")],  # an invalid rendering intent
-    [(b"sRGB", b"\0"), (b"gAMA", (100000).to_bytes(4, "big"))],  # a gamma that is not sRGB's
-    [(b"bKGD", b"\0")], [(b"sBIT", b"\x09\x09\x09")],
-    [(b"tIME", bytes([7, 228, 13, 40, 25, 61, 61]))],
-    [(b"pHYs", bytes(9))] * 2,  # (a short one: Pillow refuses the file, "Truncated pHYs chunk")
-])  # fmt: skip
-def test_a_png_whose_ancillary_chunks_libpng_faults_is_read_without_a_word(tmp_path, chunks):
+@pytest.mark.parametrize("name", ODD_CHUNKS)
+def test_a_png_whose_ancillary_chunks_libpng_faults_is_read_without_a_word(read_apart, name):
     """libpng checks gAMA, sRGB, bKGD, sBIT, tIME, pHYs... and prints "PNG warning: ..." on stderr
     for one it finds wrong (with imagecodecs 2024.1, even a scikit-image demo photograph's
     "known incorrect sRGB profile"): a stray line in the log of every run that read it. Pillow
     reads such files, silently, and gives the same pixels."""
-    img = smooth_img(24, 20)
-    Image.fromarray(img).save(tmp_path / "plain.png")
-    raw = (tmp_path / "plain.png").read_bytes()
-    path = tmp_path / "odd.png"
-    path.write_bytes(raw[:33] + b"".join(png_chunk(k, c) for k, c in chunks) + raw[33:])
-    done = read_in_a_process(path, img)
-    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert read_apart[name] == ("True", "")
 
 
 def test_without_imagecodecs_pillow_reads_every_png(tmp_path, monkeypatch):
