@@ -205,6 +205,7 @@ from sr_lib.threads import (
     when_not_held,
 )
 from sr_lib.tiling import DEFAULT_CONTEXT, draw, grid, prepare, upscale
+from sr_lib.weights import sha256_file
 
 PROG = "sr_sample.py"
 OUT_OF_MEMORY = "out of memory; use a smaller --batch or --tile"
@@ -1496,8 +1497,7 @@ def ntire_stems(folder: Path) -> dict:
 def file_sha256(path: Path) -> str:
     """The sha256 of a file's contents (one that cannot be read: a one-line data error)."""
     try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        return sha256_file(path)  # (hashlib.file_digest is Python 3.11's)
     except OSError as e:
         raise DataError(f"--latent {path}: cannot read it ({e.strerror or e})") from None
 
