@@ -4,6 +4,8 @@ session that needs its numbers."""
 
 import importlib
 import json
+import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +81,26 @@ def test_bench_flow_sampling_quick():
         assert row["peak_rss_mb"] > 0
 
 
+def run_as_script(script: str, argv: list, monkeypatch) -> int:
+    """`python tests/bench/SCRIPT ARGV` run in this process (torch is imported here already: a
+    subprocess spent 2 s of CPU importing it to print one line): the file executed as __main__,
+    its folder first on sys.path, and the exit status Python gives (a SystemExit's message
+    printed on stderr, status 1). sys.argv, sys.path, the environment and the working directory
+    are put back after the test."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.setenv(var, os.environ.get(var, "1"))  # bench_eval.py sets them to 1
+    monkeypatch.setattr(sys, "argv", [str(BENCH / script), *map(str, argv)])
+    monkeypatch.setattr(sys, "path", [str(BENCH), *sys.path])
+    try:
+        runpy.run_path(str(BENCH / script), run_name="__main__")
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return 1
+        return e.code or 0
+    return 0
+
+
 @pytest.mark.parametrize(
     "script, flags",
     [("check_official_parity.py", ["--srflow"]), ("bench_eval.py", ["--released"]),
@@ -87,31 +109,35 @@ def test_bench_flow_sampling_quick():
      ("check_edsr_parity.py", ["--released"]), ("check_cem_parity.py", ["--released"])],
 )  # fmt: skip
 def test_a_missing_folder_or_one_that_is_not_the_checkout_is_one_line_before_any_work(
-    tmp_path, script, flags
+    tmp_path, script, flags, monkeypatch, capfd
 ):
     other = tmp_path / "other project"  # a folder, but not the released code's checkout
     (other / "code" / "models").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
     for folder, repo in ((tmp_path / "missing", "no such folder"), (other, "not a checkout")):
-        cmd = [sys.executable, str(BENCH / script), *flags, str(folder)]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-        assert done.returncode in (1, 2) and done.stdout == ""
-        assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"{script}: error: ")
-        assert str(folder) in done.stderr
-        assert repo in done.stderr or "no measure.py" in done.stderr
+        code = run_as_script(script, [*flags, folder], monkeypatch)
+        out, err = capfd.readouterr()
+        assert code in (1, 2) and out == ""
+        assert err.count("\n") == 1 and err.startswith(f"{script}: error: ")
+        assert str(folder) in err
+        assert repo in err or "no measure.py" in err
 
 
 @pytest.mark.parametrize("script", ["bench_sample_amp.py", "bench_tiling.py"])
-def test_a_missing_checkpoint_is_one_line_before_any_model_runs(tmp_path, script):
+def test_a_missing_checkpoint_is_one_line_before_any_model_runs(
+    tmp_path, script, monkeypatch, capfd
+):
     good = tmp_path / "edsr.pt"
     cfg = {**TINY["edsr"], "scale": 4}
     save_checkpoint(good, {"model": "edsr", "model_cfg": cfg, "step": 0,
                            "state_dict": build_model("edsr", cfg).state_dict()})  # fmt: skip
     missing = tmp_path / "run" / "last.pt"  # after a good one: read before that one is measured
     flags = ["--models", "edsr"] if script == "bench_tiling.py" else []
-    cmd = [sys.executable, str(BENCH / script), *flags, "--ckpt", str(good), str(missing)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert done.returncode == 6 and done.stdout == ""
-    assert done.stderr.startswith(f"{script}: error: {missing}") and done.stderr.count("\n") == 1
+    monkeypatch.chdir(tmp_path)
+    code = run_as_script(script, [*flags, "--ckpt", good, missing], monkeypatch)
+    out, err = capfd.readouterr()
+    assert code == 6 and out == ""
+    assert err.startswith(f"{script}: error: {missing}") and err.count("\n") == 1
 
 
 def bench_module(script: str):
