@@ -575,29 +575,29 @@ def test_missing_lpips_weights(tmp_path, capsys, monkeypatch, tiny_set):
     assert code == 6 and "missing.pth" in err
 
 
-def test_missing_lpips_weights_before_any_output(tmp_path, tiny_set):
+def test_missing_lpips_weights_before_any_output(tmp_path, tiny_set, capsys, monkeypatch):
     """AlexNet missing offline was found missing after --out's and --csv's folders and the
     --report folder were made (and every header read): now before, and nothing is made."""
     hr_dir, _, sr_dir = tiny_set
     (tmp_path / "th").mkdir()
-    env = {**os.environ, "SRSPACE_OFFLINE": "1", "SRSPACE_WEIGHTS": ""}
-    env["TORCH_HOME"] = str(tmp_path / "th")
+    monkeypatch.setenv("SRSPACE_OFFLINE", "1")  # read when the weights are looked for
+    monkeypatch.setenv("SRSPACE_WEIGHTS", "")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     new = tmp_path / "new"
     outs = ["--out", new / "a.json", "--csv", new / "b" / "c.csv", "--report", new / "R"]
-    cmd = [sys.executable, "sr_eval.py", "--hr", hr_dir, "--sr", sr_dir, "--scale", "4", "--n", "2"]
-    p = subprocess.run(cmd + outs, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 6 and len(p.stderr.splitlines()) == 1, p.stderr
-    assert p.stderr.startswith("sr_eval.py: error: LPIPS: weights 'alexnet' not found")
-    assert p.stderr.strip().endswith("--no-lpips to skip LPIPS_mean and score")
+    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", "4", "--n", "2", *outs]
+    code, err = fails(capsys, *argv)
+    assert code == 6 and len(err.splitlines()) == 1, err
+    assert err.startswith("sr_eval.py: error: LPIPS: weights 'alexnet' not found")
+    assert err.strip().endswith("--no-lpips to skip LPIPS_mean and score")
     assert not new.exists()
     # --lpips-weights FILE missing, or not a torch file, likewise (it was found after --out)
     (tmp_path / "page.pth").write_text("<html>404</html>")
     for weights, says in [(tmp_path / "none.pth", "no such weights file"),
                           (tmp_path / "page.pth", "not a torch weights file")]:  # fmt: skip
-        p = subprocess.run(cmd + outs + ["--lpips-weights", weights], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=120)  # fmt: skip
-        assert p.returncode == 6 and len(p.stderr.splitlines()) == 1, p.stderr
-        assert p.stderr.startswith(f"sr_eval.py: error: LPIPS: {weights}: {says}"), p.stderr
+        code, err = fails(capsys, *argv, "--lpips-weights", weights)
+        assert code == 6 and len(err.splitlines()) == 1, err
+        assert err.startswith(f"sr_eval.py: error: LPIPS: {weights}: {says}"), err
         assert not new.exists()
 
 
@@ -1102,30 +1102,36 @@ def test_piped_into_head_the_files_are_still_written(tmp_path):
             )
 
 
-def test_dash_is_standard_output_for_out_and_csv(tmp_path):
+def test_dash_is_standard_output_for_out_and_csv(tmp_path, capfd, monkeypatch):
     """`sr_eval.py ... --out - | jq .mean`: stdout carries the JSON (or CSV) alone, the bytes the
-    file would hold; the progress lines and the table go to stderr. No file named '-' is made."""
+    file would hold; the progress lines and the table go to stderr. No file named '-' is made.
+    (Run in this process: stdout is captured, not a terminal, as a pipe; the closed pipe and the
+    full disk are the next test's, in processes of their own.)"""
     hr_dir, _, sr_dir = make_set(tmp_path, n=2)
     base = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips"]
     work = tmp_path / "cwd"
     work.mkdir()
-    ran = [subprocess.run(eval_cmd(*base, *flags), cwd=work, capture_output=True, text=True)
-           for flags in (["--out", "-", "--csv", tmp_path / "r.csv"],
-                         ["--csv", "-", "--out", tmp_path / "r.json"])]  # fmt: skip
-    assert all(p.returncode == 0 for p in ran), ran[0].stderr + ran[1].stderr
-    json_out, csv_out = ran[0].stdout, ran[1].stdout
+    monkeypatch.chdir(work)
+    ran = []
+    for flags in (["--out", "-", "--csv", tmp_path / "r.csv"],
+                  ["--csv", "-", "--out", tmp_path / "r.json"]):  # fmt: skip
+        code = sr_eval.main([str(a) for a in [*base, *flags]])
+        ran.append(capfd.readouterr())
+        assert code == 0, ran[-1].err
+    json_out, csv_out = ran[0].out, ran[1].out
     from_file = json.loads((tmp_path / "r.json").read_text())
     assert json.loads(json_out)["per_image"] == from_file["per_image"]
     assert json.loads(json_out)["mean"] == from_file["mean"]
-    assert csv_out == (tmp_path / "r.csv").read_text()
+    assert csv_out == (tmp_path / "r.csv").read_bytes().decode()  # the very bytes
     for p in ran:
-        assert "[2/2] 0802" in p.stderr and "x4, N=2, 2 images" in p.stderr
-        assert "LPIPS_mean and score not computed" in p.stderr and "Traceback" not in p.stderr
+        assert "[2/2] 0802" in p.err and "x4, N=2, 2 images" in p.err
+        assert "LPIPS_mean and score not computed" in p.err and "Traceback" not in p.err
     assert list(work.iterdir()) == []
-    p = subprocess.run(eval_cmd(*base, "--out", "-", "--csv", "-"), cwd=work, capture_output=True,
-                       text=True)  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        sr_eval.main([str(a) for a in [*base, "--out", "-", "--csv", "-"]])
+    out, err = capfd.readouterr()
     both = "--out - and --csv - would both write to standard output; give one of them a file name"
-    assert p.returncode == 2 and p.stdout == "" and p.stderr == f"sr_eval.py: error: {both}\n"
+    assert e.value.code == 2 and out == "" and err == f"sr_eval.py: error: {both}\n"
 
 
 def test_dash_into_a_closed_pipe_or_full_disk_is_one_line_exit_7(tmp_path):
