@@ -5,8 +5,6 @@ traceback. Values out of range are refused when the flags are parsed, before any
 
 import dataclasses
 import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -435,7 +433,7 @@ def test_tensorboard_missing_is_one_line(world, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("model", ["vspsr", "varsr", "refvae"])
-def test_missing_pretrained_weights_stop_the_run_at_start(model, tmp_path):
+def test_missing_pretrained_weights_stop_the_run_at_start(model, tmp_path, capsys, monkeypatch):
     """The VGG19 of a perceptual loss (RefVAE: its encoder) missing offline stopped the run at
     its first step, after it had made --out and read all the data; now it is the one line at
     start (the data holds an unreadable image: read first, it would be exit 3)."""
@@ -447,13 +445,17 @@ def test_missing_pretrained_weights_stop_the_run_at_start(model, tmp_path):
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in tiny.items()]
     out, empty = tmp_path / "out", tmp_path / "empty"
     empty.mkdir()
-    env = {**os.environ, "SRSPACE_OFFLINE": "1", "SRSPACE_WEIGHTS": "", "TORCH_HOME": str(empty)}
-    argv = [sys.executable, "sr_train.py", "--model", model, "--scale", "4", "--data", str(data),
-            "--steps", "1", "--val-every", "0", "--out", str(out), *flags]  # fmt: skip
-    p = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 6 and len(p.stderr.splitlines()) == 1, p.stderr
-    assert p.stderr.startswith("sr_train.py: error: weights 'vgg19' not found"), p.stderr
-    assert p.stderr.strip().endswith("--lambda-per 0") == (model != "refvae")
+    for var, value in (("SRSPACE_OFFLINE", "1"), ("SRSPACE_WEIGHTS", ""),
+                       ("TORCH_HOME", str(empty))):  # fmt: skip
+        monkeypatch.setenv(var, value)  # read when the weights are looked for
+    argv = ["--model", model, "--scale", "4", "--data", str(data), "--steps", "1",
+            "--val-every", "0", "--out", str(out), *flags]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 6 and len(err.splitlines()) == 1, err
+    assert err.startswith("sr_train.py: error: weights 'vgg19' not found"), err
+    assert err.strip().endswith("--lambda-per 0") == (model != "refvae")
     assert not out.exists()
 
 
