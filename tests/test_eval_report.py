@@ -301,9 +301,11 @@ def test_progress_bar_on_a_terminal(tmp_path):
     assert "2/2" in text and "ETA" in text and "[1/2]" not in text
 
 
-def test_without_matplotlib_eval_runs_and_report_is_one_line(tmp_path):
+def test_without_matplotlib_eval_runs_and_report_is_one_line(tmp_path, capsys, monkeypatch):
     """matplotlib draws the report's plots only, but sr_eval.py imported it at start: without
-    it every run was an ImportError traceback, --report or not."""
+    it every run was an ImportError traceback, --report or not. (The run without --report in a
+    fresh process, where the script's imports happen; --report's line here, with matplotlib
+    blocked in this process too.)"""
     hr_dir, sweep, _ = sweep_world(tmp_path, n=2)
     blocked = "import sys, runpy; sys.modules['matplotlib'] = None; sys.argv = sys.argv[1:]; "
     blocked += "runpy.run_path(sys.argv[0], run_name='__main__')"
@@ -312,9 +314,10 @@ def test_without_matplotlib_eval_runs_and_report_is_one_line(tmp_path):
     ran = subprocess.run([str(a) for a in cmd], cwd=REPO, capture_output=True, text=True)
     assert ran.returncode == 0 and ran.stderr == "", ran.stderr
     rep = tmp_path / "report"
-    ran = subprocess.run([str(a) for a in [*cmd, "--report", rep]], cwd=REPO,
-                         capture_output=True, text=True)  # fmt: skip
-    assert ran.returncode == 2 and ran.stderr == (
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as not installed: an ImportError
+    with pytest.raises(SystemExit) as e:
+        sr_eval.main([str(a) for a in [*args, "--report", rep]])
+    assert e.value.code == 2 and capsys.readouterr().err == (
         "sr_eval.py: error: --report needs the matplotlib package (its plots): pip install "
         "matplotlib, or leave --report out\n"
     )
