@@ -148,7 +148,7 @@ def test_full_disk_while_saving_leaves_the_last_checkpoint_and_no_temp_file(tmp_
     full disk) ends the run with one line and exit 7; last.pt from before stays loadable and no
     temp file is left behind."""
     out = tmp_path / "run"
-    assert subprocess.run(cmd(out, images, 2), capture_output=True).returncode == 0
+    assert sr_train.main(cmd(out, images, 2)[2:]) == 0  # (the run before: in this process)
     good = (out / "last.pt").read_bytes()
     limit = len(good) // 2  # the next checkpoint (same size) cannot be written completely
 
@@ -177,7 +177,7 @@ def test_full_disk_while_logging_saves_and_leaves_no_torn_record(tmp_path, image
     saves last.pt (it fits), ends with one line and exit 7, and log.jsonl ends with a whole
     record, instead of three tracebacks, the steps since the last save lost and a torn line."""
     out = tmp_path / "run"
-    assert subprocess.run(cmd(out, images, 2), capture_output=True).returncode == 0
+    assert sr_train.main(cmd(out, images, 2)[2:]) == 0  # (the run before: in this process)
     limit = (out / "last.pt").stat().st_size + 4096  # the checkpoint fits
     log = out / "log.jsonl"
     history = log.read_text()  # as long as a long run's: the limit comes some 10 records later
@@ -206,7 +206,7 @@ def test_full_disk_while_logging_saves_and_leaves_no_torn_record(tmp_path, image
 def sample_cmd(tmp_path, images, count: int, size: int = 48) -> tuple[list[str], Path]:
     """A 1-step checkpoint and `count` LR images: sr_sample.py's command line and its --out."""
     run = tmp_path / "run"
-    subprocess.run(cmd(run, images, 1), check=True, capture_output=True)
+    assert sr_train.main(cmd(run, images, 1)[2:]) == 0  # (in this process: not under test)
     lr = tmp_path / "lr"
     lr.mkdir()
     rng = np.random.default_rng(1)
