@@ -86,9 +86,8 @@ def test_kill9_five_times_then_finish_equals_uninterrupted(tmp_path, images):
         if (out / "last.pt").exists():  # never unreadable, whatever the moment of the kill
             assert load_checkpoint(out / "last.pt")["step"] <= steps
     assert kills == 5
-    done = subprocess.run(cmd(out, images, steps) + ["--resume", "auto"], env=env, cwd=REPO,
-                          capture_output=True)  # fmt: skip
-    assert done.returncode == 0, done.stderr.decode()
+    # the finishing run reads what the kills left: in this process, as the reference run
+    assert sr_train.main([*cmd(out, images, steps)[2:], "--resume", "auto"]) == 0
     a, b = load_checkpoint(tmp_path / "ref" / "last.pt"), load_checkpoint(out / "last.pt")
     assert b["step"] == steps
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
@@ -284,7 +283,7 @@ def test_train_piped_into_head_saves_and_exits_75(tmp_path, images):
     assert not (tmp_path / "early" / "last.pt").exists()
 
 
-def test_sample_piped_into_head_stops_with_complete_files_and_reruns(tmp_path, images):
+def test_sample_piped_into_head_stops_with_complete_files_and_reruns(tmp_path, images, capsys):
     """`sr_sample.py ... | head -0`: the run stops after its first image (exit 75, one line),
     every file written is whole, and the same command run again completes the rest."""
     argv, out = sample_cmd(tmp_path, images, 40, size=24)
@@ -299,9 +298,9 @@ def test_sample_piped_into_head_stops_with_complete_files_and_reruns(tmp_path, i
     assert len(written) == 2  # the first image's samples, whole
     for f in written:
         iio.imread(f)
-    again = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0, again.stderr
-    assert "39 images sampled, 1 already complete" in again.stdout
+    capsys.readouterr()
+    assert sr_sample.main(argv[2:]) == 0  # the same command again (here: stdout captured)
+    assert "39 images sampled, 1 already complete" in capsys.readouterr().out
     assert len(list(out.glob("*.png"))) == 80
 
 
