@@ -29,9 +29,22 @@ def bench(script: str, *args, cwd=None) -> dict:
     return json.loads(done.stdout)  # stdout is the one JSON object
 
 
-def test_bench_tiling_finds_seams_without_context_and_none_with_the_halo():
-    r = bench("bench_tiling.py", "--models", "edsr", "vspsr", "--lr-size", 24, "--tile", 16,
-              "--contexts", "halo", "0", "--n", 1)  # fmt: skip
+def in_process(script: str, *args, monkeypatch, capfd, cwd=None) -> dict:
+    """`bench`, run in this process (`run_as_script`): the torch import of a subprocess saved.
+    torch's random state, which a benchmark seeds, is put back after it."""
+    if cwd:
+        monkeypatch.chdir(cwd)
+    with torch.random.fork_rng():
+        code = run_as_script(script, list(args), monkeypatch)
+    out, err = capfd.readouterr()
+    assert code == 0, err[-3000:]
+    return json.loads(out)  # stdout is the one JSON object
+
+
+def test_bench_tiling_finds_seams_without_context_and_none_with_the_halo(monkeypatch, capfd):
+    r = in_process("bench_tiling.py", "--models", "edsr", "vspsr", "--lr-size", 24, "--tile", 16,
+                   "--contexts", "halo", "0", "--n", 1,
+                   monkeypatch=monkeypatch, capfd=capfd)  # fmt: skip
     assert set(r["models"]) == {"edsr (random weights)", "vspsr (random weights)"}
     assert r["torch"] == torch.__version__ and r["cpu"]  # what the numbers were measured on
     for row in r["models"].values():
@@ -40,7 +53,9 @@ def test_bench_tiling_finds_seams_without_context_and_none_with_the_halo():
         assert none["max_difference_255"] > 0  # the benchmark does see a seam when there is one
 
 
-def test_bench_sample_amp_compares_each_precision_and_skips_refused_ones(tmp_path):
+def test_bench_sample_amp_compares_each_precision_and_skips_refused_ones(
+    tmp_path, monkeypatch, capfd
+):
     paths = []
     for name in ("edsr", "srflow"):
         cfg = {**TINY[name], "scale": 4}
@@ -53,8 +68,8 @@ def test_bench_sample_amp_compares_each_precision_and_skips_refused_ones(tmp_pat
     for i in range(2):
         img = np.kron(np.random.default_rng(i).random((6, 8, 3)), np.ones((8, 8, 1)))
         iio.imwrite(hr / f"im{i}.png", (img * 255).astype(np.uint8))
-    r = bench("bench_sample_amp.py", "--ckpt", *paths, "--n", 2, "--amp", "bf16", "fp16",
-              "--input", hr, cwd=tmp_path)  # fmt: skip
+    r = in_process("bench_sample_amp.py", "--ckpt", *paths, "--n", 2, "--amp", "bf16", "fp16",
+                   "--input", hr, cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)  # fmt: skip
     assert r["input"] == str(hr)
     assert r["torch"] == torch.__version__ and r["cpu"] and r["torch_threads"] >= 1
     edsr, srflow = (r["models"][f"{name} ({p})"] for name, p in zip(("edsr", "srflow"), paths))
