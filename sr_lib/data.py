@@ -23,7 +23,6 @@ import struct
 import tempfile
 import threading
 import time
-import traceback
 import uuid
 import warnings
 import weakref
@@ -459,7 +458,7 @@ def _pillow(uri, io_mode: str, op: str, *args, extension: str | None = None, **k
             file = iio.imopen(uri, io_mode, legacy_mode=False, plugin="pillow", extension=extension)
         return getattr(file, op)(*args, **kwargs)
     except BaseException as e:  # its traceback's frames (read's self) would keep the plugin
-        traceback.clear_frames(e.__traceback__)  # (their lines stay), to a __del__ at any time
+        _clear_frames(e.__traceback__)  # (their lines stay), to a __del__ at any time
         raise
     finally:
         with signals_held():
@@ -467,6 +466,22 @@ def _pillow(uri, io_mode: str, op: str, *args, extension: str | None = None, **k
                 file.images_to_write.clear()  # written, or a stop inside write(): none to encode
                 file.close()
             del file  # its __del__ runs here, held
+
+
+def _clear_frames(tb) -> None:
+    """traceback.clear_frames(tb), and also, before Python 3.13, the dict of a cleared frame's
+    variables that its f_locals made (frame.clear() leaves it): on 3.10 a tracer (sys.settrace:
+    coverage, a debugger) fills it at each event, on 3.11 and 3.12 a read of f_locals does. It
+    kept read's `self`, the plugin, alive to a collection that ran its __del__ outside any held
+    block. Read again after the clear, f_locals drops the cleared variables."""
+    while tb is not None:
+        try:
+            tb.tb_frame.clear()
+        except RuntimeError:  # still running (_pillow's own): its variables are in use
+            pass
+        else:
+            tb.tb_frame.f_locals  # noqa: B018 (the cleared variables leave the dict)
+        tb = tb.tb_next
 
 
 def _upright(arr: np.ndarray, orientation: int) -> np.ndarray:
