@@ -1888,7 +1888,8 @@ def keep_determinism(cleanup) -> None:
 
     def put_back():
         # Only where it changed: the call imports torch._inductor's config, and with it
-        # torch._dynamo (~1.3 s of CPU at every run's end, measured on 2 cores)
+        # torch._dynamo (~1.3 s of CPU on 2 cores), which a run of a model without weights
+        # (bicubic: no optimizer, torch's import it) loads nowhere else
         now = torch.are_deterministic_algorithms_enabled()
         if (now, torch.is_deterministic_algorithms_warn_only_enabled()) != (algorithms, warn_only):
             torch.use_deterministic_algorithms(algorithms, warn_only=warn_only)
