@@ -54,9 +54,11 @@ the LPIPS weights' sha256, the device and the versions are the same, and for the
 whose files (path, size, modification time) are unchanged; the file is deleted once the results
 are written. An error after images were scored says in its line how many images' scores are kept
 there (the --json line's kept). An --out or --csv already there (an earlier run's) is renamed
-NAME.old (NAME.old2, ... where taken) when the scoring starts, so that a run that ends without
-its results (a stop, an error, Ctrl-C, a kill) leaves no earlier numbers under its name; its line
-says where they went; a run that completes deletes the NAME.old it made.
+NAME.old (NAME.old2, ... where taken) when the scoring starts, and an earlier report in --report
+DIR (its index.html, plots/ and images/) moved to a new folder DIR.old, so that a run that ends
+without its results (a stop, an error, Ctrl-C, a kill) leaves no earlier numbers under its name
+and loses no earlier result; its line says where they went; a run that completes deletes the
+NAME.old it made.
 
 Exit codes: 0 ok, 2 bad flag, 3 unusable data (missing, unreadable or wrongly sized images, an
 index that names other images), 4 out of memory, 6 LPIPS weights, 7 output, 75 stopped by
@@ -80,6 +82,7 @@ import itertools
 import json
 import math
 import re
+import shutil
 import signal
 import sys
 import time
@@ -456,8 +459,8 @@ def stop_signals():
     closed terminal) raise Preempted, at once or, where a file is written or a thread pool's lock
     code runs, at its end (sr_lib/threads.py); one that came while the script imported torch is
     raised at the start. The files are written atomically, the report's removed where it is
-    unfinished and an earlier --out or --csv set aside (`set_aside`), so a stop leaves no result
-    that looks complete, nor an earlier one under this run's name."""
+    unfinished and an earlier --out, --csv or report set aside (`set_aside`), so a stop leaves no
+    result that looks complete, nor an earlier one under this run's name."""
 
     def stop(signum, frame):
         raise Preempted(signal.Signals(signum).name)
@@ -493,8 +496,8 @@ def stopped_line(name: str, fields: dict) -> str:
 def said_unfinished(fields: dict, moved: dict[Path, Path]):
     """Around the work: an error inside (a full disk, a bad image, out of memory) says in its
     line how many images' scores are kept where (`fields`: the --json line's), as a stop's line
-    does; and any end inside (a stop, an error, Ctrl-C) says where the earlier --out or --csv went
-    (`moved`: by `set_aside`, less those this run's file replaced)."""
+    does; and any end inside (a stop, an error, Ctrl-C) says where the earlier --out, --csv or
+    report went (`moved`: by `set_aside`, less those this run's file replaced)."""
     try:
         try:
             yield
@@ -518,29 +521,55 @@ def said_unfinished(fields: dict, moved: dict[Path, Path]):
         raise
 
 
-OLD = ".old"  # an earlier --out or --csv set aside while this run works (`set_aside`)
+OLD = ".old"  # an earlier --out, --csv or report set aside while this run works (`set_aside`)
 
 
-def set_aside(paths: list[Path], moved: dict[Path, Path]) -> None:
+def set_aside(paths: list[Path], moved: dict[Path, Path], report_dir: Path | None = None):
     """Each of `paths` that exists (an earlier run's --out or --csv) renamed NAME.old, or
     NAME.old2, ... where that is taken (nothing is replaced), into `moved` {path: new name}, at
     the start of the work: a run that ends without writing its own (a stop, an error, Ctrl-C, a
     kill) leaves no earlier numbers under its name for a pipeline that reads the file, not the
-    exit code. This run's file, once written, replaces it (`run` deletes NAME.old), as before."""
+    exit code. This run's file, once written, replaces it (`run` deletes NAME.old), as before.
+    An earlier report in `report_dir` (its index.html) is moved so too, to a new folder DIR.old
+    (its index.html, plots/ and images/ only: the folder may hold other files)."""
     for path in paths:
-        if not (path.exists() or path.is_symlink()):
-            continue
-        for i in itertools.count(1):
-            suffix = OLD if i == 1 else f"{OLD}{i}"
-            aside = path.with_name(fit_name(path.name, len(suffix), name_max(path.parent)) + suffix)
-            if not (aside.exists() or aside.is_symlink()):
-                break
-        try:
-            path.rename(aside)
-        except OSError as e:
-            raise OutputError(f"{path}: cannot move this earlier file aside to {aside} "
-                              f"({e.strerror or e}); move or delete it") from None  # fmt: skip
-        moved[path] = aside
+        if path.exists() or path.is_symlink():
+            aside = aside_name(path)
+            try:
+                path.rename(aside)
+            except OSError as e:
+                raise OutputError(f"{path}: cannot move this earlier file aside to {aside} "
+                                  f"({e.strerror or e}); move or delete it") from None  # fmt: skip
+            moved[path] = aside
+    if report_dir is None or not (report_dir / "index.html").exists():
+        return
+    aside, done = aside_name(report_dir), []
+    try:
+        aside.mkdir()
+        for part in report.PARTS:  # index.html first: no page is left to show half its files
+            if (report_dir / part).exists() or (report_dir / part).is_symlink():
+                (report_dir / part).rename(aside / part)
+                done.append(part)
+    except OSError as e:
+        for part in reversed(done):  # put back: the earlier report stays whole, where it was
+            with suppress(OSError):
+                (aside / part).rename(report_dir / part)
+        with suppress(OSError):
+            aside.rmdir()
+        raise OutputError(f"--report {report_dir}: cannot move the earlier report aside to "
+                          f"{aside} ({e.strerror or e}); move or delete it") from None  # fmt: skip
+    moved[report_dir] = aside
+
+
+def aside_name(path: Path) -> Path:
+    """The first free name of NAME.old, NAME.old2, ... beside `path` (`set_aside`)."""
+    if path.name in ("", ".."):  # --report . or ..: the folder's own name
+        path = path.resolve()
+    for i in itertools.count(1):
+        suffix = OLD if i == 1 else f"{OLD}{i}"
+        aside = path.with_name(fit_name(path.name, len(suffix), name_max(path.parent)) + suffix)
+        if not (aside.exists() or aside.is_symlink()):
+            return aside
 
 
 def one_line_warnings():
@@ -628,10 +657,11 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
             write_text(partial, json.dumps({"key": key, "images": kept}) + "\n")
             summary.update(partial=str(partial), kept=k + 1)
 
-    # a stop after the report's first file (a full disk, Ctrl-C, a bad image) leaves none of it
+    # a stop after the report's first file (a full disk, Ctrl-C, a bad image) leaves none of it;
+    # an earlier report waits in DIR.old (`set_aside`) until this run's page is written
     moved = {}
     with said_unfinished(summary.fields, moved), report.removed_if_unfinished(report_dir):
-        set_aside([Path(p) for p in (args.out, args.csv) if p and p != STDOUT], moved)
+        set_aside([Path(p) for p in (args.out, args.csv) if p and p != STDOUT], moved, report_dir)
         rows, sheets = score(hr, methods, lr_files, sigma_files, columns, opts, report_dir,
                              to_files, to_stderr, args.quiet, scored,
                              [entry["rows"] for entry in kept])  # fmt: skip
@@ -660,8 +690,11 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
                         moved.pop(Path(path)).unlink(missing_ok=True)
         if report_dir:
             table = [(m.name, m.temperature, m.n, means[m.name]) for m in methods]
-            index = report.write_report(report_dir, title, columns, table, sheets, missing)
-            summary.update(report=str(index))
+            with signals_held():  # (as the files: a stop's line says what is where)
+                index = report.write_report(report_dir, title, columns, table, sheets, missing)
+                summary.update(report=str(index))
+                if report_dir in moved:  # replaced by this run's
+                    delete_old_report(moved.pop(report_dir))
     summary.update(mean=means)
     for flag, path, text in results:
         if path == STDOUT:
@@ -680,6 +713,16 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
         if report_dir and not args.quiet:
             show(f"report: {index}", to_stderr)
     return 0
+
+
+def delete_old_report(aside: Path) -> None:
+    """The earlier report that `set_aside` moved to `aside`, deleted once this run's is written;
+    one warning where that fails (this run's report is whole all the same)."""
+    try:
+        shutil.rmtree(aside)
+    except OSError as e:
+        warn(f"{aside}: cannot delete the earlier report moved there ({e.strerror or e}); "
+             "delete it")  # fmt: skip
 
 
 PARTIAL = ".partial"  # the suffix of the file of the scores so far

@@ -12,7 +12,8 @@ across samples (white: its 99.5th percentile). Every thumbnail links to a full-s
                                   bicubic downscale of the GT's official crop)
   images/{k:06d}/m{j:02d}/        method j: its sample files (hard links or copies) and std.png
   */thumb_*.png                   thumbnails, at most THUMB px on a side
-Nothing refers to a file outside DIR, so the folder can be copied or archived as it is.
+Nothing refers to a file outside DIR, so the folder can be copied or archived as it is. An
+earlier report there (these three names) is moved to DIR.old while a rerun works (sr_eval.py).
 """
 
 import html
@@ -31,6 +32,7 @@ from sr_lib.errors import OutputError, UsageError, printable
 from sr_lib.metrics import downscale, official_mod
 
 THUMB = 160  # thumbnail: longest side in px
+PARTS = ("index.html", "plots", "images")  # what a report writes in its folder
 BROWSER_FORMATS = (".png", ".jpg", ".jpeg", ".webp")
 # (y column, x column, title, file): the NTIRE 2021 report's two trade-offs, then what can be
 # plotted without LPIPS (--no-lpips).
@@ -114,22 +116,13 @@ def std_map(samples: list[np.ndarray]) -> tuple[np.ndarray, float]:
     return np.round(heat * 255).astype(np.uint8), top
 
 
-def remove_page(folder: Path) -> None:
-    """folder/index.html deleted (write_report writes the new one at the end)."""
-    try:
-        (folder / "index.html").unlink(missing_ok=True)
-    except OSError as e:
-        raise OutputError(f"{folder / 'index.html'}: cannot delete the earlier report's page "
-                          f"({e.strerror or e}); check --report") from None  # fmt: skip
-
-
 @contextmanager
 def removed_if_unfinished(folder: Path | None):
     """The report's files removed where the run stops inside (a full disk, Ctrl-C, a bad image)
     after its first file: its images/ and plots/, half of them written, would be shown by no page
-    (index.html is written last; an earlier report's went before the first file) and taken for a
-    whole report. Where index.html is still there (a stop before the first file, or after the
-    page), nothing is removed."""
+    (index.html is written last; an earlier report's was moved to DIR.old before the first file,
+    sr_eval.set_aside) and taken for a whole report. Where index.html is still there (a stop
+    before the earlier report was moved, or after the page), nothing is removed."""
     try:
         yield
     except BaseException:
@@ -145,8 +138,6 @@ def contact_sheet(folder, k, stem, gt_file, gt, lr_file, lr, methods, scale) -> 
     is [(name, sample files, decoded samples)]. Paths are relative to folder."""
     here = Path(folder) / "images" / f"{k:06d}"
     rel = lambda p: Path(p).relative_to(folder).as_posix()  # noqa: E731
-    if k == 0:  # before the first file of an earlier report is replaced: its page goes, which
-        remove_page(Path(folder))  # would show the new files under its labels if this run stops
     if lr is None:  # the LR the official columns compare against
         mod = official_mod(scale)
         lr = downscale(gt[: gt.shape[0] // mod * mod, : gt.shape[1] // mod * mod], scale)
