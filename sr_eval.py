@@ -153,10 +153,15 @@ from sr_lib.threads import signals_held, stop_pools, when_not_held
 from sr_lib.weights import read_state_dict, resolve
 
 PROG = "sr_eval.py"
-# LPIPS holds a batch of samples' feature maps (on CUDA), the other columns one image's arrays
+# an out-of-memory error outside the loading of LPIPS and the scoring, where the device and
+# the batch are not known (`out_of_memory_line` names what helps the run that ran out)
 OUT_OF_MEMORY = (
     "out of memory; use a smaller --lpips-batch (the default is 4 on CUDA, 1 on CPU), "
     "--device cpu, or --no-lpips"
+)
+OUT_OF_MEMORY_IMAGES = (
+    "out of memory: one image's ground truth and samples, decoded, do not fit; free memory, or "
+    "run on a machine with more"
 )
 HELP_QUIET = (
     "print warnings, errors and the --json line only: no progress, no table where --out, --csv, "
@@ -492,19 +497,49 @@ def stopped_line(name: str, fields: dict) -> str:
             "--out or --csv keeps them): rerun the same command")  # fmt: skip
 
 
+def out_of_memory_line(e: BaseException, device, batch: int, lpips: bool, methods: int) -> str:
+    """The line of out-of-memory error `e` of a run on `device` with LPIPS (`lpips`) in batches
+    of `batch` samples and `methods` rows: it names only what lowers the memory that ran out. A
+    CUDA device holds LPIPS alone (a batch of samples' feature maps): a smaller --lpips-batch
+    where it is over 1, --device cpu, --no-lpips. The host's memory (a MemoryError, torch's "can't
+    allocate memory", or any on the CPU) holds each image's files decoded, every --sr folder's
+    samples together (fewer folders per run), and LPIPS where it runs on the CPU: there the
+    batch (1 by default) and --no-lpips."""
+    host = device.type == "cpu" or isinstance(e, MemoryError) or "can't allocate" in str(e)
+    helps = []
+    if lpips and (device.type == "cpu" or not host):
+        helps += [f"a smaller --lpips-batch (this run's: {batch})"] if batch > 1 else []
+        helps += [] if host else ["--device cpu"]
+        helps.append("--no-lpips")
+    if host and methods > 1:
+        helps.append("fewer --sr folders per run")
+    if not helps:
+        return OUT_OF_MEMORY_IMAGES
+    said = helps[0] if len(helps) == 1 else f"{', '.join(helps[:-1])} or {helps[-1]}"
+    return f"out of memory; use {said}"
+
+
 @contextmanager
-def said_unfinished(fields: dict, moved: dict[Path, Path]):
-    """Around the work: an error inside (a full disk, a bad image, out of memory) says in its
-    line how many images' scores are kept where (`fields`: the --json line's), as a stop's line
-    does; and any end inside (a stop, an error, Ctrl-C) says where the earlier --out, --csv or
-    report went (`moved`: by `set_aside`, less those this run's file replaced)."""
+def out_of_memory_said(line):
+    """An out-of-memory error inside raised as OutOfMemory(line(error)): one line, exit 4."""
     try:
-        try:
-            yield
-        except (MemoryError, RuntimeError) as e:  # (torch's are RuntimeErrors)
-            if not is_out_of_memory(e):
-                raise
-            raise OutOfMemory(OUT_OF_MEMORY) from None  # its line says what is kept, as others
+        yield
+    except (MemoryError, RuntimeError) as e:  # (torch's are RuntimeErrors)
+        if not is_out_of_memory(e):
+            raise
+        raise OutOfMemory(line(e)) from None
+
+
+@contextmanager
+def said_unfinished(fields: dict, moved: dict[Path, Path], out_of_memory):
+    """Around the work: an error inside (a full disk, a bad image, out of memory: its line
+    `out_of_memory(error)`) says in its line how many images' scores are kept where (`fields`:
+    the --json line's), as a stop's line does; and any end inside (a stop, an error, Ctrl-C)
+    says where the earlier --out, --csv or report went (`moved`: by `set_aside`, less those this
+    run's file replaced)."""
+    try:
+        with out_of_memory_said(out_of_memory):
+            yield  # (an out-of-memory error's line then says what is kept, as others)
     except BaseException as e:
         went = "; ".join(f"{p} (an earlier run's) moved to {aside}" for p, aside in moved.items())
         kept, images, partial = fields["kept"], fields["images"], fields["partial"]
@@ -624,9 +659,14 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     if args.report:
         report.check_matplotlib()
     report_dir = check_out_dir(args.report, "--report") if args.report else None
-    lpips_metric = (
-        None if args.no_lpips else load_lpips(args.lpips_weights, device, batch, lpips_read)
-    )
+
+    def oom(e):  # the line of an out-of-memory error: what helps this run's device and batch
+        return out_of_memory_line(e, device, batch, not args.no_lpips, len(methods))
+
+    with out_of_memory_said(oom):
+        lpips_metric = (
+            None if args.no_lpips else load_lpips(args.lpips_weights, device, batch, lpips_read)
+        )
     columns = list(metrics.OFFICIAL_COLUMNS)
     if not args.ntire:
         columns += list(metrics.EXTRA_COLUMNS) + ([metrics.LR_INPUT_COLUMN] if args.lr else [])
@@ -660,7 +700,7 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     # a stop after the report's first file (a full disk, Ctrl-C, a bad image) leaves none of it;
     # an earlier report waits in DIR.old (`set_aside`) until this run's page is written
     moved = {}
-    with said_unfinished(summary.fields, moved), report.removed_if_unfinished(report_dir):
+    with said_unfinished(summary.fields, moved, oom), report.removed_if_unfinished(report_dir):
         set_aside([Path(p) for p in (args.out, args.csv) if p and p != STDOUT], moved, report_dir)
         rows, sheets = score(hr, methods, lr_files, sigma_files, columns, opts, report_dir,
                              to_files, to_stderr, args.quiet, scored,

@@ -11,6 +11,7 @@ import signal
 import imageio.v3 as iio
 import numpy as np
 import pytest
+import test_eval_cli
 import torch
 from conftest import TINY
 
@@ -23,6 +24,7 @@ from sr_lib.errors import exit_on_error
 from sr_lib.models import build_model
 
 SCALE, N = 4, 2
+lpips_file = test_eval_cli.lpips_file  # the fixture: a random-weight LPIPS state_dict
 
 
 def make_set(root, count=2, size=32):
@@ -58,39 +60,83 @@ def out_of_memory_at(monkeypatch, image: int, error: BaseException | None):
     monkeypatch.setattr(sr_lib.metrics, "evaluate_image", evaluate)
 
 
+CUDA_OOM = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+CPU_OOM = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB")
+
+
 @pytest.mark.parametrize(
-    "error", [MemoryError(), RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")]
-)
-def test_out_of_memory_names_sr_evals_own_flags_and_the_scores_kept(
-    tmp_path, capsys, monkeypatch, error
+    "flags, error, advice",
+    [
+        (["--no-lpips"], MemoryError(), "out of memory: one image's ground truth and samples, "
+         "decoded, do not fit; free memory, or run on a machine with more"),
+        (["--no-lpips"], CUDA_OOM, "out of memory: one image's ground truth and samples, "
+         "decoded, do not fit; free memory, or run on a machine with more"),
+        (["--no-lpips", "--sr", "b=SR"], MemoryError(), "out of memory; use fewer --sr folders "
+         "per run"),
+        ([], MemoryError(), "out of memory; use --no-lpips"),
+        (["--lpips-batch", 3], CPU_OOM, "out of memory; use a smaller --lpips-batch (this "
+         "run's: 3) or --no-lpips"),
+    ],
+)  # fmt: skip
+def test_out_of_memory_names_what_helps_this_run_and_the_scores_kept(
+    tmp_path, capsys, monkeypatch, lpips_file, flags, error, advice
 ):
     """The line said "use a smaller --batch or --tile", flags of sr_sample.py that sr_eval.py
-    has not, and not that the scores of the images done were kept. Now exit 4, one line naming
-    --lpips-batch, --device cpu and --no-lpips and where the scores so far are, which a rerun
-    continues from."""
+    has not, and not that the scores of the images done were kept; then, on every run, "a
+    smaller --lpips-batch (...), --device cpu, or --no-lpips": on a CPU the --lpips-batch was 1
+    already and --device cpu what ran, and with --no-lpips none of the three helps. Now exit 4,
+    one line naming what lowers this run's memory (`out_of_memory_line`) and where the scores
+    so far are, which a rerun continues from."""
     hr_dir, sr_dir = make_set(tmp_path)
     out = tmp_path / "res" / "r.json"
-    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", SCALE, "--n", N, "--no-lpips", "--out",
-            out, "--json", "--quiet"]  # fmt: skip
-    argv = [str(a) for a in argv]
-    out_of_memory_at(monkeypatch, 1, error)
+    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", SCALE, "--n", N, "--out", out, "--json",
+            "--quiet", *flags]  # fmt: skip
+    if "--no-lpips" not in flags:
+        argv += ["--lpips-weights", lpips_file, "--device", "cpu"]
+    argv = [str(a).replace("=SR", f"={sr_dir}") for a in argv]
+    out_of_memory_at(monkeypatch, 1 if "b=SR" not in flags else 2, error)
     with pytest.raises(SystemExit) as e:
         sr_eval.main(argv)
     got = capsys.readouterr()
     said = (
-        f"{sr_eval.OUT_OF_MEMORY}; the scores of 1 of 2 images are kept in {out}.partial: fix "
-        "that and rerun the same command to continue"
+        f"{advice}; the scores of 1 of 2 images are kept in {out}.partial: fix that and rerun "
+        "the same command to continue"
     )
     assert e.value.code == 4
     assert got.err.splitlines() == [f"sr_eval.py: error: {said}"]
-    assert "--lpips-batch" in said and "--device cpu" in said and "--no-lpips" in said
-    assert "--batch " not in said and "--tile" not in said
     line = json.loads(got.out.splitlines()[-1])
     assert (line["exit_code"], line["error"], line["scored"], line["kept"]) == (4, said, 1, 1)
     monkeypatch.undo()  # the rerun continues from the image kept
     assert sr_eval.main(argv) == 0
     assert "continuing" not in capsys.readouterr().err  # (--quiet)
     assert json.loads(out.read_text())["settings"]
+
+
+@pytest.mark.parametrize(
+    "device, batch, lpips, methods, error, advice",
+    [
+        ("cuda", 4, True, 1, CUDA_OOM, "a smaller --lpips-batch (this run's: 4), --device cpu "
+         "or --no-lpips"),
+        ("cuda:1", 1, True, 2, CUDA_OOM, "--device cpu or --no-lpips"),
+        ("cuda", 4, True, 2, MemoryError(), "fewer --sr folders per run"),
+        ("cuda", 4, True, 1, CPU_OOM, None),
+        ("cpu", 1, True, 1, MemoryError(), "--no-lpips"),
+        ("cpu", 2, True, 3, MemoryError(), "a smaller --lpips-batch (this run's: 2), --no-lpips "
+         "or fewer --sr folders per run"),
+        ("cpu", 1, False, 1, MemoryError(), None),
+    ],
+)  # fmt: skip
+def test_the_out_of_memory_line_of_each_device_and_batch(
+    device, batch, lpips, methods, error, advice
+):
+    """On CUDA, LPIPS alone holds the device's memory: a smaller --lpips-batch where it is over
+    1, --device cpu and --no-lpips lower it; the host's memory holds each image's decoded files
+    (every --sr folder's samples together), and LPIPS's where it runs on the CPU."""
+    line = sr_eval.out_of_memory_line(error, torch.device(device), batch, lpips, methods)
+    if advice is None:
+        assert line == sr_eval.OUT_OF_MEMORY_IMAGES
+    else:
+        assert line == f"out of memory; use {advice}"
 
 
 @pytest.mark.parametrize(
