@@ -8,9 +8,10 @@
 and DIR:N or NAME=DIR:N (this folder's samples per image, instead of --n: a deterministic
 baseline at N = 1 next to N = 10 methods). A temperature sweep of sr_sample.py (subfolders T0,
 T0.5, T1, ...) gives one method per temperature, named NAME@T0.5; each carries its temperature
-in the table, the JSON and the CSV (a single folder: the temperature of its manifest.json;
-none for a deterministic model, which ignores it, nor where sr_sample.py's --latent,
---latent-from or --latent-shift set the latents, which no temperature drew).
+in the table (a T column, where some row's is known), the JSON, the CSV and the report (a
+single folder: the temperature of its manifest.json; none for a deterministic model, which
+ignores it, nor where sr_sample.py's --latent, --latent-from or --latent-shift set the
+latents, which no temperature drew).
 
 Columns: LPIPS_mean, LRPSNR_worst, LRPSNR_mean, score are always the official ones
 (sr_lib/metrics.py; in both modes the GT is cropped top-left to a multiple of 8 for them, 24 at
@@ -1207,12 +1208,21 @@ def table_widths(cells: dict[str, list[str]], headers: list[str]) -> list[int]:
 def comparison_tables(means: dict, columns: list[str], title: str, methods, width: int,
                       encoding: str = "utf-8"):  # fmt: skip
     """The table as one or more rich Tables, each at most `width` columns wide: the metric
-    columns are split into stacked tables, each starting with the method (and N) columns, so
-    that no name or number is ever cut. Names as `encoding` (stdout's) can hold them: an
-    escape written later would shift the borders after it."""
+    columns are split into stacked tables, each starting with the method (N, T) columns, so
+    that no name or number is ever cut. N is shown where the rows' differ (else the title says
+    it), T where some row's temperature is known ('-' where not; the report's page: always).
+    Names as `encoding` (stdout's) can hold them: an escape written later would shift the
+    borders after it."""
     ns = {m.name: m.n for m in methods}
-    keys = ["method"] + (["N"] if len(set(ns.values())) > 1 else [])
-    cells = {m: [printable(m, encoding)] + ([str(ns[m])] if len(keys) > 1 else []) for m in means}
+    ts = {m.name: "-" if m.temperature is None else f"{m.temperature:g}" for m in methods}
+    shown = {"N": len(set(ns.values())) > 1, "T": any(m.temperature is not None for m in methods)}
+    keys = ["method"] + [k for k, on in shown.items() if on]
+    cells = {
+        m: [printable(m, encoding)]
+        + ([str(ns[m])] if shown["N"] else [])
+        + ([ts[m]] if shown["T"] else [])
+        for m in means
+    }
     cells = {m: cs + [report.fmt(means[m][c], c) for c in columns] for m, cs in cells.items()}
     widths = table_widths(cells, keys + columns)
     fixed = 1 + sum(widths[: len(keys)])

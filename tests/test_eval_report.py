@@ -294,6 +294,36 @@ def test_the_table_meets_a_closed_pipe_as_an_error_not_an_exit():
         sr_eval.print_table(means, ["LPIPS_mean", "score"], "x4", methods, console)
 
 
+def test_the_table_shows_each_rows_temperature_where_one_is_known():
+    """The docstring said each method carries its temperature in the table; the console table
+    had no temperature column (only a sweep's NAME@T names showed one; a single folder's, from
+    its manifest.json, was in no row). A T column now follows the method (and N) where some
+    row's temperature is known, as on the report's page: '-' where none is; none at all where
+    no row has one."""
+    columns = ["LPIPS_mean", "score"]
+    methods = [
+        sr_eval.Method("flow", Path("."), 10, 0.9),
+        sr_eval.Method("bicubic", Path("."), 1, None),
+    ]
+    means = {
+        "flow": {"LPIPS_mean": 0.25, "score": 20.5},
+        "bicubic": {"LPIPS_mean": 0.4, "score": 0.0},
+    }
+    console = Console(width=100, file=io.StringIO(), color_system=None)
+    sr_eval.print_table(means, columns, "x4, N per method, 2 images", methods, console)
+    lines = console.file.getvalue().replace("┃", "│").splitlines()
+    rows = [line.split("│")[1:-1] for line in lines if "│" in line]
+    assert [[c.strip() for c in r] for r in rows] == [
+        ["method", "N", "T", "LPIPS_mean", "score"],
+        ["flow", "10", "0.9", "0.2500", "20.50"],
+        ["bicubic", "1", "-", "0.4000", "0.00"],
+    ]
+    console = Console(width=100, file=io.StringIO(), color_system=None)
+    methods[0].temperature = None
+    sr_eval.print_table(means, columns, "x4, N per method, 2 images", methods, console)
+    assert " T " not in console.file.getvalue() and "0.9" not in console.file.getvalue()
+
+
 @pytest.mark.parametrize("width", [80, 160])
 def test_table_is_readable_at_80_and_160_columns(width):
     """Every method name and every number appears whole on its row; no line is wider than
