@@ -66,9 +66,10 @@ Sampling controls (a model without the control stops with a one-line usage error
                           of every image, and DIR as --out (its samples would be replaced). A
                           flow's made_by is checked per file (another checkpoint: one warning
                           line for the folder). manifest.json: n = the highest number + 1, and
-                          the joint sha256 of every input's files (of every --shard; input
-                          order, then by number): each file is read before the run and again
-                          when decoded
+                          the joint digest of every input's files (of every --shard; input
+                          order, then by number; a .npz's: its zip directory's CRC-32s, so a
+                          shard reads only its own files whole): each of those is read
+                          before the run and again when decoded
   --latent-shift FILE --latent-steps -2,-1,0,1,2
                           refvae, varsr, flows: walk z_k = z_0 + k·direction (one output per
                           step); z_0 = --latent, or the model's temperature-0 latent of the
@@ -129,6 +130,7 @@ import signal
 import stat
 import sys
 import time
+import zipfile
 from argparse import ArgumentTypeError
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1414,26 +1416,27 @@ class LatentDir:
         )
 
     def check(self, model, paths: list[Path], mine: set[Path], own: dict) -> list[str]:
-        """Before any work: the sha256 of every file of every input (of every --shard: the
-        folder's manifest.json records their joint digest, in the input order, then by sample
-        number), and this shard's files read as the model reads them: one sample each, of one
-        shape per input, the flows' made_by checked (another model refused); returns the
-        digests in that order and says each other checkpoint's files in one warning line."""
+        """Before any work: the `latent_fingerprint` of every file of every input (of every
+        --shard, read cheaply: the folder's manifest.json records their joint digest, in the
+        input order, then by sample number), and this shard's files (`mine`) read as the model
+        reads them (the sha256 of their contents kept for `load`): one sample each, of one shape
+        per input, the flows' made_by checked (another model refused); returns the fingerprints
+        in that order and says each other checkpoint's files in one warning line."""
         digests, warned, count = [], {}, 0
         for path in paths:
             shapes = None
             for file in self.files[path.stem].values():  # (by sample number)
+                digest = None
                 if path in mine:
                     z, digest, lines = held(model.read_latent)(str(file), "--latent", own)
+                    self.digests[file] = digest
                     shapes = self.one_sample(file, z, shapes)
                     count += 1
                     for line in lines:  # (per file; said once per checkpoint, with a count)
                         said = line.removeprefix(f"--latent {file}: ")
                         warned[said] = warned.get(said, 0) + 1
-                else:
-                    digest = held(file_sha256)(file)
-                self.digests[file] = digest
-                digests.append(digest)
+                # (after the read: a file changed since is refused by `load`, which reads again)
+                digests.append(held(latent_fingerprint)(file, digest))
         for line, k in warned.items():
             say_err(f"{PROG}: warning: --latent {self.folder}: {k} of {count} files {line}")
         return digests
@@ -1492,6 +1495,24 @@ def ntire_stems(folder: Path) -> dict:
     if not isinstance(index, dict):
         return {}
     return {k: v for k, v in index.items() if re.fullmatch(r"\d{6}", k) and isinstance(v, str)}
+
+
+def latent_fingerprint(path: Path, digest: str | None = None) -> str:
+    """What manifest.json records of a --latent DIR file, the same for every --shard: of a
+    .npz (a flow's fields, ~33 MB a sample of a DIV2K x4 image), the sha256 of its zip
+    directory, each member's name, size and CRC-32 (zip's checksum of its contents, which
+    reading the member checks), read from the archive's end without the contents, so that a
+    shard reads only its own inputs' files whole; of a .npy (a (D,) latent, small) or a .npz
+    without a readable directory (refused by the shard that decodes it), the sha256 of the
+    contents (`digest`: that of the contents read already, where read)."""
+    if path.name.endswith(".npz"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                members = [(m.filename, m.file_size, m.CRC) for m in archive.infolist()]
+            return hashlib.sha256(json.dumps(members).encode()).hexdigest()
+        except (OSError, zipfile.BadZipFile, ValueError):
+            pass
+    return digest or file_sha256(path)
 
 
 def file_sha256(path: Path) -> str:

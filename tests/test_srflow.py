@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import re
+from pathlib import Path
 from unittest import mock
 
 import imageio.v3 as iio
@@ -19,6 +20,7 @@ from test_refvae import run  # sr_sample.main's exit code
 from torch.autograd.functional import jacobian
 
 import sr_lib.models
+import sr_lib.models.srflow
 import sr_sample
 import sr_train
 from sr_lib.checkpoint import save_checkpoint
@@ -880,6 +882,63 @@ def test_latent_dir_decodes_a_flow_run_again(tmp_path, flow_ckpts, capsys):
         "--latent folder's files of a are the latents of the input a as it was sampled: give "
         "that input (with --from-hr if it was made so)"
     ]
+
+
+def test_latent_dir_shards_read_the_contents_of_their_own_files_only(
+    tmp_path, flow_ckpts, capsys, monkeypatch
+):
+    """--latent DIR with --shard K/N: every shard read and hashed the files of every input (a
+    DIV2K x4 flow latent is ~33 MB a sample: N times the folder's reading) so that the shards'
+    manifest.json agreed. A .npz's digest there is now that of its zip directory (each member's
+    name, size and CRC-32 of its contents, `latent_fingerprint`): a shard reads the contents of
+    its own inputs' files alone. The shards still write one manifest.json; a rerun skips what
+    is complete, and one with another shard's file changed (same name and size, other
+    contents) is refused."""
+    inp = tmp_path / "in"
+    for k, stem in enumerate("abcd"):
+        lr_image(inp / f"{stem}.png", 8, 8, seed=k)
+    base = ["--ckpt", flow_ckpts["srflow"], "--input", inp]
+    s, e = tmp_path / "s", tmp_path / "e"
+    assert run(*base, "--n", 2, "--temperature", 0.8, "--save-latent", "--out", s) == 0
+    read, hashed = [], []
+    flow, real_hash = sr_lib.models.srflow.SRFlow, sr_sample.file_sha256
+    real_read = flow.read_latent
+
+    def spy_read(self, path, *args):
+        read.append(Path(path).name)
+        return real_read(self, path, *args)
+
+    monkeypatch.setattr(flow, "read_latent", spy_read)
+    monkeypatch.setattr(sr_sample, "file_sha256", lambda f: hashed.append(f.name) or real_hash(f))
+    mine = {"0/2": "ac", "1/2": "bd"}  # (the inputs in order, every other one)
+    for shard, stems in mine.items():
+        read.clear(), hashed.clear()
+        assert run(*base, "--latent", s, "--shard", shard, "--out", e) == 0
+        own = [f"{stem}_sample{i:05d}.latent.npz" for stem in stems for i in range(2)]
+        assert (sorted(read), hashed) == (sorted(own * 2), [])  # checked, then decoded
+    saved = {p.name: iio.imread(p) for p in s.glob("*.png")}
+    got = {p.name: iio.imread(p) for p in e.glob("*.png")}
+    assert sorted(got) == sorted(saved) and all((x == saved[f]).all() for f, x in got.items())
+    capsys.readouterr()
+    assert run(*base, "--latent", s, "--shard", "0/2", "--out", e) == 0
+    assert "0 images sampled, 2 already complete" in capsys.readouterr().out
+    (s / "b_sample00000.latent.npz").write_bytes((s / "c_sample00001.latent.npz").read_bytes())
+    for shard in mine:
+        assert run(*base, "--latent", s, "--shard", shard, "--out", e) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1:] == [
+            f"sr_sample.py: error: {e} holds samples made with other contents of --latent {s}; "
+            "use another --out, or --overwrite to redo them"
+        ]
+    # contents other than its directory's CRC-32s say (a bit flipped): refused where read whole
+    bad = s / "a_sample00001.latent.npz"
+    flipped = bytearray(bad.read_bytes())
+    flipped[len(flipped) // 3] ^= 1
+    bad.write_bytes(bytes(flipped))
+    assert run(*base, "--latent", s, "--shard", "0/2", "--out", tmp_path / "f") == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"sr_sample.py: error: --latent {bad}: not a readable .npz archive (Bad CRC-32 for file"
+    ), err
 
 
 def test_a_flow_latent_fits_one_lr_size(tmp_path, flow_ckpts, capsys):
