@@ -5,9 +5,11 @@ code of `threading` that `concurrent.futures` uses. Ctrl-C there once hung `sr_t
 (a pool's lock left held, its threads blocked, the exit joining them) or printed a traceback
 ("release unlocked lock"). These tests raise the signal at every line the main thread runs in
 `threading` and `concurrent.futures` during each pool use of the scripts, one run per line, each
-time in a fresh child process that must end with the script's one-line exit.
+time in a child process (one for all the cases: the interpreter starts once) that must end with
+the script's one-line exit.
 
-Run as `python -m tests.test_threads OP SIGNAL` (from the repository root) to sweep one case.
+Run as `python -m tests.test_threads OP SIGNAL FOLDER` (from the repository root) to sweep one
+case, its files in FOLDER; more OP SIGNAL pairs before FOLDER sweep those too, in turn.
 """
 
 import contextlib
@@ -40,7 +42,10 @@ def _ops(tmp: Path) -> dict:
         files.append(tmp / f"photo ({i}).png")
         iio.imwrite(files[-1], rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
     resize._threads = lambda: 2  # two threads on any machine
-    big = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)  # resized in 2 or more blocks
+    # Resized in 4 row blocks, then 2 column blocks, as a 512 x 512 image is at the usual block
+    # size (1 << 17): the same pool uses and the same lines of its lock code, 16x fewer pixels.
+    resize._BLOCK = 1 << 13
+    big = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
 
     def write_samples():
         with sr_sample.SampleWriter(2) as writer:
@@ -116,29 +121,40 @@ def _sweep(op: str, signum: int, tmp: Path) -> dict:
     return report
 
 
-@pytest.mark.parametrize(
-    "op, signum",
-    [
-        ("thread_map", "SIGINT"),
-        ("read_ahead", "SIGINT"),
-        ("imresize", "SIGINT"),
-        ("sample_writer", "SIGINT"),
-        ("sample_writer", "SIGTERM"),
-    ],
-)
-def test_a_signal_at_any_line_of_the_lock_code_gives_the_one_line_exit(op, signum, tmp_path):
+CASES = [
+    ("thread_map", "SIGINT"),
+    ("read_ahead", "SIGINT"),
+    ("imresize", "SIGINT"),
+    ("sample_writer", "SIGINT"),
+    ("sample_writer", "SIGTERM"),
+]
+
+
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory) -> dict:
+    """The sweeps of all CASES, in turn in one child process (each its own folder of files):
+    {"OP SIGNAL": report}, or the failed process."""
+    tmp = tmp_path_factory.mktemp("sweeps")
+    temp = tmp / "TMPDIR"
+    temp.mkdir()
+    p = subprocess.run([sys.executable, "-m", "tests.test_threads",
+                        *(x for case in CASES for x in case), tmp],
+                       cwd=REPO, env={**os.environ, "TMPDIR": str(temp)}, capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    return {"process": p, "temp": list(temp.iterdir())}
+
+
+@pytest.mark.xdist_group("test_threads_sweeps")  # the module's one child process, on one worker
+@pytest.mark.parametrize("op, signum", CASES)
+def test_a_signal_at_any_line_of_the_lock_code_gives_the_one_line_exit(op, signum, sweeps):
     """Every run interrupted ends as the script would (exit 130 on Ctrl-C; sr_sample's
     Preempted on SIGTERM, then exit 75), every other run returns, and no pool thread is left
-    blocked. A hang shows as a timeout. Its files are in tmp_path, none left in the system's
-    temporary folder (a folder of images there per run, before)."""
-    temp = tmp_path / "TMPDIR"
-    temp.mkdir()
-    p = subprocess.run([sys.executable, "-m", "tests.test_threads", op, signum, tmp_path],
-                       cwd=REPO, env={**os.environ, "TMPDIR": str(temp)}, capture_output=True,
-                       text=True, timeout=120)  # fmt: skip
+    blocked. A hang shows as a timeout. Its files are in a folder of the test's, none left in
+    the system's temporary folder (a folder of images there per run, before)."""
+    p = sweeps["process"]
     assert p.returncode == 0, p.stderr[-3000:]
-    assert not list(temp.iterdir())
-    report = json.loads(p.stdout.splitlines()[-1])
+    assert not sweeps["temp"]
+    report = json.loads(p.stdout.splitlines()[-1])[f"{op} {signum}"]
     assert report["fired"] > 100, report  # the sweep reached the pool's lock code
     assert not report["bad"], report["bad"][:10]
 
@@ -217,4 +233,10 @@ def test_sr_train_main_called_from_python_puts_the_handlers_back(tmp_path):
 
 
 if __name__ == "__main__":
-    print(json.dumps(_sweep(sys.argv[1], signal.Signals[sys.argv[2]], Path(sys.argv[3]))))
+    *pairs, folder = sys.argv[1:]
+    reports = {}
+    for op, name in zip(pairs[::2], pairs[1::2]):
+        tmp = Path(folder) / f"{op} {name}"
+        tmp.mkdir()
+        reports[f"{op} {name}"] = _sweep(op, signal.Signals[name], tmp)
+    print(json.dumps(reports))
