@@ -1,6 +1,7 @@
 """Shared test fixtures: fixed seeds, tiny model configs, a tiny LR/HR batch."""
 
 import builtins
+import json
 import multiprocessing.util
 import os
 import shutil
@@ -66,6 +67,32 @@ def opens_of(path, *statements: str) -> tuple[int, subprocess.CompletedProcess]:
     last = done.stderr.splitlines()[-1:]
     assert last and last[0].startswith("opens "), done.stderr[-2000:]
     return int(last[0].split()[1]), done
+
+
+def opens_per_run(prefixes, script: str, argvs: dict) -> tuple[dict, subprocess.CompletedProcess]:
+    """Runs `script`.main(argv) for each argv of `argvs` in turn, in one Python of their own
+    (the interpreter and torch start once), from the repository, counting each run's opens of
+    the files whose path starts with one of `prefixes` with the interpreter's audit hook (as
+    `opens_of`): ({key: [main's return, {path: opens}]}, the finished process)."""
+    code = f"""import collections, json, sys
+import {script}
+opens = collections.Counter()
+
+def hook(event, args):
+    if event == "open" and str(args[0]).startswith({tuple(map(str, prefixes))!r}):
+        opens[str(args[0])] += 1
+
+sys.addaudithook(hook)
+out = {{}}
+for key, argv in {argvs!r}.items():
+    opens.clear()
+    out[key] = [{script}.main(argv), dict(opens)]
+print(json.dumps(out))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.splitlines()[-1]), done
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -3,8 +3,6 @@
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 from unittest import mock
 
@@ -13,7 +11,7 @@ import numpy as np
 import png
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, opens_per_run
 
 import sr_sample
 import sr_train
@@ -860,22 +858,7 @@ def test_each_control_file_is_read_once(tmp_path, ckpts):
     argv = {flag: [str(a) for a in ["--ckpt", ckpts[name], "--input", inp, flag, control,
                                     "--save-latent", "--out", tmp_path / flag]]
             for flag, (name, control) in runs.items()}  # fmt: skip
-    code = "\n".join([
-        "import collections, json, sys",
-        "import sr_sample",
-        "opens = collections.Counter()",
-        "sys.addaudithook(lambda e, a: e == 'open' and str(a[0]).startswith("
-        f"({str(refs)!r}, {str(z_file)!r})) and opens.update([str(a[0])]))",
-        "out = {}",
-        f"for flag, argv in {argv!r}.items():",
-        "    opens.clear()",
-        "    out[flag] = [sr_sample.main(argv), dict(opens)]",
-        "print(json.dumps(out))",
-    ])  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    got = json.loads(done.stdout.splitlines()[-1])
+    got, _ = opens_per_run((refs, z_file), "sr_sample", argv)
     sha256 = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
     for flag, (_, control) in runs.items():
         files = sorted(control.iterdir()) if control.is_dir() else [control]
