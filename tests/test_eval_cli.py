@@ -71,6 +71,21 @@ def make_set(root, layout="index", n=N, sizes=((48, 64), (53, 70)), names=("0801
     return hr_dir, lr_dir, sr_dir
 
 
+def long_set(root, n: int, count: int):
+    """make_set of `count` 256 x 256 images named 0000, 0001, ...: the first made, the others
+    its copies. A run long enough to be signalled while it scores; what the images hold does
+    not matter there, and making each cost more than the script's scoring of it."""
+    hr_dir, lr_dir, sr_dir = make_set(root, n=n, sizes=((256, 256),), names=("0000",))
+    for k in range(1, count):
+        shutil.copyfile(hr_dir / "0000.png", hr_dir / f"{k:04d}.png")
+        shutil.copyfile(lr_dir / f"0000x{SCALE}.png", lr_dir / f"{k:04d}x{SCALE}.png")
+        for i in range(n):
+            shutil.copyfile(
+                sr_dir / f"000000_sample{i:05d}.png", sr_dir / f"{k:06d}_sample{i:05d}.png"
+            )
+    return hr_dir, lr_dir, sr_dir
+
+
 def sample_files(sr_dir, k, stem, n):
     for pat in (f"{k:06d}_sample{{i:05d}}", f"{stem}_sample{{i:05d}}"):
         files = [sr_dir / (pat.format(i=i) + ".png") for i in range(n)]
@@ -791,9 +806,7 @@ def test_full_disk_while_the_scores_so_far_are_written_counts_those_kept(
 
 def test_ctrl_c_is_one_line_exit_130_and_no_output(tmp_path):
     """Issue 20 item 8: a real SIGINT to a running sr_eval (read-ahead threads busy)."""
-    sizes = tuple((256, 256) for _ in range(40))
-    names = tuple(f"{k:04d}" for k in range(40))
-    hr_dir, _, sr_dir = make_set(tmp_path, n=3, sizes=sizes, names=names)
+    hr_dir, _, sr_dir = long_set(tmp_path, n=3, count=40)
     out = tmp_path / "res"
     out.mkdir()
     cmd = eval_cmd("--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 3, "--no-lpips",
@@ -1056,8 +1069,7 @@ def test_an_edited_partial_file_is_scored_again_not_a_traceback(
 def test_started_in_the_background_ctrl_c_is_not_for_it(tmp_path, popen_in_background):
     """A shell starts `sr_eval.py ... &` in a script with SIGINT ignored (Ctrl-C in its terminal is
     for the job in the foreground): the run keeps it so, and completes."""
-    names = tuple(f"{k:04d}" for k in range(20))
-    hr_dir, _, sr_dir = make_set(tmp_path, n=3, sizes=((256, 256),) * 20, names=names)
+    hr_dir, _, sr_dir = long_set(tmp_path, n=3, count=20)
     out = tmp_path / "res"
     cmd = eval_cmd("--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 3, "--no-lpips",
                    "--out", out / "r.json")  # fmt: skip
