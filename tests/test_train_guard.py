@@ -27,9 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def flaky(base):
-    """`base` whose loss is NaN at the steps listed in --nan-steps; with --nan-once only the first
-    time each of those steps runs (a rollback then gets past them); with --nan-rank R only on
-    process R of several; with --nan-critic the discriminator's loss instead."""
+    """`base` whose loss is NaN at the steps listed in --nan-steps, its gradient too; a step
+    written N:loss has a NaN loss with a finite gradient (only the loss's check sees it), N:grad a
+    finite loss with a NaN gradient (only the gradient norm's check sees it). With --nan-once only
+    the first time each of those steps runs (a rollback then gets past them); with --nan-rank R
+    only on process R of several; with --nan-critic the discriminator's loss instead."""
 
     @dataclass
     class FlakyConfig(base.Config):
@@ -50,13 +52,20 @@ def flaky(base):
             self.step = step
 
         def spoil(self, out, critic):
-            bad = {int(s) for s in self.cfg.nan_steps.split(",") if s}
+            bad = dict((s + ":both").split(":")[:2] for s in self.cfg.nan_steps.split(",") if s)
+            bad = {int(s): how for s, how in bad.items()}
             rank = int(os.environ.get("RANK", 0))
             if self.cfg.nan_rank not in (-1, rank) or critic != self.cfg.nan_critic:
-                bad = set()
+                bad = {}
             if self.step in bad and not (self.cfg.nan_once and self.step in self.seen):
                 self.seen.add(self.step)
-                out["loss"] = out["loss"] * float("nan")
+                loss, how = out["loss"], bad[self.step]
+                if how == "loss":  # its gradient: that of `loss`
+                    out["loss"] = loss + float("nan")
+                elif how == "grad":  # + sqrt(0) = 0, whose derivative, inf, times 0 is NaN
+                    out["loss"] = loss + (loss * 0).sqrt()
+                else:
+                    out["loss"] = loss * float("nan")
             return out
 
         def forward(self, lr, hr):
@@ -459,9 +468,11 @@ def test_rollback_through_cli(tmp_path, images):
 
 @ONE_WORKER
 def test_a_nan_on_one_rank_rolls_back_every_rank(tmp_path, images):
-    """Two processes (gloo): rank 1 alone sees NaN at steps 4 and 5. Both skip those steps (the
-    flag is agreed on the device), both roll back to last.pt and stay identical; only rank 0
-    writes the log, the TensorBoard events and the checkpoints."""
+    """Two processes (gloo): rank 1 alone sees NaN at steps 4 and 5. Both skip those steps, both
+    roll back to last.pt and stay identical; only rank 0 writes the log, the TensorBoard events
+    and the checkpoints. Step 4's NaN is in rank 1's loss alone (its gradient, averaged with rank
+    0's, is finite): rank 0 skips it only through the flag agreed on the device. Step 5's is in
+    the gradient alone (a finite loss): only the gradient norm's check sees it."""
     script = tmp_path / "train_flaky.py"
     script.write_text(
         f"import sys; sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]\n"
@@ -474,8 +485,8 @@ def test_a_nan_on_one_rank_rolls_back_every_rank(tmp_path, images):
     cmd = [sys.executable, str(script), *EDSR_TINY, "--data", str(images),
            "--scale", "2", "--patch", "8", "--batch", "2", "--workers", "0", "--val-every", "0",
            "--log-every", "1", "--save-every", "3", "--steps", "8", "--device", "cpu",
-           "--max-bad-steps", "2", "--on-nan", "rollback", "--nan-steps", "4,5", "--nan-once",
-           "--nan-rank", "1", "--sync-check-every", "1", "--tensorboard",
+           "--max-bad-steps", "2", "--on-nan", "rollback", "--nan-steps", "4:loss,5:grad",
+           "--nan-once", "--nan-rank", "1", "--sync-check-every", "1", "--tensorboard",
            "--out", str(out)]  # fmt: skip
     codes, outs = two_ranks(cmd, timeout=300)
     assert codes == [0, 0], [err[-3000:] for _, err in outs]
