@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import imageio.v3 as iio
 import numpy as np
@@ -123,20 +124,51 @@ def test_two_processes_stay_identical_and_resume_in_one(tmp_path, images, model,
     assert "was trained by 2 process(es), this run has 1" in capsys.readouterr().out
 
 
-def test_a_run_resumed_by_more_processes_gives_each_rank_its_own_noise(tmp_path, images):
+@pytest.fixture(scope="module")
+def val_run(tmp_path_factory, images):
+    """One run of the tiny edsr with the weight average (--ema) for the three tests that read it
+    (a 2-rank run costs two interpreter starts): step 1 in this process, then steps to 2 resumed
+    by 2 srun ranks, the first validation. These are given two flags that have no effect, and
+    rank 1 reads its own copy of the images (a node's scratch) whose im0.png has an alpha
+    channel: the same pixels, read as RGB, so the training is that of one copy. Returns the run
+    folder, the ranks' flags (without --steps), their exit codes and stderr texts, and last.pt
+    and best.pt after step 2."""
+    tmp = tmp_path_factory.mktemp("val_run")
+    scratch = tmp / "scratch"
+    scratch.mkdir()
+    for f in sorted(images.iterdir()):
+        (scratch / f.name).write_bytes(f.read_bytes())
+    rgb = iio.imread(images / "im0.png")
+    iio.imwrite(scratch / "im0.png", np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]))
+    val = tmp / "val"  # held out: no warning that it is training data
+    val.mkdir()
+    iio.imwrite(val / "v0.png", np.kron(np.random.default_rng(1).integers(0, 256, (12, 12, 3)),
+                                        np.ones((8, 8, 1))).astype(np.uint8))  # fmt: skip
+    out = tmp / "run"
+    model = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--ema", "0.5",
+             "--val-data", str(val), "--val-crop", "32",
+             "--le-sigma-feats", "4", "--d-learning-rate", "1e-4"]  # fmt: skip
+    one = train_cmd(out, images, *model, "--steps", "1", "--val-every", "0", nproc=0)[2:]
+    assert sr_train.main(one) == 0
+    argvs = [train_cmd(out, data, *model, "--val-every", "1", "--resume", "auto", nproc=0)
+             for data in (images, scratch)]  # fmt: skip
+    codes, outs = ended(srun_ranks([a + ["--steps", "2"] for a in argvs]), timeout=120)
+    last, best = (load_checkpoint(out / f) if (out / f).exists() else None
+                  for f in ("last.pt", "best.pt"))  # fmt: skip
+    return SimpleNamespace(out=out, argvs=argvs, codes=codes, errs=[e for _, e in outs],
+                           last=last, best=best)  # fmt: skip
+
+
+def test_a_run_resumed_by_more_processes_gives_each_rank_its_own_noise(val_run):
     """A one-process run resumed under 2 ranks: the checkpoint holds one rank's RNG states, and
     rank 1 took rank 0's, so it drew rank 0's model-internal noise (a flow's dequantisation, a
     VAE's latents) at every step: the same draws twice in the averaged batch. It draws its own;
     the weight average (rank 0's) goes on."""
-    out = tmp_path / "run"
-    model = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--ema", "0.5"]
-    assert sr_train.main(train_cmd(out, images, *model, "--steps", "1", nproc=0)[2:]) == 0
-    codes, outs = two_ranks(train_cmd(out, images, *model, "--steps", "2", "--resume", "auto",
-                                      nproc=0))  # fmt: skip
-    assert codes == [0, 0], [err for _, err in outs]
-    ck = load_checkpoint(out / "last.pt")
-    assert ck["world_size"] == 2 and ck["ema_updates"] == 2
-    # (EDSR draws nothing from torch's generator in a step: its states are those set at resume)
+    assert val_run.codes == [0, 0], val_run.errs
+    ck = val_run.last
+    assert ck["step"] == 2 and ck["world_size"] == 2 and ck["ema_updates"] == 2
+    # (EDSR draws nothing from torch's generator in a step, nor its validation: its states are
+    # those set at resume)
     assert not torch.equal(ck["rng_ranks"][0]["torch"], ck["rng_ranks"][1]["torch"])
 
 
@@ -337,28 +369,19 @@ def test_a_node_whose_copy_of_the_images_differs_is_refused_before_training(
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
-def test_a_warning_of_every_rank_is_printed_once_one_of_a_node_by_its_rank(tmp_path, images):
+def test_a_warning_of_every_rank_is_printed_once_one_of_a_node_by_its_rank(val_run):
     """Every rank printed each warning: a flag with no effect 64 times in a 64-rank job's log.
     Rank 0 alone prints those; a warning about a node's own copy of the images (here rank 1's
     has an alpha channel) is printed by that rank, naming it."""
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    for f in sorted(images.iterdir()):
-        (scratch / f.name).write_bytes(f.read_bytes())
-    rgb = iio.imread(images / "im0.png")
-    iio.imwrite(scratch / "im0.png", np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]))
-    argvs = [train_cmd(tmp_path / "run", data, "--model", "edsr", "--n-feats", "8",
-                       "--n-blocks", "1", "--steps", "1", "--le-sigma-feats", "4",
-                       "--d-learning-rate", "1e-4", nproc=0)
-             for data in (images, scratch)]  # fmt: skip
-    codes, outs = ended(srun_ranks(argvs))
-    assert codes == [0, 0], [err for _, err in outs]
-    assert outs[0][1].splitlines() == [
+    errs = val_run.errs
+    assert val_run.codes == [0, 0], errs
+    assert errs[0].splitlines() == [
         "sr_train.py: warning: --le-sigma-feats: no effect without --loss le; ignored",
         "sr_train.py: warning: --d-learning-rate: no effect, this edsr model has no "
         "discriminator; ignored",
     ]
-    assert outs[1][1].splitlines() == [
+    scratch = Path(val_run.argvs[1][val_run.argvs[1].index("--data") + 1])
+    assert errs[1].splitlines() == [
         f"sr_train.py: warning: rank 1: {scratch / 'im0.png'}: alpha channel dropped (the image "
         "is read as RGB)"
     ]
@@ -536,30 +559,25 @@ def test_a_job_script_without_srun_is_one_line_not_a_wait_for_other_ranks(
     assert "SLURM_NTASKS is 4 but this process was not started by srun" in err
 
 
-def test_validation_best_pt_and_the_weight_average_under_two_processes(tmp_path, images):
+def test_validation_best_pt_and_the_weight_average_under_two_processes(val_run):
     """Rank 0 validates alone, yet every rank takes part in writing best.pt (their RNG states are
     gathered): the ranks agree on 'improved', else they wait for each other forever. The average
     (--ema) is kept by rank 0, saved, and continued exactly on resume."""
-    out = tmp_path / "run"
-    model = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--ema", "0.5",
-             "--val-data", str(images), "--val-crop", "32", "--val-n", "1"]  # fmt: skip
-    codes, outs = two_ranks(train_cmd(out, images, *model, "--steps", "1", "--val-every", "1",
-                                      nproc=0))  # fmt: skip
-    assert codes == [0, 0], [err for _, err in outs]
-    one, best = load_checkpoint(out / "last.pt"), load_checkpoint(out / "best.pt")
-    assert best["step"] == 1 and best["world_size"] == 2 and one["ema_updates"] == 1
+    out, one, best = val_run.out, val_run.last, val_run.best
+    assert val_run.codes == [0, 0], val_run.errs
+    assert best["step"] == 2 and best["world_size"] == 2 and one["ema_updates"] == 2
     assert not all(torch.equal(one["ema_state_dict"][k], v) for k, v in one["state_dict"].items())
-    argv = train_cmd(out, images, *model, "--steps", "2", "--val-every", "1", "--resume", "auto",
-                     nproc=0)  # fmt: skip
-    codes, outs = two_ranks(argv)
+    # resumed in the shared run's folder (the one test that writes to it)
+    argvs = [a + ["--steps", "3"] for a in val_run.argvs]
+    codes, outs = ended(srun_ranks(argvs), timeout=120)
     assert codes == [0, 0], [err for _, err in outs]
     two = load_checkpoint(out / "last.pt")
-    assert two["ema_updates"] == 2
+    assert two["ema_updates"] == 3
     for k, w in two["state_dict"].items():  # average <- average + 0.5 (weights - average)
         a = one["ema_state_dict"][k]
         assert torch.allclose(two["ema_state_dict"][k], a + 0.5 * (w - a), rtol=0, atol=1e-6), k
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "val_psnr" in r] == [1, 2]
+    assert [r["step"] for r in rows if "val_psnr" in r] == [2, 3]
 
 
 @pytest.mark.parametrize(
