@@ -647,6 +647,12 @@ def read_apart(tmp_path_factory) -> dict[str, tuple[str, str]]:
     return said
 
 
+# the tests of read_apart's one process on one pytest-xdist worker (pyproject: --dist loadgroup),
+# which makes it once: spread over two, each made it (an interpreter that imports torch, ~2 CPU-s)
+READ_APART_GROUP = pytest.mark.xdist_group("read_apart")
+
+
+@READ_APART_GROUP
 def test_interlaced_pngs_read_without_a_word_on_stderr(read_apart):
     """imagecodecs' libpng printed "PNG warning: Interlace handling should be turned on when
     using png_read_image" for every Adam7 PNG it decoded: from C, buffered until the process
@@ -654,6 +660,7 @@ def test_interlaced_pngs_read_without_a_word_on_stderr(read_apart):
     assert read_apart["adam7"] == ("True", "")
 
 
+@READ_APART_GROUP
 @pytest.mark.parametrize("name", ODD_CHUNKS)
 def test_a_png_whose_ancillary_chunks_libpng_faults_is_read_without_a_word(read_apart, name):
     """libpng checks gAMA, sRGB, bKGD, sBIT, tIME, pHYs... and prints "PNG warning: ..." on stderr

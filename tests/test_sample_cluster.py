@@ -148,6 +148,9 @@ def one_run(tmp_path_factory, flow_ckpt) -> tuple[Path, dict[str, bytes]]:
     return inp, files(folder / "one")
 
 
+# (one pytest-xdist worker for the four, pyproject: --dist loadgroup: each worker that ran one
+# made one_run's uninterrupted run again)
+@pytest.mark.xdist_group("one_run")
 @pytest.mark.parametrize("sig, code", [(signal.SIGKILL, -9), (signal.SIGINT, 130),
                                        (signal.SIGTERM, 75), (signal.SIGHUP, 75)])  # fmt: skip
 def test_killed_then_rerun_equals_one_run(tmp_path, flow_ckpt, one_run, sig, code, capsys):
