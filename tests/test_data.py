@@ -15,6 +15,7 @@ import time
 import warnings
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import numpy as np
@@ -496,32 +497,62 @@ def test_read_image_of_the_bytes_read_is_read_image_of_the_file(tmp_path, monkey
     assert outcome(read_image, gone / "rgb.png", path.read_bytes()) == expected
 
 
-def test_read_image_opens_each_file_once(tmp_path):
-    """read_image opened a file four times (TIFF tags, Pillow's header, the PNG bit depth, the
-    decoder): on a cluster's file system each open is a call to its metadata server, 20,000
-    images to evaluate, 40,000 samples. Opens counted by the interpreter's audit hook, in a
-    process of its own (a hook cannot be removed)."""
-    src = tmp_path / "in put"
+# Opens are counted by the interpreter's audit hook, in a process of its own (a hook cannot be
+# removed): one process for the two tests that count them (an interpreter that imports torch,
+# ~2 CPU-s), on one pytest-xdist worker (pyproject: --dist loadgroup).
+OPENS_GROUP = pytest.mark.xdist_group("opens")
+
+
+@pytest.fixture(scope="module")
+def opens_counted(tmp_path_factory) -> SimpleNamespace:
+    """What one process opened under each test's folder: `read`, read_image of a PNG (libpng),
+    a JPEG (Pillow), a 16-bit PNG (pypng) and a TIFF (libtiff) in "in put"; `start`, a second
+    PatchPairs start on hr/ with lr/ and the cache the first start (this process) made. With
+    the folders, and `lr_hw`, the LR sizes the second start took."""
+    root = tmp_path_factory.mktemp("opens")
+    src = root / "in put"
     src.mkdir()
     rgb = smooth_img(24, 32)
     Image.fromarray(rgb).save(src / "rgb.png")  # libpng
     Image.fromarray(rgb).save(src / "rgb.jpg")  # Pillow
     write_png16(src / "rgb16.png", rgb.astype(np.uint16) * 257)  # pypng
     write_tiff(src / "wide.tif", rgb.astype(np.uint16) * 257)  # libtiff
+    start = root / "start"
+    hr, lr, cache = start / "hr", start / "lr", start / "cache"
+    hr.mkdir(parents=True)
+    lr.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(32, 40), (36, 32), (44, 48)]):
+        write_png(hr / f"{i}.png", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        write_png(lr / f"{i}x4.png", rng.integers(0, 256, (h // 4, w // 4, 3), dtype=np.uint8))
+    PatchPairs([hr], 4, 8, lr_dirs=[lr], cache=cache)  # the first start makes the cache
     code = "\n".join([
         "import collections, json, sys",
-        "from sr_lib.data import read_image",
-        "opens = collections.Counter()",
-        f"sys.addaudithook(lambda e, a: e == 'open' and str(a[0]).startswith({str(src)!r})"
-        " and opens.update([str(a[0])]))",
+        "from sr_lib.data import PatchPairs, read_image",
+        "opens = {'read': collections.Counter(), 'start': collections.Counter()}",
+        "phase = 'read'",
+        f"folders = {{'read': {str(src)!r}, 'start': {str(start)!r}}}",
+        "sys.addaudithook(lambda e, a: e == 'open' and str(a[0]).startswith(folders[phase])"
+        " and opens[phase].update([str(a[0])]))",
         f"for name in {sorted(p.name for p in src.iterdir())!r}:",
         f"    assert read_image({str(src)!r} + '/' + name).shape == (24, 32, 3)",
-        "print(json.dumps(opens))",
+        "phase = 'start'",
+        f"ds = PatchPairs([{str(hr)!r}], 4, 8, lr_dirs=[{str(lr)!r}], cache={str(cache)!r})",
+        "print(json.dumps([opens, ds.lr_hw.tolist()]))",
     ])  # fmt: skip
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    opens = json.loads(run.stdout.splitlines()[-1])
-    assert opens == {str(p): 1 for p in src.iterdir()}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    opens, lr_hw = json.loads(run.stdout.splitlines()[-1])
+    return SimpleNamespace(src=src, cache=cache, lr_hw=lr_hw, **opens)
+
+
+@OPENS_GROUP
+def test_read_image_opens_each_file_once(opens_counted):
+    """read_image opened a file four times (TIFF tags, Pillow's header, the PNG bit depth, the
+    decoder): on a cluster's file system each open is a call to its metadata server, 20,000
+    images to evaluate, 40,000 samples."""
+    assert opens_counted.read == {str(p): 1 for p in opens_counted.src.iterdir()}
 
 
 def test_read_file_fails_as_read_image_does(tmp_path, monkeypatch):
@@ -1148,36 +1179,15 @@ def test_cache_reads_memmaps_without_decoding(hr_dir, tmp_path, monkeypatch):
     assert len(list(cache.glob("*.npy"))) == 12
 
 
-def test_a_second_start_takes_the_lr_sizes_from_the_cache_headers_it_checks(tmp_path):
+@OPENS_GROUP
+def test_a_second_start_takes_the_lr_sizes_from_the_cache_headers_it_checks(opens_counted):
     """At each start every cached .lr.npy was opened again (np.load as a memmap: four opens) only
     to read its size, after its header had been checked: with 20,000 images on a network file
     system, minutes. Now the checked header gives the size: one open per cache file, none of
-    the images. (Counted by the interpreter's audit hook, in a process of its own: the hook
-    cannot be removed.)"""
-    hr, lr, cache = tmp_path / "hr", tmp_path / "lr", tmp_path / "cache"
-    hr.mkdir()
-    lr.mkdir()
-    rng = np.random.default_rng(0)
-    for i, (h, w) in enumerate([(32, 40), (36, 32), (44, 48)]):
-        write_png(hr / f"{i}.png", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-        write_png(lr / f"{i}x4.png", rng.integers(0, 256, (h // 4, w // 4, 3), dtype=np.uint8))
-    PatchPairs([hr], 4, 8, lr_dirs=[lr], cache=cache)  # the first start makes the cache
-    code = "\n".join([
-        "import collections, json, sys",
-        "from sr_lib.data import PatchPairs",
-        "opens = collections.Counter()",
-        "sys.addaudithook(lambda e, a: e == 'open' and str(a[0]).startswith("
-        f"{str(tmp_path)!r}) and opens.update([str(a[0])]))",
-        f"ds = PatchPairs([{str(hr)!r}], 4, 8, lr_dirs=[{str(lr)!r}], cache={str(cache)!r})",
-        "print(json.dumps([opens, ds.lr_hw.tolist()]))",
-    ])  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    opens, lr_hw = json.loads(done.stdout)
-    files = {str(f): 1 for f in cache.glob("*.npy")}
-    assert len(files) == 6 and opens == files  # no image; each cache file once, its header
-    assert lr_hw == [[8, 10], [9, 8], [11, 12]]
+    the images."""
+    files = {str(f): 1 for f in opens_counted.cache.glob("*.npy")}
+    assert len(files) == 6 and opens_counted.start == files  # no image; each cache file once
+    assert opens_counted.lr_hw == [[8, 10], [9, 8], [11, 12]]
 
 
 def test_an_image_replaced_by_cp_p_is_decoded_again(tmp_path):
