@@ -240,7 +240,10 @@ def average_gradients(params, d: Dist) -> None:
 
 
 def broadcast_state(module: torch.nn.Module, d: Dist) -> None:
-    """Copy rank 0's parameters and buffers to every rank (e.g. after ActNorm data init)."""
+    """Copy rank 0's parameters and buffers to every rank (after ActNorm's data init). DDP's
+    construction, which follows, copies those it wraps too; this also covers what DDP is told to
+    ignore (a discriminator, stepped outside it: `wrap`), which no model initialises from data
+    today, so no test sees it off alone (the two-process tests do with both off)."""
     if d.on:
         with torch.no_grad():
             for t in list(module.parameters()) + list(module.buffers()):
