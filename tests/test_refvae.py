@@ -319,6 +319,12 @@ def test_latent_from_cli(tmp_path, ckpts):
     assert sorted(p.name for p in (tmp_path / "a").glob("*.png")) == ["r0_sample00000.png"]
 
 
+NOT_NUMPY = ("text.npy: not a readable .npy array (no NumPy file: it begins b'0.1 0.2 ', not "
+             "with np.save's header)")  # fmt: skip
+OBJECTS = ("objects.npy: not a readable .npy array (its array holds Python objects, not numbers: "
+           "np.save a float32 array)")  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "name, flags, code, words",
     [
@@ -336,6 +342,9 @@ def test_latent_from_cli(tmp_path, ckpts):
         ("varsr", ["--latent", "empty.npy"], 2, "(0, 8), expected (8,) or (k, 8) with at least"),
         ("refvae", ["--latent", "nan.npy"], 3, "nan.npy: holds NaN or infinite values"),
         ("varsr", ["--latent", "zero.npy"], 3, ".npy array (an empty file, 0 bytes)"),
+        # no NumPy file, or an array of Python objects: not numpy's advice to unpickle it
+        ("varsr", ["--latent", "text.npy"], 3, NOT_NUMPY),
+        ("refvae", ["--latent-shift", "objects.npy"], 3, OBJECTS),
         ("varsr", ["--latent-shift", "inf.npy"], 3, "--latent-shift"),
         # a folder of no latents of the input (--latent DIR: test_latent_dir_*)
         ("refvae", ["--latent", "refs"], 2, "--latent refs: 1 of 1 inputs have no saved latents"),
@@ -355,6 +364,8 @@ def test_unsupported_or_bad_controls_one_line(tmp_path, ckpts, capsys, name, fla
     np.save(tmp_path / "nan.npy", np.full(8, np.nan, np.float32))
     np.save(tmp_path / "inf.npy", np.array([np.inf] + [0] * 7, np.float32))
     (tmp_path / "zero.npy").write_bytes(b"")  # an empty file: np.load raised EOFError (numpy 2)
+    (tmp_path / "text.npy").write_text("0.1 0.2 0.3\n")  # np.savetxt's, not np.save's
+    np.save(tmp_path / "objects.npy", np.array([0.5, None] * 4, object), allow_pickle=True)
     (tmp_path / "no refs").mkdir()
     (tmp_path / "varsr.pt").write_bytes(ckpts["varsr"].read_bytes())
     images(tmp_path / "refs", 3, ((8, 8),))

@@ -707,7 +707,8 @@ def test_flow_latent_with_tiles(tmp_path, flow_ckpts):
         ("rows", 2, "its fields hold [2, 3] samples; expected one k"),
         ("nan", 3, "holds NaN or infinite values; use a finite latent"),
         ("refvae", 3, "a .npy array, not the .npz archive of this model's 2 latent fields z0, z1"),
-        ("junk", 3, "not a readable .npz archive"),
+        ("junk", 3, "not a readable .npz archive (no NumPy file: it begins b'junk', not with "
+                    "np.savez's header)"),
     ],
 )  # fmt: skip
 def test_a_bad_flow_latent_is_one_line(tmp_path, flow_ckpts, capsys, latent, code, words):

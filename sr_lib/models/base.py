@@ -601,12 +601,27 @@ class SampleControls:
     warnings: list = field(default_factory=list)  # lines for the user (another checkpoint's file)
 
 
+NUMPY_HEADERS = (b"\x93NUMPY", b"PK\x03\x04", b"PK\x05\x06")  # .npy, and .npz (a zip file)
+
+
+def numpy_trouble(data: bytes | None, e: Exception, writer: str) -> str:
+    """Why np.load could not read a file's `data` (None: not read), in words: numpy's message,
+    but not where it advises loading "unsafely" as a pickle a file that is no NumPy file (text,
+    an image: numpy takes any unknown bytes for a pickle) or an array of Python objects."""
+    if data is not None and not data.startswith(NUMPY_HEADERS):
+        return f"no NumPy file: it begins {data[:8]!r}, not with {writer}'s header"
+    if "pickle" in str(e):
+        return f"its array holds Python objects, not numbers: {writer} a float32 array"
+    return str(e)
+
+
 def load_latent(path: str, dim: int, flag: str) -> tuple[torch.Tensor, str]:
     """A saved latent .npy, (D,) or (k, D), as float32, and the sha256 of the file (read once).
     A file that is not one readable finite array is a data error (exit 3); an array of another
     shape, or of no rows, a usage error (exit 2: the file of another model or flag)."""
     if Path(path).is_dir():  # (--latent DIR is sr_sample.py's: one file of it at a time)
         raise DataError(f"{flag} {path}: a folder; give one .npy file (a direction)")
+    data = None
     try:
         data = Path(path).read_bytes()
         if not data:  # (numpy's own error for it differs between versions)
@@ -619,7 +634,8 @@ def load_latent(path: str, dim: int, flag: str) -> tuple[torch.Tensor, str]:
             )
         z = torch.from_numpy(z.astype(np.float32))
     except (OSError, ValueError, TypeError, EOFError) as e:
-        raise DataError(f"{flag} {path}: not a readable .npy array ({e})") from None
+        raise DataError(f"{flag} {path}: not a readable .npy array "
+                        f"({numpy_trouble(data, e, 'np.save')})") from None  # fmt: skip
     if z.ndim not in (1, 2) or z.shape[-1] != dim or z.numel() == 0:
         raise UsageError(
             f"{flag} {path}: shape {tuple(z.shape)}, expected ({dim},) or (k, {dim}) with at "
@@ -690,6 +706,7 @@ def load_latent_fields(path: str, count: int, flag: str, own: dict | None = None
     if Path(path).is_dir():  # (--latent DIR is sr_sample.py's: one file of it at a time)
         raise DataError(f"{flag} {path}: a folder; give one .npz file (of a direction's fields "
                         "z0, z1, ...)")  # fmt: skip
+    data = None
     try:
         data = Path(path).read_bytes()
         if not data:
@@ -701,7 +718,8 @@ def load_latent_fields(path: str, count: int, flag: str, own: dict | None = None
         with z:
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"{flag} {path}: not a readable .npz archive ({e})") from None
+        raise DataError(f"{flag} {path}: not a readable .npz archive "
+                        f"({numpy_trouble(data, e, 'np.savez')})") from None  # fmt: skip
     made_by = arrays.pop(LATENT_SOURCE, None)
     records = [] if made_by is None else latent_sources(made_by, flag, path)
     # (before the shapes: the fields of another model of other shapes are named so)
