@@ -61,9 +61,10 @@ Sampling controls (a model without the control stops with a one-line usage error
                           gaps; --layout ntire at N = 1: NAME.png), bit for bit the saved sample
                           with the same flags. Refused in one line before any work (exit 2):
                           inputs without files there (how many, which: give --input those with
-                          files), files of another kind or of several samples, --latent-shift,
-                          --ref, --latent-from, --layout ntire where the numbers are not 0..N-1
-                          of every image, and DIR as --out (its samples would be replaced). A
+                          files; a sweep's folder: which DIR/T* to give), files of another kind
+                          or of several samples, --latent-shift, --ref, --latent-from, --layout
+                          ntire where the numbers are not 0..N-1 of every image, and DIR as
+                          --out (its samples would be replaced). A
                           flow's made_by is checked per file (another checkpoint: one warning
                           line for the folder). manifest.json: n = the highest number + 1, and
                           the joint digest of every input's files (of every --shard; input
@@ -1398,6 +1399,13 @@ class LatentDir:
         latents of another model), and its folder would not line up with the saved one."""
         if not missing:
             return
+        sweep = [] if self.files or self.others else sweep_folders(self.folder)
+        if sweep:
+            raise UsageError(
+                f"--latent {self.folder}: a --temperature sweep's folder, its latents in its "
+                f"subfolders {', '.join(sweep)}: give one of them (--latent "
+                f"{self.folder / sweep[0]})"
+            )
         other = [p.stem for p in missing if p.stem in self.others]
         if other:
             end = self.others[other[0]]
@@ -1484,6 +1492,20 @@ class LatentDir:
             "sampled: give that input (with --from-hr if it was made so)"
         )
         return len(rows)
+
+
+def sweep_folders(folder: Path) -> list[str]:
+    """The subfolders T{t} of a --temperature sweep's folder that hold --save-latent files, by
+    temperature ([]: none; a folder that cannot be listed has none)."""
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            if not (re.fullmatch(r"T.+", entry.name) and temperature_ok(entry.name[1:])):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.is_dir() and any(LATENT_NAME.fullmatch(f) for f in os.listdir(entry)):
+                    found.append(entry.name)
+    return sorted(found, key=lambda name: float(name[1:]))
 
 
 def ntire_stems(folder: Path) -> dict:

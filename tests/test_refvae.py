@@ -641,7 +641,8 @@ def test_latent_dir_decodes_each_input_from_its_own_files(tmp_path, ckpts, capsy
 
 def test_latent_dir_one_line_errors(tmp_path, ckpts, capsys):
     """--latent DIR, refused in one line before any work (exit 2, nothing written): inputs
-    without files there (how many, which; "a" is not "a_b"), a flow's .npz files for varsr,
+    without files there (how many, which; "a" is not "a_b"), a --temperature sweep's folder (its
+    latents in T*/: which to give), a flow's .npz files for varsr,
     --latent-shift (it walks from one latent), a file of two samples, --layout ntire with
     a gap in the sample numbers (the challenge reads 0..N-1), and DIR as --out (its samples
     replaced, with --overwrite its latents deleted; a link to it too): the latents stay."""
@@ -668,10 +669,17 @@ def test_latent_dir_one_line_errors(tmp_path, ckpts, capsys):
         if f.name != "a_b_sample00000.latent.npy":
             (gap / f.name).write_bytes(f.read_bytes())
     (tmp_path / "link").symlink_to(s, target_is_directory=True)
+    sweep = tmp_path / "sweep"  # a --temperature sweep's folder: its latents in T0.5/ and T1/
+    for t in ("T0.5", "T1"):
+        (sweep / t).mkdir(parents=True)
+        for f in s.glob("*.latent.npy"):
+            (sweep / t / f.name).write_bytes(f.read_bytes())
     cases = [
         (["--latent", only], f"--latent {only}: 2 of 3 inputs have no saved latents there (no "
          "NAME_sample{i:05d}.latent.npy): a.png, img 1.png; give --input only the images whose "
          "latents it holds"),
+        (["--latent", sweep], f"--latent {sweep}: a --temperature sweep's folder, its latents "
+         f"in its subfolders T0.5, T1: give one of them (--latent {sweep / 'T0.5'})"),
         (["--latent", flows], f"--latent {flows}: its latents of a are .latent.npz files (saved "
          "by srflow, srflow_da, ncsr), not the .latent.npy files this varsr model decodes; "
          "decode them with the model that saved them"),
