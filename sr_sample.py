@@ -61,16 +61,16 @@ Sampling controls (a model without the control stops with a one-line usage error
                           gaps; --layout ntire at N = 1: NAME.png), bit for bit the saved sample
                           with the same flags. Refused in one line before any work (exit 2):
                           inputs without files there (how many, which: give --input those with
-                          files; a sweep's folder: which DIR/T* to give), files of another kind
-                          or of several samples, --latent-shift, --ref, --latent-from, --layout
-                          ntire where the numbers are not 0..N-1 of every image, and DIR as
-                          --out (its samples would be replaced). A
-                          flow's made_by is checked per file (another checkpoint: one warning
-                          line for the folder). manifest.json: n = the highest number + 1, and
-                          the joint digest of every input's files (of every --shard; input
-                          order, then by number; a .npz's: its zip directory's CRC-32s, so a
-                          shard reads only its own files whole): each of those is read
-                          before the run and again when decoded
+                          files; a sweep's folder: which DIR/T* to give; numbered files without
+                          their ntire_index.json), files of another kind or of several samples,
+                          --latent-shift, --ref, --latent-from, --layout ntire where the numbers
+                          are not 0..N-1 of every image, and DIR as --out (its samples would be
+                          replaced). A flow's made_by is checked per file (another checkpoint:
+                          one warning line for the folder). manifest.json: n = the highest
+                          number + 1, and the joint digest of every input's files (of every
+                          --shard; input order, then by number; a .npz's: its zip directory's
+                          CRC-32s, so a shard reads only its own files whole): each of those is
+                          read before the run and again when decoded
   --latent-shift FILE --latent-steps -2,-1,0,1,2
                           refvae, varsr, flows: walk z_k = z_0 + k·direction (one output per
                           step); z_0 = --latent, or the model's temperature-0 latent of the
@@ -1405,6 +1405,16 @@ class LatentDir:
                 f"--latent {self.folder}: a --temperature sweep's folder, its latents in its "
                 f"subfolders {', '.join(sweep)}: give one of them (--latent "
                 f"{self.folder / sweep[0]})"
+            )
+        numbered = sorted(k for k in self.files if re.fullmatch(r"\d{6}", k))
+        if len(missing) == total and numbered and len(numbered) == len(self.files):
+            index = self.folder / "ntire_index.json"
+            state = "is not the index that run writes" if index.exists() else "is missing"
+            raise UsageError(
+                f"--latent {self.folder}: its files are named by number "
+                f"({next(iter(self.files[numbered[0]].values())).name}, ...), as a --layout "
+                f"ntire run names them, and its ntire_index.json, which maps the numbers to the "
+                f"inputs, {state}: copy it there from that run's --out"
             )
         other = [p.stem for p in missing if p.stem in self.others]
         if other:

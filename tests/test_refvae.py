@@ -1,6 +1,7 @@
 """RefVAE (docs/vae.md) and the sampling controls of sr_sample.py (--ref, --latent-from,
 --latent, --latent-shift, --save-latent) for refvae and varsr. Tiny configs, CPU, seconds."""
 
+import glob
 import hashlib
 import json
 from pathlib import Path
@@ -642,7 +643,8 @@ def test_latent_dir_decodes_each_input_from_its_own_files(tmp_path, ckpts, capsy
 def test_latent_dir_one_line_errors(tmp_path, ckpts, capsys):
     """--latent DIR, refused in one line before any work (exit 2, nothing written): inputs
     without files there (how many, which; "a" is not "a_b"), a --temperature sweep's folder (its
-    latents in T*/: which to give), a flow's .npz files for varsr,
+    latents in T*/: which to give), numbered files without their ntire_index.json (or an
+    unreadable one), a flow's .npz files for varsr,
     --latent-shift (it walks from one latent), a file of two samples, --layout ntire with
     a gap in the sample numbers (the challenge reads 0..N-1), and DIR as --out (its samples
     replaced, with --overwrite its latents deleted; a link to it too): the latents stay."""
@@ -674,7 +676,23 @@ def test_latent_dir_one_line_errors(tmp_path, ckpts, capsys):
         (sweep / t).mkdir(parents=True)
         for f in s.glob("*.latent.npy"):
             (sweep / t / f.name).write_bytes(f.read_bytes())
+    order = [p.stem for p in sr_sample.input_paths(inp)]
+    numbered, garbled = tmp_path / "numbered", tmp_path / "garbled"  # a --layout ntire run's files
+    for d in (numbered, garbled):
+        d.mkdir()
+        for k, stem in enumerate(order):
+            for f in s.glob(f"{glob.escape(stem)}_sample*.latent.npy"):
+                (d / f.name.replace(stem, f"{k:06d}", 1)).write_bytes(f.read_bytes())
+    (garbled / "ntire_index.json").write_text('{"scale": 4, "000000": ')  # cut short
     cases = [
+        (["--latent", numbered], f"--latent {numbered}: its files are named by number "
+         "(000000_sample00000.latent.npy, ...), as a --layout ntire run names them, and its "
+         "ntire_index.json, which maps the numbers to the inputs, is missing: copy it there from "
+         "that run's --out"),
+        (["--latent", garbled], f"--latent {garbled}: its files are named by number "
+         "(000000_sample00000.latent.npy, ...), as a --layout ntire run names them, and its "
+         "ntire_index.json, which maps the numbers to the inputs, is not the index that run "
+         "writes: copy it there from that run's --out"),
         (["--latent", only], f"--latent {only}: 2 of 3 inputs have no saved latents there (no "
          "NAME_sample{i:05d}.latent.npy): a.png, img 1.png; give --input only the images whose "
          "latents it holds"),
