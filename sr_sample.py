@@ -24,7 +24,8 @@ upscaled (MATLAB bicubic, clipped; --alpha-channel drop: without), 8-bit, or 16-
                           --save-latent, refvae and varsr: the float32 (D,) latent of sample i
                           (so named also where the sample is NAME.png: sample 0);
                           `--latent FILE` decodes it to the same sample again, `--latent DIR`
-                          every such file of a folder
+                          every such file of a folder (what saved them: its manifest.json,
+                          another model or scale refused, another checkpoint a warning)
   NAME_sample{i:05d}.latent.npz
                           --save-latent, flows (srflow, srflow_da, ncsr): sample i's float32
                           latent fields z0, z1, ... (C, h, w), temperature applied, at the LR's
@@ -195,7 +196,13 @@ from sr_lib.errors import (
     stdout_closed,
 )
 from sr_lib.models import MODELS, load_model, read_checkpoint_hashed
-from sr_lib.models.base import LATENT_SOURCE, NoiseSource, pad_to_multiple, sample_seed
+from sr_lib.models.base import (
+    LATENT_SOURCE,
+    NoiseSource,
+    other_checkpoint,
+    pad_to_multiple,
+    sample_seed,
+)
 from sr_lib.resize import imresize
 from sr_lib.threads import (
     done,
@@ -667,6 +674,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
                 "replace those its latents were saved with (and --overwrite delete the "
                 "latents); use another --out"
             )
+        latent_dir.check_saver(made_by)
         n, numbers, _ = latent_dir.plan(paths, args.layout)
     # One NAME.png per image where one output is all there is: a deterministic model's n copies,
     # and with --layout ntire any --n 1, as the challenge's measure.py reads N = 1 (000000.png)
@@ -1372,6 +1380,30 @@ class LatentDir:
             mine[i] = Path(entry.path)
         files = {stem: dict(sorted(v.items())) for stem, v in files.items()}  # by sample number
         return cls(folder, ending, files, {k: v for k, v in others.items() if k not in files})
+
+    def check_saver(self, own: dict) -> None:
+        """What saved the folder's latents, which a .npy records nothing of (a flow's .npz names
+        it in each file, checked per file), against `own` (the run's latent_source): its
+        manifest.json, written by the --save-latent run. Another model or scale is refused (its
+        latents decode to other images here), another checkpoint of the model is one warning
+        line; a folder without a readable manifest.json (latents copied alone) is not checked."""
+        if self.ending != ".latent.npy":
+            return
+        try:
+            saved = json.loads((self.folder / "manifest.json").read_text())
+            model, scale = saved["model"], saved["scale"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        if (model, scale) != (own["model"], own["scale"]):
+            raise UsageError(
+                f"--latent {self.folder}: its latents were saved by an x{scale} {model} model "
+                f"(its manifest.json), not this x{own['scale']} {own['model']}: they decode to "
+                f"other images here; decode them with an x{scale} {model} checkpoint"
+            )
+        if saved.get("checkpoint_sha256") != own["checkpoint_sha256"]:
+            say_err(f"{PROG}: warning: --latent {self.folder}: saved by another {model} "
+                    f"checkpoint (its manifest.json: sha256 {other_checkpoint(saved, own)}): "
+                    "decoded with this one, its samples are not the saved ones")  # fmt: skip
 
     def plan(self, paths: list[Path], layout: str) -> tuple[int, dict | None, list[Path]]:
         """(n, the sample numbers of each input stem, the inputs without files) for `paths`:

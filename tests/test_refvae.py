@@ -644,7 +644,8 @@ def test_latent_dir_one_line_errors(tmp_path, ckpts, capsys):
     """--latent DIR, refused in one line before any work (exit 2, nothing written): inputs
     without files there (how many, which; "a" is not "a_b"), a --temperature sweep's folder (its
     latents in T*/: which to give), numbered files without their ntire_index.json (or an
-    unreadable one), a flow's .npz files for varsr,
+    unreadable one), a refvae run's folder for varsr (its manifest.json says; a .npy records
+    nothing), a flow's .npz files for varsr,
     --latent-shift (it walks from one latent), a file of two samples, --layout ntire with
     a gap in the sample numbers (the challenge reads 0..N-1), and DIR as --out (its samples
     replaced, with --overwrite its latents deleted; a link to it too): the latents stay."""
@@ -684,6 +685,9 @@ def test_latent_dir_one_line_errors(tmp_path, ckpts, capsys):
             for f in s.glob(f"{glob.escape(stem)}_sample*.latent.npy"):
                 (d / f.name.replace(stem, f"{k:06d}", 1)).write_bytes(f.read_bytes())
     (garbled / "ntire_index.json").write_text('{"scale": 4, "000000": ')  # cut short
+    rv = tmp_path / "rv"  # refvae's latents: (8,) .npy files as varsr's, only its manifest differs
+    assert run("--ckpt", ckpts["refvae"], "--input", inp, "--n", 1, "--save-latent", "--out",
+               rv) == 0  # fmt: skip
     cases = [
         (["--latent", numbered], f"--latent {numbered}: its files are named by number "
          "(000000_sample00000.latent.npy, ...), as a --layout ntire run names them, and its "
@@ -693,6 +697,9 @@ def test_latent_dir_one_line_errors(tmp_path, ckpts, capsys):
          "(000000_sample00000.latent.npy, ...), as a --layout ntire run names them, and its "
          "ntire_index.json, which maps the numbers to the inputs, is not the index that run "
          "writes: copy it there from that run's --out"),
+        (["--latent", rv], f"--latent {rv}: its latents were saved by an x4 refvae model (its "
+         "manifest.json), not this x4 varsr: they decode to other images here; decode them with "
+         "an x4 refvae checkpoint"),
         (["--latent", only], f"--latent {only}: 2 of 3 inputs have no saved latents there (no "
          "NAME_sample{i:05d}.latent.npy): a.png, img 1.png; give --input only the images whose "
          "latents it holds"),
@@ -723,6 +730,29 @@ def test_latent_dir_one_line_errors(tmp_path, ckpts, capsys):
         assert len(err) == 1 and err[0].startswith("sr_sample.py: error: ") and words in err[0], err
         assert not out.exists() or not list(out.glob("*.png"))
     assert {p.name: p.read_bytes() for p in s.iterdir()} == before
+
+
+def test_latent_dir_of_another_checkpoint_is_one_warning(tmp_path, ckpts, capsys):
+    """A .npy latent records nothing of what saved it; the --latent DIR's manifest.json does: its
+    files decode with another checkpoint of the model with one warning line naming it (a fair
+    experiment: the weights trained further), as a flow's made_by says (another model's folder:
+    refused, test_latent_dir_one_line_errors); a folder without a manifest.json, without it."""
+    inp = named_images(tmp_path / "in", PREFIXED)
+    s = tmp_path / "s"
+    assert run("--ckpt", ckpts["varsr"], "--input", inp, "--n", 1, "--save-latent", "--out", s) == 0
+    later = tmp_path / "later.pt"  # the same model and config, another file
+    save_checkpoint(later, {**load_checkpoint(ckpts["varsr"]), "step": 1})
+    capsys.readouterr()
+    assert run("--ckpt", later, "--input", inp, "--latent", s, "--out", tmp_path / "d") == 0
+    sha = hashlib.sha256(ckpts["varsr"].read_bytes()).hexdigest()
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"sr_sample.py: warning: --latent {s}: saved by another varsr checkpoint (its "
+        f"manifest.json: sha256 {sha[:12]}...): decoded with this one, its samples are not the "
+        "saved ones"
+    ]
+    (s / "manifest.json").unlink()  # latents copied without it: nothing to check them by
+    assert run("--ckpt", later, "--input", inp, "--latent", s, "--out", tmp_path / "e") == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_latent_dir_to_the_ntire_layout(tmp_path, ckpts):

@@ -683,15 +683,21 @@ def check_latent_source(records: list[dict], own: dict, flag: str, path: str) ->
                 f"it with an x{r['scale']} {r['model']} checkpoint"
             )
         if r.get("checkpoint_sha256") != own["checkpoint_sha256"]:
-            a, b = r.get("config"), own["config"]
-            keys = sorted(k for k in {**a, **b} if a.get(k) != b.get(k)) if type(a) is dict else []
-            config = f"; its config differs in {', '.join(keys)}" if keys else ""
             lines.append(
                 f"{flag} {path}: saved by another {r['model']} checkpoint (sha256 "
-                f"{str(r.get('checkpoint_sha256'))[:12]}...{config}): decoded with this one, "
-                "its samples are not the saved ones"
+                f"{other_checkpoint(r, own)}): decoded with this one, its samples are not the "
+                "saved ones"
             )
     return list(dict.fromkeys(lines))
+
+
+def other_checkpoint(record: dict, own: dict) -> str:
+    """The start of the checkpoint sha256 a record (made_by, a manifest.json) names, and the
+    config fields where it differs from `own`'s, in words."""
+    a, b = record.get("config"), own["config"]
+    keys = sorted(k for k in {**a, **b} if a.get(k) != b.get(k)) if type(a) is dict else []
+    config = f"; its config differs in {', '.join(keys)}" if keys else ""
+    return f"{str(record.get('checkpoint_sha256'))[:12]}...{config}"
 
 
 def load_latent_fields(path: str, count: int, flag: str, own: dict | None = None):
