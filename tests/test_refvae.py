@@ -345,6 +345,7 @@ OBJECTS = ("objects.npy: not a readable .npy array (its array holds Python objec
         ("varsr", ["--latent", "zero.npy"], 3, ".npy array (an empty file, 0 bytes)"),
         # no NumPy file, or an array of Python objects: not numpy's advice to unpickle it
         ("varsr", ["--latent", "text.npy"], 3, NOT_NUMPY),
+        ("varsr", ["--latent", "nowhere"], 3, "nowhere: not a readable .npy array (No such file"),
         ("refvae", ["--latent-shift", "objects.npy"], 3, OBJECTS),
         ("varsr", ["--latent-shift", "inf.npy"], 3, "--latent-shift"),
         # a folder of no latents of the input (--latent DIR: test_latent_dir_*)

@@ -605,9 +605,12 @@ NUMPY_HEADERS = (b"\x93NUMPY", b"PK\x03\x04", b"PK\x05\x06")  # .npy, and .npz (
 
 
 def numpy_trouble(data: bytes | None, e: Exception, writer: str) -> str:
-    """Why np.load could not read a file's `data` (None: not read), in words: numpy's message,
-    but not where it advises loading "unsafely" as a pickle a file that is no NumPy file (text,
-    an image: numpy takes any unknown bytes for a pickle) or an array of Python objects."""
+    """Why np.load could not read a file's `data` (None: not read), in words: the system's
+    reason (not the path again), or numpy's message, but not where it advises loading
+    "unsafely" as a pickle a file that is no NumPy file (text, an image: numpy takes any
+    unknown bytes for a pickle) or an array of Python objects."""
+    if isinstance(e, OSError):  # (not numpy's: the file could not be read)
+        return e.strerror or str(e)
     if data is not None and not data.startswith(NUMPY_HEADERS):
         return f"no NumPy file: it begins {data[:8]!r}, not with {writer}'s header"
     if "pickle" in str(e):
