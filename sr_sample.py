@@ -1358,12 +1358,16 @@ class LatentDir:
         files, others = {}, {}
         try:
             named = [(e, m) for e in os.scandir(folder) if (m := LATENT_NAME.fullmatch(e.name))]
-            named = [(e, m) for e, m in named if e.is_file()]  # (a link to a file: a file)
         except OSError as e:
             raise DataError(f"--latent {folder}: cannot list it ({e.strerror or e})") from None
         for entry, m in sorted(named, key=lambda x: x[0].name):
             if m[2] is None and m[1] not in numbers:  # NAME.latent.*: only an NTIRE number's
                 continue
+            if not entry.is_file():  # (a link to a file: a file) not a sample left out unsaid
+                raise DataError(
+                    f"--latent {folder}: {entry.name} is no file (a link to nothing, or a "
+                    "folder); put the file back, or remove the name to decode the others"
+                )
             stem, i = numbers.get(m[1], m[1]), int(m[2] or 0)
             if m[3] != ending:
                 others[stem] = m[3]

@@ -733,6 +733,30 @@ def test_latent_dir_one_line_errors(tmp_path, ckpts, capsys):
     assert {p.name: p.read_bytes() for p in s.iterdir()} == before
 
 
+def test_a_latent_dir_name_of_no_file_is_one_line(tmp_path, ckpts, capsys):
+    """A name of a --save-latent file in --latent DIR that is no file, a link to nothing (a
+    folder of links into a purged scratch space) or a folder, is one line naming it (exit 3),
+    not a sample silently left out (a gap, or a smaller n)."""
+    inp = named_images(tmp_path / "in", PREFIXED)
+    s = tmp_path / "s"
+    assert run("--ckpt", ckpts["varsr"], "--input", inp, "--n", 3, "--save-latent", "--out", s) == 0
+    gone = s / "a_b_sample00002.latent.npy"
+    gone.unlink()
+    gone.symlink_to(tmp_path / "purged" / gone.name)
+    decode = ["--ckpt", ckpts["varsr"], "--input", inp, "--latent", s, "--out", tmp_path / "d"]
+    capsys.readouterr()
+    assert run(*decode) == 3
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"sr_sample.py: error: --latent {s}: a_b_sample00002.latent.npy is no file (a link to "
+        "nothing, or a folder); put the file back, or remove the name to decode the others"
+    ]
+    gone.unlink()
+    gone.mkdir()
+    assert run(*decode) == 3
+    assert "a_b_sample00002.latent.npy is no file" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists() or not list((tmp_path / "d").glob("*.png"))
+
+
 def test_latent_dir_of_another_checkpoint_is_one_warning(tmp_path, ckpts, capsys):
     """A .npy latent records nothing of what saved it; the --latent DIR's manifest.json does: its
     files decode with another checkpoint of the model with one warning line naming it (a fair
