@@ -1349,13 +1349,14 @@ class LatentDir:
     ending: str  # .latent.npy or .latent.npz: the model's
     files: dict  # input stem -> {i: path} of files of `ending`
     others: dict  # input stem -> the other ending, where it has files of that only
+    broken: dict  # input stem -> the first name of `ending` there that is no file
     digests: dict = field(default_factory=dict)  # path -> sha256 of its contents, as first read
 
     @classmethod
     def scan(cls, folder: Path, ending: str) -> "LatentDir":
         """The folder's latent files, listed once (other files, the PNGs among them, ignored)."""
         numbers = ntire_stems(folder)
-        files, others = {}, {}
+        files, others, broken = {}, {}, {}
         try:
             named = [(e, m) for e in os.scandir(folder) if (m := LATENT_NAME.fullmatch(e.name))]
         except OSError as e:
@@ -1363,14 +1364,12 @@ class LatentDir:
         for entry, m in sorted(named, key=lambda x: x[0].name):
             if m[2] is None and m[1] not in numbers:  # NAME.latent.*: only an NTIRE number's
                 continue
-            if not entry.is_file():  # (a link to a file: a file) not a sample left out unsaid
-                raise DataError(
-                    f"--latent {folder}: {entry.name} is no file (a link to nothing, or a "
-                    "folder); put the file back, or remove the name to decode the others"
-                )
             stem, i = numbers.get(m[1], m[1]), int(m[2] or 0)
             if m[3] != ending:
                 others[stem] = m[3]
+                continue
+            if not entry.is_file():  # (a link to a file: a file) said where its input is given
+                broken.setdefault(stem, entry.name)
                 continue
             mine = files.setdefault(stem, {})
             if i in mine:  # its number's file and its stem's, or sample 0's two names
@@ -1383,7 +1382,8 @@ class LatentDir:
                 )
             mine[i] = Path(entry.path)
         files = {stem: dict(sorted(v.items())) for stem, v in files.items()}  # by sample number
-        return cls(folder, ending, files, {k: v for k, v in others.items() if k not in files})
+        others = {k: v for k, v in others.items() if k not in files}
+        return cls(folder, ending, files, others, broken)
 
     def check_saver(self, own: dict) -> None:
         """What saved the folder's latents, which a .npy records nothing of (a flow's .npz names
@@ -1414,6 +1414,12 @@ class LatentDir:
         n = the highest sample number + 1 (manifest.json's n: sr_eval.py reads at most so
         many). --layout ntire numbers the samples 0..N-1 of every image alike: numbers of
         `paths` that are not that are refused, and None is returned for the numbers (range(n))."""
+        bad = [self.broken[p.stem] for p in paths if p.stem in self.broken]
+        if bad:  # (not a sample left out without a word: a gap, or a smaller n)
+            raise DataError(
+                f"--latent {self.folder}: {bad[0]} is no file (a link to nothing, or a folder); "
+                "put the file back, or remove the name to decode the others"
+            )
         numbers = {p.stem: sorted(self.files[p.stem]) for p in paths if p.stem in self.files}
         missing = [p for p in paths if p.stem not in numbers]
         n = max((v[-1] + 1 for v in numbers.values()), default=1)

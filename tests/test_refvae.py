@@ -736,7 +736,7 @@ def test_latent_dir_one_line_errors(tmp_path, ckpts, capsys):
 def test_a_latent_dir_name_of_no_file_is_one_line(tmp_path, ckpts, capsys):
     """A name of a --save-latent file in --latent DIR that is no file, a link to nothing (a
     folder of links into a purged scratch space) or a folder, is one line naming it (exit 3),
-    not a sample silently left out (a gap, or a smaller n)."""
+    not a sample silently left out (a gap, or a smaller n); where its input is given."""
     inp = named_images(tmp_path / "in", PREFIXED)
     s = tmp_path / "s"
     assert run("--ckpt", ckpts["varsr"], "--input", inp, "--n", 3, "--save-latent", "--out", s) == 0
@@ -755,6 +755,11 @@ def test_a_latent_dir_name_of_no_file_is_one_line(tmp_path, ckpts, capsys):
     assert run(*decode) == 3
     assert "a_b_sample00002.latent.npy is no file" in capsys.readouterr().err
     assert not (tmp_path / "d").exists() or not list((tmp_path / "d").glob("*.png"))
+    # another input's: not this decode's concern
+    assert run(*decode[:3], inp / "a.png", *decode[4:]) == 0
+    assert sorted(p.name for p in (tmp_path / "d").glob("*.png")) == [
+        f"a_sample{i:05d}.png" for i in range(3)
+    ]
 
 
 def test_latent_dir_of_another_checkpoint_is_one_warning(tmp_path, ckpts, capsys):
