@@ -100,7 +100,8 @@ model's lr_multiple) and each is computed with --tile-overlap LR px of context o
 which is cut away. The model's LR-only work runs on the whole image and is cut per tile, and each
 noise field is drawn at whole-image size and cut, so with the default context, the model's
 receptive field (`tile_halo`; docs/design.md, "Tiled sampling"), a tiled sample equals the untiled
-one. A CUDA out-of-memory error retries the image with tiles halved, down to 64 px. A rerun may
+one up to float rounding (a tile's sums run in another order: now and then a pixel one 8-bit level
+off). A CUDA out-of-memory error retries the image with tiles halved, down to 64 px. A rerun may
 change --tile and --tile-overlap while the tiles stay exact (at least the default context, or a
 --tile that holds every input whole); a folder of inexact tiles is refused to other ones
 (manifest.json's tile_context). Without --tile, --tile-overlap is unused (a warning): an
@@ -226,7 +227,8 @@ MAX_N = 100_000  # sample numbers have five digits
 # Flags recorded in manifest.json that a rerun may change: they do not change the files (or what
 # they change is compared as its effect: the model, its scale, n, the folder's temperature, ...).
 # --tile and --tile-overlap are compared as their effect, tile_context: exact tiles (the model's
-# tile_halo of context) equal the untiled samples, so a rerun after an out-of-memory may tile.
+# tile_halo of context) equal the untiled samples up to float rounding, so a rerun after an
+# out-of-memory may tile.
 FREE_FLAGS = ("ckpt", "input", "out", "shard", "device", "batch", "overwrite", "temperature",
               "tile", "tile_overlap", "model", "scale", "from_hr", "n", "quiet",
               "json")  # fmt: skip
