@@ -1029,6 +1029,8 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
                 f"{path}: not a readable manifest; pass --overwrite to start over"
             ) from None
         diff = differences(old, settings, free)
+        if any(d[0] == "control_sha256" for d in diff):  # n of --latent DIR follows its files:
+            diff = [d for d in diff if d[0] != "n"]  # their contents are what changed
         diff.sort(key=lambda d: d[0] == "control_sha256")  # another file named: say that first
         if diff:
             k, was, now = diff[0]

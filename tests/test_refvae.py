@@ -639,6 +639,13 @@ def test_latent_dir_decodes_each_input_from_its_own_files(tmp_path, ckpts, capsy
         f"sr_sample.py: error: {tmp_path / 'd'} holds samples made with other contents of "
         f"--latent {s}; use another --out, or --overwrite to redo them"
     ]
+    # a file added above the highest number: its n follows the folder's files, said as them
+    (s / "a_b_sample00007.latent.npy").write_bytes(z.read_bytes())
+    assert run(*again) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1:] == [
+        f"sr_sample.py: error: {tmp_path / 'd'} holds samples made with other contents of "
+        f"--latent {s}; use another --out, or --overwrite to redo them"
+    ]
 
 
 def test_latent_dir_one_line_errors(tmp_path, ckpts, capsys):
