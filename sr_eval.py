@@ -56,10 +56,10 @@ whose files (path, size, modification time) are unchanged; the file is deleted o
 are written. An error after images were scored says in its line how many images' scores are kept
 there (the --json line's kept). An --out or --csv already there (an earlier run's) is renamed
 NAME.old (NAME.old2, ... where taken) when the scoring starts, and an earlier report in --report
-DIR (its index.html, plots/ and images/) moved to a new folder DIR.old, so that a run that ends
-without its results (a stop, an error, Ctrl-C, a kill) leaves no earlier numbers under its name
-and loses no earlier result; its line says where they went; a run that completes deletes the
-NAME.old it made.
+DIR (its index.html, plots/ and images/) moved into a new folder DIR/old (old2, ...; DIR alone
+must be writable), so that a run that ends without its results (a stop, an error, Ctrl-C, a
+kill) leaves no earlier numbers under its name and loses no earlier result; its line says where
+they went; a run that completes deletes the NAME.old (DIR/old) it made.
 
 Exit codes: 0 ok, 2 bad flag, 3 unusable data (missing, unreadable or wrongly sized images, an
 index that names other images), 4 out of memory, 6 LPIPS weights, 7 output, 75 stopped by
@@ -557,7 +557,8 @@ def said_unfinished(fields: dict, moved: dict[Path, Path], out_of_memory):
         raise
 
 
-OLD = ".old"  # an earlier --out, --csv or report set aside while this run works (`set_aside`)
+OLD = ".old"  # an earlier --out or --csv set aside while this run works (`set_aside`)
+REPORT_OLD = "old"  # the folder in --report DIR that an earlier report waits in (`set_aside`)
 
 
 def set_aside(paths: list[Path], moved: dict[Path, Path], report_dir: Path | None = None):
@@ -566,10 +567,12 @@ def set_aside(paths: list[Path], moved: dict[Path, Path], report_dir: Path | Non
     the start of the work: a run that ends without writing its own (a stop, an error, Ctrl-C, a
     kill) leaves no earlier numbers under its name for a pipeline that reads the file, not the
     exit code. This run's file, once written, replaces it (`run` deletes NAME.old), as before.
-    An earlier report in `report_dir` (its index.html) is moved so too, to a new folder DIR.old
-    (its index.html, plots/ and images/ only: the folder may hold other files)."""
+    An earlier report in `report_dir` (its index.html) is moved so too, into a new folder DIR/old
+    (old2, ... where taken): its index.html, plots/ and images/ only (DIR may hold other files),
+    inside DIR, which needs only DIR writable (its parent may be read-only, DIR a mount point).
+    `moved` then has {DIR/index.html: DIR/old/index.html}, the page to open."""
     for path in paths:
-        if path.exists() or path.is_symlink():
+        if exists(path):
             aside = aside_name(path)
             try:
                 path.rename(aside)
@@ -579,11 +582,12 @@ def set_aside(paths: list[Path], moved: dict[Path, Path], report_dir: Path | Non
             moved[path] = aside
     if report_dir is None or not (report_dir / "index.html").exists():
         return
-    aside, done = aside_name(report_dir), []
+    names = (f"{REPORT_OLD}{i}" if i > 1 else REPORT_OLD for i in itertools.count(1))
+    aside, done = next(report_dir / n for n in names if not exists(report_dir / n)), []
     try:
         aside.mkdir()
         for part in report.PARTS:  # index.html first: no page is left to show half its files
-            if (report_dir / part).exists() or (report_dir / part).is_symlink():
+            if exists(report_dir / part):
                 (report_dir / part).rename(aside / part)
                 done.append(part)
     except OSError as e:
@@ -594,17 +598,20 @@ def set_aside(paths: list[Path], moved: dict[Path, Path], report_dir: Path | Non
             aside.rmdir()
         raise OutputError(f"--report {report_dir}: cannot move the earlier report aside to "
                           f"{aside} ({e.strerror or e}); move or delete it") from None  # fmt: skip
-    moved[report_dir] = aside
+    moved[report_dir / "index.html"] = aside / "index.html"
+
+
+def exists(path: Path) -> bool:
+    """A name taken: a file, a folder, or a link (broken or not)."""
+    return path.exists() or path.is_symlink()
 
 
 def aside_name(path: Path) -> Path:
     """The first free name of NAME.old, NAME.old2, ... beside `path` (`set_aside`)."""
-    if path.name in ("", ".."):  # --report . or ..: the folder's own name
-        path = path.resolve()
     for i in itertools.count(1):
         suffix = OLD if i == 1 else f"{OLD}{i}"
         aside = path.with_name(fit_name(path.name, len(suffix), name_max(path.parent)) + suffix)
-        if not (aside.exists() or aside.is_symlink()):
+        if not exists(aside):
             return aside
 
 
@@ -640,7 +647,7 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     """The run; `summary` gathers the fields of its closing line (--json) as they become known."""
     summary = summary or Summary(PROG)
     # results, csv, report: the files this run wrote (null until then: after a stop or an error,
-    # the names the flags gave hold no file of this run; an earlier run's is in NAME.old)
+    # the names the flags gave hold no file of this run; an earlier run's is in NAME.old, DIR/old)
     summary.update(results=None, csv=None, report=None, images=None, scored=0)
     summary.update(partial=None, kept=0, mean=None)
     shave, device, batch, lpips_read = check_flags(args)
@@ -699,7 +706,7 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
             summary.update(partial=str(partial), kept=k + 1)
 
     # a stop after the report's first file (a full disk, Ctrl-C, a bad image) leaves none of it;
-    # an earlier report waits in DIR.old (`set_aside`) until this run's page is written
+    # an earlier report waits in DIR/old (`set_aside`) until this run's page is written
     moved = {}
     with said_unfinished(summary.fields, moved, oom), report.removed_if_unfinished(report_dir):
         set_aside([Path(p) for p in (args.out, args.csv) if p and p != STDOUT], moved, report_dir)
@@ -734,8 +741,8 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
             with signals_held():  # (as the files: a stop's line says what is where)
                 index = report.write_report(report_dir, title, columns, table, sheets, missing)
                 summary.update(report=str(index))
-                if report_dir in moved:  # replaced by this run's
-                    delete_old_report(moved.pop(report_dir))
+                if report_dir / "index.html" in moved:  # replaced by this run's
+                    delete_old_report(moved.pop(report_dir / "index.html").parent)
     summary.update(mean=means)
     for flag, path, text in results:
         if path == STDOUT:

@@ -13,7 +13,7 @@ across samples (white: its 99.5th percentile). Every thumbnail links to a full-s
   images/{k:06d}/m{j:02d}/        method j: its sample files (hard links or copies) and std.png
   */thumb_*.png                   thumbnails, at most THUMB px on a side
 Nothing refers to a file outside DIR, so the folder can be copied or archived as it is. An
-earlier report there (these three names) is moved to DIR.old while a rerun works (sr_eval.py).
+earlier report there (these three names) is moved into DIR/old while a rerun works (sr_eval.py).
 """
 
 import html
@@ -120,7 +120,7 @@ def std_map(samples: list[np.ndarray]) -> tuple[np.ndarray, float]:
 def removed_if_unfinished(folder: Path | None):
     """The report's files removed where the run stops inside (a full disk, Ctrl-C, a bad image)
     after its first file: its images/ and plots/, half of them written, would be shown by no page
-    (index.html is written last; an earlier report's was moved to DIR.old before the first file,
+    (index.html is written last; an earlier report's was moved to DIR/old before the first file,
     sr_eval.set_aside) and taken for a whole report. Where index.html is still there (a stop
     before the earlier report was moved, or after the page), nothing is removed."""
     try:

@@ -168,23 +168,57 @@ def test_report_without_lpips_plots_what_it_can(tmp_path, capsys, plotted):
     assert sorted(t for t, *_ in plotted[0]["labels"]) == ["sweep@T0", "sweep@T0.5", "sweep@T1"]
 
 
-def test_a_rerun_that_stops_keeps_the_earlier_report_aside_and_no_page_of_its_own(tmp_path, capsys):
+def files_in(folder: Path) -> dict[Path, bytes]:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def confined_to(folder: Path, monkeypatch, errno: int, why: str) -> None:
+    """Path.mkdir and Path.rename fail with `errno` where they would make a name outside `folder`:
+    a writable report folder in a read-only parent (EACCES) or on a file system of its own, a
+    mount point (EXDEV), where root (whom a chmod does not stop) runs the tests too."""
+    mkdir, rename = Path.mkdir, Path.rename
+    outside = lambda p: not Path(p).resolve().is_relative_to(folder.resolve())  # noqa: E731
+
+    def no_mkdir(path, *args, **kwargs):
+        if outside(path) and not path.exists():
+            raise OSError(errno, why)
+        return mkdir(path, *args, **kwargs)
+
+    def no_rename(path, target):
+        if outside(target):
+            raise OSError(errno, why)
+        return rename(path, target)
+
+    monkeypatch.setattr(Path, "mkdir", no_mkdir)
+    monkeypatch.setattr(Path, "rename", no_rename)
+
+
+@pytest.mark.parametrize("parent", ["writable", "read-only", "another file system"])
+def test_a_rerun_that_stops_keeps_the_earlier_report_aside_and_no_page_of_its_own(
+    tmp_path, capsys, monkeypatch, parent
+):
     """A rerun into a report folder replaces its images one by one; one that stopped midway (a
     bad sample of the second image) left the earlier index.html, which showed the new run's
     samples under the earlier run's method names; then its page was deleted before the first
-    file, so a rerun that failed lost the earlier report. The earlier report (index.html, plots/,
-    images/) is now moved to DIR.old when the scoring starts, as an earlier --out or --csv is,
-    the error line says where, and a run that completes deletes the DIR.old it made; the files
-    written before the stop go. (A wrong size stops a run before its first file:
-    sr_eval.check_headers.)"""
+    file, so a rerun that failed lost the earlier report; then (c97dd7c) it was moved to a new
+    folder DIR.old beside DIR, which a read-only parent or a DIR that is a mount point refused:
+    every rerun stopped with exit 7 before its first image. The earlier report (index.html,
+    plots/, images/) is now moved into a new folder DIR/old (old2, ... where taken) when the
+    scoring starts, which needs DIR alone; the error line says where, and a run that completes
+    deletes the folder it made; the files written before the stop go. (A wrong size stops a run
+    before its first file: sr_eval.check_headers.)"""
     hr_dir, sweep, bic = sweep_world(tmp_path, n=2)
     rep = tmp_path / "report"
     base = ["--hr", hr_dir, "--scale", 4, "--n", 2, "--no-lpips", "--report", rep, "--quiet"]
     first = [str(a) for a in [*base, "--sr", f"first={sweep / 'T0'}"]]
     second = [str(a) for a in [*base, "--sr", f"second={sweep / 'T1'}"]]
     assert sr_eval.main(first) == 0
-    earlier = {p.relative_to(rep): p.read_bytes() for p in rep.rglob("*") if p.is_file()}
+    earlier = files_in(rep)
     assert "first" in earlier[Path("index.html")].decode()
+    if parent == "read-only":
+        confined_to(rep, monkeypatch, 13, "Permission denied")
+    elif parent == "another file system":
+        confined_to(rep, monkeypatch, 18, "Invalid cross-device link")
     bad = sweep / "T1" / f"{STEMS[1]}_sample00001.png"  # truncated: its header is whole
     whole = bad.read_bytes()
     bad.write_bytes(whole[:100])
@@ -192,35 +226,35 @@ def test_a_rerun_that_stops_keeps_the_earlier_report_aside_and_no_page_of_its_ow
         sr_eval.main(second)
     err = capsys.readouterr().err.splitlines()
     assert e.value.code == 3 and len(err) == 1, err
-    assert err[0].endswith(f"; {rep} (an earlier run's) moved to {rep}.old"), err
-    assert sorted(p.name for p in rep.iterdir()) == []  # no page, no half of the new files
-    old = tmp_path / "report.old"
-    assert {p.relative_to(old): p.read_bytes() for p in old.rglob("*") if p.is_file()} == earlier
+    went = f"; {rep / 'index.html'} (an earlier run's) moved to {rep / 'old' / 'index.html'}"
+    assert err[0].endswith(went), err
+    assert sorted(p.name for p in rep.iterdir()) == ["old"]  # no page, no half of the new files
+    old = rep / "old"
+    assert files_in(old) == earlier
     assert all((old / ref).is_file() for ref in page_refs(old / "index.html"))
 
     bad.write_bytes(whole)
-    assert sr_eval.main(second) == 0  # nothing to move aside: the earlier report.old stays
+    assert sr_eval.main(second) == 0  # nothing to move aside: the earlier report in old stays
     assert "second" in (rep / "index.html").read_text()
-    assert (old / "index.html").read_bytes() == earlier[Path("index.html")]
-    assert sr_eval.main(first) == 0  # moved to report.old2 while it works, deleted at the end
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("report")) == [
-        "report", "report.old"
-    ]  # fmt: skip
-    now = {p.relative_to(rep): p.read_bytes() for p in rep.rglob("*") if p.is_file()}
+    assert files_in(old) == earlier
+    assert sr_eval.main(first) == 0  # moved to old2 while it works, deleted at the end
+    assert sorted(p.name for p in rep.iterdir()) == ["images", "index.html", "old", "plots"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("report")] == ["report"]
+    now = {p: b for p, b in files_in(rep).items() if p.parts[0] != "old"}
     assert now == earlier  # (the same command: none of the second run's files is left)
 
 
 def test_an_earlier_report_that_cannot_be_moved_aside_stays_whole(tmp_path, capsys, monkeypatch):
-    """Where a part of the earlier report cannot be moved to DIR.old (images/ on another file
-    system: EXDEV), the parts moved before go back: one line, exit 7, the earlier report whole
-    in its folder and no DIR.old."""
+    """Where a part of the earlier report cannot be moved to DIR/old (images/ a mount point of
+    its own: EXDEV), the parts moved before go back: one line, exit 7, the earlier report whole
+    in its folder and no DIR/old."""
     hr_dir, sweep, _ = sweep_world(tmp_path, n=2)
     rep = tmp_path / "report"
     argv = ["--hr", hr_dir, "--sr", sweep / "T0", "--scale", 4, "--n", 2, "--no-lpips",
             "--report", rep, "--quiet"]  # fmt: skip
     argv = [str(a) for a in argv]
     assert sr_eval.main(argv) == 0
-    earlier = {p.relative_to(rep): p.read_bytes() for p in rep.rglob("*") if p.is_file()}
+    earlier = files_in(rep)
     rename = Path.rename
 
     def no_images(path, target):
@@ -232,10 +266,10 @@ def test_an_earlier_report_that_cannot_be_moved_aside_stays_whole(tmp_path, caps
     with pytest.raises(SystemExit) as e:
         sr_eval.main(argv)
     said = (f"sr_eval.py: error: --report {rep}: cannot move the earlier report aside to "
-            f"{rep}.old (Invalid cross-device link); move or delete it\n")  # fmt: skip
+            f"{rep / 'old'} (Invalid cross-device link); move or delete it\n")  # fmt: skip
     assert (e.value.code, capsys.readouterr().err) == (7, said)
-    assert {p.relative_to(rep): p.read_bytes() for p in rep.rglob("*") if p.is_file()} == earlier
-    assert not (tmp_path / "report.old").exists()
+    assert files_in(rep) == earlier
+    assert sorted(p.name for p in rep.iterdir()) == ["images", "index.html", "plots"]
 
 
 def test_a_report_on_a_full_disk_leaves_none_of_its_files(tmp_path):
