@@ -46,7 +46,8 @@ lines and the table go to stderr then (`sr_eval.py ... --out - | jq .mean`).
 
 --report DIR: DIR/index.html, self-contained (sr_lib/report.py): the table, the NTIRE trade-off
 plots and per image a contact sheet (LR, GT, each method's samples and their per-pixel std).
-DIR is the report's: --out and --csv may not lie inside it.
+DIR is the report's: --out and --csv may not lie inside it, nor any input in DIR/index.html,
+DIR/plots or DIR/images (--hr data/images --report data), refused before any work.
 
 A run stopped before its end keeps the scores of the images done in OUT.partial beside --out (else
 --csv; without either, nothing is kept): the same command run again continues after them, and
@@ -663,6 +664,8 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     if args.uncertainty:
         sigma_files = sigma_maps(args.uncertainty, stems, args.scale, args.ntire)
     check_not_inputs(args, hr, methods, lr_files, sigma_files)
+    if args.report:
+        check_not_in_report(args, hr, methods, lr_files, sigma_files)
     check_headers(args, shave, hr, methods, lr_files)
     if args.report:
         report.check_matplotlib()
@@ -1019,6 +1022,28 @@ def check_not_inputs(args: EvalArgs, hr: dict[str, Path], methods, lr_files, sig
         if same_files([path], inputs):
             raise UsageError(f"{flag} {path} is one of this run's input files, which the results "
                              f"would replace; give {flag} another path")  # fmt: skip
+
+
+def check_not_in_report(args: EvalArgs, hr: dict[str, Path], methods, lr_files, sigma_files):
+    """No input may lie in what --report DIR writes: DIR/index.html, DIR/plots, DIR/images (--hr
+    DIR/images, a data folder that keeps its images in images/): the report would write its
+    panels among them, a run that stops would delete them with its half report, and a rerun would
+    move them aside with the earlier report. Compared by path, links followed (a hard link there
+    is another name: an earlier report's panels are hard links of this run's inputs)."""
+    parts = {part: (Path(args.report) / part).resolve() for part in report.PARTS}
+    given = [("--hr", args.hr, list(hr.values()))] if args.hr != "demo" else []
+    given += [("--sr", m.sr_dir, [f for fs in m.files for f in fs]) for m in methods]
+    given += [("--lr", args.lr, lr_files or []), ("--uncertainty", args.uncertainty, sigma_files)]
+    given += [("--lpips-weights", args.lpips_weights, [])]
+    for flag, path, files in given:
+        for name in filter(None, [path, *(files or [])]):
+            where = Path(name).resolve()
+            part = next((p for p, real in parts.items() if where.is_relative_to(real)), None)
+            if part is not None:
+                what = f"{flag} {path}" + ("" if name == path else f": its file {name}")
+                raise UsageError(f"{what} lies in {Path(args.report) / part}, which --report "
+                                 f"{args.report} writes (a rerun moves it aside, a stopped run "
+                                 "deletes it); give --report another folder")  # fmt: skip
 
 
 def lr_inputs(lr: str, stems: list[str], scale: int) -> list[Path]:

@@ -272,6 +272,43 @@ def test_an_earlier_report_that_cannot_be_moved_aside_stays_whole(tmp_path, caps
     assert sorted(p.name for p in rep.iterdir()) == ["images", "index.html", "plots"]
 
 
+@pytest.mark.parametrize("where", ["--hr", "--sr", "--lr", "a link"])
+def test_inputs_in_the_reports_own_parts_are_refused_before_any_work(tmp_path, capsys, where):
+    """--hr R/images --report R (a data folder that keeps its images in images/): the report
+    wrote its panels among them, a run that stopped deleted them with its half report, and a
+    rerun moved them aside with the earlier report ("no such file"). An input that lies in
+    R/index.html, R/images or R/plots (a folder, or a file through a link) is refused now: one
+    line naming its flag, exit 2, before anything is read or written."""
+    hr_dir, sweep, _ = sweep_world(tmp_path, n=2)
+    rep = tmp_path / "report"
+    src = {"--hr": hr_dir, "--sr": sweep / "T0", "--lr": sweep / "lr"}
+    inside = {"--hr": rep / "images", "--sr": rep / "plots" / "T0", "--lr": rep / "images" / "lr"}
+    if where == "a link":  # samples outside R, links to files in R/images
+        inside["--sr"] = rep / "images" / "T0"
+        inside["--sr"].parent.mkdir(parents=True)
+        (sweep / "T0").rename(inside["--sr"])
+        src["--sr"].mkdir()
+        for f in inside["--sr"].iterdir():
+            (src["--sr"] / f.name).symlink_to(f)
+    else:
+        inside[where].parent.mkdir(parents=True, exist_ok=True)
+        src[where].rename(inside[where])
+        src[where] = inside[where]
+    before = files_in(tmp_path)
+    argv = ["--hr", src["--hr"], "--sr", src["--sr"], "--lr", src["--lr"], "--scale", 4, "--n",
+            2, "--no-lpips", "--report", rep, "--quiet"]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        sr_eval.main([str(a) for a in argv])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    flag = "--sr" if where == "a link" else where
+    assert err[0].startswith(f"sr_eval.py: error: {flag} {src[flag]}"), err
+    part = inside[flag].relative_to(rep).parts[0]
+    assert f"lies in {rep / part}, which --report {rep} writes" in err[0], err
+    assert files_in(tmp_path) == before  # nothing written, moved or deleted
+    assert not (rep / "index.html").exists()
+
+
 def test_a_report_on_a_full_disk_leaves_none_of_its_files(tmp_path):
     """A disk that fills while the report is written (here a 1 kB file size limit, EFBIG as
     ENOSPC: the first image's GT thumbnail) left images/000000/ with its LR and GT, a partial
