@@ -101,7 +101,8 @@ which is cut away. The model's LR-only work runs on the whole image and is cut p
 noise field is drawn at whole-image size and cut, so with the default context, the model's
 receptive field (`tile_halo`; docs/design.md, "Tiled sampling"), a tiled sample equals the untiled
 one up to float rounding (a tile's sums run in another order: now and then a pixel one 8-bit level
-off). A CUDA out-of-memory error retries the image with tiles halved, down to 64 px. A rerun may
+off). A CUDA out-of-memory error retries the image with tiles halved, down to 64 px (then one
+line, exit 4, names what lowers the memory for this run: out_of_memory_line). A rerun may
 change --tile and --tile-overlap while the tiles stay exact (at least the default context, or a
 --tile that holds every input whole); a folder of inexact tiles is refused to other ones
 (manifest.json's tile_context). Without --tile, --tile-overlap is unused (a warning): an
@@ -184,6 +185,7 @@ from sr_lib.errors import (
     PREEMPT_SIGNALS,
     DataError,
     NonFiniteError,
+    OutOfMemory,
     OutputError,
     Preempted,
     Stopped,
@@ -191,6 +193,7 @@ from sr_lib.errors import (
     UsageError,
     catch,
     exit_on_error,
+    is_out_of_memory,
     print_out,
     replay_stop_signal,
     say_err,
@@ -219,7 +222,11 @@ from sr_lib.tiling import DEFAULT_CONTEXT, draw, grid, prepare, upscale
 from sr_lib.weights import sha256_file
 
 PROG = "sr_sample.py"
-OUT_OF_MEMORY = "out of memory; use a smaller --batch or --tile"
+# the line of an out-of-memory error outside the drawing of samples (`out_of_memory_line`'s)
+OUT_OF_MEMORY = (
+    "out of memory loading the model or reading an image (--device cpu where a GPU "
+    "cannot hold the model)"
+)
 MIN_TILE = 16  # smallest --tile (LR px): below it the context costs many times the tile
 OOM_MIN_TILE = 64  # the out-of-memory fallback halves the tile down to this
 GRID_SAMPLES = 16  # samples shown on a --grid contact sheet (its std panel: of all n)
@@ -1242,8 +1249,14 @@ def check_invertibility(args: SampleArgs, given: set[str], model, name: str, pat
             for c0 in range(0, args.n, args.batch):
                 idx = range(c0, min(c0 + args.batch, args.n))
                 noise = NoiseSource([sample_seed(args.seed, path.stem, i) for i in idx], device)
-                with autocast:
-                    x, x2, dz = model.round_trip(x_lr, len(idx), float(t), noise)
+                try:
+                    with autocast:
+                        x, x2, dz = model.round_trip(x_lr, len(idx), float(t), noise)
+                except (MemoryError, RuntimeError) as e:  # (torch's are RuntimeErrors)
+                    if not is_out_of_memory(e):
+                        raise
+                    line = out_of_memory_line(e, model, lr, args.n, args, None)
+                    raise OutOfMemory(line) from None
                 diff = (x - x2)[..., : h * s, : w * s].float().abs().flatten(1)
                 total, count = total + float(diff.double().sum()), count + diff.numel()
                 z = float(dz.float().max())
@@ -1642,12 +1655,53 @@ def sample_image(model, lr, img, stem, name, n, todo, folders, files, contexts, 
                 save_png(folder / f"{name}_grid.png",
                          img.pixels(to_tensor(sheet), bits=8) if img.gray else sheet)  # fmt: skip
             todo.pop(0)
-        except torch.cuda.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError as e:
             torch.cuda.empty_cache()
-            tile, context = (tile or max(lr.shape[-2:])) // 2, retry_context
+            tried, context = tile, retry_context
+            tile = (tile or max(lr.shape[-2:])) // 2
             if tile < OOM_MIN_TILE:
-                raise MemoryError from None
+                raise OutOfMemory(out_of_memory_line(e, model, lr, n, args, tried, tried)) from None
             say(f"{name}: CUDA out of memory; retrying with --tile {tile}")
+        except (MemoryError, RuntimeError) as e:  # the host's memory: no retry
+            if not is_out_of_memory(e):
+                raise
+            raise OutOfMemory(out_of_memory_line(e, model, lr, n, args, tile)) from None
+
+
+def out_of_memory_line(e, model, lr, n: int, args, tile: int | None, tried: int = 0) -> str:
+    """The line of out-of-memory error `e` drawing `n` samples of the LR `lr` (1, 3, h, w): it
+    names only what lowers the memory that ran out, with this run's values. A smaller --batch
+    where samples are drawn together (a stochastic model: --batch, at most n). A GPU's memory:
+    --device cpu; a smaller --tile is not named, `sample_image` retried in tiles halved down to
+    OOM_MIN_TILE (`tried`: the last, 0 where the image was whole); nor --amp, whose autocast
+    raised the peak memory on a CPU (float32 copies of its casts: SRFlow x3.2, EDSR x1.2 at a
+    256 px LR) and is not measured on a GPU. The host's memory (a
+    MemoryError, torch's "can't allocate memory"): on a CPU run, a halved --tile where it stays
+    at least MIN_TILE (`tile`: this run's, 0 whole, None where no tiles are cut:
+    --check-invertibility)."""
+    device, (h, w) = lr.device, lr.shape[-2:]
+    host = device.type == "cpu" or isinstance(e, MemoryError) or "can't allocate" in str(e)
+    batch = min(args.batch, n) if model.stochastic else 1
+    helps = []
+    if batch > 1:
+        mine = args.batch == batch
+        helps.append(f"a smaller --batch (this run's: {batch})" if mine else f"a --batch below {n}")
+    if tile is not None and device.type == "cpu":
+        whole = max(h, w) if not tile else min(tile, max(h, w))
+        half = grid(model, whole // 2, 0)[0]
+        if MIN_TILE <= half < whole:
+            helps.append(f"--tile {half}" + (f" (this run's: {tile})" if tile else ""))
+    if device.type != "cpu" and not host:
+        helps.append("--device cpu")
+    if not helps:
+        cut = tile or tried
+        tiles = f" in tiles of {cut} LR px" if cut and cut < max(h, w) else ""
+        where = "this machine" if host else str(device)
+        return (f"out of memory drawing one sample at a time{tiles}: this {w}x{h} LR image needs "
+                f"more memory than {where} has")  # fmt: skip
+    said = helps[0] if len(helps) == 1 else f"{', '.join(helps[:-1])} or {helps[-1]}"
+    also = "" if host else f" on {device}" + (f", also in tiles of {tried} LR px" if tried else "")
+    return f"out of memory{also}; use {said}"
 
 
 def write_samples(model, lr, img, alpha, stem, name, n, temperature, folder, files, tile, context,

@@ -7,6 +7,7 @@ import json
 import os
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import imageio.v3 as iio
 import numpy as np
@@ -1179,3 +1180,75 @@ def test_the_help_of_the_latent_flags_names_the_flows_npz(capsys):
     latent = text[text.index("--latent LATENT decode") :][:200]
     assert ".latent.npy" in save and ".latent.npz (flows)" in save, save
     assert ".npy" in latent and "flows: a .npz" in latent, latent
+
+
+def host_out_of_memory(cls, monkeypatch):
+    """cls.generate raises the host's out-of-memory error (a MemoryError: a CPU run)."""
+
+    def no_memory(self, lr, *args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(cls, "generate", no_memory)
+
+
+@pytest.mark.parametrize(
+    "flags, said",
+    [  # an LR of 24x40 (Toy: tiles in multiples of 4)
+        (["--n", 2, "--batch", 1], "out of memory; use --tile 20"),
+        (["--n", 4], "out of memory; use a --batch below 4 or --tile 20"),
+        (["--n", 4, "--batch", 2, "--tile", 32],
+         "out of memory; use a smaller --batch (this run's: 2) or --tile 16 (this run's: 32)"),
+        (["--n", 4, "--batch", 2, "--tile", 16],
+         "out of memory; use a smaller --batch (this run's: 2)"),
+        (["--n", 1, "--tile", 16],
+         "out of memory drawing one sample at a time in tiles of 16 LR px: this 40x24 LR image "
+         "needs more memory than this machine has"),
+    ],
+)  # fmt: skip
+def test_out_of_memory_names_only_what_lowers_it(tmp_path, toy_ckpt, monkeypatch, capsys, flags,
+                                                 said):  # fmt: skip
+    """The line was "out of memory; use a smaller --batch or --tile" for every run: at --batch 1
+    (or a batch above --n: the samples of one image are drawn together at most) a smaller --batch
+    cannot help, nor a smaller --tile at its least (16). It names what does, with the run's values:
+    here a CPU's memory (a MemoryError), where no out-of-memory retry tiles the image."""
+    monkeypatch.setattr(Toy, "tile_halo", 0)  # (no warning that the context outgrows a tile)
+    inp = folder(tmp_path / "in", a=image((24, 40), 6))
+    host_out_of_memory(Toy, monkeypatch)
+    assert run("--ckpt", toy_ckpt, "--input", inp, "--out", tmp_path / "o", *flags) == 4
+    assert capsys.readouterr().err.splitlines() == [f"sr_sample.py: error: {said}"]
+
+
+class FakeCuda:
+    type = "cuda"
+
+    def __str__(self):
+        return "cuda:0"
+
+
+@pytest.mark.parametrize(
+    "error, batch, n, tried, said",
+    [
+        (torch.OutOfMemoryError, 10, 10, 64,
+         "out of memory on cuda:0, also in tiles of 64 LR px; use a smaller --batch (this run's: "
+         "10) or --device cpu"),
+        (torch.OutOfMemoryError, 1, 10, 64,
+         "out of memory on cuda:0, also in tiles of 64 LR px; use --device cpu"),
+        (torch.OutOfMemoryError, 4, 2, 0,  # an LR under 2 x OOM_MIN_TILE: no tiles tried
+         "out of memory on cuda:0; use a --batch below 2 or --device cpu"),
+        (MemoryError, 10, 10, 0,
+         "out of memory; use a smaller --batch (this run's: 10)"),  # the host's, on a CUDA run
+        (MemoryError, 1, 10, 0,
+         "out of memory drawing one sample at a time: this 40x24 LR image needs more memory than "
+         "this machine has"),
+    ],
+)  # fmt: skip
+def test_out_of_memory_line_of_a_cuda_run(error, batch, n, tried, said):
+    """On a CUDA device a retry tiles the image down to OOM_MIN_TILE first (`tried`: the last
+    tile; 0: the image was whole), so a smaller --tile is not named; --device cpu takes the
+    host's memory. The host's memory on a CUDA run: only --batch (the samples drawn together
+    come back to it)."""
+    model = Toy(Toy.Config(scale=SCALE))
+    lr = SimpleNamespace(device=FakeCuda(), shape=(1, 3, 24, 40))
+    args = SimpleNamespace(batch=batch, amp="none")
+    line = sr_sample.out_of_memory_line(error("out of memory"), model, lr, n, args, 0, tried)
+    assert line == said

@@ -1200,3 +1200,25 @@ def test_check_invertibility_of_a_model_that_is_no_flow_is_a_usage_error(tmp_pat
         "sr_sample.py: error: --check-invertibility: the edsr model is not a flow, it has no "
         "inverse to check (only: srflow, srflow_da, ncsr)"
     ]
+
+
+@pytest.mark.parametrize(
+    "n, said",
+    [(3, "out of memory; use a --batch below 3"),
+     (1, "out of memory drawing one sample at a time: this 12x10 LR image needs more memory than "
+         "this machine has")],
+)  # fmt: skip
+def test_check_invertibility_out_of_memory_names_what_lowers_it(n, said, tmp_path, capsys,
+                                                                monkeypatch):  # fmt: skip
+    """--check-invertibility out of memory said "use a smaller --batch or --tile": it cuts no
+    tiles (--tile has no effect there), and a single sample has no smaller --batch."""
+    path, inp = flow_checkpoint(tmp_path)
+
+    def no_memory(self, *args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(MODELS["srflow"], "round_trip", no_memory)
+    argv = ["--ckpt", str(path), "--input", str(inp), "--n", str(n), "--check-invertibility"]
+    with pytest.raises(SystemExit) as e:
+        sr_sample.main(argv)
+    assert (e.value.code, capsys.readouterr().err) == (4, f"sr_sample.py: error: {said}\n")
