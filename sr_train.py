@@ -530,15 +530,20 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     result.update(step=step, skipped=skipped, steps=steps)
     del forward, batches  # DDP and the loader hold the process group: gone before finish ends it
     if saved == step:  # (one process below: finish() has no process group to leave)
-        held = f"{out / 'last.pt'} holds step {step}: continue with --resume auto and"
+        state, how = f"{out / 'last.pt'} holds step {step}", "continue with --resume auto and"
     elif resumed is not None:
-        held = f"{ckpt_path} still holds step {start}: resume it with"
+        state, how = f"{ckpt_path} still holds step {start}", "resume it with"
     else:
-        held = "nothing was saved: start again with"
-    if oom:  # a model flag above the paper's may be the cause as much as the batch
-        big = bigger_flags(args.model, cfg)
-        raise OutOfMemory(f"step {step + 1}: out of memory; {held} a smaller --batch or --patch"
-                          + (f", or smaller model flags ({big})" if big else ""))  # fmt: skip
+        state, how = "nothing was saved", "start again with"
+    held = f"{state}: {how}"
+    if oom:
+        helps = lower_memory(args, cfg, recipe, model)
+        if not helps:
+            raise OutOfMemory(f"step {step + 1}: out of memory at --batch 1 and --patch "
+                              f"{recipe.patch}, the least: the {args.model} model does not fit "
+                              f"in training on {device}; {state}")  # fmt: skip
+        said = helps[0] if len(helps) == 1 else f"{', '.join(helps[:-1])} or {helps[-1]}"
+        raise OutOfMemory(f"step {step + 1}: out of memory; {held} {said}")
     if lost_image is not None:
         raise type(lost_image)(f"step {step + 1}: {lost_image}; {held} that fixed")
     if hung is not None:  # (one process) as after SIGTERM: requeued, the job goes on
@@ -1150,6 +1155,19 @@ def build_training(args: TrainArgs, cfg: dict, named: set[str], recipe: Recipe, 
     fp16 = args.amp == "fp16" and bool(optimizers)
     scaler = torch.amp.GradScaler(device.type) if fp16 else None
     return model, optimizers, scaler
+
+
+def lower_memory(args: TrainArgs, cfg: dict, recipe: Recipe, model) -> list[str]:
+    """What lowers a training step's memory, with this run's values: a smaller --batch where it
+    is over 1 (per process), a smaller --patch where one is left (a multiple of the model's
+    lr_multiple, at least its min_lr_size), and the model flags set above the paper's
+    (`bigger_flags`), a cause as much as the batch."""
+    helps = [f"a smaller --batch (this run's: {recipe.batch})"] if recipe.batch > 1 else []
+    m = model.lr_multiple
+    if recipe.patch - m >= max(m, -(-model.min_lr_size // m) * m):
+        helps.append(f"a smaller --patch (this run's: {recipe.patch})")
+    big = bigger_flags(args.model, cfg)
+    return helps + ([f"smaller model flags ({big})"] if big else [])
 
 
 def bigger_flags(name: str, cfg: dict) -> str:

@@ -671,8 +671,16 @@ def out_of_memory(*args, **kwargs):
          "the edsr model does not fit in memory on cpu (--n-feats 100000000): use smaller model "
          "flags"),
         ("train_step", {"--n-feats": "96"},
-         "a smaller --batch or --patch, or smaller model flags (--n-feats 96)"),
-        ("train_step", {}, "a smaller --batch or --patch"),  # the model at its paper's size
+         "a smaller --batch (this run's: 2), a smaller --patch (this run's: 8) or smaller model "
+         "flags (--n-feats 96)"),
+        ("train_step", {}, "a smaller --batch (this run's: 2) or a smaller --patch (this run's: "
+         "8)"),  # the model at its paper's size
+        ("train_step", {"--batch": "1"}, "a smaller --patch (this run's: 8)"),
+        ("train_step", {"--batch": "1", "--patch": "1", "--n-feats": "96"},
+         "smaller model flags (--n-feats 96)"),
+        ("train_step", {"--batch": "1", "--patch": "1"},
+         "step 1: out of memory at --batch 1 and --patch 1, the least: the edsr model does not "
+         "fit in training on cpu; nothing was saved"),
     ],
 )  # fmt: skip
 def test_out_of_memory_names_the_model_flags_that_grew_it(where, flags, said, world, tmp_path,

@@ -361,12 +361,14 @@ def test_out_of_memory_in_a_step_saves_the_steps_done(tmp_path, images, toy, mon
     assert e.value.code == 4
     if at == 0:
         assert err == ["sr_train.py: error: step 1: out of memory; nothing was saved: start again "
-                       "with a smaller --batch or --patch"]  # fmt: skip
+                       "with a smaller --batch (this run's: 2) or a smaller --patch (this run's: "
+                       "8)"]  # fmt: skip
         assert not (tmp_path / "a" / "last.pt").exists()
         return
     last = tmp_path / "a" / "last.pt"
     assert err == [f"sr_train.py: error: step 6: out of memory; {last} holds step 5: continue "
-                   "with --resume auto and a smaller --batch or --patch"]  # fmt: skip
+                   "with --resume auto and a smaller --batch (this run's: 2) or a smaller "
+                   "--patch (this run's: 8)"]  # fmt: skip
     ck = load_checkpoint(last)
     assert ck["step"] == 5
     monkeypatch.setattr(Toy, "forward", real)
