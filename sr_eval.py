@@ -47,7 +47,8 @@ lines and the table go to stderr then (`sr_eval.py ... --out - | jq .mean`).
 --report DIR: DIR/index.html, self-contained (sr_lib/report.py): the table, the NTIRE trade-off
 plots and per image a contact sheet (LR, GT, each method's samples and their per-pixel std).
 DIR is the report's: --out and --csv may not lie inside it, nor any input in DIR/index.html,
-DIR/plots or DIR/images (--hr data/images --report data), refused before any work.
+DIR/plots or DIR/images (--hr data/images --report data), refused before any work, and so is
+a DIR/images or DIR/plots without DIR/index.html (not a report's, or a killed run's half one).
 
 A run stopped before its end keeps the scores of the images done in OUT.partial beside --out (else
 --csv; without either, nothing is kept): the same command run again continues after them, and
@@ -666,6 +667,7 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     check_not_inputs(args, hr, methods, lr_files, sigma_files)
     if args.report:
         check_not_in_report(args, hr, methods, lr_files, sigma_files)
+        check_no_stray_parts(Path(args.report))
     check_headers(args, shave, hr, methods, lr_files)
     if args.report:
         report.check_matplotlib()
@@ -1044,6 +1046,23 @@ def check_not_in_report(args: EvalArgs, hr: dict[str, Path], methods, lr_files, 
                 raise UsageError(f"{what} lies in {Path(args.report) / part}, which --report "
                                  f"{args.report} writes (a rerun moves it aside, a stopped run "
                                  "deletes it); give --report another folder")  # fmt: skip
+
+
+def check_no_stray_parts(report_dir: Path) -> None:
+    """DIR/images or DIR/plots without DIR/index.html (the user's own files, or a half report a
+    killed run left) refused: no earlier report is moved aside (`set_aside` moves a page's), so
+    the run would write its panels among those files, replacing those of its names, and a run
+    that stops would delete both folders whole (report.removed_if_unfinished). Whose files they
+    are cannot be told, so the user moves or deletes them."""
+    if exists(report_dir / "index.html"):
+        return
+    for part in [p for p in report.PARTS if p != "index.html"]:
+        if exists(report_dir / part):
+            raise UsageError(f"--report {report_dir}: {report_dir / part} is there but no "
+                             f"{report_dir / 'index.html'} (files not of a report, or a killed "
+                             "run's half report); the report would write among them and a stopped "
+                             "run delete them: move or delete it, or give --report another "
+                             "folder")  # fmt: skip
 
 
 def lr_inputs(lr: str, stems: list[str], scale: int) -> list[Path]:

@@ -309,6 +309,33 @@ def test_inputs_in_the_reports_own_parts_are_refused_before_any_work(tmp_path, c
     assert not (rep / "index.html").exists()
 
 
+@pytest.mark.parametrize("part", ["images", "plots"])
+def test_a_report_folder_with_images_or_plots_but_no_page_is_refused(tmp_path, capsys, part):
+    """--report R where R/images (or R/plots) is there without R/index.html: the user's own
+    files, or what a killed run (SIGKILL) left. No earlier report is moved aside (no page), so a
+    run wrote its panels among those files (replacing any of the same name) and a run that
+    stopped (here a bad sample of the second image) deleted R/images and R/plots whole, the
+    user's files with them. The run cannot tell whose they are: it is refused now, one line
+    naming the folder, exit 2, before anything is read or written."""
+    hr_dir, sweep, _ = sweep_world(tmp_path, n=2)
+    rep = tmp_path / "report"
+    (rep / part / "000000").mkdir(parents=True)
+    (rep / part / "notes.txt").write_text("mine")
+    (rep / part / "000000" / "gt.png").write_bytes(b"mine too")
+    bad = sweep / "T0" / f"{STEMS[1]}_sample00001.png"  # truncated: its header is whole
+    bad.write_bytes(bad.read_bytes()[:100])
+    before = files_in(tmp_path)
+    argv = ["--hr", hr_dir, "--sr", sweep / "T0", "--scale", 4, "--n", 2, "--no-lpips",
+            "--report", rep, "--quiet"]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        sr_eval.main([str(a) for a in argv])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"sr_eval.py: error: --report {rep}: {rep / part} is there but no "
+                             f"{rep / 'index.html'}"), err  # fmt: skip
+    assert files_in(tmp_path) == before  # nothing written, moved or deleted
+
+
 def test_a_report_on_a_full_disk_leaves_none_of_its_files(tmp_path):
     """A disk that fills while the report is written (here a 1 kB file size limit, EFBIG as
     ENOSPC: the first image's GT thumbnail) left images/000000/ with its LR and GT, a partial
