@@ -438,8 +438,11 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
                 set_torch_rng_state(before_step)  # last.pt as a stop at the step's top saves it
                 stopped = stop["signal"]
                 break
-            if dd.on or not is_out_of_memory(e):  # (other ranks wait in a collective: no save)
+            if not is_out_of_memory(e):
                 raise
+            if dd.on:  # (other ranks wait in a collective: no save) this rank's flags, values
+                kept = held_steps(dd, saved, out / "last.pt", ckpt_path, start, resumed)
+                raise step_out_of_memory(step, args, cfg, recipe, model, device, *kept) from None
             stopped = "out of memory"  # save the steps done since the last save, then exit 4
             break
         except WorkersHung as e:  # README "Clusters": save the steps done, then exit 75
@@ -529,21 +532,11 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         result.update(checkpoint=str(out / "last.pt"), checkpoint_step=step)
     result.update(step=step, skipped=skipped, steps=steps)
     del forward, batches  # DDP and the loader hold the process group: gone before finish ends it
-    if saved == step:  # (one process below: finish() has no process group to leave)
-        state, how = f"{out / 'last.pt'} holds step {step}", "continue with --resume auto and"
-    elif resumed is not None:
-        state, how = f"{ckpt_path} still holds step {start}", "resume it with"
-    else:
-        state, how = "nothing was saved", "start again with"
+    # (one process below: finish() has no process group to leave; last.pt, if saved, of `step`)
+    state, how = held_steps(dd, saved, out / "last.pt", ckpt_path, start, resumed)
     held = f"{state}: {how}"
     if oom:
-        helps = lower_memory(args, cfg, recipe, model)
-        if not helps:
-            raise OutOfMemory(f"step {step + 1}: out of memory at --batch 1 and --patch "
-                              f"{recipe.patch}, the least: the {args.model} model does not fit "
-                              f"in training on {device}; {state}")  # fmt: skip
-        said = helps[0] if len(helps) == 1 else f"{', '.join(helps[:-1])} or {helps[-1]}"
-        raise OutOfMemory(f"step {step + 1}: out of memory; {held} {said}")
+        raise step_out_of_memory(step, args, cfg, recipe, model, device, state, how)
     if lost_image is not None:
         raise type(lost_image)(f"step {step + 1}: {lost_image}; {held} that fixed")
     if hung is not None:  # (one process) as after SIGTERM: requeued, the job goes on
@@ -1155,6 +1148,32 @@ def build_training(args: TrainArgs, cfg: dict, named: set[str], recipe: Recipe, 
     fp16 = args.amp == "fp16" and bool(optimizers)
     scaler = torch.amp.GradScaler(device.type) if fp16 else None
     return model, optimizers, scaler
+
+
+def held_steps(dd, saved: int | None, last: Path, ckpt_path: Path, start: int, resumed):
+    """(what holds the steps done, how to go on with a change) for a run that stops: `last` if
+    this run saved (step `saved`; only rank 0 knows that its save was written), else the resumed
+    checkpoint, else nothing."""
+    if saved is not None:
+        held = f"{last} holds step {saved}" if dd.main else f"{last} holds rank 0's last save"
+        return held, "continue with --resume auto and"
+    if resumed is not None:
+        return f"{ckpt_path} still holds step {start}", "resume it with"
+    return "nothing was saved", "start again with"
+
+
+def step_out_of_memory(step: int, args: TrainArgs, cfg: dict, recipe: Recipe, model, device,
+                       state: str, how: str) -> OutOfMemory:  # fmt: skip
+    """The line of step `step + 1` out of memory: what is left to lower (`lower_memory`), with
+    this run's values, and where nothing is, that the model does not fit; `state`, `how`:
+    `held_steps`."""
+    helps = lower_memory(args, cfg, recipe, model)
+    if not helps:
+        return OutOfMemory(f"step {step + 1}: out of memory at --batch 1 and --patch "
+                           f"{recipe.patch}, the least: the {args.model} model does not fit in "
+                           f"training on {device}; {state}")  # fmt: skip
+    said = helps[0] if len(helps) == 1 else f"{', '.join(helps[:-1])} or {helps[-1]}"
+    return OutOfMemory(f"step {step + 1}: out of memory; {state}: {how} {said}")
 
 
 def lower_memory(args: TrainArgs, cfg: dict, recipe: Recipe, model) -> list[str]:

@@ -301,6 +301,45 @@ runpy.run_path(sys.argv[0], run_name="__main__")
     assert list(own_temp_dir.glob("pymp-*")) == []  # (its socket's folder: its rank's)
 
 
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_step_out_of_memory_on_one_rank_names_what_to_lower_with_this_runs_values(
+    tmp_path, images, victim
+):
+    """srun's ranks, one whose step 4 runs out of memory (faked: CUDA's error, which a CPU test
+    cannot make): it said "out of memory; use a smaller --batch or --patch", the fallback, without
+    this run's values, where one process names what is left to lower with them. Now its line is
+    one process's, with where the steps are (rank 0 knows its save of step 2 was written, another
+    rank only that there was one); the other rank, left in a collective, loses contact: exit 75."""
+    out = tmp_path / "run"
+    argv = train_cmd(out, images, "--model", "edsr", "--n-feats", "8", "--n-blocks", "1",
+                     "--steps", "100000", "--save-every", "2", nproc=0)  # fmt: skip
+    oom = f"""
+import sys, torch
+sys.argv, sys.path[0] = sys.argv[1:], {str(REPO)!r}
+import sr_train
+real = sr_train.train_step
+def train_step(model, forward, optimizers, batches, step, *a, **k):
+    if step == 3:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return real(model, forward, optimizers, batches, step, *a, **k)
+sr_train.train_step = train_step
+sys.exit(sr_train.main(sys.argv[1:]))
+"""
+    argvs = [argv, argv]
+    argvs[victim] = [sys.executable, "-c", oom, *argv[1:]]
+    codes, outs = ended(srun_ranks(argvs, subprocess.PIPE))
+    errs = [err for _, err in outs]
+    held = "holds step 2" if victim == 0 else "holds rank 0's last save"
+    assert codes[victim] == 4 and codes[1 - victim] == 75, errs
+    assert errs[victim] == (
+        f"sr_train.py: error: step 4: out of memory; {out / 'last.pt'} {held}: continue with "
+        "--resume auto and a smaller --batch (this run's: 2) or a smaller --patch (this run's: "
+        "16)\n"
+    )
+    assert errs[1 - victim].startswith("sr_train.py: error: lost contact with the other "), errs
+    assert load_checkpoint(out / "last.pt")["step"] == 2
+
+
 def two_ranks(argv, timeout=120):
     """`argv` run by 2 srun ranks to its end: (exit codes, (stdout, stderr) texts). For tests of
     what 2 processes do, not of a launcher: torchrun's own process (an interpreter that imports
