@@ -457,8 +457,11 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
             break
         except (DataError, OutputError, SharedMemoryFull, WorkerDied) as e:  # an image and its
             # --cache file deleted mid-run; a full /dev/shm; a loader worker killed
+            if isinstance(e, SharedMemoryFull):  # a smaller batch helps too: named here, where
+                helps = smaller_batches(recipe, model)  # the model's least patch is known
+                e = SharedMemoryFull(f"{e}, or {' or '.join(helps)}" if helps else str(e))
             if dd.on or step == start:  # (the other ranks wait in a collective: no save; no
-                raise  # step done: nothing to save, e.g. an empty --ref-data found at step 1)
+                raise e from None  # step done: nothing to save, e.g. an empty --ref-data)
             stopped, lost_image = "data", e  # save the steps done, then exit 3 (7: disk full;
             # 4: /dev/shm full, a worker killed)
             break
@@ -1177,16 +1180,22 @@ def step_out_of_memory(step: int, args: TrainArgs, cfg: dict, recipe: Recipe, mo
 
 
 def lower_memory(args: TrainArgs, cfg: dict, recipe: Recipe, model) -> list[str]:
-    """What lowers a training step's memory, with this run's values: a smaller --batch where it
+    """What lowers a training step's memory, with this run's values: a smaller batch
+    (`smaller_batches`), and the model flags set above the paper's (`bigger_flags`), a cause as
+    much as the batch."""
+    big = bigger_flags(args.model, cfg)
+    return smaller_batches(recipe, model) + ([f"smaller model flags ({big})"] if big else [])
+
+
+def smaller_batches(recipe: Recipe, model) -> list[str]:
+    """What makes a training batch smaller, with this run's values: a smaller --batch where it
     is over 1 (per process), a smaller --patch where one is left (a multiple of the model's
-    lr_multiple, at least its min_lr_size), and the model flags set above the paper's
-    (`bigger_flags`), a cause as much as the batch."""
+    lr_multiple, at least its min_lr_size)."""
     helps = [f"a smaller --batch (this run's: {recipe.batch})"] if recipe.batch > 1 else []
     m = model.lr_multiple
     if recipe.patch - m >= max(m, -(-model.min_lr_size // m) * m):
         helps.append(f"a smaller --patch (this run's: {recipe.patch})")
-    big = bigger_flags(args.model, cfg)
-    return helps + ([f"smaller model flags ({big})"] if big else [])
+    return helps
 
 
 def bigger_flags(name: str, cfg: dict) -> str:

@@ -1293,7 +1293,8 @@ class _Uint8Steps(Dataset):
             except RuntimeError as e:
                 if "shared memory" not in str(e) and "No space left" not in str(e):
                     raise
-                return SharedMemoryFull(shared_memory_full(sum(t.nbytes for t in batch)))
+                workers = torch.utils.data.get_worker_info().num_workers
+                return SharedMemoryFull(shared_memory_full(sum(t.nbytes for t in batch), workers))
         return batch
 
 
@@ -1402,18 +1403,23 @@ class SharedMemoryFull(OutOfMemory):
     """A loader worker could not hand a batch to the main process: /dev/shm is full."""
 
 
-def shared_memory_full(nbytes: int) -> str:
-    """What to do where /dev/shm cannot take a batch of `nbytes` (a container's is 64 MB)."""
+def shared_memory_full(nbytes: int, workers: int) -> str:
+    """What to do where /dev/shm cannot take a batch of `nbytes` (a container's is 64 MB): each
+    of the `workers` keeps up to PREFETCH batches there (the main process one more), so fewer
+    of them help, none most. (A smaller batch helps too: the caller, which knows the model's
+    least patch, names what is left of --batch and --patch.)"""
     try:
         st = os.statvfs("/dev/shm")
         mb = st.f_frsize / 2**20
         free = f"{st.f_bavail * mb:.0f} MB free of {st.f_blocks * mb:.0f} MB"
     except OSError:
         free = "its size unknown"
+    fewer = (f"fewer --workers (this run's: {workers}; each keeps up to {PREFETCH} batches "
+             "there) or " if workers > 1 else "")  # fmt: skip
     return (
         f"the data loader's workers cannot hand over a batch of {nbytes / 2**20:.1f} MB: shared "
         f"memory (/dev/shm, {free}) is full; give the container more (docker run --shm-size "
-        "1g), or use --workers 0, or a smaller --batch or --patch"
+        f"1g), or use {fewer}--workers 0"
     )
 
 
@@ -1422,6 +1428,7 @@ class WorkerDied(OutOfMemory):
     killer (the workers ignore the stop signals)."""
 
 
+PREFETCH = 4  # batches each loader worker prepares ahead (each in /dev/shm until taken)
 WORKER_REAP_WAIT = 5.0  # s: how long a socket reset by a worker waits to see it dead
 
 
@@ -1580,7 +1587,7 @@ def train_loader(
     number of `workers`; on `device` if given, else CPU. It leaves the global torch RNG alone.
     While it waits for a batch, `stop_request()` (the run's stop request, or None) that is set
     raises StopRequested, and no batch for LOADER_TIMEOUT raises WorkersHung."""
-    more = dict(persistent_workers=True, prefetch_factor=4) if workers > 0 else {}
+    more = dict(persistent_workers=True, prefetch_factor=PREFETCH) if workers > 0 else {}
     if workers > 0:
         check_socket_folder(workers)
         make_socket_folder(workers)

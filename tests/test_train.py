@@ -676,12 +676,24 @@ def test_a_bug_in_the_loop_with_loader_workers_exits_with_its_traceback(tmp_path
     assert list(own_temp_dir.glob("pymp-*")) == []  # (the workers' sockets' folder)
 
 
-def test_a_full_dev_shm_saves_the_steps_done_and_says_so_in_one_line(tmp_path, images):
+@pytest.mark.parametrize(
+    "flags, step, helps",
+    [(("--workers", "1", "--batch", "2", "--patch", "8"), 3,
+      "or use --workers 0, or a smaller --batch (this run's: 2) or a smaller --patch (this run's: "
+      "8)"),
+     (("--workers", "2", "--batch", "1", "--patch", "1"), 5,  # (worker 0's third: step 5)
+      "or use fewer --workers (this run's: 2; each keeps up to 4 batches there) or --workers 0")],
+)  # fmt: skip
+def test_a_full_dev_shm_saves_the_steps_done_and_says_so_in_one_line(
+    tmp_path, images, flags, step, helps
+):
     """A loader worker hands a batch to the main process through /dev/shm (a container's is 64
     MB by default). Full, the queue's feeder thread printed torch's traceback and dropped the
     batch: the run waited for it until LOADER_TIMEOUT (10 min), then stopped as hung, exit 75,
     and requeued the job to meet the same wall again. Here a worker's third batch finds /dev/shm
-    full (torch's own error, from the one call that allocates it)."""
+    full (torch's own error, from the one call that allocates it). The line said "or a smaller
+    --batch or --patch" also at --batch 1 and the least patch, and "--workers 0" alone: it names
+    what is left to lower, with this run's values (each worker keeps up to 4 batches there)."""
     full = ("import sys, torch, sr_lib.data, sr_train\n"
             "sr_lib.data.LOADER_TIMEOUT = 5.0\n"  # (the old wait, shortened)
             "share, calls = torch.UntypedStorage._share_fd_cpu_, []\n"
@@ -695,19 +707,18 @@ def test_a_full_dev_shm_saves_the_steps_done_and_says_so_in_one_line(tmp_path, i
             "sys.exit(sr_train.main(sys.argv[1:]))")  # fmt: skip
     out = tmp_path / "run"
     cmd = [sys.executable, "-c", full, "--model", "edsr", "--n-feats", "8", "--n-blocks", "1",
-           "--data", str(images), "--scale", "2", "--patch", "8", "--batch", "2", "--workers", "1",
-           "--val-every", "0", "--steps", "6", "--no-requeue", "--out", str(out)]  # fmt: skip
+           "--data", str(images), "--scale", "2", *flags, "--val-every", "0", "--steps", "8",
+           "--no-requeue", "--out", str(out)]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 4, done.stderr
     assert done.stderr.splitlines() == [
-        "sr_train.py: error: step 3: the data loader's workers cannot hand over a batch of 0.0 "
-        "MB: shared memory (/dev/shm, "
+        f"sr_train.py: error: step {step}: the data loader's workers cannot hand over a batch of "
+        "0.0 MB: shared memory (/dev/shm, "
         + done.stderr.split("(/dev/shm, ")[1].split(")")[0]
-        + ") is full; give the container more (docker run --shm-size 1g), or use --workers 0, "
-        f"or a smaller --batch or --patch; {out / 'last.pt'} holds step 2: continue with "
-        "--resume auto and that fixed"
+        + f") is full; give the container more (docker run --shm-size 1g), {helps}; "
+        f"{out / 'last.pt'} holds step {step - 1}: continue with --resume auto and that fixed"
     ]
-    assert load_checkpoint(out / "last.pt")["step"] == 2
+    assert load_checkpoint(out / "last.pt")["step"] == step - 1
 
 
 def test_a_loader_worker_killed_saves_the_steps_done_and_says_so_in_one_line(
