@@ -343,7 +343,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         warnings.warn("--sync-check-every: no effect in one process (it compares the replicas "
                       "of several); ignored", stacklevel=2)  # fmt: skip
     say = say_out if dd.main and not args.quiet else (lambda text: None)  # --quiet: none
-    model, optimizers, scaler = build_training(args, cfg, named, recipe, resumed, device, say)
+    model = training_model(args, cfg, named, recipe, resumed, device, say)
     run_log = cleanup.enter_context(  # rank 0
         open_run_folder(out, args.tensorboard, dd, resumed["step"] if resumed else None)
     )
@@ -368,6 +368,14 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     steps = recipe.steps
     dataset = training_data(args, recipe, dd, say) if steps > 0 else None
     check_same_data(dataset, dd)
+    # After the data check: torch's optimizers import torch._dynamo (~1.4 CPU-s), which a rank
+    # refused for its copy of the images made the user wait for. (Their first rates are the
+    # schedule's: set_learning_rates sets them every step, a resumed state loads its own.)
+    optimizers = build_optimizers(model, recipe)
+    # A model with nothing to learn (bicubic) scales no loss, and GradScaler.update() refuses
+    # to run then.
+    fp16 = args.amp == "fp16" and bool(optimizers)
+    scaler = torch.amp.GradScaler(device.type) if fp16 else None
     val_pairs = validation_pairs(args, dd, say, dataset)
     # Every rank takes part in saving best.pt (its RNG state is gathered): all must know when.
     val_every = args.val_every if distributed.agree(bool(val_pairs), dd, all_ranks=False) else 0
@@ -1107,11 +1115,11 @@ def validation_pairs(args: TrainArgs, dd, say, dataset: PatchPairs | None = None
     return pairs
 
 
-def build_training(args: TrainArgs, cfg: dict, named: set[str], recipe: Recipe, resumed, device,
+def training_model(args: TrainArgs, cfg: dict, named: set[str], recipe: Recipe, resumed, device,
                    say):  # fmt: skip
-    """The model (with --init-from's weights for a new run), its optimizers and the fp16 loss
-    scaler (None otherwise); built first, so that a bad model flag or --init-from fails before
-    anything is written or read."""
+    """The model (with --init-from's weights for a new run); built first, so that a bad model
+    flag or --init-from fails before anything is written or read. (Its optimizers are built
+    once the ranks' data agree: `train`.)"""
     try:
         model = build_model(args.model, cfg).to(device)
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
@@ -1145,12 +1153,7 @@ def build_training(args: TrainArgs, cfg: dict, named: set[str], recipe: Recipe, 
             f"--cuda-graphs: {args.model}'s training step changes on the host from "
             "step to step, so one recording cannot replay it; drop --cuda-graphs"
         )
-    optimizers = build_optimizers(model, recipe)
-    # A model with nothing to learn (bicubic) scales no loss, and GradScaler.update() refuses
-    # to run then.
-    fp16 = args.amp == "fp16" and bool(optimizers)
-    scaler = torch.amp.GradScaler(device.type) if fp16 else None
-    return model, optimizers, scaler
+    return model
 
 
 def held_steps(dd, saved: int | None, last: Path, ckpt_path: Path, start: int, resumed):

@@ -388,7 +388,9 @@ def test_a_node_whose_copy_of_the_images_differs_is_refused_before_training(
     """Each node reads --data from its own scratch copy; one copy lacks an image (cut short, not
     yet synced): its rank drew its batches from fewer images, silently. Every rank names the
     image that one copy lacks in one line before training, exit 3; rank 0's copy may be the
-    short one (there, the line named an image both copies hold)."""
+    short one (there, the line named an image both copies hold). The ranks are refused before
+    they build their optimizers (torch's import torch._dynamo for them: ~1.4 CPU-s that the
+    user waited for the line): said here by a build_optimizers that announces itself."""
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     lacks = "im3.png" if short == 1 else "im1.png"
@@ -396,8 +398,20 @@ def test_a_node_whose_copy_of_the_images_differs_is_refused_before_training(
         if f.name != lacks:
             (scratch / f.name).write_bytes(f.read_bytes())
     folders = (images, scratch) if short == 1 else (scratch, images)
-    argvs = [train_cmd(tmp_path / "run", data, "--model", "edsr", "--n-feats", "8",
-                       "--n-blocks", "1", "--steps", "2", nproc=0)
+    announced = f"""
+import sys
+sys.argv, sys.path[0] = sys.argv[1:], {str(REPO)!r}
+import sr_train
+real = sr_train.build_optimizers
+def build_optimizers(*a, **k):
+    print("optimizers built", file=sys.stderr, flush=True)
+    return real(*a, **k)
+sr_train.build_optimizers = build_optimizers
+sys.exit(sr_train.main(sys.argv[1:]))
+"""
+    argvs = [[sys.executable, "-c", announced,
+              *train_cmd(tmp_path / "run", data, "--model", "edsr", "--n-feats", "8",
+                         "--n-blocks", "1", "--steps", "2", nproc=0)[1:]]
              for data in folders]  # fmt: skip
     codes, outs = ended(srun_ranks(argvs))
     errs = [err for _, err in outs]
