@@ -48,7 +48,8 @@ lines and the table go to stderr then (`sr_eval.py ... --out - | jq .mean`).
 plots and per image a contact sheet (LR, GT, each method's samples and their per-pixel std).
 DIR is the report's: --out and --csv may not lie inside it, nor any input in DIR/index.html,
 DIR/plots or DIR/images (--hr data/images --report data), refused before any work, and so is
-a DIR/images or DIR/plots without DIR/index.html (not a report's, or a killed run's half one).
+a DIR/images or DIR/plots without DIR/index.html (not a report's); the half report of a run
+killed before its page (its mark DIR/.sr_eval_unfinished there) is deleted when the scoring starts.
 
 A run stopped before its end keeps the scores of the images done in OUT.partial beside --out (else
 --csv; without either, nothing is kept): the same command run again continues after them, and
@@ -715,6 +716,8 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     moved = {}
     with said_unfinished(summary.fields, moved, oom), report.removed_if_unfinished(report_dir):
         set_aside([Path(p) for p in (args.out, args.csv) if p and p != STDOUT], moved, report_dir)
+        if report_dir:
+            report.started(report_dir)
         rows, sheets = score(hr, methods, lr_files, sigma_files, columns, opts, report_dir,
                              to_files, to_stderr, args.quiet, scored,
                              [entry["rows"] for entry in kept])  # fmt: skip
@@ -1049,18 +1052,19 @@ def check_not_in_report(args: EvalArgs, hr: dict[str, Path], methods, lr_files, 
 
 
 def check_no_stray_parts(report_dir: Path) -> None:
-    """DIR/images or DIR/plots without DIR/index.html (the user's own files, or a half report a
-    killed run left) refused: no earlier report is moved aside (`set_aside` moves a page's), so
-    the run would write its panels among those files, replacing those of its names, and a run
-    that stops would delete both folders whole (report.removed_if_unfinished). Whose files they
-    are cannot be told, so the user moves or deletes them."""
-    if exists(report_dir / "index.html"):
-        return
+    """DIR/images or DIR/plots without DIR/index.html (the user's own files, or a half report of
+    an srspace before report.UNFINISHED) refused: no earlier report is moved aside (`set_aside`
+    moves a page's), so the run would write its panels among those files, replacing those of its
+    names, and a run that stops would delete both folders whole (report.removed_if_unfinished).
+    Whose files they are cannot be told, so the user moves or deletes them. A killed run's half
+    report, told by its UNFINISHED mark, is deleted when the scoring starts (report.started)."""
+    if exists(report_dir / "index.html") or report.half_report(report_dir):
+        return  # (an earlier report, moved aside; a killed run's half one: `report.started`)
     for part in [p for p in report.PARTS if p != "index.html"]:
         if exists(report_dir / part):
             raise UsageError(f"--report {report_dir}: {report_dir / part} is there but no "
-                             f"{report_dir / 'index.html'} (files not of a report, or a killed "
-                             "run's half report); the report would write among them and a stopped "
+                             f"{report_dir / 'index.html'} (files not of a report of sr_eval.py); "
+                             "the report would write among them and a stopped "
                              "run delete them: move or delete it, or give --report another "
                              "folder")  # fmt: skip
 

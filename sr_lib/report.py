@@ -33,6 +33,9 @@ from sr_lib.metrics import downscale, official_mod
 
 THUMB = 160  # thumbnail: longest side in px
 PARTS = ("index.html", "plots", "images")  # what a report writes in its folder
+# written before a report's first file and deleted after its page (`started`): a run killed in
+# between (SIGKILL, the out-of-memory killer: no code of its runs) leaves it beside its half report
+UNFINISHED = ".sr_eval_unfinished"
 BROWSER_FORMATS = (".png", ".jpg", ".jpeg", ".webp")
 # (y column, x column, title, file): the NTIRE 2021 report's two trade-offs, then what can be
 # plotted without LPIPS (--no-lpips).
@@ -116,6 +119,22 @@ def std_map(samples: list[np.ndarray]) -> tuple[np.ndarray, float]:
     return np.round(heat * 255).astype(np.uint8), top
 
 
+def half_report(folder: Path) -> bool:
+    """Whether `folder` holds a half report that a killed run left: its UNFINISHED mark and no
+    index.html (its images/ and plots/, if any, are that run's, not the user's)."""
+    return (folder / UNFINISHED).exists() and not (folder / "index.html").exists()
+
+
+def started(folder: Path) -> None:
+    """Before the report's first file: a killed run's half report (`half_report`) deleted, and
+    the UNFINISHED mark written, which `write_report` deletes after the page."""
+    if half_report(folder):
+        for part in ("images", "plots"):
+            shutil.rmtree(folder / part, ignore_errors=True)
+    mark = "sr_eval.py writes its report here; the next run deletes what a run killed before its "
+    write_text(folder / UNFINISHED, mark + "index.html left\n")
+
+
 @contextmanager
 def removed_if_unfinished(folder: Path | None):
     """The report's files removed where the run stops inside (a full disk, Ctrl-C, a bad image)
@@ -129,6 +148,7 @@ def removed_if_unfinished(folder: Path | None):
         if folder is not None and not (Path(folder) / "index.html").exists():
             for part in ("images", "plots"):
                 shutil.rmtree(Path(folder) / part, ignore_errors=True)
+            (Path(folder) / UNFINISHED).unlink(missing_ok=True)
         raise
 
 
@@ -285,4 +305,5 @@ def write_report(folder, title: str, columns, table, sheets, no_lpips: str = "")
     parts.append("</body></html>")
     index = folder / "index.html"
     write_text(index, "\n".join(parts) + "\n")
+    (folder / UNFINISHED).unlink(missing_ok=True)  # (a kill before it: the page is whole)
     return index

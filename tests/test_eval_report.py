@@ -336,6 +336,31 @@ def test_a_report_folder_with_images_or_plots_but_no_page_is_refused(tmp_path, c
     assert files_in(tmp_path) == before  # nothing written, moved or deleted
 
 
+def test_the_half_report_of_a_killed_run_is_deleted_by_the_next_run(tmp_path, capsys):
+    """A run killed before its page (SIGKILL, the out-of-memory killer: no code of it runs; here
+    os._exit where the page would be written) left R/images and R/plots without R/index.html,
+    which the next run refused as files it cannot tell from the user's. It left its mark
+    R/.sr_eval_unfinished too: the next run deletes that half report and writes its own."""
+    hr_dir, sweep, _ = sweep_world(tmp_path, n=2)
+    rep = tmp_path / "report"
+    argv = ["--hr", hr_dir, "--sr", sweep / "T0", "--scale", 4, "--n", 2, "--no-lpips",
+            "--report", rep, "--quiet"]  # fmt: skip
+    killed = ("import os, sys, sr_eval; from sr_lib import report; "
+              "report.write_report = lambda *a, **k: os._exit(137); "
+              "sys.exit(sr_eval.main(sys.argv[1:]))")  # fmt: skip
+    p = subprocess.run([sys.executable, "-c", killed, *map(str, argv)], cwd=REPO,
+                       capture_output=True, text=True)  # fmt: skip
+    assert p.returncode == 137, p.stderr
+    assert (rep / "images").is_dir() and (rep / ".sr_eval_unfinished").is_file()
+    assert not (rep / "index.html").exists()
+    (rep / "images" / "000000" / "left.png").write_bytes(b"the killed run's")
+    assert sr_eval.main([str(a) for a in argv]) == 0
+    assert capsys.readouterr().err == ""
+    assert (rep / "index.html").is_file() and not (rep / ".sr_eval_unfinished").exists()
+    assert not (rep / "images" / "000000" / "left.png").exists()
+    assert not (rep / "old").exists()  # (no earlier page: nothing moved aside)
+
+
 def test_a_report_on_a_full_disk_leaves_none_of_its_files(tmp_path):
     """A disk that fills while the report is written (here a 1 kB file size limit, EFBIG as
     ENOSPC: the first image's GT thumbnail) left images/000000/ with its LR and GT, a partial
