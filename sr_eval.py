@@ -715,9 +715,11 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     # an earlier report waits in DIR/old (`set_aside`) until this run's page is written
     moved = {}
     with said_unfinished(summary.fields, moved, oom), report.removed_if_unfinished(report_dir):
-        set_aside([Path(p) for p in (args.out, args.csv) if p and p != STDOUT], moved, report_dir)
-        if report_dir:
-            report.started(report_dir)
+        with signals_held():  # a stop halfway would leave the earlier report in two places
+            set_aside([Path(p) for p in (args.out, args.csv) if p and p != STDOUT], moved,
+                      report_dir)  # fmt: skip
+            if report_dir:
+                report.started(report_dir)
         rows, sheets = score(hr, methods, lr_files, sigma_files, columns, opts, report_dir,
                              to_files, to_stderr, args.quiet, scored,
                              [entry["rows"] for entry in kept])  # fmt: skip

@@ -244,17 +244,22 @@ def test_a_rerun_that_stops_keeps_the_earlier_report_aside_and_no_page_of_its_ow
     assert now == earlier  # (the same command: none of the second run's files is left)
 
 
-def test_an_earlier_report_that_cannot_be_moved_aside_stays_whole(tmp_path, capsys, monkeypatch):
-    """Where a part of the earlier report cannot be moved to DIR/old (images/ a mount point of
-    its own: EXDEV), the parts moved before go back: one line, exit 7, the earlier report whole
-    in its folder and no DIR/old."""
+def a_report(tmp_path) -> tuple[Path, list[str], dict[Path, bytes]]:
+    """tmp_path/report made by a run of `argv` (a sweep's T0, N = 2); its files."""
     hr_dir, sweep, _ = sweep_world(tmp_path, n=2)
     rep = tmp_path / "report"
     argv = ["--hr", hr_dir, "--sr", sweep / "T0", "--scale", 4, "--n", 2, "--no-lpips",
             "--report", rep, "--quiet"]  # fmt: skip
     argv = [str(a) for a in argv]
     assert sr_eval.main(argv) == 0
-    earlier = files_in(rep)
+    return rep, argv, files_in(rep)
+
+
+def test_an_earlier_report_that_cannot_be_moved_aside_stays_whole(tmp_path, capsys, monkeypatch):
+    """Where a part of the earlier report cannot be moved to DIR/old (images/ a mount point of
+    its own: EXDEV), the parts moved before go back: one line, exit 7, the earlier report whole
+    in its folder and no DIR/old."""
+    rep, argv, earlier = a_report(tmp_path)
     rename = Path.rename
 
     def no_images(path, target):
@@ -270,6 +275,40 @@ def test_an_earlier_report_that_cannot_be_moved_aside_stays_whole(tmp_path, caps
     assert (e.value.code, capsys.readouterr().err) == (7, said)
     assert files_in(rep) == earlier
     assert sorted(p.name for p in rep.iterdir()) == ["images", "index.html", "plots"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_the_earlier_report_is_moved_aside_keeps_it_whole(
+    tmp_path, capsys, monkeypatch, sig
+):
+    """A stop (SIGTERM, Ctrl-C) that came after the earlier report's index.html was moved into
+    DIR/old but before its images/ and plots/ were: the stopped run then deleted DIR/images and
+    DIR/plots as its own unfinished report's (no index.html was left in DIR), so DIR/old held a
+    page whose 22 links all pointed at nothing, and the stop's line did not say where the page
+    went. The move is one step now, the stop comes at its end: the earlier report whole in
+    DIR/old, and the line says so."""
+    rep, argv, earlier = a_report(tmp_path)
+    rename = Path.rename
+
+    def stop_after_the_page(path, target):
+        rename(path, target)
+        if Path(target).name == "index.html":  # the first part moved
+            os.kill(os.getpid(), sig)
+        return Path(target)
+
+    monkeypatch.setattr(Path, "rename", stop_after_the_page)
+    with pytest.raises((SystemExit, KeyboardInterrupt)) as e:
+        sr_eval.main(argv)
+    err = capsys.readouterr().err.splitlines()
+    went = f"{rep / 'index.html'} (an earlier run's) moved to {rep / 'old' / 'index.html'}"
+    if sig == signal.SIGTERM:
+        assert e.value.code == 75 and len(err) == 1 and err[0].endswith(went), err
+    else:
+        assert went in "\n".join(err), err
+    assert sorted(p.name for p in rep.iterdir()) == ["old"]
+    old = rep / "old"
+    assert files_in(old) == earlier
+    assert all((old / ref).is_file() for ref in page_refs(old / "index.html"))
 
 
 @pytest.mark.parametrize("where", ["--hr", "--sr", "--lr", "a link"])
