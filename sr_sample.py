@@ -973,12 +973,16 @@ def no_effect(args: SampleArgs, model, setter: str) -> set[str]:
 def differences(old: dict, new: dict, free=frozenset()) -> list[tuple[str, object, object]]:
     """(name, old value, new value) of every setting but the FREE_FLAGS and `free` (this run's
     `no_effect`) that differs. (The run's control flags are compared: a folder of the same ones
-    had `free` of no effect too.)"""
+    had `free` of no effect too.) A control flag whose files' contents both record
+    (control_sha256) is compared by them alone, not by its path's text: DIR/, a link to DIR or
+    its absolute path name the same files."""
     out = [(k, old.get(k), v) for k, v in new.items()
            if k != "flags" and k not in free and old.get(k) != v]  # fmt: skip
     flags = old.get("flags") if isinstance(old.get("flags"), dict) else {}
+    was = old.get("control_sha256") if isinstance(old.get("control_sha256"), dict) else {}
+    digested = {f[2:].replace("-", "_") for f in set(was) & set(new.get("control_sha256", {}))}
     for k, v in new["flags"].items():
-        if k not in FREE_FLAGS and k not in free and flags.get(k) != v:
+        if k not in FREE_FLAGS and k not in free | digested and flags.get(k) != v:
             out.append((f"--{k.replace('_', '-')}", flags.get(k), v))
     return out
 

@@ -1102,6 +1102,33 @@ def test_flow_latent_files_in_the_manifest_and_overwrite(tmp_path, flow_ckpts, c
     assert (tmp_path / "a" / "r0_sample00000.latent.npz").is_file()
 
 
+def test_the_same_latent_folder_named_another_way_is_no_other(tmp_path, flow_ckpts, capsys):
+    """A rerun (or another --shard) with --latent DIR/ (a shell's completion adds the slash), an
+    absolute path or a link to DIR was refused: "holds samples made with --latent "DIR", not
+    "DIR/"", the path's text compared, where its files' contents (control_sha256) are what make
+    the samples. The same files under another name are the same run now; other contents under
+    the same link are still refused."""
+    inp = lr_image(tmp_path / "in" / "r0.png", 8, 8)
+    base = ["--ckpt", flow_ckpts["srflow"], "--input", inp]
+    s, t, e = tmp_path / "s", tmp_path / "t", tmp_path / "e"
+    assert run(*base, "--n", 2, "--save-latent", "--out", s) == 0
+    assert run(*base, "--n", 2, "--seed", 1, "--save-latent", "--out", t) == 0
+    link = tmp_path / "now"
+    link.symlink_to(s)
+    assert run(*base, "--latent", s, "--out", e) == 0
+    for name in (f"{s}/", link, f"{link}/"):
+        capsys.readouterr()
+        assert run(*base, "--latent", name, "--out", e) == 0, capsys.readouterr().err
+        assert "0 images sampled, 1 already complete" in capsys.readouterr().out
+    link.unlink()
+    link.symlink_to(t)  # the link now names other latents
+    assert run(*base, "--latent", link, "--out", e) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"sr_sample.py: error: {e} holds samples made with other contents of --latent {link}; "
+        "use another --out, or --overwrite to redo them"
+    ]
+
+
 def test_flow_generate_refuses_latents_of_other_shapes():
     """The library: `sample(latent=...)` decodes explicit fields (the CLI's), `encode`'s
     latents of an HR image among them, and other shapes are one line."""
