@@ -1597,16 +1597,19 @@ def latent_fingerprint(path: Path, digest: str | None = None) -> str:
     .npz (a flow's fields, ~33 MB a sample of a DIV2K x4 image), the sha256 of its zip
     directory, each member's name, size and CRC-32 (zip's checksum of its contents, which
     reading the member checks), read from the archive's end without the contents, so that a
-    shard reads only its own inputs' files whole; of a .npy (a (D,) latent, small) or a .npz
-    without a readable directory (refused by the shard that decodes it), the sha256 of the
-    contents (`digest`: that of the contents read already, where read)."""
+    shard reads only its own inputs' files whole; of a .npy (a (D,) latent, small), the sha256 of
+    the contents (`digest`: that of the contents read already, where read). A .npz without a
+    readable directory (cut short) is refused by every shard, not only the one that decodes it:
+    the others' manifest.json would record a digest that the file, put back, no longer has."""
     if path.name.endswith(".npz"):
         try:
             with zipfile.ZipFile(path) as archive:
                 members = [(m.filename, m.file_size, m.CRC) for m in archive.infolist()]
             return hashlib.sha256(json.dumps(members).encode()).hexdigest()
-        except (OSError, zipfile.BadZipFile, ValueError):
-            pass
+        except (zipfile.BadZipFile, ValueError) as e:
+            raise DataError(f"--latent {path}: not a readable .npz archive ({e})") from None
+        except OSError:
+            pass  # (file_sha256 says why it cannot be read)
     return digest or file_sha256(path)
 
 

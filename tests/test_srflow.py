@@ -942,6 +942,39 @@ def test_latent_dir_shards_read_the_contents_of_their_own_files_only(
     ), err
 
 
+def test_another_shards_latent_npz_without_its_zip_directory_is_refused_by_each(
+    tmp_path, flow_ckpts, capsys
+):
+    """--latent DIR --shard: a .npz of another shard's input cut short (no zip directory) was
+    fingerprinted by its whole contents' sha256 in the shards that do not decode it, which ran
+    and wrote manifest.json; once the file was put back (as the shard that decodes it said),
+    that shard was refused with 'holds samples made with other contents of --latent DIR', the
+    digest now the directory's. Every shard refuses such a file now, naming it, before any
+    work; the folder put right, both shards run."""
+    inp = tmp_path / "in"
+    for k, stem in enumerate("ab"):
+        lr_image(inp / f"{stem}.png", 8, 8, seed=k)
+    base = ["--ckpt", flow_ckpts["srflow"], "--input", inp]
+    s, e = tmp_path / "s", tmp_path / "e"
+    assert run(*base, "--n", 2, "--save-latent", "--out", s) == 0
+    cut = s / "b_sample00001.latent.npz"  # input b: shard 1/2's
+    whole = cut.read_bytes()
+    cut.write_bytes(whole[:100])
+    capsys.readouterr()
+    for shard in ("0/2", "1/2"):
+        assert run(*base, "--latent", s, "--shard", shard, "--out", e) == 3
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1:] == [
+            f"sr_sample.py: error: --latent {cut}: not a readable .npz archive (File is not a "
+            "zip file)"
+        ], err
+    assert not e.exists() or not list(e.iterdir())
+    cut.write_bytes(whole)
+    for shard in ("0/2", "1/2"):
+        assert run(*base, "--latent", s, "--shard", shard, "--out", e) == 0, capsys.readouterr()
+    assert sorted(p.name for p in e.glob("*.png")) == sorted(p.name for p in s.glob("*.png"))
+
+
 def test_a_flow_latent_fits_one_lr_size(tmp_path, flow_ckpts, capsys):
     """A folder of inputs of two sizes with one --latent file: the inputs of its size are
     sampled, the first of another stops the run in one line (exit 2); those written stay."""
