@@ -50,6 +50,7 @@ DIR is the report's: --out and --csv may not lie inside it, nor any input in DIR
 DIR/plots or DIR/images (--hr data/images --report data), refused before any work, and so is
 a DIR/images or DIR/plots without DIR/index.html (not a report's); the half report of a run
 killed before its page (its mark DIR/.sr_eval_unfinished there) is deleted when the scoring starts.
+DIR is locked while a run writes it (a second run into it at once: one line, exit 2).
 
 A run stopped before its end keeps the scores of the images done in OUT.partial beside --out (else
 --csv; without either, nothing is kept): the same command run again continues after them, and
@@ -91,7 +92,7 @@ import signal
 import sys
 import time
 import warnings
-from contextlib import closing, contextmanager, nullcontext, suppress
+from contextlib import ExitStack, closing, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -449,8 +450,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             summary.json = args.json and STDOUT not in (args.out, args.csv)  # (refused)
             try:  # (a signal that came while torch was imported is raised here, --json known)
-                with stop_signals():
-                    code = run(args, given_fields(EvalArgs, argv, PROG), summary)
+                with stop_signals(), ExitStack() as held:
+                    code = run(args, given_fields(EvalArgs, argv, PROG), summary, held)
                 if summary.fields["partial"]:  # (here, where a stop signal stops no more)
                     Path(summary.fields["partial"]).unlink(missing_ok=True)
                     summary.update(partial=None, kept=0)
@@ -646,9 +647,12 @@ def warn_unused(args: EvalArgs, given: set[str]) -> None:
             warn(f"--{flag.replace('_', '-')}: no effect with --no-lpips; ignored")
 
 
-def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None = None) -> int:
-    """The run; `summary` gathers the fields of its closing line (--json) as they become known."""
+def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None = None,
+        held: ExitStack | None = None) -> int:  # fmt: skip
+    """The run; `summary` gathers the fields of its closing line (--json) as they become known;
+    `held` holds the --report folder's lock until the caller's end."""
     summary = summary or Summary(PROG)
+    held = held if held is not None else ExitStack()
     # results, csv, report: the files this run wrote (null until then: after a stop or an error,
     # the names the flags gave hold no file of this run; an earlier run's is in NAME.old, DIR/old)
     summary.update(results=None, csv=None, report=None, images=None, scored=0)
@@ -673,6 +677,8 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     if args.report:
         report.check_matplotlib()
     report_dir = check_out_dir(args.report, "--report") if args.report else None
+    if report_dir:
+        held.enter_context(report.locked(report_dir))
 
     def oom(e):  # the line of an out-of-memory error: what helps this run's device and batch
         return out_of_memory_line(e, device, batch, not args.no_lpips, len(methods))

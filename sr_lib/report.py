@@ -16,10 +16,13 @@ Nothing refers to a file outside DIR, so the folder can be copied or archived as
 earlier report there (these three names) is moved into DIR/old while a rerun works (sr_eval.py).
 """
 
+import errno
+import fcntl
 import html
 import math
 import os
 import shutil
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
@@ -117,6 +120,30 @@ def std_map(samples: list[np.ndarray]) -> tuple[np.ndarray, float]:
     top = float(np.percentile(std, 99.5)) or float(std.max())
     heat = colormaps["magma"](np.clip(std / top, 0, 1) if top > 0 else std)[..., :3]
     return np.round(heat * 255).astype(np.uint8), top
+
+
+@contextmanager
+def locked(folder: Path):
+    """The report folder locked while this run writes its report there: a second sr_eval.py
+    writing into it at once would mix its panels with this one's and replace its page, and a
+    stop of either would delete the other's images/. A flock on the folder itself: no file is
+    left, and the kernel drops it when the process ends, however it ends (kill -9 too). (sr_eval
+    forks no process that would share it.) A file system without locks: one warning."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # held by another
+                busy = (f"--report {folder}: another sr_eval.py writes its report there; wait "
+                        "for it to end or give another --report")  # fmt: skip
+                raise UsageError(busy) from None
+            warnings.warn(f"--report {folder}: cannot lock the folder ({e.strerror or e}); a "
+                          "second run writing its report there would not be noticed",
+                          stacklevel=3)  # fmt: skip
+        yield
+    finally:
+        os.close(fd)
 
 
 def half_report(folder: Path) -> bool:

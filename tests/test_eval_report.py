@@ -400,6 +400,41 @@ def test_the_half_report_of_a_killed_run_is_deleted_by_the_next_run(tmp_path, ca
     assert not (rep / "old").exists()  # (no earlier page: nothing moved aside)
 
 
+def test_a_second_run_into_a_report_folder_in_use_is_refused(tmp_path, capsys):
+    """Two sr_eval.py runs writing one --report R at once: the later page replaced the earlier
+    run's, which had said it was written, R/images held both runs' panels under one page's
+    names, and a stop of either deleted the other's images/. R is locked for a run (a flock
+    on the folder itself, no file): a second run is one line, exit 2, before it
+    moves or writes anything; once the first ends, the same command runs."""
+    hr_dir, sweep, _ = sweep_world(tmp_path, n=2)
+    rep = tmp_path / "report"
+    argv = [str(a) for a in ["--hr", hr_dir, "--sr", sweep / "T0", "--scale", 4, "--n", 2,
+                             "--no-lpips", "--report", rep, "--quiet"]]  # fmt: skip
+    assert sr_eval.main(argv) == 0  # an earlier report
+    before = files_in(rep)
+    hold = (
+        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()"
+    )
+    other = subprocess.Popen([sys.executable, "-c", hold, str(rep)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert other.stdout.readline() == "held\n"
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            sr_eval.main(argv)
+        err = capsys.readouterr().err.splitlines()
+        assert e.value.code == 2 and err == [
+            f"sr_eval.py: error: --report {rep}: another sr_eval.py writes its report there; "
+            "wait for it to end or give another --report"
+        ]
+        assert files_in(rep) == before  # nothing moved or written
+    finally:
+        other.communicate("")
+    assert sr_eval.main(argv) == 0
+    assert (rep / "index.html").is_file() and not (rep / "old").exists()
+
+
 def test_a_report_on_a_full_disk_leaves_none_of_its_files(tmp_path):
     """A disk that fills while the report is written (here a 1 kB file size limit, EFBIG as
     ENOSPC: the first image's GT thumbnail) left images/000000/ with its LR and GT, a partial
