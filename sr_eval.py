@@ -92,7 +92,7 @@ import signal
 import sys
 import time
 import warnings
-from contextlib import ExitStack, closing, contextmanager, nullcontext, suppress
+from contextlib import closing, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -145,8 +145,10 @@ from sr_lib.errors import (
     Stopped,
     Summary,
     UsageError,
+    any_of,
     catch,
     exit_on_error,
+    host_out_of_memory,
     is_out_of_memory,
     printable,
     replay_stop_signal,
@@ -450,8 +452,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             summary.json = args.json and STDOUT not in (args.out, args.csv)  # (refused)
             try:  # (a signal that came while torch was imported is raised here, --json known)
-                with stop_signals(), ExitStack() as held:
-                    code = run(args, given_fields(EvalArgs, argv, PROG), summary, held)
+                with stop_signals():
+                    code = run(args, given_fields(EvalArgs, argv, PROG), summary)
                 if summary.fields["partial"]:  # (here, where a stop signal stops no more)
                     Path(summary.fields["partial"]).unlink(missing_ok=True)
                     summary.update(partial=None, kept=0)
@@ -510,7 +512,7 @@ def out_of_memory_line(e: BaseException, device, batch: int, lpips: bool, method
     allocate memory", or any on the CPU) holds each image's files decoded, every --sr folder's
     samples together (fewer folders per run), and LPIPS where it runs on the CPU: there the
     batch (1 by default) and --no-lpips."""
-    host = device.type == "cpu" or isinstance(e, MemoryError) or "can't allocate" in str(e)
+    host = host_out_of_memory(e, device)
     helps = []
     if lpips and (device.type == "cpu" or not host):
         helps += [f"a smaller --lpips-batch (this run's: {batch})"] if batch > 1 else []
@@ -520,8 +522,7 @@ def out_of_memory_line(e: BaseException, device, batch: int, lpips: bool, method
         helps.append("fewer --sr folders per run")
     if not helps:
         return OUT_OF_MEMORY_IMAGES
-    said = helps[0] if len(helps) == 1 else f"{', '.join(helps[:-1])} or {helps[-1]}"
-    return f"out of memory; use {said}"
+    return f"out of memory; use {any_of(helps)}"
 
 
 @contextmanager
@@ -647,12 +648,9 @@ def warn_unused(args: EvalArgs, given: set[str]) -> None:
             warn(f"--{flag.replace('_', '-')}: no effect with --no-lpips; ignored")
 
 
-def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None = None,
-        held: ExitStack | None = None) -> int:  # fmt: skip
-    """The run; `summary` gathers the fields of its closing line (--json) as they become known;
-    `held` holds the --report folder's lock until the caller's end."""
+def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None = None) -> int:
+    """The run; `summary` gathers the fields of its closing line (--json) as they become known."""
     summary = summary or Summary(PROG)
-    held = held if held is not None else ExitStack()
     # results, csv, report: the files this run wrote (null until then: after a stop or an error,
     # the names the flags gave hold no file of this run; an earlier run's is in NAME.old, DIR/old)
     summary.update(results=None, csv=None, report=None, images=None, scored=0)
@@ -677,8 +675,6 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     if args.report:
         report.check_matplotlib()
     report_dir = check_out_dir(args.report, "--report") if args.report else None
-    if report_dir:
-        held.enter_context(report.locked(report_dir))
 
     def oom(e):  # the line of an out-of-memory error: what helps this run's device and batch
         return out_of_memory_line(e, device, batch, not args.no_lpips, len(methods))
@@ -718,9 +714,15 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
             summary.update(partial=str(partial), kept=k + 1)
 
     # a stop after the report's first file (a full disk, Ctrl-C, a bad image) leaves none of it;
-    # an earlier report waits in DIR/old (`set_aside`) until this run's page is written
+    # an earlier report waits in DIR/old (`set_aside`) until this run's page is written; the
+    # report folder is locked the while (a second run refused before it moves or removes a file)
     moved = {}
-    with said_unfinished(summary.fields, moved, oom), report.removed_if_unfinished(report_dir):
+    locked = report.locked(report_dir) if report_dir else nullcontext()
+    with (
+        locked,
+        said_unfinished(summary.fields, moved, oom),
+        report.removed_if_unfinished(report_dir),
+    ):
         with signals_held():  # a stop halfway would leave the earlier report in two places
             set_aside([Path(p) for p in (args.out, args.csv) if p and p != STDOUT], moved,
                       report_dir)  # fmt: skip

@@ -191,8 +191,10 @@ from sr_lib.errors import (
     Stopped,
     Summary,
     UsageError,
+    any_of,
     catch,
     exit_on_error,
+    host_out_of_memory,
     is_out_of_memory,
     print_out,
     replay_stop_signal,
@@ -1687,7 +1689,7 @@ def out_of_memory_line(e, model, lr, n: int, args, tile: int | None, tried: int 
     at least MIN_TILE (`tile`: this run's, 0 whole, None where no tiles are cut:
     --check-invertibility)."""
     device, (h, w) = lr.device, lr.shape[-2:]
-    host = device.type == "cpu" or isinstance(e, MemoryError) or "can't allocate" in str(e)
+    host = host_out_of_memory(e, device)
     batch = min(args.batch, n) if model.stochastic else 1
     helps = []
     if batch > 1:
@@ -1706,9 +1708,8 @@ def out_of_memory_line(e, model, lr, n: int, args, tile: int | None, tried: int 
         where = "this machine" if host else str(device)
         return (f"out of memory drawing one sample at a time{tiles}: this {w}x{h} LR image needs "
                 f"more memory than {where} has")  # fmt: skip
-    said = helps[0] if len(helps) == 1 else f"{', '.join(helps[:-1])} or {helps[-1]}"
     also = "" if host else f" on {device}" + (f", also in tiles of {tried} LR px" if tried else "")
-    return f"out of memory{also}; use {said}"
+    return f"out of memory{also}; use {any_of(helps)}"
 
 
 def write_samples(model, lr, img, alpha, stem, name, n, temperature, folder, files, tile, context,

@@ -88,6 +88,7 @@ from sr_lib.errors import (
     Stopped,
     Summary,
     UsageError,
+    any_of,
     catch,
     exit_on_error,
     is_out_of_memory,
@@ -1178,8 +1179,7 @@ def step_out_of_memory(step: int, args: TrainArgs, cfg: dict, recipe: Recipe, mo
         return OutOfMemory(f"step {step + 1}: out of memory at --batch 1 and --patch "
                            f"{recipe.patch}, the least: the {args.model} model does not fit in "
                            f"training on {device}; {state}")  # fmt: skip
-    said = helps[0] if len(helps) == 1 else f"{', '.join(helps[:-1])} or {helps[-1]}"
-    return OutOfMemory(f"step {step + 1}: out of memory; {state}: {how} {said}")
+    return OutOfMemory(f"step {step + 1}: out of memory; {state}: {how} {any_of(helps)}")
 
 
 def lower_memory(args: TrainArgs, cfg: dict, recipe: Recipe, model) -> list[str]:

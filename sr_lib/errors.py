@@ -145,6 +145,17 @@ def is_out_of_memory(e: BaseException) -> bool:
     )
 
 
+def host_out_of_memory(e: BaseException, device) -> bool:
+    """Whether out-of-memory error `e` of a run on `device` ran out of the host's memory (a
+    MemoryError, torch's "can't allocate memory", any on a CPU), not a GPU's."""
+    return device.type == "cpu" or isinstance(e, MemoryError) or "can't allocate" in str(e)
+
+
+def any_of(helps: list[str]) -> str:
+    """What helps, in words: "a", "a or b", "a, b or c"."""
+    return helps[0] if len(helps) == 1 else f"{', '.join(helps[:-1])} or {helps[-1]}"
+
+
 class OutputError(SRSpaceError):
     """An output file or folder that cannot be written (the message names it)."""
 
