@@ -156,10 +156,15 @@ def started(folder: Path) -> None:
     """Before the report's first file: a killed run's half report (`half_report`) deleted, and
     the UNFINISHED mark written, which `write_report` deletes after the page."""
     if half_report(folder):
-        for part in ("images", "plots"):
-            shutil.rmtree(folder / part, ignore_errors=True)
-    mark = "sr_eval.py writes its report here; the next run deletes what a run killed before its "
-    write_text(folder / UNFINISHED, mark + "index.html left\n")
+        remove_half(folder)
+    write_text(folder / UNFINISHED, "sr_eval.py is writing its report here\n")
+
+
+def remove_half(folder: Path) -> None:
+    """A half report's files (no page shows them) and its UNFINISHED mark, deleted."""
+    for part in ("images", "plots"):
+        shutil.rmtree(folder / part, ignore_errors=True)
+    (folder / UNFINISHED).unlink(missing_ok=True)
 
 
 @contextmanager
@@ -173,9 +178,7 @@ def removed_if_unfinished(folder: Path | None):
         yield
     except BaseException:
         if folder is not None and not (Path(folder) / "index.html").exists():
-            for part in ("images", "plots"):
-                shutil.rmtree(Path(folder) / part, ignore_errors=True)
-            (Path(folder) / UNFINISHED).unlink(missing_ok=True)
+            remove_half(Path(folder))
         raise
 
 
