@@ -141,9 +141,10 @@ from pathlib import Path
 from typing import Optional
 
 if __name__ == "__main__":  # before torch's import (seconds): a stop signal then is not lost
-    from sr_lib.errors import record_stop_signals
+    from sr_lib.errors import record_stop_signals, require_packages
 
     record_stop_signals()
+    require_packages("sr_sample.py")
 
 import numpy as np
 import torch

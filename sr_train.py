@@ -32,9 +32,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 if __name__ == "__main__":  # before torch's import (seconds): a stop signal then is not lost
-    from sr_lib.errors import record_stop_signals
+    from sr_lib.errors import record_stop_signals, require_packages
 
     record_stop_signals()
+    require_packages("sr_train.py")
 
 import numpy as np
 import torch

@@ -310,6 +310,47 @@ def record_stop_signals() -> None:
         catch(s, record)
 
 
+# The third-party modules the scripts import at their start, and the requirement (pip's name)
+# that installs each. (scipy, lpips, matplotlib and tensorboard come later, with the work
+# that needs them.)
+START_PACKAGES = {"numpy": "numpy", "torch": "torch", "PIL": "pillow", "imageio": "imageio",
+                  "png": "pypng", "imagecodecs": "imagecodecs",
+                  "argparse_dataclass": "argparse-dataclass", "rich": "rich"}  # fmt: skip
+
+
+def require_packages(prog: str) -> None:
+    """The second thing a script run as a program does, before its own imports of these
+    packages: a Python without one of them (the requirements not installed in this venv), or
+    one whose virtual memory limit (`ulimit -v`, set on some clusters' login nodes) is too low
+    to map torch's libraries, stopped with a traceback ("libtorch_cpu.so: failed to map segment
+    from shared object"). One line instead, and the --json line where asked for, exit 2."""
+    import importlib
+    import resource
+
+    for module, requirement in START_PACKAGES.items():
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+            if isinstance(e, ModuleNotFoundError) and e.name:
+                what = (f"this Python ({sys.executable}) lacks the package {requirement} (no "
+                        f"module {e.name}); install the requirements: pip install -r "
+                        "requirements.txt")  # fmt: skip
+            elif limit != resource.RLIM_INFINITY and "failed to map segment" in str(e):
+                what = (f"{requirement} cannot be loaded within this process's virtual memory "
+                        f"limit (ulimit -v: {limit // 2**20} MB; {e}); raise it (ulimit -v "
+                        "unlimited) or run where there is no such limit")  # fmt: skip
+            else:
+                what = (f"{requirement} cannot be imported ({type(e).__name__}: {e}); reinstall "
+                        "the requirements: pip install -r requirements.txt")  # fmt: skip
+            say_err(f"{prog}: error: {what}")
+            argv = sys.argv[1:]
+            if "--json" in argv[: argv.index("--") if "--" in argv else None]:
+                record = {"script": prog, "exit_code": 2, "error": what}
+                print_out(json.dumps(record))
+            raise SystemExit(2) from None
+
+
 def replay_stop_signal() -> None:
     """The signal `record_stop_signals` recorded, if any, raised again for the handlers now in
     place (they run before this returns)."""

@@ -207,6 +207,52 @@ def test_a_system_that_is_not_posix_is_one_line_at_start(script):
     assert done.stdout == ""
 
 
+# A Python without torch installed, as far as the scripts can tell
+NO_TORCH = """import runpy, sys
+sys.modules["torch"] = None
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script", ["sr_train.py", "sr_sample.py", "sr_eval.py"])
+def test_a_python_without_the_requirements_is_one_line_at_start(script):
+    """A venv where `pip install -r requirements.txt` was not run: each script stopped with
+    ModuleNotFoundError's traceback. One line naming the package and the command, exit 2; with
+    --json the pipeline's line too."""
+    for argv, stdout in (([script, "--help"], []), ([script, "--json", "--help"], [2])):
+        done = subprocess.run([sys.executable, "-c", NO_TORCH, *argv], capture_output=True,
+                              text=True, cwd=REPO, timeout=120)  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        what = (f"this Python ({sys.executable}) lacks the package torch (no module torch); "
+                "install the requirements: pip install -r requirements.txt")  # fmt: skip
+        assert done.stderr.splitlines() == [f"{script}: error: {what}"]
+        records = [json.loads(line) for line in done.stdout.splitlines()]
+        assert records == [{"script": script, "exit_code": 2, "error": what} for _ in stdout]
+
+
+def test_a_virtual_memory_limit_too_low_for_torch_is_one_line_at_start():
+    """A login node's `ulimit -v` below what torch's libraries map (~3.3 GB for this CUDA build;
+    here 400 MB, less than libtorch_cpu.so's size alone, and enough for Python and numpy): the
+    script stopped with ImportError's traceback ("failed to map segment from shared object").
+    One line naming the limit and what to do, exit 2."""
+    import resource
+
+    limit = 400 * 2**20
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "sr_eval.py", "--help"], capture_output=True,
+                          text=True, cwd=REPO, timeout=120, env=env,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS,
+                                                                (limit, limit)))  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith("sr_eval.py: error: torch cannot be loaded within this process's "
+                           "virtual memory limit (ulimit -v: 400 MB; "), line  # fmt: skip
+    assert line.endswith("failed to map segment from shared object); raise it (ulimit -v "
+                         "unlimited) or run where there is no such limit"), line  # fmt: skip
+    assert done.stdout == ""
+
+
 def test_a_posix_system_is_not_refused(capsys):
     refuse_non_posix("sr_train.py", "posix")  # returns
     with pytest.raises(SystemExit) as e:
