@@ -63,6 +63,7 @@ from sr_lib.data import (
     WorkersHung,
     available_cores,
     check_out_dir,
+    decode_threads,
     fit_name,
     list_images,
     load_pairs,
@@ -1054,10 +1055,26 @@ def training_data(args: TrainArgs, recipe: Recipe, dd, say) -> PatchPairs:
             # read; an image whose arrays are missing stops the run at once, when they cannot be
             # written (exit 7, naming the file), after decoding it alone.
             say(f"--cache {args.cache}: read-only: its arrays are read, and none can be added")
-    dataset = PatchPairs(
-        args.data, args.scale, recipe.patch, recipe.batch, seed=args.seed, rank=dd.rank,
-        lr_dirs=args.lr_data or None, cache=args.cache or None,
-    )  # fmt: skip
+    try:
+        dataset = PatchPairs(
+            args.data, args.scale, recipe.patch, recipe.batch, seed=args.seed, rank=dd.rank,
+            lr_dirs=args.lr_data or None, cache=args.cache or None,
+        )  # fmt: skip
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(e):
+            raise
+        # Not a step's memory (the fallback's "a smaller --batch or --patch" would not help):
+        # without a cache every decoded image stays in RAM; with one, an image is decoded and
+        # resized at a time per thread, then written and memory-mapped.
+        raise OutOfMemory(
+            "--data: out of memory while loading the training images, which without --cache "
+            "are all held in memory decoded (DIV2K's 800: about 7 GB); use --cache DIR: each "
+            "is decoded once to a .npy file there and memory-mapped"
+            if not args.cache else
+            f"--data: out of memory while decoding the training images into --cache "
+            f"{args.cache} ({decode_threads()} at a time, with their LR made); a run "
+            "with more memory can make the cache, which later runs read without decoding"
+        ) from None  # fmt: skip
     found = len(dataset.names) + len(dataset.skipped)
     hp = recipe.patch * args.scale
     say(f"data: {len(dataset.names)} training images of {found} found in {' '.join(args.data)}"

@@ -1086,10 +1086,15 @@ def read_ahead(groups: Sequence, workers: int | None = None) -> Iterator:
             pool = None  # sr_lib/threads.py: why here
 
 
+def decode_threads() -> int:
+    """How many training images are decoded (and their LR made) at once."""
+    return min(8, cpu_workers())
+
+
 def _thread_map(fn, items: list) -> list:
     """[fn(*x) for x in items] on threads: Pillow decoding and numpy resizing release the GIL.
     The first error cancels the images not yet started instead of decoding all of them first."""
-    return thread_map(fn, items, min(8, cpu_workers()))
+    return thread_map(fn, items, decode_threads())
 
 
 class PatchPairs(Dataset):

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import TINY
 
+import sr_lib.data
 import sr_train
 from sr_lib.checkpoint import save_checkpoint
 from sr_lib.config import check_ranges
@@ -691,6 +692,33 @@ def test_out_of_memory_names_the_model_flags_that_grew_it(where, flags, said, wo
     err = capsys.readouterr().err.strip()
     assert e.value.code == 4 and len(err.splitlines()) == 1, err
     assert err.startswith("sr_train.py: error: ") and err.endswith(said), err
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_out_of_memory_loading_the_images_names_the_cache(cache, world, tmp_path, capsys,
+                                                          monkeypatch):  # fmt: skip
+    """A data set whose decoded images do not fit in memory (measured: 60 images of 3000x3000
+    under ulimit -v 5000000) said "use a smaller --batch or --patch", which cannot help: the
+    images are all held decoded. Now it names --cache (with it, the same run trained). With
+    --cache, the line says what a run with more memory can do. (Faked here: numpy's error from
+    making an image's LR.)"""
+
+    def resize(*args, **kwargs):
+        raise MemoryError("Unable to allocate 103. MiB for an array with shape (3000, 3000, 3)")
+
+    monkeypatch.setattr(sr_lib.data, "imresize", resize)
+    flags = {"--cache": str(tmp_path / "cache")} if cache else {}
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(argv_of(flags, out=tmp_path / "out", **world))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 4 and len(err.splitlines()) == 1, err
+    said = ("each is decoded once to a .npy file there and memory-mapped" if not cache else
+            f"({sr_lib.data.decode_threads()} at a time, with their LR made); a run with more "
+            "memory can make the cache, which later runs read without decoding")  # fmt: skip
+    assert err.startswith("sr_train.py: error: --data: out of memory while ") and err.endswith(
+        said
+    ), err
+    assert not (tmp_path / "out" / "last.pt").exists()
 
 
 def test_a_flag_whose_default_stands_for_the_papers_value_is_not_named_bigger():
