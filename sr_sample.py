@@ -708,7 +708,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     mine = [(k, p) for k, p in enumerate(paths) if k % parts == part]
     if latent_dir is not None:
         controls.digests["--latent"] = latent_dir.check(model, paths, {p for _, p in mine},
-                                                        made_by)  # fmt: skip
+                                                        made_by, from_hr)  # fmt: skip
     settings = run_settings(args, ck, ckpt_sha256, model, n, context, from_hr, paths, controls)
     free = no_effect(args, model, setter)  # recorded as given, not compared
     # An out-of-memory retry cuts the image into tiles; where the folder's samples are recorded
@@ -951,16 +951,22 @@ def one_tile(args: SampleArgs, model, paths: list[Path], from_hr: bool) -> bool:
     """Whether --tile holds the LR of every input (of every shard) whole, its size read from the
     file's header (not where a header cannot tell): then no image is cut, and the samples are
     the untiled ones whatever --tile-overlap."""
-    tile, s, m = grid(model, args.tile, 0)[0], model.scale, default_mod(model.scale)
+    tile = grid(model, args.tile, 0)[0]
     for path in paths:
-        size = image_size(path)
-        if size is None:
-            return False
-        if from_hr:  # read_input's LR: the HR cropped to a multiple of m, then downscaled
-            size = [v // m * m // s for v in size]
-        if max(size) > tile:
+        size = lr_size(path, model.scale, from_hr)
+        if size is None or max(size) > tile:
             return False
     return True
+
+
+def lr_size(path: Path, s: int, from_hr: bool) -> tuple[int, int] | None:
+    """The (h, w) of the LR that `read_input` makes of an input, from the file's header alone
+    (None where the header cannot tell)."""
+    size = image_size(path)
+    if size is None or not from_hr:
+        return size
+    m = default_mod(s)  # read_input's LR: the HR cropped to a multiple of m, then downscaled
+    return size[0] // m * m // s, size[1] // m * m // s
 
 
 def no_effect(args: SampleArgs, model, setter: str) -> set[str]:
@@ -1499,16 +1505,21 @@ class LatentDir:
             "images whose latents it holds"
         )
 
-    def check(self, model, paths: list[Path], mine: set[Path], own: dict) -> list[str]:
+    def check(self, model, paths: list[Path], mine: set[Path], own: dict,
+              from_hr: bool) -> list[str]:  # fmt: skip
         """Before any work: the `latent_fingerprint` of every file of every input (of every
         --shard, read cheaply: the folder's manifest.json records their joint digest, in the
         input order, then by sample number), and this shard's files (`mine`) read as the model
         reads them (the sha256 of their contents kept for `load`): one sample each, of one shape
         per input, the flows' made_by checked (another model refused); returns the fingerprints
-        in that order and says each other checkpoint's files in one warning line."""
+        in that order and says each other checkpoint's files in one warning line. A flow's
+        fields must fit their input's LR, its size and theirs read from the headers (of every
+        input, as the fingerprints: every shard refuses the folder, before any sample is
+        written, not the one shard that decodes the file once the others are done)."""
         digests, warned, count = [], {}, 0
+        fits = getattr(model, "check_latent_size", None)  # (a flow's: fields of one LR size)
         for path in paths:
-            shapes = None
+            shapes, size = None, lr_size(path, model.scale, from_hr) if fits else None
             for file in self.files[path.stem].values():  # (by sample number)
                 digest = None
                 if path in mine:
@@ -1520,7 +1531,10 @@ class LatentDir:
                         said = line.removeprefix(f"--latent {file}: ")
                         warned[said] = warned.get(said, 0) + 1
                 # (after the read: a file changed since is refused by `load`, which reads again)
-                digests.append(held(latent_fingerprint)(file, digest))
+                fingerprint, fields = held(latent_fingerprint)(file, digest)
+                digests.append(fingerprint)
+                if size and all(size) and fields:  # (a header that cannot tell: when decoded)
+                    fits(f"--latent {file}", fields, size, f"{path.name}'s", self.hint(path.stem))
         for line, k in warned.items():
             say_err(f"{PROG}: warning: --latent {self.folder}: {k} of {count} files {line}")
         return digests
@@ -1563,11 +1577,16 @@ class LatentDir:
             controls.latent = [torch.cat(f).to(device) for f in zip(*rows)]
         first = next(iter(self.files[stem].values()))
         controls.latent_file, controls.n = str(first), len(rows)
-        controls.latent_hint = (
+        controls.latent_hint = self.hint(stem)
+        return len(rows)
+
+    @staticmethod
+    def hint(stem: str) -> str:
+        """What to do about the files of input `stem` that do not fit its LR."""
+        return (
             f"a --latent folder's files of {stem} are the latents of the input {stem} as it was "
             "sampled: give that input (with --from-hr if it was made so)"
         )
-        return len(rows)
 
 
 def sweep_folders(folder: Path) -> list[str]:
@@ -1595,7 +1614,7 @@ def ntire_stems(folder: Path) -> dict:
     return {k: v for k, v in index.items() if re.fullmatch(r"\d{6}", k) and isinstance(v, str)}
 
 
-def latent_fingerprint(path: Path, digest: str | None = None) -> str:
+def latent_fingerprint(path: Path, digest: str | None = None) -> tuple[str, list[tuple]]:
     """What manifest.json records of a --latent DIR file, the same for every --shard: of a
     .npz (a flow's fields, ~33 MB a sample of a DIV2K x4 image), the sha256 of its zip
     directory, each member's name, size and CRC-32 (zip's checksum of its contents, which
@@ -1603,17 +1622,40 @@ def latent_fingerprint(path: Path, digest: str | None = None) -> str:
     shard reads only its own inputs' files whole; of a .npy (a (D,) latent, small), the sha256 of
     the contents (`digest`: that of the contents read already, where read). A .npz without a
     readable directory (cut short) is refused by every shard, not only the one that decodes it:
-    the others' manifest.json would record a digest that the file, put back, no longer has."""
+    the others' manifest.json would record a digest that the file, put back, no longer has.
+    With it, the (C, h, w) of the .npz's fields z0, z1, ... from their headers (`npz_fields`)."""
     if path.name.endswith(".npz"):
         try:
             with zipfile.ZipFile(path) as archive:
                 members = [(m.filename, m.file_size, m.CRC) for m in archive.infolist()]
-            return hashlib.sha256(json.dumps(members).encode()).hexdigest()
+                fields = npz_fields(archive)
+            return hashlib.sha256(json.dumps(members).encode()).hexdigest(), fields
         except (zipfile.BadZipFile, ValueError) as e:
             raise DataError(f"--latent {path}: not a readable .npz archive ({e})") from None
         except OSError:
             pass  # (file_sha256 says why it cannot be read)
-    return digest or file_sha256(path)
+    return digest or file_sha256(path), []
+
+
+def npz_fields(archive: zipfile.ZipFile) -> list[tuple]:
+    """The (C, h, w) of an open .npz's arrays z0, z1, ... (the last three of each shape) from
+    their .npy headers, the first bytes of each member; [] where they are not that (the file is
+    refused, saying why, where it is read whole)."""
+    names = set(archive.namelist())
+    fields = []
+    while f"z{len(fields)}.npy" in names:
+        try:
+            with archive.open(f"z{len(fields)}.npy") as f:
+                version = np.lib.format.read_magic(f)
+                read = {(1, 0): np.lib.format.read_array_header_1_0,
+                        (2, 0): np.lib.format.read_array_header_2_0}.get(version)  # fmt: skip
+                shape = read(f)[0] if read else ()
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            return []
+        if len(shape) not in (3, 4):
+            return []
+        fields.append(tuple(shape[-3:]))
+    return fields
 
 
 def file_sha256(path: Path) -> str:

@@ -823,8 +823,7 @@ def test_latent_dir_decodes_a_flow_run_again(tmp_path, flow_ckpts, capsys):
     NAME_sample{i:05d}.latent.npz (of its LR size: inputs of three sizes), the whole stem ("a"
     is not "a_b"), sample i to NAME_sample{i:05d}.png with its i (a gap stays), bit for bit the
     saved sample. The made_by of every file is checked: another checkpoint of the model decodes
-    them with one warning line counting them; another flow is refused naming a file; a file of
-    another LR size stops at its input, naming the file and both sizes."""
+    them with one warning line counting them; another flow is refused naming a file."""
     inp = tmp_path / "in"
     for k, (stem, (h, w)) in enumerate({"a": (8, 8), "a_b": (8, 10), "img 1": (10, 6)}.items()):
         lr_image(inp / f"{stem}.png", h, w, seed=k)
@@ -866,23 +865,39 @@ def test_latent_dir_decodes_a_flow_run_again(tmp_path, flow_ckpts, capsys):
     assert len(err) == 1 and err[0].startswith(f"sr_sample.py: error: --latent {s / 'a_'}"), err
     assert "saved by an x4 srflow model, not this x4 ncsr" in err[0]
     assert not (tmp_path / "n").exists() or not list((tmp_path / "n").glob("*.png"))
-    # a's latents replaced by a_b's (an LR of another size): the line names the file, both sizes
-    swapped = tmp_path / "swapped"
-    swapped.mkdir()
-    for f in s.glob("*.latent.npz"):
-        (swapped / f.name).write_bytes(f.read_bytes())
-    (swapped / "a_sample00000.latent.npz").write_bytes((s / "a_b_sample00000.latent.npz")
-                                                       .read_bytes())  # fmt: skip
-    (swapped / "a_sample00003.latent.npz").unlink()
-    assert run(*base, "--latent", swapped, "--out", tmp_path / "w") == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-    assert err == [
-        f"sr_sample.py: error: --latent {swapped / 'a_sample00000.latent.npz'}: fields z0 (6, 16, "
-        "20), z1 (96, 4, 5), the latents of an LR of 10x8 px, not of a.png's LR of 8x8 px (z0 (6, "
-        "16, 16), z1 (96, 4, 4) in this x4 SRFlow, which pads the LR to a multiple of 2); a "
-        "--latent folder's files of a are the latents of the input a as it was sampled: give "
-        "that input (with --from-hr if it was made so)"
-    ]
+
+
+def test_a_latent_dir_file_of_another_lr_size_is_refused_before_any_sample(
+    tmp_path, flow_ckpts, capsys
+):
+    """--latent DIR whose files of an input fit another LR size (another image's latents under
+    its name, or the LR resized since) stopped only when that input was decoded, the samples of
+    the inputs before it written. The fields' shapes (from the .npz headers) are checked against
+    every input's LR size (from its header) before any work, by every --shard (shard 1/2 here
+    does not decode that input): one line naming the file, its LR size and the input's."""
+    inp = tmp_path / "in"
+    for k, (stem, (h, w)) in enumerate({"a": (8, 8), "a_b": (8, 10), "img 1": (10, 6)}.items()):
+        lr_image(inp / f"{stem}.png", h, w, seed=k)
+    base = ["--ckpt", flow_ckpts["srflow"], "--input", inp]
+    s = tmp_path / "s"
+    assert run(*base, "--n", 2, "--save-latent", "--out", s) == 0
+    for i in range(2):  # the last input's latents replaced by a_b's (an LR of another size)
+        (s / f"img 1_sample{i:05d}.latent.npz").write_bytes(
+            (s / f"a_b_sample{i:05d}.latent.npz").read_bytes()
+        )
+    capsys.readouterr()
+    for shard in ("0/1", "0/2", "1/2"):
+        out = tmp_path / f"d{shard[0]}"
+        assert run(*base, "--latent", s, "--shard", shard, "--out", out) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert err == [
+            f"sr_sample.py: error: --latent {s / 'img 1_sample00000.latent.npz'}: fields z0 (6, "
+            "16, 20), z1 (96, 4, 5), the latents of an LR of 10x8 px, not of img 1.png's LR of "
+            "6x10 px (z0 (6, 20, 12), z1 (96, 5, 3) in this x4 SRFlow, which pads the LR to a "
+            "multiple of 2); a --latent folder's files of img 1 are the latents of the input img "
+            "1 as it was sampled: give that input (with --from-hr if it was made so)"
+        ], (shard, err)
+        assert not out.exists() or not list(out.iterdir()), (shard, list(out.iterdir()))
 
 
 def test_latent_dir_shards_read_the_contents_of_their_own_files_only(

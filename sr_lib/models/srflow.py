@@ -538,40 +538,53 @@ class SRFlow(SRModel):
         w, h = sizes.pop()
         return f"an LR of {w}x{h} px"
 
+    def check_latent_size(self, file: str, got: list[tuple], size: tuple, image: str,
+                          hint: str) -> None:  # fmt: skip
+        """Latent fields of the (C, h, w) shapes `got` (of `file`: the flag and its path) against
+        an LR of `size` (h, w), of the input `image` ("r0.png's"): other shapes are a usage error
+        naming the file, the LR its fields fit, the LR's size and fields, and `hint` (what to
+        do)."""
+        m, s = self.lr_multiple, self.scale
+        h, w = size
+        H, W = -(-h // m) * m * s, -(-w // m) * m * s
+        want = [(c, H // down, W // down) for c, down in self.latent_fields()]
+        if got == want:
+            return
+        shapes = lambda z: ", ".join(f"z{k} {v}" for k, v in enumerate(z))  # noqa: E731
+        pad = f", which pads the LR to a multiple of {m}" if m > 1 else ""
+        raise UsageError(
+            f"{file}: fields {shapes(got)}, the latents of {self.fields_lr(got)}, not of {image} "
+            f"LR of {w}x{h} px ({shapes(want)} in this x{s} {type(self).__name__}{pad}); {hint}"
+        )
+
     def sample_latents(self, lr, seeds, idx, temperature, controls: SampleControls) -> list:
         """The latent fields [(len(idx), C, h, w), ...] of samples idx of the whole (1, 3, h, w)
         LR, at its size padded to lr_multiple: drawn as `generate` draws them (the same bits),
         the --latent file's rows, or --latent-shift's z_0 + step · direction (z_0: the --latent
-        row, else zeros, the temperature-0 latent); a file's shapes must be this LR's (a usage
-        error naming the file and the shapes expected)."""
+        row, else zeros, the temperature-0 latent); a file's shapes must be this LR's
+        (`check_latent_size`)."""
         m, s = self.lr_multiple, self.scale
         h, w = lr.shape[-2:]
-        H, W = -(-h // m) * m * s, -(-w // m) * m * s
         if controls.latent is None and controls.shift is None:
             noise = NoiseSource(seeds, lr.device)
+            H, W = -(-h // m) * m * s, -(-w // m) * m * s
             return self.draw_latents(len(idx), H, W, float(temperature), noise, lr)
-        want = [(c, H // down, W // down) for c, down in self.latent_fields()]
         files = [("--latent", controls.latent_file, controls.latent)]
         if controls.shift is not None:
             files.append(("--latent-shift", controls.shift_file, controls.shift[0]))
         for flag, file, fields in files:
-            got = [tuple(z.shape[1:]) for z in fields or []]
-            if fields is not None and got != want:
-                shapes = lambda z: ", ".join(f"z{k} {v}" for k, v in enumerate(z))  # noqa: E731
-                pad = f", which pads the LR to a multiple of {m}" if m > 1 else ""
-                hint = f"a {flag} file fits one LR size: give --input only images of that size"
-                if flag == "--latent":  # (a --latent DIR's files: its own hint)
-                    hint = controls.latent_hint or (
-                        f"{hint}, or --latent DIR, a folder written by --save-latent (each input "
-                        "decoded from its own files there)"
-                    )
-                else:
-                    hint += f", or each image its own {flag} file"
-                raise UsageError(
-                    f"{flag} {file}: fields {shapes(got)}, the latents of {self.fields_lr(got)}, "
-                    f"not of {controls.image} LR of {w}x{h} px ({shapes(want)} in this x{s} "
-                    f"{type(self).__name__}{pad}); {hint}"
+            if fields is None:
+                continue
+            hint = f"a {flag} file fits one LR size: give --input only images of that size"
+            if flag == "--latent":  # (a --latent DIR's files: its own hint)
+                hint = controls.latent_hint or (
+                    f"{hint}, or --latent DIR, a folder written by --save-latent (each input "
+                    "decoded from its own files there)"
                 )
+            else:
+                hint += f", or each image its own {flag} file"
+            got = [tuple(z.shape[1:]) for z in fields]
+            self.check_latent_size(f"{flag} {file}", got, (h, w), controls.image, hint)
         if controls.shift is None:
             return [z[list(idx)] for z in controls.latent]
         direction, steps = controls.shift
