@@ -709,6 +709,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     if latent_dir is not None:
         controls.digests["--latent"] = latent_dir.check(model, paths, {p for _, p in mine},
                                                         made_by, from_hr)  # fmt: skip
+        latent_dir.warn_gaps(files.numbers)  # (a folder it decodes)
     settings = run_settings(args, ck, ckpt_sha256, model, n, context, from_hr, paths, controls)
     free = no_effect(args, model, setter)  # recorded as given, not compared
     # An out-of-memory retry cuts the image into tiles; where the folder's samples are recorded
@@ -1464,6 +1465,24 @@ class LatentDir:
                     "--layout stem, which keeps the sample numbers"
                 )
         return n, None, missing
+
+    def warn_gaps(self, numbers: dict | None) -> None:
+        """One warning line where an input's sample numbers have a gap (samples 0, 1, 3; kept,
+        so the folders line up): sr_eval.py scores samples 0..N-1 of every image, so the
+        samples above the gap cannot be scored with those below it, and its line (no
+        NAME_sample00002.png) does not say why there is none."""
+        gaps = {stem: got for stem, got in (numbers or {}).items() if got != list(range(len(got)))}
+        if not gaps:
+            return
+        stem, got = next(iter(gaps.items()))
+        said = ", ".join(map(str, got[:5])) + (", ..." if len(got) > 5 else "")
+        first = min(next(i for i, k in enumerate(v + [-1]) if i != k) for v in numbers.values())
+        most = f"--n {first} at most here" if first else "no N here (an image has no sample 0)"
+        say_err(f"{PROG}: warning: --latent {self.folder}: the sample numbers of {stem} have a "
+                f"gap ({said}; {len(gaps)} of {len(numbers)} inputs have one), kept in the "
+                f"samples' names; sr_eval.py scores samples 0..N-1 of every image: {most}; to "
+                "score them all, decode a copy of the folder with each image's files numbered "
+                "0, 1, ...")  # fmt: skip
 
     def refuse_missing(self, missing: list[Path], total: int, model: str) -> None:
         """One line, before any work, where inputs have no file of this model's kind: a decode

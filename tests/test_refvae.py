@@ -589,8 +589,9 @@ def test_latent_dir_decodes_each_input_from_its_own_files(tmp_path, ckpts, capsy
     again = [*base, "--latent", s, "--n", 2, "--seed", 5, "--out", tmp_path / "d"]
     assert run(*again) == 0
     warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
-    assert [w.split(":")[2].strip() for w in warned] == ["--n", "--seed"], warned
-    assert all("no effect, --latent sets the" in w for w in warned)
+    assert [w.split(":")[2].strip() for w in warned] == ["--n", "--seed", f"--latent {s}"], warned
+    assert all("no effect, --latent sets the" in w for w in warned[:2])
+    assert "the sample numbers of a have a gap (0, 3; 1 of 3 inputs have one)" in warned[2]
     d = pngs_of(tmp_path / "d")
     want = ["a_sample00000.png", "a_sample00003.png"]
     want += [f"{stem}_sample{i:05d}.png" for stem in ("a_b", "img 1") for i in range(4)]

@@ -19,6 +19,7 @@ from test_models import official_rrdb_layout
 from test_refvae import run  # sr_sample.main's exit code
 from torch.autograd.functional import jacobian
 
+import sr_eval
 import sr_lib.models
 import sr_lib.models.srflow
 import sr_sample
@@ -835,8 +836,13 @@ def test_latent_dir_decodes_a_flow_run_again(tmp_path, flow_ckpts, capsys):
     capsys.readouterr()
     assert run(*base, "--latent", s, "--temperature", 0.5, "--out", tmp_path / "d") == 0
     warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
-    assert warned == ["sr_sample.py: warning: --temperature: no effect, --latent sets the "
-                      "latents; ignored"]  # fmt: skip
+    assert warned == [
+        "sr_sample.py: warning: --temperature: no effect, --latent sets the latents; ignored",
+        f"sr_sample.py: warning: --latent {s}: the sample numbers of a have a gap (0, 3; 1 of 3 "
+        "inputs have one), kept in the samples' names; sr_eval.py scores samples 0..N-1 of every "
+        "image: --n 1 at most here; to score them all, decode a copy of the folder with each "
+        "image's files numbered 0, 1, ...",
+    ]
     d = {p.name: iio.imread(p) for p in (tmp_path / "d").glob("*.png")}
     want = ["a_sample00000.png", "a_sample00003.png"]
     want += [f"{stem}_sample{i:05d}.png" for stem in ("a_b", "img 1") for i in range(4)]
@@ -844,6 +850,16 @@ def test_latent_dir_decodes_a_flow_run_again(tmp_path, flow_ckpts, capsys):
     assert all((x == iio.imread(s / f)).all() for f, x in d.items())
     assert not (d["a_sample00000.png"] == d["a_sample00003.png"]).all()
     assert json.loads((tmp_path / "d" / "manifest.json").read_text())["n"] == 4
+    # what the gap's warning says: sr_eval.py scores --n 1 there, not --n 2 (no sample 1 of a)
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    for stem in ("a", "a_b", "img 1"):  # (HR images of the samples' size)
+        iio.imwrite(hr / f"{stem}.png", d[f"{stem}_sample00000.png"])
+    score = ["--hr", hr, "--sr", tmp_path / "d", "--scale", 4, "--no-lpips", "--quiet"]
+    assert sr_eval.main([str(a) for a in [*score, "--n", 1]]) == 0
+    with pytest.raises(SystemExit) as e:
+        sr_eval.main([str(a) for a in [*score, "--n", 2]])
+    assert e.value.code == 3 and "a_sample00001.png" in capsys.readouterr().err
     # another checkpoint of srflow: one warning line for the folder's 10 files
     other = tmp_path / "other.pt"
     cfg = {**TINY["srflow"], "scale": 4, "flow_steps": 3}
@@ -852,7 +868,8 @@ def test_latent_dir_decodes_a_flow_run_again(tmp_path, flow_ckpts, capsys):
     digest = hashlib.sha256(flow_ckpts["srflow"].read_bytes()).hexdigest()
     assert run("--ckpt", other, "--input", inp, "--latent", s, "--out", tmp_path / "o") == 0
     warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
-    assert warned == [
+    assert len(warned) == 2 and "a gap" in warned[1], warned
+    assert warned[:1] == [
         f"sr_sample.py: warning: --latent {s}: 10 of 10 files saved by another srflow checkpoint "
         f"(sha256 {digest[:12]}...; its config differs in flow_steps): decoded with this one, its "
         "samples are not the saved ones"
