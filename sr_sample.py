@@ -1382,6 +1382,7 @@ class LatentDir:
     others: dict  # input stem -> the other ending, where it has files of that only
     broken: dict  # input stem -> the first name of `ending` there that is no file
     digests: dict = field(default_factory=dict)  # path -> sha256 of its contents, as first read
+    saved: dict = field(default_factory=dict)  # its manifest.json ({}: none readable)
 
     @classmethod
     def scan(cls, folder: Path, ending: str) -> "LatentDir":
@@ -1429,6 +1430,7 @@ class LatentDir:
             model, scale = saved["model"], saved["scale"]
         except (OSError, ValueError, KeyError, TypeError):
             return
+        self.saved = saved
         if (model, scale) != (own["model"], own["scale"]):
             raise UsageError(
                 f"--latent {self.folder}: its latents were saved by an x{scale} {model} model "
@@ -1556,7 +1558,45 @@ class LatentDir:
                     fits(f"--latent {file}", fields, size, f"{path.name}'s", self.hint(path.stem))
         for line, k in warned.items():
             say_err(f"{PROG}: warning: --latent {self.folder}: {k} of {count} files {line}")
+        if not fits:  # (a flow's fields fit one LR size: checked above)
+            self.warn_other_inputs([p for p in paths if p in mine], model.scale, from_hr)
         return digests
+
+    def warn_other_inputs(self, paths: list[Path], s: int, from_hr: bool) -> None:
+        """One warning line where inputs are not the LR the latents were saved from (a RefVAE
+        or VarSR latent decodes with any LR): the HR given without --from-hr, the reverse, or
+        another image of the name. Told by the LR sizes, from the headers: this run's LR and
+        the saving run's, its sample's (NAME_sample{i:05d}.png beside the file, s x its LR), or
+        else the LR a --from-hr run wrote (DIR/lr/NAME.png); the manifest's from_hr says which
+        flag to give. --input DIR/lr of a --from-hr run, without it, is that run's LR: no
+        warning. (Another image of the name of the same size cannot be told.)"""
+        other = []
+        for path in paths:
+            file = next(iter(self.files[path.stem].values()))
+            made = image_size(file.with_name(file.name.removesuffix(self.ending) + ".png"))
+            was, what = None, ""
+            if made and not made[0] % s and not made[1] % s:
+                was, what = (made[0] // s, made[1] // s), f"its samples there are x{s} of"
+            elif self.saved.get("from_hr"):
+                was, what = image_size(self.folder / "lr" / f"{path.stem}.png"), "its lr/ holds"
+            size = lr_size(path, s, from_hr)
+            if was and size and all(size) and was != size:
+                other.append((path, size, was, what))
+        if not other:
+            return
+        path, (h, w), (h0, w0), what = other[0]
+        was_hr = self.saved.get("from_hr")
+        hint = ("give each input as it was sampled (with --from-hr where it was made so)"
+                if was_hr is None or was_hr == from_hr else  # fmt: skip
+                "it was saved with --from-hr (its manifest.json): give the HR images with "
+                f"--from-hr, or the LR it wrote ({self.folder / 'lr'})"
+                if was_hr else  # fmt: skip
+                "it was saved from LR inputs, without --from-hr (its manifest.json): give "
+                "those LR images without --from-hr")  # fmt: skip
+        say_err(f"{PROG}: warning: --latent {self.folder}: {len(other)} of {len(paths)} inputs "
+                f"are not the LR their latents were saved from ({path.name}: an LR of {w}x{h} "
+                f"px; {what} an LR of {w0}x{h0} px): their samples are not the saved ones; "
+                f"{hint}")  # fmt: skip
 
     @staticmethod
     def one_sample(file: Path, z, shapes):

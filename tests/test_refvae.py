@@ -793,6 +793,54 @@ def test_latent_dir_of_another_checkpoint_is_one_warning(tmp_path, ckpts, capsys
     assert capsys.readouterr().err == ""
 
 
+def test_latent_dir_decoded_from_other_inputs_than_it_was_saved_from_is_one_warning(
+    tmp_path, ckpts, capsys
+):
+    """A .npy latent decodes with any LR, so a --from-hr run's folder decoded from its HR
+    without --from-hr (or an LR run's with it) wrote samples of other images, exit 0, without a
+    word. The LR sizes tell (this run's, from the input headers; the saving run's, its sample
+    PNG's / scale, else its lr/NAME.png): one warning line, naming the flag the manifest.json
+    says. --input DIR/lr without --from-hr (that run's LR) and the HR with it: no warning."""
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    for k, (h, w) in enumerate([(37, 45), (48, 32)]):
+        img = (np.random.default_rng(k).random((h, w, 3)) * 255).astype(np.uint8)
+        iio.imwrite(hr / f"h{k}.png", img)
+    s, ck = tmp_path / "s", ["--ckpt", ckpts["refvae"]]
+    assert run(*ck, "--input", hr, "--from-hr", "--n", 2, "--save-latent", "--out", s) == 0
+    capsys.readouterr()
+    for k, flags in enumerate([["--input", hr, "--from-hr"], ["--input", s / "lr"]]):
+        assert run(*ck, *flags, "--latent", s, "--out", tmp_path / f"ok{k}") == 0
+        assert capsys.readouterr().err == ""
+    assert (read(tmp_path / "ok0" / "h0_sample00001.png") == read(s / "h0_sample00001.png")).all()
+    said = (
+        f"sr_sample.py: warning: --latent {s}: 2 of 2 inputs are not the LR their latents were "
+        "saved from (h0.png: an LR of 45x37 px; its samples there are x4 of an LR of 10x8 px): "
+        "their samples are not the saved ones; it was saved with --from-hr (its manifest.json): "
+        f"give the HR images with --from-hr, or the LR it wrote ({s / 'lr'})"
+    )
+    assert run(*ck, "--input", hr, "--latent", s, "--out", tmp_path / "hr_as_lr") == 0
+    assert capsys.readouterr().err.splitlines() == [said]
+    for f in s.glob("*.png"):  # latents copied with its lr/ alone: told by lr/NAME.png
+        f.unlink()
+    assert run(*ck, "--input", hr, "--latent", s, "--out", tmp_path / "no_png") == 0
+    assert capsys.readouterr().err.splitlines() == [
+        said.replace("its samples there are x4 of", "its lr/ holds")
+    ]
+    # the reverse: an LR run's folder decoded with --from-hr (the HR of that LR: no warning)
+    lr = tmp_path / "l"
+    assert run(*ck, "--input", s / "lr", "--n", 2, "--save-latent", "--out", lr) == 0
+    assert run(*ck, "--input", hr, "--from-hr", "--latent", lr, "--out", tmp_path / "ok2") == 0
+    assert capsys.readouterr().err == ""
+    assert run(*ck, "--input", s / "lr", "--latent", lr, "--from-hr", "--out", tmp_path / "r") == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"sr_sample.py: warning: --latent {lr}: 2 of 2 inputs are not the LR their latents were "
+        "saved from (h0.png: an LR of 2x2 px; its samples there are x4 of an LR of 10x8 px): "
+        "their samples are not the saved ones; it was saved from LR inputs, without --from-hr "
+        "(its manifest.json): give those LR images without --from-hr"
+    ]
+
+
 def test_latent_dir_to_the_ntire_layout(tmp_path, ckpts):
     """--layout ntire from --latent DIR where every image has samples 0..N-1: written as that
     layout (numbered images, the same sample numbers), and at N = 1 as NAME.png, as a run of
