@@ -214,6 +214,59 @@ def test_ssim_hand_checkable_constant_images():
     assert M.ssim(a, b) == pytest.approx((2 * 100 * 120 + c1) / (100**2 + 120**2 + c1), abs=1e-12)
 
 
+def whole_image_metrics(a, b):
+    """PSNR, SSIM and MATLAB Y as computed before `metrics.bands`: each map of the whole image
+    at once (the same operations per value, so the same floats to the bit are expected)."""
+    f, c1, c2 = M._filter_valid, (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, dtype=np.float64)
+    x, y = M._chw64(a), M._chw64(b)
+    mu_x, mu_y = f(x), f(y)
+    num = (mu_x * (2 * mu_y) + c1) * ((f(x * y) - mu_x * mu_y) * 2 + c2)
+    den = (f(x * x) - mu_x**2 + (f(y**2) - mu_y**2 + c2)) * (mu_x**2 + (mu_y**2 + c1))
+    psnr = math.inf if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+    if a.ndim == 2:
+        return psnr, float(np.mean(num / den))
+    rgb = a.astype(np.float64)
+    luma = 16.0 + (65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2]) / 255.0
+    return psnr, float(np.mean(num / den)), luma
+
+
+@pytest.mark.parametrize("band_values", [1, 500, 7001, M.BAND_VALUES])
+def test_banded_metrics_equal_whole_image_bitwise(monkeypatch, band_values):
+    # bands of one row (+ the window's 10), of a few rows, and the default (one band here)
+    monkeypatch.setattr(M, "BAND_VALUES", band_values)
+    rng = np.random.default_rng(band_values)
+    for h, w in [(37, 53), (61, 29), (101, 23), (11, 11)]:
+        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        b = noisy(a, 20, seed=h)
+        psnr, ssim, luma = whole_image_metrics(a, b)
+        assert (M.psnr(a, b, peak=255.0), M.SsimReference(b)(a)) == (psnr, ssim)
+        assert np.array_equal(M.rgb2y(a), luma)
+        ya, yb = M.rgb2y(a), rng.uniform(0, 255, (h, w))  # float (H, W): the --color y path
+        assert (M.psnr(ya, yb, peak=255.0), M.ssim(ya, yb)) == whole_image_metrics(ya, yb)
+
+
+def test_ssim_and_psnr_memory_is_a_few_maps_not_a_dozen(monkeypatch):
+    # Scoring one sample held ~13 float64 copies of the image (11 here; 2.9 GB for a 3072x3072
+    # RGB sample): now the reference's two maps, the SSIM map and PSNR's squared differences
+    # (3 copies at most) plus a band's temporaries (small: bands of 4096 values here).
+    import tracemalloc  # numpy reports its arrays to it
+
+    monkeypatch.setattr(M, "BAND_VALUES", 4096)
+    rng = np.random.default_rng(5)
+    gt = rng.integers(0, 256, (203, 197, 3), dtype=np.uint8)
+    samples = [noisy(gt, 10, seed=i) for i in range(2)]
+    copy = gt.size * 8  # bytes of one float64 copy of the image
+    for color, most in [("rgb", 3), ("y", 2)]:  # (before: 11.1 and 3.7 copies)
+        tracemalloc.start()
+        try:
+            M.evaluate_image(gt, samples, 4, color=color)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < most * copy, (color, peak / copy)
+
+
 # ----------------------------------------------------------------------------- diversity score
 
 
