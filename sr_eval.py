@@ -167,9 +167,9 @@ OUT_OF_MEMORY = (
     "out of memory; use a smaller --lpips-batch (the default is 4 on CUDA, 1 on CPU), "
     "--device cpu, or --no-lpips"
 )
+FIT = "free memory, or run on a machine with more"
 OUT_OF_MEMORY_IMAGES = (
-    "out of memory: one image's ground truth and samples, decoded, do not fit; free memory, or "
-    "run on a machine with more"
+    f"out of memory: one image's ground truth and samples, decoded, do not fit; {FIT}"
 )
 HELP_QUIET = (
     "print warnings, errors and the --json line only: no progress, no table where --out, --csv, "
@@ -505,25 +505,74 @@ def stopped_line(name: str, fields: dict) -> str:
             "--out or --csv keeps them): rerun the same command")  # fmt: skip
 
 
-def out_of_memory_line(e: BaseException, device, batch: int, lpips: bool, methods: int) -> str:
+@dataclass
+class ImageNeeds:
+    """What the host holds while one image is scored, besides LPIPS (`image_needs`), in bytes."""
+
+    stem: str
+    size: tuple[int, int]  # (H, W) of its ground truth
+    decoded: int  # its ground truth and the samples of every --sr folder, decoded (uint8 RGB)
+    folder: int  # the decoded samples of the --sr folder with the most
+    scoring: int  # PSNR's and SSIM's float64 maps (0 with --ntire)
+    ahead: bool  # the next image's files are decoded meanwhile (as much again, about)
+
+
+def image_needs(stem: str, gt_file: Path, samples: list[int], ntire: bool, color: str, ahead):
+    """The ImageNeeds of image `stem` with `samples` samples in each --sr folder (`ahead`: not
+    the last image), from its ground truth's header (None where it cannot tell): uint8 RGB, 3
+    bytes a pixel for each file; and
+    without --ntire 24 bytes a value of the compared region (at most the ground truth's: three
+    float64 maps, sr_lib/metrics.py `SsimReference`), 3 values a pixel, 1 with --color y."""
+    size = image_size(gt_file)
+    if size is None:
+        return None
+    px = size[0] * size[1]
+    scoring = 0 if ntire else 24 * px * (1 if color == "y" else 3)
+    decoded, folder = 3 * px * (1 + sum(samples)), 3 * px * max(samples)
+    return ImageNeeds(stem, size, decoded, folder, scoring, ahead)
+
+
+def out_of_memory_line(e: BaseException, device, batch: int, lpips: bool, methods: int,
+                       image: ImageNeeds | None = None) -> str:  # fmt: skip
     """The line of out-of-memory error `e` of a run on `device` with LPIPS (`lpips`) in batches
-    of `batch` samples and `methods` rows: it names only what lowers the memory that ran out. A
+    of `batch` samples and `methods` rows, while scoring `image` (None: no image, or its size
+    unknown): it names only what lowers the memory that ran out, with this run's values. A
     CUDA device holds LPIPS alone (a batch of samples' feature maps): a smaller --lpips-batch
-    where it is over 1, --device cpu, --no-lpips. The host's memory (a MemoryError, torch's "can't
-    allocate memory", or any on the CPU) holds each image's files decoded, every --sr folder's
-    samples together (fewer folders per run), and LPIPS where it runs on the CPU: there the
-    batch (1 by default) and --no-lpips."""
+    where it is over 1, --device cpu, --no-lpips. The host's memory (a MemoryError, torch's
+    "can't allocate memory", or any on the CPU) holds the image's files decoded, every --sr
+    folder's samples together and as much for the next image (decoded meanwhile): fewer --sr
+    folders, each worth its samples; PSNR and SSIM's maps: --ntire; LPIPS where it runs on the
+    CPU: the batch (1 by default) and --no-lpips. The line says what the image takes."""
     host = host_out_of_memory(e, device)
     helps = []
     if lpips and (device.type == "cpu" or not host):
         helps += [f"a smaller --lpips-batch (this run's: {batch})"] if batch > 1 else []
         helps += [] if host else ["--device cpu"]
         helps.append("--no-lpips")
+    if host and image and image.scoring:
+        helps.append(f"--ntire (no PSNR/SSIM columns: {gb(image.scoring)} less)")
     if host and methods > 1:
-        helps.append("fewer --sr folders per run")
+        each = f" ({gb((1 + image.ahead) * image.folder)} less each)" if image else ""
+        helps.append(f"fewer --sr folders per run{each}")
+    said = ""
+    if host and image:
+        h, w = image.size
+        said = (f" scoring {image.stem} ({w}x{h}: its files decoded take {gb(image.decoded)}"
+                + (", as much again for the next image's" if image.ahead else "")
+                + (f", PSNR and SSIM {gb(image.scoring)}" if image.scoring else "")
+                + (", LPIPS more" if lpips and device.type == "cpu" else "") + ")")  # fmt: skip
     if not helps:
-        return OUT_OF_MEMORY_IMAGES
-    return f"out of memory; use {any_of(helps)}"
+        return OUT_OF_MEMORY_IMAGES if not said else f"out of memory{said}; {FIT}"
+    return f"out of memory{said}; use {any_of(helps)}"
+
+
+def gb(n: int) -> str:
+    """Bytes as "~1.2 GB", "~35 MB" or "~9.2 kB" (an estimate: two significant digits)."""
+    value, unit = next((n / u, name) for u, name in BYTE_UNITS if n >= u or u == 1e3)
+    return f"~{float(f'{value:.2g}'):g} {unit}"
+
+
+BYTE_UNITS = ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"))
 
 
 @contextmanager
@@ -677,8 +726,16 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
         report.check_matplotlib()
     report_dir = check_out_dir(args.report, "--report") if args.report else None
 
-    def oom(e):  # the line of an out-of-memory error: what helps this run's device and batch
-        return out_of_memory_line(e, device, batch, not args.no_lpips, len(methods))
+    def oom(e, image=None):  # the line of an out-of-memory error: what helps this run
+        return out_of_memory_line(e, device, batch, not args.no_lpips, len(methods), image)
+
+    def oom_scoring(e):  # (the image being scored: the first not scored yet)
+        k = summary.fields["scored"]
+        if k >= len(stems):  # (after the scoring: the files or the report)
+            return oom(e)
+        counts = [len(m.files[k]) for m in methods]
+        ahead = k + 1 < len(stems)
+        return oom(e, image_needs(stems[k], hr[stems[k]], counts, args.ntire, args.color, ahead))
 
     with out_of_memory_said(oom):
         lpips_metric = (
@@ -721,7 +778,7 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     locked = report.locked(report_dir) if report_dir else nullcontext()
     with (
         locked,
-        said_unfinished(summary.fields, moved, oom),
+        said_unfinished(summary.fields, moved, oom_scoring),
         report.removed_if_unfinished(report_dir),
     ):
         with signals_held():  # a stop halfway would leave the earlier report in two places

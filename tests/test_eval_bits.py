@@ -64,18 +64,25 @@ CUDA_OOM = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 CPU_OOM = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB")
 
 
+# the second of two 32x32 images (the last: none decoded meanwhile), 2 samples per --sr folder
+SCORING = "scoring 0001 (32x32: its files decoded take ~9.2 kB, PSNR and SSIM ~74 kB"
+NTIRE = "--ntire (no PSNR/SSIM columns: ~74 kB less)"
+
+
 @pytest.mark.parametrize(
     "flags, error, advice",
     [
-        (["--no-lpips"], MemoryError(), "out of memory: one image's ground truth and samples, "
-         "decoded, do not fit; free memory, or run on a machine with more"),
-        (["--no-lpips"], CUDA_OOM, "out of memory: one image's ground truth and samples, "
-         "decoded, do not fit; free memory, or run on a machine with more"),
-        (["--no-lpips", "--sr", "b=SR"], MemoryError(), "out of memory; use fewer --sr folders "
-         "per run"),
-        ([], MemoryError(), "out of memory; use --no-lpips"),
-        (["--lpips-batch", 3], CPU_OOM, "out of memory; use a smaller --lpips-batch (this "
-         "run's: 3) or --no-lpips"),
+        (["--no-lpips", "--ntire"], MemoryError(), "out of memory scoring 0001 (32x32: its files "
+         "decoded take ~9.2 kB); free memory, or run on a machine with more"),
+        (["--no-lpips", "--ntire"], CUDA_OOM, "out of memory scoring 0001 (32x32: its files "
+         "decoded take ~9.2 kB); free memory, or run on a machine with more"),
+        (["--no-lpips"], MemoryError(), f"out of memory {SCORING}); use {NTIRE}"),
+        (["--no-lpips", "--sr", "b=SR"], MemoryError(), "out of memory scoring 0001 (32x32: its "
+         f"files decoded take ~15 kB, PSNR and SSIM ~74 kB); use {NTIRE} or fewer --sr folders "
+         "per run (~6.1 kB less each)"),
+        ([], MemoryError(), f"out of memory {SCORING}, LPIPS more); use --no-lpips or {NTIRE}"),
+        (["--lpips-batch", 3], CPU_OOM, f"out of memory {SCORING}, LPIPS more); use a smaller "
+         f"--lpips-batch (this run's: 3), --no-lpips or {NTIRE}"),
     ],
 )  # fmt: skip
 def test_out_of_memory_names_what_helps_this_run_and_the_scores_kept(
@@ -86,7 +93,9 @@ def test_out_of_memory_names_what_helps_this_run_and_the_scores_kept(
     smaller --lpips-batch (...), --device cpu, or --no-lpips": on a CPU the --lpips-batch was 1
     already and --device cpu what ran, and with --no-lpips none of the three helps. Now exit 4,
     one line naming what lowers this run's memory (`out_of_memory_line`) and where the scores
-    so far are, which a rerun continues from."""
+    so far are, which a rerun continues from. It named "fewer --sr folders" where they held
+    little of the memory (a 3072x3072 image at --n 2: 3.56 GB with one folder, 3.62 with two);
+    now it says what the image being scored takes, and what each remedy saves."""
     hr_dir, sr_dir = make_set(tmp_path)
     out = tmp_path / "res" / "r.json"
     argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", SCALE, "--n", N, "--out", out, "--json",
@@ -137,6 +146,39 @@ def test_the_out_of_memory_line_of_each_device_and_batch(
         assert line == sr_eval.OUT_OF_MEMORY_IMAGES
     else:
         assert line == f"out of memory; use {advice}"
+
+
+def test_the_out_of_memory_line_says_what_the_image_takes(tmp_path):
+    """A host's out-of-memory line says what the image being scored takes (from its header) and
+    what each remedy saves; a GPU's names LPIPS's flags alone, as before."""
+    gt = tmp_path / "0801.png"
+    iio.imwrite(gt, np.zeros((3072, 2048, 3), np.uint8))
+    px, cpu = 3072 * 2048, torch.device("cpu")
+    need = sr_eval.image_needs("0801", gt, [10, 10], False, "rgb", ahead=True)
+    # uint8 RGB: 3 bytes a pixel for each of 21 files; PSNR/SSIM: 3 float64 maps of 3 channels
+    assert (need.decoded, need.folder, need.scoring) == (21 * 3 * px, 10 * 3 * px, 72 * px)
+    assert sr_eval.out_of_memory_line(MemoryError(), cpu, 1, True, 2, need) == (
+        "out of memory scoring 0801 (2048x3072: its files decoded take ~400 MB, as much again "
+        "for the next image's, PSNR and SSIM ~450 MB, LPIPS more); use --no-lpips, --ntire (no "
+        "PSNR/SSIM columns: ~450 MB less) or fewer --sr folders per run (~380 MB less each)"
+    )
+    y = sr_eval.image_needs("0801", gt, [10], False, "y", ahead=False)  # one channel, the last
+    assert (y.decoded, y.scoring) == (11 * 3 * px, 24 * px)
+    assert sr_eval.out_of_memory_line(MemoryError(), cpu, 1, False, 1, y) == (
+        "out of memory scoring 0801 (2048x3072: its files decoded take ~210 MB, PSNR and SSIM "
+        "~150 MB); use --ntire (no PSNR/SSIM columns: ~150 MB less)"
+    )
+    ntire = sr_eval.image_needs("0801", gt, [10], True, "rgb", ahead=False)
+    assert ntire.scoring == 0
+    assert sr_eval.out_of_memory_line(CPU_OOM, cpu, 1, False, 1, ntire) == (
+        f"out of memory scoring 0801 (2048x3072: its files decoded take ~210 MB); {sr_eval.FIT}"
+    )
+    cuda = sr_eval.out_of_memory_line(CUDA_OOM, torch.device("cuda"), 4, True, 2, need)
+    assert (
+        cuda
+        == "out of memory; use a smaller --lpips-batch (this run's: 4), --device cpu or --no-lpips"
+    )
+    assert sr_eval.image_needs("0801", tmp_path / "none.png", [1], False, "rgb", True) is None
 
 
 @pytest.mark.parametrize(
