@@ -69,7 +69,7 @@ Exit codes: 0 ok, 2 bad flag, 3 unusable data (missing, unreadable or wrongly si
 index that names other images), 4 out of memory, 6 LPIPS weights, 7 output, 75 stopped by
 SIGTERM, SIGUSR1 (SLURM's preemption and time-limit warning) or SIGHUP, one line saying how many
 images were scored and where they are kept (no result is written: rerun the same command to
-continue), 130 Ctrl-C (the scores kept as well).
+continue), 130 Ctrl-C (the scores kept as well, and its line says so).
 """
 
 import os
@@ -458,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
                 if summary.fields["partial"]:  # (here, where a stop signal stops no more)
                     Path(summary.fields["partial"]).unlink(missing_ok=True)
                     summary.update(partial=None, kept=0)
+            except KeyboardInterrupt:  # Ctrl-C: its line says so too, once an image is scored
+                if not summary.fields.get("scored"):
+                    raise
+                raise KeyboardInterrupt(how_far(summary.fields)) from None
             except Preempted as e:
                 if isinstance(e.__context__, SRSpaceError):  # it came while that error unwound
                     raise e.__context__ from None
@@ -491,18 +495,23 @@ def stop_signals():
 
 
 def stopped_line(name: str, fields: dict) -> str:
-    """The error line of a stop by signal `name`: how far the run got (`fields`: the --json
-    line's), what is kept (`kept` of the `scored` images, in `partial`) and what to do."""
+    """The error line of a stop by signal `name`: how far the run got and what to do (`how_far`)."""
+    return f"stopped by {name} {how_far(fields)}"
+
+
+def how_far(fields: dict) -> str:
+    """How far a stopped run got (`fields`: the --json line's), what is kept (`kept` of the
+    `scored` images, in `partial`) and what to do: the end of a stop's or Ctrl-C's line."""
     images, scored, partial = fields.get("images"), fields.get("scored"), fields.get("partial")
     if not scored:
-        return f"stopped by {name} before any image was scored; rerun the same command"
+        return "before any image was scored; rerun the same command"
     if partial:
         kept = fields.get("kept")
         which = "their scores" if kept == scored else f"the scores of the first {kept}"
-        return (f"stopped by {name} after scoring {scored} of {images} images, {which} kept "
-                f"in {partial}: rerun the same command to continue")  # fmt: skip
-    return (f"stopped by {name} after scoring {scored} of {images} images, none kept (only "
-            "--out or --csv keeps them): rerun the same command")  # fmt: skip
+        return (f"after scoring {scored} of {images} images, {which} kept in {partial}: rerun "
+                "the same command to continue")  # fmt: skip
+    return (f"after scoring {scored} of {images} images, none kept (only --out or --csv keeps "
+            "them): rerun the same command")  # fmt: skip
 
 
 @dataclass

@@ -254,8 +254,8 @@ def exit_on_error(prog: str, out_of_memory: str = "out of memory"):
         _last_error["text"] = msg  # for the --json line (Summary)
         say_err(f"{prog}: error: {msg}")
         raise SystemExit(e.exit_code) from None
-    except KeyboardInterrupt:  # files are written atomically: nothing half-written remains
-        interrupted(prog)
+    except KeyboardInterrupt as e:  # files are written atomically: nothing half-written remains
+        interrupted(prog, *e.args[:1])
     except BrokenPipeError as e:  # stdout's reader ended before any work that could be kept
         if not stdout_closed(e):
             raise  # another pipe: a bug
@@ -359,10 +359,12 @@ def replay_stop_signal() -> None:
         signal.raise_signal(signum)
 
 
-def interrupted(prog: str) -> NoReturn:
+def interrupted(prog: str, how_far: str = "") -> NoReturn:
+    """Ctrl-C's line, "PROG: interrupted", and `how_far` the run got (a KeyboardInterrupt's
+    argument: what is kept where, as sr_eval.py says) after it."""
     stop_pools()  # whose `finally` the KeyboardInterrupt skipped (sr_lib/threads.py)
-    _last_error["text"] = "interrupted"
-    say_err(f"{prog}: interrupted")
+    _last_error["text"] = f"interrupted {how_far}" if how_far else "interrupted"
+    say_err(f"{prog}: {_last_error['text']}")
     raise SystemExit(EXIT_INTERRUPTED) from None
 
 

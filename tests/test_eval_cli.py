@@ -817,9 +817,41 @@ def test_ctrl_c_is_one_line_exit_130_and_no_output(tmp_path):
     p.send_signal(signal.SIGINT)
     rest, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
-    assert err.strip().splitlines() == ["sr_eval.py: interrupted"]
-    assert "[40/40]" not in rest  # (the scores of the image scored, if any, are kept for a rerun)
-    assert [p.name for p in out.iterdir()] in ([], ["r.json.partial"])
+    scored = len(rest.splitlines()) + 1  # (one progress line an image)
+    assert err.strip().splitlines() == [
+        f"sr_eval.py: interrupted after scoring {scored} of 40 images, their scores kept in "
+        f"{out / 'r.json.partial'}: rerun the same command to continue"
+    ]
+    assert "[40/40]" not in rest
+    assert [p.name for p in out.iterdir()] == ["r.json.partial"]
+
+
+def test_ctrl_c_while_scoring_says_where_the_scores_are_kept(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) while the images are scored:
+    the line said "interrupted" alone, where SIGTERM's says how many images' scores are kept
+    where; now it says it too (exit 130), the --json line as well, and a rerun continues."""
+    names = tuple(f"{k:04d}" for k in range(8))
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((64, 64),) * 8, names=names)
+    out = tmp_path / "res" / "r.json"
+    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips", "--out", out]
+    p = subprocess.Popen(eval_cmd(*argv, "--json"), cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    lines = [p.stdout.readline() for _ in range(2)]  # the second image is scored (or nearly)
+    assert lines[-1].startswith("[2/8]"), "".join(lines) + p.stderr.read()
+    os.killpg(p.pid, signal.SIGINT)
+    rest, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    line = json.loads(rest.splitlines()[-1])
+    scored, partial = line["scored"], f"{out}.partial"
+    assert 1 <= scored < 8 and (line["kept"], line["partial"]) == (scored, partial)
+    said = (f"interrupted after scoring {scored} of 8 images, their scores kept in {partial}: "
+            "rerun the same command to continue")  # fmt: skip
+    assert (err, line["exit_code"], line["error"]) == (f"sr_eval.py: {said}\n", 130, said)
+    kept = json.loads(Path(partial).read_text())["images"]
+    assert [entry["image"] for entry in kept] == list(names[:scored])
+    done = subprocess.run(eval_cmd(*argv), cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"continuing from {partial}: {scored} of 8 images scored already" in done.stdout
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
@@ -953,7 +985,9 @@ def test_an_earlier_out_is_moved_aside_while_the_run_works_and_the_stop_says_so(
     code, err = fails(capsys, *argv)
     assert (code, err) == (130, f"sr_eval.py: warning: {out} (an earlier run's) moved to "
                            f"{out}.old2; {csv_file} (an earlier run's) moved to {csv_file}.old\n"
-                           "sr_eval.py: interrupted\n")  # fmt: skip
+                           "sr_eval.py: interrupted after scoring 1 of 3 images, their scores "
+                           f"kept in {res / 'r.json.partial'}: rerun the same command to "
+                           "continue\n")  # fmt: skip
     assert not out.exists() and (res / "r.json.old2").read_bytes() == earlier[0]
 
 
