@@ -48,7 +48,8 @@ lines and the table go to stderr then (`sr_eval.py ... --out - | jq .mean`).
 plots and per image a contact sheet (LR, GT, each method's samples and their per-pixel std).
 DIR is the report's: --out and --csv may not lie inside it, nor any input in DIR/index.html,
 DIR/plots or DIR/images (--hr data/images --report data), refused before any work, and so is
-a DIR/images or DIR/plots without DIR/index.html (not a report's); the half report of a run
+a DIR/images or DIR/plots without DIR/index.html (not a report's), and a DIR/index.html
+that is not a page of sr_eval.py (report.is_report_page: the user's own); the half report of a run
 killed before its page (its mark DIR/.sr_eval_unfinished there) is deleted when the scoring starts.
 DIR is locked while a run writes it (a second run into it at once: one line, exit 2).
 
@@ -1129,13 +1130,22 @@ def check_not_in_report(args: EvalArgs, hr: dict[str, Path], methods, lr_files, 
 
 
 def check_no_stray_parts(report_dir: Path) -> None:
-    """DIR/images or DIR/plots without DIR/index.html (the user's own files, or a half report of
+    """A DIR/index.html that is not a page of sr_eval.py (`report.is_report_page`: the user's
+    own, beside their own images/) refused: the run would move it and its images/ and plots/
+    into DIR/old and delete them once its page is written.
+    DIR/images or DIR/plots without DIR/index.html (the user's own files, or a half report of
     an srspace before report.UNFINISHED) refused: no earlier report is moved aside (`set_aside`
     moves a page's), so the run would write its panels among those files, replacing those of its
     names, and a run that stops would delete both folders whole (report.removed_if_unfinished).
     Whose files they are cannot be told, so the user moves or deletes them. A killed run's half
     report, told by its UNFINISHED mark, is deleted when the scoring starts (report.started)."""
-    if exists(report_dir / "index.html") or report.half_report(report_dir):
+    index = report_dir / "index.html"
+    if exists(index) and not report.is_report_page(index):
+        raise UsageError(f"--report {report_dir}: {index} is not a page of sr_eval.py (no "
+                         f"{report.GENERATOR} in its head); the report would move it to "
+                         f"{report_dir / REPORT_OLD} and delete it: move it away, or give "
+                         "--report another folder")  # fmt: skip
+    if exists(index) or report.half_report(report_dir):
         return  # (an earlier report, moved aside; a killed run's half one: `report.started`)
     for part in [p for p in report.PARTS if p != "index.html"]:
         if exists(report_dir / part):

@@ -13,7 +13,9 @@ across samples (white: its 99.5th percentile). Every thumbnail links to a full-s
   images/{k:06d}/m{j:02d}/        method j: its sample files (hard links or copies) and std.png
   */thumb_*.png                   thumbnails, at most THUMB px on a side
 Nothing refers to a file outside DIR, so the folder can be copied or archived as it is. An
-earlier report there (these three names) is moved into DIR/old while a rerun works (sr_eval.py).
+earlier report there (these three names) is moved into DIR/old while a rerun works (sr_eval.py);
+an index.html is taken for one only by the mark in its head, GENERATOR (or the fixed start of
+the pages written before it), and otherwise refused as the user's own.
 """
 
 import errno
@@ -40,6 +42,14 @@ PARTS = ("index.html", "plots", "images")  # what a report writes in its folder
 # between (SIGKILL, the out-of-memory killer: no code of its runs) leaves it beside its half report
 UNFINISHED = ".sr_eval_unfinished"
 BROWSER_FORMATS = (".png", ".jpg", ".jpeg", ".webp")
+# The mark of a page of sr_eval.py in its <head>: an index.html without it is not a report's
+# (`is_report_page`), and sr_eval.py refuses to move it aside and delete it.
+GENERATOR = '<meta name="generator" content="srspace sr_eval.py">'
+# The pages written before the mark (2026-12-04 on) begin so and hold this table head, in every
+# version of write_report: taken for reports too, so a rerun replaces them as before.
+EARLIER_START = '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n<title>'
+EARLIER_TABLE = '<table class="results"><thead><tr><th>method</th><th>T</th><th>N</th>'
+PAGE_READ = 1 << 16  # bytes of an index.html read to tell (the table head is within ~2 kB)
 # (y column, x column, title, file): the NTIRE 2021 report's two trade-offs, then what can be
 # plotted without LPIPS (--no-lpips).
 PLOTS = (
@@ -144,6 +154,20 @@ def locked(folder: Path):
         yield
     finally:
         os.close(fd)
+
+
+def is_report_page(path: Path) -> bool:
+    """Whether the file `path` is a page that sr_eval.py wrote: the GENERATOR mark in its head,
+    or the start and the table head of the pages before the mark. False for anything else (the
+    user's own page, a folder, a file that cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(PAGE_READ).decode("utf-8", "replace")
+    except OSError:
+        return False
+    if GENERATOR in text.split("</head>", 1)[0]:
+        return True
+    return text.startswith(EARLIER_START) and EARLIER_TABLE in text
 
 
 def half_report(folder: Path) -> bool:
@@ -310,7 +334,7 @@ def write_report(folder, title: str, columns, table, sheets, no_lpips: str = "")
         body.append(f"<tr>{tds}</tr>")
     parts = [
         "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
+        f'<html lang="en"><head><meta charset="utf-8">{GENERATOR}',
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         f'<table class="results"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody>'

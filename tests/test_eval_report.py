@@ -22,6 +22,7 @@ from matplotlib.axes import Axes
 from rich.console import Console
 
 import sr_eval
+import sr_lib.report
 import sr_sample
 from sr_lib.resize import imresize
 
@@ -373,6 +374,58 @@ def test_a_report_folder_with_images_or_plots_but_no_page_is_refused(tmp_path, c
     assert err[0].startswith(f"sr_eval.py: error: --report {rep}: {rep / part} is there but no "
                              f"{rep / 'index.html'}"), err  # fmt: skip
     assert files_in(tmp_path) == before  # nothing written, moved or deleted
+
+
+def test_a_users_own_index_html_is_refused_and_kept(tmp_path, capsys):
+    """--report R where R/index.html is the user's own page (beside their own images/): it was
+    taken for an earlier report, moved into R/old with images/ and deleted once the new page
+    was written, exit 0. A page of sr_eval.py carries report.GENERATOR in its head now; one
+    without it is refused, one line naming it, exit 2, nothing read or written."""
+    hr_dir, sweep, _ = sweep_world(tmp_path, n=2)
+    rep = tmp_path / "album"
+    (rep / "images").mkdir(parents=True)
+    (rep / "index.html").write_text(
+        "<!DOCTYPE html>\n<html><head><title>My photos</title>"
+        "</head><body><img src='images/cat.jpg'></body></html>\n"
+    )
+    (rep / "images" / "cat.jpg").write_bytes(b"mine")
+    before = files_in(tmp_path)
+    argv = ["--hr", hr_dir, "--sr", sweep / "T0", "--scale", 4, "--n", 2, "--no-lpips",
+            "--report", rep, "--quiet"]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        sr_eval.main([str(a) for a in argv])
+    said = (
+        f"sr_eval.py: error: --report {rep}: {rep / 'index.html'} is not a page of "
+        f"sr_eval.py (no {sr_lib.report.GENERATOR} in its head); the report would move it "
+        f"to {rep / 'old'} and delete it: move it away, or give --report another folder\n"
+    )
+    assert (e.value.code, capsys.readouterr().err) == (2, said)
+    assert files_in(tmp_path) == before and not (rep / "old").exists()
+
+
+def test_a_page_of_an_earlier_srspace_is_taken_for_a_report(tmp_path, capsys):
+    """Pages written before report.GENERATOR (2026-12-04 on) have no mark; they all begin with
+    the same two lines and hold the same results-table head, and are replaced by a rerun as
+    before. What has neither the mark nor that structure is not a report's page."""
+    rep, argv, earlier = a_report(tmp_path)
+    page = (rep / "index.html").read_text()
+    assert page.count(sr_lib.report.GENERATOR) == 1
+    then = page.replace(sr_lib.report.GENERATOR, "")  # a page as written before the mark
+    (rep / "index.html").write_text(then)
+    assert sr_eval.main(argv) == 0  # replaced, the earlier one (moved to old/) deleted
+    assert sorted(p.name for p in rep.iterdir()) == ["images", "index.html", "plots"]
+    assert sr_lib.report.GENERATOR in (rep / "index.html").read_text()
+    is_page = sr_lib.report.is_report_page
+    other = tmp_path / "other.html"
+    for text in (then.split("<style>")[0], then.replace("<th>method</th>", "<th>name</th>"), ""):
+        other.write_text(text)
+        assert not is_page(other), text[:80]
+    other.write_bytes(b"\xff\xfe<\x00h\x00")  # (UTF-16: not a page of ours either)
+    assert not is_page(other)
+    other.write_text(page.split("</head>")[0])  # the mark in the head is enough
+    assert is_page(other)
+    other.write_text("<html><head></head><body>" + sr_lib.report.GENERATOR)  # not in the head
+    assert not is_page(other) and not is_page(tmp_path) and not is_page(tmp_path / "none")
 
 
 def test_the_half_report_of_a_killed_run_is_deleted_by_the_next_run(tmp_path, capsys):
