@@ -742,6 +742,7 @@ def evaluate_image(
             crops = [samples[i][None, :h8, :w8] for i in chunk]  # (1, h8, w8, 3) views
             maps = lpips_metric.maps(crops[0] if len(crops) == 1 else np.concatenate(crops), ref)
             acc.update(maps, [[j for j, f in enumerate(first) if f == i] for i in chunk])
+        del ref, maps  # (the GT's features: ~60 bytes a pixel, not held while SSIM computes)
     gt_lr = downscale(gt8, scale)  # once per image
     lr_psnrs = per_sample(lambda img: lr_psnr(img[:h8, :w8], gt_lr, scale))
     row["LRPSNR_worst"], row["LRPSNR_mean"] = min(lr_psnrs), float(np.mean(lr_psnrs))
