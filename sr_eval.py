@@ -551,29 +551,44 @@ def out_of_memory_line(e: BaseException, device, batch: int, lpips: bool, method
     where it is over 1, --device cpu, --no-lpips. The host's memory (a MemoryError, torch's
     "can't allocate memory", or any on the CPU) holds the image's files decoded, every --sr
     folder's samples together and as much for the next image (decoded meanwhile): fewer --sr
-    folders, each worth its samples; PSNR and SSIM's maps: --ntire; LPIPS where it runs on the
-    CPU: the batch (1 by default) and --no-lpips. The line says what the image takes."""
+    folders, each worth its samples; then LPIPS where it runs on the CPU (LPIPS_BYTES): the
+    batch (1 by default) and --no-lpips; then PSNR's and SSIM's maps: --ntire, where they take
+    more than LPIPS (one after the other: the larger is the peak). The line says what the image
+    takes, and each remedy what it saves."""
     host = host_out_of_memory(e, device)
+    lpips_host = lpips and device.type == "cpu"
+    px = image.size[0] * image.size[1] if host and image else 0
+    most = image.folder // (3 * px) if px else batch  # (samples in the largest --sr folder)
+    lp = (LPIPS_BYTES[0] + LPIPS_BYTES[1] * min(batch, most)) * px if lpips_host else 0
+    scoring = image.scoring if px else 0
     helps = []
-    if lpips and (device.type == "cpu" or not host):
-        helps += [f"a smaller --lpips-batch (this run's: {batch})"] if batch > 1 else []
+    if lpips and (lpips_host or not host):
+        each = f"; ~{gb(LPIPS_BYTES[1] * px)[1:]} a sample" if px else ""
+        helps += [f"a smaller --lpips-batch (this run's: {batch}{each})"] if batch > 1 else []
         helps += [] if host else ["--device cpu"]
-        helps.append("--no-lpips")
-    if host and image and image.scoring:
-        helps.append(f"--ntire (no PSNR/SSIM columns: {gb(image.scoring)} less)")
+        helps.append("--no-lpips" + (f" ({gb(lp - scoring)} less)" if lp > scoring else ""))
+    if scoring > lp:
+        helps.append(f"--ntire (no PSNR/SSIM columns: {gb(scoring - lp)} less)")
     if host and methods > 1:
-        each = f" ({gb((1 + image.ahead) * image.folder)} less each)" if image else ""
+        each = f" ({gb((1 + image.ahead) * image.folder)} less each)" if px else ""
         helps.append(f"fewer --sr folders per run{each}")
     said = ""
-    if host and image:
+    if px:
         h, w = image.size
         said = (f" scoring {image.stem} ({w}x{h}: its files decoded take {gb(image.decoded)}"
                 + (", as much again for the next image's" if image.ahead else "")
-                + (f", PSNR and SSIM {gb(image.scoring)}" if image.scoring else "")
-                + (", LPIPS more" if lpips and device.type == "cpu" else "") + ")")  # fmt: skip
+                + (f", LPIPS {gb(lp)}" if lp else "")
+                + (f", {'then ' if lp else ''}PSNR and SSIM {gb(scoring)}" if scoring else "")
+                + ")")  # fmt: skip
     if not helps:
         return OUT_OF_MEMORY_IMAGES if not said else f"out of memory{said}; {FIT}"
     return f"out of memory{said}; use {any_of(helps)}"
+
+
+# Host bytes a pixel of LPIPS on a CPU: the ground truth's features and a pass's own, and each
+# sample of a batch more (evaluate_image at 2048x2048 with --ntire, one thread: 179 bytes a
+# pixel at --lpips-batch 1, 369 at 4; it frees the features before PSNR and SSIM)
+LPIPS_BYTES = (120, 65)
 
 
 def gb(n: int) -> str:

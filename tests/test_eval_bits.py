@@ -80,9 +80,11 @@ NTIRE = "--ntire (no PSNR/SSIM columns: ~74 kB less)"
         (["--no-lpips", "--sr", "b=SR"], MemoryError(), "out of memory scoring 0001 (32x32: its "
          f"files decoded take ~15 kB, PSNR and SSIM ~74 kB); use {NTIRE} or fewer --sr folders "
          "per run (~6.1 kB less each)"),
-        ([], MemoryError(), f"out of memory {SCORING}, LPIPS more); use --no-lpips or {NTIRE}"),
-        (["--lpips-batch", 3], CPU_OOM, f"out of memory {SCORING}, LPIPS more); use a smaller "
-         f"--lpips-batch (this run's: 3), --no-lpips or {NTIRE}"),
+        ([], MemoryError(), "out of memory scoring 0001 (32x32: its files decoded take ~9.2 kB, "
+         "LPIPS ~190 kB, then PSNR and SSIM ~74 kB); use --no-lpips (~120 kB less)"),
+        (["--lpips-batch", 3], CPU_OOM, "out of memory scoring 0001 (32x32: its files decoded "
+         "take ~9.2 kB, LPIPS ~260 kB, then PSNR and SSIM ~74 kB); use a smaller --lpips-batch "
+         "(this run's: 3; ~67 kB a sample) or --no-lpips (~180 kB less)"),
     ],
 )  # fmt: skip
 def test_out_of_memory_names_what_helps_this_run_and_the_scores_kept(
@@ -149,8 +151,8 @@ def test_the_out_of_memory_line_of_each_device_and_batch(
 
 
 def test_the_out_of_memory_line_says_what_the_image_takes(tmp_path):
-    """A host's out-of-memory line says what the image being scored takes (from its header) and
-    what each remedy saves; a GPU's names LPIPS's flags alone, as before."""
+    """A host's out-of-memory line says what the image being scored takes (from its header and
+    sr_eval.LPIPS_BYTES) and what each remedy saves; a GPU's names LPIPS's flags alone."""
     gt = tmp_path / "0801.png"
     iio.imwrite(gt, np.zeros((3072, 2048, 3), np.uint8))
     px, cpu = 3072 * 2048, torch.device("cpu")
@@ -159,14 +161,19 @@ def test_the_out_of_memory_line_says_what_the_image_takes(tmp_path):
     assert (need.decoded, need.folder, need.scoring) == (21 * 3 * px, 10 * 3 * px, 72 * px)
     assert sr_eval.out_of_memory_line(MemoryError(), cpu, 1, True, 2, need) == (
         "out of memory scoring 0801 (2048x3072: its files decoded take ~400 MB, as much again "
-        "for the next image's, PSNR and SSIM ~450 MB, LPIPS more); use --no-lpips, --ntire (no "
-        "PSNR/SSIM columns: ~450 MB less) or fewer --sr folders per run (~380 MB less each)"
-    )
+        "for the next image's, LPIPS ~1.2 GB, then PSNR and SSIM ~450 MB); use --no-lpips (~710 "
+        "MB less) or fewer --sr folders per run (~380 MB less each)"
+    )  # (LPIPS on the CPU takes more than PSNR and SSIM after it: --ntire would not help)
     y = sr_eval.image_needs("0801", gt, [10], False, "y", ahead=False)  # one channel, the last
     assert (y.decoded, y.scoring) == (11 * 3 * px, 24 * px)
     assert sr_eval.out_of_memory_line(MemoryError(), cpu, 1, False, 1, y) == (
         "out of memory scoring 0801 (2048x3072: its files decoded take ~210 MB, PSNR and SSIM "
         "~150 MB); use --ntire (no PSNR/SSIM columns: ~150 MB less)"
+    )
+    assert sr_eval.out_of_memory_line(MemoryError(), cpu, 4, True, 1, y) == (
+        "out of memory scoring 0801 (2048x3072: its files decoded take ~210 MB, LPIPS ~2.4 GB, "
+        "then PSNR and SSIM ~150 MB); use a smaller --lpips-batch (this run's: 4; ~410 MB a "
+        "sample) or --no-lpips (~2.2 GB less)"
     )
     ntire = sr_eval.image_needs("0801", gt, [10], True, "rgb", ahead=False)
     assert ntire.scoring == 0
