@@ -102,7 +102,11 @@ if __name__ == "__main__":  # before torch's import (seconds): a stop signal the
     from sr_lib.errors import record_stop_signals, require_packages
 
     record_stop_signals()
-    require_packages("sr_eval.py")
+    # scipy.ndimage (SSIM's filter) now, not at the first SSIM: loading it starts the OpenBLAS
+    # that scipy bundles, which, where its buffers do not fit under a `ulimit -v` (the images
+    # decoded by then), spun forever, deaf to SIGTERM and Ctrl-C (seen with 60 MB left under
+    # the limit); at the start they fit, and what follows fails as a MemoryError (exit 4).
+    require_packages("sr_eval.py", {"scipy.ndimage": "scipy"})
 
 import numpy as np
 import torch

@@ -135,20 +135,31 @@ def say_err(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+# Python's error for a thread whose stack (8 MB of address space) cannot be mapped: seen under a
+# `ulimit -v` (sr_eval.py's resizing threads, a traceback, exit 1); a limit on the number of
+# processes (ulimit -u, a cgroup's pids.max) gives it too, rarely reached by these scripts.
+NO_THREAD = "can't start new thread"
+
+
 def is_out_of_memory(e: BaseException) -> bool:
     """torch reports CPU allocation failures as RuntimeError("... can't allocate memory") and
-    CUDA ones as torch.OutOfMemoryError (a RuntimeError)."""
+    CUDA ones as torch.OutOfMemoryError (a RuntimeError); a thread's stack is the host's
+    memory too (NO_THREAD)."""
     text = str(e)
     return isinstance(e, MemoryError) or (
         isinstance(e, RuntimeError)
-        and ("out of memory" in text.lower() or "can't allocate memory" in text)
-    )
+        and ("out of memory" in text.lower() or "can't allocate memory" in text
+             or NO_THREAD in text)
+    )  # fmt: skip
 
 
 def host_out_of_memory(e: BaseException, device) -> bool:
     """Whether out-of-memory error `e` of a run on `device` ran out of the host's memory (a
-    MemoryError, torch's "can't allocate memory", any on a CPU), not a GPU's."""
-    return device.type == "cpu" or isinstance(e, MemoryError) or "can't allocate" in str(e)
+    MemoryError, torch's "can't allocate memory", a thread's stack, any on a CPU), not a
+    GPU's."""
+    text = str(e)
+    return (device.type == "cpu" or isinstance(e, MemoryError) or "can't allocate" in text
+            or NO_THREAD in text)  # fmt: skip
 
 
 def any_of(helps: list[str]) -> str:
@@ -311,23 +322,24 @@ def record_stop_signals() -> None:
 
 
 # The third-party modules the scripts import at their start, and the requirement (pip's name)
-# that installs each. (scipy, lpips, matplotlib and tensorboard come later, with the work
-# that needs them.)
+# that installs each. (lpips, matplotlib and tensorboard come later, with the work that needs
+# them; scipy too, except in sr_eval.py: `require_packages`'s `more`.)
 START_PACKAGES = {"numpy": "numpy", "torch": "torch", "PIL": "pillow", "imageio": "imageio",
                   "png": "pypng", "imagecodecs": "imagecodecs",
                   "argparse_dataclass": "argparse-dataclass", "rich": "rich"}  # fmt: skip
 
 
-def require_packages(prog: str) -> None:
+def require_packages(prog: str, more: dict[str, str] | None = None) -> None:
     """The second thing a script run as a program does, before its own imports of these
-    packages: a Python without one of them (the requirements not installed in this venv), or
-    one whose virtual memory limit (`ulimit -v`, set on some clusters' login nodes) is too low
-    to map torch's libraries, stopped with a traceback ("libtorch_cpu.so: failed to map segment
-    from shared object"). One line instead, and the --json line where asked for, exit 2."""
+    packages (and of `more`, module: requirement): a Python without one of them (the
+    requirements not installed in this venv), or one whose virtual memory limit (`ulimit -v`,
+    set on some clusters' login nodes) is too low to map torch's libraries, stopped with a
+    traceback ("libtorch_cpu.so: failed to map segment from shared object"). One line instead,
+    and the --json line where asked for, exit 2."""
     import importlib
     import resource
 
-    for module, requirement in START_PACKAGES.items():
+    for module, requirement in {**START_PACKAGES, **(more or {})}.items():
         try:
             importlib.import_module(module)
         except ImportError as e:

@@ -253,6 +253,23 @@ def test_a_virtual_memory_limit_too_low_for_torch_is_one_line_at_start():
     assert done.stdout == ""
 
 
+def test_sr_eval_loads_scipys_openblas_at_its_start():
+    """scipy.ndimage (SSIM's filter) was imported at the first SSIM; loading it starts the
+    OpenBLAS scipy bundles, which spun forever, deaf to SIGTERM and Ctrl-C, where its buffers
+    did not fit under a `ulimit -v` (seen with 60 MB left below the limit, the images decoded
+    by then). sr_eval.py loads it at its start, where they fit."""
+    probe = ("import runpy, sys\n"
+             "sys.argv = ['sr_eval.py', '--help']\n"
+             "try:\n"
+             "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+             "except SystemExit:\n"
+             "    pass\n"
+             "print('scipy.ndimage' in sys.modules, file=sys.stderr)\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)  # fmt: skip
+    assert done.stderr.splitlines() == ["True"], done.stderr
+
+
 def test_a_posix_system_is_not_refused(capsys):
     refuse_non_posix("sr_train.py", "posix")  # returns
     with pytest.raises(SystemExit) as e:

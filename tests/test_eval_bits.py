@@ -62,6 +62,7 @@ def out_of_memory_at(monkeypatch, image: int, error: BaseException | None):
 
 CUDA_OOM = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 CPU_OOM = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB")
+NO_THREAD = RuntimeError("can't start new thread")
 
 
 # the second of two 32x32 images (the last: none decoded meanwhile), 2 samples per --sr folder
@@ -77,6 +78,8 @@ NTIRE = "--ntire (no PSNR/SSIM columns: ~74 kB less)"
         (["--no-lpips", "--ntire"], CUDA_OOM, "out of memory scoring 0001 (32x32: its files "
          "decoded take ~9.2 kB); free memory, or run on a machine with more"),
         (["--no-lpips"], MemoryError(), f"out of memory {SCORING}); use {NTIRE}"),
+        # (a thread's stack that cannot be mapped under a ulimit -v: was a traceback, exit 1)
+        (["--no-lpips"], NO_THREAD, f"out of memory {SCORING}); use {NTIRE}"),
         (["--no-lpips", "--sr", "b=SR"], MemoryError(), "out of memory scoring 0001 (32x32: its "
          f"files decoded take ~15 kB, PSNR and SSIM ~74 kB); use {NTIRE} or fewer --sr folders "
          "per run (~6.1 kB less each)"),
@@ -131,6 +134,7 @@ def test_out_of_memory_names_what_helps_this_run_and_the_scores_kept(
         ("cuda:1", 1, True, 2, CUDA_OOM, "--device cpu or --no-lpips"),
         ("cuda", 4, True, 2, MemoryError(), "fewer --sr folders per run"),
         ("cuda", 4, True, 1, CPU_OOM, None),
+        ("cuda", 4, True, 2, NO_THREAD, "fewer --sr folders per run"),  # (a host thread's stack)
         ("cpu", 1, True, 1, MemoryError(), "--no-lpips"),
         ("cpu", 2, True, 3, MemoryError(), "a smaller --lpips-batch (this run's: 2), --no-lpips "
          "or fewer --sr folders per run"),
