@@ -1328,6 +1328,7 @@ def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_file
             if k == len(done):  # (the sheets before: not in the ETA)
                 start = time.perf_counter()
             lr_name = str(lr_files[k]) if lr_files else None
+            lines = []  # its log lines, shown once its scores are recorded
             for m in methods:
                 imgs, names = samples[m.name], [str(p) for p in m.files[k]]
                 shapes, lr_shape = [img.shape for img in imgs], None if lr is None else lr.shape
@@ -1347,12 +1348,16 @@ def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_file
                     vals = " ".join(f"{c} {report.fmt(row[c], c)}" for c in columns)
                     took = time.perf_counter() - start
                     eta = took / (k + 1 - len(done)) * (len(stems) - k - 1)
-                    with unless_stdout_closed(to_files):
-                        show(f"[{k + 1}/{len(stems)}] {stem} {m.name}: {vals} "
-                             f"({took:.1f} s, ETA {eta:.0f} s)", to_stderr)  # fmt: skip
-            if scored:
-                with signals_held():
+                    lines.append(f"[{k + 1}/{len(stems)}] {stem} {m.name}: {vals} "
+                                 f"({took:.1f} s, ETA {eta:.0f} s)")  # fmt: skip
+            # Recorded and shown as one step: a stop between the two said that fewer images
+            # were scored than the log showed (or more)
+            with signals_held():
+                if scored:
                     scored(k, {m.name: rows[m.name][-1] for m in methods})
+                for line in lines:
+                    with unless_stdout_closed(to_files):
+                        show(line, to_stderr)
             if report_dir:
                 sheets.append(sheet(k, stem, gt, lr, samples))
             bar.update(task, advance=1, description=stem)

@@ -826,6 +826,35 @@ def test_ctrl_c_is_one_line_exit_130_and_no_output(tmp_path):
     assert [p.name for p in out.iterdir()] == ["r.json.partial"]
 
 
+def test_ctrl_c_right_after_an_images_log_line_counts_that_image(tmp_path, capsys,
+                                                                   monkeypatch):  # fmt: skip
+    """An image's log line was printed before its scores were recorded: Ctrl-C between the two
+    (CI, under load: "[1/40]" read, then "interrupted" alone) said no image was scored and kept
+    none, where the log showed one. The scores are recorded and the lines shown as one step
+    with signals held; here SIGINT comes as the first line is shown."""
+    hr_dir, _, sr_dir = long_set(tmp_path, n=2, count=3)
+    out = tmp_path / "res" / "r.json"
+    real = sr_eval.show
+
+    def show(text, *args, **kwargs):
+        real(text, *args, **kwargs)
+        if text.startswith("[1/3]"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(sr_eval, "show", show)
+    with pytest.raises(SystemExit) as e:
+        sr_eval.main([str(a) for a in ("--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2,
+                                       "--no-lpips", "--out", out)])  # fmt: skip
+    got = capsys.readouterr()
+    assert e.value.code == 130
+    assert [line[:5] for line in got.out.splitlines()] == ["[1/3]"]
+    assert got.err.splitlines() == [
+        f"sr_eval.py: interrupted after scoring 1 of 3 images, their scores kept in "
+        f"{out}.partial: rerun the same command to continue"
+    ]
+    assert len(json.loads((tmp_path / "res" / "r.json.partial").read_text())["images"]) == 1
+
+
 def test_ctrl_c_while_scoring_says_where_the_scores_are_kept(tmp_path):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) while the images are scored:
     the line said "interrupted" alone, where SIGTERM's says how many images' scores are kept
