@@ -710,6 +710,14 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
         controls.digests["--latent"] = latent_dir.check(model, paths, {p for _, p in mine},
                                                         made_by, from_hr)  # fmt: skip
         latent_dir.warn_gaps(files.numbers)  # (a folder it decodes)
+    elif controls is not None and hasattr(model, "check_controls_fit"):
+        # A flow's --latent or --latent-shift file fits one LR size: every input's (of every
+        # shard, as a folder's), from its header, before any sample is written; else found at
+        # the first input of another size, the samples of those before it written
+        for path in paths:
+            size = lr_size(path, model.scale, from_hr)
+            if size and all(size):  # (a header that cannot tell: when decoded)
+                model.check_controls_fit(controls, size, f"{path.name}'s")
     settings = run_settings(args, ck, ckpt_sha256, model, n, context, from_hr, paths, controls)
     free = no_effect(args, model, setter)  # recorded as given, not compared
     # An out-of-memory retry cuts the image into tiles; where the folder's samples are recorded

@@ -1008,8 +1008,10 @@ def test_another_shards_latent_npz_without_its_zip_directory_is_refused_by_each(
 
 
 def test_a_flow_latent_fits_one_lr_size(tmp_path, flow_ckpts, capsys):
-    """A folder of inputs of two sizes with one --latent file: the inputs of its size are
-    sampled, the first of another stops the run in one line (exit 2); those written stay."""
+    """A folder of inputs of two sizes with one --latent (or --latent-shift) file: the first
+    input of another size was found when decoded, the samples of those before it written. Now
+    each input's LR size is read from its header before any sample: one line (exit 2) naming
+    it, nothing written, also by a --shard whose own inputs fit (every shard checks all)."""
     inp = tmp_path / "in"
     lr_image(inp / "a.png", 8, 8)
     lr_image(inp / "b.png", 8, 10, seed=1)
@@ -1027,8 +1029,14 @@ def test_a_flow_latent_fits_one_lr_size(tmp_path, flow_ckpts, capsys):
         "give --input only images of that size, or --latent DIR, a folder written by "
         "--save-latent (each input decoded from its own files there)"
     ]
-    assert sorted(p.name for p in (tmp_path / "o").glob("*.png")) == ["a_sample00000.png"]
-    assert (pngs(tmp_path / "o", 1, "a")[0] == pngs(tmp_path / "a", 1, "a")[0]).all()
+    assert list((tmp_path / "o").glob("*.png")) == []
+    shift = f"--latent-shift {z}: fields z0 (6, 16, 16), z1 (96, 4, 4), the latents of an LR of"
+    for flags in (["--latent", z, "--shard", "0/2"], ["--latent-shift", z]):  # (0/2: a and c)
+        assert run(*base, *flags, "--out", tmp_path / "p") == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(err) == 1 and "not of b.png's LR of 10x8 px" in err[0], err
+        assert flags[0] == "--latent" or err[0].startswith(f"sr_sample.py: error: {shift}")
+        assert list((tmp_path / "p").glob("*.png")) == []
     # what the line says: --latent DIR, each input its own files
     assert run(*base, "--save-latent", "--out", tmp_path / "all") == 0
     assert run(*base, "--latent", tmp_path / "all", "--out", tmp_path / "d") == 0

@@ -557,18 +557,9 @@ class SRFlow(SRModel):
             f"LR of {w}x{h} px ({shapes(want)} in this x{s} {type(self).__name__}{pad}); {hint}"
         )
 
-    def sample_latents(self, lr, seeds, idx, temperature, controls: SampleControls) -> list:
-        """The latent fields [(len(idx), C, h, w), ...] of samples idx of the whole (1, 3, h, w)
-        LR, at its size padded to lr_multiple: drawn as `generate` draws them (the same bits),
-        the --latent file's rows, or --latent-shift's z_0 + step · direction (z_0: the --latent
-        row, else zeros, the temperature-0 latent); a file's shapes must be this LR's
-        (`check_latent_size`)."""
-        m, s = self.lr_multiple, self.scale
-        h, w = lr.shape[-2:]
-        if controls.latent is None and controls.shift is None:
-            noise = NoiseSource(seeds, lr.device)
-            H, W = -(-h // m) * m * s, -(-w // m) * m * s
-            return self.draw_latents(len(idx), H, W, float(temperature), noise, lr)
+    def check_controls_fit(self, controls: SampleControls, size: tuple, image: str) -> None:
+        """The --latent and --latent-shift files' fields against an LR of `size` (h, w) of the
+        input `image` ("r0.png's"): `check_latent_size`, with what to do about each."""
         files = [("--latent", controls.latent_file, controls.latent)]
         if controls.shift is not None:
             files.append(("--latent-shift", controls.shift_file, controls.shift[0]))
@@ -584,7 +575,21 @@ class SRFlow(SRModel):
             else:
                 hint += f", or each image its own {flag} file"
             got = [tuple(z.shape[1:]) for z in fields]
-            self.check_latent_size(f"{flag} {file}", got, (h, w), controls.image, hint)
+            self.check_latent_size(f"{flag} {file}", got, size, image, hint)
+
+    def sample_latents(self, lr, seeds, idx, temperature, controls: SampleControls) -> list:
+        """The latent fields [(len(idx), C, h, w), ...] of samples idx of the whole (1, 3, h, w)
+        LR, at its size padded to lr_multiple: drawn as `generate` draws them (the same bits),
+        the --latent file's rows, or --latent-shift's z_0 + step · direction (z_0: the --latent
+        row, else zeros, the temperature-0 latent); a file's shapes must be this LR's
+        (`check_latent_size`)."""
+        m, s = self.lr_multiple, self.scale
+        h, w = lr.shape[-2:]
+        if controls.latent is None and controls.shift is None:
+            noise = NoiseSource(seeds, lr.device)
+            H, W = -(-h // m) * m * s, -(-w // m) * m * s
+            return self.draw_latents(len(idx), H, W, float(temperature), noise, lr)
+        self.check_controls_fit(controls, (h, w), controls.image)
         if controls.shift is None:
             return [z[list(idx)] for z in controls.latent]
         direction, steps = controls.shift
