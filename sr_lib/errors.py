@@ -1,7 +1,8 @@
 """One error type per exit code, and the wrapper that turns them into one-line messages.
 
 Exit codes (documented in the README; batch pipelines and SLURM scripts rely on them):
-  0 success, 2 usage (bad flag or flag value), 3 data (missing/unreadable/unsuitable images),
+  0 success, 1 a fault (a traceback; sr_train.py --sync-check-every: replicas that differ),
+  2 usage (bad flag or flag value), 3 data (missing/unreadable/unsuitable images),
   4 out of memory, 5 non-finite (a training abort, a NaN sample; a flow that does not invert,
   sr_sample.py --check-invertibility), 6 checkpoint or weights file
   problem, 7 output cannot be written (read-only or missing folder, a file where a folder

