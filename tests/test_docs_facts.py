@@ -5,6 +5,7 @@ the other does not follow fails here. Nothing is run but the scripts' `-h`."""
 import re
 from pathlib import Path
 
+import sr_train
 from sr_lib import errors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,3 +24,16 @@ def test_every_exit_code_of_the_scripts_is_in_the_readme_table():
     used = {c.exit_code for c in error_classes()} | constants | {0}
     assert used <= documented, sorted(used - documented)
     assert {0, 1, 2, 130} <= documented  # (the table was found)
+
+
+def flags_in(text: str) -> set[str]:
+    return set(re.findall(r"`(--[a-z][a-z-]*)`", text))
+
+
+def test_the_docs_list_the_flags_a_resume_does_not_take_from_its_checkpoint():
+    local = {"--no-requeue" if f == "requeue" else "--" + f.replace("_", "-")
+             for f in sr_train.LOCAL_FLAGS} - {"--model", "--resume"}  # fmt: skip
+    design = DESIGN.split("those of one invocation:", 1)[1].split("which a resume could not", 1)[0]
+    assert flags_in(design) == local
+    readme = README.split("it is not given from the checkpoint", 1)[1].split("are listed at", 1)
+    assert flags_in(readme[0]) == local - {"--out"}  # (the sentence is about --out's run)
