@@ -138,7 +138,8 @@ class TrainArgs:
     )
     val_n: int = field(default=3, metadata=dict(help="samples per validation image"))
     val_temperature: float | None = field(
-        default=None, metadata=dict(type=float, help="default: the model's")
+        default=None,
+        metadata=dict(type=float, help="sampling temperature of validation (default: the model's)"),
     )
     cache: str = field(default="", metadata=dict(help="folder for decoded .npy arrays"))
     # Unset (None): the model's recipe.
@@ -153,7 +154,8 @@ class TrainArgs:
         default=None, metadata=dict(type=int, help="LR patch size (default: the paper's)")
     )
     learning_rate: float | None = field(  # (above 1 an Adam step is bigger than any weight)
-        default=None, metadata=dict(type=float, help="default: the paper's", range="[0, 1]")
+        default=None,
+        metadata=dict(type=float, help="learning rate (default: the paper's)", range="[0, 1]"),
     )
     d_learning_rate: float | None = field(
         default=None,
@@ -186,7 +188,12 @@ class TrainArgs:
     resume: str = field(
         default="", metadata=dict(help="'auto' (OUT/last.pt, else OUT/best.pt) or a checkpoint")
     )
-    seed: int = field(default=0, metadata=dict(range="[0, 4294967295]"))
+    seed: int = field(
+        default=0,
+        metadata=dict(help="random seed of the initial weights, the batches, the training noise "
+                      "(each rank its own) and the validation samples",
+                      range="[0, 4294967295]"),
+    )  # fmt: skip
     device: str = field(default="auto", metadata=dict(help="auto, cpu, cuda, cuda:1, ..."))
     workers: int = field(
         default=2, metadata=dict(help="data loader processes (0 = inline)", range="[0, inf)")

@@ -5,8 +5,13 @@ the other does not follow fails here. Nothing is run but the scripts' `-h`."""
 import re
 from pathlib import Path
 
+import pytest
+
+import sr_eval
+import sr_sample
 import sr_train
 from sr_lib import errors
+from sr_lib.models import MODELS
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -37,3 +42,36 @@ def test_the_docs_list_the_flags_a_resume_does_not_take_from_its_checkpoint():
     assert flags_in(design) == local
     readme = README.split("it is not given from the checkpoint", 1)[1].split("are listed at", 1)
     assert flags_in(readme[0]) == local - {"--out"}  # (the sentence is about --out's run)
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """flag: its help text, from an argparse help screen."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        m = re.match(r"^  (--[\w-]+)(?: [A-Z_{},\[\] .]+?)?(?:\s{2,}(.*))?$", line)
+        if m:
+            current = m.group(1)
+            entries[current] = m.group(2) or ""
+        elif current and line.startswith(" " * 20):
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries
+
+
+SCREENS = [("sr_train.py", ["--model", m, "-h"]) for m in MODELS] + [
+    ("sr_sample.py", ["-h"]),
+    ("sr_eval.py", ["-h"]),
+]
+
+
+@pytest.mark.parametrize("script, argv", SCREENS, ids=[" ".join(a) for _, a in SCREENS])
+def test_every_flag_has_a_help_text_beyond_its_default(script, argv, capsys):
+    main = {"sr_train.py": sr_train, "sr_sample.py": sr_sample, "sr_eval.py": sr_eval}[script].main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    entries = help_entries(capsys.readouterr().out)
+    assert len(entries) >= 15, entries  # (the screen was read)
+    bare = [f for f, t in entries.items() if not re.sub(r"\(?default:? [^)]*\)?", "", t).strip()]
+    assert not bare, bare
