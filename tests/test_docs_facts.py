@@ -75,3 +75,21 @@ def test_every_flag_has_a_help_text_beyond_its_default(script, argv, capsys):
     assert len(entries) >= 15, entries  # (the screen was read)
     bare = [f for f, t in entries.items() if not re.sub(r"\(?default:? [^)]*\)?", "", t).strip()]
     assert not bare, bare
+
+
+def test_a_benchmark_row_holds_one_measurement():
+    """docs/benchmarks.md: one current row per benchmark, with its date; older measurements, or
+    another machine's, are in git. A row of a table with a command column names one date."""
+    text = (REPO / "docs" / "benchmarks.md").read_text()
+    rows, header = [], []
+    for line in text.splitlines():
+        if not line.startswith("| "):
+            header = []
+        elif not header:
+            header = line.split(" | ")
+        elif not line.startswith("| ---") and "command" in header:
+            rows.append(line)
+    assert len(rows) >= 20, len(rows)  # (the tables were found)
+    for row in rows:
+        dates = re.findall(r"\b20\d\d-\d\d-\d\d\b", row)
+        assert len(dates) == 1, (dates, row[:100])
