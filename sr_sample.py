@@ -367,8 +367,9 @@ class SampleArgs:
     )
     amp: str = field(
         default="none",
-        metadata=dict(choices=("none", "bf16", "fp16"), help="bf16: bfloat16 autocast; fp16: "
-                      "float16, 8x finer steps (flows keep their state float32 in both)"),
+        metadata=dict(choices=("none", "bf16", "fp16"), help="bf16: bfloat16 autocast (flows "
+                      "keep their state float32); fp16: float16, 8x finer steps, refused by the "
+                      "flows (their reverse state leaves its range)"),
     )  # fmt: skip
     save_uncertainty: bool = field(
         default=False, metadata=dict(help="write NAME_sigma.png (16-bit) + .npy")

@@ -44,11 +44,14 @@ def test_the_docs_list_the_flags_a_resume_does_not_take_from_its_checkpoint():
     assert flags_in(readme[0]) == local - {"--out"}  # (the sentence is about --out's run)
 
 
+OPTION = re.compile(r"^  (--[\w-]+)(?: (?:\{[^}]*\}|[A-Z][A-Z_0-9]*|\[[^\]]*\]))*(?:\s{2,}(.*))?$")
+
+
 def help_entries(text: str) -> dict[str, str]:
     """flag: its help text, from an argparse help screen."""
     entries, current = {}, None
     for line in text.splitlines():
-        m = re.match(r"^  (--[\w-]+)(?: [A-Z_{},\[\] .]+?)?(?:\s{2,}(.*))?$", line)
+        m = OPTION.match(line)
         if m:
             current = m.group(1)
             entries[current] = m.group(2) or ""
@@ -93,3 +96,14 @@ def test_a_benchmark_row_holds_one_measurement():
     for row in rows:
         dates = re.findall(r"\b20\d\d-\d\d-\d\d\b", row)
         assert len(dates) == 1, (dates, row[:100])
+
+
+def test_sr_sample_amp_help_says_the_flows_refuse_fp16(capsys):
+    """The help said the flows kept their state float32 "in both" precisions, where sr_sample.py
+    refuses --amp fp16 for every model with fits_float16 False: the flows."""
+    refusing = {name for name, m in MODELS.items() if not m.fits_float16}
+    assert refusing == {"srflow", "srflow_da", "ncsr"}  # the flows, as the help calls them
+    with pytest.raises(SystemExit):
+        sr_sample.main(["-h"])
+    amp = " ".join(help_entries(capsys.readouterr().out)["--amp"].split())
+    assert "fp16: float16, 8x finer steps, refused by the flows" in amp, amp
