@@ -200,7 +200,10 @@ SWEEP_FOLDER = re.compile(r"T(\d+(?:\.\d*)?(?:e[-+]?\d+)?)")  # sr_sample.py's f
 
 @dataclass
 class EvalArgs:
-    hr: str = field(metadata=dict(help="folder of ground-truth HR images (non-recursive)"))
+    hr: str = field(
+        metadata=dict(help="folder of ground-truth HR images (non-recursive), or 'demo': the demo "
+                      "validation photographs (sr_sample.py --input demo)")
+    )  # fmt: skip
     sr: list[str] = field(metadata=dict(nargs="+", help=HELP_SR))
     scale: int = field(metadata=dict(help="upscaling factor: 2, 3, 4 or 8"))
     n: int = field(metadata=dict(help="samples per image (10 in the challenge)"))
@@ -210,8 +213,12 @@ class EvalArgs:
     no_lpips: bool = field(default=False, metadata=dict(help="skip LPIPS_mean and score"))
     color: Literal["rgb", "y"] = field(default="rgb", metadata=dict(help="PSNR/SSIM channels"))
     shave: int | None = field(default=None, metadata=dict(type=int, help=HELP_SHAVE))
-    out: str | None = field(default=None, metadata=dict(type=str, help="write results JSON"))
-    csv: str | None = field(default=None, metadata=dict(type=str, help="write per-image CSV"))
+    out: str | None = field(
+        default=None, metadata=dict(type=str, help="write results JSON here ('-': to stdout)")
+    )
+    csv: str | None = field(
+        default=None, metadata=dict(type=str, help="write per-image CSV here ('-': to stdout)")
+    )
     report: str | None = field(default=None, metadata=dict(type=str, help=HELP_REPORT))
     device: str = field(default="auto", metadata=dict(help="auto, cpu, cuda, cuda:1, ..."))
     lpips_batch: int | None = field(default=None, metadata=dict(type=int, help=HELP_BATCH))

@@ -107,3 +107,18 @@ def test_sr_sample_amp_help_says_the_flows_refuse_fp16(capsys):
         sr_sample.main(["-h"])
     amp = " ".join(help_entries(capsys.readouterr().out)["--amp"].split())
     assert "fp16: float16, 8x finer steps, refused by the flows" in amp, amp
+
+
+SPECIAL = [("sr_train.py", "--data", "'demo'"), ("sr_sample.py", "--input", "'demo'"),
+           ("sr_eval.py", "--hr", "'demo'"), ("sr_eval.py", "--out", "'-'"),
+           ("sr_eval.py", "--csv", "'-'")]  # fmt: skip
+
+
+@pytest.mark.parametrize("script, flag, value", SPECIAL, ids=[f"{s} {f}" for s, f, _ in SPECIAL])
+def test_a_value_that_is_not_a_path_is_in_its_flags_help(script, flag, value, capsys):
+    """A value the README gives a path flag (the demo images, stdout) is in the flag's help."""
+    main = {"sr_train.py": sr_train, "sr_sample.py": sr_sample, "sr_eval.py": sr_eval}[script].main
+    with pytest.raises(SystemExit):
+        main(["-h"])
+    assert value in help_entries(capsys.readouterr().out)[flag]
+    assert f"{flag} {value.strip(chr(39))}" in README.replace("`", "")  # (the README's usage)
