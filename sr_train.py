@@ -241,7 +241,9 @@ class TrainArgs:
         default="none",
         metadata=dict(
             choices=["none", "bf16", "fp16"],
-            help="mixed precision: bf16 (CUDA, or a CPU with native bf16) or fp16 (CUDA)",
+            help="mixed precision: bf16 (fast on a GPU from Ampere on and on a CPU with native "
+            "bf16; elsewhere emulated and slower, with a warning) or fp16 (CUDA only, with a "
+            "loss scaler)",
         ),
     )
     compile: bool = field(

@@ -122,3 +122,18 @@ def test_a_value_that_is_not_a_path_is_in_its_flags_help(script, flag, value, ca
         main(["-h"])
     assert value in help_entries(capsys.readouterr().out)[flag]
     assert f"{flag} {value.strip(chr(39))}" in README.replace("`", "")  # (the README's usage)
+
+
+def test_sr_train_amp_help_says_bf16_runs_emulated_elsewhere(capsys, monkeypatch):
+    """The help named bf16's devices as if it were refused elsewhere; it runs there, emulated,
+    with a warning (README), and fp16 is refused off CUDA."""
+    import torch
+
+    from sr_lib import config
+
+    monkeypatch.setattr(config, "cpu_has_native", lambda amp: False)
+    assert "emulates bf16" in config.amp_emulated("bf16", torch.device("cpu"))
+    with pytest.raises(SystemExit):
+        sr_train.main(["-h"])
+    amp = " ".join(help_entries(capsys.readouterr().out)["--amp"].split())
+    assert "elsewhere emulated and slower, with a warning" in amp and "fp16 (CUDA only" in amp
