@@ -137,3 +137,22 @@ def test_sr_train_amp_help_says_bf16_runs_emulated_elsewhere(capsys, monkeypatch
         sr_train.main(["-h"])
     amp = " ".join(help_entries(capsys.readouterr().out)["--amp"].split())
     assert "elsewhere emulated and slower, with a warning" in amp and "fp16 (CUDA only" in amp
+
+
+def test_the_readme_gives_each_networks_smallest_hr_patch():
+    """The README said "under 16 px" for every critic and the VGG loss; VarSR's critic needs 17
+    (its 4 stride-2 convolutions and Instance Norm), VSpSR's 10."""
+    from sr_lib.models import refvae, varsr, vspsr
+    from sr_lib.models.losses import VGGLoss
+    from sr_lib.models.vgg import VGGFeatures
+
+    loss = VGGLoss(VGGFeatures(("relu5_4",), pretrained=False))  # the models' perceptual tap
+    sizes = {"VGG19": loss.min_size, "RefVAE": refvae.Discriminator.MIN_SIZE,
+             "VarSR": varsr.Critic(ch=4).min_size,  # its default 8 layers
+             "VSpSR": vspsr.Discriminator.min_size}  # fmt: skip
+    said = (
+        f"(under {sizes['VGG19']} px for the VGG19 loss at `relu5_4` and RefVAE's "
+        f"discriminator, {sizes['VarSR']} for VarSR's critic, {sizes['VSpSR']} for VSpSR's)"
+    )
+    assert sizes["RefVAE"] == sizes["VGG19"]  # (the sentence gives them one number)
+    assert said in " ".join(README.split())
