@@ -1,6 +1,8 @@
 """Facts the README and docs/ state that the code defines: the exit codes, the flags a resume
-does not take from its checkpoint, and a help text for every flag. A change on one side that
-the other does not follow fails here. Nothing is run but the scripts' `-h`."""
+does not take from its checkpoint, a help text for every flag that agrees with the README, the
+smallest HR patch of each critic, one measurement per row of docs/benchmarks.md. A change on
+one side that the other does not follow fails here. Nothing is trained or sampled: the scripts
+run `-h` only."""
 
 import re
 from pathlib import Path
