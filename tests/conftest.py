@@ -97,18 +97,20 @@ print(json.dumps(out))
 
 @pytest.fixture(autouse=True, scope="session")
 def ctrl_c_as_in_a_terminal():
-    """Tests send SIGINT to the scripts as Ctrl-C in a terminal does, to a foreground job. A test
-    run started in the background of a shell script (`python -m pytest &`) inherits SIGINT
-    ignored, and so would the scripts it starts, which then rightly keep ignoring it
-    (`popen_in_background`): the default disposition for this process and its children."""
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        yield
-        return
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    """Tests send SIGINT to the scripts as Ctrl-C in a terminal does, to a foreground job, and
+    SIGHUP as a closing terminal does. A test run started in the background of a shell script
+    (`python -m pytest &`) inherits SIGINT ignored, one under `nohup` SIGHUP, and so would the
+    scripts it starts, which then rightly keep ignoring them (`popen_in_background`): the
+    default dispositions for this process and its children."""
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGHUP: signal.SIG_DFL}
+    ignored = [s for s in defaults if signal.getsignal(s) is signal.SIG_IGN]
+    for s in ignored:
+        signal.signal(s, defaults[s])
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for s in ignored:
+            signal.signal(s, signal.SIG_IGN)
 
 
 @pytest.fixture
