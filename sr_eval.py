@@ -1124,13 +1124,24 @@ def check_not_inputs(args: EvalArgs, hr: dict[str, Path], methods, lr_files, sig
     outputs = [(flag, p) for flag, p in outputs if p.exists()]  # a new file replaces nothing
     if not outputs:
         return
-    inputs = [*hr.values(), *(f for m in methods for fs in m.files for f in fs)]
-    inputs += [m.sr_dir / name for m in methods for name in ("manifest.json", "ntire_index.json")]
-    inputs += [*(lr_files or []), *(sigma_files or []), *filter(None, [args.lpips_weights])]
+    inputs = [f for _, _, files in run_inputs(args, hr, methods, lr_files, sigma_files)
+              for f in files]  # fmt: skip
     for flag, path in outputs:
         if same_files([path], inputs):
             raise UsageError(f"{flag} {path} is one of this run's input files, which the results "
                              f"would replace; give {flag} another path")  # fmt: skip
+
+
+def run_inputs(args: EvalArgs, hr: dict[str, Path], methods, lr_files, sigma_files) -> list:
+    """This run's inputs, [(flag, its value, the files read through it)]: the --sr folders'
+    manifest.json and ntire_index.json among theirs, --lpips-weights its own file."""
+    sr = [("--sr", m.sr_dir, [f for fs in m.files for f in fs]
+           + [m.sr_dir / name for name in ("manifest.json", "ntire_index.json")])
+          for m in methods]  # fmt: skip
+    return [("--hr", args.hr, list(hr.values())), *sr, ("--lr", args.lr, lr_files or []),
+            ("--uncertainty", args.uncertainty, sigma_files or []),
+            ("--lpips-weights", args.lpips_weights, [args.lpips_weights] if args.lpips_weights
+             else [])]  # fmt: skip
 
 
 def check_not_in_report(args: EvalArgs, hr: dict[str, Path], methods, lr_files, sigma_files):
@@ -1140,12 +1151,8 @@ def check_not_in_report(args: EvalArgs, hr: dict[str, Path], methods, lr_files, 
     move them aside with the earlier report. Compared by path, links followed (a hard link there
     is another name: an earlier report's panels are hard links of this run's inputs)."""
     parts = {part: (Path(args.report) / part).resolve() for part in report.PARTS}
-    given = [("--hr", args.hr, list(hr.values()))] if args.hr != "demo" else []
-    given += [("--sr", m.sr_dir, [f for fs in m.files for f in fs]) for m in methods]
-    given += [("--lr", args.lr, lr_files or []), ("--uncertainty", args.uncertainty, sigma_files)]
-    given += [("--lpips-weights", args.lpips_weights, [])]
-    for flag, path, files in given:
-        for name in filter(None, [path, *(files or [])]):
+    for flag, path, files in run_inputs(args, hr, methods, lr_files, sigma_files):
+        for name in filter(None, [path, *files]):
             where = Path(name).resolve()
             part = next((p for p, real in parts.items() if where.is_relative_to(real)), None)
             if part is not None:
