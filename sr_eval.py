@@ -541,9 +541,9 @@ class ImageNeeds:
 def image_needs(stem: str, gt_file: Path, samples: list[int], ntire: bool, color: str, ahead):
     """The ImageNeeds of image `stem` with `samples` samples in each --sr folder (`ahead`: not
     the last image), from its ground truth's header (None where it cannot tell): uint8 RGB, 3
-    bytes a pixel for each file; and
-    without --ntire 24 bytes a value of the compared region (at most the ground truth's: three
-    float64 maps, sr_lib/metrics.py `SsimReference`), 3 values a pixel, 1 with --color y."""
+    bytes a pixel for each file; and without --ntire 24 bytes a value of the compared region (at
+    most the ground truth's: three float64 maps, sr_lib/metrics.py `SsimReference`), 3 values a
+    pixel, 1 with --color y."""
     size = image_size(gt_file)
     if size is None:
         return None
