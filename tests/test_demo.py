@@ -23,6 +23,7 @@ def demo(out: Path, steps: int = 3) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.integration  # 14 script runs (pyproject: pytest -m integration)
 def test_demo_sh_runs_end_to_end_and_again(tmp_path):
     out = tmp_path / "quick start"  # a space, as in real paths
     first = demo(out)

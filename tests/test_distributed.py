@@ -23,11 +23,14 @@ from sr_lib.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Runs that pick a free port for torchrun's rendezvous run on one pytest-xdist worker, one after
-# the other (pyproject: --dist loadgroup): between picking the port and binding it, another
-# worker's gloo ranks could take it.
-ONE_WORKER = pytest.mark.xdist_group("torchrun")
-pytestmark = ONE_WORKER
+
+def ONE_WORKER(test):
+    """Marks a test that starts several ranks, each a process importing torch. They are the
+    integration tier (pyproject: not in the default suite; `python -m pytest -m integration`,
+    which CI runs too), on one pytest-xdist worker, one after the other (--dist loadgroup):
+    between picking a free port for the ranks' rendezvous and binding it, another worker's ranks
+    could take it."""
+    return pytest.mark.integration(pytest.mark.xdist_group("torchrun")(test))
 
 
 def free_port() -> int:
@@ -110,6 +113,7 @@ def sync_log(out):
     return [r for r in rows if "replica_max_diff" in r]
 
 
+@ONE_WORKER
 @pytest.mark.parametrize(
     "model, launcher",
     [(["--model", "edsr", "--n-feats", "8", "--n-blocks", "1"], "torchrun"),
@@ -180,6 +184,7 @@ def val_run(tmp_path_factory, images):
                            last=last, best=best)  # fmt: skip
 
 
+@ONE_WORKER
 def test_a_run_resumed_by_more_processes_gives_each_rank_its_own_noise(val_run):
     """A one-process run resumed under 2 ranks: the checkpoint holds one rank's RNG states, and
     rank 1 took rank 0's, so it drew rank 0's model-internal noise (a flow's dequantisation, a
@@ -193,6 +198,7 @@ def test_a_run_resumed_by_more_processes_gives_each_rank_its_own_noise(val_run):
     assert not torch.equal(ck["rng_ranks"][0]["torch"], ck["rng_ranks"][1]["torch"])
 
 
+@ONE_WORKER
 def test_the_time_budget_ends_every_rank_with_exit_0(tmp_path, images):
     """--time-budget under srun: each rank reads its own clock, and all stop at the step where
     the first is over its budget. A rank still under its own (started a little later; here its
@@ -216,6 +222,7 @@ def test_the_time_budget_ends_every_rank_with_exit_0(tmp_path, images):
     assert outs[1] == ("", "")
 
 
+@ONE_WORKER
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, images):
     out = tmp_path / "run"
     cmd = train_cmd(out, images, "--model", "edsr", "--n-feats", "8", "--n-blocks", "1",
@@ -240,6 +247,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, images
     assert sync_log(out)[-1]["step"] == step
 
 
+@ONE_WORKER
 @pytest.mark.parametrize("victim", [1, 0])
 def test_a_rank_killed_leaves_the_other_one_line_and_exit_75(tmp_path, images, victim):
     """srun's ranks (SLURM_* variables, no torchrun), one killed with SIGKILL (the kernel's
@@ -273,6 +281,7 @@ def test_a_rank_killed_leaves_the_other_one_line_and_exit_75(tmp_path, images, v
                             "--resume auto\n")  # fmt: skip
 
 
+@ONE_WORKER
 def test_a_hung_loader_worker_on_one_rank_ends_every_rank_at_once_with_exit_75(
     tmp_path, images, worker_hang, own_temp_dir
 ):
@@ -322,6 +331,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
     assert list(own_temp_dir.glob("pymp-*")) == []  # (its socket's folder: its rank's)
 
 
+@ONE_WORKER
 @pytest.mark.parametrize("victim", [0, 1])
 def test_a_step_out_of_memory_on_one_rank_names_what_to_lower_with_this_runs_values(
     tmp_path, images, victim
@@ -375,6 +385,7 @@ def ended(ranks, timeout=60):
     return [p.returncode for p in ranks], outs
 
 
+@ONE_WORKER
 def test_a_rank_given_other_flags_is_refused_before_training_not_a_wait(tmp_path, images):
     """A multi-node script that passes one node other flags by mistake: the rank with another
     --steps waited at its end in a collective that the other, done, never joined (the process
@@ -394,6 +405,7 @@ def test_a_rank_given_other_flags_is_refused_before_training_not_a_wait(tmp_path
     assert not (out / "last.pt").exists()
 
 
+@ONE_WORKER
 @pytest.mark.parametrize(
     "short, what",
     [(1, "rank 1 has 3 training images, rank 0 has 4, and im3.png is not among them"),
@@ -435,6 +447,7 @@ sr_train.build_optimizers = build_optimizers
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+@ONE_WORKER
 def test_a_warning_of_every_rank_is_printed_once_one_of_a_node_by_its_rank(val_run):
     """Every rank printed each warning: a flag with no effect 64 times in a 64-rank job's log.
     Rank 0 alone prints those; a warning about a node's own copy of the images (here rank 1's
@@ -464,6 +477,7 @@ def listening(port: int) -> bool:
     return any(r[1].endswith(f":{port:04X}") and r[3] == "0A" for r in rows[1:] if len(r) > 3)
 
 
+@ONE_WORKER
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_while_the_ranks_meet_stops_at_once(tmp_path, images, signum):
     """srun's rank 0 of 2 whose peer has not started (its node imports torch from a slow file
@@ -625,6 +639,7 @@ def test_a_job_script_without_srun_is_one_line_not_a_wait_for_other_ranks(
     assert "SLURM_NTASKS is 4 but this process was not started by srun" in err
 
 
+@ONE_WORKER
 def test_validation_best_pt_and_the_weight_average_under_two_processes(val_run):
     """Rank 0 validates alone, yet every rank takes part in writing best.pt (their RNG states are
     gathered): the ranks agree on 'improved', else they wait for each other forever. The average

@@ -158,3 +158,21 @@ def test_the_readme_gives_each_networks_smallest_hr_patch():
     )
     assert sizes["RefVAE"] == sizes["VGG19"]  # (the sentence gives them one number)
     assert said in " ".join(README.split())
+
+
+def test_ci_runs_the_readmes_test_command_and_the_integration_tier():
+    """The quick start's test command is the default suite; pyproject keeps the `slow` and
+    `integration` markers out of it; CI runs it, then `-m integration`; the README's
+    "Development" names both tiers' commands, and every marker pyproject declares."""
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines()
+          if line.startswith("python -m pytest")]  # fmt: skip
+    assert ci == ["python -m pytest", "python -m pytest -m integration"]
+    quick = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"^python -m pytest +#", quick, re.M)
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert "-m 'not slow and not integration'" in pyproject
+    markers = re.findall(r'^    "(\w+): ', pyproject, re.M)
+    assert sorted(markers) == ["integration", "slow"]
+    development = README.split("## Development", 1)[1].split("\n## ", 1)[0]
+    for marker in markers:
+        assert f"python -m pytest -m {marker}" in development, marker

@@ -56,6 +56,7 @@ def last_logged_step(log: Path) -> int:
     return json.loads(last)["step"] if last else 0
 
 
+@pytest.mark.integration  # 6 training runs (pyproject: pytest -m integration)
 def test_kill9_five_times_then_finish_equals_uninterrupted(tmp_path, images):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # 75 steps: fifths of 15, each kill in the first 5 steps of its fifth; what a kill can hit

@@ -150,6 +150,7 @@ def one_run(tmp_path_factory, flow_ckpt) -> tuple[Path, dict[str, bytes]]:
 
 # (one pytest-xdist worker for the four, pyproject: --dist loadgroup: each worker that ran one
 # made one_run's uninterrupted run again)
+@pytest.mark.integration  # 3 runs per signal (pyproject: pytest -m integration)
 @pytest.mark.xdist_group("one_run")
 @pytest.mark.parametrize("sig, code", [(signal.SIGKILL, -9), (signal.SIGINT, 130),
                                        (signal.SIGTERM, 75), (signal.SIGHUP, 75)])  # fmt: skip

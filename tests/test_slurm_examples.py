@@ -22,8 +22,9 @@ from sr_lib.checkpoint import load_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "slurm"
 JOB = 4321
-# the ranks meet at port 20000 + the job id: one such job at a time (pyproject: --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("torchrun")
+# the ranks meet at port 20000 + the job id: one such job at a time (pyproject: --dist loadgroup);
+# job scripts of several processes: the integration tier (pyproject: pytest -m integration)
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("torchrun")]
 TINY_EDSR = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--scale", "2",
              "--patch", "16", "--batch", "2", "--workers", "0", "--val-every", "0",
              "--log-every", "1", "--device", "cpu"]  # fmt: skip

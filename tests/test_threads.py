@@ -144,6 +144,7 @@ def sweeps(tmp_path_factory) -> dict:
     return {"process": p, "temp": list(temp.iterdir())}
 
 
+@pytest.mark.integration  # one run per line of the lock code (pyproject: pytest -m integration)
 @pytest.mark.xdist_group("test_threads_sweeps")  # the module's one child process, on one worker
 @pytest.mark.parametrize("op, signum", CASES)
 def test_a_signal_at_any_line_of_the_lock_code_gives_the_one_line_exit(op, signum, sweeps):
