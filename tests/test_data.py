@@ -5,6 +5,7 @@ Every image is generated here and written to tmp_path; nothing is downloaded.
 
 import gc
 import json
+import multiprocessing
 import os
 import re
 import struct
@@ -1025,6 +1026,27 @@ def test_train_loader_independent_of_workers_and_resumable(hr_dir):
     torch.manual_seed(0)
     next(iter(train_loader(ds, 0, 2, workers=0)))
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork: Linux's loader workers")
+def test_loader_workers_are_forked_where_python_would_start_them_from_a_fork_server(hr_dir):
+    """Python 3.14 makes the fork server Linux's default start method: each worker would import
+    torch again and get its own pickled copy of the decoded images. The workers are forked from
+    this process whatever the default (here set to the fork server, as 3.14's is)."""
+    ds = PatchPairs([hr_dir], scale=4, patch=8, batch=3, seed=5)
+    others = set(multiprocessing.active_children())
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("forkserver", force=True)
+    try:
+        batches = iter(train_loader(ds, 0, 4, workers=2))
+        next(batches)
+        workers = [p for p in multiprocessing.active_children() if p not in others]
+        parents = [int(Path(f"/proc/{w.pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                   for w in workers]  # fmt: skip
+        batches.close()
+    finally:
+        multiprocessing.set_start_method(before, force=True)
+    assert len(workers) == 2 and parents == [os.getpid()] * 2, parents
 
 
 def test_a_loader_freed_by_the_garbage_collector_stops_its_workers(hr_dir):
