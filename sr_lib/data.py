@@ -504,8 +504,13 @@ class AlphaDropped(NodeWarning):
     script reading many such files can say it once per folder (sr_eval.py)."""
 
     def __init__(self, path):
-        super().__init__(f"{path}: alpha channel dropped (the image is read as RGB)")
+        # args is (path,), the text made by __str__: a copy, which pickle (or pytest-xdist, which
+        # passes warnings between processes) rebuilds as cls(*args), says the text once, not twice
+        super().__init__(str(path))
         self.path = Path(path)
+
+    def __str__(self) -> str:
+        return f"{self.path}: alpha channel dropped (the image is read as RGB)"
 
 
 def _to_rgb8(arr: np.ndarray, path) -> np.ndarray:

@@ -7,6 +7,7 @@ import gc
 import json
 import multiprocessing
 import os
+import pickle
 import re
 import struct
 import subprocess
@@ -93,9 +94,13 @@ def test_alpha_dropped_with_warning_naming_file(tmp_path):
     rgba, la = rand_img(8, 9, c=4), rand_img(8, 9, c=2)
     Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
     Image.fromarray(la, "LA").save(tmp_path / "la.png")
-    with pytest.warns(UserWarning, match="rgba.png: alpha channel dropped"):
+    with pytest.warns(UserWarning, match="rgba.png: alpha channel dropped") as caught:
         out = read_image(tmp_path / "rgba.png")
     assert np.array_equal(out, rgba[..., :3])
+    # a copy says it once: pickle (and pytest-xdist between its processes) rebuilds cls(*args)
+    said = f"{tmp_path / 'rgba.png'}: alpha channel dropped (the image is read as RGB)"
+    (warning,) = [w.message for w in caught]
+    assert str(warning) == str(pickle.loads(pickle.dumps(warning))) == said
     with pytest.warns(UserWarning, match="la.png: alpha"):
         out = read_image(tmp_path / "la.png")
     assert np.array_equal(out, np.repeat(la[..., :1], 3, axis=2))
