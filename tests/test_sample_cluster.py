@@ -150,10 +150,14 @@ def one_run(tmp_path_factory, flow_ckpt) -> tuple[Path, dict[str, bytes]]:
 
 # (one pytest-xdist worker for the four, pyproject: --dist loadgroup: each worker that ran one
 # made one_run's uninterrupted run again)
-@pytest.mark.integration  # 3 runs per signal (pyproject: pytest -m integration)
+# 3 runs per signal: SLURM's SIGTERM in the default suite, the others in the integration tier
+# (pyproject: pytest -m integration)
 @pytest.mark.xdist_group("one_run")
-@pytest.mark.parametrize("sig, code", [(signal.SIGKILL, -9), (signal.SIGINT, 130),
-                                       (signal.SIGTERM, 75), (signal.SIGHUP, 75)])  # fmt: skip
+@pytest.mark.parametrize("sig, code", [
+    (signal.SIGTERM, 75),
+    *(pytest.param(sig, code, marks=pytest.mark.integration)
+      for sig, code in ((signal.SIGKILL, -9), (signal.SIGINT, 130), (signal.SIGHUP, 75))),
+])  # fmt: skip
 def test_killed_then_rerun_equals_one_run(tmp_path, flow_ckpt, one_run, sig, code, capsys):
     """Two shards into one folder, the second killed mid-run and run again: the folder equals that
     of one uninterrupted run, file by file."""
