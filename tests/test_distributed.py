@@ -477,7 +477,7 @@ def listening(port: int) -> bool:
     return any(r[1].endswith(f":{port:04X}") and r[3] == "0A" for r in rows[1:] if len(r) > 3)
 
 
-@ONE_WORKER
+@pytest.mark.xdist_group("torchrun")  # one process (its peer never comes): the default suite
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_while_the_ranks_meet_stops_at_once(tmp_path, images, signum):
     """srun's rank 0 of 2 whose peer has not started (its node imports torch from a slow file
