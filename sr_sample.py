@@ -729,6 +729,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     check_inputs_kept(mine, files, args.layout, folders, out, from_hr, inputs)
     if args.layout == "stem":
         check_name_lengths([p for _, p in mine], files, from_hr, out)
+        check_shared_outputs(paths, files, out)
     for t, folder in folders.items():
         check_out_dir(folder)
         if args.overwrite and (folder / "manifest.json").is_file():
@@ -902,6 +903,26 @@ def check_name_lengths(paths: list[Path], files: "Outputs", from_hr: bool, out: 
             f"{out} (at most {limit} bytes there): {path.name} makes {name} "
             f"({len(os.fsencode(name))} bytes); use --layout ntire (numbered files) or rename them"
         )
+
+
+def check_shared_outputs(paths: list[Path], files: "Outputs", out: Path) -> None:
+    """Before any work: no two inputs (of every --shard) write one file. Where each image has one
+    NAME.png (`files.single`), an input named cat_grid.png (cat_sigma.png) writes the name of
+    cat.png's --grid sheet (--save-uncertainty map): the two replaced each other, the last
+    written kept, and a rerun took the image whose file it lost as complete. (The other names
+    end in _sample{i:05d}, _sigma or _grid and their own ending, so they never meet.)"""
+    if not files.single:
+        return
+    owner = {}
+    for path in paths:
+        for f in files.all(path.stem):
+            other = owner.setdefault(f, path)
+            if other is not path:
+                raise DataError(
+                    f"--input: {other.name} and {path.name} would both write {out / f}, one "
+                    "replacing the other; rename one of them, or use --layout ntire (numbered "
+                    "files)"
+                )
 
 
 def exact_context(model) -> int:

@@ -707,6 +707,24 @@ def test_names_too_long_for_their_outputs_one_line_before_any_work(tmp_path, bic
     assert max(len(os.fsencode(f)) for f in pngs(tmp_path / "o2")) == 255
 
 
+def test_two_inputs_that_would_write_one_file_are_refused_before_any_work(tmp_path, bicubic_ckpt,
+                                                                        capsys):  # fmt: skip
+    """A deterministic model's --n 1 output of cat_grid.png is cat_grid.png, also the --grid sheet
+    of cat.png: the two replaced each other (exit 0, one image's file lost, and a rerun took it as
+    complete). Now one line before any work; --layout ntire's numbered names take them."""
+    inp = folder(tmp_path / "in", cat=image((8, 8), 1), cat_grid=image((8, 12), 2))
+    argv = ["--ckpt", bicubic_ckpt, "--input", inp, "--n", 1, "--grid"]
+    assert run(*argv, "--out", tmp_path / "o") == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"sr_sample.py: error: --input: cat.png and cat_grid.png would both write "
+                   f"{tmp_path / 'o' / 'cat_grid.png'}, one replacing the other; rename one of "
+                   "them, or use --layout ntire (numbered files)"]  # fmt: skip
+    assert not (tmp_path / "o").exists() or pngs(tmp_path / "o") == []
+    assert run(*argv, "--layout", "ntire", "--out", tmp_path / "nt") == 0
+    assert pngs(tmp_path / "nt") == ["000000.png", "000000_grid.png", "000001.png",
+                                     "000001_grid.png"]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "ckpt, flags, code, words",
     [
