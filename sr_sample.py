@@ -110,10 +110,10 @@ out-of-memory retry's tiles take the exact context, as when --tile holds every i
 --check-invertibility (flows): instead of writing samples, each is encoded back to its latents
 and decoded again, and |x - x'| reported per image (docs/flows.md#invertibility); exit 5 above
 the tolerance. --out is then not needed.
-Exit codes: 0 ok, 2 bad flag or a folder of other settings, 3 unusable input (unreadable images
-are reported and skipped, the others written, exit 3 at the end), 4 out of memory, 5 a NaN sample
-or a flow that does not invert (--check-invertibility), 6 checkpoint problem, 7 output cannot be
-written, 75 stopped by SIGTERM/SIGUSR1/SIGHUP, 130 Ctrl-C.
+Exit codes: 0 ok, 2 bad flag or a folder of other settings, 3 unusable input (unreadable images,
+and LRs smaller than the model takes, are reported and skipped, the others written, exit 3 at the
+end), 4 out of memory, 5 a NaN sample or a flow that does not invert (--check-invertibility), 6
+checkpoint problem, 7 output cannot be written, 75 stopped by SIGTERM/SIGUSR1/SIGHUP, 130 Ctrl-C.
 """
 
 import os
@@ -742,7 +742,8 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     emulated = amp_emulated(args.amp, device)
     if emulated:
         print(f"{PROG}: warning: --amp {args.amp}: {emulated}", file=sys.stderr, flush=True)
-    failed, skipped, t0 = {"unreadable": [], "too small": []}, 0, time.monotonic()
+    failed = {"unreadable": [], "too small": [], "too small for the model": []}
+    skipped, t0 = 0, time.monotonic()
     where = out if len(folders) == 1 else f"{out}/T*"
     summary.update(out=str(where), images=len(mine))
     with ProgressLog(len(mine), args.quiet) as bar, SampleWriter(cpu_workers()) as writer:
@@ -759,11 +760,13 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
             t_img = time.monotonic()
             try:
                 img = read_input(path, model.scale, from_hr, lr_file, args)
+                check_lr_fits(model, ck["model"], img, path)
             except DataError as e:  # reported, skipped; exit 3 once the others are written
                 if len(mine) == 1:
                     raise
                 say_err(f"{PROG}: error: {e}; skipped")
-                why = "too small" if isinstance(e, TooSmall) else "unreadable"
+                why = ("too small for the model" if isinstance(e, LrTooSmall) else
+                       "too small" if isinstance(e, TooSmall) else "unreadable")  # fmt: skip
                 failed[why].append(path.name)
                 summary.update(failed=sum(map(len, failed.values())))
                 bar.step(f"{path.name}: {why}, skipped")
@@ -782,8 +785,10 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
             temps = f" at {len(todo)} temperatures" if len(todo) > 1 else ""
             bar.step(f"{path.name} {w}x{h} -> {k_img} x {w * s}x{h * s}{temps} in "
                      f"{time.monotonic() - t_img:.1f} s")  # fmt: skip
-    small = f"too small to downscale (under {default_mod(model.scale)} px)"
-    lost = [f"{len(names)} of {len(mine)} inputs {small if why == 'too small' else why} "
+    said = {"too small": f"too small to downscale (under {default_mod(model.scale)} px)",
+            "too small for the model": f"too small for the {ck['model']} model (an LR under "
+                                       f"{model.min_lr_size} px)"}  # fmt: skip
+    lost = [f"{len(names)} of {len(mine)} inputs {said.get(why, why)} "
             f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
             for why, names in failed.items() if names]  # fmt: skip
     done = len(mine) - sum(map(len, failed.values())) - skipped
@@ -1179,6 +1184,23 @@ class TooSmall(DataError):
     """An input smaller than --from-hr's crop (the end summary counts these apart)."""
 
 
+class LrTooSmall(DataError):
+    """An LR smaller than the model takes (`check_lr_fits`; the end summary counts these apart)."""
+
+
+def check_lr_fits(model, name: str, img: "LowRes", path: Path) -> None:
+    """An LR with a side under the model's min_lr_size once padded to its lr_multiple (RRDB's and
+    SRFlow-DA's of 1 px, whose half-resolution map has no pixel; RefVAE's r41 encoder's under 16
+    px at its bicubic size) stopped the run with a RuntimeError traceback from inside the
+    network: one line naming it now, the image skipped as an unreadable one (exit 3 at the end),
+    as the library's `sample` refuses it (`check_sampling`)."""
+    h, w = img.rgb.shape[:2]
+    m, least = model.lr_multiple, model.min_lr_size
+    if min(h + (-h) % m, w + (-w) % m) < least:
+        raise LrTooSmall(f"{path}: an LR of {w}x{h} px; the {name} model takes at least "
+                         f"{least}x{least} px (upscale it, or leave it out)")  # fmt: skip
+
+
 # ITU-R BT.601 luma weights of R, G, B: gray outputs (`to_gray`), as Pillow's convert("L") and
 # OpenCV's RGB2GRAY weigh them (README, sr_sample.py: "Gray, alpha and 16-bit inputs").
 LUMA = (0.299, 0.587, 0.114)
@@ -1285,7 +1307,9 @@ def check_invertibility(args: SampleArgs, given: set[str], model, name: str, pat
     autocast, s = autocast_for(args.amp, device), model.scale
     worst = []  # (max |x - x'|, line) per image
     for _, path in mine:
-        lr = read_input(path, s, from_hr, None, args).tensor().to(device)
+        img = read_input(path, s, from_hr, None, args)
+        check_lr_fits(model, name, img, path)
+        lr = img.tensor().to(device)
         h, w = lr.shape[-2:]
         x_lr = pad_to_multiple(lr, model.lr_multiple)
         top, total, count, z_max, at = -1.0, 0.0, 0, 0.0, ""

@@ -684,6 +684,33 @@ def test_too_small_and_unreadable_inputs_are_told_apart(tmp_path, bicubic_ckpt, 
     assert err[-1].endswith("(tiny.png); nothing was written"), err[-1]
 
 
+def test_an_lr_too_small_for_the_model_is_one_line_and_skipped(tmp_path, capsys):
+    """An LR of 1 px on a side stopped an RRDB (SRFlow-DA) run with a RuntimeError traceback from
+    inside the network (its half-resolution map has no pixel), the images after it unsampled.
+    Now it is skipped with one line, as an unreadable image, and counted apart at the end."""
+    ckpts = {}
+    for name, s in (("rrdb", SCALE), ("srflow_da", 4)):
+        cfg = {**TINY[name], "scale": s}
+        ckpts[name] = tmp_path / f"{name}.pt"
+        save_checkpoint(ckpts[name], {"model": name, "model_cfg": cfg,
+                                      "state_dict": build_model(name, cfg).state_dict(),
+                                      "step": 0})  # fmt: skip
+    inp = folder(tmp_path / "in", a=image((1, 7), 1), b=image((6, 6), 2))
+    assert run("--ckpt", ckpts["rrdb"], "--input", inp, "--n", 1, "--out", tmp_path / "o") == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"sr_sample.py: error: {inp / 'a.png'}: an LR of 7x1 px; the rrdb model takes at least "
+        "2x2 px (upscale it, or leave it out); skipped",
+        "sr_sample.py: error: 1 of 2 inputs too small for the rrdb model (an LR under 2 px) "
+        f"(a.png); the others were written to {tmp_path / 'o'}",
+    ]  # fmt: skip
+    assert pngs(tmp_path / "o") == ["b.png"]
+    argv = ["--ckpt", ckpts["srflow_da"], "--input", inp / "a.png", "--check-invertibility"]
+    assert run(*argv, "--n", 1) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a.png: an LR of 7x1 px; the srflow_da model takes" in err[0], err
+
+
 def test_names_too_long_for_their_outputs_one_line_before_any_work(tmp_path, bicubic_ckpt, capsys):
     """STEM_sample00001.png is 16 bytes longer than STEM.png: a 245-byte input name made an
     OSError traceback (File name too long). Now one line before anything is written; the NTIRE
