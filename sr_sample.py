@@ -771,6 +771,11 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
                 summary.update(failed=sum(map(len, failed.values())))
                 bar.step(f"{path.name}: {why}, skipped")
                 continue
+            if not todo:  # its samples complete, only --from-hr's LR file was missing: written
+                skipped += 1  # again (read_input), and nothing sampled
+                summary.update(skipped=skipped)
+                bar.step(f"{path.name}: samples complete, {lr_file} written again")
+                continue
             lr = img.tensor().to(device)
             if controls is not None:  # (named in a message: a --latent of another LR size)
                 controls.image = f"{path.name}'s"

@@ -233,6 +233,26 @@ def test_from_hr(tmp_path, bicubic_ckpt):
     assert read(tmp_path / "o" / "photo.png").shape == (32, 40, 3)
 
 
+def test_a_rerun_that_writes_only_a_missing_lr_file_samples_nothing(tmp_path, toy_ckpt, capsys):
+    """A --from-hr rerun whose samples were complete but for OUT/lr/NAME.png wrote that file again
+    and said the image was sampled ("photo.png 16x20 -> 2 x 32x40", --json's sampled 1): nothing
+    was. Now it says what it wrote, and counts the image as complete."""
+    inp = folder(tmp_path / "hr", photo=image((32, 40), 3))
+    argv = ["--ckpt", toy_ckpt, "--input", inp, "--from-hr", "--n", 2, "--out", tmp_path / "o"]
+    assert run(*argv) == 0
+    lr = tmp_path / "o" / "lr" / "photo.png"
+    samples = {f: (tmp_path / "o" / f).stat().st_mtime_ns for f in pngs(tmp_path / "o")}
+    before = read(lr)
+    lr.unlink()
+    capsys.readouterr()
+    assert run(*argv, "--json") == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith(f"[1/1] photo.png: samples complete, {lr} written again"), lines
+    assert json.loads(lines[-1])["sampled"] == 0 and json.loads(lines[-1])["skipped"] == 1
+    assert np.array_equal(read(lr), before)
+    assert {f: (tmp_path / "o" / f).stat().st_mtime_ns for f in pngs(tmp_path / "o")} == samples
+
+
 def test_cem_makes_any_model_lr_consistent(tmp_path, bicubic_ckpt, toy_ckpt):
     from sr_lib.metrics import psnr
 
