@@ -95,9 +95,10 @@ def read_image(path: str | os.PathLike, data: bytes | None = None) -> np.ndarray
 
     Conversions: gray -> 3 channels; RGBA/LA (and palette transparency) -> alpha dropped with a
     warning naming the file; 16-bit -> 8-bit by round(x / 257); palette, CMYK, YCbCr -> RGB; EXIF
-    orientation applied. Float images (rare TIFFs) are assumed to be in [0, 1]. 16-bit and float
-    TIFFs are decoded by libtiff (imagecodecs); other TIFFs by Pillow. `read_planes` reads the
-    same pixels and keeps what this drops (gray, alpha, 16 bits).
+    orientation applied. Float images (rare TIFFs) are assumed to be in [0, 1] (clipped to it,
+    with a warning naming the file where that moves a pixel by over half an 8-bit level). 16-bit
+    and float TIFFs are decoded by libtiff (imagecodecs); other TIFFs by Pillow. `read_planes`
+    reads the same pixels and keeps what this drops (gray, alpha, 16 bits).
 
     The file is read once, whole, and every reader below (the TIFF tags, Pillow's header, the
     PNG bit depth, the decoder) takes those bytes: each open of a file is a call to a cluster
@@ -524,15 +525,33 @@ def _to_rgb8(arr: np.ndarray, path) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+class FloatClipped(NodeWarning):
+    """read_image's warning for a float image with values outside [0, 1] (a TIFF of 0..255, or
+    of a wider range), which it clips: more than half an 8-bit level outside, so the clipped
+    picture differs from the one the file holds (0..255 reads as nearly white)."""
+
+    def __init__(self, path, lo: float, hi: float):
+        super().__init__(
+            f"{path}: float pixels in [{lo:.4g}, {hi:.4g}], read as [0, 1] (clipped): the "
+            "image is not the one the file holds; save it as an 8- or 16-bit image, or as "
+            "floats scaled to [0, 1]"
+        )
+
+
 def _samples(arr: np.ndarray, path) -> np.ndarray:
     """Decoded pixels as (H, W, C), C = 1 to 4 (gray, gray + alpha, RGB, RGBA), of uint8, uint16
-    (wider integers clipped) or floats clipped to [0, 1] (NaN: 0); bilevel as 0 and 255."""
+    (wider integers clipped) or floats clipped to [0, 1] (NaN: 0; values more than half an
+    8-bit level outside it: a FloatClipped warning); bilevel as 0 and 255."""
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8) * 255
     elif arr.dtype.kind in "iu" and arr.dtype.itemsize > 1:  # 16-bit (Pillow gives I;16 or I)
         arr = arr if arr.dtype == np.uint16 else np.clip(arr, 0, 65535).astype(np.uint16)
     elif arr.dtype.kind == "f":
-        arr = np.clip(np.nan_to_num(arr), 0, 1)
+        arr = np.nan_to_num(arr)
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if lo < -0.5 / 255 or hi > 1 + 0.5 / 255:
+            warnings.warn(FloatClipped(path, lo, hi), stacklevel=3)
+        arr = np.clip(arr, 0, 1)
     elif arr.dtype != np.uint8:
         _fail(path, f"unsupported pixel type {arr.dtype}")
     if arr.ndim == 2:

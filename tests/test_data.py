@@ -275,6 +275,25 @@ def test_16bit_and_float_tiffs_read_exactly(tmp_path):
         assert np.array_equal(gray, expected[..., :1].repeat(3, 2))
 
 
+def test_a_float_image_outside_0_1_is_clipped_with_a_warning_naming_it(tmp_path):
+    """A float TIFF of 0..255 was clipped to [0, 1] without a word: read as nearly white, its
+    SR samples and scores garbage. Now a warning names the file and its range; values within
+    half an 8-bit level of [0, 1] (float rounding), which the clip leaves as they round, none."""
+    rng = np.random.default_rng(0)
+    img = rng.random((6, 8, 3)).astype(np.float32)
+    write_tiff(tmp_path / "wide.tif", img * 255)
+    clipped = np.clip(img * 255, 0, 1)  # (nearly white)
+    for read, want in ((read_image, np.round(clipped * 255)),
+                       (lambda p: read_planes(p, wide=True).rgb, clipped)):  # fmt: skip
+        with pytest.warns(UserWarning, match=r"wide.tif: float pixels in \[0.\d+, 25\d.\d+\]"):
+            assert np.array_equal(read(tmp_path / "wide.tif"), want)
+    img[0, 0], img[0, 1] = 1 + 0.4 / 255, -0.4 / 255
+    write_tiff(tmp_path / "unit.tif", img)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(read_image(tmp_path / "unit.tif"), np.round(np.clip(img, 0, 1) * 255))
+
+
 def test_an_image_that_cannot_be_opened_is_one_error_naming_it(tmp_path, monkeypatch):
     """Permission denied (a dataset of another group), a stale NFS handle: the file's first read,
     the TIFF tag probe, raised the OSError itself, a traceback."""
