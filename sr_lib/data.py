@@ -93,11 +93,12 @@ def _fail(path, reason: str) -> NoReturn:
 def read_image(path: str | os.PathLike, data: bytes | None = None) -> np.ndarray:
     """Read any supported image as uint8 (H, W, 3) RGB.
 
-    Conversions: gray -> 3 channels; RGBA/LA (and palette transparency) -> alpha dropped with a
-    warning naming the file; 16-bit -> 8-bit by round(x / 257); palette, CMYK, YCbCr -> RGB; EXIF
-    orientation applied. Float images (rare TIFFs) are assumed to be in [0, 1] (clipped to it,
-    with a warning naming the file where that moves a pixel by over half an 8-bit level). 16-bit
-    and float TIFFs are decoded by libtiff (imagecodecs); other TIFFs by Pillow. `read_planes`
+    Conversions: gray -> 3 channels; RGBA/LA (and a palette's transparency, or an 8-bit gray or
+    RGB PNG's transparent colour) -> alpha dropped with a warning naming the file; 16-bit ->
+    8-bit by round(x / 257); palette, CMYK, YCbCr -> RGB; EXIF orientation applied. Float
+    images (rare TIFFs) are assumed to be in [0, 1] (clipped to it, with a warning naming the
+    file where that moves a pixel by over half an 8-bit level). 16-bit and float TIFFs are
+    decoded by libtiff (imagecodecs); other TIFFs by Pillow. `read_planes`
     reads the same pixels and keeps what this drops (gray, alpha, 16 bits).
 
     The file is read once, whole, and every reader below (the TIFF tags, Pillow's header, the
@@ -121,9 +122,10 @@ class Planes:
 
 def read_planes(path: str | os.PathLike, data: bytes | None = None, wide: bool = False) -> Planes:
     """Read an image as `read_image` does, keeping what it drops: whether the file is gray, its
-    alpha channel (RGBA, LA, palette transparency; no warning) and, with `wide`, the colour at
-    the file's precision: float32 x / 65535 of 16-bit samples (x / 255 of 8-bit ones, as
-    `to_tensor` divides; float TIFFs clipped to [0, 1]) instead of round(x / 257) to uint8.
+    alpha channel (RGBA, LA, palette transparency, an 8-bit gray or RGB PNG's transparent colour;
+    no warning) and, with `wide`, the colour at the file's precision: float32 x / 65535 of 16-bit
+    samples (x / 255 of 8-bit ones, as `to_tensor` divides; float TIFFs clipped to [0, 1])
+    instead of round(x / 257) to uint8.
     Gray colour is repeated to 3 channels, as read_image's. A palette image counts as RGB (its
     palette may be all gray: not looked at). Same errors as read_image."""
     arr = _samples(_decode(path, data), path)
@@ -187,6 +189,8 @@ def _decode(path: str | os.PathLike, data: bytes | None) -> np.ndarray:
             _fail(path, f"{what} is not supported; convert it to an RGB PNG")
         elif (fmt, mode) != ("PNG", "RGB") or (arr := _read_png_rgb8(data)) is None:
             to = {"P": "RGBA" if transparent else "RGB", "PA": "RGBA", "CMYK": "RGB"}.get(mode)
+            # a gray or RGB PNG's transparent colour (tRNS) is an alpha channel too
+            to = {"L": "LA", "RGB": "RGBA"}.get(mode, to) if transparent else to
             to = "RGB" if mode == "YCbCr" else to
             # index=0: the first frame of animated files; rotate=True applies EXIF orientation.
             # Truncated data raises unless PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set (we never do).

@@ -275,6 +275,25 @@ def test_16bit_and_float_tiffs_read_exactly(tmp_path):
         assert np.array_equal(gray, expected[..., :1].repeat(3, 2))
 
 
+def test_a_pngs_transparent_colour_is_an_alpha_channel(tmp_path):
+    """An 8-bit RGB or gray PNG whose tRNS chunk names a transparent colour read as opaque: its
+    alpha lost without a word (sr_sample.py wrote opaque samples, read_image warned of nothing).
+    It is an alpha channel now, as a palette's transparency is."""
+    rgb = np.random.default_rng(0).integers(10, 250, (6, 8, 3), dtype=np.uint8)
+    rgb[0, 0] = (1, 2, 3)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png", transparency=(1, 2, 3))
+    gray = rgb[..., 1].copy()
+    gray[0, 0] = 7
+    Image.fromarray(gray).save(tmp_path / "gray.png", transparency=7)
+    alpha = np.ones((6, 8), np.float32)
+    alpha[0, 0] = 0
+    for name, colour in (("rgb", rgb), ("gray", gray[..., None].repeat(3, 2))):
+        planes = read_planes(tmp_path / f"{name}.png")
+        assert np.array_equal(planes.alpha, alpha) and np.array_equal(planes.rgb, colour), name
+        with pytest.warns(UserWarning, match=f"{name}.png: alpha channel dropped"):
+            assert np.array_equal(read_image(tmp_path / f"{name}.png"), colour)
+
+
 def test_a_float_image_outside_0_1_is_clipped_with_a_warning_naming_it(tmp_path):
     """A float TIFF of 0..255 was clipped to [0, 1] without a word: read as nearly white, its
     SR samples and scores garbage. Now a warning names the file and its range; values within
