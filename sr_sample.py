@@ -734,7 +734,8 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
         check_out_dir(folder)
         if args.overwrite and (folder / "manifest.json").is_file():
             remove_old_files(folder, [f"{k:06d}" if args.layout == "ntire" else p.stem
-                                      for k, p in mine], inputs, args.layout)  # fmt: skip
+                                      for k, p in mine], inputs, args.layout,
+                             {p.stem for p in paths})  # fmt: skip
         claim_folder(folder, {**settings, "temperature": t}, args.overwrite, inputs, free)
         if args.layout == "ntire":
             claim_index(folder, paths, model.scale, args.overwrite)
@@ -1040,17 +1041,22 @@ def differences(old: dict, new: dict, free=frozenset()) -> list[tuple[str, objec
 OLD_SAMPLE = re.compile(r"(.+)_sample\d{5}(\.png|\.latent\.npy|\.latent\.npz)")
 
 
-def remove_old_files(folder: Path, names: list[str], inputs: set[Path], layout: str) -> None:
+def remove_old_files(folder: Path, names: list[str], inputs: set[Path], layout: str,
+                     stems: set[str] = frozenset()) -> None:  # fmt: skip
     """--overwrite in a folder of this tool (it holds a manifest.json): delete every file it may
     have written for the images `names` (this shard's) with any settings: NAME_sample{i:05d}.png
     and .latent.npy/.npz, NAME_sigma.png and .npy, NAME_grid.png, NAME.png (never an input), and
     with --layout ntire NAME.latent.npy/.npz (its --n 1 latent before it was numbered). Samples
     of an earlier, larger --n would otherwise stay to be scored with the new ones, and a stopped
-    --overwrite run would leave old files that its rerun takes as complete."""
+    --overwrite run would leave old files that its rerun takes as complete. `stems`: every
+    input's (of every --shard): NAME.png of an input cat_grid is also the --grid sheet of the
+    input cat (cat_sigma, cat_sample00000: its other files), which another shard may have
+    written already: not deleted."""
     names = set(names)
     ends = ("_sigma.png", "_sigma.npy", "_grid.png", ".png")
     ends += (".latent.npy", ".latent.npz") if layout == "ntire" else ()
     fixed = {f"{x}{end}" for x in names for end in ends}
+    fixed -= {f"{x}.png" for x in names if (m := SAMPLE_NAME.fullmatch(x)) and m[1] in stems}
     real = folder.resolve()  # once: resolving each file made five file system calls
     for entry in os.scandir(folder):
         m = OLD_SAMPLE.fullmatch(entry.name)

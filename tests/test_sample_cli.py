@@ -469,6 +469,19 @@ def test_overwrite_removes_the_old_runs_files_of_its_images(tmp_path, toy_ckpt):
     assert same(out / "a_sample00001.png", tmp_path / "fresh" / "a_sample00001.png")
 
 
+def test_overwrite_in_one_shard_keeps_another_inputs_file_of_the_name(tmp_path, toy_ckpt):
+    """--overwrite deletes NAME.png of its images (an earlier --n 1 run's), and x_grid.png, the
+    NAME.png of an input x_grid, is also the --grid sheet of the input x: the shard of x_grid
+    deleted the sheet the shard of x had written, x incomplete without a word. Kept now."""
+    inp = folder(tmp_path / "in", x=image((8, 8), 1), x_grid=image((8, 8), 2))
+    argv = ["--ckpt", toy_ckpt, "--input", inp, "--n", 2, "--grid", "--out", tmp_path / "o"]
+    assert run(*argv, "--shard", "0/2") == 0  # x
+    assert run(*argv, "--shard", "1/2", "--overwrite") == 0  # x_grid
+    x = ["x_grid.png", "x_sample00000.png", "x_sample00001.png"]
+    assert pngs(tmp_path / "o") == sorted(x + ["x_grid_grid.png", "x_grid_sample00000.png",
+                                               "x_grid_sample00001.png"])  # fmt: skip
+
+
 def test_tiling_stochastic_is_exact(tmp_path, toy_ckpt):
     inp = folder(tmp_path / "in", a=image((45, 38), 4))  # odd sizes: padded to lr_multiple 4
     argv = ["--ckpt", toy_ckpt, "--input", inp, "--n", 3, "--batch", 2]
