@@ -267,7 +267,7 @@ def temperature_value(text: str) -> float:
         t = float("nan")
     if not (math.isfinite(t) and t >= 0):
         raise ArgumentTypeError(f"{text!r}: a temperature is a finite number >= 0")
-    return t
+    return t + 0.0  # -0 is 0: folder T0 (-0.0 made T-0, and 0 -0 one folder of two temperatures)
 
 
 def shard_value(text: str) -> str:

@@ -104,6 +104,8 @@ CASES = {  # id: (argv of the world, exit code, words the one line must hold)
     "missing --ckpt": (lambda w: ["--input", w["in"], "--out", w["dir"] / "out"], 2, "--ckpt"),
     "unknown flag": (lambda w: args(w, "--samples", "3"), 2, "--samples"),
     "latent steps not numbers": (lambda w: args(w, "--latent-steps", "a,b"), 2, "--latent-steps"),
+    "temperature 0 and -0": (lambda w: args(w, "--temperature", "0", "-0"), 2,
+                             "--temperature: 0 is given twice"),
     "sweep on a deterministic model": (
         lambda w: args(w, "--temperature", "0.5", "1", ckpt="edsr"), 2, "deterministic"),
     "control the model lacks": (lambda w: args(w, "--ref", "lr", ckpt="srflow"), 2, "--ref"),
