@@ -535,10 +535,14 @@ class FloatClipped(NodeWarning):
     picture differs from the one the file holds (0..255 reads as nearly white)."""
 
     def __init__(self, path, lo: float, hi: float):
-        super().__init__(
-            f"{path}: float pixels in [{lo:.4g}, {hi:.4g}], read as [0, 1] (clipped): the "
-            "image is not the one the file holds; save it as an 8- or 16-bit image, or as "
-            "floats scaled to [0, 1]"
+        super().__init__(str(path), lo, hi)  # (the text from args, as AlphaDropped's)
+        self.path, self.lo, self.hi = Path(path), lo, hi
+
+    def __str__(self) -> str:
+        return (
+            f"{self.path}: float pixels in [{self.lo:.4g}, {self.hi:.4g}], read as [0, 1] "
+            "(clipped): the image is not the one the file holds; save it as an 8- or 16-bit "
+            "image, or as floats scaled to [0, 1]"
         )
 
 

@@ -304,8 +304,10 @@ def test_a_float_image_outside_0_1_is_clipped_with_a_warning_naming_it(tmp_path)
     clipped = np.clip(img * 255, 0, 1)  # (nearly white)
     for read, want in ((read_image, np.round(clipped * 255)),
                        (lambda p: read_planes(p, wide=True).rgb, clipped)):  # fmt: skip
-        with pytest.warns(UserWarning, match=r"wide.tif: float pixels in \[0.\d+, 25\d.\d+\]"):
+        with pytest.warns(UserWarning, match=r"wide.tif: float pixels in \[0.\d+, 25\d.\d+\]") as w:
             assert np.array_equal(read(tmp_path / "wide.tif"), want)
+        (warning,) = [x.message for x in w]  # a copy (pickle rebuilds cls(*args)) says the same
+        assert str(pickle.loads(pickle.dumps(warning))) == str(warning)
     img[0, 0], img[0, 1] = 1 + 0.4 / 255, -0.4 / 255
     write_tiff(tmp_path / "unit.tif", img)
     with warnings.catch_warnings():
