@@ -1177,14 +1177,19 @@ class Outputs:
 
     def complete(self, folder: Path, name: str) -> bool:
         """Every file there as this script writes it: a regular file, not a symbolic link (one to
-        an input image passed for a sample, and the image was never sampled)."""
-        return all(is_regular_file(folder / f) for f in self.all(name))
+        an input image passed for a sample, and the image was never sampled), and not empty."""
+        return all(is_written_file(folder / f) for f in self.all(name))
 
 
-def is_regular_file(path: Path) -> bool:
-    """A regular file, the link itself not followed (one lstat, as is_file's one stat)."""
+def is_written_file(path: Path) -> bool:
+    """A regular file, the link itself not followed, of at least one byte (one lstat, as
+    is_file's one stat). The files are renamed into place whole but not fsync'd (an fsync per
+    sample would cost a network file system a round trip each): a node that crashes (power,
+    kernel) soon after can leave them empty, which a rerun took as complete, and sr_eval.py
+    then refused as unreadable."""
     try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
+        st = os.lstat(path)
+        return stat.S_ISREG(st.st_mode) and st.st_size > 0
     except OSError as e:  # the errors Path.is_file takes for "no"; others (EACCES) propagate
         if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP):
             return False

@@ -200,6 +200,11 @@ def test_rerun_skips_complete_images_and_refuses_other_settings(tmp_path, flow_c
     assert run(*base, "--tile", 32) == 0 and "2 already complete" in capsys.readouterr().out
     (tmp_path / "o" / "im 01_sample00001.png").unlink()
     assert run(*base) == 0 and "1 images sampled, 1 already complete" in capsys.readouterr().out
+    # emptied, as a node's crash can leave a file renamed into place but never flushed
+    whole = (tmp_path / "o" / "im 00_sample00000.png").read_bytes()
+    (tmp_path / "o" / "im 00_sample00000.png").write_bytes(b"")
+    assert run(*base) == 0 and "1 images sampled, 1 already complete" in capsys.readouterr().out
+    assert (tmp_path / "o" / "im 00_sample00000.png").read_bytes() == whole
     for flags, made in ((["--seed", 1], "--seed 0, not 1"), (["--n", 3], "n 2, not 3"),
                         (["--temperature", 0.5], "temperature 0.9, not 0.5"),
                         (["--tile", 16, "--tile-overlap", 8],  # (--tile 32: one tile, exact)
