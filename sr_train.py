@@ -406,6 +406,13 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         torch.manual_seed(args.seed * 100_003 + dd.rank)
     ema = start_model(args, model, optimizers, scaler, resumed, ckpt_path, dataset, steps, dd,
                       device, say)  # fmt: skip
+    # (after the resume's changed flags are said)
+    changed = validation_changes(args, resumed) if resumed and best > -math.inf else []
+    if changed and not no_validation(args):  # its record would stand against another measure
+        say(f"best.pt: the best PSNR so far ({best:.3f}) was validated with other "
+            f"{', '.join(changed)}; it is not compared with this run's, whose next validation "
+            "writes best.pt")  # fmt: skip
+        best = -math.inf
     forward = wrap(model, dd, device, args.compile)
     graph = StepGraph(model, device) if args.cuda_graphs else None
     stop["at_once"] = False  # from here on a signal stops the loop, which saves
@@ -770,6 +777,40 @@ def changed_flags(args: TrainArgs, resumed: dict) -> list[str]:
         if f.name not in (*LOCAL_FLAGS, "ema") and f.name in before
         and getattr(args, f.name) != before[f.name]
     ]  # fmt: skip
+
+
+def validation_changes(args: TrainArgs, resumed: dict) -> list[str]:
+    """The flags that make a resumed run's validation PSNR another measure than its checkpoint's
+    run had (other images, crops; a stochastic model's sample count, temperature, seeds), as
+    --flag names: the checkpoint's best PSNR (`best`) does not compare with its scores. (An
+    older checkpoint without its run flags: none.)"""
+    before = run_flags(resumed)
+    if not before:
+        return []
+    names = ["val_images", "val_crop"]
+    if MODELS[args.model].stochastic:
+        names += ["val_n", "val_temperature", "seed"]
+    changed = [n for n in names if n in before and getattr(args, n) != before[n]]
+    if not same_source(validation_source(before), validation_source(asdict(args))):
+        changed.insert(0, "val_data")
+    return [f"--{n.replace('_', '-')}" for n in changed]
+
+
+def validation_source(flags: dict) -> str:
+    """The validation images of a run with these run flags: --val-data, else demo's when
+    training on demo ("" for none)."""
+    return flags.get("val_data") or ("demo" if flags.get("data") == ["demo"] else "")
+
+
+def same_source(a: str, b: str) -> bool:
+    """Whether two validation sources are one folder (under any name: a requeued job's path
+    typed otherwise)."""
+    if a == b:
+        return True
+    try:
+        return "demo" not in (a, b) and "" not in (a, b) and os.path.samefile(a, b)
+    except OSError:  # one gone (moved): another folder, as far as can be told
+        return False
 
 
 def parse_recipe(args: TrainArgs, recipe: Recipe) -> Recipe:

@@ -245,6 +245,35 @@ def test_a_folder_with_best_pt_but_no_last_pt_is_resumed_never_restarted(tmp_pat
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 3
 
 
+def test_a_resume_validating_otherwise_does_not_keep_the_old_best_psnr(tmp_path, images, toy,
+                                                                      capsys):  # fmt: skip
+    """A resume given another --val-data (or --val-images...) kept the checkpoint's best PSNR,
+    measured on other images: the new set's lower scores never beat it, and best.pt stayed the
+    old step's for the rest of the run, while the run said best.pt holds the best PSNR. Now it
+    says so and the next validation writes best.pt; the same folder under another name (a
+    link) is the same validation."""
+    white = tmp_path / "white"  # (the toy's samples are dark: a white image scores lowest)
+    white.mkdir()
+    iio.imwrite(white / "w.png", np.full((32, 32, 3), 255, np.uint8))
+    flags = ["--model", "toy", "--val-every", "2", "--val-images", "1"]
+    assert run(tmp_path / "r", images, *flags, "--val-data", str(images), "--steps", "2") == 0
+    old = load_checkpoint(tmp_path / "r" / "best.pt")["best"]
+    (tmp_path / "link").symlink_to(images)
+    assert run(tmp_path / "r", images, *flags, "--val-data", str(tmp_path / "link"), "--steps",
+               "4", "--resume", "auto") == 0  # fmt: skip
+    assert "best.pt:" not in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "r" / "best.pt")["best"] >= old  # (one measure)
+    best = load_checkpoint(tmp_path / "r" / "best.pt")["best"]
+    assert run(tmp_path / "r", images, *flags, "--val-data", str(white), "--steps", "6",
+               "--resume", "auto") == 0  # fmt: skip
+    ck = load_checkpoint(tmp_path / "r" / "best.pt")
+    assert ck["step"] == 6 and ck["best"] < best  # scored lower: kept out of best.pt before
+    said = [x for x in capsys.readouterr().out.splitlines() if x.startswith("best.pt:")]
+    assert said == [f"best.pt: the best PSNR so far ({best:.3f}) was validated with other "
+                    "--val-data; it is not compared with this run's, whose next validation "
+                    "writes best.pt"]  # fmt: skip
+
+
 def test_a_broken_last_pt_beside_a_whole_best_pt_says_how_to_go_on(tmp_path, images, toy,
                                                                    capsys):  # fmt: skip
     """A last.pt truncated by a copy to another disk (saves here are atomic): its line says how to
