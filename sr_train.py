@@ -1168,10 +1168,12 @@ def validation_pairs(args: TrainArgs, dd, say, dataset: PatchPairs | None = None
         say(f"validation: none ({why}): no best.pt will be written; sample from last.pt")
     if why or not dd.main:
         return []
+    files = list_images(source)[: args.val_images or None] if source != "demo" else []
+    check_val_stems(source, files)
     pairs = load_pairs(source, args.scale, max_images=args.val_images or None, crop=args.val_crop)
     if dataset is not None and source != "demo":  # (the demo's two splits share no image)
         # --val-data given as --data (or inside it): best.pt would reward fitting the training set
-        seen = same_files(list_images(source)[: args.val_images or None], dataset.names)
+        seen = same_files(files, dataset.names)
         if seen:
             warnings.warn(
                 f"--val-data: {len(seen)} of {len(pairs)} validation images are training images "
@@ -1182,6 +1184,21 @@ def validation_pairs(args: TrainArgs, dd, say, dataset: PatchPairs | None = None
     say(f"validation: {len(pairs)} images of {source} every {args.val_every} steps; best.pt "
         "holds the best PSNR")  # fmt: skip
     return pairs
+
+
+def check_val_stems(source: str, files: list[Path]) -> None:
+    """The validation images' stems (relative paths without the extension, as `load_pairs`
+    names them) name their sample seeds and their strips in OUT/val/: two images of one stem
+    (cat.png and cat.jpg) drew the same noise, and the second's strip replaced the first's at
+    every validation, without a word. One line, exit 3, as sr_sample.py --input refuses them."""
+    first = {}
+    for f in (f.relative_to(source) for f in files):
+        stem = f.with_suffix("").as_posix()
+        if stem in first:
+            raise DataError(f"--val-data {source}: {first[stem]} and {f} share the stem "
+                            f"{stem!r}, which names their validation samples and strips; rename "
+                            "one")  # fmt: skip
+        first[stem] = f
 
 
 def training_model(args: TrainArgs, cfg: dict, named: set[str], recipe: Recipe, resumed, device,

@@ -271,6 +271,32 @@ def test_validation_images_that_are_training_images_are_warned_of(tmp_path, imag
     assert not [w for w in caught if "--val-data" in str(w.message)]
 
 
+def test_validation_images_of_one_stem_are_refused_at_start(tmp_path, images, capsys):
+    """cat.png and cat.jpg in --val-data: their samples drew the same noise (seeded by stem) and
+    the second's strip replaced the first's in OUT/val/ at every validation, without a word,
+    where the README promises a strip per image. One line now, exit 3, before any step; images
+    beyond --val-images are not looked at, and sub/cat.png is another stem."""
+    val = tmp_path / "val"
+    (val / "sub").mkdir(parents=True)
+    for name in ("cat.png", "cat.jpg", "sub/cat.png"):
+        iio.imwrite(val / name, np.full((32, 32, 3), 90, np.uint8))
+    base = [*TINY_EDSR, "--data", str(images), "--steps", "1", "--val-data", str(val)]
+    with pytest.raises(SystemExit) as e:
+        sr_train.main([*base, "--val-images", "0", "--out", str(tmp_path / "a")])
+    err = [x for x in capsys.readouterr().err.splitlines() if "warning: skipped" not in x]
+    assert e.value.code == 3 and err == [  # (the thumbnail's warning aside)
+        f"sr_train.py: error: --val-data {val}: cat.jpg and cat.png share the stem 'cat', which "
+        "names their validation samples and strips; rename one"
+    ]
+    assert not (tmp_path / "a" / "log.jsonl").read_text()  # no step taken
+    (val / "cat.jpg").rename(val / "zebra.jpg")  # beyond --val-images 2 below
+    (val / "zebra.png").write_bytes((val / "cat.png").read_bytes())
+    assert sr_train.main([*base, "--val-images", "2", "--out", str(tmp_path / "b")]) == 0
+    assert sorted(p.relative_to(tmp_path / "b" / "val").as_posix()
+                  for p in (tmp_path / "b" / "val").rglob("*.png")) == [
+        "step0000001_cat.png", "step0000001_sub/cat.png"]  # fmt: skip
+
+
 def help_text(argv, capsys) -> str:
     with pytest.raises(SystemExit) as e:
         sr_train.main([*argv, "-h"])
