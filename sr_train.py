@@ -768,8 +768,10 @@ def changed_flags(args: TrainArgs, resumed: dict) -> list[str]:
     `--flag value (was value)` (--ema: `ema_change` says what happens to the average)."""
     before = run_flags(resumed)
 
-    def shown(v):
-        return "unset" if v is None else " ".join(map(str, v)) if isinstance(v, list) else str(v)
+    def shown(v):  # (an empty text flag is unset too; an empty list, --milestones alone: none)
+        if isinstance(v, list):
+            return " ".join(map(str, v)) or "none"
+        return "unset" if v is None or v == "" else str(v)
 
     return [
         f"--{f.name.replace('_', '-')} {shown(getattr(args, f.name))} (was {shown(before[f.name])})"

@@ -213,6 +213,20 @@ def test_given_hr_folders_do_not_keep_the_runs_lr_folders():
     assert (args.data, args.lr_data, args.seed) == (["new_hr"], [], 5)
 
 
+def test_changed_flags_name_an_empty_value_as_unset_or_none():
+    """A resume given --val-data where the run had none said `--val-data DIR (was )`, and one
+    given --milestones alone `--milestones  (was 0.5)`: an empty text flag is unset, an empty
+    list none."""
+    argv = ["--data", "new_hr", "--val-data", "val", "--milestones", "--resume", "auto"]
+    args, _, given = sr_train.parse_all(argv)
+    resumed = {"train_args": {"data": ["old_hr"], "lr_data": ["old_lr"], "val_data": "",
+                              "milestones": [0.5]}}  # fmt: skip
+    sr_train.inherit_flags(args, given, resumed)
+    assert sr_train.changed_flags(args, resumed) == [
+        "--data new_hr (was old_hr)", "--lr-data none (was old_lr)", "--val-data val (was unset)",
+        "--milestones none (was 0.5)"]  # fmt: skip
+
+
 def test_resuming_a_finished_run_leaves_last_pt_byte_for_byte(tmp_path, images, toy):
     """A job rerun after it finished (a pipeline's `--resume auto`, demo.sh twice) trains
     nothing and rewrites nothing: samples made from last.pt still match its sha256."""
