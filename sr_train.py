@@ -396,8 +396,9 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     # would leave the others in a collective and their steps since the last save lost; it waits
     # for its batch and stops with the others after the step (a hang: LOADER_TIMEOUT).
     stopping = None if dd.on else (lambda: stop["signal"])
-    # Created before the RNG state is restored: making the iterator draws from the torch RNG.
-    # On CUDA: from pinned memory, copied without blocking, converted on the device.
+    # It draws from no global RNG (its workers' seed has its own generator), so the RNG states
+    # restored below are the run's as they were. On CUDA: from pinned memory, copied without
+    # blocking, converted on the device.
     loader = train_loader(dataset, start, steps, args.workers, device.type == "cuda", device,
                           stopping)  # fmt: skip
     with signals_held():  # a signal's Preempted waits until the workers have started
@@ -1876,7 +1877,7 @@ def roll_back(tripped: int, args, out: Path, steps: int, model, optimizers: dict
                 if path.is_file() else f"{before} with a lower --learning-rate{other}")  # fmt: skip
         raise NonFiniteError(f"{what}{' ' + why if why else ''}; stopped without saving; {held}")
     ck = read_checkpoint(path)
-    # As at a resume: the loader is made before the RNG states are restored (it draws from them).
+    # A loader from the checkpoint's step (it draws from no global RNG, as at a resume)
     loader = train_loader(dataset, ck["step"], steps, args.workers, device.type == "cuda", device,
                           stopping)  # fmt: skip
     batches = iter(loader)
