@@ -388,7 +388,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     # to run then.
     fp16 = args.amp == "fp16" and bool(optimizers)
     scaler = torch.amp.GradScaler(device.type) if fp16 else None
-    val_pairs = validation_pairs(args, dd, say, dataset)
+    val_pairs = validation_pairs(args, steps, dd, say, dataset)
     # Every rank takes part in saving best.pt (its RNG state is gathered): all must know when.
     val_every = args.val_every if distributed.agree(bool(val_pairs), dd, all_ranks=False) else 0
     # The run's stop request, read by the loader while it waits for a batch. Not with several
@@ -409,7 +409,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
                       device, say)  # fmt: skip
     # (after the resume's changed flags are said)
     changed = validation_changes(args, resumed) if resumed and best > -math.inf else []
-    if changed and not no_validation(args):  # its record would stand against another measure
+    if changed and not no_validation(args, steps):  # its record would stand against another measure
         say(f"best.pt: the best PSNR so far ({best:.3f}) was validated with other "
             f"{', '.join(changed)}; it is not compared with this run's, whose next validation "
             "writes best.pt")  # fmt: skip
@@ -692,7 +692,7 @@ def warn_unused_run(args: TrainArgs, given: set[str], recipe: Recipe, model_cls)
         unused |= dict.fromkeys(("milestones", "gamma"), why)
     elif not recipe.milestones:
         unused["gamma"] = "without --milestones (no decay)"
-    why = no_validation(args)
+    why = no_validation(args, recipe.steps)
     if why in ("no --val-data", "--val-every 0"):  # (--steps 0: a run that checks its setup)
         # (not the flag that turns it off, nor a --val-every 0 that asks for what happens)
         agree = {"val_data"} if why == "no --val-data" else set()
@@ -713,11 +713,16 @@ NO_PARAMETERS = ("learning_rate", "d_learning_rate", "milestones", "gamma", "gra
 VAL_FLAGS = ("val_data", "val_images", "val_crop", "val_n", "val_temperature", "val_every")
 
 
-def no_validation(args: TrainArgs) -> str | None:
-    """Why the run validates nothing (and so writes no best.pt); None where it validates."""
+def no_validation(args: TrainArgs, steps: int) -> str | None:
+    """Why the run validates nothing (and so writes no best.pt); None where it validates.
+    `steps`: the run's (its recipe's where --steps is unset: bicubic's are 0)."""
     if not (args.val_data or args.data == ["demo"]):
         return "no --val-data"
-    return "--val-every 0" if args.val_every <= 0 else "--steps 0" if args.steps == 0 else None
+    if args.val_every <= 0:
+        return "--val-every 0"
+    if steps == 0:
+        return "--steps 0" if args.steps == 0 else f"the {args.model} recipe has no steps"
+    return None
 
 
 # Flags of this invocation, not of the run: a resumed run does not take them from its checkpoint.
@@ -1161,12 +1166,13 @@ def check_same_data(dataset: PatchPairs | None, dd) -> None:
             )
 
 
-def validation_pairs(args: TrainArgs, dd, say, dataset: PatchPairs | None = None) -> list:
+def validation_pairs(args: TrainArgs, steps: int, dd, say,
+                     dataset: PatchPairs | None = None) -> list:  # fmt: skip
     """Held-out (stem, HR, LR) pairs on rank 0 (--val-data, or the demo's when training on it);
     says at start whether validation (and so best.pt) will happen, and warns where validation
     images are training images too."""
     source = args.val_data or ("demo" if args.data == ["demo"] else "")
-    why = no_validation(args)
+    why = no_validation(args, steps)
     if why:
         say(f"validation: none ({why}): no best.pt will be written; sample from last.pt")
     if why or not dd.main:

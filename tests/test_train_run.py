@@ -241,6 +241,16 @@ def test_start_says_what_was_found_and_whether_it_validates(tmp_path, images, ca
     assert (tmp_path / "c" / "best.pt").is_file()  # validated at the last step
 
 
+def test_a_recipe_of_no_steps_says_it_validates_nothing(tmp_path, capsys):
+    """bicubic's recipe trains 0 steps: its run on demo said "validation: 3 images of demo
+    every 1000 steps; best.pt holds the best PSNR" (and decoded them), then wrote no best.pt,
+    as --steps 0 says it will not."""
+    assert sr_train.main(["--model", "bicubic", "--out", str(tmp_path)]) == 0
+    assert "validation: none (the bicubic recipe has no steps): no best.pt will be written; " \
+        "sample from last.pt" in capsys.readouterr().out  # fmt: skip
+    assert not (tmp_path / "best.pt").exists()
+
+
 def test_validation_images_that_are_training_images_are_warned_of(tmp_path, images):
     """--val-data given the --data folder, or a folder with links to training images: best.pt
     was chosen on images the model trains on, without a word. One warning now says how many;
