@@ -222,7 +222,10 @@ class TrainArgs:
     )
     time_budget: float = field(
         default=0.0,
-        metadata=dict(help="stop cleanly (save, exit 0) after this many seconds (0 = no limit)"),
+        metadata=dict(
+            help="stop cleanly (save, exit 0) after this many seconds of training, "
+            "the start-up not counted (0 = no limit)"
+        ),
     )
     tensorboard: bool = field(
         default=False, metadata=dict(help="also write the log and validation strips to OUT/tb/")
