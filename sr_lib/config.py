@@ -22,8 +22,10 @@ from argparse_dataclass import ArgumentParser
 from sr_lib.errors import UsageError
 
 
-def _merge_repeated(cls, argv: list[str]) -> list[str]:
-    """Merge repeated occurrences of nargs='+' flags into one occurrence."""
+def _merge_repeated(cls, argv: list[str], flags: list[str] = ()) -> list[str]:
+    """Merge repeated occurrences of nargs='+' flags into one occurrence, also where one is
+    abbreviated as argparse takes it (`--data A --dat B`: the start of one flag of `flags`, the
+    parser's, alone); left apart, argparse kept the last occurrence only, dropping A silently."""
     list_flags = {
         "--" + f.name.replace("_", "-")
         for f in dataclasses.fields(cls)
@@ -33,7 +35,7 @@ def _merge_repeated(cls, argv: list[str]) -> list[str]:
     rest: list[str] = []
     current = None
     for a in argv:
-        flag = a.split("=", 1)[0]
+        flag = _spelled_out(a.split("=", 1)[0], flags)
         if flag in list_flags:
             current = flag
             merged.setdefault(flag, [])
@@ -49,6 +51,15 @@ def _merge_repeated(cls, argv: list[str]) -> list[str]:
     for flag, values in merged.items():
         out += [flag, *values]
     return out
+
+
+def _spelled_out(flag: str, flags: list[str]) -> str:
+    """The flag of `flags` that `flag` abbreviates as argparse reads it (the start of that one
+    flag alone, after "--"), else `flag` as it is."""
+    if flag in flags or not flag.startswith("--") or len(flag) <= 2:
+        return flag
+    starting = [f for f in flags if f.startswith(flag)]
+    return starting[0] if len(starting) == 1 else flag
 
 
 def _is_number(text: str) -> bool:
@@ -75,10 +86,15 @@ def parse(cls, argv: list[str] | None, prog: str, known: bool = False, add_help:
     parser = OneLineParser(cls, prog=prog, add_help=add_help)
     if add_help:
         show_defaults(parser, cls)
-    argv = _merge_repeated(cls, argv)
+    argv = _merge_repeated(cls, argv, option_strings(parser))
     if known:
         return parser.parse_known_args(argv)
     return parser.parse_args(argv)
+
+
+def option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    """Every flag `parser` takes (-h, --help included where it has them)."""
+    return [s for action in parser._actions for s in action.option_strings]
 
 
 def asks_json(cls, argv: list[str], prog: str) -> bool:
@@ -87,7 +103,7 @@ def asks_json(cls, argv: list[str], prog: str) -> bool:
     For a command line that cannot be parsed, whose error line is still followed by the --json
     line a pipeline reads."""
     parser = OneLineParser(cls, prog=prog)
-    flags = [s for action in parser._actions for s in action.option_strings]
+    flags = option_strings(parser)
     for a in argv:
         if a == "--":  # (the rest are values)
             break
@@ -122,7 +138,8 @@ def given_fields(cls, argv: list[str], prog: str) -> set[str]:
     parser = OneLineParser(cls, prog=prog, add_help=False)
     parser.set_defaults(**{a.dest: _UNSET for a in parser._actions})
     # argparse's own parse, not argparse-dataclass's (which builds the dataclass from the values)
-    namespace, _ = argparse.ArgumentParser.parse_known_args(parser, _merge_repeated(cls, argv))
+    argv = _merge_repeated(cls, argv, option_strings(parser))
+    namespace, _ = argparse.ArgumentParser.parse_known_args(parser, argv)
     return {k for k, v in vars(namespace).items() if v is not _UNSET}
 
 

@@ -25,6 +25,7 @@ import sr_lib.data
 import sr_train
 from sr_lib import config, models
 from sr_lib.checkpoint import load_checkpoint, save_checkpoint
+from sr_lib.errors import UsageError
 from sr_lib.models import load_model
 from sr_lib.models.base import ModelConfig, Recipe, SRModel
 
@@ -211,6 +212,19 @@ def test_given_hr_folders_do_not_keep_the_runs_lr_folders():
     resumed = {"train_args": {"data": ["old_hr"], "lr_data": ["old_lr"], "seed": 5}}
     sr_train.inherit_flags(args, given, resumed)
     assert (args.data, args.lr_data, args.seed) == (["new_hr"], [], 5)
+
+
+def test_a_list_flag_given_twice_keeps_both_also_abbreviated():
+    """`--data A --data B` trains on both; `--data A --dat B` (argparse takes `--dat` for
+    --data) trained on A alone, silently: argparse keeps a flag's last occurrence, and only the
+    spelled-out ones were merged. given_fields and sr_sample.py's and sr_eval.py's list flags
+    share the merge."""
+    argv = ["--dat=A", "--data", "B", "--lr-dat", "X", "--lr-data", "Y", "--milest", "0.5"]
+    args, _, given = sr_train.parse_all([*argv, "--milestones", "0.75"])
+    assert (args.data, args.lr_data, args.milestones) == (["A", "B"], ["X", "Y"], [0.5, 0.75])
+    assert {"data", "lr_data", "milestones"} <= given
+    with pytest.raises(UsageError, match="ambiguous option: --d could match"):
+        sr_train.parse_all(["--data", "A", "--d", "B"])  # (not one flag's start: argparse's)
 
 
 def test_changed_flags_name_an_empty_value_as_unset_or_none():
