@@ -580,7 +580,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
             f"step {step + 1}: {hung}; {last_save(dd, saved, out / 'last.pt', before)}"
         )
     return finish(stopped, step, steps, skipped, out, args, dd, say,
-                  run_log.lost if run_log else "", result)  # fmt: skip
+                  run_log.lost or run_log.unwritten if run_log else "", result)  # fmt: skip
 
 
 def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
@@ -1042,10 +1042,11 @@ class RunLog:
 
     A record that cannot be written (a full disk) is not written at all: the file is cut back
     to the end of the record before it. Then `lost` says why, later records are dropped, and
-    the run stops as on SIGTERM (`stop`, set by `train`): it saves last.pt, then exits 7."""
+    the run stops as on SIGTERM (`stop`, set by `train`): it saves last.pt, then exits 7. So
+    does a validation strip that cannot be written (`unwritten`: why; the log goes on)."""
 
     def __init__(self, out: Path, tensorboard: bool, start: int = 0):
-        self.tb, self.lost, self.stop = None, "", {}
+        self.tb, self.lost, self.unwritten, self.stop = None, "", "", {}
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -1086,6 +1087,12 @@ class RunLog:
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, record["step"])
             self.tb.flush()
+
+    def strip_unwritten(self, why: str) -> None:
+        """A validation strip that cannot be written (a full disk): the run stops as for a log
+        record, saving last.pt first (it ended at once, the steps since the last save lost)."""
+        self.unwritten = self.unwritten or why
+        self.stop["signal"] = self.lost or self.unwritten
 
     def image(self, tag: str, img: np.ndarray, step: int) -> None:
         """A uint8 (H, W, 3) image; TensorBoard only (log.jsonl has the PNG's name in OUT/val/)."""
@@ -1933,8 +1940,9 @@ def save(path: Path, step, skipped, best, model, optimizers: dict, scaler, dd, m
 def finish(stopped: str | None, step: int, steps: int, skipped: int, out: Path, args, dd, say,
            log_lost: str, result: Summary) -> int:  # fmt: skip
     """Leave the process group; the closing line and the exit code: 7 where rank 0 could not
-    write log.jsonl (`log_lost`: last.pt is saved), 75 after a signal (resume with --resume
-    auto; under SLURM the job is requeued after SIGUSR1/SIGTERM), else 0: also where
+    write log.jsonl or a validation strip (`log_lost`: why; last.pt is saved), 75 after a
+    signal (resume with --resume auto; under SLURM the job is requeued after SIGUSR1/SIGTERM),
+    else 0: also where
     --time-budget stopped the run before `steps` (its line says to continue with --resume auto).
     The closing line is rank 0's, also with --quiet (`say` is silent then), and with --json
     `result`'s JSON instead. (main() closes the progress bar and the log, also on an error.)"""
@@ -2095,7 +2103,15 @@ def validate(model, pairs, args, device, out: Path, step: int, run_log, progress
         strip = np.concatenate([lr_big, *srs, hr], 1)
         prefix = f"step{step:07d}_"
         name = fit_name(stem, len(prefix) + len(".png"), name_max(out))  # a long stem: cut
-        write_png(out / "val" / f"{prefix}{name}.png", strip)
+        path = out / "val" / f"{prefix}{name}.png"
+        if run_log is None or not run_log.unwritten:  # (after one failed, the others would too)
+            try:
+                write_png(path, strip)
+            except OutputError as e:  # a full disk: the scores still count; saved, then exit 7
+                if run_log is None:
+                    raise
+                why = getattr(e.__cause__, "strerror", None) or e.__cause__ or e
+                run_log.strip_unwritten(f"{path}: cannot write ({why})")
         if run_log is not None:
             run_log.image(f"val/{stem}", strip, step)
     if nan:  # to_uint8 makes NaN black: say so rather than score it silently

@@ -25,7 +25,7 @@ import sr_lib.data
 import sr_train
 from sr_lib import config, models
 from sr_lib.checkpoint import load_checkpoint, save_checkpoint
-from sr_lib.errors import UsageError
+from sr_lib.errors import OutputError, UsageError
 from sr_lib.models import load_model
 from sr_lib.models.base import ModelConfig, Recipe, SRModel
 
@@ -360,6 +360,41 @@ def test_nan_validation_samples_are_named_not_scored_silently(tmp_path, images, 
     assert validation_warnings(tmp_path, images, capsys, steps=2) == [
         "sr_train.py: warning: validation at step 2: 2 of 2 samples have NaN "
         "pixels (black in the strips, scored so)"]  # fmt: skip
+
+
+def test_a_validation_strip_not_written_saves_the_steps_done(tmp_path, images, toy, monkeypatch,
+                                                            capsys):  # fmt: skip
+    """A full disk when a validation strip is written (OUT/val/, the run's largest file but
+    its checkpoints): the run ended at once, with exit 7 and a line naming the PNG alone, the
+    steps since the last save lost (here: all of them, nothing saved yet). Now it stops as for
+    a log record it cannot write: the validation scored (log.jsonl, best.pt), last.pt saved,
+    one line naming the PNG and what holds the run, exit 7."""
+    real = sr_train.write_png
+
+    def full_disk(path, img):
+        if Path(path).parent.name == "val":
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError as e:
+                raise OutputError(f"{path}: cannot write ({e.strerror}); check the folder") from e
+        real(path, img)
+
+    monkeypatch.setattr(sr_train, "write_png", full_disk)
+    flags = ["--model", "toy", "--steps", "6", "--val-data", str(images), "--val-every", "3",
+             "--val-images", "2", "--save-every", "100"]  # fmt: skip
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, images, *flags)
+    err = [x for x in capsys.readouterr().err.splitlines() if "training images too" not in x]
+    strip = tmp_path / "val" / "step0000003_img0.png"
+    assert e.value.code == 7 and err == [
+        f"sr_train.py: error: {strip}: cannot write (No space left on device); stopped at step "
+        f"3, wrote {tmp_path / 'last.pt'}: free space, then continue with --resume auto"
+    ]
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 3
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == 3
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "val_psnr" in r] == [3]
 
 
 def validation_warnings(tmp_path, images, capsys, steps: int) -> list[str]:
