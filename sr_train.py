@@ -417,6 +417,10 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
             f"{', '.join(changed)}; it is not compared with this run's, whose next validation "
             "writes best.pt")  # fmt: skip
         best = -math.inf
+    if resumed:
+        moved = schedule_moved(args, recipe, resumed, start)
+        if moved:
+            say(moved)
     forward = wrap(model, dd, device, args.compile)
     graph = StepGraph(model, device) if args.cuda_graphs else None
     stop["at_once"] = False  # from here on a signal stops the loop, which saves
@@ -788,6 +792,34 @@ def changed_flags(args: TrainArgs, resumed: dict) -> list[str]:
         if f.name not in (*LOCAL_FLAGS, "ema") and f.name in before
         and getattr(args, f.name) != before[f.name]
     ]  # fmt: skip
+
+
+def schedule_moved(args: TrainArgs, recipe: Recipe, resumed: dict, start: int) -> str | None:
+    """What a resume with another --steps does to the learning rate: the milestones (and a
+    cosine) are fractions of --steps, so a longer run put the rate of its step `start` back up
+    (EDSR at step 250k of 300k, rate 5e-5 after one halving at 200k, resumed with --steps 400000:
+    1e-4 again until step 266,667), with no sign but "changed flags". None where the rate at
+    `start` is the one the checkpoint's run would have used."""
+    before, paper = run_flags(resumed), MODELS[args.model].recipe(args.scale)
+    was = before.get("steps") if before.get("steps") is not None else paper.steps
+    if was == recipe.steps or not recipe.steps or not was:
+        return None
+    # the checkpoint run's schedule: its length and milestones, this run's rates (a changed
+    # --learning-rate or --gamma is said by "changed flags", and meant)
+    milestones = before.get("milestones")
+    milestones = paper.milestones if milestones is None else tuple(milestones)
+    ran = replace(recipe, steps=was, milestones=milestones)
+    now, then = learning_rate_at(start, recipe), learning_rate_at(start, ran)
+    if math.isclose(now, then, rel_tol=1e-9):
+        return None
+    keep = ""
+    if recipe.schedule != "cosine" and ran.milestones:
+        same = " ".join(f"{m * was / recipe.steps:.6g}" for m in ran.milestones)
+        keep = f"; to keep the schedule of the first {was} steps, give --milestones {same}"
+    return (
+        f"--steps {recipe.steps} (was {was}): the learning rate at step {start} is "
+        f"{now:.4g}, not {then:.4g}, as the schedule is fractions of --steps{keep}"
+    )
 
 
 def validation_changes(args: TrainArgs, resumed: dict) -> list[str]:

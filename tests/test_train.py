@@ -207,6 +207,28 @@ def test_an_older_checkpoints_unset_flags_stay_unset(tmp_path, images, toy, caps
     assert load_checkpoint(tmp_path / "last.pt")["train_args"]["batch"] is None
 
 
+def test_a_resume_with_more_steps_says_where_the_learning_rate_moves(tmp_path, images, capsys):
+    """The milestones are fractions of --steps: a run halved at step 2 of 4, resumed at step 4
+    with --steps 10, trained at the undecayed rate again until step 5, and only "changed flags"
+    hinted at it. One line now gives the rate before and after and the --milestones that keep
+    the first run's schedule; with those, or with the same --steps, no line."""
+    first = ("--model edsr --n-feats 8 --n-blocks 1 --learning-rate 6e-4 --milestones 0.5 "
+             "--steps 4").split()  # fmt: skip
+    assert run(tmp_path / "a", images, *first) == 0
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    capsys.readouterr()
+    assert sr_train.main(["--resume", "auto", "--out", str(tmp_path / "a"), "--steps", "10"]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "learning rate at" in line]
+    assert said == ["--steps 10 (was 4): the learning rate at step 4 is 0.0006, not 0.0003, as "
+                    "the schedule is fractions of --steps; to keep the schedule of the first 4 "
+                    "steps, give --milestones 0.2"]  # fmt: skip
+    assert logged_rates(tmp_path / "a")[4] == 6e-4  # (what the line said)
+    assert sr_train.main(["--resume", "auto", "--out", str(tmp_path / "b"), "--steps", "10",
+                          "--milestones", "0.2"]) == 0  # fmt: skip
+    assert "learning rate at" not in capsys.readouterr().out
+    assert logged_rates(tmp_path / "b")[4] == 3e-4
+
+
 def test_given_hr_folders_do_not_keep_the_runs_lr_folders():
     args, _, given = sr_train.parse_all(["--data", "new_hr", "--resume", "auto"])
     resumed = {"train_args": {"data": ["old_hr"], "lr_data": ["old_lr"], "seed": 5}}
