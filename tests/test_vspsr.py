@@ -145,6 +145,19 @@ def test_stochastic_basis_ablation(scale, make_batch):
     assert not torch.allclose(s[:, 0], s[:, 1])
 
 
+def test_stochastic_basis_kl_is_the_released_codes_term(make_batch):
+    """Table 1 #3: the released code (zzhwfy/VSpSR, vspm.py) puts mean(μ_z² + σ_z² − log σ_z²)
+    on the atoms, 2·KL(N(μ_z, σ_z²) ‖ N(0, 1)) + 1, weighted by λ_ω as the ω term; the term was
+    KL itself, half the code's gradient on the basis."""
+    model = tiny(stochastic_basis=True, lambda_adv=0.0)
+    lr, hr = make_batch(4, b=2, h=5, w=6)
+    basis, _, _ = model.distributions(lr)
+    z_mu, z_logvar = basis.detach().double().chunk(2, dim=1)
+    want = (z_mu**2 + z_logvar.exp() - z_logvar).mean()
+    assert want > 0.5  # (not its half, (want - 1) / 2, which is near 0 for a fresh basis)
+    assert float(model(lr, hr)["kl_z"]) == pytest.approx(float(want), rel=1e-5)
+
+
 def test_other_ablations(make_batch):
     lr, hr = make_batch(4, b=1)
     det = tiny(stochastic_w=False).eval()  # Table 1 #1: a deterministic model

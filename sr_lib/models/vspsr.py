@@ -37,7 +37,6 @@ from sr_lib.models.losses import (
     on_device,
     patch_too_small,
     sparse_prior_kl,
-    standard_normal_kl,
 )
 from sr_lib.models.vgg import NO_VGG, VGG19_RELU, VGGFeatures
 from sr_lib.weights import load_strict
@@ -350,8 +349,9 @@ class VSpSR(SRModel):
         if c.stochastic_basis:
             z_mu, z_logvar = basis.chunk(2, dim=1)
             basis = z_mu + torch.exp(0.5 * z_logvar) * torch.randn_like(z_mu)
-            # [derived] N(0, I) prior on the atoms: the paper gives none for ablation #3.
-            kl_z = standard_normal_kl(z_mu, z_logvar).mean()
+            # N(0, I) prior on the atoms (ablation #3; the paper gives none), in the released
+            # code's form: μ_z² + σ_z² − log σ_z² = 2·KL + 1, averaged, weighted by λ_ω as ω's.
+            kl_z = (z_mu.square() + z_logvar.exp() - z_logvar).mean()
             parts["kl_z"] = kl_z.detach()
             kl = kl + kl_z
         sr = self.decode(self.synthesize(basis, w, lr.shape[0]), self.deterministic_part(lr))
