@@ -326,7 +326,7 @@ def test_help_shows_defaults_and_what_each_switch_does(capsys):
     assert "--no-cem-test samples without the CEM" in text
     assert "--no-stochastic-w ω = μ, not sampled" in text
     assert "--no-refine-m m without the small learned conv U" in text
-    assert "--n-basis N_BASIS atoms C (Table 1 #5: 64) (default: 256)" in text
+    assert "--n-basis N_BASIS atoms C (Table 1 #5: 64, widths 16) (default: 256)" in text
     text = help_text(["--model", "srflow"], capsys)
     assert "srflow model options (--scale 4 or 8)" in text
     assert "--no-unused-conv drop the released code's never-called conv f" in text

@@ -2,6 +2,8 @@
 in test_models.py."""
 
 import math
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +31,21 @@ def n_params(module):
 
 
 COUNTS = [(4, 4_417_910, 2_599_424), (8, 4_680_310, 2_861_824)]  # the released module
+
+
+# The released module at --n_basis 64 (Table 1 #5), counted: its branch widths are C/4 ... 2C.
+COUNTS_64 = [(4, 281_174), (8, 297_622)]
+
+
+@pytest.mark.parametrize("scale, total", COUNTS_64)
+def test_the_documented_64_atom_flags_build_the_released_64_atom_model(scale, total):
+    """docs/vspsr.md's Table 1 #5 row gave `--n-basis 64` alone: 3,261,686 parameters at ×4 (the
+    64/128/256/512 widths kept), where the released code's 64-atom model has 281,174."""
+    text = (Path(__file__).parents[1] / "docs" / "vspsr.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| #5 "))
+    flags = row.split("`")[1].split()
+    cfg = {**asdict(parse(VSpSRConfig, flags, "test")), "scale": scale, "lambda_adv": 0.0}
+    assert n_params(build_model("vspsr", cfg)) == total
 
 
 @pytest.mark.parametrize("scale, total, basis", COUNTS)

@@ -47,7 +47,7 @@ SPARSITY_THRESHOLD = 0.05  # |ω| below this counts as "near zero" in the logged
 
 @dataclass
 class VSpSRConfig(ModelConfig):
-    n_basis: int = field(default=256, metadata=dict(help="atoms C (Table 1 #5: 64)"))
+    n_basis: int = field(default=256, metadata=dict(help="atoms C (Table 1 #5: 64, widths 16)"))
     basis_channels: int = field(default=64, metadata=dict(help="basis blocks: c, 2c, 4c, 8c"))
     coef_channels: int = field(default=64, metadata=dict(help="coefficient convs: c, 2c, 4c, 8c"))
     upsample: str = field(
