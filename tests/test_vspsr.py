@@ -175,6 +175,24 @@ def test_stochastic_basis_kl_is_the_released_codes_term(make_batch):
     assert float(model(lr, hr)["kl_z"]) == pytest.approx(float(want), rel=1e-5)
 
 
+def test_deterministic_w_trains_without_the_sparse_prior_kl(make_batch):
+    """Table 1 #1 (--no-stochastic-w): the released code adds KL_w only with --variational_w; the
+    KL of a distribution ω is not drawn from was trained all the same (loss = MSE + λ_ω·3.7 on
+    the tiny model), its −log σ² pulling the unused log σ² half of the head."""
+    lr, hr = make_batch(4, b=2, h=5, w=6)
+    model = tiny(stochastic_w=False, lambda_adv=0.0)
+    out = model(lr, hr)
+    assert "kl" not in out and torch.equal(out["loss"], F.mse_loss(out["sr"], hr))
+    (grad,) = torch.autograd.grad(out["loss"], model.coef.head.weight)
+    n = model.cfg.n_basis
+    assert grad[:n].abs().sum() > 0 and torch.count_nonzero(grad[n:]) == 0  # μ | log σ²
+    assert {"alpha", "beta", "lambda_w"} <= set(model.unused_flags(model.cfg))  # sr_train warns
+    both = tiny(stochastic_w=False, stochastic_basis=True, lambda_adv=0.0)
+    assert "lambda_w" not in both.unused_flags(both.cfg)  # it weights the basis prior
+    out = both(lr, hr)
+    assert torch.equal(out["kl"], out["kl_z"])  # the basis prior alone
+
+
 def test_other_ablations(make_batch):
     lr, hr = make_batch(4, b=1)
     det = tiny(stochastic_w=False).eval()  # Table 1 #1: a deterministic model

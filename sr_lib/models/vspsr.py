@@ -233,8 +233,12 @@ class VSpSR(SRModel):
 
     @classmethod
     def unused_flags(cls, cfg: VSpSRConfig) -> dict[str, str]:
-        """The discriminator's and the perceptual loss's flags when their weight is 0."""
+        """The ω prior's flags without a sampled ω, the discriminator's and the perceptual loss's
+        when their weight is 0."""
         unused = {}
+        if not cfg.stochastic_w:  # no ω term; λ_ω still weights the basis term of #3
+            no_kl = ("alpha", "beta") + (() if cfg.stochastic_basis else ("lambda_w",))
+            unused |= dict.fromkeys(no_kl, "with --no-stochastic-w (ω = μ: no KL term for ω)")
         if cfg.lambda_adv == 0:
             unused["d_channels"] = "with --lambda-adv 0 (no discriminator)"
         if cfg.lambda_per == 0:
@@ -344,8 +348,10 @@ class VSpSR(SRModel):
         basis, mu, logvar = self.distributions(lr)
         std = torch.exp(0.5 * logvar)
         w = mu + std * torch.randn_like(mu) if c.stochastic_w else mu  # sampled in training too
-        kl = sparse_prior_kl(mu, logvar, c.alpha, c.beta).mean()  # a mean where Eq. 5 sums
-        parts = {}
+        # The KL terms, weighted together by λ_ω. ω = μ (Table 1 #1) has no distribution to
+        # restrict: no ω term then, as the code adds KL_w only with --variational_w.
+        kls = [sparse_prior_kl(mu, logvar, c.alpha, c.beta).mean()] if c.stochastic_w else []
+        parts = {}  # (the ω term: a mean where Eq. 5 sums)
         if c.stochastic_basis:
             z_mu, z_logvar = basis.chunk(2, dim=1)
             basis = z_mu + torch.exp(0.5 * z_logvar) * torch.randn_like(z_mu)
@@ -353,12 +359,16 @@ class VSpSR(SRModel):
             # code's form: μ_z² + σ_z² − log σ_z² = 2·KL + 1, averaged, weighted by λ_ω as ω's.
             kl_z = (z_mu.square() + z_logvar.exp() - z_logvar).mean()
             parts["kl_z"] = kl_z.detach()
-            kl = kl + kl_z
+            kls.append(kl_z)
         sr = self.decode(self.synthesize(basis, w, lr.shape[0]), self.deterministic_part(lr))
         if c.cem_train:
             sr = cem(sr, lr, self.scale)
         mse = F.mse_loss(sr, hr)  # Eq. 4 with 1/(2σ₀²) absorbed into the λs
-        loss = mse + c.lambda_w * kl
+        loss = mse
+        if kls:
+            kl = kls[0] if len(kls) == 1 else kls[0] + kls[1]
+            loss = loss + c.lambda_w * kl
+            parts = {"kl": kl.detach(), **parts}
         if self.discriminator is not None:
             score = frozen_call(self.discriminator, sr)
             # ones of the score's dtype: torch 2.6's backward refuses a float32 target in float64
@@ -372,7 +382,7 @@ class VSpSR(SRModel):
         sigma = std.detach() if c.stochastic_w else torch.zeros_like(mu)  # ω = μ: σ unused
         sparsity = coefficient_sparsity(mu.detach(), sigma)
         return {
-            "loss": loss, "mse": mse.detach(), "kl": kl.detach(), **parts,
+            "loss": loss, "mse": mse.detach(), **parts,
             "sparsity": sparsity, "sr": sr,
         }  # fmt: skip
 
