@@ -26,8 +26,9 @@ or {S}.png. The layout is detected per SR folder; an ntire_index.json there (sr_
 --layout ntire) must name the HR image of every index. Images are listed as by every script
 (sr_lib.data.list_images, not recursive). LR files (--lr): {S}.png or {S}x{scale}.png. Sizes are
 checked: an SR is at most HR-sized (HR rounded up to a multiple of --scale), an LR is HR/scale
-(rounded down or up), and the crops are large enough for LPIPS and SSIM; for every image from its
-files' headers before any is scored (check_headers), and again once decoded. A folder's
+(rounded down or up), a sigma map (--uncertainty) float (3, H, W) of its samples' size, and the
+crops are large enough for LPIPS and SSIM; for every image from its files' headers before any is
+scored (check_headers), and again once decoded. A folder's
 manifest.json (sr_sample.py) must record --scale and at least
 N samples per image (files beyond its n are an earlier run's, left by --overwrite).
 
@@ -757,7 +758,7 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     if args.report:
         check_not_in_report(args, hr, methods, lr_files, sigma_files)
         check_no_stray_parts(Path(args.report))
-    check_headers(args, shave, hr, methods, lr_files)
+    check_headers(args, shave, hr, methods, lr_files, sigma_files)
     if args.report:
         report.check_matplotlib()
     report_dir = check_out_dir(args.report, "--report") if args.report else None
@@ -1229,6 +1230,29 @@ def sigma_maps(folder: str, stems: list[str], scale: int, ntire: bool) -> list[P
     return files
 
 
+def read_sigma(path: Path, size: tuple[int, int] | None, header: bool = False) -> np.ndarray:
+    """The sigma map `path` (--uncertainty) as sr_sample.py --save-uncertainty writes it: a float
+    (3, H, W) array (or (H, W, 3)) of the size (H, W) of the samples it is of (`size`: the first
+    sample of the first --sr folder, the mu it is scored with; None: unknown, not checked).
+    `header`: memory-mapped, the data not read (check_headers). A file that is no such array (cut
+    short, another array, another image's map or an LR-sized one) is a DataError naming it: its
+    PLL would be a traceback, or numbers of the top-left corner the two share."""
+    redo = "rerun the sr_sample.py --save-uncertainty command that made it"
+    try:
+        sigma = np.load(path, mmap_mode="r" if header else None)  # (no pickles: allow_pickle)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"--uncertainty: {path}: not a readable .npy array ({e}); {redo}") from None
+    shape = sigma.shape
+    chw = len(shape) == 3 and shape[0] == 3 and shape[-1] != 3  # as metrics.pll reads it
+    hw = shape[1:] if chw else shape[:2] if len(shape) == 3 and shape[-1] == 3 else None
+    if sigma.dtype.kind != "f" or hw is None or (size is not None and tuple(hw) != tuple(size)):
+        want = "(3, H, W)" if size is None else f"(3, {size[0]}, {size[1]})"
+        of = "" if size is None else ", the size of the samples it is of"
+        raise DataError(f"--uncertainty: {path}: a {sigma.dtype} array of shape {shape}, not a "
+                        f"float sigma map {want}{of}; {redo}")  # fmt: skip
+    return sigma
+
+
 def load_lpips(weights: str | None, device, batch: int, read: tuple | None = None):
     """The official LPIPS model (ImageNet AlexNet trunk + the v0.1 heads of the lpips package),
     or that of --lpips-weights `weights` (`read`: its state_dict and sha256, as check_flags read
@@ -1270,15 +1294,19 @@ def check_sizes(gt, lr, samples, names, gt_name: str, lr_name: str | None, scale
         )
 
 
-def check_headers(args: EvalArgs, shave: int, hr: dict[str, Path], methods, lr_files) -> None:
+def check_headers(args: EvalArgs, shave: int, hr: dict[str, Path], methods, lr_files,
+                  sigma_files=None) -> None:  # fmt: skip
     """Every size check of the scoring (check_sizes, then evaluate_image's), for every image from
     its files' headers (sr_lib.data.image_size: nothing decoded; 0.3 to 1.1 s for 100 PNGs of
     2040x1352 with 10 samples each), before the LPIPS model is loaded: a wrong size in the last
     image stops the run at its start with the error its scoring would give, not after every image
     before it was scored (30 s each on a CPU). An image with a file whose header cannot tell its
-    size is left to the scoring, which checks every image again on the decoded pixels."""
+    size is left to the scoring, which checks every image again on the decoded pixels. The
+    sigma maps (--uncertainty) too, from their .npy headers (`read_sigma`)."""
     lpips = not args.no_lpips
     for k, gt_file in enumerate(hr.values()):
+        if sigma_files:
+            read_sigma(sigma_files[k], image_size(methods[0].files[k][0]), header=True)
         lr_file = lr_files[k] if lr_files else None
         gt, lr = image_size(gt_file), lr_file and image_size(lr_file)
         if gt is None or (lr_file and lr is None):
@@ -1354,7 +1382,7 @@ def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_file
                 )
                 rows[m.name].append({"image": stem, **{c: row[c] for c in columns}})
                 if sigma_files and m is methods[0]:
-                    sigma = np.load(sigma_files[k])
+                    sigma = read_sigma(sigma_files[k], imgs[0].shape[:2])
                     gt_s = mod_crop(gt, opts["scale"])
                     rows[m.name][-1]["PLL"] = metrics.pll(gt_s, imgs[0], sigma)
                     rows[m.name][-1]["PSNR_sigma"] = metrics.sigma_psnr(gt_s, imgs[0], sigma)

@@ -427,6 +427,40 @@ def test_uncertainty_maps_of_the_ntire_layout(tmp_path, capsys):
     assert "--save-uncertainty" not in err
 
 
+def test_a_sigma_map_that_is_not_the_samples_is_one_line(tmp_path, capsys):
+    """--uncertainty with a map cut short (a full disk), of an LR's size or 2-D: one line naming
+    the file, exit 3, before any image is scored. Before, the first ended in a traceback and the
+    LR-sized one was scored on the top-left corner the two share, exit 0."""
+    hr_dir, _, sr_dir = make_set(tmp_path, layout="index1", n=1)
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    good = np.full((3, 48, 64), 0.1, np.float32)
+    np.save(maps / "0801_sigma.npy", good)
+    args = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 1, "--no-lpips"]
+    args += ["--uncertainty", maps, "--out", tmp_path / "out.json"]
+    bad = maps / "0802_sigma.npy"
+    np.save(bad, np.full((3, 53, 70), 0.1, np.float32))
+    whole = bad.read_bytes()
+    for what, write in [
+        ("cut short", lambda: bad.write_bytes(whole[:-100])),
+        ("(3, 13, 17)", lambda: np.save(bad, np.full((3, 13, 17), 0.1, np.float32))),
+        ("(53, 70)", lambda: np.save(bad, np.full((53, 70), 0.1, np.float32))),
+    ]:
+        write()
+        code, err = fails(capsys, *args)
+        assert code == 3 and err.count("\n") == 1, (what, err)
+        assert str(bad) in err, (what, err)
+        assert ("not a readable" in err) == (what == "cut short"), (what, err)
+        assert ("(3, 53, 70)" in err) == (what != "cut short"), (what, err)
+        assert not (tmp_path / "out.json.partial").exists()  # (refused before the first image)
+    # the scoring reads the data again: a file cut short since the check is the same line
+    bad.write_bytes(whole[:-100])
+    with pytest.raises(sr_eval.DataError, match="not a readable .npy array"):
+        sr_eval.read_sigma(bad, (53, 70))
+    bad.write_bytes(whole)
+    assert run(capsys, *args)[0] == 0
+
+
 def test_n_above_the_manifests_n_is_refused_in_every_sweep_folder(tmp_path, capsys):
     """A sweep folder sampled with --n 3, then its T1 again with --n 2 --overwrite, still holds
     T1's stale samples 2: --n 3 is refused naming T1's manifest.json (it scored the mix); --n 2
