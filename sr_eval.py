@@ -20,17 +20,17 @@ SSIM_mean (GT cropped to a multiple of --scale and to the SR size, --shave px of
 --color rgb|y) and, with --lr, LRPSNR_vs_input_mean follow.
 
 SR file names, per HR image k (0-based in the one image order of the toolkit,
-sr_lib.data.image_order: by stem) with stem S and sample i:
-{k:06d}_sample{i:05d}.png (the challenge's) or {S}_sample{i:05d}.png; with --n 1 also {k:06d}.png
-or {S}.png. The layout is detected per SR folder; an ntire_index.json there (sr_sample.py
---layout ntire) must name the HR image of every index. Images are listed as by every script
-(sr_lib.data.list_images, not recursive). LR files (--lr): {S}.png or {S}x{scale}.png. Sizes are
-checked: an SR is at most HR-sized (HR rounded up to a multiple of --scale), an LR is HR/scale
-(rounded down or up), a sigma map (--uncertainty) float (3, H, W) of its samples' size, and the
-crops are large enough for LPIPS and SSIM; for every image from its files' headers before any is
-scored (check_headers), and again once decoded. A folder's
-manifest.json (sr_sample.py) must record --scale and at least
-N samples per image (files beyond its n are an earlier run's, left by --overwrite).
+sr_lib.data.image_order: by stem) with stem S and sample i: {k:06d}_sample{i:05d}.png (the
+challenge's) or {S}_sample{i:05d}.png; with --n 1 also {k:06d}.png or {S}.png; S may carry DIV2K's
+LR suffix x{scale} (0801x4_sample00000.png: sr_sample.py run on DIV2K_valid_LR_bicubic/X4). The
+layout is detected per SR folder; an ntire_index.json there (sr_sample.py --layout ntire) must name
+the HR image of every index. Images are listed as by every script (sr_lib.data.list_images, not
+recursive). LR files (--lr): {S}.png or {S}x{scale}.png. Sizes are checked: an SR is at most
+HR-sized (HR rounded up to a multiple of --scale), an LR is HR/scale (rounded down or up), a sigma
+map (--uncertainty) float (3, H, W) of its samples' size, and the crops are large enough for LPIPS
+and SSIM; for every image from its files' headers before any is scored (check_headers), and again
+once decoded. A folder's manifest.json (sr_sample.py) must record --scale and at least N samples
+per image (files beyond its n are an earlier run's, left by --overwrite).
 
 --out JSON: {"settings": {...}, "mean": {col: v}, "per_image": [{"image": S, col: v, ...}]} for one
 --sr folder ("settings" has its n, temperature, model and checkpoint_sha256); with several:
@@ -359,8 +359,11 @@ def find_samples(sr_dir: Path, stems: list[str], n: int, scale: int) -> list[lis
     """Per HR image the N sample files, detecting the naming layout (see the module docstring);
     an ntire_index.json in the folder is checked against the HR order."""
     have = images_by_stem(sr_dir)
-    layouts = [lambda k, s, i: f"{k:06d}_sample{i:05d}", lambda k, s, i: f"{s}_sample{i:05d}"]
-    single = [lambda k, s, i: f"{k:06d}", lambda k, s, i: s]  # one output per image
+    # NAME: the index k (--layout ntire), the stem S, or S with DIV2K's LR suffix x{scale}, as
+    # sr_sample.py names the samples of DIV2K_valid_LR_bicubic/X4/0801x4.png (0801x4_sample00000)
+    prefixes = [lambda k, s: f"{k:06d}", lambda k, s: s, lambda k, s: f"{s}x{scale}"]
+    layouts = [lambda k, s, i, f=f: f"{f(k, s)}_sample{i:05d}" for f in prefixes]
+    single = [lambda k, s, i, f=f: f(k, s) for f in prefixes]  # one output per image
     layouts += single if n == 1 else []
 
     def found(names):
@@ -380,7 +383,7 @@ def find_samples(sr_dir: Path, stems: list[str], n: int, scale: int) -> list[lis
         raise DataError(
             f"{sr_dir}: no SR sample for the first HR image {stems[0]} (expected {tried})"
         )
-    if best in (0, 2):
+    if best in (0, len(prefixes)):  # (the index layouts)
         check_index(sr_dir, stems, scale)
     made = number(manifest.get("scale"))
     if made is not None and made != scale:  # without --lr, nothing else would notice
@@ -1204,14 +1207,15 @@ def lr_inputs(lr: str, stems: list[str], scale: int) -> list[Path]:
 
 def sigma_maps(folder: str, stems: list[str], scale: int, ntire: bool) -> list[Path]:
     """Per HR image its sigma map in --uncertainty (sr_sample.py --save-uncertainty), named as
-    the samples: {k:06d}_sigma.npy (--layout ntire; its ntire_index.json is checked) or
-    {stem}_sigma.npy."""
+    the samples: {k:06d}_sigma.npy (--layout ntire; its ntire_index.json is checked),
+    {stem}_sigma.npy or {stem}x{scale}_sigma.npy."""
     if ntire:
         raise UsageError("--ntire reports only the official columns; drop --uncertainty")
     sigma_dir = Path(folder)
     if not sigma_dir.is_dir():
         raise DataError(f"--uncertainty {folder}: no such folder")
     layouts = [lambda k, s: f"{k:06d}_sigma.npy", lambda k, s: f"{s}_sigma.npy"]
+    layouts.append(lambda k, s: f"{s}x{scale}_sigma.npy")  # (as the samples: find_samples)
     best = best_layout([lambda k, s, f=f: (sigma_dir / f(k, s)).is_file() for f in layouts], stems)
     if best is None:
         tried = " or ".join(f(0, stems[0]) for f in layouts)

@@ -427,6 +427,30 @@ def test_uncertainty_maps_of_the_ntire_layout(tmp_path, capsys):
     assert "--save-uncertainty" not in err
 
 
+def test_samples_named_by_the_div2k_lr_file(tmp_path, capsys):
+    """sr_sample.py on DIV2K's LR folder (0801x4.png) names its samples 0801x4_sample00000.png
+    (0801x4.png at --n 1): scored against the HR 0801.png, as the same files named 0801_...
+    Before, "no SR sample for the first HR image 0801", exit 3: every file had to be renamed."""
+    hr_dir, _, sr_dir = make_set(tmp_path, layout="stem")
+    lr_named, single = tmp_path / "lr_named", tmp_path / "single"
+    for d in (lr_named, single):
+        d.mkdir()
+    for f in sr_dir.iterdir():
+        stem, _, rest = f.name.partition("_")
+        shutil.copyfile(f, lr_named / f"{stem}x{SCALE}_{rest}")
+        if rest == "sample00000.png":
+            shutil.copyfile(f, single / f"{stem}x{SCALE}.png")
+    args = ["--hr", hr_dir, "--scale", SCALE, "--no-lpips", "--ntire", "--csv", "-"]
+    rows = {}
+    for name, folder, n in (("stem", sr_dir, N), ("x4", lr_named, N), ("one", single, 1)):
+        code, out = run(capsys, *args, "--sr", f"m={folder}", "--n", n)
+        assert code == 0, out.err
+        rows[name] = out.out
+    assert rows["x4"] == rows["stem"] and "m,,3,0802," in rows["x4"]
+    code, out = run(capsys, *args, "--sr", f"m={sr_dir}:1", "--n", N)
+    assert code == 0 and rows["one"] == out.out and "m,,1,0802," in out.out
+
+
 def test_a_sigma_map_that_is_not_the_samples_is_one_line(tmp_path, capsys):
     """--uncertainty with a map cut short (a full disk), of an LR's size or 2-D: one line naming
     the file, exit 3, before any image is scored. Before, the first ended in a traceback and the
