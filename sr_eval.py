@@ -328,8 +328,10 @@ def sweep_folders(folder: Path) -> list[tuple[float, Path]]:
 
 
 def expand_methods(specs: list[str], n: int) -> list[Method]:
-    """The table's rows: one per --sr folder, one per temperature of a sweep folder."""
-    methods: list[Method] = []
+    """The table's rows: one per --sr folder, one per temperature of a sweep folder. A row named
+    by NAME=DIR keeps its name wherever its --sr comes; one named after its folder that another
+    row has gets _1, _2, ... (the order of the --sr flags changes no name a user gave)."""
+    rows: list[tuple[str, Path, int, float | None, bool]] = []  # (name, folder, N, T, NAME=)
     explicit: set[str] = set()
     for spec in specs:
         name, folder, count = parse_sr(spec, n)
@@ -341,17 +343,22 @@ def expand_methods(specs: list[str], n: int) -> list[Method]:
             raise UsageError(f"--sr: two folders are named {name!r}; give each its own NAME=DIR")
         explicit |= {name} if name else set()
         sweep = sweep_folders(folder)
-        rows = [(f"{base}@T{t:g}", sub, t) for t, sub in sweep]
+        found = [(f"{base}@T{t:g}", sub, t) for t, sub in sweep]
         if not sweep or images_by_stem(folder):
-            rows.insert(0, (base, folder, manifest_temperature(folder)))
-        for row_name, row_dir, t in rows:
-            taken = {m.name for m in methods}
-            if row_name in taken:
-                if name:
-                    raise UsageError(f"--sr: the method name {row_name!r} is given twice")
-                row_name = next(f"{row_name}_{i}" for i in range(1, len(taken) + 2)
-                                if f"{row_name}_{i}" not in taken)  # fmt: skip
-            methods.append(Method(row_name, row_dir, count, t, made_by=manifest_made_by(row_dir)))
+            found.insert(0, (base, folder, manifest_temperature(folder)))
+        rows += [(row_name, row_dir, count, t, bool(name)) for row_name, row_dir, t in found]
+    taken: set[str] = set()
+    for row_name, *_, named in rows:
+        if named and row_name in taken:
+            raise UsageError(f"--sr: the method name {row_name!r} is given twice")
+        taken |= {row_name} if named else set()
+    methods: list[Method] = []
+    for row_name, row_dir, count, t, named in rows:
+        if not named and row_name in taken:
+            row_name = next(f"{row_name}_{i}" for i in itertools.count(1)
+                            if f"{row_name}_{i}" not in taken)  # fmt: skip
+        taken.add(row_name)
+        methods.append(Method(row_name, row_dir, count, t, made_by=manifest_made_by(row_dir)))
     return methods
 
 

@@ -528,6 +528,22 @@ def test_a_sweep_folder_with_a_top_level_run_and_auto_names(tmp_path, capsys):
     assert res["bicubic"]["n"] == 1 and res["sweep_1"]["n"] == 2
 
 
+def test_a_name_given_keeps_it_whatever_the_order_of_the_sr_flags(tmp_path):
+    """--sr a/sr --sr sr=b/sr: the folder named after itself becomes sr_1, as in the other
+    order. Before, this order was refused ("the method name 'sr' is given twice"), where the
+    user gave it once; two folders given one NAME are still refused."""
+    a, b = tmp_path / "a" / "sr", tmp_path / "b" / "sr"
+    for d in (a, b, b / "T1"):  # (b: a sweep, whose row sr@T1 is NAME's too)
+        d.mkdir(parents=True)
+    names = lambda *specs: [m.name for m in sr_eval.expand_methods(list(specs), 2)]  # noqa: E731
+    assert names(str(a), f"sr={b / 'T1'}") == ["sr_1", "sr"]
+    assert names(f"sr={b / 'T1'}", str(a)) == ["sr", "sr_1"]
+    assert names(str(a), str(a), f"sr_1={b / 'T1'}") == ["sr", "sr_2", "sr_1"]
+    assert names(str(b), f"sr@T1={a}") == ["sr@T1_1", "sr@T1"]  # (b's row, named after it)
+    with pytest.raises(sr_eval.UsageError, match="'sr@T1' is given twice"):
+        sr_eval.expand_methods([f"sr@T1={a}", f"sr={b}"], 2)
+
+
 def test_the_table_meets_a_closed_pipe_as_an_error_not_an_exit():
     """rich's own write turns a BrokenPipeError into SystemExit(1), silently: `sr_eval.py ... |
     head` ending at the table gave exit 1 and lost the warning (and exit 7) that a closed stdout
