@@ -1356,6 +1356,20 @@ def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_file
     }
     sheets = []
     first = 0 if report_dir else len(done)  # the first image decoded
+    said: set[Path] = set()  # the folders whose larger SRs were warned of
+
+    def once_per_folder(folder: Path):
+        """evaluate_image's warning (an SR larger than its ground truth, cropped) once per --sr
+        folder: SRs of LRs rounded up (scale x ceil(H / scale) rows, MATLAB's imresize of a whole
+        HR) can be so in every image, a line each at N = 10 for 100 images: 1,000 lines."""
+
+        def warn_once(message: str) -> None:
+            if folder not in said:
+                said.add(folder)
+                opts["warn"](f"{message}; so is any other SR in {folder} larger than its ground "
+                             "truth (this warning once per folder)")  # fmt: skip
+
+        return warn_once
 
     def sheet(k, stem, gt, lr, samples):
         named = [(m.name, m.files[k], samples[m.name]) for m in methods]
@@ -1389,8 +1403,9 @@ def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_file
                     gt.shape, lr_shape, shapes, names, str(hr[stem]), lr_name, opts["scale"]
                 )
                 row = metrics.evaluate_image(
-                    gt, imgs, lr=lr, names=names, gt_name=str(hr[stem]), **opts
-                )
+                    gt, imgs, lr=lr, names=names, gt_name=str(hr[stem]),
+                    **{**opts, "warn": once_per_folder(m.sr_dir)},
+                )  # fmt: skip
                 rows[m.name].append({"image": stem, **{c: row[c] for c in columns}})
                 if sigma_files and m is methods[0]:
                     sigma = read_sigma(sigma_files[k], imgs[0].shape[:2])

@@ -719,11 +719,17 @@ def evaluate_image(
     check_image_sizes(gt.shape[:2], sizes, scale, lpips, ntire, shave, names, gt_name)
     mod = official_mod(scale)
     h8, w8 = gt.shape[0] // mod * mod, gt.shape[1] // mod * mod
+    shave = scale if shave is None else shave  # (big enough: check_image_sizes)
+    hs = min([gt.shape[0] // scale * scale] + [img.shape[0] for img in samples])
+    ws = min([gt.shape[1] // scale * scale] + [img.shape[1] for img in samples])
+    scored = f"only its top-left {w8}x{h8} is scored" if ntire else (
+        f"only its top-left is scored: {w8}x{h8} for the official columns, {ws}x{hs} less a "
+        f"{shave} px border for PSNR and SSIM")  # fmt: skip
     for img, name in zip(samples, names):
         if img.shape[0] > h8 + mod - 1 or img.shape[1] > w8 + mod - 1:
             warn(
                 f"{name}: SR {img.shape[1]}x{img.shape[0]} is larger than the ground truth "
-                f"{gt.shape[1]}x{gt.shape[0]}; only its top-left {w8}x{h8} is evaluated"
+                f"{gt.shape[1]}x{gt.shape[0]}; {scored}"
             )
 
     gt8 = gt[:h8, :w8]
@@ -750,10 +756,6 @@ def evaluate_image(
         row["LPIPS_mean"], row["score"] = acc.lpips_mean, acc.score
     if ntire:
         return row
-
-    shave = scale if shave is None else shave  # (big enough: check_image_sizes)
-    hs = min([gt.shape[0] // scale * scale] + [img.shape[0] for img in samples])
-    ws = min([gt.shape[1] // scale * scale] + [img.shape[1] for img in samples])
 
     def prep(img: ARRAY) -> ARRAY:
         img = shave_border(img[:hs, :ws], shave)

@@ -517,6 +517,22 @@ def test_sr_larger_than_its_hr_is_an_error_and_ceil_rounding_a_warning(tmp_path,
     assert code == 3 and err.count("\n") == 1 and str(f) in err and "64x72" in err
 
 
+def test_srs_larger_than_their_hr_are_one_warning_per_folder(tmp_path, capsys):
+    """SRs of 4 x ceil(H / 4) rows (of LRs rounded up) larger than their HR in every image: one
+    warning per --sr folder, which says what is scored for PSNR/SSIM too. Before: a line per
+    sample (1,000 at N = 10 for 100 images), each saying only the official crop (64x48) is
+    evaluated, where PSNR/SSIM take 68x52."""
+    hr_dir, _, sr_dir = make_set(tmp_path, sizes=((53, 70), (53, 70)))
+    for f in sr_dir.iterdir():
+        iio.imwrite(f, np.pad(iio.imread(f), ((0, 3), (0, 2), (0, 0))))  # 72x56
+    args = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", N, "--no-lpips", "--quiet"]
+    code, cap = run(capsys, *args, "--csv", tmp_path / "r.csv")
+    lines = cap.err.splitlines()
+    assert code == 0 and len(lines) == 1, lines
+    assert str(sr_dir / "000000_sample00000.png") in lines[0] and f"in {sr_dir} " in lines[0]
+    assert "64x48 for the official columns, 68x52 less a 4 px border for PSNR" in lines[0]
+
+
 def test_16bit_rgba_and_gray_images_are_evaluated(tmp_path, capsys, lpips_file):
     hr_dir, _, sr_dir = make_set(tmp_path, n=2)
     hr16 = make_hr(48, 64, seed=0).astype(np.uint16) * 257 + 3  # 16-bit HR
