@@ -338,7 +338,8 @@ def expand_methods(specs: list[str], n: int) -> list[Method]:
         if not folder.is_dir():
             what = "is a file, not a folder" if folder.exists() else "no such folder"
             raise DataError(f"--sr {folder}: {what}")
-        base = name or folder.resolve().name or str(folder)
+        # named as typed: `--sr latest`, a link to a run's folder, is 'latest' (not resolved)
+        base = name or Path(os.path.abspath(folder)).name or str(folder)
         if name and name in explicit:
             raise UsageError(f"--sr: two folders are named {name!r}; give each its own NAME=DIR")
         explicit |= {name} if name else set()

@@ -542,6 +542,10 @@ def test_a_name_given_keeps_it_whatever_the_order_of_the_sr_flags(tmp_path):
     assert names(str(b), f"sr@T1={a}") == ["sr@T1_1", "sr@T1"]  # (b's row, named after it)
     with pytest.raises(sr_eval.UsageError, match="'sr@T1' is given twice"):
         sr_eval.expand_methods([f"sr@T1={a}", f"sr={b}"], 2)
+    # a link is named as typed (it was named after its target), '.' and '..' after their folder
+    (tmp_path / "latest").symlink_to(a, target_is_directory=True)
+    assert names(str(tmp_path / "latest"), f"{tmp_path / 'latest'}/") == ["latest", "latest_1"]
+    assert names(f"{a}/.", f"{a}/../sr", f"{a}/../../a/sr") == ["sr", "sr_1", "sr_2"]
 
 
 def test_the_table_meets_a_closed_pipe_as_an_error_not_an_exit():
