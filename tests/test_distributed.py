@@ -259,7 +259,7 @@ def test_a_rank_killed_leaves_the_other_one_line_and_exit_75(tmp_path, images, v
     argv = train_cmd(out, images, "--model", "edsr", "--n-feats", "8", "--n-blocks", "1",
                      "--steps", "100000", "--save-every", "3", "--workers", "1",
                      nproc=0)  # fmt: skip
-    ranks = srun_ranks([argv, argv])
+    ranks = srun_ranks([argv, argv], env={"PYTHONFAULTHANDLER": "1"})  # (its stacks: below)
     log = out / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) > 3):
@@ -269,7 +269,13 @@ def test_a_rank_killed_leaves_the_other_one_line_and_exit_75(tmp_path, images, v
     workers = Path(f"/proc/{survivor.pid}/task/{survivor.pid}/children").read_text().split()
     ranks[victim].kill()
     ranks[victim].communicate()  # (its pipe closed: no file left open)
-    err = survivor.communicate(timeout=120)[1]
+    try:  # it ends ~0.1 s after the kill; once, under load, it had not after 120 s
+        err = survivor.communicate(timeout=120)[1]
+    except subprocess.TimeoutExpired:  # SIGABRT: faulthandler prints every thread's stack
+        survivor.send_signal(signal.SIGABRT)
+        stacks = survivor.communicate(timeout=60)[1]
+        pytest.fail(f"rank {1 - victim} did not end within 120 s of rank {victim}'s SIGKILL; "
+                    f"its threads' stacks:\n{stacks[-8000:]}")  # fmt: skip
     assert survivor.returncode == 75 and len(err.splitlines()) == 1, err
     assert len(workers) == 1 and not alive(workers[0]), "its loader worker lives on"
     assert err.startswith("sr_train.py: error: lost contact with the other processes after step ")
