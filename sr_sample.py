@@ -206,6 +206,7 @@ from sr_lib.models import MODELS, load_model, read_checkpoint_hashed
 from sr_lib.models.base import (
     LATENT_SOURCE,
     NoiseSource,
+    lr_fits,
     other_checkpoint,
     pad_to_multiple,
     sample_seed,
@@ -1211,8 +1212,8 @@ def check_lr_fits(model, name: str, img: "LowRes", path: Path) -> None:
     network: one line naming it now, the image skipped as an unreadable one (exit 3 at the end),
     as the library's `sample` refuses it (`check_sampling`)."""
     h, w = img.rgb.shape[:2]
-    m, least = model.lr_multiple, model.min_lr_size
-    if min(h + (-h) % m, w + (-w) % m) < least:
+    if not lr_fits(model, h, w):
+        least = model.min_lr_size
         raise LrTooSmall(f"{path}: an LR of {w}x{h} px; the {name} model takes at least "
                          f"{least}x{least} px (upscale it, or leave it out)")  # fmt: skip
 

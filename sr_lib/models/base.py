@@ -341,6 +341,13 @@ def eval_mode(model: nn.Module):
         model.train(was)
 
 
+def lr_fits(model: "SRModel", h: int, w: int) -> bool:
+    """Whether an LR of h x w px, padded to the model's lr_multiple, has no side under its
+    min_lr_size (sample() refuses it; sr_sample.py skips it)."""
+    m = model.lr_multiple
+    return min(h + (-h) % m, w + (-w) % m) >= model.min_lr_size
+
+
 def check_sampling(model: "SRModel", lr, n, temperature) -> torch.Tensor:
     """sample()'s arguments: the LR as `check_image` takes it; n and temperature as the model
     can use them (a one-line ValueError otherwise)."""
@@ -350,8 +357,7 @@ def check_sampling(model: "SRModel", lr, n, temperature) -> torch.Tensor:
     t = float(temperature)
     if not math.isfinite(t) or t < 0:
         raise ValueError(f"temperature: {temperature!r}; pass a finite number >= 0")
-    m = model.lr_multiple
-    if min(size + (-size) % m for size in lr.shape[-2:]) < model.min_lr_size:  # once padded
+    if not lr_fits(model, *lr.shape[-2:]):
         raise ValueError(
             f"lr: {lr.shape[-2]}x{lr.shape[-1]} px; {type(model).__name__} needs at least "
             f"{model.min_lr_size}x{model.min_lr_size} (pad or upscale the LR first)"
