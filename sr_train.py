@@ -723,7 +723,7 @@ VAL_FLAGS = ("val_data", "val_images", "val_crop", "val_n", "val_temperature", "
 def no_validation(args: TrainArgs, steps: int) -> str | None:
     """Why the run validates nothing (and so writes no best.pt); None where it validates.
     `steps`: the run's (its recipe's where --steps is unset: bicubic's are 0)."""
-    if not (args.val_data or args.data == ["demo"]):
+    if not validation_source(vars(args)):
         return "no --val-data"
     if args.val_every <= 0:
         return "--val-every 0"
@@ -1213,7 +1213,7 @@ def validation_pairs(args: TrainArgs, steps: int, dd, say,
     """Held-out (stem, HR, LR) pairs on rank 0 (--val-data, or the demo's when training on it);
     says at start whether validation (and so best.pt) will happen, and warns where validation
     images are training images too."""
-    source = args.val_data or ("demo" if args.data == ["demo"] else "")
+    source = validation_source(vars(args))
     why = no_validation(args, steps)
     if why:
         say(f"validation: none ({why}): no best.pt will be written; sample from last.pt")
