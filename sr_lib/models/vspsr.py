@@ -366,7 +366,7 @@ class VSpSR(SRModel):
         mse = F.mse_loss(sr, hr)  # Eq. 4 with 1/(2σ₀²) absorbed into the λs
         loss = mse
         if kls:
-            kl = kls[0] if len(kls) == 1 else kls[0] + kls[1]
+            kl = sum(kls)  # (0 + a + b: the same bits as a + b)
             loss = loss + c.lambda_w * kl
             parts = {"kl": kl.detach(), **parts}
         if self.discriminator is not None:
