@@ -145,6 +145,25 @@ def test_cem_at_test_time_by_default_and_optionally_in_training(make_batch):
     assert (imresize_torch(sr, 1 / 4) - lr).abs().max() < 1e-5
 
 
+def test_cem_train_drops_the_mse_as_the_released_postprocess(make_batch):
+    """The released code (zzhwfy/VSpSR, models/__init__.py build_model) starts its loss list
+    empty under --postprocess, the CEM in training: KL_w, G, D and C on the CEM's output, no MSE.
+    --cem-train kept the MSE of the CEM output (here a loss of 0.451 where 0.1·KL + 0.01·adv make
+    0.373: the 0.078 MSE): the generator learnt from a term the code does not train."""
+    lr, hr = make_batch(4, b=2, h=6, w=6)
+    model = tiny(cem_train=True, lambda_adv=0.01)
+    out = model(lr, hr)
+    assert out["mse"] > 0.01  # logged, not trained
+    want = 0.1 * out["kl"] + 0.01 * out["adv"]
+    assert float(out["loss"]) == pytest.approx(float(want), rel=1e-6)
+    # Nothing left to train the image: one line at sr_train.py's start (check_files) and here.
+    off = tiny(cem_train=True, lambda_adv=0.0)
+    for call in (lambda: off.check_files(loaded=False), lambda: off(lr, hr)):
+        with pytest.raises(UsageError, match="--cem-train .* --lambda-adv and --lambda-per"):
+            call()
+    tiny(cem_train=False, lambda_adv=0.0).check_files(loaded=False)  # the MSE trains it
+
+
 @pytest.mark.parametrize("scale", [4, 8])
 def test_stochastic_basis_ablation(scale, make_batch):
     model = tiny(scale=scale, stochastic_basis=True)

@@ -7,8 +7,9 @@ deterministic upsampling of the LR y, e a per-LR-pixel sparse combination e_i = 
 s×s atoms z (one basis per image and colour channel) with coefficients ω_i ~ N(μ_i, σ_i²) under a
 Gamma-ARD sparsity prior (Eq. 1). ω is sampled at train and test time; `temperature` scales the
 standard normal ε of ω = μ + σ·ε (0 gives ω = μ; the paper samples at 1). Loss, Eq. 6:
-MSE + λ_ω·KL (Eq. 5, code form) + λ_adv·LSGAN + λ_per·VGG19-relu5_4 MSE. Test-time outputs pass
-through the exact MATLAB-bicubic CEM (`sr_lib.cem`); deviations are listed in docs/vspsr.md.
+MSE + λ_ω·KL (Eq. 5, code form) + λ_adv·LSGAN + λ_per·VGG19-relu5_4 MSE (with --cem-train no
+MSE, as the code's --postprocess). Test-time outputs pass through the exact MATLAB-bicubic CEM
+(`sr_lib.cem`); deviations are listed in docs/vspsr.md.
 """
 
 import re
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sr_lib.cem import cem
-from sr_lib.errors import CheckpointError
+from sr_lib.errors import CheckpointError, UsageError
 from sr_lib.models.base import (
     WEIGHT,
     ModelConfig,
@@ -85,7 +86,9 @@ class VSpSRConfig(ModelConfig):
         default=False, metadata=dict(help="ImageNet-normalise VGG inputs (the code does not)")
     )
     d_channels: int = field(default=64, metadata=dict(help="discriminator width (64..512)"))
-    cem_train: bool = field(default=False, metadata=dict(help="apply the CEM in training too"))
+    cem_train: bool = field(
+        default=False, metadata=dict(help="apply the CEM in training too (then no MSE term)")
+    )
     cem_test: bool = field(
         default=True, metadata=dict(help="samples without the CEM (by default it is applied)")
     )
@@ -300,8 +303,20 @@ class VSpSR(SRModel):
         load_strict(self, sd, f"{path}: does not match the released {layout}")
 
     def check_files(self, loaded: bool) -> None:
+        if self.cfg.cem_train:  # (sr_train.py: before the data is read, as a missing file)
+            self.check_cem_train()
         if self.cfg.lambda_per > 0:
             self.perceptual_loss()  # the VGG19 weights
+
+    def check_cem_train(self) -> None:
+        """--cem-train drops the MSE (as the released --postprocess): the image then learns from
+        the adversarial and perceptual terms alone, so one of them must be on."""
+        if self.cfg.lambda_adv == 0 and self.cfg.lambda_per == 0:
+            raise UsageError(
+                "--cem-train (cem_train=True) trains the image by --lambda-adv and --lambda-per "
+                "alone (no MSE after the CEM, as the released code), and both are 0: give one "
+                "of them a weight > 0, or drop --cem-train"
+            )
 
     def set_perceptual_loss(self, loss: nn.Module) -> None:
         """Use this (sr, hr) -> loss module for L_per instead of building the VGG19 one."""
@@ -362,9 +377,12 @@ class VSpSR(SRModel):
             kls.append(kl_z)
         sr = self.decode(self.synthesize(basis, w, lr.shape[0]), self.deterministic_part(lr))
         if c.cem_train:
+            self.check_cem_train()
             sr = cem(sr, lr, self.scale)
         mse = F.mse_loss(sr, hr)  # Eq. 4 with 1/(2σ₀²) absorbed into the λs
-        loss = mse
+        # --cem-train trains without it, as the released code's --postprocess (its criterion's
+        # losses start empty there): logged only.
+        loss = torch.zeros_like(mse) if c.cem_train else mse
         if kls:
             kl = sum(kls)  # (0 + a + b: the same bits as a + b)
             loss = loss + c.lambda_w * kl
