@@ -61,6 +61,18 @@ def test_official_sizes():
     assert not any(p.requires_grad for p in net.vgg.parameters())  # frozen
 
 
+@pytest.mark.parametrize("scale", [4, 8])
+def test_both_optimizers_are_the_papers_adam(scale):
+    """Paper §4.1 gives one setting, Adam (momentum 0.9) at 1e-4 with weight decay 1e-4; G had it
+    and the discriminator's Adam had no weight decay (the released code has none for either)."""
+    model = build_model("refvae", {**TINY["refvae"], "scale": scale})
+    opts = sr_train.build_optimizers(model, model.recipe(scale))
+    (g,), (d,) = opts["g"].param_groups, opts["d"].param_groups
+    paper = dict(lr=1e-4, weight_decay=1e-4)
+    assert {k: g[k] for k in paper} == {k: d[k] for k in paper} == paper
+    assert g["betas"][0] == d["betas"][0] == 0.9
+
+
 def test_shapes_any_lr_size_and_bicubic_start():
     net = model()
     sr = net.sample(torch.rand(1, 3, 30, 44), n=2)  # 30×44 at ×4 -> 120×176 (padded, cropped back)

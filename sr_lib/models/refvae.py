@@ -373,12 +373,14 @@ class RefVAE(LatentSRModel):
     @classmethod
     def recipe(cls, scale: int) -> Recipe:
         # Paper §4.1: Adam lr 1e-4 (β1 0.9), weight decay 1e-4, batch 16, 5e4 iterations, LR 32²
-        # at ×8 (HR 256²); ×4: LR 64² (the code's default, HR 256² too). The code divides G's lr by
-        # 10 at epochs 250 and 500 of 500; the paper gives no decay (gamma 0.1 if milestones are
-        # given).
+        # at ×8 (HR 256²); ×4: LR 64² (the code's default, HR 256² too). One optimisation setting,
+        # so the discriminator's Adam is G's. The code: Adam(1e-4, (0.9, 0.999), 1e-8) for both,
+        # no weight decay for either, and G's lr divided by 10 at epochs 250 and 500 of 500 (D's
+        # never); the paper gives no decay (gamma 0.1 if milestones are given).
         return replace(
-            super().recipe(scale), patch=256 // scale, steps=50_000, weight_decay=1e-4, gamma=0.1
-        )
+            super().recipe(scale), patch=256 // scale, steps=50_000, weight_decay=1e-4,
+            d_weight_decay=1e-4, gamma=0.1,
+        )  # fmt: skip
 
     @classmethod
     def raw_config(cls, state_dict: dict, scale: int) -> dict:
