@@ -282,8 +282,9 @@ class RRDB(RegressionSR):
     @classmethod
     def recipe(cls, scale: int) -> Recipe:
         # SRFlow RRDB pre-training (docs/flows.md, "Training"): L1, Adam 2e-4, betas (0.9, 0.99),
-        # batch 16, HR patch 160. The official schedule restarts a cosine every 50k steps; one
-        # cosine over the run is the closest the training loop offers.
+        # batch 16, HR patch 160. The official schedule restarts a cosine every 50k steps, four
+        # times; one cosine over the run is the closest the training loop offers, over those
+        # 200k steps (RRDB_DF2K_8X.yml's niter; RRDB_DF2K_4X.yml's is 1M).
         return replace(
             super().recipe(scale), patch=160 // scale, steps=200_000, learning_rate=2e-4,
             betas=(0.9, 0.99), schedule="cosine", eta_min=1e-7,
