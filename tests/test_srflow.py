@@ -431,22 +431,26 @@ def test_sr_flow_da_variants():
 
 
 def test_tiled_sampling_uses_whole_image_noise_fields():
+    """Each tile replays the untiled sample's draws, at whole-image size, and cuts its part
+    (before, only the untiled draw's shapes were checked: a tile drawing its own noise passed)."""
     model = tiny("srflow")
     lr, _ = batch(4, b=1, h=12, w=12)
-    shapes, vectors = [], []
-    real = NoiseSource.field
+    draws, vectors = [], []
+    real = NoiseSource._draw
 
-    def record(self, c, h, w):
-        shapes.append((c, h, w))
-        return real(self, c, h, w)
+    def record(self, call, shape):
+        draws.append((call, shape))
+        return real(self, call, shape)
 
     with (
-        mock.patch.object(NoiseSource, "field", record),
+        mock.patch.object(NoiseSource, "_draw", record),
         mock.patch.object(NoiseSource, "vector", lambda self, d: vectors.append(d)),
     ):
         whole = draw(model, lr, [1, 2], 0.9, 0, 0)
+        untiled, draws = draws, []
         tiled = draw(model, lr, [1, 2], 0.9, 8, 4)
-    assert shapes[:2] == [(96, 6, 6), (6, 24, 24)]  # z_L at LR/2, the split eps at HR/2
+    assert untiled == [(0, (96, 6, 6)), (1, (6, 24, 24))]  # z_L at LR/2, the split eps at HR/2
+    assert draws == untiled * 4  # 2 x 2 tiles of 8 (and 4) LR px, each the same two fields
     assert not vectors  # spatial fields only: tiles cut them from the whole
     assert tiled.shape == whole.shape == (2, 3, 48, 48) and torch.isfinite(tiled).all()
 
