@@ -26,25 +26,33 @@ def test_every_model_has_a_tiny_config():
 
 
 def build(case: str, scale: int) -> SRModel:
-    """The tiny model of a case at `scale`; scales other than 4 are skipped where unsupported."""
+    """The tiny model of a case at `scale`."""
     name, cfg = CASES[case]
-    try:
-        return build_model(name, {**cfg, "scale": scale})
-    except UsageError:
-        if scale == 4:
-            raise
-        pytest.skip(f"{name} does not support ×{scale}")
+    return build_model(name, {**cfg, "scale": scale})
 
 
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-contract = pytest.mark.parametrize("scale", [4, 2, 8])
+# The scales a model refuses (the flows have no x2: docs/flows.md). The contract runs at every
+# other pair: a model that stops building at one of them fails there (a UsageError at any scale
+# but 4 was a skip, so an EDSR that refused x8 passed).
+UNSUPPORTED = {("srflow", 2), ("srflow_da", 2), ("ncsr", 2)}
+contract = pytest.mark.parametrize(
+    "case, scale",
+    [(c, s) for c in CASES for s in (4, 2, 8) if (CASES[c][0], s) not in UNSUPPORTED],
+)
 cases = pytest.mark.parametrize("case", list(CASES))
 
 
-@cases
+@pytest.mark.parametrize("name, scale", sorted(UNSUPPORTED))
+def test_an_unsupported_scale_is_refused_in_one_line(name, scale):
+    with pytest.raises(UsageError) as e:
+        build_model(name, {**TINY[name], "scale": scale})
+    assert "\n" not in str(e.value) and f"scale {scale} not supported" in str(e.value)
+
+
 @contract
 def test_forward_gives_finite_scalar_loss_and_grads(case, scale, make_batch):
     model = build(case, scale).train()
@@ -145,7 +153,6 @@ def test_the_convs_reading_and_making_the_image_run_in_float32_under_autocast(
                     (last, torch.float32, torch.float32)]  # fmt: skip
 
 
-@cases
 @contract
 def test_sample_shape_range_and_odd_sizes(case, scale, make_batch):
     model = build(case, scale).eval()
