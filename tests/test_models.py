@@ -62,8 +62,10 @@ def test_forward_gives_finite_scalar_loss_and_grads(case, scale, make_batch):
     assert loss.dim() == 0 and torch.isfinite(loss)
     params = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
     params = [(k, p) for k, p in params if id(p) in set(map(id, model.generator_parameters()))]
-    if not params:
-        pytest.skip("no trainable parameters")
+    if CASES[case][0] == "bicubic":  # nothing to train (any other model: a skip hid that)
+        assert not params and not loss.requires_grad
+        return
+    assert params, "no trainable parameters"
     loss.backward()
     for k, p in params:
         assert p.grad is not None, f"{k} gets no gradient"
@@ -78,8 +80,9 @@ def test_forward_under_cpu_bf16_autocast_gives_finite_loss_and_grads(case, make_
     with torch.autocast("cpu", torch.bfloat16):
         loss = model(lr, hr)["loss"]
     assert loss.dim() == 0 and torch.isfinite(loss)
-    if not loss.requires_grad:
-        pytest.skip("no trainable parameters")
+    if CASES[case][0] == "bicubic":  # nothing to train
+        assert not loss.requires_grad
+        return
     loss.backward()
     grads = [p.grad for p in model.generator_parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
