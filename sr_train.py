@@ -2133,9 +2133,12 @@ def validate(model, pairs, args, device, out: Path, step: int, run_log, progress
         lrpsnrs += [metrics.lr_psnr(sr, lr, args.scale) for sr in srs]  # lr = D(hr), NTIRE
         lr_big = np.repeat(np.repeat(lr, args.scale, 0), args.scale, 1)
         strip = np.concatenate([lr_big, *srs, hr], 1)
+        # An image of a subfolder ("sub/img"): its strips in OUT/val/sub/, as its file's folder
+        # (the step's prefix on the folder made a new folder per subfolder at every validation)
+        folder, _, base = stem.rpartition("/")
         prefix = f"step{step:07d}_"
-        name = fit_name(stem, len(prefix) + len(".png"), name_max(out))  # a long stem: cut
-        path = out / "val" / f"{prefix}{name}.png"
+        name = fit_name(base, len(prefix) + len(".png"), name_max(out))  # a long stem: cut
+        path = out / "val" / folder / f"{prefix}{name}.png"
         if run_log is None or not run_log.unwritten:  # (after one failed, the others would too)
             try:
                 write_png(path, strip)

@@ -301,10 +301,14 @@ def test_validation_images_of_one_stem_are_refused_at_start(tmp_path, images, ca
     assert not (tmp_path / "a" / "log.jsonl").read_text()  # no step taken
     (val / "cat.jpg").rename(val / "zebra.jpg")  # beyond --val-images 2 below
     (val / "zebra.png").write_bytes((val / "cat.png").read_bytes())
-    assert sr_train.main([*base, "--val-images", "2", "--out", str(tmp_path / "b")]) == 0
+    # Two validations: a subfolder's strips go to that subfolder of OUT/val/ (they made a folder
+    # step0000001_sub/ holding cat.png, and another at every validation)
+    assert sr_train.main([*base, "--val-images", "2", "--steps", "2", "--val-every", "1",
+                          "--out", str(tmp_path / "b")]) == 0  # fmt: skip
     assert sorted(p.relative_to(tmp_path / "b" / "val").as_posix()
-                  for p in (tmp_path / "b" / "val").rglob("*.png")) == [
-        "step0000001_cat.png", "step0000001_sub/cat.png"]  # fmt: skip
+                  for p in (tmp_path / "b" / "val").rglob("*")) == [
+        "step0000001_cat.png", "step0000002_cat.png", "sub", "sub/step0000001_cat.png",
+        "sub/step0000002_cat.png"]  # fmt: skip
 
 
 def help_text(argv, capsys) -> str:
