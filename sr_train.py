@@ -381,7 +381,13 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
 
     # Data: batch t of rank r is drawn from rng(seed, r, t): workers and resume do not matter.
     steps = recipe.steps
-    dataset = training_data(args, recipe, dd, say) if steps > 0 else None
+    # A finished run resumed again (a requeued job, a script rerun): nothing to train, so no
+    # image is decoded (DIV2K's 800 took minutes and 7 GB to say "done")
+    finished = resumed is not None and start >= steps
+    if finished:
+        say(f"{ckpt_path} is at step {start}, the run's --steps: nothing to train (a larger "
+            "--steps goes on)")  # fmt: skip
+    dataset = training_data(args, recipe, dd, say) if steps > 0 and not finished else None
     check_same_data(dataset, dd)
     # After the data check: torch's optimizers import torch._dynamo (~1.4 CPU-s), which a rank
     # refused for its copy of the images made the user wait for. (Their first rates are the
@@ -391,7 +397,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     # to run then.
     fp16 = args.amp == "fp16" and bool(optimizers)
     scaler = torch.amp.GradScaler(device.type) if fp16 else None
-    val_pairs = validation_pairs(args, steps, dd, say, dataset)
+    val_pairs = [] if finished else validation_pairs(args, steps, dd, say, dataset)
     # Every rank takes part in saving best.pt (its RNG state is gathered): all must know when.
     val_every = args.val_every if distributed.agree(bool(val_pairs), dd, all_ranks=False) else 0
     # The run's stop request, read by the loader while it waits for a batch. Not with several
@@ -412,12 +418,13 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
                       device, say)  # fmt: skip
     # (after the resume's changed flags are said)
     changed = validation_changes(args, resumed) if resumed and best > -math.inf else []
-    if changed and not no_validation(args, steps):  # its record would stand against another measure
+    # its record would stand against another measure (none: a run that validates no more)
+    if changed and not (no_validation(args, steps) or finished):
         say(f"best.pt: the best PSNR so far ({best:.3f}) was validated with other "
             f"{', '.join(changed)}; it is not compared with this run's, whose next validation "
             "writes best.pt")  # fmt: skip
         best = -math.inf
-    if resumed:
+    if resumed and not finished:
         moved = schedule_moved(args, recipe, resumed, start)
         if moved:
             say(moved)
