@@ -520,11 +520,11 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         check_run_folder(out, folder, step)  # before this step writes there
         bad, skipped, tripped = bad_steps.read()
         if tripped >= 0:  # --max-bad-steps consecutive non-finite steps: stop, or roll back
-            step, batches = roll_back(tripped, args, out, steps, model, optimizers, scaler, dd,
-                                      dataset, meta, run_log, progress, ema, device,
-                                      before, stopping)  # fmt: skip
+            step, batches, skipped = roll_back(tripped, args, out, steps, model, optimizers,
+                                               scaler, dd, dataset, meta, run_log, progress, ema,
+                                               device, before, stopping)  # fmt: skip
             recipe, t0, logged = scaled_rates(recipe, 0.5), time.monotonic(), step
-            bad_steps.reset()
+            bad_steps.reset(skipped)
             if graph is not None:
                 graph.reset()  # the reloaded optimizer states are new tensors: record again
             continue
@@ -564,9 +564,9 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     check_run_folder(out, folder, step)
     _, skipped, tripped = bad_steps.read()
     if tripped >= 0:  # a signal or the time budget came right after the streak
-        step, batches = roll_back(tripped, args, out, steps, model, optimizers, scaler, dd,
-                                  dataset, meta, run_log, progress, ema, device,
-                                  before, stopping)  # fmt: skip
+        step, batches, skipped = roll_back(tripped, args, out, steps, model, optimizers, scaler,
+                                           dd, dataset, meta, run_log, progress, ema, device,
+                                           before, stopping)  # fmt: skip
     # A finished run resumed again keeps last.pt as it is. Out of memory, the failed step has
     # moved the random generators on: a last.pt of this very step stays as it was saved.
     oom = stopped == "out of memory"
@@ -1908,8 +1908,11 @@ class BadSteps:
         """(current streak, skipped, tripped) as Python ints."""
         return tuple(torch.stack([self.run, self.skipped, self.tripped]).tolist())
 
-    def reset(self) -> None:
+    def reset(self, skipped: int) -> None:
+        """After a rollback: no streak, and the skipped steps of the checkpoint gone back to (those
+        of the steps it abandoned are no steps of the run's)."""
         self.run.zero_()
+        self.skipped.fill_(skipped)
         self.tripped.fill_(-1)
 
 
@@ -1919,7 +1922,8 @@ def roll_back(tripped: int, args, out: Path, steps: int, model, optimizers: dict
     """--max-bad-steps consecutive non-finite steps ended at step `tripped`. --on-nan rollback
     (while under --max-rollbacks and a last.pt exists): reload last.pt as a resume would, count
     the rollback in `meta` (saved with every checkpoint; the caller halves the learning rates,
-    0.5 ** rollbacks, which a resumed run restores) and return (its step, a loader from there).
+    0.5 ** rollbacks, which a resumed run restores) and return (its step, a loader from there,
+    its count of skipped steps).
     Else stop with exit code 5, writing nothing: last.pt stays the last good checkpoint (where
     there is none yet, `before` says what is: the checkpoint the run resumed, or nothing)."""
     path, n = out / "last.pt", meta["rollbacks"]
@@ -1946,7 +1950,7 @@ def roll_back(tripped: int, args, out: Path, steps: int, model, optimizers: dict
     if progress is not None:
         progress.message(f"{what}; rollback {n + 1} of {args.max_rollbacks}: back to step "
                          f"{ck['step']} ({path}), learning rates x{scale:g}")  # fmt: skip
-    return ck["step"], batches
+    return ck["step"], batches, ck["skipped"]
 
 
 def check_replicas(model, dd, step: int, log_file) -> None:

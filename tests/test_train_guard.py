@@ -341,25 +341,29 @@ def test_max_bad_steps_is_checked_at_log_and_save_steps(tmp_path, images, flaky_
 
 def test_rollback_reloads_last_checkpoint_and_halves_the_rates(tmp_path, images, flaky_models):
     """Steps 5 and 6 are NaN once: after 2 bad steps the run goes back to last.pt (step 4) with
-    the learning rates halved and ends exactly as a run resumed from step 4 at half the rates."""
+    the learning rates halved and ends exactly as a run resumed from step 4 at half the rates,
+    its count of skipped steps too: the abandoned steps' 2 are none of the run's 10 (they were
+    counted on, "done: 10 steps, 2 skipped" where none of them was)."""
     common = [*VSPSR_TINY, "--learning-rate", "1e-3", "--d-learning-rate", "2e-4",
               "--milestones", "--save-every", "4"]  # fmt: skip
     rollback = ["--steps", "10", "--max-bad-steps", "2", "--on-nan", "rollback",
                 "--nan-steps", "5,6", "--nan-once"]  # fmt: skip
     assert run(tmp_path / "rb", images, *common, *rollback) == 0
     ck = load_checkpoint(tmp_path / "rb" / "last.pt")
-    assert ck["step"] == 10 and ck["rollbacks"] == 1 and ck["skipped"] == 2
+    assert ck["step"] == 10 and ck["rollbacks"] == 1 and ck["skipped"] == 0
     assert ck["optimizers"]["g"]["param_groups"][0]["lr"] == 5e-4
     assert ck["optimizers"]["d"]["param_groups"][0]["lr"] == 1e-4
     log = records(tmp_path / "rb")
     assert {"step": 7, "rollback": 1, "to_step": 4, "learning_rate_scale": 0.5} in log
     assert [r["learning_rate"] for r in log if "loss" in r] == [1e-3] * 6 + [5e-4] * 6  # 1-6, 5-10
+    assert [r["skipped"] for r in log if "loss" in r] == [0] * 5 + [1] + [0] * 6
 
     assert run(tmp_path / "ref", images, *common, "--steps", "4") == 0
     half = ["--learning-rate", "5e-4", "--d-learning-rate", "1e-4"]
     assert run(tmp_path / "ref", images, *common, "--steps", "10", *half, "--resume", "auto") == 0
     ref = load_checkpoint(tmp_path / "ref" / "last.pt")
     assert all(torch.equal(ck["state_dict"][k], ref["state_dict"][k]) for k in ref["state_dict"])
+    assert ck["skipped"] == ref["skipped"]
 
     # the halved rates are kept by a resumed run (they are in the checkpoint)
     assert run(tmp_path / "rb", images, *common, "--steps", "12", "--resume", "auto") == 0
@@ -463,7 +467,7 @@ def test_rollback_through_cli(tmp_path, images):
     assert p.returncode == 0, p.stderr
     assert "step 5: 2 consecutive non-finite" in p.stdout and "rollback 1 of 3" in p.stdout
     ck = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert ck["step"] == 8 and ck["rollbacks"] == 1 and ck["skipped"] == 2
+    assert ck["step"] == 8 and ck["rollbacks"] == 1 and ck["skipped"] == 0
 
 
 @ONE_WORKER
@@ -497,7 +501,7 @@ def test_a_nan_on_one_rank_rolls_back_every_rank(tmp_path, images):
     diffs = [r["replica_max_diff"] for r in log if "replica_max_diff" in r]
     assert len(diffs) == 10 and set(diffs) == {0.0}  # steps 1-5, then 4-8 again
     ck = load_checkpoint(out / "last.pt")
-    assert (ck["step"], ck["rollbacks"], ck["skipped"], ck["world_size"]) == (8, 1, 2, 2)
+    assert (ck["step"], ck["rollbacks"], ck["skipped"], ck["world_size"]) == (8, 1, 0, 2)
     assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
 
 
