@@ -414,8 +414,13 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         batches = iter(loader) if steps > start else None
     if dd.rank:  # model-internal noise (dequantisation, latents) differs per rank, like the data
         torch.manual_seed(args.seed * 100_003 + dd.rank)
+
+    def first_batch_too_big() -> OutOfMemory:  # (its initialisation's forward: step 1's batch)
+        state = held_steps(dd, saved, out / "last.pt", ckpt_path, start, resumed)
+        return step_out_of_memory(start, args, cfg, recipe, model, device, *state)
+
     ema = start_model(args, model, optimizers, scaler, resumed, ckpt_path, dataset, steps, dd,
-                      device, say)  # fmt: skip
+                      device, say, first_batch_too_big)  # fmt: skip
     # (after the resume's changed flags are said)
     changed = validation_changes(args, resumed) if resumed and best > -math.inf else []
     # its record would stand against another measure (none: a run that validates no more)
@@ -1513,9 +1518,12 @@ def restore(resumed: dict, path: Path, model, optimizers: dict, scaler, dd) -> N
                               .generate_state(1)[0]))  # fmt: skip
 
 
-def start_model(args, model, optimizers, scaler, resumed, path, dataset, steps, dd, device, say):
+def start_model(args, model, optimizers, scaler, resumed, path, dataset, steps, dd, device, say,
+                too_big):  # fmt: skip
     """The state of a resumed run, or the data-dependent initialisation of a new one; returns the
-    weight average (--ema, rank 0; made before compilation) or None."""
+    weight average (--ema, rank 0; made before compilation) or None. The initialisation runs the
+    first batch: out of memory there raises too_big(), the line of step 1's (it said "use a
+    smaller --batch or --patch", without this run's values)."""
     start = resumed["step"] if resumed is not None else 0
     if resumed is not None:
         restore(resumed, path, model, optimizers, scaler, dd)
@@ -1536,8 +1544,13 @@ def start_model(args, model, optimizers, scaler, resumed, path, dataset, steps, 
                 "an uninterrupted run")  # fmt: skip
     elif args.resume == "auto":  # a mistyped --out would otherwise start over in silence
         say(f"--resume auto: no {path} yet; a new run starts")
-    initialize(model, dataset, start, steps, bool(resumed or args.init_from), dd, device,
-               args.compile or args.ema > 0)  # fmt: skip
+    try:
+        initialize(model, dataset, start, steps, bool(resumed or args.init_from), dd, device,
+                   args.compile or args.ema > 0)  # fmt: skip
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(e):
+            raise
+        raise too_big() from None
     return EMA(model, args.ema, resumed, path) if args.ema and dd.main else None
 
 

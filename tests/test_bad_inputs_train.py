@@ -682,6 +682,10 @@ def out_of_memory(*args, **kwargs):
         ("train_step", {"--batch": "1", "--patch": "1"},
          "step 1: out of memory at --batch 1 and --patch 1, the least: the edsr model does not "
          "fit in training on cpu; nothing was saved"),
+        # --ema (--compile, several processes): the first batch initialises the model before
+        # step 1; out of memory there said "use a smaller --batch or --patch", no values
+        ("initialize", {"--ema": "0.9"}, "error: step 1: out of memory; nothing was saved: start "
+         "again with a smaller --batch (this run's: 2) or a smaller --patch (this run's: 8)"),
     ],
 )  # fmt: skip
 def test_out_of_memory_names_the_model_flags_that_grew_it(where, flags, said, world, tmp_path,
