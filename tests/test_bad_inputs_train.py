@@ -682,6 +682,13 @@ def out_of_memory(*args, **kwargs):
         ("train_step", {"--batch": "1", "--patch": "1"},
          "step 1: out of memory at --batch 1 and --patch 1, the least: the edsr model does not "
          "fit in training on cpu; nothing was saved"),
+        # a device that runs bfloat16 natively (faked): --amp bf16 needs less, also where the
+        # batch and patch are the least (it was never named)
+        ("train_step", {}, "a smaller --batch (this run's: 2), a smaller --patch (this run's: 8) "
+         "or --amp bf16 (this run's: none)"),
+        ("train_step", {"--batch": "1", "--patch": "1"},
+         "step 1: out of memory; nothing was saved: start again with --amp bf16 (this run's: "
+         "none)"),
         # --ema (--compile, several processes): the first batch initialises the model before
         # step 1; out of memory there said "use a smaller --batch or --patch", no values
         ("initialize", {"--ema": "0.9"}, "error: step 1: out of memory; nothing was saved: start "
@@ -691,6 +698,7 @@ def out_of_memory(*args, **kwargs):
 def test_out_of_memory_names_the_model_flags_that_grew_it(where, flags, said, world, tmp_path,
                                                            capsys, monkeypatch):  # fmt: skip
     monkeypatch.setattr(sr_train, where, out_of_memory)
+    monkeypatch.setattr(sr_train, "native_bf16", lambda device: "--amp bf16" in said)
     with pytest.raises(SystemExit) as e:
         sr_train.main(argv_of({**flags, "--device": "cpu"}, out=tmp_path / "out", **world))
     err = capsys.readouterr().err.strip()

@@ -357,6 +357,7 @@ def train_step(model, forward, optimizers, batches, step, *a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     return real(model, forward, optimizers, batches, step, *a, **k)
 sr_train.train_step = train_step
+sr_train.native_bf16 = lambda device: False  # (else --amp bf16 too, on a CPU that runs it)
 """
     argvs = [argv, argv]
     argvs[victim] = [*patched_rank(oom), *argv[1:]]

@@ -468,6 +468,7 @@ def test_out_of_memory_in_a_step_saves_the_steps_done(tmp_path, images, toy, mon
         return out
 
     monkeypatch.setattr(Toy, "forward", forward)
+    monkeypatch.setattr(sr_train, "native_bf16", lambda device: False)  # (else --amp bf16 too)
     flags = ["--model", "toy", "--noisy", "--save-every", str(save_every)]
     with pytest.raises(SystemExit) as e:
         run(tmp_path / "a", images, *flags, "--steps", "8")
