@@ -2032,7 +2032,10 @@ def finish(stopped: str | None, step: int, steps: int, skipped: int, out: Path, 
         result.line(f"time budget: stopped at step {step} of {steps}, {skipped} skipped, wrote "
                     f"{out / 'last.pt'}; continue with --resume auto", end)  # fmt: skip
         return 0
-    result.line(f"done: {step} steps, {skipped} skipped, checkpoint {out / 'last.pt'}", end)
+    # the checkpoint that holds the run: a finished run resumed from elsewhere (or from best.pt)
+    # wrote no OUT/last.pt, which the line named all the same
+    held = result.fields.get("checkpoint") or out / "last.pt"
+    result.line(f"done: {step} steps, {skipped} skipped, checkpoint {held}", end)
     return 0
 
 

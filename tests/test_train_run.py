@@ -271,6 +271,11 @@ def test_a_finished_run_resumed_again_reads_no_image(tmp_path, images, monkeypat
             "larger --steps goes on)" in out  # fmt: skip
         assert "data:" not in out and "validation" not in out and "best.pt" not in out
         assert out.strip().endswith(f"done: 1 steps, 0 skipped, checkpoint {tmp_path / 'last.pt'}")
+        # resumed into another folder, where it writes no last.pt: the closing line named that
+        other = tmp_path / "other"
+        assert sr_train.main([*base[:-1], str(other), "--resume", str(tmp_path / "last.pt")]) == 0
+        assert capsys.readouterr().out.strip().endswith(f"checkpoint {tmp_path / 'last.pt'}")
+        assert not (other / "last.pt").exists()
         assert sr_train.main([*base, "--resume", "auto", "--steps", "2"]) == 0
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 2
 
