@@ -2022,19 +2022,21 @@ def finish(stopped: str | None, step: int, steps: int, skipped: int, out: Path, 
                           "space, then continue with --resume auto")  # fmt: skip
     end = say_out if dd.main else say  # (say: nothing on the other ranks)
     result.update(stopped=stopped)
+    # The checkpoint that holds the run. A run resumed from elsewhere (or from best.pt) that
+    # stopped or ended before a step of its own wrote no OUT/last.pt, which the lines named all
+    # the same, with --resume auto: in a folder without a checkpoint that starts a new run.
+    held = Path(result.fields.get("checkpoint") or out / "last.pt")
+    go_on = (f"wrote {held}; continue with --resume auto" if held == out / "last.pt" else
+             f"{held} holds it; continue with --resume {held}")  # fmt: skip
     if stopped and stopped != "time budget":
-        result.line(f"{stopped}: stopped at step {step}, wrote {out / 'last.pt'}; continue with "
-                    "--resume auto", end)  # fmt: skip
+        result.line(f"{stopped}: stopped at step {step}, {go_on}", end)
         if dd.main and stopped in ("SIGUSR1", "SIGTERM") and args.requeue:
             requeue(end)  # (also with --quiet)
         return EXIT_PREEMPTED
     if stopped == "time budget" and step < steps:
-        result.line(f"time budget: stopped at step {step} of {steps}, {skipped} skipped, wrote "
-                    f"{out / 'last.pt'}; continue with --resume auto", end)  # fmt: skip
+        result.line(f"time budget: stopped at step {step} of {steps}, {skipped} skipped, {go_on}",
+                    end)  # fmt: skip
         return 0
-    # the checkpoint that holds the run: a finished run resumed from elsewhere (or from best.pt)
-    # wrote no OUT/last.pt, which the line named all the same
-    held = result.fields.get("checkpoint") or out / "last.pt"
     result.line(f"done: {step} steps, {skipped} skipped, checkpoint {held}", end)
     return 0
 

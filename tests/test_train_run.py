@@ -280,6 +280,34 @@ def test_a_finished_run_resumed_again_reads_no_image(tmp_path, images, monkeypat
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 2
 
 
+def test_a_stop_before_a_step_of_its_own_names_the_checkpoint_that_holds_the_run(
+    tmp_path, images, monkeypatch, capsys
+):
+    """A run resumed from a checkpoint in another folder, stopped by SIGTERM while its loader
+    waited for the first batch, wrote nothing, yet said "wrote OTHER/last.pt; continue with
+    --resume auto", which in OTHER, holding no checkpoint, starts a new run."""
+    first = tmp_path / "first" / "last.pt"
+    base = [*TINY_EDSR, "--data", str(images), "--val-every", "0"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the thumbnail)
+        assert sr_train.main([*base, "--steps", "1", "--out", str(first.parent)]) == 0
+        capsys.readouterr()
+        monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+
+        def stopped_waiting(*args):  # a signal while the loader waits for the batch
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise sr_train.StopRequested
+
+        monkeypatch.setattr(sr_train, "train_step", stopped_waiting)
+        other = tmp_path / "other"
+        argv = [*base, "--steps", "3", "--resume", str(first), "--out", str(other)]
+        assert sr_train.main(argv) == 75
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"SIGTERM: stopped at step 1, {first} holds it; continue with --resume {first}"
+    )
+    assert not (other / "last.pt").exists()
+
+
 def test_validation_images_that_are_training_images_are_warned_of(tmp_path, images):
     """--val-data given the --data folder, or a folder with links to training images: best.pt
     was chosen on images the model trains on, without a word. One warning now says how many;
