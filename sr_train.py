@@ -429,6 +429,13 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
             f"{', '.join(changed)}; it is not compared with this run's, whose next validation "
             "writes best.pt")  # fmt: skip
         best = -math.inf
+    later = dd.main and resumed and not finished  # (rank 0's `best` alone decides)
+    newer = later_best(out, ckpt_path, start, args) if later else None
+    if newer is not None and newer[1] > best:
+        best = newer[1]
+        say(f"best.pt: holds step {newer[0]} (PSNR {best:.3f}), after {ckpt_path}'s step "
+            f"{start} (the run stopped without saving it): a validation replaces it only if "
+            "better")  # fmt: skip
     if resumed and not finished:
         moved = schedule_moved(args, recipe, resumed, start)
         if moved:
@@ -849,6 +856,25 @@ def validation_changes(args: TrainArgs, resumed: dict) -> list[str]:
     if not same_source(validation_source(before), validation_source(asdict(args))):
         changed.insert(0, "val_data")
     return [f"--{n.replace('_', '-')}" for n in changed]
+
+
+def later_best(out: Path, ckpt_path: Path, start: int, args: TrainArgs) -> tuple | None:
+    """(step, PSNR) of OUT/best.pt where it was written after the checkpoint a run resumes (at
+    step `start`) with the validation of this run, else None. A run that stopped without saving
+    (kill -9, a node lost: no signal) may have written best.pt after its last last.pt, whose
+    record of the best is older: the resumed run's next validation that beat that record, not
+    best.pt's, replaced a better best.pt with a worse one. (Read only where best.pt's file is
+    newer than the checkpoint's: best.pt is written before last.pt at a step of both.)"""
+    path = out / "best.pt"
+    try:
+        if ckpt_path == path or path.stat().st_mtime_ns <= ckpt_path.stat().st_mtime_ns:
+            return None
+        ck = read_checkpoint(path)
+    except (OSError, CheckpointError):  # none, or broken: the next validation writes it
+        return None
+    if ck.get("step", 0) <= start or validation_changes(args, ck) or "best" not in ck:
+        return None
+    return ck["step"], ck["best"]
 
 
 def validation_source(flags: dict) -> str:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import sr_train
-from sr_lib.checkpoint import load_checkpoint
+from sr_lib.checkpoint import load_checkpoint, save_checkpoint
 from sr_lib.errors import UsageError
 from sr_lib.models import build_model
 from sr_lib.models.srflow import encoder_taps
@@ -306,6 +306,28 @@ def test_a_stop_before_a_step_of_its_own_names_the_checkpoint_that_holds_the_run
         f"SIGTERM: stopped at step 1, {first} holds it; continue with --resume {first}"
     )
     assert not (other / "last.pt").exists()
+
+
+def test_a_best_pt_newer_than_last_pt_is_replaced_only_by_a_better_one(tmp_path, images, capsys):
+    """A run killed without a signal (kill -9, a node lost) after a validation wrote best.pt and
+    before its next last.pt: the resumed run took last.pt's older record of the best, and its
+    next validation above that record replaced the better best.pt. (Its step 3 here is made by
+    hand: last.pt at step 2, best.pt of step 3 at PSNR 99.)"""
+    base = [*TINY_EDSR, "--data", str(images), "--val-data", str(images), "--val-every", "1",
+            "--out", str(tmp_path)]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the thumbnail, validation images being training ones)
+        assert sr_train.main([*base, "--steps", "2"]) == 0
+        best = load_checkpoint(tmp_path / "best.pt")
+        save_checkpoint(tmp_path / "best.pt", {**best, "step": 3, "best": 99.0})
+        capsys.readouterr()
+        assert sr_train.main([*base, "--steps", "3", "--resume", "auto"]) == 0
+    assert f"best.pt: holds step 3 (PSNR 99.000), after {tmp_path / 'last.pt'}'s step 2 (the " \
+        "run stopped without saving it): a validation replaces it only if better" \
+        in capsys.readouterr().out  # fmt: skip
+    kept = load_checkpoint(tmp_path / "best.pt")
+    assert (kept["step"], kept["best"]) == (3, 99.0)
+    assert load_checkpoint(tmp_path / "last.pt")["best"] == 99.0  # (its next resume knows)
 
 
 def test_validation_images_that_are_training_images_are_warned_of(tmp_path, images):
