@@ -550,7 +550,8 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
             net = ema.module if ema is not None else model  # with --ema, the averaged weights
             compiled = compile_count() if args.compile else None
             try:
-                score = validate(net, val_pairs, args, device, out, step, run_log, progress)
+                score = validate(net, val_pairs, args, device, out, step, run_log, progress,
+                                 stop)  # fmt: skip
             except (RuntimeError, MemoryError) as e:
                 no_memory = is_out_of_memory(e)
                 # (a flow validates through its compiled blocks) a signal also ended --compile's
@@ -1728,6 +1729,7 @@ def said_stopped(e: BaseException, stop: dict, where: str, step: int, run_log,
 
 
 STOP_SIGNALS = (signal.SIGINT, *PREEMPT_SIGNALS)
+SIGNAL_NAMES = {s.name for s in STOP_SIGNALS}  # stop["signal"] of a signal (not a full disk's)
 
 
 def catch_signals(cleanup: contextlib.ExitStack) -> dict:
@@ -2175,11 +2177,16 @@ def requeue(say) -> None:
 
 
 @torch.no_grad()
-def validate(model, pairs, args, device, out: Path, step: int, run_log, progress) -> float:
+def validate(model, pairs, args, device, out: Path, step: int, run_log, progress,
+             stop: dict | None = None) -> float:  # fmt: skip
     """PSNR and NTIRE LR-PSNR of --val-n samples (one of a deterministic model: the others would
     be copies; at --val-temperature, default the model's) on
     held-out images, logged, plus a PNG strip per image (OUT/val/, and TensorBoard); returns the
-    PSNR (-inf without images: the ranks other than 0)."""
+    PSNR (-inf without images: the ranks other than 0).
+
+    A stop request in `stop` (SIGTERM, SLURM's warning signal) ends it before the next image: a
+    whole validation (--val-images 0 --val-crop 0 of a flow) can outlast the signal's lead time,
+    and the steps since the last save would be lost to the kill. Then -inf: not scored."""
     if not pairs:
         return -math.inf
     model.eval()
@@ -2188,7 +2195,13 @@ def validate(model, pairs, args, device, out: Path, step: int, run_log, progress
     )
     n = args.val_n if model.stochastic else 1  # (a deterministic model's n would be copies)
     psnrs, lrpsnrs, nan = [], [], 0
-    for stem, hr, lr in pairs:
+    for done, (stem, hr, lr) in enumerate(pairs):
+        sig = stop and stop["signal"]  # (a full disk's stop lets it end: its scores count)
+        if sig in SIGNAL_NAMES:
+            say_err(f"{PROG}: warning: validation at step {step}: stopped by {sig} after "
+                    f"{done} of {len(pairs)} images; not scored (best.pt as it was)")  # fmt: skip
+            log(run_log, {"step": step, "signal": sig, "validation": "stopped"})
+            return -math.inf
         noise = NoiseSource([sample_seed(args.seed, stem, i) for i in range(n)], device)
         x = torch.from_numpy(lr).permute(2, 0, 1)[None].float().div(255).to(device)
         samples = model.sample(x, n, temperature, noise)[0].cpu()  # (n, 3, sH, sW)

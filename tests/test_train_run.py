@@ -308,6 +308,39 @@ def test_a_stop_before_a_step_of_its_own_names_the_checkpoint_that_holds_the_run
     assert not (other / "last.pt").exists()
 
 
+def test_a_signal_in_validation_ends_it_before_the_next_image_and_saves(
+    tmp_path, images, monkeypatch, capsys
+):
+    """SLURM's signal comes a set time before the kill (--signal=B:USR1@120); a validation of
+    whole images (--val-images 0 --val-crop 0, a flow) can outlast it, and went on to its end:
+    the kill then took the steps since the last save. It ends before the next image, unscored
+    (best.pt not written), and the run saves last.pt of this step and exits 75."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    model_cls = type(build_model("edsr", {"n_feats": 8, "n_blocks": 1, "scale": 2}))
+    sample, calls = model_cls.sample, []
+
+    def signalled(self, *args, **kwargs):  # the signal comes while the first image is sampled
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(model_cls, "sample", signalled)
+    argv = [*TINY_EDSR, "--data", str(images), "--val-data", str(images), "--val-every", "2",
+            "--save-every", "100", "--steps", "5", "--out", str(tmp_path)]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the thumbnail, validation images being training ones)
+        assert sr_train.main(argv) == 75
+    err = capsys.readouterr().err
+    assert "validation at step 2: stopped by SIGUSR1 after 1 of 3 images; not scored (best.pt " \
+        "as it was)" in err  # fmt: skip
+    assert len(calls) == 1 and not (tmp_path / "best.pt").exists()
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 2
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert {"step": 2, "signal": "SIGUSR1", "validation": "stopped"} in records
+    assert not any("val_psnr" in r for r in records)
+
+
 def test_a_best_pt_newer_than_last_pt_is_replaced_only_by_a_better_one(tmp_path, images, capsys):
     """A run killed without a signal (kill -9, a node lost) after a validation wrote best.pt and
     before its next last.pt: the resumed run took last.pt's older record of the best, and its
