@@ -109,7 +109,7 @@ change --tile and --tile-overlap while the tiles stay exact (at least the defaul
 out-of-memory retry's tiles take the exact context, as when --tile holds every input whole.
 --check-invertibility (flows): instead of writing samples, each is encoded back to its latents
 and decoded again, and |x - x'| reported per image (docs/flows.md#invertibility); exit 5 above
-the tolerance. --out is then not needed.
+the tolerance (an unreadable input skipped, as in sampling: exit 3). --out is then not needed.
 Exit codes: 0 ok, 2 bad flag or a folder of other settings, 3 unusable input (unreadable images,
 and LRs smaller than the model takes, are reported and skipped, the others written, exit 3 at the
 end), 4 out of memory, 5 a NaN sample or a flow that does not invert (--check-invertibility), 6
@@ -764,13 +764,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
                 img = read_input(path, model.scale, from_hr, lr_file, args)
                 check_lr_fits(model, ck["model"], img, path)
             except DataError as e:  # reported, skipped; exit 3 once the others are written
-                if len(mine) == 1:
-                    raise
-                say_err(f"{PROG}: error: {e}; skipped")
-                why = ("too small for the model" if isinstance(e, LrTooSmall) else
-                       "too small" if isinstance(e, TooSmall) else "unreadable")  # fmt: skip
-                failed[why].append(path.name)
-                summary.update(failed=sum(map(len, failed.values())))
+                why = skip_input(e, path, failed, len(mine), summary)
                 bar.step(f"{path.name}: {why}, skipped")
                 continue
             if not todo:  # its samples complete, only --from-hr's LR file was missing: written
@@ -792,12 +786,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
             temps = f" at {len(todo)} temperatures" if len(todo) > 1 else ""
             bar.step(f"{path.name} {w}x{h} -> {k_img} x {w * s}x{h * s}{temps} in "
                      f"{time.monotonic() - t_img:.1f} s")  # fmt: skip
-    said = {"too small": f"too small to downscale (under {default_mod(model.scale)} px)",
-            "too small for the model": f"too small for the {ck['model']} model (an LR under "
-                                       f"{model.min_lr_size} px)"}  # fmt: skip
-    lost = [f"{len(names)} of {len(mine)} inputs {said.get(why, why)} "
-            f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-            for why, names in failed.items() if names]  # fmt: skip
+    lost = lost_inputs(failed, len(mine), model, ck["model"])
     done = len(mine) - sum(map(len, failed.values())) - skipped
     took = time.monotonic() - t0
     summary.line(f"done: {done} images sampled, {skipped} already complete, {took:.1f} s -> "
@@ -1197,6 +1186,30 @@ def is_written_file(path: Path) -> bool:
         raise
 
 
+def skip_input(e: DataError, path: Path, failed: dict, total: int, summary: Summary) -> str:
+    """An input that cannot be read or is too small (`e`): one line, and it is skipped (kept in
+    `failed` under why, returned, for the end's one line and exit 3), or where it is the only
+    input, `e` itself."""
+    if total == 1:
+        raise e
+    say_err(f"{PROG}: error: {e}; skipped")
+    why = ("too small for the model" if isinstance(e, LrTooSmall) else
+           "too small" if isinstance(e, TooSmall) else "unreadable")  # fmt: skip
+    failed[why].append(path.name)
+    summary.update(failed=sum(map(len, failed.values())))
+    return why
+
+
+def lost_inputs(failed: dict, total: int, model, name: str) -> list[str]:
+    """The inputs `skip_input` skipped, in words: one phrase per why."""
+    said = {"too small": f"too small to downscale (under {default_mod(model.scale)} px)",
+            "too small for the model": f"too small for the {name} model (an LR under "
+                                       f"{model.min_lr_size} px)"}  # fmt: skip
+    return [f"{len(names)} of {total} inputs {said.get(why, why)} "
+            f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+            for why, names in failed.items() if names]  # fmt: skip
+
+
 class TooSmall(DataError):
     """An input smaller than --from-hr's crop (the end summary counts these apart)."""
 
@@ -1323,9 +1336,14 @@ def check_invertibility(args: SampleArgs, given: set[str], model, name: str, pat
     summary.update(out=None, images=len(mine), samples=args.n, max_error=None)
     autocast, s = autocast_for(args.amp, device), model.scale
     worst = []  # (max |x - x'|, line) per image
+    failed = {"unreadable": [], "too small": [], "too small for the model": []}
     for _, path in mine:
-        img = read_input(path, s, from_hr, None, args)
-        check_lr_fits(model, name, img, path)
+        try:
+            img = read_input(path, s, from_hr, None, args)
+            check_lr_fits(model, name, img, path)
+        except DataError as e:  # skipped as sampling skips it: exit 3 once the others are checked
+            skip_input(e, path, failed, len(mine), summary)
+            continue
         lr = img.tensor().to(device)
         h, w = lr.shape[-2:]
         x_lr = pad_to_multiple(lr, model.lr_multiple)
@@ -1357,21 +1375,26 @@ def check_invertibility(args: SampleArgs, given: set[str], model, name: str, pat
         was = summary.fields["max_error"]
         summary.update(max_error=top if was is None or not top <= was else was)  # NaN: kept
     bad = [w for w in worst if not w[0] <= INVERT_TOLERANCE]  # NaN fails
-    samples = f"{len(mine)} images x {args.n} samples at temperature " + ", ".join(
+    samples = f"{len(worst)} images x {args.n} samples at temperature " + ", ".join(
         f"{t:g}" for t in temperatures
     )
-    if bad:
+    lost = "; ".join(lost_inputs(failed, len(mine), model, name))
+    if bad:  # (exit 5 before the skipped inputs' 3: the checkpoint is what is checked)
         top, img, at = max(bad, key=lambda w: math.inf if math.isnan(w[0]) else w[0])
-        more = f" (and {len(bad) - 1} more of {len(mine)} images)" if len(bad) > 1 else ""
+        more = f" (and {len(bad) - 1} more of {len(worst)} images)" if len(bad) > 1 else ""
         raise NotInvertible(
             f"{img}: the flow does not invert: max |x - x'| "
             + ("is NaN" if math.isnan(top) else f"{top:.2e}")
             + f" ({at}){'' if math.isnan(top) else f' is above {INVERT_TOLERANCE:g}'}{more}; "
             "its weights are numerically broken "
-            "(docs/flows.md#invertibility)"
+            "(docs/flows.md#invertibility)" + (f"; not checked: {lost}" if lost else "")
         )
     top = max((w[0] for w in worst), default=0.0)
-    summary.line(f"invertible: {samples}: max |x - x'| {top:.2e} <= {INVERT_TOLERANCE:g}")
+    if worst:
+        summary.line(f"invertible: {samples}: max |x - x'| {top:.2e} <= {INVERT_TOLERANCE:g}")
+    if lost:
+        rest = "the others are invertible" if worst else "no image was checked"
+        raise DataError(f"{lost}; {rest}")
     return 0
 
 

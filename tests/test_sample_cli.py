@@ -744,6 +744,37 @@ def test_an_lr_too_small_for_the_model_is_one_line_and_skipped(tmp_path, capsys)
     assert len(err) == 1 and "a.png: an LR of 7x1 px; the srflow_da model takes" in err[0], err
 
 
+def test_check_invertibility_skips_an_unreadable_input_as_sampling_does(
+    tmp_path, capsys, monkeypatch
+):
+    """--check-invertibility stopped at an unreadable input (exit 3), the inputs after it not
+    checked, where sampling skips it with one line. Now it is skipped so too: the others are
+    checked, then one line and exit 3; a flow that does not invert is still exit 5, its line
+    naming the inputs not checked."""
+    cfg = {**TINY["srflow"], "scale": 4}
+    ckpt = tmp_path / "srflow.pt"
+    net = build_model("srflow", cfg)
+    save_checkpoint(ckpt, {"model": "srflow", "model_cfg": cfg, "state_dict": net.state_dict()})
+    inp = folder(tmp_path / "in", a=image((8, 8), 1), c=image((8, 8), 2))
+    (inp / "b.png").write_bytes(b"not a png")
+    argv = ["--ckpt", ckpt, "--input", inp, "--n", 1, "--check-invertibility"]
+    assert run(*argv) == 3
+    out, err = capsys.readouterr()
+    assert [line.split(":")[0] for line in out.splitlines()] == ["a.png", "c.png", "invertible"]
+    assert "invertible: 2 images x 1 samples" in out
+    assert err.splitlines() == [
+        f"sr_sample.py: error: {inp / 'b.png'}: not an image file (unknown format); skipped",
+        "sr_sample.py: error: 1 of 3 inputs unreadable (b.png); the others are invertible",
+    ]
+    trip = MODELS["srflow"].round_trip  # a broken inverse: x' = x + 0.1
+    monkeypatch.setattr(MODELS["srflow"], "round_trip",
+                        lambda *a: (lambda x, x2, z: (x, x2 + 0.1, z))(*trip(*a)))  # fmt: skip
+    assert run(*argv, "--quiet") == 5
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("sr_sample.py: error: a.png: the flow does not invert: max |x - x'| ")
+    assert err[-1].endswith("; not checked: 1 of 3 inputs unreadable (b.png)"), err[-1]
+
+
 def test_names_too_long_for_their_outputs_one_line_before_any_work(tmp_path, bicubic_ckpt, capsys):
     """STEM_sample00001.png is 16 bytes longer than STEM.png: a 245-byte input name made an
     OSError traceback (File name too long). Now one line before anything is written; the NTIRE
