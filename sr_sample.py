@@ -25,7 +25,8 @@ upscaled (MATLAB bicubic, clipped; --alpha-channel drop: without), 8-bit, or 16-
                           (so named also where the sample is NAME.png: sample 0);
                           `--latent FILE` decodes it to the same sample again, `--latent DIR`
                           every such file of a folder (what saved them: its manifest.json,
-                          another model or scale refused, another checkpoint a warning)
+                          another model or scale refused, another checkpoint a warning; that
+                          of a FILE's folder too, while the file is there)
   NAME_sample{i:05d}.latent.npz
                           --save-latent, flows (srflow, srflow_da, ncsr): sample i's float32
                           latent fields z0, z1, ... (C, h, w), temperature applied, at the LR's
@@ -646,6 +647,11 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
         return check_invertibility(args, given, model, ck["model"], paths, from_hr, device,
                                    summary)  # fmt: skip
     made_by = latent_source(ck, model, ckpt_sha256)
+    if model.latent_file == ".latent.npy":  # (a flow's .npz names its model: read_latent checks)
+        files = {"--latent": args.latent, "--latent-shift": args.latent_shift}
+        for flag, file in [(f, v) for f, v in files.items() if v and not Path(v).is_dir()]:
+            if flag[2:].replace("-", "_") in model.sample_controls:  # (else: resolve_controls')
+                check_npy_saver(flag, Path(file), made_by)
     controls = resolve_controls(args, model, made_by, device)
     n = controls.n if controls else args.n  # a control may fix it (one output per ref/step)
     setter = controls_setter(args, controls)
@@ -1514,27 +1520,9 @@ class LatentDir:
     def check_saver(self, own: dict) -> None:
         """What saved the folder's latents, which a .npy records nothing of (a flow's .npz names
         it in each file, checked per file), against `own` (the run's latent_source): its
-        manifest.json, written by the --save-latent run. Another model or scale is refused (its
-        latents decode to other images here), another checkpoint of the model is one warning
-        line; a folder without a readable manifest.json (latents copied alone) is not checked."""
-        if self.ending != ".latent.npy":
-            return
-        try:
-            saved = json.loads((self.folder / "manifest.json").read_text())
-            model, scale = saved["model"], saved["scale"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return
-        self.saved = saved
-        if (model, scale) != (own["model"], own["scale"]):
-            raise UsageError(
-                f"--latent {self.folder}: its latents were saved by an x{scale} {model} model "
-                f"(its manifest.json), not this x{own['scale']} {own['model']}: they decode to "
-                f"other images here; decode them with an x{scale} {model} checkpoint"
-            )
-        if saved.get("checkpoint_sha256") != own["checkpoint_sha256"]:
-            say_err(f"{PROG}: warning: --latent {self.folder}: saved by another {model} "
-                    f"checkpoint (its manifest.json: sha256 {other_checkpoint(saved, own)}): "
-                    "decoded with this one, its samples are not the saved ones")  # fmt: skip
+        manifest.json (`check_npy_saver`)."""
+        if self.ending == ".latent.npy":
+            self.saved = check_npy_saver("--latent", self.folder, own)
 
     def plan(self, paths: list[Path], layout: str) -> tuple[int, dict | None, list[Path]]:
         """(n, the sample numbers of each input stem, the inputs without files) for `paths`:
@@ -1740,6 +1728,39 @@ class LatentDir:
             f"a --latent folder's files of {stem} are the latents of the input {stem} as it was "
             "sampled: give that input (with --from-hr if it was made so)"
         )
+
+
+def check_npy_saver(flag: str, path: Path, own: dict) -> dict:
+    """What saved a RefVAE/VarSR .npy latent (a bare array, naming nothing), for `path` a
+    --save-latent folder or one file of it (named as --save-latent names them), against `own`
+    (the run's latent_source): the folder's manifest.json, written by the --save-latent run.
+    Another model or scale is refused (its latents decode to other images here), another
+    checkpoint of the model is one warning line; without a readable manifest.json (latents
+    copied alone, a direction made by np.save) nothing is checked. Returns the manifest ({})."""
+    whole = path.is_dir()
+    name = None if whole else LATENT_NAME.fullmatch(path.name)
+    if not whole and (name is None or name[3] != ".latent.npy" or not path.is_file()):
+        return {}  # (a file that is not there: load_latent says so)
+    try:
+        folder = path if whole else path.resolve().parent  # (a link: where the file was saved)
+        saved = json.loads((folder / "manifest.json").read_text())
+        model, scale = saved["model"], saved["scale"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    where = "its manifest.json" if whole else "the manifest.json of its folder"
+    if (model, scale) != (own["model"], own["scale"]):
+        they = (("its latents were", "they decode to other images", "them") if whole else
+                ("it was", "it decodes to another image", "it"))  # fmt: skip
+        raise UsageError(
+            f"{flag} {path}: {they[0]} saved by an x{scale} {model} model ({where}), not this "
+            f"x{own['scale']} {own['model']}: {they[1]} here; decode {they[2]} with an x{scale} "
+            f"{model} checkpoint"
+        )
+    if saved.get("checkpoint_sha256") != own["checkpoint_sha256"]:
+        say_err(f"{PROG}: warning: {flag} {path}: saved by another {model} checkpoint ({where}: "
+                f"sha256 {other_checkpoint(saved, own)}): decoded with this one, its samples are "
+                "not the saved ones")  # fmt: skip
+    return saved
 
 
 def sweep_folders(folder: Path) -> list[str]:

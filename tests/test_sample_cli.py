@@ -775,6 +775,57 @@ def test_check_invertibility_skips_an_unreadable_input_as_sampling_does(
     assert err[-1].endswith("; not checked: 1 of 3 inputs unreadable (b.png)"), err[-1]
 
 
+def test_a_saved_npy_latent_of_another_model_is_refused_by_its_folders_manifest(tmp_path, capsys):
+    """A RefVAE's saved .npy latent (a bare array) decoded with --latent FILE by a VarSR of the
+    same D wrote other images than the saved sample, exit 0 (a --latent DIR was refused by its
+    manifest.json). Now the file, named as --save-latent names it, is checked against the
+    manifest.json of its folder (through a link too): another model refused, another checkpoint
+    one warning line; a file copied alone is not checked (nothing records its model)."""
+    ckpts = {}
+    for name in ("refvae", "varsr"):
+        cfg = {**TINY[name], "scale": 4}
+        ckpts[name] = tmp_path / f"{name}.pt"
+        net = build_model(name, cfg)
+        save_checkpoint(
+            ckpts[name], {"model": name, "model_cfg": cfg, "state_dict": net.state_dict()}
+        )
+    inp = folder(tmp_path / "in", a=image((16, 16), 1))
+    saved = tmp_path / "saved"
+    argv = ["--input", inp / "a.png", "--n", 1, "--quiet"]
+    assert run("--ckpt", ckpts["refvae"], *argv, "--save-latent", "--out", saved) == 0
+    file = saved / "a_sample00000.latent.npy"
+    (tmp_path / "link.latent.npy").symlink_to(file)
+    for flag, given in (
+        ("--latent", file),
+        ("--latent-shift", file),
+        ("--latent", tmp_path / "link.latent.npy"),
+    ):
+        capsys.readouterr()
+        assert run("--ckpt", ckpts["varsr"], *argv, flag, given, "--out", tmp_path / "o") == 2
+        assert capsys.readouterr().err == (
+            f"sr_sample.py: error: {flag} {given}: it was saved by an x4 refvae model (the "
+            "manifest.json of its folder), not this x4 varsr: it decodes to another image here; "
+            "decode it with an x4 refvae checkpoint\n"
+        )
+        assert not (tmp_path / "o").exists()
+    other = tmp_path / "other.pt"  # the same model, other weights: decoded, one warning line
+    cfg = {**TINY["refvae"], "scale": 4}
+    ck = {
+        "model": "refvae",
+        "model_cfg": cfg,
+        "state_dict": build_model("refvae", cfg).state_dict(),
+    }
+    save_checkpoint(other, ck)
+    assert run("--ckpt", other, *argv, "--latent", file, "--out", tmp_path / "o2") == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"sr_sample.py: warning: --latent {file}: saved by another refvae "
+                          "checkpoint (the manifest.json of its folder: sha256 "), err  # fmt: skip
+    (tmp_path / "alone").mkdir()  # copied alone: no record of its model
+    (tmp_path / "alone" / file.name).write_bytes(file.read_bytes())
+    given = tmp_path / "alone" / file.name
+    assert run("--ckpt", ckpts["varsr"], *argv, "--latent", given, "--out", tmp_path / "o3") == 0
+
+
 def test_names_too_long_for_their_outputs_one_line_before_any_work(tmp_path, bicubic_ckpt, capsys):
     """STEM_sample00001.png is 16 bytes longer than STEM.png: a 245-byte input name made an
     OSError traceback (File name too long). Now one line before anything is written; the NTIRE
