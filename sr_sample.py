@@ -1648,14 +1648,18 @@ class LatentDir:
         """One warning line where inputs are not the LR the latents were saved from (a RefVAE
         or VarSR latent decodes with any LR): the HR given without --from-hr, the reverse, or
         another image of the name. Told by the LR sizes, from the headers: this run's LR and
-        the saving run's, its sample's (NAME_sample{i:05d}.png beside the file, s x its LR), or
-        else the LR a --from-hr run wrote (DIR/lr/NAME.png); the manifest's from_hr says which
+        the saving run's, its sample's (NAME_sample{i:05d}.png beside the file, or {k:06d}.png of
+        a --layout ntire --n 1 run: s x its LR), or else the LR a --from-hr run wrote
+        (DIR/lr/NAME.png); the manifest's from_hr says which
         flag to give. --input DIR/lr of a --from-hr run, without it, is that run's LR: no
         warning. (Another image of the name of the same size cannot be told.)"""
         other = []
         for path in paths:
             file = next(iter(self.files[path.stem].values()))
             made = image_size(file.with_name(file.name.removesuffix(self.ending) + ".png"))
+            number = LATENT_NAME.fullmatch(file.name)[1]
+            if made is None and number != path.stem:  # --layout ntire --n 1: {k:06d}.png
+                made = image_size(file.with_name(f"{number}.png"))
             was, what = None, ""
             if made and not made[0] % s and not made[1] % s:
                 was, what = (made[0] // s, made[1] // s), f"its samples there are x{s} of"

@@ -826,6 +826,32 @@ def test_a_saved_npy_latent_of_another_model_is_refused_by_its_folders_manifest(
     assert run("--ckpt", ckpts["varsr"], *argv, "--latent", given, "--out", tmp_path / "o3") == 0
 
 
+def test_latent_dir_of_an_ntire_n1_run_warns_of_inputs_of_another_size(tmp_path, capsys):
+    """--latent DIR given other inputs than the LR its latents were saved from warns, told by
+    the size of the sample beside each file; a --layout ntire --n 1 run's sample is {k:06d}.png,
+    not {k:06d}_sample00000.png, so only a --from-hr run's lr/ could tell, and the LR-saved
+    folder decoded with its HR images (twice the size) gave no warning. Now {k:06d}.png does."""
+    cfg = {**TINY["refvae"], "scale": 4}
+    ckpt = tmp_path / "refvae.pt"
+    save_checkpoint(ckpt, {"model": "refvae", "model_cfg": cfg,
+                           "state_dict": build_model("refvae", cfg).state_dict()})  # fmt: skip
+    lr = folder(tmp_path / "lr", a=image((16, 16), 1))
+    hr = folder(tmp_path / "hr", a=image((32, 32), 1))
+    argv = ["--ckpt", ckpt, "--layout", "ntire", "--quiet"]
+    assert run(*argv, "--input", lr, "--n", 1, "--save-latent", "--out", tmp_path / "s") == 0
+    assert pngs(tmp_path / "s") == ["000000.png"]
+    capsys.readouterr()
+    assert run(*argv, "--input", hr, "--latent", tmp_path / "s", "--out", tmp_path / "d") == 0
+    assert capsys.readouterr().err == (
+        f"sr_sample.py: warning: --latent {tmp_path / 's'}: 1 of 1 inputs are not the LR their "
+        "latents were saved from (a.png: an LR of 32x32 px; its samples there are x4 of an LR "
+        "of 16x16 px): their samples are not the saved ones; give each input as it was sampled "
+        "(with --from-hr where it was made so)\n"
+    )
+    assert run(*argv, "--input", lr, "--latent", tmp_path / "s", "--out", tmp_path / "e") == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_names_too_long_for_their_outputs_one_line_before_any_work(tmp_path, bicubic_ckpt, capsys):
     """STEM_sample00001.png is 16 bytes longer than STEM.png: a 245-byte input name made an
     OSError traceback (File name too long). Now one line before anything is written; the NTIRE
