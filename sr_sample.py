@@ -760,7 +760,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
             todo = [t for t in temperatures
                     if args.overwrite or not files.complete(folders[t], name)]  # fmt: skip
             lr_file = out / "lr" / f"{path.stem}.png"
-            if not todo and (not from_hr or lr_file.is_file()):
+            if not todo and (not from_hr or is_written_file(lr_file)):  # (as the samples)
                 skipped += 1
                 summary.update(skipped=skipped)
                 bar.skip(path.name)

@@ -236,7 +236,8 @@ def test_from_hr(tmp_path, bicubic_ckpt):
 def test_a_rerun_that_writes_only_a_missing_lr_file_samples_nothing(tmp_path, toy_ckpt, capsys):
     """A --from-hr rerun whose samples were complete but for OUT/lr/NAME.png wrote that file again
     and said the image was sampled ("photo.png 16x20 -> 2 x 32x40", --json's sampled 1): nothing
-    was. Now it says what it wrote, and counts the image as complete."""
+    was. Now it says what it wrote, and counts the image as complete. An empty OUT/lr/NAME.png
+    (a node that crashed soon after its rename) was taken as complete: now written again."""
     inp = folder(tmp_path / "hr", photo=image((32, 40), 3))
     argv = ["--ckpt", toy_ckpt, "--input", inp, "--from-hr", "--n", 2, "--out", tmp_path / "o"]
     assert run(*argv) == 0
@@ -251,6 +252,9 @@ def test_a_rerun_that_writes_only_a_missing_lr_file_samples_nothing(tmp_path, to
     assert json.loads(lines[-1])["sampled"] == 0 and json.loads(lines[-1])["skipped"] == 1
     assert np.array_equal(read(lr), before)
     assert {f: (tmp_path / "o" / f).stat().st_mtime_ns for f in pngs(tmp_path / "o")} == samples
+    lr.write_bytes(b"")  # a node that crashed after the rename: empty, as a sample is redone
+    assert run(*argv, "--quiet") == 0
+    assert lr.stat().st_size > 0 and np.array_equal(read(lr), before)
 
 
 def test_cem_makes_any_model_lr_consistent(tmp_path, bicubic_ckpt, toy_ckpt):
