@@ -1045,18 +1045,21 @@ def remove_old_files(folder: Path, names: list[str], inputs: set[Path], layout: 
     with --layout ntire NAME.latent.npy/.npz (its --n 1 latent before it was numbered). Samples
     of an earlier, larger --n would otherwise stay to be scored with the new ones, and a stopped
     --overwrite run would leave old files that its rerun takes as complete. `stems`: every
-    input's (of every --shard): NAME.png of an input cat_grid is also the --grid sheet of the
-    input cat (cat_sigma, cat_sample00000: its other files), which another shard may have
-    written already: not deleted."""
+    input's (of every --shard): a STEM.png is the one output of the input STEM (a deterministic
+    model's --n 1), which another shard may have written already, and never deleted here:
+    cat_grid.png of an input cat_grid is also the --grid sheet of the input cat, cat_sigma.png
+    its σ map, cat_sample00000.png its sample 0."""
     names = set(names)
     ends = ("_sigma.png", "_sigma.npy", "_grid.png", ".png")
     ends += (".latent.npy", ".latent.npz") if layout == "ntire" else ()
     fixed = {f"{x}{end}" for x in names for end in ends}
+    others = {f"{x}.png" for x in stems} - {f"{x}.png" for x in names}
     fixed -= {f"{x}.png" for x in names if (m := SAMPLE_NAME.fullmatch(x)) and m[1] in stems}
     real = folder.resolve()  # once: resolving each file made five file system calls
     for entry in os.scandir(folder):
         m = OLD_SAMPLE.fullmatch(entry.name)
-        if (entry.name in fixed or (m and m[1] in names)) and entry.is_file(follow_symlinks=False):
+        mine = entry.name in fixed or (m and m[1] in names)
+        if mine and entry.name not in others and entry.is_file(follow_symlinks=False):
             path = Path(entry.path)
             if real / entry.name in inputs:
                 continue

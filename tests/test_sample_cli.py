@@ -486,6 +486,22 @@ def test_overwrite_in_one_shard_keeps_another_inputs_file_of_the_name(tmp_path, 
                                                "x_grid_sample00001.png"])  # fmt: skip
 
 
+def test_overwrite_in_one_shard_keeps_the_one_output_of_another_shards_input(
+    tmp_path, bicubic_ckpt
+):
+    """The reverse: a deterministic model's --n 1 writes cat_grid.png for the input cat_grid and
+    cat_sample00000.png for cat_sample00000; --overwrite in the shard of cat deleted both (the
+    names of cat's --grid sheet and sample 0), exit 0, two images lost without a word. Kept."""
+    inp = folder(tmp_path / "in", cat=image((8, 8), 1), cat_grid=image((8, 8), 2),
+                 cat_sample00000=image((8, 8), 3))  # fmt: skip
+    argv = ["--ckpt", bicubic_ckpt, "--input", inp, "--n", 1, "--out", tmp_path / "o"]
+    assert run(*argv) == 0
+    written = {f: (tmp_path / "o" / f).read_bytes() for f in pngs(tmp_path / "o")}
+    assert sorted(written) == ["cat.png", "cat_grid.png", "cat_sample00000.png"]
+    assert run(*argv, "--shard", "0/3", "--overwrite") == 0  # cat
+    assert {f: (tmp_path / "o" / f).read_bytes() for f in pngs(tmp_path / "o")} == written
+
+
 def test_tiling_stochastic_is_exact(tmp_path, toy_ckpt):
     inp = folder(tmp_path / "in", a=image((45, 38), 4))  # odd sizes: padded to lr_multiple 4
     argv = ["--ckpt", toy_ckpt, "--input", inp, "--n", 3, "--batch", 2]
