@@ -71,8 +71,9 @@ Sampling controls (a model without the control stops with a one-line usage error
                           one warning line for the folder). manifest.json: n = the highest
                           number + 1, and the joint digest of every input's files (of every
                           --shard; input order, then by number; a .npz's: its zip directory's
-                          CRC-32s, so a shard reads only its own files whole): each of those is
-                          read before the run and again when decoded
+                          CRC-32s, so a shard reads only its own files whole): each of those
+                          (of an image not complete already) is read before the run and again
+                          when decoded
   --latent-shift FILE --latent-steps -2,-1,0,1,2
                           refvae, varsr, flows: walk z_k = z_0 + k·direction (one output per
                           step); z_0 = --latent, or the model's temperature-0 latent of the
@@ -715,8 +716,10 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     part, parts = (int(v) for v in args.shard.split("/"))
     mine = [(k, p) for k, p in enumerate(paths) if k % parts == part]
     if latent_dir is not None:
-        controls.digests["--latent"] = latent_dir.check(model, paths, {p for _, p in mine},
-                                                        made_by, from_hr)  # fmt: skip
+        # (read whole: the files of the images this run decodes, not those complete already)
+        todo = {p for k, p in mine if args.overwrite or not files.complete(
+            out, f"{k:06d}" if args.layout == "ntire" else p.stem)}  # fmt: skip
+        controls.digests["--latent"] = latent_dir.check(model, paths, todo, made_by, from_hr)
         latent_dir.warn_gaps(files.numbers)  # (a folder it decodes)
     elif controls is not None and hasattr(model, "check_controls_fit"):
         # A flow's --latent or --latent-shift file fits one LR size: every input's (of every
@@ -1485,6 +1488,7 @@ class LatentDir:
     others: dict  # input stem -> the other ending, where it has files of that only
     broken: dict  # input stem -> the first name of `ending` there that is no file
     digests: dict = field(default_factory=dict)  # path -> sha256 of its contents, as first read
+    own: dict | None = None  # the run's latent_source (`check`'s)
     saved: dict = field(default_factory=dict)  # its manifest.json ({}: none readable)
 
     @classmethod
@@ -1615,7 +1619,9 @@ class LatentDir:
               from_hr: bool) -> list[str]:  # fmt: skip
         """Before any work: the `latent_fingerprint` of every file of every input (of every
         --shard, read cheaply: the folder's manifest.json records their joint digest, in the
-        input order, then by sample number), and this shard's files (`mine`) read as the model
+        input order, then by sample number), and the files of the inputs this run decodes
+        (`mine`: this shard's, but those complete already, whose files a rerun after a
+        preemption read whole for nothing, 0.2 s a DIV2K x4 flow sample) read as the model
         reads them (the sha256 of their contents kept for `load`): one sample each, of one shape
         per input, the flows' made_by checked (another model refused); returns the fingerprints
         in that order and says each other checkpoint's files in one warning line. A flow's
@@ -1623,6 +1629,7 @@ class LatentDir:
         input, as the fingerprints: every shard refuses the folder, before any sample is
         written, not the one shard that decodes the file once the others are done)."""
         digests, warned, count = [], {}, 0
+        self.own = own  # (for `load`, of a file not read here)
         fits = getattr(model, "check_latent_size", None)  # (a flow's: fields of one LR size)
         for path in paths:
             shapes, size = None, lr_size(path, model.scale, from_hr) if fits else None
@@ -1712,8 +1719,12 @@ class LatentDir:
         outputs."""
         rows = []
         for file in self.files[stem].values():
-            z, digest, _ = held(model.read_latent)(str(file), "--latent")
-            if digest != self.digests[file]:
+            # (a file not read by `check`: its image was complete then, and is no longer)
+            first = file not in self.digests
+            z, digest, _ = held(model.read_latent)(
+                str(file), "--latent", self.own if first else None
+            )
+            if not first and digest != self.digests[file]:
                 raise UsageError(
                     f"--latent {file}: changed while this run read the folder (other contents "
                     "than manifest.json records); rerun when nothing writes there"

@@ -872,6 +872,37 @@ def test_latent_dir_of_an_ntire_n1_run_warns_of_inputs_of_another_size(tmp_path,
     assert capsys.readouterr().err == ""
 
 
+def test_latent_dir_rerun_reads_whole_only_the_files_it_decodes(tmp_path, monkeypatch):
+    """--latent DIR read every file of the shard's inputs whole before any work, also on a rerun
+    (after a preemption) whose images are complete, and so not decoded: 0.2 s a DIV2K x4 flow
+    sample. Now only the files of the images it decodes; the manifest is the same, and an image
+    whose sample was lost is decoded from its files, bit for bit."""
+    cfg = {**TINY["srflow"], "scale": 4}
+    ckpt = tmp_path / "srflow.pt"
+    net = build_model("srflow", cfg)
+    save_checkpoint(ckpt, {"model": "srflow", "model_cfg": cfg, "state_dict": net.state_dict()})
+    inp = folder(tmp_path / "in", a=image((8, 8), 1), b=image((8, 8), 2))
+    argv = ["--ckpt", ckpt, "--input", inp, "--quiet"]
+    assert run(*argv, "--n", 2, "--save-latent", "--out", tmp_path / "s") == 0
+    argv += ["--latent", tmp_path / "s", "--out", tmp_path / "d"]
+    assert run(*argv) == 0
+    manifest = (tmp_path / "d" / "manifest.json").read_bytes()
+    first = (tmp_path / "d" / "b_sample00001.png").read_bytes()
+    read, trip = [], MODELS["srflow"].read_latent
+
+    def counted(self, path, *a):
+        read.append(Path(path).name)
+        return trip(self, path, *a)
+
+    monkeypatch.setattr(MODELS["srflow"], "read_latent", counted)
+    assert run(*argv) == 0 and read == []
+    (tmp_path / "d" / "b_sample00001.png").unlink()
+    assert run(*argv) == 0
+    assert sorted(set(read)) == ["b_sample00000.latent.npz", "b_sample00001.latent.npz"]
+    assert (tmp_path / "d" / "b_sample00001.png").read_bytes() == first
+    assert (tmp_path / "d" / "manifest.json").read_bytes() == manifest
+
+
 def test_names_too_long_for_their_outputs_one_line_before_any_work(tmp_path, bicubic_ckpt, capsys):
     """STEM_sample00001.png is 16 bytes longer than STEM.png: a 245-byte input name made an
     OSError traceback (File name too long). Now one line before anything is written; the NTIRE
