@@ -35,8 +35,9 @@ per image (files beyond its n are an earlier run's, left by --overwrite).
 --out JSON: {"settings": {...}, "mean": {col: v}, "per_image": [{"image": S, col: v, ...}]} for one
 --sr folder ("settings" has its n, temperature, model and checkpoint_sha256); with several:
 {"settings": {...}, "methods": {name: {"sr_dir", "temperature", "model", "checkpoint_sha256",
-"n", "mean", "per_image"}}}. The model and the sha256 of the checkpoint that made the samples
-come from the folder's manifest.json (sr_sample.py; null for another tool's folder).
+"n", "mean", "per_image"}}} (settings' n: the rows' N where they share one, else null). The
+model and the sha256 of the checkpoint that made the samples come from the folder's
+manifest.json (sr_sample.py; null for another tool's folder).
 +inf (an SR whose downscale equals the GT's exactly; it makes the mean inf too, as the reference)
 is written as the string "inf" so that the file is strict JSON; a column that was not computed
 (--no-lpips) is null. --csv: one row per method and image (method, temperature, n, image, ...).
@@ -1030,7 +1031,8 @@ def run_settings(args, shave, device, lpips_metric, columns, methods) -> dict:
     settings = {
         "protocol": "ntire" if args.ntire else "generic",
         "scale": args.scale,
-        "n": methods[0].n if len(methods) == 1 else args.n,
+        # the N every row was scored with (each --sr DIR:N may set its own): null where they differ
+        "n": methods[0].n if len({m.n for m in methods}) == 1 else None,
         "crop": crop,
         "color": "rgb" if args.ntire else args.color,
         "shave": 0 if args.ntire else shave,

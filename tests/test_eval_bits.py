@@ -289,3 +289,22 @@ def test_the_json_lines_results_and_csv_name_only_files_this_run_wrote(
     assert not out.exists() and not table.exists()
     assert (res / "r.json.old").is_file() and (res / "r.csv.old").is_file()
     assert line["partial"] == str(out) + ".partial" and line["kept"] == 1
+
+
+def test_the_settings_n_is_the_n_the_rows_were_scored_with(tmp_path, capsys):
+    """The JSON's settings.n was --n even where every --sr DIR:N gave its own (10 for two
+    folders scored at N = 1); now it is the N the rows share, null where they differ (each
+    method's own n says it)."""
+    hr_dir, sr_dir = make_set(tmp_path)
+    other = tmp_path / "sr2"
+    other.mkdir()
+    for f in sr_dir.iterdir():
+        os.link(f, other / f.name)
+    out = tmp_path / "r.json"
+    for ns, want in (((1, 1), 1), ((1, 2), None)):
+        argv = ["--hr", hr_dir, "--sr", f"{sr_dir}:{ns[0]}", "--sr", f"{other}:{ns[1]}", "--scale",
+                SCALE, "--n", 10, "--no-lpips", "--out", out, "--quiet"]  # fmt: skip
+        assert sr_eval.main([str(a) for a in argv]) == 0
+        res = json.loads(out.read_text())
+        assert [m["n"] for m in res["methods"].values()] == list(ns)
+        assert res["settings"]["n"] == want
