@@ -97,7 +97,8 @@ def read_image(path: str | os.PathLike, data: bytes | None = None) -> np.ndarray
     RGB PNG's transparent colour) -> alpha dropped with a warning naming the file; 16-bit ->
     8-bit by round(x / 257); palette, CMYK, YCbCr -> RGB; EXIF orientation applied. Float
     images (rare TIFFs) are assumed to be in [0, 1] (clipped to it, with a warning naming the
-    file where that moves a pixel by over half an 8-bit level). 16-bit and float TIFFs are
+    file where that moves a pixel by over half an 8-bit level; NaN and -inf read as 0, +inf as 1,
+    with a warning naming the file and how many there are). 16-bit and float TIFFs are
     decoded by libtiff (imagecodecs); other TIFFs by Pillow. `read_planes`
     reads the same pixels and keeps what this drops (gray, alpha, 16 bits).
 
@@ -546,16 +547,38 @@ class FloatClipped(NodeWarning):
         )
 
 
+class FloatNotFinite(NodeWarning):
+    """read_image's warning for a float image holding NaN or infinite values (a model's output
+    gone wrong), which it reads as 0 (NaN, -inf) and 1 (+inf): no pixel value was stored there."""
+
+    def __init__(self, path, nan: int, inf: int):
+        super().__init__(str(path), nan, inf)  # (the text from args, as AlphaDropped's)
+        self.path, self.nan, self.inf = Path(path), nan, inf
+
+    def __str__(self) -> str:
+        counts = [f"{self.nan} NaN"] * bool(self.nan) + [f"{self.inf} infinite"] * bool(self.inf)
+        return (
+            f"{self.path}: {' and '.join(counts)} float value(s), read as 0 (NaN, -inf) and 1 "
+            "(+inf): the image is not the one the file holds; check what wrote it"
+        )
+
+
 def _samples(arr: np.ndarray, path) -> np.ndarray:
     """Decoded pixels as (H, W, C), C = 1 to 4 (gray, gray + alpha, RGB, RGBA), of uint8, uint16
-    (wider integers clipped) or floats clipped to [0, 1] (NaN: 0; values more than half an
-    8-bit level outside it: a FloatClipped warning); bilevel as 0 and 255."""
+    (wider integers clipped) or floats clipped to [0, 1] (NaN and -inf: 0, +inf: 1, with a
+    FloatNotFinite warning; values more than half an 8-bit level outside it: a FloatClipped
+    warning); bilevel as 0 and 255."""
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8) * 255
     elif arr.dtype.kind in "iu" and arr.dtype.itemsize > 1:  # 16-bit (Pillow gives I;16 or I)
         arr = arr if arr.dtype == np.uint16 else np.clip(arr, 0, 65535).astype(np.uint16)
     elif arr.dtype.kind == "f":
-        arr = np.nan_to_num(arr)
+        finite = np.isfinite(arr)
+        if not finite.all():
+            nan = int(np.isnan(arr).sum())
+            warnings.warn(FloatNotFinite(path, nan, arr.size - int(finite.sum()) - nan),
+                          stacklevel=3)  # fmt: skip
+            arr = np.nan_to_num(arr, nan=0.0, posinf=1.0, neginf=0.0)  # (the range: finite)
         lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
         if lo < -0.5 / 255 or hi > 1 + 0.5 / 255:
             warnings.warn(FloatClipped(path, lo, hi), stacklevel=3)

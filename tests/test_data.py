@@ -315,6 +315,31 @@ def test_a_float_image_outside_0_1_is_clipped_with_a_warning_naming_it(tmp_path)
         assert np.array_equal(read_image(tmp_path / "unit.tif"), np.round(np.clip(img, 0, 1) * 255))
 
 
+def test_nan_and_inf_in_a_float_image_are_a_warning_naming_the_file(tmp_path):
+    """A float TIFF's NaN pixels read as 0 without a word (a model's broken output scored as
+    black), and +-inf gave a FloatClipped warning of the range [-3.403e+38, 3.403e+38], float32's
+    largest numbers, not the file's. Now one warning names the file and how many values are NaN
+    or infinite; they read as 0 (NaN, -inf) and 1 (+inf), and the range is of the other values."""
+    img = np.full((4, 6, 3), 0.5, np.float32)
+    img[0, 0, 0], img[1, 1, 1], img[2, 2, 2], img[3, 3] = np.nan, np.inf, -np.inf, np.nan
+    write_tiff(tmp_path / "bad.tif", img)
+    want = np.nan_to_num(img, nan=0.0, posinf=1.0, neginf=0.0)
+    for read, expect in ((read_image, np.round(want * 255)),
+                         (lambda p: read_planes(p, wide=True).rgb, want)):  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert np.array_equal(read(tmp_path / "bad.tif"), expect)
+        assert [str(w.message) for w in caught] == [
+            f"{tmp_path / 'bad.tif'}: 4 NaN and 2 infinite float value(s), read as 0 (NaN, -inf) "
+            "and 1 (+inf): the image is not the one the file holds; check what wrote it"
+        ]
+    img[0, 0, 0], img[1, 1, 1] = 2.0, np.inf
+    write_tiff(tmp_path / "wide.tif", img)
+    with pytest.warns(UserWarning) as caught:
+        read_image(tmp_path / "wide.tif")
+    assert "float pixels in [0, 2]" in str(caught[-1].message)  # (the finite values' range)
+
+
 def test_an_image_that_cannot_be_opened_is_one_error_naming_it(tmp_path, monkeypatch):
     """Permission denied (a dataset of another group), a stale NFS handle: the file's first read,
     the TIFF tag probe, raised the OSError itself, a traceback."""
