@@ -93,8 +93,8 @@ def _fail(path, reason: str) -> NoReturn:
 def read_image(path: str | os.PathLike, data: bytes | None = None) -> np.ndarray:
     """Read any supported image as uint8 (H, W, 3) RGB.
 
-    Conversions: gray -> 3 channels; RGBA/LA (and a palette's transparency, or an 8-bit gray or
-    RGB PNG's transparent colour) -> alpha dropped with a warning naming the file; 16-bit ->
+    Conversions: gray -> 3 channels; RGBA/LA (and a palette's transparency, or a gray or RGB
+    PNG's transparent colour) -> alpha dropped with a warning naming the file; 16-bit ->
     8-bit by round(x / 257); palette, CMYK, YCbCr -> RGB; EXIF orientation applied. Float
     images (rare TIFFs) are assumed to be in [0, 1] (clipped to it, with a warning naming the
     file where that moves a pixel by over half an 8-bit level; NaN and -inf read as 0, +inf as 1,
@@ -123,7 +123,7 @@ class Planes:
 
 def read_planes(path: str | os.PathLike, data: bytes | None = None, wide: bool = False) -> Planes:
     """Read an image as `read_image` does, keeping what it drops: whether the file is gray, its
-    alpha channel (RGBA, LA, palette transparency, an 8-bit gray or RGB PNG's transparent colour;
+    alpha channel (RGBA, LA, palette transparency, a gray or RGB PNG's transparent colour;
     no warning) and, with `wide`, the colour at the file's precision: float32 x / 65535 of 16-bit
     samples (x / 255 of 8-bit ones, as `to_tensor` divides; float TIFFs clipped to [0, 1])
     instead of round(x / 257) to uint8.
@@ -172,7 +172,8 @@ def _decode(path: str | os.PathLike, data: bytes | None) -> np.ndarray:
     if w * h > MAX_PIXELS:
         _fail(path, f"{w}x{h} {too_big}")
     try:
-        if _png_bit_depth(data) == 16 and mode != "I;16":  # 16-bit gray (I;16) is exact in Pillow
+        # 16-bit gray (I;16) is exact in Pillow, but not with its transparent colour (tRNS)
+        if _png_bit_depth(data) == 16 and (mode != "I;16" or transparent):
             arr = _read_png16(data)
         # (16-bit gray without libtiff: Pillow's I;16 is exact)
         elif tags is not None and _tiff_wide(tags) and (imagecodecs or not _i16(mode)):
@@ -191,7 +192,7 @@ def _decode(path: str | os.PathLike, data: bytes | None) -> np.ndarray:
         elif (fmt, mode) != ("PNG", "RGB") or (arr := _read_png_rgb8(data)) is None:
             to = {"P": "RGBA" if transparent else "RGB", "PA": "RGBA", "CMYK": "RGB"}.get(mode)
             # a gray or RGB PNG's transparent colour (tRNS) is an alpha channel too
-            to = {"L": "LA", "RGB": "RGBA"}.get(mode, to) if transparent else to
+            to = {"1": "LA", "L": "LA", "RGB": "RGBA"}.get(mode, to) if transparent else to
             to = "RGB" if mode == "YCbCr" else to
             # index=0: the first frame of animated files; rotate=True applies EXIF orientation.
             # Truncated data raises unless PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set (we never do).
@@ -437,13 +438,19 @@ def _may_orient(kind: bytes, start: bytes) -> bool:
 
 
 def _read_png16(raw: bytes) -> np.ndarray:
-    """Any 16-bit PNG (the file's bytes) as uint16 (H, W, planes), raw samples (tRNS and sBIT are
-    not applied), turned upright by its EXIF orientation as Pillow reads it (pypng ignores it)."""
+    """Any 16-bit PNG (the file's bytes) as uint16 (H, W, planes), raw samples (sBIT is not
+    applied), a gray or RGB one's transparent colour (tRNS) as an alpha channel (0 where a pixel
+    is that colour, else 65535: as Pillow reads an 8-bit one's), turned upright by its EXIF
+    orientation as Pillow reads it (pypng ignores it)."""
     # From bytes read once: a Reader given the file's name opens it and never closes it (a
     # ResourceWarning for each image under `python -W default` or -X dev)
     w, h, rows, info = png.Reader(bytes=raw).read()  # raises on truncated data
     flat = np.concatenate([np.frombuffer(row, dtype=np.uint16) for row in rows])  # array('H')
     arr = flat.reshape(h, w, info["planes"])
+    key = info.get("transparent")  # (pypng's read() leaves it to the caller)
+    if key is not None and not info["alpha"]:
+        opaque = np.any(arr != np.asarray(key, np.uint16), axis=2, keepdims=True)
+        arr = np.concatenate([arr, opaque.astype(np.uint16) * np.uint16(65535)], axis=2)
     if not any(_may_orient(k, c) for k, c in _png_chunks(raw)):
         return arr  # Pillow would decode the whole image to look for an eXIf chunk after IDAT
     with Image.open(io.BytesIO(raw)) as im:

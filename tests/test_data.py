@@ -315,6 +315,33 @@ def test_a_float_image_outside_0_1_is_clipped_with_a_warning_naming_it(tmp_path)
         assert np.array_equal(read_image(tmp_path / "unit.tif"), np.round(np.clip(img, 0, 1) * 255))
 
 
+def test_a_16_bit_or_bilevel_pngs_transparent_colour_is_an_alpha_channel(tmp_path):
+    """The 8-bit case's fix (above) left a 16-bit RGB or gray PNG's tRNS colour, and a bilevel
+    one's, read as opaque without a word. Now they are an alpha channel too: dropped with the
+    AlphaDropped warning by read_image, kept by read_planes, at the file's precision."""
+    rgb = np.random.default_rng(1).integers(0, 65536, (4, 6, 3), dtype=np.uint16)
+    rgb[0, 0], rgb[2, 3] = (1000, 2000, 3000), (1000, 2000, 3001)  # (one sample off: opaque)
+    gray, bits = rgb[..., 1].copy(), np.indices((4, 6)).sum(0).astype(np.uint8) % 2
+    files = {
+        "rgb16": (rgb, dict(greyscale=False, bitdepth=16, transparent=(1000, 2000, 3000))),
+        "gray16": (gray, dict(greyscale=True, bitdepth=16, transparent=2000)),
+        "bits": (bits, dict(greyscale=True, bitdepth=1, transparent=1)),
+    }
+    for name, (img, how) in files.items():
+        with open(tmp_path / f"{name}.png", "wb") as f:
+            png.Writer(6, 4, **how).write(f, img.reshape(4, -1))
+        level = 255 if name == "bits" else 1  # (a bilevel file's 1 is 255)
+        colour = (img[..., None].repeat(3, 2) if img.ndim == 2 else img) * level
+        opaque = np.any(colour != np.asarray(how["transparent"]) * level, axis=-1)
+        planes = read_planes(tmp_path / f"{name}.png", wide=True)
+        assert np.array_equal(planes.alpha, opaque) and not opaque.all(), name
+        assert np.array_equal(planes.rgb, colour / np.float32(255 if level > 1 else 65535)), name
+        with pytest.warns(UserWarning, match=f"{name}.png: alpha channel dropped"):
+            rgb8 = read_image(tmp_path / f"{name}.png")
+        assert np.array_equal(rgb8, colour if level > 1 else (colour.astype(int) + 128) // 257)
+    assert read_planes(tmp_path / "rgb16.png").alpha[2, 3] == 1  # (a colour one level off: opaque)
+
+
 def test_nan_and_inf_in_a_float_image_are_a_warning_naming_the_file(tmp_path):
     """A float TIFF's NaN pixels read as 0 without a word (a model's broken output scored as
     black), and +-inf gave a FloatClipped warning of the range [-3.403e+38, 3.403e+38], float32's
