@@ -59,6 +59,12 @@ except ImportError:  # a platform without its wheels: Pillow decodes every file
     imagecodecs = None
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# Other image formats, not read: a folder's files of them are skipped with a warning (`list_images`)
+OTHER_IMAGE_EXTENSIONS = (
+    *(".gif", ".apng", ".jfif", ".jpe", ".jp2", ".j2k", ".jpx", ".jxl", ".heic", ".heif", ".avif"),
+    *(".ppm", ".pgm", ".pbm", ".pnm", ".pfm", ".tga", ".dib", ".ico", ".psd", ".qoi", ".sgi"),
+    *(".pcx", ".exr", ".hdr", ".dng"),
+)
 
 
 def pixel_limit(text: str | None) -> int | None:
@@ -801,13 +807,28 @@ def _walk(folder: Path, recursive: bool, dangling: list[Path]):
 def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
     """Image files in `folder` (by extension, any case) in `image_order`; symlinked files and
     folders are followed, hidden files and folders and folders named like images are skipped,
-    and links to missing files named like images too, with one warning."""
+    and links to missing files named like images too, with one warning; so are files of other
+    image formats (OTHER_IMAGE_EXTENSIONS: .gif, .ppm, .exr, ...), with one warning: a folder of
+    ground truths partly in them would be scored on fewer images without a word."""
     folder = Path(folder)
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "no such folder"
         raise DataError(f"{folder}: {what}; give a folder of images")
     dangling: list[Path] = []
-    files = [p for p in _walk(folder, recursive, dangling) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    walked = list(_walk(folder, recursive, dangling))
+    files = [p for p in walked if p.suffix.lower() in IMAGE_EXTENSIONS]
+    exts = "/".join(e[1:] for e in IMAGE_EXTENSIONS)
+    other = [p for p in walked if p.suffix.lower() in OTHER_IMAGE_EXTENSIONS]
+    if other:
+        first = min(other, key=lambda p: image_order(p.relative_to(folder)))
+        e_g = first.relative_to(folder)
+        other_said = f"{len(other)} image(s) of a format not read (e.g. {e_g}; read: {exts})"
+        if files:
+            warnings.warn(
+                f"{folder}: skipped {other_said}; convert them to PNG to include them",
+                NodeWarning,
+                stacklevel=2,
+            )
     dangling = [p for p in dangling if p.suffix.lower() in IMAGE_EXTENSIONS]
     if dangling:  # a moved dataset: its images would be missing from every result without a word
         first = min(dangling, key=lambda p: image_order(p.relative_to(folder)))
@@ -817,8 +838,9 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
             NodeWarning,
             stacklevel=2,
         )
+    if not files and other:
+        raise DataError(f"{folder}: no images found, but {other_said}: convert them to PNG")
     if not files:
-        exts = "/".join(e[1:] for e in IMAGE_EXTENSIONS)
         # a dataset given one level too high (DIV2K/ for DIV2K/DIV2K_valid_HR/): say where it is
         deeper = [] if recursive else _walk(folder, True, [])
         first = next((p for p in deeper if p.suffix.lower() in IMAGE_EXTENSIONS), None)

@@ -988,12 +988,41 @@ def test_list_images(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(DataError, match="no images found"):
         list_images(tmp_path)
-    for name in ["b.PNG", "a.JpG", "sub/c.webp", ".hidden.png", "._a.png", "d.gif"]:
+    for name in ["b.PNG", "a.JpG", "sub/c.webp", ".hidden.png", "._a.png", "sub/d.gif"]:
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(b"")
-    names = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)]
+    with pytest.warns(UserWarning) as caught:
+        names = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)]
     assert names == ["a.JpG", "b.PNG", "sub/c.webp"]
-    assert [p.name for p in list_images(tmp_path, recursive=False)] == ["a.JpG", "b.PNG"]
+    assert [str(w.message) for w in caught] == [
+        f"{tmp_path}: skipped 1 image(s) of a format not read (e.g. sub/d.gif; read: "
+        "png/jpg/jpeg/bmp/tif/tiff/webp); convert them to PNG to include them"
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (not searched: nothing skipped)
+        assert [p.name for p in list_images(tmp_path, recursive=False)] == ["a.JpG", "b.PNG"]
+
+
+def test_images_of_formats_not_read_are_said(tmp_path):
+    """A folder of ground truths partly in formats not read (.gif, .ppm, .exr, ...) was listed
+    without them and without a word: sr_eval.py scored fewer images than the folder holds, and a
+    folder of them alone said only 'no images found'. Now a warning names how many and one,
+    and the error says what is there; other files (notes, JSON) are no images: nothing said."""
+    for name in ["0801.png", "0802.GIF", "0803.ppm", "0804.exr", "notes.txt", "manifest.json"]:
+        (tmp_path / name).write_bytes(b"")
+    with pytest.warns(UserWarning) as caught:
+        assert list_images(tmp_path, recursive=False) == [tmp_path / "0801.png"]
+    assert [str(w.message) for w in caught] == [
+        f"{tmp_path}: skipped 3 image(s) of a format not read (e.g. 0802.GIF; read: "
+        "png/jpg/jpeg/bmp/tif/tiff/webp); convert them to PNG to include them"
+    ]
+    (tmp_path / "0801.png").unlink()
+    with pytest.raises(DataError) as e:
+        list_images(tmp_path, recursive=False)
+    assert str(e.value) == (
+        f"{tmp_path}: no images found, but 3 image(s) of a format not read (e.g. 0802.GIF; read: "
+        "png/jpg/jpeg/bmp/tif/tiff/webp): convert them to PNG"
+    )
 
 
 def test_a_folder_whose_images_are_one_level_down_says_so(tmp_path):

@@ -766,6 +766,13 @@ def test_files_are_listed_as_every_script_lists_them(tmp_path, capsys):
     code, _ = run(capsys, *args, "--no-lpips", "--out", out)
     assert code == 0
     assert [r["image"] for r in json.loads(out.read_text())["per_image"]] == ["0801", "0802"]
+    # a ground truth of a format not read is not scored, but said (it was skipped silently)
+    Image.fromarray(make_hr(48, 64, seed=2)).save(real_hr / "0803.gif")
+    code, cap = run(capsys, *args, "--no-lpips", "--out", out)
+    assert code == 0 and len(json.loads(out.read_text())["per_image"]) == 2
+    assert (f"sr_eval.py: warning: {tmp_path / 'hr'}: skipped 1 image(s) of a format not read "
+            "(e.g. 0803.gif; read: png/jpg/jpeg/bmp/tif/tiff/webp); convert them to PNG to "
+            "include them\n") in cap.err  # fmt: skip
 
 
 def test_output_problems_are_found_before_the_work_and_exit_7(tmp_path, capsys, read_only_dir):
