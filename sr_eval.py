@@ -66,7 +66,9 @@ NAME.old (NAME.old2, ... where taken) when the scoring starts, and an earlier re
 DIR (its index.html, plots/ and images/) moved into a new folder DIR/old (old2, ...; DIR alone
 must be writable), so that a run that ends without its results (a stop, an error, Ctrl-C, a
 kill) leaves no earlier numbers under its name and loses no earlier result; its line says where
-they went; a run that completes deletes the NAME.old (DIR/old) it made.
+they went; a run that completes deletes the NAME.old (DIR/old) it made, and the NAME.old that
+runs of the same command stopped before it made (kept in OUT.partial; only files unchanged since),
+so that a chain of preempted runs ends with what a run never stopped leaves.
 
 Exit codes: 0 ok, 2 bad flag, 3 unusable data (missing, unreadable or wrongly sized images, an
 index that names other images), 4 out of memory, 6 LPIPS weights, 7 output, 75 stopped by
@@ -807,6 +809,9 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     if sigma_files:
         fields[methods[0].name] |= {"PLL", "PSNR_sigma"}
     kept = kept_scores(partial, key, stems, prints, fields) if partial else []
+    # the NAME.old files that a stopped run of this command set aside: deleted once this run
+    # writes NAME, as that run would have done (kept in OUT.partial with the scores)
+    asides = earlier_asides(partial, key) if partial else []
     summary.update(scored=len(kept), partial=str(partial) if kept else None, kept=len(kept))
     if kept and not args.quiet:
         with unless_stdout_closed(to_files):
@@ -817,7 +822,7 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
         summary.update(scored=k + 1)  # (`kept` once the file holds it: a full disk fails here)
         if partial:
             kept[k:] = [{"image": stems[k], "files": prints[k], "rows": rows}]
-            write_text(partial, json.dumps({"key": key, "images": kept}) + "\n")
+            write_text(partial, partial_text(key, kept, asides))
             summary.update(partial=str(partial), kept=k + 1)
 
     # a stop after the report's first file (a full disk, Ctrl-C, a bad image) leaves none of it;
@@ -831,10 +836,13 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
         report.removed_if_unfinished(report_dir),
     ):
         with signals_held():  # a stop halfway would leave the earlier report in two places
-            set_aside([Path(p) for p in (args.out, args.csv) if p and p != STDOUT], moved,
-                      report_dir)  # fmt: skip
+            outputs = [Path(p) for p in (args.out, args.csv) if p and p != STDOUT]
+            set_aside(outputs, moved, report_dir)
             if report_dir:
                 report.started(report_dir)
+            if partial and any(p in moved for p in outputs):  # (a stop before the first image)
+                asides += [aside_record(p, moved[p]) for p in outputs if p in moved]
+                write_text(partial, partial_text(key, kept, asides))
         rows, sheets = score(hr, methods, lr_files, sigma_files, columns, opts, report_dir,
                              to_files, to_stderr, args.quiet, scored,
                              [entry["rows"] for entry in kept])  # fmt: skip
@@ -861,6 +869,7 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
                     summary.update(**{JSON_FIELD[flag]: path})
                     if Path(path) in moved:  # replaced by this run's, as a file written over
                         moved.pop(Path(path)).unlink(missing_ok=True)
+                    delete_asides(asides, Path(path))  # (a stopped run's of this command)
         if report_dir:
             table = [(m.name, m.temperature, m.n, means[m.name]) for m in methods]
             with signals_held():  # (as the files: a stop's line says what is where)
@@ -912,6 +921,48 @@ def partial_path(args: EvalArgs) -> Path | None:
     path = out.with_name(fit_name(out.name, len(PARTIAL), name_max(out.parent)) + PARTIAL)
     taken = [*outputs, *([Path(args.report)] if args.report else [])]
     return None if path.resolve() in [p.resolve() for p in taken] else path
+
+
+def partial_text(key: str, kept: list[dict], asides: list[dict]) -> str:
+    """OUT.partial: the settings' `key`, the scores of the images done (`kept`) and the earlier
+    files this command's runs set aside (`asides`: `aside_record`s)."""
+    return json.dumps({"key": key, "images": kept, "aside": asides}) + "\n"
+
+
+def aside_record(path: Path, aside: Path) -> dict:
+    """An earlier --out or --csv `path` that `set_aside` renamed `aside`, as OUT.partial keeps it:
+    absolute paths, and the file's inode, size and modification time (`delete_asides` deletes
+    only the file it was)."""
+    st = aside.stat()
+    return {"path": os.path.abspath(path), "aside": os.path.abspath(aside),
+            "stat": [st.st_ino, st.st_size, st.st_mtime_ns]}  # fmt: skip
+
+
+def earlier_asides(path: Path, key: str) -> list[dict]:
+    """The `aside_record`s in OUT.partial `path` of a run of this command (`key`) stopped before:
+    none where the file is not there, not readable or of other settings."""
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        records = kept.get("aside", []) if kept["key"] == key else []
+        return [r for r in records if set(r) == {"path", "aside", "stat"}
+                and isinstance(r["path"], str) and isinstance(r["aside"], str)]  # fmt: skip
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
+def delete_asides(asides: list[dict], path: Path) -> None:
+    """The NAME.old files of `path` that runs of this command stopped before set aside, deleted
+    now that this run wrote `path`: a run that continues after a stop leaves what one never
+    stopped would (it deletes the NAME.old it made), and a chain of preempted runs in a job
+    array no NAME.old, NAME.old2, ... Only a file still the one set aside (inode, size,
+    modification time: not one the user put there since) is deleted."""
+    for record in asides:
+        if record["path"] != os.path.abspath(path):
+            continue
+        with suppress(OSError):
+            st = os.stat(record["aside"])
+            if [st.st_ino, st.st_size, st.st_mtime_ns] == record["stat"]:
+                os.unlink(record["aside"])
 
 
 def scores_key(args: EvalArgs, settings: dict) -> str:

@@ -1080,16 +1080,23 @@ def test_an_earlier_out_is_moved_aside_while_the_run_works_and_the_stop_says_so(
     assert ((res / "r.json.old2").read_bytes(), (res / "r.csv.old").read_bytes()) == earlier
 
     monkeypatch.undo()
-    assert run(capsys, *argv)[0] == 0  # the rerun continues: nothing to move, nothing deleted
+    # the rerun continues, and deletes what the stopped run set aside, as it would have: a
+    # chain of preempted runs left NAME.old, NAME.old2, ... (one more for each stopped run
+    # after a complete one); not the user's own r.json.old
+    assert run(capsys, *argv)[0] == 0
     assert (out.read_bytes(), csv_file.read_bytes()) == earlier  # (the same command)
-    assert sorted(p.name for p in res.iterdir()) == [
-        "r.csv", "r.csv.old", "r.json", "r.json.old", "r.json.old2"
-    ]  # fmt: skip
-    for name in ("r.csv.old", "r.json.old2"):
-        (res / name).unlink()
-    assert run(capsys, *argv)[0] == 0  # replaces r.json and r.csv, as ever: no NAME.old2 left
     assert sorted(p.name for p in res.iterdir()) == ["r.csv", "r.json", "r.json.old"]
     assert (res / "r.json.old").read_text() == "the user's own\n"
+    stop_at_image(monkeypatch, "0000")  # stopped before any image was scored: the same
+    assert fails(capsys, *argv)[0] == 75
+    assert sorted(p.name for p in res.iterdir()) == [
+        "r.csv.old", "r.json.old", "r.json.old2", "r.json.partial"
+    ]  # fmt: skip
+    (res / "r.csv.old").write_text("the user's, written over ours\n")
+    monkeypatch.undo()
+    assert run(capsys, *argv)[0] == 0
+    assert sorted(p.name for p in res.iterdir()) == ["r.csv", "r.csv.old", "r.json", "r.json.old"]
+    (res / "r.csv.old").unlink()
 
     stop_at_image(monkeypatch, "0001", signal.SIGINT)
     code, err = fails(capsys, *argv)
