@@ -67,8 +67,9 @@ DIR (its index.html, plots/ and images/) moved into a new folder DIR/old (old2, 
 must be writable), so that a run that ends without its results (a stop, an error, Ctrl-C, a
 kill) leaves no earlier numbers under its name and loses no earlier result; its line says where
 they went; a run that completes deletes the NAME.old (DIR/old) it made, and the NAME.old that
-runs of the same command stopped before it made (kept in OUT.partial; only files unchanged since),
-so that a chain of preempted runs ends with what a run never stopped leaves.
+runs of the same command stopped before it made (kept in OUT.partial; only files unchanged since)
+and the DIR/old, old2, ... of stopped runs (their mark .sr_eval_earlier_report in them), so that
+a chain of preempted runs ends with what a run never stopped leaves.
 
 Exit codes: 0 ok, 2 bad flag, 3 unusable data (missing, unreadable or wrongly sized images, an
 index that names other images), 4 out of memory, 6 LPIPS weights, 7 output, 75 stopped by
@@ -665,6 +666,8 @@ def said_unfinished(fields: dict, moved: dict[Path, Path], out_of_memory):
 
 OLD = ".old"  # an earlier --out or --csv set aside while this run works (`set_aside`)
 REPORT_OLD = "old"  # the folder in --report DIR that an earlier report waits in (`set_aside`)
+# in each such folder: what tells it from a folder of the user's named so (`delete_earlier_reports`)
+REPORT_OLD_MARK = ".sr_eval_earlier_report"
 
 
 def set_aside(paths: list[Path], moved: dict[Path, Path], report_dir: Path | None = None):
@@ -674,8 +677,9 @@ def set_aside(paths: list[Path], moved: dict[Path, Path], report_dir: Path | Non
     kill) leaves no earlier numbers under its name for a pipeline that reads the file, not the
     exit code. This run's file, once written, replaces it (`run` deletes NAME.old), as before.
     An earlier report in `report_dir` (its index.html) is moved so too, into a new folder DIR/old
-    (old2, ... where taken): its index.html, plots/ and images/ only (DIR may hold other files),
-    inside DIR, which needs only DIR writable (its parent may be read-only, DIR a mount point).
+    (old2, ... where taken; REPORT_OLD_MARK in it, for `delete_earlier_reports`): its
+    index.html, plots/ and images/ only (DIR may hold other files), inside DIR, which needs only
+    DIR writable (its parent may be read-only, DIR a mount point).
     `moved` then has {DIR/index.html: DIR/old/index.html}, the page to open."""
     for path in paths:
         if exists(path):
@@ -692,6 +696,7 @@ def set_aside(paths: list[Path], moved: dict[Path, Path], report_dir: Path | Non
     aside, done = next(report_dir / n for n in names if not exists(report_dir / n)), []
     try:
         aside.mkdir()
+        (aside / REPORT_OLD_MARK).write_text("an earlier report, set aside by sr_eval.py\n")
         for part in report.PARTS:  # index.html first: no page is left to show half its files
             if exists(report_dir / part):
                 (report_dir / part).rename(aside / part)
@@ -701,6 +706,7 @@ def set_aside(paths: list[Path], moved: dict[Path, Path], report_dir: Path | Non
             with suppress(OSError):
                 (aside / part).rename(report_dir / part)
         with suppress(OSError):
+            (aside / REPORT_OLD_MARK).unlink(missing_ok=True)
             aside.rmdir()
         raise OutputError(f"--report {report_dir}: cannot move the earlier report aside to "
                           f"{aside} ({e.strerror or e}); move or delete it") from None  # fmt: skip
@@ -877,6 +883,8 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
                 summary.update(report=str(index))
                 if report_dir / "index.html" in moved:  # replaced by this run's
                     delete_old_report(moved.pop(report_dir / "index.html").parent)
+                inputs = run_inputs(args, hr, methods, lr_files, sigma_files)
+                delete_earlier_reports(report_dir, [f for *_, fs in inputs for f in fs])
     summary.update(mean=means)
     for flag, path, text in results:
         if path == STDOUT:
@@ -905,6 +913,26 @@ def delete_old_report(aside: Path) -> None:
     except OSError as e:
         warn(f"{aside}: cannot delete the earlier report moved there ({e.strerror or e}); "
              "delete it")  # fmt: skip
+
+
+def delete_earlier_reports(report_dir: Path, inputs: list) -> None:
+    """The earlier reports that runs stopped before set aside in `report_dir` (DIR/old, old2, ...
+    with their REPORT_OLD_MARK; not a folder of the user's), deleted once this run's page is
+    written, as this run deletes the one it set aside: a report rerun after each stop left one
+    more. One that holds a file of this run's `inputs` is kept, with a warning."""
+    named = re.compile(rf"{REPORT_OLD}\d*")
+    try:
+        asides = sorted(p for p in report_dir.iterdir() if named.fullmatch(p.name))
+    except OSError:  # (not listed: nothing deleted; this run's report is whole)
+        return
+    for aside in asides:
+        if not (aside / REPORT_OLD_MARK).is_file():
+            continue  # the user's own folder named so
+        real = aside.resolve()
+        if any(Path(f).resolve().is_relative_to(real) for f in inputs):
+            warn(f"{aside}: an earlier report, kept: this run read files in it; delete it")
+            continue
+        delete_old_report(aside)
 
 
 PARTIAL = ".partial"  # the suffix of the file of the scores so far

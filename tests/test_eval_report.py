@@ -170,7 +170,9 @@ def test_report_without_lpips_plots_what_it_can(tmp_path, capsys, plotted):
 
 
 def files_in(folder: Path) -> dict[Path, bytes]:
-    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    """The files under `folder` but the mark of an earlier report set aside (DIR/old)."""
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*")
+            if p.is_file() and p.name != sr_eval.REPORT_OLD_MARK}  # fmt: skip
 
 
 def confined_to(folder: Path, monkeypatch, errno: int, why: str) -> None:
@@ -235,14 +237,20 @@ def test_a_rerun_that_stops_keeps_the_earlier_report_aside_and_no_page_of_its_ow
     assert all((old / ref).is_file() for ref in page_refs(old / "index.html"))
 
     bad.write_bytes(whole)
-    assert sr_eval.main(second) == 0  # nothing to move aside: the earlier report in old stays
+    # nothing to move aside; the earlier report in old, which the stopped run would have
+    # deleted, is deleted too (it stayed: each stop after a complete run left one more, old2,
+    # old3, ...); a folder of the user's named so (no mark in it) stays
+    (rep / "old2").mkdir()
+    (rep / "old2" / "index.html").write_text("the user's\n")
+    assert sr_eval.main(second) == 0
     assert "second" in (rep / "index.html").read_text()
-    assert files_in(old) == earlier
-    assert sr_eval.main(first) == 0  # moved to old2 while it works, deleted at the end
-    assert sorted(p.name for p in rep.iterdir()) == ["images", "index.html", "old", "plots"]
+    assert sorted(p.name for p in rep.iterdir()) == ["images", "index.html", "old2", "plots"]
+    (rep / "old2" / "index.html").unlink()
+    (rep / "old2").rmdir()
+    assert sr_eval.main(first) == 0  # moved to old while it works, deleted at the end
+    assert sorted(p.name for p in rep.iterdir()) == ["images", "index.html", "plots"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("report")] == ["report"]
-    now = {p: b for p, b in files_in(rep).items() if p.parts[0] != "old"}
-    assert now == earlier  # (the same command: none of the second run's files is left)
+    assert files_in(rep) == earlier  # (the same command: none of the second run's files is left)
 
 
 def a_report(tmp_path) -> tuple[Path, list[str], dict[Path, bytes]]:
