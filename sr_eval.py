@@ -56,20 +56,20 @@ killed before its page (its mark DIR/.sr_eval_unfinished there) is deleted when 
 DIR is locked while a run writes it (a second run into it at once: one line, exit 2).
 
 A run stopped before its end keeps the scores of the images done in OUT.partial beside --out (else
---csv; without either, nothing is kept): the same command run again continues after them, and
-its files are those of a run never stopped. They are taken only where every flag but the outputs',
-the LPIPS weights' sha256, the device and the versions are the same, and for the first images
-whose files (path, size, modification time) are unchanged; the file is deleted once the results
-are written. An error after images were scored says in its line how many images' scores are kept
-there (the --json line's kept). An --out or --csv already there (an earlier run's) is renamed
-NAME.old (NAME.old2, ... where taken) when the scoring starts, and an earlier report in --report
-DIR (its index.html, plots/ and images/) moved into a new folder DIR/old (old2, ...; DIR alone
-must be writable), so that a run that ends without its results (a stop, an error, Ctrl-C, a
-kill) leaves no earlier numbers under its name and loses no earlier result; its line says where
-they went; a run that completes deletes the NAME.old (DIR/old) it made, and the NAME.old that
-runs of the same command stopped before it made (kept in OUT.partial; only files unchanged since)
-and the DIR/old, old2, ... of stopped runs (their mark .sr_eval_earlier_report in them), so that
-a chain of preempted runs ends with what a run never stopped leaves.
+--csv, where a rerun that adds --out takes them; without either, nothing is kept): the same command
+run again continues after them, and its files are those of a run never stopped. They are taken only
+where every flag but the outputs', the LPIPS weights' sha256, the device and the versions are the
+same, and for the first images whose files (path, size, modification time) are unchanged; the file
+is deleted once the results are written. An error after images were scored says in its line how
+many images' scores are kept there (the --json line's kept). An --out or --csv already there (an
+earlier run's) is renamed NAME.old (NAME.old2, ... where taken) when the scoring starts, and an
+earlier report in --report DIR (its index.html, plots/ and images/) moved into a new folder DIR/old
+(old2, ...; DIR alone must be writable), so that a run that ends without its results (a stop, an
+error, Ctrl-C, a kill) leaves no earlier numbers under its name and loses no earlier result; its
+line says where they went; a run that completes deletes the NAME.old (DIR/old) it made, and the
+NAME.old that runs of the same command stopped before it made (kept in OUT.partial; only files
+unchanged since) and the DIR/old, old2, ... of stopped runs (their mark .sr_eval_earlier_report in
+them), so that a chain of preempted runs ends with what a run never stopped leaves.
 
 Exit codes: 0 ok, 2 bad flag, 3 unusable data (missing, unreadable or wrongly sized images, an
 index that names other images), 4 out of memory, 6 LPIPS weights, 7 output, 75 stopped by
@@ -814,6 +814,8 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     fields = {m.name: {"image", *columns} for m in methods}  # the keys of each method's row
     if sigma_files:
         fields[methods[0].name] |= {"PLL", "PSNR_sigma"}
+    if partial:
+        adopt_partial(args, key)
     kept = kept_scores(partial, key, stems, prints, fields) if partial else []
     # the NAME.old files that a stopped run of this command set aside: deleted once this run
     # writes NAME, as that run would have done (kept in OUT.partial with the scores)
@@ -942,13 +944,32 @@ JSON_FIELD = {"--out": "results", "--csv": "csv"}  # the --json line's field of 
 def partial_path(args: EvalArgs) -> Path | None:
     """Where the scores so far are kept (`kept_scores`): NAME.partial beside --out, else beside
     --csv; None where neither names a file (or that name is another output's)."""
+    return next(iter(partial_paths(args)), None)
+
+
+def partial_paths(args: EvalArgs) -> list[Path]:
+    """NAME.partial beside --out, then beside --csv (those that name a file and no output):
+    `partial_path` and where a run of the same command with only --csv kept its scores."""
     outputs = [Path(p) for p in (args.out, args.csv) if p and p != STDOUT]
-    if not outputs:
-        return None
-    out = outputs[0]
-    path = out.with_name(fit_name(out.name, len(PARTIAL), name_max(out.parent)) + PARTIAL)
-    taken = [*outputs, *([Path(args.report)] if args.report else [])]
-    return None if path.resolve() in [p.resolve() for p in taken] else path
+    taken = [p.resolve() for p in [*outputs, *([Path(args.report)] if args.report else [])]]
+    paths = [out.with_name(fit_name(out.name, len(PARTIAL), name_max(out.parent)) + PARTIAL)
+             for out in outputs]  # fmt: skip
+    return [p for p in paths if p.resolve() not in taken]
+
+
+def adopt_partial(args: EvalArgs, key: str) -> None:
+    """The scores kept beside --csv by a run of this command (`key`) without --out, moved to
+    `partial_path` beside the --out now given: the outputs are no part of the command that
+    makes the scores (`scores_key`), so this run continues them, and no file is left behind
+    that no run would read or delete."""
+    here, *others = partial_paths(args)
+    if here.exists():
+        return
+    for other in others:
+        with suppress(OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            if json.loads(other.read_text(encoding="utf-8"))["key"] == key:
+                os.replace(other, here)
+                return
 
 
 def partial_text(key: str, kept: list[dict], asides: list[dict]) -> str:

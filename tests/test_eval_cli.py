@@ -1108,6 +1108,27 @@ def test_an_earlier_out_is_moved_aside_while_the_run_works_and_the_stop_says_so(
     assert not out.exists() and (res / "r.json.old2").read_bytes() == earlier[0]
 
 
+def test_a_rerun_that_adds_out_continues_the_scores_kept_beside_csv(tmp_path, capsys, monkeypatch):
+    """The scores are kept beside --out, else --csv, and the outputs are no part of the
+    command that makes them: a run with --csv alone stopped, then rerun with --out added,
+    scored every image again and left r.csv.partial behind for good. Now that run takes them
+    (moved beside --out) and continues."""
+    names = tuple(f"{k:04d}" for k in range(3))
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 3, names=names)
+    res = tmp_path / "res"
+    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips", "--csv",
+            res / "r.csv"]  # fmt: skip
+    stop_at_image(monkeypatch, "0002")
+    assert fails(capsys, *argv)[0] == 75
+    assert sorted(p.name for p in res.iterdir()) == ["r.csv.partial"]
+    monkeypatch.undo()
+    calls = stop_at_image(monkeypatch, "none")
+    code, cap = run(capsys, *argv, "--out", res / "r.json")
+    assert code == 0 and calls == ["0002"]
+    assert f"continuing from {res / 'r.json.partial'}: 2 of 3 images scored already" in cap.out
+    assert sorted(p.name for p in res.iterdir()) == ["r.csv", "r.json"]
+
+
 def test_a_rerun_scores_again_what_changed_after_the_stop(tmp_path, capsys, monkeypatch):
     """The scores kept are taken only for the same flags and settings, and for the first images
     whose files (size and modification time) did not change: a sample touched since the stop is
