@@ -131,6 +131,8 @@ from sr_lib import metrics, report
 from sr_lib.config import asks_json, given_fields, parse, pick_device
 from sr_lib.data import (
     AlphaDropped,
+    FloatClipped,
+    FloatNotFinite,
     check_out_dir,
     check_out_file,
     demo_files,
@@ -728,16 +730,22 @@ def aside_name(path: Path) -> Path:
 
 
 def one_line_warnings():
-    """A warnings.showwarning: one line each, and a dropped alpha channel once per folder (an
-    RGBA sample folder of 100 images at N = 10 gave 1,000 lines)."""
+    """A warnings.showwarning: one line each, and a dropped alpha channel, float pixels clipped
+    and NaN or infinite ones each once per folder (an RGBA sample folder of 100 images at N = 10
+    gave 1,000 lines; so did a method's float TIFFs with NaN)."""
     folders = set()
+    also = {AlphaDropped: "so is that of any other file in"}
+    also |= dict.fromkeys(
+        (FloatClipped, FloatNotFinite), "said once per folder: so may be others in"
+    )
 
     def show(message, *args, **kwargs):
-        if isinstance(message, AlphaDropped):
-            if message.path.parent in folders:
+        if type(message) in also:
+            folder = message.path.parent
+            if (type(message), folder) in folders:
                 return
-            folders.add(message.path.parent)
-            message = f"{message}; so is that of any other file in {message.path.parent}"
+            folders.add((type(message), folder))
+            message = f"{message}; {also[type(message)]} {folder}"
         warn(str(message))
 
     return show

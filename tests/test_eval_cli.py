@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -25,6 +26,7 @@ import pytest
 import torch
 from conftest import opens_of
 from PIL import Image
+from test_data import write_tiff
 
 import sr_eval
 import sr_lib.metrics
@@ -557,6 +559,31 @@ def test_16bit_rgba_and_gray_images_are_evaluated(tmp_path, capsys, lpips_file):
     code, cap = run(capsys, *args, "--out", out)
     said = [line for line in cap.err.splitlines() if "alpha channel dropped" in line]
     assert code == 0 and len(said) == 1 and str(sr_dir) in said[0], cap.err
+
+
+def test_nan_in_a_folder_of_float_samples_is_one_warning_line(tmp_path, capsys):
+    """A method's float TIFF samples with NaN (read as 0, with a warning naming the file): a
+    line for each file, 1,000 for 100 images at N = 10. Now once per folder and kind, as a
+    dropped alpha channel; the other folder's own line is said too."""
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2)
+    other = tmp_path / "other"
+    shutil.copytree(sr_dir, other)
+    for folder in (sr_dir, other):
+        for f in sorted(folder.iterdir()):
+            img = read_image(f) / np.float32(255)
+            img[0, 0] = np.nan
+            write_tiff(f.with_suffix(".tif"), img)
+            f.unlink()
+    code, cap = run(capsys, *base(hr_dir, sr_dir, 2, "--sr", other, "--quiet"))
+    assert code == 0, cap.err
+    lines = cap.err.splitlines()  # (the first file decoded: threads decode them)
+    assert len(lines) == 2, lines
+    for line, folder in zip(sorted(lines), (sr_dir, other)):
+        said = re.escape(f"sr_eval.py: warning: {folder}/") + r"00000\d_sample0000\d\.tif: "
+        said += re.escape("3 NaN float value(s), read as 0 (NaN, -inf) and 1 (+inf): the image "
+                          "is not the one the file holds; check what wrote it; said once per "
+                          f"folder: so may be others in {folder}")  # fmt: skip
+        assert re.fullmatch(said, line), line
 
 
 # ----------------------------------------------------------------------------- bad input
