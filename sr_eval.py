@@ -133,6 +133,7 @@ from sr_lib.data import (
     AlphaDropped,
     FloatClipped,
     FloatNotFinite,
+    OnlyOtherFormats,
     check_out_dir,
     check_out_file,
     demo_files,
@@ -258,13 +259,15 @@ def manifest_made_by(folder: Path) -> dict:
     return {k: v if isinstance(v, str) else None for k, v in got.items()}
 
 
-def images_by_stem(folder: Path) -> dict[str, Path]:
+def images_by_stem(folder: Path, read_from: bool = True) -> dict[str, Path]:
     """stem -> image file of a folder as every script lists it (sr_lib.data.list_images, not
-    recursive); .png wins when two files share a stem. A folder without images gives {}."""
+    recursive); .png wins when two files share a stem. A folder without images gives {}, but
+    one of images in formats not read only an error saying so where they are to be read
+    (`read_from`; not where a sweep folder is told by its images)."""
     try:
         files = list_images(folder, recursive=False)
-    except DataError:
-        if not folder.is_dir():
+    except DataError as e:
+        if not folder.is_dir() or (read_from and isinstance(e, OnlyOtherFormats)):
             raise
         files = []  # no images: the caller says which ones it expected
     out: dict[str, Path] = {}
@@ -351,7 +354,7 @@ def expand_methods(specs: list[str], n: int) -> list[Method]:
         explicit |= {name} if name else set()
         sweep = sweep_folders(folder)
         found = [(f"{base}@T{t:g}", sub, t) for t, sub in sweep]
-        if not sweep or images_by_stem(folder):
+        if not sweep or images_by_stem(folder, read_from=False):
             found.insert(0, (base, folder, manifest_temperature(folder)))
         rows += [(row_name, row_dir, count, t, bool(name)) for row_name, row_dir, t in found]
     taken: set[str] = set()

@@ -804,6 +804,10 @@ def _walk(folder: Path, recursive: bool, dangling: list[Path]):
                 continue
 
 
+class OnlyOtherFormats(DataError):
+    """`list_images` of a folder whose images are all of formats not read (.gif, ...)."""
+
+
 def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
     """Image files in `folder` (by extension, any case) in `image_order`; symlinked files and
     folders are followed, hidden files and folders and folders named like images are skipped,
@@ -839,7 +843,7 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
             stacklevel=2,
         )
     if not files and other:
-        raise DataError(f"{folder}: no images found, but {other_said}: convert them to PNG")
+        raise OnlyOtherFormats(f"{folder}: no images found, but {other_said}: convert them to PNG")
     if not files:
         # a dataset given one level too high (DIV2K/ for DIV2K/DIV2K_valid_HR/): say where it is
         deeper = [] if recursive else _walk(folder, True, [])

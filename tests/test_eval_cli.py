@@ -561,6 +561,20 @@ def test_16bit_rgba_and_gray_images_are_evaluated(tmp_path, capsys, lpips_file):
     assert code == 0 and len(said) == 1 and str(sr_dir) in said[0], cap.err
 
 
+def test_a_sample_folder_of_formats_not_read_says_so(tmp_path, capsys):
+    """An --sr folder of .gif samples said 'no SR sample for the first HR image ... (expected
+    000000_sample00000.png or ...)', as for an empty folder: the files there not named. Now its
+    line says what it holds and what to do."""
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2)
+    for f in sr_dir.iterdir():
+        Image.open(f).save(f.with_suffix(".gif"))
+        f.unlink()
+    code, err = fails(capsys, *base(hr_dir, sr_dir))
+    assert (code, err) == (3, f"sr_eval.py: error: {sr_dir}: no images found, but 4 image(s) of "
+                           "a format not read (e.g. 000000_sample00000.gif; read: "
+                           "png/jpg/jpeg/bmp/tif/tiff/webp): convert them to PNG\n")  # fmt: skip
+
+
 def test_nan_in_a_folder_of_float_samples_is_one_warning_line(tmp_path, capsys):
     """A method's float TIFF samples with NaN (read as 0, with a warning naming the file): a
     line for each file, 1,000 for 100 images at N = 10. Now once per folder and kind, as a
