@@ -24,13 +24,14 @@ sr_lib.data.image_order: by stem) with stem S and sample i: {k:06d}_sample{i:05d
 challenge's) or {S}_sample{i:05d}.png; with --n 1 also {k:06d}.png or {S}.png; S may carry DIV2K's
 LR suffix x{scale} (0801x4_sample00000.png: sr_sample.py run on DIV2K_valid_LR_bicubic/X4). The
 layout is detected per SR folder; an ntire_index.json there (sr_sample.py --layout ntire) must name
-the HR image of every index. Images are listed as by every script (sr_lib.data.list_images, not
-recursive). LR files (--lr): {S}.png or {S}x{scale}.png. Sizes are checked: an SR is at most
-HR-sized (HR rounded up to a multiple of --scale), an LR is HR/scale (rounded down or up), a sigma
-map (--uncertainty) float (3, H, W) of its samples' size, and the crops are large enough for LPIPS
-and SSIM; for every image from its files' headers before any is scored (check_headers), and again
-once decoded. A folder's manifest.json (sr_sample.py) must record --scale and at least N samples
-per image (files beyond its n are an earlier run's, left by --overwrite).
+the HR image of every index (without one, samples by index of more images than --hr has: a
+warning). Images are listed as by every script (sr_lib.data.list_images, not recursive). LR files
+(--lr): {S}.png or {S}x{scale}.png. Sizes are checked: an SR is at most HR-sized (HR rounded up to
+a multiple of --scale), an LR is HR/scale (rounded down or up), a sigma map (--uncertainty) float
+(3, H, W) of its samples' size, and the crops are large enough for LPIPS and SSIM; for every image
+from its files' headers before any is scored (check_headers), and again once decoded. A folder's
+manifest.json (sr_sample.py) must record --scale and at least N samples per image (files beyond its
+n are an earlier run's, left by --overwrite).
 
 --out JSON: {"settings": {...}, "mean": {col: v}, "per_image": [{"image": S, col: v, ...}]} for one
 --sr folder ("settings" has its n, temperature, model and checkpoint_sha256); with several:
@@ -402,6 +403,11 @@ def find_samples(sr_dir: Path, stems: list[str], n: int, scale: int) -> list[lis
         )
     if best in (0, len(prefixes)):  # (the index layouts)
         check_index(sr_dir, stems, scale)
+        beyond = layouts[best](len(stems), "", 0)
+        if beyond in have and not (sr_dir / "ntire_index.json").is_file():
+            warn(f"{sr_dir}: holds samples of more images than --hr has ({len(stems)}), e.g. "
+                 f"{have[beyond].name}; they are paired by index with the --hr images in their "
+                 "order: is --hr the first images of the set they were made from?")  # fmt: skip
     made = number(manifest.get("scale"))
     if made is not None and made != scale:  # without --lr, nothing else would notice
         raise DataError(

@@ -575,6 +575,23 @@ def test_a_sample_folder_of_formats_not_read_says_so(tmp_path, capsys):
                            "png/jpg/jpeg/bmp/tif/tiff/webp): convert them to PNG\n")  # fmt: skip
 
 
+def test_an_index_folder_of_more_images_than_hr_is_a_warning(tmp_path, capsys):
+    """Samples named by index (the challenge's 000000_sample00000.png) without an
+    ntire_index.json are paired with the --hr images in their order: an --hr of some of the
+    images they were made from (0801 and 0803 of three) scored 0803 against 0802's samples
+    without a word where the sizes agree. Now a warning says the folder holds more images."""
+    names = ("0801", "0802", "0803")
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 3, names=names)
+    code, cap = run(capsys, *base(hr_dir, sr_dir, 2, "--quiet"))
+    assert (code, cap.err) == (0, "")
+    (hr_dir / "0802.png").unlink()
+    code, cap = run(capsys, *base(hr_dir, sr_dir, 2, "--quiet"))
+    assert (code, cap.err) == (0, f"sr_eval.py: warning: {sr_dir}: holds samples of more images "
+                               "than --hr has (2), e.g. 000002_sample00000.png; they are paired "
+                               "by index with the --hr images in their order: is --hr the first "
+                               "images of the set they were made from?\n")  # fmt: skip
+
+
 def test_nan_in_a_folder_of_float_samples_is_one_warning_line(tmp_path, capsys):
     """A method's float TIFF samples with NaN (read as 0, with a warning naming the file): a
     line for each file, 1,000 for 100 images at N = 10. Now once per folder and kind, as a
