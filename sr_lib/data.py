@@ -775,7 +775,8 @@ def image_order(path: Path) -> tuple:
 
 def _walk(folder: Path, recursive: bool, dangling: list[Path]):
     """Files under `folder`, following symlinked folders once each (a link back up is skipped);
-    hidden entries (".x", "._x.png") are skipped, links to nothing added to `dangling`."""
+    hidden entries (".x", "._x.png") are skipped, links to nothing (or in a loop) added to
+    `dangling`."""
     seen = set()
     stack = [folder]
     while stack:
@@ -800,8 +801,9 @@ def _walk(folder: Path, recursive: bool, dangling: list[Path]):
                     yield path
                 elif entry.is_symlink():
                     dangling.append(path)
-            except OSError:
-                continue
+            except OSError:  # a link in a loop (ELOOP): no file at its end either
+                if entry.is_symlink():
+                    dangling.append(path)
 
 
 class OnlyOtherFormats(DataError):

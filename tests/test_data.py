@@ -1003,6 +1003,21 @@ def test_list_images(tmp_path):
         assert [p.name for p in list_images(tmp_path, recursive=False)] == ["a.JpG", "b.PNG"]
 
 
+def test_links_in_a_loop_are_said_as_links_to_missing_files(tmp_path):
+    """A link named like an image that ends nowhere was skipped with a warning, but links in a
+    loop (a.png -> b.png -> a.png, self.png -> self.png: ELOOP) without a word."""
+    (tmp_path / "ok.png").write_bytes(b"")
+    (tmp_path / "a.png").symlink_to("b.png")
+    (tmp_path / "b.png").symlink_to("a.png")
+    (tmp_path / "self.png").symlink_to("self.png")
+    with pytest.warns(UserWarning) as caught:
+        assert list_images(tmp_path) == [tmp_path / "ok.png"]
+    assert [str(w.message) for w in caught] == [
+        f"{tmp_path}: skipped 3 symbolic link(s) to missing files, e.g. {tmp_path / 'a.png'} "
+        "-> b.png"
+    ]
+
+
 def test_images_of_formats_not_read_are_said(tmp_path):
     """A folder of ground truths partly in formats not read (.gif, .ppm, .exr, ...) was listed
     without them and without a word: sr_eval.py scored fewer images than the folder holds, and a
