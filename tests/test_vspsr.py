@@ -155,7 +155,7 @@ def test_cem_train_drops_the_mse_as_the_released_postprocess(make_batch):
     out = model(lr, hr)
     assert out["mse"] > 0.01  # logged, not trained
     want = 0.1 * out["kl"] + 0.01 * out["adv"]
-    assert float(out["loss"]) == pytest.approx(float(want), rel=1e-6)
+    assert out["loss"].item() == pytest.approx(want.item(), rel=1e-6)
     # Nothing left to train the image: one line at sr_train.py's start (check_files) and here.
     off = tiny(cem_train=True, lambda_adv=0.0)
     for call in (lambda: off.check_files(loaded=False), lambda: off(lr, hr)):
