@@ -176,3 +176,21 @@ def test_ci_runs_the_readmes_test_command_and_the_integration_tier():
     development = README.split("## Development", 1)[1].split("\n## ", 1)[0]
     for marker in markers:
         assert f"python -m pytest -m {marker}" in development, marker
+
+
+def suite_minutes(text: str) -> list[str]:
+    """The default suite's time wherever a page states one: README's Installation ("the default
+    suite's N tests take about M minutes"), its quick start's test command ("# the tests (CPU,
+    ~M minutes)") and docs/design.md's Tests section ("the default suite: about M minutes")."""
+    said = r"(?:default suite[^.()]*?about|# the tests \(CPU, ~) *([\d½.]+) minutes"
+    return re.findall(said, " ".join(text.split()))
+
+
+def test_every_page_gives_the_default_suite_the_readmes_time():
+    """docs/design.md said the default suite takes about 7 minutes on 2 cores and the quick start
+    ~4, where the README's Installation, which the lead measures, says about 3½."""
+    measured = suite_minutes(README.split("## Installation", 1)[1].split("\n## ", 1)[0])
+    assert len(measured) == 1, measured  # (the Installation line was found)
+    for page, text in (("README.md", README), ("docs/design.md", DESIGN)):
+        assert set(suite_minutes(text)) <= set(measured), (page, suite_minutes(text), measured)
+    assert suite_minutes(README.split("## Quick start", 1)[1].split("\n## ", 1)[0])  # (it has one)
