@@ -41,6 +41,7 @@ def expand(words: str, known: dict[str, str]) -> str:
     """Shell variables as their `known` values, else a plain word, as <placeholders> are."""
     words = re.sub(r"<[^>]*>", "PLACEHOLDER", words)
     words = words.replace('"$@"', "")  # a job script's own arguments: none given
+    words = re.sub(r"\$\{\w+:\+([^}]*)\}", r"\1", words)  # ${V:+WORDS}: V set, as by default
     return re.sub(r"\$\{?(\w+)\}?", lambda v: known.get(v.group(1), "VAR"), words)
 
 
@@ -116,3 +117,21 @@ def test_a_job_script_says_to_make_its_log_folder(path):
     folders = re.findall(r"^#SBATCH --(?:output|error)=(.+)/[^/]*$", text, re.M)
     for folder in folders:
         assert f"mkdir -p {folder} && sbatch {path.relative_to(REPO)}" in text, folder
+
+
+def test_a_flow_trained_on_the_papers_recipe_starts_from_a_pretrained_encoder():
+    """SRFlow's recipe trains the flow on a pre-trained RRDB encoder, frozen for the first half
+    of the run (--freeze-encoder 0.5). examples/slurm/train.sbatch trained SRFlow without
+    --rrdb-init: a random encoder, frozen for 100k steps. Each documented command that trains a
+    flow (not a resume or -h) gives the encoder, or does not freeze it."""
+    flows = {"srflow", "srflow_da", "ncsr"}
+    trained = []
+    for where, script, argv in COMMANDS:
+        if script != "sr_train.py" or "-h" in argv or "--help" in argv:
+            continue
+        args, rest, _ = sr_train.parse_all(argv)
+        if args.model in flows:
+            cfg = parse(MODELS[args.model].Config, rest, f"sr_train.py --model {args.model}")
+            trained.append(where)
+            assert cfg.rrdb_init or cfg.freeze_encoder == 0 or args.init_from, where
+    assert any("train.sbatch" in w for w in trained) and len(trained) >= 5, trained

@@ -95,7 +95,7 @@ def test_a_preempted_training_job_requeues_and_resumes_from_last_pt(tmp_path, sc
     meet at the first node of SLURM_STEP_NODELIST (127.0.0.[1-2]) and the job id's port."""
     data = make_images(tmp_path / "hr", [f"im{i}.png" for i in range(4)])
     out = tmp_path / "root" / "run"
-    env = {"DATA": str(data), "CACHE": str(tmp_path / "cache"), "RUN": "run"}
+    env = {"DATA": str(data), "CACHE": str(tmp_path / "cache"), "RUN": "run", "RRDB": ""}
     flags = [*model, "--steps", "100", "--save-every", "5"]
     job, root = submit(tmp_path, EXAMPLES / script, opts, flags, env)
     preempt(tmp_path, EXAMPLES / script, lambda: logged_steps(out) >= 7, job, root)
