@@ -194,3 +194,22 @@ def test_every_page_gives_the_default_suite_the_readmes_time():
     for page, text in (("README.md", README), ("docs/design.md", DESIGN)):
         assert set(suite_minutes(text)) <= set(measured), (page, suite_minutes(text), measured)
     assert suite_minutes(README.split("## Quick start", 1)[1].split("\n## ", 1)[0])  # (it has one)
+
+
+def test_the_readme_names_the_weights_whose_hash_is_checked():
+    """The README said every pretrained weights file is checked against its sha256, where
+    weights.txt gives a hash for two (torchvision's 8-hex prefixes) and `-`, unchecked, for the
+    others (the released SRFlow, NCSR, ESRGAN, EDSR, RefVAE files)."""
+    from sr_lib.weights import load_manifest
+
+    manifest = load_manifest()
+    checked = sorted(name for name, e in manifest.items() if e.sha256)
+    assert checked  # (the manifest was read)
+    text = " ".join(README.split("## Pretrained weights", 1)[1].split("\n## ", 1)[0].split())
+    named = re.search(
+        r"A file whose line gives a sha256 is checked against it \(checked: ([^;]*)", text
+    )
+    assert named, "the README does not say which files are checked"
+    assert sorted(re.findall(r"`([\w-]+)`", named.group(1))) == checked, named.group(1)
+    prefix = {len(manifest[name].sha256) for name in checked} == {8}
+    assert ("8-hex prefix" in named.group(1)) == prefix, named.group(1)
