@@ -400,6 +400,22 @@ def test_actnorm_initialises_once_and_never_after_loading(tmp_path):
     assert not torch.equal(resumed.RRDB.conv_first.weight, enc.conv_first.weight)
 
 
+@pytest.mark.parametrize("name", ["srflow", "srflow_da", "ncsr"])
+def test_a_random_encoder_frozen_at_start_is_a_warning(name, tmp_path, recwarn):
+    """The paper's --freeze-encoder 0.5 froze a random encoder for half the run, without a word,
+    where --rrdb-init was not given: training from the start, or a pre-trained RRDB, is meant."""
+    said = r"--freeze-encoder 0.5: the encoder stays frozen for the first 50% of the steps, and "
+    with pytest.warns(UserWarning, match=said + "without --rrdb-init it is random"):
+        build_model(name, TINY[name]).check_files(loaded=False)
+    path = tmp_path / "RRDB.pth"
+    torch.save(build_model(name, TINY[name]).RRDB.state_dict(), path)
+    recwarn.clear()
+    build_model(name, {**TINY[name], "rrdb_init": str(path)}).check_files(loaded=False)
+    build_model(name, {**TINY[name], "freeze_encoder": 0.0}).check_files(loaded=False)
+    build_model(name, TINY[name]).check_files(loaded=True)  # a resume: its encoder was trained
+    assert not [w for w in recwarn if "--freeze-encoder" in str(w.message)]
+
+
 def test_ncsr_noise():
     model = tiny("ncsr", noise_steps="0,1,2")
     active = [[bool(getattr(m.affine, "noise_conditional", False)) for m in level.layers[2:4]]

@@ -12,6 +12,7 @@ official checkpoints load strictly (never called, requires_grad False; `--no-unu
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -608,6 +609,16 @@ class SRFlow(SRModel):
     def check_files(self, loaded: bool) -> None:
         if not loaded:
             self._load_rrdb_init()
+        if not loaded and not self.cfg.rrdb_init and self.cfg.freeze_encoder > 0:
+            # The papers' encoder is a pre-trained RRDB, frozen for the first half (SRFlow §4):
+            # a random one frozen that long conditions half the run on random features.
+            warnings.warn(
+                f"--freeze-encoder {self.cfg.freeze_encoder:g}: the encoder stays frozen for the "
+                f"first {self.cfg.freeze_encoder:.0%} of the steps, and without --rrdb-init it is "
+                "random; give --rrdb-init FILE (a released RRDB_*.pth or an rrdb run's last.pt), "
+                "or --freeze-encoder 0 to train it from the start",
+                stacklevel=2,
+            )
 
     def _load_rrdb_init(self) -> None:
         """--rrdb-init's encoder weights, once (the official configs start here)."""
