@@ -39,7 +39,9 @@ upscaled (MATLAB bicubic, clipped; --alpha-channel drop: without), 8-bit, or 16-
                           rerun with other settings or other control file contents is refused
                           unless --overwrite (not for a flag of no effect, one warning line:
                           --seed and --temperature where a control sets the latents or the model
-                          is deterministic, --latent-steps without --latent-shift)
+                          is deterministic, --latent-steps without --latent-shift); another
+                          srspace version is one warning line (the images complete keep
+                          their samples: an upgrade between a preemption and its requeue)
   ntire_index.json        --layout ntire: {"scale": s, "000000": STEM, ...} for every input
 The sample folder is --out with one --temperature, and --out/T{t} (e.g. T0.9, T1) for each of
 several: the LR-only work of the model (its encoder, conditioning) is then done once per image for
@@ -740,13 +742,20 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     if args.layout == "stem":
         check_name_lengths([p for _, p in mine], files, from_hr, out)
         check_shared_outputs(paths, files, out)
+    said_version = False
     for t, folder in folders.items():
         check_out_dir(folder)
         if args.overwrite and (folder / "manifest.json").is_file():
             remove_old_files(folder, [f"{k:06d}" if args.layout == "ntire" else p.stem
                                       for k, p in mine], inputs, args.layout,
                              {p.stem for p in paths})  # fmt: skip
-        claim_folder(folder, {**settings, "temperature": t}, args.overwrite, inputs, free)
+        was = claim_folder(folder, {**settings, "temperature": t}, args.overwrite, inputs, free)
+        if was and not said_version:  # (one line for a sweep's folders)
+            said_version = True
+            say_err(f"{PROG}: warning: {folder} holds samples made by srspace {was}, this is "
+                    f"{__version__}: the images complete keep them, the others are sampled by "
+                    "this one (a release may change the samples of the same settings; "
+                    "--overwrite redoes every image)")  # fmt: skip
         if args.layout == "ntire":
             claim_index(folder, paths, model.scale, args.overwrite)
     autocast = autocast_for(args.amp, device)
@@ -1025,9 +1034,10 @@ def differences(old: dict, new: dict, free=frozenset()) -> list[tuple[str, objec
     `no_effect`) that differs. (The run's control flags are compared: a folder of the same ones
     had `free` of no effect too.) A control flag whose files' contents both record
     (control_sha256) is compared by them alone, not by its path's text: DIR/, a link to DIR or
-    its absolute path name the same files."""
+    its absolute path name the same files. The srspace version is not compared (`claim_folder`
+    warns of another)."""
     out = [(k, old.get(k), v) for k, v in new.items()
-           if k != "flags" and k not in free and old.get(k) != v]  # fmt: skip
+           if k not in ("flags", "version") and k not in free and old.get(k) != v]  # fmt: skip
     flags = old.get("flags") if isinstance(old.get("flags"), dict) else {}
     was = old.get("control_sha256") if isinstance(old.get("control_sha256"), dict) else {}
     digested = {f[2:].replace("-", "_") for f in set(was) & set(new.get("control_sha256", {}))}
@@ -1084,11 +1094,14 @@ def tiles(context) -> str:
 
 
 def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
-                 free=frozenset()) -> None:  # fmt: skip
+                 free=frozenset()) -> str | None:  # fmt: skip
     """Write FOLDER/manifest.json, or check a rerun against it: files made with other settings
     are never mixed into one folder (unless --overwrite). `inputs`: the resolved input paths,
     PNGs there that are not another tool's output (an --out that is the --input folder); `free`:
-    the settings of no effect on this run's samples (`no_effect`), not compared."""
+    the settings of no effect on this run's samples (`no_effect`), not compared. Returns the
+    srspace version of the folder's manifest where it is another than this one (else None):
+    a warning, not a refusal, as an upgrade between a preempted job and its requeue would
+    otherwise leave only --overwrite, a redo of every image."""
     path = folder / "manifest.json"
     if path.is_file() and not overwrite:
         try:
@@ -1120,13 +1133,15 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
                 f"{folder} holds samples made with {was}, not {now}; use another --out, or "
                 "--overwrite to redo them"
             )
-        return
+        was = old.get("version")
+        return None if was == settings["version"] else str(was)
     if not overwrite and not real_paths(folder.glob("*.png")) <= set(inputs):
         raise UsageError(
             f"{folder} holds PNG files but no manifest.json (another tool's output?); use "
             "another --out, or --overwrite"
         )
     save_text(path, json.dumps(settings, indent=1) + "\n")
+    return None
 
 
 def claim_index(folder: Path, paths: list[Path], scale: int, overwrite: bool) -> None:

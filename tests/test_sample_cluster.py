@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import TINY
 
+import sr_lib
 import sr_sample
 from sr_lib.checkpoint import save_checkpoint
 from sr_lib.models import build_model
@@ -276,3 +277,25 @@ def test_full_disk_is_one_line_exit_7_and_no_partial_file(tmp_path, flow_ckpt):
     assert p.returncode == 7 and len(err) == 1, p.stderr
     assert "im 00_sample00000.png: cannot write (File too large)" in err[0]
     assert [f.name for f in out.iterdir()] == ["manifest.json"]  # no partial PNG, no temp file
+
+
+def test_another_srspace_version_is_a_warning_not_a_refusal(tmp_path, flow_ckpt, monkeypatch,
+                                                             capsys):  # fmt: skip
+    """An upgrade between a preempted task and its requeue was refused (exit 2: version "0.2.0",
+    not ...), which left --overwrite, a redo of every image; now one warning line naming both
+    versions, the images complete kept, and every other setting still compared."""
+    inp = images(tmp_path / "in", 4)
+    base = ["--ckpt", flow_ckpt, "--input", inp, "--n", 1, "--quiet", "--out", tmp_path / "out"]
+    assert run(*base, "--shard", "0/2") == 0
+    kept = files(tmp_path / "out")
+    monkeypatch.setattr(sr_sample, "__version__", "99.0.0")
+    capsys.readouterr()
+    assert run(*base, "--shard", "1/2") == 0
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and f"srspace {sr_lib.__version__}, this is 99.0.0" in err
+    got = files(tmp_path / "out")
+    assert {k: got[k] for k in kept} == kept and len(got) == 4
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["version"] == sr_lib.__version__  # (the folder's first)
+    assert run(*base, "--shard", "1/2", "--seed", 7) == 2
+    assert "--seed 0, not 7" in capsys.readouterr().err
