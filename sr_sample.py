@@ -89,7 +89,13 @@ Clusters: --shard I/N samples images I, I+N, I+2N, ... of the order (0 <= I < N;
 SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT). Every file is written atomically (a temporary
 name, then a rename), and an image whose files all exist is skipped, so a killed or preempted run
 continues where it stopped when rerun (--overwrite redoes everything, first deleting the files
-named above of the images it samples, in a folder that has a manifest.json). --out may be the
+named above of the images it samples, in a folder that has a manifest.json). Every task of an
+array must see the same inputs: an image added to or removed from the input folder would move
+the others between the shards, some then sampled by none; so a --shard I/N (N > 1) of another
+list than the folder's is refused (--layout stem: manifest.json's inputs, the count and sha256
+of the input names in order; a run of every image, --shard 0/1, records its own list; --layout
+ntire numbers the images by position: its ntire_index.json refuses any run of another list).
+--out may be the
 --input folder: files there named NAME_sample{i:05d}, NAME_sigma or NAME_grid (NAME another
 input's stem or a 6-digit NTIRE number) are then samples, left out of the inputs with a warning;
 a deterministic model's NAME.png would replace its input there (--layout ntire: any model's
@@ -749,7 +755,8 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
             remove_old_files(folder, [f"{k:06d}" if args.layout == "ntire" else p.stem
                                       for k, p in mine], inputs, args.layout,
                              {p.stem for p in paths})  # fmt: skip
-        was = claim_folder(folder, {**settings, "temperature": t}, args.overwrite, inputs, free)
+        was = claim_folder(folder, {**settings, "temperature": t}, args.overwrite, inputs, free,
+                           parts > 1)  # fmt: skip
         if was and not said_version:  # (one line for a sweep's folders)
             said_version = True
             say_err(f"{PROG}: warning: {folder} holds samples made by srspace {was}, this is "
@@ -976,7 +983,9 @@ def run_settings(args, ck, ckpt_sha256, model, n, context, from_hr, paths, contr
     [tile, context] (LR px), which change the samples. control_sha256 (only where a control
     flag reads files): {flag: sha256 of its files' sha256s, in the order used}, as the
     checkpoint's: a --ref folder or --latent file of other contents under the same name makes
-    other samples, and a rerun must not mix them with the old ones."""
+    other samples, and a rerun must not mix them with the old ones. inputs (--layout stem): the
+    count and the sha256 of the JSON list of the input names of every shard, in the image order,
+    which decides the images of each --shard (`claim_folder`)."""
     halo = model.tile_halo
     exact = not args.tile or (halo is not None and context >= exact_context(model))
     exact = exact or one_tile(args, model, paths, from_hr)
@@ -986,6 +995,12 @@ def run_settings(args, ck, ckpt_sha256, model, n, context, from_hr, paths, contr
         "tile_context": 0 if exact else [grid(model, args.tile, context)[0], context],
         "version": __version__, "flags": vars(args),
     }  # fmt: skip
+    if args.layout == "stem":  # (--layout ntire: ntire_index.json names every input)
+        names = json.dumps([p.name for p in paths]).encode()  # (in the order of the shards)
+        settings["inputs"] = {
+            "count": len(paths),
+            "names_sha256": hashlib.sha256(names).hexdigest(),
+        }
     if controls is not None and controls.digests:
         settings["control_sha256"] = {k: joint_sha256(v) for k, v in controls.digests.items()}
     return settings
@@ -1034,10 +1049,11 @@ def differences(old: dict, new: dict, free=frozenset()) -> list[tuple[str, objec
     `no_effect`) that differs. (The run's control flags are compared: a folder of the same ones
     had `free` of no effect too.) A control flag whose files' contents both record
     (control_sha256) is compared by them alone, not by its path's text: DIR/, a link to DIR or
-    its absolute path name the same files. The srspace version is not compared (`claim_folder`
-    warns of another)."""
+    its absolute path name the same files. The srspace version and the inputs are not compared
+    here (`claim_folder`)."""
     out = [(k, old.get(k), v) for k, v in new.items()
-           if k not in ("flags", "version") and k not in free and old.get(k) != v]  # fmt: skip
+           if k not in ("flags", "version", "inputs") and k not in free
+           and old.get(k) != v]  # fmt: skip
     flags = old.get("flags") if isinstance(old.get("flags"), dict) else {}
     was = old.get("control_sha256") if isinstance(old.get("control_sha256"), dict) else {}
     digested = {f[2:].replace("-", "_") for f in set(was) & set(new.get("control_sha256", {}))}
@@ -1094,14 +1110,19 @@ def tiles(context) -> str:
 
 
 def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
-                 free=frozenset()) -> str | None:  # fmt: skip
+                 free=frozenset(), sharded: bool = False) -> str | None:  # fmt: skip
     """Write FOLDER/manifest.json, or check a rerun against it: files made with other settings
     are never mixed into one folder (unless --overwrite). `inputs`: the resolved input paths,
     PNGs there that are not another tool's output (an --out that is the --input folder); `free`:
     the settings of no effect on this run's samples (`no_effect`), not compared. Returns the
     srspace version of the folder's manifest where it is another than this one (else None):
     a warning, not a refusal, as an upgrade between a preempted job and its requeue would
-    otherwise leave only --overwrite, a redo of every image."""
+    otherwise leave only --overwrite, a redo of every image.
+    The inputs' record (--layout stem; ntire_index.json names them with --layout ntire): a
+    --shard I/N (N > 1) of another list of inputs is refused, as images added to or removed from
+    the input folder while an array runs move images between its tasks (k % N), some then
+    sampled by none; a run of every image (N = 1), or one into a folder of an older manifest
+    without the record, records its own list."""
     path = folder / "manifest.json"
     if path.is_file() and not overwrite:
         try:
@@ -1133,6 +1154,20 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
                 f"{folder} holds samples made with {was}, not {now}; use another --out, or "
                 "--overwrite to redo them"
             )
+        listed = old.get("inputs")
+        if "inputs" in settings and listed != settings["inputs"]:
+            if sharded and listed is not None:
+                then = listed.get("count", "?") if isinstance(listed, dict) else "?"
+                raise UsageError(
+                    f"{folder} was begun with another list of inputs ({then} images, "
+                    f"{settings['inputs']['count']} now: files added to, removed from or renamed "
+                    f"in --input {settings['flags']['input']}?): with --shard "
+                    f"{settings['flags']['shard']} the images would move between the array's "
+                    "tasks, some sampled by none; put the inputs back, or run once with --shard "
+                    "0/1 (it samples every image not complete and records the new list), or use "
+                    "another --out"
+                )
+            save_text(path, json.dumps({**old, "inputs": settings["inputs"]}, indent=1) + "\n")
         was = old.get("version")
         return None if was == settings["version"] else str(was)
     if not overwrite and not real_paths(folder.glob("*.png")) <= set(inputs):

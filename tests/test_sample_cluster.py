@@ -299,3 +299,29 @@ def test_another_srspace_version_is_a_warning_not_a_refusal(tmp_path, flow_ckpt,
     assert manifest["version"] == sr_lib.__version__  # (the folder's first)
     assert run(*base, "--shard", "1/2", "--seed", 7) == 2
     assert "--seed 0, not 7" in capsys.readouterr().err
+
+
+def test_a_shard_of_another_list_of_inputs_is_refused_with_layout_stem(tmp_path, flow_ckpt,
+                                                                       capsys):  # fmt: skip
+    """--layout stem recorded no inputs: an image added to the input folder between two tasks
+    of an array moved images between shards (k % N), and 2 of 5 were sampled by no task, exit 0
+    without a word. Now the manifest records the names' digest: a --shard of another list is
+    refused in one line; a --shard 0/1 run samples every image and records its list."""
+    inp = images(tmp_path / "in", 4)
+    out = tmp_path / "out"
+    base = ["--ckpt", flow_ckpt, "--input", inp, "--n", 1, "--quiet", "--out", out]
+    assert run(*base, "--shard", "0/2") == 0  # im 00, im 02
+    images(inp, 1, names=["im 00a"])  # now im 00, im 00a, im 01, ...: task 1 would take 00a, 02
+    capsys.readouterr()
+    assert run(*base, "--shard", "1/2") == 2
+    err = capsys.readouterr().err
+    assert "another list of inputs (4 images, 5 now" in err and "--shard 1/2" in err
+    assert len(err.strip().splitlines()) == 1 and len(list(out.glob("*.png"))) == 2
+    assert run(*base, "--shard", "0/1") == 0  # every image: the new list recorded
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        f"im {x}_sample00000.png" for x in ("00", "00a", "01", "02", "03")
+    ]
+    assert run(*base, "--shard", "1/2") == 0
+    (inp / "im 03.png").unlink()  # removed, too
+    assert run(*base, "--shard", "0/2") == 2
+    assert "(5 images, 4 now" in capsys.readouterr().err
