@@ -85,8 +85,10 @@ Sample i of image `stem` draws from the stream sample_seed(--seed, stem, i), so 
 on file order, --batch, --n, --shard nor on the other temperatures of a sweep (at another
 temperature it is the same draw, scaled).
 
-Clusters: --shard I/N samples images I, I+N, I+2N, ... of the order (0 <= I < N; `auto` reads
-SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT). Every file is written atomically (a temporary
+Clusters: --shard I/N samples images I, I+N, I+2N, ... of the order (0 <= I < N; `auto`: shard
+(SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP of SLURM_ARRAY_TASK_COUNT, MIN
+0 and STEP 1 where unset, for an array given as a range MIN-MAX[:STEP], SLURM_ARRAY_TASK_MAX its
+check: a list such as --array=1,3,7 is refused). Every file is written atomically (a temporary
 name, then a rename), and an image whose files all exist is skipped, so a killed or preempted run
 continues where it stopped when rerun (--overwrite redoes everything, first deleting the files
 named above of the images it samples, in a folder that has a manifest.json). Every task of an

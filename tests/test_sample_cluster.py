@@ -2,7 +2,9 @@
 job-array shards, resumable runs (SIGKILL, Ctrl-C, SIGTERM, then a rerun) that equal one run file
 by file, manifest.json and ntire_index.json, progress output, and output-folder failures."""
 
+import inspect
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -325,3 +327,16 @@ def test_a_shard_of_another_list_of_inputs_is_refused_with_layout_stem(tmp_path,
     (inp / "im 03.png").unlink()  # removed, too
     assert run(*base, "--shard", "0/2") == 2
     assert "(5 images, 4 now" in capsys.readouterr().err
+
+
+def test_the_array_variables_that_shard_auto_reads_are_named_where_it_is_explained():
+    """The sbatch example's comment named SLURM_ARRAY_TASK_ID, _MIN and _COUNT, the module's
+    help ID and COUNT, while `auto` reads _STEP and _MAX too: each variable the code reads is
+    named in both."""
+    code = inspect.getsource(sr_sample.shard_value)
+    read = set(re.findall(r"SLURM_ARRAY_TASK_[A-Z]+", code))
+    assert {"SLURM_ARRAY_TASK_STEP", "SLURM_ARRAY_TASK_MAX"} < read  # (the regex finds them)
+    sbatch = (REPO / "examples" / "slurm" / "sample_array.sbatch").read_text()
+    comment = " ".join(line for line in sbatch.splitlines() if line.startswith("# "))
+    assert {v for v in read if v not in comment} == set()
+    assert {v for v in read if v not in sr_sample.__doc__} == set()
