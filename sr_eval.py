@@ -57,7 +57,8 @@ killed before its page (its mark DIR/.sr_eval_unfinished there) is deleted when 
 DIR is locked while a run writes it (a second run into it at once: one line, exit 2).
 
 A run stopped before its end keeps the scores of the images done in OUT.partial beside --out (else
---csv, where a rerun that adds --out takes them; without either, nothing is kept): the same command
+--csv; a rerun that adds or drops --out finds them in its outputs' folders, the newest of the
+same command; without either, nothing is kept): the same command
 run again continues after them, and its files are those of a run never stopped. They are taken only
 where every flag but the outputs', the LPIPS weights' sha256, the device and the versions are the
 same, and for the first images whose files (path, size, modification time) are unchanged; the file
@@ -975,18 +976,35 @@ def partial_paths(args: EvalArgs) -> list[Path]:
 
 
 def adopt_partial(args: EvalArgs, key: str) -> None:
-    """The scores kept beside --csv by a run of this command (`key`) without --out, moved to
-    `partial_path` beside the --out now given: the outputs are no part of the command that
-    makes the scores (`scores_key`), so this run continues them, and no file is left behind
-    that no run would read or delete."""
+    """The scores kept by a run of this command (`key`) with other outputs, moved to
+    `partial_path` beside the --out (else --csv) now given: the outputs are no part of the
+    command that makes the scores (`scores_key`), so this run continues them, and no file is left
+    behind that no run would read or delete. Looked for beside --csv, then among the other
+    NAME.partial files in the folders of the outputs given (a run with --out r.json --csv r.csv
+    kept them in r.json.partial, and its rerun with --csv r.csv alone cannot know that name): the
+    newest of this command."""
     here, *others = partial_paths(args)
     if here.exists():
         return
-    for other in others:
-        with suppress(OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-            if json.loads(other.read_text(encoding="utf-8"))["key"] == key:
+    head = partial_text(key, [], [])[: len('{"key": ""') + len(key)].encode()
+    strays = []
+    for folder in dict.fromkeys(p.parent for p in (here, *others)):
+        with suppress(OSError):
+            strays += [p for p in folder.iterdir() if p.name.endswith(PARTIAL)]
+    strays = sorted(set(strays) - {here, *others}, key=mtime, reverse=True)
+    for other in [*others, *strays]:
+        with suppress(OSError), open(other, "rb") as f:  # (a folder so named: not opened)
+            if f.read(len(head)) == head:
                 os.replace(other, here)
                 return
+
+
+def mtime(path: Path) -> float:
+    """`path`'s modification time; 0 where it cannot be read."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def partial_text(key: str, kept: list[dict], asides: list[dict]) -> str:

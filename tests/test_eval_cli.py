@@ -1166,25 +1166,51 @@ def test_an_earlier_out_is_moved_aside_while_the_run_works_and_the_stop_says_so(
     assert not out.exists() and (res / "r.json.old2").read_bytes() == earlier[0]
 
 
-def test_a_rerun_that_adds_out_continues_the_scores_kept_beside_csv(tmp_path, capsys, monkeypatch):
-    """The scores are kept beside --out, else --csv, and the outputs are no part of the
-    command that makes them: a run with --csv alone stopped, then rerun with --out added,
-    scored every image again and left r.csv.partial behind for good. Now that run takes them
-    (moved beside --out) and continues."""
+def stopped_and_rerun(tmp_path, capsys, monkeypatch, first: tuple, again: tuple, stray=None):
+    """A run with --csv res/r.csv and the flags `first` stopped at the 3rd of 3 images, then
+    rerun with --csv and `again` (file names under res), `stray` written in res between:
+    (the files in res after the stop, the images the rerun scored, its stdout, res)."""
     names = tuple(f"{k:04d}" for k in range(3))
     hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 3, names=names)
     res = tmp_path / "res"
     argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips", "--csv",
             res / "r.csv"]  # fmt: skip
     stop_at_image(monkeypatch, "0002")
-    assert fails(capsys, *argv)[0] == 75
-    assert sorted(p.name for p in res.iterdir()) == ["r.csv.partial"]
+    assert fails(capsys, *argv, *(res / a if "." in a else a for a in first))[0] == 75
+    if stray:
+        (res / stray).write_text('{"key": "another command\'s"}\n')
+    stopped = sorted(p.name for p in res.iterdir())
     monkeypatch.undo()
     calls = stop_at_image(monkeypatch, "none")
-    code, cap = run(capsys, *argv, "--out", res / "r.json")
-    assert code == 0 and calls == ["0002"]
-    assert f"continuing from {res / 'r.json.partial'}: 2 of 3 images scored already" in cap.out
+    code, cap = run(capsys, *argv, *(res / a if "." in a else a for a in again))
+    assert code == 0
+    return stopped, calls, cap.out, res
+
+
+def test_a_rerun_that_adds_out_continues_the_scores_kept_beside_csv(tmp_path, capsys, monkeypatch):
+    """The scores are kept beside --out, else --csv, and the outputs are no part of the
+    command that makes them: a run with --csv alone stopped, then rerun with --out added,
+    scored every image again and left r.csv.partial behind for good. Now that run takes them
+    (moved beside --out) and continues."""
+    stopped, calls, out, res = stopped_and_rerun(
+        tmp_path, capsys, monkeypatch, (), ("--out", "r.json")
+    )
+    assert stopped == ["r.csv.partial"] and calls == ["0002"]
+    assert f"continuing from {res / 'r.json.partial'}: 2 of 3 images scored already" in out
     assert sorted(p.name for p in res.iterdir()) == ["r.csv", "r.json"]
+
+
+def test_a_rerun_that_drops_out_continues_the_scores_kept_beside_it(tmp_path, capsys, monkeypatch):
+    """The mirror of the test above: a run with --out and --csv keeps its scores beside --out;
+    its rerun with --csv alone could not know that name, so it scored every image again and left
+    r.json.partial behind for good. Now it finds them in the folder (their key is this
+    command's), moves them beside --csv and continues; another command's is not taken."""
+    stopped, calls, out, res = stopped_and_rerun(
+        tmp_path, capsys, monkeypatch, ("--out", "r.json"), (), "other.partial"
+    )
+    assert stopped == ["other.partial", "r.json.partial"] and calls == ["0002"]
+    assert f"continuing from {res / 'r.csv.partial'}: 2 of 3 images scored already" in out
+    assert sorted(p.name for p in res.iterdir()) == ["other.partial", "r.csv"]
 
 
 def test_a_rerun_scores_again_what_changed_after_the_stop(tmp_path, capsys, monkeypatch):
