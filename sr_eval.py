@@ -43,7 +43,8 @@ manifest.json (sr_sample.py; null for another tool's folder).
 is written as the string "inf" so that the file is strict JSON; a column that was not computed
 (--no-lpips) is null. --csv: one row per method and image (method, temperature, n, image, ...).
 Files are written atomically, and their folders are checked writable before any work starts;
---out or --csv naming a file the run reads (an image, a manifest, the LPIPS weights) is refused.
+--out or --csv naming a file the run reads (an image, a manifest, the LPIPS weights) is refused,
+and so is one named like an image in a folder of --hr, --sr or --lr (the next run would read it).
 --out - or --csv - (not both) writes that JSON or CSV to stdout, and nothing else: the progress
 lines and the table go to stderr then (`sr_eval.py ... --out - | jq .mean`).
 
@@ -132,6 +133,8 @@ import sr_lib
 from sr_lib import metrics, report
 from sr_lib.config import asks_json, given_fields, parse, pick_device
 from sr_lib.data import (
+    IMAGE_EXTENSIONS,
+    OTHER_IMAGE_EXTENSIONS,
     AlphaDropped,
     FloatClipped,
     FloatNotFinite,
@@ -1270,15 +1273,34 @@ def check_not_inputs(args: EvalArgs, hr: dict[str, Path], methods, lr_files, sig
     only by the next run. Compared as files (links followed), only where an output exists."""
     flags = (("--out", args.out), ("--csv", args.csv))
     outputs = [(flag, Path(p)) for flag, p in flags if p and p != STDOUT]
-    outputs = [(flag, p) for flag, p in outputs if p.exists()]  # a new file replaces nothing
-    if not outputs:
-        return
+    there = [(flag, p) for flag, p in outputs if p.exists()]  # a new file replaces nothing
     inputs = [f for _, _, files in run_inputs(args, hr, methods, lr_files, sigma_files)
-              for f in files]  # fmt: skip
-    for flag, path in outputs:
+              for f in files] if there else []  # fmt: skip
+    for flag, path in there:
         if same_files([path], inputs):
             raise UsageError(f"{flag} {path} is one of this run's input files, which the results "
                              f"would replace; give {flag} another path")  # fmt: skip
+    check_not_listed(args, methods, outputs)
+
+
+def check_not_listed(args: EvalArgs, methods, outputs: list[tuple[str, Path]]) -> None:
+    """--out or --csv named like an image (--csv HR/x.png) in a folder whose images this run
+    lists (--hr, --sr and its sweep folders, --lr): the next run would list the results as an
+    image and fail on them (exit 3), or make a row of a sweep folder. Refused before any work;
+    compared by folder, links followed."""
+    folders = [("--hr", args.hr)] if args.hr != "demo" else []
+    folders += [("--sr", parse_sr(spec, args.n)[1]) for spec in args.sr]
+    folders += [("--sr", m.sr_dir) for m in methods] + ([("--lr", args.lr)] if args.lr else [])
+    kinds = IMAGE_EXTENSIONS + OTHER_IMAGE_EXTENSIONS
+    for flag, path in outputs:
+        if path.suffix.lower() not in kinds or path.name.startswith("."):
+            continue  # (list_images skips hidden files)
+        where = path.parent.resolve()
+        for in_flag, folder in folders:
+            if Path(folder).resolve() == where:
+                raise UsageError(f"{flag} {path} is named like an image in {in_flag} {folder}, "
+                                 "whose images this run reads: the next run would read it as "
+                                 f"one; give {flag} a path outside that folder")  # fmt: skip
 
 
 def run_inputs(args: EvalArgs, hr: dict[str, Path], methods, lr_files, sigma_files) -> list:

@@ -869,6 +869,23 @@ def test_an_output_naming_an_input_file_is_refused_and_the_input_kept(tmp_path, 
     assert code == 0 and out.read_text().startswith("method,")
 
 
+def test_an_output_named_like_an_image_in_an_input_folder_is_refused(tmp_path, capsys):
+    """--csv HR/x.png was written there, and the next run listed it as a ground truth and failed
+    on it (exit 3); so would a sample folder's, or the LR folder's. One line, exit 2, before any
+    work, also through a link to the folder; a .csv there is listed by no run: written."""
+    hr_dir, lr_dir, sr_dir = make_set(tmp_path, n=2)
+    (tmp_path / "hr_link").symlink_to(hr_dir)
+    for flag, path, where in (("--csv", tmp_path / "hr_link" / "x.png", f"--hr {hr_dir}"),
+                              ("--out", sr_dir / "r.jpg", f"--sr {sr_dir}"),
+                              ("--csv", lr_dir / "r.TIF", f"--lr {lr_dir}")):  # fmt: skip
+        code, err = fails(capsys, *base(hr_dir, sr_dir, 2, "--lr", lr_dir, flag, path))
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"{flag} {path} is named like an image in {where}, whose images" in err
+        assert not path.exists()
+    argv = base(hr_dir, sr_dir, 2, "--csv", hr_dir / "r.csv")
+    assert run(capsys, *argv)[0] == 0 and run(capsys, *argv)[0] == 0
+
+
 def eval_cmd(*argv):
     return [sys.executable, str(REPO / "sr_eval.py"), *[str(a) for a in argv]]
 
