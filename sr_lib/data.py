@@ -13,6 +13,7 @@ therefore the same for any number of loader workers, and resuming at step t cont
 import atexit
 import collections
 import contextlib
+import errno
 import hashlib
 import importlib.util
 import io
@@ -776,7 +777,8 @@ def image_order(path: Path) -> tuple:
 def _walk(folder: Path, recursive: bool, dangling: list[Path]):
     """Files under `folder`, following symlinked folders once each (a link back up is skipped);
     hidden entries (".x", "._x.png") are skipped, links to nothing (or in a loop) added to
-    `dangling`."""
+    `dangling`. An entry that cannot be checked otherwise (EACCES on a link's target, EIO) is a
+    DataError where it could hold or be an image (`recursive`, or named like one)."""
     seen = set()
     stack = [folder]
     while stack:
@@ -801,9 +803,15 @@ def _walk(folder: Path, recursive: bool, dangling: list[Path]):
                     yield path
                 elif entry.is_symlink():
                     dangling.append(path)
-            except OSError:  # a link in a loop (ELOOP): no file at its end either
-                if entry.is_symlink():
-                    dangling.append(path)
+            except OSError as e:
+                if entry.is_symlink() and e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    dangling.append(path)  # a link in a loop, or through a file: to nothing
+                elif recursive or path.suffix.lower() in IMAGE_EXTENSIONS + OTHER_IMAGE_EXTENSIONS:
+                    # (EACCES, EIO: its images, if any, would be left out without a word)
+                    raise DataError(
+                        f"{path}: cannot be checked ({e.strerror or e}), so its images would be "
+                        f"left out; make it readable or move it out of {folder}"
+                    ) from None
 
 
 class OnlyOtherFormats(DataError):
@@ -815,7 +823,8 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
     folders are followed, hidden files and folders and folders named like images are skipped,
     and links to missing files named like images too, with one warning; so are files of other
     image formats (OTHER_IMAGE_EXTENSIONS: .gif, .ppm, .exr, ...), with one warning: a folder of
-    ground truths partly in them would be scored on fewer images without a word."""
+    ground truths partly in them would be scored on fewer images without a word. An entry that
+    cannot be checked (EACCES, EIO; not a loop) where it could hold or be an image: DataError."""
     folder = Path(folder)
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "no such folder"

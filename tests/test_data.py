@@ -1018,6 +1018,46 @@ def test_links_in_a_loop_are_said_as_links_to_missing_files(tmp_path):
     ]
 
 
+def test_an_entry_that_cannot_be_checked_is_an_error_not_skipped(tmp_path, monkeypatch):
+    """A link whose check fails otherwise than a loop (EACCES: its target under a folder this
+    user may not search; simulated, root passes any chmod) was skipped without a word: an
+    evaluation on fewer images. Now one line naming it where it could be or hold an image (a
+    folder searched, a name like an image); elsewhere it would not be listed anyway."""
+    for name in ["ok.png", "sub", "x.png", "notes"]:
+        (tmp_path / name).symlink_to(tmp_path / "nowhere" / name)
+    real = os.scandir
+    locked = set()
+
+    class Locked:  # a DirEntry whose stat fails with EACCES
+        def __init__(self, entry):
+            self.name, self.path = entry.name, entry.path
+
+        def is_dir(self):
+            raise PermissionError(13, "Permission denied", self.path)
+
+        is_file = is_dir
+
+        def is_symlink(self):
+            return True
+
+    def scandir(path):
+        return [Locked(e) if e.name in locked else e for e in real(path)]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    (tmp_path / "ok.png").unlink()
+    (tmp_path / "ok.png").write_bytes(b"")
+    for names, recursive, bad in ((["sub"], True, "sub"), (["x.png"], False, "x.png")):
+        locked.clear()
+        locked.update(names)
+        with pytest.raises(data.DataError) as e:
+            list_images(tmp_path, recursive=recursive)
+        assert str(e.value).startswith(f"{tmp_path / bad}: cannot be checked (Permission denied)")
+    locked.clear()
+    locked.update(["sub", "notes"])  # not searched, not named like an image: not listed anyway
+    (tmp_path / "x.png").unlink()
+    assert list_images(tmp_path, recursive=False) == [tmp_path / "ok.png"]
+
+
 def test_images_of_formats_not_read_are_said(tmp_path):
     """A folder of ground truths partly in formats not read (.gif, .ppm, .exr, ...) was listed
     without them and without a word: sr_eval.py scored fewer images than the folder holds, and a
