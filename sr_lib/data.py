@@ -19,6 +19,7 @@ import importlib.util
 import io
 import multiprocessing.util  # (registers its exit handler before ours, below)
 import os
+import re
 import signal
 import struct
 import sys
@@ -105,7 +106,9 @@ def read_image(path: str | os.PathLike, data: bytes | None = None) -> np.ndarray
     8-bit by round(x / 257); palette, CMYK, YCbCr -> RGB; EXIF orientation applied. Float
     images (rare TIFFs) are assumed to be in [0, 1] (clipped to it, with a warning naming the
     file where that moves a pixel by over half an 8-bit level; NaN and -inf read as 0, +inf as 1,
-    with a warning naming the file and how many there are). 16-bit and float TIFFs are
+    with a warning naming the file and how many there are). EXIF (or TIFF) tags cut short are
+    read as far as they go, with one ExifCorrupt warning naming the file (once a process; Pillow's
+    own named none). 16-bit and float TIFFs are
     decoded by libtiff (imagecodecs); other TIFFs by Pillow. `read_planes`
     reads the same pixels and keeps what this drops (gray, alpha, 16 bits).
 
@@ -161,23 +164,34 @@ def _decode(path: str | os.PathLike, data: bytes | None) -> np.ndarray:
     elif not data:
         _fail(path, "empty file (0 bytes)")
     too_big = f"exceeds the limit of {MAX_PIXELS} pixels (raise it with SRSPACE_MAX_PIXELS)"
-    tags = _tiff_tags(io.BytesIO(data))  # None for other formats
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        # Pillow's EXIF warnings, here and in the decode of a file found broken here: one line
+        with _exif_said(path) as broken:
+            tags = _tiff_tags(io.BytesIO(data))  # None for other formats
             with Image.open(io.BytesIO(data)) as im:  # reads the header only, allocates nothing
                 (w, h), mode, fmt = im.size, im.mode, im.format
                 transparent = "transparency" in im.info
+                if fmt != "PNG" or "exif" in im.info:  # (a PNG's after its pixels: decoded)
+                    im.getexif()  # (the decode turns the image by it)
     except Image.DecompressionBombError:
         _fail(path, f"image size {too_big}")
     except UnidentifiedImageError:
         if tags is None:
             _fail(path, "not an image file (unknown format)")
         (w, h), mode, fmt = (tags.get(256, 0), tags.get(257, 0)), None, "TIFF"  # 16-bit LA, float
+        transparent = False
     except Exception as e:  # Pillow raises many types for broken headers
         _fail(path, f"not a readable image ({type(e).__name__}: {e})")
     if w * h > MAX_PIXELS:
         _fail(path, f"{w}x{h} {too_big}")
+    with _exif_said(path) if broken else contextlib.nullcontext():
+        return _decode_pixels(path, data, tags, (w, h), mode, fmt, transparent)
+
+
+def _decode_pixels(path: Path, data: bytes, tags, size, mode, fmt, transparent) -> np.ndarray:
+    """The pixels of the image file `data` whose header `_decode` read (`tags`: its TIFF tags
+    or None; Pillow's `size`, `mode`, `fmt`, and whether it has a transparent colour)."""
+    w, h = size
     try:
         # 16-bit gray (I;16) is exact in Pillow, but not with its transparent colour (tRNS)
         if _png_bit_depth(data) == 16 and (mode != "I;16" or transparent):
@@ -235,13 +249,13 @@ def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
         # input in every --shard (`one_tile`), 20,000 files each, where two opens a file were
         # 40,000 calls to a cluster's file system.
         with open(path, "rb") as f:
-            tags = _tiff_tags(f)  # read_image turns TIFFs by their tag 274, as Pillow does
+            with _exif_said(path):  # (Pillow's EXIF warnings: one line naming the file)
+                tags = _tiff_tags(f)  # read_image turns TIFFs by their tag 274, as Pillow does
             if tags is not None:
                 w, h, orientation = tags[256], tags[257], tags.get(274, 1)
             else:
                 f.seek(0)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with _exif_said(path):
                     with Image.open(f) as im:
                         (w, h), orientation = im.size, 1
                         if im.format != "PNG":
@@ -575,6 +589,64 @@ class FloatNotFinite(NodeWarning):
             f"{self.path}: {' and '.join(counts)} float value(s), read as 0 (NaN, -inf) and 1 "
             "(+inf): the image is not the one the file holds; check what wrote it"
         )
+
+
+class ExifCorrupt(NodeWarning):
+    """A file whose EXIF (or TIFF) tags are broken, which Pillow reads as far as it can: its
+    own warning ("Corrupt EXIF data.  Expecting to read 12 bytes but only got 4.") named no
+    file and came at each open (twice a read); this one names the file, once a process."""
+
+    def __init__(self, path, said: str):
+        super().__init__(str(path), said)  # (the text from args, as AlphaDropped's)
+        self.path, self.said = Path(path), said
+
+    def __str__(self) -> str:
+        return (
+            f"{self.path}: its EXIF data is corrupt ({' '.join(self.said.split())}); read "
+            "without the tags that could not be read (an orientation among them is not applied)"
+        )
+
+
+# Pillow's warnings about broken EXIF or TIFF tags (PIL.TiffImagePlugin, PIL.Image), no file named
+_PILLOW_EXIF = "|".join(
+    (
+        r"(Possibly )?[Cc]orrupt EXIF",
+        "Truncated File Read",
+        "Tag data larger than file",
+        "Tag offset",
+    )
+)
+_PILLOW_DIR = os.path.dirname(Image.__file__) + os.sep
+_WARNINGS_HELD = threading.RLock()  # catch_warnings is process-wide: one thread at a time
+_EXIF_SAID: set[str] = set()  # the files said (ExifCorrupt: once a process)
+
+
+@contextlib.contextmanager
+def _exif_said(path) -> Iterator[list]:
+    """Pillow's EXIF warnings raised inside (`_PILLOW_EXIF`) turned into one `ExifCorrupt`
+    naming `path` (once a process); its list gets True where there were any. Other warnings are
+    shown as they came; Pillow's DecompressionBombWarning is dropped (the size is checked
+    against MAX_PIXELS). Held by a lock: the files are decoded on threads, and
+    catch_warnings swaps process-wide state. Kept to headers, and to the decodes of files
+    found broken there, so that decoding stays parallel."""
+    broken: list = []
+    try:
+        with _WARNINGS_HELD, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.filterwarnings("always", _PILLOW_EXIF, UserWarning)  # (not "error", "ignore")
+            yield broken
+    finally:
+        pillow = [w for w in caught if w.filename.startswith(_PILLOW_DIR)]
+        exif = [w for w in pillow if re.match(_PILLOW_EXIF, str(w.message))]
+        for w in caught:
+            if w not in exif:  # (another thread's too, in the while)
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+        broken += [True] * bool(exif)
+        with _WARNINGS_HELD:
+            first = bool(exif) and str(path) not in _EXIF_SAID
+            _EXIF_SAID.update([str(path)] if exif else [])
+        if first:
+            warnings.warn(ExifCorrupt(path, str(exif[0].message)), stacklevel=3)
 
 
 def _samples(arr: np.ndarray, path) -> np.ndarray:

@@ -106,6 +106,32 @@ def test_alpha_dropped_with_warning_naming_file(tmp_path):
     assert np.array_equal(out, np.repeat(la[..., :1], 3, axis=2))
 
 
+def test_corrupt_exif_is_one_warning_naming_the_file(tmp_path):
+    """A JPEG whose EXIF directory is cut short (it counts 40 tags, holds 2): Pillow warned
+    "Corrupt EXIF data.  Expecting to read 12 bytes but only got 4." at each open, twice a read
+    and once more for its size, naming no file. Now one warning naming it, once a process; the
+    tags read before the break still count (orientation 6: a quarter turn)."""
+    exif = Image.Exif()
+    exif[0x010E], exif[0x0112] = "a description", 6
+    Image.fromarray(rand_img(16, 24)).save(tmp_path / "x.jpg", exif=exif.tobytes())
+    raw = bytearray((tmp_path / "x.jpg").read_bytes())
+    ifd = raw.index(b"MM\x00\x2a") + 8  # (Pillow writes big-endian EXIF, IFD0 right after)
+    raw[ifd : ifd + 2] = struct.pack(">H", 40)
+    (tmp_path / "x.jpg").write_bytes(bytes(raw))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert read_image(tmp_path / "x.jpg").shape == (24, 16, 3)
+        assert data.image_size(tmp_path / "x.jpg") == (24, 16)
+        assert read_planes(tmp_path / "x.jpg").rgb.shape == (24, 16, 3)
+    (said,) = [str(w.message) for w in caught]  # (how many bytes are left: Pillow's padding)
+    assert re.fullmatch(
+        re.escape(f"{tmp_path / 'x.jpg'}: its EXIF data is corrupt (Corrupt EXIF data. Expecting ")
+        + r"to read 12 bytes but only got \d\.\); read without the tags that could not be read "
+        r"\(an orientation among them is not applied\)",
+        said,
+    ), said
+
+
 def test_palette_with_and_without_transparency(tmp_path):
     pal = Image.fromarray(rand_img(12, 16)).quantize(8)
     expected = np.asarray(pal.convert("RGB"))
