@@ -136,6 +136,7 @@ from sr_lib.data import (
     IMAGE_EXTENSIONS,
     OTHER_IMAGE_EXTENSIONS,
     AlphaDropped,
+    ExifCorrupt,
     FloatClipped,
     FloatNotFinite,
     OnlyOtherFormats,
@@ -743,13 +744,14 @@ def aside_name(path: Path) -> Path:
 
 
 def one_line_warnings():
-    """A warnings.showwarning: one line each, and a dropped alpha channel, float pixels clipped
-    and NaN or infinite ones each once per folder (an RGBA sample folder of 100 images at N = 10
-    gave 1,000 lines; so did a method's float TIFFs with NaN)."""
+    """A warnings.showwarning: one line each, and a dropped alpha channel, float pixels clipped,
+    NaN or infinite ones and corrupt EXIF each once per folder (an RGBA sample folder of 100
+    images at N = 10 gave 1,000 lines; so did a method's float TIFFs with NaN, or JPEGs with
+    corrupt EXIF)."""
     folders = set()
     also = {AlphaDropped: "so is that of any other file in"}
     also |= dict.fromkeys(
-        (FloatClipped, FloatNotFinite), "said once per folder: so may be others in"
+        (FloatClipped, FloatNotFinite, ExifCorrupt), "said once per folder: so may be others in"
     )
 
     def show(message, *args, **kwargs):

@@ -617,6 +617,29 @@ def test_nan_in_a_folder_of_float_samples_is_one_warning_line(tmp_path, capsys):
         assert re.fullmatch(said, line), line
 
 
+def test_corrupt_exif_in_a_folder_of_samples_is_one_warning_line(tmp_path, capsys):
+    """JPEG samples whose EXIF directory is cut short (it counts 40 tags, holds 1): one
+    warning line naming the file each (sr_lib.data.ExifCorrupt), 1,000 for 100 images at
+    N = 10. Now once per folder, as NaN in float samples."""
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2)
+    exif = Image.Exif()
+    exif[0x010E] = "a description"
+    for f in sorted(sr_dir.iterdir()):
+        Image.open(f).save(f.with_suffix(".jpg"), quality=100, exif=exif.tobytes())
+        f.unlink()
+        raw = bytearray(f.with_suffix(".jpg").read_bytes())
+        ifd = raw.index(b"MM\x00\x2a") + 8  # (Pillow writes big-endian EXIF, IFD0 right after)
+        raw[ifd : ifd + 2] = (40).to_bytes(2, "big")
+        f.with_suffix(".jpg").write_bytes(bytes(raw))
+    code, cap = run(capsys, *base(hr_dir, sr_dir, 2, "--quiet"))
+    assert code == 0 and len(cap.err.splitlines()) == 1, cap.err
+    said = re.escape(f"sr_eval.py: warning: {sr_dir}/") + r"00000\d_sample0000\d\.jpg: its EXIF "
+    said += r"data is corrupt \(Corrupt EXIF data\. .*\); read without the tags that could not "
+    said += re.escape(f"be read (an orientation among them is not applied); said once per folder: "
+                      f"so may be others in {sr_dir}\n")  # fmt: skip
+    assert re.fullmatch(said, cap.err), cap.err
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
