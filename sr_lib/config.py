@@ -49,6 +49,13 @@ def _merge_repeated(cls, argv: list[str], flags: list[str] = ()) -> list[str]:
         rest.append(a)
     out = list(rest)
     for flag, values in merged.items():
+        if len(values) == 1:  # `--sr=-run1`: a value starting with "-" stays argparse's value
+            out.append(f"{flag}={values[0]}")
+            continue
+        for v in values:
+            if v.startswith("-") and not _is_number(v):  # (argparse would take it for a flag)
+                raise UsageError(f"{flag} {' '.join(values)}: {v} starts with '-'; give it as "
+                                 f"./{v}, or alone as {flag}={v}")  # fmt: skip
         out += [flag, *values]
     return out
 

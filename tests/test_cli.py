@@ -19,8 +19,9 @@ import sr_eval
 import sr_sample
 import sr_train
 from sr_lib import refuse_non_posix
+from sr_lib.config import parse
 from sr_lib.data import read_image
-from sr_lib.errors import OLDEST_TORCH
+from sr_lib.errors import OLDEST_TORCH, UsageError
 from sr_lib.metrics import psnr
 from sr_lib.models.base import sample_seed
 from sr_lib.resize import imresize
@@ -443,3 +444,17 @@ def test_help_and_table_on_an_ascii_or_latin1_terminal(tmp_path, odd_names, monk
     assert any(line.startswith("| \\u03c3-run |") for line in table), table
     assert len({len(line) for line in table}) == 1, table  # the borders line up
     assert "\\u25" not in done.stdout.decode("latin-1")  # no escaped box characters
+
+
+def test_a_list_flags_value_starting_with_a_dash_is_kept_after_an_equals_sign():
+    """`--sr=-run1` (argparse's way to give a value starting with '-') was refused as "argument
+    --sr: expected at least one argument": the merge of repeated list flags wrote it back as
+    `--sr -run1`. Several values where one starts with '-' are one line naming it."""
+    args = parse(sr_eval.EvalArgs, ["--hr=-hr", "--sr=-run1", "--scale", "4", "--n", "1"], "p")
+    assert (args.hr, args.sr) == ("-hr", ["-run1"])
+    args, _, given = sr_train.parse_all(["--data=-hr", "--lr-data", "lr"])
+    assert (args.data, args.lr_data, "data" in given) == (["-hr"], ["lr"], True)
+    with pytest.raises(UsageError, match=r"--sr -a -b: -a starts with '-'; give it as \./-a"):
+        parse(
+            sr_eval.EvalArgs, ["--hr", "h", "--sr=-a", "--sr=-b", "--scale", "4", "--n", "1"], "p"
+        )
