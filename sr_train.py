@@ -664,7 +664,7 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
     model_cls = MODELS[args.model]
     if args.scale not in model_cls.scales:
         raise UsageError(f"--scale {args.scale}: {args.model} supports {scale_list(model_cls)}")
-    model_flags = parse(model_cls.Config, rest, f"{PROG} --model {args.model}")
+    model_flags = parse(model_cls.Config, rest, f"{PROG} --model {args.model}", near=TrainArgs)
     check_ranges(model_flags)
     cfg = {**asdict(model_flags), "scale": args.scale}
     named = given_fields(model_cls.Config, rest, f"{PROG} --model {args.model}")

@@ -8,6 +8,7 @@ Each script declares its own run-level dataclass at its top; models declare thei
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import importlib.util
 import math
 import os
@@ -81,16 +82,40 @@ def _is_number(text: str) -> bool:
 
 class OneLineParser(ArgumentParser):
     """argparse-dataclass's parser whose errors are one line (a UsageError: `prog: error: ...`,
-    exit code 2) instead of the whole usage block followed by the error."""
+    exit code 2) instead of the whole usage block followed by the error. An unknown flag's line
+    names the flags nearest to it in spelling, of this parser's and of `near`'s."""
+
+    near: tuple[str, ...] = ()
 
     def error(self, message: str):
-        raise UsageError(f"{' '.join(message.split())}; see {self.prog} -h")
+        message = " ".join(message.split())
+        if message.startswith("unrecognized arguments: "):
+            message += nearest_flags(message.split(": ", 1)[1], [*option_strings(self), *self.near])
+        raise UsageError(f"{message}; see {self.prog} -h")
 
 
-def parse(cls, argv: list[str] | None, prog: str, known: bool = False, add_help: bool = True):
-    """Parse argv into dataclass `cls`. With known=True returns (instance, remaining argv)."""
+def nearest_flags(unknown: str, flags: list[str]) -> str:
+    """ " (did you mean --steps?)" for the flags of `unknown` (argparse's list of unrecognized
+    arguments, values too) that are near one of `flags` in spelling (a typo: --stpes, --sede),
+    else ""."""
+    near = []
+    for word in unknown.split():
+        flag = word.split("=", 1)[0]
+        if flag.startswith("--") and flag not in flags:
+            near += difflib.get_close_matches(flag, flags, n=1, cutoff=0.75)
+    return f" (did you mean {' or '.join(dict.fromkeys(near))}?)" if near else ""
+
+
+def parse(
+    cls, argv: list[str] | None, prog: str, known: bool = False, add_help: bool = True, near=None
+):
+    """Parse argv into dataclass `cls`. With known=True returns (instance, remaining argv).
+    `near`: another dataclass whose flags an unknown flag's line may name too (sr_train.py's run
+    flags, parsed before its model's)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = OneLineParser(cls, prog=prog, add_help=add_help)
+    if near is not None:
+        parser.near = tuple(option_strings(OneLineParser(near, prog=prog)))
     if add_help:
         show_defaults(parser, cls)
     argv = _merge_repeated(cls, argv, option_strings(parser))

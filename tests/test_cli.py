@@ -458,3 +458,22 @@ def test_a_list_flags_value_starting_with_a_dash_is_kept_after_an_equals_sign():
         parse(
             sr_eval.EvalArgs, ["--hr", "h", "--sr=-a", "--sr=-b", "--scale", "4", "--n", "1"], "p"
         )
+
+
+def test_an_unknown_flag_names_the_nearest_flags(tmp_path, capsys):
+    """A typo was "unrecognized arguments: --stpes 3" alone; the line names the flags nearest in
+    spelling now, sr_train.py's run flags too at its model's parse (which sees the flags left
+    over), and none where no flag is near."""
+    argv = ["--model", "edsr", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as e:
+        sr_train.main([*argv, "--stpes", "3", "--n-fets=8"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        "sr_train.py: error: unrecognized arguments: --stpes 3 --n-fets=8 (did you mean --steps "
+        "or --n-feats?); see sr_train.py --model edsr -h\n"
+    )
+    with pytest.raises(UsageError) as e:
+        parse(
+            sr_eval.EvalArgs, ["--hr", "h", "--sr", "s", "--scale", "4", "--n", "1", "--bogus"], "p"
+        )
+    assert str(e.value) == "unrecognized arguments: --bogus; see p -h"
