@@ -43,8 +43,8 @@ def _merge_repeated(cls, argv: list[str], flags: list[str] = ()) -> list[str]:
             if "=" in a:
                 merged[flag].append(a.split("=", 1)[1])
             continue
-        if current is not None and (not a.startswith("-") or _is_number(a)):
-            merged[current].append(a)  # a negative number too: a value, refused by its check
+        if current is not None and (not a.startswith("-") or a == "-" or _is_number(a)):
+            merged[current].append(a)  # "-", a negative number: a value, refused by its check
             continue
         current = None
         rest.append(a)
@@ -54,7 +54,7 @@ def _merge_repeated(cls, argv: list[str], flags: list[str] = ()) -> list[str]:
             out.append(f"{flag}={values[0]}")
             continue
         for v in values:
-            if v.startswith("-") and not _is_number(v):  # (argparse would take it for a flag)
+            if v.startswith("-") and v != "-" and not _is_number(v):  # argparse's: a flag
                 raise UsageError(f"{flag} {' '.join(values)}: {v} starts with '-'; give it as "
                                  f"./{v}, or alone as {flag}={v}")  # fmt: skip
         out += [flag, *values]

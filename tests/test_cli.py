@@ -477,3 +477,15 @@ def test_an_unknown_flag_names_the_nearest_flags(tmp_path, capsys):
             sr_eval.EvalArgs, ["--hr", "h", "--sr", "s", "--scale", "4", "--n", "1", "--bogus"], "p"
         )
     assert str(e.value) == "unrecognized arguments: --bogus; see p -h"
+
+
+def test_a_dash_given_to_a_list_flag_is_named_as_no_standard_input():
+    """`--data -` said "argument --data: expected at least one argument" and `--data a -`
+    "unrecognized arguments: -" (the merge of repeated list flags took `-` for a flag, as argparse
+    does not): it is the value, refused by its own line."""
+    stdio = r"--data -: standard input or output cannot be used here"
+    for argv in (["--data", "-"], ["--data", "a", "-"], ["--data", "a", "--data", "-"]):
+        with pytest.raises(UsageError, match=stdio):
+            sr_train.parse_all(argv)
+    args = parse(sr_eval.EvalArgs, ["--hr", "h", "--sr", "a", "-", "--scale", "4", "--n", "1"], "p")
+    assert args.sr == ["a", "-"]
