@@ -359,6 +359,8 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
                       "of several); ignored", stacklevel=2)  # fmt: skip
     say = say_out if dd.main and not args.quiet else (lambda text: None)  # --quiet: none
     model = training_model(args, cfg, named, recipe, resumed, device, say)
+    if not dd.on and recipe.steps > result.fields["step"]:  # (several: each rank's, below)
+        check_data_folders(args)
     run_log = cleanup.enter_context(  # rank 0
         open_run_folder(out, args.tensorboard, dd, resumed["step"] if resumed else None)
     )
@@ -1180,6 +1182,14 @@ def log(run_log: RunLog | None, record: dict) -> None:
     """One record of the run's log (rank 0; the other ranks have none)."""
     if run_log is not None:
         run_log.write(record)
+
+
+def check_data_folders(args: TrainArgs) -> None:
+    """A --data or --lr-data folder that is not there: its one line (`list_images`') before the
+    run folder is made; a typo left an OUT/ holding only .lock and an empty log.jsonl."""
+    for folder in [*(args.data if args.data != ["demo"] else []), *(args.lr_data or [])]:
+        if not Path(folder).is_dir():
+            list_images(folder)  # (raises: no such folder, or a file)
 
 
 def training_data(args: TrainArgs, recipe: Recipe, dd, say) -> PatchPairs:

@@ -660,10 +660,18 @@ def test_bad_flags_are_usage_errors(tmp_path, capsys):
     assert e.value.code == 2 and "nosuch" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         sr_train.main(["--model", "bicubic", "--scale", "5", "--out", str(tmp_path)])
-    assert e.value.code == 2
-    with pytest.raises(SystemExit) as e:
-        sr_train.main(["--model", "bicubic", "--steps", "3", "--data", str(tmp_path / "none")])
-    assert e.value.code == 3 and "none" in capsys.readouterr().err
+    assert e.value.code == 2 and "--scale: invalid choice: 5" in capsys.readouterr().err
+    out = tmp_path / "run"  # (the test ran without --out: runs/bicubic_x4 in the repo)
+    for data in (
+        ["--data", str(tmp_path / "none")],
+        ["--data", str(tmp_path), str(tmp_path / "none")],
+    ):
+        with pytest.raises(SystemExit) as e:
+            sr_train.main(["--model", "bicubic", "--steps", "3", *data, "--out", str(out)])
+        assert e.value.code == 3
+        assert capsys.readouterr().err == f"sr_train.py: error: {tmp_path / 'none'}: no such " \
+            "folder; give a folder of images\n"  # fmt: skip
+        assert not out.exists()  # (it held .lock and an empty log.jsonl)
 
 
 def test_started_in_the_background_sigint_is_ignored_and_sigterm_still_saves(
