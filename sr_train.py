@@ -288,6 +288,12 @@ def parse_all(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     want_help = "-h" in argv or "--help" in argv
     argv = [a for a in argv if a not in ("-h", "--help")]
+    if any(a.split("=")[0] == "--lr" for a in argv):  # other tools' --lr is the rate; here
+        # argparse took it for --lr-data: `--lr 1e-4 --data demo` trained at the recipe's rate
+        raise UsageError(
+            "--lr: give --learning-rate (the rate) or --lr-data (the LR images) "
+            "in full; the abbreviation would be --lr-data"
+        )
     args, rest = parse(TrainArgs, argv, PROG, known=True, add_help=False)
     if want_help:
         epilog = (

@@ -738,3 +738,17 @@ def test_a_flag_whose_default_stands_for_the_papers_value_is_not_named_bigger():
     out-of-memory line named it 'above the paper's'."""
     assert sr_train.bigger_flags("srflow", {"flow_steps": 16, "scale": 4}) == ""
     assert sr_train.bigger_flags("edsr", {"n_feats": 96, "scale": 4}) == "--n-feats 96"
+
+
+@pytest.mark.parametrize("flag", [["--lr", "1e-4"], ["--lr=1e-4"]])
+def test_lr_is_refused_as_neither_the_rate_nor_the_lr_images(flag, tmp_path, capsys):
+    """argparse took --lr, other tools' learning rate, for an abbreviation of --lr-data: with
+    --data demo the run trained at the recipe's rate, --lr-data only warned of as unused."""
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(["--model", "edsr", "--data", "demo", "--steps", "0", *flag, "--out",
+                       str(tmp_path)])  # fmt: skip
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        "sr_train.py: error: --lr: give --learning-rate (the rate) or --lr-data (the LR images) "
+        "in full; the abbreviation would be --lr-data\n"
+    )
