@@ -215,14 +215,25 @@ def _decode_pixels(path: Path, data: bytes, tags, size, mode, fmt, transparent) 
             # a gray or RGB PNG's transparent colour (tRNS) is an alpha channel too
             to = {"1": "LA", "L": "LA", "RGB": "RGBA"}.get(mode, to) if transparent else to
             to = "RGB" if mode == "YCbCr" else to
+            bilevel_key = _bilevel_png_key(data) if (fmt, mode) == ("PNG", "1") else None
+            to = "L" if bilevel_key is not None else to  # (its alpha made below)
             # index=0: the first frame of animated files; rotate=True applies EXIF orientation.
             # Truncated data raises unless PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set (we never do).
             arr = _pillow(io.BytesIO(data), "r", "read", index=0, mode=to, rotate=True)
+            if bilevel_key is not None:  # 0 where a pixel is the transparent level, else 255
+                arr = np.dstack([arr, np.where(arr == bilevel_key * 255, 0, 255).astype(np.uint8)])
     except (MemoryError, ImageError):
         raise
     except Exception as e:  # Pillow: OSError("image file is truncated"); pypng: FormatError
         _fail(path, f"cannot decode, the file may be truncated or corrupt ({e})")
     return arr
+
+
+def _bilevel_png_key(data: bytes) -> int | None:
+    """The transparent level (0 or 1) of a bilevel PNG's tRNS chunk, None without one. Pillow
+    11 converted such a file to LA as opaque (its info gave the level 1, not 255; 13 does not)."""
+    key = next((c[:2] for k, c in _png_chunks(data) if k == b"tRNS"), b"")
+    return int.from_bytes(key, "big") & 1 if len(key) == 2 else None
 
 
 def read_file(path: str | os.PathLike) -> bytes:
