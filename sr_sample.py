@@ -292,12 +292,20 @@ def shard_value(text: str) -> str:
                 "auto: SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT are not set (not a SLURM job "
                 "array); give I/N"
             )
-        task, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
-        first, step = (
-            int(env.get("SLURM_ARRAY_TASK_MIN", 0)),
-            int(env.get("SLURM_ARRAY_TASK_STEP", 1)),
-        )
-        last = int(env.get("SLURM_ARRAY_TASK_MAX", first + (count - 1) * step))
+
+        def number(name: str, default: int | None = None) -> int:
+            # (a ValueError here was argparse's "invalid shard_value value: 'auto'")
+            value = env.get(name, default)
+            try:
+                return int(value)
+            except ValueError:
+                raise ArgumentTypeError(
+                    f"auto: {name}={value!r} is not a whole number; give I/N"
+                ) from None
+
+        task, count = number("SLURM_ARRAY_TASK_ID"), number("SLURM_ARRAY_TASK_COUNT")
+        first, step = number("SLURM_ARRAY_TASK_MIN", 0), number("SLURM_ARRAY_TASK_STEP", 1)
+        last = number("SLURM_ARRAY_TASK_MAX", first + (count - 1) * step)
         # A list array (--array=1,3,7) has no step that maps its IDs onto 0..COUNT-1: (ID - MIN)
         # // STEP would leave some shards to no task, their images unsampled without a word.
         if step < 1 or last - first != (count - 1) * step or (task - first) % step:

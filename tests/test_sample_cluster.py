@@ -122,15 +122,21 @@ def test_shards_and_a_rerun_equal_one_run(tmp_path, flow_ckpt, monkeypatch):
     ({"ID": "3", "COUNT": "4"}, "3/4"),  # no MIN/MAX/STEP: from 0 in steps of 1
     ({"ID": "3", "MIN": "1", "MAX": "7", "STEP": "1", "COUNT": "3"}, None),  # --array=1,3,7
     ({"ID": "7", "MIN": "1", "MAX": "7", "STEP": "1", "COUNT": "3"}, None),
+    ({"ID": "x", "COUNT": "2"}, "SLURM_ARRAY_TASK_ID='x' is not a whole number"),
+    ({"ID": "1", "COUNT": "2", "STEP": ""}, "SLURM_ARRAY_TASK_STEP='' is not a whole number"),
 ])  # fmt: skip
 def test_shard_auto_maps_a_range_array_and_refuses_a_list(monkeypatch, env, want):
     """A list array's IDs have no shard order: (ID - MIN) // STEP gave 1,3,7 the shards 0, 2 and
-    6/3 (an error), so shard 1's images were never sampled; `auto` now refuses such arrays."""
+    6/3 (an error), so shard 1's images were never sampled; `auto` now refuses such arrays. A
+    variable that is no number was argparse's "invalid shard_value value: 'auto'": named now."""
     for k in ("ID", "MIN", "MAX", "STEP", "COUNT"):
         monkeypatch.delenv(f"SLURM_ARRAY_TASK_{k}", raising=False)
     for k, v in env.items():
         monkeypatch.setenv(f"SLURM_ARRAY_TASK_{k}", v)
-    if want:
+    if want and "/" not in want:
+        with pytest.raises(ArgumentTypeError, match=f"auto: {want}; give I/N"):
+            sr_sample.shard_value("auto")
+    elif want:
         assert sr_sample.shard_value("auto") == want
     else:
         with pytest.raises(ArgumentTypeError, match="not a range MIN-MAX.*give --shard I/N"):
