@@ -1230,6 +1230,8 @@ def check_flags(args: EvalArgs) -> tuple[int, torch.device, int, tuple | None]:
         if inside:
             raise UsageError(f"{flag} {path} is inside --report {args.report}, whose files may "
                              f"replace it; give {flag} a path outside that folder")  # fmt: skip
+    if args.hr != "demo" and not Path(args.hr).is_dir():  # its line before the LPIPS weights'
+        hr_images(args.hr)  # (offline, a mistyped --hr was exit 6: the weights not found)
     lpips_read = None
     if not args.no_lpips:
         try:  # LPIPS's weights, found and read before any output is made or any image read

@@ -226,6 +226,16 @@ CASES = [
         "not 2 samples; add :1 to its --sr value (--sr ",
     ),
     ("report-is-a-file", None, lambda w: args(w, "--report", w / "hr" / "a.png"), 7, "--report"),
+    (  # (its line came after the LPIPS weights': offline, a mistyped --hr was exit 6)
+        "hr-missing-and-lpips-weights-missing",
+        None,
+        lambda w: (
+            [a for a in args(w, hr="nope") if a != "--no-lpips"]
+            + ["--lpips-weights", str(w / "x.pth")]
+        ),
+        3,
+        "nope: no such folder",
+    ),
     (
         "lpips-weights-missing",
         None,
