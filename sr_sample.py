@@ -779,7 +779,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     emulated = amp_emulated(args.amp, device)
     if emulated:
         print(f"{PROG}: warning: --amp {args.amp}: {emulated}", file=sys.stderr, flush=True)
-    failed = {"unreadable": [], "too small": [], "too small for the model": []}
+    failed = no_inputs_skipped()
     skipped, t0 = 0, time.monotonic()
     where = out if len(folders) == 1 else f"{out}/T*"
     summary.update(out=str(where), images=len(mine))
@@ -1258,6 +1258,12 @@ def is_written_file(path: Path) -> bool:
         raise
 
 
+def no_inputs_skipped() -> dict:
+    """`skip_input`'s record, empty: the names of the inputs skipped, by why, in the order the
+    end's line (`lost_inputs`) gives them."""
+    return {"unreadable": [], "too small": [], "too small for the model": []}
+
+
 def skip_input(e: DataError, path: Path, failed: dict, total: int, summary: Summary) -> str:
     """An input that cannot be read or is too small (`e`): one line, and it is skipped (kept in
     `failed` under why, returned, for the end's one line and exit 3), or where it is the only
@@ -1408,7 +1414,7 @@ def check_invertibility(args: SampleArgs, given: set[str], model, name: str, pat
     summary.update(out=None, images=len(mine), samples=args.n, max_error=None)
     autocast, s = autocast_for(args.amp, device), model.scale
     worst = []  # (max |x - x'|, line) per image
-    failed = {"unreadable": [], "too small": [], "too small for the model": []}
+    failed = no_inputs_skipped()
     for _, path in mine:
         try:
             img = read_input(path, s, from_hr, None, args)
