@@ -38,6 +38,18 @@ def lpips_module() -> torch.nn.Module:
         )
 
 
+def alex_tap_values(h: int, w: int) -> int:
+    """float32 values in the 5 ReLU taps of lpips' AlexNet for one H x W input (one sample).
+
+    conv1 (11x11, stride 4, padding 2) has 64 channels, conv2 192 after a 3x3/2 max-pooling,
+    conv3..conv5 384, 256, 256 after another: 114 MB of float32 for a 2040x1352 crop.
+    """
+    h1, w1 = (h + 4 - 11) // 4 + 1, (w + 4 - 11) // 4 + 1
+    h2, w2 = (h1 - 3) // 2 + 1, (w1 - 3) // 2 + 1
+    h3, w3 = (h2 - 3) // 2 + 1, (w2 - 3) // 2 + 1
+    return 64 * h1 * w1 + 192 * h2 * w2 + (384 + 256 + 256) * h3 * w3
+
+
 def heads_file() -> Path:
     """The v0.1 AlexNet linear heads shipped inside the lpips package."""
     import lpips

@@ -14,7 +14,9 @@ docs/metrics.md describes them (its sections are cited below by their headings):
 
 Extra columns (never mixed up with the official ones, "Official and extra columns"): `PSNR_mean`,
 `PSNR_best`, `SSIM_mean` (optionally on the MATLAB Y channel, with a border shave) and
-`LRPSNR_vs_input_mean` (against the LR input file instead of the re-downscaled ground truth).
+`LRPSNR_vs_input_mean` (against the LR input file instead of the re-downscaled ground truth);
+and `LPIPS_pairwise`, the mean LPIPS between the samples of one image, the lpips package's
+default non-spatial call, from the features of the samples' LPIPS passes ("Pairwise LPIPS").
 
 Where a function departs from the naive version (and why) its docstring says so.
 """
@@ -35,11 +37,14 @@ import torch
 import torch.nn.functional as F
 
 from sr_lib.errors import DataError
-from sr_lib.lpips_net import heads_file, load_alexnet_trunk, lpips_module
+from sr_lib.lpips_net import alex_tap_values, heads_file, load_alexnet_trunk, lpips_module
 from sr_lib.resize import imresize
 from sr_lib.weights import load_strict, read_state_dict, sha256_file
 
 OFFICIAL_COLUMNS = ("LPIPS_mean", "LRPSNR_worst", "LRPSNR_mean", "score")
+# the mean LPIPS between the N samples of an image (`evaluate_image(pairwise=True)`) and its
+# (N, N) matrix, which the --out JSON carries in the image's row
+PAIRWISE_COLUMN, PAIRWISE_MATRIX = "LPIPS_pairwise", "LPIPS_pairwise_matrix"
 EXTRA_COLUMNS = ("PSNR_mean", "PSNR_best", "SSIM_mean")
 LR_INPUT_COLUMN = "LRPSNR_vs_input_mean"
 # The official GT crop is to a multiple of 8 for every scale, ×4 included (docs/metrics.md,
@@ -516,28 +521,69 @@ class LpipsMetric:
             return list(self._layers(self._trunk_input(gt[None])))
 
     @torch.no_grad()
-    def maps(self, sr: ARRAY | Sequence[ARRAY], gt: ARRAY | list[torch.Tensor]) -> torch.Tensor:
+    def maps(
+        self,
+        sr: ARRAY | Sequence[ARRAY],
+        gt: ARRAY | list[torch.Tensor],
+        keep: list | None = None,
+    ) -> torch.Tensor:
         """Spatial LPIPS maps (N, H, W) float32 of uint8 samples (N, H, W, 3) against the GT.
 
         `gt` is the uint8 (H, W, 3) ground truth or its `reference(gt)`. Samples are processed in
         chunks of `self.batch`. The map mean is the per-sample LPIPS of the reference.
+        `keep`: a list that each sample's 5 normalised taps are appended to, (1, C, h, w) float32
+        copies, for `pairwise` (`lpips_net.alex_tap_values` of them a sample).
         """
         with without_tf32():
-            return self._maps(sr, gt)
+            return self._maps(sr, gt, keep)
 
-    def _maps(self, sr: ARRAY | Sequence[ARRAY], gt: ARRAY | list[torch.Tensor]) -> torch.Tensor:
+    def _maps(self, sr, gt, keep: list | None = None) -> torch.Tensor:
         sr = np.stack(sr) if not isinstance(sr, np.ndarray) else sr
         ref = self.reference(gt) if isinstance(gt, np.ndarray) else gt
         out = []
         for i in range(0, len(sr), self.batch):
             x = self._trunk_input(sr[i : i + self.batch], reuse=True)
             total = None
+            kept = [[] for _ in range(len(x))] if keep is not None else None
             for k, f in enumerate(self._layers(x, reuse=True)):
+                for b, taps in enumerate(kept or []):  # before the in-place difference below
+                    taps.append(f[b : b + 1].clone())
                 d = self.net.lins[k](f.sub_(ref[k]).square_())  # (f - ref)**2: (B, 1, h_k, w_k)
                 r = F.interpolate(d, size=x.shape[-2:], mode="bilinear", align_corners=False)
                 total = r if total is None else total.add_(r)  # layer order, as the module
             out.append(total[:, 0])
+            if keep is not None:
+                keep += kept
         return out[0] if len(out) == 1 else torch.cat(out)
+
+    @torch.no_grad()
+    def pairwise(self, features: Sequence[list[torch.Tensor]]) -> torch.Tensor:
+        """(N, N) float32 LPIPS between N samples, from their `features` (`maps(..., keep=)`).
+
+        Entry (i, j) is the `lpips` package's default (non-spatial) call `lpips.LPIPS(net="alex",
+        version="0.1")(x_i, x_j)`: per layer the linear head of the squared difference of the
+        two normalised taps, averaged at the layer's own resolution, summed in layer order
+        (docs/metrics.md, "Pairwise LPIPS"). Only the heads run: no trunk pass. Symmetric to the
+        bit ((a - b)^2 = (b - a)^2), zero on the diagonal. One scratch tensor of the largest
+        tap's size (kept, as the trunk's).
+        """
+        n = len(features)
+        values = {}
+        if n > 1:
+            scratch = self._buffer("pair", (max(f.numel() for f in features[0]),))
+        with without_tf32():
+            for i in range(n):
+                for j in range(i + 1, n):
+                    total = None
+                    for k, (a, b) in enumerate(zip(features[i], features[j])):
+                        d = torch.sub(a, b, out=scratch[: a.numel()].view(a.shape))
+                        v = self.net.lins[k](d.square_()).mean([2, 3], keepdim=True)
+                        total = v if total is None else total + v  # layer order, as the module
+                    values[i, j] = total.reshape(())
+        out = torch.zeros(n, n, device=self.device)
+        for (i, j), v in values.items():  # (one copy to the host at the end, not one per pair)
+            out[i, j] = out[j, i] = v
+        return out.cpu()
 
 
 @contextlib.contextmanager
@@ -608,6 +654,19 @@ def _max_pool(h: torch.Tensor, pool: torch.nn.MaxPool2d) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- one image
+
+
+def pairwise_bytes(size: tuple[int, int], n: int, scale: int) -> int:
+    """Bytes of the features that `evaluate_image(pairwise=True)` keeps for an image whose ground
+    truth is `size` (H, W), with n samples (distinct: all, at most): each sample's 5 normalised
+    AlexNet taps of its official crop in float32, 114 MB at 2040x1352 (1.1 GB at N = 10), plus
+    one scratch tensor of the largest tap's size (`LpipsMetric.pairwise`). 0 for n = 1."""
+    if n < 2:
+        return 0
+    mod = official_mod(scale)
+    h8, w8 = size[0] // mod * mod, size[1] // mod * mod
+    largest = 64 * ((h8 - 7) // 4 + 1) * ((w8 - 7) // 4 + 1)  # conv1's tap
+    return 4 * (n * alex_tap_values(h8, w8) + largest)
 
 
 def official_mod(scale: int) -> int:
@@ -694,6 +753,7 @@ def evaluate_image(
     names: Sequence[str] | None = None,
     gt_name: str = "ground truth",
     warn: Callable[[str], None] = warnings.warn,
+    pairwise: bool = False,
 ) -> dict[str, float | None]:
     """All columns for one ground truth uint8 (H, W, 3) and its N uint8 (h, w, 3) samples.
 
@@ -710,6 +770,10 @@ def evaluate_image(
     `lr` (uint8) adds LRPSNR_vs_input_mean: PSNR of downscale(SR cropped to scale × the LR size)
     against the LR file itself (an SR smaller than that, of an HR whose size is no multiple of
     the scale: downscaled whole, as MATLAB's imresize made a ceil-sized LR).
+    `pairwise` (with `lpips_metric`) adds PAIRWISE_MATRIX, the (N, N) LPIPS between the samples'
+    official crops as nested lists (`LpipsMetric.pairwise`; equal samples 0), and PAIRWISE_COLUMN,
+    its mean over the N(N - 1)/2 pairs; both None for N = 1. Each distinct sample's features are
+    kept from its LPIPS pass meanwhile (`pairwise_bytes`): no trunk pass more.
     """
     names = list(names) if names is not None else [f"sample {i}" for i in range(len(samples))]
     if len(samples) == 0:
@@ -741,14 +805,28 @@ def evaluate_image(
         values = {i: fn(samples[i]) for i in distinct}
         return [values[i] for i in first]
 
+    pairs = pairwise and lpips_metric is not None and len(samples) > 1
+    if pairwise:
+        row[PAIRWISE_COLUMN] = row[PAIRWISE_MATRIX] = None
     if lpips_metric is not None:  # first: on a GPU it runs while the CPU does the LR-PSNR
         ref, acc, b = lpips_metric.reference(gt8), DiversityAccumulator(), lpips_metric.batch
+        features = [] if pairs else None  # per distinct sample its normalised taps
         for c in range(0, len(distinct), b):
             chunk = distinct[c : c + b]
             crops = [samples[i][None, :h8, :w8] for i in chunk]  # (1, h8, w8, 3) views
-            maps = lpips_metric.maps(crops[0] if len(crops) == 1 else np.concatenate(crops), ref)
+            crops = crops[0] if len(crops) == 1 else np.concatenate(crops)
+            keep = {"keep": features} if pairs else {}  # (the call of a run without pairs)
+            maps = lpips_metric.maps(crops, ref, **keep)
             acc.update(maps, [[j for j, f in enumerate(first) if f == i] for i in chunk])
         del ref, maps  # (the GT's features: ~60 bytes a pixel, not held while SSIM computes)
+        if pairs:
+            d = lpips_metric.pairwise(features).double()  # (distinct, distinct)
+            del features
+            at = [distinct.index(f) for f in first]  # each sample's row: that of its first equal
+            matrix = d[at][:, at]
+            upper = torch.triu_indices(len(samples), len(samples), 1)
+            row[PAIRWISE_COLUMN] = float(matrix[upper[0], upper[1]].mean())
+            row[PAIRWISE_MATRIX] = matrix.tolist()
     gt_lr = downscale(gt8, scale)  # once per image
     lr_psnrs = per_sample(lambda img: lr_psnr(img[:h8, :w8], gt_lr, scale))
     row["LRPSNR_worst"], row["LRPSNR_mean"] = min(lr_psnrs), float(np.mean(lr_psnrs))

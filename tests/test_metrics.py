@@ -19,7 +19,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from sr_lib import metrics as M
 from sr_lib.data import mod_crop
 from sr_lib.errors import DataError
-from sr_lib.lpips_net import lpips_module
+from sr_lib.lpips_net import alex_tap_values, lpips_module
 from sr_lib.resize import imresize
 from sr_lib.weights import sha256_file
 
@@ -511,6 +511,86 @@ def test_lpips_reused_buffers_leave_no_trace(lpips_pair):
     with torch.no_grad():
         alone = ref(to_lpips_input(samples[2]), to_lpips_input(gt))[0]
     assert torch.equal(again[0:1], alone)
+
+
+@pytest.fixture(scope="module")
+def default_lpips(lpips_pair):
+    """The lpips package's default call, lpips.LPIPS(net="alex", version="0.1") (spatial=False),
+    with the seeded random weights of `lpips_pair`."""
+    net = lpips.LPIPS(net="alex", version="0.1", pretrained=True, pnet_rand=True, verbose=False)
+    net.load_state_dict(lpips_pair[0].state_dict(), strict=True)
+    return net.eval()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_pairwise_lpips_equals_the_lpips_packages_default_call(lpips_pair, default_lpips, batch):
+    """evaluate_image(pairwise=True): entry (i, j) is lpips.LPIPS(net="alex", version="0.1")(x_i,
+    x_j) of the samples' official crops, from the features of their LPIPS pass (no trunk pass
+    more): symmetric, zero diagonal, and LPIPS_pairwise the mean of the N(N - 1)/2 pairs. Batch 1
+    runs the module's kernels: equal to the bit. Batches > 1 round the trunk's convolutions
+    otherwise: 1.2e-6 relative at most measured here (48x64 and 64x96), so 5e-6."""
+    ref, ours = lpips_pair
+    ours.batch = batch
+    gt = smooth_img(53, 70, seed=40)  # official crop 48x64: the samples are cropped to it too
+    samples = [noisy(gt, s, seed=41 + s) for s in (3, 6, 10, 15)]
+    crops = [to_lpips_input(s[:48, :64]) for s in samples]
+    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    with torch.no_grad():  # the lpips package, pair by pair
+        expect = torch.tensor([float(default_lpips(crops[i], crops[j])) for i, j in pairs])
+        spatial = torch.tensor([float(ref(crops[i], crops[j]).mean()) for i, j in pairs])
+    row = M.evaluate_image(gt, samples, 4, lpips_metric=ours, ntire=True, pairwise=True)
+    got = torch.tensor(row[M.PAIRWISE_MATRIX], dtype=torch.float32)
+    assert got.shape == (4, 4) and torch.equal(got, got.T) and not got.diagonal().any()
+    upper = torch.stack([got[i, j] for i, j in pairs])
+    if batch == 1:
+        assert torch.equal(upper, expect)
+    assert torch.allclose(upper, expect, rtol=5e-6, atol=0)
+    assert row[M.PAIRWISE_COLUMN] == pytest.approx(float(expect.double().mean()), rel=5e-6)
+    # the spatial mode (srspace's LPIPS_mean, the challenge's) gives other numbers
+    assert not torch.allclose(spatial, expect, rtol=1e-6, atol=0)
+    # the official columns are those of a run without --pairwise
+    plain = M.evaluate_image(gt, samples, 4, lpips_metric=ours, ntire=True)
+    assert {c: row[c] for c in M.OFFICIAL_COLUMNS} == plain
+    ours.batch = 1
+
+
+def test_pairwise_lpips_of_equal_samples_is_zero_and_needs_no_trunk_pass(lpips_pair, monkeypatch):
+    """A sample equal to another (scored once) is 0 from it and has its row; N = 1 has no pairs
+    (None, not an error); the pairs add no trunk pass (`_layers`: the GT's and one per distinct
+    sample, as without them)."""
+    _, ours = lpips_pair
+    gt = smooth_img(seed=50)
+    a, b = noisy(gt, 5, seed=51), noisy(gt, 12, seed=52)
+    passes, layers = [], ours._layers
+    monkeypatch.setattr(ours, "_layers", lambda x, **kw: passes.append(len(x)) or layers(x, **kw))
+    row = M.evaluate_image(gt, [a, b, a.copy()], 4, lpips_metric=ours, ntire=True, pairwise=True)
+    assert passes == [1, 1, 1]  # the GT, a, b
+    m = row[M.PAIRWISE_MATRIX]
+    assert m[0][2] == m[2][0] == 0 and m[2] == [m[0][2], m[0][1], 0] and m[0][1] > 0
+    assert row[M.PAIRWISE_COLUMN] == pytest.approx((2 * m[0][1] + 0) / 3, rel=1e-12)
+    same = M.evaluate_image(gt, [a, a.copy()], 4, lpips_metric=ours, ntire=True, pairwise=True)
+    assert same[M.PAIRWISE_MATRIX] == [[0, 0], [0, 0]] and same[M.PAIRWISE_COLUMN] == 0
+    one = M.evaluate_image(gt, [a], 4, lpips_metric=ours, pairwise=True)
+    assert one[M.PAIRWISE_COLUMN] is None and one[M.PAIRWISE_MATRIX] is None
+    assert M.PAIRWISE_COLUMN not in M.evaluate_image(gt, [a, b], 4, lpips_metric=ours)
+
+
+@pytest.mark.parametrize("hw", [(48, 64), (1352, 2040), (61, 93)])
+def test_pairwise_bytes_are_the_taps_kept(lpips_pair, hw):
+    """lpips_net.alex_tap_values is the values of the 5 taps of lpips' AlexNet (shapes from the
+    module on the meta device), and pairwise_bytes N of them of the official crop in float32
+    plus the scratch of the largest: 114 MB a sample at 2040x1352."""
+    ref, _ = lpips_pair
+    h, w = hw
+    with torch.device("meta"):
+        taps = ref.net(torch.empty(1, 3, h, w))
+    assert alex_tap_values(h, w) == sum(t.numel() for t in taps)
+    h8, w8 = h // 8 * 8, w // 8 * 8
+    assert M.pairwise_bytes(hw, 10, 4) == 4 * (10 * alex_tap_values(h8, w8) + (
+        64 * ((h8 - 7) // 4 + 1) * ((w8 - 7) // 4 + 1)))  # fmt: skip
+    assert M.pairwise_bytes(hw, 1, 4) == 0
+    if hw == (1352, 2040):
+        assert round(alex_tap_values(h, w) * 4 / 1e6) == 114
 
 
 def test_lut_lookup_of_other_devices_equals_the_cpu_table(lpips_pair):
