@@ -17,7 +17,11 @@ Columns: LPIPS_mean, LRPSNR_worst, LRPSNR_mean, score are always the official on
 (sr_lib/metrics.py; in both modes the GT is cropped top-left to a multiple of 8 for them, 24 at
 x3). --ntire reports only those four, exactly as the challenge. Otherwise PSNR_mean, PSNR_best,
 SSIM_mean (GT cropped to a multiple of --scale and to the SR size, --shave px off each border,
---color rgb|y) and, with --lr, LRPSNR_vs_input_mean follow.
+--color rgb|y) and, with --lr, LRPSNR_vs_input_mean follow. --pairwise adds LPIPS_pairwise (both
+modes, last): the mean LPIPS between the N samples of each image (the lpips package's default,
+non-spatial call, from the features of their LPIPS passes: no trunk pass more), with its N x N
+matrix in --out's per-image rows as LPIPS_pairwise_matrix; rows of N = 1 leave both empty (one
+warning), and features that would not fit in the free memory are refused before any work (exit 4).
 
 SR file names, per HR image k (0-based in the one image order of the toolkit,
 sr_lib.data.image_order: by stem) with stem S and sample i: {k:06d}_sample{i:05d}.png (the
@@ -208,6 +212,10 @@ HELP_SIGMA = (
 )
 HELP_SHAVE = "pixels removed from each border for PSNR/SSIM (default: the scale)"
 HELP_REPORT = "write a self-contained HTML report (table, trade-off plots, contact sheets) there"
+HELP_PAIRWISE = (
+    "add LPIPS_pairwise: the mean LPIPS between the N samples of each image (the lpips package's "
+    "default, non-spatial), its N x N matrix in --out's per-image rows"
+)
 STDOUT = "-"  # --out - / --csv -: the JSON or CSV on standard output
 SWEEP_FOLDER = re.compile(r"T(\d+(?:\.\d*)?(?:e[-+]?\d+)?)")  # sr_sample.py's f"T{t:g}"
 
@@ -225,6 +233,7 @@ class EvalArgs:
     lr: str | None = field(default=None, metadata=dict(type=str, help=HELP_LR))
     lpips_weights: str | None = field(default=None, metadata=dict(type=str, help=HELP_WEIGHTS))
     no_lpips: bool = field(default=False, metadata=dict(help="skip LPIPS_mean and score"))
+    pairwise: bool = field(default=False, metadata=dict(help=HELP_PAIRWISE))
     color: Literal["rgb", "y"] = field(default="rgb", metadata=dict(help="PSNR/SSIM channels"))
     shave: int | None = field(default=None, metadata=dict(type=int, help=HELP_SHAVE))
     out: str | None = field(
@@ -568,21 +577,25 @@ class ImageNeeds:
     folder: int  # the decoded samples of the --sr folder with the most
     scoring: int  # PSNR's and SSIM's float64 maps (0 with --ntire)
     ahead: bool  # the next image's files are decoded meanwhile (as much again, about)
+    pairwise: int = 0  # --pairwise: the features kept for the pairs, on the LPIPS device
 
 
-def image_needs(stem: str, gt_file: Path, samples: list[int], ntire: bool, color: str, ahead):
+def image_needs(stem: str, gt_file: Path, samples: list[int], ntire: bool, color: str, ahead,
+                pairwise_scale: int | None = None):  # fmt: skip
     """The ImageNeeds of image `stem` with `samples` samples in each --sr folder (`ahead`: not
     the last image), from its ground truth's header (None where it cannot tell): uint8 RGB, 3
     bytes a pixel for each file; and without --ntire 24 bytes a value of the compared region (at
     most the ground truth's: three float64 maps, sr_lib/metrics.py `SsimReference`), 3 values a
-    pixel, 1 with --color y."""
+    pixel, 1 with --color y. `pairwise_scale`: --pairwise's --scale (`metrics.pairwise_bytes`
+    of the folder with the most samples)."""
     size = image_size(gt_file)
     if size is None:
         return None
     px = size[0] * size[1]
     scoring = 0 if ntire else 24 * px * (1 if color == "y" else 3)
     decoded, folder = 3 * px * (1 + sum(samples)), 3 * px * max(samples)
-    return ImageNeeds(stem, size, decoded, folder, scoring, ahead)
+    pairs = metrics.pairwise_bytes(size, max(samples), pairwise_scale) if pairwise_scale else 0
+    return ImageNeeds(stem, size, decoded, folder, scoring, ahead, pairs)
 
 
 def out_of_memory_line(e: BaseException, device, batch: int, lpips: bool, methods: int,
@@ -604,6 +617,8 @@ def out_of_memory_line(e: BaseException, device, batch: int, lpips: bool, method
     most = image.folder // (3 * px) if px else batch  # (samples in the largest --sr folder)
     lp = (LPIPS_BYTES[0] + LPIPS_BYTES[1] * min(batch, most)) * px if lpips_host else 0
     scoring = image.scoring if px else 0
+    # --pairwise's features, held on the LPIPS device while the samples' LPIPS computes
+    pairs = image.pairwise if image and host == (device.type == "cpu") else 0
     helps = []
     if lpips and (lpips_host or not host):
         each = f"; ~{gb(LPIPS_BYTES[1] * px)[1:]} a sample" if px else ""
@@ -612,6 +627,8 @@ def out_of_memory_line(e: BaseException, device, batch: int, lpips: bool, method
         helps.append("--no-lpips" + (f" ({gb(lp - scoring)} less)" if lp > scoring else ""))
     if scoring > lp:
         helps.append(f"--ntire (no PSNR/SSIM columns: {gb(scoring - lp)} less)")
+    if pairs:
+        helps.append(f"no --pairwise ({gb(pairs)} less)")
     if host and methods > 1:
         each = f" ({gb((1 + image.ahead) * image.folder)} less each)" if px else ""
         helps.append(f"fewer --sr folders per run{each}")
@@ -621,6 +638,7 @@ def out_of_memory_line(e: BaseException, device, batch: int, lpips: bool, method
         said = (f" scoring {image.stem} ({w}x{h}: its files decoded take {gb(image.decoded)}"
                 + (", as much again for the next image's" if image.ahead else "")
                 + (f", LPIPS {gb(lp)}" if lp else "")
+                + (f", --pairwise's features {gb(pairs)}" if pairs else "")
                 + (f", {'then ' if lp else ''}PSNR and SSIM {gb(scoring)}" if scoring else "")
                 + ")")  # fmt: skip
     if not helps:
@@ -802,6 +820,8 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
         check_not_in_report(args, hr, methods, lr_files, sigma_files)
         check_no_stray_parts(Path(args.report))
     check_headers(args, shave, hr, methods, lr_files, sigma_files)
+    if args.pairwise:
+        check_pairwise(args, hr, methods, device)
     if args.report:
         report.check_matplotlib()
     report_dir = check_out_dir(args.report, "--report") if args.report else None
@@ -815,7 +835,9 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
             return oom(e)
         counts = [len(m.files[k]) for m in methods]
         ahead = k + 1 < len(stems)
-        return oom(e, image_needs(stems[k], hr[stems[k]], counts, args.ntire, args.color, ahead))
+        pairs = args.scale if args.pairwise else None
+        needs = image_needs(stems[k], hr[stems[k]], counts, args.ntire, args.color, ahead, pairs)
+        return oom(e, needs)
 
     with out_of_memory_said(oom):
         lpips_metric = (
@@ -824,9 +846,10 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     columns = list(metrics.OFFICIAL_COLUMNS)
     if not args.ntire:
         columns += list(metrics.EXTRA_COLUMNS) + ([metrics.LR_INPUT_COLUMN] if args.lr else [])
+    columns += [metrics.PAIRWISE_COLUMN] if args.pairwise else []
 
     opts = dict(scale=args.scale, lpips_metric=lpips_metric, ntire=args.ntire, color=args.color)
-    opts.update(shave=shave, warn=warn)
+    opts.update(shave=shave, warn=warn, pairwise=args.pairwise)
     to_files = bool(args.out or args.csv or report_dir)
     to_stderr = STDOUT in (args.out, args.csv)  # stdout carries the JSON or CSV alone
 
@@ -835,6 +858,8 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     key = scores_key(args, run_settings(args, shave, device, lpips_metric, columns, methods))
     prints = [image_print(hr[s], lr_files, sigma_files, methods, k) for k, s in enumerate(stems)]
     fields = {m.name: {"image", *columns} for m in methods}  # the keys of each method's row
+    if args.pairwise:  # (and the matrix, for --out)
+        fields = {name: f | {metrics.PAIRWISE_MATRIX} for name, f in fields.items()}
     if sigma_files:
         fields[methods[0].name] |= {"PLL", "PSNR_sigma"}
     if partial:
@@ -1109,9 +1134,19 @@ def scores_row(row, stem: str, fields: set[str]) -> bool:
     the `fields`, each a number or null but "image", the stem."""
     if not isinstance(row, dict) or set(row) != fields or row["image"] != stem:
         return False
-    number = (int, float)
-    return all(v is None or (isinstance(v, number) and not isinstance(v, bool))
-               for k, v in row.items() if k != "image")  # fmt: skip
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    matrix = row.get(metrics.PAIRWISE_MATRIX)  # (--pairwise) null, or N lists of N numbers
+    if matrix is not None and not (
+        isinstance(matrix, list)
+        and all(isinstance(r, list) and len(r) == len(matrix) for r in matrix)
+        and all(number(v) for r in matrix for v in r)
+    ):
+        return False
+    return all(v is None or number(v)
+               for k, v in row.items() if k not in ("image", metrics.PAIRWISE_MATRIX))  # fmt: skip
 
 
 def show(text: str, to_stderr: bool) -> None:
@@ -1208,6 +1243,8 @@ def check_flags(args: EvalArgs) -> tuple[int, torch.device, int, tuple | None]:
         raise UsageError(f"--n {args.n}: the number of samples per image must be at least 1")
     if args.no_lpips and args.lpips_weights:
         raise UsageError("--no-lpips and --lpips-weights exclude each other; give one")
+    if args.no_lpips and args.pairwise:
+        raise UsageError("--pairwise is LPIPS between the samples: drop --no-lpips or --pairwise")
     if args.ntire and (args.lr or args.shave is not None or args.color != "rgb"):
         raise UsageError("--ntire reports only the official columns; drop --lr/--shave/--color")
     if args.shave is not None and args.shave < 0:
@@ -1469,6 +1506,52 @@ def check_sizes(gt, lr, samples, names, gt_name: str, lr_name: str | None, scale
         )
 
 
+def check_pairwise(args: EvalArgs, hr: dict[str, Path], methods, device) -> None:
+    """--pairwise: one warning naming the rows of N = 1 (no pairs: LPIPS_pairwise empty, not an
+    error), and the features it keeps for the pairs (`metrics.pairwise_bytes`: each sample's
+    AlexNet taps, on the LPIPS device) checked for the largest image at the largest N against
+    the memory free there (`free_memory`) before LPIPS is loaded or any image scored: where they
+    do not fit, one line, exit 4, not an out-of-memory error images later."""
+    single = [m.name for m in methods if m.n == 1]
+    if single:
+        warn(f"--pairwise: {', '.join(single)}: one sample per image (N = 1), no pairs; "
+             "LPIPS_pairwise is left empty there")  # fmt: skip
+    m = max(methods, key=lambda m: m.n)
+    sizes = [(stem, image_size(path)) for stem, path in hr.items()]
+    needs = [(metrics.pairwise_bytes(size, m.n, args.scale), stem, size)
+             for stem, size in sizes if size is not None]  # fmt: skip
+    if not needs or m.n < 2:
+        return
+    need, stem, (h, w) = max(needs)
+    free = free_memory(device)
+    if free is not None and need > free:
+        where = f"on {device}" if device.type == "cuda" else "in this machine's memory"
+        raise OutOfMemory(
+            f"--pairwise: the LPIPS features of the {m.n} samples of {stem} ({w}x{h}) kept for "
+            f"their pairs take {gb(need)}, more than the {gb(free)} free {where}; score "
+            f"fewer samples per image (--sr {m.sr_dir}:N) or drop --pairwise"
+        )
+
+
+def free_memory(device) -> int | None:
+    """Bytes free on `device`: a CUDA device's, else the host's (Linux's MemAvailable, less where
+    a cgroup v2 limit leaves less); None where it cannot tell."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    free = []
+    with suppress(OSError, ValueError, StopIteration):
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        free.append(1024 * int(next(x for x in lines if x.startswith("MemAvailable:")).split()[1]))
+    with suppress(OSError, ValueError):
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            free.append(int(limit) - int((cgroup / "memory.current").read_text()))
+    return min(free) if free else None
+
+
 def check_headers(args: EvalArgs, shave: int, hr: dict[str, Path], methods, lr_files,
                   sigma_files=None) -> None:  # fmt: skip
     """Every size check of the scoring (check_sizes, then evaluate_image's), for every image from
@@ -1571,6 +1654,8 @@ def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_file
                     **{**opts, "warn": once_per_folder(m.sr_dir)},
                 )  # fmt: skip
                 rows[m.name].append({"image": stem, **{c: row[c] for c in columns}})
+                if opts.get("pairwise"):
+                    rows[m.name][-1][metrics.PAIRWISE_MATRIX] = row[metrics.PAIRWISE_MATRIX]
                 if sigma_files and m is methods[0]:
                     sigma = read_sigma(sigma_files[k], imgs[0].shape[:2])
                     gt_s = mod_crop(gt, opts["scale"])

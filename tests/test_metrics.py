@@ -653,6 +653,11 @@ def test_cuda_lpips_equals_cpu_without_a_host_sync_per_sample(lpips_pair):
     assert gpu_row["LRPSNR_mean"] == cpu_row["LRPSNR_mean"]
     assert gpu_row["LPIPS_mean"] == pytest.approx(cpu_row["LPIPS_mean"], rel=1e-5)
     assert gpu_row["score"] == pytest.approx(cpu_row["score"], abs=1e-3)
+    # --pairwise: the pairs' heads on the GPU, the matrix copied to the host once
+    cpu_pairs = M.evaluate_image(gt, samples, 4, lpips_metric=ours, ntire=True, pairwise=True)
+    gpu_pairs = M.evaluate_image(gt, samples, 4, lpips_metric=gpu, ntire=True, pairwise=True)
+    got, want = (np.array(r[M.PAIRWISE_MATRIX]) for r in (gpu_pairs, cpu_pairs))
+    assert got.shape == (3, 3) and np.allclose(got, want, rtol=1e-5, atol=0)
 
 
 def test_keep_freed_memory_is_accepted_by_glibc():
