@@ -2,6 +2,11 @@
 
     python tests/bench/bench_eval.py --released NTIRE21_CHECKOUT --lpips-code PS_CHECKOUT
                                      [--images 2] [--n 10] [--repeat 1] [--keep DIR] [--cuda]
+    python tests/bench/bench_eval.py --pairwise [--images 2] [--n 10] [--repeat 1] [--keep DIR]
+
+--pairwise measures what `sr_eval.py --pairwise` adds instead (no released code): sr_eval --ntire
+with and without it, alternately, each in a fresh process on one core: seconds per image (best of
+--repeat) and the process's peak resident memory (ru_maxrss) of each, and their differences.
 
 NTIRE21_CHECKOUT is a checkout of github:andreas128/NTIRE21_Learning_SR_Space (measure.py,
 imresize.py), PS_CHECKOUT one of its PerceptualSimilarity submodule (richzhang/PerceptualSimilarity
@@ -93,6 +98,13 @@ def make_data(root: Path, images: int, n: int) -> tuple[Path, Path, Path]:
     return hr_dir, sr_dir, weights
 
 
+def kept_or_made_data(root: Path, args) -> tuple[Path, Path, Path]:
+    """make_data in `root`, or what an earlier run made there (--keep DIR)."""
+    if (root / "lpips_random.pth").exists():
+        return root / "hr", root / "sr", root / "lpips_random.pth"
+    return make_data(root, args.images, args.n)
+
+
 def load_released(ntire_dir: Path, ps_dir: Path) -> types.ModuleType:
     """measure.py's imports and functions, run from the checkout (not its script part)."""
     src = (ntire_dir / "measure.py").read_text()
@@ -159,6 +171,79 @@ def run_ours(hr_dir: Path, sr_dir: Path, n: int, weights: Path, out: Path, devic
     return rows, took, time.perf_counter() - t1
 
 
+def run_pairwise_side(hr_dir: Path, sr_dir: Path, n: int, weights: Path, out: Path, pairwise):
+    """sr_eval.main(--ntire [--pairwise]): (wall s, CPU s, peak resident bytes of the process)."""
+    import resource
+
+    import lpips  # noqa: F401  (imports outside the timing)
+
+    torch.set_num_threads(1)
+    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", SCALE, "--n", n, "--device", "cpu"]
+    argv += ["--lpips-weights", weights, "--out", out, "--ntire", "--quiet"]
+    argv += ["--pairwise"] if pairwise else []
+    t0, c0 = time.perf_counter(), time.process_time()
+    assert sr_eval.main([str(a) for a in argv]) == 0
+    took = (time.perf_counter() - t0, time.process_time() - c0)
+    return (*took, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def bench_pairwise(args) -> None:
+    """--pairwise: sr_eval --ntire without and with --pairwise, alternately, one core."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.keep or tmp)
+        hr_dir, sr_dir, weights = kept_or_made_data(root, args)
+        images = len(list(hr_dir.glob("*.png")))
+        core = min(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {core})
+        load_before = os.getloadavg()
+        runs = {False: [], True: []}
+        for _ in range(args.repeat):
+            for pairwise in (False, True):
+                out = root / f"p{int(pairwise)}.json"
+                runs[pairwise].append(
+                    in_new_process(
+                        run_pairwise_side, hr_dir, sr_dir, args.n, weights, out, pairwise
+                    )
+                )
+        load_after = os.getloadavg()
+        rows = json.loads((root / "p1.json").read_text())["per_image"]
+        same = json.loads((root / "p0.json").read_text())["per_image"]
+    best = {p: min(r[0] for r in rs) / images for p, rs in runs.items()}
+    cpu = {p: min(r[1] for r in rs) / images for p, rs in runs.items()}
+    rss = {p: max(r[2] for r in rs) for p, rs in runs.items()}
+    official = all(
+        {c: a[c] for c in COLUMNS} == {c: b[c] for c in COLUMNS} for a, b in zip(rows, same)
+    )
+    result = {
+        "bench": "sr_eval --ntire with and without --pairwise (random-weight LPIPS), one core",
+        "image": f"{W}x{H}",
+        "n": args.n,
+        "images": images,
+        "repeat": args.repeat,
+        "s_per_image": {"without": round(best[False], 2), "with": round(best[True], 2)},
+        "extra_s_per_image": round(best[True] - best[False], 2),
+        "extra_cpu_s_per_image": round(cpu[True] - cpu[False], 2),
+        "runs_s_per_image": {
+            "without": [round(r[0] / images, 2) for r in runs[False]],
+            "with": [round(r[0] / images, 2) for r in runs[True]],
+        },
+        "peak_rss_mb": {"without": round(rss[False] / 1e6), "with": round(rss[True] / 1e6)},
+        "extra_peak_rss_mb": round((rss[True] - rss[False]) / 1e6),
+        "pairwise_bytes_mb": round(metrics.pairwise_bytes((H, W), args.n, SCALE) / 1e6),
+        "official_columns_unchanged": official,
+        "LPIPS_pairwise": [r["LPIPS_pairwise"] for r in rows],
+        "threads": 1,
+        "cpu_core": core,
+        "load_avg_before": [round(x, 2) for x in load_before],
+        "load_avg_after": [round(x, 2) for x in load_after],
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+    }
+    print(json.dumps(result))
+    if not official:
+        raise SystemExit("--pairwise changed an official column")
+
+
 def run_ours_on(cores: set[int], *args):
     """run_ours on these CPU cores (all of them for the GPU run)."""
     os.sched_setaffinity(0, cores)
@@ -173,14 +258,19 @@ def in_new_process(fn, *args):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--released", type=Path, required=True, help="NTIRE21_Learning_SR_Space dir")
+    ap.add_argument("--released", type=Path, default=None, help="NTIRE21_Learning_SR_Space dir")
     ap.add_argument("--lpips-code", type=Path, default=None, help="PerceptualSimilarity @ 05f4ec2")
     ap.add_argument("--images", type=int, default=2)
     ap.add_argument("--n", type=int, default=10)
     ap.add_argument("--repeat", type=int, default=1, help="alternate both sides; best of each")
     ap.add_argument("--keep", type=str, default=None, help="reuse/keep the data in this folder")
     ap.add_argument("--cuda", action="store_true", help="also sr_eval on the GPU, all cores")
+    ap.add_argument("--pairwise", action="store_true", help="what --pairwise adds (no --released)")
     args = ap.parse_args()
+    if args.pairwise:
+        return bench_pairwise(args)
+    if args.released is None:
+        raise SystemExit("bench_eval.py: error: give --released NTIRE21_CHECKOUT (or --pairwise)")
     if args.cuda and not torch.cuda.is_available():
         raise SystemExit("--cuda: no CUDA GPU here")
     if not (args.released / "measure.py").is_file():  # said now, not after srspace's timed run
@@ -198,10 +288,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep or tmp)
-        if (root / "lpips_random.pth").exists():
-            hr_dir, sr_dir, weights = root / "hr", root / "sr", root / "lpips_random.pth"
-        else:
-            hr_dir, sr_dir, weights = make_data(root, args.images, args.n)
+        hr_dir, sr_dir, weights = kept_or_made_data(root, args)
         images = len(list(hr_dir.glob("*.png")))
 
         all_cores = os.sched_getaffinity(0)
