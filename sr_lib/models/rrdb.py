@@ -36,7 +36,12 @@ SCALES = (2, 4, 8)
 @dataclass
 class RRDBConfig(RegressionConfig):
     nb: int = field(
-        default=23, metadata=dict(help="RRDB blocks in the trunk (CelebA ×8: 8)", range="[0, inf)")
+        default=23,
+        metadata=dict(
+            help="RRDB blocks in the trunk (released RRDB_*.yml: 23; the encoder of an srflow "
+            "--nb 8 run, SRFlow's CelebA ×8, needs 8)",
+            range="[0, inf)",
+        ),
     )
     nf: int = field(default=64, metadata=dict(help="feature channels"))
     gc: int = field(default=32, metadata=dict(help="growth channels of the dense blocks"))

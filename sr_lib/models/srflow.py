@@ -54,7 +54,12 @@ OFFICIAL_F = "flowUpsamplerNet.f."  # the released code's unused conv: ignorable
 
 @dataclass
 class SRFlowConfig(ModelConfig):
-    nb: int = field(default=23, metadata=dict(help="RRDB blocks of the encoder (CelebA x8: 8)"))
+    nb: int = field(
+        default=23,
+        metadata=dict(
+            help="RRDB blocks of the encoder (released configs: 23; SRFlow CelebA x8: 8)"
+        ),
+    )
     nf: int = field(default=64, metadata=dict(help="encoder feature channels"))
     gc: int = field(default=32, metadata=dict(help="encoder growth channels"))
     rrdb_blocks: str = field(
