@@ -85,7 +85,7 @@ class SRFlowConfig(ModelConfig):
     lu: bool = field(default=False, metadata=dict(help="LU-parametrised 1x1 convs (not official)"))
     dequant: Literal["gaussian", "uniform", "none"] = field(
         default="gaussian",
-        metadata=dict(help="HR noise in training: paper N(0, std), released code none"),
+        metadata=dict(help="HR noise in training (paper: gaussian N(0, std); released code: none)"),
     )
     gaussian_std: float = field(
         default=4 / 3**0.5, metadata=dict(help="on the 0-255 scale", range="[0, 255]")

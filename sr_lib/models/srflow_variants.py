@@ -32,6 +32,16 @@ class SRFlowDAConfig(SRFlowConfig):
     flow_steps: int = field(
         default=0, metadata=dict(help="K (0: 6; DA-S 12/18; DA-D 1)", range="[0, inf)")
     )
+    dequant: Literal["gaussian", "uniform", "none"] = field(
+        default="gaussian",
+        metadata=dict(help="HR noise in training (paper and released code: gaussian N(0, std))"),
+    )
+    freeze_encoder: float = field(
+        default=0.5,
+        metadata=dict(
+            help="fraction of steps with the encoder frozen (released code: 0.5)", range="[0, 1]"
+        ),
+    )
     variant: Literal["da", "r", "s", "d"] = field(
         default="da",
         metadata=dict(help="da; r: residual F; s: one level, splits inside; d: 36-conv F"),
@@ -112,7 +122,7 @@ class NCSRConfig(SRFlowConfig):
         default=0, metadata=dict(help="K (0: 16 at x4, 20 at x8)", range="[0, inf)")
     )
     dequant: Literal["gaussian", "uniform", "none"] = field(
-        default="none", metadata=dict(help="HR dequantisation noise (NCSR: none)")
+        default="none", metadata=dict(help="HR dequantisation noise (NCSR's released code: none)")
     )
     noise_steps: str = field(
         default="",
