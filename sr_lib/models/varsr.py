@@ -54,7 +54,10 @@ class VarSRConfig(ModelConfig):
     )
     lambda_adv: float = option(0.001, "λ_adv, WGAN-GP (Eq. 8; 0 = no critic)", range=WEIGHT)
     adv_start: float = option(
-        0.5, "fraction of training before the adversarial loss is switched on", range="[0, 1]"
+        0.5,
+        "fraction of training before the adversarial loss is switched on (the paper: a first "
+        "phase without it, of unstated length)",
+        range="[0, 1]",
     )
     gp_weight: float = option(10.0, "gradient-penalty weight δ (Eq. 8)", range=WEIGHT)
     lambda_per: float = option(

@@ -69,7 +69,11 @@ class VSpSRConfig(ModelConfig):
         default=0.5, metadata=dict(help="Gamma prior rate β (fine-tune: 1.0)", range="(0, 1e6]")
     )
     lambda_w: float = field(
-        default=0.1, metadata=dict(help="λ_ω: weight of the KL (Eq. 6)", range=WEIGHT)
+        default=0.1,
+        metadata=dict(
+            help="λ_ω: weight of the KL (Eq. 6; the paper gives none, the code's kl_weight: 0.1)",
+            range=WEIGHT,
+        ),
     )
     lambda_adv: float = field(
         default=0.01,
