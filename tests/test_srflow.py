@@ -1342,3 +1342,20 @@ def test_check_invertibility_out_of_memory_names_what_lowers_it(n, said, tmp_pat
     with pytest.raises(SystemExit) as e:
         sr_sample.main(argv)
     assert (e.value.code, capsys.readouterr().err) == (4, f"sr_sample.py: error: {said}\n")
+
+
+def test_rrdb_init_of_another_depth_names_the_flags(tmp_path):
+    """An RRDB of other depth or widths than the flow's encoder (the released RRDB_CelebA_8X.yml
+    trains 23 blocks, SRFlow's CelebA ×8 encoder has 8) is one line naming the flags that differ,
+    not the strict load's list of missing keys."""
+    path = tmp_path / "RRDB_other.pth"
+    cfg = TINY["srflow"]
+    torch.save(RRDBNet(4, cfg["nf"], cfg["nb"] + 1, cfg["gc"]).state_dict(), path)
+    flow = build_model("srflow", {**cfg, "rrdb_init": str(path)})
+    with pytest.raises(CheckpointError) as e:
+        flow.on_step(0, 10)
+    assert str(e.value).startswith(f"--rrdb-init {path}: an RRDBNet of --nb {cfg['nb'] + 1} ")
+    assert f"(this encoder: {cfg['nb']})" in str(e.value) and "--nf" not in str(e.value)
+    torch.save(RRDBNet(4, cfg["nf"] * 2, cfg["nb"], cfg["gc"]).state_dict(), path)
+    with pytest.raises(CheckpointError, match=rf"--nf {cfg['nf'] * 2} \(this encoder: "):
+        build_model("srflow", {**cfg, "rrdb_init": str(path)}).on_step(0, 10)

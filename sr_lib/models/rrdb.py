@@ -269,7 +269,31 @@ def load_official_rrdb(model_or_net: nn.Module, path: str | os.PathLike) -> None
         sd = {k[len("net.") :]: v for k, v in weights.items() if k.startswith("net.")}
     else:
         sd = as_state_dict(ck, path)  # (the file as read above)
+    # A file of another depth or width (RRDB_CelebA_8X.yml trains 23 blocks where the SRFlow
+    # CelebA ×8 encoder has 8) would be hundreds of missing keys: name the flags instead.
+    differ = [
+        f"--{flag} {theirs} (this encoder: {ours})"
+        for flag, theirs, ours in zip(("nb", "nf", "gc"), rrdb_widths(sd), rrdb_widths(net))
+        if theirs is not None and theirs != ours
+    ]
+    if differ:
+        raise CheckpointError(
+            f"{path}: an RRDBNet of {', '.join(differ)}; give the flow those flags, or "
+            "pre-train an rrdb with this encoder's"
+        )
     load_strict(net, sd, f"{path} does not match this RRDBNet")
+
+
+def rrdb_widths(sd_or_net: dict | RRDBNet) -> tuple[int | None, int | None, int | None]:
+    """(nb, nf, gc) of an RRDBNet or of its state_dict under our key names (None: not there)."""
+    sd = sd_or_net.state_dict() if isinstance(sd_or_net, nn.Module) else sd_or_net
+    nb = released_trunk_depth(sd)
+    first, dense = sd.get("conv_first.weight"), sd.get("RRDB_trunk.0.RDB1.conv1.weight")
+    return (
+        nb or None,
+        first.shape[0] if first is not None else None,
+        dense.shape[0] if dense is not None else None,
+    )
 
 
 class RRDB(RegressionSR):
