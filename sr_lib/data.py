@@ -17,6 +17,7 @@ import errno
 import hashlib
 import importlib.util
 import io
+import math
 import multiprocessing.util  # (registers its exit handler before ours, below)
 import os
 import re
@@ -52,7 +53,7 @@ from sr_lib.errors import (
     SRSpaceError,
     UsageError,
 )
-from sr_lib.resize import imresize
+from sr_lib.resize import imresize, resize_matrix
 from sr_lib.threads import finish, new_pool, result, signals_held, submit, thread_map
 
 try:  # libpng: plain 8-bit RGB PNGs in half Pillow's time, off the GIL (README, "Dependencies")
@@ -1052,19 +1053,173 @@ def default_mod(scale: int) -> int:
     return 8 if 8 % scale == 0 else scale
 
 
+# ---------------------------------------------------------------------------------------------
+# Degradations beyond bicubic (sr_train.py --lr-blur, --lr-noise, --lr-jpeg)
+
+
+@dataclass(frozen=True)
+class Degradation:
+    """How LR is made from HR when bicubic is not enough: the first-order degradation of
+    Real-ESRGAN (Wang et al. 2021, "Real-ESRGAN: Training Real-World Blind Super-Resolution with
+    Pure Synthetic Data", arXiv:2107.10833, Sec. 3.1), in its order: isotropic Gaussian blur of
+    the HR, MATLAB-bicubic /scale, Gaussian noise on the LR, clip and round to 8 bits, JPEG.
+
+    Each is a (low, high) range drawn uniformly per patch (low == high: that value), or None:
+    not applied. blur: sigma in HR pixels; noise: sigma in 8-bit levels (0-255); jpeg: quality
+    1..100 (whole numbers). No range set (the default): false, and the LR is the bicubic
+    downscale alone, as without a Degradation."""
+
+    blur: tuple[float, float] | None = None
+    noise: tuple[float, float] | None = None
+    jpeg: tuple[int, int] | None = None
+
+    def __bool__(self) -> bool:
+        return self.jpeg is not None or any(
+            r is not None and r[1] > 0 for r in (self.blur, self.noise)
+        )
+
+    def draw(self, rng: np.random.Generator, n: int) -> list[tuple[float, float, int | None]]:
+        """n draws of (blur sigma, noise sigma, JPEG quality or None), in this order: n blur
+        sigmas, n noise sigmas, n qualities (each only where its range is set)."""
+        blur = rng.uniform(*self.blur, n) if self.blur else np.zeros(n)
+        noise = rng.uniform(*self.noise, n) if self.noise else np.zeros(n)
+        quality = rng.integers(self.jpeg[0], self.jpeg[1] + 1, n) if self.jpeg else [None] * n
+        return [
+            (float(b), float(s), q if q is None else int(q))
+            for b, s, q in zip(blur, noise, quality)
+        ]
+
+    def apply(self, hr: np.ndarray, scale: int, rng: np.random.Generator) -> np.ndarray:
+        """One draw of the degradation of a uint8 HWC HR (height and width multiples of the
+        scale): its uint8 LR. The draws, then the noise field, come from `rng`."""
+        blur, noise, quality = self.draw(rng, 1)[0]
+        return degrade(hr, scale, blur, noise, quality, rng if self.noise else None)
+
+
+def degrade(
+    hr: np.ndarray,
+    scale: int,
+    blur: float = 0.0,
+    noise: float = 0.0,
+    quality: int | None = None,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """uint8 HWC HR (sides multiples of the scale) -> uint8 LR: Gaussian blur of standard
+    deviation `blur` HR pixels (0: none; `blur_matrix`), then MATLAB-bicubic /scale (`imresize`'s
+    taps), both linear and separable, so applied as one (H/s, H) and one (W/s, W) matrix in
+    float64; plus Gaussian noise of standard deviation `noise` levels (drawn from `rng`,
+    independently per pixel and channel, where `rng` is given, even at noise 0, so that the
+    stream does not depend on the value drawn), clipped to 0..255 and rounded once (half to
+    even); then `jpeg` at `quality` (None: none)."""
+    (h, w, c), s = hr.shape, scale
+    # torch, not numpy: numpy's BLAS runs a pool of threads per process, loader workers too, which
+    # made these products 15x slower on a loaded machine; torch runs one thread in a worker
+    rows, cols = (resize_matrix(n, n // s, 1 / s, dtype=torch.float64) for n in (h, w))
+    if blur > 0:
+        rows = rows @ torch.from_numpy(blur_matrix(h, blur))
+        cols = cols @ torch.from_numpy(blur_matrix(w, blur))
+    hr = torch.from_numpy(np.ascontiguousarray(hr))  # (a flipped patch: negative strides)
+    x = rows @ hr.reshape(h, w * c).double()  # (H/s, W·C)
+    x = cols @ x.view(h // s, w, c).transpose(0, 1).reshape(w, -1)  # (W/s, H/s·C)
+    x = x.view(w // s, h // s, c).transpose(0, 1).numpy()  # (H/s, W/s, C)
+    if rng is not None:
+        x += rng.standard_normal(x.shape) * noise
+    lr = np.rint(np.clip(x, 0, 255)).astype(np.uint8)
+    return jpeg(lr, quality) if quality is not None else lr
+
+
+def blur_matrix(n: int, sigma: float) -> np.ndarray:
+    """The (n, n) matrix of a 1-D Gaussian blur of standard deviation `sigma` pixels: taps
+    exp(-d^2 / (2 sigma^2)) out to ceil(3 sigma), normalised to sum 1, the borders reflected
+    without repeating the edge pixel (numpy's "reflect", OpenCV's BORDER_REFLECT_101; again and
+    again where the taps reach beyond the other side)."""
+    r = max(1, math.ceil(3 * sigma))
+    taps = np.exp(-(np.arange(-r, r + 1) ** 2) / (2 * sigma**2))
+    at = np.arange(n)[:, None] + np.arange(-r, r + 1)  # (n, 2r + 1) source pixels
+    if n > 1:
+        at = np.abs((at + n - 1) % (2 * n - 2) - (n - 1))  # folded into 0..n-1
+    else:
+        at = np.zeros_like(at)
+    m = np.zeros((n, n))
+    np.add.at(m, (np.arange(n)[:, None].repeat(2 * r + 1, 1), at), taps / taps.sum())
+    return m
+
+
+def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
+    """uint8 HWC RGB encoded as a JPEG at `quality` (1..100) by Pillow, in memory, and decoded.
+    Chroma is subsampled 4:2:0 at every quality (Pillow's default, and the common setting of
+    cameras and the web), baseline, no optimised Huffman tables."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=int(quality), subsampling="4:2:0")
+    with Image.open(buf) as decoded:
+        return np.asarray(decoded.convert("RGB"))
+
+
+def degradation_range(text: str, flag: str) -> tuple[float, float] | tuple[int, int] | None:
+    """The range of a degradation flag's text: "" (unset) None, "V" (V, V), "LO:HI" (LO, HI).
+    --lr-jpeg takes whole numbers 1..100, the others numbers >= 0. Anything else is one
+    UsageError line naming the flag."""
+    if text == "":
+        return None
+    quality = flag == "--lr-jpeg"
+    what = "a quality 1..100" if quality else "a sigma >= 0"
+    parts = text.split(":")
+    try:
+        if len(parts) > 2:
+            raise ValueError
+        values = [float(p) for p in parts]
+    except ValueError:
+        example = "30:95" if quality else "0.5:3"
+        raise UsageError(f"{flag} {text}: must be {what} or a range LO:HI of them, drawn "
+                         f"uniformly per patch (e.g. {example})") from None  # fmt: skip
+    if not all(map(math.isfinite, values)):
+        raise UsageError(f"{flag} {text}: must be finite, {what} or a range LO:HI of them")
+    if quality and not all(v.is_integer() and 1 <= v <= 100 for v in values):
+        raise UsageError(f"{flag} {text}: JPEG quality must be a whole number 1..100")
+    if not quality and min(values) < 0:
+        raise UsageError(f"{flag} {text}: sigma must be >= 0")
+    lo, hi = values[0], values[-1]
+    if lo > hi:
+        raise UsageError(f"{flag} {text}: LO {parts[0]} is above HI {parts[1]}; give LO:HI")
+    return (int(lo), int(hi)) if quality else (lo, hi)
+
+
+def range_text(r: tuple[float, float] | tuple[int, int] | None) -> str:
+    """A degradation range as its flag's text, `degradation_range`'s inverse: "", "V", "LO:HI"."""
+    if r is None:
+        return ""
+    return str(r[0]) if r[0] == r[1] else f"{r[0]}:{r[1]}"
+
+
+def validation_degradation(
+    hr: np.ndarray, scale: int, degradation: Degradation, stem: str
+) -> np.ndarray:
+    """A validation image's degraded LR, the same at every validation and in every run with the
+    same flags (independent of --seed): its draws and noise come from a generator seeded by its
+    stem."""
+    digest = hashlib.sha256(stem.encode("utf-8", "surrogateescape")).digest()
+    rng = np.random.default_rng([VAL_DEGRADE_SEED, int.from_bytes(digest[:8], "little")])
+    return degradation.apply(hr, scale, rng)
+
+
+VAL_DEGRADE_SEED = 0xDE6  # a tag: validation's draws are no training step's
+
+
 def load_pairs(
     source: str | os.PathLike,
     scale: int,
     max_images: int | None = None,
     mod: int | None = None,
     crop: int = 0,
+    degradation: Degradation | None = None,
 ) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Validation pairs [(stem, HR, LR)] (uint8 HWC) from an HR folder or "demo" (its val split).
 
     HR is cropped to a multiple of `mod` (default `default_mod(scale)`), and with `crop` > 0
     centre-cropped to at most crop x crop pixels (a multiple of 8·scale, so validation stays cheap
-    on large images); LR = imresize(HR, 1/scale). Stems of images in subfolders keep their
-    relative path ("sub/img"). Images are held in RAM.
+    on large images); LR = imresize(HR, 1/scale), or with a `degradation` its draw fixed per
+    image (`validation_degradation`: the same at every validation). Stems of images in
+    subfolders keep their relative path ("sub/img"). Images are held in RAM.
     """
     mod = mod or default_mod(scale)
     if mod % scale:
@@ -1080,7 +1235,8 @@ def load_pairs(
         if hr.size == 0:
             raise DataError(f"{name}: smaller than {mod}x{mod} pixels, too small to validate on")
         hr = _centre_crop(hr, crop, 8 * scale) if crop > 0 else hr
-        pairs.append((stem, hr, imresize(hr, 1 / scale)))
+        lr = validation_degradation(hr, scale, degradation, stem) if degradation else None
+        pairs.append((stem, hr, imresize(hr, 1 / scale) if lr is None else lr))
     return pairs
 
 
@@ -1289,6 +1445,10 @@ class PatchPairs(Dataset):
     uniform crop position and (augment) one of the 8 flips/rotations. Images smaller than one HR
     patch are skipped with one warning. Decoded images are held in RAM (about 7 GB for DIV2K's
     800); with `cache` (a folder) they are stored once as .npy files and memory-mapped instead.
+    With a `degradation` (one that is set) each LR patch is made from its HR patch instead, after
+    the flip/rotation: blur, bicubic, noise, JPEG (`degrade`; the blur and the resize reflect the
+    patch's borders), its draws continuing the step's generator after the crops', so that they
+    too are a function of (seed, rank, step) and the crops are those of the same run without it.
     """
 
     def __init__(
@@ -1302,12 +1462,14 @@ class PatchPairs(Dataset):
         lr_dirs: Sequence[str | os.PathLike] | None = None,
         cache: str | os.PathLike | None = None,
         augment: bool = True,
+        degradation: Degradation | None = None,
     ):
         sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
         if seed < 0 or rank < 0:
             raise ValueError(f"seed and rank must be >= 0, got {seed}, {rank}")
         self.scale, self.patch, self.batch = scale, patch or default_patch(scale), batch
         self.seed, self.rank, self.augment = seed, rank, augment
+        self.degradation = degradation if degradation else None  # (one with nothing set: None)
         self.cache = Path(cache) if cache is not None else None
         if [str(s) for s in sources] == ["demo"]:  # built-in; small, so no cache and no lr_dirs
             demo = demo_images("train")
@@ -1435,25 +1597,35 @@ class PatchPairs(Dataset):
 
     def plan(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Image indices, LR crop rows and columns, and dihedral transforms of a step: (B,) each."""
+        return self._plan(step)[1:]
+
+    def _plan(self, step: int):
+        """`plan`, after the step's generator, from which the degradation draws continue."""
         rng = np.random.default_rng([self.seed, self.rank, step])
         idx = rng.integers(len(self.lr_hw), size=self.batch)
         hw = self.lr_hw[idx]  # (B, 2)
         ys = rng.integers(0, hw[:, 0] - self.patch + 1)
         xs = rng.integers(0, hw[:, 1] - self.patch + 1)
         ts = rng.integers(0, 8, size=self.batch)
-        return idx, ys, xs, ts if self.augment else np.zeros_like(ts)
+        return rng, idx, ys, xs, ts if self.augment else np.zeros_like(ts)
 
     def crops(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """The uint8 patches of a step: lr (B, 3, p, p), hr (B, 3, s*p, s*p)."""
-        p, s = self.patch, self.scale
+        p, s, deg = self.patch, self.scale, self.degradation
         lr = np.empty((self.batch, 3, p, p), np.uint8)
         hr = np.empty((self.batch, 3, s * p, s * p), np.uint8)
-        for b, (i, y, x, t) in enumerate(zip(*self.plan(step))):
+        rng, *plan = self._plan(step)
+        draws = deg.draw(rng, self.batch) if deg else None  # (after the crops': they stay)
+        for b, (i, y, x, t) in enumerate(zip(*plan)):
             lr_img, hr_img = self._arrays(i)
+            hr_crop = dihedral(hr_img[s * y : s * (y + p), s * x : s * (x + p)], t)
             # one copy per patch: crop, flip/rotate and HWC -> CHW are views until this assignment
-            lr[b] = dihedral(lr_img[y : y + p, x : x + p], t).transpose(2, 0, 1)
-            hr_crop = hr_img[s * y : s * (y + p), s * x : s * (x + p)]
-            hr[b] = dihedral(hr_crop, t).transpose(2, 0, 1)
+            hr[b] = hr_crop.transpose(2, 0, 1)
+            if deg:  # the noise fields in patch order, after all the batch's draws
+                lr_crop = degrade(hr_crop, s, *draws[b], rng if deg.noise else None)
+            else:
+                lr_crop = dihedral(lr_img[y : y + p, x : x + p], t)
+            lr[b] = lr_crop.transpose(2, 0, 1)
         return lr, hr
 
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:

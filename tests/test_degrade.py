@@ -1,0 +1,164 @@
+"""Degradations beyond bicubic: sr_train.py --lr-blur, --lr-noise, --lr-jpeg (sr_lib.data's
+Degradation, degrade, blur_matrix, jpeg). Every image is made here; tiny and in-process."""
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, JpegImagePlugin
+
+from sr_lib.data import (
+    Degradation,
+    PatchPairs,
+    blur_matrix,
+    degrade,
+    dihedral,
+    jpeg,
+    list_images,
+    load_pairs,
+    mod_crop,
+    read_image,
+    train_loader,
+    validation_degradation,
+    write_png,
+)
+from sr_lib.resize import imresize
+
+ALL = Degradation(blur=(0.5, 2.0), noise=(1.0, 8.0), jpeg=(30, 90))
+
+
+def smooth(h, w, seed=0):
+    """Smooth random content (bicubic-upsampled noise), as a photo at low frequencies."""
+    coarse = np.random.default_rng(seed).integers(0, 256, (h // 8 + 2, w // 8 + 2, 3), np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC))
+
+
+@pytest.fixture(scope="module")
+def hr_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hr")
+    for i, (h, w) in enumerate([(70, 90), (64, 64), (99, 50)]):
+        write_png(folder / f"{i + 1:04d}.png", smooth(h, w, seed=i))
+    return folder
+
+
+def batches_equal(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_blur_of_a_constant_image_is_constant():
+    flat = np.full((64, 48, 3), 77, np.uint8)
+    for sigma in (0.3, 2.0, 40.0):  # 40: the taps reach past the far side, reflected again
+        assert (degrade(flat, 4, blur=sigma) == 77).all()
+        assert np.allclose(blur_matrix(48, sigma).sum(1), 1.0)
+
+
+def test_blur_is_gaussian_with_borders_reflected_without_the_edge_pixel():
+    sigma, n = 1.2, 20
+    r = math.ceil(3 * sigma)
+    g = np.exp(-(np.arange(-r, r + 1) ** 2) / (2 * sigma**2))
+    g /= g.sum()
+    m = blur_matrix(n, sigma)
+    assert np.allclose(m[10, 10 - r : 10 + r + 1], g) and m[10, : 10 - r].sum() == 0  # inside
+    # row 0: source -d is reflected to +d (numpy "reflect"): tap d counts twice
+    assert np.isclose(m[0, 0], g[r]) and np.allclose(m[0, 1 : r + 1], 2 * g[r + 1 :])
+    # a blurred impulse's LR: the bicubic of the blurred HR, not the HR's
+    hr = np.zeros((32, 32, 3), np.uint8)
+    hr[14:18, 14:18] = 255
+    assert not np.array_equal(degrade(hr, 4, blur=1.5), degrade(hr, 4))
+
+
+def test_noise_has_the_standard_deviation_asked_for_in_8_bit_levels():
+    flat = np.full((256, 256, 3), 128, np.uint8)
+    rng = np.random.default_rng(0)
+    lr = degrade(flat, 2, noise=10.0, rng=rng).astype(np.float64)  # 128x128x3 samples
+    assert lr.std() == pytest.approx(10.0, abs=0.25) and lr.mean() == pytest.approx(128, abs=0.2)
+    assert (degrade(flat, 2) == 128).all()  # the noise, not the resize, spreads it
+
+
+def test_jpeg_is_pillows_own_encode_and_decode_at_its_default_4_2_0():
+    hr = smooth(96, 80, seed=3)
+    clean = degrade(hr, 2)  # bicubic alone, rounded once
+    for quality in (30, 95, 100):
+        buf = io.BytesIO()
+        Image.fromarray(clean).save(buf, format="JPEG", quality=quality)  # Pillow's defaults
+        assert JpegImagePlugin.get_sampling(Image.open(buf)) == 2  # 4:2:0
+        pillow = np.asarray(Image.open(buf).convert("RGB"))
+        ours = degrade(hr, 2, quality=quality)
+        assert np.array_equal(ours, pillow) and np.array_equal(jpeg(clean, quality), pillow)
+        assert not np.array_equal(ours, clean)
+
+
+def test_draws_are_within_their_ranges_and_a_single_value_is_that_value():
+    draws = np.array(ALL.draw(np.random.default_rng(0), 2000), dtype=np.float64)
+    for column, (lo, hi) in zip(draws.T, (ALL.blur, ALL.noise, ALL.jpeg)):
+        assert lo <= column.min() < lo + 0.05 * (hi - lo)  # uniform over the whole range
+        assert hi - 0.05 * (hi - lo) < column.max() <= hi
+    assert {30, 90} <= set(draws[:, 2].astype(int))  # both ends of the quality range
+    fixed = Degradation(blur=(1.5, 1.5), jpeg=(75, 75)).draw(np.random.default_rng(1), 5)
+    assert fixed == [(1.5, 0.0, 75)] * 5
+
+
+def test_without_degradation_the_pairs_are_the_bicubic_pairs_of_before(hr_dir):
+    """Unset, or set to sigma 0 without JPEG, the LR is the whole image's MATLAB-bicubic
+    downscale cropped (uint8 per pass, as before the flags existed), bit for bit."""
+    assert not Degradation() and not Degradation(blur=(0.0, 0.0), noise=(0.0, 0.0))
+    plain = PatchPairs([hr_dir], 4, 8, 6, seed=2)
+    zero = PatchPairs([hr_dir], 4, 8, 6, seed=2, degradation=Degradation((0.0, 0.0), (0.0, 0.0)))
+    assert zero.degradation is None
+    files = list_images(hr_dir)
+    for step in (0, 9):
+        assert batches_equal(plain[step], zero[step])
+        lr, _ = plain.crops(step)
+        for b, (i, y, x, t) in enumerate(zip(*plain.plan(step))):
+            whole = imresize(mod_crop(read_image(files[i]), 4), 1 / 4)
+            assert np.array_equal(
+                lr[b].transpose(1, 2, 0), dihedral(whole[y : y + 8, x : x + 8], t)
+            )
+
+
+def test_degraded_lr_is_made_from_the_hr_patch_and_the_crops_stay(hr_dir):
+    plain = PatchPairs([hr_dir], 4, 8, 5, seed=2)
+    ds = PatchPairs([hr_dir], 4, 8, 5, seed=2, degradation=ALL)
+    lr, hr = ds.crops(3)
+    assert np.array_equal(hr, plain.crops(3)[1])  # the same patches, flips and rotations
+    assert not np.array_equal(lr, plain.crops(3)[0])
+    rng, *_ = ds._plan(3)  # the step's generator after the crops: the batch's draws, the noise
+    draws = ALL.draw(rng, 5)
+    for b in range(5):
+        assert np.array_equal(
+            lr[b], degrade(hr[b].transpose(1, 2, 0), 4, *draws[b], rng).transpose(2, 0, 1)
+        )
+
+
+def test_degraded_batches_do_not_depend_on_workers_or_resume_or_cache(hr_dir, tmp_path):
+    ds = PatchPairs([hr_dir], 4, 8, 3, seed=5, degradation=ALL)
+    serial = list(train_loader(ds, 2, 6, workers=0))
+    parallel = list(train_loader(ds, 2, 6, workers=2))
+    resumed = list(train_loader(ds, 4, 6, workers=0))
+    assert all(batches_equal(a, b) for a, b in zip(serial, parallel, strict=True))
+    assert all(batches_equal(a, b) for a, b in zip(serial[2:], resumed, strict=True))
+    again = PatchPairs([hr_dir], 4, 8, 3, seed=5, degradation=ALL)
+    assert batches_equal(ds[7], again[7]) and not torch.equal(ds[7][0], ds[8][0])
+    for other in (dict(seed=6), dict(rank=1)):
+        assert not torch.equal(
+            ds[7][0], PatchPairs([hr_dir], 4, 8, 3, **other, degradation=ALL)[7][0]
+        )
+    # --cache: the HR cached as before, the degradation made on the fly (the same pairs)
+    cached = PatchPairs([hr_dir], 4, 8, 3, seed=5, degradation=ALL, cache=tmp_path / "c")
+    assert len(list((tmp_path / "c").glob("*.hr.npy"))) == 3
+    assert batches_equal(cached[7], ds[7]) and batches_equal(cached[8], ds[8])
+
+
+def test_validation_lr_is_one_fixed_draw_per_image(hr_dir):
+    first = load_pairs(hr_dir, 4, crop=32, degradation=ALL)
+    second = load_pairs(hr_dir, 4, crop=32, degradation=ALL)
+    plain = load_pairs(hr_dir, 4, crop=32)
+    for (_, hr, lr), (_, _, lr2), (_, hr0, bicubic) in zip(first, second, plain, strict=True):
+        assert np.array_equal(lr, lr2) and np.array_equal(hr, hr0)
+        assert lr.shape == bicubic.shape and not np.array_equal(lr, bicubic)
+    # each image its own draw, by its name: one image under two names differs
+    hr = first[0][1]
+    a, b = (validation_degradation(hr, 4, ALL, stem) for stem in ("a", "b"))
+    assert not np.array_equal(a, b) and np.array_equal(a, validation_degradation(hr, 4, ALL, "a"))
