@@ -56,6 +56,7 @@ from sr_lib.config import (
     refuse_stdio,
 )
 from sr_lib.data import (
+    Degradation,
     PatchPairs,
     SharedMemoryFull,
     StopRequested,
@@ -64,10 +65,12 @@ from sr_lib.data import (
     available_cores,
     check_out_dir,
     decode_threads,
+    degradation_range,
     fit_name,
     list_images,
     load_pairs,
     name_max,
+    range_text,
     same_files,
     to_uint8,
     train_loader,
@@ -126,6 +129,27 @@ class TrainArgs:
     lr_data: list[str] = field(
         default_factory=list, metadata=dict(nargs="+", help="paired LR folders, one per --data")
     )
+    # LR made from HR beyond bicubic (Real-ESRGAN's first-order degradation, in its order), each
+    # SIGMA or LO:HI drawn per patch; validation's LR: one fixed draw per image (README, "Data")
+    lr_blur: str = field(
+        default="",
+        metadata=dict(metavar="SIGMA",
+                      help="without --lr-data: Gaussian blur of the HR before the bicubic "
+                      "downscale, sigma in HR pixels: SIGMA or LO:HI, drawn per patch"),
+    )  # fmt: skip
+    lr_noise: str = field(
+        default="",
+        metadata=dict(metavar="SIGMA",
+                      help="without --lr-data: Gaussian noise on the LR, sigma in 8-bit levels "
+                      "(0-255): SIGMA or LO:HI, drawn per patch"),
+    )  # fmt: skip
+    lr_jpeg: str = field(
+        default="",
+        metadata=dict(metavar="QUALITY",
+                      help="without --lr-data: JPEG-compress the LR (Pillow, 4:2:0) at QUALITY "
+                      "(1-100) or LO:HI, drawn per patch; validation's NTIRE LR-PSNR still "
+                      "compares the SR's bicubic downscale with the HR's, not with this LR"),
+    )  # fmt: skip
     val_data: str = field(
         default="",
         metadata=dict(help="validation HR folder or 'demo' (default: demo when training on demo)"),
@@ -311,6 +335,9 @@ def parse_all(argv):
                             add_help=False).print_help()  # fmt: skip
         raise SystemExit(0)
     check_ranges(args)
+    for name in DEGRADATION_FLAGS:  # the text as it will be recorded: 2 and 2.0 are one value
+        flag = f"--{name.replace('_', '-')}"
+        setattr(args, name, range_text(degradation_range(getattr(args, name), flag)))
     refuse_stdio(args, ("data", "lr_data", "val_data", "cache", "init_from", "out", "resume"))
     return args, rest, given_fields(TrainArgs, argv, PROG)
 
@@ -667,6 +694,11 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
             f"--lr-data: {len(args.lr_data)} folders for {len(args.data)} --data folders; give "
             "one LR folder per HR folder"
         )
+    degrading = [f"--{k.replace('_', '-')}" for k in DEGRADATION_FLAGS if getattr(args, k)]
+    if degrading and args.lr_data and args.data != ["demo"]:  # (demo: --lr-data is ignored)
+        raise UsageError(
+            f"{degrading[0]}: makes the LR from the HR, but --lr-data gives the LR images; drop one"
+        )
     if args.model not in MODELS:
         raise UsageError(f"--model: choose one of {', '.join(MODELS)} (got {args.model!r})")
     model_cls = MODELS[args.model]
@@ -691,6 +723,17 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
             f"--steps {resumed['step']} or more to continue it"
         )
     return out, ckpt_path, resumed, cfg, named, recipe
+
+
+DEGRADATION_FLAGS = ("lr_blur", "lr_noise", "lr_jpeg")
+
+
+def degradation(args: TrainArgs) -> Degradation | None:
+    """The run's --lr-blur, --lr-noise, --lr-jpeg (checked by parse_all), None where none is set."""
+    ranges = [
+        degradation_range(getattr(args, k), f"--{k.replace('_', '-')}") for k in DEGRADATION_FLAGS
+    ]
+    return Degradation(*ranges) or None
 
 
 def warn_unused(model_cls, cfg, named: set[str]) -> None:
@@ -858,7 +901,7 @@ def validation_changes(args: TrainArgs, resumed: dict) -> list[str]:
     before = run_flags(resumed)
     if not before:
         return []
-    names = ["val_images", "val_crop"]
+    names = ["val_images", "val_crop", *DEGRADATION_FLAGS]  # (the latter: other LR inputs)
     if MODELS[args.model].stochastic:
         names += ["val_n", "val_temperature", "seed"]
     changed = [n for n in names if n in before and getattr(args, n) != before[n]]
@@ -1213,7 +1256,7 @@ def training_data(args: TrainArgs, recipe: Recipe, dd, say) -> PatchPairs:
     try:
         dataset = PatchPairs(
             args.data, args.scale, recipe.patch, recipe.batch, seed=args.seed, rank=dd.rank,
-            lr_dirs=args.lr_data or None, cache=args.cache or None,
+            lr_dirs=args.lr_data or None, cache=args.cache or None, degradation=degradation(args),
         )  # fmt: skip
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not is_out_of_memory(e):
@@ -1276,7 +1319,8 @@ def validation_pairs(args: TrainArgs, steps: int, dd, say,
         return []
     files = list_images(source)[: args.val_images or None] if source != "demo" else []
     check_val_stems(source, files)
-    pairs = load_pairs(source, args.scale, max_images=args.val_images or None, crop=args.val_crop)
+    pairs = load_pairs(source, args.scale, max_images=args.val_images or None, crop=args.val_crop,
+                       degradation=degradation(args))  # fmt: skip
     if dataset is not None and source != "demo":  # (the demo's two splits share no image)
         # --val-data given as --data (or inside it): best.pt would reward fitting the training set
         seen = same_files(files, dataset.names)
@@ -2210,6 +2254,7 @@ def validate(model, pairs, args, device, out: Path, step: int, run_log, progress
         model.default_temperature if args.val_temperature is None else args.val_temperature
     )
     n = args.val_n if model.stochastic else 1  # (a deterministic model's n would be copies)
+    degraded = degradation(args) is not None
     psnrs, lrpsnrs, nan = [], [], 0
     for done, (stem, hr, lr) in enumerate(pairs):
         sig = stop and stop["signal"]  # (a full disk's stop lets it end: its scores count)
@@ -2224,7 +2269,9 @@ def validate(model, pairs, args, device, out: Path, step: int, run_log, progress
         nan += int(torch.isnan(samples).flatten(1).any(1).sum())
         srs = [to_uint8(s) for s in samples]
         psnrs += [metrics.psnr(sr, hr) for sr in srs]
-        lrpsnrs += [metrics.lr_psnr(sr, lr, args.scale) for sr in srs]  # lr = D(hr), NTIRE
+        # NTIRE: against D(hr), the bicubic downscale of the HR; the degraded LR is the input only
+        clean = metrics.downscale(hr, args.scale) if degraded else lr
+        lrpsnrs += [metrics.lr_psnr(sr, clean, args.scale) for sr in srs]
         lr_big = np.repeat(np.repeat(lr, args.scale, 0), args.scale, 1)
         strip = np.concatenate([lr_big, *srs, hr], 1)
         # An image of a subfolder ("sub/img"): its strips in OUT/val/sub/, as its file's folder

@@ -2,17 +2,24 @@
 Degradation, degrade, blur_matrix, jpeg). Every image is made here; tiny and in-process."""
 
 import io
+import json
 import math
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, JpegImagePlugin
 
+import sr_train
+from sr_lib import metrics
+from sr_lib.checkpoint import load_checkpoint
 from sr_lib.data import (
     Degradation,
     PatchPairs,
     blur_matrix,
+    degradation_range,
     degrade,
     dihedral,
     jpeg,
@@ -24,6 +31,8 @@ from sr_lib.data import (
     validation_degradation,
     write_png,
 )
+from sr_lib.errors import UsageError
+from sr_lib.models import build_model
 from sr_lib.resize import imresize
 
 ALL = Degradation(blur=(0.5, 2.0), noise=(1.0, 8.0), jpeg=(30, 90))
@@ -103,6 +112,7 @@ def test_draws_are_within_their_ranges_and_a_single_value_is_that_value():
 def test_without_degradation_the_pairs_are_the_bicubic_pairs_of_before(hr_dir):
     """Unset, or set to sigma 0 without JPEG, the LR is the whole image's MATLAB-bicubic
     downscale cropped (uint8 per pass, as before the flags existed), bit for bit."""
+    assert sr_train.degradation(sr_train.TrainArgs()) is None
     assert not Degradation() and not Degradation(blur=(0.0, 0.0), noise=(0.0, 0.0))
     plain = PatchPairs([hr_dir], 4, 8, 6, seed=2)
     zero = PatchPairs([hr_dir], 4, 8, 6, seed=2, degradation=Degradation((0.0, 0.0), (0.0, 0.0)))
@@ -162,3 +172,103 @@ def test_validation_lr_is_one_fixed_draw_per_image(hr_dir):
     hr = first[0][1]
     a, b = (validation_degradation(hr, 4, ALL, stem) for stem in ("a", "b"))
     assert not np.array_equal(a, b) and np.array_equal(a, validation_degradation(hr, 4, ALL, "a"))
+
+
+def test_validation_lr_psnr_compares_with_the_hr_bicubic_not_the_degraded_input(hr_dir, tmp_path):
+    args = sr_train.TrainArgs(model="bicubic", scale=4, lr_jpeg="10", val_n=1)
+    pairs = load_pairs(hr_dir, 4, crop=32, degradation=sr_train.degradation(args))
+    said = []
+    progress = types.SimpleNamespace(message=said.append)
+    model = build_model("bicubic", {"scale": 4})
+    sr_train.validate(model, pairs, args, torch.device("cpu"), tmp_path, 1, None, progress)
+    srs = [model.sample(torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255, 1)[0, 0]
+           for _, _, lr in pairs]  # fmt: skip
+    srs = [np.rint(s.clamp(0, 1).mul(255).permute(1, 2, 0).numpy()).astype(np.uint8) for s in srs]
+    clean = np.mean(
+        [metrics.lr_psnr(sr, imresize(hr, 1 / 4), 4) for sr, (_, hr, _) in zip(srs, pairs)]
+    )
+    input_ = np.mean([metrics.lr_psnr(sr, lr, 4) for sr, (_, _, lr) in zip(srs, pairs)])
+    assert abs(clean - input_) > 0.01  # (the two measures differ here)
+    assert f"val_lrpsnr {clean:.3f}" in said[0]
+
+
+@pytest.mark.parametrize(
+    "flag, value, says",
+    [
+        ("--lr-blur", "-1", "sigma must be >= 0"),
+        ("--lr-noise", "abc", "must be a sigma >= 0 or a range LO:HI"),
+        ("--lr-noise", "nan", "must be finite"),
+        ("--lr-blur", "0:inf", "must be finite"),
+        ("--lr-blur", "3:1", "LO 3 is above HI 1"),
+        ("--lr-blur", "1:2:3", "or a range LO:HI"),
+        ("--lr-jpeg", "0", "whole number 1..100"),
+        ("--lr-jpeg", "101", "whole number 1..100"),
+        ("--lr-jpeg", "50.5", "whole number 1..100"),
+        ("--lr-jpeg", "90:30", "LO 90 is above HI 30"),
+    ],
+)
+def test_a_bad_degradation_value_is_one_line_exit_2(flag, value, says, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(["--model", "bicubic", "--out", str(tmp_path / "o"), f"{flag}={value}"])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"sr_train.py: error: {flag} {value}: ") and says in err[0], err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(UsageError):
+        degradation_range(value, flag)
+
+
+def test_degradation_with_lr_data_is_refused(hr_dir, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(["--model", "bicubic", "--data", str(hr_dir), "--lr-data", str(hr_dir),
+                       "--lr-noise", "2", "--out", str(tmp_path / "o")])  # fmt: skip
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    assert "--lr-noise: makes the LR from the HR, but --lr-data gives the LR images" in err[0]
+
+
+def run(out, images, *extra):
+    argv = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--data", str(images),
+            "--scale", "2", "--patch", "8", "--batch", "2", "--workers", "0", "--val-every", "0",
+            "--log-every", "1", "--out", str(out), *extra]  # fmt: skip
+    return sr_train.main(argv)
+
+
+def test_the_flags_are_recorded_and_a_resume_continues_exactly(hr_dir, tmp_path, capsys):
+    flags = ["--lr-blur", "0.5:1.5", "--lr-noise", "2", "--lr-jpeg", "60:90"]
+    assert run(tmp_path / "a", hr_dir, *flags, "--steps", "4") == 0
+    assert run(tmp_path / "b", hr_dir, *flags, "--steps", "2") == 0
+    ck = load_checkpoint(tmp_path / "b" / "last.pt")
+    said = {k: ck["train_args"][k] for k in sr_train.DEGRADATION_FLAGS}
+    assert said == {"lr_blur": "0.5:1.5", "lr_noise": "2.0", "lr_jpeg": "60:90"}
+    resume = ["--resume", "auto", "--out", str(tmp_path / "b")]
+    assert sr_train.main([*resume, "--steps", "4"]) == 0  # the flags from the checkpoint
+    a, b = (load_checkpoint(tmp_path / d / "last.pt")["state_dict"] for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(x) for x in Path(tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    plain = tmp_path / "plain"
+    assert run(plain, hr_dir, "--steps", "1") == 0  # other LR: another first loss
+    first = [json.loads(x) for x in (plain / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log if r.get("step") == 1] != [
+        r["loss"] for r in first if r.get("step") == 1
+    ]
+    capsys.readouterr()
+    assert sr_train.main([*resume, "--steps", "5", "--lr-jpeg", "75"]) == 0  # as other flags
+    assert "--lr-jpeg 75 (was 60:90)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        sr_train.main([*resume, "--steps", "6", "--lr-data", str(hr_dir)])
+    assert e.value.code == 2 and "but --lr-data gives the LR images" in capsys.readouterr().err
+
+
+def test_a_resume_with_other_degradation_does_not_keep_the_old_best_psnr(hr_dir, tmp_path, capsys):
+    """Its validation LR is another input: the checkpoint's best PSNR does not compare."""
+    flags = ["--val-data", str(hr_dir), "--val-every", "2", "--val-images", "1", "--lr-noise", "2"]
+    assert run(tmp_path, hr_dir, *flags, "--steps", "2") == 0
+    best = load_checkpoint(tmp_path / "best.pt")["best"]
+    capsys.readouterr()
+    assert run(tmp_path, hr_dir, *flags[:-1], "4", "--steps", "4", "--resume", "auto") == 0
+    said = [x for x in capsys.readouterr().out.splitlines() if x.startswith("best.pt:")]
+    assert said == [f"best.pt: the best PSNR so far ({best:.3f}) was validated with other "
+                    "--lr-noise; it is not compared with this run's, whose next validation "
+                    "writes best.pt"]  # fmt: skip
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == 4
