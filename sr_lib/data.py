@@ -1089,11 +1089,14 @@ class Degradation:
             for b, s, q in zip(blur, noise, quality)
         ]
 
-    def apply(self, hr: np.ndarray, scale: int, rng: np.random.Generator) -> np.ndarray:
+    def apply(
+        self, hr: np.ndarray, scale: int, rng: np.random.Generator, lr: np.ndarray | None = None
+    ) -> np.ndarray:
         """One draw of the degradation of a uint8 HWC HR (height and width multiples of the
-        scale): its uint8 LR. The draws, then the noise field, come from `rng`."""
+        scale; `lr`: its bicubic downscale, if known): its uint8 LR (`degrade`). The draws,
+        then the noise field, come from `rng`."""
         blur, noise, quality = self.draw(rng, 1)[0]
-        return degrade(hr, scale, blur, noise, quality, rng if self.noise else None)
+        return degrade(hr, scale, blur, noise, quality, rng if self.noise else None, lr)
 
 
 def degrade(
@@ -1103,29 +1106,40 @@ def degrade(
     noise: float = 0.0,
     quality: int | None = None,
     rng: np.random.Generator | None = None,
+    lr: np.ndarray | None = None,
 ) -> np.ndarray:
-    """uint8 HWC HR (sides multiples of the scale) -> uint8 LR: Gaussian blur of standard
-    deviation `blur` HR pixels (0: none; `blur_matrix`), then MATLAB-bicubic /scale (`imresize`'s
-    taps), both linear and separable, so applied as one (H/s, H) and one (W/s, W) matrix in
-    float64; plus Gaussian noise of standard deviation `noise` levels (drawn from `rng`,
-    independently per pixel and channel, where `rng` is given, even at noise 0, so that the
-    stream does not depend on the value drawn), clipped to 0..255 and rounded once (half to
-    even); then `jpeg` at `quality` (None: none)."""
+    """uint8 HWC HR (sides multiples of the scale) -> uint8 LR.
+
+    blur 0: the LR acted on is `lr`, the HR's MATLAB-bicubic downscale as the pairs without a
+    degradation have it (`imresize`'s uint8, rounded per pass), made from `hr` where not given.
+    blur > 0: the HR blurred (standard deviation `blur` HR pixels, `blur_matrix`) and then
+    downscaled by imresize's taps, both linear and separable, so one (H/s, H) and one (W/s, W)
+    matrix in float64. Then Gaussian noise of standard deviation `noise` levels (drawn from
+    `rng`, independently per pixel and channel, where `rng` is given, even at noise 0, so that
+    the stream does not depend on the value drawn), clipped to 0..255 and rounded (half to
+    even), then `jpeg` at `quality` (None: none)."""
+    if blur > 0:
+        x = _blur_downscale(hr, scale, blur)
+    else:
+        x = imresize(hr, 1 / scale) if lr is None else lr
+    if rng is not None:
+        x = x + rng.standard_normal(x.shape) * noise  # (float64)
+    x = np.rint(np.clip(x, 0, 255)).astype(np.uint8) if x.dtype != np.uint8 else x
+    return jpeg(x, quality) if quality is not None else np.ascontiguousarray(x)
+
+
+def _blur_downscale(hr: np.ndarray, scale: int, blur: float) -> np.ndarray:
+    """float64 (H/s, W/s, C): imresize(Gaussian blur of hr, 1/s), not rounded."""
     (h, w, c), s = hr.shape, scale
     # torch, not numpy: numpy's BLAS runs a pool of threads per process, loader workers too, which
     # made these products 15x slower on a loaded machine; torch runs one thread in a worker
     rows, cols = (resize_matrix(n, n // s, 1 / s, dtype=torch.float64) for n in (h, w))
-    if blur > 0:
-        rows = rows @ torch.from_numpy(blur_matrix(h, blur))
-        cols = cols @ torch.from_numpy(blur_matrix(w, blur))
+    rows = rows @ torch.from_numpy(blur_matrix(h, blur))
+    cols = cols @ torch.from_numpy(blur_matrix(w, blur))
     hr = torch.from_numpy(np.ascontiguousarray(hr))  # (a flipped patch: negative strides)
     x = rows @ hr.reshape(h, w * c).double()  # (H/s, W·C)
     x = cols @ x.view(h // s, w, c).transpose(0, 1).reshape(w, -1)  # (W/s, H/s·C)
-    x = x.view(w // s, h // s, c).transpose(0, 1).numpy()  # (H/s, W/s, C)
-    if rng is not None:
-        x += rng.standard_normal(x.shape) * noise
-    lr = np.rint(np.clip(x, 0, 255)).astype(np.uint8)
-    return jpeg(lr, quality) if quality is not None else lr
+    return x.view(w // s, h // s, c).transpose(0, 1).numpy()  # (H/s, W/s, C)
 
 
 def blur_matrix(n: int, sigma: float) -> np.ndarray:
@@ -1150,7 +1164,9 @@ def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
     Chroma is subsampled 4:2:0 at every quality (Pillow's default, and the common setting of
     cameras and the web), baseline, no optimised Huffman tables."""
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=int(quality), subsampling="4:2:0")
+    Image.fromarray(np.ascontiguousarray(img)).save(
+        buf, format="JPEG", quality=int(quality), subsampling="4:2:0"
+    )
     with Image.open(buf) as decoded:
         return np.asarray(decoded.convert("RGB"))
 
@@ -1192,14 +1208,14 @@ def range_text(r: tuple[float, float] | tuple[int, int] | None) -> str:
 
 
 def validation_degradation(
-    hr: np.ndarray, scale: int, degradation: Degradation, stem: str
+    hr: np.ndarray, scale: int, degradation: Degradation, stem: str, lr: np.ndarray | None = None
 ) -> np.ndarray:
     """A validation image's degraded LR, the same at every validation and in every run with the
     same flags (independent of --seed): its draws and noise come from a generator seeded by its
     stem."""
     digest = hashlib.sha256(stem.encode("utf-8", "surrogateescape")).digest()
     rng = np.random.default_rng([VAL_DEGRADE_SEED, int.from_bytes(digest[:8], "little")])
-    return degradation.apply(hr, scale, rng)
+    return degradation.apply(hr, scale, rng, lr)
 
 
 VAL_DEGRADE_SEED = 0xDE6  # a tag: validation's draws are no training step's
@@ -1235,8 +1251,9 @@ def load_pairs(
         if hr.size == 0:
             raise DataError(f"{name}: smaller than {mod}x{mod} pixels, too small to validate on")
         hr = _centre_crop(hr, crop, 8 * scale) if crop > 0 else hr
-        lr = validation_degradation(hr, scale, degradation, stem) if degradation else None
-        pairs.append((stem, hr, imresize(hr, 1 / scale) if lr is None else lr))
+        lr = imresize(hr, 1 / scale)
+        lr = validation_degradation(hr, scale, degradation, stem, lr) if degradation else lr
+        pairs.append((stem, hr, lr))
     return pairs
 
 
@@ -1445,10 +1462,11 @@ class PatchPairs(Dataset):
     uniform crop position and (augment) one of the 8 flips/rotations. Images smaller than one HR
     patch are skipped with one warning. Decoded images are held in RAM (about 7 GB for DIV2K's
     800); with `cache` (a folder) they are stored once as .npy files and memory-mapped instead.
-    With a `degradation` (one that is set) each LR patch is made from its HR patch instead, after
-    the flip/rotation: blur, bicubic, noise, JPEG (`degrade`; the blur and the resize reflect the
-    patch's borders), its draws continuing the step's generator after the crops', so that they
-    too are a function of (seed, rank, step) and the crops are those of the same run without it.
+    With a `degradation` (one that is set) each LR patch is degraded after the flip/rotation
+    (`degrade`): noise and JPEG act on the LR patch above; a blur makes it from its HR patch
+    instead (blurred, then downscaled; both reflect the patch's borders). The draws continue
+    the step's generator after the crops', so that they too are a function of (seed, rank,
+    step) and the crops are those of the same run without a degradation.
     """
 
     def __init__(
@@ -1621,10 +1639,9 @@ class PatchPairs(Dataset):
             hr_crop = dihedral(hr_img[s * y : s * (y + p), s * x : s * (x + p)], t)
             # one copy per patch: crop, flip/rotate and HWC -> CHW are views until this assignment
             hr[b] = hr_crop.transpose(2, 0, 1)
+            lr_crop = dihedral(lr_img[y : y + p, x : x + p], t)
             if deg:  # the noise fields in patch order, after all the batch's draws
-                lr_crop = degrade(hr_crop, s, *draws[b], rng if deg.noise else None)
-            else:
-                lr_crop = dihedral(lr_img[y : y + p, x : x + p], t)
+                lr_crop = degrade(hr_crop, s, *draws[b], rng if deg.noise else None, lr_crop)
             lr[b] = lr_crop.transpose(2, 0, 1)
         return lr, hr
 

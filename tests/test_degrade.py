@@ -76,6 +76,10 @@ def test_blur_is_gaussian_with_borders_reflected_without_the_edge_pixel():
     hr = np.zeros((32, 32, 3), np.uint8)
     hr[14:18, 14:18] = 255
     assert not np.array_equal(degrade(hr, 4, blur=1.5), degrade(hr, 4))
+    # the blur path's downscale (sigma 1e-3: the identity) is imresize's, in float, rounded once
+    hr = smooth(64, 48, seed=4)
+    once = np.rint(np.clip(imresize(hr.astype(np.float64), 1 / 4), 0, 255))
+    assert np.array_equal(degrade(hr, 4, blur=1e-3), once)
 
 
 def test_noise_has_the_standard_deviation_asked_for_in_8_bit_levels():
@@ -88,7 +92,8 @@ def test_noise_has_the_standard_deviation_asked_for_in_8_bit_levels():
 
 def test_jpeg_is_pillows_own_encode_and_decode_at_its_default_4_2_0():
     hr = smooth(96, 80, seed=3)
-    clean = degrade(hr, 2)  # bicubic alone, rounded once
+    clean = imresize(hr, 1 / 2)
+    assert np.array_equal(degrade(hr, 2), clean)  # no blur: the bicubic LR of the plain pairs
     for quality in (30, 95, 100):
         buf = io.BytesIO()
         Image.fromarray(clean).save(buf, format="JPEG", quality=quality)  # Pillow's defaults
@@ -140,6 +145,10 @@ def test_degraded_lr_is_made_from_the_hr_patch_and_the_crops_stay(hr_dir):
         assert np.array_equal(
             lr[b], degrade(hr[b].transpose(1, 2, 0), 4, *draws[b], rng).transpose(2, 0, 1)
         )
+    # without a blur, noise and JPEG act on the plain pairs' LR (the whole image's bicubic)
+    lr = PatchPairs([hr_dir], 4, 8, 5, seed=2, degradation=Degradation(jpeg=(40, 40))).crops(3)[0]
+    for ours, before in zip(lr, plain.crops(3)[0], strict=True):
+        assert np.array_equal(ours.transpose(1, 2, 0), jpeg(before.transpose(1, 2, 0), 40))
 
 
 def test_degraded_batches_do_not_depend_on_workers_or_resume_or_cache(hr_dir, tmp_path):
