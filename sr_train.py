@@ -844,6 +844,8 @@ def run_flags(resumed: dict) -> dict:
     before = dict(resumed.get("train_args", {}))
     if any(before.get(k) == LEGACY_UNSET[k] for k in LEGACY_MARKS):
         before.update({k: None for k, v in LEGACY_UNSET.items() if before.get(k) == v})
+    if before:  # a run saved before the degradation flags existed trained without them
+        before.update({k: before.get(k, "") for k in DEGRADATION_FLAGS})
     return before
 
 

@@ -14,7 +14,7 @@ from PIL import Image, JpegImagePlugin
 
 import sr_train
 from sr_lib import metrics
-from sr_lib.checkpoint import load_checkpoint
+from sr_lib.checkpoint import load_checkpoint, save_checkpoint
 from sr_lib.data import (
     Degradation,
     PatchPairs,
@@ -281,3 +281,21 @@ def test_a_resume_with_other_degradation_does_not_keep_the_old_best_psnr(hr_dir,
                     "--lr-noise; it is not compared with this run's, whose next validation "
                     "writes best.pt"]  # fmt: skip
     assert load_checkpoint(tmp_path / "best.pt")["step"] == 4
+
+
+def test_a_checkpoint_from_before_the_flags_ran_without_them(hr_dir, tmp_path, capsys):
+    """A run saved before these flags existed had the bicubic pairs: a resume given one says it
+    among the changed flags and does not keep the old best PSNR (its LR inputs differ)."""
+    flags = ["--val-data", str(hr_dir), "--val-every", "2", "--val-images", "1"]
+    assert run(tmp_path, hr_dir, *flags, "--steps", "2") == 0
+    for name in ("last.pt", "best.pt"):
+        ck = load_checkpoint(tmp_path / name)
+        for k in sr_train.DEGRADATION_FLAGS:
+            del ck["train_args"][k]
+        save_checkpoint(tmp_path / name, ck)
+    capsys.readouterr()
+    assert run(tmp_path, hr_dir, *flags, "--steps", "4", "--lr-jpeg", "50", "--resume", "auto") == 0
+    out = capsys.readouterr().out
+    assert "changed flags: --lr-jpeg 50 (was unset)" in out
+    assert "was validated with other --lr-jpeg; it is not compared" in out
+    assert load_checkpoint(tmp_path / "last.pt")["train_args"]["lr_jpeg"] == "50"
