@@ -1171,9 +1171,13 @@ def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
         return np.asarray(decoded.convert("RGB"))
 
 
+MAX_BLUR = 100  # --lr-blur's largest sigma: 0.2 s a patch; 1e12 asked for 44 TiB, mid-run
+
+
 def degradation_range(text: str, flag: str) -> tuple[float, float] | tuple[int, int] | None:
     """The range of a degradation flag's text: "" (unset) None, "V" (V, V), "LO:HI" (LO, HI).
-    --lr-jpeg takes whole numbers 1..100, the others numbers >= 0. Anything else is one
+    --lr-jpeg takes whole numbers 1..100, --lr-blur numbers 0..MAX_BLUR, --lr-noise numbers
+    >= 0. Anything else is one
     UsageError line naming the flag."""
     if text == "":
         return None
@@ -1194,6 +1198,8 @@ def degradation_range(text: str, flag: str) -> tuple[float, float] | tuple[int, 
         raise UsageError(f"{flag} {text}: JPEG quality must be a whole number 1..100")
     if not quality and min(values) < 0:
         raise UsageError(f"{flag} {text}: sigma must be >= 0")
+    if flag == "--lr-blur" and max(values) > MAX_BLUR:  # its taps: 6 sigma + 1 per pixel
+        raise UsageError(f"{flag} {text}: sigma must be <= {MAX_BLUR} HR pixels")
     lo, hi = values[0], values[-1]
     if lo > hi:
         raise UsageError(f"{flag} {text}: LO {parts[0]} is above HI {parts[1]}; give LO:HI")
