@@ -300,3 +300,27 @@ def test_a_checkpoint_from_before_the_flags_ran_without_them(hr_dir, tmp_path, c
     assert "changed flags: --lr-jpeg 50 (was unset)" in out
     assert "was validated with other --lr-jpeg; it is not compared" in out
     assert load_checkpoint(tmp_path / "last.pt")["train_args"]["lr_jpeg"] == "50"
+
+
+@pytest.mark.parametrize(
+    "model, flags, says",
+    [
+        ("vspsr", ["--lambda-per", "0"], "--lr-noise with the CEM on samples"),
+        ("vspsr", ["--lambda-per", "0", "--cem-train"], "--lr-noise with --cem-train and the CEM"),
+        ("vspsr", ["--lambda-per", "0", "--no-cem-test"], None),
+        ("refvae", ["--lambda-lr", "100"], "--lr-noise with --lambda-lr:"),
+        ("refvae", [], None),
+        ("edsr", [], None),
+    ],
+)
+def test_a_degraded_lr_with_an_lr_consistency_is_one_warning(model, flags, says, tmp_path, capsys):
+    """The CEM and RefVAE's L1 to the LR input make each SR's bicubic downscale match the input,
+    which a degraded input is not: the run trains as asked, with one warning line saying so."""
+    argv = ["--model", model, "--scale", "4", "--data", "demo", "--steps", "0", "--workers", "0",
+            "--val-every", "0", "--lr-noise", "5", *flags,
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    assert sr_train.main(argv) == 0
+    lines = [s for s in capsys.readouterr().err.splitlines() if "LR = bicubic(HR)" in s]
+    assert len(lines) == (says is not None)
+    if says:
+        assert lines[0].startswith(f"sr_train.py: warning: {says}")

@@ -424,6 +424,13 @@ class SRModel(nn.Module):
         return {}
 
     @classmethod
+    def input_consistency(cls, cfg) -> list[str]:
+        """The options of `cfg` that make each SR's bicubic downscale match the LR input (a CEM,
+        an L1 to the LR): they assume LR = bicubic(HR), so sr_train.py warns when its LR is
+        degraded beyond that (--lr-blur, --lr-noise, --lr-jpeg)."""
+        return []
+
+    @classmethod
     def raw_config(cls, state_dict: dict, scale: int) -> dict:
         """The config a raw state_dict implies (a released file without srspace metadata, loaded
         by `load_raw_state_dict`), e.g. an encoder depth or a variant read off its keys."""

@@ -357,6 +357,10 @@ class RefVAE(LatentSRModel):
         self._vgg_ready = False  # vgg_loaded as the host last read it (not read every step)
 
     @classmethod
+    def input_consistency(cls, cfg: RefVAEConfig) -> list[str]:
+        return ["--lambda-lr"] if cfg.lambda_lr > 0 else []  # (Eq. 6's Down compares with D(HR))
+
+    @classmethod
     def unused_flags(cls, cfg: RefVAEConfig) -> dict[str, str]:
         """The discriminator's flags without one (its feature matching needs it too), the style
         loss's and the TV loss's when their weight is 0."""

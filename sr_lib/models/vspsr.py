@@ -239,6 +239,12 @@ class VSpSR(SRModel):
         self._perceptual: list[nn.Module] = []  # a list keeps the frozen VGG out of state_dict
 
     @classmethod
+    def input_consistency(cls, cfg: VSpSRConfig) -> list[str]:
+        return (["--cem-train"] if cfg.cem_train else []) + (
+            ["the CEM on samples (the default; --no-cem-test)"] if cfg.cem_test else []
+        )
+
+    @classmethod
     def unused_flags(cls, cfg: VSpSRConfig) -> dict[str, str]:
         """The ω prior's flags without a sampled ω, the discriminator's and the perceptual loss's
         when their weight is 0."""
