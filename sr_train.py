@@ -51,6 +51,7 @@ from sr_lib.config import (
     compile_blocker,
     given_fields,
     help_parser,
+    nearest_choice,
     parse,
     pick_device,
     refuse_stdio,
@@ -319,6 +320,9 @@ def parse_all(argv):
             "in full; the abbreviation would be --lr-data"
         )
     args, rest = parse(TrainArgs, argv, PROG, known=True, add_help=False)
+    if args.model and args.model not in MODELS:  # before -h: its help is not the run's
+        raise UsageError(f"--model: choose one of {', '.join(MODELS)} (got {args.model!r})"
+                         + nearest_choice(args.model, list(MODELS)))  # fmt: skip
     if want_help:
         epilog = (
             "Unset run flags take the model's paper recipe. python sr_train.py --model NAME -h "

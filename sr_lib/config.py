@@ -12,6 +12,7 @@ import difflib
 import importlib.util
 import math
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -91,6 +92,10 @@ class OneLineParser(ArgumentParser):
         message = " ".join(message.split())
         if message.startswith("unrecognized arguments: "):
             message += nearest_flags(message.split(": ", 1)[1], [*option_strings(self), *self.near])
+        if choice := re.match(r"argument (\S+): invalid choice: '?(.*?)'? \(choose from", message):
+            flag, value = choice.groups()
+            choices = [a.choices or () for a in self._actions if flag in a.option_strings]
+            message += nearest_choice(value, [str(c) for c in choices[0]] if choices else [])
         raise UsageError(f"{message}; see {self.prog} -h")
 
 
@@ -104,6 +109,13 @@ def nearest_flags(unknown: str, flags: list[str]) -> str:
         if flag.startswith("--") and flag not in flags:
             near += difflib.get_close_matches(flag, flags, n=1, cutoff=0.75)
     return f" (did you mean {' or '.join(dict.fromkeys(near))}?)" if near else ""
+
+
+def nearest_choice(value: str, choices: list[str]) -> str:
+    """ " (did you mean edsr?)" where `value`, not one of `choices`, is near one in spelling (a
+    typo: edsrr, srflowda), else ""."""
+    near = difflib.get_close_matches(value, choices, n=1)
+    return f" (did you mean {near[0]}?)" if near else ""
 
 
 def parse(

@@ -489,3 +489,23 @@ def test_a_dash_given_to_a_list_flag_is_named_as_no_standard_input():
             sr_train.parse_all(argv)
     args = parse(sr_eval.EvalArgs, ["--hr", "h", "--sr", "a", "-", "--scale", "4", "--n", "1"], "p")
     assert args.sr == ["a", "-"]
+
+
+def test_an_unknown_model_is_one_line_before_the_help(capsys):
+    """`sr_train.py --model nope --help` printed the run's help (exit 0) without a word that nope
+    is no model; it is the usage line now (exit 2), -h or not, naming the nearest model where one
+    is near, as a mistyped choice of the other scripts' flags does."""
+    models = "bicubic, edsr, rrdb, srflow, srflow_da, ncsr, vspsr, refvae, varsr"
+    for argv in (["--model", "nope", "--help"], ["--model=edsrr", "-h"], ["--model", "edsrr"]):
+        with pytest.raises(SystemExit) as e:
+            sr_train.main(argv)
+        got = argv[0].split("=")[1] if "=" in argv[0] else argv[1]
+        near = " (did you mean edsr?)" if got == "edsrr" else ""
+        assert (e.value.code, capsys.readouterr()) == (
+            2,
+            ("", f"sr_train.py: error: --model: choose one of {models} (got {got!r}){near}\n"),
+        )
+    with pytest.raises(
+        UsageError, match=r"invalid choice: 'srflowda' .*\(did you mean srflow_da\?\)"
+    ):
+        parse(sr_sample.SampleArgs, ["--ckpt", "c", "--lr", "l", "--model", "srflowda"], "p")
