@@ -755,7 +755,8 @@ def warn_unused(model_cls, cfg, named: set[str]) -> None:
     unused = model_cls.unused_flags(cfg)
     for f in fields(cfg):
         if f.name in named and f.name in unused:
-            flag = f"--{'no-' if f.default is True else ''}{f.name.replace('_', '-')}"
+            off = f.default is True and getattr(cfg, f.name) is False  # --no-X, not --X
+            flag = f"--{'no-' if off else ''}{f.name.replace('_', '-')}"
             warnings.warn(f"{flag}: no effect {unused[f.name]}; ignored", stacklevel=2)
 
 

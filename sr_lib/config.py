@@ -88,6 +88,20 @@ class OneLineParser(ArgumentParser):
 
     near: tuple[str, ...] = ()
 
+    def add_argument(self, *args, **kwargs):
+        """A switch on by default (argparse-dataclass's `--no-X` alone, store_false) takes `--X`
+        too, for a command line built from variables (`--requeue`): the same field, so the
+        last of the two given wins, as argparse takes any repeated flag. -h lists it after
+        `--no-X`, whose help says what that does (docs/design.md)."""
+        action = super().add_argument(*args, **kwargs)
+        if kwargs.get("action") == "store_false" and [a[:5] for a in args] == ["--no-"]:
+            shown = f"the default; undoes a {args[0]} given before it"
+            super().add_argument("--" + args[0][5:], action="store_true", dest=action.dest,
+                                 default=action.default,
+                                 help=argparse.SUPPRESS if action.help == argparse.SUPPRESS
+                                 else shown)  # fmt: skip
+        return action
+
     def error(self, message: str):
         message = " ".join(message.split())
         if message.startswith("unrecognized arguments: "):
@@ -335,7 +349,7 @@ def help_parser(
     """A parser of dataclass `cls` for -h, its defaults shown (`show_defaults`). The fields in
     `hide` are left out (a model's `scale`, which is the run's --scale); add_help=False leaves
     out -h itself (a second section)."""
-    parser = ArgumentParser(cls, prog=prog, epilog=epilog, add_help=add_help)
+    parser = OneLineParser(cls, prog=prog, epilog=epilog, add_help=add_help)
     for action in parser._actions:  # argparse keeps no public list of its actions
         if action.dest in hide:
             action.help = argparse.SUPPRESS

@@ -1,5 +1,6 @@
 """End to end through the three scripts' main(argv): train -> last.pt -> sample -> evaluate."""
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -23,6 +24,7 @@ from sr_lib.config import parse
 from sr_lib.data import read_image
 from sr_lib.errors import OLDEST_TORCH, UsageError
 from sr_lib.metrics import psnr
+from sr_lib.models import MODELS
 from sr_lib.models.base import sample_seed
 from sr_lib.resize import imresize
 
@@ -509,3 +511,37 @@ def test_an_unknown_model_is_one_line_before_the_help(capsys):
         UsageError, match=r"invalid choice: 'srflowda' .*\(did you mean srflow_da\?\)"
     ):
         parse(sr_sample.SampleArgs, ["--ckpt", "c", "--lr", "l", "--model", "srflowda"], "p")
+
+
+def test_a_switch_on_by_default_takes_its_positive_form_too(capsys):
+    """`--no-requeue` had no `--requeue` (nor `--no-pretrained` a `--pretrained`...): a pipeline
+    that builds the flags from variables could not say the default. Every switch on by default,
+    of the run and of each model, takes both forms now; the last one given wins; -h shows both."""
+    switches = [(sr_train.TrainArgs, "requeue")] + [
+        (m.Config, f.name)
+        for m in dict.fromkeys(MODELS.values())
+        for f in dataclasses.fields(m.Config)
+        if f.default is True
+    ]
+    assert len(switches) >= 2
+    for cls, name in switches:
+        on, off = "--" + name.replace("_", "-"), "--no-" + name.replace("_", "-")
+        for argv, value in (([on], True), ([off], False), ([on, off], False), ([off, on], True)):
+            args, _ = parse(cls, argv, "p", known=True)
+            assert (argv, getattr(args, name)) == (argv, value)
+        assert getattr(parse(cls, [], "p", known=True)[0], name) is True
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(["--model", "vspsr", "-h"])
+    assert e.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "[--no-requeue] [--requeue]" in shown
+    assert "--no-requeue under SLURM, do not requeue the job" in shown
+    assert "--requeue the default; undoes a --no-requeue given before it" in shown
+    assert "--no-refine-m m without the small learned conv U the code adds --refine-m the " in shown
+    args, _, given = sr_train.parse_all(["--requeue"])
+    assert (args.requeue, "requeue" in given) == (True, True)
+    varsr = MODELS["varsr"]  # a flag of no effect is named in the form given
+    for flag in ("--pretrained", "--no-pretrained"):
+        cfg = parse(varsr.Config, ["--lambda-per", "0", flag], "p")
+        with pytest.warns(UserWarning, match=f"^{flag}: no effect with --lambda-per 0; ignored"):
+            sr_train.warn_unused(varsr, cfg, {"pretrained"})
