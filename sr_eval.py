@@ -156,6 +156,7 @@ from sr_lib.data import (
     same_files,
     shared_stem,
     size_ratio,
+    write_target,
     write_text,
 )
 from sr_lib.errors import (
@@ -710,16 +711,17 @@ def set_aside(paths: list[Path], moved: dict[Path, Path], report_dir: Path | Non
     the start of the work: a run that ends without writing its own (a stop, an error, Ctrl-C, a
     kill) leaves no earlier numbers under its name for a pipeline that reads the file, not the
     exit code. This run's file, once written, replaces it (`run` deletes NAME.old), as before.
+    Where NAME is a symbolic link, its target is what is moved (TARGET.old), and written to.
     An earlier report in `report_dir` (its index.html) is moved so too, into a new folder DIR/old
     (old2, ... where taken; REPORT_OLD_MARK in it, for `delete_earlier_reports`): its
     index.html, plots/ and images/ only (DIR may hold other files), inside DIR, which needs only
     DIR writable (its parent may be read-only, DIR a mount point).
     `moved` then has {DIR/index.html: DIR/old/index.html}, the page to open."""
     for path in paths:
-        if exists(path):
-            aside = aside_name(path)
+        if exists(real := write_target(path)):  # a link's target: the link stays, for the new
+            aside = aside_name(real)
             try:
-                path.rename(aside)
+                real.rename(aside)
             except OSError as e:
                 raise OutputError(f"{path}: cannot move this earlier file aside to {aside} "
                                   f"({e.strerror or e}); move or delete it") from None  # fmt: skip

@@ -18,6 +18,7 @@ if os.name != "posix":  # before the imports that need POSIX (fcntl, SIGUSR1): o
 import contextlib
 import errno
 import fcntl
+import glob
 import json
 import logging
 import math
@@ -76,6 +77,7 @@ from sr_lib.data import (
     to_uint8,
     train_loader,
     write_png,
+    write_target,
     write_text,
 )
 from sr_lib.ema import EMA
@@ -1069,12 +1071,16 @@ def open_run_folder(out: Path, tensorboard: bool, dd, resumed_step: int | None =
     try:
         if dd.main:
             lock = lock_run_folder(check_out_dir(out))
+            stale = list(out.glob(".*.pt.tmp*"))
             for name in ("last.pt", "best.pt"):  # else found at the first save, steps later
                 if (out / name).is_dir():
                     raise OutputError(f"--out {out}: {out / name} is a folder, where this run "
                                       "saves its checkpoint; move it away")  # fmt: skip
-            for stale in out.glob(".*.pt.tmp*"):
-                stale.unlink(missing_ok=True)
+                if (real := write_target(out / name)) != out / name:  # a link: its target's
+                    check_out_dir(real.parent, f"--out {out}: {name} is a link into")
+                    stale += real.parent.glob(f".{glob.escape(real.name)}.tmp*")  # temp files
+            for path in stale:
+                path.unlink(missing_ok=True)
             # A new run (no checkpoint here: resolve_run refused one over them) starts its log
             # afresh: one killed before its first save left records that this run would repeat.
             start = 0 if resumed_step is None else resumed_step

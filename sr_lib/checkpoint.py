@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from sr_lib import __version__
+from sr_lib.data import write_target
 from sr_lib.errors import CheckpointError, OutputError
 from sr_lib.weights import read_hashed, torch_load
 
@@ -23,10 +24,12 @@ FORMAT = 2
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
-    """Write atomically: temp file in the same folder, fsync, rename (never a half-written file)."""
+    """Write atomically: temp file in the same folder, fsync, rename (never a half-written file);
+    where `path` is a symbolic link, in its target's folder and over its target (`write_target`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    real = write_target(path)  # a link (onto another disk) stays: its target is replaced
+    tmp = real.with_name(f".{real.name}.tmp{os.getpid()}")
     # The versions first: a torch too old to load the file still reads them (weights.written_by)
     payload = {"format": FORMAT, "version": __version__, "torch": str(torch.__version__), **payload}
     try:
@@ -34,7 +37,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, real)
     except BaseException as e:  # a full disk, a signal: the previous checkpoint stays intact
         tmp.unlink(missing_ok=True)
         # torch.save reports a failed write as a RuntimeError with the OSError as its context
@@ -49,7 +52,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
                 f"{path}: cannot write the checkpoint ({cause.strerror or cause}); {kept}"
             ) from None
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    dir_fd = os.open(real.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:

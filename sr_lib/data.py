@@ -707,9 +707,33 @@ def _unit(arr: np.ndarray) -> np.ndarray:
     return np.divide(arr, np.float32(255 if arr.dtype == np.uint8 else 65535), dtype=np.float32)
 
 
+def write_target(path: str | os.PathLike) -> Path:
+    """The file that a write to `path` replaces: `path`, or where the symbolic link `path` leads
+    (through links of links), so that the link stays and its target gets the new bytes (an
+    output linked onto another disk); the temporary file then goes beside the target, where
+    os.replace is atomic. A link to nothing leads to its target's path where that folder
+    exists, else it is one line (OutputError); so is a loop of links. For a checkpoint and a
+    text file (a record: JSON, CSV, HTML, the log); an image or array file is one of many a
+    folder holds per image, whose link is replaced (`_atomic_open`)."""
+    path = Path(path)
+    if not path.is_symlink():
+        return path
+    target = Path(os.path.realpath(path))
+    if target.is_symlink():  # realpath stops in a loop of links
+        raise OutputError(f"{path}: a loop of symbolic links; point it at a file or remove it")
+    if not target.parent.is_dir():
+        raise OutputError(f"{path}: a symbolic link to {target}, whose folder does not exist; "
+                          "create that folder, or remove the link")  # fmt: skip
+    return target
+
+
 @contextlib.contextmanager
-def _atomic_open(path: Path):
-    """A binary file that replaces `path` only once fully written: readers never see half a file."""
+def _atomic_open(path: Path, through_link: bool = False):
+    """A binary file that replaces `path` only once fully written: readers never see half a
+    file. through_link: where `path` is a symbolic link, its target (`write_target`); else the
+    link itself, as for a sample file linked to its input image: that is sampled, and the
+    image never written over."""
+    path = write_target(path) if through_link else path
     suffix = f".{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # a name near the limit: cut in tmp
     tmp = path.with_name(f".{fit_name(path.name, len(suffix) + 1, name_max(path.parent))}{suffix}")
     try:
@@ -757,20 +781,21 @@ def write_encoded_png(path: str | os.PathLike, data: bytes) -> None:
         raise OutputError(f"{path}: cannot write ({reason}); check the output folder") from e
 
 
-def _write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def _write_bytes(path: str | os.PathLike, data: bytes, through_link: bool = False) -> None:
     path = Path(path)
     try:
-        with _atomic_open(path) as f:
+        with _atomic_open(path, through_link) as f:
             f.write(data)
     except OSError as e:
         raise OutputError(f"{path}: cannot write ({e.strerror or e}); check the output path") from e
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file (JSON, CSV, HTML) atomically: a failed write leaves no file behind.
+    """Write a text file (JSON, CSV, HTML) atomically: a failed write leaves no file behind; a
+    symbolic link stays, its target is written (`write_target`).
 
     UTF-8; a file name that is not UTF-8 (its bytes held as surrogates) is written as its bytes."""
-    _write_bytes(path, text.encode("utf-8", "surrogateescape"))
+    _write_bytes(path, text.encode("utf-8", "surrogateescape"), through_link=True)
 
 
 def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -846,7 +871,11 @@ def check_out_file(path: str | os.PathLike, flag: str = "--out", example: str = 
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{flag} {path}: is a folder; give a file name, e.g. {path / example}")
-    check_out_dir(path.parent, f"{flag} {path}: its folder")
+    try:
+        real = write_target(path)  # (a link's target's folder)
+    except OutputError as e:
+        raise OutputError(f"{flag} {e}") from None
+    check_out_dir(real.parent, f"{flag} {path}: its folder")
     return path
 
 

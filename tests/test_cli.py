@@ -20,9 +20,10 @@ import sr_eval
 import sr_sample
 import sr_train
 from sr_lib import refuse_non_posix
+from sr_lib.checkpoint import load_checkpoint, save_checkpoint
 from sr_lib.config import parse
-from sr_lib.data import read_image
-from sr_lib.errors import OLDEST_TORCH, UsageError
+from sr_lib.data import read_image, write_text
+from sr_lib.errors import OLDEST_TORCH, OutputError, UsageError
 from sr_lib.metrics import psnr
 from sr_lib.models import MODELS
 from sr_lib.models.base import sample_seed
@@ -545,3 +546,72 @@ def test_a_switch_on_by_default_takes_its_positive_form_too(capsys):
         cfg = parse(varsr.Config, ["--lambda-per", "0", flag], "p")
         with pytest.warns(UserWarning, match=f"^{flag}: no effect with --lambda-per 0; ignored"):
             sr_train.warn_unused(varsr, cfg, {"pretrained"})
+
+
+def test_an_output_that_is_a_symbolic_link_keeps_its_link_and_its_target_is_written(
+    tmp_path, monkeypatch, capsys
+):
+    """An atomic write (a temporary file, then os.replace) replaced a symbolic link by a regular
+    file: last.pt linked onto another disk, an sr_eval --csv link, kept the old bytes there. The
+    link stays now and its target is replaced, from a temporary file beside the target (atomic on
+    that file system); a link to nothing writes its target where that folder exists, else it is
+    one line, as is a loop of links."""
+    disk, run = tmp_path / "disk", tmp_path / "run"
+    disk.mkdir()
+    run.mkdir()
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: replaced.append((Path(a), Path(b))) or
+                        real_replace(a, b))  # fmt: skip
+    (disk / "last.pt").write_bytes(b"an earlier checkpoint")
+    (run / "last.pt").symlink_to(disk / "last.pt")
+    save_checkpoint(run / "last.pt", {"step": 7})
+    (disk / "m.json").write_text("old")
+    (run / "m.json").symlink_to("../disk/m.json")  # (relative)
+    write_text(run / "m.json", "new")
+    assert [os.readlink(run / n) for n in ("last.pt", "m.json")] == [
+        str(disk / "last.pt"),
+        "../disk/m.json",
+    ]
+    assert (load_checkpoint(disk / "last.pt")["step"], (disk / "m.json").read_text()) == (7, "new")
+    assert [(a.parent, b) for a, b in replaced] == [
+        (disk, disk / "last.pt"),
+        (disk, disk / "m.json"),
+    ]
+    assert sorted(p.name for p in disk.iterdir()) == ["last.pt", "m.json"]  # no temp file left
+    (run / "nowhere.json").symlink_to(tmp_path / "gone" / "n.json")
+    gone = r"nowhere.json: a symbolic link to .*gone/n.json, whose folder does not exist; create"
+    with pytest.raises(OutputError, match=gone):
+        write_text(run / "nowhere.json", "x")
+    (run / "loop").symlink_to("loop")
+    with pytest.raises(OutputError, match="loop: a loop of symbolic links"):
+        write_text(run / "loop", "x")
+
+    # sr_train: a new run whose last.pt is a link to nothing yet
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    iio.imwrite(hr / "a.png", blocks(2, 2, np.random.default_rng(0)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "last.pt").symlink_to(disk / "run.pt")
+    argv = ["--model", "bicubic", "--scale", "2", "--data", hr, "--steps", "0", "--val-every", "0",
+            "--out", out]  # fmt: skip
+    assert sr_train.main([str(a) for a in argv]) == 0
+    assert (out / "last.pt").is_symlink() and load_checkpoint(disk / "run.pt")["step"] == 0
+    # sr_eval: --csv over a link to an earlier file, --out a link to nothing yet
+    (disk / "s.csv").write_text("an earlier run's")
+    (run / "s.csv").symlink_to(disk / "s.csv")
+    (run / "s.json").symlink_to(disk / "s.json")
+    argv = ["--hr", hr, "--sr", hr, "--scale", "2", "--n", "1", "--no-lpips", "--csv",
+            run / "s.csv", "--out", run / "s.json"]  # fmt: skip
+    assert sr_eval.main([str(a) for a in argv]) == 0
+    assert (run / "s.csv").is_symlink() and (run / "s.json").is_symlink()
+    assert (disk / "s.csv").read_text().startswith("method,")
+    assert json.loads((disk / "s.json").read_text())["settings"]["scale"] == 2
+    assert not [p.name for p in [*disk.iterdir(), *run.iterdir()] if ".old" in p.name]
+    (run / "x.csv").symlink_to(tmp_path / "gone" / "x.csv")
+    with pytest.raises(SystemExit) as e:
+        sr_eval.main([str(a) for a in argv[:-4]] + ["--csv", str(run / "x.csv")])
+    assert e.value.code == 7
+    gone = f"{tmp_path / 'gone' / 'x.csv'}, whose folder does not exist; create that folder"
+    assert f"error: --csv {run / 'x.csv'}: a symbolic link to {gone}" in capsys.readouterr().err
