@@ -40,8 +40,9 @@ upscaled (MATLAB bicubic, clipped; --alpha-channel drop: without), 8-bit, or 16-
                           unless --overwrite (not for a flag of no effect, one warning line:
                           --seed and --temperature where a control sets the latents or the model
                           is deterministic, --latent-steps without --latent-shift); another
-                          srspace version is one warning line (the images complete keep
-                          their samples: an upgrade between a preemption and its requeue)
+                          srspace version is one warning line, at its first run there
+                          (the images complete keep their samples: an upgrade between a
+                          preemption and its requeue; "versions" records each that sampled)
   ntire_index.json        --layout ntire: {"scale": s, "000000": STEM, ...} for every input
 The sample folder is --out with one --temperature, and --out/T{t} (e.g. T0.9, T1) for each of
 several: the LR-only work of the model (its encoder, conditioning) is then done once per image for
@@ -1125,9 +1126,10 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
     are never mixed into one folder (unless --overwrite). `inputs`: the resolved input paths,
     PNGs there that are not another tool's output (an --out that is the --input folder); `free`:
     the settings of no effect on this run's samples (`no_effect`), not compared. Returns the
-    srspace version of the folder's manifest where it is another than this one (else None):
-    a warning, not a refusal, as an upgrade between a preempted job and its requeue would
-    otherwise leave only --overwrite, a redo of every image.
+    srspace versions that sampled into the folder where this one is not among them (else
+    None), then recorded (once said, a rerun says it no more): a warning, not a refusal, as an
+    upgrade between a preempted job and its requeue would otherwise leave only --overwrite, a
+    redo of every image.
     The inputs' record (--layout stem; ntire_index.json names them with --layout ntire): a
     --shard I/N (N > 1) of another list of inputs is refused, as images added to or removed from
     the input folder while an array runs move images between its tasks (k % N), some then
@@ -1177,15 +1179,23 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
                     "0/1 (it samples every image not complete and records the new list), or use "
                     "another --out"
                 )
-            save_text(path, json.dumps({**old, "inputs": settings["inputs"]}, indent=1) + "\n")
-        was = old.get("version")
-        return None if was == settings["version"] else str(was)
+            old = {**old, "inputs": settings["inputs"]}
+            save_text(path, json.dumps(old, indent=1) + "\n")
+        # "version": the folder's first; "versions": each that sampled into it (an older
+        # manifest: its first alone), so that a new one is said once, not at every rerun
+        versions = old.get("versions")
+        versions = versions if isinstance(versions, list) else [old.get("version")]
+        if settings["version"] in versions:
+            return None
+        save_text(path, json.dumps({**old, "versions": [*versions, settings["version"]]},
+                                   indent=1) + "\n")  # fmt: skip
+        return ", ".join(map(str, versions))
     if not overwrite and not real_paths(folder.glob("*.png")) <= set(inputs):
         raise UsageError(
             f"{folder} holds PNG files but no manifest.json (another tool's output?); use "
             "another --out, or --overwrite"
         )
-    save_text(path, json.dumps(settings, indent=1) + "\n")
+    save_text(path, json.dumps({**settings, "versions": [settings["version"]]}, indent=1) + "\n")
     return None
 
 

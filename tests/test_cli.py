@@ -615,3 +615,38 @@ def test_an_output_that_is_a_symbolic_link_keeps_its_link_and_its_target_is_writ
     assert e.value.code == 7
     gone = f"{tmp_path / 'gone' / 'x.csv'}, whose folder does not exist; create that folder"
     assert f"error: --csv {run / 'x.csv'}: a symbolic link to {gone}" in capsys.readouterr().err
+
+
+def test_another_srspace_version_is_said_once_per_version(tmp_path, monkeypatch, capsys):
+    """A folder begun by an older srspace warned at every rerun (the manifest keeps the first
+    version): an array's hundred requeued tasks, a hundred lines. The manifest records each
+    version that sampled into the folder now: a new one is said at its first run only, the
+    first version kept; an older manifest (no record) is read as its first version alone."""
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    for k in range(2):
+        iio.imwrite(hr / f"{k}.png", blocks(2, 2, np.random.default_rng(k)))
+    run = tmp_path / "run"
+    argv = ["--model", "bicubic", "--scale", "2", "--data", hr, "--steps", "0", "--val-every", "0",
+            "--out", run]  # fmt: skip
+    assert sr_train.main([str(a) for a in argv]) == 0
+    out = tmp_path / "s"
+    argv = [str(a) for a in ["--ckpt", run / "last.pt", "--input", hr, "--n", 1, "--quiet",
+                             "--out", out]]  # fmt: skip
+    first = sr_sample.__version__
+    said = []
+    for version in (first, "99.0.0", "99.0.0", "99.1.0", "99.1.0", "99.0.0"):
+        monkeypatch.setattr(sr_sample, "__version__", version)
+        assert sr_sample.main([*argv, "--shard", f"{len(said) % 2}/2"]) == 0
+        said.append(capsys.readouterr().err.count("holds samples made by srspace"))
+    assert said == [0, 1, 0, 1, 0, 0]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["version"], manifest["versions"]) == (first, [first, "99.0.0", "99.1.0"])
+    del manifest["versions"]  # an older srspace's manifest
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(sr_sample, "__version__", first)
+    assert sr_sample.main(argv) == 0
+    assert "holds samples made by srspace" not in capsys.readouterr().err
+    monkeypatch.setattr(sr_sample, "__version__", "99.2.0")
+    assert sr_sample.main(argv) == 0
+    assert f"made by srspace {first}, this is 99.2.0" in capsys.readouterr().err
