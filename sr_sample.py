@@ -96,9 +96,9 @@ named above of the images it samples, in a folder that has a manifest.json). Eve
 array must see the same inputs: an image added to or removed from the input folder would move
 the others between the shards, some then sampled by none; so a --shard I/N (N > 1) of another
 list than the folder's is refused (--layout stem: manifest.json's inputs, the count and sha256
-of the input names in order; a run of every image, --shard 0/1, records its own list; --layout
-ntire numbers the images by position: its ntire_index.json refuses any run of another list).
---out may be the
+of the input names in order; a run of every image, --shard 0/1, records its own list once it
+has sampled them all; --layout ntire numbers the images by position: its ntire_index.json
+refuses any run of another list). --out may be the
 --input folder: files there named NAME_sample{i:05d}, NAME_sigma or NAME_grid (NAME another
 input's stem or a 6-digit NTIRE number) are then samples, left out of the inputs with a warning;
 a deterministic model's NAME.png would replace its input there (--layout ntire: any model's
@@ -836,6 +836,9 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
             else "nothing was written"
         )
         raise DataError(f"{'; '.join(lost)}; {rest}")  # fmt: skip
+    if parts == 1 and "inputs" in settings:  # every image sampled: the list is the folder's now
+        for folder in folders.values():
+            record_inputs(folder, settings["inputs"])
     return 0
 
 
@@ -1133,8 +1136,9 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
     The inputs' record (--layout stem; ntire_index.json names them with --layout ntire): a
     --shard I/N (N > 1) of another list of inputs is refused, as images added to or removed from
     the input folder while an array runs move images between its tasks (k % N), some then
-    sampled by none; a run of every image (N = 1), or one into a folder of an older manifest
-    without the record, records its own list."""
+    sampled by none; a run of every image (N = 1) records its own list once it has sampled
+    every image (`record_inputs`), one into a folder of an older manifest without the record at
+    once."""
     path = folder / "manifest.json"
     if path.is_file() and not overwrite:
         try:
@@ -1176,11 +1180,15 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
                     f"in --input {settings['flags']['input']}?): with --shard "
                     f"{settings['flags']['shard']} the images would move between the array's "
                     "tasks, some sampled by none; put the inputs back, or run once with --shard "
-                    "0/1 (it samples every image not complete and records the new list), or use "
-                    "another --out"
+                    "0/1 (it samples every image not complete, then records the new list), or "
+                    "use another --out"
                 )
-            old = {**old, "inputs": settings["inputs"]}
-            save_text(path, json.dumps(old, indent=1) + "\n")
+            if listed is None:  # an older manifest: no list to keep the shards to yet
+                old = {**old, "inputs": settings["inputs"]}
+                save_text(path, json.dumps(old, indent=1) + "\n")
+            # (a run of every image records its list once it has sampled them all:
+            # `record_inputs`; killed before, a shard of its list would skip the images that
+            # the earlier list gave to the array's tasks already done)
         # "version": the folder's first; "versions": each that sampled into it (an older
         # manifest: its first alone), so that a new one is said once, not at every rerun
         versions = old.get("versions")
@@ -1197,6 +1205,19 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
         )
     save_text(path, json.dumps({**settings, "versions": [settings["version"]]}, indent=1) + "\n")
     return None
+
+
+def record_inputs(folder: Path, inputs: dict) -> None:
+    """FOLDER/manifest.json's record of the inputs (`claim_folder`) made this run's, where it is
+    another list: a run of every image (--shard 0/1, --layout stem) once it has sampled them
+    all. A manifest that cannot be read keeps its record (its shards are then refused)."""
+    path = folder / "manifest.json"
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if old.get("inputs") != inputs:
+        save_text(path, json.dumps({**old, "inputs": inputs}, indent=1) + "\n")
 
 
 def claim_index(folder: Path, paths: list[Path], scale: int, overwrite: bool) -> None:

@@ -650,3 +650,43 @@ def test_another_srspace_version_is_said_once_per_version(tmp_path, monkeypatch,
     monkeypatch.setattr(sr_sample, "__version__", "99.2.0")
     assert sr_sample.main(argv) == 0
     assert f"made by srspace {first}, this is 99.2.0" in capsys.readouterr().err
+
+
+def test_a_killed_run_of_every_image_leaves_the_folders_list_to_its_shards(
+    tmp_path, monkeypatch, capsys
+):
+    """--layout stem: a run of every image (--shard 0/1) of another list of inputs recorded its
+    list at start; killed, a requeued --shard 1/2 of that list was then taken (exit 0) and
+    skipped the images the earlier list had given to task 0, done already: 3 of 5 images
+    sampled by no task. The list is recorded once the run has sampled every image now: until
+    then a shard of the new list is refused, as any shard of another list."""
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    for stem in "abcd":
+        iio.imwrite(hr / f"{stem}.png", blocks(2, 2, np.random.default_rng(ord(stem))))
+    run = tmp_path / "run"
+    argv = ["--model", "bicubic", "--scale", "2", "--data", hr, "--steps", "0", "--val-every", "0",
+            "--out", run]  # fmt: skip
+    assert sr_train.main([str(a) for a in argv]) == 0
+    out = tmp_path / "s"
+    base = [str(a) for a in ["--ckpt", run / "last.pt", "--input", hr, "--n", 1, "--quiet",
+                             "--out", out]]  # fmt: skip
+    assert sr_sample.main([*base, "--shard", "0/2"]) == 0  # task 0 of [a, b, c, d]: a, c
+    shutil.copy(hr / "a.png", hr / "0.png")  # an image added: [0, a, b, c, d]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(sr_sample, "read_input", killed)
+        with pytest.raises(SystemExit) as e:
+            sr_sample.main([*base, "--shard", "0/1"])
+    assert e.value.code == 130
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # task 1 of [0, a, b, c, d]: a, c, which are done
+        sr_sample.main([*base, "--shard", "1/2"])
+    assert e.value.code == 2
+    assert "was begun with another list of inputs (4 images, 5 now" in capsys.readouterr().err
+    assert sr_sample.main([*base, "--shard", "0/1"]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{s}.png" for s in "0abcd"]
+    assert sr_sample.main([*base, "--shard", "1/2"]) == 0  # the folder's list now
