@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -309,6 +310,46 @@ class TrainArgs:
     )  # fmt: skip
 
 
+def recipe_help(name: str, scale: int) -> str:
+    """The run flags a model's paper recipe at `scale` sets (what unset flags take), as flags
+    to copy: --model NAME -h shows them, the numbers being otherwise only in the docs."""
+    model = MODELS[name]
+    if scale not in model.scales:
+        return f"{name} has no recipe at --scale {scale} (its scales: {scale_list(model)})"
+    if not model.learns:
+        return f"{name} has nothing to train: no recipe"
+
+    def num(x: float) -> str:  # short where exact: 2/3 stays 0.6666666666666666
+        return f"{x:g}" if float(f"{x:g}") == x else repr(x)
+
+    r = model.recipe(scale)
+    flags = [f"--batch {r.batch}", f"--patch {r.patch}", f"--steps {r.steps}",
+             f"--learning-rate {num(r.learning_rate)}"]  # fmt: skip
+    if any(f.name == "d_channels" for f in fields(model.Config)):  # (its discriminator's)
+        flags.append(f"--d-learning-rate {num(r.d_learning_rate)}")
+    if r.schedule == "multistep" and r.milestones:
+        flags += [f"--milestones {' '.join(map(num, r.milestones))}", f"--gamma {num(r.gamma)}"]
+    flags += [f"--grad-clip {num(r.grad_clip)}"] * (r.grad_clip > 0)
+    flags += [f"--warmup {r.warmup}"] * (r.warmup > 0)
+    schedule = {
+        "cosine": f"; one cosine of the rate down to {num(r.eta_min)} over the run",
+        "multistep": "" if r.milestones else "; a constant rate",
+    }[r.schedule]
+    units = [  # a flag and its value(s) never split across lines: copied as they are
+        *f"{name} paper recipe at --scale {scale} (the run flags left unset take it):".split(),
+        *flags[:-1],
+        f"{flags[-1]};",
+        *f"Adam betas {num(r.betas[0])}, {num(r.betas[1])}, weight decay".split(),
+        *f"{num(r.weight_decay)}{schedule}".split(),
+    ]
+    width, lines = max(40, shutil.get_terminal_size().columns - 2), [""]  # (argparse's width)
+    for unit in units:
+        if lines[-1] and len(lines[-1]) + 1 + len(unit) > width:
+            lines.append("")
+        lines[-1] += f" {unit}" if lines[-1] else unit
+    return "\n".join(lines)
+
+
 def parse_all(argv):
     """Two-stage parsing: run flags, then the chosen model's Config flags (resolve_run). Every
     number is checked here, before any work: one line and exit 2 for a value out of range."""
@@ -334,6 +375,7 @@ def parse_all(argv):
         if args.model in MODELS:
             model = MODELS[args.model]
             own = [f for f in fields(model.Config) if f.name != "scale"]  # --scale: the run's
+            print(f"\n{recipe_help(args.model, args.scale)}")
             print(f"\n{args.model} model options (--scale {scale_list(model)}):"
                   + ("" if own else " none of its own"))  # fmt: skip
             if own:  # (-h is the run's too, listed above)

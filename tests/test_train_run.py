@@ -20,7 +20,7 @@ import torch
 import sr_train
 from sr_lib.checkpoint import load_checkpoint, save_checkpoint
 from sr_lib.errors import UsageError
-from sr_lib.models import build_model
+from sr_lib.models import MODELS, build_model
 from sr_lib.models.srflow import encoder_taps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -509,3 +509,32 @@ def test_a_folder_named_like_a_checkpoint_is_found_before_the_first_step(tmp_pat
         f"sr_train.py: error: --out {tmp_path}: {tmp_path / name} is a folder, where this run "
         "saves its checkpoint; move it away"
     ]
+
+
+def test_model_help_gives_its_paper_recipe_as_flags_that_reproduce_it(capsys):
+    """--model NAME -h prints the recipe the unset run flags take, as flags: those flags typed
+    onto any other recipe give the model's (exact values: 2/3 as 0.6666666666666666, not a
+    rounded 0.666667 that moves a decay step)."""
+    checked = 0
+    for name, model in MODELS.items():
+        for scale in model.scales if model.learns else ():
+            text = " ".join(sr_train.recipe_help(name, scale).split())  # (unwrapped)
+            assert text.startswith(f"{name} paper recipe at --scale {scale} (")
+            tokens = text.split("take it): ")[1].split(";")[0].split()
+            args, _, _ = sr_train.parse_all(["--model", name, "--scale", str(scale), *tokens])
+            other = sr_train.Recipe(batch=1, patch=2, steps=3, learning_rate=0.5,
+                                    milestones=(0.1,), gamma=0.9, grad_clip=7.0, warmup=9,
+                                    d_learning_rate=0.5)  # fmt: skip
+            got, want = sr_train.parse_recipe(args, other), model.recipe(scale)
+            flagged = ["batch", "patch", "steps", "learning_rate", "milestones", "gamma"]
+            flagged += ["grad_clip"] * (want.grad_clip > 0) + ["warmup"] * (want.warmup > 0)
+            flagged += ["d_learning_rate"] * ("--d-learning-rate" in tokens)
+            if want.schedule == "cosine" or not want.milestones:
+                flagged.remove("milestones"), flagged.remove("gamma")
+            assert {k: getattr(got, k) for k in flagged} == {k: getattr(want, k) for k in flagged}
+            checked += 1
+    assert checked > 20
+    assert sr_train.recipe_help("srflow", 2).startswith("srflow has no recipe at --scale 2")
+    with pytest.raises(SystemExit):
+        sr_train.main(["--model", "vspsr", "--scale", "8", "-h"])
+    assert "vspsr paper recipe at --scale 8" in capsys.readouterr().out
