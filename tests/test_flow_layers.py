@@ -24,11 +24,14 @@ from sr_lib.models.flow_layers import (
 
 
 def perturb(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial weights: zero convs and ActNorms randomised, ActNorms initialised.
-    At construction every coupling outputs a constant and many bugs would be invisible."""
+    """Non-trivial weights: zero convs and ActNorms randomised, ActNorms initialised, 1x1 convs
+    neither orthogonal nor symmetric. At construction every coupling outputs a constant and each
+    1x1 conv is a rotation (W⁻¹ = Wᵀ, log|det| = 0): many bugs would be invisible."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in module.modules():
+            if isinstance(m, InvConv1x1):
+                set_matrix(m, well_conditioned(m.matrix().shape[0], g))
             if isinstance(m, ZeroConv2d):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.02)
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
@@ -38,6 +41,27 @@ def perturb(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 m.logs.copy_(torch.randn(m.logs.shape, generator=g) * 0.1)
                 m.initialized = True
     return module
+
+
+def well_conditioned(c: int, g: torch.Generator) -> torch.Tensor:
+    """U·diag(s)·Vᵀ, U and V random rotations, s in [e^-0.3, e^0.3]: condition number under 1.9,
+    W, Wᵀ and W⁻¹ all different (for c > 1), log|det| = Σ log s."""
+    u, v = (torch.linalg.qr(torch.randn(c, c, generator=g, dtype=torch.float64))[0] for _ in "uv")
+    s = (0.6 * torch.rand(c, generator=g, dtype=torch.float64) - 0.3).exp()
+    return u @ torch.diag(s) @ v.T
+
+
+def set_matrix(conv: InvConv1x1, w: torch.Tensor) -> None:
+    """The 1x1 conv's matrix := w (an LU conv: its P, L, U, sign and log of U's diagonal)."""
+    if not conv.lu:
+        conv.weight.copy_(w)
+        return
+    p, lower, upper = torch.linalg.lu(w)
+    conv.p.copy_(p)
+    conv.sign_s.copy_(upper.diagonal().sign())
+    conv.log_s.copy_(upper.diagonal().abs().log())
+    conv.lower.copy_(lower.tril(-1))
+    conv.upper.copy_(upper.triu(1))
 
 
 def nets():
@@ -57,10 +81,7 @@ def layer_case(name: str):
     if name == "actnorm":
         m = ActNorm(4)
     elif name in ("invconv", "invconv_lu"):
-        m = InvConv1x1(4, lu=name == "invconv_lu")
-        with torch.no_grad():  # away from a rotation, so |det| != 1
-            for p in m.parameters():
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
+        m = InvConv1x1(4, lu=name == "invconv_lu")  # perturb: away from a rotation
     elif name == "split":
         m = Split(4)
         fwd = lambda x, ld: (lambda z1, e, ld: (torch.cat([z1, e], 1), ld))(*m(x, ld))  # noqa: E731
@@ -108,6 +129,10 @@ def test_layer_inverse_and_logdet(name):
     brute = torch.linalg.slogdet(J)[1]
     assert abs(ld.item()) > 1e-3  # non-trivial weights
     assert ld.item() == pytest.approx(brute.item(), rel=1e-8)
+    if name.startswith("invconv"):  # y_i = Σ_j W_ij x_j, as the released weights (out, in)
+        w = m.matrix()
+        assert (w @ w.T - torch.eye(4)).abs().max() > 0.1 and (w - w.T).abs().max() > 0.1
+        assert (y - torch.einsum("ij,bjhw->bihw", w, x)).abs().max() < 1e-12
     # float32 round trip on a larger input (reverse of forward).
     m.float()
     x32 = torch.randn(1, 4, 6, 6)
