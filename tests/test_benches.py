@@ -134,8 +134,7 @@ def test_a_missing_folder_or_one_that_is_not_the_checkout_is_one_line_before_any
         out, err = capfd.readouterr()
         assert code in (1, 2) and out == ""
         assert err.count("\n") == 1 and err.startswith(f"{script}: error: ")
-        assert str(folder) in err
-        assert repo in err or "no measure.py" in err
+        assert f"{folder}: {repo}" in err  # a folder missing is told from a wrong one
 
 
 @pytest.mark.parametrize("script", ["bench_sample_amp.py", "bench_tiling.py"])

@@ -273,10 +273,16 @@ def main() -> None:
         raise SystemExit("bench_eval.py: error: give --released NTIRE21_CHECKOUT (or --pairwise)")
     if args.cuda and not torch.cuda.is_available():
         raise SystemExit("--cuda: no CUDA GPU here")
-    if not (args.released / "measure.py").is_file():  # said now, not after srspace's timed run
+    repo = "andreas128/NTIRE21_Learning_SR_Space"  # said now, not after srspace's timed run
+    if not args.released.is_dir():
         raise SystemExit(
-            f"bench_eval.py: error: --released {args.released}: no measure.py in it; give a "
-            "checkout of andreas128/NTIRE21_Learning_SR_Space"
+            f"bench_eval.py: error: --released {args.released}: no such folder; give a checkout "
+            f"of {repo}"
+        )
+    if not (args.released / "measure.py").is_file():
+        raise SystemExit(
+            f"bench_eval.py: error: --released {args.released}: not a checkout of {repo} (no "
+            "measure.py in it)"
         )
     ps_dir = args.lpips_code or args.released / "PerceptualSimilarity"
     if not (ps_dir / "lpips" / "lpips.py").is_file():
