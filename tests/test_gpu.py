@@ -24,6 +24,7 @@ from sr_lib.checkpoint import load_checkpoint
 from sr_lib.data import _as_float
 from sr_lib.models import MODELS
 from sr_lib.models.edsr import EDSR as EDSR_MODEL
+from sr_lib.models.srflow import SRFlow as SRFLOW_MODEL
 
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU: --amp and --compile run on CUDA"
@@ -119,6 +120,34 @@ def test_fp16_non_finite_losses_still_stop_the_run(tmp_path, fp16_on_cpu, capsys
     with pytest.raises(SystemExit) as e:
         train(tmp_path, ["--model", "flaky_edsr", *EDSR[2:]], *flags)
     assert e.value.code == 5 and "step 18: 3 consecutive" in capsys.readouterr().err
+
+
+def test_fp16_trains_a_flow_on_the_cpu(tmp_path, fp16_on_cpu, monkeypatch):
+    """The CPU stand-in of test_amp_trains_with_finite_weights[fp16-srflow]: the same sr_train
+    code (loss scaler, its state saved), SRFlow's float16 copy of the frozen encoder at step 0 and
+    the float32 encoder trained at step 1, the flow's log-det and latents' density in float32.
+    What it cannot stand in for: CUDA's autocast lists and kernels (the GPU test)."""
+    seen = []
+    encoder, terms = SRFLOW_MODEL.encoder, SRFLOW_MODEL.log_likelihood_terms
+
+    def spy_encoder(self, lr):  # the encoder's weights' dtype
+        net = encoder(self, lr)
+        seen.append(("encoder", net.RRDB_trunk[0].RDB1.conv1.weight.dtype))
+        return net
+
+    def spy_terms(self, *args):  # (log|det J|, log N(latents))'s dtypes
+        out = terms(self, *args)
+        seen.append(("terms", *(t.dtype for t in out)))
+        return out
+
+    monkeypatch.setattr(SRFLOW_MODEL, "encoder", spy_encoder)
+    monkeypatch.setattr(SRFLOW_MODEL, "log_likelihood_terms", spy_terms)
+    assert train(tmp_path, SRFLOW, "--amp", "fp16", "--device", "cpu") == 0
+    ck = load_checkpoint(tmp_path / "last.pt")
+    assert ck["step"] == 2 and ck["scaler"]["scale"] <= 2.0**16  # the scaler ran and was saved
+    assert all(v.isfinite().all() for v in ck["state_dict"].values() if v.is_floating_point())
+    f16, f32 = torch.float16, torch.float32
+    assert seen == [("encoder", f16), ("terms", f32, f32), ("encoder", f32), ("terms", f32, f32)]
 
 
 @needs_cuda
