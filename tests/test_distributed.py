@@ -693,3 +693,39 @@ def test_a_malformed_launcher_variable_is_one_line_not_a_traceback(monkeypatch, 
     assert e.value.code == 2 and err.count("\n") == 1 and says in err, err
     line = json.loads(out.splitlines()[-1]) if out.strip() else {}
     assert line.get("exit_code") == 2 and says in line.get("error", ""), out
+
+
+def test_replica_check_sees_a_replica_that_differs(monkeypatch):
+    """--sync-check-every's check, in one process: the checksums the ranks would gather are
+    faked (rank 0's from the model as it was), so that a replica that moved is seen. Every
+    multi-process test asserts replicas in sync (0), which a check that always said 0 would
+    pass too. A swap of two same-shaped tensors keeps the plain sum: the per-tensor weights of
+    the checksum see it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    rank0 = {}
+
+    def all_gather(out, s):  # rank 0's checksum first, then this rank's (rank 1 of 2)
+        out[0].copy_(rank0.setdefault("s", s.clone()))
+        out[1].copy_(s)
+
+    monkeypatch.setattr(distributed.dist, "all_gather", all_gather)
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda: "gloo")
+    d = distributed.Dist(rank=1, world=2)
+    assert distributed.replicas_differ(model, d) == 0.0
+    with torch.no_grad():
+        a, b = model[0].weight.clone(), model[1].weight.clone()
+        model[0].weight.copy_(b), model[1].weight.copy_(a)  # (the same sum of all weights)
+    assert distributed.replicas_differ(model, d) > 0
+    with torch.no_grad():
+        model[0].weight.copy_(a), model[1].weight.copy_(b)
+        before = model[1].bias[2].double()
+        model[1].bias[2] += 1e-3
+        moved = float(model[1].bias[2].double() - before)  # (1e-3 in float32's steps)
+    diff = distributed.replicas_differ(model, d)
+    assert diff == pytest.approx(moved * 4, rel=1e-9)  # (the 4th tensor's weight, 1 + 3 % 7)
+    logged = []
+    monkeypatch.setattr(sr_train, "log", lambda _, record: logged.append(record))
+    with pytest.raises(sr_train.SRSpaceError, match=r"step 7: model replicas differ across ranks"):
+        sr_train.check_replicas(model, d, 7, None)
+    assert logged == [{"step": 7, "replica_max_diff": diff}]
