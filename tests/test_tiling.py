@@ -54,7 +54,10 @@ def test_tiles_equal_the_whole_image(case):
     if model.has_uncertainty:
         x = pad_to_multiple(lr, model.lr_multiple)
         sigma = upscale(model, x, lambda part, p: model.uncertainty(part), 16, model.tile_halo)
-        assert (sigma - model.uncertainty(x)).abs().max() < tol
+        whole_sigma = model.uncertainty(x)
+        assert (sigma - whole_sigma).abs().max() < tol
+        seams = upscale(model, x, lambda part, p: model.uncertainty(part), 16, 0)
+        assert (seams - whole_sigma).abs().max() > 1e-4  # (no context: the check can see one)
 
 
 def test_spans_cover_every_pixel_once():
