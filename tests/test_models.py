@@ -439,16 +439,16 @@ def test_load_official_rrdb(tmp_path):
     torch.save({f"module.{k}": v for k, v in src.state_dict().items()}, path)
     load_official_rrdb(RRDBNet(4, nf=8, nb=2, gc=4), path)
     for wrong, what in [
-        (RRDBNet(4, nf=8, nb=3, gc=4), "missing"),
+        (RRDBNet(4, nf=8, nb=3, gc=4), "an RRDBNet of --nb 2 (this encoder: 3);"),
         (RRDBNet(8, nf=8, nb=2, gc=4), "missing"),
-        (RRDBNet(4, nf=16, nb=2, gc=4), "shape"),
+        (RRDBNet(4, nf=16, nb=2, gc=4), "an RRDBNet of --nf 8 (this encoder: 16);"),
     ]:
         torch.save(src.state_dict(), path)
         with pytest.raises(CheckpointError) as e:
             load_official_rrdb(wrong, path)
         assert "\n" not in str(e.value) and what in str(e.value)
     torch.save(RRDBNet(4, nf=8, nb=3, gc=4).state_dict(), path)
-    with pytest.raises(CheckpointError, match="unexpected"):
+    with pytest.raises(CheckpointError, match=r"--nb 3 \(this encoder: 2\)"):
         load_official_rrdb(src, path)
 
 
