@@ -149,7 +149,7 @@ import sys
 import time
 import zipfile
 from argparse import ArgumentTypeError
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -175,20 +175,25 @@ from sr_lib.config import (
     refuse_stdio,
 )
 from sr_lib.data import (
+    DEGRADATION_FLAGS,
     check_out_dir,
     cpu_workers,
     default_mod,
+    degradation_of,
+    degradation_range,
     demo_files,
     encode_png,
     image_size,
     list_images,
     mod_crop,
     name_max,
+    range_text,
     read_planes,
     shared_stem,
     to_tensor,
     to_uint8,
     to_uint16,
+    validation_degradation,
     write_encoded_png,
     write_npy,
     write_npz,
@@ -220,6 +225,7 @@ from sr_lib.models.base import (
     LATENT_SOURCE,
     NoiseSource,
     lr_fits,
+    option,
     other_checkpoint,
     pad_to_multiple,
     sample_seed,
@@ -334,6 +340,26 @@ class SampleArgs:
     out: str = field(metadata=dict(help="output folder (T{t} subfolders for several temperatures)"))
     from_hr: bool = field(
         default=False, metadata=dict(help="inputs are HR: mod-crop, downscale, write OUT/lr/")
+    )
+    # the LR of HR inputs degraded as sr_train.py's validation LR: one draw per image, seeded by
+    # its stem (README, "Sampling")
+    lr_blur: str = option(
+        "",
+        "with --from-hr: Gaussian blur of the HR before the downscale, as "
+        "sr_train.py's (SIGMA or LO:HI, one draw per image)",
+        metavar="SIGMA",
+    )
+    lr_noise: str = option(
+        "",
+        "with --from-hr: Gaussian noise on the LR in 8-bit levels, as "
+        "sr_train.py's (SIGMA or LO:HI, one draw per image)",
+        metavar="SIGMA",
+    )
+    lr_jpeg: str = option(
+        "",
+        "with --from-hr: JPEG of the LR at QUALITY, as sr_train.py's "
+        "(1-100 or LO:HI, one draw per image)",
+        metavar="QUALITY",
     )
     n: int = field(
         default=10, metadata=dict(type=integer(1, MAX_N), help="samples per image (default 10)")
@@ -628,6 +654,12 @@ def parse_args(argv) -> tuple[SampleArgs, set[str]]:
         say_err(f"{PROG}: warning: --latent-steps: no effect without --latent-shift; ignored")
     if args.from_hr and args.input == "demo":
         say_err(f"{PROG}: warning: --from-hr: no effect, --input demo is HR already; ignored")
+    for name in DEGRADATION_FLAGS:  # the text as recorded: 2 and 2.0 are one value
+        flag = f"--{name.replace('_', '-')}"
+        setattr(args, name, range_text(degradation_range(getattr(args, name), flag)))
+        if getattr(args, name) and not (args.from_hr or args.input == "demo"):
+            raise UsageError(f"{flag}: degrades the LR made from HR inputs; give --from-hr (the "
+                             "inputs are LR images already)")  # fmt: skip
     if args.bit_depth == 16 and args.layout == "ntire":
         say_err(f"{PROG}: warning: --bit-depth 16 --layout ntire: the challenge's measure.py reads "
                 "PNGs as 8-bit (OpenCV keeps the high byte, x >> 8: a level below round(x / 257) "
@@ -1071,7 +1103,10 @@ def differences(old: dict, new: dict, free=frozenset()) -> list[tuple[str, objec
     flags = old.get("flags") if isinstance(old.get("flags"), dict) else {}
     was = old.get("control_sha256") if isinstance(old.get("control_sha256"), dict) else {}
     digested = {f[2:].replace("-", "_") for f in set(was) & set(new.get("control_sha256", {}))}
+    defaults = {f.name: f.default for f in fields(SampleArgs) if f.default is not MISSING}
     for k, v in new["flags"].items():
+        if k not in flags and k in defaults and v == defaults[k]:
+            continue  # a flag newer than the folder's srspace, at its default: that run's way
         if k not in FREE_FLAGS and k not in free | digested and flags.get(k) != v:
             out.append((f"--{k.replace('_', '-')}", flags.get(k), v))
     return out
@@ -1389,12 +1424,18 @@ def read_input(path: Path, s: int, from_hr: bool, lr_file: Path | None,
     None, as the outputs are written: gray, alpha, --bit-depth)."""
     planes = held(read_planes)(path, wide=args.bit_depth == 16)
     img, alpha = planes.rgb, planes.alpha if args.alpha_channel == "keep" else None
+    degradation = degradation_of(args)
     if from_hr:
         m = default_mod(s)
         img = mod_crop(img, m)
         if img.size == 0:
             raise TooSmall(f"{path}: smaller than {m} px, no LR to make")
-        img = imresize(img, 1 / s)  # uint8 stays uint8 (bit-exact with NTIRE's); float: float64
+        if degradation:  # 8-bit, as in training (the noise is in 8-bit levels, JPEG is 8-bit)
+            if img.dtype != np.uint8:  # (--bit-depth 16: x / 65535, rounded as round(x / 257))
+                img = np.rint(img * 255).astype(np.uint8)
+            img = validation_degradation(img, s, degradation, path.stem)
+        else:
+            img = imresize(img, 1 / s)  # uint8 stays uint8 (bit-exact with NTIRE's); float: float64
         if img.dtype != np.uint8:
             img = np.clip(img, 0, 1).astype(np.float32)
         if alpha is not None:

@@ -59,6 +59,7 @@ from sr_lib.config import (
     refuse_stdio,
 )
 from sr_lib.data import (
+    DEGRADATION_FLAGS,
     Degradation,
     PatchPairs,
     SharedMemoryFull,
@@ -68,6 +69,7 @@ from sr_lib.data import (
     available_cores,
     check_out_dir,
     decode_threads,
+    degradation_of,
     degradation_range,
     fit_name,
     list_images,
@@ -781,15 +783,9 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
     return out, ckpt_path, resumed, cfg, named, recipe
 
 
-DEGRADATION_FLAGS = ("lr_blur", "lr_noise", "lr_jpeg")
-
-
 def degradation(args: TrainArgs) -> Degradation | None:
     """The run's --lr-blur, --lr-noise, --lr-jpeg (checked by parse_all), None where none is set."""
-    ranges = [
-        degradation_range(getattr(args, k), f"--{k.replace('_', '-')}") for k in DEGRADATION_FLAGS
-    ]
-    return Degradation(*ranges) or None
+    return degradation_of(args) or None
 
 
 def warn_unused(model_cls, cfg, named: set[str]) -> None:

@@ -1235,6 +1235,17 @@ def degradation_range(text: str, flag: str) -> tuple[float, float] | tuple[int, 
     return (int(lo), int(hi)) if quality else (lo, hi)
 
 
+DEGRADATION_FLAGS = ("lr_blur", "lr_noise", "lr_jpeg")  # the scripts' fields of a Degradation
+
+
+def degradation_of(args) -> Degradation:
+    """The Degradation of a script's parsed --lr-blur, --lr-noise, --lr-jpeg (`args`' fields
+    named in DEGRADATION_FLAGS, text as `degradation_range` takes it); false where none is set."""
+    return Degradation(*(
+        degradation_range(getattr(args, k), f"--{k.replace('_', '-')}") for k in DEGRADATION_FLAGS
+    ))  # fmt: skip
+
+
 def range_text(r: tuple[float, float] | tuple[int, int] | None) -> str:
     """A degradation range as its flag's text, `degradation_range`'s inverse: "", "V", "LO:HI"."""
     if r is None:

@@ -511,7 +511,7 @@ def test_an_unknown_model_is_one_line_before_the_help(capsys):
     with pytest.raises(
         UsageError, match=r"invalid choice: 'srflowda' .*\(did you mean srflow_da\?\)"
     ):
-        parse(sr_sample.SampleArgs, ["--ckpt", "c", "--lr", "l", "--model", "srflowda"], "p")
+        parse(sr_sample.SampleArgs, ["--ckpt", "c", "--input", "l", "--model", "srflowda"], "p")
 
 
 def test_a_switch_on_by_default_takes_its_positive_form_too(capsys):

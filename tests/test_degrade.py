@@ -327,3 +327,52 @@ def test_a_degraded_lr_with_an_lr_consistency_is_one_warning(model, flags, says,
     assert len(lines) == (says is not None)
     if says:
         assert lines[0].startswith(says)
+
+
+def test_sample_from_hr_degrades_the_lr_as_training_validation(tmp_path, capsys):
+    """sr_sample.py --from-hr with --lr-blur/--lr-noise/--lr-jpeg: each HR input's LR is its
+    mod-crop degraded as sr_train.py's validation LR (one draw seeded by the stem), written to
+    OUT/lr/; without --from-hr the flags are refused; a rerun with other values is refused, and
+    a folder of an srspace before these flags (no such key in its manifest) continues."""
+    import sr_sample
+
+    ckpt = tmp_path / "bicubic"
+    assert sr_train.main(["--model", "bicubic", "--steps", "0", "--val-every", "0",
+                          "--out", str(ckpt)]) == 0  # fmt: skip
+    hr = {"cat": smooth(37, 45, seed=1), "cat 2": smooth(40, 32, seed=2)}
+    inp = tmp_path / "hr"
+    inp.mkdir()
+    for stem, img in hr.items():
+        write_png(inp / f"{stem}.png", img)
+    out = tmp_path / "out"
+    argv = ["--ckpt", str(ckpt / "last.pt"), "--input", str(inp), "--from-hr", "--n", "1",
+            "--lr-noise", "3", "--lr-jpeg", "40:60", "--out", str(out)]  # fmt: skip
+    assert sr_sample.main(argv) == 0
+    deg = Degradation(noise=(3.0, 3.0), jpeg=(40, 60))
+    for stem, img in hr.items():
+        want = validation_degradation(mod_crop(img, 8), 4, deg, stem)
+        got = read_image(out / "lr" / f"{stem}.png")
+        assert np.array_equal(got, want), stem
+        assert not np.array_equal(got, imresize(mod_crop(img, 8), 1 / 4))
+    flags = json.loads((out / "manifest.json").read_text())["flags"]
+    assert (flags["lr_noise"], flags["lr_jpeg"], flags["lr_blur"]) == ("3.0", "40:60", "")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        sr_sample.main([*argv[:-2], "--lr-noise", "4", "--out", str(out)])
+    assert e.value.code == 2 and "--lr-noise" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        sr_sample.main(["--ckpt", str(ckpt / "last.pt"), "--input", str(inp), "--lr-jpeg", "50",
+                        "--out", str(tmp_path / "x")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.endswith(
+        "--lr-jpeg: degrades the LR made from HR inputs; "
+        "give --from-hr (the inputs are LR images already)"
+    )
+    plain = tmp_path / "plain"  # an older srspace's folder: no degradation keys in its flags
+    base = ["--ckpt", str(ckpt / "last.pt"), "--input", str(inp), "--from-hr", "--n", "1"]
+    assert sr_sample.main([*base, "--out", str(plain)]) == 0
+    manifest = json.loads((plain / "manifest.json").read_text())
+    for k in ("lr_blur", "lr_noise", "lr_jpeg"):
+        del manifest["flags"][k]
+    (plain / "manifest.json").write_text(json.dumps(manifest))
+    assert sr_sample.main([*base, "--out", str(plain)]) == 0
