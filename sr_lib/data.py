@@ -1191,13 +1191,15 @@ def blur_matrix(n: int, sigma: float) -> np.ndarray:
 def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
     """uint8 HWC RGB encoded as a JPEG at `quality` (1..100) by Pillow, in memory, and decoded.
     Chroma is subsampled 4:2:0 at every quality (Pillow's default, and the common setting of
-    cameras and the web), baseline, no optimised Huffman tables."""
+    cameras and the web), baseline, no optimised Huffman tables. A writable array, as the other
+    degradations' (numpy's view of Pillow's bytes is read-only, and torch.from_numpy of it, in
+    validation, printed torch's "not writable" warning as one of sr_train.py's)."""
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(img)).save(
         buf, format="JPEG", quality=int(quality), subsampling="4:2:0"
     )
     with Image.open(buf) as decoded:
-        return np.asarray(decoded.convert("RGB"))
+        return np.array(decoded.convert("RGB"))
 
 
 MAX_BLUR = 100  # --lr-blur's largest sigma: 0.2 s a patch; 1e12 asked for 44 TiB, mid-run

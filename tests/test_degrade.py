@@ -105,6 +105,22 @@ def test_jpeg_is_pillows_own_encode_and_decode_at_its_default_4_2_0():
         assert not np.array_equal(ours, clean)
 
 
+def test_a_jpeg_lr_is_writable_and_validation_says_no_torch_warning(hr_dir, tmp_path):
+    """A JPEG LR was numpy's read-only view of Pillow's bytes: validation's torch.from_numpy of
+    it printed torch's "The given NumPy array is not writable ..." as a warning of the run."""
+    assert jpeg(smooth(16, 16), 50).flags.writeable
+    assert degrade(smooth(16, 16), 2, quality=50).flags.writeable
+    pairs = load_pairs(hr_dir, 4, crop=32, degradation=Degradation(jpeg=(50, 50)))
+    assert all(lr.flags.writeable for _, _, lr in pairs)
+    args = sr_train.TrainArgs(model="bicubic", scale=4, lr_jpeg="50", val_n=1)
+    progress = types.SimpleNamespace(message=lambda _: None)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        model = build_model("bicubic", {"scale": 4})
+        sr_train.validate(model, pairs, args, torch.device("cpu"), tmp_path, 1, None, progress)
+    assert not [str(w.message) for w in said if "writable" in str(w.message)]
+
+
 def test_draws_are_within_their_ranges_and_a_single_value_is_that_value():
     draws = np.array(ALL.draw(np.random.default_rng(0), 2000), dtype=np.float64)
     for column, (lo, hi) in zip(draws.T, (ALL.blur, ALL.noise, ALL.jpeg)):
