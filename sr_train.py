@@ -759,9 +759,14 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
     cfg = {**asdict(model_flags), "scale": args.scale}
     named = given_fields(model_cls.Config, rest, f"{PROG} --model {args.model}")
     if resumed is not None:  # a requeued job repeats its flags: allowed if they agree
-        changed = [k for k in named if k in cfg and cfg[k] != resumed["model_cfg"].get(k)]
-        if changed:
-            raise UsageError(f"model flags {changed} differ from {ckpt_path}; they cannot change")
+        held = resumed["model_cfg"]
+        order = [f.name for f in fields(model_cls.Config)]  # (as -h lists them)
+        if changed := [k for k in order if k in named and cfg[k] != held.get(k)]:
+            said = ", ".join(f"{model_flag(model_cls, k, cfg[k])} "
+                             f"(was {model_flag(model_cls, k, held.get(k), bare=True)})"
+                             for k in changed)  # fmt: skip
+            raise UsageError(f"{ckpt_path}: a resume cannot change model flags: {said}; drop "
+                             "them (it takes the run's), or give a new --out")  # fmt: skip
         cfg = dict(resumed["model_cfg"])
     # by the run's config: a resume's is its checkpoint's, not the flags repeated
     warn_unused(model_cls, model_cls.Config(**cfg), named)
@@ -890,6 +895,23 @@ def inherit_flags(args: TrainArgs, given: set[str], resumed: dict) -> None:
     if "data" in given and "lr_data" not in given:  # LR folders pair with the HR folders given
         args.lr_data = []
     check_ranges(args)
+
+
+def model_flag(model_cls, name: str, value, bare: bool = False) -> str:
+    """A model Config field's value as the flag that gives it: "--nb 3", a switch "--lu" or
+    "--no-unused-conv" (off where it is on by default), "no --lu" (a switch off by default).
+    bare: a value other than a switch's without its flag, "3"."""
+    flag = "--" + name.replace("_", "-")
+    if bare and not isinstance(value, bool):
+        return model_flag(model_cls, name, value).removeprefix(flag + " ")
+    if isinstance(value, bool):
+        on = next((f.default for f in fields(model_cls.Config) if f.name == name), False)
+        if value:
+            return flag
+        return f"--no-{flag[2:]}" if on is True else f"no {flag}"
+    if isinstance(value, (list, tuple)):
+        return f"{flag} {' '.join(map(str, value))}"
+    return f"{flag} {value}"
 
 
 def run_flags(resumed: dict) -> dict:

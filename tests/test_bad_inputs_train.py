@@ -231,7 +231,8 @@ CASES = {  # id: (flags, exit code, words of the message)
     "resume changing a model flag": (
         {"--out": "{run}", "--resume": "auto", "--steps": "3", "--n-feats": "16"},
         2,
-        "differ from",
+        "{run}/last.pt: a resume cannot change model flags: --n-feats 16 (was 8); drop them "
+        "(it takes the run's), or give a new --out",
     ),  # fmt: skip
     "varsr critic patch too small": (
         {
@@ -383,6 +384,18 @@ def test_one_line_and_the_exit_code(case, world, tmp_path, capsys, monkeypatch):
     assert e.value.code == (2 if code == PARSE else code) and words in lines[0], (e.value.code, err)
     if code == PARSE:
         assert not out.exists(), "a flag refused at parse time must not start any work"
+
+
+def test_a_changed_model_switch_is_named_as_its_flags():
+    """A resume refusing a changed model flag named the Config fields (['unused_conv']); a switch
+    is named in the form that was given and the form the run had."""
+    srflow = MODELS["srflow"]  # unused_conv: on by default (--no-unused-conv); lu: off (--lu)
+    assert sr_train.model_flag(srflow, "unused_conv", False) == "--no-unused-conv"
+    assert sr_train.model_flag(srflow, "unused_conv", True, bare=True) == "--unused-conv"
+    assert sr_train.model_flag(srflow, "lu", True) == "--lu"
+    assert sr_train.model_flag(srflow, "lu", False, bare=True) == "no --lu"
+    assert sr_train.model_flag(srflow, "nb", 3) == "--nb 3"
+    assert sr_train.model_flag(srflow, "nb", 3, bare=True) == "3"
 
 
 def test_perceptual_loss_offline_suggests_lambda_per_0(world, tmp_path, capsys, monkeypatch):

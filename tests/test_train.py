@@ -163,7 +163,7 @@ def test_a_resume_without_the_first_flags_goes_on_as_the_run(tmp_path, images, c
     assert logged_rates(tmp_path / "b")[-1] == pytest.approx(2e-3)
     with pytest.raises(SystemExit) as e:
         sr_train.main([*resume[:4], "--steps", "6", "--n-feat", "16"])
-    assert e.value.code == 2 and "n_feats" in capsys.readouterr().err
+    assert e.value.code == 2 and "--n-feats 16 (was 8)" in capsys.readouterr().err
 
 
 def test_a_resume_by_path_never_overwrites_another_runs_last_pt(tmp_path, images, toy, capsys,
