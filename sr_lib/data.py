@@ -1177,7 +1177,9 @@ def blur_matrix(n: int, sigma: float) -> np.ndarray:
     without repeating the edge pixel (numpy's "reflect", OpenCV's BORDER_REFLECT_101; again and
     again where the taps reach beyond the other side)."""
     r = max(1, math.ceil(3 * sigma))
-    taps = np.exp(-(np.arange(-r, r + 1) ** 2) / (2 * sigma**2))
+    # (d / sigma) squared, not d^2 / sigma^2: a sigma below 1e-162 squares to 0, and the centre
+    # tap 0 / 0 was NaN, the LR black (--lr-blur 1e-300 trained on it, one numpy warning)
+    taps = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
     at = np.arange(n)[:, None] + np.arange(-r, r + 1)  # (n, 2r + 1) source pixels
     if n > 1:
         at = np.abs((at + n - 1) % (2 * n - 2) - (n - 1))  # folded into 0..n-1

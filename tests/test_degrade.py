@@ -83,6 +83,14 @@ def test_blur_is_gaussian_with_borders_reflected_without_the_edge_pixel():
     assert np.array_equal(degrade(hr, 4, blur=1e-3), once)
 
 
+def test_a_blur_too_small_to_square_is_no_blur_not_a_black_lr():
+    """sigma**2 of 1e-300 is 0: the centre tap was 0 / 0 (NaN) and the LR all zeros."""
+    assert np.array_equal(blur_matrix(8, 1e-300), np.eye(8))
+    hr = smooth(32, 32)
+    tiny = degrade(hr, 2, blur=1e-300)
+    assert tiny.max() > 0 and np.array_equal(tiny, degrade(hr, 2, blur=1e-6))
+
+
 def test_noise_has_the_standard_deviation_asked_for_in_8_bit_levels():
     flat = np.full((256, 256, 3), 128, np.uint8)
     rng = np.random.default_rng(0)
