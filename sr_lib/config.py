@@ -81,6 +81,13 @@ def _is_number(text: str) -> bool:
     return True
 
 
+# Switches on by default that take no `--X` form: another flag of the same command line has
+# that name. NCSR's --no-lr-noise (no noise on its LR) beside sr_train.py's run flag
+# --lr-noise SIGMA (the LR noise of the degradations): the run flags are read first, so its
+# `--lr-noise` was the run flag's ("expected one argument" after --no-lr-noise, as -h showed it).
+NO_POSITIVE_FORM = frozenset({"--no-lr-noise"})
+
+
 class OneLineParser(ArgumentParser):
     """argparse-dataclass's parser whose errors are one line (a UsageError: `prog: error: ...`,
     exit code 2) instead of the whole usage block followed by the error. An unknown flag's line
@@ -92,9 +99,11 @@ class OneLineParser(ArgumentParser):
         """A switch on by default (argparse-dataclass's `--no-X` alone, store_false) takes `--X`
         too, for a command line built from variables (`--requeue`): the same field, so the
         last of the two given wins, as argparse takes any repeated flag. -h lists it after
-        `--no-X`, whose help says what that does (docs/design.md)."""
+        `--no-X`, whose help says what that does (docs/design.md). Not those of
+        NO_POSITIVE_FORM."""
         action = super().add_argument(*args, **kwargs)
-        if kwargs.get("action") == "store_false" and [a[:5] for a in args] == ["--no-"]:
+        switch = kwargs.get("action") == "store_false" and [a[:5] for a in args] == ["--no-"]
+        if switch and args[0] not in NO_POSITIVE_FORM:
             shown = f"the default; undoes a {args[0]} given before it"
             super().add_argument("--" + args[0][5:], action="store_true", dest=action.dest,
                                  default=action.default,

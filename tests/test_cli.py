@@ -21,7 +21,7 @@ import sr_sample
 import sr_train
 from sr_lib import refuse_non_posix
 from sr_lib.checkpoint import load_checkpoint, save_checkpoint
-from sr_lib.config import parse
+from sr_lib.config import NO_POSITIVE_FORM, OneLineParser, option_strings, parse
 from sr_lib.data import read_image, write_text
 from sr_lib.errors import OLDEST_TORCH, OutputError, UsageError
 from sr_lib.metrics import psnr
@@ -522,7 +522,7 @@ def test_a_switch_on_by_default_takes_its_positive_form_too(capsys):
         (m.Config, f.name)
         for m in dict.fromkeys(MODELS.values())
         for f in dataclasses.fields(m.Config)
-        if f.default is True
+        if f.default is True and f"--no-{f.name.replace('_', '-')}" not in NO_POSITIVE_FORM
     ]
     assert len(switches) >= 2
     for cls, name in switches:
@@ -546,6 +546,21 @@ def test_a_switch_on_by_default_takes_its_positive_form_too(capsys):
         cfg = parse(varsr.Config, ["--lambda-per", "0", flag], "p")
         with pytest.warns(UserWarning, match=f"^{flag}: no effect with --lambda-per 0; ignored"):
             sr_train.warn_unused(varsr, cfg, {"pretrained"})
+
+
+def test_no_model_flag_is_also_a_run_flag(capsys):
+    """sr_train.py reads its run flags first: a model flag of a run flag's name was the run
+    flag's. NCSR's --lr-noise (the positive form of --no-lr-noise) was sr_train.py's --lr-noise
+    SIGMA: `--no-lr-noise --lr-noise`, as -h offered, was exit 2, 'expected one argument'."""
+    run = set(option_strings(OneLineParser(sr_train.TrainArgs, prog="p")))
+    for name, m in MODELS.items():
+        own = set(option_strings(OneLineParser(m.Config, prog="p"))) - {"-h", "--help", "--scale"}
+        assert not own & run, (name, own & run)
+    with pytest.raises(SystemExit):
+        sr_train.main(["--model", "ncsr", "-h"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "[--no-lr-noise]" in shown and "[--lr-noise]" not in shown
+    assert "undoes a --no-lr-noise" not in shown
 
 
 def test_an_output_that_is_a_symbolic_link_keeps_its_link_and_its_target_is_written(
