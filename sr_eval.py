@@ -1528,10 +1528,13 @@ def check_pairwise(args: EvalArgs, hr: dict[str, Path], methods, device) -> None
     free = free_memory(device)
     if free is not None and need > free:
         where = f"on {device}" if device.type == "cuda" else "in this machine's memory"
+        fits = max((k for k in range(2, m.n) if metrics.pairwise_bytes((h, w), k, args.scale)
+                    <= free), default=0)  # fmt: skip
+        fewer = f"score at most {fits} samples per image (--sr {m.sr_dir}:{fits}) or " * (fits > 0)
         raise OutOfMemory(
             f"--pairwise: the LPIPS features of the {m.n} samples of {stem} ({w}x{h}) kept for "
-            f"their pairs take {gb(need)}, more than the {gb(free)} free {where}; score "
-            f"fewer samples per image (--sr {m.sr_dir}:N) or drop --pairwise"
+            f"their pairs take {gb(need)}, more than the {gb(free)} free {where}; {fewer}drop "
+            "--pairwise"
         )
 
 

@@ -131,9 +131,16 @@ def test_pairwise_features_that_do_not_fit_are_refused_before_any_work(
     assert code == 4 and err == (
         "sr_eval.py: error: --pairwise: the LPIPS features of the 3 samples of 0802 (70x53) "
         "kept for their pairs take ~310 kB, more than the ~160 kB free in this machine's memory; "
-        f"score fewer samples per image (--sr {sr_dir}:N) or drop --pairwise\n"
-    )  # (both images have a 64x48 crop: the last of the largest is named)
+        "drop --pairwise\n"
+    )  # (both images have a 64x48 crop: the last of the largest is named; 2 do not fit)
     assert calls == [] and list(out.parent.iterdir()) == []
+    two = sr_eval.metrics.pairwise_bytes((53, 70), 2, 4)  # where 2 samples fit, it says :2
+    monkeypatch.setattr(sr_eval, "free_memory", lambda device: two)
+    code, err = fails(capsys, *argv)
+    assert code == 4 and err.endswith(
+        f"free in this machine's memory; score at most 2 samples per image (--sr {sr_dir}:2) or "
+        "drop --pairwise\n"
+    )
     monkeypatch.setattr(sr_eval, "free_memory", lambda device: need)
     assert run(capsys, *argv)[0] == 0 and calls == ["0801", "0801", "0802", "0802"]
 
