@@ -438,18 +438,24 @@ def test_load_official_rrdb(tmp_path):
     # DataParallel prefixes are stripped.
     torch.save({f"module.{k}": v for k, v in src.state_dict().items()}, path)
     load_official_rrdb(RRDBNet(4, nf=8, nb=2, gc=4), path)
-    for wrong, what in [
-        (RRDBNet(4, nf=8, nb=3, gc=4), "an RRDBNet of --nb 2 (this encoder: 3);"),
-        (RRDBNet(8, nf=8, nb=2, gc=4), "missing"),
-        (RRDBNet(4, nf=16, nb=2, gc=4), "an RRDBNet of --nf 8 (this encoder: 16);"),
+    for wrong, what in [  # one line naming what differs, not the strict load's list of keys
+        (RRDBNet(4, nf=8, nb=3, gc=4), "an RRDBNet of --nb 2 (this encoder: 3); "),
+        (RRDBNet(8, nf=8, nb=2, gc=4), "an RRDBNet of x4, and this encoder is x8; "),
+        (RRDBNet(2, nf=8, nb=2, gc=4), "an RRDBNet of x4, and this encoder is x2; "),
+        (RRDBNet(4, nf=16, nb=2, gc=4), "an RRDBNet of --nf 8 (this encoder: 16); "),
     ]:
         torch.save(src.state_dict(), path)
         with pytest.raises(CheckpointError) as e:
             load_official_rrdb(wrong, path)
-        assert "\n" not in str(e.value) and what in str(e.value)
+        assert str(e.value).startswith(f"{path}: {what}") and "\n" not in str(e.value)
     torch.save(RRDBNet(4, nf=8, nb=3, gc=4).state_dict(), path)
-    with pytest.raises(CheckpointError, match=r"--nb 3 \(this encoder: 2\)"):
+    with pytest.raises(CheckpointError, match="an RRDBNet of --nb 3 "):
         load_official_rrdb(src, path)
+    torch.save(RRDBNet(4, nf=8, nb=2, gc=4).state_dict(), path)  # a key of its own: the strict load
+    net = RRDBNet(4, nf=8, nb=2, gc=4)
+    net.extra = torch.nn.Conv2d(1, 1, 1)
+    with pytest.raises(CheckpointError, match="missing keys"):
+        load_official_rrdb(net, path)
 
 
 def test_an_official_rrdb_file_is_opened_once(tmp_path):

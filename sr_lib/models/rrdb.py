@@ -269,6 +269,14 @@ def load_official_rrdb(model_or_net: nn.Module, path: str | os.PathLike) -> None
         sd = {k[len("net.") :]: v for k, v in weights.items() if k.startswith("net.")}
     else:
         sd = as_state_dict(ck, path)  # (the file as read above)
+    # A file of another scale (its ×2 upconv stages) would be 2 missing or unexpected keys:
+    # name the scales instead
+    stages = sum(f"upconv{i}.weight" in sd for i in range(1, 4))
+    if stages and 2**stages != net.scale:
+        raise CheckpointError(
+            f"{path}: an RRDBNet of x{2**stages}, and this encoder is x{net.scale}; give an rrdb "
+            f"run of --scale {net.scale} (or a released x{net.scale} RRDB_*.pth)"
+        )
     # A file of another depth or width (RRDB_CelebA_8X.yml trains 23 blocks where the SRFlow
     # CelebA ×8 encoder has 8) would be hundreds of missing keys: name the flags instead.
     differ = [
