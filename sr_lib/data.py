@@ -1096,11 +1096,18 @@ class Degradation:
     Each is a (low, high) range drawn uniformly per patch (low == high: that value), or None:
     not applied. blur: sigma in HR pixels; noise: sigma in 8-bit levels (0-255); jpeg: quality
     1..100 (whole numbers). No range set (the default): false, and the LR is the bicubic
-    downscale alone, as without a Degradation."""
+    downscale alone, as without a Degradation. A blur or noise range of zeros is none (None):
+    it draws nothing, so that the others' draws are those of a Degradation without it."""
 
     blur: tuple[float, float] | None = None
     noise: tuple[float, float] | None = None
     jpeg: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        for name in ("blur", "noise"):  # (0, 0) drew n values, which moved the JPEG qualities
+            r = getattr(self, name)
+            if r is not None and r[1] <= 0:
+                object.__setattr__(self, name, None)
 
     def __bool__(self) -> bool:
         return self.jpeg is not None or any(
@@ -1208,7 +1215,8 @@ MAX_BLUR = 100  # --lr-blur's largest sigma: 0.2 s a patch; 1e12 asked for 44 Ti
 
 
 def degradation_range(text: str, flag: str) -> tuple[float, float] | tuple[int, int] | None:
-    """The range of a degradation flag's text: "" (unset) None, "V" (V, V), "LO:HI" (LO, HI).
+    """The range of a degradation flag's text: "" (unset) None, "V" (V, V), "LO:HI" (LO, HI);
+    a blur or noise of 0 ("0", "0:0") None, as unset.
     --lr-jpeg takes whole numbers 1..100, --lr-blur numbers 0..MAX_BLUR, --lr-noise numbers
     >= 0. Anything else is one
     UsageError line naming the flag."""
@@ -1236,6 +1244,8 @@ def degradation_range(text: str, flag: str) -> tuple[float, float] | tuple[int, 
     lo, hi = values[0], values[-1]
     if lo > hi:
         raise UsageError(f"{flag} {text}: LO {parts[0]} is above HI {parts[1]}; give LO:HI")
+    if not quality and hi == 0:  # a sigma of 0: none, recorded as unset (`Degradation`)
+        return None
     return (int(lo), int(hi)) if quality else (lo, hi)
 
 

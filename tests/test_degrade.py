@@ -158,6 +158,21 @@ def test_without_degradation_the_pairs_are_the_bicubic_pairs_of_before(hr_dir):
             )
 
 
+def test_a_sigma_of_zero_is_unset_beside_jpeg_too(hr_dir, capsys):
+    """--lr-noise 0 with --lr-jpeg drew a noise sigma per patch first, which moved the JPEG
+    qualities: other pairs than --lr-jpeg alone, and a resume adding it said a changed flag."""
+    jpeg_only = Degradation(jpeg=(30, 90))
+    assert Degradation(blur=(0.0, 0.0), noise=(0.0, 0.0), jpeg=(30, 90)) == jpeg_only
+    a = PatchPairs([hr_dir], 4, 8, 4, seed=1, degradation=jpeg_only)
+    b = PatchPairs([hr_dir], 4, 8, 4, seed=1, degradation=Degradation((0.0, 0.0), (0.0, 0.0),
+                                                                     (30, 90)))  # fmt: skip
+    assert all(batches_equal(a[step], b[step]) for step in (0, 5))
+    for flag, text in (("--lr-noise", "0"), ("--lr-blur", "0:0")):
+        assert degradation_range(text, flag) is None
+        args, _, _ = sr_train.parse_all(["--model", "bicubic", flag, text])
+        assert getattr(args, flag[2:].replace("-", "_")) == ""  # recorded as unset
+
+
 def test_degraded_lr_is_made_from_the_hr_patch_and_the_crops_stay(hr_dir):
     plain = PatchPairs([hr_dir], 4, 8, 5, seed=2)
     ds = PatchPairs([hr_dir], 4, 8, 5, seed=2, degradation=ALL)
