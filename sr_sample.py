@@ -667,6 +667,25 @@ def parse_args(argv) -> tuple[SampleArgs, set[str]]:
     return args, given
 
 
+def warn_degraded_consistency(args: SampleArgs, ck: dict, model, from_hr: bool) -> None:
+    """One warning line where the samples' bicubic downscale is made to match the LR (VSpSR's
+    CEM, --cem) and that LR is degraded beyond bicubic: --from-hr with --lr-blur/--lr-noise/
+    --lr-jpeg, or a model trained on such LR (its checkpoint's run flags)."""
+    projecting = model.sample_consistency(model.cfg) + (["--cem"] if args.cem else [])
+    trained = ck.get("train_args") if isinstance(ck.get("train_args"), dict) else {}
+    flags = [f"--{k.replace('_', '-')}" for k in DEGRADATION_FLAGS]
+    degraded = [f"{f} {v}" for f, k in zip(flags, DEGRADATION_FLAGS) if (v := trained.get(k))]
+    how = f"trained on LR made with {' '.join(degraded)}" if degraded else ""
+    if from_hr and degradation_of(args):
+        given = [f"{f} {getattr(args, k)}" for f, k in zip(flags, DEGRADATION_FLAGS)
+                 if getattr(args, k)]  # fmt: skip
+        how = f"LR made with {' '.join(given)}" + (f" (the model {how})" if how else "")
+    if projecting and how:
+        say_err(f"{PROG}: warning: {' and '.join(projecting)}, {how}: each sample's bicubic "
+                "downscale is made to match the LR input, which assumes LR = bicubic(HR); the "
+                "samples keep the input's blur, noise or JPEG artefacts")  # fmt: skip
+
+
 def temperature_ok(text: str) -> bool:
     try:
         return math.isfinite(float(text))
@@ -698,6 +717,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     if args.check_invertibility:
         return check_invertibility(args, given, model, ck["model"], paths, from_hr, device,
                                    summary)  # fmt: skip
+    warn_degraded_consistency(args, ck, model, from_hr)
     made_by = latent_source(ck, model, ckpt_sha256)
     if model.latent_file == ".latent.npy":  # (a flow's .npz names its model: read_latent checks)
         files = {"--latent": args.latent, "--latent-shift": args.latent_shift}

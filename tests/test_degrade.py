@@ -415,3 +415,48 @@ def test_sample_from_hr_degrades_the_lr_as_training_validation(tmp_path, capsys)
         del manifest["flags"][k]
     (plain / "manifest.json").write_text(json.dumps(manifest))
     assert sr_sample.main([*base, "--out", str(plain)]) == 0
+
+
+def test_sampling_with_a_cem_on_degraded_lr_is_one_warning(tmp_path, capsys):
+    """sr_sample.py: VSpSR's CEM on its samples (or --cem) makes each sample's downscale match
+    the LR input; where that LR is degraded (--from-hr with --lr-*, or a model trained on
+    degraded LR), one warning line says so; bicubic LR and no projection: none."""
+    import sr_sample
+
+    bicubic, vspsr = tmp_path / "bicubic", tmp_path / "vspsr"
+    assert sr_train.main(["--model", "bicubic", "--steps", "0", "--val-every", "0",
+                          "--out", str(bicubic)]) == 0  # fmt: skip
+    assert sr_train.main(["--model", "vspsr", "--scale", "4", "--data", "demo", "--steps", "0",
+                          "--workers", "0", "--val-every", "0", "--lambda-per", "0",
+                          "--lr-noise", "5", "--n-basis", "8",
+                          "--out", str(vspsr)]) == 0  # fmt: skip
+    inp = tmp_path / "in"
+    inp.mkdir()
+    write_png(inp / "cat.png", smooth(32, 32))
+    said = "LR = bicubic(HR)"
+
+    def warned(ckpt, *flags):
+        capsys.readouterr()
+        argv = [
+            "--ckpt",
+            str(ckpt / "last.pt"),
+            "--input",
+            str(inp),
+            "--n",
+            "1",
+            *flags,
+            "--out",
+            str(tmp_path / "out" / f"{ckpt.name}{len(list(tmp_path.glob('out/*')))}"),
+        ]
+        assert sr_sample.main(argv) == 0
+        return [line for line in capsys.readouterr().err.splitlines() if said in line]
+
+    (line,) = warned(bicubic, "--from-hr", "--lr-noise", "3", "--cem")
+    assert line.startswith("sr_sample.py: warning: --cem, LR made with --lr-noise 3.0: each ")
+    assert warned(bicubic, "--from-hr", "--lr-noise", "3") == []
+    assert warned(bicubic, "--from-hr", "--cem") == []
+    (line,) = warned(vspsr)
+    assert line.startswith(
+        "sr_sample.py: warning: the CEM on its samples (trained without "
+        "--no-cem-test), trained on LR made with --lr-noise 5.0: "
+    )

@@ -431,6 +431,12 @@ class SRModel(nn.Module):
         return []
 
     @classmethod
+    def sample_consistency(cls, cfg) -> list[str]:
+        """Those of `input_consistency` that act on samples (sr_sample.py warns where its LR, or
+        its checkpoint's training LR, is degraded)."""
+        return []
+
+    @classmethod
     def raw_config(cls, state_dict: dict, scale: int) -> dict:
         """The config a raw state_dict implies (a released file without srspace metadata, loaded
         by `load_raw_state_dict`), e.g. an encoder depth or a variant read off its keys."""

@@ -245,6 +245,10 @@ class VSpSR(SRModel):
         )
 
     @classmethod
+    def sample_consistency(cls, cfg: VSpSRConfig) -> list[str]:
+        return ["the CEM on its samples (trained without --no-cem-test)"] if cfg.cem_test else []
+
+    @classmethod
     def unused_flags(cls, cfg: VSpSRConfig) -> dict[str, str]:
         """The ω prior's flags without a sampled ω, the discriminator's and the perceptual loss's
         when their weight is 0."""
