@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -334,22 +335,16 @@ def recipe_help(name: str, scale: int) -> str:
     flags += [f"--grad-clip {num(r.grad_clip)}"] * (r.grad_clip > 0)
     flags += [f"--warmup {r.warmup}"] * (r.warmup > 0)
     schedule = {
-        "cosine": f"; one cosine of the rate down to {num(r.eta_min)} over the run",
-        "multistep": "" if r.milestones else "; a constant rate",
+        "cosine": f", one cosine of the rate down to {num(r.eta_min)} over the run",
+        "multistep": "" if r.milestones else ", a constant rate",
     }[r.schedule]
-    units = [  # a flag and its value(s) never split across lines: copied as they are
-        *f"{name} paper recipe at --scale {scale} (the run flags left unset take it):".split(),
-        *flags[:-1],
-        f"{flags[-1]};",
-        *f"Adam betas {num(r.betas[0])}, {num(r.betas[1])}, weight decay".split(),
-        *f"{num(r.weight_decay)}{schedule}".split(),
-    ]
-    width, lines = max(40, shutil.get_terminal_size().columns - 2), [""]  # (argparse's width)
-    for unit in units:
-        if lines[-1] and len(lines[-1]) + 1 + len(unit) > width:
-            lines.append("")
-        lines[-1] += f" {unit}" if lines[-1] else unit
-    return "\n".join(lines)
+    about = (
+        f"{name} paper recipe at --scale {scale}, which the run flags left unset take (Adam betas "
+        f"{num(r.betas[0])}, {num(r.betas[1])}, weight decay {num(r.weight_decay)}{schedule}):"
+    )
+    width = max(40, shutil.get_terminal_size().columns - 2)  # as argparse wraps its help
+    # the flags on one line of their own, never wrapped: copied and pasted as one command line
+    return f"{textwrap.fill(about, width, break_on_hyphens=False)}\n  {' '.join(flags)}"
 
 
 def parse_all(argv):

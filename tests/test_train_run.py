@@ -518,9 +518,10 @@ def test_model_help_gives_its_paper_recipe_as_flags_that_reproduce_it(capsys):
     checked = 0
     for name, model in MODELS.items():
         for scale in model.scales if model.learns else ():
-            text = " ".join(sr_train.recipe_help(name, scale).split())  # (unwrapped)
-            assert text.startswith(f"{name} paper recipe at --scale {scale} (")
-            tokens = text.split("take it): ")[1].split(";")[0].split()
+            *about, line = sr_train.recipe_help(name, scale).splitlines()
+            assert about[0].startswith(f"{name} paper recipe at --scale {scale}, which ")
+            assert line.startswith("  --batch ")  # (one line: pasted as one command line)
+            tokens = line.split()
             args, _, _ = sr_train.parse_all(["--model", name, "--scale", str(scale), *tokens])
             other = sr_train.Recipe(batch=1, patch=2, steps=3, learning_rate=0.5,
                                     milestones=(0.1,), gamma=0.9, grad_clip=7.0, warmup=9,
