@@ -713,7 +713,9 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
         checkpoint_config(resumed, ckpt_path)  # a newer srspace's: one line, not a flag error
         inherit_flags(args, given, resumed)
         if args.model and args.model != resumed["model"]:
-            raise CheckpointError(f"{ckpt_path}: is a {resumed['model']!r} run, not {args.model!r}")
+            raise CheckpointError(
+                f"{ckpt_path}: is a run of {resumed['model']!r}, not {args.model!r}"
+            )
         if resumed["model_cfg"]["scale"] != args.scale:
             raise CheckpointError(
                 f"{ckpt_path}: is a x{resumed['model_cfg']['scale']} run, not --scale {args.scale}"

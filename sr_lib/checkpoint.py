@@ -90,7 +90,7 @@ def checked(ck, path: str | os.PathLike, oldest_format: dict[str, int] | None) -
     oldest = (oldest_format or {}).get(ck["model"], 1) if is_srspace_checkpoint(ck) else 1
     if is_srspace_checkpoint(ck) and int(ck["format"]) < oldest:
         raise CheckpointError(
-            f"{path}: a {ck['model']} checkpoint of format {ck['format']}, older than format "
+            f"{path}: a checkpoint of {ck['model']} in format {ck['format']}, older than format "
             f"{oldest}: that {ck['model']} computes another function than the released code "
             "(docs/flows.md, checkpoint formats); it cannot be loaded, retrain it"
         )

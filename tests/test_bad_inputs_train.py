@@ -221,7 +221,7 @@ CASES = {  # id: (flags, exit code, words of the message)
             "--n-blocks": None,
         },
         6,
-        "is a 'edsr' run, not 'rrdb'",
+        "is a run of 'edsr', not 'rrdb'",
     ),  # fmt: skip
     "resume a newer srspace's run": (
         {"--out": "{newer}", "--resume": "auto", "--steps": "3"},

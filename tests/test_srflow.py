@@ -513,7 +513,7 @@ def test_rrdb_init_from_own_rrdb_checkpoint(tmp_path):
     other = tmp_path / "bicubic"
     assert sr_train.main(["--model", "bicubic", "--steps", "0", "--out", str(other)]) == 0
     wrong = build_model("srflow", {**TINY["srflow"], "rrdb_init": str(other / "last.pt")})
-    with pytest.raises(CheckpointError, match="a bicubic checkpoint"):
+    with pytest.raises(CheckpointError, match="a checkpoint of bicubic;"):
         wrong.on_step(0, 10)
 
 

@@ -253,7 +253,7 @@ def load_official_rrdb(model_or_net: nn.Module, path: str | os.PathLike) -> None
     if is_srspace_checkpoint(ck):
         if ck["model"] != "rrdb":
             raise CheckpointError(
-                f"{path}: a {ck['model']} checkpoint; give an rrdb run's checkpoint or an "
+                f"{path}: a checkpoint of {ck['model']}; give an rrdb run's checkpoint or an "
                 "official RRDB_*.pth"
             )
         own = ck["model_cfg"].get("global_skip", "srflow")
