@@ -451,6 +451,14 @@ def test_load_official_rrdb(tmp_path):
     torch.save(RRDBNet(4, nf=8, nb=3, gc=4).state_dict(), path)
     with pytest.raises(CheckpointError, match="an RRDBNet of --nb 3 "):
         load_official_rrdb(src, path)
+    for file, ours, what in [  # a trunk of 0 blocks (an rrdb --nb 0 run): --nb 0, not None
+        (RRDBNet(4, nf=8, nb=0, gc=4), src, "an RRDBNet of --nb 0 (this encoder: 2); "),
+        (src, RRDBNet(4, nf=8, nb=0, gc=4), "an RRDBNet of --nb 2 (this encoder: 0); "),
+    ]:
+        torch.save(file.state_dict(), path)
+        with pytest.raises(CheckpointError) as e:
+            load_official_rrdb(ours, path)
+        assert str(e.value).startswith(f"{path}: {what}give ") and "\n" not in str(e.value)
     torch.save(RRDBNet(4, nf=8, nb=2, gc=4).state_dict(), path)  # a key of its own: the strict load
     net = RRDBNet(4, nf=8, nb=2, gc=4)
     net.extra = torch.nn.Conv2d(1, 1, 1)

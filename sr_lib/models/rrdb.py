@@ -282,7 +282,7 @@ def load_official_rrdb(model_or_net: nn.Module, path: str | os.PathLike) -> None
     differ = [
         f"--{flag} {theirs} (this encoder: {ours})"
         for flag, theirs, ours in zip(("nb", "nf", "gc"), rrdb_widths(sd), rrdb_widths(net))
-        if theirs is not None and theirs != ours
+        if None not in (theirs, ours) and theirs != ours
     ]
     if differ:
         raise CheckpointError(
@@ -293,12 +293,12 @@ def load_official_rrdb(model_or_net: nn.Module, path: str | os.PathLike) -> None
 
 
 def rrdb_widths(sd_or_net: dict | RRDBNet) -> tuple[int | None, int | None, int | None]:
-    """(nb, nf, gc) of an RRDBNet or of its state_dict under our key names (None: not there)."""
+    """(nb, nf, gc) of an RRDBNet or of its state_dict under our key names (None: not there; a
+    trunk of 0 blocks, `--nb 0`, has nb 0 and no gc, which it does not use)."""
     sd = sd_or_net.state_dict() if isinstance(sd_or_net, nn.Module) else sd_or_net
-    nb = released_trunk_depth(sd)
     first, dense = sd.get("conv_first.weight"), sd.get("RRDB_trunk.0.RDB1.conv1.weight")
     return (
-        nb or None,
+        released_trunk_depth(sd) if first is not None else None,  # (no conv_first: no RRDBNet)
         first.shape[0] if first is not None else None,
         dense.shape[0] if dense is not None else None,
     )
