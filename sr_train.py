@@ -756,7 +756,8 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
     cfg = {**asdict(model_flags), "scale": args.scale}
     named = given_fields(model_cls.Config, rest, f"{PROG} --model {args.model}")
     if resumed is not None:  # a requeued job repeats its flags: allowed if they agree
-        held = resumed["model_cfg"]
+        # the run's config as it builds: a field its (older) checkpoint lacks takes its default
+        held = asdict(model_cls.Config(**resumed["model_cfg"]))
         order = [f.name for f in fields(model_cls.Config)]  # (as -h lists them)
         if changed := [k for k in order if k in named and cfg[k] != held.get(k)]:
             said = ", ".join(f"{model_flag(model_cls, k, cfg[k])} "

@@ -166,6 +166,32 @@ def test_a_resume_without_the_first_flags_goes_on_as_the_run(tmp_path, images, c
     assert e.value.code == 2 and "--n-feats 16 (was 8)" in capsys.readouterr().err
 
 
+def test_a_resume_of_a_checkpoint_without_a_newer_model_field_compares_its_default(
+    tmp_path, capsys
+):
+    """A checkpoint of an srspace before a model field (here rrdb's global_skip) builds with
+    that field's default: a resume repeating the default is no change (it was refused as
+    '--global-skip srflow (was None)'), another value is refused naming the default."""
+    out = tmp_path / "run"
+    tiny = ["--model", "rrdb", "--nb", "1", "--nf", "8", "--gc", "4", "--batch", "2", "--patch",
+            "8", "--val-every", "0", "--no-requeue", "--out", str(out)]  # fmt: skip
+    assert sr_train.main([*tiny, "--steps", "0"]) == 0
+    ck = load_checkpoint(out / "last.pt")
+    del ck["model_cfg"]["global_skip"]  # as an srspace before --global-skip wrote it
+    save_checkpoint(
+        out / "last.pt", {k: v for k, v in ck.items() if k not in ("format", "version", "torch")}
+    )
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        sr_train.main([*tiny, "--steps", "1", "--resume", "auto", "--global-skip", "esrgan"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "model flags: --global-skip esrgan (was srflow); " in err
+    assert (
+        sr_train.main([*tiny, "--steps", "1", "--resume", "auto", "--global-skip", "srflow"]) == 0
+    )
+    assert load_checkpoint(out / "last.pt")["step"] == 1
+
+
 def test_a_resume_by_path_never_overwrites_another_runs_last_pt(tmp_path, images, toy, capsys,
                                                                monkeypatch):  # fmt: skip
     """--resume CKPT without --out trains in the default folder of its model and scale
