@@ -1453,7 +1453,7 @@ def read_input(path: Path, s: int, from_hr: bool, lr_file: Path | None,
         if degradation:  # 8-bit, as in training (the noise is in 8-bit levels, JPEG is 8-bit)
             if img.dtype != np.uint8:  # (--bit-depth 16: x / 65535, rounded as round(x / 257))
                 img = np.rint(img * 255).astype(np.uint8)
-            img = validation_degradation(img, s, degradation, path.stem)
+            img = validation_degradation(img, s, degradation, path.stem, gray=planes.gray)
         else:
             img = imresize(img, 1 / s)  # uint8 stays uint8 (bit-exact with NTIRE's); float: float64
         if img.dtype != np.uint8:

@@ -1126,13 +1126,18 @@ class Degradation:
         ]
 
     def apply(
-        self, hr: np.ndarray, scale: int, rng: np.random.Generator, lr: np.ndarray | None = None
+        self,
+        hr: np.ndarray,
+        scale: int,
+        rng: np.random.Generator,
+        lr: np.ndarray | None = None,
+        gray: bool = False,
     ) -> np.ndarray:
         """One draw of the degradation of a uint8 HWC HR (height and width multiples of the
         scale; `lr`: its bicubic downscale, if known): its uint8 LR (`degrade`). The draws,
         then the noise field, come from `rng`."""
         blur, noise, quality = self.draw(rng, 1)[0]
-        return degrade(hr, scale, blur, noise, quality, rng if self.noise else None, lr)
+        return degrade(hr, scale, blur, noise, quality, rng if self.noise else None, lr, gray)
 
 
 def degrade(
@@ -1143,6 +1148,7 @@ def degrade(
     quality: int | None = None,
     rng: np.random.Generator | None = None,
     lr: np.ndarray | None = None,
+    gray: bool = False,
 ) -> np.ndarray:
     """uint8 HWC HR (sides multiples of the scale) -> uint8 LR.
 
@@ -1152,14 +1158,15 @@ def degrade(
     downscaled by imresize's taps, both linear and separable, so one (H/s, H) and one (W/s, W)
     matrix in float64. Then Gaussian noise of standard deviation `noise` levels (drawn from
     `rng`, independently per pixel and channel, where `rng` is given, even at noise 0, so that
-    the stream does not depend on the value drawn), clipped to 0..255 and rounded (half to
+    the stream does not depend on the value drawn; `gray`, an image whose channels are equal:
+    one field for all channels, so that it stays gray), clipped to 0..255 and rounded (half to
     even), then `jpeg` at `quality` (None: none)."""
     if blur > 0:
         x = _blur_downscale(hr, scale, blur)
     else:
         x = imresize(hr, 1 / scale) if lr is None else lr
     if rng is not None:
-        x = x + rng.standard_normal(x.shape) * noise  # (float64)
+        x = x + rng.standard_normal(x.shape[:2] + (1,) if gray else x.shape) * noise  # float64
     x = np.rint(np.clip(x, 0, 255)).astype(np.uint8) if x.dtype != np.uint8 else x
     return jpeg(x, quality) if quality is not None else np.ascontiguousarray(x)
 
@@ -1268,14 +1275,19 @@ def range_text(r: tuple[float, float] | tuple[int, int] | None) -> str:
 
 
 def validation_degradation(
-    hr: np.ndarray, scale: int, degradation: Degradation, stem: str, lr: np.ndarray | None = None
+    hr: np.ndarray,
+    scale: int,
+    degradation: Degradation,
+    stem: str,
+    lr: np.ndarray | None = None,
+    gray: bool = False,
 ) -> np.ndarray:
     """A validation image's degraded LR, the same at every validation and in every run with the
     same flags (independent of --seed): its draws and noise come from a generator seeded by its
-    stem."""
+    stem. `gray`: a gray image's noise is gray (sr_sample.py --from-hr writes its LR gray)."""
     digest = hashlib.sha256(stem.encode("utf-8", "surrogateescape")).digest()
     rng = np.random.default_rng([VAL_DEGRADE_SEED, int.from_bytes(digest[:8], "little")])
-    return degradation.apply(hr, scale, rng, lr)
+    return degradation.apply(hr, scale, rng, lr, gray)
 
 
 VAL_DEGRADE_SEED = 0xDE6  # a tag: validation's draws are no training step's

@@ -460,3 +460,28 @@ def test_sampling_with_a_cem_on_degraded_lr_is_one_warning(tmp_path, capsys):
         "sr_sample.py: warning: the CEM on its samples (trained without "
         "--no-cem-test), trained on LR made with --lr-noise 5.0: "
     )
+
+
+def test_sample_from_a_gray_hr_adds_gray_noise(tmp_path):
+    """A gray HR's LR stays gray under --lr-noise: one noise field for the three channels the
+    model sees, so OUT/lr/NAME.png (written gray) is the LR it was given. Noise per channel
+    made it colour (a channel spread of ~5 levels at sigma 5), and the gray file written was
+    not what the model saw."""
+    import sr_sample
+
+    ckpt = tmp_path / "bicubic"
+    assert sr_train.main(["--model", "bicubic", "--steps", "0", "--val-every", "0",
+                          "--out", str(ckpt)]) == 0  # fmt: skip
+    inp = tmp_path / "hr"
+    inp.mkdir()
+    gray = smooth(40, 48)[..., 0]
+    Image.fromarray(gray).save(inp / "g.png")  # (mode L)
+    argv = ["--ckpt", str(ckpt / "last.pt"), "--input", str(inp), "--from-hr", "--n", "1",
+            "--lr-noise", "5", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert sr_sample.main(argv) == 0
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    seen = validation_degradation(rgb, 4, Degradation(noise=(5.0, 5.0)), "g", gray=True)
+    assert (seen == seen[..., :1]).all()  # the three channels equal
+    written = np.asarray(Image.open(tmp_path / "out" / "lr" / "g.png"))
+    assert written.ndim == 2 and np.array_equal(written, seen[..., 0])
+    assert np.abs(seen[..., 0].astype(int) - imresize(gray, 1 / 4).astype(int)).std() > 2
