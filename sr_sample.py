@@ -175,19 +175,18 @@ from sr_lib.config import (
     refuse_stdio,
 )
 from sr_lib.data import (
-    DEGRADATION_FLAGS,
     check_out_dir,
     cpu_workers,
     default_mod,
+    degradation_flags,
     degradation_of,
-    degradation_range,
     demo_files,
     encode_png,
     image_size,
     list_images,
     mod_crop,
     name_max,
-    range_text,
+    normalise_degradation,
     read_planes,
     shared_stem,
     to_tensor,
@@ -654,12 +653,10 @@ def parse_args(argv) -> tuple[SampleArgs, set[str]]:
         say_err(f"{PROG}: warning: --latent-steps: no effect without --latent-shift; ignored")
     if args.from_hr and args.input == "demo":
         say_err(f"{PROG}: warning: --from-hr: no effect, --input demo is HR already; ignored")
-    for name in DEGRADATION_FLAGS:  # the text as recorded: 2 and 2.0 are one value
-        flag = f"--{name.replace('_', '-')}"
-        setattr(args, name, range_text(degradation_range(getattr(args, name), flag)))
-        if getattr(args, name) and not (args.from_hr or args.input == "demo"):
-            raise UsageError(f"{flag}: degrades the LR made from HR inputs; give --from-hr (the "
-                             "inputs are LR images already)")  # fmt: skip
+    degrading = normalise_degradation(args)  # (the text as recorded)
+    if degrading and not (args.from_hr or args.input == "demo"):
+        raise UsageError(f"{degrading[0][0]}: degrades the LR made from HR inputs; give "
+                         "--from-hr (the inputs are LR images already)")  # fmt: skip
     if args.bit_depth == 16 and args.layout == "ntire":
         say_err(f"{PROG}: warning: --bit-depth 16 --layout ntire: the challenge's measure.py reads "
                 "PNGs as 8-bit (OpenCV keeps the high byte, x >> 8: a level below round(x / 257) "
@@ -673,13 +670,11 @@ def warn_degraded_consistency(args: SampleArgs, ck: dict, model, from_hr: bool) 
     --lr-jpeg, or a model trained on such LR (its checkpoint's run flags)."""
     projecting = model.sample_consistency(model.cfg) + (["--cem"] if args.cem else [])
     trained = ck.get("train_args") if isinstance(ck.get("train_args"), dict) else {}
-    flags = [f"--{k.replace('_', '-')}" for k in DEGRADATION_FLAGS]
-    degraded = [f"{f} {v}" for f, k in zip(flags, DEGRADATION_FLAGS) if (v := trained.get(k))]
-    how = f"trained on LR made with {' '.join(degraded)}" if degraded else ""
-    if from_hr and degradation_of(args):
-        given = [f"{f} {getattr(args, k)}" for f, k in zip(flags, DEGRADATION_FLAGS)
-                 if getattr(args, k)]  # fmt: skip
-        how = f"LR made with {' '.join(given)}" + (f" (the model {how})" if how else "")
+    degraded = " ".join(f"{f} {v}" for f, v in degradation_flags(trained))
+    how = f"trained on LR made with {degraded}" if degraded else ""
+    given = " ".join(f"{f} {v}" for f, v in degradation_flags(args)) if from_hr else ""
+    if given:
+        how = f"LR made with {given}" + (f" (the model {how})" if how else "")
     if projecting and how:
         say_err(f"{PROG}: warning: {' and '.join(projecting)}, {how}: each sample's bicubic "
                 "downscale is made to match the LR input, which assumes LR = bicubic(HR); the "

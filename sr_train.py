@@ -70,13 +70,13 @@ from sr_lib.data import (
     available_cores,
     check_out_dir,
     decode_threads,
+    degradation_flags,
     degradation_of,
-    degradation_range,
     fit_name,
     list_images,
     load_pairs,
     name_max,
-    range_text,
+    normalise_degradation,
     same_files,
     to_uint8,
     train_loader,
@@ -111,7 +111,7 @@ from sr_lib.errors import (
     stdout_closed,
 )
 from sr_lib.models import MODELS, build_model, checkpoint_config, read_checkpoint
-from sr_lib.models.base import NoiseSource, Recipe, sample_seed, scale_list
+from sr_lib.models.base import NoiseSource, Recipe, option, sample_seed, scale_list
 from sr_lib.resize import cached_tensors
 from sr_lib.threads import signals_held, when_not_held
 from sr_lib.weights import as_state_dict, is_tensor_dict
@@ -138,25 +138,16 @@ class TrainArgs:
     )
     # LR made from HR beyond bicubic (Real-ESRGAN's first-order degradation, in its order), each
     # SIGMA or LO:HI drawn per patch; validation's LR: one fixed draw per image (README, "Data")
-    lr_blur: str = field(
-        default="",
-        metadata=dict(metavar="SIGMA",
-                      help="without --lr-data: Gaussian blur of the HR before the bicubic "
-                      "downscale, sigma in HR pixels: SIGMA or LO:HI, drawn per patch"),
-    )  # fmt: skip
-    lr_noise: str = field(
-        default="",
-        metadata=dict(metavar="SIGMA",
-                      help="without --lr-data: Gaussian noise on the LR, sigma in 8-bit levels "
-                      "(0-255): SIGMA or LO:HI, drawn per patch"),
-    )  # fmt: skip
-    lr_jpeg: str = field(
-        default="",
-        metadata=dict(metavar="QUALITY",
-                      help="without --lr-data: JPEG-compress the LR (Pillow, 4:2:0) at QUALITY "
-                      "(1-100) or LO:HI, drawn per patch; validation's NTIRE LR-PSNR still "
-                      "compares the SR's bicubic downscale with the HR's, not with this LR"),
-    )  # fmt: skip
+    lr_blur: str = option("", "without --lr-data: Gaussian blur of the HR before the bicubic "
+                          "downscale, sigma in HR pixels: SIGMA or LO:HI, drawn per patch",
+                          metavar="SIGMA")  # fmt: skip
+    lr_noise: str = option("", "without --lr-data: Gaussian noise on the LR, sigma in 8-bit "
+                           "levels (0-255): SIGMA or LO:HI, drawn per patch",
+                           metavar="SIGMA")  # fmt: skip
+    lr_jpeg: str = option("", "without --lr-data: JPEG-compress the LR (Pillow, 4:2:0) at "
+                          "QUALITY (1-100) or LO:HI, drawn per patch; validation's NTIRE LR-PSNR "
+                          "still compares the SR's bicubic downscale with the HR's, not with "
+                          "this LR", metavar="QUALITY")  # fmt: skip
     val_data: str = field(
         default="",
         metadata=dict(help="validation HR folder or 'demo' (default: demo when training on demo)"),
@@ -380,9 +371,7 @@ def parse_all(argv):
                             add_help=False).print_help()  # fmt: skip
         raise SystemExit(0)
     check_ranges(args)
-    for name in DEGRADATION_FLAGS:  # the text as it will be recorded: 2 and 2.0 are one value
-        flag = f"--{name.replace('_', '-')}"
-        setattr(args, name, range_text(degradation_range(getattr(args, name), flag)))
+    normalise_degradation(args)  # (the text as it will be recorded)
     refuse_stdio(args, ("data", "lr_data", "val_data", "cache", "init_from", "out", "resume"))
     return args, rest, given_fields(TrainArgs, argv, PROG)
 
@@ -741,7 +730,7 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
             f"--lr-data: {len(args.lr_data)} folders for {len(args.data)} --data folders; give "
             "one LR folder per HR folder"
         )
-    degrading = [f"--{k.replace('_', '-')}" for k in DEGRADATION_FLAGS if getattr(args, k)]
+    degrading = [flag for flag, _ in degradation_flags(args)]
     if degrading and args.lr_data and args.data != ["demo"]:  # (demo: --lr-data is ignored)
         raise UsageError(
             f"{degrading[0]}: makes the LR from the HR, but --lr-data gives the LR images; drop one"

@@ -1267,6 +1267,24 @@ def degradation_of(args) -> Degradation:
     ))  # fmt: skip
 
 
+def normalise_degradation(args) -> list[tuple[str, str]]:
+    """Check a script's parsed --lr-blur, --lr-noise, --lr-jpeg (one UsageError line for a bad
+    value) and rewrite each as the text recorded (`range_text`: 2 and 2.0 are one value, 0 is
+    unset); the (flag, text) of those set (`degradation_flags`)."""
+    for k in DEGRADATION_FLAGS:
+        setattr(
+            args, k, range_text(degradation_range(getattr(args, k), f"--{k.replace('_', '-')}"))
+        )
+    return degradation_flags(args)
+
+
+def degradation_flags(values) -> list[tuple[str, str]]:
+    """(flag, text) of each degradation set in `values`: a script's parsed args, or a dict of
+    them (a checkpoint's train_args; a field it lacks is unset)."""
+    get = values.get if isinstance(values, dict) else lambda k: getattr(values, k, "")
+    return [(f"--{k.replace('_', '-')}", get(k)) for k in DEGRADATION_FLAGS if get(k)]
+
+
 def range_text(r: tuple[float, float] | tuple[int, int] | None) -> str:
     """A degradation range as its flag's text, `degradation_range`'s inverse: "", "V", "LO:HI"."""
     if r is None:
