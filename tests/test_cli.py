@@ -632,22 +632,28 @@ def test_an_output_that_is_a_symbolic_link_keeps_its_link_and_its_target_is_writ
     assert f"error: --csv {run / 'x.csv'}: a symbolic link to {gone}" in capsys.readouterr().err
 
 
+def bicubic_sampling(tmp_path: Path, stems) -> list[str]:
+    """A bicubic x2 run trained on HR images STEM.png of `stems` (tmp_path/hr), and the
+    sr_sample.py flags that sample those images with it at N = 1 into tmp_path/s, quietly."""
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    for stem in stems:
+        iio.imwrite(hr / f"{stem}.png", blocks(2, 2, np.random.default_rng(ord(stem[0]))))
+    run = tmp_path / "run"
+    argv = ["--model", "bicubic", "--scale", "2", "--data", hr, "--steps", "0", "--val-every", "0",
+            "--out", run]  # fmt: skip
+    assert sr_train.main([str(a) for a in argv]) == 0
+    return [str(a) for a in ["--ckpt", run / "last.pt", "--input", hr, "--n", 1, "--quiet",
+                             "--out", tmp_path / "s"]]  # fmt: skip
+
+
 def test_another_srspace_version_is_said_once_per_version(tmp_path, monkeypatch, capsys):
     """A folder begun by an older srspace warned at every rerun (the manifest keeps the first
     version): an array's hundred requeued tasks, a hundred lines. The manifest records each
     version that sampled into the folder now: a new one is said at its first run only, the
     first version kept; an older manifest (no record) is read as its first version alone."""
-    hr = tmp_path / "hr"
-    hr.mkdir()
-    for k in range(2):
-        iio.imwrite(hr / f"{k}.png", blocks(2, 2, np.random.default_rng(k)))
-    run = tmp_path / "run"
-    argv = ["--model", "bicubic", "--scale", "2", "--data", hr, "--steps", "0", "--val-every", "0",
-            "--out", run]  # fmt: skip
-    assert sr_train.main([str(a) for a in argv]) == 0
+    argv = bicubic_sampling(tmp_path, "01")
     out = tmp_path / "s"
-    argv = [str(a) for a in ["--ckpt", run / "last.pt", "--input", hr, "--n", 1, "--quiet",
-                             "--out", out]]  # fmt: skip
     first = sr_sample.__version__
     said = []
     for version in (first, "99.0.0", "99.0.0", "99.1.0", "99.1.0", "99.0.0"):
@@ -675,17 +681,8 @@ def test_a_killed_run_of_every_image_leaves_the_folders_list_to_its_shards(
     skipped the images the earlier list had given to task 0, done already: 3 of 5 images
     sampled by no task. The list is recorded once the run has sampled every image now: until
     then a shard of the new list is refused, as any shard of another list."""
-    hr = tmp_path / "hr"
-    hr.mkdir()
-    for stem in "abcd":
-        iio.imwrite(hr / f"{stem}.png", blocks(2, 2, np.random.default_rng(ord(stem))))
-    run = tmp_path / "run"
-    argv = ["--model", "bicubic", "--scale", "2", "--data", hr, "--steps", "0", "--val-every", "0",
-            "--out", run]  # fmt: skip
-    assert sr_train.main([str(a) for a in argv]) == 0
-    out = tmp_path / "s"
-    base = [str(a) for a in ["--ckpt", run / "last.pt", "--input", hr, "--n", 1, "--quiet",
-                             "--out", out]]  # fmt: skip
+    base = bicubic_sampling(tmp_path, "abcd")
+    hr, out = tmp_path / "hr", tmp_path / "s"
     assert sr_sample.main([*base, "--shard", "0/2"]) == 0  # task 0 of [a, b, c, d]: a, c
     shutil.copy(hr / "a.png", hr / "0.png")  # an image added: [0, a, b, c, d]
 
