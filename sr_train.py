@@ -758,7 +758,7 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
     # by the run's config: a resume's is its checkpoint's, not the flags repeated
     warn_unused(model_cls, model_cls.Config(**cfg), named)
     consistent = model_cls.input_consistency(model_cls.Config(**cfg))
-    if degradation(args) and consistent:  # trained as asked, but against the flags' purpose
+    if degrading and consistent:  # trained as asked, but against the flags' purpose
         warnings.warn(
             f"{', '.join(degrading)} with {' and '.join(consistent)}: each SR's bicubic downscale "
             "is made to match the LR input, which assumes LR = bicubic(HR); it pulls the SR "
