@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import random
+import re
 import shutil
 import signal
 import socket
@@ -224,6 +225,11 @@ class TrainArgs:
     val_every: int = field(
         default=1000, metadata=dict(help="steps between validations (0 = none)", range="[0, inf)")
     )
+    keep_strips: int = field(
+        default=5,
+        metadata=dict(help="OUT/val/ keeps the strips of the last K validations and of best.pt's, "
+                      "deleting older ones (0 = keep all)", range="[0, inf)", metavar="K"),
+    )  # fmt: skip
     save_every: int = field(default=1000, metadata=dict(help="steps between saves of last.pt"))
     max_bad_steps: int = field(
         default=20,
@@ -437,7 +443,8 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         (resumed["step"], resumed["skipped"], resumed["best"]) if resumed else (0, 0, -math.inf)
     )
     meta = dict(model=args.model, model_cfg=cfg, train_args=asdict(args),  # in every checkpoint
-                rollbacks=resumed.get("rollbacks", 0) if resumed else 0)  # fmt: skip
+                rollbacks=resumed.get("rollbacks", 0) if resumed else 0,
+                best_step=best_pt_step(out, resumed, best) if dd.main else None)  # fmt: skip
     recipe = scaled_rates(recipe, 0.5 ** meta["rollbacks"])  # --on-nan rollback halved them
     # the step OUT/last.pt holds, as written or read by this run (None: none of its own yet)
     saved = start if resumed is not None and ckpt_path == out / "last.pt" else None
@@ -497,11 +504,11 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         say(f"best.pt: the best PSNR so far ({best:.3f}) was validated with other "
             f"{', '.join(changed)}; it is not compared with this run's, whose next validation "
             "writes best.pt")  # fmt: skip
-        best = -math.inf
+        best, meta["best_step"] = -math.inf, None
     later = dd.main and resumed and not finished  # (rank 0's `best` alone decides)
     newer = later_best(out, ckpt_path, start, args) if later else None
     if newer is not None and newer[1] > best:
-        best = newer[1]
+        best, meta["best_step"] = newer[1], newer[0]
         say(f"best.pt: holds step {newer[0]} (PSNR {best:.3f}), after {ckpt_path}'s step "
             f"{start} (the run stopped without saving it): a validation replaces it only if "
             "better")  # fmt: skip
@@ -636,9 +643,12 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
                           flush=True)  # fmt: skip
             check_run_folder(out, folder, step)  # (a validation can take minutes)
             if distributed.agree(score > best, dd, all_ranks=False):  # rank 0's verdict
-                best = score
+                best, meta["best_step"] = score, step
                 save(out / "best.pt", step, skipped, best, model, optimizers, scaler, dd, meta,
                      ema)  # fmt: skip
+            if val_pairs:  # (rank 0's) after best.pt: a new best frees the old best's strips
+                prune_strips(out, [stem for stem, _, _ in val_pairs], step, args.keep_strips,
+                             meta["best_step"])  # fmt: skip
         if (saves or unsaved) and bad == 0:  # never save inside a non-finite streak
             save(out / "last.pt", step, skipped, best, model, optimizers, scaler, dd, meta, ema)
             unsaved, saved = False, step
@@ -833,7 +843,8 @@ def warn_unused_run(args: TrainArgs, given: set[str], recipe: Recipe, model_cls)
 # The optimisation flags, which a model without parameters (bicubic) has no use for.
 NO_PARAMETERS = ("learning_rate", "d_learning_rate", "milestones", "gamma", "grad_clip", "warmup",
                  "amp", "compile", "ema")  # fmt: skip
-VAL_FLAGS = ("val_data", "val_images", "val_crop", "val_n", "val_temperature", "val_every")
+VAL_FLAGS = ("val_data", "val_images", "val_crop", "val_n", "val_temperature", "val_every",
+             "keep_strips")  # fmt: skip
 
 
 def no_validation(args: TrainArgs, steps: int) -> str | None:
@@ -991,6 +1002,20 @@ def later_best(out: Path, ckpt_path: Path, start: int, args: TrainArgs) -> tuple
     if ck.get("step", 0) <= start or validation_changes(args, ck) or "best" not in ck:
         return None
     return ck["step"], ck["best"]
+
+
+def best_pt_step(out: Path, resumed: dict | None, best: float) -> int | None:
+    """The step of the validation that made best.pt (whose strips --keep-strips keeps): the
+    resumed checkpoint's record, or where it has none (srspace 0.2.0 wrote none), best.pt's
+    own step; None without a best."""
+    if resumed is None or best == -math.inf:
+        return None
+    if "best_step" in resumed:
+        return resumed["best_step"]
+    try:
+        return read_checkpoint(out / "best.pt")["step"]
+    except (OSError, CheckpointError, KeyError):  # none, or broken: no strips to keep for it
+        return None
 
 
 def validation_source(flags: dict) -> str:
@@ -2342,12 +2367,7 @@ def validate(model, pairs, args, device, out: Path, step: int, run_log, progress
         lrpsnrs += [metrics.lr_psnr(sr, clean, args.scale) for sr in srs]
         lr_big = np.repeat(np.repeat(lr, args.scale, 0), args.scale, 1)
         strip = np.concatenate([lr_big, *srs, hr], 1)
-        # An image of a subfolder ("sub/img"): its strips in OUT/val/sub/, as its file's folder
-        # (the step's prefix on the folder made a new folder per subfolder at every validation)
-        folder, _, base = stem.rpartition("/")
-        prefix = f"step{step:07d}_"
-        name = fit_name(base, len(prefix) + len(".png"), name_max(out))  # a long stem: cut
-        path = out / "val" / folder / f"{prefix}{name}.png"
+        path = strip_path(out, stem, step)
         if run_log is None or not run_log.unwritten:  # (after one failed, the others would too)
             try:
                 write_png(path, strip)
@@ -2369,6 +2389,52 @@ def validate(model, pairs, args, device, out: Path, step: int, run_log, progress
     log(run_log, {"step": step, **val})
     progress.message(f"step {step} | " + " | ".join(f"{k} {v:.3f}" for k, v in val.items()))
     return val["val_psnr"]
+
+
+def strip_path(out: Path, stem: str, step: int) -> Path:
+    """The validation strip of image `stem` at `step`: OUT/val/step0001000_STEM.png."""
+    # An image of a subfolder ("sub/img"): its strips in OUT/val/sub/, as its file's folder
+    # (the step's prefix on the folder made a new folder per subfolder at every validation)
+    folder, _, base = stem.rpartition("/")
+    prefix = f"step{step:07d}_"
+    name = fit_name(base, len(prefix) + len(".png"), name_max(out))  # a long stem: cut
+    return out / "val" / folder / f"{prefix}{name}.png"
+
+
+STRIP = re.compile(r"step(\d{7,})_.*\.png")
+
+
+def prune_strips(out: Path, stems: list[str], step: int, keep: int, best_step: int | None):
+    """--keep-strips: delete the validation strips of this run's images (`stems`) of the
+    validations before the last `keep` up to `step` (this one counted), but best.pt's
+    (`best_step`): a long run validating often filled the disk. Only files at the very path a
+    validation writes (`strip_path`) go, never another file in OUT/val/; those of steps after
+    `step` (a run killed after its last save, now resumed) stay until the run passes them."""
+    found: dict[int, list[Path]] = {}
+    for folder in {strip_path(out, stem, 0).parent for stem in stems}:
+        try:
+            names = os.listdir(folder)
+        except OSError:  # none yet (or unreadable: the strips' own writes say so)
+            continue
+        for name in names:
+            if match := STRIP.fullmatch(name):
+                found.setdefault(int(match[1]), []).append(folder / name)
+    for s, paths in list(found.items()):  # (step00001000_x.png, a stem of other images: not ours)
+        ours = {strip_path(out, stem, s) for stem in stems}
+        found[s] = [p for p in paths if p in ours]
+    validated = sorted(s for s, paths in found.items() if paths and s <= step)
+    failed = []
+    for path in (p for s in validated[:-keep] if s != best_step for p in found[s]):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # (training goes on: the strips are a view of it)
+            failed.append(f"{path} ({e.strerror or e})")
+    if failed:
+        more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
+        say_err(f"{PROG}: warning: --keep-strips {keep}: cannot delete the old validation strip "
+                f"{failed[0]}{more}; training goes on")  # fmt: skip
 
 
 def rng_state() -> dict:

@@ -1049,3 +1049,67 @@ def test_a_temporary_folder_unfit_for_the_workers_sockets_is_one_line(
     assert e.value.code == code and err.count("\n") == 1, err
     assert says in err
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.mark.filterwarnings("ignore:--val-data.*training images too")  # (they are, here)
+def test_validation_strips_keep_the_last_validations_and_the_best(tmp_path, images, toy):
+    """OUT/val/ gained a strip per image at every validation, without end: a 1M-step run
+    validating every 1000 steps filled the disk. It keeps the strips of the last --keep-strips
+    validations and of best.pt's, across a resume too (also of a checkpoint written before
+    it recorded best.pt's step); other files in OUT/val/ stay, those of names a strip could
+    have too; --keep-strips 0 keeps them all. (--learning-rate 0: every validation scores
+    the same, so best.pt is step 1's.)"""
+    val = tmp_path / "val"
+    val.mkdir()
+    users = ["notes.txt", "step0000002_img3.png", "step00000002_img0.png", "step0000002_x.png"]
+    for name in users:  # (img3: not a validation image here; 8 digits: no step's name)
+        (val / name).write_bytes(b"mine")
+    flags = ["--model", "toy", "--val-data", str(images), "--val-every", "1", "--val-images",
+             "2", "--learning-rate", "0", "--keep-strips", "2"]  # fmt: skip
+
+    def strips():
+        names = sorted(p.name for p in val.iterdir() if p.name not in users)
+        assert names == sorted(p.name for p in val.glob("step???????_img[01].png"))
+        return sorted({int(name[4:11]) for name in names if name.endswith("img1.png")}), names
+
+    assert run(tmp_path, images, *flags, "--steps", "5") == 0
+    assert strips()[0] == [1, 4, 5]
+    assert len(strips()[1]) == 6  # (both images')
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == 1
+    assert run(tmp_path, images, *flags, "--steps", "7", "--resume", "auto") == 0
+    assert strips()[0] == [1, 6, 7]
+    ck = load_checkpoint(tmp_path / "last.pt")
+    del ck["best_step"]  # as srspace 0.2.0 wrote it: best.pt's own step is read
+    save_checkpoint(tmp_path / "last.pt", ck)
+    assert run(tmp_path, images, *flags, "--steps", "8", "--resume", "auto") == 0
+    assert strips()[0] == [1, 7, 8]
+    assert run(tmp_path, images, *flags, "--steps", "10", "--resume", "auto",
+               "--keep-strips", "0") == 0  # fmt: skip
+    assert strips()[0] == [1, 7, 8, 9, 10]
+    assert all((val / name).read_bytes() == b"mine" for name in users)
+
+
+@pytest.mark.filterwarnings("ignore:--val-data.*training images too")  # (they are, here)
+def test_an_old_strip_that_cannot_be_deleted_is_a_warning(tmp_path, images, toy, monkeypatch,
+                                                          capsys):  # fmt: skip
+    """A strip --keep-strips cannot delete (a file made read-only elsewhere): one warning line
+    naming it, training goes on (the strips are a view of the run, not its state). (Step 1's
+    is best.pt's, at --learning-rate 0: step 2's is the one to delete, at step 3.)"""
+    real = Path.unlink
+
+    def refuse(path, missing_ok=False):
+        if path.parent.name == "val":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        real(path, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    assert run(tmp_path, images, "--model", "toy", "--steps", "3", "--val-data", str(images),
+               "--val-every", "1", "--val-images", "1", "--learning-rate", "0",
+               "--keep-strips", "1") == 0  # fmt: skip
+    err = [x for x in capsys.readouterr().err.splitlines() if "--keep-strips" in x]
+    assert err == [
+        "sr_train.py: warning: --keep-strips 1: cannot delete the old validation strip "
+        f"{tmp_path / 'val' / 'step0000002_img0.png'} (Permission denied); training goes on"
+    ]
+    assert sorted(p.name for p in (tmp_path / "val").iterdir()) == [
+        "step0000001_img0.png", "step0000002_img0.png", "step0000003_img0.png"]  # fmt: skip
