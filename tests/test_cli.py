@@ -482,6 +482,23 @@ def test_an_unknown_flag_names_the_nearest_flags(tmp_path, capsys):
     assert str(e.value) == "unrecognized arguments: --bogus; see p -h"
 
 
+@pytest.mark.parametrize("script, argv, said", [
+    (sr_train, ["--re", "auto"], "--re could match --resume, --requeue; see sr_train.py -h"),
+    (sr_train, ["--model", "vspsr", "--cem"],  # (the model's flags: its own parse)
+     "--cem could match --cem-train, --cem-test; see sr_train.py --model vspsr -h"),
+    (sr_sample, ["--lr", "3"], "--lr could match --lr-blur, --lr-noise, --lr-jpeg; see "
+     "sr_sample.py -h"),
+    (sr_eval, ["--lp", "x"], "--lp could match --lpips-weights, --lpips-batch; see sr_eval.py -h"),
+])  # fmt: skip
+def test_an_ambiguous_abbreviation_is_one_line_naming_its_flags(script, argv, said, capsys):
+    """An abbreviation that starts several flags is refused as argparse does (which one was
+    meant cannot be told): one line naming them, exit 2, before any work, in each script."""
+    with pytest.raises(SystemExit) as e:
+        script.main(argv)
+    assert (e.value.code, capsys.readouterr()) == (
+        2, ("", f"{script.PROG}: error: ambiguous option: {said}\n"))  # fmt: skip
+
+
 def test_a_dash_given_to_a_list_flag_is_named_as_no_standard_input():
     """`--data -` said "argument --data: expected at least one argument" and `--data a -`
     "unrecognized arguments: -" (the merge of repeated list flags took `-` for a flag, as argparse
