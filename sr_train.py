@@ -341,7 +341,9 @@ def recipe_help(name: str, scale: int) -> str:
     )
     width = max(40, shutil.get_terminal_size().columns - 2)  # as argparse wraps its help
     # the flags on one line of their own, never wrapped: copied and pasted as one command line
-    return f"{textwrap.fill(about, width, break_on_hyphens=False)}\n  {' '.join(flags)}"
+    text = f"{textwrap.fill(about, width, break_on_hyphens=False)}\n  {' '.join(flags)}"
+    note = f"Unlike the released code: {r.note}." if r.note else ""
+    return f"{text}\n{textwrap.fill(note, width, break_on_hyphens=False)}" if note else text
 
 
 def parse_all(argv):

@@ -111,6 +111,9 @@ class Recipe:
     d_learning_rate: float = 1e-4  # the discriminator's optimizer
     d_betas: tuple[float, float] = (0.9, 0.999)
     d_weight_decay: float = 0.0
+    # Where the recipe departs from the released training configuration, in words (sr_train.py
+    # --model NAME -h prints it under the recipe's flags); "" for none.
+    note: str = ""
 
 
 class NoiseSource:
