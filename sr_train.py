@@ -648,7 +648,8 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
                 best, meta["best_step"] = score, step
                 save(out / "best.pt", step, skipped, best, model, optimizers, scaler, dd, meta,
                      ema)  # fmt: skip
-            if val_pairs:  # (rank 0's) after best.pt: a new best frees the old best's strips
+            # (rank 0, which validates) after best.pt: a new best frees the old best's strips
+            if val_pairs and args.keep_strips:
                 prune_strips(out, [stem for stem, _, _ in val_pairs], step, args.keep_strips,
                              meta["best_step"])  # fmt: skip
         if (saves or unsaved) and bad == 0:  # never save inside a non-finite streak
@@ -2403,7 +2404,7 @@ def strip_path(out: Path, stem: str, step: int) -> Path:
     return out / "val" / folder / f"{prefix}{name}.png"
 
 
-STRIP = re.compile(r"step(\d{7,})_.*\.png")
+STRIP = re.compile(r"step(\d{7,})_.*\.png", re.DOTALL)  # (a stem may hold a newline)
 
 
 def prune_strips(out: Path, stems: list[str], step: int, keep: int, best_step: int | None):

@@ -1113,3 +1113,15 @@ def test_an_old_strip_that_cannot_be_deleted_is_a_warning(tmp_path, images, toy,
     ]
     assert sorted(p.name for p in (tmp_path / "val").iterdir()) == [
         "step0000001_img0.png", "step0000002_img0.png", "step0000003_img0.png"]  # fmt: skip
+
+
+def test_strips_of_any_stem_are_kept_within_bounds(tmp_path):
+    """prune_strips on names a regular expression's `.` misses (a newline: such a stem's strips
+    were never deleted) and in a subfolder's OUT/val/sub/; best.pt's step stays."""
+    stems = ["a\nb", "sub/c"]
+    paths = [sr_train.strip_path(tmp_path, stem, s) for s in (1, 2, 3, 4) for stem in stems]
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"png")
+    sr_train.prune_strips(tmp_path, stems, 4, 2, 1)
+    assert [p.exists() for p in paths] == [True] * 2 + [False] * 2 + [True] * 4
