@@ -125,8 +125,9 @@ and decoded again, and |x - x'| reported per image (docs/flows.md#invertibility)
 the tolerance (an unreadable input skipped, as in sampling: exit 3). --out is then not needed.
 Exit codes: 0 ok, 2 bad flag or a folder of other settings, 3 unusable input (unreadable images,
 and LRs smaller than the model takes, are reported and skipped, the others written, exit 3 at the
-end), 4 out of memory, 5 a NaN sample or a flow that does not invert (--check-invertibility), 6
-checkpoint problem, 7 output cannot be written, 75 stopped by SIGTERM/SIGUSR1/SIGHUP, 130 Ctrl-C.
+end; so are an --input folder's symbolic links to missing files, which no shard lists), 4 out
+of memory, 5 a NaN sample or a flow that does not invert (--check-invertibility), 6 checkpoint
+problem, 7 output cannot be written, 75 stopped by SIGTERM/SIGUSR1/SIGHUP, 130 Ctrl-C.
 """
 
 import os
@@ -697,7 +698,8 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     """The run; `summary` gathers the fields of its closing line (--json) as they become known."""
     summary = summary or Summary(PROG)
     summary.update(out=args.out, images=None, sampled=0, skipped=0, failed=0)
-    paths = input_paths(Path(args.input))
+    dangling: list[Path] = []  # --input's links to missing files: exit 3 at the end
+    paths = input_paths(Path(args.input), dangling)
     from_hr = args.from_hr or args.input == "demo"  # the demo images are HR photographs
     device = pick_device(args.device)
     ck, ckpt_sha256 = read_checkpoint_hashed(args.ckpt)  # (one read: manifest.json's digest)
@@ -711,7 +713,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
             print_out(f"{args.ckpt}: {raw if args.raw_weights else average}")
     if args.check_invertibility:
         return check_invertibility(args, given, model, ck["model"], paths, from_hr, device,
-                                   summary)  # fmt: skip
+                                   summary, dangling)  # fmt: skip
     warn_degraded_consistency(args, ck, model, from_hr)
     made_by = latent_source(ck, model, ckpt_sha256)
     if model.latent_file == ".latent.npy":  # (a flow's .npz names its model: read_latent checks)
@@ -874,6 +876,10 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     took = time.monotonic() - t0
     summary.line(f"done: {done} images sampled, {skipped} already complete, {took:.1f} s -> "
                  f"{where}", seconds=round(took, 3))  # fmt: skip
+    if parts == 1 and "inputs" in settings and not lost:  # every image listed sampled: the list
+        for folder in folders.values():  # is the folder's now (links to nothing are not in it)
+            record_inputs(folder, settings["inputs"])
+    lost += missing_links(dangling)
     if lost:
         rest = (
             f"the others were written to {out}"
@@ -883,22 +889,21 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
             else "nothing was written"
         )
         raise DataError(f"{'; '.join(lost)}; {rest}")  # fmt: skip
-    if parts == 1 and "inputs" in settings:  # every image sampled: the list is the folder's now
-        for folder in folders.values():
-            record_inputs(folder, settings["inputs"])
     return 0
 
 
-def input_paths(path: Path) -> list[Path]:
+def input_paths(path: Path, dangling: list[Path] | None = None) -> list[Path]:
     """The image files of --input: one file, or a folder's images (not recursive) in the one
-    image order (sr_lib.data.image_order): an image's position there is its NTIRE index."""
+    image order (sr_lib.data.image_order): an image's position there is its NTIRE index. Its
+    symbolic links to missing files (named like images) are added to `dangling`: not in the
+    order, as every script lists the folder, but the run ends with exit 3 (`missing_links`)."""
     if str(path) == "demo":
         return demo_files("val")
     if path.is_file():
         return [path]
     if not path.exists():
         raise DataError(f"--input {path}: no such file or folder")
-    paths = list_images(path, recursive=False)
+    paths = list_images(path, recursive=False, dangling=dangling)
     dup = shared_stem(paths)
     if dup is not None:
         raise DataError(f"--input {path}: several files share the stem {dup!r}; rename them")
@@ -1359,6 +1364,22 @@ def skip_input(e: DataError, path: Path, failed: dict, total: int, summary: Summ
     return why
 
 
+def missing_links(dangling: list[Path]) -> list[str]:
+    """--input's symbolic links to missing files (`input_paths`), in words: [] or one phrase.
+    Left out of the images with one warning at the start (sr_lib.data.list_images), they end
+    the run with exit 3 once the others are written, as an unreadable input does: exit 0 told a
+    pipeline that every image of the folder was sampled. Every --shard says them (they are in
+    none: the folder lists them as no image)."""
+    if not dangling:
+        return []
+    first = dangling[0].name
+    with contextlib.suppress(OSError):  # (removed since it was listed: its name alone)
+        first += f" -> {os.readlink(dangling[0])}"
+    more = "".join(f", {p.name}" for p in dangling[1:3]) + (", ..." if len(dangling) > 3 else "")
+    return [f"{len(dangling)} symbolic link(s) to missing files in --input, not sampled "
+            f"({first}{more}): restore their targets and rerun, or remove the links"]  # fmt: skip
+
+
 def lost_inputs(failed: dict, total: int, model, name: str) -> list[str]:
     """The inputs `skip_input` skipped, in words: one phrase per why."""
     said = {"too small": f"too small to downscale (under {default_mod(model.scale)} px)",
@@ -1480,7 +1501,8 @@ class NotInvertible(NonFiniteError):
 
 
 def check_invertibility(args: SampleArgs, given: set[str], model, name: str, paths: list[Path],
-                        from_hr: bool, device, summary: Summary) -> int:  # fmt: skip
+                        from_hr: bool, device, summary: Summary,
+                        dangling: list[Path] = ()) -> int:  # fmt: skip
     """--check-invertibility: the samples of each input, drawn as sampling draws them (the same
     seeds, temperatures, --batch), each encoded back to its latents z' and decoded again to x'
     (`round_trip`): one line per image with the max and mean |x - x'| (pixels in [0, 1]) and
@@ -1543,7 +1565,7 @@ def check_invertibility(args: SampleArgs, given: set[str], model, name: str, pat
     samples = f"{len(worst)} images x {args.n} samples at temperature " + ", ".join(
         f"{t:g}" for t in temperatures
     )
-    lost = "; ".join(lost_inputs(failed, len(mine), model, name))
+    lost = "; ".join(lost_inputs(failed, len(mine), model, name) + missing_links(dangling))
     if bad:  # (exit 5 before the skipped inputs' 3: the checkpoint is what is checked)
         top, img, at = max(bad, key=lambda w: math.inf if math.isnan(w[0]) else w[0])
         more = f" (and {len(bad) - 1} more of {len(worst)} images)" if len(bad) > 1 else ""

@@ -931,19 +931,22 @@ class OnlyOtherFormats(DataError):
     """`list_images` of a folder whose images are all of formats not read (.gif, ...)."""
 
 
-def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+def list_images(folder: str | os.PathLike, recursive: bool = True,
+                dangling: list[Path] | None = None) -> list[Path]:  # fmt: skip
     """Image files in `folder` (by extension, any case) in `image_order`; symlinked files and
     folders are followed, hidden files and folders and folders named like images are skipped,
-    and links to missing files named like images too, with one warning; so are files of other
-    image formats (OTHER_IMAGE_EXTENSIONS: .gif, .ppm, .exr, ...), with one warning: a folder of
-    ground truths partly in them would be scored on fewer images without a word. An entry that
-    cannot be checked (EACCES, EIO; not a loop) where it could hold or be an image: DataError."""
+    and links to missing files named like images too, with one warning (and added to
+    `dangling`, where given, in that order: a caller that must not end as if every image were
+    read); so are files of other image formats (OTHER_IMAGE_EXTENSIONS: .gif, .ppm, .exr, ...),
+    with one warning: a folder of ground truths partly in them would be scored on fewer images
+    without a word. An entry that cannot be checked (EACCES, EIO; not a loop) where it could
+    hold or be an image: DataError."""
     folder = Path(folder)
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "no such folder"
         raise DataError(f"{folder}: {what}; give a folder of images")
-    dangling: list[Path] = []
-    walked = list(_walk(folder, recursive, dangling))
+    walked_links: list[Path] = []
+    walked = list(_walk(folder, recursive, walked_links))
     files = [p for p in walked if p.suffix.lower() in IMAGE_EXTENSIONS]
     exts = "/".join(e[1:] for e in IMAGE_EXTENSIONS)
     other = [p for p in walked if p.suffix.lower() in OTHER_IMAGE_EXTENSIONS]
@@ -957,15 +960,17 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
                 NodeWarning,
                 stacklevel=2,
             )
-    dangling = [p for p in dangling if p.suffix.lower() in IMAGE_EXTENSIONS]
-    if dangling:  # a moved dataset: its images would be missing from every result without a word
-        first = min(dangling, key=lambda p: image_order(p.relative_to(folder)))
+    links = sorted((p for p in walked_links if p.suffix.lower() in IMAGE_EXTENSIONS),
+                   key=lambda p: image_order(p.relative_to(folder)))  # fmt: skip
+    if links:  # a moved dataset: its images would be missing from every result without a word
         warnings.warn(
-            f"{folder}: skipped {len(dangling)} symbolic link(s) to missing files, e.g. {first} "
-            f"-> {os.readlink(first)}",
+            f"{folder}: skipped {len(links)} symbolic link(s) to missing files, e.g. {links[0]} "
+            f"-> {os.readlink(links[0])}",
             NodeWarning,
             stacklevel=2,
         )
+    if dangling is not None:
+        dangling += links
     if not files and other:
         raise OnlyOtherFormats(f"{folder}: no images found, but {other_said}: convert them to PNG")
     if not files:
