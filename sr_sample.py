@@ -40,9 +40,10 @@ upscaled (MATLAB bicubic, clipped; --alpha-channel drop: without), 8-bit, or 16-
                           unless --overwrite (not for a flag of no effect, one warning line:
                           --seed and --temperature where a control sets the latents or the model
                           is deterministic, --latent-steps without --latent-shift); another
-                          srspace version is one warning line, at its first run there
-                          (the images complete keep their samples: an upgrade between a
-                          preemption and its requeue; "versions" records each that sampled)
+                          srspace version is one warning line, before its first image
+                          sampled there (the images complete keep their samples: an upgrade
+                          between a preemption and its requeue; "versions" records each that
+                          sampled, once it has)
   ntire_index.json        --layout ntire: {"scale": s, "000000": STEM, ...} for every input
 The sample folder is --out with one --temperature, and --out/T{t} (e.g. T0.9, T1) for each of
 several: the LR-only work of the model (its encoder, conditioning) is then done once per image for
@@ -808,7 +809,8 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     if args.layout == "stem":
         check_name_lengths([p for _, p in mine], files, from_hr, out)
         check_shared_outputs(paths, files, out)
-    said_version = False
+    upgraded = {}  # folder -> the other srspace versions that sampled into it (`claim_folder`)
+    said_upgrade = False  # (one line for a sweep's folders)
     for t, folder in folders.items():
         check_out_dir(folder)
         if args.overwrite and (folder / "manifest.json").is_file():
@@ -817,12 +819,8 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
                              {p.stem for p in paths})  # fmt: skip
         was = claim_folder(folder, {**settings, "temperature": t}, args.overwrite, inputs, free,
                            parts > 1)  # fmt: skip
-        if was and not said_version:  # (one line for a sweep's folders)
-            said_version = True
-            say_err(f"{PROG}: warning: {folder} holds samples made by srspace {was}, this is "
-                    f"{__version__}: the images complete keep them, the others are sampled by "
-                    "this one (a release may change the samples of the same settings; "
-                    "--overwrite redoes every image)")  # fmt: skip
+        if was:
+            upgraded[folder] = was
         if args.layout == "ntire":
             claim_index(folder, paths, model.scale, args.overwrite)
     autocast = autocast_for(args.amp, device)
@@ -861,10 +859,16 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
             if controls is not None:  # (named in a message: a --latent of another LR size)
                 controls.image = f"{path.name}'s"
             k_img = n if latent_dir is None else latent_dir.load(model, path.stem, controls, device)
+            new = [folders[t] for t in todo if folders[t] in upgraded]
+            if new and not said_upgrade:
+                said_upgrade = True
+                say_err(upgrade_line(new[0], upgraded[new[0]]))
             with autocast:
                 sample_image(model, lr, img, path.stem, name, k_img, todo, folders, files,
                              (context, retry_context), controls, want_sigma, args, bar.say,
                              writer)  # fmt: skip
+            for folder in new:  # this version's samples are there now: said no more
+                record_version(folder, upgraded.pop(folder))
             summary.update(sampled=summary.fields["sampled"] + 1)
             h, w = img.rgb.shape[:2]
             s = model.scale
@@ -1185,9 +1189,11 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
     PNGs there that are not another tool's output (an --out that is the --input folder); `free`:
     the settings of no effect on this run's samples (`no_effect`), not compared. Returns the
     srspace versions that sampled into the folder where this one is not among them (else
-    None), then recorded (once said, a rerun says it no more): a warning, not a refusal, as an
-    upgrade between a preempted job and its requeue would otherwise leave only --overwrite, a
-    redo of every image.
+    None): a warning, not a refusal, as an upgrade between a preempted job and its requeue
+    would otherwise leave only --overwrite, a redo of every image. The run says it and records
+    this version once it samples an image there (`upgrade_line`, `record_version`), not here: a
+    run that stopped before (another folder of its sweep refused, a stop, an error) left it
+    recorded, and its rerun, which sampled, said nothing; a run of images complete adds none.
     The inputs' record (--layout stem; ntire_index.json names them with --layout ntire): a
     --shard I/N (N > 1) of another list of inputs is refused, as images added to or removed from
     the input folder while an array runs move images between its tasks (k % N), some then
@@ -1244,15 +1250,8 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
             # (a run of every image records its list once it has sampled them all:
             # `record_inputs`; killed before, a shard of its list would skip the images that
             # the earlier list gave to the array's tasks already done)
-        # "version": the folder's first; "versions": each that sampled into it (an older
-        # manifest: its first alone), so that a new one is said once, not at every rerun
-        versions = old.get("versions")
-        versions = versions if isinstance(versions, list) else [old.get("version")]
-        if settings["version"] in versions:
-            return None
-        save_text(path, json.dumps({**old, "versions": [*versions, settings["version"]]},
-                                   indent=1) + "\n")  # fmt: skip
-        return ", ".join(map(str, versions))
+        versions = folder_versions(old)
+        return None if settings["version"] in versions else versions
     if not overwrite and not real_paths(folder.glob("*.png")) <= set(inputs):
         raise UsageError(
             f"{folder} holds PNG files but no manifest.json (another tool's output?); use "
@@ -1262,17 +1261,52 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
     return None
 
 
+def folder_versions(manifest: dict) -> list:
+    """The srspace versions that sampled into a folder: its manifest's "versions", each that
+    did (`record_version`); an older manifest's "version", its first, alone (None: none
+    recorded)."""
+    versions = manifest.get("versions")
+    return versions if isinstance(versions, list) else [manifest.get("version")]
+
+
+def upgrade_line(folder: Path, versions: list) -> str:
+    """The warning line said before this run's first sample in a folder that other srspace
+    `versions` sampled into (`claim_folder`'s; None: a manifest that records none)."""
+    named = [v for v in dict.fromkeys(versions) if isinstance(v, str)]
+    was = f"srspace {', '.join(named)}" if named else ""
+    if any(not isinstance(v, str) for v in versions):  # (a manifest edited, or not this tool's)
+        was += f"{' and ' if named else ''}an srspace that did not record its version"
+    return (f"{PROG}: warning: {folder} holds samples made by {was}, this is {__version__}: the "
+            "images complete keep them, the others are sampled by this one (a release may change "
+            "the samples of the same settings; --overwrite redoes every image)")  # fmt: skip
+
+
+def record_version(folder: Path, versions: list) -> None:
+    """This srspace version added to FOLDER/manifest.json's "versions" (`folder_versions`;
+    read again: another shard may have added its own), once it has sampled an image there:
+    said once (`upgrade_line`), not at every rerun. "version" stays the folder's first."""
+    amend_manifest(folder, lambda old: {
+        "versions": [*dict.fromkeys([*folder_versions(old), __version__])]})  # fmt: skip
+
+
 def record_inputs(folder: Path, inputs: dict) -> None:
     """FOLDER/manifest.json's record of the inputs (`claim_folder`) made this run's, where it is
     another list: a run of every image (--shard 0/1, --layout stem) once it has sampled them
     all. A manifest that cannot be read keeps its record (its shards are then refused)."""
+    amend_manifest(folder, lambda old: {"inputs": inputs})
+
+
+def amend_manifest(folder: Path, change) -> None:
+    """FOLDER/manifest.json with the fields `change(manifest)` gives, where they are other
+    values (the file read now; one that cannot be read is left as it is)."""
     path = folder / "manifest.json"
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         return
-    if old.get("inputs") != inputs:
-        save_text(path, json.dumps({**old, "inputs": inputs}, indent=1) + "\n")
+    new = change(old)
+    if any(old.get(k) != v for k, v in new.items()):
+        save_text(path, json.dumps({**old, **new}, indent=1) + "\n")
 
 
 def claim_index(folder: Path, paths: list[Path], scale: int, overwrite: bool) -> None:

@@ -667,25 +667,33 @@ def bicubic_sampling(tmp_path: Path, stems) -> list[str]:
 def test_another_srspace_version_is_said_once_per_version(tmp_path, monkeypatch, capsys):
     """A folder begun by an older srspace warned at every rerun (the manifest keeps the first
     version): an array's hundred requeued tasks, a hundred lines. The manifest records each
-    version that sampled into the folder now: a new one is said at its first run only, the
-    first version kept; an older manifest (no record) is read as its first version alone."""
+    version that sampled into the folder now: a new one is said at its first run that samples
+    there only (a run of images complete samples none: no line, nothing recorded), the first
+    version kept; an older manifest (no record) is read as its first version alone."""
     argv = bicubic_sampling(tmp_path, "01")
     out = tmp_path / "s"
     first = sr_sample.__version__
     said = []
     for version in (first, "99.0.0", "99.0.0", "99.1.0", "99.1.0", "99.0.0"):
         monkeypatch.setattr(sr_sample, "__version__", version)
+        (out / f"{len(said) % 2}.png").unlink(missing_ok=True)  # the shard's image sampled again
         assert sr_sample.main([*argv, "--shard", f"{len(said) % 2}/2"]) == 0
         said.append(capsys.readouterr().err.count("holds samples made by srspace"))
     assert said == [0, 1, 0, 1, 0, 0]
     manifest = json.loads((out / "manifest.json").read_text())
     assert (manifest["version"], manifest["versions"]) == (first, [first, "99.0.0", "99.1.0"])
+    monkeypatch.setattr(sr_sample, "__version__", "99.3.0")  # every image complete: no sample
+    assert sr_sample.main(argv) == 0
+    assert "holds samples" not in capsys.readouterr().err
+    assert json.loads((out / "manifest.json").read_text()) == manifest
     del manifest["versions"]  # an older srspace's manifest
     (out / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.setattr(sr_sample, "__version__", first)
+    (out / "0.png").unlink()
     assert sr_sample.main(argv) == 0
     assert "holds samples made by srspace" not in capsys.readouterr().err
     monkeypatch.setattr(sr_sample, "__version__", "99.2.0")
+    (out / "0.png").unlink()
     assert sr_sample.main(argv) == 0
     assert f"made by srspace {first}, this is 99.2.0" in capsys.readouterr().err
 

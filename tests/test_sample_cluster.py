@@ -309,6 +309,47 @@ def test_another_srspace_version_is_a_warning_not_a_refusal(tmp_path, flow_ckpt,
     assert "--seed 0, not 7" in capsys.readouterr().err
 
 
+def test_a_new_srspace_version_is_recorded_once_it_has_sampled_into_the_folder(
+    tmp_path, flow_ckpt, monkeypatch, capsys
+):
+    """A new srspace version was recorded in manifest.json when the run claimed the folder: a
+    run stopped before any sample (here a sweep whose other folder refused it) left it recorded,
+    and its rerun, which sampled, no longer warned of the upgrade. Now the line is said before
+    the first image sampled there, and the version recorded after it. A manifest that records no
+    version said "made by srspace None"."""
+    inp = images(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    base = ["--ckpt", flow_ckpt, "--input", inp, "--n", 1, "--quiet"]
+    assert run(*base, "--temperature", 0.5, "--shard", "0/2", "--out", out / "T0.5") == 0
+    assert run(*base, "--temperature", 0.9, "--seed", 3, "--out", out / "T0.9") == 0
+    manifest = out / "T0.5" / "manifest.json"
+    monkeypatch.setattr(sr_sample, "__version__", "99.0.0")
+    capsys.readouterr()
+    assert run(*base, "--temperature", 0.5, 0.9, "--out", out) == 2  # T0.9 was --seed 3
+    err = capsys.readouterr().err
+    assert "--seed 3, not 0" in err and "holds samples made by" not in err
+    assert json.loads(manifest.read_text())["versions"] == [sr_lib.__version__]
+    assert run(*base, "--temperature", 0.5, "--out", out / "T0.5") == 0  # samples im 01
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"sr_sample.py: warning: {out / 'T0.5'} holds samples made by srspace "
+        f"{sr_lib.__version__}, this is 99.0.0: the images complete keep them, the others are "
+        "sampled by this one (a release may change the samples of the same settings; "
+        "--overwrite redoes every image)"
+    ]
+    record = json.loads(manifest.read_text())
+    assert (record["version"], record["versions"]) == (sr_lib.__version__,
+                                                      [sr_lib.__version__, "99.0.0"])  # fmt: skip
+    del record["version"], record["versions"]  # a manifest that records no version
+    manifest.write_text(json.dumps(record))
+    (out / "T0.5" / "im 01_sample00000.png").unlink()
+    monkeypatch.setattr(sr_sample, "__version__", "99.1.0")
+    assert run(*base, "--temperature", 0.5, "--out", out / "T0.5") == 0
+    assert (f"{out / 'T0.5'} holds samples made by an srspace that did not record its version, "
+            "this is 99.1.0: ") in capsys.readouterr().err  # fmt: skip
+    assert json.loads(manifest.read_text())["versions"] == [None, "99.1.0"]
+
+
 def test_a_shard_of_another_list_of_inputs_is_refused_with_layout_stem(tmp_path, flow_ckpt,
                                                                        capsys):  # fmt: skip
     """--layout stem recorded no inputs: an image added to the input folder between two tasks
