@@ -792,11 +792,12 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
         latent_dir.warn_gaps(files.numbers)  # (a folder it decodes)
     elif controls is not None and hasattr(model, "check_controls_fit"):
         # A flow's --latent or --latent-shift file fits one LR size: every input's (of every
-        # shard, as a folder's), from its header, before any sample is written; else found at
-        # the first input of another size, the samples of those before it written
+        # shard, as a folder's), from its header (one that cannot tell: its pixels), before any
+        # sample is written; else found at the first input of another size, the samples of
+        # those before it written
         for path in paths:
-            size = lr_size(path, model.scale, from_hr)
-            if size and all(size):  # (a header that cannot tell: when decoded)
+            size = lr_size(path, model.scale, from_hr, decode=True)
+            if size and all(size):  # (an unreadable input: skipped at its turn)
                 model.check_controls_fit(controls, size, f"{path.name}'s")
     settings = run_settings(args, ck, ckpt_sha256, model, n, context, from_hr, paths, controls)
     free = no_effect(args, model, setter)  # recorded as given, not compared
@@ -1094,10 +1095,16 @@ def one_tile(args: SampleArgs, model, paths: list[Path], from_hr: bool) -> bool:
     return True
 
 
-def lr_size(path: Path, s: int, from_hr: bool) -> tuple[int, int] | None:
+def lr_size(path: Path, s: int, from_hr: bool, decode: bool = False) -> tuple[int, int] | None:
     """The (h, w) of the LR that `read_input` makes of an input, from the file's header alone
-    (None where the header cannot tell)."""
+    (None where the header cannot tell), or with `decode`, there from its pixels (None where
+    they cannot be read either: the input is skipped as unreadable at its turn). `decode`: a
+    flow's saved latents fit one LR size, which must be known before any sample is written
+    (read whole once more when sampled: only where the header cannot tell)."""
     size = image_size(path)
+    if size is None and decode:
+        with contextlib.suppress(DataError):
+            size = held(read_planes)(path).rgb.shape[:2]
     if size is None or not from_hr:
         return size
     m = default_mod(s)  # read_input's LR: the HR cropped to a multiple of m, then downscaled
@@ -1834,14 +1841,15 @@ class LatentDir:
         reads them (the sha256 of their contents kept for `load`): one sample each, of one shape
         per input, the flows' made_by checked (another model refused); returns the fingerprints
         in that order and says each other checkpoint's files in one warning line. A flow's
-        fields must fit their input's LR, its size and theirs read from the headers (of every
-        input, as the fingerprints: every shard refuses the folder, before any sample is
-        written, not the one shard that decodes the file once the others are done)."""
+        fields must fit their input's LR, its size and theirs read from the headers (an image's
+        pixels where its header cannot tell; of every input, as the fingerprints: every shard
+        refuses the folder, before any sample is written, not the one shard that decodes the
+        file once the others are done)."""
         digests, warned, count = [], {}, 0
         self.own = own  # (for `load`, of a file not read here)
         fits = getattr(model, "check_latent_size", None)  # (a flow's: fields of one LR size)
         for path in paths:
-            shapes, size = None, lr_size(path, model.scale, from_hr) if fits else None
+            shapes, size = None, lr_size(path, model.scale, from_hr, True) if fits else None
             for file in self.files[path.stem].values():  # (by sample number)
                 digest = None
                 if path in mine:
@@ -1855,7 +1863,7 @@ class LatentDir:
                 # (after the read: a file changed since is refused by `load`, which reads again)
                 fingerprint, fields = held(latent_fingerprint)(file, digest)
                 digests.append(fingerprint)
-                if size and all(size) and fields:  # (a header that cannot tell: when decoded)
+                if size and all(size) and fields:  # (unreadable: skipped at its turn)
                     fits(f"--latent {file}", fields, size, f"{path.name}'s", self.hint(path.stem))
         for line, k in warned.items():
             say_err(f"{PROG}: warning: --latent {self.folder}: {k} of {count} files {line}")

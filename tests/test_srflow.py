@@ -1075,6 +1075,34 @@ def test_a_flow_latent_fits_one_lr_size(tmp_path, flow_ckpts, capsys):
         assert (pngs(tmp_path / "d", 1, stem)[0] == pngs(tmp_path / "all", 1, stem)[0]).all()
 
 
+def test_a_flow_latent_is_checked_against_an_input_whose_header_cannot_tell_its_size(
+    tmp_path, flow_ckpts, capsys, monkeypatch
+):
+    """An input whose size its header could not tell (sr_lib.data.image_size: None) was checked
+    against a --latent FILE, or its own file of a --latent DIR, only when decoded: the run stopped
+    there (exit 2) with the samples of the inputs before it written. Now its pixels tell its size
+    before any sample: one line naming the file, nothing written."""
+    inp = tmp_path / "in"
+    lr_image(inp / "a.png", 8, 8)
+    lr_image(inp / "b.png", 8, 10, seed=1)
+    base = ["--ckpt", flow_ckpts["srflow"], "--input", inp]
+    assert run(*base, "--save-latent", "--out", tmp_path / "all") == 0
+    z = tmp_path / "all" / "a_sample00000.latent.npz"
+    (tmp_path / "dir").mkdir()  # b's file of a's LR size
+    for stem in "ab":
+        (tmp_path / "dir" / f"{stem}_sample00000.latent.npz").write_bytes(z.read_bytes())
+    size = sr_sample.image_size
+    monkeypatch.setattr(sr_sample, "image_size", lambda p: None if p.name == "b.png" else size(p))
+    for latent, file in ((z, z), (tmp_path / "dir", tmp_path / "dir" / "b_sample00000.latent.npz")):
+        capsys.readouterr()
+        assert run(*base, "--latent", latent, "--out", tmp_path / "o") == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(err) == 1, err
+        assert err[0].startswith(f"sr_sample.py: error: --latent {file}: fields z0 (6, 16, 16)")
+        assert "not of b.png's LR of 10x8 px" in err[0]
+        assert not (tmp_path / "o").exists() or list((tmp_path / "o").glob("*.png")) == []
+
+
 def test_flow_latent_flags_the_model_lacks_and_overrides(tmp_path, flow_ckpts, capsys):
     """--ref stays refvae's (one line, exit 2); --latent sets the number of outputs and the
     latents, so --n, --temperature and --seed typed with it are a warning and change nothing;
