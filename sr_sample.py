@@ -120,7 +120,7 @@ line, exit 4, names what lowers the memory for this run: out_of_memory_line). A 
 change --tile and --tile-overlap while the tiles stay exact (at least the default context, or a
 --tile that holds every input whole); a folder of inexact tiles is refused to other ones
 (manifest.json's tile_context). Without --tile, --tile-overlap is unused (a warning): an
-out-of-memory retry's tiles take the exact context, as when --tile holds every input whole.
+out-of-memory retry's tiles take the exact context, as for an image --tile holds whole.
 --check-invertibility (flows): instead of writing samples, each is encoded back to its latents
 and decoded again, and |x - x'| reported per image (docs/flows.md#invertibility); exit 5 above
 the tolerance (an unreadable input skipped, as in sampling: exit 3). --out is then not needed.
@@ -141,6 +141,7 @@ if os.name != "posix":  # before the imports that need POSIX (fcntl, SIGUSR1): o
 import collections
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -801,15 +802,19 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
                 model.check_controls_fit(controls, size, f"{path.name}'s")
     settings = run_settings(args, ck, ckpt_sha256, model, n, context, from_hr, paths, controls)
     free = no_effect(args, model, setter)  # recorded as given, not compared
-    # An out-of-memory retry cuts the image into tiles; where the folder's samples are recorded
-    # exact (untiled, or a --tile that holds every image whole), with the exact context.
-    exact = not settings["tile_context"]
-    retry_context = max(context, exact_context(model)) if exact else context
+    # An out-of-memory retry cuts the image into tiles; with the exact context where the samples
+    # are exact otherwise: untiled, exact tiles, or an image that --tile holds whole (`whole`)
+    exact_retry = max(context, exact_context(model))
+    retry_context = exact_retry if not settings["tile_context"] else context
+    whole = grid(model, args.tile, 0)[0]  # (LR px; 0: no --tile)
     inputs = real_paths(paths)
     check_inputs_kept(mine, files, args.layout, folders, out, from_hr, inputs)
     if args.layout == "stem":
         check_name_lengths([p for _, p in mine], files, from_hr, out)
         check_shared_outputs(paths, files, out)
+    # whether a --tile holds every input (of every shard) whole: read only where a rerun's tiles
+    # differ from the folder's (`claim_folder`), once per tile size
+    holds_whole = functools.cache(lambda tile: one_tile(tile, model, paths, from_hr))
     upgraded = {}  # folder -> the other srspace versions that sampled into it (`claim_folder`)
     said_upgrade = False  # (one line for a sweep's folders)
     for t, folder in folders.items():
@@ -819,7 +824,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
                                       for k, p in mine], inputs, args.layout,
                              {p.stem for p in paths})  # fmt: skip
         was = claim_folder(folder, {**settings, "temperature": t}, args.overwrite, inputs, free,
-                           parts > 1)  # fmt: skip
+                           parts > 1, holds_whole)  # fmt: skip
         if was:
             upgraded[folder] = was
         if args.layout == "ntire":
@@ -864,14 +869,15 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
             if new and not said_upgrade:
                 said_upgrade = True
                 say_err(upgrade_line(new[0], upgraded[new[0]]))
+            h, w = img.rgb.shape[:2]
+            one = whole and max(h, w) <= whole  # --tile holds it whole: its retry stays exact
             with autocast:
                 sample_image(model, lr, img, path.stem, name, k_img, todo, folders, files,
-                             (context, retry_context), controls, want_sigma, args, bar.say,
-                             writer)  # fmt: skip
+                             (context, exact_retry if one else retry_context), controls,
+                             want_sigma, args, bar.say, writer)  # fmt: skip
             for folder in new:  # this version's samples are there now: said no more
                 record_version(folder, upgraded.pop(folder))
             summary.update(sampled=summary.fields["sampled"] + 1)
-            h, w = img.rgb.shape[:2]
             s = model.scale
             temps = f" at {len(todo)} temperatures" if len(todo) > 1 else ""
             bar.step(f"{path.name} {w}x{h} -> {k_img} x {w * s}x{h * s}{temps} in "
@@ -1050,16 +1056,17 @@ def run_settings(args, ck, ckpt_sha256, model, n, context, from_hr, paths, contr
     """What manifest.json records: every flag as given, and what they made of the run (the
     checkpoint's sha256: ckpt_sha256).
     tile_context: 0 untiled or with exact tiles (at least the model's tile_halo of context:
-    docs/design.md, "Tiled sampling"; or a --tile that holds every input whole), else
-    [tile, context] (LR px), which change the samples. control_sha256 (only where a control
-    flag reads files): {flag: sha256 of its files' sha256s, in the order used}, as the
+    docs/design.md, "Tiled sampling"), else [tile, context] (LR px), which change the samples
+    of an image larger than the tile. (Which images are: `claim_folder` reads their sizes only
+    where a rerun's tiles differ from the folder's; every --shard read every input's header
+    here, 20,000 files in each of 100 shards.) control_sha256 (only where a control flag reads
+    files): {flag: sha256 of its files' sha256s, in the order used}, as the
     checkpoint's: a --ref folder or --latent file of other contents under the same name makes
     other samples, and a rerun must not mix them with the old ones. inputs (--layout stem): the
     count and the sha256 of the JSON list of the input names of every shard, in the image order,
     which decides the images of each --shard (`claim_folder`)."""
     halo = model.tile_halo
     exact = not args.tile or (halo is not None and context >= exact_context(model))
-    exact = exact or one_tile(args, model, paths, from_hr)
     settings = {
         "checkpoint_sha256": ckpt_sha256, "model": ck["model"],
         "config": ck["model_cfg"], "scale": model.scale, "n": n, "from_hr": from_hr,
@@ -1083,11 +1090,11 @@ def joint_sha256(digests: list[str]) -> str:
     return hashlib.sha256(" ".join(digests).encode()).hexdigest()
 
 
-def one_tile(args: SampleArgs, model, paths: list[Path], from_hr: bool) -> bool:
-    """Whether --tile holds the LR of every input (of every shard) whole, its size read from the
-    file's header (not where a header cannot tell): then no image is cut, and the samples are
-    the untiled ones whatever --tile-overlap."""
-    tile = grid(model, args.tile, 0)[0]
+def one_tile(tile: int, model, paths: list[Path], from_hr: bool) -> bool:
+    """Whether a --tile of `tile` LR px (as recorded, a multiple of lr_multiple) holds the LR of
+    every input (of every shard) whole, its size read from the file's header (not where a
+    header cannot tell): then no image is cut, and the samples are the untiled ones whatever
+    --tile-overlap (`claim_folder`)."""
     for path in paths:
         size = lr_size(path, model.scale, from_hr)
         if size is None or max(size) > tile:
@@ -1190,11 +1197,15 @@ def tiles(context) -> str:
 
 
 def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
-                 free=frozenset(), sharded: bool = False) -> str | None:  # fmt: skip
+                 free=frozenset(), sharded: bool = False,
+                 holds_whole=lambda tile: False) -> list | None:  # fmt: skip
     """Write FOLDER/manifest.json, or check a rerun against it: files made with other settings
     are never mixed into one folder (unless --overwrite). `inputs`: the resolved input paths,
     PNGs there that are not another tool's output (an --out that is the --input folder); `free`:
-    the settings of no effect on this run's samples (`no_effect`), not compared. Returns the
+    the settings of no effect on this run's samples (`no_effect`), not compared; tiles of a
+    `holds_whole` size (every input's LR within it: `one_tile`) cut no image, as exact as none,
+    whatever their context (asked only where the tile_context of the folder and of the run
+    differ). Returns the
     srspace versions that sampled into the folder where this one is not among them (else
     None): a warning, not a refusal, as an upgrade between a preempted job and its requeue
     would otherwise leave only --overwrite, a redo of every image. The run says it and records
@@ -1216,6 +1227,13 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
                 f"{path}: not a readable manifest; pass --overwrite to start over"
             ) from None
         diff = differences(old, settings, free)
+
+        def cut(tiles):  # a tile_context, 0 where its tiles cut no input
+            return 0 if isinstance(tiles, list) and tiles and holds_whole(tiles[0]) else tiles
+
+        diff = [(k, cut(was), cut(now)) if k == "tile_context" else (k, was, now)
+                for k, was, now in diff]  # fmt: skip
+        diff = [d for d in diff if d[0] != "tile_context" or d[1] != d[2]]
         if any(d[0] == "control_sha256" for d in diff):  # n of --latent DIR follows its files:
             diff = [d for d in diff if d[0] != "n"]  # their contents are what changed
         diff.sort(key=lambda d: d[0] == "control_sha256")  # another file named: say that first

@@ -534,7 +534,8 @@ def test_a_tile_larger_than_the_image_is_exact_whatever_its_overlap(tmp_path, mo
     """--tile at least the image's size samples it whole: exact, whatever --tile-overlap. The
     manifest recorded such a run as inexact tiles (as --tile 64 --tile-overlap 1 on a larger
     image), and refused it in a folder of untiled samples, and the reverse. An out-of-memory
-    retry in smaller tiles then takes the model's exact context, so the folder stays exact."""
+    retry in smaller tiles then takes the model's exact context, so the folder stays exact. (The
+    manifest records the flags' tiles; the inputs' sizes are read where a rerun's differ.)"""
     ckpt = edsr_ckpt(tmp_path / "edsr.pt")  # a context of 6 LR px makes its tiles exact
     inp = folder(tmp_path / "in", a=image((20, 60), 5))
     argv = ["--ckpt", ckpt, "--input", inp, "--n", 1]
@@ -542,7 +543,7 @@ def test_a_tile_larger_than_the_image_is_exact_whatever_its_overlap(tmp_path, mo
     assert run(*argv, "--out", tmp_path / "full") == 0
     assert run(*tiled, "--out", tmp_path / "one") == 0
     manifest = json.loads((tmp_path / "one" / "manifest.json").read_text())
-    assert manifest["tile_context"] == 0
+    assert manifest["tile_context"] == [64, 1]
     assert same(tmp_path / "full" / "a.png", tmp_path / "one" / "a.png")
     assert run(*tiled, "--out", tmp_path / "full") == 0  # the same samples: the same folder
     assert run(*argv, "--out", tmp_path / "one") == 0
@@ -550,6 +551,27 @@ def test_a_tile_larger_than_the_image_is_exact_whatever_its_overlap(tmp_path, mo
     assert run(*tiled, "--out", tmp_path / "oom") == 0
     full, oom = (read(tmp_path / d / "a.png") / 255 for d in ("full", "oom"))
     assert np.abs(full - oom).mean() <= 1e-4  # 1 px of context: a seam at x = 32
+
+
+def test_a_shard_of_inexact_tiles_reads_no_inputs_header(tmp_path, monkeypatch):
+    """--tile with a context below the exact one read the header of every input of every shard
+    (whether the tile held them all whole, for manifest.json), 20,000 files in each of 100
+    array tasks, and an input of another shard whose header is corrupt made its record inexact.
+    Now the manifest records the flags' tiles, and a shard reads no header at start."""
+    ckpt = edsr_ckpt(tmp_path / "edsr.pt")  # a context of 6 LR px makes its tiles exact
+    inp = folder(tmp_path / "in", **{stem: image((20, 60), k) for k, stem in enumerate("abcd")})
+    (inp / "e.png").write_bytes(b"not a png")  # of shard 0/2 (a, c, e)
+    read = []
+    size = sr_sample.image_size
+    monkeypatch.setattr(sr_sample, "image_size", lambda p: read.append(p.name) or size(p))
+    argv = ["--ckpt", ckpt, "--input", inp, "--n", 1, "--shard", "1/2"]
+    assert run(*argv, "--tile", 64, "--tile-overlap", 1, "--out", tmp_path / "tiled") == 0
+    assert read == []
+    manifest = json.loads((tmp_path / "tiled" / "manifest.json").read_text())
+    assert manifest["tile_context"] == [64, 1]
+    assert run(*argv, "--out", tmp_path / "full") == 0
+    assert pngs(tmp_path / "tiled") == pngs(tmp_path / "full") == ["b.png", "d.png"]
+    assert all(same(tmp_path / "full" / f, tmp_path / "tiled" / f) for f in ("b.png", "d.png"))
 
 
 def test_tile_overlap_without_tile_is_unused_with_one_warning(tmp_path, monkeypatch, capsys):
