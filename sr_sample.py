@@ -26,7 +26,7 @@ upscaled (MATLAB bicubic, clipped; --alpha-channel drop: without), 8-bit, or 16-
                           `--latent FILE` decodes it to the same sample again, `--latent DIR`
                           every such file of a folder (what saved them: its manifest.json,
                           another model or scale refused, another checkpoint a warning; that
-                          of a FILE's folder too, while the file is there)
+                          of a FILE's folder too, while the file is there; none: a warning)
   NAME_sample{i:05d}.latent.npz
                           --save-latent, flows (srflow, srflow_da, ncsr): sample i's float32
                           latent fields z0, z1, ... (C, h, w), temperature applied, at the LR's
@@ -718,12 +718,15 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
                                    summary, dangling)  # fmt: skip
     warn_degraded_consistency(args, ck, model, from_hr)
     made_by = latent_source(ck, model, ckpt_sha256)
+    unrecorded = []  # check_npy_saver's warnings, said once the files have been read
     if model.latent_file == ".latent.npy":  # (a flow's .npz names its model: read_latent checks)
         files = {"--latent": args.latent, "--latent-shift": args.latent_shift}
         for flag, file in [(f, v) for f, v in files.items() if v and not Path(v).is_dir()]:
             if flag[2:].replace("-", "_") in model.sample_controls:  # (else: resolve_controls')
-                check_npy_saver(flag, Path(file), made_by)
+                check_npy_saver(flag, Path(file), made_by, unrecorded)
     controls = resolve_controls(args, model, made_by, device)
+    for line in unrecorded:
+        say_err(line)
     n = controls.n if controls else args.n  # a control may fix it (one output per ref/step)
     setter = controls_setter(args, controls)
     temperatures = args.temperature or [model.default_temperature]
@@ -1724,6 +1727,7 @@ class LatentDir:
     digests: dict = field(default_factory=dict)  # path -> sha256 of its contents, as first read
     own: dict | None = None  # the run's latent_source (`check`'s)
     saved: dict = field(default_factory=dict)  # its manifest.json ({}: none readable)
+    unrecorded: list = field(default_factory=list)  # `check_npy_saver`'s lines, said by `check`
 
     @classmethod
     def scan(cls, folder: Path, ending: str) -> "LatentDir":
@@ -1763,7 +1767,7 @@ class LatentDir:
         it in each file, checked per file), against `own` (the run's latent_source): its
         manifest.json (`check_npy_saver`)."""
         if self.ending == ".latent.npy":
-            self.saved = check_npy_saver("--latent", self.folder, own)
+            self.saved = check_npy_saver("--latent", self.folder, own, self.unrecorded)
 
     def plan(self, paths: list[Path], layout: str) -> tuple[int, dict | None, list[Path]]:
         """(n, the sample numbers of each input stem, the inputs without files) for `paths`:
@@ -1883,6 +1887,8 @@ class LatentDir:
                 digests.append(fingerprint)
                 if size and all(size) and fields:  # (unreadable: skipped at its turn)
                     fits(f"--latent {file}", fields, size, f"{path.name}'s", self.hint(path.stem))
+        for line in self.unrecorded:  # (once no file is refused: they are latents)
+            say_err(line)
         for line, k in warned.items():
             say_err(f"{PROG}: warning: --latent {self.folder}: {k} of {count} files {line}")
         if not fits:  # (a flow's fields fit one LR size: checked above)
@@ -1983,13 +1989,17 @@ class LatentDir:
         )
 
 
-def check_npy_saver(flag: str, path: Path, own: dict) -> dict:
+def check_npy_saver(flag: str, path: Path, own: dict, unrecorded: list) -> dict:
     """What saved a RefVAE/VarSR .npy latent (a bare array, naming nothing), for `path` a
     --save-latent folder or one file of it (named as --save-latent names them), against `own`
     (the run's latent_source): the folder's manifest.json, written by the --save-latent run.
     Another model or scale is refused (its latents decode to other images here), another
     checkpoint of the model is one warning line; without a readable manifest.json (latents
-    copied alone, a direction made by np.save) nothing is checked. Returns the manifest ({})."""
+    copied alone) nothing can be checked: one warning line says so, as a latent of another model
+    of the same D decodes to other images without an error (one of another D is refused by its
+    shape: `load_latent`), added to `unrecorded` for the caller to say once the files are read
+    (not before a line that refuses them). A file not named so (a direction made by np.save) is
+    not looked at. Returns the manifest ({})."""
     whole = path.is_dir()
     name = None if whole else LATENT_NAME.fullmatch(path.name)
     if not whole and (name is None or name[3] != ".latent.npy" or not path.is_file()):
@@ -1999,6 +2009,16 @@ def check_npy_saver(flag: str, path: Path, own: dict) -> dict:
         saved = json.loads((folder / "manifest.json").read_text())
         model, scale = saved["model"], saved["scale"]
     except (OSError, ValueError, KeyError, TypeError):
+        said = (("there", "its latents", "latents of the same size decode to other images",
+                 "their --save-latent folder there", "them") if whole else  # fmt: skip
+                ("in its folder", "it", "latent of the same size decodes to another image",
+                 "its --save-latent folder beside it", "it"))  # fmt: skip
+        unrecorded.append(
+            f"{PROG}: warning: {flag} {path}: no manifest.json {said[0]} names the model "
+            f"that saved {said[1]} (a .npy holds the array alone): decoded as this "
+            f"x{own['scale']} {own['model']}'s; another model's {said[2]} without an error "
+            f"(copy the manifest.json of {said[3]} to have {said[4]} checked)"
+        )
         return {}
     where = "its manifest.json" if whole else "the manifest.json of its folder"
     if (model, scale) != (own["model"], own["scale"]):

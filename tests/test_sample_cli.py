@@ -854,7 +854,9 @@ def test_a_saved_npy_latent_of_another_model_is_refused_by_its_folders_manifest(
     same D wrote other images than the saved sample, exit 0 (a --latent DIR was refused by its
     manifest.json). Now the file, named as --save-latent names it, is checked against the
     manifest.json of its folder (through a link too): another model refused, another checkpoint
-    one warning line; a file copied alone is not checked (nothing records its model)."""
+    one warning line. A file copied alone (no manifest.json records its model) was decoded
+    without a word, to another image where another model of the same D saved it: now one
+    warning line says that nothing checks it, and one of another D is refused naming D."""
     ckpts = {}
     for name in ("refvae", "varsr"):
         cfg = {**TINY[name], "scale": 4}
@@ -897,7 +899,25 @@ def test_a_saved_npy_latent_of_another_model_is_refused_by_its_folders_manifest(
     (tmp_path / "alone").mkdir()  # copied alone: no record of its model
     (tmp_path / "alone" / file.name).write_bytes(file.read_bytes())
     given = tmp_path / "alone" / file.name
-    assert run("--ckpt", ckpts["varsr"], *argv, "--latent", given, "--out", tmp_path / "o3") == 0
+    for latent, out in ((given, "o3"), (given.parent, "o4")):
+        assert run("--ckpt", ckpts["varsr"], *argv, "--latent", latent, "--out", tmp_path / out,
+                   "--n", 1) == 0  # fmt: skip
+        err = [line for line in capsys.readouterr().err.splitlines() if "manifest" in line]
+        assert len(err) == 1 and err[0].startswith(
+            f"sr_sample.py: warning: --latent {latent}: no manifest.json "
+        ), err
+        assert "(a .npy holds the array alone): decoded as this x4 varsr's; another " in err[0]
+    cfg = {**TINY["varsr"], "scale": 4, "z_dim": 16}  # another D: refused by its shape
+    wide = tmp_path / "wide.pt"
+    save_checkpoint(wide, {"model": "varsr", "model_cfg": cfg,
+                           "state_dict": build_model("varsr", cfg).state_dict()})  # fmt: skip
+    assert run("--ckpt", wide, *argv, "--latent", given, "--out", tmp_path / "o5") == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (
+        f"sr_sample.py: error: --latent {given}: shape (8,), expected (16,) or (k, 16) with at "
+        "least one row (16: this model's latent size D; rows of 8 are another model's or "
+        "configuration's: decode them with the checkpoint that saved them)"
+    )
 
 
 def test_latent_dir_of_an_ntire_n1_run_warns_of_inputs_of_another_size(tmp_path, capsys):

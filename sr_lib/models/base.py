@@ -662,9 +662,12 @@ def load_latent(path: str, dim: int, flag: str) -> tuple[torch.Tensor, str]:
         raise DataError(f"{flag} {path}: not a readable .npy array "
                         f"({numpy_trouble(data, e, 'np.save')})") from None  # fmt: skip
     if z.ndim not in (1, 2) or z.shape[-1] != dim or z.numel() == 0:
+        other = (f" ({dim}: this model's latent size D; rows of {z.shape[-1]} are another model's "
+                 "or configuration's: decode them with the checkpoint that saved them)"
+                 if z.ndim in (1, 2) and z.numel() else "")  # fmt: skip
         raise UsageError(
             f"{flag} {path}: shape {tuple(z.shape)}, expected ({dim},) or (k, {dim}) with at "
-            "least one row"
+            f"least one row{other}"
         )
     if not torch.isfinite(z).all():  # it would decode to NaN samples, blamed on the checkpoint
         raise DataError(f"{flag} {path}: holds NaN or infinite values; use a finite latent")
