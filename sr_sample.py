@@ -879,7 +879,8 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
                              (context, exact_retry if one else retry_context), controls,
                              want_sigma, args, bar.say, writer)  # fmt: skip
             for folder in new:  # this version's samples are there now: said no more
-                record_version(folder, upgraded.pop(folder))
+                del upgraded[folder]
+                record_version(folder)
             summary.update(sampled=summary.fields["sampled"] + 1)
             s = model.scale
             temps = f" at {len(todo)} temperatures" if len(todo) > 1 else ""
@@ -1309,7 +1310,7 @@ def upgrade_line(folder: Path, versions: list) -> str:
             "the samples of the same settings; --overwrite redoes every image)")  # fmt: skip
 
 
-def record_version(folder: Path, versions: list) -> None:
+def record_version(folder: Path) -> None:
     """This srspace version added to FOLDER/manifest.json's "versions" (`folder_versions`;
     read again: another shard may have added its own), once it has sampled an image there:
     said once (`upgrade_line`), not at every rerun. "version" stays the folder's first."""
