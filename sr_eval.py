@@ -21,7 +21,9 @@ SSIM_mean (GT cropped to a multiple of --scale and to the SR size, --shave px of
 modes, last): the mean LPIPS between the N samples of each image (the lpips package's default,
 non-spatial call, from the features of their LPIPS passes: no trunk pass more), with its N x N
 matrix in --out's per-image rows as LPIPS_pairwise_matrix; rows of N = 1 leave both empty (one
-warning), and features that would not fit in the free memory are refused before any work (exit 4).
+warning); where the features of all N samples would not fit in the free memory, in blocks of
+samples (the others' computed again: the same numbers), refused before any work (exit 4) only where
+one --lpips-batch of samples' do not fit.
 
 SR file names, per HR image k (0-based in the one image order of the toolkit,
 sr_lib.data.image_order: by stem) with stem S and sample i: {k:06d}_sample{i:05d}.png (the
@@ -582,20 +584,26 @@ class ImageNeeds:
 
 
 def image_needs(stem: str, gt_file: Path, samples: list[int], ntire: bool, color: str, ahead,
-                pairwise_scale: int | None = None):  # fmt: skip
+                pairwise_scale: int | None = None, batch: int = 1,
+                pairwise_memory: int | None = None):  # fmt: skip
     """The ImageNeeds of image `stem` with `samples` samples in each --sr folder (`ahead`: not
     the last image), from its ground truth's header (None where it cannot tell): uint8 RGB, 3
     bytes a pixel for each file; and without --ntire 24 bytes a value of the compared region (at
     most the ground truth's: three float64 maps, sr_lib/metrics.py `SsimReference`), 3 values a
     pixel, 1 with --color y. `pairwise_scale`: --pairwise's --scale (`metrics.pairwise_bytes`
-    of the folder with the most samples)."""
+    of the folder with the most samples, in LPIPS batches of `batch`, as many at once as fit
+    in `pairwise_memory`: `metrics.pairwise_block`)."""
     size = image_size(gt_file)
     if size is None:
         return None
     px = size[0] * size[1]
     scoring = 0 if ntire else 24 * px * (1 if color == "y" else 3)
     decoded, folder = 3 * px * (1 + sum(samples)), 3 * px * max(samples)
-    pairs = metrics.pairwise_bytes(size, max(samples), pairwise_scale) if pairwise_scale else 0
+    pairs = 0
+    if pairwise_scale:
+        most = max(samples)
+        block = metrics.pairwise_block(size, most, pairwise_scale, batch, pairwise_memory)
+        pairs = metrics.pairwise_bytes(size, most, pairwise_scale, block)
     return ImageNeeds(stem, size, decoded, folder, scoring, ahead, pairs)
 
 
@@ -822,8 +830,8 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
         check_not_in_report(args, hr, methods, lr_files, sigma_files)
         check_no_stray_parts(Path(args.report))
     check_headers(args, shave, hr, methods, lr_files, sigma_files)
-    if args.pairwise:
-        check_pairwise(args, hr, methods, device)
+    # --pairwise: the memory its features may take (None: no limit; beyond it, in blocks)
+    pairwise_memory = check_pairwise(args, hr, methods, device, batch) if args.pairwise else None
     if args.report:
         report.check_matplotlib()
     report_dir = check_out_dir(args.report, "--report") if args.report else None
@@ -838,7 +846,8 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
         counts = [len(m.files[k]) for m in methods]
         ahead = k + 1 < len(stems)
         pairs = args.scale if args.pairwise else None
-        needs = image_needs(stems[k], hr[stems[k]], counts, args.ntire, args.color, ahead, pairs)
+        needs = image_needs(stems[k], hr[stems[k]], counts, args.ntire, args.color, ahead, pairs,
+                            batch, pairwise_memory)  # fmt: skip
         return oom(e, needs)
 
     with out_of_memory_said(oom):
@@ -851,7 +860,7 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     columns += [metrics.PAIRWISE_COLUMN] if args.pairwise else []
 
     opts = dict(scale=args.scale, lpips_metric=lpips_metric, ntire=args.ntire, color=args.color)
-    opts.update(shave=shave, warn=warn, pairwise=args.pairwise)
+    opts.update(shave=shave, warn=warn, pairwise=args.pairwise, pairwise_memory=pairwise_memory)
     to_files = bool(args.out or args.csv or report_dir)
     to_stderr = STDOUT in (args.out, args.csv)  # stdout carries the JSON or CSV alone
 
@@ -1508,34 +1517,41 @@ def check_sizes(gt, lr, samples, names, gt_name: str, lr_name: str | None, scale
         )
 
 
-def check_pairwise(args: EvalArgs, hr: dict[str, Path], methods, device) -> None:
+def check_pairwise(args: EvalArgs, hr: dict[str, Path], methods, device, batch: int):
     """--pairwise: one warning naming the rows of N = 1 (no pairs: LPIPS_pairwise empty, not an
-    error), and the features it keeps for the pairs (`metrics.pairwise_bytes`: each sample's
-    AlexNet taps, on the LPIPS device) checked for the largest image at the largest N against
-    the memory free there (`free_memory`) before LPIPS is loaded or any image scored: where they
-    do not fit, one line, exit 4, not an out-of-memory error images later."""
+    error), and the bytes that the features kept for the pairs may take: the memory free on the
+    LPIPS device (`free_memory`; None where it cannot tell: no limit), returned. An image whose
+    samples' features (`metrics.pairwise_bytes`: each sample's AlexNet taps) take more has its
+    pairs computed in blocks of samples (`metrics.pairwise_block`: the same numbers, trunk
+    passes more). Only where the fewest it keeps at once, one LPIPS batch's (`batch` samples),
+    do not fit for the largest image is it refused, before LPIPS is loaded or any image scored:
+    one line naming what helps (a smaller --lpips-batch where one fits, else no --pairwise),
+    exit 4, not an out-of-memory error images later."""
     single = [m.name for m in methods if m.n == 1]
     if single:
         warn(f"--pairwise: {', '.join(single)}: one sample per image (N = 1), no pairs; "
              "LPIPS_pairwise is left empty there")  # fmt: skip
-    m = max(methods, key=lambda m: m.n)
-    sizes = [(stem, image_size(path)) for stem, path in hr.items()]
-    needs = [(metrics.pairwise_bytes(size, m.n, args.scale), stem, size)
-             for stem, size in sizes if size is not None]  # fmt: skip
-    if not needs or m.n < 2:
-        return
-    need, stem, (h, w) = max(needs)
-    free = free_memory(device)
-    if free is not None and need > free:
+    most = max(m.n for m in methods)
+    free = free_memory(device) if most > 1 else None
+    if free is None:
+        return None
+    fewest = min(batch, most)  # (samples: one batch, the smallest block)
+    needs = [(metrics.pairwise_bytes(size, most, args.scale, fewest), stem, size)
+             for stem, size in ((stem, image_size(path)) for stem, path in hr.items())
+             if size is not None]  # fmt: skip
+    need, stem, (h, w) = max(needs, default=(0, None, (0, 0)))
+    if need > free:
         where = f"on {device}" if device.type == "cuda" else "in this machine's memory"
-        fits = max((k for k in range(2, m.n) if metrics.pairwise_bytes((h, w), k, args.scale)
-                    <= free), default=0)  # fmt: skip
-        fewer = f"score at most {fits} samples per image (--sr {m.sr_dir}:{fits}) or " * (fits > 0)
+        fits = max((k for k in range(1, fewest) if metrics.pairwise_bytes((h, w), most,
+                    args.scale, k) <= free), default=0)  # fmt: skip
+        smaller = f"use --lpips-batch {fits} (this run's: {batch}) or " * (fits > 0)
+        one = "one sample" if fewest == 1 else f"{fewest} samples (one --lpips-batch)"
         raise OutOfMemory(
-            f"--pairwise: the LPIPS features of the {m.n} samples of {stem} ({w}x{h}) kept for "
-            f"their pairs take {gb(need)}, more than the {gb(free)} free {where}; {fewer}drop "
-            "--pairwise"
+            f"--pairwise: the LPIPS features of {one} of {stem} ({w}x{h}), the fewest it keeps "
+            f"at once for the pairs, take {gb(need)}, more than the {gb(free)} free {where}; "
+            f"{smaller}drop --pairwise"
         )
+    return free
 
 
 def free_memory(device) -> int | None:

@@ -26,6 +26,7 @@ import copy
 import ctypes
 import functools
 import importlib.metadata
+import itertools
 import math
 import types
 import warnings
@@ -557,7 +558,21 @@ class LpipsMetric:
         return out[0] if len(out) == 1 else torch.cat(out)
 
     @torch.no_grad()
-    def pairwise(self, features: Sequence[list[torch.Tensor]]) -> torch.Tensor:
+    def taps(self, sr: ARRAY, copy: bool = True) -> list[list[torch.Tensor]]:
+        """Each sample's 5 normalised taps of a batch of uint8 (B, H, W, 3) samples: those that
+        `maps(..., keep=)` keeps where it took this very batch (the same trunk pass, the same
+        values). `copy=False`: views of the scratch taps, valid until the next trunk pass."""
+        with without_tf32():
+            layers = list(self._layers(self._trunk_input(sr, reuse=True), reuse=True))
+        return [[f[b : b + 1].clone() if copy else f[b : b + 1] for f in layers]
+                for b in range(len(sr))]  # fmt: skip
+
+    @torch.no_grad()
+    def pairwise(
+        self,
+        features: Sequence[list[torch.Tensor]],
+        batches: Sequence[Sequence[ARRAY]] | None = None,
+    ) -> torch.Tensor:
         """(N, N) float32 LPIPS between N samples, from their `features` (`maps(..., keep=)`).
 
         Entry (i, j) is the `lpips` package's default (non-spatial) call `lpips.LPIPS(net="alex",
@@ -566,24 +581,53 @@ class LpipsMetric:
         (docs/metrics.md, "Pairwise LPIPS"). Only the heads run: no trunk pass. Symmetric to the
         bit ((a - b)^2 = (b - a)^2), zero on the diagonal. One scratch tensor of the largest
         tap's size (kept, as the trunk's).
-        """
-        n = len(features)
+
+        In blocks, where the features of all N would not fit in memory: `batches` are the N
+        samples as `maps` took them, batch by batch (each a list of uint8 (1, H, W, 3) crops,
+        `stack_crops`), and `features` those of the first K samples only (whole batches: the
+        first block). A block's features are kept while each later batch's are computed again
+        (one trunk pass, into the scratch taps) and paired with them; then the next K samples'
+        are computed as the next block. Each pair is computed by the same operations on the same
+        taps (a batch's trunk pass gives the same taps each time): the same matrix to the bit,
+        for trunk passes more: each block's but the first, and the samples after each block
+        (N (N - 1) / 2 + N - 2 at K = 1)."""
+        sizes = [len(features)] if batches is None else [len(b) for b in batches]
+        starts = list(itertools.accumulate(sizes, initial=0))  # batch c: starts[c]:starts[c + 1]
+        n, k = starts[-1], len(features)
         values = {}
-        if n > 1:
-            scratch = self._buffer("pair", (max(f.numel() for f in features[0]),))
+        block, first, c = list(features), 0, starts.index(k)  # (whole batches)
+        scratch = self._buffer("pair", (max(f.numel() for f in features[0]),)) if n > 1 else None
         with without_tf32():
-            for i in range(n):
-                for j in range(i + 1, n):
-                    total = None
-                    for k, (a, b) in enumerate(zip(features[i], features[j])):
-                        d = torch.sub(a, b, out=scratch[: a.numel()].view(a.shape))
-                        v = self.net.lins[k](d.square_()).mean([2, 3], keepdim=True)
-                        total = v if total is None else total + v  # layer order, as the module
-                    values[i, j] = total.reshape(())
+            while block:
+                for i, j in itertools.combinations(range(len(block)), 2):
+                    values[first + i, first + j] = self._pair(block[i], block[j], scratch)
+                for d in range(c, len(sizes)):  # each later batch, its taps computed again
+                    for j, taps in enumerate(self.taps(stack_crops(batches[d]), copy=False)):
+                        for i, kept in enumerate(block):
+                            values[first + i, starts[d] + j] = self._pair(kept, taps, scratch)
+                first, block = first + len(block), []
+                while n - first > 1 and c < len(sizes) and len(block) + sizes[c] <= max(k, 1):
+                    block += self.taps(stack_crops(batches[c]))  # the next block (a last one
+                    c += 1  # of one sample has no pair left: not computed)
         out = torch.zeros(n, n, device=self.device)
         for (i, j), v in values.items():  # (one copy to the host at the end, not one per pair)
             out[i, j] = out[j, i] = v
         return out.cpu()
+
+    def _pair(self, a: list[torch.Tensor], b: list[torch.Tensor], scratch) -> torch.Tensor:
+        """The LPIPS of two samples from their taps (`pairwise`), a 0-d tensor on the device."""
+        total = None
+        for k, (x, y) in enumerate(zip(a, b)):
+            d = torch.sub(x, y, out=scratch[: x.numel()].view(x.shape))
+            v = self.net.lins[k](d.square_()).mean([2, 3], keepdim=True)
+            total = v if total is None else total + v  # layer order, as the module
+        return total.reshape(())
+
+
+def stack_crops(crops: Sequence[ARRAY]) -> ARRAY:
+    """One batch of uint8 (1, H, W, 3) crops as `LpipsMetric.maps` takes it: the crop itself
+    (a view) for one, a (B, H, W, 3) copy for more."""
+    return crops[0] if len(crops) == 1 else np.concatenate(crops)
 
 
 @contextlib.contextmanager
@@ -656,17 +700,32 @@ def _max_pool(h: torch.Tensor, pool: torch.nn.MaxPool2d) -> torch.Tensor:
 # ----------------------------------------------------------------------------- one image
 
 
-def pairwise_bytes(size: tuple[int, int], n: int, scale: int) -> int:
+def pairwise_bytes(size: tuple[int, int], n: int, scale: int, block: int | None = None) -> int:
     """Bytes of the features that `evaluate_image(pairwise=True)` keeps for an image whose ground
-    truth is `size` (H, W), with n samples (distinct: all, at most): each sample's 5 normalised
-    AlexNet taps of its official crop in float32, 114 MB at 2040x1352 (1.1 GB at N = 10), plus
-    one scratch tensor of the largest tap's size (`LpipsMetric.pairwise`). 0 for n = 1."""
+    truth is `size` (H, W), with n samples (distinct: all, at most), `block` of them at once
+    (None: all; `pairwise_block`): each kept sample's 5 normalised AlexNet taps of its official
+    crop in float32, 114 MB at 2040x1352 (1.1 GB for all of N = 10), plus one scratch tensor of
+    the largest tap's size (`LpipsMetric.pairwise`). 0 for n = 1."""
     if n < 2:
         return 0
     mod = official_mod(scale)
     h8, w8 = size[0] // mod * mod, size[1] // mod * mod
     largest = 64 * ((h8 - 7) // 4 + 1) * ((w8 - 7) // 4 + 1)  # conv1's tap
-    return 4 * (n * alex_tap_values(h8, w8) + largest)
+    return 4 * (min(n, block or n) * alex_tap_values(h8, w8) + largest)
+
+
+def pairwise_block(size: tuple[int, int], n: int, scale: int, batch: int,
+                   memory: int | None = None) -> int:  # fmt: skip
+    """How many of the n distinct samples' features `evaluate_image(pairwise=True)` keeps at
+    once, for an image whose ground truth is `size`, in LPIPS batches of `batch`, where they
+    may take `memory` bytes (`pairwise_bytes`; None: no limit): all n where they fit (no trunk
+    pass more), else the most whole batches that fit, one batch at least (the pairs in blocks,
+    `LpipsMetric.pairwise`: the same numbers, trunk passes more)."""
+    if memory is None or pairwise_bytes(size, n, scale) <= memory:
+        return n
+    fit = max(k for k in range(0, n + 1, batch) if k == 0 or pairwise_bytes(size, n, scale, k)
+              <= memory)  # fmt: skip
+    return max(batch, fit)
 
 
 def official_mod(scale: int) -> int:
@@ -754,6 +813,7 @@ def evaluate_image(
     gt_name: str = "ground truth",
     warn: Callable[[str], None] = warnings.warn,
     pairwise: bool = False,
+    pairwise_memory: int | None = None,
 ) -> dict[str, float | None]:
     """All columns for one ground truth uint8 (H, W, 3) and its N uint8 (h, w, 3) samples.
 
@@ -773,7 +833,9 @@ def evaluate_image(
     `pairwise` (with `lpips_metric`) adds PAIRWISE_MATRIX, the (N, N) LPIPS between the samples'
     official crops as nested lists (`LpipsMetric.pairwise`; equal samples 0), and PAIRWISE_COLUMN,
     its mean over the N(N - 1)/2 pairs; both None for N = 1. Each distinct sample's features are
-    kept from its LPIPS pass meanwhile (`pairwise_bytes`): no trunk pass more.
+    kept from its LPIPS pass meanwhile (`pairwise_bytes`): no trunk pass more; where they would
+    take more than `pairwise_memory` bytes, those of a block of samples at a time
+    (`pairwise_block`), the others' computed again: the same matrix, to the bit.
     """
     names = list(names) if names is not None else [f"sample {i}" for i in range(len(samples))]
     if len(samples) == 0:
@@ -810,17 +872,19 @@ def evaluate_image(
         row[PAIRWISE_COLUMN] = row[PAIRWISE_MATRIX] = None
     if lpips_metric is not None:  # first: on a GPU it runs while the CPU does the LR-PSNR
         ref, acc, b = lpips_metric.reference(gt8), DiversityAccumulator(), lpips_metric.batch
+        chunks = [distinct[c : c + b] for c in range(0, len(distinct), b)]
+        crops = [[samples[i][None, :h8, :w8] for i in chunk] for chunk in chunks]  # views
+        kept = pairwise_block(gt.shape[:2], len(distinct), scale, b, pairwise_memory)
         features = [] if pairs else None  # per distinct sample its normalised taps
-        for c in range(0, len(distinct), b):
-            chunk = distinct[c : c + b]
-            crops = [samples[i][None, :h8, :w8] for i in chunk]  # (1, h8, w8, 3) views
-            crops = crops[0] if len(crops) == 1 else np.concatenate(crops)
-            keep = {"keep": features} if pairs else {}  # (the call of a run without pairs)
-            maps = lpips_metric.maps(crops, ref, **keep)
+        for chunk, batch in zip(chunks, crops):
+            # (the call of a run without pairs, and past the first block)
+            keep = {"keep": features} if pairs and len(features) < kept else {}
+            maps = lpips_metric.maps(stack_crops(batch), ref, **keep)
             acc.update(maps, [[j for j, f in enumerate(first) if f == i] for i in chunk])
         del ref, maps  # (the GT's features: ~60 bytes a pixel, not held while SSIM computes)
-        if pairs:
-            d = lpips_metric.pairwise(features).double()  # (distinct, distinct)
+        if pairs:  # (distinct, distinct); in blocks where all of them would not fit
+            d = lpips_metric.pairwise(features, crops if kept < len(distinct) else None)
+            d = d.double()
             del features
             at = [distinct.index(f) for f in first]  # each sample's row: that of its first equal
             matrix = d[at][:, at]

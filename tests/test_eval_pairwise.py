@@ -113,36 +113,73 @@ def test_pairwise_without_lpips_is_a_usage_error(tmp_path, capsys):
                            "--no-lpips or --pairwise\n")  # fmt: skip
 
 
-def test_pairwise_features_that_do_not_fit_are_refused_before_any_work(
+def more_passes(n: int, block: int) -> int:
+    """The trunk passes that the pairs of n samples in blocks of `block` add: each block's but
+    the first (kept from the LPIPS passes) and the last of one sample (no pair left), and the
+    samples after each block (paired with it)."""
+    total = first = 0
+    while n - first > 1:
+        size = min(block, n - first)
+        total += (size if first else 0) + n - first - size
+        first += size
+    return total
+
+
+def test_pairwise_features_that_do_not_fit_are_computed_in_blocks(
     tmp_path, capsys, monkeypatch, lpips_file
 ):
-    """The taps kept for the pairs (metrics.pairwise_bytes of the largest image at the largest N)
-    against the free memory (`free_memory`): more is one line, exit 4, before LPIPS is loaded,
-    any image scored or any output written; as much is scored."""
-    hr_dir, _, sr_dir = make_set(tmp_path)  # 48x64 and 53x70: the same 48x64 crop
-    need = sr_eval.metrics.pairwise_bytes((53, 70), 3, 4)
-    assert need == 4 * (3 * sr_eval.metrics.alex_tap_values(48, 64) + 64 * 11 * 15)
-    calls = stop_at_image(monkeypatch, "none")
-    monkeypatch.setattr(sr_eval, "free_memory", lambda device: need // 2)
+    """The taps kept for the pairs (metrics.pairwise_bytes) against the free memory
+    (`free_memory`): where those of all N samples do not fit, the run was refused (exit 4); now
+    the pairs are computed in blocks of as many samples as fit (the others' taps computed
+    again), and --out is the bytes of a run where all fit: the lpips package's numbers at batch
+    1, those of the unblocked path at --lpips-batch 2. Only where one LPIPS batch's taps do not
+    fit is it refused: one line, exit 4, before LPIPS is loaded, any image scored or any output
+    written, naming a smaller --lpips-batch where one fits."""
+    hr_dir, _, sr_dir = make_set(tmp_path, n=5)  # 48x64 and 53x70: the same 48x64 crop
+    one, all5 = (sr_eval.metrics.pairwise_bytes((53, 70), 5, 4, k) for k in (1, None))
+    assert all5 == 4 * (5 * sr_eval.metrics.alex_tap_values(48, 64) + 64 * 11 * 15)
+    real_taps, passes = sr_eval.metrics.LpipsMetric.taps, []
+
+    def taps(self, sr, copy=True):  # the trunk passes that the blocks add
+        passes.append(len(sr))
+        return real_taps(self, sr, copy)
+
+    monkeypatch.setattr(sr_eval.metrics.LpipsMetric, "taps", taps)
     out = tmp_path / "res" / "r.json"
-    argv = ["--hr", hr_dir, "--sr", sr_dir, f"b={sr_dir}:2", "--scale", 4, "--n", 3, "--pairwise",
-            "--lpips-weights", lpips_file, "--out", out]  # fmt: skip
-    code, err = fails(capsys, *argv)
-    assert code == 4 and err == (
-        "sr_eval.py: error: --pairwise: the LPIPS features of the 3 samples of 0802 (70x53) "
-        "kept for their pairs take ~310 kB, more than the ~160 kB free in this machine's memory; "
-        "drop --pairwise\n"
-    )  # (both images have a 64x48 crop: the last of the largest is named; 2 do not fit)
+    argv = ["--hr", hr_dir, "--sr", sr_dir, f"b={sr_dir}:2", "--scale", 4, "--n", 5,
+            "--pairwise", "--lpips-weights", lpips_file, "--out", out]  # fmt: skip
+    whole = {}
+    for batch in ("1", "2"):
+        monkeypatch.setattr(sr_eval, "free_memory", lambda device: all5)
+        assert run(capsys, *argv, "--lpips-batch", batch)[0] == 0 and passes == []
+        whole[batch] = out.read_bytes()
+        for fit in (1, 3) if batch == "1" else (3,):  # samples whose taps fit (at batch 2: 2)
+            free = sr_eval.metrics.pairwise_bytes((53, 70), 5, 4, fit)
+            monkeypatch.setattr(sr_eval, "free_memory", lambda device, free=free: free)
+            assert run(capsys, *argv, "--lpips-batch", batch)[0] == 0
+            assert out.read_bytes() == whole[batch] and passes, (batch, fit)
+            block = fit // int(batch) * int(batch)
+            assert sum(passes) == 2 * (more_passes(5, block) + more_passes(2, block))
+            passes.clear()
+    res = json.loads(whole["1"])["methods"]["method_a"]
+    for row, want in zip(res["per_image"], lpips_pairs(hr_dir, sr_dir, 5, lpips_file)):
+        assert (np.array(row[MATRIX]) == want).all()  # float32 values, exactly
+    calls = stop_at_image(monkeypatch, "none")
+    out.unlink()
+    two = sr_eval.metrics.pairwise_bytes((53, 70), 5, 4, 2)
+    for batch, free, need, said in (
+        ("1", one - 1, one, "one sample"),
+        ("2", one, two, "2 samples (one --lpips-batch)"),
+    ):
+        monkeypatch.setattr(sr_eval, "free_memory", lambda device, free=free: free)
+        code, err = fails(capsys, *argv, "--lpips-batch", batch)
+        hint = "use --lpips-batch 1 (this run's: 2) or " if batch == "2" else ""
+        assert code == 4 and err == (
+            f"sr_eval.py: error: --pairwise: the LPIPS features of {said} of 0802 (70x53), the "
+            f"fewest it keeps at once for the pairs, take {sr_eval.gb(need)}, more than the "
+            f"{sr_eval.gb(free)} free in this machine's memory; {hint}drop --pairwise\n"
+        )  # (both images have a 64x48 crop: the last of the largest is named)
     assert calls == [] and list(out.parent.iterdir()) == []
-    two = sr_eval.metrics.pairwise_bytes((53, 70), 2, 4)  # where 2 samples fit, it says :2
-    monkeypatch.setattr(sr_eval, "free_memory", lambda device: two)
-    code, err = fails(capsys, *argv)
-    assert code == 4 and err.endswith(
-        f"free in this machine's memory; score at most 2 samples per image (--sr {sr_dir}:2) or "
-        "drop --pairwise\n"
-    )
-    monkeypatch.setattr(sr_eval, "free_memory", lambda device: need)
-    assert run(capsys, *argv)[0] == 0 and calls == ["0801", "0801", "0802", "0802"]
 
 
 def test_free_memory_of_this_machine():
