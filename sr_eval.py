@@ -63,7 +63,9 @@ that is not a page of sr_eval.py (report.is_report_page: the user's own); the ha
 killed before its page (its mark DIR/.sr_eval_unfinished there) is deleted when the scoring starts.
 DIR is locked while a run writes it (a second run into it at once: one line, exit 2).
 
-A run stopped before its end keeps the scores of the images done in OUT.partial beside --out (else
+A run stopped before its end keeps the scores of the images done in OUT.partial (written whole at
+a run's first image, then a line appended per image; a last line cut short by a kill is left out)
+beside --out (else
 --csv; a rerun that adds or drops --out finds them in its outputs' folders, the newest of the
 same command; without either, nothing is kept): the same command
 run again continues after them, and its files are those of a run never stopped. They are taken only
@@ -885,11 +887,14 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
             show(f"continuing from {partial}: {len(kept)} of {len(stems)} images scored already",
                  to_stderr)  # fmt: skip
 
+    written = None  # OUT.partial as this run last wrote it (`keep_scores`)
+
     def scored(k: int, rows: dict) -> None:
+        nonlocal written
         summary.update(scored=k + 1)  # (`kept` once the file holds it: a full disk fails here)
         if partial:
             kept[k:] = [{"image": stems[k], "files": prints[k], "rows": rows}]
-            write_text(partial, partial_text(key, kept, asides))
+            written = keep_scores(partial, key, kept, asides, written)
             summary.update(partial=str(partial), kept=k + 1)
 
     # a stop after the report's first file (a full disk, Ctrl-C, a bad image) leaves none of it;
@@ -909,7 +914,7 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
                 report.started(report_dir)
             if partial and any(p in moved for p in outputs):  # (a stop before the first image)
                 asides += [aside_record(p, moved[p]) for p in outputs if p in moved]
-                write_text(partial, partial_text(key, kept, asides))
+                written = keep_scores(partial, key, kept, asides, None)
         rows, sheets = score(hr, methods, lr_files, sigma_files, columns, opts, report_dir,
                              to_files, to_stderr, args.quiet, scored,
                              [entry["rows"] for entry in kept])  # fmt: skip
@@ -1049,9 +1054,50 @@ def mtime(path: Path) -> float:
 
 
 def partial_text(key: str, kept: list[dict], asides: list[dict]) -> str:
-    """OUT.partial: the settings' `key`, the scores of the images done (`kept`) and the earlier
-    files this command's runs set aside (`asides`: `aside_record`s)."""
+    """OUT.partial as written whole, one line: the settings' `key`, the scores of the images
+    done (`kept`) and the earlier files this command's runs set aside (`asides`:
+    `aside_record`s). The images scored after it are lines of their own (`keep_scores`)."""
     return json.dumps({"key": key, "images": kept, "aside": asides}) + "\n"
+
+
+def keep_scores(path: Path, key: str, kept: list[dict], asides: list[dict], written):
+    """OUT.partial once an image is scored (the last of `kept`): that image's line appended
+    where the file is still the one this run wrote (`written`: its inode and size then), so that
+    an image costs the writing of its own scores, not of every image's again (the N x N matrices
+    of --pairwise made that O(images x N^2) an image); else (this run's first write, a file
+    moved or changed since) the file written whole, atomically (`partial_text`). A kill inside
+    an append leaves a last line cut short, which `read_partial` leaves out, and a failed one
+    (a full disk) is cut off again, so the file holds the images before it. Returns `written`
+    for the next call."""
+    with suppress(OSError):
+        st = os.stat(path)
+        if written is not None and (st.st_ino, st.st_size) == written:
+            line = (json.dumps(kept[-1]) + "\n").encode("utf-8")
+            try:
+                with open(path, "ab") as f:
+                    f.write(line)
+            except OSError as e:
+                with suppress(OSError):
+                    os.truncate(path, written[1])
+                raise OutputError(f"{path}: cannot write ({e.strerror or e}); check the output "
+                                  "path") from e  # fmt: skip
+            return st.st_ino, written[1] + len(line)
+    write_text(path, partial_text(key, kept, asides))
+    st = os.stat(write_target(path))
+    return st.st_ino, st.st_size
+
+
+def read_partial(path: Path) -> tuple[dict, list]:
+    """OUT.partial's first line (`partial_text`) and the images' entries: those in it, then one
+    a line (`keep_scores`); a last line without its newline (cut short by a kill or a full
+    disk) is left out. ValueError (or OSError, UnicodeDecodeError) where it is no such file."""
+    lines = path.read_bytes().decode("utf-8").split("\n")[:-1]  # (the last: "" or cut short)
+    if not lines:
+        raise ValueError(f"{path}: no complete line")
+    head = json.loads(lines[0])
+    if not isinstance(head, dict) or not isinstance(head.get("images"), list):
+        raise ValueError(f"{path}: not a file of the scores so far")
+    return head, head["images"] + [json.loads(line) for line in lines[1:]]
 
 
 def aside_record(path: Path, aside: Path) -> dict:
@@ -1067,7 +1113,7 @@ def earlier_asides(path: Path, key: str) -> list[dict]:
     """The `aside_record`s in OUT.partial `path` of a run of this command (`key`) stopped before:
     none where the file is not there, not readable or of other settings."""
     try:
-        kept = json.loads(path.read_text(encoding="utf-8"))
+        kept = read_partial(path)[0]
         records = kept.get("aside", []) if kept["key"] == key else []
         return [r for r in records if set(r) == {"path", "aside", "stat"}
                 and isinstance(r["path"], str) and isinstance(r["aside"], str)]  # fmt: skip
@@ -1123,9 +1169,9 @@ def kept_scores(path: Path, key: str, stems: list[str], prints: list[str], field
         return []
     usable = []
     try:
-        kept = json.loads(path.read_text(encoding="utf-8"))
-        same = kept["key"] == key
-        for entry, stem, fp in zip(kept["images"] if same else [], stems, prints):
+        head, entries = read_partial(path)
+        same = head["key"] == key
+        for entry, stem, fp in zip(entries if same else [], stems, prints):
             if (entry["image"], entry["files"], set(entry["rows"])) != (stem, fp, set(fields)):
                 break  # changed files: this image and the ones after it are scored again
             if not all(scores_row(entry["rows"][m], stem, f) for m, f in fields.items()):

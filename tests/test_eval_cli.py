@@ -940,7 +940,7 @@ def test_full_disk_is_one_line_exit_7_and_no_partial_json(tmp_path):
         f"continue; {out} (an earlier run's) moved to {out}.old"
     )
     assert sorted(p.name for p in out.parent.iterdir()) == ["r.json.old", "r.json.partial"]
-    assert len(json.loads(partial.read_text())["images"]) == 2  # (and no temporary file)
+    assert len(sr_eval.read_partial(partial)[1]) == 2  # (and no temporary file)
     assert (out.parent / "r.json.old").read_text() == "an earlier run's\n"
 
 
@@ -1031,7 +1031,7 @@ def test_ctrl_c_right_after_an_images_log_line_counts_that_image(tmp_path, capsy
         f"sr_eval.py: interrupted after scoring 1 of 3 images, their scores kept in "
         f"{out}.partial: rerun the same command to continue"
     ]
-    assert len(json.loads((tmp_path / "res" / "r.json.partial").read_text())["images"]) == 1
+    assert len(sr_eval.read_partial(tmp_path / "res" / "r.json.partial")[1]) == 1
 
 
 def test_ctrl_c_while_scoring_says_where_the_scores_are_kept(tmp_path):
@@ -1055,11 +1055,67 @@ def test_ctrl_c_while_scoring_says_where_the_scores_are_kept(tmp_path):
     said = (f"interrupted after scoring {scored} of 8 images, their scores kept in {partial}: "
             "rerun the same command to continue")  # fmt: skip
     assert (err, line["exit_code"], line["error"]) == (f"sr_eval.py: {said}\n", 130, said)
-    kept = json.loads(Path(partial).read_text())["images"]
+    kept = sr_eval.read_partial(Path(partial))[1]
     assert [entry["image"] for entry in kept] == list(names[:scored])
     done = subprocess.run(eval_cmd(*argv), cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert f"continuing from {partial}: {scored} of 8 images scored already" in done.stdout
+
+
+def test_the_scores_so_far_are_appended_and_a_killed_run_continues(tmp_path, capsys,
+                                                                   monkeypatch):  # fmt: skip
+    """OUT.partial was written whole after each image: every image's scores again (with
+    --pairwise its N x N matrices: O(images x N^2) an image). Now a run writes it whole once
+    (its first image) and appends each later image's line. SIGKILL while scoring (no handler
+    runs), then a last line cut short (a kill inside its write): the rerun takes the complete
+    lines, leaves the cut one out, continues after them, and writes the --out of a run never
+    stopped."""
+    names = tuple(f"{k:04d}" for k in range(8))
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((64, 64),) * 8, names=names)
+    out = tmp_path / "res" / "r.json"
+    partial = out.with_name("r.json.partial")
+    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips", "--out", out]
+    assert run(capsys, *argv)[0] == 0
+    whole = out.read_bytes()
+    out.unlink()
+    real, whole_writes, sizes = sr_eval.write_text, [], []
+    monkeypatch.setattr(
+        sr_eval,
+        "write_text",
+        lambda path, text: (whole_writes.append(Path(path)), real(path, text)),
+    )
+    real_keep = sr_eval.keep_scores
+
+    def keep_scores(*args):
+        written = real_keep(*args)
+        sizes.append(partial.stat().st_size)
+        return written
+
+    monkeypatch.setattr(sr_eval, "keep_scores", keep_scores)
+    stop_at_image(monkeypatch, "0004")
+    assert fails(capsys, *argv)[0] == 75
+    assert whole_writes == [partial]  # (the first image's: whole)
+    lines = partial.read_text().splitlines()
+    assert [json.loads(x)["image"] for x in lines[1:]] == ["0001", "0002", "0003"]
+    assert [b - a for a, b in zip(sizes, sizes[1:])] == [len(x) + 1 for x in lines[1:]]
+    monkeypatch.undo()
+    partial.unlink()
+
+    p = subprocess.Popen(eval_cmd(*argv), cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+    lines = [p.stdout.readline() for _ in range(2)]  # the second image is scored (or nearly)
+    assert lines[-1].startswith("[2/8]"), "".join(lines) + p.stderr.read()
+    p.kill()
+    p.communicate(timeout=60)
+    kept = sr_eval.read_partial(partial)[1]
+    assert 2 <= len(kept) < 8 and [e["image"] for e in kept] == list(names[: len(kept)])
+    with open(partial, "a") as f:  # the next image's line, cut short
+        f.write(json.dumps({**kept[-1], "image": names[len(kept)]})[:40])
+    calls = stop_at_image(monkeypatch, "none")
+    code, cap = run(capsys, *argv)
+    assert code == 0 and calls == list(names[len(kept) :]) and cap.err == ""
+    assert f"continuing from {partial}: {len(kept)} of 8 images scored already" in cap.out
+    assert out.read_bytes() == whole and not partial.exists()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
@@ -1348,10 +1404,10 @@ def test_an_edited_partial_file_is_scored_again_not_a_traceback(
     calls = stop_at_image(monkeypatch, "0003")
     assert fails(capsys, *argv)[0] == 75
     partial = tmp_path / "r.json.partial"
-    kept = json.loads(partial.read_text())
+    kept = json.loads(partial.read_text().splitlines()[0])  # (the images after it: a line each)
     (method,) = kept["images"][0]["rows"]
     kept["images"][0]["rows"][method] = edit(kept["images"][0]["rows"][method])
-    partial.write_text(json.dumps(kept))
+    partial.write_text(json.dumps(kept) + "\n")
     calls.clear()
     code, got = run(capsys, *argv)
     assert code == 0 and calls == ["0000", "0001", "0002", "0003"] and not partial.exists()

@@ -231,7 +231,7 @@ def test_a_stopped_pairwise_run_continues_and_adding_or_dropping_it_starts_over(
     for first, again in ((argv, argv), (argv, argv[:-1]), (argv[:-1], argv)):
         calls = stop_at_image(monkeypatch, "0002")
         assert fails(capsys, *first)[0] == 75
-        kept = json.loads(partial.read_text())["images"]
+        kept = sr_eval.read_partial(partial)[1]
         assert len(kept) == 2
         assert (MATRIX in kept[0]["rows"]["method_a"]) == ("--pairwise" in first)
         monkeypatch.undo()
