@@ -877,7 +877,8 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
         fields[methods[0].name] |= {"PLL", "PSNR_sigma"}
     if partial:
         adopt_partial(args, key)
-    kept = kept_scores(partial, key, stems, prints, fields) if partial else []
+    ns = {m.name: m.n for m in methods}
+    kept = kept_scores(partial, key, stems, prints, fields, ns) if partial else []
     # the NAME.old files that a stopped run of this command set aside: deleted once this run
     # writes NAME, as that run would have done (kept in OUT.partial with the scores)
     asides = earlier_asides(partial, key) if partial else []
@@ -1158,11 +1159,13 @@ def image_print(hr_file: Path, lr_files, sigma_files, methods, k: int) -> str:
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
-def kept_scores(path: Path, key: str, stems: list[str], prints: list[str], fields) -> list[dict]:
+def kept_scores(path: Path, key: str, stems: list[str], prints: list[str], fields,
+                ns: dict[str, int]) -> list[dict]:  # fmt: skip
     """The scores of a run of the same command stopped before ({"image", "files", "rows":
-    {method: row}} per image), that `path` holds: those of the first images whose files are
-    still the same (`prints`), where the settings are (`key`) and each row has its method's
-    `fields`, numbers (or null) but the image's name; else none, with a warning. A
+    {method: row}} per image), that `path` holds (`read_partial`): those of the first images
+    whose files are still the same (`prints`), where the settings are (`key`) and each row has
+    its method's `fields`, numbers (or null) but the image's name, and a --pairwise matrix of
+    its method's N (`ns`); else none, with a warning. A
     stop of any kind leaves the file (a signal, Ctrl-C, an error); main removes it once the
     results are written. The numbers come back exactly: JSON keeps every float."""
     if not path.exists():
@@ -1174,7 +1177,7 @@ def kept_scores(path: Path, key: str, stems: list[str], prints: list[str], field
         for entry, stem, fp in zip(entries if same else [], stems, prints):
             if (entry["image"], entry["files"], set(entry["rows"])) != (stem, fp, set(fields)):
                 break  # changed files: this image and the ones after it are scored again
-            if not all(scores_row(entry["rows"][m], stem, f) for m, f in fields.items()):
+            if not all(scores_row(entry["rows"][m], stem, f, ns[m]) for m, f in fields.items()):
                 same, usable = False, []  # (edited: a row of other fields, a "number" not one)
                 break
             usable.append(entry)
@@ -1186,9 +1189,11 @@ def kept_scores(path: Path, key: str, stems: list[str], prints: list[str], field
     return usable
 
 
-def scores_row(row, stem: str, fields: set[str]) -> bool:
-    """Whether `row`, read back from OUT.partial, is one that `score` makes for image `stem`:
-    the `fields`, each a number or null but "image", the stem."""
+def scores_row(row, stem: str, fields: set[str], n: int) -> bool:
+    """Whether `row`, read back from OUT.partial, is one that `score` makes for image `stem` of
+    a method of `n` samples: the `fields`, each a number or null but "image", the stem, and
+    --pairwise's matrix, null for n = 1, else n lists of n numbers (one of another size is of
+    other samples: scored again, not taken)."""
     if not isinstance(row, dict) or set(row) != fields or row["image"] != stem:
         return False
 
@@ -1196,9 +1201,12 @@ def scores_row(row, stem: str, fields: set[str]) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
     matrix = row.get(metrics.PAIRWISE_MATRIX)  # (--pairwise) null, or N lists of N numbers
+    if metrics.PAIRWISE_MATRIX in fields and (matrix is None) != (n == 1):
+        return False
     if matrix is not None and not (
         isinstance(matrix, list)
-        and all(isinstance(r, list) and len(r) == len(matrix) for r in matrix)
+        and len(matrix) == n
+        and all(isinstance(r, list) and len(r) == n for r in matrix)
         and all(number(v) for r in matrix for v in r)
     ):
         return False

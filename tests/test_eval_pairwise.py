@@ -247,10 +247,45 @@ def test_a_stopped_pairwise_run_continues_and_adding_or_dropping_it_starts_over(
 
 
 def test_kept_rows_with_a_matrix_that_is_not_one_are_scored_again(tmp_path):
-    """OUT.partial read back: a row's matrix must be null or N lists of N numbers."""
+    """OUT.partial read back: a row's matrix must be N lists of N numbers for its method's N,
+    null for N = 1."""
     row = {"image": "a", "LPIPS_pairwise": 0.5, MATRIX: [[0, 0.5], [0.5, 0]]}
     fields = set(row)
-    assert sr_eval.scores_row(row, "a", fields)
-    assert sr_eval.scores_row({**row, MATRIX: None, "LPIPS_pairwise": None}, "a", fields)
+    assert sr_eval.scores_row(row, "a", fields, 2)
+    assert sr_eval.scores_row({**row, MATRIX: None, "LPIPS_pairwise": None}, "a", fields, 1)
+    assert not sr_eval.scores_row({**row, MATRIX: None, "LPIPS_pairwise": None}, "a", fields, 2)
+    for n in (1, 3):  # of other samples
+        assert not sr_eval.scores_row(row, "a", fields, n)
     for bad in ([[0, 0.5]], [[0, "x"], [0.5, 0]], "[[0]]", [[0, True], [0.5, 0]], [0, 1]):
-        assert not sr_eval.scores_row({**row, MATRIX: bad}, "a", fields)
+        assert not sr_eval.scores_row({**row, MATRIX: bad}, "a", fields, 2)
+
+
+def test_a_kept_matrix_of_another_n_is_scored_again(tmp_path, capsys, monkeypatch, lpips_file):
+    """A kept row's matrix was checked square, not of its method's N: a row whose matrix is of
+    other samples (2 x 2 where N = 3) was taken into --out as it was, beside rows of 3 x 3. Now
+    it is not taken: one warning line, every image scored again, and --out the bytes of a run
+    never stopped."""
+    names = tuple(f"{k:04d}" for k in range(3))
+    hr_dir, _, sr_dir = make_set(tmp_path, n=3, sizes=((48, 64),) * 3, names=names)
+    out = tmp_path / "r.json"
+    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 3, "--ntire", "--lpips-weights",
+            lpips_file, "--out", out, "--pairwise"]  # fmt: skip
+    assert run(capsys, *argv)[0] == 0
+    whole = out.read_bytes()
+    out.unlink()
+    stop_at_image(monkeypatch, "0002")
+    assert fails(capsys, *argv)[0] == 75
+    partial = tmp_path / "r.json.partial"
+    first, *rest = partial.read_text().splitlines(keepends=True)
+    head = json.loads(first)
+    row = head["images"][0]["rows"]["method_a"]
+    row[MATRIX] = [r[:2] for r in row[MATRIX][:2]]  # as of 2 samples
+    partial.write_text(json.dumps(head) + "\n" + "".join(rest))
+    monkeypatch.undo()
+    calls = stop_at_image(monkeypatch, "none")
+    code, cap = run(capsys, *argv)
+    assert code == 0 and calls == list(names) and out.read_bytes() == whole
+    assert cap.err == (
+        f"sr_eval.py: warning: {partial}: not the scores of this command (other flags or "
+        "settings, or not sr_eval.py's); scoring every image, replacing it\n"
+    )
