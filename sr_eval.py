@@ -75,7 +75,8 @@ is deleted once the results are written. An error after images were scored says 
 many images' scores are kept there (the --json line's kept). An --out or --csv already there (an
 earlier run's) is renamed NAME.old (NAME.old2, ... where taken) when the scoring starts, and an
 earlier report in --report DIR (its index.html, plots/ and images/) moved into a new folder DIR/old
-(old2, ...; DIR alone must be writable), so that a run that ends without its results (a stop, an
+(old2, ...; DIR alone must be writable; a DIR/index.html that is a link stays one, the earlier
+page's bytes moved, its target written), so that a run that ends without its results (a stop, an
 error, Ctrl-C, a kill) leaves no earlier numbers under its name and loses no earlier result; its
 line says where they went; a run that completes deletes the NAME.old (DIR/old) it made, and the
 NAME.old that runs of the same command stopped before it made (kept in OUT.partial; only files
@@ -725,7 +726,10 @@ def set_aside(paths: list[Path], moved: dict[Path, Path], report_dir: Path | Non
     An earlier report in `report_dir` (its index.html) is moved so too, into a new folder DIR/old
     (old2, ... where taken; REPORT_OLD_MARK in it, for `delete_earlier_reports`): its
     index.html, plots/ and images/ only (DIR may hold other files), inside DIR, which needs only
-    DIR writable (its parent may be read-only, DIR a mount point).
+    DIR writable (its parent may be read-only, DIR a mount point). Where DIR/index.html is a
+    symbolic link (to a page served from elsewhere), the link stays, as every output written
+    through a link (`write_target`): the earlier page's bytes go to DIR/old/index.html and its
+    target is removed (the new page is written through the link).
     `moved` then has {DIR/index.html: DIR/old/index.html}, the page to open."""
     for path in paths:
         if exists(real := write_target(path)):  # a link's target: the link stays, for the new
@@ -740,17 +744,31 @@ def set_aside(paths: list[Path], moved: dict[Path, Path], report_dir: Path | Non
         return
     names = (f"{REPORT_OLD}{i}" if i > 1 else REPORT_OLD for i in itertools.count(1))
     aside, done = next(report_dir / n for n in names if not exists(report_dir / n)), []
+    page = report_dir / "index.html"
+    linked = write_target(page) if page.is_symlink() else None  # (its target: a page)
     try:
         aside.mkdir()
         (aside / REPORT_OLD_MARK).write_text("an earlier report, set aside by sr_eval.py\n")
         for part in report.PARTS:  # index.html first: no page is left to show half its files
-            if exists(report_dir / part):
+            if linked and part == "index.html":
+                # the link stays, the new page goes through it; the earlier page waits beside
+                # its images and plots, not under the link without them (a copy: the target
+                # may be on another file system)
+                shutil.copyfile(linked, aside / part)
+                done.append(part)
+                linked.unlink()
+            elif exists(report_dir / part):
                 (report_dir / part).rename(aside / part)
                 done.append(part)
     except OSError as e:
         for part in reversed(done):  # put back: the earlier report stays whole, where it was
             with suppress(OSError):
-                (aside / part).rename(report_dir / part)
+                if linked and part == "index.html":
+                    if not linked.exists():
+                        shutil.copyfile(aside / part, linked)
+                    (aside / part).unlink()
+                else:
+                    (aside / part).rename(report_dir / part)
         with suppress(OSError):
             (aside / REPORT_OLD_MARK).unlink(missing_ok=True)
             aside.rmdir()
@@ -1449,13 +1467,13 @@ def check_no_stray_parts(report_dir: Path) -> None:
     names, and a run that stops would delete both folders whole (report.removed_if_unfinished).
     Whose files they are cannot be told, so the user moves or deletes them. A killed run's half
     report, told by its UNFINISHED mark, is deleted when the scoring starts (report.started)."""
-    index = report_dir / "index.html"
-    if exists(index) and not report.is_report_page(index):
+    index = report_dir / "index.html"  # (a link that leads nowhere: no page, written through)
+    if index.exists() and not report.is_report_page(index):
         raise UsageError(f"--report {report_dir}: {index} is not a page of sr_eval.py (no "
                          f"{report.GENERATOR} in its head); the report would move it to "
                          f"{report_dir / REPORT_OLD} and delete it: move it away, or give "
                          "--report another folder")  # fmt: skip
-    if exists(index) or report.half_report(report_dir):
+    if index.exists() or report.half_report(report_dir):
         return  # (an earlier report, moved aside; a killed run's half one: `report.started`)
     for part in [p for p in report.PARTS if p != "index.html"]:
         if exists(report_dir / part):

@@ -286,6 +286,48 @@ def test_an_earlier_report_that_cannot_be_moved_aside_stays_whole(tmp_path, caps
     assert sorted(p.name for p in rep.iterdir()) == ["images", "index.html", "plots"]
 
 
+def test_a_linked_index_html_stays_a_link_and_its_target_gets_the_new_page(
+    tmp_path, capsys, monkeypatch
+):
+    """DIR/index.html a symbolic link (to a page served from another folder): a rerun moved the
+    link itself into DIR/old, where its relative target led nowhere, and wrote its page as a
+    file in its place: the link was gone and the served page stayed the earlier run's. Now as
+    every output written through a link (sr_lib.data.write_target): the link stays and its
+    target gets the new page; meanwhile the earlier page's bytes wait in DIR/old/index.html
+    beside its images and plots (a stop leaves them there whole, and no page under the link
+    without its images), deleted once the new page is written."""
+    rep, argv, earlier = a_report(tmp_path)
+    site = tmp_path / "site"
+    site.mkdir()
+    (rep / "index.html").rename(site / "page.html")
+    (rep / "index.html").symlink_to(Path("..") / "site" / "page.html")
+    test_eval_cli.stop_at_image(monkeypatch, STEMS[1])
+    code, err = test_eval_cli.fails(capsys, *argv)
+    went = f"{rep / 'index.html'} (an earlier run's) moved to {rep / 'old' / 'index.html'}"
+    assert code == 75 and err.strip().endswith(went), err
+    assert (rep / "index.html").is_symlink() and not (site / "page.html").exists()
+    assert not (rep / "old" / "index.html").is_symlink() and files_in(rep / "old") == earlier
+    assert sorted(p.name for p in rep.iterdir()) == ["index.html", "old"]
+    monkeypatch.undo()
+    assert sr_eval.main(argv) == 0  # (the same command: the same page)
+    assert os.readlink(rep / "index.html") == os.path.join("..", "site", "page.html")
+    assert (site / "page.html").read_bytes() == earlier[Path("index.html")]
+    assert sorted(p.name for p in rep.iterdir()) == ["images", "index.html", "plots"]
+    assert sr_eval.main(argv) == 0  # (an earlier page there: moved aside through the link)
+    assert (rep / "index.html").is_symlink() and files_in(rep) == earlier
+    rename = Path.rename  # images/ cannot be moved: the page goes back through the link
+
+    def no_images(path, target):
+        if Path(target).name == "images":
+            raise OSError(18, "Invalid cross-device link")
+        return rename(path, target)
+
+    monkeypatch.setattr(Path, "rename", no_images)
+    assert test_eval_cli.fails(capsys, *argv)[0] == 7
+    assert (rep / "index.html").is_symlink() and files_in(rep) == earlier
+    assert sorted(p.name for p in rep.iterdir()) == ["images", "index.html", "plots"]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_while_the_earlier_report_is_moved_aside_keeps_it_whole(
     tmp_path, capsys, monkeypatch, sig
