@@ -590,22 +590,25 @@ class LpipsMetric:
         are computed as the next block. Each pair is computed by the same operations on the same
         taps (a batch's trunk pass gives the same taps each time): the same matrix to the bit,
         for trunk passes more: each block's but the first, and the samples after each block
-        (N (N - 1) / 2 + N - 2 at K = 1)."""
+        (N (N - 1) / 2 + N - 2 at K = 1). `features` is emptied then, as its block is done."""
         sizes = [len(features)] if batches is None else [len(b) for b in batches]
         starts = list(itertools.accumulate(sizes, initial=0))  # batch c: starts[c]:starts[c + 1]
         n, k = starts[-1], len(features)
         values = {}
-        block, first, c = list(features), 0, starts.index(k)  # (whole batches)
+        block, first, c = features, 0, starts.index(k)  # (whole batches)
         scratch = self._buffer("pair", (max(f.numel() for f in features[0]),)) if n > 1 else None
         with without_tf32():
             while block:
                 for i, j in itertools.combinations(range(len(block)), 2):
                     values[first + i, first + j] = self._pair(block[i], block[j], scratch)
                 for d in range(c, len(sizes)):  # each later batch, its taps computed again
-                    for j, taps in enumerate(self.taps(stack_crops(batches[d]), copy=False)):
+                    for j, later in enumerate(self.taps(stack_crops(batches[d]), copy=False)):
                         for i, kept in enumerate(block):
-                            values[first + i, starts[d] + j] = self._pair(kept, taps, scratch)
-                first, block = first + len(block), []
+                            values[first + i, starts[d] + j] = self._pair(kept, later, scratch)
+                first += len(block)
+                if batches is not None:  # (`features` too: a block's memory freed before the next)
+                    block.clear()
+                block = []
                 while n - first > 1 and c < len(sizes) and len(block) + sizes[c] <= max(k, 1):
                     block += self.taps(stack_crops(batches[c]))  # the next block (a last one
                     c += 1  # of one sample has no pair left: not computed)

@@ -182,6 +182,21 @@ def test_pairwise_features_that_do_not_fit_are_computed_in_blocks(
     assert calls == [] and list(out.parent.iterdir()) == []
 
 
+def test_pairwise_in_blocks_frees_each_block_and_gives_the_same_matrix(lpips_file):
+    """LpipsMetric.pairwise in blocks of one sample: the matrix of all the taps kept, to the bit,
+    and the caller's list of the first block's taps emptied once its pairs are done (it held
+    them through the next block's: the peak memory of two blocks, not one)."""
+    lm = sr_eval.metrics.LpipsMetric.load(lpips_file)
+    rng = np.random.default_rng(0)
+    crops = [rng.integers(0, 256, (1, 40, 48, 3), dtype=np.uint8) for _ in range(4)]
+    every, first = [], []
+    lm.maps(np.concatenate(crops), crops[0][0], keep=every)  # (batch 1: sample by sample)
+    lm.maps(crops[0], crops[0][0], keep=first)
+    whole = lm.pairwise(every)
+    assert torch.equal(lm.pairwise(first, [[c] for c in crops]), whole) and first == []
+    assert whole.shape == (4, 4) and (whole > 0).sum() == 12
+
+
 def test_free_memory_of_this_machine():
     free = sr_eval.free_memory(torch.device("cpu"))
     assert free is None or 0 < free < 2**50
