@@ -3,10 +3,14 @@
     python tests/bench/bench_eval.py --released NTIRE21_CHECKOUT --lpips-code PS_CHECKOUT
                                      [--images 2] [--n 10] [--repeat 1] [--keep DIR] [--cuda]
     python tests/bench/bench_eval.py --pairwise [--images 2] [--n 10] [--repeat 1] [--keep DIR]
+                                     [--block K]
 
 --pairwise measures what `sr_eval.py --pairwise` adds instead (no released code): sr_eval --ntire
 with and without it, alternately, each in a fresh process on one core: seconds per image (best of
 --repeat) and the process's peak resident memory (ru_maxrss) of each, and their differences.
+--block K adds a third side: --pairwise where the free memory (sr_eval.free_memory, patched)
+holds the taps of K samples only, so the pairs are computed in blocks of K (the others' taps
+computed again), and whether its matrices equal those of the run where all fit, to the bit.
 
 NTIRE21_CHECKOUT is a checkout of github:andreas128/NTIRE21_Learning_SR_Space (measure.py,
 imresize.py), PS_CHECKOUT one of its PerceptualSimilarity submodule (richzhang/PerceptualSimilarity
@@ -171,12 +175,16 @@ def run_ours(hr_dir: Path, sr_dir: Path, n: int, weights: Path, out: Path, devic
     return rows, took, time.perf_counter() - t1
 
 
-def run_pairwise_side(hr_dir: Path, sr_dir: Path, n: int, weights: Path, out: Path, pairwise):
-    """sr_eval.main(--ntire [--pairwise]): (wall s, CPU s, peak resident bytes of the process)."""
+def run_pairwise_side(hr_dir: Path, sr_dir: Path, n: int, weights: Path, out: Path, pairwise,
+                      memory=None):  # fmt: skip
+    """sr_eval.main(--ntire [--pairwise]): (wall s, CPU s, peak resident bytes of the process);
+    `memory`: the free bytes sr_eval sees (None: the machine's)."""
     import resource
 
     import lpips  # noqa: F401  (imports outside the timing)
 
+    if memory is not None:
+        sr_eval.free_memory = lambda device: memory
     torch.set_num_threads(1)
     argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", SCALE, "--n", n, "--device", "cpu"]
     argv += ["--lpips-weights", weights, "--out", out, "--ntire", "--quiet"]
@@ -196,18 +204,22 @@ def bench_pairwise(args) -> None:
         core = min(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {core})
         load_before = os.getloadavg()
-        runs = {False: [], True: []}
+        sides = {False: (False, None), True: (True, None)}  # (--pairwise, free memory)
+        if args.block:
+            sides["blocks"] = (True, metrics.pairwise_bytes((H, W), args.n, SCALE, args.block))
+        runs = {side: [] for side in sides}
         for _ in range(args.repeat):
-            for pairwise in (False, True):
-                out = root / f"p{int(pairwise)}.json"
-                runs[pairwise].append(
+            for side, (pairwise, memory) in sides.items():
+                out = root / f"p{int(pairwise)}{'b' * (memory is not None)}.json"
+                runs[side].append(
                     in_new_process(
-                        run_pairwise_side, hr_dir, sr_dir, args.n, weights, out, pairwise
+                        run_pairwise_side, hr_dir, sr_dir, args.n, weights, out, pairwise, memory
                     )
                 )
         load_after = os.getloadavg()
         rows = json.loads((root / "p1.json").read_text())["per_image"]
         same = json.loads((root / "p0.json").read_text())["per_image"]
+        blocks = json.loads((root / "p1b.json").read_text())["per_image"] if args.block else None
     best = {p: min(r[0] for r in rs) / images for p, rs in runs.items()}
     cpu = {p: min(r[1] for r in rs) / images for p, rs in runs.items()}
     rss = {p: max(r[2] for r in rs) for p, rs in runs.items()}
@@ -223,6 +235,7 @@ def bench_pairwise(args) -> None:
         "s_per_image": {"without": round(best[False], 2), "with": round(best[True], 2)},
         "extra_s_per_image": round(best[True] - best[False], 2),
         "extra_cpu_s_per_image": round(cpu[True] - cpu[False], 2),
+        "cpu_s_per_image": {"without": round(cpu[False], 2), "with": round(cpu[True], 2)},
         "runs_s_per_image": {
             "without": [round(r[0] / images, 2) for r in runs[False]],
             "with": [round(r[0] / images, 2) for r in runs[True]],
@@ -239,9 +252,23 @@ def bench_pairwise(args) -> None:
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
     }
+    if args.block:
+        result["blocks"] = {
+            "block": args.block,
+            "s_per_image": round(best["blocks"], 2),
+            "cpu_s_per_image": round(cpu["blocks"], 2),
+            "runs_s_per_image": [round(r[0] / images, 2) for r in runs["blocks"]],
+            "peak_rss_mb": round(rss["blocks"] / 1e6),
+            "pairwise_bytes_mb": round(
+                metrics.pairwise_bytes((H, W), args.n, SCALE, args.block) / 1e6
+            ),
+            "same_rows_as_with": blocks == rows,
+        }
     print(json.dumps(result))
     if not official:
         raise SystemExit("--pairwise changed an official column")
+    if args.block and blocks != rows:
+        raise SystemExit("the pairs in blocks changed a number")
 
 
 def run_ours_on(cores: set[int], *args):
@@ -266,6 +293,7 @@ def main() -> None:
     ap.add_argument("--keep", type=str, default=None, help="reuse/keep the data in this folder")
     ap.add_argument("--cuda", action="store_true", help="also sr_eval on the GPU, all cores")
     ap.add_argument("--pairwise", action="store_true", help="what --pairwise adds (no --released)")
+    ap.add_argument("--block", type=int, default=0, help="--pairwise: also in blocks of K samples")
     args = ap.parse_args()
     if args.pairwise:
         return bench_pairwise(args)
