@@ -65,9 +65,8 @@ DIR is locked while a run writes it (a second run into it at once: one line, exi
 
 A run stopped before its end keeps the scores of the images done in OUT.partial (written whole at
 a run's first image, then a line appended per image; a last line cut short by a kill is left out)
-beside --out (else
---csv; a rerun that adds or drops --out finds them in its outputs' folders, the newest of the
-same command; without either, nothing is kept): the same command
+beside --out (else --csv; a rerun that adds, drops or renames --out finds them in its outputs'
+folders, the newest of the same command; without either, nothing is kept): the same command
 run again continues after them, and its files are those of a run never stopped. They are taken only
 where every flag but the outputs', the LPIPS weights' sha256, the device and the versions are the
 same, and for the first images whose files (path, size, modification time) are unchanged; the file

@@ -1309,6 +1309,28 @@ def test_a_rerun_that_drops_out_continues_the_scores_kept_beside_it(tmp_path, ca
     assert sorted(p.name for p in res.iterdir()) == ["other.partial", "r.csv"]
 
 
+def test_scores_kept_beside_another_out_are_taken_only_for_the_same_settings(
+    tmp_path, capsys, monkeypatch
+):
+    """A rerun with another --out takes the scores kept beside an earlier --out in its folder
+    (the outputs are no part of the command), checked for what scores_key holds: those of a run
+    with other settings (--color y) are left alone, and every image is scored; those of the
+    same settings continue."""
+    stopped, calls, out, res = stopped_and_rerun(
+        tmp_path, capsys, monkeypatch, ("--out", "a.json", "--color", "y"), ("--out", "b.json")
+    )
+    assert stopped == ["a.json.partial"] and calls == ["0000", "0001", "0002"]
+    assert "continuing" not in out
+    assert sorted(p.name for p in res.iterdir()) == ["a.json.partial", "b.json", "r.csv"]
+    shutil.rmtree(res)
+    stopped, calls, out, res = stopped_and_rerun(
+        tmp_path, capsys, monkeypatch, ("--out", "a.json"), ("--out", "b.json")
+    )
+    assert stopped == ["a.json.partial"] and calls == ["0002"]
+    assert f"continuing from {res / 'b.json.partial'}: 2 of 3 images scored already" in out
+    assert sorted(p.name for p in res.iterdir()) == ["b.json", "r.csv"]
+
+
 def test_a_rerun_scores_again_what_changed_after_the_stop(tmp_path, capsys, monkeypatch):
     """The scores kept are taken only for the same flags and settings, and for the first images
     whose files (size and modification time) did not change: a sample touched since the stop is
