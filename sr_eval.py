@@ -31,7 +31,8 @@ challenge's) or {S}_sample{i:05d}.png; with --n 1 also {k:06d}.png or {S}.png; S
 LR suffix x{scale} (0801x4_sample00000.png: sr_sample.py run on DIV2K_valid_LR_bicubic/X4). The
 layout is detected per SR folder; an ntire_index.json there (sr_sample.py --layout ntire) must name
 the HR image of every index (without one, samples by index of more images than --hr has: a
-warning). Images are listed as by every script (sr_lib.data.list_images, not recursive). LR files
+warning). Images are listed as by every script (sr_lib.data.list_images, not recursive; a link
+to a missing file in --hr is refused). LR files
 (--lr): {S}.png or {S}x{scale}.png. Sizes are checked: an SR is at most HR-sized (HR rounded up to
 a multiple of --scale), an LR is HR/scale (rounded down or up), a sigma map (--uncertainty) float
 (3, H, W) of its samples' size, and the crops are large enough for LPIPS and SSIM; for every image
@@ -1383,7 +1384,16 @@ def hr_images(hr: str) -> dict[str, Path]:
     hr_dir = Path(hr)
     if not hr_dir.is_dir():
         raise DataError(f"--hr {hr_dir}: no such folder")
-    files = list_images(hr_dir, recursive=False)
+    dangling: list[Path] = []
+    with warnings.catch_warnings():  # (its warning: the error line below says it all)
+        warnings.filterwarnings("ignore", r".*: skipped \d+ symbolic link", UserWarning)
+        files = list_images(hr_dir, recursive=False, dangling=dangling)
+    if dangling:  # the means over fewer images than the dataset, compared as the whole: refused
+        link = dangling[0]
+        more = f" and {len(dangling) - 1} more" if len(dangling) > 1 else ""
+        raise DataError(f"--hr {hr_dir}: {link.name} is a symbolic link to a missing file "
+                        f"({os.readlink(link)}){more}: the scores would leave out its image; "
+                        "restore the link's target or remove the link")  # fmt: skip
     dup = shared_stem(files)
     if dup is not None:
         raise DataError(f"--hr {hr_dir}: two images share the stem {dup!r}; rename one")

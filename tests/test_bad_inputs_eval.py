@@ -280,15 +280,28 @@ def test_at_least_twenty_cases():
     assert len({c[0] for c in CASES}) == len(CASES) >= 20
 
 
-def test_a_link_to_a_missing_image_is_a_warning(world, capsys):
-    """A dangling symlink in --hr was skipped without a word (its image missing from the means)."""
+def test_a_link_to_a_missing_ground_truth_is_refused(world, capsys):
+    """A dangling symlink in --hr was skipped with a warning, exit 0 (before that without a
+    word): the means then leave out its image, compared with others' over the whole dataset.
+    Refused before any work, one line naming the link and its target, exit 3."""
     (world / "hr" / "c.png").symlink_to(world / "moved" / "c.png")
-    assert sr_eval.main(args(world)) == 0
+    out = world / "r.json"
+    with pytest.raises(SystemExit) as e:
+        sr_eval.main(args(world, "--out", str(out)))
+    assert e.value.code == 3
     err = capsys.readouterr().err.splitlines()
     assert err == [
-        f"sr_eval.py: warning: {world / 'hr'}: skipped 1 symbolic link(s) to missing files, e.g. "
-        f"{world / 'hr' / 'c.png'} -> {world / 'moved' / 'c.png'}"
+        f"sr_eval.py: error: --hr {world / 'hr'}: c.png is a symbolic link to a missing file "
+        f"({world / 'moved' / 'c.png'}): the scores would leave out its image; restore the "
+        "link's target or remove the link"
     ]
+    assert not out.exists()
+    (world / "hr" / "d.png").symlink_to(world / "moved" / "d.png")
+    with pytest.raises(SystemExit) as e:
+        sr_eval.main(args(world))
+    err = capsys.readouterr().err
+    assert e.value.code == 3
+    assert "c.png is a symbolic link to a missing file" in err and ") and 1 more: the" in err
 
 
 @pytest.mark.parametrize("flags", [["--lpips-batch", "2"], ["--device", "cpu"]])

@@ -826,7 +826,8 @@ def test_ntire_index_follows_the_one_order_and_a_wrong_map_is_an_error(tmp_path,
 
 def test_files_are_listed_as_every_script_lists_them(tmp_path, capsys):
     """Issue 20 item 3: a folder named x.png, '._x.png' (macOS metadata) and a dangling link are
-    not images; a symlinked --hr / --sr folder is followed."""
+    not images (in --hr the link is refused: test_bad_inputs_eval); a symlinked --hr / --sr folder
+    is followed."""
     real_hr, real_sr = tmp_path / "real_hr", tmp_path / "real_sr"
     real_hr.mkdir()
     for k, stem in enumerate(("0801", "0802")):
@@ -835,12 +836,14 @@ def test_files_are_listed_as_every_script_lists_them(tmp_path, capsys):
     for d in (real_hr, real_sr):
         (d / "x.png").mkdir()
         (d / "._0801.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
-        (d / "gone.png").symlink_to(tmp_path / "deleted.png")
+    (real_sr / "gone.png").symlink_to(tmp_path / "deleted.png")
     (tmp_path / "hr").symlink_to(real_hr)
     (tmp_path / "sr").symlink_to(real_sr)
-    assert [p.name for p in data.list_images(tmp_path / "hr", recursive=False)] == [
-        "0801.png",
-        "0802.png",
+    assert [p.name for p in data.list_images(tmp_path / "sr", recursive=False)] == [
+        "000000_sample00000.png",
+        "000000_sample00001.png",
+        "000001_sample00000.png",
+        "000001_sample00001.png",
     ]
     out = tmp_path / "r.json"
     args = ["--hr", tmp_path / "hr", "--sr", tmp_path / "sr", "--scale", 4, "--n", 2]
