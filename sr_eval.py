@@ -1607,7 +1607,9 @@ def check_pairwise(args: EvalArgs, hr: dict[str, Path], methods, device, batch: 
     passes more). Only where the fewest it keeps at once, one LPIPS batch's (`batch` samples),
     do not fit for the largest image is it refused, before LPIPS is loaded or any image scored:
     one line naming what helps (a smaller --lpips-batch where one fits, else no --pairwise),
-    exit 4, not an out-of-memory error images later."""
+    exit 4, not an out-of-memory error images later. The memory free is counted less what the
+    scoring of the largest image takes there beside the features (`scoring_reserve`): features
+    filling all of it would leave the LPIPS pass itself out of memory."""
     single = [m.name for m in methods if m.n == 1]
     if single:
         warn(f"--pairwise: {', '.join(single)}: one sample per image (N = 1), no pairs; "
@@ -1617,9 +1619,12 @@ def check_pairwise(args: EvalArgs, hr: dict[str, Path], methods, device, batch: 
     if free is None:
         return None
     fewest = min(batch, most)  # (samples: one batch, the smallest block)
+    sizes = [(stem, size) for stem, size in ((s, image_size(p)) for s, p in hr.items()) if size]
+    samples = [m.n for m in methods]
+    reserve = max((scoring_reserve(size, device, batch, samples) for _, size in sizes), default=0)
+    free = max(0, free - reserve)
     needs = [(metrics.pairwise_bytes(size, most, args.scale, fewest), stem, size)
-             for stem, size in ((stem, image_size(path)) for stem, path in hr.items())
-             if size is not None]  # fmt: skip
+             for stem, size in sizes]  # fmt: skip
     need, stem, (h, w) = max(needs, default=(0, None, (0, 0)))
     if need > free:
         where = f"on {device}" if device.type == "cuda" else "in this machine's memory"
@@ -1629,10 +1634,22 @@ def check_pairwise(args: EvalArgs, hr: dict[str, Path], methods, device, batch: 
         one = "one sample" if fewest == 1 else f"{fewest} samples (one --lpips-batch)"
         raise OutOfMemory(
             f"--pairwise: the LPIPS features of {one} of {stem} ({w}x{h}), the fewest it keeps "
-            f"at once for the pairs, take {gb(need)}, more than the {gb(free)} free {where}; "
-            f"{smaller}drop --pairwise"
+            f"at once for the pairs, take {gb(need)}, more than the {gb(free)} free {where} "
+            f"beside the scoring's own {gb(reserve)}; {smaller}drop --pairwise"
         )
     return free
+
+
+def scoring_reserve(size: tuple[int, int], device, batch: int, samples: list[int]) -> int:
+    """Bytes that scoring an image of ground-truth `size` (H, W) takes on the LPIPS `device`
+    beside --pairwise's features: one LPIPS pass of a batch (LPIPS_BYTES, measured on a CPU; a
+    GPU's pass holds the same float32 maps), and in a CPU's memory also the image's files
+    decoded, `samples` of each --sr folder, and as much again for the next image's (read
+    ahead)."""
+    px = size[0] * size[1]
+    lpips = (LPIPS_BYTES[0] + LPIPS_BYTES[1] * min(batch, max(samples))) * px
+    files = 2 * 3 * px * (1 + sum(samples)) if device.type == "cpu" else 0
+    return lpips + files
 
 
 def free_memory(device) -> int | None:

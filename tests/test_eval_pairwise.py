@@ -150,11 +150,18 @@ def test_pairwise_features_that_do_not_fit_are_computed_in_blocks(
             "--pairwise", "--lpips-weights", lpips_file, "--out", out]  # fmt: skip
     whole = {}
     for batch in ("1", "2"):
-        monkeypatch.setattr(sr_eval, "free_memory", lambda device: all5)
+        # what the scoring itself takes beside the features (the 53x70 image's: the largest)
+        reserve = sr_eval.scoring_reserve((53, 70), torch.device("cpu"), int(batch), [5, 2])
+        monkeypatch.setattr(sr_eval, "free_memory", lambda device, f=reserve + all5: f)
         assert run(capsys, *argv, "--lpips-batch", batch)[0] == 0 and passes == []
         whole[batch] = out.read_bytes()
+        # all five's features would fit only by taking a byte of the scoring's own: in blocks
+        monkeypatch.setattr(sr_eval, "free_memory", lambda device, f=reserve + all5 - 1: f)
+        assert run(capsys, *argv, "--lpips-batch", batch)[0] == 0
+        assert out.read_bytes() == whole[batch] and passes, batch
+        passes.clear()
         for fit in (1, 3) if batch == "1" else (3,):  # samples whose taps fit (at batch 2: 2)
-            free = sr_eval.metrics.pairwise_bytes((53, 70), 5, 4, fit)
+            free = reserve + sr_eval.metrics.pairwise_bytes((53, 70), 5, 4, fit)
             monkeypatch.setattr(sr_eval, "free_memory", lambda device, free=free: free)
             assert run(capsys, *argv, "--lpips-batch", batch)[0] == 0
             assert out.read_bytes() == whole[batch] and passes, (batch, fit)
@@ -171,13 +178,15 @@ def test_pairwise_features_that_do_not_fit_are_computed_in_blocks(
         ("1", one - 1, one, "one sample"),
         ("2", one, two, "2 samples (one --lpips-batch)"),
     ):
-        monkeypatch.setattr(sr_eval, "free_memory", lambda device, free=free: free)
+        reserve = sr_eval.scoring_reserve((53, 70), torch.device("cpu"), int(batch), [5, 2])
+        monkeypatch.setattr(sr_eval, "free_memory", lambda device, f=reserve + free: f)
         code, err = fails(capsys, *argv, "--lpips-batch", batch)
         hint = "use --lpips-batch 1 (this run's: 2) or " if batch == "2" else ""
         assert code == 4 and err == (
             f"sr_eval.py: error: --pairwise: the LPIPS features of {said} of 0802 (70x53), the "
             f"fewest it keeps at once for the pairs, take {sr_eval.gb(need)}, more than the "
-            f"{sr_eval.gb(free)} free in this machine's memory; {hint}drop --pairwise\n"
+            f"{sr_eval.gb(free)} free in this machine's memory beside the scoring's own "
+            f"{sr_eval.gb(reserve)}; {hint}drop --pairwise\n"
         )  # (both images have a 64x48 crop: the last of the largest is named)
     assert calls == [] and list(out.parent.iterdir()) == []
 
