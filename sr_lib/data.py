@@ -53,7 +53,7 @@ from sr_lib.errors import (
     SRSpaceError,
     UsageError,
 )
-from sr_lib.resize import imresize, resize_matrix
+from sr_lib.resize import contributions, imresize
 from sr_lib.threads import finish, new_pool, result, signals_held, submit, thread_map
 
 try:  # libpng: plain 8-bit RGB PNGs in half Pillow's time, off the GIL (README, "Dependencies")
@@ -1158,16 +1158,16 @@ def degrade(
     """uint8 HWC HR (sides multiples of the scale) -> uint8 LR.
 
     blur 0: the LR acted on is `lr`, the HR's MATLAB-bicubic downscale as the pairs without a
-    degradation have it (`imresize`'s uint8, rounded per pass), made from `hr` where not given.
-    blur > 0: the HR blurred (standard deviation `blur` HR pixels, `blur_matrix`) and then
-    downscaled by imresize's taps, both linear and separable, so one (H/s, H) and one (W/s, W)
-    matrix in float64. Then Gaussian noise of standard deviation `noise` levels (drawn from
-    `rng`, independently per pixel and channel, where `rng` is given, even at noise 0, so that
-    the stream does not depend on the value drawn; `gray`, an image whose channels are equal:
-    one field for all channels, so that it stays gray), clipped to 0..255 and rounded (half to
-    even), then `jpeg` at `quality` (None: none)."""
+    degradation have it (`imresize`'s uint8, rounded per pass), made from `hr` where not given
+    (a float `lr`: a blurred LR made already, `blur_downscale`). blur > 0: `blur_downscale`,
+    the HR blurred (standard deviation `blur` HR pixels) and then downscaled by imresize's taps,
+    in float64. Then Gaussian noise of standard deviation `noise` levels (drawn from `rng`,
+    independently per pixel and channel, where `rng` is given, even at noise 0, so that the
+    stream does not depend on the value drawn; `gray`, an image whose channels are equal: one
+    field for all channels, so that it stays gray), clipped to 0..255 and rounded (half to even),
+    then `jpeg` at `quality` (None: none)."""
     if blur > 0:
-        x = _blur_downscale(hr, scale, blur)
+        x = blur_downscale(hr, scale, blur)
     else:
         x = imresize(hr, 1 / scale) if lr is None else lr
     if rng is not None:
@@ -1176,36 +1176,89 @@ def degrade(
     return jpeg(x, quality) if quality is not None else np.ascontiguousarray(x)
 
 
-def _blur_downscale(hr: np.ndarray, scale: int, blur: float) -> np.ndarray:
-    """float64 (H/s, W/s, C): imresize(Gaussian blur of hr, 1/s), not rounded."""
-    (h, w, c), s = hr.shape, scale
+def blur_downscale(
+    hr: np.ndarray, scale: int, sigma: float, box: tuple[int, int, int, int] | None = None
+) -> np.ndarray:
+    """float64 (H/s, W/s, C): imresize(Gaussian blur of hr, 1/s), not rounded, the blur's borders
+    reflected at the image's (`blur_matrix`). box (y, x, h, w) in LR pixels: that part of it
+    only, computed from the HR within the taps' reach of it.
+
+    Both steps are linear and separable: per axis, each LR pixel is a band of HR pixels, the
+    bicubic taps (`contributions`) each spread over the blur's (`_blurred_band`). That band is
+    applied to a few LR rows (then columns) at a time, as a small dense product with the HR rows
+    they read, so that time and memory are those of the image (a dense (H, H) matrix per axis
+    took 11 s and 640 MB more at 4096² on one thread; docs/benchmarks.md)."""
+    (big_h, big_w, c), s = hr.shape, scale
+    y, x, h, w = box if box is not None else (0, 0, big_h // s, big_w // s)
+    # a few LR pixels per product: about as many HR pixels as the band is wide, so that most of
+    # each product is taps, and the HR rows read (and converted to float64) stay few
+    taps = contributions(big_w, big_w // s, 1 / s)[1].shape[1] + 2 * _blur_radius(sigma)
+    step = max(1, -(-taps // s))
     # torch, not numpy: numpy's BLAS runs a pool of threads per process, loader workers too, which
     # made these products 15x slower on a loaded machine; torch runs one thread in a worker
-    rows, cols = (resize_matrix(n, n // s, 1 / s, dtype=torch.float64) for n in (h, w))
-    rows = rows @ torch.from_numpy(blur_matrix(h, blur))
-    cols = cols @ torch.from_numpy(blur_matrix(w, blur))
-    hr = torch.from_numpy(np.ascontiguousarray(hr))  # (a flipped patch: negative strides)
-    x = rows @ hr.reshape(h, w * c).double()  # (H/s, W·C)
-    x = cols @ x.view(h // s, w, c).transpose(0, 1).reshape(w, -1)  # (W/s, H/s·C)
-    return x.view(w // s, h // s, c).transpose(0, 1).numpy()  # (H/s, W/s, C)
+    cols = [_blurred_band(big_w, s, sigma, j, min(j + step, x + w)) for j in range(x, x + w, step)]
+    c0, c1 = min(a for a, _ in cols), max(a + m.shape[1] for a, m in cols)  # HR columns read
+    rows = torch.from_numpy(np.empty((h, c1 - c0, c)))  # the rows' pass
+    for j in range(y, y + h, step):
+        a, m = _blurred_band(big_h, s, sigma, j, min(j + step, y + h))
+        part = np.ascontiguousarray(hr[a : a + m.shape[1], c0:c1], np.float64)  # (one thread)
+        done = torch.from_numpy(m) @ torch.from_numpy(part).view(m.shape[1], -1)
+        rows[j - y : j - y + len(m)] = done.view(len(m), c1 - c0, c)
+    out = np.empty((h, w, c))
+    for (a, m), j in zip(cols, range(0, w, step)):  # the columns' pass, on the rows'
+        part = rows[:, a - c0 : a - c0 + m.shape[1]]  # (h, HR columns, C)
+        done = torch.tensordot(torch.from_numpy(m), part, dims=([1], [1]))  # (LR columns, h, C)
+        out[:, j : j + len(m)] = done.numpy().transpose(1, 0, 2)
+    return out
 
 
-def blur_matrix(n: int, sigma: float) -> np.ndarray:
-    """The (n, n) matrix of a 1-D Gaussian blur of standard deviation `sigma` pixels: taps
-    exp(-d^2 / (2 sigma^2)) out to ceil(3 sigma), normalised to sum 1, the borders reflected
-    without repeating the edge pixel (numpy's "reflect", OpenCV's BORDER_REFLECT_101; again and
-    again where the taps reach beyond the other side)."""
-    r = max(1, math.ceil(3 * sigma))
+def _blurred_band(n: int, s: int, sigma: float, lo: int, hi: int) -> tuple[int, np.ndarray]:
+    """(a, m): LR pixels lo..hi-1 along an axis of n HR pixels (of the HR blurred, then
+    downscaled by s) are m @ HR[a : a + m.shape[1]] along that axis. Row j of m: imresize's taps
+    of LR pixel j, at HR pixels i (mirrored, `contributions`), each spread over the blur's taps
+    around i, reflected at the axis' ends (`_reflect`): the rows lo..hi-1 of (resize matrix) @
+    `blur_matrix(n, sigma)`, without making either (n, n)."""
+    ind, weights = contributions(n, n // s, 1 / s)
+    r = _blur_radius(sigma)
+    src = _reflect(ind[lo:hi, :, None] + np.arange(-r, r + 1), n)  # (LR pixels, taps, blur taps)
+    a, width = int(src.min()), int(src.max()) + 1 - int(src.min())
+    at = np.arange(hi - lo)[:, None, None] * width + (src - a)
+    m = np.bincount(at.ravel(), (weights[lo:hi, :, None] * gaussian_taps(sigma)).ravel(),
+                    (hi - lo) * width)  # fmt: skip
+    return a, m.reshape(hi - lo, width)
+
+
+def _blur_radius(sigma: float) -> int:
+    return max(1, math.ceil(3 * sigma))
+
+
+def gaussian_taps(sigma: float) -> np.ndarray:
+    """The 1-D Gaussian blur's taps at -r..r, r = ceil(3 sigma) (at least 1): exp(-d^2 /
+    (2 sigma^2)), normalised to sum 1."""
+    r = _blur_radius(sigma)
     # (d / sigma) squared, not d^2 / sigma^2: a sigma below 1e-162 squares to 0, and the centre
     # tap 0 / 0 was NaN, the LR black (--lr-blur 1e-300 trained on it, one numpy warning)
     taps = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
-    at = np.arange(n)[:, None] + np.arange(-r, r + 1)  # (n, 2r + 1) source pixels
-    if n > 1:
-        at = np.abs((at + n - 1) % (2 * n - 2) - (n - 1))  # folded into 0..n-1
-    else:
-        at = np.zeros_like(at)
+    return taps / taps.sum()
+
+
+def _reflect(at: np.ndarray, n: int) -> np.ndarray:
+    """Pixel positions on an axis of n pixels folded into 0..n-1, reflected without repeating the
+    edge pixel (numpy's "reflect", OpenCV's BORDER_REFLECT_101; again and again where they reach
+    beyond the other side)."""
+    if n == 1:
+        return np.zeros_like(at)
+    return np.abs((at + n - 1) % (2 * n - 2) - (n - 1))
+
+
+def blur_matrix(n: int, sigma: float) -> np.ndarray:
+    """The (n, n) matrix of a 1-D Gaussian blur of standard deviation `sigma` pixels
+    (`gaussian_taps`), the borders reflected (`_reflect`): the blur `blur_downscale` applies,
+    written out (it is never made there)."""
+    r = _blur_radius(sigma)
+    at = _reflect(np.arange(n)[:, None] + np.arange(-r, r + 1), n)  # (n, 2r + 1) source pixels
     m = np.zeros((n, n))
-    np.add.at(m, (np.arange(n)[:, None].repeat(2 * r + 1, 1), at), taps / taps.sum())
+    np.add.at(m, (np.arange(n)[:, None].repeat(2 * r + 1, 1), at), gaussian_taps(sigma))
     return m
 
 

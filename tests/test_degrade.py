@@ -1,9 +1,11 @@
 """Degradations beyond bicubic: sr_train.py --lr-blur, --lr-noise, --lr-jpeg (sr_lib.data's
 Degradation, degrade, blur_matrix, jpeg). Every image is made here; tiny and in-process."""
 
+import hashlib
 import io
 import json
 import math
+import tracemalloc
 import types
 import warnings
 from pathlib import Path
@@ -19,6 +21,7 @@ from sr_lib.checkpoint import load_checkpoint, save_checkpoint
 from sr_lib.data import (
     Degradation,
     PatchPairs,
+    blur_downscale,
     blur_matrix,
     degradation_range,
     degrade,
@@ -34,7 +37,7 @@ from sr_lib.data import (
 )
 from sr_lib.errors import UsageError
 from sr_lib.models import build_model
-from sr_lib.resize import imresize
+from sr_lib.resize import imresize, resize_matrix
 
 ALL = Degradation(blur=(0.5, 2.0), noise=(1.0, 8.0), jpeg=(30, 90))
 
@@ -158,6 +161,24 @@ def test_without_degradation_the_pairs_are_the_bicubic_pairs_of_before(hr_dir):
             )
 
 
+def test_the_bicubic_pairs_are_pinned_bit_for_bit(tmp_path):
+    """sha256 over six steps' uint8 (LR, HR) batches without a degradation, pinned (measured on
+    the code before the blur was made banded): a change to the degradations' code that moved
+    the plain pairs, or their crops, fails here. Images made with numpy alone (Pillow's resize
+    may change between versions); PNG is lossless."""
+    for i, (h, w) in enumerate([(70, 90), (64, 64), (99, 50)]):
+        rng = np.random.default_rng(i)
+        coarse = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3)).astype(np.int16)
+        img = np.repeat(np.repeat(coarse, 8, 0), 8, 1)[:h, :w] + rng.integers(-6, 7, (h, w, 3))
+        write_png(tmp_path / f"{i}.png", np.clip(img, 0, 255).astype(np.uint8))
+    ds = PatchPairs([tmp_path], 4, 8, 4, seed=11)
+    sha = hashlib.sha256()
+    for step in range(6):
+        for x in ds.crops(step):
+            sha.update(x.tobytes())
+    assert sha.hexdigest() == "545410a49d51c4607900b90cc212a20009aa2bce3ee100eca1e41cbe7d5f2d9c"
+
+
 def test_a_sigma_of_zero_is_unset_beside_jpeg_too(hr_dir, capsys):
     """--lr-noise 0 with --lr-jpeg drew a noise sigma per patch first, which moved the JPEG
     qualities: other pairs than --lr-jpeg alone, and a resume adding it said a changed flag."""
@@ -189,6 +210,41 @@ def test_degraded_lr_is_made_from_the_hr_patch_and_the_crops_stay(hr_dir):
     lr = PatchPairs([hr_dir], 4, 8, 5, seed=2, degradation=Degradation(jpeg=(40, 40))).crops(3)[0]
     for ours, before in zip(lr, plain.crops(3)[0], strict=True):
         assert np.array_equal(ours.transpose(1, 2, 0), jpeg(before.transpose(1, 2, 0), 40))
+
+
+def test_blur_downscale_is_the_blur_and_bicubic_matrices_product():
+    """Banded: the same linear map as the dense (n/s, n) @ (n, n) products it replaced."""
+    rng = np.random.default_rng(7)
+    for h, w, s, sigma in (
+        (64, 48, 4, 0.7),
+        (36, 60, 3, 2.0),
+        (32, 32, 4, 40.0),
+        (16, 8, 2, 100.0),
+    ):
+        hr = rng.integers(0, 256, (h, w, 3), np.uint8)
+        rows, cols = (
+            resize_matrix(n, n // s, 1 / s, dtype=torch.float64).numpy() @ blur_matrix(n, sigma)
+            for n in (h, w)
+        )
+        dense = np.einsum("ih,jw,hwc->ijc", rows, cols, hr.astype(np.float64))
+        assert np.allclose(blur_downscale(hr, s, sigma), dense, rtol=0, atol=1e-9)
+        box = (1, 2, h // s - 2, w // s - 3)
+        part = dense[box[0] : box[0] + box[2], box[1] : box[1] + box[3]]
+        assert np.allclose(blur_downscale(hr, s, sigma, box), part, rtol=0, atol=1e-9)
+
+
+def test_blur_downscale_makes_no_matrix_of_the_image_side():
+    """One (n, n) float64 blur matrix per axis: a 4096-pixel strip 16 wide (192 KiB) made 128
+    MiB of it (161 MiB of numpy arrays at the peak), 640 MB more at 4096² (docs/benchmarks.md).
+    Its memory is now of the order of the image's in float64."""
+    hr = np.random.default_rng(0).integers(0, 256, (4096, 16, 3), np.uint8)
+    tracemalloc.start()
+    try:
+        lr = blur_downscale(hr, 4, 2.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert lr.shape == (1024, 4, 3) and peak < 4 * hr.size * 8, peak
 
 
 def test_degraded_batches_do_not_depend_on_workers_or_resume_or_cache(hr_dir, tmp_path):
