@@ -1181,7 +1181,8 @@ def blur_downscale(
 ) -> np.ndarray:
     """float64 (H/s, W/s, C): imresize(Gaussian blur of hr, 1/s), not rounded, the blur's borders
     reflected at the image's (`blur_matrix`). box (y, x, h, w) in LR pixels: that part of it
-    only, computed from the HR within the taps' reach of it.
+    only, computed from the HR within the taps' reach of it (a training patch's LR is the crop
+    of its whole image's, the image around the patch blurred into it, not the patch reflected).
 
     Both steps are linear and separable: per axis, each LR pixel is a band of HR pixels, the
     bicubic taps (`contributions`) each spread over the blur's (`_blurred_band`). That band is
@@ -1611,10 +1612,11 @@ class PatchPairs(Dataset):
     patch are skipped with one warning. Decoded images are held in RAM (about 7 GB for DIV2K's
     800); with `cache` (a folder) they are stored once as .npy files and memory-mapped instead.
     With a `degradation` (one that is set) each LR patch is degraded after the flip/rotation
-    (`degrade`): noise and JPEG act on the LR patch above; a blur makes it from its HR patch
-    instead (blurred, then downscaled; both reflect the patch's borders). The draws continue
-    the step's generator after the crops', so that they too are a function of (seed, rank,
-    step) and the crops are those of the same run without a degradation.
+    (`degrade`): noise and JPEG act on the LR patch above; a blur makes it from the HR instead,
+    as the crop of the whole image's blurred and downscaled LR (`blur_downscale`: the patch's
+    LR reads the image around it, reflected only at the image's borders), flipped/rotated as
+    the patch. The draws continue the step's generator after the crops', so that they too are a
+    function of (seed, rank, step) and the crops are those of the same run without a degradation.
     """
 
     def __init__(
@@ -1789,7 +1791,12 @@ class PatchPairs(Dataset):
             hr[b] = hr_crop.transpose(2, 0, 1)
             lr_crop = dihedral(lr_img[y : y + p, x : x + p], t)
             if deg:  # the noise fields in patch order, after all the batch's draws
-                lr_crop = degrade(hr_crop, s, *draws[b], rng if deg.noise else None, lr_crop)
+                blur, noise, quality = draws[b]
+                if blur > 0:  # the crop of the whole image's blurred LR (the image around the
+                    # patch blurred into it), flipped/rotated as the HR patch, as the LR above
+                    lr_crop = dihedral(blur_downscale(hr_img, s, blur, (y, x, p, p)), t)
+                noise_rng = rng if deg.noise else None
+                lr_crop = degrade(hr_crop, s, 0.0, noise, quality, noise_rng, lr_crop)
             lr[b] = lr_crop.transpose(2, 0, 1)
         return lr, hr
 

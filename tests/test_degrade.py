@@ -194,22 +194,44 @@ def test_a_sigma_of_zero_is_unset_beside_jpeg_too(hr_dir, capsys):
         assert getattr(args, flag[2:].replace("-", "_")) == ""  # recorded as unset
 
 
-def test_degraded_lr_is_made_from_the_hr_patch_and_the_crops_stay(hr_dir):
+def test_degraded_lr_is_made_from_the_hr_and_the_crops_stay(hr_dir):
     plain = PatchPairs([hr_dir], 4, 8, 5, seed=2)
     ds = PatchPairs([hr_dir], 4, 8, 5, seed=2, degradation=ALL)
     lr, hr = ds.crops(3)
     assert np.array_equal(hr, plain.crops(3)[1])  # the same patches, flips and rotations
     assert not np.array_equal(lr, plain.crops(3)[0])
-    rng, *_ = ds._plan(3)  # the step's generator after the crops: the batch's draws, the noise
-    draws = ALL.draw(rng, 5)
-    for b in range(5):
-        assert np.array_equal(
-            lr[b], degrade(hr[b].transpose(1, 2, 0), 4, *draws[b], rng).transpose(2, 0, 1)
-        )
+    # the step's generator after the crops: the batch's draws, then the noise fields in order;
     # without a blur, noise and JPEG act on the plain pairs' LR (the whole image's bicubic)
+    noisy = Degradation(noise=ALL.noise, jpeg=ALL.jpeg)
+    lr = PatchPairs([hr_dir], 4, 8, 5, seed=2, degradation=noisy).crops(3)[0]
+    rng, *_ = plain._plan(3)
+    draws = noisy.draw(rng, 5)
+    for b, before in enumerate(plain.crops(3)[0]):
+        want = degrade(hr[b].transpose(1, 2, 0), 4, *draws[b], rng, before.transpose(1, 2, 0))
+        assert np.array_equal(lr[b], want.transpose(2, 0, 1))
     lr = PatchPairs([hr_dir], 4, 8, 5, seed=2, degradation=Degradation(jpeg=(40, 40))).crops(3)[0]
     for ours, before in zip(lr, plain.crops(3)[0], strict=True):
         assert np.array_equal(ours.transpose(1, 2, 0), jpeg(before.transpose(1, 2, 0), 40))
+
+
+def test_a_blurred_patchs_lr_is_the_crop_of_its_whole_images_blurred_lr(hr_dir):
+    """The blur reflected the patch's own borders (and the downscale mirrored them): its LR's
+    edge pixels were not the image's LR there, a seam of the patch's making. The blur and the
+    downscale now read the image around the patch, reflected only at the image's borders."""
+    sigma, s, p = 2.5, 4, 8
+    ds = PatchPairs([hr_dir], s, p, 12, seed=3, degradation=Degradation(blur=(sigma, sigma)))
+    wholes = [mod_crop(read_image(f), s) for f in list_images(hr_dir)]
+    for step in (0, 1):
+        lr, _ = ds.crops(step)
+        for b, (i, y, x, t) in enumerate(zip(*ds.plan(step))):
+            whole = degrade(wholes[i], s, blur=sigma)  # (uint8: rounded)
+            assert np.array_equal(
+                lr[b].transpose(1, 2, 0), dihedral(whole[y : y + p, x : x + p], t)
+            )
+    exact = blur_downscale(wholes[0], s, sigma)  # (17, 22): patches inside and at each corner
+    for y, x in ((5, 7), (0, 0), (17 - p, 22 - p), (0, 22 - p), (17 - p, 3)):
+        part = blur_downscale(wholes[0], s, sigma, (y, x, p, p))
+        assert np.allclose(part, exact[y : y + p, x : x + p], rtol=0, atol=1e-9)
 
 
 def test_blur_downscale_is_the_blur_and_bicubic_matrices_product():
