@@ -185,6 +185,7 @@ from sr_lib.data import (
     degradation_of,
     demo_files,
     encode_png,
+    equal_channels,
     image_size,
     list_images,
     mod_crop,
@@ -1532,7 +1533,8 @@ def read_input(path: Path, s: int, from_hr: bool, lr_file: Path | None,
         if degradation:  # 8-bit, as in training (the noise is in 8-bit levels, JPEG is 8-bit)
             if img.dtype != np.uint8:  # (--bit-depth 16: x / 65535, rounded as round(x / 257))
                 img = np.rint(img * 255).astype(np.uint8)
-            img = validation_degradation(img, s, degradation, path.stem, gray=planes.gray)
+            gray = equal_channels(img)  # (a gray file's; an RGB one's too, as sr_train.py's)
+            img = validation_degradation(img, s, degradation, path.stem, gray=gray)
         else:
             img = imresize(img, 1 / s)  # uint8 stays uint8 (bit-exact with NTIRE's); float: float64
         if img.dtype != np.uint8:

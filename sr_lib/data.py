@@ -1163,9 +1163,9 @@ def degrade(
     the HR blurred (standard deviation `blur` HR pixels) and then downscaled by imresize's taps,
     in float64. Then Gaussian noise of standard deviation `noise` levels (drawn from `rng`,
     independently per pixel and channel, where `rng` is given, even at noise 0, so that the
-    stream does not depend on the value drawn; `gray`, an image whose channels are equal: one
-    field for all channels, so that it stays gray), clipped to 0..255 and rounded (half to even),
-    then `jpeg` at `quality` (None: none)."""
+    stream does not depend on the value drawn; `gray`, an image whose channels are equal
+    (`equal_channels`): one field for all channels, so that it stays gray), clipped to 0..255 and
+    rounded (half to even), then `jpeg` at `quality` (None: none)."""
     if blur > 0:
         x = blur_downscale(hr, scale, blur)
     else:
@@ -1174,6 +1174,12 @@ def degrade(
         x = x + rng.standard_normal(x.shape[:2] + (1,) if gray else x.shape) * noise  # float64
     x = np.rint(np.clip(x, 0, 255)).astype(np.uint8) if x.dtype != np.uint8 else x
     return jpeg(x, quality) if quality is not None else np.ascontiguousarray(x)
+
+
+def equal_channels(img: np.ndarray) -> bool:
+    """Whether an HWC image's channels are all equal: a gray image read as RGB (its channels are
+    copies), whose degraded LR is made gray too (`degrade`'s `gray`)."""
+    return bool((img[..., 1:] == img[..., :1]).all())
 
 
 def blur_downscale(
@@ -1361,7 +1367,9 @@ def validation_degradation(
 ) -> np.ndarray:
     """A validation image's degraded LR, the same at every validation and in every run with the
     same flags (independent of --seed): its draws and noise come from a generator seeded by its
-    stem. `gray`: a gray image's noise is gray (sr_sample.py --from-hr writes its LR gray)."""
+    stem. `gray`: the noise one field for all channels, for an image whose channels are equal
+    (`equal_channels`), so that its LR stays gray (sr_sample.py --from-hr writes a gray file's
+    LR gray)."""
     digest = hashlib.sha256(stem.encode("utf-8", "surrogateescape")).digest()
     rng = np.random.default_rng([VAL_DEGRADE_SEED, int.from_bytes(digest[:8], "little")])
     return degradation.apply(hr, scale, rng, lr, gray)
@@ -1383,7 +1391,8 @@ def load_pairs(
     HR is cropped to a multiple of `mod` (default `default_mod(scale)`), and with `crop` > 0
     centre-cropped to at most crop x crop pixels (a multiple of 8·scale, so validation stays cheap
     on large images); LR = imresize(HR, 1/scale), or with a `degradation` its draw fixed per
-    image (`validation_degradation`: the same at every validation). Stems of images in
+    image (`validation_degradation`: the same at every validation; the noise one field for the
+    three channels of a gray image, `equal_channels`). Stems of images in
     subfolders keep their relative path ("sub/img"). Images are held in RAM.
     """
     mod = mod or default_mod(scale)
@@ -1401,7 +1410,8 @@ def load_pairs(
             raise DataError(f"{name}: smaller than {mod}x{mod} pixels, too small to validate on")
         hr = _centre_crop(hr, crop, 8 * scale) if crop > 0 else hr
         lr = imresize(hr, 1 / scale)
-        lr = validation_degradation(hr, scale, degradation, stem, lr) if degradation else lr
+        if degradation:  # (a gray image's noise gray, as in training and sr_sample.py)
+            lr = validation_degradation(hr, scale, degradation, stem, lr, equal_channels(hr))
         pairs.append((stem, hr, lr))
     return pairs
 
@@ -1615,8 +1625,10 @@ class PatchPairs(Dataset):
     (`degrade`): noise and JPEG act on the LR patch above; a blur makes it from the HR instead,
     as the crop of the whole image's blurred and downscaled LR (`blur_downscale`: the patch's
     LR reads the image around it, reflected only at the image's borders), flipped/rotated as
-    the patch. The draws continue the step's generator after the crops', so that they too are a
-    function of (seed, rank, step) and the crops are those of the same run without a degradation.
+    the patch. A patch whose channels are equal (every patch of a gray image, read as RGB) gets
+    one noise field for the three, so that its LR stays gray. The draws continue the step's
+    generator after the crops', so that they too are a function of (seed, rank, step) and the
+    crops are those of the same run without a degradation.
     """
 
     def __init__(
@@ -1795,8 +1807,10 @@ class PatchPairs(Dataset):
                 if blur > 0:  # the crop of the whole image's blurred LR (the image around the
                     # patch blurred into it), flipped/rotated as the HR patch, as the LR above
                     lr_crop = dihedral(blur_downscale(hr_img, s, blur, (y, x, p, p)), t)
+                # a gray image (its channels copies) gets one noise field, so its LR stays gray
+                gray = deg.noise is not None and equal_channels(hr_crop)
                 noise_rng = rng if deg.noise else None
-                lr_crop = degrade(hr_crop, s, 0.0, noise, quality, noise_rng, lr_crop)
+                lr_crop = degrade(hr_crop, s, 0.0, noise, quality, noise_rng, lr_crop, gray)
             lr[b] = lr_crop.transpose(2, 0, 1)
         return lr, hr
 

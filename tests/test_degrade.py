@@ -554,12 +554,38 @@ def test_sample_from_a_gray_hr_adds_gray_noise(tmp_path):
     inp.mkdir()
     gray = smooth(40, 48)[..., 0]
     Image.fromarray(gray).save(inp / "g.png")  # (mode L)
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    write_png(inp / "rgb.png", rgb)  # a gray picture in an RGB file: as training's, gray too
     argv = ["--ckpt", str(ckpt / "last.pt"), "--input", str(inp), "--from-hr", "--n", "1",
             "--lr-noise", "5", "--out", str(tmp_path / "out")]  # fmt: skip
     assert sr_sample.main(argv) == 0
-    rgb = np.repeat(gray[..., None], 3, axis=2)
-    seen = validation_degradation(rgb, 4, Degradation(noise=(5.0, 5.0)), "g", gray=True)
+    noise = Degradation(noise=(5.0, 5.0))
+    seen = validation_degradation(rgb, 4, noise, "g", gray=True)
     assert (seen == seen[..., :1]).all()  # the three channels equal
     written = np.asarray(Image.open(tmp_path / "out" / "lr" / "g.png"))
     assert written.ndim == 2 and np.array_equal(written, seen[..., 0])
     assert np.abs(seen[..., 0].astype(int) - imresize(gray, 1 / 4).astype(int)).std() > 2
+    written = read_image(tmp_path / "out" / "lr" / "rgb.png")
+    assert np.array_equal(written, validation_degradation(rgb, 4, noise, "rgb", gray=True))
+    (stem, _, val_lr), *_ = load_pairs(inp, 4, degradation=noise)  # sr_train.py's validation LR
+    assert stem == "g" and np.array_equal(val_lr, seen)
+
+
+def test_a_gray_training_image_gets_one_noise_field_and_stays_gray(tmp_path):
+    """Training read a gray image as RGB and drew noise per channel: its LR patches were colour
+    (channels up to 20 levels apart at sigma 5), unlike sr_sample.py's and the image. A patch
+    whose channels are equal now gets one noise field; a colour image's, one per channel."""
+    Image.fromarray(smooth(64, 64, seed=5)[..., 0]).save(tmp_path / "gray.png")  # (mode L)
+    noise = Degradation(noise=(5.0, 5.0), jpeg=(90, 90))
+    ds = PatchPairs([tmp_path], 4, 8, 4, seed=0, degradation=noise)
+    for step in (0, 1):
+        lr, hr = ds.crops(step)
+        assert (hr == hr[:, :1]).all() and (lr == lr[:, :1]).all()
+        plain = PatchPairs([tmp_path], 4, 8, 4, seed=0).crops(step)[0]
+        assert np.abs(lr.astype(int) - plain).std() > 2  # (noise there is)
+    colour = tmp_path / "colour"
+    write_png(colour / "c.png", smooth(64, 64, seed=5))
+    lr, _ = PatchPairs([colour], 4, 8, 4, seed=0, degradation=Degradation(noise=(5.0, 5.0))).crops(
+        0
+    )
+    assert (np.ptp(lr.astype(int), axis=1) > 4).mean() > 0.1
