@@ -1191,32 +1191,41 @@ def blur_downscale(
     of its whole image's, the image around the patch blurred into it, not the patch reflected).
 
     Both steps are linear and separable: per axis, each LR pixel is a band of HR pixels, the
-    bicubic taps (`contributions`) each spread over the blur's (`_blurred_band`). That band is
-    applied to a few LR rows (then columns) at a time, as a small dense product with the HR rows
-    they read, so that time and memory are those of the image (a dense (H, H) matrix per axis
-    took 11 s and 640 MB more at 4096² on one thread; docs/benchmarks.md)."""
+    bicubic taps (`contributions`) each spread over the blur's (`_blurred_band`), applied as a
+    weighted sum of the HR rows (then columns) in it, so that time and memory are those of the
+    image (a dense (H, H) matrix per axis took 11 s and 640 MB more at 4096² on one thread;
+    docs/benchmarks.md)."""
     (big_h, big_w, c), s = hr.shape, scale
     y, x, h, w = box if box is not None else (0, 0, big_h // s, big_w // s)
-    # a few LR pixels per product: about as many HR pixels as the band is wide, so that most of
-    # each product is taps, and the HR rows read (and converted to float64) stay few
+    # bands of a few LR pixels at a time: about as many HR pixels as one pixel's band is wide,
+    # so that the HR rows read (and converted to float64) twice are few
     taps = contributions(big_w, big_w // s, 1 / s)[1].shape[1] + 2 * _blur_radius(sigma)
     step = max(1, -(-taps // s))
-    # torch, not numpy: numpy's BLAS runs a pool of threads per process, loader workers too, which
-    # made these products 15x slower on a loaded machine; torch runs one thread in a worker
     cols = [_blurred_band(big_w, s, sigma, j, min(j + step, x + w)) for j in range(x, x + w, step)]
     c0, c1 = min(a for a, _ in cols), max(a + m.shape[1] for a, m in cols)  # HR columns read
-    rows = torch.from_numpy(np.empty((h, c1 - c0, c)))  # the rows' pass
+    # np.einsum's own loop, one thread: not a matrix product, whose thread pools (torch's,
+    # numpy's BLAS: one per process, loader workers too) waited ~10x longer than the product
+    # for their threads on a loaded machine, at each of these small products
+    rows = np.empty((h, (c1 - c0) * c))  # the rows' pass
     for j in range(y, y + h, step):
         a, m = _blurred_band(big_h, s, sigma, j, min(j + step, y + h))
-        part = np.ascontiguousarray(hr[a : a + m.shape[1], c0:c1], np.float64)  # (one thread)
-        done = torch.from_numpy(m) @ torch.from_numpy(part).view(m.shape[1], -1)
-        rows[j - y : j - y + len(m)] = done.view(len(m), c1 - c0, c)
+        part = np.ascontiguousarray(hr[a : a + m.shape[1], c0:c1], np.float64)
+        part = part.reshape(m.shape[1], -1)
+        for i, (lo, hi) in enumerate(_spans(m)):
+            np.einsum("k,kn->n", m[i, lo:hi], part[lo:hi], out=rows[j - y + i])
+    rows = rows.reshape(h, c1 - c0, c)
     out = np.empty((h, w, c))
     for (a, m), j in zip(cols, range(0, w, step)):  # the columns' pass, on the rows'
-        part = rows[:, a - c0 : a - c0 + m.shape[1]]  # (h, HR columns, C)
-        done = torch.tensordot(torch.from_numpy(m), part, dims=([1], [1]))  # (LR columns, h, C)
-        out[:, j : j + len(m)] = done.numpy().transpose(1, 0, 2)
+        for i, (lo, hi) in enumerate(_spans(m)):
+            part = rows[:, a - c0 + lo : a - c0 + hi]  # (h, HR columns, C)
+            np.einsum("k,hkc->hc", m[i, lo:hi], part, out=out[:, j + i])
     return out
+
+
+def _spans(m: np.ndarray) -> list[tuple[int, int]]:
+    """(first, last + 1) of each row's nonzero taps: a band's row reads only those."""
+    nz = m != 0
+    return list(zip(nz.argmax(1).tolist(), (m.shape[1] - nz[:, ::-1].argmax(1)).tolist()))
 
 
 def _blurred_band(n: int, s: int, sigma: float, lo: int, hi: int) -> tuple[int, np.ndarray]:
@@ -1283,7 +1292,7 @@ def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
         return np.array(decoded.convert("RGB"))
 
 
-MAX_BLUR = 100  # --lr-blur's largest sigma: 0.2 s a patch; 1e12 asked for 44 TiB, mid-run
+MAX_BLUR = 100  # --lr-blur's largest sigma: 0.04 s a 48² ×4 patch; 1e12 asked for 44 TiB, mid-run
 
 
 def degradation_range(text: str, flag: str) -> tuple[float, float] | tuple[int, int] | None:
