@@ -257,7 +257,7 @@ def test_blur_downscale_is_the_blur_and_bicubic_matrices_product():
 
 def test_blur_downscale_makes_no_matrix_of_the_image_side():
     """One (n, n) float64 blur matrix per axis: a 4096-pixel strip 16 wide (192 KiB) made 128
-    MiB of it (161 MiB of numpy arrays at the peak), 640 MB more at 4096² (docs/benchmarks.md).
+    MiB of it (161 MiB of numpy arrays at the peak), 619 MB more at 4096² (docs/benchmarks.md).
     Its memory is now of the order of the image's in float64."""
     hr = np.random.default_rng(0).integers(0, 256, (4096, 16, 3), np.uint8)
     tracemalloc.start()

@@ -4,10 +4,12 @@ MATLAB-bicubic ÷4), and `sr_sample.py --from-hr` end to end, at 512², 2040×13
 Run by hand: `python tests/bench/bench_degrade.py [--sizes 512x512 2040x1352 4096x4096]
 [--blur 2] [--from-hr 4096x4096]`. Each case runs in its own process, so that its peak RSS
 (ru_maxrss) is its own: `peak_rss_mb` is the process's, `added_mb` what the degradation added
-to the process after imports and the image (`rss_before_mb`). Without blur the LR is the uint8
-bicubic (`imresize`); with it, the float64 blur and downscale. `--from-hr`: sr_sample.py with a
-bicubic checkpoint (made here by sr_train.py --steps 0) on one PNG of that size, with and without
---lr-blur, `--runs` times each: each run's wall time and peak RSS. Prints one JSON object.
+to the process after imports and the image (`rss_before_mb`); `degrade_s` the best wall time,
+`cpu_s` that run's CPU time (all threads; on a loaded machine the steadier of the two).
+Without blur the LR is the uint8 bicubic (`imresize`); with it, the float64 blur and
+downscale. `--from-hr`: sr_sample.py with a bicubic checkpoint (made here by sr_train.py
+--steps 0) on one PNG of that size, with and without --lr-blur, `--runs` times each: each
+run's wall time, CPU time and peak RSS. Prints one JSON object.
 """
 
 import argparse
@@ -34,11 +36,11 @@ degrade(hr[:64, :64], 4, blur)  # imports and caches warmed on a small image
 before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
 times = []
 for _ in range(runs):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     lr = degrade(hr, 4, blur)
-    times.append(time.perf_counter() - t0)
+    times.append((time.perf_counter() - t0, time.process_time() - c0))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(min(times), before, peak, lr.shape[0], lr.shape[1])
+print(*min(times), before, peak, lr.shape[0], lr.shape[1])
 """
 
 
@@ -47,8 +49,8 @@ def size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def run_child(cmd: list[str]) -> tuple[float, float]:
-    """(wall s, peak RSS MB) of a command in its own process (os.wait4: that process's alone)."""
+def run_child(cmd: list[str]) -> tuple[float, float, float]:
+    """(wall s, CPU s, peak RSS MB) of a command in its own process (os.wait4: its alone)."""
     with tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
@@ -58,7 +60,7 @@ def run_child(cmd: list[str]) -> tuple[float, float]:
         if p.returncode:
             err.seek(0)
             sys.exit(f"bench_degrade.py: {' '.join(cmd[1:2])} failed\n{err.read()[-2000:]}")
-    return wall, usage.ru_maxrss / 1024
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -85,9 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
                                cwd=REPO, check=False)  # fmt: skip
             if p.returncode:
                 sys.exit(f"bench_degrade.py: degrade {w}x{h} blur {blur}: failed\n{p.stderr}")
-            best, before, peak, lh, lw = p.stdout.split()
+            best, cpu, before, peak, lh, lw = p.stdout.split()
             cases.append({"hr": f"{w}x{h}", "blur": blur, "lr": f"{lw}x{lh}",
-                          "degrade_s": round(float(best), 4),
+                          "degrade_s": round(float(best), 4), "cpu_s": round(float(cpu), 4),
                           "rss_before_mb": round(float(before)),
                           "peak_rss_mb": round(float(peak)),
                           "added_mb": round(float(peak) - float(before))})  # fmt: skip
@@ -115,8 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
                            "--out", str(out)]  # fmt: skip
                     runs.append(run_child(cmd))
                 from_hr.append({"hr": f"{w}x{h}", "flags": " ".join(["--from-hr", *blur]),
-                                "wall_s": [round(t, 2) for t, _ in runs],
-                                "peak_rss_mb": [round(m) for _, m in runs]})  # fmt: skip
+                                "wall_s": [round(t, 2) for t, _, _ in runs],
+                                "cpu_s": [round(t, 2) for _, t, _ in runs],
+                                "peak_rss_mb": [round(m) for _, _, m in runs]})  # fmt: skip
     result = {
         "bench": "data.degrade",
         "scale": 4,
