@@ -105,6 +105,7 @@ import itertools
 import json
 import math
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -393,6 +394,12 @@ def expand_methods(specs: list[str], n: int) -> list[Method]:
     return methods
 
 
+def sr_value(sr_dir: Path, n: int) -> str:
+    """The `--sr DIR:N` an error line suggests, quoted for a shell where DIR needs it (a folder
+    named with spaces), so the line can be pasted as it stands."""
+    return f"--sr {shlex.quote(f'{sr_dir}:{n}')}"
+
+
 def find_samples(sr_dir: Path, stems: list[str], n: int, scale: int) -> list[list[Path]]:
     """Per HR image the N sample files, detecting the naming layout (see the module docstring);
     an ntire_index.json in the folder is checked against the HR order."""
@@ -413,8 +420,8 @@ def find_samples(sr_dir: Path, stems: list[str], n: int, scale: int) -> list[lis
         one = single[found(single)](0, stems[0], 0)  # sr_sample.py's folder of NAME.png, N > 1
         raise DataError(
             f"{sr_dir}: one output per image ({one}.png: sr_sample.py with a deterministic model "
-            f"and --n 1), not {n} samples; add :1 to its --sr value (--sr {sr_dir}:1), or give "
-            "--n 1"
+            f"and --n 1), not {n} samples; add :1 to its --sr value ({sr_value(sr_dir, 1)}), or "
+            "give --n 1"
         )
     if best is None:
         tried = " or ".join(f(0, stems[0], 0) + ".png" for f in layouts)
@@ -450,7 +457,7 @@ def find_samples(sr_dir: Path, stems: list[str], n: int, scale: int) -> list[lis
                     # no image has sample i: a folder of fewer samples, not one with a gap
                     raise DataError(
                         f"{sr_dir}: {i} sample(s) per image, not N = {n} (no {missing.name}); "
-                        f"give --n {i} or --sr {sr_dir}:{i}"
+                        f"give --n {i} or {sr_value(sr_dir, i)}"
                     )
                 raise DataError(f"missing SR sample {missing} (image {s}, sample {i} of N = {n})")
         paths.append([have[name(k, s, i)] for i in range(n)])

@@ -10,6 +10,7 @@ import math
 import os
 import re
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -673,6 +674,16 @@ def test_missing_sample_and_wrong_n(capsys, tiny_set):
     assert code == 3 and err.count("\n") == 1
     assert f"{sr_dir}: 1 sample(s) per image, not N = 5 (no 000000_sample00001.png)" in err
     assert f"give --n 1 or --sr {sr_dir}:1" in err
+
+
+def test_the_suggested_sr_value_of_a_folder_with_spaces_is_quoted_for_a_shell(tmp_path, capsys):
+    # A folder named with a space: the --sr DIR:N the line suggests pastes as one argument.
+    hr_dir, _, sr_dir = make_set(tmp_path, n=1)
+    spaced = sr_dir.rename(tmp_path / "my samples")
+    code, err = fails(capsys, *base(hr_dir, spaced, 5))
+    assert code == 3 and err.count("\n") == 1
+    suggested = err.split("give --n 1 or ")[1].strip()
+    assert shlex.split(suggested) == ["--sr", f"{spaced}:1"]
 
 
 def test_no_matching_layout(tmp_path, capsys, tiny_set):
