@@ -1329,12 +1329,23 @@ def log(run_log: RunLog | None, record: dict) -> None:
         run_log.write(record)
 
 
-def check_data_folders(args: TrainArgs) -> None:
-    """A --data or --lr-data folder that is not there: its one line (`list_images`') before the
-    run folder is made; a typo left an OUT/ holding only .lock and an empty log.jsonl."""
-    for folder in [*(args.data if args.data != ["demo"] else []), *(args.lr_data or [])]:
-        if not Path(folder).is_dir():
+def check_folder(flag: str, folder: str) -> None:
+    """A folder flag's value that is no folder (a typo, a file): `list_images`' one line, with
+    the flag, which says which of a run's folders is wrong (--data, --lr-data, --val-data)."""
+    if not Path(folder).is_dir():
+        try:
             list_images(folder)  # (raises: no such folder, or a file)
+        except DataError as e:
+            raise DataError(f"{flag} {e}") from None
+
+
+def check_data_folders(args: TrainArgs) -> None:
+    """A --data or --lr-data folder that is not there: its one line before the run folder is
+    made; a typo left an OUT/ holding only .lock and an empty log.jsonl."""
+    for folder in args.data if args.data != ["demo"] else []:
+        check_folder("--data", folder)
+    for folder in args.lr_data or []:
+        check_folder("--lr-data", folder)
 
 
 def training_data(args: TrainArgs, recipe: Recipe, dd, say) -> PatchPairs:
@@ -1413,6 +1424,8 @@ def validation_pairs(args: TrainArgs, steps: int, dd, say,
         say(f"validation: none ({why}): no best.pt will be written; sample from last.pt")
     if why or not dd.main:
         return []
+    if source != "demo":
+        check_folder("--val-data", source)
     files = list_images(source)[: args.val_images or None] if source != "demo" else []
     check_val_stems(source, files)
     pairs = load_pairs(source, args.scale, max_images=args.val_images or None, crop=args.val_crop,

@@ -176,7 +176,16 @@ CASES = {  # id: (flags, exit code, words of the message)
     "no cuda": ({"--device": "cuda"}, PARSE, "--device cuda: CUDA is not available"),
     "fp16 on cpu": ({"--amp": "fp16", "--device": "cpu"}, PARSE, "--amp fp16 needs a CUDA"),
     # files and folders
-    "data missing": ({"--data": "{tmp}/no such folder"}, 3, "no such folder"),
+    "data missing": (
+        {"--data": "{tmp}/no such folder"},
+        3,
+        "--data {tmp}/no such folder: no such folder",
+    ),  # fmt: skip
+    "lr data missing": (
+        {"--lr-data": "{tmp}/no lr here"},
+        3,
+        "--lr-data {tmp}/no lr here: no such folder",
+    ),  # fmt: skip
     "data is an image": (
         {"--data": "{data}/holiday 0.png"},
         3,
@@ -185,7 +194,7 @@ CASES = {  # id: (flags, exit code, words of the message)
     "val data missing": (
         {"--val-data": "{tmp}/nothing here", "--val-every": "1"},
         3,
-        "nothing here: no such folder",
+        "--val-data {tmp}/nothing here: no such folder",
     ),  # fmt: skip
     "patch larger than every image": ({"--patch": "64"}, 3, "no training images"),
     "lr data count": ({"--lr-data": ["{data}", "{data}"]}, PARSE, "2 folders for 1 --data"),
