@@ -300,15 +300,17 @@ def images_by_stem(folder: Path, read_from: bool = True) -> dict[str, Path]:
 
 def parse_sr(spec: str, n: int) -> tuple[str | None, Path, int]:
     """(name or None, folder, samples per image) of one --sr value: DIR, NAME=DIR, DIR:N or
-    NAME=DIR:N. A value that exists as a path is always a path (folders may hold '=' or ':')."""
+    NAME=DIR:N. A value that exists as a path is always a path, and so is the DIR of DIR:N that
+    exists (folders may hold '=' or ':': runs/lr=1e-4:1, as the lines suggesting :N write it)."""
     if Path(spec).exists():
         return None, Path(spec), n
+    with_n = re.compile(r"(.+):([-+]?\d+)").fullmatch
     name, sep, rest = spec.partition("=")
-    if not sep:
+    if not sep or ((whole := with_n(spec)) and Path(whole.group(1)).exists()):
         name, rest = None, spec
     elif not name.strip() or not rest:
         raise UsageError(f"--sr {spec}: give NAME=DIR with a name and a folder")
-    counted = re.fullmatch(r"(.+):([-+]?\d+)", rest)
+    counted = with_n(rest)
     if counted and not Path(rest).exists():
         rest, n = counted.group(1), int(counted.group(2))
         if n < 1:

@@ -686,6 +686,14 @@ def test_the_suggested_sr_value_of_a_folder_with_spaces_is_quoted_for_a_shell(tm
     assert shlex.split(suggested) == ["--sr", f"{spaced}:1"]
 
 
+def test_dir_n_of_a_folder_whose_name_holds_an_equals_sign_is_that_folder(tmp_path, capsys):
+    # runs/lr=1e-4:1 is DIR:N (the folder exists), not NAME 'runs/lr' of a folder '1e-4'
+    hr_dir, _, sr_dir = make_set(tmp_path, n=1)
+    folder = sr_dir.rename(tmp_path / "lr=1e-4")
+    code, cap = run(capsys, *base(hr_dir, f"{folder}:1", 5))
+    assert code == 0 and "lr=1e-4" in cap.out
+
+
 def test_no_matching_layout(tmp_path, capsys, tiny_set):
     hr_dir, _, _ = tiny_set
     (tmp_path / "other").mkdir()
