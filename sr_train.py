@@ -24,6 +24,7 @@ import logging
 import math
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -732,6 +733,11 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
                 "would overwrite; give --out a new folder"
             )
     elif args.resume not in ("", "auto"):
+        if ckpt_path.is_dir():  # the run folder given for its checkpoint
+            raise CheckpointError(
+                f"--resume {args.resume}: a folder, not a checkpoint file; give --resume auto "
+                f"--out {shlex.quote(args.resume)}, or the file (last.pt)"
+            )
         raise CheckpointError(f"{args.resume}: no such checkpoint to resume from")
     elif held := [name for name in ("last.pt", "best.pt") if (out / name).is_file()]:
         raise UsageError(
@@ -748,6 +754,9 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
         raise UsageError(
             f"{degrading[0]}: makes the LR from the HR, but --lr-data gives the LR images; drop one"
         )
+    if not args.model:  # a new run, also of --resume auto in a folder without a checkpoint
+        where = f" (--resume auto: {out} holds no checkpoint to take it from)" * bool(args.resume)
+        raise UsageError(f"--model: a new run needs one{where}; choose one of {', '.join(MODELS)}")
     if args.model not in MODELS:
         raise UsageError(f"--model: choose one of {', '.join(MODELS)} (got {args.model!r})")
     model_cls = MODELS[args.model]

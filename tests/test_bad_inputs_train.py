@@ -202,6 +202,24 @@ CASES = {  # id: (flags, exit code, words of the message)
     "out under a file": ({"--out": "{file}/run"}, 7, "cannot create it"),
     "cache is a file": ({"--cache": "{file}"}, 7, "--cache"),
     "resume missing checkpoint": ({"--resume": "{tmp}/gone.pt"}, 6, "gone.pt: no such checkpoint"),
+    "resume a run folder": (  # its folder typed for its checkpoint: what to give instead
+        {"--resume": "{run}"},
+        6,
+        "--resume {run}: a folder, not a checkpoint file; give --resume auto --out {run}, or the "
+        "file (last.pt)",
+    ),
+    "new run of resume auto without a model": (
+        {
+            "--resume": "auto",
+            "--out": "{tmp}/nothing",
+            "--model": None,
+            "--n-feats": None,
+            "--n-blocks": None,
+        },  # fmt: skip
+        PARSE,
+        "--model: a new run needs one (--resume auto: {tmp}/nothing holds no checkpoint to take "
+        "it from); choose one of bicubic",
+    ),
     "init from missing file": ({"--init-from": "{tmp}/gone.pt"}, 6, "gone.pt"),
     "init from a text file": ({"--init-from": "{file}"}, 6, "not a torch checkpoint"),
     "init from another scale": (
