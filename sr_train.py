@@ -463,9 +463,9 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     # A finished run resumed again (a requeued job, a script rerun): nothing to train, so no
     # image is decoded (DIV2K's 800 took minutes and 7 GB to say "done")
     finished = resumed is not None and start >= steps
-    if finished:
-        say(f"{ckpt_path} is at step {start}, the run's --steps: nothing to train (a larger "
-            "--steps goes on)")  # fmt: skip
+    if finished:  # (a model without weights, bicubic, has nothing to go on with)
+        more = " (a larger --steps goes on)" * MODELS[args.model].learns
+        say(f"{ckpt_path} is at step {start}, the run's --steps: nothing to train{more}")
     dataset = training_data(args, recipe, dd, say) if steps > 0 and not finished else None
     check_same_data(dataset, dd)
     # After the data check: torch's optimizers import torch._dynamo (~1.4 CPU-s), which a rank

@@ -280,6 +280,16 @@ def test_a_finished_run_resumed_again_reads_no_image(tmp_path, images, monkeypat
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 2
 
 
+def test_a_bicubic_run_resumed_again_promises_no_larger_steps(tmp_path, capsys):
+    # demo.sh's rerun: bicubic, without weights, has nothing a larger --steps would train
+    base = ["--model", "bicubic", "--steps", "0", "--val-every", "0", "--out", str(tmp_path)]
+    assert sr_train.main(base) == 0
+    capsys.readouterr()
+    assert sr_train.main([*base, "--resume", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'last.pt'} is at step 0, the run's --steps: nothing to train\n" in out
+
+
 def test_a_stop_before_a_step_of_its_own_names_the_checkpoint_that_holds_the_run(
     tmp_path, images, monkeypatch, capsys
 ):
