@@ -755,8 +755,10 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
                          "(NaN samples); use --amp bf16")  # fmt: skip
     want_sigma = (args.save_uncertainty or args.grid) and model.has_uncertainty
     if args.save_uncertainty and not model.has_uncertainty:
-        print(f"{PROG}: warning: --save-uncertainty: this {type(model).__name__} model has no "
-              "uncertainty output; no sigma maps written", file=sys.stderr, flush=True)  # fmt: skip
+        # (named by its --model, not its class: EDSR's l1 run is a RegressionSR)
+        print(f"{PROG}: warning: --save-uncertainty: this {ck['model']} model has no uncertainty "
+              "output (edsr and rrdb have one, trained with sr_train.py --loss le); no sigma maps "
+              "written", file=sys.stderr, flush=True)  # fmt: skip
     context = tile_context(args, model)
     out = check_out_dir(args.out)
     folders = {t: out if len(temperatures) == 1 else out / folder_name(t) for t in temperatures}

@@ -662,7 +662,8 @@ def test_no_uncertainty_warns(tmp_path, bicubic_ckpt, capsys):
     argv = ["--ckpt", bicubic_ckpt, "--input", inp, "--n", 1, "--save-uncertainty"]
     assert run(*argv, "--out", tmp_path / "o") == 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no uncertainty" in err[0]
+    assert len(err) == 1 and "this bicubic model has no uncertainty output" in err[0]
+    assert "--loss le" in err[0]  # (what gives one)
     assert pngs(tmp_path / "o") == ["a.png"]
 
 
