@@ -1396,7 +1396,11 @@ def hr_images(hr: str) -> dict[str, Path]:
     dangling: list[Path] = []
     with warnings.catch_warnings():  # (its warning: the error line below says it all)
         warnings.filterwarnings("ignore", r".*: skipped \d+ symbolic link", UserWarning)
-        files = list_images(hr_dir, recursive=False, dangling=dangling)
+        try:
+            files = list_images(hr_dir, recursive=False, dangling=dangling)
+        except DataError:  # ("no images found": a folder of links alone, its dataset moved)
+            if not dangling:
+                raise
     if dangling:  # the means over fewer images than the dataset, compared as the whole: refused
         link = dangling[0]
         more = f" and {len(dangling) - 1} more" if len(dangling) > 1 else ""

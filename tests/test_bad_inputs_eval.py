@@ -302,6 +302,13 @@ def test_a_link_to_a_missing_ground_truth_is_refused(world, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 3
     assert "c.png is a symbolic link to a missing file" in err and ") and 1 more: the" in err
+    for stem in ("a", "b"):  # a folder of links alone (its dataset moved): "no images found",
+        (world / "hr" / f"{stem}.png").unlink()  # its one warning held back, said no link
+    with pytest.raises(SystemExit) as e:
+        sr_eval.main(args(world))
+    err = capsys.readouterr().err
+    assert e.value.code == 3 and err.count("\n") == 1
+    assert "c.png is a symbolic link to a missing file" in err and ") and 1 more: the" in err
 
 
 @pytest.mark.parametrize("flags", [["--lpips-batch", "2"], ["--device", "cpu"]])
