@@ -1467,10 +1467,12 @@ def check_not_in_report(args: EvalArgs, hr: dict[str, Path], methods, lr_files, 
     panels among them, a run that stops would delete them with its half report, and a rerun would
     move them aside with the earlier report. Compared by path, links followed (a hard link there
     is another name: an earlier report's panels are hard links of this run's inputs)."""
-    parts = {part: (Path(args.report) / part).resolve() for part in report.PARTS}
+    # (realpath, not Path.resolve: a loop of links there is `write_target`'s line, not a
+    # RuntimeError's traceback)
+    parts = {part: Path(os.path.realpath(Path(args.report) / part)) for part in report.PARTS}
     for flag, path, files in run_inputs(args, hr, methods, lr_files, sigma_files):
         for name in filter(None, [path, *files]):
-            where = Path(name).resolve()
+            where = Path(os.path.realpath(name))
             part = next((p for p, real in parts.items() if where.is_relative_to(real)), None)
             if part is not None:
                 what = f"{flag} {path}" + ("" if name == path else f": its file {name}")
@@ -1488,8 +1490,11 @@ def check_no_stray_parts(report_dir: Path) -> None:
     moves a page's), so the run would write its panels among those files, replacing those of its
     names, and a run that stops would delete both folders whole (report.removed_if_unfinished).
     Whose files they are cannot be told, so the user moves or deletes them. A killed run's half
-    report, told by its UNFINISHED mark, is deleted when the scoring starts (report.started)."""
+    report, told by its UNFINISHED mark, is deleted when the scoring starts (report.started).
+    A DIR/index.html that is a link the page cannot be written through (to a missing folder, a
+    loop: `write_target`) is one line now, not after every image is scored."""
     index = report_dir / "index.html"  # (a link that leads nowhere: no page, written through)
+    write_target(index)
     if index.exists() and not report.is_report_page(index):
         raise UsageError(f"--report {report_dir}: {index} is not a page of sr_eval.py (no "
                          f"{report.GENERATOR} in its head); the report would move it to "

@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -326,6 +327,25 @@ def test_a_linked_index_html_stays_a_link_and_its_target_gets_the_new_page(
     assert test_eval_cli.fails(capsys, *argv)[0] == 7
     assert (rep / "index.html").is_symlink() and files_in(rep) == earlier
     assert sorted(p.name for p in rep.iterdir()) == ["images", "index.html", "plots"]
+
+
+def test_a_linked_index_html_that_leads_nowhere_is_refused_before_any_work(
+    tmp_path, capsys, monkeypatch
+):
+    """DIR/index.html a link into a folder that does not exist (or a loop of links): every
+    image was scored, then the page could not be written through it (exit 7, the scores lost).
+    Now one line naming the link, before any image is scored."""
+    rep, argv, _ = a_report(tmp_path)
+    for part in ("images", "plots"):
+        shutil.rmtree(rep / part)
+    (rep / "index.html").unlink()
+    calls = test_eval_cli.stop_at_image(monkeypatch, "none")
+    for target in (tmp_path / "gone" / "page.html", rep / "index.html"):
+        (rep / "index.html").symlink_to(target)
+        code, err = test_eval_cli.fails(capsys, *argv)
+        assert code == 7 and err.startswith(f"sr_eval.py: error: {rep / 'index.html'}: a ")
+        assert err.count("\n") == 1 and calls == [] and (rep / "index.html").is_symlink()
+        (rep / "index.html").unlink()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
