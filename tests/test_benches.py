@@ -8,6 +8,7 @@ import os
 import runpy
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -211,3 +212,27 @@ def test_the_learning_benches_keep_sr_trains_log_lines_off_stdout(
         module.main()
     out, err = capsys.readouterr()
     assert out == "" and "step 1 | loss" in err
+
+
+def test_bench_eval_blocks_side_sees_the_memory_of_k_samples_taps(tmp_path, monkeypatch):
+    """bench_eval.py --pairwise --block K gave sr_eval the free memory of K samples' taps alone;
+    once sr_eval took what the scoring itself needs off the free memory first, that left none:
+    --pairwise was refused (exit 4) and the benchmark failed. Its free memory is now the taps of
+    K samples beside the scoring's own, which sr_eval computes in blocks of K."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.setenv(var, os.environ.get(var, "1"))  # bench_eval.py sets them to 1
+    monkeypatch.syspath_prepend(str(BENCH))
+    bench_eval = importlib.import_module("bench_eval")
+    import sr_eval
+
+    (h, w), n = (bench_eval.H, bench_eval.W), 10
+    iio.imwrite(tmp_path / "0801.png", np.zeros((h, w, 3), np.uint8))  # (its header is read)
+    args = types.SimpleNamespace(scale=bench_eval.SCALE)
+    methods = [types.SimpleNamespace(name="a", n=n)]
+    for k in (1, 5, 9):
+        monkeypatch.setattr(
+            sr_eval, "free_memory", lambda device, k=k: bench_eval.block_memory(n, k)
+        )
+        memory = sr_eval.check_pairwise(args, {"0801": tmp_path / "0801.png"}, methods,
+                                        torch.device("cpu"), 1)  # fmt: skip
+        assert sr_eval.metrics.pairwise_block((h, w), n, bench_eval.SCALE, 1, memory) == k

@@ -195,6 +195,14 @@ def run_pairwise_side(hr_dir: Path, sr_dir: Path, n: int, weights: Path, out: Pa
     return (*took, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
+def block_memory(n: int, block: int) -> int:
+    """The free memory that --pairwise sees for the blocks' side: the taps of `block` of the n
+    samples, beside what sr_eval counts the scoring itself to take on a CPU at its --lpips-batch
+    1 (`sr_eval.scoring_reserve`, which `check_pairwise` takes off first)."""
+    reserve = sr_eval.scoring_reserve((H, W), torch.device("cpu"), 1, [n])
+    return metrics.pairwise_bytes((H, W), n, SCALE, block) + reserve
+
+
 def bench_pairwise(args) -> None:
     """--pairwise: sr_eval --ntire without and with --pairwise, alternately, one core."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -206,7 +214,7 @@ def bench_pairwise(args) -> None:
         load_before = os.getloadavg()
         sides = {False: (False, None), True: (True, None)}  # (--pairwise, free memory)
         if args.block:
-            sides["blocks"] = (True, metrics.pairwise_bytes((H, W), args.n, SCALE, args.block))
+            sides["blocks"] = (True, block_memory(args.n, args.block))
         runs = {side: [] for side in sides}
         for _ in range(args.repeat):
             for side, (pairwise, memory) in sides.items():
