@@ -20,19 +20,18 @@ upscaled (MATLAB bicubic, clipped; --alpha-channel drop: without), 8-bit, or 16-
                           at most the first 16 | per-pixel std across all n samples (stochastic
                           models) | sigma], maps normalised to their max (black, red, yellow,
                           white); 8-bit, no alpha, gray (luma) for a gray LR
-  NAME_sample{i:05d}.latent.npy
-                          --save-latent, refvae and varsr: the float32 (D,) latent of sample i
-                          (so named also where the sample is NAME.png: sample 0);
-                          `--latent FILE` decodes it to the same sample again, `--latent DIR`
-                          every such file of a folder (what saved them: its manifest.json,
-                          another model or scale refused, another checkpoint a warning; that
-                          of a FILE's folder too, while the file is there; none: a warning)
   NAME_sample{i:05d}.latent.npz
-                          --save-latent, flows (srflow, srflow_da, ncsr): sample i's float32
-                          latent fields z0, z1, ... (C, h, w), temperature applied, at the LR's
-                          size, and made_by (JSON: model, scale, checkpoint sha256, config);
-                          `--latent FILE|DIR` decodes it again (an LR of that size; another
-                          model or scale is refused, another checkpoint of it a warning)
+                          --save-latent: sample i's float32 latent, temperature applied (so
+                          named also where the sample is NAME.png: sample 0): refvae and varsr
+                          its z0 (D,), flows (srflow, srflow_da, ncsr) its fields z0, z1, ...
+                          (C, h, w) at the LR's size; and made_by (JSON: model, scale,
+                          checkpoint sha256, config); `--latent FILE|DIR` decodes it to the
+                          same sample again (a flow's: an LR of that size; another model or
+                          scale is refused, another checkpoint of it a warning, wherever the
+                          file was copied). An older srspace wrote refvae's and varsr's as a
+                          bare (D,) NAME_sample{i:05d}.latent.npy, no made_by: read still (what
+                          saved it: its folder's manifest.json, checked so; none: a warning),
+                          and a rerun takes it for its sample's latent (--overwrite: replaced)
   manifest.json           the settings that made the folder (checkpoint sha256, model, config,
                           scale, temperature, n, seed, ..., the sha256 of the control files:
                           --ref FILE|DIR, --latent-from, --latent FILE|DIR, --latent-shift); a
@@ -56,10 +55,12 @@ Sampling controls (a model without the control stops with a one-line usage error
                           a folder (n = their number); noise (default): a Gaussian-noise reference
                           per sample; lr: the LR image itself; prior: z ~ N(0, I), no reference
   --latent-from HR        varsr: the HR encoder's latent of another HR image (one output)
-  --latent FILE           decode saved latents, (D,) or (k, D): one output per row (flows: a
-                          .npz of fields z0, z1, ... (C, h, w) or (k, C, h, w))
+  --latent FILE           decode saved latents, (D,) or (k, D): one output per row (a .npz of
+                          z0 and made_by, or a bare .npy; flows: a .npz of fields z0, z1, ...
+                          (C, h, w) or (k, C, h, w)); another model's or scale's is refused
   --latent DIR            decode a whole --save-latent run again: each input NAME from its own
-                          files NAME_sample{i:05d}.latent.npy|.npz there (the model's kind; NAME
+                          files NAME_sample{i:05d}.latent.npz there (refvae, varsr: or .npy,
+                          as an older srspace saved them; both of one sample refused; NAME
                           the whole stem, or in a --layout ntire run's folder the number its
                           ntire_index.json gives that stem; there NAME.latent.npy|.npz too, as
                           sample 0: the name of a --layout ntire --n 1 run's files before they were
@@ -442,23 +443,25 @@ class SampleArgs:
     )
     latent: str = field(
         default="",
-        metadata=dict(help="decode this saved latent: refvae, varsr: a .npy, (D,) or (k, D): k "
-                      "outputs; flows: a .npz of fields z0, z1, ...; or a --save-latent DIR: "
+        metadata=dict(help="decode this saved latent: refvae, varsr: a .latent.npz of z0, or a "
+                      ".npy, (D,) or (k, D): k outputs; flows: a .npz of fields z0, z1, ...; "
+                      "another model's is refused; or a --save-latent DIR: "
                       "each input NAME from its NAME_sample{i:05d}.latent.* files there, as "
                       "NAME_sample{i:05d}.png (the same i)"),
     )  # fmt: skip
     latent_shift: str = field(
         default="",
-        metadata=dict(help="walk along this latent direction .npy (D,) (flows: a .npz of fields "
-                      "(C, h, w))"),
+        metadata=dict(help="walk along this latent direction .npy (D,) or saved .latent.npz "
+                      "(flows: a .npz of fields (C, h, w))"),
     )  # fmt: skip
     latent_steps: str = field(
         default="-2,-1,0,1,2", metadata=dict(help="multiples of --latent-shift, one output each")
     )
     save_latent: bool = field(
         default=False,
-        metadata=dict(help="write each sample's latent: NAME_sample{i:05d}.latent.npy (refvae, "
-                      "varsr), .latent.npz (flows)"),
+        metadata=dict(help="write each sample's latent: NAME_sample{i:05d}.latent.npz, its "
+                      "fields z0, ... (refvae, varsr: z0 (D,); flows: (C, h, w)) and the model "
+                      "that saved it"),
     )  # fmt: skip
     check_invertibility: bool = field(
         default=False,
@@ -720,7 +723,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     warn_degraded_consistency(args, ck, model, from_hr)
     made_by = latent_source(ck, model, ckpt_sha256)
     unrecorded = []  # check_npy_saver's warnings, said once the files have been read
-    if model.latent_file == ".latent.npy":  # (a flow's .npz names its model: read_latent checks)
+    if model.old_latent_file:  # (a .npz names its model: read_latent checks; an old .npy not)
         files = {"--latent": args.latent, "--latent-shift": args.latent_shift}
         for flag, file in [(f, v) for f, v in files.items() if v and not Path(v).is_dir()]:
             if flag[2:].replace("-", "_") in model.sample_controls:  # (else: resolve_controls')
@@ -764,7 +767,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     folders = {t: out if len(temperatures) == 1 else out / folder_name(t) for t in temperatures}
     latent_dir, numbers = None, None  # --latent DIR: each input's files; their sample numbers
     if controls is not None and args.latent and Path(args.latent).is_dir():
-        latent_dir = LatentDir.scan(Path(args.latent), model.latent_file)
+        latent_dir = LatentDir.scan(Path(args.latent), model.latent_file, model.old_latent_file)
         if latent_dir.folder.resolve() == out.resolve():
             raise UsageError(
                 f"--latent {args.latent}: the --out folder; decoded there, its samples would "
@@ -777,7 +780,8 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     # and with --layout ntire any --n 1, as the challenge's measure.py reads N = 1 (000000.png)
     single = n == 1 and (not model.stochastic or args.layout == "ntire")
     latents = model.latent_file if args.save_latent and controls is not None else ""
-    files = Outputs(n, single, want_sigma and args.save_uncertainty, args.grid, latents, numbers)
+    files = Outputs(n, single, want_sigma and args.save_uncertainty, args.grid, latents, numbers,
+                    model.old_latent_file if latents else "")  # fmt: skip
     if Path(args.input).is_dir():
         real = Path(args.input).resolve()
         if out.resolve() == real:
@@ -1369,6 +1373,10 @@ class Outputs:
     grid: bool
     latents: str  # the ending of the --save-latent files (model.latent_file), "" for none
     numbers: dict | None = None  # --latent DIR: name -> its sample numbers; None: 0..n-1
+    # model.old_latent_file: a latent an older srspace saved so (a RefVAE/VarSR .npy, the same
+    # sample's, with the same settings: manifest.json) counts as written, so a rerun neither
+    # samples its image again nor writes a second latent of the sample beside it
+    old_latents: str = ""
 
     def samples(self, name: str) -> list[str]:
         if self.single:
@@ -1391,8 +1399,19 @@ class Outputs:
 
     def complete(self, folder: Path, name: str) -> bool:
         """Every file there as this script writes it: a regular file, not a symbolic link (one to
-        an input image passed for a sample, and the image was never sampled), and not empty."""
-        return all(is_written_file(folder / f) for f in self.all(name))
+        an input image passed for a sample, and the image was never sampled), and not empty; a
+        latent also as an older srspace wrote it (`old_latents`)."""
+        return all(
+            is_written_file(folder / f) or self.old_latent(folder / f) for f in self.all(name)
+        )
+
+    def old_latent(self, path: Path) -> Path | None:
+        """The latent an older srspace saved in place of the --save-latent file `path` (a
+        RefVAE/VarSR NAME_sample{i:05d}.latent.npy), where written; else None."""
+        if not self.old_latents or not path.name.endswith(self.latents):
+            return None
+        old = path.with_name(path.name.removesuffix(self.latents) + self.old_latents)
+        return old if is_written_file(old) else None
 
 
 def is_written_file(path: Path) -> bool:
@@ -1720,23 +1739,25 @@ LATENT_NAME = re.compile(r"(.+?)(?:_sample(\d{5}))?(\.latent\.npy|\.latent\.npz)
 @dataclass
 class LatentDir:
     """--latent DIR: a folder of --save-latent files, each input decoded from its own: the files
-    NAME_sample{i:05d}{ending} (ending: the model's latent_file), one output each, written as
+    NAME_sample{i:05d}{ending} (ending: the model's latent_file, or its old_latent_file: a
+    RefVAE/VarSR .npy an older srspace saved, read still), one output each, written as
     NAME_sample{i:05d}.png with the same i. NAME is the input's stem; in the folder of a
     --layout ntire run, its number k ({k:06d}) is the stem its ntire_index.json names."""
 
     folder: Path
-    ending: str  # .latent.npy or .latent.npz: the model's
-    files: dict  # input stem -> {i: path} of files of `ending`
-    others: dict  # input stem -> the other ending, where it has files of that only
-    broken: dict  # input stem -> the first name of `ending` there that is no file
+    endings: tuple  # the model's latent_file, and its old_latent_file where it has one
+    files: dict  # input stem -> {i: path} of files of `endings`
+    others: dict  # input stem -> another ending, where it has files of that only
+    broken: dict  # input stem -> the first name of `endings` there that is no file
     digests: dict = field(default_factory=dict)  # path -> sha256 of its contents, as first read
     own: dict | None = None  # the run's latent_source (`check`'s)
     saved: dict = field(default_factory=dict)  # its manifest.json ({}: none readable)
     unrecorded: list = field(default_factory=list)  # `check_npy_saver`'s lines, said by `check`
 
     @classmethod
-    def scan(cls, folder: Path, ending: str) -> "LatentDir":
+    def scan(cls, folder: Path, ending: str, old: str = "") -> "LatentDir":
         """The folder's latent files, listed once (other files, the PNGs among them, ignored)."""
+        endings = (ending, old) if old else (ending,)
         numbers = ntire_stems(folder)
         files, others, broken = {}, {}, {}
         try:
@@ -1747,7 +1768,7 @@ class LatentDir:
             if m[2] is None and m[1] not in numbers:  # NAME.latent.*: only an NTIRE number's
                 continue
             stem, i = numbers.get(m[1], m[1]), int(m[2] or 0)
-            if m[3] != ending:
+            if m[3] not in endings:
                 others[stem] = m[3]
                 continue
             if not entry.is_file():  # (a link to a file: a file) said where its input is given
@@ -1755,9 +1776,11 @@ class LatentDir:
                 continue
             mine = files.setdefault(stem, {})
             if i in mine:  # its number's file and its stem's, or sample 0's two names
-                why = (f"ntire_index.json names {m[1]} so"
-                       if LATENT_NAME.fullmatch(mine[i].name)[1] != m[1] else
-                       "the older and the numbered name of sample 0")  # fmt: skip
+                was = LATENT_NAME.fullmatch(mine[i].name)
+                why = (f"ntire_index.json names {m[1]} so" if was[1] != m[1] else
+                       "the older and the numbered name of sample 0" if was[2] != m[2] else
+                       f"its latent as an older srspace saved it, {was[3]}, and as now, "
+                       f"{m[3]}")  # fmt: skip
                 raise UsageError(
                     f"--latent {folder}: {mine[i].name} and {entry.name} are both sample {i} of "
                     f"{stem} ({why}); remove one"
@@ -1765,14 +1788,20 @@ class LatentDir:
             mine[i] = Path(entry.path)
         files = {stem: dict(sorted(v.items())) for stem, v in files.items()}  # by sample number
         others = {k: v for k, v in others.items() if k not in files}
-        return cls(folder, ending, files, others, broken)
+        return cls(folder, endings, files, others, broken)
 
     def check_saver(self, own: dict) -> None:
-        """What saved the folder's latents, which a .npy records nothing of (a flow's .npz names
-        it in each file, checked per file), against `own` (the run's latent_source): its
-        manifest.json (`check_npy_saver`)."""
-        if self.ending == ".latent.npy":
+        """What saved the folder's latents, which an older srspace's .npy records nothing of (a
+        .npz names it in each file, checked per file), against `own` (the run's latent_source):
+        its manifest.json (`check_npy_saver`), where it holds such files; else the manifest is
+        read only for what the inputs were (`warn_other_inputs`)."""
+        old = [f for v in self.files.values() for f in v.values() if f.name.endswith(".npy")]
+        if old:
             self.saved = check_npy_saver("--latent", self.folder, own, self.unrecorded)
+            return
+        with contextlib.suppress(OSError, ValueError):
+            saved = json.loads((self.folder / "manifest.json").read_text())
+            self.saved = saved if isinstance(saved, dict) else {}
 
     def plan(self, paths: list[Path], layout: str) -> tuple[int, dict | None, list[Path]]:
         """(n, the sample numbers of each input stem, the inputs without files) for `paths`:
@@ -1845,16 +1874,16 @@ class LatentDir:
         if other:
             end = self.others[other[0]]
             able = [k for k, c in MODELS.items() if "latent" in c.sample_controls
-                    and c.latent_file == end]  # fmt: skip
+                    and end in (c.latent_file, c.old_latent_file)]  # fmt: skip
             raise UsageError(
                 f"--latent {self.folder}: its latents of {other[0]} are {end} files (saved by "
-                f"{', '.join(able)}), not the {self.ending} files this {model} model decodes; "
-                "decode them with the model that saved them"
+                f"{', '.join(able)}), not the {self.endings[0]} files this {model} model "
+                "decodes; decode them with the model that saved them"
             )
         names = ", ".join(p.name for p in missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise UsageError(
             f"--latent {self.folder}: {len(missing)} of {total} inputs have no saved latents "
-            f"there (no NAME_sample{{i:05d}}{self.ending}): {names}; give --input only the "
+            f"there (no NAME_sample{{i:05d}}{self.endings[0]}): {names}; give --input only the "
             "images whose latents it holds"
         )
 
@@ -1912,8 +1941,9 @@ class LatentDir:
         other = []
         for path in paths:
             file = next(iter(self.files[path.stem].values()))
-            made = image_size(file.with_name(file.name.removesuffix(self.ending) + ".png"))
-            number = LATENT_NAME.fullmatch(file.name)[1]
+            name = LATENT_NAME.fullmatch(file.name)
+            made = image_size(file.with_name(file.name.removesuffix(name[3]) + ".png"))
+            number = name[1]
             if made is None and number != path.stem:  # --layout ntire --n 1: {k:06d}.png
                 made = image_size(file.with_name(f"{number}.png"))
             was, what = None, ""
@@ -1995,7 +2025,8 @@ class LatentDir:
 
 
 def check_npy_saver(flag: str, path: Path, own: dict, unrecorded: list) -> dict:
-    """What saved a RefVAE/VarSR .npy latent (a bare array, naming nothing), for `path` a
+    """What saved an older srspace's RefVAE/VarSR .npy latent (a bare array, naming nothing;
+    --save-latent's .npz names its model, `saved_fields`), for `path` a
     --save-latent folder or one file of it (named as --save-latent names them), against `own`
     (the run's latent_source): the folder's manifest.json, written by the --save-latent run.
     Another model or scale is refused (its latents decode to other images here), another
@@ -2068,13 +2099,14 @@ def ntire_stems(folder: Path) -> dict:
 
 def latent_fingerprint(path: Path, digest: str | None = None) -> tuple[str, list[tuple]]:
     """What manifest.json records of a --latent DIR file, the same for every --shard: of a
-    .npz (a flow's fields, ~33 MB a sample of a DIV2K x4 image), the sha256 of its zip
-    directory, each member's name, size and CRC-32 (zip's checksum of its contents, which
-    reading the member checks), read from the archive's end without the contents, so that a
-    shard reads only its own inputs' files whole; of a .npy (a (D,) latent, small), the sha256 of
-    the contents (`digest`: that of the contents read already, where read). A .npz without a
-    readable directory (cut short) is refused by every shard, not only the one that decodes it:
-    the others' manifest.json would record a digest that the file, put back, no longer has.
+    .npz (a flow's fields, ~33 MB a sample of a DIV2K x4 image; a RefVAE/VarSR latent, small,
+    alike), the sha256 of its zip directory, each member's name, size and CRC-32 (zip's
+    checksum of its contents, which reading the member checks), read from the archive's end
+    without the contents, so that a shard reads only its own inputs' files whole; of an older
+    srspace's .npy (a (D,) latent), the sha256 of the contents (`digest`: that of the contents
+    read already, where read). A .npz without a readable directory (cut short) is refused by
+    every shard, not only the one that decodes it: the others' manifest.json would record a
+    digest that the file, put back, no longer has.
     With it, the (C, h, w) of the .npz's fields z0, z1, ... from their headers (`npz_fields`)."""
     if path.name.endswith(".npz"):
         try:
@@ -2224,9 +2256,9 @@ def write_samples(model, lr, img, alpha, stem, name, n, temperature, folder, fil
         seeds = [sample_seed(args.seed, stem, i) for i in idx]
         # (len(idx), D), a flow's fields [(len(idx), C, h, w), ...], or None
         z = model.sample_latents(lr, seeds, idx, temperature, controls)
-        if z is not None and args.save_latent:  # sample 3: NAME_sample00003.latent.npy
+        if z is not None and args.save_latent:  # sample 3: NAME_sample00003.latent.npz
             paths = [folder / latent_names[i] for i in idx]
-            save_latents(paths, z, controls.made_by)
+            save_latents(paths, z, controls.made_by, files)
         cond = {} if z is None else {"latent": z[None] if torch.is_tensor(z) else z}
         x = draw(model, lr, seeds, temperature, tile, context, args.cem, cond, prepared)
         check_finite(x, name, idx, temperature if model.stochastic else None, args.amp,
@@ -2249,18 +2281,21 @@ def write_samples(model, lr, img, alpha, stem, name, n, temperature, folder, fil
     return kept, np.sqrt(np.maximum(square - mean * mean, 0)).mean(-1)
 
 
-def save_latents(paths: list[Path], z, made_by: dict) -> None:
-    """--save-latent: sample j's latent in paths[j]: row j of z (k, D) as a float32 (D,) .npy
-    (a bare array: it has no room for `made_by`), or of a flow's fields [(k, C, h, w), ...] as the
-    float32 arrays z0, z1, ... of one .npz, with made_by (`latent_source`) as a JSON string."""
-    if torch.is_tensor(z):
-        for path, zj in zip(paths, z.float().cpu().numpy()):
-            save_npy(path, zj)
-        return
-    fields = [f.float().cpu().numpy() for f in z]
+def save_latents(paths: list[Path], z, made_by: dict, files: Outputs) -> None:
+    """--save-latent: sample j's latent in paths[j], one .npz for every model: row j of each of
+    its fields as float32 arrays z0, z1, ... (a flow's fields [(k, C, h, w), ...]; a RefVAE/VarSR
+    latent (k, D): one field, z0 (D,)), with made_by (`latent_source`) as a JSON string, which
+    --latent checks (`saved_fields`). The sample's latent as an older srspace saved it (a .npy,
+    `Outputs.old_latent`: an image sampled again, not complete) is removed once this is written:
+    one latent a sample, not two for --latent DIR to choose from."""
+    fields = [f.float().cpu().numpy() for f in ([z] if torch.is_tensor(z) else z)]
     record = np.array(json.dumps(made_by, sort_keys=True))
     for j, path in enumerate(paths):
         save_npz(path, {**{f"z{k}": f[j] for k, f in enumerate(fields)}, LATENT_SOURCE: record})
+        old = files.old_latent(path)
+        if old is not None:
+            with signals_held():
+                old.unlink(missing_ok=True)
 
 
 def check_finite(x: torch.Tensor, name: str, idx: range, temperature, amp: str,

@@ -267,9 +267,9 @@ def test_save_latent_then_latent_reproduces_a_sample(tmp_path, ckpts, name):
     inp = images(tmp_path / "in", 3, ((10, 12),))
     base = ["--ckpt", ckpts[name], "--input", inp]
     assert run(*base, "--n", 3, "--batch", 2, "--save-latent", "--out", tmp_path / "a") == 0
-    z = np.load(tmp_path / "a" / "r0_sample00002.latent.npy")
+    z = np.load(tmp_path / "a" / "r0_sample00002.latent.npz")["z0"]
     assert z.shape == (8,) and z.dtype == np.float32
-    assert run(*base, "--latent", tmp_path / "a" / "r0_sample00002.latent.npy", "--out",
+    assert run(*base, "--latent", tmp_path / "a" / "r0_sample00002.latent.npz", "--out",
                tmp_path / "b") == 0  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "b").glob("*.png")) == ["r0_sample00000.png"]
     assert (
@@ -295,6 +295,71 @@ def test_save_latent_then_latent_reproduces_a_sample(tmp_path, ckpts, name):
     assert (outs[1] == read(tmp_path / "t0" / "r0_sample00000.png")).all()
 
 
+@pytest.mark.parametrize("name", ["refvae", "varsr"])
+def test_a_saved_latent_names_its_model_and_an_old_npy_is_still_read(tmp_path, ckpts, name):
+    """--save-latent wrote a bare .npy, no record of the model that saved it; now a .npz of z0
+    (D,) and made_by, as a flow's (the run's latent_source), and --latent decodes it to the same
+    sample. The .npy of an older srspace decodes to that sample too, alone or as a --latent DIR
+    (test_latent_dir_of_another_checkpoint_is_one_warning: what it says of its model)."""
+    inp = images(tmp_path / "in", 3, ((10, 12),))
+    base = ["--ckpt", ckpts[name], "--input", inp]
+    a = tmp_path / "a"
+    assert run(*base, "--n", 2, "--save-latent", "--out", a) == 0
+    with np.load(a / "r0_sample00001.latent.npz") as f:
+        assert sorted(f.files) == ["made_by", "z0"] and f["z0"].shape == (8,)
+        made_by = json.loads(str(f["made_by"]))
+    sha = hashlib.sha256(ckpts[name].read_bytes()).hexdigest()
+    assert (made_by["model"], made_by["scale"], made_by["checkpoint_sha256"]) == (name, 4, sha)
+    as_old(a)
+    assert sorted(p.name for p in a.glob("*.latent.*")) == [
+        f"r0_sample{i:05d}.latent.npy" for i in range(2)
+    ]
+    assert run(*base, "--latent", a / "r0_sample00001.latent.npy", "--out", tmp_path / "b") == 0
+    assert (read(tmp_path / "b" / "r0_sample00000.png") == read(a / "r0_sample00001.png")).all()
+    assert run(*base, "--latent", a, "--out", tmp_path / "c") == 0
+    for i in range(2):
+        f = f"r0_sample{i:05d}.png"
+        assert (read(tmp_path / "c" / f) == read(a / f)).all()
+
+
+def test_a_rerun_of_a_folder_of_old_npy_latents(tmp_path, ckpts, capsys):
+    """A folder an older srspace saved latents in as .npy: a rerun with the same settings takes
+    an image whose files are all there as complete (not sampled again, no .npz written beside
+    the .npy); an image not complete is sampled again, its .npy replaced by the .npz (one latent
+    a sample, not two), its samples the same; --overwrite writes every image's .npz, no .npy
+    left. A folder holding both files of a sample is refused by --latent DIR, naming them."""
+    inp = images(tmp_path / "in", 3, ((10, 12), (12, 10)))
+    out = tmp_path / "o"
+    argv = ["--ckpt", ckpts["varsr"], "--input", inp, "--n", 2, "--save-latent", "--out", out]
+    assert run(*argv) == 0
+    pngs = {p.name: read(p) for p in out.glob("*.png")}
+    as_old(out)
+    latents = lambda: sorted(p.name for p in out.glob("*.latent.*"))  # noqa: E731
+    old = latents()
+    assert len(old) == 4 and all(f.endswith(".latent.npy") for f in old)
+    capsys.readouterr()
+    assert run(*argv) == 0
+    assert "0 images sampled, 2 already complete" in capsys.readouterr().out
+    assert latents() == old
+    (out / "r1_sample00001.png").unlink()
+    assert run(*argv) == 0
+    assert "1 images sampled, 1 already complete" in capsys.readouterr().out
+    assert latents() == [*old[:2], "r1_sample00000.latent.npz", "r1_sample00001.latent.npz"]
+    assert all((read(out / f) == x).all() for f, x in pngs.items())
+    assert run(*argv, "--overwrite") == 0
+    assert latents() == [f.replace(".npy", ".npz") for f in old]
+    assert all((read(out / f) == x).all() for f, x in pngs.items())
+    np.save(out / "r0_sample00000.latent.npy", np.zeros(8, np.float32))  # a sample's two files
+    assert (
+        run("--ckpt", ckpts["varsr"], "--input", inp, "--latent", out, "--out", tmp_path / "d") == 2
+    )
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"sr_sample.py: error: --latent {out}: r0_sample00000.latent.npy and "
+        "r0_sample00000.latent.npz are both sample 0 of r0 (its latent as an older srspace saved "
+        "it, .latent.npy, and as now, .latent.npz); remove one"
+    )
+
+
 def test_ref_modes_from_the_cli(tmp_path, ckpts):
     inp = images(tmp_path / "in", 3, ((10, 12),))
     refs = images(tmp_path / "refs")
@@ -305,7 +370,7 @@ def test_ref_modes_from_the_cli(tmp_path, ckpts):
     assert run(*base, "--ref", refs / "r1.png", "--n", 2, "--out", tmp_path / "file") == 0
     assert run(*base, "--ref", refs / "r1.png", "--n", 2, "--out", tmp_path / "file2") == 0
     png = lambda d, i: read(tmp_path / d / f"r0_sample{i:05d}.png")  # noqa: E731
-    z = lambda d, i: np.load(tmp_path / d / f"r0_sample{i:05d}.latent.npy")  # noqa: E731
+    z = lambda d, i: np.load(tmp_path / d / f"r0_sample{i:05d}.latent.npz")["z0"]  # noqa: E731
     assert (png("file", 1) == png("file2", 1)).all()  # a fixed reference: deterministic
     # sample i of --ref DIR is sample i of --ref DIR/image_i (same reference, same seed); a
     # random tiny network hardly reacts to z in 8 bits, so the latents show the difference
@@ -350,8 +415,14 @@ OBJECTS = ("objects.npy: not a readable .npy array (its array holds Python objec
         ("varsr", ["--latent", "bad.npy"], 2, "expected (8,)"),
         ("varsr", ["--latent-shift", "ok.npy", "--latent-steps", "a,b"], 2, "--latent-steps"),
         ("refvae", ["--latent", "ok.npy", "--ref", "lr"], 2, "cannot be combined"),
-        ("varsr", ["--latent", "z.npz"], 3, "z.npz: a .npz archive, not a .npy array"),
-        ("refvae", ["--latent-shift", "z.npz"], 3, "--latent-shift"),
+        (
+            "varsr",
+            ["--latent", "z.npz"],
+            2,
+            "z.npz: a .npz archive of z (8,); expected a "
+            "--save-latent file's one latent z0, (8,) or (k, 8)",
+        ),
+        ("refvae", ["--latent-shift", "z.npz"], 2, "--latent-shift"),
         ("varsr", ["--latent", "empty.npy"], 2, "(0, 8), expected (8,) or (k, 8) with at least"),
         ("refvae", ["--latent", "nan.npy"], 3, "nan.npy: holds NaN or infinite values"),
         ("varsr", ["--latent", "zero.npy"], 3, ".npy array (an empty file, 0 bytes)"),
@@ -373,7 +444,7 @@ def test_unsupported_or_bad_controls_one_line(tmp_path, ckpts, capsys, name, fla
     inp = images(tmp_path / "in", 3, ((8, 8),))
     np.save(tmp_path / "bad.npy", np.zeros((2, 5), np.float32))
     np.save(tmp_path / "ok.npy", np.zeros(8, np.float32))
-    np.savez(tmp_path / "z.npz", z=np.zeros(8, np.float32))  # np.savez: an archive, not an array
+    np.savez(tmp_path / "z.npz", z=np.zeros(8, np.float32))  # an archive, not --save-latent's
     np.save(tmp_path / "empty.npy", np.zeros((0, 8), np.float32))
     np.save(tmp_path / "nan.npy", np.full(8, np.nan, np.float32))
     np.save(tmp_path / "inf.npy", np.array([np.inf] + [0] * 7, np.float32))
@@ -513,7 +584,7 @@ def test_ref_lr_is_the_lr_itself_in_the_api_as_in_the_cli(tmp_path, ckpts):
     noise = NoiseSource([sample_seed(5, "r0", i) for i in range(2)])
     sr = net.sample(lr, 2, 1.0, noise, ref="lr")[0]
     for i in range(2):
-        z = np.load(tmp_path / "o" / f"r0_sample{i:05d}.latent.npy")
+        z = np.load(tmp_path / "o" / f"r0_sample{i:05d}.latent.npz")["z0"]
         assert (decoded[0][0, i].numpy() == z).all()
         assert (to_uint8(sr[i : i + 1])[0] == read(tmp_path / "o" / f"r0_sample{i:05d}.png")).all()
 
@@ -538,7 +609,7 @@ def test_a_rerun_with_other_control_contents_is_refused(tmp_path, ckpts, capsys,
             tmp_path / "o"]  # fmt: skip
     make(0)
     assert run(*argv) == 0
-    first = np.load(tmp_path / "o" / "r0_sample00000.latent.npy")
+    first = np.load(tmp_path / "o" / "r0_sample00000.latent.npz")["z0"]
     assert run(*argv) == 0  # the same contents: complete, skipped
     make(1)
     capsys.readouterr()
@@ -547,9 +618,9 @@ def test_a_rerun_with_other_control_contents_is_refused(tmp_path, ckpts, capsys,
     assert err == [f"sr_sample.py: error: {tmp_path / 'o'} holds samples made with other "
                    f"contents of {flag} {control}; use another --out, or --overwrite to redo "
                    "them"]  # fmt: skip
-    assert (np.load(tmp_path / "o" / "r0_sample00000.latent.npy") == first).all()  # kept
+    assert (np.load(tmp_path / "o" / "r0_sample00000.latent.npz")["z0"] == first).all()  # kept
     assert run(*argv, "--overwrite") == 0
-    assert not (np.load(tmp_path / "o" / "r0_sample00000.latent.npy") == first).all()
+    assert not (np.load(tmp_path / "o" / "r0_sample00000.latent.npz")["z0"] == first).all()
     assert run(*argv) == 0  # the manifest now holds the new contents
     manifest = tmp_path / "o" / "manifest.json"  # one of an srspace that kept no digests
     old = {k: v for k, v in json.loads(manifest.read_text()).items() if k != "control_sha256"}
@@ -584,7 +655,7 @@ def pngs_of(folder) -> dict:
 @pytest.mark.parametrize("name", ["refvae", "varsr"])
 def test_latent_dir_decodes_each_input_from_its_own_files(tmp_path, ckpts, capsys, name):
     """--latent DIR (a --save-latent run's folder): each input NAME is decoded from the files
-    NAME_sample{i:05d}.latent.npy there, the whole stem (not "a"'s files for "a_b"), sample i
+    NAME_sample{i:05d}.latent.npz there, the whole stem (not "a"'s files for "a_b"), sample i
     written as NAME_sample{i:05d}.png with its i (a gap stays a gap), bit for bit the saved
     sample; --n, --seed and --temperature are set by the files (the --latent warnings);
     manifest.json records n (the highest number + 1) and the joint sha256 of the files in the
@@ -596,7 +667,7 @@ def test_latent_dir_decodes_each_input_from_its_own_files(tmp_path, ckpts, capsy
     assert run(*base, "--n", 4, "--temperature", 0.9, "--save-latent", "--out", tmp_path / "s") == 0
     s = tmp_path / "s"
     for i in (1, 2):  # a gap: samples 0 and 3 of "a" only
-        (s / f"a_sample{i:05d}.latent.npy").unlink()
+        (s / f"a_sample{i:05d}.latent.npz").unlink()
     capsys.readouterr()
     again = [*base, "--latent", s, "--n", 2, "--seed", 5, "--out", tmp_path / "d"]
     assert run(*again) == 0
@@ -614,9 +685,7 @@ def test_latent_dir_decodes_each_input_from_its_own_files(tmp_path, ckpts, capsy
     manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
     order = [p.stem for p in sr_sample.input_paths(inp)]
     files = [s / f[:-4] for stem in order for f in want if f.startswith(f"{stem}_sample")]
-    joint = " ".join(
-        hashlib.sha256(Path(f"{f}.latent.npy").read_bytes()).hexdigest() for f in files
-    )
+    joint = " ".join(sr_sample.latent_fingerprint(Path(f"{f}.latent.npz"))[0] for f in files)
     assert manifest["n"] == 4
     assert manifest["control_sha256"] == {"--latent": hashlib.sha256(joint.encode()).hexdigest()}
     # a rerun: every image complete
@@ -629,7 +698,7 @@ def test_latent_dir_decodes_each_input_from_its_own_files(tmp_path, ckpts, capsy
                    tmp_path / "e") == 0  # fmt: skip
     e = pngs_of(tmp_path / "e")
     assert sorted(e) == sorted(want) and all((x == saved[f]).all() for f, x in e.items())
-    # a --layout ntire run's folder (000000_sample00000.latent.npy, ...): read by its index
+    # a --layout ntire run's folder (000000_sample00000.latent.npz, ...): read by its index
     assert run(*base, "--n", 2, "--layout", "ntire", "--save-latent", "--out", tmp_path / "n") == 0
     assert run(*base, "--latent", tmp_path / "n", "--out", tmp_path / "m") == 0
     m, ntire = pngs_of(tmp_path / "m"), pngs_of(tmp_path / "n")
@@ -645,15 +714,15 @@ def test_latent_dir_decodes_each_input_from_its_own_files(tmp_path, ckpts, capsy
                    tmp_path / "g") == 0  # fmt: skip
     assert texts == ["LR", "sample 0", "sample 3", "std"]
     # the same names of other contents: refused
-    z = s / "a_b_sample00001.latent.npy"
-    z.write_bytes((s / "a_b_sample00002.latent.npy").read_bytes())
+    z = s / "a_b_sample00001.latent.npz"
+    z.write_bytes((s / "a_b_sample00002.latent.npz").read_bytes())
     assert run(*again) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1:] == [
         f"sr_sample.py: error: {tmp_path / 'd'} holds samples made with other contents of "
         f"--latent {s}; use another --out, or --overwrite to redo them"
     ]
     # a file added above the highest number: its n follows the folder's files, said as them
-    (s / "a_b_sample00007.latent.npy").write_bytes(z.read_bytes())
+    (s / "a_b_sample00007.latent.npz").write_bytes(z.read_bytes())
     assert run(*again) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1:] == [
         f"sr_sample.py: error: {tmp_path / 'd'} holds samples made with other contents of "
@@ -677,62 +746,63 @@ def test_latent_dir_one_line_errors(tmp_path, ckpts, capsys):
     before = {p.name: p.read_bytes() for p in s.iterdir()}
     only = tmp_path / "only_a_b"  # the files of "a_b", none of "a" and "img 1"
     only.mkdir()
-    for f in s.glob("a_b_sample*.latent.npy"):
+    for f in s.glob("a_b_sample*.latent.npz"):
         (only / f.name).write_bytes(f.read_bytes())
     flows = tmp_path / "flows"
     flows.mkdir()
+    flow = np.array(json.dumps({"model": "srflow", "scale": 4}))  # (made_by: what saved it)
     for stem in PREFIXED:
-        np.savez(flows / f"{stem}_sample00000.latent.npz", z0=np.zeros((6, 4, 4), "f4"))
+        np.savez(flows / f"{stem}_sample00000.latent.npz", z0=np.zeros((6, 4, 4), "f4"),
+                 made_by=flow)  # fmt: skip
     two = tmp_path / "two"
     two.mkdir()
     for stem in PREFIXED:
-        np.save(two / f"{stem}_sample00000.latent.npy", np.zeros((2, 8), "f4"))
+        np.savez(two / f"{stem}_sample00000.latent.npz", z0=np.zeros((2, 8), "f4"))
     gap = tmp_path / "gap"
     gap.mkdir()
-    for f in s.glob("*.latent.npy"):
-        if f.name != "a_b_sample00000.latent.npy":
+    for f in s.glob("*.latent.npz"):
+        if f.name != "a_b_sample00000.latent.npz":
             (gap / f.name).write_bytes(f.read_bytes())
     (tmp_path / "link").symlink_to(s, target_is_directory=True)
     sweep = tmp_path / "sweep"  # a --temperature sweep's folder: its latents in T0.5/ and T1/
     for t in ("T0.5", "T1"):
         (sweep / t).mkdir(parents=True)
-        for f in s.glob("*.latent.npy"):
+        for f in s.glob("*.latent.npz"):
             (sweep / t / f.name).write_bytes(f.read_bytes())
     order = [p.stem for p in sr_sample.input_paths(inp)]
     numbered, garbled = tmp_path / "numbered", tmp_path / "garbled"  # a --layout ntire run's files
     for d in (numbered, garbled):
         d.mkdir()
         for k, stem in enumerate(order):
-            for f in s.glob(f"{glob.escape(stem)}_sample*.latent.npy"):
+            for f in s.glob(f"{glob.escape(stem)}_sample*.latent.npz"):
                 (d / f.name.replace(stem, f"{k:06d}", 1)).write_bytes(f.read_bytes())
     (garbled / "ntire_index.json").write_text('{"scale": 4, "000000": ')  # cut short
-    rv = tmp_path / "rv"  # refvae's latents: (8,) .npy files as varsr's, only its manifest differs
+    rv = tmp_path / "rv"  # refvae's latents: (8,) as varsr's, only their made_by differs
     assert run("--ckpt", ckpts["refvae"], "--input", inp, "--n", 1, "--save-latent", "--out",
                rv) == 0  # fmt: skip
     cases = [
         (["--latent", numbered], f"--latent {numbered}: its files are named by number "
-         "(000000_sample00000.latent.npy, ...), as a --layout ntire run names them, and its "
+         "(000000_sample00000.latent.npz, ...), as a --layout ntire run names them, and its "
          "ntire_index.json, which maps the numbers to the inputs, is missing: copy it there from "
          "that run's --out"),
         (["--latent", garbled], f"--latent {garbled}: its files are named by number "
-         "(000000_sample00000.latent.npy, ...), as a --layout ntire run names them, and its "
+         "(000000_sample00000.latent.npz, ...), as a --layout ntire run names them, and its "
          "ntire_index.json, which maps the numbers to the inputs, is not the index that run "
          "writes: copy it there from that run's --out"),
-        (["--latent", rv], f"--latent {rv}: its latents were saved by an x4 refvae model (its "
-         "manifest.json), not this x4 varsr: they decode to other images here; decode them with "
-         "an x4 refvae checkpoint"),
+        (["--latent", rv], f"--latent {rv}/a_sample00000.latent.npz: saved by an x4 refvae "
+         "model, not this x4 varsr (its latents decode to other images here); decode it with an "
+         "x4 refvae checkpoint"),
         (["--latent", only], f"--latent {only}: 2 of 3 inputs have no saved latents there (no "
-         "NAME_sample{i:05d}.latent.npy): a.png, img 1.png; give --input only the images whose "
+         "NAME_sample{i:05d}.latent.npz): a.png, img 1.png; give --input only the images whose "
          "latents it holds"),
         (["--latent", sweep], f"--latent {sweep}: a --temperature sweep's folder, its latents "
          f"in its subfolders T0.5, T1: give one of them (--latent {sweep / 'T0.5'})"),
-        (["--latent", flows], f"--latent {flows}: its latents of a are .latent.npz files (saved "
-         "by srflow, srflow_da, ncsr), not the .latent.npy files this varsr model decodes; "
-         "decode them with the model that saved them"),
-        (["--latent", s, "--latent-shift", s / "a_sample00000.latent.npy"], f"--latent {s}: a "
+        (["--latent", flows], ": saved by an x4 srflow model, not this x4 varsr (its latents "
+         "decode to other images here); decode it with an x4 srflow checkpoint"),
+        (["--latent", s, "--latent-shift", s / "a_sample00000.latent.npz"], f"--latent {s}: a "
          "folder, each input decoded from its own saved latents; it cannot be combined with "
          "--latent-shift (give --latent one FILE)"),
-        (["--latent", two], f"--latent {two / 'a_sample00000.latent.npy'}: holds 2 samples; a "
+        (["--latent", two], f"--latent {two / 'a_sample00000.latent.npz'}: holds 2 samples; a "
          "--latent folder's NAME_sample{i:05d} file holds one, sample i"),
         (["--latent", gap, "--layout", "ntire"], "--layout ntire: the challenge reads samples "
          f"0..N-1 of every image, but --latent {gap} holds samples 1 of a_b, not 0..1; use "
@@ -760,20 +830,20 @@ def test_a_latent_dir_name_of_no_file_is_one_line(tmp_path, ckpts, capsys):
     inp = named_images(tmp_path / "in", PREFIXED)
     s = tmp_path / "s"
     assert run("--ckpt", ckpts["varsr"], "--input", inp, "--n", 3, "--save-latent", "--out", s) == 0
-    gone = s / "a_b_sample00002.latent.npy"
+    gone = s / "a_b_sample00002.latent.npz"
     gone.unlink()
     gone.symlink_to(tmp_path / "purged" / gone.name)
     decode = ["--ckpt", ckpts["varsr"], "--input", inp, "--latent", s, "--out", tmp_path / "d"]
     capsys.readouterr()
     assert run(*decode) == 3
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"sr_sample.py: error: --latent {s}: a_b_sample00002.latent.npy is no file (a link to "
+        f"sr_sample.py: error: --latent {s}: a_b_sample00002.latent.npz is no file (a link to "
         "nothing, or a folder); put the file back, or remove the name to decode the others"
     ]
     gone.unlink()
     gone.mkdir()
     assert run(*decode) == 3
-    assert "a_b_sample00002.latent.npy is no file" in capsys.readouterr().err
+    assert "a_b_sample00002.latent.npz is no file" in capsys.readouterr().err
     assert not (tmp_path / "d").exists() or not list((tmp_path / "d").glob("*.png"))
     # another input's: not this decode's concern
     assert run(*decode[:3], inp / "a.png", *decode[4:]) == 0
@@ -782,27 +852,36 @@ def test_a_latent_dir_name_of_no_file_is_one_line(tmp_path, ckpts, capsys):
     ]
 
 
+def as_old(folder):
+    """The --save-latent files of `folder` as an older srspace wrote them: bare (D,) .npy arrays
+    NAME_sample{i:05d}.latent.npy, which record no model; their .npz removed."""
+    for f in sorted(folder.glob("*.latent.npz")):
+        np.save(f.with_suffix(".npy"), np.load(f)["z0"])
+        f.unlink()
+
+
 def test_latent_dir_of_another_checkpoint_is_one_warning(tmp_path, ckpts, capsys):
-    """A .npy latent records nothing of what saved it; the --latent DIR's manifest.json does: its
-    files decode with another checkpoint of the model with one warning line naming it (a fair
-    experiment: the weights trained further), as a flow's made_by says (another model's folder:
-    refused, test_latent_dir_one_line_errors); a folder without a manifest.json: one warning line
-    that nothing records the model that saved them."""
+    """A saved latent names the model that saved it (made_by, as a flow's): its files decode with
+    another checkpoint of the model with one warning line naming it (a fair experiment: the
+    weights trained further; another model's: refused, test_latent_dir_one_line_errors), also
+    without the folder's manifest.json. An older srspace's .npy records nothing: its folder's
+    manifest.json does; without it, one warning line that nothing records the model."""
     inp = named_images(tmp_path / "in", PREFIXED)
     s = tmp_path / "s"
     assert run("--ckpt", ckpts["varsr"], "--input", inp, "--n", 1, "--save-latent", "--out", s) == 0
     later = tmp_path / "later.pt"  # the same model and config, another file
     save_checkpoint(later, {**load_checkpoint(ckpts["varsr"]), "step": 1})
-    capsys.readouterr()
-    assert run("--ckpt", later, "--input", inp, "--latent", s, "--out", tmp_path / "d") == 0
     sha = hashlib.sha256(ckpts["varsr"].read_bytes()).hexdigest()
-    assert capsys.readouterr().err.strip().splitlines() == [
-        f"sr_sample.py: warning: --latent {s}: saved by another varsr checkpoint (its "
-        f"manifest.json: sha256 {sha[:12]}...): decoded with this one, its samples are not the "
-        "saved ones"
-    ]
-    (s / "manifest.json").unlink()  # latents copied without it: nothing to check them by
-    assert run("--ckpt", later, "--input", inp, "--latent", s, "--out", tmp_path / "e") == 0
+    for out in ("d", "e"):
+        capsys.readouterr()
+        assert run("--ckpt", later, "--input", inp, "--latent", s, "--out", tmp_path / out) == 0
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"sr_sample.py: warning: --latent {s}: 3 of 3 files saved by another varsr checkpoint "
+            f"(sha256 {sha[:12]}...): decoded with this one, its samples are not the saved ones"
+        ]
+        (s / "manifest.json").unlink(missing_ok=True)  # copied without it: the files say
+    as_old(s)
+    assert run("--ckpt", later, "--input", inp, "--latent", s, "--out", tmp_path / "f") == 0
     assert capsys.readouterr().err.startswith(
         f"sr_sample.py: warning: --latent {s}: no manifest.json there names the model that saved "
         "its latents (a .npy holds the array alone): decoded as this x4 varsr's; "
@@ -880,8 +959,8 @@ def test_latent_dir_to_the_ntire_layout(tmp_path, ckpts):
 
 def test_ntire_n1_latents_are_numbered_and_read_by_latent_dir(tmp_path, ckpts, capsys):
     """--layout ntire --n 1 writes each image as {k:06d}.png, and its latent as sample 0's,
-    {k:06d}_sample00000.latent.npy (the one name of every --save-latent file), so --latent DIR
-    decodes that folder like any other; a folder of the older name {k:06d}.latent.npy (a run
+    {k:06d}_sample00000.latent.npz (the one name of every --save-latent file), so --latent DIR
+    decodes that folder like any other; a folder of the older name {k:06d}.latent.npz (a run
     before the latents were always numbered) is read as sample 0 too, and --overwrite deletes
     those files with the image's others."""
     inp = named_images(tmp_path / "in", PREFIXED)
@@ -889,8 +968,8 @@ def test_ntire_n1_latents_are_numbered_and_read_by_latent_dir(tmp_path, ckpts, c
     order = [p.stem for p in sr_sample.input_paths(inp)]
     s = tmp_path / "s"
     assert run(*base, "--n", 1, "--layout", "ntire", "--save-latent", "--out", s) == 0
-    assert sorted(p.name for p in s.glob("*.latent.npy")) == [
-        f"{k:06d}_sample00000.latent.npy" for k in range(3)
+    assert sorted(p.name for p in s.glob("*.latent.npz")) == [
+        f"{k:06d}_sample00000.latent.npz" for k in range(3)
     ]
     capsys.readouterr()
     assert run(*base, "--n", 1, "--layout", "ntire", "--save-latent", "--out", s) == 0
@@ -902,7 +981,7 @@ def test_ntire_n1_latents_are_numbered_and_read_by_latent_dir(tmp_path, ckpts, c
         assert sorted(got) == sorted(name.format(k=k, stem=stem) for k, stem in enumerate(order))
         assert all((got[name.format(k=k, stem=stem)] == read(s / f"{k:06d}.png")).all()
                    for k, stem in enumerate(order))  # fmt: skip
-    old = tmp_path / "old"  # as written before: {k:06d}.latent.npy
+    old = tmp_path / "old"  # as written before: {k:06d}.latent.npz
     old.mkdir()
     for f in s.iterdir():
         (old / f.name.replace("_sample00000.latent", ".latent")).write_bytes(f.read_bytes())
@@ -911,20 +990,20 @@ def test_ntire_n1_latents_are_numbered_and_read_by_latent_dir(tmp_path, ckpts, c
     assert all((x == read(tmp_path / "stem" / f)).all()
                for f, x in pngs_of(tmp_path / "from_old").items())  # fmt: skip
     # both names of one sample (a rerun of such a folder wrote the numbered one): one line
-    (old / "000000_sample00000.latent.npy").write_bytes((s / "000000_sample00000.latent.npy")
+    (old / "000000_sample00000.latent.npz").write_bytes((s / "000000_sample00000.latent.npz")
                                                         .read_bytes())  # fmt: skip
     capsys.readouterr()
     assert run(*base, "--latent", old, "--out", tmp_path / "both") == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"sr_sample.py: error: --latent {old}: 000000.latent.npy and 000000_sample00000.latent.npy "
+        f"sr_sample.py: error: --latent {old}: 000000.latent.npz and 000000_sample00000.latent.npz "
         f"are both sample 0 of {order[0]} (the older and the numbered name of sample 0); remove one"
     ]
     # --overwrite of that folder deletes both names with the image's files
     assert run(*base, "--n", 1, "--layout", "ntire", "--overwrite", "--out", old) == 0
-    assert not list(old.glob("*.latent.npy"))
-    # a stem folder's NAME.latent.npy is no --save-latent file (never written so): not read
+    assert not list(old.glob("*.latent.npz"))
+    # a stem folder's NAME.latent.npz is no --save-latent file (never written so): not read
     (tmp_path / "stray").mkdir()
-    np.save(tmp_path / "stray" / "a.latent.npy", np.zeros(8, np.float32))
+    np.savez(tmp_path / "stray" / "a.latent.npz", z0=np.zeros(8, np.float32))
     capsys.readouterr()
     assert run(*base, "--input", inp / "a.png", "--latent", tmp_path / "stray", "--out",
                tmp_path / "none") == 2  # fmt: skip
@@ -932,7 +1011,7 @@ def test_ntire_n1_latents_are_numbered_and_read_by_latent_dir(tmp_path, ckpts, c
     # nor does --overwrite of a --layout stem folder delete it
     one = ["--input", inp / "a.png", "--n", 1, "--out", tmp_path / "stray"]
     assert run(*base, *one, "--overwrite") == 0 and run(*base, *one, "--overwrite") == 0
-    assert (tmp_path / "stray" / "a.latent.npy").is_file()
+    assert (tmp_path / "stray" / "a.latent.npz").is_file()
 
 
 def test_a_latent_dir_file_changed_during_the_run_is_refused(tmp_path, ckpts, capsys):
@@ -943,12 +1022,12 @@ def test_a_latent_dir_file_changed_during_the_run_is_refused(tmp_path, ckpts, ca
     s = tmp_path / "s"
     base = ["--ckpt", ckpts["varsr"], "--input", inp]
     assert run(*base, "--n", 1, "--save-latent", "--out", s) == 0
-    late = s / "img 1_sample00000.latent.npy"  # the last image's
+    late = s / "img 1_sample00000.latent.npz"  # the last image's
     check = sr_sample.LatentDir.check
 
     def then_changed(self, *args):
         digests = check(self, *args)
-        np.save(late, np.ones(8, np.float32))
+        np.savez(late, z0=np.ones(8, np.float32))
         return digests
 
     capsys.readouterr()
@@ -1005,7 +1084,7 @@ def test_a_reference_is_encoded_once_per_run(tmp_path, ckpts, monkeypatch, name,
                 {"latent_from": ref(refs / "r2.png")[None]})  # fmt: skip
         z = net.latents(lr, n, 1.0, noise, **cond)[0]
         for i in range(n):
-            saved = np.load(tmp_path / "o" / f"{p.stem}_sample{i:05d}.latent.npy")
+            saved = np.load(tmp_path / "o" / f"{p.stem}_sample{i:05d}.latent.npz")["z0"]
             assert (saved == z[i].numpy()).all()
 
 
@@ -1040,7 +1119,7 @@ def test_each_control_file_is_read_once(tmp_path, ckpts):
     lr = to_tensor(read_image(inp / "r0.png"))[None]
     z = net.latents(lr, 3, 1.0, NoiseSource([sample_seed(0, "r0", i) for i in range(3)]), **cond)
     for i in range(3):
-        saved = np.load(tmp_path / "--ref" / f"r0_sample{i:05d}.latent.npy")
+        saved = np.load(tmp_path / "--ref" / f"r0_sample{i:05d}.latent.npz")["z0"]
         assert (saved == z[0, i].numpy()).all()
 
 

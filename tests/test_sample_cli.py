@@ -850,14 +850,14 @@ def test_check_invertibility_skips_an_unreadable_input_as_sampling_does(
     assert err[-1].endswith("; not checked: 1 of 3 inputs unreadable (b.png)"), err[-1]
 
 
-def test_a_saved_npy_latent_of_another_model_is_refused_by_its_folders_manifest(tmp_path, capsys):
-    """A RefVAE's saved .npy latent (a bare array) decoded with --latent FILE by a VarSR of the
-    same D wrote other images than the saved sample, exit 0 (a --latent DIR was refused by its
-    manifest.json). Now the file, named as --save-latent names it, is checked against the
-    manifest.json of its folder (through a link too): another model refused, another checkpoint
-    one warning line. A file copied alone (no manifest.json records its model) was decoded
-    without a word, to another image where another model of the same D saved it: now one
-    warning line says that nothing checks it, and one of another D is refused naming D."""
+def test_a_saved_latent_of_another_model_is_refused_where_it_is_copied(tmp_path, capsys):
+    """A RefVAE/VarSR --save-latent file was a bare .npy: copied without its folder's
+    manifest.json, a VarSR of the same D decoded a RefVAE's with one warning line, exit 0 (another
+    model's image). Now it is a .npz of z0 and made_by, as a flow's: another model's is refused in
+    one line naming the file, the model that saved it and this one (exit 2), given to --latent,
+    --latent-shift, through a link, copied alone, or as a --latent DIR of copies; another
+    checkpoint of the model is one warning line, one of another D refused naming it. An older
+    srspace's .npy is still read: checked by its folder's manifest.json, without one a warning."""
     ckpts = {}
     for name in ("refvae", "varsr"):
         cfg = {**TINY[name], "scale": 4}
@@ -868,23 +868,27 @@ def test_a_saved_npy_latent_of_another_model_is_refused_by_its_folders_manifest(
         )
     inp = folder(tmp_path / "in", a=image((16, 16), 1))
     saved = tmp_path / "saved"
-    argv = ["--input", inp / "a.png", "--n", 1, "--quiet"]
-    assert run("--ckpt", ckpts["refvae"], *argv, "--save-latent", "--out", saved) == 0
-    file = saved / "a_sample00000.latent.npy"
-    (tmp_path / "link.latent.npy").symlink_to(file)
-    for flag, given in (
-        ("--latent", file),
-        ("--latent-shift", file),
-        ("--latent", tmp_path / "link.latent.npy"),
+    argv = ["--input", inp / "a.png", "--quiet"]
+    assert run("--ckpt", ckpts["refvae"], *argv, "--n", 1, "--save-latent", "--out", saved) == 0
+    file = saved / "a_sample00000.latent.npz"
+    (tmp_path / "link.latent.npz").symlink_to(file)
+    (tmp_path / "alone").mkdir()  # copied without the folder's manifest.json
+    alone = tmp_path / "alone" / file.name
+    alone.write_bytes(file.read_bytes())
+    for flag, given, named in (
+        ("--latent", file, file),
+        ("--latent-shift", file, file),
+        ("--latent", tmp_path / "link.latent.npz", tmp_path / "link.latent.npz"),
+        ("--latent", alone, alone),
+        ("--latent", alone.parent, alone),
     ):
         capsys.readouterr()
         assert run("--ckpt", ckpts["varsr"], *argv, flag, given, "--out", tmp_path / "o") == 2
-        assert capsys.readouterr().err == (
-            f"sr_sample.py: error: {flag} {given}: it was saved by an x4 refvae model (the "
-            "manifest.json of its folder), not this x4 varsr: it decodes to another image here; "
-            "decode it with an x4 refvae checkpoint\n"
-        )
-        assert not (tmp_path / "o").exists()
+        assert capsys.readouterr().err.splitlines() == [
+            f"sr_sample.py: error: {flag} {named}: saved by an x4 refvae model, not this x4 varsr "
+            "(its latents decode to other images here); decode it with an x4 refvae checkpoint"
+        ]
+        assert not list(tmp_path.glob("o/*.png"))
     other = tmp_path / "other.pt"  # the same model, other weights: decoded, one warning line
     cfg = {**TINY["refvae"], "scale": 4}
     ck = {
@@ -893,14 +897,36 @@ def test_a_saved_npy_latent_of_another_model_is_refused_by_its_folders_manifest(
         "state_dict": build_model("refvae", cfg).state_dict(),
     }
     save_checkpoint(other, ck)
-    assert run("--ckpt", other, *argv, "--latent", file, "--out", tmp_path / "o2") == 0
-    err = capsys.readouterr().err
-    assert err.startswith(f"sr_sample.py: warning: --latent {file}: saved by another refvae "
-                          "checkpoint (the manifest.json of its folder: sha256 "), err  # fmt: skip
-    (tmp_path / "alone").mkdir()  # copied alone: no record of its model
-    (tmp_path / "alone" / file.name).write_bytes(file.read_bytes())
-    given = tmp_path / "alone" / file.name
-    for latent, out in ((given, "o3"), (given.parent, "o4")):
+    sha = hashlib.sha256(ckpts["refvae"].read_bytes()).hexdigest()
+    assert run("--ckpt", other, *argv, "--latent", alone, "--out", tmp_path / "o2") == 0
+    assert capsys.readouterr().err == (
+        f"sr_sample.py: warning: --latent {alone}: saved by another refvae checkpoint (sha256 "
+        f"{sha[:12]}...): decoded with this one, its samples are not the saved ones\n"
+    )
+    wide = tmp_path / "wide.pt"  # another D: refused, naming the checkpoint that saved it
+    cfg = {**TINY["refvae"], "scale": 4, "z_dim": 16}
+    save_checkpoint(wide, {"model": "refvae", "model_cfg": cfg,
+                           "state_dict": build_model("refvae", cfg).state_dict()})  # fmt: skip
+    assert run("--ckpt", wide, *argv, "--latent", alone, "--out", tmp_path / "o5") == 2
+    assert capsys.readouterr().err == (
+        f"sr_sample.py: error: --latent {alone}: shape (8,), expected (16,) or (k, 16) with at "
+        "least one row (16: this model's latent size D; rows of 8 are those of another refvae "
+        f"checkpoint (sha256 {sha[:12]}...; its config differs in z_dim): decode them with the "
+        "checkpoint that saved them)\n"
+    )
+    # an older srspace's bare .npy: its folder's manifest.json names the model; alone, nothing
+    np.save(saved / "a_sample00000.latent.npy", np.load(file)["z0"])
+    file.unlink()
+    old = saved / "a_sample00000.latent.npy"
+    assert run("--ckpt", ckpts["varsr"], *argv, "--latent", old, "--out", tmp_path / "o6") == 2
+    assert capsys.readouterr().err == (
+        f"sr_sample.py: error: --latent {old}: it was saved by an x4 refvae model (the "
+        "manifest.json of its folder), not this x4 varsr: it decodes to another image here; "
+        "decode it with an x4 refvae checkpoint\n"
+    )
+    alone.unlink()
+    (tmp_path / "alone" / old.name).write_bytes(old.read_bytes())
+    for latent, out in ((tmp_path / "alone" / old.name, "o3"), (alone.parent, "o4")):
         assert run("--ckpt", ckpts["varsr"], *argv, "--latent", latent, "--out", tmp_path / out,
                    "--n", 1) == 0  # fmt: skip
         err = [line for line in capsys.readouterr().err.splitlines() if "manifest" in line]
@@ -908,17 +934,6 @@ def test_a_saved_npy_latent_of_another_model_is_refused_by_its_folders_manifest(
             f"sr_sample.py: warning: --latent {latent}: no manifest.json "
         ), err
         assert "(a .npy holds the array alone): decoded as this x4 varsr's; another " in err[0]
-    cfg = {**TINY["varsr"], "scale": 4, "z_dim": 16}  # another D: refused by its shape
-    wide = tmp_path / "wide.pt"
-    save_checkpoint(wide, {"model": "varsr", "model_cfg": cfg,
-                           "state_dict": build_model("varsr", cfg).state_dict()})  # fmt: skip
-    assert run("--ckpt", wide, *argv, "--latent", given, "--out", tmp_path / "o5") == 2
-    err = capsys.readouterr().err.splitlines()
-    assert err[-1] == (
-        f"sr_sample.py: error: --latent {given}: shape (8,), expected (16,) or (k, 16) with at "
-        "least one row (16: this model's latent size D; rows of 8 are another model's or "
-        "configuration's: decode them with the checkpoint that saved them)"
-    )
 
 
 def test_latent_dir_of_an_ntire_n1_run_warns_of_inputs_of_another_size(tmp_path, capsys):
@@ -1490,7 +1505,7 @@ def test_the_help_of_the_latent_flags_names_the_flows_npz(capsys):
     text = " ".join(capsys.readouterr().out.split())
     save = text[text.index("--save-latent write") :][:200]
     latent = text[text.index("--latent LATENT decode") :][:200]
-    assert ".latent.npy" in save and ".latent.npz (flows)" in save, save
+    assert ".latent.npz, its fields z0" in save and "model that saved it" in save, save
     assert ".npy" in latent and "flows: a .npz" in latent, latent
 
 

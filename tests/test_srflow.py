@@ -730,7 +730,7 @@ def test_flow_latent_with_tiles(tmp_path, flow_ckpts):
                   "latent fields z0, z1"),
         ("srflow_da", 2, "fields z0 (6, 24, 24), z1 (24, 12, 12), the latents of no LR of this "
                          "model, not of r0.png's LR of 12x12 px (z0 (6, 24, 24), z1 (96, 6, 6)"),
-        ("ncsr", 2, ": saved by an x4 ncsr model, not this x4 srflow (its fields decode to other "
+        ("ncsr", 2, ": saved by an x4 ncsr model, not this x4 srflow (its latents decode to other "
                     "images here); decode it with an x4 ncsr checkpoint"),
         ("made_by", 3, ": its made_by entry is not the record --save-latent writes"),
         ("one field", 2, "holds z0 (6, 24, 24); expected this model's 2 latent fields z0, z1, "

@@ -390,9 +390,12 @@ class SRModel(nn.Module):
     # "latent_shift" (--latent-shift), "ref" (--ref), "latent_from" (--latent-from); see
     # LatentSRModel, and SRFlow for a latent of several fields.
     sample_controls: tuple[str, ...] = ()
-    # How --save-latent names sample i's latent: NAME_sample{i:05d}{latent_file}; a (D,) .npy of
-    # a LatentSRModel, a flow's fields in one .npz (load_latent_fields)
-    latent_file = ".latent.npy"
+    # How --save-latent names sample i's latent: NAME_sample{i:05d}{latent_file}, one .npz of its
+    # fields z0, z1, ... (a LatentSRModel's one (D,) z0) and the record of the model that saved
+    # it (made_by: `saved_fields`); old_latent_file: what an older srspace wrote instead, still
+    # read (a LatentSRModel's bare (D,) .npy, which records no model), "" for none
+    latent_file = ".latent.npz"
+    old_latent_file = ""
     # The LR px of context around a tile that make `generate` exact there, given the image's
     # `prepare` cut to the tile: the receptive field of the per-tile computation (a property
     # computed from the config in most models). None: unknown (sr_sample.py then uses 32).
@@ -640,30 +643,56 @@ def numpy_trouble(data: bytes | None, e: Exception, writer: str) -> str:
     return str(e)
 
 
-def load_latent(path: str, dim: int, flag: str) -> tuple[torch.Tensor, str]:
-    """A saved latent .npy, (D,) or (k, D), as float32, and the sha256 of the file (read once).
-    A file that is not one readable finite array is a data error (exit 3); an array of another
-    shape, or of no rows, a usage error (exit 2: the file of another model or flag)."""
+def read_numpy(path: str, flag: str, what: str, writer: str, one: str):
+    """A NumPy file's array (a .npy) or arrays (a .npz: {name: array}, read whole), and the
+    sha256 of the file (read once). A folder, an empty or unreadable file is a data error (exit
+    3) naming `what` it should be (written by `writer`; a folder: give `one` file)."""
     if Path(path).is_dir():  # (--latent DIR is sr_sample.py's: one file of it at a time)
-        raise DataError(f"{flag} {path}: a folder; give one .npy file (a direction)")
+        raise DataError(f"{flag} {path}: a folder; give one {one}")
     data = None
     try:
         data = Path(path).read_bytes()
         if not data:  # (numpy's own error for it differs between versions)
-            raise DataError(f"{flag} {path}: not a readable .npy array (an empty file, 0 bytes)")
+            raise DataError(f"{flag} {path}: not a readable {what} (an empty file, 0 bytes)")
         z = np.load(io.BytesIO(data))
         if not isinstance(z, np.ndarray):  # np.load opens a .npz archive as a lazy NpzFile
-            z.close()
-            raise DataError(
-                f"{flag} {path}: a .npz archive, not a .npy array (np.save one (D,) or (k, D))"
-            )
+            with z:
+                z = {k: z[k] for k in z.files}
+    except (OSError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{flag} {path}: not a readable {what} "
+                        f"({numpy_trouble(data, e, writer)})") from None  # fmt: skip
+    return z, hashlib.sha256(data).hexdigest()
+
+
+def load_latent(path: str, dim: int, flag: str, own: dict | None = None):
+    """A saved latent, (D,) or (k, D), as float32, the sha256 of the file (read once) and the
+    warning lines of its made_by record: a --save-latent .npz (its one field z0 and made_by, as
+    a flow's fields: `saved_fields`, checked against `own`, the run's latent_source, before the
+    shape, so another model's latent is named so), or a bare .npy array (np.save; --save-latent
+    before it wrote .npz: no record). A file that is not one readable finite array is a data
+    error (exit 3); an array of another shape, or of no rows, a usage error (exit 2: the file of
+    another model or flag)."""
+    z, digest = read_numpy(path, flag, ".npy array", "np.save", ".npy file (a direction)")
+    warnings, records = [], []
+    if isinstance(z, dict):
+        z, warnings, records = saved_fields(z, flag, path, own)
+        if sorted(z) != ["z0"]:
+            got = ", ".join(f"{k} {a.shape}" for k, a in z.items()) or "no arrays"
+            raise UsageError(f"{flag} {path}: a .npz archive of {got}; expected a --save-latent "
+                             f"file's one latent z0, ({dim},) or (k, {dim})")  # fmt: skip
+        z = z["z0"]
+    try:
         z = torch.from_numpy(z.astype(np.float32))
-    except (OSError, ValueError, TypeError, EOFError) as e:
-        raise DataError(f"{flag} {path}: not a readable .npy array "
-                        f"({numpy_trouble(data, e, 'np.save')})") from None  # fmt: skip
+    except (ValueError, TypeError) as e:  # e.g. an array of strings
+        raise DataError(f"{flag} {path}: not a readable .npy array ({e})") from None
     if z.ndim not in (1, 2) or z.shape[-1] != dim or z.numel() == 0:
-        other = (f" ({dim}: this model's latent size D; rows of {z.shape[-1]} are another model's "
-                 "or configuration's: decode them with the checkpoint that saved them)"
+        # (a record names what saved it: here this model of another config, as the checkpoint
+        # and scale were checked above)
+        whose = (f"those of another {records[0]['model']} checkpoint (sha256 "
+                 f"{other_checkpoint(records[0], own)})" if records and own else
+                 "another model's or configuration's")  # fmt: skip
+        other = (f" ({dim}: this model's latent size D; rows of {z.shape[-1]} are {whose}: "
+                 "decode them with the checkpoint that saved them)"
                  if z.ndim in (1, 2) and z.numel() else "")  # fmt: skip
         raise UsageError(
             f"{flag} {path}: shape {tuple(z.shape)}, expected ({dim},) or (k, {dim}) with at "
@@ -671,7 +700,7 @@ def load_latent(path: str, dim: int, flag: str) -> tuple[torch.Tensor, str]:
         )
     if not torch.isfinite(z).all():  # it would decode to NaN samples, blamed on the checkpoint
         raise DataError(f"{flag} {path}: holds NaN or infinite values; use a finite latent")
-    return z, hashlib.sha256(data).hexdigest()
+    return z, digest, warnings
 
 
 LATENT_SOURCE = "made_by"  # the .latent.npz entry that names the model of its fields
@@ -707,7 +736,7 @@ def check_latent_source(records: list[dict], own: dict, flag: str, path: str) ->
         if (r["model"], r["scale"]) != (own["model"], own["scale"]):
             raise UsageError(
                 f"{flag} {path}: saved by an x{r['scale']} {r['model']} model, not this "
-                f"x{own['scale']} {own['model']} (its fields decode to other images here); decode "
+                f"x{own['scale']} {own['model']} (its latents decode to other images here); decode "
                 f"it with an x{r['scale']} {r['model']} checkpoint"
             )
         if r.get("checkpoint_sha256") != own["checkpoint_sha256"]:
@@ -728,6 +757,18 @@ def other_checkpoint(record: dict, own: dict) -> str:
     return f"{str(record.get('checkpoint_sha256'))[:12]}...{config}"
 
 
+def saved_fields(arrays: dict, flag: str, path: str, own: dict | None):
+    """A --save-latent .npz's arrays less its made_by record, the warning lines of that record
+    against `own` (the run's latent_source: `check_latent_source`, which refuses another model
+    or scale; none given, or a file written before --save-latent recorded its model: none), and
+    the records: one way for every model's latents, a flow's fields z0, z1, ... and a
+    RefVAE/VarSR latent z0 alike."""
+    made_by = arrays.pop(LATENT_SOURCE, None)
+    records = [] if made_by is None else latent_sources(made_by, flag, path)
+    warnings = check_latent_source(records, own, flag, path) if records and own else []
+    return arrays, warnings, records
+
+
 def load_latent_fields(path: str, count: int, flag: str, own: dict | None = None):
     """A flow's saved latent: a .npz of `count` float arrays z0, z1, ..., each (C, h, w) (one
     sample) or (k, C, h, w) (k samples, the same k in all), as float32 (k, C, h, w) tensors, the
@@ -737,27 +778,12 @@ def load_latent_fields(path: str, count: int, flag: str, own: dict | None = None
     dimensions, or the fields of another model, a usage error (exit 2); the shapes are checked
     against an LR image later (`SRFlow.sample_latents`)."""
     names = [f"z{k}" for k in range(count)]
-    if Path(path).is_dir():  # (--latent DIR is sr_sample.py's: one file of it at a time)
-        raise DataError(f"{flag} {path}: a folder; give one .npz file (of a direction's fields "
-                        "z0, z1, ...)")  # fmt: skip
-    data = None
-    try:
-        data = Path(path).read_bytes()
-        if not data:
-            raise DataError(f"{flag} {path}: not a readable .npz archive (an empty file, 0 bytes)")
-        z = np.load(io.BytesIO(data))
-        if isinstance(z, np.ndarray):  # np.load reads a .npy as an array, a .npz as an NpzFile
-            raise DataError(f"{flag} {path}: a .npy array, not the .npz archive of this "
-                            f"model's {count} latent fields {', '.join(names)}")  # fmt: skip
-        with z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"{flag} {path}: not a readable .npz archive "
-                        f"({numpy_trouble(data, e, 'np.savez')})") from None  # fmt: skip
-    made_by = arrays.pop(LATENT_SOURCE, None)
-    records = [] if made_by is None else latent_sources(made_by, flag, path)
-    # (before the shapes: the fields of another model of other shapes are named so)
-    warnings = check_latent_source(records, own, flag, path) if records and own else []
+    arrays, digest = read_numpy(path, flag, ".npz archive", "np.savez",
+                                ".npz file (of a direction's fields z0, z1, ...)")  # fmt: skip
+    if isinstance(arrays, np.ndarray):  # np.load reads a .npy as an array, a .npz as an NpzFile
+        raise DataError(f"{flag} {path}: a .npy array, not the .npz archive of this "
+                        f"model's {count} latent fields {', '.join(names)}")  # fmt: skip
+    arrays, warnings, _ = saved_fields(arrays, flag, path, own)
     dims = {a.ndim for a in arrays.values()}
     rows = {len(a) for a in arrays.values() if a.ndim == 4}
     if sorted(arrays) != sorted(names) or len(dims) != 1 or dims - {3, 4} or 0 in rows:
@@ -774,7 +800,7 @@ def load_latent_fields(path: str, count: int, flag: str, own: dict | None = None
         raise DataError(f"{flag} {path}: not float arrays ({e})") from None
     if not all(torch.isfinite(t).all() for t in z):  # NaN samples, blamed on the checkpoint
         raise DataError(f"{flag} {path}: holds NaN or infinite values; use a finite latent")
-    return [t if t.ndim == 4 else t[None] for t in z], hashlib.sha256(data).hexdigest(), warnings
+    return [t if t.ndim == 4 else t[None] for t in z], digest, warnings
 
 
 def latent_steps(text: str) -> list[float]:
@@ -804,6 +830,7 @@ class LatentSRModel(SRModel):
 
     stochastic = True
     sample_controls = ("latent", "latent_shift")
+    old_latent_file = ".latent.npy"  # a bare (D,) array, before --save-latent recorded the model
 
     @property
     def z_dim(self) -> int:
@@ -877,26 +904,30 @@ class LatentSRModel(SRModel):
             img, digest = control_image(latent_from, "--latent-from", device)
             ctl.cond["latent_from"], ctl.digests["--latent-from"] = img[None], [digest]
             ctl.n = 1  # E_H's mean: one output
+        own = controls.get("made_by")  # (the record a saved latent must name)
         if controls.get("latent"):
-            z, digest, _ = self.read_latent(controls["latent"], "--latent")
+            z, digest, ctl.warnings = self.read_latent(controls["latent"], "--latent", own)
             ctl.latent, ctl.digests["--latent"] = z.to(device), [digest]
             ctl.n = len(ctl.latent)
         if controls.get("latent_shift"):
-            ctl.shift = self._shift(controls["latent_shift"], controls["latent_steps"], ctl, device)
+            ctl.shift = self._shift(controls["latent_shift"], controls["latent_steps"], ctl, device,
+                                    own)  # fmt: skip
             ctl.n = len(ctl.shift[1])
         return ctl
 
     def read_latent(self, path: str, flag: str, own: dict | None = None):
         """A saved latent file as SampleControls.latent holds it, (k, D) float32 (`load_latent`),
-        the sha256 of the file and the warning lines about who saved it (none: a bare .npy
-        records nothing; `own`, the run's latent_source, is for a flow's .npz)."""
-        z, digest = load_latent(path, self.z_dim, flag)
-        return z.view(-1, self.z_dim), digest, []
+        the sha256 of the file and the warning lines of its made_by record against `own` (the
+        run's latent_source; an old bare .npy records nothing)."""
+        z, digest, warnings = load_latent(path, self.z_dim, flag, own)
+        return z.view(-1, self.z_dim), digest, warnings
 
-    def _shift(self, file: str, steps: str, ctl: SampleControls, device):
-        """(direction (D,), steps (k,)) of --latent-shift FILE --latent-steps STEPS."""
+    def _shift(self, file: str, steps: str, ctl: SampleControls, device, own: dict | None):
+        """(direction (D,), steps (k,)) of --latent-shift FILE --latent-steps STEPS (a saved
+        latent's made_by record checked against `own`, as --latent's)."""
         dim = self.z_dim
-        direction, digest = load_latent(file, dim, "--latent-shift")
+        direction, digest, warnings = load_latent(file, dim, "--latent-shift", own)
+        ctl.warnings += warnings
         direction, ctl.digests["--latent-shift"] = direction.view(-1).to(device), [digest]
         values = latent_steps(steps)
         if (

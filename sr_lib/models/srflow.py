@@ -142,7 +142,6 @@ class SRFlow(SRModel):
     stochastic = True
     default_temperature = 0.9  # the challenge submissions' heat
     sample_controls = ("latent", "latent_shift")  # sr_sample.py --latent, --save-latent, ...
-    latent_file = ".latent.npz"  # its fields z0, z1, ... (latent_fields)
     ddp_find_unused = True  # the encoder is frozen for part of training (on_step)
     compile_regions = (FlowStep, Split, RRDBBlock)  # --compile: each block once per level shape
     oldest_checkpoint_format = 2  # format 1 conditioned on pre-activation maps (docs/flows.md)
