@@ -462,7 +462,13 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     steps = recipe.steps
     # A finished run resumed again (a requeued job, a script rerun): nothing to train, so no
     # image is decoded (DIV2K's 800 took minutes and 7 GB to say "done")
-    finished = resumed is not None and start >= steps
+    # (a last validation stopped by a signal is not finished: done on resume, `validation`)
+    pending = (
+        resumed is not None
+        and resumed.get("val_stopped") == start
+        and not no_validation(args, steps)
+    )
+    finished = resumed is not None and start >= steps and not pending
     if finished:  # (a model without weights, bicubic, has nothing to go on with)
         more = " (a larger --steps goes on)" * MODELS[args.model].learns
         say(f"{ckpt_path} is at step {start}, the run's --steps: nothing to train{more}")
@@ -537,6 +543,46 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     # A rollback needs a last.pt of this run: also one resumed from a checkpoint elsewhere saves
     # its first good step into OUT.
     unsaved = args.on_nan == "rollback" and saved is None
+
+    def validation(step: int, best: float) -> float:
+        """Validate at `step`: best.pt where it beats `best` (the best returned), the old strips
+        pruned (--keep-strips). (A closure: `skipped` as it is then.)"""
+        net = ema.module if ema is not None else model  # with --ema, the averaged weights
+        compiled = compile_count() if args.compile else None
+        try:
+            score = validate(net, val_pairs, args, device, out, step, run_log, progress,
+                             stop)  # fmt: skip
+        except (RuntimeError, MemoryError) as e:
+            no_memory = is_out_of_memory(e)
+            # (a flow validates through its compiled blocks) a signal also ended --compile's
+            # compiler: no score, and the loop stops at its top, as after the step
+            if not (no_memory or stopped_compiling(e, stop, args, compiled)):
+                raise
+            if not no_memory:
+                said_stopped(e, stop, f"validation at step {step}", step, run_log)
+            score = -math.inf  # this validation never makes best.pt
+            if no_memory:  # training goes on
+                print(f"{PROG}: warning: validation at step {step}: out of memory; skipped "
+                      "(a smaller --val-crop or --val-n needs less)", file=sys.stderr,
+                      flush=True)  # fmt: skip
+        check_run_folder(out, folder, step)  # (a validation can take minutes)
+        # stopped by a signal before its end (last.pt is saved at this step next): the resumed
+        # run validates this step first, as the run never stopped did (best.pt, the strips)
+        meta["val_stopped"] = step if score == -math.inf and stop["signal"] else None
+        if distributed.agree(score > best, dd, all_ranks=False):  # rank 0's verdict
+            best, meta["best_step"] = score, step
+            save(out / "best.pt", step, skipped, best, model, optimizers, scaler, dd, meta,
+                 ema)  # fmt: skip
+        # (rank 0, which validates) after best.pt: a new best frees the old best's strips
+        if val_pairs and args.keep_strips:
+            prune_strips(out, [stem for stem, _, _ in val_pairs], step, args.keep_strips,
+                         meta["best_step"])  # fmt: skip
+        return best
+
+    # The resumed last.pt was saved after a signal stopped its step's validation: that validation
+    # first, before the next step (best.pt and the strips as a run never stopped makes them)
+    if pending:
+        best = validation(step, best)
 
     while step < steps:
         over_budget = bool(args.time_budget) and time.monotonic() - t_start > args.time_budget
@@ -626,37 +672,16 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
             result.update(loss=rec.get("loss"), loss_step=step, skipped=skipped)
             t0, logged = time.monotonic(), step
         if validates:
-            net = ema.module if ema is not None else model  # with --ema, the averaged weights
-            compiled = compile_count() if args.compile else None
-            try:
-                score = validate(net, val_pairs, args, device, out, step, run_log, progress,
-                                 stop)  # fmt: skip
-            except (RuntimeError, MemoryError) as e:
-                no_memory = is_out_of_memory(e)
-                # (a flow validates through its compiled blocks) a signal also ended --compile's
-                # compiler: no score, and the loop stops at its top, as after the step
-                if not (no_memory or stopped_compiling(e, stop, args, compiled)):
-                    raise
-                if not no_memory:
-                    said_stopped(e, stop, f"validation at step {step}", step, run_log)
-                score = -math.inf  # this validation never makes best.pt
-                if no_memory:  # training goes on
-                    print(f"{PROG}: warning: validation at step {step}: out of memory; skipped "
-                          "(a smaller --val-crop or --val-n needs less)", file=sys.stderr,
-                          flush=True)  # fmt: skip
-            check_run_folder(out, folder, step)  # (a validation can take minutes)
-            if distributed.agree(score > best, dd, all_ranks=False):  # rank 0's verdict
-                best, meta["best_step"] = score, step
-                save(out / "best.pt", step, skipped, best, model, optimizers, scaler, dd, meta,
-                     ema)  # fmt: skip
-            # (rank 0, which validates) after best.pt: a new best frees the old best's strips
-            if val_pairs and args.keep_strips:
-                prune_strips(out, [stem for stem, _, _ in val_pairs], step, args.keep_strips,
-                             meta["best_step"])  # fmt: skip
+            best = validation(step, best)
         if (saves or unsaved) and bad == 0:  # never save inside a non-finite streak
             save(out / "last.pt", step, skipped, best, model, optimizers, scaler, dd, meta, ema)
             unsaved, saved = False, step
             result.update(checkpoint=str(out / "last.pt"), checkpoint_step=step)
+    # A signal in the last step's validation ended the loop as done (exit 0, the validation not
+    # scored): stopped as at any other step (exit 75), the resumed run validates it (rank 0's)
+    last_stopped = dd.main and step == steps and meta.get("val_stopped") == step
+    if stopped is None and distributed.agree(bool(last_stopped), dd, all_ranks=False):
+        stopped = stop["signal"] or "signal (other rank)"
     check_run_folder(out, folder, step)
     _, skipped, tripped = bad_steps.read()
     if tripped >= 0:  # a signal or the time budget came right after the streak
@@ -667,7 +692,11 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     # moved the random generators on: a last.pt of this very step stays as it was saved.
     oom = stopped == "out of memory"
     # (workers hung: a last.pt of this step, or of a new run's step 0, has nothing new)
-    if (step > start or resumed is None) and not ((oom or hung) and step in (start, saved)):
+    # (or the resumed step's stopped validation done: last.pt no longer asks for it)
+    redone = pending and not meta.get("val_stopped")
+    if (step > start or resumed is None or redone) and not (
+        (oom or hung) and step in (start, saved)
+    ):
         save(out / "last.pt", step, skipped, best, model, optimizers, scaler, dd, meta, ema)
         saved = step
         result.update(checkpoint=str(out / "last.pt"), checkpoint_step=step)

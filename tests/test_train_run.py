@@ -351,6 +351,64 @@ def test_a_signal_in_validation_ends_it_before_the_next_image_and_saves(
     assert not any("val_psnr" in r for r in records)
 
 
+def test_a_validation_a_signal_stopped_is_done_when_the_run_resumes(
+    tmp_path, images, monkeypatch, capsys
+):
+    """The validation a signal ended (above) was not done again: the resumed run went on to
+    the next step, so its best.pt and OUT/val/ strips were not those of the run never stopped
+    (--learning-rate 0: every validation scores the same, best.pt is the first one's, step 2;
+    the resumed run's was step 4's). The resumed run validates that step first: its scores,
+    best.pt and strips are the uninterrupted run's. So does a run stopped in the validation of
+    its last step, once (its last.pt says it is done)."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    model_cls = type(build_model("edsr", {"n_feats": 8, "n_blocks": 1, "scale": 2}))
+    sample = model_cls.sample
+
+    def signalled(self, *args, **kwargs):  # (validation's first image: only it samples)
+        monkeypatch.setattr(model_cls, "sample", sample)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return sample(self, *args, **kwargs)
+
+    def argv(out, steps, *extra):
+        return [
+            *TINY_EDSR,
+            "--data",
+            str(images),
+            "--val-data",
+            str(images),
+            "--val-every",
+            "2",
+            "--learning-rate",
+            "0",
+            "--steps",
+            str(steps),
+            "--out",
+            str(out),
+            *extra,
+        ]
+
+    def outcome(out):
+        logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        best = load_checkpoint(out / "best.pt")
+        return ([(r["step"], r["val_psnr"]) for r in logged if "val_psnr" in r], best["step"],
+                {p.name: p.read_bytes() for p in (out / "val").iterdir()})  # fmt: skip
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the thumbnail, validation images being training ones)
+        for steps in (4, 2):  # stopped at step 2's validation: mid-run, the run's last step
+            never, out = tmp_path / f"never{steps}", tmp_path / f"stopped{steps}"
+            assert sr_train.main(argv(never, steps)) == 0
+            assert outcome(never)[1] == 2
+            monkeypatch.setattr(model_cls, "sample", signalled)
+            assert sr_train.main(argv(out, steps)) == 75  # (the last step's: was 0, "done")
+            assert not (out / "best.pt").exists()
+            assert sr_train.main(argv(out, steps, "--resume", "auto")) == 0
+            assert outcome(out) == outcome(never)
+            assert sr_train.main(argv(out, steps, "--resume", "auto")) == 0  # done: no more
+            assert outcome(out) == outcome(never)
+    assert "validation at step 2: stopped by SIGUSR1" in capsys.readouterr().err
+
+
 def test_a_best_pt_newer_than_last_pt_is_replaced_only_by_a_better_one(tmp_path, images, capsys):
     """A run killed without a signal (kill -9, a node lost) after a validation wrote best.pt and
     before its next last.pt: the resumed run took last.pt's older record of the best, and its
