@@ -1299,7 +1299,7 @@ def degradation_range(text: str, flag: str) -> tuple[float, float] | tuple[int, 
     """The range of a degradation flag's text: "" (unset) None, "V" (V, V), "LO:HI" (LO, HI);
     a blur or noise of 0 ("0", "0:0") None, as unset.
     --lr-jpeg takes whole numbers 1..100, --lr-blur numbers 0..MAX_BLUR, --lr-noise numbers
-    >= 0. Anything else is one
+    0..255. Anything else is one
     UsageError line naming the flag."""
     if text == "":
         return None
@@ -1322,6 +1322,9 @@ def degradation_range(text: str, flag: str) -> tuple[float, float] | tuple[int, 
         raise UsageError(f"{flag} {text}: sigma must be >= 0")
     if flag == "--lr-blur" and max(values) > MAX_BLUR:  # its taps: 6 sigma + 1 per pixel
         raise UsageError(f"{flag} {text}: sigma must be <= {MAX_BLUR} HR pixels")
+    # (1e300 made every LR pixel 0 or 255, silently: README's range, as --gaussian-std's)
+    if flag == "--lr-noise" and max(values) > 255:
+        raise UsageError(f"{flag} {text}: sigma must be <= 255 8-bit levels")
     lo, hi = values[0], values[-1]
     if lo > hi:
         raise UsageError(f"{flag} {text}: LO {parts[0]} is above HI {parts[1]}; give LO:HI")

@@ -329,6 +329,8 @@ def test_validation_lr_psnr_compares_with_the_hr_bicubic_not_the_degraded_input(
         ("--lr-blur", "3:1", "LO 3 is above HI 1"),
         ("--lr-blur", "1:2:3", "or a range LO:HI"),
         ("--lr-blur", "0.5:1e12", "sigma must be <= 100 HR pixels"),
+        ("--lr-noise", "0:300", "sigma must be <= 255 8-bit levels"),
+        ("--lr-noise", "1e300", "sigma must be <= 255 8-bit levels"),
         ("--lr-jpeg", "0", "whole number 1..100"),
         ("--lr-jpeg", "101", "whole number 1..100"),
         ("--lr-jpeg", "50.5", "whole number 1..100"),
