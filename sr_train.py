@@ -693,7 +693,10 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     oom = stopped == "out of memory"
     # (workers hung: a last.pt of this step, or of a new run's step 0, has nothing new)
     # (or the resumed step's stopped validation done: last.pt no longer asks for it)
-    redone = pending and not meta.get("val_stopped")
+    # (rank 0's verdict: every rank takes part in the save)
+    redone = distributed.agree(
+        bool(dd.main and pending and not meta.get("val_stopped")), dd, all_ranks=False
+    )
     if (step > start or resumed is None or redone) and not (
         (oom or hung) and step in (start, saved)
     ):
