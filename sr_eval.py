@@ -1394,13 +1394,11 @@ def hr_images(hr: str) -> dict[str, Path]:
     if not hr_dir.is_dir():
         raise DataError(f"--hr {hr_dir}: no such folder")
     dangling: list[Path] = []
-    with warnings.catch_warnings():  # (its warning: the error line below says it all)
-        warnings.filterwarnings("ignore", r".*: skipped \d+ symbolic link", UserWarning)
-        try:
-            files = list_images(hr_dir, recursive=False, dangling=dangling)
-        except DataError:  # ("no images found": a folder of links alone, its dataset moved)
-            if not dangling:
-                raise
+    try:  # (no warning of the links: the error line below says it all)
+        files = list_images(hr_dir, recursive=False, dangling=dangling, say_links=False)
+    except DataError:  # ("no images found": a folder of links alone, its dataset moved)
+        if not dangling:
+            raise
     if dangling:  # the means over fewer images than the dataset, compared as the whole: refused
         link = dangling[0]
         more = f" and {len(dangling) - 1} more" if len(dangling) > 1 else ""

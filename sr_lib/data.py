@@ -932,14 +932,16 @@ class OnlyOtherFormats(DataError):
 
 
 def list_images(folder: str | os.PathLike, recursive: bool = True,
-                dangling: list[Path] | None = None) -> list[Path]:  # fmt: skip
+                dangling: list[Path] | None = None,
+                say_links: bool = True) -> list[Path]:  # fmt: skip
     """Image files in `folder` (by extension, any case) in `image_order`; symlinked files and
     folders are followed, hidden files and folders and folders named like images are skipped,
     and links to missing files named like images too, with one warning (and added to
     `dangling`, where given, in that order: a caller that must not end as if every image were
-    read); so are files of other image formats (OTHER_IMAGE_EXTENSIONS: .gif, .ppm, .exr, ...),
-    with one warning: a folder of ground truths partly in them would be scored on fewer images
-    without a word. An entry that cannot be checked (EACCES, EIO; not a loop) where it could
+    read; `say_links=False`: no warning, the caller's own line names them); so are files of
+    other image formats (OTHER_IMAGE_EXTENSIONS: .gif, .ppm, .exr, ...), with one warning: a
+    folder of ground truths partly in them would be scored on fewer images without a word. An
+    entry that cannot be checked (EACCES, EIO; not a loop) where it could
     hold or be an image: DataError."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -962,7 +964,7 @@ def list_images(folder: str | os.PathLike, recursive: bool = True,
             )
     links = sorted((p for p in walked_links if p.suffix.lower() in IMAGE_EXTENSIONS),
                    key=lambda p: image_order(p.relative_to(folder)))  # fmt: skip
-    if links:  # a moved dataset: its images would be missing from every result without a word
+    if links and say_links:  # a moved dataset: its images missing from every result, unsaid
         warnings.warn(
             f"{folder}: skipped {len(links)} symbolic link(s) to missing files, e.g. {links[0]} "
             f"-> {os.readlink(links[0])}",
