@@ -195,6 +195,18 @@ def run_pairwise_side(hr_dir: Path, sr_dir: Path, n: int, weights: Path, out: Pa
     return (*took, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
+def run_environment(core: int, load_before, load_after) -> dict:
+    """Where the sides ran, for the JSON: one thread on `core`, the load around the runs."""
+    return {
+        "threads": 1,
+        "cpu_core": core,
+        "load_avg_before": [round(x, 2) for x in load_before],
+        "load_avg_after": [round(x, 2) for x in load_after],
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+    }
+
+
 def block_memory(n: int, block: int) -> int:
     """The free memory that --pairwise sees for the blocks' side: the taps of `block` of the n
     samples, beside what sr_eval counts the scoring itself to take on a CPU at its --lpips-batch
@@ -253,12 +265,7 @@ def bench_pairwise(args) -> None:
         "pairwise_bytes_mb": round(metrics.pairwise_bytes((H, W), args.n, SCALE) / 1e6),
         "official_columns_unchanged": official,
         "LPIPS_pairwise": [r["LPIPS_pairwise"] for r in rows],
-        "threads": 1,
-        "cpu_core": core,
-        "load_avg_before": [round(x, 2) for x in load_before],
-        "load_avg_after": [round(x, 2) for x in load_after],
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
+        **run_environment(core, load_before, load_after),
     }
     if args.block:
         result["blocks"] = {
@@ -387,13 +394,8 @@ def main() -> None:
         "max_diff": {k: float(f"{v:.3g}") for k, v in diffs.items()},
         "lr_psnr_exact": lr_psnr_exact,
         "identical_within_float_rounding": identical,
-        "threads": 1,
-        "cpu_core": core,
         "cpu_count": os.cpu_count(),
-        "load_avg_before": [round(x, 2) for x in load_before],
-        "load_avg_after": [round(x, 2) for x in load_after],
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
+        **run_environment(core, load_before, load_after),
     }
     if args.cuda:
         result["cuda"] = {
