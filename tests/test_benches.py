@@ -236,3 +236,21 @@ def test_bench_eval_blocks_side_sees_the_memory_of_k_samples_taps(tmp_path, monk
         memory = sr_eval.check_pairwise(args, {"0801": tmp_path / "0801.png"}, methods,
                                         torch.device("cpu"), 1)  # fmt: skip
         assert sr_eval.metrics.pairwise_block((h, w), n, bench_eval.SCALE, 1, memory) == k
+
+
+def test_bench_degrade_times_each_size_without_and_with_blur():
+    r = bench("bench_degrade.py", "--sizes", "64x48", "--runs", 1, "--blur", 1.5)
+    assert [(c["hr"], c["blur"], c["lr"]) for c in r["cases"]] == [
+        ("64x48", 0.0, "16x12"),
+        ("64x48", 1.5, "16x12"),
+    ]
+    assert all(c["degrade_s"] > 0 and c["cpu_s"] >= 0 for c in r["cases"])
+    assert r["torch"] == torch.__version__  # what the numbers were measured on
+
+
+def test_bench_data_times_degraded_pairs_of_the_patch_shapes():
+    r = bench("bench_data.py", "--images", 2, "--workers", 0, "--batch", 2, "--warmup", 1,
+              "--steps", 2, "--lr-blur", 1, "--lr-noise", 2, "--lr-jpeg", 80)  # fmt: skip
+    assert r["degradation"] == "--lr-blur 1.0 --lr-noise 2.0 --lr-jpeg 80"
+    assert r["shapes"] == [[2, 3, 48, 48], [2, 3, 192, 192]]  # LR 48, x4 HR patches
+    assert r["timed_batches"] == 2 and r["pairs_per_s"] > 0 and r["cpu_ms_per_batch"] > 0
