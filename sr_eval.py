@@ -64,24 +64,26 @@ that is not a page of sr_eval.py (report.is_report_page: the user's own); the ha
 killed before its page (its mark DIR/.sr_eval_unfinished there) is deleted when the scoring starts.
 DIR is locked while a run writes it (a second run into it at once: one line, exit 2).
 
-A run stopped before its end keeps the scores of the images done in OUT.partial (written whole at
-a run's first image, then a line appended per image; a last line cut short by a kill is left out)
+A run stopped before its end keeps the scores of the images done in OUT.partial (written whole at a
+run's first image, then a line appended per image; a last line cut short by a kill is left out)
 beside --out (else --csv; a rerun that adds, drops or renames --out finds them in its outputs'
-folders, the newest of the same command; without either, nothing is kept): the same command
-run again continues after them, and its files are those of a run never stopped. They are taken only
+folders, the newest of the same command; without either, nothing is kept): the same command run
+again continues after them, and its files are those of a run never stopped. They are taken only
 where every flag but the outputs', the LPIPS weights' sha256, the device and the versions are the
-same, and for the first images whose files (path, size, modification time) are unchanged; the file
-is deleted once the results are written. An error after images were scored says in its line how
-many images' scores are kept there (the --json line's kept). An --out or --csv already there (an
-earlier run's) is renamed NAME.old (NAME.old2, ... where taken) when the scoring starts, and an
-earlier report in --report DIR (its index.html, plots/ and images/) moved into a new folder DIR/old
-(old2, ...; DIR alone must be writable; a DIR/index.html that is a link stays one, the earlier
-page's bytes moved, its target written), so that a run that ends without its results (a stop, an
-error, Ctrl-C, a kill) leaves no earlier numbers under its name and loses no earlier result; its
-line says where they went; a run that completes deletes the NAME.old (DIR/old) it made, and the
-NAME.old that runs of the same command stopped before it made (kept in OUT.partial; only files
-unchanged since) and the DIR/old, old2, ... of stopped runs (their mark .sr_eval_earlier_report in
-them), so that a chain of preempted runs ends with what a run never stopped leaves.
+same, and for the first images whose files (path, size, modification time) are unchanged; another
+command's OUT.partial is moved aside to OUT.<its key>.partial (a line says where), where a rerun of
+that command finds it, never replaced; the file is deleted once the results are written. An error
+after images were scored says in its line how many images' scores are kept there (the --json line's
+kept). An --out or --csv already there (an earlier run's) is renamed NAME.old (NAME.old2, ... where
+taken) when the scoring starts, and an earlier report in --report DIR (its index.html, plots/ and
+images/) moved into a new folder DIR/old (old2, ...; DIR alone must be writable; a DIR/index.html
+that is a link stays one, the earlier page's bytes moved, its target written), so that a run that
+ends without its results (a stop, an error, Ctrl-C, a kill) leaves no earlier numbers under its name
+and loses no earlier result; its line says where they went; a run that completes deletes the
+NAME.old (DIR/old) it made, and the NAME.old that runs of the same command stopped before it made
+(kept in OUT.partial; only files unchanged since) and the DIR/old, old2, ... of stopped runs (their
+mark .sr_eval_earlier_report in them), so that a chain of preempted runs ends with what a run never
+stopped leaves.
 
 Exit codes: 0 ok, 2 bad flag, 3 unusable data (missing, unreadable or wrongly sized images, an
 index that names other images), 4 out of memory, 6 LPIPS weights, 7 output, 75 stopped by
@@ -1058,8 +1060,8 @@ def adopt_partial(args: EvalArgs, key: str) -> None:
     kept them in r.json.partial, and its rerun with --csv r.csv alone cannot know that name): the
     newest of this command."""
     here, *others = partial_paths(args)
-    if here.exists():
-        return
+    if here.exists() and not keep_others_scores(here, key):
+        return  # (this command's, or not sr_eval.py's: `kept_scores`)
     head = partial_text(key, [], [])[: len('{"key": ""') + len(key)].encode()
     strays = []
     for folder in dict.fromkeys(p.parent for p in (here, *others)):
@@ -1071,6 +1073,40 @@ def adopt_partial(args: EvalArgs, key: str) -> None:
             if f.read(len(head)) == head:
                 os.replace(other, here)
                 return
+
+
+def keep_others_scores(here: Path, key: str) -> bool:
+    """Where `here` (OUT.partial) holds the scores kept by another command (another `key`: other
+    flags, device, GPU model or versions), moved aside to OUT.<its key's first 12 hex
+    digits>.partial (.2.partial, ... where taken), one warning line saying where: a rerun of that
+    command finds them there (`adopt_partial`) and continues; they were replaced, hours of
+    scoring lost to a run that shares the --out name (a shared results folder, a job requeued with
+    other flags). True where moved; False where `here` is this command's, or no file of sr_eval.py's
+    scores so far (`kept_scores` says so). One that cannot be moved (another user's in a folder
+    with the sticky bit) is refused, exit 7: this run could not replace it either."""
+    try:
+        other = read_partial(here)[0]["key"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return False
+    if other == key or not isinstance(other, str) or not re.fullmatch(r"[0-9a-f]{64}", other):
+        return False
+    base = here.name[: -len(PARTIAL)]
+    for i in itertools.count(1):
+        suffix = f".{other[:12]}{f'.{i}' if i > 1 else ''}{PARTIAL}"
+        aside = here.with_name(fit_name(base, len(suffix), name_max(here.parent)) + suffix)
+        if not exists(aside):
+            break
+    try:
+        os.rename(here, aside)  # (not os.replace: `aside` was free)
+    except OSError as e:  # (a shared folder's sticky bit: another user's; this run could not
+        # replace it either, and would fail at its first image)
+        raise OutputError(f"{here}: the scores kept by another command (other flags, device or "
+                          f"versions) cannot be moved aside to {aside} ({e.strerror or e}); "
+                          "move it away, or give --out or --csv another name"
+                          ) from None  # fmt: skip
+    warn(f"{here}: the scores kept by another command (other flags, device or versions) moved "
+         f"to {aside}, where a rerun of that command continues from them")  # fmt: skip
+    return True
 
 
 def mtime(path: Path) -> float:
@@ -1192,9 +1228,10 @@ def kept_scores(path: Path, key: str, stems: list[str], prints: list[str], field
     {method: row}} per image), that `path` holds (`read_partial`): those of the first images
     whose files are still the same (`prints`), where the settings are (`key`) and each row has
     its method's `fields`, numbers (or null) but the image's name, and a --pairwise matrix of
-    its method's N (`ns`); else none, with a warning. A
-    stop of any kind leaves the file (a signal, Ctrl-C, an error); main removes it once the
-    results are written. The numbers come back exactly: JSON keeps every float."""
+    its method's N (`ns`); else none, with a warning (another command's: moved aside before,
+    `keep_others_scores`). A stop of any kind leaves the file (a signal, Ctrl-C, an error); main
+    removes it once the results are written. The numbers come back exactly: JSON keeps every
+    float."""
     if not path.exists():
         return []
     usable = []
@@ -1211,7 +1248,8 @@ def kept_scores(path: Path, key: str, stems: list[str], prints: list[str], field
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         same, usable = False, []
     if not same:
-        warn(f"{path}: not the scores of this command (other flags or settings, or not "
+        # (another command's were moved aside: `keep_others_scores`)
+        warn(f"{path}: not a file of this command's scores so far (edited, or not "
              "sr_eval.py's); scoring every image, replacing it")  # fmt: skip
     return usable
 

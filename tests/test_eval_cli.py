@@ -1399,10 +1399,13 @@ def test_a_rerun_scores_again_what_changed_after_the_stop(tmp_path, capsys, monk
     calls.clear()
     code, got = run(capsys, *argv, "--color", "y")
     assert code == 0 and calls == ["0000", "0001", "0002", "0003"] and not partial.exists()
+    (aside,) = tmp_path.glob("r.csv.*.partial")  # (the other command's: moved aside, not lost)
     assert got.err == (
-        f"sr_eval.py: warning: {partial}: not the scores of this command (other flags or "
-        "settings, or not sr_eval.py's); scoring every image, replacing it\n"
+        f"sr_eval.py: warning: {partial}: the scores kept by another command (other flags, "
+        f"device or versions) moved to {aside}, where a rerun of that command continues from "
+        "them\n"
     )
+    aside.unlink()
 
     no_out = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips"]
     monkeypatch.undo()
@@ -1412,6 +1415,78 @@ def test_a_rerun_scores_again_what_changed_after_the_stop(tmp_path, capsys, monk
         "sr_eval.py: error: stopped by SIGTERM after scoring 2 of 4 images, none kept (only "
         "--out or --csv keeps them): rerun the same command"
     )
+
+
+def test_the_scores_kept_by_another_command_are_moved_aside_not_lost(tmp_path, capsys, monkeypatch):
+    """Two commands with one --out (a shared results folder; a job requeued with other flags):
+    the second found the first's OUT.partial, warned and replaced it, and the first command's
+    kept scores were lost (its rerun scored every image again). Now the second moves it aside
+    to OUT.<its key>.partial (one line saying where) and the first's rerun continues from it,
+    and so in turn: each command's scores are kept until its own run completes."""
+    names = tuple(f"{k:04d}" for k in range(3))
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 3, names=names)
+    out = tmp_path / "r.json"
+    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips", "--out", out]
+    other = [*argv, "--color", "y"]
+    partial = tmp_path / "r.json.partial"
+    for first, second in ((argv, other), (other, argv)):
+        stop_at_image(monkeypatch, "0002")
+        assert fails(capsys, *first)[0] == 75
+        kept = partial.read_bytes()
+        monkeypatch.undo()
+        stop_at_image(monkeypatch, "0001")  # the other command: stopped too, its own kept
+        assert fails(capsys, *second)[0] == 75
+        (aside,) = tmp_path.glob("r.json.*.partial")
+        assert re.fullmatch(r"r\.json\.[0-9a-f]{12}\.partial", aside.name)
+        assert aside.read_bytes() == kept and capsys.readouterr().err == ""
+        monkeypatch.undo()
+        calls = stop_at_image(monkeypatch, "none")
+        code, got = run(capsys, *first)  # the first command continues from its own
+        assert code == 0 and calls == ["0002"]
+        assert f"continuing from {partial}: 2 of 3 images scored already" in got.out
+        (second_aside,) = tmp_path.glob("r.json.*.partial")  # the second's, moved aside in turn
+        assert second_aside != aside and len(sr_eval.read_partial(second_aside)[1]) == 1
+        assert got.err == (
+            f"sr_eval.py: warning: {partial}: the scores kept by another command (other flags, "
+            f"device or versions) moved to {second_aside}, where a rerun of that command "
+            "continues from them\n"
+        )
+        monkeypatch.undo()
+        calls = stop_at_image(monkeypatch, "none")
+        code, got = run(capsys, *second)
+        assert code == 0 and calls == ["0001", "0002"] and got.err == ""
+        assert sorted(p.name for p in tmp_path.glob("r.json*")) == ["r.json"]
+        monkeypatch.undo()
+
+
+def test_scores_kept_by_another_command_that_cannot_be_moved_are_refused(
+    tmp_path, capsys, monkeypatch
+):
+    """Another command's OUT.partial that cannot be moved aside (another user's, in a shared
+    folder with the sticky bit) is one line before any work, exit 7: this run could not
+    replace it either."""
+    names = tuple(f"{k:04d}" for k in range(2))
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 2, names=names)
+    out = tmp_path / "r.json"
+    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips", "--out", out]
+    stop_at_image(monkeypatch, "0001")
+    assert fails(capsys, *argv)[0] == 75
+    kept = (tmp_path / "r.json.partial").read_bytes()
+    monkeypatch.undo()
+
+    def rename(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(sr_eval.os, "rename", rename)
+    calls = stop_at_image(monkeypatch, "none")
+    code, err = fails(capsys, *argv, "--color", "y")
+    (aside,) = re.findall(r"aside to (\S+) ", err)
+    assert (code, calls) == (7, []) and err == (
+        f"sr_eval.py: error: {tmp_path / 'r.json.partial'}: the scores kept by another command "
+        f"(other flags, device or versions) cannot be moved aside to {aside} (Operation not "
+        "permitted); move it away, or give --out or --csv another name\n"
+    )
+    assert (tmp_path / "r.json.partial").read_bytes() == kept
 
 
 @pytest.mark.parametrize("flag", ["--out", "--csv"])
@@ -1476,8 +1551,8 @@ def test_an_edited_partial_file_is_scored_again_not_a_traceback(
     code, got = run(capsys, *argv)
     assert code == 0 and calls == ["0000", "0001", "0002", "0003"] and not partial.exists()
     assert got.err == (
-        f"sr_eval.py: warning: {partial}: not the scores of this command (other flags or "
-        "settings, or not sr_eval.py's); scoring every image, replacing it\n"
+        f"sr_eval.py: warning: {partial}: not a file of this command's scores so far (edited, "
+        "or not sr_eval.py's); scoring every image, replacing it\n"
     )
     assert out.read_bytes() == whole
 
