@@ -41,7 +41,8 @@ manifest.json (sr_sample.py) must record --scale and at least N samples per imag
 n are an earlier run's, left by --overwrite).
 
 --out JSON: {"settings": {...}, "mean": {col: v}, "per_image": [{"image": S, col: v, ...}]} for one
---sr folder ("settings" has its n, temperature, model and checkpoint_sha256); with several:
+--sr folder ("settings" has its n, temperature, model and checkpoint_sha256; in every layout
+the device and device_name: the GPU model that ran LPIPS, null elsewhere); with several:
 {"settings": {...}, "methods": {name: {"sr_dir", "temperature", "model", "checkpoint_sha256",
 "n", "mean", "per_image"}}} (settings' n: the rows' N where they share one, else null). The
 model and the sha256 of the checkpoint that made the samples come from the folder's
@@ -69,21 +70,21 @@ run's first image, then a line appended per image; a last line cut short by a ki
 beside --out (else --csv; a rerun that adds, drops or renames --out finds them in its outputs'
 folders, the newest of the same command; without either, nothing is kept): the same command run
 again continues after them, and its files are those of a run never stopped. They are taken only
-where every flag but the outputs', the LPIPS weights' sha256, the device and the versions are the
-same, and for the first images whose files (path, size, modification time) are unchanged; another
-command's OUT.partial is moved aside to OUT.<its key>.partial (a line says where), where a rerun of
-that command finds it, never replaced; the file is deleted once the results are written. An error
-after images were scored says in its line how many images' scores are kept there (the --json line's
-kept). An --out or --csv already there (an earlier run's) is renamed NAME.old (NAME.old2, ... where
-taken) when the scoring starts, and an earlier report in --report DIR (its index.html, plots/ and
-images/) moved into a new folder DIR/old (old2, ...; DIR alone must be writable; a DIR/index.html
-that is a link stays one, the earlier page's bytes moved, its target written), so that a run that
-ends without its results (a stop, an error, Ctrl-C, a kill) leaves no earlier numbers under its name
-and loses no earlier result; its line says where they went; a run that completes deletes the
-NAME.old (DIR/old) it made, and the NAME.old that runs of the same command stopped before it made
-(kept in OUT.partial; only files unchanged since) and the DIR/old, old2, ... of stopped runs (their
-mark .sr_eval_earlier_report in them), so that a chain of preempted runs ends with what a run never
-stopped leaves.
+where every flag but the outputs', the LPIPS weights' sha256, the device (on CUDA its model) and the
+versions are the same, and for the first images whose files (path, size, modification time) are
+unchanged; another command's OUT.partial is moved aside to OUT.<its key>.partial (a line says
+where), where a rerun of that command finds it, never replaced; the file is deleted once the results
+are written. An error after images were scored says in its line how many images' scores are kept
+there (the --json line's kept). An --out or --csv already there (an earlier run's) is renamed
+NAME.old (NAME.old2, ... where taken) when the scoring starts, and an earlier report in --report DIR
+(its index.html, plots/ and images/) moved into a new folder DIR/old (old2, ...; DIR alone must be
+writable; a DIR/index.html that is a link stays one, the earlier page's bytes moved, its target
+written), so that a run that ends without its results (a stop, an error, Ctrl-C, a kill) leaves no
+earlier numbers under its name and loses no earlier result; its line says where they went; a run
+that completes deletes the NAME.old (DIR/old) it made, and the NAME.old that runs of the same
+command stopped before it made (kept in OUT.partial; only files unchanged since) and the DIR/old,
+old2, ... of stopped runs (their mark .sr_eval_earlier_report in them), so that a chain of preempted
+runs ends with what a run never stopped leaves.
 
 Exit codes: 0 ok, 2 bad flag, 3 unusable data (missing, unreadable or wrongly sized images, an
 index that names other images), 4 out of memory, 6 LPIPS weights, 7 output, 75 stopped by
@@ -1075,6 +1076,9 @@ def adopt_partial(args: EvalArgs, key: str) -> None:
                 return
 
 
+OTHER_COMMAND = "another command (other flags, device, GPU model or versions)"  # (`scores_key`)
+
+
 def keep_others_scores(here: Path, key: str) -> bool:
     """Where `here` (OUT.partial) holds the scores kept by another command (another `key`: other
     flags, device, GPU model or versions), moved aside to OUT.<its key's first 12 hex
@@ -1100,12 +1104,11 @@ def keep_others_scores(here: Path, key: str) -> bool:
         os.rename(here, aside)  # (not os.replace: `aside` was free)
     except OSError as e:  # (a shared folder's sticky bit: another user's; this run could not
         # replace it either, and would fail at its first image)
-        raise OutputError(f"{here}: the scores kept by another command (other flags, device or "
-                          f"versions) cannot be moved aside to {aside} ({e.strerror or e}); "
-                          "move it away, or give --out or --csv another name"
-                          ) from None  # fmt: skip
-    warn(f"{here}: the scores kept by another command (other flags, device or versions) moved "
-         f"to {aside}, where a rerun of that command continues from them")  # fmt: skip
+        raise OutputError(f"{here}: the scores kept by {OTHER_COMMAND} cannot be moved aside "
+                          f"to {aside} ({e.strerror or e}); move it away, or give --out or --csv "
+                          "another name") from None  # fmt: skip
+    warn(f"{here}: the scores kept by {OTHER_COMMAND} moved to {aside}, where a rerun of that "
+         "command continues from them")  # fmt: skip
     return True
 
 
@@ -1202,8 +1205,10 @@ def delete_asides(asides: list[dict], path: Path) -> None:
 
 def scores_key(args: EvalArgs, settings: dict) -> str:
     """sha256 of what makes an image's numbers beyond its files: every flag but the outputs'
-    and the settings of --out (the LPIPS weights' sha256, the device, torch's and srspace's
-    versions, the columns)."""
+    and the settings of --out (the LPIPS weights' sha256, the device and its GPU model, torch's
+    and srspace's versions, the columns). A rerun on another GPU model (a job requeued onto
+    another node) is another command, as a rerun on the CPU is: it scores every image, not a
+    mix of two models' numbers that differ at about 1e-6."""
     typed = {k: v for k, v in dataclasses.asdict(args).items()
              if k not in ("out", "csv", "report", "quiet", "json")}  # fmt: skip
     what = {**{k: v for k, v in settings.items() if k != "args"}, "args": typed}
@@ -1347,6 +1352,9 @@ def run_settings(args, shave, device, lpips_metric, columns, methods) -> dict:
         "columns": columns,
         "inf": 'written as the string "inf"',
         "device": str(device),
+        # the GPU model that ran LPIPS: another model's numbers may differ at about 1e-6, so it is
+        # part of the command whose scores a rerun continues (`scores_key`), as the device is
+        "device_name": device_name(device) if lpips_metric else None,
         "torch": torch.__version__,
         "version": sr_lib.__version__,
         "args": dataclasses.asdict(args),
@@ -1355,6 +1363,12 @@ def run_settings(args, shave, device, lpips_metric, columns, methods) -> dict:
         settings["temperature"] = methods[0].temperature
         settings |= methods[0].made_by
     return settings
+
+
+def device_name(device) -> str | None:
+    """The model of CUDA `device` (torch.cuda.get_device_name: 'NVIDIA H100 80GB HBM3'); None for
+    another device."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
 
 
 def check_flags(args: EvalArgs) -> tuple[int, torch.device, int, tuple | None]:

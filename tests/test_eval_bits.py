@@ -7,6 +7,8 @@ import json
 import os
 import re
 import signal
+from pathlib import Path
+from types import SimpleNamespace
 
 import imageio.v3 as iio
 import numpy as np
@@ -308,3 +310,33 @@ def test_the_settings_n_is_the_n_the_rows_were_scored_with(tmp_path, capsys):
         res = json.loads(out.read_text())
         assert [m["n"] for m in res["methods"].values()] == list(ns)
         assert res["settings"]["n"] == want
+
+
+def test_the_scores_key_holds_the_gpu_model(monkeypatch):
+    """The key of the kept scores (OUT.partial) recorded the device as 'cuda', not its model: a
+    job requeued onto another GPU model continued from the first's scores, a mix of two models'
+    numbers that differ at about 1e-6. Now --out's settings hold the model
+    (torch.cuda.get_device_name) that ran LPIPS, and so does the key: another model is another
+    command (its scores moved aside, every image scored), as a switch to the CPU is. A CPU run
+    has none, nor a --no-lpips run (the device runs nothing: CUDA is not started for a name)."""
+    args = sr_eval.EvalArgs(hr="hr", sr=["sr"], scale=4, n=2)
+    methods = [sr_eval.Method("sr", Path("sr"), 2, None)]
+    lpips = SimpleNamespace(info={"sha256": "0" * 64}, batch=4)
+    models = []
+
+    def name(device=None):
+        assert torch.device(device).type == "cuda"
+        return models[-1]
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", name)
+
+    def key(model, device="cuda", metric=lpips):
+        models.append(model)
+        settings = sr_eval.run_settings(args, 4, torch.device(device), metric, ["PSNR_mean"],
+                                        methods)  # fmt: skip
+        return settings["device_name"], sr_eval.scores_key(args, settings)
+
+    a100, h100 = key("NVIDIA A100-SXM4-80GB"), key("NVIDIA H100 80GB HBM3")
+    assert a100[0] == "NVIDIA A100-SXM4-80GB" and h100[0] == "NVIDIA H100 80GB HBM3"
+    assert a100[1] != h100[1] and key("NVIDIA A100-SXM4-80GB") == a100
+    assert key("never asked", "cpu")[0] is None and key("never asked", metric=None)[0] is None

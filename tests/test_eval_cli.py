@@ -1401,9 +1401,8 @@ def test_a_rerun_scores_again_what_changed_after_the_stop(tmp_path, capsys, monk
     assert code == 0 and calls == ["0000", "0001", "0002", "0003"] and not partial.exists()
     (aside,) = tmp_path.glob("r.csv.*.partial")  # (the other command's: moved aside, not lost)
     assert got.err == (
-        f"sr_eval.py: warning: {partial}: the scores kept by another command (other flags, "
-        f"device or versions) moved to {aside}, where a rerun of that command continues from "
-        "them\n"
+        f"sr_eval.py: warning: {partial}: the scores kept by {sr_eval.OTHER_COMMAND} moved to "
+        f"{aside}, where a rerun of that command continues from them\n"
     )
     aside.unlink()
 
@@ -1448,8 +1447,8 @@ def test_the_scores_kept_by_another_command_are_moved_aside_not_lost(tmp_path, c
         assert second_aside != aside and len(sr_eval.read_partial(second_aside)[1]) == 1
         assert got.err == (
             f"sr_eval.py: warning: {partial}: the scores kept by another command (other flags, "
-            f"device or versions) moved to {second_aside}, where a rerun of that command "
-            "continues from them\n"
+            f"device, GPU model or versions) moved to {second_aside}, where a rerun of that "
+            "command continues from them\n"
         )
         monkeypatch.undo()
         calls = stop_at_image(monkeypatch, "none")
@@ -1483,8 +1482,8 @@ def test_scores_kept_by_another_command_that_cannot_be_moved_are_refused(
     (aside,) = re.findall(r"aside to (\S+) ", err)
     assert (code, calls) == (7, []) and err == (
         f"sr_eval.py: error: {tmp_path / 'r.json.partial'}: the scores kept by another command "
-        f"(other flags, device or versions) cannot be moved aside to {aside} (Operation not "
-        "permitted); move it away, or give --out or --csv another name\n"
+        f"(other flags, device, GPU model or versions) cannot be moved aside to {aside} "
+        "(Operation not permitted); move it away, or give --out or --csv another name\n"
     )
     assert (tmp_path / "r.json.partial").read_bytes() == kept
 
