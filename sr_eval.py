@@ -274,6 +274,7 @@ class Method:
     temperature: float | None
     files: list[list[Path]] = field(default_factory=list)  # per HR image its n sample files
     made_by: dict = field(default_factory=dict)  # `manifest_made_by`, read with the settings
+    given: tuple[str | None, Path] | None = None  # its --sr value's NAME (or None) and DIR, typed
 
 
 def manifest_made_by(folder: Path) -> dict:
@@ -367,7 +368,7 @@ def expand_methods(specs: list[str], n: int) -> list[Method]:
     """The table's rows: one per --sr folder, one per temperature of a sweep folder. A row named
     by NAME=DIR keeps its name wherever its --sr comes; one named after its folder that another
     row has gets _1, _2, ... (the order of the --sr flags changes no name a user gave)."""
-    rows: list[tuple[str, Path, int, float | None, bool]] = []  # (name, folder, N, T, NAME=)
+    rows: list[tuple[str, Path, int, float | None, tuple]] = []  # (name, folder, N, T, given)
     explicit: set[str] = set()
     for spec in specs:
         name, folder, count = parse_sr(spec, n)
@@ -383,31 +384,40 @@ def expand_methods(specs: list[str], n: int) -> list[Method]:
         found = [(f"{base}@T{t:g}", sub, t) for t, sub in sweep]
         if not sweep or images_by_stem(folder, read_from=False):
             found.insert(0, (base, folder, manifest_temperature(folder)))
-        rows += [(row_name, row_dir, count, t, bool(name)) for row_name, row_dir, t in found]
+        rows += [(row_name, row_dir, count, t, (name, folder)) for row_name, row_dir, t in found]
     taken: set[str] = set()
-    for row_name, *_, named in rows:
+    for row_name, *_, (named, _) in rows:
         if named and row_name in taken:
             raise UsageError(f"--sr: the method name {row_name!r} is given twice")
         taken |= {row_name} if named else set()
     methods: list[Method] = []
-    for row_name, row_dir, count, t, named in rows:
-        if not named and row_name in taken:
+    for row_name, row_dir, count, t, given in rows:
+        if not given[0] and row_name in taken:
             row_name = next(f"{row_name}_{i}" for i in itertools.count(1)
                             if f"{row_name}_{i}" not in taken)  # fmt: skip
         taken.add(row_name)
-        methods.append(Method(row_name, row_dir, count, t, made_by=manifest_made_by(row_dir)))
+        methods.append(Method(row_name, row_dir, count, t, made_by=manifest_made_by(row_dir),
+                              given=given))  # fmt: skip
     return methods
 
 
-def sr_value(sr_dir: Path, n: int) -> str:
-    """The `--sr DIR:N` an error line suggests, quoted for a shell where DIR needs it (a folder
-    named with spaces), so the line can be pasted as it stands."""
-    return f"--sr {shlex.quote(f'{sr_dir}:{n}')}"
+def sr_value(given: tuple[str | None, Path], n: int) -> str:
+    """The `--sr DIR:N` (NAME=DIR:N where the user gave a NAME, which keeps the method's name)
+    an error line suggests for the --sr value `given` (NAME or None, and DIR, as typed: a sweep
+    folder's, not a temperature's subfolder, so that it replaces the value typed), quoted for a
+    shell where it needs it (a folder named with spaces), so the line can be pasted as it
+    stands."""
+    name, folder = given
+    return f"--sr {shlex.quote(f'{name}={folder}:{n}' if name else f'{folder}:{n}')}"
 
 
-def find_samples(sr_dir: Path, stems: list[str], n: int, scale: int) -> list[list[Path]]:
+def find_samples(sr_dir: Path, stems: list[str], n: int, scale: int,
+                 given: tuple[str | None, Path] | None = None) -> list[list[Path]]:  # fmt: skip
     """Per HR image the N sample files, detecting the naming layout (see the module docstring);
-    an ntire_index.json in the folder is checked against the HR order."""
+    an ntire_index.json in the folder is checked against the HR order. `given`: the --sr value
+    the folder came from (`Method.given`; default: the folder itself), for the hints of the
+    lines."""
+    given = given or (None, sr_dir)
     have = images_by_stem(sr_dir)
     # NAME: the index k (--layout ntire), the stem S, or S with DIV2K's LR suffix x{scale}, as
     # sr_sample.py names the samples of DIV2K_valid_LR_bicubic/X4/0801x4.png (0801x4_sample00000)
@@ -425,11 +435,11 @@ def find_samples(sr_dir: Path, stems: list[str], n: int, scale: int) -> list[lis
         one = single[found(single)](0, stems[0], 0)  # sr_sample.py's folder of NAME.png, N > 1
         raise DataError(
             f"{sr_dir}: one output per image ({one}.png: sr_sample.py with a deterministic model "
-            f"and --n 1), not {n} samples; add :1 to its --sr value ({sr_value(sr_dir, 1)}), or "
+            f"and --n 1), not {n} samples; add :1 to its --sr value ({sr_value(given, 1)}), or "
             "give --n 1"
         )
     if best is None:
-        tried = " or ".join(f(0, stems[0], 0) + ".png" for f in layouts)
+        tried = " or ".join(shlex.quote(f(0, stems[0], 0) + ".png") for f in layouts)
         raise DataError(
             f"{sr_dir}: no SR sample for the first HR image {stems[0]} (expected {tried})"
         )
@@ -462,7 +472,7 @@ def find_samples(sr_dir: Path, stems: list[str], n: int, scale: int) -> list[lis
                     # no image has sample i: a folder of fewer samples, not one with a gap
                     raise DataError(
                         f"{sr_dir}: {i} sample(s) per image, not N = {n} (no {missing.name}); "
-                        f"give --n {i} or {sr_value(sr_dir, i)}"
+                        f"give --n {i} or {sr_value(given, i)}"
                     )
                 raise DataError(f"missing SR sample {missing} (image {s}, sample {i} of N = {n})")
         paths.append([have[name(k, s, i)] for i in range(n)])
@@ -852,7 +862,7 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     summary.update(images=len(stems))
     methods = expand_methods(args.sr, args.n)
     for m in methods:
-        m.files = find_samples(m.sr_dir, stems, m.n, args.scale)
+        m.files = find_samples(m.sr_dir, stems, m.n, args.scale, m.given)
     lr_files = lr_inputs(args.lr, stems, args.scale) if args.lr else None
     sigma_files = None
     if args.uncertainty:
@@ -1542,7 +1552,8 @@ def check_no_stray_parts(report_dir: Path) -> None:
     Whose files they are cannot be told, so the user moves or deletes them. A killed run's half
     report, told by its UNFINISHED mark, is deleted when the scoring starts (report.started).
     A DIR/index.html that is a link the page cannot be written through (to a missing folder, a
-    loop: `write_target`) is one line now, not after every image is scored."""
+    loop: `write_target`) is one line now, not after every image is scored; one to a missing file
+    beside DIR/images or DIR/plots is refused as no page, its line naming the link's target."""
     index = report_dir / "index.html"  # (a link that leads nowhere: no page, written through)
     write_target(index)
     if index.exists() and not report.is_report_page(index):
@@ -1553,6 +1564,13 @@ def check_no_stray_parts(report_dir: Path) -> None:
     if index.exists() or report.half_report(report_dir):
         return  # (an earlier report, moved aside; a killed run's half one: `report.started`)
     for part in [p for p in report.PARTS if p != "index.html"]:
+        if exists(report_dir / part) and index.is_symlink():  # (its page's file gone: whose?)
+            raise UsageError(f"--report {report_dir}: {report_dir / part} is there, but {index} "
+                             f"is a symbolic link to a missing file ({os.readlink(index)}), so "
+                             "no page tells whose files it holds; the report would write among "
+                             "them and a stopped run delete them: restore the link's target, "
+                             f"move or delete {report_dir / part}, or give --report another "
+                             "folder")  # fmt: skip
         if exists(report_dir / part):
             raise UsageError(f"--report {report_dir}: {report_dir / part} is there but no "
                              f"{report_dir / 'index.html'} (files not of a report of sr_eval.py); "

@@ -686,6 +686,44 @@ def test_the_suggested_sr_value_of_a_folder_with_spaces_is_quoted_for_a_shell(tm
     assert shlex.split(suggested) == ["--sr", f"{spaced}:1"]
 
 
+def test_the_suggested_sr_value_keeps_the_name_given(tmp_path, capsys):
+    """The --sr DIR:N a line suggests dropped the NAME= the user gave: pasted, the method lost its
+    name in every output (and a sweep's suggestion named one temperature's subfolder, dropping
+    the others). Now NAME=DIR:N of the value as typed, quoted for a shell as a whole."""
+    hr_dir, _, sr_dir = make_set(tmp_path, n=1)
+    code, err = fails(capsys, *base(hr_dir, f"my flow={sr_dir}", 5))
+    assert code == 3 and err.count("\n") == 1
+    suggested = err.split("give --n 1 or ")[1].strip()
+    assert shlex.split(suggested) == ["--sr", f"my flow={sr_dir}:1"]
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    sr_dir.rename(sweep / "T0.5")
+    code, err = fails(capsys, *base(hr_dir, f"flow={sweep}", 5))
+    assert code == 3 and f"give --n 1 or --sr flow={sweep}:1\n" in err
+    code, cap = run(capsys, *base(hr_dir, f"flow={sweep}:1", 5))  # (the suggestion, pasted)
+    assert code == 0 and "flow@T0.5" in cap.out
+    one = tmp_path / "one"  # sr_sample.py's folder of NAME.png (a deterministic model, --n 1)
+    make_set(one, layout="stem1", n=1)
+    (one / "method_a" / "manifest.json").write_text(json.dumps({"n": 1}))
+    code, err = fails(capsys, *base(hr_dir, f"bicubic={one / 'method_a'}"))
+    assert code == 3 and f"(--sr bicubic={one / 'method_a'}:1)" in err
+
+
+def test_the_expected_sample_names_are_quoted_for_a_shell(tmp_path, capsys):
+    """'no SR sample for the first HR image ... (expected A or B ...)' listed file names with
+    spaces as they are, where a name could not be told from the words between them. Now each
+    is quoted as other lines quote theirs (shlex.quote)."""
+    hr_dir, _, _ = make_set(tmp_path, n=1, names=("my photo", "zz"))
+    (tmp_path / "other").mkdir()
+    iio.imwrite(tmp_path / "other" / "x.png", np.zeros((48, 64, 3), np.uint8))
+    code, err = fails(capsys, *base(hr_dir, tmp_path / "other"))
+    assert code == 3 and err == (
+        f"sr_eval.py: error: {tmp_path / 'other'}: no SR sample for the first HR image my photo "
+        "(expected 000000_sample00000.png or 'my photo_sample00000.png' or "
+        "'my photox4_sample00000.png')\n"
+    )
+
+
 def test_dir_n_of_a_folder_whose_name_holds_an_equals_sign_is_that_folder(tmp_path, capsys):
     # runs/lr=1e-4:1 is DIR:N (the folder exists), not NAME 'runs/lr' of a folder '1e-4'
     hr_dir, _, sr_dir = make_set(tmp_path, n=1)

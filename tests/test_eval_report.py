@@ -446,6 +446,34 @@ def test_a_report_folder_with_images_or_plots_but_no_page_is_refused(tmp_path, c
     assert files_in(tmp_path) == before  # nothing written, moved or deleted
 
 
+def test_a_report_whose_index_html_is_a_link_to_a_missing_file_names_the_link(tmp_path, capsys):
+    """--report R where R/index.html is a symbolic link to a missing file (its page deleted, a
+    disk not mounted) beside R/plots: refused, as no page, but its line said 'R/plots is there but
+    no R/index.html', where the user sees an index.html. Now it says the link leads to a missing
+    file and names its target; nothing is written, moved or deleted."""
+    hr_dir, sweep, _ = sweep_world(tmp_path, n=2)
+    rep = tmp_path / "report"
+    (rep / "plots").mkdir(parents=True)
+    (rep / "index.html").symlink_to(tmp_path / "www" / "page.html")
+    (tmp_path / "www").mkdir()  # (a folder the page could be written in: only its file gone)
+    before = files_in(tmp_path)
+    argv = ["--hr", hr_dir, "--sr", sweep / "T0", "--scale", 4, "--n", 2, "--no-lpips",
+            "--report", rep, "--quiet"]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        sr_eval.main([str(a) for a in argv])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        f"sr_eval.py: error: --report {rep}: {rep / 'plots'} is there, but {rep / 'index.html'} "
+        f"is a symbolic link to a missing file ({tmp_path / 'www' / 'page.html'}), so no page "
+        "tells whose files it holds; the report would write among them and a stopped run delete "
+        f"them: restore the link's target, move or delete {rep / 'plots'}, or give --report "
+        "another folder\n"
+    )
+    assert files_in(tmp_path) == before and os.readlink(rep / "index.html") == str(
+        tmp_path / "www" / "page.html"
+    )
+
+
 def test_a_users_own_index_html_is_refused_and_kept(tmp_path, capsys):
     """--report R where R/index.html is the user's own page (beside their own images/): it was
     taken for an earlier report, moved into R/old with images/ and deleted once the new page
