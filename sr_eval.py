@@ -373,8 +373,7 @@ def expand_methods(specs: list[str], n: int) -> list[Method]:
     for spec in specs:
         name, folder, count = parse_sr(spec, n)
         if not folder.is_dir():
-            what = "is a file, not a folder" if folder.exists() else "no such folder"
-            raise DataError(f"--sr {folder}: {what}")
+            raise DataError(f"--sr {folder}: {not_a_folder(folder)}")
         # named as typed: `--sr latest`, a link to a run's folder, is 'latest' (not resolved)
         base = name or Path(os.path.abspath(folder)).name or str(folder)
         if name and name in explicit:
@@ -399,6 +398,14 @@ def expand_methods(specs: list[str], n: int) -> list[Method]:
         methods.append(Method(row_name, row_dir, count, t, made_by=manifest_made_by(row_dir),
                               given=given))  # fmt: skip
     return methods
+
+
+def not_a_folder(path: Path) -> str:
+    """What a folder flag's value that is no folder is: a file (--lr given an image), a link to
+    nothing, or nothing; "no such folder" said of a file sent the user looking for a typo."""
+    if path.is_symlink() and not path.exists():
+        return f"is a symbolic link to a missing folder ({os.readlink(path)})"
+    return "is a file, not a folder" if path.exists() else "no such folder"
 
 
 def sr_value(given: tuple[str | None, Path], n: int) -> str:
@@ -1423,6 +1430,9 @@ def check_flags(args: EvalArgs) -> tuple[int, torch.device, int, tuple | None]:
                              f"replace it; give {flag} a path outside that folder")  # fmt: skip
     if args.hr != "demo" and not Path(args.hr).is_dir():  # its line before the LPIPS weights'
         hr_images(args.hr)  # (offline, a mistyped --hr was exit 6: the weights not found)
+    device = pick_device(args.device)  # (so too a mistyped --device)
+    if not args.no_lpips:  # (else ignored, with a warning: `warn_unused`)
+        check_device(device, args.device)
     lpips_read = None
     if not args.no_lpips:
         try:  # LPIPS's weights, found and read before any output is made or any image read
@@ -1432,7 +1442,6 @@ def check_flags(args: EvalArgs) -> tuple[int, torch.device, int, tuple | None]:
                 resolve("alexnet")
         except CheckpointError as e:
             raise lpips_error(e, args.lpips_weights) from None
-    device = pick_device(args.device)
     for flag, path, example in (("--out", args.out, "out.json"), ("--csv", args.csv, "out.csv")):
         if path and path != STDOUT:
             check_out_file(path, flag, example)
@@ -1447,6 +1456,20 @@ def check_flags(args: EvalArgs) -> tuple[int, torch.device, int, tuple | None]:
     return shave, device, args.lpips_batch or (4 if device.type == "cuda" else 1), lpips_read
 
 
+def check_device(device, typed: str) -> None:
+    """--device names a device LPIPS can run on here: the CPU or a CUDA GPU this machine has (a
+    torch device of another type, --device mps or xpu, was a traceback where LPIPS was moved to
+    it; cuda:3 on a machine of 2, one when the first image was scored)."""
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {typed}: sr_eval.py runs LPIPS on the CPU or a CUDA GPU; give "
+                         "auto, cpu, cuda or cuda:N")  # fmt: skip
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise UsageError(f"--device {typed}: this machine has {count} CUDA device(s), cuda:0 "
+                         f"to cuda:{count - 1} (as CUDA_VISIBLE_DEVICES shows them); give one "
+                         "of them")  # fmt: skip
+
+
 def hr_images(hr: str) -> dict[str, Path]:
     """stem -> ground-truth file of --hr in the one image order (a folder, or 'demo': the demo
     validation photographs, as sr_sample.py --input demo)."""
@@ -1454,7 +1477,7 @@ def hr_images(hr: str) -> dict[str, Path]:
         return {p.stem: p for p in demo_files("val")}
     hr_dir = Path(hr)
     if not hr_dir.is_dir():
-        raise DataError(f"--hr {hr_dir}: no such folder")
+        raise DataError(f"--hr {hr_dir}: {not_a_folder(hr_dir)}")
     dangling: list[Path] = []
     try:  # (no warning of the links: the error line below says it all)
         files = list_images(hr_dir, recursive=False, dangling=dangling, say_links=False)
@@ -1582,12 +1605,13 @@ def check_no_stray_parts(report_dir: Path) -> None:
 def lr_inputs(lr: str, stems: list[str], scale: int) -> list[Path]:
     """Per HR image its LR input in --lr: {stem}.png or {stem}x{scale}.png."""
     if not Path(lr).is_dir():
-        raise DataError(f"--lr {lr}: no such folder")
+        raise DataError(f"--lr {lr}: {not_a_folder(Path(lr))}")
     have = images_by_stem(Path(lr))
     files = [have.get(s) or have.get(f"{s}x{scale}") for s in stems]
     for s, f in zip(stems, files):
         if f is None:
-            raise DataError(f"--lr {lr}: no LR image {s}.png or {s}x{scale}.png")
+            names = " or ".join(shlex.quote(f"{s}{x}.png") for x in ("", f"x{scale}"))
+            raise DataError(f"--lr {lr}: no LR image {names}")
     return files
 
 
@@ -1599,12 +1623,12 @@ def sigma_maps(folder: str, stems: list[str], scale: int, ntire: bool) -> list[P
         raise UsageError("--ntire reports only the official columns; drop --uncertainty")
     sigma_dir = Path(folder)
     if not sigma_dir.is_dir():
-        raise DataError(f"--uncertainty {folder}: no such folder")
+        raise DataError(f"--uncertainty {folder}: {not_a_folder(sigma_dir)}")
     layouts = [lambda k, s: f"{k:06d}_sigma.npy", lambda k, s: f"{s}_sigma.npy"]
     layouts.append(lambda k, s: f"{s}x{scale}_sigma.npy")  # (as the samples: find_samples)
     best = best_layout([lambda k, s, f=f: (sigma_dir / f(k, s)).is_file() for f in layouts], stems)
     if best is None:
-        tried = " or ".join(f(0, stems[0]) for f in layouts)
+        tried = " or ".join(shlex.quote(f(0, stems[0])) for f in layouts)
         raise DataError(
             f"--uncertainty {folder}: no sigma map for the first HR image {stems[0]} (expected "
             f"{tried}; sr_sample.py --save-uncertainty writes them for a model with an "

@@ -7,6 +7,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import pytest
+import torch
 
 import sr_eval
 from sr_lib.resize import imresize
@@ -65,7 +66,7 @@ def one_output_per_image(w):
 CASES = [
     ("hr-missing", None, lambda w: args(w, hr="nope"), 3, "nope"),
     ("hr-empty", lambda w: (w / "empty").mkdir(), lambda w: args(w, hr="empty"), 3, "no images"),
-    ("hr-is-a-file", None, lambda w: args(w, hr="hr/a.png"), 3, "a.png"),
+    ("hr-is-a-file", None, lambda w: args(w, hr="hr/a.png"), 3, "a.png: is a file, not a folder"),
     (
         "hr-shared-stem",
         lambda w: iio.imwrite(w / "hr" / "a.jpg", photo(48, 64, 0)),
@@ -192,6 +193,23 @@ CASES = [
     ),
     ("out-is-the-report", None, lambda w: args(w, "--report", w / "R", "--out", "R"), 2, "--out R"),
     ("device-cuda-absent", None, lambda w: args(w, "--device", "cuda"), 2, "--device"),
+    # a folder flag given a file or a dangling link said "no such folder", sending the user
+    # looking for a typo in a path that is there
+    ("lr-is-a-file", None, lambda w: args(w, "--lr", w / "lr" / "a.png"), 3, "is a file, not a"),
+    (
+        "uncertainty-is-a-file",
+        None,
+        lambda w: args(w, "--uncertainty", w / "hr" / "a.png"),
+        3,
+        "a.png: is a file, not a folder",
+    ),
+    (
+        "lr-is-a-link-to-a-missing-folder",
+        lambda w: (w / "gone").symlink_to(w / "moved"),
+        lambda w: args(w, "--lr", w / "gone"),
+        3,
+        "gone: is a symbolic link to a missing folder (",
+    ),
     ("unknown-flag", None, lambda w: args(w, "--temprature", "1"), 2, "--temprature"),
     (
         "scale-not-a-number",
@@ -263,6 +281,33 @@ def test_bad_input(world, capsys, monkeypatch, case, setup, argv, code, text):
     assert err[0].startswith("sr_eval.py: error: ") and text in err[0], err[0]
     assert "[1/" not in out.out or code == 3  # output problems are found before any work
     assert sorted(p for p in world.rglob("*")) == before  # nothing written
+
+
+@pytest.mark.parametrize(
+    "device, said",
+    [
+        ("mps", "--device mps: sr_eval.py runs LPIPS on the CPU or a CUDA GPU; give auto, cpu, "
+         "cuda or cuda:N"),
+        ("cuda:2", "--device cuda:2: this machine has 2 CUDA device(s), cuda:0 to cuda:1 (as "
+         "CUDA_VISIBLE_DEVICES shows them); give one of them"),
+        ("foo", "--device foo: "),
+    ],
+)  # fmt: skip
+def test_a_device_lpips_cannot_run_on_is_one_line_before_the_weights(
+    world, capsys, monkeypatch, device, said
+):
+    """--device of a type LPIPS cannot run on here (mps, xpu, meta) was a traceback once LPIPS
+    was moved there, and cuda:2 on a machine of two GPUs an error of the first image; and every
+    --device was checked after the LPIPS weights, so offline a mistyped one was exit 6 (the
+    weights not found). Now one line, exit 2, before the weights are looked for."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # (two GPUs, in this test)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    argv = [a for a in args(world) if a != "--no-lpips"]
+    argv += ["--lpips-weights", str(world / "missing.pth"), "--device", device]
+    with pytest.raises(SystemExit) as e:
+        sr_eval.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"sr_eval.py: error: {said}")
 
 
 def test_lpips_weights_given_a_folder_says_so_without_a_checkpoint_name(world, capsys):

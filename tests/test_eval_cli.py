@@ -711,8 +711,9 @@ def test_the_suggested_sr_value_keeps_the_name_given(tmp_path, capsys):
 
 def test_the_expected_sample_names_are_quoted_for_a_shell(tmp_path, capsys):
     """'no SR sample for the first HR image ... (expected A or B ...)' listed file names with
-    spaces as they are, where a name could not be told from the words between them. Now each
-    is quoted as other lines quote theirs (shlex.quote)."""
+    spaces as they are, where a name could not be told from the words between them; so did
+    --lr's and --uncertainty's lines. Now each is quoted as other lines quote theirs
+    (shlex.quote)."""
     hr_dir, _, _ = make_set(tmp_path, n=1, names=("my photo", "zz"))
     (tmp_path / "other").mkdir()
     iio.imwrite(tmp_path / "other" / "x.png", np.zeros((48, 64, 3), np.uint8))
@@ -721,6 +722,18 @@ def test_the_expected_sample_names_are_quoted_for_a_shell(tmp_path, capsys):
         f"sr_eval.py: error: {tmp_path / 'other'}: no SR sample for the first HR image my photo "
         "(expected 000000_sample00000.png or 'my photo_sample00000.png' or "
         "'my photox4_sample00000.png')\n"
+    )
+    # (and --lr's and --uncertainty's lines)
+    _, _, sr_dir = make_set(tmp_path, n=2, names=("my photo", "zz"))
+    code, err = fails(capsys, *base(hr_dir, sr_dir, 2, "--lr", tmp_path / "other"))
+    assert code == 3 and err == (
+        f"sr_eval.py: error: --lr {tmp_path / 'other'}: no LR image 'my photo.png' or "
+        "'my photox4.png'\n"
+    )
+    code, err = fails(capsys, *base(hr_dir, sr_dir, 2, "--uncertainty", tmp_path / "other"))
+    assert (
+        code == 3
+        and "(expected 000000_sigma.npy or 'my photo_sigma.npy' or 'my photox4_sigma.npy';" in err
     )
 
 
