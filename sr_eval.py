@@ -65,26 +65,26 @@ that is not a page of sr_eval.py (report.is_report_page: the user's own); the ha
 killed before its page (its mark DIR/.sr_eval_unfinished there) is deleted when the scoring starts.
 DIR is locked while a run writes it (a second run into it at once: one line, exit 2).
 
-A run stopped before its end keeps the scores of the images done in OUT.partial (written whole at a
-run's first image, then a line appended per image; a last line cut short by a kill is left out)
+A run stopped before its end keeps the scores of the images done in OUT.partial (written whole at
+a run's first image, then a line appended per image; a last line cut short by a kill is left out)
 beside --out (else --csv; a rerun that adds, drops or renames --out finds them in its outputs'
-folders, the newest of the same command; without either, nothing is kept): the same command run
-again continues after them, and its files are those of a run never stopped. They are taken only
-where every flag but the outputs', the LPIPS weights' sha256, the device (on CUDA its model) and the
-versions are the same, and for the first images whose files (path, size, modification time) are
-unchanged; another command's OUT.partial is moved aside to OUT.<its key>.partial (a line says
-where), where a rerun of that command finds it, never replaced; the file is deleted once the results
-are written. An error after images were scored says in its line how many images' scores are kept
-there (the --json line's kept). An --out or --csv already there (an earlier run's) is renamed
-NAME.old (NAME.old2, ... where taken) when the scoring starts, and an earlier report in --report DIR
-(its index.html, plots/ and images/) moved into a new folder DIR/old (old2, ...; DIR alone must be
-writable; a DIR/index.html that is a link stays one, the earlier page's bytes moved, its target
-written), so that a run that ends without its results (a stop, an error, Ctrl-C, a kill) leaves no
-earlier numbers under its name and loses no earlier result; its line says where they went; a run
-that completes deletes the NAME.old (DIR/old) it made, and the NAME.old that runs of the same
-command stopped before it made (kept in OUT.partial; only files unchanged since) and the DIR/old,
-old2, ... of stopped runs (their mark .sr_eval_earlier_report in them), so that a chain of preempted
-runs ends with what a run never stopped leaves.
+folders, the newest of the same command; without either, nothing is kept): the same command
+run again continues after them, and its files are those of a run never stopped. They are taken only
+where every flag but the outputs', the LPIPS weights' sha256, the device (on CUDA its model) and
+the versions are the same, and for the first images whose files (path, size, modification time)
+are unchanged; another command's OUT.partial is moved aside to OUT.<its key>.partial (a line says
+where), where a rerun of that command finds it, never replaced; the file is deleted once the
+results are written. An error after images were scored says in its line how
+many images' scores are kept there (the --json line's kept). An --out or --csv already there (an
+earlier run's) is renamed NAME.old (NAME.old2, ... where taken) when the scoring starts, and an
+earlier report in --report DIR (its index.html, plots/ and images/) moved into a new folder DIR/old
+(old2, ...; DIR alone must be writable; a DIR/index.html that is a link stays one, the earlier
+page's bytes moved, its target written), so that a run that ends without its results (a stop, an
+error, Ctrl-C, a kill) leaves no earlier numbers under its name and loses no earlier result; its
+line says where they went; a run that completes deletes the NAME.old (DIR/old) it made, and the
+NAME.old that runs of the same command stopped before it made (kept in OUT.partial; only files
+unchanged since) and the DIR/old, old2, ... of stopped runs (their mark .sr_eval_earlier_report in
+them), so that a chain of preempted runs ends with what a run never stopped leaves.
 
 Exit codes: 0 ok, 2 bad flag, 3 unusable data (missing, unreadable or wrongly sized images, an
 index that names other images), 4 out of memory, 6 LPIPS weights, 7 output, 75 stopped by

@@ -239,7 +239,8 @@ def test_a_stopped_pairwise_run_continues_and_adding_or_dropping_it_starts_over(
     """Stopped at the 3rd of 3 images, the rerun of the same --pairwise command scores only that
     one and writes the bytes of a run never stopped (the matrices kept in OUT.partial with their
     rows). A rerun that drops --pairwise, or adds it, starts over with one warning line, as any
-    other flag that changes the columns (--color y, --lr)."""
+    other flag that changes the columns (--color y, --lr): the other command's scores moved
+    aside (OUT.<its key>.partial), for a rerun of it."""
     names = tuple(f"{k:04d}" for k in range(3))
     hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 3, names=names)
     out = tmp_path / "r.json"
@@ -248,10 +249,6 @@ def test_a_stopped_pairwise_run_continues_and_adding_or_dropping_it_starts_over(
     assert run(capsys, *argv)[0] == 0
     whole = out.read_bytes()
     partial = tmp_path / "r.json.partial"
-    starts_over = (
-        f"sr_eval.py: warning: {partial}: not the scores of this command (other flags or "
-        "settings, or not sr_eval.py's); scoring every image, replacing it\n"
-    )
     for first, again in ((argv, argv), (argv, argv[:-1]), (argv[:-1], argv)):
         calls = stop_at_image(monkeypatch, "0002")
         assert fails(capsys, *first)[0] == 75
@@ -265,7 +262,13 @@ def test_a_stopped_pairwise_run_continues_and_adding_or_dropping_it_starts_over(
         if first == again:
             assert calls == ["0002"] and cap.err == "" and out.read_bytes() == whole
         else:
-            assert calls == ["0000", "0001", "0002"] and cap.err == starts_over
+            (aside,) = tmp_path.glob("r.json.*.partial")
+            assert calls == ["0000", "0001", "0002"] and cap.err == (
+                f"sr_eval.py: warning: {partial}: the scores kept by another command (other "
+                f"flags, device, GPU model or versions) moved to {aside}, where a rerun of that "
+                "command continues from them\n"
+            )
+            aside.unlink()  # (else the next rerun of that command continues from it)
         monkeypatch.undo()
     assert out.read_bytes() == whole  # (the last rerun: with --pairwise)
 
@@ -310,6 +313,6 @@ def test_a_kept_matrix_of_another_n_is_scored_again(tmp_path, capsys, monkeypatc
     code, cap = run(capsys, *argv)
     assert code == 0 and calls == list(names) and out.read_bytes() == whole
     assert cap.err == (
-        f"sr_eval.py: warning: {partial}: not the scores of this command (other flags or "
-        "settings, or not sr_eval.py's); scoring every image, replacing it\n"
+        f"sr_eval.py: warning: {partial}: not a file of this command's scores so far (edited, "
+        "or not sr_eval.py's); scoring every image, replacing it\n"
     )
