@@ -118,9 +118,11 @@ receptive field (`tile_halo`; docs/design.md, "Tiled sampling"), a tiled sample 
 one up to float rounding (a tile's sums run in another order: now and then a pixel one 8-bit level
 off). A CUDA out-of-memory error retries the image with tiles halved, down to 64 px (then one
 line, exit 4, names what lowers the memory for this run: out_of_memory_line). A rerun may
-change --tile and --tile-overlap while the tiles stay exact (at least the default context, or a
---tile that holds every input whole); a folder of inexact tiles is refused to other ones
-(manifest.json's tile_context). Without --tile, --tile-overlap is unused (a warning): an
+change --tile and --tile-overlap while the samples stay one setting's: exact tiles (at least
+the default context), or tiles that cut no image (a --tile that holds every image sampled in
+the folder whole, told by the samples' sizes, or every input of the run); manifest.json's
+tile_context then records the tiles of every sample there (`settle_tiles`); other tiles are
+refused. Without --tile, --tile-overlap is unused (a warning): an
 out-of-memory retry's tiles take the exact context, as for an image --tile holds whole.
 --check-invertibility (flows): instead of writing samples, each is encoded back to its latents
 and decoded again, and |x - x'| reported per image (docs/flows.md#invertibility); exit 5 above
@@ -1207,6 +1209,55 @@ def tiles(context) -> str:
     return f"--tile-overlap {context} (an older manifest's tiles)"
 
 
+def cut_tiles(context, fits):
+    """A manifest's tile_context, 0 where its tiles are of a size that `fits` (they cut no
+    image: exact, whatever their context)."""
+    return 0 if isinstance(context, list) and context and fits(context[0]) else context
+
+
+def settle_tiles(was, now, sampled, inputs):
+    """The tile_context a folder records once a run of tiles `now` samples there, where it
+    records `was` (other tiles), or None where the two make other samples: refused. A tile size
+    `sampled` (`samples_fit`) cuts none of the images sampled there, one `inputs` (`one_tile`)
+    none of the run's inputs (a superset of the images it samples). The folder then holds one
+    setting's samples: the run's, where they make its samples as the folder's tiles made them
+    (a folder begun with tiles that cut no image, rerun untiled with a larger input, is an
+    untiled folder now); the folder's, where they make the run's samples (its inputs all within
+    a tile; a cut image's samples stay there); else untiled ones (exact), where both are."""
+    if cut_tiles(was, sampled) == cut_tiles(now, sampled):
+        return now
+    if cut_tiles(was, inputs) == cut_tiles(now, inputs):
+        return was
+    if cut_tiles(was, sampled) == 0 == cut_tiles(now, inputs):
+        return 0
+    return None
+
+
+def samples_fit(folder: Path, tile: int, s: int, inputs=()) -> bool:
+    """Whether every image sampled in `folder` has an LR within `tile` LR px (a tile of that size
+    cut none of them), told by its samples' sizes from their headers (s x the LR's): those of
+    inputs no longer given too, not the input files (`one_tile`), which may have changed. One
+    file read per image: NAME_sample{i:05d}.png, NAME.png or NAME_sigma.png (not --grid's
+    sheets, nor `inputs`, in an --out that is the --input folder); one whose header cannot
+    tell does not fit."""
+    seen = set()
+    real = folder.resolve()
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            stem, dot, ext = entry.name.rpartition(".")
+            m = SAMPLE_NAME.fullmatch(stem)
+            if ext != "png" or not dot or (m and m[2] == "grid") or real / entry.name in inputs:
+                continue
+            name = m[1] if m else stem
+            if name in seen or not entry.is_file():
+                continue
+            seen.add(name)
+            size = image_size(entry.path)
+            if size is None or max(size) > tile * s:
+                return False
+    return True
+
+
 def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
                  free=frozenset(), sharded: bool = False,
                  holds_whole=lambda tile: False) -> list | None:  # fmt: skip
@@ -1215,8 +1266,10 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
     PNGs there that are not another tool's output (an --out that is the --input folder); `free`:
     the settings of no effect on this run's samples (`no_effect`), not compared; tiles of a
     `holds_whole` size (every input's LR within it: `one_tile`) cut no image, as exact as none,
-    whatever their context (asked only where the tile_context of the folder and of the run
-    differ). Returns the
+    whatever their context: the folder's tiles are judged by the images sampled there, the
+    run's by its inputs, and the folder then records the tiles of all its samples
+    (`settle_tiles`; asked only where the tile_context of the folder and of the run differ).
+    Returns the
     srspace versions that sampled into the folder where this one is not among them (else
     None): a warning, not a refusal, as an upgrade between a preempted job and its requeue
     would otherwise leave only --overwrite, a redo of every image. The run says it and records
@@ -1238,20 +1291,20 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
                 f"{path}: not a readable manifest; pass --overwrite to start over"
             ) from None
         diff = differences(old, settings, free)
-
-        def cut(tiles):  # a tile_context, 0 where its tiles cut no input
-            return 0 if isinstance(tiles, list) and tiles and holds_whole(tiles[0]) else tiles
-
-        diff = [(k, cut(was), cut(now)) if k == "tile_context" else (k, was, now)
-                for k, was, now in diff]  # fmt: skip
-        diff = [d for d in diff if d[0] != "tile_context" or d[1] != d[2]]
+        tiled = next(((was, now) for k, was, now in diff if k == "tile_context"), None)
+        if tiled is not None:
+            sampled = functools.cache(
+                lambda tile: samples_fit(folder, tile, settings["scale"], inputs)
+            )
+            record = settle_tiles(*tiled, sampled, holds_whole)
+            diff = [d for d in diff if d[0] != "tile_context" or record is None]
         if any(d[0] == "control_sha256" for d in diff):  # n of --latent DIR follows its files:
             diff = [d for d in diff if d[0] != "n"]  # their contents are what changed
         diff.sort(key=lambda d: d[0] == "control_sha256")  # another file named: say that first
         if diff:
             k, was, now = diff[0]
-            if k == "tile_context":
-                was, now = tiles(was), tiles(now)
+            if k == "tile_context":  # what the folder's samples are, and the run's would be
+                was, now = tiles(cut_tiles(was, sampled)), tiles(cut_tiles(now, holds_whole))
             elif k == "control_sha256":  # the same flags (compared first), other file contents
                 flag = next(f for f in now if (was or {}).get(f) != now[f])
                 path = settings["flags"][flag[2:].replace("-", "_")]
@@ -1267,6 +1320,13 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
                 f"{folder} holds samples made with {was}, not {now}; use another --out, or "
                 "--overwrite to redo them"
             )
+        if tiled is not None and record != old.get("tile_context"):  # what they are now
+            flags = dict(old["flags"]) if isinstance(old.get("flags"), dict) else {}
+            if record == tiled[1]:  # the run's own: its flags, as a folder begun with them
+                flags.update(tile=settings["flags"]["tile"],
+                             tile_overlap=settings["flags"]["tile_overlap"])  # fmt: skip
+            old = {**old, "tile_context": record, "flags": flags}
+            save_text(path, json.dumps(old, indent=1) + "\n")
         listed = old.get("inputs")
         if "inputs" in settings and listed != settings["inputs"]:
             if sharded and listed is not None:

@@ -553,6 +553,50 @@ def test_a_tile_larger_than_the_image_is_exact_whatever_its_overlap(tmp_path, mo
     assert np.abs(full - oom).mean() <= 1e-4  # 1 px of context: a seam at x = 32
 
 
+def test_a_folder_of_tiles_that_cut_no_sampled_image_takes_a_rerun_of_other_tiles(tmp_path):
+    """A folder begun with --tile 64 --tile-overlap 1 whose every input fitted one tile records
+    [64, 1]; an untiled rerun with a new, larger input was refused ("holds samples made with
+    --tile 64 ..."), though every sample there is the untiled one. The folder's tiles are judged
+    by the images sampled there (their samples' sizes), the run's by its inputs: allowed, the
+    run's tiles recorded. Where a sample was cut (or the run would cut an image that the
+    folder's tiles did not), the two settings differ: refused, in both directions."""
+    ckpt = edsr_ckpt(tmp_path / "edsr.pt")  # a context of 6 LR px makes its tiles exact
+    inp = folder(tmp_path / "in", a=image((20, 60), 5))
+    argv = ["--ckpt", ckpt, "--input", inp, "--n", 1]
+    tiled = ["--tile", 64, "--tile-overlap", 1]
+    assert run(*argv, *tiled, "--out", tmp_path / "o") == 0
+    assert run(*argv, "--out", tmp_path / "full") == 0
+    folder(inp, b=image((20, 100), 6))  # wider than a tile
+    assert run(*argv, "--out", tmp_path / "o") == 0  # a: exact already; b: untiled
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["tile_context"] == 0 and manifest["flags"]["tile"] == 0
+    assert run(*argv, "--out", tmp_path / "full") == 0
+    assert all(same(tmp_path / "full" / f, tmp_path / "o" / f) for f in ("a.png", "b.png"))
+    # b's samples are untiled now: tiles that would cut a new image are refused
+    folder(inp, c=image((20, 30), 7))
+    assert run(*argv, *tiled, "--out", tmp_path / "o") == 2
+    # a folder of b cut by those tiles: an untiled rerun is refused while b is an input; without
+    # it, the run's samples (of a and c, one tile each) are the folder's tiles' (kept recorded),
+    # but not those of a new image the tiles would cut
+    assert run(*argv, *tiled, "--out", tmp_path / "cut") == 0
+    assert run(*argv, "--out", tmp_path / "cut") == 2
+    (tmp_path / "in" / "b.png").unlink()
+    folder(inp, e=image((20, 40), 9))
+    assert run(*argv, "--out", tmp_path / "cut") == 0
+    assert json.loads((tmp_path / "cut" / "manifest.json").read_text())["tile_context"] == [64, 1]
+    folder(inp, f=image((20, 100), 10))
+    assert run(*argv, "--out", tmp_path / "cut") == 2
+    # the reverse: an untiled folder of images that fit a tile takes tiles that cut a new one,
+    # its samples those tiles' (recorded), and then refuses an untiled rerun
+    small = folder(tmp_path / "small", a=image((20, 60), 5))
+    argv[3] = small
+    assert run(*argv, "--out", tmp_path / "u") == 0
+    folder(small, d=image((20, 100), 8))
+    assert run(*argv, *tiled, "--out", tmp_path / "u") == 0
+    assert json.loads((tmp_path / "u" / "manifest.json").read_text())["tile_context"] == [64, 1]
+    assert run(*argv, "--out", tmp_path / "u") == 2
+
+
 def test_a_shard_of_inexact_tiles_reads_no_inputs_header(tmp_path, monkeypatch):
     """--tile with a context below the exact one read the header of every input of every shard
     (whether the tile held them all whole, for manifest.json), 20,000 files in each of 100
