@@ -149,6 +149,7 @@ import hashlib
 import json
 import math
 import re
+import shlex
 import signal
 import stat
 import sys
@@ -925,6 +926,10 @@ def input_paths(path: Path, dangling: list[Path] | None = None) -> list[Path]:
         return demo_files("val")
     if path.is_file():
         return [path]
+    if path.is_symlink():  # (a typo is "no such file"; a moved dataset is this)
+        raise DataError(f"--input {shlex.quote(str(path))}: a symbolic link to a missing file, "
+                        f"{link_target(path) or '?'}: put the file back, or give --input the "
+                        "file itself")  # fmt: skip
     if not path.exists():
         raise DataError(f"--input {path}: no such file or folder")
     paths = list_images(path, recursive=False, dangling=dangling)
@@ -1517,12 +1522,23 @@ def missing_links(dangling: list[Path]) -> list[str]:
     none: the folder lists them as no image)."""
     if not dangling:
         return []
-    first = dangling[0].name
-    with contextlib.suppress(OSError):  # (removed since it was listed: its name alone)
-        first += f" -> {os.readlink(dangling[0])}"
-    more = "".join(f", {p.name}" for p in dangling[1:3]) + (", ..." if len(dangling) > 3 else "")
+    said = [
+        shlex.quote(p.name) + (f" -> {to}" if (to := link_target(p)) else "") for p in dangling[:3]
+    ]  # (a link removed since it was listed: its name alone)
+    more = f", and {len(dangling) - 3} more" if len(dangling) > 3 else ""
     return [f"{len(dangling)} symbolic link(s) to missing files in --input, not sampled "
-            f"({first}{more}): restore their targets and rerun, or remove the links"]  # fmt: skip
+            f"({', '.join(said)}{more}): restore their targets and rerun, or remove the "
+            "links"]  # fmt: skip
+
+
+def link_target(link: Path) -> str:
+    """Where a symbolic link points, as its own text gives it, quoted for a shell where its
+    characters need it (a space), as the link's name in the same line; "" where it cannot be
+    read (no longer a link)."""
+    try:
+        return shlex.quote(os.readlink(link))
+    except OSError:
+        return ""
 
 
 def lost_inputs(failed: dict, total: int, model, name: str) -> list[str]:

@@ -60,6 +60,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
         (d / name).mkdir()
         text = "{" if settings is None else json.dumps(settings)
         (d / name / "manifest.json").write_text(text)
+    (d / "moved").mkdir()
+    (d / "moved" / "a b.png").symlink_to(d / "gone away" / "a b.png")
     (d / "foreign").mkdir()
     iio.imwrite(d / "foreign" / "a_sample00000.png", np.zeros((4, 4, 3), np.uint8))
     return {"dir": d, "in": inp, **ckpts}
@@ -111,6 +113,9 @@ CASES = {  # id: (argv of the world, exit code, words the one line must hold)
     "control the model lacks": (lambda w: args(w, "--ref", "lr", ckpt="srflow"), 2, "--ref"),
     "device without CUDA": (lambda w: args(w, "--device", "cuda"), 2, "--device cuda"),
     "input missing": (lambda w: args(w, inp="nowhere"), 3, "no such file or folder"),
+    "input a link to a missing file": (
+        lambda w: args(w, inp="moved/a b.png"), 3,
+        "/moved/a b.png': a symbolic link to a missing file, '"),
     "input empty folder": (lambda w: args(w, inp="empty"), 3, "no images found"),
     "input stems shared": (lambda w: args(w, inp="twins"), 3, "share the stem 'x'"),
     "input not an image": (lambda w: args(w, inp="text.png"), 3, "text.png"),

@@ -818,9 +818,11 @@ def test_a_link_to_a_missing_input_is_exit_3_once_the_others_are_sampled(tmp_pat
         (inp / f"{stem}.png").symlink_to(tmp_path / "moved" / f"{stem}.png")
     out = tmp_path / "o"
     argv = ["--ckpt", bicubic_ckpt, "--input", inp, "--n", 1, "--quiet", "--out", out]
+    moved = tmp_path / "moved"
     said = (f"sr_sample.py: error: 3 symbolic link(s) to missing files in --input, not sampled "
-            f"(b.png -> {tmp_path / 'moved' / 'b.png'}, d.png, e.png): restore their targets "
-            "and rerun, or remove the links; the others ")  # fmt: skip
+            f"(b.png -> {moved / 'b.png'}, d.png -> {moved / 'd.png'}, e.png -> "
+            f"{moved / 'e.png'}): restore their targets and rerun, or remove the links; the "
+            "others ")  # fmt: skip
     with pytest.warns(UserWarning, match="in: skipped 3 symbolic link"):
         assert run(*argv) == 3
     assert capsys.readouterr().err.splitlines() == [f"{said}were written to {out}"]
@@ -834,6 +836,31 @@ def test_a_link_to_a_missing_input_is_exit_3_once_the_others_are_sampled(tmp_pat
     for stem in "bde":
         (inp / f"{stem}.png").unlink()
     assert run(*argv) == 0 and pngs(out) == ["a.png", "c.png"]
+
+
+def test_the_line_of_links_to_missing_inputs_names_each_target(tmp_path, bicubic_ckpt, capsys):
+    """The end's line named the target of the first link only, and an --input FILE that is a
+    link to a missing file said "no such file or folder", as for a typo. Now each link is named
+    with its target (the first three, then how many more), quoted where a name needs it, and
+    the link given as --input FILE is said so, with its target (one line, exit 3)."""
+    inp = folder(tmp_path / "in", a=image((8, 8), 1))
+    gone = tmp_path / "moved away"
+    for stem in ("b 1", "c", "d", "e", "f"):
+        (inp / f"{stem}.png").symlink_to(gone / f"{stem}.png")
+    argv = ["--ckpt", bicubic_ckpt, "--n", 1, "--quiet", "--out", tmp_path / "o"]
+    with pytest.warns(UserWarning, match="in: skipped 5 symbolic link"):
+        assert run(*argv, "--input", inp) == 3
+    assert capsys.readouterr().err.splitlines() == [
+        "sr_sample.py: error: 5 symbolic link(s) to missing files in --input, not sampled "
+        f"('b 1.png' -> '{gone}/b 1.png', c.png -> '{gone}/c.png', d.png -> '{gone}/d.png', and "
+        "2 more): restore their targets and rerun, or remove the links; the others were written "
+        f"to {tmp_path / 'o'}"
+    ]
+    assert run(*argv, "--input", inp / "b 1.png") == 3
+    assert capsys.readouterr().err.splitlines() == [
+        f"sr_sample.py: error: --input '{inp}/b 1.png': a symbolic link to a missing file, "
+        f"'{gone}/b 1.png': put the file back, or give --input the file itself"
+    ]
 
 
 def test_an_lr_too_small_for_the_model_is_one_line_and_skipped(tmp_path, capsys):
