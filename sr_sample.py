@@ -58,6 +58,8 @@ Sampling controls (a model without the control stops with a one-line usage error
   --latent FILE           decode saved latents, (D,) or (k, D): one output per row (a .npz of
                           z0 and made_by, or a bare .npy; flows: a .npz of fields z0, z1, ...
                           (C, h, w) or (k, C, h, w)); another model's or scale's is refused
+                          (as a file of another shape: exit 3, one line naming it and what
+                          was expected)
   --latent DIR            decode a whole --save-latent run again: each input NAME from its own
                           files NAME_sample{i:05d}.latent.npz there (refvae, varsr: or .npy,
                           as an older srspace saved them; both of one sample refused; NAME
@@ -69,12 +71,13 @@ Sampling controls (a model without the control stops with a one-line usage error
                           with the same flags. Refused in one line before any work (exit 2):
                           inputs without files there (how many, which: give --input those with
                           files; a sweep's folder: which DIR/T* to give; numbered files without
-                          their ntire_index.json), files of another kind or of several samples,
-                          --latent-shift, --ref, --latent-from, --layout ntire where the numbers
-                          are not 0..N-1 of every image, and DIR as --out (its samples would be
-                          replaced). A flow's made_by is checked per file (another checkpoint:
-                          one warning line for the folder). manifest.json: n = the highest
-                          number + 1, and the joint digest of every input's files (of every
+                          their ntire_index.json), --latent-shift, --ref, --latent-from,
+                          --layout ntire where the numbers are not 0..N-1 of every image, and
+                          DIR as --out (its samples would be replaced); exit 3: files of another
+                          model's kind, of several samples or of other shapes. A flow's
+                          made_by is checked per file (another checkpoint: one warning line
+                          for the folder). manifest.json: n = the highest number + 1, and the
+                          joint digest of every input's files (of every
                           --shard; input order, then by number; a .npz's: its zip directory's
                           CRC-32s, so a shard reads only its own files whole): each of those
                           (of an image not complete already) is read before the run and again
@@ -1951,7 +1954,7 @@ class LatentDir:
             end = self.others[other[0]]
             able = [k for k, c in MODELS.items() if "latent" in c.sample_controls
                     and end in (c.latent_file, c.old_latent_file)]  # fmt: skip
-            raise UsageError(
+            raise DataError(
                 f"--latent {self.folder}: its latents of {other[0]} are {end} files (saved by "
                 f"{', '.join(able)}), not the {self.endings[0]} files this {model} model "
                 "decodes; decode them with the model that saved them"
@@ -2052,14 +2055,14 @@ class LatentDir:
         other files (`shapes`, or None for its first)."""
         fields = [z] if torch.is_tensor(z) else z
         if len(fields[0]) != 1:
-            raise UsageError(
+            raise DataError(
                 f"--latent {file}: holds {len(fields[0])} samples; a --latent folder's "
                 "NAME_sample{i:05d} file holds one, sample i (--save-latent writes them so)"
             )
         got = [tuple(f.shape[1:]) for f in fields]
         if shapes is not None and got != shapes:
             say = lambda v: ", ".join(f"z{k} {x}" for k, x in enumerate(v))  # noqa: E731
-            raise UsageError(
+            raise DataError(
                 f"--latent {file}: fields {say(got)}, not those of the other files of its image "
                 f"({say(shapes)}); the latents of one image fit its one LR size"
             )
@@ -2136,7 +2139,7 @@ def check_npy_saver(flag: str, path: Path, own: dict, unrecorded: list) -> dict:
     if (model, scale) != (own["model"], own["scale"]):
         they = (("its latents were", "they decode to other images", "them") if whole else
                 ("it was", "it decodes to another image", "it"))  # fmt: skip
-        raise UsageError(
+        raise DataError(
             f"{flag} {path}: {they[0]} saved by an x{scale} {model} model ({where}), not this "
             f"x{own['scale']} {own['model']}: {they[1]} here; decode {they[2]} with an x{scale} "
             f"{model} checkpoint"

@@ -412,18 +412,24 @@ OBJECTS = ("objects.npy: not a readable .npy array (its array holds Python objec
         ("edsr", ["--save-latent"], 2, "only: srflow, srflow_da, ncsr, refvae, varsr"),
         ("refvae", ["--ref", "nowhere"], 3, "--ref"),
         ("refvae", ["--ref", "no refs"], 3, "error: --ref "),  # an empty folder names the flag
-        ("varsr", ["--latent", "bad.npy"], 2, "expected (8,)"),
+        ("varsr", ["--latent", "bad.npy"], 3, "expected (8,)"),
         ("varsr", ["--latent-shift", "ok.npy", "--latent-steps", "a,b"], 2, "--latent-steps"),
         ("refvae", ["--latent", "ok.npy", "--ref", "lr"], 2, "cannot be combined"),
         (
             "varsr",
             ["--latent", "z.npz"],
-            2,
+            3,
             "z.npz: a .npz archive of z (8,); expected a "
             "--save-latent file's one latent z0, (8,) or (k, 8)",
         ),
-        ("refvae", ["--latent-shift", "z.npz"], 2, "--latent-shift"),
-        ("varsr", ["--latent", "empty.npy"], 2, "(0, 8), expected (8,) or (k, 8) with at least"),
+        ("refvae", ["--latent-shift", "z.npz"], 3, "--latent-shift"),
+        (
+            "varsr",
+            ["--latent-shift", "rows.npy"],
+            3,
+            "--latent-shift rows.npy: 2 rows of (8,); expected one direction, (8,) or (1, 8)",
+        ),
+        ("varsr", ["--latent", "empty.npy"], 3, "(0, 8), expected (8,) or (k, 8) with at least"),
         ("refvae", ["--latent", "nan.npy"], 3, "nan.npy: holds NaN or infinite values"),
         ("varsr", ["--latent", "zero.npy"], 3, ".npy array (an empty file, 0 bytes)"),
         # no NumPy file, or an array of Python objects: not numpy's advice to unpickle it
@@ -444,6 +450,7 @@ def test_unsupported_or_bad_controls_one_line(tmp_path, ckpts, capsys, name, fla
     inp = images(tmp_path / "in", 3, ((8, 8),))
     np.save(tmp_path / "bad.npy", np.zeros((2, 5), np.float32))
     np.save(tmp_path / "ok.npy", np.zeros(8, np.float32))
+    np.save(tmp_path / "rows.npy", np.zeros((2, 8), np.float32))
     np.savez(tmp_path / "z.npz", z=np.zeros(8, np.float32))  # an archive, not --save-latent's
     np.save(tmp_path / "empty.npy", np.zeros((0, 8), np.float32))
     np.save(tmp_path / "nan.npy", np.full(8, np.nan, np.float32))
@@ -731,7 +738,8 @@ def test_latent_dir_decodes_each_input_from_its_own_files(tmp_path, ckpts, capsy
 
 
 def test_latent_dir_one_line_errors(tmp_path, ckpts, capsys):
-    """--latent DIR, refused in one line before any work (exit 2, nothing written): inputs
+    """--latent DIR, refused in one line before any work (exit 2, nothing written; exit 3 for
+    files that cannot be used: another model's, of two samples): inputs
     without files there (how many, which; "a" is not "a_b"), a --temperature sweep's folder (its
     latents in T*/: which to give), numbered files without their ntire_index.json (or an
     unreadable one), a refvae run's folder for varsr (its manifest.json says; a .npy records
@@ -791,19 +799,19 @@ def test_latent_dir_one_line_errors(tmp_path, ckpts, capsys):
          "writes: copy it there from that run's --out"),
         (["--latent", rv], f"--latent {rv}/a_sample00000.latent.npz: saved by an x4 refvae "
          "model, not this x4 varsr (its latents decode to other images here); decode it with an "
-         "x4 refvae checkpoint"),
+         "x4 refvae checkpoint", 3),
         (["--latent", only], f"--latent {only}: 2 of 3 inputs have no saved latents there (no "
          "NAME_sample{i:05d}.latent.npz): a.png, img 1.png; give --input only the images whose "
          "latents it holds"),
         (["--latent", sweep], f"--latent {sweep}: a --temperature sweep's folder, its latents "
          f"in its subfolders T0.5, T1: give one of them (--latent {sweep / 'T0.5'})"),
         (["--latent", flows], ": saved by an x4 srflow model, not this x4 varsr (its latents "
-         "decode to other images here); decode it with an x4 srflow checkpoint"),
+         "decode to other images here); decode it with an x4 srflow checkpoint", 3),
         (["--latent", s, "--latent-shift", s / "a_sample00000.latent.npz"], f"--latent {s}: a "
          "folder, each input decoded from its own saved latents; it cannot be combined with "
          "--latent-shift (give --latent one FILE)"),
         (["--latent", two], f"--latent {two / 'a_sample00000.latent.npz'}: holds 2 samples; a "
-         "--latent folder's NAME_sample{i:05d} file holds one, sample i"),
+         "--latent folder's NAME_sample{i:05d} file holds one, sample i", 3),
         (["--latent", gap, "--layout", "ntire"], "--layout ntire: the challenge reads samples "
          f"0..N-1 of every image, but --latent {gap} holds samples 1 of a_b, not 0..1; use "
          "--layout stem, which keeps the sample numbers"),
@@ -813,10 +821,10 @@ def test_latent_dir_one_line_errors(tmp_path, ckpts, capsys):
         (["--latent", s, "--out", s, "--overwrite"], "the --out folder"),
         (["--latent", tmp_path / "link", "--out", s, "--overwrite"], "the --out folder"),
     ]  # fmt: skip
-    for k, (flags, words) in enumerate(cases):
+    for k, (flags, words, *code) in enumerate(cases):  # (exit 3: a file that cannot be used)
         capsys.readouterr()
         out = tmp_path / f"o{k}"
-        assert run(*base, "--out", out, *flags) == 2, words
+        assert run(*base, "--out", out, *flags) == (code[0] if code else 2), words
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("sr_sample.py: error: ") and words in err[0], err
         assert not out.exists() or not list(out.glob("*.png"))

@@ -925,7 +925,7 @@ def test_a_saved_latent_of_another_model_is_refused_where_it_is_copied(tmp_path,
     """A RefVAE/VarSR --save-latent file was a bare .npy: copied without its folder's
     manifest.json, a VarSR of the same D decoded a RefVAE's with one warning line, exit 0 (another
     model's image). Now it is a .npz of z0 and made_by, as a flow's: another model's is refused in
-    one line naming the file, the model that saved it and this one (exit 2), given to --latent,
+    one line naming the file, the model that saved it and this one (exit 3), given to --latent,
     --latent-shift, through a link, copied alone, or as a --latent DIR of copies; another
     checkpoint of the model is one warning line, one of another D refused naming it. An older
     srspace's .npy is still read: checked by its folder's manifest.json, without one a warning."""
@@ -954,7 +954,7 @@ def test_a_saved_latent_of_another_model_is_refused_where_it_is_copied(tmp_path,
         ("--latent", alone.parent, alone),
     ):
         capsys.readouterr()
-        assert run("--ckpt", ckpts["varsr"], *argv, flag, given, "--out", tmp_path / "o") == 2
+        assert run("--ckpt", ckpts["varsr"], *argv, flag, given, "--out", tmp_path / "o") == 3
         assert capsys.readouterr().err.splitlines() == [
             f"sr_sample.py: error: {flag} {named}: saved by an x4 refvae model, not this x4 varsr "
             "(its latents decode to other images here); decode it with an x4 refvae checkpoint"
@@ -978,7 +978,7 @@ def test_a_saved_latent_of_another_model_is_refused_where_it_is_copied(tmp_path,
     cfg = {**TINY["refvae"], "scale": 4, "z_dim": 16}
     save_checkpoint(wide, {"model": "refvae", "model_cfg": cfg,
                            "state_dict": build_model("refvae", cfg).state_dict()})  # fmt: skip
-    assert run("--ckpt", wide, *argv, "--latent", alone, "--out", tmp_path / "o5") == 2
+    assert run("--ckpt", wide, *argv, "--latent", alone, "--out", tmp_path / "o5") == 3
     assert capsys.readouterr().err == (
         f"sr_sample.py: error: --latent {alone}: shape (8,), expected (16,) or (k, 16) with at "
         "least one row (16: this model's latent size D; rows of 8 are those of another refvae "
@@ -989,7 +989,7 @@ def test_a_saved_latent_of_another_model_is_refused_where_it_is_copied(tmp_path,
     np.save(saved / "a_sample00000.latent.npy", np.load(file)["z0"])
     file.unlink()
     old = saved / "a_sample00000.latent.npy"
-    assert run("--ckpt", ckpts["varsr"], *argv, "--latent", old, "--out", tmp_path / "o6") == 2
+    assert run("--ckpt", ckpts["varsr"], *argv, "--latent", old, "--out", tmp_path / "o6") == 3
     assert capsys.readouterr().err == (
         f"sr_sample.py: error: --latent {old}: it was saved by an x4 refvae model (the "
         "manifest.json of its folder), not this x4 varsr: it decodes to another image here; "

@@ -720,23 +720,23 @@ def test_flow_latent_with_tiles(tmp_path, flow_ckpts):
 @pytest.mark.parametrize(
     "latent, code, words",
     [
-        ("other size", 2, ": fields z0 (6, 20, 24), z1 (96, 5, 6), the latents of an LR of 12x10 "
+        ("other size", 3, ": fields z0 (6, 20, 24), z1 (96, 5, 6), the latents of an LR of 12x10 "
                           "px, not of r0.png's LR of 12x12 px (z0 (6, 24, 24), z1 (96, 6, 6) in "
                           "this x4 SRFlow, which pads the LR to a multiple of 2); a --latent file "
                           "fits one LR size: give --input only images of that size, or --latent "
                           "DIR, a folder written by --save-latent (each input decoded from its "
                           "own files there)"),
-        ("x8", 2, "holds z0 (6, 40, 48), z1 (12, 20, 24), z2 (192, 5, 6); expected this model's 2 "
+        ("x8", 3, "holds z0 (6, 40, 48), z1 (12, 20, 24), z2 (192, 5, 6); expected this model's 2 "
                   "latent fields z0, z1"),
-        ("srflow_da", 2, "fields z0 (6, 24, 24), z1 (24, 12, 12), the latents of no LR of this "
+        ("srflow_da", 3, "fields z0 (6, 24, 24), z1 (24, 12, 12), the latents of no LR of this "
                          "model, not of r0.png's LR of 12x12 px (z0 (6, 24, 24), z1 (96, 6, 6)"),
-        ("ncsr", 2, ": saved by an x4 ncsr model, not this x4 srflow (its latents decode to other "
+        ("ncsr", 3, ": saved by an x4 ncsr model, not this x4 srflow (its latents decode to other "
                     "images here); decode it with an x4 ncsr checkpoint"),
         ("made_by", 3, ": its made_by entry is not the record --save-latent writes"),
-        ("one field", 2, "holds z0 (6, 24, 24); expected this model's 2 latent fields z0, z1, "
+        ("one field", 3, "holds z0 (6, 24, 24); expected this model's 2 latent fields z0, z1, "
                          "each (C, h, w) or all (k, C, h, w) with the same k >= 1"),
-        ("mixed", 2, "expected this model's 2 latent fields"),
-        ("rows", 2, "its fields hold [2, 3] samples; expected one k"),
+        ("mixed", 3, "expected this model's 2 latent fields"),
+        ("rows", 3, "its fields hold [2, 3] samples; expected one k"),
         ("nan", 3, "holds NaN or infinite values; use a finite latent"),
         ("refvae", 3, "a .npy array, not the .npz archive of this model's 2 latent fields z0, z1"),
         ("junk", 3, "not a readable .npz archive (no NumPy file: it begins b'junk', not with "
@@ -745,8 +745,9 @@ def test_flow_latent_with_tiles(tmp_path, flow_ckpts):
 )  # fmt: skip
 def test_a_bad_flow_latent_is_one_line(tmp_path, flow_ckpts, capsys, latent, code, words):
     """A --latent file of another LR size, scale or flow, of other fields, non-finite, of a
-    latent model (a (D,) .npy) or no archive: one line naming the file, exit 2 or 3 as for
-    refvae/varsr, nothing written."""
+    latent model (a (D,) .npy) or no archive: one line naming the file and what was expected,
+    exit 3 (a file that cannot be used, as for refvae/varsr: it was 2 for some), nothing
+    written."""
     inp = lr_image(tmp_path / "in" / "r0.png", 12, 12)
     made = {"other size": ("srflow", 10, 12), "x8": ("srflow_x8", 10, 12),
             "srflow_da": ("srflow_da", 12, 12), "ncsr": ("ncsr", 12, 12)}  # fmt: skip
@@ -813,7 +814,7 @@ def test_a_flow_latent_names_its_model(tmp_path, flow_ckpts, capsys):
     assert (tmp_path / "b" / "r0_sample00000.png").is_file()
     # the same file decoded by NCSR of the same shapes: refused, nothing written
     ncsr = ["--ckpt", flow_ckpts["ncsr"], "--input", inp]
-    assert run(*ncsr, "--latent", saved, "--out", tmp_path / "c") == 2
+    assert run(*ncsr, "--latent", saved, "--out", tmp_path / "c") == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "saved by an x4 srflow model, not this x4 ncsr" in err[0], err
     assert not (tmp_path / "c").exists() or not list((tmp_path / "c").glob("*.png"))
@@ -908,7 +909,7 @@ def test_latent_dir_decodes_a_flow_run_again(tmp_path, flow_ckpts, capsys):
     assert len(list((tmp_path / "o").glob("*.png"))) == 10
     # NCSR of the same shapes: refused at a file, before any work
     assert run("--ckpt", flow_ckpts["ncsr"], "--input", inp, "--latent", s, "--out",
-               tmp_path / "n") == 2  # fmt: skip
+               tmp_path / "n") == 3  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"sr_sample.py: error: --latent {s / 'a_'}"), err
     assert "saved by an x4 srflow model, not this x4 ncsr" in err[0]
@@ -936,7 +937,7 @@ def test_a_latent_dir_file_of_another_lr_size_is_refused_before_any_sample(
     capsys.readouterr()
     for shard in ("0/1", "0/2", "1/2"):
         out = tmp_path / f"d{shard[0]}"
-        assert run(*base, "--latent", s, "--shard", shard, "--out", out) == 2
+        assert run(*base, "--latent", s, "--shard", shard, "--out", out) == 3
         err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
         assert err == [
             f"sr_sample.py: error: --latent {s / 'img 1_sample00000.latent.npz'}: fields z0 (6, "
@@ -1041,7 +1042,7 @@ def test_another_shards_latent_npz_without_its_zip_directory_is_refused_by_each(
 def test_a_flow_latent_fits_one_lr_size(tmp_path, flow_ckpts, capsys):
     """A folder of inputs of two sizes with one --latent (or --latent-shift) file: the first
     input of another size was found when decoded, the samples of those before it written. Now
-    each input's LR size is read from its header before any sample: one line (exit 2) naming
+    each input's LR size is read from its header before any sample: one line (exit 3) naming
     it, nothing written, also by a --shard whose own inputs fit (every shard checks all)."""
     inp = tmp_path / "in"
     lr_image(inp / "a.png", 8, 8)
@@ -1051,7 +1052,7 @@ def test_a_flow_latent_fits_one_lr_size(tmp_path, flow_ckpts, capsys):
     assert run(*base, "--input", inp / "a.png", "--save-latent", "--out", tmp_path / "a") == 0
     z = tmp_path / "a" / "a_sample00000.latent.npz"
     capsys.readouterr()
-    assert run(*base, "--latent", z, "--out", tmp_path / "o") == 2
+    assert run(*base, "--latent", z, "--out", tmp_path / "o") == 3
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert err == [
         f"sr_sample.py: error: --latent {z}: fields z0 (6, 16, 16), z1 (96, 4, 4), the latents "
@@ -1063,7 +1064,7 @@ def test_a_flow_latent_fits_one_lr_size(tmp_path, flow_ckpts, capsys):
     assert list((tmp_path / "o").glob("*.png")) == []
     shift = f"--latent-shift {z}: fields z0 (6, 16, 16), z1 (96, 4, 4), the latents of an LR of"
     for flags in (["--latent", z, "--shard", "0/2"], ["--latent-shift", z]):  # (0/2: a and c)
-        assert run(*base, *flags, "--out", tmp_path / "p") == 2
+        assert run(*base, *flags, "--out", tmp_path / "p") == 3
         err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
         assert len(err) == 1 and "not of b.png's LR of 10x8 px" in err[0], err
         assert flags[0] == "--latent" or err[0].startswith(f"sr_sample.py: error: {shift}")
@@ -1080,8 +1081,8 @@ def test_a_flow_latent_is_checked_against_an_input_whose_header_cannot_tell_its_
 ):
     """An input whose size its header could not tell (sr_lib.data.image_size: None) was checked
     against a --latent FILE, or its own file of a --latent DIR, only when decoded: the run stopped
-    there (exit 2) with the samples of the inputs before it written. Now its pixels tell its size
-    before any sample: one line naming the file, nothing written."""
+    there with the samples of the inputs before it written. Now its pixels tell its size before
+    any sample: one line naming the file (exit 3), nothing written."""
     inp = tmp_path / "in"
     lr_image(inp / "a.png", 8, 8)
     lr_image(inp / "b.png", 8, 10, seed=1)
@@ -1095,7 +1096,7 @@ def test_a_flow_latent_is_checked_against_an_input_whose_header_cannot_tell_its_
     monkeypatch.setattr(sr_sample, "image_size", lambda p: None if p.name == "b.png" else size(p))
     for latent, file in ((z, z), (tmp_path / "dir", tmp_path / "dir" / "b_sample00000.latent.npz")):
         capsys.readouterr()
-        assert run(*base, "--latent", latent, "--out", tmp_path / "o") == 2
+        assert run(*base, "--latent", latent, "--out", tmp_path / "o") == 3
         err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
         assert len(err) == 1, err
         assert err[0].startswith(f"sr_sample.py: error: --latent {file}: fields z0 (6, 16, 16)")
@@ -1173,7 +1174,8 @@ def test_flow_latent_shift_walks_from_z0(tmp_path, flow_ckpts, capsys, name):
 
 def test_a_bad_flow_latent_shift_is_one_line(tmp_path, flow_ckpts, capsys):
     """A --latent-shift direction of another LR size, of two rows, or with two --latent rows, or
-    the file of another flow: one line naming the file, exit 2, nothing written."""
+    the file of another flow: one line naming the file, nothing written; exit 3 for the file
+    (what was expected), 2 for the flags (two --latent rows)."""
     inp = lr_image(tmp_path / "in" / "r0.png", 8, 8)
     z = {"z0": np.ones((6, 16, 16), "f4"), "z1": np.ones((96, 4, 4), "f4")}
     np.savez(tmp_path / "ok.npz", **z)
@@ -1187,18 +1189,18 @@ def test_a_bad_flow_latent_shift_is_one_line(tmp_path, flow_ckpts, capsys):
         (["--latent-shift", tmp_path / "size.npz"], f"--latent-shift {tmp_path / 'size.npz'}: "
          "fields z0 (6, 16, 20), z1 (96, 4, 5), the latents of an LR of 10x8 px, not of r0.png's "
          "LR of 8x8 px"),
-        (["--latent-shift", tmp_path / "two.npz"], f"--latent-shift {tmp_path / 'two.npz'} "
-         "--latent-steps '-2,-1,0,1,2': needs one direction (fields (C, h, w); it holds 2)"),
+        (["--latent-shift", tmp_path / "two.npz"], f"--latent-shift {tmp_path / 'two.npz'}: "
+         "holds 2 samples; expected one direction, fields (C, h, w)"),
         (["--latent", tmp_path / "two.npz", "--latent-shift", tmp_path / "ok.npz"],
-         "at most one --latent row (given: 2)"),
+         "at most one --latent row (given: 2)", 2),
         (["--latent-shift", ncsr], f"--latent-shift {ncsr}: saved by an x4 ncsr model"),
     ]  # fmt: skip
     cases.append((["--latent-shift", tmp_path], f"--latent-shift {tmp_path}: a folder; give one "
                   ".npz file (of a direction's fields z0, z1, ...)"))  # fmt: skip
-    for k, (flags, words) in enumerate(cases):
+    for k, (flags, words, *code) in enumerate(cases):  # exit 3: a file that cannot be used
         capsys.readouterr()
         out = tmp_path / f"o{k}"
-        code = 3 if flags[-1] == tmp_path else 2
+        code = code[0] if code else 3
         assert run("--ckpt", flow_ckpts["srflow"], "--input", inp, *flags, "--out", out) == code
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0], (words, err)

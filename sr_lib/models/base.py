@@ -669,17 +669,17 @@ def load_latent(path: str, dim: int, flag: str, own: dict | None = None):
     warning lines of its made_by record: a --save-latent .npz (its one field z0 and made_by, as
     a flow's fields: `saved_fields`, checked against `own`, the run's latent_source, before the
     shape, so another model's latent is named so), or a bare .npy array (np.save; --save-latent
-    before it wrote .npz: no record). A file that is not one readable finite array is a data
-    error (exit 3); an array of another shape, or of no rows, a usage error (exit 2: the file of
-    another model or flag)."""
+    before it wrote .npz: no record). A file that cannot be used is a data error (exit 3), as
+    any input file that cannot be: not one readable finite array, of another shape or of no
+    rows (the file of another model or flag), or another model's."""
     z, digest = read_numpy(path, flag, ".npy array", "np.save", ".npy file (a direction)")
     warnings, records = [], []
     if isinstance(z, dict):
         z, warnings, records = saved_fields(z, flag, path, own)
         if sorted(z) != ["z0"]:
             got = ", ".join(f"{k} {a.shape}" for k, a in z.items()) or "no arrays"
-            raise UsageError(f"{flag} {path}: a .npz archive of {got}; expected a --save-latent "
-                             f"file's one latent z0, ({dim},) or (k, {dim})")  # fmt: skip
+            raise DataError(f"{flag} {path}: a .npz archive of {got}; expected a --save-latent "
+                            f"file's one latent z0, ({dim},) or (k, {dim})")  # fmt: skip
         z = z["z0"]
     try:
         z = torch.from_numpy(z.astype(np.float32))
@@ -694,7 +694,7 @@ def load_latent(path: str, dim: int, flag: str, own: dict | None = None):
         other = (f" ({dim}: this model's latent size D; rows of {z.shape[-1]} are {whose}: "
                  "decode them with the checkpoint that saved them)"
                  if z.ndim in (1, 2) and z.numel() else "")  # fmt: skip
-        raise UsageError(
+        raise DataError(
             f"{flag} {path}: shape {tuple(z.shape)}, expected ({dim},) or (k, {dim}) with at "
             f"least one row{other}"
         )
@@ -728,13 +728,14 @@ def latent_sources(array: np.ndarray, flag: str, path: str) -> list[dict]:
 
 def check_latent_source(records: list[dict], own: dict, flag: str, path: str) -> list[str]:
     """The fields' records (`latent_sources`) against `own`, the run's (sr_sample.py's
-    latent_source): another model or scale is a usage error (exit 2; the same shapes decode to
-    garbage, not to the saved samples); another checkpoint of this model and scale (trained
-    further, say: a fair experiment) a warning line, returned."""
+    latent_source): another model or scale is a data error (exit 3, as any file that does not
+    fit the run; the same shapes decode to garbage, not to the saved samples); another
+    checkpoint of this model and scale (trained further, say: a fair experiment) a warning
+    line, returned."""
     lines = []
     for r in records:
         if (r["model"], r["scale"]) != (own["model"], own["scale"]):
-            raise UsageError(
+            raise DataError(
                 f"{flag} {path}: saved by an x{r['scale']} {r['model']} model, not this "
                 f"x{own['scale']} {own['model']} (its latents decode to other images here); decode "
                 f"it with an x{r['scale']} {r['model']} checkpoint"
@@ -774,8 +775,8 @@ def load_latent_fields(path: str, count: int, flag: str, own: dict | None = None
     sample) or (k, C, h, w) (k samples, the same k in all), as float32 (k, C, h, w) tensors, the
     sha256 of the file (read once) and the warning lines of `check_latent_source` (given `own`,
     where the file has a made_by entry: files written before it had none). As `load_latent`: a
-    file that is not a readable archive of finite arrays is a data error (exit 3), other names or
-    dimensions, or the fields of another model, a usage error (exit 2); the shapes are checked
+    file that cannot be used is a data error (exit 3): not a readable archive of finite arrays,
+    of other names or dimensions, or the fields of another model; the shapes are checked
     against an LR image later (`SRFlow.sample_latents`)."""
     names = [f"z{k}" for k in range(count)]
     arrays, digest = read_numpy(path, flag, ".npz archive", "np.savez",
@@ -788,12 +789,12 @@ def load_latent_fields(path: str, count: int, flag: str, own: dict | None = None
     rows = {len(a) for a in arrays.values() if a.ndim == 4}
     if sorted(arrays) != sorted(names) or len(dims) != 1 or dims - {3, 4} or 0 in rows:
         got = ", ".join(f"{k} {a.shape}" for k, a in arrays.items()) or "no arrays"
-        raise UsageError(
+        raise DataError(
             f"{flag} {path}: holds {got}; expected this model's {count} latent fields "
             f"{', '.join(names)}, each (C, h, w) or all (k, C, h, w) with the same k >= 1"
         )
     if len(rows) > 1:
-        raise UsageError(f"{flag} {path}: its fields hold {sorted(rows)} samples; expected one k")
+        raise DataError(f"{flag} {path}: its fields hold {sorted(rows)} samples; expected one k")
     try:
         z = [torch.from_numpy(arrays[k].astype(np.float32)) for k in names]
     except (ValueError, TypeError) as e:  # e.g. an array of strings
@@ -929,15 +930,14 @@ class LatentSRModel(SRModel):
         direction, digest, warnings = load_latent(file, dim, "--latent-shift", own)
         ctl.warnings += warnings
         direction, ctl.digests["--latent-shift"] = direction.view(-1).to(device), [digest]
+        if direction.numel() != dim:  # (k, D), k > 1: the file, not the flags (exit 3)
+            raise DataError(f"--latent-shift {file}: {len(direction) // dim} rows of ({dim},); "
+                            f"expected one direction, ({dim},) or (1, {dim})")  # fmt: skip
         values = latent_steps(steps)
-        if (
-            not values
-            or direction.numel() != dim
-            or (ctl.latent is not None and len(ctl.latent) > 1)
-        ):
+        if not values or (ctl.latent is not None and len(ctl.latent) > 1):
             raise UsageError(
-                f"--latent-shift {file} --latent-steps {steps!r}: needs a ({dim},) direction, "
-                "numbers like -2,-1,0,1,2 and at most one --latent row"
+                f"--latent-shift {file} --latent-steps {steps!r}: needs numbers like "
+                "-2,-1,0,1,2 and at most one --latent row"
             )
         return direction, torch.tensor(values, device=device)
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sr_lib.config import config_flag
-from sr_lib.errors import CheckpointError, UsageError
+from sr_lib.errors import CheckpointError, DataError, UsageError
 from sr_lib.models.base import (
     ModelConfig,
     NoiseSource,
@@ -514,12 +514,14 @@ class SRFlow(SRModel):
             file, text = controls["latent_shift"], controls["latent_steps"]
             fields, digest, warnings = load_latent_fields(file, count, "--latent-shift", own)
             ctl.warnings += warnings
+            if len(fields[0]) > 1:  # the file, not the flags (exit 3)
+                raise DataError(f"--latent-shift {file}: holds {len(fields[0])} samples; expected "
+                                "one direction, fields (C, h, w)")  # fmt: skip
             steps, rows = latent_steps(text), 1 if ctl.latent is None else len(ctl.latent[0])
-            if len(fields[0]) > 1 or not steps or rows > 1:
+            if not steps or rows > 1:
                 raise UsageError(
-                    f"--latent-shift {file} --latent-steps {text!r}: needs one direction (fields "
-                    f"(C, h, w); it holds {len(fields[0])}), numbers like -2,-1,0,1,2 and at most "
-                    f"one --latent row (given: {rows})"
+                    f"--latent-shift {file} --latent-steps {text!r}: needs numbers like "
+                    f"-2,-1,0,1,2 and at most one --latent row (given: {rows})"
                 )
             ctl.shift = ([z.to(device) for z in fields], torch.tensor(steps, device=device))
             ctl.digests["--latent-shift"], ctl.shift_file = [digest], file
@@ -546,9 +548,9 @@ class SRFlow(SRModel):
     def check_latent_size(self, file: str, got: list[tuple], size: tuple, image: str,
                           hint: str) -> None:  # fmt: skip
         """Latent fields of the (C, h, w) shapes `got` (of `file`: the flag and its path) against
-        an LR of `size` (h, w), of the input `image` ("r0.png's"): other shapes are a usage error
-        naming the file, the LR its fields fit, the LR's size and fields, and `hint` (what to
-        do)."""
+        an LR of `size` (h, w), of the input `image` ("r0.png's"): other shapes are a data error
+        (exit 3, as any file that does not fit the run) naming the file, the LR its fields fit,
+        the LR's size and fields, and `hint` (what to do)."""
         m, s = self.lr_multiple, self.scale
         h, w = size
         H, W = -(-h // m) * m * s, -(-w // m) * m * s
@@ -557,7 +559,7 @@ class SRFlow(SRModel):
             return
         shapes = lambda z: ", ".join(f"z{k} {v}" for k, v in enumerate(z))  # noqa: E731
         pad = f", which pads the LR to a multiple of {m}" if m > 1 else ""
-        raise UsageError(
+        raise DataError(
             f"{file}: fields {shapes(got)}, the latents of {self.fields_lr(got)}, not of {image} "
             f"LR of {w}x{h} px ({shapes(want)} in this x{s} {type(self).__name__}{pad}); {hint}"
         )
