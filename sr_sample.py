@@ -1874,9 +1874,11 @@ class LatentDir:
         .npz names it in each file, checked per file), against `own` (the run's latent_source):
         its manifest.json (`check_npy_saver`), where it holds such files; else the manifest is
         read only for what the inputs were (`warn_other_inputs`)."""
-        old = [f for v in self.files.values() for f in v.values() if f.name.endswith(".npy")]
+        every = [f for v in self.files.values() for f in v.values()]
+        old = [f for f in every if f.name.endswith(".npy")]
         if old:
-            self.saved = check_npy_saver("--latent", self.folder, own, self.unrecorded)
+            self.saved = check_npy_saver("--latent", self.folder, own, self.unrecorded,
+                                         (len(old), len(every)))  # fmt: skip
             return
         with contextlib.suppress(OSError, ValueError):
             saved = json.loads((self.folder / "manifest.json").read_text())
@@ -2103,7 +2105,8 @@ class LatentDir:
         )
 
 
-def check_npy_saver(flag: str, path: Path, own: dict, unrecorded: list) -> dict:
+def check_npy_saver(flag: str, path: Path, own: dict, unrecorded: list,
+                    count: tuple = (1, 1)) -> dict:  # fmt: skip
     """What saved an older srspace's RefVAE/VarSR .npy latent (a bare array, naming nothing;
     --save-latent's .npz names its model, `saved_fields`), for `path` a
     --save-latent folder or one file of it (named as --save-latent names them), against `own`
@@ -2113,8 +2116,11 @@ def check_npy_saver(flag: str, path: Path, own: dict, unrecorded: list) -> dict:
     copied alone) nothing can be checked: one warning line says so, as a latent of another model
     of the same D decodes to other images without an error (one of another D is refused by its
     shape: `load_latent`), added to `unrecorded` for the caller to say once the files are read
-    (not before a line that refuses them). A file not named so (a direction made by np.save) is
-    not looked at. Returns the manifest ({})."""
+    (not before a line that refuses them). A file not named so (np.save's array, named by hand:
+    the user's own, a direction say) is not looked at, as a .npz named by hand without made_by
+    (base.saved_fields). Returns the manifest ({}). count: of a folder, its .npy files and all
+    its files (.npz too, each naming its model, checked per file: the warning is the .npy
+    files')."""
     whole = path.is_dir()
     name = None if whole else LATENT_NAME.fullmatch(path.name)
     if not whole and (name is None or name[3] != ".latent.npy" or not path.is_file()):
@@ -2124,13 +2130,18 @@ def check_npy_saver(flag: str, path: Path, own: dict, unrecorded: list) -> dict:
         saved = json.loads((folder / "manifest.json").read_text())
         model, scale = saved["model"], saved["scale"]
     except (OSError, ValueError, KeyError, TypeError):
+        npy, files = count
         said = (("there", "its latents", "latents of the same size decode to other images",
                  "their --save-latent folder there", "them") if whole else  # fmt: skip
                 ("in its folder", "it", "latent of the same size decodes to another image",
                  "its --save-latent folder beside it", "it"))  # fmt: skip
+        why = "a .npy holds the array alone"
+        if whole and npy < files:  # (the .npz files name their model, checked each: not these)
+            said = ("there", f"its .npy latents, {npy} of {files} files", *said[2:])
+            why += "; its .npz files name theirs, checked each"
         unrecorded.append(
             f"{PROG}: warning: {flag} {path}: no manifest.json {said[0]} names the model "
-            f"that saved {said[1]} (a .npy holds the array alone): decoded as this "
+            f"that saved {said[1]} ({why}): decoded as this "
             f"x{own['scale']} {own['model']}'s; another model's {said[2]} without an error "
             f"(copy the manifest.json of {said[3]} to have {said[4]} checked)"
         )

@@ -737,6 +737,37 @@ def test_latent_dir_decodes_each_input_from_its_own_files(tmp_path, ckpts, capsy
     ]
 
 
+def test_a_saved_latent_that_records_no_model_is_one_warning(tmp_path, ckpts, capsys):
+    """A .npz named as --save-latent names them but without made_by (an srspace's before it
+    recorded one, or rewritten) was decoded as this model's without a word, where an older
+    srspace's .npy without its folder's manifest.json is one warning: a latent of another model
+    of the same D decodes to other images without an error. Now it is one warning line naming
+    it. A file named by hand (a .npz of z0, an np.save array) is the user's own: no warning, nor
+    for a --latent-shift direction."""
+    inp = images(tmp_path / "in", 3, ((8, 8),))
+    z = np.random.default_rng(0).standard_normal(8).astype(np.float32)
+    saved = tmp_path / "r0_sample00000.latent.npz"
+    for f in (saved, tmp_path / "hand.npz"):
+        np.savez(f, z0=z)
+    np.save(tmp_path / "hand.npy", z)
+    base = ["--ckpt", ckpts["varsr"], "--input", inp, "--quiet"]
+    capsys.readouterr()
+    assert run(*base, "--latent", saved, "--out", tmp_path / "saved") == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"sr_sample.py: warning: --latent {saved}: with no record of the model that saved it (an "
+        "srspace before --save-latent recorded it, or rewritten): decoded as this x4 varsr's, "
+        "unchecked; another model's latent of these shapes decodes to other images without an "
+        "error"
+    ]
+    for f in ("hand.npz", "hand.npy"):
+        assert run(*base, "--latent", tmp_path / f, "--out", tmp_path / f[5:]) == 0
+        assert run(*base, "--latent-shift", tmp_path / f, "--out", tmp_path / f"walk{f}") == 0
+        assert capsys.readouterr().err == ""
+    for f in ("npz", "npy"):
+        one, other = pngs_of(tmp_path / "saved"), pngs_of(tmp_path / f)
+        assert list(one) == list(other) and all((one[k] == other[k]).all() for k in one)
+
+
 def test_latent_dir_one_line_errors(tmp_path, ckpts, capsys):
     """--latent DIR, refused in one line before any work (exit 2, nothing written; exit 3 for
     files that cannot be used: another model's, of two samples): inputs
@@ -894,6 +925,35 @@ def test_latent_dir_of_another_checkpoint_is_one_warning(tmp_path, ckpts, capsys
         f"sr_sample.py: warning: --latent {s}: no manifest.json there names the model that saved "
         "its latents (a .npy holds the array alone): decoded as this x4 varsr's; "
     )
+
+
+def test_a_latent_dir_of_npy_and_npz_files_warns_of_the_npy_files_alone(tmp_path, ckpts, capsys):
+    """A folder of an older srspace's .npy latents and this one's .npz (rerun after an upgrade:
+    an image not complete sampled again, its .npy replaced), copied without its manifest.json,
+    was one warning that nothing names the model that saved "its latents", though each .npz names
+    its model and is checked. The line names the .npy files (how many of the folder's) and says
+    the .npz files are checked; a folder of .npz files alone is no warning."""
+    inp = named_images(tmp_path / "in", PREFIXED)
+    s = tmp_path / "s"
+    base = ["--ckpt", ckpts["varsr"], "--input", inp]
+    assert run(*base, "--n", 2, "--save-latent", "--out", s) == 0
+    (s / "manifest.json").unlink()
+    capsys.readouterr()
+    assert run(*base, "--latent", s, "--out", tmp_path / "npz") == 0
+    assert capsys.readouterr().err == ""
+    f = s / "a_sample00001.latent.npz"
+    np.save(f.with_suffix(".npy"), np.load(f)["z0"])
+    f.unlink()
+    assert run(*base, "--latent", s, "--out", tmp_path / "mixed") == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"sr_sample.py: warning: --latent {s}: no manifest.json there names the model that saved "
+        "its .npy latents, 1 of 6 files (a .npy holds the array alone; its .npz files name "
+        "theirs, checked each): decoded as this x4 varsr's; another model's latents of the same "
+        "size decode to other images without an error (copy the manifest.json of their "
+        "--save-latent folder there to have them checked)"
+    ]
+    npz, mixed = pngs_of(tmp_path / "npz"), pngs_of(tmp_path / "mixed")
+    assert list(npz) == list(mixed) and all((npz[k] == mixed[k]).all() for k in npz)
 
 
 def test_latent_dir_decoded_from_other_inputs_than_it_was_saved_from_is_one_warning(

@@ -916,6 +916,38 @@ def test_latent_dir_decodes_a_flow_run_again(tmp_path, flow_ckpts, capsys):
     assert not (tmp_path / "n").exists() or not list((tmp_path / "n").glob("*.png"))
 
 
+def test_a_flow_latent_that_records_no_model_is_one_warning(tmp_path, flow_ckpts, capsys):
+    """A flow's saved .npz without made_by (written before --save-latent recorded it) was
+    decoded with any flow of its shapes without a word (NCSR's by SRFlow: other images). Now it
+    is one warning line naming it, as for RefVAE/VarSR; for a --latent DIR one line for the
+    folder; a file named by hand (a direction, say) is the user's own: none."""
+    inp = tmp_path / "in"
+    for k, stem in enumerate("ab"):
+        lr_image(inp / f"{stem}.png", 8, 8, seed=k)
+    base = ["--ckpt", flow_ckpts["srflow"], "--input", inp, "--quiet"]
+    s = tmp_path / "s"
+    assert run(*base, "--save-latent", "--n", 1, "--out", s) == 0
+    for f in s.glob("*.latent.npz"):  # as written before made_by
+        np.savez(f, **{k: v for k, v in np.load(f).items() if k != "made_by"})
+    said = ("with no record of the model that saved it (an srspace before --save-latent "
+            "recorded it, or rewritten): decoded as this x4 srflow's, unchecked; another model's "
+            "latent of these shapes decodes to other images without an error")  # fmt: skip
+    z = s / "a_sample00000.latent.npz"
+    capsys.readouterr()
+    assert run(*base, "--input", inp / "a.png", "--latent", z, "--out", tmp_path / "f") == 0
+    assert capsys.readouterr().err.splitlines() == [f"sr_sample.py: warning: --latent {z}: {said}"]
+    assert run(*base, "--latent", s, "--out", tmp_path / "d") == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"sr_sample.py: warning: --latent {s}: 2 of 2 files {said}"
+    ]
+    assert (pngs(tmp_path / "d", 1, "a")[0] == pngs(s, 1, "a")[0]).all()
+    hand = tmp_path / "direction.npz"
+    hand.write_bytes(z.read_bytes())
+    for flag in ("--latent", "--latent-shift"):
+        assert run(*base, "--input", inp / "a.png", flag, hand, "--out", tmp_path / flag) == 0
+        assert capsys.readouterr().err == ""
+
+
 def test_a_latent_dir_file_of_another_lr_size_is_refused_before_any_sample(
     tmp_path, flow_ckpts, capsys
 ):

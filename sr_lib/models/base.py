@@ -761,12 +761,24 @@ def other_checkpoint(record: dict, own: dict) -> str:
 def saved_fields(arrays: dict, flag: str, path: str, own: dict | None):
     """A --save-latent .npz's arrays less its made_by record, the warning lines of that record
     against `own` (the run's latent_source: `check_latent_source`, which refuses another model
-    or scale; none given, or a file written before --save-latent recorded its model: none), and
-    the records: one way for every model's latents, a flow's fields z0, z1, ... and a
-    RefVAE/VarSR latent z0 alike."""
+    or scale; none given: none), and the records: one way for every model's latents, a flow's
+    fields z0, z1, ... and a RefVAE/VarSR latent z0 alike. A file named as --save-latent names
+    them (NAME_sample{i:05d}.latent.npz) without the record, a flow's saved by an srspace before
+    it wrote one or a file rewritten without it, is one warning line: it is decoded as this
+    model's, unchecked, and another model's latent of these shapes decodes to other images
+    without an error (as an older RefVAE/VarSR .npy without its folder's manifest.json, said by
+    sr_sample.py's check_npy_saver). A file named by hand is the user's own (a direction, an
+    interpolation): taken as given, without a word, as a .npy named by hand."""
     made_by = arrays.pop(LATENT_SOURCE, None)
     records = [] if made_by is None else latent_sources(made_by, flag, path)
     warnings = check_latent_source(records, own, flag, path) if records and own else []
+    if made_by is None and own and Path(path).name.endswith(".latent.npz"):
+        warnings = [  # (read after "--latent DIR: k of n files" too: LatentDir.check)
+            f"{flag} {path}: with no record of the model that saved it (an srspace before "
+            f"--save-latent recorded it, or rewritten): decoded as this x{own['scale']} "
+            f"{own['model']}'s, unchecked; another model's latent of these shapes decodes to "
+            "other images without an error"
+        ]
     return arrays, warnings, records
 
 
