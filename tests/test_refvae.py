@@ -659,6 +659,13 @@ def pngs_of(folder) -> dict:
     return {p.name: read(p) for p in sorted(folder.glob("*.png"))}
 
 
+def same_pngs(folder, *others) -> bool:
+    """The PNGs of each of `others` are those of `folder`: the same names, the same pixels."""
+    want = pngs_of(folder)
+    got = [pngs_of(other) for other in others]
+    return all(list(g) == list(want) and all((g[k] == want[k]).all() for k in g) for g in got)
+
+
 @pytest.mark.parametrize("name", ["refvae", "varsr"])
 def test_latent_dir_decodes_each_input_from_its_own_files(tmp_path, ckpts, capsys, name):
     """--latent DIR (a --save-latent run's folder): each input NAME is decoded from the files
@@ -751,21 +758,18 @@ def test_a_saved_latent_that_records_no_model_is_one_warning(tmp_path, ckpts, ca
         np.savez(f, z0=z)
     np.save(tmp_path / "hand.npy", z)
     base = ["--ckpt", ckpts["varsr"], "--input", inp, "--quiet"]
+    said = (f"sr_sample.py: warning: --latent {saved}: with no record of the model that saved it "
+            "(an srspace before --save-latent recorded it, or rewritten): decoded as this x4 "
+            "varsr's, unchecked; another model's latent of these shapes decodes to other images "
+            "without an error")  # fmt: skip
     capsys.readouterr()
     assert run(*base, "--latent", saved, "--out", tmp_path / "saved") == 0
-    assert capsys.readouterr().err.splitlines() == [
-        f"sr_sample.py: warning: --latent {saved}: with no record of the model that saved it (an "
-        "srspace before --save-latent recorded it, or rewritten): decoded as this x4 varsr's, "
-        "unchecked; another model's latent of these shapes decodes to other images without an "
-        "error"
-    ]
+    assert capsys.readouterr().err.splitlines() == [said]
     for f in ("hand.npz", "hand.npy"):
         assert run(*base, "--latent", tmp_path / f, "--out", tmp_path / f[5:]) == 0
         assert run(*base, "--latent-shift", tmp_path / f, "--out", tmp_path / f"walk{f}") == 0
         assert capsys.readouterr().err == ""
-    for f in ("npz", "npy"):
-        one, other = pngs_of(tmp_path / "saved"), pngs_of(tmp_path / f)
-        assert list(one) == list(other) and all((one[k] == other[k]).all() for k in one)
+    assert same_pngs(tmp_path / "saved", tmp_path / "npz", tmp_path / "npy")
 
 
 def test_latent_dir_one_line_errors(tmp_path, ckpts, capsys):
@@ -952,8 +956,7 @@ def test_a_latent_dir_of_npy_and_npz_files_warns_of_the_npy_files_alone(tmp_path
         "size decode to other images without an error (copy the manifest.json of their "
         "--save-latent folder there to have them checked)"
     ]
-    npz, mixed = pngs_of(tmp_path / "npz"), pngs_of(tmp_path / "mixed")
-    assert list(npz) == list(mixed) and all((npz[k] == mixed[k]).all() for k in npz)
+    assert same_pngs(tmp_path / "npz", tmp_path / "mixed")
 
 
 def test_latent_dir_decoded_from_other_inputs_than_it_was_saved_from_is_one_warning(
