@@ -132,7 +132,8 @@ and decoded again, and |x - x'| reported per image (docs/flows.md#invertibility)
 the tolerance (an unreadable input skipped, as in sampling: exit 3). --out is then not needed.
 Exit codes: 0 ok, 2 bad flag or a folder of other settings, 3 unusable input (unreadable images,
 and LRs smaller than the model takes, are reported and skipped, the others written, exit 3 at the
-end; so are an --input folder's symbolic links to missing files, which no shard lists), 4 out
+end; so are an --input folder's symbolic links to missing files, which no shard lists; a
+--latent or --latent-shift file that cannot be used stops before any work), 4 out
 of memory, 5 a NaN sample or a flow that does not invert (--check-invertibility), 6 checkpoint
 problem, 7 output cannot be written, 75 stopped by SIGTERM/SIGUSR1/SIGHUP, 130 Ctrl-C.
 """
