@@ -122,7 +122,8 @@ def run_as_script(script: str, argv: list, monkeypatch) -> int:
     [("check_official_parity.py", ["--srflow"]), ("bench_eval.py", ["--released"]),
      ("bench_flow_amp.py", ["--parts", "ops", "--official"]),
      ("check_vspsr_parity.py", ["--released"]), ("check_refvae_parity.py", ["--released"]),
-     ("check_edsr_parity.py", ["--released"]), ("check_cem_parity.py", ["--released"])],
+     ("check_edsr_parity.py", ["--released"]), ("check_cem_parity.py", ["--released"]),
+     ("check_esrgan_parity.py", ["--released"])],
 )  # fmt: skip
 def test_a_missing_folder_or_one_that_is_not_the_checkout_is_one_line_before_any_work(
     tmp_path, script, flags, monkeypatch, capfd

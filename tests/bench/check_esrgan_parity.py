@@ -42,8 +42,10 @@ sys.path.insert(0, str(ROOT))  # run from anywhere without install
 sys.path.insert(0, str(ROOT / "tests"))
 from test_rrdb_released import basicsr, old_arch  # noqa: E402
 
+from sr_lib.errors import UsageError, exit_on_error  # noqa: E402
 from sr_lib.models import load_model  # noqa: E402
 
+REPO = "xinntao/ESRGAN"
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
@@ -69,10 +71,16 @@ def lr_batch(dtype) -> torch.Tensor:
     return (0.5 + 0.4 * torch.sin(0.7 * y + 0.45 * x + 1.1 * c + 0.9 * b)).to(dtype)
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--released", required=True, help="xinntao/ESRGAN checkout")
-    args = parser.parse_args()
+    parser.add_argument("--released", required=True, help=f"a checkout of {REPO}")
+    args = parser.parse_args(argv)
+    # one line before any work, not the import's traceback (as the other parity checks)
+    if not Path(args.released).is_dir():
+        raise UsageError(f"--released {args.released}: no such folder; give a checkout of {REPO}")
+    for need in ("RRDBNet_arch.py", "transer_RRDB_models.py"):
+        if not (Path(args.released) / need).is_file():
+            raise UsageError(f"--released {args.released}: not a checkout of {REPO} (no {need})")
     released = Path(args.released).resolve()
     sys.path.insert(0, str(released))
     import RRDBNet_arch as arch
@@ -128,4 +136,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with exit_on_error(Path(__file__).name):
+        sys.exit(main())
