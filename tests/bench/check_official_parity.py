@@ -47,6 +47,7 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -407,7 +408,10 @@ def main(argv=None) -> int:
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
             tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-            res = {"case": case, "ok": False, "notes": [f"crashed: {tail}"], "diffs": {}}
+            # a case killed by a signal (the kernel's OOM killer: SIGKILL) leaves no output
+            how = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+                   else f"exit {proc.returncode}")  # fmt: skip
+            res = {"case": case, "ok": False, "notes": [f"crashed ({how}): {tail}"], "diffs": {}}
         else:
             res = json.loads(lines[-1][len("RESULT ") :])
         res["seconds"] = round(time.time() - t0, 1)
