@@ -198,6 +198,22 @@ def test_a_parity_case_killed_without_a_word_says_by_which_signal(tmp_path, monk
     assert err.split()[:2] == ["srflow:4", "FAIL"] and "crashed (killed by SIGKILL)" in err
 
 
+def test_a_parity_case_killed_after_its_result_keeps_the_result_and_says_so(
+    tmp_path, monkeypatch, capsys
+):
+    parity = bench_module("check_official_parity.py")
+    row = {"case": "srflow:8", "ok": True, "notes": [],
+           "diffs": {"reverse": {"max_abs": 1e-7, "rel": 1e-6, "ok": True}}}  # fmt: skip
+    done = "RESULT " + json.dumps(row) + "\n"  # every value compared, then the process was killed
+    killed = lambda cmd, **kwargs: subprocess.CompletedProcess(cmd, -9, done, "")  # noqa: E731
+    monkeypatch.setattr(parity.subprocess, "run", killed)
+    monkeypatch.setattr(parity, "checkout_error", lambda *args: "")
+    assert parity.main(["--srflow", str(tmp_path), "--cases", "srflow:8"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["max_differences"]["srflow:8"] == {"reverse": 1e-6}
+    assert err.split()[:2] == ["srflow:8", "ok"] and "killed by SIGKILL after its result" in err
+
+
 class Trained(Exception):
     """Ends a learning benchmark at its first training run."""
 

@@ -406,14 +406,16 @@ def main(argv=None) -> int:
                 cmd += [f"--{repo}", p]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
+        # a case killed by a signal (the kernel's OOM killer: SIGKILL) leaves no output
+        how = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+               else f"exit {proc.returncode}")  # fmt: skip
+        if not lines:
             tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-            # a case killed by a signal (the kernel's OOM killer: SIGKILL) leaves no output
-            how = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
-                   else f"exit {proc.returncode}")  # fmt: skip
             res = {"case": case, "ok": False, "notes": [f"crashed ({how}): {tail}"], "diffs": {}}
-        else:
+        else:  # every comparison was made: a kill after the result does not undo it, said
             res = json.loads(lines[-1][len("RESULT ") :])
+            if proc.returncode:
+                res["notes"].append(f"{how} after its result")
         res["seconds"] = round(time.time() - t0, 1)
         results.append(res)
         line = " ".join(f"{k}={v:.1e}" for k, v in groups(res).items())
