@@ -1372,10 +1372,11 @@ def log(run_log: RunLog | None, record: dict) -> None:
 
 def check_folder(flag: str, folder: str) -> None:
     """A folder flag's value that is no folder (a typo, a file): `list_images`' one line, with
-    the flag, which says which of a run's folders is wrong (--data, --lr-data, --val-data)."""
+    the flag, which says which of a run's folders is wrong (--data, --lr-data, --val-data), and
+    the folder or built-in 'demo' (not --lr-data's) meant where one is near in spelling."""
     if not Path(folder).is_dir():
-        try:
-            list_images(folder)  # (raises: no such folder, or a file)
+        try:  # (raises: no such folder, or a file)
+            list_images(folder, builtins=() if flag == "--lr-data" else ("demo",))
         except DataError as e:
             raise DataError(f"{flag} {e}") from None
 

@@ -13,6 +13,7 @@ therefore the same for any number of loader workers, and resuming at step t cont
 import atexit
 import collections
 import contextlib
+import difflib
 import errno
 import hashlib
 import importlib.util
@@ -21,6 +22,7 @@ import math
 import multiprocessing.util  # (registers its exit handler before ours, below)
 import os
 import re
+import shlex
 import signal
 import struct
 import sys
@@ -44,6 +46,7 @@ import torch
 from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from sr_lib.config import nearest_choice
 from sr_lib.errors import (
     DataError,
     NodeWarning,
@@ -927,13 +930,40 @@ def _walk(folder: Path, recursive: bool, dangling: list[Path]):
                     ) from None
 
 
+def near_path(path: str | os.PathLike, builtins: Sequence[str] = ()) -> str:
+    """The words ' (did you mean X?)' for the line about a `path` that does not exist, where it
+    is near in spelling to a built-in name (`builtins`: "demo") or its first missing part to a
+    folder beside it (a typo: demoo, DIV2k/DIV2K_train_HR) that makes a path that exists, else
+    "". The suggestion keeps the rest of the path as given, quoted for a shell where it must be."""
+    text = os.fspath(path)
+    if os.sep not in text and (near := nearest_choice(text, list(builtins))):
+        return near
+    parts = Path(text).parts
+    for i in range(len(parts) - 1, -1, -1):  # the deepest part that exists: its folders
+        parent = Path(*parts[:i]) if i else Path(".")
+        if not parent.is_dir():
+            continue
+        try:  # (a folder of many files: its first 5000 entries are enough for a typo)
+            with os.scandir(parent) as entries:
+                names = [e.name for _, e in zip(range(5000), entries)
+                         if not e.name.startswith(".") and e.is_dir()]  # fmt: skip
+        except OSError:
+            return ""
+        near = difflib.get_close_matches(parts[i], names, n=1)
+        if not near:
+            return ""
+        fixed = Path(*parts[:i], near[0], *parts[i + 1 :])  # (a second typo: no guess)
+        return f" (did you mean {shlex.quote(str(fixed))}?)" if fixed.exists() else ""
+    return ""
+
+
 class OnlyOtherFormats(DataError):
     """`list_images` of a folder whose images are all of formats not read (.gif, ...)."""
 
 
 def list_images(folder: str | os.PathLike, recursive: bool = True,
-                dangling: list[Path] | None = None,
-                say_links: bool = True) -> list[Path]:  # fmt: skip
+                dangling: list[Path] | None = None, say_links: bool = True,
+                builtins: Sequence[str] = ()) -> list[Path]:  # fmt: skip
     """Image files in `folder` (by extension, any case) in `image_order`; symlinked files and
     folders are followed, hidden files and folders and folders named like images are skipped,
     and links to missing files named like images too, with one warning (and added to
@@ -942,10 +972,15 @@ def list_images(folder: str | os.PathLike, recursive: bool = True,
     other image formats (OTHER_IMAGE_EXTENSIONS: .gif, .ppm, .exr, ...), with one warning: a
     folder of ground truths partly in them would be scored on fewer images without a word. An
     entry that cannot be checked (EACCES, EIO; not a loop) where it could
-    hold or be an image: DataError."""
+    hold or be an image: DataError. A folder that does not exist: DataError, with a "did you
+    mean" where a folder beside it or one of `builtins` (the names the caller takes instead of a
+    folder: "demo") is near in spelling (`near_path`)."""
     folder = Path(folder)
     if not folder.is_dir():
-        what = "is a file, not a folder" if folder.exists() else "no such folder"
+        what = (
+            "is a file, not a folder" if folder.exists()
+            else f"no such folder{near_path(folder, builtins)}"
+        )  # fmt: skip
         raise DataError(f"{folder}: {what}; give a folder of images")
     walked_links: list[Path] = []
     walked = list(_walk(folder, recursive, walked_links))

@@ -186,6 +186,26 @@ CASES = {  # id: (flags, exit code, words of the message)
         3,
         "--lr-data {tmp}/no lr here: no such folder",
     ),  # fmt: skip
+    # a typo of the built-in name or of a folder beside it: the name meant, to copy
+    "data demo typo": ({"--data": "demoo"}, 3, "--data demoo: no such folder (did you mean demo?)"),
+    "data folder typo": (
+        {"--data": "{tmp}/photos of mne"},
+        3,
+        "--data {tmp}/photos of mne: no such folder (did you mean '{tmp}/photos of mine'?); give",
+    ),
+    "data parent folder typo": (  # the first missing part, the rest as given
+        {"--data": "{tmp}/sts/x2"},
+        3,
+        "--data {tmp}/sts/x2: no such folder (did you mean {tmp}/sets/x2?); give",
+    ),
+    "data typo and a second one": ({"--data": "{tmp}/sts/x3"}, 3, "/sts/x3: no such folder; give"),
+    "val data demo typo": (
+        {"--val-data": "Demo", "--val-every": "1"},
+        3,
+        "--val-data Demo: no such folder (did you mean demo?); give",
+    ),
+    "lr data typo": ({"--lr-data": "{tmp}/sets/x22"}, 3, "(did you mean {tmp}/sets/x2?)"),
+    "lr data not demo": ({"--lr-data": "demoo"}, 3, "--lr-data demoo: no such folder; give"),
     "data is an image": (
         {"--data": "{data}/holiday 0.png"},
         3,
@@ -375,6 +395,7 @@ def world(tmp_path_factory):
         img = np.kron(rng.random((6, 6, 3)), np.ones((8, 8, 1)))  # 48 x 48
         iio.imwrite(data / f"holiday {i}.png", (img * 255).astype(np.uint8))
     (tmp / "notes.txt").write_text("not a folder")
+    (tmp / "sets" / "x2").mkdir(parents=True)  # (a folder to mistype)
     argv = argv_of({"--steps": "2", "--out": str(tmp / "run")}, data=data)
     assert sr_train.main(argv) == 0
     # the same run as a newer srspace writes it, its model config holding a field unknown here
