@@ -257,8 +257,10 @@ class TrainArgs:
         ),
     )
     tensorboard: bool = field(
-        default=False, metadata=dict(help="also write the log and validation strips to OUT/tb/")
-    )
+        default=False,
+        metadata=dict(help="also write the log and validation strips to OUT/tb/ (the strips: a "
+                      "file per validation in OUT/tb/val/, kept as --keep-strips keeps the PNGs)"),
+    )  # fmt: skip
     quiet: bool = field(
         default=False,
         metadata=dict(help="print warnings, errors and the closing line only (no progress; "
@@ -1306,6 +1308,7 @@ class RunLog:
 
     def __init__(self, out: Path, tensorboard: bool, start: int = 0):
         self.tb, self.lost, self.unwritten, self.stop = None, "", "", {}
+        self.out, self.strips, self.strips_step = out, None, None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -1320,6 +1323,13 @@ class RunLog:
             # killed after its last save, one that saved none), as trim_log cuts log.jsonl: it
             # would show two values at each of those steps.
             self.tb = SummaryWriter(str(out / "tb"), purge_step=start + 1)
+            # (the strips' own files, `image`: those of the steps after `start` go likewise,
+            # and one a killed run left half written)
+            for step, path in tb_strip_files(out):
+                if step > start:
+                    path.unlink(missing_ok=True)
+            for path in (out / "tb" / "val").glob(".step*.tmp"):
+                path.unlink(missing_ok=True)
         self.path = out / "log.jsonl"
         self.file = open(self.path, "ab", buffering=0)  # each record one write(): no buffer
 
@@ -1354,14 +1364,77 @@ class RunLog:
         self.stop["signal"] = self.lost or self.unwritten
 
     def image(self, tag: str, img: np.ndarray, step: int) -> None:
-        """A uint8 (H, W, 3) image; TensorBoard only (log.jsonl has the PNG's name in OUT/val/)."""
-        if self.tb is not None:  # a tag is UTF-8: a file name that is not gets backslash escapes
-            self.tb.add_image(printable(tag), img, step, dataformats="HWC")
+        """A uint8 (H, W, 3) image; TensorBoard only (log.jsonl has the PNG's name in OUT/val/).
+        Each validation's strips go to an event file of their own in OUT/tb/val/ (TensorBoard's
+        run "val"), which --keep-strips deletes with the PNGs (`prune_strips`): in the one file
+        of the numbers, a long run's strips grew it without end (docs/benchmarks.md). Written
+        under a name TensorBoard does not read, renamed once whole (`end_strips`), named by the
+        step: TensorBoard reads a run's files in their names' order, each once complete."""
+        if self.tb is None or self.unwritten:  # (after one failed, the others would too)
+            return
+        try:
+            self._image(tag, img, step)
+        except OSError as e:  # a full disk: as a PNG strip, saved, then exit 7
+            self.end_strips(whole=False)
+            self.strip_unwritten(f"{self.out / 'tb' / 'val'}: cannot write ({e.strerror or e})")
+
+    def _image(self, tag: str, img: np.ndarray, step: int) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.summary.writer.record_writer import RecordWriter
+        from torch.utils.tensorboard.summary import image
+
+        if self.strips_step != step:  # the validation's first strip
+            self.end_strips(whole=False)
+            folder = self.out / "tb" / "val"
+            folder.mkdir(parents=True, exist_ok=True)
+            self.strips = RecordWriter(open(folder / f".step{step:012d}.tmp", "wb"))
+            self.strips_step = step
+            self.strips.write(Event(wall_time=time.time(), step=step,
+                                    file_version="brain.Event:2").SerializeToString())  # fmt: skip
+        # a tag is UTF-8: a file name that is not gets backslash escapes
+        summary = image(printable(tag), img, dataformats="HWC")
+        self.strips.write(Event(wall_time=time.time(), step=step,
+                                summary=summary).SerializeToString())  # fmt: skip
+        self.strips.flush()
+
+    def end_strips(self, whole: bool = True) -> None:
+        """The validation's strips are all written (`whole`): their event file takes its name.
+        Else (a validation stopped by a signal, done again on resume) it is deleted."""
+        if self.strips is None:
+            return
+        folder = self.out / "tb" / "val"
+        temp = folder / f".step{self.strips_step:012d}.tmp"
+        try:
+            self.strips.close()
+            if whole:
+                os.replace(temp, folder / f"events.out.tfevents.{self.strips_step:012d}.strips")
+        except OSError as e:  # (as `image`)
+            whole = False
+            self.strip_unwritten(f"{temp}: cannot write ({e.strerror or e})")
+        finally:
+            self.strips, self.strips_step = None, None
+        if not whole:
+            with contextlib.suppress(OSError):
+                temp.unlink(missing_ok=True)
 
     def close(self) -> None:
         self.file.close()
         if self.tb is not None:
+            self.end_strips(whole=False)
             self.tb.close()
+
+
+TB_STRIPS = re.compile(r"events\.out\.tfevents\.(\d{12,})\.strips")
+
+
+def tb_strip_files(out: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the validations' TensorBoard event files in OUT/tb/val/ (`RunLog.image`)."""
+    try:
+        names = os.listdir(out / "tb" / "val")
+    except OSError:  # none yet
+        return []
+    return [(int(m[1]), out / "tb" / "val" / name) for name in names
+            if (m := TB_STRIPS.fullmatch(name))]  # fmt: skip
 
 
 def log(run_log: RunLog | None, record: dict) -> None:
@@ -2436,6 +2509,8 @@ def validate(model, pairs, args, device, out: Path, step: int, run_log, progress
                 run_log.strip_unwritten(f"{path}: cannot write ({why})")
         if run_log is not None:
             run_log.image(f"val/{stem}", strip, step)
+    if run_log is not None:
+        run_log.end_strips()
     if nan:  # to_uint8 makes NaN black: say so rather than score it silently
         what = f"{nan} of {len(psnrs)} samples have NaN pixels (black in the strips, scored so)"
         print(f"{PROG}: warning: validation at step {step}: {what}", file=sys.stderr, flush=True)
@@ -2465,7 +2540,8 @@ STRIP = re.compile(r"step(\d{7,})_.*\.png", re.DOTALL)  # (a stem may hold a new
 def prune_strips(out: Path, stems: list[str], step: int, keep: int, best_step: int | None):
     """--keep-strips: delete the validation strips of this run's images (`stems`) of the
     validations before the last `keep` up to `step` (this one counted), but best.pt's
-    (`best_step`): a long run validating often filled the disk. Only files at the very path a
+    (`best_step`), and so their TensorBoard event files: a long run validating often filled the
+    disk. Only files at the very path a
     validation writes (`strip_path`) go, never another file in OUT/val/; those of steps after
     `step` (a run killed after its last save, now resumed) stay until the run passes them."""
     found: dict[int, list[Path]] = {}
@@ -2481,8 +2557,13 @@ def prune_strips(out: Path, stems: list[str], step: int, keep: int, best_step: i
         ours = {strip_path(out, stem, s) for stem in stems}
         found[s] = [p for p in paths if p in ours]
     validated = sorted(s for s, paths in found.items() if paths and s <= step)
+    old = [p for s in validated[:-keep] if s != best_step for p in found[s]]
+    # --tensorboard: each validation's strips in an event file of its own (`RunLog.image`)
+    tb = sorted(tb_strip_files(out))
+    tb_kept = [s for s, _ in tb if s <= step][-keep:]  # (steps after `step`, as the PNGs)
+    old += [path for s, path in tb if s <= step and s not in tb_kept and s != best_step]
     failed = []
-    for path in (p for s in validated[:-keep] if s != best_step for p in found[s]):
+    for path in old:
         try:
             path.unlink()
         except FileNotFoundError:

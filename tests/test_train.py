@@ -1090,6 +1090,63 @@ def test_validation_strips_keep_the_last_validations_and_the_best(tmp_path, imag
 
 
 @pytest.mark.filterwarnings("ignore:--val-data.*training images too")  # (they are, here)
+def test_tensorboard_keeps_the_strips_that_val_keeps(tmp_path, images, toy):
+    """--tensorboard wrote every validation's strips into its one event file, which
+    --keep-strips could not prune: it grew by about the PNGs' size at each validation (1.45 MB
+    of demo's, docs/benchmarks.md), without end. Each validation's strips are an event file of
+    their own in OUT/tb/val/ (TensorBoard's run "val"), deleted with its PNGs. A resume deletes
+    those of the steps after its checkpoint (done again), as TensorBoard hides their numbers,
+    and one a killed validation left half written."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    flags = ["--model", "toy", "--val-data", str(images), "--val-every", "1", "--val-images",
+             "1", "--learning-rate", "0", "--keep-strips", "2", "--tensorboard"]  # fmt: skip
+
+    def shown(folder=tmp_path / "tb" / "val"):
+        events = EventAccumulator(str(folder), size_guidance={"images": 0})
+        events.Reload()
+        if folder.name == "tb":
+            return events.Tags()["images"]
+        steps = [image.step for image in events.Images("val/img0")]
+        assert steps == sorted(s for s, _ in sr_train.tb_strip_files(tmp_path))  # a file each
+        return steps
+
+    assert run(tmp_path, images, *flags, "--steps", "5") == 0
+    assert shown() == [1, 4, 5]  # best.pt's (step 1) and the last 2, as OUT/val/
+    assert sorted(p.name for p in (tmp_path / "val").iterdir()) == [
+        f"step000000{s}_img0.png" for s in (1, 4, 5)
+    ]
+    assert shown(tmp_path / "tb") == []  # the numbers' file holds no strip
+    shutil.copy(tmp_path / "last.pt", tmp_path / "step5.pt")
+    assert run(tmp_path, images, *flags, "--steps", "7", "--resume", "auto") == 0
+    assert shown() == [1, 6, 7]
+    shutil.copy(tmp_path / "step5.pt", tmp_path / "last.pt")  # killed after step 7, saved at 5
+    (tmp_path / "tb" / "val" / ".step000000000008.tmp").write_bytes(b"half")
+    assert run(tmp_path, images, *flags, "--steps", "5", "--resume", "auto") == 0
+    assert shown() == [1] and os.listdir(tmp_path / "tb" / "val") == [
+        "events.out.tfevents.000000000001.strips"
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:--val-data.*training images too")  # (they are, here)
+def test_a_tensorboard_strip_that_cannot_be_written_stops_as_a_png_strip(tmp_path, images, toy,
+                                                                        capsys):  # fmt: skip
+    """OUT/tb/val/ that cannot take the strips' event file (here a file in its place; a full
+    disk): as a PNG strip, the run saves last.pt and stops, one line naming it, exit 7."""
+    (tmp_path / "tb").mkdir()
+    (tmp_path / "tb" / "val").write_text("not a folder")
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, images, "--model", "toy", "--steps", "3", "--val-data", str(images),
+            "--val-every", "1", "--val-images", "1", "--tensorboard")  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 7 and err[-1].startswith(
+        f"sr_train.py: error: {tmp_path / 'tb' / 'val'}: cannot write (File exists); stopped at "
+        f"step 1, wrote {tmp_path / 'last.pt'}"
+    ), err
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 1
+
+
+@pytest.mark.filterwarnings("ignore:--val-data.*training images too")  # (they are, here)
 def test_an_old_strip_that_cannot_be_deleted_is_a_warning(tmp_path, images, toy, monkeypatch,
                                                           capsys):  # fmt: skip
     """A strip --keep-strips cannot delete (a file made read-only elsewhere): one warning line

@@ -177,9 +177,11 @@ def test_tensorboard_holds_every_logged_number_and_the_validation_strips(tmp_pat
         got = [(e.step, e.value) for e in events.Scalars(key)]
         assert [s for s, _ in got] == [s for s, _ in values], key
         assert np.allclose([v for _, v in got], [v for _, v in values], rtol=1e-6), key
-    assert sorted(events.Tags()["images"]) == ["val/photo 0", "val/photo 1"]
+    strips = EventAccumulator(str(out / "tb" / "val"), size_guidance={"images": 0})
+    strips.Reload()  # (TensorBoard's run "val": an event file per validation, --keep-strips)
+    assert sorted(strips.Tags()["images"]) == ["val/photo 0", "val/photo 1"]
     strip = iio.imread(out / "val" / "step0000004_photo 0.png")
-    shown = events.Images("val/photo 0")
+    shown = strips.Images("val/photo 0")
     assert [i.step for i in shown] == [2, 4] and (shown[-1].height, shown[-1].width) == strip.shape[
         :2
     ]
