@@ -70,7 +70,9 @@ from sr_lib.data import (
     WorkerDied,
     WorkersHung,
     available_cores,
+    check_image_folder,
     check_out_dir,
+    cpu_workers,
     decode_threads,
     degradation_flags,
     degradation_of,
@@ -120,6 +122,7 @@ from sr_lib.weights import as_state_dict, is_tensor_dict
 
 PROG = "sr_train.py"
 OUT_OF_MEMORY = "out of memory; use a smaller --batch or --patch"  # (no --tile, as sr_sample.py)
+WORKERS_PER_CORE = 4  # --workers' limit, per core this process may use (data.cpu_workers)
 GRAPH_DEVICES = ("cuda",)  # --cuda-graphs (tests add "cpu", with `capture` replaced)
 FP16_DEVICES = ("cuda",)  # --amp fp16 training (tests add "cpu": GradScaler("cpu") stands in)
 
@@ -194,10 +197,11 @@ class TrainArgs:
             "default: the paper's)",
         ),
     )  # fmt: skip
-    gamma: float | None = field(
+    gamma: float | None = field(  # (above 1 the rate grew at each milestone: 1e30, past any)
         default=None,
-        metadata=dict(type=float, help="multistep decay factor (default: the paper's)"),
-    )
+        metadata=dict(type=float, help="multistep decay factor (default: the paper's)",
+                      range="[0, 1]"),
+    )  # fmt: skip
     grad_clip: float | None = field(
         default=None,
         metadata=dict(type=float, help="max grad norm (0 = off; default: the paper's)"),
@@ -382,6 +386,18 @@ def parse_all(argv):
                             add_help=False).print_help()  # fmt: skip
         raise SystemExit(0)
     check_ranges(args)
+    # (an unset shell variable, `--data "$DATA"`: the path "" is the current folder, whose
+    # images, if any, were trained on without a word)
+    for flag in ("data", "lr_data"):
+        if "" in getattr(args, flag):
+            raise UsageError(f"--{flag.replace('_', '-')}: an empty path; give a folder of images"
+                             + " or demo" * (flag == "data"))  # fmt: skip
+    # Each loader worker is a process of its own (hundreds of MB): --workers 100000 started
+    # them until the machine's memory ran out. Beyond a few per core none loads faster.
+    if args.workers > (most := WORKERS_PER_CORE * cpu_workers()):
+        raise UsageError(f"--workers {args.workers}: more loader processes than "
+                         f"{WORKERS_PER_CORE} per core this process may use ({cpu_workers()}); "
+                         f"give at most {most}")  # fmt: skip
     normalise_degradation(args)  # (the text as it will be recorded)
     refuse_stdio(args, ("data", "lr_data", "val_data", "cache", "init_from", "out", "resume"))
     return args, rest, given_fields(TrainArgs, argv, PROG)
@@ -438,7 +454,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     say = say_out if dd.main and not args.quiet else (lambda text: None)  # --quiet: none
     model = training_model(args, cfg, named, recipe, resumed, device, say)
     if not dd.on and recipe.steps > result.fields["step"]:  # (several: each rank's, below)
-        check_data_folders(args)
+        check_data_folders(args, out, recipe.steps)
     run_log = cleanup.enter_context(  # rank 0
         open_run_folder(out, args.tensorboard, dd, resumed["step"] if resumed else None)
     )
@@ -1444,23 +1460,35 @@ def log(run_log: RunLog | None, record: dict) -> None:
 
 
 def check_folder(flag: str, folder: str) -> None:
-    """A folder flag's value that is no folder (a typo, a file): `list_images`' one line, with
-    the flag, which says which of a run's folders is wrong (--data, --lr-data, --val-data), and
-    the folder or built-in 'demo' (not --lr-data's) meant where one is near in spelling."""
-    if not Path(folder).is_dir():
-        try:  # (raises: no such folder, or a file)
-            list_images(folder, builtins=() if flag == "--lr-data" else ("demo",))
-        except DataError as e:
-            raise DataError(f"{flag} {e}") from None
+    """A folder flag's value that is no folder of images (a typo, a file, a folder without
+    images): `list_images`' one line, with the flag, which says which of a run's folders is
+    wrong (--data, --lr-data, --val-data), and the folder or built-in 'demo' (not --lr-data's)
+    meant where one is near in spelling."""
+    try:
+        check_image_folder(folder, builtins=() if flag == "--lr-data" else ("demo",))
+    except DataError as e:
+        raise DataError(f"{flag} {e}") from None
 
 
-def check_data_folders(args: TrainArgs) -> None:
-    """A --data or --lr-data folder that is not there: its one line before the run folder is
-    made; a typo left an OUT/ holding only .lock and an empty log.jsonl."""
-    for folder in args.data if args.data != ["demo"] else []:
-        check_folder("--data", folder)
-    for folder in args.lr_data or []:
-        check_folder("--lr-data", folder)
+def check_data_folders(args: TrainArgs, out: Path, steps: int) -> None:
+    """A --data, --lr-data or --val-data folder that is not there or holds no image: its one
+    line before the run folder is made (a typo left an OUT/ holding only .lock and an empty
+    log.jsonl; --val-data's was found after the training images were decoded). An --out inside
+    one of them: exit 2."""
+    if "demo" in args.data and args.data != ["demo"] and not Path("demo").exists():
+        raise UsageError("--data demo: the built-in images are given alone, not with folders")
+    folders = [("--data", f) for f in args.data if args.data != ["demo"]]
+    folders += [("--lr-data", f) for f in args.lr_data]
+    if not no_validation(args, steps) and validation_source(vars(args)) != "demo":
+        folders.append(("--val-data", args.val_data))
+    for flag, folder in folders:
+        check_folder(flag, folder)
+    for flag, folder in folders:  # its strips, OUT/val/*.png, were read as images of the folder
+        if Path(folder).resolve() in (out.resolve(), *out.resolve().parents):
+            raise UsageError(
+                f"--out {out}: is inside {flag} {folder}, where its validation "
+                "strips would be read as images; give --out a folder outside it"
+            )
 
 
 def training_data(args: TrainArgs, recipe: Recipe, dd, say) -> PatchPairs:
@@ -2222,7 +2250,9 @@ class BadSteps:
     save steps only: --max-bad-steps acts at the first of those after the streak."""
 
     def __init__(self, device: torch.device, limit: int, skipped: int = 0):
-        self.limit = limit
+        # (a limit beyond int64, --max-bad-steps 1e23 typed out: an OverflowError in the first
+        # step; no streak reaches 2**62 steps, so it is the same limit)
+        self.limit = min(limit, 2**62)
         self.run = torch.zeros((), dtype=torch.int64, device=device)
         self.skipped = torch.full((), skipped, dtype=torch.int64, device=device)
         self.tripped = torch.full((), -1, dtype=torch.int64, device=device)

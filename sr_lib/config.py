@@ -211,15 +211,19 @@ def given_fields(cls, argv: list[str], prog: str) -> set[str]:
 
 
 def pick_device(name: str) -> torch.device:
-    """`auto` -> cuda if available, else cpu; an unavailable cuda request is a usage error."""
+    """`auto` -> cuda if available, else cpu; an unavailable cuda request, or another kind of
+    device, is a usage error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as e:
         raise UsageError(f"--device {name}: {e}") from None
+    if device.type not in ("cpu", "cuda"):  # (mps, meta, ...: a traceback in the first step)
+        raise UsageError(f"--device {name}: srspace runs on cpu or cuda, not {device.type}")
+    return device
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # --amp of sr_train and sr_sample

@@ -933,7 +933,7 @@ def _walk(folder: Path, recursive: bool, dangling: list[Path]):
 def near_path(path: str | os.PathLike, builtins: Sequence[str] = ()) -> str:
     """The words ' (did you mean X?)' for the line about a `path` that does not exist, where it
     is near in spelling to a built-in name (`builtins`: "demo") or its first missing part to a
-    folder beside it (a typo: demoo, DIV2k/DIV2K_train_HR) that makes a path that exists, else
+    folder beside it (a typo: demoo, DIV2k/DIV2K_train_HR) that makes a path to a folder, else
     "". The suggestion keeps the rest of the path as given, quoted for a shell where it must be."""
     text = os.fspath(path)
     if os.sep not in text and (near := nearest_choice(text, list(builtins))):
@@ -945,16 +945,28 @@ def near_path(path: str | os.PathLike, builtins: Sequence[str] = ()) -> str:
             continue
         try:  # (a folder of many files: its first 5000 entries are enough for a typo)
             with os.scandir(parent) as entries:
-                names = [e.name for _, e in zip(range(5000), entries)
-                         if not e.name.startswith(".") and e.is_dir()]  # fmt: skip
+                names = [e.name for _, e in zip(range(5000), entries) if e.name[:1] != "."]
         except OSError:
             return ""
-        near = difflib.get_close_matches(parts[i], names, n=1)
-        if not near:
-            return ""
-        fixed = Path(*parts[:i], near[0], *parts[i + 1 :])  # (a second typo: no guess)
-        return f" (did you mean {shlex.quote(str(fixed))}?)" if fixed.exists() else ""
+        for near in difflib.get_close_matches(parts[i], names, n=3):
+            fixed = Path(*parts[:i], near, *parts[i + 1 :])  # (a second typo: no guess)
+            if fixed.is_dir():  # (a file, a link to nothing: not what is asked for)
+                return f" (did you mean {shlex.quote(str(fixed))}?)"
+        return ""
     return ""
+
+
+def check_image_folder(folder: str | os.PathLike, builtins: Sequence[str] = ()) -> None:
+    """`list_images`' DataError (its `builtins` as there) for a folder that is missing, a file,
+    or holds no image (recursively), without its warnings; a folder is read up to its first
+    image only (a large data set is listed once, where it is used)."""
+    if Path(folder).is_dir():
+        for path in _walk(Path(folder), True, []):
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                return
+    with warnings.catch_warnings():  # (said where the images are read)
+        warnings.simplefilter("ignore")
+        list_images(folder, builtins=builtins)  # (raises: its one line)
 
 
 class OnlyOtherFormats(DataError):
@@ -979,6 +991,7 @@ def list_images(folder: str | os.PathLike, recursive: bool = True,
     if not folder.is_dir():
         what = (
             "is a file, not a folder" if folder.exists()
+            else f"a symbolic link to nothing (-> {os.readlink(folder)})" if folder.is_symlink()
             else f"no such folder{near_path(folder, builtins)}"
         )  # fmt: skip
         raise DataError(f"{folder}: {what}; give a folder of images")

@@ -206,6 +206,32 @@ CASES = {  # id: (flags, exit code, words of the message)
     ),
     "lr data typo": ({"--lr-data": "{tmp}/sets/x22"}, 3, "(did you mean {tmp}/sets/x2?)"),
     "lr data not demo": ({"--lr-data": "demoo"}, 3, "--lr-data demoo: no such folder; give"),
+    # an unset variable, `--data "$DATA"`: the current folder's images were trained on
+    "data empty path": ({"--data": "{empty}"}, PARSE, "--data: an empty path; give a folder"),
+    "lr data empty path": ({"--lr-data": "{empty}"}, PARSE, "--lr-data: an empty path; give"),
+    "demo with folders": ({"--data": ["{data}", "demo"]}, 2, "--data demo: the built-in images"),
+    # a folder without images: the flag named, before the run folder is made (--val-data's
+    # after the training images were decoded)
+    "data without images": ({"--data": "{tmp}/sets"}, 3, "--data {tmp}/sets: no images found"),
+    "lr data without images": ({"--lr-data": "{tmp}/sets"}, 3, "--lr-data {tmp}/sets: no images"),
+    "val data without images": (
+        {"--val-data": "{tmp}/sets", "--val-every": "1"},
+        3,
+        "--val-data {tmp}/sets: no images found",
+    ),
+    "data a link to nothing": ({"--data": "{tmp}/loop"}, 3, "a symbolic link to nothing (-> loop)"),
+    # its strips (OUT/val/*.png) were read as training images by the next run
+    "out inside data": (
+        {"--out": "{data}/run"},
+        2,
+        "--out {data}/run: is inside --data {data}, where its validation strips would be read as "
+        "images; give --out a folder outside it",
+    ),
+    # a process each: --workers 100000 started them until the memory ran out
+    "workers 100000": ({"--workers": "100000"}, PARSE, "--workers 100000: more loader processes"),
+    "gamma 2": ({"--gamma": "2"}, PARSE, "--gamma 2.0: must be a number between 0 and 1"),
+    "device mps": ({"--device": "mps"}, PARSE, "--device mps: srspace runs on cpu or cuda, not"),
+    "device meta": ({"--device": "meta"}, PARSE, "--device meta: srspace runs on cpu or cuda"),
     "data is an image": (
         {"--data": "{data}/holiday 0.png"},
         3,
@@ -395,7 +421,8 @@ def world(tmp_path_factory):
         img = np.kron(rng.random((6, 6, 3)), np.ones((8, 8, 1)))  # 48 x 48
         iio.imwrite(data / f"holiday {i}.png", (img * 255).astype(np.uint8))
     (tmp / "notes.txt").write_text("not a folder")
-    (tmp / "sets" / "x2").mkdir(parents=True)  # (a folder to mistype)
+    (tmp / "sets" / "x2").mkdir(parents=True)  # (a folder to mistype, without images)
+    (tmp / "loop").symlink_to("loop")
     argv = argv_of({"--steps": "2", "--out": str(tmp / "run")}, data=data)
     assert sr_train.main(argv) == 0
     # the same run as a newer srspace writes it, its model config holding a field unknown here
@@ -403,7 +430,7 @@ def world(tmp_path_factory):
     ck["model_cfg"]["from_the_future"] = 1
     save_checkpoint(tmp / "newer" / "last.pt", ck)
     return {"tmp": tmp, "data": data, "file": tmp / "notes.txt", "run": tmp / "run",
-            "newer": tmp / "newer"}  # fmt: skip
+            "newer": tmp / "newer", "empty": ""}  # fmt: skip
 
 
 def argv_of(flags: dict, **paths) -> list[str]:
@@ -432,6 +459,15 @@ def test_one_line_and_the_exit_code(case, world, tmp_path, capsys, monkeypatch):
     assert e.value.code == (2 if code == PARSE else code) and words in lines[0], (e.value.code, err)
     if code == PARSE:
         assert not out.exists(), "a flag refused at parse time must not start any work"
+    if "data" in case:  # a data folder's line comes before the run folder is made
+        assert not out.exists() and not (world["data"] / "run").exists()
+
+
+def test_a_limit_past_int64_is_no_limit(world, tmp_path):
+    """--max-bad-steps 1e23 typed out (a script's "never"): an OverflowError traceback at the
+    first step, the count being a tensor; no streak reaches it, so it runs as asked."""
+    argv = argv_of({"--max-bad-steps": str(10**23), "--out": str(tmp_path / "o")}, **world)
+    assert sr_train.main(argv) == 0
 
 
 def test_a_changed_model_switch_is_named_as_its_flags():
