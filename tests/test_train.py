@@ -688,9 +688,11 @@ def test_bad_flags_are_usage_errors(tmp_path, capsys):
         sr_train.main(["--model", "bicubic", "--scale", "5", "--out", str(tmp_path)])
     assert e.value.code == 2 and "--scale: invalid choice: 5" in capsys.readouterr().err
     out = tmp_path / "run"  # (the test ran without --out: runs/bicubic_x4 in the repo)
+    (tmp_path / "imgs").mkdir()  # (a folder without images is refused too)
+    iio.imwrite(tmp_path / "imgs" / "a.png", np.zeros((16, 16, 3), np.uint8))
     for data in (
         ["--data", str(tmp_path / "none")],
-        ["--data", str(tmp_path), str(tmp_path / "none")],
+        ["--data", str(tmp_path / "imgs"), str(tmp_path / "none")],
     ):
         with pytest.raises(SystemExit) as e:
             sr_train.main(["--model", "bicubic", "--steps", "3", *data, "--out", str(out)])
