@@ -1431,8 +1431,6 @@ def check_flags(args: EvalArgs) -> tuple[int, torch.device, int, tuple | None]:
     if args.hr != "demo" and not Path(args.hr).is_dir():  # its line before the LPIPS weights'
         hr_images(args.hr)  # (offline, a mistyped --hr was exit 6: the weights not found)
     device = pick_device(args.device)  # (so too a mistyped --device)
-    if not args.no_lpips:  # (else ignored, with a warning: `warn_unused`)
-        check_device(device, args.device)
     lpips_read = None
     if not args.no_lpips:
         try:  # LPIPS's weights, found and read before any output is made or any image read
@@ -1454,20 +1452,6 @@ def check_flags(args: EvalArgs) -> tuple[int, torch.device, int, tuple | None]:
         )
     shave = args.scale if args.shave is None else args.shave
     return shave, device, args.lpips_batch or (4 if device.type == "cuda" else 1), lpips_read
-
-
-def check_device(device, typed: str) -> None:
-    """--device names a device LPIPS can run on here: the CPU or a CUDA GPU this machine has (a
-    torch device of another type, --device mps or xpu, was a traceback where LPIPS was moved to
-    it; cuda:3 on a machine of 2, one when the first image was scored)."""
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {typed}: sr_eval.py runs LPIPS on the CPU or a CUDA GPU; give "
-                         "auto, cpu, cuda or cuda:N")  # fmt: skip
-    count = torch.cuda.device_count() if device.type == "cuda" else 0
-    if device.type == "cuda" and (device.index or 0) >= count:
-        raise UsageError(f"--device {typed}: this machine has {count} CUDA device(s), cuda:0 "
-                         f"to cuda:{count - 1} (as CUDA_VISIBLE_DEVICES shows them); give one "
-                         "of them")  # fmt: skip
 
 
 def hr_images(hr: str) -> dict[str, Path]:

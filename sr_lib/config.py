@@ -211,8 +211,8 @@ def given_fields(cls, argv: list[str], prog: str) -> set[str]:
 
 
 def pick_device(name: str) -> torch.device:
-    """`auto` -> cuda if available, else cpu; an unavailable cuda request, or another kind of
-    device, is a usage error."""
+    """`auto` -> cuda if available, else cpu; an unavailable cuda request (no CUDA, or cuda:N
+    of a GPU this machine has not), or another kind of device, is a usage error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -223,6 +223,11 @@ def pick_device(name: str) -> torch.device:
         raise UsageError(f"--device {name}: {e}") from None
     if device.type not in ("cpu", "cuda"):  # (mps, meta, ...: a traceback in the first step)
         raise UsageError(f"--device {name}: srspace runs on cpu or cuda, not {device.type}")
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and (device.index or 0) >= count:  # (else an error at first use)
+        raise UsageError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 "
+                         f"to cuda:{count - 1} (as CUDA_VISIBLE_DEVICES shows them); give one "
+                         "of them")  # fmt: skip
     return device
 
 

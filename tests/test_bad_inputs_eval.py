@@ -286,8 +286,7 @@ def test_bad_input(world, capsys, monkeypatch, case, setup, argv, code, text):
 @pytest.mark.parametrize(
     "device, said",
     [
-        ("mps", "--device mps: sr_eval.py runs LPIPS on the CPU or a CUDA GPU; give auto, cpu, "
-         "cuda or cuda:N"),
+        ("mps", "--device mps: srspace runs on cpu or cuda, not mps"),
         ("cuda:2", "--device cuda:2: this machine has 2 CUDA device(s), cuda:0 to cuda:1 (as "
          "CUDA_VISIBLE_DEVICES shows them); give one of them"),
         ("foo", "--device foo: "),

@@ -727,3 +727,25 @@ def test_a_killed_run_of_every_image_leaves_the_folders_list_to_its_shards(
     assert sr_sample.main([*base, "--shard", "0/1"]) == 0
     assert sorted(p.name for p in out.glob("*.png")) == [f"{s}.png" for s in "0abcd"]
     assert sr_sample.main([*base, "--shard", "1/2"]) == 0  # the folder's list now
+
+
+@pytest.mark.parametrize("script", [sr_train, sr_sample, sr_eval])
+def test_a_cuda_device_the_machine_has_not_is_one_line(tmp_path, capsys, monkeypatch, script):
+    """--device cuda:2 on a machine of two GPUs was an error at the model's first use (a
+    traceback in sr_train.py and sr_sample.py, after the run folder was made); now one line,
+    exit 2, in every script, and nothing written."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # (two GPUs, in this test)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    out = tmp_path / "out"
+    argv = {
+        sr_train: ["--model", "edsr", "--data", "demo", "--steps", "1", "--out", str(out)],
+        sr_sample: ["--ckpt", str(tmp_path / "last.pt"), "--input", "demo", "--out", str(out)],
+        sr_eval: ["--hr", "demo", "--sr", str(tmp_path), "--scale", "4", "--n", "1", "--out",
+                  str(out)],
+    }[script]
+    with pytest.raises(SystemExit) as e:
+        script.main([*argv, "--device", "cuda:2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert "--device cuda:2: this machine has 2 CUDA device(s), cuda:0 to cuda:1" in err[0], err
+    assert not out.exists()
