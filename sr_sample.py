@@ -8,8 +8,10 @@ Files written to a sample folder (what sr_eval.py reads). NAME is the input's st
 --layout ntire its 0-based position k in the one image order (sr_lib.data.image_order) as
 {k:06d} (the NTIRE21 submission names). Each PNG has the input's form: gray for a gray LR (the
 model sees it as RGB; each sample is turned back by BT.601 luma, `to_gray`), with the LR's alpha
-upscaled (MATLAB bicubic, clipped; --alpha-channel drop: without), 8-bit, or 16-bit with
---bit-depth 16 (which also gives the model a 16-bit LR at full precision, not rounded to 8 bits):
+upscaled (MATLAB bicubic, clipped; --alpha-upsampler model: the model's temperature-0 output of
+it as a gray LR, one for every sample, `model_alpha`; --alpha-channel drop: without), 8-bit, or
+16-bit with --bit-depth 16 (which also gives the model a 16-bit LR at full precision, not
+rounded to 8 bits):
   NAME_sample{i:05d}.png  sample i = 0..n-1; with --n 1 a single-output (deterministic) model,
                           and with --layout ntire any model, writes NAME.png instead (the
                           challenge's measure.py reads 000000.png at N = 1)
@@ -404,6 +406,13 @@ class SampleArgs:
                       help="an LR's alpha channel: keep (default): upscaled (MATLAB bicubic) onto "
                            "its outputs; drop: RGB/gray outputs"),
     )  # fmt: skip
+    alpha_upsampler: str = field(
+        default="bicubic",
+        metadata=dict(choices=("bicubic", "model"),
+                      help="how a kept alpha channel is upscaled: bicubic (default): MATLAB "
+                           "bicubic; model: super-resolved by the model at temperature 0, one "
+                           "alpha for every sample of the image"),
+    )  # fmt: skip
     batch: int = field(
         default=10, metadata=dict(type=integer(1), help="samples per model call (default 10)")
     )
@@ -671,6 +680,9 @@ def parse_args(argv) -> tuple[SampleArgs, set[str]]:
     if degrading and not (args.from_hr or args.input == "demo"):
         raise UsageError(f"{degrading[0][0]}: degrades the LR made from HR inputs; give "
                          "--from-hr (the inputs are LR images already)")  # fmt: skip
+    if args.alpha_upsampler == "model" and args.alpha_channel == "drop":
+        raise UsageError("--alpha-upsampler model: the alpha channel is dropped (--alpha-channel "
+                         "drop), there is none to upscale; give one of the two")  # fmt: skip
     if args.bit_depth == 16 and args.layout == "ntire":
         say_err(f"{PROG}: warning: --bit-depth 16 --layout ntire: the challenge's measure.py reads "
                 "PNGs as 8-bit (OpenCV keeps the high byte, x >> 8: a level below round(x / 257) "
@@ -1165,10 +1177,10 @@ def differences(old: dict, new: dict, free=frozenset()) -> list[tuple[str, objec
     digested = {f[2:].replace("-", "_") for f in set(was) & set(new.get("control_sha256", {}))}
     defaults = {f.name: f.default for f in fields(SampleArgs) if f.default is not MISSING}
     for k, v in new["flags"].items():
-        if k not in flags and k in defaults and v == defaults[k]:
-            continue  # a flag newer than the folder's srspace, at its default: that run's way
-        if k not in FREE_FLAGS and k not in free | digested and flags.get(k) != v:
-            out.append((f"--{k.replace('_', '-')}", flags.get(k), v))
+        # a flag newer than the folder's srspace: that run's way was its default
+        was = flags[k] if k in flags else defaults.get(k)
+        if k not in FREE_FLAGS and k not in free | digested and was != v:
+            out.append((f"--{k.replace('_', '-')}", was, v))
     return out
 
 
@@ -1658,7 +1670,7 @@ INVERT_TOLERANCE = 0.5 / 255
 # The flags of writing samples: with --check-invertibility, which writes none, without effect.
 CHECK_UNUSED = ("out", "layout", "tile", "tile_overlap", "overwrite", "save_uncertainty", "grid",
                 "cem", "ref", "latent_from", "latent", "latent_shift", "latent_steps",
-                "save_latent", "alpha_channel")  # fmt: skip
+                "save_latent", "alpha_channel", "alpha_upsampler")  # fmt: skip
 
 
 class NotInvertible(NonFiniteError):
@@ -2258,11 +2270,15 @@ def sample_image(model, lr, img, stem, name, n, todo, folders, files, contexts, 
     the model done once; a CUDA out-of-memory error retries what is left in smaller tiles.
     contexts: the tiles' context, and that of a retry's tiles."""
     (context, retry_context), tile, prepared, sigma = contexts, args.tile, None, None
-    alpha = img.alpha_at(model.scale)  # (the same on every output of the image)
+    # the same alpha on every output of the image; --alpha-upsampler model's is drawn below, in
+    # tiles as the samples are (an out-of-memory retry too)
+    alpha = img.alpha_at(model.scale) if args.alpha_upsampler == "bicubic" else None
     chunks = math.ceil(n / args.batch) if model.stochastic else 1
     todo = list(todo)
     while todo:
         try:
+            if alpha is None and img.alpha is not None:
+                alpha = model_alpha(model, img, lr.device, tile, context, name, args)
             if prepared is None:
                 prepared = prepare(model, lr)
                 if prepared is not None and (tile or len(todo) * chunks == 1):
@@ -2293,6 +2309,21 @@ def sample_image(model, lr, img, stem, name, n, todo, folders, files, contexts, 
             if not is_out_of_memory(e):
                 raise
             raise OutOfMemory(out_of_memory_line(e, model, lr, n, args, tile)) from None
+
+
+def model_alpha(model, img: LowRes, device, tile: int, context: int, name: str,
+                args) -> np.ndarray:  # fmt: skip
+    """--alpha-upsampler model: the alpha of the outputs, (H, W, 1) at the input's bits (as
+    `LowRes.alpha_at`), super-resolved by the model: the LR's alpha repeated to RGB, as a gray
+    LR's colour is, drawn at temperature 0 (every model's deterministic mode: one alpha for all
+    the samples and temperatures of the image; a random alpha per sample would make outlines
+    that differ where only the colour is meant to), without the sampling controls (--ref,
+    --latent, ...: they choose the colour), with --cem as the samples, and turned back to one
+    channel by BT.601 luma (`to_gray`, a gray input's rule), clipped to [0, 1]."""
+    a = torch.from_numpy(img.alpha)[None, None].repeat(1, 3, 1, 1).to(device)
+    x = draw(model, a, [0], 0.0, tile, context, args.cem)  # (temperature 0: the seed unused)
+    check_finite(x, f"{name}'s alpha (--alpha-upsampler model)", range(1), None, args.amp)
+    return img.pixels(x, gray=True)[0]
 
 
 def out_of_memory_line(e, model, lr, n: int, args, tile: int | None, tried: int = 0) -> str:

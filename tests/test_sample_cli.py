@@ -1381,16 +1381,23 @@ def test_a_gray_input_gives_gray_outputs_the_luma_of_the_rgb_samples(tmp_path, t
                     assert np.abs(got - luma).max() <= 1
 
 
+def square_alpha(shape=(10, 13), top=255, dtype=np.uint8) -> np.ndarray:
+    """An opaque square on transparency, its lower half halved: an alpha that the bicubic
+    overshoots (clipped) and that no other upsampler upscales alike."""
+    alpha = np.zeros(shape, dtype)
+    alpha[2:8, 3:11] = top
+    alpha[5:, :] //= 2
+    return alpha
+
+
 def test_alpha_is_upscaled_onto_the_outputs_and_the_colour_is_the_rgbs(tmp_path, toy_ckpt,
                                                                        capsys):  # fmt: skip
     """An RGBA or LA LR: its colour sampled as the same file without alpha is, its alpha
-    upscaled (MATLAB bicubic, clipped) and put back; no "alpha channel dropped".
+    upscaled (MATLAB bicubic, clipped) and put back; no "alpha channel dropped"; so with
+    --alpha-upsampler bicubic typed (the default), bit for bit.
     --alpha-channel drop: the outputs of the file without alpha. --grid: no alpha (a gray LA's is
     gray)."""
-    rgb, gray = image((10, 13), 1), image((10, 13), 2)[..., 0]
-    alpha = np.zeros((10, 13), np.uint8)
-    alpha[2:8, 3:11] = 255  # an opaque square on transparency: the bicubic's overshoot clipped
-    alpha[5:, :] //= 2
+    rgb, gray, alpha = image((10, 13), 1), image((10, 13), 2)[..., 0], square_alpha()
     inp = folder(tmp_path / "in", rgba=np.dstack([rgb, alpha]), la=np.dstack([gray, alpha]))
     plain = folder(tmp_path / "plain", rgba=rgb, la=gray)
     argv = ["--ckpt", toy_ckpt, "--n", 2, "--grid"]
@@ -1398,6 +1405,10 @@ def test_alpha_is_upscaled_onto_the_outputs_and_the_colour_is_the_rgbs(tmp_path,
     assert "alpha" not in capsys.readouterr().err
     assert run(*argv, "--input", plain, "--out", tmp_path / "p") == 0
     assert run(*argv, "--input", inp, "--alpha-channel", "drop", "--out", tmp_path / "d") == 0
+    assert run(*argv, "--input", inp, "--alpha-upsampler", "bicubic", "--out", tmp_path / "b") == 0
+    assert pngs(tmp_path / "b") == pngs(tmp_path / "o")
+    assert all((tmp_path / "b" / f).read_bytes() == (tmp_path / "o" / f).read_bytes()
+               for f in pngs(tmp_path / "o"))  # fmt: skip
     up = np.clip(imresize(alpha / np.float32(255), SCALE), 0, 1).astype(np.float32)
     assert up.min() == 0 and up.max() == 1 and 0 < (up % 1).sum()  # clipped, and not 0/1 only
     want_alpha = to_uint8(torch.from_numpy(up)[None])[..., 0]
@@ -1413,6 +1424,97 @@ def test_alpha_is_upscaled_onto_the_outputs_and_the_colour_is_the_rgbs(tmp_path,
             assert png_kind(tmp_path / "d" / name) == (8, kind[:-1])
         assert same(tmp_path / "o" / f"{stem}_grid.png", tmp_path / "p" / f"{stem}_grid.png")
         assert png_kind(tmp_path / "o" / f"{stem}_grid.png") == (8, kind[:-1])
+
+
+def model_alpha(ckpt, alpha: np.ndarray, bits: int = 8) -> tuple[np.ndarray, torch.Tensor]:
+    """What --alpha-upsampler model puts on the outputs of an LR of this float alpha (h, w): the
+    model (library API, temperature 0) run on it repeated to RGB, then BT.601 luma rounded to
+    `bits`; with the model's float (3, sH, sW) output."""
+    model, _ = load_model(ckpt, "cpu")
+    x = model.sample(torch.from_numpy(alpha)[None, None].repeat(1, 3, 1, 1), 1, 0.0)[0]
+    return (to_uint16 if bits == 16 else to_uint8)(sr_sample.to_gray(x))[0, ..., 0], x[0]
+
+
+def test_alpha_upsampler_model_gives_the_models_alpha(tmp_path, toy_ckpt, capsys):
+    """--alpha-upsampler model: an RGBA or LA LR's alpha on every output is the model's own
+    super-resolution of it (repeated to RGB, temperature 0, BT.601 luma): the same on each
+    sample of a stochastic model (Toy), and what a deterministic tiny EDSR whose R, G and B
+    differ gives the repeated alpha directly; not the bicubic alpha. The colour is the default
+    run's; an input without alpha is written as by default (no word). --alpha-channel drop with
+    it: one line, exit 2."""
+    rgb, gray, alpha = image((10, 13), 1), image((10, 13), 2)[..., 0], square_alpha()
+    inp = folder(tmp_path / "in", rgba=np.dstack([rgb, alpha]), la=np.dstack([gray, alpha]),
+                 rgb=rgb)  # fmt: skip
+    edsr = edsr_ckpt(tmp_path / "edsr.pt")
+    for ckpt, n, name in [(toy_ckpt, 2, "{}_sample{:05d}.png"), (edsr, 1, "{}.png")]:
+        out, default = tmp_path / f"model{n}", tmp_path / f"bicubic{n}"
+        argv = ["--ckpt", ckpt, "--input", inp, "--n", n]
+        assert run(*argv, "--alpha-upsampler", "model", "--out", out) == 0
+        assert capsys.readouterr().err == ""
+        assert run(*argv, "--out", default) == 0
+        want, x = model_alpha(ckpt, read_planes(inp / "rgba.png").alpha)
+        if ckpt == edsr:  # (luma, not any one channel, is what is written)
+            assert (x[0] - x[1]).abs().max() > 1 / 255 and (x[1] - x[2]).abs().max() > 1 / 255
+        for stem in ("rgba", "la"):
+            for i in range(n):
+                file = name.format(stem, i)
+                got, bicubic = read(out / file), read(default / file)
+                assert np.array_equal(got[..., -1], want)
+                assert np.abs(got[..., -1].astype(int) - bicubic[..., -1]).max() > 10
+                assert np.array_equal(got[..., :-1], bicubic[..., :-1])
+        assert same(out / name.format("rgb", 0), default / name.format("rgb", 0))
+        assert png_kind(out / name.format("rgb", 0)) == (8, "RGB")
+    argv = ["--ckpt", toy_ckpt, "--input", inp, "--alpha-channel", "drop"]
+    assert run(*argv, "--alpha-upsampler", "model", "--out", tmp_path / "no") == 2
+    err = capsys.readouterr().err.strip()
+    assert "--alpha-upsampler model" in err and "--alpha-channel drop" in err and "\n" not in err
+    assert not (tmp_path / "no").exists()
+
+
+def test_model_alpha_through_tiles_sweeps_16_bits_from_hr_ntire_and_grid(tmp_path, toy_ckpt,
+                                                                          monkeypatch):  # fmt: skip
+    """--alpha-upsampler model, a 16-bit RGBA and an LA LR at --bit-depth 16: the same files
+    untiled and through --tile, --batch and a temperature sweep, the alpha too drawn in tiles
+    (no model call sees more than a tile: its memory is bounded as the samples'); the 16-bit
+    alpha is the model's (one for all samples and temperatures); --grid's sheet is the default
+    run's (no alpha). --from-hr --layout ntire: 000000.png's alpha is the model's of the LR's
+    alpha (in OUT/lr)."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    write_png(inp / "c.png", np.dstack([image((20, 26), 2, np.uint16),
+                                        square_alpha((20, 26), 65535, np.uint16)]))  # fmt: skip
+    iio.imwrite(inp / "g.png", np.dstack([image((20, 26), 3)[..., 0], square_alpha((20, 26))]))
+    argv = ["--ckpt", toy_ckpt, "--input", inp, "--n", 3, "--temperature", 0.5, 1,
+            "--bit-depth", 16, "--grid"]  # fmt: skip
+    model = [*argv, "--alpha-upsampler", "model"]
+    assert run(*model, "--out", tmp_path / "whole") == 0
+    sizes, generate = [], Toy.generate
+    monkeypatch.setattr(Toy, "generate", lambda m, lr, *a: sizes.append(lr.shape[-2:])
+                        or generate(m, lr, *a))  # fmt: skip
+    tiled = [*model, "--tile", 16, "--tile-overlap", 0, "--batch", 2]
+    assert run(*tiled, "--out", tmp_path / "tiled") == 0
+    assert len(sizes) > 2 * 2 * 2 * 2 and max(max(hw) for hw in sizes) == 16  # (4 tiles an image)
+    assert run(*argv, "--out", tmp_path / "bicubic") == 0
+    for stem, kind in (("c", "RGBA"), ("g", "LA")):
+        want, _ = model_alpha(toy_ckpt, read_planes(inp / f"{stem}.png", wide=True).alpha, 16)
+        for t in ("T0.5", "T1"):
+            whole = tmp_path / "whole" / t
+            for i in range(3):
+                got = whole / f"{stem}_sample{i:05d}.png"
+                assert png_kind(got) == (16, kind)
+                assert np.array_equal(read(got)[..., -1], want)
+                assert same(got, tmp_path / "tiled" / t / got.name)
+            grid = f"{stem}_grid.png"
+            assert same(whole / grid, tmp_path / "bicubic" / t / grid)
+            assert same(whole / grid, tmp_path / "tiled" / t / grid)
+    hr = folder(tmp_path / "hr", c=np.dstack([image((16, 16), 4), square_alpha((16, 16))]))
+    sub = tmp_path / "sub"
+    assert run("--ckpt", toy_ckpt, "--input", hr, "--from-hr", "--layout", "ntire", "--n", 1,
+               "--alpha-upsampler", "model", "--out", sub) == 0  # fmt: skip
+    want, _ = model_alpha(toy_ckpt, read_planes(sub / "lr" / "c.png").alpha)
+    assert np.array_equal(read(sub / "000000.png")[..., -1], want)
+    assert np.abs(want.astype(int) - np.repeat(np.repeat(square_alpha((8, 8)), 2, 0), 2, 1)
+                  ).max() > 10  # (not the HR's alpha: the LR's, super-resolved)  # fmt: skip
 
 
 def test_bit_depth_16_reads_and_writes_16_bits(tmp_path, bicubic_ckpt, toy_ckpt, capsys):
@@ -1452,23 +1554,35 @@ def test_bit_depth_16_reads_and_writes_16_bits(tmp_path, bicubic_ckpt, toy_ckpt,
     assert len(err) == 1 and "warning: --bit-depth 16 --layout ntire:" in err[0]
 
 
-@pytest.mark.parametrize("flag", [("--bit-depth", "16"), ("--alpha-channel", "drop")])
+@pytest.mark.parametrize("flag", [("--bit-depth", "16"), ("--alpha-channel", "drop"),
+                                  ("--alpha-upsampler", "model")])  # fmt: skip
 def test_a_rerun_with_another_bit_depth_or_alpha_is_refused(tmp_path, toy_ckpt, capsys, flag):
-    """The files of another --bit-depth or --alpha-channel are other files: a rerun must not keep
-    them as complete (manifest.json records both flags)."""
-    inp = folder(tmp_path / "in", a=np.dstack([image((8, 8), 1), np.full((8, 8), 9, np.uint8)]))
+    """The files of another --bit-depth, --alpha-channel or --alpha-upsampler are other files: a
+    rerun must not keep them as complete (manifest.json records the flags). A folder of an
+    srspace before --alpha-upsampler (no such key) was upscaled bicubic: a rerun is so too."""
+    inp = folder(tmp_path / "in", a=np.dstack([image((8, 8), 1), square_alpha((8, 8))]))
     argv = ["--ckpt", toy_ckpt, "--input", inp, "--n", 2, "--out", tmp_path / "o"]
     assert run(*argv) == 0
+    bicubic = read(tmp_path / "o" / "a_sample00000.png")[..., 3]
+    if flag[0] == "--alpha-upsampler":
+        manifest = tmp_path / "o" / "manifest.json"
+        older = json.loads(manifest.read_text())
+        del older["flags"]["alpha_upsampler"]
+        manifest.write_text(json.dumps(older))
+        assert run(*argv, "--alpha-upsampler", "bicubic") == 0  # complete: nothing redone
     before = {p: p.read_bytes() for p in (tmp_path / "o").iterdir()}
     capsys.readouterr()
     assert run(*argv, *flag) == 2
     err = capsys.readouterr().err.strip()
-    was = {"--bit-depth": "8", "--alpha-channel": '"keep"'}[flag[0]]
-    assert f"holds samples made with {flag[0]} {was}, not " in err and "\n" not in err
+    was = {"--bit-depth": "8", "--alpha-channel": '"keep"', "--alpha-upsampler": '"bicubic"'}
+    assert f"holds samples made with {flag[0]} {was[flag[0]]}, not " in err and "\n" not in err
     assert {p: p.read_bytes() for p in (tmp_path / "o").iterdir()} == before
     assert run(*argv, *flag, "--overwrite") == 0
     kind = png_kind(tmp_path / "o" / "a_sample00000.png")
-    assert kind == ((16, "RGBA") if flag[0] == "--bit-depth" else (8, "RGB"))
+    assert kind == {"--bit-depth": (16, "RGBA"), "--alpha-channel": (8, "RGB"),
+                    "--alpha-upsampler": (8, "RGBA")}[flag[0]]  # fmt: skip
+    if flag[0] == "--alpha-upsampler":  # (the bicubic alpha replaced)
+        assert not np.array_equal(read(tmp_path / "o" / "a_sample00000.png")[..., 3], bicubic)
 
 
 def test_tiles_batches_sweeps_shards_and_reruns_agree_on_gray_alpha_16(tmp_path, toy_ckpt):
