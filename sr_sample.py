@@ -403,8 +403,8 @@ class SampleArgs:
     alpha_channel: str = field(
         default="keep",
         metadata=dict(choices=("keep", "drop"),
-                      help="an LR's alpha channel: keep (default): upscaled (MATLAB bicubic) onto "
-                           "its outputs; drop: RGB/gray outputs"),
+                      help="an LR's alpha channel: keep (default): upscaled onto its outputs "
+                           "(--alpha-upsampler); drop: RGB/gray outputs"),
     )  # fmt: skip
     alpha_upsampler: str = field(
         default="bicubic",
