@@ -19,6 +19,7 @@ then shuts down the pools left (`stop_pools`), so that their queued items do not
 """
 
 import contextlib
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout  # builtin TimeoutError only from 3.11
@@ -29,15 +30,29 @@ _live: set = set()  # the pools made by `new_pool` and not yet finished
 
 def when_not_held(handler):
     """The signal handler `handler`, run at once, or at the end of the `signals_held()` block the
-    main thread is in. Only the first signal of a block is kept: its handler ends the run."""
+    main thread is in. Only the first signal of a block is kept: its handler ends the run. One
+    that comes while a stop is on its way out (`stopping`) is dropped."""
 
     def deliver(signum, frame):
+        if stopping():
+            return
         if not _held["depth"]:
             handler(signum, frame)
         elif _held["pending"] is None:
             _held["pending"] = (handler, signum)
 
     return deliver
+
+
+def stopping() -> bool:
+    """Whether the main thread is handling a stop: a KeyboardInterrupt, a Preempted or the
+    SystemExit they became (a BaseException that is not an Exception; a generator's GeneratorExit
+    is no stop). Its cleanup (a report's half files removed, the pools shut down) must run whole:
+    Ctrl-C pressed twice or thrice, or the SIGINT that `timeout` passes on to its process group
+    after the terminal's, cut it short with a second KeyboardInterrupt, which left sr_eval.py's
+    half report in place and a traceback at exit."""
+    e = sys.exc_info()[1]
+    return e is not None and not isinstance(e, (Exception, GeneratorExit))
 
 
 @contextlib.contextmanager
@@ -54,7 +69,8 @@ def signals_held():
         _held["depth"] -= 1
         if not _held["depth"] and _held["pending"] is not None:
             (handler, signum), _held["pending"] = _held["pending"], None
-            handler(signum, None)  # raises KeyboardInterrupt, Preempted, ...
+            if not stopping():  # (the block left by a stop already)
+                handler(signum, None)  # raises KeyboardInterrupt, Preempted, ...
 
 
 def result(future: Future):

@@ -233,6 +233,67 @@ def test_sr_train_main_called_from_python_puts_the_handlers_back(tmp_path):
     assert {s: signal.getsignal(s) for s in sr_train.STOP_SIGNALS} == before
 
 
+def test_a_signal_while_a_stop_is_handled_does_not_cut_its_cleanup_short():
+    """Ctrl-C pressed twice (or `timeout`'s SIGINT to its process group after the terminal's)
+    raised a second KeyboardInterrupt inside the first one's cleanup, cutting it short. A signal
+    that comes while a stop is handled is dropped now; once it is handled, the next one acts."""
+    from sr_lib.threads import signals_held, when_not_held
+
+    handler, cleaned = when_not_held(signal.default_int_handler), []
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            handler(signal.SIGINT, None)
+        finally:
+            handler(signal.SIGINT, None)  # again, during the cleanup
+            with pytest.raises(SystemExit):  # and where the stop became an exit
+                try:
+                    raise SystemExit(130)
+                finally:
+                    handler(signal.SIGINT, None)
+            cleaned.append("whole")
+    assert cleaned == ["whole"]
+    with pytest.raises(KeyboardInterrupt):
+        handler(signal.SIGINT, None)  # no stop under way: at once
+    with pytest.raises(KeyboardInterrupt):  # a held one, where the block ends by an error
+        with signals_held():
+            handler(signal.SIGINT, None)
+            raise ValueError("an error is no stop")
+
+
+def test_sr_eval_stopped_twice_still_removes_its_half_report(tmp_path, capsys, monkeypatch):
+    """sr_eval.py --report stopped midway removes the report files it wrote (no page shows them).
+    A second stop signal while it removed them (SIGTERM to the job step and again to the process
+    group; Ctrl-C thrice in a terminal: the report and its `.sr_eval_unfinished` mark stayed,
+    and a traceback at exit) cut the removal short: it finishes now."""
+    from test_eval_report import sweep_world
+
+    import sr_eval
+    import sr_lib.report
+
+    hr_dir, sweep, _ = sweep_world(tmp_path, n=2)
+    rep = tmp_path / "report"
+    sheet, remove_half = sr_lib.report.contact_sheet, sr_lib.report.remove_half
+
+    def stop_after_the_first_sheet(*args):
+        page = sheet(*args)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return page
+
+    def stopped_again(folder):
+        os.kill(os.getpid(), signal.SIGTERM)
+        remove_half(folder)
+
+    monkeypatch.setattr(sr_lib.report, "contact_sheet", stop_after_the_first_sheet)
+    monkeypatch.setattr(sr_lib.report, "remove_half", stopped_again)
+    argv = ["--hr", hr_dir, "--sr", sweep / "T0", "--scale", 4, "--n", 2, "--no-lpips",
+            "--report", rep, "--quiet"]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        sr_eval.main([str(a) for a in argv])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 75 and len(err) == 1 and "stopped by SIGTERM" in err[0], err
+    assert sorted(p.name for p in rep.iterdir()) == [], sorted(rep.rglob("*"))
+
+
 if __name__ == "__main__":
     *pairs, folder = sys.argv[1:]
     reports = {}
