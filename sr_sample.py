@@ -541,11 +541,11 @@ class Signals:
 
     @staticmethod
     def stop(signum, frame):
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        rerun = "rerun the same command to continue"
+        if signum == signal.SIGINT:  # its line "sr_sample.py: interrupted (...)": what to do too
+            raise KeyboardInterrupt(f"(every file written is complete): {rerun}")
         raise Preempted(
-            f"stopped by {signal.Signals(signum).name}; every file written is complete: rerun "
-            "the same command to continue"
+            f"stopped by {signal.Signals(signum).name}; every file written is complete: {rerun}"
         )
 
 

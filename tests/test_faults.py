@@ -232,11 +232,16 @@ def sampling_under_way(tmp_path, images, count: int, popen=subprocess.Popen):
 
 def test_ctrl_c_in_sample_is_one_line_and_leaves_no_partial_file(tmp_path, images):
     """Ctrl-C outside the training loop: `sr_sample.py: interrupted`, exit 130, no traceback, no
-    half-written PNG (outputs are written to a temp name and renamed)."""
+    half-written PNG (outputs are written to a temp name and renamed). The line said no more, where
+    SIGTERM's says what to do: now it does too."""
     p, out = sampling_under_way(tmp_path, images, 200)
     p.send_signal(signal.SIGINT)
     err = p.communicate(timeout=60)[1].strip()
-    assert p.returncode == 130 and err == "sr_sample.py: interrupted", err
+    assert p.returncode == 130, err
+    assert err == (
+        "sr_sample.py: interrupted (every file written is complete): rerun the same command to "
+        "continue"
+    ), err
     written = [f for f in out.iterdir() if f.name != "manifest.json"]
     assert 0 < len(written) < 400 and all(f.suffix == ".png" for f in written)
     for f in written:
