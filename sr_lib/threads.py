@@ -37,22 +37,36 @@ def when_not_held(handler):
         if stopping():
             return
         if not _held["depth"]:
-            handler(signum, frame)
+            _stop_by(handler, signum, frame)
         elif _held["pending"] is None:
             _held["pending"] = (handler, signum)
 
     return deliver
 
 
+def _stop_by(handler, signum, frame):
+    """handler(signum, frame), its exception (the stop) marked as raised here (`stopping`)."""
+    try:
+        handler(signum, frame)
+    except BaseException as e:
+        e._sr_signal_stop = True  # (no weakref to an exception; a reference would keep its frames)
+        raise
+
+
 def stopping() -> bool:
-    """Whether the main thread is handling a stop: a KeyboardInterrupt, a Preempted or the
-    SystemExit they became (a BaseException that is not an Exception; a generator's GeneratorExit
-    is no stop). Its cleanup (a report's half files removed, the pools shut down) must run whole:
-    Ctrl-C pressed twice or thrice, or the SIGINT that `timeout` passes on to its process group
-    after the terminal's, cut it short with a second KeyboardInterrupt, which left sr_eval.py's
-    half report in place and a traceback at exit."""
+    """Whether the main thread is handling a stop: the KeyboardInterrupt or Preempted a handler
+    from `when_not_held` raised, or what it became (a SystemExit raised while handling it: its
+    __context__). Any other exception being handled is none: a KeyboardInterrupt or SystemExit
+    that a caller of main() from Python caught and calls main() again in its `except` would have
+    every signal of that run dropped (sr_train.py's loop never told of SLURM's SIGTERM). A stop's
+    cleanup (a report's half files removed, the pools shut down) must run whole: Ctrl-C pressed
+    twice or thrice, or the SIGINT that `timeout` passes on to its process group after the
+    terminal's, cut it short with a second KeyboardInterrupt, which left sr_eval.py's half report
+    in place and a traceback at exit."""
     e = sys.exc_info()[1]
-    return e is not None and not isinstance(e, (Exception, GeneratorExit))
+    while e is not None and not getattr(e, "_sr_signal_stop", False):
+        e = e.__context__
+    return e is not None
 
 
 @contextlib.contextmanager
@@ -70,7 +84,7 @@ def signals_held():
         if not _held["depth"] and _held["pending"] is not None:
             (handler, signum), _held["pending"] = _held["pending"], None
             if not stopping():  # (the block left by a stop already)
-                handler(signum, None)  # raises KeyboardInterrupt, Preempted, ...
+                _stop_by(handler, signum, None)  # raises KeyboardInterrupt, Preempted, ...
 
 
 def result(future: Future):

@@ -260,6 +260,29 @@ def test_a_signal_while_a_stop_is_handled_does_not_cut_its_cleanup_short():
             raise ValueError("an error is no stop")
 
 
+def test_a_stop_the_caller_handled_before_does_not_drop_the_next_signal():
+    """A signal is dropped only during the stop its own handler raised. One that a caller of
+    main() from Python caught and handles (a KeyboardInterrupt of its own, main() called again
+    in its `except`: a retry, a notebook's cleanup) is no stop of this run: every SIGTERM of the
+    run was dropped there (sr_train.py's loop never saw SLURM's, the job killed unsaved)."""
+    from sr_lib.threads import signals_held, when_not_held
+
+    handler = when_not_held(signal.default_int_handler)
+    try:
+        raise KeyboardInterrupt  # the caller's own, caught
+    except KeyboardInterrupt:
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGINT, None)
+        with pytest.raises(KeyboardInterrupt):  # and one held to a block's end
+            with signals_held():
+                handler(signal.SIGINT, None)
+    try:
+        raise SystemExit(130)  # an exit the caller caught (unittest, click, a REPL)
+    except SystemExit:
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGINT, None)
+
+
 def test_sr_eval_stopped_twice_still_removes_its_half_report(tmp_path, capsys, monkeypatch):
     """sr_eval.py --report stopped midway removes the report files it wrote (no page shows them).
     A second stop signal while it removed them (SIGTERM to the job step and again to the process
