@@ -102,6 +102,7 @@ if os.name != "posix":  # before the imports that need POSIX (fcntl, SIGUSR1): o
 
 import csv
 import dataclasses
+import errno
 import hashlib
 import io
 import itertools
@@ -1102,9 +1103,11 @@ def keep_others_scores(here: Path, key: str) -> bool:
     digits>.partial (.2.partial, ... where taken), one warning line saying where: a rerun of that
     command finds them there (`adopt_partial`) and continues; they were replaced, hours of
     scoring lost to a run that shares the --out name (a shared results folder, a job requeued with
-    other flags). True where moved; False where `here` is this command's, or no file of sr_eval.py's
-    scores so far (`kept_scores` says so). One that cannot be moved (another user's in a folder
-    with the sticky bit) is refused, exit 7: this run could not replace it either."""
+    other flags). True where moved (or moved away since it was read); False where `here` is this
+    command's, or no file of sr_eval.py's scores so far (`kept_scores` says so). Never onto a
+    file that took the aside name meanwhile (`take_name`). One that cannot be moved (another
+    user's in a folder with the sticky bit) is refused, exit 7: this run could not replace it
+    either."""
     try:
         other = read_partial(here)[0]["key"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
@@ -1115,17 +1118,40 @@ def keep_others_scores(here: Path, key: str) -> bool:
     for i in itertools.count(1):
         suffix = f".{other[:12]}{f'.{i}' if i > 1 else ''}{PARTIAL}"
         aside = here.with_name(fit_name(base, len(suffix), name_max(here.parent)) + suffix)
-        if not exists(aside):
-            break
-    try:
-        os.rename(here, aside)  # (not os.replace: `aside` was free)
-    except OSError as e:  # (a shared folder's sticky bit: another user's; this run could not
-        # replace it either, and would fail at its first image)
-        raise OutputError(f"{here}: the scores kept by {OTHER_COMMAND} cannot be moved aside "
-                          f"to {aside} ({e.strerror or e}); move it away, or give --out or --csv "
-                          "another name") from None  # fmt: skip
+        try:
+            if not exists(aside) and take_name(here, aside):
+                break
+        except FileNotFoundError:  # moved away since it was read (a run of that command)
+            return True
+        except OSError as e:  # (a shared folder's sticky bit: another user's; this run could not
+            # replace it either, and would fail at its first image)
+            raise OutputError(f"{here}: the scores kept by {OTHER_COMMAND} cannot be moved aside "
+                              f"to {aside} ({e.strerror or e}); move it away, or give --out or "
+                              "--csv another name") from None  # fmt: skip
     warn(f"{here}: the scores kept by {OTHER_COMMAND} moved to {aside}, where a rerun of that "
          "command continues from them")  # fmt: skip
+    return True
+
+
+def take_name(path: Path, new: Path) -> bool:
+    """`path` renamed `new` where that name is still free, else False. os.rename (POSIX) replaces
+    a file that took the name since it was checked free (a second run moving the same
+    command's scores aside): a hard link does not; a file system without them is renamed so."""
+    try:
+        os.link(path, new)
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise  # (ENOENT: `path` gone; EACCES, EROFS: no rename either)
+        os.rename(path, new)  # (no hard links here, or not to another user's file)
+        return True
+    try:
+        os.unlink(path)
+    except OSError:
+        with suppress(OSError):
+            os.unlink(new)
+        raise
     return True
 
 

@@ -1528,6 +1528,7 @@ def test_scores_kept_by_another_command_that_cannot_be_moved_are_refused(
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(sr_eval.os, "rename", rename)
+    monkeypatch.setattr(sr_eval.os, "link", rename)  # (fs.protected_hardlinks: not another's)
     calls = stop_at_image(monkeypatch, "none")
     code, err = fails(capsys, *argv, "--color", "y")
     (aside,) = re.findall(r"aside to (\S+) ", err)
@@ -1537,6 +1538,45 @@ def test_scores_kept_by_another_command_that_cannot_be_moved_are_refused(
         "(Operation not permitted); move it away, or give --out or --csv another name\n"
     )
     assert (tmp_path / "r.json.partial").read_bytes() == kept
+
+
+def test_moving_another_commands_scores_aside_never_replaces_a_file(tmp_path, capsys, monkeypatch):
+    """The aside name is checked free, then taken: os.rename (POSIX) replaces a file that took
+    it in between (a second run on the shared --out moving the same command's scores aside), and
+    those scores were lost. Now it is taken only where still free (a hard link), else the next
+    name; an OUT.partial that such a run moved away first is no error (exit 7 said it could not
+    be moved: 'No such file or directory')."""
+    here = tmp_path / "r.json.partial"
+    ours, theirs = "a" * 64, "b" * 64
+    here.write_text(sr_eval.partial_text(theirs, [], []))
+    taken = tmp_path / f"r.json.{theirs[:12]}.partial"
+    real_exists = sr_eval.exists
+
+    def exists(path):  # free when asked, taken at once by the other run
+        free = not real_exists(path)
+        if path == taken and free:
+            path.write_text("the other run's\n")
+        return not free
+
+    monkeypatch.setattr(sr_eval, "exists", exists)
+    assert sr_eval.keep_others_scores(here, ours)
+    assert taken.read_text() == "the other run's\n" and not here.exists()
+    second = tmp_path / f"r.json.{theirs[:12]}.2.partial"
+    assert sr_eval.read_partial(second)[0]["key"] == theirs
+    assert f"moved to {second}," in capsys.readouterr().err
+
+    monkeypatch.undo()
+    here.write_text(sr_eval.partial_text(theirs, [], []))
+    read = sr_eval.read_partial
+
+    def moved_meanwhile(path):
+        head = read(path)
+        os.rename(path, tmp_path / "elsewhere.partial")  # (by the other run)
+        return head
+
+    monkeypatch.setattr(sr_eval, "read_partial", moved_meanwhile)
+    assert sr_eval.keep_others_scores(here, ours) and capsys.readouterr().err == ""
+    assert {p.name for p in tmp_path.iterdir()} == {"elsewhere.partial", taken.name, second.name}
 
 
 @pytest.mark.parametrize("flag", ["--out", "--csv"])
