@@ -387,11 +387,14 @@ def parse_all(argv):
         raise SystemExit(0)
     check_ranges(args)
     # (an unset shell variable, `--data "$DATA"`: the path "" is the current folder, whose
-    # images, if any, were trained on without a word)
-    for flag in ("data", "lr_data"):
-        if "" in getattr(args, flag):
+    # images, if any, were trained on without a word; --val-data's "" is its default, no
+    # validation or demo's, said as "no --val-data")
+    given = given_fields(TrainArgs, argv, PROG)
+    for flag in ("data", "lr_data", "val_data"):
+        value = getattr(args, flag)
+        if "" in (value if isinstance(value, list) else [value] * (flag in given)):
             raise UsageError(f"--{flag.replace('_', '-')}: an empty path; give a folder of images"
-                             + " or demo" * (flag == "data"))  # fmt: skip
+                             + " or demo" * (flag != "lr_data"))  # fmt: skip
     # Each loader worker is a process of its own (hundreds of MB): --workers 100000 started
     # them until the machine's memory ran out. Beyond a few per core none loads faster.
     if args.workers > (most := WORKERS_PER_CORE * cpu_workers()):
@@ -400,7 +403,7 @@ def parse_all(argv):
                          f"give at most {most}")  # fmt: skip
     normalise_degradation(args)  # (the text as it will be recorded)
     refuse_stdio(args, ("data", "lr_data", "val_data", "cache", "init_from", "out", "resume"))
-    return args, rest, given_fields(TrainArgs, argv, PROG)
+    return args, rest, given
 
 
 def main(argv=None) -> int:

@@ -209,6 +209,12 @@ CASES = {  # id: (flags, exit code, words of the message)
     # an unset variable, `--data "$DATA"`: the current folder's images were trained on
     "data empty path": ({"--data": "{empty}"}, PARSE, "--data: an empty path; give a folder"),
     "lr data empty path": ({"--lr-data": "{empty}"}, PARSE, "--lr-data: an empty path; give"),
+    # (--val-data's: a run that validated nothing, or demo's images, and said "no --val-data")
+    "val data empty path": (
+        {"--val-data": "{empty}", "--val-every": "1"},
+        PARSE,
+        "--val-data: an empty path; give a folder of images or demo",
+    ),
     "demo with folders": ({"--data": ["{data}", "demo"]}, 2, "--data demo: the built-in images"),
     # a folder without images: the flag named, before the run folder is made (--val-data's
     # after the training images were decoded)
