@@ -742,7 +742,7 @@ def test_a_cuda_device_the_machine_has_not_is_one_line(tmp_path, capsys, monkeyp
         sr_sample: ["--ckpt", str(tmp_path / "last.pt"), "--input", "demo", "--out", str(out)],
         sr_eval: ["--hr", "demo", "--sr", str(tmp_path), "--scale", "4", "--n", "1", "--out",
                   str(out)],
-    }[script]
+    }[script]  # fmt: skip
     with pytest.raises(SystemExit) as e:
         script.main([*argv, "--device", "cuda:2"])
     err = capsys.readouterr().err.strip().splitlines()
