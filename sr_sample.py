@@ -580,23 +580,48 @@ class SampleWriter:
     run): ten samples written one after the other take longer than a GPU takes to draw them. At
     most 2 x threads writes wait, each holding its array. A failed write (a full disk) is raised in
     the main thread at a later write or at the end, the first of the files in the order given.
-    Leaving the `with` block finishes the writes given (after Ctrl-C, only those begun); files are
-    written atomically, so a stop leaves complete files only.
+    What waits on files being written (an image counted as sampled, its progress line) is given
+    to `then`, run once they are, in order. Leaving the `with` block finishes the writes given
+    (after Ctrl-C, only those begun) and runs `then`'s calls of those written; files are written
+    atomically, so a stop leaves complete files only.
     """
 
     def __init__(self, threads: int):
         self.pool = new_pool(threads, "png") if threads > 1 else None
         self.queue: collections.deque = collections.deque()  # the futures, in the order given
         self.limit = 2 * threads
+        self.given = self.written = 0  # writes given, and written (in order)
+        self.waiting: collections.deque = collections.deque()  # (writes before it, call)
 
     def __call__(self, paths: list[Path], img: np.ndarray) -> None:
         """Write `img` as the PNG files `paths` (one, or a deterministic model's n)."""
         if self.pool is None:
             return save_pngs(paths, img)
         while self.queue and (len(self.queue) >= self.limit or done(self.queue[0])):
-            result(self.queue[0])  # waits when full; raises a failed write's error
-            self.queue.popleft()
+            self.wrote()  # waits when full; raises a failed write's error
         self.queue.append(submit(self.pool, write_pngs, paths, img))
+        self.given += 1
+
+    def wrote(self) -> None:
+        """The oldest write waited for (its error raised), and the calls it held run."""
+        result(self.queue[0])
+        self.queue.popleft()
+        self.written += 1
+        while self.waiting and self.waiting[0][0] <= self.written:
+            self.waiting.popleft()[1]()
+
+    def then(self, call) -> None:
+        """call() once every file given so far is written: now if none waits, else at a later
+        write or the end (a failed write: never)."""
+        if self.queue:
+            self.waiting.append((self.given, call))
+        else:
+            call()
+
+    def flush(self) -> None:
+        """Every file given written, and the calls waiting on them run."""
+        while self.queue:
+            self.wrote()
 
     def __enter__(self) -> "SampleWriter":
         return self
@@ -606,9 +631,8 @@ class SampleWriter:
             return
         cancel = kind is KeyboardInterrupt
         try:
-            while kind is None and self.queue:
-                result(self.queue[0])
-                self.queue.popleft()
+            if kind is None:
+                self.flush()
         except KeyboardInterrupt:
             cancel = True
             raise
@@ -616,6 +640,12 @@ class SampleWriter:
             finish(self.pool, cancel)
             with signals_held():
                 self.pool = None  # sr_lib/threads.py: why here
+            if kind is not None:  # a stop: the images whose files all got written are counted
+                while self.queue and done(self.queue[0]) and not self.queue[0].cancelled():
+                    if self.queue[0].exception() is not None:
+                        break
+                    with contextlib.suppress(Preempted):  # (stdout closed: the stop goes on)
+                        self.wrote()
 
 
 def main(argv=None) -> int:
@@ -875,6 +905,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
             if not todo and (not from_hr or is_written_file(lr_file)):  # (as the samples)
                 skipped += 1
                 summary.update(skipped=skipped)
+                writer.flush()  # (the lines of the images before it first)
                 bar.skip(path.name)
                 continue
             t_img = time.monotonic()
@@ -883,11 +914,13 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
                 check_lr_fits(model, ck["model"], img, path)
             except DataError as e:  # reported, skipped; exit 3 once the others are written
                 why = skip_input(e, path, failed, len(mine), summary)
+                writer.flush()
                 bar.step(f"{path.name}: {why}, skipped")
                 continue
             if not todo:  # its samples complete, only --from-hr's LR file was missing: written
                 skipped += 1  # again (read_input), and nothing sampled
                 summary.update(skipped=skipped)
+                writer.flush()
                 bar.step(f"{path.name}: samples complete, {lr_file} written again")
                 continue
             lr = img.tensor().to(device)
@@ -904,14 +937,15 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
                 sample_image(model, lr, img, path.stem, name, k_img, todo, folders, files,
                              (context, exact_retry if one else retry_context), controls,
                              want_sigma, args, bar.say, writer)  # fmt: skip
-            for folder in new:  # this version's samples are there now: said no more
+            for folder in new:  # said no more; recorded once its samples are written
                 del upgraded[folder]
-                record_version(folder)
-            summary.update(sampled=summary.fields["sampled"] + 1)
             s = model.scale
             temps = f" at {len(todo)} temperatures" if len(todo) > 1 else ""
-            bar.step(f"{path.name} {w}x{h} -> {k_img} x {w * s}x{h * s}{temps} in "
-                     f"{time.monotonic() - t_img:.1f} s")  # fmt: skip
+            line = (f"{path.name} {w}x{h} -> {k_img} x {w * s}x{h * s}{temps} in "
+                    f"{time.monotonic() - t_img:.1f} s")  # fmt: skip
+            # sampled, and its line, once its PNGs are on disk (written in the background: a
+            # full disk fails them later), while the model draws the next image's
+            writer.then(functools.partial(image_written, line, new, summary, bar))
     lost = lost_inputs(failed, len(mine), model, ck["model"])
     done = len(mine) - sum(map(len, failed.values())) - skipped
     took = time.monotonic() - t0
@@ -931,6 +965,15 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
         )
         raise DataError(f"{'; '.join(lost)}; {rest}")  # fmt: skip
     return 0
+
+
+def image_written(line: str, new: list[Path], summary: Summary, bar: "ProgressLog") -> None:
+    """An image's files are all written: this version recorded in the folders `new`
+    (`record_version`), the image counted as sampled and its progress `line` said."""
+    for folder in new:
+        record_version(folder)
+    summary.update(sampled=summary.fields["sampled"] + 1)
+    bar.step(line)
 
 
 def input_paths(path: Path, dangling: list[Path] | None = None) -> list[Path]:

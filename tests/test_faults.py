@@ -292,8 +292,10 @@ def test_train_piped_into_head_saves_and_exits_75(tmp_path, images):
 
 
 def test_sample_piped_into_head_stops_with_complete_files_and_reruns(tmp_path, images, capsys):
-    """`sr_sample.py ... | head -0`: the run stops after its first image (exit 75, one line),
-    every file written is whole, and the same command run again completes the rest."""
+    """`sr_sample.py ... | head -0`: the run stops at its first progress line (exit 75, one
+    line), every file written is whole, and the same command run again completes the rest. (An
+    image's line is printed once its PNGs are written, in the background: a few more images may
+    be drawn by then.)"""
     argv, out = sample_cmd(tmp_path, images, 40, size=24)
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     p.stdout.close()  # before its first line: the moment does not depend on the machine's speed
@@ -303,12 +305,13 @@ def test_sample_piped_into_head_stops_with_complete_files_and_reruns(tmp_path, i
         "written is complete: rerun the same command to continue"
     ), err
     written = list(out.glob("*.png"))
-    assert len(written) == 2  # the first image's samples, whole
     for f in written:
         iio.imread(f)
+    complete = len({f.name[:5] for f in written if f.name.endswith("_sample00001.png")})
+    assert 1 <= complete < 40  # the first image's samples at least, whole
     capsys.readouterr()
     assert sr_sample.main(argv[2:]) == 0  # the same command again (here: stdout captured)
-    assert "39 images sampled, 1 already complete" in capsys.readouterr().out
+    assert f"{40 - complete} images sampled, {complete} already complete" in capsys.readouterr().out
     assert len(list(out.glob("*.png"))) == 80
 
 

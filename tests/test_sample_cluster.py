@@ -279,12 +279,40 @@ def test_full_disk_is_one_line_exit_7_and_no_partial_file(tmp_path, flow_ckpt):
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 
     cmd = [sys.executable, str(REPO / "sr_sample.py"), "--ckpt", str(flow_ckpt), "--input",
-           str(inp), "--n", "2", "--out", str(out)]  # fmt: skip
+           str(inp), "--n", "2", "--out", str(out), "--json"]  # fmt: skip
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, preexec_fn=small_files)
     err = p.stderr.strip().splitlines()
     assert p.returncode == 7 and len(err) == 1, p.stderr
     assert "im 00_sample00000.png: cannot write (File too large)" in err[0]
     assert [f.name for f in out.iterdir()] == ["manifest.json"]  # no partial PNG, no temp file
+    line = json.loads(p.stdout.splitlines()[-1])
+    assert line["exit_code"] == 7 and line["sampled"] == 0, p.stdout  # (none of it is on disk)
+    assert "[1/2]" not in p.stdout
+
+
+def test_an_image_whose_png_write_fails_is_not_counted_or_shown_sampled(
+    tmp_path, flow_ckpt, monkeypatch, capsys
+):
+    """The PNGs are written in the background: a write that fails (a full disk) shows at a later
+    write or at the end. --json's `sampled` counted the image, and its progress line said it done,
+    as soon as its writes were handed over: `sampled: 1` with none of its samples on disk. Now an
+    image counts, and its line is printed, once its files are written."""
+    inp = images(tmp_path / "in", 3)
+    real_write = sr_sample.write_encoded_png
+
+    def full_disk_at_the_second_image(path, data):
+        if Path(path).name.startswith("im 01"):
+            raise sr_sample.OutputError(f"{path}: cannot write (No space left on device)")
+        real_write(path, data)
+
+    monkeypatch.setattr(sr_sample, "cpu_workers", lambda: 2)  # (the writes in the background)
+    monkeypatch.setattr(sr_sample, "write_encoded_png", full_disk_at_the_second_image)
+    argv = ["--ckpt", flow_ckpt, "--input", inp, "--n", 1, "--out", tmp_path / "out", "--json"]
+    assert run(*argv) == 7
+    out = capsys.readouterr().out
+    assert json.loads(out.splitlines()[-1])["sampled"] == 1, out
+    assert "im 00.png" in out and "im 01.png" not in out and "im 02.png" not in out
+    assert sorted(files(tmp_path / "out")) == ["im 00_sample00000.png"]
 
 
 def test_another_srspace_version_is_a_warning_not_a_refusal(tmp_path, flow_ckpt, monkeypatch,
@@ -387,3 +415,18 @@ def test_the_array_variables_that_shard_auto_reads_are_named_where_it_is_explain
     comment = " ".join(line for line in sbatch.splitlines() if line.startswith("# "))
     assert {v for v in read if v not in comment} == set()
     assert {v for v in read if v not in sr_sample.__doc__} == set()
+
+
+def test_json_seconds_is_there_once_every_image_was_gone_through(tmp_path, flow_ckpt, capsys):
+    """`seconds` is the time of a run that went through every image: also on exit 3 (an
+    unreadable input skipped, the others written; the README said "on success" only), not after
+    a write error (exit 7), which stops the run where it is."""
+    inp = images(tmp_path / "in", 2)
+    (inp / "broken.png").write_bytes(b"not a png")
+    argv = ["--ckpt", flow_ckpt, "--input", inp, "--n", 1, "--quiet", "--json"]
+    assert run(*argv, "--out", tmp_path / "out") == 3
+    line = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (line["sampled"], line["failed"]) == (2, 1) and line["seconds"] >= 0, line
+    (tmp_path / "file").write_text("x")
+    assert run(*argv, "--out", tmp_path / "file") == 7
+    assert "seconds" not in json.loads(capsys.readouterr().out.splitlines()[-1])
