@@ -162,6 +162,7 @@ from sr_lib.data import (
     list_images,
     mod_crop,
     name_max,
+    near_path,
     read_ahead,
     same_files,
     shared_stem,
@@ -401,12 +402,15 @@ def expand_methods(specs: list[str], n: int) -> list[Method]:
     return methods
 
 
-def not_a_folder(path: Path) -> str:
+def not_a_folder(path: Path, builtins: tuple[str, ...] = ()) -> str:
     """What a folder flag's value that is no folder is: a file (--lr given an image), a link to
-    nothing, or nothing; "no such folder" said of a file sent the user looking for a typo."""
+    nothing, or nothing; "no such folder" said of a file sent the user looking for a typo. Where
+    nothing is there, a near path (a typo: a folder beside it, or one of `builtins`) is named."""
     if path.is_symlink() and not path.exists():
         return f"is a symbolic link to a missing folder ({os.readlink(path)})"
-    return "is a file, not a folder" if path.exists() else "no such folder"
+    if path.exists():
+        return "is a file, not a folder"
+    return f"no such folder{near_path(path, builtins)}"
 
 
 def sr_value(given: tuple[str | None, Path], n: int) -> str:
@@ -1487,7 +1491,7 @@ def hr_images(hr: str) -> dict[str, Path]:
         return {p.stem: p for p in demo_files("val")}
     hr_dir = Path(hr)
     if not hr_dir.is_dir():
-        raise DataError(f"--hr {hr_dir}: {not_a_folder(hr_dir)}")
+        raise DataError(f"--hr {hr_dir}: {not_a_folder(hr_dir, ('demo',))}")
     dangling: list[Path] = []
     try:  # (no warning of the links: the error line below says it all)
         files = list_images(hr_dir, recursive=False, dangling=dangling, say_links=False)

@@ -200,6 +200,7 @@ from sr_lib.data import (
     list_images,
     mod_crop,
     name_max,
+    near_path,
     normalise_degradation,
     read_planes,
     shared_stem,
@@ -990,7 +991,7 @@ def input_paths(path: Path, dangling: list[Path] | None = None) -> list[Path]:
                         f"{link_target(path) or '?'}: put the file back, or give --input the "
                         "file itself")  # fmt: skip
     if not path.exists():
-        raise DataError(f"--input {path}: no such file or folder")
+        raise DataError(f"--input {path}: no such file or folder{near_path(path, ('demo',))}")
     paths = list_images(path, recursive=False, dangling=dangling)
     dup = shared_stem(paths)
     if dup is not None:

@@ -210,6 +210,17 @@ CASES = [
         3,
         "gone: is a symbolic link to a missing folder (",
     ),
+    # a typo of a folder beside it, or of demo: the near path named, as sr_train.py --data does
+    ("hr-typo", None, lambda w: args(w, hr="hrr"), 3, "hrr: no such folder (did you mean "),
+    (
+        "hr-demo-typo",
+        None,
+        lambda w: ["--hr", "demoo", *args(w)[2:]],
+        3,
+        "--hr demoo: no such folder (did you mean demo?)",
+    ),
+    ("sr-typo", None, lambda w: args(w, sr="srr"), 3, "srr: no such folder (did you mean "),
+    ("lr-typo", None, lambda w: args(w, "--lr", w / "lrr"), 3, "lrr: no such folder (did you "),
     ("unknown-flag", None, lambda w: args(w, "--temprature", "1"), 2, "--temprature"),
     (
         "scale-not-a-number",

@@ -113,6 +113,12 @@ CASES = {  # id: (argv of the world, exit code, words the one line must hold)
     "control the model lacks": (lambda w: args(w, "--ref", "lr", ckpt="srflow"), 2, "--ref"),
     "device without CUDA": (lambda w: args(w, "--device", "cuda"), 2, "--device cuda"),
     "input missing": (lambda w: args(w, inp="nowhere"), 3, "no such file or folder"),
+    # a typo of a folder beside it, or of demo: the near path named, as sr_train.py --data does
+    "input typo": (lambda w: args(w, inp="emptyy"), 3,
+                   "emptyy: no such file or folder (did you mean "),
+    "input demo typo": (lambda w: ["--ckpt", w["bicubic"], "--input", "demoo", "--out",
+                                   w["dir"] / "out"], 3,
+                        "--input demoo: no such file or folder (did you mean demo?)"),
     "input a link to a missing file": (
         lambda w: args(w, inp="moved/a b.png"), 3,
         "/moved/a b.png': a symbolic link to a missing file, '"),
