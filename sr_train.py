@@ -490,9 +490,6 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         and not no_validation(args, steps)
     )
     finished = resumed is not None and start >= steps and not pending
-    if finished:  # (a model without weights, bicubic, has nothing to go on with)
-        more = " (a larger --steps goes on)" * MODELS[args.model].learns
-        say(f"{ckpt_path} is at step {start}, the run's --steps: nothing to train{more}")
     dataset = training_data(args, recipe, dd, say) if steps > 0 and not finished else None
     check_same_data(dataset, dd)
     # After the data check: torch's optimizers import torch._dynamo (~1.4 CPU-s), which a rank
@@ -527,6 +524,9 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
 
     ema = start_model(args, model, optimizers, scaler, resumed, ckpt_path, dataset, steps, dd,
                       device, say, first_batch_too_big)  # fmt: skip
+    if finished:  # (after `start_model`'s "resumed ..."; bicubic, without weights, has
+        more = " (a larger --steps goes on)" * MODELS[args.model].learns  # nothing to go on with)
+        say(f"{ckpt_path} is at step {start}, the run's --steps: nothing to train{more}")
     # (after the resume's changed flags are said)
     changed = validation_changes(args, resumed) if resumed and best > -math.inf else []
     # its record would stand against another measure (none: a run that validates no more)

@@ -290,6 +290,8 @@ def test_a_bicubic_run_resumed_again_promises_no_larger_steps(tmp_path, capsys):
     assert sr_train.main([*base, "--resume", "auto"]) == 0
     out = capsys.readouterr().out
     assert f"{tmp_path / 'last.pt'} is at step 0, the run's --steps: nothing to train\n" in out
+    # in the order things happen: it said "nothing to train" before "resumed ... at step 0"
+    assert out.index(f"resumed {tmp_path / 'last.pt'} at step 0") < out.index("nothing to train")
 
 
 def test_a_stop_before_a_step_of_its_own_names_the_checkpoint_that_holds_the_run(
