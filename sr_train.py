@@ -67,6 +67,7 @@ from sr_lib.data import (
     PatchPairs,
     SharedMemoryFull,
     StopRequested,
+    TooSmall,
     WorkerDied,
     WorkersHung,
     available_cores,
@@ -490,7 +491,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         and not no_validation(args, steps)
     )
     finished = resumed is not None and start >= steps and not pending
-    dataset = training_data(args, recipe, dd, say) if steps > 0 and not finished else None
+    dataset = training_data(args, recipe, model, dd, say) if steps > 0 and not finished else None
     check_same_data(dataset, dd)
     # After the data check: torch's optimizers import torch._dynamo (~1.4 CPU-s), which a rank
     # refused for its copy of the images made the user wait for. (Their first rates are the
@@ -1494,8 +1495,9 @@ def check_data_folders(args: TrainArgs, out: Path, steps: int) -> None:
             )
 
 
-def training_data(args: TrainArgs, recipe: Recipe, dd, say) -> PatchPairs:
-    """The training patches of this rank, and at start how many images were found and kept."""
+def training_data(args: TrainArgs, recipe: Recipe, model, dd, say) -> PatchPairs:
+    """The training patches of this rank, and at start how many images were found and kept.
+    Every image smaller than one patch: the --patch of `model` that one takes is named."""
     if args.cache and args.data != ["demo"]:  # (demo: ignored, warn_unused_run)
         try:
             check_out_dir(args.cache, "--cache")  # before decoding: the cache is written meanwhile
@@ -1511,6 +1513,15 @@ def training_data(args: TrainArgs, recipe: Recipe, dd, say) -> PatchPairs:
             args.data, args.scale, recipe.patch, recipe.batch, seed=args.seed, rank=dd.rank,
             lr_dirs=args.lr_data or None, cache=args.cache or None, degradation=degradation(args),
         )  # fmt: skip
+    except TooSmall as e:  # what to do: the largest --patch the model takes that one fits
+        m = model.lr_multiple
+        least, fit = max(m, -(-model.min_lr_size // m) * m), e.lr_side // m * m
+        raise DataError(
+            f"{e}; use --patch {fit} (the largest image's LR is {e.lr_side} px on its shorter "
+            f"side), or --data with larger images" if fit >= least else
+            f"{e}; give --data larger images (the {args.model} model takes an LR patch of "
+            f"{least} px at least; the largest image's LR is {e.lr_side} px on its shorter side)"
+        ) from None  # fmt: skip
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not is_out_of_memory(e):
             raise

@@ -1674,6 +1674,16 @@ def _thread_map(fn, items: list) -> list:
     return thread_map(fn, items, decode_threads())
 
 
+class TooSmall(DataError):
+    """PatchPairs' error where every training image is smaller than one HR patch; `lr_side`: the
+    largest of their shorter LR sides: the largest LR patch one of them takes (the caller, which
+    knows the model's patch sizes, names a --patch that fits)."""
+
+    def __init__(self, message: str, lr_side: int):
+        super().__init__(message)
+        self.lr_side = lr_side
+
+
 class PatchPairs(Dataset):
     """Random aligned (LR, HR) patch batches; item `step` is the batch of training step `step`.
 
@@ -1713,6 +1723,7 @@ class PatchPairs(Dataset):
         self.seed, self.rank, self.augment = seed, rank, augment
         self.degradation = degradation if degradation else None  # (one with nothing set: None)
         self.cache = Path(cache) if cache is not None else None
+        self._small: list[int] = []  # the shorter LR side of each image under one patch
         if [str(s) for s in sources] == ["demo"]:  # built-in; small, so no cache and no lr_dirs
             demo = demo_images("train")
             names = [n for n, _ in demo]
@@ -1729,9 +1740,10 @@ class PatchPairs(Dataset):
         skipped = [name for name, x in zip(names, loaded) if x is None]
         hp = self.scale * self.patch
         if len(skipped) == len(loaded):
-            raise DataError(
+            raise TooSmall(
                 f"{', '.join(map(str, sources))}: no training images; all {len(loaded)} are "
-                f"smaller than one {hp}x{hp} HR patch (LR patch {self.patch} x scale {scale})"
+                f"smaller than one {hp}x{hp} HR patch (LR patch {self.patch} x scale {scale})",
+                max(self._small, default=0),
             )
         if skipped:
             warnings.warn(
@@ -1752,6 +1764,7 @@ class PatchPairs(Dataset):
         """(HR cropped to a multiple of the scale, LR), or None when smaller than one HR patch."""
         s, (h, w) = self.scale, hr.shape[:2]
         if min(h // s, w // s) < self.patch:
+            self._small.append(min(h // s, w // s))  # (from threads: list.append is atomic)
             return None
         hr = np.ascontiguousarray(mod_crop(hr, s))
         if lr is None:
@@ -1792,6 +1805,8 @@ class PatchPairs(Dataset):
             s = self.scale
             if hr_shape and lr_shape and hr_shape[:2] == (s * lr_shape[0], s * lr_shape[1]):
                 small = min(lr_shape[:2]) < self.patch
+                if small:
+                    self._small.append(min(lr_shape[:2]))
                 # the size from the header just checked: the file is not opened again to get it
                 # (20,000 opens more at each start on a network file system took minutes)
                 return None if small else (str(hr_npy), str(lr_npy), lr_shape[:2])

@@ -248,7 +248,19 @@ CASES = {  # id: (flags, exit code, words of the message)
         3,
         "--val-data {tmp}/nothing here: no such folder",
     ),  # fmt: skip
-    "patch larger than every image": ({"--patch": "64"}, 3, "no training images"),
+    # what to do: the largest --patch the model takes that the largest image fits (48 px at x2)
+    "patch larger than every image": (
+        {"--patch": "64"},
+        3,
+        "no training images; all 2 are smaller than one 128x128 HR patch (LR patch 64 x scale 2); "
+        "use --patch 24 (the largest image's LR is 24 px on its shorter side), or --data with "
+        "larger images",
+    ),
+    "flow patch larger than every image": (
+        {**TINY_SRFLOW, "--scale": "8", "--patch": "16"},
+        3,
+        "use --patch 6 (the largest image's LR is 6 px on its shorter side), or --data with",
+    ),
     "lr data count": ({"--lr-data": ["{data}", "{data}"]}, PARSE, "2 folders for 1 --data"),
     "out is a file": ({"--out": "{file}"}, 7, "is a file, not a folder"),
     "out under a file": ({"--out": "{file}/run"}, 7, "cannot create it"),
