@@ -342,6 +342,19 @@ def torch_load(path: str | os.PathLike, what: str = "weights", file=None):
                 f"{path}: written by {by}, in a file format this torch ({torch.__version__}) "
                 "cannot read; load it with that torch or a newer one"
             ) from None
+        with open(path, "rb") if file is None else contextlib.nullcontext(file) as f:
+            f.seek(0)
+            head = f.read(24)
+        if not head:  # (a copy cut short before its first byte)
+            raise CheckpointError(f"{path}: an empty file (a {what} file was expected); copy "
+                                  "it again") from None  # fmt: skip
+        if head[:2] != b"PK" and head[:1] != b"\x80":  # neither torch.save's zip nor a pickle:
+            # another file given (notes.txt as --resume), or a download's error page, where
+            # "truncated ... copy it again" sent the user copying the wrong file again
+            raise CheckpointError(
+                f"{path}: not a torch file (it begins {head!r}; a {what} file was expected): "
+                f"give the {what} file, or fetch it again where this was a download"
+            ) from None
         first = str(e).split("\n", 1)[0][:120]
         raise CheckpointError(
             f"{path}: not a valid torch file or is truncated (a {what} file was expected; "

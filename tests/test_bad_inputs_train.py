@@ -867,3 +867,19 @@ def test_lr_is_refused_as_neither_the_rate_nor_the_lr_images(flag, tmp_path, cap
         "sr_train.py: error: --lr: give --learning-rate (the rate) or --lr-data (the LR images) "
         "in full; the abbreviation would be --lr-data\n"
     )
+
+
+def test_a_text_file_given_as_resume_says_it_is_no_torch_file(tmp_path, capsys):
+    """--resume notes.txt (the wrong file) said 'not a valid torch file or is truncated (...
+    KeyError: 101); copy it again': advice to copy the wrong file again."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello\n")
+    argv = ["--model", "edsr", "--data", "demo", "--steps", "1", "--resume", str(notes),
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 6 and len(err) == 1, err
+    assert err[0] == (f"sr_train.py: error: {notes}: not a torch file (it begins b'hello\\n'; a "
+                      "checkpoint file was expected): give the checkpoint file, or fetch it "
+                      "again where this was a download"), err  # fmt: skip

@@ -372,8 +372,12 @@ class Payload:
     [
         ("pickle", r"refused: contains pickled Python objects.*Payload"),
         ("truncated", "not a valid torch file or is truncated"),
-        ("garbage", "not a valid torch file"),
-        ("empty", "not a valid torch file"),
+        (
+            "garbage",
+            r"not a torch file \(it begins b'this is an HTML error pa'; a weights "
+            r"file was expected\): give the weights file, or fetch it again",
+        ),
+        ("empty", r"an empty file \(a weights file was expected\); copy it again"),
         ("not_a_dict", "is not a state_dict"),
         ("missing", "does not exist"),
     ],
