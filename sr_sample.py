@@ -41,6 +41,10 @@ rounded to 8 bits):
                           unless --overwrite (not for a flag of no effect, one warning line:
                           --seed and --temperature where a control sets the latents or the model
                           is deterministic, --latent-steps without --latent-shift); another
+                          --n is not (sample i is the same whatever n): a larger one adds the
+                          samples missing, a smaller one takes the first n there, and n records
+                          the largest; refused where n 1 is one NAME.png (a deterministic model,
+                          --layout ntire), a control flag sets n, or --grid asks fewer; another
                           srspace version is one warning line, before its first image
                           sampled there (the images complete keep their samples: an upgrade
                           between a preemption and its requeue; "versions" records each that
@@ -884,7 +888,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
                                       for k, p in mine], inputs, args.layout,
                              {p.stem for p in paths})  # fmt: skip
         was = claim_folder(folder, {**settings, "temperature": t}, args.overwrite, inputs, free,
-                           parts > 1, holds_whole)  # fmt: skip
+                           parts > 1, holds_whole, n_change(args, model, setter))  # fmt: skip
         if was:
             upgraded[folder] = was
         if args.layout == "ntire":
@@ -1325,9 +1329,15 @@ def samples_fit(folder: Path, tile: int, s: int, inputs=()) -> bool:
 
 def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
                  free=frozenset(), sharded: bool = False,
-                 holds_whole=lambda tile: False) -> list | None:  # fmt: skip
+                 holds_whole=lambda tile: False,
+                 n_refused=lambda was, now: "") -> list | None:  # fmt: skip
     """Write FOLDER/manifest.json, or check a rerun against it: files made with other settings
-    are never mixed into one folder (unless --overwrite). `inputs`: the resolved input paths,
+    are never mixed into one folder (unless --overwrite). Another n is no other setting where
+    `n_refused(was, now)` (`n_change`) gives None: sample i is seeded by (--seed, stem, i)
+    alone, so a larger n adds samples to the same ones and a smaller one finds its first n
+    there; the folder then records the larger (sr_eval.py scores at most that many, and says
+    which file is missing where an image has fewer); else the refusal says its reason (a
+    string, "" for none). `inputs`: the resolved input paths,
     PNGs there that are not another tool's output (an --out that is the --input folder); `free`:
     the settings of no effect on this run's samples (`no_effect`), not compared; tiles of a
     `holds_whole` size (every input's LR within it: `one_tile`) cut no image, as exact as none,
@@ -1365,7 +1375,11 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
             diff = [d for d in diff if d[0] != "tile_context" or record is None]
         if any(d[0] == "control_sha256" for d in diff):  # n of --latent DIR follows its files:
             diff = [d for d in diff if d[0] != "n"]  # their contents are what changed
-        diff.sort(key=lambda d: d[0] == "control_sha256")  # another file named: say that first
+        why = next((n_refused(was, now) for k, was, now in diff if k == "n"), None)
+        if why is None:  # the same samples, more or fewer of them (`n_change`)
+            diff = [d for d in diff if d[0] != "n"]
+        # another file named: say that first; n after the flags that set it (`n_change`)
+        diff.sort(key=lambda d: (d[0] == "control_sha256", d[0] == "n"))
         if diff:
             k, was, now = diff[0]
             if k == "tile_context":  # what the folder's samples are, and the run's would be
@@ -1381,10 +1395,18 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
                 )
             else:
                 was, now = f"{k} {json.dumps(was)}", json.dumps(now)
+                now += f" ({why})" if k == "n" and why else ""
             raise UsageError(
                 f"{folder} holds samples made with {was}, not {now}; use another --out, or "
                 "--overwrite to redo them"
             )
+        if why is None and settings["n"] > old["n"]:  # the most samples an image may have now
+
+            def larger(m):  # (read again: another shard may have raised it since)
+                return {"n": max(settings["n"], m["n"] if type(m.get("n")) is int else 0)}
+
+            amend_manifest(folder, larger)
+            old = {**old, "n": settings["n"]}
         if tiled is not None and record != old.get("tile_context"):  # what they are now
             flags = dict(old["flags"]) if isinstance(old.get("flags"), dict) else {}
             if record == tiled[1]:  # the run's own: its flags, as a folder begun with them
@@ -1420,6 +1442,30 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
         )
     save_text(path, json.dumps({**settings, "versions": [settings["version"]]}, indent=1) + "\n")
     return None
+
+
+def n_change(args: SampleArgs, model, setter: str):
+    """`claim_folder`'s n_refused: why a folder of samples made with n `was` cannot serve a run
+    of n `now`, or None where it can: sample i of an image is seeded by (--seed, stem, i) and
+    named by i alone, whatever n and --batch (docs/design.md, "Sampling reproducibility"). It
+    cannot where n changes the files' names (one output per image, NAME.png, at n 1: a
+    deterministic model, or any with --layout ntire), where a control flag sets n (`setter`:
+    its value differs too), or where --grid asks for fewer (a sheet shows the first samples
+    and the std of all: those complete would be of `was`, those sampled now of `now`)."""
+
+    def refused(was, now) -> str | None:
+        if not (type(was) is int and type(now) is int):  # (a manifest edited, or not this tool's)
+            return ""
+        if 1 in (was, now) and (not model.stochastic or args.layout == "ntire"):
+            return "at --n 1 each image's one output is NAME.png, else NAME_sample{i:05d}.png"
+        if setter:
+            return f"{setter} sets the number of outputs"
+        if args.grid and now < was:
+            return (f"--grid's sheets of the images complete show the std of {was} samples, those "
+                    f"sampled now would show {now}")  # fmt: skip
+        return None
+
+    return refused
 
 
 def folder_versions(manifest: dict) -> list:
@@ -1508,6 +1554,12 @@ class Outputs:
             return [f"{name}.png"]
         numbers = range(self.n) if self.numbers is None else self.numbers[name]
         return [f"{name}_sample{i:05d}.png" for i in numbers]
+
+    def written(self, folder: Path, name: str, j: int) -> bool:
+        """Whether the j-th of samples(name) is there as `complete` counts it, with its
+        --save-latent file."""
+        files = [self.samples(name)[j]] + ([self.latent_names(name)[j]] if self.latents else [])
+        return all(is_written_file(folder / f) or self.old_latent(folder / f) for f in files)
 
     def latent_names(self, name: str) -> list[str]:
         """The --save-latent files of samples(name), in its order: NAME_sample{i:05d}{latents}
@@ -2417,8 +2469,12 @@ def write_samples(model, lr, img, alpha, stem, name, n, temperature, folder, fil
     names, latent_names = files.samples(name), files.latent_names(name)
     kept, sums = [], None  # sums: of x and x² over the samples drawn (float64: exact enough)
     draws = n if model.stochastic else 1  # a deterministic model: one output, written n times
-    for c0 in range(0, draws, args.batch):
-        idx = range(c0, min(c0 + args.batch, draws))
+    # A rerun of a larger --n draws only the samples not there (each seeded by its own number:
+    # `n_change`); --grid's sheet needs them all, and --overwrite redoes them
+    kept_there = model.stochastic and not (args.grid or args.overwrite)
+    todo = [i for i in range(draws) if not (kept_there and files.written(folder, name, i))]
+    for c0 in range(0, len(todo), args.batch):
+        idx = todo[c0 : c0 + args.batch]
         seeds = [sample_seed(args.seed, stem, i) for i in idx]
         # (len(idx), D), a flow's fields [(len(idx), C, h, w), ...], or None
         z = model.sample_latents(lr, seeds, idx, temperature, controls)

@@ -325,9 +325,10 @@ def test_a_saved_latent_names_its_model_and_an_old_npy_is_still_read(tmp_path, c
 def test_a_rerun_of_a_folder_of_old_npy_latents(tmp_path, ckpts, capsys):
     """A folder an older srspace saved latents in as .npy: a rerun with the same settings takes
     an image whose files are all there as complete (not sampled again, no .npz written beside
-    the .npy); an image not complete is sampled again, its .npy replaced by the .npz (one latent
-    a sample, not two), its samples the same; --overwrite writes every image's .npz, no .npy
-    left. A folder holding both files of a sample is refused by --latent DIR, naming them."""
+    the .npy); of an image not complete the samples missing are drawn again, their .npy
+    replaced by the .npz (one latent a sample, not two), the samples there kept with theirs;
+    --overwrite writes every image's .npz, no .npy left. A folder holding both files of a
+    sample is refused by --latent DIR, naming them."""
     inp = images(tmp_path / "in", 3, ((10, 12), (12, 10)))
     out = tmp_path / "o"
     argv = ["--ckpt", ckpts["varsr"], "--input", inp, "--n", 2, "--save-latent", "--out", out]
@@ -344,7 +345,7 @@ def test_a_rerun_of_a_folder_of_old_npy_latents(tmp_path, ckpts, capsys):
     (out / "r1_sample00001.png").unlink()
     assert run(*argv) == 0
     assert "1 images sampled, 1 already complete" in capsys.readouterr().out
-    assert latents() == [*old[:2], "r1_sample00000.latent.npz", "r1_sample00001.latent.npz"]
+    assert latents() == [*old[:3], "r1_sample00001.latent.npz"]
     assert all((read(out / f) == x).all() for f, x in pngs.items())
     assert run(*argv, "--overwrite") == 0
     assert latents() == [f.replace(".npy", ".npz") for f in old]

@@ -300,6 +300,102 @@ def test_seeds_do_not_depend_on_n_batch_or_other_files(tmp_path, toy_ckpt):
     assert (zero == near).all()
 
 
+def files_of(path) -> dict:
+    """Each file of a folder but manifest.json: its bytes and inode (a file written again by an
+    atomic rename has another)."""
+    return {p.name: (p.read_bytes(), p.stat().st_ino) for p in sorted(path.iterdir())
+            if p.name != "manifest.json"}  # fmt: skip
+
+
+def test_a_rerun_of_a_larger_n_adds_the_missing_samples_and_a_smaller_one_takes_the_first(
+    tmp_path, toy_ckpt, capsys
+):
+    """--n 3 into a folder, then --n 5: sample i is seeded by (--seed, stem, i) alone, so the
+    three there are the first three of a --n 5 run (byte for byte, --batch 2 below n, so they
+    are drawn in other chunks), kept unwritten, and samples 3 and 4 are added; manifest.json's n
+    is 5. A rerun of --n 2 then finds every image complete and leaves n at 5 (sr_eval.py scores
+    at most n per image). Before, both reruns were refused ("n 3, not 5")."""
+    inp = folder(tmp_path / "in", a=image((12, 16), 1), b=image((8, 8), 2))
+    argv = ["--ckpt", toy_ckpt, "--input", inp, "--batch", 2, "--seed", 4, "--quiet"]
+    out, fresh = tmp_path / "o", tmp_path / "fresh"
+    assert run(*argv, "--n", 3, "--out", out) == 0
+    assert run(*argv, "--n", 5, "--out", fresh) == 0
+    three = files_of(out)
+    assert {k: v[0] for k, v in three.items()} == {
+        k: v[0] for k, v in files_of(fresh).items() if int(k[-9:-4]) < 3
+    }
+    assert run(*argv, "--n", 5, "--out", out) == 0
+    assert {k: v[0] for k, v in files_of(out).items()} == {
+        k: v[0] for k, v in files_of(fresh).items()
+    }
+    assert {k: files_of(out)[k] for k in three} == three  # not drawn nor written again
+    assert json.loads((out / "manifest.json").read_text())["n"] == 5
+    five = files_of(out)
+    capsys.readouterr()
+    assert run(*argv, "--n", 2, "--out", out) == 0
+    assert "0 images sampled, 2 already complete" in capsys.readouterr().out
+    assert files_of(out) == five and json.loads((out / "manifest.json").read_text())["n"] == 5
+    assert len(sr_eval.find_samples(out, ["a", "b"], 5, SCALE)[0]) == 5
+
+
+@pytest.mark.parametrize(
+    "ckpt, flags, was, now, why",
+    [
+        ("bicubic", [], 1, 2, "at --n 1 each image's one output is NAME.png"),
+        ("toy", ["--layout", "ntire"], 3, 1, "at --n 1 each image's one output is NAME.png"),
+        ("toy", ["--grid"], 4, 2, "--grid's sheets of the images complete show the std of 4"),
+    ],
+)
+def test_a_rerun_of_another_n_is_refused_where_it_changes_the_files(
+    tmp_path, toy_ckpt, bicubic_ckpt, capsys, ckpt, flags, was, now, why
+):
+    """Another --n is refused, with its reason, where the files would not be one run's: at n 1
+    one output per image is NAME.png (a deterministic model, --layout ntire), and --grid's sheet
+    shows the std of all n samples (a larger n is taken: every image is then sampled again)."""
+    ckpt = {"bicubic": bicubic_ckpt, "toy": toy_ckpt}[ckpt]
+    inp = folder(tmp_path / "in", a=image((8, 8), 1))
+    argv = ["--ckpt", ckpt, "--input", inp, "--out", tmp_path / "o", *flags]
+    assert run(*argv, "--n", was) == 0
+    before = files_of(tmp_path / "o")
+    capsys.readouterr()
+    assert run(*argv, "--n", now) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"holds samples made with n {was}, not {now} ({why}" in err and "\n" not in err
+    assert files_of(tmp_path / "o") == before
+    if flags == ["--grid"]:
+        assert run(*argv, "--n", 6) == 0
+        assert run(*argv, "--n", 6, "--out", tmp_path / "fresh") == 0
+        sheet = "a_grid.png"
+        assert same(tmp_path / "o" / sheet, tmp_path / "fresh" / sheet)
+
+
+def test_shards_of_other_n_and_a_requeue_with_another_n_stay_one_runs_samples(tmp_path, toy_ckpt):
+    """An array whose tasks ran with --n 3 and --n 5 into one folder: manifest.json records 5,
+    and sr_eval.py with N = 5 names the sample an image lacks. The --n 3 task requeued with
+    --n 5 completes the folder to the bytes of one unsharded --n 5 run; the --n 5 task,
+    preempted mid-image (its last samples missing) and requeued with --n 3, finds its images
+    complete and writes nothing (n stays 5)."""
+    inp = folder(tmp_path / "in", a=image((8, 12), 1), b=image((12, 8), 2), c=image((8, 8), 3))
+    argv = ["--ckpt", toy_ckpt, "--input", inp, "--batch", 2, "--quiet", "--out"]
+    out = tmp_path / "o"
+    assert run(*argv, out, "--n", 3, "--shard", "0/2") == 0  # a, c
+    assert run(*argv, out, "--n", 5, "--shard", "1/2") == 0  # b
+    assert json.loads((out / "manifest.json").read_text())["n"] == 5
+    with pytest.raises(DataError, match=r"a_sample00003\.png \(image a, sample 3 of N = 5\)"):
+        sr_eval.find_samples(out, ["a", "b", "c"], 5, SCALE)
+    for i in (3, 4):
+        (out / f"b_sample{i:05d}.png").unlink()
+    assert run(*argv, out, "--n", 3, "--shard", "1/2") == 0
+    assert not (out / "b_sample00003.png").exists()
+    assert json.loads((out / "manifest.json").read_text())["n"] == 5
+    assert run(*argv, out, "--n", 5, "--shard", "0/2") == 0
+    assert run(*argv, out, "--n", 5, "--shard", "1/2") == 0
+    assert run(*argv, tmp_path / "whole", "--n", 5) == 0
+    assert {k: v[0] for k, v in files_of(out).items()} == {
+        k: v[0] for k, v in files_of(tmp_path / "whole").items()
+    }
+
+
 def test_a_run_of_complete_images_is_one_line_of_the_log(tmp_path, toy_ckpt, capsys):
     """A requeued job of 20,000 images printed a "complete, skipped" line for each image already
     done: one line now for each run of them, between the images it samples."""
