@@ -139,7 +139,10 @@ BAD_CHECKPOINTS = {
     "folder": (lambda d: d, "a folder, not a checkpoint file; pass the file (last.pt)"),
     # sr_sample.py --ckpt <(ssh host cat last.pt): a pipe, not a file, was "does not exist"
     "pipe": (lambda d: os.mkfifo(d / "p.pt") or d / "p.pt", "not a regular file (a pipe"),
-    "not torch": (lambda d: (d / "x.pt").write_text("hello") and d / "x.pt", "not a valid torch"),
+    "not torch": (
+        lambda d: (d / "x.pt").write_text("hello") and d / "x.pt",
+        "not a torch file (it b",
+    ),
     "newer model": (lambda d: write_checkpoint(d / "f.pt", "fancy"), "model 'fancy' this srspace"),
     "newer field": (lambda d: write_checkpoint(d / "k.pt", knob=1), "fields this srspace does no"),
 }
