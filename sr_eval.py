@@ -470,9 +470,9 @@ def find_samples(sr_dir: Path, stems: list[str], n: int, scale: int,
     made = number(manifest.get("n"))
     if made is not None and n > made:  # more are stale ones of an earlier run (--overwrite)
         raise DataError(
-            f"{sr_dir / 'manifest.json'}: the sr_sample.py run that made this folder wrote "
-            f"{made:g} samples per image, not {n} (--n or --sr DIR:N; any files beyond them are "
-            f"an earlier run's): ask for {made:g} or fewer"
+            f"{sr_dir / 'manifest.json'}: the sr_sample.py runs that made this folder wrote "
+            f"at most {made:g} samples per image, not {n} (--n or --sr DIR:N; any files beyond "
+            f"them are an earlier run's): ask for {made:g} or fewer"
         )
     name = layouts[best]
     paths = []

@@ -502,6 +502,8 @@ def test_n_above_the_manifests_n_is_refused_in_every_sweep_folder(tmp_path, caps
     code, err = fails(capsys, *args, "--sr", sweep, "--n", 3)
     assert code == 3 and err.count("\n") == 1
     assert str(sweep / "T1" / "manifest.json") in err and "ask for 2 or fewer" in err
+    # (runs with other --n may add samples to one folder: n is the most any of them wrote)
+    assert "runs that made this folder wrote at most 2 samples per image, not 3" in err
     for n in (2, 1):
         assert run(capsys, *args, "--sr", sweep, "--n", n)[0] == 0
     assert run(capsys, *args, "--sr", sweep / "T0.5", "--sr", f"{sweep / 'T1'}:2", "--n", 3)[0] == 0
