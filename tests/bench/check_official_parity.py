@@ -354,6 +354,14 @@ GROUPS = [  # (name prefix, group): the max difference is reported per group
 ]  # fmt: skip
 
 
+def signal_name(number: int) -> str:
+    """SIGKILL for 9; the number where the signal has no name here (a real-time signal)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def groups(res: dict) -> dict:
     """The max difference per kind of quantity: relative, NLLs in bits per pixel."""
     worst = {}
@@ -407,7 +415,7 @@ def main(argv=None) -> int:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         # a case killed by a signal (the kernel's OOM killer: SIGKILL) leaves no output
-        how = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+        how = (f"killed by {signal_name(-proc.returncode)}" if proc.returncode < 0
                else f"exit {proc.returncode}")  # fmt: skip
         if not lines:
             tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
