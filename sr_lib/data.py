@@ -958,8 +958,8 @@ def near_path(path: str | os.PathLike, builtins: Sequence[str] = ()) -> str:
 
 def check_image_folder(folder: str | os.PathLike, builtins: Sequence[str] = ()) -> None:
     """`list_images`' DataError (its `builtins` as there) for a folder that is missing, a file,
-    or holds no image (recursively), without its warnings; a folder is read up to its first
-    image only (a large data set is listed once, where it is used)."""
+    or holds no image (recursively), without its warnings; its folders are listed only up to the
+    first that holds an image (a large data set is read once, where it is used)."""
     if Path(folder).is_dir():
         for path in _walk(Path(folder), True, []):
             if path.suffix.lower() in IMAGE_EXTENSIONS:
