@@ -313,11 +313,8 @@ def torch_load(path: str | os.PathLike, what: str = "weights", file=None):
             warnings.simplefilter("ignore")
             return torch.load(path if file is None else file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        with open(path, "rb") if file is None else contextlib.nullcontext(file) as f:
-            f.seek(0)
-            head = f.read(4)
         # A zip (torch.save) or pickle stream whose content the weights-only unpickler refused.
-        if "Weights only load failed" in str(e) and (head[:2] == b"PK" or head[:1] == b"\x80"):
+        if "Weights only load failed" in str(e) and torch_like(first_bytes(path, file)):
             found = re.search(r"GLOBAL (\S+)", str(e))
             obj = f" ({found.group(1)})" if found else ""
             by = written_by(path, file)
@@ -342,13 +339,11 @@ def torch_load(path: str | os.PathLike, what: str = "weights", file=None):
                 f"{path}: written by {by}, in a file format this torch ({torch.__version__}) "
                 "cannot read; load it with that torch or a newer one"
             ) from None
-        with open(path, "rb") if file is None else contextlib.nullcontext(file) as f:
-            f.seek(0)
-            head = f.read(24)
+        head = first_bytes(path, file)
         if not head:  # (a copy cut short before its first byte)
             raise CheckpointError(f"{path}: an empty file (a {what} file was expected); copy "
                                   "it again") from None  # fmt: skip
-        if head[:2] != b"PK" and head[:1] != b"\x80":  # neither torch.save's zip nor a pickle:
+        if not torch_like(head):  # neither torch.save's zip nor a pickle:
             # another file given (notes.txt as --resume), or a download's error page, where
             # "truncated ... copy it again" sent the user copying the wrong file again
             raise CheckpointError(
@@ -360,6 +355,18 @@ def torch_load(path: str | os.PathLike, what: str = "weights", file=None):
             f"{path}: not a valid torch file or is truncated (a {what} file was expected; "
             f"{type(e).__name__}: {first}); copy it again"
         ) from None
+
+
+def first_bytes(path: str | os.PathLike, file=None) -> bytes:
+    """The first 24 bytes of `path` (or of `file`, opened by the caller), for what a file is."""
+    with open(path, "rb") if file is None else contextlib.nullcontext(file) as f:
+        f.seek(0)
+        return f.read(24)
+
+
+def torch_like(head: bytes) -> bool:
+    """Whether a file's first bytes are torch.save's zip or a pickle stream."""
+    return head[:2] == b"PK" or head[:1] == b"\x80"
 
 
 def written_by(path: str | os.PathLike, file=None) -> dict[str, str]:
