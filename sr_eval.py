@@ -115,6 +115,7 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from contextlib import closing, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -818,11 +819,16 @@ def exists(path: Path) -> bool:
 
 def aside_name(path: Path) -> Path:
     """The first free name of NAME.old, NAME.old2, ... beside `path` (`set_aside`)."""
+    names = names_beside(path.parent, path.name, lambda i: OLD if i == 1 else f"{OLD}{i}")
+    return next(aside for aside in names if not exists(aside))
+
+
+def names_beside(folder: Path, base: str, suffix) -> Iterator[Path]:
+    """folder/base + suffix(i) for i = 1, 2, ...: the names a file is moved aside to, base cut
+    where the name would pass the file system's limit (`fit_name`)."""
     for i in itertools.count(1):
-        suffix = OLD if i == 1 else f"{OLD}{i}"
-        aside = path.with_name(fit_name(path.name, len(suffix), name_max(path.parent)) + suffix)
-        if not exists(aside):
-            return aside
+        end = suffix(i)
+        yield folder / (fit_name(base, len(end), name_max(folder)) + end)
 
 
 def one_line_warnings():
@@ -1118,10 +1124,10 @@ def keep_others_scores(here: Path, key: str) -> bool:
         return False
     if other == key or not isinstance(other, str) or not re.fullmatch(r"[0-9a-f]{64}", other):
         return False
-    base = here.name[: -len(PARTIAL)]
-    for i in itertools.count(1):
-        suffix = f".{other[:12]}{f'.{i}' if i > 1 else ''}{PARTIAL}"
-        aside = here.with_name(fit_name(base, len(suffix), name_max(here.parent)) + suffix)
+    key12 = f".{other[:12]}"
+    names = names_beside(here.parent, here.name[: -len(PARTIAL)],
+                         lambda i: f"{key12}{f'.{i}' if i > 1 else ''}{PARTIAL}")  # fmt: skip
+    for aside in names:
         try:
             if not exists(aside) and take_name(here, aside):
                 break
