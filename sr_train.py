@@ -354,6 +354,18 @@ def recipe_help(name: str, scale: int) -> str:
     return f"{text}\n{textwrap.fill(note, width, break_on_hyphens=False)}" if note else text
 
 
+# The path flags whose typed "" is refused (`parse_all`), and what to give instead.
+EMPTY_REFUSED = {
+    "data": "a folder of images or demo",
+    "lr_data": "a folder of images",
+    "val_data": "a folder of images or demo",
+    "out": "a run folder, or leave --out out for runs/MODEL_xSCALE",
+    "cache": "a folder for the decoded arrays, or leave --cache out",
+    "resume": "auto or a checkpoint, or leave --resume out for a new run",
+    "init_from": "a checkpoint, or leave --init-from out",
+}
+
+
 def parse_all(argv):
     """Two-stage parsing: run flags, then the chosen model's Config flags (resolve_run). Every
     number is checked here, before any work: one line and exit 2 for a value out of range."""
@@ -388,14 +400,14 @@ def parse_all(argv):
         raise SystemExit(0)
     check_ranges(args)
     # (an unset shell variable, `--data "$DATA"`: the path "" is the current folder, whose
-    # images, if any, were trained on without a word; --val-data's "" is its default, no
-    # validation or demo's, said as "no --val-data")
+    # images, if any, were trained on without a word; --val-data's, --out's, --cache's,
+    # --resume's and --init-from's "" is their default: no validation or demo's, runs/MODEL_xSCALE,
+    # no cache, a new run, no weights, taken without a word where a path was meant)
     given = given_fields(TrainArgs, argv, PROG)
-    for flag in ("data", "lr_data", "val_data"):
+    for flag, what in EMPTY_REFUSED.items():
         value = getattr(args, flag)
         if "" in (value if isinstance(value, list) else [value] * (flag in given)):
-            raise UsageError(f"--{flag.replace('_', '-')}: an empty path; give a folder of images"
-                             + " or demo" * (flag != "lr_data"))  # fmt: skip
+            raise UsageError(f"--{flag.replace('_', '-')}: an empty path; give {what}")
     # Each loader worker is a process of its own (hundreds of MB): --workers 100000 started
     # them until the machine's memory ran out. Beyond a few per core none loads faster.
     if args.workers > (most := WORKERS_PER_CORE * cpu_workers()):

@@ -215,6 +215,17 @@ CASES = {  # id: (flags, exit code, words of the message)
         PARSE,
         "--val-data: an empty path; give a folder of images or demo",
     ),
+    # (each other path flag's "" was its default: runs/MODEL_xSCALE, no cache, a new run, no
+    # weights, without a word)
+    **{
+        f"{flag} empty path": ({flag: "{empty}"}, PARSE, f"{flag}: an empty path; give {what}")
+        for flag, what in (
+            ("--out", "a run folder, or leave --out out"),
+            ("--cache", "a folder for the decoded arrays, or leave --cache out"),
+            ("--resume", "auto or a checkpoint, or leave --resume out for a new run"),
+            ("--init-from", "a checkpoint, or leave --init-from out"),
+        )
+    },
     "demo with folders": ({"--data": ["{data}", "demo"]}, 2, "--data demo: the built-in images"),
     # a folder without images: the flag named, before the run folder is made (--val-data's
     # after the training images were decoded)
