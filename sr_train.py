@@ -1499,8 +1499,10 @@ def check_data_folders(args: TrainArgs, out: Path, steps: int) -> None:
         folders.append(("--val-data", args.val_data))
     for flag, folder in folders:
         check_folder(flag, folder)
+    # (realpath: an --out in a loop of links is open_run_folder's one line; resolve() raised)
+    real = Path(os.path.realpath(out))
     for flag, folder in folders:  # its strips, OUT/val/*.png, were read as images of the folder
-        if Path(folder).resolve() in (out.resolve(), *out.resolve().parents):
+        if Path(folder).resolve() in (real, *real.parents):
             raise UsageError(
                 f"--out {out}: is inside {flag} {folder}, where its validation "
                 "strips would be read as images; give --out a folder outside it"

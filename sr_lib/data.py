@@ -710,12 +710,13 @@ def _unit(arr: np.ndarray) -> np.ndarray:
     return np.divide(arr, np.float32(255 if arr.dtype == np.uint8 else 65535), dtype=np.float32)
 
 
-def write_target(path: str | os.PathLike) -> Path:
+def write_target(path: str | os.PathLike, kind: str = "file") -> Path:
     """The file that a write to `path` replaces: `path`, or where the symbolic link `path` leads
     (through links of links), so that the link stays and its target gets the new bytes (an
     output linked onto another disk); the temporary file then goes beside the target, where
     os.replace is atomic. A link to nothing leads to its target's path where that folder
-    exists, else it is one line (OutputError); so is a loop of links. For a checkpoint and a
+    exists, else it is one line (OutputError); so is a loop of links (`kind`: what to point it
+    at, a file or a folder: `check_out_dir`'s). For a checkpoint and a
     text file (a record: JSON, CSV, HTML, the log); an image or array file is one of many a
     folder holds per image, whose link is replaced (`_atomic_open`)."""
     path = Path(path)
@@ -723,7 +724,7 @@ def write_target(path: str | os.PathLike) -> Path:
         return path
     target = Path(os.path.realpath(path))
     if target.is_symlink():  # realpath stops in a loop of links
-        raise OutputError(f"{path}: a loop of symbolic links; point it at a file or remove it")
+        raise OutputError(f"{path}: a loop of symbolic links; point it at a {kind} or remove it")
     if not target.parent.is_dir():
         raise OutputError(f"{path}: a symbolic link to {target}, whose folder does not exist; "
                           "create that folder, or remove the link")  # fmt: skip
@@ -834,12 +835,22 @@ def _probe(folder: Path, what: str) -> None:
 
 
 def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """The output folder, created if needed and proved writable before any long work starts."""
+    """The output folder, created if needed and proved writable before any long work starts. A
+    symbolic link to a folder not made yet (a run folder linked onto a scratch disk) has its
+    target made, where the target's own folder exists, as an output file's link leads to its
+    target (`write_target`); a link whose target's folder is missing too (a disk not mounted, a
+    link made on another machine), and a loop of links, are one line (mkdir said "File exists")."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{flag} {path}: is a file, not a folder; give a folder")
+    made = path
+    if path.is_symlink() and not path.exists():  # a link to nothing, or a loop of links
+        try:
+            made = write_target(path, "folder")
+        except OutputError as e:
+            raise OutputError(f"{flag} {e}") from None
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        made.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"{flag} {path}: cannot create it ({e.strerror or e})") from None
     _probe(path, f"{flag} {path}")

@@ -276,6 +276,27 @@ CASES = {  # id: (flags, exit code, words of the message)
     "out is a file": ({"--out": "{file}"}, 7, "is a file, not a folder"),
     "out under a file": ({"--out": "{file}/run"}, 7, "cannot create it"),
     "cache is a file": ({"--cache": "{file}"}, 7, "--cache"),
+    # mkdir said "cannot create it (File exists)" of both; --out's loop with --data a folder was
+    # a traceback (Path.resolve's RuntimeError)
+    **{
+        f"{flag} a loop of links": (
+            {flag: "{tmp}/loop"},
+            7,
+            f"{flag} {{tmp}}/loop: a loop of symbolic links; point it at a folder or remove it",
+        )
+        for flag in ("--out", "--cache")
+    },
+    # a link to a folder on a disk not mounted: not made there (a link to a folder not made yet,
+    # whose own folder exists, is: test_a_linked_run_folder_is_made_at_its_target)
+    **{
+        f"{flag} a link into a missing folder": (
+            {flag: "{tmp}/unmounted"},
+            7,
+            f"{flag} {{tmp}}/unmounted: a symbolic link to {{tmp}}/no disk/run, whose folder does "
+            "not exist; create that folder, or remove the link",
+        )
+        for flag in ("--out", "--cache")
+    },
     "resume missing checkpoint": ({"--resume": "{tmp}/gone.pt"}, 6, "gone.pt: no such checkpoint"),
     "resume a run folder": (  # its folder typed for its checkpoint: what to give instead
         {"--resume": "{run}"},
@@ -452,6 +473,7 @@ def world(tmp_path_factory):
     (tmp / "notes.txt").write_text("not a folder")
     (tmp / "sets" / "x2").mkdir(parents=True)  # (a folder to mistype, without images)
     (tmp / "loop").symlink_to("loop")
+    (tmp / "unmounted").symlink_to(tmp / "no disk" / "run")
     argv = argv_of({"--steps": "2", "--out": str(tmp / "run")}, data=data)
     assert sr_train.main(argv) == 0
     # the same run as a newer srspace writes it, its model config holding a field unknown here
@@ -490,6 +512,18 @@ def test_one_line_and_the_exit_code(case, world, tmp_path, capsys, monkeypatch):
         assert not out.exists(), "a flag refused at parse time must not start any work"
     if "data" in case:  # a data folder's line comes before the run folder is made
         assert not out.exists() and not (world["data"] / "run").exists()
+
+
+def test_a_linked_run_folder_is_made_at_its_target(world, tmp_path):
+    """--out and --cache, symbolic links to folders not made yet on a scratch disk: made there,
+    written through the links, which stay (mkdir had said "cannot create it (File exists)")."""
+    (tmp_path / "scratch").mkdir()
+    for name in ("run", "cache"):
+        (tmp_path / name).symlink_to(tmp_path / "scratch" / name)
+    flags = {"--out": str(tmp_path / "run"), "--cache": str(tmp_path / "cache")}
+    assert sr_train.main(argv_of(flags, **world)) == 0
+    assert (tmp_path / "run").is_symlink() and (tmp_path / "scratch/run/last.pt").is_file()
+    assert (tmp_path / "cache").is_symlink() and list((tmp_path / "scratch/cache").glob("*.npy"))
 
 
 def test_a_limit_past_int64_is_no_limit(world, tmp_path):
