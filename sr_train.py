@@ -469,8 +469,8 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
                       "of several); ignored", stacklevel=2)  # fmt: skip
     say = say_out if dd.main and not args.quiet else (lambda text: None)  # --quiet: none
     model = training_model(args, cfg, named, recipe, resumed, device, say)
-    if not dd.on and recipe.steps > result.fields["step"]:  # (several: each rank's, below)
-        check_data_folders(args, out, recipe.steps)
+    if recipe.steps > result.fields["step"]:  # (a finished run reads no image)
+        check_run_data(args, out, recipe.steps, dd)
     run_log = cleanup.enter_context(  # rank 0
         open_run_folder(out, args.tensorboard, dd, resumed["step"] if resumed else None)
     )
@@ -1486,16 +1486,39 @@ def check_folder(flag: str, folder: str) -> None:
         raise DataError(f"{flag} {e}") from None
 
 
-def check_data_folders(args: TrainArgs, out: Path, steps: int) -> None:
+def check_run_data(args: TrainArgs, out: Path, steps: int, dd) -> None:
+    """`check_data_folders` before rank 0 makes the run folder. With several processes every rank
+    checks its own --data and --lr-data (each node may read its own copy: RANK_FLAGS), rank 0
+    its --val-data (read by rank 0 alone), and they agree first: one rank's missing folder was
+    found only as it decoded its images, after rank 0 had made OUT/, with no flag named, and
+    left the others "lost contact", exit 75. Every rank says the line of the first rank that
+    failed, and which rank that was, with its exit code."""
+    error = None
+    try:
+        check_data_folders(args, out, steps, validation=dd.main)
+    except SRSpaceError as e:
+        if not dd.on:
+            raise
+        error = e
+    if not dd.on:
+        return
+    failed = distributed.gather_objects(error and (type(error), str(error)), dd)
+    for rank, got in enumerate(failed):
+        if got is not None:
+            kind, message = got
+            raise kind(f"rank {rank}: {message}") from None
+
+
+def check_data_folders(args: TrainArgs, out: Path, steps: int, validation: bool = True) -> None:
     """A --data, --lr-data or --val-data folder that is not there or holds no image: its one
     line before the run folder is made (a typo left an OUT/ holding only .lock and an empty
     log.jsonl; --val-data's was found after the training images were decoded). An --out inside
-    one of them: exit 2."""
+    one of them: exit 2. `validation`: whether --val-data is checked (rank 0's alone)."""
     if "demo" in args.data and args.data != ["demo"] and not Path("demo").exists():
         raise UsageError("--data demo: the built-in images are given alone, not with folders")
     folders = [("--data", f) for f in args.data if args.data != ["demo"]]
     folders += [("--lr-data", f) for f in args.lr_data]
-    if not no_validation(args, steps) and validation_source(vars(args)) != "demo":
+    if validation and not no_validation(args, steps) and validation_source(vars(args)) != "demo":
         folders.append(("--val-data", args.val_data))
     for flag, folder in folders:
         check_folder(flag, folder)

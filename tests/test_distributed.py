@@ -455,6 +455,46 @@ sr_train.build_optimizers = build_optimizers
 
 
 @ONE_WORKER
+@pytest.mark.parametrize(
+    "case, code, line",
+    [("data", 3, "rank 0: --data {gone}: no such folder; give a folder of images"),
+     ("rank 1's data", 3, "rank 1: --data {gone}: no such folder; give a folder of images"),
+     ("val data", 3, "rank 0: --val-data {gone}: no such folder; give a folder of images"),
+     ("empty data", 3, "rank 1: --data {empty}: no images found"),
+     ("out inside data", 2, "rank 0: --out {images}/run: is inside --data {images}, where")],
+)  # fmt: skip
+def test_a_data_folder_that_cannot_be_used_is_refused_before_the_run_folder(
+    tmp_path, images, case, code, line
+):
+    """The data folders' checks ran in one process alone: with several, a missing --data was
+    found as each rank decoded its images, after rank 0 had made OUT/ (".lock", "log.jsonl"),
+    in a line without the flag; one rank's alone (its node's copy), or rank 0's --val-data, left
+    the other "lost contact", exit 75. Every rank says the failing rank's line, with its exit
+    code, and no run folder is made."""
+    gone, empty = tmp_path / "gone", tmp_path / "empty"
+    empty.mkdir()
+    out = images / "run" if case == "out inside data" else tmp_path / "run"
+
+    def cmd(data, *more):
+        return train_cmd(out, data, "--model", "edsr", "--n-feats", "8", "--n-blocks", "1",
+                         "--steps", "2", *more, nproc=0)  # fmt: skip
+
+    argvs = {
+        "data": [cmd(gone)] * 2,
+        "rank 1's data": [cmd(images), cmd(gone)],
+        "val data": [cmd(images, "--val-data", str(gone), "--val-every", "1")] * 2,
+        "empty data": [cmd(images), cmd(empty)],
+        "out inside data": [cmd(images)] * 2,
+    }[case]
+    codes, outs = ended(srun_ranks(argvs))
+    errs = [err for _, err in outs]
+    assert codes == [code, code], errs
+    want = "sr_train.py: error: " + line.format(gone=gone, empty=empty, images=images)
+    assert all(err.startswith(want) and len(err.splitlines()) == 1 for err in errs), errs
+    assert not out.exists()
+
+
+@ONE_WORKER
 def test_a_warning_of_every_rank_is_printed_once_one_of_a_node_by_its_rank(val_run):
     """Every rank printed each warning: a flag with no effect 64 times in a 64-rank job's log.
     Rank 0 alone prints those; a warning about a node's own copy of the images (here rank 1's
