@@ -1551,13 +1551,13 @@ def training_data(args: TrainArgs, recipe: Recipe, model, dd, say) -> PatchPairs
             lr_dirs=args.lr_data or None, cache=args.cache or None, degradation=degradation(args),
         )  # fmt: skip
     except TooSmall as e:  # what to do: the largest --patch the model takes that one fits
-        m = model.lr_multiple
-        least, fit = max(m, -(-model.min_lr_size // m) * m), e.lr_side // m * m
+        least, fit = least_patch(model), e.lr_side // model.lr_multiple * model.lr_multiple
         raise DataError(
             f"{e}; use --patch {fit} (the largest image's LR is {e.lr_side} px on its shorter "
             f"side), or --data with larger images" if fit >= least else
-            f"{e}; give --data larger images (the {args.model} model takes an LR patch of "
-            f"{least} px at least; the largest image's LR is {e.lr_side} px on its shorter side)"
+            f"{e}; give --data larger images (the {args.model} model and its losses take an LR "
+            f"patch of {least} px at least; the largest image's LR is {e.lr_side} px on its "
+            "shorter side)"
         ) from None  # fmt: skip
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not is_out_of_memory(e):
@@ -1676,6 +1676,17 @@ def training_model(args: TrainArgs, cfg: dict, named: set[str], recipe: Recipe, 
             f"--patch {recipe.patch}: {args.model} x{args.scale} needs an LR patch that is a "
             f"multiple of {multiple}; use --patch {fit}"
         )
+    # A loss or critic given too small a patch stopped the run at its first step (VarSR's
+    # critic: at its adversarial phase), after OUT/ was made and the data decoded.
+    if recipe.steps > (resumed["step"] if resumed else 0):
+        for what, need, way_out in model.patch_needs():
+            if recipe.patch * args.scale < need:
+                hr = recipe.patch * args.scale
+                raise UsageError(
+                    f"--patch {recipe.patch}: {what} needs HR patches of at least {need} px, not "
+                    f"{hr}x{hr}: use --patch {least_patch(model)} or more (the HR "
+                    f"patch is --patch x --scale){way_out}"
+                )
     if args.d_learning_rate is not None and model.discriminator is None and model.learns:
         warnings.warn(f"--d-learning-rate: no effect, this {args.model} model has no "
                       "discriminator; ignored", stacklevel=2)  # fmt: skip
@@ -1740,13 +1751,20 @@ def native_bf16(device) -> bool:
 
 def smaller_batches(recipe: Recipe, model) -> list[str]:
     """What makes a training batch smaller, with this run's values: a smaller --batch where it
-    is over 1 (per process), a smaller --patch where one is left (a multiple of the model's
-    lr_multiple, at least its min_lr_size)."""
+    is over 1 (per process), a smaller --patch where one is left (`least_patch`)."""
     helps = [f"a smaller --batch (this run's: {recipe.batch})"] if recipe.batch > 1 else []
-    m = model.lr_multiple
-    if recipe.patch - m >= max(m, -(-model.min_lr_size // m) * m):
+    if recipe.patch - model.lr_multiple >= least_patch(model):
         helps.append(f"a smaller --patch (this run's: {recipe.patch})")
     return helps
+
+
+def least_patch(model) -> int:
+    """The smallest --patch that `model` trains on: a multiple of its lr_multiple, at least its
+    min_lr_size, whose HR patch (x its scale) each of its losses takes (`patch_needs`: the VGG19
+    perceptual loss 16 px at relu5_4, VarSR's critic 17, VSpSR's 10)."""
+    m, s = model.lr_multiple, model.scale
+    lr = max([model.min_lr_size] + [-(-need // s) for _, need, _ in model.patch_needs()])
+    return max(m, -(-lr // m) * m)
 
 
 def bigger_flags(name: str, cfg: dict) -> str:

@@ -383,8 +383,8 @@ CASES = {  # id: (flags, exit code, words of the message)
             "--patch": "7",
         },
         2,
-        "the VGG19 perceptual loss needs HR patches of at least 16 px, not 14x14: use a larger "
-        "--patch (the HR patch is --patch x --scale; in Python, a larger hr), or --lambda-per 0",
+        "--patch 7: the VGG19 perceptual loss needs HR patches of at least 16 px, not 14x14: use "
+        "--patch 9 or more (the HR patch is --patch x --scale), or --lambda-per 0",
     ),
     "vspsr critic patch too small": (
         {**TINY_VSPSR, "--lambda-per": "0", "--patch": "3"},
@@ -398,8 +398,8 @@ CASES = {  # id: (flags, exit code, words of the message)
             "--lambda-style": "0",  # (the style loss's own 16 px would be said first)
         },
         2,
-        "refvae: the discriminator needs HR patches of at least 16 px, not 8x8: use a larger "
-        "--patch (the HR patch is --patch x --scale",
+        "--patch 4: refvae: the discriminator needs HR patches of at least 16 px, not 8x8: use "
+        "--patch 8 or more (the HR patch is --patch x --scale)",
     ),
     # an LR patch that the model's layers cannot halve: refused before any work, not a shape
     # error inside the first step
@@ -524,6 +524,50 @@ def test_a_linked_run_folder_is_made_at_its_target(world, tmp_path):
     assert sr_train.main(argv_of(flags, **world)) == 0
     assert (tmp_path / "run").is_symlink() and (tmp_path / "scratch/run/last.pt").is_file()
     assert (tmp_path / "cache").is_symlink() and list((tmp_path / "scratch/cache").glob("*.npy"))
+
+
+# a tiny VarSR, its critic on from the first step
+TINY_VARSR = {"--model": "varsr", "--z-dim": "8", "--enc-feats": "4", "--d-channels": "4",
+              "--no-pretrained": "", "--adv-start": "0"}  # fmt: skip
+# Each model with a loss or critic that takes a least HR patch: (flags, the least --patch at
+# x2, whether a run with it is tried: VSpSR's perceptual loss needs VGG19's weights file)
+LEAST_PATCH = {
+    "varsr": (TINY_VARSR, 9, True),  # its critic: 17 px (its VGG19 loss at relu5_4: 16)
+    "varsr without its critic": (
+        {
+            **{k: v for k, v in TINY_VARSR.items() if k not in ("--adv-start", "--d-channels")},
+            "--lambda-adv": "0",
+        },
+        8,
+        True,
+    ),
+    "vspsr": ({**TINY_VSPSR, "--lambda-per": "0"}, 5, True),  # its critic: 10 px
+    "vspsr with its perceptual loss": (TINY_VSPSR, 8, False),
+    "refvae": (TINY_REFVAE, 8, True),  # its discriminator and style loss: 16 px (a multiple of 4)
+}
+
+
+@pytest.mark.parametrize("case", LEAST_PATCH)
+def test_a_patch_too_small_for_a_loss_is_refused_before_any_work(case, world, tmp_path, capsys,
+                                                                 monkeypatch):  # fmt: skip
+    """A loss or critic given too small a patch was refused at the first step, after the run
+    folder was made and the data decoded (VarSR's critic: at its adversarial phase, half the
+    run later), and the --patch suggested for images too small took none of them into account.
+    Now the patch below the least is one line before any work, naming the least, with which
+    the run trains."""
+    monkeypatch.setenv("SRSPACE_OFFLINE", "1")
+    flags, least, runs = LEAST_PATCH[case]
+    out = tmp_path / "out"
+    small = least - 4 if flags["--model"] == "refvae" else least - 1  # (refvae: its multiple)
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(argv_of({**flags, "--patch": str(small), "--out": str(out)}, **world))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert f"--patch {small}: " in err and f"use --patch {least} or more" in err, err
+    assert not out.exists()
+    if runs:  # each loss takes it: the step runs
+        assert sr_train.main(argv_of({**flags, "--patch": str(least), "--out": str(out)},
+                                     **world)) == 0  # fmt: skip
 
 
 def test_a_limit_past_int64_is_no_limit(world, tmp_path):

@@ -530,6 +530,13 @@ class SRModel(nn.Module):
     def on_step(self, step: int, total: int) -> None:
         """Called by the training loop before every step."""
 
+    def patch_needs(self) -> list[tuple[str, int, str]]:
+        """What its training losses take of an HR patch, as (what, the least side in px, another
+        way out, e.g. ", or --lambda-per 0 (lambda_per=0)"): those that `losses.patch_too_small`
+        says at a step, which sr_train.py checks --patch against before any work, and takes into
+        the smallest --patch it suggests. The default: none."""
+        return []
+
     def check_files(self, loaded: bool) -> None:
         """Read or check now the files a training run's first step would (pretrained loss
         networks, `--rrdb-init`, a `--ref-data` folder), before sr_train.py decodes its data

@@ -102,6 +102,16 @@ def patch_too_small(what: str, need: int, hr: torch.Tensor, way_out: str = "") -
     )
 
 
+# The way out of a patch too small for the VGG19 perceptual loss: without it
+PER_OFF = ", or --lambda-per 0 (lambda_per=0)"
+
+
+def vgg_min_size(tap: str) -> int:
+    """The least side of a patch that VGG19 takes down to `tap` (reluB_C): each of its B - 1
+    2x2 max-pools halves it, as `VGGLoss.min_size` counts them in the module."""
+    return 2 ** (int(tap[len("relu")]) - 1)
+
+
 class VGGLoss(nn.Module):
     """Mean over the taps of `vgg` (a frozen `VGGFeatures`) of MSE(vgg(sr), vgg(hr)); gradients
     flow to `sr` only."""
@@ -115,8 +125,7 @@ class VGGLoss(nn.Module):
 
     def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         if min(hr.shape[-2:]) < self.min_size:
-            raise patch_too_small("the VGG19 perceptual loss", self.min_size, hr,
-                                  ", or --lambda-per 0 (lambda_per=0)")  # fmt: skip
+            raise patch_too_small("the VGG19 perceptual loss", self.min_size, hr, PER_OFF)
         with torch.no_grad():
             target = self.vgg(hr)
         feats = self.vgg(sr)

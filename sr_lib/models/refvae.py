@@ -60,6 +60,7 @@ VGG_CH = 512  # relu4_1 channels
 NOISE_MEAN, NOISE_STD = 0.249, 0.145  # moments of the code's uint8 U{0..127}/255 noise reference
 REF_SEED = 0x5EF  # training references of step t: default_rng([REF_SEED, t])
 CONTENT_DOWN = ("lr", "pyramid", "none")
+STYLE_OFF = "; or --lambda-style 0"  # the way out of a patch too small for the style loss
 R41_MIN = 16  # px: the r41 encoder's reflection padding needs 2 positions at 1/8
 # Where vgg_r41.pth comes from (the manifest entry has no URL), for the missing-file message
 R41_SOURCE = (
@@ -427,6 +428,15 @@ class RefVAE(LatentSRModel):
         # vgg_loaded then stays True with the weights it describes.
         self._load_weights(losses=True)
 
+    def patch_needs(self) -> list[tuple[str, int, str]]:
+        # (the r41 encoder's 16 px: its min_lr_size)
+        needs = []
+        if self.discriminator is not None:
+            needs.append(("refvae: the discriminator", self.discriminator.MIN_SIZE, ""))
+        if self.cfg.lambda_style > 0:  # its deepest tap's map needs 2 positions (`forward`)
+            needs.append(("refvae: the style loss", 2 << self.style_pools, STYLE_OFF))
+        return needs
+
     def check_files(self, loaded: bool) -> None:
         if not loaded:
             self._load_weights(losses=True)  # the encoder's, VGG19's (a checkpoint holds them)
@@ -612,7 +622,7 @@ class RefVAE(LatentSRModel):
             # The std divides by n - 1 over space (Eq. 7 as the code computes it): the deepest
             # tap needs 2 positions; a 1x1 map gave NaN and every step was skipped.
             h, w = (n >> self.style_pools for n in hr.shape[-2:])  # the deepest tap's map
-            need, off = 2 << self.style_pools, "; or --lambda-style 0"
+            need, off = 2 << self.style_pools, STYLE_OFF
             if h * w < 2:
                 raise patch_too_small("refvae: the style loss", need, hr, off)
             if c.style_target == "ref" and c.ref_size < need:

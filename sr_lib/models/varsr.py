@@ -30,12 +30,14 @@ from sr_lib.models.base import (
 )
 from sr_lib.models.blocks import conv3x3
 from sr_lib.models.losses import (
+    PER_OFF,
     VGGLoss,
     frozen_call,
     gaussian_kl,
     gradient_penalty,
     on_device,
     patch_too_small,
+    vgg_min_size,
 )
 from sr_lib.models.vgg import NO_VGG, VGG19_RELU, VGGFeatures
 from sr_lib.resize import imresize_torch
@@ -205,6 +207,14 @@ class VarSR(LatentSRModel):
     def set_adversarial(self, on: bool) -> None:
         """Switch the adversarial phase by hand (tests, fine-tuning scripts)."""
         self._adv_on = on and self.discriminator is not None
+
+    def patch_needs(self) -> list[tuple[str, int, str]]:
+        needs = []
+        if self.cfg.lambda_per > 0:
+            needs.append(("the VGG19 perceptual loss", vgg_min_size(self.cfg.per_layer), PER_OFF))
+        if self.discriminator is not None and self.cfg.adv_start < 1:  # (phase 2 comes)
+            needs.append(("varsr: the critic", self.discriminator.min_size, ""))
+        return needs
 
     def check_files(self, loaded: bool) -> None:
         if self.cfg.lambda_per > 0:

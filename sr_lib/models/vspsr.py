@@ -33,11 +33,13 @@ from sr_lib.models.base import (
 )
 from sr_lib.models.blocks import conv3x3
 from sr_lib.models.losses import (
+    PER_OFF,
     VGGLoss,
     frozen_call,
     on_device,
     patch_too_small,
     sparse_prior_kl,
+    vgg_min_size,
 )
 from sr_lib.models.vgg import NO_VGG, VGG19_RELU, VGGFeatures
 from sr_lib.weights import load_strict
@@ -315,6 +317,14 @@ class VSpSR(SRModel):
         c = self.cfg
         layout = f"vspsr x{self.scale} (C={c.n_basis}, upsample {c.upsample})"
         load_strict(self, sd, f"{path}: does not match the released {layout}")
+
+    def patch_needs(self) -> list[tuple[str, int, str]]:
+        needs = []
+        if self.cfg.lambda_per > 0:
+            needs.append(("the VGG19 perceptual loss", vgg_min_size(self.cfg.per_layer), PER_OFF))
+        if self.discriminator is not None:
+            needs.append(("vspsr: the critic", self.discriminator.min_size, ""))
+        return needs
 
     def check_files(self, loaded: bool) -> None:
         if self.cfg.cem_train:  # (sr_train.py: before the data is read, as a missing file)
