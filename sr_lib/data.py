@@ -836,21 +836,24 @@ def _probe(folder: Path, what: str) -> None:
 
 def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     """The output folder, created if needed and proved writable before any long work starts. A
-    symbolic link to a folder not made yet (a run folder linked onto a scratch disk) has its
-    target made, where the target's own folder exists, as an output file's link leads to its
-    target (`write_target`); a link whose target's folder is missing too (a disk not mounted, a
-    link made on another machine), and a loop of links, are one line (mkdir said "File exists")."""
+    symbolic link to a folder not made yet (a run folder linked onto a scratch disk), it or a
+    folder on its way, has its target made, where the target's own folder exists, as an output
+    file's link leads to its target (`write_target`); a link whose target's folder is missing
+    too (a disk not mounted, a link made on another machine), and a loop of links, are one line
+    (mkdir said "File exists")."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{flag} {path}: is a file, not a folder; give a folder")
-    made = path
-    if path.is_symlink() and not path.exists():  # a link to nothing, or a loop of links
-        try:
-            made = write_target(path, "folder")
-        except OutputError as e:
-            raise OutputError(f"{flag} {e}") from None
-    try:
-        made.mkdir(parents=True, exist_ok=True)
+    for part in (*reversed(path.parents), path):  # it or a folder on its way (--out link/run)
+        if part.is_symlink() and not part.exists():  # a link to nothing, or a loop of links
+            try:
+                write_target(part, "folder")
+            except OutputError as e:
+                raise OutputError(
+                    f"{flag} {path}: {e}" if part != path else f"{flag} {e}"
+                ) from None
+    try:  # (mkdir makes no folder through a link: at its target)
+        Path(os.path.realpath(path)).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"{flag} {path}: cannot create it ({e.strerror or e})") from None
     _probe(path, f"{flag} {path}")

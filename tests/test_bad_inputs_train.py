@@ -297,6 +297,16 @@ CASES = {  # id: (flags, exit code, words of the message)
         )
         for flag in ("--out", "--cache")
     },
+    "out under a link into a missing folder": (
+        {"--out": "{tmp}/unmounted/run"},
+        7,
+        "--out {tmp}/unmounted/run: {tmp}/unmounted: a symbolic link to {tmp}/no disk/run, whose",
+    ),
+    "out under a loop of links": (
+        {"--out": "{tmp}/loop/run"},
+        7,
+        "--out {tmp}/loop/run: {tmp}/loop: a loop of symbolic links; point it at a folder",
+    ),
     "resume missing checkpoint": ({"--resume": "{tmp}/gone.pt"}, 6, "gone.pt: no such checkpoint"),
     "resume a run folder": (  # its folder typed for its checkpoint: what to give instead
         {"--resume": "{run}"},
@@ -515,14 +525,15 @@ def test_one_line_and_the_exit_code(case, world, tmp_path, capsys, monkeypatch):
 
 
 def test_a_linked_run_folder_is_made_at_its_target(world, tmp_path):
-    """--out and --cache, symbolic links to folders not made yet on a scratch disk: made there,
-    written through the links, which stay (mkdir had said "cannot create it (File exists)")."""
+    """--out and --cache, symbolic links to folders not made yet on a scratch disk (or a folder
+    on their way: runs/x2): made there, written through the links, which stay (mkdir had said
+    "cannot create it (File exists)")."""
     (tmp_path / "scratch").mkdir()
-    for name in ("run", "cache"):
+    for name in ("runs", "cache"):
         (tmp_path / name).symlink_to(tmp_path / "scratch" / name)
-    flags = {"--out": str(tmp_path / "run"), "--cache": str(tmp_path / "cache")}
+    flags = {"--out": str(tmp_path / "runs" / "x2"), "--cache": str(tmp_path / "cache")}
     assert sr_train.main(argv_of(flags, **world)) == 0
-    assert (tmp_path / "run").is_symlink() and (tmp_path / "scratch/run/last.pt").is_file()
+    assert (tmp_path / "runs").is_symlink() and (tmp_path / "scratch/runs/x2/last.pt").is_file()
     assert (tmp_path / "cache").is_symlink() and list((tmp_path / "scratch/cache").glob("*.npy"))
 
 
