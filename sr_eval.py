@@ -70,12 +70,14 @@ a run's first image, then a line appended per image; a last line cut short by a 
 beside --out (else --csv; a rerun that adds, drops or renames --out finds them in its outputs'
 folders, the newest of the same command; without either, nothing is kept): the same command
 run again continues after them, and its files are those of a run never stopped. They are taken only
-where every flag but the outputs', the LPIPS weights' sha256, the device (on CUDA its model) and
-the versions are the same, and for the first images whose files (path, size, modification time)
-are unchanged; another command's OUT.partial is moved aside to OUT.<its key>.partial (a line says
-where), where a rerun of that command finds it, never replaced; the file is deleted once the
-results are written. An error after images were scored says in its line how
-many images' scores are kept there (the --json line's kept). An --out or --csv already there (an
+where every flag but the outputs', the LPIPS weights' sha256, the device (on CUDA its model; with
+--no-lpips, which runs nothing there, neither --device nor --lpips-batch) and the versions are the
+same (an srspace's before device_name: where no GPU model ran LPIPS), and for the first images
+whose files (path, size, modification time) are unchanged; another command's OUT.partial is
+moved aside to OUT.<its key>.partial (a line says where), where a rerun of that command finds
+it, never replaced; the file is deleted once the results are written. An error after images
+were scored says in its line how many images' scores are kept there (the --json line's kept).
+An --out or --csv already there (an
 earlier run's) is renamed NAME.old (NAME.old2, ... where taken) when the scoring starts, and an
 earlier report in --report DIR (its index.html, plots/ and images/) moved into a new folder DIR/old
 (old2, ...; DIR alone must be writable; a DIR/index.html that is a link stays one, the earlier
@@ -926,7 +928,8 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
 
     # The scores so far, kept beside --out or --csv after each image: a rerun continues from them
     partial = partial_path(args)
-    key = scores_key(args, run_settings(args, shave, device, lpips_metric, columns, methods))
+    settings = run_settings(args, shave, device, lpips_metric, columns, methods)
+    key = scores_key(args, settings)
     prints = [image_print(hr[s], lr_files, sigma_files, methods, k) for k, s in enumerate(stems)]
     fields = {m.name: {"image", *columns} for m in methods}  # the keys of each method's row
     if args.pairwise:  # (and the matrix, for --out)
@@ -934,7 +937,7 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     if sigma_files:
         fields[methods[0].name] |= {"PLL", "PSNR_sigma"}
     if partial:
-        adopt_partial(args, key)
+        adopt_partial(args, key, legacy_keys(args, settings))
     ns = {m.name: m.n for m in methods}
     kept = kept_scores(partial, key, stems, prints, fields, ns) if partial else []
     # the NAME.old files that a stopped run of this command set aside: deleted once this run
@@ -1080,18 +1083,19 @@ def partial_paths(args: EvalArgs) -> list[Path]:
     return [p for p in paths if p.resolve() not in taken]
 
 
-def adopt_partial(args: EvalArgs, key: str) -> None:
+def adopt_partial(args: EvalArgs, key: str, legacy: set[str] = frozenset()) -> None:
     """The scores kept by a run of this command (`key`) with other outputs, moved to
     `partial_path` beside the --out (else --csv) now given: the outputs are no part of the
     command that makes the scores (`scores_key`), so this run continues them, and no file is left
     behind that no run would read or delete. Looked for beside --csv, then among the other
     NAME.partial files in the folders of the outputs given (a run with --out r.json --csv r.csv
     kept them in r.json.partial, and its rerun with --csv r.csv alone cannot know that name): the
-    newest of this command."""
+    newest of this command. One of its `legacy` keys (`legacy_keys`) is given `key`."""
     here, *others = partial_paths(args)
+    upgrade_key(here, key, legacy)
     if here.exists() and not keep_others_scores(here, key):
         return  # (this command's, or not sr_eval.py's: `kept_scores`)
-    head = partial_text(key, [], [])[: len('{"key": ""') + len(key)].encode()
+    heads = [partial_text(k, [], [])[: len('{"key": ""') + len(k)].encode() for k in (key, *legacy)]
     strays = []
     for folder in dict.fromkeys(p.parent for p in (here, *others)):
         with suppress(OSError):
@@ -1099,8 +1103,9 @@ def adopt_partial(args: EvalArgs, key: str) -> None:
     strays = sorted(set(strays) - {here, *others}, key=mtime, reverse=True)
     for other in [*others, *strays]:
         with suppress(OSError), open(other, "rb") as f:  # (a folder so named: not opened)
-            if f.read(len(head)) == head:
+            if f.read(len(heads[0])) in heads:
                 os.replace(other, here)
+                upgrade_key(here, key, legacy)
                 return
 
 
@@ -1261,9 +1266,52 @@ def scores_key(args: EvalArgs, settings: dict) -> str:
     and the settings of --out (the LPIPS weights' sha256, the device and its GPU model, torch's
     and srspace's versions, the columns). A rerun on another GPU model (a job requeued onto
     another node) is another command, as a rerun on the CPU is: it scores every image, not a
-    mix of two models' numbers that differ at about 1e-6."""
-    typed = {k: v for k, v in dataclasses.asdict(args).items()
-             if k not in ("out", "csv", "report", "quiet", "json")}  # fmt: skip
+    mix of two models' numbers that differ at about 1e-6. With --no-lpips, --device and
+    --lpips-batch (LPIPS's alone, ignored) are not in it: a job requeued from a GPU node onto a
+    CPU one continues (its numbers are the CPU's on both)."""
+    unused = ("device", "lpips_batch") if args.no_lpips else ()
+    return settings_key(settings, typed_flags(args, unused))
+
+
+def typed_flags(args: EvalArgs, unused: tuple[str, ...] = ()) -> dict:
+    """The flags of `args` that make the numbers: all but the outputs' (and `unused`)."""
+    skip = ("out", "csv", "report", "quiet", "json", *unused)
+    return {k: v for k, v in dataclasses.asdict(args).items() if k not in skip}
+
+
+def legacy_keys(args: EvalArgs, settings: dict) -> set[str]:
+    """The keys that an srspace before --out's device_name (session 28) gave the scores this
+    command kept: its settings without device_name, and every flag typed. A requeue across the
+    upgrade moved them aside and scored every image again; they are this command's
+    (`upgrade_key`) where no GPU model ran LPIPS, the one thing that key does not tell: on the
+    CPU, or with --no-lpips (its device then ran nothing: the one --device picked, cuda or cpu
+    for auto)."""
+    if settings["device_name"] is not None:
+        return set()
+    typed = typed_flags(args)
+    devices = [settings["device"]]
+    if args.no_lpips:
+        devices = ["cpu", "cuda"] if args.device == "auto" else [str(torch.device(args.device))]
+    old = {k: v for k, v in settings.items() if k != "device_name"}
+    return {settings_key({**old, "device": d}, typed) for d in devices}
+
+
+def upgrade_key(path: Path, key: str, legacy: set[str]) -> bool:
+    """OUT.partial `path` of this command's scores under a `legacy_keys` key given this run's
+    `key` (its first line rewritten, atomically): True where so, False where it has another key
+    or is no such file."""
+    try:
+        if read_partial(path)[0]["key"] not in legacy:
+            return False
+        first, sep, rest = path.read_bytes().decode("utf-8").partition("\n")
+        write_text(path, json.dumps({**json.loads(first), "key": key}) + sep + rest)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def settings_key(settings: dict, typed: dict) -> str:
+    """sha256 of the `settings` of --out but their args, and the flags `typed` (`scores_key`)."""
     what = {**{k: v for k, v in settings.items() if k != "args"}, "args": typed}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
@@ -1466,7 +1514,7 @@ def check_flags(args: EvalArgs) -> tuple[int, torch.device, int, tuple | None]:
                              f"replace it; give {flag} a path outside that folder")  # fmt: skip
     if args.hr != "demo" and not Path(args.hr).is_dir():  # its line before the LPIPS weights'
         hr_images(args.hr)  # (offline, a mistyped --hr was exit 6: the weights not found)
-    device = pick_device(args.device)  # (so too a mistyped --device)
+    device = unused_device(args.device) if args.no_lpips else pick_device(args.device)
     lpips_read = None
     if not args.no_lpips:
         try:  # LPIPS's weights, found and read before any output is made or any image read
@@ -1488,6 +1536,19 @@ def check_flags(args: EvalArgs) -> tuple[int, torch.device, int, tuple | None]:
         )
     shave = args.scale if args.shave is None else args.shave
     return shave, device, args.lpips_batch or (4 if device.type == "cuda" else 1), lpips_read
+
+
+def unused_device(name: str) -> torch.device:
+    """--device with --no-lpips, where it runs nothing (LPIPS alone runs there; PSNR and SSIM on
+    the CPU, which the settings record): a CUDA GPU this machine lacks is no error (one script
+    run on nodes with and without GPUs failed on those without; `warn_unused` says it is
+    ignored), but a --device no script takes (mps, a typo) is still refused, as without."""
+    try:
+        pick_device(name)
+    except UsageError:
+        if not re.fullmatch(r"cuda(:\d+)?", name):
+            raise
+    return torch.device("cpu")
 
 
 def hr_images(hr: str) -> dict[str, Path]:

@@ -340,3 +340,25 @@ def test_the_scores_key_holds_the_gpu_model(monkeypatch):
     assert a100[0] == "NVIDIA A100-SXM4-80GB" and h100[0] == "NVIDIA H100 80GB HBM3"
     assert a100[1] != h100[1] and key("NVIDIA A100-SXM4-80GB") == a100
     assert key("never asked", "cpu")[0] is None and key("never asked", metric=None)[0] is None
+
+
+def test_a_no_lpips_run_keeps_one_key_on_nodes_with_and_without_a_gpu(monkeypatch):
+    """With --no-lpips the device runs nothing (PSNR and SSIM run on the CPU), yet --out's
+    settings recorded the device picked (cuda on a GPU node) and the key of the kept scores held
+    it and --device as typed: a job requeued from a GPU node onto a CPU one (or given --device
+    cpu there) scored every image again, for the same numbers. Now the settings say cpu, and
+    --device and --lpips-batch (both ignored) are in no key."""
+    methods = [sr_eval.Method("sr", Path("sr"), 2, None)]
+
+    def key(gpus: int, device: str, batch=None):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+        args = sr_eval.EvalArgs(hr="demo", sr=["sr"], scale=4, n=2, no_lpips=True, device=device,
+                                lpips_batch=batch)  # fmt: skip
+        shave, picked = sr_eval.check_flags(args)[:2]
+        settings = sr_eval.run_settings(args, shave, picked, None, ["PSNR_mean"], methods)
+        return settings["device"], sr_eval.scores_key(args, settings)
+
+    cpu = key(0, "auto")
+    assert cpu[0] == "cpu"
+    assert [key(1, "auto"), key(1, "cuda"), key(2, "cuda:1", 4), key(0, "cpu")] == [cpu] * 4

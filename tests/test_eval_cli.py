@@ -5,6 +5,8 @@ the CLI and a direct lpips module call agree; they are not real LPIPS values.
 """
 
 import csv
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -1579,6 +1581,45 @@ def test_moving_another_commands_scores_aside_never_replaces_a_file(tmp_path, ca
     monkeypatch.setattr(sr_eval, "read_partial", moved_meanwhile)
     assert sr_eval.keep_others_scores(here, ours) and capsys.readouterr().err == ""
     assert {p.name for p in tmp_path.iterdir()} == {"elsewhere.partial", taken.name, second.name}
+
+
+@pytest.mark.parametrize("lpips", [True, False], ids=["lpips", "no-lpips"])
+def test_scores_kept_before_the_key_held_the_gpu_model_are_continued_on_the_cpu(
+    tmp_path, capsys, monkeypatch, lpips_file, lpips
+):
+    """An OUT.partial of an srspace before --out's settings held device_name has the key of
+    those settings: a job requeued across the upgrade moved its scores aside and scored every
+    image again. Where no GPU model ran LPIPS (the CPU, or --no-lpips), nothing that key lacks
+    can differ: the rerun continues from it, and ends as a run never stopped."""
+    names = tuple(f"{k:04d}" for k in range(3))
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 3, names=names)
+    out, partial = tmp_path / "r.json", tmp_path / "r.json.partial"
+    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--out", out]
+    argv += ["--lpips-weights", lpips_file] if lpips else ["--no-lpips"]
+    assert run(capsys, *argv)[0] == 0
+    whole = out.read_bytes()
+    out.unlink()
+    real, seen = sr_eval.run_settings, []
+    monkeypatch.setattr(sr_eval, "run_settings", lambda *a: seen.append(real(*a)) or seen[-1])
+    stop_at_image(monkeypatch, "0002")
+    assert fails(capsys, *argv)[0] == 75
+    monkeypatch.undo()
+    # the key as that srspace wrote it: its settings (no device_name; the device it picked: the
+    # CPU here) and every flag typed but the outputs'
+    args = sr_eval.EvalArgs(**seen[0]["args"])
+    typed = {k: v for k, v in dataclasses.asdict(args).items()
+             if k not in ("out", "csv", "report", "quiet", "json")}  # fmt: skip
+    old = {k: v for k, v in seen[0].items() if k not in ("args", "device_name")}
+    old_key = hashlib.sha256(json.dumps({**old, "args": typed}, sort_keys=True).encode())
+    first, rest = partial.read_text().split("\n", 1)
+    partial.write_text(json.dumps({**json.loads(first), "key": old_key.hexdigest()}) + "\n" + rest)
+    calls = stop_at_image(monkeypatch, "none")
+    code, got = run(capsys, *argv)
+    assert (code, calls, got.err) == (0, ["0002"], "")
+    assert f"continuing from {partial}: 2 of 3 images scored already" in got.out
+    assert out.read_bytes() == whole and sorted(p.name for p in tmp_path.glob("r.json*")) == [
+        "r.json"
+    ]
 
 
 @pytest.mark.parametrize("flag", ["--out", "--csv"])
