@@ -114,6 +114,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import sys
 import time
 import warnings
@@ -1151,7 +1152,14 @@ def keep_others_scores(here: Path, key: str) -> bool:
 def take_name(path: Path, new: Path) -> bool:
     """`path` renamed `new` where that name is still free, else False. os.rename (POSIX) replaces
     a file that took the name since it was checked free (a second run moving the same
-    command's scores aside): a hard link does not; a file system without them is renamed so."""
+    command's scores aside): a hard link does not; a file system without them is renamed so.
+    `path` is left exactly one name: where it could not be unlinked after the link (another
+    user's in a folder with the sticky bit, hard links to it allowed: fs.protected_hardlinks=0)
+    the link `new` could not be either (the bit asks who owns the file, not the name), and a
+    stray second name was left; such a file is refused (PermissionError) before it is linked,
+    and an unlink that fails all the same removes the link again (or names it in the error)."""
+    if not unlinkable(path):
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(path))
     try:
         os.link(path, new)
     except FileExistsError:
@@ -1163,11 +1171,26 @@ def take_name(path: Path, new: Path) -> bool:
         return True
     try:
         os.unlink(path)
-    except OSError:
-        with suppress(OSError):
+    except OSError as e:
+        try:
             os.unlink(new)
+        except OSError:
+            raise OSError(e.errno, f"{e.strerror}; {new} is left a second name of it: delete "
+                          "that name") from None  # fmt: skip
         raise
     return True
+
+
+def unlinkable(path: Path) -> bool:
+    """Whether this process may remove the name `path` as far as its folder's sticky bit tells
+    (the owner of the file or of the folder, or root; the folder's write permission is the
+    link's and the unlink's alike)."""
+    try:
+        folder = os.stat(path.parent)
+        owner = os.stat(path, follow_symlinks=False).st_uid
+    except OSError:
+        return True  # (gone meanwhile: os.link says so)
+    return not folder.st_mode & stat.S_ISVTX or os.geteuid() in (0, owner, folder.st_uid)
 
 
 def mtime(path: Path) -> float:

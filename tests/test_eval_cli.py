@@ -6,6 +6,7 @@ the CLI and a direct lpips module call agree; they are not real LPIPS values.
 
 import csv
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -1581,6 +1582,38 @@ def test_moving_another_commands_scores_aside_never_replaces_a_file(tmp_path, ca
     monkeypatch.setattr(sr_eval, "read_partial", moved_meanwhile)
     assert sr_eval.keep_others_scores(here, ours) and capsys.readouterr().err == ""
     assert {p.name for p in tmp_path.iterdir()} == {"elsewhere.partial", taken.name, second.name}
+
+
+def test_moving_scores_aside_never_leaves_a_second_name(tmp_path, monkeypatch):
+    """take_name links the new name, then unlinks the old. Another user's OUT.partial in a
+    folder with the sticky bit, where hard links to it are allowed (fs.protected_hardlinks=0),
+    is linked, but neither name can then be unlinked (the bit asks who owns the file): a stray
+    second name was left. Now such a file is refused before it is linked (PermissionError:
+    keep_others_scores' exit 7), and an unlink that fails all the same removes the link again,
+    or names it in the error where it cannot."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    here, new = folder / "r.json.partial", folder / "r.json.0123456789ab.partial"
+    here.write_text("theirs\n")
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):  # (as the kernel answers the user who is not the owner)
+        if Path(path).parent == folder:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return real_unlink(path, *args, **kwargs)
+
+    folder.chmod(0o1777)
+    monkeypatch.setattr(sr_eval.os, "geteuid", lambda: here.stat().st_uid + 1000)  # not its owner
+    monkeypatch.setattr(sr_eval.os, "unlink", unlink)
+    with pytest.raises(PermissionError):
+        sr_eval.take_name(here, new)
+    assert sorted(folder.iterdir()) == [here]
+
+    folder.chmod(0o777)  # no sticky bit, the unlink failing all the same (a test's stand-in)
+    with pytest.raises(PermissionError, match=f"; {re.escape(str(new))} is left a second name"):
+        sr_eval.take_name(here, new)
+    monkeypatch.undo()
+    assert sorted(folder.iterdir()) == sorted([here, new])
 
 
 @pytest.mark.parametrize("lpips", [True, False], ids=["lpips", "no-lpips"])
