@@ -54,7 +54,10 @@ Files are written atomically, and their folders are checked writable before any 
 --out or --csv naming a file the run reads (an image, a manifest, the LPIPS weights) is refused,
 and so is one named like an image in a folder of --hr, --sr or --lr (the next run would read it).
 --out - or --csv - (not both) writes that JSON or CSV to stdout, and nothing else: the progress
-lines and the table go to stderr then (`sr_eval.py ... --out - | jq .mean`).
+lines and the table go to stderr then (`sr_eval.py ... --out - | jq .mean`). --out and --csv are
+locked while a run writes them (a flock on NAME.lock beside each, deleted at the end; the kernel
+drops it with its process, so one left by a kill blocks nothing): a second run on one at once is
+one line naming the first's pid, exit 2.
 
 --report DIR: DIR/index.html, self-contained (sr_lib/report.py): the table, the NTIRE trade-off
 plots and per image a contact sheet (LR, GT, each method's samples and their per-pixel std).
@@ -105,6 +108,7 @@ if os.name != "posix":  # before the imports that need POSIX (fcntl, SIGUSR1): o
 import csv
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import io
 import itertools
@@ -114,12 +118,13 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import stat
 import sys
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import closing, contextmanager, nullcontext, suppress
+from contextlib import ExitStack, closing, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -550,11 +555,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             summary.json = args.json and STDOUT not in (args.out, args.csv)  # (refused)
             try:  # (a signal that came while torch was imported is raised here, --json known)
-                with stop_signals():
-                    code = run(args, given_fields(EvalArgs, argv, PROG), summary)
-                if summary.fields["partial"]:  # (here, where a stop signal stops no more)
-                    Path(summary.fields["partial"]).unlink(missing_ok=True)
-                    summary.update(partial=None, kept=0)
+                with ExitStack() as held:  # (the outputs' locks, until OUT.partial is deleted)
+                    with stop_signals():
+                        code = run(args, given_fields(EvalArgs, argv, PROG), summary, held)
+                    if summary.fields["partial"]:  # (here, where a stop signal stops no more)
+                        Path(summary.fields["partial"]).unlink(missing_ok=True)
+                        summary.update(partial=None, kept=0)
             except KeyboardInterrupt:  # Ctrl-C: its line says so too, once an image is scored
                 if not summary.fields.get("scored"):
                     raise
@@ -869,8 +875,14 @@ def warn_unused(args: EvalArgs, given: set[str]) -> None:
             warn(f"--{flag.replace('_', '-')}: no effect with --no-lpips; ignored")
 
 
-def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None = None) -> int:
-    """The run; `summary` gathers the fields of its closing line (--json) as they become known."""
+def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None = None,
+        held: ExitStack | None = None) -> int:  # fmt: skip
+    """The run; `summary` gathers the fields of its closing line (--json) as they become known.
+    `held`: where the locks of --out and --csv (`outputs_locked`) are kept past the return, so
+    that main deletes OUT.partial under them (None: released at the return)."""
+    if held is None:
+        with ExitStack() as held:
+            return run(args, given, summary, held)
     summary = summary or Summary(PROG)
     # results, csv, report: the files this run wrote (null until then: after a stop or an error,
     # the names the flags gave hold no file of this run; an earlier run's is in NAME.old, DIR/old)
@@ -878,6 +890,7 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     summary.update(partial=None, kept=0, mean=None)
     shave, device, batch, lpips_read = check_flags(args)
     warn_unused(args, given)  # (after the errors of the flags: an error is the one line)
+    held.enter_context(outputs_locked(args))  # (before OUT.partial is read, moved or written)
     hr = hr_images(args.hr)
     stems = list(hr)
     summary.update(images=len(stems))
@@ -1032,6 +1045,81 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
         if report_dir and not args.quiet:
             show(f"report: {index}", to_stderr)
     return 0
+
+
+LOCK = ".lock"  # beside --out and --csv: its flock held while a run writes them (`outputs_locked`)
+
+
+@contextmanager
+def outputs_locked(args: EvalArgs):
+    """--out and --csv locked while this run writes them: two commands on one --out at once (a
+    shared results folder, two array jobs given one name) moved each other's OUT.partial aside
+    at their first images, each writing its own scores whole after every image, and the later
+    results replaced the earlier (kept in NAME.old, then deleted). A second run is refused at
+    once (`lock_output`: one line, exit 2), before it reads, moves or writes a file, not made to
+    wait: it would then set aside and delete the first's results. A flock on NAME.lock beside
+    the file written (a link's target), deleted at the end: the kernel drops the lock when its
+    process ends, however it ends (kill -9, a node lost), so a requeued job whose earlier run
+    is dead is never refused, and a NAME.lock left by a kill blocks nothing."""
+    with ExitStack() as stack:
+        for flag, path in (("--out", args.out), ("--csv", args.csv)):
+            if path and path != STDOUT:
+                lock, fd = lock_output(flag, Path(path))
+                if fd is not None:
+                    stack.callback(unlock, lock, fd)
+        yield
+
+
+def lock_output(flag: str, path: Path) -> tuple[Path, int | None]:
+    """(NAME.lock of output `path`, the descriptor of its flock: None where the file system has
+    no locks, with a warning); UsageError where another process holds it. A lock file deleted
+    by the run that ended as this one opened it is opened again (its flock would guard
+    nothing), and this run's pid and host written in it, for the line of a run refused."""
+    real = write_target(path)
+    lock = real.with_name(fit_name(real.name, len(LOCK), name_max(real.parent)) + LOCK)
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:  # (another user's, left by a kill: locked as well read-only)
+            fd = os.open(lock, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                warn(f"{flag} {path}: cannot lock {lock} ({e.strerror or e}); a second "
+                     "sr_eval.py writing there at once would not be noticed")  # fmt: skip
+                return lock, None
+            who = f" ({holder})" if re.fullmatch(r"pid \d+ on \S+", holder) else ""
+            raise UsageError(f"{flag} {path}: another sr_eval.py{who} is writing its results "
+                             f"there now; wait for it to end, or give {flag} another "
+                             "name") from None  # fmt: skip
+        if same_inode(lock, fd):
+            break
+        os.close(fd)
+    with suppress(OSError):  # (a lock opened read-only: its holder unnamed, the lock the same)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    return lock, fd
+
+
+def same_inode(path: Path, fd: int) -> bool:
+    """Whether `path` is still the file open as `fd`."""
+    try:
+        st, of = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (of.st_dev, of.st_ino)
+
+
+def unlock(lock: Path, fd: int) -> None:
+    """The lock of `lock_output` released, its file deleted first (while held: a run that opened
+    it meanwhile opens the next one)."""
+    if same_inode(lock, fd):
+        with suppress(OSError):
+            lock.unlink()
+    os.close(fd)
 
 
 def delete_old_report(aside: Path) -> None:

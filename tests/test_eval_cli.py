@@ -16,6 +16,7 @@ import resource
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -1205,6 +1206,7 @@ def test_the_scores_so_far_are_appended_and_a_killed_run_continues(tmp_path, cap
     p = subprocess.run([sys.executable, "-c", kill_at, *map(str, argv)], cwd=REPO,
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert p.returncode == -signal.SIGKILL, p.stderr
+    assert out.with_name("r.json.lock").exists()  # (no cleanup ran: the rerun is not refused)
     kept = sr_eval.read_partial(partial)[1]
     assert [e["image"] for e in kept] == list(names[:4])
     with open(partial, "a") as f:  # the next image's line, cut short
@@ -1582,6 +1584,60 @@ def test_moving_another_commands_scores_aside_never_replaces_a_file(tmp_path, ca
     monkeypatch.setattr(sr_eval, "read_partial", moved_meanwhile)
     assert sr_eval.keep_others_scores(here, ours) and capsys.readouterr().err == ""
     assert {p.name for p in tmp_path.iterdir()} == {"elsewhere.partial", taken.name, second.name}
+
+
+HOLD_AT = (  # sr_eval.py that says "holding" as it starts on image 0001, and waits for stdin
+    "import sys\nfrom pathlib import Path\nimport sr_lib.metrics, sr_eval\n"
+    "real = sr_lib.metrics.evaluate_image\n"
+    "def evaluate(gt, samples, **kwargs):\n"
+    "    if Path(kwargs['gt_name']).stem == '0001':\n"
+    "        print('holding', flush=True)\n"
+    "        sys.stdin.readline()\n"
+    "    return real(gt, samples, **kwargs)\n"
+    "sr_lib.metrics.evaluate_image = evaluate\n"
+    "sys.exit(sr_eval.main(sys.argv[1:]))\n"
+)
+
+
+def test_a_second_command_on_an_out_in_use_is_refused_at_once(tmp_path, capsys):
+    """Two commands on one --out at once (a shared results folder, two array jobs given one
+    name): each moved the other's OUT.partial aside at its first image and wrote its own whole
+    after every image, and the later results replaced the earlier. Now --out (and --csv) is
+    locked while a run writes it: a second process is refused at once, one line naming the
+    holder's pid and what to do, exit 2, no file touched; the first ends as alone. The lock
+    file is deleted at the end, and one left by a killed run (a kill -9 runs no cleanup)
+    blocks nothing: the kernel drops a flock with its process."""
+    names = tuple(f"{k:04d}" for k in range(3))
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 3, names=names)
+    out, lock = tmp_path / "r.json", tmp_path / "r.json.lock"
+    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips", "--out", out]
+    assert run(capsys, *argv)[0] == 0
+    whole = out.read_bytes()
+    out.unlink()
+    first = subprocess.Popen([sys.executable, "-c", HOLD_AT, *map(str, argv)], cwd=REPO,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        while (line := first.stdout.readline()) not in ("holding\n", ""):
+            pass
+        assert line == "holding\n"
+        before = {p.name: p.read_bytes() for p in tmp_path.glob("r.json*")}
+        assert sorted(before) == ["r.json.lock", "r.json.partial"]
+        capsys.readouterr()
+        assert fails(capsys, *argv, "--color", "y") == (2, (  # (this process: the second)
+            f"sr_eval.py: error: --out {out}: another sr_eval.py (pid {first.pid} on "
+            f"{socket.gethostname()}) is writing its results there now; wait for it to end, or "
+            "give --out another name\n"
+        ))  # fmt: skip
+        assert {p.name: p.read_bytes() for p in tmp_path.glob("r.json*")} == before
+    finally:
+        _, err = first.communicate("\n", timeout=120)
+    assert first.returncode == 0, err
+    assert out.read_bytes() == whole and sorted(p.name for p in tmp_path.glob("r.json*")) == [
+        "r.json"
+    ]
+    lock.write_text(f"pid {first.pid} on {socket.gethostname()}\n")  # (left by a kill -9)
+    assert run(capsys, *argv, "--color", "y")[0] == 0 and not lock.exists()
 
 
 def test_moving_scores_aside_never_leaves_a_second_name(tmp_path, monkeypatch):
