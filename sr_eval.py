@@ -42,7 +42,8 @@ n are an earlier run's, left by --overwrite).
 
 --out JSON: {"settings": {...}, "mean": {col: v}, "per_image": [{"image": S, col: v, ...}]} for one
 --sr folder ("settings" has its n, temperature, model and checkpoint_sha256; in every layout
-the device and device_name: the GPU model that ran LPIPS, null elsewhere); with several:
+the device, device_name: the GPU model that ran LPIPS, null elsewhere, and threads: LPIPS's
+on the CPU, null elsewhere); with several:
 {"settings": {...}, "methods": {name: {"sr_dir", "temperature", "model", "checkpoint_sha256",
 "n", "mean", "per_image"}}} (settings' n: the rows' N where they share one, else null). The
 model and the sha256 of the checkpoint that made the samples come from the folder's
@@ -73,8 +74,9 @@ a run's first image, then a line appended per image; a last line cut short by a 
 beside --out (else --csv; a rerun that adds, drops or renames --out finds them in its outputs'
 folders, the newest of the same command; without either, nothing is kept): the same command
 run again continues after them, and its files are those of a run never stopped. They are taken only
-where every flag but the outputs', the LPIPS weights' sha256, the device (on CUDA its model; with
---no-lpips, which runs nothing there, neither --device nor --lpips-batch) and the versions are the
+where every flag but the outputs', the LPIPS weights' sha256, the device (on CUDA its model, on
+the CPU LPIPS's threads; with --no-lpips, which runs nothing there, neither --device nor
+--lpips-batch) and the versions are the
 same (an srspace's before device_name: where no GPU model ran LPIPS), and for the first images
 whose files (path, size, modification time) are unchanged; another command's OUT.partial is
 moved aside to OUT.<its key>.partial (a line says where), where a rerun of that command finds
@@ -1198,12 +1200,13 @@ def adopt_partial(args: EvalArgs, key: str, legacy: set[str] = frozenset()) -> N
                 return
 
 
-OTHER_COMMAND = "another command (other flags, device, GPU model or versions)"  # (`scores_key`)
+# (`scores_key`)
+OTHER_COMMAND = "another command (other flags, device, GPU model, LPIPS's CPU threads or versions)"
 
 
 def keep_others_scores(here: Path, key: str) -> bool:
-    """Where `here` (OUT.partial) holds the scores kept by another command (another `key`: other
-    flags, device, GPU model or versions), moved aside to OUT.<its key's first 12 hex
+    """Where `here` (OUT.partial) holds the scores kept by another command (another `key`:
+    `OTHER_COMMAND`), moved aside to OUT.<its key's first 12 hex
     digits>.partial (.2.partial, ... where taken), one warning line saying where: a rerun of that
     command finds them there (`adopt_partial`) and continues; they were replaced, hours of
     scoring lost to a run that shares the --out name (a shared results folder, a job requeued with
@@ -1374,12 +1377,12 @@ def delete_asides(asides: list[dict], path: Path) -> None:
 
 def scores_key(args: EvalArgs, settings: dict) -> str:
     """sha256 of what makes an image's numbers beyond its files: every flag but the outputs'
-    and the settings of --out (the LPIPS weights' sha256, the device and its GPU model, torch's
-    and srspace's versions, the columns). A rerun on another GPU model (a job requeued onto
-    another node) is another command, as a rerun on the CPU is: it scores every image, not a
-    mix of two models' numbers that differ at about 1e-6. With --no-lpips, --device and
-    --lpips-batch (LPIPS's alone, ignored) are not in it: a job requeued from a GPU node onto a
-    CPU one continues (its numbers are the CPU's on both)."""
+    and the settings of --out (the LPIPS weights' sha256, the device and its GPU model, on the
+    CPU LPIPS's threads, torch's and srspace's versions, the columns). A rerun on another GPU
+    model (a job requeued onto another node) is another command, as a rerun on the CPU is: it
+    scores every image, not a mix of two models' numbers that differ at about 1e-6. With
+    --no-lpips, --device and --lpips-batch (LPIPS's alone, ignored) are not in it: a job requeued
+    from a GPU node onto a CPU one continues (its numbers are the CPU's on both)."""
     unused = ("device", "lpips_batch") if args.no_lpips else ()
     return settings_key(settings, typed_flags(args, unused))
 
@@ -1392,18 +1395,18 @@ def typed_flags(args: EvalArgs, unused: tuple[str, ...] = ()) -> dict:
 
 def legacy_keys(args: EvalArgs, settings: dict) -> set[str]:
     """The keys that an srspace before --out's device_name (session 28) gave the scores this
-    command kept: its settings without device_name, and every flag typed. A requeue across the
-    upgrade moved them aside and scored every image again; they are this command's
-    (`upgrade_key`) where no GPU model ran LPIPS, the one thing that key does not tell: on the
-    CPU, or with --no-lpips (its device then ran nothing: the one --device picked, cuda or cpu
-    for auto)."""
+    command kept: its settings without device_name (nor threads, later still), and every flag
+    typed. A requeue across the upgrade moved them aside and scored every image again; they are
+    this command's (`upgrade_key`) where no GPU model ran LPIPS, which that key does not tell: on
+    the CPU (taken whatever its threads were: the one upgrade's run continues), or with
+    --no-lpips (its device then ran nothing: the one --device picked, cuda or cpu for auto)."""
     if settings["device_name"] is not None:
         return set()
     typed = typed_flags(args)
     devices = [settings["device"]]
     if args.no_lpips:
         devices = ["cpu", "cuda"] if args.device == "auto" else [str(torch.device(args.device))]
-    old = {k: v for k, v in settings.items() if k != "device_name"}
+    old = {k: v for k, v in settings.items() if k not in ("device_name", "threads")}
     return {settings_key({**old, "device": d}, typed) for d in devices}
 
 
@@ -1567,6 +1570,9 @@ def run_settings(args, shave, device, lpips_metric, columns, methods) -> dict:
         # the GPU model that ran LPIPS: another model's numbers may differ at about 1e-6, so it is
         # part of the command whose scores a rerun continues (`scores_key`), as the device is
         "device_name": device_name(device) if lpips_metric else None,
+        # the threads of LPIPS on the CPU: 1 and 2 differ in LPIPS_mean's 8th digit (docs/
+        # metrics.md), so a job requeued onto a node of other cores is another command too
+        "threads": torch.get_num_threads() if lpips_metric and device.type == "cpu" else None,
         "torch": torch.__version__,
         "version": sr_lib.__version__,
         "args": dataclasses.asdict(args),

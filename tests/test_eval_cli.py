@@ -1504,9 +1504,8 @@ def test_the_scores_kept_by_another_command_are_moved_aside_not_lost(tmp_path, c
         (second_aside,) = tmp_path.glob("r.json.*.partial")  # the second's, moved aside in turn
         assert second_aside != aside and len(sr_eval.read_partial(second_aside)[1]) == 1
         assert got.err == (
-            f"sr_eval.py: warning: {partial}: the scores kept by another command (other flags, "
-            f"device, GPU model or versions) moved to {second_aside}, where a rerun of that "
-            "command continues from them\n"
+            f"sr_eval.py: warning: {partial}: the scores kept by {sr_eval.OTHER_COMMAND} moved "
+            f"to {second_aside}, where a rerun of that command continues from them\n"
         )
         monkeypatch.undo()
         calls = stop_at_image(monkeypatch, "none")
@@ -1541,7 +1540,8 @@ def test_scores_kept_by_another_command_that_cannot_be_moved_are_refused(
     (aside,) = re.findall(r"aside to (\S+) ", err)
     assert (code, calls) == (7, []) and err == (
         f"sr_eval.py: error: {tmp_path / 'r.json.partial'}: the scores kept by another command "
-        f"(other flags, device, GPU model or versions) cannot be moved aside to {aside} "
+        f"(other flags, device, GPU model, LPIPS's CPU threads or versions) cannot be moved "
+        f"aside to {aside} "
         "(Operation not permitted); move it away, or give --out or --csv another name\n"
     )
     assert (tmp_path / "r.json.partial").read_bytes() == kept
@@ -1693,12 +1693,12 @@ def test_scores_kept_before_the_key_held_the_gpu_model_are_continued_on_the_cpu(
     stop_at_image(monkeypatch, "0002")
     assert fails(capsys, *argv)[0] == 75
     monkeypatch.undo()
-    # the key as that srspace wrote it: its settings (no device_name; the device it picked: the
-    # CPU here) and every flag typed but the outputs'
+    # the key as that srspace wrote it: its settings (no device_name, nor the threads added
+    # since; the device it picked: the CPU here) and every flag typed but the outputs'
     args = sr_eval.EvalArgs(**seen[0]["args"])
     typed = {k: v for k, v in dataclasses.asdict(args).items()
              if k not in ("out", "csv", "report", "quiet", "json")}  # fmt: skip
-    old = {k: v for k, v in seen[0].items() if k not in ("args", "device_name")}
+    old = {k: v for k, v in seen[0].items() if k not in ("args", "device_name", "threads")}
     old_key = hashlib.sha256(json.dumps({**old, "args": typed}, sort_keys=True).encode())
     first, rest = partial.read_text().split("\n", 1)
     partial.write_text(json.dumps({**json.loads(first), "key": old_key.hexdigest()}) + "\n" + rest)

@@ -264,9 +264,8 @@ def test_a_stopped_pairwise_run_continues_and_adding_or_dropping_it_starts_over(
         else:
             (aside,) = tmp_path.glob("r.json.*.partial")
             assert calls == ["0000", "0001", "0002"] and cap.err == (
-                f"sr_eval.py: warning: {partial}: the scores kept by another command (other "
-                f"flags, device, GPU model or versions) moved to {aside}, where a rerun of that "
-                "command continues from them\n"
+                f"sr_eval.py: warning: {partial}: the scores kept by {sr_eval.OTHER_COMMAND} "
+                f"moved to {aside}, where a rerun of that command continues from them\n"
             )
             aside.unlink()  # (else the next rerun of that command continues from it)
         monkeypatch.undo()
