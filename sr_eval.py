@@ -74,14 +74,13 @@ a run's first image, then a line appended per image; a last line cut short by a 
 beside --out (else --csv; a rerun that adds, drops or renames --out finds them in its outputs'
 folders, the newest of the same command; without either, nothing is kept): the same command
 run again continues after them, and its files are those of a run never stopped. They are taken only
-where every flag but the outputs', the LPIPS weights' sha256, the device (on CUDA its model, on
-the CPU LPIPS's threads; with --no-lpips, which runs nothing there, neither --device nor
---lpips-batch) and the versions are the
-same (an srspace's before device_name: where no GPU model ran LPIPS), and for the first images
-whose files (path, size, modification time) are unchanged; another command's OUT.partial is
-moved aside to OUT.<its key>.partial (a line says where), where a rerun of that command finds
-it, never replaced; the file is deleted once the results are written. An error after images
-were scored says in its line how many images' scores are kept there (the --json line's kept).
+where every flag but the outputs', the LPIPS weights' sha256, the device (on CUDA its model, on the
+CPU LPIPS's threads; with --no-lpips, which runs nothing there, neither --device nor --lpips-batch)
+and the versions are the same (an srspace's before device_name: where no GPU model ran LPIPS), and
+for the first images whose files (path, size, modification time) are unchanged; another command's
+OUT.partial is moved aside to OUT.<its key>.partial (a line says where), where a rerun of that
+command finds it, never replaced; the file is deleted once the results are written. An error after
+images were scored says in its line how many images' scores are kept there (the --json line's kept).
 An --out or --csv already there (an
 earlier run's) is renamed NAME.old (NAME.old2, ... where taken) when the scoring starts, and an
 earlier report in --report DIR (its index.html, plots/ and images/) moved into a new folder DIR/old
@@ -1398,8 +1397,9 @@ def legacy_keys(args: EvalArgs, settings: dict) -> set[str]:
     command kept: its settings without device_name (nor threads, later still), and every flag
     typed. A requeue across the upgrade moved them aside and scored every image again; they are
     this command's (`upgrade_key`) where no GPU model ran LPIPS, which that key does not tell: on
-    the CPU (taken whatever its threads were: the one upgrade's run continues), or with
-    --no-lpips (its device then ran nothing: the one --device picked, cuda or cpu for auto)."""
+    the CPU (whatever its threads were, which it did not record either: taken once, across the
+    upgrade), or with --no-lpips (its device then ran nothing: the one --device picked, cuda or
+    cpu for auto)."""
     if settings["device_name"] is not None:
         return set()
     typed = typed_flags(args)
