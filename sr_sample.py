@@ -9,7 +9,8 @@ Files written to a sample folder (what sr_eval.py reads). NAME is the input's st
 {k:06d} (the NTIRE21 submission names). Each PNG has the input's form: gray for a gray LR (the
 model sees it as RGB; each sample is turned back by BT.601 luma, `to_gray`), with the LR's alpha
 upscaled (MATLAB bicubic, clipped; --alpha-upsampler model: the model's temperature-0 output of
-it as a gray LR, one for every sample, `model_alpha`; --alpha-channel drop: without), 8-bit, or
+it as a gray LR, one for every sample, `model_alpha`; a rerun may change it where no input has
+alpha; --alpha-channel drop: without), 8-bit, or
 16-bit with --bit-depth 16 (which also gives the model a 16-bit LR at full precision, not
 rounded to 8 bits):
   NAME_sample{i:05d}.png  sample i = 0..n-1; with --n 1 a single-output (deterministic) model,
@@ -879,6 +880,9 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     # whether a --tile holds every input (of every shard) whole: read only where a rerun's tiles
     # differ from the folder's (`claim_folder`), once per tile size
     holds_whole = functools.cache(lambda tile: one_tile(tile, model, paths, from_hr))
+    # whether --alpha-upsampler changes no file: no input (of every shard) keeps an alpha
+    # channel; read only where a rerun's differs from the folder's (`claim_folder`)
+    opaque = functools.cache(lambda: args.alpha_channel == "drop" or not any(map(has_alpha, paths)))
     upgraded = {}  # folder -> the other srspace versions that sampled into it (`claim_folder`)
     said_upgrade = False  # (one line for a sweep's folders)
     for t, folder in folders.items():
@@ -888,7 +892,8 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
                                       for k, p in mine], inputs, args.layout,
                              {p.stem for p in paths})  # fmt: skip
         was = claim_folder(folder, {**settings, "temperature": t}, args.overwrite, inputs, free,
-                           parts > 1, holds_whole, n_change(args, model, setter))  # fmt: skip
+                           parts > 1, holds_whole, n_change(args, model, setter),
+                           opaque)  # fmt: skip
         if was:
             upgraded[folder] = was
         if args.layout == "ntire":
@@ -1200,6 +1205,26 @@ def lr_size(path: Path, s: int, from_hr: bool, decode: bool = False) -> tuple[in
     return size[0] // m * m // s, size[1] // m * m // s
 
 
+# Pillow's modes of an image with an alpha channel (a transparent colour is in its info)
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def has_alpha(path: Path) -> bool:
+    """Whether `read_input` finds an alpha channel in an input (its LR's, with --from-hr, is the
+    HR's), from the header where it tells (a PNG's or JPEG's Pillow mode and transparent colour:
+    ~0.1 ms a file), else from the pixels (`read_planes`; False where they cannot be read either:
+    the input is skipped as unreadable at its turn)."""
+    with contextlib.suppress(Exception):  # (Pillow raises many types for broken headers)
+        with Image.open(path) as im:
+            if im.mode in ALPHA_MODES or "transparency" in im.info:
+                return True
+            if im.format in ("PNG", "JPEG"):
+                return False
+    with contextlib.suppress(DataError):
+        return held(read_planes)(path).alpha is not None
+    return False
+
+
 def no_effect(args: SampleArgs, model, setter: str) -> set[str]:
     """The settings that change none of this run's samples, beyond the FREE_FLAGS (those its
     warnings call 'no effect'): --seed and the temperature where a control sets the latents
@@ -1330,7 +1355,8 @@ def samples_fit(folder: Path, tile: int, s: int, inputs=()) -> bool:
 def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
                  free=frozenset(), sharded: bool = False,
                  holds_whole=lambda tile: False,
-                 n_refused=lambda was, now: "") -> list | None:  # fmt: skip
+                 n_refused=lambda was, now: "",
+                 opaque=lambda: False) -> list | None:  # fmt: skip
     """Write FOLDER/manifest.json, or check a rerun against it: files made with other settings
     are never mixed into one folder (unless --overwrite). Another n is no other setting where
     `n_refused(was, now)` (`n_change`) gives None: sample i is seeded by (--seed, stem, i)
@@ -1344,6 +1370,8 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
     whatever their context: the folder's tiles are judged by the images sampled there, the
     run's by its inputs, and the folder then records the tiles of all its samples
     (`settle_tiles`; asked only where the tile_context of the folder and of the run differ).
+    Another --alpha-upsampler is no other setting where `opaque()` (asked only then): no input
+    keeps an alpha channel, so the flag changes no byte of any file (the folder keeps its own).
     Returns the
     srspace versions that sampled into the folder where this one is not among them (else
     None): a warning, not a refusal, as an upgrade between a preempted job and its requeue
@@ -1373,6 +1401,8 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
             )
             record = settle_tiles(*tiled, sampled, holds_whole)
             diff = [d for d in diff if d[0] != "tile_context" or record is None]
+        if any(d[0] == "--alpha-upsampler" for d in diff) and opaque():  # (no alpha: no effect)
+            diff = [d for d in diff if d[0] != "--alpha-upsampler"]
         if any(d[0] == "control_sha256" for d in diff):  # n of --latent DIR follows its files:
             diff = [d for d in diff if d[0] != "n"]  # their contents are what changed
         why = next((n_refused(was, now) for k, was, now in diff if k == "n"), None)

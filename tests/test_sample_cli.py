@@ -1567,6 +1567,60 @@ def test_alpha_upsampler_model_gives_the_models_alpha(tmp_path, toy_ckpt, capsys
     assert not (tmp_path / "no").exists()
 
 
+def test_a_rerun_with_the_other_alpha_upsampler_is_refused_only_where_an_input_keeps_alpha(
+    tmp_path, toy_ckpt, capsys
+):
+    """--alpha-upsampler changes no byte where no input has an alpha channel: a rerun with the
+    other one (either way) into the folder is no other setting (its files kept, nothing sampled
+    again, the folder's manifest as it was). With an RGBA input among them (of any --shard) it
+    would put another alpha on its samples: refused, one line naming the flag, exit 2."""
+    rgb = image((10, 13), 1)
+    plain = folder(tmp_path / "plain", a=rgb, b=image((10, 13), 2))
+    mixed = folder(tmp_path / "mixed", a=rgb, b=np.dstack([rgb, square_alpha()]))
+    for first, then in (("bicubic", "model"), ("model", "bicubic")):
+        out = tmp_path / f"plain_{first}"
+        argv = ["--ckpt", toy_ckpt, "--input", plain, "--n", 2, "--out", out]
+        assert run(*argv, "--alpha-upsampler", first) == 0
+        files = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+        assert run(*argv, "--alpha-upsampler", then) == 0
+        assert "already complete" in capsys.readouterr().out
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == files  # none rewritten
+        assert run(*argv, "--alpha-upsampler", then, "--n", 3) == 0  # its new sample: no alpha
+        assert png_kind(out / "a_sample00002.png") == (8, "RGB")
+        out = tmp_path / f"mixed_{first}"
+        argv = ["--ckpt", toy_ckpt, "--input", mixed, "--n", 2, "--out", out]
+        assert run(*argv, "--alpha-upsampler", first, "--shard", "0/2") == 0  # a: no alpha
+        capsys.readouterr()
+        assert run(*argv, "--alpha-upsampler", then, "--shard", "1/2") == 2  # b's samples
+        err = capsys.readouterr().err.strip()
+        assert f'--alpha-upsampler "{first}", not "{then}"' in err and "\n" not in err
+        assert not list(out.glob("b_*"))
+
+
+KINDS = ["RGBA", "LA", "P+tRNS", "RGB+tRNS", "L+tRNS", "RGB", "L", "P", "JPEG", "TIFF RGBA",
+         "TIFF RGB", "16-bit RGBA", "16-bit RGB"]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_has_alpha_from_the_header_says_what_read_planes_finds(tmp_path, kind):
+    """sr_sample.has_alpha (whether --alpha-upsampler changes a file) tells an input's alpha
+    channel from its header, the transparent colour of a palette, gray or RGB PNG included, as
+    read_planes (what sampling keeps) finds it; a TIFF from its pixels."""
+    rgb = image((6, 7), 3)
+    path = tmp_path / ("x.jpg" if kind == "JPEG" else "x.tif" if "TIFF" in kind else "x.png")
+    if kind.startswith("16-bit"):
+        img = image((6, 7), 3, np.uint16)
+        write_png(path, np.dstack([img, img[..., 0]]) if "RGBA" in kind else img)
+    else:
+        mode = "RGB" if kind == "JPEG" else kind.split()[-1].removesuffix("+tRNS")
+        rgba = np.dstack([rgb, square_alpha((6, 7))])
+        im = Image.fromarray(rgba if "A" in mode else rgb).convert(mode)
+        extra = {"transparency": 0 if mode in ("L", "P") else (0, 0, 0)} if "tRNS" in kind else {}
+        im.save(path, **extra)
+    assert sr_sample.has_alpha(path) == (read_planes(path).alpha is not None)
+    assert sr_sample.has_alpha(path) == ("A" in kind or "tRNS" in kind)
+
+
 def test_model_alpha_through_tiles_sweeps_16_bits_from_hr_ntire_and_grid(tmp_path, toy_ckpt,
                                                                           monkeypatch):  # fmt: skip
     """--alpha-upsampler model, a 16-bit RGBA and an LA LR at --bit-depth 16: the same files
