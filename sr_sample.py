@@ -155,6 +155,7 @@ if os.name != "posix":  # before the imports that need POSIX (fcntl, SIGUSR1): o
 import collections
 import contextlib
 import errno
+import fcntl
 import functools
 import hashlib
 import json
@@ -164,6 +165,7 @@ import shlex
 import signal
 import stat
 import sys
+import threading
 import time
 import zipfile
 from argparse import ArgumentTypeError
@@ -891,9 +893,10 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
             remove_old_files(folder, [f"{k:06d}" if args.layout == "ntire" else p.stem
                                       for k, p in mine], inputs, args.layout,
                              {p.stem for p in paths})  # fmt: skip
-        was = claim_folder(folder, {**settings, "temperature": t}, args.overwrite, inputs, free,
-                           parts > 1, holds_whole, n_change(args, model, setter),
-                           opaque)  # fmt: skip
+        with manifest_lock(folder):  # (another shard may write its manifest.json meanwhile)
+            was = claim_folder(folder, {**settings, "temperature": t}, args.overwrite, inputs,
+                               free, parts > 1, holds_whole, n_change(args, model, setter),
+                               opaque)  # fmt: skip
         if was:
             upgraded[folder] = was
         if args.layout == "ntire":
@@ -1535,15 +1538,50 @@ def record_inputs(folder: Path, inputs: dict) -> None:
 
 def amend_manifest(folder: Path, change) -> None:
     """FOLDER/manifest.json with the fields `change(manifest)` gives, where they are other
-    values (the file read now; one that cannot be read is left as it is)."""
+    values (the file read now, under `manifest_lock`; one that cannot be read is left as it is)."""
     path = folder / "manifest.json"
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
+    with manifest_lock(folder):
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        new = change(old)
+        if any(old.get(k) != v for k, v in new.items()):
+            save_text(path, json.dumps({**old, **new}, indent=1) + "\n")
+
+
+_LOCKED = threading.local()  # .folders: those whose manifest_lock this thread holds
+
+
+@contextlib.contextmanager
+def manifest_lock(folder: Path):
+    """FOLDER/manifest.json read, changed and written (renamed over) by one process at a time:
+    the shards of an array that raise its n (a rerun with a larger --n), record their version or
+    begin the folder in the same instant each read it, and the later rename would drop the
+    other's change (its samples then beyond the n sr_eval.py reads). An exclusive flock on the
+    folder itself (the manifest is replaced, not written in place: a lock on it would be on the
+    old file; no lock file is left, as sr_lib/report.py's `locked`), waited for; the kernel drops
+    it when the process ends, however it ends. Re-entrant in a thread (`claim_folder`'s
+    `amend_manifest`). Where the folder cannot be opened or locked (a file system without
+    locks) the manifest is written as without it."""
+    folders = _LOCKED.__dict__.setdefault("folders", set())
+    key = os.path.abspath(folder)
+    if key in folders:
+        yield
         return
-    new = change(old)
-    if any(old.get(k) != v for k, v in new.items()):
-        save_text(path, json.dumps({**old, **new}, indent=1) + "\n")
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:  # (a folder that cannot be opened cannot take the manifest: said there)
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):  # ENOLCK, EOPNOTSUPP: no locks there
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        folders.add(key)
+        yield
+    finally:
+        folders.discard(key)
+        os.close(fd)
 
 
 def claim_index(folder: Path, paths: list[Path], scale: int, overwrite: bool) -> None:

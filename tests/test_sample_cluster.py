@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from argparse import ArgumentTypeError
 from pathlib import Path
@@ -377,6 +378,40 @@ def test_a_new_srspace_version_is_recorded_once_it_has_sampled_into_the_folder(
     assert (f"{out / 'T0.5'} holds samples made by an srspace that did not record its version, "
             "this is 99.1.0: ") in capsys.readouterr().err  # fmt: skip
     assert json.loads(manifest.read_text())["versions"] == [None, "99.1.0"]
+
+
+def test_two_shards_raising_n_at_once_both_count(tmp_path):
+    """Two shards amending manifest.json at once (a rerun of each with a larger --n): each reads
+    the file, and without a lock the later rename drops the other's raise. Deterministic: the
+    first shard's change waits (up to 0.5 s) for the second's write; under the lock the second
+    waits for the first instead, so the larger n is kept (n = 10, not 5)."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"n": 2, "versions": ["0"]}))
+    inside, wrote = threading.Event(), threading.Event()
+
+    def raise_to(n, wait):
+        def larger(m):
+            inside.set()
+            if wait:
+                wrote.wait(0.5)  # (the other shard's write, where it is not kept out)
+            return {"n": max(n, m["n"])}
+
+        sr_sample.amend_manifest(folder, larger)
+        if not wait:
+            wrote.set()
+
+    first = threading.Thread(target=raise_to, args=(5, True))
+    first.start()
+    assert inside.wait(5)
+    second = threading.Thread(target=raise_to, args=(10, False))
+    second.start()
+    first.join(5)
+    second.join(5)
+    assert json.loads((folder / "manifest.json").read_text()) == {"n": 10, "versions": ["0"]}
+    with sr_sample.manifest_lock(folder):  # re-entrant in a thread, as claim_folder takes it
+        sr_sample.record_version(folder)
+    assert json.loads((folder / "manifest.json").read_text())["n"] == 10
 
 
 def test_a_shard_of_another_list_of_inputs_is_refused_with_layout_stem(tmp_path, flow_ckpt,
