@@ -140,7 +140,8 @@ the tolerance (an unreadable input skipped, as in sampling: exit 3). --out is th
 Exit codes: 0 ok, 2 bad flag or a folder of other settings, 3 unusable input (unreadable images,
 and LRs smaller than the model takes, are reported and skipped, the others written, exit 3 at the
 end; so are an --input folder's symbolic links to missing files, which no shard lists; a
---latent or --latent-shift file that cannot be used stops before any work), 4 out
+--latent or --latent-shift file that cannot be used, or a --latent DIR without the files of an
+input or with two of one sample, stops before any work), 4 out
 of memory, 5 a NaN sample or a flow that does not invert (--check-invertibility), 6 checkpoint
 problem, 7 output cannot be written, 75 stopped by SIGTERM/SIGUSR1/SIGHUP, 130 Ctrl-C.
 """
@@ -2037,7 +2038,7 @@ class LatentDir:
                        "the older and the numbered name of sample 0" if was[2] != m[2] else
                        f"its latent as an older srspace saved it, {was[3]}, and as now, "
                        f"{m[3]}")  # fmt: skip
-                raise UsageError(
+                raise DataError(  # (the folder's contents, as any unusable file: exit 3)
                     f"--latent {folder}: {mine[i].name} and {entry.name} are both sample {i} of "
                     f"{stem} ({why}); remove one"
                 )
@@ -2111,9 +2112,10 @@ class LatentDir:
         latents of another model), and its folder would not line up with the saved one."""
         if not missing:
             return
+        # (exit 3, as an input missing: the folder lacks the files its inputs need)
         sweep = [] if self.files or self.others else sweep_folders(self.folder)
         if sweep:
-            raise UsageError(
+            raise DataError(
                 f"--latent {self.folder}: a --temperature sweep's folder, its latents in its "
                 f"subfolders {', '.join(sweep)}: give one of them (--latent "
                 f"{self.folder / sweep[0]})"
@@ -2122,7 +2124,7 @@ class LatentDir:
         if len(missing) == total and numbered and len(numbered) == len(self.files):
             index = self.folder / "ntire_index.json"
             state = "is not the index that run writes" if index.exists() else "is missing"
-            raise UsageError(
+            raise DataError(
                 f"--latent {self.folder}: its files are named by number "
                 f"({next(iter(self.files[numbered[0]].values())).name}, ...), as a --layout "
                 f"ntire run names them, and its ntire_index.json, which maps the numbers to the "
@@ -2139,7 +2141,7 @@ class LatentDir:
                 "decodes; decode them with the model that saved them"
             )
         names = ", ".join(p.name for p in missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise UsageError(
+        raise DataError(
             f"--latent {self.folder}: {len(missing)} of {total} inputs have no saved latents "
             f"there (no NAME_sample{{i:05d}}{self.endings[0]}): {names}; give --input only the "
             "images whose latents it holds"
@@ -2259,7 +2261,7 @@ class LatentDir:
                 str(file), "--latent", self.own if first else None
             )
             if not first and digest != self.digests[file]:
-                raise UsageError(
+                raise DataError(  # (the file's contents, not a flag: exit 3)
                     f"--latent {file}: changed while this run read the folder (other contents "
                     "than manifest.json records); rerun when nothing writes there"
                 )

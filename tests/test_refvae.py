@@ -352,7 +352,7 @@ def test_a_rerun_of_a_folder_of_old_npy_latents(tmp_path, ckpts, capsys):
     assert all((read(out / f) == x).all() for f, x in pngs.items())
     np.save(out / "r0_sample00000.latent.npy", np.zeros(8, np.float32))  # a sample's two files
     assert (
-        run("--ckpt", ckpts["varsr"], "--input", inp, "--latent", out, "--out", tmp_path / "d") == 2
+        run("--ckpt", ckpts["varsr"], "--input", inp, "--latent", out, "--out", tmp_path / "d") == 3
     )
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"sr_sample.py: error: --latent {out}: r0_sample00000.latent.npy and "
@@ -439,7 +439,7 @@ OBJECTS = ("objects.npy: not a readable .npy array (its array holds Python objec
         ("refvae", ["--latent-shift", "objects.npy"], 3, OBJECTS),
         ("varsr", ["--latent-shift", "inf.npy"], 3, "--latent-shift"),
         # a folder of no latents of the input (--latent DIR: test_latent_dir_*)
-        ("refvae", ["--latent", "refs"], 2, "--latent refs: 1 of 1 inputs have no saved latents"),
+        ("refvae", ["--latent", "refs"], 3, "--latent refs: 1 of 1 inputs have no saved latents"),
         ("refvae", ["--latent-shift", "refs"], 3, "--latent-shift refs: a folder; give one .npy"),
         # a file that is no image (a checkpoint), a folder: the line names the flag that gave it
         ("varsr", ["--latent-from", "varsr.pt"], 3, "--latent-from varsr.pt: not an image file"),
@@ -774,13 +774,13 @@ def test_a_saved_latent_that_records_no_model_is_one_warning(tmp_path, ckpts, ca
 
 
 def test_latent_dir_one_line_errors(tmp_path, ckpts, capsys):
-    """--latent DIR, refused in one line before any work (exit 2, nothing written; exit 3 for
-    files that cannot be used: another model's, of two samples): inputs
+    """--latent DIR, refused in one line before any work (nothing written; exit 3 for what the
+    folder holds or lacks: another model's files, of two samples, inputs
     without files there (how many, which; "a" is not "a_b"), a --temperature sweep's folder (its
     latents in T*/: which to give), numbered files without their ntire_index.json (or an
     unreadable one), a refvae run's folder for varsr (its manifest.json says; a .npy records
-    nothing), a flow's .npz files for varsr,
-    --latent-shift (it walks from one latent), a file of two samples, --layout ntire with
+    nothing), a flow's .npz files for varsr, a file of two samples; exit 2 for the flags:
+    --latent-shift (it walks from one latent), --layout ntire with
     a gap in the sample numbers (the challenge reads 0..N-1), and DIR as --out (its samples
     replaced, with --overwrite its latents deleted; a link to it too): the latents stay."""
     inp = named_images(tmp_path / "in", PREFIXED)
@@ -828,19 +828,19 @@ def test_latent_dir_one_line_errors(tmp_path, ckpts, capsys):
         (["--latent", numbered], f"--latent {numbered}: its files are named by number "
          "(000000_sample00000.latent.npz, ...), as a --layout ntire run names them, and its "
          "ntire_index.json, which maps the numbers to the inputs, is missing: copy it there from "
-         "that run's --out"),
+         "that run's --out", 3),
         (["--latent", garbled], f"--latent {garbled}: its files are named by number "
          "(000000_sample00000.latent.npz, ...), as a --layout ntire run names them, and its "
          "ntire_index.json, which maps the numbers to the inputs, is not the index that run "
-         "writes: copy it there from that run's --out"),
+         "writes: copy it there from that run's --out", 3),
         (["--latent", rv], f"--latent {rv}/a_sample00000.latent.npz: saved by an x4 refvae "
          "model, not this x4 varsr (its latents decode to other images here); decode it with an "
          "x4 refvae checkpoint", 3),
         (["--latent", only], f"--latent {only}: 2 of 3 inputs have no saved latents there (no "
          "NAME_sample{i:05d}.latent.npz): a.png, img 1.png; give --input only the images whose "
-         "latents it holds"),
+         "latents it holds", 3),
         (["--latent", sweep], f"--latent {sweep}: a --temperature sweep's folder, its latents "
-         f"in its subfolders T0.5, T1: give one of them (--latent {sweep / 'T0.5'})"),
+         f"in its subfolders T0.5, T1: give one of them (--latent {sweep / 'T0.5'})", 3),
         (["--latent", flows], ": saved by an x4 srflow model, not this x4 varsr (its latents "
          "decode to other images here); decode it with an x4 srflow checkpoint", 3),
         (["--latent", s, "--latent-shift", s / "a_sample00000.latent.npz"], f"--latent {s}: a "
@@ -1065,7 +1065,7 @@ def test_ntire_n1_latents_are_numbered_and_read_by_latent_dir(tmp_path, ckpts, c
     (old / "000000_sample00000.latent.npz").write_bytes((s / "000000_sample00000.latent.npz")
                                                         .read_bytes())  # fmt: skip
     capsys.readouterr()
-    assert run(*base, "--latent", old, "--out", tmp_path / "both") == 2
+    assert run(*base, "--latent", old, "--out", tmp_path / "both") == 3
     assert capsys.readouterr().err.strip().splitlines() == [
         f"sr_sample.py: error: --latent {old}: 000000.latent.npz and 000000_sample00000.latent.npz "
         f"are both sample 0 of {order[0]} (the older and the numbered name of sample 0); remove one"
@@ -1078,7 +1078,7 @@ def test_ntire_n1_latents_are_numbered_and_read_by_latent_dir(tmp_path, ckpts, c
     np.savez(tmp_path / "stray" / "a.latent.npz", z0=np.zeros(8, np.float32))
     capsys.readouterr()
     assert run(*base, "--input", inp / "a.png", "--latent", tmp_path / "stray", "--out",
-               tmp_path / "none") == 2  # fmt: skip
+               tmp_path / "none") == 3  # fmt: skip
     assert "1 of 1 inputs have no saved latents" in capsys.readouterr().err
     # nor does --overwrite of a --layout stem folder delete it
     one = ["--input", inp / "a.png", "--n", 1, "--out", tmp_path / "stray"]
@@ -1088,7 +1088,8 @@ def test_ntire_n1_latents_are_numbered_and_read_by_latent_dir(tmp_path, ckpts, c
 
 def test_a_latent_dir_file_changed_during_the_run_is_refused(tmp_path, ckpts, capsys):
     """Each file of --latent DIR is read before the run (manifest.json records the joint digest)
-    and again when its image is decoded: a file that changed in between is one line (exit 2),
+    and again when its image is decoded: a file that changed in between is one line (exit 3, its
+    contents: a data fault; the images before it written),
     not a sample of contents the manifest does not record."""
     inp = named_images(tmp_path / "in", PREFIXED)
     s = tmp_path / "s"
@@ -1104,7 +1105,7 @@ def test_a_latent_dir_file_changed_during_the_run_is_refused(tmp_path, ckpts, ca
 
     capsys.readouterr()
     with mock.patch.object(sr_sample.LatentDir, "check", then_changed):
-        assert run(*base, "--latent", s, "--out", tmp_path / "d") == 2
+        assert run(*base, "--latent", s, "--out", tmp_path / "d") == 3
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert err == [f"sr_sample.py: error: --latent {late}: changed while this run read the "
                    "folder (other contents than manifest.json records); rerun when nothing "
