@@ -614,10 +614,14 @@ class SampleWriter:
     def wrote(self) -> None:
         """The oldest write waited for (its error raised), and the calls it held run."""
         result(self.queue[0])
-        self.queue.popleft()
-        self.written += 1
-        while self.waiting and self.waiting[0][0] <= self.written:
-            self.waiting.popleft()[1]()
+        # Signals held: a stop between the count and a call, or within one, would drop the call
+        # (taken off `waiting` first), its image neither counted sampled nor its line said
+        # though its files are on disk; it then comes after the call.
+        with signals_held():
+            self.queue.popleft()
+            self.written += 1
+            while self.waiting and self.waiting[0][0] <= self.written:
+                self.waiting.popleft()[1]()
 
     def then(self, call) -> None:
         """call() once every file given so far is written: now if none waits, else at a later
@@ -625,7 +629,8 @@ class SampleWriter:
         if self.queue:
             self.waiting.append((self.given, call))
         else:
-            call()
+            with signals_held():  # (as in `wrote`: a stop comes after it)
+                call()
 
     def flush(self) -> None:
         """Every file given written, and the calls waiting on them run."""
@@ -958,7 +963,11 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
             line = (f"{path.name} {w}x{h} -> {k_img} x {w * s}x{h * s}{temps} in "
                     f"{time.monotonic() - t_img:.1f} s")  # fmt: skip
             # sampled, and its line, once its PNGs are on disk (written in the background: a
-            # full disk fails them later), while the model draws the next image's
+            # full disk fails them later), while the model draws the next image's: the line
+            # lags its image by up to 2 x threads writes, said at a later write, at a skip or
+            # an unreadable input's line (`flush`: in order), or at the end of the `with`
+            # (every write given finished, the last image's line before the closing line; a
+            # stop: those written, `SampleWriter.__exit__`)
             writer.then(functools.partial(image_written, line, new, summary, bar))
     lost = lost_inputs(failed, len(mine), model, ck["model"])
     done = len(mine) - sum(map(len, failed.values())) - skipped

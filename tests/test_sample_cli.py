@@ -5,6 +5,7 @@ seconds."""
 import hashlib
 import json
 import os
+import signal
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -1430,6 +1431,25 @@ def test_leaving_the_writer_finishes_the_writes_given_but_ctrl_c_only_those_begu
             write.pool.shutdown = then_open_the_gate
             raise stop("stopped")
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i}.png" for i in range(written)]
+
+
+def test_a_stop_while_an_images_line_is_said_says_it_whole_first(tmp_path):
+    """A progress line said once its image's PNGs are written (`then`): a SIGTERM that comes as
+    the line is said (or between the write's count and the call) is taken after it, so the
+    image written is said and counted; before, the stop's Preempted was raised inside it, the
+    call already taken off the queue: the image on disk never said nor counted."""
+    said = []
+
+    def line():
+        os.kill(os.getpid(), signal.SIGTERM)  # (the handler runs at once where not held)
+        said.append("a.png 4x4 -> ...")
+
+    with pytest.raises(sr_sample.Preempted):
+        with sr_sample.SIGNALS, sr_sample.SampleWriter(2) as write:
+            write([tmp_path / "a.png"], np.zeros((4, 4, 3), np.uint8))
+            write.then(line)
+            write.flush()
+    assert said == ["a.png 4x4 -> ..."] and (tmp_path / "a.png").is_file()
 
 
 # ---------------------------------------------------------------------------------------------
