@@ -286,3 +286,18 @@ def test_bench_data_times_degraded_pairs_of_the_patch_shapes():
     assert r["degradation"] == "--lr-blur 1.0 --lr-noise 2.0 --lr-jpeg 80"
     assert r["shapes"] == [[2, 3, 48, 48], [2, 3, 192, 192]]  # LR 48, x4 HR patches
     assert r["timed_batches"] == 2 and r["pairs_per_s"] > 0 and r["cpu_ms_per_batch"] > 0
+
+
+def test_bench_alpha_times_both_upsamplers_and_the_alpha_pass(monkeypatch, capfd):
+    cfg = {name: TINY[name] for name in ("edsr", "srflow")}
+    argv = ["--cfg", json.dumps(cfg), "--n", 1, 2, "--images", 1, "--lr-size", 16, "--repeat", 1]
+    r = in_process("bench_alpha.py", *argv, monkeypatch=monkeypatch, capfd=capfd)
+    assert r["torch"] == torch.__version__ and r["load_average"]  # what, and at what load
+    assert [k.split(" ")[0] for k in r["models"]] == ["edsr", "srflow"]
+    for rows in r["models"].values():
+        assert list(rows) == ["n 1", "n 2"]
+        for row in rows.values():
+            assert all(row["wall_s"][u] > 0 and row["cpu_s"][u] > 0 for u in ("bicubic", "model"))
+            # (a fraction of bicubic's run; not recomputed here from the seconds, rounded to ms)
+            assert row["wall_overhead"] > -1 and row["cpu_overhead"] > -1
+            assert row["alpha_pass_cpu_s"] > 0  # the model's alpha pass ran, once per image
