@@ -167,12 +167,13 @@ from sr_lib.data import (
     check_out_dir,
     check_out_file,
     demo_files,
+    describe_path,
     fit_name,
     image_size,
+    link_to_nothing,
     list_images,
     mod_crop,
     name_max,
-    near_path,
     read_ahead,
     same_files,
     shared_stem,
@@ -384,8 +385,8 @@ def expand_methods(specs: list[str], n: int) -> list[Method]:
     explicit: set[str] = set()
     for spec in specs:
         name, folder, count = parse_sr(spec, n)
-        if not folder.is_dir():
-            raise DataError(f"--sr {folder}: {not_a_folder(folder)}")
+        if what := describe_path(folder):
+            raise DataError(f"--sr {folder}: {what}")
         # named as typed: `--sr latest`, a link to a run's folder, is 'latest' (not resolved)
         base = name or Path(os.path.abspath(folder)).name or str(folder)
         if name and name in explicit:
@@ -410,17 +411,6 @@ def expand_methods(specs: list[str], n: int) -> list[Method]:
         methods.append(Method(row_name, row_dir, count, t, made_by=manifest_made_by(row_dir),
                               given=given))  # fmt: skip
     return methods
-
-
-def not_a_folder(path: Path, builtins: tuple[str, ...] = ()) -> str:
-    """What a folder flag's value that is no folder is: a file (--lr given an image), a link to
-    nothing, or nothing; "no such folder" said of a file sent the user looking for a typo. Where
-    nothing is there, a near path (a typo: a folder beside it, or one of `builtins`) is named."""
-    if path.is_symlink() and not path.exists():
-        return f"is a symbolic link to a missing folder ({os.readlink(path)})"
-    if path.exists():
-        return "is a file, not a folder"
-    return f"no such folder{near_path(path, builtins)}"
 
 
 def sr_value(given: tuple[str | None, Path], n: int) -> str:
@@ -1167,7 +1157,9 @@ def partial_paths(args: EvalArgs) -> list[Path]:
     """NAME.partial beside --out, then beside --csv (those that name a file and no output):
     `partial_path` and where a run of the same command with only --csv kept its scores."""
     outputs = [Path(p) for p in (args.out, args.csv) if p and p != STDOUT]
-    taken = [p.resolve() for p in [*outputs, *([Path(args.report)] if args.report else [])]]
+    # (realpath: a --report that is a loop of links is check_out_dir's one line, not resolve's
+    # RuntimeError)
+    taken = [Path(os.path.realpath(p)) for p in [*outputs, *([args.report] if args.report else [])]]
     paths = [out.with_name(fit_name(out.name, len(PARTIAL), name_max(out.parent)) + PARTIAL)
              for out in outputs]  # fmt: skip
     return [p for p in paths if p.resolve() not in taken]
@@ -1674,8 +1666,8 @@ def hr_images(hr: str) -> dict[str, Path]:
     if hr == "demo":
         return {p.stem: p for p in demo_files("val")}
     hr_dir = Path(hr)
-    if not hr_dir.is_dir():
-        raise DataError(f"--hr {hr_dir}: {not_a_folder(hr_dir, ('demo',))}")
+    if what := describe_path(hr_dir, builtins=("demo",)):
+        raise DataError(f"--hr {hr_dir}: {what}")
     dangling: list[Path] = []
     try:  # (no warning of the links: the error line below says it all)
         files = list_images(hr_dir, recursive=False, dangling=dangling, say_links=False)
@@ -1684,10 +1676,10 @@ def hr_images(hr: str) -> dict[str, Path]:
             raise
     if dangling:  # the means over fewer images than the dataset, compared as the whole: refused
         link = dangling[0]
-        more = f" and {len(dangling) - 1} more" if len(dangling) > 1 else ""
-        raise DataError(f"--hr {hr_dir}: {link.name} is a symbolic link to a missing file "
-                        f"({os.readlink(link)}){more}: the scores would leave out its image; "
-                        "restore the link's target or remove the link")  # fmt: skip
+        more = f" (and {len(dangling) - 1} more such link(s))" if len(dangling) > 1 else ""
+        raise DataError(f"--hr {hr_dir}: {shlex.quote(link.name)} is {link_to_nothing(link)}"
+                        f"{more}: the scores would leave out its image; restore the link's "
+                        "target or remove the link")  # fmt: skip
     dup = shared_stem(files)
     if dup is not None:
         raise DataError(f"--hr {hr_dir}: two images share the stem {dup!r}; rename one")
@@ -1787,7 +1779,7 @@ def check_no_stray_parts(report_dir: Path) -> None:
     for part in [p for p in report.PARTS if p != "index.html"]:
         if exists(report_dir / part) and index.is_symlink():  # (its page's file gone: whose?)
             raise UsageError(f"--report {report_dir}: {report_dir / part} is there, but {index} "
-                             f"is a symbolic link to a missing file ({os.readlink(index)}), so "
+                             f"is {link_to_nothing(index)}, so "
                              "no page tells whose files it holds; the report would write among "
                              "them and a stopped run delete them: restore the link's target, "
                              f"move or delete {report_dir / part}, or give --report another "
@@ -1802,8 +1794,8 @@ def check_no_stray_parts(report_dir: Path) -> None:
 
 def lr_inputs(lr: str, stems: list[str], scale: int) -> list[Path]:
     """Per HR image its LR input in --lr: {stem}.png or {stem}x{scale}.png."""
-    if not Path(lr).is_dir():
-        raise DataError(f"--lr {lr}: {not_a_folder(Path(lr))}")
+    if what := describe_path(lr):
+        raise DataError(f"--lr {lr}: {what}")
     have = images_by_stem(Path(lr))
     files = [have.get(s) or have.get(f"{s}x{scale}") for s in stems]
     for s, f in zip(stems, files):
@@ -1820,8 +1812,8 @@ def sigma_maps(folder: str, stems: list[str], scale: int, ntire: bool) -> list[P
     if ntire:
         raise UsageError("--ntire reports only the official columns; drop --uncertainty")
     sigma_dir = Path(folder)
-    if not sigma_dir.is_dir():
-        raise DataError(f"--uncertainty {folder}: {not_a_folder(sigma_dir)}")
+    if what := describe_path(sigma_dir):
+        raise DataError(f"--uncertainty {folder}: {what}")
     layouts = [lambda k, s: f"{k:06d}_sigma.npy", lambda k, s: f"{s}_sigma.npy"]
     layouts.append(lambda k, s: f"{s}x{scale}_sigma.npy")  # (as the samples: find_samples)
     best = best_layout([lambda k, s, f=f: (sigma_dir / f(k, s)).is_file() for f in layouts], stems)

@@ -202,13 +202,13 @@ from sr_lib.data import (
     degradation_flags,
     degradation_of,
     demo_files,
+    describe_path,
     encode_png,
     equal_channels,
     image_size,
     list_images,
     mod_crop,
     name_max,
-    near_path,
     normalise_degradation,
     read_planes,
     shared_stem,
@@ -1006,14 +1006,10 @@ def input_paths(path: Path, dangling: list[Path] | None = None) -> list[Path]:
     order, as every script lists the folder, but the run ends with exit 3 (`missing_links`)."""
     if str(path) == "demo":
         return demo_files("val")
+    if what := describe_path(path, "either", ("demo",)):  # (a moved dataset: a link to nothing)
+        raise DataError(f"--input {shlex.quote(str(path))}: {what}")
     if path.is_file():
         return [path]
-    if path.is_symlink():  # (a typo is "no such file"; a moved dataset is this)
-        raise DataError(f"--input {shlex.quote(str(path))}: a symbolic link to a missing file, "
-                        f"{link_target(path) or '?'}: put the file back, or give --input the "
-                        "file itself")  # fmt: skip
-    if not path.exists():
-        raise DataError(f"--input {path}: no such file or folder{near_path(path, ('demo',))}")
     paths = list_images(path, recursive=False, dangling=dangling)
     dup = shared_stem(paths)
     if dup is not None:

@@ -77,6 +77,7 @@ from sr_lib.data import (
     decode_threads,
     degradation_flags,
     degradation_of,
+    describe_path,
     fit_name,
     list_images,
     load_pairs,
@@ -804,7 +805,7 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
                 f"--resume {args.resume}: a folder, not a checkpoint file; give --resume auto "
                 f"--out {shlex.quote(args.resume)}, or the file (last.pt)"
             )
-        raise CheckpointError(f"{args.resume}: no such checkpoint to resume from")
+        raise CheckpointError(f"--resume {args.resume}: {describe_path(ckpt_path, 'file')}")
     elif held := [name for name in ("last.pt", "best.pt") if (out / name).is_file()]:
         raise UsageError(
             f"{out} already holds a run ({held[0]}); pass --resume auto to continue it or a new "

@@ -24,6 +24,7 @@ import os
 import re
 import shlex
 import signal
+import stat
 import struct
 import sys
 import tempfile
@@ -724,7 +725,7 @@ def write_target(path: str | os.PathLike, kind: str = "file") -> Path:
         return path
     target = Path(os.path.realpath(path))
     if target.is_symlink():  # realpath stops in a loop of links
-        raise OutputError(f"{path}: a loop of symbolic links; point it at a {kind} or remove it")
+        raise OutputError(f"{path}: {describe_path(path, kind)}")  # (its loop, in words)
     if not target.parent.is_dir():
         raise OutputError(f"{path}: a symbolic link to {target}, whose folder does not exist; "
                           "create that folder, or remove the link")  # fmt: skip
@@ -843,7 +844,7 @@ def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     (mkdir said "File exists")."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise OutputError(f"{flag} {path}: is a file, not a folder; give a folder")
+        raise OutputError(f"{flag} {path}: {describe_path(path, 'folder')}")
     for part in (*reversed(path.parents), path):  # it or a folder on its way (--out link/run)
         if part.is_symlink() and not part.exists():  # a link to nothing, or a loop of links
             try:
@@ -887,7 +888,7 @@ def check_out_file(path: str | os.PathLike, flag: str = "--out", example: str = 
     file name of the flag's kind, suggested where a folder is given."""
     path = Path(path)
     if path.is_dir():
-        raise OutputError(f"{flag} {path}: is a folder; give a file name, e.g. {path / example}")
+        raise OutputError(f"{flag} {path}: {describe_path(path, 'file', example=example)}")
     try:
         real = write_target(path)  # (a link's target's folder)
     except OutputError as e:
@@ -944,6 +945,60 @@ def _walk(folder: Path, recursive: bool, dangling: list[Path]):
                     ) from None
 
 
+_NOUN = {"folder": "folder", "file": "file", "either": "file or folder"}
+
+
+def link_to_nothing(link: str | os.PathLike) -> str:
+    """A symbolic link to a missing file or folder, in the words every line about one uses: its
+    target as a path from here (a relative target read from the link's folder), quoted for a
+    shell where it must be; "a symbolic link to nothing" where it cannot be read (not a link)."""
+    try:
+        target = os.path.normpath(os.path.join(os.path.dirname(link), os.readlink(link)))
+    except OSError:
+        return "a symbolic link to nothing"
+    return f"a symbolic link to {shlex.quote(target)}, which does not exist"
+
+
+def describe_path(path: str | os.PathLike, want: str = "folder", builtins: Sequence[str] = (),
+                  example: str = "") -> str:  # fmt: skip
+    """What `path` is, where a flag asks for a `want` ("folder", "file", or "either") and it is
+    none; "" where it is one. The one wording of each fault that every script gives after "FLAG
+    PATH: " (the caller's error class keeps its exit code), with what to do:
+      no such folder (did you mean X?)       nothing there (`near_path`, `builtins` as there)
+      a symbolic link to T, which does ...   a link to nothing (`link_to_nothing`), T its target
+      a loop of symbolic links (...)         a link that leads back to itself
+      a file, not a folder                   and a folder, not a file (`example`: a file name in
+                                             it to suggest), a pipe, a socket, a device
+      cannot be checked (Permission denied)  a folder above it that cannot be searched
+    Each file system call's error is read once (one stat, one lstat where it fails): "no such
+    folder" said of a file or a dangling link sent the user looking for a typo."""
+    path, noun = Path(path), _NOUN[want]
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        linked = os.path.islink(path)
+        if e.errno == errno.ELOOP:
+            to = f" (it points to {shlex.quote(os.readlink(path))})" if linked else " in its path"
+            return f"a loop of symbolic links{to}; point it at a {noun}"
+        if linked and e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return f"{link_to_nothing(path)}; put the {noun} back there or give its new path"
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return f"no such {noun}{near_path(path, builtins)}"
+        return (f"cannot be checked ({e.strerror or e}); make it and the folders above it "
+                f"readable")  # fmt: skip
+    if stat.S_ISDIR(st.st_mode):
+        if want != "file":
+            return ""
+        e_g = f", e.g. {shlex.quote(str(path / example))}" if example else ""
+        return f"a folder, not a file; give a file{e_g}"
+    if stat.S_ISREG(st.st_mode):
+        return "" if want != "folder" else "a file, not a folder; give a folder"
+    kind = {stat.S_IFIFO: "a pipe", stat.S_IFSOCK: "a socket"}.get(
+        stat.S_IFMT(st.st_mode), "a device"
+    )
+    return f"{kind}, not a {noun}; give a {noun}"
+
+
 def near_path(path: str | os.PathLike, builtins: Sequence[str] = ()) -> str:
     """The words ' (did you mean X?)' for the line about a `path` that does not exist, where it
     is near in spelling to a built-in name (`builtins`: "demo") or its first missing part to a
@@ -998,17 +1053,13 @@ def list_images(folder: str | os.PathLike, recursive: bool = True,
     other image formats (OTHER_IMAGE_EXTENSIONS: .gif, .ppm, .exr, ...), with one warning: a
     folder of ground truths partly in them would be scored on fewer images without a word. An
     entry that cannot be checked (EACCES, EIO; not a loop) where it could
-    hold or be an image: DataError. A folder that does not exist: DataError, with a "did you
-    mean" where a folder beside it or one of `builtins` (the names the caller takes instead of a
-    folder: "demo") is near in spelling (`near_path`)."""
+    hold or be an image: DataError. A `folder` that is none (not there, a file, a link to
+    nothing): DataError in `describe_path`'s words, with a "did you mean" where a folder beside
+    it or one of `builtins` (the names the caller takes instead of a folder: "demo") is near in
+    spelling (`near_path`)."""
     folder = Path(folder)
-    if not folder.is_dir():
-        what = (
-            "is a file, not a folder" if folder.exists()
-            else f"a symbolic link to nothing (-> {os.readlink(folder)})" if folder.is_symlink()
-            else f"no such folder{near_path(folder, builtins)}"
-        )  # fmt: skip
-        raise DataError(f"{folder}: {what}; give a folder of images")
+    if what := describe_path(folder, "folder", builtins):
+        raise DataError(f"{folder}: {what}")
     walked_links: list[Path] = []
     walked = list(_walk(folder, recursive, walked_links))
     files = [p for p in walked if p.suffix.lower() in IMAGE_EXTENSIONS]

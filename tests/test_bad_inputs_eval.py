@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sr_eval
+from sr_lib.data import link_to_nothing
 from sr_lib.resize import imresize
 
 SCALE = 4
@@ -66,7 +67,13 @@ def one_output_per_image(w):
 CASES = [
     ("hr-missing", None, lambda w: args(w, hr="nope"), 3, "nope"),
     ("hr-empty", lambda w: (w / "empty").mkdir(), lambda w: args(w, hr="empty"), 3, "no images"),
-    ("hr-is-a-file", None, lambda w: args(w, hr="hr/a.png"), 3, "a.png: is a file, not a folder"),
+    (
+        "hr-is-a-file",
+        None,
+        lambda w: args(w, hr="hr/a.png"),
+        3,
+        "a.png: a file, not a folder; give a folder",
+    ),
     (
         "hr-shared-stem",
         lambda w: iio.imwrite(w / "hr" / "a.jpg", photo(48, 64, 0)),
@@ -201,20 +208,26 @@ CASES = [
     ),
     # a folder flag given a file or a dangling link said "no such folder", sending the user
     # looking for a typo in a path that is there
-    ("lr-is-a-file", None, lambda w: args(w, "--lr", w / "lr" / "a.png"), 3, "is a file, not a"),
+    (
+        "lr-is-a-file",
+        None,
+        lambda w: args(w, "--lr", w / "lr" / "a.png"),
+        3,
+        "a.png: a file, not a folder",
+    ),
     (
         "uncertainty-is-a-file",
         None,
         lambda w: args(w, "--uncertainty", w / "hr" / "a.png"),
         3,
-        "a.png: is a file, not a folder",
+        "a.png: a file, not a folder; give a folder",
     ),
     (
         "lr-is-a-link-to-a-missing-folder",
         lambda w: (w / "gone").symlink_to(w / "moved"),
         lambda w: args(w, "--lr", w / "gone"),
         3,
-        "gone: is a symbolic link to a missing folder (",
+        "gone: a symbolic link to ",
     ),
     # a typo of a folder beside it, or of demo: the near path named, as sr_train.py --data does
     ("hr-typo", None, lambda w: args(w, hr="hrr"), 3, "hrr: no such folder (did you mean "),
@@ -243,7 +256,7 @@ CASES = [
         None,
         lambda w: args(w, "--csv", "out"),
         7,
-        "--csv out: is a folder; give a file name, e.g. out/out.csv",
+        "--csv out: a folder, not a file; give a file, e.g. out/out.csv",
     ),
     (
         "out-below-a-file",
@@ -352,9 +365,8 @@ def test_a_link_to_a_missing_ground_truth_is_refused(world, capsys):
     assert e.value.code == 3
     err = capsys.readouterr().err.splitlines()
     assert err == [
-        f"sr_eval.py: error: --hr {world / 'hr'}: c.png is a symbolic link to a missing file "
-        f"({world / 'moved' / 'c.png'}): the scores would leave out its image; restore the "
-        "link's target or remove the link"
+        f"sr_eval.py: error: --hr {world / 'hr'}: c.png is {link_to_nothing(world / 'hr/c.png')}"
+        ": the scores would leave out its image; restore the link's target or remove the link"
     ]
     assert not out.exists()
     (world / "hr" / "d.png").symlink_to(world / "moved" / "d.png")
@@ -362,14 +374,14 @@ def test_a_link_to_a_missing_ground_truth_is_refused(world, capsys):
         sr_eval.main(args(world))
     err = capsys.readouterr().err
     assert e.value.code == 3
-    assert "c.png is a symbolic link to a missing file" in err and ") and 1 more: the" in err
+    assert "c.png is a symbolic link to " in err and " (and 1 more such link(s)): the" in err
     for stem in ("a", "b"):  # a folder of links alone (its dataset moved): "no images found",
         (world / "hr" / f"{stem}.png").unlink()  # its one warning held back, said no link
     with pytest.raises(SystemExit) as e:
         sr_eval.main(args(world))
     err = capsys.readouterr().err
     assert e.value.code == 3 and err.count("\n") == 1
-    assert "c.png is a symbolic link to a missing file" in err and ") and 1 more: the" in err
+    assert "c.png is a symbolic link to " in err and " (and 1 more such link(s)): the" in err
 
 
 @pytest.mark.parametrize(

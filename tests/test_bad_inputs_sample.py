@@ -121,7 +121,7 @@ CASES = {  # id: (argv of the world, exit code, words the one line must hold)
                         "--input demoo: no such file or folder (did you mean demo?)"),
     "input a link to a missing file": (
         lambda w: args(w, inp="moved/a b.png"), 3,
-        "/moved/a b.png': a symbolic link to a missing file, '"),
+        "/moved/a b.png': a symbolic link to '"),
     "input empty folder": (lambda w: args(w, inp="empty"), 3, "no images found"),
     "input stems shared": (lambda w: args(w, inp="twins"), 3, "share the stem 'x'"),
     "input not an image": (lambda w: args(w, inp="text.png"), 3, "text.png"),
@@ -151,7 +151,7 @@ CASES = {  # id: (argv of the world, exit code, words the one line must hold)
     "input -": (lambda w: ["--ckpt", w["bicubic"], "--input", "-", "--out", w["dir"] / "out"], 2,
                 "--input -: standard input or output"),
     "ref -": (lambda w: args(w, "--ref", "-"), 2, "--ref -: standard input or output"),
-    "out is a file": (lambda w: args(w, out="a_file"), 7, "is a file, not a folder"),
+    "out is a file": (lambda w: args(w, out="a_file"), 7, "a_file: a file, not a folder"),
     "out of other settings": (lambda w: args(w, out="other"), 2, "made with"),
     "out manifest broken": (lambda w: args(w, out="broken"), 2, "not a readable manifest"),
     "out of another tool": (lambda w: args(w, out="foreign"), 2, "no manifest.json"),

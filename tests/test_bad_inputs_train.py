@@ -191,21 +191,21 @@ CASES = {  # id: (flags, exit code, words of the message)
     "data folder typo": (
         {"--data": "{tmp}/photos of mne"},
         3,
-        "--data {tmp}/photos of mne: no such folder (did you mean '{tmp}/photos of mine'?); give",
+        "--data {tmp}/photos of mne: no such folder (did you mean '{tmp}/photos of mine'?)",
     ),
     "data parent folder typo": (  # the first missing part, the rest as given
         {"--data": "{tmp}/sts/x2"},
         3,
-        "--data {tmp}/sts/x2: no such folder (did you mean {tmp}/sets/x2?); give",
+        "--data {tmp}/sts/x2: no such folder (did you mean {tmp}/sets/x2?)",
     ),
-    "data typo and a second one": ({"--data": "{tmp}/sts/x3"}, 3, "/sts/x3: no such folder; give"),
+    "data typo and a second one": ({"--data": "{tmp}/sts/x3"}, 3, "/sts/x3: no such folder"),
     "val data demo typo": (
         {"--val-data": "Demo", "--val-every": "1"},
         3,
-        "--val-data Demo: no such folder (did you mean demo?); give",
+        "--val-data Demo: no such folder (did you mean demo?)",
     ),
     "lr data typo": ({"--lr-data": "{tmp}/sets/x22"}, 3, "(did you mean {tmp}/sets/x2?)"),
-    "lr data not demo": ({"--lr-data": "demoo"}, 3, "--lr-data demoo: no such folder; give"),
+    "lr data not demo": ({"--lr-data": "demoo"}, 3, "--lr-data demoo: no such folder"),
     # an unset variable, `--data "$DATA"`: the current folder's images were trained on
     "data empty path": ({"--data": "{empty}"}, PARSE, "--data: an empty path; give a folder"),
     "lr data empty path": ({"--lr-data": "{empty}"}, PARSE, "--lr-data: an empty path; give"),
@@ -236,7 +236,11 @@ CASES = {  # id: (flags, exit code, words of the message)
         3,
         "--val-data {tmp}/sets: no images found",
     ),
-    "data a link to nothing": ({"--data": "{tmp}/loop"}, 3, "a symbolic link to nothing (-> loop)"),
+    "data a link to nothing": (
+        {"--data": "{tmp}/loop"},
+        3,
+        "loop: a loop of symbolic links (it points to loop); point it at a folder",
+    ),
     # its strips (OUT/val/*.png) were read as training images by the next run
     "out inside data": (
         {"--out": "{data}/run"},
@@ -252,7 +256,7 @@ CASES = {  # id: (flags, exit code, words of the message)
     "data is an image": (
         {"--data": "{data}/holiday 0.png"},
         3,
-        "holiday 0.png: is a file, not a folder; give a folder of images",
+        "holiday 0.png: a file, not a folder; give a folder",
     ),  # fmt: skip
     "val data missing": (
         {"--val-data": "{tmp}/nothing here", "--val-every": "1"},
@@ -273,7 +277,7 @@ CASES = {  # id: (flags, exit code, words of the message)
         "use --patch 6 (the largest image's LR is 6 px on its shorter side), or --data with",
     ),
     "lr data count": ({"--lr-data": ["{data}", "{data}"]}, PARSE, "2 folders for 1 --data"),
-    "out is a file": ({"--out": "{file}"}, 7, "is a file, not a folder"),
+    "out is a file": ({"--out": "{file}"}, 7, "notes.txt: a file, not a folder; give a folder"),
     "out under a file": ({"--out": "{file}/run"}, 7, "cannot create it"),
     "cache is a file": ({"--cache": "{file}"}, 7, "--cache"),
     # mkdir said "cannot create it (File exists)" of both; --out's loop with --data a folder was
@@ -282,7 +286,7 @@ CASES = {  # id: (flags, exit code, words of the message)
         f"{flag} a loop of links": (
             {flag: "{tmp}/loop"},
             7,
-            f"{flag} {{tmp}}/loop: a loop of symbolic links; point it at a folder or remove it",
+            f"{flag} {{tmp}}/loop: a loop of symbolic links (it points to loop)",
         )
         for flag in ("--out", "--cache")
     },
@@ -305,9 +309,13 @@ CASES = {  # id: (flags, exit code, words of the message)
     "out under a loop of links": (
         {"--out": "{tmp}/loop/run"},
         7,
-        "--out {tmp}/loop/run: {tmp}/loop: a loop of symbolic links; point it at a folder",
+        "--out {tmp}/loop/run: {tmp}/loop: a loop of symbolic links (it points to loop)",
     ),
-    "resume missing checkpoint": ({"--resume": "{tmp}/gone.pt"}, 6, "gone.pt: no such checkpoint"),
+    "resume missing checkpoint": (
+        {"--resume": "{tmp}/gone.pt"},
+        6,
+        "--resume {tmp}/gone.pt: no such file",
+    ),
     "resume a run folder": (  # its folder typed for its checkpoint: what to give instead
         {"--resume": "{run}"},
         6,

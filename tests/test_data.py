@@ -35,6 +35,7 @@ from sr_lib.data import (
     check_out_dir,
     check_out_file,
     demo_images,
+    describe_path,
     dihedral,
     fit_name,
     list_images,
@@ -1529,10 +1530,14 @@ def test_output_checks(tmp_path, read_only_dir):
     """Output paths are checked before long work: one line (OutputError, exit 7) naming them."""
     assert check_out_dir(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
     (tmp_path / "file").write_text("x")
-    with pytest.raises(OutputError, match="is a file, not a folder"):
+    with pytest.raises(OutputError) as e:
         check_out_dir(tmp_path / "file")
-    with pytest.raises(OutputError, match="is a folder; give a file name"):
+    assert str(e.value) == f"--out {tmp_path / 'file'}: {describe_path(tmp_path / 'file')}"
+    with pytest.raises(OutputError) as e:
         check_out_file(tmp_path / "new")
+    said = describe_path(tmp_path / "new", "file", example="out.json")
+    assert str(e.value) == f"--out {tmp_path / 'new'}: {said}"
+    assert said.startswith("a folder, not a file; give a file, e.g. ")
     assert check_out_file(tmp_path / "sub" / "r.json") == tmp_path / "sub" / "r.json"
     assert not any(p.name.startswith(".srspace-probe") for p in tmp_path.rglob("*"))
     with pytest.raises(OutputError, match="ro: cannot write there .Permission denied"):

@@ -25,6 +25,7 @@ from rich.console import Console
 import sr_eval
 import sr_lib.report
 import sr_sample
+from sr_lib.data import link_to_nothing
 from sr_lib.resize import imresize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -464,7 +465,7 @@ def test_a_report_whose_index_html_is_a_link_to_a_missing_file_names_the_link(tm
     assert e.value.code == 2
     assert capsys.readouterr().err == (
         f"sr_eval.py: error: --report {rep}: {rep / 'plots'} is there, but {rep / 'index.html'} "
-        f"is a symbolic link to a missing file ({tmp_path / 'www' / 'page.html'}), so no page "
+        f"is {link_to_nothing(rep / 'index.html')}, so no page "
         "tells whose files it holds; the report would write among them and a stopped run delete "
         f"them: restore the link's target, move or delete {rep / 'plots'}, or give --report "
         "another folder\n"

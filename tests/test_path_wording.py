@@ -1,0 +1,140 @@
+"""One wording of a path of the wrong kind in every script: each path flag given a path that is
+not there, a symbolic link to nothing, a loop of links, a file for a folder or a folder for a
+file says `sr_lib.data.describe_path`'s phrase after "FLAG PATH: ", with the exit code of its
+flag (3 data, 6 checkpoint, 7 output). sr_eval.py said "a symbolic link to a missing folder",
+sr_sample.py "... to a missing file", sr_train.py "a symbolic link to nothing (-> X)"."""
+
+import errno
+import os
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+import sr_eval
+import sr_lib.data
+import sr_sample
+import sr_train
+from sr_lib.checkpoint import save_checkpoint
+from sr_lib.data import describe_path, link_to_nothing
+from sr_lib.models import build_model
+
+TRAIN = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--scale", "2", "--patch", "8",
+         "--batch", "2", "--steps", "1", "--workers", "0", "--val-every", "0"]  # fmt: skip
+EVAL = ["--scale", "4", "--n", "1", "--no-lpips"]
+
+# (script, flag, what it wants, exit code, argv with P for the path, the faults tried)
+FOLDER_FAULTS = ("missing", "dangling", "loop", "file")
+FLAGS = [
+    (sr_train, "--data", "folder", 3, [*TRAIN, "--data", "P", "--out", "o"], FOLDER_FAULTS),
+    (sr_train, "--lr-data", "folder", 3,
+     [*TRAIN, "--data", "hr", "--lr-data", "P", "--out", "o"], FOLDER_FAULTS),
+    (sr_train, "--val-data", "folder", 3,
+     [*TRAIN, "--data", "hr", "--val-data", "P", "--val-every", "1", "--out", "o"], FOLDER_FAULTS),
+    (sr_train, "--resume", "file", 6, [*TRAIN, "--data", "hr", "--resume", "P", "--out", "o"],
+     ("missing", "dangling", "loop")),
+    (sr_train, "--out", "folder", 7, [*TRAIN, "--data", "hr", "--out", "P"], ("file",)),
+    (sr_train, "--cache", "folder", 7, [*TRAIN, "--data", "hr", "--cache", "P", "--out", "o"],
+     ("file",)),
+    (sr_sample, "--input", "either", 3, ["--ckpt", "ckpt.pt", "--input", "P", "--out", "o"],
+     ("missing", "dangling", "loop")),
+    (sr_sample, "--out", "folder", 7, ["--ckpt", "ckpt.pt", "--input", "lr", "--out", "P"],
+     ("file",)),
+    (sr_eval, "--hr", "folder", 3, ["--hr", "P", "--sr", "sr", *EVAL], FOLDER_FAULTS),
+    (sr_eval, "--sr", "folder", 3, ["--hr", "hr", "--sr", "P", *EVAL], FOLDER_FAULTS),
+    (sr_eval, "--lr", "folder", 3, ["--hr", "hr", "--sr", "sr", "--lr", "P", *EVAL], FOLDER_FAULTS),
+    (sr_eval, "--uncertainty", "folder", 3,
+     ["--hr", "hr", "--sr", "sr", "--uncertainty", "P", *EVAL], FOLDER_FAULTS),
+    (sr_eval, "--report", "folder", 7, ["--hr", "hr", "--sr", "sr", "--report", "P", *EVAL],
+     ("file", "loop")),
+    (sr_eval, "--out", "file", 7, ["--hr", "hr", "--sr", "sr", "--out", "P", *EVAL], ("folder",)),
+    (sr_eval, "--csv", "file", 7, ["--hr", "hr", "--sr", "sr", "--csv", "P", *EVAL], ("folder",)),
+]  # fmt: skip
+CASES = [
+    pytest.param(
+        script, flag, want, code, argv, fault, id=f"{script.__name__}{flag}-{fault}"
+    )  # fmt: skip
+    for script, flag, want, code, argv, faults in FLAGS
+    for fault in faults
+]
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    """hr/ (one image), lr/ (its x4), sr/ (one sample), ckpt.pt (a bicubic x4), and a path of
+    each fault: nowhere, dangling (-> moved/away), loop (-> loop), file.png, folder/."""
+    monkeypatch.chdir(tmp_path)
+    img = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    for name, arr in (("hr/a.png", img), ("lr/a.png", img[::4, ::4]),
+                      ("sr/000000_sample00000.png", img), ("file.png", img)):  # fmt: skip
+        Path(name).parent.mkdir(exist_ok=True)
+        iio.imwrite(name, arr)
+    Path("folder").mkdir()
+    Path("dangling").symlink_to("moved/away")
+    Path("loop").symlink_to("loop")
+    model = build_model("bicubic", {"scale": 4})
+    save_checkpoint(Path("ckpt.pt"), {"model": "bicubic", "model_cfg": {"scale": 4},
+                                      "state_dict": model.state_dict(), "step": 0})  # fmt: skip
+    return tmp_path
+
+
+PATHS = {"missing": "nowhere", "dangling": "dangling", "loop": "loop", "file": "file.png",
+         "folder": "folder"}  # fmt: skip
+
+
+@pytest.mark.parametrize("script, flag, want, code, argv, fault", CASES)
+def test_one_wording_of_a_path_of_the_wrong_kind(world, capsys, script, flag, want, code, argv,
+                                                 fault):  # fmt: skip
+    path = PATHS[fault]
+    with pytest.raises(SystemExit) as e:
+        script.main([path if a == "P" else a for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    builtins = ("demo",) if flag in ("--data", "--val-data", "--input", "--hr") else ()
+    example = {"--out": "out.json", "--csv": "out.csv"}.get(flag, "") if want == "file" else ""
+    said = describe_path(path, want, builtins, example)
+    assert said  # (the fault is one)
+    prog = f"{script.__name__}.py"
+    assert err == [f"{prog}: error: {flag} {path}: {said}"], err
+    assert e.value.code == code
+    if flag != "--cache":  # (--cache is checked once the run folder is made, beside the data)
+        assert not Path("o").exists()  # (refused before a run or output folder is made)
+
+
+def test_describe_path_words(tmp_path):
+    """Each fault's phrase, which names the link's target (from the link's folder, quoted for a
+    shell) and says what to do; "" for a path of the kind asked for."""
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "f.png").write_text("x")
+    (tmp_path / "gone").symlink_to("moved/a b")
+    (tmp_path / "loop").symlink_to("loop")
+    os.mkfifo(tmp_path / "pipe")
+    said = {name: describe_path(tmp_path / name) for name in ("dir", "f.png", "gone", "loop")}
+    assert said == {
+        "dir": "",
+        "f.png": "a file, not a folder; give a folder",
+        "gone": f"a symbolic link to '{tmp_path}/moved/a b', which does not exist; put the "
+        "folder back there or give its new path",
+        "loop": "a loop of symbolic links (it points to loop); point it at a folder",
+    }
+    assert link_to_nothing(tmp_path / "gone") + "; put the" in describe_path(tmp_path / "gone")
+    assert describe_path(tmp_path / "f.png", "file") == describe_path(tmp_path / "dir", "either")
+    assert describe_path(tmp_path / "dir", "file", example="r.json") == (
+        f"a folder, not a file; give a file, e.g. {tmp_path / 'dir' / 'r.json'}"
+    )
+    assert describe_path(tmp_path / "nope", "either") == "no such file or folder"
+    assert describe_path("demoo", builtins=("demo",)) == "no such folder (did you mean demo?)"
+    assert describe_path(tmp_path / "pipe", "file") == "a pipe, not a file; give a file"
+
+
+def test_describe_path_of_a_path_that_cannot_be_checked(tmp_path, monkeypatch):
+    """A folder above the path that cannot be searched (EACCES; root ignores permission bits, so
+    its stat is made to fail): said so, not "no such folder" nor a PermissionError traceback."""
+
+    def denied(path, *a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(sr_lib.data.os, "stat", denied)
+    assert describe_path(tmp_path / "x") == (
+        "cannot be checked (Permission denied); make it and the folders above it readable"
+    )
