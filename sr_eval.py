@@ -1621,11 +1621,13 @@ def check_flags(args: EvalArgs) -> tuple[int, torch.device, int, tuple | None]:
         if inside:
             raise UsageError(f"{flag} {path} is inside --report {args.report}, whose files may "
                              f"replace it; give {flag} a path outside that folder")  # fmt: skip
-    if args.hr != "demo" and not Path(args.hr).is_dir():  # its line before the LPIPS weights'
+    if args.hr != "demo" and describe_path(args.hr):  # its line before the LPIPS weights'
         hr_images(args.hr)  # (offline, a mistyped --hr was exit 6: the weights not found)
     device = unused_device(args.device) if args.no_lpips else pick_device(args.device)
     lpips_read = None
     if not args.no_lpips:
+        if args.lpips_weights and (said := describe_path(args.lpips_weights, "file")):
+            raise CheckpointError(f"--lpips-weights {args.lpips_weights}: {said}")
         try:  # LPIPS's weights, found and read before any output is made or any image read
             if args.lpips_weights:  # kept for load_lpips: the file is read once (it may be big)
                 lpips_read = read_state_dict(args.lpips_weights)

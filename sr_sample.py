@@ -224,6 +224,7 @@ from sr_lib.data import (
 )
 from sr_lib.errors import (
     PREEMPT_SIGNALS,
+    CheckpointError,
     DataError,
     NonFiniteError,
     OutOfMemory,
@@ -771,6 +772,8 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     paths = input_paths(Path(args.input), dangling)
     from_hr = args.from_hr or args.input == "demo"  # the demo images are HR photographs
     device = pick_device(args.device)
+    if said := describe_path(args.ckpt, "file", example="last.pt"):  # (the flag named)
+        raise CheckpointError(f"--ckpt {args.ckpt}: {said}")
     ck, ckpt_sha256 = read_checkpoint_hashed(args.ckpt)  # (one read: manifest.json's digest)
     model, ck = load_model(args.ckpt, device, args.model, args.scale,
                            args.raw_weights, args.global_skip, ck)  # fmt: skip

@@ -800,12 +800,10 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
                 "would overwrite; give --out a new folder"
             )
     elif args.resume not in ("", "auto"):
-        if ckpt_path.is_dir():  # the run folder given for its checkpoint
-            raise CheckpointError(
-                f"--resume {args.resume}: a folder, not a checkpoint file; give --resume auto "
-                f"--out {shlex.quote(args.resume)}, or the file (last.pt)"
-            )
-        raise CheckpointError(f"--resume {args.resume}: {describe_path(ckpt_path, 'file')}")
+        said = describe_path(ckpt_path, "file", example="last.pt")  # (missing, a link to nothing)
+        if ckpt_path.is_dir():  # the run folder given for its checkpoint: or its run resumed
+            said += f", or --resume auto --out {shlex.quote(args.resume)}"
+        raise CheckpointError(f"--resume {args.resume}: {said}")
     elif held := [name for name in ("last.pt", "best.pt") if (out / name).is_file()]:
         raise UsageError(
             f"{out} already holds a run ({held[0]}); pass --resume auto to continue it or a new "
@@ -1783,6 +1781,8 @@ def init_weights(model, args: TrainArgs, cfg: dict, named: set[str]) -> str:
     whose model flags give other shapes, is one line naming the flag and what differs, not a list
     of mismatching keys."""
     path = args.init_from
+    if said := describe_path(path, "file", example="last.pt"):  # (the flag named)
+        raise CheckpointError(f"--init-from {path}: {said}")
     init = read_checkpoint(path)
     if is_srspace_checkpoint(init):
         was = (init["model"], init["model_cfg"].get("scale"))

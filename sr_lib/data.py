@@ -996,7 +996,9 @@ def describe_path(path: str | os.PathLike, want: str = "folder", builtins: Seque
     kind = {stat.S_IFIFO: "a pipe", stat.S_IFSOCK: "a socket"}.get(
         stat.S_IFMT(st.st_mode), "a device"
     )
-    return f"{kind}, not a {noun}; give a {noun}"
+    if want == "folder":
+        return f"{kind}, not a folder; give a folder"
+    return f"{kind}, not a regular file; save what it gives to a file and give that"
 
 
 def near_path(path: str | os.PathLike, builtins: Sequence[str] = ()) -> str:

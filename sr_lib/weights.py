@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from sr_lib import distributed
+from sr_lib.data import describe_path
 from sr_lib.errors import CheckpointError, UsageError
 
 MANIFEST = Path(__file__).resolve().parent.parent / "weights.txt"
@@ -300,14 +301,12 @@ def torch_load(path: str | os.PathLike, what: str = "weights", file=None):
     """torch.load(weights_only=True) on CPU; every failure is a one-line CheckpointError.
     `file`: `path` opened by the caller (binary), to load from instead of opening it again."""
     path = Path(path)
-    if file is None and path.is_dir():  # a run's --out folder: "it does not exist" misleads
-        which = " (last.pt)" if what == "checkpoint" else ""  # (not an --lpips-weights' name)
-        raise CheckpointError(f"{path}: a folder, not a {what} file; pass the file{which}")
-    if file is None and path.exists() and not path.is_file():  # (torch.load seeks: a file only)
-        raise CheckpointError(f"{path}: not a regular file (a pipe or a device: <(...), say); "
-                              f"save the {what} to a file and pass that")  # fmt: skip
-    if file is None and not path.is_file():
-        raise CheckpointError(f"{path}: no such {what} file (it does not exist)")
+    # a run's --out folder ("it does not exist" misleads), a link to nothing, a loop, a pipe
+    # (torch.load seeks: a file only): their words in every script (an --lpips-weights has no
+    # one name to suggest)
+    example = "last.pt" if what == "checkpoint" else ""
+    if file is None and (said := describe_path(path, "file", example=example)):
+        raise CheckpointError(f"{path}: {said}")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
             warnings.simplefilter("ignore")

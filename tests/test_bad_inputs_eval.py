@@ -347,7 +347,7 @@ def test_lpips_weights_given_a_folder_says_so_without_a_checkpoint_name(world, c
         sr_eval.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 6 and len(err) == 1, err
-    assert err[0].endswith(f"{world / 'hr'}: a folder, not a weights file; pass the file"), err
+    assert err[0].endswith(f"--lpips-weights {world / 'hr'}: a folder, not a file; give a file")
 
 
 def test_at_least_twenty_cases():

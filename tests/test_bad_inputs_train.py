@@ -319,8 +319,8 @@ CASES = {  # id: (flags, exit code, words of the message)
     "resume a run folder": (  # its folder typed for its checkpoint: what to give instead
         {"--resume": "{run}"},
         6,
-        "--resume {run}: a folder, not a checkpoint file; give --resume auto --out {run}, or the "
-        "file (last.pt)",
+        "--resume {run}: a folder, not a file; give a file, e.g. {run}/last.pt, or --resume auto "
+        "--out {run}",
     ),
     "new run of resume auto without a model": (
         {

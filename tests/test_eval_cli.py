@@ -839,11 +839,12 @@ def test_missing_lpips_weights_before_any_output(tmp_path, tiny_set, capsys, mon
     assert not new.exists()
     # --lpips-weights FILE missing, or not a torch file, likewise (it was found after --out)
     (tmp_path / "page.pth").write_text("<html>404</html>")
-    for weights, says in [(tmp_path / "none.pth", "no such weights file"),
+    for weights, says in [(tmp_path / "none.pth", "no such file"),
                           (tmp_path / "page.pth", "not a torch weights file")]:  # fmt: skip
         code, err = fails(capsys, *argv, "--lpips-weights", weights)
         assert code == 6 and len(err.splitlines()) == 1, err
-        assert err.startswith(f"sr_eval.py: error: LPIPS: {weights}: {says}"), err
+        flag = "--lpips-weights " if says == "no such file" else "LPIPS: "  # (not read: no LPIPS)
+        assert err.startswith(f"sr_eval.py: error: {flag}{weights}: {says}"), err
         assert not new.exists()
 
 

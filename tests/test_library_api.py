@@ -135,10 +135,15 @@ def write_checkpoint(path, name="edsr", **cfg):
 
 
 BAD_CHECKPOINTS = {
-    "missing": (lambda d: d / "none.pt", "no such checkpoint file"),
-    "folder": (lambda d: d, "a folder, not a checkpoint file; pass the file (last.pt)"),
+    "missing": (lambda d: d / "none.pt", "no such file"),
+    "dangling": (lambda d: (d / "l.pt").symlink_to("gone.pt") or d / "l.pt", "gone.pt, which"),
+    "loop": (lambda d: (d / "l.pt").symlink_to("l.pt") or d / "l.pt", "a loop of symbolic links"),
+    "folder": (lambda d: d, "a folder, not a file; give a file, e.g. "),
     # sr_sample.py --ckpt <(ssh host cat last.pt): a pipe, not a file, was "does not exist"
-    "pipe": (lambda d: os.mkfifo(d / "p.pt") or d / "p.pt", "not a regular file (a pipe"),
+    "pipe": (
+        lambda d: os.mkfifo(d / "p.pt") or d / "p.pt",
+        "a pipe, not a regular file; save what it gives",
+    ),
     "not torch": (
         lambda d: (d / "x.pt").write_text("hello") and d / "x.pt",
         "not a torch file (it b",

@@ -26,6 +26,7 @@ EVAL = ["--scale", "4", "--n", "1", "--no-lpips"]
 
 # (script, flag, what it wants, exit code, argv with P for the path, the faults tried)
 FOLDER_FAULTS = ("missing", "dangling", "loop", "file")
+FILE_FAULTS = ("missing", "dangling", "loop", "folder")  # (a checkpoint or weights file)
 FLAGS = [
     (sr_train, "--data", "folder", 3, [*TRAIN, "--data", "P", "--out", "o"], FOLDER_FAULTS),
     (sr_train, "--lr-data", "folder", 3,
@@ -33,12 +34,15 @@ FLAGS = [
     (sr_train, "--val-data", "folder", 3,
      [*TRAIN, "--data", "hr", "--val-data", "P", "--val-every", "1", "--out", "o"], FOLDER_FAULTS),
     (sr_train, "--resume", "file", 6, [*TRAIN, "--data", "hr", "--resume", "P", "--out", "o"],
-     ("missing", "dangling", "loop")),
+     FILE_FAULTS),
+    (sr_train, "--init-from", "file", 6,
+     [*TRAIN, "--data", "hr", "--init-from", "P", "--out", "o"], FILE_FAULTS),
     (sr_train, "--out", "folder", 7, [*TRAIN, "--data", "hr", "--out", "P"], ("file",)),
     (sr_train, "--cache", "folder", 7, [*TRAIN, "--data", "hr", "--cache", "P", "--out", "o"],
      ("file",)),
     (sr_sample, "--input", "either", 3, ["--ckpt", "ckpt.pt", "--input", "P", "--out", "o"],
      ("missing", "dangling", "loop")),
+    (sr_sample, "--ckpt", "file", 6, ["--ckpt", "P", "--input", "lr", "--out", "o"], FILE_FAULTS),
     (sr_sample, "--out", "folder", 7, ["--ckpt", "ckpt.pt", "--input", "lr", "--out", "P"],
      ("file",)),
     (sr_eval, "--hr", "folder", 3, ["--hr", "P", "--sr", "sr", *EVAL], FOLDER_FAULTS),
@@ -48,6 +52,8 @@ FLAGS = [
      ["--hr", "hr", "--sr", "sr", "--uncertainty", "P", *EVAL], FOLDER_FAULTS),
     (sr_eval, "--report", "folder", 7, ["--hr", "hr", "--sr", "sr", "--report", "P", *EVAL],
      ("file", "loop")),
+    (sr_eval, "--lpips-weights", "file", 6,
+     ["--hr", "hr", "--sr", "sr", "--lpips-weights", "P", *EVAL[:-1]], FILE_FAULTS),
     (sr_eval, "--out", "file", 7, ["--hr", "hr", "--sr", "sr", "--out", "P", *EVAL], ("folder",)),
     (sr_eval, "--csv", "file", 7, ["--hr", "hr", "--sr", "sr", "--csv", "P", *EVAL], ("folder",)),
 ]  # fmt: skip
@@ -91,9 +97,13 @@ def test_one_wording_of_a_path_of_the_wrong_kind(world, capsys, script, flag, wa
         script.main([path if a == "P" else a for a in argv])
     err = capsys.readouterr().err.strip().splitlines()
     builtins = ("demo",) if flag in ("--data", "--val-data", "--input", "--hr") else ()
-    example = {"--out": "out.json", "--csv": "out.csv"}.get(flag, "") if want == "file" else ""
+    examples = {"--out": "out.json", "--csv": "out.csv", "--ckpt": "last.pt",
+                "--init-from": "last.pt", "--resume": "last.pt"}  # fmt: skip
+    example = examples.get(flag, "") if want == "file" else ""
     said = describe_path(path, want, builtins, example)
     assert said  # (the fault is one)
+    if flag == "--resume" and fault == "folder":  # (a run's folder: or that run resumed)
+        said += f", or --resume auto --out {path}"
     prog = f"{script.__name__}.py"
     assert err == [f"{prog}: error: {flag} {path}: {said}"], err
     assert e.value.code == code
@@ -124,7 +134,10 @@ def test_describe_path_words(tmp_path):
     )
     assert describe_path(tmp_path / "nope", "either") == "no such file or folder"
     assert describe_path("demoo", builtins=("demo",)) == "no such folder (did you mean demo?)"
-    assert describe_path(tmp_path / "pipe", "file") == "a pipe, not a file; give a file"
+    assert describe_path(tmp_path / "pipe", "file") == (
+        "a pipe, not a regular file; save what it gives to a file and give that"
+    )
+    assert describe_path(tmp_path / "pipe") == "a pipe, not a folder; give a folder"
 
 
 def test_describe_path_of_a_path_that_cannot_be_checked(tmp_path, monkeypatch):
