@@ -301,3 +301,12 @@ def test_bench_alpha_times_both_upsamplers_and_the_alpha_pass(monkeypatch, capfd
             # (a fraction of bicubic's run; not recomputed here from the seconds, rounded to ms)
             assert row["wall_overhead"] > -1 and row["cpu_overhead"] > -1
             assert row["alpha_pass_cpu_s"] > 0  # the model's alpha pass ran, once per image
+
+
+def test_bench_near_path_finds_the_subfolder_where_its_listing_reaches_it(monkeypatch, capfd):
+    r = in_process("bench_near_path.py", "--files", 30, "--caps", 5, 0, "--repeat", 1,
+                   monkeypatch=monkeypatch, capfd=capfd)  # fmt: skip
+    assert r["near_path"]["said"].endswith("/T0.5?)")  # (30 files: within near_path's 5,000)
+    assert r["all entries"]["found"] == ["T0.5"] and r["all entries"]["listing_ms"] > 0
+    assert r["first 5 entries"]["found"] == ([] if r["T0.5_listed_at"] >= 5 else ["T0.5"])
+    assert r["torch"] == torch.__version__
