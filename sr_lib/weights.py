@@ -145,12 +145,11 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 def _refuse_broken_link(path: Path, entry: Entry) -> None:
     """A link to a weights file that was moved or deleted read as "not found", where the user
     sees the file's name in the folder: say what it is and where it points."""
-    if path.is_symlink() and not path.exists():
-        to = Path(os.path.normpath(path.parent / os.readlink(path)))  # (relative to its folder)
+    if path.is_symlink() and not path.exists():  # (a loop: its words, `describe_path`)
+        said = describe_path(path, "file").split(";")[0]  # (the link's target from its folder)
         raise CheckpointError(
-            f"{path} is a broken link: it points to {to}, which does not exist (moved or "
-            f"deleted); point it at the {entry.name} weights file again, or delete it and "
-            f"{_how_to_stage(entry, path)}"
+            f"{path}: {said} (moved or deleted); point it at the {entry.name} weights file "
+            f"again, or delete it and {_how_to_stage(entry, path)}"
         )
 
 

@@ -13,6 +13,7 @@ import torch
 import torchvision
 
 from sr_lib import weights
+from sr_lib.data import link_to_nothing
 from sr_lib.errors import CheckpointError, UsageError
 from sr_lib.weights import Entry, load_manifest, load_state_dict, resolve, torchvision_model
 
@@ -486,9 +487,10 @@ def test_broken_link_says_so(tmp_path, monkeypatch, where):
     with pytest.raises(CheckpointError) as e:
         resolve("net", path=link if where == "path" else None, manifest=m)
     assert one_line(e).startswith(
-        f"{link} is a broken link: it points to {tmp_path / 'gone' / 'net.pth'}, which does not "
-        "exist (moved or deleted); point it at the net weights file again, or delete it and copy"
+        f"{link}: {link_to_nothing(link)} (moved or deleted); point it at the net weights file "
+        "again, or delete it and copy"
     )
+    assert link_to_nothing(link).endswith(f" {tmp_path / 'gone' / 'net.pth'}, which does not exist")
     link.unlink()  # linked to where the file is now: found
     link.symlink_to(tmp_path / "moved" / "net.pth")
     assert resolve("net", path=link if where == "path" else None, manifest=m) == link
