@@ -945,7 +945,7 @@ def test_output_problems_are_found_before_the_work_and_exit_7(tmp_path, capsys, 
     with pytest.raises(SystemExit) as e:
         sr_eval.main([str(a) for a in [*args, "--out", tmp_path / "results"]])
     cap = capsys.readouterr()
-    assert e.value.code == 7 and cap.err.count("\n") == 1 and "is a folder" in cap.err
+    assert e.value.code == 7 and cap.err.count("\n") == 1 and "a folder, not a file" in cap.err
     assert "[1/2]" not in cap.out and list((tmp_path / "results").iterdir()) == []
     with pytest.raises(SystemExit) as e:
         sr_eval.main([str(a) for a in [*args, "--csv", read_only_dir / "rows.csv"]])

@@ -1212,7 +1212,7 @@ def test_two_inputs_that_would_write_one_file_are_refused_before_any_work(tmp_pa
 @pytest.mark.parametrize(
     "ckpt, flags, code, words",
     [
-        ("missing", [], 6, "no such checkpoint"),
+        ("missing", [], 6, "missing: no such file"),
         ("truncated", [], 6, "truncated"),
         ("text", [], 6, "checkpoint"),
         ("good", ["--input", "nowhere"], 3, "--input"),

@@ -263,7 +263,7 @@ def test_output_folder_problems_are_one_line_exit_7(tmp_path, flow_ckpt, capsys,
     (tmp_path / "file").write_text("x")
     assert run(*base, "--out", tmp_path / "file") == 7
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "is a file, not a folder" in err
+    assert len(err.splitlines()) == 1 and "file: a file, not a folder" in err
     assert run(*base, "--out", read_only_dir) == 7
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot write there (Permission denied)" in err

@@ -380,7 +380,7 @@ class Payload:
         ),
         ("empty", r"an empty file \(a weights file was expected\); copy it again"),
         ("not_a_dict", "is not a state_dict"),
-        ("missing", "does not exist"),
+        ("missing", "missing.pth: no such file"),
     ],
 )
 def test_load_state_dict_refuses(tmp_path, kind, match):
