@@ -160,17 +160,23 @@ class TrainArgs:
         metadata=dict(help="validation HR folder or 'demo' (default: demo when training on demo)"),
     )
     val_images: int = field(
-        default=3, metadata=dict(help="validation images used (0 = all)", range="[0, inf)")
+        default=3,
+        metadata=dict(help="the first N images, in name order (0 = all)", range="[0, inf)"),
     )
     val_crop: int = field(
         default=384, metadata=dict(help="centre-crop val HR to this (0 = off)", range="[0, inf)")
     )
-    val_n: int = field(default=3, metadata=dict(help="samples per validation image"))
+    val_n: int = field(
+        default=3, metadata=dict(help="samples per validation image (a deterministic model: 1)")
+    )
     val_temperature: float | None = field(
         default=None,
         metadata=dict(type=float, help="sampling temperature of validation (default: the model's)"),
     )
-    cache: str = field(default="", metadata=dict(help="folder for decoded .npy arrays"))
+    cache: str = field(
+        default="",
+        metadata=dict(help="folder for the decoded images as memory-mapped .npy (else in RAM)"),
+    )
     # Unset (None): the model's recipe.
     steps: int | None = field(
         default=None,
@@ -213,7 +219,11 @@ class TrainArgs:
         metadata=dict(help="learning-rate warm-up: step t of the first WARMUP takes t/WARMUP of "
                       "the schedule's rate (0 = none, the papers' recipe)", range="[0, inf)"),
     )  # fmt: skip
-    init_from: str = field(default="", metadata=dict(help="start from these weights (fine-tune)"))
+    init_from: str = field(
+        default="",
+        metadata=dict(help="fine-tune: a new run starts from the weights of this checkpoint (its "
+                      "--ema average where kept) or released file, with a fresh optimizer"),
+    )  # fmt: skip
     out: str = field(default="", metadata=dict(help="run folder (default: runs/MODEL_xSCALE)"))
     resume: str = field(
         default="", metadata=dict(help="'auto' (OUT/last.pt, else OUT/best.pt) or a checkpoint")
