@@ -446,8 +446,8 @@ class SampleArgs:
     amp: str = field(
         default="none",
         metadata=dict(choices=("none", "bf16", "fp16"), help="bf16: bfloat16 autocast (flows "
-                      "keep their state float32); fp16: float16, 8x finer steps, refused by the "
-                      "flows (their reverse state leaves its range)"),
+                      "keep their state float32); fp16: float16 (8x bf16's precision, far less "
+                      "range), refused by the flows (their reverse state leaves its range)"),
     )  # fmt: skip
     save_uncertainty: bool = field(
         default=False, metadata=dict(help="write NAME_sigma.png (16-bit) + .npy")

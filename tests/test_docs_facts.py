@@ -108,7 +108,7 @@ def test_sr_sample_amp_help_says_the_flows_refuse_fp16(capsys):
     with pytest.raises(SystemExit):
         sr_sample.main(["-h"])
     amp = " ".join(help_entries(capsys.readouterr().out)["--amp"].split())
-    assert "fp16: float16, 8x finer steps, refused by the flows" in amp, amp
+    assert "fp16: float16 (8x bf16's precision, far less range), refused by the flows" in amp, amp
 
 
 SPECIAL = [("sr_train.py", "--data", "'demo'"), ("sr_sample.py", "--input", "'demo'"),

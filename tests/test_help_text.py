@@ -5,6 +5,7 @@
 import pytest
 from test_docs_facts import help_entries
 
+import sr_sample
 import sr_train
 
 
@@ -23,3 +24,10 @@ def test_sr_train_help_says_which_validation_images_the_cache_and_init_from(caps
     assert "(a deterministic model: 1)" in h["--val-n"]
     assert "memory-mapped .npy (else in RAM)" in h["--cache"]
     assert "checkpoint" in h["--init-from"] and "fresh optimizer" in h["--init-from"]
+
+
+def test_sr_sample_help_says_what_fp16_trades(capsys):
+    assert (
+        "fp16: float16 (8x bf16's precision, far less range)"
+        in helps(sr_sample.main, capsys)["--amp"]
+    )
