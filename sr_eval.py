@@ -227,7 +227,10 @@ HELP_SR = (
 )
 HELP_LR = "folder of LR inputs ({stem}.png or {stem}x{scale}.png): adds LRPSNR_vs_input_mean"
 HELP_WEIGHTS = "complete lpips.LPIPS(net='alex') state_dict file (default: ImageNet AlexNet trunk)"
-HELP_BATCH = "samples per LPIPS pass (default: 1 on CPU, equal to the lpips module; 4 on CUDA)"
+HELP_BATCH = (
+    "samples per LPIPS pass (default: 1 on CPU, where the numbers equal the lpips package's to "
+    "the bit; 4 on CUDA)"
+)
 HELP_SIGMA = (
     "folder of sigma maps of sr_sample.py --save-uncertainty ({stem}_sigma.npy, or "
     "{k:06d}_sigma.npy of --layout ntire): adds PLL and PSNR_sigma (Table 7 of 'Revisiting l1 "

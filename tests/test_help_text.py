@@ -5,6 +5,7 @@
 import pytest
 from test_docs_facts import help_entries
 
+import sr_eval
 import sr_sample
 import sr_train
 
@@ -31,3 +32,8 @@ def test_sr_sample_help_says_what_fp16_trades(capsys):
         "fp16: float16 (8x bf16's precision, far less range)"
         in helps(sr_sample.main, capsys)["--amp"]
     )
+
+
+def test_sr_eval_help_says_what_the_cpu_lpips_batch_keeps(capsys):
+    h = helps(sr_eval.main, capsys)["--lpips-batch"]
+    assert "1 on CPU, where the numbers equal the lpips package's to the bit" in h
