@@ -1585,7 +1585,8 @@ def training_data(args: TrainArgs, recipe: Recipe, model, dd, say) -> PatchPairs
         ) from None  # fmt: skip
     found = len(dataset.names) + len(dataset.skipped)
     hp = recipe.patch * args.scale
-    say(f"data: {len(dataset.names)} training images of {found} found in {' '.join(args.data)}"
+    n = len(dataset.names)
+    say(f"data: {n} training image{'s' * (n != 1)} of {found} found in {' '.join(args.data)}"
         + (f" ({len(dataset.skipped)} skipped: smaller than one {hp}x{hp} HR patch)"
            if dataset.skipped else ""))  # fmt: skip
     return dataset
@@ -1643,7 +1644,8 @@ def validation_pairs(args: TrainArgs, steps: int, dd, say,
                 "give --val-data held-out images",
                 stacklevel=2,
             )
-    say(f"validation: {len(pairs)} images of {source} every {args.val_every} steps; best.pt "
+    say(f"validation: {len(pairs)} image{'s' * (len(pairs) != 1)} of {source} every "
+        f"{args.val_every} steps; best.pt "
         "holds the best PSNR")  # fmt: skip
     return pairs
 

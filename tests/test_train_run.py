@@ -241,6 +241,10 @@ def test_start_says_what_was_found_and_whether_it_validates(tmp_path, images, ca
                               "--out", str(tmp_path / "c")]) == 0  # fmt: skip
     assert f"validation: 2 images of {images} every 1000 steps" in capsys.readouterr().out
     assert (tmp_path / "c" / "best.pt").is_file()  # validated at the last step
+    with pytest.warns(UserWarning):  # one image: "1 images" was said
+        assert sr_train.main([*base, "--val-data", str(images), "--val-images", "1",
+                              "--out", str(tmp_path / "d")]) == 0  # fmt: skip
+    assert f"validation: 1 image of {images} every" in capsys.readouterr().out
 
 
 def test_a_recipe_of_no_steps_says_it_validates_nothing(tmp_path, capsys):
