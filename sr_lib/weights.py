@@ -144,12 +144,16 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 def _refuse_broken_link(path: Path, entry: Entry) -> None:
     """A link to a weights file that was moved or deleted read as "not found", where the user
-    sees the file's name in the folder: say what it is and where it points."""
+    sees the file's name in the folder: say what it is and where it points (a loop of links:
+    that it is one)."""
     if path.is_symlink() and not path.exists():  # (a loop: its words, `describe_path`)
         said = describe_path(path, "file").split(";")[0]  # (the link's target from its folder)
+        # a loop of links points at no file that could have been moved: no "again"
+        loop = said.startswith("a loop")
         raise CheckpointError(
-            f"{path}: {said} (moved or deleted); point it at the {entry.name} weights file "
-            f"again, or delete it and {_how_to_stage(entry, path)}"
+            f"{path}: {said}{'' if loop else ' (moved or deleted)'}; point it at the "
+            f"{entry.name} weights file{'' if loop else ' again'}, or delete it and "
+            f"{_how_to_stage(entry, path)}"
         )
 
 

@@ -496,6 +496,24 @@ def test_broken_link_says_so(tmp_path, monkeypatch, where):
     assert resolve("net", path=link if where == "path" else None, manifest=m) == link
 
 
+@pytest.mark.parametrize("where", ["env", "path"])
+def test_a_loop_of_links_says_it_is_a_loop(tmp_path, monkeypatch, where):
+    """A weights file that is a loop of links was called moved or deleted, to be pointed at the
+    file "again": no file was moved; it is said a loop (`describe_path`'s words)."""
+    folder = {"env": tmp_path / "w", "path": tmp_path}[where]
+    link = folder / "net.pth"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to("net.pth")
+    monkeypatch.setenv("SRSPACE_WEIGHTS", str(tmp_path / "w"))
+    m = {"net": Entry("net", None, None)}
+    with pytest.raises(CheckpointError) as e:
+        resolve("net", path=link if where == "path" else None, manifest=m)
+    assert one_line(e).startswith(
+        f"{link}: a loop of symbolic links (it points to net.pth); point it at the net weights "
+        "file, or delete it and copy"
+    )
+
+
 @pytest.mark.parametrize("empty", [collections.Counter(), {}])
 def test_wrapped_state_dict_hint_skips_empty_dicts(tmp_path, empty):
     """An empty dict beside the tensors (a Counter of a training tool) was taken for the
