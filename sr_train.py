@@ -83,6 +83,7 @@ from sr_lib.data import (
     load_pairs,
     name_max,
     normalise_degradation,
+    refuse_out_dir,
     same_files,
     to_uint8,
     train_loader,
@@ -1522,7 +1523,9 @@ def check_data_folders(args: TrainArgs, out: Path, steps: int, validation: bool 
     """A --data, --lr-data or --val-data folder that is not there or holds no image: its one
     line before the run folder is made (a typo left an OUT/ holding only .lock and an empty
     log.jsonl; --val-data's was found after the training images were decoded). An --out inside
-    one of them: exit 2. `validation`: whether --val-data is checked (rank 0's alone)."""
+    one of them: exit 2. `validation`: whether --val-data is checked (rank 0's alone). A --cache
+    that cannot be a folder (a file, or one on its way): exit 7 here too, not after OUT/ is
+    made (`training_data` makes the cache folder)."""
     if "demo" in args.data and args.data != ["demo"] and not Path("demo").exists():
         raise UsageError("--data demo: the built-in images are given alone, not with folders")
     folders = [("--data", f) for f in args.data if args.data != ["demo"]]
@@ -1531,6 +1534,8 @@ def check_data_folders(args: TrainArgs, out: Path, steps: int, validation: bool 
         folders.append(("--val-data", args.val_data))
     for flag, folder in folders:
         check_folder(flag, folder)
+    if args.cache and args.data != ["demo"]:  # (demo: ignored, warn_unused_run)
+        refuse_out_dir(args.cache, "--cache")
     # (realpath: an --out in a loop of links is open_run_folder's one line; resolve() raised)
     real = Path(os.path.realpath(out))
     for flag, folder in folders:  # its strips, OUT/val/*.png, were read as images of the folder

@@ -835,13 +835,12 @@ def _probe(folder: Path, what: str) -> None:
         raise OutputError(f"{what}: cannot write there ({e.strerror or e})") from None
 
 
-def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """The output folder, created if needed and proved writable before any long work starts. A
-    symbolic link to a folder not made yet (a run folder linked onto a scratch disk), it or a
-    folder on its way, has its target made, where the target's own folder exists, as an output
-    file's link leads to its target (`write_target`); a link whose target's folder is missing
-    too (a disk not mounted, a link made on another machine), and a loop of links, are one line
-    (mkdir said "File exists")."""
+def refuse_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """`check_out_dir`'s checks, which make nothing (sr_train.py's --cache before the run folder
+    is made): `path`, or a folder on its way, that cannot be a folder is one line (OutputError)
+    in `describe_path`'s words: a file, a pipe..., a loop of links, a link whose target's folder
+    is missing (`write_target`). A file on the way (`--out notes.txt/run`) is named: mkdir said
+    "cannot create it (Not a directory)" of the whole path."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{flag} {path}: {describe_path(path, 'folder')}")
@@ -853,6 +852,19 @@ def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
                 raise OutputError(
                     f"{flag} {path}: {e}" if part != path else f"{flag} {e}"
                 ) from None
+        elif part != path and (said := part.exists() and describe_path(part, "folder")):
+            raise OutputError(f"{flag} {path}: {part}: {said}")
+    return path
+
+
+def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """The output folder, created if needed and proved writable before any long work starts. A
+    symbolic link to a folder not made yet (a run folder linked onto a scratch disk), it or a
+    folder on its way, has its target made, where the target's own folder exists, as an output
+    file's link leads to its target (`write_target`); a link whose target's folder is missing
+    too (a disk not mounted, a link made on another machine), and a loop of links, are one line
+    (mkdir said "File exists"); so is a file on its way (`refuse_out_dir`)."""
+    path = refuse_out_dir(path, flag)
     try:  # (mkdir makes no folder through a link: at its target)
         Path(os.path.realpath(path)).mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -278,8 +278,19 @@ CASES = {  # id: (flags, exit code, words of the message)
     ),
     "lr data count": ({"--lr-data": ["{data}", "{data}"]}, PARSE, "2 folders for 1 --data"),
     "out is a file": ({"--out": "{file}"}, 7, "notes.txt: a file, not a folder; give a folder"),
-    "out under a file": ({"--out": "{file}/run"}, 7, "cannot create it"),
-    "cache is a file": ({"--cache": "{file}"}, 7, "--cache"),
+    # (mkdir's "cannot create it (Not a directory)" of the whole path)
+    "out under a file": (
+        {"--out": "{file}/run"},
+        7,
+        "--out {tmp}/notes.txt/run: {tmp}/notes.txt: a file, not a folder; give a folder",
+    ),
+    # (once the run folder was made, which it left behind)
+    "cache is a file": ({"--cache": "{file}"}, 7, "--cache {tmp}/notes.txt: a file, not a folder"),
+    "cache under a file": (
+        {"--cache": "{file}/c"},
+        7,
+        "--cache {tmp}/notes.txt/c: {tmp}/notes.txt: a",
+    ),
     # mkdir said "cannot create it (File exists)" of both; --out's loop with --data a folder was
     # a traceback (Path.resolve's RuntimeError)
     **{
@@ -528,7 +539,7 @@ def test_one_line_and_the_exit_code(case, world, tmp_path, capsys, monkeypatch):
     assert e.value.code == (2 if code == PARSE else code) and words in lines[0], (e.value.code, err)
     if code == PARSE:
         assert not out.exists(), "a flag refused at parse time must not start any work"
-    if "data" in case:  # a data folder's line comes before the run folder is made
+    if "data" in case or "cache" in case:  # their lines come before the run folder is made
         assert not out.exists() and not (world["data"] / "run").exists()
 
 

@@ -107,8 +107,8 @@ def test_one_wording_of_a_path_of_the_wrong_kind(world, capsys, script, flag, wa
     prog = f"{script.__name__}.py"
     assert err == [f"{prog}: error: {flag} {path}: {said}"], err
     assert e.value.code == code
-    if flag != "--cache":  # (--cache is checked once the run folder is made, beside the data)
-        assert not Path("o").exists()  # (refused before a run or output folder is made)
+    assert not Path("o").exists()  # (refused before a run or output folder is made; --cache's
+    # was once OUT/ was made, which it left behind)
 
 
 def test_describe_path_words(tmp_path):
@@ -151,3 +151,32 @@ def test_describe_path_of_a_path_that_cannot_be_checked(tmp_path, monkeypatch):
     assert describe_path(tmp_path / "x") == (
         "cannot be checked (Permission denied); make it and the folders above it readable"
     )
+
+
+# (script, flag, argv with P for the path, the path said before the file's part): each output
+# flag given a path under a file
+UNDER_A_FILE = [
+    (sr_train, "--out", [*TRAIN, "--data", "hr", "--out", "P"], "P"),
+    (sr_train, "--cache", [*TRAIN, "--data", "hr", "--cache", "P", "--out", "o"], "P"),
+    (sr_sample, "--out", ["--ckpt", "ckpt.pt", "--input", "lr", "--out", "P"], "P"),
+    (sr_eval, "--report", ["--hr", "hr", "--sr", "sr", "--report", "P", *EVAL], "P"),
+    (sr_eval, "--out", ["--hr", "hr", "--sr", "sr", "--out", "P/r.json", *EVAL],
+     "P/r.json: its folder P"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "script, flag, argv, where",
+    [pytest.param(*c, id=f"{c[0].__name__}{c[1]}") for c in UNDER_A_FILE],
+)
+def test_a_file_on_the_way_of_an_output_folder_is_named(world, capsys, script, flag, argv, where):
+    """`--out file.png/run` said "cannot create it (Not a directory)" of the whole path: the part
+    that is a file is named, in `describe_path`'s words, exit 7, before any output folder is made
+    (sr_train.py's --cache: before its run folder too)."""
+    with pytest.raises(SystemExit) as e:
+        script.main([a.replace("P", "file.png/run") for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    said = f"file.png: {describe_path('file.png')}"
+    where = where.replace("P", "file.png/run")
+    assert err == [f"{script.__name__}.py: error: {flag} {where}: {said}"], err
+    assert e.value.code == 7 and not Path("o").exists()
