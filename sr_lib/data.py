@@ -1099,8 +1099,8 @@ def list_images(folder: str | os.PathLike, recursive: bool = True,
                    key=lambda p: image_order(p.relative_to(folder)))  # fmt: skip
     if links and say_links:  # a moved dataset: its images missing from every result, unsaid
         warnings.warn(
-            f"{folder}: skipped {len(links)} symbolic link(s) to missing files, e.g. {links[0]} "
-            f"-> {os.readlink(links[0])}",
+            f"{folder}: skipped {len(links)} symbolic link(s) to missing files "
+            f"({links_said(links, folder)})",
             NodeWarning,
             stacklevel=2,
         )
@@ -1119,6 +1119,23 @@ def list_images(folder: str | os.PathLike, recursive: bool = True,
             f"{folder}: no images found ({exts}{', recursively' if recursive else ''}){where or ''}"
         )
     return sorted(files, key=lambda p: image_order(p.relative_to(folder)))
+
+
+def links_said(
+    links: Sequence[Path], folder: str | os.PathLike | None = None, shown: int = 3
+) -> str:
+    """Symbolic links to missing files in the words of every line that lists them: the first
+    `shown` as `NAME -> TARGET`, NAME from `folder` (else the link's name alone) and TARGET as
+    the link's own text gives it, each quoted for a shell where it must be (a space), then
+    ", and K more"; a link removed since it was listed: its name alone."""
+    said = []
+    for link in links[:shown]:
+        name = shlex.quote(os.fspath(Path(link).relative_to(folder) if folder else Path(link).name))
+        try:
+            said.append(f"{name} -> {shlex.quote(os.readlink(link))}")
+        except OSError:  # (no longer a link)
+            said.append(name)
+    return ", ".join(said) + (f", and {len(links) - shown} more" if len(links) > shown else "")
 
 
 def shared_stem(paths: Sequence[Path]) -> str | None:

@@ -38,6 +38,7 @@ from sr_lib.data import (
     describe_path,
     dihedral,
     fit_name,
+    links_said,
     list_images,
     load_pairs,
     mod_crop,
@@ -1040,9 +1041,28 @@ def test_links_in_a_loop_are_said_as_links_to_missing_files(tmp_path):
     with pytest.warns(UserWarning) as caught:
         assert list_images(tmp_path) == [tmp_path / "ok.png"]
     assert [str(w.message) for w in caught] == [
-        f"{tmp_path}: skipped 3 symbolic link(s) to missing files, e.g. {tmp_path / 'a.png'} "
-        "-> b.png"
+        f"{tmp_path}: skipped 3 symbolic link(s) to missing files (a.png -> b.png, b.png -> "
+        "a.png, self.png -> self.png)"
     ]
+
+
+def test_links_to_missing_files_are_said_as_sr_sample_says_them(tmp_path):
+    """list_images' warning named the first link alone, its path and target raw (`X -> T`, a
+    space unquoted), where sr_sample.py's closing line lists the first three, quoted for a
+    shell, then how many more: one form now (`links_said`), names from the folder."""
+    (tmp_path / "ok.png").write_bytes(b"")
+    gone = tmp_path / "moved away"
+    for name in ("a 1.png", "b.png", "sub/c.png", "sub/d.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).symlink_to(gone / Path(name).name)
+    with pytest.warns(UserWarning) as caught:
+        assert list_images(tmp_path) == [tmp_path / "ok.png"]
+    assert [str(w.message) for w in caught] == [
+        f"{tmp_path}: skipped 4 symbolic link(s) to missing files ('a 1.png' -> '{gone}/a 1.png', "
+        f"b.png -> '{gone}/b.png', sub/c.png -> '{gone}/c.png', and 1 more)"
+    ]
+    links = [tmp_path / "b.png", tmp_path / "gone.png"]  # (one removed since it was listed)
+    assert links_said(links) == f"b.png -> '{gone}/b.png', gone.png"
 
 
 def test_an_entry_that_cannot_be_checked_is_an_error_not_skipped(tmp_path, monkeypatch):
@@ -1148,8 +1168,10 @@ def test_list_images_follows_symlinks_and_skips_non_images(tmp_path):
     (data / "gone.png").symlink_to(tmp_path / "missing.png")
     (data / "._a.png").write_bytes(b"")
     (data / "gone.txt").symlink_to(tmp_path / "missing.txt")  # not named like an image: no word
-    warning = f"{data}: skipped 1 symbolic link.s. to missing files, e.g. {data / 'gone.png'} -> "
-    with pytest.warns(UserWarning, match=warning + str(tmp_path / "missing.png")) as seen:
+    warning = re.escape(f"{data}: skipped 1 symbolic link(s) to missing files (gone.png -> ")
+    with pytest.warns(
+        UserWarning, match=warning + re.escape(f"{tmp_path / 'missing.png'})")
+    ) as seen:
         names = [p.relative_to(data).as_posix() for p in list_images(data)]
     assert names == ["a.png", "linked/deep/x.png", "linked/y.png", "linked_file.png"]
     assert len(seen) == 1
