@@ -376,6 +376,26 @@ EMPTY_REFUSED = {
     "resume": "auto or a checkpoint, or leave --resume out for a new run",
     "init_from": "a checkpoint, or leave --init-from out",
 }
+# The other text flags whose typed "" was their default without a word (`parse_all`), refused
+# as the path flags' (a degradation of 0, none, is typed 0; --lr-jpeg has none but unset).
+EMPTY_VALUE_REFUSED = {
+    "model": f"one of {', '.join(MODELS)}, or leave --model out with --resume",
+    "lr_blur": "a sigma or LO:HI (0: none), or leave --lr-blur out",
+    "lr_noise": "a sigma or LO:HI (0: none), or leave --lr-noise out",
+    "lr_jpeg": "a quality 1..100 or LO:HI, or leave --lr-jpeg out",
+    "device": "auto, cpu, cuda or cuda:N, or leave --device out",
+}
+# The models' text flags, as EMPTY_REFUSED (`resolve_run`): --ref-data "" read the current
+# folder's images as references, --rrdb-init "" trained without the weights meant.
+MODEL_EMPTY_REFUSED = {
+    "ref_data": ("path", "a folder of reference images, or leave --ref-data out (hr)"),
+    "rrdb_init": ("path", "RRDB weights (RRDB_*.pth or an rrdb run's .pt), or leave --rrdb-init "
+                          "out"),
+    "rrdb_blocks": ("value", "block numbers, e.g. 1,8,15,22, or leave --rrdb-blocks out for the "
+                             "paper's"),
+    "noise_steps": ("value", "a whole number per level, e.g. 0,16,16, or leave --noise-steps out "
+                             "for the paper's"),
+}  # fmt: skip
 
 
 def parse_all(argv):
@@ -414,12 +434,13 @@ def parse_all(argv):
     # (an unset shell variable, `--data "$DATA"`: the path "" is the current folder, whose
     # images, if any, were trained on without a word; --val-data's, --out's, --cache's,
     # --resume's and --init-from's "" is their default: no validation or demo's, runs/MODEL_xSCALE,
-    # no cache, a new run, no weights, taken without a word where a path was meant)
+    # no cache, a new run, no weights, taken without a word where a path was meant; so were
+    # --model's, --device's and the degradations' "": a resumed run's model, auto, none)
     given = given_fields(TrainArgs, argv, PROG)
-    for flag, what in EMPTY_REFUSED.items():
-        value = getattr(args, flag)
+    for flag, what in {**EMPTY_REFUSED, **EMPTY_VALUE_REFUSED}.items():
+        value, kind = getattr(args, flag), "path" if flag in EMPTY_REFUSED else "value"
         if "" in (value if isinstance(value, list) else [value] * (flag in given)):
-            raise UsageError(f"--{flag.replace('_', '-')}: an empty path; give {what}")
+            raise UsageError(f"--{flag.replace('_', '-')}: an empty {kind}; give {what}")
     # Each loader worker is a process of its own (hundreds of MB): --workers 100000 started
     # them until the machine's memory ran out. Beyond a few per core none loads faster.
     if args.workers > (most := WORKERS_PER_CORE * cpu_workers()):
@@ -842,6 +863,9 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
     check_ranges(model_flags)
     cfg = {**asdict(model_flags), "scale": args.scale}
     named = given_fields(model_cls.Config, rest, f"{PROG} --model {args.model}")
+    for name in [k for k in MODEL_EMPTY_REFUSED if k in named and cfg[k] == ""]:
+        kind, what = MODEL_EMPTY_REFUSED[name]
+        raise UsageError(f"--{name.replace('_', '-')}: an empty {kind}; give {what}")
     if resumed is not None:  # a requeued job repeats its flags: allowed if they agree
         # the run's config as it builds: a field its (older) checkpoint lacks takes its default
         held = asdict(model_cls.Config(**resumed["model_cfg"]))

@@ -226,6 +226,27 @@ CASES = {  # id: (flags, exit code, words of the message)
             ("--init-from", "a checkpoint, or leave --init-from out"),
         )
     },
+    # the other text flags' "" (an unset variable) was their default without a word: no
+    # degradation, auto, a resumed run's model; a model's: the current folder's images as
+    # references, no RRDB weights, the paper's taps or steps
+    **{
+        f"{flag} empty {kind}": (
+            {**flags, flag: "{empty}"},
+            PARSE,
+            f"{flag}: an empty {kind}; give {what}",
+        )
+        for flag, kind, flags, what in (
+            ("--lr-blur", "value", {}, "a sigma or LO:HI (0: none), or leave --lr-blur out"),
+            ("--lr-noise", "value", {}, "a sigma or LO:HI (0: none), or leave --lr-noise out"),
+            ("--lr-jpeg", "value", {}, "a quality 1..100 or LO:HI, or leave --lr-jpeg out"),
+            ("--device", "value", {}, "auto, cpu, cuda or cuda:N, or leave --device out"),
+            ("--model", "value", {}, "one of bicubic, edsr,"),
+            ("--ref-data", "path", TINY_REFVAE, "a folder of reference images, or leave"),
+            ("--rrdb-init", "path", TINY_SRFLOW, "RRDB weights (RRDB_*.pth or an rrdb run's .pt)"),
+            ("--rrdb-blocks", "value", TINY_SRFLOW, "block numbers, e.g. 1,8,15,22, or leave"),
+            ("--noise-steps", "value", {**TINY_SRFLOW, "--model": "ncsr"}, "a whole number per"),
+        )
+    },
     "demo with folders": ({"--data": ["{data}", "demo"]}, 2, "--data demo: the built-in images"),
     # a folder without images: the flag named, before the run folder is made (--val-data's
     # after the training images were decoded)

@@ -128,7 +128,7 @@ class NCSRConfig(SRFlowConfig):
         default="",
         metadata=dict(
             help="per level, comma-separated, how many last steps are noise-conditional "
-            "(empty: the paper's, 0,16,16 at x4 and 0,0,16,16 at x8)"
+            "(default: the paper's, 0,16,16 at x4 and 0,0,16,16 at x8)"
         ),
     )
     std_max: float = field(
