@@ -1225,3 +1225,19 @@ def test_a_style_map_of_one_position_is_a_one_line_error_not_nan(make_batch, tar
             small_refs.train()(lr, hr)
     assert torch.isfinite(model(scale=8, lambda_adv=0.0, lambda_fm=0.0, ref_size=8,
                                 lambda_style=0.0).train()(lr, hr)["loss"])  # fmt: skip
+
+
+@pytest.mark.parametrize("scale", [2, 4, 8])
+def test_the_content_and_lpips_losses_take_the_least_patch(make_batch, scale):
+    """`patch_needs` names the discriminator and the style loss, not the content loss (VGG19
+    relu4_1, three halvings) nor LPIPS: the least HR patch the model takes (8 px, a multiple of
+    8) gives their relu4_1 map 1x1 and LPIPS is padded to AlexNet's 32 px, so both are finite,
+    gradients too, at every scale; no least patch of theirs to check."""
+    net = model(scale=scale, lambda_adv=0.0, lambda_fm=0.0, lambda_style=0.0)
+    assert net.patch_needs() == []
+    lr, hr = make_batch(scale, h=8 // scale, w=8 // scale)
+    out = net.train()(lr, hr)
+    assert out["content"] > 0 and out["lpips"] > 0 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)

@@ -429,7 +429,9 @@ class RefVAE(LatentSRModel):
         self._load_weights(losses=True)
 
     def patch_needs(self) -> list[tuple[str, int, str]]:
-        # (the r41 encoder's 16 px: its min_lr_size)
+        # (the r41 encoder's 16 px: its min_lr_size. The content loss and LPIPS need none: the
+        # least HR patch, 8 px, gives relu4_1 1x1, and LPIPS pads to AlexNet's 32 px; a tiny
+        # random-weight model's step is finite at every scale, tests/test_refvae.py)
         needs = []
         if self.discriminator is not None:
             needs.append(("refvae: the discriminator", self.discriminator.MIN_SIZE, ""))
