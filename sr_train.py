@@ -377,7 +377,7 @@ EMPTY_REFUSED = {
     "init_from": "a checkpoint, or leave --init-from out",
 }
 # The other text flags whose typed "" was their default without a word (`parse_all`), refused
-# as the path flags' (a degradation of 0, none, is typed 0; --lr-jpeg has none but unset).
+# as the path flags' are (no blur or noise is typed 0; no JPEG: --lr-jpeg left out).
 EMPTY_VALUE_REFUSED = {
     "model": f"one of {', '.join(MODELS)}, or leave --model out with --resume",
     "lr_blur": "a sigma or LO:HI (0: none), or leave --lr-blur out",
