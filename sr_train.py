@@ -153,7 +153,8 @@ class TrainArgs:
                            "levels (0-255): SIGMA or LO:HI, drawn per patch",
                            metavar="SIGMA")  # fmt: skip
     lr_jpeg: str = option("", "without --lr-data: JPEG-compress the LR (Pillow, 4:2:0) at "
-                          "QUALITY (1-100) or LO:HI, drawn per patch; validation's NTIRE LR-PSNR "
+                          "QUALITY (1-100) or LO:HI, drawn per patch (none: none, e.g. to "
+                          "drop a resumed run's); validation's NTIRE LR-PSNR "
                           "still compares the SR's bicubic downscale with the HR's, not with "
                           "this LR", metavar="QUALITY")  # fmt: skip
     val_data: str = field(
@@ -377,12 +378,13 @@ EMPTY_REFUSED = {
     "init_from": "a checkpoint, or leave --init-from out",
 }
 # The other text flags whose typed "" was their default without a word (`parse_all`), refused
-# as the path flags' are (no blur or noise is typed 0; no JPEG: --lr-jpeg left out).
+# as the path flags' are (no degradation is typed none, or 0 for a blur or noise; a resumed
+# run takes its checkpoint's otherwise).
 EMPTY_VALUE_REFUSED = {
     "model": f"one of {', '.join(MODELS)}, or leave --model out with --resume",
-    "lr_blur": "a sigma or LO:HI (0: none), or leave --lr-blur out",
-    "lr_noise": "a sigma or LO:HI (0: none), or leave --lr-noise out",
-    "lr_jpeg": "a quality 1..100 or LO:HI, or leave --lr-jpeg out",
+    "lr_blur": "a sigma or LO:HI (0 or none: none), or leave --lr-blur out",
+    "lr_noise": "a sigma or LO:HI (0 or none: none), or leave --lr-noise out",
+    "lr_jpeg": "a quality 1..100 or LO:HI (none: none), or leave --lr-jpeg out",
     "device": "auto, cpu, cuda or cuda:N, or leave --device out",
 }
 # The models' text flags, as EMPTY_REFUSED (`resolve_run`): --ref-data "" read the current

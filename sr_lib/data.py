@@ -1448,12 +1448,13 @@ MAX_BLUR = 100  # --lr-blur's largest sigma: 0.04 s a 48² ×4 patch; 1e12 asked
 
 
 def degradation_range(text: str, flag: str) -> tuple[float, float] | tuple[int, int] | None:
-    """The range of a degradation flag's text: "" (unset) None, "V" (V, V), "LO:HI" (LO, HI);
-    a blur or noise of 0 ("0", "0:0") None, as unset.
+    """The range of a degradation flag's text: "" (unset) and "none" None, "V" (V, V), "LO:HI"
+    (LO, HI); a blur or noise of 0 ("0", "0:0") None, as unset. ("none" is how a resumed run,
+    which takes its checkpoint's degradation, is told to drop one: JPEG has no quality 0.)
     --lr-jpeg takes whole numbers 1..100, --lr-blur numbers 0..MAX_BLUR, --lr-noise numbers
     0..255. Anything else is one
     UsageError line naming the flag."""
-    if text == "":
+    if text in ("", "none"):
         return None
     quality = flag == "--lr-jpeg"
     what = "a quality 1..100" if quality else "a sigma >= 0"

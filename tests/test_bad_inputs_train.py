@@ -236,9 +236,9 @@ CASES = {  # id: (flags, exit code, words of the message)
             f"{flag}: an empty {kind}; give {what}",
         )
         for flag, kind, flags, what in (
-            ("--lr-blur", "value", {}, "a sigma or LO:HI (0: none), or leave --lr-blur out"),
-            ("--lr-noise", "value", {}, "a sigma or LO:HI (0: none), or leave --lr-noise out"),
-            ("--lr-jpeg", "value", {}, "a quality 1..100 or LO:HI, or leave --lr-jpeg out"),
+            ("--lr-blur", "value", {}, "a sigma or LO:HI (0 or none: none), or leave"),
+            ("--lr-noise", "value", {}, "a sigma or LO:HI (0 or none: none), or leave"),
+            ("--lr-jpeg", "value", {}, "a quality 1..100 or LO:HI (none: none), or"),
             ("--device", "value", {}, "auto, cpu, cuda or cuda:N, or leave --device out"),
             ("--model", "value", {}, "one of bicubic, edsr,"),
             ("--ref-data", "path", TINY_REFVAE, "a folder of reference images, or leave"),

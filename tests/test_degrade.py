@@ -422,6 +422,19 @@ def test_a_checkpoint_from_before_the_flags_ran_without_them(hr_dir, tmp_path, c
     assert load_checkpoint(tmp_path / "last.pt")["train_args"]["lr_jpeg"] == "50"
 
 
+def test_a_resume_given_none_drops_the_checkpoints_degradation(hr_dir, tmp_path, capsys):
+    """A resumed run takes its checkpoint's --lr-jpeg where not given, and JPEG has no quality
+    that means none: --lr-jpeg "" did, until "" was refused (an unset variable); now none."""
+    assert run(tmp_path, hr_dir, "--steps", "2", "--lr-jpeg", "50", "--lr-noise", "2") == 0
+    capsys.readouterr()
+    flags = ["--steps", "4", "--resume", "auto", "--lr-jpeg", "none", "--lr-noise", "none"]
+    assert run(tmp_path, hr_dir, *flags) == 0
+    assert "--lr-jpeg unset (was 50)" in capsys.readouterr().out
+    train_args = load_checkpoint(tmp_path / "last.pt")["train_args"]
+    assert (train_args["lr_jpeg"], train_args["lr_noise"]) == ("", "")  # recorded as unset
+    assert degradation_range("none", "--lr-blur") is None
+
+
 @pytest.mark.parametrize(
     "model, flags, says",
     [
