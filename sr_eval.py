@@ -1058,17 +1058,16 @@ def outputs_locked(args: EvalArgs):
     with ExitStack() as stack:
         for flag, path in (("--out", args.out), ("--csv", args.csv)):
             if path and path != STDOUT:
-                lock, fd = lock_output(flag, Path(path))
-                if fd is not None:
-                    stack.callback(unlock, lock, fd)
+                stack.callback(unlock, *lock_output(flag, Path(path)))
         yield
 
 
-def lock_output(flag: str, path: Path) -> tuple[Path, int | None]:
-    """(NAME.lock of output `path`, the descriptor of its flock: None where the file system has
-    no locks, with a warning); UsageError where another process holds it. A lock file deleted
-    by the run that ended as this one opened it is opened again (its flock would guard
-    nothing), and this run's pid and host written in it, for the line of a run refused."""
+def lock_output(flag: str, path: Path) -> tuple[Path, int]:
+    """(NAME.lock of output `path`, the descriptor of its flock: of the file unlocked where the
+    file system has no locks, with a warning); UsageError where another process holds it. A
+    lock file deleted by the run that ended as this one opened it is opened again (its flock
+    would guard nothing), and this run's pid and host written in it, for the line of a run
+    refused."""
     real = write_target(path)
     lock = real.with_name(fit_name(real.name, len(LOCK), name_max(real.parent)) + LOCK)
     while True:
@@ -1079,12 +1078,14 @@ def lock_output(flag: str, path: Path) -> tuple[Path, int | None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
-            os.close(fd)
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                # (its file kept open all the same: `unlock` deletes it at the end, as a lock's;
+                # closed here, it was left behind by every run on such a file system)
                 warn(f"{flag} {path}: cannot lock {lock} ({e.strerror or e}); a second "
                      "sr_eval.py writing there at once would not be noticed")  # fmt: skip
-                return lock, None
+                break
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
             who = f" ({holder})" if re.fullmatch(r"pid \d+ on \S+", holder) else ""
             raise UsageError(f"{flag} {path}: another sr_eval.py{who} is writing its results "
                              f"there now; wait for it to end, or give {flag} another "

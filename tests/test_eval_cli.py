@@ -1641,6 +1641,28 @@ def test_a_second_command_on_an_out_in_use_is_refused_at_once(tmp_path, capsys):
     assert run(capsys, *argv, "--color", "y")[0] == 0 and not lock.exists()
 
 
+def test_outputs_on_a_file_system_without_locks_leave_no_lock_file(tmp_path, capsys, monkeypatch):
+    """Where flock fails for want of locks (some network mounts: ENOLCK), the run goes on with
+    one warning per output, but its NAME.lock was closed and never deleted: every run there left
+    r.json.lock and r.csv.lock beside its results. Now they are deleted at the end, as a lock's."""
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),), names=("0001",))
+    out, table = tmp_path / "r.json", tmp_path / "r.csv"
+
+    def flock(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(sr_eval.fcntl, "flock", flock)
+    code, got = run(capsys, "--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips",
+                    "--out", out, "--csv", table, "--quiet")  # fmt: skip
+    assert code == 0
+    assert got.err == "".join(
+        f"sr_eval.py: warning: {flag} {path}: cannot lock {path}.lock (No locks available); a "
+        "second sr_eval.py writing there at once would not be noticed\n"
+        for flag, path in (("--out", out), ("--csv", table))
+    )
+    assert sorted(p.name for p in tmp_path.glob("r.*")) == ["r.csv", "r.json"]
+
+
 def test_moving_scores_aside_never_leaves_a_second_name(tmp_path, monkeypatch):
     """take_name links the new name, then unlinks the old. Another user's OUT.partial in a
     folder with the sticky bit, where hard links to it are allowed (fs.protected_hardlinks=0),
