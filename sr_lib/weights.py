@@ -146,10 +146,12 @@ def _refuse_broken_link(path: Path, entry: Entry) -> None:
     """A link to a weights file that was moved or deleted read as "not found", where the user
     sees the file's name in the folder: say what it is and where it points (a loop of links:
     that it is one)."""
-    if path.is_symlink() and not path.exists():  # (a loop: its words, `describe_path`)
-        said = describe_path(path, "file").split(";")[0]  # (the link's target from its folder)
+    if path.is_symlink() and not path.exists():
+        # describe_path's words without its advice (this line's own follows): its last "; ",
+        # not its first, which a target (quoted) may hold
+        said = describe_path(path, "file").rsplit("; ", 1)[0]
         # a loop of links points at no file that could have been moved: no "again"
-        loop = said.startswith("a loop")
+        loop = Path(os.path.realpath(path)).is_symlink()  # (realpath stops in a loop)
         raise CheckpointError(
             f"{path}: {said}{'' if loop else ' (moved or deleted)'}; point it at the "
             f"{entry.name} weights file{'' if loop else ' again'}, or delete it and "

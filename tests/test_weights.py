@@ -514,6 +514,26 @@ def test_a_loop_of_links_says_it_is_a_loop(tmp_path, monkeypatch, where):
     )
 
 
+def test_broken_link_whose_target_holds_a_semicolon_or_is_a_loop(tmp_path):
+    """The broken link's line cut describe_path's words at their first ';', which the quoted
+    target may hold (a link to 'old;1/net.pth' was "a symbolic link to 'old", its quote open),
+    and called a loop of links "moved or deleted". Now the whole target is said, and a loop is
+    a loop."""
+    m = {"net": Entry("net", None, None)}
+    link = tmp_path / "net.pth"
+    for target, said in [
+        ("old;1/net.pth", f"a symbolic link to '{tmp_path}/old;1/net.pth', which does not exist "
+                          "(moved or deleted); point it at the net weights file again"),
+        ("net.pth", "a loop of symbolic links (it points to net.pth); point it at the net "
+                    "weights file"),
+    ]:  # fmt: skip
+        link.unlink(missing_ok=True)
+        link.symlink_to(target)
+        with pytest.raises(CheckpointError) as e:
+            resolve("net", path=link, manifest=m)
+        assert one_line(e).startswith(f"{link}: {said}, or delete it and copy")
+
+
 @pytest.mark.parametrize("empty", [collections.Counter(), {}])
 def test_wrapped_state_dict_hint_skips_empty_dicts(tmp_path, empty):
     """An empty dict beside the tensors (a Counter of a training tool) was taken for the
