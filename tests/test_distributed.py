@@ -457,9 +457,9 @@ sr_train.build_optimizers = build_optimizers
 @ONE_WORKER
 @pytest.mark.parametrize(
     "case, code, line",
-    [("data", 3, "rank 0: --data {gone}: no such folder; give a folder of images"),
-     ("rank 1's data", 3, "rank 1: --data {gone}: no such folder; give a folder of images"),
-     ("val data", 3, "rank 0: --val-data {gone}: no such folder; give a folder of images"),
+    [("data", 3, "rank 0: --data {gone}: no such folder\n"),
+     ("rank 1's data", 3, "rank 1: --data {gone}: no such folder\n"),
+     ("val data", 3, "rank 0: --val-data {gone}: no such folder\n"),
      ("empty data", 3, "rank 1: --data {empty}: no images found"),
      ("out inside data", 2, "rank 0: --out {images}/run: is inside --data {images}, where")],
 )  # fmt: skip
