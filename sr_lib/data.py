@@ -978,7 +978,7 @@ def describe_path(path: str | os.PathLike, want: str = "folder", builtins: Seque
     PATH: " (the caller's error class keeps its exit code), with what to do:
       no such folder (did you mean X?)       nothing there (`near_path`, `builtins` as there)
       a symbolic link to T, which does ...   a link to nothing (`link_to_nothing`), T its target
-      a loop of symbolic links (...)         a link that leads back to itself
+      a loop of symbolic links (...)         a link that leads back to itself (or one above it)
       a file, not a folder                   and a folder, not a file (`example`: a file name in
                                              it to suggest), a pipe, a socket, a device
       cannot be checked (Permission denied)  a folder above it that cannot be searched
@@ -989,9 +989,12 @@ def describe_path(path: str | os.PathLike, want: str = "folder", builtins: Seque
         st = os.stat(path)
     except OSError as e:
         linked = os.path.islink(path)
-        if e.errno == errno.ELOOP:
-            to = f" (it points to {shlex.quote(os.readlink(path))})" if linked else " in its path"
-            return f"a loop of symbolic links{to}; point it at a {noun}"
+        if e.errno == errno.ELOOP:  # (it, or a link among the folders above it: not it then)
+            if not linked:
+                return ("a loop of symbolic links among the folders above it; point that link at "
+                        "a folder or remove it")  # fmt: skip
+            to = shlex.quote(os.readlink(path))
+            return f"a loop of symbolic links (it points to {to}); point it at a {noun}"
         if linked and e.errno in (errno.ENOENT, errno.ENOTDIR):
             return f"{link_to_nothing(path)}; put the {noun} back there or give its new path"
         if e.errno in (errno.ENOENT, errno.ENOTDIR):

@@ -138,6 +138,11 @@ def test_describe_path_words(tmp_path):
         "a pipe, not a regular file; save what it gives to a file and give that"
     )
     assert describe_path(tmp_path / "pipe") == "a pipe, not a folder; give a folder"
+    # a loop above the path: "point it at" named the path, which is no link ("in its path")
+    assert describe_path(tmp_path / "loop" / "x.pt", "file") == (
+        "a loop of symbolic links among the folders above it; point that link at a folder or "
+        "remove it"
+    )
 
 
 def test_describe_path_of_a_path_that_cannot_be_checked(tmp_path, monkeypatch):
