@@ -1161,12 +1161,12 @@ def partial_paths(args: EvalArgs) -> list[Path]:
     """NAME.partial beside --out, then beside --csv (those that name a file and no output):
     `partial_path` and where a run of the same command with only --csv kept its scores."""
     outputs = [Path(p) for p in (args.out, args.csv) if p and p != STDOUT]
-    # (realpath: a --report that is a loop of links is check_out_dir's one line, not resolve's
-    # RuntimeError)
+    # (realpath: a --report or an OUT.partial that is a loop of links is one line, not
+    # resolve's RuntimeError)
     taken = [Path(os.path.realpath(p)) for p in [*outputs, *([args.report] if args.report else [])]]
     paths = [out.with_name(fit_name(out.name, len(PARTIAL), name_max(out.parent)) + PARTIAL)
              for out in outputs]  # fmt: skip
-    return [p for p in paths if p.resolve() not in taken]
+    return [p for p in paths if Path(os.path.realpath(p)) not in taken]
 
 
 def adopt_partial(args: EvalArgs, key: str, legacy: set[str] = frozenset()) -> None:

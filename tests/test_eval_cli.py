@@ -1663,6 +1663,21 @@ def test_outputs_on_a_file_system_without_locks_leave_no_lock_file(tmp_path, cap
     assert sorted(p.name for p in tmp_path.glob("r.*")) == ["r.csv", "r.json"]
 
 
+def test_an_out_partial_that_is_a_loop_of_links_is_one_line(tmp_path, capsys):
+    """OUT.partial a loop of symbolic links: partial_paths' Path.resolve raised RuntimeError
+    ("Symlink loop"), a traceback, exit 1. Now it is the one line of a loop where the scores
+    are written (exit 7)."""
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),), names=("0001",))
+    partial = tmp_path / "r.json.partial"
+    partial.symlink_to(partial.name)
+    code, err = fails(capsys, "--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2,
+                      "--no-lpips", "--out", tmp_path / "r.json", "--quiet")  # fmt: skip
+    assert (code, err) == (7, (
+        f"sr_eval.py: error: {partial}: a loop of symbolic links (it points to {partial.name}); "
+        "point it at a file\n"
+    ))  # fmt: skip
+
+
 def test_moving_scores_aside_never_leaves_a_second_name(tmp_path, monkeypatch):
     """take_name links the new name, then unlinks the old. Another user's OUT.partial in a
     folder with the sticky bit, where hard links to it are allowed (fs.protected_hardlinks=0),
