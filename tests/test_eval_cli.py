@@ -1663,6 +1663,32 @@ def test_outputs_on_a_file_system_without_locks_leave_no_lock_file(tmp_path, cap
     assert sorted(p.name for p in tmp_path.glob("r.*")) == ["r.csv", "r.json"]
 
 
+def test_another_users_lock_file_is_locked_read_only(tmp_path, capsys, monkeypatch):
+    """A NAME.lock that a kill left, of another user (not writable to this one): lock_output's
+    way out, opened read-only and locked all the same (a flock needs no write), its holder's
+    line not rewritten; the run is not refused, warns of nothing, and deletes it at the end."""
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),), names=("0001",))
+    out, lock = tmp_path / "r.json", tmp_path / "r.json.lock"
+    lock.write_text("pid 1 on elsewhere\n")
+    real_open, modes, held = os.open, [], []
+
+    def opened(path, flags, *args):
+        if Path(path) == lock:
+            modes.append(flags & (os.O_RDWR | os.O_CREAT))
+            if flags & os.O_CREAT:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args)
+
+    real_unlock = sr_eval.unlock
+    monkeypatch.setattr(sr_eval.os, "open", opened)
+    monkeypatch.setattr(sr_eval, "unlock", lambda *a: held.append(lock.read_text()) or
+                        real_unlock(*a))  # fmt: skip
+    assert run(capsys, "--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips",
+               "--out", out, "--quiet") == (0, ("", ""))  # fmt: skip
+    assert modes == [os.O_RDWR | os.O_CREAT, 0] and held == ["pid 1 on elsewhere\n"]
+    assert sorted(p.name for p in tmp_path.glob("r.*")) == ["r.json"]
+
+
 def test_an_out_partial_that_is_a_loop_of_links_is_one_line(tmp_path, capsys):
     """OUT.partial a loop of symbolic links: partial_paths' Path.resolve raised RuntimeError
     ("Symlink loop"), a traceback, exit 1. Now it is the one line of a loop where the scores

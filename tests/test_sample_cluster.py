@@ -2,8 +2,10 @@
 job-array shards, resumable runs (SIGKILL, Ctrl-C, SIGTERM, then a rerun) that equal one run file
 by file, manifest.json and ntire_index.json, progress output, and output-folder failures."""
 
+import errno
 import inspect
 import json
+import os
 import re
 import signal
 import subprocess
@@ -412,6 +414,29 @@ def test_two_shards_raising_n_at_once_both_count(tmp_path):
     with sr_sample.manifest_lock(folder):  # re-entrant in a thread, as claim_folder takes it
         sr_sample.record_version(folder)
     assert json.loads((folder / "manifest.json").read_text())["n"] == 10
+
+
+def test_manifest_lock_on_a_file_system_without_locks_amends_unlocked(tmp_path, monkeypatch):
+    """manifest_lock's way out where the folder cannot be locked (some network mounts: ENOLCK)
+    or opened: the manifest is amended as without the lock, not an OSError out of sampling."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"n": 2}))
+    tried = []
+
+    def flock(fd, operation):
+        tried.append(operation)
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(sr_sample.fcntl, "flock", flock)
+    sr_sample.amend_manifest(folder, lambda old: {"n": 5})
+    assert tried == [sr_sample.fcntl.LOCK_EX]
+    assert json.loads((folder / "manifest.json").read_text()) == {"n": 5}
+    real_open = os.open
+    monkeypatch.setattr(sr_sample.os, "open", lambda path, flags, *a: real_open(
+        path, flags, *a) if not flags & os.O_DIRECTORY else flock(None, None))  # fmt: skip
+    sr_sample.amend_manifest(folder, lambda old: {"n": 7})
+    assert json.loads((folder / "manifest.json").read_text()) == {"n": 7} and len(tried) == 2
 
 
 def test_a_shard_of_another_list_of_inputs_is_refused_with_layout_stem(tmp_path, flow_ckpt,
