@@ -382,21 +382,31 @@ def test_a_new_srspace_version_is_recorded_once_it_has_sampled_into_the_folder(
     assert json.loads(manifest.read_text())["versions"] == [None, "99.1.0"]
 
 
-def test_two_shards_raising_n_at_once_both_count(tmp_path):
+def test_two_shards_raising_n_at_once_both_count(tmp_path, monkeypatch):
     """Two shards amending manifest.json at once (a rerun of each with a larger --n): each reads
     the file, and without a lock the later rename drops the other's raise. Deterministic: the
-    first shard's change waits (up to 0.5 s) for the second's write; under the lock the second
-    waits for the first instead, so the larger n is kept (n = 10, not 5)."""
+    first shard's change waits for the second's write, or (under the lock) for the second to
+    block on it, so the larger n is kept (n = 10, not 5) whatever the threads' timing."""
     folder = tmp_path / "out"
     folder.mkdir()
     (folder / "manifest.json").write_text(json.dumps({"n": 2, "versions": ["0"]}))
-    inside, wrote = threading.Event(), threading.Event()
+    inside, wrote, blocked = threading.Event(), threading.Event(), threading.Event()
+    flock = sr_sample.fcntl.flock
+
+    def flock_said(fd, op):  # (the second shard about to wait for the first's lock)
+        if threading.current_thread().name == "second":
+            blocked.set()
+        return flock(fd, op)
+
+    monkeypatch.setattr(sr_sample.fcntl, "flock", flock_said)
 
     def raise_to(n, wait):
         def larger(m):
             inside.set()
-            if wait:
-                wrote.wait(0.5)  # (the other shard's write, where it is not kept out)
+            deadline = time.monotonic() + 10
+            while wait and not (wrote.is_set() or blocked.is_set()):
+                assert time.monotonic() < deadline, "the second shard neither wrote nor waited"
+                time.sleep(0.005)
             return {"n": max(n, m["n"])}
 
         sr_sample.amend_manifest(folder, larger)
@@ -406,10 +416,10 @@ def test_two_shards_raising_n_at_once_both_count(tmp_path):
     first = threading.Thread(target=raise_to, args=(5, True))
     first.start()
     assert inside.wait(5)
-    second = threading.Thread(target=raise_to, args=(10, False))
+    second = threading.Thread(target=raise_to, args=(10, False), name="second")
     second.start()
-    first.join(5)
-    second.join(5)
+    first.join(15)
+    second.join(15)
     assert json.loads((folder / "manifest.json").read_text()) == {"n": 10, "versions": ["0"]}
     with sr_sample.manifest_lock(folder):  # re-entrant in a thread, as claim_folder takes it
         sr_sample.record_version(folder)
