@@ -1560,6 +1560,7 @@ def amend_manifest(folder: Path, change) -> None:
 
 
 _LOCKED = threading.local()  # .folders: those whose manifest_lock this thread holds
+_NOT_LOCKED: set[str] = set()  # folders that could not be locked, said so (`manifest_lock`)
 
 
 @contextlib.contextmanager
@@ -1572,7 +1573,8 @@ def manifest_lock(folder: Path):
     old file; no lock file is left, as sr_lib/report.py's `locked`), waited for; the kernel drops
     it when the process ends, however it ends. Re-entrant in a thread (`claim_folder`'s
     `amend_manifest`). Where the folder cannot be opened or locked (a file system without
-    locks) the manifest is written as without it."""
+    locks) the manifest is written as without it: the latter with one warning line a folder,
+    as the other scripts' locks say theirs."""
     folders = _LOCKED.__dict__.setdefault("folders", set())
     key = os.path.abspath(folder)
     if key in folders:
@@ -1584,8 +1586,14 @@ def manifest_lock(folder: Path):
         yield
         return
     try:
-        with contextlib.suppress(OSError):  # ENOLCK, EOPNOTSUPP: no locks there
+        try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # ENOLCK, EOPNOTSUPP: no locks there (said once a folder)
+            if key not in _NOT_LOCKED:
+                _NOT_LOCKED.add(key)
+                say_err(f"{PROG}: warning: {folder}: cannot lock it ({e.strerror or e}); two "
+                        "shards changing its manifest.json at once could lose one's change "
+                        "(a raised n, a version)")  # fmt: skip
         folders.add(key)
         yield
     finally:

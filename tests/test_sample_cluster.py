@@ -426,7 +426,8 @@ def test_two_shards_raising_n_at_once_both_count(tmp_path, monkeypatch):
     assert json.loads((folder / "manifest.json").read_text())["n"] == 10
 
 
-def test_manifest_lock_on_a_file_system_without_locks_amends_unlocked(tmp_path, monkeypatch):
+def test_manifest_lock_on_a_file_system_without_locks_amends_unlocked(tmp_path, monkeypatch,
+                                                                     capsys):  # fmt: skip
     """manifest_lock's way out where the folder cannot be locked (some network mounts: ENOLCK)
     or opened: the manifest is amended as without the lock, not an OSError out of sampling."""
     folder = tmp_path / "out"
@@ -442,11 +443,16 @@ def test_manifest_lock_on_a_file_system_without_locks_amends_unlocked(tmp_path, 
     sr_sample.amend_manifest(folder, lambda old: {"n": 5})
     assert tried == [sr_sample.fcntl.LOCK_EX]
     assert json.loads((folder / "manifest.json").read_text()) == {"n": 5}
+    sr_sample.amend_manifest(folder, lambda old: {"n": 6})  # (said once a folder)
+    assert capsys.readouterr().err.splitlines() == [
+        f"sr_sample.py: warning: {folder}: cannot lock it ({os.strerror(errno.ENOLCK)}); two "
+        "shards changing its manifest.json at once could lose one's change (a raised n, a version)"
+    ]
     real_open = os.open
     monkeypatch.setattr(sr_sample.os, "open", lambda path, flags, *a: real_open(
         path, flags, *a) if not flags & os.O_DIRECTORY else flock(None, None))  # fmt: skip
     sr_sample.amend_manifest(folder, lambda old: {"n": 7})
-    assert json.loads((folder / "manifest.json").read_text()) == {"n": 7} and len(tried) == 2
+    assert json.loads((folder / "manifest.json").read_text()) == {"n": 7} and len(tried) == 3
 
 
 def test_a_shard_of_another_list_of_inputs_is_refused_with_layout_stem(tmp_path, flow_ckpt,
