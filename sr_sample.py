@@ -9,8 +9,8 @@ Files written to a sample folder (what sr_eval.py reads). NAME is the input's st
 {k:06d} (the NTIRE21 submission names). Each PNG has the input's form: gray for a gray LR (the
 model sees it as RGB; each sample is turned back by BT.601 luma, `to_gray`), with the LR's alpha
 upscaled (MATLAB bicubic, clipped; --alpha-upsampler model: the model's temperature-0 output of
-it as a gray LR, one for every sample, `model_alpha`; a rerun may change it where no input has
-alpha; --alpha-channel drop: without), 8-bit, or
+it as a gray LR, one for every sample, `model_alpha`; --alpha-channel drop: without; a rerun
+may change either flag where no input has alpha), 8-bit, or
 16-bit with --bit-depth 16 (which also gives the model a 16-bit LR at full precision, not
 rounded to 8 bits):
   NAME_sample{i:05d}.png  sample i = 0..n-1; with --n 1 a single-output (deterministic) model,
@@ -891,9 +891,9 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     # whether a --tile holds every input (of every shard) whole: read only where a rerun's tiles
     # differ from the folder's (`claim_folder`), once per tile size
     holds_whole = functools.cache(lambda tile: one_tile(tile, model, paths, from_hr))
-    # whether --alpha-upsampler changes no file: no input (of every shard) keeps an alpha
-    # channel; read only where a rerun's differs from the folder's (`claim_folder`)
-    opaque = functools.cache(lambda: args.alpha_channel == "drop" or not any(map(has_alpha, paths)))
+    # whether --alpha-channel and --alpha-upsampler change no file: no input (of every shard)
+    # has an alpha channel; read only where a rerun's differ from the folder's (`claim_folder`)
+    opaque = functools.cache(lambda: not any(map(has_alpha, paths)))
     upgraded = {}  # folder -> the other srspace versions that sampled into it (`claim_folder`)
     said_upgrade = False  # (one line for a sweep's folders)
     for t, folder in folders.items():
@@ -1382,8 +1382,11 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
     whatever their context: the folder's tiles are judged by the images sampled there, the
     run's by its inputs, and the folder then records the tiles of all its samples
     (`settle_tiles`; asked only where the tile_context of the folder and of the run differ).
-    Another --alpha-upsampler is no other setting where `opaque()` (asked only then): no input
-    keeps an alpha channel, so the flag changes no byte of any file (the folder keeps its own).
+    Another --alpha-channel or --alpha-upsampler is no other setting where `opaque()` (asked
+    only then): no input of the run has an alpha channel, so the flags change no byte of any file
+    it writes, and the folder keeps its own values: those of every file they changed (its inputs
+    with alpha sampled earlier, dropped from --input since, keep their samples; put back with the
+    other value, they are refused again).
     Returns the
     srspace versions that sampled into the folder where this one is not among them (else
     None): a warning, not a refusal, as an upgrade between a preempted job and its requeue
@@ -1413,8 +1416,9 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
             )
             record = settle_tiles(*tiled, sampled, holds_whole)
             diff = [d for d in diff if d[0] != "tile_context" or record is None]
-        if any(d[0] == "--alpha-upsampler" for d in diff) and opaque():  # (no alpha: no effect)
-            diff = [d for d in diff if d[0] != "--alpha-upsampler"]
+        alpha = ("--alpha-channel", "--alpha-upsampler")
+        if any(d[0] in alpha for d in diff) and opaque():  # (no alpha: no effect)
+            diff = [d for d in diff if d[0] not in alpha]
         if any(d[0] == "control_sha256" for d in diff):  # n of --latent DIR follows its files:
             diff = [d for d in diff if d[0] != "n"]  # their contents are what changed
         why = next((n_refused(was, now) for k, was, now in diff if k == "n"), None)

@@ -1594,34 +1594,74 @@ def test_alpha_upsampler_model_gives_the_models_alpha(tmp_path, toy_ckpt, capsys
     assert not (tmp_path / "no").exists()
 
 
-def test_a_rerun_with_the_other_alpha_upsampler_is_refused_only_where_an_input_keeps_alpha(
-    tmp_path, toy_ckpt, capsys
+ALPHA_FLAGS = [("--alpha-upsampler", "bicubic", "model"),
+               ("--alpha-upsampler", "model", "bicubic"),
+               ("--alpha-channel", "keep", "drop"),
+               ("--alpha-channel", "drop", "keep")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("flag", "first", "then"), ALPHA_FLAGS)
+def test_a_rerun_with_the_other_alpha_flag_is_refused_only_where_an_input_keeps_alpha(
+    tmp_path, toy_ckpt, capsys, flag, first, then
 ):
-    """--alpha-upsampler changes no byte where no input has an alpha channel: a rerun with the
-    other one (either way) into the folder is no other setting (its files kept, nothing sampled
-    again, the folder's manifest as it was). With an RGBA input among them (of any --shard) it
-    would put another alpha on its samples: refused, one line naming the flag, exit 2."""
+    """--alpha-upsampler and --alpha-channel change no byte where no input has an alpha channel:
+    a rerun with the other value (either way) into the folder is no other setting (its files
+    kept, nothing sampled again, the folder's manifest as it was). With an RGBA input among them
+    (of any --shard) it would put another alpha (or none) on its samples: refused, one line
+    naming the flag, exit 2."""
     rgb = image((10, 13), 1)
     plain = folder(tmp_path / "plain", a=rgb, b=image((10, 13), 2))
     mixed = folder(tmp_path / "mixed", a=rgb, b=np.dstack([rgb, square_alpha()]))
-    for first, then in (("bicubic", "model"), ("model", "bicubic")):
-        out = tmp_path / f"plain_{first}"
-        argv = ["--ckpt", toy_ckpt, "--input", plain, "--n", 2, "--out", out]
-        assert run(*argv, "--alpha-upsampler", first) == 0
-        files = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-        assert run(*argv, "--alpha-upsampler", then) == 0
-        assert "already complete" in capsys.readouterr().out
-        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == files  # none rewritten
-        assert run(*argv, "--alpha-upsampler", then, "--n", 3) == 0  # its new sample: no alpha
-        assert png_kind(out / "a_sample00002.png") == (8, "RGB")
-        out = tmp_path / f"mixed_{first}"
-        argv = ["--ckpt", toy_ckpt, "--input", mixed, "--n", 2, "--out", out]
-        assert run(*argv, "--alpha-upsampler", first, "--shard", "0/2") == 0  # a: no alpha
-        capsys.readouterr()
-        assert run(*argv, "--alpha-upsampler", then, "--shard", "1/2") == 2  # b's samples
+    out = tmp_path / "plain_out"
+    argv = ["--ckpt", toy_ckpt, "--input", plain, "--n", 2, "--out", out]
+    assert run(*argv, flag, first) == 0
+    manifest = (out / "manifest.json").read_text()
+    files = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert run(*argv, flag, then) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == files  # none rewritten
+    assert run(*argv, flag, then, "--n", 3) == 0  # its new sample: no alpha
+    assert png_kind(out / "a_sample00002.png") == (8, "RGB")
+    kept = json.loads((out / "manifest.json").read_text())["flags"]  # (n raised alone)
+    assert kept == json.loads(manifest)["flags"] and kept[flag[2:].replace("-", "_")] == first
+    out = tmp_path / "mixed_out"
+    argv = ["--ckpt", toy_ckpt, "--input", mixed, "--n", 2, "--out", out]
+    assert run(*argv, flag, first, "--shard", "0/2") == 0  # a: no alpha
+    capsys.readouterr()
+    assert run(*argv, flag, then, "--shard", "1/2") == 2  # b's samples
+    err = capsys.readouterr().err.strip()
+    assert f'{flag} "{first}", not "{then}"' in err and "\n" not in err
+    assert not list(out.glob("b_*"))
+
+
+def test_an_rgba_input_dropped_from_input_keeps_the_folders_alpha_flags(tmp_path, toy_ckpt,
+                                                                         capsys):  # fmt: skip
+    """A folder's --alpha-channel and --alpha-upsampler are those of its samples with alpha: a
+    rerun with the other values whose inputs have none (an RGBA input sampled there earlier,
+    dropped from --input since) writes no file they change and goes on, the manifest keeping the
+    folder's values (its RGBA image's samples are theirs); with that input put back it is
+    refused, though its samples are complete (they have the folder's alpha, not the run's)."""
+    rgb = image((10, 13), 1)
+    both = folder(tmp_path / "both", a=rgb, b=np.dstack([rgb, square_alpha()]))
+    only = folder(tmp_path / "only", a=rgb, c=image((10, 13), 2))
+    out = tmp_path / "out"
+    assert run("--ckpt", toy_ckpt, "--input", both, "--n", 2, "--out", out) == 0
+    b_files = {p: p.read_bytes() for p in out.glob("b_*")}
+    assert png_kind(out / "b_sample00000.png") == (8, "RGBA")
+    flags = json.loads((out / "manifest.json").read_text())["flags"]
+    other = ["--alpha-channel", "drop"]
+    assert run("--ckpt", toy_ckpt, "--input", only, "--n", 2, "--out", out, *other) == 0
+    assert png_kind(out / "c_sample00000.png") == (8, "RGB")
+    kept = json.loads((out / "manifest.json").read_text())["flags"]
+    assert (kept["alpha_channel"], kept["alpha_upsampler"]) == ("keep", "bicubic") == (
+        flags["alpha_channel"], flags["alpha_upsampler"])  # fmt: skip
+    assert {p: p.read_bytes() for p in out.glob("b_*")} == b_files
+    capsys.readouterr()
+    for again in (other, ["--alpha-upsampler", "model"]):
+        assert run("--ckpt", toy_ckpt, "--input", both, "--n", 2, "--out", out, *again) == 2
         err = capsys.readouterr().err.strip()
-        assert f'--alpha-upsampler "{first}", not "{then}"' in err and "\n" not in err
-        assert not list(out.glob("b_*"))
+        assert f'{again[0]} "{flags[again[0][2:].replace("-", "_")]}", not "{again[1]}"' in err
+    assert {p: p.read_bytes() for p in out.glob("b_*")} == b_files
 
 
 KINDS = ["RGBA", "LA", "P+tRNS", "RGB+tRNS", "L+tRNS", "RGB", "L", "P", "JPEG", "TIFF RGBA",
