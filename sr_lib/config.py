@@ -100,12 +100,15 @@ class OneLineParser(ArgumentParser):
         too, for a command line built from variables (`--requeue`): the same field, so the
         last of the two given wins, as argparse takes any repeated flag. -h lists it after
         `--no-X`, whose help says what that does (docs/design.md). Not those of
-        NO_POSITIVE_FORM."""
+        NO_POSITIVE_FORM. So does a `no_X` field off by default (sr_eval.py's --no-lpips, a
+        store_true `--no-X`): its `--X` stores False."""
         action = super().add_argument(*args, **kwargs)
-        switch = kwargs.get("action") == "store_false" and [a[:5] for a in args] == ["--no-"]
+        store = kwargs.get("action")
+        switch = store in ("store_false", "store_true") and [a[:5] for a in args] == ["--no-"]
         if switch and args[0] not in NO_POSITIVE_FORM:
             shown = f"the default; undoes a {args[0]} given before it"
-            super().add_argument("--" + args[0][5:], action="store_true", dest=action.dest,
+            other = "store_true" if store == "store_false" else "store_false"
+            super().add_argument("--" + args[0][5:], action=other, dest=action.dest,
                                  default=action.default,
                                  help=argparse.SUPPRESS if action.help == argparse.SUPPRESS
                                  else shown)  # fmt: skip

@@ -565,6 +565,32 @@ def test_a_switch_on_by_default_takes_its_positive_form_too(capsys):
             sr_train.warn_unused(varsr, cfg, {"pretrained"})
 
 
+def test_a_no_switch_off_by_default_takes_its_positive_form_too(capsys):
+    """sr_eval.py's --no-lpips (a `no_lpips` field off by default: a store_true `--no-X`, not the
+    `X` field on by default of the switches above) had no --lpips: `$LPIPS_FLAG` could not say
+    the default (argparse took `--lpips` as an ambiguous start of --lpips-weights and
+    --lpips-batch). Every such switch of the three scripts takes --X now, the last one given
+    winning, the field and so the kept scores' key as they were; -h shows both."""
+    scripts = (sr_train.TrainArgs, sr_sample.SampleArgs, sr_eval.EvalArgs)
+    switches = [(cls, f.name) for cls in scripts for f in dataclasses.fields(cls)
+                if f.name.startswith("no_") and f.default is False]  # fmt: skip
+    assert (sr_eval.EvalArgs, "no_lpips") in switches
+    base = ["--hr", "h", "--sr", "s", "--scale", "4", "--n", "1"]
+    for cls, name in switches:
+        off, on = "--" + name.replace("_", "-"), "--" + name[3:].replace("_", "-")
+        for argv, value in (([], False), ([off], True), ([on], False), ([off, on], False),
+                            ([on, off], True)):  # fmt: skip
+            args, _ = parse(cls, [*(base if cls is sr_eval.EvalArgs else []), *argv], "p",
+                            known=True)  # fmt: skip
+            assert (argv, getattr(args, name)) == (argv, value)
+    with pytest.raises(SystemExit) as e:
+        sr_eval.main(["-h"])
+    assert e.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "[--no-lpips] [--lpips]" in shown
+    assert "--lpips the default; undoes a --no-lpips given before it" in shown
+
+
 def test_no_model_flag_is_also_a_run_flag(capsys):
     """sr_train.py reads its run flags first: a model flag of a run flag's name was the run
     flag's. NCSR's --lr-noise (the positive form of --no-lr-noise) was sr_train.py's --lr-noise
