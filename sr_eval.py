@@ -77,7 +77,9 @@ run again continues after them, and its files are those of a run never stopped. 
 where every flag but the outputs', the LPIPS weights' sha256, the device (on CUDA its model, on the
 CPU LPIPS's threads; with --no-lpips, which runs nothing there, neither --device nor --lpips-batch)
 and the versions are the same (an srspace's before device_name: where no GPU model ran LPIPS), and
-for the first images whose files (path, size, modification time) are unchanged; another command's
+for the first images whose files (name in its folder, size, modification time) are unchanged, the
+folders' paths no part of the command where the first image's files are the same (data staged to
+a node's $TMPDIR: `follow_moved_data`); another command's
 OUT.partial is moved aside to OUT.<its key>.partial (a line says where), where a rerun of that
 command finds it, never replaced; the file is deleted once the results are written. An error after
 images were scored says in its line how many images' scores are kept there (the --json line's kept).
@@ -938,14 +940,17 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     partial = partial_path(args)
     settings = run_settings(args, shave, device, lpips_metric, columns, methods)
     key = scores_key(args, settings)
-    prints = [image_print(hr[s], lr_files, sigma_files, methods, k) for k, s in enumerate(stems)]
+    roots = data_roots(args, hr, methods)
+    prints = [image_print(hr[s], lr_files, sigma_files, methods, k, roots)
+              for k, s in enumerate(stems)]  # fmt: skip
+    moved_key = scores_key(args, settings, methods)  # (its folders anywhere: `follow_moved_data`)
     fields = {m.name: {"image", *columns} for m in methods}  # the keys of each method's row
     if args.pairwise:  # (and the matrix, for --out)
         fields = {name: f | {metrics.PAIRWISE_MATRIX} for name, f in fields.items()}
     if sigma_files:
         fields[methods[0].name] |= {"PLL", "PSNR_sigma"}
     if partial:
-        adopt_partial(args, key, legacy_keys(args, settings))
+        adopt_partial(args, key, legacy_keys(args, settings), (moved_key, prints[:1]))
     ns = {m.name: m.n for m in methods}
     kept = kept_scores(partial, key, stems, prints, fields, ns) if partial else []
     # the NAME.old files that a stopped run of this command set aside: deleted once this run
@@ -964,7 +969,7 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
         summary.update(scored=k + 1)  # (`kept` once the file holds it: a full disk fails here)
         if partial:
             kept[k:] = [{"image": stems[k], "files": prints[k], "rows": rows}]
-            written = keep_scores(partial, key, kept, asides, written)
+            written = keep_scores(partial, key, kept, asides, written, moved_key)
             summary.update(partial=str(partial), kept=k + 1)
 
     # a stop after the report's first file (a full disk, Ctrl-C, a bad image) leaves none of it;
@@ -984,7 +989,7 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
                 report.started(report_dir)
             if partial and any(p in moved for p in outputs):  # (a stop before the first image)
                 asides += [aside_record(p, moved[p]) for p in outputs if p in moved]
-                written = keep_scores(partial, key, kept, asides, None)
+                written = keep_scores(partial, key, kept, asides, None, moved_key)
         rows, sheets = score(hr, methods, lr_files, sigma_files, columns, opts, report_dir,
                              to_files, to_stderr, args.quiet, scored,
                              [entry["rows"] for entry in kept])  # fmt: skip
@@ -1169,16 +1174,20 @@ def partial_paths(args: EvalArgs) -> list[Path]:
     return [p for p in paths if Path(os.path.realpath(p)) not in taken]
 
 
-def adopt_partial(args: EvalArgs, key: str, legacy: set[str] = frozenset()) -> None:
+def adopt_partial(args: EvalArgs, key: str, legacy: set[str] = frozenset(),
+                  moved: tuple[str, list] | None = None) -> None:  # fmt: skip
     """The scores kept by a run of this command (`key`) with other outputs, moved to
     `partial_path` beside the --out (else --csv) now given: the outputs are no part of the
     command that makes the scores (`scores_key`), so this run continues them, and no file is left
     behind that no run would read or delete. Looked for beside --csv, then among the other
     NAME.partial files in the folders of the outputs given (a run with --out r.json --csv r.csv
     kept them in r.json.partial, and its rerun with --csv r.csv alone cannot know that name): the
-    newest of this command. One of its `legacy` keys (`legacy_keys`) is given `key`."""
+    newest of this command. One of its `legacy` keys (`legacy_keys`) is given `key`, and so is
+    the key of this command on its data folders at other paths (`moved`: `follow_moved_data`)."""
     here, *others = partial_paths(args)
     upgrade_key(here, key, legacy)
+    if moved is not None:
+        follow_moved_data(here, key, *moved)
     if here.exists() and not keep_others_scores(here, key):
         return  # (this command's, or not sr_eval.py's: `kept_scores`)
     heads = [partial_text(k, [], [])[: len('{"key": ""') + len(k)].encode() for k in (key, *legacy)]
@@ -1287,14 +1296,17 @@ def mtime(path: Path) -> float:
         return 0.0
 
 
-def partial_text(key: str, kept: list[dict], asides: list[dict]) -> str:
+def partial_text(key: str, kept: list[dict], asides: list[dict], moved_key: str = "") -> str:
     """OUT.partial as written whole, one line: the settings' `key`, the scores of the images
-    done (`kept`) and the earlier files this command's runs set aside (`asides`:
-    `aside_record`s). The images scored after it are lines of their own (`keep_scores`)."""
-    return json.dumps({"key": key, "images": kept, "aside": asides}) + "\n"
+    done (`kept`), the earlier files this command's runs set aside (`asides`: `aside_record`s)
+    and the key without the data folders' paths (`moved_key`: `follow_moved_data`). The images
+    scored after it are lines of their own (`keep_scores`)."""
+    head = {"key": key, "images": kept, "aside": asides, "moved_key": moved_key}
+    return json.dumps(head) + "\n"
 
 
-def keep_scores(path: Path, key: str, kept: list[dict], asides: list[dict], written):
+def keep_scores(path: Path, key: str, kept: list[dict], asides: list[dict], written,
+                moved_key: str = ""):  # fmt: skip
     """OUT.partial once an image is scored (the last of `kept`): that image's line appended
     where the file is still the one this run wrote (`written`: its inode and size then), so that
     an image costs the writing of its own scores, not of every image's again (the N x N matrices
@@ -1316,7 +1328,7 @@ def keep_scores(path: Path, key: str, kept: list[dict], asides: list[dict], writ
                 raise OutputError(f"{path}: cannot write ({e.strerror or e}); check the output "
                                   "path") from e  # fmt: skip
             return st.st_ino, written[1] + len(line)
-    write_text(path, partial_text(key, kept, asides))
+    write_text(path, partial_text(key, kept, asides, moved_key))
     st = os.stat(write_target(path))
     return st.st_ino, st.st_size
 
@@ -1370,16 +1382,24 @@ def delete_asides(asides: list[dict], path: Path) -> None:
                 os.unlink(record["aside"])
 
 
-def scores_key(args: EvalArgs, settings: dict) -> str:
+def scores_key(args: EvalArgs, settings: dict, methods=None) -> str:
     """sha256 of what makes an image's numbers beyond its files: every flag but the outputs'
     and the settings of --out (the LPIPS weights' sha256, the device and its GPU model, on the
     CPU LPIPS's threads, torch's and srspace's versions, the columns). A rerun on another GPU
     model (a job requeued onto another node) is another command, as a rerun on the CPU is: it
     scores every image, not a mix of two models' numbers that differ at about 1e-6. With
     --no-lpips, --device and --lpips-batch (LPIPS's alone, ignored) are not in it: a job requeued
-    from a GPU node onto a CPU one continues (its numbers are the CPU's on both)."""
+    from a GPU node onto a CPU one continues (its numbers are the CPU's on both). With `methods`
+    (`follow_moved_data`'s key) the paths of the data folders are not in it (--hr, --lr,
+    --uncertainty, each --sr's DIR), only what the table makes of them: each row's name and N,
+    and whether --lr and --uncertainty are given."""
     unused = ("device", "lpips_batch") if args.no_lpips else ()
-    return settings_key(settings, typed_flags(args, unused))
+    if methods is None:
+        return settings_key(settings, typed_flags(args, unused))
+    typed = typed_flags(args, (*unused, "hr", "sr", "lr", "uncertainty"))
+    typed |= {"rows": [[m.name, m.n] for m in methods], "lr": args.lr is not None,
+              "uncertainty": args.uncertainty is not None}  # fmt: skip
+    return settings_key(settings, typed)
 
 
 def typed_flags(args: EvalArgs, unused: tuple[str, ...] = ()) -> dict:
@@ -1413,8 +1433,34 @@ def upgrade_key(path: Path, key: str, legacy: set[str]) -> bool:
     try:
         if read_partial(path)[0]["key"] not in legacy:
             return False
-        first, sep, rest = path.read_bytes().decode("utf-8").partition("\n")
-        write_text(path, json.dumps({**json.loads(first), "key": key}) + sep + rest)
+        rekey(path, key)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def rekey(path: Path, key: str) -> None:
+    """OUT.partial `path` given `key`, its first line rewritten (atomically)."""
+    first, sep, rest = path.read_bytes().decode("utf-8").partition("\n")
+    write_text(path, json.dumps({**json.loads(first), "key": key}) + sep + rest)
+
+
+def follow_moved_data(path: Path, key: str, moved_key: str, first: list[str]) -> bool:
+    """OUT.partial `path` of this command on its data folders at other paths (its `moved_key`,
+    `scores_key` without them, is this run's, and so are the files of its first image, `first`:
+    their names in their folders, sizes and modification times, `image_print`) given this run's
+    `key` (its first line rewritten, atomically): a requeued job that staged its data to a
+    node's $TMPDIR (rsync -a, cp -p) or reads it mounted at another path continues, and a file
+    changed since is scored again from its image on (`kept_scores`). One whose first image's
+    files differ is another command's, on other data, moved aside (`keep_others_scores`) as
+    before. True where so."""
+    try:
+        head, entries = read_partial(path)
+        if head["key"] == key or head.get("moved_key") != moved_key or not moved_key:
+            return False
+        if not entries or [entries[0]["files"]] != first:
+            return False
+        rekey(path, key)
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         return False
     return True
@@ -1426,15 +1472,30 @@ def settings_key(settings: dict, typed: dict) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
-def image_print(hr_file: Path, lr_files, sigma_files, methods, k: int) -> str:
-    """sha256 of the path, size and modification time of each file of image k (HR, LR, sigma
-    map, every method's samples): a file replaced or changed since tells."""
-    files = [hr_file, *(f[k] for f in (lr_files, sigma_files) if f)]
-    files += [p for m in methods for p in m.files[k]]
+def data_roots(args: EvalArgs, hr: dict[str, Path], methods) -> tuple:
+    """The folders the files of an image are named from in its `image_print`: --hr (the demo's
+    own), --lr, --uncertainty, and per method its --sr DIR as typed (a sweep's temperature
+    folder is a part of its files' names)."""
+    demo = next(iter(hr.values())).parent if args.hr == "demo" and hr else None
+    sr = [m.given[1] if m.given else m.sr_dir for m in methods]
+    return demo or Path(args.hr), args.lr, args.uncertainty, sr
+
+
+def image_print(hr_file: Path, lr_files, sigma_files, methods, k: int, roots: tuple) -> str:
+    """sha256 of the name (in its folder of `roots`: `data_roots`), size and modification time
+    (ns) of each file of image k (HR, LR, sigma map, every method's samples): a file replaced or
+    changed since tells, and a copy that keeps them (rsync -a, cp -p: a job staging its data to a
+    node's $TMPDIR, the same data mounted at another path) does not (`follow_moved_data`). Not
+    their contents: their sha256 reads every file before the first image is scored (3.2 ms a
+    5.8 MB PNG from the page cache, where its stat takes 3 us, measured on an AMD EPYC; README)."""
+    hr_root, lr_root, sigma_root, sr_roots = roots
+    files = [(hr_root, hr_file)]
+    files += [(r, f[k]) for r, f in ((lr_root, lr_files), (sigma_root, sigma_files)) if f]
+    files += [(r, p) for r, m in zip(sr_roots, methods) for p in m.files[k]]
     stats = []
-    for p in files:
+    for root, p in files:
         st = p.stat()
-        stats.append((str(p.resolve()), st.st_size, st.st_mtime_ns))
+        stats.append((os.path.relpath(p, root), st.st_size, st.st_mtime_ns))
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 

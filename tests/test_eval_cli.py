@@ -994,11 +994,11 @@ def eval_cmd(*argv):
 
 
 def test_full_disk_is_one_line_exit_7_and_no_partial_json(tmp_path):
-    """Issue 20 item 4: a write that fails half-way (a full disk: here a 1 kB file size limit,
-    EFBIG as ENOSPC) leaves no JSON at all, not a 0-byte or truncated one; the scores of the
-    images (r.json.partial, written whole before) are kept for a rerun once there is room, and
-    the line says so; an earlier run's r.json is not left under this run's name, and the line
-    says where it went."""
+    """Issue 20 item 4: a write that fails half-way (a full disk: here a 1.5 kB file size limit,
+    EFBIG as ENOSPC, between the sizes of r.json.partial and r.json) leaves no JSON at all, not
+    a 0-byte or truncated one; the scores of the images (r.json.partial, written whole before)
+    are kept for a rerun once there is room, and the line says so; an earlier run's r.json is
+    not left under this run's name, and the line says where it went."""
     hr_dir, _, sr_dir = make_set(tmp_path, n=2)
     out = tmp_path / "res" / "r.json"
     out.parent.mkdir()
@@ -1006,7 +1006,7 @@ def test_full_disk_is_one_line_exit_7_and_no_partial_json(tmp_path):
 
     def small_files():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1536, 1536))
 
     cmd = eval_cmd("--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips",
                    "--out", out)  # fmt: skip
@@ -1430,6 +1430,57 @@ def test_scores_kept_beside_another_out_are_taken_only_for_the_same_settings(
     assert stopped == ["a.json.partial"] and calls == ["0002"]
     assert f"continuing from {res / 'b.json.partial'}: 2 of 3 images scored already" in out
     assert sorted(p.name for p in res.iterdir()) == ["b.json", "r.csv"]
+
+
+def test_a_rerun_on_a_copy_of_the_data_at_another_path_continues(tmp_path, capsys,
+                                                                 monkeypatch):  # fmt: skip
+    """The scores kept were keyed by the paths of --hr, --sr, --lr (the command's flags) and each
+    file's resolved path: a requeued job that staged its data to the node's $TMPDIR (rsync -a,
+    which keeps sizes and modification times) or read it mounted at another path scored every
+    image again. Now a file is known by its name in its folder, size and mtime: the rerun on a
+    copy (shutil.copy2) scores only the rest, its files the bytes of a run on the copy never
+    stopped; a file touched since (another mtime) is scored again with every image after it;
+    other data of the same names (other mtimes) is another command's: moved aside, not
+    replaced."""
+    names = tuple(f"{k:04d}" for k in range(4))
+    make_set(tmp_path / "home", n=2, sizes=((48, 64),) * 4, names=names)
+    shutil.copytree(tmp_path / "home", tmp_path / "staged", copy_function=shutil.copy2)
+    make_set(tmp_path / "other", n=2, sizes=((48, 64),) * 4, names=names)
+    res = tmp_path / "res"
+
+    def argv(where):
+        d = tmp_path / where
+        return ["--hr", d / "hr", "--sr", d / "method_a", "--lr", d / "lr", "--scale", 4, "--n",
+                2, "--no-lpips", "--out", res / "r.json", "--csv", res / "r.csv"]  # fmt: skip
+
+    assert run(capsys, *argv("staged"))[0] == 0
+    whole = {f: (res / f).read_bytes() for f in ("r.json", "r.csv")}
+    shutil.rmtree(res)
+    partial = res / "r.json.partial"
+    for stop, touched, scored in (
+        ("0002", None, ["0002", "0003"]),
+        ("0003", "000001_sample00001.png", ["0001", "0002", "0003"]),
+    ):
+        calls = stop_at_image(monkeypatch, stop)
+        assert fails(capsys, *argv("home"))[0] == 75 and partial.exists()
+        if touched:
+            sample = tmp_path / "staged" / "method_a" / touched
+            os.utime(sample, ns=(sample.stat().st_atime_ns, sample.stat().st_mtime_ns + 10**9))
+        calls.clear()
+        code, got = run(capsys, *argv("staged"))
+        assert code == 0 and calls == scored and not partial.exists(), got.err
+        assert f"continuing from {partial}: {int(scored[0])} of 4" in got.out and not got.err
+        assert {f: (res / f).read_bytes() for f in whole} == whole
+        shutil.rmtree(res)
+        monkeypatch.undo()
+    stop_at_image(monkeypatch, "0002")
+    assert fails(capsys, *argv("home"))[0] == 75
+    monkeypatch.undo()
+    calls = stop_at_image(monkeypatch, "none")
+    code, got = run(capsys, *argv("other"))
+    assert code == 0 and calls == list(names) and "continuing" not in got.out
+    (aside,) = res.glob("r.json.*.partial")  # (the other data's: moved aside, not lost)
+    assert f"the scores kept by {sr_eval.OTHER_COMMAND} moved to {aside}" in got.err
 
 
 def test_a_rerun_scores_again_what_changed_after_the_stop(tmp_path, capsys, monkeypatch):
