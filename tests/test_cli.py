@@ -488,7 +488,8 @@ def test_an_unknown_flag_names_the_nearest_flags(tmp_path, capsys):
      "--cem could match --cem-train, --cem-test; see sr_train.py --model vspsr -h"),
     (sr_sample, ["--lr", "3"], "--lr could match --lr-blur, --lr-noise, --lr-jpeg; see "
      "sr_sample.py -h"),
-    (sr_eval, ["--lp", "x"], "--lp could match --lpips-weights, --lpips-batch; see sr_eval.py -h"),
+    (sr_eval, ["--lp", "x"], "--lp could match --lpips-weights, --lpips, --lpips-batch; see "
+     "sr_eval.py -h"),
 ])  # fmt: skip
 def test_an_ambiguous_abbreviation_is_one_line_naming_its_flags(script, argv, said, capsys):
     """An abbreviation that starts several flags is refused as argparse does (which one was
