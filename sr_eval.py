@@ -1428,39 +1428,34 @@ def legacy_keys(args: EvalArgs, settings: dict) -> set[str]:
 
 def upgrade_key(path: Path, key: str, legacy: set[str]) -> bool:
     """OUT.partial `path` of this command's scores under a `legacy_keys` key given this run's
-    `key` (its first line rewritten, atomically): True where so, False where it has another key
-    or is no such file."""
-    try:
-        if read_partial(path)[0]["key"] not in legacy:
-            return False
-        rekey(path, key)
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-        return False
-    return True
-
-
-def rekey(path: Path, key: str) -> None:
-    """OUT.partial `path` given `key`, its first line rewritten (atomically)."""
-    first, sep, rest = path.read_bytes().decode("utf-8").partition("\n")
-    write_text(path, json.dumps({**json.loads(first), "key": key}) + sep + rest)
+    `key` (`rekey_where`): True where so, False where it has another key or is no such file."""
+    return rekey_where(path, key, lambda head, entries: head["key"] in legacy)
 
 
 def follow_moved_data(path: Path, key: str, moved_key: str, first: list[str]) -> bool:
     """OUT.partial `path` of this command on its data folders at other paths (its `moved_key`,
     `scores_key` without them, is this run's, and so are the files of its first image, `first`:
     their names in their folders, sizes and modification times, `image_print`) given this run's
-    `key` (its first line rewritten, atomically): a requeued job that staged its data to a
-    node's $TMPDIR (rsync -a, cp -p) or reads it mounted at another path continues, and a file
-    changed since is scored again from its image on (`kept_scores`). One whose first image's
-    files differ is another command's, on other data, moved aside (`keep_others_scores`) as
-    before. True where so."""
+    `key` (`rekey_where`): a requeued job that staged its data to a node's $TMPDIR (rsync -a,
+    cp -p) or reads it mounted at another path continues, and a file changed since is scored
+    again from its image on (`kept_scores`). One whose first image's files differ is another
+    command's, on other data, moved aside (`keep_others_scores`) as before. True where so."""
+    return rekey_where(path, key, lambda head, entries: (
+        bool(moved_key) and head["key"] != key and head.get("moved_key") == moved_key
+        and bool(entries) and [entries[0]["files"]] == first
+    ))  # fmt: skip
+
+
+def rekey_where(path: Path, key: str, takes) -> bool:
+    """OUT.partial `path` given `key`, its first line rewritten (atomically), where
+    `takes(head, entries)` (`read_partial`'s): True where so; False where not, or where the file
+    is missing or unreadable (a field missing: not taken)."""
     try:
         head, entries = read_partial(path)
-        if head["key"] == key or head.get("moved_key") != moved_key or not moved_key:
+        if not takes(head, entries):
             return False
-        if not entries or [entries[0]["files"]] != first:
-            return False
-        rekey(path, key)
+        first, sep, rest = path.read_bytes().decode("utf-8").partition("\n")
+        write_text(path, json.dumps({**json.loads(first), "key": key}) + sep + rest)
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         return False
     return True

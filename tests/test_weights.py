@@ -497,32 +497,18 @@ def test_broken_link_says_so(tmp_path, monkeypatch, where):
 
 
 @pytest.mark.parametrize("where", ["env", "path"])
-def test_a_loop_of_links_says_it_is_a_loop(tmp_path, monkeypatch, where):
-    """A weights file that is a loop of links was called moved or deleted, to be pointed at the
-    file "again": no file was moved; it is said a loop (`describe_path`'s words)."""
-    folder = {"env": tmp_path / "w", "path": tmp_path}[where]
-    link = folder / "net.pth"
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to("net.pth")
-    monkeypatch.setenv("SRSPACE_WEIGHTS", str(tmp_path / "w"))
-    m = {"net": Entry("net", None, None)}
-    with pytest.raises(CheckpointError) as e:
-        resolve("net", path=link if where == "path" else None, manifest=m)
-    assert one_line(e).startswith(
-        f"{link}: a loop of symbolic links (it points to net.pth); point it at the net weights "
-        "file, or delete it and copy"
-    )
-
-
-def test_broken_link_whose_target_holds_a_semicolon_or_is_a_loop(tmp_path):
+def test_broken_link_whose_target_holds_a_semicolon_or_is_a_loop(tmp_path, monkeypatch, where):
     """The broken link's line cut describe_path's words at their first ';', which the quoted
     target may hold (a link to 'old;1/net.pth' was "a symbolic link to 'old", its quote open),
-    and called a loop of links "moved or deleted". Now the whole target is said, and a loop is
-    a loop."""
+    and called a loop of links moved or deleted, to be pointed at the file "again": no file was
+    moved. Now the whole target is said, and a loop is a loop, in $SRSPACE_WEIGHTS or named."""
     m = {"net": Entry("net", None, None)}
-    link = tmp_path / "net.pth"
+    folder = {"env": tmp_path / "w", "path": tmp_path}[where]
+    folder.mkdir(exist_ok=True)
+    monkeypatch.setenv("SRSPACE_WEIGHTS", str(tmp_path / "w"))
+    link = folder / "net.pth"
     for target, said in [
-        ("old;1/net.pth", f"a symbolic link to '{tmp_path}/old;1/net.pth', which does not exist "
+        ("old;1/net.pth", f"a symbolic link to '{folder}/old;1/net.pth', which does not exist "
                           "(moved or deleted); point it at the net weights file again"),
         ("net.pth", "a loop of symbolic links (it points to net.pth); point it at the net "
                     "weights file"),
@@ -530,7 +516,7 @@ def test_broken_link_whose_target_holds_a_semicolon_or_is_a_loop(tmp_path):
         link.unlink(missing_ok=True)
         link.symlink_to(target)
         with pytest.raises(CheckpointError) as e:
-            resolve("net", path=link, manifest=m)
+            resolve("net", path=link if where == "path" else None, manifest=m)
         assert one_line(e).startswith(f"{link}: {said}, or delete it and copy")
 
 
