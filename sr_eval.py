@@ -1392,11 +1392,12 @@ def scores_key(args: EvalArgs, settings: dict, methods=None) -> str:
     from a GPU node onto a CPU one continues (its numbers are the CPU's on both). With `methods`
     (`follow_moved_data`'s key) the paths of the data folders are not in it (--hr, --lr,
     --uncertainty, each --sr's DIR), only what the table makes of them: each row's name and N,
-    and whether --lr and --uncertainty are given."""
+    and whether --lr and --uncertainty are given; nor --lpips-weights' path (their sha256 is in
+    the settings: weights staged with the data)."""
     unused = ("device", "lpips_batch") if args.no_lpips else ()
     if methods is None:
         return settings_key(settings, typed_flags(args, unused))
-    typed = typed_flags(args, (*unused, "hr", "sr", "lr", "uncertainty"))
+    typed = typed_flags(args, (*unused, "hr", "sr", "lr", "uncertainty", "lpips_weights"))
     typed |= {"rows": [[m.name, m.n] for m in methods], "lr": args.lr is not None,
               "uncertainty": args.uncertainty is not None}  # fmt: skip
     return settings_key(settings, typed)

@@ -386,3 +386,21 @@ def test_the_scores_key_holds_the_threads_of_lpips_on_the_cpu(monkeypatch):
     assert (one[0], two[0]) == (1, 2) and one[1] != two[1] and key(1) == one
     assert key(1, "cuda") == key(2, "cuda") and key(1, "cuda")[0] is None
     assert key(1, metric=None) == key(2, metric=None) and key(1, metric=None)[0] is None
+
+
+def test_the_key_of_moved_data_leaves_out_the_lpips_weights_path():
+    """A job that staged its data to the node's $TMPDIR continues (`follow_moved_data`), but one
+    that staged its --lpips-weights file with it scored every image again: the moved data's key
+    held the weights' path, though their sha256, in the settings, says which they are."""
+    methods = [sr_eval.Method("sr", Path("sr"), 2, None)]
+    lpips = SimpleNamespace(info={"sha256": "0" * 64}, batch=1)
+
+    def key(weights, sha="0" * 64):
+        args = sr_eval.EvalArgs(hr="hr", sr=["sr"], scale=4, n=2, lpips_weights=weights)
+        lpips.info["sha256"] = sha
+        settings = sr_eval.run_settings(args, 4, torch.device("cpu"), lpips, ["PSNR_mean"],
+                                        methods)  # fmt: skip
+        return sr_eval.scores_key(args, settings, methods)
+
+    assert key("/home/u/alex.pth") == key("/tmp/job/alex.pth")
+    assert key("/home/u/alex.pth") != key("/tmp/job/alex.pth", "1" * 64)  # other weights
