@@ -206,6 +206,7 @@ from sr_lib.data import (
     encode_png,
     equal_channels,
     image_size,
+    links_said,
     list_images,
     mod_crop,
     name_max,
@@ -1723,23 +1724,9 @@ def missing_links(dangling: list[Path]) -> list[str]:
     none: the folder lists them as no image)."""
     if not dangling:
         return []
-    said = [
-        shlex.quote(p.name) + (f" -> {to}" if (to := link_target(p)) else "") for p in dangling[:3]
-    ]  # (a link removed since it was listed: its name alone)
-    more = f", and {len(dangling) - 3} more" if len(dangling) > 3 else ""
     return [f"{len(dangling)} symbolic link(s) to missing files in --input, not sampled "
-            f"({', '.join(said)}{more}): restore their targets and rerun, or remove the "
+            f"({links_said(dangling)}): restore their targets and rerun, or remove the "
             "links"]  # fmt: skip
-
-
-def link_target(link: Path) -> str:
-    """Where a symbolic link points, as its own text gives it, quoted for a shell where its
-    characters need it (a space), as the link's name in the same line; "" where it cannot be
-    read (no longer a link)."""
-    try:
-        return shlex.quote(os.readlink(link))
-    except OSError:
-        return ""
 
 
 def lost_inputs(failed: dict, total: int, model, name: str) -> list[str]:
