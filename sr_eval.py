@@ -79,7 +79,7 @@ CPU LPIPS's threads; with --no-lpips, which runs nothing there, neither --device
 and the versions are the same (an srspace's before device_name: where no GPU model ran LPIPS), and
 for the first images whose files (name in its folder, size, modification time) are unchanged, the
 folders' paths no part of the command where the first image's files are the same (data staged to
-a node's $TMPDIR: `follow_moved_data`); another command's
+a node's $TMPDIR: `adopt_key`); another command's
 OUT.partial is moved aside to OUT.<its key>.partial (a line says where), where a rerun of that
 command finds it, never replaced; the file is deleted once the results are written. An error after
 images were scored says in its line how many images' scores are kept there (the --json line's kept).
@@ -943,7 +943,7 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     roots = data_roots(args, hr, methods)
     prints = [image_print(hr[s], lr_files, sigma_files, methods, k, roots)
               for k, s in enumerate(stems)]  # fmt: skip
-    moved_key = scores_key(args, settings, methods)  # (its folders anywhere: `follow_moved_data`)
+    moved_key = scores_key(args, settings, methods)  # (its folders anywhere: `adopt_key`)
     fields = {m.name: {"image", *columns} for m in methods}  # the keys of each method's row
     if args.pairwise:  # (and the matrix, for --out)
         fields = {name: f | {metrics.PAIRWISE_MATRIX} for name, f in fields.items()}
@@ -1183,11 +1183,9 @@ def adopt_partial(args: EvalArgs, key: str, legacy: set[str] = frozenset(),
     NAME.partial files in the folders of the outputs given (a run with --out r.json --csv r.csv
     kept them in r.json.partial, and its rerun with --csv r.csv alone cannot know that name): the
     newest of this command. One of its `legacy` keys (`legacy_keys`) is given `key`, and so is
-    the key of this command on its data folders at other paths (`moved`: `follow_moved_data`)."""
+    the key of this command on its data folders at other paths (`moved`: `adopt_key`)."""
     here, *others = partial_paths(args)
-    upgrade_key(here, key, legacy)
-    if moved is not None:
-        follow_moved_data(here, key, *moved)
+    adopt_key(here, key, legacy, moved)
     if here.exists() and not keep_others_scores(here, key):
         return  # (this command's, or not sr_eval.py's: `kept_scores`)
     heads = [partial_text(k, [], [])[: len('{"key": ""') + len(k)].encode() for k in (key, *legacy)]
@@ -1200,7 +1198,7 @@ def adopt_partial(args: EvalArgs, key: str, legacy: set[str] = frozenset(),
         with suppress(OSError), open(other, "rb") as f:  # (a folder so named: not opened)
             if f.read(len(heads[0])) in heads:
                 os.replace(other, here)
-                upgrade_key(here, key, legacy)
+                adopt_key(here, key, legacy)
                 return
 
 
@@ -1299,7 +1297,7 @@ def mtime(path: Path) -> float:
 def partial_text(key: str, kept: list[dict], asides: list[dict], moved_key: str = "") -> str:
     """OUT.partial as written whole, one line: the settings' `key`, the scores of the images
     done (`kept`), the earlier files this command's runs set aside (`asides`: `aside_record`s)
-    and the key without the data folders' paths (`moved_key`: `follow_moved_data`). The images
+    and the key without the data folders' paths (`moved_key`: `adopt_key`). The images
     scored after it are lines of their own (`keep_scores`)."""
     head = {"key": key, "images": kept, "aside": asides, "moved_key": moved_key}
     return json.dumps(head) + "\n"
@@ -1390,7 +1388,7 @@ def scores_key(args: EvalArgs, settings: dict, methods=None) -> str:
     scores every image, not a mix of two models' numbers that differ at about 1e-6. With
     --no-lpips, --device and --lpips-batch (LPIPS's alone, ignored) are not in it: a job requeued
     from a GPU node onto a CPU one continues (its numbers are the CPU's on both). With `methods`
-    (`follow_moved_data`'s key) the paths of the data folders are not in it (--hr, --lr,
+    (`adopt_key`'s key) the paths of the data folders are not in it (--hr, --lr,
     --uncertainty, each --sr's DIR), only what the table makes of them: each row's name and N,
     and whether --lr and --uncertainty are given; nor --lpips-weights' path (their sha256 is in
     the settings: weights staged with the data)."""
@@ -1413,7 +1411,7 @@ def legacy_keys(args: EvalArgs, settings: dict) -> set[str]:
     """The keys that an srspace before --out's device_name (session 28) gave the scores this
     command kept: its settings without device_name (nor threads, later still), and every flag
     typed. A requeue across the upgrade moved them aside and scored every image again; they are
-    this command's (`upgrade_key`) where no GPU model ran LPIPS, which that key does not tell: on
+    this command's (`adopt_key`) where no GPU model ran LPIPS, which that key does not tell: on
     the CPU (whatever its threads were, which it did not record either: taken once, across the
     upgrade), or with --no-lpips (its device then ran nothing: the one --device picked, cuda or
     cpu for auto)."""
@@ -1427,39 +1425,30 @@ def legacy_keys(args: EvalArgs, settings: dict) -> set[str]:
     return {settings_key({**old, "device": d}, typed) for d in devices}
 
 
-def upgrade_key(path: Path, key: str, legacy: set[str]) -> bool:
-    """OUT.partial `path` of this command's scores under a `legacy_keys` key given this run's
-    `key` (`rekey_where`): True where so, False where it has another key or is no such file."""
-    return rekey_where(path, key, lambda head, entries: head["key"] in legacy)
-
-
-def follow_moved_data(path: Path, key: str, moved_key: str, first: list[str]) -> bool:
-    """OUT.partial `path` of this command on its data folders at other paths (its `moved_key`,
-    `scores_key` without them, is this run's, and so are the files of its first image, `first`:
-    their names in their folders, sizes and modification times, `image_print`) given this run's
-    `key` (`rekey_where`): a requeued job that staged its data to a node's $TMPDIR (rsync -a,
-    cp -p) or reads it mounted at another path continues, and a file changed since is scored
-    again from its image on (`kept_scores`). One whose first image's files differ is another
-    command's, on other data, moved aside (`keep_others_scores`) as before. True where so."""
-    return rekey_where(path, key, lambda head, entries: (
-        bool(moved_key) and head["key"] != key and head.get("moved_key") == moved_key
-        and bool(entries) and [entries[0]["files"]] == first
-    ))  # fmt: skip
-
-
-def rekey_where(path: Path, key: str, takes) -> bool:
-    """OUT.partial `path` given `key`, its first line rewritten (atomically), where
-    `takes(head, entries)` (`read_partial`'s): True where so; False where not, or where the file
-    is missing or unreadable (a field missing: not taken)."""
+def adopt_key(path: Path, key: str, legacy: set[str], moved: tuple[str, list] | None = None):
+    """OUT.partial `path` of this command's scores kept under another key given this run's `key`
+    (its first line rewritten, atomically; one read of the file), where it is:
+    - under one of its `legacy_keys` (an srspace before --out's device_name), or
+    - of this command on its data folders at other paths (`moved`: this run's moved_key,
+      `scores_key` without them, and the files of its first image, `image_print`'s names in
+      their folders, sizes and modification times): a requeued job that staged its data to a
+      node's $TMPDIR (rsync -a, cp -p) or reads it mounted at another path continues, and a
+      file changed since is scored again from its image on (`kept_scores`). One whose first
+      image's files differ is another command's, on other data, moved aside
+      (`keep_others_scores`) as before.
+    Another key, a missing or unreadable file (a field missing): left as it is."""
+    moved_key, first = moved or ("", None)
     try:
         head, entries = read_partial(path)
-        if not takes(head, entries):
-            return False
-        first, sep, rest = path.read_bytes().decode("utf-8").partition("\n")
-        write_text(path, json.dumps({**json.loads(first), "key": key}) + sep + rest)
+        if head["key"] not in legacy and not (
+            moved_key and head["key"] != key and head.get("moved_key") == moved_key
+            and entries and [entries[0]["files"]] == first
+        ):  # fmt: skip
+            return
+        top, sep, rest = path.read_bytes().decode("utf-8").partition("\n")
+        write_text(path, json.dumps({**json.loads(top), "key": key}) + sep + rest)
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-        return False
-    return True
+        return
 
 
 def settings_key(settings: dict, typed: dict) -> str:
@@ -1481,7 +1470,7 @@ def image_print(hr_file: Path, lr_files, sigma_files, methods, k: int, roots: tu
     """sha256 of the name (in its folder of `roots`: `data_roots`), size and modification time
     (ns) of each file of image k (HR, LR, sigma map, every method's samples): a file replaced or
     changed since tells, and a copy that keeps them (rsync -a, cp -p: a job staging its data to a
-    node's $TMPDIR, the same data mounted at another path) does not (`follow_moved_data`). Not
+    node's $TMPDIR, the same data mounted at another path) does not (`adopt_key`). Not
     their contents: their sha256 reads every file before the first image is scored (3.2 ms a
     5.8 MB PNG from the page cache, where its stat takes 3 us, measured on an AMD EPYC; README)."""
     hr_root, lr_root, sigma_root, sr_roots = roots

@@ -389,7 +389,7 @@ def test_the_scores_key_holds_the_threads_of_lpips_on_the_cpu(monkeypatch):
 
 
 def test_the_key_of_moved_data_leaves_out_the_lpips_weights_path():
-    """A job that staged its data to the node's $TMPDIR continues (`follow_moved_data`), but one
+    """A job that staged its data to the node's $TMPDIR continues (`adopt_key`), but one
     that staged its --lpips-weights file with it scored every image again: the moved data's key
     held the weights' path, though their sha256, in the settings, says which they are."""
     methods = [sr_eval.Method("sr", Path("sr"), 2, None)]
