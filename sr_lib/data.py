@@ -842,18 +842,15 @@ def refuse_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     is missing (`write_target`). A file on the way (`--out notes.txt/run`) is named: mkdir said
     "cannot create it (Not a directory)" of the whole path."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"{flag} {path}: {describe_path(path, 'folder')}")
     for part in (*reversed(path.parents), path):  # it or a folder on its way (--out link/run)
+        where = f"{flag} {path}: " if part != path else f"{flag} "  # (+ the part, first)
         if part.is_symlink() and not part.exists():  # a link to nothing, or a loop of links
             try:
                 write_target(part, "folder")
             except OutputError as e:
-                raise OutputError(
-                    f"{flag} {path}: {e}" if part != path else f"{flag} {e}"
-                ) from None
-        elif part != path and (said := part.exists() and describe_path(part, "folder")):
-            raise OutputError(f"{flag} {path}: {part}: {said}")
+                raise OutputError(f"{where}{e}") from None
+        elif part.exists() and (said := describe_path(part, "folder")):
+            raise OutputError(f"{where}{part}: {said}")
     return path
 
 
