@@ -367,25 +367,22 @@ def recipe_help(name: str, scale: int) -> str:
     return f"{text}\n{textwrap.fill(note, width, break_on_hyphens=False)}" if note else text
 
 
-# The path flags whose typed "" is refused (`parse_all`), and what to give instead.
+# The run's text flags whose typed "" is refused (`parse_all`): a path or a value, and what to
+# give instead. Their "" was their default without a word (no degradation is typed none, or 0
+# for a blur or noise; a resumed run takes its checkpoint's otherwise).
 EMPTY_REFUSED = {
-    "data": "a folder of images or demo",
-    "lr_data": "a folder of images",
-    "val_data": "a folder of images or demo",
-    "out": "a run folder, or leave --out out for runs/MODEL_xSCALE",
-    "cache": "a folder for the decoded arrays, or leave --cache out",
-    "resume": "auto or a checkpoint, or leave --resume out for a new run",
-    "init_from": "a checkpoint, or leave --init-from out",
-}
-# The other text flags whose typed "" was their default without a word (`parse_all`), refused
-# as the path flags' are (no degradation is typed none, or 0 for a blur or noise; a resumed
-# run takes its checkpoint's otherwise).
-EMPTY_VALUE_REFUSED = {
-    "model": f"one of {', '.join(MODELS)}, or leave --model out with --resume",
-    "lr_blur": "a sigma or LO:HI (0 or none: none), or leave --lr-blur out",
-    "lr_noise": "a sigma or LO:HI (0 or none: none), or leave --lr-noise out",
-    "lr_jpeg": "a quality 1..100 or LO:HI (none: none), or leave --lr-jpeg out",
-    "device": "auto, cpu, cuda or cuda:N, or leave --device out",
+    "data": ("path", "a folder of images or demo"),
+    "lr_data": ("path", "a folder of images"),
+    "val_data": ("path", "a folder of images or demo"),
+    "out": ("path", "a run folder, or leave --out out for runs/MODEL_xSCALE"),
+    "cache": ("path", "a folder for the decoded arrays, or leave --cache out"),
+    "resume": ("path", "auto or a checkpoint, or leave --resume out for a new run"),
+    "init_from": ("path", "a checkpoint, or leave --init-from out"),
+    "model": ("value", f"one of {', '.join(MODELS)}, or leave --model out with --resume"),
+    "lr_blur": ("value", "a sigma or LO:HI (0 or none: none), or leave --lr-blur out"),
+    "lr_noise": ("value", "a sigma or LO:HI (0 or none: none), or leave --lr-noise out"),
+    "lr_jpeg": ("value", "a quality 1..100 or LO:HI (none: none), or leave --lr-jpeg out"),
+    "device": ("value", "auto, cpu, cuda or cuda:N, or leave --device out"),
 }
 # The models' text flags, as EMPTY_REFUSED (`resolve_run`): --ref-data "" read the current
 # folder's images as references, --rrdb-init "" trained without the weights meant.
@@ -439,8 +436,8 @@ def parse_all(argv):
     # no cache, a new run, no weights, taken without a word where a path was meant; so were
     # --model's, --device's and the degradations' "": a resumed run's model, auto, none)
     given = given_fields(TrainArgs, argv, PROG)
-    for flag, what in {**EMPTY_REFUSED, **EMPTY_VALUE_REFUSED}.items():
-        value, kind = getattr(args, flag), "path" if flag in EMPTY_REFUSED else "value"
+    for flag, (kind, what) in EMPTY_REFUSED.items():
+        value = getattr(args, flag)
         if "" in (value if isinstance(value, list) else [value] * (flag in given)):
             raise UsageError(f"--{flag.replace('_', '-')}: an empty {kind}; give {what}")
     # Each loader worker is a process of its own (hundreds of MB): --workers 100000 started
