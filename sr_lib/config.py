@@ -16,6 +16,7 @@ import re
 import shutil
 import sys
 import sysconfig
+import textwrap
 from pathlib import Path
 
 import torch
@@ -88,12 +89,38 @@ def _is_number(text: str) -> bool:
 NO_POSITIVE_FORM = frozenset({"--no-lr-noise"})
 
 
+class WholeWordsHelp(argparse.HelpFormatter):
+    """argparse's -h layout, its lines broken at spaces alone. argparse wraps with textwrap's
+    defaults, which break after a hyphen, inside a flag (`--save-` / `uncertainty`) or a word
+    (`super-` / `resolved`), that then cannot be searched for or copied from the screen; a word
+    longer than the line stays whole, past its end."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(_one_spaced(text), width, break_on_hyphens=False,
+                             break_long_words=False)  # fmt: skip
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:  # (the epilog)
+        return textwrap.fill(_one_spaced(text), width, initial_indent=indent,
+                             subsequent_indent=indent, break_on_hyphens=False,
+                             break_long_words=False)  # fmt: skip
+
+
+def _one_spaced(text: str) -> str:
+    """Runs of ASCII white space as one space, as argparse's formatter takes a help text."""
+    return re.sub(r"\s+", " ", text, flags=re.ASCII).strip()
+
+
 class OneLineParser(ArgumentParser):
     """argparse-dataclass's parser whose errors are one line (a UsageError: `prog: error: ...`,
     exit code 2) instead of the whole usage block followed by the error. An unknown flag's line
-    names the flags nearest to it in spelling, of this parser's and of `near`'s."""
+    names the flags nearest to it in spelling, of this parser's and of `near`'s. Its -h never
+    breaks a flag or a hyphenated word across lines (WholeWordsHelp)."""
 
     near: tuple[str, ...] = ()
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", WholeWordsHelp)
+        super().__init__(*args, **kwargs)
 
     def add_argument(self, *args, **kwargs):
         """A switch on by default (argparse-dataclass's `--no-X` alone, store_false) takes `--X`

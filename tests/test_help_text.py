@@ -2,21 +2,24 @@
 (which validation images, what --cache holds, what --init-from takes, what "8x finer steps" or
 "equal to the lpips module" meant). Nothing is run: the scripts print `-h` only."""
 
+import re
+
 import pytest
 from test_docs_facts import help_entries
 
 import sr_eval
 import sr_sample
 import sr_train
+from sr_lib.models import MODELS
 
 
 def helps(main, capsys) -> dict[str, str]:
-    """flag: its help text on one line (argparse's wrapping undone, "memory-\\nmapped" too)."""
+    """flag: its help text on one line (argparse's wrapping undone)."""
     with pytest.raises(SystemExit) as e:
         main(["-h"])
     assert e.value.code == 0
     entries = help_entries(capsys.readouterr().out)
-    return {f: " ".join(t.split()).replace("- ", "-") for f, t in entries.items()}
+    return {f: " ".join(t.split()) for f, t in entries.items()}
 
 
 def test_sr_train_help_says_which_validation_images_the_cache_and_init_from(capsys):
@@ -37,3 +40,38 @@ def test_sr_sample_help_says_what_fp16_trades(capsys):
 def test_sr_eval_help_says_what_the_cpu_lpips_batch_keeps(capsys):
     h = helps(sr_eval.main, capsys)["--lpips-batch"]
     assert "1 on CPU, where the numbers equal the lpips package's to the bit" in h
+
+
+SCREENS = (
+    [(sr_train, ["-h"])]
+    + [(sr_train, ["--model", m, "-h"]) for m in MODELS]
+    + [
+        (sr_sample, ["-h"]),
+        (sr_eval, ["-h"]),
+    ]
+)
+
+
+def screen(script, argv, columns, capsys, monkeypatch) -> str:
+    monkeypatch.setenv("COLUMNS", str(columns))  # argparse's width (shutil.get_terminal_size)
+    with pytest.raises(SystemExit) as e:
+        script.main(argv)
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "script, argv", SCREENS, ids=[f"{m.__name__} {' '.join(a)}" for m, a in SCREENS]
+)
+def test_help_never_breaks_a_flag_or_a_hyphenated_word(script, argv, capsys, monkeypatch):
+    """argparse's textwrap broke lines after a hyphen: `sr_sample.py --save-` / `uncertainty`
+    in sr_eval.py -h, `super-` / `resolved`. Each screen at the usual widths has the words of the
+    screen wide enough to wrap nothing, every --flag among them whole on its line."""
+    unwrapped = screen(script, argv, 100_000, capsys, monkeypatch).split()
+    flags = {w for w in unwrapped if re.match(r"\[?--\w", w)}
+    assert len(flags) >= 15, flags  # (the screen was read)
+    for columns in (40, 60, 80, 200):
+        words = screen(script, argv, columns, capsys, monkeypatch).split()
+        broken = [f"{a} / {b}" for a, b in zip(words, words[1:]) if re.search(r"\w-$", a)]
+        assert not broken, (columns, broken)
+        assert words == unwrapped, columns
