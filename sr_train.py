@@ -153,7 +153,7 @@ class TrainArgs:
                            "levels (0-255): SIGMA or LO:HI, drawn per patch",
                            metavar="SIGMA")  # fmt: skip
     lr_jpeg: str = option("", "without --lr-data: JPEG-compress the LR (Pillow, 4:2:0) at "
-                          "QUALITY (1-100) or LO:HI, drawn per patch (none: none, e.g. to "
+                          "QUALITY (1-100) or LO:HI, drawn per patch (none for no JPEG, e.g. to "
                           "drop a resumed run's); validation's NTIRE LR-PSNR "
                           "still compares the SR's bicubic downscale with the HR's, not with "
                           "this LR", metavar="QUALITY")  # fmt: skip
@@ -374,20 +374,21 @@ EMPTY_REFUSED = {
     "data": ("path", "a folder of images or demo"),
     "lr_data": ("path", "a folder of images"),
     "val_data": ("path", "a folder of images or demo"),
-    "out": ("path", "a run folder, or leave --out out for runs/MODEL_xSCALE"),
+    "out": ("path", "a run folder, or drop --out for runs/MODEL_xSCALE"),
     "cache": ("path", "a folder for the decoded arrays, or leave --cache out"),
     "resume": ("path", "auto or a checkpoint, or leave --resume out for a new run"),
     "init_from": ("path", "a checkpoint, or leave --init-from out"),
     "model": ("value", f"one of {', '.join(MODELS)}, or leave --model out with --resume"),
-    "lr_blur": ("value", "a sigma or LO:HI (0 or none: none), or leave --lr-blur out"),
-    "lr_noise": ("value", "a sigma or LO:HI (0 or none: none), or leave --lr-noise out"),
-    "lr_jpeg": ("value", "a quality 1..100 or LO:HI (none: none), or leave --lr-jpeg out"),
+    "lr_blur": ("value", "a sigma or LO:HI (0 or none for no blur), or leave --lr-blur out"),
+    "lr_noise": ("value", "a sigma or LO:HI (0 or none for no noise), or leave --lr-noise out"),
+    "lr_jpeg": ("value", "a quality 1..100 or LO:HI (none for no JPEG), or leave --lr-jpeg out"),
     "device": ("value", "auto, cpu, cuda or cuda:N, or leave --device out"),
 }
 # The models' text flags, as EMPTY_REFUSED (`resolve_run`): --ref-data "" read the current
 # folder's images as references, --rrdb-init "" trained without the weights meant.
 MODEL_EMPTY_REFUSED = {
-    "ref_data": ("path", "a folder of reference images, or leave --ref-data out (hr)"),
+    "ref_data": ("path", "a folder of reference images, or leave --ref-data out for hr (the HR "
+                          "patch)"),
     "rrdb_init": ("path", "RRDB weights (RRDB_*.pth or an rrdb run's .pt), or leave --rrdb-init "
                           "out"),
     "rrdb_blocks": ("value", "block numbers, e.g. 1,8,15,22, or leave --rrdb-blocks out for the "

@@ -1466,7 +1466,7 @@ def degradation_range(text: str, flag: str) -> tuple[float, float] | tuple[int, 
     except ValueError:
         example = "30:95" if quality else "0.5:3"
         raise UsageError(f"{flag} {text}: must be {what} or a range LO:HI of them, drawn "
-                         f"uniformly per patch (e.g. {example})") from None  # fmt: skip
+                         f"uniformly (e.g. {example})") from None  # fmt: skip
     if not all(map(math.isfinite, values)):
         raise UsageError(f"{flag} {text}: must be finite, {what} or a range LO:HI of them")
     if quality and not all(v.is_integer() and 1 <= v <= 100 for v in values):
@@ -1480,7 +1480,8 @@ def degradation_range(text: str, flag: str) -> tuple[float, float] | tuple[int, 
         raise UsageError(f"{flag} {text}: sigma must be <= 255 8-bit levels")
     lo, hi = values[0], values[-1]
     if lo > hi:
-        raise UsageError(f"{flag} {text}: LO {parts[0]} is above HI {parts[1]}; give LO:HI")
+        raise UsageError(f"{flag} {text}: LO {parts[0]} is above HI {parts[1]}; give "
+                         f"{parts[1]}:{parts[0]}")  # fmt: skip
     if not quality and hi == 0:  # a sigma of 0: none, recorded as unset (`Degradation`)
         return None
     return (int(lo), int(hi)) if quality else (lo, hi)

@@ -220,7 +220,7 @@ CASES = {  # id: (flags, exit code, words of the message)
     **{
         f"{flag} empty path": ({flag: "{empty}"}, PARSE, f"{flag}: an empty path; give {what}")
         for flag, what in (
-            ("--out", "a run folder, or leave --out out"),
+            ("--out", "a run folder, or drop --out for runs/MODEL_xSCALE"),
             ("--cache", "a folder for the decoded arrays, or leave --cache out"),
             ("--resume", "auto or a checkpoint, or leave --resume out for a new run"),
             ("--init-from", "a checkpoint, or leave --init-from out"),
@@ -236,9 +236,9 @@ CASES = {  # id: (flags, exit code, words of the message)
             f"{flag}: an empty {kind}; give {what}",
         )
         for flag, kind, flags, what in (
-            ("--lr-blur", "value", {}, "a sigma or LO:HI (0 or none: none), or leave"),
-            ("--lr-noise", "value", {}, "a sigma or LO:HI (0 or none: none), or leave"),
-            ("--lr-jpeg", "value", {}, "a quality 1..100 or LO:HI (none: none), or"),
+            ("--lr-blur", "value", {}, "a sigma or LO:HI (0 or none for no blur), or"),
+            ("--lr-noise", "value", {}, "a sigma or LO:HI (0 or none for no noise), or"),
+            ("--lr-jpeg", "value", {}, "a quality 1..100 or LO:HI (none for no JPEG), or"),
             ("--device", "value", {}, "auto, cpu, cuda or cuda:N, or leave --device out"),
             ("--model", "value", {}, "one of bicubic, edsr,"),
             ("--ref-data", "path", TINY_REFVAE, "a folder of reference images, or leave"),
@@ -542,6 +542,27 @@ def argv_of(flags: dict, **paths) -> list[str]:
             continue
         argv += [flag] + [v.format(**paths) for v in values if v != ""]
     return argv
+
+
+# Each "" refusal whose wording doubled a word: "(0 or none: none)", "(none: none)", "leave --out
+# out"; and --ref-data's "(hr)", a value named without what it is.
+EMPTY_LINES = {
+    "--lr-blur": "value; give a sigma or LO:HI (0 or none for no blur), or leave --lr-blur out",
+    "--lr-noise": "value; give a sigma or LO:HI (0 or none for no noise), or leave --lr-noise out",
+    "--lr-jpeg": "value; give a quality 1..100 or LO:HI (none for no JPEG), or leave --lr-jpeg out",
+    "--out": "path; give a run folder, or drop --out for runs/MODEL_xSCALE",
+    "--ref-data": "path; give a folder of reference images, or leave --ref-data out for hr (the "
+    "HR patch)",
+}
+
+
+@pytest.mark.parametrize("flag", EMPTY_LINES)
+def test_an_empty_value_is_refused_in_plain_words(flag, capsys):
+    model = ["--model", "refvae"] if flag == "--ref-data" else ["--model", "edsr"]
+    with pytest.raises(SystemExit) as e:
+        sr_train.main([*model, "--data", "demo", flag, ""])
+    line = f"sr_train.py: error: {flag}: an empty {EMPTY_LINES[flag]}\n"
+    assert (e.value.code, capsys.readouterr().err) == (2, line)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image, JpegImagePlugin
 
+import sr_sample
 import sr_train
 from sr_lib import metrics
 from sr_lib.checkpoint import load_checkpoint, save_checkpoint
@@ -346,6 +347,24 @@ def test_a_bad_degradation_value_is_one_line_exit_2(flag, value, says, capsys, t
     assert not (tmp_path / "o").exists()
     with pytest.raises(UsageError):
         degradation_range(value, flag)
+
+
+@pytest.mark.parametrize(
+    "flag, value, says",
+    [
+        ("--lr-blur", "abc", "must be a sigma >= 0 or a range LO:HI of them, drawn uniformly (e.g. "
+         "0.5:3)"),
+        ("--lr-jpeg", "90:30", "LO 90 is above HI 30; give 30:90"),
+    ],
+)  # fmt: skip
+def test_a_bad_degradation_line_is_true_of_sampling_too(flag, value, says, capsys, tmp_path):
+    """sr_sample.py draws once per image, where the line said "drawn uniformly per patch"; a range
+    the wrong way round was told "give LO:HI", as it was given."""
+    argv = ["--ckpt", "c.pt", "--input", str(tmp_path), "--from-hr", f"{flag}={value}"]
+    with pytest.raises(SystemExit) as e:
+        sr_sample.main([*argv, "--out", str(tmp_path / "o")])
+    line = f"sr_sample.py: error: {flag} {value}: {says}\n"
+    assert (e.value.code, capsys.readouterr().err) == (2, line)
 
 
 def test_degradation_with_lr_data_is_refused(hr_dir, capsys, tmp_path):
