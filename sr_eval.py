@@ -118,7 +118,6 @@ import itertools
 import json
 import math
 import re
-import shlex
 import shutil
 import signal
 import socket
@@ -179,6 +178,7 @@ from sr_lib.data import (
     read_ahead,
     same_files,
     shared_stem,
+    shell_quote,
     size_ratio,
     write_target,
     write_text,
@@ -425,7 +425,7 @@ def sr_value(given: tuple[str | None, Path], n: int) -> str:
     shell where it needs it (a folder named with spaces), so the line can be pasted as it
     stands."""
     name, folder = given
-    return f"--sr {shlex.quote(f'{name}={folder}:{n}' if name else f'{folder}:{n}')}"
+    return f"--sr {shell_quote(f'{name}={folder}:{n}' if name else f'{folder}:{n}')}"
 
 
 def find_samples(sr_dir: Path, stems: list[str], n: int, scale: int,
@@ -456,7 +456,7 @@ def find_samples(sr_dir: Path, stems: list[str], n: int, scale: int,
             "give --n 1"
         )
     if best is None:
-        tried = " or ".join(shlex.quote(f(0, stems[0], 0) + ".png") for f in layouts)
+        tried = " or ".join(shell_quote(f(0, stems[0], 0) + ".png") for f in layouts)
         raise DataError(
             f"{sr_dir}: no SR sample for the first HR image {stems[0]} (expected {tried})"
         )
@@ -1729,7 +1729,7 @@ def hr_images(hr: str) -> dict[str, Path]:
     if dangling:  # the means over fewer images than the dataset, compared as the whole: refused
         link = dangling[0]
         more = f" (and {len(dangling) - 1} more such link(s))" if len(dangling) > 1 else ""
-        raise DataError(f"--hr {hr_dir}: {shlex.quote(link.name)} is {link_to_nothing(link)}"
+        raise DataError(f"--hr {hr_dir}: {shell_quote(link.name)} is {link_to_nothing(link)}"
                         f"{more}: the scores would leave out its image; restore the link's "
                         "target or remove the link")  # fmt: skip
     dup = shared_stem(files)
@@ -1852,7 +1852,7 @@ def lr_inputs(lr: str, stems: list[str], scale: int) -> list[Path]:
     files = [have.get(s) or have.get(f"{s}x{scale}") for s in stems]
     for s, f in zip(stems, files):
         if f is None:
-            names = " or ".join(shlex.quote(f"{s}{x}.png") for x in ("", f"x{scale}"))
+            names = " or ".join(shell_quote(f"{s}{x}.png") for x in ("", f"x{scale}"))
             raise DataError(f"--lr {lr}: no LR image {names}")
     return files
 
@@ -1870,7 +1870,7 @@ def sigma_maps(folder: str, stems: list[str], scale: int, ntire: bool) -> list[P
     layouts.append(lambda k, s: f"{s}x{scale}_sigma.npy")  # (as the samples: find_samples)
     best = best_layout([lambda k, s, f=f: (sigma_dir / f(k, s)).is_file() for f in layouts], stems)
     if best is None:
-        tried = " or ".join(shlex.quote(f(0, stems[0])) for f in layouts)
+        tried = " or ".join(shell_quote(f(0, stems[0])) for f in layouts)
         raise DataError(
             f"--uncertainty {folder}: no sigma map for the first HR image {stems[0]} (expected "
             f"{tried}; sr_sample.py --save-uncertainty writes them for a model with an "

@@ -162,7 +162,6 @@ import hashlib
 import json
 import math
 import re
-import shlex
 import signal
 import stat
 import sys
@@ -213,6 +212,7 @@ from sr_lib.data import (
     normalise_degradation,
     read_planes,
     shared_stem,
+    shell_quote,
     to_tensor,
     to_uint8,
     to_uint16,
@@ -1011,7 +1011,7 @@ def input_paths(path: Path, dangling: list[Path] | None = None) -> list[Path]:
     if str(path) == "demo":
         return demo_files("val")
     if what := describe_path(path, "either", ("demo",)):  # (a moved dataset: a link to nothing)
-        raise DataError(f"--input {shlex.quote(str(path))}: {what}")
+        raise DataError(f"--input {shell_quote(str(path))}: {what}")
     if path.is_file():
         return [path]
     paths = list_images(path, recursive=False, dangling=dangling)

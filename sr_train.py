@@ -24,7 +24,6 @@ import logging
 import math
 import random
 import re
-import shlex
 import shutil
 import signal
 import socket
@@ -85,6 +84,7 @@ from sr_lib.data import (
     normalise_degradation,
     refuse_out_dir,
     same_files,
+    shell_quote,
     to_uint8,
     train_loader,
     write_png,
@@ -834,7 +834,7 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
     elif args.resume not in ("", "auto"):
         said = describe_path(ckpt_path, "file", example="last.pt")  # (missing, a link to nothing)
         if ckpt_path.is_dir():  # the run folder given for its checkpoint: or its run resumed
-            said += f", or --resume auto --out {shlex.quote(args.resume)}"
+            said += f", or --resume auto --out {shell_quote(args.resume)}"
         raise CheckpointError(f"--resume {args.resume}: {said}")
     elif held := [name for name in ("last.pt", "best.pt") if (out / name).is_file()]:
         raise UsageError(

@@ -954,6 +954,33 @@ def _walk(folder: Path, recursive: bool, dangling: list[Path]):
                     ) from None
 
 
+def shell_quote(text: str | os.PathLike) -> str:
+    """A path (or a word holding one) as a message shows it: as it is where a shell takes it so,
+    else quoted for a shell (shlex.quote: a space); one holding a character that is not
+    printable (a newline, \\r, \\t, ESC, a byte that is not UTF-8) in bash's $'...' form, so
+    that the message stays one line, shows the character, and can still be pasted into bash:
+    shlex.quote kept a newline raw inside its quotes, breaking the line in two."""
+    text = os.fspath(text)
+    if text.isprintable():
+        return shlex.quote(text)
+    return "$'" + "".join(_ansi_c(c) for c in text) + "'"
+
+
+_ANSI_C = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _ansi_c(c: str) -> str:
+    """One character inside bash's $'...': itself where printable, else its escape: \\n, \\xHH,
+    a byte that is not UTF-8 (os.fsdecode's surrogate U+DC80..U+DCFF) as that byte, \\uHHHH."""
+    if c in _ANSI_C:
+        return _ANSI_C[c]
+    if c.isprintable():
+        return c
+    if ord(c) < 0x80 or 0xDC80 <= ord(c) <= 0xDCFF:
+        return f"\\x{ord(c) & 0xFF:02x}"
+    return f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}"
+
+
 _NOUN = {"folder": "folder", "file": "file", "either": "file or folder"}
 
 
@@ -965,7 +992,7 @@ def link_to_nothing(link: str | os.PathLike) -> str:
         target = os.path.normpath(os.path.join(os.path.dirname(link), os.readlink(link)))
     except OSError:
         return "a symbolic link to nothing"
-    return f"a symbolic link to {shlex.quote(target)}, which does not exist"
+    return f"a symbolic link to {shell_quote(target)}, which does not exist"
 
 
 def describe_path(path: str | os.PathLike, want: str = "folder", builtins: Sequence[str] = (),
@@ -990,7 +1017,7 @@ def describe_path(path: str | os.PathLike, want: str = "folder", builtins: Seque
             if not linked:
                 return ("a loop of symbolic links among the folders above it; point that link at "
                         "a folder or remove it")  # fmt: skip
-            to = shlex.quote(os.readlink(path))
+            to = shell_quote(os.readlink(path))
             return f"a loop of symbolic links (it points to {to}); point it at a {noun}"
         if linked and e.errno in (errno.ENOENT, errno.ENOTDIR):
             return f"{link_to_nothing(path)}; put the {noun} back there or give its new path"
@@ -1001,7 +1028,7 @@ def describe_path(path: str | os.PathLike, want: str = "folder", builtins: Seque
     if stat.S_ISDIR(st.st_mode):
         if want != "file":
             return ""
-        e_g = f", e.g. {shlex.quote(str(path / example))}" if example else ""
+        e_g = f", e.g. {shell_quote(str(path / example))}" if example else ""
         return f"a folder, not a file; give a file{e_g}"
     if stat.S_ISREG(st.st_mode):
         return "" if want != "folder" else "a file, not a folder; give a folder"
@@ -1040,7 +1067,7 @@ def near_path(path: str | os.PathLike, builtins: Sequence[str] = ()) -> str:
         for near in difflib.get_close_matches(parts[i], names, n=3):
             fixed = Path(*parts[:i], near, *parts[i + 1 :])  # (a second typo: no guess)
             if fixed.is_dir():  # (a file, a link to nothing: not what is asked for)
-                return f" (did you mean {shlex.quote(str(fixed))}?)"
+                return f" (did you mean {shell_quote(str(fixed))}?)"
         return ""
     return ""
 
@@ -1130,9 +1157,9 @@ def links_said(
     ", and K more"; a link removed since it was listed: its name alone."""
     said = []
     for link in links[:shown]:
-        name = shlex.quote(os.fspath(Path(link).relative_to(folder) if folder else Path(link).name))
+        name = shell_quote(os.fspath(Path(link).relative_to(folder) if folder else Path(link).name))
         try:
-            said.append(f"{name} -> {shlex.quote(os.readlink(link))}")
+            said.append(f"{name} -> {shell_quote(os.readlink(link))}")
         except OSError:  # (no longer a link)
             said.append(name)
     return ", ".join(said) + (f", and {len(links) - shown} more" if len(links) > shown else "")

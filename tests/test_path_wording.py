@@ -6,6 +6,8 @@ sr_sample.py "... to a missing file", sr_train.py "a symbolic link to nothing (-
 
 import errno
 import os
+import re
+import subprocess
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -17,7 +19,8 @@ import sr_lib.data
 import sr_sample
 import sr_train
 from sr_lib.checkpoint import save_checkpoint
-from sr_lib.data import describe_path, link_to_nothing
+from sr_lib.data import describe_path, link_to_nothing, list_images, shell_quote
+from sr_lib.errors import DataError
 from sr_lib.models import build_model
 
 TRAIN = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--scale", "2", "--patch", "8",
@@ -185,3 +188,74 @@ def test_a_file_on_the_way_of_an_output_folder_is_named(world, capsys, script, f
     where = where.replace("P", "file.png/run")
     assert err == [f"{script.__name__}.py: error: {flag} {where}: {said}"], err
     assert e.value.code == 7 and not Path("o").exists()
+
+
+# Names that broke a message in two or hid a character: a newline (shlex.quote kept it raw in
+# its quotes), \r, \t, ESC, a byte that is not UTF-8, a quote and a backslash, a space.
+ODD_NAMES = ["a\nb", "cr\r.png", "tab\there", "esc\x1b[31mred", os.fsdecode(b"lat\xe9n\n"),
+             "it's \\ σ\n", "line\u2028sep", "a b", "plain.png"]  # fmt: skip
+
+
+def pasted(line: str) -> list[bytes]:
+    """What bash makes of each $'...' word of a message line, pasted into it."""
+    words = re.findall(r"\$'(?:[^'\\]|\\.)*'", line)
+    assert words, line
+    printf = ["bash", "-c", "printf '%s\\0' " + " ".join(words)]
+    return subprocess.run(printf, capture_output=True, check=True, timeout=60).stdout.split(b"\0")[
+        :-1
+    ]
+
+
+def test_shell_quote_is_one_printable_line_that_bash_reads_back():
+    quoted = [shell_quote(n) for n in ODD_NAMES]
+    assert all(q.isprintable() for q in quoted), quoted
+    assert quoted[-2:] == ["'a b'", "plain.png"]  # (as shlex.quote where printable)
+    assert quoted[0] == "$'a\\nb'" and quoted[3] == "$'esc\\x1b[31mred'"
+    words = subprocess.run(["bash", "-c", "printf '%s\\0' " + " ".join(quoted)],
+                           capture_output=True, check=True, timeout=60).stdout  # fmt: skip
+    assert words.split(b"\0")[:-1] == [os.fsencode(n) for n in ODD_NAMES]
+
+
+def one_line(err: str) -> str:
+    """The one line of a message, checked to hold no character that is not printable."""
+    assert err.endswith("\n") and err[:-1].isprintable(), err
+    return err[:-1]
+
+
+def test_a_name_with_a_newline_is_one_line_that_pastes_back(tmp_path, monkeypatch):
+    """describe_path, link_to_nothing, links_said and near_path on real files and links whose
+    names and targets hold a newline: each line one line, each $'...' in it the path itself."""
+    monkeypatch.chdir(tmp_path)
+    Path("hr").mkdir()
+    Path("hr/gone\n1.png").symlink_to("moved\ndata/1.png")
+    Path("loop\nlink").symlink_to("loop\nlink")
+    Path("DIV2K\nHR").mkdir()
+    Path("run\nfolder").mkdir()
+    with pytest.warns(UserWarning) as said:
+        with pytest.raises(DataError):  # (the link alone: no images)
+            list_images("hr")
+    warning = one_line(f"{said[0].message}\n")
+    assert pasted(warning) == [b"gone\n1.png", b"moved\ndata/1.png"]
+    cases = [
+        (describe_path("hr/gone\n1.png", "file"), [b"hr/moved\ndata/1.png"]),
+        (describe_path("loop\nlink", "file"), [b"loop\nlink"]),
+        (describe_path("DIV2K\nHr"), [b"DIV2K\nHR"]),  # (did you mean ...?)
+        (describe_path("run\nfolder", "file", example="last.pt"), [b"run\nfolder/last.pt"]),
+    ]
+    for line, paths in cases:
+        assert pasted(one_line(line + "\n")) == paths, line
+
+
+def test_the_scripts_quoted_paths_are_one_line(world, capsys):
+    """sr_eval.py's --hr of a link to nothing, sr_sample.py's --input that is one: the name and
+    the target in $'...', the line one line."""
+    Path("hr2").mkdir()
+    Path("hr2/gone\n1.png").symlink_to("moved\n1.png")
+    with pytest.raises(SystemExit) as e:
+        sr_eval.main(["--hr", "hr2", "--sr", "sr", *EVAL])
+    line = one_line(capsys.readouterr().err)
+    assert e.value.code == 3 and pasted(line) == [b"gone\n1.png", b"hr2/moved\n1.png"], line
+    with pytest.raises(SystemExit) as e:
+        sr_sample.main(["--ckpt", "ckpt.pt", "--input", "hr2/gone\n1.png", "--out", "o"])
+    line = one_line(capsys.readouterr().err)
+    assert e.value.code == 3 and pasted(line) == [b"hr2/gone\n1.png", b"hr2/moved\n1.png"], line
