@@ -20,6 +20,8 @@ from sr_lib.checkpoint import save_checkpoint
 from sr_lib.config import check_ranges
 from sr_lib.errors import CheckpointError, UsageError
 from sr_lib.models import MODELS, build_model
+from sr_lib.models.losses import VGGLoss, vgg_min_size
+from sr_lib.models.vgg import VGG19_RELU, VGGFeatures
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -640,6 +642,57 @@ def test_a_patch_too_small_for_a_loss_is_refused_before_any_work(case, world, tm
     if runs:  # each loss takes it: the step runs
         assert sr_train.main(argv_of({**flags, "--patch": str(least), "--out": str(out)},
                                      **world)) == 0  # fmt: skip
+
+
+# VGG19's layout (torchvision's vgg19.features): a 2x2 max-pool after each block, so a tap of
+# block B sees the patch halved B - 1 times and needs 2 ** (B - 1) px of it
+VGG_LEAST = {tap: 2 ** (int(tap[4]) - 1) for tap in VGG19_RELU}
+
+
+@pytest.mark.parametrize("tap", VGG19_RELU)
+def test_each_vgg_tap_takes_its_least_patch_and_refuses_one_pixel_less(tap):
+    """The least patch of a tap was counted twice, from its name for sr_train.py's --patch check
+    and from the module's max-pools for the loss's own: one count now. At it the loss runs forward
+    and backward, finite; one pixel less is its one line before VGG19 runs, where torch would
+    have stopped at a max-pool with nothing left to pool."""
+    loss, need = VGGLoss(VGGFeatures((tap,), pretrained=False)), VGG_LEAST[tap]
+    assert loss.min_size == vgg_min_size(tap) == need
+    sr = torch.rand(1, 3, need, need + 3, requires_grad=True)  # (its shorter side counts)
+    value = loss(sr, torch.rand(1, 3, need, need + 3))
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(sr.grad).all() and sr.grad.abs().sum() > 0
+    if need > 1:
+        hr = torch.rand(1, 3, need - 1, need + 3)
+        with pytest.raises(UsageError, match=f"at least {need} px, not {need - 1}x{need + 3}"):
+            loss(hr, hr)
+        with pytest.raises(RuntimeError):  # (the check refuses what VGG19 itself cannot take)
+            loss.vgg(hr)
+
+
+@pytest.mark.parametrize("tap", VGG19_RELU)
+def test_each_vgg_tap_sets_the_least_patch_of_a_run(tap, world, tmp_path, capsys, monkeypatch):
+    """VarSR's perceptual loss at each tap (without its critic): the least --patch at x2 is the
+    tap's least HR patch halved; one less is the README's one line, exit 2, before the run folder
+    is made (at relu1_x and relu2_x --patch 1 gives enough)."""
+    monkeypatch.setenv("SRSPACE_OFFLINE", "1")
+    flags = {**TINY_VARSR, "--adv-start": None, "--d-channels": None, "--lambda-adv": "0",
+             "--per-layer": tap}  # fmt: skip
+    least = -(-VGG_LEAST[tap] // 2)
+    model = build_model("varsr", {"scale": 2, "z_dim": 8, "enc_feats": 4, "lambda_adv": 0.0,
+                                  "per_layer": tap, "pretrained": False})  # fmt: skip
+    assert sr_train.least_patch(model) == least
+    if least == 1:
+        return
+    out, small = tmp_path / "out", least - 1
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(argv_of({**flags, "--patch": str(small), "--out": str(out)}, **world))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and not out.exists(), err
+    assert err == (
+        f"sr_train.py: error: --patch {small}: the VGG19 perceptual loss needs HR patches of at "
+        f"least {VGG_LEAST[tap]} px, not {2 * small}x{2 * small}: use --patch {least} or more "
+        "(the HR patch is --patch x --scale), or --lambda-per 0 (lambda_per=0)"
+    )
 
 
 def test_a_limit_past_int64_is_no_limit(world, tmp_path):

@@ -106,10 +106,12 @@ def patch_too_small(what: str, need: int, hr: torch.Tensor, way_out: str = "") -
 PER_OFF = ", or --lambda-per 0 (lambda_per=0)"
 
 
-def vgg_min_size(tap: str) -> int:
-    """The least side of a patch that VGG19 takes down to `tap` (reluB_C): each of its B - 1
-    2x2 max-pools halves it, as `VGGLoss.min_size` counts them in the module."""
-    return 2 ** (int(tap[len("relu")]) - 1)
+def vgg_min_size(*taps: str) -> int:
+    """The least side of a patch that VGG19 takes down to the deepest of `taps` (reluB_C): each
+    of the B - 1 2x2 max-pools before it halves the patch, and a smaller one reaches 0 px, a
+    shape error deep inside torch. The one count of it: `VGGLoss` checks each batch against it,
+    a model's `patch_needs` (sr_train.py's --patch, before any work) by the tap of its flag."""
+    return 2 ** max(int(t[len("relu")]) - 1 for t in taps)
 
 
 class VGGLoss(nn.Module):
@@ -119,9 +121,7 @@ class VGGLoss(nn.Module):
     def __init__(self, vgg: nn.Module):
         super().__init__()
         self.vgg = vgg
-        # Each 2x2 max-pool before the deepest tap halves the patch: a smaller one reaches 0 px,
-        # a shape error deep inside torch.
-        self.min_size = 2 ** sum(isinstance(m, nn.MaxPool2d) for m in vgg.features)
+        self.min_size = vgg_min_size(*vgg.layers)
 
     def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         if min(hr.shape[-2:]) < self.min_size:
