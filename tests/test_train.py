@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 import types
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -762,6 +763,108 @@ def test_signal_to_the_process_group_saves_exits_75_then_resumes(tmp_path, image
     cmd[cmd.index("--workers") + 1] = "0"  # resumed in this process: no interpreter to start
     assert sr_train.main([*cmd[2:], "--resume", "auto"]) == 0
     assert load_checkpoint(out / "last.pt")["step"] == step + 2
+
+
+# sr_train.py as a user starts it (`python -c HOLD POINT MARKER sr_train.py FLAGS...`), held at
+# one point of the run until the test, told by MARKER, has signalled the process group and
+# removed MARKER: the loading of the first batch (in a loader worker), validation, the write of
+# a mid-run last.pt, that of the last step's.
+HOLD = """import pathlib, runpy, sys, time
+point, marker = sys.argv[1], pathlib.Path(sys.argv[2])
+sys.argv = sys.argv[3:]
+
+def held():  # once: the save after the stop, the main process's own first batch go on
+    if marker.with_suffix(".done").exists():
+        return
+    marker.touch()
+    while marker.exists():
+        time.sleep(0.01)
+    marker.with_suffix(".done").touch()
+
+def holding(f, when):
+    def at(*args, **kwargs):
+        if when(*args):
+            held()
+        return f(*args, **kwargs)
+    return at
+
+if point == "first batch":
+    import sr_lib.data
+    P = sr_lib.data.PatchPairs
+    P.crops = holding(P.crops, lambda self, step: step == 0)
+elif point == "validation":
+    from sr_lib.models.edsr import EDSR
+    EDSR.sample = holding(EDSR.sample, lambda *args: True)
+else:
+    import torch
+    step = 2 if point == "checkpoint" else 4
+    torch.save = holding(torch.save, lambda ck, f: ck.get("step") == step and ".last.pt" in f.name)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def held_flags(images) -> list[str]:
+    return ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--data", str(images),
+            "--val-data", str(images), "--scale", "2", "--patch", "8", "--batch", "2",
+            "--val-every", "2", "--val-n", "1", "--save-every", "2", "--steps", "4"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def never_stopped(images, tmp_path_factory) -> Path:
+    """The run of `held_flags`, never stopped: its folder."""
+    never = tmp_path_factory.mktemp("never")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (validation images that are training images)
+        assert sr_train.main([*held_flags(images), "--workers", "0", "--out", str(never)]) == 0
+    return never
+
+
+@pytest.mark.integration  # (a signal sweep: 4 runs of the script)
+@pytest.mark.parametrize("point", ["first batch", "validation", "checkpoint", "last checkpoint"])
+def test_a_group_signal_anywhere_resumes_to_the_weights_of_a_run_never_stopped(
+    point, tmp_path, images, never_stopped, own_temp_dir
+):
+    """SLURM's SIGTERM to the whole job (--workers 2: the loader workers too) while the first
+    batch loads, in a validation, while last.pt is written: last.pt of the steps done, exit 75,
+    and the requeued `--resume auto` ends with the weights, optimizer state and best.pt of the
+    run never stopped, bit for bit. During the last step's save the run has done its work: it
+    ends as done, exit 0, and is not requeued."""
+    flags, out, marker = held_flags(images), tmp_path / "run", tmp_path / "held"
+    cmd = [sys.executable, "-c", HOLD, point, str(marker), str(REPO / "sr_train.py"), *flags,
+           "--workers", "2", "--out", str(out)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_JOB_ID"}  # (no requeue)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert marker.exists(), proc.communicate()
+    os.killpg(proc.pid, signal.SIGTERM)  # the main process and both loader workers
+    marker.unlink()
+    stderr = exited(proc, f"sr_train.py did not exit after SIGTERM at its {point}").decode()
+    assert proc.returncode == (0 if point == "last checkpoint" else 75), stderr
+    assert "Traceback" not in stderr and list(own_temp_dir.glob("pymp-*")) == []
+    # (the first batch, come within the wait's slice, LOADER_SLICE: its step is done first)
+    steps = {"first batch": (0, 1), "last checkpoint": (4,)}.get(point, (2,))
+    assert load_checkpoint(out / "last.pt")["step"] in steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (validation images that are training images)
+        assert sr_train.main([*flags, "--workers", "0", "--out", str(out), "--resume", "auto"]) == 0
+    for name in ("last.pt", "best.pt"):
+        a, b = load_checkpoint(never_stopped / name), load_checkpoint(out / name)
+        assert a["step"] == b["step"] and a["best"] == b["best"]
+        assert same(a["state_dict"], b["state_dict"]) and same(a["optimizers"], b["optimizers"])
+
+
+def same(a, b) -> bool:
+    """Whether two checkpoint parts (dicts, lists, tensors, numbers) are equal, bit for bit."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+    return a == b
 
 
 def test_time_budget_saves_exits_0_and_counts_monotonic_time(tmp_path, images, monkeypatch,
