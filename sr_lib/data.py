@@ -247,10 +247,21 @@ def read_file(path: str | os.PathLike) -> bytes:
     path = Path(path)
     if not path.is_file():
         _fail(path, "not a file" if path.exists() else "no such file")
-    if path.stat().st_size == 0:
+    if file_stat(path).st_size == 0:
         _fail(path, "empty file (0 bytes)")
     try:
         return path.read_bytes()
+    except OSError as e:  # permission denied, a stale NFS handle
+        _fail(path, f"cannot read it ({type(e).__name__}: {e.strerror or e})")
+
+
+def file_stat(path: Path) -> os.stat_result:
+    """path.stat() of an image file listed before: one deleted since (a --data folder changed
+    while a run starts) or unreadable is an `ImageError` naming it, one line."""
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        _fail(path, "no such file")
     except OSError as e:  # permission denied, a stale NFS handle
         _fail(path, f"cannot read it ({type(e).__name__}: {e.strerror or e})")
 
@@ -1925,7 +1936,7 @@ class PatchPairs(Dataset):
             key = [f"v{CACHE_VERSION}", f"x{self.scale}"]
             for p in (hr_path, lr_path):
                 if p is not None:
-                    st = p.stat()
+                    st = file_stat(p)  # (deleted since the listing: its line, not a traceback)
                     key += [str(p.resolve()), str(st.st_size), str(st.st_mtime_ns)]
                     key += [str(st.st_ctime_ns), str(st.st_ino)]
             text = "|".join(key).encode("utf-8", "surrogateescape")  # a non-UTF-8 path: its bytes
@@ -1976,8 +1987,9 @@ class PatchPairs(Dataset):
                       f"start; decoding {hr_path} again", NodeWarning, 2)  # fmt: skip
         try:
             made = self._load(hr_path, lr_path)
-        except OSError as e:  # the image gone too
-            raise DataError(f"{e.filename}: {e.strerror}, and its --cache file is gone") from None
+        except (OSError, ImageError) as e:  # the image gone too (`file_stat`, `read_file`)
+            said = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) else str(e)
+            raise DataError(f"{said}, and its --cache file is gone") from None
         if made != (self._hr[i], self._lr[i], tuple(self.lr_hw[i])):
             raise DataError(f"{hr_path}: changed since the run started, and its --cache file "
                             "is gone")  # fmt: skip

@@ -600,6 +600,49 @@ def test_a_linked_run_folder_is_made_at_its_target(world, tmp_path):
     assert (tmp_path / "cache").is_symlink() and list((tmp_path / "scratch/cache").glob("*.npy"))
 
 
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_linked_data_folder_of_odd_names_then_one_deleted_after_its_listing(
+    cache, tmp_path, capsys, monkeypatch
+):
+    """--data and --val-data, a link to a folder whose names hold a space and share a prefix
+    (0001, 0001x4: strips and cache files each their own), train. A file deleted between the
+    folder's listing and its read (the folder changed as a run starts) was, with --cache, a
+    traceback from the stat of its cache key; it is the line without --cache, exit 3."""
+    real, link = tmp_path / "real", tmp_path / "data"
+    real.mkdir()
+    link.symlink_to(real)
+    rng = np.random.default_rng(0)
+    for name in ("0001.png", "0001x4.png", "a b.png"):
+        img = np.kron(rng.random((6, 6, 3)), np.ones((8, 8, 1)))  # 48 x 48
+        iio.imwrite(real / name, (img * 255).astype(np.uint8))
+    flags = {"--data": str(link), "--val-data": str(link), "--val-every": "1"}
+    if cache:
+        flags["--cache"] = str(tmp_path / "cache")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (validation images that are training images)
+        assert sr_train.main(argv_of({**flags, "--out": str(tmp_path / "run")})) == 0
+    assert "data: 3 training images of 3 found" in capsys.readouterr().out
+    strips = sorted(p.name for p in (tmp_path / "run" / "val").iterdir())
+    assert strips == [f"step0000001_{stem}.png" for stem in ("0001", "0001x4", "a b")]
+    if cache:
+        assert len(list((tmp_path / "cache").glob("*.npy"))) == 6
+    listed = sr_lib.data.list_images
+
+    def deleted_after_listing(*args, **kwargs):
+        files = listed(*args, **kwargs)
+        for f in files:
+            f.unlink()
+        return files
+
+    (real / "0001.png").unlink()  # (left to list: "a b.png", deleted once listed)
+    (real / "0001x4.png").unlink()
+    monkeypatch.setattr(sr_lib.data, "list_images", deleted_after_listing)
+    with pytest.raises(SystemExit) as e:
+        sr_train.main(argv_of({**flags, "--out": str(tmp_path / "second")}))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 3 and err == f"sr_train.py: error: {link / 'a b.png'}: no such file"
+
+
 # a tiny VarSR, its critic on from the first step
 TINY_VARSR = {"--model": "varsr", "--z-dim": "8", "--enc-feats": "4", "--d-channels": "4",
               "--no-pretrained": "", "--adv-start": "0"}  # fmt: skip

@@ -1516,7 +1516,7 @@ def test_a_cache_file_gone_in_a_loader_worker_is_made_again_or_one_error(hr_dir,
         with pytest.raises(DataError) as e:
             next(iter(train_loader(ds, 0, 3, workers=2)))
     assert re.fullmatch(
-        rf"{re.escape(str(hr_dir))}/000\d.png: No such file or directory, and its --cache file "
+        rf"{re.escape(str(hr_dir))}/000\d.png: no such file, and its --cache file "
         r"is gone",
         str(e.value),
     ), str(e.value)

@@ -512,8 +512,8 @@ def test_cache_files_purged_mid_run_are_made_again_and_images_gone_too_save_firs
     err = capsys.readouterr().err.strip()
     assert e.value.code == 3 and "\n" not in err, err
     assert re.fullmatch(
-        rf"sr_train.py: error: step 4: {re.escape(str(data))}/im\d.png: No such file or "
-        rf"directory, and its --cache file is gone; {re.escape(str(out))}/last.pt holds step 3: "
+        rf"sr_train.py: error: step 4: {re.escape(str(data))}/im\d.png: no such file, and its "
+        rf"--cache file is gone; {re.escape(str(out))}/last.pt holds step 3: "
         r"continue with --resume auto and that fixed",
         err,
     ), err
