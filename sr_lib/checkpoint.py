@@ -9,6 +9,7 @@ checkpoint describes is `sr_lib.models.load_model`.
 """
 
 import os
+import shlex
 from pathlib import Path
 
 import torch
@@ -43,10 +44,14 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
         # torch.save reports a failed write as a RuntimeError with the OSError as its context
         cause = e if isinstance(e, OSError) else e.__context__
         if isinstance(cause, OSError):
+            # What to type: "then --resume" named no value, and with another --out a resume
+            # needs this run's last.pt by path (--resume auto there starts a new run).
+            last = path.with_name("last.pt")
             kept = (
-                "the previous one is intact: free space or use another --out, then --resume"
+                "the previous one is intact: free space, then continue with --resume auto (or "
+                f"on another disk: --out NEW --resume {shlex.quote(str(last))})"
                 if path.is_file()
-                else "none was written before: free space or use another --out"
+                else "none was written before: free space or give another --out, then start again"
             )
             raise OutputError(
                 f"{path}: cannot write the checkpoint ({cause.strerror or cause}); {kept}"

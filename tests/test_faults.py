@@ -589,7 +589,7 @@ def test_a_signal_while_an_error_before_the_first_step_unwinds_leaves_that_error
 
 def test_a_checkpoint_not_written_says_whether_an_earlier_one_is_left(tmp_path, monkeypatch):
     """A disk full before the first save: the message said 'the previous one is intact' of a
-    checkpoint that never was."""
+    checkpoint that never was. After one: what to type to go on, here or on another disk."""
 
     def full(payload, f):
         f.write(b"part")
@@ -601,8 +601,13 @@ def test_a_checkpoint_not_written_says_whether_an_earlier_one_is_left(tmp_path, 
         save_checkpoint(path, {"step": 1})
     assert list(tmp_path.iterdir()) == []
     path.write_bytes(b"earlier")
-    with pytest.raises(OutputError, match="; the previous one is intact"):
+    with pytest.raises(OutputError) as e:
         save_checkpoint(path, {"step": 2})
+    # what to type ("then --resume" named no value)
+    assert str(e.value).endswith(
+        "; the previous one is intact: free space, then continue with --resume auto (or on "
+        f"another disk: --out NEW --resume {path})"
+    )
     assert [f.name for f in tmp_path.iterdir()] == ["last.pt"] and path.read_bytes() == b"earlier"
 
 
