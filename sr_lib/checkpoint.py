@@ -8,6 +8,7 @@ carries pickled code is refused. This module knows the file format only; buildin
 checkpoint describes is `sr_lib.models.load_model`.
 """
 
+import errno
 import os
 import shlex
 from pathlib import Path
@@ -60,6 +61,15 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     dir_fd = os.open(real.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
+    except OSError as e:  # (the file is in place: a traceback said nothing of it)
+        # A file system that cannot sync a folder (some FUSE and network ones): the rename is
+        # as durable as it makes it. Any other error: the disk's.
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.ENOSYS):
+            raise OutputError(
+                f"{path}: written, but its folder cannot be synced to disk ({e.strerror or e}): "
+                "it may not survive a crash of the machine; check the disk, then continue "
+                "with --resume auto"
+            ) from None
     finally:
         os.close(dir_fd)
 

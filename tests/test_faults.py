@@ -611,6 +611,36 @@ def test_a_checkpoint_not_written_says_whether_an_earlier_one_is_left(tmp_path, 
     assert [f.name for f in tmp_path.iterdir()] == ["last.pt"] and path.read_bytes() == b"earlier"
 
 
+@pytest.mark.parametrize("error", [errno.EINVAL, errno.EIO])
+def test_a_folder_that_cannot_be_synced_after_the_rename_is_no_traceback(error, tmp_path,
+                                                                        monkeypatch):  # fmt: skip
+    """The fsync of the checkpoint's folder, after its rename, failed with a traceback: on a file
+    system that cannot sync a folder (EINVAL) every save did, its file in place. There the save
+    goes on; another error (the disk's) is one line saying the file is written."""
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(error, os.strerror(error))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = tmp_path / "last.pt"
+    if error == errno.EINVAL:
+        save_checkpoint(path, {"step": 1})
+    else:
+        with pytest.raises(OutputError) as e:
+            save_checkpoint(path, {"step": 1})
+        assert str(e.value) == (
+            f"{path}: written, but its folder cannot be synced to disk (Input/output error): it "
+            "may not survive a crash of the machine; check the disk, then continue with "
+            "--resume auto"
+        )
+    assert load_checkpoint(path)["step"] == 1 and [f.name for f in tmp_path.iterdir()] == [
+        "last.pt"
+    ]
+
+
 @pytest.mark.parametrize("where", ["start", "step 4"])
 def test_a_hung_loader_worker_saves_and_exits_75_in_one_line(
     tmp_path, images, monkeypatch, capsys, where, own_temp_dir
