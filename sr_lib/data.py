@@ -1698,10 +1698,14 @@ def _pair_files(hr_dir: Path, lr_dir: Path | None, scale: int) -> list[tuple[Pat
     if lr_dir is None:
         return [(f, None) for f in hr_files]
     lr_by_key = {f.relative_to(lr_dir).with_suffix("").as_posix(): f for f in list_images(lr_dir)}
+    keys = [f.relative_to(hr_dir).with_suffix("").as_posix() for f in hr_files]
+    # The HR images that pair by their own stem (no DIV2K name of theirs): HR 0001.png and
+    # 0001x4.png, their LR named alike, took LR 0001x4.png for both at x4, without a word.
+    own = {key for key in keys if f"{key}x{scale}" not in lr_by_key}
     pairs = []
-    for f in hr_files:
-        key = f.relative_to(hr_dir).with_suffix("").as_posix()
-        lr = lr_by_key.get(f"{key}x{scale}") or lr_by_key.get(key)
+    for f, key in zip(hr_files, keys):
+        div2k = f"{key}x{scale}"
+        lr = (lr_by_key.get(div2k) if div2k not in own else None) or lr_by_key.get(key)
         if lr is None:
             raise DataError(f"{f}: no LR image {f.stem}x{scale}.* or {f.stem}.* in {lr_dir}")
         pairs.append((f, lr))

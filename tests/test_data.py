@@ -1366,6 +1366,22 @@ def test_paired_lr_folder_with_div2k_names(hr_dir, tmp_path):
         PatchPairs([hr_dir], scale=4, patch=8, lr_dirs=[lr_dir, lr_dir])
 
 
+@pytest.mark.parametrize("div2k", [False, True])
+def test_hr_names_that_are_others_div2k_names_pair_each_with_its_own_lr(div2k, tmp_path):
+    """HR 0001.png and 0001x4.png (and "a b.png"), their LR named alike: LR 0001x4.png was taken
+    for both at x4 (DIV2K's name first), 0001.png's own LR never, without a word. With DIV2K's
+    names (0001x4.png, 0001x4x4.png) each takes its own too."""
+    rng = np.random.default_rng(0)
+    given = {}
+    for stem in ("0001", "0001x4", "a b"):
+        write_png(tmp_path / "hr" / f"{stem}.png", rand_img(32, 32))
+        given[stem] = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        write_png(tmp_path / "lr" / f"{stem}{'x4' * div2k}.png", given[stem])
+    ds = PatchPairs([tmp_path / "hr"], scale=4, patch=8, lr_dirs=[tmp_path / "lr"])
+    assert [Path(name).stem for name in ds.names] == ["0001", "0001x4", "a b"]
+    assert all(np.array_equal(ds._lr[i], given[stem]) for i, stem in enumerate(given))
+
+
 def test_an_odd_sized_hr_pairs_with_its_lr_of_either_rounding(tmp_path):
     """imresize(HR, 1/2) of a 43x41 HR is 22x21 (MATLAB rounds up): it was refused ("pair LR
     images made with this scale"), as only the 21x20 of the HR cropped to even size was taken."""
