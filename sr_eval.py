@@ -42,8 +42,8 @@ n are an earlier run's, left by --overwrite).
 
 --out JSON: {"settings": {...}, "mean": {col: v}, "per_image": [{"image": S, col: v, ...}]} for one
 --sr folder ("settings" has its n, temperature, model and checkpoint_sha256; in every layout
-the device, device_name: the GPU model that ran LPIPS, null elsewhere, and threads: LPIPS's
-on the CPU, null elsewhere); with several:
+the device, device_name: the GPU model that ran LPIPS, null elsewhere, and threads and
+cpu_capability: LPIPS's on the CPU, null elsewhere); with several:
 {"settings": {...}, "methods": {name: {"sr_dir", "temperature", "model", "checkpoint_sha256",
 "n", "mean", "per_image"}}} (settings' n: the rows' N where they share one, else null). The
 model and the sha256 of the checkpoint that made the samples come from the folder's
@@ -75,8 +75,8 @@ beside --out (else --csv; a rerun that adds, drops or renames --out finds them i
 folders, the newest of the same command; without either, nothing is kept): the same command
 run again continues after them, and its files are those of a run never stopped. They are taken only
 where every flag but the outputs', the LPIPS weights' sha256, the device (on CUDA its model, on the
-CPU LPIPS's threads; with --no-lpips, which runs nothing there, neither --device nor --lpips-batch)
-and the versions are the same (an srspace's before device_name: where no GPU model ran LPIPS), and
+CPU LPIPS's threads and instruction set; with --no-lpips, which runs nothing there, neither --device
+nor --lpips-batch) and the versions are the same (an earlier srspace's: `legacy_keys`), and
 for the first images whose files (name in its folder, size, modification time) are unchanged, the
 folders' paths no part of the command where the first image's files are the same (data staged to
 a node's $TMPDIR: `adopt_key`); another command's
@@ -1203,7 +1203,10 @@ def adopt_partial(args: EvalArgs, key: str, legacy: set[str] = frozenset(),
 
 
 # (`scores_key`)
-OTHER_COMMAND = "another command (other flags, device, GPU model, LPIPS's CPU threads or versions)"
+OTHER_COMMAND = (
+    "another command (other flags, device, GPU model, LPIPS's CPU threads or instruction set, "
+    "or versions)"
+)
 
 
 def keep_others_scores(here: Path, key: str) -> bool:
@@ -1383,8 +1386,9 @@ def delete_asides(asides: list[dict], path: Path) -> None:
 def scores_key(args: EvalArgs, settings: dict, methods=None) -> str:
     """sha256 of what makes an image's numbers beyond its files: every flag but the outputs'
     and the settings of --out (the LPIPS weights' sha256, the device and its GPU model, on the
-    CPU LPIPS's threads, torch's and srspace's versions, the columns). A rerun on another GPU
-    model (a job requeued onto another node) is another command, as a rerun on the CPU is: it
+    CPU LPIPS's threads and instruction set, torch's and srspace's versions, the columns). A
+    rerun on another GPU model (a job requeued onto another node) is another command, as a rerun
+    on the CPU, or on a CPU of another instruction set (AVX2, AVX-512), is: it
     scores every image, not a mix of two models' numbers that differ at about 1e-6. With
     --no-lpips, --device and --lpips-batch (LPIPS's alone, ignored) are not in it: a job requeued
     from a GPU node onto a CPU one continues (its numbers are the CPU's on both). With `methods`
@@ -1408,27 +1412,35 @@ def typed_flags(args: EvalArgs, unused: tuple[str, ...] = ()) -> dict:
 
 
 def legacy_keys(args: EvalArgs, settings: dict) -> set[str]:
-    """The keys that an srspace before --out's device_name (session 28) gave the scores this
-    command kept: its settings without device_name (nor threads, later still), and every flag
-    typed. A requeue across the upgrade moved them aside and scored every image again; they are
-    this command's (`adopt_key`) where no GPU model ran LPIPS, which that key does not tell: on
-    the CPU (whatever its threads were, which it did not record either: taken once, across the
-    upgrade), or with --no-lpips (its device then ran nothing: the one --device picked, cuda or
-    cpu for auto)."""
+    """The keys that earlier srspace versions gave the scores this command kept, where nothing
+    those keys lack can differ, so that a job requeued across an upgrade continues (`adopt_key`):
+    - before --out's cpu_capability: its settings without it, where it is null (LPIPS on CUDA,
+      --no-lpips). Not where LPIPS ran on the CPU: that key does not tell on which instruction
+      set, and an AVX2 node's numbers differ from an AVX-512 node's (`cpu_capability`), so they
+      are moved aside (kept for a rerun of that srspace) and every image is scored again;
+    - before --out's device_name (session 28): its settings without device_name (nor threads
+      and cpu_capability, later still), and every flag typed, where no GPU model ran LPIPS,
+      which that key does not tell: on the CPU (whatever its threads were, which it did not
+      record either: taken once, across that upgrade), or with --no-lpips (its device then ran
+      nothing: the one --device picked, cuda or cpu for auto)."""
+    keys = set()
+    if settings["cpu_capability"] is None:
+        keys.add(scores_key(args, {k: v for k, v in settings.items() if k != "cpu_capability"}))
     if settings["device_name"] is not None:
-        return set()
+        return keys
     typed = typed_flags(args)
     devices = [settings["device"]]
     if args.no_lpips:
         devices = ["cpu", "cuda"] if args.device == "auto" else [str(torch.device(args.device))]
-    old = {k: v for k, v in settings.items() if k not in ("device_name", "threads")}
-    return {settings_key({**old, "device": d}, typed) for d in devices}
+    later = ("device_name", "threads", "cpu_capability")
+    old = {k: v for k, v in settings.items() if k not in later}
+    return keys | {settings_key({**old, "device": d}, typed) for d in devices}
 
 
 def adopt_key(path: Path, key: str, legacy: set[str], moved: tuple[str, list] | None = None):
     """OUT.partial `path` of this command's scores kept under another key given this run's `key`
     (its first line rewritten, atomically; one read of the file), where it is:
-    - under one of its `legacy_keys` (an srspace before --out's device_name), or
+    - under one of its `legacy_keys` (an earlier srspace's), or
     - of this command on its data folders at other paths (`moved`: this run's moved_key,
       `scores_key` without them, and the files of its first image, `image_print`'s names in
       their folders, sizes and modification times): a requeued job that staged its data to a
@@ -1615,6 +1627,9 @@ def run_settings(args, shave, device, lpips_metric, columns, methods) -> dict:
         # the threads of LPIPS on the CPU: 1 and 2 differ in LPIPS_mean's 8th digit (docs/
         # metrics.md), so a job requeued onto a node of other cores is another command too
         "threads": torch.get_num_threads() if lpips_metric and device.type == "cpu" else None,
+        # and the instruction set its kernels take there (`cpu_capability`): an AVX2 node's
+        # LPIPS_mean differs from an AVX-512 node's in about its 7th digit
+        "cpu_capability": cpu_capability() if lpips_metric and device.type == "cpu" else None,
         "torch": torch.__version__,
         "version": sr_lib.__version__,
         "args": dataclasses.asdict(args),
@@ -1623,6 +1638,17 @@ def run_settings(args, shave, device, lpips_metric, columns, methods) -> dict:
         settings["temperature"] = methods[0].temperature
         settings |= methods[0].made_by
     return settings
+
+
+def cpu_capability() -> str:
+    """The instruction set of torch's CPU kernels ('AVX512', 'AVX2', 'DEFAULT': the machine's,
+    or ATEN_CPU_CAPABILITY's). On this AMD EPYC (torch 2.14.1, one thread, random-weight LPIPS,
+    docs/benchmarks.md) the AVX2 and AVX-512 paths of ATen alone give the same numbers to the
+    bit, but the convolutions run in oneDNN, which picks its kernels from the CPU as ATen does:
+    with both on AVX2 (an AVX2 node) an image's LPIPS_mean differs in its 7th digit (0.011475877
+    vs 0.011475881), and ATen's DEFAULT (no SIMD) in its 8th. So a job requeued from an AVX-512
+    node onto an AVX2 one is another command (`scores_key`), not a mix of both."""
+    return torch.backends.cpu.get_cpu_capability()
 
 
 def device_name(device) -> str | None:

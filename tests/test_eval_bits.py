@@ -388,6 +388,35 @@ def test_the_scores_key_holds_the_threads_of_lpips_on_the_cpu(monkeypatch):
     assert key(1, metric=None) == key(2, metric=None) and key(1, metric=None)[0] is None
 
 
+def test_the_scores_key_holds_the_instruction_set_of_lpips_on_the_cpu(monkeypatch):
+    """An AVX2 node's LPIPS differs from an AVX-512 node's in LPIPS_mean's 7th digit (oneDNN's
+    convolution kernels follow the CPU: `sr_eval.cpu_capability`, docs/benchmarks.md), yet the
+    key of the kept scores held no instruction set: a job requeued from one onto the other
+    continued from the first's scores, a mix of the two. Now --out's settings record it for
+    LPIPS on the CPU, and the key with them; a GPU's LPIPS and a --no-lpips run have none (one
+    key on any CPU). A threads-era key (none) is this command's only where it is null."""
+    args = sr_eval.EvalArgs(hr="hr", sr=["sr"], scale=4, n=2)
+    methods = [sr_eval.Method("sr", Path("sr"), 2, None)]
+    lpips = SimpleNamespace(info={"sha256": "0" * 64}, batch=1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
+
+    def key(isa: str, device="cpu", metric=lpips):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: isa)
+        settings = sr_eval.run_settings(args, 4, torch.device(device), metric, ["PSNR_mean"],
+                                        methods)  # fmt: skip
+        earlier = {k: v for k, v in settings.items() if k != "cpu_capability"}
+        legacy = sr_eval.scores_key(args, earlier) in sr_eval.legacy_keys(args, settings)
+        return settings["cpu_capability"], sr_eval.scores_key(args, settings), legacy
+
+    avx2, avx512 = key("AVX2"), key("AVX512")
+    assert (avx2[0], avx512[0]) == ("AVX2", "AVX512") and avx2[1] != avx512[1]
+    assert key("AVX2") == avx2 and not avx2[2]  # (the threads-era key: not this command's)
+    for device, metric in (("cuda", lpips), ("cpu", None)):  # (--no-lpips: no metric)
+        either = key("AVX2", device, metric)
+        assert either == key("AVX512", device, metric) and either[::2] == (None, True)
+
+
 def test_the_key_of_moved_data_leaves_out_the_lpips_weights_path():
     """A job that staged its data to the node's $TMPDIR continues (`adopt_key`), but one
     that staged its --lpips-weights file with it scored every image again: the moved data's key

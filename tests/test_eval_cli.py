@@ -1592,8 +1592,8 @@ def test_scores_kept_by_another_command_that_cannot_be_moved_are_refused(
     (aside,) = re.findall(r"aside to (\S+) ", err)
     assert (code, calls) == (7, []) and err == (
         f"sr_eval.py: error: {tmp_path / 'r.json.partial'}: the scores kept by another command "
-        f"(other flags, device, GPU model, LPIPS's CPU threads or versions) cannot be moved "
-        f"aside to {aside} "
+        "(other flags, device, GPU model, LPIPS's CPU threads or instruction set, or versions) "
+        f"cannot be moved aside to {aside} "
         "(Operation not permitted); move it away, or give --out or --csv another name\n"
     )
     assert (tmp_path / "r.json.partial").read_bytes() == kept
@@ -1808,12 +1808,14 @@ def test_scores_kept_before_the_key_held_the_gpu_model_are_continued_on_the_cpu(
     stop_at_image(monkeypatch, "0002")
     assert fails(capsys, *argv)[0] == 75
     monkeypatch.undo()
-    # the key as that srspace wrote it: its settings (no device_name, nor the threads added
-    # since; the device it picked: the CPU here) and every flag typed but the outputs'
+    # the key as that srspace wrote it: its settings (no device_name, nor the threads and
+    # cpu_capability added since; the device it picked: the CPU here) and every flag typed but
+    # the outputs'
     args = sr_eval.EvalArgs(**seen[0]["args"])
     typed = {k: v for k, v in dataclasses.asdict(args).items()
              if k not in ("out", "csv", "report", "quiet", "json")}  # fmt: skip
-    old = {k: v for k, v in seen[0].items() if k not in ("args", "device_name", "threads")}
+    later = ("args", "device_name", "threads", "cpu_capability")
+    old = {k: v for k, v in seen[0].items() if k not in later}
     old_key = hashlib.sha256(json.dumps({**old, "args": typed}, sort_keys=True).encode())
     first, rest = partial.read_text().split("\n", 1)
     partial.write_text(json.dumps({**json.loads(first), "key": old_key.hexdigest()}) + "\n" + rest)
@@ -1824,6 +1826,38 @@ def test_scores_kept_before_the_key_held_the_gpu_model_are_continued_on_the_cpu(
     assert out.read_bytes() == whole and sorted(p.name for p in tmp_path.glob("r.json*")) == [
         "r.json"
     ]
+
+
+@pytest.mark.parametrize("lpips", [True, False], ids=["lpips", "no-lpips"])
+def test_scores_kept_before_the_key_held_the_instruction_set(
+    tmp_path, capsys, monkeypatch, lpips_file, lpips
+):
+    """An OUT.partial of an srspace before --out's settings held cpu_capability: with
+    --no-lpips (null there, as on CUDA) nothing that key lacks can differ, and the rerun
+    continues; with LPIPS on the CPU it may come from a node of another instruction set
+    (LPIPS_mean's 7th digit), so it is moved aside, kept, and every image scored."""
+    names = tuple(f"{k:04d}" for k in range(3))
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 3, names=names)
+    out, partial = tmp_path / "r.json", tmp_path / "r.json.partial"
+    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--out", out]
+    argv += ["--lpips-weights", lpips_file] if lpips else ["--no-lpips"]
+    real, seen = sr_eval.run_settings, []
+    monkeypatch.setattr(sr_eval, "run_settings", lambda *a: seen.append(real(*a)) or seen[-1])
+    stop_at_image(monkeypatch, "0002")
+    assert fails(capsys, *argv)[0] == 75
+    monkeypatch.undo()
+    earlier = {k: v for k, v in seen[0].items() if k != "cpu_capability"}  # (its key, moved_key)
+    args, methods = sr_eval.EvalArgs(**seen[0]["args"]), sr_eval.expand_methods([sr_dir], 2)
+    old = {"key": sr_eval.scores_key(args, earlier)}
+    old["moved_key"] = sr_eval.scores_key(args, earlier, methods)
+    first, rest = partial.read_text().split("\n", 1)
+    partial.write_text(json.dumps({**json.loads(first), **old}) + "\n" + rest)
+    calls = stop_at_image(monkeypatch, "none")
+    code, got = run(capsys, *argv)
+    assert code == 0 and calls == (["0000", "0001", "0002"] if lpips else ["0002"])
+    aside = sorted(p.name for p in tmp_path.glob("r.json.*.partial"))
+    assert aside == ([f"r.json.{old['key'][:12]}.partial"] if lpips else [])
+    assert (f"moved to {tmp_path / aside[0]}" in got.err) if lpips else got.err == ""
 
 
 @pytest.mark.parametrize("flag", ["--out", "--csv"])
