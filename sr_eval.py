@@ -72,7 +72,8 @@ DIR is locked while a run writes it (a second run into it at once: one line, exi
 A run stopped before its end keeps the scores of the images done in OUT.partial (written whole at
 a run's first image, then a line appended per image; a last line cut short by a kill is left out)
 beside --out (else --csv; a rerun that adds, drops or renames --out finds them in its outputs'
-folders, the newest of the same command; without either, nothing is kept): the same command
+folders, the newest of the same command; without either, nothing is kept; a folder or a loop of
+links there refused before any work, a link written through: `check_partial`): the same command
 run again continues after them, and its files are those of a run never stopped. They are taken only
 where every flag but the outputs', the LPIPS weights' sha256, the device (on CUDA its model, on the
 CPU LPIPS's threads and instruction set; with --no-lpips, which runs nothing there, neither --device
@@ -555,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
                     with stop_signals():
                         code = run(args, given_fields(EvalArgs, argv, PROG), summary, held)
                     if summary.fields["partial"]:  # (here, where a stop signal stops no more)
-                        Path(summary.fields["partial"]).unlink(missing_ok=True)
+                        # (a link's target, where the scores went: the link stays, as --out's)
+                        write_target(summary.fields["partial"]).unlink(missing_ok=True)
                         summary.update(partial=None, kept=0)
             except KeyboardInterrupt:  # Ctrl-C: its line says so too, once an image is scored
                 if not summary.fields.get("scored"):
@@ -1714,15 +1716,27 @@ def check_flags(args: EvalArgs) -> tuple[int, torch.device, int, tuple | None]:
     for flag, path, example in (("--out", args.out, "out.json"), ("--csv", args.csv, "out.csv")):
         if path and path != STDOUT:
             check_out_file(path, flag, example)
-    partial = partial_path(args)
-    if partial and partial.exists() and not partial.is_file():  # (else: after an image)
-        flag = "--out" if args.out and args.out != STDOUT else "--csv"
-        raise OutputError(
-            f"{partial}: is a folder or another non-file, where {flag}'s scores "
-            "so far are kept (a stopped run continues from them); move it away"
-        )
+    if partial := partial_path(args):
+        check_partial(args, partial)
     shave = args.scale if args.shave is None else args.shave
     return shave, device, args.lpips_batch or (4 if device.type == "cuda" else 1), lpips_read
+
+
+def check_partial(args: EvalArgs, partial: Path) -> None:
+    """OUT.partial (`partial_path`), where the scores so far are written after each image,
+    checked before any work, as --out and --csv are (`check_out_file`): a folder there, a loop of
+    symbolic links or a link into a missing folder (`write_target`) was found at the first
+    image's write, the image scored for nothing, and the line named no flag. One line naming
+    the flag, exit 7."""
+    flag = "--out" if args.out and args.out != STDOUT else "--csv"
+    where = (f"{flag} {args.out if flag == '--out' else args.csv}: {partial}, where its scores "
+             "so far are kept (a stopped run continues from them), is")  # fmt: skip
+    try:
+        write_target(partial)
+    except OutputError as e:
+        raise OutputError(f"{where} {str(e).removeprefix(f'{partial}: ')}") from None
+    if partial.exists() and not partial.is_file():
+        raise OutputError(f"{where} a folder or another non-file; move it away")
 
 
 def unused_device(name: str) -> torch.device:

@@ -1740,19 +1740,47 @@ def test_another_users_lock_file_is_locked_read_only(tmp_path, capsys, monkeypat
     assert sorted(p.name for p in tmp_path.glob("r.*")) == ["r.json"]
 
 
-def test_an_out_partial_that_is_a_loop_of_links_is_one_line(tmp_path, capsys):
-    """OUT.partial a loop of symbolic links: partial_paths' Path.resolve raised RuntimeError
-    ("Symlink loop"), a traceback, exit 1. Now it is the one line of a loop where the scores
-    are written (exit 7)."""
+@pytest.mark.parametrize("flag", ["--out", "--csv"])
+@pytest.mark.parametrize("link", ["loop", "missing-folder"])
+def test_an_out_partial_that_is_a_loop_of_links_is_one_line_before_any_work(
+    tmp_path, capsys, monkeypatch, flag, link
+):
+    """OUT.partial a loop of symbolic links (or a link into a missing folder): partial_paths'
+    Path.resolve raised RuntimeError, a traceback; then it was one line, but only once the
+    first image was scored (its first write), naming no flag. Now checked before any work, as
+    --out and --csv are: one line naming the flag, in their words, exit 7."""
     hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),), names=("0001",))
-    partial = tmp_path / "r.json.partial"
-    partial.symlink_to(partial.name)
+    out = tmp_path / ("r.json" if flag == "--out" else "r.csv")
+    partial = out.with_name(out.name + ".partial")
+    if link == "loop":
+        partial.symlink_to("x.partial")
+        (tmp_path / "x.partial").symlink_to(partial.name)
+        said = "a loop of symbolic links (it points to x.partial); point it at a file"
+    else:
+        partial.symlink_to(tmp_path / "gone" / "x.partial")
+        said = (f"a symbolic link to {tmp_path / 'gone' / 'x.partial'}, whose folder does not "
+                "exist; create that folder, or remove the link")  # fmt: skip
+    calls = stop_at_image(monkeypatch, "none")  # (no stop: the calls only)
     code, err = fails(capsys, "--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2,
-                      "--no-lpips", "--out", tmp_path / "r.json", "--quiet")  # fmt: skip
-    assert (code, err) == (7, (
-        f"sr_eval.py: error: {partial}: a loop of symbolic links (it points to {partial.name}); "
-        "point it at a file\n"
-    ))  # fmt: skip
+                      "--no-lpips", flag, out, "--quiet")  # fmt: skip
+    assert (code, calls) == (7, []) and err == (
+        f"sr_eval.py: error: {flag} {out}: {partial}, where its scores so far are kept (a "
+        f"stopped run continues from them), is {said}\n"
+    )
+
+
+def test_an_out_partial_that_is_a_link_has_its_target_deleted_at_the_end(tmp_path, capsys):
+    """OUT.partial a symbolic link to a file not made yet (the scores kept on another disk): the
+    scores were written through it, as every output, but the run's end deleted the link, not
+    its target: the scores so far were left there for ever. Now the target is deleted and the
+    link stays, as --out's."""
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),), names=("0001",))
+    partial, target = tmp_path / "r.json.partial", tmp_path / "scratch" / "kept.partial"
+    target.parent.mkdir()
+    partial.symlink_to(target)
+    assert run(capsys, "--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips",
+               "--out", tmp_path / "r.json", "--quiet") == (0, ("", ""))  # fmt: skip
+    assert partial.is_symlink() and list(target.parent.iterdir()) == []
 
 
 def test_moving_scores_aside_never_leaves_a_second_name(tmp_path, monkeypatch):
@@ -1878,8 +1906,8 @@ def test_a_folder_named_as_the_partial_file_is_refused_before_any_work(
     code, err = fails(capsys, *argv)
     assert (code, calls) == (7, [])
     assert err == (
-        f"sr_eval.py: error: {partial}: is a folder or another non-file, where {flag}'s "
-        "scores so far are kept (a stopped run continues from them); move it away\n"
+        f"sr_eval.py: error: {flag} {out}: {partial}, where its scores so far are kept (a "
+        "stopped run continues from them), is a folder or another non-file; move it away\n"
     )
     assert [p.name for p in partial.iterdir()] == ["kept"] and not out.exists()
 
