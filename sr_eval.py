@@ -58,7 +58,7 @@ and so is one named like an image in a folder of --hr, --sr or --lr (the next ru
 lines and the table go to stderr then (`sr_eval.py ... --out - | jq .mean`). --out and --csv are
 locked while a run writes them (a flock on NAME.lock beside each, deleted at the end; the kernel
 drops it with its process, so one left by a kill blocks nothing): a second run on one at once is
-one line naming the first's pid, exit 2.
+one line naming the first's pid where it is known (`lock_holder`), exit 2.
 
 --report DIR: DIR/index.html, self-contained (sr_lib/report.py): the table, the NTIRE trade-off
 plots and per image a contact sheet (LR, GT, each method's samples and their per-pixel std).
@@ -1074,14 +1074,13 @@ def lock_output(flag: str, path: Path) -> tuple[Path, int]:
     file system has no locks, with a warning); UsageError where another process holds it. A
     lock file deleted by the run that ended as this one opened it is opened again (its flock
     would guard nothing), and this run's pid and host written in it, for the line of a run
-    refused."""
+    refused (`lock_holder`). Another user's, left by a kill (not writable here, opened
+    read-only: a flock needs no write), is replaced by one of this run's where the folder lets
+    it be deleted (`unlinkable`), its line naming the run killed; else locked as it is."""
     real = write_target(path)
     lock = real.with_name(fit_name(real.name, len(LOCK), name_max(real.parent)) + LOCK)
     while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-        except PermissionError:  # (another user's, left by a kill: locked as well read-only)
-            fd = os.open(lock, os.O_RDONLY)
+        fd, mine = open_lock(flag, path, lock)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -1091,19 +1090,82 @@ def lock_output(flag: str, path: Path) -> tuple[Path, int]:
                 warn(f"{flag} {path}: cannot lock {lock} ({e.strerror or e}); a second "
                      "sr_eval.py writing there at once would not be noticed")  # fmt: skip
                 break
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            if not same_inode(lock, fd):  # (replaced meanwhile by its holder: that one's)
+                os.close(fd)
+                continue
+            who = lock_holder(lock, fd)
             os.close(fd)
-            who = f" ({holder})" if re.fullmatch(r"pid \d+ on \S+", holder) else ""
             raise UsageError(f"{flag} {path}: another sr_eval.py{who} is writing its results "
                              f"there now; wait for it to end, or give {flag} another "
                              "name") from None  # fmt: skip
-        if same_inode(lock, fd):
+        if not same_inode(lock, fd):
+            os.close(fd)
+            continue
+        if mine or not unlinkable(lock):
+            break
+        with suppress(OSError):  # (deleted while held, as `unlock` does: the next is this run's)
+            lock.unlink()
+        if same_inode(lock, fd):  # (not deleted all the same: locked as it is)
             break
         os.close(fd)
-    with suppress(OSError):  # (a lock opened read-only: its holder unnamed, the lock the same)
+    with suppress(OSError):  # (a lock opened read-only: its line not rewritten, `lock_holder`)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
     return lock, fd
+
+
+def open_lock(flag: str, path: Path, lock: Path) -> tuple[int, bool]:
+    """(`lock` opened, whether for writing): read-only where this user may not write it
+    (another user's); a lock that cannot be opened (a folder so named, a loop of links: a
+    traceback) is one line, exit 7."""
+    try:
+        return os.open(lock, os.O_RDWR | os.O_CREAT, 0o666), True
+    except OSError as e:
+        error = e
+    if isinstance(error, PermissionError):
+        with suppress(OSError):
+            return os.open(lock, os.O_RDONLY), False
+    raise OutputError(f"{flag} {path}: cannot open {lock}, the file that locks it while a run "
+                      f"writes it ({error.strerror or error}); move that away")  # fmt: skip
+
+
+def lock_holder(lock: Path, fd: int) -> str:
+    """The " (pid P on HOST)" of the process holding the flock of `lock` (open as `fd`) where
+    that is known, else "": the line in the file is its last writer's, and a holder that could not
+    rewrite it (another user's, in a folder with the sticky bit: `lock_output`) left the pid
+    of a run killed there, which a refused run named as the one writing. This machine's
+    holder is read from /proc/locks (`flock_pids`), whatever the file says; a line naming
+    another machine (whose locks are not listed here) is taken where its holder could rewrite
+    or replace the file: not in a folder with the sticky bit, unless the file is writable to
+    all."""
+    host, pids = socket.gethostname(), flock_pids(fd)
+    if pids:
+        return f" (pid {min(pids)} on {host})"
+    line = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+    said = re.fullmatch(r"pid \d+ on (\S+)", line)
+    if not said or (said.group(1) == host and pids is not None):
+        return ""  # (this machine's line, but no process here holds it: a killed run's)
+    with suppress(OSError):
+        sticky = os.stat(lock.parent).st_mode & stat.S_ISVTX
+        if not sticky or os.fstat(fd).st_mode & stat.S_IWOTH:
+            return f" ({line})"
+    return ""
+
+
+def flock_pids(fd: int) -> set[int] | None:
+    """The pids of this machine's processes that hold a flock on the file open as `fd`, as
+    /proc/locks lists them ("1: FLOCK  ADVISORY  WRITE 4242 fe:00:2678851 0 EOF": device
+    major:minor in hex, inode; a waiter's line has "->" before FLOCK); None where it cannot be
+    read (not Linux). A lock taken on another machine (a network file system) is not there."""
+    st = os.fstat(fd)
+    file = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    fields = (line.split() for line in lines)
+    return {int(f[4]) for f in fields if len(f) > 5 and f[1] == "FLOCK" and f[5] == file
+            and f[4].isdigit() and int(f[4]) > 0}  # fmt: skip
 
 
 def same_inode(path: Path, fd: int) -> bool:

@@ -7,6 +7,7 @@ the CLI and a direct lpips module call agree; they are not real LPIPS values.
 import csv
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -1714,30 +1715,102 @@ def test_outputs_on_a_file_system_without_locks_leave_no_lock_file(tmp_path, cap
     assert sorted(p.name for p in tmp_path.glob("r.*")) == ["r.csv", "r.json"]
 
 
-def test_another_users_lock_file_is_locked_read_only(tmp_path, capsys, monkeypatch):
-    """A NAME.lock that a kill left, of another user (not writable to this one): lock_output's
-    way out, opened read-only and locked all the same (a flock needs no write), its holder's
-    line not rewritten; the run is not refused, warns of nothing, and deletes it at the end."""
+@pytest.mark.parametrize("sticky", [False, True], ids=["folder", "sticky-folder"])
+def test_another_users_lock_file_is_replaced_or_locked_read_only(
+    tmp_path, capsys, monkeypatch, sticky
+):
+    """A NAME.lock that a kill left, of another user (not writable to this one): opened
+    read-only and locked all the same (a flock needs no write), but its line, the killed run's
+    pid, stayed for the whole run, and a second run refused meanwhile named that pid as the
+    one writing. Now the file is replaced by one of this run's (its own line) where the folder
+    lets it be deleted; in a folder with the sticky bit it is locked as it is (`lock_holder`
+    then trusts no such line). The run is not refused, warns of nothing, and deletes the lock
+    at the end."""
     hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),), names=("0001",))
     out, lock = tmp_path / "r.json", tmp_path / "r.json.lock"
-    lock.write_text("pid 1 on elsewhere\n")
+    theirs = "pid 1 on elsewhere\n"
+    lock.write_text(theirs)
     real_open, modes, held = os.open, [], []
 
     def opened(path, flags, *args):
         if Path(path) == lock:
             modes.append(flags & (os.O_RDWR | os.O_CREAT))
-            if flags & os.O_CREAT:
+            if flags & os.O_CREAT and lock.exists() and lock.read_text() == theirs:
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
         return real_open(path, flags, *args)
 
+    if sticky:  # (and not its owner, nor the folder's: `unlinkable` says no)
+        tmp_path.chmod(0o1777)
+        monkeypatch.setattr(sr_eval.os, "geteuid", lambda: lock.stat().st_uid + 1000)
     real_unlock = sr_eval.unlock
     monkeypatch.setattr(sr_eval.os, "open", opened)
     monkeypatch.setattr(sr_eval, "unlock", lambda *a: held.append(lock.read_text()) or
                         real_unlock(*a))  # fmt: skip
     assert run(capsys, "--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips",
                "--out", out, "--quiet") == (0, ("", ""))  # fmt: skip
-    assert modes == [os.O_RDWR | os.O_CREAT, 0] and held == ["pid 1 on elsewhere\n"]
+    create, read_only = os.O_RDWR | os.O_CREAT, 0
+    if sticky:
+        assert modes == [create, read_only] and held == [theirs]
+    else:
+        assert modes == [create, read_only, create]
+        assert held == [f"pid {os.getpid()} on {socket.gethostname()}\n"]
     assert sorted(p.name for p in tmp_path.glob("r.*")) == ["r.json"]
+
+
+@pytest.mark.parametrize("kind", ["folder", "loop"])
+def test_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path, capsys, monkeypatch, kind):
+    """NAME.lock a folder or a loop of symbolic links: os.open's IsADirectoryError or ELOOP
+    was a traceback, exit 1. Now one line naming the flag and the lock, exit 7, before any
+    work."""
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),), names=("0001",))
+    out, lock = tmp_path / "r.json", tmp_path / "r.json.lock"
+    lock.mkdir() if kind == "folder" else lock.symlink_to(lock.name)
+    calls = stop_at_image(monkeypatch, "none")
+    code, err = fails(capsys, "--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2,
+                      "--no-lpips", "--out", out)  # fmt: skip
+    why = "Is a directory" if kind == "folder" else "Too many levels of symbolic links"
+    assert (code, calls) == (7, []) and err == (
+        f"sr_eval.py: error: --out {out}: cannot open {lock}, the file that locks it while a run "
+        f"writes it ({why}); move that away\n"
+    )
+
+
+@pytest.mark.skipif(not Path("/proc/locks").is_file(), reason="/proc/locks: Linux")
+def test_a_refused_run_names_the_holder_of_the_lock_only_where_it_is_known(tmp_path, monkeypatch):
+    """The line of a run refused named the pid in NAME.lock, its last writer's: where the
+    holder could not rewrite it (another user's, in a folder with the sticky bit), a killed
+    run's pid, not running. Now this machine's holder comes from /proc/locks, whatever the file
+    says; a line naming another machine (its locks not listed here) is named only where its
+    holder could rewrite or replace the file; a line naming this machine that no process here
+    holds, and one in a sticky folder, are not named."""
+    out, lock = tmp_path / "r.json", tmp_path / "r.json.lock"
+    host = socket.gethostname()
+    lock.write_text("pid 1 on elsewhere\n")
+    held = os.open(lock, os.O_RDONLY)  # (this test holds it: another open file, refused)
+
+    def named() -> str:
+        with pytest.raises(sr_eval.UsageError) as e:
+            sr_eval.lock_output("--out", out)
+        return re.fullmatch(r"--out \S+: another sr_eval.py(.*) is writing its results there "
+                            "now; wait for it to end, or give --out another name",
+                            str(e.value)).group(1)  # fmt: skip
+
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert named() == f" (pid {os.getpid()} on {host})"  # (this machine's holder)
+        monkeypatch.setattr(sr_eval, "flock_pids", lambda fd: set())  # (held on another)
+        assert named() == " (pid 1 on elsewhere)"
+        lock.write_text(f"pid 1 on {host}\n")
+        assert named() == ""
+        lock.write_text("pid 1 on elsewhere\n")
+        tmp_path.chmod(0o1777)
+        assert named() == ""
+        lock.chmod(0o666)  # (writable to all: rewritten by any holder)
+        assert named() == " (pid 1 on elsewhere)"
+    finally:
+        os.close(held)
+        tmp_path.chmod(0o755)
+    assert lock.read_text() == "pid 1 on elsewhere\n"  # (a run refused writes nothing)
 
 
 @pytest.mark.parametrize("flag", ["--out", "--csv"])
