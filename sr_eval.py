@@ -1317,27 +1317,31 @@ def take_name(path: Path, new: Path) -> bool:
     user's in a folder with the sticky bit, hard links to it allowed: fs.protected_hardlinks=0)
     the link `new` could not be either (the bit asks who owns the file, not the name), and a
     stray second name was left; such a file is refused (PermissionError) before it is linked,
-    and an unlink that fails all the same removes the link again (or names it in the error)."""
+    and an unlink that fails all the same removes the link again (or names it in the error).
+    A stop signal between the link and the unlink (SIGTERM: a job preempted as it starts) left
+    both names too, the rerun moving the second aside once more: the two are one step, the
+    signal raised at its end (`signals_held`)."""
     if not unlinkable(path):
         raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(path))
-    try:
-        os.link(path, new)
-    except FileExistsError:
-        return False
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-            raise  # (ENOENT: `path` gone; EACCES, EROFS: no rename either)
-        os.rename(path, new)  # (no hard links here, or not to another user's file)
-        return True
-    try:
-        os.unlink(path)
-    except OSError as e:
+    with signals_held():
         try:
-            os.unlink(new)
-        except OSError:
-            raise OSError(e.errno, f"{e.strerror}; {new} is left a second name of it: delete "
-                          "that name") from None  # fmt: skip
-        raise
+            os.link(path, new)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise  # (ENOENT: `path` gone; EACCES, EROFS: no rename either)
+            os.rename(path, new)  # (no hard links here, or not to another user's file)
+            return True
+        try:
+            os.unlink(path)
+        except OSError as e:
+            try:
+                os.unlink(new)
+            except OSError:
+                raise OSError(e.errno, f"{e.strerror}; {new} is left a second name of it: "
+                              "delete that name") from None  # fmt: skip
+            raise
     return True
 
 

@@ -1888,6 +1888,25 @@ def test_moving_scores_aside_never_leaves_a_second_name(tmp_path, monkeypatch):
     assert sorted(folder.iterdir()) == sorted([here, new])
 
 
+def test_a_stop_while_scores_are_moved_aside_leaves_one_name(tmp_path, monkeypatch):
+    """take_name links the new name, then unlinks the old: a SIGTERM between the two (a job
+    preempted as it starts, moving another command's OUT.partial aside) left both names, and
+    the rerun moved the second aside once more, a stray copy. Now the two are one step, the
+    stop raised at its end."""
+    here, new = tmp_path / "r.json.partial", tmp_path / "r.json.0123456789ab.partial"
+    here.write_text("theirs\n")
+    real_link = os.link
+
+    def link(src, dst, **kwargs):
+        real_link(src, dst, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # (its handler raises at the next bytecode)
+
+    monkeypatch.setattr(sr_eval.os, "link", link)
+    with pytest.raises(sr_eval.Preempted), sr_eval.stop_signals():
+        sr_eval.take_name(here, new)
+    assert sorted(tmp_path.iterdir()) == [new] and new.read_text() == "theirs\n"
+
+
 @pytest.mark.parametrize("lpips", [True, False], ids=["lpips", "no-lpips"])
 def test_scores_kept_before_the_key_held_the_gpu_model_are_continued_on_the_cpu(
     tmp_path, capsys, monkeypatch, lpips_file, lpips
