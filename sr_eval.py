@@ -1247,7 +1247,13 @@ def adopt_partial(args: EvalArgs, key: str, legacy: set[str] = frozenset(),
     NAME.partial files in the folders of the outputs given (a run with --out r.json --csv r.csv
     kept them in r.json.partial, and its rerun with --csv r.csv alone cannot know that name): the
     newest of this command. One of its `legacy` keys (`legacy_keys`) is given `key`, and so is
-    the key of this command on its data folders at other paths (`moved`: `adopt_key`)."""
+    the key of this command on its data folders at other paths (`moved`: `adopt_key`), beside
+    the --out given only: the other NAME.partial files are told by their first bytes, the key,
+    where that would need each one's whole first line (its moved_key follows every image it
+    held when written whole: megabytes with --pairwise's matrices, read from every file of a
+    shared results folder at every start). A rerun that renames --out and reads its data at
+    other paths at once scores every image (README), the scores beside the earlier name left
+    for a rerun of their command."""
     here, *others = partial_paths(args)
     adopt_key(here, key, legacy, moved)
     if here.exists() and not keep_others_scores(here, key):
