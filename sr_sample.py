@@ -891,10 +891,10 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
         check_shared_outputs(paths, files, out)
     # whether a --tile holds every input (of every shard) whole: read only where a rerun's tiles
     # differ from the folder's (`claim_folder`), once per tile size
-    holds_whole = functools.cache(lambda tile: one_tile(tile, model, paths, from_hr))
+    holds_whole = scanned_unlocked(lambda tile: one_tile(tile, model, paths, from_hr))
     # whether --alpha-channel and --alpha-upsampler change no file: no input (of every shard)
     # has an alpha channel; read only where a rerun's differ from the folder's (`claim_folder`)
-    opaque = functools.cache(lambda: not any(map(has_alpha, paths)))
+    opaque = scanned_unlocked(lambda: not any(map(has_alpha, paths)))
     upgraded = {}  # folder -> the other srspace versions that sampled into it (`claim_folder`)
     said_upgrade = False  # (one line for a sweep's folders)
     for t, folder in folders.items():
@@ -903,10 +903,15 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
             remove_old_files(folder, [f"{k:06d}" if args.layout == "ntire" else p.stem
                                       for k, p in mine], inputs, args.layout,
                              {p.stem for p in paths})  # fmt: skip
-        with manifest_lock(folder):  # (another shard may write its manifest.json meanwhile)
-            was = claim_folder(folder, {**settings, "temperature": t}, args.overwrite, inputs,
-                               free, parts > 1, holds_whole, n_change(args, model, setter),
-                               opaque)  # fmt: skip
+        while True:
+            try:
+                with manifest_lock(folder):  # (another shard may write its manifest meanwhile)
+                    was = claim_folder(folder, {**settings, "temperature": t}, args.overwrite,
+                                       inputs, free, parts > 1, holds_whole,
+                                       n_change(args, model, setter), opaque)  # fmt: skip
+                break
+            except ScanFirst as e:  # the inputs read with the lock free, then claimed again
+                e.scan()
         if was:
             upgraded[folder] = was
         if args.layout == "ntire":
@@ -1562,6 +1567,34 @@ def amend_manifest(folder: Path, change) -> None:
         new = change(old)
         if any(old.get(k) != v for k, v in new.items()):
             save_text(path, json.dumps({**old, **new}, indent=1) + "\n")
+
+
+class ScanFirst(Exception):
+    """A scan of the inputs (`scanned_unlocked`) asked for under `manifest_lock`: `scan()` it
+    with the lock let go, then claim the folder again (its manifest read anew)."""
+
+    def __init__(self, scan):
+        super().__init__()
+        self.scan = scan
+
+
+def scanned_unlocked(fn):
+    """fn, cached by its arguments, never run under `manifest_lock`: there a result not known
+    yet raises ScanFirst. Reading every input (has_alpha decodes a TIFF's pixels: minutes for a
+    folder of large ones) under the lock held the other shards' claims and version records all
+    that while, and a stop of theirs with it where their wait has signals held (`image_written`).
+    The claim asks before it writes anything, so it is begun again, on the manifest as it is
+    then."""
+    known = {}
+
+    def call(*args):
+        if args not in known:
+            if getattr(_LOCKED, "folders", None):
+                raise ScanFirst(functools.partial(call, *args))
+            known[args] = fn(*args)
+        return known[args]
+
+    return call
 
 
 _LOCKED = threading.local()  # .folders: those whose manifest_lock this thread holds

@@ -507,3 +507,63 @@ def test_json_seconds_is_there_once_every_image_was_gone_through(tmp_path, flow_
     (tmp_path / "file").write_text("x")
     assert run(*argv, "--out", tmp_path / "file") == 7
     assert "seconds" not in json.loads(capsys.readouterr().out.splitlines()[-1])
+
+
+def test_the_alpha_scan_runs_with_the_manifest_lock_free(tmp_path, flow_ckpt, monkeypatch):
+    """A rerun with another --alpha-channel reads every input for an alpha channel (a TIFF's
+    pixels: minutes for a large folder); under manifest_lock that held every other shard's claim
+    and version record as long. The scan runs with the lock free, the claim under it after."""
+    inp = images(tmp_path / "in", 3)
+    out = tmp_path / "o"
+    base = ["--ckpt", flow_ckpt, "--input", inp, "--n", 1, "--out", out]
+    assert run(*base) == 0
+    scanned, free = [], []
+    has_alpha = sr_sample.has_alpha
+
+    def has_alpha_seen(path):  # another shard's claim: would it get the folder's lock now?
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            sr_sample.fcntl.flock(fd, sr_sample.fcntl.LOCK_EX | sr_sample.fcntl.LOCK_NB)
+            free.append(path)
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(fd)
+        scanned.append(path)
+        return has_alpha(path)
+
+    monkeypatch.setattr(sr_sample, "has_alpha", has_alpha_seen)
+    assert run(*base, "--alpha-channel", "drop") == 0  # no input has alpha: the same files
+    assert len(scanned) == 3 and free == scanned
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="tells a lock waited for: Linux")
+def test_a_stop_while_another_shard_holds_the_manifest_lock_ends_at_once(tmp_path, flow_ckpt):
+    """A shard waiting for another's manifest_lock (its claim, its scan: minutes before the scan
+    left the lock) stops at SIGTERM at once: exit 75, one line, and the rerun samples every
+    image, the folder of one run."""
+    inp = images(tmp_path / "in", 2)
+    out = tmp_path / "o"
+    out.mkdir()
+    base = ["--ckpt", flow_ckpt, "--input", inp, "--n", 1, "--out", out]
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    sr_sample.fcntl.flock(fd, sr_sample.fcntl.LOCK_EX)  # the other shard's
+    try:
+        p = subprocess.Popen([sys.executable, str(REPO / "sr_sample.py"), *map(str, base)],
+                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)  # fmt: skip
+        deadline = time.monotonic() + 120
+        while f" {p.pid} " not in "".join(
+            line for line in Path("/proc/locks").read_text().splitlines(True) if "->" in line
+        ):  # (a blocked lock's line: "N: -> FLOCK ADVISORY WRITE PID ...")
+            assert time.monotonic() < deadline and p.poll() is None, "it never waited"
+            time.sleep(0.02)
+        p.send_signal(signal.SIGTERM)
+        err = p.communicate(timeout=20)[1].strip()  # (the lock still held: no wait for it)
+    finally:
+        os.close(fd)
+    assert p.returncode == 75 and err.splitlines() == [
+        "sr_sample.py: error: stopped by SIGTERM; every file written is complete: rerun the same "
+        "command to continue"
+    ], err
+    assert run(*base) == 0 and len(list(out.glob("*_sample00000.png"))) == 2
