@@ -195,6 +195,7 @@ from sr_lib.config import (
     refuse_stdio,
 )
 from sr_lib.data import (
+    EMPTY_DEGRADATION,
     check_out_dir,
     cpu_workers,
     default_mod,
@@ -211,6 +212,7 @@ from sr_lib.data import (
     name_max,
     normalise_degradation,
     read_planes,
+    refuse_empty,
     shared_stem,
     shell_quote,
     to_tensor,
@@ -286,6 +288,25 @@ MAX_N = 100_000  # sample numbers have five digits
 FREE_FLAGS = ("ckpt", "input", "out", "shard", "device", "batch", "overwrite", "temperature",
               "tile", "tile_overlap", "model", "scale", "from_hr", "n", "quiet",
               "json")  # fmt: skip
+
+
+# The text flags whose typed "" (an unset shell variable, `--out "$OUT"`) is refused, one line,
+# exit 2 (`refuse_empty`), as sr_train.py's: --out "" sampled into the current folder, --input ""
+# read its images, --ref "" drew noise references, --latent, --latent-from and --latent-shift ""
+# and the degradations' "" were unset, all without a word. (The others' "" is refused by their
+# type or choices: --shard, --temperature, --layout, ...)
+EMPTY_REFUSED = {
+    "ckpt": ("path", "a checkpoint written by sr_train.py or a released weights file"),
+    "input": ("path", "an image, a folder of images or demo"),
+    "out": ("path", "the folder to write the samples to"),
+    "ref": ("value", "a reference image or folder, noise, lr or prior, or leave --ref out "
+                     "(noise)"),
+    "latent_from": ("path", "an HR image, or leave --latent-from out"),
+    "latent": ("path", "a saved latent file or a --save-latent folder, or leave --latent out"),
+    "latent_shift": ("path", "a latent direction file, or leave --latent-shift out"),
+    "device": ("value", "auto, cpu, cuda or cuda:N, or leave --device out"),
+    **EMPTY_DEGRADATION,
+}  # fmt: skip
 
 
 def integer(lo: int, hi: int | None = None, zero: bool = False):
@@ -718,6 +739,7 @@ def parse_args(argv) -> tuple[SampleArgs, set[str]]:
     if not all(temperature_ok(v) for v in steps if v.strip()) or not any(v.strip() for v in steps):
         raise UsageError(f"--latent-steps {args.latent_steps!r}: give numbers like -2,-1,0,1,2")
     given = given_fields(SampleArgs, [*unset, *argv], PROG) - (set() if out_typed else {"out"})
+    refuse_empty(args, given, EMPTY_REFUSED)
     if "latent_steps" in given and not args.latent_shift:
         say_err(f"{PROG}: warning: --latent-steps: no effect without --latent-shift; ignored")
     if args.from_hr and args.input == "demo":

@@ -1526,6 +1526,24 @@ def degradation_range(text: str, flag: str) -> tuple[float, float] | tuple[int, 
 
 
 DEGRADATION_FLAGS = ("lr_blur", "lr_noise", "lr_jpeg")  # the scripts' fields of a Degradation
+# A typed "" of a degradation flag (an unset shell variable, `--lr-blur "$BLUR"`) was no
+# degradation without a word: it is refused (`refuse_empty`); none, or 0 for a blur or noise,
+# says no degradation. (field -> (kind, what to give), as the scripts' own tables of such flags)
+EMPTY_DEGRADATION = {
+    "lr_blur": ("value", "a sigma or LO:HI (0 or none: none), or leave --lr-blur out"),
+    "lr_noise": ("value", "a sigma or LO:HI (0 or none: none), or leave --lr-noise out"),
+    "lr_jpeg": ("value", "a quality 1..100 or LO:HI (none: none), or leave --lr-jpeg out"),
+}
+
+
+def refuse_empty(args, given: set[str], table: dict) -> None:
+    """One UsageError line for a text flag of `table` (field -> (kind: path or value, what to
+    give instead)) typed as "" (in `given`, the fields typed), or a list flag holding "": where
+    "" is its default, it was taken for it without a word (the current folder for a path)."""
+    for name, (kind, what) in table.items():
+        value = getattr(args, name)
+        if "" in (value if isinstance(value, list) else [value] * (name in given)):
+            raise UsageError(f"--{name.replace('_', '-')}: an empty {kind}; give {what}")
 
 
 def degradation_of(args) -> Degradation:

@@ -151,6 +151,26 @@ CASES = {  # id: (argv of the world, exit code, words the one line must hold)
     "input -": (lambda w: ["--ckpt", w["bicubic"], "--input", "-", "--out", w["dir"] / "out"], 2,
                 "--input -: standard input or output"),
     "ref -": (lambda w: args(w, "--ref", "-"), 2, "--ref -: standard input or output"),
+    # an unset shell variable, `--out "$OUT"`: its "" was the current folder (sampled into, its
+    # images read), the default of the others (noise references, no latent, no degradation)
+    **{f"{flag} empty {kind}": (lambda w, flag=flag: args(w, "--from-hr", flag, ""), 2,
+                                f"{flag}: an empty {kind}; give {what}")
+       for flag, kind, what in (
+           ("--ckpt", "path", "a checkpoint written by sr_train.py"),
+           ("--input", "path", "an image, a folder of images or demo"),
+           ("--out", "path", "the folder to write the samples to"),
+           ("--ref", "value", "a reference image or folder, noise, lr or prior, or leave"),
+           ("--latent", "path", "a saved latent file or a --save-latent folder, or leave"),
+           ("--latent-from", "path", "an HR image, or leave --latent-from out"),
+           ("--latent-shift", "path", "a latent direction file, or leave --latent-shift out"),
+           ("--device", "value", "auto, cpu, cuda or cuda:N, or leave --device out"),
+           ("--lr-blur", "value", "a sigma or LO:HI (0 or none: none), or leave --lr-blur out"),
+           ("--lr-noise", "value", "a sigma or LO:HI (0 or none: none), or leave --lr-noise out"),
+           ("--lr-jpeg", "value", "a quality 1..100 or LO:HI (none: none), or leave --lr-jpeg"),
+       )},
+    "out empty with check-invertibility": (  # (--out unused there, but typed "": refused too)
+        lambda w: args(w, "--check-invertibility", "--out", "", ckpt="srflow"), 2,
+        "--out: an empty path"),
     "out is a file": (lambda w: args(w, out="a_file"), 7, "a_file: a file, not a folder"),
     "out of other settings": (lambda w: args(w, out="other"), 2, "made with"),
     "out manifest broken": (lambda w: args(w, out="broken"), 2, "not a readable manifest"),
@@ -266,3 +286,15 @@ def test_a_checkpoint_another_torch_wrote_and_this_one_cannot_read(world, tmp_pa
     # written by this torch, the same type is what it is: pickled code
     save_checkpoint(tmp_path / "code.pt", typed)
     assert "pickled Python objects (torch.nn.modules" in sample(tmp_path / "code.pt")
+
+
+def test_no_degradation_is_typed_none_or_0(world, tmp_path):
+    """sr_sample.py's --lr-blur, --lr-noise and --lr-jpeg take none (and a blur's or noise's 0)
+    for no degradation, as sr_train.py's, now that their typed "" is refused: the folder of a
+    run without the flags."""
+    base = ["--ckpt", world["bicubic"], "--input", world["in"], "--from-hr", "--n", 1]
+    none = ["--lr-blur", "none", "--lr-noise", "0", "--lr-jpeg", "none"]
+    assert sr_sample.main([str(a) for a in (*base, *none, "--out", tmp_path / "o")]) == 0
+    flags = json.loads((tmp_path / "o" / "manifest.json").read_text())["flags"]
+    assert (flags["lr_blur"], flags["lr_noise"], flags["lr_jpeg"]) == ("", "", "")
+    assert sr_sample.main([str(a) for a in (*base, "--out", tmp_path / "o")]) == 0  # the same
