@@ -205,6 +205,7 @@ from sr_lib.data import (
     describe_path,
     encode_png,
     equal_channels,
+    header_alpha,
     image_size,
     links_said,
     list_images,
@@ -1245,21 +1246,14 @@ def lr_size(path: Path, s: int, from_hr: bool, decode: bool = False) -> tuple[in
     return size[0] // m * m // s, size[1] // m * m // s
 
 
-# Pillow's modes of an image with an alpha channel (a transparent colour is in its info)
-ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
-
-
 def has_alpha(path: Path) -> bool:
     """Whether `read_input` finds an alpha channel in an input (its LR's, with --from-hr, is the
-    HR's), from the header where it tells (a PNG's or JPEG's Pillow mode and transparent colour:
-    ~0.1 ms a file), else from the pixels (`read_planes`; False where they cannot be read either:
-    the input is skipped as unreadable at its turn)."""
-    with contextlib.suppress(Exception):  # (Pillow raises many types for broken headers)
-        with Image.open(path) as im:
-            if im.mode in ALPHA_MODES or "transparency" in im.info:
-                return True
-            if im.format in ("PNG", "JPEG"):
-                return False
+    HR's), from the header where it tells (`header_alpha`: a PNG's or JPEG's), else from the
+    pixels (`read_planes`; False where they cannot be read either, an image too large
+    included: the input is skipped as unreadable at its turn)."""
+    said = header_alpha(path)
+    if said is not None:
+        return said
     with contextlib.suppress(DataError):
         return held(read_planes)(path).alpha is not None
     return False

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import threading
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +21,7 @@ from conftest import TINY, opens_per_run
 from PIL import Image
 
 import sr_eval
+import sr_lib.data
 import sr_sample
 from sr_lib import config
 from sr_lib.checkpoint import save_checkpoint
@@ -1686,6 +1688,26 @@ def test_has_alpha_from_the_header_says_what_read_planes_finds(tmp_path, kind):
         im.save(path, **extra)
     assert sr_sample.has_alpha(path) == (read_planes(path).alpha is not None)
     assert sr_sample.has_alpha(path) == ("A" in kind or "tRNS" in kind)
+
+
+@pytest.mark.parametrize("kind", ["RGBA", "P+tRNS", "RGB", "TIFF RGBA"])
+def test_has_alpha_of_an_image_too_large_is_the_loaders_no_warning(tmp_path, kind, monkeypatch):
+    """An input of 2^28 to 2^29 px (above MAX_PIXELS, below Pillow's error at twice its
+    MAX_IMAGE_PIXELS): has_alpha's Image.open printed Pillow's DecompressionBombWarning and took
+    its mode, where the loader refuses the file (skipped as unreadable at its turn). Now as the
+    loader: no alpha to keep, no warning. (The limits lowered to 100 px: a 12x12 image.)"""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(sr_lib.data, "MAX_PIXELS", 100)
+    path = tmp_path / ("x.tif" if "TIFF" in kind else "x.png")
+    mode = kind.split()[-1].removesuffix("+tRNS")
+    im = Image.fromarray(np.dstack([image((12, 12), 3), square_alpha((12, 12))])).convert(mode)
+    im.save(path, **({"transparency": 0} if "tRNS" in kind else {}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert sr_sample.has_alpha(path) is False
+    assert [str(w.message) for w in caught] == []
+    with pytest.raises(DataError, match="exceeds the limit of 100 pixels"):
+        read_planes(path)
 
 
 def test_model_alpha_through_tiles_sweeps_16_bits_from_hr_ntire_and_grid(tmp_path, toy_ckpt,
