@@ -104,7 +104,8 @@ Clusters: --shard I/N samples images I, I+N, I+2N, ... of the order (0 <= I < N;
 check: a list such as --array=1,3,7 is refused). Every file is written atomically (a temporary
 name, then a rename), and an image whose files all exist is skipped, so a killed or preempted run
 continues where it stopped when rerun (--overwrite redoes everything, first deleting the files
-named above of the images it samples, in a folder that has a manifest.json). Every task of an
+named above of the images it samples, in a folder that has a manifest.json; refused, exit 2, where
+that folder holds such files of images not among --input: `refuse_others_kept`). Every task of an
 array must see the same inputs: an image added to or removed from the input folder would move
 the others between the shards, some then sampled by none; so a --shard I/N (N > 1) of another
 list than the folder's is refused (--layout stem: manifest.json's inputs, the count and sha256
@@ -920,6 +921,9 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     opaque = scanned_unlocked(lambda: not any(map(has_alpha, paths)))
     upgraded = {}  # folder -> the other srspace versions that sampled into it (`claim_folder`)
     said_upgrade = False  # (one line for a sweep's folders)
+    if args.overwrite:  # (every folder of a sweep, before any file is deleted)
+        names = {f"{k:06d}" if args.layout == "ntire" else p.stem for k, p in enumerate(paths)}
+        refuse_others_kept(out, list(folders.values()), names, {p.stem for p in paths}, inputs)
     for t, folder in folders.items():
         check_out_dir(folder)
         if args.overwrite and (folder / "manifest.json").is_file():
@@ -1326,6 +1330,63 @@ def remove_old_files(folder: Path, names: list[str], inputs: set[Path], layout: 
             except OSError as e:
                 raise OutputError(f"{path}: cannot delete it for --overwrite ({e.strerror or e}); "
                                   "check the output folder's permissions") from None  # fmt: skip
+
+
+def output_names(filename: str, single: bool = True) -> set[str]:
+    """The image NAMEs whose output a file in a sample folder may be (`remove_old_files`' names):
+    NAME_sample{i:05d}.png and its latents, NAME_sigma.png and .npy, NAME_grid.png, NAME.latent.npy
+    and .npz, and where `single` (a folder of n 1) NAME.png; cat_grid.png is the sheet of cat
+    and the one output of cat_grid."""
+    end = next((e for e in (".latent.npz", ".latent.npy", ".npy", ".png")
+                if filename.endswith(e)), "")  # fmt: skip
+    stem = filename[: -len(end)] if end else ""
+    if not stem or filename.startswith("."):  # (.NAME.tmp: a write under way)
+        return set()
+    m = SAMPLE_NAME.fullmatch(stem)
+    if end == ".npy":  # NAME_sigma.npy alone
+        return {m[1]} if m and m[2] == "sigma" else set()
+    return ({stem} if single or end != ".png" else set()) | ({m[1]} if m else set())
+
+
+def refuse_others_kept(out: Path, folders: list[Path], names: set[str], stems: set[str],
+                       inputs: set[Path]) -> None:  # fmt: skip
+    """--overwrite redoes the images of --input (of every --shard) alone: in a folder of this
+    tool (a manifest.json) the files of other images (inputs dropped from --input or renamed
+    since; `names`: the run's NAMEs), and --from-hr's OUT/lr/STEM.png of other `stems`, would
+    stay, as if made by this command, under the manifest it writes: the folder then the work of
+    two commands. Refused, one line naming them (exit 2), before any file is deleted: they are
+    work the command does not name, not deleted for it."""
+    others: dict[str, Path] = {}
+
+    def scan(where: Path, own: set[str], single: bool = True) -> None:
+        real = where.resolve()
+        with contextlib.suppress(OSError), os.scandir(where) as entries:
+            for entry in entries:
+                could = output_names(entry.name, single)
+                if could and not could & own and real / entry.name not in inputs:
+                    if entry.is_file(follow_symlinks=False):
+                        others.setdefault(min(could, key=len), where)
+
+    ours = [f for f in dict.fromkeys(folders) if (f / "manifest.json").is_file()]
+    for folder in ours:  # (a PNG NAME.png is an output where the folder's n is 1: else the
+        try:  # user's own, not a sample, as `remove_old_files` keeps it)
+            n = json.loads((folder / "manifest.json").read_text()).get("n")
+        except (OSError, ValueError, AttributeError):
+            n = 1
+        scan(folder, names, n == 1)
+    if ours and not others:  # (its lr/ named by stem: said once the samples are gone)
+        scan(out / "lr", stems)
+    if others:
+        first = sorted(others)[:3]
+        said = ", ".join(f"'{x}'" for x in first) + (
+            f", and {len(others) - 3} more" if len(others) > 3 else "")  # fmt: skip
+        raise UsageError(
+            f"{others[first[0]]} holds the files of {len(others)} image(s) not among --input "
+            f"({said}): --overwrite redoes the images given, and theirs would stay under its "
+            "manifest.json as this command's; delete or move them, give their inputs too, or "
+            "use another --out (to redo some images with the folder's settings: delete their "
+            "files and rerun without --overwrite)"
+        )
 
 
 def tiles(context) -> str:

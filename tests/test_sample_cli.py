@@ -571,13 +571,51 @@ def test_overwrite_removes_the_old_runs_files_of_its_images(tmp_path, toy_ckpt):
     folder(out, a_notes=image((4, 4)), a_sample1=image((4, 4)))  # the user's, named alike
     (out / "a_sample00009.latent.npy").write_bytes(b"old")
     new = ["--ckpt", toy_ckpt, "--n", 2, "--seed", 3, "--overwrite", "--out", out]
-    assert run(*new, "--input", inp / "a.png") == 0  # b is not this run's: its files stay
-    b = [f"b_sample{i:05d}.png" for i in range(5)]
+    # (b not among --input: its old files under the new manifest, refused: test_overwrite_of_..)
+    assert run(*new, "--input", inp) == 0
     assert pngs(out) == ["a_notes.png", "a_sample00000.png", "a_sample00001.png",
-                         "a_sample1.png", "b_grid.png", *b]  # fmt: skip
+                         "a_sample1.png", "b_sample00000.png", "b_sample00001.png"]  # fmt: skip
     assert not (out / "a_sample00009.latent.npy").exists()
     assert run(*new[:-2], "--out", tmp_path / "fresh", "--input", inp / "a.png") == 0
     assert same(out / "a_sample00001.png", tmp_path / "fresh" / "a_sample00001.png")
+
+
+@pytest.mark.parametrize("layout", ["stem", "ntire"])
+def test_overwrite_of_a_part_of_the_folders_images_is_refused(tmp_path, toy_ckpt, layout,
+                                                              capsys):  # fmt: skip
+    """--overwrite with some of the folder's inputs left out of --input redid those given and
+    kept the others' older samples (and --from-hr's lr/ files) under the manifest it wrote, as if
+    this command's: the folder the work of two commands, its manifest saying one. Refused, one
+    line naming them and what to do, before any file is deleted; with them all: redone."""
+    inp = folder(tmp_path / "in", a=image((8, 8), 1), b=image((8, 8), 2), c=image((8, 8), 3))
+    out = tmp_path / "out"
+    base = ["--ckpt", toy_ckpt, "--n", 2, "--from-hr", "--layout", layout, "--out", out]
+    assert run(*base, "--input", inp) == 0
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    (tmp_path / "some").mkdir()
+    (tmp_path / "some" / "a.png").symlink_to(inp / "a.png")
+    capsys.readouterr()
+    assert run(*base, "--input", tmp_path / "some", "--seed", 1, "--overwrite") == 2
+    names = "'000001', '000002'" if layout == "ntire" else "'b', 'c'"
+    assert capsys.readouterr().err == (
+        f"sr_sample.py: error: {out} holds the files of 2 image(s) not among --input ({names}): "
+        "--overwrite redoes the images given, and theirs would stay under its manifest.json as "
+        "this command's; delete or move them, give their inputs too, or use another --out (to "
+        "redo some images with the folder's settings: delete their files and rerun without "
+        "--overwrite)\n"
+    )
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    if layout == "stem":  # their samples gone, --from-hr's lr/ files of them stay: said too
+        for f in [*out.glob("b_*"), *out.glob("c_*")]:
+            f.unlink()
+        assert run(*base, "--input", tmp_path / "some", "--seed", 1, "--overwrite") == 2
+        assert f"{out / 'lr'} holds the files of 2 image(s)" in capsys.readouterr().err
+        (out / "lr" / "b.png").unlink()
+        (out / "lr" / "c.png").unlink()
+        assert run(*base, "--input", tmp_path / "some", "--seed", 1, "--overwrite") == 0
+    else:
+        assert run(*base, "--input", inp, "--seed", 1, "--overwrite") == 0
+    assert json.loads((out / "manifest.json").read_text())["flags"]["seed"] == 1
 
 
 def test_overwrite_in_one_shard_keeps_another_inputs_file_of_the_name(tmp_path, toy_ckpt):
