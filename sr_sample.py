@@ -981,7 +981,14 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
             lr = img.tensor().to(device)
             if controls is not None:  # (named in a message: a --latent of another LR size)
                 controls.image = f"{path.name}'s"
-            k_img = n if latent_dir is None else latent_dir.load(model, path.stem, controls, device)
+            try:
+                k_img = n if latent_dir is None else latent_dir.load(model, path.stem, controls,
+                                                                     device)  # fmt: skip
+            except DataError as e:  # a --latent DIR file changed mid-run: the run stops there
+                writer.flush()  # (the images before it written and counted: said how many)
+                done = summary.fields["sampled"]
+                raise DataError(f"{e}; the {done} images sampled before it are kept in "
+                                f"{where}") from None  # fmt: skip
             new = [folders[t] for t in todo if folders[t] in upgraded]
             if new and not said_upgrade:
                 said_upgrade = True
@@ -2378,9 +2385,16 @@ class LatentDir:
                 str(file), "--latent", self.own if first else None
             )
             if not first and digest != self.digests[file]:
+                # The run stops here (exit 3), not skips the image: something writes the folder
+                # now (a --save-latent run, a copy under way), so its other files may change
+                # too, and manifest.json records the contents first read, so a rerun is refused
+                # (other contents of --latent) unless they come back: the work after it would be
+                # spent on a folder its rerun refuses. Said by `sample` with the images kept.
                 raise DataError(  # (the file's contents, not a flag: exit 3)
                     f"--latent {file}: changed while this run read the folder (other contents "
-                    "than manifest.json records); rerun when nothing writes there"
+                    "than manifest.json records, which a rerun refuses): put its contents back "
+                    "and rerun, or, the change meant, rerun with --overwrite once nothing "
+                    "writes there"
                 )
             rows.append(z)
         if torch.is_tensor(rows[0]):

@@ -1104,13 +1104,23 @@ def test_a_latent_dir_file_changed_during_the_run_is_refused(tmp_path, ckpts, ca
         return digests
 
     capsys.readouterr()
+    d = tmp_path / "d"
     with mock.patch.object(sr_sample.LatentDir, "check", then_changed):
-        assert run(*base, "--latent", s, "--out", tmp_path / "d") == 3
-    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert run(*base, "--latent", s, "--out", d, "--json") == 3
+    said = capsys.readouterr()
+    err = [line for line in said.err.splitlines() if "error" in line]
+    kept = len(list(d.glob("*_sample00000.png")))  # the images before it, written
     assert err == [f"sr_sample.py: error: --latent {late}: changed while this run read the "
-                   "folder (other contents than manifest.json records); rerun when nothing "
-                   "writes there"]  # fmt: skip
-    assert not (tmp_path / "d" / "img 1_sample00000.png").exists()
+                   "folder (other contents than manifest.json records, which a rerun refuses): "
+                   "put its contents back and rerun, or, the change meant, rerun with "
+                   f"--overwrite once nothing writes there; the {kept} images sampled before it "
+                   f"are kept in {d}"]  # fmt: skip
+    assert kept == len(PREFIXED) - 1 and not (d / "img 1_sample00000.png").exists()
+    assert json.loads(said.out.splitlines()[-1])["sampled"] == kept  # (counted, as written)
+    # what the line says: the rerun is refused while the file holds other contents
+    assert run(*base, "--latent", s, "--out", d) == 2
+    assert "holds samples made with other contents of --latent" in capsys.readouterr().err
+    assert run(*base, "--latent", s, "--out", d, "--overwrite") == 0
 
 
 def test_latent_dir_in_the_input_folder(tmp_path, ckpts, capsys):
