@@ -62,6 +62,7 @@ from sr_lib.config import (
 )
 from sr_lib.data import (
     DEGRADATION_FLAGS,
+    EMPTY_DEGRADATION,
     Degradation,
     PatchPairs,
     SharedMemoryFull,
@@ -82,6 +83,7 @@ from sr_lib.data import (
     load_pairs,
     name_max,
     normalise_degradation,
+    refuse_empty,
     refuse_out_dir,
     same_files,
     shell_quote,
@@ -379,9 +381,7 @@ EMPTY_REFUSED = {
     "resume": ("path", "auto or a checkpoint, or leave --resume out for a new run"),
     "init_from": ("path", "a checkpoint, or leave --init-from out"),
     "model": ("value", f"one of {', '.join(MODELS)}, or leave --model out with --resume"),
-    "lr_blur": ("value", "a sigma or LO:HI (0 or none for no blur), or leave --lr-blur out"),
-    "lr_noise": ("value", "a sigma or LO:HI (0 or none for no noise), or leave --lr-noise out"),
-    "lr_jpeg": ("value", "a quality 1..100 or LO:HI (none for no JPEG), or leave --lr-jpeg out"),
+    **EMPTY_DEGRADATION,  # (as sr_sample.py --from-hr's)
     "device": ("value", "auto, cpu, cuda or cuda:N, or leave --device out"),
 }
 # The models' text flags, as EMPTY_REFUSED (`resolve_run`): --ref-data "" read the current
@@ -437,10 +437,7 @@ def parse_all(argv):
     # no cache, a new run, no weights, taken without a word where a path was meant; so were
     # --model's, --device's and the degradations' "": a resumed run's model, auto, none)
     given = given_fields(TrainArgs, argv, PROG)
-    for flag, (kind, what) in EMPTY_REFUSED.items():
-        value = getattr(args, flag)
-        if "" in (value if isinstance(value, list) else [value] * (flag in given)):
-            raise UsageError(f"--{flag.replace('_', '-')}: an empty {kind}; give {what}")
+    refuse_empty(args, given, EMPTY_REFUSED)
     # Each loader worker is a process of its own (hundreds of MB): --workers 100000 started
     # them until the machine's memory ran out. Beyond a few per core none loads faster.
     if args.workers > (most := WORKERS_PER_CORE * cpu_workers()):
@@ -863,9 +860,7 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
     check_ranges(model_flags)
     cfg = {**asdict(model_flags), "scale": args.scale}
     named = given_fields(model_cls.Config, rest, f"{PROG} --model {args.model}")
-    for name in [k for k in MODEL_EMPTY_REFUSED if k in named and cfg[k] == ""]:
-        kind, what = MODEL_EMPTY_REFUSED[name]
-        raise UsageError(f"--{name.replace('_', '-')}: an empty {kind}; give {what}")
+    refuse_empty(model_flags, named, {k: v for k, v in MODEL_EMPTY_REFUSED.items() if k in cfg})
     if resumed is not None:  # a requeued job repeats its flags: allowed if they agree
         # the run's config as it builds: a field its (older) checkpoint lacks takes its default
         held = asdict(model_cls.Config(**resumed["model_cfg"]))

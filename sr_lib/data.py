@@ -1554,9 +1554,9 @@ DEGRADATION_FLAGS = ("lr_blur", "lr_noise", "lr_jpeg")  # the scripts' fields of
 # degradation without a word: it is refused (`refuse_empty`); none, or 0 for a blur or noise,
 # says no degradation. (field -> (kind, what to give), as the scripts' own tables of such flags)
 EMPTY_DEGRADATION = {
-    "lr_blur": ("value", "a sigma or LO:HI (0 or none: none), or leave --lr-blur out"),
-    "lr_noise": ("value", "a sigma or LO:HI (0 or none: none), or leave --lr-noise out"),
-    "lr_jpeg": ("value", "a quality 1..100 or LO:HI (none: none), or leave --lr-jpeg out"),
+    "lr_blur": ("value", "a sigma or LO:HI (0 or none for no blur), or leave --lr-blur out"),
+    "lr_noise": ("value", "a sigma or LO:HI (0 or none for no noise), or leave --lr-noise out"),
+    "lr_jpeg": ("value", "a quality 1..100 or LO:HI (none for no JPEG), or leave --lr-jpeg out"),
 }
 
 

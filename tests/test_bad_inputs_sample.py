@@ -164,9 +164,9 @@ CASES = {  # id: (argv of the world, exit code, words the one line must hold)
            ("--latent-from", "path", "an HR image, or leave --latent-from out"),
            ("--latent-shift", "path", "a latent direction file, or leave --latent-shift out"),
            ("--device", "value", "auto, cpu, cuda or cuda:N, or leave --device out"),
-           ("--lr-blur", "value", "a sigma or LO:HI (0 or none: none), or leave --lr-blur out"),
-           ("--lr-noise", "value", "a sigma or LO:HI (0 or none: none), or leave --lr-noise out"),
-           ("--lr-jpeg", "value", "a quality 1..100 or LO:HI (none: none), or leave --lr-jpeg"),
+           ("--lr-blur", "value", "a sigma or LO:HI (0 or none for no blur)"),
+           ("--lr-noise", "value", "a sigma or LO:HI (0 or none for no noise)"),
+           ("--lr-jpeg", "value", "a quality 1..100 or LO:HI (none for no JPEG)"),
        )},
     "out empty with check-invertibility": (  # (--out unused there, but typed "": refused too)
         lambda w: args(w, "--check-invertibility", "--out", "", ckpt="srflow"), 2,
