@@ -169,6 +169,10 @@ def test_ci_runs_the_readmes_test_command_and_the_integration_tier():
     assert ci == ["python -m pytest", "python -m pytest -m integration"]
     quick = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     assert re.search(r"^python -m pytest +#", quick, re.M)
+    # two commands on a fresh machine: the demo (with its environment and install) and the tests
+    block = quick.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    assert len(commands) == 2 and commands[0].endswith("bash demo.sh"), commands
     pyproject = (REPO / "pyproject.toml").read_text()
     assert "-m 'not slow and not integration'" in pyproject
     markers = re.findall(r'^    "(\w+): ', pyproject, re.M)
