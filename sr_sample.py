@@ -1100,9 +1100,9 @@ def leave_out_samples(paths: list[Path], files: "Outputs", layout: str, out: Pat
            and (m[1] in stems or re.fullmatch(r"\d{6}", m[1]))]  # fmt: skip
     if own:
         where = f"--out {out}" if latents is None else f"--latent {latents}"
-        print(f"{PROG}: warning: {where} is the --input folder: {len(own)} files named as "
-              f"samples of its images left out of the inputs ({own[0].name}"
-              f"{', ...' if len(own) > 1 else ''})", file=sys.stderr, flush=True)  # fmt: skip
+        say_err(f"{PROG}: warning: {where} is the --input folder: {len(own)} files named as "
+                f"samples of its images left out of the inputs ({own[0].name}"
+                f"{', ...' if len(own) > 1 else ''})")  # fmt: skip
     own_set = set(own)
     return [p for p in paths if p not in own_set]
 

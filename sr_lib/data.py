@@ -56,6 +56,7 @@ from sr_lib.errors import (
     Resumable,
     SRSpaceError,
     UsageError,
+    escaped,
 )
 from sr_lib.resize import contributions, imresize
 from sr_lib.threads import finish, new_pool, result, signals_held, submit, thread_map
@@ -1001,19 +1002,15 @@ def shell_quote(text: str | os.PathLike) -> str:
     return "$'" + "".join(_ansi_c(c) for c in text) + "'"
 
 
-_ANSI_C = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+_ANSI_C = {"\\": "\\\\", "'": "\\'"}
 
 
 def _ansi_c(c: str) -> str:
-    """One character inside bash's $'...': itself where printable, else its escape: \\n, \\xHH,
-    a byte that is not UTF-8 (os.fsdecode's surrogate U+DC80..U+DCFF) as that byte, \\uHHHH."""
+    """One character inside bash's $'...': itself where printable, else its escape (`escaped`:
+    \\n, \\xHH, a byte that is not UTF-8 as that byte, \\uHHHH), which bash reads back."""
     if c in _ANSI_C:
         return _ANSI_C[c]
-    if c.isprintable():
-        return c
-    if ord(c) < 0x80 or 0xDC80 <= ord(c) <= 0xDCFF:
-        return f"\\x{ord(c) & 0xFF:02x}"
-    return f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}"
+    return c if c.isprintable() else escaped(c)
 
 
 _NOUN = {"folder": "folder", "file": "file", "either": "file or folder"}

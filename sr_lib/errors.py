@@ -130,10 +130,41 @@ def printable(text: str, encoding: str = "utf-8") -> str:
     return text.encode(encoding, "backslashreplace").decode(encoding)
 
 
+_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def surrogate(c: str) -> bool:
+    """Whether `c` holds a byte that is not UTF-8 (os.fsdecode's U+DC80..U+DCFF)."""
+    return 0xDC80 <= ord(c) <= 0xDCFF
+
+
+def escaped(c: str) -> str:
+    """A character that is not printable as the escape that shows it: \\n, \\r, \\t, \\xHH (ESC:
+    \\x1b; a byte that is not UTF-8, os.fsdecode's surrogate U+DC80..U+DCFF: that byte), \\uHHHH."""
+    if c in _ESCAPES:
+        return _ESCAPES[c]
+    if ord(c) < 0x80 or surrogate(c):
+        return f"\\x{ord(c) & 0xFF:02x}"
+    return f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}"
+
+
+def one_line(text: str) -> str:
+    """`text` as one printable line: each character that is not printable as its escape
+    (`escaped`). An error or warning line shows a path as typed (`--hr DIR: ...`, `DIR: skipped
+    ...`): a newline in its name broke the line in two, a \\r wrote over its start, an ESC
+    sequence drove the terminal; a backslash is left as it is (a $'...' path already quoted).
+    A byte that is not UTF-8 (a surrogate) is left to the stream, which writes it as ever: its
+    escape \\udcXX (backslashreplace), or the byte itself (surrogateescape, a C locale)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or surrogate(c) else escaped(c) for c in text)
+
+
 def say_err(text: str) -> None:
-    """A line on stderr, dropped where stderr cannot be written either (`2>&1 | head`)."""
+    """A line on stderr, one printable line (`one_line`), dropped where stderr cannot be written
+    either (`2>&1 | head`)."""
     with contextlib.suppress(OSError):
-        print(text, file=sys.stderr, flush=True)
+        print(one_line(text), file=sys.stderr, flush=True)
 
 
 # Python's error for a thread whose stack (8 MB of address space) cannot be mapped: seen under a
@@ -251,7 +282,9 @@ def exit_on_error(prog: str, out_of_memory: str = "out of memory"):
     failing = failing and hasattr(sys.stdout, "reconfigure")  # (not a file-like stand-in)
     if failing:
         sys.stdout.reconfigure(errors="backslashreplace")
-    warnings.formatwarning = lambda message, *args, **kwargs: f"{prog}: warning: {message}\n"
+    warnings.formatwarning = lambda message, *args, **kwargs: (
+        f"{prog}: warning: {one_line(str(message))}\n"
+    )
     # Ctrl-C waits for the end of a thread pool's lock code (sr_lib/threads.py). Left alone where
     # SIGINT is ignored (a job started in the background) or handled by the caller.
     main = threading.current_thread() is threading.main_thread()
@@ -262,8 +295,8 @@ def exit_on_error(prog: str, out_of_memory: str = "out of memory"):
         check_torch()
         yield
     except SRSpaceError as e:
-        msg = " ".join(str(e).split("\n"))
-        _last_error["text"] = msg  # for the --json line (Summary)
+        msg = one_line(str(e))
+        _last_error["text"] = msg  # for the --json line (Summary): the line's message
         say_err(f"{prog}: error: {msg}")
         raise SystemExit(e.exit_code) from None
     except KeyboardInterrupt as e:  # files are written atomically: nothing half-written remains

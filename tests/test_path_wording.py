@@ -8,6 +8,7 @@ import errno
 import os
 import re
 import subprocess
+import warnings
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -18,9 +19,10 @@ import sr_eval
 import sr_lib.data
 import sr_sample
 import sr_train
+from sr_lib import errors
 from sr_lib.checkpoint import save_checkpoint
 from sr_lib.data import describe_path, link_to_nothing, list_images, shell_quote
-from sr_lib.errors import DataError
+from sr_lib.errors import DataError, exit_on_error
 from sr_lib.models import build_model
 
 TRAIN = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--scale", "2", "--patch", "8",
@@ -259,3 +261,54 @@ def test_the_scripts_quoted_paths_are_one_line(world, capsys):
         sr_sample.main(["--ckpt", "ckpt.pt", "--input", "hr2/gone\n1.png", "--out", "o"])
     line = one_line(capsys.readouterr().err)
     assert e.value.code == 3 and pasted(line) == [b"hr2/gone\n1.png", b"hr2/moved\n1.png"], line
+
+
+ODD = "d\n1\r2\t3\x1b[31mred"  # a newline, a carriage return, a tab and an ESC sequence
+ODD_SHOWN = "d\\n1\\r2\\t3\\x1b[31mred"  # as every line shows it
+
+
+def test_error_and_warning_lines_show_a_path_as_typed_printably(world, capsys):
+    """A path at the start of a line, as typed (`DIR/b.png: not an image file`, `--hr DIR: no
+    such folder`), is not quoted: its newline broke the error line in two (exit_on_error made it
+    a space, and a \\r or ESC stayed raw), and a warning printed all raw. Now each line on stderr
+    is one printable line, its control characters as escapes that name the path."""
+    Path(ODD).mkdir()
+    iio.imwrite(f"{ODD}/a.png", iio.imread("hr/a.png"))
+    Path(f"{ODD}/b.png").write_bytes(b"not a png")  # (unreadable)
+    Path("sr/000001_sample00000.png").symlink_to("000000_sample00000.png")  # (b's sample)
+    runs = [
+        (sr_train, [*TRAIN, "--data", ODD, "--out", "o"], f"{ODD_SHOWN}/b.png: not an image"),
+        (sr_sample, ["--ckpt", "ckpt.pt", "--input", ODD, "--out", "o"],
+         f"{ODD_SHOWN}/b.png: not an image"),
+        (sr_eval, ["--hr", ODD, "--sr", "sr", *EVAL], f"{ODD_SHOWN}/b.png: not an image"),
+        (sr_eval, ["--hr", f"{ODD}x", "--sr", "sr", *EVAL], f"--hr {ODD_SHOWN}x: no such folder"),
+        (sr_train, [*TRAIN, "--data", "hr", "--resume", f"{ODD}.pt", "--out", "o"],
+         f"--resume {ODD_SHOWN}.pt: no such file"),
+    ]  # fmt: skip
+    for script, argv, said in runs:
+        with pytest.raises(SystemExit) as e:
+            script.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code in (3, 6) and err.count("\n") == len(err.splitlines()), err
+        assert all(line.isprintable() for line in err.split("\n")), err
+        assert said in err, err
+    # A warning: a folder's file of a format not read, said through each script's formatter
+    Path(f"{ODD}/b.png").unlink()
+    Path(f"{ODD}/c.gif").write_bytes(b"GIF89a")
+    with pytest.warns(UserWarning) as caught:
+        list_images(ODD)
+    for prog in ("sr_train.py", "sr_sample.py"):  # (warnings.formatwarning)
+        with exit_on_error(prog):
+            line = warnings.formatwarning(caught[0].message, UserWarning, "x.py", 1)
+        assert line.startswith(f"{prog}: warning: {ODD_SHOWN}: skipped 1 image"), line
+        assert one_line(line).isprintable()
+    assert sr_eval.main(["--hr", ODD, "--sr", "sr", *EVAL]) == 0  # (its own: one_line_warnings)
+    warning = capsys.readouterr().err.splitlines()[0]
+    assert warning.startswith(f"sr_eval.py: warning: {ODD_SHOWN}: skipped 1 image"), warning
+    assert warning.isprintable()
+
+
+def test_one_line_escapes_what_is_not_printable_and_keeps_the_rest():
+    assert errors.one_line("plain $'a\\nb' σ") == "plain $'a\\nb' σ"  # (quoted path, backslashes)
+    assert errors.one_line("a\nb\rc\td\x1b[0m\x7f\u2028") == "a\\nb\\rc\\td\\x1b[0m\\x7f\\u2028"
+    assert errors.one_line("caf\udce9") == "caf\udce9"  # (the stream's: \\udce9, or the byte)
