@@ -380,7 +380,7 @@ EMPTY_REFUSED = {
     "cache": ("path", "a folder for the decoded arrays, or leave --cache out"),
     "resume": ("path", "auto or a checkpoint, or leave --resume out for a new run"),
     "init_from": ("path", "a checkpoint, or leave --init-from out"),
-    "model": ("value", f"one of {', '.join(MODELS)}, or leave --model out with --resume"),
+    "model": ("value", f"a model name ({', '.join(MODELS)}), or leave --model out with --resume"),
     **EMPTY_DEGRADATION,  # (as sr_sample.py --from-hr's)
     "device": ("value", "auto, cpu, cuda or cuda:N, or leave --device out"),
 }

@@ -242,7 +242,8 @@ CASES = {  # id: (flags, exit code, words of the message)
             ("--lr-noise", "value", {}, "a sigma or LO:HI (0 or none for no noise), or"),
             ("--lr-jpeg", "value", {}, "a quality 1..100 or LO:HI (none for no JPEG), or"),
             ("--device", "value", {}, "auto, cpu, cuda or cuda:N, or leave --device out"),
-            ("--model", "value", {}, "one of bicubic, edsr,"),
+            # (", or" after a list of models read as its last item's continuation)
+            ("--model", "value", {}, f"a model name ({', '.join(MODELS)}), or leave --model"),
             ("--ref-data", "path", TINY_REFVAE, "a folder of reference images, or leave"),
             ("--rrdb-init", "path", TINY_SRFLOW, "RRDB weights (RRDB_*.pth or an rrdb run's .pt)"),
             ("--rrdb-blocks", "value", TINY_SRFLOW, "block numbers, e.g. 1,8,15,22, or leave"),
