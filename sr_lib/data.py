@@ -1517,6 +1517,7 @@ def degradation_range(text: str, flag: str) -> tuple[float, float] | tuple[int, 
         return None
     quality = flag == "--lr-jpeg"
     what = "a quality 1..100" if quality else "a sigma >= 0"
+    off = "none for no JPEG" if quality else f"0 or none for no {flag.removeprefix('--lr-')}"
     parts = text.split(":")
     try:
         if len(parts) > 2:
@@ -1525,9 +1526,9 @@ def degradation_range(text: str, flag: str) -> tuple[float, float] | tuple[int, 
     except ValueError:
         example = "30:95" if quality else "0.5:3"
         raise UsageError(f"{flag} {text}: must be {what} or a range LO:HI of them, drawn "
-                         f"uniformly (e.g. {example})") from None  # fmt: skip
+                         f"uniformly (e.g. {example}); {off}") from None  # fmt: skip
     if not all(map(math.isfinite, values)):
-        raise UsageError(f"{flag} {text}: must be finite, {what} or a range LO:HI of them")
+        raise UsageError(f"{flag} {text}: must be finite, {what} or a range LO:HI of them; {off}")
     if quality and not all(v.is_integer() and 1 <= v <= 100 for v in values):
         raise UsageError(f"{flag} {text}: JPEG quality must be a whole number 1..100")
     if not quality and min(values) < 0:

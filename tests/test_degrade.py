@@ -327,6 +327,10 @@ def test_validation_lr_psnr_compares_with_the_hr_bicubic_not_the_degraded_input(
         ("--lr-noise", "abc", "must be a sigma >= 0 or a range LO:HI"),
         ("--lr-noise", "nan", "must be finite"),
         ("--lr-blur", "0:inf", "must be finite"),
+        # none, which turns a degradation off (a resumed run's too), was not among what it takes
+        ("--lr-noise", "abc", "drawn uniformly (e.g. 0.5:3); 0 or none for no noise"),
+        ("--lr-blur", "0:inf", "of them; 0 or none for no blur"),
+        ("--lr-jpeg", "good", "drawn uniformly (e.g. 30:95); none for no JPEG"),
         ("--lr-blur", "3:1", "LO 3 is above HI 1"),
         ("--lr-blur", "1:2:3", "or a range LO:HI"),
         ("--lr-blur", "0.5:1e12", "sigma must be <= 100 HR pixels"),
@@ -353,7 +357,7 @@ def test_a_bad_degradation_value_is_one_line_exit_2(flag, value, says, capsys, t
     "flag, value, says",
     [
         ("--lr-blur", "abc", "must be a sigma >= 0 or a range LO:HI of them, drawn uniformly (e.g. "
-         "0.5:3)"),
+         "0.5:3); 0 or none for no blur"),
         ("--lr-jpeg", "90:30", "LO 90 is above HI 30; give 30:90"),
     ],
 )  # fmt: skip
