@@ -408,9 +408,7 @@ class SampleArgs:
         "(1-100 or LO:HI, one draw per image)",
         metavar="QUALITY",
     )
-    n: int = field(
-        default=10, metadata=dict(type=integer(1, MAX_N), help="samples per image (default 10)")
-    )
+    n: int = field(default=10, metadata=dict(type=integer(1, MAX_N), help="samples per image"))
     temperature: Optional[list[float]] = field(  # noqa: UP045 (argparse-dataclass needs Optional)
         default=None,
         metadata=dict(
@@ -426,30 +424,28 @@ class SampleArgs:
     layout: str = field(
         default="stem",
         metadata=dict(choices=("stem", "ntire"),
-                      help="stem (default): STEM_sample00000.png; ntire: 000000_sample00000.png"),
+                      help="stem: STEM_sample00000.png; ntire: 000000_sample00000.png"),
     )  # fmt: skip
     bit_depth: int = field(
         default=8,
         metadata=dict(type=int, choices=(8, 16),
-                      help="8 (default): 8-bit PNGs, a 16-bit LR read as 8 bits; 16: the LR at "
+                      help="8: 8-bit PNGs, a 16-bit LR read as 8 bits; 16: the LR at "
                            "its full precision, 16-bit PNGs"),
     )  # fmt: skip
     alpha_channel: str = field(
         default="keep",
         metadata=dict(choices=("keep", "drop"),
-                      help="an LR's alpha channel: keep (default): upscaled onto its outputs "
+                      help="an LR's alpha channel; keep: upscaled onto its outputs "
                            "(--alpha-upsampler); drop: RGB/gray outputs"),
     )  # fmt: skip
     alpha_upsampler: str = field(
         default="bicubic",
         metadata=dict(choices=("bicubic", "model"),
-                      help="how a kept alpha channel is upscaled: bicubic (default): MATLAB "
+                      help="how a kept alpha channel is upscaled; bicubic: MATLAB "
                            "bicubic; model: super-resolved by the model at temperature 0, one "
                            "alpha for every sample of the image"),
     )  # fmt: skip
-    batch: int = field(
-        default=10, metadata=dict(type=integer(1), help="samples per model call (default 10)")
-    )
+    batch: int = field(default=10, metadata=dict(type=integer(1), help="samples per model call"))
     tile: int = field(
         default=0,
         metadata=dict(type=integer(MIN_TILE, zero=True),
@@ -485,8 +481,8 @@ class SampleArgs:
     )
     ref: str = field(
         default="",
-        metadata=dict(help="refvae reference: FILE, DIR (one output per image), noise (default), "
-                      "lr (the LR itself) or prior (z ~ N(0, I))"),
+        metadata=dict(help="refvae reference: FILE, DIR (one output per image), noise, lr (the LR "
+                      "itself) or prior (z ~ N(0, I)) (default: noise)"),
     )  # fmt: skip
     latent_from: str = field(
         default="", metadata=dict(help="varsr: decode with the latent E_H(HR) of this HR image")

@@ -75,3 +75,25 @@ def test_help_never_breaks_a_flag_or_a_hyphenated_word(script, argv, capsys, mon
         broken = [f"{a} / {b}" for a, b in zip(words, words[1:]) if re.search(r"\w-$", a)]
         assert not broken, (columns, broken)
         assert words == unwrapped, columns
+
+
+# How a help may speak of a default: the one form `(default: X)` (`show_defaults` adds it, or
+# `; default: X` inside a parenthesis), a switch's "the default; undoes --no-X", and prose about
+# another default (the lpips package's, what happens without a switch)
+DEFAULT_SAID = r"\(default: |; default: |^the default; undoes |package's default|by default"
+
+
+@pytest.mark.parametrize(
+    "script, argv", SCREENS, ids=[f"{m.__name__} {' '.join(a)}" for m, a in SCREENS]
+)
+def test_help_shows_a_default_in_one_form(script, argv, capsys):
+    """sr_sample.py -h wrote `(default 10)` for --n and --batch and `stem (default): ...` for its
+    choices, where every other flag of the three scripts ends with `(default: X)`."""
+    entries = helps(script.main, capsys)
+    other = {f: t for f, t in entries.items() if "default" in re.sub(DEFAULT_SAID, "", t)}
+    assert not other, other
+    if script is sr_sample:
+        for flag, default in (("--n", "10"), ("--batch", "10"), ("--layout", "stem"),
+                              ("--bit-depth", "8"), ("--alpha-channel", "keep"),
+                              ("--alpha-upsampler", "bicubic"), ("--ref", "noise")):  # fmt: skip
+            assert entries[flag].endswith(f" (default: {default})"), entries[flag]
