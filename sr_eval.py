@@ -200,6 +200,7 @@ from sr_lib.errors import (
     exit_on_error,
     host_out_of_memory,
     is_out_of_memory,
+    one_line,
     printable,
     replay_stop_signal,
     say_err,
@@ -1632,7 +1633,7 @@ def show(text: str, to_stderr: bool) -> None:
     if to_stderr:
         say_err(text)
     else:
-        print(text, flush=True)  # (an error at a flush at exit would be a traceback)
+        print(one_line(text), flush=True)  # (an error at a flush at exit would be a traceback)
 
 
 def write_stdout(flag: str, text: str) -> None:

@@ -110,12 +110,13 @@ def stdout_closed(e: BaseException | None = None) -> str:
 
 
 def print_out(text: str) -> bool:
-    """print(text) on stdout; False, and nothing printed, where stdout cannot be written any more
+    """print(text) on stdout, one printable line (`one_line`: a closing line's `-> OUT` as
+    typed); False, and nothing printed, where stdout cannot be written any more
     (`stdout_closed`: the caller decides what that means for its run)."""
     if stdout_closed():
         return False
     try:
-        print(text, flush=True)
+        print(one_line(text), flush=True)
     except OSError as e:
         if not stdout_closed(e):
             raise

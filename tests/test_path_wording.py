@@ -308,6 +308,22 @@ def test_error_and_warning_lines_show_a_path_as_typed_printably(world, capsys):
     assert warning.isprintable()
 
 
+def test_stdout_lines_show_an_output_folder_as_typed_printably(world, capsys):
+    """The lines on stdout (progress, `done: ... -> OUT`) name --out as typed: its newline split
+    the closing line in two, an ESC sequence reached the terminal."""
+    assert sr_sample.main(["--ckpt", "ckpt.pt", "--input", "lr", "--out", ODD, "--n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert all(line.isprintable() for line in out.split("\n")), out
+    assert out.splitlines()[-1].endswith(f" -> {ODD_SHOWN}"), out
+    assert Path(ODD, "a.png").is_file()  # (the folder itself as given)
+    Path("hr3").mkdir()  # sr_eval.py's progress line names each image by its stem
+    Path("hr/a.png").rename(f"hr3/{ODD}.png")
+    assert sr_eval.main(["--hr", "hr3", "--sr", "sr", *EVAL]) == 0
+    out = capsys.readouterr().out
+    assert all(line.isprintable() for line in out.split("\n")), out
+    assert f"[1/1] {ODD_SHOWN} sr: " in out, out
+
+
 def test_one_line_escapes_what_is_not_printable_and_keeps_the_rest():
     assert errors.one_line("plain $'a\\nb' σ") == "plain $'a\\nb' σ"  # (quoted path, backslashes)
     assert errors.one_line("a\nb\rc\td\x1b[0m\x7f\u2028") == "a\\nb\\rc\\td\\x1b[0m\\x7f\\u2028"
