@@ -243,6 +243,7 @@ from sr_lib.errors import (
     exit_on_error,
     host_out_of_memory,
     is_out_of_memory,
+    one_line,
     print_out,
     replay_stop_signal,
     say_err,
@@ -2816,8 +2817,8 @@ class ProgressLog(contextlib.AbstractContextManager):
 
     def say(self, text: str) -> None:
         self.show_skipped()
-        if self.tty:
-            self.bar.console.print(text)
+        if self.tty:  # (not rich markup: an image a[b].png; one line, as print_out's)
+            self.bar.console.print(one_line(text), markup=False)
         elif not self.quiet:
             print_out(text)  # where stdout cannot be written: dropped, and `step` stops the run
 

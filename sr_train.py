@@ -113,6 +113,7 @@ from sr_lib.errors import (
     catch,
     exit_on_error,
     is_out_of_memory,
+    one_line,
     print_out,
     printable,
     replay_stop_signal,
@@ -2777,7 +2778,10 @@ class Progress:
             self.print(f"step {step} | {info} | {rec['s_per_step']:.3f} s/step")
 
     def message(self, text: str) -> None:
-        (self.bar.console.print if self.tty else self.print)(text)
+        if self.tty:  # (not rich markup; one line, as print_out's)
+            self.bar.console.print(one_line(text), markup=False)
+        else:
+            self.print(text)
 
     def print(self, text: str) -> None:
         if not self.quiet and not print_out(text):

@@ -5,6 +5,7 @@ flag (3 data, 6 checkpoint, 7 output). sr_eval.py said "a symbolic link to a mis
 sr_sample.py "... to a missing file", sr_train.py "a symbolic link to nothing (-> X)"."""
 
 import errno
+import io
 import os
 import re
 import subprocess
@@ -14,6 +15,8 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import pytest
+from rich.console import Console
+from rich.progress import Progress
 
 import sr_eval
 import sr_lib.data
@@ -322,6 +325,22 @@ def test_stdout_lines_show_an_output_folder_as_typed_printably(world, capsys):
     out = capsys.readouterr().out
     assert all(line.isprintable() for line in out.split("\n")), out
     assert f"[1/1] {ODD_SHOWN} sr: " in out, out
+
+
+def test_a_terminal_line_over_the_bar_is_one_line_not_markup():
+    """On a terminal sr_sample.py's line over its bar (an image's CUDA out-of-memory retry) and
+    sr_train.py's (validation, rollback: OUT/last.pt) went through rich's console.print: an
+    image a[b].png lost its [b] as markup (bold), an ESC or a newline in a name was written raw."""
+    text = f"a[b]{ODD}: CUDA out of memory; retrying with --tile 64"
+    log = sr_sample.ProgressLog(1)
+    train = sr_train.Progress(1, 0, {})
+    for progress, say in ((log, log.say), (train, train.message)):
+        buf = io.StringIO()
+        progress.tty = True
+        progress.bar = Progress(console=Console(file=buf, force_terminal=True, width=200))
+        say(text)
+        line = re.sub(r"\x1b\[[0-9;]*m", "", buf.getvalue())  # (rich's own colours)
+        assert line == f"a[b]{ODD_SHOWN}: CUDA out of memory; retrying with --tile 64\n", line
 
 
 def test_one_line_escapes_what_is_not_printable_and_keeps_the_rest():
