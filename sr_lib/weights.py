@@ -14,7 +14,6 @@ import os
 import pickle
 import pickletools
 import re
-import sys
 import tempfile
 import urllib.request
 import warnings
@@ -26,7 +25,7 @@ import torch
 
 from sr_lib import distributed
 from sr_lib.data import describe_path
-from sr_lib.errors import CheckpointError, UsageError
+from sr_lib.errors import CheckpointError, UsageError, say_err
 
 MANIFEST = Path(__file__).resolve().parent.parent / "weights.txt"
 CHUNK = 1 << 20  # hash and download in 1 MiB pieces so big files never sit in memory
@@ -240,7 +239,7 @@ def _download(entry: Entry, target: Path) -> Path:
         # $SRSPACE_WEIGHTS or hub cache): a node's own doing, so the line names its rank
         ranks = distributed.env_ranks()
         who = f"rank {ranks[0]}: " if ranks and ranks[1] > 1 else ""
-        print(f"srspace: {who}downloading {entry.url} to {target}", file=sys.stderr, flush=True)
+        say_err(f"srspace: {who}downloading {entry.url} to {target}")  # (one line: `one_line`)
         h, got = hashlib.sha256(), 0
         with os.fdopen(fd, "wb") as f, urllib.request.urlopen(entry.url, timeout=60) as r:
             size = int(r.headers.get("Content-Length") or -1)

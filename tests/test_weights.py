@@ -292,6 +292,17 @@ def test_a_download_under_several_ranks_is_said_by_each_rank_naming_it(
         assert weights.sha256_file(f"{nodes}{rank}/net.pth") == sha
 
 
+def test_the_download_line_is_one_printable_line(tmp_path, server, monkeypatch, capsys):
+    """$SRSPACE_WEIGHTS as set (a newline, an ESC in it) was written raw into the line."""
+    sha = save_sd(tmp_path / "remote" / "net.pth")
+    monkeypatch.setenv("SRSPACE_WEIGHTS", str(tmp_path / "w\neights\x1b[2J"))
+    resolve("net", manifest={"net": Entry("net", sha, f"{server}/net.pth")})
+    err = capsys.readouterr().err
+    assert (
+        err == f"srspace: downloading {server}/net.pth to {tmp_path}/w\\neights\\x1b[2J/net.pth\n"
+    )
+
+
 def test_download_onto_a_full_disk(tmp_path):
     """A disk that fills during the download (here a 512-byte file size limit: EFBIG as ENOSPC)
     was 'could not download URL', with the advice to download it on a machine with internet."""
