@@ -2285,7 +2285,7 @@ def comparison_tables(means: dict, columns: list[str], title: str, methods, widt
     shown = {"N": len(set(ns.values())) > 1, "T": any(m.temperature is not None for m in methods)}
     keys = ["method"] + [k for k, on in shown.items() if on]
     cells = {
-        m: [printable(m, encoding)]
+        m: [printable(one_line(m), encoding)]
         + ([str(ns[m])] if shown["N"] else [])
         + ([ts[m]] if shown["T"] else [])
         for m in means
@@ -2332,8 +2332,9 @@ def print_table(means: dict, columns: list[str], title: str, methods, console=No
     first, then written as text: rich's own write turns a closed pipe into a silent exit 1, where
     `unless_stdout_closed` decides what a closed stdout means for the run."""
     console = console or Console(width=None if sys.stdout.isatty() else 160)
+    # (not rich markup: a method named a[b] lost its [b] as bold, the borders their place)
     text = Console(file=Rendered(console.encoding), width=console.width,
-                   color_system=console.color_system,
+                   color_system=console.color_system, markup=False,
                    force_terminal=console.is_terminal)  # fmt: skip
     for table in comparison_tables(means, columns, title, methods, console.width, console.encoding):
         text.print(table)

@@ -327,6 +327,18 @@ def test_stdout_lines_show_an_output_folder_as_typed_printably(world, capsys):
     assert f"[1/1] {ODD_SHOWN} sr: " in out, out
 
 
+def test_sr_eval_table_names_a_method_as_typed(world, capsys):
+    """A method (its --sr folder's name) with [b] in it lost it as rich markup (bold), and the
+    borders after it their place; a newline or ESC was drawn raw inside the table."""
+    Path("sr").rename("m[b]\x1b[2J\nx")
+    assert sr_eval.main(["--hr", "hr", "--sr", "m[b]\x1b[2J\nx", *EVAL]) == 0
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line[:1] in "┏┃┡│└"]
+    assert any(line.startswith("│ m[b]\\x1b[2J\\nx │") for line in table), table
+    assert all(line.isprintable() for line in out.split("\n")), out
+    assert len({len(line) for line in table}) == 1, table  # the borders line up
+
+
 def test_a_terminal_line_over_the_bar_is_one_line_not_markup():
     """On a terminal sr_sample.py's line over its bar (an image's CUDA out-of-memory retry) and
     sr_train.py's (validation, rollback: OUT/last.pt) went through rich's console.print: an
