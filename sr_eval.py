@@ -1488,25 +1488,25 @@ def typed_flags(args: EvalArgs, unused: tuple[str, ...] = ()) -> dict:
 
 def legacy_keys(args: EvalArgs, settings: dict) -> set[str]:
     """The keys that earlier srspace versions gave the scores this command kept, where nothing
-    those keys lack can differ, so that a job requeued across an upgrade continues (`adopt_key`):
+    those keys lack can differ, so that a job requeued across an upgrade continues (`adopt_key`).
+    One rule: scores whose LPIPS settings the key does not tell, where they could differ, are
+    another command's (moved aside, kept for a rerun of that srspace, every image scored again):
+    on the CPU its instruction set (an AVX2 node's LPIPS_mean differs from an AVX-512 node's in
+    its 7th digit: `cpu_capability`) and its threads (1 and 2 in the 8th), on CUDA the GPU model.
     - before --out's cpu_capability: its settings without it, where it is null (LPIPS on CUDA,
-      --no-lpips). Not where LPIPS ran on the CPU: that key does not tell on which instruction
-      set, and an AVX2 node's numbers differ from an AVX-512 node's (`cpu_capability`), so they
-      are moved aside (kept for a rerun of that srspace) and every image is scored again;
+      --no-lpips); not where LPIPS ran on the CPU;
     - before --out's device_name (session 28): its settings without device_name (nor threads
-      and cpu_capability, later still), and every flag typed, where no GPU model ran LPIPS,
-      which that key does not tell: on the CPU (whatever its threads were, which it did not
-      record either: taken once, across that upgrade), or with --no-lpips (its device then ran
-      nothing: the one --device picked, cuda or cpu for auto)."""
+      and cpu_capability, later still), and every flag typed, with --no-lpips alone (its device
+      then ran nothing: the one --device picked, cuda or cpu for auto). Not where LPIPS ran: on
+      CUDA that key does not tell the GPU model, on the CPU neither the threads nor the
+      instruction set."""
     keys = set()
     if settings["cpu_capability"] is None:
         keys.add(scores_key(args, {k: v for k, v in settings.items() if k != "cpu_capability"}))
-    if settings["device_name"] is not None:
+    if not args.no_lpips:
         return keys
     typed = typed_flags(args)
-    devices = [settings["device"]]
-    if args.no_lpips:
-        devices = ["cpu", "cuda"] if args.device == "auto" else [str(torch.device(args.device))]
+    devices = ["cpu", "cuda"] if args.device == "auto" else [str(torch.device(args.device))]
     later = ("device_name", "threads", "cpu_capability")
     old = {k: v for k, v in settings.items() if k not in later}
     return keys | {settings_key({**old, "device": d}, typed) for d in devices}

@@ -1908,13 +1908,16 @@ def test_a_stop_while_scores_are_moved_aside_leaves_one_name(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("lpips", [True, False], ids=["lpips", "no-lpips"])
-def test_scores_kept_before_the_key_held_the_gpu_model_are_continued_on_the_cpu(
+def test_scores_kept_before_the_key_held_the_gpu_model_are_continued_only_without_lpips(
     tmp_path, capsys, monkeypatch, lpips_file, lpips
 ):
     """An OUT.partial of an srspace before --out's settings held device_name has the key of
-    those settings: a job requeued across the upgrade moved its scores aside and scored every
-    image again. Where no GPU model ran LPIPS (the CPU, or --no-lpips), nothing that key lacks
-    can differ: the rerun continues from it, and ends as a run never stopped."""
+    those settings. With --no-lpips nothing that key lacks can differ: the rerun continues from
+    it, and ends as a run never stopped. It was continued with LPIPS on the CPU too, whose
+    threads and instruction set that key does not tell (LPIPS_mean's 8th and 7th digits), where
+    a later key that holds the threads but not the instruction set is moved aside: one rule now,
+    settings unknown where they could differ are another command's, moved aside (kept, named in
+    the line) and every image scored again."""
     names = tuple(f"{k:04d}" for k in range(3))
     hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 3, names=names)
     out, partial = tmp_path / "r.json", tmp_path / "r.json.partial"
@@ -1938,14 +1941,21 @@ def test_scores_kept_before_the_key_held_the_gpu_model_are_continued_on_the_cpu(
     old = {k: v for k, v in seen[0].items() if k not in later}
     old_key = hashlib.sha256(json.dumps({**old, "args": typed}, sort_keys=True).encode())
     first, rest = partial.read_text().split("\n", 1)
-    partial.write_text(json.dumps({**json.loads(first), "key": old_key.hexdigest()}) + "\n" + rest)
+    head = {k: v for k, v in json.loads(first).items() if k != "moved_key"}  # (none then)
+    partial.write_text(json.dumps({**head, "key": old_key.hexdigest()}) + "\n" + rest)
     calls = stop_at_image(monkeypatch, "none")
     code, got = run(capsys, *argv)
-    assert (code, calls, got.err) == (0, ["0002"], "")
-    assert f"continuing from {partial}: 2 of 3 images scored already" in got.out
-    assert out.read_bytes() == whole and sorted(p.name for p in tmp_path.glob("r.json*")) == [
-        "r.json"
-    ]
+    assert code == 0 and out.read_bytes() == whole
+    left = sorted(p.name for p in tmp_path.glob("r.json*"))
+    if not lpips:
+        assert (calls, got.err) == (["0002"], "")
+        assert f"continuing from {partial}: 2 of 3 images scored already" in got.out
+        assert left == ["r.json"]
+        return
+    aside = tmp_path / f"r.json.{old_key.hexdigest()[:12]}.partial"
+    assert calls == ["0000", "0001", "0002"] and "continuing" not in got.out
+    assert left == ["r.json", aside.name] and f"moved to {aside}, where a rerun" in got.err
+    assert json.loads(aside.read_text().split("\n", 1)[0])["key"] == old_key.hexdigest()
 
 
 @pytest.mark.parametrize("lpips", [True, False], ids=["lpips", "no-lpips"])
