@@ -1327,7 +1327,9 @@ def take_name(path: Path, new: Path) -> bool:
     and an unlink that fails all the same removes the link again (or names it in the error).
     A stop signal between the link and the unlink (SIGTERM: a job preempted as it starts) left
     both names too, the rerun moving the second aside once more: the two are one step, the
-    signal raised at its end (`signals_held`)."""
+    signal raised at its end (`signals_held`). Ctrl-C waits so too where main's handler is
+    SIGINT's (`exit_on_error`), but not under a caller's own handler, nor Python's (main() or
+    this called from Python): its KeyboardInterrupt between the two undoes the link."""
     if not unlinkable(path):
         raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(path))
     with signals_held():
@@ -1340,6 +1342,9 @@ def take_name(path: Path, new: Path) -> bool:
                 raise  # (ENOENT: `path` gone; EACCES, EROFS: no rename either)
             os.rename(path, new)  # (no hard links here, or not to another user's file)
             return True
+        except BaseException:  # (Ctrl-C as the link returned: `new` may be made)
+            unlink_second_name(path, new)
+            raise
         try:
             os.unlink(path)
         except OSError as e:
@@ -1349,7 +1354,19 @@ def take_name(path: Path, new: Path) -> bool:
                 raise OSError(e.errno, f"{e.strerror}; {new} is left a second name of it: "
                               "delete that name") from None  # fmt: skip
             raise
+        except BaseException:  # (Ctrl-C not held: before the unlink, or as it returned)
+            unlink_second_name(path, new)
+            raise
     return True
+
+
+def unlink_second_name(path: Path, new: Path) -> None:
+    """`new` removed where it is a second name of `path` (`take_name` cut short between its link
+    and its unlink): the file is left one name, `path`, as before. Nothing where the unlink was
+    done (`path` gone) or the link not made (`new` another file, or none)."""
+    with suppress(OSError):
+        if os.path.samefile(path, new) and not os.path.islink(new):
+            os.unlink(new)
 
 
 def unlinkable(path: Path) -> bool:

@@ -1907,6 +1907,34 @@ def test_a_stop_while_scores_are_moved_aside_leaves_one_name(tmp_path, monkeypat
     assert sorted(tmp_path.iterdir()) == [new] and new.read_text() == "theirs\n"
 
 
+@pytest.mark.parametrize("handler", ["python's", "main's"])
+def test_ctrl_c_while_scores_are_moved_aside_leaves_one_name(tmp_path, monkeypatch, handler):
+    """Ctrl-C between take_name's link and unlink left both names (the rerun moving the second
+    aside once more) where SIGINT's handler is not held by `signals_held`: Python's own or a
+    caller's (main() called from Python). Now its KeyboardInterrupt undoes the link: the file is
+    left under its one name. Under main's handler (`exit_on_error`) it waits for the unlink."""
+    here, new = tmp_path / "r.json.partial", tmp_path / "r.json.0123456789ab.partial"
+    here.write_text("theirs\n")
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if Path(path) == here:
+            os.kill(os.getpid(), signal.SIGINT)  # (Python's handler raises at the next bytecode)
+        return real_unlink(path, *args, **kwargs)
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        if handler == "main's":
+            signal.signal(signal.SIGINT, sr_eval.when_not_held(signal.default_int_handler))
+        monkeypatch.setattr(sr_eval.os, "unlink", unlink)
+        with pytest.raises(KeyboardInterrupt):
+            sr_eval.take_name(here, new)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    left = here if handler == "python's" else new
+    assert sorted(tmp_path.iterdir()) == [left] and left.read_text() == "theirs\n"
+
+
 @pytest.mark.parametrize("lpips", [True, False], ids=["lpips", "no-lpips"])
 def test_scores_kept_before_the_key_held_the_gpu_model_are_continued_only_without_lpips(
     tmp_path, capsys, monkeypatch, lpips_file, lpips
