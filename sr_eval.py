@@ -91,9 +91,10 @@ earlier report in --report DIR (its index.html, plots/ and images/) moved into a
 page's bytes moved, its target written), so that a run that ends without its results (a stop, an
 error, Ctrl-C, a kill) leaves no earlier numbers under its name and loses no earlier result; its
 line says where they went; a run that completes deletes the NAME.old (DIR/old) it made, and the
-NAME.old that runs of the same command stopped before it made (kept in OUT.partial; only files
-unchanged since) and the DIR/old, old2, ... of stopped runs (their mark .sr_eval_earlier_report in
-them), so that a chain of preempted runs ends with what a run never stopped leaves.
+NAME.old that runs of the same command stopped before it made (kept in OUT.partial, written
+before the move: a full disk there leaves NAME where it was; only files unchanged since) and
+the DIR/old, old2, ... of stopped runs (their mark .sr_eval_earlier_report in them), so that
+a chain of preempted runs ends with what a run never stopped leaves.
 
 Exit codes: 0 ok, 2 bad flag, 3 unusable data (missing, unreadable or wrongly sized images, an
 index that names other images), 4 out of memory, 6 LPIPS weights, 7 output, 75 stopped by
@@ -759,12 +760,13 @@ REPORT_OLD = "old"  # the folder in --report DIR that an earlier report waits in
 REPORT_OLD_MARK = ".sr_eval_earlier_report"
 
 
-def set_aside(paths: list[Path], moved: dict[Path, Path], report_dir: Path | None = None):
-    """Each of `paths` that exists (an earlier run's --out or --csv) renamed NAME.old, or
-    NAME.old2, ... where that is taken (nothing is replaced), into `moved` {path: new name}, at
-    the start of the work: a run that ends without writing its own (a stop, an error, Ctrl-C, a
-    kill) leaves no earlier numbers under its name for a pipeline that reads the file, not the
-    exit code. This run's file, once written, replaces it (`run` deletes NAME.old), as before.
+def set_aside(planned: dict[Path, Path], moved: dict[Path, Path], report_dir: Path | None = None):
+    """Each of the earlier --out and --csv files `planned` (`aside_names`) renamed to its name
+    there, NAME.old, or NAME.old2, ... where that is taken (nothing is replaced), into `moved`
+    {path: new name}, at the start of the work: a run that ends without writing its own (a stop,
+    an error, Ctrl-C, a kill) leaves no earlier numbers under its name for a pipeline that reads
+    the file, not the exit code. This run's file, once written, replaces it (`run` deletes
+    NAME.old), as before.
     Where NAME is a symbolic link, its target is what is moved (TARGET.old), and written to.
     An earlier report in `report_dir` (its index.html) is moved so too, into a new folder DIR/old
     (old2, ... where taken; REPORT_OLD_MARK in it, for `delete_earlier_reports`): its
@@ -774,15 +776,13 @@ def set_aside(paths: list[Path], moved: dict[Path, Path], report_dir: Path | Non
     through a link (`write_target`): the earlier page's bytes go to DIR/old/index.html and its
     target is removed (the new page is written through the link).
     `moved` then has {DIR/index.html: DIR/old/index.html}, the page to open."""
-    for path in paths:
-        if exists(real := write_target(path)):  # a link's target: the link stays, for the new
-            aside = aside_name(real)
-            try:
-                real.rename(aside)
-            except OSError as e:
-                raise OutputError(f"{path}: cannot move this earlier file aside to {aside} "
-                                  f"({e.strerror or e}); move or delete it") from None  # fmt: skip
-            moved[path] = aside
+    for path, aside in planned.items():
+        try:
+            write_target(path).rename(aside)  # a link's target: the link stays, for the new
+        except OSError as e:
+            raise OutputError(f"{path}: cannot move this earlier file aside to {aside} "
+                              f"({e.strerror or e}); move or delete it") from None  # fmt: skip
+        moved[path] = aside
     if report_dir is None or not (report_dir / "index.html").exists():
         return
     names = (f"{REPORT_OLD}{i}" if i > 1 else REPORT_OLD for i in itertools.count(1))
@@ -823,6 +823,14 @@ def set_aside(paths: list[Path], moved: dict[Path, Path], report_dir: Path | Non
 def exists(path: Path) -> bool:
     """A name taken: a file, a folder, or a link (broken or not)."""
     return path.exists() or path.is_symlink()
+
+
+def aside_names(paths: list[Path]) -> dict[Path, Path]:
+    """{path: where `set_aside` moves it} of each of `paths` that exists (an earlier run's --out
+    or --csv; a link's target, beside it), known before the move: OUT.partial records them first
+    (`aside_record`)."""
+    reals = {path: write_target(path) for path in paths}
+    return {path: aside_name(real) for path, real in reals.items() if exists(real)}
 
 
 def aside_name(path: Path) -> Path:
@@ -987,12 +995,15 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     ):
         with signals_held():  # a stop halfway would leave the earlier report in two places
             outputs = [Path(p) for p in (args.out, args.csv) if p and p != STDOUT]
-            set_aside(outputs, moved, report_dir)
+            planned = aside_names(outputs)
+            if partial and planned:  # (a stop before the first image)
+                # recorded before they are moved: a full disk here, or a kill between, left a
+                # NAME.old that no run deleted; a failed write leaves them where they were
+                asides += [aside_record(p, aside) for p, aside in planned.items()]
+                written = keep_scores(partial, key, kept, asides, None, moved_key)
+            set_aside(planned, moved, report_dir)
             if report_dir:
                 report.started(report_dir)
-            if partial and any(p in moved for p in outputs):  # (a stop before the first image)
-                asides += [aside_record(p, moved[p]) for p in outputs if p in moved]
-                written = keep_scores(partial, key, kept, asides, None, moved_key)
         rows, sheets = score(hr, methods, lr_files, sigma_files, columns, opts, report_dir,
                              to_files, to_stderr, args.quiet, scored,
                              [entry["rows"] for entry in kept])  # fmt: skip
@@ -1440,10 +1451,10 @@ def read_partial(path: Path) -> tuple[dict, list]:
 
 
 def aside_record(path: Path, aside: Path) -> dict:
-    """An earlier --out or --csv `path` that `set_aside` renamed `aside`, as OUT.partial keeps it:
-    absolute paths, and the file's inode, size and modification time (`delete_asides` deletes
-    only the file it was)."""
-    st = aside.stat()
+    """An earlier --out or --csv `path` that `set_aside` renames `aside`, as OUT.partial keeps it
+    (written before the move): absolute paths, and the file's inode, size and modification time,
+    which the rename keeps (`delete_asides` deletes only the file it was)."""
+    st = write_target(path).stat()
     return {"path": os.path.abspath(path), "aside": os.path.abspath(aside),
             "stat": [st.st_ino, st.st_size, st.st_mtime_ns]}  # fmt: skip
 

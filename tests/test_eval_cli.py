@@ -1025,6 +1025,42 @@ def test_full_disk_is_one_line_exit_7_and_no_partial_json(tmp_path):
     assert (out.parent / "r.json.old").read_text() == "an earlier run's\n"
 
 
+def test_full_disk_on_the_first_write_of_the_scores_leaves_no_earlier_file_unrecorded(
+    tmp_path, capsys, monkeypatch
+):
+    """An earlier --out was set aside as r.json.old, then OUT.partial written to record it: a
+    full disk (ENOSPC) on that write left r.json.old recorded nowhere, and a later run of the
+    command that completed left it in place for ever (a run deletes the NAME.old files its
+    stopped runs made, as OUT.partial records them). Now the record is written first, then the
+    file moved: the full disk leaves the earlier --out where it was, the line names only the
+    file that could not be written, and the rerun ends with r.json alone."""
+    names = ("0000", "0001")
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 2, names=names)
+    out, partial = tmp_path / "r.json", tmp_path / "r.json.partial"
+    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips", "--out", out]
+    out.write_text("an earlier run's\n")
+    real = data._write_bytes
+
+    def full(path, *args, **kwargs):
+        if Path(path) == partial:
+            raise data.OutputError(f"{path}: cannot write (No space left on device); check the "
+                                   "output path")  # fmt: skip
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(data, "_write_bytes", full)
+    code, err = fails(capsys, *argv)
+    monkeypatch.undo()
+    assert (code, err) == (
+        7, f"sr_eval.py: error: {partial}: cannot write (No space left on device); check the "
+        "output path\n"
+    )  # fmt: skip
+    assert sorted(p.name for p in tmp_path.glob("r.json*")) == ["r.json"]
+    assert out.read_text() == "an earlier run's\n"
+    assert run(capsys, *argv)[0] == 0
+    assert sorted(p.name for p in tmp_path.glob("r.json*")) == ["r.json"]
+    assert json.loads(out.read_text())["settings"]["scale"] == 4
+
+
 def test_full_disk_while_the_scores_so_far_are_written_counts_those_kept(
     tmp_path, capsys, monkeypatch
 ):
