@@ -32,13 +32,13 @@ LR suffix x{scale} (0801x4_sample00000.png: sr_sample.py run on DIV2K_valid_LR_b
 layout is detected per SR folder; an ntire_index.json there (sr_sample.py --layout ntire) must name
 the HR image of every index (without one, samples by index of more images than --hr has: a
 warning). Images are listed as by every script (sr_lib.data.list_images, not recursive; a link
-to a missing file in --hr is refused). LR files
-(--lr): {S}.png or {S}x{scale}.png. Sizes are checked: an SR is at most HR-sized (HR rounded up to
-a multiple of --scale), an LR is HR/scale (rounded down or up), a sigma map (--uncertainty) float
-(3, H, W) of its samples' size, and the crops are large enough for LPIPS and SSIM; for every image
-from its files' headers before any is scored (check_headers), and again once decoded. A folder's
-manifest.json (sr_sample.py) must record --scale and at least N samples per image (files beyond its
-n are an earlier run's, left by --overwrite).
+to a missing file in --hr is refused). LR files (--lr): {S}x{scale}.png, else {S}.png (as
+sr_train.py's --lr-data: `lr_inputs`). Sizes are checked: an SR is at most HR-sized (HR rounded
+up to a multiple of --scale), an LR is HR/scale (rounded down or up), a sigma map (--uncertainty)
+float (3, H, W) of its samples' size, and the crops are large enough for LPIPS and SSIM; for
+every image from its files' headers before any is scored (check_headers), and again once
+decoded. A folder's manifest.json (sr_sample.py) must record --scale and at least N samples per
+image (files beyond its n are an earlier run's, left by --overwrite).
 
 --out JSON: {"settings": {...}, "mean": {col: v}, "per_image": [{"image": S, col: v, ...}]} for one
 --sr folder ("settings" has its n, temperature, model and checkpoint_sha256; in every layout
@@ -175,6 +175,7 @@ from sr_lib.data import (
     image_size,
     link_to_nothing,
     list_images,
+    lr_partners,
     mod_crop,
     name_max,
     read_ahead,
@@ -230,7 +231,7 @@ HELP_SR = (
     "SR sample folder(s): DIR, NAME=DIR, DIR:N or NAME=DIR:N (N samples per image there); a "
     "sweep folder of sr_sample.py (T0/, T0.5/, ...) gives one method per temperature"
 )
-HELP_LR = "folder of LR inputs ({stem}.png or {stem}x{scale}.png): adds LRPSNR_vs_input_mean"
+HELP_LR = "folder of LR inputs ({stem}x{scale}.png, else {stem}.png): adds LRPSNR_vs_input_mean"
 HELP_WEIGHTS = "complete lpips.LPIPS(net='alex') state_dict file (default: ImageNet AlexNet trunk)"
 HELP_BATCH = (
     "samples per LPIPS pass (default: 1 on CPU, where the numbers equal the lpips package's to "
@@ -1986,16 +1987,20 @@ def check_no_stray_parts(report_dir: Path) -> None:
 
 
 def lr_inputs(lr: str, stems: list[str], scale: int) -> list[Path]:
-    """Per HR image its LR input in --lr: {stem}.png or {stem}x{scale}.png."""
+    """Per HR image its LR input in --lr: DIV2K's {stem}x{scale}.png, else {stem}.png, as
+    sr_train.py's --lr-data pairs them (`lr_partners`: with HR 0001.png and 0001x4.png, their LR
+    0001x4.png and 0001x4x4.png, both took 0001x4.png)."""
     if what := describe_path(lr):
         raise DataError(f"--lr {lr}: {what}")
     have = images_by_stem(Path(lr))
-    files = [have.get(s) or have.get(f"{s}x{scale}") for s in stems]
-    for s, f in zip(stems, files):
-        if f is None:
+    for s, partner in zip(stems, partners := lr_partners(stems, have, scale)):
+        if partner is None:
             names = " or ".join(shell_quote(f"{s}{x}.png") for x in ("", f"x{scale}"))
-            raise DataError(f"--lr {lr}: no LR image {names}")
-    return files
+            div2k = f"{s}x{scale}"  # (there, but the LR of that HR image: `lr_partners`)
+            theirs = (f" ({shell_quote(have[div2k].name)} is the LR of HR image {div2k}, which "
+                      "--hr holds too)") if div2k in have else ""  # fmt: skip
+            raise DataError(f"--lr {lr}: no LR image {names}{theirs}")
+    return [have[partner] for partner in partners]
 
 
 def sigma_maps(folder: str, stems: list[str], scale: int, ntire: bool) -> list[Path]:

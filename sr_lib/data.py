@@ -34,7 +34,7 @@ import uuid
 import warnings
 import weakref
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -1739,17 +1739,29 @@ def _pair_files(hr_dir: Path, lr_dir: Path | None, scale: int) -> list[tuple[Pat
         return [(f, None) for f in hr_files]
     lr_by_key = {f.relative_to(lr_dir).with_suffix("").as_posix(): f for f in list_images(lr_dir)}
     keys = [f.relative_to(hr_dir).with_suffix("").as_posix() for f in hr_files]
-    # The HR images that pair by their own stem (no DIV2K name of theirs): HR 0001.png and
-    # 0001x4.png, their LR named alike, took LR 0001x4.png for both at x4, without a word.
-    own = {key for key in keys if f"{key}x{scale}" not in lr_by_key}
     pairs = []
-    for f, key in zip(hr_files, keys):
-        div2k = f"{key}x{scale}"
-        lr = (lr_by_key.get(div2k) if div2k not in own else None) or lr_by_key.get(key)
+    for f, lr in zip(hr_files, lr_partners(keys, lr_by_key, scale)):
         if lr is None:
             raise DataError(f"{f}: no LR image {f.stem}x{scale}.* or {f.stem}.* in {lr_dir}")
-        pairs.append((f, lr))
+        pairs.append((f, lr_by_key[lr]))
     return pairs
+
+
+def lr_partners(keys: list[str], lr_keys: Collection[str], scale: int) -> list[str | None]:
+    """Per HR image (`keys`: its path in its folder without the suffix) the key of its LR image
+    among `lr_keys`: DIV2K's '{key}x{scale}', else its own; None where neither (sr_train.py's
+    --lr-data, sr_eval.py's --lr). An HR whose DIV2K name is another HR image's, one that pairs
+    by its own name (no DIV2K name of its own), takes its same-named LR: HR 0001.png and
+    0001x4.png, their LR named alike, took LR 0001x4.png for both at x4, without a word."""
+    own = {key for key in keys if f"{key}x{scale}" not in lr_keys}
+
+    def partner(key: str) -> str | None:
+        div2k = f"{key}x{scale}"
+        if div2k in lr_keys and div2k not in own:
+            return div2k
+        return key if key in lr_keys else None
+
+    return [partner(key) for key in keys]
 
 
 def _each_once(files: list[tuple[Path, Path | None]]) -> list[tuple[Path, Path | None]]:

@@ -459,6 +459,35 @@ def test_samples_named_by_the_div2k_lr_file(tmp_path, capsys):
     assert code == 0 and rows["one"] == out.out and "m,,1,0802," in out.out
 
 
+def test_hr_0001_and_0001x4_each_take_their_own_lr(tmp_path, capsys):
+    """--lr pairs an HR image S with S.png or DIV2K's Sx4.png. With HR 0001.png and 0001x4.png
+    (their LR 0001x4.png and 0001x4x4.png, DIV2K's names) both took LR 0001x4.png, without a
+    word (the sizes agree): 0001x4's LR-PSNR was against 0001's input. Now the rule of sr_train's
+    --lr-data (sr_lib.data.lr_partners): each takes its own. The --sr samples named for both (S
+    or Sx4) were paired right already: a folder's one naming layout, the one that finds most."""
+    names, sizes = ("0001", "0001x4"), ((48, 64),) * 2
+    plain = make_set(tmp_path / "plain", layout="stem", sizes=sizes, names=("p", "q"))
+    hr_dir, lr_dir, sr_dir = make_set(tmp_path / "div2k", layout="stem", sizes=sizes, names=names)
+    assert sorted(f.name for f in lr_dir.iterdir()) == ["0001x4.png", "0001x4x4.png"]
+    by_lr = tmp_path / "by_lr"  # (sr_sample.py on the LR folder: 0001x4_..., 0001x4x4_...)
+    by_lr.mkdir()
+    for f in sr_dir.iterdir():
+        stem, _, rest = f.name.rpartition("_sample")
+        shutil.copyfile(f, by_lr / f"{stem}x{SCALE}_sample{rest}")
+    args = ["--scale", SCALE, "--n", N, "--no-lpips", "--csv", "-"]
+    code, want = run(capsys, "--hr", plain[0], "--sr", f"m={plain[2]}", "--lr", plain[1], *args)
+    assert code == 0
+    want = want.out.replace(",p,", ",0001,").replace(",q,", ",0001x4,")
+    for folder in (sr_dir, by_lr):
+        code, got = run(capsys, "--hr", hr_dir, "--sr", f"m={folder}", "--lr", lr_dir, *args)
+        assert (code, got.out) == (0, want)
+    (lr_dir / "0001x4x4.png").unlink()  # 0001x4.png is 0001x4's own now: 0001 has none
+    code, err = fails(capsys, "--hr", hr_dir, "--sr", f"m={sr_dir}", "--lr", lr_dir, *args)
+    assert (code, err) == (3, f"sr_eval.py: error: --lr {lr_dir}: no LR image 0001.png or "
+                           "0001x4.png (0001x4.png is the LR of HR image 0001x4, which --hr "
+                           "holds too)\n")  # fmt: skip
+
+
 def test_a_sigma_map_that_is_not_the_samples_is_one_line(tmp_path, capsys):
     """--uncertainty with a map cut short (a full disk), of an LR's size or 2-D: one line naming
     the file, exit 3, before any image is scored. Before, the first ended in a traceback and the
