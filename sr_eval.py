@@ -998,8 +998,9 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
             outputs = [Path(p) for p in (args.out, args.csv) if p and p != STDOUT]
             planned = aside_names(outputs)
             if partial and planned:  # (a stop before the first image)
-                # recorded before they are moved: a full disk here, or a kill between, left a
-                # NAME.old that no run deleted; a failed write leaves them where they were
+                # recorded before they are moved: moved first, a full disk here (or a kill
+                # between) would leave a NAME.old that no run deletes; a failed write leaves
+                # them where they were
                 asides += [aside_record(p, aside) for p, aside in planned.items()]
                 written = keep_scores(partial, key, kept, asides, None, moved_key)
             set_aside(planned, moved, report_dir)
