@@ -176,6 +176,7 @@ from sr_lib.data import (
     link_to_nothing,
     list_images,
     lr_partners,
+    lr_taken,
     mod_crop,
     name_max,
     read_ahead,
@@ -1997,9 +1998,7 @@ def lr_inputs(lr: str, stems: list[str], scale: int) -> list[Path]:
     for s, partner in zip(stems, partners := lr_partners(stems, have, scale)):
         if partner is None:
             names = " or ".join(shell_quote(f"{s}{x}.png") for x in ("", f"x{scale}"))
-            div2k = f"{s}x{scale}"  # (there, but the LR of that HR image: `lr_partners`)
-            theirs = (f" ({shell_quote(have[div2k].name)} is the LR of HR image {div2k}, which "
-                      "--hr holds too)") if div2k in have else ""  # fmt: skip
+            theirs = lr_taken(stems, have, scale, s).replace("the HR folder", "--hr")
             raise DataError(f"--lr {lr}: no LR image {names}{theirs}")
     return [have[partner] for partner in partners]
 

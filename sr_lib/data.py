@@ -34,7 +34,7 @@ import uuid
 import warnings
 import weakref
 import zipfile
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -1742,7 +1742,9 @@ def _pair_files(hr_dir: Path, lr_dir: Path | None, scale: int) -> list[tuple[Pat
     pairs = []
     for f, lr in zip(hr_files, lr_partners(keys, lr_by_key, scale)):
         if lr is None:
-            raise DataError(f"{f}: no LR image {f.stem}x{scale}.* or {f.stem}.* in {lr_dir}")
+            theirs = lr_taken(keys, lr_by_key, scale, key := f.relative_to(hr_dir).with_suffix(""))
+            raise DataError(f"{f}: no LR image {key.name}x{scale}.* or {key.name}.* in {lr_dir}"
+                            f"{theirs}")  # fmt: skip
         pairs.append((f, lr_by_key[lr]))
     return pairs
 
@@ -1762,6 +1764,16 @@ def lr_partners(keys: list[str], lr_keys: Collection[str], scale: int) -> list[s
         return key if key in lr_keys else None
 
     return [partner(key) for key in keys]
+
+
+def lr_taken(keys: Collection[str], lr_keys: Mapping[str, Path], scale: int, key) -> str:
+    """Why the HR image `key` has no LR partner (`lr_partners`) where its DIV2K name is there:
+    " (NAME is the LR of HR image KEYxS, which the HR folder holds too)", else ""."""
+    div2k = f"{Path(key).as_posix()}x{scale}"
+    if div2k not in lr_keys or div2k not in keys:
+        return ""
+    name = shell_quote(lr_keys[div2k].name)
+    return f" ({name} is the LR of HR image {div2k}, which the HR folder holds too)"
 
 
 def _each_once(files: list[tuple[Path, Path | None]]) -> list[tuple[Path, Path | None]]:

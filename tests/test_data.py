@@ -1382,6 +1382,22 @@ def test_hr_names_that_are_others_div2k_names_pair_each_with_its_own_lr(div2k, t
     assert all(np.array_equal(ds._lr[i], given[stem]) for i, stem in enumerate(given))
 
 
+def test_an_hr_whose_div2k_named_lr_is_another_hrs_own_is_told_so(tmp_path):
+    """HR 0001.png and 0001x4.png, the LR folder holding 0001x4.png alone: that LR is HR
+    0001x4.png's own (`lr_partners`), and 0001.png's line said "no LR image 0001x4.* or 0001.*",
+    a file that is there; sr_eval.py's --lr says the same (`lr_taken`)."""
+    for stem in ("0001", "0001x4"):
+        write_png(tmp_path / "hr" / f"{stem}.png", rand_img(32, 32))
+    write_png(tmp_path / "lr" / "0001x4.png", rand_img(8, 8))
+    with pytest.raises(DataError) as e:
+        PatchPairs([tmp_path / "hr"], scale=4, patch=8, lr_dirs=[tmp_path / "lr"])
+    hr, lr = tmp_path / "hr", tmp_path / "lr"
+    assert str(e.value) == (
+        f"{hr}/0001.png: no LR image 0001x4.* or 0001.* in {lr} (0001x4.png is the LR of HR "
+        "image 0001x4, which the HR folder holds too)"
+    )
+
+
 def test_an_odd_sized_hr_pairs_with_its_lr_of_either_rounding(tmp_path):
     """imresize(HR, 1/2) of a 43x41 HR is 22x21 (MATLAB rounds up): it was refused ("pair LR
     images made with this scale"), as only the 21x20 of the HR cropped to even size was taken."""
