@@ -105,18 +105,19 @@ check: a list such as --array=1,3,7 is refused). Every file is written atomicall
 name, then a rename), and an image whose files all exist is skipped, so a killed or preempted run
 continues where it stopped when rerun (--overwrite redoes everything, first deleting the files
 named above of the images it samples, in a folder that has a manifest.json; refused, exit 2, where
-that folder holds such files of images not among --input: `refuse_others_kept`). Every task of an
-array must see the same inputs: an image added to or removed from the input folder would move
-the others between the shards, some then sampled by none; so a --shard I/N (N > 1) of another
-list than the folder's is refused (--layout stem: manifest.json's inputs, the count and sha256
-of the input names in order; a run of every image, --shard 0/1, records its own list once it
-has sampled them all; --layout ntire numbers the images by position: its ntire_index.json
-refuses any run of another list). --out may be the
---input folder: files there named NAME_sample{i:05d}, NAME_sigma or NAME_grid (NAME another
-input's stem or a 6-digit NTIRE number) are then samples, left out of the inputs with a warning;
-a deterministic model's NAME.png would replace its input there (--layout ntire: any model's
-000000.png of --n 1 would be an input of a rerun), so that run is refused, as is
-any run that would write one of its inputs (--input FILE in --out; --from-hr given OUT/lr).
+that folder holds such files of images not among --input: `refuse_others_kept`, or --out a sample
+folder of the other kind: a sweep over a one-temperature run's files, or the reverse, its T*/).
+Every task of an array must see the same inputs: an image added to or removed from the input folder
+would move the others between the shards, some then sampled by none; so a --shard I/N (N > 1) of
+another list than the folder's is refused (--layout stem: manifest.json's inputs, the count and
+sha256 of the input names in order; a run of every image, --shard 0/1, records its own list once it
+has sampled them all; --layout ntire numbers the images by position: its ntire_index.json refuses
+any run of another list). --out may be the --input folder: files there named NAME_sample{i:05d},
+NAME_sigma or NAME_grid (NAME another input's stem or a 6-digit NTIRE number) are then samples,
+left out of the inputs with a warning; a deterministic model's NAME.png would replace its input
+there (--layout ntire: any model's 000000.png of --n 1 would be an input of a rerun), so that run
+is refused, as is any run that would write one of its inputs (--input FILE in --out; --from-hr
+given OUT/lr).
 SIGTERM, SIGUSR1 or SIGHUP stop the run with exit 75 (the files being read or written are finished
 first; PNGs are written on threads while the next samples are drawn); Ctrl-C: exit 130 (only the
 files begun are finished).
@@ -921,6 +922,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     if args.overwrite:  # (every folder of a sweep, before any file is deleted)
         names = {f"{k:06d}" if args.layout == "ntire" else p.stem for k, p in enumerate(paths)}
         refuse_others_kept(out, list(folders.values()), names, {p.stem for p in paths}, inputs)
+        refuse_other_layout(out, len(folders) > 1, inputs)
     for t, folder in folders.items():
         check_out_dir(folder)
         if args.overwrite and (folder / "manifest.json").is_file():
@@ -1391,6 +1393,44 @@ def refuse_others_kept(out: Path, folders: list[Path], names: set[str], stems: s
             "use another --out (to redo some images with the folder's settings: delete their "
             "files and rerun without --overwrite)"
         )
+
+
+def refuse_other_layout(out: Path, sweep: bool, inputs: set[Path]) -> None:
+    """--overwrite redoes the folders it writes: a sweep OUT/T{t}, one temperature OUT itself. A
+    sample folder of the other kind in --out (an earlier one-temperature run's files and
+    manifest.json at OUT's top under a sweep; a sweep's OUT/T{t}/manifest.json under a
+    one-temperature run) would stay beside the new samples, untouched, and sr_eval --sr OUT
+    score it as a row of its own (OUT, OUT@T{t}): the folder the work of two commands after a
+    command that said it redid it. Refused, one line (exit 2), before any file is deleted; without
+    --overwrite both kinds may share --out (each its own manifest.json, its own row)."""
+    if sweep:
+        if not (out / "manifest.json").is_file():
+            return
+        try:
+            n = json.loads((out / "manifest.json").read_text()).get("n")
+        except (OSError, ValueError, AttributeError):
+            n = 1
+        real = out.resolve()
+        with contextlib.suppress(OSError), os.scandir(out) as entries:
+            kept = sorted(
+                e.name
+                for e in entries
+                if output_names(e.name, n == 1)
+                and real / e.name not in inputs
+                and e.is_file(follow_symlinks=False)
+            )
+        what = f"a one-temperature run's manifest.json and {len(kept)} files of its samples"
+    else:
+        kept = [f"{name}/" for name in sweep_folders(out, "manifest.json")]
+        what = "the folders of a --temperature sweep"
+    if not kept:
+        return
+    said = ", ".join(kept[:3]) + (f", and {len(kept) - 3} more" if len(kept) > 3 else "")
+    raise UsageError(
+        f"--out {out} holds {what} ({said}): --overwrite redoes the "
+        f"{'sweep folders T*' if sweep else 'files at its top'}, and those would stay beside "
+        "them (sr_eval --sr: a row of their own); delete or move them, or use another --out"
+    )
 
 
 def tiles(context) -> str:
@@ -2469,16 +2509,18 @@ def check_npy_saver(flag: str, path: Path, own: dict, unrecorded: list,
     return saved
 
 
-def sweep_folders(folder: Path) -> list[str]:
-    """The subfolders T{t} of a --temperature sweep's folder that hold --save-latent files, by
-    temperature ([]: none; a folder that cannot be listed has none)."""
+def sweep_folders(folder: Path, holding: str = "") -> list[str]:
+    """The subfolders T{t} of a --temperature sweep's folder that hold --save-latent files (or
+    the file `holding`: a manifest.json), by temperature ([]: none; a folder that cannot be
+    listed has none)."""
     found = []
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder):
             if not (re.fullmatch(r"T.+", entry.name) and temperature_ok(entry.name[1:])):
                 continue
             with contextlib.suppress(OSError):
-                if entry.is_dir() and any(LATENT_NAME.fullmatch(f) for f in os.listdir(entry)):
+                held = (lambda name: name == holding) if holding else LATENT_NAME.fullmatch
+                if entry.is_dir() and any(map(held, os.listdir(entry))):
                     found.append(entry.name)
     return sorted(found, key=lambda name: float(name[1:]))
 

@@ -618,6 +618,39 @@ def test_overwrite_of_a_part_of_the_folders_images_is_refused(tmp_path, toy_ckpt
     assert json.loads((out / "manifest.json").read_text())["flags"]["seed"] == 1
 
 
+def test_overwrite_of_a_sweep_over_a_one_temperature_folder_and_back_is_refused(tmp_path, toy_ckpt,
+                                                                               capsys):  # fmt: skip
+    """A sweep writes into OUT/T{t}, one temperature into OUT: --overwrite of a sweep left an
+    earlier one-temperature run's samples at OUT's top (and a one-temperature --overwrite a
+    sweep's T*/), exit 0, sr_eval --sr OUT then scoring the old run as a row of its own. Refused
+    before any file is deleted; without --overwrite the two kinds share --out as before."""
+    inp = folder(tmp_path / "in", a=image((8, 8), 1), b=image((8, 8), 2))
+    out, sweep = tmp_path / "out", ["--temperature", 0.5, 1]
+    base = ["--ckpt", toy_ckpt, "--input", inp, "--n", 2, "--quiet", "--out", out]
+    assert run(*base) == 0
+    assert run(*base, *sweep) == 0  # (both kinds: each its own manifest.json)
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    assert run(*base, *sweep, "--overwrite", "--seed", 1) == 2
+    assert capsys.readouterr().err == (
+        f"sr_sample.py: error: --out {out} holds a one-temperature run's manifest.json and 4 "
+        "files of its samples (a_sample00000.png, a_sample00001.png, b_sample00000.png, and 1 "
+        "more): --overwrite redoes the sweep folders T*, and those would stay beside them "
+        "(sr_eval --sr: a row of their own); delete or move them, or use another --out\n"
+    )
+    assert run(*base, "--overwrite", "--seed", 1) == 2
+    assert capsys.readouterr().err == (
+        f"sr_sample.py: error: --out {out} holds the folders of a --temperature sweep (T0.5/, "
+        "T1/): --overwrite redoes the files at its top, and those would stay beside them "
+        "(sr_eval --sr: a row of their own); delete or move them, or use another --out\n"
+    )
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    for f in [*out.glob("*.png"), out / "manifest.json"]:
+        f.unlink()
+    assert run(*base, *sweep, "--overwrite", "--seed", 1) == 0
+    assert json.loads((out / "T1" / "manifest.json").read_text())["flags"]["seed"] == 1
+
+
 def test_overwrite_in_one_shard_keeps_another_inputs_file_of_the_name(tmp_path, toy_ckpt):
     """--overwrite deletes NAME.png of its images (an earlier --n 1 run's), and x_grid.png, the
     NAME.png of an input x_grid, is also the --grid sheet of the input x: the shard of x_grid
