@@ -1246,8 +1246,11 @@ def open_run_folder(out: Path, tensorboard: bool, dd, resumed_step: int | None =
     another run holds it), temp files of a process killed while saving removed, the log cut
     back to the checkpoint's step (`trim_log`; a new run's to nothing); yields its RunLog
     (None on the other ranks). Every rank learns whether rank 0 succeeded, so none is left
-    waiting for it."""
-    error, lock, run_log = None, None, None
+    waiting for it. A new OUT this run made, left before its first record by an error or a
+    stop (an image deleted or a --data folder changed between the listing and the read, a
+    --val-data image unreadable, a signal while decoding), is removed (`unmake_run_folder`)."""
+    error, lock, run_log, failed = None, None, None, False
+    made = dd.main and not os.path.exists(out)  # (a link to a folder not made yet: made here)
     try:
         if dd.main:
             lock = lock_run_folder(check_out_dir(out))
@@ -1272,11 +1275,41 @@ def open_run_folder(out: Path, tensorboard: bool, dd, resumed_step: int | None =
         if not distributed.agree(error is None, dd):
             raise error or OutputError(f"--out {out}: rank 0 cannot use the run folder")
         yield run_log
+    except BaseException:
+        failed = True
+        raise
     finally:
         if run_log is not None:
             run_log.close()
+        if made and failed and lock is not None:  # (before the lock is let go: no run there)
+            unmake_run_folder(out)
         if lock is not None:
             os.close(lock)
+
+
+def unmake_run_folder(out: Path) -> None:
+    """Remove the run folder OUT that this run made, where it holds nothing of a run: its .lock,
+    an empty log.jsonl, and with --tensorboard tb/ of event files without a record. It was left
+    as a run folder of nothing, a folder to clean up by hand for a wrong --data (the same
+    command rerun started cleanly, and does). Anything else there (a step logged, a checkpoint,
+    a file put there meanwhile): all of it stays."""
+    real = Path(os.path.realpath(out))
+    try:
+        names = set(os.listdir(real))
+        if not names <= {".lock", "log.jsonl", "tb"} or (real / "log.jsonl").stat().st_size:
+            return
+        tb = os.listdir(real / "tb") if "tb" in names else []
+        if any(not name.startswith("events.out.tfevents.") for name in tb):
+            return  # (tb/val/: strips of a validation, after steps)
+        for name in tb:
+            (real / "tb" / name).unlink()
+        if "tb" in names:
+            (real / "tb").rmdir()
+        for name in names - {"tb"}:
+            (real / name).unlink()
+        real.rmdir()
+    except OSError:  # (a file made meanwhile, a folder not ours to change: left as it is)
+        pass
 
 
 def lock_run_folder(out: Path) -> int:

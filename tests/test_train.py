@@ -396,6 +396,31 @@ def test_a_new_run_after_one_killed_before_its_first_save_logs_each_step_once(tm
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
 
 
+def test_a_data_error_before_the_first_step_leaves_no_run_folder(tmp_path, images, toy, capsys):
+    """An image unreadable at start (deleted or changed between the folder's listing and its
+    read; here a broken file) stops the run after it made OUT/: left holding .lock, an empty
+    log.jsonl and tb/ with an event file of nothing, a run folder of no run. Removed now; the
+    same command rerun once the data is fixed starts as a new run, and a folder with a run in
+    it keeps all of it."""
+    data, out = tmp_path / "hr", tmp_path / "run"
+    shutil.copytree(images, data)
+    (data / "img9.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    flags = ["--model", "toy", "--resume", "auto", "--tensorboard", "--quiet"]
+    with pytest.raises(SystemExit) as e:
+        run(out, data, *flags, "--steps", "2")
+    assert e.value.code == 3
+    assert f"{data / 'img9.png'}: not an image file" in capsys.readouterr().err
+    assert not out.exists()
+    (data / "img9.png").rename(tmp_path / "img9.png")
+    assert run(out, data, *flags, "--steps", "2") == 0
+    kept = {p: p.read_bytes() for p in [out / "last.pt", out / "log.jsonl"]}
+    (tmp_path / "img9.png").rename(data / "img9.png")
+    with pytest.raises(SystemExit) as e:
+        run(out, data, *flags, "--steps", "4")  # (a resume: its folder stays as it was)
+    assert e.value.code == 3
+    assert {p: p.read_bytes() for p in kept} == kept
+
+
 def test_nan_validation_samples_are_named_not_scored_silently(tmp_path, images, toy, monkeypatch,
                                                              capsys):  # fmt: skip
     """A model whose samples hold NaN at validation (weights fine): training goes on, validation
