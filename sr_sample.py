@@ -264,9 +264,11 @@ from sr_lib.resize import imresize
 from sr_lib.threads import (
     done,
     finish,
+    held_here,
     new_pool,
     result,
     signals_held,
+    stop_pending,
     stop_pools,
     submit,
     when_not_held,
@@ -1664,9 +1666,15 @@ def upgrade_line(folder: Path, versions: list) -> str:
 def record_version(folder: Path) -> None:
     """This srspace version added to FOLDER/manifest.json's "versions" (`folder_versions`;
     read again: another shard may have added its own), once it has sampled an image there:
-    said once (`upgrade_line`), not at every rerun. "version" stays the folder's first."""
-    amend_manifest(folder, lambda old: {
-        "versions": [*dict.fromkeys([*folder_versions(old), __version__])]})  # fmt: skip
+    said once (`upgrade_line`), not at every rerun. "version" stays the folder's first. Not
+    recorded where a stop gave up waiting for the manifest's lock (`lock_folder`): said."""
+    try:
+        amend_manifest(folder, lambda old: {
+            "versions": [*dict.fromkeys([*folder_versions(old), __version__])]})  # fmt: skip
+    except LockWaitedOut as e:
+        say_err(f"{PROG}: warning: {e}: srspace {__version__}, which sampled there, is not "
+                "recorded in its \"versions\" (a rerun that samples an image there records "
+                "it)")  # fmt: skip
 
 
 def record_inputs(folder: Path, inputs: dict) -> None:
@@ -1746,7 +1754,7 @@ def manifest_lock(folder: Path):
         return
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            lock_folder(fd, folder)
         except OSError as e:  # ENOLCK, EOPNOTSUPP: no locks there (said once a folder)
             if key not in _NOT_LOCKED:
                 _NOT_LOCKED.add(key)
@@ -1758,6 +1766,40 @@ def manifest_lock(folder: Path):
     finally:
         folders.discard(key)
         os.close(fd)
+
+
+STOP_WAIT = 10.0  # s a stop waits for manifest_lock with signals held (SLURM's KillWait: 30)
+
+
+class LockWaitedOut(Exception):
+    """manifest_lock not taken within STOP_WAIT s of a stop that waits for it (`lock_folder`)."""
+
+
+def lock_folder(fd: int, folder: Path) -> None:
+    """The flock of `manifest_lock`, waited for. With signals held in the main thread (an image's
+    version record, `image_written`) a stop that comes meanwhile waits for the end of the wait:
+    a holder that never lets go (a shard stopped by SIGSTOP, a hung network file system) kept
+    the stop waiting until SLURM's SIGKILL, the image's count and line lost with the rest. So
+    it is polled there, and given up STOP_WAIT s after the stop: LockWaitedOut (its record then
+    said not made, `record_version`). Elsewhere a stop ends the wait at once (Preempted), and
+    in a thread none comes."""
+    if not held_here():
+        return fcntl.flock(fd, fcntl.LOCK_EX)
+    since, pause = None, 0.001
+    while True:
+        try:
+            return fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass
+        if stop_pending():
+            since = since or time.monotonic()
+            if time.monotonic() - since >= STOP_WAIT:
+                raise LockWaitedOut(
+                    f"{folder}: its manifest.json still locked by another process {STOP_WAIT:g} "
+                    "s after the stop (a shard stopped or hung, a file system not answering)"
+                )
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
 
 
 def claim_index(folder: Path, paths: list[Path], scale: int, overwrite: bool) -> None:

@@ -44,6 +44,17 @@ def when_not_held(handler):
     return deliver
 
 
+def held_here() -> bool:
+    """Whether this is the main thread inside a `signals_held()` block: a wait there (a lock
+    another process holds) keeps a stop that comes meanwhile waiting as long (`stop_pending`)."""
+    return threading.current_thread() is threading.main_thread() and _held["depth"] > 0
+
+
+def stop_pending() -> bool:
+    """Whether a signal waits for the end of the `signals_held()` block the main thread is in."""
+    return _held["pending"] is not None
+
+
 def _stop_by(handler, signum, frame):
     """handler(signum, frame), its exception (the stop) marked as raised here (`stopping`)."""
     try:

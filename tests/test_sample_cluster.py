@@ -382,6 +382,54 @@ def test_a_new_srspace_version_is_recorded_once_it_has_sampled_into_the_folder(
     assert json.loads(manifest.read_text())["versions"] == [None, "99.1.0"]
 
 
+def test_a_stop_waits_for_a_manifest_lock_held_elsewhere_a_bounded_time(
+    tmp_path, flow_ckpt, monkeypatch, capsys
+):
+    """A SIGTERM that comes while an image's version record (signals held) waits for the
+    folder's manifest lock waited as long as the lock's holder held it: a shard stopped by
+    SIGSTOP or a hung file system kept the stop waiting until SLURM's SIGKILL. Now it waits
+    STOP_WAIT s after the stop, then says the version is not recorded and stops (exit 75); the
+    image is counted, its files complete, and the manifest as the holder leaves it."""
+    inp = images(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    base = ["--ckpt", flow_ckpt, "--input", inp, "--n", 1, "--quiet", "--json", "--out", out]
+    assert run(*base, "--shard", "0/2") == 0
+    monkeypatch.setattr(sr_sample, "__version__", "99.0.0")
+    monkeypatch.setattr(sr_sample, "STOP_WAIT", 0.3, raising=False)
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)  # the holder: another open, its own flock
+    record, took = sr_sample.record_version, []
+    # (let go in the end: the old code waited for it)
+    free = threading.Timer(3, sr_sample.fcntl.flock, [fd, sr_sample.fcntl.LOCK_UN])
+
+    def held_elsewhere(folder):
+        sr_sample.fcntl.flock(fd, sr_sample.fcntl.LOCK_EX)
+        free.start()
+        os.kill(os.getpid(), signal.SIGTERM)  # (held: taken once the record is done)
+        took.append(time.monotonic())
+        record(folder)
+        took[0] = time.monotonic() - took[0]
+
+    monkeypatch.setattr(sr_sample, "record_version", held_elsewhere)
+    capsys.readouterr()
+    try:
+        assert run(*base, "--shard", "1/2") == 75
+    finally:
+        free.cancel()
+        free.join()
+        os.close(fd)
+    said = capsys.readouterr()
+    err = said.err.splitlines()
+    assert took[0] < 2, took
+    assert err[1] == (
+        f"sr_sample.py: warning: {out}: its manifest.json still locked by another process 0.3 s "
+        "after the stop (a shard stopped or hung, a file system not answering): srspace 99.0.0, "
+        'which sampled there, is not recorded in its "versions" (a rerun that samples an '
+        "image there records it)"
+    ), err
+    assert json.loads(said.out.splitlines()[-1])["sampled"] == 1 and len(files(out)) == 2
+    assert json.loads((out / "manifest.json").read_text())["versions"] == [sr_lib.__version__]
+
+
 def test_two_shards_raising_n_at_once_both_count(tmp_path, monkeypatch):
     """Two shards amending manifest.json at once (a rerun of each with a larger --n): each reads
     the file, and without a lock the later rename drops the other's raise. Deterministic: the
