@@ -743,7 +743,10 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
             unsaved, saved = False, step
             result.update(checkpoint=str(out / "last.pt"), checkpoint_step=step)
     # A signal in the last step's validation ended the loop as done (exit 0, the validation not
-    # scored): stopped as at any other step (exit 75), the resumed run validates it (rank 0's)
+    # scored): stopped as at any other step (exit 75), the resumed run validates it (rank 0's).
+    # One in the last step with no validation after it, or in the save below, stays done (exit
+    # 0, not requeued: the steps are all trained and saved, a requeue would resume a finished
+    # run; README "Exit codes", examples/slurm/train.sbatch).
     last_stopped = dd.main and step == steps and meta.get("val_stopped") == step
     if stopped is None and distributed.agree(bool(last_stopped), dd, all_ranks=False):
         stopped = stop["signal"] or "signal (other rank)"
