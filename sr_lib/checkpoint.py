@@ -10,13 +10,12 @@ checkpoint describes is `sr_lib.models.load_model`.
 
 import errno
 import os
-import shlex
 from pathlib import Path
 
 import torch
 
 from sr_lib import __version__
-from sr_lib.data import write_target
+from sr_lib.data import shell_quote, write_target
 from sr_lib.errors import CheckpointError, OutputError
 from sr_lib.weights import read_hashed, torch_load
 
@@ -45,15 +44,17 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
         # torch.save reports a failed write as a RuntimeError with the OSError as its context
         cause = e if isinstance(e, OSError) else e.__context__
         if isinstance(cause, OSError):
-            # What to type: "then --resume" named no value, and with another --out a resume
-            # needs this run's last.pt by path (--resume auto there starts a new run).
+            # What to type: with another --out a resume needs this run's last.pt by path
+            # (--resume auto there starts a new run). best.pt's first save has none of its own
+            # before it, but the run goes on from last.pt where one is there.
             last = path.with_name("last.pt")
+            go_on = ": free space, then continue with --resume auto (or on another disk: --out NEW "
+            go_on += f"--resume {shell_quote(last if last.is_file() else path)})"
             kept = (
-                "the previous one is intact: free space, then continue with --resume auto (or "
-                f"on another disk: --out NEW --resume {shlex.quote(str(last))})"
-                if path.is_file()
-                else "none was written before: free space or give another --out, then start again"
-            )
+                f"the previous one is intact{go_on}" if path.is_file() else
+                f"none was written before, {last.name} is intact{go_on}" if last.is_file() else
+                "none was written before: free space or give another --out, then start again"
+            )  # fmt: skip
             raise OutputError(
                 f"{path}: cannot write the checkpoint ({cause.strerror or cause}); {kept}"
             ) from None

@@ -611,6 +611,27 @@ def test_a_checkpoint_not_written_says_whether_an_earlier_one_is_left(tmp_path, 
     assert [f.name for f in tmp_path.iterdir()] == ["last.pt"] and path.read_bytes() == b"earlier"
 
 
+def test_a_first_best_pt_not_written_says_the_last_pt_beside_it(tmp_path, monkeypatch):
+    """best.pt's first save (the first validation) on a full disk said 'none was written before:
+    ... then start again' where last.pt, an earlier save, was there to continue from; a folder
+    named with a newline broke the line where it named last.pt (shlex.quote keeps it raw)."""
+
+    def full(payload, f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "run\n1"
+    save_checkpoint(out / "last.pt", {"step": 1})
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OutputError) as e:
+        save_checkpoint(out / "best.pt", {"step": 2})
+    assert str(e.value) == (
+        f"{out / 'best.pt'}: cannot write the checkpoint (No space left on device); none was "
+        "written before, last.pt is intact: free space, then continue with --resume auto (or on "
+        f"another disk: --out NEW --resume $'{tmp_path}/run\\n1/last.pt')"
+    )
+    assert sorted(f.name for f in out.iterdir()) == ["last.pt"]
+
+
 @pytest.mark.parametrize("error", [errno.EINVAL, errno.EIO])
 def test_a_folder_that_cannot_be_synced_after_the_rename_is_no_traceback(error, tmp_path,
                                                                         monkeypatch):  # fmt: skip
