@@ -988,8 +988,10 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
             except DataError as e:  # a --latent DIR file changed mid-run: the run stops there
                 writer.flush()  # (the images before it written and counted: said how many)
                 done = summary.fields["sampled"]
-                raise DataError(f"{e}; the {done} images sampled before it are kept in "
-                                f"{where}") from None  # fmt: skip
+                kept = ("no image was sampled before it" if not done else
+                        f"the image sampled before it is kept in {where}" if done == 1 else
+                        f"the {done} images sampled before it are kept in {where}")  # fmt: skip
+                raise DataError(f"{e}; {kept}") from None
             new = [folders[t] for t in todo if folders[t] in upgraded]
             if new and not said_upgrade:
                 said_upgrade = True

@@ -1123,6 +1123,29 @@ def test_a_latent_dir_file_changed_during_the_run_is_refused(tmp_path, ckpts, ca
     assert run(*base, "--latent", s, "--out", d, "--overwrite") == 0
 
 
+def test_a_latent_dir_file_of_the_first_image_changed_says_none_is_kept(tmp_path, ckpts, capsys):
+    """The first image's --latent file changed before its read: its line said "the 0 images
+    sampled before it are kept in OUT", which are none."""
+    inp = named_images(tmp_path / "in", PREFIXED)
+    s = tmp_path / "s"
+    base = ["--ckpt", ckpts["varsr"], "--input", inp]
+    assert run(*base, "--n", 1, "--save-latent", "--out", s) == 0
+    first = s / "a_sample00000.latent.npz"
+    check = sr_sample.LatentDir.check
+
+    def then_changed(self, *args):
+        digests = check(self, *args)
+        np.savez(first, z0=np.ones(8, np.float32))
+        return digests
+
+    capsys.readouterr()
+    with mock.patch.object(sr_sample.LatentDir, "check", then_changed):
+        assert run(*base, "--latent", s, "--out", tmp_path / "d") == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("once nothing writes there; no image was sampled before it"), err
+    assert not list((tmp_path / "d").glob("*_sample00000.png"))
+
+
 def test_latent_dir_in_the_input_folder(tmp_path, ckpts, capsys):
     """A --save-latent run into its --input folder left samples and latents among the inputs:
     --latent DIR of that folder, --input the same, --out another, leaves the samples out of the
