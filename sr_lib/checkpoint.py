@@ -44,15 +44,17 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
         # torch.save reports a failed write as a RuntimeError with the OSError as its context
         cause = e if isinstance(e, OSError) else e.__context__
         if isinstance(cause, OSError):
-            # What to type: with another --out a resume needs this run's last.pt by path
-            # (--resume auto there starts a new run). best.pt's first save has none of its own
-            # before it, but the run goes on from last.pt where one is there.
-            last = path.with_name("last.pt")
-            go_on = ": free space, then continue with --resume auto (or on another disk: --out NEW "
-            go_on += f"--resume {shell_quote(last if last.is_file() else path)})"
+            # What to type: with another --out a resume needs this run's checkpoint by path
+            # (--resume auto there starts a new run). A first best.pt or last.pt has none of its
+            # own before it, but the run goes on from the other where it is there (--resume
+            # auto: last.pt, else best.pt).
+            held = [p for p in (path.with_name("last.pt"), path.with_name("best.pt"), path)
+                    if p.is_file()]  # fmt: skip
+            go_on = (": free space, then continue with --resume auto (or on another disk: --out "
+                     f"NEW --resume {shell_quote(held[0])})" if held else "")  # fmt: skip
             kept = (
                 f"the previous one is intact{go_on}" if path.is_file() else
-                f"none was written before, {last.name} is intact{go_on}" if last.is_file() else
+                f"none was written before, {held[0].name} is intact{go_on}" if held else
                 "none was written before: free space or give another --out, then start again"
             )  # fmt: skip
             raise OutputError(

@@ -611,10 +611,11 @@ def test_a_checkpoint_not_written_says_whether_an_earlier_one_is_left(tmp_path, 
     assert [f.name for f in tmp_path.iterdir()] == ["last.pt"] and path.read_bytes() == b"earlier"
 
 
-def test_a_first_best_pt_not_written_says_the_last_pt_beside_it(tmp_path, monkeypatch):
+def test_a_first_checkpoint_not_written_says_the_other_beside_it(tmp_path, monkeypatch):
     """best.pt's first save (the first validation) on a full disk said 'none was written before:
-    ... then start again' where last.pt, an earlier save, was there to continue from; a folder
-    named with a newline broke the line where it named last.pt (shlex.quote keeps it raw)."""
+    ... then start again' where last.pt, an earlier save, was there to continue from, and so did
+    a first last.pt beside best.pt; a folder named with a newline broke the line where it named
+    the checkpoint (shlex.quote keeps it raw)."""
 
     def full(payload, f):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -630,6 +631,14 @@ def test_a_first_best_pt_not_written_says_the_last_pt_beside_it(tmp_path, monkey
         f"another disk: --out NEW --resume $'{tmp_path}/run\\n1/last.pt')"
     )
     assert sorted(f.name for f in out.iterdir()) == ["last.pt"]
+    # best.pt before the first last.pt (written first at a step of both): --resume auto takes it
+    (out / "last.pt").rename(out / "best.pt")
+    with pytest.raises(OutputError) as e:
+        save_checkpoint(out / "last.pt", {"step": 2})
+    assert str(e.value).endswith(
+        "; none was written before, best.pt is intact: free space, then continue with --resume "
+        f"auto (or on another disk: --out NEW --resume $'{tmp_path}/run\\n1/best.pt')"
+    )
 
 
 @pytest.mark.parametrize("error", [errno.EINVAL, errno.EIO])
