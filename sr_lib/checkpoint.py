@@ -61,10 +61,13 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
                 f"{path}: cannot write the checkpoint ({cause.strerror or cause}); {kept}"
             ) from None
         raise
-    dir_fd = os.open(real.parent, os.O_RDONLY)
+    try:
+        dir_fd = os.open(real.parent, os.O_RDONLY)
+    except PermissionError:  # a folder this user may write but not read (0333, NFS root_squash)
+        return  # (not syncable from here: the rename is as durable as the file system makes it)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
-    except OSError as e:  # (the file is in place: a traceback said nothing of it)
+    except OSError as e:  # (the file is in place: said, not a traceback)
         # A file system that cannot sync a folder (some FUSE and network ones): the rename is
         # as durable as it makes it. Any other error: the disk's.
         if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.ENOSYS):

@@ -671,6 +671,24 @@ def test_a_folder_that_cannot_be_synced_after_the_rename_is_no_traceback(error, 
     ]
 
 
+def test_a_folder_that_cannot_be_opened_to_sync_is_no_traceback(tmp_path, monkeypatch):
+    """The checkpoint's folder opened to fsync the rename: a folder that may be written but not
+    read (mode 0333, or root squashed on NFS) was a PermissionError traceback at every save, the
+    file in place. Not syncable by this user: the save goes on, as where the file system cannot."""
+    real_open = os.open
+
+    def no_read(file, flags, *args, **kwargs):
+        if os.path.isdir(file):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_read)
+    save_checkpoint(tmp_path / "last.pt", {"step": 1})
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 1
+    assert [f.name for f in tmp_path.iterdir()] == ["last.pt"]
+
+
 @pytest.mark.parametrize("where", ["start", "step 4"])
 def test_a_hung_loader_worker_saves_and_exits_75_in_one_line(
     tmp_path, images, monkeypatch, capsys, where, own_temp_dir
