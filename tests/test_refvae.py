@@ -1096,16 +1096,9 @@ def test_a_latent_dir_file_changed_during_the_run_is_refused(tmp_path, ckpts, ca
     base = ["--ckpt", ckpts["varsr"], "--input", inp]
     assert run(*base, "--n", 1, "--save-latent", "--out", s) == 0
     late = s / "img 1_sample00000.latent.npz"  # the last image's
-    check = sr_sample.LatentDir.check
-
-    def then_changed(self, *args):
-        digests = check(self, *args)
-        np.savez(late, z0=np.ones(8, np.float32))
-        return digests
-
     capsys.readouterr()
     d = tmp_path / "d"
-    with mock.patch.object(sr_sample.LatentDir, "check", then_changed):
+    with changed_after_check(late):
         assert run(*base, "--latent", s, "--out", d, "--json") == 3
     said = capsys.readouterr()
     err = [line for line in said.err.splitlines() if "error" in line]
@@ -1123,6 +1116,19 @@ def test_a_latent_dir_file_changed_during_the_run_is_refused(tmp_path, ckpts, ca
     assert run(*base, "--latent", s, "--out", d, "--overwrite") == 0
 
 
+def changed_after_check(path: Path):
+    """--latent DIR's file `path` rewritten right after the run's first read of the folder
+    (`LatentDir.check`), before its image is decoded."""
+    check = sr_sample.LatentDir.check
+
+    def then_changed(self, *args):
+        digests = check(self, *args)
+        np.savez(path, z0=np.ones(8, np.float32))
+        return digests
+
+    return mock.patch.object(sr_sample.LatentDir, "check", then_changed)
+
+
 def test_a_latent_dir_file_of_the_first_image_changed_says_none_is_kept(tmp_path, ckpts, capsys):
     """The first image's --latent file changed before its read: its line said "the 0 images
     sampled before it are kept in OUT", which are none."""
@@ -1131,15 +1137,8 @@ def test_a_latent_dir_file_of_the_first_image_changed_says_none_is_kept(tmp_path
     base = ["--ckpt", ckpts["varsr"], "--input", inp]
     assert run(*base, "--n", 1, "--save-latent", "--out", s) == 0
     first = s / "a_sample00000.latent.npz"
-    check = sr_sample.LatentDir.check
-
-    def then_changed(self, *args):
-        digests = check(self, *args)
-        np.savez(first, z0=np.ones(8, np.float32))
-        return digests
-
     capsys.readouterr()
-    with mock.patch.object(sr_sample.LatentDir, "check", then_changed):
+    with changed_after_check(first):
         assert run(*base, "--latent", s, "--out", tmp_path / "d") == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("once nothing writes there; no image was sampled before it"), err
