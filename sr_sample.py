@@ -207,6 +207,7 @@ from sr_lib.data import (
     describe_path,
     encode_png,
     equal_channels,
+    first_said,
     header_alpha,
     image_size,
     links_said,
@@ -1366,30 +1367,17 @@ def refuse_others_kept(out: Path, folders: list[Path], names: set[str], stems: s
     stay, as if made by this command, under the manifest it writes: the folder then the work of
     two commands. Refused, one line naming them (exit 2), before any file is deleted: they are
     work the command does not name, not deleted for it."""
-    others: dict[str, Path] = {}
-
-    def scan(where: Path, own: set[str], single: bool = True) -> None:
-        real = where.resolve()
-        with contextlib.suppress(OSError), os.scandir(where) as entries:
-            for entry in entries:
-                could = output_names(entry.name, single)
-                if could and not could & own and real / entry.name not in inputs:
-                    if entry.is_file(follow_symlinks=False):
-                        others.setdefault(min(could, key=len), where)
-
+    others: dict[str, Path] = {}  # an image NAME -> the folder of its files
     ours = [f for f in dict.fromkeys(folders) if (f / "manifest.json").is_file()]
-    for folder in ours:  # (a PNG NAME.png is an output where the folder's n is 1: else the
-        try:  # user's own, not a sample, as `remove_old_files` keeps it)
-            n = json.loads((folder / "manifest.json").read_text()).get("n")
-        except (OSError, ValueError, AttributeError):
-            n = 1
-        scan(folder, names, n == 1)
+    for folder in ours:
+        for name in other_outputs(folder, names, inputs).values():
+            others.setdefault(name, folder)
     if ours and not others:  # (its lr/ named by stem: said once the samples are gone)
-        scan(out / "lr", stems)
+        for name in other_outputs(out / "lr", stems, inputs, single=True).values():
+            others.setdefault(name, out / "lr")
     if others:
-        first = sorted(others)[:3]
-        said = ", ".join(f"'{x}'" for x in first) + (
-            f", and {len(others) - 3} more" if len(others) > 3 else "")  # fmt: skip
+        first = sorted(others)
+        said = first_said([f"'{x}'" for x in first])
         raise UsageError(
             f"{others[first[0]]} holds the files of {len(others)} image(s) not among --input "
             f"({said}): --overwrite redoes the images given, and theirs would stay under its "
@@ -1397,6 +1385,27 @@ def refuse_others_kept(out: Path, folders: list[Path], names: set[str], stems: s
             "use another --out (to redo some images with the folder's settings: delete their "
             "files and rerun without --overwrite)"
         )
+
+
+def other_outputs(folder: Path, own: set[str], inputs: set[Path],
+                  single: bool | None = None) -> dict[str, str]:  # fmt: skip
+    """{file name: the image NAME it is an output of} of the files in `folder` that are outputs
+    (`output_names`) of images not among `own`, never an input's own file; NAME.png counts where
+    `single` (default: the folder's manifest.json says n 1; else it is the user's own, not a
+    sample, as `remove_old_files` keeps it)."""
+    if single is None:
+        try:
+            single = json.loads((folder / "manifest.json").read_text()).get("n") == 1
+        except (OSError, ValueError, AttributeError):
+            single = True
+    found, real = {}, folder.resolve()
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            could = output_names(entry.name, single)
+            if (could and not could & own and real / entry.name not in inputs
+                    and entry.is_file(follow_symlinks=False)):  # fmt: skip
+                found[entry.name] = min(could, key=len)
+    return found
 
 
 def refuse_other_layout(out: Path, sweep: bool, inputs: set[Path]) -> None:
@@ -1410,26 +1419,14 @@ def refuse_other_layout(out: Path, sweep: bool, inputs: set[Path]) -> None:
     if sweep:
         if not (out / "manifest.json").is_file():
             return
-        try:
-            n = json.loads((out / "manifest.json").read_text()).get("n")
-        except (OSError, ValueError, AttributeError):
-            n = 1
-        real = out.resolve()
-        with contextlib.suppress(OSError), os.scandir(out) as entries:
-            kept = sorted(
-                e.name
-                for e in entries
-                if output_names(e.name, n == 1)
-                and real / e.name not in inputs
-                and e.is_file(follow_symlinks=False)
-            )
+        kept = sorted(other_outputs(out, set(), inputs))
         what = f"a one-temperature run's manifest.json and {len(kept)} files of its samples"
     else:
         kept = [f"{name}/" for name in sweep_folders(out, "manifest.json")]
         what = "the folders of a --temperature sweep"
     if not kept:
         return
-    said = ", ".join(kept[:3]) + (f", and {len(kept) - 3} more" if len(kept) > 3 else "")
+    said = first_said(kept)
     raise UsageError(
         f"--out {out} holds {what} ({said}): --overwrite redoes the "
         f"{'sweep folders T*' if sweep else 'files at its top'}, and those would stay beside "

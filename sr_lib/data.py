@@ -1180,21 +1180,26 @@ def list_images(folder: str | os.PathLike, recursive: bool = True,
     return sorted(files, key=lambda p: image_order(p.relative_to(folder)))
 
 
-def links_said(
-    links: Sequence[Path], folder: str | os.PathLike | None = None, shown: int = 3
-) -> str:
+def links_said(links: Sequence[Path], folder: str | os.PathLike | None = None) -> str:
     """Symbolic links to missing files in the words of every line that lists them: the first
-    `shown` as `NAME -> TARGET`, NAME from `folder` (else the link's name alone) and TARGET as
+    three as `NAME -> TARGET`, NAME from `folder` (else the link's name alone) and TARGET as
     the link's own text gives it, each quoted for a shell where it must be (a space), then
     ", and K more"; a link removed since it was listed: its name alone."""
     said = []
-    for link in links[:shown]:
+    for link in links[:3]:
         name = shell_quote(os.fspath(Path(link).relative_to(folder) if folder else Path(link).name))
         try:
             said.append(f"{name} -> {shell_quote(os.readlink(link))}")
         except OSError:  # (no longer a link)
             said.append(name)
-    return ", ".join(said) + (f", and {len(links) - shown} more" if len(links) > shown else "")
+    return first_said(said, len(links))
+
+
+def first_said(said: Sequence[str], count: int | None = None) -> str:
+    """Items of a one-line list: the first three of `said` (of `count` in all, else its
+    length), then ", and K more"."""
+    count = len(said) if count is None else count
+    return ", ".join(said[:3]) + (f", and {count - 3} more" if count > 3 else "")
 
 
 def shared_stem(paths: Sequence[Path]) -> str | None:
