@@ -871,7 +871,10 @@ def test_a_group_signal_anywhere_resumes_to_the_weights_of_a_run_never_stopped(
     assert "Traceback" not in stderr and list(own_temp_dir.glob("pymp-*")) == []
     # (the first batch, come within the wait's slice, LOADER_SLICE: its step is done first)
     steps = {"first batch": (0, 1), "last checkpoint": (4,)}.get(point, (2,))
-    assert load_checkpoint(out / "last.pt")["step"] in steps
+    # (a stop before the first step may also come as the main process reads its own first batch,
+    # before the loop: a new run's folder of nothing is then removed, `unmake_run_folder`)
+    if not (point == "first batch" and not out.exists()):
+        assert load_checkpoint(out / "last.pt")["step"] in steps
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (validation images that are training images)
         assert sr_train.main([*flags, "--workers", "0", "--out", str(out), "--resume", "auto"]) == 0
