@@ -2,6 +2,7 @@
 job-array shards, resumable runs (SIGKILL, Ctrl-C, SIGTERM, then a rerun) that equal one run file
 by file, manifest.json and ntire_index.json, progress output, and output-folder failures."""
 
+import concurrent.futures
 import errno
 import inspect
 import json
@@ -309,8 +310,20 @@ def test_an_image_whose_png_write_fails_is_not_counted_or_shown_sampled(
             raise sr_sample.OutputError(f"{path}: cannot write (No space left on device)")
         real_write(path, data)
 
+    # The third image's write is handed over once the two before it have ended: a failing write
+    # that its thread had not run yet (a loaded machine) let the third's be given, and written,
+    # before the failure was seen, and its file was then on disk (failed once so under load).
+    # The writer still finds the failure as it would: at the hand-over after it.
+    give = sr_sample.SampleWriter.__call__
+
+    def after_the_writes_before(writer, paths, img):
+        if Path(paths[0]).name.startswith("im 02"):
+            concurrent.futures.wait(list(writer.queue))
+        give(writer, paths, img)
+
     monkeypatch.setattr(sr_sample, "cpu_workers", lambda: 2)  # (the writes in the background)
     monkeypatch.setattr(sr_sample, "write_encoded_png", full_disk_at_the_second_image)
+    monkeypatch.setattr(sr_sample.SampleWriter, "__call__", after_the_writes_before)
     argv = ["--ckpt", flow_ckpt, "--input", inp, "--n", 1, "--out", tmp_path / "out", "--json"]
     assert run(*argv) == 7
     out = capsys.readouterr().out
