@@ -49,7 +49,8 @@ rounded to 8 bits):
                           srspace version is one warning line, before its first image
                           sampled there (the images complete keep their samples: an upgrade
                           between a preemption and its requeue; "versions" records each that
-                          sampled, once it has)
+                          sampled, once it has; where a stop gave up waiting for the manifest's
+                          lock, .unrecorded-version-V.json keeps V for the next run to record)
   ntire_index.json        --layout ntire: {"scale": s, "000000": STEM, ...} for every input
 The sample folder is --out with one --temperature, and --out/T{t} (e.g. T0.9, T1) for each of
 several: the LR-only work of the model (its encoder, conditioning) is then done once per image for
@@ -1607,7 +1608,7 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
             # (a run of every image records its list once it has sampled them all:
             # `record_inputs`; killed before, a shard of its list would skip the images that
             # the earlier list gave to the array's tasks already done)
-        versions = folder_versions(old)
+        versions = folder_versions(record_unrecorded(folder, old))
         return None if settings["version"] in versions else versions
     if not overwrite and not real_paths(folder.glob("*.png")) <= set(inputs):
         raise UsageError(
@@ -1615,6 +1616,9 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
             "another --out, or --overwrite"
         )
     save_text(path, json.dumps({**settings, "versions": [settings["version"]]}, indent=1) + "\n")
+    for kept in folder.glob(UNRECORDED.format("*")):  # (the versions of the files redone)
+        with signals_held():
+            kept.unlink(missing_ok=True)
     return None
 
 
@@ -1665,15 +1669,49 @@ def upgrade_line(folder: Path, versions: list) -> str:
 def record_version(folder: Path) -> None:
     """This srspace version added to FOLDER/manifest.json's "versions" (`folder_versions`;
     read again: another shard may have added its own), once it has sampled an image there:
-    said once (`upgrade_line`), not at every rerun. "version" stays the folder's first. Not
-    recorded where a stop gave up waiting for the manifest's lock (`lock_folder`): said."""
+    said once (`upgrade_line`), not at every rerun. "version" stays the folder's first. Where a
+    stop gave up waiting for the manifest's lock (`lock_folder`), said, and kept in a file of
+    its own (UNRECORDED, written without the lock) that the next run to claim the folder records
+    (`record_unrecorded`): a rerun that finds every image complete samples nothing there, and
+    the version that did was never recorded."""
     try:
         amend_manifest(folder, lambda old: {
             "versions": [*dict.fromkeys([*folder_versions(old), __version__])]})  # fmt: skip
     except LockWaitedOut as e:
+        kept = folder / UNRECORDED.format(__version__)
+        try:
+            save_text(kept, json.dumps({"version": __version__}) + "\n")
+            later = f"the next run there records it ({kept.name} keeps it meanwhile)"
+        except (OSError, OutputError):  # (the folder as the holder leaves it: said)
+            later = "a rerun that samples an image there records it"
         say_err(f"{PROG}: warning: {e}: srspace {__version__}, which sampled there, is not "
-                "recorded in its \"versions\" (a rerun that samples an image there records "
-                "it)")  # fmt: skip
+                f"recorded in its \"versions\" yet; {later}")  # fmt: skip
+
+
+# A version that sampled into a folder, not recorded in its manifest.json ("versions") where a
+# stop gave up waiting for its lock (`record_version`): one file per version, so that a claim
+# that deletes what it recorded never deletes another version's file written meanwhile.
+UNRECORDED = ".unrecorded-version-{}.json"
+
+
+def record_unrecorded(folder: Path, manifest: dict) -> dict:
+    """The versions of the folder's UNRECORDED files added to `manifest`'s "versions" (its
+    manifest.json written, then the files deleted; the lock held: `claim_folder`); returns the
+    manifest with them."""
+    found = {}
+    for kept in sorted(folder.glob(UNRECORDED.format("*"))):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            found[kept] = json.loads(kept.read_text()).get("version")
+    versions = folder_versions(manifest)
+    new = [v for v in dict.fromkeys(found.values()) if isinstance(v, str) and v not in versions]
+    if new:  # (the file read again, as every change of it: `amend_manifest`)
+        amend_manifest(folder, lambda m: {
+            "versions": [*dict.fromkeys([*folder_versions(m), *new])]})  # fmt: skip
+        manifest = {**manifest, "versions": [*versions, *new]}
+    for kept in found:
+        with signals_held():
+            kept.unlink(missing_ok=True)
+    return manifest
 
 
 def record_inputs(folder: Path, inputs: dict) -> None:
