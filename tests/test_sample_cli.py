@@ -651,6 +651,24 @@ def test_overwrite_of_a_sweep_over_a_one_temperature_folder_and_back_is_refused(
     assert json.loads((out / "T1" / "manifest.json").read_text())["flags"]["seed"] == 1
 
 
+def test_a_sweep_names_its_own_folders_not_every_t_folder_of_out(tmp_path, toy_ckpt, capsys):
+    """A sweep's closing line said `-> OUT/T*` and --json's `out` "OUT/T*": after an --overwrite
+    of some temperatures, or a sweep that adds some, that named the other temperatures' T*/ too,
+    which stay (each its own manifest.json, its own sr_eval row) and which this run did not
+    make. Now the run's folders alone: OUT/T{0.5,0.9} (bash expands it), a list in --json."""
+    inp = folder(tmp_path / "in", a=image((8, 8), 1))
+    out = tmp_path / "out"
+    base = ["--ckpt", toy_ckpt, "--input", inp, "--n", 1, "--quiet", "--out", out]
+    assert run(*base, "--temperature", 0.5, 1) == 0
+    assert capsys.readouterr().out.endswith(f" -> {out}/T{{0.5,1}}\n")
+    kept = (out / "T1" / "a_sample00000.png").read_bytes()
+    assert run(*base, "--temperature", 0.5, 0.9, "--overwrite", "--seed", 1, "--json") == 0
+    said = json.loads(capsys.readouterr().out)
+    assert said["out"] == [str(out / "T0.5"), str(out / "T0.9")] and said["sampled"] == 1
+    assert (out / "T1" / "a_sample00000.png").read_bytes() == kept  # (another run's: it stays)
+    assert json.loads((out / "T1" / "manifest.json").read_text())["flags"]["seed"] == 0
+
+
 def test_overwrite_in_one_shard_keeps_another_inputs_file_of_the_name(tmp_path, toy_ckpt):
     """--overwrite deletes NAME.png of its images (an earlier --n 1 run's), and x_grid.png, the
     NAME.png of an input x_grid, is also the --grid sheet of the input x: the shard of x_grid
