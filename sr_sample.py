@@ -36,7 +36,8 @@ rounded to 8 bits):
                           saved it: its folder's manifest.json, checked so; none: a warning),
                           and a rerun takes it for its sample's latent (--overwrite: replaced)
   manifest.json           the settings that made the folder (checkpoint sha256, model, config,
-                          scale, temperature, n, seed, ..., the sha256 of the control files:
+                          scale, temperature, n, seed, ..., "names": the NAMEs of the inputs of
+                          every run there, the sha256 of the control files:
                           --ref FILE|DIR, --latent-from, --latent FILE|DIR, --latent-shift); a
                           rerun with other settings or other control file contents is refused
                           unless --overwrite (not for a flag of no effect, one warning line:
@@ -923,8 +924,9 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     opaque = scanned_unlocked(lambda: not any(map(has_alpha, paths)))
     upgraded = {}  # folder -> the other srspace versions that sampled into it (`claim_folder`)
     said_upgrade = False  # (one line for a sweep's folders)
+    # the NAMEs of every input (of every --shard), which manifest.json lists (`claim_folder`)
+    names = {f"{k:06d}" if args.layout == "ntire" else p.stem for k, p in enumerate(paths)}
     if args.overwrite:  # (every folder of a sweep, before any file is deleted)
-        names = {f"{k:06d}" if args.layout == "ntire" else p.stem for k, p in enumerate(paths)}
         refuse_others_kept(out, list(folders.values()), names, {p.stem for p in paths}, inputs)
         refuse_other_layout(out, len(folders) > 1, inputs)
     for t, folder in folders.items():
@@ -938,7 +940,8 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
                 with manifest_lock(folder):  # (another shard may write its manifest meanwhile)
                     was = claim_folder(folder, {**settings, "temperature": t}, args.overwrite,
                                        inputs, free, parts > 1, holds_whole,
-                                       n_change(args, model, setter), opaque)  # fmt: skip
+                                       n_change(args, model, setter), opaque,
+                                       names)  # fmt: skip
                 break
             except ScanFirst as e:  # the inputs read with the lock free, then claimed again
                 e.scan()
@@ -1397,20 +1400,31 @@ def other_outputs(folder: Path, own: set[str], inputs: set[Path],
     """{file name: the image NAME it is an output of} of the files in `folder` that are outputs
     (`output_names`) of images not among `own`, never an input's own file; NAME.png counts where
     `single` (default: the folder's manifest.json says n 1; else it is the user's own, not a
-    sample, as `remove_old_files` keeps it)."""
-    if single is None:
-        try:
-            single = json.loads((folder / "manifest.json").read_text()).get("n") == 1
-        except (OSError, ValueError, AttributeError):
-            single = True
+    sample, as `remove_old_files` keeps it). Where the manifest lists the NAMEs of the images
+    sampled there ("names", `claim_folder`), a file counts only as an output of theirs: at n 1
+    the user's notes.png is no image's (a name rule alone took it for the image notes')."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        listed = manifest.get("names")
+        single = manifest.get("n") == 1 if single is None else single
+    except (OSError, ValueError, AttributeError):
+        listed, single = None, True if single is None else single
+    listed = listed_names(listed) if isinstance(listed, list) else None
     found, real = {}, folder.resolve()
     with contextlib.suppress(OSError), os.scandir(folder) as entries:
         for entry in entries:
             could = output_names(entry.name, single)
+            could = could if listed is None else could & listed
             if (could and not could & own and real / entry.name not in inputs
                     and entry.is_file(follow_symlinks=False)):  # fmt: skip
                 found[entry.name] = min(could, key=len)
     return found
+
+
+def listed_names(names: list) -> set[str]:
+    """The NAMEs of a manifest's "names" (`claim_folder`); an entry that is not one (a manifest
+    edited by hand) is left out."""
+    return {x for x in names if isinstance(x, str)}
 
 
 def refuse_other_layout(out: Path, sweep: bool, inputs: set[Path]) -> None:
@@ -1501,7 +1515,7 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
                  free=frozenset(), sharded: bool = False,
                  holds_whole=lambda tile: False,
                  n_refused=lambda was, now: "",
-                 opaque=lambda: False) -> list | None:  # fmt: skip
+                 opaque=lambda: False, names=None) -> list | None:  # fmt: skip
     """Write FOLDER/manifest.json, or check a rerun against it: files made with other settings
     are never mixed into one folder (unless --overwrite). Another n is no other setting where
     `n_refused(was, now)` (`n_change`) gives None: sample i is seeded by (--seed, stem, i)
@@ -1532,7 +1546,10 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
     the input folder while an array runs move images between its tasks (k % N), some then
     sampled by none; a run of every image (N = 1) records its own list once it has sampled
     every image (`record_inputs`), one into a folder of an older manifest without the record at
-    once."""
+    once. `names`: the NAMEs of the run's inputs (of every --shard), added to the manifest's
+    "names" (a folder's first run: its list), the images whose outputs the folder may hold
+    (`other_outputs`: a file that is none of theirs is the user's); a manifest without the list
+    (an older srspace's) gains none, as the images sampled there before are not known."""
     path = folder / "manifest.json"
     if path.is_file() and not overwrite:
         try:
@@ -1612,6 +1629,10 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
             # (a run of every image records its list once it has sampled them all:
             # `record_inputs`; killed before, a shard of its list would skip the images that
             # the earlier list gave to the array's tasks already done)
+        more = set(names or ())
+        if isinstance(old.get("names"), list) and not more <= listed_names(old["names"]):
+            amend_manifest(folder, lambda m: {"names": sorted(listed_names(m["names"]) | more)}
+                           if isinstance(m.get("names"), list) else {})  # fmt: skip
         versions = folder_versions(record_unrecorded(folder, old))
         return None if settings["version"] in versions else versions
     if not overwrite and not real_paths(folder.glob("*.png")) <= set(inputs):
@@ -1619,7 +1640,9 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
             f"{folder} holds PNG files but no manifest.json (another tool's output?); use "
             "another --out, or --overwrite"
         )
-    save_text(path, json.dumps({**settings, "versions": [settings["version"]]}, indent=1) + "\n")
+    listed = {} if names is None else {"names": sorted(names)}
+    save_text(path, json.dumps({**settings, **listed, "versions": [settings["version"]]},
+                               indent=1) + "\n")  # fmt: skip
     for kept in folder.glob(UNRECORDED.format("*")):  # (the versions of the files redone)
         with signals_held():
             kept.unlink(missing_ok=True)

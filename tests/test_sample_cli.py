@@ -618,6 +618,38 @@ def test_overwrite_of_a_part_of_the_folders_images_is_refused(tmp_path, toy_ckpt
     assert json.loads((out / "manifest.json").read_text())["flags"]["seed"] == 1
 
 
+def test_overwrite_at_n_1_takes_the_users_own_pngs_for_no_images_output(tmp_path, bicubic_ckpt,
+                                                                          capsys):  # fmt: skip
+    """At n 1 an image's one output is NAME.png: a user's own notes.png or figure_old.png there
+    was taken for the output of an image 'notes' or 'figure_old' not among --input, and every
+    --overwrite was refused. manifest.json now lists the NAMEs of every input the folder was
+    sampled from (each run's added): a file that is no output of theirs is the user's, kept;
+    those of inputs left out, dropped from --input by a rerun too, are refused still."""
+    inp = folder(tmp_path / "in", figure=image((8, 8), 1), chart=image((8, 8), 2))
+    some = folder(tmp_path / "some", figure=image((8, 8), 1))
+    out = tmp_path / "out"
+    base = ["--ckpt", bicubic_ckpt, "--n", 1, "--quiet", "--out", out]
+    assert run(*base, "--input", inp) == 0
+    folder(out, notes=image((4, 4), 3), figure_old=image((4, 4), 4))  # the user's
+    mine = {f: (out / f).read_bytes() for f in ("notes.png", "figure_old.png")}
+    assert run(*base, "--input", inp, "--overwrite") == 0
+    assert run(*base, "--input", some) == 0  # (complete; its list recorded, chart's name kept)
+    capsys.readouterr()
+    assert run(*base, "--input", some, "--overwrite") == 2
+    assert f"{out} holds the files of 1 image(s) not among --input ('chart')" in (
+        capsys.readouterr().err)  # fmt: skip
+    (out / "chart.png").unlink()
+    assert run(*base, "--input", some, "--overwrite") == 0
+    assert pngs(out) == ["figure.png", "figure_old.png", "notes.png"]
+    assert {f: (out / f).read_bytes() for f in mine} == mine
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["names"] == ["figure"]
+    del manifest["names"]  # a folder of an srspace that did not list them: each name an image's
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert run(*base, "--input", some, "--overwrite") == 2
+    assert "2 image(s) not among --input ('figure_old', 'notes')" in capsys.readouterr().err
+
+
 def test_overwrite_of_a_sweep_over_a_one_temperature_folder_and_back_is_refused(tmp_path, toy_ckpt,
                                                                                capsys):  # fmt: skip
     """A sweep writes into OUT/T{t}, one temperature into OUT: --overwrite of a sweep left an
