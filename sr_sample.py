@@ -51,7 +51,7 @@ rounded to 8 bits):
                           sampled there (the images complete keep their samples: an upgrade
                           between a preemption and its requeue; "versions" records each that
                           sampled, once it has; where a stop gave up waiting for the manifest's
-                          lock, .unrecorded-version-V.json keeps V for the next run to record)
+                          lock, .unrecorded-versions.json keeps it for the next run to record)
   ntire_index.json        --layout ntire: {"scale": s, "000000": STEM, ...} for every input
 The sample folder is --out with one --temperature, and --out/T{t} (e.g. T0.9, T1) for each of
 several: the LR-only work of the model (its encoder, conditioning) is then done once per image for
@@ -1643,9 +1643,8 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
     listed = {} if names is None else {"names": sorted(names)}
     save_text(path, json.dumps({**settings, **listed, "versions": [settings["version"]]},
                                indent=1) + "\n")  # fmt: skip
-    for kept in folder.glob(UNRECORDED.format("*")):  # (the versions of the files redone)
-        with signals_held():
-            kept.unlink(missing_ok=True)
+    with signals_held():  # (the versions of files redone: not this folder's)
+        (folder / UNRECORDED).unlink(missing_ok=True)
     return None
 
 
@@ -1705,9 +1704,9 @@ def record_version(folder: Path) -> None:
         amend_manifest(folder, lambda old: {
             "versions": [*dict.fromkeys([*folder_versions(old), __version__])]})  # fmt: skip
     except LockWaitedOut as e:
-        kept = folder / UNRECORDED.format(__version__)
-        try:
-            save_text(kept, json.dumps({"version": __version__}) + "\n")
+        kept = folder / UNRECORDED
+        try:  # (those another such stop kept there too)
+            save_text(kept, json.dumps([*dict.fromkeys([*unrecorded(kept), __version__])]) + "\n")
             later = f"the next run there records it ({kept.name} keeps it meanwhile)"
         except (OSError, OutputError):  # (the folder as the holder leaves it: said)
             later = "a rerun that samples an image there records it"
@@ -1715,29 +1714,40 @@ def record_version(folder: Path) -> None:
                 f"recorded in its \"versions\" yet; {later}")  # fmt: skip
 
 
-# A version that sampled into a folder, not recorded in its manifest.json ("versions") where a
-# stop gave up waiting for its lock (`record_version`): one file per version, so that a claim
-# that deletes what it recorded never deletes another version's file written meanwhile.
-UNRECORDED = ".unrecorded-version-{}.json"
+# The versions that sampled into a folder, not recorded in its manifest.json ("versions") where
+# a stop gave up waiting for its lock (`record_version`), a JSON list; one name, so that every
+# claim looks for it with one file system call, not a listing of a folder of 200,000 samples.
+UNRECORDED = ".unrecorded-versions.json"
+
+
+def unrecorded(path: Path) -> list[str]:
+    """The versions an UNRECORDED file lists ([]: none there, or not a list of them)."""
+    try:
+        said = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return [v for v in said if isinstance(v, str)] if isinstance(said, list) else []
 
 
 def record_unrecorded(folder: Path, manifest: dict) -> dict:
-    """The versions of the folder's UNRECORDED files added to `manifest`'s "versions" (its
-    manifest.json written, then the files deleted; the lock held: `claim_folder`); returns the
-    manifest with them."""
-    found = {}
-    for kept in sorted(folder.glob(UNRECORDED.format("*"))):
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            found[kept] = json.loads(kept.read_text()).get("version")
+    """The versions of the folder's UNRECORDED file added to `manifest`'s "versions" (the lock
+    held: `claim_folder`), the file deleted; returns the manifest with them. The file is first
+    renamed to this process's own name: a stop that writes it anew meanwhile (it takes no lock)
+    writes a file of that name again, for the next claim, not one deleted here unread."""
+    taken = folder / f"{UNRECORDED}.{os.getpid()}"
+    try:
+        with signals_held():
+            os.rename(folder / UNRECORDED, taken)
+    except OSError:  # (none there: the usual case)
+        return manifest
     versions = folder_versions(manifest)
-    new = [v for v in dict.fromkeys(found.values()) if isinstance(v, str) and v not in versions]
+    new = [v for v in unrecorded(taken) if v not in versions]
     if new:  # (the file read again, as every change of it: `amend_manifest`)
         amend_manifest(folder, lambda m: {
             "versions": [*dict.fromkeys([*folder_versions(m), *new])]})  # fmt: skip
         manifest = {**manifest, "versions": [*versions, *new]}
-    for kept in found:
-        with signals_held():
-            kept.unlink(missing_ok=True)
+    with signals_held():
+        taken.unlink(missing_ok=True)
     return manifest
 
 

@@ -437,7 +437,7 @@ def test_a_stop_waits_for_a_manifest_lock_held_elsewhere_a_bounded_time(
         f"sr_sample.py: warning: {out}: its manifest.json still locked by another process 0.3 s "
         "after the stop (a shard stopped or hung, a file system not answering): srspace 99.0.0, "
         'which sampled there, is not recorded in its "versions" yet; the next run there records '
-        "it (.unrecorded-version-99.0.0.json keeps it meanwhile)"
+        "it (.unrecorded-versions.json keeps it meanwhile)"
     ), err
     assert json.loads(said.out.splitlines()[-1])["sampled"] == 1 and len(files(out)) == 2
     assert json.loads((out / "manifest.json").read_text())["versions"] == [sr_lib.__version__]
@@ -452,7 +452,7 @@ def test_a_stop_waits_for_a_manifest_lock_held_elsewhere_a_bounded_time(
     monkeypatch.setattr(sr_sample, "__version__", "99.5.0")
     assert run(*base) == 0 and json.loads(capsys.readouterr().out)["sampled"] == 0
     assert json.loads((out / "manifest.json").read_text())["versions"] == versions
-    (out / ".unrecorded-version-98.0.0.json").write_text('{"version": "98.0.0"}')
+    (out / ".unrecorded-versions.json").write_text('["98.0.0"]')
     assert run(*base, "--overwrite") == 0  # (the files of that version redone: not recorded)
     assert json.loads((out / "manifest.json").read_text())["versions"] == ["99.5.0"]
     assert not list(out.glob(".*"))
