@@ -955,12 +955,12 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
         print(f"{PROG}: warning: --amp {args.amp}: {emulated}", file=sys.stderr, flush=True)
     failed = no_inputs_skipped()
     skipped, t0 = 0, time.monotonic()
-    # A sweep's folders by name, OUT/T{0.5,0.9} (bash expands it; --json: a list): OUT/T* named
-    # also the T*/ of other temperatures kept there, which this run did not make
+    # A sweep's folders by name, OUT/T{0.5,0.9} (bash expands it; --json: `folders`): OUT/T*
+    # would name also the T*/ of other temperatures kept there, which this run did not make.
+    # `out` stays the --out folder, one type for every run, so a pipeline reads it as ever
     swept = ",".join(folder_name(t)[1:] for t in folders)
     where = out if len(folders) == 1 else f"{out}/T{{{swept}}}"
-    summary.update(out=str(out) if len(folders) == 1 else [str(f) for f in folders.values()],
-                   images=len(mine))  # fmt: skip
+    summary.update(out=str(out), folders=[str(f) for f in folders.values()], images=len(mine))
     with ProgressLog(len(mine), args.quiet) as bar, SampleWriter(cpu_workers()) as writer:
         for k, path in mine:
             name = f"{k:06d}" if args.layout == "ntire" else path.stem

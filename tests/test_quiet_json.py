@@ -99,8 +99,8 @@ def test_json_closing_line_of_each_script(hr_dir, tmp_path, capsys):
         line = last_json(out)
         assert line.pop("seconds") >= 0
         assert line == {"script": "sr_sample.py", "exit_code": 0, "error": None,
-                        "out": str(samples), "images": 2, "sampled": sampled, "skipped": skipped,
-                        "failed": 0}  # fmt: skip
+                        "out": str(samples), "folders": [str(samples)], "images": 2,
+                        "sampled": sampled, "skipped": skipped, "failed": 0}  # fmt: skip
 
     results = tmp_path / "r.json"
     evaluate = ["--hr", str(hr_dir), "--sr", f"mine={samples}", "--scale", "4", "--n", "2",

@@ -687,7 +687,8 @@ def test_a_sweep_names_its_own_folders_not_every_t_folder_of_out(tmp_path, toy_c
     """A sweep's closing line said `-> OUT/T*` and --json's `out` "OUT/T*": after an --overwrite
     of some temperatures, or a sweep that adds some, that named the other temperatures' T*/ too,
     which stay (each its own manifest.json, its own sr_eval row) and which this run did not
-    make. Now the run's folders alone: OUT/T{0.5,0.9} (bash expands it), a list in --json."""
+    make. Now the run's folders alone: OUT/T{0.5,0.9} (bash expands it), --json's `folders`
+    (`out` stays the --out folder, a string, as for one temperature)."""
     inp = folder(tmp_path / "in", a=image((8, 8), 1))
     out = tmp_path / "out"
     base = ["--ckpt", toy_ckpt, "--input", inp, "--n", 1, "--quiet", "--out", out]
@@ -696,7 +697,11 @@ def test_a_sweep_names_its_own_folders_not_every_t_folder_of_out(tmp_path, toy_c
     kept = (out / "T1" / "a_sample00000.png").read_bytes()
     assert run(*base, "--temperature", 0.5, 0.9, "--overwrite", "--seed", 1, "--json") == 0
     said = json.loads(capsys.readouterr().out)
-    assert said["out"] == [str(out / "T0.5"), str(out / "T0.9")] and said["sampled"] == 1
+    assert said["folders"] == [str(out / "T0.5"), str(out / "T0.9")] and said["sampled"] == 1
+    assert said["out"] == str(out)
+    assert run(*base, "--temperature", 0.5, "--json") == 0
+    said = json.loads(capsys.readouterr().out)
+    assert said["out"] == str(out) and said["folders"] == [str(out)]
     assert (out / "T1" / "a_sample00000.png").read_bytes() == kept  # (another run's: it stays)
     assert json.loads((out / "T1" / "manifest.json").read_text())["flags"]["seed"] == 0
 
