@@ -42,8 +42,9 @@ image (files beyond its n are an earlier run's, left by --overwrite).
 
 --out JSON: {"settings": {...}, "mean": {col: v}, "per_image": [{"image": S, col: v, ...}]} for one
 --sr folder ("settings" has its n, temperature, model and checkpoint_sha256; in every layout
-the device, device_name: the GPU model that ran LPIPS, null elsewhere, and threads and
-cpu_capability: LPIPS's on the CPU, null elsewhere); with several:
+the device, device_name: the GPU model that ran LPIPS, null elsewhere, and threads,
+cpu_capability and cpu_kernels (the CPU's features and the oneDNN and MKL environment variables
+set: `cpu_kernels`): LPIPS's on the CPU, null elsewhere); with several:
 {"settings": {...}, "methods": {name: {"sr_dir", "temperature", "model", "checkpoint_sha256",
 "n", "mean", "per_image"}}} (settings' n: the rows' N where they share one, else null). The
 model and the sha256 of the checkpoint that made the samples come from the folder's
@@ -76,8 +77,9 @@ folders, the newest of the same command; without either, nothing is kept; a fold
 links there refused before any work, a link written through: `check_partial`): the same command
 run again continues after them, and its files are those of a run never stopped. They are taken only
 where every flag but the outputs', the LPIPS weights' sha256, the device (on CUDA its model, on the
-CPU LPIPS's threads and instruction set; with --no-lpips, which runs nothing there, neither --device
-nor --lpips-batch) and the versions are the same (an earlier srspace's: `legacy_keys`), and
+CPU LPIPS's threads, instruction set and its kernels' CPU features and environment variables;
+with --no-lpips, which runs nothing there, neither --device nor --lpips-batch) and the versions
+are the same (an earlier srspace's: `legacy_keys`), and
 for the first images whose files (name in its folder, size, modification time) are unchanged, the
 folders' paths no part of the command where the first image's files are the same (data staged to
 a node's $TMPDIR: `adopt_key`); another command's
@@ -119,6 +121,7 @@ import io
 import itertools
 import json
 import math
+import platform
 import re
 import shutil
 import signal
@@ -1492,9 +1495,10 @@ def delete_asides(asides: list[dict], path: Path) -> None:
 def scores_key(args: EvalArgs, settings: dict, methods=None) -> str:
     """sha256 of what makes an image's numbers beyond its files: every flag but the outputs'
     and the settings of --out (the LPIPS weights' sha256, the device and its GPU model, on the
-    CPU LPIPS's threads and instruction set, torch's and srspace's versions, the columns). A
-    rerun on another GPU model (a job requeued onto another node) is another command, as a rerun
-    on the CPU, or on a CPU of another instruction set (AVX2, AVX-512), is: it
+    CPU LPIPS's threads, instruction set and `cpu_kernels`, torch's and srspace's versions, the
+    columns). A rerun on another GPU model (a job requeued onto another node) is another
+    command, as a rerun on the CPU, or on a CPU of other features (AVX2, AVX-512) or capped by
+    ONEDNN_MAX_CPU_ISA, is: it
     scores every image, not a mix of two models' numbers that differ at about 1e-6. With
     --no-lpips, --device and --lpips-batch (LPIPS's alone, ignored) are not in it: a job requeued
     from a GPU node onto a CPU one continues (its numbers are the CPU's on both). With `methods`
@@ -1522,23 +1526,27 @@ def legacy_keys(args: EvalArgs, settings: dict) -> set[str]:
     those keys lack can differ, so that a job requeued across an upgrade continues (`adopt_key`).
     One rule: scores whose LPIPS settings the key does not tell, where they could differ, are
     another command's (moved aside, kept for a rerun of that srspace, every image scored again):
-    on the CPU its instruction set (an AVX2 node's LPIPS_mean differs from an AVX-512 node's in
-    its 7th digit: `cpu_capability`) and its threads (1 and 2 in the 8th), on CUDA the GPU model.
-    - before --out's cpu_capability: its settings without it, where it is null (LPIPS on CUDA,
-      --no-lpips); not where LPIPS ran on the CPU;
-    - before --out's device_name (session 28): its settings without device_name (nor threads
-      and cpu_capability, later still), and every flag typed, with --no-lpips alone (its device
-      then ran nothing: the one --device picked, cuda or cpu for auto). Not where LPIPS ran: on
-      CUDA that key does not tell the GPU model, on the CPU neither the threads nor the
-      instruction set."""
+    on the CPU its instruction set and what picks oneDNN's and MKL's kernels (an AVX2 node's
+    LPIPS_mean differs from an AVX-512 node's in its 7th digit: `cpu_kernels`) and its threads
+    (1 and 2 in the 8th), on CUDA the GPU model.
+    - before --out's cpu_kernels: its settings without it, where it is null (LPIPS on CUDA,
+      --no-lpips); not where LPIPS ran on the CPU (ATen's instruction set alone: a node capped
+      by ONEDNN_MAX_CPU_ISA, or of other features, had its key);
+    - before --out's cpu_capability: its settings without either, where both are null;
+    - before --out's device_name (session 28): its settings without device_name (nor threads,
+      cpu_capability and cpu_kernels, later still), and every flag typed, with --no-lpips alone
+      (its device then ran nothing: the one --device picked, cuda or cpu for auto). Not where
+      LPIPS ran: on CUDA that key does not tell the GPU model, on the CPU neither the threads
+      nor the instruction set."""
     keys = set()
-    if settings["cpu_capability"] is None:
-        keys.add(scores_key(args, {k: v for k, v in settings.items() if k != "cpu_capability"}))
+    if settings["cpu_kernels"] is None:  # (and cpu_capability: LPIPS on CUDA, --no-lpips)
+        for later in (("cpu_kernels",), ("cpu_kernels", "cpu_capability")):
+            keys.add(scores_key(args, {k: v for k, v in settings.items() if k not in later}))
     if not args.no_lpips:
         return keys
     typed = typed_flags(args)
     devices = ["cpu", "cuda"] if args.device == "auto" else [str(torch.device(args.device))]
-    later = ("device_name", "threads", "cpu_capability")
+    later = ("device_name", "threads", "cpu_capability", "cpu_kernels")
     old = {k: v for k, v in settings.items() if k not in later}
     return keys | {settings_key({**old, "device": d}, typed) for d in devices}
 
@@ -1733,9 +1741,12 @@ def run_settings(args, shave, device, lpips_metric, columns, methods) -> dict:
         # the threads of LPIPS on the CPU: 1 and 2 differ in LPIPS_mean's 8th digit (docs/
         # metrics.md), so a job requeued onto a node of other cores is another command too
         "threads": torch.get_num_threads() if lpips_metric and device.type == "cpu" else None,
-        # and the instruction set its kernels take there (`cpu_capability`): an AVX2 node's
-        # LPIPS_mean differs from an AVX-512 node's in about its 7th digit
+        # and the instruction set ATen's kernels take there (`cpu_capability`), and what picks
+        # those of oneDNN (the convolutions) and MKL (the GEMMs): the CPU's features and the
+        # environment variables that cap or change them (`cpu_kernels`): ONEDNN_MAX_CPU_ISA=AVX2
+        # on an AVX-512 CPU, as an AVX2 node, changes LPIPS_mean's 7th digit, not cpu_capability
         "cpu_capability": cpu_capability() if lpips_metric and device.type == "cpu" else None,
+        "cpu_kernels": cpu_kernels() if lpips_metric and device.type == "cpu" else None,
         "torch": torch.__version__,
         "version": sr_lib.__version__,
         "args": dataclasses.asdict(args),
@@ -1747,14 +1758,78 @@ def run_settings(args, shave, device, lpips_metric, columns, methods) -> dict:
 
 
 def cpu_capability() -> str:
-    """The instruction set of torch's CPU kernels ('AVX512', 'AVX2', 'DEFAULT': the machine's,
+    """The instruction set of ATen's CPU kernels ('AVX512', 'AVX2', 'DEFAULT': the machine's,
     or ATEN_CPU_CAPABILITY's). On this AMD EPYC (torch 2.14.1, one thread, random-weight LPIPS,
     docs/benchmarks.md) the AVX2 and AVX-512 paths of ATen alone give the same numbers to the
-    bit, but the convolutions run in oneDNN, which picks its kernels from the CPU as ATen does:
-    with both on AVX2 (an AVX2 node) an image's LPIPS_mean differs in its 7th digit (0.011475877
-    vs 0.011475881), and ATen's DEFAULT (no SIMD) in its 8th. So a job requeued from an AVX-512
-    node onto an AVX2 one is another command (`scores_key`), not a mix of both."""
+    bit, and ATen's DEFAULT (no SIMD) differs in LPIPS_mean's 8th digit. The convolutions run in
+    oneDNN, whose kernels this does not tell (`cpu_kernels`)."""
     return torch.backends.cpu.get_cpu_capability()
+
+
+CPUINFO = Path("/proc/cpuinfo")
+# /proc/cpuinfo's names of the CPU features that oneDNN and MKL pick their kernels by (x86: the
+# levels sse41 ... avx512_core_amx_fp16 of oneDNN's cpu_isa_t, and AVX-VNNI, AMX; Arm: NEON,
+# SVE, BF16, I8MM). Only these: the others (a mitigation flag a microcode update adds, md_clear)
+# would make two identical nodes two commands.
+KERNEL_FEATURES = frozenset(
+    "sse4_1 sse4_2 avx avx2 fma f16c avx512f avx512dq avx512cd avx512bw avx512vl avx512ifma "
+    "avx512vbmi avx512_vnni avx512_bf16 avx512_fp16 avx_vnni avx_vnni_int8 avx_ne_convert "
+    "amx_tile amx_bf16 amx_int8 amx_fp16 amx_complex "
+    "asimd asimdhp asimddp fphp sve sve2 bf16 i8mm svebf16 svei8mm sme sme2".split()
+)
+# The environment variables that change those kernels' numbers: oneDNN's (ONEDNN_ or DNNL_)
+# instruction-set cap (ONEDNN_MAX_CPU_ISA=AVX2: LPIPS_mean's 7th digit, docs/benchmarks.md), its
+# ISA hints and its floating-point math mode (BF16 lets it round float32 to bfloat16), and MKL's
+# cap and reproducibility branch (MKL_CBWR=COMPATIBLE: LPIPS_mean's 8th digit, measured). Not
+# those that change no number (ONEDNN_VERBOSE, JIT_DUMP, caches).
+KERNEL_ENV = (
+    *(f"{lib}_{name}" for name in ("MAX_CPU_ISA", "CPU_ISA_HINTS", "DEFAULT_FPMATH_MODE")
+      for lib in ("ONEDNN", "DNNL")),
+    "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR",
+)  # fmt: skip
+
+
+def cpu_kernels() -> dict:
+    """What picks the kernels of LPIPS on the CPU beside ATen's (`cpu_capability`): oneDNN runs
+    its convolutions (`onednn`: torch's oneDNN on), MKL the GEMMs of some; both take their
+    kernels from the CPU's features (cpuid) and the environment, not from
+    ATEN_CPU_CAPABILITY: ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU changes every LPIPS-made
+    number of a run (LPIPS_mean's 7th digit), cpu_capability 'AVX512' all the same
+    (docs/benchmarks.md). So the key holds the machine, the CPU's vendor (MKL
+    takes other paths on other vendors' CPUs), its `KERNEL_FEATURES` and the `KERNEL_ENV`
+    variables set: the same on identical nodes (no model name, stepping or microcode), another
+    command on a node of other features or capped otherwise. Where the features cannot be read
+    (no /proc/cpuinfo: macOS, a BSD), the machine's name stands for them (`host`): a stopped run
+    continues on that machine only."""
+    vendor, features = cpu_features()
+    kernels = {
+        "machine": platform.machine(),
+        "vendor": vendor,
+        "features": features,
+        "onednn": torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled,
+        "env": {name: os.environ[name] for name in KERNEL_ENV if name in os.environ},
+    }
+    return kernels if features is not None else {**kernels, "host": socket.gethostname()}
+
+
+def cpu_features() -> tuple[str | None, list[str] | None]:
+    """(vendor, the sorted `KERNEL_FEATURES` it has) of the first CPU of /proc/cpuinfo (x86:
+    vendor_id and flags; Arm: CPU implementer and Features); (None, None) where it cannot be
+    read or lists no features."""
+    fields = {}
+    with suppress(OSError, UnicodeDecodeError), open(CPUINFO, encoding="utf-8") as f:
+        for line in f:
+            name, sep, value = line.partition(":")
+            if not sep:
+                if fields:
+                    break  # (the first CPU's block ends: the others are the same)
+                continue
+            fields.setdefault(name.strip(), value.strip())
+    listed = fields.get("flags", fields.get("Features"))
+    if listed is None:
+        return None, None
+    vendor = fields.get("vendor_id", fields.get("CPU implementer"))
+    return vendor, sorted(KERNEL_FEATURES & set(listed.split()))
 
 
 def device_name(device) -> str | None:

@@ -405,7 +405,8 @@ def test_the_scores_key_holds_the_instruction_set_of_lpips_on_the_cpu(monkeypatc
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: isa)
         settings = sr_eval.run_settings(args, 4, torch.device(device), metric, ["PSNR_mean"],
                                         methods)  # fmt: skip
-        earlier = {k: v for k, v in settings.items() if k != "cpu_capability"}
+        later = ("cpu_capability", "cpu_kernels")  # (the threads-era key: neither)
+        earlier = {k: v for k, v in settings.items() if k not in later}
         legacy = sr_eval.scores_key(args, earlier) in sr_eval.legacy_keys(args, settings)
         return settings["cpu_capability"], sr_eval.scores_key(args, settings), legacy
 
@@ -415,6 +416,78 @@ def test_the_scores_key_holds_the_instruction_set_of_lpips_on_the_cpu(monkeypatc
     for device, metric in (("cuda", lpips), ("cpu", None)):  # (--no-lpips: no metric)
         either = key("AVX2", device, metric)
         assert either == key("AVX512", device, metric) and either[::2] == (None, True)
+
+
+def test_the_scores_key_holds_what_picks_the_kernels_of_onednn_and_mkl(monkeypatch, tmp_path):
+    """The key held ATen's instruction set alone (cpu_capability), but LPIPS's convolutions run
+    in oneDNN and some of its GEMMs in MKL, which take their kernels from the CPU's features
+    and their own environment variables: ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU changes
+    LPIPS_mean's 7th digit (docs/benchmarks.md) and MKL_CBWR its 8th, cpu_capability the same,
+    and a rerun so continued from the first's scores, a mix. Now --out's settings record
+    `cpu_kernels` (the machine, the CPU's vendor, its features that pick kernels, the variables
+    set), in the key: identical nodes (another model name, stepping, microcode, a mitigation
+    flag) share one key; other features, another vendor or a variable set give another; where
+    /proc/cpuinfo is missing, the machine's name. None on CUDA and with --no-lpips."""
+    args = sr_eval.EvalArgs(hr="hr", sr=["sr"], scale=4, n=2)
+    methods = [sr_eval.Method("sr", Path("sr"), 2, None)]
+    lpips = SimpleNamespace(info={"sha256": "0" * 64}, batch=1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(sr_eval, "CPUINFO", cpuinfo)
+    for name in (*sr_eval.KERNEL_ENV, "ONEDNN_VERBOSE"):
+        monkeypatch.delenv(name, raising=False)
+
+    def node(flags: str, vendor="AuthenticAMD", model="AMD EPYC 9654", microcode="0xa101148"):
+        cpu = (f"vendor_id\t: {vendor}\ncpu family\t: 25\nmodel name\t: {model}\n"
+               f"stepping\t: 1\nmicrocode\t: {microcode}\nflags\t\t: fpu {flags}\n\n")  # fmt: skip
+        cpuinfo.write_text("".join(f"processor\t: {i}\n{cpu}" for i in range(2)))
+
+    def key(device="cpu", metric=lpips):
+        settings = sr_eval.run_settings(args, 4, torch.device(device), metric, ["PSNR_mean"],
+                                        methods)  # fmt: skip
+        return settings["cpu_kernels"], sr_eval.scores_key(args, settings)
+
+    avx2 = "sse4_1 sse4_2 avx avx2 fma f16c"
+    avx512 = f"{avx2} avx512f avx512dq avx512bw avx512vl avx512_vnni"
+    node(avx512)
+    first = key()
+    assert first[0]["features"] == sorted(avx512.split()) and first[0]["env"] == {}
+    assert first[0]["vendor"] == "AuthenticAMD" and "host" not in first[0]
+    node(f"{avx512} md_clear", model="AMD EPYC 9655", microcode="0xa10114e")  # (identical)
+    assert key() == first
+    others = []
+    node(avx2)  # an AVX2 node
+    others.append(key()[1])
+    node(f"{avx512} avx512_bf16 amx_tile amx_bf16")
+    others.append(key()[1])
+    node(avx512, vendor="GenuineIntel")  # (MKL's paths)
+    others.append(key()[1])
+    node(avx512)
+    capping = [("ONEDNN_MAX_CPU_ISA", "AVX2"), ("DNNL_MAX_CPU_ISA", "AVX2")]
+    capping += [("ONEDNN_DEFAULT_FPMATH_MODE", "BF16"), ("MKL_CBWR", "COMPATIBLE")]
+    for name, value in capping:
+        monkeypatch.setenv(name, value)
+        capped = key()
+        assert capped[0]["env"] == {name: value}
+        others.append(capped[1])
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("ONEDNN_VERBOSE", "1")  # (changes no number)
+    assert key() == first
+    assert len({first[1], *others}) == 1 + len(others)
+    cpuinfo.unlink()  # (macOS, a BSD): the machine's name stands for the features
+    monkeypatch.setattr(sr_eval.socket, "gethostname", lambda: "node1")
+    unknown = key()
+    assert unknown[0]["features"] is None and unknown[0]["host"] == "node1"
+    monkeypatch.setattr(sr_eval.socket, "gethostname", lambda: "node2")
+    assert key()[1] not in (unknown[1], first[1])
+    for device, metric in (("cuda", lpips), ("cpu", None)):  # (--no-lpips: no metric)
+        either = key(device, metric)
+        node(avx2)
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")
+        assert either == key(device, metric) and either[0] is None
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
 
 
 def test_the_key_of_moved_data_leaves_out_the_lpips_weights_path():

@@ -2030,7 +2030,7 @@ def test_scores_kept_before_the_key_held_the_gpu_model_are_continued_only_withou
     args = sr_eval.EvalArgs(**seen[0]["args"])
     typed = {k: v for k, v in dataclasses.asdict(args).items()
              if k not in ("out", "csv", "report", "quiet", "json")}  # fmt: skip
-    later = ("args", "device_name", "threads", "cpu_capability")
+    later = ("args", "device_name", "threads", "cpu_capability", "cpu_kernels")
     old = {k: v for k, v in seen[0].items() if k not in later}
     old_key = hashlib.sha256(json.dumps({**old, "args": typed}, sort_keys=True).encode())
     first, rest = partial.read_text().split("\n", 1)
@@ -2052,13 +2052,15 @@ def test_scores_kept_before_the_key_held_the_gpu_model_are_continued_only_withou
 
 
 @pytest.mark.parametrize("lpips", [True, False], ids=["lpips", "no-lpips"])
+@pytest.mark.parametrize("lacks", [("cpu_kernels",), ("cpu_capability", "cpu_kernels")])
 def test_scores_kept_before_the_key_held_the_instruction_set(
-    tmp_path, capsys, monkeypatch, lpips_file, lpips
+    tmp_path, capsys, monkeypatch, lpips_file, lpips, lacks
 ):
-    """An OUT.partial of an srspace before --out's settings held cpu_capability: with
-    --no-lpips (null there, as on CUDA) nothing that key lacks can differ, and the rerun
-    continues; with LPIPS on the CPU it may come from a node of another instruction set
-    (LPIPS_mean's 7th digit), so it is moved aside, kept, and every image scored."""
+    """An OUT.partial of an srspace before --out's settings held cpu_capability, or
+    cpu_kernels: with --no-lpips (null there, as on CUDA) nothing that key lacks can differ,
+    and the rerun continues; with LPIPS on the CPU it may come from a node of other CPU
+    features or another ONEDNN_MAX_CPU_ISA (LPIPS_mean's 7th digit), so it is moved aside,
+    kept, and every image scored."""
     names = tuple(f"{k:04d}" for k in range(3))
     hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 3, names=names)
     out, partial = tmp_path / "r.json", tmp_path / "r.json.partial"
@@ -2069,7 +2071,7 @@ def test_scores_kept_before_the_key_held_the_instruction_set(
     stop_at_image(monkeypatch, "0002")
     assert fails(capsys, *argv)[0] == 75
     monkeypatch.undo()
-    earlier = {k: v for k, v in seen[0].items() if k != "cpu_capability"}  # (its key, moved_key)
+    earlier = {k: v for k, v in seen[0].items() if k not in lacks}  # (its key, moved_key)
     args, methods = sr_eval.EvalArgs(**seen[0]["args"]), sr_eval.expand_methods([sr_dir], 2)
     old = {"key": sr_eval.scores_key(args, earlier)}
     old["moved_key"] = sr_eval.scores_key(args, earlier, methods)
@@ -2081,6 +2083,41 @@ def test_scores_kept_before_the_key_held_the_instruction_set(
     aside = sorted(p.name for p in tmp_path.glob("r.json.*.partial"))
     assert aside == ([f"r.json.{old['key'][:12]}.partial"] if lpips else [])
     assert (f"moved to {tmp_path / aside[0]}" in got.err) if lpips else got.err == ""
+
+
+def test_a_rerun_with_onednn_capped_otherwise_scores_every_image(
+    tmp_path, capsys, monkeypatch, lpips_file
+):
+    """ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU (as a job requeued onto an AVX2 node) changes
+    every LPIPS-made number (LPIPS_mean's 7th digit: docs/benchmarks.md), but the key held
+    ATen's instruction set alone, the same: the rerun continued from the first's scores, a mix
+    of the two. Now the key holds the variables set (`cpu_kernels`): another command's scores,
+    moved aside (kept for a rerun of that command, which continues from them), every image
+    scored. (oneDNN reads the variable once, at its first use, before it here: the numbers are
+    this process's either way; the key is what is tested.)"""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    names = tuple(f"{k:04d}" for k in range(3))
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 3, names=names)
+    out, partial = tmp_path / "r.json", tmp_path / "r.json.partial"
+    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--out", out]
+    argv += ["--lpips-weights", lpips_file]
+    stop_at_image(monkeypatch, "0002")
+    assert fails(capsys, *argv)[0] == 75
+    monkeypatch.undo()
+    key = json.loads(partial.read_text().split("\n", 1)[0])["key"]
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    calls = stop_at_image(monkeypatch, "none")
+    code, got = run(capsys, *argv)
+    aside = tmp_path / f"r.json.{key[:12]}.partial"
+    assert code == 0 and calls == ["0000", "0001", "0002"] and "continuing" not in got.out
+    assert f"moved to {aside}, where a rerun" in got.err and aside.is_file()
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["cpu_kernels"]["env"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    calls.clear()
+    argv[argv.index(out)] = tmp_path / "r2.json"  # (that command's rerun, another --out)
+    code, got = run(capsys, *argv)
+    assert code == 0 and calls == ["0002"] and not aside.exists()
 
 
 @pytest.mark.parametrize("flag", ["--out", "--csv"])
