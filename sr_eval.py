@@ -73,7 +73,8 @@ DIR is locked while a run writes it (a second run into it at once: one line, exi
 A run stopped before its end keeps the scores of the images done in OUT.partial (written whole at
 a run's first image, then a line appended per image; a last line cut short by a kill is left out)
 beside --out (else --csv; a rerun that adds, drops or renames --out finds them in its outputs'
-folders, the newest of the same command; without either, nothing is kept; a folder or a loop of
+folders, the newest of the same command that no run is writing now; without either, nothing is
+kept; a folder or a loop of
 links there refused before any work, a link written through: `check_partial`): the same command
 run again continues after them, and its files are those of a run never stopped. They are taken only
 where every flag but the outputs', the LPIPS weights' sha256, the device (on CUDA its model, on the
@@ -1095,8 +1096,7 @@ def lock_output(flag: str, path: Path) -> tuple[Path, int]:
     refused (`lock_holder`). Another user's, left by a kill (not writable here, opened
     read-only: a flock needs no write), is replaced by one of this run's where the folder lets
     it be deleted (`unlinkable`), its line naming the run killed; else locked as it is."""
-    real = write_target(path)
-    lock = real.with_name(fit_name(real.name, len(LOCK), name_max(real.parent)) + LOCK)
+    lock = lock_name(path)
     while True:
         fd, mine = open_lock(flag, path, lock)
         try:
@@ -1130,6 +1130,12 @@ def lock_output(flag: str, path: Path) -> tuple[Path, int]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
     return lock, fd
+
+
+def lock_name(path: Path) -> Path:
+    """NAME.lock of output `path`: beside the file written (a link's target: `write_target`)."""
+    real = write_target(path)
+    return real.with_name(fit_name(real.name, len(LOCK), name_max(real.parent)) + LOCK)
 
 
 def open_lock(flag: str, path: Path, lock: Path) -> tuple[int, bool]:
@@ -1271,7 +1277,11 @@ def adopt_partial(args: EvalArgs, key: str, legacy: set[str] = frozenset(),
     held when written whole: megabytes with --pairwise's matrices, read from every file of a
     shared results folder at every start). A rerun that renames --out and reads its data at
     other paths at once scores every image (README), the scores beside the earlier name left
-    for a rerun of their command."""
+    for a rerun of their command.
+    Not the file of a run of this command that is writing it now (under another --out name:
+    `partial_lock`): it was taken, and both runs then wrote one file of scores. That run's lock
+    is held while the file is moved (`unless_written`); one warning line names a file not
+    taken where no other is, and every image is scored."""
     here, *others = partial_paths(args)
     adopt_key(here, key, legacy, moved)
     if here.exists() and not keep_others_scores(here, key):
@@ -1282,12 +1292,80 @@ def adopt_partial(args: EvalArgs, key: str, legacy: set[str] = frozenset(),
         with suppress(OSError):
             strays += [p for p in folder.iterdir() if p.name.endswith(PARTIAL)]
     strays = sorted(set(strays) - {here, *others}, key=mtime, reverse=True)
+    busy = None  # (the first file of this command's not taken, and why)
     for other in [*others, *strays]:
-        with suppress(OSError), open(other, "rb") as f:  # (a folder so named: not opened)
-            if f.read(len(heads[0])) in heads:
+        if not starts_with(other, heads):
+            continue
+        # (beside --csv: this run's own lock)
+        with unless_written(other) if other in strays else nullcontext() as writer:
+            if writer:
+                busy = busy or (other, writer)
+                continue
+            with suppress(OSError):
                 os.replace(other, here)
                 adopt_key(here, key, legacy)
                 return
+    if busy:
+        warn(f"{busy[0]}: the scores this command kept there are not continued from: {busy[1]}; "
+             "this run scores every image")  # fmt: skip
+
+
+def starts_with(path: Path, heads: list[bytes]) -> bool:
+    """Whether file `path` begins with one of `heads` (False where it cannot be read: a folder)."""
+    with suppress(OSError), open(path, "rb") as f:
+        return f.read(len(heads[0])) in heads
+    return False
+
+
+def partial_lock(partial: Path) -> Path | None:
+    """The NAME.lock (`lock_name`) that a run holds while it writes the scores so far `partial`
+    (NAME.partial beside its --out or --csv NAME: `partial_paths`); None where that cannot be
+    told: a NAME.partial whose name was cut to fit the file system's limit (`fit_name`: ~ and 8
+    hex digits of the whole name's hash, the whole name not known), or a link NAME that leads
+    nowhere."""
+    stem = partial.name[: -len(PARTIAL)]
+    cut = len(os.fsencode(partial.name)) > name_max(partial.parent) - 4  # (a cut at a character)
+    if cut and re.search(r"~[0-9a-f]{8}$", stem):
+        return None
+    try:
+        return lock_name(partial.with_name(stem))
+    except OutputError:
+        return None
+
+
+@contextmanager
+def unless_written(partial: Path):
+    """Within, the scores so far `partial` of a run of this command with another --out or --csv
+    are this run's to move (yields None), the flock of that output's NAME.lock (`partial_lock`)
+    held the while, so that a run of that output starting meanwhile is refused (`lock_output`)
+    rather than robbed; else yields why not: a run writing them now holds it (its pid where
+    known: `lock_holder`), or the lock cannot be told or opened. Where this file system has no
+    locks (that run's own went unlocked, with a warning), as before: taken."""
+    lock = partial_lock(partial)
+    if lock is None:
+        yield "its name was cut to fit the file system: whether a run writes it now is not known"
+        return
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except FileNotFoundError:
+            yield None  # (no run of that output since the end of the last)
+            return
+        except OSError as e:
+            yield f"its lock {lock} cannot be opened ({e.strerror or e})"
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = False
+        except OSError as e:  # (ENOLCK: no locks here, that run's unlocked too: taken)
+            held = e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+        if held or same_inode(lock, fd):
+            break
+        os.close(fd)  # (deleted by its holder as it ended, or replaced: the next one's)
+    try:
+        yield f"another sr_eval.py{lock_holder(lock, fd)} is writing it now" if held else None
+    finally:
+        os.close(fd)
 
 
 # (`scores_key`)

@@ -1498,6 +1498,56 @@ def test_scores_kept_beside_another_out_are_taken_only_for_the_same_settings(
     assert sorted(p.name for p in res.iterdir()) == ["b.json", "r.csv"]
 
 
+def test_scores_kept_beside_an_out_that_a_run_writes_now_are_not_taken(
+    tmp_path, capsys, monkeypatch
+):
+    """A rerun with another --out took the scores kept beside an earlier --out of the same
+    command even where a run of that --out was writing them now (its NAME.lock held, here from
+    another handle): the two runs then wrote one file of scores. Now a file whose run holds its
+    lock is not taken: one warning line naming it and the holder, every image scored, the file
+    left to its run, as it was; with the lock free (its run ended), it is taken."""
+    names = tuple(f"{k:04d}" for k in range(3))
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 3, names=names)
+    res, argv = tmp_path / "res", ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2]
+    argv += ["--no-lpips"]
+    stop_at_image(monkeypatch, "0002")
+    assert fails(capsys, *argv, "--out", res / "a.json")[0] == 75
+    monkeypatch.undo()
+    partial = res / "a.json.partial"
+    kept = partial.read_bytes()
+    holder = os.open(res / "a.json.lock", os.O_RDWR | os.O_CREAT)  # (a run of --out a.json)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        calls = stop_at_image(monkeypatch, "none")
+        code, got = run(capsys, *argv, "--out", res / "b.json")
+    finally:
+        os.close(holder)
+    assert code == 0 and calls == ["0000", "0001", "0002"] and "continuing" not in got.out
+    assert got.err == (
+        f"sr_eval.py: warning: {partial}: the scores this command kept there are not continued "
+        f"from: another sr_eval.py (pid {os.getpid()} on {socket.gethostname()}) is writing it "
+        "now; this run scores every image\n"
+    )
+    assert partial.read_bytes() == kept
+    (res / "b.json").unlink()
+    calls.clear()
+    code, got = run(capsys, *argv, "--out", res / "b.json")
+    assert code == 0 and calls == ["0002"] and got.err == ""
+    assert sorted(p.name for p in res.iterdir()) == ["a.json.lock", "b.json"]
+
+
+def test_the_lock_of_scores_kept_is_that_of_their_output(tmp_path):
+    """`partial_lock`: NAME.partial's run holds NAME.lock, beside a link NAME's target; a
+    NAME.partial whose name was cut to fit (`fit_name`) has no known NAME: None (not taken)."""
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "r.json").symlink_to(tmp_path / "disk" / "t.json")
+    assert sr_eval.partial_lock(tmp_path / "r.json.partial") == tmp_path / "disk" / "t.json.lock"
+    assert sr_eval.partial_lock(tmp_path / "a.json.partial") == tmp_path / "a.json.lock"
+    limit = data.name_max(tmp_path)
+    cut = data.fit_name("r" * limit, len(sr_eval.PARTIAL), limit) + sr_eval.PARTIAL
+    assert sr_eval.partial_lock(tmp_path / cut) is None
+
+
 def test_a_rerun_on_a_copy_of_the_data_at_another_path_continues(tmp_path, capsys,
                                                                  monkeypatch):  # fmt: skip
     """The scores kept were keyed by the paths of --hr, --sr, --lr (the command's flags) and each
