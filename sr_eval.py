@@ -85,7 +85,8 @@ for the first images whose files (name in its folder, size, modification time) a
 folders' paths no part of the command where the first image's files are the same (data staged to
 a node's $TMPDIR: `adopt_key`); another command's
 OUT.partial is moved aside to OUT.<its key>.partial (a line says where), where a rerun of that
-command finds it, never replaced; the file is deleted once the results are written. An error after
+command finds it, never replaced; the file is deleted once the results are written (one warning
+where it cannot be: the results stand). An error after
 images were scored says in its line how many images' scores are kept there (the --json line's kept).
 An --out or --csv already there (an
 earlier run's) is renamed NAME.old (NAME.old2, ... where taken) when the scoring starts, and an
@@ -564,8 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                     with stop_signals():
                         code = run(args, given_fields(EvalArgs, argv, PROG), summary, held)
                     if summary.fields["partial"]:  # (here, where a stop signal stops no more)
-                        # (a link's target, where the scores went: the link stays, as --out's)
-                        write_target(summary.fields["partial"]).unlink(missing_ok=True)
+                        delete_partial(Path(summary.fields["partial"]))
                         summary.update(partial=None, kept=0)
             except KeyboardInterrupt:  # Ctrl-C: its line says so too, once an image is scored
                 if not summary.fields.get("scored"):
@@ -577,6 +577,22 @@ def main(argv: list[str] | None = None) -> int:
                 also = "".join(f"; {a}" for a in e.args[1:])  # (`said_unfinished`)
                 raise Stopped(stopped_line(e.args[0], summary.fields) + also) from None
         return summary.end(code)
+
+
+def delete_partial(partial: Path) -> None:
+    """OUT.partial deleted once the results are written: a link's target, where the scores went
+    (the link stays, as --out's). Where that fails, the run's results stand (exit 0) and one
+    warning line says what is left: a link whose target's folder went away while the run worked
+    (`write_target`'s error) was that error's line after a finished run, exit 7, its --json line
+    saying the scores were kept there; a file that cannot be deleted (a file system gone
+    read-only) a traceback."""
+    try:
+        write_target(partial).unlink(missing_ok=True)
+    except (OutputError, OSError) as e:
+        why = (str(e).removeprefix(f"{partial}: ") if isinstance(e, OutputError)
+               else f"{e.strerror or e}; delete it")  # fmt: skip
+        warn(f"the results are written; {partial}, where the scores were kept while the run "
+             f"worked, is left: {why}")  # fmt: skip
 
 
 @contextmanager

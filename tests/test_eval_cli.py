@@ -1971,6 +1971,45 @@ def test_an_out_partial_that_is_a_link_has_its_target_deleted_at_the_end(tmp_pat
     assert partial.is_symlink() and list(target.parent.iterdir()) == []
 
 
+@pytest.mark.parametrize("end", ["folder gone", "not deletable"])
+def test_an_out_partial_not_deleted_at_the_end_leaves_the_results_standing(
+    tmp_path, capsys, monkeypatch, end
+):
+    """OUT.partial a link onto another disk whose folder went away while the run worked (a
+    scratch folder cleaned), once every image was scored: its deletion at the end, after the
+    results were written, was write_target's error line, exit 7, the --json line saying the
+    scores were kept there; a target that cannot be deleted (here a folder put in its place) a
+    traceback. Now the run's results stand, exit 0, and one warning line says what is left."""
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),), names=("0001",))
+    partial, target = tmp_path / "r.json.partial", tmp_path / "scratch" / "kept.partial"
+    target.parent.mkdir()
+    partial.symlink_to(target)
+    out = tmp_path / "r.json"
+    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips", "--out", out]
+    real = sr_eval.json_text
+
+    def json_text(*args):  # (the results made: every image scored, its scores kept)
+        assert target.is_file()
+        if end == "folder gone":
+            shutil.rmtree(target.parent)
+        else:
+            target.unlink()
+            (target / "x").mkdir(parents=True)
+        return real(*args)
+
+    monkeypatch.setattr(sr_eval, "json_text", json_text)
+    code, got = run(capsys, *argv, "--quiet", "--json")
+    why = (f"a symbolic link to {target}, whose folder does not exist; create that folder, or "
+           "remove the link") if end == "folder gone" else "Is a directory; delete it"  # fmt: skip
+    assert code == 0 and got.err == (
+        f"sr_eval.py: warning: the results are written; {partial}, where the scores were kept "
+        f"while the run worked, is left: {why}\n"
+    )
+    line = json.loads(got.out)
+    assert (line["exit_code"], line["results"], line["partial"]) == (0, str(out), None)
+    assert json.loads(out.read_text())["mean"] and partial.is_symlink()
+
+
 def test_moving_scores_aside_never_leaves_a_second_name(tmp_path, monkeypatch):
     """take_name links the new name, then unlinks the old. Another user's OUT.partial in a
     folder with the sticky bit, where hard links to it are allowed (fs.protected_hardlinks=0),
