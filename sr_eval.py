@@ -1963,12 +1963,16 @@ def check_flags(args: EvalArgs) -> tuple[int, torch.device, int, tuple | None]:
     if args.out == args.csv == STDOUT:
         raise UsageError("--out - and --csv - would both write to standard output; give one of "
                          "them a file name")  # fmt: skip
-    if args.out and args.csv and Path(args.out).resolve() == Path(args.csv).resolve():
+    # (realpath, not Path.resolve: an output that is a loop of links is its own line below,
+    # check_out_file's, not resolve's RuntimeError traceback where another output is given)
+    named = (("--out", args.out), ("--csv", args.csv), ("--report", args.report))
+    real = {flag: Path(os.path.realpath(p)) if p else None for flag, p in named}
+    if args.out and args.csv and real["--out"] == real["--csv"]:
         raise UsageError(f"--out and --csv are the same file {args.out}; give two names")
     for flag, path in (("--out", args.out), ("--csv", args.csv)):
         # the report writes index.html, plots/ and images/ there, and may add names later
-        inside = path not in (None, STDOUT) and args.report and Path(args.report).resolve() in (
-            Path(path).resolve(), *Path(path).resolve().parents)  # fmt: skip
+        inside = path not in (None, STDOUT) and args.report and real["--report"] in (
+            real[flag], *real[flag].parents)  # fmt: skip
         if inside:
             raise UsageError(f"{flag} {path} is inside --report {args.report}, whose files may "
                              f"replace it; give {flag} a path outside that folder")  # fmt: skip

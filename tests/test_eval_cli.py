@@ -1957,6 +1957,29 @@ def test_an_out_partial_that_is_a_loop_of_links_is_one_line_before_any_work(
     )
 
 
+@pytest.mark.parametrize("loop, other", [("--out", "--csv"), ("--csv", "--out"),
+                                         ("--report", "--out"), ("--out", "--report")])  # fmt: skip
+def test_an_output_that_is_a_loop_of_links_beside_another_output_is_one_line(
+    tmp_path, capsys, monkeypatch, loop, other
+):
+    """An --out, --csv or --report that is a loop of symbolic links was one line alone, but a
+    traceback (Path.resolve's RuntimeError) where another output was given too: check_flags
+    compared the outputs' resolved paths first. Now the loop's own line, exit 7, before any
+    work."""
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),), names=("0001",))
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    kind = "folder" if loop == "--report" else "file"
+    calls = stop_at_image(monkeypatch, "none")  # (no stop: the calls only)
+    named = tmp_path / {"--out": "r.json", "--csv": "r.csv", "--report": "rep"}[other]
+    code, err = fails(capsys, "--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2,
+                      "--no-lpips", loop, tmp_path / "a", other, named)  # fmt: skip
+    assert (code, calls) == (7, []) and err == (
+        f"sr_eval.py: error: {loop} {tmp_path / 'a'}: a loop of symbolic links (it points to b); "
+        f"point it at a {kind}\n"
+    )
+
+
 def test_an_out_partial_that_is_a_link_has_its_target_deleted_at_the_end(tmp_path, capsys):
     """OUT.partial a symbolic link to a file not made yet (the scores kept on another disk): the
     scores were written through it, as every output, but the run's end deleted the link, not
