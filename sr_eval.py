@@ -1317,13 +1317,27 @@ def adopt_partial(args: EvalArgs, key: str, legacy: set[str] = frozenset(),
             if writer:
                 busy = busy or (other, writer)
                 continue
-            with suppress(OSError):
-                os.replace(other, here)
+            with suppress(OSError, OutputError):
+                move_onto(other, here)
                 adopt_key(here, key, legacy)
                 return
     if busy:
         warn(f"{busy[0]}: the scores this command kept there are not continued from: {busy[1]}; "
              "this run scores every image")  # fmt: skip
+
+
+def move_onto(other: Path, here: Path) -> None:
+    """The file `other` moved to `here`, or where `here` leads, a symbolic link (OUT.partial
+    linked onto another disk: the link stays, as every output's, `write_target`); it replaced
+    the link, the scores then kept beside --out and the link lost at the end. Across file
+    systems written there whole, atomically (`write_text`), then deleted."""
+    try:
+        os.replace(other, write_target(here))
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        write_text(here, other.read_bytes().decode("utf-8", "surrogateescape"))
+        other.unlink()
 
 
 def starts_with(path: Path, heads: list[bytes]) -> bool:

@@ -1548,6 +1548,46 @@ def test_the_lock_of_scores_kept_is_that_of_their_output(tmp_path):
     assert sr_eval.partial_lock(tmp_path / cut) is None
 
 
+@pytest.mark.parametrize("disk", ["same", "other"])
+def test_scores_taken_from_another_out_go_where_an_out_partial_link_leads(
+    tmp_path, capsys, monkeypatch, disk
+):
+    """OUT.partial a symbolic link (the scores kept on another disk), and the scores of this
+    command kept beside another --out: taking them replaced the link with their file, the scores
+    then kept beside --out and the link gone at the end. Now they go where the link leads (on
+    another file system written there, then deleted), the link stays, the run continues."""
+    names = tuple(f"{k:04d}" for k in range(3))
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 3, names=names)
+    res, argv = tmp_path / "res", ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2]
+    argv += ["--no-lpips"]
+    stop_at_image(monkeypatch, "0002")
+    assert fails(capsys, *argv, "--out", res / "a.json")[0] == 75
+    monkeypatch.undo()
+    target = tmp_path / "scratch" / "kept.partial"
+    target.parent.mkdir()
+    (res / "b.json.partial").symlink_to(target)
+    real_replace, seen = os.replace, []
+
+    def replace(src, dst, **kwargs):  # (another disk: no rename onto it)
+        if disk == "other" and Path(dst).parent == target.parent and Path(src).parent == res:
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        return real_replace(src, dst, **kwargs)
+
+    def json_text(*args):  # (the results made: where the scores were kept meanwhile)
+        seen.append(((res / "b.json.partial").is_symlink(), target.is_file()))
+        return real(*args)
+
+    real = sr_eval.json_text
+    monkeypatch.setattr(sr_eval.os, "replace", replace)
+    monkeypatch.setattr(sr_eval, "json_text", json_text)
+    calls = stop_at_image(monkeypatch, "none")
+    code, got = run(capsys, *argv, "--out", res / "b.json")
+    assert code == 0 and calls == ["0002"] and seen == [(True, True)]
+    assert f"continuing from {res / 'b.json.partial'}: 2 of 3 images scored already" in got.out
+    assert sorted(p.name for p in res.iterdir()) == ["b.json", "b.json.partial"]
+    assert (res / "b.json.partial").is_symlink() and not target.exists()
+
+
 def test_a_rerun_on_a_copy_of_the_data_at_another_path_continues(tmp_path, capsys,
                                                                  monkeypatch):  # fmt: skip
     """The scores kept were keyed by the paths of --hr, --sr, --lr (the command's flags) and each
