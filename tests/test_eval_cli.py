@@ -1498,6 +1498,19 @@ def test_scores_kept_beside_another_out_are_taken_only_for_the_same_settings(
     assert sorted(p.name for p in res.iterdir()) == ["b.json", "r.csv"]
 
 
+def stopped_beside_a_json(tmp_path, capsys, monkeypatch) -> tuple[Path, list]:
+    """(folder res, the command but its --out): stopped at the 3rd of 3 images with --out
+    res/a.json, its scores kept in res/a.json.partial."""
+    names = tuple(f"{k:04d}" for k in range(3))
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 3, names=names)
+    res, argv = tmp_path / "res", ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2]
+    argv += ["--no-lpips"]
+    stop_at_image(monkeypatch, "0002")
+    assert fails(capsys, *argv, "--out", res / "a.json")[0] == 75
+    monkeypatch.undo()
+    return res, argv
+
+
 def test_scores_kept_beside_an_out_that_a_run_writes_now_are_not_taken(
     tmp_path, capsys, monkeypatch
 ):
@@ -1506,13 +1519,7 @@ def test_scores_kept_beside_an_out_that_a_run_writes_now_are_not_taken(
     another handle): the two runs then wrote one file of scores. Now a file whose run holds its
     lock is not taken: one warning line naming it and the holder, every image scored, the file
     left to its run, as it was; with the lock free (its run ended), it is taken."""
-    names = tuple(f"{k:04d}" for k in range(3))
-    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 3, names=names)
-    res, argv = tmp_path / "res", ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2]
-    argv += ["--no-lpips"]
-    stop_at_image(monkeypatch, "0002")
-    assert fails(capsys, *argv, "--out", res / "a.json")[0] == 75
-    monkeypatch.undo()
+    res, argv = stopped_beside_a_json(tmp_path, capsys, monkeypatch)
     partial = res / "a.json.partial"
     kept = partial.read_bytes()
     holder = os.open(res / "a.json.lock", os.O_RDWR | os.O_CREAT)  # (a run of --out a.json)
@@ -1556,13 +1563,7 @@ def test_scores_taken_from_another_out_go_where_an_out_partial_link_leads(
     command kept beside another --out: taking them replaced the link with their file, the scores
     then kept beside --out and the link gone at the end. Now they go where the link leads (on
     another file system written there, then deleted), the link stays, the run continues."""
-    names = tuple(f"{k:04d}" for k in range(3))
-    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 3, names=names)
-    res, argv = tmp_path / "res", ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2]
-    argv += ["--no-lpips"]
-    stop_at_image(monkeypatch, "0002")
-    assert fails(capsys, *argv, "--out", res / "a.json")[0] == 75
-    monkeypatch.undo()
+    res, argv = stopped_beside_a_json(tmp_path, capsys, monkeypatch)
     target = tmp_path / "scratch" / "kept.partial"
     target.parent.mkdir()
     (res / "b.json.partial").symlink_to(target)
