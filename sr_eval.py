@@ -38,7 +38,8 @@ up to a multiple of --scale), an LR is HR/scale (rounded down or up), a sigma ma
 float (3, H, W) of its samples' size, and the crops are large enough for LPIPS and SSIM; for
 every image from its files' headers before any is scored (check_headers), and again once
 decoded. A folder's manifest.json (sr_sample.py) must record --scale and at least N samples per
-image (files beyond its n are an earlier run's, left by --overwrite).
+image (files beyond its n are of no run it records: sr_sample.py --overwrite deletes
+every sample of the images it redoes).
 
 --out JSON: {"settings": {...}, "mean": {col: v}, "per_image": [{"image": S, col: v, ...}]} for one
 --sr folder ("settings" has its n, temperature, model and checkpoint_sha256; in every layout
@@ -483,11 +484,11 @@ def find_samples(sr_dir: Path, stems: list[str], n: int, scale: int,
             f"{sr_dir / 'manifest.json'}: these samples are x{made:g}, not --scale {scale}"
         )
     made = number(manifest.get("n"))
-    if made is not None and n > made:  # more are stale ones of an earlier run (--overwrite)
+    if made is not None and n > made:  # more are of no run it records (copied in, by hand)
         raise DataError(
             f"{sr_dir / 'manifest.json'}: the sr_sample.py runs that made this folder wrote "
             f"at most {made:g} samples per image, not {n} (--n or --sr DIR:N; any files beyond "
-            f"them are an earlier run's): ask for {made:g} or fewer"
+            f"them are of no run it records): ask for {made:g} or fewer"
         )
     name = layouts[best]
     paths = []

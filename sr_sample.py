@@ -2265,8 +2265,8 @@ def controls_setter(args: SampleArgs, controls) -> str:
 
 
 # A --save-latent file: NAME_sample{i:05d}.latent.npy|.npz (the whole name: NAME is all before
-# _sample, so the files of "a" and of "a_b" never mix); or NAME.latent.npy|.npz, sample 0, as a
-# --layout ntire --n 1 run wrote them before they were numbered (read where NAME is {k:06d})
+# _sample, so the files of "a" and of "a_b" never mix); or NAME.latent.npy|.npz, sample 0
+# without a number, as a --layout ntire --n 1 folder may hold it (read where NAME is {k:06d})
 LATENT_NAME = re.compile(r"(.+?)(?:_sample(\d{5}))?(\.latent\.npy|\.latent\.npz)")
 
 
