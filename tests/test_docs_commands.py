@@ -51,8 +51,9 @@ def documented_commands() -> list[tuple[str, str, list[str]]]:
              *sorted((REPO / "examples" / "slurm").glob("*.sbatch"))]  # fmt: skip
     found = []
     for path in files:
-        # a script's own defaults (STEPS=${STEPS:-1000}, RUN=runs/x) stand for its variables
-        known = dict(re.findall(r"^(\w+)=(?:\$\{\w+:-)?([^}\s]*)\}?$", path.read_text(), re.M))
+        # a script's own defaults (STEPS=${STEPS:-1000}, RUN=runs/x; TEMPERATURES=${...:-0 1},
+        # split into its words) stand for its variables
+        known = dict(re.findall(r"^(\w+)=(?:\$\{\w+:-)?([^}\n]*?)\}?$", path.read_text(), re.M))
         for line in shell_lines(path):
             m = SCRIPT.search(line)
             if not m or line.lstrip().startswith("#"):

@@ -114,6 +114,25 @@ def exits(tmp_path) -> list[str]:
     return (tmp_path / "slurm" / "exits").read_text().splitlines()
 
 
+def test_the_array_script_takes_its_temperatures_from_the_environment(tmp_path):
+    """sr_sample.py takes a repeated --temperature as one list, so one typed after the script's
+    name added to its sweep (`--temperature 0 0.9`: '0 is given twice'); TEMPERATURES replaces
+    it, as DATA does train.sbatch's --data. srun here prints the command it is given."""
+    (tmp_path / "bin").mkdir()
+    srun = tmp_path / "bin" / "srun"
+    srun.write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
+    srun.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+           "ARGS_OUT": str(tmp_path / "args")}  # fmt: skip
+    for temperatures, want in [(None, ["0", "0.5", "0.7", "0.9", "1"]), ("0 0.9", ["0", "0.9"])]:
+        run_env = {**env, "TEMPERATURES": temperatures} if temperatures else env
+        script = str(EXAMPLES / "sample_array.sbatch")
+        assert subprocess.run(["bash", script, "--n", "1"], env=run_env, timeout=30).returncode == 0
+        args = (tmp_path / "args").read_text().split("\n")
+        at = args.index("--temperature") + 1
+        assert args[at : at + len(want) + 1] == [*want, "--shard"], args
+
+
 def test_a_job_array_samples_every_input_once(tmp_path):
     """Three array tasks share the inputs, names with spaces and shared prefixes among them:
     each samples its own, every input is sampled, none twice (each task's log names what it
