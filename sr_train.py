@@ -2220,8 +2220,10 @@ def stopped_before_training(name: str, args: TrainArgs) -> Stopped:
     rank = (distributed.env_ranks() or (0,))[0]  # the processes may not have met yet
     if rank == 0 and name in ("SIGUSR1", "SIGTERM") and args.requeue:
         requeue(say_out)
-    return Stopped(f"stopped by {name} before the first step, nothing to save; continue with "
-                   "--resume auto")  # fmt: skip
+    # The command as given is right either way: a resumed run's has its --resume, and a new
+    # run's folder is gone (unmake_run_folder), so "--resume auto" would suggest a kept run
+    return Stopped(f"stopped by {name} before the first step, nothing to save; rerun the same "
+                   "command")  # fmt: skip
 
 
 def train_step(model, forward, optimizers, batches, step, recipe, dd, scaler, autocast,

@@ -562,7 +562,7 @@ def test_a_signal_while_the_ranks_meet_stops_at_once(tmp_path, images, signum):
     else:
         assert p.returncode == 75 and err == (
             "sr_train.py: error: stopped by SIGTERM before the first step, nothing to save; "
-            "continue with --resume auto\n"
+            "rerun the same command\n"
         ), err
         assert "requeued SLURM job 4242" in out and scontrol.read_text() == "requeue 4242\n"
 

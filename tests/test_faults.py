@@ -373,7 +373,7 @@ def test_a_signal_while_the_script_imports_torch_stops_it_with_one_line(tmp_path
     err = err.strip()
     assert p.returncode == 75, err
     said = {
-        "sr_train.py": " before the first step, nothing to save; continue with --resume auto",
+        "sr_train.py": " before the first step, nothing to save; rerun the same command",
         "sr_sample.py": "; every file written is complete: rerun the same command to continue",
         "sr_eval.py": " before any image was scored; rerun the same command",
     }[script]
@@ -410,8 +410,8 @@ def test_a_signal_while_the_cache_is_written_stops_there_and_requeues(tmp_path):
     os.killpg(p.pid, signal.SIGTERM)
     stdout, err = p.communicate(timeout=120)
     assert p.returncode == 75 and err.strip() == (
-        "sr_train.py: error: stopped by SIGTERM before the first step, nothing to save; continue "
-        "with --resume auto"
+        "sr_train.py: error: stopped by SIGTERM before the first step, nothing to save; rerun the "
+        "same command"
     ), err
     assert "requeued SLURM job 4242" in stdout
     assert (tmp_path / "scontrol.txt").read_text() == "requeue 4242\n"
