@@ -1706,8 +1706,7 @@ def validation_pairs(args: TrainArgs, steps: int, dd, say,
                 stacklevel=2,
             )
     say(f"validation: {len(pairs)} image{'s' * (len(pairs) != 1)} of {source} every "
-        f"{args.val_every} steps; best.pt "
-        "holds the best PSNR")  # fmt: skip
+        f"{args.val_every} steps and at the last; best.pt holds the best PSNR")  # fmt: skip
     return pairs
 
 
