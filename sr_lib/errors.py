@@ -127,7 +127,10 @@ def print_out(text: str) -> bool:
 def printable(text: str, encoding: str = "utf-8") -> str:
     """`text` as `encoding` can hold it: what it cannot (a σ in ASCII; the bytes of a file name
     that is not UTF-8, held as surrogates) as backslash escapes. For labels, tags and table
-    cells, whose width or bytes must be known before they are written."""
+    cells, whose width or bytes must be known before they are written. A byte that is not UTF-8
+    is \\xHH, as in every line (`one_line`)."""
+    if any(map(surrogate, text)):
+        text = "".join(escaped(c) if surrogate(c) else c for c in text)
     return text.encode(encoding, "backslashreplace").decode(encoding)
 
 
@@ -154,11 +157,12 @@ def one_line(text: str) -> str:
     (`escaped`). An error or warning line shows a path as typed (`--hr DIR: ...`, `DIR: skipped
     ...`): a newline in its name broke the line in two, a \\r wrote over its start, an ESC
     sequence drove the terminal; a backslash is left as it is (a $'...' path already quoted).
-    A byte that is not UTF-8 (a surrogate) is left to the stream, which writes it as ever: its
-    escape \\udcXX (backslashreplace), or the byte itself (surrogateescape, a C locale)."""
+    A byte that is not UTF-8 (a surrogate) is its \\xHH too, as bash's $'...' reads it back: the
+    streams wrote \\udcXX (backslashreplace, which no shell reads), or under a C locale the byte
+    itself (surrogateescape: the terminal's replacement character)."""
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() or surrogate(c) else escaped(c) for c in text)
+    return "".join(c if c.isprintable() else escaped(c) for c in text)
 
 
 def say_err(text: str) -> None:

@@ -358,7 +358,7 @@ def test_names_that_are_not_utf8_train_sample_and_evaluate(tmp_path, odd_names, 
                        "--out", os.fsdecode(bytes(tmp_path) + b"/r\xe9")])  # fmt: skip
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith("/r\\udce9 (a folder name that is not UTF-8); give another --out"), err
+    assert err.endswith("/r\\xe9 (a folder name that is not UTF-8); give another --out"), err
     run, cache = tmp_path / "run", tmp_path / "cache"
     argv = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--scale", "4",
             "--data", str(hr_dir), "--lr-data", str(lr_dir), "--patch", "8", "--batch", "2",
@@ -387,9 +387,9 @@ def test_names_that_are_not_utf8_train_sample_and_evaluate(tmp_path, odd_names, 
     assert b"caf\xe9" in (tmp_path / "report" / "index.html").read_bytes()
     assert len(list((tmp_path / "report" / "plots").iterdir())) >= 1  # labelled plots
     out = capsys.readouterr().out  # pytest's stdout is strict UTF-8, as in a UTF-8 terminal
-    assert "caf\\udce9.png" in out and "[3/3]" in out  # sr_sample.py's progress
+    assert "caf\\xe9.png" in out and "[3/3]" in out  # sr_sample.py's progress
     table = [line for line in out.splitlines() if line[:1] in "┏┃┡│└"]
-    assert any(line.startswith("│ samples\\udce9 │") for line in table), table
+    assert any(line.startswith("│ samples\\xe9 │") for line in table), table
     assert len({len(line) for line in table}) == 1, table  # the borders line up
 
 
@@ -776,3 +776,26 @@ def test_a_cuda_device_the_machine_has_not_is_one_line(tmp_path, capsys, monkeyp
     assert e.value.code == 2 and len(err) == 1, err
     assert "--device cuda:2: this machine has 2 CUDA device(s), cuda:0 to cuda:1" in err[0], err
     assert not out.exists()
+
+
+def test_a_name_not_utf8_in_an_error_line_pastes_back_under_the_c_locale(tmp_path):
+    """LC_ALL=C, in Python's UTF-8 mode (its default there) and without it (an ASCII locale,
+    where every byte past ASCII of a name is held as a surrogate): an error line showed a byte
+    that is not UTF-8 as \\udcff, which no shell reads back. Now as \\xff, as bash's $'...'
+    reads it; UTF-8 as itself where the stream is UTF-8; nothing raises UnicodeEncodeError."""
+    name = b"caf\xc3\xa9\xff"  # UTF-8 "café", then a byte that is not UTF-8
+    unset = ("LANG", "PYTHONIOENCODING", "PYTHONUTF8", "PYTHONCOERCECLOCALE")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LC_") and k not in unset}
+    cmd = [sys.executable, str(REPO / "sr_eval.py"), "--hr", os.fsdecode(name), "--sr", "sr",
+           "--scale", "4", "--n", "1"]  # fmt: skip
+    for mode, shown in (
+        ({}, b"caf\xc3\xa9\\xff"),
+        ({"PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}, b"caf\\xc3\\xa9\\xff"),
+    ):
+        done = subprocess.run(cmd, cwd=tmp_path, env={**env, "LC_ALL": "C", **mode},
+                              capture_output=True, timeout=120)  # fmt: skip
+        assert done.returncode == 3, done.stderr
+        assert done.stderr == b"sr_eval.py: error: --hr " + shown + b": no such folder\n", mode
+        pasted = subprocess.run(["bash", "-c", b"printf %s $'" + shown + b"'"],
+                                capture_output=True, check=True, timeout=60).stdout  # fmt: skip
+        assert pasted == name, mode

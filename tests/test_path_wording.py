@@ -358,4 +358,4 @@ def test_a_terminal_line_over_the_bar_is_one_line_not_markup():
 def test_one_line_escapes_what_is_not_printable_and_keeps_the_rest():
     assert errors.one_line("plain $'a\\nb' σ") == "plain $'a\\nb' σ"  # (quoted path, backslashes)
     assert errors.one_line("a\nb\rc\td\x1b[0m\x7f\u2028") == "a\\nb\\rc\\td\\x1b[0m\\x7f\\u2028"
-    assert errors.one_line("caf\udce9") == "caf\udce9"  # (the stream's: \\udce9, or the byte)
+    assert errors.one_line("caf\udce9") == "caf\\xe9"  # (a byte that is not UTF-8: bash's)
