@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import warnings
+from collections.abc import Iterable
 from typing import NoReturn
 
 from sr_lib.threads import stop_pools, when_not_held
@@ -152,17 +153,60 @@ def escaped(c: str) -> str:
     return f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}"
 
 
-def one_line(text: str) -> str:
+def one_line(text: str, quoted: Iterable[str] = ()) -> str:
     """`text` as one printable line: each character that is not printable as its escape
     (`escaped`). An error or warning line shows a path as typed (`--hr DIR: ...`, `DIR: skipped
     ...`): a newline in its name broke the line in two, a \\r wrote over its start, an ESC
     sequence drove the terminal; a backslash is left as it is (a $'...' path already quoted).
     A byte that is not UTF-8 (a surrogate) is its \\xHH too, as bash's $'...' reads it back: the
     streams wrote \\udcXX (backslashreplace, which no shell reads), or under a C locale the byte
-    itself (surrogateescape: the terminal's replacement character)."""
+    itself (surrogateescape: the terminal's replacement character).
+
+    `quoted`: the texts of the errors `text` quotes (`quoted_errors`: a library's, such as torch's
+    `str(e)`). Where one of them holds several lines, their line breaks are the library's, not a
+    name's: it is shown as its lines (`joined_lines`), not with \\n escapes."""
+    for said in quoted:
+        if "\n" in said and said in text:
+            text = text.replace(said, joined_lines(said))
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else escaped(c) for c in text)
+
+
+# A library's text of several lines, joined, is shown whole up to this many characters (a
+# message: torch's "Error(s) in loading state_dict ...:", its CUDA errors' advice); longer, it
+# is a dump (torch's C++ stack under TORCH_SHOW_CPP_STACKTRACES=1: 20 lines and more), and
+# its first line says what went wrong.
+JOINED_MAX = 300
+
+
+def joined_lines(text: str) -> str:
+    """A library's message of several lines as one: its lines, stripped, blank ones left out,
+    joined by "; " (by a space after one ending in ':'), where that is at most JOINED_MAX
+    characters; else its first line, and how many more there are."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    joined = lines[0]
+    for line in lines[1:]:
+        joined += (" " if joined.endswith(":") else "; ") + line
+    if len(joined) <= JOINED_MAX or len(lines) == 1:
+        return joined
+    return f"{lines[0]} (and {len(lines) - 1} more lines)"
+
+
+def quoted_errors(e: BaseException) -> list[str]:
+    """The texts of the libraries' exceptions behind `e` (its cause and context, which `raise
+    ... from None` keeps), which `e`'s message may quote: `one_line`'s `quoted`. Not srspace's
+    own (an error re-raised with more words): their line breaks are a name's."""
+    said, seen = [], {id(e)}
+    e = e.__cause__ or e.__context__
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if not isinstance(e, SRSpaceError):
+            said.append(str(e))
+        e = e.__cause__ or e.__context__
+    return said
 
 
 def say_err(text: str) -> None:
@@ -300,7 +344,7 @@ def exit_on_error(prog: str, out_of_memory: str = "out of memory"):
         check_torch()
         yield
     except SRSpaceError as e:
-        msg = one_line(str(e))
+        msg = one_line(str(e), quoted_errors(e))  # (a library's lines, joined)
         _last_error["text"] = msg  # for the --json line (Summary): the line's message
         say_err(f"{prog}: error: {msg}")
         raise SystemExit(e.exit_code) from None

@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -776,6 +777,25 @@ def test_a_cuda_device_the_machine_has_not_is_one_line(tmp_path, capsys, monkeyp
     assert e.value.code == 2 and len(err) == 1, err
     assert "--device cuda:2: this machine has 2 CUDA device(s), cuda:0 to cuda:1" in err[0], err
     assert not out.exists()
+
+
+def test_a_library_dump_of_many_lines_is_its_first_line_and_a_count(tmp_path):
+    """torch's C++ stack under TORCH_SHOW_CPP_STACKTRACES=1 (a cluster's debugging setting) is
+    part of its error's text: `--device cpu:x` was one line of thousands of characters and
+    escapes. Its first line says what went wrong, and how many lines are left out."""
+    env = dict(os.environ, TORCH_SHOW_CPP_STACKTRACES="1", TORCH_DISABLE_ADDR2LINE="1")
+    iio.imwrite(tmp_path / "a.png", np.zeros((8, 8, 3), np.uint8))
+    cmd = [sys.executable, str(REPO / "sr_sample.py"), "--ckpt", "x.pt", "--input", "a.png",
+           "--out", "o", "--device", "cpu:x"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, timeout=120, text=True)
+    assert done.returncode == 2, done.stderr
+    err = done.stderr
+    assert err.count("\n") == 1 and err[:-1].isprintable(), err
+    assert re.fullmatch(
+        r"sr_sample\.py: error: --device cpu:x: Invalid device string: "
+        r"'cpu:x' \(and \d+ more lines\)\n",
+        err,
+    ), err
 
 
 def test_a_name_not_utf8_in_an_error_line_pastes_back_under_the_c_locale(tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import pytest
+import torch
 from rich.console import Console
 from rich.progress import Progress
 
@@ -25,7 +26,7 @@ import sr_train
 from sr_lib import errors
 from sr_lib.checkpoint import save_checkpoint
 from sr_lib.data import describe_path, link_to_nothing, list_images, shell_quote
-from sr_lib.errors import DataError, exit_on_error
+from sr_lib.errors import CheckpointError, DataError, exit_on_error
 from sr_lib.models import build_model
 
 TRAIN = ["--model", "edsr", "--n-feats", "8", "--n-blocks", "1", "--scale", "2", "--patch", "8",
@@ -359,3 +360,27 @@ def test_one_line_escapes_what_is_not_printable_and_keeps_the_rest():
     assert errors.one_line("plain $'a\\nb' σ") == "plain $'a\\nb' σ"  # (quoted path, backslashes)
     assert errors.one_line("a\nb\rc\td\x1b[0m\x7f\u2028") == "a\\nb\\rc\\td\\x1b[0m\\x7f\\u2028"
     assert errors.one_line("caf\udce9") == "caf\\xe9"  # (a byte that is not UTF-8: bash's)
+
+
+def test_a_library_error_of_several_lines_is_one_line_of_its_lines(capsys):
+    """A library's message of several lines (torch's load_state_dict: a header line, then one
+    tab-indented line per fault) quoted in an error line showed its line breaks as \\n and \\t:
+    its lines are joined now, while a newline in a path of the same line stays an escape."""
+    try:
+        torch.nn.Linear(2, 2).load_state_dict({})
+    except RuntimeError as error:
+        library = error
+    assert "\n\t" in str(library)  # (torch's own text, several lines)
+    with pytest.raises(SystemExit) as e:
+        with exit_on_error("p.py"):
+            try:
+                raise library
+            except RuntimeError as error:  # as the scripts quote one: its context kept
+                raise CheckpointError(f"w\n.pt: {error}; copy it again") from None
+    assert e.value.code == 6
+    err = one_line(capsys.readouterr().err)
+    assert err.startswith(
+        "p.py: error: w\\n.pt: Error(s) in loading state_dict for Linear: "
+        'Missing key(s) in state_dict: "weight", "bias".; copy it again'
+    ), err
+    assert "\\t" not in err and err.count("\\n") == 1, err
