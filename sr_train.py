@@ -2379,9 +2379,10 @@ class StepGraph:
             self.failed = str(cause).splitlines()[0][:200] if str(cause) else type(cause).__name__
             self.reset()
             name = type(self.model).__name__
-            print(f"{PROG}: warning: --cuda-graphs: {name}'s training step could not be "
-                  f"recorded as a CUDA graph ({self.failed}); it goes on without recording",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            say_err(
+                f"{PROG}: warning: --cuda-graphs: {name}'s training step could not be "
+                f"recorded as a CUDA graph ({self.failed}); it goes on without recording"
+            )
             return False
         self.recordings += 1
         return True

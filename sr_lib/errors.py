@@ -361,7 +361,7 @@ def exit_on_error(prog: str, out_of_memory: str = "out of memory"):
         if not (isinstance(e, (MemoryError, RuntimeError)) and is_out_of_memory(e)):
             raise  # a real bug: its traceback
         _last_error["text"] = out_of_memory
-        print(f"{prog}: error: {_last_error['text']}", file=sys.stderr)
+        say_err(f"{prog}: error: {_last_error['text']}")
         raise SystemExit(EXIT_OOM) from None
     finally:
         warnings.formatwarning = show

@@ -384,3 +384,23 @@ def test_a_library_error_of_several_lines_is_one_line_of_its_lines(capsys):
         'Missing key(s) in state_dict: "weight", "bias".; copy it again'
     ), err
     assert "\\t" not in err and err.count("\\n") == 1, err
+
+
+def test_a_cuda_graph_warning_quoting_torch_is_one_line(capsys, monkeypatch):
+    """The warning of a step that could not be recorded as a CUDA graph quotes torch's error: it
+    was printed raw (an ESC sequence, a \\r reached the terminal)."""
+
+    def capture(body, device):
+        raise RuntimeError("operation not permitted\x1b[2J\x07 when stream is capturing\nmore")
+
+    monkeypatch.setattr(sr_train, "capture", capture)
+    model = torch.nn.Linear(2, 2)
+    graph = sr_train.StepGraph(model, torch.device("cpu"))
+    graph.out, graph.ok = {}, torch.ones(())
+    assert graph.record(None, torch.zeros(1), torch.zeros(1), {}) is False
+    err = one_line(capsys.readouterr().err)
+    assert err == (
+        "sr_train.py: warning: --cuda-graphs: Linear's training step could not be "
+        "recorded as a CUDA graph (operation not permitted\\x1b[2J\\x07 when stream is "
+        "capturing); it goes on without recording"
+    ), err
