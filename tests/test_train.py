@@ -793,7 +793,12 @@ def test_signal_to_the_process_group_saves_exits_75_then_resumes(tmp_path, image
 # sr_train.py as a user starts it (`python -c HOLD POINT MARKER sr_train.py FLAGS...`), held at
 # one point of the run until the test, told by MARKER, has signalled the process group and
 # removed MARKER: the loading of the first batch (in a loader worker), validation, the write of
-# a mid-run last.pt, that of the last step's.
+# a mid-run last.pt, that of the last step's. The first batch: MARKER is made by the main
+# process as it starts to wait for that batch in the loop, once each worker has set its signals
+# (`_worker_init`), while the worker holds the batch back (a worker could reach it before the
+# loop: a stop there ends a new run with nothing to save); then the batch comes within the
+# wait's slice (LOADER_SLICE, made long: a loaded machine takes no longer), or, "first batch,
+# none comes", never (the slice made short).
 HOLD = """import pathlib, runpy, sys, time
 point, marker = sys.argv[1], pathlib.Path(sys.argv[2])
 sys.argv = sys.argv[3:]
@@ -813,10 +818,39 @@ def holding(f, when):
         return f(*args, **kwargs)
     return at
 
-if point == "first batch":
+if point.startswith("first batch"):
     import sr_lib.data
-    P = sr_lib.data.PatchPairs
-    P.crops = holding(P.crops, lambda self, step: step == 0)
+    waiting = marker.with_suffix(".waiting")  # made with MARKER, never removed
+
+    def first_wait(f):  # the main process: its loop's first wait for a batch, once every
+        def at(self, batches):  # worker leaves the signals to it (before: SIGTERM ends one)
+            while not waiting.exists() and len(list(marker.parent.glob("ready*"))) < len(
+                    batches._workers):
+                time.sleep(0.01)
+            if not waiting.exists():
+                marker.touch()
+                waiting.touch()
+            return f(self, batches)
+        return at
+
+    def worker_init(f):
+        def at(worker_id):
+            f(worker_id)
+            (marker.parent / f"ready{worker_id}").touch()
+        return at
+
+    def loading(f):  # a worker: the first batch, until MARKER is made and removed (or never)
+        def at(self, step):
+            while step == 0 and (point != "first batch" or marker.exists()
+                                 or not waiting.exists()):
+                time.sleep(0.01)
+            return f(self, step)
+        return at
+
+    sr_lib.data._worker_init = worker_init(sr_lib.data._worker_init)
+    sr_lib.data._FloatLoader._next = first_wait(sr_lib.data._FloatLoader._next)
+    sr_lib.data.PatchPairs.crops = loading(sr_lib.data.PatchPairs.crops)
+    sr_lib.data.LOADER_SLICE = 60.0 if point == "first batch" else 0.5
 elif point == "validation":
     from sr_lib.models.edsr import EDSR
     EDSR.sample = holding(EDSR.sample, lambda *args: True)
@@ -844,8 +878,11 @@ def never_stopped(images, tmp_path_factory) -> Path:
     return never
 
 
-@pytest.mark.integration  # (a signal sweep: 4 runs of the script)
-@pytest.mark.parametrize("point", ["first batch", "validation", "checkpoint", "last checkpoint"])
+@pytest.mark.integration  # (a signal sweep: 5 runs of the script)
+@pytest.mark.parametrize(
+    "point", ["first batch", "first batch, none comes", "validation", "checkpoint",
+              "last checkpoint"]
+)  # fmt: skip
 def test_a_group_signal_anywhere_resumes_to_the_weights_of_a_run_never_stopped(
     point, tmp_path, images, never_stopped, own_temp_dir
 ):
@@ -869,12 +906,10 @@ def test_a_group_signal_anywhere_resumes_to_the_weights_of_a_run_never_stopped(
     stderr = exited(proc, f"sr_train.py did not exit after SIGTERM at its {point}").decode()
     assert proc.returncode == (0 if point == "last checkpoint" else 75), stderr
     assert "Traceback" not in stderr and list(own_temp_dir.glob("pymp-*")) == []
-    # (the first batch, come within the wait's slice, LOADER_SLICE: its step is done first)
-    steps = {"first batch": (0, 1), "last checkpoint": (4,)}.get(point, (2,))
-    # (a stop before the first step may also come as the main process reads its own first batch,
-    # before the loop: a new run's folder of nothing is then removed, `unmake_run_folder`)
-    if not (point == "first batch" and not out.exists()):
-        assert load_checkpoint(out / "last.pt")["step"] in steps
+    # (the first batch, come within the wait's slice, LOADER_SLICE: its step is done first;
+    # none within it: the workers are stopped, and the run saves the steps done, none)
+    step = {"first batch": 1, "first batch, none comes": 0, "last checkpoint": 4}.get(point, 2)
+    assert load_checkpoint(out / "last.pt")["step"] == step
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (validation images that are training images)
         assert sr_train.main([*flags, "--workers", "0", "--out", str(out), "--resume", "auto"]) == 0
