@@ -1733,20 +1733,21 @@ def record_unrecorded(folder: Path, manifest: dict) -> dict:
     """The versions of the folder's UNRECORDED file added to `manifest`'s "versions" (the lock
     held: `claim_folder`), the file deleted; returns the manifest with them. The file is first
     renamed to this process's own name: a stop that writes it anew meanwhile (it takes no lock)
-    writes a file of that name again, for the next claim, not one deleted here unread."""
+    writes a file of that name again, for the next claim, not one deleted here unread. Signals
+    are held from the rename to the deletion: a stop between them left the renamed file, which
+    no claim looks for, its versions never recorded (the lock is held already: no wait here)."""
     taken = folder / f"{UNRECORDED}.{os.getpid()}"
-    try:
-        with signals_held():
-            os.rename(folder / UNRECORDED, taken)
-    except OSError:  # (none there: the usual case)
-        return manifest
-    versions = folder_versions(manifest)
-    new = [v for v in unrecorded(taken) if v not in versions]
-    if new:  # (the file read again, as every change of it: `amend_manifest`)
-        amend_manifest(folder, lambda m: {
-            "versions": [*dict.fromkeys([*folder_versions(m), *new])]})  # fmt: skip
-        manifest = {**manifest, "versions": [*versions, *new]}
     with signals_held():
+        try:
+            os.rename(folder / UNRECORDED, taken)
+        except OSError:  # (none there: the usual case)
+            return manifest
+        versions = folder_versions(manifest)
+        new = [v for v in unrecorded(taken) if v not in versions]
+        if new:  # (the file read again, as every change of it: `amend_manifest`)
+            amend_manifest(folder, lambda m: {
+                "versions": [*dict.fromkeys([*folder_versions(m), *new])]})  # fmt: skip
+            manifest = {**manifest, "versions": [*versions, *new]}
         taken.unlink(missing_ok=True)
     return manifest
 

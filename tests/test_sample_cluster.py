@@ -458,6 +458,31 @@ def test_a_stop_waits_for_a_manifest_lock_held_elsewhere_a_bounded_time(
     assert not list(out.glob(".*"))
 
 
+def test_a_stop_while_a_claim_records_the_kept_versions_loses_none(tmp_path, flow_ckpt,
+                                                                   monkeypatch):  # fmt: skip
+    """The claim that records .unrecorded-versions.json renames it to a name of its own, reads
+    it, records its versions and deletes it; a SIGTERM between the rename and the deletion (the
+    file read, the manifest amended with signals free) left the renamed file, which no claim
+    looks for, and its versions never recorded. The whole of it now holds signals: recorded,
+    the file gone, then the stop (exit 75)."""
+    inp = images(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    base = ["--ckpt", flow_ckpt, "--input", inp, "--n", 1, "--quiet", "--out", out]
+    assert run(*base) == 0
+    (out / ".unrecorded-versions.json").write_text('["98.0.0"]')
+    read = sr_sample.unrecorded
+
+    def stopped_meanwhile(path):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return read(path)
+
+    monkeypatch.setattr(sr_sample, "unrecorded", stopped_meanwhile)
+    assert run(*base) == 75
+    assert json.loads((out / "manifest.json").read_text())["versions"] == [
+        sr_lib.__version__, "98.0.0"]  # fmt: skip
+    assert not list(out.glob(".*"))
+
+
 def test_two_shards_raising_n_at_once_both_count(tmp_path, monkeypatch):
     """Two shards amending manifest.json at once (a rerun of each with a larger --n): each reads
     the file, and without a lock the later rename drops the other's raise. Deterministic: the
