@@ -1381,7 +1381,7 @@ def refuse_others_kept(out: Path, folders: list[Path], names: set[str], stems: s
         for name in other_outputs(folder, names, inputs).values():
             others.setdefault(name, folder)
     if ours and not others:  # (its lr/ named by stem: said once the samples are gone)
-        for name in other_outputs(out / "lr", stems, inputs, single=True).values():
+        for name in outputs_of(out / "lr", stems, inputs, True, lr_stems(out)).values():
             others.setdefault(name, out / "lr")
     if others:
         first = sorted(others)
@@ -1410,6 +1410,12 @@ def other_outputs(folder: Path, own: set[str], inputs: set[Path],
     except (OSError, ValueError, AttributeError):
         listed, single = None, True if single is None else single
     listed = listed_names(listed) if isinstance(listed, list) else None
+    return outputs_of(folder, own, inputs, single, listed)
+
+
+def outputs_of(folder: Path, own: set[str], inputs: set[Path], single: bool,
+               listed: set[str] | None) -> dict[str, str]:  # fmt: skip
+    """`other_outputs` of the images `listed` (None: of any NAME)."""
     found, real = {}, folder.resolve()
     with contextlib.suppress(OSError), os.scandir(folder) as entries:
         for entry in entries:
@@ -1419,6 +1425,31 @@ def other_outputs(folder: Path, own: set[str], inputs: set[Path],
                     and entry.is_file(follow_symlinks=False)):  # fmt: skip
                 found[entry.name] = min(could, key=len)
     return found
+
+
+def lr_stems(out: Path) -> set[str] | None:
+    """The stems of the inputs whose --from-hr LR files OUT/lr/ may hold (OUT/lr/STEM.png): those
+    of every run into OUT and its T*/, shared by them (each manifest's "names"; --layout ntire:
+    its ntire_index.json, whose NAMEs are numbers), or None (every stem: the name rule) where
+    a --from-hr folder's record is missing or unreadable (an older srspace's manifest)."""
+    stems = set()
+    for folder in [out, *(out / t for t in sweep_folders(out, "manifest.json"))]:
+        try:
+            manifest = json.loads((folder / "manifest.json").read_text())
+        except FileNotFoundError:  # (a sweep's OUT)
+            continue
+        except (OSError, ValueError):
+            return None
+        if not isinstance(manifest, dict) or manifest.get("from_hr") is False:  # (no lr/ file)
+            continue
+        flags = manifest.get("flags") if isinstance(manifest.get("flags"), dict) else {}
+        names = manifest.get("names")
+        if flags.get("layout") == "ntire":
+            names = list(ntire_stems(folder).values()) or None
+        if not isinstance(names, list):
+            return None
+        stems |= listed_names(names)
+    return stems
 
 
 def listed_names(names: list) -> set[str]:
@@ -2636,8 +2667,11 @@ def sweep_folders(folder: Path, holding: str = "") -> list[str]:
             if not (re.fullmatch(r"T.+", entry.name) and temperature_ok(entry.name[1:])):
                 continue
             with contextlib.suppress(OSError):
-                held = (lambda name: name == holding) if holding else LATENT_NAME.fullmatch
-                if entry.is_dir() and any(map(held, os.listdir(entry))):
+                if not entry.is_dir():
+                    continue
+                # (`holding`: one stat, not a listing of the folder's 200,000 samples)
+                if (os.path.isfile(os.path.join(entry.path, holding)) if holding else
+                        any(map(LATENT_NAME.fullmatch, os.listdir(entry)))):  # fmt: skip
                     found.append(entry.name)
     return sorted(found, key=lambda name: float(name[1:]))
 

@@ -650,6 +650,61 @@ def test_overwrite_at_n_1_takes_the_users_own_pngs_for_no_images_output(tmp_path
     assert "2 image(s) not among --input ('figure_old', 'notes')" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("layout", ["stem", "ntire"])
+def test_overwrite_from_hr_keeps_the_users_own_pngs_in_lr(tmp_path, bicubic_ckpt, layout, capsys):
+    """--from-hr writes OUT/lr/STEM.png, and an --overwrite took every PNG in OUT/lr/ not of an
+    input's stem for the LR file of an image not among --input: a user's own lr/notes.png
+    refused every --overwrite, of all the inputs too. The stems of the runs' inputs, from the
+    manifests' "names" (--layout ntire: ntire_index.json) of OUT and its T*/, decide now: the
+    user's file is kept; the LR file of an input left out is refused still; a manifest without
+    the list (an older srspace's; --layout ntire: no ntire_index.json): every name, as before."""
+    inp = folder(tmp_path / "in", figure=image((8, 8), 1), chart=image((8, 8), 2))
+    some = folder(tmp_path / "some", figure=image((8, 8), 1))
+    out = tmp_path / "out"
+    base = ["--ckpt", bicubic_ckpt, "--n", 1, "--from-hr", "--layout", layout, "--quiet",
+            "--out", out]  # fmt: skip
+    assert run(*base, "--input", inp) == 0
+    folder(out / "lr", notes=image((4, 4), 3))  # the user's
+    mine = (out / "lr" / "notes.png").read_bytes()
+    assert run(*base, "--input", inp, "--overwrite") == 0
+    capsys.readouterr()
+    for f in [p for p in out.glob("*.png") if p.name != "000000.png"]:  # chart's, or 000001's
+        if f.name.startswith(("chart", "000001")):
+            f.unlink()
+    assert run(*base, "--input", some, "--overwrite") == 2  # chart's lr/chart.png: refused
+    assert f"{out / 'lr'} holds the files of 1 image(s) not among --input ('chart')" in (
+        capsys.readouterr().err)  # fmt: skip
+    (out / "lr" / "chart.png").unlink()
+    assert run(*base, "--input", some, "--overwrite") == 0
+    assert (out / "lr" / "notes.png").read_bytes() == mine
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["names"]  # an older srspace's: every name an image's
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    if layout == "ntire":  # (its stems: ntire_index.json's, gone)
+        (out / "ntire_index.json").unlink()
+    assert run(*base, "--input", some, "--overwrite") == 2
+    assert f"{out / 'lr'} holds the files of 1 image(s) not among --input ('notes')" in (
+        capsys.readouterr().err)  # fmt: skip
+
+
+def test_overwrite_of_a_from_hr_sweep_keeps_the_users_own_png_in_lr(tmp_path, toy_ckpt):
+    """A sweep's OUT/lr/ is shared by its T*/: the stems of its inputs are its T*/ manifests'
+    "names" (OUT has none). The user's lr/notes.png refused its --overwrite; kept now, and the
+    LR file of an input dropped from --input refused still."""
+    inp = folder(tmp_path / "in", a=image((8, 8), 1), b=image((8, 8), 2))
+    out = tmp_path / "out"
+    base = ["--ckpt", toy_ckpt, "--n", 1, "--from-hr", "--temperature", 0.5, 1, "--quiet",
+            "--out", out]  # fmt: skip
+    assert run(*base, "--input", inp) == 0
+    folder(out / "lr", notes=image((4, 4), 3))  # the user's
+    assert run(*base, "--input", inp, "--overwrite", "--seed", 1) == 0
+    assert pngs(out / "lr") == ["a.png", "b.png", "notes.png"]
+    for f in out.glob("T*/b_*"):
+        f.unlink()
+    (inp / "b.png").unlink()
+    assert run(*base, "--input", inp, "--overwrite") == 2  # lr/b.png: b's, not among --input
+
+
 def test_overwrite_of_a_sweep_over_a_one_temperature_folder_and_back_is_refused(tmp_path, toy_ckpt,
                                                                                capsys):  # fmt: skip
     """A sweep writes into OUT/T{t}, one temperature into OUT: --overwrite of a sweep left an
