@@ -1674,7 +1674,8 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
     listed = {} if names is None else {"names": sorted(names)}
     save_text(path, json.dumps({**settings, **listed, "versions": [settings["version"]]},
                                indent=1) + "\n")  # fmt: skip
-    with signals_held():  # (the versions of files redone: not this folder's)
+    # (the versions of files redone: not this folder's; a folder of the name: said at a claim)
+    with signals_held(), contextlib.suppress(IsADirectoryError):
         (folder / UNRECORDED).unlink(missing_ok=True)
     return None
 
@@ -1736,8 +1737,12 @@ def record_version(folder: Path) -> None:
             "versions": [*dict.fromkeys([*folder_versions(old), __version__])]})  # fmt: skip
     except LockWaitedOut as e:
         kept = folder / UNRECORDED
-        try:  # (those another such stop kept there too)
-            save_text(kept, json.dumps([*dict.fromkeys([*unrecorded(kept), __version__])]) + "\n")
+        try:  # (those another such stop kept there too; a file that cannot be read: replaced)
+            try:
+                before = unrecorded(kept)
+            except ValueError:
+                before = []
+            save_text(kept, json.dumps([*dict.fromkeys([*before, __version__])]) + "\n")
             later = f"the next run there records it ({kept.name} keeps it meanwhile)"
         except (OSError, OutputError):  # (the folder as the holder leaves it: said)
             later = "a rerun that samples an image there records it"
@@ -1752,12 +1757,19 @@ UNRECORDED = ".unrecorded-versions.json"
 
 
 def unrecorded(path: Path) -> list[str]:
-    """The versions an UNRECORDED file lists ([]: none there, or not a list of them)."""
+    """The versions an UNRECORDED file lists ([]: none there); ValueError (why) where it cannot
+    be read or is not a JSON list of them (edited by hand, a disk's fault)."""
     try:
         said = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return []
-    return [v for v in said if isinstance(v, str)] if isinstance(said, list) else []
+    except OSError as e:
+        raise ValueError(f"cannot read it: {e.strerror or e}") from None
+    except ValueError:
+        raise ValueError("not JSON") from None
+    if not (isinstance(said, list) and all(isinstance(v, str) for v in said)):
+        raise ValueError("not a JSON list of srspace versions")
+    return said
 
 
 def record_unrecorded(folder: Path, manifest: dict) -> dict:
@@ -1766,20 +1778,40 @@ def record_unrecorded(folder: Path, manifest: dict) -> dict:
     renamed to this process's own name: a stop that writes it anew meanwhile (it takes no lock)
     writes a file of that name again, for the next claim, not one deleted here unread. Signals
     are held from the rename to the deletion: a stop between them left the renamed file, which
-    no claim looks for, its versions never recorded (the lock is held already: no wait here)."""
-    taken = folder / f"{UNRECORDED}.{os.getpid()}"
+    no claim looks for, its versions never recorded (the lock is held already: no wait here).
+    One that cannot be read (or a folder of that name) is left as it is, said in one warning
+    line: deleted, the versions it kept would be lost without a word."""
+    kept, taken = folder / UNRECORDED, folder / f"{UNRECORDED}.{os.getpid()}"
     with signals_held():
         try:
-            os.rename(folder / UNRECORDED, taken)
+            if kept.is_dir():
+                raise ValueError("a folder")
+            os.rename(kept, taken)
         except OSError:  # (none there: the usual case)
             return manifest
+        except ValueError as e:
+            return unread(kept, e, manifest)
+        try:
+            said = unrecorded(taken)
+        except ValueError as e:  # (back under its name, unless a stop wrote one meanwhile)
+            with contextlib.suppress(OSError):
+                os.link(taken, kept)
+            taken.unlink(missing_ok=True)
+            return unread(kept, e, manifest)
         versions = folder_versions(manifest)
-        new = [v for v in unrecorded(taken) if v not in versions]
+        new = [v for v in said if v not in versions]
         if new:  # (the file read again, as every change of it: `amend_manifest`)
             amend_manifest(folder, lambda m: {
                 "versions": [*dict.fromkeys([*folder_versions(m), *new])]})  # fmt: skip
             manifest = {**manifest, "versions": [*versions, *new]}
         taken.unlink(missing_ok=True)
+    return manifest
+
+
+def unread(path: Path, why: ValueError, manifest: dict) -> dict:
+    """`record_unrecorded`'s warning line for an UNRECORDED file it cannot read; `manifest`."""
+    say_err(f"{PROG}: warning: {path}: {why}; the srspace versions it keeps are not recorded in "
+            "its folder's manifest.json (\"versions\"); correct or delete it")  # fmt: skip
     return manifest
 
 

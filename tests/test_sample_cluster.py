@@ -483,6 +483,34 @@ def test_a_stop_while_a_claim_records_the_kept_versions_loses_none(tmp_path, flo
     assert not list(out.glob(".*"))
 
 
+def test_a_kept_versions_file_that_cannot_be_read_is_said_and_left(tmp_path, flow_ckpt, capsys):
+    """A .unrecorded-versions.json that is not a JSON list of versions (edited by hand, a disk's
+    fault) was deleted without a word by the next claim, the versions it kept lost; a folder of
+    that name was a traceback. Now one warning line naming it and what to do, the file left as
+    it is, the run going on (exit 0); --overwrite deletes the file, leaves the folder."""
+    inp = images(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    base = ["--ckpt", flow_ckpt, "--input", inp, "--n", 1, "--quiet", "--out", out]
+    assert run(*base) == 0
+    kept = out / ".unrecorded-versions.json"
+    for text, why in [('["98.0.0"', "not JSON"), ('{"98.0.0": 1}', "not a JSON list of srspace "
+                                                 "versions")]:  # fmt: skip
+        kept.write_text(text)
+        capsys.readouterr()
+        assert run(*base) == 0
+        assert capsys.readouterr().err == (
+            f"sr_sample.py: warning: {kept}: {why}; the srspace versions it keeps are not "
+            'recorded in its folder\'s manifest.json ("versions"); correct or delete it\n'
+        )
+        assert kept.read_text() == text and sorted(p.name for p in out.glob(".*")) == [kept.name]
+    assert run(*base, "--overwrite") == 0 and not list(out.glob(".*"))
+    kept.mkdir()
+    assert run(*base) == 0
+    assert f"{kept}: a folder; the srspace versions" in capsys.readouterr().err
+    assert run(*base, "--overwrite") == 0 and kept.is_dir()
+    assert json.loads((out / "manifest.json").read_text())["versions"] == [sr_lib.__version__]
+
+
 def test_two_shards_raising_n_at_once_both_count(tmp_path, monkeypatch):
     """Two shards amending manifest.json at once (a rerun of each with a larger --n): each reads
     the file, and without a lock the later rename drops the other's raise. Deterministic: the
