@@ -511,6 +511,28 @@ def test_a_kept_versions_file_that_cannot_be_read_is_said_and_left(tmp_path, flo
     assert json.loads((out / "manifest.json").read_text())["versions"] == [sr_lib.__version__]
 
 
+def test_a_shards_claim_of_the_folders_own_inputs_does_not_go_through_its_names(
+    tmp_path, flow_ckpt, monkeypatch
+):
+    """manifest.json lists every input's NAME ("names"): each shard's claim of an array went
+    through the whole list under the folder's lock (200,000 names: 0.1 s in every shard, the
+    others waiting). A run of the inputs the folder records has its NAMEs there already (listed
+    with the record): not read; a run of other inputs (--shard 0/1) adds its own."""
+    inp = images(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    base = ["--ckpt", flow_ckpt, "--input", inp, "--n", 1, "--quiet", "--out", out]
+    assert run(*base, "--shard", "0/2") == 0
+    listed = sr_sample.listed_names
+    went = []
+    monkeypatch.setattr(sr_sample, "listed_names", lambda names: went.append(1) or listed(names))
+    assert run(*base, "--shard", "1/2") == 0
+    assert run(*base) == 0 and went == []
+    images(tmp_path / "in", 1, names=["im new"])
+    assert run(*base) == 0 and went
+    assert json.loads((out / "manifest.json").read_text())["names"] == [
+        "im 00", "im 01", "im 02", "im new"]  # fmt: skip
+
+
 def test_two_shards_raising_n_at_once_both_count(tmp_path, monkeypatch):
     """Two shards amending manifest.json at once (a rerun of each with a larger --n): each reads
     the file, and without a lock the later rename drops the other's raise. Deterministic: the
