@@ -310,3 +310,13 @@ def test_bench_near_path_finds_the_subfolder_where_its_listing_reaches_it(monkey
     assert r["all entries"]["found"] == ["T0.5"] and r["all entries"]["listing_ms"] > 0
     assert r["first 5 entries"]["found"] == ([] if r["T0.5_listed_at"] >= 5 else ["T0.5"])
     assert r["torch"] == torch.__version__
+
+
+def test_bench_manifest_names_counts_the_manifests_writes_of_a_run():
+    """Its runs write manifest.json at the claim and the run's few records, never per image."""
+    said = bench("bench_manifest_names.py", "--names", 500, "--images", 5, "--repeat", 1)
+    assert said["runs"]["fresh"]["names_after"] == 5
+    assert said["runs"]["listing_names"]["names_after"] == 505
+    assert len(said["runs"]["fresh"]["manifest_writes_MB"]) == 2  # (its names, its inputs)
+    assert len(said["runs"]["listing_names"]["manifest_writes_MB"]) == 3  # (+ the version)
+    assert said["manifest_MB"] > 0 and said["rerun_claim_ms"] >= 0
