@@ -85,7 +85,8 @@ are the same (an earlier srspace's: `legacy_keys`), and
 for the first images whose files (name in its folder, size, modification time) are unchanged, the
 folders' paths no part of the command where the first image's files are the same (data staged to
 a node's $TMPDIR: `adopt_key`); another command's
-OUT.partial is moved aside to OUT.<its key>.partial (a line says where), where a rerun of that
+OUT.partial is moved aside to OUT.<its key>.partial (a link's target beside itself, the link
+kept; a line says where), where a rerun of that
 command finds it, never replaced; the file is deleted once the results are written (one warning
 where it cannot be: the results stand). An error after
 images were scored says in its line how many images' scores are kept there (the --json line's kept).
@@ -1305,7 +1306,11 @@ def adopt_partial(args: EvalArgs, key: str, legacy: set[str] = frozenset(),
         return  # (this command's, or not sr_eval.py's: `kept_scores`)
     heads = [partial_text(k, [], [])[: len('{"key": ""') + len(k)].encode() for k in (key, *legacy)]
     strays = []
-    for folder in dict.fromkeys(p.parent for p in (here, *others)):
+    folders = [p.parent for p in (here, *others)]
+    for p in (here, *others):  # (and beside a link's target: `keep_others_scores` moves there)
+        with suppress(OutputError):
+            folders.append(write_target(p).parent)
+    for folder in dict.fromkeys(folders):
         with suppress(OSError):
             strays += [p for p in folder.iterdir() if p.name.endswith(PARTIAL)]
     strays = sorted(set(strays) - {here, *others}, key=mtime, reverse=True)
@@ -1409,7 +1414,8 @@ OTHER_COMMAND = (
 def keep_others_scores(here: Path, key: str) -> bool:
     """Where `here` (OUT.partial) holds the scores kept by another command (another `key`:
     `OTHER_COMMAND`), moved aside to OUT.<its key's first 12 hex
-    digits>.partial (.2.partial, ... where taken), one warning line saying where: a rerun of that
+    digits>.partial (.2.partial, ... where taken; a link's target beside itself, the link kept
+    for this run to write through), one warning line saying where: a rerun of that
     command finds them there (`adopt_partial`) and continues; they were replaced, hours of
     scoring lost to a run that shares the --out name (a shared results folder, a job requeued with
     other flags). True where moved (or moved away since it was read); False where `here` is this
@@ -1424,11 +1430,15 @@ def keep_others_scores(here: Path, key: str) -> bool:
     if other == key or not isinstance(other, str) or not re.fullmatch(r"[0-9a-f]{64}", other):
         return False
     key12 = f".{other[:12]}"
-    names = names_beside(here.parent, here.name[: -len(PARTIAL)],
+    try:  # (a link's target, beside it, the link kept: it was renamed, the user's link lost)
+        real = write_target(here)
+    except OutputError:  # (its folder gone since it was read: as a file moved away meanwhile)
+        return True
+    names = names_beside(real.parent, real.name.removesuffix(PARTIAL),
                          lambda i: f"{key12}{f'.{i}' if i > 1 else ''}{PARTIAL}")  # fmt: skip
     for aside in names:
         try:
-            if not exists(aside) and take_name(here, aside):
+            if not exists(aside) and take_name(real, aside):
                 break
         except FileNotFoundError:  # moved away since it was read (a run of that command)
             return True

@@ -1589,6 +1589,49 @@ def test_scores_taken_from_another_out_go_where_an_out_partial_link_leads(
     assert (res / "b.json.partial").is_symlink() and not target.exists()
 
 
+def test_another_commands_scores_kept_through_an_out_partial_link_are_moved_beside_its_target(
+    tmp_path, capsys, monkeypatch
+):
+    """OUT.partial a symbolic link (the scores kept on another disk) holding another command's
+    scores: moving them aside renamed the link itself, so the user's link was lost and this run
+    kept its scores beside --out. Now the target is moved beside itself, the link kept and
+    written through; a rerun of that command finds them there and continues."""
+    names = tuple(f"{k:04d}" for k in range(3))
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 3, names=names)
+    res, disk = tmp_path / "res", tmp_path / "disk"
+    res.mkdir(), disk.mkdir()
+    link, target = res / "r.json.partial", disk / "kept.partial"
+    link.symlink_to(target)
+    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips"]
+    argv += ["--out", res / "r.json"]
+    stop_at_image(monkeypatch, "0002")
+    assert fails(capsys, *argv)[0] == 75 and target.is_file()
+    monkeypatch.undo()
+    key = json.loads(target.read_text().split("\n", 1)[0])["key"]
+    aside = disk / f"kept.{key[:12]}.partial"
+    seen = []
+    real = sr_eval.json_text
+
+    def json_text(*args):  # (the results made: where this run's scores were kept meanwhile)
+        seen.append((link.is_symlink(), target.is_file()))
+        return real(*args)
+
+    monkeypatch.setattr(sr_eval, "json_text", json_text)
+    calls = stop_at_image(monkeypatch, "0002")
+    code, err = fails(capsys, *argv, "--color", "y")  # (another command)
+    assert code == 75 and calls == list(names) and link.is_symlink() and target.is_file()
+    assert f"moved to {aside}, where a rerun" in err
+    assert sorted(p.name for p in res.iterdir()) == ["r.json.partial"]
+    calls = stop_at_image(monkeypatch, "none")
+    code, got = run(capsys, *argv)  # (the first command: continues from the aside)
+    assert code == 0 and calls == ["0002"] and seen == [(True, True)], got.err
+    assert f"continuing from {link}: 2 of 3 images scored already" in got.out
+    assert link.is_symlink() and sorted(p.name for p in res.iterdir()) == ["r.json", link.name]
+    (other,) = disk.glob("kept.*.partial")  # (the --color y run's, moved aside beside it)
+    assert json.loads(other.read_text().split("\n", 1)[0])["key"] != key
+    assert sorted(p.name for p in disk.iterdir()) == [other.name]
+
+
 def test_a_rerun_on_a_copy_of_the_data_at_another_path_continues(tmp_path, capsys,
                                                                  monkeypatch):  # fmt: skip
     """The scores kept were keyed by the paths of --hr, --sr, --lr (the command's flags) and each
