@@ -214,6 +214,7 @@ from sr_lib.errors import (
     printable,
     replay_stop_signal,
     say_err,
+    shown_once,
     stdout_closed,
 )
 from sr_lib.models import MODELS
@@ -554,7 +555,7 @@ def jsonable(v):
 def main(argv: list[str] | None = None) -> int:
     with Summary(PROG) as summary:  # --json: its line after the error line, or the return
         with exit_on_error(PROG, OUT_OF_MEMORY), warnings.catch_warnings():
-            warnings.showwarning = one_line_warnings()  # read_image's
+            warnings.showwarning = shown_once(one_line_warnings())  # read_image's
             argv = list(sys.argv[1:] if argv is None else argv)
             try:
                 args = parse(EvalArgs, argv, PROG)

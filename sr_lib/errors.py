@@ -315,7 +315,8 @@ def exit_on_error(prog: str, out_of_memory: str = "out of memory"):
     An out-of-memory error that no code caught is the line `out_of_memory`, exit 4: each script
     names its own flags that lower its memory.
 
-    Warnings (e.g. an alpha channel dropped) are printed as one line `prog: warning: message`.
+    Warnings (e.g. an alpha channel dropped) are printed as one line `prog: warning: message`,
+    each (its category and text) once (`shown_once`).
     A torch older than srspace needs is such an error (`check_torch`). A standard stream closed
     at start is opened on /dev/null (`open_closed_std_streams`).
 
@@ -334,6 +335,8 @@ def exit_on_error(prog: str, out_of_memory: str = "out of memory"):
     warnings.formatwarning = lambda message, *args, **kwargs: (
         f"{prog}: warning: {one_line(str(message))}\n"
     )
+    shown = warnings.showwarning
+    warnings.showwarning = shown_once(shown)
     # Ctrl-C waits for the end of a thread pool's lock code (sr_lib/threads.py). Left alone where
     # SIGINT is ignored (a job started in the background) or handled by the caller.
     main = threading.current_thread() is threading.main_thread()
@@ -364,12 +367,31 @@ def exit_on_error(prog: str, out_of_memory: str = "out of memory"):
         say_err(f"{prog}: error: {_last_error['text']}")
         raise SystemExit(EXIT_OOM) from None
     finally:
-        warnings.formatwarning = show
+        warnings.formatwarning, warnings.showwarning = show, shown
         if failing:
             with contextlib.suppress(OSError, ValueError):  # a stdout already closed
                 sys.stdout.reconfigure(errors=errors)
         if python_default:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def shown_once(show):
+    """A warnings.showwarning that passes each warning (its category and text) to `show` once:
+    the "default" filter's own once is per place in the code and forgotten whenever the filters
+    change (warnings.simplefilter, the end of any catch_warnings, as in srspace's loaders and
+    torch's), so torch's DataLoader warning of too many workers, raised at its creation and
+    again at each iter(), was two identical lines in one run. Another text or category is
+    shown."""
+    seen = set()
+
+    def once(message, category, *args, **kwargs):
+        said = (category, str(message))
+        if said in seen:
+            return
+        seen.add(said)
+        show(message, category, *args, **kwargs)
+
+    return once
 
 
 def catch(signum: int, handler):

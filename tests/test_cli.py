@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -24,7 +25,7 @@ from sr_lib import refuse_non_posix
 from sr_lib.checkpoint import load_checkpoint, save_checkpoint
 from sr_lib.config import NO_POSITIVE_FORM, OneLineParser, option_strings, parse
 from sr_lib.data import read_image, write_text
-from sr_lib.errors import OLDEST_TORCH, OutputError, UsageError
+from sr_lib.errors import OLDEST_TORCH, OutputError, UsageError, exit_on_error
 from sr_lib.metrics import psnr
 from sr_lib.models import MODELS
 from sr_lib.models.base import sample_seed
@@ -819,3 +820,29 @@ def test_a_name_not_utf8_in_an_error_line_pastes_back_under_the_c_locale(tmp_pat
         pasted = subprocess.run(["bash", "-c", b"printf %s $'" + shown + b"'"],
                                 capture_output=True, check=True, timeout=60).stdout  # fmt: skip
         assert pasted == name, mode
+
+
+class OtherWarning(UserWarning):
+    pass
+
+
+def test_an_identical_warning_is_shown_once_a_run():
+    """torch's DataLoader warns of too many workers at its creation and again at iter(): the
+    "default" filter's once is forgotten whenever the filters change (a simplefilter or
+    catch_warnings between, as srspace's loaders do), and the line came twice in one run of
+    sr_train.py. Now each warning, its category and text, is shown once under exit_on_error (all
+    three scripts); another text or category is shown, and a later run shows it again."""
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default")
+        for _ in range(2):  # (two runs: main() called twice in one process)
+            with exit_on_error("p.py"):
+                warnings.warn("too many workers", stacklevel=1)
+                warnings.simplefilter("default")  # (resets the registry: shown again before)
+                warnings.warn("too many workers", stacklevel=1)
+                warnings.warn("too many workers", OtherWarning, stacklevel=1)
+                warnings.warn("too few workers", stacklevel=1)
+        warnings.warn("too many workers", stacklevel=1)  # (outside: Python's own, not ours)
+    said = [(w.category, str(w.message)) for w in shown]
+    run = [(UserWarning, "too many workers"), (OtherWarning, "too many workers")]
+    run += [(UserWarning, "too few workers")]
+    assert said == [*run, *run, (UserWarning, "too many workers")], said
