@@ -1337,14 +1337,16 @@ def move_onto(other: Path, here: Path) -> None:
     """The file `other` moved to `here`, or where `here` leads, a symbolic link (OUT.partial
     linked onto another disk: the link stays, as every output's, `write_target`); it replaced
     the link, the scores then kept beside --out and the link lost at the end. Across file
-    systems written there whole, atomically (`write_text`), then deleted."""
+    systems written there whole, atomically (`write_text`), then deleted: one step, a stop
+    signal raised at its end (`signals_held`): a SIGTERM during the write left both files."""
     try:
         os.replace(other, write_target(here))
     except OSError as e:
         if e.errno != errno.EXDEV:
             raise
-        write_text(here, other.read_bytes().decode("utf-8", "surrogateescape"))
-        other.unlink()
+        with signals_held():
+            write_text(here, other.read_bytes().decode("utf-8", "surrogateescape"))
+            other.unlink()
 
 
 def starts_with(path: Path, heads: list[bytes]) -> bool:

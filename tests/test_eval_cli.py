@@ -1589,6 +1589,42 @@ def test_scores_taken_from_another_out_go_where_an_out_partial_link_leads(
     assert (res / "b.json.partial").is_symlink() and not target.exists()
 
 
+def test_a_stop_while_scores_are_moved_onto_another_disk_leaves_them_one_file(
+    tmp_path, capsys, monkeypatch
+):
+    """Scores of this command kept beside another --out, taken for an OUT.partial linked onto
+    another file system: written there, then deleted. A SIGTERM (a job preempted as it starts)
+    while they were written was raised at the write's end, before the deletion: both files
+    were left, one of them a stray copy. Now the two are one step, the signal raised at its end:
+    one file, where the link leads, and the rerun continues from it."""
+    res, argv = stopped_beside_a_json(tmp_path, capsys, monkeypatch)
+    target = tmp_path / "scratch" / "kept.partial"
+    target.parent.mkdir()
+    (res / "b.json.partial").symlink_to(target)
+    real_replace, real_write = os.replace, sr_eval.write_text
+
+    def replace(src, dst, **kwargs):  # (another disk: no rename onto it)
+        if Path(dst) == target and Path(src).parent == res:
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        return real_replace(src, dst, **kwargs)
+
+    def write_text(path, text):  # (the signal comes while the scores are written there)
+        if Path(path) == res / "b.json.partial" and not target.exists():
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_write(path, text)
+
+    monkeypatch.setattr(sr_eval.os, "replace", replace)
+    monkeypatch.setattr(sr_eval, "write_text", write_text)
+    code, err = fails(capsys, *argv, "--out", res / "b.json")
+    assert code == 75 and "stopped by SIGTERM" in err, err
+    assert sorted(p.name for p in res.iterdir()) == ["b.json.partial"] and target.is_file()
+    monkeypatch.undo()
+    calls = stop_at_image(monkeypatch, "none")
+    code, got = run(capsys, *argv, "--out", res / "b.json")
+    assert code == 0 and calls == ["0002"], got.err
+    assert f"continuing from {res / 'b.json.partial'}: 2 of 3 images scored already" in got.out
+
+
 def test_another_commands_scores_kept_through_an_out_partial_link_are_moved_beside_its_target(
     tmp_path, capsys, monkeypatch
 ):
