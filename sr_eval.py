@@ -1306,14 +1306,16 @@ def adopt_partial(args: EvalArgs, key: str, legacy: set[str] = frozenset(),
     if here.exists() and not keep_others_scores(here, key):
         return  # (this command's, or not sr_eval.py's: `kept_scores`)
     heads = [partial_text(k, [], [])[: len('{"key": ""') + len(k)].encode() for k in (key, *legacy)]
-    strays = []
-    folders = [p.parent for p in (here, *others)]
-    for p in (here, *others):  # (and beside a link's target: `keep_others_scores` moves there)
+    strays, folders = [], {p.parent: f"{re.escape(PARTIAL)}$" for p in (here, *others)}
+    for p in (here, *others):
+        # and beside a link's target, where `keep_others_scores` moves them: the files set aside
+        # there alone (NAME.<12 hex>.partial), as a run writing another link's target there
+        # holds the lock of that link's NAME, which this file's name does not tell
         with suppress(OutputError):
-            folders.append(write_target(p).parent)
-    for folder in dict.fromkeys(folders):
+            folders.setdefault(write_target(p).parent, ASIDE)
+    for folder, names in folders.items():
         with suppress(OSError):
-            strays += [p for p in folder.iterdir() if p.name.endswith(PARTIAL)]
+            strays += [p for p in folder.iterdir() if re.search(names, p.name)]
     strays = sorted(set(strays) - {here, *others}, key=mtime, reverse=True)
     busy = None  # (the first file of this command's not taken, and why)
     for other in [*others, *strays]:
@@ -1412,6 +1414,10 @@ OTHER_COMMAND = (
     "another command (other flags, device, GPU model, LPIPS's CPU threads or instruction set, "
     "or versions)"
 )
+
+
+# the name `keep_others_scores` sets another command's scores aside to (the end of a name)
+ASIDE = rf"\.[0-9a-f]{{12}}(\.[0-9]+)?{re.escape(PARTIAL)}$"
 
 
 def keep_others_scores(here: Path, key: str) -> bool:

@@ -1511,6 +1511,20 @@ def stopped_beside_a_json(tmp_path, capsys, monkeypatch) -> tuple[Path, list]:
     return res, argv
 
 
+def run_while_a_json_is_written(capsys, monkeypatch, res: Path, argv: list):
+    """(the images scored, the output) of a run of `argv` with --out res/b.json while a run of
+    --out res/a.json holds its lock (here another handle): every image scored, exit 0."""
+    holder = os.open(res / "a.json.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        calls = stop_at_image(monkeypatch, "none")
+        code, got = run(capsys, *argv, "--out", res / "b.json")
+    finally:
+        os.close(holder)
+    assert code == 0 and calls == ["0000", "0001", "0002"] and "continuing" not in got.out
+    return calls, got
+
+
 def test_scores_kept_beside_an_out_that_a_run_writes_now_are_not_taken(
     tmp_path, capsys, monkeypatch
 ):
@@ -1522,14 +1536,7 @@ def test_scores_kept_beside_an_out_that_a_run_writes_now_are_not_taken(
     res, argv = stopped_beside_a_json(tmp_path, capsys, monkeypatch)
     partial = res / "a.json.partial"
     kept = partial.read_bytes()
-    holder = os.open(res / "a.json.lock", os.O_RDWR | os.O_CREAT)  # (a run of --out a.json)
-    try:
-        fcntl.flock(holder, fcntl.LOCK_EX)
-        calls = stop_at_image(monkeypatch, "none")
-        code, got = run(capsys, *argv, "--out", res / "b.json")
-    finally:
-        os.close(holder)
-    assert code == 0 and calls == ["0000", "0001", "0002"] and "continuing" not in got.out
+    calls, got = run_while_a_json_is_written(capsys, monkeypatch, res, argv)
     assert got.err == (
         f"sr_eval.py: warning: {partial}: the scores this command kept there are not continued "
         f"from: another sr_eval.py (pid {os.getpid()} on {socket.gethostname()}) is writing it "
@@ -1541,6 +1548,31 @@ def test_scores_kept_beside_an_out_that_a_run_writes_now_are_not_taken(
     code, got = run(capsys, *argv, "--out", res / "b.json")
     assert code == 0 and calls == ["0002"] and got.err == ""
     assert sorted(p.name for p in res.iterdir()) == ["a.json.lock", "b.json"]
+
+
+def test_a_link_target_that_a_run_writes_now_is_not_taken_from_beside_another_target(
+    tmp_path, capsys, monkeypatch
+):
+    """A rerun looks beside its OUT.partial link's target for the scores set aside there
+    (`keep_others_scores`), but a run of another --out whose OUT.partial links into the same
+    folder writes its target there, holding the lock of its own NAME, which the target's name
+    does not tell: only the files set aside there (NAME.<12 hex>.partial) are looked at; that
+    target is left to its run, found through its link, whose lock is held."""
+    names = tuple(f"{k:04d}" for k in range(3))
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 3, names=names)
+    res, disk = tmp_path / "res", tmp_path / "disk"
+    res.mkdir(), disk.mkdir()
+    (res / "a.json.partial").symlink_to(disk / "a_kept.partial")
+    (res / "b.json.partial").symlink_to(disk / "b_kept.partial")
+    argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips"]
+    stop_at_image(monkeypatch, "0002")
+    assert fails(capsys, *argv, "--out", res / "a.json")[0] == 75
+    monkeypatch.undo()
+    kept = (disk / "a_kept.partial").read_bytes()
+    calls, got = run_while_a_json_is_written(capsys, monkeypatch, res, argv)
+    assert f"{res / 'a.json.partial'}: the scores this command kept there are not" in got.err
+    assert (disk / "a_kept.partial").read_bytes() == kept
+    assert sorted(p.name for p in disk.iterdir()) == ["a_kept.partial"]
 
 
 def test_the_lock_of_scores_kept_is_that_of_their_output(tmp_path):
