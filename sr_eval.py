@@ -1927,8 +1927,8 @@ def cpu_kernels() -> dict:
     takes other paths on other vendors' CPUs), its `KERNEL_FEATURES` and the `KERNEL_ENV`
     variables set: the same on identical nodes (no model name, stepping or microcode), another
     command on a node of other features or capped otherwise. Where the features cannot be read
-    (no /proc/cpuinfo: macOS, a BSD), the machine's name stands for them (`host`): a stopped run
-    continues on that machine only."""
+    (no /proc/cpuinfo: macOS, a BSD; none listed in it: POWER), the machine's name stands for
+    them (`host`): a stopped run continues on that machine only."""
     vendor, features = cpu_features()
     kernels = {
         "machine": platform.machine(),
