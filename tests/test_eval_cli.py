@@ -1319,6 +1319,27 @@ def test_a_stop_signal_while_scoring_is_one_line_exit_75_and_no_results(tmp_path
     ]
 
 
+def test_an_identical_warning_is_one_line_a_run(tmp_path, capsys, monkeypatch):
+    """sr_eval.py's own showwarning (one_line_warnings) showed a warning again wherever the
+    filters changed between (Python's once is forgotten then, as at the end of each header
+    read's catch_warnings): it is shown once a run now, as in the other scripts
+    (`errors.shown_once`); another text is shown."""
+    hr_dir, _, sr_dir = make_set(tmp_path, n=1)
+    real = sr_eval.hr_images
+
+    def hr_images(folder):
+        for text in ("a library's warning", "a library's warning", "another"):
+            warnings.warn(text, UserWarning, stacklevel=1)
+            warnings.simplefilter("default")  # (Python's once forgotten)
+        return real(folder)
+
+    monkeypatch.setattr(sr_eval, "hr_images", hr_images)
+    code, got = run(capsys, "--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 1, "--no-lpips")
+    assert code == 0 and got.err == (
+        "sr_eval.py: warning: a library's warning\nsr_eval.py: warning: another\n"
+    ), got.err
+
+
 def stop_at_image(monkeypatch, stem: str, sig=signal.SIGTERM) -> list[str]:
     """sr_lib.metrics.evaluate_image, sending this process `sig` when it first starts on image
     `stem`, once; returns the list of the HR files it is called on, method by method."""
