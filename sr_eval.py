@@ -1388,7 +1388,7 @@ def unless_written(partial: Path):
         return
     while True:
         try:
-            fd = os.open(lock, os.O_RDONLY)
+            fd = open_lock_file(lock)
         except FileNotFoundError:
             yield None  # (no run of that output since the end of the last)
             return
@@ -1399,6 +1399,11 @@ def unless_written(partial: Path):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             held = False
         except OSError as e:  # (ENOLCK: no locks here, that run's unlocked too: taken)
+            if e.errno == errno.EBADF:  # (NFS, another user's lock: open read-only)
+                os.close(fd)
+                yield (f"its lock {lock} cannot be taken open read-only, as this file system "
+                       "asks: whether a run writes it now is not known")  # fmt: skip
+                return
             held = e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
         if held or same_inode(lock, fd):
             break
@@ -1407,6 +1412,17 @@ def unless_written(partial: Path):
         yield f"another sr_eval.py{lock_holder(lock, fd)} is writing it now" if held else None
     finally:
         os.close(fd)
+
+
+def open_lock_file(lock: Path) -> int:
+    """`lock` opened for writing, else (another user's) read-only. NFS emulates flock with a
+    byte-range lock, which is exclusive on a file open for writing only (EBADF else): a lock
+    opened read-only there was taken for no locks at all, and the scores of a run writing them
+    now were moved (`unless_written`)."""
+    try:
+        return os.open(lock, os.O_RDWR)
+    except PermissionError:
+        return os.open(lock, os.O_RDONLY)
 
 
 # (`scores_key`)

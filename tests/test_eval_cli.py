@@ -1596,6 +1596,41 @@ def test_a_link_target_that_a_run_writes_now_is_not_taken_from_beside_another_ta
     assert sorted(p.name for p in disk.iterdir()) == ["a_kept.partial"]
 
 
+def test_scores_kept_beside_an_out_written_now_on_nfs_are_not_taken(tmp_path, capsys,
+                                                                    monkeypatch):  # fmt: skip
+    """NFS emulates flock with a byte-range lock, which is exclusive on a file open for writing
+    only (EBADF else, flock(2)): the other output's lock, opened read-only, was taken for no
+    locks at all, and the scores that run was writing were moved. Now the lock is opened for
+    writing: held, the file is not taken; another user's, which can be opened read-only alone,
+    is not either (whether a run writes it is not known)."""
+    res, argv = stopped_beside_a_json(tmp_path, capsys, monkeypatch)
+    partial, real_flock = res / "a.json.partial", fcntl.flock
+    kept = partial.read_bytes()
+
+    def flock(fd, operation):  # (NFS's)
+        if operation & fcntl.LOCK_EX and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == 0:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(sr_eval.fcntl, "flock", flock)
+    calls, got = run_while_a_json_is_written(capsys, monkeypatch, res, argv)
+    assert f"{partial}: the scores this command kept there are not continued" in got.err
+    assert "is writing it now" in got.err and partial.read_bytes() == kept
+    (res / "b.json").unlink()
+    real_open = os.open
+
+    def another_users(path, flags, *args):
+        if Path(path).name == "a.json.lock" and flags & os.O_ACCMODE:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(sr_eval.os, "open", another_users)
+    calls = stop_at_image(monkeypatch, "none")
+    code, got = run(capsys, *argv, "--out", res / "b.json")
+    assert code == 0 and calls == ["0000", "0001", "0002"] and partial.read_bytes() == kept
+    assert "cannot be taken open read-only, as this file system asks" in got.err, got.err
+
+
 def test_the_lock_of_scores_kept_is_that_of_their_output(tmp_path):
     """`partial_lock`: NAME.partial's run holds NAME.lock, beside a link NAME's target; a
     NAME.partial whose name was cut to fit (`fit_name`) has no known NAME: None (not taken)."""
