@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import io
 import math
+import multiprocessing.resource_tracker
 import multiprocessing.util  # (registers its exit handler before ours, below)
 import os
 import re
@@ -49,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sr_lib.config import nearest_choice
 from sr_lib.errors import (
+    PREEMPT_SIGNALS,
     DataError,
     NodeWarning,
     OutOfMemory,
@@ -2149,7 +2151,22 @@ class _FloatLoader(DataLoader):
 
     def __iter__(self):
         _LIVE_LOADERS.add(self)
-        batches = super().__iter__()  # not a generator: workers start now (once: they persist)
+        # Not a generator: workers start now (once: they persist), forked with the stop signals
+        # blocked, which they unblock once they ignore them (`_worker_init`): a group signal
+        # (SLURM's) before that killed a worker (torch's handler of SIGTERM ends it then), and
+        # the run, exit 4, was not requeued. This process takes a signal so held right after.
+        held = None
+        if self.num_workers > 0:
+            if (self.multiprocessing_context or multiprocessing).get_start_method() != "fork":
+                # (spawn, macOS's): multiprocessing's resource tracker, started with the first
+                # worker, unblocks SIGINT and SIGTERM in this thread once started: started first
+                multiprocessing.resource_tracker.ensure_running()
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+        try:
+            batches = super().__iter__()
+        finally:
+            if held is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
         if self.num_workers > 0 and self._stop is None:
             self._stop = weakref.finalize(self, _stop_workers, batches)
         if getattr(batches, "_worker_pids_set", False):
@@ -2351,14 +2368,21 @@ def _stop_live_workers() -> None:
 atexit.register(_stop_live_workers)
 
 
+# The stop signals, which loader workers leave to the main process (`_worker_init`)
+WORKER_SIGNALS = (signal.SIGINT, *PREEMPT_SIGNALS)
+
+
 def _worker_init(worker_id: int) -> None:
     """Loader workers leave SIGTERM, SIGINT, SIGUSR1 and SIGHUP to the main process: SLURM and a
     terminal (also one that closes) signal the whole process group, and a worker killed by one
-    would take the run down before the main process could save. One thread each: workers run in
-    parallel already. The socket folder is the main process's (`make_socket_folder`), removed by
-    the worker at its exit only if the main process is gone."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
+    would take the run down before the main process could save. They start with these signals
+    blocked (`_FloatLoader.__iter__`): one that came since stays pending until ignored here,
+    which discards it. One thread each: workers run in parallel already. The socket folder is
+    the main process's (`make_socket_folder`), removed by the worker at its exit only if the
+    main process is gone."""
+    for sig in WORKER_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
     torch.set_num_threads(1)
     # Run by multiprocessing at the worker's end (atexit's handlers are not), after the one that
     # removes the worker's socket (priority 0).

@@ -851,6 +851,28 @@ if point.startswith("first batch"):
     sr_lib.data._FloatLoader._next = first_wait(sr_lib.data._FloatLoader._next)
     sr_lib.data.PatchPairs.crops = loading(sr_lib.data.PatchPairs.crops)
     sr_lib.data.LOADER_SLICE = 60.0 if point == "first batch" else 0.5
+elif point.startswith("worker start"):
+    import sr_lib.data
+    made = marker.with_suffix(".made")  # made after MARKER, never removed
+
+    def first_wait(f):  # the main process: its loop's first wait for a batch
+        def at(self, batches):
+            if not made.exists():
+                marker.touch()
+                made.touch()
+            return f(self, batches)
+        return at
+
+    def starting(f):  # a worker, past torch's signal handlers, before `_worker_init`'s: until
+        def at(worker_id):  # MARKER is made and removed (or, "none comes", for good)
+            while point != "worker start" or not made.exists() or marker.exists():
+                time.sleep(0.01)
+            return f(worker_id)
+        return at
+
+    sr_lib.data._worker_init = starting(sr_lib.data._worker_init)
+    sr_lib.data._FloatLoader._next = first_wait(sr_lib.data._FloatLoader._next)
+    sr_lib.data.LOADER_SLICE = 60.0 if point == "worker start" else 0.5
 elif point == "validation":
     from sr_lib.models.edsr import EDSR
     EDSR.sample = holding(EDSR.sample, lambda *args: True)
@@ -891,10 +913,29 @@ def test_a_group_signal_anywhere_resumes_to_the_weights_of_a_run_never_stopped(
     and the requeued `--resume auto` ends with the weights, optimizer state and best.pt of the
     run never stopped, bit for bit. During the last step's save the run has done its work: it
     ends as done, exit 0, and is not requeued."""
-    flags, out, marker = held_flags(images), tmp_path / "run", tmp_path / "held"
-    cmd = [sys.executable, "-c", HOLD, point, str(marker), str(REPO / "sr_train.py"), *flags,
-           "--workers", "2", "--out", str(out)]  # fmt: skip
+    out = tmp_path / "run"
+    returncode, _, stderr = signalled_while_held(point, images, out, tmp_path / "held")
+    assert returncode == (0 if point == "last checkpoint" else 75), stderr
+    assert "Traceback" not in stderr and list(own_temp_dir.glob("pymp-*")) == []
+    # (the first batch, come within the wait's slice, LOADER_SLICE: its step is done first;
+    # none within it: the workers are stopped, and the run saves the steps done, none)
+    step = {"first batch": 1, "first batch, none comes": 0, "last checkpoint": 4}.get(point, 2)
+    assert load_checkpoint(out / "last.pt")["step"] == step
+    resumes_as_never_stopped(images, out, never_stopped)
+
+
+def signalled_while_held(point: str, images, out: Path, marker: Path,
+                         slurm: Path | None = None) -> tuple[int, str, str]:  # fmt: skip
+    """sr_train.py of `held_flags` into `out`, --workers 2, held at `point` (HOLD), SIGTERM to
+    its process group there: its exit code, stdout and stderr. Not under SLURM, or in job 4242
+    with a stand-in for its scontrol in the folder `slurm`, which notes its arguments there."""
+    cmd = [sys.executable, "-c", HOLD, point, str(marker), str(REPO / "sr_train.py"),
+           *held_flags(images), "--workers", "2", "--out", str(out)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "SLURM_JOB_ID"}  # (no requeue)
+    if slurm is not None:
+        (slurm / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {slurm / "scontrol.txt"}\n')
+        (slurm / "scontrol").chmod(0o755)
+        env.update(SLURM_JOB_ID="4242", PATH=f"{slurm}{os.pathsep}{env['PATH']}")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env, start_new_session=True)  # fmt: skip
     deadline = time.time() + 120
@@ -903,20 +944,70 @@ def test_a_group_signal_anywhere_resumes_to_the_weights_of_a_run_never_stopped(
     assert marker.exists(), proc.communicate()
     os.killpg(proc.pid, signal.SIGTERM)  # the main process and both loader workers
     marker.unlink()
-    stderr = exited(proc, f"sr_train.py did not exit after SIGTERM at its {point}").decode()
-    assert proc.returncode == (0 if point == "last checkpoint" else 75), stderr
-    assert "Traceback" not in stderr and list(own_temp_dir.glob("pymp-*")) == []
-    # (the first batch, come within the wait's slice, LOADER_SLICE: its step is done first;
-    # none within it: the workers are stopped, and the run saves the steps done, none)
-    step = {"first batch": 1, "first batch, none comes": 0, "last checkpoint": 4}.get(point, 2)
-    assert load_checkpoint(out / "last.pt")["step"] == step
+    stdout, stderr = exited(proc, f"sr_train.py did not exit after SIGTERM at its {point}", True)
+    return proc.returncode, stdout.decode(), stderr.decode()
+
+
+def resumes_as_never_stopped(images, out: Path, never_stopped: Path) -> None:
+    """`--resume auto` of the stopped run in `out` ends with the weights, optimizer state and
+    best.pt of the run never stopped, bit for bit."""
+    flags = [*held_flags(images), "--workers", "0", "--out", str(out), "--resume", "auto"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (validation images that are training images)
-        assert sr_train.main([*flags, "--workers", "0", "--out", str(out), "--resume", "auto"]) == 0
+        assert sr_train.main(flags) == 0
     for name in ("last.pt", "best.pt"):
         a, b = load_checkpoint(never_stopped / name), load_checkpoint(out / name)
         assert a["step"] == b["step"] and a["best"] == b["best"]
         assert same(a["state_dict"], b["state_dict"]) and same(a["optimizers"], b["optimizers"])
+
+
+@pytest.mark.parametrize("point", ["worker start", "worker start, none comes"])
+def test_a_group_signal_while_the_workers_start_stops_as_a_preemption(point, tmp_path, images,
+                                                                      never_stopped,
+                                                                      own_temp_dir):  # fmt: skip
+    """SLURM's SIGTERM to the whole job while the loader's workers start, between torch's signal
+    handlers and `_worker_init`'s ignoring it (the main process waiting for the first batch in
+    the loop): it killed a worker, and the run ended "a data loader worker ... was killed by
+    SIGTERM ... use --cache", exit 4, not requeued. The workers now start with the stop signals
+    blocked until they ignore them: the main process alone stops, exit 75, last.pt of the steps
+    done (the first batch, which comes within the wait's slice: step 1; none: step 0), and the
+    requeued `--resume auto` ends bit for bit as the run never stopped."""
+    out = tmp_path / "run"
+    returncode, stdout, stderr = signalled_while_held(point, images, out, tmp_path / "held",
+                                                      slurm=tmp_path)  # fmt: skip
+    step = 1 if point == "worker start" else 0
+    assert returncode == 75 and "error:" not in stderr and "Traceback" not in stderr, stderr
+    assert f"\nSIGTERM: stopped at step {step}, wrote {out / 'last.pt'}; " in stdout, stdout
+    assert "requeued SLURM job 4242" in stdout
+    assert (tmp_path / "scontrol.txt").read_text() == "requeue 4242\n"
+    assert list(own_temp_dir.glob("pymp-*")) == []
+    assert load_checkpoint(out / "last.pt")["step"] == step
+    resumes_as_never_stopped(images, out, never_stopped)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_loader_workers_start_with_the_stop_signals_blocked(method, own_temp_dir):
+    """A training loader's workers start with SIGTERM, SIGINT, SIGUSR1 and SIGHUP blocked, until
+    `_worker_init` (not run here: they stay so) has them ignored; a spawned one (macOS's start)
+    too, where multiprocessing's resource tracker, started with the first worker, unblocked
+    SIGINT and SIGTERM in the main thread. The main thread's signals are left as they were."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    loader = sr_lib.data._FloatLoader(range(2), batch_size=None, num_workers=2,
+                                      persistent_workers=True,
+                                      multiprocessing_context=method)  # fmt: skip
+    iter(loader)  # (not a generator: the workers start)
+    try:
+        workers = loader._iterator._workers
+        masks = [int(next(line.split()[1] for line in Path(f"/proc/{w.pid}/status").open()
+                          if line.startswith("SigBlk:")), 16) for w in workers]  # fmt: skip
+    finally:
+        sr_lib.data._kill_workers(loader._iterator)  # (a spawned one may be importing still)
+        loader.close()
+    stops = sum(
+        1 << (s - 1) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
+    )
+    assert [mask & stops for mask in masks] == [stops, stops], [hex(m) for m in masks]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
 
 
 def same(a, b) -> bool:
@@ -960,10 +1051,12 @@ def test_time_budget_saves_exits_0_and_counts_monotonic_time(tmp_path, images, m
     assert capsys.readouterr().out.splitlines()[-1].startswith("done: 6 steps")
 
 
-def exited(proc: subprocess.Popen, what_if_not: str) -> bytes:
-    """The stderr of `proc` (its own session) once it exits; killed and failed after 60 s."""
+def exited(proc: subprocess.Popen, what_if_not: str, both: bool = False) -> bytes | tuple:
+    """The stderr of `proc` (its own session) once it exits, or (`both`) its stdout and stderr;
+    killed and failed after 60 s."""
     try:
-        return proc.communicate(timeout=60)[1]
+        out = proc.communicate(timeout=60)
+        return out if both else out[1]
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
