@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -187,20 +188,35 @@ def test_tensorboard_holds_every_logged_number_and_the_validation_strips(tmp_pat
     ]
 
 
-def test_tensorboard_of_a_resumed_run_holds_each_step_once(tmp_path, images):
+def test_tensorboard_of_a_resumed_run_holds_each_step_once(tmp_path, images, monkeypatch):
     """A run killed after its last save (here: last.pt put back to step 2 after step 4) has
     logged steps 3 and 4, which the resumed run logs again: log.jsonl is cut back at the resume,
-    and TensorBoard showed both runs' values at those steps (its files were left as they were)."""
+    and TensorBoard showed both runs' values at those steps (its files were left as they were).
+
+    TensorBoard reads a folder's event files in their names' order: the second each was made,
+    the host, the pid, then a count of the writers made in that process. Each sr_train.py
+    process makes its file seconds after the one before (its start alone takes that long); the
+    three runs here, in one process, may make theirs in one second, where a count past 9 (other
+    tests' writers before them) sorts "10" before "9": the first run's file was read last, its
+    purge of the steps from 1 on leaving [1, 2]. So each run's clock is a second later."""
+    import tensorboard.summary.writer.event_file_writer as event_file_writer
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    clock = types.SimpleNamespace(ahead=0)  # seconds: one more for each run
+    clock.time = lambda: time.time() + clock.ahead
+    monkeypatch.setattr(event_file_writer, "time", clock)
     out = tmp_path / "run"
     argv = [*TINY_EDSR, "--data", str(images), "--milestones", "--log-every", "1",
             "--tensorboard", "--out", str(out)]  # fmt: skip
     assert sr_train.main([*argv, "--steps", "2"]) == 0
     shutil.copy(out / "last.pt", tmp_path / "step2.pt")
+    clock.ahead = 1
     assert sr_train.main([*argv, "--steps", "4", "--resume", "auto"]) == 0
     shutil.copy(tmp_path / "step2.pt", out / "last.pt")  # killed after step 4, saved at 2
+    clock.ahead = 2
     assert sr_train.main([*argv, "--steps", "4", "--resume", "auto"]) == 0
+    names = sorted(p.name for p in (out / "tb").glob("events.out.tfevents.*"))
+    assert len({name.split(".")[3] for name in names}) == 3  # three seconds: read in run order
     rows = map(json.loads, (out / "log.jsonl").read_text().splitlines())
     logged = [(r["step"], r["loss"]) for r in rows]
     events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
