@@ -1308,9 +1308,11 @@ def unmake_run_folder(out: Path) -> None:
             (real / "tb" / name).unlink()
         if "tb" in names:
             (real / "tb").rmdir()
-        for name in names - {"tb"}:
+        # .lock last, held till then: a run that takes the folder once it is gone makes its own
+        # log.jsonl (the empty one, opened for its records, went with the next removal)
+        for name in sorted(names - {"tb"}, key=lambda name: name == ".lock"):
             (real / name).unlink()
-        real.rmdir()
+        real.rmdir()  # (not empty: that run's, left to it)
     except OSError:  # (a file made meanwhile, a folder not ours to change: left as it is)
         pass
 

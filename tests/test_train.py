@@ -421,6 +421,30 @@ def test_a_data_error_before_the_first_step_leaves_no_run_folder(tmp_path, image
     assert {p: p.read_bytes() for p in kept} == kept
 
 
+def test_a_run_started_as_a_new_run_folder_is_removed_keeps_its_log(tmp_path, monkeypatch):
+    """A new run's folder of nothing (`unmake_run_folder`) had its .lock and log.jsonl removed
+    in a set's order: where .lock went first, a run started on --out right then (its own lock,
+    the empty log.jsonl opened for its records) lost its whole log.jsonl to the next removal,
+    unnoticed (its folder and lock file are its own). .lock goes last: the new run's stay."""
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = sr_train.lock_run_folder(out)  # the failed run's
+    (out / "log.jsonl").touch()
+    unlink = Path.unlink
+
+    def then_a_new_run(path, missing_ok=False):
+        unlink(path, missing_ok)
+        if path.name == ".lock":  # another sr_train.py takes the folder as soon as it can
+            os.close(sr_train.lock_run_folder(out))
+            with open(out / "log.jsonl", "ab") as f:
+                f.write(b'{"step": 1}\n')
+
+    monkeypatch.setattr(Path, "unlink", then_a_new_run)
+    sr_train.unmake_run_folder(out)
+    os.close(lock)
+    assert (out / "log.jsonl").read_text() == '{"step": 1}\n'
+
+
 def test_nan_validation_samples_are_named_not_scored_silently(tmp_path, images, toy, monkeypatch,
                                                              capsys):  # fmt: skip
     """A model whose samples hold NaN at validation (weights fine): training goes on, validation
