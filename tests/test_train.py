@@ -445,6 +445,31 @@ def test_a_run_started_as_a_new_run_folder_is_removed_keeps_its_log(tmp_path, mo
     assert (out / "log.jsonl").read_text() == '{"step": 1}\n'
 
 
+def test_a_stop_before_the_first_step_of_a_resume_from_elsewhere_names_its_checkpoint(
+    tmp_path, images, toy, monkeypatch, capsys
+):
+    """A run resumed from another folder's checkpoint, stopped (SIGTERM) while it decoded its
+    data, said 'continue with --resume auto': in its --out, which holds no checkpoint, that
+    started a new run from step 0 (or refused one without --model). It says to rerun the same
+    command, which holds the --resume it was given."""
+    run(tmp_path / "a", images, "--model", "toy", "--steps", "1", "--quiet")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # (no requeue)
+    load = sr_train.training_data
+
+    def stopped_while_decoding(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(sr_train, "training_data", stopped_while_decoding)
+    last = tmp_path / "a" / "last.pt"
+    for out, resume in [(tmp_path / "a", "auto"), (tmp_path / "b", str(last))]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            run(out, images, "--steps", "2", "--resume", resume)
+        assert e.value.code == 75
+        assert capsys.readouterr().err.endswith("nothing to save; rerun the same command\n")
+
+
 def test_nan_validation_samples_are_named_not_scored_silently(tmp_path, images, toy, monkeypatch,
                                                              capsys):  # fmt: skip
     """A model whose samples hold NaN at validation (weights fine): training goes on, validation
