@@ -148,7 +148,7 @@ class TrainArgs:
         default_factory=list, metadata=dict(nargs="+", help="paired LR folders, one per --data")
     )
     # LR made from HR beyond bicubic (Real-ESRGAN's first-order degradation, in its order), each
-    # SIGMA or LO:HI drawn per patch; validation's LR: one fixed draw per image (README, "Data")
+    # SIGMA or LO:HI drawn per patch; validation's LR: one fixed draw per image (docs/train.md)
     lr_blur: str = option("", "without --lr-data: Gaussian blur of the HR before the bicubic "
                           "downscale, sigma in HR pixels: SIGMA or LO:HI, drawn per patch",
                           metavar="SIGMA")  # fmt: skip

@@ -716,7 +716,7 @@ def test_each_vgg_tap_takes_its_least_patch_and_refuses_one_pixel_less(tap):
 @pytest.mark.parametrize("tap", VGG19_RELU)
 def test_each_vgg_tap_sets_the_least_patch_of_a_run(tap, world, tmp_path, capsys, monkeypatch):
     """VarSR's perceptual loss at each tap (without its critic): the least --patch at x2 is the
-    tap's least HR patch halved; one less is the README's one line, exit 2, before the run folder
+    tap's least HR patch halved; one less is docs/train.md's one line, exit 2, before the run folder
     is made (at relu1_x and relu2_x --patch 1 gives enough)."""
     monkeypatch.setenv("SRSPACE_OFFLINE", "1")
     flags = {**TINY_VARSR, "--adv-start": None, "--d-channels": None, "--lambda-adv": "0",
@@ -850,7 +850,7 @@ def test_refvae_needs_alexnet_and_a_vgg19_not_yet_loaded(tmp_path, monkeypatch):
 
 
 # Model flags that have no effect with the other options given: a warning each, never silently
-# ignored (README, `sr_train.py`); the same flags with the options they need: none.
+# ignored (docs/train.md); the same flags with the options they need: none.
 UNUSED = {  # id: (flags, the warning, flags that make it take effect)
     "le flag without le": ({"--le-beta": "0.1"}, "--le-beta: no effect without --loss le",
                            {"--loss": "le"}),

@@ -95,7 +95,7 @@ def test_a_documented_command_parses(where, script, argv, capsys, monkeypatch):
         return
     if script == "sr_train.py":
         args, rest, _ = sr_train.parse_all(argv)
-        if args.model is None:  # a resume: the model and its flags come from the checkpoint
+        if not args.model:  # ("", its default) a resume: model and flags from the checkpoint
             assert args.resume and not rest, where
             return
         model = MODELS[args.model]

@@ -18,6 +18,9 @@ from sr_lib.models import MODELS
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 DESIGN = (REPO / "docs" / "design.md").read_text()
+TRAIN = (REPO / "docs" / "train.md").read_text()  # sr_train.py's reference, moved from the README
+# the manual: the README and every page of docs/, where a flag's usage may be shown
+MANUAL = "\n".join([README] + [p.read_text() for p in sorted((REPO / "docs").glob("*.md"))])
 
 
 def error_classes(cls=errors.SRSpaceError) -> list[type]:
@@ -42,8 +45,8 @@ def test_the_docs_list_the_flags_a_resume_does_not_take_from_its_checkpoint():
              for f in sr_train.LOCAL_FLAGS} - {"--model", "--resume"}  # fmt: skip
     design = DESIGN.split("those of one invocation:", 1)[1].split("which a resume could not", 1)[0]
     assert flags_in(design) == local
-    readme = README.split("it is not given from the checkpoint", 1)[1].split("are listed at", 1)
-    assert flags_in(readme[0]) == local - {"--out"}  # (the sentence is about --out's run)
+    train = TRAIN.split("it is not given from the checkpoint", 1)[1].split("are listed at", 1)
+    assert flags_in(train[0]) == local - {"--out"}  # (the sentence is about --out's run)
 
 
 OPTION = re.compile(r"^  (--[\w-]+)(?: (?:\{[^}]*\}|[A-Z][A-Z_0-9]*|\[[^\]]*\]))*(?:\s{2,}(.*))?$")
@@ -118,12 +121,13 @@ SPECIAL = [("sr_train.py", "--data", "'demo'"), ("sr_sample.py", "--input", "'de
 
 @pytest.mark.parametrize("script, flag, value", SPECIAL, ids=[f"{s} {f}" for s, f, _ in SPECIAL])
 def test_a_value_that_is_not_a_path_is_in_its_flags_help(script, flag, value, capsys):
-    """A value the README gives a path flag (the demo images, stdout) is in the flag's help."""
+    """A value the manual (README, docs/) gives a path flag (the demo images, stdout) is in the
+    flag's help."""
     main = {"sr_train.py": sr_train, "sr_sample.py": sr_sample, "sr_eval.py": sr_eval}[script].main
     with pytest.raises(SystemExit):
         main(["-h"])
     assert value in help_entries(capsys.readouterr().out)[flag]
-    assert f"{flag} {value.strip(chr(39))}" in README.replace("`", "")  # (the README's usage)
+    assert f"{flag} {value.strip(chr(39))}" in MANUAL.replace("`", "")  # (the manual's usage)
 
 
 def test_sr_train_amp_help_says_bf16_runs_emulated_elsewhere(capsys, monkeypatch):
@@ -141,9 +145,10 @@ def test_sr_train_amp_help_says_bf16_runs_emulated_elsewhere(capsys, monkeypatch
     assert "elsewhere emulated and slower, with a warning" in amp and "fp16 (CUDA only" in amp
 
 
-def test_the_readme_gives_each_networks_smallest_hr_patch():
-    """The README said "under 16 px" for every critic and the VGG loss; VarSR's critic needs 17
-    (its 4 stride-2 convolutions and Instance Norm), VSpSR's 10."""
+def test_the_train_reference_gives_each_networks_smallest_hr_patch():
+    """The README (its sr_train.py text now docs/train.md) said "under 16 px" for every critic
+    and the VGG loss; VarSR's critic needs 17 (its 4 stride-2 convolutions and Instance Norm),
+    VSpSR's 10."""
     from sr_lib.models import refvae, varsr, vspsr
     from sr_lib.models.losses import VGGLoss
     from sr_lib.models.vgg import VGGFeatures
@@ -157,7 +162,7 @@ def test_the_readme_gives_each_networks_smallest_hr_patch():
         f"discriminator, {sizes['VarSR']} for VarSR's critic, {sizes['VSpSR']} for VSpSR's)"
     )
     assert sizes["RefVAE"] == sizes["VGG19"]  # (the sentence gives them one number)
-    assert said in " ".join(README.split())
+    assert said in " ".join(TRAIN.split())
 
 
 def test_ci_runs_the_readmes_test_command_and_the_integration_tier():
