@@ -396,7 +396,7 @@ class SampleArgs:
         default=False, metadata=dict(help="inputs are HR: mod-crop, downscale, write OUT/lr/")
     )
     # the LR of HR inputs degraded as sr_train.py's validation LR: one draw per image, seeded by
-    # its stem (README, "Sampling")
+    # its stem (docs/sample.md, `--lr-blur`)
     lr_blur: str = option(
         "",
         "with --from-hr: Gaussian blur of the HR before the downscale, as "
@@ -2099,7 +2099,7 @@ def check_lr_fits(model, name: str, img: "LowRes", path: Path) -> None:
 
 
 # ITU-R BT.601 luma weights of R, G, B: gray outputs (`to_gray`), as Pillow's convert("L") and
-# OpenCV's RGB2GRAY weigh them (README, sr_sample.py: "Gray, alpha and 16-bit inputs").
+# OpenCV's RGB2GRAY weigh them (docs/sample.md: "Gray, alpha and 16-bit inputs").
 LUMA = (0.299, 0.587, 0.114)
 
 
