@@ -1295,7 +1295,7 @@ def adopt_partial(args: EvalArgs, key: str, legacy: set[str] = frozenset(),
     where that would need each one's whole first line (its moved_key follows every image it
     held when written whole: megabytes with --pairwise's matrices, read from every file of a
     shared results folder at every start). A rerun that renames --out and reads its data at
-    other paths at once scores every image (README), the scores beside the earlier name left
+    other paths at once scores every image (docs/eval.md), the scores beside the earlier name left
     for a rerun of their command.
     Not the file of a run of this command that is writing it now (under another --out name:
     `partial_lock`): it was taken, and both runs then wrote one file of scores. That run's lock
@@ -1742,7 +1742,8 @@ def image_print(hr_file: Path, lr_files, sigma_files, methods, k: int, roots: tu
     changed since tells, and a copy that keeps them (rsync -a, cp -p: a job staging its data to a
     node's $TMPDIR, the same data mounted at another path) does not (`adopt_key`). Not
     their contents: their sha256 reads every file before the first image is scored (3.2 ms a
-    5.8 MB PNG from the page cache, where its stat takes 3 us, measured on an AMD EPYC; README)."""
+    5.8 MB PNG from the page cache, where its stat takes 3 us, measured on an AMD EPYC;
+    docs/eval.md)."""
     hr_root, lr_root, sigma_root, sr_roots = roots
     files = [(hr_root, hr_file)]
     files += [(r, f[k]) for r, f in ((lr_root, lr_files), (sigma_root, sigma_files)) if f]
