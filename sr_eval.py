@@ -291,7 +291,7 @@ class EvalArgs:
     json: bool = field(
         default=False,
         metadata=dict(help="a closing line, one JSON object: exit_code, the mean metrics, the "
-                      "--out path... (README \"Exit codes\")"),
+                      "--out path... (docs/exit-codes.md)"),
     )  # fmt: skip
 
 

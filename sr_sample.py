@@ -530,7 +530,7 @@ class SampleArgs:
     json: bool = field(
         default=False,
         metadata=dict(help="the closing line is one JSON object: exit_code, images, sampled, "
-                      "skipped... (README \"Exit codes\")"),
+                      "skipped... (docs/exit-codes.md)"),
     )  # fmt: skip
     raw_weights: bool = field(
         default=False,

@@ -290,7 +290,7 @@ class TrainArgs:
     json: bool = field(
         default=False,
         metadata=dict(help="the closing line is one JSON object: exit_code, step, loss, "
-                      "checkpoint... (README \"Exit codes\")"),
+                      "checkpoint... (docs/exit-codes.md)"),
     )  # fmt: skip
     amp: str = field(
         default="none",

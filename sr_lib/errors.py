@@ -88,7 +88,7 @@ def stdout_closed(e: BaseException | None = None) -> str:
     Given the error `e` of a write (for EPIPE, stdout's pipe is checked), says whether that was
     stdout's loss ("" if not); then file descriptor 1 is pointed at /dev/null: later prints, and
     Python's flush at exit, are dropped instead of failing again. The scripts then stop without
-    losing work, or go on where their results go to files (README "Exit codes")."""
+    losing work, or go on where their results go to files (docs/exit-codes.md)."""
     if e is None:
         return _stdout["lost"]
     if _stdout["lost"] or not (isinstance(e, OSError) and e.errno in _LOST):
@@ -500,7 +500,7 @@ class Summary:
     """A script's closing line: `done: ...` as text, or with --json one JSON object on the last
     line of stdout: {"script", "exit_code", "error" (the error line's message, or null), and the
     script's own fields}, also after a stop (75) or an error (the fields known by then). A
-    pipeline reads it with json.loads (README "Exit codes"). Use as a context manager around
+    pipeline reads it with json.loads (docs/exit-codes.md). Use as a context manager around
     `exit_on_error` (the error line comes first, on stderr), and `return summary.end(code)`."""
 
     def __init__(self, prog: str):

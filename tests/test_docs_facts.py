@@ -27,8 +27,11 @@ def error_classes(cls=errors.SRSpaceError) -> list[type]:
     return [cls] + [c for sub in cls.__subclasses__() for c in error_classes(sub)]
 
 
-def test_every_exit_code_of_the_scripts_is_in_the_readme_table():
-    table = README.split("## Exit codes", 1)[1].split("\n\n", 2)[1]
+@pytest.mark.parametrize("page, heading", [("README.md", "## Exit codes"),
+                                           ("docs/exit-codes.md", "## The codes")])  # fmt: skip
+def test_every_exit_code_of_the_scripts_is_in_the_tables(page, heading):
+    """The README's table in brief and docs/exit-codes.md's in full list every code."""
+    table = (REPO / page).read_text().split(heading, 1)[1].split("\n\n", 2)[1]
     documented = {int(code) for code in re.findall(r"^\| (\d+) \|", table, re.M)}
     constants = {v for k, v in vars(errors).items() if k.startswith("EXIT_")}
     used = {c.exit_code for c in error_classes()} | constants | {0}
