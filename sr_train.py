@@ -689,7 +689,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
                 raise step_out_of_memory(step, args, cfg, recipe, model, device, *kept) from None
             stopped = "out of memory"  # save the steps done since the last save, then exit 4
             break
-        except WorkersHung as e:  # README "Clusters": save the steps done, then exit 75
+        except WorkersHung as e:  # docs/clusters.md: save the steps done, then exit 75
             if dd.on:  # (the other ranks wait in a collective: no save)
                 raise WorkersHung(
                     f"step {step + 1}: {e}; {last_save(dd, saved, out / 'last.pt', before)}"
@@ -2618,7 +2618,7 @@ def keep_determinism(cleanup) -> None:
 
 def set_deterministic() -> None:
     """Deterministic algorithms where PyTorch has them; the rest warn once and stay
-    non-deterministic (README lists the GPU operations concerned)."""
+    non-deterministic (docs/design.md, "Determinism", lists the GPU operations concerned)."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False

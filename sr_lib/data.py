@@ -2325,7 +2325,7 @@ def worker_died(worker) -> str:
 
 class WorkersHung(Resumable):
     """The training loader's workers gave no batch in LOADER_TIMEOUT (they are stopped): a run
-    continued from its last save does not meet the hang again (README "Clusters")."""
+    continued from its last save does not meet the hang again (docs/clusters.md)."""
 
 
 def _kill_workers(batches) -> None:
