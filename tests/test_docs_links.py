@@ -35,3 +35,13 @@ def test_relative_links_resolve(page):
         elif anchor and dest.suffix == ".md" and anchor not in slugs(dest):
             dead.append(target)
     assert not dead, f"{page.name}: dead links {dead}"
+
+
+def test_the_readmes_documentation_index_lists_every_page():
+    """The README's "Documentation" section is the index of docs/: a page moved out of the
+    README (the scripts' references, exit codes, clusters, weights) is found from there."""
+    index = (REPO / "README.md").read_text().split("\n## Documentation\n", 1)[1].split("\n## ")[0]
+    linked = {target.partition("#")[0] for target in LINK.findall(index)}
+    pages = {f"docs/{page.name}" for page in PAGES[1:]}
+    assert len(pages) >= 14, pages  # (docs/ was read)
+    assert not pages - linked, sorted(pages - linked)
