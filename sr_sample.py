@@ -795,7 +795,10 @@ def folder_name(temperature: float) -> str:
 def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | None = None) -> int:
     """The run; `summary` gathers the fields of its closing line (--json) as they become known."""
     summary = summary or Summary(PROG)
-    summary.update(out=args.out, images=None, sampled=0, skipped=0, failed=0)
+    # Every field of the --json line from the start (README "The closing line"), null until
+    # known: an error before the folders are claimed, or before the end, left them out
+    summary.update(out=args.out, folders=None, images=None, sampled=0, skipped=0, failed=0,
+                   seconds=None)  # fmt: skip
     dangling: list[Path] = []  # --input's links to missing files: exit 3 at the end
     paths = input_paths(Path(args.input), dangling)
     from_hr = args.from_hr or args.input == "demo"  # the demo images are HR photographs

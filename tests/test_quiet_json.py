@@ -224,3 +224,18 @@ def test_asks_json_takes_the_abbreviations_argparse_takes():
         True, True, True, False, False
     ]  # fmt: skip
     assert not asks_json(Args, ["--", "--json"], "x") and asks_json(Args, ["--json=1"], "x")
+
+
+def test_sample_json_line_has_every_field_after_an_early_error(tmp_path, capsys):
+    """README's field list holds for every line: an error before the folders are claimed (a
+    checkpoint that does not exist) left `folders` and `seconds` out of it; null now."""
+    argv = ["--ckpt", str(tmp_path / "none.pt"), "--input", str(tmp_path), "--out",
+            str(tmp_path / "samples"), "--json"]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        sr_sample.main(argv)
+    line = last_json(capsys.readouterr().out)
+    assert e.value.code == line["exit_code"] != 0 and line["error"]
+    assert line == {"script": "sr_sample.py", "exit_code": line["exit_code"],
+                    "error": line["error"], "out": str(tmp_path / "samples"), "folders": None,
+                    "images": None, "sampled": 0, "skipped": 0, "failed": 0,
+                    "seconds": None}  # fmt: skip
