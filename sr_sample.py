@@ -960,9 +960,11 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     skipped, t0 = 0, time.monotonic()
     # A sweep's folders by name, OUT/T{0.5,0.9} (bash expands it; --json: `folders`): OUT/T*
     # would name also the T*/ of other temperatures kept there, which this run did not make.
-    # `out` stays the --out folder, one type for every run, so a pipeline reads it as ever
+    # `out` stays the --out folder, one type for every run, so a pipeline reads it as ever.
+    # OUT quoted for a shell where it must be (docs/design.md): a space, a comma or a brace in
+    # it split the word or its braces, pasted into bash
     swept = ",".join(folder_name(t)[1:] for t in folders)
-    where = out if len(folders) == 1 else f"{out}/T{{{swept}}}"
+    where = out if len(folders) == 1 else f"{shell_quote(out)}/T{{{swept}}}"
     summary.update(out=str(out), folders=[str(f) for f in folders.values()], images=len(mine))
     with ProgressLog(len(mine), args.quiet) as bar, SampleWriter(cpu_workers()) as writer:
         for k, path in mine:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
 import threading
 import warnings
 from pathlib import Path
@@ -759,6 +760,19 @@ def test_a_sweep_names_its_own_folders_not_every_t_folder_of_out(tmp_path, toy_c
     assert said["out"] == str(out) and said["folders"] == [str(out)]
     assert (out / "T1" / "a_sample00000.png").read_bytes() == kept  # (another run's: it stays)
     assert json.loads((out / "T1" / "manifest.json").read_text())["flags"]["seed"] == 0
+
+
+def test_a_sweeps_closing_line_pastes_back_into_bash_for_any_out(tmp_path, toy_ckpt, capsys):
+    """`-> OUT/T{0.5,1}` expanded in bash only where OUT held no space, comma or brace (the
+    word split, its braces taken apart): OUT is quoted for a shell now, the braces not."""
+    inp = folder(tmp_path / "in", a=image((8, 8), 1))
+    out = tmp_path / "my out,{x}"
+    argv = ["--ckpt", toy_ckpt, "--input", inp, "--n", 1, "--quiet", "--out", out]
+    assert run(*argv, "--temperature", 0.5, 1) == 0
+    said = capsys.readouterr().out.strip().split(" -> ", 1)[1]
+    assert said == f"'{out}'/T{{0.5,1}}"
+    listed = subprocess.run(["bash", "-c", f"ls -d {said}"], capture_output=True, text=True)
+    assert listed.returncode == 0 and listed.stdout.splitlines() == [f"{out}/T0.5", f"{out}/T1"]
 
 
 def test_overwrite_in_one_shard_keeps_another_inputs_file_of_the_name(tmp_path, toy_ckpt):
