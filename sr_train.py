@@ -95,6 +95,7 @@ from sr_lib.data import (
 )
 from sr_lib.ema import EMA
 from sr_lib.errors import (
+    EXIT_NONFINITE,
     EXIT_OUTPUT,
     EXIT_PREEMPTED,
     PREEMPT_SIGNALS,
@@ -739,9 +740,10 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         if validates:
             best = validation(step, best)
         if (saves or unsaved) and bad == 0:  # never save inside a non-finite streak
-            save(out / "last.pt", step, skipped, best, model, optimizers, scaler, dd, meta, ema)
-            unsaved, saved = False, step
-            result.update(checkpoint=str(out / "last.pt"), checkpoint_step=step)
+            if save(out / "last.pt", step, skipped, best, model, optimizers, scaler, dd, meta,
+                    ema):  # fmt: skip
+                unsaved, saved = False, step
+                result.update(checkpoint=str(out / "last.pt"), checkpoint_step=step)
     # A signal in the last step's validation ended the loop as done (exit 0, the validation not
     # scored): stopped as at any other step (exit 75), the resumed run validates it (rank 0's).
     # One in the last step with no validation after it, or in the save below, stays done (exit
@@ -765,12 +767,15 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
     redone = distributed.agree(
         bool(dd.main and pending and not meta.get("val_stopped")), dd, all_ranks=False
     )
+    declined = None  # the step whose save `save` declined (its weights not finite)
     if (step > start or resumed is None or redone) and not (
         (oom or hung) and step in (start, saved)
     ):
-        save(out / "last.pt", step, skipped, best, model, optimizers, scaler, dd, meta, ema)
-        saved = step
-        result.update(checkpoint=str(out / "last.pt"), checkpoint_step=step)
+        if save(out / "last.pt", step, skipped, best, model, optimizers, scaler, dd, meta, ema):
+            saved = step
+            result.update(checkpoint=str(out / "last.pt"), checkpoint_step=step)
+        else:  # (non-finite weights) no "done", nor a stop's line naming last.pt: exit 5, below
+            declined = step
     result.update(step=step, skipped=skipped, steps=steps)
     del forward, batches  # DDP and the loader hold the process group: gone before finish ends it
     # (one process below: finish() has no process group to leave; last.pt, if saved, of `step`)
@@ -786,8 +791,11 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         raise WorkersHung(
             f"step {step + 1}: {hung}; {last_save(dd, saved, out / 'last.pt', before)}"
         )
+    not_saved = (f"step {step}: the parameters are not finite, {out / 'last.pt'} not written; "
+                 f"{state}" if declined is not None else "")  # fmt: skip
     return finish(stopped, step, steps, skipped, out, args, dd, say,
-                  run_log.lost or run_log.unwritten if run_log else "", result)  # fmt: skip
+                  run_log.lost or run_log.unwritten if run_log else "", result,
+                  not_saved)  # fmt: skip
 
 
 def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
@@ -2473,16 +2481,20 @@ def check_replicas(model, dd, step: int, log_file) -> None:
         raise SRSpaceError(f"step {step}: model replicas differ across ranks ({diff})")
 
 
-def save(path: Path, step, skipped, best, model, optimizers: dict, scaler, dd, meta, ema) -> None:
+def save(path: Path, step, skipped, best, model, optimizers: dict, scaler, dd, meta, ema) -> bool:
     """Write a checkpoint on rank 0 (every rank takes part: their RNG states are gathered): the
     weights, optimizers, RNG states, counters, `meta` (model name and config, run flags) and the
-    weight average (--ema)."""
+    weight average (--ema). False, on every rank, where rank 0's weights are not finite and
+    nothing was written: the caller then records no save (the closing line named last.pt, and
+    a stop's line its step, for a step it did not hold)."""
     rngs = distributed.gather_objects(rng_state(), dd)
+    finite = dd.main and all(torch.isfinite(p).all() for p in model.parameters())
+    if distributed.agree(dd.main and not finite, dd, all_ranks=False):  # rank 0's verdict
+        if dd.main:
+            say_out(f"step {step}: non-finite parameters, {path.name} not written")
+        return False
     if not dd.main:
-        return
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        say_out(f"step {step}: non-finite parameters, {path.name} not written")
-        return
+        return True
     save_checkpoint(path, {
         **meta, "step": step, "state_dict": model.state_dict(), "skipped": skipped, "best": best,
         "optimizers": {k: optimizer_state(o) for k, o in optimizers.items()},
@@ -2490,20 +2502,26 @@ def save(path: Path, step, skipped, best, model, optimizers: dict, scaler, dd, m
         **({"scaler": scaler.state_dict()} if scaler is not None else {}),
         **(ema.state_dict() if ema is not None else {}),
     })  # fmt: skip
+    return True
 
 
 def finish(stopped: str | None, step: int, steps: int, skipped: int, out: Path, args, dd, say,
-           log_lost: str, result: Summary) -> int:  # fmt: skip
+           log_lost: str, result: Summary, not_saved: str = "") -> int:  # fmt: skip
     """Leave the process group; the closing line and the exit code: 7 where rank 0 could not
     write log.jsonl or a validation strip (`log_lost`: why; last.pt is saved), 75 after a
     signal (resume with --resume auto; under SLURM the job is requeued after SIGUSR1/SIGTERM),
     else 0: also where
-    --time-budget stopped the run before `steps` (its line says to continue with --resume auto).
+    --time-budget stopped the run before `steps` (its line says to continue with --resume auto);
+    5 where the last save was declined (`not_saved`: its line, what holds the run).
     The closing line is rank 0's, also with --quiet (`say` is silent then), and with --json
     `result`'s JSON instead. (main() closes the progress bar and the log, also on an error.)"""
     unwritable = distributed.agree(bool(log_lost), dd, all_ranks=False)  # every rank exits 7
     distributed.barrier(dd)
     distributed.cleanup(dd)
+    if not_saved:  # the last save declined (`save`): its line, exit 5, on every rank
+        if not dd.main:
+            return EXIT_NONFINITE
+        raise NonFiniteError(not_saved)
     if unwritable:
         if not dd.main:
             return EXIT_OUTPUT

@@ -10,6 +10,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import pytest
+import torch
 
 import sr_eval
 import sr_sample
@@ -239,3 +240,31 @@ def test_sample_json_line_has_every_field_after_an_early_error(tmp_path, capsys)
                     "error": line["error"], "out": str(tmp_path / "samples"), "folders": None,
                     "images": None, "sampled": 0, "skipped": 0, "failed": 0,
                     "seconds": None}  # fmt: skip
+
+
+def test_a_save_declined_for_non_finite_weights_is_not_named_as_held(hr_dir, tmp_path, capsys,
+                                                                        monkeypatch):  # fmt: skip
+    """`save` declines a checkpoint of non-finite weights (a step whose loss was finite that
+    left an inf in them), and the run recorded the step as saved all the same: the closing line
+    said `done: 3 steps, ..., checkpoint OUT/last.pt` and --json `checkpoint_step` 3, last.pt
+    holding step 2. Now the declined save is exit 5, its line naming what holds the run."""
+    real_step = sr_train.train_step
+
+    def inf_after_step_3(*args, **kwargs):
+        done = real_step(*args, **kwargs)
+        if args[4] == 2:  # step index 2: the third, the last
+            with torch.no_grad():
+                next(args[0].parameters()).fill_(float("inf"))
+        return done
+
+    monkeypatch.setattr(sr_train, "train_step", inf_after_step_3)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        sr_train.main([*train_argv(hr_dir, run), "--save-every", "2", "--json"])
+    captured = capsys.readouterr()
+    line = last_json(captured.out)
+    assert e.value.code == 5 and line["exit_code"] == 5 and line["step"] == 3
+    assert (line["checkpoint"], line["checkpoint_step"]) == (str(run / "last.pt"), 2)
+    assert line["error"] == (f"step 3: the parameters are not finite, {run / 'last.pt'} not "
+                             f"written; {run / 'last.pt'} holds step 2")  # fmt: skip
+    assert torch.load(run / "last.pt", weights_only=False)["step"] == 2
