@@ -1264,7 +1264,15 @@ def open_run_folder(out: Path, tensorboard: bool, dd, resumed_step: int | None =
     made = dd.main and not os.path.exists(out)  # (a link to a folder not made yet: made here)
     try:
         if dd.main:
-            lock = lock_run_folder(check_out_dir(out))
+            for _ in range(3):
+                try:
+                    lock = lock_run_folder(check_out_dir(out))
+                    break
+                except FileNotFoundError:  # OUT removed between the two (a traceback): by a run
+                    made = True  # that had made it and failed (`unmake_run_folder`). Made again
+            else:
+                raise OutputError(f"--out {out}: removed again each time this run made it "
+                                  "(by another process?); rerun")  # fmt: skip
             stale = list(out.glob(".*.pt.tmp*"))
             for name in ("last.pt", "best.pt"):  # else found at the first save, steps later
                 if (out / name).is_dir():

@@ -445,6 +445,38 @@ def test_a_run_started_as_a_new_run_folder_is_removed_keeps_its_log(tmp_path, mo
     assert (out / "log.jsonl").read_text() == '{"step": 1}\n'
 
 
+def test_a_run_folder_removed_between_its_check_and_its_lock_is_made_again(
+    tmp_path, images, toy, monkeypatch, capsys
+):
+    """A run that had checked (made) --out, its .lock not made yet, when the run that had made
+    the folder and failed removed it (`unmake_run_folder`), ended in a traceback (os.open of
+    OUT/.lock: FileNotFoundError). It makes the folder again and runs."""
+    out = tmp_path / "run"
+    check = sr_train.check_out_dir
+
+    def removed_right_after(path, *args):
+        checked = check(path, *args)
+        if not calls:  # (once: the other run's removal of its folder of nothing)
+            calls.append(path)
+            shutil.rmtree(checked)
+        return checked
+
+    calls = []
+    monkeypatch.setattr(sr_train, "check_out_dir", removed_right_after)
+    assert run(out, images, "--model", "toy", "--steps", "1", "--quiet") == 0
+    assert calls == [out] and (out / "last.pt").is_file()
+
+    def removed_each_time(path, *args):  # (never ends: one line, exit 7, after three tries)
+        shutil.rmtree(check(path, *args))
+        return path
+
+    monkeypatch.setattr(sr_train, "check_out_dir", removed_each_time)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "gone", images, "--model", "toy", "--steps", "1", "--quiet")
+    assert e.value.code == 7
+    assert f"--out {tmp_path / 'gone'}: removed again each time" in capsys.readouterr().err
+
+
 def test_a_stop_before_the_first_step_of_a_resume_from_elsewhere_names_its_checkpoint(
     tmp_path, images, toy, monkeypatch, capsys
 ):
