@@ -2285,14 +2285,22 @@ class WorkerDied(OutOfMemory):
 
 
 PREFETCH = 4  # batches each loader worker prepares ahead (each in /dev/shm until taken)
-# The loader workers are forked where the system can (Linux): they share the decoded training
-# images with the main process, copy-on-write. Python 3.14 starts them by default from a fork
-# server (as macOS does by spawn): each worker then imports torch and the scripts again and gets
-# its own copy of the dataset, pickled (measured with 40 decoded 1000x1000 images, --workers 2:
-# 0.78 -> 1.90 GB proportional memory; DIV2K's 800 images held decoded, about 2040x1356x3
-# bytes each, would be 6.6 GB more per worker). macOS keeps its default: fork is unsafe with
-# its system libraries.
-LOADER_START = "fork" if sys.platform.startswith("linux") else None
+
+
+def loader_start() -> str:
+    """The start method of the loader workers. Forked where the system can (Linux): they share
+    the decoded training images with the main process, copy-on-write. Python 3.14 starts them by
+    default from a fork server (as macOS does by spawn): each worker then imports torch and the
+    scripts again and gets its own copy of the dataset, pickled (measured with 40 decoded
+    1000x1000 images, --workers 2: 0.78 -> 1.90 GB proportional memory; DIV2K's 800 images held
+    decoded, about 2040x1356x3 bytes each, would be 6.6 GB more per worker). macOS spawns them,
+    its default: fork is unsafe with its system libraries. Never Python's default, never the
+    fork server, 3.14's on POSIX systems but macOS and a program's that sets it (sr_lib used as
+    a library): a server started before the workers' start (`_FloatLoader.__iter__`) forks
+    them with its own signal mask, not with the stop signals blocked."""
+    return "spawn" if sys.platform == "darwin" else "fork"
+
+
 WORKER_REAP_WAIT = 5.0  # s: how long a socket reset by a worker waits to see it dead
 
 
@@ -2470,7 +2478,7 @@ def train_loader(
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(0),  # the workers' base seed (unused by us)
         worker_init_fn=_worker_init if workers > 0 else None,
-        multiprocessing_context=LOADER_START if workers > 0 else None,
+        multiprocessing_context=loader_start() if workers > 0 else None,
         timeout=min(LOADER_SLICE, LOADER_TIMEOUT) if workers > 0 else 0,  # (_next)
         device=device,
         hung_after=LOADER_TIMEOUT,  # (read here: tests set it lower)

@@ -1279,6 +1279,26 @@ def test_loader_workers_are_forked_where_python_would_start_them_from_a_fork_ser
     assert len(workers) == 2 and parents == [os.getpid()] * 2, parents
 
 
+@pytest.mark.parametrize("platform, start", [("darwin", "spawn"), ("freebsd14", "fork")])
+def test_loader_workers_never_start_from_a_fork_server_off_linux(hr_dir, monkeypatch, platform,
+                                                                 start):  # fmt: skip
+    """Off Linux the loader took Python's default start method: the fork server where it is the
+    default (3.14's, on POSIX systems but macOS) or a program sets it (here), which forks the
+    workers from a server started before their start, with its signal mask, not the stop
+    signals blocked (`_FloatLoader.__iter__`). macOS spawns them (its default), others fork."""
+    ds = PatchPairs([hr_dir], scale=4, patch=8, batch=3, seed=5)
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("forkserver", force=True)
+    try:
+        monkeypatch.setattr(sys, "platform", platform)
+        loader = train_loader(ds, 0, 4, workers=2)  # (not iterated: no worker started)
+        monkeypatch.undo()
+        used = (loader.multiprocessing_context or multiprocessing).get_start_method()
+    finally:
+        multiprocessing.set_start_method(before, force=True)
+    assert used == start
+
+
 def test_a_loader_freed_by_the_garbage_collector_stops_its_workers(hr_dir):
     """The workers ignore SIGTERM. A loader in a reference cycle (a caught traceback's frames:
     a failing test) is freed by the garbage collector, which closed its queues before torch's
