@@ -1684,8 +1684,9 @@ def claim_folder(folder: Path, settings: dict, overwrite: bool, inputs=(),
     save_text(path, json.dumps({**settings, **listed, "versions": [settings["version"]]},
                                indent=1) + "\n")  # fmt: skip
     # (the versions of files redone: not this folder's; a folder of the name: said at a claim)
-    with signals_held(), contextlib.suppress(IsADirectoryError):
-        (folder / UNRECORDED).unlink(missing_ok=True)
+    for name in (UNRECORDED, TAKEN):
+        with signals_held(), contextlib.suppress(IsADirectoryError):
+            (folder / name).unlink(missing_ok=True)
     return None
 
 
@@ -1763,6 +1764,9 @@ def record_version(folder: Path) -> None:
 # a stop gave up waiting for its lock (`record_version`), a JSON list; one name, so that every
 # claim looks for it with one file system call, not a listing of a folder of 200,000 samples.
 UNRECORDED = ".unrecorded-versions.json"
+# UNRECORDED as a claim takes it (`record_unrecorded`, the manifest's lock held: one claim at a
+# time): left where the claim failed, the next claim records it.
+TAKEN = f"{UNRECORDED}.taken"
 
 
 def unrecorded(path: Path) -> list[str]:
@@ -1784,36 +1788,43 @@ def unrecorded(path: Path) -> list[str]:
 def record_unrecorded(folder: Path, manifest: dict) -> dict:
     """The versions of the folder's UNRECORDED file added to `manifest`'s "versions" (the lock
     held: `claim_folder`), the file deleted; returns the manifest with them. The file is first
-    renamed to this process's own name: a stop that writes it anew meanwhile (it takes no lock)
-    writes a file of that name again, for the next claim, not one deleted here unread. Signals
-    are held from the rename to the deletion: a stop between them left the renamed file, which
-    no claim looks for, its versions never recorded (the lock is held already: no wait here).
-    One that cannot be read (or a folder of that name) is left as it is, said in one warning
-    line: deleted, the versions it kept would be lost without a word."""
-    kept, taken = folder / UNRECORDED, folder / f"{UNRECORDED}.{os.getpid()}"
+    renamed to TAKEN: a stop that writes it anew meanwhile (it takes no lock) writes a file of
+    that name again, for the next claim, not one deleted here unread. Signals are held from the
+    rename to the deletion; a TAKEN left all the same (the manifest's write failed, a full disk;
+    a SIGKILL) is the next claim's to record first, its versions not lost (one name, looked for
+    by every claim: it held this process's id, no claim looked for it). One that cannot be read
+    (or a folder of that name) is left, as UNRECORDED, said in one warning line: deleted, the
+    versions it kept would be lost without a word."""
+    kept, taken = folder / UNRECORDED, folder / TAKEN
     with signals_held():
-        try:
-            if kept.is_dir():
-                raise ValueError("a folder")
-            os.rename(kept, taken)
-        except OSError:  # (none there: the usual case)
-            return manifest
-        except ValueError as e:
-            return unread(kept, e, manifest)
-        try:
-            said = unrecorded(taken)
-        except ValueError as e:  # (back under its name, unless a stop wrote one meanwhile)
-            with contextlib.suppress(OSError):
-                os.link(taken, kept)
+        for leftover in (True, False):
+            try:
+                if leftover:
+                    os.stat(taken)  # (none there: the usual case)
+                elif kept.is_dir():
+                    raise ValueError("a folder")
+                else:
+                    os.rename(kept, taken)
+            except OSError:
+                continue
+            except ValueError as e:
+                return unread(kept, e, manifest)
+            try:
+                said = unrecorded(taken)
+            except ValueError as e:  # (back under its name, unless a stop wrote one meanwhile:
+                try:  # then left as TAKEN, for the next claim to say)
+                    os.link(taken, kept)
+                except OSError:
+                    return unread(taken, e, manifest)
+                taken.unlink(missing_ok=True)
+                return unread(kept, e, manifest)
+            versions = folder_versions(manifest)
+            new = [v for v in said if v not in versions]
+            if new:  # (the file read again, as every change of it: `amend_manifest`)
+                amend_manifest(folder, lambda m, new=new: {
+                    "versions": [*dict.fromkeys([*folder_versions(m), *new])]})  # fmt: skip
+                manifest = {**manifest, "versions": [*versions, *new]}
             taken.unlink(missing_ok=True)
-            return unread(kept, e, manifest)
-        versions = folder_versions(manifest)
-        new = [v for v in said if v not in versions]
-        if new:  # (the file read again, as every change of it: `amend_manifest`)
-            amend_manifest(folder, lambda m: {
-                "versions": [*dict.fromkeys([*folder_versions(m), *new])]})  # fmt: skip
-            manifest = {**manifest, "versions": [*versions, *new]}
-        taken.unlink(missing_ok=True)
     return manifest
 
 

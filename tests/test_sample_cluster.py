@@ -458,6 +458,17 @@ def test_a_stop_waits_for_a_manifest_lock_held_elsewhere_a_bounded_time(
     assert not list(out.glob(".*"))
 
 
+def a_folder_that_keeps_98(tmp_path: Path, flow_ckpt) -> tuple[Path, list]:
+    """(OUT, a run's argv into it): a folder sampled, its .unrecorded-versions.json keeping a
+    srspace 98.0.0 that gave up its record."""
+    inp = images(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    base = ["--ckpt", flow_ckpt, "--input", inp, "--n", 1, "--quiet", "--out", out]
+    assert run(*base) == 0
+    (out / ".unrecorded-versions.json").write_text('["98.0.0"]')
+    return out, base
+
+
 def test_a_stop_while_a_claim_records_the_kept_versions_loses_none(tmp_path, flow_ckpt,
                                                                    monkeypatch):  # fmt: skip
     """The claim that records .unrecorded-versions.json renames it to a name of its own, reads
@@ -465,11 +476,7 @@ def test_a_stop_while_a_claim_records_the_kept_versions_loses_none(tmp_path, flo
     file read, the manifest amended with signals free) left the renamed file, which no claim
     looks for, and its versions never recorded. The whole of it now holds signals: recorded,
     the file gone, then the stop (exit 75)."""
-    inp = images(tmp_path / "in", 1)
-    out = tmp_path / "out"
-    base = ["--ckpt", flow_ckpt, "--input", inp, "--n", 1, "--quiet", "--out", out]
-    assert run(*base) == 0
-    (out / ".unrecorded-versions.json").write_text('["98.0.0"]')
+    out, base = a_folder_that_keeps_98(tmp_path, flow_ckpt)
     read = sr_sample.unrecorded
 
     def stopped_meanwhile(path):
@@ -481,6 +488,41 @@ def test_a_stop_while_a_claim_records_the_kept_versions_loses_none(tmp_path, flo
     assert json.loads((out / "manifest.json").read_text())["versions"] == [
         sr_lib.__version__, "98.0.0"]  # fmt: skip
     assert not list(out.glob(".*"))
+
+
+def test_a_claim_that_fails_while_it_records_the_kept_versions_leaves_them_to_the_next(
+    tmp_path, flow_ckpt, monkeypatch, capsys
+):
+    """A claim that took .unrecorded-versions.json (renamed to a name of its own: its process
+    id) and failed writing the manifest (a full disk; a SIGKILL there alike) left the renamed
+    file, which no claim looked for: its versions never recorded. It is TAKEN now, one name,
+    which every claim records first."""
+    out, base = a_folder_that_keeps_98(tmp_path, flow_ckpt)
+    write = sr_sample.save_text
+
+    def full_disk(path, text):
+        if Path(path).name == "manifest.json":
+            raise sr_sample.OutputError(f"{path}: cannot write (No space left on device)")
+        write(path, text)
+
+    monkeypatch.setattr(sr_sample, "save_text", full_disk)
+    capsys.readouterr()
+    assert run(*base) == 7
+    assert "No space left on device" in capsys.readouterr().err
+    assert len(list(out.glob(".unrecorded-versions.json*"))) == 1  # (renamed, kept)
+    monkeypatch.undo()
+    assert run(*base) == 0
+    assert json.loads((out / "manifest.json").read_text())["versions"] == [
+        sr_lib.__version__, "98.0.0"]  # fmt: skip
+    assert not list(out.glob(".*"))
+    # One left that cannot be read, where a stop has written the file anew: said, both left
+    taken = out / ".unrecorded-versions.json.taken"
+    taken.write_text('["97.0.0"')
+    (out / ".unrecorded-versions.json").write_text('["96.0.0"]')
+    capsys.readouterr()
+    assert run(*base) == 0
+    assert f"warning: {taken}: not JSON; the srspace versions" in capsys.readouterr().err
+    assert len(list(out.glob(".*"))) == 2
 
 
 def test_a_kept_versions_file_that_cannot_be_read_is_said_and_left(tmp_path, flow_ckpt, capsys):
