@@ -17,13 +17,18 @@ Columns: LPIPS_mean, LRPSNR_worst, LRPSNR_mean, score are always the official on
 (sr_lib/metrics.py; in both modes the GT is cropped top-left to a multiple of 8 for them, 24 at
 x3). --ntire reports only those four, exactly as the challenge. Otherwise PSNR_mean, PSNR_best,
 SSIM_mean (GT cropped to a multiple of --scale and to the SR size, --shave px off each border,
---color rgb|y) and, with --lr, LRPSNR_vs_input_mean follow. --pairwise adds LPIPS_pairwise (both
-modes, last): the mean LPIPS between the N samples of each image (the lpips package's default,
-non-spatial call, from the features of their LPIPS passes: no trunk pass more), with its N x N
-matrix in --out's per-image rows as LPIPS_pairwise_matrix; rows of N = 1 leave both empty (one
-warning); where the features of all N samples would not fit in the free memory, in blocks of
-samples (the others' computed again: the same numbers), refused before any work (exit 4) only where
-one --lpips-batch of samples' do not fit.
+--color rgb|y), with --lr-blur LRPSNR_blur_worst and LRPSNR_blur_mean and, with --lr,
+LRPSNR_vs_input_mean follow. --lr-blur SIGMA or LO:HI (not with --ntire): LR-PSNR with the blur +
+bicubic downscale of sr_sample.py --from-hr --lr-blur's LR (sr_lib.data.degrade), each image's
+sigma drawn by its stem as there (sr_lib.data.validation_blur), in those columns, the official
+ones bicubic as ever; --lr-noise and --lr-jpeg are refused (random, no function of the SR); a
+folder whose manifest.json records another blur is one warning naming the flag to give.
+--pairwise adds LPIPS_pairwise (both modes, last): the mean LPIPS between the N samples of each
+image (the lpips package's default, non-spatial call, from the features of their LPIPS passes: no
+trunk pass more), with its N x N matrix in --out's per-image rows as LPIPS_pairwise_matrix; rows of
+N = 1 leave both empty (one warning); where the features of all N samples would not fit in the free
+memory, in blocks of samples (the others' computed again: the same numbers), refused before any
+work (exit 4) only where one --lpips-batch of samples' do not fit.
 
 SR file names, per HR image k (0-based in the one image order of the toolkit,
 sr_lib.data.image_order: by stem) with stem S and sample i: {k:06d}_sample{i:05d}.png (the
@@ -167,15 +172,18 @@ import sr_lib
 from sr_lib import metrics, report
 from sr_lib.config import asks_json, given_fields, parse, pick_device
 from sr_lib.data import (
+    EMPTY_DEGRADATION,
     IMAGE_EXTENSIONS,
     OTHER_IMAGE_EXTENSIONS,
     AlphaDropped,
+    Degradation,
     ExifCorrupt,
     FloatClipped,
     FloatNotFinite,
     OnlyOtherFormats,
     check_out_dir,
     check_out_file,
+    degradation_range,
     demo_files,
     describe_path,
     fit_name,
@@ -186,11 +194,14 @@ from sr_lib.data import (
     lr_taken,
     mod_crop,
     name_max,
+    range_text,
     read_ahead,
+    refuse_empty,
     same_files,
     shared_stem,
     shell_quote,
     size_ratio,
+    validation_blur,
     write_target,
     write_text,
 )
@@ -251,6 +262,14 @@ HELP_SIGMA = (
     "{k:06d}_sigma.npy of --layout ntire): adds PLL and PSNR_sigma (Table 7 of 'Revisiting l1 "
     "loss'), with the first sample of the first --sr as mu"
 )
+HELP_LR_BLUR = (
+    "the Gaussian blur (sigma in HR pixels, or LO:HI drawn per image by its stem) of "
+    "sr_sample.py --from-hr --lr-blur's LR: adds LRPSNR_blur_worst, LRPSNR_blur_mean with that "
+    "blur + bicubic downscale, which LRPSNR_vs_input_mean takes too; not with --ntire"
+)
+# sr_sample.py's degradations that are no function of the SR: an SR's LR cannot be made with
+# them to compare (`refuse_random_degradation`)
+RANDOM_DEGRADATIONS = ("--lr-noise", "--lr-jpeg")
 HELP_SHAVE = "pixels removed from each border for PSNR/SSIM (default: the scale)"
 HELP_REPORT = "write a self-contained HTML report (table, trade-off plots, contact sheets) there"
 HELP_PAIRWISE = (
@@ -272,6 +291,7 @@ class EvalArgs:
     n: int = field(metadata=dict(help="samples per image (10 in the challenge)"))
     ntire: bool = field(default=False, metadata=dict(help="only the 4 official columns"))
     lr: str | None = field(default=None, metadata=dict(type=str, help=HELP_LR))
+    lr_blur: str = field(default="", metadata=dict(type=str, metavar="SIGMA", help=HELP_LR_BLUR))
     lpips_weights: str | None = field(default=None, metadata=dict(type=str, help=HELP_WEIGHTS))
     no_lpips: bool = field(default=False, metadata=dict(help="skip LPIPS_mean and score"))
     pairwise: bool = field(default=False, metadata=dict(help=HELP_PAIRWISE))
@@ -558,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = shown_once(one_line_warnings())  # read_image's
             argv = list(sys.argv[1:] if argv is None else argv)
             try:
+                refuse_random_degradation(argv)
                 args = parse(EvalArgs, argv, PROG)
             except UsageError:  # the --json line after the error line, if asked for
                 summary.json = asks_json(EvalArgs, argv, PROG)
@@ -580,6 +601,22 @@ def main(argv: list[str] | None = None) -> int:
                 also = "".join(f"; {a}" for a in e.args[1:])  # (`said_unfinished`)
                 raise Stopped(stopped_line(e.args[0], summary.fields) + also) from None
         return summary.end(code)
+
+
+def refuse_random_degradation(argv: list[str]) -> None:
+    """sr_sample.py's --lr-noise and --lr-jpeg (without this line argparse's own, naming no
+    reason): one line, exit 2. They are random draws on the LR, no function of the SR, so no
+    SR's LR can be made with them to compare; the blur can (--lr-blur), and --lr compares with
+    the LR as made, its noise included (docs/metrics.md "LR-PSNR of a degraded LR")."""
+    for a in argv:
+        if a == "--":  # (the rest are values)
+            return
+        if (flag := a.split("=", 1)[0]) in RANDOM_DEGRADATIONS:
+            raise UsageError(
+                f"{flag}: noise and JPEG are random draws on the LR, not made from the SR, so "
+                "LR-PSNR cannot apply them; give --lr-blur alone (--lr compares with the LR "
+                "as made, its noise and JPEG included)"
+            )
 
 
 def delete_partial(partial: Path) -> None:
@@ -899,6 +936,43 @@ def warn(msg: str) -> None:
     say_err(f"{PROG}: warning: {msg}")  # (dropped where stderr is a closed pipe too)
 
 
+def manifest_blur(folder: Path) -> str | None:
+    """The --lr-blur of the LR that sr_sample.py --from-hr made for the samples in `folder`, as
+    its manifest.json records it ("" for none); None where it does not tell (no manifest, not
+    --from-hr, another tool's folder, a value not understood)."""
+    manifest = read_manifest(folder)
+    flags = manifest.get("flags")
+    if manifest.get("from_hr") is not True or not isinstance(flags, dict):
+        return None
+    try:
+        return range_text(degradation_range(str(flags.get("lr_blur") or ""), "--lr-blur"))
+    except UsageError:
+        return None
+
+
+def warn_other_blur(args: EvalArgs, methods: list[Method]) -> None:
+    """One warning line per --lr-blur value that manifest.json files record other than the one
+    given (`manifest_blur`), naming the folders and the flag to give: the blur is not taken from
+    the manifests (README, sr_eval.py's --lr-blur), the command says what is scored."""
+    made: dict[str, list[Path]] = {}
+    for m in methods:
+        blur = manifest_blur(m.sr_dir)
+        if blur is not None and blur != args.lr_blur:
+            made.setdefault(blur, []).append(m.sr_dir)
+    for blur, folders in made.items():
+        where = f"--sr {shell_quote(str(folders[0]))}" + (
+            f" (and {len(folders) - 1} more)" if len(folders) > 1 else "")  # fmt: skip
+        given = f"--lr-blur {args.lr_blur}" if args.lr_blur else "no --lr-blur"
+        was = f"--lr-blur {blur}" if blur else "no blur"
+        if args.ntire:
+            fix = ("the official LR-PSNR is the bicubic one; without --ntire, "
+                   f"--lr-blur {blur} adds LR-PSNR with that blur")  # fmt: skip
+        else:
+            fix = f"give --lr-blur {blur or 'none'} to score LR-PSNR with the blur its LR had"
+        warn(f"{where}: its manifest.json says its LR was made by sr_sample.py --from-hr with "
+             f"{was}, scored with {given}; {fix}")  # fmt: skip
+
+
 def warn_unused(args: EvalArgs, given: set[str]) -> None:
     """One warning line for each flag typed that has no effect with the others (not an error: a
     script that switches a metric off may keep its flags)."""
@@ -920,7 +994,7 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     # the names the flags gave hold no file of this run; an earlier run's is in NAME.old, DIR/old)
     summary.update(results=None, csv=None, report=None, images=None, scored=0)
     summary.update(partial=None, kept=0, mean=None)
-    shave, device, batch, lpips_read = check_flags(args)
+    shave, device, batch, lpips_read = check_flags(args, given)
     warn_unused(args, given)  # (after the errors of the flags: an error is the one line)
     held.enter_context(outputs_locked(args))  # (before OUT.partial is read, moved or written)
     hr = hr_images(args.hr)
@@ -929,6 +1003,7 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     methods = expand_methods(args.sr, args.n)
     for m in methods:
         m.files = find_samples(m.sr_dir, stems, m.n, args.scale, m.given)
+    warn_other_blur(args, methods)
     lr_files = lr_inputs(args.lr, stems, args.scale) if args.lr else None
     sigma_files = None
     if args.uncertainty:
@@ -964,11 +1039,14 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
         )
     columns = list(metrics.OFFICIAL_COLUMNS)
     if not args.ntire:
-        columns += list(metrics.EXTRA_COLUMNS) + ([metrics.LR_INPUT_COLUMN] if args.lr else [])
+        columns += list(metrics.EXTRA_COLUMNS) + list(metrics.BLUR_COLUMNS if args.lr_blur else ())
+        columns += [metrics.LR_INPUT_COLUMN] if args.lr else []
     columns += [metrics.PAIRWISE_COLUMN] if args.pairwise else []
 
     opts = dict(scale=args.scale, lpips_metric=lpips_metric, ntire=args.ntire, color=args.color)
     opts.update(shave=shave, warn=warn, pairwise=args.pairwise, pairwise_memory=pairwise_memory)
+    # --lr-blur: the range each image's sigma is drawn from by its stem (`validation_blur`)
+    blur = Degradation(blur=degradation_range(args.lr_blur, "--lr-blur"))
     to_files = bool(args.out or args.csv or report_dir)
     to_stderr = STDOUT in (args.out, args.csv)  # stdout carries the JSON or CSV alone
 
@@ -1032,7 +1110,7 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
                 report.started(report_dir)
         rows, sheets = score(hr, methods, lr_files, sigma_files, columns, opts, report_dir,
                              to_files, to_stderr, args.quiet, scored,
-                             [entry["rows"] for entry in kept])  # fmt: skip
+                             [entry["rows"] for entry in kept], blur)  # fmt: skip
 
         # Aggregate: mean over images of each column (inf propagates, as the reference).
         columns += ["PLL", "PSNR_sigma"] if sigma_files else []  # (the first --sr folder only)
@@ -1660,8 +1738,11 @@ def scores_key(args: EvalArgs, settings: dict, methods=None) -> str:
 
 
 def typed_flags(args: EvalArgs, unused: tuple[str, ...] = ()) -> dict:
-    """The flags of `args` that make the numbers: all but the outputs' (and `unused`)."""
-    skip = ("out", "csv", "report", "quiet", "json", *unused)
+    """The flags of `args` that make the numbers: all but the outputs' (and `unused`). --lr-blur
+    only where set: the scores of an srspace before it, which had none, are continued."""
+    skip = {"out", "csv", "report", "quiet", "json", *unused}
+    if not args.lr_blur:
+        skip.add("lr_blur")
     return {k: v for k, v in dataclasses.asdict(args).items() if k not in skip}
 
 
@@ -1723,7 +1804,10 @@ def adopt_key(path: Path, key: str, legacy: set[str], moved: tuple[str, list] | 
 
 def settings_key(settings: dict, typed: dict) -> str:
     """sha256 of the `settings` of --out but their args, and the flags `typed` (`scores_key`)."""
-    what = {**{k: v for k, v in settings.items() if k != "args"}, "args": typed}
+    what = {k: v for k, v in settings.items() if k != "args"}
+    if what.get("lr_blur", "") is None:  # (none, as before --lr-blur: `typed_flags`)
+        del what["lr_blur"]
+    what["args"] = typed
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
@@ -1859,7 +1943,8 @@ def table_title(args: EvalArgs, methods: list[Method], n_images: int) -> str:
     ns = sorted({m.n for m in methods})
     protocol = " (NTIRE 2021 protocol)" if args.ntire else ""
     n = f"N={ns[0]}" if len(ns) == 1 else "N per method"
-    return f"x{args.scale}, {n}, {n_images} images{protocol}"
+    blur = f", LR blur {args.lr_blur}" if args.lr_blur else ""  # (its columns' downscale)
+    return f"x{args.scale}, {n}, {n_images} images{blur}{protocol}"
 
 
 def run_settings(args, shave, device, lpips_metric, columns, methods) -> dict:
@@ -1878,6 +1963,9 @@ def run_settings(args, shave, device, lpips_metric, columns, methods) -> dict:
         # samples per LPIPS pass: batches above 1 round the convolutions differently (~1e-6)
         "lpips_batch": lpips_metric.batch if lpips_metric else None,
         "columns": columns,
+        # --lr-blur as recorded (`range_text`), null for none: BLUR_COLUMNS and
+        # LRPSNR_vs_input_mean downscale with that blur (docs/metrics.md)
+        "lr_blur": args.lr_blur or None,
         "inf": 'written as the string "inf"',
         "device": str(device),
         # the GPU model that ran LPIPS: another model's numbers may differ at about 1e-6, so it is
@@ -1983,12 +2071,21 @@ def device_name(device) -> str | None:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else None
 
 
-def check_flags(args: EvalArgs) -> tuple[int, torch.device, int, tuple | None]:
+def check_flags(
+    args: EvalArgs, given: set[str] = frozenset()
+) -> tuple[int, torch.device, int, tuple | None]:
     """(border shave, device, LPIPS batch, --lpips-weights as read: (state_dict, sha256) or
     None); a one-line usage error for a bad combination. The output files and folder are proved
-    writable here, and OUT.partial (`partial_path`) no folder, before any long work."""
+    writable here, and OUT.partial (`partial_path`) no folder, before any long work. --lr-blur
+    is rewritten as its text recorded (`range_text`: 2 and 2.0 one value, 0 and none "")."""
     if args.scale not in (2, 3, 4, 8):
         raise UsageError(f"--scale {args.scale}: choose 2, 3, 4 or 8")
+    refuse_empty(args, given, {"lr_blur": EMPTY_DEGRADATION["lr_blur"]})
+    args.lr_blur = range_text(degradation_range(args.lr_blur, "--lr-blur"))
+    if args.ntire and args.lr_blur:  # (the official LR-PSNR is the bicubic one, to the bit)
+        raise UsageError(f"--ntire --lr-blur {args.lr_blur}: the official LR-PSNR downscales by "
+                         "bicubic alone; drop --ntire (LRPSNR_blur_* then follow the official "
+                         "columns) or --lr-blur")  # fmt: skip
     paths = dict(hr=args.hr, lr=args.lr, lpips_weights=args.lpips_weights, out=args.out,
                  csv=args.csv, report=args.report, uncertainty=args.uncertainty)  # fmt: skip
     for name, path in [*paths.items(), *(("sr", p) for p in args.sr)]:
@@ -2422,7 +2519,8 @@ def check_headers(args: EvalArgs, shave: int, hr: dict[str, Path], methods, lr_f
 
 
 def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_files=False,
-          to_stderr=False, quiet=False, scored=None, done=()):  # fmt: skip
+          to_stderr=False, quiet=False, scored=None, done=(),
+          blur: Degradation | None = None):  # fmt: skip
     """Per method the rows of every image (`columns`, plus PLL and PSNR_sigma for the first
     method with --uncertainty), and with a report folder the contact sheet of every image; the
     next image's files are decoded on threads meanwhile. `to_files`: the results are written to
@@ -2430,7 +2528,9 @@ def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_file
     progress is shown on stderr (stdout carries --out - or --csv -); `quiet`: not at all.
     `scored(k, rows)`: called, signals held, once image k is scored (rows: {method: its row}).
     `done`: those rows of the first images, scored by a run stopped before (`kept_scores`):
-    taken as they are, the images decoded again only for their contact sheets."""
+    taken as they are, the images decoded again only for their contact sheets. `blur`
+    (--lr-blur): each image's sigma drawn by its stem as sr_sample.py --from-hr's
+    (`validation_blur`); none where it is false."""
     metrics.keep_freed_memory()  # no page faults for the large per-sample arrays
     stems = list(hr)
     files = [
@@ -2492,6 +2592,7 @@ def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_file
                 )
                 row = metrics.evaluate_image(
                     gt, imgs, lr=lr, names=names, gt_name=str(hr[stem]),
+                    blur=validation_blur(blur, stem) if blur else None,  # (None or false)
                     **{**opts, "warn": once_per_folder(m.sr_dir)},
                 )  # fmt: skip
                 rows[m.name].append({"image": stem, **{c: row[c] for c in columns}})

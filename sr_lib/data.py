@@ -1621,9 +1621,21 @@ def validation_degradation(
     stem. `gray`: the noise one field for all channels, for an image whose channels are equal
     (`equal_channels`), so that its LR stays gray (sr_sample.py --from-hr writes a gray file's
     LR gray)."""
+    return degradation.apply(hr, scale, validation_rng(stem), lr, gray)
+
+
+def validation_rng(stem: str) -> np.random.Generator:
+    """The generator of a validation image's draws and noise (`validation_degradation`): seeded
+    by its stem, not by --seed."""
     digest = hashlib.sha256(stem.encode("utf-8", "surrogateescape")).digest()
-    rng = np.random.default_rng([VAL_DEGRADE_SEED, int.from_bytes(digest[:8], "little")])
-    return degradation.apply(hr, scale, rng, lr, gray)
+    return np.random.default_rng([VAL_DEGRADE_SEED, int.from_bytes(digest[:8], "little")])
+
+
+def validation_blur(degradation: Degradation, stem: str) -> float:
+    """The blur sigma (0: none) that `validation_degradation` draws for the image `stem`: the
+    first of its draws (`Degradation.draw`), so the same whatever its noise and JPEG
+    (sr_eval.py --lr-blur: the blur of sr_sample.py --from-hr's LR of that image)."""
+    return degradation.draw(validation_rng(stem), 1)[0][0]
 
 
 VAL_DEGRADE_SEED = 0xDE6  # a tag: validation's draws are no training step's

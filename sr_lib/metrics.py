@@ -15,8 +15,11 @@ docs/metrics.md describes them (its sections are cited below by their headings):
 Extra columns (never mixed up with the official ones, "Official and extra columns"): `PSNR_mean`,
 `PSNR_best`, `SSIM_mean` (optionally on the MATLAB Y channel, with a border shave) and
 `LRPSNR_vs_input_mean` (against the LR input file instead of the re-downscaled ground truth);
-and `LPIPS_pairwise`, the mean LPIPS between the samples of one image, the lpips package's
-default non-spatial call, from the features of the samples' LPIPS passes ("Pairwise LPIPS").
+with a blur (sr_eval.py --lr-blur) `LRPSNR_blur_worst` / `LRPSNR_blur_mean`, LR-PSNR with the
+Gaussian blur + bicubic downscale that made a degraded LR ("LR-PSNR of a degraded LR"), which
+LRPSNR_vs_input_mean then takes too; and `LPIPS_pairwise`, the mean LPIPS between the samples
+of one image, the lpips package's default non-spatial call, from the features of the samples'
+LPIPS passes ("Pairwise LPIPS").
 
 Where a function departs from the naive version (and why) its docstring says so.
 """
@@ -37,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sr_lib.data import degrade
 from sr_lib.errors import DataError
 from sr_lib.lpips_net import alex_tap_values, heads_file, load_alexnet_trunk, lpips_module
 from sr_lib.resize import imresize
@@ -48,6 +52,8 @@ OFFICIAL_COLUMNS = ("LPIPS_mean", "LRPSNR_worst", "LRPSNR_mean", "score")
 PAIRWISE_COLUMN, PAIRWISE_MATRIX = "LPIPS_pairwise", "LPIPS_pairwise_matrix"
 EXTRA_COLUMNS = ("PSNR_mean", "PSNR_best", "SSIM_mean")
 LR_INPUT_COLUMN = "LRPSNR_vs_input_mean"
+# LR-PSNR's worst and mean with the downscale of a degraded LR (`evaluate_image`'s blur)
+BLUR_COLUMNS = ("LRPSNR_blur_worst", "LRPSNR_blur_mean")
 # The official GT crop is to a multiple of 8 for every scale, ×4 included (docs/metrics.md,
 # "Inputs and crops").
 NTIRE_MOD = 8
@@ -817,6 +823,7 @@ def evaluate_image(
     warn: Callable[[str], None] = warnings.warn,
     pairwise: bool = False,
     pairwise_memory: int | None = None,
+    blur: float | None = None,
 ) -> dict[str, float | None]:
     """All columns for one ground truth uint8 (H, W, 3) and its N uint8 (h, w, 3) samples.
 
@@ -839,6 +846,10 @@ def evaluate_image(
     kept from its LPIPS pass meanwhile (`pairwise_bytes`): no trunk pass more; where they would
     take more than `pairwise_memory` bytes, those of a block of samples at a time
     (`pairwise_block`), the others' computed again: the same matrix, to the bit.
+    `blur` (a sigma in HR pixels, `ntire=False`): BLUR_COLUMNS, LR-PSNR with the downscale D_b
+    of sr_sample.py --from-hr --lr-blur's LR (`degrade`: Gaussian blur, bicubic, rounded to
+    uint8), D_b(SR crop) against D_b(GT crop) on the official crops; LRPSNR_vs_input_mean then
+    downscales by D_b too. The official columns keep the bicubic D.
     """
     names = list(names) if names is not None else [f"sample {i}" for i in range(len(samples))]
     if len(samples) == 0:
@@ -917,7 +928,9 @@ def evaluate_image(
     row.update(
         PSNR_mean=float(np.mean(psnrs)), PSNR_best=max(psnrs), SSIM_mean=float(np.mean(ssims))
     )
-    if lr is not None:
+    if blur is not None:  # (LRPSNR_vs_input_mean with the blur too, where `lr` is given)
+        blurred_lr_psnr(row, gt8, samples, first, lr, scale, blur)
+    elif lr is not None:
         hl, wl = lr.shape[0] * scale, lr.shape[1] * scale
 
         def vs_input(img: ARRAY) -> float:
@@ -932,6 +945,35 @@ def evaluate_image(
 
         row[LR_INPUT_COLUMN] = float(np.mean(per_sample(vs_input)))
     return row
+
+
+def blurred_lr_psnr(row: dict, gt8, samples, first: list[int], lr, scale: int, blur: float):
+    """`evaluate_image`'s BLUR_COLUMNS into `row` (and with `lr` its LR_INPUT_COLUMN): LR-PSNR
+    with the downscale of a degraded LR, `degrade(·, scale, blur)`, in place of the bicubic one
+    (docs/metrics.md "LR-PSNR of a degraded LR"), on the official crops (`gt8`'s size). Each
+    distinct sample (`first`: `first_equal`) is downscaled once: the LR of sr_sample.py
+    --from-hr, made from the GT cropped as `gt8` is, covers that crop too."""
+    h8, w8 = gt8.shape[:2]
+    distinct = sorted(set(first))
+    down = {i: degrade(samples[i][:h8, :w8], scale, blur) for i in distinct}
+    gt_lr = degrade(gt8, scale, blur)
+    values = [psnr(down[i], gt_lr) for i in first]
+    row[BLUR_COLUMNS[0]], row[BLUR_COLUMNS[1]] = min(values), float(np.mean(values))
+    if lr is None:
+        return
+    hl, wl = lr.shape[0] * scale, lr.shape[1] * scale
+
+    def vs_input(img: ARRAY, i: int) -> float:  # (the crops of `evaluate_image`'s vs_input)
+        if (hl, wl) == (h8, w8):
+            x = down[i]
+        else:
+            x = degrade(img[:hl, :wl] if img.shape[0] >= hl and img.shape[1] >= wl else img,
+                        scale, blur)  # fmt: skip
+        h, w = min(x.shape[0], lr.shape[0]), min(x.shape[1], lr.shape[1])
+        return psnr(x[:h, :w], lr[:h, :w])
+
+    value = {i: vs_input(samples[i], i) for i in distinct}
+    row[LR_INPUT_COLUMN] = float(np.mean([value[i] for i in first]))
 
 
 # ----------------------------------------------------------------------------- uncertainty

@@ -2344,13 +2344,13 @@ def test_scores_kept_before_the_key_held_the_gpu_model_are_continued_only_withou
     stop_at_image(monkeypatch, "0002")
     assert fails(capsys, *argv)[0] == 75
     monkeypatch.undo()
-    # the key as that srspace wrote it: its settings (no device_name, nor the threads and
-    # cpu_capability added since; the device it picked: the CPU here) and every flag typed but
-    # the outputs'
+    # the key as that srspace wrote it: its settings (no device_name, nor the threads,
+    # cpu_capability and lr_blur added since; the device it picked: the CPU here) and every flag
+    # typed but the outputs' (--lr-blur, added since, neither)
     args = sr_eval.EvalArgs(**seen[0]["args"])
     typed = {k: v for k, v in dataclasses.asdict(args).items()
-             if k not in ("out", "csv", "report", "quiet", "json")}  # fmt: skip
-    later = ("args", "device_name", "threads", "cpu_capability", "cpu_kernels")
+             if k not in ("out", "csv", "report", "quiet", "json", "lr_blur")}  # fmt: skip
+    later = ("args", "device_name", "threads", "cpu_capability", "cpu_kernels", "lr_blur")
     old = {k: v for k, v in seen[0].items() if k not in later}
     old_key = hashlib.sha256(json.dumps({**old, "args": typed}, sort_keys=True).encode())
     first, rest = partial.read_text().split("\n", 1)
