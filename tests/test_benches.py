@@ -280,6 +280,14 @@ def test_bench_degrade_times_each_size_without_and_with_blur():
     assert r["torch"] == torch.__version__  # what the numbers were measured on
 
 
+def test_bench_degrade_times_sr_evals_columns_without_and_with_the_blur():
+    r = bench("bench_degrade.py", "--sizes", "--runs", 1, "--eval", "64x48", "--n", 2)
+    e = r["eval"]
+    assert (e["hr"], e["n"], e["blur"]) == ("64x48", 2, 2.0) and r["cases"] == []
+    assert all(t > 0 for t in e["wall_s"]) and len(e["cpu_s"]) == 2
+    assert e["lrpsnr_mean"][0] < e["lrpsnr_mean"][1]  # (blurred LR: its downscale closer)
+
+
 def test_bench_data_times_degraded_pairs_of_the_patch_shapes():
     r = bench("bench_data.py", "--images", 2, "--workers", 0, "--batch", 2, "--warmup", 1,
               "--steps", 2, "--lr-blur", 1, "--lr-noise", 2, "--lr-jpeg", 80)  # fmt: skip

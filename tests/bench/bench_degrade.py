@@ -9,7 +9,11 @@ to the process after imports and the image (`rss_before_mb`); `degrade_s` the be
 Without blur the LR is the uint8 bicubic (`imresize`); with it, the float64 blur and
 downscale. `--from-hr`: sr_sample.py with a bicubic checkpoint (made here by sr_train.py
 --steps 0) on one PNG of that size, with and without --lr-blur, `--runs` times each: each
-run's wall time, CPU time and peak RSS. Prints one JSON object.
+run's wall time, CPU time and peak RSS. `--eval 2040x1352`: `sr_lib.metrics.evaluate_image`
+of one image of that size and `--n` distinct samples with its blurred LR (`--lr`), without
+LPIPS (its cost is the same with and without), without and with `blur` (sr_eval.py
+--lr-blur), in its own process on one thread: the best wall and CPU time of `--runs`, and the
+increase. Prints one JSON object.
 """
 
 import argparse
@@ -41,6 +45,29 @@ for _ in range(runs):
     times.append((time.perf_counter() - t0, time.process_time() - c0))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(*min(times), before, peak, lr.shape[0], lr.shape[1])
+"""
+
+
+EVAL = """
+import os, time
+import numpy as np
+import torch
+from sr_lib import metrics
+from sr_lib.data import Degradation, mod_crop, validation_degradation
+from sr_lib.resize import imresize
+torch.set_num_threads(1)
+h, w, n, blur, runs = {h}, {w}, {n}, {blur}, {runs}
+rng = np.random.default_rng(0)  # a smooth GT (the bicubic x4 of noise), samples GT + noise
+gt = imresize(rng.integers(0, 256, (-(-h // 4), -(-w // 4), 3), np.uint8), 4)[:h, :w]
+srs = [np.clip(gt + rng.normal(0, 6, gt.shape), 0, 255).astype(np.uint8) for _ in range(n)]
+lr = validation_degradation(mod_crop(gt, 8), 4, Degradation(blur=(blur, blur)), "0801")
+times = {{}}
+for _ in range(runs):
+    for b in (None, blur):
+        t0, c0 = time.perf_counter(), time.process_time()
+        row = metrics.evaluate_image(gt, srs, 4, lr=lr, blur=b)
+        times.setdefault(b, []).append((time.perf_counter() - t0, time.process_time() - c0))
+print(*min(times[None]), *min(times[blur]), row["LRPSNR_mean"], row["LRPSNR_blur_mean"])
 """
 
 
@@ -77,7 +104,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--from-hr", type=size, nargs="?", const=(4096, 4096), default=None,
                     help="also time sr_sample.py --from-hr on one image of this size")  # fmt: skip
+    ap.add_argument("--eval", type=size, nargs="?", const=(2040, 1352), default=None,
+                    help="also time sr_eval.py's columns of one image of this size, without "
+                    "and with the blur")  # fmt: skip
+    ap.add_argument("--n", type=int, default=10, help="--eval's samples per image")
     args = ap.parse_args(argv)
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     load_before = os.getloadavg()
     cases = []
     for w, h in args.sizes:
@@ -120,11 +152,26 @@ def main(argv: list[str] | None = None) -> dict:
                                 "wall_s": [round(t, 2) for t, _, _ in runs],
                                 "cpu_s": [round(t, 2) for _, t, _ in runs],
                                 "peak_rss_mb": [round(m) for _, _, m in runs]})  # fmt: skip
+    scored = {}
+    if args.eval:
+        w, h = args.eval
+        code = EVAL.format(h=h, w=w, n=args.n, blur=args.blur, runs=args.runs)
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           cwd=REPO, check=False)  # fmt: skip
+        if p.returncode:
+            sys.exit(f"bench_degrade.py: --eval {w}x{h}: failed\n{p.stderr}")
+        wall0, cpu0, wall1, cpu1, bicubic, blurred = map(float, p.stdout.split())
+        scored = {"hr": f"{w}x{h}", "n": args.n, "blur": args.blur,
+                  "wall_s": [round(wall0, 3), round(wall1, 3)],
+                  "cpu_s": [round(cpu0, 3), round(cpu1, 3)],
+                  "cpu_s_added": round(cpu1 - cpu0, 3),
+                  "lrpsnr_mean": [round(bicubic, 3), round(blurred, 3)]}  # fmt: skip
     result = {
         "bench": "data.degrade",
         "scale": 4,
         "cases": cases,
         **({"from_hr": from_hr} if args.from_hr else {}),
+        **({"eval": scored} if args.eval else {}),
         "load_avg": [round(x, 2) for x in (*load_before, *os.getloadavg())],
         "cpus": os.cpu_count(),
         **machine(),
