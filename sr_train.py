@@ -473,6 +473,7 @@ def run_script(argv, result: Summary) -> int:
         except Preempted as e:  # before the first step: nothing to save
             if isinstance(e.__context__, SRSpaceError):  # it came while that error unwound
                 raise e.__context__ from None
+            result.update(stopped=e.args[0])  # --json's `stopped`, as after a stop in the loop
             raise stopped_before_training(e.args[0], args) from None
 
 

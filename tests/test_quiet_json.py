@@ -172,6 +172,28 @@ def test_json_line_after_a_sigterm_stop_and_an_error(hr_dir, tmp_path, capsys, m
     assert len(list(samples.glob("im0_sample*.png"))) == 2  # the one sampled is complete
 
 
+def test_json_line_of_a_sigterm_before_the_first_step_names_it(hr_dir, tmp_path, capsys,
+                                                                monkeypatch):  # fmt: skip
+    """SIGTERM while the run starts (data decoded, model built): exit 75, nothing saved, and the
+    JSON line's `stopped` is "SIGTERM", as after a stop in the loop (it was null: a pipeline
+    that requeues on `stopped` took the run for one that had not stopped)."""
+    real_setup = sr_train.setup_process
+
+    def sigterm_at_setup(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_setup(*args, **kwargs)
+
+    monkeypatch.setattr(sr_train, "setup_process", sigterm_at_setup)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # (no requeue)
+    with pytest.raises(SystemExit) as e:
+        sr_train.main([*train_argv(hr_dir, tmp_path / "run"), "--json", "--quiet"])
+    captured = capsys.readouterr()
+    line = json.loads(captured.out)  # stdout: the one line
+    assert e.value.code == 75 and line["exit_code"] == 75 and line["stopped"] == "SIGTERM"
+    assert (line["step"], line["checkpoint"]) == (0, None)
+    assert captured.err.strip() == f"sr_train.py: error: {line['error']}"
+
+
 BAD_COMMAND_LINES = [
     (sr_train, ["--model", "edsr", "--steps", "x"]),
     (sr_sample, ["--ckpt", "c.pt", "--input", "in", "--out", "o", "--n", "notanumber"]),
