@@ -249,7 +249,9 @@ from sr_lib.errors import (
     is_out_of_memory,
     one_line,
     print_out,
+    quoted_errors,
     replay_stop_signal,
+    said_error,
     say_err,
     stdout_closed,
 )
@@ -2062,7 +2064,7 @@ def skip_input(e: DataError, path: Path, failed: dict, total: int, summary: Summ
     input, `e` itself."""
     if total == 1:
         raise e
-    say_err(f"{PROG}: error: {e}; skipped")
+    say_err(f"{PROG}: error: {said_error(e)}; skipped", quoted_errors(e))  # (as exit_on_error)
     why = ("too small for the model" if isinstance(e, LrTooSmall) else
            "too small" if isinstance(e, TooSmall) else "unreadable")  # fmt: skip
     failed[why].append(path.name)

@@ -114,10 +114,12 @@ from sr_lib.errors import (
     catch,
     exit_on_error,
     is_out_of_memory,
+    joined_lines,
     one_line,
     print_out,
     printable,
     replay_stop_signal,
+    said_error,
     say_err,
     stdout_closed,
 )
@@ -2184,20 +2186,20 @@ STOPPED_COMPILING = ("taken as the stop's effect (the signal ends the compiler t
 def said_stopped(e: BaseException, stop: dict, where: str, step: int, run_log,
                  warn: bool = True) -> tuple:  # fmt: skip
     """What `stopped_compiling` took as the stop, for one line: (the signal, the error's type
-    and the first line of its message (inductor's runs to thousands of lines, the compiler's
-    output), with the next where it ends in a colon: dynamo's "backend='inductor' raised:").
+    and its message as the line shows a library's (`joined_lines`: inductor's runs to thousands
+    of lines, the compiler's output: its first, and the next after dynamo's "backend='inductor'
+    raised:").
     Also a log.jsonl record of the last step done (a resume keeps it) and, with `warn`, the
     warning line (several processes: the caller's Resumable line says it instead)."""
     sig = stop["signal"]  # (a log.jsonl that cannot be written replaces it with its reason)
-    lines = [t.strip() for t in str(e).splitlines() if t.strip()]
-    first = " ".join(lines[:2] if lines and lines[0].endswith(":") else lines[:1])[:200]
+    first = joined_lines(str(e))
     name = type(e).__name__
     record = {"error": f"{name}: {first}" if first else name}
     log(run_log, {"step": step, "signal": sig, "error_in": where, **record})
     error = f"{name} ({first})" if first else name
     if warn:
         say_err(f"{PROG}: warning: {where} raised {error} after {sig} while compiling; "
-                f"{STOPPED_COMPILING}")  # fmt: skip
+                f"{STOPPED_COMPILING}", [str(e)])  # fmt: skip
     return sig, error
 
 
@@ -2395,12 +2397,13 @@ class StepGraph:
             # What failed inside the recording raises first; torch.cuda.graph's exit then raises
             # "operation failed due to a previous error during capture" from it: name the first.
             cause = e.__context__ if isinstance(e.__context__, Exception) else e
-            self.failed = str(cause).splitlines()[0][:200] if str(cause) else type(cause).__name__
+            self.failed = said_error(cause)  # (its lines joined)
             self.reset()
             name = type(self.model).__name__
             say_err(
                 f"{PROG}: warning: --cuda-graphs: {name}'s training step could not be "
-                f"recorded as a CUDA graph ({self.failed}); it goes on without recording"
+                f"recorded as a CUDA graph ({self.failed}); it goes on without recording",
+                [str(cause)],
             )
             return False
         self.recordings += 1

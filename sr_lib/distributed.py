@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from sr_lib.errors import NodeWarning, Resumable, UsageError
+from sr_lib.errors import NodeWarning, Resumable, UsageError, said_error
 from sr_lib.threads import result
 
 
@@ -175,7 +175,7 @@ def meet(backend: str, rank: int, world: int, device: int | None):
     try:
         return result(future)
     except dist.DistError as e:
-        what = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+        what = said_error(e).rstrip(".")  # (torch's lines, joined)
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         raise Resumable(
             f"could not meet the other processes at {where} (this is rank {rank} of {world}): "

@@ -178,21 +178,57 @@ def one_line(text: str, quoted: Iterable[str] = ()) -> str:
 # is a dump (torch's C++ stack under TORCH_SHOW_CPP_STACKTRACES=1: 20 lines and more), and
 # its first line says what went wrong.
 JOINED_MAX = 300
+# Set to 1, a library's text cut to its first line follows its line whole (`whole_texts`).
+FULL_ERRORS = "SRSPACE_FULL_ERRORS"
 
 
 def joined_lines(text: str) -> str:
     """A library's message of several lines as one: its lines, stripped, blank ones left out,
     joined by "; " (by a space after one ending in ':'), where that is at most JOINED_MAX
-    characters; else its first line, and how many more there are."""
+    characters; else (`cut_short`) its first line (and the next where it ends in ':', as
+    dynamo's "backend='inductor' raised:"), how many more there are, and how to see them
+    (FULL_ERRORS). The one rule for every line that shows a library's text."""
+    lines, first = _lines(text)
+    if not cut_short(text):
+        return _joined(lines)
+    left = len(lines) - first
+    more = "1 more line: {}=1 shows it" if left == 1 else f"{left} more lines: {{}}=1 shows them"
+    return f"{' '.join(lines[:first])} (and {more.format(FULL_ERRORS)})"
+
+
+def cut_short(text: str) -> bool:
+    """Whether `joined_lines` cuts `text`: its lines, joined, pass JOINED_MAX characters and
+    there are more than those it keeps."""
+    lines, first = _lines(text)
+    return len(lines) > first and len(_joined(lines)) > JOINED_MAX
+
+
+def _lines(text: str) -> tuple[list[str], int]:
+    """`text`'s lines, stripped, blank ones left out; and how many of them a cut keeps."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        return ""
-    joined = lines[0]
+    return lines, 2 if lines and lines[0].endswith(":") else 1
+
+
+def _joined(lines: list[str]) -> str:
+    joined = lines[0] if lines else ""
     for line in lines[1:]:
         joined += (" " if joined.endswith(":") else "; ") + line
-    if len(joined) <= JOINED_MAX or len(lines) == 1:
-        return joined
-    return f"{lines[0]} (and {len(lines) - 1} more lines)"
+    return joined
+
+
+def whole_texts(quoted: Iterable[str]) -> str:
+    """Under FULL_ERRORS=1, the texts of `quoted` that `joined_lines` cuts, whole, for after
+    their line ("" otherwise, or where none is cut): each introduced by a line that says so,
+    each of its lines indented and printable (`one_line`), so that no line of it passes for
+    srspace's own."""
+    if os.environ.get(FULL_ERRORS, "0") in ("", "0"):
+        return ""
+    lines = []
+    for said in dict.fromkeys(quoted):
+        if cut_short(said):
+            lines += [f"  its whole text ({FULL_ERRORS}=1):"]
+            lines += [f"    {one_line(line)}" for line in said.splitlines()]
+    return "".join(f"\n{line}" for line in lines)
 
 
 def quoted_errors(e: BaseException) -> list[str]:
@@ -209,11 +245,23 @@ def quoted_errors(e: BaseException) -> list[str]:
     return said
 
 
-def say_err(text: str) -> None:
-    """A line on stderr, one printable line (`one_line`), dropped where stderr cannot be written
-    either (`2>&1 | head`)."""
+def say_err(text: str, quoted: Iterable[str] = ()) -> None:
+    """A line on stderr, one printable line (`one_line`; `quoted`: the libraries' texts it
+    quotes, joined, and whole after it under FULL_ERRORS=1: `whole_texts`), dropped where stderr
+    cannot be written either (`2>&1 | head`)."""
+    quoted = list(quoted)
     with contextlib.suppress(OSError):
-        print(one_line(text), file=sys.stderr, flush=True)
+        print(one_line(text, quoted) + whole_texts(quoted), file=sys.stderr, flush=True)
+
+
+def said_error(e: BaseException) -> str:
+    """`e`'s text as one line: srspace's own, escaped (`one_line`), with the libraries' texts it
+    quotes joined (`quoted_errors`): for a line that shows an error caught, as exit_on_error's
+    does. A library's own error (e.g. torch's, whose text this line quotes) is its text joined,
+    or its type's name where it has none."""
+    if not isinstance(e, SRSpaceError):
+        return joined_lines(str(e)) or type(e).__name__
+    return one_line(str(e), quoted_errors(e))
 
 
 # Python's error for a thread whose stack (8 MB of address space) cannot be mapped: seen under a
@@ -347,9 +395,9 @@ def exit_on_error(prog: str, out_of_memory: str = "out of memory"):
         check_torch()
         yield
     except SRSpaceError as e:
-        msg = one_line(str(e), quoted_errors(e))  # (a library's lines, joined)
+        msg = said_error(e)  # (a library's lines, joined)
         _last_error["text"] = msg  # for the --json line (Summary): the line's message
-        say_err(f"{prog}: error: {msg}")
+        say_err(f"{prog}: error: {msg}", quoted_errors(e))
         raise SystemExit(e.exit_code) from None
     except KeyboardInterrupt as e:  # files are written atomically: nothing half-written remains
         interrupted(prog, *e.args[:1])

@@ -25,7 +25,7 @@ import torch
 
 from sr_lib import distributed
 from sr_lib.data import describe_path
-from sr_lib.errors import CheckpointError, UsageError, say_err
+from sr_lib.errors import CheckpointError, UsageError, joined_lines, say_err
 
 MANIFEST = Path(__file__).resolve().parent.parent / "weights.txt"
 CHUNK = 1 << 20  # hash and download in 1 MiB pieces so big files never sit in memory
@@ -353,10 +353,9 @@ def torch_load(path: str | os.PathLike, what: str = "weights", file=None):
                 f"{path}: not a torch file (it begins {head!r}; a {what} file was expected): "
                 f"give the {what} file, or fetch it again where this was a download"
             ) from None
-        first = str(e).split("\n", 1)[0][:120]
         raise CheckpointError(
             f"{path}: not a valid torch file or is truncated (a {what} file was expected; "
-            f"{type(e).__name__}: {first}); copy it again"
+            f"{type(e).__name__}: {joined_lines(str(e))}); copy it again"
         ) from None
 
 

@@ -15,6 +15,7 @@ from conftest import TINY
 import sr_sample
 from sr_lib import __version__
 from sr_lib.checkpoint import save_checkpoint
+from sr_lib.errors import DataError
 from sr_lib.models import build_model
 
 
@@ -298,3 +299,53 @@ def test_no_degradation_is_typed_none_or_0(world, tmp_path):
     flags = json.loads((tmp_path / "o" / "manifest.json").read_text())["flags"]
     assert (flags["lr_blur"], flags["lr_noise"], flags["lr_jpeg"]) == ("", "", "")
     assert sr_sample.main([str(a) for a in (*base, "--out", tmp_path / "o")]) == 0  # the same
+
+
+def unreadable_b(monkeypatch, text: dict):
+    """sr_sample.read_input, with b.png unreadable: a DataError that quotes a library's
+    error whose text is text["b"] (a decoder's, of several lines)."""
+    real = sr_sample.read_input
+
+    def read_input(path, *args):
+        if path.stem == "b":
+            try:
+                raise OSError(text["b"])
+            except OSError as e:
+                raise DataError(f"{path}: not a readable image ({e})") from None
+        return real(path, *args)
+
+    monkeypatch.setattr(sr_sample, "read_input", read_input)
+
+
+def test_a_skipped_input_shows_a_library_text_of_several_lines_by_the_rule(
+    world, tmp_path, capsys, monkeypatch
+):
+    """An input that cannot be read, among others, is one line and skipped (`skip_input`). That
+    line printed the error itself: a library's text of several lines that it quotes came out
+    with \\n escapes, where exit_on_error's error line joins them (`joined_lines`). Now the
+    same rule; under SRSPACE_FULL_ERRORS=1 a text cut to its first line follows it whole."""
+    stack = [f"  frame #{i}: in libpng's png_read_row, reading a row of its IDAT chunk"
+             for i in range(9)]  # fmt: skip
+    whole = ["  its whole text (SRSPACE_FULL_ERRORS=1):", "    decoder error -2",
+             *(f"    {line}" for line in stack)]  # fmt: skip
+    cases = [  # the library's text, SRSPACE_FULL_ERRORS, what the line quotes, the lines after
+        ("decoder error -2\n  in chunk IDAT", "", "decoder error -2; in chunk IDAT", []),
+        ("decoder error -2\n  in chunk IDAT", "1", "decoder error -2; in chunk IDAT", []),
+        ("\n".join(["decoder error -2", *stack]), "",
+         "decoder error -2 (and 9 more lines: SRSPACE_FULL_ERRORS=1 shows them)", []),
+        ("\n".join(["decoder error -2", *stack]), "1",
+         "decoder error -2 (and 9 more lines: SRSPACE_FULL_ERRORS=1 shows them)", whole),
+    ]  # fmt: skip
+    text = {}
+    unreadable_b(monkeypatch, text)
+    b = world["in"] / "b.png"
+    for k, (text["b"], env, shown, after) in enumerate(cases):
+        monkeypatch.setenv("SRSPACE_FULL_ERRORS", env)
+        argv = args(world, "--n", "1", "--quiet", out=str(tmp_path / f"o{k}"))
+        with pytest.raises(SystemExit) as e:
+            sr_sample.main([str(a) for a in argv])
+        assert e.value.code == 3
+        err = capsys.readouterr().err.splitlines()
+        assert err[0] == f"sr_sample.py: error: {b}: not a readable image ({shown}); skipped", err
+        assert err[1:-1] == after, err
+        assert err[-1].startswith("sr_sample.py: error: 1 of 2 inputs unreadable (b.png)"), err

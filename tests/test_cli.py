@@ -783,8 +783,11 @@ def test_a_cuda_device_the_machine_has_not_is_one_line(tmp_path, capsys, monkeyp
 def test_a_library_dump_of_many_lines_is_its_first_line_and_a_count(tmp_path):
     """torch's C++ stack under TORCH_SHOW_CPP_STACKTRACES=1 (a cluster's debugging setting) is
     part of its error's text: `--device cpu:x` was one line of thousands of characters and
-    escapes. Its first line says what went wrong, and how many lines are left out."""
+    escapes. Its first line says what went wrong, how many lines are left out, and how to see
+    them: SRSPACE_FULL_ERRORS=1 (README "Exit codes"), which writes them after the line,
+    indented (before, the line did not say how, and nothing showed them)."""
     env = dict(os.environ, TORCH_SHOW_CPP_STACKTRACES="1", TORCH_DISABLE_ADDR2LINE="1")
+    env.pop("SRSPACE_FULL_ERRORS", None)
     iio.imwrite(tmp_path / "a.png", np.zeros((8, 8, 3), np.uint8))
     cmd = [sys.executable, str(REPO / "sr_sample.py"), "--ckpt", "x.pt", "--input", "a.png",
            "--out", "o", "--device", "cpu:x"]  # fmt: skip
@@ -792,11 +795,20 @@ def test_a_library_dump_of_many_lines_is_its_first_line_and_a_count(tmp_path):
     assert done.returncode == 2, done.stderr
     err = done.stderr
     assert err.count("\n") == 1 and err[:-1].isprintable(), err
-    assert re.fullmatch(
+    said = re.fullmatch(
         r"sr_sample\.py: error: --device cpu:x: Invalid device string: "
-        r"'cpu:x' \(and \d+ more lines\)\n",
+        r"'cpu:x' \(and (\d+) more lines: SRSPACE_FULL_ERRORS=1 shows them\)\n",
         err,
-    ), err
+    )
+    assert said, err
+    env["SRSPACE_FULL_ERRORS"] = "1"
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, timeout=120, text=True)
+    assert done.returncode == 2, done.stderr
+    first, head, *lines = done.stderr.splitlines()
+    assert first + "\n" == err and head == "  its whole text (SRSPACE_FULL_ERRORS=1):", done.stderr
+    assert lines[0] == "    Invalid device string: 'cpu:x'", lines
+    assert len([t for t in lines if t.strip()]) == 1 + int(said[1]), lines
+    assert all(t.startswith("    ") and t.isprintable() for t in lines), lines
 
 
 def test_a_name_not_utf8_in_an_error_line_pastes_back_under_the_c_locale(tmp_path):

@@ -226,8 +226,8 @@ def test_an_unrecordable_step_runs_eagerly_with_one_warning(tmp_path, images, re
     assert run(tmp_path / "graph", images, *flags, "--cuda-graphs") == 0
     err = [line for line in capsys.readouterr().err.splitlines() if "--cuda-graphs" in line]
     assert err == ["sr_train.py: warning: --cuda-graphs: EDSR's training step could not be "
-                   "recorded as a CUDA graph (operation not permitted when stream is capturing); "
-                   "it goes on without recording"]  # fmt: skip
+                   "recorded as a CUDA graph (operation not permitted when stream is capturing; "
+                   "more detail); it goes on without recording"]  # fmt: skip
     assert run(tmp_path / "eager", images, *flags) == 0
     a, b = (load_checkpoint(tmp_path / d / "last.pt") for d in ("eager", "graph"))
     close(a["state_dict"], b["state_dict"])

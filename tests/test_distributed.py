@@ -571,8 +571,9 @@ def test_a_rank_that_cannot_meet_the_others_is_one_line_exit_75(tmp_path, images
                                                                   capsys):  # fmt: skip
     """The ranks meet in a helper thread (`distributed.meet`). Its failure (no answer from the
     master within the timeout, 30 minutes by default; a host name that does not resolve) was
-    torch's traceback; it is one line naming the address, exit 75. Any other error reaches the
-    caller as it was."""
+    torch's traceback; it is one line naming the address, exit 75, torch's lines joined as in
+    any line (`joined_lines`: its first alone, before). Any other error reaches the caller as
+    it was."""
     failure = torch.distributed.DistNetworkError(
         "The client socket has timed out after 3000ms while trying to connect to (node7, 29511).\n"
         "Exception raised from throwTimeoutError at socket.cpp:1030"
@@ -593,8 +594,8 @@ def test_a_rank_that_cannot_meet_the_others_is_one_line_exit_75(tmp_path, images
     assert capsys.readouterr().err.splitlines() == [
         "sr_train.py: error: could not meet the other processes at node7:29511 (this is rank 1 "
         "of 2): The client socket has timed out after 3000ms while trying to connect to (node7, "
-        "29511); check that every rank started and can reach that address, then rerun (nothing "
-        "was trained)"
+        "29511).; Exception raised from throwTimeoutError at socket.cpp:1030; check that every "
+        "rank started and can reach that address, then rerun (nothing was trained)"
     ]
     bug = ValueError("a bug")
 

@@ -24,7 +24,8 @@ import sr_lib.data
 import sr_sample
 import sr_train
 from sr_lib.checkpoint import load_checkpoint, save_checkpoint
-from sr_lib.errors import OutputError
+from sr_lib.errors import OutputError, exit_on_error
+from sr_lib.weights import torch_load
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,6 +144,41 @@ def test_bad_checkpoints_one_line_each(tmp_path, capsys, case):
         sr_train.main(["--model", "bicubic", "--resume", "auto", "--out", str(run)])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 6 and len(err.splitlines()) == 1 and "last.pt" in err
+
+
+def test_torch_error_on_a_broken_checkpoint_is_quoted_by_the_rule(tmp_path, capsys, monkeypatch):
+    """torch's error on a checkpoint it cannot read was cut by hand to its first line (120
+    characters): a second line that said more was lost, and a dump's cut did not say so. Now
+    as every line shows a library's text (`joined_lines`): its lines joined, or its first and
+    how many more, which SRSPACE_FULL_ERRORS=1 writes after the line."""
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"PK\x03\x04" + bytes(60))  # (torch.save's zip, as far as its start)
+    said = {}
+
+    def load(*args, **kwargs):
+        raise RuntimeError(said["text"])
+
+    monkeypatch.setattr(torch, "load", load)
+    stack = [f"frame #{i}: c10::Error in caffe2::serialize::PyTorchStreamReader::init()"
+             for i in range(8)]  # fmt: skip
+    for text, env, shown, whole in [
+        ("PytorchStreamReader failed reading zip archive:\nfailed finding central directory", "",
+         "failed reading zip archive: failed finding central directory", []),
+        ("\n".join(["PytorchStreamReader failed reading file data/0", *stack]), "1",
+         "failed reading file data/0 (and 8 more lines: SRSPACE_FULL_ERRORS=1 shows them)",
+         ["  its whole text (SRSPACE_FULL_ERRORS=1):",
+          "    PytorchStreamReader failed reading file data/0", *(f"    {t}" for t in stack)]),
+    ]:  # fmt: skip
+        said["text"] = text
+        monkeypatch.setenv("SRSPACE_FULL_ERRORS", env)
+        with pytest.raises(SystemExit) as e, exit_on_error("sr_sample.py"):
+            torch_load(path, "checkpoint")
+        assert e.value.code == 6
+        assert capsys.readouterr().err.splitlines() == [
+            f"sr_sample.py: error: {path}: not a valid torch file or is truncated (a checkpoint "
+            f"file was expected; RuntimeError: PytorchStreamReader {shown}); copy it again",
+            *whole,
+        ]
 
 
 def test_full_disk_while_saving_leaves_the_last_checkpoint_and_no_temp_file(tmp_path, images):

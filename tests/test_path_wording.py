@@ -402,5 +402,5 @@ def test_a_cuda_graph_warning_quoting_torch_is_one_line(capsys, monkeypatch):
     assert err == (
         "sr_train.py: warning: --cuda-graphs: Linear's training step could not be "
         "recorded as a CUDA graph (operation not permitted\\x1b[2J\\x07 when stream is "
-        "capturing); it goes on without recording"
+        "capturing; more); it goes on without recording"
     ), err
