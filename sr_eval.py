@@ -227,6 +227,7 @@ from sr_lib.errors import (
     say_err,
     shown_once,
     stdout_closed,
+    warning_quotes,
 )
 from sr_lib.models import MODELS
 from sr_lib.threads import signals_held, stop_pools, when_not_held
@@ -920,14 +921,15 @@ def one_line_warnings():
         (FloatClipped, FloatNotFinite, ExifCorrupt), "said once per folder: so may be others in"
     )
 
-    def show(message, *args, **kwargs):
+    def show(message, category, filename, *args, **kwargs):
+        quoted = warning_quotes(message, filename)  # (a library's lines, joined)
         if type(message) in also:
             folder = message.path.parent
             if (type(message), folder) in folders:
                 return
             folders.add((type(message), folder))
             message = f"{message}; {also[type(message)]} {folder}"
-        warn(str(message))
+        say_err(f"{PROG}: warning: {message}", quoted)
 
     return show
 

@@ -264,6 +264,21 @@ def said_error(e: BaseException) -> str:
     return one_line(str(e), quoted_errors(e))
 
 
+def warning_quotes(message, filename: str) -> list[str]:
+    """A warning's libraries' texts (`one_line`'s `quoted`): its whole text where it was raised
+    outside srspace's files (torch's, Pillow's, Python's own: their line breaks are theirs), none
+    where srspace raised it (a line break there is a name's, as in an error line). torch's
+    warnings from C++, and a library's raised with a stacklevel that names its caller, give the
+    line of srspace that called it: srspace's own, escaped."""
+    where = str(filename or "")  # ("sys", "<string>": no file; taken as srspace's)
+    installed = {"site-packages", "dist-packages"} & set(where.split(os.sep))  # (a venv in it)
+    ours = not os.path.isabs(where) or (where.startswith(_HERE) and not installed)
+    return [] if ours else [str(message)]
+
+
+_HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # the scripts' folder
+
+
 # Python's error for a thread whose stack (8 MB of address space) cannot be mapped: seen under a
 # `ulimit -v` (sr_eval.py's resizing threads, a traceback, exit 1); a limit on the number of
 # processes (ulimit -u, a cgroup's pids.max) gives it too, rarely reached by these scripts.
@@ -363,8 +378,9 @@ def exit_on_error(prog: str, out_of_memory: str = "out of memory"):
     An out-of-memory error that no code caught is the line `out_of_memory`, exit 4: each script
     names its own flags that lower its memory.
 
-    Warnings (e.g. an alpha channel dropped) are printed as one line `prog: warning: message`,
-    each (its category and text) once (`shown_once`).
+    Warnings (e.g. an alpha channel dropped) are printed as one line `prog: warning: message`
+    (`warning_line`: a library's lines joined), each (its category and text) once
+    (`shown_once`).
     A torch older than srspace needs is such an error (`check_torch`). A standard stream closed
     at start is opened on /dev/null (`open_closed_std_streams`).
 
@@ -380,9 +396,7 @@ def exit_on_error(prog: str, out_of_memory: str = "out of memory"):
     failing = failing and hasattr(sys.stdout, "reconfigure")  # (not a file-like stand-in)
     if failing:
         sys.stdout.reconfigure(errors="backslashreplace")
-    warnings.formatwarning = lambda message, *args, **kwargs: (
-        f"{prog}: warning: {one_line(str(message))}\n"
-    )
+    warnings.formatwarning = formatted(prog)
     shown = warnings.showwarning
     warnings.showwarning = shown_once(shown)
     # Ctrl-C waits for the end of a thread pool's lock code (sr_lib/threads.py). Left alone where
@@ -421,6 +435,20 @@ def exit_on_error(prog: str, out_of_memory: str = "out of memory"):
                 sys.stdout.reconfigure(errors=errors)
         if python_default:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def warning_line(prog: str, message, filename: str) -> str:
+    """A warning as `prog: warning: TEXT`, one printable line (a library's lines joined:
+    `warning_quotes`), and under FULL_ERRORS=1 a library's text it cut, whole after it."""
+    quoted = warning_quotes(message, filename)
+    return f"{prog}: warning: {one_line(str(message), quoted)}" + whole_texts(quoted)
+
+
+def formatted(prog: str):
+    """A warnings.formatwarning that writes `warning_line`s."""
+    return lambda message, category, filename, *args, **kwargs: (
+        warning_line(prog, message, filename) + "\n"
+    )
 
 
 def shown_once(show):
@@ -488,10 +516,13 @@ def require_packages(prog: str, more: dict[str, str] | None = None) -> None:
     requirements not installed in this venv), or one whose virtual memory limit (`ulimit -v`,
     set on some clusters' login nodes) is too low to map torch's libraries, stopped with a
     traceback ("libtorch_cpu.so: failed to map segment from shared object"). One line instead,
-    and the --json line where asked for, exit 2."""
+    and the --json line where asked for, exit 2. A warning these imports raise (torch's about
+    its NumPy) is one line as in the run (`warning_line`), not Python's two, its source line
+    under it: exit_on_error's formatter is not in place yet."""
     import importlib
     import resource
 
+    warnings.formatwarning = formatted(prog)
     for module, requirement in {**START_PACKAGES, **(more or {})}.items():
         try:
             importlib.import_module(module)

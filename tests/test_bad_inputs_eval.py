@@ -398,3 +398,27 @@ def test_an_lpips_flag_with_no_lpips_is_a_warning(world, flags, capsys, monkeypa
         warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
         said = f"sr_eval.py: warning: {flags[0]}: no effect with --no-lpips; ignored"
         assert warned == ([said] if extra else []), extra
+
+
+def test_a_library_warning_of_several_lines_is_one_line_its_lines_joined(capsys, monkeypatch):
+    """sr_eval.py's warnings go through its own showwarning (`one_line_warnings`): a library's
+    warning of several lines (torch's, Pillow's) was one line with \\n escapes for its line
+    breaks, as if a name's; now joined as the other scripts' and the error lines show a
+    library's text, and under SRSPACE_FULL_ERRORS=1 one cut short follows whole. srspace's own
+    keeps a name's newline escaped."""
+    show = sr_eval.one_line_warnings()
+    library = torch.nn.functional.__file__
+    stack = [f"  at frame {i} of the library's own code, which the user cannot act on"
+             for i in range(6)]  # fmt: skip
+    show(UserWarning("a library's warning\n  of two lines"), UserWarning, library, 1)
+    show(UserWarning("new\nname.png: srspace's own"), UserWarning, sr_eval.__file__, 1)
+    monkeypatch.setenv("SRSPACE_FULL_ERRORS", "1")
+    show(UserWarning("\n".join(["a long one", *stack])), UserWarning, library, 2)
+    assert capsys.readouterr().err.splitlines() == [
+        "sr_eval.py: warning: a library's warning; of two lines",
+        "sr_eval.py: warning: new\\nname.png: srspace's own",
+        "sr_eval.py: warning: a long one (and 6 more lines: SRSPACE_FULL_ERRORS=1 shows them)",
+        "  its whole text (SRSPACE_FULL_ERRORS=1):",
+        "    a long one",
+        *(f"    {line}" for line in stack),
+    ]

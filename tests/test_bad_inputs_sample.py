@@ -3,6 +3,8 @@ documented exit code (README, "Exit codes"), no traceback, and nothing written t
 
 import json
 import shutil
+import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -349,3 +351,42 @@ def test_a_skipped_input_shows_a_library_text_of_several_lines_by_the_rule(
         assert err[0] == f"sr_sample.py: error: {b}: not a readable image ({shown}); skipped", err
         assert err[1:-1] == after, err
         assert err[-1].startswith("sr_sample.py: error: 1 of 2 inputs unreadable (b.png)"), err
+
+
+def test_a_library_warning_of_several_lines_in_a_run_is_one_line_its_lines_joined(
+    world, tmp_path, capsys, monkeypatch
+):
+    """A library's warning of several lines raised inside a run (torch's, Pillow's) was one
+    line with \\n escapes for its line breaks, as if a name's; now joined as in an error line
+    (`joined_lines`), and under SRSPACE_FULL_ERRORS=1 one cut short follows whole. srspace's
+    own warning keeps a name's newline escaped. (Both through the run's formatter.)"""
+    library = torch.nn.functional.__file__
+    stack = [f"  at frame {i} of the library's own code, which the user cannot act on"
+             for i in range(6)]  # fmt: skip
+    real = sr_sample.read_input
+
+    def read_input(path, *args):
+        warnings.warn_explicit("a library's warning:\n  of two lines", UserWarning, library, 1)
+        warnings.warn_explicit("\n".join(["a long one", *stack]), UserWarning, library, 2)
+        warnings.warn_explicit(f"{path.parent}/new\nname.png: srspace's own", UserWarning,
+                               sr_sample.__file__, 1)  # fmt: skip
+        return real(path, *args)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        """Python's own showwarning (which pytest's record of warnings replaces)."""
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    monkeypatch.setattr(sr_sample, "read_input", read_input)
+    monkeypatch.setattr(warnings, "showwarning", show)
+    monkeypatch.setenv("SRSPACE_FULL_ERRORS", "1")
+    argv = args(world, "--n", "1", "--quiet", out=str(tmp_path / "o"))
+    assert sr_sample.main([str(a) for a in argv]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "sr_sample.py: warning: a library's warning: of two lines",
+        "sr_sample.py: warning: a long one (and 6 more lines: SRSPACE_FULL_ERRORS=1 shows them)",
+        "  its whole text (SRSPACE_FULL_ERRORS=1):",
+        "    a long one",
+        *(f"    {line}" for line in stack),
+        f"sr_sample.py: warning: {world['in']}/new\\nname.png: srspace's own",
+    ], err

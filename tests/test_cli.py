@@ -237,6 +237,33 @@ def test_a_python_without_the_requirements_is_one_line_at_start(script):
         assert records == [{"script": script, "exit_code": 2, "error": what} for _ in stdout]
 
 
+# A library that warns as it is imported, in two lines (torch does about a NumPy it was not built
+# against), as far as the scripts can tell
+NOISY_IMPORT = """import runpy, sys, warnings
+class Noisy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "rich":
+            warnings.warn_explicit("rich was built for another NumPy:\\n  some modules may fail",
+                                   UserWarning, "/usr/lib/python3/dist-packages/rich/x.py", 1)
+sys.meta_path.insert(0, Noisy())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_warning_while_the_script_imports_its_packages_is_one_line():
+    """A warning raised while a script imports its packages, before exit_on_error's formatter is
+    in place, was Python's own: `FILE:LINE: UserWarning: TEXT`, its text's lines raw. Now the
+    run's one line, the library's lines joined (`require_packages`, the three scripts' own)."""
+    script = "sr_eval.py"
+    done = subprocess.run([sys.executable, "-c", NOISY_IMPORT, script, "--help"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        f"{script}: warning: rich was built for another NumPy: some modules may fail"
+    ]
+
+
 def test_a_virtual_memory_limit_too_low_for_torch_is_one_line_at_start():
     """A login node's `ulimit -v` below what torch's libraries map (~3.3 GB for this CUDA build;
     here 400 MB, less than libtorch_cpu.so's size alone, and enough for Python and numpy): the
