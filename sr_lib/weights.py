@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from sr_lib import distributed
-from sr_lib.data import describe_path
+from sr_lib.data import describe_path, shell_quote
 from sr_lib.errors import CheckpointError, UsageError, joined_lines, say_err
 
 MANIFEST = Path(__file__).resolve().parent.parent / "weights.txt"
@@ -130,7 +130,10 @@ def _check(path: Path, entry: Entry, how: str) -> Path:
 
 
 def _how_to_stage(entry: Entry, path: Path) -> str:
+    """Where to put the weights file, and how: the path to paste into a `cp`, quoted for a
+    shell (`shell_quote`: a $SRSPACE_WEIGHTS of a folder with a space)."""
     sha = f"sha256 {entry.sha256}" if entry.sha256 else "sha256 not checked"
+    path = shell_quote(path)
     if entry.url is None:
         where = f"copy the {entry.name} weights file (no public URL; {sha}) to {path}"
     else:
@@ -199,7 +202,7 @@ def resolve(
     if env and folders["$SRSPACE_WEIGHTS"].is_file():  # its files' folder is what it names
         raise CheckpointError(
             f"$SRSPACE_WEIGHTS is {env}, a file, not a folder: set it to the folder that holds "
-            f"{entry.filename} and the other weights files (e.g. {Path(env).parent})"
+            f"{entry.filename} and the other weights files (e.g. {shell_quote(Path(env).parent)})"
         )
     folders["torch hub cache"] = _hub_dir()
     for how, folder in folders.items():

@@ -169,6 +169,24 @@ def test_srspace_weights_not_a_folder(tmp_path, monkeypatch, offline):
     assert f"(the folder $SRSPACE_WEIGHTS={tmp_path / 'typo'} does not exist)" in one_line(e)
 
 
+def test_the_folder_to_copy_weights_to_is_quoted_for_a_shell(tmp_path, monkeypatch):
+    """The path the line tells to copy the weights file to (and the folder it suggests for
+    $SRSPACE_WEIGHTS), pasted into a `cp`: one with a space was written bare, so the command
+    copied to another path; now quoted as every path srspace suggests (design.md, "Errors")."""
+    m = {"net": Entry("net", "0123abcd", "https://example.org/net.pth")}
+    folder = tmp_path / "my weights"
+    folder.mkdir()
+    monkeypatch.setenv("SRSPACE_WEIGHTS", str(folder))
+    with pytest.raises(CheckpointError) as e:
+        resolve("net", manifest=m, offline=True)
+    assert f"copy it to '{folder}/net.pth', or set SRSPACE_WEIGHTS" in one_line(e), one_line(e)
+    (folder / "net.pth").write_bytes(b"x")
+    monkeypatch.setenv("SRSPACE_WEIGHTS", str(folder / "net.pth"))
+    with pytest.raises(CheckpointError) as e:
+        resolve("net", manifest=m, offline=True)
+    assert f"the other weights files (e.g. '{folder}')" in one_line(e), one_line(e)
+
+
 def test_dash_entries_are_checked_for_existence_only(tmp_path, monkeypatch):
     m = {"flow": Entry("flow", None, None)}
     with pytest.raises(CheckpointError, match="no download URL") as e:
