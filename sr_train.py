@@ -2546,7 +2546,7 @@ def finish(stopped: str | None, step: int, steps: int, skipped: int, out: Path, 
     # the same, with --resume auto: in a folder without a checkpoint that starts a new run.
     held = Path(result.fields.get("checkpoint") or out / "last.pt")
     go_on = (f"wrote {held}; continue with --resume auto" if held == out / "last.pt" else
-             f"{held} holds it; continue with --resume {held}")  # fmt: skip
+             f"{held} holds it; continue with --resume {shell_quote(held)}")  # fmt: skip
     if stopped and stopped != "time budget":
         result.line(f"{stopped}: stopped at step {step}, {go_on}", end)
         if dd.main and stopped in ("SIGUSR1", "SIGTERM") and args.requeue:

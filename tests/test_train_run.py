@@ -320,8 +320,9 @@ def test_a_stop_before_a_step_of_its_own_names_the_checkpoint_that_holds_the_run
 ):
     """A run resumed from a checkpoint in another folder, stopped by SIGTERM while its loader
     waited for the first batch, wrote nothing, yet said "wrote OTHER/last.pt; continue with
-    --resume auto", which in OTHER, holding no checkpoint, starts a new run."""
-    first = tmp_path / "first" / "last.pt"
+    --resume auto", which in OTHER, holding no checkpoint, starts a new run. The --resume it
+    says is quoted for a shell (a folder with a space: written bare, it was two words)."""
+    first = tmp_path / "first run" / "last.pt"
     base = [*TINY_EDSR, "--data", str(images), "--val-every", "0"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (the thumbnail)
@@ -338,7 +339,7 @@ def test_a_stop_before_a_step_of_its_own_names_the_checkpoint_that_holds_the_run
         argv = [*base, "--steps", "3", "--resume", str(first), "--out", str(other)]
         assert sr_train.main(argv) == 75
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
-        f"SIGTERM: stopped at step 1, {first} holds it; continue with --resume {first}"
+        f"SIGTERM: stopped at step 1, {first} holds it; continue with --resume '{first}'"
     )
     assert not (other / "last.pt").exists()
 
