@@ -136,3 +136,18 @@ def test_a_flow_trained_on_the_papers_recipe_starts_from_a_pretrained_encoder():
             trained.append(where)
             assert cfg.rrdb_init or cfg.freeze_encoder == 0 or args.init_from, where
     assert any("train.sbatch" in w for w in trained) and len(trained) >= 5, trained
+
+
+@pytest.mark.parametrize("script", ["train", "sample", "eval"])
+def test_a_scripts_page_shows_the_readmes_commands(script, tmp_path):
+    """docs/train.md, sample.md and eval.md repeat their script's README commands, so that a
+    page reached from a search stands alone; train.md's copy lacked `--resume auto --out DIR`,
+    the README's way to continue a run. The two copies are one list of commands."""
+    readme = (REPO / "README.md").read_text().split(f"### `sr_{script}.py`", 1)[1]
+    page = (REPO / "docs" / f"{script}.md").read_text().split("\n## Usage\n", 1)[1]
+    copies = []
+    for name, text in (("readme", readme), ("page", page)):
+        (tmp_path / f"{name}.md").write_text(re.split(r"\n#{2,3} ", text, maxsplit=1)[0])
+        copies.append([line.strip() for line in shell_lines(tmp_path / f"{name}.md")])
+    assert copies[0] == copies[1]
+    assert sum(f"sr_{script}.py" in line for line in copies[0]) >= 3, copies[0]
