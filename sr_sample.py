@@ -797,7 +797,7 @@ def folder_name(temperature: float) -> str:
 def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | None = None) -> int:
     """The run; `summary` gathers the fields of its closing line (--json) as they become known."""
     summary = summary or Summary(PROG)
-    # Every field of the --json line from the start (README "The closing line"), null until
+    # Every field of the --json line from the start (docs/exit-codes.md, --json), null until
     # known: an error before the folders are claimed, or before the end, left them out
     summary.update(out=args.out, folders=None, images=None, sampled=0, skipped=0, failed=0,
                    seconds=None)  # fmt: skip
