@@ -955,7 +955,7 @@ def manifest_blur(folder: Path) -> str | None:
 def warn_other_blur(args: EvalArgs, methods: list[Method]) -> None:
     """One warning line per --lr-blur value that manifest.json files record other than the one
     given (`manifest_blur`), naming the folders and the flag to give: the blur is not taken from
-    the manifests (README, sr_eval.py's --lr-blur), the command says what is scored."""
+    the manifests (docs/eval.md, "LR-PSNR of a blurred LR"), the command says what is scored."""
     made: dict[str, list[Path]] = {}
     for m in methods:
         blur = manifest_blur(m.sr_dir)
