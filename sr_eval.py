@@ -327,6 +327,8 @@ class Method:
     files: list[list[Path]] = field(default_factory=list)  # per HR image its n sample files
     made_by: dict = field(default_factory=dict)  # `manifest_made_by`, read with the settings
     given: tuple[str | None, Path] | None = None  # its --sr value's NAME (or None) and DIR, typed
+    # per HR image the stem of the input its samples were made from (`sampled_stems`)
+    sampled: list[str] = field(default_factory=list)
 
 
 def manifest_made_by(folder: Path) -> dict:
@@ -528,6 +530,26 @@ def find_samples(sr_dir: Path, stems: list[str], n: int, scale: int,
                 raise DataError(f"missing SR sample {missing} (image {s}, sample {i} of N = {n})")
         paths.append([have[name(k, s, i)] for i in range(n)])
     return paths
+
+
+def sampled_stems(m: Method, stems: list[str], scale: int) -> list[str]:
+    """Per HR image the stem of the input that sr_sample.py made its samples (`m.files`, named by
+    `find_samples`) from, which seeded its --from-hr LR's draws (--lr-blur: `validation_blur`):
+    the HR's stem, with DIV2K's LR suffix x{scale} where the samples are named so, or the one
+    ntire_index.json gives (checked by `check_index`) where they are named by their index."""
+    try:
+        index = json.loads((m.sr_dir / "ntire_index.json").read_text())
+    except (OSError, ValueError):
+        index = None
+    index = index if isinstance(index, dict) else {}
+    sampled = []
+    for k, (stem, files) in enumerate(zip(stems, m.files)):
+        made = files[0].stem.removesuffix("_sample00000")  # (its name's prefix: sample 0's)
+        if made == f"{k:06d}" and isinstance(index.get(made), str):
+            sampled.append(index[made])
+        else:
+            sampled.append(f"{stem}x{scale}" if made == f"{stem}x{scale}" else stem)
+    return sampled
 
 
 def best_layout(found, stems: list[str]) -> int | None:
@@ -1005,6 +1027,7 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     methods = expand_methods(args.sr, args.n)
     for m in methods:
         m.files = find_samples(m.sr_dir, stems, m.n, args.scale, m.given)
+        m.sampled = sampled_stems(m, stems, args.scale)
     warn_other_blur(args, methods)
     lr_files = lr_inputs(args.lr, stems, args.scale) if args.lr else None
     sigma_files = None
@@ -2531,8 +2554,8 @@ def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_file
     `scored(k, rows)`: called, signals held, once image k is scored (rows: {method: its row}).
     `done`: those rows of the first images, scored by a run stopped before (`kept_scores`):
     taken as they are, the images decoded again only for their contact sheets. `blur`
-    (--lr-blur): each image's sigma drawn by its stem as sr_sample.py --from-hr's
-    (`validation_blur`); none where it is false."""
+    (--lr-blur): each image's sigma drawn as sr_sample.py --from-hr's, by the stem of the input
+    its samples were made from (`validation_blur`, `Method.sampled`); none where it is false."""
     metrics.keep_freed_memory()  # no page faults for the large per-sample arrays
     stems = list(hr)
     files = [
@@ -2594,7 +2617,7 @@ def score(hr, methods, lr_files, sigma_files, columns, opts, report_dir, to_file
                 )
                 row = metrics.evaluate_image(
                     gt, imgs, lr=lr, names=names, gt_name=str(hr[stem]),
-                    blur=validation_blur(blur, stem) if blur else None,  # (None or false)
+                    blur=validation_blur(blur, m.sampled[k]) if blur else None,  # (or false)
                     **{**opts, "warn": once_per_folder(m.sr_dir)},
                 )  # fmt: skip
                 rows[m.name].append({"image": stem, **{c: row[c] for c in columns}})

@@ -166,3 +166,30 @@ def test_another_blur_is_another_command_whose_kept_scores_are_not_continued(
     assert sr_eval.scores_key(args, settings) == before
     blurred = dataclasses.replace(args, lr_blur="2.0")
     assert sr_eval.scores_key(blurred, {**settings, "lr_blur": "2.0"}) != before
+
+
+@pytest.mark.parametrize("layout", ["suffix", "ntire"])
+def test_each_images_sigma_is_drawn_by_the_stem_sr_sample_seeded(tmp_path, capsys, layout):
+    """HR inputs named as DIV2K's LR (0801x4.png), sampled by sr_sample.py --from-hr
+    --lr-blur 0.2:3 (its draws seeded by the input's stem, 0801x4) and scored against the GT
+    0801.png, their samples named 0801x4.png or 000000.png with an ntire_index.json: each
+    image's sigma was drawn by the GT's stem (0801), another than its LR's, so a perfect
+    sample scored below +inf against that LR; it is drawn by the stem the samples were made
+    from."""
+    hr_dir, lr_dir, sr_dir = blurred_set(tmp_path, "0.2:3.0")
+    flags = SimpleNamespace(bit_depth=8, alpha_channel="keep", lr_blur="0.2:3.0", lr_noise="",
+                            lr_jpeg="")  # fmt: skip
+    index = {"scale": 4}
+    for k, stem in enumerate(STEMS):
+        (sr_dir / f"{stem}.png").unlink()
+        named = tmp_path / f"{stem}x4.png"  # (the input sr_sample.py read)
+        named.write_bytes((hr_dir / f"{stem}.png").read_bytes())
+        sr_sample.read_input(named, 4, True, lr_dir / f"{stem}x4.png", flags)
+        (lr_dir / f"{stem}.png").unlink()
+        sample = f"{k:06d}.png" if layout == "ntire" else named.name
+        (sr_dir / sample).write_bytes(named.read_bytes())
+        index[f"{k:06d}"] = f"{stem}x4"
+    if layout == "ntire":
+        (sr_dir / "ntire_index.json").write_text(json.dumps(index))
+    res = scores(capsys, tmp_path, hr_dir, lr_dir, sr_dir, "--lr-blur", "0.2:3")
+    assert [r["LRPSNR_vs_input_mean"] for r in res["per_image"]] == ["inf", "inf"]
