@@ -639,9 +639,11 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
         # run validates this step first, as the run never stopped did (best.pt, the strips)
         meta["val_stopped"] = step if score == -math.inf and stop["signal"] else None
         if distributed.agree(score > best, dd, all_ranks=False):  # rank 0's verdict
+            was = best, meta["best_step"]
             best, meta["best_step"] = score, step
-            save(out / "best.pt", step, skipped, best, model, optimizers, scaler, dd, meta,
-                 ema)  # fmt: skip
+            if not save(out / "best.pt", step, skipped, best, model, optimizers, scaler, dd, meta,
+                        ema):  # fmt: skip
+                best, meta["best_step"] = was  # declined (not finite): best.pt's stays the best
         # (rank 0, which validates) after best.pt: a new best frees the old best's strips
         if val_pairs and args.keep_strips:
             prune_strips(out, [stem for stem, _, _ in val_pairs], step, args.keep_strips,

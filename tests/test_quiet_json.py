@@ -290,3 +290,28 @@ def test_a_save_declined_for_non_finite_weights_is_not_named_as_held(hr_dir, tmp
     assert line["error"] == (f"step 3: the parameters are not finite, {run / 'last.pt'} not "
                              f"written; {run / 'last.pt'} holds step 2")  # fmt: skip
     assert torch.load(run / "last.pt", weights_only=False)["step"] == 2
+
+
+def test_a_declined_best_pt_is_not_recorded_as_the_best(hr_dir, tmp_path, monkeypatch):
+    """A best.pt that `save` declines (its weights not finite: nothing written) was recorded as
+    the best all the same: last.pt's best and best_step named the declined step (the strips
+    kept by --keep-strips, best_step on resume), and a later validation better than best.pt's,
+    but not than the declined score, wrote no best.pt. Now the best stays best.pt's."""
+    scores = iter([1.0, 2.0, 1.5])  # steps 1, 2, 3
+    monkeypatch.setattr(sr_train, "validate", lambda *args, **kwargs: next(scores))
+    real_save = sr_train.save
+
+    def decline_best_of_step_2(path, step, *args):
+        if path.name == "best.pt" and step == 2:
+            return False  # (as for non-finite weights: nothing written)
+        return real_save(path, step, *args)
+
+    monkeypatch.setattr(sr_train, "save", decline_best_of_step_2)
+    run, val = tmp_path / "run", tmp_path / "val"
+    val.mkdir()
+    iio.imwrite(val / "v.png", np.full((32, 32, 3), 90, np.uint8))  # (not scored: `validate`)
+    argv = [*train_argv(hr_dir, run), "--val-every", "1", "--val-data", str(val)]
+    assert sr_train.main(argv) == 0
+    last = torch.load(run / "last.pt", weights_only=False)
+    assert torch.load(run / "best.pt", weights_only=False)["step"] == 3
+    assert (last["best_step"], last["best"]) == (3, 1.5)
