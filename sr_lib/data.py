@@ -59,6 +59,7 @@ from sr_lib.errors import (
     SRSpaceError,
     UsageError,
     escaped,
+    joined_lines,
 )
 from sr_lib.resize import contributions, imresize
 from sr_lib.threads import finish, new_pool, result, signals_held, submit, thread_map
@@ -103,7 +104,7 @@ class ImageError(DataError):
 
 
 def _fail(path, reason: str) -> NoReturn:
-    raise ImageError(f"{path}: {' '.join(reason.split())}")  # always one line
+    raise ImageError(f"{path}: {joined_lines(reason)}")  # one line: a library's lines joined
 
 
 def read_image(path: str | os.PathLike, data: bytes | None = None) -> np.ndarray:

@@ -1791,3 +1791,20 @@ def test_a_worker_killed_with_a_batch_in_the_queue_is_a_worker_died(error, monke
     worker.exitcode = 0  # a worker that exited cleanly is no death: torch's error as it is
     with pytest.raises(type(error)):
         data._FloatLoader._next(types.SimpleNamespace(), Batches())
+
+
+def test_a_pillow_error_of_several_lines_is_joined_by_the_rule(tmp_path, monkeypatch):
+    """Pillow's text of several lines, in the line of a file it cannot read, was flattened by
+    a rule of its own (its words joined by spaces: "header: width 0 height 0", the line breaks
+    lost); it is joined as every library's text (`joined_lines`: "header: width 0; height 0")."""
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(path)
+
+    def broken(*args, **kwargs):
+        raise ValueError("bad header:\n  width 0\n  height 0")
+
+    monkeypatch.setattr(data.Image, "open", broken)
+    with pytest.raises(data.ImageError) as e:
+        data.read_image(path)
+    said = "not a readable image (ValueError: bad header: width 0; height 0)"
+    assert str(e.value) == f"{path}: {said}"
