@@ -2466,8 +2466,9 @@ def roll_back(tripped: int, args, out: Path, steps: int, model, optimizers: dict
         why = (f"after {n} rollbacks (--max-rollbacks {args.max_rollbacks})" if n else
                "before the first checkpoint" if args.on_nan == "rollback" else "")  # fmt: skip
         other = "" if args.on_nan == "rollback" else ", or use --on-nan rollback"
-        held = (f"the last good checkpoint is {path} (resume with a lower --learning-rate{other})"
-                if path.is_file() else f"{before} with a lower --learning-rate{other}")  # fmt: skip
+        lower = f"with a lower --learning-rate{other}"
+        held = (f"the last good checkpoint is {shell_quote(path)} (resume {lower})"
+                if path.is_file() else f"{before} {lower}")  # fmt: skip
         raise NonFiniteError(f"{what}{' ' + why if why else ''}; stopped without saving; {held}")
     ck = read_checkpoint(path)
     # A loader from the checkpoint's step (it draws from no global RNG, as at a resume)

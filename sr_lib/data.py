@@ -989,7 +989,7 @@ def _walk(folder: Path, recursive: bool, dangling: list[Path]):
                     # (EACCES, EIO: its images, if any, would be left out without a word)
                     raise DataError(
                         f"{path}: cannot be checked ({e.strerror or e}), so its images would be "
-                        f"left out; make it readable or move it out of {folder}"
+                        f"left out; make it readable or move it out of {shell_quote(folder)}"
                     ) from None
 
 
@@ -1175,7 +1175,9 @@ def list_images(folder: str | os.PathLike, recursive: bool = True,
         deeper = [] if recursive else _walk(folder, True, [])
         first = next((p for p in deeper if p.suffix.lower() in IMAGE_EXTENSIONS), None)
         where = (
-            first and f"; subfolders are not searched: give the one holding them ({first.parent})"
+            first
+            and f"; subfolders are not searched: give the one holding them "
+            f"({shell_quote(first.parent)})"
         )
         raise DataError(
             f"{folder}: no images found ({exts}{', recursively' if recursive else ''}){where or ''}"

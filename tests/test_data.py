@@ -45,6 +45,7 @@ from sr_lib.data import (
     read_ahead,
     read_image,
     read_planes,
+    shell_quote,
     to_tensor,
     to_uint8,
     to_uint16,
@@ -1808,3 +1809,31 @@ def test_a_pillow_error_of_several_lines_is_joined_by_the_rule(tmp_path, monkeyp
         data.read_image(path)
     said = "not a readable image (ValueError: bad header: width 0; height 0)"
     assert str(e.value) == f"{path}: {said}"
+
+
+def test_the_folders_a_listing_suggests_are_quoted_for_a_shell(tmp_path, monkeypatch):
+    """The folder a listing's line says to give (its images one level down) or to move an
+    unreadable entry out of, in a folder with a space: written bare (two words where pasted);
+    quoted (`shell_quote`), as every path srspace suggests."""
+    top = tmp_path / "my data"
+    (top / "sub").mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(top / "sub" / "a.png")
+    with pytest.raises(DataError) as e:
+        list_images(top, recursive=False)
+    assert str(e.value).endswith(f"give the one holding them ({shell_quote(top / 'sub')})")
+    real = os.scandir
+
+    class Locked:  # a DirEntry whose stat fails with EACCES
+        def __init__(self, entry):
+            self.name, self.path = entry.name, entry.path
+
+        def is_dir(self):
+            raise PermissionError(13, "Permission denied", self.path)
+
+        def is_symlink(self):
+            return False
+
+    monkeypatch.setattr(os, "scandir", lambda path: [Locked(e) for e in real(path)])
+    with pytest.raises(DataError) as e:
+        list_images(top)
+    assert str(e.value).endswith(f"move it out of {shell_quote(top)}")

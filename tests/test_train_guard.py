@@ -522,3 +522,16 @@ def test_a_finite_loss_with_a_non_finite_gradient_is_skipped(grad_clip):
     assert step(w.sqrt().sum() - 1) == 0 and torch.equal(w.detach(), torch.tensor([0.0, 1.0]))
     assert step((w - 2).square().sum()) == 1
     assert not torch.equal(w.detach(), torch.tensor([0.0, 1.0]))
+
+
+def test_the_last_good_checkpoint_named_is_quoted_for_a_shell(tmp_path, images, flaky_models,
+                                                               capsys):  # fmt: skip
+    """The line of rollbacks run out names the last good checkpoint, pasted into --resume: a
+    run folder with a space was written bare (two words in a shell); quoted (`shell_quote`)."""
+    out = tmp_path / "my run"
+    with pytest.raises(SystemExit) as e:
+        run(out, images, *EDSR_TINY, "--steps", "8", "--save-every", "2", "--on-nan",
+            "rollback", "--max-rollbacks", "1", "--max-bad-steps", "2",
+            "--nan-steps", "3,4,5,6,7")  # fmt: skip
+    err = capsys.readouterr().err
+    assert e.value.code == 5 and f"the last good checkpoint is '{out / 'last.pt'}' (" in err, err
