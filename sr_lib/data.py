@@ -104,7 +104,9 @@ class ImageError(DataError):
 
 
 def _fail(path, reason: str) -> NoReturn:
-    raise ImageError(f"{path}: {joined_lines(reason)}")  # one line: a library's lines joined
+    # one line: a library's text joined where it is quoted (`joined_lines` of its own text, so
+    # that it is cut, or not, as SRSPACE_FULL_ERRORS=1's whole text after the line has it)
+    raise ImageError(f"{path}: {joined_lines(reason)}")
 
 
 def read_image(path: str | os.PathLike, data: bytes | None = None) -> np.ndarray:
@@ -190,7 +192,7 @@ def _decode(path: str | os.PathLike, data: bytes | None) -> np.ndarray:
         (w, h), mode, fmt = (tags.get(256, 0), tags.get(257, 0)), None, "TIFF"  # 16-bit LA, float
         transparent = False
     except Exception as e:  # Pillow raises many types for broken headers
-        _fail(path, f"not a readable image ({type(e).__name__}: {e})")
+        _fail(path, f"not a readable image ({type(e).__name__}: {joined_lines(str(e))})")
     if w * h > MAX_PIXELS:
         _fail(path, f"{w}x{h} {too_big}")
     with _exif_said(path) if broken else contextlib.nullcontext():
@@ -234,7 +236,7 @@ def _decode_pixels(path: Path, data: bytes, tags, size, mode, fmt, transparent) 
     except (MemoryError, ImageError):
         raise
     except Exception as e:  # Pillow: OSError("image file is truncated"); pypng: FormatError
-        _fail(path, f"cannot decode, the file may be truncated or corrupt ({e})")
+        _fail(path, f"cannot decode, the file may be truncated or corrupt ({joined_lines(str(e))})")
     return arr
 
 

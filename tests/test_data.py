@@ -1801,14 +1801,21 @@ def test_a_pillow_error_of_several_lines_is_joined_by_the_rule(tmp_path, monkeyp
     path = tmp_path / "a.png"
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(path)
 
+    text = "bad header:\n  width 0\n  height 0"
+
     def broken(*args, **kwargs):
-        raise ValueError("bad header:\n  width 0\n  height 0")
+        raise ValueError(text)
 
     monkeypatch.setattr(data.Image, "open", broken)
     with pytest.raises(data.ImageError) as e:
         data.read_image(path)
     said = "not a readable image (ValueError: bad header: width 0; height 0)"
     assert str(e.value) == f"{path}: {said}"
+    # whole, as SRSPACE_FULL_ERRORS=1 shows none after it: its own length decides, not the line's
+    text = f"bad header:\n{'x' * 280}\nend"
+    with pytest.raises(data.ImageError) as e:
+        data.read_image(path)
+    assert str(e.value).endswith(f"(ValueError: bad header: {'x' * 280}; end)")
 
 
 def test_the_folders_a_listing_suggests_are_quoted_for_a_shell(tmp_path, monkeypatch):
