@@ -216,16 +216,20 @@ def _joined(lines: list[str]) -> str:
     return joined
 
 
-def whole_texts(quoted: Iterable[str]) -> str:
-    """Under FULL_ERRORS=1, the texts of `quoted` that `joined_lines` cuts, whole, for after
-    their line ("" otherwise, or where none is cut): each introduced by a line that says so,
-    each of its lines indented and printable (`one_line`), so that no line of it passes for
-    srspace's own."""
+def whole_texts(quoted: Iterable[str], line: str) -> str:
+    """Under FULL_ERRORS=1, the texts of `quoted` that `joined_lines` cuts and `line` (one_line's)
+    shows so cut, whole, for after their line ("" otherwise, or where none is): each introduced
+    by a line that says so, each of its lines indented and printable (`one_line`), so that no
+    line of it passes for srspace's own. A text that the line does not quote (its error said in
+    srspace's words: a checkpoint's pickled objects) is not said to be cut; one within another
+    shown (torch's weights-only error quotes the unpickler's, its context) is shown once."""
     if os.environ.get(FULL_ERRORS, "0") in ("", "0"):
         return ""
+    texts = [said for said in dict.fromkeys(quoted)
+             if cut_short(said) and one_line(joined_lines(said)) in line]  # fmt: skip
     lines = []
-    for said in dict.fromkeys(quoted):
-        if cut_short(said):
+    for said in texts:
+        if not any(said != other and said in other for other in texts):
             lines += [f"  its whole text ({FULL_ERRORS}=1):"]
             lines += [f"    {one_line(line)}" for line in said.splitlines()]
     return "".join(f"\n{line}" for line in lines)
@@ -251,7 +255,8 @@ def say_err(text: str, quoted: Iterable[str] = ()) -> None:
     cannot be written either (`2>&1 | head`)."""
     quoted = list(quoted)
     with contextlib.suppress(OSError):
-        print(one_line(text, quoted) + whole_texts(quoted), file=sys.stderr, flush=True)
+        line = one_line(text, quoted)
+        print(line + whole_texts(quoted, line), file=sys.stderr, flush=True)
 
 
 def said_error(e: BaseException) -> str:
@@ -441,7 +446,8 @@ def warning_line(prog: str, message, filename: str) -> str:
     """A warning as `prog: warning: TEXT`, one printable line (a library's lines joined:
     `warning_quotes`), and under FULL_ERRORS=1 a library's text it cut, whole after it."""
     quoted = warning_quotes(message, filename)
-    return f"{prog}: warning: {one_line(str(message), quoted)}" + whole_texts(quoted)
+    line = f"{prog}: warning: {one_line(str(message), quoted)}"
+    return line + whole_texts(quoted, line)
 
 
 def formatted(prog: str):

@@ -829,3 +829,33 @@ sys.exit(sr_train.main({argv!r}))
     with pytest.raises(ProcessLookupError):  # the hung worker killed (and reaped)
         os.kill(int(pid_file.read_text()), 0)
     assert list(own_temp_dir.glob("pymp-*")) == []  # (its socket's folder: the main process's)
+
+
+def test_a_library_text_is_shown_whole_once_and_only_where_quoted(tmp_path, capsys,
+                                                                  monkeypatch):  # fmt: skip
+    """Under SRSPACE_FULL_ERRORS=1 every library text behind an error that `joined_lines` cuts
+    was written whole after the line: a text within another (torch re-raising from None with
+    the first's text in its own, its context kept) twice, and one that the line never quoted
+    (the weights-only refusal, said in srspace's words) as "its whole text" all the same. Now
+    those the line shows cut, once each."""
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"PK\x03\x04" + bytes(60))  # (torch.save's zip, as far as its start)
+    inner = "\n".join(["Unsupported global:", *(f"GLOBAL mod.cls{i} {'x' * 40}" for i in range(8))])
+    said = {}
+
+    def load(*args, **kwargs):
+        try:
+            raise said["kind"](inner)
+        except Exception as e:
+            raise said["kind"](f"{said['head']} {'y' * 50}\n{e}") from None
+
+    monkeypatch.setattr(torch, "load", load)
+    monkeypatch.setenv("SRSPACE_FULL_ERRORS", "1")
+    cases = [(RuntimeError, "PytorchStreamReader failed:", 1),
+             (pickle.UnpicklingError, "Weights only load failed.", 0)]  # fmt: skip
+    for kind, head, whole in cases:
+        said.update(kind=kind, head=head)
+        with pytest.raises(SystemExit), exit_on_error("sr_sample.py"):
+            torch_load(path, "checkpoint")
+        err = capsys.readouterr().err
+        assert err.count("its whole text") == whole and err.count("mod.cls3 ") == whole, err
