@@ -20,9 +20,10 @@ SSIM_mean (GT cropped to a multiple of --scale and to the SR size, --shave px of
 --color rgb|y), with --lr-blur LRPSNR_blur_worst and LRPSNR_blur_mean and, with --lr,
 LRPSNR_vs_input_mean follow. --lr-blur SIGMA or LO:HI (not with --ntire): LR-PSNR with the blur +
 bicubic downscale of sr_sample.py --from-hr --lr-blur's LR (sr_lib.data.degrade), each image's
-sigma drawn by its stem as there (sr_lib.data.validation_blur), in those columns, the official
-ones bicubic as ever; --lr-noise and --lr-jpeg are refused (random, no function of the SR); a
-folder whose manifest.json records another blur is one warning naming the flag to give.
+sigma drawn as there by the stem of the input its samples were made from
+(sr_lib.data.validation_blur, sampled_stems), in those columns, the official ones bicubic as
+ever; --lr-noise and --lr-jpeg are refused (random, no function of the SR); a folder whose
+manifest.json records another blur is one warning naming the flag to give.
 --pairwise adds LPIPS_pairwise (both modes, last): the mean LPIPS between the N samples of each
 image (the lpips package's default, non-spatial call, from the features of their LPIPS passes: no
 trunk pass more), with its N x N matrix in --out's per-image rows as LPIPS_pairwise_matrix; rows of
