@@ -137,6 +137,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import sys
 import time
 import warnings
@@ -1217,19 +1218,35 @@ def lock_output(flag: str, path: Path) -> tuple[Path, int]:
     lock file deleted by the run that ended as this one opened it is opened again (its flock
     would guard nothing), and this run's pid and host written in it, for the line of a run
     refused (`lock_holder`). Another user's, left by a kill (not writable here, opened
-    read-only: a flock needs no write), is replaced by one of this run's where the folder lets
-    it be deleted (`unlinkable`), its line naming the run killed; else locked as it is."""
+    read-only: a local flock needs no write), is replaced by one of this run's where the folder
+    lets it be deleted (`unlinkable`), its line naming the run killed; else locked as it is. NFS
+    emulates flock with a byte-range lock, which needs a file open for writing (EBADF else):
+    there such a file is replaced where no process holds a byte-range lock on it
+    (`locked_elsewhere`), refused where one does, and only where neither can be done or told
+    does the run go on unlocked, with a warning."""
     lock = lock_name(path)
     while True:
         fd, mine = open_lock(flag, path, lock)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            held = e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+            why = e.strerror or e
+            if e.errno == errno.EBADF and not mine:  # (NFS, another user's lock: read-only)
+                held = locked_elsewhere(fd)
+                if held is False and unlinkable(lock):  # (a kill's: replaced, as below)
+                    with suppress(OSError):
+                        lock.unlink()
+                    if not same_inode(lock, fd):
+                        os.close(fd)
+                        continue
+                why = ("another user's, open read-only, and this file system locks only files "
+                       "open for writing")  # fmt: skip
+            if not held:
                 # (its file kept open all the same: `unlock` deletes it at the end, as a lock's;
                 # closed here, it was left behind by every run on such a file system)
-                warn(f"{flag} {path}: cannot lock {lock} ({e.strerror or e}); a second "
-                     "sr_eval.py writing there at once would not be noticed")  # fmt: skip
+                warn(f"{flag} {path}: cannot lock {lock} ({why}); a second sr_eval.py writing "
+                     "there at once would not be noticed")  # fmt: skip
                 break
             if not same_inode(lock, fd):  # (replaced meanwhile by its holder: that one's)
                 os.close(fd)
@@ -1253,6 +1270,24 @@ def lock_output(flag: str, path: Path) -> tuple[Path, int]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
     return lock, fd
+
+
+def locked_elsewhere(fd: int) -> bool | None:
+    """Whether another process holds a lock on the file open as `fd` where flock cannot be taken
+    on a file open read-only (NFS: its flock is a byte-range lock, on the server too, which
+    F_GETLK tests without a write; this machine's holders are in /proc/locks, `flock_pids`);
+    None where that cannot be told (not Linux, whose struct flock this packs, or F_GETLK
+    failed)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    if flock_pids(fd):
+        return True
+    query = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)  # (the whole file)
+    try:
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
+    except OSError:
+        return None
+    return struct.unpack_from("h", answer)[0] != fcntl.F_UNLCK
 
 
 def lock_name(path: Path) -> Path:

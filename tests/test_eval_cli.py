@@ -18,6 +18,7 @@ import shlex
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -1604,15 +1605,9 @@ def test_scores_kept_beside_an_out_written_now_on_nfs_are_not_taken(tmp_path, ca
     writing: held, the file is not taken; another user's, which can be opened read-only alone,
     is not either (whether a run writes it is not known)."""
     res, argv = stopped_beside_a_json(tmp_path, capsys, monkeypatch)
-    partial, real_flock = res / "a.json.partial", fcntl.flock
+    partial = res / "a.json.partial"
     kept = partial.read_bytes()
-
-    def flock(fd, operation):  # (NFS's)
-        if operation & fcntl.LOCK_EX and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == 0:
-            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-        return real_flock(fd, operation)
-
-    monkeypatch.setattr(sr_eval.fcntl, "flock", flock)
+    nfs_flock(monkeypatch)
     calls, got = run_while_a_json_is_written(capsys, monkeypatch, res, argv)
     assert f"{partial}: the scores this command kept there are not continued" in got.err
     assert "is writing it now" in got.err and partial.read_bytes() == kept
@@ -2078,6 +2073,80 @@ def test_another_users_lock_file_is_replaced_or_locked_read_only(
         assert modes == [create, read_only, create]
         assert held == [f"pid {os.getpid()} on {socket.gethostname()}\n"]
     assert sorted(p.name for p in tmp_path.glob("r.*")) == ["r.json"]
+
+
+def nfs_flock(monkeypatch):
+    """fcntl.flock as NFS emulates it, by a byte-range lock: an exclusive one needs the file open
+    for writing (EBADF else, flock(2))."""
+    real = fcntl.flock
+
+    def flock(fd, operation):
+        if operation & fcntl.LOCK_EX and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == 0:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return real(fd, operation)
+
+    monkeypatch.setattr(sr_eval.fcntl, "flock", flock)
+
+
+@pytest.mark.skipif(not hasattr(fcntl, "F_OFD_SETLK"), reason="open file description locks")
+@pytest.mark.parametrize(
+    "held", ["no", "yes", "sticky"], ids=["left-by-a-kill", "held-elsewhere", "in-a-sticky-folder"]
+)
+def test_another_users_lock_file_on_nfs_is_replaced_where_no_run_holds_it(
+    tmp_path, capsys, monkeypatch, held
+):
+    """On NFS another user's NAME.lock left by a kill, open read-only (not writable here), could
+    not be locked (EBADF: NFS's flock is a byte-range lock, which needs a file open for
+    writing): the run went on unlocked, warning that a second run would not be noticed, and
+    never tried to replace the file, as it does where flock works; every later run there did
+    the same. Now, where no process holds a byte-range lock on it (F_GETLK, which needs no
+    write), it is replaced by one of this run's, locked, no warning, deleted at the end; where
+    one does (a run on another machine: here an open file description's lock), the run is
+    refused, one line, exit 2, the file left as it is; where the folder does not let it be
+    deleted (the sticky bit), the warning says why it is not locked."""
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),), names=("0001",))
+    out, lock = tmp_path / "r.json", tmp_path / "r.json.lock"
+    theirs = "pid 1 on elsewhere\n"
+    lock.write_text(theirs)
+    real_open = os.open
+
+    def another_users(path, flags, *args):
+        if Path(path) == lock and flags & os.O_ACCMODE and lock.exists():
+            if lock.read_text() == theirs:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args)
+
+    holder = real_open(lock, os.O_RDWR)
+    try:
+        if held == "yes":  # (NFS's flock is a byte-range lock of the whole file on the server)
+            whole = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+            fcntl.fcntl(holder, fcntl.F_OFD_SETLK, whole)
+        monkeypatch.setattr(sr_eval.os, "open", another_users)
+        nfs_flock(monkeypatch)
+        calls = stop_at_image(monkeypatch, "none")
+        argv = ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2, "--no-lpips"]
+        if held == "sticky":  # (and not its owner, nor the folder's: `unlinkable` says no)
+            tmp_path.chmod(0o1777)
+            monkeypatch.setattr(sr_eval.os, "geteuid", lambda: lock.stat().st_uid + 1000)
+            code, got = run(capsys, *argv, "--out", out, "--quiet")
+            assert (code, calls) == (0, ["0001"]) and got.err == (
+                f"sr_eval.py: warning: --out {out}: cannot lock {lock} (another user's, open "
+                "read-only, and this file system locks only files open for writing); a second "
+                "sr_eval.py writing there at once would not be noticed\n"
+            )
+        elif held == "yes":
+            code, err = fails(capsys, *argv, "--out", out)
+            assert (code, calls) == (2, []) and err == (
+                f"sr_eval.py: error: --out {out}: another sr_eval.py (pid 1 on elsewhere) is "
+                "writing its results there now; wait for it to end, or give --out another name\n"
+            )
+            assert lock.read_text() == theirs and not out.exists()
+        else:
+            assert run(capsys, *argv, "--out", out, "--quiet") == (0, ("", ""))
+            assert calls == ["0001"] and sorted(p.name for p in tmp_path.glob("r.*")) == ["r.json"]
+    finally:
+        os.close(holder)
+        tmp_path.chmod(0o755)
 
 
 @pytest.mark.parametrize("kind", ["folder", "loop"])
