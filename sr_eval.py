@@ -1438,8 +1438,9 @@ def adopt_partial(args: EvalArgs, key: str, legacy: set[str] = frozenset(),
     for a rerun of their command.
     Not the file of a run of this command that is writing it now (under another --out name:
     `partial_lock`): it was taken, and both runs then wrote one file of scores. That run's lock
-    is held while the file is moved (`unless_written`); one warning line names a file not
-    taken where no other is, and every image is scored."""
+    is held while the file is moved (`unless_written`), nor one that cannot be moved (another
+    user's: `move_onto`); one warning line names a file not taken where no other is, and every
+    image is scored."""
     here, *others = partial_paths(args)
     adopt_key(here, key, legacy, moved)
     if here.exists() and not keep_others_scores(here, key):
@@ -1465,10 +1466,16 @@ def adopt_partial(args: EvalArgs, key: str, legacy: set[str] = frozenset(),
             if writer:
                 busy = busy or (other, writer)
                 continue
-            with suppress(OSError, OutputError):
+            try:
                 move_onto(other, here)
+            except PermissionError as e:  # (another user's: `move_onto`; else tried quietly)
+                busy = busy or (other, f"they cannot be moved to {here} ({e.strerror or e})")
+                continue
+            except (OSError, OutputError):
+                continue
+            with suppress(OSError, OutputError):
                 adopt_key(here, key, legacy)
-                return
+            return
     if busy:
         warn(f"{busy[0]}: the scores this command kept there are not continued from: {busy[1]}; "
              "this run scores every image")  # fmt: skip
@@ -1479,15 +1486,27 @@ def move_onto(other: Path, here: Path) -> None:
     linked onto another disk: the link stays, as every output's, `write_target`); it replaced
     the link, the scores then kept beside --out and the link lost at the end. Across file
     systems written there whole, atomically (`write_text`), then deleted: one step, a stop
-    signal raised at its end (`signals_held`): a SIGTERM during the write left both files."""
+    signal raised at its end (`signals_held`): a SIGTERM during the write left both files. A
+    file that cannot be deleted (another user's in a folder with the sticky bit) is not moved,
+    PermissionError, as a rename of it fails on one file system: never copied where the folder
+    says so (`unlinkable`), the copy deleted where the deletion fails all the same (`here` led
+    to no file: `adopt_partial`). Kept, it left the file beside the other output too, which a
+    rerun of that command continued from: its images scored twice, by both runs."""
     try:
         os.replace(other, write_target(here))
     except OSError as e:
         if e.errno != errno.EXDEV:
             raise
+        if not unlinkable(other):
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(other)) from None
         with signals_held():
             write_text(here, other.read_bytes().decode("utf-8", "surrogateescape"))
-            other.unlink()
+            try:
+                other.unlink()
+            except OSError:
+                with suppress(OSError):
+                    write_target(here).unlink()
+                raise
 
 
 def starts_with(path: Path, heads: list[bytes]) -> bool:

@@ -1708,6 +1708,58 @@ def test_a_stop_while_scores_are_moved_onto_another_disk_leaves_them_one_file(
     assert f"continuing from {res / 'b.json.partial'}: 2 of 3 images scored already" in got.out
 
 
+@pytest.mark.parametrize("why", ["sticky", "unlink"])
+def test_scores_that_cannot_be_deleted_after_a_copy_onto_another_disk_are_not_taken(
+    tmp_path, capsys, monkeypatch, why
+):
+    """Scores of this command kept beside another --out, taken for an OUT.partial linked onto
+    another file system: written there, then deleted. Where the deletion failed (another user's
+    file in a folder with the sticky bit: PermissionError), the error was swallowed and the run
+    continued from the copy, the file left beside the other --out, where a rerun of that
+    command continued from it too: its images scored twice, a move that was a copy. Now such a
+    file is not taken, as a rename of it fails on one file system: never copied where the
+    folder does not let it be deleted, the copy deleted where the deletion fails all the same;
+    one warning line names it and why, and every image is scored."""
+    res, argv = stopped_beside_a_json(tmp_path, capsys, monkeypatch)
+    theirs = res / "a.json.partial"
+    kept = theirs.read_bytes()
+    target = tmp_path / "scratch" / "kept.partial"
+    target.parent.mkdir()
+    (res / "b.json.partial").symlink_to(target)
+    real_replace, real_unlink, copied = os.replace, Path.unlink, []
+
+    def replace(src, dst, **kwargs):  # (another disk: no rename onto it)
+        if Path(dst) == target and Path(src).parent == res:
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        return real_replace(src, dst, **kwargs)
+
+    def unlink(path, *args, **kwargs):  # (the sticky bit asks more than a folder's mode tells)
+        if path == theirs:
+            copied.append(target.read_bytes() == kept)
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(sr_eval.os, "replace", replace)
+    if why == "sticky":  # (and not its owner, nor the folder's: `unlinkable` says no)
+        res.chmod(0o1777)
+        monkeypatch.setattr(sr_eval.os, "geteuid", lambda: theirs.stat().st_uid + 1000)
+    else:
+        monkeypatch.setattr(Path, "unlink", unlink)
+    calls = stop_at_image(monkeypatch, "none")
+    try:
+        code, got = run(capsys, *argv, "--out", res / "b.json")
+    finally:
+        res.chmod(0o755)
+    assert code == 0 and calls == ["0000", "0001", "0002"] and "continuing" not in got.out
+    assert got.err == (
+        f"sr_eval.py: warning: {theirs}: the scores this command kept there are not continued "
+        f"from: they cannot be moved to {res / 'b.json.partial'} (Operation not permitted); "
+        "this run scores every image\n"
+    )
+    assert theirs.read_bytes() == kept and not target.exists()
+    assert copied == ([] if why == "sticky" else [True])
+
+
 def test_another_commands_scores_kept_through_an_out_partial_link_are_moved_beside_its_target(
     tmp_path, capsys, monkeypatch
 ):
