@@ -715,18 +715,22 @@ class ImageNeeds:
     scoring: int  # PSNR's and SSIM's float64 maps (0 with --ntire)
     ahead: bool  # the next image's files are decoded meanwhile (as much again, about)
     pairwise: int = 0  # --pairwise: the features kept for the pairs, on the LPIPS device
+    blur: int = 0  # --lr-blur: its blurred downscales, beside PSNR's and SSIM's maps
 
 
 def image_needs(stem: str, gt_file: Path, samples: list[int], ntire: bool, color: str, ahead,
                 pairwise_scale: int | None = None, batch: int = 1,
-                pairwise_memory: int | None = None):  # fmt: skip
+                pairwise_memory: int | None = None, blur_scale: int | None = None):  # fmt: skip
     """The ImageNeeds of image `stem` with `samples` samples in each --sr folder (`ahead`: not
     the last image), from its ground truth's header (None where it cannot tell): uint8 RGB, 3
     bytes a pixel for each file; and without --ntire 24 bytes a value of the compared region (at
     most the ground truth's: three float64 maps, sr_lib/metrics.py `SsimReference`), 3 values a
     pixel, 1 with --color y. `pairwise_scale`: --pairwise's --scale (`metrics.pairwise_bytes`
     of the folder with the most samples, in LPIPS batches of `batch`, as many at once as fit
-    in `pairwise_memory`: `metrics.pairwise_block`)."""
+    in `pairwise_memory`: `metrics.pairwise_block`). `blur_scale`: --lr-blur's --scale (None:
+    no --lr-blur): one blurred downscale at a time (`degrade_bytes`), after PSNR and SSIM with
+    their maps still held (`metrics.blurred_lr_psnr`), and the uint8 LRs of the ground truth
+    and of the samples of the folder with the most."""
     size = image_size(gt_file)
     if size is None:
         return None
@@ -738,7 +742,30 @@ def image_needs(stem: str, gt_file: Path, samples: list[int], ntire: bool, color
         most = max(samples)
         block = metrics.pairwise_block(size, most, pairwise_scale, batch, pairwise_memory)
         pairs = metrics.pairwise_bytes(size, most, pairwise_scale, block)
-    return ImageNeeds(stem, size, decoded, folder, scoring, ahead, pairs)
+    blur = 0
+    if blur_scale:
+        lrs = 3 * (size[0] // blur_scale) * (size[1] // blur_scale) * (1 + max(samples))
+        blur = degrade_bytes(size, blur_scale) + lrs
+    return ImageNeeds(stem, size, decoded, folder, scoring, ahead, pairs, blur)
+
+
+# HR rows of `sr_lib.data.blur_downscale` held at once in float64 beside its rows' pass, as
+# measured (`degrade_bytes`): tracemalloc's peak of one `degrade`, less the rows' pass, is
+# 14.1-14.5 kB an HR column at 512 to 4096 pixels wide, x2, x4 and x8 (but 4096^2 x2: the
+# result's array is larger than the band then)
+DEGRADE_BAND_ROWS = 600
+
+
+def degrade_bytes(size: tuple[int, int], scale: int) -> int:
+    """Host bytes that one blurred downscale (--lr-blur's `degrade`) of an image of `size` (H, W)
+    takes at its peak: its rows' pass, float64 RGB (H/s, W), beside a band of HR rows
+    (DEGRADE_BAND_ROWS at most) in the rows' pass, then beside its result (H/s, W/s) and about
+    half such a band in the columns' pass: the larger. tracemalloc's peak against this, sigma
+    2: 2040x1352 x4 46 / 46 MB (docs/benchmarks.md: the process grew 56 MB), x2 63 / 64 MB;
+    4096^2 x4 159 / 160 MB (174 MB), x2 333 / 332 MB, x8 109 / 109 MB; 512^2 x4 8.6 / 7.9 MB."""
+    h, w = size
+    rows, band = 24 * (h // scale) * w, 24 * w * min(h, DEGRADE_BAND_ROWS)
+    return rows + max(band, 24 * (h // scale) * (w // scale) + band // 2)
 
 
 def out_of_memory_line(e: BaseException, device, batch: int, lpips: bool, methods: int,
@@ -751,7 +778,8 @@ def out_of_memory_line(e: BaseException, device, batch: int, lpips: bool, method
     "can't allocate memory", or any on the CPU) holds the image's files decoded, every --sr
     folder's samples together and as much for the next image (decoded meanwhile): fewer --sr
     folders, each worth its samples; then LPIPS where it runs on the CPU (LPIPS_BYTES): the
-    batch (1 by default) and --no-lpips; then PSNR's and SSIM's maps: --ntire, where they take
+    batch (1 by default) and --no-lpips; then PSNR's and SSIM's maps, and beside them
+    --lr-blur's downscales: no --lr-blur, --ntire (which refuses --lr-blur), where they take
     more than LPIPS (one after the other: the larger is the peak). The line says what the image
     takes, and each remedy what it saves."""
     host = host_out_of_memory(e, device)
@@ -760,6 +788,8 @@ def out_of_memory_line(e: BaseException, device, batch: int, lpips: bool, method
     most = image.folder // (3 * px) if px else batch  # (samples in the largest --sr folder)
     lp = (LPIPS_BYTES[0] + LPIPS_BYTES[1] * min(batch, most)) * px if lpips_host else 0
     scoring = image.scoring if px else 0
+    blur = image.blur if px else 0  # (beside PSNR's and SSIM's maps: the later step's peak)
+    later = scoring + blur
     # --pairwise's features, held on the LPIPS device while the samples' LPIPS computes
     pairs = image.pairwise if image and host == (device.type == "cpu") else 0
     helps = []
@@ -767,9 +797,11 @@ def out_of_memory_line(e: BaseException, device, batch: int, lpips: bool, method
         each = f"; ~{gb(LPIPS_BYTES[1] * px)[1:]} a sample" if px else ""
         helps += [f"a smaller --lpips-batch (this run's: {batch}{each})"] if batch > 1 else []
         helps += [] if host else ["--device cpu"]
-        helps.append("--no-lpips" + (f" ({gb(lp - scoring)} less)" if lp > scoring else ""))
-    if scoring > lp:
-        helps.append(f"--ntire (no PSNR/SSIM columns: {gb(scoring - lp)} less)")
+        helps.append("--no-lpips" + (f" ({gb(lp - later)} less)" if lp > later else ""))
+    if later > lp:
+        helps += [f"no --lr-blur ({gb(min(blur, later - lp))} less)"] if blur else []
+        without = " and no --lr-blur" if blur else ""  # (--ntire refuses it)
+        helps.append(f"--ntire{without} (no PSNR/SSIM columns: {gb(later - lp)} less)")
     if pairs:
         helps.append(f"no --pairwise ({gb(pairs)} less)")
     if host and methods > 1:
@@ -783,6 +815,7 @@ def out_of_memory_line(e: BaseException, device, batch: int, lpips: bool, method
                 + (f", LPIPS {gb(lp)}" if lp else "")
                 + (f", --pairwise's features {gb(pairs)}" if pairs else "")
                 + (f", {'then ' if lp else ''}PSNR and SSIM {gb(scoring)}" if scoring else "")
+                + (f" and --lr-blur's downscale {gb(blur)}" if blur else "")
                 + ")")  # fmt: skip
     if not helps:
         return OUT_OF_MEMORY_IMAGES if not said else f"out of memory{said}; {FIT}"
@@ -1056,8 +1089,9 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
         counts = [len(m.files[k]) for m in methods]
         ahead = k + 1 < len(stems)
         pairs = args.scale if args.pairwise else None
+        blurs = args.scale if args.lr_blur else None
         needs = image_needs(stems[k], hr[stems[k]], counts, args.ntire, args.color, ahead, pairs,
-                            batch, pairwise_memory)  # fmt: skip
+                            batch, pairwise_memory, blurs)  # fmt: skip
         return oom(e, needs)
 
     with out_of_memory_said(oom):

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import tracemalloc
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ import sr_eval
 import sr_lib.metrics
 import sr_sample
 import sr_train
+from sr_lib import data
 from sr_lib.checkpoint import save_checkpoint
 from sr_lib.errors import exit_on_error
 from sr_lib.models import build_model
@@ -82,6 +84,9 @@ NTIRE = "--ntire (no PSNR/SSIM columns: ~74 kB less)"
         (["--no-lpips"], MemoryError(), f"out of memory {SCORING}); use {NTIRE}"),
         # (a thread's stack that cannot be mapped under a ulimit -v: was a traceback, exit 1)
         (["--no-lpips"], NO_THREAD, f"out of memory {SCORING}); use {NTIRE}"),
+        (["--no-lpips", "--lr-blur", 2], MemoryError(), f"out of memory {SCORING} and --lr-blur's "
+         "downscale ~31 kB); use no --lr-blur (~31 kB less) or --ntire and no --lr-blur (no "
+         "PSNR/SSIM columns: ~110 kB less)"),
         (["--no-lpips", "--sr", "b=SR"], MemoryError(), "out of memory scoring 0001 (32x32: its "
          f"files decoded take ~15 kB, PSNR and SSIM ~74 kB); use {NTIRE} or fewer --sr folders "
          "per run (~6.1 kB less each)"),
@@ -192,6 +197,35 @@ def test_the_out_of_memory_line_says_what_the_image_takes(tmp_path):
         == "out of memory; use a smaller --lpips-batch (this run's: 4), --device cpu or --no-lpips"
     )
     assert sr_eval.image_needs("0801", tmp_path / "none.png", [1], False, "rgb", True) is None
+
+
+def test_the_out_of_memory_line_counts_lr_blurs_downscale(tmp_path):
+    """--lr-blur's blurred downscales (`degrade` of the GT and of each sample, float64, after
+    PSNR and SSIM with their maps still held) were not in what the out-of-memory line says an
+    image takes, nor was no --lr-blur among its remedies. Now counted: `degrade_bytes`, about
+    what tracemalloc sees one take (docs/benchmarks.md: the process grew 56 MB at 2040x1352 x4),
+    and the uint8 LRs kept; --ntire, which refuses --lr-blur, named with it."""
+    gt = tmp_path / "0801.png"
+    iio.imwrite(gt, np.zeros((1352, 2040, 3), np.uint8))
+    plain = sr_eval.image_needs("0801", gt, [10], False, "rgb", ahead=False)
+    blurred = sr_eval.image_needs("0801", gt, [10], False, "rgb", ahead=False, blur_scale=4)
+    lrs = 11 * 3 * 338 * 510  # (the GT's and 10 samples', uint8)
+    assert plain.blur == 0 and blurred.blur == sr_eval.degrade_bytes((1352, 2040), 4) + lrs
+    assert 40e6 < blurred.blur < 60e6
+    hr = np.zeros((1352, 2040, 3), np.uint8)
+    tracemalloc.start()
+    try:
+        data.degrade(hr, 4, 2.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert abs(sr_eval.degrade_bytes((1352, 2040), 4) / peak - 1) < 0.15, peak
+    line = sr_eval.out_of_memory_line(MemoryError(), torch.device("cpu"), 1, False, 1, blurred)
+    assert line == (
+        "out of memory scoring 0801 (2040x1352: its files decoded take ~91 MB, PSNR and SSIM "
+        "~200 MB and --lr-blur's downscale ~52 MB); use no --lr-blur (~52 MB less) or --ntire "
+        "and no --lr-blur (no PSNR/SSIM columns: ~250 MB less)"
+    )
 
 
 @pytest.mark.parametrize(
