@@ -1518,7 +1518,10 @@ def adopt_partial(args: EvalArgs, key: str, legacy: set[str] = frozenset(),
 def move_onto(other: Path, here: Path) -> None:
     """The file `other` moved to `here`, or where `here` leads, a symbolic link (OUT.partial
     linked onto another disk: the link stays, as every output's, `write_target`); it replaced
-    the link, the scores then kept beside --out and the link lost at the end. Across file
+    the link, the scores then kept beside --out and the link lost at the end. Where `other` is
+    a link, the file it leads to is moved, the link left as it is: the link itself was moved
+    (onto another file system copied, then deleted), and the file left where it led, which no
+    run read or deleted (or, moved onto `here`'s target, a link left there at the end). Across file
     systems written there whole, atomically (`write_text`), then deleted: one step, a stop
     signal raised at its end (`signals_held`): a SIGTERM during the write left both files. A
     file that cannot be deleted (another user's in a folder with the sticky bit) is not moved,
@@ -1526,17 +1529,18 @@ def move_onto(other: Path, here: Path) -> None:
     says so (`unlinkable`), the copy deleted where the deletion fails all the same (`here` led
     to no file: `adopt_partial`). Kept, it left the file beside the other output too, which a
     rerun of that command continued from: its images scored twice, by both runs."""
+    source = write_target(other)
     try:
-        os.replace(other, write_target(here))
+        os.replace(source, write_target(here))
     except OSError as e:
         if e.errno != errno.EXDEV:
             raise
-        if not unlinkable(other):
-            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(other)) from None
+        if not unlinkable(source):
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(source)) from None
         with signals_held():
-            write_text(here, other.read_bytes().decode("utf-8", "surrogateescape"))
+            write_text(here, source.read_bytes().decode("utf-8", "surrogateescape"))
             try:
-                other.unlink()
+                source.unlink()
             except OSError:
                 with suppress(OSError):
                     write_target(here).unlink()

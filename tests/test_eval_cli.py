@@ -1760,6 +1760,46 @@ def test_scores_that_cannot_be_deleted_after_a_copy_onto_another_disk_are_not_ta
     assert copied == ([] if why == "sticky" else [True])
 
 
+@pytest.mark.parametrize("disk", ["same", "other"])
+def test_scores_kept_through_a_link_are_moved_from_where_it_leads(tmp_path, capsys, monkeypatch,
+                                                                   disk):  # fmt: skip
+    """Scores of this command kept through a link beside --csv (CSV.partial linked onto another
+    disk), taken by a rerun that adds --out, its OUT.partial a link too: the link itself was
+    moved, not the file it leads to. Onto another file system the scores were copied, the link
+    deleted, and the file it led to left there, which no run reads or deletes; on one, the
+    link was renamed onto OUT.partial's target, and the run's end deleted the file at the end
+    of the chain, the renamed link left there, leading nowhere. Now the file where the link
+    leads is moved (the link stays, as every output's): no file is left but the two links."""
+    names = tuple(f"{k:04d}" for k in range(3))
+    hr_dir, _, sr_dir = make_set(tmp_path, n=2, sizes=((48, 64),) * 3, names=names)
+    res, argv = tmp_path / "res", ["--hr", hr_dir, "--sr", sr_dir, "--scale", 4, "--n", 2]
+    argv += ["--no-lpips", "--csv", res / "a.csv"]
+    kept, target = tmp_path / "scratch" / "kept.partial", tmp_path / "disk" / "t.partial"
+    for folder in (res, kept.parent, target.parent):
+        folder.mkdir()
+    (res / "a.csv.partial").symlink_to(kept)
+    (res / "b.json.partial").symlink_to(target)
+    stop_at_image(monkeypatch, "0002")
+    assert fails(capsys, *argv)[0] == 75 and kept.is_file()
+    monkeypatch.undo()
+    real_replace = os.replace
+
+    def replace(src, dst, **kwargs):  # (another disk: no rename onto it)
+        if disk == "other" and Path(dst) == target and Path(src).parent != target.parent:
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        return real_replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(sr_eval.os, "replace", replace)
+    calls = stop_at_image(monkeypatch, "none")
+    code, got = run(capsys, *argv, "--out", res / "b.json")
+    assert code == 0 and calls == ["0002"], got.err
+    assert f"continuing from {res / 'b.json.partial'}: 2 of 3 images scored already" in got.out
+    assert [p.name for p in (kept.parent, target.parent) for p in p.iterdir()] == []
+    assert sorted(p.name for p in res.iterdir()) == [
+        "a.csv", "a.csv.partial", "b.json", "b.json.partial"
+    ]  # fmt: skip
+
+
 def test_another_commands_scores_kept_through_an_out_partial_link_are_moved_beside_its_target(
     tmp_path, capsys, monkeypatch
 ):
