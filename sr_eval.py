@@ -1521,8 +1521,8 @@ def move_onto(other: Path, here: Path) -> None:
     the link, the scores then kept beside --out and the link lost at the end. Where `other` is
     a link, the file it leads to is moved, the link left as it is: the link itself was moved
     (onto another file system copied, then deleted), and the file left where it led, which no
-    run read or deleted (or, moved onto `here`'s target, a link left there at the end). Across file
-    systems written there whole, atomically (`write_text`), then deleted: one step, a stop
+    run read or deleted (or, moved onto `here`'s target, a link left there at the end). Across
+    file systems written there whole, atomically (`write_text`), then deleted: one step, a stop
     signal raised at its end (`signals_held`): a SIGTERM during the write left both files. A
     file that cannot be deleted (another user's in a folder with the sticky bit) is not moved,
     PermissionError, as a rename of it fails on one file system: never copied where the folder
