@@ -617,12 +617,14 @@ def main(argv: list[str] | None = None) -> int:
                         delete_partial(Path(summary.fields["partial"]))
                         summary.update(partial=None, kept=0)
             except KeyboardInterrupt:  # Ctrl-C: its line says so too, once an image is scored
+                summary.update(stopped="SIGINT")  # (--json: as sr_train.py's, exit 130)
                 if not summary.fields.get("scored"):
                     raise
                 raise KeyboardInterrupt(how_far(summary.fields)) from None
             except Preempted as e:
                 if isinstance(e.__context__, SRSpaceError):  # it came while that error unwound
                     raise e.__context__ from None
+                summary.update(stopped=e.args[0])  # (--json: the signal, as sr_train.py's)
                 also = "".join(f"; {a}" for a in e.args[1:])  # (`said_unfinished`)
                 raise Stopped(stopped_line(e.args[0], summary.fields) + also) from None
         return summary.end(code)
@@ -1052,7 +1054,7 @@ def run(args: EvalArgs, given: set[str] = frozenset(), summary: Summary | None =
     # results, csv, report: the files this run wrote (null until then: after a stop or an error,
     # the names the flags gave hold no file of this run; an earlier run's is in NAME.old, DIR/old)
     summary.update(results=None, csv=None, report=None, images=None, scored=0)
-    summary.update(partial=None, kept=0, mean=None)
+    summary.update(partial=None, kept=0, mean=None, stopped=None)
     shave, device, batch, lpips_read = check_flags(args, given)
     warn_unused(args, given)  # (after the errors of the flags: an error is the one line)
     held.enter_context(outputs_locked(args))  # (before OUT.partial is read, moved or written)

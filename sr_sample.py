@@ -583,9 +583,8 @@ class Signals:
         rerun = "rerun the same command to continue"
         if signum == signal.SIGINT:  # its line "sr_sample.py: interrupted (...)": what to do too
             raise KeyboardInterrupt(f"(every file written is complete): {rerun}")
-        raise Preempted(
-            f"stopped by {signal.Signals(signum).name}; every file written is complete: {rerun}"
-        )
+        name = signal.Signals(signum).name
+        raise Preempted(f"stopped by {name}; every file written is complete: {rerun}", name)
 
 
 SIGNALS = Signals()
@@ -710,8 +709,12 @@ def run_script(argv, summary: Summary) -> int:
                 summary.json = args.json
                 replay_stop_signal()  # one that came while importing: its --json line too
                 return sample(args, given, summary)
-        except Preempted as e:
-            raise Stopped(str(e)) from None
+        except KeyboardInterrupt:  # --json's `stopped`, as sr_train.py's (exit 130)
+            summary.update(stopped="SIGINT")
+            raise
+        except Preempted as e:  # args: the line, what stopped it (--json's `stopped`)
+            summary.update(stopped=e.args[-1] if len(e.args) > 1 else "signal")
+            raise Stopped(e.args[0]) from None
 
 
 def parse_args(argv) -> tuple[SampleArgs, set[str]]:
@@ -800,7 +803,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     # Every field of the --json line from the start (docs/exit-codes.md, --json), null until
     # known: an error before the folders are claimed, or before the end, left them out
     summary.update(out=args.out, folders=None, images=None, sampled=0, skipped=0, failed=0,
-                   seconds=None)  # fmt: skip
+                   seconds=None, stopped=None)  # fmt: skip
     dangling: list[Path] = []  # --input's links to missing files: exit 3 at the end
     paths = input_paths(Path(args.input), dangling)
     from_hr = args.from_hr or args.input == "demo"  # the demo images are HR photographs
@@ -3097,9 +3100,9 @@ class ProgressLog(contextlib.AbstractContextManager):
         self.done += 1
         self.bar.advance(self.task)
         if self.done < self.total and stdout_closed():  # `... | head` has its lines; disk full
+            lost = f"standard output {stdout_closed()}"  # (`stopped`: sr_train.py's words)
             raise Preempted(
-                f"standard output {stdout_closed()}; every file written is complete: rerun the "
-                "same command to continue"
+                f"{lost}; every file written is complete: rerun the same command to continue", lost
             )
 
 

@@ -472,6 +472,9 @@ def run_script(argv, result: Summary) -> int:
             with contextlib.ExitStack() as cleanup:
                 stop = catch_signals(cleanup)  # first: from here on a signal stops the run
                 return train(args, rest, given, cleanup, stop, result)
+        except KeyboardInterrupt:  # Ctrl-C before the loop (exit 130): --json's `stopped` too
+            result.update(stopped="SIGINT")
+            raise
         except Preempted as e:  # before the first step: nothing to save
             if isinstance(e.__context__, SRSpaceError):  # it came while that error unwound
                 raise e.__context__ from None

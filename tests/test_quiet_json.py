@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import sr_eval
+import sr_lib.metrics
 import sr_sample
 import sr_train
 from sr_lib.config import asks_json
@@ -101,7 +102,8 @@ def test_json_closing_line_of_each_script(hr_dir, tmp_path, capsys):
         assert line.pop("seconds") >= 0
         assert line == {"script": "sr_sample.py", "exit_code": 0, "error": None,
                         "out": str(samples), "folders": [str(samples)], "images": 2,
-                        "sampled": sampled, "skipped": skipped, "failed": 0}  # fmt: skip
+                        "sampled": sampled, "skipped": skipped, "failed": 0,
+                        "stopped": None}  # fmt: skip
 
     results = tmp_path / "r.json"
     evaluate = ["--hr", str(hr_dir), "--sr", f"mine={samples}", "--scale", "4", "--n", "2",
@@ -113,7 +115,8 @@ def test_json_closing_line_of_each_script(hr_dir, tmp_path, capsys):
     assert line == {"script": "sr_eval.py", "exit_code": 0, "error": None,
                     "results": str(results), "csv": None, "report": None, "images": 2,
                     "scored": 2, "partial": None, "kept": 0,
-                    "mean": {"mine": json.loads(results.read_text())["mean"]}}  # fmt: skip
+                    "mean": {"mine": json.loads(results.read_text())["mean"]},
+                    "stopped": None}  # fmt: skip
     assert line["mean"]["mine"]["LPIPS_mean"] is None  # (NaN: not computed) as results.json
     with pytest.raises(SystemExit) as e:  # stdout holds one of them
         sr_eval.main([*evaluate, "--out", "-"])
@@ -261,7 +264,7 @@ def test_sample_json_line_has_every_field_after_an_early_error(tmp_path, capsys)
     assert line == {"script": "sr_sample.py", "exit_code": line["exit_code"],
                     "error": line["error"], "out": str(tmp_path / "samples"), "folders": None,
                     "images": None, "sampled": 0, "skipped": 0, "failed": 0,
-                    "seconds": None}  # fmt: skip
+                    "seconds": None, "stopped": None}  # fmt: skip
 
 
 def test_a_save_declined_for_non_finite_weights_is_not_named_as_held(hr_dir, tmp_path, capsys,
@@ -315,3 +318,62 @@ def test_a_declined_best_pt_is_not_recorded_as_the_best(hr_dir, tmp_path, monkey
     last = torch.load(run / "last.pt", weights_only=False)
     assert torch.load(run / "best.pt", weights_only=False)["step"] == 3
     assert (last["best_step"], last["best"]) == (3, 1.5)
+
+
+def stop_at_second_call(monkeypatch, module, name: str, signum: int) -> None:
+    """module.name sending this process `signum` at its second call (the second image or step)."""
+    real, calls = getattr(module, name), []
+
+    def call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, call)
+
+
+def stopped_run(script, argv: list[str], capsys) -> tuple[int, dict, str]:
+    """The exit code, the --json line and stderr of script.main(argv)."""
+    try:
+        code = script.main(argv)
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, last_json(captured.out), captured.err
+
+
+@pytest.mark.parametrize(
+    "signum, code", [(signal.SIGTERM, 75), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"]
+)
+def test_json_stopped_and_error_mean_the_same_in_every_script(
+    hr_dir, tmp_path, capsys, monkeypatch, signum, code
+):
+    """`stopped` was sr_train.py's alone: a pipeline that requeues on it missed the stops of
+    sr_sample.py and sr_eval.py. Every line has it now, the same values (the signal's name;
+    null where the run was not stopped). `error` is the text of the error line on stderr, null
+    where there is none: sr_train.py's stop in the loop is its closing line on stdout (error
+    null), sr_sample.py's and sr_eval.py's stop an error line."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # (no requeue)
+    run, samples = tmp_path / "run", tmp_path / "samples"
+    assert sr_train.main(train_argv(hr_dir, run, steps=2)) == 0
+    stop_at_second_call(monkeypatch, sr_train, "train_step", signum)
+    sample = ["--ckpt", str(run / "last.pt"), "--input", str(hr_dir), "--from-hr", "--n", "2",
+              "--out", str(samples), "--json"]  # fmt: skip
+    runs = [(sr_train, [*train_argv(hr_dir, tmp_path / "stopped", steps=5), "--json"], 75)]
+    runs += [(sr_sample, sample, code)]
+    runs += [(sr_eval, ["--hr", str(hr_dir), "--sr", str(samples), "--scale", "4", "--n", "2",
+                        "--no-lpips", "--json"], code)]  # fmt: skip
+    capsys.readouterr()
+    stop_at_second_call(monkeypatch, sr_sample, "read_input", signum)
+    stop_at_second_call(monkeypatch, sr_lib.metrics, "evaluate_image", signum)
+    for script, argv, exit_code in runs:  # (sr_train.py: a Ctrl-C in the loop saves, exit 75)
+        got, line, err = stopped_run(script, argv, capsys)
+        assert (got, line["exit_code"], line["stopped"]) == (exit_code, exit_code, signum.name)
+        said = [e for e in err.splitlines() if e.startswith(f"{script.PROG}: ")]
+        if script is sr_train:
+            assert line["error"] is None and said == []
+        else:
+            assert said == [f"{script.PROG}: {'' if code == 130 else 'error: '}{line['error']}"]
+        if script is sr_sample:  # the samples of the first image, for sr_eval.py's second
+            assert sr_sample.main([*sample, "--quiet"]) == 0
