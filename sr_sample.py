@@ -330,7 +330,7 @@ def integer(lo: int, hi: int | None = None, zero: bool = False):
             v = None
         if v is None or not ((zero and v == 0) or (v >= lo and (hi is None or v <= hi))):
             what = f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi}"
-            raise ArgumentTypeError(f"{text!r}: expected {'0 or ' if zero else ''}{what}")
+            raise ArgumentTypeError(f"{text!r}: must be {'0 or ' if zero else ''}{what}")
         return v
 
     return check
@@ -342,7 +342,7 @@ def temperature_value(text: str) -> float:
     except ValueError:
         t = float("nan")
     if not (math.isfinite(t) and t >= 0):
-        raise ArgumentTypeError(f"{text!r}: a temperature is a finite number >= 0")
+        raise ArgumentTypeError(f"{text!r}: must be a finite number >= 0")
     return t + 0.0  # -0 is 0: folder T0 (-0.0 made T-0, and 0 -0 one folder of two temperatures)
 
 
@@ -352,7 +352,7 @@ def shard_value(text: str) -> str:
         env = os.environ
         if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
             raise ArgumentTypeError(
-                "auto: SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT are not set (not a SLURM job "
+                "'auto': SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT are not set (not a SLURM job "
                 "array); give I/N"
             )
 
@@ -363,7 +363,7 @@ def shard_value(text: str) -> str:
                 return int(value)
             except ValueError:
                 raise ArgumentTypeError(
-                    f"auto: {name}={value!r} is not a whole number; give I/N"
+                    f"'auto': {name}={value!r} is not a whole number; give I/N"
                 ) from None
 
         task, count = number("SLURM_ARRAY_TASK_ID"), number("SLURM_ARRAY_TASK_COUNT")
@@ -373,7 +373,7 @@ def shard_value(text: str) -> str:
         # // STEP would leave some shards to no task, their images unsampled without a word.
         if step < 1 or last - first != (count - 1) * step or (task - first) % step:
             raise ArgumentTypeError(
-                f"auto: array task {task} of {count} (IDs {first}..{last}, step {step}) is not "
+                f"'auto': array task {task} of {count} (IDs {first}..{last}, step {step}) is not "
                 "a range MIN-MAX[:STEP]; give --shard I/N with I from 0 to N-1 yourself"
             )
         text = f"{(task - first) // step}/{count}"

@@ -416,8 +416,7 @@ def parse_all(argv):
         )
     args, rest = parse(TrainArgs, argv, PROG, known=True, add_help=False)
     if args.model and args.model not in MODELS:  # before -h: its help is not the run's
-        raise UsageError(f"--model: choose one of {', '.join(MODELS)} (got {args.model!r})"
-                         + nearest_choice(args.model, list(MODELS)))  # fmt: skip
+        raise unknown_model(args.model)
     if want_help:
         epilog = (
             "Unset run flags take the model's paper recipe. python sr_train.py --model NAME -h "
@@ -480,6 +479,12 @@ def run_script(argv, result: Summary) -> int:
                 raise e.__context__ from None
             result.update(stopped=e.args[0])  # --json's `stopped`, as after a stop in the loop
             raise stopped_before_training(e.args[0], args) from None
+
+
+def unknown_model(name: str) -> UsageError:
+    """--model NAME not one of MODELS: in the words of argparse's choices (`OneLineParser`)."""
+    return UsageError(f"--model {shell_quote(name)}: choose one of {', '.join(MODELS)}"
+                      + nearest_choice(name, list(MODELS)))  # fmt: skip
 
 
 def first_rank() -> bool:
@@ -872,7 +877,7 @@ def resolve_run(args: TrainArgs, rest: list[str], given: set[str]):
         where = f" (--resume auto: {out} holds no checkpoint to take it from)" * bool(args.resume)
         raise UsageError(f"--model: a new run needs one{where}; choose one of {', '.join(MODELS)}")
     if args.model not in MODELS:
-        raise UsageError(f"--model: choose one of {', '.join(MODELS)} (got {args.model!r})")
+        raise unknown_model(args.model)
     model_cls = MODELS[args.model]
     if args.scale not in model_cls.scales:
         raise UsageError(f"--scale {args.scale}: {args.model} supports {scale_list(model_cls)}")

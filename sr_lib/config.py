@@ -6,6 +6,7 @@ Each script declares its own run-level dataclass at its top; models declare thei
 """
 
 import argparse
+import ast
 import contextlib
 import dataclasses
 import difflib
@@ -145,11 +146,45 @@ class OneLineParser(ArgumentParser):
         message = " ".join(message.split())
         if message.startswith("unrecognized arguments: "):
             message += nearest_flags(message.split(": ", 1)[1], [*option_strings(self), *self.near])
-        if choice := re.match(r"argument (\S+): invalid choice: '?(.*?)'? \(choose from", message):
-            flag, value = choice.groups()
-            choices = [a.choices or () for a in self._actions if flag in a.option_strings]
-            message += nearest_choice(value, [str(c) for c in choices[0]] if choices else [])
+        if argument := re.fullmatch(r"argument (\S+): (.*)", message):
+            if said := self.flag_error(*argument.groups()):
+                raise UsageError(said)
+            message = re.sub(r"\bargument (\S+)", r"\1", message)
         raise UsageError(f"{message}; see {self.prog} -h")
+
+    def flag_error(self, flags: str, text: str) -> str:
+        """argparse's error of a bad value, `argument --n: invalid int value: 'x'`, in the
+        house form of the scripts' own (docs/design.md "Errors"): the flag and the value as
+        typed, then what it must be: `--n x: must be an integer`, `--scale 5: choose one of 2,
+        3, 4, 8`; an argparse type's ArgumentTypeError (`'0': must be ...`) says its own. ""
+        for the others (a value missing: argparse's words, with the -h to read)."""
+        flag = next((f for f in flags.split("/") if f.startswith("--")), flags.split("/")[0])
+        choices = [a.choices for a in self._actions if flag in a.option_strings and a.choices]
+        if choice := re.fullmatch(r"invalid choice: (.*?) \(choose from .*\)", text):
+            value, listed = typed(choice[1]), [str(c) for c in choices[0]] if choices else []
+            return (f"{flag} {shown(value)}: choose one of {', '.join(listed)}"
+                    f"{nearest_choice(value, listed)}")  # fmt: skip
+        if kind := re.fullmatch(r"invalid (\w+) value: (.*)", text):
+            what = {"int": "an integer", "float": "a number"}.get(kind[1], f"a {kind[1]}")
+            return f"{flag} {shown(typed(kind[2]))}: must be {what}"
+        if own := re.fullmatch(r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"): (.*)""", text):
+            return f"{flag} {shown(typed(own[1]))}: {own[2]}"
+        return ""
+
+
+def typed(text: str) -> str:
+    """A value as argparse's error quotes it (its repr: 'x', or 5 for an int choice), as typed."""
+    try:
+        return str(ast.literal_eval(text))
+    except (ValueError, SyntaxError):
+        return text
+
+
+def shown(value: str) -> str:
+    """A value as an error line shows it: as typed, quoted for a shell where it must be."""
+    from sr_lib.data import shell_quote  # (sr_lib.data imports this module)
+
+    return shell_quote(value)
 
 
 def nearest_flags(unknown: str, flags: list[str]) -> str:

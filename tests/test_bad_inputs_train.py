@@ -105,10 +105,14 @@ CASES = {  # id: (flags, exit code, words of the message)
     "sync check every -1": ({"--sync-check-every": "-1"}, PARSE, "--sync-check-every -1"),
     "seed -1": ({"--seed": "-1"}, PARSE, "--seed -1: must be an integer between 0 and"),
     "seed 2**40": ({"--seed": str(2**40)}, PARSE, "--seed 1099511627776"),
-    "steps not a number": ({"--steps": "many"}, PARSE, "--steps: invalid int value: 'many'"),
-    "on-nan unknown": ({"--on-nan": "retry"}, PARSE, "--on-nan: invalid choice: 'retry'"),
-    "scale 5": ({"--scale": "5"}, PARSE, "--scale: invalid choice: 5"),
-    "unknown model": ({"--model": "edsr2"}, PARSE, "--model: choose one of"),
+    "steps not a number": ({"--steps": "many"}, PARSE, "--steps many: must be an integer"),
+    "on-nan unknown": (
+        {"--on-nan": "retry"},
+        PARSE,
+        "--on-nan retry: choose one of stop, rollback",
+    ),
+    "scale 5": ({"--scale": "5"}, PARSE, "--scale 5: choose one of 2, 3, 4, 8"),
+    "unknown model": ({"--model": "edsr2"}, PARSE, "--model edsr2: choose one of"),
     "flow at x2": (
         {"--model": "srflow", "--n-feats": None, "--n-blocks": None},
         PARSE,

@@ -377,3 +377,33 @@ def test_json_stopped_and_error_mean_the_same_in_every_script(
             assert said == [f"{script.PROG}: {'' if code == 130 else 'error: '}{line['error']}"]
         if script is sr_sample:  # the samples of the first image, for sr_eval.py's second
             assert sr_sample.main([*sample, "--quiet"]) == 0
+
+
+BAD_VALUES = [
+    (sr_train, ["--model", "edsr", "--steps", "x"], "--steps x: must be an integer"),
+    (sr_train, ["--model", "edsr", "--on-nan", "retyr"],
+     "--on-nan retyr: choose one of stop, rollback"),
+    (sr_train, ["--model", "edsrr"], "--model edsrr: choose one of bicubic, edsr, rrdb, srflow, "
+     "srflow_da, ncsr, vspsr, refvae, varsr (did you mean edsr?)"),
+    (sr_sample, ["--ckpt", "c", "--input", "i", "--out", "o", "--n", "0"],
+     "--n 0: must be an integer in 1..100000"),
+    (sr_sample, ["--ckpt", "c", "--input", "i", "--out", "o", "--layout", "stm"],
+     "--layout stm: choose one of stem, ntire (did you mean stem?)"),
+    (sr_sample, ["--ckpt", "c", "--input", "i", "--out", "o", "--shard", "a b"],
+     "--shard 'a b': give I/N with 0 <= I < N (e.g. 0/4), or auto"),
+    (sr_eval, ["--hr", "h", "--sr", "s", "--scale", "4", "--n", "1.5"],
+     "--n 1.5: must be an integer"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("script, argv, said", BAD_VALUES, ids=lambda x: getattr(x, "PROG", ""))
+def test_a_bad_value_of_argparse_reads_as_the_scripts_own_errors(script, argv, said, capsys):
+    """argparse's type and choice errors read `argument --n: '0': expected an integer in
+    1..100000; see sr_sample.py -h` beside srspace's own `--steps -1: must be an integer >= 0`;
+    in the house form now (docs/design.md "Errors"): the flag and the value as typed (quoted
+    for a shell where it must be), then what it must be; --json's `error` the same words."""
+    with pytest.raises(SystemExit) as e:
+        script.main([*argv, "--json"])
+    captured = capsys.readouterr()
+    assert e.value.code == 2 and captured.err == f"{script.PROG}: error: {said}\n"
+    assert json.loads(captured.out)["error"] == said

@@ -138,7 +138,7 @@ def test_shard_auto_maps_a_range_array_and_refuses_a_list(monkeypatch, env, want
     for k, v in env.items():
         monkeypatch.setenv(f"SLURM_ARRAY_TASK_{k}", v)
     if want and "/" not in want:
-        with pytest.raises(ArgumentTypeError, match=f"auto: {want}; give I/N"):
+        with pytest.raises(ArgumentTypeError, match=f"'auto': {want}; give I/N"):
             sr_sample.shard_value("auto")
     elif want:
         assert sr_sample.shard_value("auto") == want
