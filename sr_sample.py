@@ -806,6 +806,10 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
                    seconds=None, stopped=None)  # fmt: skip
     dangling: list[Path] = []  # --input's links to missing files: exit 3 at the end
     paths = input_paths(Path(args.input), dangling)
+    # `images` from here (--json): the inputs known, as sr_eval.py's once --hr is listed; null
+    # before (a missing --input). This shard's: those left out below are its samples
+    part, parts = (int(v) for v in args.shard.split("/"))
+    summary.update(images=len(paths[part::parts]))
     from_hr = args.from_hr or args.input == "demo"  # the demo images are HR photographs
     device = pick_device(args.device)
     if said := describe_path(args.ckpt, "file", example="last.pt"):  # (the flag named)
@@ -895,8 +899,8 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
         n, files.numbers, missing = latent_dir.plan(paths, args.layout)
         latent_dir.refuse_missing(missing, len(paths), ck["model"])
         files.n, files.single = n, n == 1 and args.layout == "ntire"
-    part, parts = (int(v) for v in args.shard.split("/"))
     mine = [(k, p) for k, p in enumerate(paths) if k % parts == part]
+    summary.update(images=len(mine))
     if latent_dir is not None:
         # (read whole: the files of the images this run decodes, not those complete already)
         todo = {p for k, p in mine if args.overwrite or not files.complete(

@@ -407,3 +407,22 @@ def test_a_bad_value_of_argparse_reads_as_the_scripts_own_errors(script, argv, s
     captured = capsys.readouterr()
     assert e.value.code == 2 and captured.err == f"{script.PROG}: error: {said}\n"
     assert json.loads(captured.out)["error"] == said
+
+
+def test_json_images_is_the_inputs_once_listed_in_both_scripts(hr_dir, tmp_path, capsys):
+    """`images` was null after an sr_sample.py error that came after its inputs were listed (a
+    missing --ckpt: set only once the folders were claimed), where sr_eval.py's names the --hr
+    images once listed (a missing --sr: 2). Both now: the inputs once listed, null before (a
+    missing --input, --hr)."""
+    none = str(tmp_path / "none")
+    sample = ["--ckpt", none, "--input", str(hr_dir), "--out", str(tmp_path / "o"), "--json"]
+    evaluate = ["--hr", str(hr_dir), "--sr", none, "--scale", "4", "--n", "1", "--no-lpips",
+                "--json"]  # fmt: skip
+    runs = [(sr_sample, sample, 2), (sr_sample, [*sample, "--shard", "1/2"], 1)]
+    runs += [(sr_eval, evaluate, 2), (sr_sample, [*sample, "--input", none], None)]
+    runs += [(sr_eval, [*evaluate, "--hr", none], None)]
+    for script, argv, images in runs:
+        with pytest.raises(SystemExit) as e:
+            script.main(argv)
+        line = last_json(capsys.readouterr().out)
+        assert e.value.code in (3, 6) and line["images"] == images and none in line["error"]
