@@ -1307,28 +1307,32 @@ def open_run_folder(out: Path, tensorboard: bool, dd, resumed_step: int | None =
         if not distributed.agree(error is None, dd):
             raise error or OutputError(f"--out {out}: rank 0 cannot use the run folder")
         yield run_log
-    except BaseException:
-        failed = True
+    except BaseException as e:
+        failed = e
         raise
     finally:
         if run_log is not None:
             run_log.close()
         if made and failed and lock is not None:  # (before the lock is let go: no run there)
-            unmake_run_folder(out)
+            unmake_run_folder(out, unsaved=isinstance(failed, OutputError))
         if lock is not None:
             os.close(lock)
 
 
-def unmake_run_folder(out: Path) -> None:
+def unmake_run_folder(out: Path, unsaved: bool = False) -> None:
     """Remove the run folder OUT that this run made, where it holds nothing of a run: its .lock,
     an empty log.jsonl, and with --tensorboard tb/ of event files without a record. It was left
     as a run folder of nothing, a folder to clean up by hand for a wrong --data (the same
-    command rerun started cleanly, and does). Anything else there (a step logged, a checkpoint,
-    a file put there meanwhile): all of it stays."""
+    command rerun started cleanly, and does). `unsaved`: the run failed to write its output (a
+    full disk) before any checkpoint, so its steps logged are of no run either (a rerun there
+    starts afresh and cuts them, `trim_log`): removed too, the disk's space with them. Anything
+    else there (a step logged by a run that ended otherwise, whose records may say why, e.g. a
+    loss gone NaN; a checkpoint; a file put there meanwhile): all of it stays."""
     real = Path(os.path.realpath(out))
     try:
         names = set(os.listdir(real))
-        if not names <= {".lock", "log.jsonl", "tb"} or (real / "log.jsonl").stat().st_size:
+        logged = (real / "log.jsonl").stat().st_size if "log.jsonl" in names else 0
+        if not names <= {".lock", "log.jsonl", "tb"} or (logged and not unsaved):
             return
         tb = os.listdir(real / "tb") if "tb" in names else []
         if any(not name.startswith("events.out.tfevents.") for name in tb):

@@ -421,6 +421,28 @@ def test_a_data_error_before_the_first_step_leaves_no_run_folder(tmp_path, image
     assert {p: p.read_bytes() for p in kept} == kept
 
 
+def test_a_full_disk_before_the_first_checkpoint_leaves_no_run_folder(
+    tmp_path, images, toy, monkeypatch, capsys
+):
+    """A full disk (ENOSPC) at the first save of a new run (steps logged, no checkpoint
+    written) left OUT holding .lock and the log.jsonl of those steps, of no run: a rerun there
+    starts afresh and cuts them. Removed now, as a run folder of nothing is; a folder that was
+    there before the run keeps all of it."""
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    made, there = tmp_path / "run", tmp_path / "there"
+    there.mkdir()
+    for out in (made, there):
+        with pytest.raises(SystemExit) as e:
+            run(out, images, "--model", "toy", "--steps", "2", "--tensorboard", "--quiet")
+        assert e.value.code == 7 and "none was written before" in capsys.readouterr().err
+    assert not made.exists()
+    assert [json.loads(r)["step"] for r in (there / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_a_run_started_as_a_new_run_folder_is_removed_keeps_its_log(tmp_path, monkeypatch):
     """A new run's folder of nothing (`unmake_run_folder`) had its .lock and log.jsonl removed
     in a set's order: where .lock went first, a run started on --out right then (its own lock,
