@@ -474,6 +474,11 @@ def run_script(argv, result: Summary) -> int:
         except KeyboardInterrupt:  # Ctrl-C before the loop (exit 130): --json's `stopped` too
             result.update(stopped="SIGINT")
             raise
+        except Resumable as e:  # exit 75 of a rank lost or workers hung: `stopped` says so too
+            hung = isinstance(e, WorkersHung)
+            result.update(stopped=result.fields.get("stopped") or
+                          ("workers hung" if hung else "lost contact"))  # fmt: skip
+            raise
         except Preempted as e:  # before the first step: nothing to save
             if isinstance(e.__context__, SRSpaceError):  # it came while that error unwound
                 raise e.__context__ from None
@@ -689,6 +694,7 @@ def train(args: TrainArgs, rest: list[str], given: set[str], cleanup: contextlib
                 # collective, so no save: one line naming the last one and the error).
                 sig, error = said_stopped(e, stop, f"step {step + 1}", step, run_log, not dd.on)
                 if dd.on:
+                    result.update(stopped=sig)  # (--json: the signal, not a rank lost)
                     raise Resumable(f"{sig}: stopped in step {step + 1}, whose "
                                     f"compilation raised {error}, {STOPPED_COMPILING}; "
                                     f"{last_save(dd, saved, out / 'last.pt', before)}"

@@ -17,6 +17,8 @@ import sr_lib.metrics
 import sr_sample
 import sr_train
 from sr_lib.config import asks_json
+from sr_lib.data import WorkersHung
+from sr_lib.errors import Resumable
 
 
 @pytest.fixture
@@ -426,3 +428,31 @@ def test_json_images_is_the_inputs_once_listed_in_both_scripts(hr_dir, tmp_path,
             script.main(argv)
         line = last_json(capsys.readouterr().out)
         assert e.value.code in (3, 6) and line["images"] == images and none in line["error"]
+
+
+@pytest.mark.parametrize("end", ["SIGINT", "workers hung", "lost contact"])
+def test_json_stopped_names_every_stop_of_training(hr_dir, tmp_path, capsys, monkeypatch, end):
+    """sr_train.py's `stopped` was null after a Ctrl-C before the first step (exit 130), a
+    loader whose workers hung (exit 75, last.pt of the steps done) and a rank that could not
+    meet the others (75): a pipeline that requeues on it took them for runs not stopped."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # (no requeue)
+    real_step, real_setup = sr_train.train_step, sr_train.setup_process
+
+    def setup(*args, **kwargs):
+        if end == "lost contact":
+            raise Resumable("could not meet the other processes at ?:? (this is rank 0 of 2)")
+        os.kill(os.getpid(), signal.SIGINT)  # (Ctrl-C while the run starts)
+        return real_setup(*args, **kwargs)
+
+    def hung_in_step_2(*args, **kwargs):
+        if args[4] == 1:
+            raise WorkersHung("the loader's workers gave no batch for 600 s")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(*(sr_train, "train_step", hung_in_step_2) if end == "workers hung" else
+                        (sr_train, "setup_process", setup))  # fmt: skip
+    argv = [*train_argv(hr_dir, tmp_path / "r"), "--json"]
+    code, line, err = stopped_run(sr_train, argv, capsys)
+    expected = 130 if end == "SIGINT" else 75
+    assert (code, line["exit_code"], line["stopped"]) == (expected, expected, end)
+    assert f"sr_train.py: {'' if end == 'SIGINT' else 'error: '}{line['error']}" in err
