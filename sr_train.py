@@ -1337,7 +1337,7 @@ def unmake_run_folder(out: Path, unsaved: bool = False) -> None:
     real = Path(os.path.realpath(out))
     try:
         names = set(os.listdir(real))
-        logged = (real / "log.jsonl").stat().st_size if "log.jsonl" in names else 0
+        logged = (real / "log.jsonl").stat().st_size  # (none: not ours to judge, kept)
         if not names <= {".lock", "log.jsonl", "tb"} or (logged and not unsaved):
             return
         tb = os.listdir(real / "tb") if "tb" in names else []

@@ -14,6 +14,7 @@ import importlib.util
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 import sysconfig
@@ -181,10 +182,12 @@ def typed(text: str) -> str:
 
 
 def shown(value: str) -> str:
-    """A value as an error line shows it: as typed, quoted for a shell where it must be."""
-    from sr_lib.data import shell_quote  # (sr_lib.data imports this module)
-
-    return shell_quote(value)
+    """A value as an error line shows it: as typed, quoted for a shell where it must be (`'a
+    b'`), one not printable (a newline) in bash's $'...' form, so that the line stays one line
+    (paths: sr_lib.data.shell_quote, which imports this module)."""
+    if value.isprintable():
+        return shlex.quote(value)
+    return "$'" + value.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
 
 
 def nearest_flags(unknown: str, flags: list[str]) -> str:

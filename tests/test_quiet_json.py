@@ -395,6 +395,8 @@ BAD_VALUES = [
      "--shard 'a b': give I/N with 0 <= I < N (e.g. 0/4), or auto"),
     (sr_eval, ["--hr", "h", "--sr", "s", "--scale", "4", "--n", "1.5"],
      "--n 1.5: must be an integer"),
+    (sr_eval, ["--hr", "h", "--sr", "s", "--scale", "4", "--n", "1\n2"],
+     "--n $'1\\n2': must be an integer"),  # (one line, as bash reads it back)
 ]  # fmt: skip
 
 
