@@ -294,7 +294,7 @@ def test_a_save_declined_for_non_finite_weights_is_not_named_as_held(hr_dir, tmp
     assert (line["checkpoint"], line["checkpoint_step"]) == (str(run / "last.pt"), 2)
     assert line["error"] == (f"step 3: the parameters are not finite, {run / 'last.pt'} not "
                              f"written; {run / 'last.pt'} holds step 2")  # fmt: skip
-    assert torch.load(run / "last.pt", weights_only=False)["step"] == 2
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 2
 
 
 def test_a_declined_best_pt_is_not_recorded_as_the_best(hr_dir, tmp_path, monkeypatch):
@@ -317,8 +317,8 @@ def test_a_declined_best_pt_is_not_recorded_as_the_best(hr_dir, tmp_path, monkey
     iio.imwrite(val / "v.png", np.full((32, 32, 3), 90, np.uint8))  # (not scored: `validate`)
     argv = [*train_argv(hr_dir, run), "--val-every", "1", "--val-data", str(val)]
     assert sr_train.main(argv) == 0
-    last = torch.load(run / "last.pt", weights_only=False)
-    assert torch.load(run / "best.pt", weights_only=False)["step"] == 3
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert torch.load(run / "best.pt", weights_only=True)["step"] == 3
     assert (last["best_step"], last["best"]) == (3, 1.5)
 
 
