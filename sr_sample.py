@@ -974,7 +974,7 @@ def sample(args: SampleArgs, given: set[str] = frozenset(), summary: Summary | N
     # it split the word or its braces, pasted into bash
     swept = ",".join(folder_name(t)[1:] for t in folders)
     where = out if len(folders) == 1 else f"{shell_quote(out)}/T{{{swept}}}"
-    summary.update(out=str(out), folders=[str(f) for f in folders.values()], images=len(mine))
+    summary.update(out=str(out), folders=[str(f) for f in folders.values()])  # (images: above)
     with ProgressLog(len(mine), args.quiet) as bar, SampleWriter(cpu_workers()) as writer:
         for k, path in mine:
             name = f"{k:06d}" if args.layout == "ntire" else path.stem
